@@ -1,0 +1,41 @@
+//! Shared vocabulary of capdb: everything the layers above agree on.
+//!
+//! # Layout
+//!
+//! - [`value`]: a stored value and its header (HLC timestamp, tombstone flag, expiry), and the
+//!   checksummed byte encoding every engine writes to disk.
+//! - [`hlc`]: the hybrid logical clock that stamps every write.
+//! - [`mutation`]: every state change a client can ask for (SET with its options, INCRBY, APPEND,
+//!   EXPIRE, ...) as data, with one pure function that applies it to the current value. Engines
+//!   call that function instead of re-implementing Redis semantics, and a replicated log can carry
+//!   a mutation unchanged because it holds absolute times, never "now".
+//! - [`keyspace`]: keyspace names, modes (`cp`, `ap`, `cache`) and their specification.
+//! - [`limits`]: the documented bounds on keys, values and frames.
+//! - [`error`]: errors shaped by what the caller must do.
+//!
+//! This crate has no I/O and no async runtime: it must stay cheap to compile and trivially
+//! testable.
+
+pub mod error;
+pub mod hlc;
+pub mod keyspace;
+pub mod limits;
+pub mod mutation;
+pub mod value;
+
+pub use error::{Error, Result};
+pub use hlc::{Hlc, Timestamp};
+pub use keyspace::{EvictionPolicy, KeyspaceName, KeyspaceSpec, Mode};
+pub use mutation::{Effect, Mutation, Reply};
+pub use value::{Header, Value};
+
+/// Milliseconds since the Unix epoch, from the system clock.
+///
+/// Expiry times are absolute Unix milliseconds (as Redis stores them), so they survive restarts
+/// and can be carried in a replicated log unchanged.
+pub fn unix_now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,331 @@
+//! Every state change a client can request, as data, and the one function that applies it.
+//!
+//! Engines (the durable redb engine, the in-memory cache, and later Raft state machines) look up
+//! the current live value of the key, call [`Mutation::apply`], and store the returned
+//! [`Effect`]. Redis semantics (NX/XX, GET, KEEPTTL, INCR's integer rules, EXPIRE in the past)
+//! therefore exist exactly once, here, and are unit-tested without any I/O.
+//!
+//! A mutation carries absolute times only (expiry in Unix milliseconds), never "now": applying
+//! the same mutation to the same state gives the same result, which a replicated log needs.
+
+use bytes::{Bytes, BytesMut};
+
+use crate::{Error, Result, Timestamp, Value};
+
+/// When a SET takes effect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Condition {
+    Always,
+    /// `NX`: only when the key does not exist.
+    IfAbsent,
+    /// `XX`: only when the key exists.
+    IfPresent,
+}
+
+/// What a SET does to the key's time to live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpiryUpdate {
+    /// No TTL option: the key lives forever (Redis clears any previous TTL).
+    Clear,
+    /// `KEEPTTL`.
+    Keep,
+    /// `EX`/`PX`/`EXAT`/`PXAT`, resolved to absolute Unix milliseconds.
+    At(u64),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mutation {
+    Set {
+        key: Bytes,
+        value: Bytes,
+        condition: Condition,
+        expiry: ExpiryUpdate,
+        /// `GET`: reply with the previous value instead of OK.
+        return_old: bool,
+    },
+    /// `DEL`/`UNLINK`/HTTP DELETE: replies 1 when a live key was removed, else 0.
+    Delete { key: Bytes },
+    /// `GETDEL`: replies with the removed value, or nil.
+    GetDel { key: Bytes },
+    /// `INCR`/`INCRBY`/`DECR`/`DECRBY`: replies with the new value. Keeps the TTL.
+    IncrBy { key: Bytes, delta: i64 },
+    /// `APPEND`: replies with the new length. Keeps the TTL.
+    Append { key: Bytes, data: Bytes },
+    /// `EXPIRE`/`PEXPIRE`/`EXPIREAT`/`PEXPIREAT` (`Some`) and `PERSIST` (`None`).
+    /// Replies 1 when the TTL changed, 0 otherwise. A deadline not after `now` deletes the key.
+    Expire { key: Bytes, at_ms: Option<u64> },
+}
+
+/// The answer to one mutation, independent of any wire protocol.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    Ok,
+    Nil,
+    Integer(i64),
+    Bulk(Bytes),
+}
+
+/// What the engine must store after applying a mutation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    /// Nothing changes.
+    Unchanged,
+    /// The key now holds this value.
+    Put(Value),
+    /// The key is deleted (an `ap` engine writes a tombstone with the given timestamp).
+    Remove(Timestamp),
+}
+
+impl Mutation {
+    pub fn key(&self) -> &Bytes {
+        match self {
+            Mutation::Set { key, .. }
+            | Mutation::Delete { key }
+            | Mutation::GetDel { key }
+            | Mutation::IncrBy { key, .. }
+            | Mutation::Append { key, .. }
+            | Mutation::Expire { key, .. } => key,
+        }
+    }
+
+    /// Short name for metrics and logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Mutation::Set { .. } => "set",
+            Mutation::Delete { .. } => "delete",
+            Mutation::GetDel { .. } => "getdel",
+            Mutation::IncrBy { .. } => "incrby",
+            Mutation::Append { .. } => "append",
+            Mutation::Expire { .. } => "expire",
+        }
+    }
+
+    /// Applies the mutation to `current`, the key's value if it is live at `now_ms` (engines
+    /// pass `None` for absent, expired and tombstoned keys). `timestamp` stamps any new value.
+    /// `value_bytes_max` bounds values that grow (APPEND).
+    pub fn apply(
+        &self,
+        current: Option<&Value>,
+        now_ms: u64,
+        timestamp: Timestamp,
+        value_bytes_max: usize,
+    ) -> Result<(Effect, Reply)> {
+        debug_assert!(current.is_none_or(|v| v.is_live(now_ms)), "engines pass live values only");
+        let old_bulk = || current.map_or(Reply::Nil, |v| Reply::Bulk(v.data.clone()));
+        Ok(match self {
+            Mutation::Set {
+                value,
+                condition,
+                expiry,
+                return_old,
+                ..
+            } => {
+                let allowed = match condition {
+                    Condition::Always => true,
+                    Condition::IfAbsent => current.is_none(),
+                    Condition::IfPresent => current.is_some(),
+                };
+                let reply = match (return_old, allowed) {
+                    (true, _) => old_bulk(),
+                    (false, true) => Reply::Ok,
+                    (false, false) => Reply::Nil,
+                };
+                if !allowed {
+                    return Ok((Effect::Unchanged, reply));
+                }
+                let expire_at_ms = match expiry {
+                    ExpiryUpdate::Clear => None,
+                    ExpiryUpdate::Keep => current.and_then(|v| v.header.expire_at_ms),
+                    ExpiryUpdate::At(at) => Some(*at),
+                };
+                let effect = match expire_at_ms {
+                    Some(at) if at <= now_ms => Effect::Remove(timestamp),
+                    _ => Effect::Put(Value::new(value.clone(), timestamp, expire_at_ms)),
+                };
+                (effect, reply)
+            }
+            Mutation::Delete { .. } => match current {
+                Some(_) => (Effect::Remove(timestamp), Reply::Integer(1)),
+                None => (Effect::Unchanged, Reply::Integer(0)),
+            },
+            Mutation::GetDel { .. } => match current {
+                Some(_) => (Effect::Remove(timestamp), old_bulk()),
+                None => (Effect::Unchanged, Reply::Nil),
+            },
+            Mutation::IncrBy { delta, .. } => {
+                let old = match current {
+                    Some(v) => parse_i64_strict(&v.data).ok_or(Error::NotAnInteger)?,
+                    None => 0,
+                };
+                let new = old.checked_add(*delta).ok_or(Error::Overflow)?;
+                let expire = current.and_then(|v| v.header.expire_at_ms);
+                let data = Bytes::from(new.to_string());
+                (
+                    Effect::Put(Value::new(data, timestamp, expire)),
+                    Reply::Integer(new),
+                )
+            }
+            Mutation::Append { data, .. } => {
+                let old = current.map_or(&[][..], |v| &v.data[..]);
+                let len = old.len() + data.len();
+                if len > value_bytes_max {
+                    return Err(Error::TooLarge {
+                        what: "value after APPEND",
+                        size: len,
+                        limit: value_bytes_max,
+                    });
+                }
+                let mut joined = BytesMut::with_capacity(len);
+                joined.extend_from_slice(old);
+                joined.extend_from_slice(data);
+                let expire = current.and_then(|v| v.header.expire_at_ms);
+                (
+                    Effect::Put(Value::new(joined.freeze(), timestamp, expire)),
+                    Reply::Integer(len as i64),
+                )
+            }
+            Mutation::Expire { at_ms, .. } => match (current, at_ms) {
+                (None, _) => (Effect::Unchanged, Reply::Integer(0)),
+                (Some(_), Some(at)) if *at <= now_ms => {
+                    (Effect::Remove(timestamp), Reply::Integer(1))
+                }
+                (Some(v), Some(at)) => (
+                    Effect::Put(Value::new(v.data.clone(), timestamp, Some(*at))),
+                    Reply::Integer(1),
+                ),
+                (Some(v), None) if v.header.expire_at_ms.is_some() => (
+                    Effect::Put(Value::new(v.data.clone(), timestamp, None)),
+                    Reply::Integer(1),
+                ),
+                (Some(_), None) => (Effect::Unchanged, Reply::Integer(0)),
+            },
+        })
+    }
+}
+
+/// Parses a base-10 `i64` the way Redis does: optional `-`, no `+`, no leading zeros, no spaces.
+pub fn parse_i64_strict(raw: &[u8]) -> Option<i64> {
+    let s = std::str::from_utf8(raw).ok()?;
+    let digits = s.strip_prefix('-').unwrap_or(s);
+    if digits.is_empty()
+        || !digits.bytes().all(|b| b.is_ascii_digit())
+        || (digits.len() > 1 && digits.starts_with('0'))
+        || (s.starts_with('-') && digits == "0")
+    {
+        return None;
+    }
+    s.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAX: usize = 1024;
+
+    fn val(s: &str, exp: Option<u64>) -> Value {
+        Value::new(Bytes::from(s.to_string()), Timestamp(1), exp)
+    }
+
+    fn set(cond: Condition, expiry: ExpiryUpdate, get: bool) -> Mutation {
+        Mutation::Set {
+            key: Bytes::from_static(b"k"),
+            value: Bytes::from_static(b"new"),
+            condition: cond,
+            expiry,
+            return_old: get,
+        }
+    }
+
+    #[test]
+    fn set_nx_xx_and_get() {
+        let ts = Timestamp(9);
+        let old = val("old", None);
+        let (e, r) = set(Condition::IfAbsent, ExpiryUpdate::Clear, false)
+            .apply(Some(&old), 0, ts, MAX)
+            .unwrap();
+        assert_eq!((e, r), (Effect::Unchanged, Reply::Nil));
+        let (e, r) = set(Condition::IfPresent, ExpiryUpdate::Clear, true)
+            .apply(Some(&old), 0, ts, MAX)
+            .unwrap();
+        assert!(matches!(e, Effect::Put(_)));
+        assert_eq!(r, Reply::Bulk(Bytes::from_static(b"old")));
+        let (e, r) = set(Condition::IfPresent, ExpiryUpdate::Clear, false)
+            .apply(None, 0, ts, MAX)
+            .unwrap();
+        assert_eq!((e, r), (Effect::Unchanged, Reply::Nil));
+    }
+
+    #[test]
+    fn set_keepttl_keeps_and_plain_set_clears() {
+        let old = val("old", Some(500));
+        let (e, _) = set(Condition::Always, ExpiryUpdate::Keep, false)
+            .apply(Some(&old), 0, Timestamp(2), MAX)
+            .unwrap();
+        let Effect::Put(v) = e else { panic!() };
+        assert_eq!(v.header.expire_at_ms, Some(500));
+        let (e, _) = set(Condition::Always, ExpiryUpdate::Clear, false)
+            .apply(Some(&old), 0, Timestamp(2), MAX)
+            .unwrap();
+        let Effect::Put(v) = e else { panic!() };
+        assert_eq!(v.header.expire_at_ms, None);
+    }
+
+    #[test]
+    fn incr_rules() {
+        let k = Bytes::from_static(b"k");
+        let m = Mutation::IncrBy { key: k.clone(), delta: 5 };
+        assert_eq!(m.apply(None, 0, Timestamp(1), MAX).unwrap().1, Reply::Integer(5));
+        let (e, r) = m.apply(Some(&val("-7", Some(99))), 0, Timestamp(1), MAX).unwrap();
+        assert_eq!(r, Reply::Integer(-2));
+        let Effect::Put(v) = e else { panic!() };
+        assert_eq!(v.header.expire_at_ms, Some(99), "INCR keeps the TTL");
+        for bad in ["abc", "01", "+1", " 1", "", "-0", "1.5"] {
+            assert_eq!(
+                m.apply(Some(&val(bad, None)), 0, Timestamp(1), MAX),
+                Err(Error::NotAnInteger),
+                "{bad:?}"
+            );
+        }
+        let big = Mutation::IncrBy { key: k, delta: 1 };
+        assert_eq!(
+            big.apply(Some(&val(&i64::MAX.to_string(), None)), 0, Timestamp(1), MAX),
+            Err(Error::Overflow)
+        );
+    }
+
+    #[test]
+    fn append_is_bounded() {
+        let m = Mutation::Append {
+            key: Bytes::from_static(b"k"),
+            data: Bytes::from(vec![b'x'; 600]),
+        };
+        let old = Value::new(Bytes::from(vec![b'y'; 600]), Timestamp(1), None);
+        assert!(matches!(
+            m.apply(Some(&old), 0, Timestamp(2), MAX),
+            Err(Error::TooLarge { .. })
+        ));
+        assert_eq!(m.apply(None, 0, Timestamp(2), MAX).unwrap().1, Reply::Integer(600));
+    }
+
+    #[test]
+    fn expire_in_the_past_deletes_and_persist_clears() {
+        let k = Bytes::from_static(b"k");
+        let past = Mutation::Expire { key: k.clone(), at_ms: Some(10) };
+        let (e, r) = past.apply(Some(&val("v", None)), 10, Timestamp(3), MAX).unwrap();
+        assert_eq!((e, r), (Effect::Remove(Timestamp(3)), Reply::Integer(1)));
+        let persist = Mutation::Expire { key: k.clone(), at_ms: None };
+        assert_eq!(
+            persist.apply(Some(&val("v", None)), 0, Timestamp(3), MAX).unwrap().1,
+            Reply::Integer(0)
+        );
+        assert_eq!(
+            persist.apply(Some(&val("v", Some(50))), 0, Timestamp(3), MAX).unwrap().1,
+            Reply::Integer(1)
+        );
+        assert_eq!(
+            past.apply(None, 0, Timestamp(3), MAX).unwrap(),
+            (Effect::Unchanged, Reply::Integer(0))
+        );
+    }
+}
