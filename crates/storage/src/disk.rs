@@ -1,0 +1,613 @@
+//! The durable engine: one redb file per node, one table per keyspace, group commit.
+//!
+//! # Write path
+//!
+//! Callers send a [`Job`] over a bounded channel to the single writer thread and await its reply.
+//! The writer takes everything queued (up to [`BATCH_JOBS_MAX`] jobs or [`BATCH_BYTES_MAX`]
+//! bytes), applies it in one redb write transaction, commits with `Durability::Immediate` (one
+//! fsync for the whole batch) and only then answers every job. While one batch is being fsync'd
+//! the next one queues up, so throughput grows with concurrency instead of being capped at one
+//! write per fsync. Read-modify-write commands (INCR, APPEND, SET NX) run inside the writer, so
+//! they are atomic without locks.
+//!
+//! A storage error fails the whole batch (the transaction is aborted, nothing of it is applied,
+//! every caller gets [`Error::Io`]); a semantic error (INCR of a non-integer) fails its mutation
+//! only.
+//!
+//! # Read path
+//!
+//! Reads open a redb read transaction (an MVCC snapshot of the last commit) on the caller's
+//! thread; they never wait for the writer and only ever see committed, fsync'd data.
+//!
+//! # Integrity
+//!
+//! Every value carries a CRC-32 ([`capdb_types::value`]); a mismatch is reported as
+//! [`Error::Corruption`], counted in [`EngineStats::corruptions`] and never served. redb itself
+//! checksums its pages and repairs its allocator state after a crash.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use bytes::Bytes;
+use capdb_types::{Effect, Error, Hlc, Mutation, Reply, Result, Value};
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+    TableError,
+};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::{BatchReplies, KeyspaceStore, ScanPage, ScanRange};
+
+/// Jobs waiting for the writer. A full queue makes callers wait (backpressure), it never grows.
+pub const WRITE_QUEUE_JOBS_MAX: usize = 16_384;
+/// Most jobs committed in one transaction.
+pub const BATCH_JOBS_MAX: usize = 4_096;
+/// Most payload bytes committed in one transaction (a batch may exceed it by one job).
+pub const BATCH_BYTES_MAX: usize = 32 * 1024 * 1024;
+/// Most stored entries a scan page examines (live or not) before returning, so a range full of
+/// expired keys or tombstones cannot make one call unbounded.
+pub const SCAN_EXAMINE_MAX: usize = 100_000;
+
+const META_TABLE: TableDefinition<&str, &[u8]> = TableDefinition::new("_meta");
+
+fn table_def(name: &str) -> TableDefinition<'_, &'static [u8], &'static [u8]> {
+    TableDefinition::new(name)
+}
+
+fn io_err(e: impl std::fmt::Display) -> Error {
+    let text = e.to_string();
+    if text.to_ascii_lowercase().contains("corrupt") {
+        Error::Corruption(text)
+    } else {
+        Error::Io(text)
+    }
+}
+
+/// Counters exposed as metrics.
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    /// Transactions committed (each is one fsync).
+    pub commits: AtomicU64,
+    /// Jobs acknowledged by those commits.
+    pub jobs: AtomicU64,
+    /// Total time spent in commit (microseconds).
+    pub commit_micros: AtomicU64,
+    /// Values that failed their checksum on read.
+    pub corruptions: AtomicU64,
+}
+
+enum Op {
+    Apply {
+        table: String,
+        tombstones: bool,
+        mutations: Vec<Mutation>,
+        now_ms: u64,
+    },
+    /// Deletes the given keys if they are still expired at `now_ms` (active expiry).
+    RemoveExpired {
+        table: String,
+        keys: Vec<Bytes>,
+        now_ms: u64,
+    },
+    Clear {
+        table: String,
+    },
+    CreateTable {
+        table: String,
+        meta_key: String,
+        meta_value: Vec<u8>,
+    },
+    DropTable {
+        table: String,
+        meta_key: String,
+    },
+    /// Completes once every job queued before it is durable.
+    Barrier,
+}
+
+impl Op {
+    fn payload_bytes(&self) -> usize {
+        match self {
+            Op::Apply { mutations, .. } => mutations
+                .iter()
+                .map(|m| {
+                    m.key().len()
+                        + match m {
+                            Mutation::Set { value, .. } => value.len(),
+                            Mutation::Append { data, .. } => data.len(),
+                            _ => 0,
+                        }
+                })
+                .sum(),
+            Op::RemoveExpired { keys, .. } => keys.iter().map(|k| k.len()).sum(),
+            _ => 0,
+        }
+    }
+}
+
+enum Output {
+    Replies(BatchReplies),
+    Count(u64),
+    Done,
+}
+
+struct Job {
+    op: Op,
+    done: oneshot::Sender<Result<Output>>,
+}
+
+/// The node's durable engine. Cheap to clone; the writer thread stops when the last clone drops.
+#[derive(Clone)]
+pub struct DiskEngine {
+    db: Arc<Database>,
+    jobs: mpsc::Sender<Job>,
+    path: PathBuf,
+    stats: Arc<EngineStats>,
+}
+
+impl DiskEngine {
+    /// Opens (or creates) `dir/capdb.redb` and starts the writer thread.
+    pub fn open(dir: &Path, hlc: Arc<Hlc>, value_bytes_max: usize) -> Result<DiskEngine> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::Io(format!("cannot create data dir {}: {e}", dir.display())))?;
+        let path = dir.join("capdb.redb");
+        let db = Database::builder().create(&path).map_err(|e| {
+            Error::Io(format!("cannot open database {}: {e}", path.display()))
+        })?;
+        // Make sure the meta table exists so readers can always open it.
+        let txn = db.begin_write().map_err(io_err)?;
+        txn.open_table(META_TABLE).map_err(io_err)?;
+        txn.commit().map_err(io_err)?;
+
+        let db = Arc::new(db);
+        let stats = Arc::new(EngineStats::default());
+        let (tx, rx) = mpsc::channel(WRITE_QUEUE_JOBS_MAX);
+        let writer_db = db.clone();
+        let writer_stats = stats.clone();
+        std::thread::Builder::new()
+            .name("capdb-writer".into())
+            .spawn(move || writer_loop(&writer_db, rx, &hlc, value_bytes_max, &writer_stats))
+            .map_err(|e| Error::Io(format!("cannot start writer thread: {e}")))?;
+        Ok(DiskEngine {
+            db,
+            jobs: tx,
+            path,
+            stats,
+        })
+    }
+
+    pub fn stats(&self) -> &EngineStats {
+        &self.stats
+    }
+
+    /// Size of the database file in bytes.
+    pub fn file_bytes(&self) -> u64 {
+        std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0)
+    }
+
+    async fn submit(&self, op: Op) -> Result<Output> {
+        let (done, wait) = oneshot::channel();
+        self.jobs
+            .send(Job { op, done })
+            .await
+            .map_err(|_| Error::ShuttingDown)?;
+        wait.await.map_err(|_| Error::Io("storage writer stopped".into()))?
+    }
+
+    /// Waits until every write submitted before this call is durable.
+    pub async fn flush(&self) -> Result<()> {
+        self.submit(Op::Barrier).await.map(|_| ())
+    }
+
+    /// Every `(key, value)` of the meta table whose key starts with `prefix`.
+    pub fn meta_list(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
+        let txn = self.db.begin_read().map_err(io_err)?;
+        let table = txn.open_table(META_TABLE).map_err(io_err)?;
+        let mut out = Vec::new();
+        for entry in table.range(prefix..).map_err(io_err)? {
+            let (k, v) = entry.map_err(io_err)?;
+            if !k.value().starts_with(prefix) {
+                break;
+            }
+            out.push((k.value().to_string(), v.value().to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Creates a table and records its metadata, atomically.
+    pub async fn create_table(&self, table: &str, meta_key: &str, meta_value: Vec<u8>) -> Result<()> {
+        self.submit(Op::CreateTable {
+            table: table.to_string(),
+            meta_key: meta_key.to_string(),
+            meta_value,
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Drops a table and its metadata, atomically.
+    pub async fn drop_table(&self, table: &str, meta_key: &str) -> Result<()> {
+        self.submit(Op::DropTable {
+            table: table.to_string(),
+            meta_key: meta_key.to_string(),
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// A handle on one table. `tombstones`: deletes write tombstones instead of removing.
+    pub fn table(&self, table: &str, tombstones: bool) -> DiskTable {
+        DiskTable {
+            engine: self.clone(),
+            table: table.to_string(),
+            tombstones,
+        }
+    }
+}
+
+/// One keyspace's table in the [`DiskEngine`].
+#[derive(Clone)]
+pub struct DiskTable {
+    engine: DiskEngine,
+    table: String,
+    tombstones: bool,
+}
+
+impl DiskTable {
+    fn read<T>(&self, f: impl FnOnce(&redb::ReadOnlyTable<&'static [u8], &'static [u8]>) -> Result<T>) -> Result<Option<T>> {
+        let txn = self.engine.db.begin_read().map_err(io_err)?;
+        match txn.open_table(table_def(&self.table)) {
+            Ok(t) => f(&t).map(Some),
+            Err(TableError::TableDoesNotExist(_)) => Ok(None),
+            Err(e) => Err(io_err(e)),
+        }
+    }
+
+    fn decode(&self, raw: &[u8]) -> Result<Value> {
+        Value::decode(raw).inspect_err(|e| {
+            self.engine.stats.corruptions.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(table = %self.table, error = %e, "corrupt value refused");
+        })
+    }
+
+    /// Active expiry: examines up to `examine` keys after `after` and deletes those that have
+    /// expired. Returns where to continue (`None`: wrapped around to the start).
+    pub async fn sweep_expired(
+        &self,
+        after: Option<Bytes>,
+        examine: usize,
+        now_ms: u64,
+    ) -> Result<(Option<Bytes>, u64)> {
+        let found = self.read(|t| {
+            let mut expired = Vec::new();
+            let mut last = None;
+            let iter = match &after {
+                Some(a) => t.range::<&[u8]>((std::ops::Bound::Excluded(&a[..]), std::ops::Bound::Unbounded)),
+                None => t.range::<&[u8]>(..),
+            }
+            .map_err(io_err)?;
+            for entry in iter.take(examine) {
+                let (k, v) = entry.map_err(io_err)?;
+                let key = Bytes::copy_from_slice(k.value());
+                if let Ok(value) = Value::decode(v.value())
+                    && value.is_expired(now_ms)
+                {
+                    expired.push(key.clone());
+                }
+                last = Some(key);
+            }
+            Ok((expired, last))
+        })?;
+        let Some((expired, last)) = found else {
+            return Ok((None, 0));
+        };
+        let removed = if expired.is_empty() {
+            0
+        } else {
+            match self
+                .engine
+                .submit(Op::RemoveExpired {
+                    table: self.table.clone(),
+                    keys: expired,
+                    now_ms,
+                })
+                .await?
+            {
+                Output::Count(n) => n,
+                _ => 0,
+            }
+        };
+        Ok((last, removed))
+    }
+}
+
+impl KeyspaceStore for DiskTable {
+    fn get(&self, key: &[u8], now_ms: u64) -> Result<Option<Value>> {
+        let found = self.read(|t| match t.get(key).map_err(io_err)? {
+            Some(raw) => self.decode(raw.value()).map(Some),
+            None => Ok(None),
+        })?;
+        Ok(found.flatten().filter(|v| v.is_live(now_ms)))
+    }
+
+    async fn apply(&self, mutations: Vec<Mutation>, now_ms: u64) -> Result<BatchReplies> {
+        match self
+            .engine
+            .submit(Op::Apply {
+                table: self.table.clone(),
+                tombstones: self.tombstones,
+                mutations,
+                now_ms,
+            })
+            .await?
+        {
+            Output::Replies(r) => Ok(r),
+            _ => unreachable!("Apply always yields replies"),
+        }
+    }
+
+    fn scan(&self, range: &ScanRange, limit: usize, now_ms: u64) -> Result<ScanPage> {
+        use std::ops::Bound;
+        // The lower bound is the greater of `after` (exclusive) and `prefix` (inclusive).
+        let lower = match (&range.after, &range.prefix) {
+            (Some(a), Some(p)) if p[..] > a[..] => Bound::Included(&p[..]),
+            (Some(a), _) => Bound::Excluded(&a[..]),
+            (None, Some(p)) => Bound::Included(&p[..]),
+            (None, None) => Bound::Unbounded,
+        };
+        let upper = match &range.end {
+            Some(e) => Bound::Excluded(&e[..]),
+            None => Bound::Unbounded,
+        };
+        if let (Bound::Included(l) | Bound::Excluded(l), Bound::Excluded(u)) = (lower, upper)
+            && l >= u
+        {
+            return Ok(ScanPage::default());
+        }
+        let page = self.read(|t| {
+            let mut page = ScanPage::default();
+            let mut examined = 0usize;
+            for entry in t.range::<&[u8]>((lower, upper)).map_err(io_err)? {
+                let (k, v) = entry.map_err(io_err)?;
+                let key = k.value();
+                if let Some(p) = &range.prefix
+                    && !key.starts_with(p)
+                {
+                    return Ok(page_done(page));
+                }
+                examined += 1;
+                let value = self.decode(v.value())?;
+                if value.is_live(now_ms) {
+                    page.entries.push((Bytes::copy_from_slice(key), value));
+                }
+                if page.entries.len() >= limit || examined >= SCAN_EXAMINE_MAX {
+                    page.next_after = Some(Bytes::copy_from_slice(key));
+                    return Ok(page);
+                }
+            }
+            Ok(page_done(page))
+        })?;
+        Ok(page.unwrap_or_default())
+    }
+
+    fn len(&self) -> Result<u64> {
+        let n = self.read(|t| {
+            if !self.tombstones {
+                return t.len().map_err(io_err);
+            }
+            let mut live = 0;
+            for entry in t.iter().map_err(io_err)? {
+                let (_, v) = entry.map_err(io_err)?;
+                if !self.decode(v.value())?.header.tombstone {
+                    live += 1;
+                }
+            }
+            Ok(live)
+        })?;
+        Ok(n.unwrap_or(0))
+    }
+
+    async fn clear(&self) -> Result<()> {
+        self.engine
+            .submit(Op::Clear {
+                table: self.table.clone(),
+            })
+            .await
+            .map(|_| ())
+    }
+}
+
+fn page_done(mut page: ScanPage) -> ScanPage {
+    page.next_after = None;
+    page
+}
+
+fn writer_loop(
+    db: &Database,
+    mut rx: mpsc::Receiver<Job>,
+    hlc: &Hlc,
+    value_bytes_max: usize,
+    stats: &EngineStats,
+) {
+    let mut batch: Vec<Job> = Vec::with_capacity(BATCH_JOBS_MAX);
+    while let Some(first) = rx.blocking_recv() {
+        let mut bytes = first.op.payload_bytes();
+        batch.push(first);
+        while batch.len() < BATCH_JOBS_MAX && bytes < BATCH_BYTES_MAX {
+            match rx.try_recv() {
+                Ok(job) => {
+                    bytes += job.op.payload_bytes();
+                    batch.push(job);
+                }
+                Err(_) => break,
+            }
+        }
+        let started = Instant::now();
+        let result = commit_batch(db, &batch, hlc, value_bytes_max, stats);
+        stats.commits.fetch_add(1, Ordering::Relaxed);
+        stats.jobs.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        stats
+            .commit_micros
+            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        match result {
+            Ok(outputs) => {
+                debug_assert_eq!(outputs.len(), batch.len());
+                for (job, out) in batch.drain(..).zip(outputs) {
+                    let _ = job.done.send(Ok(out));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, jobs = batch.len(), "write batch failed; nothing of it was applied");
+                for job in batch.drain(..) {
+                    let _ = job.done.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+    tracing::debug!("storage writer stopped: all engine handles dropped");
+}
+
+fn commit_batch(
+    db: &Database,
+    batch: &[Job],
+    hlc: &Hlc,
+    value_bytes_max: usize,
+    stats: &EngineStats,
+) -> Result<Vec<Output>> {
+    let mut txn = db.begin_write().map_err(io_err)?;
+    // One fsync per batch: this is the durability point every acknowledgement waits for.
+    txn.set_durability(Durability::Immediate).map_err(io_err)?;
+    let mut outputs = Vec::with_capacity(batch.len());
+    for job in batch {
+        outputs.push(execute(&txn, &job.op, hlc, value_bytes_max, stats)?);
+    }
+    txn.commit().map_err(io_err)?;
+    Ok(outputs)
+}
+
+fn execute(
+    txn: &redb::WriteTransaction,
+    op: &Op,
+    hlc: &Hlc,
+    value_bytes_max: usize,
+    stats: &EngineStats,
+) -> Result<Output> {
+    match op {
+        Op::Barrier => Ok(Output::Done),
+        Op::Apply {
+            table,
+            tombstones,
+            mutations,
+            now_ms,
+        } => {
+            let mut t = txn.open_table(table_def(table)).map_err(io_err)?;
+            let mut replies = Vec::with_capacity(mutations.len());
+            for m in mutations {
+                replies.push(apply_one(&mut t, m, *tombstones, *now_ms, hlc, value_bytes_max, stats)?);
+            }
+            Ok(Output::Replies(replies))
+        }
+        Op::RemoveExpired { table, keys, now_ms } => {
+            let mut t = txn.open_table(table_def(table)).map_err(io_err)?;
+            let mut removed = 0;
+            for key in keys {
+                let expired = match t.get(&key[..]).map_err(io_err)? {
+                    Some(raw) => Value::decode(raw.value()).is_ok_and(|v| v.is_expired(*now_ms)),
+                    None => false,
+                };
+                if expired {
+                    t.remove(&key[..]).map_err(io_err)?;
+                    removed += 1;
+                }
+            }
+            Ok(Output::Count(removed))
+        }
+        Op::Clear { table } => {
+            txn.delete_table(table_def(table)).map_err(io_err)?;
+            txn.open_table(table_def(table)).map_err(io_err)?;
+            Ok(Output::Done)
+        }
+        Op::CreateTable {
+            table,
+            meta_key,
+            meta_value,
+        } => {
+            txn.open_table(table_def(table)).map_err(io_err)?;
+            let mut meta = txn.open_table(META_TABLE).map_err(io_err)?;
+            meta.insert(meta_key.as_str(), &meta_value[..]).map_err(io_err)?;
+            Ok(Output::Done)
+        }
+        Op::DropTable { table, meta_key } => {
+            txn.delete_table(table_def(table)).map_err(io_err)?;
+            let mut meta = txn.open_table(META_TABLE).map_err(io_err)?;
+            meta.remove(meta_key.as_str()).map_err(io_err)?;
+            Ok(Output::Done)
+        }
+    }
+}
+
+/// Applies one mutation inside the writer's transaction. `Err` only for storage failures
+/// (which abort the batch); semantic failures come back as `Ok(Err(..))`.
+fn apply_one(
+    t: &mut redb::Table<&'static [u8], &'static [u8]>,
+    m: &Mutation,
+    tombstones: bool,
+    now_ms: u64,
+    hlc: &Hlc,
+    value_bytes_max: usize,
+    stats: &EngineStats,
+) -> Result<Result<Reply>> {
+    let key = &m.key()[..];
+    let stored = t.get(key).map_err(io_err)?.map(|raw| Value::decode(raw.value()));
+    let current = match stored {
+        None => None,
+        Some(Ok(v)) => v.is_live(now_ms).then_some(v),
+        Some(Err(corrupt)) => {
+            stats.corruptions.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(error = %corrupt, "corrupt value met by a write");
+            // A write that does not depend on the old value may replace a corrupt one (this is
+            // how an operator repairs a key); anything that would read it fails.
+            match m {
+                Mutation::Set {
+                    condition: capdb_types::mutation::Condition::Always,
+                    return_old: false,
+                    expiry: capdb_types::mutation::ExpiryUpdate::Clear | capdb_types::mutation::ExpiryUpdate::At(_),
+                    ..
+                } => None,
+                Mutation::Delete { .. } => {
+                    remove(t, key, tombstones, hlc.now())?;
+                    return Ok(Ok(Reply::Integer(1)));
+                }
+                _ => return Ok(Err(corrupt)),
+            }
+        }
+    };
+    let (effect, reply) = match m.apply(current.as_ref(), now_ms, hlc.now(), value_bytes_max) {
+        Ok(done) => done,
+        Err(e) => return Ok(Err(e)),
+    };
+    match effect {
+        Effect::Unchanged => {}
+        Effect::Put(v) => {
+            t.insert(key, &v.encode()[..]).map_err(io_err)?;
+        }
+        Effect::Remove(ts) => remove(t, key, tombstones, ts)?,
+    }
+    Ok(Ok(reply))
+}
+
+fn remove(
+    t: &mut redb::Table<&'static [u8], &'static [u8]>,
+    key: &[u8],
+    tombstones: bool,
+    ts: capdb_types::Timestamp,
+) -> Result<()> {
+    if tombstones {
+        t.insert(key, &Value::tombstone(ts).encode()[..]).map_err(io_err)?;
+    } else {
+        t.remove(key).map_err(io_err)?;
+    }
+    Ok(())
+}

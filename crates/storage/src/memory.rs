@@ -1,0 +1,440 @@
+//! The `cache` keyspace store: in memory, Redis expiry, sampled LRU/LFU eviction.
+//!
+//! # Design
+//!
+//! Keys are spread over [`SHARDS`] mutex-protected shards by hash, so connections on different
+//! cores rarely contend. Each shard is an `IndexMap` (hash map with dense indices), which gives
+//! O(1) lookup *and* O(1) uniform random sampling — exactly what Redis's approximated eviction
+//! and active expiry need — plus an `IndexSet` of the keys that carry a TTL.
+//!
+//! - **Lazy expiry**: a read or write that meets an expired key removes it first.
+//! - **Active expiry** ([`MemStore::expire_cycle`], run every 100 ms by the server): Redis's
+//!   algorithm: sample [`EXPIRE_SAMPLE`] keys with a TTL per shard, delete the expired ones, and
+//!   repeat while more than a quarter of the sample had expired, within a time budget.
+//! - **Eviction**: memory use is accounted as key + value + [`ENTRY_OVERHEAD_BYTES`] per entry.
+//!   After a write that leaves the keyspace above its limit, entries are evicted until it is
+//!   under: each eviction samples [`EVICTION_SAMPLE`] random entries and drops the least recently
+//!   used (LRU) or least frequently used (LFU, Redis's logarithmic counter with decay). A single
+//!   entry larger than the whole limit is refused with `OOM`.
+//!
+//! Why not `moka`/`quick_cache`: Redis semantics need per-key absolute expiry that `EXPIRE`,
+//! `PERSIST` and `KEEPTTL` can change, expiry that is visible to `TTL`, and eviction by a byte
+//! budget shared by the whole keyspace; both crates own expiry and eviction internally and expose
+//! neither sampling nor TTL edits, so the semantics would have to be rebuilt around them anyway.
+//!
+//! Multi-key mutations (MSET) lock the shards they touch in index order, so they are atomic to
+//! readers and cannot deadlock.
+
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use capdb_types::{Effect, EvictionPolicy, Error, Hlc, Mutation, Result, Value};
+use indexmap::{IndexMap, IndexSet};
+
+use crate::{BatchReplies, KeyspaceStore, ScanPage, ScanRange};
+
+/// Number of shards; a power of two.
+pub const SHARDS: usize = 64;
+/// Accounted bytes per entry on top of key and value (map slot, header, allocation overhead).
+pub const ENTRY_OVERHEAD_BYTES: u64 = 96;
+/// Entries sampled per eviction (Redis `maxmemory-samples` default).
+pub const EVICTION_SAMPLE: usize = 5;
+/// Most evictions performed after one write; if still over the limit the next write continues.
+pub const EVICTIONS_PER_WRITE_MAX: usize = 1_024;
+/// Keys with a TTL sampled per shard per active-expiry round (Redis `ACTIVE_EXPIRE_CYCLE_KEYS_PER_LOOP`).
+pub const EXPIRE_SAMPLE: usize = 20;
+/// Time budget of one active-expiry cycle.
+pub const EXPIRE_CYCLE_BUDGET: Duration = Duration::from_millis(25);
+
+const _: () = assert!(SHARDS.is_power_of_two());
+
+/// LFU counter start and logarithmic factor (Redis `LFU_INIT_VAL`, `lfu-log-factor`).
+const LFU_INIT: u8 = 5;
+const LFU_LOG_FACTOR: u32 = 10;
+/// Minutes of idleness that take one from the LFU counter (Redis `lfu-decay-time`).
+const LFU_DECAY_MINUTES: u32 = 1;
+
+type Hasher = foldhash::fast::FixedState;
+
+struct Entry {
+    value: Value,
+    /// Milliseconds since the store started, at last access (LRU) — wraps after ~49 days,
+    /// compared with wrapping arithmetic.
+    accessed_ms: u32,
+    /// Logarithmic access frequency (LFU).
+    frequency: u8,
+}
+
+#[derive(Default)]
+struct Shard {
+    map: IndexMap<Bytes, Entry, Hasher>,
+    expiring: IndexSet<Bytes, Hasher>,
+}
+
+/// Counters exposed as metrics.
+#[derive(Debug, Default)]
+pub struct MemStats {
+    pub evicted_keys: AtomicU64,
+    pub expired_keys: AtomicU64,
+}
+
+pub struct MemStore {
+    shards: Box<[Mutex<Shard>]>,
+    hasher: Hasher,
+    used_bytes: AtomicU64,
+    max_bytes: u64,
+    policy: EvictionPolicy,
+    started: Instant,
+    hlc: std::sync::Arc<Hlc>,
+    value_bytes_max: usize,
+    stats: MemStats,
+}
+
+fn entry_bytes(key: &[u8], value: &Value) -> u64 {
+    key.len() as u64 + value.data.len() as u64 + ENTRY_OVERHEAD_BYTES
+}
+
+impl MemStore {
+    pub fn new(
+        max_bytes: u64,
+        policy: EvictionPolicy,
+        hlc: std::sync::Arc<Hlc>,
+        value_bytes_max: usize,
+    ) -> MemStore {
+        assert!(max_bytes > 0, "a cache needs a memory limit");
+        MemStore {
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            hasher: Hasher::default(),
+            used_bytes: AtomicU64::new(0),
+            max_bytes,
+            policy,
+            started: Instant::now(),
+            hlc,
+            value_bytes_max,
+            stats: MemStats::default(),
+        }
+    }
+
+    pub fn used_bytes(&self) -> u64 {
+        self.used_bytes.load(Ordering::Relaxed)
+    }
+
+    pub fn max_bytes(&self) -> u64 {
+        self.max_bytes
+    }
+
+    pub fn policy(&self) -> EvictionPolicy {
+        self.policy
+    }
+
+    pub fn stats(&self) -> &MemStats {
+        &self.stats
+    }
+
+    fn shard_of(&self, key: &[u8]) -> usize {
+        (self.hasher.hash_one(key) as usize) & (SHARDS - 1)
+    }
+
+    fn lock(&self, i: usize) -> MutexGuard<'_, Shard> {
+        // A panic while holding a shard lock cannot leave a shard half-updated in a way that
+        // breaks memory safety; keep serving rather than poisoning the whole keyspace.
+        self.shards[i].lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn clock_ms(&self) -> u32 {
+        self.started.elapsed().as_millis() as u32
+    }
+
+    /// Removes `key` from a locked shard, keeping the byte count right.
+    fn remove_locked(&self, shard: &mut Shard, key: &[u8]) -> Option<Entry> {
+        let (k, entry) = shard.map.swap_remove_entry(key)?;
+        if entry.value.header.expire_at_ms.is_some() {
+            shard.expiring.swap_remove(key);
+        }
+        self.used_bytes
+            .fetch_sub(entry_bytes(&k, &entry.value), Ordering::Relaxed);
+        Some(entry)
+    }
+
+    /// Looks up a live entry, removing it first if it has expired (lazy expiry).
+    fn live_locked<'s>(&self, shard: &'s mut Shard, key: &[u8], now_ms: u64) -> Option<&'s mut Entry> {
+        let expired = shard.map.get(key)?.value.is_expired(now_ms);
+        if expired {
+            self.remove_locked(shard, key);
+            self.stats.expired_keys.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        shard.map.get_mut(key)
+    }
+
+    fn touch(&self, entry: &mut Entry) {
+        let now = self.clock_ms();
+        if self.policy == EvictionPolicy::Lfu {
+            entry.frequency = lfu_decay(entry.frequency, entry.accessed_ms, now);
+            entry.frequency = lfu_increment(entry.frequency);
+        }
+        entry.accessed_ms = now;
+    }
+
+    fn put_locked(&self, shard: &mut Shard, key: &Bytes, value: Value) {
+        // Copy into exactly-sized allocations: the caller's buffers may be slices of a large
+        // network read buffer that must not be kept alive (and unaccounted) by the cache.
+        let data = Bytes::copy_from_slice(&value.data);
+        let value = Value { data, ..value };
+        let added = entry_bytes(key, &value);
+        let now = self.clock_ms();
+        let expires = value.header.expire_at_ms.is_some();
+        match shard.map.get_mut(&key[..]) {
+            Some(entry) => {
+                let old = entry_bytes(key, &entry.value);
+                let had_expiry = entry.value.header.expire_at_ms.is_some();
+                entry.value = value;
+                self.touch(entry);
+                self.used_bytes.fetch_add(added, Ordering::Relaxed);
+                self.used_bytes.fetch_sub(old, Ordering::Relaxed);
+                match (had_expiry, expires) {
+                    (false, true) => {
+                        shard.expiring.insert(key.clone());
+                    }
+                    (true, false) => {
+                        shard.expiring.swap_remove(&key[..]);
+                    }
+                    _ => {}
+                }
+            }
+            None => {
+                let key = Bytes::copy_from_slice(key);
+                if expires {
+                    shard.expiring.insert(key.clone());
+                }
+                shard.map.insert(
+                    key,
+                    Entry {
+                        value,
+                        accessed_ms: now,
+                        frequency: LFU_INIT,
+                    },
+                );
+                self.used_bytes.fetch_add(added, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Evicts sampled entries until the store is within its limit (bounded per call).
+    fn evict_to_limit(&self) {
+        let mut rng = fastrand::Rng::new();
+        let mut evicted = 0;
+        while self.used_bytes.load(Ordering::Relaxed) > self.max_bytes
+            && evicted < EVICTIONS_PER_WRITE_MAX
+        {
+            // Sample from one random non-empty shard per eviction (shards are balanced by hash).
+            let start = rng.usize(..SHARDS);
+            let victim_found = (0..SHARDS).any(|step| {
+                let i = (start + step) & (SHARDS - 1);
+                let mut shard = self.lock(i);
+                let len = shard.map.len();
+                if len == 0 {
+                    return false;
+                }
+                let now = self.clock_ms();
+                let victim = (0..EVICTION_SAMPLE.min(len))
+                    .map(|_| rng.usize(..len))
+                    .min_by_key(|&idx| {
+                        let e = &shard.map[idx];
+                        match self.policy {
+                            // Oldest access first: larger idle time = smaller key.
+                            EvictionPolicy::Lru => u64::MAX - now.wrapping_sub(e.accessed_ms) as u64,
+                            EvictionPolicy::Lfu => {
+                                lfu_decay(e.frequency, e.accessed_ms, now) as u64
+                            }
+                        }
+                    })
+                    .expect("sampled at least one index");
+                let key = shard.map.get_index(victim).map(|(k, _)| k.clone()).expect("index in range");
+                self.remove_locked(&mut shard, &key);
+                true
+            });
+            if !victim_found {
+                break;
+            }
+            evicted += 1;
+            self.stats.evicted_keys.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// One round of active expiry over every shard; returns the number of keys removed.
+    pub fn expire_cycle(&self, now_ms: u64) -> u64 {
+        let started = Instant::now();
+        let mut rng = fastrand::Rng::new();
+        let mut removed = 0;
+        for i in 0..SHARDS {
+            loop {
+                let mut shard = self.lock(i);
+                let n = shard.expiring.len();
+                if n == 0 {
+                    break;
+                }
+                let sample = EXPIRE_SAMPLE.min(n);
+                let mut expired = 0;
+                for _ in 0..sample {
+                    let len = shard.expiring.len();
+                    if len == 0 {
+                        break;
+                    }
+                    let key = shard.expiring[rng.usize(..len)].clone();
+                    let is_expired = shard
+                        .map
+                        .get(&key[..])
+                        .is_some_and(|e| e.value.is_expired(now_ms));
+                    if is_expired {
+                        self.remove_locked(&mut shard, &key);
+                        expired += 1;
+                    }
+                }
+                removed += expired as u64;
+                // Redis: keep going on this shard while more than 25% of the sample was expired.
+                if expired * 4 <= sample || started.elapsed() > EXPIRE_CYCLE_BUDGET {
+                    break;
+                }
+            }
+            if started.elapsed() > EXPIRE_CYCLE_BUDGET {
+                break;
+            }
+        }
+        self.stats.expired_keys.fetch_add(removed, Ordering::Relaxed);
+        removed
+    }
+}
+
+/// Redis's probabilistic logarithmic counter increment.
+fn lfu_increment(counter: u8) -> u8 {
+    if counter == u8::MAX {
+        return counter;
+    }
+    let base = counter.saturating_sub(LFU_INIT) as u32;
+    let p = 1.0 / (base * LFU_LOG_FACTOR + 1) as f64;
+    if fastrand::f64() < p { counter + 1 } else { counter }
+}
+
+/// The counter after idle-time decay (one per [`LFU_DECAY_MINUTES`] idle).
+fn lfu_decay(counter: u8, accessed_ms: u32, now_ms: u32) -> u8 {
+    let idle_minutes = now_ms.wrapping_sub(accessed_ms) / 60_000;
+    counter.saturating_sub((idle_minutes / LFU_DECAY_MINUTES).min(255) as u8)
+}
+
+impl KeyspaceStore for MemStore {
+    fn get(&self, key: &[u8], now_ms: u64) -> Result<Option<Value>> {
+        let mut shard = self.lock(self.shard_of(key));
+        let found = self.live_locked(&mut shard, key, now_ms).map(|e| {
+            self.touch(e);
+            e.value.clone()
+        });
+        Ok(found)
+    }
+
+    async fn apply(&self, mutations: Vec<Mutation>, now_ms: u64) -> Result<BatchReplies> {
+        // Refuse entries that could never fit before touching anything.
+        for m in &mutations {
+            if let Mutation::Set { key, value, .. } = m {
+                let need = key.len() as u64 + value.len() as u64 + ENTRY_OVERHEAD_BYTES;
+                if need > self.max_bytes {
+                    return Err(Error::OutOfMemory(format!(
+                        "entry of {need} bytes exceeds the keyspace limit of {} bytes",
+                        self.max_bytes
+                    )));
+                }
+            }
+        }
+        let mut shard_ids: Vec<usize> = mutations.iter().map(|m| self.shard_of(m.key())).collect();
+        let order = {
+            let mut s = shard_ids.clone();
+            s.sort_unstable();
+            s.dedup();
+            s
+        };
+        // Lock every touched shard in index order (no deadlock), apply, then release.
+        let mut guards: Vec<(usize, MutexGuard<'_, Shard>)> =
+            order.iter().map(|&i| (i, self.lock(i))).collect();
+        let mut replies = Vec::with_capacity(mutations.len());
+        for (m, sid) in mutations.iter().zip(shard_ids.drain(..)) {
+            let slot = order.binary_search(&sid).expect("shard was locked");
+            let shard = &mut *guards[slot].1;
+            let key = m.key();
+            let current = self.live_locked(shard, key, now_ms).map(|e| e.value.clone());
+            match m.apply(current.as_ref(), now_ms, self.hlc.now(), self.value_bytes_max) {
+                Err(e) => replies.push(Err(e)),
+                Ok((effect, reply)) => {
+                    match effect {
+                        Effect::Unchanged => {}
+                        Effect::Put(v) => self.put_locked(shard, key, v),
+                        Effect::Remove(_) => {
+                            self.remove_locked(shard, key);
+                        }
+                    }
+                    replies.push(Ok(reply));
+                }
+            }
+        }
+        drop(guards);
+        if self.used_bytes.load(Ordering::Relaxed) > self.max_bytes {
+            self.evict_to_limit();
+        }
+        Ok(replies)
+    }
+
+    fn scan(&self, range: &ScanRange, limit: usize, now_ms: u64) -> Result<ScanPage> {
+        // Hash shards are unordered: keep the `limit + 1` smallest keys in range across all
+        // shards with a bounded max-heap. O(n log limit) per page; fine for cache sizes, and the
+        // cursor is a key so concurrent writes never make a scan skip a surviving key.
+        let mut heap: std::collections::BinaryHeap<Bytes> = std::collections::BinaryHeap::new();
+        let cap = limit.max(1);
+        for i in 0..SHARDS {
+            let shard = self.lock(i);
+            for (k, e) in shard.map.iter() {
+                if !range.contains(k) || !e.value.is_live(now_ms) {
+                    continue;
+                }
+                if heap.len() < cap {
+                    heap.push(k.clone());
+                } else if heap.peek().is_some_and(|top| k < top) {
+                    heap.pop();
+                    heap.push(k.clone());
+                }
+            }
+        }
+        let keys = heap.into_sorted_vec();
+        let full = keys.len() >= cap;
+        let mut page = ScanPage::default();
+        for k in keys {
+            // Scans read without touching LRU/LFU state: a scan is not a use.
+            let shard = self.lock(self.shard_of(&k));
+            if let Some(e) = shard.map.get(&k[..]).filter(|e| e.value.is_live(now_ms)) {
+                page.entries.push((k.clone(), e.value.clone()));
+            }
+            drop(shard);
+            page.next_after = Some(k);
+        }
+        if !full {
+            page.next_after = None;
+        }
+        Ok(page)
+    }
+
+    fn len(&self) -> Result<u64> {
+        Ok((0..SHARDS).map(|i| self.lock(i).map.len() as u64).sum())
+    }
+
+    async fn clear(&self) -> Result<()> {
+        for i in 0..SHARDS {
+            let mut shard = self.lock(i);
+            let freed: u64 = shard.map.iter().map(|(k, e)| entry_bytes(k, &e.value)).sum();
+            shard.map = IndexMap::default();
+            shard.expiring = IndexSet::default();
+            self.used_bytes.fetch_sub(freed, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+}
