@@ -1,1 +1,302 @@
-fn main(){}
+//! The `capdb` binary: one executable for the server and its command-line clients.
+
+mod client;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use serde_json::json;
+
+use client::HttpClient;
+
+const EXAMPLES: &str = "\
+Examples:
+  capdb server                                   # one node: RESP on 127.0.0.1:6380, HTTP on :8080
+  capdb server --data-dir /var/lib/capdb --resp-addr 0.0.0.0:6380
+  capdb keyspace create sessions --mode cache --max-memory-bytes 1073741824 --eviction lfu
+  capdb keyspace list
+  capdb kv put greeting hello --ttl-ms 60000
+  capdb kv get greeting
+  capdb kv scan --prefix user: --limit 50
+  redis-cli -p 6380 SET k v                      # any Redis client works too
+";
+
+#[derive(Parser)]
+#[command(name = "capdb", version, about = "capdb: a distributed key-value database where each keyspace chooses its CAP trade-off", after_help = EXAMPLES)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args, Clone)]
+struct Target {
+    /// HTTP address of any capdb node.
+    #[arg(long, global = true, env = "CAPDB_ADDR", default_value = "127.0.0.1:8080", value_name = "HOST:PORT")]
+    addr: String,
+    /// Password, if the server requires one.
+    #[arg(long, global = true, env = "CAPDB_PASSWORD", hide_env_values = true)]
+    password: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a capdb node.
+    #[command(after_help = "Settings come from --config FILE, then CAPDB_* environment variables, then flags (each overrides the previous).\n\nExample:\n  capdb server --data-dir ./data --resp-addr 127.0.0.1:6380 --http-addr 127.0.0.1:8080")]
+    Server(capdb_server::ServerArgs),
+    /// Read and write keys over the HTTP API.
+    Kv {
+        #[command(subcommand)]
+        op: KvOp,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Create, list, describe and drop keyspaces.
+    Keyspace {
+        #[command(subcommand)]
+        op: KeyspaceOp,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Print the version.
+    Version,
+}
+
+#[derive(Subcommand)]
+enum KvOp {
+    /// Print a key's value.  Example: capdb kv get user:1 --keyspace users
+    Get {
+        key: String,
+        #[arg(long, short = 'k', default_value = "default")]
+        keyspace: String,
+    },
+    /// Write a key.  Example: capdb kv put user:1 '{"name":"ada"}' --ttl-ms 60000
+    Put {
+        key: String,
+        value: String,
+        #[arg(long, short = 'k', default_value = "default")]
+        keyspace: String,
+        /// Expire the key after this many milliseconds.
+        #[arg(long)]
+        ttl_ms: Option<u64>,
+        /// Only write if the key is absent (`absent`) or present (`present`).
+        #[arg(long = "if", value_name = "absent|present")]
+        condition: Option<String>,
+    },
+    /// Delete a key.  Example: capdb kv del user:1
+    Del {
+        key: String,
+        #[arg(long, short = 'k', default_value = "default")]
+        keyspace: String,
+    },
+    /// List keys in order.  Example: capdb kv scan --prefix user: --limit 20
+    Scan {
+        #[arg(long, short = 'k', default_value = "default")]
+        keyspace: String,
+        #[arg(long)]
+        prefix: Option<String>,
+        /// First key to include.
+        #[arg(long)]
+        start: Option<String>,
+        /// First key to exclude.
+        #[arg(long)]
+        end: Option<String>,
+        /// Most keys to print (all pages are followed up to this many).
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeyspaceOp {
+    /// Create a keyspace.  Example: capdb keyspace create events --mode ap --replication-factor 3
+    Create {
+        name: String,
+        /// cp (linearizable, Raft), ap (available, quorums) or cache (in memory).
+        #[arg(long)]
+        mode: String,
+        #[arg(long)]
+        replication_factor: Option<u32>,
+        #[arg(long)]
+        shards: Option<u32>,
+        /// Memory limit of a cache keyspace.
+        #[arg(long)]
+        max_memory_bytes: Option<u64>,
+        /// Eviction policy of a cache keyspace: lru or lfu.
+        #[arg(long)]
+        eviction: Option<String>,
+    },
+    /// List keyspaces.
+    List,
+    /// Show one keyspace.
+    Describe { name: String },
+    /// Drop a keyspace and all its data.
+    Drop { name: String },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Server(args) => server(args).await,
+            Command::Kv { op, target } => kv(op, &target).await,
+            Command::Keyspace { op, target } => keyspace(op, &target).await,
+            Command::Version => {
+                println!("capdb {}", env!("CARGO_PKG_VERSION"));
+                Ok(())
+            }
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(msg) => {
+            eprintln!("error: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn server(args: capdb_server::ServerArgs) -> Result<(), String> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CAPDB_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let config = capdb_server::Config::resolve(&args).map_err(|e| e.to_string())?;
+    capdb_server::run(config, shutdown_signal())
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Completes on SIGTERM or SIGINT (Ctrl-C).
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot install the SIGTERM handler; only Ctrl-C will stop the server");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
+}
+
+fn print_json(v: &serde_json::Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string()));
+}
+
+async fn kv(op: KvOp, target: &Target) -> Result<(), String> {
+    let client = HttpClient::new(&target.addr, target.password.clone())?;
+    match op {
+        KvOp::Get { key, keyspace } => {
+            let v = client.request("GET", &client::kv_path(&keyspace, &key), None).await?;
+            match (v.get("value"), v.get("value_hex")) {
+                (Some(serde_json::Value::String(s)), _) => println!("{s}"),
+                (_, Some(serde_json::Value::String(h))) => println!("(hex) {h}"),
+                _ => print_json(&v),
+            }
+        }
+        KvOp::Put { key, value, keyspace, ttl_ms, condition } => {
+            let mut path = client::kv_path(&keyspace, &key);
+            let mut query = Vec::new();
+            if let Some(ms) = ttl_ms {
+                query.push(format!("ttl_ms={ms}"));
+            }
+            if let Some(c) = condition {
+                query.push(format!("if={}", client::encode(&c)));
+            }
+            if !query.is_empty() {
+                path = format!("{path}?{}", query.join("&"));
+            }
+            let v = client.request("PUT", &path, Some(value.into_bytes())).await?;
+            println!("{}", if v["written"] == json!(true) { "OK" } else { "(not written: condition not met)" });
+        }
+        KvOp::Del { key, keyspace } => {
+            let v = client.request("DELETE", &client::kv_path(&keyspace, &key), None).await?;
+            println!("{}", if v["deleted"] == json!(true) { "1" } else { "0" });
+        }
+        KvOp::Scan { keyspace, prefix, start, end, limit } => {
+            let mut printed = 0usize;
+            let mut cursor: Option<String> = None;
+            loop {
+                let mut query = vec![format!("limit={}", (limit - printed).clamp(1, 1000))];
+                for (name, v) in [("prefix", &prefix), ("start", &start), ("end", &end), ("cursor", &cursor)] {
+                    if let Some(v) = v {
+                        query.push(format!("{name}={}", client::encode(v)));
+                    }
+                }
+                let path = format!("/v1/kv/{}?{}", client::encode(&keyspace), query.join("&"));
+                let v = client.request("GET", &path, None).await?;
+                for e in v["entries"].as_array().into_iter().flatten() {
+                    let k = e.get("key").and_then(|k| k.as_str()).map(str::to_string)
+                        .or_else(|| e.get("key_hex").and_then(|k| k.as_str()).map(|h| format!("(hex) {h}")))
+                        .unwrap_or_default();
+                    let val = e.get("value").and_then(|k| k.as_str()).map(str::to_string)
+                        .or_else(|| e.get("value_hex").and_then(|k| k.as_str()).map(|h| format!("(hex) {h}")))
+                        .unwrap_or_default();
+                    println!("{k}\t{val}");
+                    printed += 1;
+                }
+                match v["cursor"].as_str() {
+                    Some(c) if printed < limit => cursor = Some(c.to_string()),
+                    _ => break,
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn keyspace(op: KeyspaceOp, target: &Target) -> Result<(), String> {
+    let client = HttpClient::new(&target.addr, target.password.clone())?;
+    match op {
+        KeyspaceOp::Create { name, mode, replication_factor, shards, max_memory_bytes, eviction } => {
+            let body = json!({
+                "name": name, "mode": mode, "replication_factor": replication_factor,
+                "shards": shards, "max_memory_bytes": max_memory_bytes, "eviction": eviction,
+            });
+            let v = client
+                .request("POST", "/v1/keyspaces", Some(body.to_string().into_bytes()))
+                .await?;
+            print_json(&v);
+        }
+        KeyspaceOp::List => {
+            let v = client.request("GET", "/v1/keyspaces", None).await?;
+            println!("{:<24} {:<6} {:>4} {:>6} {:>10}", "NAME", "MODE", "RF", "SHARDS", "KEYS");
+            for k in v["keyspaces"].as_array().into_iter().flatten() {
+                println!(
+                    "{:<24} {:<6} {:>4} {:>6} {:>10}",
+                    k["name"].as_str().unwrap_or("?"),
+                    k["mode"].as_str().unwrap_or("?"),
+                    k["replication_factor"].to_string(),
+                    k["shards"].to_string(),
+                    k["keys"].to_string()
+                );
+            }
+        }
+        KeyspaceOp::Describe { name } => {
+            let v = client
+                .request("GET", &format!("/v1/keyspaces/{}", client::encode(&name)), None)
+                .await?;
+            print_json(&v);
+        }
+        KeyspaceOp::Drop { name } => {
+            client
+                .request("DELETE", &format!("/v1/keyspaces/{}", client::encode(&name)), None)
+                .await?;
+            println!("dropped {name}");
+        }
+    }
+    Ok(())
+}

@@ -131,6 +131,8 @@ enum Output {
     Replies(BatchReplies),
     Count(u64),
     Done,
+    /// The job failed alone (e.g. its table was dropped); the rest of the batch committed.
+    Failed(Error),
 }
 
 struct Job {
@@ -193,7 +195,10 @@ impl DiskEngine {
             .send(Job { op, done })
             .await
             .map_err(|_| Error::ShuttingDown)?;
-        wait.await.map_err(|_| Error::Io("storage writer stopped".into()))?
+        match wait.await.map_err(|_| Error::Io("storage writer stopped".into()))?? {
+            Output::Failed(e) => Err(e),
+            out => Ok(out),
+        }
     }
 
     /// Waits until every write submitted before this call is durable.
@@ -431,6 +436,15 @@ fn writer_loop(
     value_bytes_max: usize,
     stats: &EngineStats,
 ) {
+    // Tables that exist: a write to a table dropped after the write was queued must fail, not
+    // silently re-create the table (redb's open_table creates missing tables).
+    let mut live_tables: std::collections::HashSet<String> = match list_tables(db) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot list tables; storage writer stopping");
+            return;
+        }
+    };
     let mut batch: Vec<Job> = Vec::with_capacity(BATCH_JOBS_MAX);
     while let Some(first) = rx.blocking_recv() {
         let mut bytes = first.op.payload_bytes();
@@ -445,7 +459,11 @@ fn writer_loop(
             }
         }
         let started = Instant::now();
-        let result = commit_batch(db, &batch, hlc, value_bytes_max, stats);
+        let before = live_tables.clone();
+        let result = commit_batch(db, &batch, hlc, value_bytes_max, stats, &mut live_tables);
+        if result.is_err() {
+            live_tables = before;
+        }
         stats.commits.fetch_add(1, Ordering::Relaxed);
         stats.jobs.fetch_add(batch.len() as u64, Ordering::Relaxed);
         stats
@@ -469,19 +487,27 @@ fn writer_loop(
     tracing::debug!("storage writer stopped: all engine handles dropped");
 }
 
+fn list_tables(db: &Database) -> Result<std::collections::HashSet<String>> {
+    use redb::TableHandle;
+    let txn = db.begin_read().map_err(io_err)?;
+    let names = txn.list_tables().map_err(io_err)?.map(|t| t.name().to_string()).collect();
+    Ok(names)
+}
+
 fn commit_batch(
     db: &Database,
     batch: &[Job],
     hlc: &Hlc,
     value_bytes_max: usize,
     stats: &EngineStats,
+    live_tables: &mut std::collections::HashSet<String>,
 ) -> Result<Vec<Output>> {
     let mut txn = db.begin_write().map_err(io_err)?;
     // One fsync per batch: this is the durability point every acknowledgement waits for.
     txn.set_durability(Durability::Immediate).map_err(io_err)?;
     let mut outputs = Vec::with_capacity(batch.len());
     for job in batch {
-        outputs.push(execute(&txn, &job.op, hlc, value_bytes_max, stats)?);
+        outputs.push(execute(&txn, &job.op, hlc, value_bytes_max, stats, live_tables)?);
     }
     txn.commit().map_err(io_err)?;
     Ok(outputs)
@@ -493,8 +519,15 @@ fn execute(
     hlc: &Hlc,
     value_bytes_max: usize,
     stats: &EngineStats,
+    live_tables: &mut std::collections::HashSet<String>,
 ) -> Result<Output> {
+    let missing = |table: &String| Output::Failed(Error::KeyspaceNotFound(table.trim_start_matches("ks/").to_string()));
     match op {
+        Op::Apply { table, .. } | Op::RemoveExpired { table, .. } | Op::Clear { table }
+            if !live_tables.contains(table) =>
+        {
+            Ok(missing(table))
+        }
         Op::Barrier => Ok(Output::Done),
         Op::Apply {
             table,
@@ -537,12 +570,14 @@ fn execute(
             txn.open_table(table_def(table)).map_err(io_err)?;
             let mut meta = txn.open_table(META_TABLE).map_err(io_err)?;
             meta.insert(meta_key.as_str(), &meta_value[..]).map_err(io_err)?;
+            live_tables.insert(table.clone());
             Ok(Output::Done)
         }
         Op::DropTable { table, meta_key } => {
             txn.delete_table(table_def(table)).map_err(io_err)?;
             let mut meta = txn.open_table(META_TABLE).map_err(io_err)?;
             meta.remove(meta_key.as_str()).map_err(io_err)?;
+            live_tables.remove(table);
             Ok(Output::Done)
         }
     }

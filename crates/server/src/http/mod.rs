@@ -1,0 +1,417 @@
+//! The HTTP/JSON API, health checks and Prometheus metrics.
+//!
+//! | route | what |
+//! |---|---|
+//! | `GET /v1/kv/{keyspace}/{key}` | the value as JSON (`?raw=true` or `Accept: application/octet-stream`: the bytes) |
+//! | `PUT /v1/kv/{keyspace}/{key}` | body = the value's bytes; `?ttl_ms=N`, `?if=absent|present` |
+//! | `DELETE /v1/kv/{keyspace}/{key}` | `{"deleted": bool}` |
+//! | `GET /v1/kv/{keyspace}?prefix=&start=&end=&limit=&cursor=` | ordered range scan, paged by an opaque cursor |
+//! | `GET/POST /v1/keyspaces`, `GET/DELETE /v1/keyspaces/{name}` | keyspace administration |
+//! | `GET /healthz`, `GET /readyz`, `GET /metrics` | liveness, readiness, metrics (never need auth) |
+//!
+//! Keys in paths are percent-decoded and may contain `/`. Keys and values are returned as
+//! `key`/`value` strings when they are UTF-8, otherwise as `key_hex`/`value_hex`.
+//!
+//! Errors are JSON `{"error": {"code": "<stable code>", "message": "..."}}` with a status chosen
+//! by what the caller must do (see `capdb_types::error`). When a password is configured, `/v1`
+//! routes need `Authorization: Bearer <password>`.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, JsonRejection};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use capdb_storage::ScanRange;
+use capdb_types::limits::{SCAN_COUNT_MAX, check_key, check_value};
+use capdb_types::mutation::{Condition, ExpiryUpdate};
+use capdb_types::{Error, EvictionPolicy, KeyspaceName, KeyspaceSpec, Mode, Mutation, Reply};
+use serde::Deserialize;
+use serde_json::{Value as Json_, json};
+
+use crate::node::{Keyspace, Node, Store};
+
+/// An error answered as JSON.
+pub struct ApiError(pub Error);
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> ApiError {
+        ApiError(e)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = match &self.0 {
+            Error::InvalidInput(_) | Error::NotAnInteger | Error::Overflow => StatusCode::BAD_REQUEST,
+            Error::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::KeyspaceNotFound(_) => StatusCode::NOT_FOUND,
+            Error::KeyspaceExists(_) => StatusCode::CONFLICT,
+            Error::OutOfMemory(_) => StatusCode::INSUFFICIENT_STORAGE,
+            Error::Unavailable(_) | Error::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Corruption(_) | Error::Io(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        let body = json!({"error": {"code": self.0.code(), "message": self.0.to_string(), "retryable": self.0.is_retryable()}});
+        (status, Json(body)).into_response()
+    }
+}
+
+fn api_error(status: StatusCode, code: &str, message: String) -> Response {
+    (status, Json(json!({"error": {"code": code, "message": message, "retryable": false}}))).into_response()
+}
+
+type ApiResult<T = Response> = Result<T, ApiError>;
+
+/// Builds the router.
+pub fn router(node: Arc<Node>) -> Router {
+    let body_max = node.config.limits.http_body_bytes_max;
+    let v1 = Router::new()
+        .route("/v1/keyspaces", get(list_keyspaces).post(create_keyspace))
+        .route("/v1/keyspaces/{name}", get(describe_keyspace).delete(drop_keyspace))
+        .route("/v1/kv/{keyspace}", get(scan))
+        .route("/v1/kv/{keyspace}/{*key}", get(get_key).put(put_key).delete(delete_key))
+        .route_layer(axum::middleware::from_fn_with_state(node.clone(), require_auth));
+    Router::new()
+        .merge(v1)
+        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(|| async {
+            api_error(StatusCode::NOT_FOUND, "not_found", "no such route; see /v1/keyspaces and /v1/kv/{keyspace}/{key}".into())
+        })
+        .layer(axum::middleware::from_fn_with_state(node.clone(), observe))
+        .layer(DefaultBodyLimit::max(body_max))
+        .with_state(node)
+}
+
+/// Records each request's latency under its route template.
+async fn observe(State(node): State<Arc<Node>>, req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let route: &'static str = match req.extensions().get::<MatchedPath>().map(|p| p.as_str()) {
+        Some("/v1/keyspaces") => "/v1/keyspaces",
+        Some("/v1/keyspaces/{name}") => "/v1/keyspaces/{name}",
+        Some("/v1/kv/{keyspace}") => "/v1/kv/{keyspace}",
+        Some("/v1/kv/{keyspace}/{*key}") => "/v1/kv/{keyspace}/{key}",
+        Some("/healthz") => "/healthz",
+        Some("/readyz") => "/readyz",
+        Some("/metrics") => "/metrics",
+        _ => "other",
+    };
+    let method: &'static str = match *req.method() {
+        axum::http::Method::GET => "GET",
+        axum::http::Method::PUT => "PUT",
+        axum::http::Method::POST => "POST",
+        axum::http::Method::DELETE => "DELETE",
+        _ => "other",
+    };
+    let resp = next.run(req).await;
+    node.metrics
+        .observe_http(route, method, resp.status().as_u16(), started.elapsed());
+    resp
+}
+
+async fn require_auth(State(node): State<Arc<Node>>, req: Request, next: Next) -> Response {
+    if let Some(expected) = &node.config.password {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        let ok = given.is_some_and(|g| {
+            g.len() == expected.len()
+                && g.bytes().zip(expected.bytes()).fold(0u8, |a, (x, y)| a | (x ^ y)) == 0
+        });
+        if !ok {
+            return api_error(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "this server needs 'Authorization: Bearer <password>'".into(),
+            );
+        }
+    }
+    next.run(req).await
+}
+
+async fn readyz(State(node): State<Arc<Node>>) -> Response {
+    if node.is_shutting_down() {
+        return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "shutting_down"}))).into_response();
+    }
+    Json(json!({"status": "ready"})).into_response()
+}
+
+async fn metrics(State(node): State<Arc<Node>>) -> Response {
+    let text = node.metrics.render(&node);
+    (
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        text,
+    )
+        .into_response()
+}
+
+fn spec_json(ks: &Keyspace) -> Json_ {
+    let mut v = serde_json::to_value(&ks.spec).expect("specs serialize");
+    v["keys"] = json!(ks.store.len().ok());
+    if let Store::Memory(m) = &ks.store {
+        v["used_memory_bytes"] = json!(m.used_bytes());
+    }
+    v
+}
+
+async fn list_keyspaces(State(node): State<Arc<Node>>) -> Json<Json_> {
+    let list: Vec<Json_> = node.keyspaces().iter().map(|k| spec_json(k)).collect();
+    Json(json!({ "keyspaces": list }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateKeyspace {
+    name: String,
+    mode: String,
+    replication_factor: Option<u32>,
+    shards: Option<u32>,
+    max_memory_bytes: Option<u64>,
+    eviction: Option<String>,
+}
+
+fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> ApiResult<T> {
+    body.map(|Json(b)| b).map_err(|e| match e {
+        JsonRejection::BytesRejection(b) => bytes_rejection(b),
+        other => ApiError(Error::InvalidInput(format!("invalid JSON body: {}", other.body_text()))),
+    })
+}
+
+fn bytes_rejection(e: BytesRejection) -> ApiError {
+    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError(Error::InvalidInput(format!("request body too large: {}", e.body_text())))
+    } else {
+        ApiError(Error::InvalidInput(format!("cannot read request body: {}", e.body_text())))
+    }
+}
+
+async fn create_keyspace(
+    State(node): State<Arc<Node>>,
+    body: Result<Json<CreateKeyspace>, JsonRejection>,
+) -> ApiResult {
+    let req = json_body(body)?;
+    let eviction = req.eviction.as_deref().map(str::parse::<EvictionPolicy>).transpose()?;
+    let spec = KeyspaceSpec::new(
+        KeyspaceName::new(req.name)?,
+        req.mode.parse::<Mode>()?,
+        req.replication_factor,
+        req.shards,
+        req.max_memory_bytes,
+        eviction,
+    )?;
+    let ks = node.create_keyspace(spec).await?;
+    Ok((StatusCode::CREATED, Json(spec_json(&ks))).into_response())
+}
+
+async fn describe_keyspace(State(node): State<Arc<Node>>, Path(name): Path<String>) -> ApiResult {
+    Ok(Json(spec_json(&*node.keyspace(&name)?)).into_response())
+}
+
+async fn drop_keyspace(State(node): State<Arc<Node>>, Path(name): Path<String>) -> ApiResult {
+    node.drop_keyspace(&name).await?;
+    Ok(Json(json!({"dropped": name})).into_response())
+}
+
+/// `"key": "..."` when UTF-8, else `"key_hex": "..."`.
+fn bytes_field(obj: &mut serde_json::Map<String, Json_>, name: &str, data: &[u8]) {
+    match std::str::from_utf8(data) {
+        Ok(s) => {
+            obj.insert(name.into(), json!(s));
+        }
+        Err(_) => {
+            obj.insert(format!("{name}_hex"), json!(hex(data)));
+        }
+    }
+}
+
+fn hex(data: &[u8]) -> String {
+    data.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+fn entry_json(key: &[u8], v: &capdb_types::Value, now: u64) -> Json_ {
+    let mut obj = serde_json::Map::new();
+    bytes_field(&mut obj, "key", key);
+    bytes_field(&mut obj, "value", &v.data);
+    obj.insert(
+        "ttl_ms".into(),
+        json!(v.header.expire_at_ms.map(|at| at.saturating_sub(now))),
+    );
+    obj.insert("timestamp".into(), json!(v.header.timestamp.to_string()));
+    Json_::Object(obj)
+}
+
+#[derive(Deserialize)]
+struct GetQuery {
+    raw: Option<bool>,
+}
+
+async fn get_key(
+    State(node): State<Arc<Node>>,
+    Path((keyspace, key)): Path<(String, String)>,
+    Query(q): Query<GetQuery>,
+    headers: HeaderMap,
+) -> ApiResult {
+    check_key(key.as_bytes())?;
+    let ks = node.keyspace(&keyspace)?;
+    let now = capdb_types::unix_now_ms();
+    let Some(v) = ks.get(key.as_bytes(), now)? else {
+        return Ok(api_error(
+            StatusCode::NOT_FOUND,
+            "key_not_found",
+            format!("key '{key}' does not exist in keyspace '{keyspace}'"),
+        ));
+    };
+    let raw = q.raw.unwrap_or(false)
+        || headers
+            .get(header::ACCEPT)
+            .and_then(|a| a.to_str().ok())
+            .is_some_and(|a| a.starts_with("application/octet-stream"));
+    if raw {
+        return Ok(([(header::CONTENT_TYPE, "application/octet-stream")], v.data).into_response());
+    }
+    let mut body = entry_json(key.as_bytes(), &v, now);
+    body["keyspace"] = json!(keyspace);
+    Ok(Json(body).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PutQuery {
+    ttl_ms: Option<u64>,
+    #[serde(rename = "if")]
+    condition: Option<String>,
+}
+
+async fn put_key(
+    State(node): State<Arc<Node>>,
+    Path((keyspace, key)): Path<(String, String)>,
+    query: Result<Query<PutQuery>, axum::extract::rejection::QueryRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult {
+    let Query(q) = query.map_err(|e| ApiError(Error::InvalidInput(e.body_text())))?;
+    let body = body.map_err(bytes_rejection)?;
+    check_key(key.as_bytes())?;
+    check_value(&body, node.config.limits.value_bytes_max)?;
+    let condition = match q.condition.as_deref() {
+        None => Condition::Always,
+        Some("absent") => Condition::IfAbsent,
+        Some("present") => Condition::IfPresent,
+        Some(other) => {
+            return Err(ApiError(Error::InvalidInput(format!(
+                "if={other}: expected 'absent' or 'present'"
+            ))));
+        }
+    };
+    let now = capdb_types::unix_now_ms();
+    let expiry = match q.ttl_ms {
+        None => ExpiryUpdate::Clear,
+        Some(0) => return Err(ApiError(Error::InvalidInput("ttl_ms must be positive".into()))),
+        Some(ms) => ExpiryUpdate::At(now.saturating_add(ms)),
+    };
+    let ks = node.keyspace(&keyspace)?;
+    let m = Mutation::Set {
+        key: Bytes::from(key.into_bytes()),
+        value: body,
+        condition,
+        expiry,
+        return_old: false,
+    };
+    let reply = ks.apply(vec![m], now).await?.pop().expect("one reply per mutation")?;
+    Ok(Json(json!({"written": reply == Reply::Ok})).into_response())
+}
+
+async fn delete_key(
+    State(node): State<Arc<Node>>,
+    Path((keyspace, key)): Path<(String, String)>,
+) -> ApiResult {
+    check_key(key.as_bytes())?;
+    let ks = node.keyspace(&keyspace)?;
+    let m = Mutation::Delete {
+        key: Bytes::from(key.into_bytes()),
+    };
+    let reply = ks
+        .apply(vec![m], capdb_types::unix_now_ms())
+        .await?
+        .pop()
+        .expect("one reply per mutation")?;
+    Ok(Json(json!({"deleted": reply == Reply::Integer(1)})).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ScanQuery {
+    prefix: Option<String>,
+    /// First key to include.
+    start: Option<String>,
+    /// First key to exclude.
+    end: Option<String>,
+    limit: Option<usize>,
+    /// Opaque: the `cursor` of the previous page.
+    cursor: Option<String>,
+}
+
+async fn scan(
+    State(node): State<Arc<Node>>,
+    Path(keyspace): Path<String>,
+    query: Result<Query<ScanQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult {
+    let Query(q) = query.map_err(|e| ApiError(Error::InvalidInput(e.body_text())))?;
+    let ks = node.keyspace(&keyspace)?;
+    ks.check_live()?;
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=SCAN_COUNT_MAX).contains(&limit) {
+        return Err(ApiError(Error::InvalidInput(format!("limit must be 1 to {SCAN_COUNT_MAX}"))));
+    }
+    let cursor = match &q.cursor {
+        Some(c) => Some(Bytes::from(
+            unhex(c).ok_or_else(|| Error::InvalidInput("invalid cursor".into()))?,
+        )),
+        None => None,
+    };
+    let now = capdb_types::unix_now_ms();
+    let mut entries = Vec::new();
+    if q.cursor.is_none()
+        && let Some(start) = &q.start
+    {
+        // Inclusive start: the start key itself, then everything after it.
+        if let Some(v) = ks.store.get(start.as_bytes(), now)?
+            && q.prefix.as_ref().is_none_or(|p| start.starts_with(p.as_str()))
+            && q.end.as_ref().is_none_or(|e| start.as_str() < e.as_str())
+        {
+            entries.push(entry_json(start.as_bytes(), &v, now));
+        }
+    }
+    // Scans are "after a key" (exclusive); an inclusive `start` is its own first entry above.
+    let after = cursor.or_else(|| q.start.as_ref().map(|s| Bytes::from(s.clone().into_bytes())));
+    let range = ScanRange {
+        after,
+        end: q.end.map(|e| Bytes::from(e.into_bytes())),
+        prefix: q.prefix.map(|p| Bytes::from(p.into_bytes())),
+    };
+    let page = ks.store.scan(&range, limit - entries.len().min(limit - 1), now)?;
+    entries.extend(page.entries.iter().map(|(k, v)| entry_json(k, v, now)));
+    Ok(Json(json!({
+        "keyspace": keyspace,
+        "entries": entries,
+        "cursor": page.next_after.map(|k| hex(&k)),
+    }))
+    .into_response())
+}

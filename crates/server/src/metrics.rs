@@ -1,0 +1,193 @@
+//! Prometheus metrics, rendered at `GET /metrics` in the OpenMetrics text format.
+//!
+//! - `capdb_command_duration_seconds{command}`: histogram per RESP command (its `_count` is the
+//!   request count); `capdb_command_errors_total{command}` counts error replies.
+//! - `capdb_http_request_duration_seconds{route,method,status}`: histogram per HTTP route.
+//! - Connection gauges/counters, and storage gauges (keys and memory per keyspace, database
+//!   file size, group-commit counters) refreshed on every scrape.
+//!
+//! Command handles are created once at start for every known command, so the hot path only
+//! touches atomics (no label lookup per request).
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::node::{Node, Store};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CommandLabel {
+    command: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLabel {
+    pub route: &'static str,
+    pub method: &'static str,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KeyspaceLabel {
+    keyspace: String,
+    mode: &'static str,
+}
+
+/// Handles for one command.
+#[derive(Clone)]
+pub struct CommandMetrics {
+    pub duration: Histogram,
+    pub errors: Counter,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    commands: Vec<(&'static str, CommandMetrics)>,
+    pub http: Family<HttpLabel, Histogram>,
+    pub connections: Gauge,
+    pub connections_total: Counter,
+    pub connections_rejected: Counter,
+    pub protocol_errors: Counter,
+    keys: Family<KeyspaceLabel, Gauge>,
+    memory: Family<KeyspaceLabel, Gauge>,
+    evicted: Family<KeyspaceLabel, Gauge>,
+    expired: Family<KeyspaceLabel, Gauge>,
+    file_bytes: Gauge,
+    commits: Gauge,
+    committed_jobs: Gauge,
+    commit_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    corruptions: Gauge,
+}
+
+fn latency_histogram() -> Histogram {
+    // 10 µs to ~20 s.
+    Histogram::new(exponential_buckets(0.000_01, 2.0, 22))
+}
+
+impl Metrics {
+    /// `commands`: every command name the server knows (lowercase).
+    pub fn new(commands: &[&'static str]) -> Metrics {
+        let mut registry = Registry::with_prefix("capdb");
+        let durations = Family::<CommandLabel, Histogram>::new_with_constructor(latency_histogram as fn() -> Histogram);
+        let errors = Family::<CommandLabel, Counter>::default();
+        registry.register(
+            "command_duration_seconds",
+            "Time to execute a RESP command, from parse to reply",
+            durations.clone(),
+        );
+        registry.register("command_errors", "RESP commands answered with an error", errors.clone());
+        let mut handles: Vec<(&'static str, CommandMetrics)> = commands
+            .iter()
+            .chain(std::iter::once(&"unknown"))
+            .map(|&command| {
+                let label = CommandLabel { command };
+                (
+                    command,
+                    CommandMetrics {
+                        duration: durations.get_or_create(&label).clone(),
+                        errors: errors.get_or_create(&label).clone(),
+                    },
+                )
+            })
+            .collect();
+        handles.sort_by_key(|(c, _)| *c);
+        let http = Family::<HttpLabel, Histogram>::new_with_constructor(latency_histogram as fn() -> Histogram);
+        registry.register("http_request_duration_seconds", "Time to answer an HTTP request", http.clone());
+        let m = Metrics {
+            commands: handles,
+            http,
+            connections: Gauge::default(),
+            connections_total: Counter::default(),
+            connections_rejected: Counter::default(),
+            protocol_errors: Counter::default(),
+            keys: Family::default(),
+            memory: Family::default(),
+            evicted: Family::default(),
+            expired: Family::default(),
+            file_bytes: Gauge::default(),
+            commits: Gauge::default(),
+            committed_jobs: Gauge::default(),
+            commit_seconds: Gauge::default(),
+            corruptions: Gauge::default(),
+            registry,
+        };
+        m.register_rest()
+    }
+
+    fn register_rest(mut self) -> Metrics {
+        let r = &mut self.registry;
+        r.register("connections", "Open client connections (RESP)", self.connections.clone());
+        r.register("connections_accepted", "Client connections accepted (RESP)", self.connections_total.clone());
+        r.register(
+            "connections_rejected",
+            "Client connections refused because connections_max was reached",
+            self.connections_rejected.clone(),
+        );
+        r.register("protocol_errors", "Connections closed for malformed RESP", self.protocol_errors.clone());
+        r.register("keyspace_keys", "Keys stored per keyspace", self.keys.clone());
+        r.register("keyspace_memory_bytes", "Accounted memory of cache keyspaces", self.memory.clone());
+        r.register("keyspace_evicted_keys", "Keys evicted from cache keyspaces", self.evicted.clone());
+        r.register("keyspace_expired_keys", "Keys removed by expiry from cache keyspaces", self.expired.clone());
+        r.register("storage_file_bytes", "Size of the database file", self.file_bytes.clone());
+        r.register("storage_commits", "Group commits (one fsync each)", self.commits.clone());
+        r.register("storage_committed_jobs", "Write requests acknowledged by group commits", self.committed_jobs.clone());
+        r.register("storage_commit_seconds", "Total time spent committing", self.commit_seconds.clone());
+        r.register("storage_corruptions", "Stored values that failed their checksum", self.corruptions.clone());
+        self
+    }
+
+    /// The handles of a command (by lowercase name); unknown names share one handle.
+    pub fn command(&self, name: &str) -> &CommandMetrics {
+        let i = self
+            .commands
+            .binary_search_by_key(&name, |(c, _)| c)
+            .or_else(|_| self.commands.binary_search_by_key(&"unknown", |(c, _)| c))
+            .expect("'unknown' is always registered");
+        &self.commands[i].1
+    }
+
+    pub fn observe_http(&self, route: &'static str, method: &'static str, status: u16, took: Duration) {
+        self.http
+            .get_or_create(&HttpLabel { route, method, status })
+            .observe(took.as_secs_f64());
+    }
+
+    /// Refreshes storage gauges and renders everything.
+    pub fn render(&self, node: &Node) -> String {
+        for ks in node.keyspaces() {
+            let label = KeyspaceLabel {
+                keyspace: ks.spec.name.to_string(),
+                mode: ks.spec.mode.as_str(),
+            };
+            self.keys
+                .get_or_create(&label)
+                .set(ks.store.len().unwrap_or(0) as i64);
+            if let Store::Memory(m) = &ks.store {
+                self.memory.get_or_create(&label).set(m.used_bytes() as i64);
+                self.evicted
+                    .get_or_create(&label)
+                    .set(m.stats().evicted_keys.load(Ordering::Relaxed) as i64);
+                self.expired
+                    .get_or_create(&label)
+                    .set(m.stats().expired_keys.load(Ordering::Relaxed) as i64);
+            }
+        }
+        let s = node.engine.stats();
+        self.file_bytes.set(node.engine.file_bytes() as i64);
+        self.commits.set(s.commits.load(Ordering::Relaxed) as i64);
+        self.committed_jobs.set(s.jobs.load(Ordering::Relaxed) as i64);
+        self.commit_seconds
+            .set(s.commit_micros.load(Ordering::Relaxed) as f64 / 1e6);
+        self.corruptions.set(s.corruptions.load(Ordering::Relaxed) as i64);
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
