@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Bytes;
-use axum::extract::rejection::{BytesRejection, JsonRejection};
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::Next;
@@ -36,18 +36,30 @@ use serde_json::{Value as Json_, json};
 
 use crate::node::{Keyspace, Node, Store};
 
-/// An error answered as JSON.
-pub struct ApiError(pub Error);
+/// An error answered as JSON: a database error, or an HTTP-level one (body too large, ...).
+pub enum ApiError {
+    Db(Error),
+    Http(StatusCode, &'static str, String),
+}
+
+#[allow(non_snake_case)]
+fn ApiError(e: Error) -> ApiError {
+    ApiError::Db(e)
+}
 
 impl From<Error> for ApiError {
     fn from(e: Error) -> ApiError {
-        ApiError(e)
+        ApiError::Db(e)
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let status = match &self.0 {
+        let e = match self {
+            ApiError::Db(e) => e,
+            ApiError::Http(status, code, message) => return api_error(status, code, message),
+        };
+        let status = match &e {
             Error::InvalidInput(_) | Error::NotAnInteger | Error::Overflow => StatusCode::BAD_REQUEST,
             Error::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::KeyspaceNotFound(_) => StatusCode::NOT_FOUND,
@@ -56,7 +68,7 @@ impl IntoResponse for ApiError {
             Error::Unavailable(_) | Error::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             Error::Corruption(_) | Error::Io(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        let body = json!({"error": {"code": self.0.code(), "message": self.0.to_string(), "retryable": self.0.is_retryable()}});
+        let body = json!({"error": {"code": e.code(), "message": e.to_string(), "retryable": e.is_retryable()}});
         (status, Json(body)).into_response()
     }
 }
@@ -178,16 +190,20 @@ struct CreateKeyspace {
     eviction: Option<String>,
 }
 
-fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> ApiResult<T> {
-    body.map(|Json(b)| b).map_err(|e| match e {
-        JsonRejection::BytesRejection(b) => bytes_rejection(b),
-        other => ApiError(Error::InvalidInput(format!("invalid JSON body: {}", other.body_text()))),
-    })
+/// Parses a JSON body whatever its content type (`curl -d` sends a form type by default).
+fn json_body<T: serde::de::DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> ApiResult<T> {
+    let body = body.map_err(bytes_rejection)?;
+    serde_json::from_slice(&body)
+        .map_err(|e| ApiError(Error::InvalidInput(format!("invalid JSON body: {e}"))))
 }
 
 fn bytes_rejection(e: BytesRejection) -> ApiError {
     if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        ApiError(Error::InvalidInput(format!("request body too large: {}", e.body_text())))
+        ApiError::Http(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("request body over the limit (limits.http_body_bytes_max): {}", e.body_text()),
+        )
     } else {
         ApiError(Error::InvalidInput(format!("cannot read request body: {}", e.body_text())))
     }
@@ -195,9 +211,9 @@ fn bytes_rejection(e: BytesRejection) -> ApiError {
 
 async fn create_keyspace(
     State(node): State<Arc<Node>>,
-    body: Result<Json<CreateKeyspace>, JsonRejection>,
+    body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
-    let req = json_body(body)?;
+    let req: CreateKeyspace = json_body(body)?;
     let eviction = req.eviction.as_deref().map(str::parse::<EvictionPolicy>).transpose()?;
     let spec = KeyspaceSpec::new(
         KeyspaceName::new(req.name)?,
