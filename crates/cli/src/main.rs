@@ -168,6 +168,7 @@ async fn server(args: capdb_server::ServerArgs) -> Result<(), String> {
             tracing_subscriber::EnvFilter::try_from_env("CAPDB_LOG").unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let config = capdb_server::Config::resolve(&args).map_err(|e| e.to_string())?;
     capdb_server::run(config, shutdown_signal())

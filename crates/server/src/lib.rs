@@ -89,8 +89,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         tracing::warn!("HTTP requests still running after the grace period");
     }
     expiry_task.abort();
+    let _ = expiry_task.await;
     // All acknowledged writes are already durable; this waits for writes still queued.
     node.engine.flush().await?;
-    tracing::info!("shutdown complete");
+    // Close the database file cleanly (the next start skips crash repair) once the last handle
+    // is gone; a connection that outlived the grace period may still hold one, so this is bounded.
+    let closed = node.engine.closed();
+    drop(node);
+    let clean = tokio::task::spawn_blocking(move || closed.wait(Duration::from_secs(5)))
+        .await
+        .unwrap_or(false);
+    tracing::info!(clean_close = clean, "shutdown complete");
     Ok(())
 }

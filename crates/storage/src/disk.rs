@@ -147,6 +147,24 @@ pub struct DiskEngine {
     jobs: mpsc::Sender<Job>,
     path: PathBuf,
     stats: Arc<EngineStats>,
+    closed: Closed,
+}
+
+/// Signals when the writer thread has stopped and released its handle on the database. The file
+/// is closed cleanly (no repair at next open) once every engine handle has been dropped.
+#[derive(Clone)]
+pub struct Closed(Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>);
+
+impl Closed {
+    /// Waits up to `timeout` for the writer to stop; returns whether it did.
+    pub fn wait(&self, timeout: std::time::Duration) -> bool {
+        let (lock, cvar) = &*self.0;
+        let guard = lock.lock().unwrap_or_else(|p| p.into_inner());
+        let (guard, _) = cvar
+            .wait_timeout_while(guard, timeout, |closed| !*closed)
+            .unwrap_or_else(|p| p.into_inner());
+        *guard
+    }
 }
 
 impl DiskEngine {
@@ -155,7 +173,17 @@ impl DiskEngine {
         std::fs::create_dir_all(dir)
             .map_err(|e| Error::Io(format!("cannot create data dir {}: {e}", dir.display())))?;
         let path = dir.join("capdb.redb");
-        let db = Database::builder().create(&path).map_err(|e| {
+        let mut builder = Database::builder();
+        // After a crash redb verifies every page checksum and rebuilds its allocator state
+        // before the node serves; say so, since it can take a while on a large file. If the
+        // newest commit's pages fail verification redb falls back to the previous commit.
+        let repair_path = path.clone();
+        builder.set_repair_callback(move |session| {
+            if session.progress() == 0.0 {
+                tracing::warn!(file = %repair_path.display(), "database was not closed cleanly: verifying checksums and repairing before serving");
+            }
+        });
+        let db = builder.create(&path).map_err(|e| {
             Error::Io(format!("cannot open database {}: {e}", path.display()))
         })?;
         // Make sure the meta table exists so readers can always open it.
@@ -168,16 +196,31 @@ impl DiskEngine {
         let (tx, rx) = mpsc::channel(WRITE_QUEUE_JOBS_MAX);
         let writer_db = db.clone();
         let writer_stats = stats.clone();
+        let closed = Closed(Arc::default());
+        let writer_closed = closed.clone();
         std::thread::Builder::new()
             .name("capdb-writer".into())
-            .spawn(move || writer_loop(&writer_db, rx, &hlc, value_bytes_max, &writer_stats))
+            .spawn(move || {
+                writer_loop(&writer_db, rx, &hlc, value_bytes_max, &writer_stats);
+                // Dropping the last handle closes the file cleanly.
+                drop(writer_db);
+                let (lock, cvar) = &*writer_closed.0;
+                *lock.lock().unwrap_or_else(|p| p.into_inner()) = true;
+                cvar.notify_all();
+            })
             .map_err(|e| Error::Io(format!("cannot start writer thread: {e}")))?;
         Ok(DiskEngine {
             db,
             jobs: tx,
             path,
             stats,
+            closed,
         })
+    }
+
+    /// A handle to wait for the engine to close, usable after every engine handle is dropped.
+    pub fn closed(&self) -> Closed {
+        self.closed.clone()
     }
 
     pub fn stats(&self) -> &EngineStats {

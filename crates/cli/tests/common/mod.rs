@@ -45,6 +45,13 @@ impl Server {
     }
 
     pub fn spawn(&mut self) {
+        if let Err(log) = self.try_spawn() {
+            panic!("capdb exited during start:\n{log}");
+        }
+    }
+
+    /// Starts the server; `Err(log)` if it exits before becoming ready.
+    pub fn try_spawn(&mut self) -> Result<(), String> {
         assert!(self.child.is_none());
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -66,7 +73,7 @@ impl Server {
             .spawn()
             .expect("start capdb");
         self.child = Some(child);
-        self.wait_ready();
+        self.wait_ready()
     }
 
     pub fn log(&self) -> String {
@@ -74,14 +81,15 @@ impl Server {
     }
 
     /// Waits until the HTTP readiness probe answers 200 (bounded: 30 s).
-    pub fn wait_ready(&mut self) {
+    pub fn wait_ready(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("capdb exited during start ({status}):\n{}", self.log());
+                self.child = None;
+                return Err(format!("exit {status}:\n{}", self.log()));
             }
             if let Ok((200, _)) = http(self.http, "GET", "/readyz", &[], None) {
-                return;
+                return Ok(());
             }
             assert!(Instant::now() < deadline, "capdb not ready after 30 s:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(25));
