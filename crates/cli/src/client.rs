@@ -37,7 +37,10 @@ pub fn kv_path(keyspace: &str, key: &str) -> String {
 
 impl HttpClient {
     pub fn new(addr: &str, password: Option<String>) -> Result<HttpClient, String> {
-        let addr = addr.trim_start_matches("http://").trim_end_matches('/').to_string();
+        let addr = addr
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .to_string();
         if addr.is_empty() || addr.contains('/') {
             return Err(format!("--addr '{addr}' must be HOST:PORT"));
         }
@@ -45,16 +48,37 @@ impl HttpClient {
     }
 
     /// Sends a request and returns the JSON body; an error status becomes its error message.
-    pub async fn request(&self, method: &str, path: &str, body: Option<Vec<u8>>) -> Result<serde_json::Value, String> {
+    pub async fn request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<serde_json::Value, String> {
         tokio::time::timeout(REQUEST_TIMEOUT, self.request_inner(method, path, body))
             .await
-            .map_err(|_| format!("no answer from {} within {}s", self.addr, REQUEST_TIMEOUT.as_secs()))?
+            .map_err(|_| {
+                format!(
+                    "no answer from {} within {}s",
+                    self.addr,
+                    REQUEST_TIMEOUT.as_secs()
+                )
+            })?
     }
 
-    async fn request_inner(&self, method: &str, path: &str, body: Option<Vec<u8>>) -> Result<serde_json::Value, String> {
+    async fn request_inner(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<serde_json::Value, String> {
         let stream = tokio::net::TcpStream::connect(&self.addr)
             .await
-            .map_err(|e| format!("cannot connect to capdb at {}: {e} (is `capdb server` running? set --addr)", self.addr))?;
+            .map_err(|e| {
+                format!(
+                    "cannot connect to capdb at {}: {e} (is `capdb server` running? set --addr)",
+                    self.addr
+                )
+            })?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| format!("HTTP handshake with {} failed: {e}", self.addr))?;
@@ -82,8 +106,12 @@ impl HttpClient {
             .await
             .map_err(|e| format!("reading the response failed: {e}"))?
             .to_bytes();
-        let json: serde_json::Value = serde_json::from_slice(&bytes)
-            .map_err(|_| format!("unexpected non-JSON answer ({status}): {}", String::from_utf8_lossy(&bytes)))?;
+        let json: serde_json::Value = serde_json::from_slice(&bytes).map_err(|_| {
+            format!(
+                "unexpected non-JSON answer ({status}): {}",
+                String::from_utf8_lossy(&bytes)
+            )
+        })?;
         if !status.is_success() {
             let msg = json["error"]["message"].as_str().unwrap_or("unknown error");
             let code = json["error"]["code"].as_str().unwrap_or("?");

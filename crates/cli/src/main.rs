@@ -31,7 +31,13 @@ struct Cli {
 #[derive(clap::Args, Clone)]
 struct Target {
     /// HTTP address of any capdb node.
-    #[arg(long, global = true, env = "CAPDB_ADDR", default_value = "127.0.0.1:8080", value_name = "HOST:PORT")]
+    #[arg(
+        long,
+        global = true,
+        env = "CAPDB_ADDR",
+        default_value = "127.0.0.1:8080",
+        value_name = "HOST:PORT"
+    )]
     addr: String,
     /// Password, if the server requires one.
     #[arg(long, global = true, env = "CAPDB_PASSWORD", hide_env_values = true)]
@@ -41,7 +47,9 @@ struct Target {
 #[derive(Subcommand)]
 enum Command {
     /// Run a capdb node.
-    #[command(after_help = "Settings come from --config FILE, then CAPDB_* environment variables, then flags (each overrides the previous).\n\nExample:\n  capdb server --data-dir ./data --resp-addr 127.0.0.1:6380 --http-addr 127.0.0.1:8080")]
+    #[command(
+        after_help = "Settings come from --config FILE, then CAPDB_* environment variables, then flags (each overrides the previous).\n\nExample:\n  capdb server --data-dir ./data --resp-addr 127.0.0.1:6380 --http-addr 127.0.0.1:8080"
+    )]
     Server(capdb_server::ServerArgs),
     /// Read and write keys over the HTTP API.
     Kv {
@@ -135,7 +143,10 @@ enum KeyspaceOp {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -165,7 +176,8 @@ fn main() -> ExitCode {
 async fn server(args: capdb_server::ServerArgs) -> Result<(), String> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("CAPDB_LOG").unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_env("CAPDB_LOG")
+                .unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -194,21 +206,32 @@ async fn shutdown_signal() {
 }
 
 fn print_json(v: &serde_json::Value) {
-    println!("{}", serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string()));
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
+    );
 }
 
 async fn kv(op: KvOp, target: &Target) -> Result<(), String> {
     let client = HttpClient::new(&target.addr, target.password.clone())?;
     match op {
         KvOp::Get { key, keyspace } => {
-            let v = client.request("GET", &client::kv_path(&keyspace, &key), None).await?;
+            let v = client
+                .request("GET", &client::kv_path(&keyspace, &key), None)
+                .await?;
             match (v.get("value"), v.get("value_hex")) {
                 (Some(serde_json::Value::String(s)), _) => println!("{s}"),
                 (_, Some(serde_json::Value::String(h))) => println!("(hex) {h}"),
                 _ => print_json(&v),
             }
         }
-        KvOp::Put { key, value, keyspace, ttl_ms, condition } => {
+        KvOp::Put {
+            key,
+            value,
+            keyspace,
+            ttl_ms,
+            condition,
+        } => {
             let mut path = client::kv_path(&keyspace, &key);
             let mut query = Vec::new();
             if let Some(ms) = ttl_ms {
@@ -220,19 +243,48 @@ async fn kv(op: KvOp, target: &Target) -> Result<(), String> {
             if !query.is_empty() {
                 path = format!("{path}?{}", query.join("&"));
             }
-            let v = client.request("PUT", &path, Some(value.into_bytes())).await?;
-            println!("{}", if v["written"] == json!(true) { "OK" } else { "(not written: condition not met)" });
+            let v = client
+                .request("PUT", &path, Some(value.into_bytes()))
+                .await?;
+            println!(
+                "{}",
+                if v["written"] == json!(true) {
+                    "OK"
+                } else {
+                    "(not written: condition not met)"
+                }
+            );
         }
         KvOp::Del { key, keyspace } => {
-            let v = client.request("DELETE", &client::kv_path(&keyspace, &key), None).await?;
-            println!("{}", if v["deleted"] == json!(true) { "1" } else { "0" });
+            let v = client
+                .request("DELETE", &client::kv_path(&keyspace, &key), None)
+                .await?;
+            println!(
+                "{}",
+                if v["deleted"] == json!(true) {
+                    "1"
+                } else {
+                    "0"
+                }
+            );
         }
-        KvOp::Scan { keyspace, prefix, start, end, limit } => {
+        KvOp::Scan {
+            keyspace,
+            prefix,
+            start,
+            end,
+            limit,
+        } => {
             let mut printed = 0usize;
             let mut cursor: Option<String> = None;
             loop {
                 let mut query = vec![format!("limit={}", (limit - printed).clamp(1, 1000))];
-                for (name, v) in [("prefix", &prefix), ("start", &start), ("end", &end), ("cursor", &cursor)] {
+                for (name, v) in [
+                    ("prefix", &prefix),
+                    ("start", &start),
+                    ("end", &end),
+                    ("cursor", &cursor),
+                ] {
                     if let Some(v) = v {
                         query.push(format!("{name}={}", client::encode(v)));
                     }
@@ -240,11 +292,25 @@ async fn kv(op: KvOp, target: &Target) -> Result<(), String> {
                 let path = format!("/v1/kv/{}?{}", client::encode(&keyspace), query.join("&"));
                 let v = client.request("GET", &path, None).await?;
                 for e in v["entries"].as_array().into_iter().flatten() {
-                    let k = e.get("key").and_then(|k| k.as_str()).map(str::to_string)
-                        .or_else(|| e.get("key_hex").and_then(|k| k.as_str()).map(|h| format!("(hex) {h}")))
+                    let k = e
+                        .get("key")
+                        .and_then(|k| k.as_str())
+                        .map(str::to_string)
+                        .or_else(|| {
+                            e.get("key_hex")
+                                .and_then(|k| k.as_str())
+                                .map(|h| format!("(hex) {h}"))
+                        })
                         .unwrap_or_default();
-                    let val = e.get("value").and_then(|k| k.as_str()).map(str::to_string)
-                        .or_else(|| e.get("value_hex").and_then(|k| k.as_str()).map(|h| format!("(hex) {h}")))
+                    let val = e
+                        .get("value")
+                        .and_then(|k| k.as_str())
+                        .map(str::to_string)
+                        .or_else(|| {
+                            e.get("value_hex")
+                                .and_then(|k| k.as_str())
+                                .map(|h| format!("(hex) {h}"))
+                        })
                         .unwrap_or_default();
                     println!("{k}\t{val}");
                     printed += 1;
@@ -262,7 +328,14 @@ async fn kv(op: KvOp, target: &Target) -> Result<(), String> {
 async fn keyspace(op: KeyspaceOp, target: &Target) -> Result<(), String> {
     let client = HttpClient::new(&target.addr, target.password.clone())?;
     match op {
-        KeyspaceOp::Create { name, mode, replication_factor, shards, max_memory_bytes, eviction } => {
+        KeyspaceOp::Create {
+            name,
+            mode,
+            replication_factor,
+            shards,
+            max_memory_bytes,
+            eviction,
+        } => {
             let body = json!({
                 "name": name, "mode": mode, "replication_factor": replication_factor,
                 "shards": shards, "max_memory_bytes": max_memory_bytes, "eviction": eviction,
@@ -274,7 +347,10 @@ async fn keyspace(op: KeyspaceOp, target: &Target) -> Result<(), String> {
         }
         KeyspaceOp::List => {
             let v = client.request("GET", "/v1/keyspaces", None).await?;
-            println!("{:<24} {:<6} {:>4} {:>6} {:>10}", "NAME", "MODE", "RF", "SHARDS", "KEYS");
+            println!(
+                "{:<24} {:<6} {:>4} {:>6} {:>10}",
+                "NAME", "MODE", "RF", "SHARDS", "KEYS"
+            );
             for k in v["keyspaces"].as_array().into_iter().flatten() {
                 println!(
                     "{:<24} {:<6} {:>4} {:>6} {:>10}",
@@ -288,13 +364,21 @@ async fn keyspace(op: KeyspaceOp, target: &Target) -> Result<(), String> {
         }
         KeyspaceOp::Describe { name } => {
             let v = client
-                .request("GET", &format!("/v1/keyspaces/{}", client::encode(&name)), None)
+                .request(
+                    "GET",
+                    &format!("/v1/keyspaces/{}", client::encode(&name)),
+                    None,
+                )
                 .await?;
             print_json(&v);
         }
         KeyspaceOp::Drop { name } => {
             client
-                .request("DELETE", &format!("/v1/keyspaces/{}", client::encode(&name)), None)
+                .request(
+                    "DELETE",
+                    &format!("/v1/keyspaces/{}", client::encode(&name)),
+                    None,
+                )
                 .await?;
             println!("dropped {name}");
         }

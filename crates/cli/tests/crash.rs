@@ -21,15 +21,24 @@ fn acknowledged_writes_survive_kill_9() {
         let counter_acked = Arc::new(Mutex::new(0i64));
         let mut threads = Vec::new();
         for t in 0..8 {
-            let (url, stop, acked, counter_acked) =
-                (s.redis_url(), stop.clone(), acked.clone(), counter_acked.clone());
+            let (url, stop, acked, counter_acked) = (
+                s.redis_url(),
+                stop.clone(),
+                acked.clone(),
+                counter_acked.clone(),
+            );
             threads.push(std::thread::spawn(move || {
-                let Ok(mut c) = redis::Client::open(url).unwrap().get_connection() else { return };
+                let Ok(mut c) = redis::Client::open(url).unwrap().get_connection() else {
+                    return;
+                };
                 for i in 0.. {
                     if stop.load(Ordering::Relaxed) && i % 7 == 0 {
                         // keep writing until the kill actually lands
                     }
-                    let (k, v) = (format!("r{round}:t{t}:{i}"), format!("value-{round}-{t}-{i}"));
+                    let (k, v) = (
+                        format!("r{round}:t{t}:{i}"),
+                        format!("value-{round}-{t}-{i}"),
+                    );
                     let r: RedisResult<()> = if t == 0 {
                         // One writer pipelines 16 writes per round trip.
                         let mut p = redis::pipe();
@@ -68,17 +77,28 @@ fn acknowledged_writes_survive_kill_9() {
         }
         s.spawn();
         let acked = acked.lock().unwrap().clone();
-        assert!(acked.len() > 100, "round {round}: only {} writes acknowledged before the kill", acked.len());
+        assert!(
+            acked.len() > 100,
+            "round {round}: only {} writes acknowledged before the kill",
+            acked.len()
+        );
         let mut c = s.client();
         for chunk in acked.chunks(500) {
             let keys: Vec<&String> = chunk.iter().map(|(k, _)| k).collect();
             let got: Vec<Option<String>> = c.mget(&keys).unwrap();
             for ((k, v), g) in chunk.iter().zip(got) {
-                assert_eq!(g.as_ref(), Some(v), "round {round}: acknowledged write {k} lost after kill -9");
+                assert_eq!(
+                    g.as_ref(),
+                    Some(v),
+                    "round {round}: acknowledged write {k} lost after kill -9"
+                );
             }
         }
         let counter: i64 = c.get("counter").unwrap_or(0);
-        assert!(counter >= *counter_acked.lock().unwrap(), "acknowledged INCR lost");
+        assert!(
+            counter >= *counter_acked.lock().unwrap(),
+            "acknowledged INCR lost"
+        );
         acked_total += acked.len();
     }
     eprintln!("verified {acked_total} acknowledged writes across 3 kill -9 cycles");
@@ -88,7 +108,10 @@ fn corrupt_file(path: &std::path::Path, marker: &str) {
     let mut bytes = std::fs::read(path).unwrap();
     let mut flipped = 0;
     let mut i = 0;
-    while let Some(pos) = bytes[i..].windows(marker.len()).position(|w| w == marker.as_bytes()) {
+    while let Some(pos) = bytes[i..]
+        .windows(marker.len())
+        .position(|w| w == marker.as_bytes())
+    {
         let at = i + pos + marker.len() / 2;
         bytes[at] ^= 0x01;
         flipped += 1;
@@ -112,7 +135,11 @@ fn corruption_after_a_crash_is_never_served() {
         Ok(()) => {
             // Crash recovery ran and said so; if it found the newest commit damaged it fell back
             // to the previous one (the key is then absent): the damaged bytes are never served.
-            assert!(s.log().contains("verifying checksums and repairing"), "{}", s.log());
+            assert!(
+                s.log().contains("verifying checksums and repairing"),
+                "{}",
+                s.log()
+            );
             let got: RedisResult<Option<String>> = s.client().get("victim");
             match got {
                 Ok(v) => assert_eq!(v, None, "damaged bytes were served"),
@@ -141,15 +168,24 @@ fn corrupt_values_are_reported_never_served() {
     s.spawn();
     let mut c = s.client();
     let e: RedisResult<Option<String>> = c.get("victim");
-    let msg = e.expect_err("a corrupt value must not be served").to_string();
+    let msg = e
+        .expect_err("a corrupt value must not be served")
+        .to_string();
     assert!(msg.to_lowercase().contains("corrupt"), "{msg}");
-    assert_eq!(c.get::<_, String>("healthy7").unwrap(), "fine", "other keys keep serving");
+    assert_eq!(
+        c.get::<_, String>("healthy7").unwrap(),
+        "fine",
+        "other keys keep serving"
+    );
     let (status, body) = http(s.http, "GET", "/v1/kv/default/victim", &[], None).unwrap();
     assert_eq!(status, 500);
     assert_eq!(json(&body)["error"]["code"], "corruption");
     let (_, metrics) = http(s.http, "GET", "/metrics", &[], None).unwrap();
     let metrics = String::from_utf8(metrics).unwrap();
-    assert!(!metrics.contains("capdb_storage_corruptions 0"), "{metrics}");
+    assert!(
+        !metrics.contains("capdb_storage_corruptions 0"),
+        "{metrics}"
+    );
     // An operator can repair the key by overwriting it.
     let _: () = c.set("victim", "repaired").unwrap();
     assert_eq!(c.get::<_, String>("victim").unwrap(), "repaired");
@@ -178,6 +214,10 @@ fn sigterm_finishes_in_flight_work_and_exits_zero() {
     s.spawn();
     let mut c = s.client();
     for i in 0..acked {
-        assert_eq!(c.get::<_, Option<i64>>(format!("g{i}")).unwrap(), Some(i), "write {i} acknowledged before SIGTERM was lost");
+        assert_eq!(
+            c.get::<_, Option<i64>>(format!("g{i}")).unwrap(),
+            Some(i),
+            "write {i} acknowledged before SIGTERM was lost"
+        );
     }
 }

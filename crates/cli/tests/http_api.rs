@@ -21,7 +21,13 @@ fn curl(args: &[&str]) -> (u16, String) {
 fn kv_routes_with_curl() {
     let s = Server::start();
     let base = format!("http://{}", s.http);
-    let (code, body) = curl(&["-X", "PUT", "--data-binary", "hello", &format!("{base}/v1/kv/default/greeting")]);
+    let (code, body) = curl(&[
+        "-X",
+        "PUT",
+        "--data-binary",
+        "hello",
+        &format!("{base}/v1/kv/default/greeting"),
+    ]);
     assert_eq!((code, body.as_str()), (200, r#"{"written":true}"#));
     let (code, body) = curl(&[&format!("{base}/v1/kv/default/greeting")]);
     assert_eq!(code, 200);
@@ -29,18 +35,41 @@ fn kv_routes_with_curl() {
     assert_eq!(v["value"], "hello");
     assert_eq!(v["ttl_ms"], serde_json::Value::Null);
     // Keys with slashes and spaces; raw bytes; TTL; conditional writes.
-    let (code, _) = curl(&["-X", "PUT", "--data-binary", "x", &format!("{base}/v1/kv/default/a%2Fb%20c?ttl_ms=60000")]);
+    let (code, _) = curl(&[
+        "-X",
+        "PUT",
+        "--data-binary",
+        "x",
+        &format!("{base}/v1/kv/default/a%2Fb%20c?ttl_ms=60000"),
+    ]);
     assert_eq!(code, 200);
     let (_, body) = curl(&[&format!("{base}/v1/kv/default/a%2Fb%20c")]);
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["key"], "a/b c");
     assert!(v["ttl_ms"].as_u64().unwrap() > 59_000);
-    let (_, body) = curl(&["-H", "Accept: application/octet-stream", &format!("{base}/v1/kv/default/greeting")]);
+    let (_, body) = curl(&[
+        "-H",
+        "Accept: application/octet-stream",
+        &format!("{base}/v1/kv/default/greeting"),
+    ]);
     assert_eq!(body, "hello");
-    let (code, body) = curl(&["-X", "PUT", "--data-binary", "new", &format!("{base}/v1/kv/default/greeting?if=absent")]);
+    let (code, body) = curl(&[
+        "-X",
+        "PUT",
+        "--data-binary",
+        "new",
+        &format!("{base}/v1/kv/default/greeting?if=absent"),
+    ]);
     assert_eq!((code, body.as_str()), (200, r#"{"written":false}"#));
     // Binary values come back hex-encoded in JSON.
-    let (status, _) = http(s.http, "PUT", "/v1/kv/default/bin", &[], Some(&[0xff, 0x00, 0x80])).unwrap();
+    let (status, _) = http(
+        s.http,
+        "PUT",
+        "/v1/kv/default/bin",
+        &[],
+        Some(&[0xff, 0x00, 0x80]),
+    )
+    .unwrap();
     assert_eq!(status, 200);
     let (_, body) = http(s.http, "GET", "/v1/kv/default/bin", &[], None).unwrap();
     assert_eq!(json(&body)["value_hex"], "ff0080");
@@ -49,17 +78,25 @@ fn kv_routes_with_curl() {
     assert_eq!((code, body.as_str()), (200, r#"{"deleted":true}"#));
     let (code, body) = curl(&[&format!("{base}/v1/kv/default/greeting")]);
     assert_eq!(code, 404);
-    assert_eq!(serde_json::from_str::<serde_json::Value>(&body).unwrap()["error"]["code"], "key_not_found");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()["error"]["code"],
+        "key_not_found"
+    );
     let (code, body) = curl(&[&format!("{base}/v1/kv/nope/k")]);
     assert_eq!(code, 404);
-    assert_eq!(serde_json::from_str::<serde_json::Value>(&body).unwrap()["error"]["code"], "keyspace_not_found");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()["error"]["code"],
+        "keyspace_not_found"
+    );
 }
 
 #[test]
 fn range_scans_page_with_a_cursor() {
     let s = Server::start();
     let mut c = s.client();
-    let pairs: Vec<(String, String)> = (0..250).map(|i| (format!("item:{i:03}"), format!("v{i}"))).collect();
+    let pairs: Vec<(String, String)> = (0..250)
+        .map(|i| (format!("item:{i:03}"), format!("v{i}")))
+        .collect();
     let _: () = redis::Commands::mset(&mut c, &pairs).unwrap();
     let _: () = redis::Commands::set(&mut c, "other", "x").unwrap();
     let mut keys = Vec::new();
@@ -80,10 +117,25 @@ fn range_scans_page_with_a_cursor() {
             None => break,
         }
     }
-    assert_eq!(keys, pairs.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>());
+    assert_eq!(
+        keys,
+        pairs.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>()
+    );
     // start (inclusive) / end (exclusive)
-    let (_, body) = http(s.http, "GET", "/v1/kv/default?start=item:010&end=item:013", &[], None).unwrap();
-    let got: Vec<String> = json(&body)["entries"].as_array().unwrap().iter().map(|e| e["key"].as_str().unwrap().to_string()).collect();
+    let (_, body) = http(
+        s.http,
+        "GET",
+        "/v1/kv/default?start=item:010&end=item:013",
+        &[],
+        None,
+    )
+    .unwrap();
+    let got: Vec<String> = json(&body)["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["key"].as_str().unwrap().to_string())
+        .collect();
     assert_eq!(got, vec!["item:010", "item:011", "item:012"]);
 }
 
@@ -92,10 +144,29 @@ fn keyspace_admin_and_cli() {
     let s = Server::start();
     let addr = s.http.to_string();
     let run = |args: &[&str]| {
-        let out = Command::new(BIN).args(args).arg("--addr").arg(&addr).output().unwrap();
-        (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string(), String::from_utf8_lossy(&out.stderr).to_string())
+        let out = Command::new(BIN)
+            .args(args)
+            .arg("--addr")
+            .arg(&addr)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
     };
-    let (ok, out, err) = run(&["keyspace", "create", "sessions", "--mode", "cache", "--max-memory-bytes", "4194304", "--eviction", "lfu"]);
+    let (ok, out, err) = run(&[
+        "keyspace",
+        "create",
+        "sessions",
+        "--mode",
+        "cache",
+        "--max-memory-bytes",
+        "4194304",
+        "--eviction",
+        "lfu",
+    ]);
     assert!(ok, "{err}");
     assert!(out.contains("\"eviction\": \"lfu\""), "{out}");
     let (ok, _, err) = run(&["keyspace", "create", "sessions", "--mode", "cp"]);
@@ -103,17 +174,24 @@ fn keyspace_admin_and_cli() {
     let (ok, _, err) = run(&["keyspace", "create", "bad", "--mode", "eventual"]);
     assert!(!ok && err.contains("unknown keyspace mode"), "{err}");
     let (ok, out, _) = run(&["keyspace", "list"]);
-    assert!(ok && out.contains("sessions") && out.contains("default"), "{out}");
+    assert!(
+        ok && out.contains("sessions") && out.contains("default"),
+        "{out}"
+    );
     let (ok, out, _) = run(&["keyspace", "describe", "sessions"]);
     assert!(ok && out.contains("\"max_memory_bytes\": 4194304"), "{out}");
-    let (ok, out, _) = run(&["kv", "put", "tok", "abc", "-k", "sessions", "--ttl-ms", "60000"]);
+    let (ok, out, _) = run(&[
+        "kv", "put", "tok", "abc", "-k", "sessions", "--ttl-ms", "60000",
+    ]);
     assert!(ok && out.trim() == "OK", "{out}");
     let (ok, out, _) = run(&["kv", "get", "tok", "-k", "sessions"]);
     assert!(ok && out.trim() == "abc", "{out}");
     for i in 0..5 {
         run(&["kv", "put", &format!("s{i}"), "v", "-k", "sessions"]);
     }
-    let (ok, out, _) = run(&["kv", "scan", "-k", "sessions", "--prefix", "s", "--limit", "3"]);
+    let (ok, out, _) = run(&[
+        "kv", "scan", "-k", "sessions", "--prefix", "s", "--limit", "3",
+    ]);
     assert!(ok && out.lines().count() == 3, "{out}");
     let (ok, out, _) = run(&["kv", "del", "tok", "-k", "sessions"]);
     assert!(ok && out.trim() == "1");
@@ -124,14 +202,34 @@ fn keyspace_admin_and_cli() {
     let (ok, _, _) = run(&["keyspace", "drop", "sessions"]);
     assert!(ok);
     let (ok, _, err) = run(&["kv", "get", "s1", "-k", "sessions"]);
-    assert!(!ok && err.contains("keyspace 'sessions' does not exist"), "{err}");
+    assert!(
+        !ok && err.contains("keyspace 'sessions' does not exist"),
+        "{err}"
+    );
     // Keyspaces survive a restart; their mode and settings too.
-    run(&["keyspace", "create", "events", "--mode", "ap", "--replication-factor", "5", "--shards", "8"]);
+    run(&[
+        "keyspace",
+        "create",
+        "events",
+        "--mode",
+        "ap",
+        "--replication-factor",
+        "5",
+        "--shards",
+        "8",
+    ]);
     let mut s = s;
     s.restart();
     let (_, body) = http(s.http, "GET", "/v1/keyspaces/events", &[], None).unwrap();
     let v = json(&body);
-    assert_eq!((v["mode"].as_str(), v["replication_factor"].as_u64(), v["shards"].as_u64()), (Some("ap"), Some(5), Some(8)));
+    assert_eq!(
+        (
+            v["mode"].as_str(),
+            v["replication_factor"].as_u64(),
+            v["shards"].as_u64()
+        ),
+        (Some("ap"), Some(5), Some(8))
+    );
     let out = Command::new(BIN).arg("version").output().unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("capdb "));
     let out = Command::new(BIN).arg("--help").output().unwrap();
@@ -151,7 +249,10 @@ fn metrics_and_health() {
     let (status, body) = http(s.http, "GET", "/metrics", &[], None).unwrap();
     assert_eq!(status, 200);
     let text = String::from_utf8(body).unwrap();
-    assert!(text.contains("capdb_command_duration_seconds_count{command=\"set\"} 3"), "{text}");
+    assert!(
+        text.contains("capdb_command_duration_seconds_count{command=\"set\"} 3"),
+        "{text}"
+    );
     assert!(text.contains("capdb_command_duration_seconds_count{command=\"get\"} 1"));
     assert!(text.contains("capdb_command_errors_total{command=\"incr\"} 1"));
     assert!(text.contains("capdb_http_request_duration_seconds_count{route=\"/v1/kv/{keyspace}/{key}\",method=\"GET\",status=\"200\"} 1"), "{text}");

@@ -14,7 +14,11 @@ fn cli(s: &Server, args: &[&str]) -> String {
         .args(args)
         .output()
         .unwrap();
-    assert!(out.status.success(), "redis-cli {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "redis-cli {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -34,12 +38,20 @@ fn redis_cli_commands_scan_and_numbered_keyspaces() {
     let keys = cli(&s, &["--scan", "--pattern", "scan:*"]);
     assert_eq!(keys.lines().count(), 50, "{keys}");
     // -n N selects the keyspace named N.
-    let (status, _) = common::http(s.http, "POST", "/v1/keyspaces", &[], Some(br#"{"name":"2","mode":"ap"}"#)).unwrap();
+    let (status, _) = common::http(
+        s.http,
+        "POST",
+        "/v1/keyspaces",
+        &[],
+        Some(br#"{"name":"2","mode":"ap"}"#),
+    )
+    .unwrap();
     assert_eq!(status, 201);
     assert_eq!(cli(&s, &["-n", "2", "SET", "greeting", "other"]), "OK\n");
     assert_eq!(cli(&s, &["-n", "2", "GET", "greeting"]), "other\n");
     assert_eq!(cli(&s, &["GET", "greeting"]), "hello world\n");
-    assert_eq!(cli(&s, &["-3", "HELLO", "3"]).lines().any(|l| l.contains("proto")), true);
+    let hello = cli(&s, &["-3", "HELLO", "3"]);
+    assert!(hello.lines().any(|l| l.contains("proto")), "{hello}");
 }
 
 #[test]
@@ -48,7 +60,14 @@ fn redis_cli_pipe_mode_bulk_loads() {
     let mut input = Vec::new();
     for i in 0..5_000 {
         let (k, v) = (format!("bulk:{i}"), format!("value-{i}"));
-        input.extend_from_slice(format!("*3\r\n$3\r\nSET\r\n${}\r\n{k}\r\n${}\r\n{v}\r\n", k.len(), v.len()).as_bytes());
+        input.extend_from_slice(
+            format!(
+                "*3\r\n$3\r\nSET\r\n${}\r\n{k}\r\n${}\r\n{v}\r\n",
+                k.len(),
+                v.len()
+            )
+            .as_bytes(),
+        );
     }
     let mut child = Command::new(need_tool("redis-cli"))
         .args(["-p", &s.resp.port().to_string(), "--pipe"])

@@ -13,18 +13,37 @@ fn strings_counters_and_conditional_sets() {
     assert_eq!(c.get::<_, String>("k").unwrap(), "v");
     assert_eq!(c.get::<_, Option<String>>("missing").unwrap(), None);
     // NX / XX / GET
-    let r: Option<String> = redis::cmd("SET").arg("k").arg("w").arg("NX").query(&mut c).unwrap();
+    let r: Option<String> = redis::cmd("SET")
+        .arg("k")
+        .arg("w")
+        .arg("NX")
+        .query(&mut c)
+        .unwrap();
     assert_eq!(r, None);
-    let r: Option<String> = redis::cmd("SET").arg("k").arg("w").arg("XX").arg("GET").query(&mut c).unwrap();
+    let r: Option<String> = redis::cmd("SET")
+        .arg("k")
+        .arg("w")
+        .arg("XX")
+        .arg("GET")
+        .query(&mut c)
+        .unwrap();
     assert_eq!(r.as_deref(), Some("v"));
     assert_eq!(c.get::<_, String>("k").unwrap(), "w");
-    let r: String = redis::cmd("SET").arg("fresh").arg("1").arg("NX").query(&mut c).unwrap();
+    let r: String = redis::cmd("SET")
+        .arg("fresh")
+        .arg("1")
+        .arg("NX")
+        .query(&mut c)
+        .unwrap();
     assert_eq!(r, "OK");
     // Counters
     assert_eq!(c.incr::<_, _, i64>("n", 1).unwrap(), 1);
     assert_eq!(c.incr::<_, _, i64>("n", 41).unwrap(), 42);
     assert_eq!(c.decr::<_, _, i64>("n", 2).unwrap(), 40);
-    assert_eq!(redis::cmd("DECR").arg("n").query::<i64>(&mut c).unwrap(), 39);
+    assert_eq!(
+        redis::cmd("DECR").arg("n").query::<i64>(&mut c).unwrap(),
+        39
+    );
     let e: RedisResult<i64> = c.incr("k", 1);
     assert!(e.unwrap_err().to_string().contains("not an integer"));
     let _: () = c.set("big", i64::MAX).unwrap();
@@ -34,28 +53,60 @@ fn strings_counters_and_conditional_sets() {
     assert_eq!(c.append::<_, _, i64>("s", "ab").unwrap(), 2);
     assert_eq!(c.append::<_, _, i64>("s", "cd").unwrap(), 4);
     assert_eq!(c.strlen::<_, i64>("s").unwrap(), 4);
-    assert_eq!(redis::cmd("GETDEL").arg("s").query::<String>(&mut c).unwrap(), "abcd");
+    assert_eq!(
+        redis::cmd("GETDEL")
+            .arg("s")
+            .query::<String>(&mut c)
+            .unwrap(),
+        "abcd"
+    );
     assert_eq!(c.exists::<_, i64>("s").unwrap(), 0);
     let _: () = c.mset(&[("a", "1"), ("b", "2"), ("c", "3")]).unwrap();
     let v: Vec<Option<String>> = c.mget(&["a", "nope", "c"]).unwrap();
     assert_eq!(v, vec![Some("1".into()), None, Some("3".into())]);
-    assert_eq!(redis::cmd("EXISTS").arg("a").arg("b").arg("a").arg("zz").query::<i64>(&mut c).unwrap(), 3);
+    assert_eq!(
+        redis::cmd("EXISTS")
+            .arg("a")
+            .arg("b")
+            .arg("a")
+            .arg("zz")
+            .query::<i64>(&mut c)
+            .unwrap(),
+        3
+    );
     assert_eq!(c.del::<_, i64>(&["a", "b", "zz"]).unwrap(), 2);
-    assert_eq!(redis::cmd("UNLINK").arg("c").query::<i64>(&mut c).unwrap(), 1);
-    assert_eq!(redis::cmd("TYPE").arg("k").query::<String>(&mut c).unwrap(), "string");
+    assert_eq!(
+        redis::cmd("UNLINK").arg("c").query::<i64>(&mut c).unwrap(),
+        1
+    );
+    assert_eq!(
+        redis::cmd("TYPE").arg("k").query::<String>(&mut c).unwrap(),
+        "string"
+    );
 }
 
 #[test]
 fn expiry_commands_follow_redis() {
     let s = Server::start();
     let mut c = s.client();
-    let _: () = redis::cmd("SET").arg("t").arg("v").arg("EX").arg(100).query(&mut c).unwrap();
+    let _: () = redis::cmd("SET")
+        .arg("t")
+        .arg("v")
+        .arg("EX")
+        .arg(100)
+        .query(&mut c)
+        .unwrap();
     let ttl: i64 = c.ttl("t").unwrap();
     assert!((99..=100).contains(&ttl), "{ttl}");
     let pttl: i64 = c.pttl("t").unwrap();
     assert!(pttl > 98_000 && pttl <= 100_000, "{pttl}");
     // KEEPTTL keeps it, a plain SET clears it.
-    let _: () = redis::cmd("SET").arg("t").arg("v2").arg("KEEPTTL").query(&mut c).unwrap();
+    let _: () = redis::cmd("SET")
+        .arg("t")
+        .arg("v2")
+        .arg("KEEPTTL")
+        .query(&mut c)
+        .unwrap();
     assert!(c.ttl::<_, i64>("t").unwrap() > 0);
     let _: () = c.set("t", "v3").unwrap();
     assert_eq!(c.ttl::<_, i64>("t").unwrap(), -1);
@@ -67,18 +118,44 @@ fn expiry_commands_follow_redis() {
     assert_eq!(c.expire::<_, i64>("missing", 5).unwrap(), 0);
     assert_eq!(c.pexpire::<_, i64>("t", 150).unwrap(), 1);
     std::thread::sleep(std::time::Duration::from_millis(300));
-    assert_eq!(c.get::<_, Option<String>>("t").unwrap(), None, "expired keys are never served");
+    assert_eq!(
+        c.get::<_, Option<String>>("t").unwrap(),
+        None,
+        "expired keys are never served"
+    );
     // EXPIRE with a non-positive time deletes at once; bad times are errors.
     let _: () = c.set("d", "v").unwrap();
     assert_eq!(c.expire::<_, i64>("d", -1).unwrap(), 1);
     assert_eq!(c.exists::<_, i64>("d").unwrap(), 0);
-    let e: RedisResult<()> = redis::cmd("SET").arg("x").arg("v").arg("EX").arg(0).query(&mut c);
+    let e: RedisResult<()> = redis::cmd("SET")
+        .arg("x")
+        .arg("v")
+        .arg("EX")
+        .arg(0)
+        .query(&mut c);
     assert!(e.unwrap_err().to_string().contains("invalid expire time"));
-    let e: RedisResult<()> = redis::cmd("SET").arg("x").arg("v").arg("EX").arg("soon").query(&mut c);
+    let e: RedisResult<()> = redis::cmd("SET")
+        .arg("x")
+        .arg("v")
+        .arg("EX")
+        .arg("soon")
+        .query(&mut c);
     assert!(e.is_err());
-    let _: () = redis::cmd("SETEX").arg("se").arg(100).arg("v").query(&mut c).unwrap();
+    let _: () = redis::cmd("SETEX")
+        .arg("se")
+        .arg(100)
+        .arg("v")
+        .query(&mut c)
+        .unwrap();
     assert!(c.ttl::<_, i64>("se").unwrap() > 0);
-    assert_eq!(redis::cmd("SETNX").arg("se").arg("w").query::<i64>(&mut c).unwrap(), 0);
+    assert_eq!(
+        redis::cmd("SETNX")
+            .arg("se")
+            .arg("w")
+            .query::<i64>(&mut c)
+            .unwrap(),
+        0
+    );
 }
 
 #[test]
@@ -103,7 +180,10 @@ fn pipelines_keep_order_and_errors_in_place() {
         assert_eq!(results[idx + 1].as_ref().unwrap(), &Value::Int(i + 1));
         idx += 2;
         if i % 100 == 0 {
-            assert_eq!(results[idx].as_ref().unwrap(), &Value::BulkString((i + 1).to_string().into_bytes()));
+            assert_eq!(
+                results[idx].as_ref().unwrap(),
+                &Value::BulkString((i + 1).to_string().into_bytes())
+            );
             if i == 0 {
                 assert_eq!(results[idx + 1].as_ref().unwrap(), &Value::Int(1));
             } else {
@@ -142,7 +222,10 @@ fn keyspaces_are_selected_by_name_or_number_and_isolated() {
     let e: RedisResult<()> = redis::cmd("SELECT").arg("nope").query(&mut c);
     assert!(e.unwrap_err().to_string().contains("does not exist"));
     // Numbered databases through the client URL work the same way.
-    let mut c7 = redis::Client::open(format!("redis://{}/7", s.resp)).unwrap().get_connection().unwrap();
+    let mut c7 = redis::Client::open(format!("redis://{}/7", s.resp))
+        .unwrap()
+        .get_connection()
+        .unwrap();
     assert_eq!(c7.get::<_, String>("shared").unwrap(), "in-cache");
     assert_eq!(redis::cmd("DBSIZE").query::<i64>(&mut c7).unwrap(), 1);
     let _: () = redis::cmd("FLUSHDB").query(&mut c7).unwrap();
@@ -197,19 +280,41 @@ fn resp3_hello_and_introspection() {
     let _: () = c.set("k", "v").unwrap();
     assert_eq!(c.get::<_, Option<String>>("nope").unwrap(), None);
     let hello: Value = redis::cmd("HELLO").arg(3).query(&mut c).unwrap();
-    let Value::Map(pairs) = hello else { panic!("HELLO 3 answers a RESP3 map: {hello:?}") };
-    assert!(pairs.iter().any(|(k, v)| *k == Value::BulkString(b"proto".to_vec()) && *v == Value::Int(3)));
+    let Value::Map(pairs) = hello else {
+        panic!("HELLO 3 answers a RESP3 map: {hello:?}")
+    };
+    assert!(
+        pairs
+            .iter()
+            .any(|(k, v)| *k == Value::BulkString(b"proto".to_vec()) && *v == Value::Int(3))
+    );
     let info: String = redis::cmd("INFO").arg("server").query(&mut c).unwrap();
     assert!(info.contains("redis_version:"), "{info}");
-    let _: () = redis::cmd("CLIENT").arg("SETNAME").arg("tester").query(&mut c).unwrap();
-    assert_eq!(redis::cmd("CLIENT").arg("GETNAME").query::<String>(&mut c).unwrap(), "tester");
+    let _: () = redis::cmd("CLIENT")
+        .arg("SETNAME")
+        .arg("tester")
+        .query(&mut c)
+        .unwrap();
+    assert_eq!(
+        redis::cmd("CLIENT")
+            .arg("GETNAME")
+            .query::<String>(&mut c)
+            .unwrap(),
+        "tester"
+    );
     assert!(redis::cmd("CLIENT").arg("ID").query::<i64>(&mut c).unwrap() > 0);
     let count: i64 = redis::cmd("COMMAND").arg("COUNT").query(&mut c).unwrap();
     assert!(count > 30);
     let e: RedisResult<()> = redis::cmd("HELLO").arg(4).query(&mut c);
     assert!(e.unwrap_err().to_string().contains("NOPROTO"));
     assert_eq!(redis::cmd("PING").query::<String>(&mut c).unwrap(), "PONG");
-    assert_eq!(redis::cmd("ECHO").arg("hi").query::<String>(&mut c).unwrap(), "hi");
+    assert_eq!(
+        redis::cmd("ECHO")
+            .arg("hi")
+            .query::<String>(&mut c)
+            .unwrap(),
+        "hi"
+    );
 }
 
 #[test]
@@ -217,13 +322,30 @@ fn errors_match_redis_wording() {
     let s = Server::start();
     let mut c = s.client();
     let e: RedisResult<()> = redis::cmd("GET").query(&mut c);
-    assert!(e.unwrap_err().to_string().contains("wrong number of arguments for 'get' command"));
+    assert!(
+        e.unwrap_err()
+            .to_string()
+            .contains("wrong number of arguments for 'get' command")
+    );
     let e: RedisResult<()> = redis::cmd("LPUSH").arg("l").arg("x").query(&mut c);
-    assert!(e.unwrap_err().to_string().contains("unknown command 'LPUSH'"));
-    let e: RedisResult<()> = redis::cmd("SET").arg("k").arg("v").arg("NX").arg("XX").query(&mut c);
+    assert!(
+        e.unwrap_err()
+            .to_string()
+            .contains("unknown command 'LPUSH'")
+    );
+    let e: RedisResult<()> = redis::cmd("SET")
+        .arg("k")
+        .arg("v")
+        .arg("NX")
+        .arg("XX")
+        .query(&mut c);
     assert!(e.unwrap_err().to_string().contains("syntax error"));
     let e: RedisResult<()> = redis::cmd("MSET").arg("a").arg("1").arg("b").query(&mut c);
-    assert!(e.unwrap_err().to_string().contains("wrong number of arguments"));
+    assert!(
+        e.unwrap_err()
+            .to_string()
+            .contains("wrong number of arguments")
+    );
     // The connection is still usable after errors.
     assert_eq!(redis::cmd("PING").query::<String>(&mut c).unwrap(), "PONG");
 }
@@ -231,19 +353,31 @@ fn errors_match_redis_wording() {
 #[test]
 fn password_protects_both_protocols() {
     let s = Server::start_with(&["--password", "s3cret"]);
-    let mut c = redis::Client::open(format!("redis://{}/", s.resp)).unwrap().get_connection().unwrap();
+    let mut c = redis::Client::open(format!("redis://{}/", s.resp))
+        .unwrap()
+        .get_connection()
+        .unwrap();
     let e: RedisResult<Option<String>> = c.get("k");
     assert!(e.unwrap_err().to_string().contains("NOAUTH"));
     let e: RedisResult<()> = redis::cmd("AUTH").arg("wrong").query(&mut c);
     assert!(e.unwrap_err().to_string().contains("WRONGPASS"));
     let _: () = redis::cmd("AUTH").arg("s3cret").query(&mut c).unwrap();
     let _: () = c.set("k", "v").unwrap();
-    let mut authed = redis::Client::open(format!("redis://:s3cret@{}/", s.resp)).unwrap().get_connection().unwrap();
+    let mut authed = redis::Client::open(format!("redis://:s3cret@{}/", s.resp))
+        .unwrap()
+        .get_connection()
+        .unwrap();
     assert_eq!(authed.get::<_, String>("k").unwrap(), "v");
     let (status, _) = common::http(s.http, "GET", "/v1/kv/default/k", &[], None).unwrap();
     assert_eq!(status, 401);
-    let (status, body) =
-        common::http(s.http, "GET", "/v1/kv/default/k", &[("authorization", "Bearer s3cret")], None).unwrap();
+    let (status, body) = common::http(
+        s.http,
+        "GET",
+        "/v1/kv/default/k",
+        &[("authorization", "Bearer s3cret")],
+        None,
+    )
+    .unwrap();
     assert_eq!(status, 200);
     assert_eq!(common::json(&body)["value"], "v");
     let (status, _) = common::http(s.http, "GET", "/healthz", &[], None).unwrap();
@@ -262,7 +396,10 @@ fn cache_keyspace_evicts_under_its_memory_limit() {
     )
     .unwrap();
     assert_eq!(status, 201);
-    let mut c = redis::Client::open(format!("redis://{}/3", s.resp)).unwrap().get_connection().unwrap();
+    let mut c = redis::Client::open(format!("redis://{}/3", s.resp))
+        .unwrap()
+        .get_connection()
+        .unwrap();
     let value = "v".repeat(1000);
     let mut p = redis::pipe();
     for i in 0..10_000 {
@@ -270,7 +407,10 @@ fn cache_keyspace_evicts_under_its_memory_limit() {
     }
     let _: () = p.query(&mut c).unwrap();
     let keys: i64 = redis::cmd("DBSIZE").query(&mut c).unwrap();
-    assert!(keys > 500 && keys < 2200, "2 MiB holds ~1900 1 KB entries, found {keys}");
+    assert!(
+        keys > 500 && keys < 2200,
+        "2 MiB holds ~1900 1 KB entries, found {keys}"
+    );
     // Recently written keys survive LRU eviction; the first ones are gone.
     assert!(c.exists::<_, bool>("k9999").unwrap());
     let info: String = redis::cmd("INFO").arg("stats").query(&mut c).unwrap();
@@ -285,19 +425,32 @@ fn cache_keyspace_evicts_under_its_memory_limit() {
     // Keys with a TTL disappear without being read (active expiry).
     let mut p = redis::pipe();
     for i in 0..500 {
-        p.cmd("SET").arg(format!("ttl{i}")).arg("x").arg("PX").arg(100).ignore();
+        p.cmd("SET")
+            .arg(format!("ttl{i}"))
+            .arg("x")
+            .arg("PX")
+            .arg(100)
+            .ignore();
     }
     let _: () = p.query(&mut c).unwrap();
     let _: () = redis::cmd("FLUSHDB").query(&mut c).unwrap();
     let mut p = redis::pipe();
     for i in 0..500 {
-        p.cmd("SET").arg(format!("ttl{i}")).arg("x").arg("PX").arg(100).ignore();
+        p.cmd("SET")
+            .arg(format!("ttl{i}"))
+            .arg("x")
+            .arg("PX")
+            .arg(100)
+            .ignore();
     }
     let _: () = p.query(&mut c).unwrap();
     assert_eq!(redis::cmd("DBSIZE").query::<i64>(&mut c).unwrap(), 500);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while redis::cmd("DBSIZE").query::<i64>(&mut c).unwrap() > 0 {
-        assert!(std::time::Instant::now() < deadline, "active expiry did not collect expired keys");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "active expiry did not collect expired keys"
+        );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }

@@ -94,7 +94,12 @@ pub struct ServerArgs {
     #[arg(long, env = "CAPDB_HTTP_ADDR", value_name = "HOST:PORT")]
     pub http_addr: Option<String>,
     /// Require this password (RESP AUTH, HTTP bearer token).
-    #[arg(long, env = "CAPDB_PASSWORD", value_name = "SECRET", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "CAPDB_PASSWORD",
+        value_name = "SECRET",
+        hide_env_values = true
+    )]
     pub password: Option<String>,
     /// Largest value in bytes [default: 8388608].
     #[arg(long, env = "CAPDB_VALUE_BYTES_MAX", value_name = "BYTES")]
@@ -139,18 +144,24 @@ impl Config {
         };
         let fl = file.limits.unwrap_or_default();
         let d = Limits::default();
-        let value_bytes_max = args.value_bytes_max.or(fl.value_bytes_max).unwrap_or(d.value_bytes_max);
+        let value_bytes_max = args
+            .value_bytes_max
+            .or(fl.value_bytes_max)
+            .unwrap_or(d.value_bytes_max);
         let limits = Limits {
             value_bytes_max,
-            frame_bytes_max: args
-                .frame_bytes_max
-                .or(fl.frame_bytes_max)
-                .unwrap_or(d.frame_bytes_max.max(value_bytes_max + limits::KEY_BYTES_MAX + 1024)),
+            frame_bytes_max: args.frame_bytes_max.or(fl.frame_bytes_max).unwrap_or(
+                d.frame_bytes_max
+                    .max(value_bytes_max + limits::KEY_BYTES_MAX + 1024),
+            ),
             pipeline_depth_max: args
                 .pipeline_depth_max
                 .or(fl.pipeline_depth_max)
                 .unwrap_or(d.pipeline_depth_max),
-            connections_max: args.connections_max.or(fl.connections_max).unwrap_or(d.connections_max),
+            connections_max: args
+                .connections_max
+                .or(fl.connections_max)
+                .unwrap_or(d.connections_max),
             http_body_bytes_max: args
                 .http_body_bytes_max
                 .or(fl.http_body_bytes_max)
@@ -174,7 +185,11 @@ impl Config {
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
             resp_addr: parse_addr(&resp_addr, "resp_addr")?,
             http_addr: parse_addr(&http_addr, "http_addr")?,
-            password: args.password.clone().or(file.password).filter(|p| !p.is_empty()),
+            password: args
+                .password
+                .clone()
+                .or(file.password)
+                .filter(|p| !p.is_empty()),
             limits,
             shutdown_grace_ms: args
                 .shutdown_grace_ms
@@ -214,13 +229,19 @@ impl Config {
             )));
         }
         if !(1..=1_000_000).contains(&l.pipeline_depth_max) {
-            return Err(ConfigError("limits.pipeline_depth_max must be 1 to 1000000".into()));
+            return Err(ConfigError(
+                "limits.pipeline_depth_max must be 1 to 1000000".into(),
+            ));
         }
         if !(1..=1_000_000).contains(&l.connections_max) {
-            return Err(ConfigError("limits.connections_max must be 1 to 1000000".into()));
+            return Err(ConfigError(
+                "limits.connections_max must be 1 to 1000000".into(),
+            ));
         }
         if self.shutdown_grace_ms > 600_000 {
-            return Err(ConfigError("shutdown_grace_ms must be at most 600000 (10 minutes)".into()));
+            return Err(ConfigError(
+                "shutdown_grace_ms must be at most 600000 (10 minutes)".into(),
+            ));
         }
         Ok(())
     }
@@ -249,7 +270,11 @@ mod tests {
         pub struct Dir(pub std::path::PathBuf);
         impl Dir {
             pub fn new() -> Dir {
-                let p = std::env::temp_dir().join(format!("capdb-cfg-{}-{}", std::process::id(), fastrand()));
+                let p = std::env::temp_dir().join(format!(
+                    "capdb-cfg-{}-{}",
+                    std::process::id(),
+                    fastrand()
+                ));
                 std::fs::create_dir_all(&p).unwrap();
                 Dir(p)
             }
@@ -267,7 +292,9 @@ mod tests {
 
     #[test]
     fn precedence_is_flags_over_file_over_defaults() {
-        let (_d, p) = write("resp_addr = \"127.0.0.1:7001\"\nhttp_addr = \"127.0.0.1:7002\"\n[limits]\nconnections_max = 5\n");
+        let (_d, p) = write(
+            "resp_addr = \"127.0.0.1:7001\"\nhttp_addr = \"127.0.0.1:7002\"\n[limits]\nconnections_max = 5\n",
+        );
         let args = ServerArgs {
             config: Some(p),
             http_addr: Some("127.0.0.1:9000".into()),
@@ -283,10 +310,17 @@ mod tests {
     #[test]
     fn bad_files_and_values_are_named() {
         let (_d, p) = write("resp_adr = \"x\"\n");
-        let e = Config::resolve(&ServerArgs { config: Some(p), ..Default::default() }).unwrap_err();
+        let e = Config::resolve(&ServerArgs {
+            config: Some(p),
+            ..Default::default()
+        })
+        .unwrap_err();
         assert!(e.to_string().contains("unknown field `resp_adr`"), "{e}");
-        let e = Config::resolve(&ServerArgs { resp_addr: Some("nope".into()), ..Default::default() })
-            .unwrap_err();
+        let e = Config::resolve(&ServerArgs {
+            resp_addr: Some("nope".into()),
+            ..Default::default()
+        })
+        .unwrap_err();
         assert!(e.to_string().contains("resp_addr = 'nope'"), "{e}");
         let e = Config::resolve(&ServerArgs {
             value_bytes_max: Some(1000),

@@ -53,17 +53,30 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let http_addr = config.http_addr;
     let resp_listener = TcpListener::bind(resp_addr)
         .await
-        .map_err(|source| ServerError::Bind { what: "resp_addr", addr: resp_addr, source })?;
+        .map_err(|source| ServerError::Bind {
+            what: "resp_addr",
+            addr: resp_addr,
+            source,
+        })?;
     let http_listener = TcpListener::bind(http_addr)
         .await
-        .map_err(|source| ServerError::Bind { what: "http_addr", addr: http_addr, source })?;
+        .map_err(|source| ServerError::Bind {
+            what: "http_addr",
+            addr: http_addr,
+            source,
+        })?;
 
     let metrics = metrics::Metrics::new(resp::COMMAND_NAMES);
     let node = node::Node::open(config, metrics).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let permits = Arc::new(Semaphore::new(connections_max));
 
-    let resp_task = tokio::spawn(resp::serve(node.clone(), resp_listener, permits.clone(), stop_rx.clone()));
+    let resp_task = tokio::spawn(resp::serve(
+        node.clone(),
+        resp_listener,
+        permits.clone(),
+        stop_rx.clone(),
+    ));
     let mut http_stop = stop_rx.clone();
     let http_task = tokio::spawn(
         axum::serve(http_listener, http::router(node.clone()))
@@ -83,7 +96,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     // Every connection holds a permit; having them all back means every connection is done.
     let drained = tokio::time::timeout(grace, permits.acquire_many(connections_max as u32)).await;
     if drained.is_err() {
-        tracing::warn!(grace_ms = grace.as_millis() as u64, "connections still open after the grace period; closing them");
+        tracing::warn!(
+            grace_ms = grace.as_millis() as u64,
+            "connections still open after the grace period; closing them"
+        );
     }
     if tokio::time::timeout(grace, http_task).await.is_err() {
         tracing::warn!("HTTP requests still running after the grace period");

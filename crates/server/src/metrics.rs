@@ -74,14 +74,20 @@ impl Metrics {
     /// `commands`: every command name the server knows (lowercase).
     pub fn new(commands: &[&'static str]) -> Metrics {
         let mut registry = Registry::with_prefix("capdb");
-        let durations = Family::<CommandLabel, Histogram>::new_with_constructor(latency_histogram as fn() -> Histogram);
+        let durations = Family::<CommandLabel, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
         let errors = Family::<CommandLabel, Counter>::default();
         registry.register(
             "command_duration_seconds",
             "Time to execute a RESP command, from parse to reply",
             durations.clone(),
         );
-        registry.register("command_errors", "RESP commands answered with an error", errors.clone());
+        registry.register(
+            "command_errors",
+            "RESP commands answered with an error",
+            errors.clone(),
+        );
         let mut handles: Vec<(&'static str, CommandMetrics)> = commands
             .iter()
             .chain(std::iter::once(&"unknown"))
@@ -97,8 +103,14 @@ impl Metrics {
             })
             .collect();
         handles.sort_by_key(|(c, _)| *c);
-        let http = Family::<HttpLabel, Histogram>::new_with_constructor(latency_histogram as fn() -> Histogram);
-        registry.register("http_request_duration_seconds", "Time to answer an HTTP request", http.clone());
+        let http = Family::<HttpLabel, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "http_request_duration_seconds",
+            "Time to answer an HTTP request",
+            http.clone(),
+        );
         let m = Metrics {
             commands: handles,
             http,
@@ -122,23 +134,71 @@ impl Metrics {
 
     fn register_rest(mut self) -> Metrics {
         let r = &mut self.registry;
-        r.register("connections", "Open client connections (RESP)", self.connections.clone());
-        r.register("connections_accepted", "Client connections accepted (RESP)", self.connections_total.clone());
+        r.register(
+            "connections",
+            "Open client connections (RESP)",
+            self.connections.clone(),
+        );
+        r.register(
+            "connections_accepted",
+            "Client connections accepted (RESP)",
+            self.connections_total.clone(),
+        );
         r.register(
             "connections_rejected",
             "Client connections refused because connections_max was reached",
             self.connections_rejected.clone(),
         );
-        r.register("protocol_errors", "Connections closed for malformed RESP", self.protocol_errors.clone());
-        r.register("keyspace_keys", "Keys stored per keyspace", self.keys.clone());
-        r.register("keyspace_memory_bytes", "Accounted memory of cache keyspaces", self.memory.clone());
-        r.register("keyspace_evicted_keys", "Keys evicted from cache keyspaces", self.evicted.clone());
-        r.register("keyspace_expired_keys", "Keys removed by expiry from cache keyspaces", self.expired.clone());
-        r.register("storage_file_bytes", "Size of the database file", self.file_bytes.clone());
-        r.register("storage_commits", "Group commits (one fsync each)", self.commits.clone());
-        r.register("storage_committed_jobs", "Write requests acknowledged by group commits", self.committed_jobs.clone());
-        r.register("storage_commit_seconds", "Total time spent committing", self.commit_seconds.clone());
-        r.register("storage_corruptions", "Stored values that failed their checksum", self.corruptions.clone());
+        r.register(
+            "protocol_errors",
+            "Connections closed for malformed RESP",
+            self.protocol_errors.clone(),
+        );
+        r.register(
+            "keyspace_keys",
+            "Keys stored per keyspace",
+            self.keys.clone(),
+        );
+        r.register(
+            "keyspace_memory_bytes",
+            "Accounted memory of cache keyspaces",
+            self.memory.clone(),
+        );
+        r.register(
+            "keyspace_evicted_keys",
+            "Keys evicted from cache keyspaces",
+            self.evicted.clone(),
+        );
+        r.register(
+            "keyspace_expired_keys",
+            "Keys removed by expiry from cache keyspaces",
+            self.expired.clone(),
+        );
+        r.register(
+            "storage_file_bytes",
+            "Size of the database file",
+            self.file_bytes.clone(),
+        );
+        r.register(
+            "storage_commits",
+            "Group commits (one fsync each)",
+            self.commits.clone(),
+        );
+        r.register(
+            "storage_committed_jobs",
+            "Write requests acknowledged by group commits",
+            self.committed_jobs.clone(),
+        );
+        r.register(
+            "storage_commit_seconds",
+            "Total time spent committing",
+            self.commit_seconds.clone(),
+        );
+        r.register(
+            "storage_corruptions",
+            "Stored values that failed their checksum",
+            self.corruptions.clone(),
+        );
         self
     }
 
@@ -152,9 +212,19 @@ impl Metrics {
         &self.commands[i].1
     }
 
-    pub fn observe_http(&self, route: &'static str, method: &'static str, status: u16, took: Duration) {
+    pub fn observe_http(
+        &self,
+        route: &'static str,
+        method: &'static str,
+        status: u16,
+        took: Duration,
+    ) {
         self.http
-            .get_or_create(&HttpLabel { route, method, status })
+            .get_or_create(&HttpLabel {
+                route,
+                method,
+                status,
+            })
             .observe(took.as_secs_f64());
     }
 
@@ -181,10 +251,12 @@ impl Metrics {
         let s = node.engine.stats();
         self.file_bytes.set(node.engine.file_bytes() as i64);
         self.commits.set(s.commits.load(Ordering::Relaxed) as i64);
-        self.committed_jobs.set(s.jobs.load(Ordering::Relaxed) as i64);
+        self.committed_jobs
+            .set(s.jobs.load(Ordering::Relaxed) as i64);
         self.commit_seconds
             .set(s.commit_micros.load(Ordering::Relaxed) as f64 / 1e6);
-        self.corruptions.set(s.corruptions.load(Ordering::Relaxed) as i64);
+        self.corruptions
+            .set(s.corruptions.load(Ordering::Relaxed) as i64);
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");

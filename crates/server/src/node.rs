@@ -64,6 +64,10 @@ impl Store {
         }
     }
 
+    pub fn is_empty(&self) -> Result<bool> {
+        Ok(self.len()? == 0)
+    }
+
     pub async fn clear(&self) -> Result<()> {
         match self {
             Store::Disk(t) => t.clear().await,
@@ -119,16 +123,24 @@ pub struct Node {
 /// `ERR invalid cursor` and the client restarts from 0).
 pub const SCAN_CURSORS_MAX: usize = 100_000;
 
+/// Cursor id -> (keyspace, last key returned), and ids oldest first.
+type CursorTable = (
+    std::collections::HashMap<u64, (KeyspaceName, Bytes)>,
+    std::collections::VecDeque<u64>,
+);
+
 /// Server-side SCAN positions behind the numeric cursors RESP clients pass around.
 pub struct ScanCursors {
-    inner: std::sync::Mutex<(std::collections::HashMap<u64, (KeyspaceName, Bytes)>, std::collections::VecDeque<u64>)>,
+    inner: std::sync::Mutex<CursorTable>,
     next: AtomicU64,
 }
 
 impl ScanCursors {
     fn new() -> ScanCursors {
         // Start at a random point so that cursors from before a restart do not name new positions.
-        let start = std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), 0u8) >> 16;
+        let start =
+            std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), 0u8)
+                >> 16;
         ScanCursors {
             inner: std::sync::Mutex::new(Default::default()),
             next: AtomicU64::new(start.max(1)),
@@ -154,7 +166,9 @@ impl ScanCursors {
     /// after use, so a client may retry a page.
     pub fn get(&self, cursor: u64, keyspace: &KeyspaceName) -> Option<Bytes> {
         let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        g.0.get(&cursor).filter(|(k, _)| k == keyspace).map(|(_, b)| b.clone())
+        g.0.get(&cursor)
+            .filter(|(k, _)| k == keyspace)
+            .map(|(_, b)| b.clone())
     }
 }
 
@@ -162,7 +176,8 @@ impl Node {
     /// Opens the engine, loads the catalog and makes sure `default` exists.
     pub async fn open(config: Config, metrics: Metrics) -> Result<Arc<Node>> {
         let hlc = Arc::new(Hlc::new());
-        let engine = DiskEngine::open(&config.data_dir, hlc.clone(), config.limits.value_bytes_max)?;
+        let engine =
+            DiskEngine::open(&config.data_dir, hlc.clone(), config.limits.value_bytes_max)?;
         let node = Arc::new(Node {
             config,
             hlc,
@@ -190,18 +205,23 @@ impl Node {
         Ok(node)
     }
 
-    fn read_catalog(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<KeyspaceName, Arc<Keyspace>>> {
+    fn read_catalog(
+        &self,
+    ) -> std::sync::RwLockReadGuard<'_, BTreeMap<KeyspaceName, Arc<Keyspace>>> {
         self.keyspaces.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn write_catalog(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<KeyspaceName, Arc<Keyspace>>> {
+    fn write_catalog(
+        &self,
+    ) -> std::sync::RwLockWriteGuard<'_, BTreeMap<KeyspaceName, Arc<Keyspace>>> {
         self.keyspaces.write().unwrap_or_else(|p| p.into_inner())
     }
 
     fn build_keyspace(&self, spec: KeyspaceSpec) -> Arc<Keyspace> {
         let store = match spec.mode {
             Mode::Cache => Store::Memory(Arc::new(MemStore::new(
-                spec.max_memory_bytes.expect("cache specs carry a memory limit"),
+                spec.max_memory_bytes
+                    .expect("cache specs carry a memory limit"),
                 spec.eviction.unwrap_or_default(),
                 self.hlc.clone(),
                 self.config.limits.value_bytes_max,
@@ -251,7 +271,8 @@ impl Node {
             )
             .await?;
         let ks = self.build_keyspace(spec);
-        self.write_catalog().insert(ks.spec.name.clone(), ks.clone());
+        self.write_catalog()
+            .insert(ks.spec.name.clone(), ks.clone());
         tracing::info!(keyspace = %ks.spec.name, mode = ks.spec.mode.as_str(), "keyspace created");
         Ok(ks)
     }
@@ -260,7 +281,9 @@ impl Node {
         let _admin = self.admin.lock().await;
         let ks = self.keyspace(name)?;
         if ks.spec.name.as_str() == DEFAULT_KEYSPACE {
-            return Err(Error::InvalidInput("the default keyspace cannot be dropped".into()));
+            return Err(Error::InvalidInput(
+                "the default keyspace cannot be dropped".into(),
+            ));
         }
         ks.dropped.store(true, Ordering::Release);
         self.engine
@@ -304,13 +327,15 @@ impl Node {
                     Store::Memory(m) => {
                         m.expire_cycle(now);
                     }
-                    Store::Disk(t) if round % 10 == 0 => {
+                    Store::Disk(t) if round.is_multiple_of(10) => {
                         let cursor = cursors.remove(&ks.spec.name).flatten();
                         match t.sweep_expired(cursor, DISK_SWEEP_KEYS, now).await {
                             Ok((next, _)) => {
                                 cursors.insert(ks.spec.name.clone(), next);
                             }
-                            Err(e) => tracing::warn!(keyspace = %ks.spec.name, error = %e, "expiry sweep failed"),
+                            Err(e) => {
+                                tracing::warn!(keyspace = %ks.spec.name, error = %e, "expiry sweep failed")
+                            }
                         }
                     }
                     Store::Disk(_) => {}

@@ -183,9 +183,9 @@ impl DiskEngine {
                 tracing::warn!(file = %repair_path.display(), "database was not closed cleanly: verifying checksums and repairing before serving");
             }
         });
-        let db = builder.create(&path).map_err(|e| {
-            Error::Io(format!("cannot open database {}: {e}", path.display()))
-        })?;
+        let db = builder
+            .create(&path)
+            .map_err(|e| Error::Io(format!("cannot open database {}: {e}", path.display())))?;
         // Make sure the meta table exists so readers can always open it.
         let txn = db.begin_write().map_err(io_err)?;
         txn.open_table(META_TABLE).map_err(io_err)?;
@@ -238,7 +238,10 @@ impl DiskEngine {
             .send(Job { op, done })
             .await
             .map_err(|_| Error::ShuttingDown)?;
-        match wait.await.map_err(|_| Error::Io("storage writer stopped".into()))?? {
+        match wait
+            .await
+            .map_err(|_| Error::Io("storage writer stopped".into()))??
+        {
             Output::Failed(e) => Err(e),
             out => Ok(out),
         }
@@ -265,7 +268,12 @@ impl DiskEngine {
     }
 
     /// Creates a table and records its metadata, atomically.
-    pub async fn create_table(&self, table: &str, meta_key: &str, meta_value: Vec<u8>) -> Result<()> {
+    pub async fn create_table(
+        &self,
+        table: &str,
+        meta_key: &str,
+        meta_value: Vec<u8>,
+    ) -> Result<()> {
         self.submit(Op::CreateTable {
             table: table.to_string(),
             meta_key: meta_key.to_string(),
@@ -304,7 +312,10 @@ pub struct DiskTable {
 }
 
 impl DiskTable {
-    fn read<T>(&self, f: impl FnOnce(&redb::ReadOnlyTable<&'static [u8], &'static [u8]>) -> Result<T>) -> Result<Option<T>> {
+    fn read<T>(
+        &self,
+        f: impl FnOnce(&redb::ReadOnlyTable<&'static [u8], &'static [u8]>) -> Result<T>,
+    ) -> Result<Option<T>> {
         let txn = self.engine.db.begin_read().map_err(io_err)?;
         match txn.open_table(table_def(&self.table)) {
             Ok(t) => f(&t).map(Some),
@@ -315,7 +326,10 @@ impl DiskTable {
 
     fn decode(&self, raw: &[u8]) -> Result<Value> {
         Value::decode(raw).inspect_err(|e| {
-            self.engine.stats.corruptions.fetch_add(1, Ordering::Relaxed);
+            self.engine
+                .stats
+                .corruptions
+                .fetch_add(1, Ordering::Relaxed);
             tracing::error!(table = %self.table, error = %e, "corrupt value refused");
         })
     }
@@ -332,7 +346,10 @@ impl DiskTable {
             let mut expired = Vec::new();
             let mut last = None;
             let iter = match &after {
-                Some(a) => t.range::<&[u8]>((std::ops::Bound::Excluded(&a[..]), std::ops::Bound::Unbounded)),
+                Some(a) => t.range::<&[u8]>((
+                    std::ops::Bound::Excluded(&a[..]),
+                    std::ops::Bound::Unbounded,
+                )),
                 None => t.range::<&[u8]>(..),
             }
             .map_err(io_err)?;
@@ -533,7 +550,11 @@ fn writer_loop(
 fn list_tables(db: &Database) -> Result<std::collections::HashSet<String>> {
     use redb::TableHandle;
     let txn = db.begin_read().map_err(io_err)?;
-    let names = txn.list_tables().map_err(io_err)?.map(|t| t.name().to_string()).collect();
+    let names = txn
+        .list_tables()
+        .map_err(io_err)?
+        .map(|t| t.name().to_string())
+        .collect();
     Ok(names)
 }
 
@@ -550,7 +571,14 @@ fn commit_batch(
     txn.set_durability(Durability::Immediate).map_err(io_err)?;
     let mut outputs = Vec::with_capacity(batch.len());
     for job in batch {
-        outputs.push(execute(&txn, &job.op, hlc, value_bytes_max, stats, live_tables)?);
+        outputs.push(execute(
+            &txn,
+            &job.op,
+            hlc,
+            value_bytes_max,
+            stats,
+            live_tables,
+        )?);
     }
     txn.commit().map_err(io_err)?;
     Ok(outputs)
@@ -564,7 +592,11 @@ fn execute(
     stats: &EngineStats,
     live_tables: &mut std::collections::HashSet<String>,
 ) -> Result<Output> {
-    let missing = |table: &String| Output::Failed(Error::KeyspaceNotFound(table.trim_start_matches("ks/").to_string()));
+    let missing = |table: &String| {
+        Output::Failed(Error::KeyspaceNotFound(
+            table.trim_start_matches("ks/").to_string(),
+        ))
+    };
     match op {
         Op::Apply { table, .. } | Op::RemoveExpired { table, .. } | Op::Clear { table }
             if !live_tables.contains(table) =>
@@ -581,11 +613,23 @@ fn execute(
             let mut t = txn.open_table(table_def(table)).map_err(io_err)?;
             let mut replies = Vec::with_capacity(mutations.len());
             for m in mutations {
-                replies.push(apply_one(&mut t, m, *tombstones, *now_ms, hlc, value_bytes_max, stats)?);
+                replies.push(apply_one(
+                    &mut t,
+                    m,
+                    *tombstones,
+                    *now_ms,
+                    hlc,
+                    value_bytes_max,
+                    stats,
+                )?);
             }
             Ok(Output::Replies(replies))
         }
-        Op::RemoveExpired { table, keys, now_ms } => {
+        Op::RemoveExpired {
+            table,
+            keys,
+            now_ms,
+        } => {
             let mut t = txn.open_table(table_def(table)).map_err(io_err)?;
             let mut removed = 0;
             for key in keys {
@@ -612,7 +656,8 @@ fn execute(
         } => {
             txn.open_table(table_def(table)).map_err(io_err)?;
             let mut meta = txn.open_table(META_TABLE).map_err(io_err)?;
-            meta.insert(meta_key.as_str(), &meta_value[..]).map_err(io_err)?;
+            meta.insert(meta_key.as_str(), &meta_value[..])
+                .map_err(io_err)?;
             live_tables.insert(table.clone());
             Ok(Output::Done)
         }
@@ -638,7 +683,10 @@ fn apply_one(
     stats: &EngineStats,
 ) -> Result<Result<Reply>> {
     let key = &m.key()[..];
-    let stored = t.get(key).map_err(io_err)?.map(|raw| Value::decode(raw.value()));
+    let stored = t
+        .get(key)
+        .map_err(io_err)?
+        .map(|raw| Value::decode(raw.value()));
     let current = match stored {
         None => None,
         Some(Ok(v)) => v.is_live(now_ms).then_some(v),
@@ -651,7 +699,9 @@ fn apply_one(
                 Mutation::Set {
                     condition: capdb_types::mutation::Condition::Always,
                     return_old: false,
-                    expiry: capdb_types::mutation::ExpiryUpdate::Clear | capdb_types::mutation::ExpiryUpdate::At(_),
+                    expiry:
+                        capdb_types::mutation::ExpiryUpdate::Clear
+                        | capdb_types::mutation::ExpiryUpdate::At(_),
                     ..
                 } => None,
                 Mutation::Delete { .. } => {
@@ -683,7 +733,8 @@ fn remove(
     ts: capdb_types::Timestamp,
 ) -> Result<()> {
     if tombstones {
-        t.insert(key, &Value::tombstone(ts).encode()[..]).map_err(io_err)?;
+        t.insert(key, &Value::tombstone(ts).encode()[..])
+            .map_err(io_err)?;
     } else {
         t.remove(key).map_err(io_err)?;
     }

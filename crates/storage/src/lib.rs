@@ -77,6 +77,11 @@ pub trait KeyspaceStore: Send + Sync {
     /// Number of stored keys (Redis DBSIZE: may include expired keys not yet collected).
     fn len(&self) -> Result<u64>;
 
+    /// Whether [`KeyspaceStore::len`] is zero.
+    fn is_empty(&self) -> Result<bool> {
+        Ok(self.len()? == 0)
+    }
+
     /// Deletes every key.
     fn clear(&self) -> impl Future<Output = Result<()>> + Send;
 }

@@ -31,7 +31,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use capdb_types::{Effect, EvictionPolicy, Error, Hlc, Mutation, Result, Value};
+use capdb_types::{Effect, Error, EvictionPolicy, Hlc, Mutation, Result, Value};
 use indexmap::{IndexMap, IndexSet};
 
 use crate::{BatchReplies, KeyspaceStore, ScanPage, ScanRange};
@@ -160,7 +160,12 @@ impl MemStore {
     }
 
     /// Looks up a live entry, removing it first if it has expired (lazy expiry).
-    fn live_locked<'s>(&self, shard: &'s mut Shard, key: &[u8], now_ms: u64) -> Option<&'s mut Entry> {
+    fn live_locked<'s>(
+        &self,
+        shard: &'s mut Shard,
+        key: &[u8],
+        now_ms: u64,
+    ) -> Option<&'s mut Entry> {
         let expired = shard.map.get(key)?.value.is_expired(now_ms);
         if expired {
             self.remove_locked(shard, key);
@@ -246,14 +251,20 @@ impl MemStore {
                         let e = &shard.map[idx];
                         match self.policy {
                             // Oldest access first: larger idle time = smaller key.
-                            EvictionPolicy::Lru => u64::MAX - now.wrapping_sub(e.accessed_ms) as u64,
+                            EvictionPolicy::Lru => {
+                                u64::MAX - now.wrapping_sub(e.accessed_ms) as u64
+                            }
                             EvictionPolicy::Lfu => {
                                 lfu_decay(e.frequency, e.accessed_ms, now) as u64
                             }
                         }
                     })
                     .expect("sampled at least one index");
-                let key = shard.map.get_index(victim).map(|(k, _)| k.clone()).expect("index in range");
+                let key = shard
+                    .map
+                    .get_index(victim)
+                    .map(|(k, _)| k.clone())
+                    .expect("index in range");
                 self.remove_locked(&mut shard, &key);
                 true
             });
@@ -304,7 +315,9 @@ impl MemStore {
                 break;
             }
         }
-        self.stats.expired_keys.fetch_add(removed, Ordering::Relaxed);
+        self.stats
+            .expired_keys
+            .fetch_add(removed, Ordering::Relaxed);
         removed
     }
 }
@@ -316,7 +329,11 @@ fn lfu_increment(counter: u8) -> u8 {
     }
     let base = counter.saturating_sub(LFU_INIT) as u32;
     let p = 1.0 / (base * LFU_LOG_FACTOR + 1) as f64;
-    if fastrand::f64() < p { counter + 1 } else { counter }
+    if fastrand::f64() < p {
+        counter + 1
+    } else {
+        counter
+    }
 }
 
 /// The counter after idle-time decay (one per [`LFU_DECAY_MINUTES`] idle).
@@ -363,8 +380,15 @@ impl KeyspaceStore for MemStore {
             let slot = order.binary_search(&sid).expect("shard was locked");
             let shard = &mut *guards[slot].1;
             let key = m.key();
-            let current = self.live_locked(shard, key, now_ms).map(|e| e.value.clone());
-            match m.apply(current.as_ref(), now_ms, self.hlc.now(), self.value_bytes_max) {
+            let current = self
+                .live_locked(shard, key, now_ms)
+                .map(|e| e.value.clone());
+            match m.apply(
+                current.as_ref(),
+                now_ms,
+                self.hlc.now(),
+                self.value_bytes_max,
+            ) {
                 Err(e) => replies.push(Err(e)),
                 Ok((effect, reply)) => {
                     match effect {
@@ -430,7 +454,11 @@ impl KeyspaceStore for MemStore {
     async fn clear(&self) -> Result<()> {
         for i in 0..SHARDS {
             let mut shard = self.lock(i);
-            let freed: u64 = shard.map.iter().map(|(k, e)| entry_bytes(k, &e.value)).sum();
+            let freed: u64 = shard
+                .map
+                .iter()
+                .map(|(k, e)| entry_bytes(k, &e.value))
+                .sum();
             shard.map = IndexMap::default();
             shard.expiring = IndexSet::default();
             self.used_bytes.fetch_sub(freed, Ordering::Relaxed);

@@ -8,7 +8,7 @@ use capdb_storage::disk::DiskEngine;
 use capdb_storage::memory::MemStore;
 use capdb_storage::{KeyspaceStore, ScanRange};
 use capdb_types::mutation::{Condition, ExpiryUpdate};
-use capdb_types::{EvictionPolicy, Error, Hlc, Mutation, Reply};
+use capdb_types::{Error, EvictionPolicy, Hlc, Mutation, Reply};
 
 const VALUE_MAX: usize = 1 << 20;
 
@@ -30,21 +30,41 @@ async fn suite<S: KeyspaceStore>(store: &S) {
     let now = 1_000_000;
     // Writes and reads.
     let r = store
-        .apply(vec![set("a", "1", ExpiryUpdate::Clear), set("b", "2", ExpiryUpdate::At(now + 10))], now)
+        .apply(
+            vec![
+                set("a", "1", ExpiryUpdate::Clear),
+                set("b", "2", ExpiryUpdate::At(now + 10)),
+            ],
+            now,
+        )
         .await
         .unwrap();
     assert_eq!(r, vec![Ok(Reply::Ok), Ok(Reply::Ok)]);
     assert_eq!(store.get(b"a", now).unwrap().unwrap().data, b("1"));
-    assert_eq!(store.get(b"b", now + 9).unwrap().unwrap().header.expire_at_ms, Some(now + 10));
+    assert_eq!(
+        store
+            .get(b"b", now + 9)
+            .unwrap()
+            .unwrap()
+            .header
+            .expire_at_ms,
+        Some(now + 10)
+    );
     // Expiry hides the value at the deadline.
     assert_eq!(store.get(b"b", now + 10).unwrap(), None);
     // A failing mutation fails alone.
     let r = store
         .apply(
             vec![
-                Mutation::IncrBy { key: b("a"), delta: 41 },
+                Mutation::IncrBy {
+                    key: b("a"),
+                    delta: 41,
+                },
                 set("x", "y", ExpiryUpdate::Clear),
-                Mutation::IncrBy { key: b("x"), delta: 1 },
+                Mutation::IncrBy {
+                    key: b("x"),
+                    delta: 1,
+                },
             ],
             now,
         )
@@ -55,16 +75,27 @@ async fn suite<S: KeyspaceStore>(store: &S) {
     assert_eq!(r[2], Err(Error::NotAnInteger));
     // Deletes.
     let r = store
-        .apply(vec![Mutation::Delete { key: b("x") }, Mutation::Delete { key: b("x") }], now)
+        .apply(
+            vec![
+                Mutation::Delete { key: b("x") },
+                Mutation::Delete { key: b("x") },
+            ],
+            now,
+        )
         .await
         .unwrap();
     assert_eq!(r, vec![Ok(Reply::Integer(1)), Ok(Reply::Integer(0))]);
     assert_eq!(store.get(b"x", now).unwrap(), None);
     // Ordered scans with a cursor, a prefix and an end bound.
-    let muts = (0..25).map(|i| set(&format!("k{i:02}"), "v", ExpiryUpdate::Clear)).collect();
+    let muts = (0..25)
+        .map(|i| set(&format!("k{i:02}"), "v", ExpiryUpdate::Clear))
+        .collect();
     store.apply(muts, now).await.unwrap();
     let mut seen = Vec::new();
-    let mut range = ScanRange { prefix: Some(b("k")), ..Default::default() };
+    let mut range = ScanRange {
+        prefix: Some(b("k")),
+        ..Default::default()
+    };
     loop {
         let page = store.scan(&range, 10, now).unwrap();
         assert!(page.entries.len() <= 10);
@@ -76,7 +107,11 @@ async fn suite<S: KeyspaceStore>(store: &S) {
     }
     let expected: Vec<Bytes> = (0..25).map(|i| b(&format!("k{i:02}"))).collect();
     assert_eq!(seen, expected);
-    let bounded = ScanRange { after: Some(b("k05")), end: Some(b("k08")), prefix: None };
+    let bounded = ScanRange {
+        after: Some(b("k05")),
+        end: Some(b("k08")),
+        prefix: None,
+    };
     let page = store.scan(&bounded, 100, now).unwrap();
     let keys: Vec<_> = page.entries.into_iter().map(|(k, _)| k).collect();
     assert_eq!(keys, vec![b("k06"), b("k07")]);
@@ -90,15 +125,26 @@ async fn suite<S: KeyspaceStore>(store: &S) {
 async fn disk_table_conforms() {
     let dir = tempfile::tempdir().unwrap();
     let engine = DiskEngine::open(dir.path(), Arc::new(Hlc::new()), VALUE_MAX).unwrap();
-    engine.create_table("t", "keyspace/t", b"{}".to_vec()).await.unwrap();
+    engine
+        .create_table("t", "keyspace/t", b"{}".to_vec())
+        .await
+        .unwrap();
     suite(&engine.table("t", false)).await;
-    engine.create_table("ap", "keyspace/ap", b"{}".to_vec()).await.unwrap();
+    engine
+        .create_table("ap", "keyspace/ap", b"{}".to_vec())
+        .await
+        .unwrap();
     suite(&engine.table("ap", true)).await;
 }
 
 #[tokio::test]
 async fn memory_store_conforms() {
-    let store = MemStore::new(64 << 20, EvictionPolicy::Lru, Arc::new(Hlc::new()), VALUE_MAX);
+    let store = MemStore::new(
+        64 << 20,
+        EvictionPolicy::Lru,
+        Arc::new(Hlc::new()),
+        VALUE_MAX,
+    );
     suite(&store).await;
 }
 
@@ -107,9 +153,14 @@ async fn disk_writes_survive_reopen_and_meta_is_listed() {
     let dir = tempfile::tempdir().unwrap();
     {
         let engine = DiskEngine::open(dir.path(), Arc::new(Hlc::new()), VALUE_MAX).unwrap();
-        engine.create_table("t", "keyspace/t", b"spec".to_vec()).await.unwrap();
+        engine
+            .create_table("t", "keyspace/t", b"spec".to_vec())
+            .await
+            .unwrap();
         let t = engine.table("t", false);
-        t.apply(vec![set("durable", "yes", ExpiryUpdate::Clear)], 0).await.unwrap();
+        t.apply(vec![set("durable", "yes", ExpiryUpdate::Clear)], 0)
+            .await
+            .unwrap();
     }
     // The writer thread exits when the last handle drops; give it a moment to release the file.
     let engine = loop {
@@ -118,33 +169,67 @@ async fn disk_writes_survive_reopen_and_meta_is_listed() {
             Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
         }
     };
-    assert_eq!(engine.meta_list("keyspace/").unwrap(), vec![("keyspace/t".into(), b"spec".to_vec())]);
-    assert_eq!(engine.table("t", false).get(b"durable", 0).unwrap().unwrap().data, b("yes"));
+    assert_eq!(
+        engine.meta_list("keyspace/").unwrap(),
+        vec![("keyspace/t".into(), b"spec".to_vec())]
+    );
+    assert_eq!(
+        engine
+            .table("t", false)
+            .get(b"durable", 0)
+            .unwrap()
+            .unwrap()
+            .data,
+        b("yes")
+    );
 }
 
 #[tokio::test]
 async fn ap_deletes_leave_tombstones_invisible_to_readers() {
     let dir = tempfile::tempdir().unwrap();
     let engine = DiskEngine::open(dir.path(), Arc::new(Hlc::new()), VALUE_MAX).unwrap();
-    engine.create_table("ap", "keyspace/ap", vec![]).await.unwrap();
-    let t = engine.table("ap", true);
-    t.apply(vec![set("k", "v", ExpiryUpdate::Clear), Mutation::Delete { key: b("k") }], 0)
+    engine
+        .create_table("ap", "keyspace/ap", vec![])
         .await
         .unwrap();
+    let t = engine.table("ap", true);
+    t.apply(
+        vec![
+            set("k", "v", ExpiryUpdate::Clear),
+            Mutation::Delete { key: b("k") },
+        ],
+        0,
+    )
+    .await
+    .unwrap();
     assert_eq!(t.get(b"k", 0).unwrap(), None);
     assert_eq!(t.len().unwrap(), 0);
-    assert!(t.scan(&ScanRange::default(), 10, 0).unwrap().entries.is_empty());
+    assert!(
+        t.scan(&ScanRange::default(), 10, 0)
+            .unwrap()
+            .entries
+            .is_empty()
+    );
 }
 
 #[tokio::test]
 async fn disk_active_expiry_removes_expired_keys() {
     let dir = tempfile::tempdir().unwrap();
     let engine = DiskEngine::open(dir.path(), Arc::new(Hlc::new()), VALUE_MAX).unwrap();
-    engine.create_table("t", "keyspace/t", vec![]).await.unwrap();
-    let t = engine.table("t", false);
-    t.apply(vec![set("gone", "v", ExpiryUpdate::At(100)), set("kept", "v", ExpiryUpdate::Clear)], 0)
+    engine
+        .create_table("t", "keyspace/t", vec![])
         .await
         .unwrap();
+    let t = engine.table("t", false);
+    t.apply(
+        vec![
+            set("gone", "v", ExpiryUpdate::At(100)),
+            set("kept", "v", ExpiryUpdate::Clear),
+        ],
+        0,
+    )
+    .await
+    .unwrap();
     assert_eq!(t.len().unwrap(), 2);
     let (_, removed) = t.sweep_expired(None, 100, 200).await.unwrap();
     assert_eq!(removed, 1);
@@ -158,26 +243,56 @@ async fn memory_store_evicts_under_its_limit_and_expires_actively() {
         let store = MemStore::new(limit, policy, Arc::new(Hlc::new()), VALUE_MAX);
         let value = "x".repeat(1000);
         for i in 0..5_000 {
-            store.apply(vec![set(&format!("key{i}"), &value, ExpiryUpdate::Clear)], 0).await.unwrap();
-            assert!(store.used_bytes() <= limit, "{policy:?}: over the limit after write {i}");
+            store
+                .apply(
+                    vec![set(&format!("key{i}"), &value, ExpiryUpdate::Clear)],
+                    0,
+                )
+                .await
+                .unwrap();
+            assert!(
+                store.used_bytes() <= limit,
+                "{policy:?}: over the limit after write {i}"
+            );
         }
-        assert!(store.stats().evicted_keys.load(std::sync::atomic::Ordering::Relaxed) > 3_000);
+        assert!(
+            store
+                .stats()
+                .evicted_keys
+                .load(std::sync::atomic::Ordering::Relaxed)
+                > 3_000
+        );
         assert!(store.len().unwrap() < 1_100);
         // An entry larger than the whole limit is refused, not evicted into.
         let huge = "y".repeat(limit as usize + 1);
         assert!(matches!(
-            store.apply(vec![set("huge", &huge, ExpiryUpdate::Clear)], 0).await,
+            store
+                .apply(vec![set("huge", &huge, ExpiryUpdate::Clear)], 0)
+                .await,
             Err(Error::OutOfMemory(_))
         ));
     }
-    let store = MemStore::new(64 << 20, EvictionPolicy::Lru, Arc::new(Hlc::new()), VALUE_MAX);
-    let muts = (0..1_000).map(|i| set(&format!("t{i}"), "v", ExpiryUpdate::At(50))).collect();
+    let store = MemStore::new(
+        64 << 20,
+        EvictionPolicy::Lru,
+        Arc::new(Hlc::new()),
+        VALUE_MAX,
+    );
+    let muts = (0..1_000)
+        .map(|i| set(&format!("t{i}"), "v", ExpiryUpdate::At(50)))
+        .collect();
     store.apply(muts, 0).await.unwrap();
-    store.apply(vec![set("forever", "v", ExpiryUpdate::Clear)], 0).await.unwrap();
+    store
+        .apply(vec![set("forever", "v", ExpiryUpdate::Clear)], 0)
+        .await
+        .unwrap();
     let mut removed = 0;
     for _ in 0..100 {
         removed += store.expire_cycle(100);
     }
-    assert_eq!(removed, 1_000, "active expiry must find every expired key without reads");
+    assert_eq!(
+        removed, 1_000,
+        "active expiry must find every expired key without reads"
+    );
     assert_eq!(store.len().unwrap(), 1);
 }

@@ -15,7 +15,9 @@ use serde::{Deserialize, Serialize};
 const LOGICAL_BITS: u32 = 16;
 
 /// A hybrid logical clock reading; totally ordered, unique per node when issued by [`Hlc::now`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
 pub struct Timestamp(pub u64);
 
 impl Timestamp {

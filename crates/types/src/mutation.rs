@@ -110,7 +110,10 @@ impl Mutation {
         timestamp: Timestamp,
         value_bytes_max: usize,
     ) -> Result<(Effect, Reply)> {
-        debug_assert!(current.is_none_or(|v| v.is_live(now_ms)), "engines pass live values only");
+        debug_assert!(
+            current.is_none_or(|v| v.is_live(now_ms)),
+            "engines pass live values only"
+        );
         let old_bulk = || current.map_or(Reply::Nil, |v| Reply::Bulk(v.data.clone()));
         Ok(match self {
             Mutation::Set {
@@ -274,9 +277,17 @@ mod tests {
     #[test]
     fn incr_rules() {
         let k = Bytes::from_static(b"k");
-        let m = Mutation::IncrBy { key: k.clone(), delta: 5 };
-        assert_eq!(m.apply(None, 0, Timestamp(1), MAX).unwrap().1, Reply::Integer(5));
-        let (e, r) = m.apply(Some(&val("-7", Some(99))), 0, Timestamp(1), MAX).unwrap();
+        let m = Mutation::IncrBy {
+            key: k.clone(),
+            delta: 5,
+        };
+        assert_eq!(
+            m.apply(None, 0, Timestamp(1), MAX).unwrap().1,
+            Reply::Integer(5)
+        );
+        let (e, r) = m
+            .apply(Some(&val("-7", Some(99))), 0, Timestamp(1), MAX)
+            .unwrap();
         assert_eq!(r, Reply::Integer(-2));
         let Effect::Put(v) = e else { panic!() };
         assert_eq!(v.header.expire_at_ms, Some(99), "INCR keeps the TTL");
@@ -289,7 +300,12 @@ mod tests {
         }
         let big = Mutation::IncrBy { key: k, delta: 1 };
         assert_eq!(
-            big.apply(Some(&val(&i64::MAX.to_string(), None)), 0, Timestamp(1), MAX),
+            big.apply(
+                Some(&val(&i64::MAX.to_string(), None)),
+                0,
+                Timestamp(1),
+                MAX
+            ),
             Err(Error::Overflow)
         );
     }
@@ -305,22 +321,39 @@ mod tests {
             m.apply(Some(&old), 0, Timestamp(2), MAX),
             Err(Error::TooLarge { .. })
         ));
-        assert_eq!(m.apply(None, 0, Timestamp(2), MAX).unwrap().1, Reply::Integer(600));
+        assert_eq!(
+            m.apply(None, 0, Timestamp(2), MAX).unwrap().1,
+            Reply::Integer(600)
+        );
     }
 
     #[test]
     fn expire_in_the_past_deletes_and_persist_clears() {
         let k = Bytes::from_static(b"k");
-        let past = Mutation::Expire { key: k.clone(), at_ms: Some(10) };
-        let (e, r) = past.apply(Some(&val("v", None)), 10, Timestamp(3), MAX).unwrap();
+        let past = Mutation::Expire {
+            key: k.clone(),
+            at_ms: Some(10),
+        };
+        let (e, r) = past
+            .apply(Some(&val("v", None)), 10, Timestamp(3), MAX)
+            .unwrap();
         assert_eq!((e, r), (Effect::Remove(Timestamp(3)), Reply::Integer(1)));
-        let persist = Mutation::Expire { key: k.clone(), at_ms: None };
+        let persist = Mutation::Expire {
+            key: k.clone(),
+            at_ms: None,
+        };
         assert_eq!(
-            persist.apply(Some(&val("v", None)), 0, Timestamp(3), MAX).unwrap().1,
+            persist
+                .apply(Some(&val("v", None)), 0, Timestamp(3), MAX)
+                .unwrap()
+                .1,
             Reply::Integer(0)
         );
         assert_eq!(
-            persist.apply(Some(&val("v", Some(50))), 0, Timestamp(3), MAX).unwrap().1,
+            persist
+                .apply(Some(&val("v", Some(50))), 0, Timestamp(3), MAX)
+                .unwrap()
+                .1,
             Reply::Integer(1)
         );
         assert_eq!(

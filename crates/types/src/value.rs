@@ -134,7 +134,9 @@ impl Value {
         }
         let flags = raw[1];
         if flags & !(FLAG_TOMBSTONE | FLAG_EXPIRES) != 0 {
-            return Err(Error::Corruption(format!("unknown value flags {flags:#04x}")));
+            return Err(Error::Corruption(format!(
+                "unknown value flags {flags:#04x}"
+            )));
         }
         let timestamp = Timestamp(u64::from_le_bytes(raw[2..10].try_into().expect("8 bytes")));
         let expire = u64::from_le_bytes(raw[10..18].try_into().expect("8 bytes"));
@@ -176,7 +178,10 @@ mod tests {
 
     #[test]
     fn truncated_record_is_corruption() {
-        assert!(matches!(Value::decode(&[1, 0, 0]), Err(Error::Corruption(_))));
+        assert!(matches!(
+            Value::decode(&[1, 0, 0]),
+            Err(Error::Corruption(_))
+        ));
     }
 
     #[test]

@@ -11,7 +11,11 @@ use std::time::{Duration, Instant};
 pub const BIN: &str = env!("CARGO_BIN_EXE_capdb");
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 pub struct Server {
@@ -91,7 +95,11 @@ impl Server {
             if let Ok((200, _)) = http(self.http, "GET", "/readyz", &[], None) {
                 return Ok(());
             }
-            assert!(Instant::now() < deadline, "capdb not ready after 30 s:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "capdb not ready after 30 s:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(25));
         }
     }
@@ -126,11 +134,16 @@ impl Server {
     }
 
     pub fn client(&self) -> redis::Connection {
-        redis::Client::open(self.redis_url()).unwrap().get_connection().unwrap()
+        redis::Client::open(self.redis_url())
+            .unwrap()
+            .get_connection()
+            .unwrap()
     }
 
     pub fn is_running(&mut self) -> bool {
-        self.child.as_mut().is_some_and(|c| c.try_wait().unwrap().is_none())
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().unwrap().is_none())
     }
 }
 
@@ -141,7 +154,11 @@ impl Drop for Server {
 }
 
 fn unsafe_kill(pid: u32, sig: &str) {
-    let status = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status().unwrap();
+    let status = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
     assert!(status.success());
 }
 
@@ -156,7 +173,10 @@ pub fn http(
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     let body = body.unwrap_or(&[]);
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
     }
@@ -170,9 +190,16 @@ pub fn http(
         .position(|w| w == b"\r\n\r\n")
         .ok_or_else(|| std::io::Error::other("no HTTP head"))?;
     let head = String::from_utf8_lossy(&raw[..head_end]).to_string();
-    let status: u16 = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let status: u16 = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
     let mut body = raw[head_end + 4..].to_vec();
-    if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         body = dechunk(&body);
     }
     Ok((status, body))
@@ -181,8 +208,11 @@ pub fn http(
 fn dechunk(mut b: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     loop {
-        let Some(nl) = b.windows(2).position(|w| w == b"\r\n") else { return out };
-        let n = usize::from_str_radix(std::str::from_utf8(&b[..nl]).unwrap().trim(), 16).unwrap_or(0);
+        let Some(nl) = b.windows(2).position(|w| w == b"\r\n") else {
+            return out;
+        };
+        let n =
+            usize::from_str_radix(std::str::from_utf8(&b[..nl]).unwrap().trim(), 16).unwrap_or(0);
         if n == 0 {
             return out;
         }
@@ -192,7 +222,8 @@ fn dechunk(mut b: &[u8]) -> Vec<u8> {
 }
 
 pub fn json(body: &[u8]) -> serde_json::Value {
-    serde_json::from_slice(body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(body)))
+    serde_json::from_slice(body)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(body)))
 }
 
 /// Sends raw bytes on a fresh RESP connection and returns everything read until the server
@@ -214,7 +245,11 @@ pub fn raw_resp(addr: SocketAddr, bytes: &[u8], wait: Duration) -> Vec<u8> {
 }
 
 pub fn need_tool(name: &str) -> PathBuf {
-    let out = Command::new("sh").arg("-c").arg(format!("command -v {name}")).output().unwrap();
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {name}"))
+        .output()
+        .unwrap();
     assert!(
         out.status.success(),
         "this test needs `{name}` on PATH (Debian: apt-get install redis-tools curl); .ci/run installs it"

@@ -60,7 +60,9 @@ impl IntoResponse for ApiError {
             ApiError::Http(status, code, message) => return api_error(status, code, message),
         };
         let status = match &e {
-            Error::InvalidInput(_) | Error::NotAnInteger | Error::Overflow => StatusCode::BAD_REQUEST,
+            Error::InvalidInput(_) | Error::NotAnInteger | Error::Overflow => {
+                StatusCode::BAD_REQUEST
+            }
             Error::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::KeyspaceNotFound(_) => StatusCode::NOT_FOUND,
             Error::KeyspaceExists(_) => StatusCode::CONFLICT,
@@ -74,7 +76,11 @@ impl IntoResponse for ApiError {
 }
 
 fn api_error(status: StatusCode, code: &str, message: String) -> Response {
-    (status, Json(json!({"error": {"code": code, "message": message, "retryable": false}}))).into_response()
+    (
+        status,
+        Json(json!({"error": {"code": code, "message": message, "retryable": false}})),
+    )
+        .into_response()
 }
 
 type ApiResult<T = Response> = Result<T, ApiError>;
@@ -84,17 +90,30 @@ pub fn router(node: Arc<Node>) -> Router {
     let body_max = node.config.limits.http_body_bytes_max;
     let v1 = Router::new()
         .route("/v1/keyspaces", get(list_keyspaces).post(create_keyspace))
-        .route("/v1/keyspaces/{name}", get(describe_keyspace).delete(drop_keyspace))
+        .route(
+            "/v1/keyspaces/{name}",
+            get(describe_keyspace).delete(drop_keyspace),
+        )
         .route("/v1/kv/{keyspace}", get(scan))
-        .route("/v1/kv/{keyspace}/{*key}", get(get_key).put(put_key).delete(delete_key))
-        .route_layer(axum::middleware::from_fn_with_state(node.clone(), require_auth));
+        .route(
+            "/v1/kv/{keyspace}/{*key}",
+            get(get_key).put(put_key).delete(delete_key),
+        )
+        .route_layer(axum::middleware::from_fn_with_state(
+            node.clone(),
+            require_auth,
+        ));
     Router::new()
         .merge(v1)
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .fallback(|| async {
-            api_error(StatusCode::NOT_FOUND, "not_found", "no such route; see /v1/keyspaces and /v1/kv/{keyspace}/{key}".into())
+            api_error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no such route; see /v1/keyspaces and /v1/kv/{keyspace}/{key}".into(),
+            )
         })
         .layer(axum::middleware::from_fn_with_state(node.clone(), observe))
         .layer(DefaultBodyLimit::max(body_max))
@@ -136,7 +155,10 @@ async fn require_auth(State(node): State<Arc<Node>>, req: Request, next: Next) -
             .and_then(|v| v.strip_prefix("Bearer "));
         let ok = given.is_some_and(|g| {
             g.len() == expected.len()
-                && g.bytes().zip(expected.bytes()).fold(0u8, |a, (x, y)| a | (x ^ y)) == 0
+                && g.bytes()
+                    .zip(expected.bytes())
+                    .fold(0u8, |a, (x, y)| a | (x ^ y))
+                    == 0
         });
         if !ok {
             return api_error(
@@ -151,7 +173,11 @@ async fn require_auth(State(node): State<Arc<Node>>, req: Request, next: Next) -
 
 async fn readyz(State(node): State<Arc<Node>>) -> Response {
     if node.is_shutting_down() {
-        return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "shutting_down"}))).into_response();
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "shutting_down"})),
+        )
+            .into_response();
     }
     Json(json!({"status": "ready"})).into_response()
 }
@@ -159,7 +185,10 @@ async fn readyz(State(node): State<Arc<Node>>) -> Response {
 async fn metrics(State(node): State<Arc<Node>>) -> Response {
     let text = node.metrics.render(&node);
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         text,
     )
         .into_response()
@@ -202,10 +231,16 @@ fn bytes_rejection(e: BytesRejection) -> ApiError {
         ApiError::Http(
             StatusCode::PAYLOAD_TOO_LARGE,
             "too_large",
-            format!("request body over the limit (limits.http_body_bytes_max): {}", e.body_text()),
+            format!(
+                "request body over the limit (limits.http_body_bytes_max): {}",
+                e.body_text()
+            ),
         )
     } else {
-        ApiError(Error::InvalidInput(format!("cannot read request body: {}", e.body_text())))
+        ApiError(Error::InvalidInput(format!(
+            "cannot read request body: {}",
+            e.body_text()
+        )))
     }
 }
 
@@ -214,7 +249,11 @@ async fn create_keyspace(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
     let req: CreateKeyspace = json_body(body)?;
-    let eviction = req.eviction.as_deref().map(str::parse::<EvictionPolicy>).transpose()?;
+    let eviction = req
+        .eviction
+        .as_deref()
+        .map(str::parse::<EvictionPolicy>)
+        .transpose()?;
     let spec = KeyspaceSpec::new(
         KeyspaceName::new(req.name)?,
         req.mode.parse::<Mode>()?,
@@ -253,7 +292,7 @@ fn hex(data: &[u8]) -> String {
 }
 
 fn unhex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     (0..s.len())
@@ -339,7 +378,11 @@ async fn put_key(
     let now = capdb_types::unix_now_ms();
     let expiry = match q.ttl_ms {
         None => ExpiryUpdate::Clear,
-        Some(0) => return Err(ApiError(Error::InvalidInput("ttl_ms must be positive".into()))),
+        Some(0) => {
+            return Err(ApiError(Error::InvalidInput(
+                "ttl_ms must be positive".into(),
+            )));
+        }
         Some(ms) => ExpiryUpdate::At(now.saturating_add(ms)),
     };
     let ks = node.keyspace(&keyspace)?;
@@ -350,7 +393,11 @@ async fn put_key(
         expiry,
         return_old: false,
     };
-    let reply = ks.apply(vec![m], now).await?.pop().expect("one reply per mutation")?;
+    let reply = ks
+        .apply(vec![m], now)
+        .await?
+        .pop()
+        .expect("one reply per mutation")?;
     Ok(Json(json!({"written": reply == Reply::Ok})).into_response())
 }
 
@@ -394,12 +441,16 @@ async fn scan(
     ks.check_live()?;
     let limit = q.limit.unwrap_or(100);
     if !(1..=SCAN_COUNT_MAX).contains(&limit) {
-        return Err(ApiError(Error::InvalidInput(format!("limit must be 1 to {SCAN_COUNT_MAX}"))));
+        return Err(ApiError(Error::InvalidInput(format!(
+            "limit must be 1 to {SCAN_COUNT_MAX}"
+        ))));
     }
     let cursor = match &q.cursor {
-        Some(c) => Some(Bytes::from(
-            unhex(c).ok_or_else(|| Error::InvalidInput("invalid cursor".into()))?,
-        )),
+        Some(c) => {
+            Some(Bytes::from(unhex(c).ok_or_else(|| {
+                Error::InvalidInput("invalid cursor".into())
+            })?))
+        }
         None => None,
     };
     let now = capdb_types::unix_now_ms();
@@ -409,20 +460,28 @@ async fn scan(
     {
         // Inclusive start: the start key itself, then everything after it.
         if let Some(v) = ks.store.get(start.as_bytes(), now)?
-            && q.prefix.as_ref().is_none_or(|p| start.starts_with(p.as_str()))
+            && q.prefix
+                .as_ref()
+                .is_none_or(|p| start.starts_with(p.as_str()))
             && q.end.as_ref().is_none_or(|e| start.as_str() < e.as_str())
         {
             entries.push(entry_json(start.as_bytes(), &v, now));
         }
     }
     // Scans are "after a key" (exclusive); an inclusive `start` is its own first entry above.
-    let after = cursor.or_else(|| q.start.as_ref().map(|s| Bytes::from(s.clone().into_bytes())));
+    let after = cursor.or_else(|| {
+        q.start
+            .as_ref()
+            .map(|s| Bytes::from(s.clone().into_bytes()))
+    });
     let range = ScanRange {
         after,
         end: q.end.map(|e| Bytes::from(e.into_bytes())),
         prefix: q.prefix.map(|p| Bytes::from(p.into_bytes())),
     };
-    let page = ks.store.scan(&range, limit - entries.len().min(limit - 1), now)?;
+    let page = ks
+        .store
+        .scan(&range, limit - entries.len().min(limit - 1), now)?;
     entries.extend(page.entries.iter().map(|(k, v)| entry_json(k, v, now)));
     Ok(Json(json!({
         "keyspace": keyspace,

@@ -20,20 +20,79 @@ use crate::node::{Keyspace, Store};
 
 /// Every command name the server knows, lowercase (aliases resolve to their canonical name).
 pub const COMMAND_NAMES: &[&str] = &[
-    "append", "auth", "client", "command", "config", "dbsize", "decr", "decrby", "del", "echo",
-    "exists", "expire", "expireat", "flushall", "flushdb", "get", "getdel", "hello", "incr",
-    "incrby", "info", "mget", "mset", "persist", "pexpire", "pexpireat", "ping", "psetex", "pttl",
-    "quit", "scan", "select", "set", "setex", "setnx", "strlen", "time", "ttl", "type",
+    "append",
+    "auth",
+    "client",
+    "command",
+    "config",
+    "dbsize",
+    "decr",
+    "decrby",
+    "del",
+    "echo",
+    "exists",
+    "expire",
+    "expireat",
+    "flushall",
+    "flushdb",
+    "get",
+    "getdel",
+    "hello",
+    "incr",
+    "incrby",
+    "info",
+    "mget",
+    "mset",
+    "persist",
+    "pexpire",
+    "pexpireat",
+    "ping",
+    "psetex",
+    "pttl",
+    "quit",
+    "scan",
+    "select",
+    "set",
+    "setex",
+    "setnx",
+    "strlen",
+    "time",
+    "ttl",
+    "type",
 ];
 
 /// `(name, arity, flags, first key, last key, key step)`, as `COMMAND` reports them. A negative
 /// arity means "at least |arity| arguments", counting the command name.
-const COMMAND_TABLE: &[(&str, i64, &[&str], i64, i64, i64)] = &[
+/// `(name, arity, flags, first key, last key, key step)`.
+type CommandInfo = (&'static str, i64, &'static [&'static str], i64, i64, i64);
+
+const COMMAND_TABLE: &[CommandInfo] = &[
     ("append", 3, &["write", "denyoom", "fast"], 1, 1, 1),
-    ("auth", -2, &["noscript", "loading", "stale", "fast", "no_auth"], 0, 0, 0),
-    ("client", -2, &["admin", "noscript", "loading", "stale"], 0, 0, 0),
+    (
+        "auth",
+        -2,
+        &["noscript", "loading", "stale", "fast", "no_auth"],
+        0,
+        0,
+        0,
+    ),
+    (
+        "client",
+        -2,
+        &["admin", "noscript", "loading", "stale"],
+        0,
+        0,
+        0,
+    ),
     ("command", -1, &["loading", "stale"], 0, 0, 0),
-    ("config", -2, &["admin", "noscript", "loading", "stale"], 0, 0, 0),
+    (
+        "config",
+        -2,
+        &["admin", "noscript", "loading", "stale"],
+        0,
+        0,
+        0,
+    ),
     ("dbsize", 1, &["readonly", "fast"], 0, 0, 0),
     ("decr", 2, &["write", "denyoom", "fast"], 1, 1, 1),
     ("decrby", 3, &["write", "denyoom", "fast"], 1, 1, 1),
@@ -46,7 +105,14 @@ const COMMAND_TABLE: &[(&str, i64, &[&str], i64, i64, i64)] = &[
     ("flushdb", -1, &["write"], 0, 0, 0),
     ("get", 2, &["readonly", "fast"], 1, 1, 1),
     ("getdel", 2, &["write", "fast"], 1, 1, 1),
-    ("hello", -1, &["noscript", "loading", "stale", "fast", "no_auth"], 0, 0, 0),
+    (
+        "hello",
+        -1,
+        &["noscript", "loading", "stale", "fast", "no_auth"],
+        0,
+        0,
+        0,
+    ),
     ("incr", 2, &["write", "denyoom", "fast"], 1, 1, 1),
     ("incrby", 3, &["write", "denyoom", "fast"], 1, 1, 1),
     ("info", -1, &["loading", "stale"], 0, 0, 0),
@@ -157,7 +223,13 @@ impl Connection {
     }
 
     /// Queues a write command's mutations behind earlier queued writes to the same keyspace.
-    async fn queue(&mut self, name: &'static str, shape: Shape, mutations: Vec<Mutation>, started: Instant) {
+    async fn queue(
+        &mut self,
+        name: &'static str,
+        shape: Shape,
+        mutations: Vec<Mutation>,
+        started: Instant,
+    ) {
         if let Err(e) = self.keyspace.check_live() {
             self.flush_pending().await;
             return self.fail(name, started, &error_line(&e));
@@ -217,7 +289,9 @@ pub(super) fn reply_pending(
                 }
             }
             Shape::SumIntegers => {
-                let n = ok.map(|r| if let Reply::Integer(n) = r { n } else { 0 }).sum();
+                let n = ok
+                    .map(|r| if let Reply::Integer(n) = r { n } else { 0 })
+                    .sum();
                 conn.out.int(n);
             }
             Shape::AllOk => conn.out.ok(),
@@ -239,11 +313,21 @@ fn parse_int(arg: &[u8]) -> Result<i64, String> {
 }
 
 /// Converts a relative or absolute expiry argument to absolute Unix milliseconds.
-fn expiry_at(arg: &[u8], unit_ms: i64, absolute: bool, cmd: &str, now_ms: u64) -> Result<u64, String> {
+fn expiry_at(
+    arg: &[u8],
+    unit_ms: i64,
+    absolute: bool,
+    cmd: &str,
+    now_ms: u64,
+) -> Result<u64, String> {
     let invalid = || format!("ERR invalid expire time in '{cmd}' command");
     let n = parse_int(arg)?;
     let ms = n.checked_mul(unit_ms).ok_or_else(invalid)?;
-    let at = if absolute { Some(ms) } else { (now_ms as i64).checked_add(ms) };
+    let at = if absolute {
+        Some(ms)
+    } else {
+        (now_ms as i64).checked_add(ms)
+    };
     let at = at.ok_or_else(invalid)?;
     Ok(at.max(0) as u64)
 }
@@ -298,16 +382,29 @@ pub(super) async fn execute(conn: &mut Connection, name: &str, args: &[Bytes], s
         conn.flush_pending().await;
         let mut line = format!(
             "ERR unknown command '{}', with args beginning with: ",
-            String::from_utf8_lossy(&args[0]).chars().take(128).collect::<String>()
+            String::from_utf8_lossy(&args[0])
+                .chars()
+                .take(128)
+                .collect::<String>()
         );
         for a in args.iter().skip(1).take(8) {
-            line.push_str(&format!("'{}' ", String::from_utf8_lossy(a).chars().take(64).collect::<String>()));
+            line.push_str(&format!(
+                "'{}' ",
+                String::from_utf8_lossy(a)
+                    .chars()
+                    .take(64)
+                    .collect::<String>()
+            ));
         }
         return conn.fail("unknown", started, &line);
     };
     if !arity_ok {
         conn.flush_pending().await;
-        return conn.fail(sname, started, &format!("ERR wrong number of arguments for '{name}' command"));
+        return conn.fail(
+            sname,
+            started,
+            &format!("ERR wrong number of arguments for '{name}' command"),
+        );
     }
     if !conn.authenticated && !matches!(name, "auth" | "hello" | "quit") {
         conn.flush_pending().await;
@@ -352,7 +449,7 @@ pub(super) async fn execute(conn: &mut Connection, name: &str, args: &[Bytes], s
                 }],
             ))
         })),
-        "mset" => Some(if args.len() % 2 == 0 {
+        "mset" => Some(if args.len().is_multiple_of(2) {
             Err("ERR wrong number of arguments for 'mset' command".into())
         } else {
             args[1..]
@@ -378,19 +475,32 @@ pub(super) async fn execute(conn: &mut Connection, name: &str, args: &[Bytes], s
                 .map(|m| (Shape::SumIntegers, m)),
         ),
         "getdel" => Some(check_kv(&args[1], None, value_max).map(|_| {
-            (Shape::Plain, vec![Mutation::GetDel { key: args[1].clone() }])
+            (
+                Shape::Plain,
+                vec![Mutation::GetDel {
+                    key: args[1].clone(),
+                }],
+            )
         })),
-        "incr" | "decr" | "incrby" | "decrby" => Some(check_kv(&args[1], None, value_max).and_then(|_| {
-            let delta = match name {
-                "incr" => 1,
-                "decr" => -1,
-                "incrby" => parse_int(&args[2])?,
-                _ => parse_int(&args[2])?
-                    .checked_neg()
-                    .ok_or_else(|| "ERR decrement would overflow".to_string())?,
-            };
-            Ok((Shape::Plain, vec![Mutation::IncrBy { key: args[1].clone(), delta }]))
-        })),
+        "incr" | "decr" | "incrby" | "decrby" => {
+            Some(check_kv(&args[1], None, value_max).and_then(|_| {
+                let delta = match name {
+                    "incr" => 1,
+                    "decr" => -1,
+                    "incrby" => parse_int(&args[2])?,
+                    _ => parse_int(&args[2])?
+                        .checked_neg()
+                        .ok_or_else(|| "ERR decrement would overflow".to_string())?,
+                };
+                Ok((
+                    Shape::Plain,
+                    vec![Mutation::IncrBy {
+                        key: args[1].clone(),
+                        delta,
+                    }],
+                ))
+            }))
+        }
         "append" => Some(check_kv(&args[1], Some(&args[2]), value_max).map(|_| {
             (
                 Shape::Plain,
@@ -400,16 +510,32 @@ pub(super) async fn execute(conn: &mut Connection, name: &str, args: &[Bytes], s
                 }],
             )
         })),
-        "expire" | "pexpire" | "expireat" | "pexpireat" => Some(check_kv(&args[1], None, value_max).and_then(|_| {
-            if args.len() > 3 {
-                return Err(format!("ERR unsupported option for '{name}' (NX/XX/GT/LT are not supported yet)"));
-            }
-            let unit = if name.starts_with('p') { 1 } else { 1000 };
-            let at = expiry_at(&args[2], unit, name.ends_with("at"), name, now)?;
-            Ok((Shape::Plain, vec![Mutation::Expire { key: args[1].clone(), at_ms: Some(at) }]))
-        })),
+        "expire" | "pexpire" | "expireat" | "pexpireat" => {
+            Some(check_kv(&args[1], None, value_max).and_then(|_| {
+                if args.len() > 3 {
+                    return Err(format!(
+                        "ERR unsupported option for '{name}' (NX/XX/GT/LT are not supported yet)"
+                    ));
+                }
+                let unit = if name.starts_with('p') { 1 } else { 1000 };
+                let at = expiry_at(&args[2], unit, name.ends_with("at"), name, now)?;
+                Ok((
+                    Shape::Plain,
+                    vec![Mutation::Expire {
+                        key: args[1].clone(),
+                        at_ms: Some(at),
+                    }],
+                ))
+            }))
+        }
         "persist" => Some(check_kv(&args[1], None, value_max).map(|_| {
-            (Shape::Plain, vec![Mutation::Expire { key: args[1].clone(), at_ms: None }])
+            (
+                Shape::Plain,
+                vec![Mutation::Expire {
+                    key: args[1].clone(),
+                    at_ms: None,
+                }],
+            )
         })),
         _ => None,
     };
@@ -431,7 +557,12 @@ pub(super) async fn execute(conn: &mut Connection, name: &str, args: &[Bytes], s
     }
 }
 
-async fn run_now(conn: &mut Connection, name: &str, args: &[Bytes], now: u64) -> Result<(), String> {
+async fn run_now(
+    conn: &mut Connection,
+    name: &str,
+    args: &[Bytes],
+    now: u64,
+) -> Result<(), String> {
     let ks = conn.keyspace.clone();
     let read = |key: &[u8]| ks.get(key, now).map_err(|e| error_line(&e));
     match name {
@@ -508,7 +639,11 @@ async fn run_now(conn: &mut Connection, name: &str, args: &[Bytes], now: u64) ->
         }
         "select" => {
             let raw = String::from_utf8_lossy(&args[1]).into_owned();
-            let target = if raw == "0" { capdb_types::keyspace::DEFAULT_KEYSPACE } else { raw.as_str() };
+            let target = if raw == "0" {
+                capdb_types::keyspace::DEFAULT_KEYSPACE
+            } else {
+                raw.as_str()
+            };
             match conn.node.keyspace(target) {
                 Ok(ks) => {
                     conn.keyspace = ks;
@@ -568,7 +703,11 @@ fn authenticate(conn: &mut Connection, user: Option<&Bytes>, pass: &[u8]) -> Res
     let user_ok = user.is_none_or(|u| &u[..] == b"default");
     // Constant-time comparison: the time taken must not reveal how much of the password matched.
     let pass_ok = pass.len() == expected.len()
-        && pass.iter().zip(expected.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
+        && pass
+            .iter()
+            .zip(expected.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0;
     if user_ok && pass_ok {
         conn.authenticated = true;
         Ok(())
@@ -599,7 +738,12 @@ fn hello(conn: &mut Connection, args: &[Bytes]) -> Result<(), String> {
                 set_name(conn, &args[i + 1])?;
                 i += 2;
             }
-            _ => return Err(format!("ERR Syntax error in HELLO option '{}'", String::from_utf8_lossy(&args[i]))),
+            _ => {
+                return Err(format!(
+                    "ERR Syntax error in HELLO option '{}'",
+                    String::from_utf8_lossy(&args[i])
+                ));
+            }
         }
     }
     if !conn.authenticated {
@@ -628,7 +772,9 @@ fn hello(conn: &mut Connection, args: &[Bytes]) -> Result<(), String> {
 
 fn set_name(conn: &mut Connection, name: &Bytes) -> Result<(), String> {
     if name.iter().any(|&b| b <= b' ' || b > b'~') {
-        return Err("ERR Client names cannot contain spaces, newlines or special characters.".into());
+        return Err(
+            "ERR Client names cannot contain spaces, newlines or special characters.".into(),
+        );
     }
     if name.len() > 256 {
         return Err("ERR client name longer than 256 bytes".into());
@@ -654,7 +800,12 @@ fn client(conn: &mut Connection, args: &[Bytes]) -> Result<(), String> {
             match &attr[..] {
                 b"lib-name" => conn.lib_name = Some(args[3].clone()),
                 b"lib-ver" => {}
-                _ => return Err(format!("ERR Unrecognized option '{}'", String::from_utf8_lossy(&args[2]))),
+                _ => {
+                    return Err(format!(
+                        "ERR Unrecognized option '{}'",
+                        String::from_utf8_lossy(&args[2])
+                    ));
+                }
             }
             conn.out.ok();
         }
@@ -663,9 +814,15 @@ fn client(conn: &mut Connection, args: &[Bytes]) -> Result<(), String> {
                 "id={} addr={} name={} db={} lib-name={} resp={}\n",
                 conn.id,
                 conn.peer,
-                conn.name.as_ref().map(|n| String::from_utf8_lossy(n).into_owned()).unwrap_or_default(),
+                conn.name
+                    .as_ref()
+                    .map(|n| String::from_utf8_lossy(n).into_owned())
+                    .unwrap_or_default(),
                 conn.keyspace.spec.name,
-                conn.lib_name.as_ref().map(|n| String::from_utf8_lossy(n).into_owned()).unwrap_or_default(),
+                conn.lib_name
+                    .as_ref()
+                    .map(|n| String::from_utf8_lossy(n).into_owned())
+                    .unwrap_or_default(),
                 if conn.out.resp3 { 3 } else { 2 },
             );
             conn.out.verbatim(&line);
@@ -686,7 +843,7 @@ fn client(conn: &mut Connection, args: &[Bytes]) -> Result<(), String> {
     Ok(())
 }
 
-fn write_command_info(conn: &mut Connection, entry: &(&str, i64, &[&str], i64, i64, i64)) {
+fn write_command_info(conn: &mut Connection, entry: &CommandInfo) {
     let (name, arity, flags, first, last, step) = *entry;
     conn.out.array(6);
     conn.out.bulk(name.as_bytes());
@@ -757,7 +914,11 @@ fn config(conn: &mut Connection, args: &[Bytes]) -> Result<(), String> {
             ];
             let found: Vec<_> = known
                 .into_iter()
-                .filter(|(k, _)| args[2..].iter().any(|p| glob::matches(&p.to_ascii_lowercase(), k.as_bytes())))
+                .filter(|(k, _)| {
+                    args[2..]
+                        .iter()
+                        .any(|p| glob::matches(&p.to_ascii_lowercase(), k.as_bytes()))
+                })
                 .collect();
             conn.out.map(found.len());
             for (k, v) in found {
@@ -783,7 +944,12 @@ fn config(conn: &mut Connection, args: &[Bytes]) -> Result<(), String> {
 /// Cursors are numbers (as clients expect) naming a server-side position: the last key
 /// returned, in key order. A key present for the whole iteration is returned exactly once, even
 /// while other keys are written, and any connection may continue a cursor.
-fn scan(conn: &mut Connection, ks: &std::sync::Arc<Keyspace>, args: &[Bytes], now: u64) -> Result<(), String> {
+fn scan(
+    conn: &mut Connection,
+    ks: &std::sync::Arc<Keyspace>,
+    args: &[Bytes],
+    now: u64,
+) -> Result<(), String> {
     let cursor = std::str::from_utf8(&args[1])
         .ok()
         .and_then(|s| s.parse::<u64>().ok())
@@ -794,7 +960,9 @@ fn scan(conn: &mut Connection, ks: &std::sync::Arc<Keyspace>, args: &[Bytes], no
     let mut i = 2;
     while i < args.len() {
         let opt = args[i].to_ascii_uppercase();
-        let Some(v) = args.get(i + 1) else { return Err(syntax()) };
+        let Some(v) = args.get(i + 1) else {
+            return Err(syntax());
+        };
         match &opt[..] {
             b"MATCH" => pattern = Some(v.clone()),
             b"COUNT" => {
@@ -821,9 +989,16 @@ fn scan(conn: &mut Connection, ks: &std::sync::Arc<Keyspace>, args: &[Bytes], no
         .as_ref()
         .map(|p| Bytes::copy_from_slice(glob::literal_prefix(p)))
         .filter(|p| !p.is_empty());
-    let range = capdb_storage::ScanRange { after, end: None, prefix };
+    let range = capdb_storage::ScanRange {
+        after,
+        end: None,
+        prefix,
+    };
     ks.check_live().map_err(|e| error_line(&e))?;
-    let page = ks.store.scan(&range, count, now).map_err(|e| error_line(&e))?;
+    let page = ks
+        .store
+        .scan(&range, count, now)
+        .map_err(|e| error_line(&e))?;
     let keys: Vec<&Bytes> = page
         .entries
         .iter()
@@ -912,15 +1087,22 @@ fn info(conn: &Connection, sections: &[Bytes]) -> String {
         let (mut expired, mut evicted) = (0, 0);
         for k in &keyspaces {
             if let Store::Memory(m) = &k.store {
-                expired += m.stats().expired_keys.load(std::sync::atomic::Ordering::Relaxed);
-                evicted += m.stats().evicted_keys.load(std::sync::atomic::Ordering::Relaxed);
+                expired += m
+                    .stats()
+                    .expired_keys
+                    .load(std::sync::atomic::Ordering::Relaxed);
+                evicted += m
+                    .stats()
+                    .evicted_keys
+                    .load(std::sync::atomic::Ordering::Relaxed);
             }
         }
         let _ = write!(
             out,
             "# Stats\r\ntotal_connections_received:{}\r\ntotal_commands_processed:{}\r\nrejected_connections:{}\r\nexpired_keys:{expired}\r\nevicted_keys:{evicted}\r\n\r\n",
             node.metrics.connections_total.get(),
-            node.commands_processed.load(std::sync::atomic::Ordering::Relaxed),
+            node.commands_processed
+                .load(std::sync::atomic::Ordering::Relaxed),
             node.metrics.connections_rejected.get(),
         );
     }

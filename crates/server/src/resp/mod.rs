@@ -69,7 +69,9 @@ pub async fn serve(
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             node.metrics.connections_rejected.inc();
             tokio::spawn(async move {
-                let _ = stream.write_all(b"-ERR max number of clients reached\r\n").await;
+                let _ = stream
+                    .write_all(b"-ERR max number of clients reached\r\n")
+                    .await;
             });
             continue;
         };
@@ -116,7 +118,11 @@ impl Drop for Connection {
 }
 
 impl Connection {
-    fn new(node: Arc<Node>, shutdown: watch::Receiver<bool>, peer: std::net::SocketAddr) -> Connection {
+    fn new(
+        node: Arc<Node>,
+        shutdown: watch::Receiver<bool>,
+        peer: std::net::SocketAddr,
+    ) -> Connection {
         Connection {
             id: node.next_client_id(),
             keyspace: node.default_keyspace(),
@@ -147,8 +153,11 @@ impl Connection {
                         if parsed.args.is_empty() {
                             continue;
                         }
-                        let args: Vec<Bytes> =
-                            parsed.args.iter().map(|&(s, e)| frame.slice(s..e)).collect();
+                        let args: Vec<Bytes> = parsed
+                            .args
+                            .iter()
+                            .map(|&(s, e)| frame.slice(s..e))
+                            .collect();
                         self.execute(args).await;
                         executed += 1;
                         if self.out.out.len() >= OUTPUT_FLUSH_BYTES {

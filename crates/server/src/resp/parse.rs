@@ -124,14 +124,22 @@ fn parse_multibulk(buf: &[u8], frame_bytes_max: usize) -> Result<Parsed, ParseEr
 }
 
 fn parse_inline(buf: &[u8]) -> Result<Parsed, ParseError> {
-    let Some(nl) = buf.iter().take(INLINE_BYTES_MAX + 1).position(|&b| b == b'\n') else {
+    let Some(nl) = buf
+        .iter()
+        .take(INLINE_BYTES_MAX + 1)
+        .position(|&b| b == b'\n')
+    else {
         return if buf.len() > INLINE_BYTES_MAX {
             Err(protocol("too big inline request"))
         } else {
             Err(ParseError::Incomplete)
         };
     };
-    let line_end = if nl > 0 && buf[nl - 1] == b'\r' { nl - 1 } else { nl };
+    let line_end = if nl > 0 && buf[nl - 1] == b'\r' {
+        nl - 1
+    } else {
+        nl
+    };
     let mut args = Vec::new();
     let mut i = 0;
     while i < line_end {
@@ -188,7 +196,11 @@ mod tests {
     fn truncated_frames_are_incomplete() {
         let full = b"*2\r\n$3\r\nSET\r\n$5\r\nhello\r\n";
         for cut in 0..full.len() {
-            assert_eq!(parse_command(&full[..cut], MAX), Err(ParseError::Incomplete), "cut {cut}");
+            assert_eq!(
+                parse_command(&full[..cut], MAX),
+                Err(ParseError::Incomplete),
+                "cut {cut}"
+            );
         }
     }
 
@@ -201,7 +213,10 @@ mod tests {
             b"*1\r\n$3\r\nabcXY",
             b"*99999999999\r\n",
         ] {
-            assert!(matches!(parse_command(bad, MAX), Err(ParseError::Protocol(_))), "{bad:?}");
+            assert!(
+                matches!(parse_command(bad, MAX), Err(ParseError::Protocol(_))),
+                "{bad:?}"
+            );
         }
     }
 

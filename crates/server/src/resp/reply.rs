@@ -43,7 +43,8 @@ impl ReplyWriter {
     pub fn error(&mut self, msg: &str) {
         self.out.put_u8(b'-');
         for b in msg.bytes() {
-            self.out.put_u8(if b == b'\r' || b == b'\n' { b' ' } else { b });
+            self.out
+                .put_u8(if b == b'\r' || b == b'\n' { b' ' } else { b });
         }
         self.out.extend_from_slice(b"\r\n");
     }
@@ -162,7 +163,10 @@ mod tests {
         w.resp3 = true;
         w.null();
         w.map(1);
-        assert_eq!(&w.out[..], b":-9223372036854775808\r\n:0\r\n$-1\r\n_\r\n%1\r\n");
+        assert_eq!(
+            &w.out[..],
+            b":-9223372036854775808\r\n:0\r\n$-1\r\n_\r\n%1\r\n"
+        );
     }
 
     #[test]
