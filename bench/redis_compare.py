@@ -1,0 +1,182 @@
+#!/usr/bin/env python3
+"""capdb vs Redis on loopback, measured in one run with redis-benchmark.
+
+Starts a real redis-server and a real capdb (release build) side by side, runs
+`redis-benchmark -t set,get -c 50` at pipeline depth 1 and 16 against both, and prints a table
+of throughput, p50 latency and capdb/Redis ratios for three pairings:
+
+  cache     capdb `cache` keyspace (in memory)    vs Redis without persistence
+  always    capdb `cp` keyspace (fsync per group) vs Redis appendonly + appendfsync always
+  everysec  capdb `cp` keyspace (fsync per group) vs Redis appendonly + appendfsync everysec
+            (Redis may lose 1 s of acknowledged writes here; capdb never does)
+
+Runs alternate between the two servers and each figure is the median of --reps runs, because
+this machine is shared and noisy. Usage:
+
+  python3 bench/redis_compare.py [--reps 3] [--requests 200000] [--markdown]
+
+Needs redis-server and redis-benchmark (Debian: redis-server, redis-tools). Everything it starts
+is stopped on exit, also on Ctrl-C.
+"""
+
+import argparse
+import csv
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, proc, what, timeout=30):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            sys.exit(f"{what} exited during start (code {proc.returncode})")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    sys.exit(f"{what} did not listen on {port} within {timeout}s")
+
+
+class Servers:
+    def __init__(self, work):
+        self.work = work
+        self.procs = []
+
+    def start_redis(self, mode):
+        port = free_port()
+        d = os.path.join(self.work, f"redis-{mode}")
+        os.makedirs(d, exist_ok=True)
+        args = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", d,
+                "--save", "", "--daemonize", "no", "--logfile", os.path.join(d, "log")]
+        if mode == "none":
+            args += ["--appendonly", "no"]
+        else:
+            args += ["--appendonly", "yes", "--appendfsync", mode]
+        p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.procs.append(p)
+        wait_port(port, p, "redis-server")
+        return p, port
+
+    def start_capdb(self, binary):
+        resp, http = free_port(), free_port()
+        d = os.path.join(self.work, "capdb")
+        log = open(os.path.join(self.work, "capdb.log"), "w")
+        p = subprocess.Popen([binary, "server", "--data-dir", d, "--resp-addr", f"127.0.0.1:{resp}",
+                              "--http-addr", f"127.0.0.1:{http}"], stdout=log, stderr=log)
+        self.procs.append(p)
+        wait_port(resp, p, "capdb")
+        body = json.dumps({"name": "1", "mode": "cache", "max_memory_bytes": 2 << 30}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{http}/v1/keyspaces", data=body, method="POST")
+        urllib.request.urlopen(req, timeout=10).read()
+        return p, resp
+
+    def stop(self, p):
+        if p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+    def stop_all(self):
+        for p in self.procs:
+            self.stop(p)
+
+
+def bench(port, test, pipeline, requests, dbnum):
+    """One redis-benchmark run; returns (rps, p50 ms, p99 ms)."""
+    out = subprocess.run(
+        ["redis-benchmark", "-h", "127.0.0.1", "-p", str(port), "-t", test, "-c", "50",
+         "-n", str(requests), "-P", str(pipeline), "-r", "100000", "--dbnum", str(dbnum), "--csv"],
+        capture_output=True, text=True, timeout=600)
+    if out.returncode != 0:
+        sys.exit(f"redis-benchmark failed on port {port}: {out.stderr}")
+    rows = list(csv.reader(io.StringIO(out.stdout)))
+    header, data = rows[0], rows[1]
+    col = {name: i for i, name in enumerate(header)}
+    return float(data[col["rps"]]), float(data[col["p50_latency_ms"]]), float(data[col["p99_latency_ms"]])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--reps", type=int, default=3, help="runs per figure (median reported)")
+    ap.add_argument("--requests", type=int, default=200_000, help="requests per run at -P 1 (x4 at -P 16)")
+    ap.add_argument("--durable-requests", type=int, default=50_000,
+                    help="requests per run against fsync-always configurations at -P 1")
+    ap.add_argument("--binary", default=os.path.join(ROOT, "target", "release", "capdb"))
+    ap.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    args = ap.parse_args()
+    for tool in ("redis-server", "redis-benchmark"):
+        if not shutil.which(tool):
+            sys.exit(f"{tool} not found (Debian: apt-get install redis-server redis-tools)")
+    if not os.path.exists(args.binary):
+        print("building capdb (release)...", file=sys.stderr)
+        subprocess.run(["cargo", "build", "--release", "-p", "capdb-cli"], cwd=ROOT, check=True)
+
+    work = tempfile.mkdtemp(prefix="capdb-bench-")
+    servers = Servers(work)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
+    rows = []
+    try:
+        capdb, capdb_port = servers.start_capdb(args.binary)
+        for pairing, redis_mode, capdb_db in (("cache", "none", 1), ("always", "always", 0), ("everysec", "everysec", 0)):
+            redis, redis_port = servers.start_redis(redis_mode)
+            for pipeline in (1, 16):
+                for test in ("set", "get"):
+                    n = args.requests * (4 if pipeline == 16 else 1)
+                    if pairing != "cache" and pipeline == 1 and test == "set":
+                        n = args.durable_requests
+                    r_runs, c_runs = [], []
+                    for _ in range(args.reps):
+                        r_runs.append(bench(redis_port, test, pipeline, n, 0))
+                        c_runs.append(bench(capdb_port, test, pipeline, n, capdb_db))
+                    med = lambda runs, i: statistics.median(r[i] for r in runs)
+                    rows.append((pairing, test.upper(), pipeline, med(r_runs, 0), med(c_runs, 0),
+                                 med(r_runs, 1), med(c_runs, 1), med(r_runs, 2), med(c_runs, 2)))
+                    print(f"  {pairing:<8} {test.upper():<3} -P {pipeline:<2}  redis {rows[-1][3]:>10,.0f}/s"
+                          f"  capdb {rows[-1][4]:>10,.0f}/s", file=sys.stderr)
+            servers.stop(redis)
+    finally:
+        servers.stop_all()
+        shutil.rmtree(work, ignore_errors=True)
+
+    head = ["pairing", "op", "-P", "Redis ops/s", "capdb ops/s", "capdb/Redis", "Redis p50 ms", "capdb p50 ms",
+            "Redis p99 ms", "capdb p99 ms"]
+    lines = [[p, op, str(pl), f"{r:,.0f}", f"{c:,.0f}", f"{c / r:.2f}", f"{rp50:.3f}", f"{cp50:.3f}",
+              f"{rp99:.3f}", f"{cp99:.3f}"]
+             for (p, op, pl, r, c, rp50, cp50, rp99, cp99) in rows]
+    print(f"\ncapdb vs Redis, redis-benchmark -c 50 -r 100000, median of {args.reps} runs, "
+          f"{os.cpu_count()} cores shared by client and server")
+    if args.markdown:
+        print("| " + " | ".join(head) + " |")
+        print("|" + "---|" * len(head))
+        for l in lines:
+            print("| " + " | ".join(l) + " |")
+    else:
+        widths = [max(len(x) for x in col) for col in zip(head, *lines)]
+        for l in [head] + lines:
+            print("  ".join(x.rjust(w) for x, w in zip(l, widths)))
+
+
+if __name__ == "__main__":
+    main()
