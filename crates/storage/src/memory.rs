@@ -57,21 +57,26 @@ const LFU_LOG_FACTOR: u32 = 10;
 /// Minutes of idleness that take one from the LFU counter (Redis `lfu-decay-time`).
 const LFU_DECAY_MINUTES: u32 = 1;
 
-type Hasher = foldhash::fast::FixedState;
+/// Hasher of the per-shard maps (randomly seeded per map).
+type Hasher = foldhash::fast::RandomState;
 
 struct Entry {
     value: Value,
-    /// Milliseconds since the store started, at last access (LRU) — wraps after ~49 days,
-    /// compared with wrapping arithmetic.
+    /// Unix milliseconds of the last access, truncated to 32 bits (LRU) — wraps every ~49 days,
+    /// always compared with wrapping arithmetic.
     accessed_ms: u32,
     /// Logarithmic access frequency (LFU).
     frequency: u8,
 }
 
+/// Keys up to 32 bytes are stored inline in the map's entry, saving one cache miss per lookup
+/// (lookups are memory-latency bound: hash slot, entry, key bytes, value bytes).
+type Key = smallvec::SmallVec<[u8; 32]>;
+
 #[derive(Default)]
 struct Shard {
-    map: IndexMap<Bytes, Entry, Hasher>,
-    expiring: IndexSet<Bytes, Hasher>,
+    map: IndexMap<Key, Entry, Hasher>,
+    expiring: IndexSet<Key, Hasher>,
 }
 
 /// Counters exposed as metrics.
@@ -83,11 +88,13 @@ pub struct MemStats {
 
 pub struct MemStore {
     shards: Box<[Mutex<Shard>]>,
-    hasher: Hasher,
+    /// Picks a key's shard. Seeded independently of the maps' hashers: if both used the same
+    /// hash, every key of a shard would share the bits that pick the shard, and the map would
+    /// crowd them into a fraction of its buckets.
+    shard_hasher: foldhash::fast::FixedState,
     used_bytes: AtomicU64,
     max_bytes: u64,
     policy: EvictionPolicy,
-    started: Instant,
     hlc: std::sync::Arc<Hlc>,
     value_bytes_max: usize,
     stats: MemStats,
@@ -107,11 +114,10 @@ impl MemStore {
         assert!(max_bytes > 0, "a cache needs a memory limit");
         MemStore {
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
-            hasher: Hasher::default(),
+            shard_hasher: foldhash::fast::FixedState::with_seed(0x5eed_cafe_f00d_d00d),
             used_bytes: AtomicU64::new(0),
             max_bytes,
             policy,
-            started: Instant::now(),
             hlc,
             value_bytes_max,
             stats: MemStats::default(),
@@ -135,7 +141,7 @@ impl MemStore {
     }
 
     fn shard_of(&self, key: &[u8]) -> usize {
-        (self.hasher.hash_one(key) as usize) & (SHARDS - 1)
+        (self.shard_hasher.hash_one(key) as usize) & (SHARDS - 1)
     }
 
     fn lock(&self, i: usize) -> MutexGuard<'_, Shard> {
@@ -144,39 +150,31 @@ impl MemStore {
         self.shards[i].lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn clock_ms(&self) -> u32 {
-        self.started.elapsed().as_millis() as u32
-    }
-
-    /// Removes `key` from a locked shard, keeping the byte count right.
-    fn remove_locked(&self, shard: &mut Shard, key: &[u8]) -> Option<Entry> {
-        let (k, entry) = shard.map.swap_remove_entry(key)?;
+    /// Removes the entry at `index` of a locked shard, keeping the byte count right.
+    fn remove_at(&self, shard: &mut Shard, index: usize) {
+        let Some((k, entry)) = shard.map.swap_remove_index(index) else {
+            return;
+        };
         if entry.value.header.expire_at_ms.is_some() {
-            shard.expiring.swap_remove(key);
+            shard.expiring.swap_remove(&k[..]);
         }
         self.used_bytes
             .fetch_sub(entry_bytes(&k, &entry.value), Ordering::Relaxed);
-        Some(entry)
     }
 
-    /// Looks up a live entry, removing it first if it has expired (lazy expiry).
-    fn live_locked<'s>(
-        &self,
-        shard: &'s mut Shard,
-        key: &[u8],
-        now_ms: u64,
-    ) -> Option<&'s mut Entry> {
-        let expired = shard.map.get(key)?.value.is_expired(now_ms);
-        if expired {
-            self.remove_locked(shard, key);
+    /// The index of `key`'s live entry, removing it first if it has expired (lazy expiry).
+    fn live_index(&self, shard: &mut Shard, key: &[u8], now_ms: u64) -> Option<usize> {
+        let index = shard.map.get_index_of(key)?;
+        if shard.map[index].value.is_expired(now_ms) {
+            self.remove_at(shard, index);
             self.stats.expired_keys.fetch_add(1, Ordering::Relaxed);
             return None;
         }
-        shard.map.get_mut(key)
+        Some(index)
     }
 
-    fn touch(&self, entry: &mut Entry) {
-        let now = self.clock_ms();
+    fn touch(&self, entry: &mut Entry, now_ms: u64) {
+        let now = now_ms as u32;
         if self.policy == EvictionPolicy::Lfu {
             entry.frequency = lfu_decay(entry.frequency, entry.accessed_ms, now);
             entry.frequency = lfu_increment(entry.frequency);
@@ -184,34 +182,42 @@ impl MemStore {
         entry.accessed_ms = now;
     }
 
-    fn put_locked(&self, shard: &mut Shard, key: &Bytes, value: Value) {
+    /// Stores `value` under `key`, whose live entry (if any) is at `index`.
+    fn put_locked(
+        &self,
+        shard: &mut Shard,
+        index: Option<usize>,
+        key: &[u8],
+        value: Value,
+        now_ms: u64,
+    ) {
         // Copy into exactly-sized allocations: the caller's buffers may be slices of a large
         // network read buffer that must not be kept alive (and unaccounted) by the cache.
         let data = Bytes::copy_from_slice(&value.data);
         let value = Value { data, ..value };
         let added = entry_bytes(key, &value);
-        let now = self.clock_ms();
+        let now = now_ms as u32;
         let expires = value.header.expire_at_ms.is_some();
-        match shard.map.get_mut(&key[..]) {
-            Some(entry) => {
+        match index.and_then(|i| shard.map.get_index_mut(i)) {
+            Some((_, entry)) => {
                 let old = entry_bytes(key, &entry.value);
                 let had_expiry = entry.value.header.expire_at_ms.is_some();
                 entry.value = value;
-                self.touch(entry);
+                self.touch(entry, now_ms);
                 self.used_bytes.fetch_add(added, Ordering::Relaxed);
                 self.used_bytes.fetch_sub(old, Ordering::Relaxed);
                 match (had_expiry, expires) {
                     (false, true) => {
-                        shard.expiring.insert(key.clone());
+                        shard.expiring.insert(Key::from_slice(key));
                     }
                     (true, false) => {
-                        shard.expiring.swap_remove(&key[..]);
+                        shard.expiring.swap_remove(key);
                     }
                     _ => {}
                 }
             }
             None => {
-                let key = Bytes::copy_from_slice(key);
+                let key = Key::from_slice(key);
                 if expires {
                     shard.expiring.insert(key.clone());
                 }
@@ -229,7 +235,7 @@ impl MemStore {
     }
 
     /// Evicts sampled entries until the store is within its limit (bounded per call).
-    fn evict_to_limit(&self) {
+    fn evict_to_limit(&self, now_ms: u64) {
         let mut rng = fastrand::Rng::new();
         let mut evicted = 0;
         while self.used_bytes.load(Ordering::Relaxed) > self.max_bytes
@@ -244,7 +250,7 @@ impl MemStore {
                 if len == 0 {
                     return false;
                 }
-                let now = self.clock_ms();
+                let now = now_ms as u32;
                 let victim = (0..EVICTION_SAMPLE.min(len))
                     .map(|_| rng.usize(..len))
                     .min_by_key(|&idx| {
@@ -260,12 +266,7 @@ impl MemStore {
                         }
                     })
                     .expect("sampled at least one index");
-                let key = shard
-                    .map
-                    .get_index(victim)
-                    .map(|(k, _)| k.clone())
-                    .expect("index in range");
-                self.remove_locked(&mut shard, &key);
+                self.remove_at(&mut shard, victim);
                 true
             });
             if !victim_found {
@@ -296,12 +297,11 @@ impl MemStore {
                         break;
                     }
                     let key = shard.expiring[rng.usize(..len)].clone();
-                    let is_expired = shard
-                        .map
-                        .get(&key[..])
-                        .is_some_and(|e| e.value.is_expired(now_ms));
-                    if is_expired {
-                        self.remove_locked(&mut shard, &key);
+                    let index = shard.map.get_index_of(&key[..]);
+                    if let Some(i) = index
+                        && shard.map[i].value.is_expired(now_ms)
+                    {
+                        self.remove_at(&mut shard, i);
                         expired += 1;
                     }
                 }
@@ -345,8 +345,9 @@ fn lfu_decay(counter: u8, accessed_ms: u32, now_ms: u32) -> u8 {
 impl KeyspaceStore for MemStore {
     fn get(&self, key: &[u8], now_ms: u64) -> Result<Option<Value>> {
         let mut shard = self.lock(self.shard_of(key));
-        let found = self.live_locked(&mut shard, key, now_ms).map(|e| {
-            self.touch(e);
+        let found = self.live_index(&mut shard, key, now_ms).map(|i| {
+            let e = &mut shard.map[i];
+            self.touch(e, now_ms);
             e.value.clone()
         });
         Ok(found)
@@ -380,22 +381,18 @@ impl KeyspaceStore for MemStore {
             let slot = order.binary_search(&sid).expect("shard was locked");
             let shard = &mut *guards[slot].1;
             let key = m.key();
-            let current = self
-                .live_locked(shard, key, now_ms)
-                .map(|e| e.value.clone());
-            match m.apply(
-                current.as_ref(),
-                now_ms,
-                self.hlc.now(),
-                self.value_bytes_max,
-            ) {
+            let index = self.live_index(shard, key, now_ms);
+            let current = index.map(|i| &shard.map[i].value);
+            match m.apply(current, now_ms, self.hlc.tick(now_ms), self.value_bytes_max) {
                 Err(e) => replies.push(Err(e)),
                 Ok((effect, reply)) => {
                     match effect {
                         Effect::Unchanged => {}
-                        Effect::Put(v) => self.put_locked(shard, key, v),
+                        Effect::Put(v) => self.put_locked(shard, index, key, v, now_ms),
                         Effect::Remove(_) => {
-                            self.remove_locked(shard, key);
+                            if let Some(i) = index {
+                                self.remove_at(shard, i);
+                            }
                         }
                     }
                     replies.push(Ok(reply));
@@ -404,7 +401,7 @@ impl KeyspaceStore for MemStore {
         }
         drop(guards);
         if self.used_bytes.load(Ordering::Relaxed) > self.max_bytes {
-            self.evict_to_limit();
+            self.evict_to_limit(now_ms);
         }
         Ok(replies)
     }
@@ -422,10 +419,10 @@ impl KeyspaceStore for MemStore {
                     continue;
                 }
                 if heap.len() < cap {
-                    heap.push(k.clone());
-                } else if heap.peek().is_some_and(|top| k < top) {
+                    heap.push(Bytes::copy_from_slice(k));
+                } else if heap.peek().is_some_and(|top| k[..] < top[..]) {
                     heap.pop();
-                    heap.push(k.clone());
+                    heap.push(Bytes::copy_from_slice(k));
                 }
             }
         }

@@ -138,6 +138,17 @@ const COMMAND_TABLE: &[CommandInfo] = &[
 
 const _: () = assert!(COMMAND_NAMES.len() == COMMAND_TABLE.len());
 
+#[test]
+fn command_table_is_sorted_and_matches_the_names() {
+    assert!(COMMAND_TABLE.windows(2).all(|w| w[0].0 < w[1].0));
+    assert!(
+        COMMAND_TABLE
+            .iter()
+            .zip(COMMAND_NAMES)
+            .all(|(c, n)| c.0 == *n)
+    );
+}
+
 /// Resolves aliases to the canonical command name (`unlink` is `del`).
 pub fn canonical_name(name: &str) -> &str {
     match name {
@@ -146,17 +157,21 @@ pub fn canonical_name(name: &str) -> &str {
     }
 }
 
-fn arity_ok(name: &str, argc: usize) -> Option<bool> {
+/// The table entry of a command (the table is sorted by name).
+fn lookup(name: &str) -> Option<&'static CommandInfo> {
     COMMAND_TABLE
-        .iter()
-        .find(|c| c.0 == name)
-        .map(|&(_, arity, ..)| {
-            if arity >= 0 {
-                argc == arity as usize
-            } else {
-                argc >= arity.unsigned_abs() as usize
-            }
-        })
+        .binary_search_by_key(&name, |c| c.0)
+        .ok()
+        .map(|i| &COMMAND_TABLE[i])
+}
+
+fn arity_ok(info: &CommandInfo, argc: usize) -> bool {
+    let arity = info.1;
+    if arity >= 0 {
+        argc == arity as usize
+    } else {
+        argc >= arity.unsigned_abs() as usize
+    }
 }
 
 /// How the replies of a queued command's mutations become its RESP reply.
@@ -191,18 +206,10 @@ pub fn error_line(e: &Error) -> String {
     }
 }
 
-fn static_name(name: &str) -> &'static str {
-    COMMAND_NAMES
-        .iter()
-        .find(|&&n| n == name)
-        .copied()
-        .unwrap_or("unknown")
-}
-
 impl Connection {
     fn done(&self, name: &'static str, started: Instant, failed: bool) {
         let m = self.node.metrics.command(name);
-        m.duration.observe(started.elapsed().as_secs_f64());
+        m.duration.observe(started.elapsed());
         if failed {
             m.errors.inc();
         }
@@ -377,8 +384,7 @@ fn parse_set(args: &[Bytes], now_ms: u64) -> Result<Mutation, String> {
 }
 
 pub(super) async fn execute(conn: &mut Connection, name: &str, args: &[Bytes], started: Instant) {
-    let sname = static_name(name);
-    let Some(arity_ok) = arity_ok(name, args.len()) else {
+    let Some(info) = lookup(name) else {
         conn.flush_pending().await;
         let mut line = format!(
             "ERR unknown command '{}', with args beginning with: ",
@@ -398,7 +404,8 @@ pub(super) async fn execute(conn: &mut Connection, name: &str, args: &[Bytes], s
         }
         return conn.fail("unknown", started, &line);
     };
-    if !arity_ok {
+    let sname = info.0;
+    if !arity_ok(info, args.len()) {
         conn.flush_pending().await;
         return conn.fail(
             sname,
