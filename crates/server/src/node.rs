@@ -43,6 +43,18 @@ impl Store {
         }
     }
 
+    pub fn read_with<R>(
+        &self,
+        key: &[u8],
+        now_ms: u64,
+        f: impl FnOnce(Option<&Value>) -> R,
+    ) -> Result<R> {
+        match self {
+            Store::Disk(t) => t.read_with(key, now_ms, f),
+            Store::Memory(m) => m.read_with(key, now_ms, f),
+        }
+    }
+
     pub async fn apply(&self, mutations: Vec<Mutation>, now_ms: u64) -> Result<BatchReplies> {
         match self {
             Store::Disk(t) => t.apply(mutations, now_ms).await,
@@ -95,6 +107,17 @@ impl Keyspace {
     pub fn get(&self, key: &[u8], now_ms: u64) -> Result<Option<Value>> {
         self.check_live()?;
         self.store.get(key, now_ms)
+    }
+
+    /// Calls `f` with the live value of `key` without copying it where the store allows.
+    pub fn read_with<R>(
+        &self,
+        key: &[u8],
+        now_ms: u64,
+        f: impl FnOnce(Option<&Value>) -> R,
+    ) -> Result<R> {
+        self.check_live()?;
+        self.store.read_with(key, now_ms, f)
     }
 
     pub async fn apply(&self, mutations: Vec<Mutation>, now_ms: u64) -> Result<BatchReplies> {

@@ -64,6 +64,17 @@ pub trait KeyspaceStore: Send + Sync {
     /// The live value of `key` at `now_ms`.
     fn get(&self, key: &[u8], now_ms: u64) -> Result<Option<Value>>;
 
+    /// Calls `f` with the live value of `key` at `now_ms`; stores that can lend the value
+    /// without copying it (the cache) override this.
+    fn read_with<R>(
+        &self,
+        key: &[u8],
+        now_ms: u64,
+        f: impl FnOnce(Option<&Value>) -> R,
+    ) -> Result<R> {
+        Ok(f(self.get(key, now_ms)?.as_ref()))
+    }
+
     /// Applies mutations at `now_ms`, atomically and in order.
     fn apply(
         &self,

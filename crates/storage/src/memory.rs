@@ -343,6 +343,24 @@ fn lfu_decay(counter: u8, accessed_ms: u32, now_ms: u32) -> u8 {
 }
 
 impl KeyspaceStore for MemStore {
+    fn read_with<R>(
+        &self,
+        key: &[u8],
+        now_ms: u64,
+        f: impl FnOnce(Option<&Value>) -> R,
+    ) -> Result<R> {
+        let mut shard = self.lock(self.shard_of(key));
+        let index = self.live_index(&mut shard, key, now_ms);
+        Ok(match index {
+            Some(i) => {
+                let e = &mut shard.map[i];
+                self.touch(e, now_ms);
+                f(Some(&e.value))
+            }
+            None => f(None),
+        })
+    }
+
     fn get(&self, key: &[u8], now_ms: u64) -> Result<Option<Value>> {
         let mut shard = self.lock(self.shard_of(key));
         let found = self.live_index(&mut shard, key, now_ms).map(|i| {

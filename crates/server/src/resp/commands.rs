@@ -207,12 +207,9 @@ pub fn error_line(e: &Error) -> String {
 }
 
 impl Connection {
-    fn done(&self, name: &'static str, started: Instant, failed: bool) {
-        let m = self.node.metrics.command(name);
-        m.duration.observe(started.elapsed());
-        if failed {
-            m.errors.inc();
-        }
+    /// Records a finished command; its latency is observed when its reply is written.
+    fn done(&mut self, name: &'static str, _started: Instant, failed: bool) {
+        self.finished.push((name, failed));
     }
 
     fn fail(&mut self, name: &'static str, started: Instant, line: &str) {
@@ -417,7 +414,7 @@ pub(super) async fn execute(conn: &mut Connection, name: &str, args: &[Bytes], s
         conn.flush_pending().await;
         return conn.fail(sname, started, "NOAUTH Authentication required.");
     }
-    let now = capdb_types::unix_now_ms();
+    let now = conn.now_ms;
     let value_max = conn.node.config.limits.value_bytes_max;
 
     // Writes: queued for one group commit per pipeline.
@@ -582,10 +579,14 @@ async fn run_now(
             conn.out.ok();
             conn.quit = true;
         }
-        "get" => match read(&args[1])? {
-            Some(v) => conn.out.bulk(&v.data),
-            None => conn.out.null(),
-        },
+        "get" => {
+            let out = &mut conn.out;
+            ks.read_with(&args[1], now, |v| match v {
+                Some(v) => out.bulk(&v.data),
+                None => out.null(),
+            })
+            .map_err(|e| error_line(&e))?;
+        }
         "strlen" => {
             let n = read(&args[1])?.map_or(0, |v| v.data.len());
             conn.out.int(n as i64);

@@ -109,6 +109,12 @@ pub(crate) struct Connection {
     out: ReplyWriter,
     pending: Option<PendingWrites>,
     quit: bool,
+    /// When the current batch of commands was read, and the wall clock then (Unix ms). One
+    /// clock reading per read serves every command of a pipeline.
+    batch_started: Instant,
+    now_ms: u64,
+    /// Commands answered since the last socket write: (name, failed).
+    finished: Vec<(&'static str, bool)>,
 }
 
 impl Drop for Connection {
@@ -135,7 +141,26 @@ impl Connection {
             out: ReplyWriter::new(),
             pending: None,
             quit: false,
+            batch_started: Instant::now(),
+            now_ms: capdb_types::unix_now_ms(),
+            finished: Vec::new(),
         }
+    }
+
+    /// Writes buffered replies, then records the latency of every command they answer: from
+    /// the read that delivered the command to its reply being handed to the socket.
+    async fn write_out(&mut self, stream: &mut TcpStream) -> std::io::Result<()> {
+        stream.write_all(&self.out.out).await?;
+        self.out.out.clear();
+        let took = self.batch_started.elapsed();
+        for (name, failed) in self.finished.drain(..) {
+            let m = self.node.metrics.command(name);
+            m.duration.observe(took);
+            if failed {
+                m.errors.inc();
+            }
+        }
+        Ok(())
     }
 
     async fn run(mut self, mut stream: TcpStream) -> std::io::Result<()> {
@@ -162,8 +187,7 @@ impl Connection {
                         executed += 1;
                         if self.out.out.len() >= OUTPUT_FLUSH_BYTES {
                             self.flush_pending().await;
-                            stream.write_all(&self.out.out).await?;
-                            self.out.out.clear();
+                            self.write_out(&mut stream).await?;
                         }
                     }
                     Err(ParseError::Incomplete) => break,
@@ -180,8 +204,7 @@ impl Connection {
                 self.out.error(&format!("ERR {msg}"));
             }
             if !self.out.out.is_empty() {
-                stream.write_all(&self.out.out).await?;
-                self.out.out.clear();
+                self.write_out(&mut stream).await?;
                 // Keep a huge reply from pinning its buffer for the life of the connection.
                 if self.out.out.capacity() > 4 * OUTPUT_FLUSH_BYTES {
                     self.out.out = BytesMut::with_capacity(16 * 1024);
@@ -208,6 +231,8 @@ impl Connection {
             if n == 0 {
                 return Ok(()); // the client closed (possibly mid-frame: nothing to answer)
             }
+            self.batch_started = Instant::now();
+            self.now_ms = capdb_types::unix_now_ms();
         }
     }
 
@@ -216,7 +241,7 @@ impl Connection {
         self.node
             .commands_processed
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let started = Instant::now();
+        let started = self.batch_started;
         let mut lower = [0u8; 24];
         let name = args[0].as_ref();
         let name: &str = if name.len() <= lower.len() {
@@ -235,7 +260,7 @@ impl Connection {
         let Some(p) = self.pending.take() else {
             return;
         };
-        let now = capdb_types::unix_now_ms();
+        let now = self.now_ms;
         let result = p.keyspace.apply(p.mutations, now).await;
         commands::reply_pending(self, p.commands, result);
     }
