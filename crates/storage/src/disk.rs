@@ -31,7 +31,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use bytes::Bytes;
-use capdb_types::{Effect, Error, Hlc, Mutation, Reply, Result, Value};
+use capdb_types::{Effect, Error, Hlc, Mutation, Reply, Result, Timestamp, Value};
 use redb::{
     Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
     TableError,
@@ -53,6 +53,10 @@ pub const SCAN_EXAMINE_MAX: usize = 100_000;
 const META_TABLE: TableDefinition<&str, &[u8]> = TableDefinition::new("_meta");
 
 fn table_def(name: &str) -> TableDefinition<'_, &'static [u8], &'static [u8]> {
+    TableDefinition::new(name)
+}
+
+fn log_def(name: &str) -> TableDefinition<'_, u64, &'static [u8]> {
     TableDefinition::new(name)
 }
 
@@ -107,6 +111,42 @@ enum Op {
     },
     /// Completes once every job queued before it is durable.
     Barrier,
+    /// Applies the mutations of committed Raft entries to a shard table, with the leader's
+    /// timestamps, and records the applied state in `_meta` in the same transaction. Not durable
+    /// by itself: the Raft log is, and replaying it restores anything lost (see `durable`).
+    ApplyReplicated {
+        table: String,
+        mutations: Vec<(Mutation, Timestamp, u64)>,
+        meta: Vec<(String, Vec<u8>)>,
+    },
+    /// Appends records to a log table (u64 index -> bytes).
+    LogAppend {
+        table: String,
+        records: Vec<(u64, Vec<u8>)>,
+    },
+    /// Deletes log records with index in `from..=to` (`to: None` = to the end).
+    LogRemove {
+        table: String,
+        from: u64,
+        to: Option<u64>,
+    },
+    /// Puts (`Some`) or deletes (`None`) `_meta` entries.
+    MetaPut {
+        items: Vec<(String, Option<Vec<u8>>)>,
+        durable: bool,
+    },
+    /// Replaces a table's whole content (snapshot install) and sets `_meta` entries.
+    ReplaceTable {
+        table: String,
+        entries: Vec<(Vec<u8>, Vec<u8>)>,
+        meta: Vec<(String, Vec<u8>)>,
+    },
+    /// Deletes tables (data and log) and `_meta` entries of a group this node no longer holds.
+    DropGroup {
+        tables: Vec<String>,
+        log_tables: Vec<String>,
+        meta_keys: Vec<String>,
+    },
 }
 
 impl Op {
@@ -124,13 +164,40 @@ impl Op {
                 })
                 .sum(),
             Op::RemoveExpired { keys, .. } => keys.iter().map(|k| k.len()).sum(),
+            Op::LogAppend { records, .. } => records.iter().map(|(_, r)| r.len() + 8).sum(),
+            Op::ReplaceTable { entries, .. } => {
+                entries.iter().map(|(k, v)| k.len() + v.len()).sum()
+            }
+            Op::ApplyReplicated { mutations, .. } => mutations
+                .iter()
+                .map(|(m, _, _)| {
+                    m.key().len()
+                        + match m {
+                            Mutation::Set { value, .. } => value.len(),
+                            Mutation::Append { data, .. } => data.len(),
+                            _ => 0,
+                        }
+                })
+                .sum(),
             _ => 0,
+        }
+    }
+
+    /// Whether the job's acknowledgement must wait for an fsync. A batch made only of
+    /// non-durable jobs commits without one; any durable job makes the whole batch (and every
+    /// earlier non-durable commit) durable.
+    fn durable(&self) -> bool {
+        match self {
+            Op::ApplyReplicated { .. } => false,
+            Op::MetaPut { durable, .. } => *durable,
+            _ => true,
         }
     }
 }
 
 enum Output {
     Replies(BatchReplies),
+    /// Replies of `ApplyReplicated`, one per mutation.
     Count(u64),
     Done,
     /// The job failed alone (e.g. its table was dropped); the rest of the batch committed.
@@ -290,6 +357,181 @@ impl DiskEngine {
         self.submit(Op::DropTable {
             table: table.to_string(),
             meta_key: meta_key.to_string(),
+        })
+        .await
+        .map(|_| ())
+    }
+
+    // ---- Support for Raft groups (log storage and replicated state machines) ----
+
+    /// Queues a log append and returns once it is queued (ordered after every earlier write);
+    /// `done` runs after the append is durable (or failed).
+    pub async fn log_append(
+        &self,
+        table: &str,
+        records: Vec<(u64, Vec<u8>)>,
+        done: impl FnOnce(Result<()>) + Send + 'static,
+    ) -> Result<()> {
+        let (tx, rx) = oneshot::channel();
+        self.jobs
+            .send(Job {
+                op: Op::LogAppend {
+                    table: table.to_string(),
+                    records,
+                },
+                done: tx,
+            })
+            .await
+            .map_err(|_| Error::ShuttingDown)?;
+        tokio::spawn(async move {
+            let result = match rx.await {
+                Ok(Ok(Output::Failed(e))) | Ok(Err(e)) => Err(e),
+                Ok(Ok(_)) => Ok(()),
+                Err(_) => Err(Error::Io("storage writer stopped".into())),
+            };
+            done(result);
+        });
+        Ok(())
+    }
+
+    /// Deletes log records `from..=to` (`None`: to the end) and waits until that is durable.
+    pub async fn log_remove(&self, table: &str, from: u64, to: Option<u64>) -> Result<()> {
+        self.submit(Op::LogRemove {
+            table: table.to_string(),
+            from,
+            to,
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Log records with index in `from..to`, in order.
+    pub fn log_read(&self, table: &str, from: u64, to: u64) -> Result<Vec<(u64, Vec<u8>)>> {
+        let txn = self.db.begin_read().map_err(io_err)?;
+        let t = match txn.open_table(log_def(table)) {
+            Ok(t) => t,
+            Err(TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(io_err(e)),
+        };
+        let mut out = Vec::new();
+        for entry in t.range(from..to).map_err(io_err)? {
+            let (k, v) = entry.map_err(io_err)?;
+            out.push((k.value(), v.value().to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// The last record of a log table.
+    pub fn log_last(&self, table: &str) -> Result<Option<(u64, Vec<u8>)>> {
+        let txn = self.db.begin_read().map_err(io_err)?;
+        let t = match txn.open_table(log_def(table)) {
+            Ok(t) => t,
+            Err(TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(io_err(e)),
+        };
+        let last = t.last().map_err(io_err)?;
+        Ok(last.map(|(k, v)| (k.value(), v.value().to_vec())))
+    }
+
+    /// Puts or deletes `_meta` entries; waits for durability when `durable`.
+    pub async fn meta_put(
+        &self,
+        items: Vec<(String, Option<Vec<u8>>)>,
+        durable: bool,
+    ) -> Result<()> {
+        self.submit(Op::MetaPut { items, durable })
+            .await
+            .map(|_| ())
+    }
+
+    /// One `_meta` entry.
+    pub fn meta_get(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        let txn = self.db.begin_read().map_err(io_err)?;
+        let table = txn.open_table(META_TABLE).map_err(io_err)?;
+        Ok(table.get(key).map_err(io_err)?.map(|v| v.value().to_vec()))
+    }
+
+    /// Applies replicated mutations `(mutation, leader timestamp, leader now_ms)` to `table`
+    /// and records `meta` (the applied state) atomically with them.
+    pub async fn apply_replicated(
+        &self,
+        table: &str,
+        mutations: Vec<(Mutation, Timestamp, u64)>,
+        meta: Vec<(String, Vec<u8>)>,
+    ) -> Result<BatchReplies> {
+        match self
+            .submit(Op::ApplyReplicated {
+                table: table.to_string(),
+                mutations,
+                meta,
+            })
+            .await?
+        {
+            Output::Replies(r) => Ok(r),
+            _ => unreachable!("ApplyReplicated yields replies"),
+        }
+    }
+
+    /// Replaces a table's content and sets `meta`, durably (snapshot install).
+    pub async fn replace_table(
+        &self,
+        table: &str,
+        entries: Vec<(Vec<u8>, Vec<u8>)>,
+        meta: Vec<(String, Vec<u8>)>,
+    ) -> Result<()> {
+        self.submit(Op::ReplaceTable {
+            table: table.to_string(),
+            entries,
+            meta,
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Every `(key, encoded value)` of a table plus the given `_meta` entries, from one
+    /// consistent snapshot (snapshot build).
+    pub fn dump_table(
+        &self,
+        table: &str,
+        meta_keys: &[String],
+    ) -> Result<(Vec<(Vec<u8>, Vec<u8>)>, Vec<Option<Vec<u8>>>)> {
+        let txn = self.db.begin_read().map_err(io_err)?;
+        let meta_table = txn.open_table(META_TABLE).map_err(io_err)?;
+        let meta = meta_keys
+            .iter()
+            .map(|k| {
+                meta_table
+                    .get(k.as_str())
+                    .map(|v| v.map(|v| v.value().to_vec()))
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(io_err)?;
+        let entries = match txn.open_table(table_def(table)) {
+            Ok(t) => {
+                let mut out = Vec::new();
+                for e in t.iter().map_err(io_err)? {
+                    let (k, v) = e.map_err(io_err)?;
+                    out.push((k.value().to_vec(), v.value().to_vec()));
+                }
+                out
+            }
+            Err(TableError::TableDoesNotExist(_)) => Vec::new(),
+            Err(e) => return Err(io_err(e)),
+        };
+        Ok((entries, meta))
+    }
+
+    /// Deletes a group's tables and `_meta` entries.
+    pub async fn drop_group(
+        &self,
+        tables: Vec<String>,
+        log_tables: Vec<String>,
+        meta_keys: Vec<String>,
+    ) -> Result<()> {
+        self.submit(Op::DropGroup {
+            tables,
+            log_tables,
+            meta_keys,
         })
         .await
         .map(|_| ())
@@ -569,8 +811,14 @@ fn commit_batch(
     live_tables: &mut std::collections::HashSet<String>,
 ) -> Result<Vec<Output>> {
     let mut txn = db.begin_write().map_err(io_err)?;
-    // One fsync per batch: this is the durability point every acknowledgement waits for.
-    txn.set_durability(Durability::Immediate).map_err(io_err)?;
+    // One fsync per batch: this is the durability point every acknowledgement waits for. A
+    // batch of only replicated applies skips it (their Raft log entries are durable already).
+    let durability = if batch.iter().any(|j| j.op.durable()) {
+        Durability::Immediate
+    } else {
+        Durability::None
+    };
+    txn.set_durability(durability).map_err(io_err)?;
     let mut outputs = Vec::with_capacity(batch.len());
     for job in batch {
         outputs.push(execute(
@@ -610,6 +858,101 @@ fn execute(
             Ok(missing(table))
         }
         Op::Barrier => Ok(Output::Done),
+        Op::ApplyReplicated {
+            table,
+            mutations,
+            meta,
+        } => {
+            let mut t = txn.open_table(table_def(table)).map_err(io_err)?;
+            let mut replies = Vec::with_capacity(mutations.len());
+            for (m, ts, now_ms) in mutations {
+                hlc.observe(*ts);
+                replies.push(apply_one(
+                    &mut t,
+                    m,
+                    false,
+                    *now_ms,
+                    Some(*ts),
+                    hlc,
+                    value_bytes_max,
+                    stats,
+                )?);
+            }
+            drop(t);
+            let mut mt = txn.open_table(META_TABLE).map_err(io_err)?;
+            for (k, v) in meta {
+                mt.insert(k.as_str(), &v[..]).map_err(io_err)?;
+            }
+            Ok(Output::Replies(replies))
+        }
+        Op::LogAppend { table, records } => {
+            let mut t = txn.open_table(log_def(table)).map_err(io_err)?;
+            for (index, record) in records {
+                t.insert(*index, &record[..]).map_err(io_err)?;
+            }
+            Ok(Output::Done)
+        }
+        Op::LogRemove { table, from, to } => {
+            let mut t = txn.open_table(log_def(table)).map_err(io_err)?;
+            match to {
+                Some(to) if to < from => {}
+                Some(to) => {
+                    t.retain_in(*from..=*to, |_, _| false).map_err(io_err)?;
+                }
+                None => {
+                    t.retain_in(*from.., |_, _| false).map_err(io_err)?;
+                }
+            }
+            Ok(Output::Done)
+        }
+        Op::MetaPut { items, .. } => {
+            let mut mt = txn.open_table(META_TABLE).map_err(io_err)?;
+            for (k, v) in items {
+                match v {
+                    Some(v) => {
+                        mt.insert(k.as_str(), &v[..]).map_err(io_err)?;
+                    }
+                    None => {
+                        mt.remove(k.as_str()).map_err(io_err)?;
+                    }
+                }
+            }
+            Ok(Output::Done)
+        }
+        Op::ReplaceTable {
+            table,
+            entries,
+            meta,
+        } => {
+            txn.delete_table(table_def(table)).map_err(io_err)?;
+            let mut t = txn.open_table(table_def(table)).map_err(io_err)?;
+            for (k, v) in entries {
+                t.insert(&k[..], &v[..]).map_err(io_err)?;
+            }
+            drop(t);
+            let mut mt = txn.open_table(META_TABLE).map_err(io_err)?;
+            for (k, v) in meta {
+                mt.insert(k.as_str(), &v[..]).map_err(io_err)?;
+            }
+            Ok(Output::Done)
+        }
+        Op::DropGroup {
+            tables,
+            log_tables,
+            meta_keys,
+        } => {
+            for t in tables {
+                txn.delete_table(table_def(t)).map_err(io_err)?;
+            }
+            for t in log_tables {
+                txn.delete_table(log_def(t)).map_err(io_err)?;
+            }
+            let mut mt = txn.open_table(META_TABLE).map_err(io_err)?;
+            for k in meta_keys {
+                mt.remove(k.as_str()).map_err(io_err)?;
+            }
+            Ok(Output::Done)
+        }
         Op::Apply {
             table,
             tombstones,
@@ -624,6 +967,7 @@ fn execute(
                     m,
                     *tombstones,
                     *now_ms,
+                    None,
                     hlc,
                     value_bytes_max,
                     stats,
@@ -684,10 +1028,12 @@ fn apply_one(
     m: &Mutation,
     tombstones: bool,
     now_ms: u64,
+    timestamp: Option<Timestamp>,
     hlc: &Hlc,
     value_bytes_max: usize,
     stats: &EngineStats,
 ) -> Result<Result<Reply>> {
+    let stamp = || timestamp.unwrap_or_else(|| hlc.now());
     let key = &m.key()[..];
     let stored = t
         .get(key)
@@ -711,14 +1057,14 @@ fn apply_one(
                     ..
                 } => None,
                 Mutation::Delete { .. } => {
-                    remove(t, key, tombstones, hlc.now())?;
+                    remove(t, key, tombstones, stamp())?;
                     return Ok(Ok(Reply::Integer(1)));
                 }
                 _ => return Ok(Err(corrupt)),
             }
         }
     };
-    let (effect, reply) = match m.apply(current.as_ref(), now_ms, hlc.now(), value_bytes_max) {
+    let (effect, reply) = match m.apply(current.as_ref(), now_ms, stamp(), value_bytes_max) {
         Ok(done) => done,
         Err(e) => return Ok(Err(e)),
     };

@@ -18,7 +18,7 @@ use thiserror::Error;
 /// The result type used throughout capdb.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[derive(Debug, Clone, PartialEq, Eq, Error, serde::Serialize, serde::Deserialize)]
 pub enum Error {
     /// The request is malformed or not allowed; retrying it unchanged fails again.
     #[error("{0}")]
@@ -32,7 +32,7 @@ pub enum Error {
     /// A key, value, frame or body exceeds a documented limit.
     #[error("{what} is {size} bytes, over the limit of {limit} bytes")]
     TooLarge {
-        what: &'static str,
+        what: std::borrow::Cow<'static, str>,
         size: usize,
         limit: usize,
     },

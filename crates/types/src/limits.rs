@@ -40,7 +40,7 @@ pub fn check_key(key: &[u8]) -> crate::Result<()> {
     }
     if key.len() > KEY_BYTES_MAX {
         return Err(crate::Error::TooLarge {
-            what: "key",
+            what: "key".into(),
             size: key.len(),
             limit: KEY_BYTES_MAX,
         });
@@ -52,7 +52,7 @@ pub fn check_key(key: &[u8]) -> crate::Result<()> {
 pub fn check_value(value: &[u8], value_bytes_max: usize) -> crate::Result<()> {
     if value.len() > value_bytes_max {
         return Err(crate::Error::TooLarge {
-            what: "value",
+            what: "value".into(),
             size: value.len(),
             limit: value_bytes_max,
         });

@@ -9,11 +9,12 @@
 //! the same mutation to the same state gives the same result, which a replicated log needs.
 
 use bytes::{Bytes, BytesMut};
+use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result, Timestamp, Value};
 
 /// When a SET takes effect.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Condition {
     Always,
     /// `NX`: only when the key does not exist.
@@ -23,7 +24,7 @@ pub enum Condition {
 }
 
 /// What a SET does to the key's time to live.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ExpiryUpdate {
     /// No TTL option: the key lives forever (Redis clears any previous TTL).
     Clear,
@@ -33,7 +34,7 @@ pub enum ExpiryUpdate {
     At(u64),
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Mutation {
     Set {
         key: Bytes,
@@ -57,7 +58,7 @@ pub enum Mutation {
 }
 
 /// The answer to one mutation, independent of any wire protocol.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Reply {
     Ok,
     Nil,
@@ -173,7 +174,7 @@ impl Mutation {
                 let len = old.len() + data.len();
                 if len > value_bytes_max {
                     return Err(Error::TooLarge {
-                        what: "value after APPEND",
+                        what: "value after APPEND".into(),
                         size: len,
                         limit: value_bytes_max,
                     });

@@ -30,7 +30,7 @@ const FLAG_EXPIRES: u8 = 0b10;
 pub const HEADER_LEN: usize = 22;
 
 /// Metadata stored in front of every value.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct Header {
     /// When the write was issued, by the issuing node's hybrid logical clock.
     pub timestamp: Timestamp,
@@ -41,7 +41,7 @@ pub struct Header {
 }
 
 /// A value with its header, as engines store it and mutations see it.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct Value {
     pub header: Header,
     pub data: Bytes,

@@ -1,0 +1,19 @@
+//! The cluster map and the decisions made from it.
+//!
+//! # Layout
+//!
+//! - [`slots`]: Redis Cluster hash slots (CRC16, hash tags) and how a keyspace's shards split them.
+//! - [`state`]: [`state::ClusterState`], the meta Raft group's state machine: nodes, labels,
+//!   keyspaces, shards and their replicas, changed only by [`state::MetaCommand`]s.
+//! - [`placement`]: where replicas go (distinct nodes, spread over zones, least loaded), and the
+//!   one-step-at-a-time repair/rebalancing plan the meta leader follows.
+//!
+//! Pure logic, no I/O: the Raft groups that replicate this state live in `capdb-replication`.
+
+pub mod placement;
+pub mod slots;
+pub mod state;
+
+pub use state::{
+    ClusterState, GroupId, META_GROUP, MetaCommand, MetaResponse, NodeId, NodeInfo, ShardInfo,
+};

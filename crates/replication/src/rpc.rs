@@ -1,0 +1,501 @@
+//! Node-to-node RPC: request/response over one multiplexed TCP connection per peer.
+//!
+//! # Wire format
+//!
+//! Every frame is `[u32 length][u64 request id][u64 sender node id][payload]` (little-endian),
+//! where the payload is the request or response encoded with `postcard`. Responses carry the id
+//! of their request, so many requests share one connection and complete out of order.
+//!
+//! Why not gRPC: openraft's types are serde already, a frame codec is ~300 lines, and tonic +
+//! prost would add ~40 crates and a code generator to every build (see ARCHITECTURE.md).
+//!
+//! # Bounds and failure
+//!
+//! - Frames larger than [`FRAME_BYTES_MAX`] are refused by both sides (the connection closes).
+//! - Each client peer queues at most [`PEER_QUEUE_MAX`] requests; a full queue fails the call
+//!   at once (`Overloaded`) rather than growing memory.
+//! - The server runs at most [`INFLIGHT_PER_CONNECTION_MAX`] requests per connection at once;
+//!   further frames wait (TCP backpressure).
+//! - Every call has a deadline. A broken connection fails every request in flight on it with
+//!   `Unreachable` and is re-established by the next call (with backoff).
+//! - A [`PeerFilter`] lets an operator cut this node off from chosen peers (both directions)
+//!   without root: the playground's partitions use it.
+
+use std::collections::{HashMap, HashSet};
+use std::marker::PhantomData;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+
+/// Largest frame either side accepts (snapshots travel in one frame).
+pub const FRAME_BYTES_MAX: usize = 256 * 1024 * 1024;
+/// Requests waiting to be sent to one peer.
+pub const PEER_QUEUE_MAX: usize = 4_096;
+/// Requests one server connection runs concurrently.
+pub const INFLIGHT_PER_CONNECTION_MAX: usize = 1_024;
+/// Time to establish a connection.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+
+const HEADER_LEN: usize = 16;
+
+/// Identifies a node in the cluster.
+pub type NodeId = u64;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RpcError {
+    /// The peer could not be reached or the connection broke; the request may or may not have
+    /// been executed.
+    #[error("peer {0} unreachable: {1}")]
+    Unreachable(String, String),
+    /// No answer before the deadline; the request may or may not have been executed.
+    #[error("peer {0} did not answer within {1} ms")]
+    Timeout(String, u64),
+    /// Too many requests queued for this peer.
+    #[error("too many requests queued for peer {0}")]
+    Overloaded(String),
+    /// The message could not be encoded or decoded (a bug or a version mismatch).
+    #[error("message codec error: {0}")]
+    Codec(String),
+    /// Traffic to this peer is blocked by the operator (simulated partition).
+    #[error("traffic to peer {0} is blocked")]
+    Blocked(String),
+}
+
+/// Peers this node refuses to talk to, in both directions.
+#[derive(Debug, Default, Clone)]
+pub struct PeerFilter(Arc<RwLock<HashSet<NodeId>>>);
+
+impl PeerFilter {
+    pub fn is_blocked(&self, node: NodeId) -> bool {
+        self.0
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&node)
+    }
+
+    pub fn set(&self, blocked: HashSet<NodeId>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = blocked;
+    }
+
+    pub fn blocked(&self) -> HashSet<NodeId> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+fn encode<T: Serialize>(id: u64, from: NodeId, msg: &T) -> Result<Vec<u8>, RpcError> {
+    let mut buf = postcard::to_extend(msg, vec![0u8; 4 + HEADER_LEN])
+        .map_err(|e| RpcError::Codec(e.to_string()))?;
+    let len = buf.len() - 4;
+    if len > FRAME_BYTES_MAX {
+        return Err(RpcError::Codec(format!(
+            "frame of {len} bytes exceeds {FRAME_BYTES_MAX}"
+        )));
+    }
+    buf[0..4].copy_from_slice(&(len as u32).to_le_bytes());
+    buf[4..12].copy_from_slice(&id.to_le_bytes());
+    buf[12..20].copy_from_slice(&from.to_le_bytes());
+    Ok(buf)
+}
+
+/// Reads one frame: (id, sender, payload). `Ok(None)` on a clean end of stream.
+async fn read_frame<R: AsyncReadExt + Unpin>(
+    r: &mut R,
+) -> std::io::Result<Option<(u64, NodeId, Vec<u8>)>> {
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let len = u32::from_le_bytes(len) as usize;
+    if !(HEADER_LEN..=FRAME_BYTES_MAX).contains(&len) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("peer frame of {len} bytes outside 16..={FRAME_BYTES_MAX}"),
+        ));
+    }
+    let mut header = [0u8; HEADER_LEN];
+    r.read_exact(&mut header).await?;
+    let id = u64::from_le_bytes(header[0..8].try_into().expect("8 bytes"));
+    let from = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
+    let mut payload = vec![0u8; len - HEADER_LEN];
+    r.read_exact(&mut payload).await?;
+    Ok(Some((id, from, payload)))
+}
+
+struct Outgoing<Req, Resp> {
+    request: Req,
+    reply: oneshot::Sender<Result<Resp, RpcError>>,
+}
+
+type Pending<Resp> = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Resp, RpcError>>>>>;
+
+/// The client side of the connection to one peer. Cheap to clone.
+pub struct Peer<Req, Resp> {
+    addr: String,
+    node: NodeId,
+    queue: mpsc::Sender<Outgoing<Req, Resp>>,
+    filter: PeerFilter,
+}
+
+impl<Req, Resp> Clone for Peer<Req, Resp> {
+    fn clone(&self) -> Self {
+        Peer {
+            addr: self.addr.clone(),
+            node: self.node,
+            queue: self.queue.clone(),
+            filter: self.filter.clone(),
+        }
+    }
+}
+
+impl<Req, Resp> Peer<Req, Resp>
+where
+    Req: Serialize + Send + 'static,
+    Resp: DeserializeOwned + Send + 'static,
+{
+    /// A peer at `addr` (node id `node`), talking as `me`. The connection is opened lazily and
+    /// re-opened after failures; the background task ends when every handle is dropped.
+    pub fn new(me: NodeId, node: NodeId, addr: String, filter: PeerFilter) -> Self {
+        let (tx, rx) = mpsc::channel(PEER_QUEUE_MAX);
+        tokio::spawn(peer_task::<Req, Resp>(me, addr.clone(), rx));
+        Peer {
+            addr,
+            node,
+            queue: tx,
+            filter,
+        }
+    }
+
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// Sends `request` and waits for the answer, at most `deadline`.
+    pub async fn call(&self, request: Req, deadline: Duration) -> Result<Resp, RpcError> {
+        if self.filter.is_blocked(self.node) {
+            return Err(RpcError::Blocked(self.addr.clone()));
+        }
+        let (reply, wait) = oneshot::channel();
+        self.queue
+            .try_send(Outgoing { request, reply })
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => RpcError::Overloaded(self.addr.clone()),
+                mpsc::error::TrySendError::Closed(_) => {
+                    RpcError::Unreachable(self.addr.clone(), "peer task stopped".into())
+                }
+            })?;
+        match tokio::time::timeout(deadline, wait).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(RpcError::Unreachable(
+                self.addr.clone(),
+                "connection dropped".into(),
+            )),
+            Err(_) => Err(RpcError::Timeout(
+                self.addr.clone(),
+                deadline.as_millis() as u64,
+            )),
+        }
+    }
+}
+
+async fn peer_task<Req, Resp>(me: NodeId, addr: String, mut rx: mpsc::Receiver<Outgoing<Req, Resp>>)
+where
+    Req: Serialize + Send + 'static,
+    Resp: DeserializeOwned + Send + 'static,
+{
+    let mut backoff = Duration::from_millis(20);
+    let mut next_id: u64 = 1;
+    // Wait for the first request before connecting.
+    let mut first = match rx.recv().await {
+        Some(o) => Some(o),
+        None => return,
+    };
+    loop {
+        let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&addr)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                fail_queued(&mut first, &mut rx, &addr, &e.to_string());
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_millis(500));
+                match rx.recv().await {
+                    Some(o) => first = Some(o),
+                    None => return,
+                }
+                continue;
+            }
+            Err(_) => {
+                fail_queued(&mut first, &mut rx, &addr, "connect timed out");
+                match rx.recv().await {
+                    Some(o) => first = Some(o),
+                    None => return,
+                }
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(20);
+        let _ = stream.set_nodelay(true);
+        let (read_half, write_half) = stream.into_split();
+        let pending: Pending<Resp> = Arc::default();
+        let (dead_tx, mut dead_rx) = watch::channel(false);
+        let reader_pending = pending.clone();
+        let reader_addr = addr.clone();
+        let reader = tokio::spawn(async move {
+            let mut r = BufReader::new(read_half);
+            let why = loop {
+                match read_frame(&mut r).await {
+                    Ok(Some((id, _from, payload))) => {
+                        let result = postcard::from_bytes::<Resp>(&payload)
+                            .map_err(|e| RpcError::Codec(e.to_string()));
+                        if let Some(tx) = reader_pending
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .remove(&id)
+                        {
+                            let _ = tx.send(result);
+                        }
+                    }
+                    Ok(None) => break "closed by peer".to_string(),
+                    Err(e) => break e.to_string(),
+                }
+            };
+            let _ = dead_tx.send(true);
+            for (_, tx) in reader_pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .drain()
+            {
+                let _ = tx.send(Err(RpcError::Unreachable(reader_addr.clone(), why.clone())));
+            }
+        });
+        let mut w = BufWriter::new(write_half);
+        let broken = loop {
+            let out = match first.take() {
+                Some(o) => o,
+                None => {
+                    tokio::select! {
+                        biased;
+                        _ = dead_rx.changed() => break true,
+                        o = rx.recv() => match o {
+                            Some(o) => o,
+                            None => break false,
+                        },
+                    }
+                }
+            };
+            let id = next_id;
+            next_id += 1;
+            let frame = match encode(id, me, &out.request) {
+                Ok(f) => f,
+                Err(e) => {
+                    let _ = out.reply.send(Err(e));
+                    continue;
+                }
+            };
+            pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(id, out.reply);
+            let written = async {
+                w.write_all(&frame).await?;
+                // Flush when nothing else is waiting, so bursts share syscalls.
+                if rx.is_empty() {
+                    w.flush().await?;
+                }
+                std::io::Result::Ok(())
+            }
+            .await;
+            if written.is_err() {
+                break true;
+            }
+        };
+        reader.abort();
+        for (_, tx) in pending.lock().unwrap_or_else(|p| p.into_inner()).drain() {
+            let _ = tx.send(Err(RpcError::Unreachable(
+                addr.clone(),
+                "connection broke".into(),
+            )));
+        }
+        if !broken {
+            return; // every handle dropped
+        }
+        match rx.recv().await {
+            Some(o) => first = Some(o),
+            None => return,
+        }
+    }
+}
+
+fn fail_queued<Req, Resp>(
+    first: &mut Option<Outgoing<Req, Resp>>,
+    rx: &mut mpsc::Receiver<Outgoing<Req, Resp>>,
+    addr: &str,
+    why: &str,
+) {
+    let err = || RpcError::Unreachable(addr.to_string(), why.to_string());
+    if let Some(o) = first.take() {
+        let _ = o.reply.send(Err(err()));
+    }
+    while let Ok(o) = rx.try_recv() {
+        let _ = o.reply.send(Err(err()));
+    }
+}
+
+/// Handles requests arriving from peers.
+pub trait Handler<Req, Resp>: Send + Sync + 'static {
+    fn handle(&self, from: NodeId, request: Req) -> impl Future<Output = Resp> + Send;
+}
+
+/// Serves peer requests on `listener` until `shutdown` flips.
+pub async fn serve<Req, Resp, H>(
+    listener: TcpListener,
+    handler: Arc<H>,
+    filter: PeerFilter,
+    mut shutdown: watch::Receiver<bool>,
+) where
+    Req: DeserializeOwned + Send + 'static,
+    Resp: Serialize + Send + 'static,
+    H: Handler<Req, Resp>,
+{
+    loop {
+        let (stream, _) = tokio::select! {
+            biased;
+            _ = shutdown.changed() => return,
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "peer accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        tokio::spawn(serve_connection::<Req, Resp, H>(
+            stream,
+            handler.clone(),
+            filter.clone(),
+            shutdown.clone(),
+        ));
+    }
+}
+
+async fn serve_connection<Req, Resp, H>(
+    stream: TcpStream,
+    handler: Arc<H>,
+    filter: PeerFilter,
+    mut shutdown: watch::Receiver<bool>,
+) where
+    Req: DeserializeOwned + Send + 'static,
+    Resp: Serialize + Send + 'static,
+    H: Handler<Req, Resp>,
+{
+    let (read_half, write_half) = stream.into_split();
+    let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(INFLIGHT_PER_CONNECTION_MAX);
+    let writer = tokio::spawn(async move {
+        let mut w = BufWriter::new(write_half);
+        while let Some(frame) = out_rx.recv().await {
+            if w.write_all(&frame).await.is_err() {
+                return;
+            }
+            if out_rx.is_empty() && w.flush().await.is_err() {
+                return;
+            }
+        }
+    });
+    let permits = Arc::new(Semaphore::new(INFLIGHT_PER_CONNECTION_MAX));
+    let mut r = BufReader::new(read_half);
+    loop {
+        let frame = tokio::select! {
+            biased;
+            _ = shutdown.changed() => break,
+            f = read_frame(&mut r) => f,
+        };
+        let (id, from, payload) = match frame {
+            Ok(Some(f)) => f,
+            Ok(None) => break,
+            Err(e) => {
+                tracing::debug!(error = %e, "peer connection closed");
+                break;
+            }
+        };
+        if filter.is_blocked(from) {
+            continue; // a simulated partition drops the request; the caller times out
+        }
+        let request = match postcard::from_bytes::<Req>(&payload) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, from, "undecodable peer request; closing the connection");
+                break;
+            }
+        };
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            break;
+        };
+        let (handler, out_tx, filter) = (handler.clone(), out_tx.clone(), filter.clone());
+        tokio::spawn(async move {
+            let response = handler.handle(from, request).await;
+            drop(permit);
+            if filter.is_blocked(from) {
+                return;
+            }
+            match encode(id, 0, &response) {
+                Ok(frame) => {
+                    let _ = out_tx.send(frame).await;
+                }
+                Err(e) => tracing::error!(error = %e, "cannot encode a peer response"),
+            }
+        });
+    }
+    drop(out_tx);
+    let _ = writer.await;
+}
+
+/// A registry of peers by node id, created on first use.
+pub struct Peers<Req, Resp> {
+    me: NodeId,
+    filter: PeerFilter,
+    peers: Mutex<HashMap<NodeId, Peer<Req, Resp>>>,
+    _types: PhantomData<fn(Req) -> Resp>,
+}
+
+impl<Req, Resp> Peers<Req, Resp>
+where
+    Req: Serialize + Send + 'static,
+    Resp: DeserializeOwned + Send + 'static,
+{
+    pub fn new(me: NodeId, filter: PeerFilter) -> Self {
+        Peers {
+            me,
+            filter,
+            peers: Mutex::default(),
+            _types: PhantomData,
+        }
+    }
+
+    pub fn me(&self) -> NodeId {
+        self.me
+    }
+
+    pub fn filter(&self) -> &PeerFilter {
+        &self.filter
+    }
+
+    /// The peer `node` at `addr` (re-created if its address changed).
+    pub fn get(&self, node: NodeId, addr: &str) -> Peer<Req, Resp> {
+        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(p) = peers.get(&node)
+            && p.addr == addr
+        {
+            return p.clone();
+        }
+        let p = Peer::new(self.me, node, addr.to_string(), self.filter.clone());
+        peers.insert(node, p.clone());
+        p
+    }
+}

@@ -1,0 +1,71 @@
+//! The Raft type configuration shared by every group (data shards and the meta group), and the
+//! commands their logs carry.
+
+use std::fmt;
+
+use capdb_cluster::{MetaCommand, MetaResponse};
+use capdb_types::{Error, Mutation, Reply, Timestamp};
+use serde::{Deserialize, Serialize};
+
+/// How a node is reached for Raft traffic.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerNode {
+    pub peer_addr: String,
+}
+
+openraft::declare_raft_types!(
+    /// One type configuration for all groups. Standard Raft leader ids: at most one leader per
+    /// term, as in the Raft paper (openraft's default allows several).
+    pub TypeConfig:
+        D = Request,
+        R = Response,
+        NodeId = u64,
+        Node = PeerNode,
+        LeaderId = openraft::impls::leader_id_std::LeaderId<Self::Term, Self::NodeId>,
+        AsyncRuntime = openraft_rt_tokio::TokioRuntime,
+);
+
+pub type Raft = openraft::Raft<TypeConfig, crate::state_machine::StateMachine>;
+pub type LogId = openraft::alias::LogIdOf<TypeConfig>;
+pub type Vote = openraft::alias::VoteOf<TypeConfig>;
+pub type Entry = openraft::alias::EntryOf<TypeConfig>;
+pub type StoredMembership = openraft::alias::StoredMembershipOf<TypeConfig>;
+pub type SnapshotMeta = openraft::alias::SnapshotMetaOf<TypeConfig>;
+pub type SnapshotData = std::io::Cursor<Vec<u8>>;
+pub type Snapshot = openraft::alias::SnapshotOf<TypeConfig, SnapshotData>;
+
+/// A command in a group's log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// Data shard: mutations, stamped once by the leader so every replica stores the same
+    /// timestamps and evaluates expiry against the same clock.
+    Write {
+        mutations: Vec<Mutation>,
+        timestamp: Timestamp,
+        now_ms: u64,
+    },
+    /// Data shard: delete every key (FLUSHDB).
+    Clear,
+    /// Meta group: change the cluster map.
+    Meta(MetaCommand),
+}
+
+impl fmt::Display for Request {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Request::Write { mutations, .. } => write!(f, "write({} mutations)", mutations.len()),
+            Request::Clear => f.write_str("clear"),
+            Request::Meta(c) => write!(f, "meta({c:?})"),
+        }
+    }
+}
+
+/// What applying a command answered.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    #[default]
+    Empty,
+    /// One reply per mutation of a `Write`.
+    Replies(Vec<Result<Reply, Error>>),
+    Meta(MetaResponse),
+}
