@@ -61,6 +61,28 @@ fn encode<T: serde::Serialize>(v: &T) -> Vec<u8> {
     postcard::to_stdvec(v).expect("Raft types always encode")
 }
 
+/// A log record: the encoded entry followed by its CRC-32, so a damaged entry is refused (the
+/// group stops with a storage error) instead of being applied or replicated to followers.
+fn encode_entry(entry: &Entry) -> Vec<u8> {
+    let mut raw = encode(entry);
+    let crc = crc32fast::hash(&raw);
+    raw.extend_from_slice(&crc.to_le_bytes());
+    raw
+}
+
+fn decode_entry(raw: &[u8]) -> io::Result<Entry> {
+    let corrupt = |m: &str| io::Error::new(io::ErrorKind::InvalidData, m.to_string());
+    if raw.len() < 4 {
+        return Err(corrupt("log record shorter than its checksum"));
+    }
+    let (body, crc) = raw.split_at(raw.len() - 4);
+    let stored = u32::from_le_bytes(crc.try_into().expect("4 bytes"));
+    if crc32fast::hash(body) != stored {
+        return Err(corrupt("log record checksum mismatch: the Raft log is corrupt"));
+    }
+    decode(body, "log entry")
+}
+
 impl LogStore {
     /// Opens the log of `group`, reading its durable state.
     pub fn open(engine: DiskEngine, group: GroupId) -> io::Result<LogStore> {
@@ -71,7 +93,7 @@ impl LogStore {
                 None => None,
             };
         let last_log = match engine.log_last(&table).map_err(io)? {
-            Some((_, raw)) => Some(decode::<Entry>(&raw, "log entry")?.log_id),
+            Some((_, raw)) => Some(decode_entry(&raw)?.log_id),
             None => last_purged,
         };
         Ok(LogStore {
@@ -135,7 +157,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
         };
         let mut entries: BTreeMap<u64, Entry> = BTreeMap::new();
         for (index, raw) in self.engine.log_read(&self.table, start, end).map_err(io)? {
-            entries.insert(index, decode(&raw, "log entry")?);
+            entries.insert(index, decode_entry(&raw)?);
         }
         entries.extend(overlay);
         let out: Vec<Entry> = entries.into_values().collect();
@@ -221,7 +243,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         {
             let mut mem = self.lock();
             for entry in entries {
-                records.push((entry.log_id.index, encode(&entry)));
+                records.push((entry.log_id.index, encode_entry(&entry)));
                 appended.push(entry.log_id);
                 mem.last_log = Some(entry.log_id);
                 mem.unflushed.insert(entry.log_id.index, entry);

@@ -1,1 +1,988 @@
-//! (being written)
+//! The Raft groups of one node, and everything that routes requests to them.
+//!
+//! # What runs where
+//!
+//! - Every node runs the **meta group** (group 0): a voter on the first three nodes of the map,
+//!   a learner elsewhere. Its state machine publishes the [`ClusterState`] to [`Manager::cluster`].
+//! - A node runs a **data group** for each shard whose `replicas` include it. The initial
+//!   replicas of a new shard bootstrap it (all with the same membership, which openraft allows);
+//!   replicas added later start empty and are brought in by the group's leader.
+//! - The **reconciler** ([`Manager::reconcile`], on every map change and every second) starts
+//!   and stops local groups, and on groups this node leads, moves the Raft membership towards
+//!   the map's `replicas` (add learner, wait until caught up, change voters). On the meta leader
+//!   it also registers the `default` keyspace and takes one placement step at a time.
+//!
+//! # Requests
+//!
+//! [`Manager::write`] and [`Manager::read`] serve a request on this node when it leads the group,
+//! and otherwise forward it to the leader (learned from local Raft metrics, earlier answers, or
+//! by trying replicas). Every request has a deadline ([`REQUEST_DEADLINE`]): during an election
+//! or on the minority side of a partition the caller gets `Error::Unavailable` (retryable) in
+//! bounded time, never a wrong answer.
+//!
+//! Linearizable reads use ReadIndex (`ensure_linearizable(ReadPolicy::ReadIndex)`): the leader
+//! confirms with a quorum heartbeat sent after the read arrived that it still leads, then waits
+//! until its state machine has applied everything committed before the read. This does not
+//! depend on clocks, unlike a leader lease, which is why it is the default. `Stale` reads answer
+//! from the local replica without that round.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use capdb_cluster::{ClusterState, GroupId, META_GROUP, MetaCommand, MetaResponse, NodeId, NodeInfo, placement};
+use capdb_storage::disk::DiskEngine;
+use capdb_storage::{KeyspaceStore, ScanRange};
+use capdb_types::{Error, Hlc, KeyspaceName, KeyspaceSpec, Mode, Mutation, Reply, Value};
+use openraft::async_runtime::WatchReceiver;
+use openraft::errors::{ClientWriteError, LinearizableReadError, RaftError};
+use openraft::{ChangeMembers, ReadPolicy, ServerState};
+use tokio::sync::watch;
+
+use crate::log_store::{LogStore, log_table, meta_key};
+use crate::network::{ForwardError, GroupStatus, NetworkFactory, NodeStatus, PeerPool, PeerRequest, PeerResponse, ReadMode};
+use crate::rpc::{self, PeerFilter, RpcError};
+use crate::state_machine::{Kind, StateMachine};
+use crate::types::{PeerNode, Raft, Request, Response};
+
+/// Longest time a client request waits for a leader before failing with a retryable error.
+pub const REQUEST_DEADLINE: Duration = Duration::from_secs(3);
+/// Time one forwarded hop may take.
+const HOP_TIMEOUT: Duration = Duration::from_secs(2);
+/// Pause before retrying when no leader is known (an election is running).
+const RETRY_PAUSE: Duration = Duration::from_millis(40);
+/// How often the reconciler runs even without map changes.
+const RECONCILE_EVERY: Duration = Duration::from_millis(500);
+/// Minimum time between two placement moves proposed by the meta leader.
+const PLACEMENT_STEP_EVERY: Duration = Duration::from_secs(1);
+/// A learner is "caught up" when it is at most this many entries behind the leader.
+const CATCH_UP_ENTRIES: u64 = 64;
+
+/// Static settings of a node's manager.
+pub struct ManagerConfig {
+    pub me: NodeInfo,
+    /// The bootstrap voters of the meta group (`--initial-cluster`), or empty when joining.
+    pub initial_cluster: BTreeMap<NodeId, String>,
+    /// Peer addresses of existing members to join through (`--join`).
+    pub join: Vec<String>,
+    pub raft: Arc<openraft::Config>,
+}
+
+/// Raft timing used by capdb: ~1 s failover. The leader lease is `election_timeout_max`.
+pub fn default_raft_config() -> openraft::Config {
+    openraft::Config {
+        cluster_name: "capdb".into(),
+        heartbeat_interval: 100,
+        election_timeout_min: 300,
+        election_timeout_max: 500,
+        install_snapshot_timeout: 60_000,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(20_000),
+        max_in_snapshot_log_to_keep: 1_000,
+        purge_batch_size: 256,
+        ..Default::default()
+    }
+}
+
+struct Group {
+    raft: Raft,
+    log: LogStore,
+}
+
+/// The Raft groups of this node.
+pub struct Manager {
+    me: NodeId,
+    info: NodeInfo,
+    engine: DiskEngine,
+    hlc: Arc<Hlc>,
+    raft_config: Arc<openraft::Config>,
+    peers: Arc<PeerPool>,
+    join: Vec<String>,
+    groups: RwLock<HashMap<GroupId, Arc<Group>>>,
+    cluster: watch::Receiver<Arc<ClusterState>>,
+    hints: Mutex<HashMap<GroupId, NodeId>>,
+    /// Groups whose membership change is in progress (one at a time per group).
+    changing: Mutex<BTreeSet<GroupId>>,
+    last_placement: Mutex<Option<Instant>>,
+    stopping: AtomicBool,
+}
+
+/// The table holding a data group's keys.
+pub fn shard_table(group: GroupId) -> String {
+    format!("shard/{group}")
+}
+
+fn unavailable(msg: impl Into<String>) -> Error {
+    Error::Unavailable(msg.into())
+}
+
+impl Manager {
+    /// Starts the meta group (bootstrapping it when this node is in `initial_cluster` and has
+    /// never run) and the background reconciler.
+    pub async fn start(config: ManagerConfig, engine: DiskEngine, hlc: Arc<Hlc>, filter: PeerFilter) -> Result<Arc<Manager>, Error> {
+        let me = config.me.id;
+        let (tx, rx) = watch::channel(Arc::new(ClusterState::default()));
+        let peers = Arc::new(PeerPool::new(me, filter));
+        let manager = Arc::new(Manager {
+            me,
+            info: config.me.clone(),
+            engine: engine.clone(),
+            hlc,
+            raft_config: config.raft.clone(),
+            peers,
+            join: config.join.clone(),
+            groups: RwLock::default(),
+            cluster: rx,
+            hints: Mutex::default(),
+            changing: Mutex::default(),
+            last_placement: Mutex::default(),
+            stopping: AtomicBool::new(false),
+        });
+        let meta = manager
+            .start_group(META_GROUP, Kind::Meta { published: tx })
+            .await?;
+        let pristine = meta.log.is_pristine().map_err(|e| Error::Io(e.to_string()))?;
+        if pristine && !config.initial_cluster.is_empty() {
+            let voters: BTreeMap<NodeId, PeerNode> = config
+                .initial_cluster
+                .iter()
+                .take(placement::META_VOTERS)
+                .map(|(id, addr)| (*id, PeerNode { peer_addr: addr.clone() }))
+                .collect();
+            if voters.contains_key(&me) {
+                tracing::info!(?voters, "bootstrapping the meta group");
+                if let Err(e) = meta.raft.initialize(voters).await {
+                    tracing::info!(error = %e, "meta group already initialized");
+                }
+            }
+        }
+        let m = manager.clone();
+        tokio::spawn(async move { m.run_reconciler().await });
+        Ok(manager)
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.me
+    }
+
+    pub fn info(&self) -> &NodeInfo {
+        &self.info
+    }
+
+    pub fn peers(&self) -> &Arc<PeerPool> {
+        &self.peers
+    }
+
+    /// The latest cluster map this node has applied.
+    pub fn cluster(&self) -> Arc<ClusterState> {
+        self.cluster.borrow().clone()
+    }
+
+    /// A receiver that changes whenever the map does.
+    pub fn watch_cluster(&self) -> watch::Receiver<Arc<ClusterState>> {
+        self.cluster.clone()
+    }
+
+    fn group(&self, group: GroupId) -> Option<Arc<Group>> {
+        self.groups.read().unwrap_or_else(|p| p.into_inner()).get(&group).cloned()
+    }
+
+    async fn start_group(&self, group: GroupId, kind: Kind) -> Result<Arc<Group>, Error> {
+        if let Some(g) = self.group(group) {
+            return Ok(g);
+        }
+        let io = |e: std::io::Error| Error::Io(e.to_string());
+        let log = LogStore::open(self.engine.clone(), group).map_err(io)?;
+        let sm = StateMachine::open(self.engine.clone(), group, kind).map_err(io)?;
+        let network = NetworkFactory {
+            group,
+            peers: self.peers.clone(),
+        };
+        let raft = Raft::new(self.me, self.raft_config.clone(), network, log.clone(), sm)
+            .await
+            .map_err(|e| Error::Io(format!("cannot start group {group}: {e}")))?;
+        let g = Arc::new(Group { raft, log });
+        let mut groups = self.groups.write().unwrap_or_else(|p| p.into_inner());
+        Ok(groups.entry(group).or_insert(g).clone())
+    }
+
+    /// Stops every group (graceful shutdown). Leaders hand off leadership first when they can.
+    pub async fn shutdown(&self) {
+        self.stopping.store(true, Ordering::Release);
+        let groups: Vec<(GroupId, Arc<Group>)> =
+            self.groups.read().unwrap_or_else(|p| p.into_inner()).iter().map(|(k, v)| (*k, v.clone())).collect();
+        for (_, g) in &groups {
+            self.transfer_away(&g.raft).await;
+        }
+        for (id, g) in groups {
+            if let Err(e) = g.raft.shutdown().await {
+                tracing::warn!(group = id, error = %e, "group did not shut down cleanly");
+            }
+        }
+    }
+
+    /// If this node leads `raft`, asks a caught-up voter to take over (used before stopping).
+    async fn transfer_away(&self, raft: &Raft) {
+        let m = raft.metrics().borrow_watched().clone();
+        if m.state != ServerState::Leader {
+            return;
+        }
+        let Some(repl) = &m.replication else { return };
+        let last = m.last_log_index.unwrap_or(0);
+        let voters: BTreeSet<NodeId> = m.membership_config.membership().voter_ids().collect();
+        if let Some((&to, _)) = repl
+            .iter()
+            .filter(|(id, _)| **id != self.me && voters.contains(id))
+            .max_by_key(|(_, matched)| matched.map(|l| l.index).unwrap_or(0))
+            .filter(|(_, matched)| matched.map(|l| l.index).unwrap_or(0) + CATCH_UP_ENTRIES >= last)
+        {
+            let _ = raft.trigger().transfer_leader(to).await;
+            let _ = raft
+                .wait(Some(Duration::from_millis(800)))
+                .metrics(|m| m.state != ServerState::Leader, "leadership transferred")
+                .await;
+        }
+    }
+
+    /// Moves leadership of every group this node leads elsewhere (`cluster drain`, preStop).
+    pub async fn step_down_everywhere(&self) {
+        let groups: Vec<Arc<Group>> = self.groups.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+        for g in groups {
+            self.transfer_away(&g.raft).await;
+        }
+    }
+
+    // ---------------------------------------------------------------- addresses and leaders
+
+    /// The peer address of a node: from the map, else from the meta group's membership.
+    fn addr_of(&self, node: NodeId) -> Option<String> {
+        if let Some(n) = self.cluster().nodes.get(&node) {
+            return Some(n.peer_addr.clone());
+        }
+        let meta = self.group(META_GROUP)?;
+        let m = meta.raft.metrics().borrow_watched().clone();
+        m.membership_config.membership().get_node(&node).map(|n| n.peer_addr.clone())
+    }
+
+    fn local_leader(&self, group: GroupId) -> Option<NodeId> {
+        let g = self.group(group)?;
+        g.raft.metrics().borrow_watched().current_leader
+    }
+
+    fn hint(&self, group: GroupId) -> Option<NodeId> {
+        self.hints.lock().unwrap_or_else(|p| p.into_inner()).get(&group).copied()
+    }
+
+    fn set_hint(&self, group: GroupId, node: Option<NodeId>) {
+        let mut h = self.hints.lock().unwrap_or_else(|p| p.into_inner());
+        match node {
+            Some(n) => {
+                h.insert(group, n);
+            }
+            None => {
+                h.remove(&group);
+            }
+        }
+    }
+
+    /// Candidates to send a request for `group` to, best first.
+    fn candidates(&self, group: GroupId, attempt: usize) -> Vec<NodeId> {
+        let mut out = Vec::new();
+        if let Some(l) = self.local_leader(group) {
+            out.push(l);
+        }
+        if let Some(h) = self.hint(group) {
+            out.push(h);
+        }
+        let state = self.cluster();
+        let replicas: Vec<NodeId> = if group == META_GROUP {
+            state.nodes.keys().copied().collect()
+        } else {
+            state.find_group(group).map(|(ks, i)| ks.shards[i].replicas.clone()).unwrap_or_default()
+        };
+        if !replicas.is_empty() {
+            // Rotate through replicas on retries so a dead hint does not stick.
+            for k in 0..replicas.len() {
+                out.push(replicas[(attempt + k) % replicas.len()]);
+            }
+        }
+        let mut seen = BTreeSet::new();
+        out.retain(|n| seen.insert(*n));
+        out
+    }
+
+    // ---------------------------------------------------------------- writes
+
+    /// Proposes `request` to `group`'s leader, wherever it is, and returns the applied response.
+    pub async fn write(&self, group: GroupId, request: Request) -> Result<Response, Error> {
+        let deadline = Instant::now() + REQUEST_DEADLINE;
+        let mut attempt = 0;
+        let mut last_err = String::from("no leader known");
+        while Instant::now() < deadline {
+            attempt += 1;
+            let target = self.candidates(group, attempt).into_iter().next();
+            let outcome = match target {
+                Some(t) if t == self.me => self.write_local(group, request.clone(), deadline).await,
+                Some(t) => self.write_remote(t, group, request.clone()).await,
+                None if group == META_GROUP && !self.join.is_empty() => self.meta_via_seed(request.clone(), attempt).await,
+                None => Err(ForwardError::NotLeader { leader: None }),
+            };
+            match outcome {
+                Ok(r) => return Ok(r),
+                Err(ForwardError::Db(e)) => return Err(e),
+                Err(ForwardError::NotLeader { leader }) => {
+                    last_err = format!("{}", ForwardError::NotLeader { leader: leader.clone() });
+                    let hint = leader.map(|(id, _)| id).filter(|&id| Some(id) != target);
+                    self.set_hint(group, hint);
+                    if hint.is_none() {
+                        tokio::time::sleep(RETRY_PAUSE).await;
+                    }
+                }
+                Err(e @ ForwardError::UnknownGroup(_)) => {
+                    last_err = e.to_string();
+                    self.set_hint(group, None);
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                }
+            }
+        }
+        Err(unavailable(format!(
+            "shard group {group} has no reachable leader with a quorum within {} ms ({last_err}); retry",
+            REQUEST_DEADLINE.as_millis()
+        )))
+    }
+
+    async fn meta_via_seed(&self, request: Request, attempt: usize) -> Result<Response, ForwardError> {
+        let seed = &self.join[attempt % self.join.len()];
+        // Seeds are addressed before their ids are known: use reserved ids from the top.
+        let peer = self.peers.get(u64::MAX - (attempt % self.join.len()) as u64, seed);
+        match peer.call(PeerRequest::Write { group: META_GROUP, request }, HOP_TIMEOUT).await {
+            Ok(PeerResponse::Write(r)) => r,
+            Ok(_) => Err(ForwardError::NotLeader { leader: None }),
+            Err(_) => Err(ForwardError::NotLeader { leader: None }),
+        }
+    }
+
+    async fn write_local(&self, group: GroupId, request: Request, deadline: Instant) -> Result<Response, ForwardError> {
+        let g = self.group(group).ok_or(ForwardError::UnknownGroup(group))?;
+        let left = deadline.saturating_duration_since(Instant::now()).min(HOP_TIMEOUT);
+        match tokio::time::timeout(left, g.raft.client_write(request)).await {
+            Err(_) => Err(ForwardError::Db(unavailable(format!(
+                "shard group {group}: the write was not committed within {} ms (no quorum?); its outcome is unknown",
+                left.as_millis()
+            )))),
+            Ok(Ok(resp)) => Ok(resp.data),
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => Err(ForwardError::NotLeader {
+                leader: f.leader_id.map(|id| (id, f.leader_node.map(|n| n.peer_addr).unwrap_or_default())),
+            }),
+            Ok(Err(RaftError::APIError(ClientWriteError::LogEntryDiscarded(_)))) => Err(ForwardError::Db(unavailable(
+                "leadership changed while the write was in flight; its outcome is unknown",
+            ))),
+            Ok(Err(e)) => Err(ForwardError::Db(unavailable(format!("shard group {group}: {e}")))),
+        }
+    }
+
+    async fn write_remote(&self, node: NodeId, group: GroupId, request: Request) -> Result<Response, ForwardError> {
+        let Some(addr) = self.addr_of(node) else {
+            return Err(ForwardError::NotLeader { leader: None });
+        };
+        let peer = self.peers.get(node, &addr);
+        match peer.call(PeerRequest::Write { group, request }, HOP_TIMEOUT).await {
+            Ok(PeerResponse::Write(r)) => r,
+            Ok(PeerResponse::Unavailable(_)) => Err(ForwardError::UnknownGroup(group)),
+            Ok(other) => Err(ForwardError::Db(Error::Io(format!("unexpected answer from node {node}: {other:?}")))),
+            // The write may have reached the leader: a timeout is not safe to retry blindly.
+            Err(RpcError::Timeout(..)) => Err(ForwardError::Db(unavailable(format!(
+                "node {node} did not answer in time; the write's outcome is unknown"
+            )))),
+            Err(_) => Err(ForwardError::NotLeader { leader: None }),
+        }
+    }
+
+    /// Applies mutations to a data group: stamps them, proposes them, returns their replies.
+    pub async fn write_mutations(&self, group: GroupId, mutations: Vec<Mutation>, now_ms: u64) -> Result<Vec<Result<Reply, Error>>, Error> {
+        let request = Request::Write {
+            mutations,
+            timestamp: self.hlc.now(),
+            now_ms,
+        };
+        match self.write(group, request).await? {
+            Response::Replies(r) => Ok(r),
+            other => Err(Error::Io(format!("unexpected response to a write: {other:?}"))),
+        }
+    }
+
+    /// Deletes every key of a data group (FLUSHDB), through its log.
+    pub async fn clear(&self, group: GroupId) -> Result<(), Error> {
+        self.write(group, Request::Clear).await.map(|_| ())
+    }
+
+    /// Proposes a change to the cluster map.
+    pub async fn meta(&self, cmd: MetaCommand) -> Result<(), Error> {
+        match self.write(META_GROUP, Request::Meta(cmd)).await? {
+            Response::Meta(MetaResponse::Ok) => Ok(()),
+            Response::Meta(MetaResponse::Error(e)) => Err(Error::InvalidInput(e)),
+            other => Err(Error::Io(format!("unexpected response to a meta command: {other:?}"))),
+        }
+    }
+
+    // ---------------------------------------------------------------- reads
+
+    /// Reads keys of one group. `Linearizable` reads go to the leader (ReadIndex); `Stale`
+    /// reads are served by this node's replica when it has one, else by any replica.
+    pub async fn read(&self, group: GroupId, keys: Vec<Bytes>, mode: ReadMode, now_ms: u64) -> Result<Vec<Option<Value>>, Error> {
+        let deadline = Instant::now() + REQUEST_DEADLINE;
+        let mut attempt = 0;
+        let mut last_err = String::from("no leader known");
+        while Instant::now() < deadline {
+            attempt += 1;
+            let target = match mode {
+                ReadMode::Stale if self.group(group).is_some() => Some(self.me),
+                ReadMode::Stale => self.candidates(group, attempt).into_iter().last(),
+                ReadMode::Linearizable => self.candidates(group, attempt).into_iter().next(),
+            };
+            let outcome = match target {
+                Some(t) if t == self.me => self.read_local(group, &keys, mode, now_ms, deadline).await,
+                Some(t) => self.read_remote(t, group, keys.clone(), mode).await,
+                None => Err(ForwardError::NotLeader { leader: None }),
+            };
+            match outcome {
+                Ok(v) => return Ok(v),
+                Err(ForwardError::Db(e)) => return Err(e),
+                Err(ForwardError::NotLeader { leader }) => {
+                    last_err = format!("{}", ForwardError::NotLeader { leader: leader.clone() });
+                    let hint = leader.map(|(id, _)| id).filter(|&id| Some(id) != target);
+                    self.set_hint(group, hint);
+                    if hint.is_none() {
+                        tokio::time::sleep(RETRY_PAUSE).await;
+                    }
+                }
+                Err(e @ ForwardError::UnknownGroup(_)) => {
+                    last_err = e.to_string();
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                }
+            }
+        }
+        Err(unavailable(format!(
+            "shard group {group}: no leader could confirm a linearizable read within {} ms ({last_err}); retry, or read with READONLY for a possibly stale answer",
+            REQUEST_DEADLINE.as_millis()
+        )))
+    }
+
+    /// Confirms this node may serve a linearizable read of `group` now (ReadIndex).
+    async fn read_barrier(&self, group: GroupId, g: &Group, deadline: Instant) -> Result<(), ForwardError> {
+        let left = deadline.saturating_duration_since(Instant::now()).min(HOP_TIMEOUT);
+        match tokio::time::timeout(left, g.raft.ensure_linearizable(ReadPolicy::ReadIndex)).await {
+            Err(_) => Err(ForwardError::Db(unavailable(format!("shard group {group}: read barrier timed out (no quorum?)")))),
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(f)))) => Err(ForwardError::NotLeader {
+                leader: f.leader_id.map(|id| (id, f.leader_node.map(|n| n.peer_addr).unwrap_or_default())),
+            }),
+            Ok(Err(RaftError::APIError(LinearizableReadError::QuorumNotEnough(q)))) => {
+                Err(ForwardError::Db(unavailable(format!("shard group {group}: leader cannot reach a quorum ({q})"))))
+            }
+            Ok(Err(e)) => Err(ForwardError::Db(unavailable(format!("shard group {group}: {e}")))),
+        }
+    }
+
+    async fn read_local(&self, group: GroupId, keys: &[Bytes], mode: ReadMode, now_ms: u64, deadline: Instant) -> Result<Vec<Option<Value>>, ForwardError> {
+        let g = self.group(group).ok_or(ForwardError::UnknownGroup(group))?;
+        if mode == ReadMode::Linearizable {
+            self.read_barrier(group, &g, deadline).await?;
+        }
+        let table = self.engine.table(&shard_table(group), false);
+        keys.iter()
+            .map(|k| table.get(k, now_ms).map_err(ForwardError::Db))
+            .collect()
+    }
+
+    async fn read_remote(&self, node: NodeId, group: GroupId, keys: Vec<Bytes>, mode: ReadMode) -> Result<Vec<Option<Value>>, ForwardError> {
+        let Some(addr) = self.addr_of(node) else {
+            return Err(ForwardError::NotLeader { leader: None });
+        };
+        let peer = self.peers.get(node, &addr);
+        match peer.call(PeerRequest::ReadMany { group, keys, mode }, HOP_TIMEOUT).await {
+            Ok(PeerResponse::ReadMany(r)) => r,
+            Ok(PeerResponse::Unavailable(_)) => Err(ForwardError::UnknownGroup(group)),
+            Ok(other) => Err(ForwardError::Db(Error::Io(format!("unexpected answer from node {node}: {other:?}")))),
+            Err(_) => Err(ForwardError::NotLeader { leader: None }),
+        }
+    }
+
+    /// One page of a group's keys in order.
+    pub async fn scan(&self, group: GroupId, after: Option<Bytes>, prefix: Option<Bytes>, limit: u32, mode: ReadMode, now_ms: u64) -> Result<(Vec<(Bytes, Value)>, Option<Bytes>), Error> {
+        let deadline = Instant::now() + REQUEST_DEADLINE;
+        let mut attempt = 0;
+        while Instant::now() < deadline {
+            attempt += 1;
+            let target = match mode {
+                ReadMode::Stale if self.group(group).is_some() => Some(self.me),
+                _ => self.candidates(group, attempt).into_iter().next(),
+            };
+            let outcome = match target {
+                Some(t) if t == self.me => self.scan_local(group, after.clone(), prefix.clone(), limit, mode, now_ms, deadline).await,
+                Some(t) => {
+                    let addr = self.addr_of(t).unwrap_or_default();
+                    let req = PeerRequest::Scan {
+                        group,
+                        after: after.clone(),
+                        prefix: prefix.clone(),
+                        limit,
+                        mode,
+                    };
+                    match self.peers.get(t, &addr).call(req, HOP_TIMEOUT).await {
+                        Ok(PeerResponse::Scan(r)) => r,
+                        _ => Err(ForwardError::NotLeader { leader: None }),
+                    }
+                }
+                None => Err(ForwardError::NotLeader { leader: None }),
+            };
+            match outcome {
+                Ok(v) => return Ok(v),
+                Err(ForwardError::Db(e)) => return Err(e),
+                Err(ForwardError::NotLeader { leader }) => {
+                    let hint = leader.map(|(id, _)| id).filter(|&id| Some(id) != target);
+                    self.set_hint(group, hint);
+                    if hint.is_none() {
+                        tokio::time::sleep(RETRY_PAUSE).await;
+                    }
+                }
+                Err(ForwardError::UnknownGroup(_)) => tokio::time::sleep(RETRY_PAUSE).await,
+            }
+        }
+        Err(unavailable(format!("shard group {group}: no leader for a scan within {} ms; retry", REQUEST_DEADLINE.as_millis())))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn scan_local(&self, group: GroupId, after: Option<Bytes>, prefix: Option<Bytes>, limit: u32, mode: ReadMode, now_ms: u64, deadline: Instant) -> Result<(Vec<(Bytes, Value)>, Option<Bytes>), ForwardError> {
+        let g = self.group(group).ok_or(ForwardError::UnknownGroup(group))?;
+        if mode == ReadMode::Linearizable {
+            self.read_barrier(group, &g, deadline).await?;
+        }
+        let table = self.engine.table(&shard_table(group), false);
+        let range = ScanRange { after, end: None, prefix };
+        let page = table.scan(&range, limit as usize, now_ms).map_err(ForwardError::Db)?;
+        Ok((page.entries, page.next_after))
+    }
+
+    /// The number of keys in a group (DBSIZE), read like `read`.
+    pub async fn count(&self, group: GroupId, mode: ReadMode) -> Result<u64, Error> {
+        let deadline = Instant::now() + REQUEST_DEADLINE;
+        let mut attempt = 0;
+        while Instant::now() < deadline {
+            attempt += 1;
+            let target = match mode {
+                ReadMode::Stale if self.group(group).is_some() => Some(self.me),
+                _ => self.candidates(group, attempt).into_iter().next(),
+            };
+            let outcome = match target {
+                Some(t) if t == self.me => self.count_local(group, mode, deadline).await,
+                Some(t) => {
+                    let addr = self.addr_of(t).unwrap_or_default();
+                    match self.peers.get(t, &addr).call(PeerRequest::Count { group, mode }, HOP_TIMEOUT).await {
+                        Ok(PeerResponse::Count(r)) => r,
+                        _ => Err(ForwardError::NotLeader { leader: None }),
+                    }
+                }
+                None => Err(ForwardError::NotLeader { leader: None }),
+            };
+            match outcome {
+                Ok(n) => return Ok(n),
+                Err(ForwardError::Db(e)) => return Err(e),
+                Err(ForwardError::NotLeader { leader }) => {
+                    let hint = leader.map(|(id, _)| id).filter(|&id| Some(id) != target);
+                    self.set_hint(group, hint);
+                    if hint.is_none() {
+                        tokio::time::sleep(RETRY_PAUSE).await;
+                    }
+                }
+                Err(ForwardError::UnknownGroup(_)) => tokio::time::sleep(RETRY_PAUSE).await,
+            }
+        }
+        Err(unavailable(format!("shard group {group}: no leader to count keys within {} ms; retry", REQUEST_DEADLINE.as_millis())))
+    }
+
+    async fn count_local(&self, group: GroupId, mode: ReadMode, deadline: Instant) -> Result<u64, ForwardError> {
+        let g = self.group(group).ok_or(ForwardError::UnknownGroup(group))?;
+        if mode == ReadMode::Linearizable {
+            self.read_barrier(group, &g, deadline).await?;
+        }
+        self.engine.table(&shard_table(group), false).len().map_err(ForwardError::Db)
+    }
+
+    /// The best guess of a group's leader: local metrics, then the last answer, then the first
+    /// replica of the map.
+    pub fn leader_of(&self, group: GroupId) -> Option<NodeId> {
+        self.candidates(group, 0).into_iter().next()
+    }
+
+    // ---------------------------------------------------------------- incoming requests
+
+    async fn handle_request(&self, from: NodeId, request: PeerRequest) -> PeerResponse {
+        let no_group = |g: GroupId| PeerResponse::Unavailable(format!("node has no replica of group {g}"));
+        match request {
+            PeerRequest::AppendEntries { group, rpc } => match self.group(group) {
+                Some(g) => PeerResponse::AppendEntries(g.raft.append_entries(rpc).await.map_err(|e| e.to_string())),
+                None => no_group(group),
+            },
+            PeerRequest::Vote { group, rpc } => match self.group(group) {
+                Some(g) => PeerResponse::Vote(g.raft.vote(rpc).await.map_err(|e| e.to_string())),
+                None => no_group(group),
+            },
+            PeerRequest::Snapshot { group, vote, meta, data } => match self.group(group) {
+                Some(g) => {
+                    let snapshot = crate::types::Snapshot {
+                        meta,
+                        snapshot: std::io::Cursor::new(data),
+                    };
+                    PeerResponse::Snapshot(g.raft.install_full_snapshot(vote, snapshot).await.map_err(|e| e.to_string()))
+                }
+                None => no_group(group),
+            },
+            PeerRequest::Write { group, request } => {
+                if self.group(group).is_none() {
+                    if group == META_GROUP {
+                        // A joining node asks through a seed: forward to the meta leader.
+                        return PeerResponse::Write(self.write(group, request).await.map_err(ForwardError::Db));
+                    }
+                    return no_group(group);
+                }
+                let deadline = Instant::now() + HOP_TIMEOUT;
+                let local = self.write_local(group, request.clone(), deadline).await;
+                // Seeds forward meta writes for joiners that cannot reach the leader themselves.
+                if group == META_GROUP
+                    && let Err(ForwardError::NotLeader { .. }) = &local
+                    && !self.cluster().nodes.contains_key(&from)
+                {
+                    return PeerResponse::Write(self.write(group, request).await.map_err(ForwardError::Db));
+                }
+                PeerResponse::Write(local)
+            }
+            PeerRequest::Read { group, key, mode } => {
+                let deadline = Instant::now() + HOP_TIMEOUT;
+                PeerResponse::Read(
+                    self.read_local(group, &[key], mode, capdb_types::unix_now_ms(), deadline)
+                        .await
+                        .map(|mut v| v.pop().flatten()),
+                )
+            }
+            PeerRequest::ReadMany { group, keys, mode } => {
+                let deadline = Instant::now() + HOP_TIMEOUT;
+                PeerResponse::ReadMany(self.read_local(group, &keys, mode, capdb_types::unix_now_ms(), deadline).await)
+            }
+            PeerRequest::Scan { group, after, prefix, limit, mode } => {
+                let deadline = Instant::now() + HOP_TIMEOUT;
+                PeerResponse::Scan(self.scan_local(group, after, prefix, limit, mode, capdb_types::unix_now_ms(), deadline).await)
+            }
+            PeerRequest::Count { group, mode } => {
+                let deadline = Instant::now() + HOP_TIMEOUT;
+                PeerResponse::Count(self.count_local(group, mode, deadline).await)
+            }
+            PeerRequest::Meta(cmd) => PeerResponse::Meta(match self.write(META_GROUP, Request::Meta(cmd)).await {
+                Ok(Response::Meta(r)) => Ok(r),
+                Ok(other) => Err(ForwardError::Db(Error::Io(format!("unexpected meta response {other:?}")))),
+                Err(e) => Err(ForwardError::Db(e)),
+            }),
+            PeerRequest::Status => PeerResponse::Status(self.status()),
+            PeerRequest::Partition { blocked } => {
+                self.peers.filter().set(blocked.into_iter().collect());
+                PeerResponse::Done
+            }
+        }
+    }
+
+    /// This node's view of its groups.
+    pub fn status(&self) -> NodeStatus {
+        let groups: Vec<(GroupId, Arc<Group>)> =
+            self.groups.read().unwrap_or_else(|p| p.into_inner()).iter().map(|(k, v)| (*k, v.clone())).collect();
+        let mut out: Vec<GroupStatus> = groups
+            .into_iter()
+            .map(|(group, g)| {
+                let m = g.raft.metrics().borrow_watched().clone();
+                GroupStatus {
+                    group,
+                    leader: m.current_leader,
+                    term: m.current_term,
+                    last_log_index: m.last_log_index,
+                    last_applied: m.last_applied.map(|l| l.index),
+                    voters: m.membership_config.membership().voter_ids().collect(),
+                    learners: m.membership_config.membership().learner_ids().collect(),
+                    replication: m
+                        .replication
+                        .as_ref()
+                        .map(|r| r.iter().map(|(k, v)| (*k, v.map(|l| l.index))).collect())
+                        .unwrap_or_default(),
+                }
+            })
+            .collect();
+        out.sort_by_key(|g| g.group);
+        let state = self.cluster();
+        let mut blocked: Vec<NodeId> = self.peers.filter().blocked().into_iter().collect();
+        blocked.sort();
+        NodeStatus {
+            info: state.nodes.get(&self.me).cloned().or_else(|| Some(self.info.clone())),
+            map_version: state.version,
+            groups: out,
+            blocked,
+        }
+    }
+
+    /// Asks another node for its status.
+    pub async fn remote_status(&self, node: NodeId) -> Result<NodeStatus, Error> {
+        let addr = self.addr_of(node).ok_or_else(|| unavailable(format!("no address for node {node}")))?;
+        match self.peers.get(node, &addr).call(PeerRequest::Status, Duration::from_secs(1)).await {
+            Ok(PeerResponse::Status(s)) => Ok(s),
+            Ok(other) => Err(Error::Io(format!("unexpected answer {other:?}"))),
+            Err(e) => Err(unavailable(e.to_string())),
+        }
+    }
+
+    // ---------------------------------------------------------------- reconciler
+
+    async fn run_reconciler(self: Arc<Self>) {
+        let mut changes = self.cluster.clone();
+        let mut registered = false;
+        while !self.stopping.load(Ordering::Acquire) {
+            if !registered || self.cluster().nodes.get(&self.me).is_none_or(|n| !same_endpoints(n, &self.info)) {
+                registered = self.register().await;
+            }
+            if let Err(e) = self.reconcile().await {
+                tracing::warn!(error = %e, "reconcile step failed; retrying");
+            }
+            tokio::select! {
+                _ = changes.changed() => {}
+                _ = tokio::time::sleep(RECONCILE_EVERY) => {}
+            }
+        }
+    }
+
+    /// Adds this node (addresses, labels) to the map. Returns whether it is there.
+    async fn register(&self) -> bool {
+        match self.meta(MetaCommand::UpsertNode(self.info.clone())).await {
+            Ok(()) => {
+                tracing::info!(node = self.me, "registered in the cluster map");
+                true
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "registration not done yet");
+                false
+            }
+        }
+    }
+
+    /// One reconciliation pass: local groups follow the map; leaders move memberships.
+    pub async fn reconcile(self: &Arc<Self>) -> Result<(), Error> {
+        let state = self.cluster();
+        // Start groups this node should hold.
+        for (_, _, shard) in state.shards_of(self.me) {
+            if self.group(shard.group).is_none() {
+                let g = self
+                    .start_group(shard.group, Kind::Data { table: shard_table(shard.group) })
+                    .await?;
+                let pristine = g.log.is_pristine().map_err(|e| Error::Io(e.to_string()))?;
+                if pristine && shard.initial_replicas.contains(&self.me) && shard.initial_replicas == shard.replicas {
+                    let members: BTreeMap<NodeId, PeerNode> = shard
+                        .initial_replicas
+                        .iter()
+                        .filter_map(|n| state.nodes.get(n).map(|info| (*n, PeerNode { peer_addr: info.peer_addr.clone() })))
+                        .collect();
+                    if let Err(e) = g.raft.initialize(members).await {
+                        tracing::debug!(group = shard.group, error = %e, "group already initialized");
+                    }
+                }
+            }
+        }
+        // Groups this node leads: move their membership towards the map.
+        let local: Vec<(GroupId, Arc<Group>)> =
+            self.groups.read().unwrap_or_else(|p| p.into_inner()).iter().map(|(k, v)| (*k, v.clone())).collect();
+        for (group, g) in &local {
+            let m = g.raft.metrics().borrow_watched().clone();
+            let target: BTreeSet<NodeId> = if *group == META_GROUP {
+                if state.nodes.is_empty() {
+                    continue;
+                }
+                placement::meta_voters(&state)
+            } else {
+                match state.find_group(*group) {
+                    Some((ks, i)) => ks.shards[i].replicas.iter().copied().collect(),
+                    None => BTreeSet::new(),
+                }
+            };
+            if m.state == ServerState::Leader && !target.is_empty() {
+                let learners_wanted: BTreeSet<NodeId> = if *group == META_GROUP {
+                    state.nodes.keys().copied().filter(|n| !target.contains(n)).collect()
+                } else {
+                    BTreeSet::new()
+                };
+                self.spawn_membership_change(*group, g.clone(), target.clone(), learners_wanted);
+            }
+            // Drop data groups this node no longer belongs to, once removed from their voters.
+            if *group != META_GROUP && !target.contains(&self.me) {
+                let voters: BTreeSet<NodeId> = m.membership_config.membership().voter_ids().collect();
+                let keyspace_gone = state.find_group(*group).is_none();
+                if keyspace_gone || (!voters.contains(&self.me) && m.membership_config.log_id().is_some()) {
+                    self.drop_group(*group).await;
+                }
+            }
+        }
+        if self.group(META_GROUP).is_some_and(|g| g.raft.metrics().borrow_watched().state == ServerState::Leader) {
+            self.meta_leader_duties(&state).await;
+        }
+        Ok(())
+    }
+
+    async fn drop_group(&self, group: GroupId) {
+        let g = self.groups.write().unwrap_or_else(|p| p.into_inner()).remove(&group);
+        if let Some(g) = g {
+            tracing::info!(group, "dropping a replica this node no longer holds");
+            let _ = g.raft.shutdown().await;
+            let metas = ["vote", "committed", "purged", "applied"].iter().map(|w| meta_key(group, w)).collect();
+            if let Err(e) = self
+                .engine
+                .drop_group(vec![shard_table(group)], vec![log_table(group)], metas)
+                .await
+            {
+                tracing::warn!(group, error = %e, "could not delete the dropped replica's data");
+            }
+        }
+    }
+
+    /// Moves a led group's membership towards `voters` (and `learners`), one step at a time, in
+    /// the background; at most one change per group runs at once.
+    fn spawn_membership_change(self: &Arc<Self>, group: GroupId, g: Arc<Group>, voters: BTreeSet<NodeId>, learners: BTreeSet<NodeId>) {
+        let m = g.raft.metrics().borrow_watched().clone();
+        let membership = m.membership_config.membership().clone();
+        let current_voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let current_learners: BTreeSet<NodeId> = membership.learner_ids().collect();
+        let missing_learners: Vec<NodeId> = voters
+            .iter()
+            .chain(learners.iter())
+            .filter(|n| !current_voters.contains(n) && !current_learners.contains(n))
+            .copied()
+            .collect();
+        if current_voters == voters && missing_learners.is_empty() {
+            return;
+        }
+        if !self.changing.lock().unwrap_or_else(|p| p.into_inner()).insert(group) {
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            let result = this.change_membership(group, &g, &voters, &missing_learners).await;
+            if let Err(e) = result {
+                tracing::info!(group, error = %e, "membership change step did not finish; will retry");
+            }
+            this.changing.lock().unwrap_or_else(|p| p.into_inner()).remove(&group);
+        });
+    }
+
+    async fn change_membership(&self, group: GroupId, g: &Group, voters: &BTreeSet<NodeId>, missing: &[NodeId]) -> Result<(), String> {
+        for &n in missing {
+            let addr = self.addr_of(n).ok_or_else(|| format!("no address for node {n}"))?;
+            tracing::info!(group, node = n, "adding learner");
+            tokio::time::timeout(Duration::from_secs(5), g.raft.add_learner(n, PeerNode { peer_addr: addr }, false))
+                .await
+                .map_err(|_| "add_learner timed out".to_string())?
+                .map_err(|e| e.to_string())?;
+        }
+        // Wait until every future voter has caught up before making it a voter.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let m = g.raft.metrics().borrow_watched().clone();
+            if m.state != ServerState::Leader {
+                return Err("no longer the leader".into());
+            }
+            let last = m.last_log_index.unwrap_or(0);
+            let current_voters: BTreeSet<NodeId> = m.membership_config.membership().voter_ids().collect();
+            let lagging: Vec<NodeId> = voters
+                .iter()
+                .filter(|n| **n != self.me && !current_voters.contains(n))
+                .filter(|n| {
+                    m.replication
+                        .as_ref()
+                        .and_then(|r| r.get(n).copied().flatten())
+                        .is_none_or(|matched| matched.index + CATCH_UP_ENTRIES < last)
+                })
+                .copied()
+                .collect();
+            if lagging.is_empty() {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(format!("learners {lagging:?} did not catch up within 30 s"));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let current: BTreeSet<NodeId> = g.raft.metrics().borrow_watched().membership_config.membership().voter_ids().collect();
+        if current != *voters {
+            tracing::info!(group, ?current, target = ?voters, "changing voters");
+            tokio::time::timeout(Duration::from_secs(10), g.raft.change_membership(ChangeMembers::ReplaceAllVoters(voters.clone()), false))
+                .await
+                .map_err(|_| "change_membership timed out".to_string())?
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// The meta leader's jobs: make sure `default` exists, and take placement steps.
+    async fn meta_leader_duties(&self, state: &ClusterState) {
+        if state.nodes.is_empty() {
+            return;
+        }
+        let default = KeyspaceName::default_keyspace();
+        if !state.keyspaces.contains_key(&default) {
+            let spec = match KeyspaceSpec::new(default, Mode::Cp, None, None, None, None) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot build the default keyspace spec");
+                    return;
+                }
+            };
+            let replicas = placement::place_keyspace(state, spec.shards, spec.replication_factor);
+            if let Err(e) = self.meta(MetaCommand::CreateKeyspace { spec, replicas }).await {
+                tracing::debug!(error = %e, "default keyspace not created yet");
+            }
+            return;
+        }
+        {
+            let mut last = self.last_placement.lock().unwrap_or_else(|p| p.into_inner());
+            if last.is_some_and(|t| t.elapsed() < PLACEMENT_STEP_EVERY) {
+                return;
+            }
+            *last = Some(Instant::now());
+        }
+        // Remove drained nodes that hold nothing any more.
+        for n in state.nodes.values().filter(|n| n.draining) {
+            if state.shards_of(n.id).next().is_none() {
+                tracing::info!(node = n.id, "drained node removed from the cluster");
+                let _ = self.meta(MetaCommand::RemoveNode(n.id)).await;
+                return;
+            }
+        }
+        if let Some(step) = placement::next_move(state) {
+            tracing::info!(?step, "placement step");
+            if let Err(e) = self.meta(step).await {
+                tracing::info!(error = %e, "placement step refused");
+            }
+        }
+    }
+
+    /// Blocks or unblocks peers on this node (simulated partitions).
+    pub fn set_partition(&self, blocked: BTreeSet<NodeId>) {
+        self.peers.filter().set(blocked.into_iter().collect());
+    }
+}
+
+fn same_endpoints(a: &NodeInfo, b: &NodeInfo) -> bool {
+    a.peer_addr == b.peer_addr && a.resp_addr == b.resp_addr && a.http_addr == b.http_addr && a.labels == b.labels
+}
+
+/// Serves peer requests with this manager.
+pub struct PeerHandler(pub Arc<Manager>);
+
+impl rpc::Handler<PeerRequest, PeerResponse> for PeerHandler {
+    async fn handle(&self, from: NodeId, request: PeerRequest) -> PeerResponse {
+        self.0.handle_request(from, request).await
+    }
+}
+

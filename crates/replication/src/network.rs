@@ -70,6 +70,8 @@ pub enum PeerRequest {
         limit: u32,
         mode: ReadMode,
     },
+    /// The number of keys of a shard (DBSIZE).
+    Count { group: GroupId, mode: ReadMode },
     /// A change to the cluster map, for the meta leader.
     Meta(MetaCommand),
     /// This node's view: its info, the cluster map version it has applied, and its groups.
@@ -124,6 +126,7 @@ pub enum PeerResponse {
     Read(Result<Option<Value>, ForwardError>),
     ReadMany(Result<Vec<Option<Value>>, ForwardError>),
     Scan(Result<(Vec<(Bytes, Value)>, Option<Bytes>), ForwardError>),
+    Count(Result<u64, ForwardError>),
     Meta(Result<capdb_cluster::MetaResponse, ForwardError>),
     Status(NodeStatus),
     Done,
