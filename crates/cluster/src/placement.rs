@@ -113,25 +113,31 @@ pub fn next_move(state: &ClusterState) -> Option<MetaCommand> {
             });
         }
     }
-    // 2. Balance: move one replica from the most to the least loaded node.
-    let (&max_node, &max) = load
-        .iter()
-        .filter(|(n, _)| eligible.contains(n))
-        .max_by_key(|(n, l)| (**l, u64::MAX - **n))?;
+    // 2. Balance: move one replica to the least loaded node from the most loaded node that can
+    //    give one without worsening its shard's zone spread.
     let (&min_node, &min) = load
         .iter()
         .filter(|(n, _)| eligible.contains(n))
         .min_by_key(|(n, l)| (**l, **n))?;
-    if max <= min + 1 {
-        return None;
-    }
-    for (name, i, shard) in state.all_shards() {
-        if shard.replicas.contains(&max_node) && !shard.replicas.contains(&min_node) {
-            let mut replicas: Vec<NodeId> = shard.replicas.clone();
-            // Zone spread must not get worse.
-            let zone = |n: &NodeId| state.nodes[n].zone().to_string();
-            let zones_before: BTreeSet<String> = replicas.iter().map(zone).collect();
-            replicas.retain(|&r| r != max_node);
+    let mut sources: Vec<(NodeId, usize)> = load
+        .iter()
+        .filter(|(n, l)| eligible.contains(n) && **l > min + 1)
+        .map(|(n, l)| (*n, *l))
+        .collect();
+    sources.sort_by_key(|(n, l)| (std::cmp::Reverse(*l), *n));
+    let zone = |n: &NodeId| state.nodes[n].zone().to_string();
+    for (source, _) in sources {
+        for (name, i, shard) in state.all_shards() {
+            if !shard.replicas.contains(&source) || shard.replicas.contains(&min_node) {
+                continue;
+            }
+            let zones_before: BTreeSet<String> = shard.replicas.iter().map(zone).collect();
+            let mut replicas: Vec<NodeId> = shard
+                .replicas
+                .iter()
+                .copied()
+                .filter(|&r| r != source)
+                .collect();
             replicas.push(min_node);
             let zones_after: BTreeSet<String> = replicas.iter().map(zone).collect();
             if zones_after.len() < zones_before.len() {
@@ -205,6 +211,23 @@ mod tests {
     }
 
     #[test]
+    fn balancing_keeps_zone_spread() {
+        // A second node in zone a can only share zone a's replicas: 2 + 2, not 3 each.
+        let mut s = cluster(&["a", "b", "c"]);
+        create(&mut s, "k", 4, 3);
+        s.apply(&MetaCommand::UpsertNode(node(4, "a")));
+        while let Some(cmd) = next_move(&s) {
+            assert_eq!(s.apply(&cmd), crate::state::MetaResponse::Ok);
+        }
+        let load = s.load();
+        assert_eq!((load[&1], load[&4]), (2, 2), "{load:?}");
+        for (_, _, shard) in s.all_shards() {
+            let zones: BTreeSet<&str> = shard.replicas.iter().map(|n| s.nodes[n].zone()).collect();
+            assert_eq!(zones.len(), 3);
+        }
+    }
+
+    #[test]
     fn fewer_nodes_than_rf_places_on_all() {
         let s = cluster(&["a", "b"]);
         assert_eq!(place_keyspace(&s, 1, 3), vec![vec![1, 2]]);
@@ -214,7 +237,7 @@ mod tests {
     fn a_new_node_gets_replicas_and_a_drained_node_loses_them() {
         let mut s = cluster(&["a", "b", "c"]);
         create(&mut s, "k", 4, 3);
-        s.apply(&MetaCommand::UpsertNode(node(4, "a")));
+        s.apply(&MetaCommand::UpsertNode(node(4, "d")));
         let mut steps = 0;
         while let Some(cmd) = next_move(&s) {
             assert_eq!(s.apply(&cmd), crate::state::MetaResponse::Ok);

@@ -78,7 +78,9 @@ fn decode_entry(raw: &[u8]) -> io::Result<Entry> {
     let (body, crc) = raw.split_at(raw.len() - 4);
     let stored = u32::from_le_bytes(crc.try_into().expect("4 bytes"));
     if crc32fast::hash(body) != stored {
-        return Err(corrupt("log record checksum mismatch: the Raft log is corrupt"));
+        return Err(corrupt(
+            "log record checksum mismatch: the Raft log is corrupt",
+        ));
     }
     decode(body, "log entry")
 }

@@ -32,7 +32,9 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use capdb_cluster::{ClusterState, GroupId, META_GROUP, MetaCommand, MetaResponse, NodeId, NodeInfo, placement};
+use capdb_cluster::{
+    ClusterState, GroupId, META_GROUP, MetaCommand, MetaResponse, NodeId, NodeInfo, placement,
+};
 use capdb_storage::disk::DiskEngine;
 use capdb_storage::{KeyspaceStore, ScanRange};
 use capdb_types::{Error, Hlc, KeyspaceName, KeyspaceSpec, Mode, Mutation, Reply, Value};
@@ -42,7 +44,10 @@ use openraft::{ChangeMembers, ReadPolicy, ServerState};
 use tokio::sync::watch;
 
 use crate::log_store::{LogStore, log_table, meta_key};
-use crate::network::{ForwardError, GroupStatus, NetworkFactory, NodeStatus, PeerPool, PeerRequest, PeerResponse, ReadMode};
+use crate::network::{
+    ForwardError, GroupStatus, NetworkFactory, NodeStatus, PeerPool, PeerRequest, PeerResponse,
+    ReadMode,
+};
 use crate::rpc::{self, PeerFilter, RpcError};
 use crate::state_machine::{Kind, StateMachine};
 use crate::types::{PeerNode, Raft, Request, Response};
@@ -120,7 +125,12 @@ fn unavailable(msg: impl Into<String>) -> Error {
 impl Manager {
     /// Starts the meta group (bootstrapping it when this node is in `initial_cluster` and has
     /// never run) and the background reconciler.
-    pub async fn start(config: ManagerConfig, engine: DiskEngine, hlc: Arc<Hlc>, filter: PeerFilter) -> Result<Arc<Manager>, Error> {
+    pub async fn start(
+        config: ManagerConfig,
+        engine: DiskEngine,
+        hlc: Arc<Hlc>,
+        filter: PeerFilter,
+    ) -> Result<Arc<Manager>, Error> {
         let me = config.me.id;
         let (tx, rx) = watch::channel(Arc::new(ClusterState::default()));
         let peers = Arc::new(PeerPool::new(me, filter));
@@ -142,13 +152,23 @@ impl Manager {
         let meta = manager
             .start_group(META_GROUP, Kind::Meta { published: tx })
             .await?;
-        let pristine = meta.log.is_pristine().map_err(|e| Error::Io(e.to_string()))?;
+        let pristine = meta
+            .log
+            .is_pristine()
+            .map_err(|e| Error::Io(e.to_string()))?;
         if pristine && !config.initial_cluster.is_empty() {
             let voters: BTreeMap<NodeId, PeerNode> = config
                 .initial_cluster
                 .iter()
                 .take(placement::META_VOTERS)
-                .map(|(id, addr)| (*id, PeerNode { peer_addr: addr.clone() }))
+                .map(|(id, addr)| {
+                    (
+                        *id,
+                        PeerNode {
+                            peer_addr: addr.clone(),
+                        },
+                    )
+                })
                 .collect();
             if voters.contains_key(&me) {
                 tracing::info!(?voters, "bootstrapping the meta group");
@@ -185,7 +205,11 @@ impl Manager {
     }
 
     fn group(&self, group: GroupId) -> Option<Arc<Group>> {
-        self.groups.read().unwrap_or_else(|p| p.into_inner()).get(&group).cloned()
+        self.groups
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&group)
+            .cloned()
     }
 
     async fn start_group(&self, group: GroupId, kind: Kind) -> Result<Arc<Group>, Error> {
@@ -210,8 +234,13 @@ impl Manager {
     /// Stops every group (graceful shutdown). Leaders hand off leadership first when they can.
     pub async fn shutdown(&self) {
         self.stopping.store(true, Ordering::Release);
-        let groups: Vec<(GroupId, Arc<Group>)> =
-            self.groups.read().unwrap_or_else(|p| p.into_inner()).iter().map(|(k, v)| (*k, v.clone())).collect();
+        let groups: Vec<(GroupId, Arc<Group>)> = self
+            .groups
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, v)| (*k, v.clone()))
+            .collect();
         for (_, g) in &groups {
             self.transfer_away(&g.raft).await;
         }
@@ -247,7 +276,13 @@ impl Manager {
 
     /// Moves leadership of every group this node leads elsewhere (`cluster drain`, preStop).
     pub async fn step_down_everywhere(&self) {
-        let groups: Vec<Arc<Group>> = self.groups.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+        let groups: Vec<Arc<Group>> = self
+            .groups
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
         for g in groups {
             self.transfer_away(&g.raft).await;
         }
@@ -262,7 +297,10 @@ impl Manager {
         }
         let meta = self.group(META_GROUP)?;
         let m = meta.raft.metrics().borrow_watched().clone();
-        m.membership_config.membership().get_node(&node).map(|n| n.peer_addr.clone())
+        m.membership_config
+            .membership()
+            .get_node(&node)
+            .map(|n| n.peer_addr.clone())
     }
 
     fn local_leader(&self, group: GroupId) -> Option<NodeId> {
@@ -271,7 +309,11 @@ impl Manager {
     }
 
     fn hint(&self, group: GroupId) -> Option<NodeId> {
-        self.hints.lock().unwrap_or_else(|p| p.into_inner()).get(&group).copied()
+        self.hints
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&group)
+            .copied()
     }
 
     fn set_hint(&self, group: GroupId, node: Option<NodeId>) {
@@ -299,7 +341,10 @@ impl Manager {
         let replicas: Vec<NodeId> = if group == META_GROUP {
             state.nodes.keys().copied().collect()
         } else {
-            state.find_group(group).map(|(ks, i)| ks.shards[i].replicas.clone()).unwrap_or_default()
+            state
+                .find_group(group)
+                .map(|(ks, i)| ks.shards[i].replicas.clone())
+                .unwrap_or_default()
         };
         if !replicas.is_empty() {
             // Rotate through replicas on retries so a dead hint does not stick.
@@ -325,14 +370,21 @@ impl Manager {
             let outcome = match target {
                 Some(t) if t == self.me => self.write_local(group, request.clone(), deadline).await,
                 Some(t) => self.write_remote(t, group, request.clone()).await,
-                None if group == META_GROUP && !self.join.is_empty() => self.meta_via_seed(request.clone(), attempt).await,
+                None if group == META_GROUP && !self.join.is_empty() => {
+                    self.meta_via_seed(request.clone(), attempt).await
+                }
                 None => Err(ForwardError::NotLeader { leader: None }),
             };
             match outcome {
                 Ok(r) => return Ok(r),
                 Err(ForwardError::Db(e)) => return Err(e),
                 Err(ForwardError::NotLeader { leader }) => {
-                    last_err = format!("{}", ForwardError::NotLeader { leader: leader.clone() });
+                    last_err = format!(
+                        "{}",
+                        ForwardError::NotLeader {
+                            leader: leader.clone()
+                        }
+                    );
                     let hint = leader.map(|(id, _)| id).filter(|&id| Some(id) != target);
                     self.set_hint(group, hint);
                     if hint.is_none() {
@@ -352,45 +404,85 @@ impl Manager {
         )))
     }
 
-    async fn meta_via_seed(&self, request: Request, attempt: usize) -> Result<Response, ForwardError> {
+    async fn meta_via_seed(
+        &self,
+        request: Request,
+        attempt: usize,
+    ) -> Result<Response, ForwardError> {
         let seed = &self.join[attempt % self.join.len()];
         // Seeds are addressed before their ids are known: use reserved ids from the top.
-        let peer = self.peers.get(u64::MAX - (attempt % self.join.len()) as u64, seed);
-        match peer.call(PeerRequest::Write { group: META_GROUP, request }, HOP_TIMEOUT).await {
+        let peer = self
+            .peers
+            .get(u64::MAX - (attempt % self.join.len()) as u64, seed);
+        match peer
+            .call(
+                PeerRequest::Write {
+                    group: META_GROUP,
+                    request,
+                },
+                HOP_TIMEOUT,
+            )
+            .await
+        {
             Ok(PeerResponse::Write(r)) => r,
             Ok(_) => Err(ForwardError::NotLeader { leader: None }),
             Err(_) => Err(ForwardError::NotLeader { leader: None }),
         }
     }
 
-    async fn write_local(&self, group: GroupId, request: Request, deadline: Instant) -> Result<Response, ForwardError> {
+    async fn write_local(
+        &self,
+        group: GroupId,
+        request: Request,
+        deadline: Instant,
+    ) -> Result<Response, ForwardError> {
         let g = self.group(group).ok_or(ForwardError::UnknownGroup(group))?;
-        let left = deadline.saturating_duration_since(Instant::now()).min(HOP_TIMEOUT);
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .min(HOP_TIMEOUT);
         match tokio::time::timeout(left, g.raft.client_write(request)).await {
             Err(_) => Err(ForwardError::Db(unavailable(format!(
                 "shard group {group}: the write was not committed within {} ms (no quorum?); its outcome is unknown",
                 left.as_millis()
             )))),
             Ok(Ok(resp)) => Ok(resp.data),
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => Err(ForwardError::NotLeader {
-                leader: f.leader_id.map(|id| (id, f.leader_node.map(|n| n.peer_addr).unwrap_or_default())),
-            }),
-            Ok(Err(RaftError::APIError(ClientWriteError::LogEntryDiscarded(_)))) => Err(ForwardError::Db(unavailable(
-                "leadership changed while the write was in flight; its outcome is unknown",
-            ))),
-            Ok(Err(e)) => Err(ForwardError::Db(unavailable(format!("shard group {group}: {e}")))),
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+                Err(ForwardError::NotLeader {
+                    leader: f
+                        .leader_id
+                        .map(|id| (id, f.leader_node.map(|n| n.peer_addr).unwrap_or_default())),
+                })
+            }
+            Ok(Err(RaftError::APIError(ClientWriteError::LogEntryDiscarded(_)))) => {
+                Err(ForwardError::Db(unavailable(
+                    "leadership changed while the write was in flight; its outcome is unknown",
+                )))
+            }
+            Ok(Err(e)) => Err(ForwardError::Db(unavailable(format!(
+                "shard group {group}: {e}"
+            )))),
         }
     }
 
-    async fn write_remote(&self, node: NodeId, group: GroupId, request: Request) -> Result<Response, ForwardError> {
+    async fn write_remote(
+        &self,
+        node: NodeId,
+        group: GroupId,
+        request: Request,
+    ) -> Result<Response, ForwardError> {
         let Some(addr) = self.addr_of(node) else {
             return Err(ForwardError::NotLeader { leader: None });
         };
         let peer = self.peers.get(node, &addr);
-        match peer.call(PeerRequest::Write { group, request }, HOP_TIMEOUT).await {
+        match peer
+            .call(PeerRequest::Write { group, request }, HOP_TIMEOUT)
+            .await
+        {
             Ok(PeerResponse::Write(r)) => r,
             Ok(PeerResponse::Unavailable(_)) => Err(ForwardError::UnknownGroup(group)),
-            Ok(other) => Err(ForwardError::Db(Error::Io(format!("unexpected answer from node {node}: {other:?}")))),
+            Ok(other) => Err(ForwardError::Db(Error::Io(format!(
+                "unexpected answer from node {node}: {other:?}"
+            )))),
             // The write may have reached the leader: a timeout is not safe to retry blindly.
             Err(RpcError::Timeout(..)) => Err(ForwardError::Db(unavailable(format!(
                 "node {node} did not answer in time; the write's outcome is unknown"
@@ -400,7 +492,12 @@ impl Manager {
     }
 
     /// Applies mutations to a data group: stamps them, proposes them, returns their replies.
-    pub async fn write_mutations(&self, group: GroupId, mutations: Vec<Mutation>, now_ms: u64) -> Result<Vec<Result<Reply, Error>>, Error> {
+    pub async fn write_mutations(
+        &self,
+        group: GroupId,
+        mutations: Vec<Mutation>,
+        now_ms: u64,
+    ) -> Result<Vec<Result<Reply, Error>>, Error> {
         let request = Request::Write {
             mutations,
             timestamp: self.hlc.now(),
@@ -408,7 +505,9 @@ impl Manager {
         };
         match self.write(group, request).await? {
             Response::Replies(r) => Ok(r),
-            other => Err(Error::Io(format!("unexpected response to a write: {other:?}"))),
+            other => Err(Error::Io(format!(
+                "unexpected response to a write: {other:?}"
+            ))),
         }
     }
 
@@ -422,7 +521,9 @@ impl Manager {
         match self.write(META_GROUP, Request::Meta(cmd)).await? {
             Response::Meta(MetaResponse::Ok) => Ok(()),
             Response::Meta(MetaResponse::Error(e)) => Err(Error::InvalidInput(e)),
-            other => Err(Error::Io(format!("unexpected response to a meta command: {other:?}"))),
+            other => Err(Error::Io(format!(
+                "unexpected response to a meta command: {other:?}"
+            ))),
         }
     }
 
@@ -430,7 +531,13 @@ impl Manager {
 
     /// Reads keys of one group. `Linearizable` reads go to the leader (ReadIndex); `Stale`
     /// reads are served by this node's replica when it has one, else by any replica.
-    pub async fn read(&self, group: GroupId, keys: Vec<Bytes>, mode: ReadMode, now_ms: u64) -> Result<Vec<Option<Value>>, Error> {
+    pub async fn read(
+        &self,
+        group: GroupId,
+        keys: Vec<Bytes>,
+        mode: ReadMode,
+        now_ms: u64,
+    ) -> Result<Vec<Option<Value>>, Error> {
         let deadline = Instant::now() + REQUEST_DEADLINE;
         let mut attempt = 0;
         let mut last_err = String::from("no leader known");
@@ -442,7 +549,9 @@ impl Manager {
                 ReadMode::Linearizable => self.candidates(group, attempt).into_iter().next(),
             };
             let outcome = match target {
-                Some(t) if t == self.me => self.read_local(group, &keys, mode, now_ms, deadline).await,
+                Some(t) if t == self.me => {
+                    self.read_local(group, &keys, mode, now_ms, deadline).await
+                }
                 Some(t) => self.read_remote(t, group, keys.clone(), mode).await,
                 None => Err(ForwardError::NotLeader { leader: None }),
             };
@@ -450,7 +559,12 @@ impl Manager {
                 Ok(v) => return Ok(v),
                 Err(ForwardError::Db(e)) => return Err(e),
                 Err(ForwardError::NotLeader { leader }) => {
-                    last_err = format!("{}", ForwardError::NotLeader { leader: leader.clone() });
+                    last_err = format!(
+                        "{}",
+                        ForwardError::NotLeader {
+                            leader: leader.clone()
+                        }
+                    );
                     let hint = leader.map(|(id, _)| id).filter(|&id| Some(id) != target);
                     self.set_hint(group, hint);
                     if hint.is_none() {
@@ -470,22 +584,46 @@ impl Manager {
     }
 
     /// Confirms this node may serve a linearizable read of `group` now (ReadIndex).
-    async fn read_barrier(&self, group: GroupId, g: &Group, deadline: Instant) -> Result<(), ForwardError> {
-        let left = deadline.saturating_duration_since(Instant::now()).min(HOP_TIMEOUT);
+    async fn read_barrier(
+        &self,
+        group: GroupId,
+        g: &Group,
+        deadline: Instant,
+    ) -> Result<(), ForwardError> {
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .min(HOP_TIMEOUT);
         match tokio::time::timeout(left, g.raft.ensure_linearizable(ReadPolicy::ReadIndex)).await {
-            Err(_) => Err(ForwardError::Db(unavailable(format!("shard group {group}: read barrier timed out (no quorum?)")))),
+            Err(_) => Err(ForwardError::Db(unavailable(format!(
+                "shard group {group}: read barrier timed out (no quorum?)"
+            )))),
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(f)))) => Err(ForwardError::NotLeader {
-                leader: f.leader_id.map(|id| (id, f.leader_node.map(|n| n.peer_addr).unwrap_or_default())),
-            }),
-            Ok(Err(RaftError::APIError(LinearizableReadError::QuorumNotEnough(q)))) => {
-                Err(ForwardError::Db(unavailable(format!("shard group {group}: leader cannot reach a quorum ({q})"))))
+            Ok(Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(f)))) => {
+                Err(ForwardError::NotLeader {
+                    leader: f
+                        .leader_id
+                        .map(|id| (id, f.leader_node.map(|n| n.peer_addr).unwrap_or_default())),
+                })
             }
-            Ok(Err(e)) => Err(ForwardError::Db(unavailable(format!("shard group {group}: {e}")))),
+            Ok(Err(RaftError::APIError(LinearizableReadError::QuorumNotEnough(q)))) => {
+                Err(ForwardError::Db(unavailable(format!(
+                    "shard group {group}: leader cannot reach a quorum ({q})"
+                ))))
+            }
+            Ok(Err(e)) => Err(ForwardError::Db(unavailable(format!(
+                "shard group {group}: {e}"
+            )))),
         }
     }
 
-    async fn read_local(&self, group: GroupId, keys: &[Bytes], mode: ReadMode, now_ms: u64, deadline: Instant) -> Result<Vec<Option<Value>>, ForwardError> {
+    async fn read_local(
+        &self,
+        group: GroupId,
+        keys: &[Bytes],
+        mode: ReadMode,
+        now_ms: u64,
+        deadline: Instant,
+    ) -> Result<Vec<Option<Value>>, ForwardError> {
         let g = self.group(group).ok_or(ForwardError::UnknownGroup(group))?;
         if mode == ReadMode::Linearizable {
             self.read_barrier(group, &g, deadline).await?;
@@ -496,21 +634,40 @@ impl Manager {
             .collect()
     }
 
-    async fn read_remote(&self, node: NodeId, group: GroupId, keys: Vec<Bytes>, mode: ReadMode) -> Result<Vec<Option<Value>>, ForwardError> {
+    async fn read_remote(
+        &self,
+        node: NodeId,
+        group: GroupId,
+        keys: Vec<Bytes>,
+        mode: ReadMode,
+    ) -> Result<Vec<Option<Value>>, ForwardError> {
         let Some(addr) = self.addr_of(node) else {
             return Err(ForwardError::NotLeader { leader: None });
         };
         let peer = self.peers.get(node, &addr);
-        match peer.call(PeerRequest::ReadMany { group, keys, mode }, HOP_TIMEOUT).await {
+        match peer
+            .call(PeerRequest::ReadMany { group, keys, mode }, HOP_TIMEOUT)
+            .await
+        {
             Ok(PeerResponse::ReadMany(r)) => r,
             Ok(PeerResponse::Unavailable(_)) => Err(ForwardError::UnknownGroup(group)),
-            Ok(other) => Err(ForwardError::Db(Error::Io(format!("unexpected answer from node {node}: {other:?}")))),
+            Ok(other) => Err(ForwardError::Db(Error::Io(format!(
+                "unexpected answer from node {node}: {other:?}"
+            )))),
             Err(_) => Err(ForwardError::NotLeader { leader: None }),
         }
     }
 
     /// One page of a group's keys in order.
-    pub async fn scan(&self, group: GroupId, after: Option<Bytes>, prefix: Option<Bytes>, limit: u32, mode: ReadMode, now_ms: u64) -> Result<(Vec<(Bytes, Value)>, Option<Bytes>), Error> {
+    pub async fn scan(
+        &self,
+        group: GroupId,
+        after: Option<Bytes>,
+        prefix: Option<Bytes>,
+        limit: u32,
+        mode: ReadMode,
+        now_ms: u64,
+    ) -> Result<(Vec<(Bytes, Value)>, Option<Bytes>), Error> {
         let deadline = Instant::now() + REQUEST_DEADLINE;
         let mut attempt = 0;
         while Instant::now() < deadline {
@@ -520,7 +677,18 @@ impl Manager {
                 _ => self.candidates(group, attempt).into_iter().next(),
             };
             let outcome = match target {
-                Some(t) if t == self.me => self.scan_local(group, after.clone(), prefix.clone(), limit, mode, now_ms, deadline).await,
+                Some(t) if t == self.me => {
+                    self.scan_local(
+                        group,
+                        after.clone(),
+                        prefix.clone(),
+                        limit,
+                        mode,
+                        now_ms,
+                        deadline,
+                    )
+                    .await
+                }
                 Some(t) => {
                     let addr = self.addr_of(t).unwrap_or_default();
                     let req = PeerRequest::Scan {
@@ -550,18 +718,36 @@ impl Manager {
                 Err(ForwardError::UnknownGroup(_)) => tokio::time::sleep(RETRY_PAUSE).await,
             }
         }
-        Err(unavailable(format!("shard group {group}: no leader for a scan within {} ms; retry", REQUEST_DEADLINE.as_millis())))
+        Err(unavailable(format!(
+            "shard group {group}: no leader for a scan within {} ms; retry",
+            REQUEST_DEADLINE.as_millis()
+        )))
     }
 
     #[allow(clippy::too_many_arguments)]
-    async fn scan_local(&self, group: GroupId, after: Option<Bytes>, prefix: Option<Bytes>, limit: u32, mode: ReadMode, now_ms: u64, deadline: Instant) -> Result<(Vec<(Bytes, Value)>, Option<Bytes>), ForwardError> {
+    async fn scan_local(
+        &self,
+        group: GroupId,
+        after: Option<Bytes>,
+        prefix: Option<Bytes>,
+        limit: u32,
+        mode: ReadMode,
+        now_ms: u64,
+        deadline: Instant,
+    ) -> Result<(Vec<(Bytes, Value)>, Option<Bytes>), ForwardError> {
         let g = self.group(group).ok_or(ForwardError::UnknownGroup(group))?;
         if mode == ReadMode::Linearizable {
             self.read_barrier(group, &g, deadline).await?;
         }
         let table = self.engine.table(&shard_table(group), false);
-        let range = ScanRange { after, end: None, prefix };
-        let page = table.scan(&range, limit as usize, now_ms).map_err(ForwardError::Db)?;
+        let range = ScanRange {
+            after,
+            end: None,
+            prefix,
+        };
+        let page = table
+            .scan(&range, limit as usize, now_ms)
+            .map_err(ForwardError::Db)?;
         Ok((page.entries, page.next_after))
     }
 
@@ -579,7 +765,12 @@ impl Manager {
                 Some(t) if t == self.me => self.count_local(group, mode, deadline).await,
                 Some(t) => {
                     let addr = self.addr_of(t).unwrap_or_default();
-                    match self.peers.get(t, &addr).call(PeerRequest::Count { group, mode }, HOP_TIMEOUT).await {
+                    match self
+                        .peers
+                        .get(t, &addr)
+                        .call(PeerRequest::Count { group, mode }, HOP_TIMEOUT)
+                        .await
+                    {
                         Ok(PeerResponse::Count(r)) => r,
                         _ => Err(ForwardError::NotLeader { leader: None }),
                     }
@@ -599,15 +790,26 @@ impl Manager {
                 Err(ForwardError::UnknownGroup(_)) => tokio::time::sleep(RETRY_PAUSE).await,
             }
         }
-        Err(unavailable(format!("shard group {group}: no leader to count keys within {} ms; retry", REQUEST_DEADLINE.as_millis())))
+        Err(unavailable(format!(
+            "shard group {group}: no leader to count keys within {} ms; retry",
+            REQUEST_DEADLINE.as_millis()
+        )))
     }
 
-    async fn count_local(&self, group: GroupId, mode: ReadMode, deadline: Instant) -> Result<u64, ForwardError> {
+    async fn count_local(
+        &self,
+        group: GroupId,
+        mode: ReadMode,
+        deadline: Instant,
+    ) -> Result<u64, ForwardError> {
         let g = self.group(group).ok_or(ForwardError::UnknownGroup(group))?;
         if mode == ReadMode::Linearizable {
             self.read_barrier(group, &g, deadline).await?;
         }
-        self.engine.table(&shard_table(group), false).len().map_err(ForwardError::Db)
+        self.engine
+            .table(&shard_table(group), false)
+            .len()
+            .map_err(ForwardError::Db)
     }
 
     /// The best guess of a group's leader: local metrics, then the last answer, then the first
@@ -619,23 +821,36 @@ impl Manager {
     // ---------------------------------------------------------------- incoming requests
 
     async fn handle_request(&self, from: NodeId, request: PeerRequest) -> PeerResponse {
-        let no_group = |g: GroupId| PeerResponse::Unavailable(format!("node has no replica of group {g}"));
+        let no_group =
+            |g: GroupId| PeerResponse::Unavailable(format!("node has no replica of group {g}"));
         match request {
             PeerRequest::AppendEntries { group, rpc } => match self.group(group) {
-                Some(g) => PeerResponse::AppendEntries(g.raft.append_entries(rpc).await.map_err(|e| e.to_string())),
+                Some(g) => PeerResponse::AppendEntries(
+                    g.raft.append_entries(rpc).await.map_err(|e| e.to_string()),
+                ),
                 None => no_group(group),
             },
             PeerRequest::Vote { group, rpc } => match self.group(group) {
                 Some(g) => PeerResponse::Vote(g.raft.vote(rpc).await.map_err(|e| e.to_string())),
                 None => no_group(group),
             },
-            PeerRequest::Snapshot { group, vote, meta, data } => match self.group(group) {
+            PeerRequest::Snapshot {
+                group,
+                vote,
+                meta,
+                data,
+            } => match self.group(group) {
                 Some(g) => {
                     let snapshot = crate::types::Snapshot {
                         meta,
                         snapshot: std::io::Cursor::new(data),
                     };
-                    PeerResponse::Snapshot(g.raft.install_full_snapshot(vote, snapshot).await.map_err(|e| e.to_string()))
+                    PeerResponse::Snapshot(
+                        g.raft
+                            .install_full_snapshot(vote, snapshot)
+                            .await
+                            .map_err(|e| e.to_string()),
+                    )
                 }
                 None => no_group(group),
             },
@@ -643,7 +858,9 @@ impl Manager {
                 if self.group(group).is_none() {
                     if group == META_GROUP {
                         // A joining node asks through a seed: forward to the meta leader.
-                        return PeerResponse::Write(self.write(group, request).await.map_err(ForwardError::Db));
+                        return PeerResponse::Write(
+                            self.write(group, request).await.map_err(ForwardError::Db),
+                        );
                     }
                     return no_group(group);
                 }
@@ -654,7 +871,9 @@ impl Manager {
                     && let Err(ForwardError::NotLeader { .. }) = &local
                     && !self.cluster().nodes.contains_key(&from)
                 {
-                    return PeerResponse::Write(self.write(group, request).await.map_err(ForwardError::Db));
+                    return PeerResponse::Write(
+                        self.write(group, request).await.map_err(ForwardError::Db),
+                    );
                 }
                 PeerResponse::Write(local)
             }
@@ -668,21 +887,45 @@ impl Manager {
             }
             PeerRequest::ReadMany { group, keys, mode } => {
                 let deadline = Instant::now() + HOP_TIMEOUT;
-                PeerResponse::ReadMany(self.read_local(group, &keys, mode, capdb_types::unix_now_ms(), deadline).await)
+                PeerResponse::ReadMany(
+                    self.read_local(group, &keys, mode, capdb_types::unix_now_ms(), deadline)
+                        .await,
+                )
             }
-            PeerRequest::Scan { group, after, prefix, limit, mode } => {
+            PeerRequest::Scan {
+                group,
+                after,
+                prefix,
+                limit,
+                mode,
+            } => {
                 let deadline = Instant::now() + HOP_TIMEOUT;
-                PeerResponse::Scan(self.scan_local(group, after, prefix, limit, mode, capdb_types::unix_now_ms(), deadline).await)
+                PeerResponse::Scan(
+                    self.scan_local(
+                        group,
+                        after,
+                        prefix,
+                        limit,
+                        mode,
+                        capdb_types::unix_now_ms(),
+                        deadline,
+                    )
+                    .await,
+                )
             }
             PeerRequest::Count { group, mode } => {
                 let deadline = Instant::now() + HOP_TIMEOUT;
                 PeerResponse::Count(self.count_local(group, mode, deadline).await)
             }
-            PeerRequest::Meta(cmd) => PeerResponse::Meta(match self.write(META_GROUP, Request::Meta(cmd)).await {
-                Ok(Response::Meta(r)) => Ok(r),
-                Ok(other) => Err(ForwardError::Db(Error::Io(format!("unexpected meta response {other:?}")))),
-                Err(e) => Err(ForwardError::Db(e)),
-            }),
+            PeerRequest::Meta(cmd) => {
+                PeerResponse::Meta(match self.write(META_GROUP, Request::Meta(cmd)).await {
+                    Ok(Response::Meta(r)) => Ok(r),
+                    Ok(other) => Err(ForwardError::Db(Error::Io(format!(
+                        "unexpected meta response {other:?}"
+                    )))),
+                    Err(e) => Err(ForwardError::Db(e)),
+                })
+            }
             PeerRequest::Status => PeerResponse::Status(self.status()),
             PeerRequest::Partition { blocked } => {
                 self.peers.filter().set(blocked.into_iter().collect());
@@ -693,8 +936,13 @@ impl Manager {
 
     /// This node's view of its groups.
     pub fn status(&self) -> NodeStatus {
-        let groups: Vec<(GroupId, Arc<Group>)> =
-            self.groups.read().unwrap_or_else(|p| p.into_inner()).iter().map(|(k, v)| (*k, v.clone())).collect();
+        let groups: Vec<(GroupId, Arc<Group>)> = self
+            .groups
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, v)| (*k, v.clone()))
+            .collect();
         let mut out: Vec<GroupStatus> = groups
             .into_iter()
             .map(|(group, g)| {
@@ -720,7 +968,11 @@ impl Manager {
         let mut blocked: Vec<NodeId> = self.peers.filter().blocked().into_iter().collect();
         blocked.sort();
         NodeStatus {
-            info: state.nodes.get(&self.me).cloned().or_else(|| Some(self.info.clone())),
+            info: state
+                .nodes
+                .get(&self.me)
+                .cloned()
+                .or_else(|| Some(self.info.clone())),
             map_version: state.version,
             groups: out,
             blocked,
@@ -729,8 +981,15 @@ impl Manager {
 
     /// Asks another node for its status.
     pub async fn remote_status(&self, node: NodeId) -> Result<NodeStatus, Error> {
-        let addr = self.addr_of(node).ok_or_else(|| unavailable(format!("no address for node {node}")))?;
-        match self.peers.get(node, &addr).call(PeerRequest::Status, Duration::from_secs(1)).await {
+        let addr = self
+            .addr_of(node)
+            .ok_or_else(|| unavailable(format!("no address for node {node}")))?;
+        match self
+            .peers
+            .get(node, &addr)
+            .call(PeerRequest::Status, Duration::from_secs(1))
+            .await
+        {
             Ok(PeerResponse::Status(s)) => Ok(s),
             Ok(other) => Err(Error::Io(format!("unexpected answer {other:?}"))),
             Err(e) => Err(unavailable(e.to_string())),
@@ -743,7 +1002,13 @@ impl Manager {
         let mut changes = self.cluster.clone();
         let mut registered = false;
         while !self.stopping.load(Ordering::Acquire) {
-            if !registered || self.cluster().nodes.get(&self.me).is_none_or(|n| !same_endpoints(n, &self.info)) {
+            if !registered
+                || self
+                    .cluster()
+                    .nodes
+                    .get(&self.me)
+                    .is_none_or(|n| !same_endpoints(n, &self.info))
+            {
                 registered = self.register().await;
             }
             if let Err(e) = self.reconcile().await {
@@ -777,14 +1042,31 @@ impl Manager {
         for (_, _, shard) in state.shards_of(self.me) {
             if self.group(shard.group).is_none() {
                 let g = self
-                    .start_group(shard.group, Kind::Data { table: shard_table(shard.group) })
+                    .start_group(
+                        shard.group,
+                        Kind::Data {
+                            table: shard_table(shard.group),
+                        },
+                    )
                     .await?;
                 let pristine = g.log.is_pristine().map_err(|e| Error::Io(e.to_string()))?;
-                if pristine && shard.initial_replicas.contains(&self.me) && shard.initial_replicas == shard.replicas {
+                if pristine
+                    && shard.initial_replicas.contains(&self.me)
+                    && shard.initial_replicas == shard.replicas
+                {
                     let members: BTreeMap<NodeId, PeerNode> = shard
                         .initial_replicas
                         .iter()
-                        .filter_map(|n| state.nodes.get(n).map(|info| (*n, PeerNode { peer_addr: info.peer_addr.clone() })))
+                        .filter_map(|n| {
+                            state.nodes.get(n).map(|info| {
+                                (
+                                    *n,
+                                    PeerNode {
+                                        peer_addr: info.peer_addr.clone(),
+                                    },
+                                )
+                            })
+                        })
                         .collect();
                     if let Err(e) = g.raft.initialize(members).await {
                         tracing::debug!(group = shard.group, error = %e, "group already initialized");
@@ -793,8 +1075,13 @@ impl Manager {
             }
         }
         // Groups this node leads: move their membership towards the map.
-        let local: Vec<(GroupId, Arc<Group>)> =
-            self.groups.read().unwrap_or_else(|p| p.into_inner()).iter().map(|(k, v)| (*k, v.clone())).collect();
+        let local: Vec<(GroupId, Arc<Group>)> = self
+            .groups
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, v)| (*k, v.clone()))
+            .collect();
         for (group, g) in &local {
             let m = g.raft.metrics().borrow_watched().clone();
             let target: BTreeSet<NodeId> = if *group == META_GROUP {
@@ -810,7 +1097,12 @@ impl Manager {
             };
             if m.state == ServerState::Leader && !target.is_empty() {
                 let learners_wanted: BTreeSet<NodeId> = if *group == META_GROUP {
-                    state.nodes.keys().copied().filter(|n| !target.contains(n)).collect()
+                    state
+                        .nodes
+                        .keys()
+                        .copied()
+                        .filter(|n| !target.contains(n))
+                        .collect()
                 } else {
                     BTreeSet::new()
                 };
@@ -818,25 +1110,38 @@ impl Manager {
             }
             // Drop data groups this node no longer belongs to, once removed from their voters.
             if *group != META_GROUP && !target.contains(&self.me) {
-                let voters: BTreeSet<NodeId> = m.membership_config.membership().voter_ids().collect();
+                let voters: BTreeSet<NodeId> =
+                    m.membership_config.membership().voter_ids().collect();
                 let keyspace_gone = state.find_group(*group).is_none();
-                if keyspace_gone || (!voters.contains(&self.me) && m.membership_config.log_id().is_some()) {
+                if keyspace_gone
+                    || (!voters.contains(&self.me) && m.membership_config.log_id().is_some())
+                {
                     self.drop_group(*group).await;
                 }
             }
         }
-        if self.group(META_GROUP).is_some_and(|g| g.raft.metrics().borrow_watched().state == ServerState::Leader) {
+        if self
+            .group(META_GROUP)
+            .is_some_and(|g| g.raft.metrics().borrow_watched().state == ServerState::Leader)
+        {
             self.meta_leader_duties(&state).await;
         }
         Ok(())
     }
 
     async fn drop_group(&self, group: GroupId) {
-        let g = self.groups.write().unwrap_or_else(|p| p.into_inner()).remove(&group);
+        let g = self
+            .groups
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&group);
         if let Some(g) = g {
             tracing::info!(group, "dropping a replica this node no longer holds");
             let _ = g.raft.shutdown().await;
-            let metas = ["vote", "committed", "purged", "applied"].iter().map(|w| meta_key(group, w)).collect();
+            let metas = ["vote", "committed", "purged", "applied"]
+                .iter()
+                .map(|w| meta_key(group, w))
+                .collect();
             if let Err(e) = self
                 .engine
                 .drop_group(vec![shard_table(group)], vec![log_table(group)], metas)
@@ -849,7 +1154,13 @@ impl Manager {
 
     /// Moves a led group's membership towards `voters` (and `learners`), one step at a time, in
     /// the background; at most one change per group runs at once.
-    fn spawn_membership_change(self: &Arc<Self>, group: GroupId, g: Arc<Group>, voters: BTreeSet<NodeId>, learners: BTreeSet<NodeId>) {
+    fn spawn_membership_change(
+        self: &Arc<Self>,
+        group: GroupId,
+        g: Arc<Group>,
+        voters: BTreeSet<NodeId>,
+        learners: BTreeSet<NodeId>,
+    ) {
         let m = g.raft.metrics().borrow_watched().clone();
         let membership = m.membership_config.membership().clone();
         let current_voters: BTreeSet<NodeId> = membership.voter_ids().collect();
@@ -863,27 +1174,48 @@ impl Manager {
         if current_voters == voters && missing_learners.is_empty() {
             return;
         }
-        if !self.changing.lock().unwrap_or_else(|p| p.into_inner()).insert(group) {
+        if !self
+            .changing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(group)
+        {
             return;
         }
         let this = self.clone();
         tokio::spawn(async move {
-            let result = this.change_membership(group, &g, &voters, &missing_learners).await;
+            let result = this
+                .change_membership(group, &g, &voters, &missing_learners)
+                .await;
             if let Err(e) = result {
                 tracing::info!(group, error = %e, "membership change step did not finish; will retry");
             }
-            this.changing.lock().unwrap_or_else(|p| p.into_inner()).remove(&group);
+            this.changing
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&group);
         });
     }
 
-    async fn change_membership(&self, group: GroupId, g: &Group, voters: &BTreeSet<NodeId>, missing: &[NodeId]) -> Result<(), String> {
+    async fn change_membership(
+        &self,
+        group: GroupId,
+        g: &Group,
+        voters: &BTreeSet<NodeId>,
+        missing: &[NodeId],
+    ) -> Result<(), String> {
         for &n in missing {
-            let addr = self.addr_of(n).ok_or_else(|| format!("no address for node {n}"))?;
+            let addr = self
+                .addr_of(n)
+                .ok_or_else(|| format!("no address for node {n}"))?;
             tracing::info!(group, node = n, "adding learner");
-            tokio::time::timeout(Duration::from_secs(5), g.raft.add_learner(n, PeerNode { peer_addr: addr }, false))
-                .await
-                .map_err(|_| "add_learner timed out".to_string())?
-                .map_err(|e| e.to_string())?;
+            tokio::time::timeout(
+                Duration::from_secs(5),
+                g.raft.add_learner(n, PeerNode { peer_addr: addr }, false),
+            )
+            .await
+            .map_err(|_| "add_learner timed out".to_string())?
+            .map_err(|e| e.to_string())?;
         }
         // Wait until every future voter has caught up before making it a voter.
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -893,7 +1225,8 @@ impl Manager {
                 return Err("no longer the leader".into());
             }
             let last = m.last_log_index.unwrap_or(0);
-            let current_voters: BTreeSet<NodeId> = m.membership_config.membership().voter_ids().collect();
+            let current_voters: BTreeSet<NodeId> =
+                m.membership_config.membership().voter_ids().collect();
             let lagging: Vec<NodeId> = voters
                 .iter()
                 .filter(|n| **n != self.me && !current_voters.contains(n))
@@ -913,13 +1246,24 @@ impl Manager {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let current: BTreeSet<NodeId> = g.raft.metrics().borrow_watched().membership_config.membership().voter_ids().collect();
+        let current: BTreeSet<NodeId> = g
+            .raft
+            .metrics()
+            .borrow_watched()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect();
         if current != *voters {
             tracing::info!(group, ?current, target = ?voters, "changing voters");
-            tokio::time::timeout(Duration::from_secs(10), g.raft.change_membership(ChangeMembers::ReplaceAllVoters(voters.clone()), false))
-                .await
-                .map_err(|_| "change_membership timed out".to_string())?
-                .map_err(|e| e.to_string())?;
+            tokio::time::timeout(
+                Duration::from_secs(10),
+                g.raft
+                    .change_membership(ChangeMembers::ReplaceAllVoters(voters.clone()), false),
+            )
+            .await
+            .map_err(|_| "change_membership timed out".to_string())?
+            .map_err(|e| e.to_string())?;
         }
         Ok(())
     }
@@ -939,13 +1283,19 @@ impl Manager {
                 }
             };
             let replicas = placement::place_keyspace(state, spec.shards, spec.replication_factor);
-            if let Err(e) = self.meta(MetaCommand::CreateKeyspace { spec, replicas }).await {
+            if let Err(e) = self
+                .meta(MetaCommand::CreateKeyspace { spec, replicas })
+                .await
+            {
                 tracing::debug!(error = %e, "default keyspace not created yet");
             }
             return;
         }
         {
-            let mut last = self.last_placement.lock().unwrap_or_else(|p| p.into_inner());
+            let mut last = self
+                .last_placement
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
             if last.is_some_and(|t| t.elapsed() < PLACEMENT_STEP_EVERY) {
                 return;
             }
@@ -974,7 +1324,10 @@ impl Manager {
 }
 
 fn same_endpoints(a: &NodeInfo, b: &NodeInfo) -> bool {
-    a.peer_addr == b.peer_addr && a.resp_addr == b.resp_addr && a.http_addr == b.http_addr && a.labels == b.labels
+    a.peer_addr == b.peer_addr
+        && a.resp_addr == b.resp_addr
+        && a.http_addr == b.http_addr
+        && a.labels == b.labels
 }
 
 /// Serves peer requests with this manager.
@@ -985,4 +1338,3 @@ impl rpc::Handler<PeerRequest, PeerResponse> for PeerHandler {
         self.0.handle_request(from, request).await
     }
 }
-

@@ -4,6 +4,7 @@
 //!
 //! The commented reference file is `config/capdb.toml` in the repository.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -25,7 +26,28 @@ pub struct Config {
     pub limits: Limits,
     /// How long shutdown waits for in-flight requests before closing connections anyway.
     pub shutdown_grace_ms: u64,
+    pub cluster: ClusterConfig,
 }
+
+/// This node's place in a cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterConfig {
+    /// Stable identity of this node (never reuse an id for a node with a wiped disk).
+    pub node_id: u64,
+    /// Inter-node listener.
+    pub peer_addr: SocketAddr,
+    /// How other nodes reach this node's peer listener (defaults to `peer_addr`).
+    pub advertise_addr: String,
+    /// The first cluster's members, `id -> peer address` (`--initial-cluster`). A node started
+    /// with neither this nor `join` forms a one-node cluster of itself.
+    pub initial_cluster: BTreeMap<u64, String>,
+    /// Peer addresses of existing members to join through (`--join`).
+    pub join: Vec<String>,
+    /// Placement labels, e.g. `zone=a`.
+    pub labels: BTreeMap<String, String>,
+}
+
+pub const DEFAULT_PEER_ADDR: &str = "127.0.0.1:7380";
 
 /// Bounds on what clients may send. See `capdb_types::limits` for the reasoning behind each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -65,6 +87,12 @@ struct FileConfig {
     password: Option<String>,
     shutdown_grace_ms: Option<u64>,
     limits: Option<FileLimits>,
+    node_id: Option<u64>,
+    peer_addr: Option<String>,
+    advertise_addr: Option<String>,
+    initial_cluster: Option<String>,
+    join: Option<Vec<String>>,
+    labels: Option<BTreeMap<String, String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -119,6 +147,35 @@ pub struct ServerArgs {
     /// Milliseconds shutdown waits for in-flight requests [default: 10000].
     #[arg(long, env = "CAPDB_SHUTDOWN_GRACE_MS", value_name = "MS")]
     pub shutdown_grace_ms: Option<u64>,
+    /// This node's id, unique and stable in the cluster [default: 1].
+    #[arg(long, env = "CAPDB_NODE_ID", value_name = "N")]
+    pub node_id: Option<u64>,
+    /// Inter-node (Raft, forwarding) listen address [default: 127.0.0.1:7380].
+    #[arg(long, env = "CAPDB_PEER_ADDR", value_name = "HOST:PORT")]
+    pub peer_addr: Option<String>,
+    /// Peer address other nodes should use, when it differs from --peer-addr.
+    #[arg(long, env = "CAPDB_ADVERTISE_ADDR", value_name = "HOST:PORT")]
+    pub advertise_addr: Option<String>,
+    /// The first cluster: every founding member as ID=HOST:PORT (peer address), comma-separated.
+    /// Give the same list to each founding node.
+    #[arg(long, env = "CAPDB_INITIAL_CLUSTER", value_name = "ID=HOST:PORT,...")]
+    pub initial_cluster: Option<String>,
+    /// Join an existing cluster through any of these members' peer addresses.
+    #[arg(
+        long,
+        env = "CAPDB_JOIN",
+        value_name = "HOST:PORT",
+        value_delimiter = ','
+    )]
+    pub join: Vec<String>,
+    /// A placement label, KEY=VALUE (repeatable), e.g. --label zone=a.
+    #[arg(
+        long = "label",
+        env = "CAPDB_LABELS",
+        value_name = "KEY=VALUE",
+        value_delimiter = ','
+    )]
+    pub labels: Vec<String>,
 }
 
 /// A configuration error: which setting, from where, and why.
@@ -177,7 +234,65 @@ impl Config {
             .clone()
             .or(file.http_addr)
             .unwrap_or_else(|| DEFAULT_HTTP_ADDR.into());
+        let node_id = args.node_id.or(file.node_id).unwrap_or(1);
+        let peer_addr_text = args
+            .peer_addr
+            .clone()
+            .or(file.peer_addr)
+            .unwrap_or_else(|| DEFAULT_PEER_ADDR.into());
+        let peer_addr = parse_addr(&peer_addr_text, "peer_addr")?;
+        let advertise_addr = args
+            .advertise_addr
+            .clone()
+            .or(file.advertise_addr)
+            .unwrap_or_else(|| peer_addr.to_string());
+        if !advertise_addr.contains(':') {
+            return Err(ConfigError(format!(
+                "advertise_addr = '{advertise_addr}' must be HOST:PORT"
+            )));
+        }
+        let initial_cluster = match args.initial_cluster.clone().or(file.initial_cluster) {
+            Some(text) => parse_initial_cluster(&text)?,
+            None => BTreeMap::new(),
+        };
+        let join = if args.join.is_empty() {
+            file.join.unwrap_or_default()
+        } else {
+            args.join.clone()
+        };
+        let mut labels = file.labels.unwrap_or_default();
+        for l in &args.labels {
+            let (k, v) = l
+                .split_once('=')
+                .filter(|(k, _)| !k.is_empty())
+                .ok_or_else(|| {
+                    ConfigError(format!("label '{l}' must be KEY=VALUE (example: zone=a)"))
+                })?;
+            labels.insert(k.to_string(), v.to_string());
+        }
+        if !initial_cluster.is_empty() && !join.is_empty() {
+            return Err(ConfigError(
+                "give either initial_cluster (to form a new cluster) or join (to enter an existing one), not both".into(),
+            ));
+        }
+        if !initial_cluster.is_empty() && !initial_cluster.contains_key(&node_id) {
+            return Err(ConfigError(format!(
+                "initial_cluster does not list this node's id {node_id}; founding members must list themselves"
+            )));
+        }
+        if node_id == 0 || node_id > u64::MAX / 2 {
+            return Err(ConfigError("node_id must be between 1 and 2^63".into()));
+        }
+        let cluster = ClusterConfig {
+            node_id,
+            peer_addr,
+            advertise_addr,
+            initial_cluster,
+            join,
+            labels,
+        };
         let config = Config {
+            cluster,
             data_dir: args
                 .data_dir
                 .clone()
@@ -202,10 +317,13 @@ impl Config {
 
     fn validate(&self) -> Result<(), ConfigError> {
         let l = &self.limits;
-        if self.resp_addr == self.http_addr {
+        if self.resp_addr == self.http_addr
+            || self.resp_addr == self.cluster.peer_addr
+            || self.http_addr == self.cluster.peer_addr
+        {
             return Err(ConfigError(format!(
-                "resp_addr and http_addr are both {}; they need different ports",
-                self.resp_addr
+                "resp_addr ({}), http_addr ({}) and peer_addr ({}) need different ports",
+                self.resp_addr, self.http_addr, self.cluster.peer_addr
             )));
         }
         if l.value_bytes_max == 0 || l.value_bytes_max > 512 * 1024 * 1024 {
@@ -245,6 +363,34 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// Parses `1=host:7380,2=host:7381`.
+fn parse_initial_cluster(text: &str) -> Result<BTreeMap<u64, String>, ConfigError> {
+    let mut out = BTreeMap::new();
+    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (id, addr) = part.split_once('=').ok_or_else(|| {
+            ConfigError(format!(
+                "initial_cluster entry '{part}' must be ID=HOST:PORT (example: 1=10.0.0.1:7380)"
+            ))
+        })?;
+        let id: u64 = id.trim().parse().map_err(|_| {
+            ConfigError(format!(
+                "initial_cluster entry '{part}': '{id}' is not a node id"
+            ))
+        })?;
+        if !addr.contains(':') {
+            return Err(ConfigError(format!(
+                "initial_cluster entry '{part}': '{addr}' is not HOST:PORT"
+            )));
+        }
+        if out.insert(id, addr.trim().to_string()).is_some() {
+            return Err(ConfigError(format!(
+                "initial_cluster lists node {id} twice"
+            )));
+        }
+    }
+    Ok(out)
 }
 
 fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {

@@ -51,24 +51,78 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let connections_max = config.limits.connections_max;
     let resp_addr = config.resp_addr;
     let http_addr = config.http_addr;
-    let resp_listener = TcpListener::bind(resp_addr)
-        .await
-        .map_err(|source| ServerError::Bind {
-            what: "resp_addr",
-            addr: resp_addr,
-            source,
-        })?;
-    let http_listener = TcpListener::bind(http_addr)
-        .await
-        .map_err(|source| ServerError::Bind {
-            what: "http_addr",
-            addr: http_addr,
-            source,
-        })?;
+    let peer_addr = config.cluster.peer_addr;
+    let bind = |what: &'static str, addr: std::net::SocketAddr| async move {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServerError::Bind { what, addr, source })
+    };
+    let resp_listener = bind("resp_addr", resp_addr).await?;
+    let http_listener = bind("http_addr", http_addr).await?;
+    let peer_listener = bind("peer_addr", peer_addr).await?;
+
+    let hlc = Arc::new(capdb_types::Hlc::new());
+    let engine = capdb_storage::disk::DiskEngine::open(
+        &config.data_dir,
+        hlc.clone(),
+        config.limits.value_bytes_max,
+    )?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    // The cluster: meta group, shard groups, peer RPC.
+    let advertise_host = config
+        .cluster
+        .advertise_addr
+        .rsplit_once(':')
+        .map(|(h, _)| h.to_string())
+        .unwrap_or_else(|| resp_addr.ip().to_string());
+    let advertised = |addr: std::net::SocketAddr| {
+        if addr.ip().is_unspecified() {
+            format!("{advertise_host}:{}", addr.port())
+        } else {
+            addr.to_string()
+        }
+    };
+    let info = capdb_cluster::NodeInfo {
+        id: config.cluster.node_id,
+        peer_addr: config.cluster.advertise_addr.clone(),
+        resp_addr: advertised(resp_addr),
+        http_addr: advertised(http_addr),
+        labels: config.cluster.labels.clone(),
+        draining: false,
+    };
+    let mut initial_cluster = config.cluster.initial_cluster.clone();
+    if initial_cluster.is_empty() && config.cluster.join.is_empty() {
+        // A standalone node is a cluster of one.
+        initial_cluster.insert(info.id, info.peer_addr.clone());
+    }
+    let manager = capdb_replication::manager::Manager::start(
+        capdb_replication::manager::ManagerConfig {
+            me: info,
+            initial_cluster,
+            join: config.cluster.join.clone(),
+            raft: Arc::new(
+                capdb_replication::manager::default_raft_config()
+                    .validate()
+                    .map_err(|e| {
+                        ServerError::Storage(capdb_types::Error::InvalidInput(e.to_string()))
+                    })?,
+            ),
+        },
+        engine.clone(),
+        hlc.clone(),
+        capdb_replication::rpc::PeerFilter::default(),
+    )
+    .await?;
+    let peer_task = tokio::spawn(capdb_replication::rpc::serve(
+        peer_listener,
+        Arc::new(capdb_replication::manager::PeerHandler(manager.clone())),
+        manager.peers().filter().clone(),
+        stop_rx.clone(),
+    ));
 
     let metrics = metrics::Metrics::new(resp::COMMAND_NAMES);
-    let node = node::Node::open(config, metrics).await?;
-    let (stop_tx, stop_rx) = watch::channel(false);
+    let node = node::Node::new(config, engine, hlc, manager.clone(), metrics);
     let permits = Arc::new(Semaphore::new(connections_max));
 
     let resp_task = tokio::spawn(resp::serve(
@@ -86,7 +140,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             .into_future(),
     );
     let expiry_task = tokio::spawn(node.clone().run_expiry());
-    tracing::info!(resp = %resp_addr, http = %http_addr, data_dir = %node.config.data_dir.display(), "capdb node ready");
+    tracing::info!(node = manager.id(), resp = %resp_addr, http = %http_addr, peer = %peer_addr, data_dir = %node.config.data_dir.display(), "capdb node started");
 
     shutdown.await;
     tracing::info!("shutting down: no new connections; finishing in-flight requests");
@@ -106,12 +160,17 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
     expiry_task.abort();
     let _ = expiry_task.await;
+    // Hand leadership to other replicas, then stop the Raft groups.
+    manager.shutdown().await;
+    peer_task.abort();
+    let _ = peer_task.await;
     // All acknowledged writes are already durable; this waits for writes still queued.
     node.engine.flush().await?;
     // Close the database file cleanly (the next start skips crash repair) once the last handle
-    // is gone; a connection that outlived the grace period may still hold one, so this is bounded.
+    // is gone; a task that outlived the grace period may still hold one, so this is bounded.
     let closed = node.engine.closed();
     drop(node);
+    drop(manager);
     let clean = tokio::task::spawn_blocking(move || closed.wait(Duration::from_secs(5)))
         .await
         .unwrap_or(false);

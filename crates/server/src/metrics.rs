@@ -315,9 +315,27 @@ impl Metrics {
                 keyspace: ks.spec.name.to_string(),
                 mode: ks.spec.mode.as_str(),
             };
-            self.keys
-                .get_or_create(&label)
-                .set(ks.store.len().unwrap_or(0) as i64);
+            // Keys stored on this node: for replicated keyspaces, in the replicas it holds.
+            let local = match &ks.store {
+                Store::Disk(t) => capdb_storage::KeyspaceStore::len(t).ok(),
+                Store::Memory(m) => capdb_storage::KeyspaceStore::len(&**m).ok(),
+                Store::Replicated(r) => {
+                    let me = node.manager.id();
+                    let held = r.entry.shards.iter().filter(|s| s.replicas.contains(&me));
+                    let tables = held.map(|s| {
+                        node.engine
+                            .table(&capdb_replication::manager::shard_table(s.group), false)
+                    });
+                    Some(
+                        tables
+                            .filter_map(|t| capdb_storage::KeyspaceStore::len(&t).ok())
+                            .sum(),
+                    )
+                }
+            };
+            if let Some(n) = local {
+                self.keys.get_or_create(&label).set(n as i64);
+            }
             if let Store::Memory(m) = &ks.store {
                 self.memory.get_or_create(&label).set(m.used_bytes() as i64);
                 self.evicted

@@ -1,12 +1,18 @@
-//! A node's state: its storage engine, its keyspace catalog and their stores.
+//! A node's state: storage engine, the cluster (meta group and shard groups), and the keyspace
+//! catalog front ends use.
 //!
-//! The catalog is persisted in the engine's `_meta` table (one JSON [`KeyspaceSpec`] per
-//! keyspace) and loaded at start; `default` (mode `cp`) is created on first start and can never be
-//! dropped. Durable keyspaces (`cp`, `ap`) are tables of the [`DiskEngine`]; `cache` keyspaces are
-//! [`MemStore`]s whose specification is durable but whose data is not.
+//! The catalog comes from the replicated cluster map: every node sees the same keyspaces. Each
+//! keyspace has a [`Store`]:
 //!
-//! Front ends resolve a keyspace once (at `SELECT`, or per HTTP request) and then talk to its
-//! [`Store`] directly; there is no global lock on the data path.
+//! - `cp` keyspaces are [`Store::Replicated`]: keys hash to slots, slots to shards, and each
+//!   shard is a Raft group; requests go to the shard's leader (forwarded if it lives elsewhere).
+//! - `cache` keyspaces are [`Store::Memory`]: each node holds its own in-memory cache (the spec
+//!   is cluster-wide, the data is per node).
+//! - `ap` keyspaces are, until leaderless replication lands, a local durable table on each node
+//!   ([`Store::Disk`], with tombstones).
+//!
+//! The catalog cache is rebuilt by a background task whenever the map changes, so lookups on
+//! the request path are a map read.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -14,78 +20,40 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
+use capdb_cluster::state::KeyspaceEntry;
+use capdb_cluster::{ClusterState, MetaCommand, placement};
+use capdb_replication::manager::Manager;
+use capdb_replication::network::ReadMode;
 use capdb_storage::disk::{DiskEngine, DiskTable};
 use capdb_storage::memory::MemStore;
-use capdb_storage::{BatchReplies, KeyspaceStore, ScanPage, ScanRange};
+use capdb_storage::{BatchReplies, KeyspaceStore, ScanRange};
 use capdb_types::keyspace::DEFAULT_KEYSPACE;
 use capdb_types::{Error, Hlc, KeyspaceName, KeyspaceSpec, Mode, Mutation, Result, Value};
 
 use crate::config::Config;
 use crate::metrics::Metrics;
 
-const META_PREFIX: &str = "keyspace/";
-
-fn table_name(name: &KeyspaceName) -> String {
-    format!("ks/{name}")
-}
-
 /// Where a keyspace's data lives.
 pub enum Store {
+    /// `ap` (local until leaderless replication lands).
     Disk(DiskTable),
+    /// `cache`: in memory on this node.
     Memory(Arc<MemStore>),
+    /// `cp`: Raft-replicated shards.
+    Replicated(Replicated),
 }
 
-impl Store {
-    pub fn get(&self, key: &[u8], now_ms: u64) -> Result<Option<Value>> {
-        match self {
-            Store::Disk(t) => t.get(key, now_ms),
-            Store::Memory(m) => m.get(key, now_ms),
-        }
-    }
+/// A `cp` keyspace: its shard layout and the node's group manager.
+pub struct Replicated {
+    pub entry: KeyspaceEntry,
+    pub manager: Arc<Manager>,
+}
 
-    pub fn read_with<R>(
-        &self,
-        key: &[u8],
-        now_ms: u64,
-        f: impl FnOnce(Option<&Value>) -> R,
-    ) -> Result<R> {
-        match self {
-            Store::Disk(t) => t.read_with(key, now_ms, f),
-            Store::Memory(m) => m.read_with(key, now_ms, f),
-        }
-    }
-
-    pub async fn apply(&self, mutations: Vec<Mutation>, now_ms: u64) -> Result<BatchReplies> {
-        match self {
-            Store::Disk(t) => t.apply(mutations, now_ms).await,
-            Store::Memory(m) => m.apply(mutations, now_ms).await,
-        }
-    }
-
-    pub fn scan(&self, range: &ScanRange, limit: usize, now_ms: u64) -> Result<ScanPage> {
-        match self {
-            Store::Disk(t) => t.scan(range, limit, now_ms),
-            Store::Memory(m) => m.scan(range, limit, now_ms),
-        }
-    }
-
-    pub fn len(&self) -> Result<u64> {
-        match self {
-            Store::Disk(t) => t.len(),
-            Store::Memory(m) => m.len(),
-        }
-    }
-
-    pub fn is_empty(&self) -> Result<bool> {
-        Ok(self.len()? == 0)
-    }
-
-    pub async fn clear(&self) -> Result<()> {
-        match self {
-            Store::Disk(t) => t.clear().await,
-            Store::Memory(m) => m.clear().await,
-        }
-    }
+/// A position in a scan over a keyspace's shards: shard index and last key returned.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ScanPosition {
+    pub shard: u32,
+    pub after: Option<Bytes>,
 }
 
 /// One keyspace: its specification and its store.
@@ -104,12 +72,12 @@ impl Keyspace {
         Ok(())
     }
 
-    pub fn get(&self, key: &[u8], now_ms: u64) -> Result<Option<Value>> {
-        self.check_live()?;
-        self.store.get(key, now_ms)
+    /// Whether reads are served from this node's memory or disk without any network hop.
+    pub fn is_local(&self) -> bool {
+        !matches!(self.store, Store::Replicated(_))
     }
 
-    /// Calls `f` with the live value of `key` without copying it where the store allows.
+    /// Calls `f` with the live value of `key` (local stores only; see [`Keyspace::is_local`]).
     pub fn read_with<R>(
         &self,
         key: &[u8],
@@ -117,12 +85,191 @@ impl Keyspace {
         f: impl FnOnce(Option<&Value>) -> R,
     ) -> Result<R> {
         self.check_live()?;
-        self.store.read_with(key, now_ms, f)
+        match &self.store {
+            Store::Disk(t) => t.read_with(key, now_ms, f),
+            Store::Memory(m) => m.read_with(key, now_ms, f),
+            Store::Replicated(_) => Err(Error::InvalidInput(
+                "read_with on a replicated keyspace".into(),
+            )),
+        }
     }
 
+    /// The live values of `keys`, in order. `mode` matters for replicated keyspaces only.
+    pub async fn get_many(
+        &self,
+        keys: &[Bytes],
+        now_ms: u64,
+        mode: ReadMode,
+    ) -> Result<Vec<Option<Value>>> {
+        self.check_live()?;
+        match &self.store {
+            Store::Disk(t) => keys.iter().map(|k| t.get(k, now_ms)).collect(),
+            Store::Memory(m) => keys.iter().map(|k| m.get(k, now_ms)).collect(),
+            Store::Replicated(r) => {
+                // One request per shard, in parallel; answers put back in key order.
+                let mut by_group: BTreeMap<u64, Vec<usize>> = BTreeMap::new();
+                for (i, k) in keys.iter().enumerate() {
+                    by_group
+                        .entry(r.entry.shard_for_key(k).group)
+                        .or_default()
+                        .push(i);
+                }
+                let calls = by_group.iter().map(|(group, idx)| {
+                    let ks: Vec<Bytes> = idx.iter().map(|&i| keys[i].clone()).collect();
+                    r.manager.read(*group, ks, mode, now_ms)
+                });
+                let results = futures::future::join_all(calls).await;
+                let mut out = vec![None; keys.len()];
+                for ((_, idx), values) in by_group.iter().zip(results) {
+                    for (&i, v) in idx.iter().zip(values?) {
+                        out[i] = v;
+                    }
+                }
+                Ok(out)
+            }
+        }
+    }
+
+    pub async fn get(&self, key: &[u8], now_ms: u64, mode: ReadMode) -> Result<Option<Value>> {
+        let mut v = self
+            .get_many(&[Bytes::copy_from_slice(key)], now_ms, mode)
+            .await?;
+        Ok(v.pop().flatten())
+    }
+
+    /// Applies mutations. Within one shard they apply atomically and in order; across shards
+    /// of a replicated keyspace each shard applies its part (cross-shard atomicity is the job of
+    /// transactions, a later feature).
     pub async fn apply(&self, mutations: Vec<Mutation>, now_ms: u64) -> Result<BatchReplies> {
         self.check_live()?;
-        self.store.apply(mutations, now_ms).await
+        match &self.store {
+            Store::Disk(t) => t.apply(mutations, now_ms).await,
+            Store::Memory(m) => m.apply(mutations, now_ms).await,
+            Store::Replicated(r) => {
+                let n = mutations.len();
+                let mut by_group: BTreeMap<u64, (Vec<usize>, Vec<Mutation>)> = BTreeMap::new();
+                for (i, m) in mutations.into_iter().enumerate() {
+                    let e = by_group
+                        .entry(r.entry.shard_for_key(m.key()).group)
+                        .or_default();
+                    e.0.push(i);
+                    e.1.push(m);
+                }
+                let mut index_lists = Vec::new();
+                let calls: Vec<_> = by_group
+                    .into_iter()
+                    .map(|(group, (idx, muts))| {
+                        index_lists.push(idx);
+                        r.manager.write_mutations(group, muts, now_ms)
+                    })
+                    .collect();
+                let results = futures::future::join_all(calls).await;
+                let mut out: Vec<Option<Result<capdb_types::Reply>>> = vec![None; n];
+                for (idx, replies) in index_lists.into_iter().zip(results) {
+                    let replies = replies?;
+                    for (i, r) in idx.into_iter().zip(replies) {
+                        out[i] = Some(r);
+                    }
+                }
+                Ok(out
+                    .into_iter()
+                    .map(|r| r.unwrap_or_else(|| Err(Error::Io("missing reply".into()))))
+                    .collect())
+            }
+        }
+    }
+
+    /// One page of keys in order, continuing from `pos`; returns the next position (`None`:
+    /// done). Replicated keyspaces are scanned shard after shard (keys are ordered within a
+    /// shard); `floor` (exclusive) bounds every shard from below.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn scan(
+        &self,
+        pos: ScanPosition,
+        floor: Option<Bytes>,
+        prefix: Option<Bytes>,
+        end: Option<Bytes>,
+        limit: usize,
+        now_ms: u64,
+        mode: ReadMode,
+    ) -> Result<(Vec<(Bytes, Value)>, Option<ScanPosition>)> {
+        self.check_live()?;
+        let local = |page: capdb_storage::ScanPage| {
+            let next = page.next_after.map(|after| ScanPosition {
+                shard: 0,
+                after: Some(after),
+            });
+            (page.entries, next)
+        };
+        let range = ScanRange {
+            after: pos.after.clone().or_else(|| floor.clone()),
+            end: end.clone(),
+            prefix: prefix.clone(),
+        };
+        match &self.store {
+            Store::Disk(t) => Ok(local(t.scan(&range, limit, now_ms)?)),
+            Store::Memory(m) => Ok(local(m.scan(&range, limit, now_ms)?)),
+            Store::Replicated(r) => {
+                let shards = r.entry.shards.len() as u32;
+                let mut shard = pos.shard.min(shards);
+                let mut after = pos.after.or_else(|| floor.clone());
+                let mut entries = Vec::new();
+                while shard < shards && entries.len() < limit {
+                    let group = r.entry.shards[shard as usize].group;
+                    let want = (limit - entries.len()) as u32;
+                    let (page, next) = r
+                        .manager
+                        .scan(group, after.clone(), prefix.clone(), want, mode, now_ms)
+                        .await?;
+                    entries.extend(
+                        page.into_iter()
+                            .filter(|(k, _)| end.as_ref().is_none_or(|e| k < e)),
+                    );
+                    match next {
+                        Some(n) => after = Some(n),
+                        None => {
+                            shard += 1;
+                            after = floor.clone();
+                        }
+                    }
+                }
+                let next = (shard < shards).then_some(ScanPosition { shard, after });
+                Ok((entries, next))
+            }
+        }
+    }
+
+    /// Number of keys (DBSIZE).
+    pub async fn len(&self, mode: ReadMode) -> Result<u64> {
+        self.check_live()?;
+        match &self.store {
+            Store::Disk(t) => t.len(),
+            Store::Memory(m) => m.len(),
+            Store::Replicated(r) => {
+                let calls = r
+                    .entry
+                    .shards
+                    .iter()
+                    .map(|s| r.manager.count(s.group, mode));
+                let counts = futures::future::join_all(calls).await;
+                counts.into_iter().sum()
+            }
+        }
+    }
+
+    /// Deletes every key (FLUSHDB).
+    pub async fn clear(&self) -> Result<()> {
+        self.check_live()?;
+        match &self.store {
+            Store::Disk(t) => t.clear().await,
+            Store::Memory(m) => m.clear().await,
+            Store::Replicated(r) => {
+                for s in &r.entry.shards {
+                    r.manager.clear(s.group).await?;
+                }
+                Ok(())
+            }
+        }
     }
 }
 
@@ -131,10 +278,9 @@ pub struct Node {
     pub config: Config,
     pub hlc: Arc<Hlc>,
     pub engine: DiskEngine,
+    pub manager: Arc<Manager>,
     pub metrics: Metrics,
-    keyspaces: RwLock<BTreeMap<KeyspaceName, Arc<Keyspace>>>,
-    /// Serializes keyspace creation and removal.
-    admin: tokio::sync::Mutex<()>,
+    catalog: RwLock<BTreeMap<KeyspaceName, Arc<Keyspace>>>,
     shutting_down: AtomicBool,
     next_client_id: AtomicU64,
     pub commands_processed: AtomicU64,
@@ -146,9 +292,9 @@ pub struct Node {
 /// `ERR invalid cursor` and the client restarts from 0).
 pub const SCAN_CURSORS_MAX: usize = 100_000;
 
-/// Cursor id -> (keyspace, last key returned), and ids oldest first.
+/// Cursor id -> (keyspace, position), and ids oldest first.
 type CursorTable = (
-    std::collections::HashMap<u64, (KeyspaceName, Bytes)>,
+    std::collections::HashMap<u64, (KeyspaceName, ScanPosition)>,
     std::collections::VecDeque<u64>,
 );
 
@@ -171,7 +317,7 @@ impl ScanCursors {
     }
 
     /// Remembers a position and returns its cursor (never 0).
-    pub fn put(&self, keyspace: &KeyspaceName, after: Bytes) -> u64 {
+    pub fn put(&self, keyspace: &KeyspaceName, pos: ScanPosition) -> u64 {
         let id = self.next.fetch_add(1, Ordering::Relaxed).max(1);
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let (map, order) = &mut *g;
@@ -180,67 +326,97 @@ impl ScanCursors {
         {
             map.remove(&old);
         }
-        map.insert(id, (keyspace.clone(), after));
+        map.insert(id, (keyspace.clone(), pos));
         order.push_back(id);
         id
     }
 
     /// The position of a cursor, if it is known and belongs to this keyspace. Cursors stay valid
     /// after use, so a client may retry a page.
-    pub fn get(&self, cursor: u64, keyspace: &KeyspaceName) -> Option<Bytes> {
+    pub fn get(&self, cursor: u64, keyspace: &KeyspaceName) -> Option<ScanPosition> {
         let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         g.0.get(&cursor)
             .filter(|(k, _)| k == keyspace)
-            .map(|(_, b)| b.clone())
+            .map(|(_, p)| p.clone())
     }
 }
 
 impl Node {
-    /// Opens the engine, loads the catalog and makes sure `default` exists.
-    pub async fn open(config: Config, metrics: Metrics) -> Result<Arc<Node>> {
-        let hlc = Arc::new(Hlc::new());
-        let engine =
-            DiskEngine::open(&config.data_dir, hlc.clone(), config.limits.value_bytes_max)?;
+    pub fn new(
+        config: Config,
+        engine: DiskEngine,
+        hlc: Arc<Hlc>,
+        manager: Arc<Manager>,
+        metrics: Metrics,
+    ) -> Arc<Node> {
         let node = Arc::new(Node {
             config,
             hlc,
             engine,
+            manager,
             metrics,
-            keyspaces: RwLock::new(BTreeMap::new()),
-            admin: tokio::sync::Mutex::new(()),
+            catalog: RwLock::default(),
             shutting_down: AtomicBool::new(false),
             next_client_id: AtomicU64::new(1),
             commands_processed: AtomicU64::new(0),
             started: std::time::Instant::now(),
             scan_cursors: ScanCursors::new(),
         });
-        for (key, raw) in node.engine.meta_list(META_PREFIX)? {
-            let spec: KeyspaceSpec = serde_json::from_slice(&raw)
-                .map_err(|e| Error::Corruption(format!("catalog entry {key}: {e}")))?;
-            let ks = node.build_keyspace(spec);
-            node.write_catalog().insert(ks.spec.name.clone(), ks);
+        let n = node.clone();
+        tokio::spawn(async move { n.follow_map().await });
+        node
+    }
+
+    /// Rebuilds the catalog whenever the cluster map changes.
+    async fn follow_map(self: Arc<Self>) {
+        let mut changes = self.manager.watch_cluster();
+        loop {
+            let state = changes.borrow_and_update().clone();
+            if let Err(e) = self.rebuild_catalog(&state).await {
+                tracing::warn!(error = %e, "catalog rebuild failed; will retry on the next map change");
+            }
+            if self.is_shutting_down() || changes.changed().await.is_err() {
+                return;
+            }
         }
-        let default = KeyspaceName::default_keyspace();
-        if !node.read_catalog().contains_key(&default) {
-            let spec = KeyspaceSpec::new(default, Mode::Cp, None, None, None, None)?;
-            node.create_keyspace(spec).await?;
+    }
+
+    async fn rebuild_catalog(&self, state: &ClusterState) -> Result<()> {
+        let old = self.read_catalog().clone();
+        let mut new = BTreeMap::new();
+        for (name, entry) in &state.keyspaces {
+            let reuse = old.get(name).filter(|ks| {
+                ks.spec == entry.spec
+                    && match &ks.store {
+                        Store::Replicated(r) => r
+                            .entry
+                            .shards
+                            .iter()
+                            .map(|s| s.group)
+                            .eq(entry.shards.iter().map(|s| s.group)),
+                        _ => true,
+                    }
+            });
+            let ks = match reuse {
+                Some(ks) => ks.clone(),
+                None => self.build_keyspace(entry).await?,
+            };
+            new.insert(name.clone(), ks);
         }
-        Ok(node)
+        for (name, ks) in &old {
+            if !new.contains_key(name) {
+                ks.dropped.store(true, Ordering::Release);
+                if let Store::Memory(m) = &ks.store {
+                    let _ = m.clear().await;
+                }
+            }
+        }
+        *self.catalog.write().unwrap_or_else(|p| p.into_inner()) = new;
+        Ok(())
     }
 
-    fn read_catalog(
-        &self,
-    ) -> std::sync::RwLockReadGuard<'_, BTreeMap<KeyspaceName, Arc<Keyspace>>> {
-        self.keyspaces.read().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn write_catalog(
-        &self,
-    ) -> std::sync::RwLockWriteGuard<'_, BTreeMap<KeyspaceName, Arc<Keyspace>>> {
-        self.keyspaces.write().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn build_keyspace(&self, spec: KeyspaceSpec) -> Arc<Keyspace> {
+    async fn build_keyspace(&self, entry: &KeyspaceEntry) -> Result<Arc<Keyspace>> {
+        let spec = entry.spec.clone();
         let store = match spec.mode {
             Mode::Cache => Store::Memory(Arc::new(MemStore::new(
                 spec.max_memory_bytes
@@ -249,16 +425,29 @@ impl Node {
                 self.hlc.clone(),
                 self.config.limits.value_bytes_max,
             ))),
-            Mode::Cp | Mode::Ap => Store::Disk(
+            Mode::Ap => {
+                let table = format!("ks/{}", spec.name);
                 self.engine
-                    .table(&table_name(&spec.name), spec.mode == Mode::Ap),
-            ),
+                    .create_table(&table, &format!("keyspace/{}", spec.name), Vec::new())
+                    .await?;
+                Store::Disk(self.engine.table(&table, true))
+            }
+            Mode::Cp => Store::Replicated(Replicated {
+                entry: entry.clone(),
+                manager: self.manager.clone(),
+            }),
         };
-        Arc::new(Keyspace {
+        Ok(Arc::new(Keyspace {
             spec,
             store,
             dropped: AtomicBool::new(false),
-        })
+        }))
+    }
+
+    fn read_catalog(
+        &self,
+    ) -> std::sync::RwLockReadGuard<'_, BTreeMap<KeyspaceName, Arc<Keyspace>>> {
+        self.catalog.read().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The keyspace with this name.
@@ -270,9 +459,13 @@ impl Node {
             .ok_or_else(|| Error::KeyspaceNotFound(name.to_string()))
     }
 
-    pub fn default_keyspace(&self) -> Arc<Keyspace> {
-        self.keyspace(DEFAULT_KEYSPACE)
-            .expect("the default keyspace always exists")
+    /// `default`, once the cluster has created it.
+    pub fn default_keyspace(&self) -> Result<Arc<Keyspace>> {
+        self.keyspace(DEFAULT_KEYSPACE).map_err(|_| {
+            Error::Unavailable(
+                "the cluster is still forming (no default keyspace yet); retry".into(),
+            )
+        })
     }
 
     /// Every keyspace, by name.
@@ -280,47 +473,72 @@ impl Node {
         self.read_catalog().values().cloned().collect()
     }
 
+    /// Whether this node can serve: registered in the map, the catalog built.
+    pub fn is_ready(&self) -> bool {
+        !self.is_shutting_down()
+            && self
+                .manager
+                .cluster()
+                .nodes
+                .contains_key(&self.manager.id())
+            && self.default_keyspace().is_ok()
+    }
+
+    /// Creates a keyspace cluster-wide; returns once this node's catalog has it.
     pub async fn create_keyspace(&self, spec: KeyspaceSpec) -> Result<Arc<Keyspace>> {
-        let _admin = self.admin.lock().await;
-        if self.read_catalog().contains_key(&spec.name) {
+        let state = self.manager.cluster();
+        if state.keyspaces.contains_key(&spec.name) {
             return Err(Error::KeyspaceExists(spec.name.to_string()));
         }
-        let json = serde_json::to_vec(&spec).expect("specs serialize");
-        self.engine
-            .create_table(
-                &table_name(&spec.name),
-                &format!("{META_PREFIX}{}", spec.name),
-                json,
-            )
-            .await?;
-        let ks = self.build_keyspace(spec);
-        self.write_catalog()
-            .insert(ks.spec.name.clone(), ks.clone());
+        let replicas = placement::place_keyspace(&state, spec.shards, spec.replication_factor);
+        let name = spec.name.clone();
+        self.manager
+            .meta(MetaCommand::CreateKeyspace { spec, replicas })
+            .await
+            .map_err(|e| match e {
+                Error::InvalidInput(m) if m.contains("already exists") => {
+                    Error::KeyspaceExists(name.to_string())
+                }
+                other => other,
+            })?;
+        let ks = self.wait_for(&name, true).await?.expect("present");
         tracing::info!(keyspace = %ks.spec.name, mode = ks.spec.mode.as_str(), "keyspace created");
         Ok(ks)
     }
 
     pub async fn drop_keyspace(&self, name: &str) -> Result<()> {
-        let _admin = self.admin.lock().await;
         let ks = self.keyspace(name)?;
         if ks.spec.name.as_str() == DEFAULT_KEYSPACE {
             return Err(Error::InvalidInput(
                 "the default keyspace cannot be dropped".into(),
             ));
         }
-        ks.dropped.store(true, Ordering::Release);
-        self.engine
-            .drop_table(
-                &table_name(&ks.spec.name),
-                &format!("{META_PREFIX}{}", ks.spec.name),
-            )
+        self.manager
+            .meta(MetaCommand::DropKeyspace(ks.spec.name.clone()))
             .await?;
-        if let Store::Memory(m) = &ks.store {
-            m.clear().await?;
+        self.wait_for(&ks.spec.name, false).await?;
+        if let Store::Disk(_) = &ks.store {
+            let table = format!("ks/{}", ks.spec.name);
+            self.engine
+                .drop_table(&table, &format!("keyspace/{}", ks.spec.name))
+                .await?;
         }
-        self.write_catalog().remove(&ks.spec.name);
         tracing::info!(keyspace = %ks.spec.name, "keyspace dropped");
         Ok(())
+    }
+
+    /// Waits (bounded) until the local catalog has (or no longer has) `name`.
+    async fn wait_for(&self, name: &KeyspaceName, present: bool) -> Result<Option<Arc<Keyspace>>> {
+        for _ in 0..250 {
+            let found = self.read_catalog().get(name).cloned();
+            if found.is_some() == present {
+                return Ok(found);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Err(Error::Unavailable(format!(
+            "the change to keyspace '{name}' was accepted but has not reached this node yet; retry"
+        )))
     }
 
     pub fn next_client_id(&self) -> u64 {
@@ -336,7 +554,9 @@ impl Node {
     }
 
     /// Runs active expiry until shutdown: cache keyspaces every 100 ms (Redis's `hz 10`),
-    /// durable keyspaces a bounded sweep of [`DISK_SWEEP_KEYS`] keys per second each.
+    /// local durable keyspaces a bounded sweep of [`DISK_SWEEP_KEYS`] keys per second each.
+    /// (Replicated keyspaces hide expired keys from readers; reclaiming their space through the
+    /// log is not done yet.)
     pub async fn run_expiry(self: Arc<Self>) {
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         let mut cursors: BTreeMap<KeyspaceName, Option<Bytes>> = BTreeMap::new();
@@ -361,7 +581,7 @@ impl Node {
                             }
                         }
                     }
-                    Store::Disk(_) => {}
+                    _ => {}
                 }
             }
         }

@@ -152,10 +152,10 @@ pub struct KeyspaceSpec {
     /// Number of shards the 16384 hash slots are split into.
     pub shards: u32,
     /// Memory limit for `cache` keyspaces, in bytes (keys + values + per-entry overhead).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub max_memory_bytes: Option<u64>,
     /// Eviction policy for `cache` keyspaces.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub eviction: Option<EvictionPolicy>,
     /// Unix milliseconds at creation.
     pub created_at_ms: u64,

@@ -22,6 +22,7 @@ pub struct Server {
     pub child: Option<Child>,
     pub resp: SocketAddr,
     pub http: SocketAddr,
+    pub peer: SocketAddr,
     pub dir: tempfile::TempDir,
     pub extra: Vec<String>,
 }
@@ -37,6 +38,7 @@ impl Server {
             child: None,
             resp: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
             http: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+            peer: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
             dir,
             extra: extra.iter().map(|s| s.to_string()).collect(),
         };
@@ -70,8 +72,10 @@ impl Server {
             .arg(self.resp.to_string())
             .arg("--http-addr")
             .arg(self.http.to_string())
+            .arg("--peer-addr")
+            .arg(self.peer.to_string())
             .args(&self.extra)
-            .env("CAPDB_LOG", "info")
+            .env("CAPDB_LOG", "info,openraft=warn")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

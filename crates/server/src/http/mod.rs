@@ -27,14 +27,14 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use capdb_storage::ScanRange;
 use capdb_types::limits::{SCAN_COUNT_MAX, check_key, check_value};
 use capdb_types::mutation::{Condition, ExpiryUpdate};
 use capdb_types::{Error, EvictionPolicy, KeyspaceName, KeyspaceSpec, Mode, Mutation, Reply};
 use serde::Deserialize;
 use serde_json::{Value as Json_, json};
 
-use crate::node::{Keyspace, Node, Store};
+use crate::node::{Keyspace, Node, ScanPosition, Store};
+use capdb_replication::network::ReadMode;
 
 /// An error answered as JSON: a database error, or an HTTP-level one (body too large, ...).
 pub enum ApiError {
@@ -179,6 +179,13 @@ async fn readyz(State(node): State<Arc<Node>>) -> Response {
         )
             .into_response();
     }
+    if !node.is_ready() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "joining"})),
+        )
+            .into_response();
+    }
     Json(json!({"status": "ready"})).into_response()
 }
 
@@ -194,9 +201,20 @@ async fn metrics(State(node): State<Arc<Node>>) -> Response {
         .into_response()
 }
 
-fn spec_json(ks: &Keyspace) -> Json_ {
+async fn spec_json(ks: &Keyspace) -> Json_ {
     let mut v = serde_json::to_value(&ks.spec).expect("specs serialize");
-    v["keys"] = json!(ks.store.len().ok());
+    v["keys"] = json!(ks.len(ReadMode::Stale).await.ok());
+    if let Store::Replicated(r) = &ks.store {
+        v["shard_groups"] = json!(
+            r.entry
+                .shards
+                .iter()
+                .map(|s| json!({
+                    "group": s.group, "slots": [s.slots.0, s.slots.1], "replicas": s.replicas,
+                }))
+                .collect::<Vec<_>>()
+        );
+    }
     if let Store::Memory(m) = &ks.store {
         v["used_memory_bytes"] = json!(m.used_bytes());
     }
@@ -204,7 +222,10 @@ fn spec_json(ks: &Keyspace) -> Json_ {
 }
 
 async fn list_keyspaces(State(node): State<Arc<Node>>) -> Json<Json_> {
-    let list: Vec<Json_> = node.keyspaces().iter().map(|k| spec_json(k)).collect();
+    let mut list: Vec<Json_> = Vec::new();
+    for k in node.keyspaces() {
+        list.push(spec_json(&k).await);
+    }
     Json(json!({ "keyspaces": list }))
 }
 
@@ -263,11 +284,11 @@ async fn create_keyspace(
         eviction,
     )?;
     let ks = node.create_keyspace(spec).await?;
-    Ok((StatusCode::CREATED, Json(spec_json(&ks))).into_response())
+    Ok((StatusCode::CREATED, Json(spec_json(&ks).await)).into_response())
 }
 
 async fn describe_keyspace(State(node): State<Arc<Node>>, Path(name): Path<String>) -> ApiResult {
-    Ok(Json(spec_json(&*node.keyspace(&name)?)).into_response())
+    Ok(Json(spec_json(&*node.keyspace(&name)?).await).into_response())
 }
 
 async fn drop_keyspace(State(node): State<Arc<Node>>, Path(name): Path<String>) -> ApiResult {
@@ -316,6 +337,18 @@ fn entry_json(key: &[u8], v: &capdb_types::Value, now: u64) -> Json_ {
 #[derive(Deserialize)]
 struct GetQuery {
     raw: Option<bool>,
+    /// `stale`: read the nearest replica without a linearizability check.
+    consistency: Option<String>,
+}
+
+fn read_mode(consistency: Option<&str>) -> Result<ReadMode, ApiError> {
+    match consistency {
+        None | Some("linearizable") => Ok(ReadMode::Linearizable),
+        Some("stale") => Ok(ReadMode::Stale),
+        Some(other) => Err(ApiError(Error::InvalidInput(format!(
+            "consistency={other}: expected 'linearizable' (default) or 'stale'"
+        )))),
+    }
 }
 
 async fn get_key(
@@ -327,7 +360,8 @@ async fn get_key(
     check_key(key.as_bytes())?;
     let ks = node.keyspace(&keyspace)?;
     let now = capdb_types::unix_now_ms();
-    let Some(v) = ks.get(key.as_bytes(), now)? else {
+    let mode = read_mode(q.consistency.as_deref())?;
+    let Some(v) = ks.get(key.as_bytes(), now, mode).await? else {
         return Ok(api_error(
             StatusCode::NOT_FOUND,
             "key_not_found",
@@ -429,6 +463,24 @@ struct ScanQuery {
     limit: Option<usize>,
     /// Opaque: the `cursor` of the previous page.
     cursor: Option<String>,
+    consistency: Option<String>,
+}
+
+/// Cursor text: hex of `[shard u32 big-endian][last key]`.
+fn encode_cursor(pos: &ScanPosition) -> String {
+    let mut raw = pos.shard.to_be_bytes().to_vec();
+    raw.extend_from_slice(pos.after.as_deref().unwrap_or_default());
+    hex(&raw)
+}
+
+fn decode_cursor(text: &str) -> Option<ScanPosition> {
+    let raw = unhex(text)?;
+    if raw.len() < 4 {
+        return None;
+    }
+    let shard = u32::from_be_bytes(raw[..4].try_into().ok()?);
+    let after = (raw.len() > 4).then(|| Bytes::copy_from_slice(&raw[4..]));
+    Some(ScanPosition { shard, after })
 }
 
 async fn scan(
@@ -445,13 +497,10 @@ async fn scan(
             "limit must be 1 to {SCAN_COUNT_MAX}"
         ))));
     }
-    let cursor = match &q.cursor {
-        Some(c) => {
-            Some(Bytes::from(unhex(c).ok_or_else(|| {
-                Error::InvalidInput("invalid cursor".into())
-            })?))
-        }
-        None => None,
+    let mode = read_mode(q.consistency.as_deref())?;
+    let pos = match &q.cursor {
+        Some(c) => decode_cursor(c).ok_or_else(|| Error::InvalidInput("invalid cursor".into()))?,
+        None => ScanPosition::default(),
     };
     let now = capdb_types::unix_now_ms();
     let mut entries = Vec::new();
@@ -459,7 +508,7 @@ async fn scan(
         && let Some(start) = &q.start
     {
         // Inclusive start: the start key itself, then everything after it.
-        if let Some(v) = ks.store.get(start.as_bytes(), now)?
+        if let Some(v) = ks.get(start.as_bytes(), now, mode).await?
             && q.prefix
                 .as_ref()
                 .is_none_or(|p| start.starts_with(p.as_str()))
@@ -469,24 +518,26 @@ async fn scan(
         }
     }
     // Scans are "after a key" (exclusive); an inclusive `start` is its own first entry above.
-    let after = cursor.or_else(|| {
-        q.start
-            .as_ref()
-            .map(|s| Bytes::from(s.clone().into_bytes()))
-    });
-    let range = ScanRange {
-        after,
-        end: q.end.map(|e| Bytes::from(e.into_bytes())),
-        prefix: q.prefix.map(|p| Bytes::from(p.into_bytes())),
-    };
-    let page = ks
-        .store
-        .scan(&range, limit - entries.len().min(limit - 1), now)?;
-    entries.extend(page.entries.iter().map(|(k, v)| entry_json(k, v, now)));
+    let floor = q
+        .start
+        .as_ref()
+        .map(|s| Bytes::from(s.clone().into_bytes()));
+    let (page, next) = ks
+        .scan(
+            pos,
+            floor,
+            q.prefix.map(|p| Bytes::from(p.into_bytes())),
+            q.end.map(|e| Bytes::from(e.into_bytes())),
+            limit - entries.len().min(limit - 1),
+            now,
+            mode,
+        )
+        .await?;
+    entries.extend(page.iter().map(|(k, v)| entry_json(k, v, now)));
     Ok(Json(json!({
         "keyspace": keyspace,
         "entries": entries,
-        "cursor": page.next_after.map(|k| hex(&k)),
+        "cursor": next.as_ref().map(encode_cursor),
     }))
     .into_response())
 }

@@ -16,13 +16,15 @@ use capdb_types::mutation::{Condition, ExpiryUpdate, parse_i64_strict};
 use capdb_types::{Error, Mutation, Reply};
 
 use super::{Connection, PendingWrites, glob};
-use crate::node::{Keyspace, Store};
+use crate::node::{Keyspace, ScanPosition, Store};
+use capdb_replication::network::ReadMode;
 
 /// Every command name the server knows, lowercase (aliases resolve to their canonical name).
 pub const COMMAND_NAMES: &[&str] = &[
     "append",
     "auth",
     "client",
+    "cluster",
     "command",
     "config",
     "dbsize",
@@ -50,6 +52,8 @@ pub const COMMAND_NAMES: &[&str] = &[
     "psetex",
     "pttl",
     "quit",
+    "readonly",
+    "readwrite",
     "scan",
     "select",
     "set",
@@ -84,6 +88,7 @@ const COMMAND_TABLE: &[CommandInfo] = &[
         0,
         0,
     ),
+    ("cluster", -2, &["admin", "stale"], 0, 0, 0),
     ("command", -1, &["loading", "stale"], 0, 0, 0),
     (
         "config",
@@ -125,6 +130,8 @@ const COMMAND_TABLE: &[CommandInfo] = &[
     ("psetex", 4, &["write", "denyoom"], 1, 1, 1),
     ("pttl", 2, &["readonly", "fast"], 1, 1, 1),
     ("quit", -1, &["fast", "no_auth"], 0, 0, 0),
+    ("readonly", 1, &["fast", "loading", "stale"], 0, 0, 0),
+    ("readwrite", 1, &["fast", "loading", "stale"], 0, 0, 0),
     ("scan", -2, &["readonly"], 0, 0, 0),
     ("select", 2, &["loading", "stale", "fast"], 0, 0, 0),
     ("set", -3, &["write", "denyoom"], 1, 1, 1),
@@ -414,6 +421,13 @@ pub(super) async fn execute(conn: &mut Connection, name: &str, args: &[Bytes], s
         conn.flush_pending().await;
         return conn.fail(sname, started, "NOAUTH Authentication required.");
     }
+    if info.3 >= 1
+        && let Some(key) = args.get(info.3 as usize)
+        && let Some(line) = super::cluster::moved(conn, key)
+    {
+        conn.flush_pending().await;
+        return conn.fail(sname, started, &line);
+    }
     let now = conn.now_ms;
     let value_max = conn.node.config.limits.value_bytes_max;
 
@@ -568,7 +582,19 @@ async fn run_now(
     now: u64,
 ) -> Result<(), String> {
     let ks = conn.keyspace.clone();
-    let read = |key: &[u8]| ks.get(key, now).map_err(|e| error_line(&e));
+    let mode = conn.read_mode;
+    let read_many = |keys: Vec<Bytes>| {
+        let ks = ks.clone();
+        async move {
+            ks.get_many(&keys, now, mode)
+                .await
+                .map_err(|e| error_line(&e))
+        }
+    };
+    let read = |key: &Bytes| {
+        let f = read_many(vec![key.clone()]);
+        async move { f.await.map(|mut v| v.pop().flatten()) }
+    };
     match name {
         "ping" => match args.get(1) {
             Some(msg) => conn.out.bulk(msg),
@@ -579,7 +605,7 @@ async fn run_now(
             conn.out.ok();
             conn.quit = true;
         }
-        "get" => {
+        "get" if ks.is_local() => {
             let out = &mut conn.out;
             ks.read_with(&args[1], now, |v| match v {
                 Some(v) => out.bulk(&v.data),
@@ -587,26 +613,25 @@ async fn run_now(
             })
             .map_err(|e| error_line(&e))?;
         }
+        "get" => match read(&args[1]).await? {
+            Some(v) => conn.out.bulk(&v.data),
+            None => conn.out.null(),
+        },
         "strlen" => {
-            let n = read(&args[1])?.map_or(0, |v| v.data.len());
+            let n = read(&args[1]).await?.map_or(0, |v| v.data.len());
             conn.out.int(n as i64);
         }
-        "type" => match read(&args[1])? {
+        "type" => match read(&args[1]).await? {
             Some(_) => conn.out.simple("string"),
             None => conn.out.simple("none"),
         },
         "exists" => {
-            let mut n = 0;
-            for k in &args[1..] {
-                n += read(k)?.is_some() as i64;
-            }
-            conn.out.int(n);
+            let values = read_many(args[1..].to_vec()).await?;
+            conn.out
+                .int(values.iter().filter(|v| v.is_some()).count() as i64);
         }
         "mget" => {
-            let mut values = Vec::with_capacity(args.len() - 1);
-            for k in &args[1..] {
-                values.push(read(k)?);
-            }
+            let values = read_many(args[1..].to_vec()).await?;
             conn.out.array(values.len());
             for v in values {
                 match v {
@@ -616,7 +641,7 @@ async fn run_now(
             }
         }
         "ttl" | "pttl" => {
-            let n = match read(&args[1])? {
+            let n = match read(&args[1]).await? {
                 None => -2,
                 Some(v) => match v.header.expire_at_ms {
                     None => -1,
@@ -629,22 +654,30 @@ async fn run_now(
             conn.out.int(n);
         }
         "dbsize" => {
-            let n = ks.store.len().map_err(|e| error_line(&e))?;
+            let n = ks.len(mode).await.map_err(|e| error_line(&e))?;
             conn.out.int(n as i64);
         }
         "flushdb" => {
             check_flush_args(&args[1..])?;
-            ks.check_live().map_err(|e| error_line(&e))?;
-            ks.store.clear().await.map_err(|e| error_line(&e))?;
+            ks.clear().await.map_err(|e| error_line(&e))?;
             conn.out.ok();
         }
         "flushall" => {
             check_flush_args(&args[1..])?;
             for ks in conn.node.keyspaces() {
-                ks.store.clear().await.map_err(|e| error_line(&e))?;
+                ks.clear().await.map_err(|e| error_line(&e))?;
             }
             conn.out.ok();
         }
+        "readonly" => {
+            conn.read_mode = ReadMode::Stale;
+            conn.out.ok();
+        }
+        "readwrite" => {
+            conn.read_mode = ReadMode::Linearizable;
+            conn.out.ok();
+        }
+        "cluster" => super::cluster::command(conn, args)?,
         "select" => {
             let raw = String::from_utf8_lossy(&args[1]).into_owned();
             let target = if raw == "0" {
@@ -675,9 +708,9 @@ async fn run_now(
             conn.out.ok();
         }
         "hello" => hello(conn, args)?,
-        "scan" => scan(conn, &ks, args, now)?,
+        "scan" => scan(conn, &ks, args, now).await?,
         "info" => {
-            let text = info(conn, &args[1..]);
+            let text = info(conn, &args[1..]).await;
             conn.out.verbatim(&text);
         }
         "client" => client(conn, args)?,
@@ -952,7 +985,7 @@ fn config(conn: &mut Connection, args: &[Bytes]) -> Result<(), String> {
 /// Cursors are numbers (as clients expect) naming a server-side position: the last key
 /// returned, in key order. A key present for the whole iteration is returned exactly once, even
 /// while other keys are written, and any connection may continue a cursor.
-fn scan(
+async fn scan(
     conn: &mut Connection,
     ks: &std::sync::Arc<Keyspace>,
     args: &[Bytes],
@@ -985,11 +1018,11 @@ fn scan(
         }
         i += 2;
     }
-    let after = if cursor == 0 {
-        None
+    let pos = if cursor == 0 {
+        ScanPosition::default()
     } else {
         match conn.node.scan_cursors.get(cursor, &ks.spec.name) {
-            Some(after) => Some(after),
+            Some(pos) => pos,
             None => return Err("ERR invalid cursor".into()),
         }
     };
@@ -997,24 +1030,17 @@ fn scan(
         .as_ref()
         .map(|p| Bytes::copy_from_slice(glob::literal_prefix(p)))
         .filter(|p| !p.is_empty());
-    let range = capdb_storage::ScanRange {
-        after,
-        end: None,
-        prefix,
-    };
-    ks.check_live().map_err(|e| error_line(&e))?;
-    let page = ks
-        .store
-        .scan(&range, count, now)
+    let (entries, next) = ks
+        .scan(pos, None, prefix, None, count, now, conn.read_mode)
+        .await
         .map_err(|e| error_line(&e))?;
-    let keys: Vec<&Bytes> = page
-        .entries
+    let keys: Vec<&Bytes> = entries
         .iter()
         .map(|(k, _)| k)
         .filter(|k| type_ok && pattern.as_ref().is_none_or(|p| glob::matches(p, k)))
         .collect();
-    let next = match page.next_after {
-        Some(after) => conn.node.scan_cursors.put(&ks.spec.name, after),
+    let next = match next {
+        Some(pos) => conn.node.scan_cursors.put(&ks.spec.name, pos),
         None => 0,
     };
     conn.out.array(2);
@@ -1026,7 +1052,7 @@ fn scan(
     Ok(())
 }
 
-fn info(conn: &Connection, sections: &[Bytes]) -> String {
+async fn info(conn: &Connection, sections: &[Bytes]) -> String {
     use std::fmt::Write;
     let node = &conn.node;
     let wanted = |s: &str| {
@@ -1068,7 +1094,7 @@ fn info(conn: &Connection, sections: &[Bytes]) -> String {
             .iter()
             .filter_map(|k| match &k.store {
                 Store::Memory(m) => Some(m.used_bytes()),
-                Store::Disk(_) => None,
+                _ => None,
             })
             .sum();
         let max: u64 = keyspaces
@@ -1128,7 +1154,7 @@ fn info(conn: &Connection, sections: &[Bytes]) -> String {
             } else {
                 format!("keyspace_{name}")
             };
-            let keys = k.store.len().unwrap_or(0);
+            let keys = k.len(ReadMode::Stale).await.unwrap_or(0);
             if keys > 0 {
                 let _ = write!(out, "{label}:keys={keys},mode={}\r\n", k.spec.mode.as_str());
             }

@@ -21,6 +21,7 @@
 //!   client until its replies are written, so a client that never reads is held by TCP
 //!   backpressure, not by server memory.
 
+mod cluster;
 mod commands;
 pub mod glob;
 pub mod parse;
@@ -76,9 +77,17 @@ pub async fn serve(
             continue;
         };
         let _ = stream.set_nodelay(true);
+        let Ok(default) = node.default_keyspace() else {
+            tokio::spawn(async move {
+                let _ = stream
+                    .write_all(b"-TRYAGAIN the cluster is still forming; retry in a moment\r\n")
+                    .await;
+            });
+            continue;
+        };
         node.metrics.connections_total.inc();
         node.metrics.connections.inc();
-        let conn = Connection::new(node.clone(), shutdown.clone(), peer);
+        let conn = Connection::new(node.clone(), default, shutdown.clone(), peer);
         tokio::spawn(async move {
             if let Err(e) = conn.run(stream).await {
                 tracing::debug!(%peer, error = %e, "connection ended with an I/O error");
@@ -105,6 +114,10 @@ pub(crate) struct Connection {
     name: Option<Bytes>,
     lib_name: Option<Bytes>,
     keyspace: Arc<Keyspace>,
+    /// `READONLY` switches to stale reads from the nearest replica; `READWRITE` back.
+    read_mode: capdb_replication::network::ReadMode,
+    /// `CLUSTER REDIRECT ON`: answer `-MOVED` instead of forwarding to a remote leader.
+    redirect: bool,
     authenticated: bool,
     out: ReplyWriter,
     pending: Option<PendingWrites>,
@@ -126,12 +139,15 @@ impl Drop for Connection {
 impl Connection {
     fn new(
         node: Arc<Node>,
+        keyspace: Arc<Keyspace>,
         shutdown: watch::Receiver<bool>,
         peer: std::net::SocketAddr,
     ) -> Connection {
         Connection {
             id: node.next_client_id(),
-            keyspace: node.default_keyspace(),
+            keyspace,
+            read_mode: capdb_replication::network::ReadMode::Linearizable,
+            redirect: false,
             authenticated: node.config.password.is_none(),
             node,
             shutdown,
