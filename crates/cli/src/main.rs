@@ -65,8 +65,34 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// Inspect and change the cluster.
+    Cluster {
+        #[command(subcommand)]
+        op: ClusterOp,
+        #[command(flatten)]
+        target: Target,
+    },
     /// Print the version.
     Version,
+}
+
+#[derive(Subcommand)]
+enum ClusterOp {
+    /// Nodes (health, labels), shards (leader, replicas, replication lag).  Example: capdb cluster status
+    Status {
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Drain node N (its replicas move to other nodes), then remove it.  Example: capdb cluster remove 4
+    Remove {
+        id: u64,
+        /// Return at once instead of waiting until the node has left.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Move the leaderships of the node at --addr to other replicas (before maintenance).
+    StepDown,
 }
 
 #[derive(Subcommand)]
@@ -158,6 +184,7 @@ fn main() -> ExitCode {
             Command::Server(args) => server(args).await,
             Command::Kv { op, target } => kv(op, &target).await,
             Command::Keyspace { op, target } => keyspace(op, &target).await,
+            Command::Cluster { op, target } => cluster(op, &target).await,
             Command::Version => {
                 println!("capdb {}", env!("CARGO_PKG_VERSION"));
                 Ok(())
@@ -381,6 +408,119 @@ async fn keyspace(op: KeyspaceOp, target: &Target) -> Result<(), String> {
                 )
                 .await?;
             println!("dropped {name}");
+        }
+    }
+    Ok(())
+}
+
+async fn cluster(op: ClusterOp, target: &Target) -> Result<(), String> {
+    let client = HttpClient::new(&target.addr, target.password.clone())?;
+    match op {
+        ClusterOp::Status { json } => {
+            let v = client.request("GET", "/v1/cluster", None).await?;
+            if json {
+                print_json(&v);
+                return Ok(());
+            }
+            println!(
+                "map version {}   meta leader: node {}",
+                v["map_version"], v["meta_leader"]
+            );
+            println!(
+                "\n{:<5} {:<8} {:<22} {:<22} {:<20} {:>8} {:>8}",
+                "NODE", "HEALTH", "PEER", "RESP", "LABELS", "REPLICAS", "LEADING"
+            );
+            for n in v["nodes"].as_array().into_iter().flatten() {
+                let labels: Vec<String> = n["labels"]
+                    .as_object()
+                    .map(|m| {
+                        m.iter()
+                            .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let health = match (n["healthy"].as_bool(), n["draining"].as_bool()) {
+                    (Some(true), Some(true)) => "draining",
+                    (Some(true), _) => "up",
+                    _ => "DOWN",
+                };
+                println!(
+                    "{:<5} {:<8} {:<22} {:<22} {:<20} {:>8} {:>8}",
+                    n["id"].to_string(),
+                    health,
+                    n["peer_addr"].as_str().unwrap_or(""),
+                    n["resp_addr"].as_str().unwrap_or(""),
+                    labels.join(","),
+                    n["replicas"].to_string(),
+                    n["leading"].to_string()
+                );
+            }
+            for ks in v["keyspaces"].as_array().into_iter().flatten() {
+                println!(
+                    "\nkeyspace {} ({}, rf {})",
+                    ks["name"].as_str().unwrap_or("?"),
+                    ks["mode"].as_str().unwrap_or("?"),
+                    ks["replication_factor"]
+                );
+                println!(
+                    "  {:<6} {:<13} {:<8} {:<16} LAG (entries behind the leader)",
+                    "GROUP", "SLOTS", "LEADER", "REPLICAS"
+                );
+                for sh in ks["shards"].as_array().into_iter().flatten() {
+                    println!(
+                        "  {:<6} {:<13} {:<8} {:<16} {}",
+                        sh["group"].to_string(),
+                        format!("{}-{}", sh["slots"][0], sh["slots"][1]),
+                        sh["leader"]
+                            .as_u64()
+                            .map(|l| l.to_string())
+                            .unwrap_or_else(|| "none".into()),
+                        sh["replicas"].to_string(),
+                        sh["replication_lag_entries"]
+                    );
+                }
+            }
+        }
+        ClusterOp::Remove { id, no_wait } => {
+            client
+                .request(
+                    "POST",
+                    &format!("/v1/cluster/nodes/{id}/remove"),
+                    Some(Vec::new()),
+                )
+                .await?;
+            println!("node {id} is draining: its replicas move to other nodes");
+            if no_wait {
+                return Ok(());
+            }
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+            loop {
+                let v = client.request("GET", "/v1/cluster", None).await?;
+                let member = v["nodes"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|n| n["id"] == id);
+                match member {
+                    None => {
+                        println!("node {id} removed from the cluster");
+                        return Ok(());
+                    }
+                    Some(n) => println!("  node {id} still holds {} replicas", n["replicas"]),
+                }
+                if std::time::Instant::now() > deadline {
+                    return Err(format!(
+                        "node {id} still a member after 300 s; see `capdb cluster status`"
+                    ));
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+        }
+        ClusterOp::StepDown => {
+            let v = client
+                .request("POST", "/v1/cluster/step-down", Some(Vec::new()))
+                .await?;
+            print_json(&v);
         }
     }
     Ok(())

@@ -1088,7 +1088,10 @@ impl Manager {
                 if state.nodes.is_empty() {
                     continue;
                 }
-                placement::meta_voters(&state)
+                meta_target_voters(
+                    &state,
+                    m.membership_config.membership().voter_ids().collect(),
+                )
             } else {
                 match state.find_group(*group) {
                     Some((ks, i)) => ks.shards[i].replicas.iter().copied().collect(),
@@ -1321,6 +1324,26 @@ impl Manager {
     pub fn set_partition(&self, blocked: BTreeSet<NodeId>) {
         self.peers.filter().set(blocked.into_iter().collect());
     }
+}
+
+/// The meta group's next voter set: keep the current voters (a founding voter may simply not
+/// have registered yet) except draining ones, and top up to [`placement::META_VOTERS`] from
+/// the map's nodes.
+fn meta_target_voters(state: &ClusterState, current: BTreeSet<NodeId>) -> BTreeSet<NodeId> {
+    let draining = |n: &NodeId| state.nodes.get(n).is_some_and(|i| i.draining);
+    let mut target: BTreeSet<NodeId> = current.into_iter().filter(|n| !draining(n)).collect();
+    for n in placement::meta_voters(state)
+        .into_iter()
+        .chain(state.nodes.keys().copied())
+    {
+        if target.len() >= placement::META_VOTERS {
+            break;
+        }
+        if !draining(&n) {
+            target.insert(n);
+        }
+    }
+    target
 }
 
 fn same_endpoints(a: &NodeInfo, b: &NodeInfo) -> bool {

@@ -16,6 +16,7 @@
 //! by what the caller must do (see `capdb_types::error`). When a password is configured, `/v1`
 //! routes need `Authorization: Bearer <password>`.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -95,6 +96,13 @@ pub fn router(node: Arc<Node>) -> Router {
             get(describe_keyspace).delete(drop_keyspace),
         )
         .route("/v1/kv/{keyspace}", get(scan))
+        .route("/v1/cluster", get(cluster_status))
+        .route("/v1/cluster/partition", axum::routing::post(set_partition))
+        .route(
+            "/v1/cluster/nodes/{id}/remove",
+            axum::routing::post(remove_node),
+        )
+        .route("/v1/cluster/step-down", axum::routing::post(step_down))
         .route(
             "/v1/kv/{keyspace}/{*key}",
             get(get_key).put(put_key).delete(delete_key),
@@ -128,6 +136,10 @@ async fn observe(State(node): State<Arc<Node>>, req: Request, next: Next) -> Res
         Some("/v1/keyspaces/{name}") => "/v1/keyspaces/{name}",
         Some("/v1/kv/{keyspace}") => "/v1/kv/{keyspace}",
         Some("/v1/kv/{keyspace}/{*key}") => "/v1/kv/{keyspace}/{key}",
+        Some("/v1/cluster") => "/v1/cluster",
+        Some("/v1/cluster/partition") => "/v1/cluster/partition",
+        Some("/v1/cluster/nodes/{id}/remove") => "/v1/cluster/nodes/{id}/remove",
+        Some("/v1/cluster/step-down") => "/v1/cluster/step-down",
         Some("/healthz") => "/healthz",
         Some("/readyz") => "/readyz",
         Some("/metrics") => "/metrics",
@@ -540,4 +552,125 @@ async fn scan(
         "cursor": next.as_ref().map(encode_cursor),
     }))
     .into_response())
+}
+
+/// Nodes (with health and labels), and every shard with its leader and replication lag,
+/// gathered from every node (each answers within a second or is reported unhealthy).
+async fn cluster_status(State(node): State<Arc<Node>>) -> ApiResult {
+    let manager = &node.manager;
+    let state = manager.cluster();
+    let me = manager.id();
+    let calls = state.nodes.keys().map(|&id| async move {
+        let status = if id == me {
+            Ok(manager.status())
+        } else {
+            manager.remote_status(id).await
+        };
+        (id, status)
+    });
+    let statuses: BTreeMap<u64, Result<capdb_replication::network::NodeStatus, Error>> =
+        futures::future::join_all(calls).await.into_iter().collect();
+    // Each group's view from its leader (the node reporting itself as leader of the group).
+    let mut leaders: BTreeMap<u64, (u64, &capdb_replication::network::GroupStatus)> =
+        BTreeMap::new();
+    for (id, st) in &statuses {
+        if let Ok(st) = st {
+            for g in &st.groups {
+                if g.leader == Some(*id) {
+                    leaders.insert(g.group, (*id, g));
+                }
+            }
+        }
+    }
+    let nodes: Vec<Json_> = state
+        .nodes
+        .values()
+        .map(|n| {
+            let st = statuses.get(&n.id);
+            json!({
+                "id": n.id, "peer_addr": n.peer_addr, "resp_addr": n.resp_addr, "http_addr": n.http_addr,
+                "labels": n.labels, "draining": n.draining,
+                "healthy": st.is_some_and(|s| s.is_ok()),
+                "error": st.and_then(|s| s.as_ref().err()).map(|e| e.to_string()),
+                "map_version": st.and_then(|s| s.as_ref().ok()).map(|s| s.map_version),
+                "replicas": state.shards_of(n.id).count(),
+                "leading": leaders.values().filter(|(l, _)| *l == n.id).count(),
+                "blocked_peers": st.and_then(|s| s.as_ref().ok()).map(|s| s.blocked.clone()),
+            })
+        })
+        .collect();
+    let mut keyspaces = Vec::new();
+    let meta = leaders.get(&capdb_cluster::META_GROUP);
+    for (name, entry) in &state.keyspaces {
+        let shards: Vec<Json_> = entry
+            .shards
+            .iter()
+            .map(|s| {
+                let leader = leaders.get(&s.group);
+                let lag: BTreeMap<String, Option<u64>> = leader
+                    .map(|(_, g)| {
+                        let last = g.last_log_index.unwrap_or(0);
+                        g.replication
+                            .iter()
+                            .map(|(n, m)| (n.to_string(), m.map(|m| last.saturating_sub(m))))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                json!({
+                    "group": s.group, "slots": [s.slots.0, s.slots.1], "replicas": s.replicas,
+                    "leader": leader.map(|(l, _)| *l), "term": leader.map(|(_, g)| g.term),
+                    "voters": leader.map(|(_, g)| g.voters.clone()), "learners": leader.map(|(_, g)| g.learners.clone()),
+                    "replication_lag_entries": lag,
+                })
+            })
+            .collect();
+        keyspaces.push(json!({"name": name, "mode": entry.spec.mode.as_str(), "replication_factor": entry.spec.replication_factor, "shards": shards}));
+    }
+    Ok(Json(json!({
+        "map_version": state.version,
+        "this_node": me,
+        "meta_leader": meta.map(|(l, _)| *l),
+        "nodes": nodes,
+        "keyspaces": keyspaces,
+    }))
+    .into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PartitionBody {
+    /// Node ids this node stops talking to (both directions); empty heals.
+    blocked: Vec<u64>,
+}
+
+/// Simulated partition: this node drops all traffic to and from `blocked` (no root needed;
+/// the playground and tests cut links with it).
+async fn set_partition(
+    State(node): State<Arc<Node>>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult {
+    let body: PartitionBody = json_body(body)?;
+    node.manager
+        .set_partition(body.blocked.iter().copied().collect());
+    tracing::warn!(blocked = ?body.blocked, "peer traffic filter changed");
+    Ok(Json(json!({"blocked": body.blocked})).into_response())
+}
+
+/// Drains a node: its replicas move elsewhere, then it leaves the map.
+async fn remove_node(State(node): State<Arc<Node>>, Path(id): Path<u64>) -> ApiResult {
+    if !node.manager.cluster().nodes.contains_key(&id) {
+        return Err(ApiError(Error::InvalidInput(format!(
+            "node {id} is not a member"
+        ))));
+    }
+    node.manager
+        .meta(capdb_cluster::MetaCommand::DrainNode(id))
+        .await?;
+    Ok(Json(json!({"draining": id, "note": "replicas are moving away; the node leaves the map once it holds none"})).into_response())
+}
+
+/// Moves every leadership this node holds to other replicas (before maintenance / preStop).
+async fn step_down(State(node): State<Arc<Node>>) -> ApiResult {
+    node.manager.step_down_everywhere().await;
+    Ok(Json(json!({"stepped_down": node.manager.id()})).into_response())
 }

@@ -38,14 +38,20 @@ fn layout(
     ks: &Keyspace,
     manager: &Manager,
 ) -> Result<Vec<((u16, u16), NodeId, Vec<NodeId>)>, String> {
-    let Store::Replicated(r) = &ks.store else {
+    if !matches!(ks.store, Store::Replicated(_)) {
         return Err(format!(
             "ERR keyspace '{}' is not sharded (mode {}); SELECT a cp keyspace",
             ks.spec.name,
             ks.spec.mode.as_str()
         ));
-    };
-    Ok(r.entry
+    }
+    // The current map (replicas move; the keyspace handle may be older).
+    let state = manager.cluster();
+    let entry = state
+        .keyspaces
+        .get(&ks.spec.name)
+        .ok_or_else(|| format!("ERR keyspace '{}' no longer exists", ks.spec.name))?;
+    Ok(entry
         .shards
         .iter()
         .map(|s| {
