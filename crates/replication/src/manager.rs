@@ -133,6 +133,16 @@ impl Manager {
     ) -> Result<Arc<Manager>, Error> {
         let me = config.me.id;
         let (tx, rx) = watch::channel(Arc::new(ClusterState::default()));
+        // Founding members outside the meta voters reach the meta leader through the others.
+        let mut join = config.join.clone();
+        if join.is_empty() {
+            join = config
+                .initial_cluster
+                .iter()
+                .filter(|(id, _)| **id != me)
+                .map(|(_, addr)| addr.clone())
+                .collect();
+        }
         let peers = Arc::new(PeerPool::new(me, filter));
         let manager = Arc::new(Manager {
             me,
@@ -141,7 +151,7 @@ impl Manager {
             hlc,
             raft_config: config.raft.clone(),
             peers,
-            join: config.join.clone(),
+            join,
             groups: RwLock::default(),
             cluster: rx,
             hints: Mutex::default(),
@@ -667,7 +677,7 @@ impl Manager {
         limit: u32,
         mode: ReadMode,
         now_ms: u64,
-    ) -> Result<(Vec<(Bytes, Value)>, Option<Bytes>), Error> {
+    ) -> Result<crate::network::ScanPage, Error> {
         let deadline = Instant::now() + REQUEST_DEADLINE;
         let mut attempt = 0;
         while Instant::now() < deadline {
@@ -734,7 +744,7 @@ impl Manager {
         mode: ReadMode,
         now_ms: u64,
         deadline: Instant,
-    ) -> Result<(Vec<(Bytes, Value)>, Option<Bytes>), ForwardError> {
+    ) -> Result<crate::network::ScanPage, ForwardError> {
         let g = self.group(group).ok_or(ForwardError::UnknownGroup(group))?;
         if mode == ReadMode::Linearizable {
             self.read_barrier(group, &g, deadline).await?;
@@ -852,6 +862,15 @@ impl Manager {
                             .map_err(|e| e.to_string()),
                     )
                 }
+                None => no_group(group),
+            },
+            PeerRequest::TransferLeader { group, req } => match self.group(group) {
+                Some(g) => PeerResponse::TransferLeader(
+                    g.raft
+                        .handle_transfer_leader(req)
+                        .await
+                        .map_err(|e| e.to_string()),
+                ),
                 None => no_group(group),
             },
             PeerRequest::Write { group, request } => {
@@ -1000,16 +1019,40 @@ impl Manager {
 
     async fn run_reconciler(self: Arc<Self>) {
         let mut changes = self.cluster.clone();
-        let mut registered = false;
+        let removed_key = format!("node/{}/removed", self.me);
+        let mut removed = self.engine.meta_get(&removed_key).ok().flatten().is_some();
+        if removed {
+            tracing::error!(
+                node = self.me,
+                "this node was removed from the cluster; it will not rejoin (wipe its data dir to join as a new node)"
+            );
+        }
+        // Whether this node has ever seen itself in the map: once it has, vanishing from the
+        // map means it was removed (drained), and it must not register itself back.
+        let mut seen = false;
         while !self.stopping.load(Ordering::Acquire) {
-            if !registered
-                || self
-                    .cluster()
-                    .nodes
-                    .get(&self.me)
-                    .is_none_or(|n| !same_endpoints(n, &self.info))
-            {
-                registered = self.register().await;
+            match self.cluster().nodes.get(&self.me) {
+                Some(n) => {
+                    seen = true;
+                    if !same_endpoints(n, &self.info) {
+                        self.register().await;
+                    }
+                }
+                None if seen && !removed => {
+                    tracing::warn!(
+                        node = self.me,
+                        "this node has been removed from the cluster"
+                    );
+                    removed = true;
+                    let _ = self
+                        .engine
+                        .meta_put(vec![(removed_key.clone(), Some(vec![1]))], true)
+                        .await;
+                }
+                None if !removed => {
+                    self.register().await;
+                }
+                None => {}
             }
             if let Err(e) = self.reconcile().await {
                 tracing::warn!(error = %e, "reconcile step failed; retrying");

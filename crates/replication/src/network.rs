@@ -48,6 +48,11 @@ pub enum PeerRequest {
         meta: SnapshotMeta,
         data: Vec<u8>,
     },
+    /// The leader asks the target to take over leadership now.
+    TransferLeader {
+        group: GroupId,
+        req: openraft::raft::TransferLeaderRequest<TypeConfig>,
+    },
     /// A client write for `group`, to be proposed by its leader.
     Write { group: GroupId, request: Request },
     /// A client read of one key in `group`.
@@ -116,16 +121,20 @@ pub struct NodeStatus {
     pub blocked: Vec<NodeId>,
 }
 
+/// A page of a shard scan: entries in key order and where the next page starts.
+pub type ScanPage = (Vec<(Bytes, Value)>, Option<Bytes>);
+
 /// The answer to a [`PeerRequest`].
 #[derive(Debug, Serialize, Deserialize)]
 pub enum PeerResponse {
     AppendEntries(Result<AppendEntriesResponse<TypeConfig>, String>),
     Vote(Result<VoteResponse<TypeConfig>, String>),
     Snapshot(Result<SnapshotResponse<TypeConfig>, String>),
+    TransferLeader(Result<openraft::raft::TransferLeaderResponse<TypeConfig>, String>),
     Write(Result<Response, ForwardError>),
     Read(Result<Option<Value>, ForwardError>),
     ReadMany(Result<Vec<Option<Value>>, ForwardError>),
-    Scan(Result<(Vec<(Bytes, Value)>, Option<Bytes>), ForwardError>),
+    Scan(Result<ScanPage, ForwardError>),
     Count(Result<u64, ForwardError>),
     Meta(Result<capdb_cluster::MetaResponse, ForwardError>),
     Status(NodeStatus),
@@ -232,6 +241,30 @@ impl RaftNetworkV2<TypeConfig> for Network {
             PeerResponse::Vote(Err(e)) | PeerResponse::Unavailable(e) => Err(remote(e)),
             other => Err(remote(format!(
                 "unexpected answer to vote from {}: {other:?}",
+                self.target
+            ))),
+        }
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        req: openraft::raft::TransferLeaderRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<openraft::raft::TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
+        match self
+            .call(
+                PeerRequest::TransferLeader {
+                    group: self.group,
+                    req,
+                },
+                option.soft_ttl(),
+            )
+            .await?
+        {
+            PeerResponse::TransferLeader(Ok(r)) => Ok(r),
+            PeerResponse::TransferLeader(Err(e)) | PeerResponse::Unavailable(e) => Err(remote(e)),
+            other => Err(remote(format!(
+                "unexpected answer to transfer_leader from {}: {other:?}",
                 self.target
             ))),
         }

@@ -64,8 +64,11 @@ pub struct StateMachine {
     /// The applied state and (meta group only) the cluster map, changed together under one
     /// lock so a snapshot never pairs a map with the wrong applied id.
     state: Arc<Mutex<SmState>>,
-    current: Arc<Mutex<Option<(SnapshotMeta, Vec<u8>)>>>,
+    current: Arc<Mutex<Option<StoredSnapshot>>>,
 }
+
+/// The latest snapshot: its meta and encoded payload.
+type StoredSnapshot = (SnapshotMeta, Vec<u8>);
 
 struct SmState {
     applied: Applied,

@@ -69,6 +69,9 @@ fn io_err(e: impl std::fmt::Display) -> Error {
     }
 }
 
+/// A table's `(key, encoded value)` pairs and the requested `_meta` values (snapshot build).
+pub type TableDump = (Vec<(Vec<u8>, Vec<u8>)>, Vec<Option<Vec<u8>>>);
+
 /// Counters exposed as metrics.
 #[derive(Debug, Default)]
 pub struct EngineStats {
@@ -490,11 +493,7 @@ impl DiskEngine {
 
     /// Every `(key, encoded value)` of a table plus the given `_meta` entries, from one
     /// consistent snapshot (snapshot build).
-    pub fn dump_table(
-        &self,
-        table: &str,
-        meta_keys: &[String],
-    ) -> Result<(Vec<(Vec<u8>, Vec<u8>)>, Vec<Option<Vec<u8>>>)> {
+    pub fn dump_table(&self, table: &str, meta_keys: &[String]) -> Result<TableDump> {
         let txn = self.db.begin_read().map_err(io_err)?;
         let meta_table = txn.open_table(META_TABLE).map_err(io_err)?;
         let meta = meta_keys
@@ -1023,6 +1022,7 @@ fn execute(
 
 /// Applies one mutation inside the writer's transaction. `Err` only for storage failures
 /// (which abort the batch); semantic failures come back as `Ok(Err(..))`.
+#[allow(clippy::too_many_arguments)]
 fn apply_one(
     t: &mut redb::Table<&'static [u8], &'static [u8]>,
     m: &Mutation,

@@ -33,17 +33,21 @@ impl Server {
     }
 
     pub fn start_with(extra: &[&str]) -> Server {
-        let dir = tempfile::tempdir().unwrap();
-        let mut s = Server {
+        let mut s = Server::prepare(free_port(), extra);
+        s.spawn();
+        s
+    }
+
+    /// A server with its ports and data directory chosen, not started yet.
+    pub fn prepare(peer_port: u16, extra: &[&str]) -> Server {
+        Server {
             child: None,
             resp: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
             http: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
-            peer: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
-            dir,
+            peer: format!("127.0.0.1:{peer_port}").parse().unwrap(),
+            dir: tempfile::tempdir().unwrap(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
-        };
-        s.spawn();
-        s
+        }
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -58,6 +62,12 @@ impl Server {
 
     /// Starts the server; `Err(log)` if it exits before becoming ready.
     pub fn try_spawn(&mut self) -> Result<(), String> {
+        self.spawn_no_wait();
+        self.wait_ready()
+    }
+
+    /// Starts the process without waiting for it to be ready.
+    pub fn spawn_no_wait(&mut self) {
         assert!(self.child.is_none());
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -81,7 +91,6 @@ impl Server {
             .spawn()
             .expect("start capdb");
         self.child = Some(child);
-        self.wait_ready()
     }
 
     pub fn log(&self) -> String {

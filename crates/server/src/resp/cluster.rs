@@ -33,11 +33,11 @@ fn host_port(addr: &str) -> (String, i64) {
     }
 }
 
-/// Shards of the connection's keyspace: (slot range, leader, replicas).
-fn layout(
-    ks: &Keyspace,
-    manager: &Manager,
-) -> Result<Vec<((u16, u16), NodeId, Vec<NodeId>)>, String> {
+/// A shard as cluster clients see it: (slot range, leader, replicas).
+type ShardView = ((u16, u16), NodeId, Vec<NodeId>);
+
+/// Shards of the connection's keyspace.
+fn layout(ks: &Keyspace, manager: &Manager) -> Result<Vec<ShardView>, String> {
     if !matches!(ks.store, Store::Replicated(_)) {
         return Err(format!(
             "ERR keyspace '{}' is not sharded (mode {}); SELECT a cp keyspace",

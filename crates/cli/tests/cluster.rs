@@ -1,0 +1,500 @@
+//! `cp` keyspaces on real 3- and 5-node clusters of the real binary on loopback: replication,
+//! linearizable reads from every node, leader failure, catch-up after restart, joining nodes,
+//! minority failures and partitions.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use common::{BIN, Server, free_port, http, json};
+use redis::{Commands, RedisResult};
+
+/// Cluster tests run one at a time: each starts several nodes, and on a 2-core machine five
+/// clusters at once would measure the scheduler, not capdb.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// A cluster of real processes; node i is `nodes[i - 1]`.
+struct Cluster {
+    nodes: Vec<Server>,
+    _turn: std::sync::MutexGuard<'static, ()>,
+}
+
+impl Cluster {
+    fn start(n: usize) -> Cluster {
+        let turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+        let peers: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let initial: Vec<String> = peers
+            .iter()
+            .enumerate()
+            .map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1))
+            .collect();
+        let initial = initial.join(",");
+        let mut nodes = Vec::new();
+        for (i, p) in peers.iter().enumerate() {
+            let id = (i + 1).to_string();
+            let zone = format!("zone=z{}", i % 3);
+            let args = [
+                "--node-id",
+                &id,
+                "--initial-cluster",
+                &initial,
+                "--label",
+                &zone,
+            ];
+            nodes.push(Server::prepare(*p, &args));
+        }
+        // Founding members start together (each waits for the others to form a quorum).
+        for s in &mut nodes {
+            s.spawn_no_wait();
+        }
+        for s in &mut nodes {
+            s.wait_ready()
+                .unwrap_or_else(|log| panic!("node did not become ready: {log}"));
+        }
+        let c = Cluster { nodes, _turn: turn };
+        c.wait_replicated(n.min(3));
+        c
+    }
+
+    fn node(&self, id: u64) -> &Server {
+        &self.nodes[id as usize - 1]
+    }
+
+    fn node_mut(&mut self, id: u64) -> &mut Server {
+        &mut self.nodes[id as usize - 1]
+    }
+
+    fn status_from(&self, id: u64) -> serde_json::Value {
+        let (code, body) = http(self.node(id).http, "GET", "/v1/cluster", &[], None).unwrap();
+        assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+        json(&body)
+    }
+
+    fn alive(&self) -> impl Iterator<Item = (u64, &Server)> {
+        self.nodes
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.child.is_some())
+            .map(|(i, s)| (i as u64 + 1, s))
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let (id, _) = self.alive().next().expect("a live node");
+        self.status_from(id)
+    }
+
+    /// Waits until every shard of `default` has `rf` voters and a leader.
+    fn wait_replicated(&self, rf: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let st = self.status();
+            let ok = st["keyspaces"].as_array().unwrap().iter().all(|ks| {
+                ks["shards"].as_array().unwrap().iter().all(|s| {
+                    s["leader"].is_u64() && s["voters"].as_array().is_some_and(|v| v.len() == rf)
+                })
+            });
+            if ok {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "cluster not replicated after 30 s: {st:#}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The leader of the default keyspace's first shard.
+    fn leader(&self) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let st = self.status();
+            if let Some(l) = st["keyspaces"][0]["shards"][0]["leader"].as_u64() {
+                return l;
+            }
+            assert!(Instant::now() < deadline, "no leader: {st:#}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for (i, s) in self.nodes.iter().enumerate() {
+                let log = s.log();
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                eprintln!("---- node {} log (last 40 lines) ----", i + 1);
+                for l in tail.into_iter().rev() {
+                    eprintln!("{l}");
+                }
+            }
+        }
+    }
+}
+
+/// Retries a write until it succeeds (elections), bounded.
+fn set_retrying(c: &mut redis::Connection, k: &str, v: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r: RedisResult<()> = c.set(k, v);
+        match r {
+            Ok(()) => return,
+            Err(e) => assert!(Instant::now() < deadline, "write {k} kept failing: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn writes_on_one_node_are_read_linearizably_from_every_node() {
+    let c = Cluster::start(3);
+    let mut conns: Vec<redis::Connection> = c.nodes.iter().map(|s| s.client()).collect();
+    for i in 0..60 {
+        let writer = i % 3;
+        let key = format!("k{i}");
+        let _: () = conns[writer].set(&key, i).unwrap();
+        // Immediately after the acknowledgement, every node must see the write.
+        for (n, conn) in conns.iter_mut().enumerate() {
+            assert_eq!(
+                conn.get::<_, Option<i64>>(&key).unwrap(),
+                Some(i as i64),
+                "node {} missed {key}",
+                n + 1
+            );
+        }
+    }
+    let _: () = conns[1].incr("counter", 5).unwrap();
+    assert_eq!(conns[2].incr::<_, _, i64>("counter", 1).unwrap(), 6);
+    // Cluster-aware clients see the slot map.
+    let slots: Vec<(u16, u16, Vec<redis::Value>)> = redis::cmd("CLUSTER")
+        .arg("SLOTS")
+        .query(&mut conns[0])
+        .map(|v: redis::Value| {
+            let redis::Value::Array(shards) = v else {
+                panic!("array")
+            };
+            shards
+                .into_iter()
+                .map(|s| {
+                    let redis::Value::Array(parts) = s else {
+                        panic!("array")
+                    };
+                    let n = |v: &redis::Value| {
+                        if let redis::Value::Int(i) = v {
+                            *i as u16
+                        } else {
+                            panic!()
+                        }
+                    };
+                    (n(&parts[0]), n(&parts[1]), parts[2..].to_vec())
+                })
+                .collect()
+        })
+        .unwrap();
+    assert_eq!(slots.len(), 1);
+    assert_eq!((slots[0].0, slots[0].1), (0, 16383));
+    assert_eq!(slots[0].2.len(), 3, "leader + 2 replicas");
+    assert_eq!(
+        redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg("foo")
+            .query::<i64>(&mut conns[0])
+            .unwrap(),
+        12182
+    );
+    // -MOVED on request, from a node that is not the leader.
+    let leader = c.leader();
+    let follower = (1..=3).find(|&n| n != leader).unwrap();
+    let mut fc = c.node(follower).client();
+    let _: () = redis::cmd("CLUSTER")
+        .arg("REDIRECT")
+        .arg("ON")
+        .query(&mut fc)
+        .unwrap();
+    let e: RedisResult<Option<String>> = fc.get("k1");
+    let e = e.unwrap_err();
+    assert_eq!(e.code(), Some("MOVED"), "{e}");
+    assert!(
+        e.to_string().contains(&c.node(leader).resp.to_string()),
+        "{e}"
+    );
+}
+
+#[test]
+fn kill_the_leader_and_keep_writing_then_restart_and_catch_up() {
+    let mut c = Cluster::start(3);
+    let leader = c.leader();
+    let others: Vec<u64> = (1..=3).filter(|&n| n != leader).collect();
+    let mut conn = c.node(others[0]).client();
+    for i in 0..100 {
+        let _: () = conn.set(format!("before{i}"), i).unwrap();
+    }
+    c.node_mut(leader).kill9();
+    let killed_at = Instant::now();
+    set_retrying(&mut conn, "after-failover", "yes");
+    let gap = killed_at.elapsed();
+    assert!(
+        gap < Duration::from_secs(10),
+        "writes resumed only after {gap:?}"
+    );
+    let new_leader = c.leader();
+    assert_ne!(new_leader, leader);
+    let mut other = c.node(others[1]).client();
+    for i in 0..100 {
+        let _: () = other.set(format!("during{i}"), i).unwrap();
+    }
+    for i in 0..100 {
+        assert_eq!(
+            conn.get::<_, Option<i64>>(format!("before{i}")).unwrap(),
+            Some(i)
+        );
+    }
+    // The killed node restarts and catches up: its own replica (stale read) gets every write.
+    c.node_mut(leader).spawn();
+    let mut back = c.node(leader).client();
+    let _: () = redis::cmd("READONLY").query(&mut back).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let v: Option<i64> = back.get("during99").unwrap_or(None);
+        if v == Some(99) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "restarted node did not catch up");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for i in 0..100 {
+        assert_eq!(
+            back.get::<_, Option<i64>>(format!("during{i}")).unwrap(),
+            Some(i)
+        );
+        assert_eq!(
+            back.get::<_, Option<i64>>(format!("before{i}")).unwrap(),
+            Some(i)
+        );
+    }
+}
+
+#[test]
+fn the_minority_side_of_a_partition_refuses_in_bounded_time() {
+    let c = Cluster::start(3);
+    for i in 0..20 {
+        let _: () = c.node(1).client().set(format!("p{i}"), i).unwrap();
+    }
+    // Cut node 1 off from 2 and 3 (both directions, as a network partition would).
+    let cut = |node: u64, blocked: &str| {
+        let body = format!("{{\"blocked\":[{blocked}]}}");
+        let (code, _) = http(
+            c.node(node).http,
+            "POST",
+            "/v1/cluster/partition",
+            &[],
+            Some(body.as_bytes()),
+        )
+        .unwrap();
+        assert_eq!(code, 200);
+    };
+    cut(1, "2,3");
+    cut(2, "1");
+    cut(3, "1");
+    let mut minority = c.node(1).client();
+    let started = Instant::now();
+    let w: RedisResult<()> = minority.set("minority-write", "x");
+    let took = started.elapsed();
+    let e = w.expect_err("the minority side must not accept writes");
+    assert_eq!(e.code(), Some("TRYAGAIN"), "{e}");
+    assert!(took < Duration::from_secs(8), "refusal took {took:?}");
+    let started = Instant::now();
+    let r: RedisResult<Option<i64>> = minority.get("p1");
+    assert!(
+        r.is_err(),
+        "a linearizable read on the minority side must fail, got {r:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(8));
+    // A stale read is still served from the local replica.
+    let _: () = redis::cmd("READONLY").query(&mut minority).unwrap();
+    assert_eq!(minority.get::<_, Option<i64>>("p1").unwrap(), Some(1));
+    // The majority keeps working.
+    let mut majority = c.node(2).client();
+    set_retrying(&mut majority, "majority-write", "ok");
+    // Heal: node 1 serves again, and never saw its refused write applied.
+    cut(1, "");
+    cut(2, "");
+    cut(3, "");
+    let mut healed = c.node(1).client();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        match healed.get::<_, Option<String>>("majority-write") {
+            Ok(Some(v)) => {
+                assert_eq!(v, "ok");
+                break;
+            }
+            _ => assert!(
+                Instant::now() < deadline,
+                "node 1 did not recover after the heal"
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let gone: Option<String> = healed.get("minority-write").unwrap();
+    assert_eq!(
+        gone, None,
+        "a write refused on the minority side must not appear later"
+    );
+}
+
+#[test]
+fn a_joining_node_gets_replicas_and_a_removed_node_drains() {
+    let mut c = Cluster::start(3);
+    // A keyspace with several shards so there is something to move.
+    let (code, body) = http(
+        c.node(1).http,
+        "POST",
+        "/v1/keyspaces",
+        &[],
+        Some(br#"{"name":"sharded","mode":"cp","shards":4,"replication_factor":3}"#),
+    )
+    .unwrap();
+    assert_eq!(code, 201, "{}", String::from_utf8_lossy(&body));
+    let mut conn = redis::Client::open(format!("redis://{}/", c.node(1).resp))
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let _: () = redis::cmd("SELECT")
+        .arg("sharded")
+        .query(&mut conn)
+        .unwrap();
+    for i in 0..200 {
+        let _: () = conn.set(format!("s{i}"), i).unwrap();
+    }
+    // Node 4 joins through node 2.
+    let seed = c.node(2).peer.to_string();
+    let mut joiner = Server::prepare(
+        free_port(),
+        &["--node-id", "4", "--join", &seed, "--label", "zone=z3"],
+    );
+    joiner.spawn();
+    c.nodes.push(joiner);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let st = c.status();
+        let n4 = st["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["id"] == 4)
+            .cloned();
+        if n4
+            .as_ref()
+            .is_some_and(|n| n["replicas"].as_u64().unwrap_or(0) >= 2)
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "node 4 got no replicas: {st:#}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Its replicas hold the data: read every key from node 4 (linearizable, any shard).
+    let mut c4 = redis::Client::open(format!("redis://{}/", c.node(4).resp))
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let _: () = redis::cmd("SELECT").arg("sharded").query(&mut c4).unwrap();
+    for i in 0..200 {
+        assert_eq!(c4.get::<_, Option<i64>>(format!("s{i}")).unwrap(), Some(i));
+    }
+    // Remove node 3: its replicas move away first, then it leaves.
+    let out = std::process::Command::new(BIN)
+        .args([
+            "cluster",
+            "remove",
+            "3",
+            "--addr",
+            &c.node(1).http.to_string(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let st = c.status_from(1);
+    assert!(
+        st["nodes"].as_array().unwrap().iter().all(|n| n["id"] != 3),
+        "{st:#}"
+    );
+    for ks in st["keyspaces"].as_array().unwrap() {
+        for s in ks["shards"].as_array().unwrap() {
+            assert!(
+                !s["replicas"]
+                    .as_array()
+                    .unwrap()
+                    .contains(&serde_json::json!(3)),
+                "{st:#}"
+            );
+        }
+    }
+    for i in 0..200 {
+        assert_eq!(
+            conn.get::<_, Option<i64>>(format!("s{i}")).unwrap(),
+            Some(i),
+            "key s{i} lost during the move"
+        );
+    }
+}
+
+#[test]
+fn acknowledged_writes_survive_kill_9_of_a_minority_of_five() {
+    let mut c = Cluster::start(5);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for w in 0..4u64 {
+        let url = c.node(w % 5 + 1).redis_url();
+        let stop = stop.clone();
+        writers.push(std::thread::spawn(move || {
+            let mut acked = BTreeMap::new();
+            let Ok(mut conn) = redis::Client::open(url).unwrap().get_connection() else {
+                return acked;
+            };
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let key = format!("w{w}:{i}");
+                let r: RedisResult<()> = conn.set(&key, i);
+                if r.is_ok() {
+                    acked.insert(key, i);
+                }
+                i += 1;
+            }
+            acked
+        }));
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    // Two of five nodes die at once; writers on them start failing, the others continue.
+    c.node_mut(4).kill9();
+    c.node_mut(5).kill9();
+    std::thread::sleep(Duration::from_millis(2500));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut acked = BTreeMap::new();
+    for w in writers {
+        acked.extend(w.join().unwrap());
+    }
+    assert!(
+        acked.len() > 200,
+        "only {} writes acknowledged",
+        acked.len()
+    );
+    // Bring the killed nodes back (with RF 3 on 5 nodes two of them may have held two of a
+    // shard's three replicas), then every acknowledged write must be there.
+    c.node_mut(4).spawn();
+    c.node_mut(5).spawn();
+    let mut conn = c.node(1).client();
+    let keys: Vec<&String> = acked.keys().collect();
+    for chunk in keys.chunks(200) {
+        let got: Vec<Option<u64>> = conn.mget(chunk).unwrap();
+        for (k, g) in chunk.iter().zip(got) {
+            assert_eq!(g, Some(acked[*k]), "acknowledged write {k} lost");
+        }
+    }
+}
