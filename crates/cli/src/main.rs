@@ -1,5 +1,6 @@
 //! The `capdb` binary: one executable for the server and its command-line clients.
 
+mod bench;
 mod client;
 
 use std::process::ExitCode;
@@ -72,8 +73,20 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// Measurements against a cluster this command starts itself.
+    Bench {
+        #[command(subcommand)]
+        op: BenchOp,
+    },
     /// Print the version.
     Version,
+}
+
+#[derive(Subcommand)]
+enum BenchOp {
+    /// Kill the shard leader N times under write load; print the unavailability window.
+    /// Example: capdb bench failover --rounds 20
+    Failover(bench::FailoverArgs),
 }
 
 #[derive(Subcommand)]
@@ -185,6 +198,9 @@ fn main() -> ExitCode {
             Command::Kv { op, target } => kv(op, &target).await,
             Command::Keyspace { op, target } => keyspace(op, &target).await,
             Command::Cluster { op, target } => cluster(op, &target).await,
+            Command::Bench {
+                op: BenchOp::Failover(args),
+            } => bench::failover(args).await,
             Command::Version => {
                 println!("capdb {}", env!("CARGO_PKG_VERSION"));
                 Ok(())

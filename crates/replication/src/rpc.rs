@@ -220,9 +220,23 @@ where
         let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&addr)).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
-                fail_queued(&mut first, &mut rx, &addr, &e.to_string());
-                tokio::time::sleep(backoff).await;
+                let why = e.to_string();
+                fail_queued(&mut first, &mut rx, &addr, &why);
+                // Back off before the next connection attempt, but fail requests arriving
+                // meanwhile at once: a caller must learn quickly that this peer is down.
+                let until = tokio::time::Instant::now() + backoff;
                 backoff = (backoff * 2).min(Duration::from_millis(500));
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(until) => break,
+                        o = rx.recv() => match o {
+                            Some(o) => {
+                                let _ = o.reply.send(Err(RpcError::Unreachable(addr.clone(), why.clone())));
+                            }
+                            None => return,
+                        },
+                    }
+                }
                 match rx.recv().await {
                     Some(o) => first = Some(o),
                     None => return,

@@ -1,0 +1,296 @@
+//! `capdb bench failover`: how long a `cp` shard is unavailable when its leader dies.
+//!
+//! Starts its own cluster of real `capdb` processes on loopback (this binary), keeps a steady
+//! write load on every node, and for each round kills the current leader of the `default`
+//! keyspace's shard with SIGKILL. The unavailability window of a round is the time from the
+//! kill to the completion of the first write that was *sent after the kill* and acknowledged.
+//! The killed node is restarted and the cluster allowed to settle (all voters back, leader
+//! known) before the next round. Prints each window, then p50, p99 and max.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+
+use crate::client::HttpClient;
+
+/// Options of `capdb bench failover`.
+#[derive(clap::Args)]
+pub struct FailoverArgs {
+    /// Leader kills to measure.
+    #[arg(long, default_value_t = 20)]
+    rounds: usize,
+    /// Nodes in the cluster (3 or more).
+    #[arg(long, default_value_t = 3)]
+    nodes: usize,
+    /// Concurrent writers (spread over the nodes).
+    #[arg(long, default_value_t = 6)]
+    writers: usize,
+    /// Keep the cluster's data and logs in this directory (default: a temporary one).
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+}
+
+struct NodeProc {
+    id: u64,
+    resp: String,
+    http: String,
+    args: Vec<String>,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl NodeProc {
+    fn spawn(&mut self, binary: &PathBuf) -> Result<(), String> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .map_err(|e| format!("cannot open {}: {e}", self.log.display()))?;
+        let child = Command::new(binary)
+            .args(&self.args)
+            .env("CAPDB_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("cannot start node {}: {e}", self.id))?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    async fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill().await;
+        }
+    }
+}
+
+fn free_port() -> Result<u16, String> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| format!("no free port: {e}"))
+}
+
+/// One `SET` over a fresh or kept RESP connection; `Ok(true)` when acknowledged with `+OK`.
+async fn set(conn: &mut Option<BufReader<TcpStream>>, addr: &str, key: &str) -> bool {
+    if conn.is_none() {
+        match tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => {
+                let _ = s.set_nodelay(true);
+                *conn = Some(BufReader::new(s));
+            }
+            _ => return false,
+        }
+    }
+    let c = conn.as_mut().expect("connected");
+    let cmd = format!(
+        "*3\r\n$3\r\nSET\r\n${}\r\n{key}\r\n$5\r\nvalue\r\n",
+        key.len()
+    );
+    let round_trip = async {
+        c.get_mut().write_all(cmd.as_bytes()).await?;
+        let mut line = String::new();
+        c.read_line(&mut line).await?;
+        std::io::Result::Ok(line)
+    };
+    match tokio::time::timeout(Duration::from_secs(10), round_trip).await {
+        Ok(Ok(line)) if line.starts_with("+OK") => true,
+        Ok(Ok(line)) if line.starts_with('-') => false,
+        _ => {
+            *conn = None;
+            false
+        }
+    }
+}
+
+async fn wait_settled(
+    client: &HttpClient,
+    voters: usize,
+    deadline: Duration,
+) -> Result<u64, String> {
+    let until = Instant::now() + deadline;
+    loop {
+        if let Ok(v) = client.request("GET", "/v1/cluster", None).await {
+            let shard = &v["keyspaces"][0]["shards"][0];
+            let lag_ok = shard["replication_lag_entries"]
+                .as_object()
+                .is_some_and(|m| {
+                    m.len() >= voters - 1 && m.values().all(|l| l.as_u64().is_some_and(|l| l < 100))
+                });
+            if let (Some(leader), Some(vs)) = (shard["leader"].as_u64(), shard["voters"].as_array())
+                && vs.len() == voters
+                && lag_ok
+            {
+                return Ok(leader);
+            }
+        }
+        if Instant::now() > until {
+            return Err(format!("cluster did not settle within {deadline:?}"));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub async fn failover(args: FailoverArgs) -> Result<(), String> {
+    if args.nodes < 3 {
+        return Err("--nodes must be at least 3 (a leader must be able to die)".into());
+    }
+    let binary = std::env::current_exe().map_err(|e| format!("cannot find this binary: {e}"))?;
+    let temp = args.work_dir.is_none();
+    let work = args.work_dir.clone().unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("capdb-failover-{}", std::process::id()))
+    });
+    std::fs::create_dir_all(&work).map_err(|e| format!("cannot create {}: {e}", work.display()))?;
+    let peers: Vec<u16> = (0..args.nodes)
+        .map(|_| free_port())
+        .collect::<Result<_, _>>()?;
+    let initial: Vec<String> = peers
+        .iter()
+        .enumerate()
+        .map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1))
+        .collect();
+    let mut nodes = Vec::new();
+    for (i, peer) in peers.iter().enumerate() {
+        let id = i as u64 + 1;
+        let (resp, http) = (
+            format!("127.0.0.1:{}", free_port()?),
+            format!("127.0.0.1:{}", free_port()?),
+        );
+        let data = work.join(format!("node{id}"));
+        let args = vec![
+            "server".to_string(),
+            "--node-id".into(),
+            id.to_string(),
+            "--data-dir".into(),
+            data.display().to_string(),
+            "--resp-addr".into(),
+            resp.clone(),
+            "--http-addr".into(),
+            http.clone(),
+            "--peer-addr".into(),
+            format!("127.0.0.1:{peer}"),
+            "--initial-cluster".into(),
+            initial.join(","),
+        ];
+        nodes.push(NodeProc {
+            id,
+            resp,
+            http,
+            args,
+            log: work.join(format!("node{id}.log")),
+            child: None,
+        });
+    }
+    for n in &mut nodes {
+        n.spawn(&binary)?;
+    }
+    let rf = args.nodes.min(3);
+    let clients: Vec<HttpClient> = nodes
+        .iter()
+        .map(|n| HttpClient::new(&n.http, None))
+        .collect::<Result<_, _>>()?;
+    eprintln!(
+        "starting a {}-node cluster in {}",
+        args.nodes,
+        work.display()
+    );
+    wait_settled(&clients[0], rf, Duration::from_secs(60)).await?;
+
+    // Steady write load on every node.
+    let stop = Arc::new(AtomicBool::new(false));
+    let successes: Arc<Mutex<Vec<(Instant, Instant)>>> = Arc::default();
+    let mut writers = Vec::new();
+    for w in 0..args.writers {
+        let addr = nodes[w % nodes.len()].resp.clone();
+        let (stop, successes) = (stop.clone(), successes.clone());
+        writers.push(tokio::spawn(async move {
+            let mut conn = None;
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let started = Instant::now();
+                if set(&mut conn, &addr, &format!("w{w}:{i}")).await {
+                    successes
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push((started, Instant::now()));
+                } else {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                i += 1;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let mut windows = Vec::new();
+    for round in 1..=args.rounds {
+        let leader = wait_settled(&clients[0], rf, Duration::from_secs(60)).await?;
+        let victim = nodes
+            .iter()
+            .position(|n| n.id == leader)
+            .ok_or("leader is not one of ours")?;
+        successes.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        let killed_at = Instant::now();
+        nodes[victim].kill9().await;
+        let deadline = killed_at + Duration::from_secs(30);
+        let window = loop {
+            let first = successes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .filter(|(start, _)| *start >= killed_at)
+                .map(|(_, end)| *end)
+                .min();
+            if let Some(end) = first {
+                break end - killed_at;
+            }
+            if Instant::now() > deadline {
+                stop.store(true, Ordering::Relaxed);
+                return Err(format!(
+                    "round {round}: no write succeeded within 30 s of killing node {leader}"
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        eprintln!(
+            "round {round:>2}: killed leader node {leader}, writes resumed after {:>5} ms",
+            window.as_millis()
+        );
+        windows.push(window);
+        nodes[victim].spawn(&binary)?;
+        let other = if victim == 0 { 1 } else { 0 };
+        wait_settled(&clients[other], rf, Duration::from_secs(60)).await?;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        let _ = w.await;
+    }
+    for n in &mut nodes {
+        n.kill9().await;
+    }
+    if temp {
+        let _ = std::fs::remove_dir_all(&work);
+    }
+    windows.sort();
+    let pct =
+        |p: f64| windows[((windows.len() as f64 * p).ceil() as usize).clamp(1, windows.len()) - 1];
+    println!(
+        "leader failover, {} rounds, {} nodes, {} writers (default settings: heartbeat 60 ms, election timeout 200-350 ms):",
+        windows.len(),
+        args.nodes,
+        args.writers
+    );
+    println!(
+        "unavailability p50 {} ms, p99 {} ms, max {} ms",
+        pct(0.5).as_millis(),
+        pct(0.99).as_millis(),
+        windows.last().map(|w| w.as_millis()).unwrap_or(0)
+    );
+    Ok(())
+}
