@@ -282,7 +282,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         {
             let mut mem = self.lock();
             mem.unflushed.retain(|&i, _| i < from);
-            mem.last_log = last_log_id.or(mem.last_purged);
+            // Truncating past the end removes nothing; otherwise the given id is the new last.
+            if mem.last_log.is_some_and(|l| l.index >= from) {
+                mem.last_log = last_log_id.or(mem.last_purged);
+            }
         }
         // Waits for durability: truncation is rare, and later appends must not race it.
         self.engine

@@ -1,0 +1,43 @@
+//! openraft's storage conformance suite, run against capdb's log store and state machine on the
+//! real storage engine (one fresh redb file per sub-test).
+
+use std::sync::Arc;
+
+use capdb_replication::log_store::LogStore;
+use capdb_replication::state_machine::{Kind, StateMachine};
+use capdb_replication::types::TypeConfig;
+use capdb_storage::disk::DiskEngine;
+use capdb_types::Hlc;
+use openraft::StorageError;
+use openraft::testing::log::{StoreBuilder, Suite};
+use openraft::type_config::TypeConfigExt;
+
+struct Builder;
+
+impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Builder {
+    async fn build(
+        &self,
+    ) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError<TypeConfig>> {
+        let io = |e: &dyn std::fmt::Display| {
+            StorageError::write(TypeConfig::err_from_string(e.to_string()))
+        };
+        let dir = tempfile::tempdir().map_err(|e| io(&e))?;
+        let engine =
+            DiskEngine::open(dir.path(), Arc::new(Hlc::new()), 1 << 20).map_err(|e| io(&e))?;
+        let log = LogStore::open(engine.clone(), 7).map_err(|e| io(&e))?;
+        let sm = StateMachine::open(
+            engine,
+            7,
+            Kind::Data {
+                table: "shard/7".into(),
+            },
+        )
+        .map_err(|e| io(&e))?;
+        Ok((dir, log, sm))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_store_and_state_machine_pass_openraft_suite() {
+    Suite::test_all(Builder).await.unwrap();
+}
