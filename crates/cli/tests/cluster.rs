@@ -22,6 +22,10 @@ struct Cluster {
 
 impl Cluster {
     fn start(n: usize) -> Cluster {
+        Cluster::start_with(n, &[])
+    }
+
+    fn start_with(n: usize, extra: &[&str]) -> Cluster {
         let turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
         let peers: Vec<u16> = (0..n).map(|_| free_port()).collect();
         let initial: Vec<String> = peers
@@ -34,7 +38,7 @@ impl Cluster {
         for (i, p) in peers.iter().enumerate() {
             let id = (i + 1).to_string();
             let zone = format!("zone=z{}", i % 3);
-            let args = [
+            let mut args = vec![
                 "--node-id",
                 &id,
                 "--initial-cluster",
@@ -42,6 +46,7 @@ impl Cluster {
                 "--label",
                 &zone,
             ];
+            args.extend_from_slice(extra);
             nodes.push(Server::prepare(*p, &args));
         }
         // Founding members start together (each waits for the others to form a quorum).
@@ -497,4 +502,59 @@ fn acknowledged_writes_survive_kill_9_of_a_minority_of_five() {
             assert_eq!(g, Some(acked[*k]), "acknowledged write {k} lost");
         }
     }
+}
+
+#[test]
+fn a_node_far_behind_catches_up_from_a_snapshot() {
+    // Snapshots every 50 entries: a node that misses hundreds of writes finds the log it
+    // needs purged, and must be sent the leader's snapshot.
+    let mut c = Cluster::start_with(3, &["--raft-snapshot-logs", "50"]);
+    let leader = c.leader();
+    let lagging = (1..=3).find(|&n| n != leader).unwrap();
+    let mut conn = c.node(leader).client();
+    for i in 0..50 {
+        let _: () = conn.set(format!("early{i}"), i).unwrap();
+    }
+    c.node_mut(lagging).kill9();
+    for i in 0..600 {
+        let _: () = conn.set(format!("late{i}"), i).unwrap();
+    }
+    let _: () = conn.del("early0").unwrap();
+    c.node_mut(lagging).spawn();
+    let mut back = c.node(lagging).client();
+    let _: () = redis::cmd("READONLY").query(&mut back).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v: Option<i64> = back.get("late599").unwrap_or(None);
+        if v == Some(599) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the lagging node did not catch up"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for i in 0..600 {
+        assert_eq!(
+            back.get::<_, Option<i64>>(format!("late{i}")).unwrap(),
+            Some(i)
+        );
+    }
+    for i in 1..50 {
+        assert_eq!(
+            back.get::<_, Option<i64>>(format!("early{i}")).unwrap(),
+            Some(i)
+        );
+    }
+    assert_eq!(
+        back.get::<_, Option<i64>>("early0").unwrap(),
+        None,
+        "the delete must have reached it too"
+    );
+    assert!(
+        c.node(lagging).log().contains("installed a snapshot"),
+        "the lagging node should have caught up from a snapshot:\n{}",
+        c.node(lagging).log()
+    );
 }

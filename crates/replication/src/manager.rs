@@ -78,19 +78,25 @@ pub struct ManagerConfig {
 /// Raft timing used by capdb, for failover well under 1.5 s: a follower calls an election
 /// when it has heard nothing for the leader lease (`election_timeout_max`) plus a random
 /// 200-350 ms. Heartbeats every 60 ms keep the lease alive with room for slow fsyncs.
-pub fn default_raft_config() -> openraft::Config {
+///
+/// `snapshot_logs`: a group snapshots its state machine after this many log entries and then
+/// purges the log up to the snapshot (keeping a tail for followers that are slightly behind).
+pub fn default_raft_config(snapshot_logs: u64) -> openraft::Config {
     openraft::Config {
         cluster_name: "capdb".into(),
         heartbeat_interval: 60,
         election_timeout_min: 200,
         election_timeout_max: 350,
         install_snapshot_timeout: 60_000,
-        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(20_000),
-        max_in_snapshot_log_to_keep: 1_000,
-        purge_batch_size: 256,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(snapshot_logs),
+        max_in_snapshot_log_to_keep: (snapshot_logs / 20).min(1_000),
+        purge_batch_size: (snapshot_logs / 80).clamp(1, 256),
         ..Default::default()
     }
 }
+
+/// Default of [`default_raft_config`]'s `snapshot_logs`.
+pub const SNAPSHOT_LOGS_DEFAULT: u64 = 20_000;
 
 struct Group {
     raft: Raft,

@@ -321,6 +321,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 ));
             }
         }
+        tracing::info!(
+            group = self.group,
+            last_log = ?meta.last_log_id.map(|l| l.index),
+            bytes = bytes.len(),
+            "installed a snapshot"
+        );
         self.lock().applied = applied;
         *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some((meta.clone(), bytes));
         Ok(())

@@ -45,6 +45,8 @@ pub struct ClusterConfig {
     pub join: Vec<String>,
     /// Placement labels, e.g. `zone=a`.
     pub labels: BTreeMap<String, String>,
+    /// Log entries between snapshots of a Raft group (then the log is compacted).
+    pub raft_snapshot_logs: u64,
 }
 
 pub const DEFAULT_PEER_ADDR: &str = "127.0.0.1:7380";
@@ -93,6 +95,7 @@ struct FileConfig {
     initial_cluster: Option<String>,
     join: Option<Vec<String>>,
     labels: Option<BTreeMap<String, String>>,
+    raft_snapshot_logs: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -176,6 +179,9 @@ pub struct ServerArgs {
         value_delimiter = ','
     )]
     pub labels: Vec<String>,
+    /// Raft log entries between snapshots (log compaction) [default: 20000].
+    #[arg(long, env = "CAPDB_RAFT_SNAPSHOT_LOGS", value_name = "N")]
+    pub raft_snapshot_logs: Option<u64>,
 }
 
 /// A configuration error: which setting, from where, and why.
@@ -283,6 +289,15 @@ impl Config {
         if node_id == 0 || node_id > u64::MAX / 2 {
             return Err(ConfigError("node_id must be between 1 and 2^63".into()));
         }
+        let raft_snapshot_logs = args
+            .raft_snapshot_logs
+            .or(file.raft_snapshot_logs)
+            .unwrap_or(capdb_replication::manager::SNAPSHOT_LOGS_DEFAULT);
+        if !(10..=10_000_000).contains(&raft_snapshot_logs) {
+            return Err(ConfigError(
+                "raft_snapshot_logs must be 10 to 10000000".into(),
+            ));
+        }
         let cluster = ClusterConfig {
             node_id,
             peer_addr,
@@ -290,6 +305,7 @@ impl Config {
             initial_cluster,
             join,
             labels,
+            raft_snapshot_logs,
         };
         let config = Config {
             cluster,

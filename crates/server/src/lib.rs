@@ -102,7 +102,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             initial_cluster,
             join: config.cluster.join.clone(),
             raft: Arc::new(
-                capdb_replication::manager::default_raft_config()
+                capdb_replication::manager::default_raft_config(config.cluster.raft_snapshot_logs)
                     .validate()
                     .map_err(|e| {
                         ServerError::Storage(capdb_types::Error::InvalidInput(e.to_string()))
