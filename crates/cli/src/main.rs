@@ -51,7 +51,7 @@ enum Command {
     #[command(
         after_help = "Settings come from --config FILE, then CAPDB_* environment variables, then flags (each overrides the previous).\n\nExample:\n  capdb server --data-dir ./data --resp-addr 127.0.0.1:6380 --http-addr 127.0.0.1:8080"
     )]
-    Server(capdb_server::ServerArgs),
+    Server(Box<capdb_server::ServerArgs>),
     /// Read and write keys over the HTTP API.
     Kv {
         #[command(subcommand)]
@@ -194,7 +194,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Server(args) => server(args).await,
+            Command::Server(args) => server(*args).await,
             Command::Kv { op, target } => kv(op, &target).await,
             Command::Keyspace { op, target } => keyspace(op, &target).await,
             Command::Cluster { op, target } => cluster(op, &target).await,
