@@ -120,6 +120,18 @@ impl ClusterState {
     /// Applies a command. Invalid commands change nothing and answer an error: the decision is
     /// deterministic, so every replica answers the same.
     pub fn apply(&mut self, cmd: &MetaCommand) -> MetaResponse {
+        // Re-registering with unchanged details is a no-op: it must not bump the version (every
+        // bump wakes every node's catalog and reconciler).
+        if let MetaCommand::UpsertNode(info) = cmd
+            && self.nodes.get(&info.id).is_some_and(|n| {
+                n.peer_addr == info.peer_addr
+                    && n.resp_addr == info.resp_addr
+                    && n.http_addr == info.http_addr
+                    && n.labels == info.labels
+            })
+        {
+            return MetaResponse::Ok;
+        }
         let result = self.apply_inner(cmd);
         if result.is_ok() {
             self.version += 1;
@@ -320,5 +332,11 @@ mod tests {
         }
         replay.apply(&cmd);
         assert_eq!(replay, s, "the same log gives the same state");
+        let v = s.version;
+        assert_eq!(
+            s.apply(&MetaCommand::UpsertNode(node(1, "a"))),
+            MetaResponse::Ok
+        );
+        assert_eq!(s.version, v, "an unchanged registration changes nothing");
     }
 }

@@ -379,6 +379,18 @@ impl Manager {
 
     /// Proposes `request` to `group`'s leader, wherever it is, and returns the applied response.
     pub async fn write(&self, group: GroupId, request: Request) -> Result<Response, Error> {
+        self.write_via(group, request, true).await
+    }
+
+    /// `write`, optionally allowed to go through `--join` seeds when no leader is known. A
+    /// request forwarded on behalf of another node never uses seeds: two nodes that both know
+    /// no leader would otherwise bounce it between them, proposing it again at every bounce.
+    async fn write_via(
+        &self,
+        group: GroupId,
+        request: Request,
+        via_seeds: bool,
+    ) -> Result<Response, Error> {
         let deadline = Instant::now() + REQUEST_DEADLINE;
         let mut attempt = 0;
         let mut last_err = String::from("no leader known");
@@ -388,7 +400,7 @@ impl Manager {
             let outcome = match target {
                 Some(t) if t == self.me => self.write_local(group, request.clone(), deadline).await,
                 Some(t) => self.write_remote(t, group, request.clone()).await,
-                None if group == META_GROUP && !self.join.is_empty() => {
+                None if via_seeds && group == META_GROUP && !self.join.is_empty() => {
                     self.meta_via_seed(request.clone(), attempt).await
                 }
                 None => Err(ForwardError::NotLeader { leader: None }),
@@ -886,7 +898,9 @@ impl Manager {
                     if group == META_GROUP {
                         // A joining node asks through a seed: forward to the meta leader.
                         return PeerResponse::Write(
-                            self.write(group, request).await.map_err(ForwardError::Db),
+                            self.write_via(group, request, false)
+                                .await
+                                .map_err(ForwardError::Db),
                         );
                     }
                     return no_group(group);
@@ -899,7 +913,9 @@ impl Manager {
                     && !self.cluster().nodes.contains_key(&from)
                 {
                     return PeerResponse::Write(
-                        self.write(group, request).await.map_err(ForwardError::Db),
+                        self.write_via(group, request, false)
+                            .await
+                            .map_err(ForwardError::Db),
                     );
                 }
                 PeerResponse::Write(local)
@@ -1074,6 +1090,7 @@ impl Manager {
 
     /// Adds this node (addresses, labels) to the map. Returns whether it is there.
     async fn register(&self) -> bool {
+        tracing::debug!(node = self.me, "registering");
         match self.meta(MetaCommand::UpsertNode(self.info.clone())).await {
             Ok(()) => {
                 tracing::info!(node = self.me, "registered in the cluster map");

@@ -216,7 +216,15 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         responses[slot] = Some(Response::Replies(Vec::new()));
                     }
                     (Kind::Meta { .. }, Request::Meta(cmd)) => {
-                        responses[slot] = Some(Response::Meta(cluster.apply(&cmd)));
+                        let r = cluster.apply(&cmd);
+                        tracing::debug!(
+                            index = entry.log_id.index,
+                            ?cmd,
+                            ?r,
+                            version = cluster.version,
+                            "meta command applied"
+                        );
+                        responses[slot] = Some(Response::Meta(r));
                     }
                     (Kind::Meta { .. }, other) => {
                         responses[slot] = Some(Response::Meta(MetaResponse::Error(format!(
