@@ -101,6 +101,58 @@ pub const SNAPSHOT_LOGS_DEFAULT: u64 = 20_000;
 struct Group {
     raft: Raft,
     log: LogStore,
+    /// Linearizable reads waiting for a read barrier (see [`Manager::read_barrier`]).
+    barrier: Mutex<BarrierQueue>,
+}
+
+#[derive(Default)]
+struct BarrierQueue {
+    running: bool,
+    waiting: Vec<tokio::sync::oneshot::Sender<Result<(), ForwardError>>>,
+}
+
+/// Runs read barriers for `g` while reads are waiting, each serving every read that arrived
+/// before it started.
+async fn run_barriers(group: GroupId, g: Arc<Group>) {
+    loop {
+        let batch = {
+            let mut q = g.barrier.lock().unwrap_or_else(|p| p.into_inner());
+            if q.waiting.is_empty() {
+                q.running = false;
+                return;
+            }
+            std::mem::take(&mut q.waiting)
+        };
+        let result = match tokio::time::timeout(
+            HOP_TIMEOUT,
+            g.raft.ensure_linearizable(ReadPolicy::ReadIndex),
+        )
+        .await
+        {
+            Err(_) => Err(ForwardError::Db(unavailable(format!(
+                "shard group {group}: read barrier timed out (no quorum?)"
+            )))),
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(f)))) => {
+                Err(ForwardError::NotLeader {
+                    leader: f
+                        .leader_id
+                        .map(|id| (id, f.leader_node.map(|n| n.peer_addr).unwrap_or_default())),
+                })
+            }
+            Ok(Err(RaftError::APIError(LinearizableReadError::QuorumNotEnough(q)))) => {
+                Err(ForwardError::Db(unavailable(format!(
+                    "shard group {group}: leader cannot reach a quorum ({q})"
+                ))))
+            }
+            Ok(Err(e)) => Err(ForwardError::Db(unavailable(format!(
+                "shard group {group}: {e}"
+            )))),
+        };
+        for waiter in batch {
+            let _ = waiter.send(result.clone());
+        }
+    }
 }
 
 /// The Raft groups of this node.
@@ -244,7 +296,11 @@ impl Manager {
         let raft = Raft::new(self.me, self.raft_config.clone(), network, log.clone(), sm)
             .await
             .map_err(|e| Error::Io(format!("cannot start group {group}: {e}")))?;
-        let g = Arc::new(Group { raft, log });
+        let g = Arc::new(Group {
+            raft,
+            log,
+            barrier: Mutex::default(),
+        });
         let mut groups = self.groups.write().unwrap_or_else(|p| p.into_inner());
         Ok(groups.entry(group).or_insert(g).clone())
     }
@@ -614,34 +670,37 @@ impl Manager {
     }
 
     /// Confirms this node may serve a linearizable read of `group` now (ReadIndex).
+    /// Confirms this node may serve a linearizable read of `group` now (ReadIndex).
+    ///
+    /// Concurrent reads share barriers: a read joins the queue, and the next barrier to *start*
+    /// serves every read queued before it, so each read is covered by a leadership check that
+    /// began after the read arrived (what linearizability needs), while a burst of reads costs
+    /// a couple of heartbeat rounds instead of one each.
     async fn read_barrier(
         &self,
         group: GroupId,
-        g: &Group,
+        g: &Arc<Group>,
         deadline: Instant,
     ) -> Result<(), ForwardError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let start = {
+            let mut q = g.barrier.lock().unwrap_or_else(|p| p.into_inner());
+            q.waiting.push(tx);
+            !std::mem::replace(&mut q.running, true)
+        };
+        if start {
+            tokio::spawn(run_barriers(group, g.clone()));
+        }
         let left = deadline
             .saturating_duration_since(Instant::now())
-            .min(HOP_TIMEOUT);
-        match tokio::time::timeout(left, g.raft.ensure_linearizable(ReadPolicy::ReadIndex)).await {
+            .min(HOP_TIMEOUT + Duration::from_millis(500));
+        match tokio::time::timeout(left, rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(ForwardError::Db(unavailable(
+                "read barrier abandoned (group stopping)",
+            ))),
             Err(_) => Err(ForwardError::Db(unavailable(format!(
                 "shard group {group}: read barrier timed out (no quorum?)"
-            )))),
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(f)))) => {
-                Err(ForwardError::NotLeader {
-                    leader: f
-                        .leader_id
-                        .map(|id| (id, f.leader_node.map(|n| n.peer_addr).unwrap_or_default())),
-                })
-            }
-            Ok(Err(RaftError::APIError(LinearizableReadError::QuorumNotEnough(q)))) => {
-                Err(ForwardError::Db(unavailable(format!(
-                    "shard group {group}: leader cannot reach a quorum ({q})"
-                ))))
-            }
-            Ok(Err(e)) => Err(ForwardError::Db(unavailable(format!(
-                "shard group {group}: {e}"
             )))),
         }
     }
