@@ -461,33 +461,47 @@ impl Manager {
                 }
                 None => Err(ForwardError::NotLeader { leader: None }),
             };
-            match outcome {
-                Ok(r) => return Ok(r),
-                Err(ForwardError::Db(e)) => return Err(e),
-                Err(ForwardError::NotLeader { leader }) => {
-                    last_err = format!(
-                        "{}",
-                        ForwardError::NotLeader {
-                            leader: leader.clone()
-                        }
-                    );
-                    let hint = leader.map(|(id, _)| id).filter(|&id| Some(id) != target);
-                    self.set_hint(group, hint);
-                    if hint.is_none() {
-                        tokio::time::sleep(RETRY_PAUSE).await;
-                    }
-                }
-                Err(e @ ForwardError::UnknownGroup(_)) => {
-                    last_err = e.to_string();
-                    self.set_hint(group, None);
-                    tokio::time::sleep(RETRY_PAUSE).await;
-                }
+            match self.settle(group, target, outcome).await? {
+                Step::Done(v) => return Ok(v),
+                Step::Retry(why) => last_err = why,
             }
         }
         Err(unavailable(format!(
             "shard group {group} has no reachable leader with a quorum within {} ms ({last_err}); retry",
             REQUEST_DEADLINE.as_millis()
         )))
+    }
+
+    /// What one routing attempt's outcome means: done, a final error (`Err`), or retry with
+    /// the reason. A leader hint in the answer is remembered for the next attempt; with no hint
+    /// (an election is running) the next attempt waits [`RETRY_PAUSE`].
+    async fn settle<T>(
+        &self,
+        group: GroupId,
+        target: Option<NodeId>,
+        outcome: Result<T, ForwardError>,
+    ) -> Result<Step<T>, Error> {
+        match outcome {
+            Ok(v) => Ok(Step::Done(v)),
+            Err(ForwardError::Db(e)) => Err(e),
+            Err(ForwardError::NotLeader { leader }) => {
+                let why = ForwardError::NotLeader {
+                    leader: leader.clone(),
+                }
+                .to_string();
+                let hint = leader.map(|(id, _)| id).filter(|&id| Some(id) != target);
+                self.set_hint(group, hint);
+                if hint.is_none() {
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                }
+                Ok(Step::Retry(why))
+            }
+            Err(e @ ForwardError::UnknownGroup(_)) => {
+                self.set_hint(group, None);
+                tokio::time::sleep(RETRY_PAUSE).await;
+                Ok(Step::Retry(e.to_string()))
+            }
+        }
     }
 
     async fn meta_via_seed(
@@ -641,26 +655,9 @@ impl Manager {
                 Some(t) => self.read_remote(t, group, keys.clone(), mode).await,
                 None => Err(ForwardError::NotLeader { leader: None }),
             };
-            match outcome {
-                Ok(v) => return Ok(v),
-                Err(ForwardError::Db(e)) => return Err(e),
-                Err(ForwardError::NotLeader { leader }) => {
-                    last_err = format!(
-                        "{}",
-                        ForwardError::NotLeader {
-                            leader: leader.clone()
-                        }
-                    );
-                    let hint = leader.map(|(id, _)| id).filter(|&id| Some(id) != target);
-                    self.set_hint(group, hint);
-                    if hint.is_none() {
-                        tokio::time::sleep(RETRY_PAUSE).await;
-                    }
-                }
-                Err(e @ ForwardError::UnknownGroup(_)) => {
-                    last_err = e.to_string();
-                    tokio::time::sleep(RETRY_PAUSE).await;
-                }
+            match self.settle(group, target, outcome).await? {
+                Step::Done(v) => return Ok(v),
+                Step::Retry(why) => last_err = why,
             }
         }
         Err(unavailable(format!(
@@ -669,7 +666,6 @@ impl Manager {
         )))
     }
 
-    /// Confirms this node may serve a linearizable read of `group` now (ReadIndex).
     /// Confirms this node may serve a linearizable read of `group` now (ReadIndex).
     ///
     /// Concurrent reads share barriers: a read joins the queue, and the next barrier to *start*
@@ -758,6 +754,7 @@ impl Manager {
         now_ms: u64,
     ) -> Result<crate::network::ScanPage, Error> {
         let deadline = Instant::now() + REQUEST_DEADLINE;
+        let mut last_err = String::from("no leader known");
         let mut attempt = 0;
         while Instant::now() < deadline {
             attempt += 1;
@@ -794,21 +791,13 @@ impl Manager {
                 }
                 None => Err(ForwardError::NotLeader { leader: None }),
             };
-            match outcome {
-                Ok(v) => return Ok(v),
-                Err(ForwardError::Db(e)) => return Err(e),
-                Err(ForwardError::NotLeader { leader }) => {
-                    let hint = leader.map(|(id, _)| id).filter(|&id| Some(id) != target);
-                    self.set_hint(group, hint);
-                    if hint.is_none() {
-                        tokio::time::sleep(RETRY_PAUSE).await;
-                    }
-                }
-                Err(ForwardError::UnknownGroup(_)) => tokio::time::sleep(RETRY_PAUSE).await,
+            match self.settle(group, target, outcome).await? {
+                Step::Done(v) => return Ok(v),
+                Step::Retry(why) => last_err = why,
             }
         }
         Err(unavailable(format!(
-            "shard group {group}: no leader for a scan within {} ms; retry",
+            "shard group {group}: no leader for a scan within {} ms ({last_err}); retry",
             REQUEST_DEADLINE.as_millis()
         )))
     }
@@ -843,6 +832,7 @@ impl Manager {
     /// The number of keys in a group (DBSIZE), read like `read`.
     pub async fn count(&self, group: GroupId, mode: ReadMode) -> Result<u64, Error> {
         let deadline = Instant::now() + REQUEST_DEADLINE;
+        let mut last_err = String::from("no leader known");
         let mut attempt = 0;
         while Instant::now() < deadline {
             attempt += 1;
@@ -866,21 +856,13 @@ impl Manager {
                 }
                 None => Err(ForwardError::NotLeader { leader: None }),
             };
-            match outcome {
-                Ok(n) => return Ok(n),
-                Err(ForwardError::Db(e)) => return Err(e),
-                Err(ForwardError::NotLeader { leader }) => {
-                    let hint = leader.map(|(id, _)| id).filter(|&id| Some(id) != target);
-                    self.set_hint(group, hint);
-                    if hint.is_none() {
-                        tokio::time::sleep(RETRY_PAUSE).await;
-                    }
-                }
-                Err(ForwardError::UnknownGroup(_)) => tokio::time::sleep(RETRY_PAUSE).await,
+            match self.settle(group, target, outcome).await? {
+                Step::Done(v) => return Ok(v),
+                Step::Retry(why) => last_err = why,
             }
         }
         Err(unavailable(format!(
-            "shard group {group}: no leader to count keys within {} ms; retry",
+            "shard group {group}: no leader to count keys within {} ms ({last_err}); retry",
             REQUEST_DEADLINE.as_millis()
         )))
     }
@@ -1471,6 +1453,12 @@ fn meta_target_voters(state: &ClusterState, current: BTreeSet<NodeId>) -> BTreeS
         }
     }
     target
+}
+
+/// The meaning of one routing attempt (see [`Manager::settle`]).
+enum Step<T> {
+    Done(T),
+    Retry(String),
 }
 
 fn same_endpoints(a: &NodeInfo, b: &NodeInfo) -> bool {
