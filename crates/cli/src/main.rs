@@ -1,6 +1,7 @@
 //! The `capdb` binary: one executable for the server and its command-line clients.
 
 mod bench;
+mod chaos;
 mod client;
 
 use std::process::ExitCode;
@@ -77,6 +78,11 @@ enum Command {
     Bench {
         #[command(subcommand)]
         op: BenchOp,
+    },
+    /// Jepsen-style fault injection with a linearizability checker (needs root).
+    Chaos {
+        #[command(subcommand)]
+        op: chaos::ChaosOp,
     },
     /// Print the version.
     Version,
@@ -192,8 +198,12 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Command::Chaos { op } = cli.command {
+        return runtime.block_on(chaos::main(op));
+    }
     let result = runtime.block_on(async move {
         match cli.command {
+            Command::Chaos { .. } => unreachable!("handled above"),
             Command::Server(args) => server(*args).await,
             Command::Kv { op, target } => kv(op, &target).await,
             Command::Keyspace { op, target } => keyspace(op, &target).await,

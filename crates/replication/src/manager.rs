@@ -73,6 +73,9 @@ pub struct ManagerConfig {
     /// Peer addresses of existing members to join through (`--join`).
     pub join: Vec<String>,
     pub raft: Arc<openraft::Config>,
+    /// TESTING ONLY (`--debug-unsafe-local-reads`): answer linearizable reads from the local
+    /// replica without a read barrier. Breaks linearizability on purpose.
+    pub unsafe_local_reads: bool,
 }
 
 /// Raft timing used by capdb, for failover well under 1.5 s: a follower calls an election
@@ -171,6 +174,8 @@ pub struct Manager {
     changing: Mutex<BTreeSet<GroupId>>,
     last_placement: Mutex<Option<Instant>>,
     stopping: AtomicBool,
+    /// See [`ManagerConfig::unsafe_local_reads`].
+    unsafe_local_reads: bool,
 }
 
 /// The table holding a data group's keys.
@@ -218,6 +223,7 @@ impl Manager {
             changing: Mutex::default(),
             last_placement: Mutex::default(),
             stopping: AtomicBool::new(false),
+            unsafe_local_reads: config.unsafe_local_reads,
         });
         let meta = manager
             .start_group(META_GROUP, Kind::Meta { published: tx })
@@ -641,6 +647,11 @@ impl Manager {
         let deadline = Instant::now() + REQUEST_DEADLINE;
         let mut attempt = 0;
         let mut last_err = String::from("no leader known");
+        let mode = if self.unsafe_local_reads {
+            ReadMode::Stale
+        } else {
+            mode
+        };
         while Instant::now() < deadline {
             attempt += 1;
             let target = match mode {

@@ -47,6 +47,19 @@ pub struct ClusterConfig {
     pub labels: BTreeMap<String, String>,
     /// Log entries between snapshots of a Raft group (then the log is compacted).
     pub raft_snapshot_logs: u64,
+    /// Testing switches that weaken guarantees on purpose; never set in production.
+    pub debug: DebugConfig,
+}
+
+/// Switches for fault-injection testing (`capdb chaos`). Both are off by default and only
+/// settable by flag, so no configuration file can turn them on by accident.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DebugConfig {
+    /// Serve linearizable reads from this node's local replica without a read barrier: a
+    /// deliberately broken mode that the chaos checker must catch (stale reads).
+    pub unsafe_local_reads: bool,
+    /// Enable `/v1/debug/*` routes that inject faults into this node (clock offset).
+    pub fault_injection: bool,
 }
 
 pub const DEFAULT_PEER_ADDR: &str = "127.0.0.1:7380";
@@ -182,6 +195,21 @@ pub struct ServerArgs {
     /// Raft log entries between snapshots (log compaction) [default: 20000].
     #[arg(long, env = "CAPDB_RAFT_SNAPSHOT_LOGS", value_name = "N")]
     pub raft_snapshot_logs: Option<u64>,
+    /// Take the node id from the host name's ordinal suffix plus one (`capdb-0` is node 1), as
+    /// Kubernetes StatefulSet pods are named. Reads $HOSTNAME, else the kernel's host name.
+    #[arg(long, env = "CAPDB_NODE_ID_FROM_HOSTNAME", conflicts_with = "node_id")]
+    pub node_id_from_hostname: bool,
+    /// Read placement labels from this file, one KEY=VALUE per line (`#` comments allowed);
+    /// --label flags override it. Kubernetes writes the pod's zone here.
+    #[arg(long, env = "CAPDB_LABELS_FILE", value_name = "PATH")]
+    pub labels_file: Option<PathBuf>,
+    /// TESTING ONLY: serve linearizable reads from the local replica without a read barrier.
+    /// This breaks linearizability on purpose so `capdb chaos` can prove it detects it.
+    #[arg(long, hide = true)]
+    pub debug_unsafe_local_reads: bool,
+    /// TESTING ONLY: enable the /v1/debug/* fault-injection routes (clock offset).
+    #[arg(long, hide = true)]
+    pub debug_fault_injection: bool,
 }
 
 /// A configuration error: which setting, from where, and why.
@@ -240,7 +268,11 @@ impl Config {
             .clone()
             .or(file.http_addr)
             .unwrap_or_else(|| DEFAULT_HTTP_ADDR.into());
-        let node_id = args.node_id.or(file.node_id).unwrap_or(1);
+        let node_id = if args.node_id_from_hostname {
+            node_id_from_hostname(&hostname()?)?
+        } else {
+            args.node_id.or(file.node_id).unwrap_or(1)
+        };
         let peer_addr_text = args
             .peer_addr
             .clone()
@@ -257,16 +289,19 @@ impl Config {
                 "advertise_addr = '{advertise_addr}' must be HOST:PORT"
             )));
         }
-        let initial_cluster = match args.initial_cluster.clone().or(file.initial_cluster) {
+        let mut initial_cluster = match args.initial_cluster.clone().or(file.initial_cluster) {
             Some(text) => parse_initial_cluster(&text)?,
             None => BTreeMap::new(),
         };
-        let join = if args.join.is_empty() {
+        let mut join = if args.join.is_empty() {
             file.join.unwrap_or_default()
         } else {
             args.join.clone()
         };
         let mut labels = file.labels.unwrap_or_default();
+        if let Some(path) = &args.labels_file {
+            labels.extend(read_labels_file(path)?);
+        }
         for l in &args.labels {
             let (k, v) = l
                 .split_once('=')
@@ -282,9 +317,9 @@ impl Config {
             ));
         }
         if !initial_cluster.is_empty() && !initial_cluster.contains_key(&node_id) {
-            return Err(ConfigError(format!(
-                "initial_cluster does not list this node's id {node_id}; founding members must list themselves"
-            )));
+            // Not a founding member: join the cluster the listed members formed. This lets every
+            // StatefulSet pod take the same flags, whatever its ordinal.
+            join = std::mem::take(&mut initial_cluster).into_values().collect();
         }
         if node_id == 0 || node_id > u64::MAX / 2 {
             return Err(ConfigError("node_id must be between 1 and 2^63".into()));
@@ -306,6 +341,10 @@ impl Config {
             join,
             labels,
             raft_snapshot_logs,
+            debug: DebugConfig {
+                unsafe_local_reads: args.debug_unsafe_local_reads,
+                fault_injection: args.debug_fault_injection,
+            },
         };
         let config = Config {
             cluster,
@@ -382,6 +421,72 @@ impl Config {
 }
 
 /// Parses `1=host:7380,2=host:7381`.
+/// This machine's host name: `$HOSTNAME` (Kubernetes sets it to the pod name), else the
+/// kernel's.
+fn hostname() -> Result<String, ConfigError> {
+    if let Ok(h) = std::env::var("HOSTNAME")
+        && !h.trim().is_empty()
+    {
+        return Ok(h.trim().to_string());
+    }
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .map_err(|e| {
+            ConfigError(format!(
+                "node_id_from_hostname: cannot read the host name: {e}"
+            ))
+        })
+}
+
+/// `capdb-2` is node 3: StatefulSet ordinals start at 0, node ids at 1.
+fn node_id_from_hostname(host: &str) -> Result<u64, ConfigError> {
+    let first_label = host.split('.').next().unwrap_or(host);
+    first_label
+        .rsplit_once('-')
+        .and_then(|(_, ordinal)| ordinal.parse::<u64>().ok())
+        .filter(|o| *o < u64::MAX / 2)
+        .map(|o| o + 1)
+        .ok_or_else(|| {
+            ConfigError(format!(
+                "node_id_from_hostname: host name '{host}' does not end in -ORDINAL (example: capdb-0)"
+            ))
+        })
+}
+
+/// Reads `KEY=VALUE` lines; blank lines and `#` comments are skipped. Bounded: a labels file
+/// over 64 KiB is refused.
+fn read_labels_file(path: &Path) -> Result<BTreeMap<String, String>, ConfigError> {
+    let meta = std::fs::metadata(path)
+        .map_err(|e| ConfigError(format!("labels_file {}: {e}", path.display())))?;
+    if meta.len() > 64 * 1024 {
+        return Err(ConfigError(format!(
+            "labels_file {}: larger than 64 KiB",
+            path.display()
+        )));
+    }
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError(format!("labels_file {}: {e}", path.display())))?;
+    let mut labels = BTreeMap::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (k, v) = line
+            .split_once('=')
+            .filter(|(k, _)| !k.trim().is_empty())
+            .ok_or_else(|| {
+                ConfigError(format!(
+                    "labels_file {} line {}: '{line}' must be KEY=VALUE (example: zone=a)",
+                    path.display(),
+                    n + 1
+                ))
+            })?;
+        labels.insert(k.trim().to_string(), v.trim().to_string());
+    }
+    Ok(labels)
+}
+
 fn parse_initial_cluster(text: &str) -> Result<BTreeMap<u64, String>, ConfigError> {
     let mut out = BTreeMap::new();
     for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
@@ -491,5 +596,48 @@ mod tests {
         })
         .unwrap_err();
         assert!(e.to_string().contains("frame_bytes_max"), "{e}");
+    }
+
+    #[test]
+    fn statefulset_host_names_map_to_node_ids() {
+        assert_eq!(node_id_from_hostname("capdb-0").unwrap(), 1);
+        assert_eq!(node_id_from_hostname("my-db-12.peers.ns.svc").unwrap(), 13);
+        assert!(node_id_from_hostname("capdb").is_err());
+        assert!(node_id_from_hostname("capdb-x").is_err());
+    }
+
+    #[test]
+    fn a_node_missing_from_initial_cluster_joins_through_it() {
+        let args = ServerArgs {
+            node_id: Some(4),
+            initial_cluster: Some("1=a:7380,2=b:7380,3=c:7380".into()),
+            ..Default::default()
+        };
+        let c = Config::resolve(&args).unwrap();
+        assert!(c.cluster.initial_cluster.is_empty());
+        assert_eq!(c.cluster.join, vec!["a:7380", "b:7380", "c:7380"]);
+        let args = ServerArgs {
+            node_id: Some(2),
+            ..args
+        };
+        let c = Config::resolve(&args).unwrap();
+        assert_eq!(c.cluster.initial_cluster.len(), 3);
+        assert!(c.cluster.join.is_empty());
+    }
+
+    #[test]
+    fn labels_file_is_read_and_flags_override_it() {
+        let (_d, p) = write("# from the node\nzone = us-east-1a\n\nrack=r1\n");
+        let args = ServerArgs {
+            labels_file: Some(p.clone()),
+            labels: vec!["rack=r9".into()],
+            ..Default::default()
+        };
+        let c = Config::resolve(&args).unwrap();
+        assert_eq!(c.cluster.labels["zone"], "us-east-1a");
+        assert_eq!(c.cluster.labels["rack"], "r9");
+        std::fs::write(&p, "zone\n").unwrap();
+        let e = Config::resolve(&args).unwrap_err();
+        assert!(e.to_string().contains("line 1"), "{e}");
     }
 }

@@ -101,6 +101,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             me: info,
             initial_cluster,
             join: config.cluster.join.clone(),
+            unsafe_local_reads: config.cluster.debug.unsafe_local_reads,
             raft: Arc::new(
                 capdb_replication::manager::default_raft_config(config.cluster.raft_snapshot_logs)
                     .validate()

@@ -33,9 +33,26 @@ pub use value::{Header, Value};
 ///
 /// Expiry times are absolute Unix milliseconds (as Redis stores them), so they survive restarts
 /// and can be carried in a replicated log unchanged.
+///
+/// Includes the fault-injection offset set by [`set_clock_offset_ms`] (zero in production).
 pub fn unix_now_ms() -> u64 {
-    std::time::SystemTime::now()
+    let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+        .unwrap_or(0);
+    now.saturating_add_signed(CLOCK_OFFSET_MS.load(std::sync::atomic::Ordering::Relaxed))
+}
+
+/// Shifts this process's wall clock (`capdb chaos` clock nemesis). Raft timing uses the
+/// monotonic clock and is unaffected; HLC timestamps and TTL deadlines see the shift.
+static CLOCK_OFFSET_MS: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+
+/// Sets the fault-injection clock offset (only reachable through `--debug-fault-injection`).
+pub fn set_clock_offset_ms(offset_ms: i64) {
+    CLOCK_OFFSET_MS.store(offset_ms, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The current fault-injection clock offset.
+pub fn clock_offset_ms() -> i64 {
+    CLOCK_OFFSET_MS.load(std::sync::atomic::Ordering::Relaxed)
 }

@@ -14,13 +14,17 @@ use serde::{Deserialize, Serialize};
 use crate::{Error, Result, Timestamp, Value};
 
 /// When a SET takes effect.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Condition {
     Always,
     /// `NX`: only when the key does not exist.
     IfAbsent,
     /// `XX`: only when the key exists.
     IfPresent,
+    /// `IFEQ v` (Redis 8.4): only when the key exists and holds exactly `v`: a compare-and-set.
+    IfEqual(Bytes),
+    /// `IFNE v` (Redis 8.4): when the key is absent or holds anything but `v`.
+    IfNotEqual(Bytes),
 }
 
 /// What a SET does to the key's time to live.
@@ -128,6 +132,8 @@ impl Mutation {
                     Condition::Always => true,
                     Condition::IfAbsent => current.is_none(),
                     Condition::IfPresent => current.is_some(),
+                    Condition::IfEqual(expected) => current.is_some_and(|v| v.data == *expected),
+                    Condition::IfNotEqual(unwanted) => current.is_none_or(|v| v.data != *unwanted),
                 };
                 let reply = match (return_old, allowed) {
                     (true, _) => old_bulk(),
@@ -258,6 +264,30 @@ mod tests {
             .apply(None, 0, ts, MAX)
             .unwrap();
         assert_eq!((e, r), (Effect::Unchanged, Reply::Nil));
+    }
+
+    #[test]
+    fn set_ifeq_is_compare_and_set_and_ifne_its_opposite() {
+        let ts = Timestamp(9);
+        let old = val("old", None);
+        let eq = |v: &'static str| Condition::IfEqual(Bytes::from_static(v.as_bytes()));
+        let ne = |v: &'static str| Condition::IfNotEqual(Bytes::from_static(v.as_bytes()));
+        let run = |c: Condition, cur: Option<&Value>| {
+            set(c, ExpiryUpdate::Clear, false)
+                .apply(cur, 0, ts, MAX)
+                .unwrap()
+                .1
+        };
+        assert_eq!(run(eq("old"), Some(&old)), Reply::Ok);
+        assert_eq!(run(eq("other"), Some(&old)), Reply::Nil);
+        assert_eq!(run(eq("old"), None), Reply::Nil, "IFEQ never creates a key");
+        assert_eq!(run(ne("old"), Some(&old)), Reply::Nil);
+        assert_eq!(run(ne("other"), Some(&old)), Reply::Ok);
+        assert_eq!(
+            run(ne("old"), None),
+            Reply::Ok,
+            "IFNE creates an absent key"
+        );
     }
 
     #[test]

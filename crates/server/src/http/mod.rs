@@ -103,6 +103,7 @@ pub fn router(node: Arc<Node>) -> Router {
             axum::routing::post(remove_node),
         )
         .route("/v1/cluster/step-down", axum::routing::post(step_down))
+        .route("/v1/debug/clock", get(get_clock).post(set_clock))
         .route(
             "/v1/kv/{keyspace}/{*key}",
             get(get_key).put(put_key).delete(delete_key),
@@ -140,6 +141,7 @@ async fn observe(State(node): State<Arc<Node>>, req: Request, next: Next) -> Res
         Some("/v1/cluster/partition") => "/v1/cluster/partition",
         Some("/v1/cluster/nodes/{id}/remove") => "/v1/cluster/nodes/{id}/remove",
         Some("/v1/cluster/step-down") => "/v1/cluster/step-down",
+        Some("/v1/debug/clock") => "/v1/debug/clock",
         Some("/healthz") => "/healthz",
         Some("/readyz") => "/readyz",
         Some("/metrics") => "/metrics",
@@ -654,6 +656,53 @@ async fn set_partition(
         .set_partition(body.blocked.iter().copied().collect());
     tracing::warn!(blocked = ?body.blocked, "peer traffic filter changed");
     Ok(Json(json!({"blocked": body.blocked})).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClockBody {
+    offset_ms: i64,
+}
+
+/// Fault injection routes exist only on nodes started with `--debug-fault-injection`.
+fn require_fault_injection(node: &Node) -> Result<(), ApiError> {
+    if node.config.cluster.debug.fault_injection {
+        Ok(())
+    } else {
+        Err(ApiError(Error::InvalidInput(
+            "fault injection is disabled; start the node with --debug-fault-injection (testing only)"
+                .into(),
+        )))
+    }
+}
+
+async fn get_clock(State(node): State<Arc<Node>>) -> ApiResult {
+    require_fault_injection(&node)?;
+    Ok(Json(
+        json!({"offset_ms": capdb_types::clock_offset_ms(), "now_ms": capdb_types::unix_now_ms()}),
+    )
+    .into_response())
+}
+
+/// Shifts this node's wall clock by `offset_ms` (HLC timestamps and TTL deadlines; Raft timing
+/// runs on the monotonic clock). Bounded to a day either way.
+async fn set_clock(
+    State(node): State<Arc<Node>>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult {
+    require_fault_injection(&node)?;
+    let body: ClockBody = json_body(body)?;
+    if body.offset_ms.unsigned_abs() > 86_400_000 {
+        return Err(ApiError(Error::InvalidInput(
+            "offset_ms must be within one day (86400000) either way".into(),
+        )));
+    }
+    capdb_types::set_clock_offset_ms(body.offset_ms);
+    tracing::warn!(
+        offset_ms = body.offset_ms,
+        "fault injection: wall clock offset changed"
+    );
+    Ok(Json(json!({"offset_ms": body.offset_ms})).into_response())
 }
 
 /// Drains a node: its replicas move elsewhere, then it leaves the map.

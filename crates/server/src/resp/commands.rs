@@ -351,7 +351,7 @@ fn check_kv(key: &[u8], value: Option<&[u8]>, value_max: usize) -> Result<(), St
     Ok(())
 }
 
-/// Parses `SET key value [NX|XX] [GET] [EX s|PX ms|EXAT s|PXAT ms|KEEPTTL]`.
+/// Parses `SET key value [NX|XX|IFEQ v|IFNE v] [GET] [EX s|PX ms|EXAT s|PXAT ms|KEEPTTL]`.
 fn parse_set(args: &[Bytes], now_ms: u64) -> Result<Mutation, String> {
     let mut condition = Condition::Always;
     let mut expiry = ExpiryUpdate::Clear;
@@ -363,6 +363,14 @@ fn parse_set(args: &[Bytes], now_ms: u64) -> Result<Mutation, String> {
         match (&opt[..], next) {
             (b"NX", _) if condition == Condition::Always => condition = Condition::IfAbsent,
             (b"XX", _) if condition == Condition::Always => condition = Condition::IfPresent,
+            (b"IFEQ", Some(v)) if condition == Condition::Always => {
+                condition = Condition::IfEqual(v.clone());
+                i += 1;
+            }
+            (b"IFNE", Some(v)) if condition == Condition::Always => {
+                condition = Condition::IfNotEqual(v.clone());
+                i += 1;
+            }
             (b"GET", _) => return_old = true,
             (b"KEEPTTL", _) if expiry == ExpiryUpdate::Clear => expiry = ExpiryUpdate::Keep,
             (b"EX" | b"PX" | b"EXAT" | b"PXAT", Some(v)) if expiry == ExpiryUpdate::Clear => {

@@ -1,0 +1,361 @@
+//! One chaos run, start to finish: topology, nodes, clients, nemesis schedule, final heal,
+//! recovery, final reads, checking and the report.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tokio::sync::watch;
+
+use crate::HarnessError;
+use crate::check::{self, Validity};
+use crate::cluster::Nodes;
+use crate::history::{F, Stage, Workload, Writer};
+use crate::nemesis::{self, Kind};
+use crate::net::Topology;
+use crate::report;
+use crate::workload::{self, Client, Keys, Mix, Recorder, Shared};
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub duration: Duration,
+    pub seed: u64,
+    pub out: PathBuf,
+    pub nodes: u32,
+    pub clients: u32,
+    /// Target operations per second across all clients.
+    pub rate: u32,
+    pub workloads: Vec<Workload>,
+    pub nemeses: Vec<Kind>,
+    pub quiet: Duration,
+    pub fault_min: Duration,
+    pub fault_max: Duration,
+    /// Time between the final heal and the final reads.
+    pub recovery: Duration,
+    /// Start the nodes with `--debug-unsafe-local-reads` (a deliberately broken mode).
+    pub unsafe_reads: bool,
+    /// The `capdb` binary to run as nodes.
+    pub binary: PathBuf,
+    pub limits: check::Limits,
+}
+
+/// How a run ended.
+pub struct Outcome {
+    pub validity: Validity,
+    pub report: serde_json::Value,
+}
+
+impl Outcome {
+    /// 0 when every check passed, 1 otherwise (a violation, or a verdict that is unknown).
+    pub fn exit_code(&self) -> i32 {
+        if self.validity == Validity::Valid {
+            0
+        } else {
+            1
+        }
+    }
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(2) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+/// Runs the whole thing. Errors are harness failures (exit 2).
+pub async fn run(opts: Options) -> Result<Outcome, HarnessError> {
+    if !is_root() {
+        return Err(HarnessError(
+            "capdb chaos needs root: it creates network namespaces and nftables rules".into(),
+        ));
+    }
+    if opts.nodes < 3 || opts.nodes > 9 {
+        return Err(HarnessError("--nodes must be 3 to 9".into()));
+    }
+    if opts.workloads.is_empty() {
+        return Err(HarnessError("no workload selected".into()));
+    }
+    std::fs::create_dir_all(opts.out.join("nodes"))
+        .map_err(|e| HarnessError(format!("{}: {e}", opts.out.display())))?;
+    let history_path = opts.out.join("history.jsonl");
+    let writer = Writer::create(&history_path)
+        .map_err(|e| HarnessError(format!("{}: {e}", history_path.display())))?;
+
+    let run_id = std::process::id() % 10_000;
+    let topo = Arc::new(Topology::create(run_id, opts.nodes)?);
+    let mut extra = Vec::new();
+    if opts.unsafe_reads {
+        extra.push("--debug-unsafe-local-reads".to_string());
+    }
+    let nodes = Arc::new(Nodes::new(
+        topo.clone(),
+        opts.binary.clone(),
+        &opts.out,
+        extra,
+    ));
+    let result = drive(&opts, &topo, &nodes, writer).await;
+    nodes.kill_all();
+    topo.destroy();
+    let (records, extra_problems, interrupted, crashes, recovered) = result?;
+
+    eprintln!("chaos: checking {} history records", records.len());
+    let mut verdict = check::check(&records, opts.limits).map_err(HarnessError)?;
+    for p in extra_problems {
+        verdict.validity = Validity::Invalid;
+        verdict.problems.push(p);
+    }
+    let run_info = json!({
+        "seed": opts.seed,
+        "duration_s": opts.duration.as_secs_f64(),
+        "nodes": opts.nodes,
+        "clients": opts.clients,
+        "rate": opts.rate,
+        "mode": "cp",
+        "workloads": opts.workloads,
+        "nemeses": opts.nemeses.iter().map(|k| format!("{k:?}").to_lowercase()).collect::<Vec<_>>(),
+        "unsafe_reads": opts.unsafe_reads,
+        "interrupted": interrupted,
+        "recovered": recovered,
+        "crashes": crashes,
+        "files": {"history": "history.jsonl", "timeline": "timeline.svg", "node_logs": "nodes/"},
+    });
+    let report = report::build(&records, &verdict, run_info).map_err(HarnessError)?;
+    let write = |name: &str, text: String| {
+        std::fs::write(opts.out.join(name), text).map_err(|e| HarnessError(format!("{name}: {e}")))
+    };
+    write(
+        "report.json",
+        serde_json::to_string_pretty(&report).expect("json"),
+    )?;
+    write(
+        "timeline.svg",
+        report::timeline_svg(&records, opts.nodes).map_err(HarnessError)?,
+    )?;
+    if interrupted {
+        return Err(HarnessError(format!(
+            "interrupted; partial report in {}",
+            opts.out.display()
+        )));
+    }
+    Ok(Outcome {
+        validity: verdict.validity,
+        report,
+    })
+}
+
+type Driven = (
+    Vec<crate::history::Record>,
+    Vec<String>,
+    bool,
+    Vec<String>,
+    bool,
+);
+
+async fn drive(
+    opts: &Options,
+    topo: &Arc<Topology>,
+    nodes: &Arc<Nodes>,
+    writer: Writer,
+) -> Result<Driven, HarnessError> {
+    let n = opts.nodes;
+    for i in 1..=n {
+        nodes.start(i)?;
+    }
+    eprintln!(
+        "chaos: {n} nodes starting in namespaces {}..",
+        topo.namespace(1)
+    );
+    nodes.wait_ready(Duration::from_secs(60)).await?;
+    // Every shard needs a leader before the clock starts.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while nodes.leader().await.is_none() {
+        if Instant::now() > deadline {
+            return Err(HarnessError("no shard leader within 30 s".into()));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let (interrupt_tx, mut interrupt) = watch::channel(false);
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("signal handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        eprintln!("chaos: interrupted; cleaning up");
+        let _ = interrupt_tx.send(true);
+    });
+
+    let weights: Vec<(Workload, u32)> = opts
+        .workloads
+        .iter()
+        .map(|w| (*w, if *w == Workload::Register { 2 } else { 1 }))
+        .collect();
+    let shared = Arc::new(Shared {
+        recorder: Recorder::new(writer),
+        keys: Mutex::new(Keys::new((opts.clients / 3).max(2), 2, 2)),
+        mix: Mix { workloads: weights },
+        clients: opts.clients as u64,
+    });
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let interval = Duration::from_secs_f64(opts.clients as f64 / opts.rate.max(1) as f64);
+    let mut tasks = Vec::new();
+    for c in 0..opts.clients {
+        let node = c % n + 1;
+        let client = Client::new(node, nodes.resp_addr(node));
+        tasks.push(tokio::spawn(workload::client_loop(
+            shared.clone(),
+            c as u64,
+            client,
+            opts.seed.wrapping_mul(1000).wrapping_add(c as u64),
+            interval,
+            stop_rx.clone(),
+        )));
+    }
+
+    let plan = nemesis::plan(
+        opts.seed,
+        opts.duration,
+        &opts.nemeses,
+        n,
+        opts.quiet,
+        (opts.fault_min, opts.fault_max),
+    );
+    let started = Instant::now();
+    let mut rng = fastrand::Rng::with_seed(opts.seed ^ 0x7461726765747321);
+    let mut crashes = Vec::new();
+    let mut interrupted = false;
+    let sleep_until = |at: Duration| tokio::time::sleep_until((started + at).into());
+    let check_crashes = |crashes: &mut Vec<String>| {
+        for (i, code) in nodes.exited() {
+            let msg = format!("node {i} exited on its own ({code}); see nodes/node-{i}.log");
+            eprintln!("chaos: {msg}");
+            shared.recorder.nemesis("crash", 0, &msg);
+            crashes.push(msg);
+        }
+    };
+    for window in &plan {
+        tokio::select! {
+            _ = sleep_until(window.start) => {}
+            _ = interrupt.changed() => { interrupted = true; break; }
+        }
+        check_crashes(&mut crashes);
+        let (text, undo) = nemesis::apply(window, topo, nodes, &mut rng).await?;
+        eprintln!(
+            "chaos: [{:>5.1}s] window {} starts: {text}",
+            started.elapsed().as_secs_f64(),
+            window.number
+        );
+        shared.recorder.nemesis("start", window.number, &text);
+        tokio::select! {
+            _ = sleep_until(window.end) => {}
+            _ = interrupt.changed() => { interrupted = true; }
+        }
+        nemesis::revert(undo, topo, nodes).await?;
+        shared.recorder.nemesis("stop", window.number, &text);
+        eprintln!(
+            "chaos: [{:>5.1}s] window {} healed",
+            started.elapsed().as_secs_f64(),
+            window.number
+        );
+        if interrupted {
+            break;
+        }
+    }
+    if !interrupted {
+        tokio::select! {
+            _ = sleep_until(opts.duration) => {}
+            _ = interrupt.changed() => { interrupted = true; }
+        }
+    }
+    check_crashes(&mut crashes);
+
+    // Final heal, then recovery with the workload still running, then the final reads.
+    nemesis::heal_all(topo, nodes).await?;
+    nemesis::reset_clocks(nodes).await;
+    shared
+        .recorder
+        .nemesis("start", 0, "final heal and recovery");
+    eprintln!(
+        "chaos: [{:>5.1}s] final heal; recovering for {} s",
+        started.elapsed().as_secs_f64(),
+        opts.recovery.as_secs()
+    );
+    if !interrupted {
+        tokio::select! {
+            _ = tokio::time::sleep(opts.recovery) => {}
+            _ = interrupt.changed() => { interrupted = true; }
+        }
+    }
+    let _ = stop_tx.send(true);
+    for t in tasks {
+        let _ = t.await;
+    }
+    shared
+        .recorder
+        .nemesis("stop", 0, "final heal and recovery");
+    let recovered = if interrupted {
+        false
+    } else {
+        final_reads(&shared, nodes, opts.clients as u64).await
+    };
+    let mut problems = Vec::new();
+    if !recovered && !interrupted {
+        problems.push(
+            "the cluster did not recover: some final read failed for 60 s after the heal".into(),
+        );
+    }
+    check_crashes(&mut crashes);
+    problems.extend(crashes.iter().cloned());
+    Ok((
+        shared.recorder.finish(),
+        problems,
+        interrupted,
+        crashes,
+        recovered,
+    ))
+}
+
+/// Reads every key ever used, retrying each for up to 60 s in all. Returns whether all
+/// succeeded.
+async fn final_reads(shared: &Shared, nodes: &Nodes, clients: u64) -> bool {
+    let keys: Vec<(Workload, String)> = shared.keys.lock().unwrap().used.iter().cloned().collect();
+    eprintln!("chaos: final reads of {} keys", keys.len());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut process = 1_000_000_000 + clients;
+    let mut all_ok = true;
+    for (k, (w, key)) in keys.into_iter().enumerate() {
+        let node = (k as u32 % nodes.count()) + 1;
+        let mut client = Client::new(node, nodes.resp_addr(node));
+        loop {
+            let stage = workload::perform(
+                shared,
+                &mut client,
+                process,
+                w,
+                F::Read,
+                key.clone(),
+                serde_json::Value::Null,
+                true,
+            )
+            .await;
+            process += 1;
+            if stage == Stage::Ok {
+                break;
+            }
+            if Instant::now() > deadline {
+                all_ok = false;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+    all_ok
+}

@@ -1,0 +1,259 @@
+//! `capdb chaos run|check|clean`: the command-line face of the `capdb-chaos` crate.
+//!
+//! Exit codes: 0 when every check passed, 1 on a violation or an unknown verdict, 2 when the
+//! harness itself failed (no root, bad flags, nodes that never started, a malformed history).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use capdb_chaos::check::{self, Validity};
+use capdb_chaos::history::Workload;
+use capdb_chaos::nemesis::Kind;
+
+const RUN_EXAMPLES: &str = "\
+Examples (as root):
+  capdb chaos run --duration 120 --seed 7 --out chaos-out
+  capdb chaos run --duration 1200 --seed 42 --out long --nemesis all --nodes 5
+  capdb chaos run --duration 60 --nemesis partition --workload register --unsafe-reads --out broken
+  capdb chaos check chaos-out/history.jsonl
+
+Output: DIR/report.json (ops, ok, fail, info, valid, seed, windows, latency, evidence),
+DIR/history.jsonl (every operation and fault), DIR/timeline.svg, DIR/nodes/node-N.log.";
+
+#[derive(clap::Subcommand)]
+pub enum ChaosOp {
+    /// Start a cluster in network namespaces, run workloads under faults, check the history.
+    #[command(after_help = RUN_EXAMPLES)]
+    Run(RunArgs),
+    /// Re-check a saved history.  Example: capdb chaos check out/history.jsonl
+    Check {
+        history: PathBuf,
+        /// Seconds the linearizability search may spend per key.
+        #[arg(long, default_value_t = 20)]
+        key_budget_secs: u64,
+    },
+    /// Remove namespaces left by runs that were killed outright.
+    Clean,
+}
+
+#[derive(clap::Args)]
+pub struct RunArgs {
+    /// Seconds of workload under faults (recovery and final reads come after).
+    #[arg(long, default_value_t = 60)]
+    duration: u64,
+    /// Seed of the fault plan and the workload's choices.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Directory for report.json, history.jsonl, timeline.svg and node logs.
+    #[arg(long, default_value = "chaos-out")]
+    out: PathBuf,
+    /// Nodes in the cluster (3 to 9).
+    #[arg(long, default_value_t = 5)]
+    nodes: u32,
+    /// Concurrent clients, spread over the nodes.
+    #[arg(long, default_value_t = 10)]
+    clients: u32,
+    /// Target operations per second, all clients together.
+    #[arg(long, default_value_t = 100)]
+    rate: u32,
+    /// Workloads, comma-separated: register, counter, set, or all.
+    #[arg(long, default_value = "all", value_delimiter = ',')]
+    workload: Vec<String>,
+    /// Nemeses, comma-separated: partition, kill, pause, loss, clock, all, or none.
+    #[arg(long, default_value = "all", value_delimiter = ',')]
+    nemesis: Vec<String>,
+    /// Keyspace mode under test (cp; ap arrives with leaderless replication).
+    #[arg(long, default_value = "cp")]
+    mode: String,
+    /// Quiet seconds between fault windows.
+    #[arg(long, default_value_t = 5)]
+    quiet: u64,
+    /// Shortest fault window, seconds.
+    #[arg(long, default_value_t = 5)]
+    fault_min: u64,
+    /// Longest fault window, seconds.
+    #[arg(long, default_value_t = 15)]
+    fault_max: u64,
+    /// Seconds between the final heal and the final reads.
+    #[arg(long, default_value_t = 10)]
+    recovery: u64,
+    /// Run the nodes with --debug-unsafe-local-reads (a deliberately broken mode the checker
+    /// must flag).
+    #[arg(long)]
+    unsafe_reads: bool,
+    /// The capdb binary to run as nodes [default: this executable].
+    #[arg(long)]
+    binary: Option<PathBuf>,
+    /// Seconds the linearizability search may spend per key.
+    #[arg(long, default_value_t = 20)]
+    key_budget_secs: u64,
+}
+
+fn parse_workloads(names: &[String]) -> Result<Vec<Workload>, String> {
+    let mut out = Vec::new();
+    for n in names {
+        match n.as_str() {
+            "all" => out.extend([Workload::Register, Workload::Counter, Workload::Set]),
+            "register" => out.push(Workload::Register),
+            "counter" => out.push(Workload::Counter),
+            "set" => out.push(Workload::Set),
+            other => {
+                return Err(format!(
+                    "unknown workload '{other}': expected register, counter, set or all"
+                ));
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
+fn parse_nemeses(names: &[String]) -> Result<Vec<Kind>, String> {
+    let mut out = Vec::new();
+    for n in names {
+        match n.as_str() {
+            "all" => out.extend(Kind::ALL),
+            "none" => {}
+            other => out.push(Kind::parse(other)?),
+        }
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
+fn limits(key_budget_secs: u64) -> check::Limits {
+    check::Limits {
+        per_key: Duration::from_secs(key_budget_secs.max(1)),
+        ..Default::default()
+    }
+}
+
+fn harness_error(msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("chaos: harness error: {msg}");
+    ExitCode::from(2)
+}
+
+fn verdict_code(validity: Validity) -> ExitCode {
+    match validity {
+        Validity::Valid => ExitCode::SUCCESS,
+        _ => ExitCode::from(1),
+    }
+}
+
+pub async fn main(op: ChaosOp) -> ExitCode {
+    match op {
+        ChaosOp::Clean => match capdb_chaos::net::clean_all() {
+            Ok(removed) => {
+                println!(
+                    "removed {} namespaces: {}",
+                    removed.len(),
+                    removed.join(" ")
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => harness_error(e),
+        },
+        ChaosOp::Check {
+            history,
+            key_budget_secs,
+        } => {
+            let records = match capdb_chaos::history::read(&history) {
+                Ok(r) => r,
+                Err(e) => return harness_error(e),
+            };
+            let result = match tokio::task::spawn_blocking(move || {
+                check::check(&records, limits(key_budget_secs))
+            })
+            .await
+            {
+                Ok(Ok(r)) => r,
+                Ok(Err(e)) => return harness_error(e),
+                Err(e) => return harness_error(e),
+            };
+            let out = serde_json::json!({
+                "valid": result.validity.to_json(),
+                "problems": result.problems,
+                "checks": result.details,
+            });
+            println!("{}", serde_json::to_string_pretty(&out).expect("json"));
+            verdict_code(result.validity)
+        }
+        ChaosOp::Run(a) => {
+            let workloads = match parse_workloads(&a.workload) {
+                Ok(w) => w,
+                Err(e) => return harness_error(e),
+            };
+            let nemeses = match parse_nemeses(&a.nemesis) {
+                Ok(n) => n,
+                Err(e) => return harness_error(e),
+            };
+            if a.mode != "cp" {
+                return harness_error(format!(
+                    "--mode {}: only cp keyspaces can be tested so far (ap replication is not built yet)",
+                    a.mode
+                ));
+            }
+            if a.fault_min == 0 || a.fault_min > a.fault_max {
+                return harness_error("--fault-min must be at least 1 and at most --fault-max");
+            }
+            let binary = match a.binary.map_or_else(std::env::current_exe, Ok) {
+                Ok(b) => b,
+                Err(e) => return harness_error(format!("cannot find the capdb binary: {e}")),
+            };
+            let opts = capdb_chaos::run::Options {
+                duration: Duration::from_secs(a.duration),
+                seed: a.seed,
+                out: a.out.clone(),
+                nodes: a.nodes,
+                clients: a.clients.max(1),
+                rate: a.rate.max(1),
+                workloads,
+                nemeses,
+                quiet: Duration::from_secs(a.quiet),
+                fault_min: Duration::from_secs(a.fault_min),
+                fault_max: Duration::from_secs(a.fault_max),
+                recovery: Duration::from_secs(a.recovery),
+                unsafe_reads: a.unsafe_reads,
+                binary,
+                limits: limits(a.key_budget_secs),
+            };
+            match capdb_chaos::run::run(opts).await {
+                Ok(outcome) => {
+                    let r = &outcome.report;
+                    println!(
+                        "chaos: seed {} | {} ops: {} ok, {} fail, {} info | valid: {}",
+                        r["seed"], r["ops"], r["ok"], r["fail"], r["info"], r["valid"]
+                    );
+                    for p in r["problems"].as_array().into_iter().flatten() {
+                        println!("  problem: {}", p.as_str().unwrap_or_default());
+                    }
+                    for w in r["windows"].as_array().into_iter().flatten() {
+                        println!(
+                            "  window {:>3} avail {:>5} ops {:>5}  {}",
+                            w["window"],
+                            w["availability"],
+                            w["ops"],
+                            w["fault"].as_str().unwrap_or_default()
+                        );
+                    }
+                    println!("chaos: report in {}", a.out.join("report.json").display());
+                    outcome.exit_code_as()
+                }
+                Err(e) => harness_error(e),
+            }
+        }
+    }
+}
+
+trait ExitCodeAs {
+    fn exit_code_as(&self) -> ExitCode;
+}
+
+impl ExitCodeAs for capdb_chaos::run::Outcome {
+    fn exit_code_as(&self) -> ExitCode {
+        ExitCode::from(self.exit_code() as u8)
+    }
+}
