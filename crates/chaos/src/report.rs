@@ -214,15 +214,17 @@ pub fn timeline_svg(records: &[Record], nodes: u32) -> Result<String, String> {
     let _ = writeln!(svg, r##"<rect width="100%" height="100%" fill="white"/>"##);
     let _ = writeln!(
         svg,
-        r##"<text x="{LEFT}" y="16" font-size="13">Operations per {:.1} s (green ok, orange fail, red indeterminate); shaded: nemesis windows</text>"##,
+        r##"<text x="{LEFT}" y="16" font-size="13">Operations per {:.1} s (green ok, orange fail, red indeterminate); red bands: nemesis windows, blue: final heal and recovery</text>"##,
         end_ns as f64 / 1e9 / BUCKETS as f64
     );
     for w in &spans {
         let (x0, x1) = (x(w.start_ns), x(w.end_ns.min(end_ns)));
         let _ = writeln!(
             svg,
-            r##"<rect x="{x0:.1}" y="{BAR_TOP}" width="{:.1}" height="{:.1}" fill="#f4c7c3" opacity="0.6"><title>window {}: {}</title></rect>"##,
+            r##"<rect x="{x0:.1}" y="{BAR_TOP}" width="{:.1}" height="{:.1}" fill="{}" opacity="0.6"><title>window {}: {}</title></rect>"##,
             (x1 - x0).max(1.0),
+            // Window 0 is the final heal and recovery, not a fault.
+            if w.window == 0 { "#cfe3f5" } else { "#f4c7c3" },
             height - BAR_TOP - 40.0,
             w.window,
             escape(&w.fault)

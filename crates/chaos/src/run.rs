@@ -335,17 +335,14 @@ async fn final_reads(shared: &Shared, nodes: &Nodes, clients: u64) -> bool {
         let node = (k as u32 % nodes.count()) + 1;
         let mut client = Client::new(node, nodes.resp_addr(node));
         loop {
-            let stage = workload::perform(
-                shared,
-                &mut client,
-                process,
-                w,
-                F::Read,
-                key.clone(),
-                serde_json::Value::Null,
-                true,
-            )
-            .await;
+            let op = workload::Invocation {
+                workload: w,
+                f: F::Read,
+                key: key.clone(),
+                value: serde_json::Value::Null,
+                final_read: true,
+            };
+            let stage = workload::perform(shared, &mut client, process, op).await;
             process += 1;
             if stage == Stage::Ok {
                 break;

@@ -337,18 +337,26 @@ pub struct Shared {
     pub clients: u64,
 }
 
-/// Runs one operation end to end: invoke record, request, completion record. Returns whether
-/// the outcome was indeterminate (the caller then takes a fresh process id).
-pub async fn perform(
-    shared: &Shared,
-    client: &mut Client,
-    process: u64,
-    w: Workload,
-    f: F,
-    key: String,
-    value: Json,
-    final_read: bool,
-) -> Stage {
+/// One operation to perform.
+pub struct Invocation {
+    pub workload: Workload,
+    pub f: F,
+    pub key: String,
+    pub value: Json,
+    /// Marks the final reads after the heal.
+    pub final_read: bool,
+}
+
+/// Runs one operation end to end: invoke record, request, completion record. Returns the
+/// outcome; after `Info` the caller must continue under a fresh process id.
+pub async fn perform(shared: &Shared, client: &mut Client, process: u64, op: Invocation) -> Stage {
+    let Invocation {
+        workload: w,
+        f,
+        key,
+        value,
+        final_read,
+    } = op;
     let node = client.node;
     let event = |stage: Stage, result: Json, error: Option<String>| {
         Record::Op(OpEvent {
@@ -397,7 +405,14 @@ pub async fn client_loop(
         let started = Instant::now();
         let w = shared.mix.pick(&mut rng);
         let (f, key, value) = shared.keys.lock().unwrap().next(w, &mut rng);
-        let stage = perform(&shared, &mut client, process, w, f, key, value, false).await;
+        let op = Invocation {
+            workload: w,
+            f,
+            key,
+            value,
+            final_read: false,
+        };
+        let stage = perform(&shared, &mut client, process, op).await;
         if stage == Stage::Info {
             process += shared.clients;
         }

@@ -528,7 +528,7 @@ mod tests {
                     let v = rng.i64(0..3);
                     let op = match rng.u8(0..4) {
                         0 | 1 if ret != u64::MAX => Read(if rng.bool() { Some(v) } else { None }),
-                        0 | 1 | 2 => Write(v),
+                        0..=2 => Write(v),
                         _ => cas(
                             v,
                             rng.i64(0..3),

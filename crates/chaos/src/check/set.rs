@@ -103,7 +103,7 @@ pub fn check(key: &str, ops: &[&Op]) -> Result<SetResult, String> {
             }
         }
     }
-    if let Some((_, els)) = reads.iter().filter(|(op, _)| op.final_read).last() {
+    if let Some((_, els)) = reads.iter().rfind(|(op, _)| op.final_read) {
         result.final_read = true;
         let present: BTreeSet<i64> = els.iter().copied().collect();
         result.lost = acked.difference(&present).copied().collect();
