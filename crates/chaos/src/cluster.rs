@@ -98,6 +98,7 @@ impl Nodes {
             .map(|j| format!("{j}={}:{PEER_PORT}", self.topo.ip(j)))
             .collect();
         let ip = self.topo.ip(i);
+        use std::os::unix::process::CommandExt;
         let child = Command::new("ip")
             .args(["netns", "exec", &self.topo.namespace(i)])
             .arg(&self.binary)
@@ -112,7 +113,9 @@ impl Nodes {
             .args(["--label", &format!("zone=z{}", (i - 1) % 3 + 1)])
             .arg("--debug-fault-injection")
             .args(&self.extra_args)
-            .env("RUST_LOG", "info")
+            // Its own process group: a Ctrl-C at the terminal reaches only the harness, which
+            // then stops the nodes itself (a node stopping on its own counts as a crash).
+            .process_group(0)
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(|e| HarnessError(e.to_string()))?)
             .stderr(log)

@@ -3,6 +3,7 @@
 mod bench;
 mod chaos;
 mod client;
+mod playground;
 
 use std::process::ExitCode;
 
@@ -79,6 +80,8 @@ enum Command {
         #[command(subcommand)]
         op: BenchOp,
     },
+    /// Start a local cluster (3 nodes, keyspaces cp, ap and cache) and break it on purpose.
+    Playground(playground::PlaygroundArgs),
     /// Jepsen-style fault injection with a linearizability checker (needs root).
     Chaos {
         #[command(subcommand)]
@@ -204,6 +207,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Chaos { .. } => unreachable!("handled above"),
+            Command::Playground(args) => playground::main(args).await,
             Command::Server(args) => server(*args).await,
             Command::Kv { op, target } => kv(op, &target).await,
             Command::Keyspace { op, target } => keyspace(op, &target).await,

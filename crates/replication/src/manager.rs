@@ -1405,6 +1405,32 @@ impl Manager {
                     return;
                 }
             };
+            // Wait until the founders have registered (as many as the meta group has voters,
+            // up to the replication factor), so the keyspace starts with all its replicas as
+            // voters: a write acknowledged at formation is then on a majority of a full
+            // replica set, never on one node that merely has learners catching up.
+            let founders = self
+                .group(META_GROUP)
+                .map(|g| {
+                    g.raft
+                        .metrics()
+                        .borrow_watched()
+                        .membership_config
+                        .membership()
+                        .voter_ids()
+                        .count()
+                })
+                .unwrap_or(1);
+            let wanted = founders.min(spec.replication_factor as usize).max(1);
+            let live = state.nodes.values().filter(|n| !n.draining).count();
+            if live < wanted {
+                tracing::debug!(
+                    live,
+                    wanted,
+                    "default keyspace waits for the founding nodes to register"
+                );
+                return;
+            }
             let replicas = placement::place_keyspace(state, spec.shards, spec.replication_factor);
             if let Err(e) = self
                 .meta(MetaCommand::CreateKeyspace { spec, replicas })
