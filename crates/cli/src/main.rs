@@ -115,6 +115,13 @@ enum ClusterOp {
     },
     /// Move the leaderships of the node at --addr to other replicas (before maintenance).
     StepDown,
+    /// What ap replication reconciled per keyspace (anti-entropy, read repair, hints) and how
+    /// long the last convergence took.  Example: capdb cluster reconcile-report
+    ReconcileReport {
+        /// Print the raw JSON (with every node's episodes).
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -551,6 +558,48 @@ async fn cluster(op: ClusterOp, target: &Target) -> Result<(), String> {
                 .request("POST", "/v1/cluster/step-down", Some(Vec::new()))
                 .await?;
             print_json(&v);
+        }
+        ClusterOp::ReconcileReport { json } => {
+            let v = client
+                .request("GET", "/v1/cluster/reconcile-report", None)
+                .await?;
+            if json {
+                print_json(&v);
+                return Ok(());
+            }
+            let keyspaces = v["keyspaces"].as_object().cloned().unwrap_or_default();
+            if keyspaces.is_empty() {
+                println!("no ap keyspace has reconciled anything yet");
+            }
+            for (ks, r) in keyspaces {
+                let t = &r["totals"];
+                println!(
+                    "keyspace {ks}: compared {} keys, repaired {}, conflicts {} (resolved {}), read repairs {}, hints stored {} / delivered {}, tombstones collected {}",
+                    t["keys_compared"],
+                    t["keys_repaired"],
+                    t["conflicts"],
+                    t["resolved"],
+                    t["read_repairs"],
+                    t["hints_stored"],
+                    t["hints_delivered"],
+                    t["tombstones_purged"]
+                );
+                let e = &r["last_episode"];
+                if e.is_object() {
+                    println!(
+                        "  last convergence: {} ms (node {}: diverged at {}, in sync at {} Unix ms; {} repaired, {} conflicts)",
+                        e["convergence_ms"],
+                        e["node"],
+                        e["started_ms"],
+                        e["converged_ms"],
+                        e["keys_repaired"],
+                        e["conflicts"]
+                    );
+                }
+            }
+            if let Some(u) = v["unreachable_nodes"].as_array().filter(|u| !u.is_empty()) {
+                println!("not answering: nodes {u:?}");
+            }
         }
     }
     Ok(())

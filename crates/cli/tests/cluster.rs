@@ -558,3 +558,200 @@ fn a_node_far_behind_catches_up_from_a_snapshot() {
         c.node(lagging).log()
     );
 }
+
+/// Cuts links with the nodes' own filter (both directions), like a network partition.
+fn partition(c: &Cluster, sides: &[&[u64]]) {
+    let side_of = |n: u64| sides.iter().position(|s| s.contains(&n));
+    for (id, s) in c.alive() {
+        let blocked: Vec<String> = c
+            .alive()
+            .map(|(o, _)| o)
+            .filter(|&o| o != id && side_of(o) != side_of(id))
+            .map(|o| o.to_string())
+            .collect();
+        let body = format!("{{\"blocked\":[{}]}}", blocked.join(","));
+        let (code, _) = http(
+            s.http,
+            "POST",
+            "/v1/cluster/partition",
+            &[],
+            Some(body.as_bytes()),
+        )
+        .unwrap();
+        assert_eq!(code, 200);
+    }
+}
+
+fn ap_conn(c: &Cluster, node: u64, level: &str) -> redis::Connection {
+    let mut conn = c.node(node).client();
+    let _: () = redis::cmd("SELECT").arg("events").query(&mut conn).unwrap();
+    let _: () = redis::cmd("CONSISTENCY")
+        .arg(level)
+        .query(&mut conn)
+        .unwrap();
+    conn
+}
+
+/// Every node's replica digest of `events`, shard by shard.
+fn digests(c: &Cluster) -> Vec<serde_json::Value> {
+    c.alive()
+        .map(|(_, s)| {
+            let (code, body) =
+                http(s.http, "GET", "/v1/keyspaces/events/digest", &[], None).unwrap();
+            assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+            json(&body)["shards"].clone()
+        })
+        .collect()
+}
+
+#[test]
+fn ap_keyspaces_write_on_both_sides_of_a_partition_and_converge() {
+    let c = Cluster::start_with(3, &["--ap-anti-entropy-interval-ms", "1000"]);
+    let (code, body) = http(
+        c.node(1).http,
+        "POST",
+        "/v1/keyspaces",
+        &[],
+        Some(br#"{"name":"events","mode":"ap","replication_factor":3}"#),
+    )
+    .unwrap();
+    assert_eq!(code, 201, "{}", String::from_utf8_lossy(&body));
+    // Before the partition: quorum writes, a key to delete later, a counter.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut q = loop {
+        // The keyspace reaches every node's catalog shortly after creation.
+        let mut conn = c.node(1).client();
+        if redis::cmd("SELECT")
+            .arg("events")
+            .query::<()>(&mut conn)
+            .is_ok()
+        {
+            let _: () = redis::cmd("CONSISTENCY")
+                .arg("quorum")
+                .query(&mut conn)
+                .unwrap();
+            break conn;
+        }
+        assert!(Instant::now() < deadline, "keyspace never appeared");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    for i in 0..50 {
+        let _: () = q.set(format!("acked:{i}"), i).unwrap();
+    }
+    let _: () = q.set("doomed", "x").unwrap();
+    let _: i64 = q.incr("visits", 10).unwrap();
+
+    // Partition: node 1 alone, nodes 2 and 3 together.
+    partition(&c, &[&[1], &[2, 3]]);
+    std::thread::sleep(Duration::from_secs(2)); // let the failure detectors notice
+    let mut left = ap_conn(&c, 1, "one");
+    let mut right = ap_conn(&c, 2, "one");
+    // Both sides accept writes at `one`.
+    for i in 0..30 {
+        let _: () = left.set(format!("left:{i}"), i).unwrap();
+        let _: () = right.set(format!("right:{i}"), i).unwrap();
+    }
+    let _: () = left.set("contested", "from-left").unwrap();
+    std::thread::sleep(Duration::from_millis(5));
+    let _: () = right.set("contested", "from-right").unwrap();
+    // Concurrent increments on both sides all count.
+    for _ in 0..7 {
+        let _: i64 = left.incr("visits", 1).unwrap();
+    }
+    for _ in 0..5 {
+        let _: i64 = right.incr("visits", 2).unwrap();
+    }
+    // A delete on the minority side.
+    let _: i64 = left.del("doomed").unwrap();
+    // On the minority side a quorum write cannot be acknowledged.
+    let mut left_quorum = ap_conn(&c, 1, "quorum");
+    let e = left_quorum
+        .set::<_, _, ()>("needs-quorum", 1)
+        .expect_err("one node of three cannot form a quorum");
+    assert_eq!(e.code(), Some("TRYAGAIN"), "{e}");
+    // The majority side can.
+    let mut right_quorum = ap_conn(&c, 3, "quorum");
+    let _: () = right_quorum.set("quorum-right", "ok").unwrap();
+
+    // Heal; every replica of every key converges.
+    partition(&c, &[&[1, 2, 3]]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let d = digests(&c);
+        if d.windows(2).all(|w| w[0] == w[1]) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "replicas did not converge: {d:?}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    for node in 1..=3 {
+        let mut r = ap_conn(&c, node, "all");
+        for i in 0..30 {
+            assert_eq!(
+                r.get::<_, Option<i64>>(format!("left:{i}")).unwrap(),
+                Some(i)
+            );
+            assert_eq!(
+                r.get::<_, Option<i64>>(format!("right:{i}")).unwrap(),
+                Some(i)
+            );
+        }
+        for i in 0..50 {
+            assert_eq!(
+                r.get::<_, Option<i64>>(format!("acked:{i}")).unwrap(),
+                Some(i),
+                "a quorum-acknowledged write was lost"
+            );
+        }
+        assert_eq!(r.get::<_, i64>("visits").unwrap(), 10 + 7 + 10);
+        assert_eq!(
+            r.get::<_, Option<String>>("doomed").unwrap(),
+            None,
+            "deleted stays deleted"
+        );
+        assert_eq!(
+            r.get::<_, Option<String>>("contested").unwrap().as_deref(),
+            Some("from-right"),
+            "last writer wins"
+        );
+        assert_eq!(
+            r.get::<_, Option<String>>("quorum-right")
+                .unwrap()
+                .as_deref(),
+            Some("ok")
+        );
+    }
+    // The reconciliation report accounts for it.
+    let (code, body) = http(
+        c.node(2).http,
+        "GET",
+        "/v1/cluster/reconcile-report",
+        &[],
+        None,
+    )
+    .unwrap();
+    assert_eq!(code, 200);
+    let report = json(&body);
+    let t = &report["keyspaces"]["events"]["totals"];
+    let moved = t["hints_delivered"].as_u64().unwrap()
+        + t["keys_repaired"].as_u64().unwrap()
+        + t["conflicts"].as_u64().unwrap();
+    assert!(moved > 0, "nothing reconciled? {report:#}");
+    let out = std::process::Command::new(BIN)
+        .args([
+            "cluster",
+            "reconcile-report",
+            "--addr",
+            &c.node(1).http.to_string(),
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("keyspace events:"),
+        "{text}"
+    );
+}

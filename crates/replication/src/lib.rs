@@ -16,6 +16,7 @@
 //!   client requests to leaders (forwarding), linearizable and stale reads, the meta leader's
 //!   placement loop.
 
+pub mod ap;
 pub mod log_store;
 pub mod manager;
 pub mod network;

@@ -76,6 +76,8 @@ pub struct ManagerConfig {
     /// TESTING ONLY (`--debug-unsafe-local-reads`): answer linearizable reads from the local
     /// replica without a read barrier. Breaks linearizability on purpose.
     pub unsafe_local_reads: bool,
+    /// Tunables of `ap` replication.
+    pub ap: crate::ap::ApConfig,
 }
 
 /// Raft timing used by capdb, for failover well under 1.5 s: a follower calls an election
@@ -176,6 +178,8 @@ pub struct Manager {
     stopping: AtomicBool,
     /// See [`ManagerConfig::unsafe_local_reads`].
     unsafe_local_reads: bool,
+    /// Leaderless replication of `ap` keyspaces.
+    ap: Arc<crate::ap::Ap>,
 }
 
 /// The table holding a data group's keys.
@@ -209,7 +213,16 @@ impl Manager {
                 .collect();
         }
         let peers = Arc::new(PeerPool::new(me, filter));
+        let ap = crate::ap::Ap::start(
+            me,
+            engine.clone(),
+            hlc.clone(),
+            peers.clone(),
+            rx.clone(),
+            config.ap.clone(),
+        );
         let manager = Arc::new(Manager {
+            ap,
             me,
             info: config.me.clone(),
             engine: engine.clone(),
@@ -264,6 +277,11 @@ impl Manager {
 
     pub fn info(&self) -> &NodeInfo {
         &self.info
+    }
+
+    /// The `ap` replication service.
+    pub fn ap(&self) -> &Arc<crate::ap::Ap> {
+        &self.ap
     }
 
     pub fn peers(&self) -> &Arc<PeerPool> {
@@ -1026,6 +1044,9 @@ impl Manager {
                 self.peers.filter().set(blocked.into_iter().collect());
                 PeerResponse::Done
             }
+            PeerRequest::Ap(req) => {
+                PeerResponse::Ap(self.ap.handle(req).await.map_err(|e| e.to_string()))
+            }
         }
     }
 
@@ -1158,9 +1179,13 @@ impl Manager {
     /// One reconciliation pass: local groups follow the map; leaders move memberships.
     pub async fn reconcile(self: &Arc<Self>) -> Result<(), Error> {
         let state = self.cluster();
-        // Start groups this node should hold.
-        for (_, _, shard) in state.shards_of(self.me) {
-            if self.group(shard.group).is_none() {
+        // Start groups this node should hold (only cp keyspaces run Raft).
+        for (name, _, shard) in state.shards_of(self.me) {
+            let raft = state
+                .keyspaces
+                .get(name)
+                .is_some_and(|k| k.spec.mode == capdb_types::Mode::Cp);
+            if raft && self.group(shard.group).is_none() {
                 let g = self
                     .start_group(
                         shard.group,

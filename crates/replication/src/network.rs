@@ -83,6 +83,8 @@ pub enum PeerRequest {
     Status,
     /// Asks the node to treat these peers as unreachable (simulated partition); empty = heal.
     Partition { blocked: Vec<NodeId> },
+    /// Leaderless replication of `ap` keyspaces.
+    Ap(crate::ap::ApRequest),
 }
 
 /// Why a forwarded request was not served.
@@ -138,6 +140,7 @@ pub enum PeerResponse {
     Count(Result<u64, ForwardError>),
     Meta(Result<capdb_cluster::MetaResponse, ForwardError>),
     Status(NodeStatus),
+    Ap(Result<crate::ap::ApResponse, String>),
     Done,
     /// The target cannot handle this group now (not created yet, stopping).
     Unavailable(String),

@@ -49,6 +49,10 @@ pub struct ClusterConfig {
     pub raft_snapshot_logs: u64,
     /// Testing switches that weaken guarantees on purpose; never set in production.
     pub debug: DebugConfig,
+    /// Milliseconds between anti-entropy passes of `ap` keyspaces.
+    pub ap_anti_entropy_interval_ms: u64,
+    /// Bytes per second anti-entropy may stream from this node.
+    pub ap_anti_entropy_bytes_per_sec: u64,
 }
 
 /// Switches for fault-injection testing (`capdb chaos`). Both are off by default and only
@@ -109,6 +113,8 @@ struct FileConfig {
     join: Option<Vec<String>>,
     labels: Option<BTreeMap<String, String>>,
     raft_snapshot_logs: Option<u64>,
+    ap_anti_entropy_interval_ms: Option<u64>,
+    ap_anti_entropy_bytes_per_sec: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -195,6 +201,16 @@ pub struct ServerArgs {
     /// Raft log entries between snapshots (log compaction) [default: 20000].
     #[arg(long, env = "CAPDB_RAFT_SNAPSHOT_LOGS", value_name = "N")]
     pub raft_snapshot_logs: Option<u64>,
+    /// Milliseconds between anti-entropy passes over ap keyspaces [default: 10000].
+    #[arg(long, env = "CAPDB_AP_ANTI_ENTROPY_INTERVAL_MS", value_name = "MS")]
+    pub ap_anti_entropy_interval_ms: Option<u64>,
+    /// Bytes per second ap anti-entropy may stream from this node [default: 33554432].
+    #[arg(
+        long,
+        env = "CAPDB_AP_ANTI_ENTROPY_BYTES_PER_SEC",
+        value_name = "BYTES"
+    )]
+    pub ap_anti_entropy_bytes_per_sec: Option<u64>,
     /// Take the node id from the host name's ordinal suffix plus one (`capdb-0` is node 1), as
     /// Kubernetes StatefulSet pods are named. Reads $HOSTNAME, else the kernel's host name.
     #[arg(long, env = "CAPDB_NODE_ID_FROM_HOSTNAME", conflicts_with = "node_id")]
@@ -333,7 +349,27 @@ impl Config {
                 "raft_snapshot_logs must be 10 to 10000000".into(),
             ));
         }
+        let ap_anti_entropy_interval_ms = args
+            .ap_anti_entropy_interval_ms
+            .or(file.ap_anti_entropy_interval_ms)
+            .unwrap_or(10_000);
+        if !(100..=86_400_000).contains(&ap_anti_entropy_interval_ms) {
+            return Err(ConfigError(
+                "ap_anti_entropy_interval_ms must be 100 to 86400000".into(),
+            ));
+        }
+        let ap_anti_entropy_bytes_per_sec = args
+            .ap_anti_entropy_bytes_per_sec
+            .or(file.ap_anti_entropy_bytes_per_sec)
+            .unwrap_or(32 * 1024 * 1024);
+        if ap_anti_entropy_bytes_per_sec < 64 * 1024 {
+            return Err(ConfigError(
+                "ap_anti_entropy_bytes_per_sec must be at least 65536".into(),
+            ));
+        }
         let cluster = ClusterConfig {
+            ap_anti_entropy_interval_ms,
+            ap_anti_entropy_bytes_per_sec,
             node_id,
             peer_addr,
             advertise_addr,

@@ -102,6 +102,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             initial_cluster,
             join: config.cluster.join.clone(),
             unsafe_local_reads: config.cluster.debug.unsafe_local_reads,
+            ap: capdb_replication::ap::ApConfig {
+                anti_entropy_interval: std::time::Duration::from_millis(
+                    config.cluster.ap_anti_entropy_interval_ms,
+                ),
+                anti_entropy_bytes_per_sec: config.cluster.ap_anti_entropy_bytes_per_sec,
+                ..Default::default()
+            },
             raft: Arc::new(
                 capdb_replication::manager::default_raft_config(config.cluster.raft_snapshot_logs)
                     .validate()

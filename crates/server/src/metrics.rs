@@ -317,7 +317,12 @@ impl Metrics {
             };
             // Keys stored on this node: for replicated keyspaces, in the replicas it holds.
             let local = match &ks.store {
-                Store::Disk(t) => capdb_storage::KeyspaceStore::len(t).ok(),
+                Store::Ap(a) => capdb_storage::KeyspaceStore::len(
+                    &node
+                        .engine
+                        .table(&capdb_replication::ap::table_name(a.name.as_str()), true),
+                )
+                .ok(),
                 Store::Memory(m) => capdb_storage::KeyspaceStore::len(&**m).ok(),
                 Store::Replicated(r) => {
                     let me = node.manager.id();

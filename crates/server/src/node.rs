@@ -8,8 +8,9 @@
 //!   shard is a Raft group; requests go to the shard's leader (forwarded if it lives elsewhere).
 //! - `cache` keyspaces are [`Store::Memory`]: each node holds its own in-memory cache (the spec
 //!   is cluster-wide, the data is per node).
-//! - `ap` keyspaces are, until leaderless replication lands, a local durable table on each node
-//!   ([`Store::Disk`], with tombstones).
+//! - `ap` keyspaces are [`Store::Ap`]: leaderless replication (`capdb_replication::ap`); this
+//!   node coordinates each request across the shard's replicas at the request's consistency
+//!   level and holds a durable local table (with tombstones) for the shards it replicates.
 //!
 //! The catalog cache is rebuilt by a background task whenever the map changes, so lookups on
 //! the request path are a map read.
@@ -22,9 +23,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use capdb_cluster::state::KeyspaceEntry;
 use capdb_cluster::{ClusterState, MetaCommand, placement};
+use capdb_replication::ap::{Ap, Level};
 use capdb_replication::manager::Manager;
 use capdb_replication::network::ReadMode;
-use capdb_storage::disk::{DiskEngine, DiskTable};
+use capdb_storage::disk::DiskEngine;
 use capdb_storage::memory::MemStore;
 use capdb_storage::{BatchReplies, KeyspaceStore, ScanRange};
 use capdb_types::keyspace::DEFAULT_KEYSPACE;
@@ -33,10 +35,45 @@ use capdb_types::{Error, Hlc, KeyspaceName, KeyspaceSpec, Mode, Mutation, Result
 use crate::config::Config;
 use crate::metrics::Metrics;
 
+/// How strongly a request must be confirmed, per keyspace mode: `cp` reads are linearizable
+/// or stale (`READONLY`), `ap` reads and writes wait for one, a quorum or all replicas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Consistency {
+    pub cp_read: ReadMode,
+    pub ap_read: Level,
+    pub ap_write: Level,
+}
+
+impl Default for Consistency {
+    fn default() -> Self {
+        Consistency {
+            cp_read: ReadMode::Linearizable,
+            ap_read: Level::Quorum,
+            ap_write: Level::Quorum,
+        }
+    }
+}
+
+impl Consistency {
+    /// Stale `cp` reads, `one` for `ap`: what internal best-effort reads (INFO, metrics) use.
+    pub const RELAXED: Consistency = Consistency {
+        cp_read: ReadMode::Stale,
+        ap_read: Level::One,
+        ap_write: Level::One,
+    };
+}
+
+/// An `ap` keyspace: its name and the node's replication service.
+pub struct ApStore {
+    pub name: KeyspaceName,
+    pub ap: Arc<Ap>,
+    pub value_bytes_max: usize,
+}
+
 /// Where a keyspace's data lives.
 pub enum Store {
-    /// `ap` (local until leaderless replication lands).
-    Disk(DiskTable),
+    /// `ap`: leaderless replicas.
+    Ap(ApStore),
     /// `cache`: in memory on this node.
     Memory(Arc<MemStore>),
     /// `cp`: Raft-replicated shards.
@@ -72,9 +109,9 @@ impl Keyspace {
         Ok(())
     }
 
-    /// Whether reads are served from this node's memory or disk without any network hop.
+    /// Whether reads are served from this node's memory without any network hop.
     pub fn is_local(&self) -> bool {
-        !matches!(self.store, Store::Replicated(_))
+        matches!(self.store, Store::Memory(_))
     }
 
     /// Calls `f` with the live value of `key` (local stores only; see [`Keyspace::is_local`]).
@@ -86,24 +123,24 @@ impl Keyspace {
     ) -> Result<R> {
         self.check_live()?;
         match &self.store {
-            Store::Disk(t) => t.read_with(key, now_ms, f),
             Store::Memory(m) => m.read_with(key, now_ms, f),
-            Store::Replicated(_) => Err(Error::InvalidInput(
+            Store::Replicated(_) | Store::Ap(_) => Err(Error::InvalidInput(
                 "read_with on a replicated keyspace".into(),
             )),
         }
     }
 
-    /// The live values of `keys`, in order. `mode` matters for replicated keyspaces only.
+    /// The live values of `keys`, in order.
     pub async fn get_many(
         &self,
         keys: &[Bytes],
         now_ms: u64,
-        mode: ReadMode,
+        c: Consistency,
     ) -> Result<Vec<Option<Value>>> {
         self.check_live()?;
+        let mode = c.cp_read;
         match &self.store {
-            Store::Disk(t) => keys.iter().map(|k| t.get(k, now_ms)).collect(),
+            Store::Ap(a) => a.ap.get_many(&a.name, keys, c.ap_read, now_ms).await,
             Store::Memory(m) => keys.iter().map(|k| m.get(k, now_ms)).collect(),
             Store::Replicated(r) => {
                 // One request per shard, in parallel; answers put back in key order.
@@ -130,9 +167,9 @@ impl Keyspace {
         }
     }
 
-    pub async fn get(&self, key: &[u8], now_ms: u64, mode: ReadMode) -> Result<Option<Value>> {
+    pub async fn get(&self, key: &[u8], now_ms: u64, c: Consistency) -> Result<Option<Value>> {
         let mut v = self
-            .get_many(&[Bytes::copy_from_slice(key)], now_ms, mode)
+            .get_many(&[Bytes::copy_from_slice(key)], now_ms, c)
             .await?;
         Ok(v.pop().flatten())
     }
@@ -140,10 +177,18 @@ impl Keyspace {
     /// Applies mutations. Within one shard they apply atomically and in order; across shards
     /// of a replicated keyspace each shard applies its part (cross-shard atomicity is the job of
     /// transactions, a later feature).
-    pub async fn apply(&self, mutations: Vec<Mutation>, now_ms: u64) -> Result<BatchReplies> {
+    pub async fn apply(
+        &self,
+        mutations: Vec<Mutation>,
+        now_ms: u64,
+        c: Consistency,
+    ) -> Result<BatchReplies> {
         self.check_live()?;
         match &self.store {
-            Store::Disk(t) => t.apply(mutations, now_ms).await,
+            Store::Ap(a) => {
+                a.ap.apply(&a.name, mutations, c.ap_write, now_ms, a.value_bytes_max)
+                    .await
+            }
             Store::Memory(m) => m.apply(mutations, now_ms).await,
             Store::Replicated(r) => {
                 let n = mutations.len();
@@ -191,9 +236,10 @@ impl Keyspace {
         end: Option<Bytes>,
         limit: usize,
         now_ms: u64,
-        mode: ReadMode,
+        c: Consistency,
     ) -> Result<(Vec<(Bytes, Value)>, Option<ScanPosition>)> {
         self.check_live()?;
+        let mode = c.cp_read;
         let local = |page: capdb_storage::ScanPage| {
             let next = page.next_after.map(|after| ScanPosition {
                 shard: 0,
@@ -207,8 +253,40 @@ impl Keyspace {
             prefix: prefix.clone(),
         };
         match &self.store {
-            Store::Disk(t) => Ok(local(t.scan(&range, limit, now_ms)?)),
             Store::Memory(m) => Ok(local(m.scan(&range, limit, now_ms)?)),
+            Store::Ap(a) => {
+                // Shard after shard, each from one replica (scans are best effort in ap).
+                let shards = a.ap.shard_count(&a.name)? as u32;
+                let mut shard = pos.shard.min(shards);
+                let mut after = pos.after.or_else(|| floor.clone());
+                let mut entries = Vec::new();
+                while shard < shards && entries.len() < limit {
+                    let want = (limit - entries.len()) as u32;
+                    let (page, next) =
+                        a.ap.scan_shard(
+                            &a.name,
+                            shard as usize,
+                            after.clone(),
+                            prefix.clone(),
+                            want,
+                            now_ms,
+                        )
+                        .await?;
+                    entries.extend(
+                        page.into_iter()
+                            .filter(|(k, _)| end.as_ref().is_none_or(|e| k < e)),
+                    );
+                    match next {
+                        Some(n) => after = Some(n),
+                        None => {
+                            shard += 1;
+                            after = floor.clone();
+                        }
+                    }
+                }
+                let next = (shard < shards).then_some(ScanPosition { shard, after });
+                Ok((entries, next))
+            }
             Store::Replicated(r) => {
                 let shards = r.entry.shards.len() as u32;
                 let mut shard = pos.shard.min(shards);
@@ -240,10 +318,34 @@ impl Keyspace {
     }
 
     /// Number of keys (DBSIZE).
-    pub async fn len(&self, mode: ReadMode) -> Result<u64> {
+    pub async fn len(&self, c: Consistency) -> Result<u64> {
         self.check_live()?;
+        let mode = c.cp_read;
         match &self.store {
-            Store::Disk(t) => t.len(),
+            Store::Ap(a) => {
+                let mut n = 0u64;
+                for shard in 0..a.ap.shard_count(&a.name)? {
+                    let mut after = None;
+                    loop {
+                        let (page, next) =
+                            a.ap.scan_shard(
+                                &a.name,
+                                shard,
+                                after,
+                                None,
+                                10_000,
+                                capdb_types::unix_now_ms(),
+                            )
+                            .await?;
+                        n += page.len() as u64;
+                        match next {
+                            Some(k) => after = Some(k),
+                            None => break,
+                        }
+                    }
+                }
+                Ok(n)
+            }
             Store::Memory(m) => m.len(),
             Store::Replicated(r) => {
                 let calls = r
@@ -258,10 +360,13 @@ impl Keyspace {
     }
 
     /// Deletes every key (FLUSHDB).
-    pub async fn clear(&self) -> Result<()> {
+    pub async fn clear(&self, c: Consistency) -> Result<()> {
         self.check_live()?;
         match &self.store {
-            Store::Disk(t) => t.clear().await,
+            Store::Ap(a) => {
+                a.ap.clear(&a.name, c.ap_write, capdb_types::unix_now_ms())
+                    .await
+            }
             Store::Memory(m) => m.clear().await,
             Store::Replicated(r) => {
                 for s in &r.entry.shards {
@@ -409,6 +514,13 @@ impl Node {
                 if let Store::Memory(m) = &ks.store {
                     let _ = m.clear().await;
                 }
+                if let Store::Ap(a) = &ks.store {
+                    let table = capdb_replication::ap::table_name(a.name.as_str());
+                    let _ = self
+                        .engine
+                        .drop_table(&table, &format!("keyspace/{}", a.name))
+                        .await;
+                }
             }
         }
         *self.catalog.write().unwrap_or_else(|p| p.into_inner()) = new;
@@ -426,11 +538,15 @@ impl Node {
                 self.config.limits.value_bytes_max,
             ))),
             Mode::Ap => {
-                let table = format!("ks/{}", spec.name);
+                let table = capdb_replication::ap::table_name(spec.name.as_str());
                 self.engine
                     .create_table(&table, &format!("keyspace/{}", spec.name), Vec::new())
                     .await?;
-                Store::Disk(self.engine.table(&table, true))
+                Store::Ap(ApStore {
+                    name: spec.name.clone(),
+                    ap: self.manager.ap().clone(),
+                    value_bytes_max: self.config.limits.value_bytes_max,
+                })
             }
             Mode::Cp => Store::Replicated(Replicated {
                 entry: entry.clone(),
@@ -517,12 +633,6 @@ impl Node {
             .meta(MetaCommand::DropKeyspace(ks.spec.name.clone()))
             .await?;
         self.wait_for(&ks.spec.name, false).await?;
-        if let Store::Disk(_) = &ks.store {
-            let table = format!("ks/{}", ks.spec.name);
-            self.engine
-                .drop_table(&table, &format!("keyspace/{}", ks.spec.name))
-                .await?;
-        }
         tracing::info!(keyspace = %ks.spec.name, "keyspace dropped");
         Ok(())
     }
@@ -554,7 +664,7 @@ impl Node {
     }
 
     /// Runs active expiry until shutdown: cache keyspaces every 100 ms (Redis's `hz 10`),
-    /// local durable keyspaces a bounded sweep of [`DISK_SWEEP_KEYS`] keys per second each.
+    /// each node's `ap` replica tables a bounded sweep of [`DISK_SWEEP_KEYS`] keys per second each.
     /// (Replicated keyspaces hide expired keys from readers; reclaiming their space through the
     /// log is not done yet.)
     pub async fn run_expiry(self: Arc<Self>) {
@@ -570,7 +680,10 @@ impl Node {
                     Store::Memory(m) => {
                         m.expire_cycle(now);
                     }
-                    Store::Disk(t) if round.is_multiple_of(10) => {
+                    Store::Ap(a) if round.is_multiple_of(10) => {
+                        let t = self
+                            .engine
+                            .table(&capdb_replication::ap::table_name(a.name.as_str()), true);
                         let cursor = cursors.remove(&ks.spec.name).flatten();
                         match t.sweep_expired(cursor, DISK_SWEEP_KEYS, now).await {
                             Ok((next, _)) => {

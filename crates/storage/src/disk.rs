@@ -114,6 +114,28 @@ enum Op {
     },
     /// Completes once every job queued before it is durable.
     Barrier,
+    /// `ap` replication: merges incoming versions into a table (`capdb_types::merge`);
+    /// replies with how many keys changed.
+    Merge {
+        table: String,
+        entries: Vec<(Bytes, Value)>,
+    },
+    /// `ap` counters: this node's increment of a key's PN-counter, read-modify-write under the
+    /// writer (so increments of one node never race); replies with the new version.
+    CounterAdd {
+        table: String,
+        key: Bytes,
+        node: u64,
+        delta: i64,
+        timestamp: Timestamp,
+        now_ms: u64,
+    },
+    /// `ap` tombstone collection: removes each key whose stored version is still the tombstone
+    /// with exactly this timestamp (a newer write is kept).
+    PurgeTombstones {
+        table: String,
+        entries: Vec<(Bytes, Timestamp)>,
+    },
     /// Applies the mutations of committed Raft entries to a shard table, with the leader's
     /// timestamps, and records the applied state in `_meta` in the same transaction. Not durable
     /// by itself: the Raft log is, and replaying it restores anything lost (see `durable`).
@@ -167,6 +189,8 @@ impl Op {
                 })
                 .sum(),
             Op::RemoveExpired { keys, .. } => keys.iter().map(|k| k.len()).sum(),
+            Op::Merge { entries, .. } => entries.iter().map(|(k, v)| k.len() + v.data.len()).sum(),
+            Op::PurgeTombstones { entries, .. } => entries.iter().map(|(k, _)| k.len() + 8).sum(),
             Op::LogAppend { records, .. } => records.iter().map(|(_, r)| r.len() + 8).sum(),
             Op::ReplaceTable { entries, .. } => {
                 entries.iter().map(|(k, v)| k.len() + v.len()).sum()
@@ -200,6 +224,8 @@ impl Op {
 
 enum Output {
     Replies(BatchReplies),
+    /// The new version written by `CounterAdd`.
+    Value(Value),
     /// Replies of `ApplyReplicated`, one per mutation.
     Count(u64),
     Done,
@@ -424,6 +450,18 @@ impl DiskEngine {
         Ok(out)
     }
 
+    /// The first record of a log table.
+    pub fn log_first(&self, table: &str) -> Result<Option<(u64, Vec<u8>)>> {
+        let txn = self.db.begin_read().map_err(io_err)?;
+        let t = match txn.open_table(log_def(table)) {
+            Ok(t) => t,
+            Err(TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(io_err(e)),
+        };
+        let first = t.first().map_err(io_err)?;
+        Ok(first.map(|(k, v)| (k.value(), v.value().to_vec())))
+    }
+
     /// The last record of a log table.
     pub fn log_last(&self, table: &str) -> Result<Option<(u64, Vec<u8>)>> {
         let txn = self.db.begin_read().map_err(io_err)?;
@@ -628,6 +666,113 @@ impl DiskTable {
             }
         };
         Ok((last, removed))
+    }
+}
+
+/// `ap` replica operations: raw versions (tombstones and expired values included), merges.
+impl DiskTable {
+    /// The stored version of `key`, whatever its state.
+    pub fn get_raw(&self, key: &[u8]) -> Result<Option<Value>> {
+        Ok(self
+            .read(|t| match t.get(key).map_err(io_err)? {
+                Some(raw) => self.decode(raw.value()).map(Some),
+                None => Ok(None),
+            })?
+            .flatten())
+    }
+
+    /// Calls `f` on every stored version in key order (tombstones included) until it returns
+    /// false. Corrupt records are reported and skipped.
+    pub fn for_each_raw(&self, f: impl FnMut(&[u8], Value) -> bool) -> Result<()> {
+        self.for_each_raw_after(None, f)
+    }
+
+    /// Like [`DiskTable::for_each_raw`], starting after `after` (exclusive).
+    pub fn for_each_raw_after(
+        &self,
+        after: Option<&[u8]>,
+        mut f: impl FnMut(&[u8], Value) -> bool,
+    ) -> Result<()> {
+        use std::ops::Bound;
+        let lower = match after {
+            Some(a) => Bound::Excluded(a),
+            None => Bound::Unbounded,
+        };
+        self.read(|t| {
+            for entry in t
+                .range::<&[u8]>((lower, Bound::Unbounded))
+                .map_err(io_err)?
+            {
+                let (k, v) = entry.map_err(io_err)?;
+                if let Ok(value) = self.decode(v.value())
+                    && !f(k.value(), value)
+                {
+                    break;
+                }
+            }
+            Ok(())
+        })?;
+        Ok(())
+    }
+
+    /// Merges versions from other replicas; returns how many keys changed. Durable when it
+    /// returns.
+    pub async fn merge(&self, entries: Vec<(Bytes, Value)>) -> Result<u64> {
+        match self
+            .engine
+            .submit(Op::Merge {
+                table: self.table.clone(),
+                entries,
+            })
+            .await?
+        {
+            Output::Count(n) => Ok(n),
+            _ => unreachable!("Merge yields a count"),
+        }
+    }
+
+    /// This node's increment of a counter; returns the new version. Durable when it returns.
+    pub async fn counter_add(
+        &self,
+        key: Bytes,
+        node: u64,
+        delta: i64,
+        timestamp: capdb_types::Timestamp,
+        now_ms: u64,
+    ) -> Result<Value> {
+        match self
+            .engine
+            .submit(Op::CounterAdd {
+                table: self.table.clone(),
+                key,
+                node,
+                delta,
+                timestamp,
+                now_ms,
+            })
+            .await?
+        {
+            Output::Value(v) => Ok(v),
+            _ => unreachable!("CounterAdd yields a value"),
+        }
+    }
+
+    /// Removes tombstones every replica is known to hold; returns how many went.
+    pub async fn purge_tombstones(
+        &self,
+        entries: Vec<(Bytes, capdb_types::Timestamp)>,
+    ) -> Result<u64> {
+        match self
+            .engine
+            .submit(Op::PurgeTombstones {
+                table: self.table.clone(),
+                entries,
+            })
+            .await?
+        {
+            Output::Count(n) => Ok(n),
+            _ => unreachable!("PurgeTombstones yields a count"),
+        }
     }
 }
 
@@ -851,12 +996,80 @@ fn execute(
         ))
     };
     match op {
-        Op::Apply { table, .. } | Op::RemoveExpired { table, .. } | Op::Clear { table }
+        Op::Apply { table, .. }
+        | Op::RemoveExpired { table, .. }
+        | Op::Clear { table }
+        | Op::Merge { table, .. }
+        | Op::CounterAdd { table, .. }
+        | Op::PurgeTombstones { table, .. }
             if !live_tables.contains(table) =>
         {
             Ok(missing(table))
         }
         Op::Barrier => Ok(Output::Done),
+        Op::Merge { table, entries } => {
+            let mut t = txn.open_table(table_def(table)).map_err(io_err)?;
+            let mut changed = 0;
+            for (key, incoming) in entries {
+                hlc.observe(incoming.header.timestamp);
+                let current = match t.get(&key[..]).map_err(io_err)? {
+                    Some(raw) => Value::decode(raw.value()).ok(),
+                    None => None,
+                };
+                let merged = match &current {
+                    Some(c) => capdb_types::merge::merge(c, incoming),
+                    None => incoming.clone(),
+                };
+                if current.as_ref() != Some(&merged) {
+                    t.insert(&key[..], &merged.encode()[..]).map_err(io_err)?;
+                    changed += 1;
+                }
+            }
+            Ok(Output::Count(changed))
+        }
+        Op::CounterAdd {
+            table,
+            key,
+            node,
+            delta,
+            timestamp,
+            now_ms,
+        } => {
+            let mut t = txn.open_table(table_def(table)).map_err(io_err)?;
+            let current = match t.get(&key[..]).map_err(io_err)? {
+                Some(raw) => Some(Value::decode(raw.value())?),
+                None => None,
+            };
+            match capdb_types::merge::counter_add(
+                current.as_ref(),
+                *node,
+                *delta,
+                *timestamp,
+                *now_ms,
+            ) {
+                Ok(v) => {
+                    t.insert(&key[..], &v.encode()[..]).map_err(io_err)?;
+                    Ok(Output::Value(v))
+                }
+                Err(e) => Ok(Output::Failed(e)),
+            }
+        }
+        Op::PurgeTombstones { table, entries } => {
+            let mut t = txn.open_table(table_def(table)).map_err(io_err)?;
+            let mut removed = 0;
+            for (key, ts) in entries {
+                let still = match t.get(&key[..]).map_err(io_err)? {
+                    Some(raw) => Value::decode(raw.value())
+                        .is_ok_and(|v| v.header.tombstone && v.header.timestamp == *ts),
+                    None => false,
+                };
+                if still {
+                    t.remove(&key[..]).map_err(io_err)?;
+                    removed += 1;
+                }
+            }
+            Ok(Output::Count(removed))
+        }
         Op::ApplyReplicated {
             table,
             mutations,

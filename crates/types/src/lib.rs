@@ -20,6 +20,7 @@ pub mod error;
 pub mod hlc;
 pub mod keyspace;
 pub mod limits;
+pub mod merge;
 pub mod mutation;
 pub mod value;
 

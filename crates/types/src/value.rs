@@ -9,7 +9,8 @@
 //! ```text
 //! offset size field
 //! 0      1    format version (1)
-//! 1      1    flags: bit 0 = tombstone, bit 1 = has expiry; other bits must be 0
+//! 1      1    flags: bit 0 = tombstone, bit 1 = has expiry, bit 2 = counter (the payload is a
+//!             PN-counter, see `merge.rs`); other bits must be 0
 //! 2      8    HLC timestamp
 //! 10     8    expiry, Unix milliseconds (0 when the flag is clear)
 //! 18     4    CRC-32 (IEEE) of bytes [0..18) ++ payload
@@ -26,6 +27,7 @@ use crate::{Error, Timestamp};
 const FORMAT_VERSION: u8 = 1;
 const FLAG_TOMBSTONE: u8 = 0b01;
 const FLAG_EXPIRES: u8 = 0b10;
+const FLAG_COUNTER: u8 = 0b100;
 /// Size of the encoded header, including the checksum.
 pub const HEADER_LEN: usize = 22;
 
@@ -38,6 +40,9 @@ pub struct Header {
     pub tombstone: bool,
     /// Absolute expiry in Unix milliseconds; `None` lives forever.
     pub expire_at_ms: Option<u64>,
+    /// The payload is a conflict-free counter (`ap` INCR/DECR), not the user's bytes.
+    #[serde(default)]
+    pub counter: bool,
 }
 
 /// A value with its header, as engines store it and mutations see it.
@@ -54,6 +59,7 @@ impl Value {
                 timestamp,
                 tombstone: false,
                 expire_at_ms,
+                counter: false,
             },
             data,
         }
@@ -65,6 +71,7 @@ impl Value {
                 timestamp,
                 tombstone: true,
                 expire_at_ms: None,
+                counter: false,
             },
             data: Bytes::new(),
         }
@@ -94,6 +101,9 @@ impl Value {
         }
         if self.header.expire_at_ms.is_some() {
             flags |= FLAG_EXPIRES;
+        }
+        if self.header.counter {
+            flags |= FLAG_COUNTER;
         }
         out.push(FORMAT_VERSION);
         out.push(flags);
@@ -133,7 +143,7 @@ impl Value {
             )));
         }
         let flags = raw[1];
-        if flags & !(FLAG_TOMBSTONE | FLAG_EXPIRES) != 0 {
+        if flags & !(FLAG_TOMBSTONE | FLAG_EXPIRES | FLAG_COUNTER) != 0 {
             return Err(Error::Corruption(format!(
                 "unknown value flags {flags:#04x}"
             )));
@@ -145,6 +155,7 @@ impl Value {
                 timestamp,
                 tombstone: flags & FLAG_TOMBSTONE != 0,
                 expire_at_ms: (flags & FLAG_EXPIRES != 0).then_some(expire),
+                counter: flags & FLAG_COUNTER != 0,
             },
             data: Bytes::copy_from_slice(&raw[HEADER_LEN..]),
         })
@@ -158,9 +169,9 @@ mod tests {
 
     proptest! {
         #[test]
-        fn encode_decode_round_trips(data: Vec<u8>, ts: u64, tomb: bool, exp: Option<u64>) {
+        fn encode_decode_round_trips(data: Vec<u8>, ts: u64, tomb: bool, exp: Option<u64>, counter: bool) {
             let v = Value {
-                header: Header { timestamp: Timestamp(ts), tombstone: tomb, expire_at_ms: exp },
+                header: Header { timestamp: Timestamp(ts), tombstone: tomb, expire_at_ms: exp, counter },
                 data: Bytes::from(data),
             };
             prop_assert_eq!(Value::decode(&v.encode()).unwrap(), v);

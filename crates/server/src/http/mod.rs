@@ -34,6 +34,7 @@ use capdb_types::{Error, EvictionPolicy, KeyspaceName, KeyspaceSpec, Mode, Mutat
 use serde::Deserialize;
 use serde_json::{Value as Json_, json};
 
+use crate::node::Consistency;
 use crate::node::{Keyspace, Node, ScanPosition, Store};
 use capdb_replication::network::ReadMode;
 
@@ -103,6 +104,8 @@ pub fn router(node: Arc<Node>) -> Router {
             axum::routing::post(remove_node),
         )
         .route("/v1/cluster/step-down", axum::routing::post(step_down))
+        .route("/v1/cluster/reconcile-report", get(reconcile_report))
+        .route("/v1/keyspaces/{name}/digest", get(keyspace_digest))
         .route("/v1/debug/clock", get(get_clock).post(set_clock))
         .route(
             "/v1/kv/{keyspace}/{*key}",
@@ -141,6 +144,8 @@ async fn observe(State(node): State<Arc<Node>>, req: Request, next: Next) -> Res
         Some("/v1/cluster/partition") => "/v1/cluster/partition",
         Some("/v1/cluster/nodes/{id}/remove") => "/v1/cluster/nodes/{id}/remove",
         Some("/v1/cluster/step-down") => "/v1/cluster/step-down",
+        Some("/v1/cluster/reconcile-report") => "/v1/cluster/reconcile-report",
+        Some("/v1/keyspaces/{name}/digest") => "/v1/keyspaces/{name}/digest",
         Some("/v1/debug/clock") => "/v1/debug/clock",
         Some("/healthz") => "/healthz",
         Some("/readyz") => "/readyz",
@@ -217,7 +222,7 @@ async fn metrics(State(node): State<Arc<Node>>) -> Response {
 
 async fn spec_json(ks: &Keyspace) -> Json_ {
     let mut v = serde_json::to_value(&ks.spec).expect("specs serialize");
-    v["keys"] = json!(ks.len(ReadMode::Stale).await.ok());
+    v["keys"] = json!(ks.len(Consistency::RELAXED).await.ok());
     if let Store::Replicated(r) = &ks.store {
         v["shard_groups"] = json!(
             r.entry
@@ -355,12 +360,27 @@ struct GetQuery {
     consistency: Option<String>,
 }
 
-fn read_mode(consistency: Option<&str>) -> Result<ReadMode, ApiError> {
+/// `?consistency=`: `linearizable` (default) or `stale` for `cp` reads; `one`, `quorum`
+/// (default) or `all` for `ap` reads and writes. `stale` also reads `ap` at `one`.
+fn read_mode(consistency: Option<&str>) -> Result<Consistency, ApiError> {
+    let d = Consistency::default();
     match consistency {
-        None | Some("linearizable") => Ok(ReadMode::Linearizable),
-        Some("stale") => Ok(ReadMode::Stale),
+        None | Some("linearizable") => Ok(d),
+        Some("stale") => Ok(Consistency {
+            cp_read: ReadMode::Stale,
+            ap_read: capdb_replication::ap::Level::One,
+            ..d
+        }),
+        Some(level @ ("one" | "quorum" | "all")) => {
+            let l: capdb_replication::ap::Level = level.parse()?;
+            Ok(Consistency {
+                ap_read: l,
+                ap_write: l,
+                ..d
+            })
+        }
         Some(other) => Err(ApiError(Error::InvalidInput(format!(
-            "consistency={other}: expected 'linearizable' (default) or 'stale'"
+            "consistency={other}: expected linearizable (default) or stale for cp keyspaces, one, quorum (default) or all for ap keyspaces"
         )))),
     }
 }
@@ -401,6 +421,8 @@ struct PutQuery {
     ttl_ms: Option<u64>,
     #[serde(rename = "if")]
     condition: Option<String>,
+    /// `ap` keyspaces: `one`, `quorum` (default) or `all`.
+    consistency: Option<String>,
 }
 
 async fn put_key(
@@ -441,25 +463,36 @@ async fn put_key(
         expiry,
         return_old: false,
     };
+    let c = read_mode(q.consistency.as_deref())?;
     let reply = ks
-        .apply(vec![m], now)
+        .apply(vec![m], now, c)
         .await?
         .pop()
         .expect("one reply per mutation")?;
     Ok(Json(json!({"written": reply == Reply::Ok})).into_response())
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeleteQuery {
+    /// `ap` keyspaces: `one`, `quorum` (default) or `all`.
+    consistency: Option<String>,
+}
+
 async fn delete_key(
     State(node): State<Arc<Node>>,
     Path((keyspace, key)): Path<(String, String)>,
+    query: Result<Query<DeleteQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult {
+    let Query(q) = query.map_err(|e| ApiError(Error::InvalidInput(e.body_text())))?;
+    let c = read_mode(q.consistency.as_deref())?;
     check_key(key.as_bytes())?;
     let ks = node.keyspace(&keyspace)?;
     let m = Mutation::Delete {
         key: Bytes::from(key.into_bytes()),
     };
     let reply = ks
-        .apply(vec![m], capdb_types::unix_now_ms())
+        .apply(vec![m], capdb_types::unix_now_ms(), c)
         .await?
         .pop()
         .expect("one reply per mutation")?;
@@ -703,6 +736,102 @@ async fn set_clock(
         "fault injection: wall clock offset changed"
     );
     Ok(Json(json!({"offset_ms": body.offset_ms})).into_response())
+}
+
+/// What anti-entropy, read repair and hinted handoff reconciled, per `ap` keyspace, summed
+/// over every node that answered, with each node's episodes (divergence seen until replicas
+/// were in sync again, and how long that took).
+async fn reconcile_report(State(node): State<Arc<Node>>) -> ApiResult {
+    use capdb_replication::ap::{ApRequest, ApResponse};
+    let ap = node.manager.ap();
+    let ids: Vec<u64> = node.manager.cluster().nodes.keys().copied().collect();
+    let calls = ids.iter().map(|&id| async move {
+        let r = ap
+            .call(id, ApRequest::Stats, std::time::Duration::from_secs(2))
+            .await;
+        (id, r)
+    });
+    let mut per_node = serde_json::Map::new();
+    let mut totals: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
+    let mut convergence: BTreeMap<String, Json_> = BTreeMap::new();
+    let mut unreachable = Vec::new();
+    for (id, r) in futures::future::join_all(calls).await {
+        let stats: Json_ = match r {
+            Ok(ApResponse::Stats(text)) => serde_json::from_str(&text).unwrap_or(Json_::Null),
+            _ => {
+                unreachable.push(id);
+                continue;
+            }
+        };
+        for (ks, v) in stats["keyspaces"].as_object().into_iter().flatten() {
+            let t = totals.entry(ks.clone()).or_default();
+            for (k, n) in v["totals"].as_object().into_iter().flatten() {
+                *t.entry(k.clone()).or_default() += n.as_u64().unwrap_or(0);
+            }
+            // The latest convergence any node measured.
+            if let Some(last) = v["episodes"].as_array().and_then(|e| e.last()) {
+                let newer = convergence
+                    .get(ks)
+                    .is_none_or(|c| c["converged_ms"].as_u64() < last["converged_ms"].as_u64());
+                if newer {
+                    let mut l = last.clone();
+                    l["node"] = json!(id);
+                    convergence.insert(ks.clone(), l);
+                }
+            }
+        }
+        per_node.insert(id.to_string(), stats);
+    }
+    let keyspaces: BTreeMap<String, Json_> = totals
+        .into_iter()
+        .map(|(ks, t)| {
+            let last = convergence.remove(&ks).unwrap_or(Json_::Null);
+            (ks, json!({"totals": t, "last_episode": last}))
+        })
+        .collect();
+    Ok(Json(json!({
+        "keyspaces": keyspaces,
+        "nodes": per_node,
+        "unreachable_nodes": unreachable,
+        "note": "keys_repaired: missing on one replica and copied; conflicts: different versions on two replicas, resolved by last-writer-wins or counter merge",
+    }))
+    .into_response())
+}
+
+/// This node's replica digest of an `ap` keyspace: one hash per shard it holds (equal hashes on
+/// two nodes mean their replicas of that shard hold the same versions).
+async fn keyspace_digest(State(node): State<Arc<Node>>, Path(name): Path<String>) -> ApiResult {
+    let ks = node.keyspace(&name)?;
+    if ks.spec.mode != capdb_types::Mode::Ap {
+        return Err(ApiError(Error::InvalidInput(format!(
+            "keyspace '{name}' is {}; digests exist for ap keyspaces",
+            ks.spec.mode.as_str()
+        ))));
+    }
+    let state = node.manager.cluster();
+    let me = node.manager.id();
+    let entry = state
+        .keyspaces
+        .get(&ks.spec.name)
+        .ok_or_else(|| ApiError(Error::KeyspaceNotFound(name.clone())))?;
+    let mut shards = Vec::new();
+    for (i, s) in entry.shards.iter().enumerate() {
+        if !s.replicas.contains(&me) {
+            continue;
+        }
+        let ap = node.manager.ap().clone();
+        let (ksname, slots) = (name.clone(), s.slots);
+        let buckets = tokio::task::spawn_blocking(move || {
+            capdb_replication::ap::local::digest(&ap, &ksname, slots)
+        })
+        .await
+        .map_err(|e| ApiError(Error::Io(e.to_string())))??;
+        let mut h = std::hash::DefaultHasher::new();
+        std::hash::Hash::hash(&buckets, &mut h);
+        shards
+            .push(json!({"shard": i, "digest": format!("{:016x}", std::hash::Hasher::finish(&h))}));
+    }
+    Ok(Json(json!({"keyspace": name, "node": me, "shards": shards})).into_response())
 }
 
 /// Drains a node: its replicas move elsewhere, then it leaves the map.

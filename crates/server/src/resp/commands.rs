@@ -27,6 +27,7 @@ pub const COMMAND_NAMES: &[&str] = &[
     "cluster",
     "command",
     "config",
+    "consistency",
     "dbsize",
     "decr",
     "decrby",
@@ -98,6 +99,7 @@ const COMMAND_TABLE: &[CommandInfo] = &[
         0,
         0,
     ),
+    ("consistency", -1, &["fast", "loading", "stale"], 0, 0, 0),
     ("dbsize", 1, &["readonly", "fast"], 0, 0, 0),
     ("decr", 2, &["write", "denyoom", "fast"], 1, 1, 1),
     ("decrby", 3, &["write", "denyoom", "fast"], 1, 1, 1),
@@ -351,6 +353,44 @@ fn check_kv(key: &[u8], value: Option<&[u8]>, value_max: usize) -> Result<(), St
     Ok(())
 }
 
+/// `CONSISTENCY [READ|WRITE] [ONE|QUORUM|ALL]`: the levels of `ap` reads and writes on this
+/// connection (default QUORUM for both). Without a level it reports them; without READ or
+/// WRITE it sets both.
+fn consistency(conn: &mut Connection, args: &[Bytes]) -> Result<(), String> {
+    use capdb_replication::ap::Level;
+    let upper: Vec<String> = args[1..]
+        .iter()
+        .map(|a| String::from_utf8_lossy(a).to_ascii_uppercase())
+        .collect();
+    let parse = |s: &str| -> Result<Level, String> {
+        s.parse::<Level>()
+            .map_err(|_| format!("ERR consistency level '{s}': expected ONE, QUORUM or ALL"))
+    };
+    let c = &mut conn.consistency;
+    match upper.iter().map(String::as_str).collect::<Vec<_>>()[..] {
+        [] => {}
+        ["READ", l] => c.ap_read = parse(l)?,
+        ["WRITE", l] => c.ap_write = parse(l)?,
+        [l] if l != "READ" && l != "WRITE" => {
+            let level = parse(l)?;
+            c.ap_read = level;
+            c.ap_write = level;
+        }
+        _ => return Err("ERR syntax error: CONSISTENCY [READ|WRITE] [ONE|QUORUM|ALL]".into()),
+    }
+    if args.len() == 1 {
+        let (r, w) = (c.ap_read.as_str(), c.ap_write.as_str());
+        conn.out.array(4);
+        conn.out.bulk(b"read");
+        conn.out.bulk(r.as_bytes());
+        conn.out.bulk(b"write");
+        conn.out.bulk(w.as_bytes());
+    } else {
+        conn.out.ok();
+    }
+    Ok(())
+}
+
 /// Parses `SET key value [NX|XX|IFEQ v|IFNE v] [GET] [EX s|PX ms|EXAT s|PXAT ms|KEEPTTL]`.
 fn parse_set(args: &[Bytes], now_ms: u64) -> Result<Mutation, String> {
     let mut condition = Condition::Always;
@@ -590,7 +630,7 @@ async fn run_now(
     now: u64,
 ) -> Result<(), String> {
     let ks = conn.keyspace.clone();
-    let mode = conn.read_mode;
+    let mode = conn.consistency;
     let read_many = |keys: Vec<Bytes>| {
         let ks = ks.clone();
         async move {
@@ -667,24 +707,29 @@ async fn run_now(
         }
         "flushdb" => {
             check_flush_args(&args[1..])?;
-            ks.clear().await.map_err(|e| error_line(&e))?;
+            ks.clear(conn.consistency)
+                .await
+                .map_err(|e| error_line(&e))?;
             conn.out.ok();
         }
         "flushall" => {
             check_flush_args(&args[1..])?;
             for ks in conn.node.keyspaces() {
-                ks.clear().await.map_err(|e| error_line(&e))?;
+                ks.clear(conn.consistency)
+                    .await
+                    .map_err(|e| error_line(&e))?;
             }
             conn.out.ok();
         }
         "readonly" => {
-            conn.read_mode = ReadMode::Stale;
+            conn.consistency.cp_read = ReadMode::Stale;
             conn.out.ok();
         }
         "readwrite" => {
-            conn.read_mode = ReadMode::Linearizable;
+            conn.consistency.cp_read = ReadMode::Linearizable;
             conn.out.ok();
         }
+        "consistency" => consistency(conn, args)?,
         "cluster" => super::cluster::command(conn, args)?,
         "select" => {
             let raw = String::from_utf8_lossy(&args[1]).into_owned();
@@ -1039,7 +1084,7 @@ async fn scan(
         .map(|p| Bytes::copy_from_slice(glob::literal_prefix(p)))
         .filter(|p| !p.is_empty());
     let (entries, next) = ks
-        .scan(pos, None, prefix, None, count, now, conn.read_mode)
+        .scan(pos, None, prefix, None, count, now, conn.consistency)
         .await
         .map_err(|e| error_line(&e))?;
     let keys: Vec<&Bytes> = entries
@@ -1162,7 +1207,7 @@ async fn info(conn: &Connection, sections: &[Bytes]) -> String {
             } else {
                 format!("keyspace_{name}")
             };
-            let keys = k.len(ReadMode::Stale).await.unwrap_or(0);
+            let keys = k.len(crate::node::Consistency::RELAXED).await.unwrap_or(0);
             if keys > 0 {
                 let _ = write!(out, "{label}:keys={keys},mode={}\r\n", k.spec.mode.as_str());
             }

@@ -115,7 +115,9 @@ pub(crate) struct Connection {
     lib_name: Option<Bytes>,
     keyspace: Arc<Keyspace>,
     /// `READONLY` switches to stale reads from the nearest replica; `READWRITE` back.
-    read_mode: capdb_replication::network::ReadMode,
+    /// Consistency of this connection's requests: `READONLY`/`READWRITE` switch `cp` reads,
+    /// `CONSISTENCY` sets the `ap` levels.
+    pub(super) consistency: crate::node::Consistency,
     /// `CLUSTER REDIRECT ON`: answer `-MOVED` instead of forwarding to a remote leader.
     redirect: bool,
     authenticated: bool,
@@ -146,7 +148,7 @@ impl Connection {
         Connection {
             id: node.next_client_id(),
             keyspace,
-            read_mode: capdb_replication::network::ReadMode::Linearizable,
+            consistency: crate::node::Consistency::default(),
             redirect: false,
             authenticated: node.config.password.is_none(),
             node,
@@ -277,7 +279,7 @@ impl Connection {
             return;
         };
         let now = self.now_ms;
-        let result = p.keyspace.apply(p.mutations, now).await;
+        let result = p.keyspace.apply(p.mutations, now, self.consistency).await;
         commands::reply_pending(self, p.commands, result);
     }
 }

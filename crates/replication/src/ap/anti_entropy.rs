@@ -1,0 +1,477 @@
+//! Anti-entropy: replicas of each `ap` shard compare and exchange what differs, in the
+//! background, under a bandwidth budget; and the reconciliation report.
+//!
+//! For each shard and each pair of its replicas, the lower-id replica runs a session:
+//! 1. both sides hash their keys of the shard into [`BUCKETS`](super::local::BUCKETS) buckets
+//!    (the leaves of a one-level Merkle tree: 8 KiB per shard on the wire);
+//! 2. for the buckets that differ, both sides list (key, version fingerprint);
+//! 3. only the keys whose fingerprints differ travel, each way, and merge on arrival.
+//!
+//! Passes run every `anti_entropy_interval` and right after a peer recovers. Tombstones are
+//! collected by a shard's lowest-id replica when a pass found every replica in sync and they are
+//! older than `tombstone_grace` (so every replica holds them and no delayed hint can bring an
+//! older value back).
+//!
+//! The report counts, per keyspace: keys compared, keys repaired (missing on one side and
+//! copied), conflicts (present on both sides with different versions) and how many of those
+//! were resolved by the merge, read repairs, hints stored and delivered; and *episodes*: from the
+//! first divergence this node saw to the pass that found everything in sync again, with the
+//! time convergence took (also logged).
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use capdb_cluster::NodeId;
+use capdb_cluster::state::ShardInfo;
+use capdb_types::{Error, KeyspaceName, Mode, Result, Value};
+use serde::Serialize;
+use serde_json::json;
+
+use super::local::{digest, fingerprints};
+use super::messages::{ApRequest, ApResponse};
+use super::{Ap, MERGE_BATCH_KEYS, REPLICA_TIMEOUT};
+
+/// Episodes remembered per keyspace.
+const EPISODES_KEPT: usize = 20;
+/// Tombstone collection runs every this many passes.
+const GC_EVERY_PASSES: u64 = 6;
+
+/// A token bucket in bytes per second (burst: one second's worth).
+pub struct Budget {
+    rate: f64,
+    state: Mutex<(f64, Instant)>,
+}
+
+impl Budget {
+    pub fn new(bytes_per_sec: u64) -> Budget {
+        let rate = bytes_per_sec.max(1024) as f64;
+        Budget {
+            rate,
+            state: Mutex::new((rate, Instant::now())),
+        }
+    }
+
+    /// Waits until `bytes` may be sent.
+    pub async fn take(&self, bytes: u64) {
+        let wait = {
+            let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            s.0 = (s.0 + now.duration_since(s.1).as_secs_f64() * self.rate).min(self.rate);
+            s.1 = now;
+            s.0 -= bytes as f64;
+            if s.0 >= 0.0 {
+                None
+            } else {
+                Some(Duration::from_secs_f64(-s.0 / self.rate))
+            }
+        };
+        if let Some(w) = wait {
+            tokio::time::sleep(w).await;
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub struct Counts {
+    pub keys_compared: u64,
+    pub keys_repaired: u64,
+    pub conflicts: u64,
+    pub resolved: u64,
+    pub read_repairs: u64,
+    pub hints_stored: u64,
+    pub hints_delivered: u64,
+    pub tombstones_purged: u64,
+}
+
+impl Counts {
+    fn minus(self, o: Counts) -> Counts {
+        Counts {
+            keys_compared: self.keys_compared - o.keys_compared,
+            keys_repaired: self.keys_repaired - o.keys_repaired,
+            conflicts: self.conflicts - o.conflicts,
+            resolved: self.resolved - o.resolved,
+            read_repairs: self.read_repairs - o.read_repairs,
+            hints_stored: self.hints_stored - o.hints_stored,
+            hints_delivered: self.hints_delivered - o.hints_delivered,
+            tombstones_purged: self.tombstones_purged - o.tombstones_purged,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Episode {
+    /// When this node first saw divergence (a hint stored, a stale replica, differing digests).
+    pub started_ms: u64,
+    /// When the peers came back (the latest recovery the failure detector saw), if during
+    /// the episode.
+    pub healed_ms: Option<u64>,
+    pub converged_ms: u64,
+    /// From the heal (or the first divergence, without one) to replicas in sync.
+    pub convergence_ms: u64,
+    #[serde(flatten)]
+    pub counts: Counts,
+}
+
+#[derive(Debug, Default)]
+struct KsStats {
+    totals: Counts,
+    /// Set while this node knows of divergence: when it began and the totals then.
+    divergent: Option<(u64, Counts)>,
+    episodes: VecDeque<Episode>,
+    last_pass_in_sync: Option<bool>,
+}
+
+#[derive(Default)]
+pub struct Stats {
+    by_keyspace: Mutex<HashMap<String, KsStats>>,
+}
+
+impl Stats {
+    fn with(&self, ks: &str, f: impl FnOnce(&mut KsStats)) {
+        let mut m = self.by_keyspace.lock().unwrap_or_else(|p| p.into_inner());
+        f(m.entry(ks.to_string()).or_default());
+    }
+
+    /// Marks divergence seen now (the start of an episode, if none is open).
+    fn diverged(&self, ks: &str) {
+        self.with(ks, |s| {
+            if s.divergent.is_none() {
+                s.divergent = Some((capdb_types::unix_now_ms(), s.totals));
+            }
+        });
+    }
+
+    pub fn read_repaired(&self, ks: &str, n: u64) {
+        self.diverged(ks);
+        self.with(ks, |s| s.totals.read_repairs += n);
+    }
+
+    pub fn hint_stored(&self, ks: &str) {
+        self.diverged(ks);
+        self.with(ks, |s| s.totals.hints_stored += 1);
+    }
+
+    pub fn hints_delivered(&self, ks: &str, n: u64) {
+        self.with(ks, |s| s.totals.hints_delivered += n);
+    }
+
+    pub fn tombstones_purged(&self, ks: &str, n: u64) {
+        self.with(ks, |s| s.totals.tombstones_purged += n);
+    }
+
+    fn session(&self, ks: &str, compared: u64, repaired: u64, conflicts: u64) {
+        if repaired + conflicts > 0 {
+            self.diverged(ks);
+        }
+        self.with(ks, |s| {
+            s.totals.keys_compared += compared;
+            s.totals.keys_repaired += repaired;
+            s.totals.conflicts += conflicts;
+            s.totals.resolved += conflicts;
+        });
+    }
+
+    /// Ends a pass over a keyspace: when everything was in sync, an open episode closes.
+    fn pass(&self, ks: &str, in_sync: bool, last_recovery_ms: u64) {
+        self.with(ks, |s| {
+            s.last_pass_in_sync = Some(in_sync);
+            if !in_sync {
+                if s.divergent.is_none() {
+                    s.divergent = Some((capdb_types::unix_now_ms(), s.totals));
+                }
+                return;
+            }
+            if let Some((started, base)) = s.divergent.take() {
+                let now = capdb_types::unix_now_ms();
+                let healed = (last_recovery_ms >= started).then_some(last_recovery_ms);
+                let e = Episode {
+                    started_ms: started,
+                    healed_ms: healed,
+                    converged_ms: now,
+                    convergence_ms: now.saturating_sub(healed.unwrap_or(started)),
+                    counts: s.totals.minus(base),
+                };
+                tracing::info!(
+                    keyspace = ks,
+                    convergence_ms = e.convergence_ms,
+                    compared = e.counts.keys_compared,
+                    repaired = e.counts.keys_repaired,
+                    conflicts = e.counts.conflicts,
+                    resolved = e.counts.resolved,
+                    hints_delivered = e.counts.hints_delivered,
+                    read_repairs = e.counts.read_repairs,
+                    "ap keyspace reconciled: replicas in sync again"
+                );
+                if s.episodes.len() == EPISODES_KEPT {
+                    s.episodes.pop_front();
+                }
+                s.episodes.push_back(e);
+            }
+        });
+    }
+
+    pub fn to_json(&self, hints: &super::hints::Hints) -> serde_json::Value {
+        let m = self.by_keyspace.lock().unwrap_or_else(|p| p.into_inner());
+        let keyspaces: BTreeMap<&String, serde_json::Value> = m
+            .iter()
+            .map(|(k, s)| {
+                (
+                    k,
+                    json!({
+                        "totals": s.totals,
+                        "in_sync": s.last_pass_in_sync,
+                        "divergent_since_ms": s.divergent.map(|d| d.0),
+                        "episodes": s.episodes,
+                    }),
+                )
+            })
+            .collect();
+        json!({"keyspaces": keyspaces, "hints_pending": hints.pending()})
+    }
+}
+
+/// What one session found.
+struct Session {
+    in_sync: bool,
+}
+
+async fn session(ap: &Arc<Ap>, ks: &str, shard: &ShardInfo, peer: NodeId) -> Result<Session> {
+    let remote = |e: String| Error::Unavailable(format!("anti-entropy with node {peer}: {e}"));
+    let (ap2, ks2, slots) = (ap.clone(), ks.to_string(), shard.slots);
+    let mine = tokio::task::spawn_blocking(move || digest(&ap2, &ks2, slots))
+        .await
+        .map_err(|e| Error::Io(e.to_string()))??;
+    let theirs = match ap
+        .call(
+            peer,
+            ApRequest::Digest {
+                keyspace: ks.to_string(),
+                slots,
+            },
+            Duration::from_secs(30),
+        )
+        .await
+        .map_err(remote)?
+    {
+        ApResponse::Digest(d) if d.len() == mine.len() => d,
+        other => return Err(remote(format!("unexpected answer {other:?}"))),
+    };
+    let differing: Vec<u32> = (0..mine.len())
+        .filter(|&i| mine[i] != theirs[i])
+        .map(|i| i as u32)
+        .collect();
+    if differing.is_empty() {
+        return Ok(Session { in_sync: true });
+    }
+    let (ap2, ks2, buckets) = (ap.clone(), ks.to_string(), differing.clone());
+    let my_fp: HashMap<Bytes, u64> =
+        tokio::task::spawn_blocking(move || fingerprints(&ap2, &ks2, slots, &buckets))
+            .await
+            .map_err(|e| Error::Io(e.to_string()))??
+            .into_iter()
+            .collect();
+    let their_fp: HashMap<Bytes, u64> = match ap
+        .call(
+            peer,
+            ApRequest::Fingerprints {
+                keyspace: ks.to_string(),
+                slots,
+                buckets: differing,
+            },
+            Duration::from_secs(30),
+        )
+        .await
+        .map_err(remote)?
+    {
+        ApResponse::Fingerprints(f) => f.into_iter().collect(),
+        other => return Err(remote(format!("unexpected answer {other:?}"))),
+    };
+    let mut pull = Vec::new();
+    let mut push = Vec::new();
+    let (mut repaired, mut conflicts) = (0u64, 0u64);
+    for (k, fp) in &their_fp {
+        match my_fp.get(k) {
+            None => {
+                repaired += 1;
+                pull.push(k.clone());
+            }
+            Some(mine) if mine != fp => {
+                conflicts += 1;
+                pull.push(k.clone());
+                push.push(k.clone());
+            }
+            Some(_) => {}
+        }
+    }
+    for k in my_fp.keys() {
+        if !their_fp.contains_key(k) {
+            repaired += 1;
+            push.push(k.clone());
+        }
+    }
+    let compared =
+        (my_fp.len() + their_fp.keys().filter(|k| !my_fp.contains_key(*k)).count()) as u64;
+    let table = ap.table(ks);
+    for chunk in pull.chunks(MERGE_BATCH_KEYS) {
+        let values = match ap
+            .call(
+                peer,
+                ApRequest::Read {
+                    keyspace: ks.to_string(),
+                    keys: chunk.to_vec(),
+                },
+                REPLICA_TIMEOUT * 5,
+            )
+            .await
+            .map_err(remote)?
+        {
+            ApResponse::Values(v) if v.len() == chunk.len() => v,
+            other => return Err(remote(format!("unexpected answer {other:?}"))),
+        };
+        let entries: Vec<(Bytes, Value)> = chunk
+            .iter()
+            .cloned()
+            .zip(values)
+            .filter_map(|(k, v)| v.map(|v| (k, v)))
+            .collect();
+        ap.budget
+            .take(
+                entries
+                    .iter()
+                    .map(|(k, v)| (k.len() + v.data.len() + 30) as u64)
+                    .sum(),
+            )
+            .await;
+        table.merge(entries).await?;
+    }
+    for chunk in push.chunks(MERGE_BATCH_KEYS) {
+        let mut entries = Vec::with_capacity(chunk.len());
+        for k in chunk {
+            if let Some(v) = table.get_raw(k)? {
+                entries.push((k.clone(), v));
+            }
+        }
+        ap.budget
+            .take(
+                entries
+                    .iter()
+                    .map(|(k, v)| (k.len() + v.data.len() + 30) as u64)
+                    .sum(),
+            )
+            .await;
+        ap.call(
+            peer,
+            ApRequest::Merge {
+                keyspace: ks.to_string(),
+                entries,
+            },
+            REPLICA_TIMEOUT * 5,
+        )
+        .await
+        .map_err(remote)?;
+    }
+    ap.stats.session(ks, compared, repaired, conflicts);
+    Ok(Session { in_sync: false })
+}
+
+/// Removes tombstones older than the grace period from every replica of a shard.
+async fn collect_tombstones(ap: &Arc<Ap>, ks: &str, shard: &ShardInfo) -> Result<()> {
+    let horizon_ms =
+        capdb_types::unix_now_ms().saturating_sub(ap.config.tombstone_grace.as_millis() as u64);
+    let mut old = Vec::new();
+    let slots = shard.slots;
+    ap.table(ks).for_each_raw(|k, v| {
+        let s = capdb_cluster::slots::key_slot(k);
+        if s >= slots.0
+            && s <= slots.1
+            && v.header.tombstone
+            && v.header.timestamp.physical_ms() < horizon_ms
+        {
+            old.push((Bytes::copy_from_slice(k), v.header.timestamp));
+        }
+        old.len() < 100_000
+    })?;
+    if old.is_empty() {
+        return Ok(());
+    }
+    for &r in &shard.replicas {
+        ap.call(
+            r,
+            ApRequest::Purge {
+                keyspace: ks.to_string(),
+                entries: old.clone(),
+            },
+            REPLICA_TIMEOUT * 5,
+        )
+        .await
+        .map_err(Error::Unavailable)?;
+    }
+    Ok(())
+}
+
+/// One pass over every `ap` shard this node replicates.
+pub async fn pass(ap: &Arc<Ap>, collect: bool) {
+    let state = ap.state();
+    for (name, entry) in &state.keyspaces {
+        if entry.spec.mode != Mode::Ap {
+            continue;
+        }
+        let ks = name.to_string();
+        let mut in_sync = true;
+        for shard in &entry.shards {
+            if !shard.replicas.contains(&ap.me) {
+                continue;
+            }
+            let mut shard_in_sync = true;
+            for &peer in &shard.replicas {
+                if peer <= ap.me {
+                    continue;
+                }
+                if ap.detector.is_down(peer) {
+                    shard_in_sync = false;
+                    continue;
+                }
+                match session(ap, &ks, shard, peer).await {
+                    Ok(s) => shard_in_sync &= s.in_sync,
+                    Err(e) => {
+                        tracing::debug!(keyspace = %ks, error = %e, "anti-entropy session failed");
+                        shard_in_sync = false;
+                    }
+                }
+            }
+            let lowest = shard.replicas.iter().min() == Some(&ap.me);
+            if collect
+                && lowest
+                && shard_in_sync
+                && shard.replicas.iter().all(|&r| !ap.detector.is_down(r))
+                && let Err(e) = collect_tombstones(ap, &ks, shard).await
+            {
+                tracing::debug!(keyspace = %ks, error = %e, "tombstone collection skipped");
+            }
+            in_sync &= shard_in_sync;
+        }
+        if !ap.hints.pending().is_empty() {
+            in_sync = false;
+        }
+        ap.stats.pass(&ks, in_sync, ap.detector.last_recovery_ms());
+    }
+    let _ = KeyspaceName::new("x");
+}
+
+pub(super) async fn run(ap: Arc<Ap>) {
+    let mut recoveries = ap.detector.recoveries();
+    let mut passes: u64 = 0;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(ap.config.anti_entropy_interval) => {}
+            _ = recoveries.changed() => {
+                // Let hinted handoff go first; anti-entropy mops up.
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+        passes += 1;
+        pass(&ap, passes.is_multiple_of(GC_EVERY_PASSES)).await;
+    }
+}

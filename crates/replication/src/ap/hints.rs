@@ -1,0 +1,226 @@
+//! Hinted handoff: versions kept for a replica that could not take them, delivered when it is
+//! reachable again.
+//!
+//! Hints for node N live in the durable log table `hints/N` (one record per write: keyspace,
+//! creation time, versions), appended with an fsync before the hint is acknowledged, so a hint
+//! that counted toward a write's quorum survives a crash of its holder. A delivery loop hands
+//! them to N in order once the failure detector sees N again, and deletes each record only
+//! after N has merged it. Bounds: at most [`HINTS_MAX_PER_TARGET`] records per target (beyond
+//! that new hints are refused and anti-entropy repairs instead), and records older than
+//! `hint_max_age` are dropped for the same reason.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use capdb_cluster::NodeId;
+use capdb_storage::disk::DiskEngine;
+use capdb_types::{Error, Result, Value};
+use serde::{Deserialize, Serialize};
+
+use super::Ap;
+use super::messages::ApRequest;
+
+pub const HINTS_MAX_PER_TARGET: u64 = 200_000;
+const DELIVER_BATCH: u64 = 64;
+const MARKER_PREFIX: &str = "ap-hints/";
+
+#[derive(Serialize, Deserialize)]
+struct HintRecord {
+    keyspace: String,
+    created_ms: u64,
+    entries: Vec<(Bytes, Value)>,
+}
+
+/// Per target: next index to append, first index not yet delivered.
+#[derive(Debug, Clone, Copy)]
+struct Queue {
+    first: u64,
+    next: u64,
+}
+
+pub struct Hints {
+    engine: DiskEngine,
+    max_age: Duration,
+    queues: Mutex<BTreeMap<NodeId, Queue>>,
+}
+
+fn table(target: NodeId) -> String {
+    format!("hints/{target}")
+}
+
+impl Hints {
+    /// Finds the hint queues left by earlier runs.
+    pub fn open(engine: DiskEngine, max_age: Duration) -> Hints {
+        let mut queues = BTreeMap::new();
+        for (key, _) in engine.meta_list(MARKER_PREFIX).unwrap_or_default() {
+            if let Ok(target) = key.trim_start_matches(MARKER_PREFIX).parse::<NodeId>() {
+                let first = engine.log_first(&table(target)).ok().flatten();
+                let last = engine.log_last(&table(target)).ok().flatten();
+                let q = match (first, last) {
+                    (Some((f, _)), Some((l, _))) => Queue {
+                        first: f,
+                        next: l + 1,
+                    },
+                    _ => Queue { first: 0, next: 0 },
+                };
+                queues.insert(target, q);
+            }
+        }
+        Hints {
+            engine,
+            max_age,
+            queues: Mutex::new(queues),
+        }
+    }
+
+    /// Records still waiting, per target.
+    pub fn pending(&self) -> BTreeMap<NodeId, u64> {
+        self.queues
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(n, q)| (*n, q.next - q.first))
+            .filter(|(_, n)| *n > 0)
+            .collect()
+    }
+
+    /// Durably stores a hint for `target`.
+    pub async fn store(
+        &self,
+        target: NodeId,
+        keyspace: &str,
+        entries: Vec<(Bytes, Value)>,
+    ) -> Result<()> {
+        let (index, new_target) = {
+            let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+            let new_target = !queues.contains_key(&target);
+            let q = queues.entry(target).or_insert(Queue { first: 0, next: 0 });
+            if q.next - q.first >= HINTS_MAX_PER_TARGET {
+                return Err(Error::Unavailable(format!(
+                    "{HINTS_MAX_PER_TARGET} hints already wait for node {target}; not storing more (anti-entropy will repair it)"
+                )));
+            }
+            q.next += 1;
+            (q.next - 1, new_target)
+        };
+        if new_target {
+            self.engine
+                .meta_put(
+                    vec![(format!("{MARKER_PREFIX}{target}"), Some(vec![1]))],
+                    true,
+                )
+                .await?;
+        }
+        let record = HintRecord {
+            keyspace: keyspace.to_string(),
+            created_ms: capdb_types::unix_now_ms(),
+            entries,
+        };
+        let bytes = postcard::to_stdvec(&record).map_err(|e| Error::Io(e.to_string()))?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.engine
+            .log_append(&table(target), vec![(index, bytes)], move |r| {
+                let _ = tx.send(r);
+            })
+            .await?;
+        rx.await
+            .map_err(|_| Error::Io("storage writer stopped".into()))?
+    }
+
+    /// Hands `target` its hints, oldest first, until none are left or it stops answering.
+    async fn deliver(&self, ap: &Arc<Ap>, target: NodeId) {
+        loop {
+            let Some(q) = self
+                .queues
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&target)
+                .copied()
+            else {
+                return;
+            };
+            if q.first >= q.next {
+                return;
+            }
+            let batch = match self
+                .engine
+                .log_read(&table(target), q.first, q.first + DELIVER_BATCH)
+            {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::warn!(target, error = %e, "reading hints failed");
+                    return;
+                }
+            };
+            let mut done_to = None;
+            for (index, bytes) in &batch {
+                let Ok(record) = postcard::from_bytes::<HintRecord>(bytes) else {
+                    tracing::error!(target, index, "corrupt hint record dropped");
+                    done_to = Some(*index);
+                    continue;
+                };
+                let age = capdb_types::unix_now_ms().saturating_sub(record.created_ms);
+                if age > self.max_age.as_millis() as u64 {
+                    done_to = Some(*index);
+                    continue;
+                }
+                let n = record.entries.len() as u64;
+                let req = ApRequest::Merge {
+                    keyspace: record.keyspace.clone(),
+                    entries: record.entries,
+                };
+                match ap.call(target, req, super::REPLICA_TIMEOUT).await {
+                    Ok(_) => {
+                        ap.stats.hints_delivered(&record.keyspace, n);
+                        done_to = Some(*index);
+                    }
+                    // A keyspace dropped meanwhile: nothing to deliver.
+                    Err(e) if e.contains("does not exist") || e.contains("not found") => {
+                        done_to = Some(*index);
+                    }
+                    Err(_) => break,
+                }
+            }
+            let Some(last) = done_to else { return };
+            if self
+                .engine
+                .log_remove(&table(target), q.first, Some(last))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(q) = queues.get_mut(&target) {
+                q.first = q.first.max(last + 1);
+            }
+            if batch.len() as u64 > last + 1 - q.first {
+                // Stopped early (the target failed mid-batch).
+                return;
+            }
+        }
+    }
+}
+
+/// Delivers hints to every reachable target, every second and whenever a node recovers.
+pub(super) async fn run(ap: Arc<Ap>) {
+    let mut recoveries = ap.detector.recoveries();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = recoveries.changed() => {}
+        }
+        let targets: Vec<NodeId> = ap.hints.pending().keys().copied().collect();
+        for target in targets {
+            if !ap.state().nodes.contains_key(&target) {
+                // The node left the cluster: its hints have no one to go to.
+                continue;
+            }
+            if !ap.detector.is_down(target) {
+                ap.hints.deliver(&ap, target).await;
+            }
+        }
+    }
+}

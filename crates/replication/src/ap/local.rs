@@ -1,0 +1,205 @@
+//! The replica side: what a node does with `ap` requests addressed to it, on its local table.
+
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use capdb_types::{Error, Result, Value};
+
+use super::messages::{ApRequest, ApResponse, Slots};
+use super::{Ap, table_name};
+
+/// Leaves of a shard's anti-entropy tree: keys hash into this many buckets.
+pub const BUCKETS: u32 = 1024;
+/// Most keys one scan page returns.
+const SCAN_PAGE_MAX: u32 = 10_000;
+
+fn hash64(parts: &[&[u8]]) -> u64 {
+    // SipHash with fixed keys: the same on every node running this binary.
+    let mut h = std::hash::DefaultHasher::new();
+    for p in parts {
+        p.hash(&mut h);
+    }
+    h.finish()
+}
+
+/// The bucket a key falls in.
+pub fn bucket_of(key: &[u8]) -> u32 {
+    (hash64(&[key]) % BUCKETS as u64) as u32
+}
+
+/// A version's fingerprint: equal fingerprints mean equal versions.
+pub fn fingerprint(v: &Value) -> u64 {
+    hash64(&[&v.encode()])
+}
+
+fn in_slots(key: &[u8], slots: Slots) -> bool {
+    let s = capdb_cluster::slots::key_slot(key);
+    s >= slots.0 && s <= slots.1
+}
+
+/// Whether anti-entropy compares this version: tombstones yes (deletes must spread), expired
+/// values no (each replica drops them by itself at the same absolute time).
+fn compared(v: &Value, now_ms: u64) -> bool {
+    v.header.tombstone || !v.is_expired(now_ms)
+}
+
+/// Bucket hashes of one shard's keys in the local table.
+pub fn digest(ap: &Ap, keyspace: &str, slots: Slots) -> Result<Vec<u64>> {
+    let now = capdb_types::unix_now_ms();
+    let mut buckets = vec![0u64; BUCKETS as usize];
+    ap.table(keyspace).for_each_raw(|k, v| {
+        if in_slots(k, slots) && compared(&v, now) {
+            let b = bucket_of(k) as usize;
+            buckets[b] = buckets[b].wrapping_add(hash64(&[k, &fingerprint(&v).to_le_bytes()]));
+        }
+        true
+    })?;
+    Ok(buckets)
+}
+
+/// (key, fingerprint) of one shard's keys in the given buckets.
+pub fn fingerprints(
+    ap: &Ap,
+    keyspace: &str,
+    slots: Slots,
+    buckets: &[u32],
+) -> Result<Vec<(Bytes, u64)>> {
+    let wanted: std::collections::HashSet<u32> = buckets.iter().copied().collect();
+    let now = capdb_types::unix_now_ms();
+    let mut out = Vec::new();
+    ap.table(keyspace).for_each_raw(|k, v| {
+        if in_slots(k, slots) && compared(&v, now) && wanted.contains(&bucket_of(k)) {
+            out.push((Bytes::copy_from_slice(k), fingerprint(&v)));
+        }
+        true
+    })?;
+    Ok(out)
+}
+
+pub(super) async fn handle(ap: &Arc<Ap>, request: ApRequest) -> Result<ApResponse> {
+    match request {
+        ApRequest::Ping => Ok(ApResponse::Pong),
+        ApRequest::Merge { keyspace, entries } => {
+            check_table(ap, &keyspace)?;
+            Ok(ApResponse::Count(ap.table(&keyspace).merge(entries).await?))
+        }
+        ApRequest::Read { keyspace, keys } => {
+            check_table(ap, &keyspace)?;
+            let t = ap.table(&keyspace);
+            let values = keys
+                .iter()
+                .map(|k| t.get_raw(k))
+                .collect::<Result<Vec<_>>>()?;
+            Ok(ApResponse::Values(values))
+        }
+        ApRequest::CounterAdd {
+            keyspace,
+            key,
+            delta,
+            timestamp,
+            now_ms,
+        } => {
+            check_table(ap, &keyspace)?;
+            ap.hlc.observe(timestamp);
+            let v = ap
+                .table(&keyspace)
+                .counter_add(key, ap.me, delta, ap.hlc.now(), now_ms)
+                .await?;
+            Ok(ApResponse::Value(v))
+        }
+        ApRequest::Hint {
+            target,
+            keyspace,
+            entries,
+        } => {
+            ap.hints.store(target, &keyspace, entries).await?;
+            ap.stats.hint_stored(&keyspace);
+            Ok(ApResponse::Count(1))
+        }
+        ApRequest::Digest { keyspace, slots } => {
+            check_table(ap, &keyspace)?;
+            let ap = ap.clone();
+            let d = tokio::task::spawn_blocking(move || digest(&ap, &keyspace, slots))
+                .await
+                .map_err(|e| Error::Io(e.to_string()))??;
+            Ok(ApResponse::Digest(d))
+        }
+        ApRequest::Fingerprints {
+            keyspace,
+            slots,
+            buckets,
+        } => {
+            check_table(ap, &keyspace)?;
+            let ap = ap.clone();
+            let f =
+                tokio::task::spawn_blocking(move || fingerprints(&ap, &keyspace, slots, &buckets))
+                    .await
+                    .map_err(|e| Error::Io(e.to_string()))??;
+            Ok(ApResponse::Fingerprints(f))
+        }
+        ApRequest::Scan {
+            keyspace,
+            slots,
+            after,
+            prefix,
+            limit,
+            now_ms,
+        } => {
+            check_table(ap, &keyspace)?;
+            let limit = limit.clamp(1, SCAN_PAGE_MAX) as usize;
+            let mut entries = Vec::new();
+            let mut next = None;
+            let mut result = Ok(());
+            // Bounded work per page: at most this many records examined.
+            let mut examined = 0usize;
+            ap.table(&keyspace)
+                .for_each_raw_after(after.as_deref(), |k, v| {
+                    examined += 1;
+                    if examined > 100_000 {
+                        next = Some(Bytes::copy_from_slice(k));
+                        return false;
+                    }
+                    if prefix.as_ref().is_some_and(|p| !k.starts_with(p)) {
+                        return true;
+                    }
+                    if !in_slots(k, slots) || !v.is_live(now_ms) {
+                        return true;
+                    }
+                    match capdb_types::merge::render(v) {
+                        Ok(v) => entries.push((Bytes::copy_from_slice(k), v)),
+                        Err(e) => {
+                            result = Err(e);
+                            return false;
+                        }
+                    }
+                    if entries.len() >= limit {
+                        next = Some(Bytes::copy_from_slice(k));
+                        return false;
+                    }
+                    true
+                })?;
+            result?;
+            Ok(ApResponse::Page(entries, next))
+        }
+        ApRequest::Purge { keyspace, entries } => {
+            check_table(ap, &keyspace)?;
+            let n = ap.table(&keyspace).purge_tombstones(entries).await?;
+            ap.stats.tombstones_purged(&keyspace, n);
+            Ok(ApResponse::Count(n))
+        }
+        ApRequest::Stats => Ok(ApResponse::Stats(ap.stats_json().to_string())),
+    }
+}
+
+/// The keyspace must exist here (a node learns of a new keyspace from the map shortly after
+/// it is created; until then it refuses, and the coordinator hints or retries).
+fn check_table(ap: &Ap, keyspace: &str) -> Result<()> {
+    let name = capdb_types::KeyspaceName::new(keyspace)?;
+    if ap.state().keyspaces.contains_key(&name) {
+        let _ = table_name(keyspace);
+        Ok(())
+    } else {
+        Err(Error::KeyspaceNotFound(keyspace.to_string()))
+    }
+}

@@ -1,0 +1,119 @@
+//! Node-to-node messages of `ap` replication (carried inside `PeerRequest::Ap`).
+
+use bytes::Bytes;
+use capdb_cluster::NodeId;
+use capdb_types::{Timestamp, Value};
+use serde::{Deserialize, Serialize};
+
+/// How many replicas must answer, per request (reads and writes choose separately).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum Level {
+    /// One replica (or a hint holder, for writes).
+    One,
+    /// A majority of the replicas (hint holders count: a sloppy quorum).
+    #[default]
+    Quorum,
+    /// Every replica; hints do not count.
+    All,
+}
+
+impl Level {
+    /// Acknowledgements needed out of `replicas`.
+    pub fn required(self, replicas: usize) -> usize {
+        match self {
+            Level::One => 1,
+            Level::Quorum => replicas / 2 + 1,
+            Level::All => replicas,
+        }
+        .clamp(1, replicas.max(1))
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Level::One => "one",
+            Level::Quorum => "quorum",
+            Level::All => "all",
+        }
+    }
+}
+
+impl std::str::FromStr for Level {
+    type Err = capdb_types::Error;
+
+    fn from_str(s: &str) -> Result<Level, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "one" => Ok(Level::One),
+            "quorum" => Ok(Level::Quorum),
+            "all" => Ok(Level::All),
+            other => Err(capdb_types::Error::InvalidInput(format!(
+                "consistency level '{other}': expected one, quorum or all"
+            ))),
+        }
+    }
+}
+
+/// Keys of one shard: the slot range a request is about.
+pub type Slots = (u16, u16);
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum ApRequest {
+    /// Failure detection probe.
+    Ping,
+    /// Merge these versions into the keyspace's local replica.
+    Merge {
+        keyspace: String,
+        entries: Vec<(Bytes, Value)>,
+    },
+    /// The stored versions of these keys (tombstones included).
+    Read { keyspace: String, keys: Vec<Bytes> },
+    /// This replica's increment of a counter (it owns its own slot of the PN-counter).
+    CounterAdd {
+        keyspace: String,
+        key: Bytes,
+        delta: i64,
+        timestamp: Timestamp,
+        now_ms: u64,
+    },
+    /// Keep these versions for `target` until it is reachable again (hinted handoff).
+    Hint {
+        target: NodeId,
+        keyspace: String,
+        entries: Vec<(Bytes, Value)>,
+    },
+    /// The bucket hashes of a shard's keys (the leaves of the anti-entropy tree).
+    Digest { keyspace: String, slots: Slots },
+    /// Key fingerprints in these buckets of a shard.
+    Fingerprints {
+        keyspace: String,
+        slots: Slots,
+        buckets: Vec<u32>,
+    },
+    /// A page of a shard's live keys in order (SCAN, DBSIZE).
+    Scan {
+        keyspace: String,
+        slots: Slots,
+        after: Option<Bytes>,
+        prefix: Option<Bytes>,
+        limit: u32,
+        now_ms: u64,
+    },
+    /// Remove these tombstones (every replica is known to hold them).
+    Purge {
+        keyspace: String,
+        entries: Vec<(Bytes, Timestamp)>,
+    },
+    /// This node's reconciliation statistics (JSON).
+    Stats,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum ApResponse {
+    Pong,
+    Count(u64),
+    Values(Vec<Option<Value>>),
+    Value(Value),
+    Digest(Vec<u64>),
+    Fingerprints(Vec<(Bytes, u64)>),
+    Page(Vec<(Bytes, Value)>, Option<Bytes>),
+    Stats(String),
+}
