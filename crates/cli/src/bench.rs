@@ -35,17 +35,17 @@ pub struct FailoverArgs {
     work_dir: Option<PathBuf>,
 }
 
-struct NodeProc {
-    id: u64,
-    resp: String,
-    http: String,
-    args: Vec<String>,
-    log: PathBuf,
-    child: Option<Child>,
+pub(crate) struct NodeProc {
+    pub(crate) id: u64,
+    pub(crate) resp: String,
+    pub(crate) http: String,
+    pub(crate) args: Vec<String>,
+    pub(crate) log: PathBuf,
+    pub(crate) child: Option<Child>,
 }
 
 impl NodeProc {
-    fn spawn(&mut self, binary: &PathBuf) -> Result<(), String> {
+    pub(crate) fn spawn(&mut self, binary: &PathBuf) -> Result<(), String> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -63,14 +63,14 @@ impl NodeProc {
         Ok(())
     }
 
-    async fn kill9(&mut self) {
+    pub(crate) async fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill().await;
         }
     }
 }
 
-fn free_port() -> Result<u16, String> {
+pub(crate) fn free_port() -> Result<u16, String> {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())

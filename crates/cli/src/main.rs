@@ -1,6 +1,7 @@
 //! The `capdb` binary: one executable for the server and its command-line clients.
 
 mod bench;
+mod bench_ap;
 mod chaos;
 mod client;
 mod playground;
@@ -96,6 +97,9 @@ enum BenchOp {
     /// Kill the shard leader N times under write load; print the unavailability window.
     /// Example: capdb bench failover --rounds 20
     Failover(bench::FailoverArgs),
+    /// ap write throughput at one/quorum/all, and convergence time after a partition.
+    /// Example: capdb bench ap --divergent-keys 100000
+    Ap(bench_ap::ApArgs),
 }
 
 #[derive(Subcommand)]
@@ -222,6 +226,9 @@ fn main() -> ExitCode {
             Command::Bench {
                 op: BenchOp::Failover(args),
             } => bench::failover(args).await,
+            Command::Bench {
+                op: BenchOp::Ap(args),
+            } => bench_ap::ap(args).await,
             Command::Version => {
                 println!("capdb {}", env!("CARGO_PKG_VERSION"));
                 Ok(())

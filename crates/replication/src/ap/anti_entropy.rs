@@ -239,8 +239,11 @@ struct Session {
 
 async fn session(ap: &Arc<Ap>, ks: &str, shard: &ShardInfo, peer: NodeId) -> Result<Session> {
     let remote = |e: String| Error::Unavailable(format!("anti-entropy with node {peer}: {e}"));
+    // Versions younger than a replica round trip may still be on their way; the next pass
+    // compares them.
+    let before_ms = capdb_types::unix_now_ms().saturating_sub(REPLICA_TIMEOUT.as_millis() as u64);
     let (ap2, ks2, slots) = (ap.clone(), ks.to_string(), shard.slots);
-    let mine = tokio::task::spawn_blocking(move || digest(&ap2, &ks2, slots))
+    let mine = tokio::task::spawn_blocking(move || digest(&ap2, &ks2, slots, before_ms))
         .await
         .map_err(|e| Error::Io(e.to_string()))??;
     let theirs = match ap
@@ -249,6 +252,7 @@ async fn session(ap: &Arc<Ap>, ks: &str, shard: &ShardInfo, peer: NodeId) -> Res
             ApRequest::Digest {
                 keyspace: ks.to_string(),
                 slots,
+                before_ms,
             },
             Duration::from_secs(30),
         )
@@ -267,7 +271,7 @@ async fn session(ap: &Arc<Ap>, ks: &str, shard: &ShardInfo, peer: NodeId) -> Res
     }
     let (ap2, ks2, buckets) = (ap.clone(), ks.to_string(), differing.clone());
     let my_fp: HashMap<Bytes, u64> =
-        tokio::task::spawn_blocking(move || fingerprints(&ap2, &ks2, slots, &buckets))
+        tokio::task::spawn_blocking(move || fingerprints(&ap2, &ks2, slots, &buckets, before_ms))
             .await
             .map_err(|e| Error::Io(e.to_string()))??
             .into_iter()
@@ -279,6 +283,7 @@ async fn session(ap: &Arc<Ap>, ks: &str, shard: &ShardInfo, peer: NodeId) -> Res
                 keyspace: ks.to_string(),
                 slots,
                 buckets: differing,
+                before_ms,
             },
             Duration::from_secs(30),
         )

@@ -23,7 +23,7 @@ use super::Ap;
 use super::messages::ApRequest;
 
 pub const HINTS_MAX_PER_TARGET: u64 = 200_000;
-const DELIVER_BATCH: u64 = 64;
+const DELIVER_BATCH: u64 = 512;
 const MARKER_PREFIX: &str = "ap-hints/";
 
 #[derive(Serialize, Deserialize)]
@@ -154,35 +154,48 @@ impl Hints {
                     return;
                 }
             };
-            let mut done_to = None;
+            // One merge per keyspace for the whole batch (records are small and many).
+            let mut by_keyspace: BTreeMap<String, Vec<(Bytes, Value)>> = BTreeMap::new();
+            let now = capdb_types::unix_now_ms();
             for (index, bytes) in &batch {
-                let Ok(record) = postcard::from_bytes::<HintRecord>(bytes) else {
-                    tracing::error!(target, index, "corrupt hint record dropped");
-                    done_to = Some(*index);
-                    continue;
-                };
-                let age = capdb_types::unix_now_ms().saturating_sub(record.created_ms);
-                if age > self.max_age.as_millis() as u64 {
-                    done_to = Some(*index);
-                    continue;
-                }
-                let n = record.entries.len() as u64;
-                let req = ApRequest::Merge {
-                    keyspace: record.keyspace.clone(),
-                    entries: record.entries,
-                };
-                match ap.call(target, req, super::REPLICA_TIMEOUT).await {
-                    Ok(_) => {
-                        ap.stats.hints_delivered(&record.keyspace, n);
-                        done_to = Some(*index);
+                match postcard::from_bytes::<HintRecord>(bytes) {
+                    Ok(r)
+                        if now.saturating_sub(r.created_ms) <= self.max_age.as_millis() as u64 =>
+                    {
+                        by_keyspace.entry(r.keyspace).or_default().extend(r.entries);
                     }
-                    // A keyspace dropped meanwhile: nothing to deliver.
-                    Err(e) if e.contains("does not exist") || e.contains("not found") => {
-                        done_to = Some(*index);
-                    }
-                    Err(_) => break,
+                    Ok(_) => {} // too old: anti-entropy repairs instead
+                    Err(_) => tracing::error!(target, index, "corrupt hint record dropped"),
                 }
             }
+            let mut delivered_all = true;
+            for (keyspace, entries) in by_keyspace {
+                let n = entries.len() as u64;
+                for chunk in entries.chunks(super::MERGE_BATCH_KEYS) {
+                    let req = ApRequest::Merge {
+                        keyspace: keyspace.clone(),
+                        entries: chunk.to_vec(),
+                    };
+                    match ap.call(target, req, super::REPLICA_TIMEOUT).await {
+                        Ok(_) => {}
+                        // A keyspace dropped meanwhile: nothing to deliver.
+                        Err(e) if e.contains("does not exist") || e.contains("not found") => {}
+                        Err(_) => {
+                            delivered_all = false;
+                            break;
+                        }
+                    }
+                }
+                if !delivered_all {
+                    break;
+                }
+                ap.stats.hints_delivered(&keyspace, n);
+            }
+            if !delivered_all {
+                // Retried later, whole batch (merging twice is harmless).
+                return;
+            }
+            let done_to = batch.last().map(|(i, _)| *i);
             let Some(last) = done_to else { return };
             if self
                 .engine
@@ -195,10 +208,6 @@ impl Hints {
             let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(q) = queues.get_mut(&target) {
                 q.first = q.first.max(last + 1);
-            }
-            if batch.len() as u64 > last + 1 - q.first {
-                // Stopped early (the target failed mid-batch).
-                return;
             }
         }
     }

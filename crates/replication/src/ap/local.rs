@@ -44,12 +44,14 @@ fn compared(v: &Value, now_ms: u64) -> bool {
     v.header.tombstone || !v.is_expired(now_ms)
 }
 
-/// Bucket hashes of one shard's keys in the local table.
-pub fn digest(ap: &Ap, keyspace: &str, slots: Slots) -> Result<Vec<u64>> {
+/// Bucket hashes of one shard's keys in the local table, of versions written at or before
+/// `before_ms` (`u64::MAX`: all).
+pub fn digest(ap: &Ap, keyspace: &str, slots: Slots, before_ms: u64) -> Result<Vec<u64>> {
     let now = capdb_types::unix_now_ms();
     let mut buckets = vec![0u64; BUCKETS as usize];
     ap.table(keyspace).for_each_raw(|k, v| {
-        if in_slots(k, slots) && compared(&v, now) {
+        if in_slots(k, slots) && compared(&v, now) && v.header.timestamp.physical_ms() <= before_ms
+        {
             let b = bucket_of(k) as usize;
             buckets[b] = buckets[b].wrapping_add(hash64(&[k, &fingerprint(&v).to_le_bytes()]));
         }
@@ -64,12 +66,17 @@ pub fn fingerprints(
     keyspace: &str,
     slots: Slots,
     buckets: &[u32],
+    before_ms: u64,
 ) -> Result<Vec<(Bytes, u64)>> {
     let wanted: std::collections::HashSet<u32> = buckets.iter().copied().collect();
     let now = capdb_types::unix_now_ms();
     let mut out = Vec::new();
     ap.table(keyspace).for_each_raw(|k, v| {
-        if in_slots(k, slots) && compared(&v, now) && wanted.contains(&bucket_of(k)) {
+        if in_slots(k, slots)
+            && compared(&v, now)
+            && v.header.timestamp.physical_ms() <= before_ms
+            && wanted.contains(&bucket_of(k))
+        {
             out.push((Bytes::copy_from_slice(k), fingerprint(&v)));
         }
         true
@@ -117,10 +124,14 @@ pub(super) async fn handle(ap: &Arc<Ap>, request: ApRequest) -> Result<ApRespons
             ap.stats.hint_stored(&keyspace);
             Ok(ApResponse::Count(1))
         }
-        ApRequest::Digest { keyspace, slots } => {
+        ApRequest::Digest {
+            keyspace,
+            slots,
+            before_ms,
+        } => {
             check_table(ap, &keyspace)?;
             let ap = ap.clone();
-            let d = tokio::task::spawn_blocking(move || digest(&ap, &keyspace, slots))
+            let d = tokio::task::spawn_blocking(move || digest(&ap, &keyspace, slots, before_ms))
                 .await
                 .map_err(|e| Error::Io(e.to_string()))??;
             Ok(ApResponse::Digest(d))
@@ -129,13 +140,15 @@ pub(super) async fn handle(ap: &Arc<Ap>, request: ApRequest) -> Result<ApRespons
             keyspace,
             slots,
             buckets,
+            before_ms,
         } => {
             check_table(ap, &keyspace)?;
             let ap = ap.clone();
-            let f =
-                tokio::task::spawn_blocking(move || fingerprints(&ap, &keyspace, slots, &buckets))
-                    .await
-                    .map_err(|e| Error::Io(e.to_string()))??;
+            let f = tokio::task::spawn_blocking(move || {
+                fingerprints(&ap, &keyspace, slots, &buckets, before_ms)
+            })
+            .await
+            .map_err(|e| Error::Io(e.to_string()))??;
             Ok(ApResponse::Fingerprints(f))
         }
         ApRequest::Scan {

@@ -80,13 +80,20 @@ pub enum ApRequest {
         keyspace: String,
         entries: Vec<(Bytes, Value)>,
     },
-    /// The bucket hashes of a shard's keys (the leaves of the anti-entropy tree).
-    Digest { keyspace: String, slots: Slots },
+    /// The bucket hashes of a shard's keys (the leaves of the anti-entropy tree), counting
+    /// only versions written at or before `before_ms` (writes still in flight are left to the
+    /// next pass).
+    Digest {
+        keyspace: String,
+        slots: Slots,
+        before_ms: u64,
+    },
     /// Key fingerprints in these buckets of a shard.
     Fingerprints {
         keyspace: String,
         slots: Slots,
         buckets: Vec<u32>,
+        before_ms: u64,
     },
     /// A page of a shard's live keys in order (SCAN, DBSIZE).
     Scan {

@@ -447,15 +447,91 @@ impl Ap {
         value_bytes_max: usize,
     ) -> Result<Vec<Result<Reply>>> {
         let entry = self.entry(keyspace)?;
-        let mut replies = Vec::with_capacity(mutations.len());
-        for m in mutations {
-            let shard = entry.shards[shard_index(&entry, m.key())].clone();
-            replies.push(
+        let mut replies: Vec<Option<Result<Reply>>> = vec![None; mutations.len()];
+        // Consecutive blind writes (plain SETs) travel together, one batch per shard; any other
+        // command first waits for the writes queued before it, so a pipeline keeps its order.
+        let mut pending: BTreeMap<usize, (Vec<usize>, Vec<(Bytes, Value)>)> = BTreeMap::new();
+        for (i, m) in mutations.into_iter().enumerate() {
+            let s = shard_index(&entry, m.key());
+            if let Some(version) = self.blind_version(&m, now_ms) {
+                let e = pending.entry(s).or_default();
+                e.0.push(i);
+                e.1.push((m.key().clone(), version));
+                continue;
+            }
+            self.flush_blind(keyspace, &entry, &mut pending, &mut replies, level)
+                .await;
+            let shard = entry.shards[s].clone();
+            replies[i] = Some(
                 self.apply_one(keyspace, &shard, m, level, now_ms, value_bytes_max)
                     .await,
             );
         }
-        Ok(replies)
+        self.flush_blind(keyspace, &entry, &mut pending, &mut replies, level)
+            .await;
+        Ok(replies
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(Error::Io("missing reply".into()))))
+            .collect())
+    }
+
+    /// The version a plain SET writes without reading (None for every other command).
+    fn blind_version(&self, m: &Mutation, now_ms: u64) -> Option<Value> {
+        use capdb_types::mutation::ExpiryUpdate;
+        let Mutation::Set {
+            value,
+            condition: Condition::Always,
+            expiry,
+            return_old: false,
+            ..
+        } = m
+        else {
+            return None;
+        };
+        let expire = match expiry {
+            ExpiryUpdate::Keep => return None,
+            ExpiryUpdate::At(at) => Some(*at),
+            ExpiryUpdate::Clear => None,
+        };
+        Some(match expire {
+            Some(at) if at <= now_ms => Value::tombstone(self.hlc.now()),
+            _ => Value::new(value.clone(), self.hlc.now(), expire),
+        })
+    }
+
+    /// Writes the queued blind writes, shards in parallel, and fills in their replies.
+    async fn flush_blind(
+        self: &Arc<Self>,
+        keyspace: &KeyspaceName,
+        entry: &KeyspaceEntry,
+        pending: &mut BTreeMap<usize, (Vec<usize>, Vec<(Bytes, Value)>)>,
+        replies: &mut [Option<Result<Reply>>],
+        level: Level,
+    ) {
+        if pending.is_empty() {
+            return;
+        }
+        let batches = std::mem::take(pending);
+        let calls = batches.into_iter().map(|(s, (idx, entries))| {
+            let shard = entry.shards[s].clone();
+            async move {
+                let mut result = Ok(());
+                for chunk in entries.chunks(MERGE_BATCH_KEYS) {
+                    result = self
+                        .write_versions(keyspace, &shard, chunk.to_vec(), level)
+                        .await;
+                    if result.is_err() {
+                        break;
+                    }
+                }
+                (idx, result)
+            }
+        });
+        for (idx, result) in futures::future::join_all(calls).await {
+            for i in idx {
+                replies[i] = Some(result.clone().map(|()| Reply::Ok));
+            }
+        }
     }
 
     async fn apply_one(
@@ -469,26 +545,6 @@ impl Ap {
     ) -> Result<Reply> {
         let key = m.key().clone();
         match &m {
-            // A blind write: no read needed.
-            Mutation::Set {
-                value,
-                condition: Condition::Always,
-                expiry,
-                return_old: false,
-                ..
-            } if !matches!(expiry, capdb_types::mutation::ExpiryUpdate::Keep) => {
-                let expire = match expiry {
-                    capdb_types::mutation::ExpiryUpdate::At(at) => Some(*at),
-                    _ => None,
-                };
-                let version = match expire {
-                    Some(at) if at <= now_ms => Value::tombstone(self.hlc.now()),
-                    _ => Value::new(value.clone(), self.hlc.now(), expire),
-                };
-                self.write_versions(keyspace, shard, vec![(key, version)], level)
-                    .await?;
-                Ok(Reply::Ok)
-            }
             Mutation::IncrBy { delta, .. } => {
                 self.counter_add(keyspace, shard, key, *delta, level, now_ms)
                     .await

@@ -822,7 +822,7 @@ async fn keyspace_digest(State(node): State<Arc<Node>>, Path(name): Path<String>
         let ap = node.manager.ap().clone();
         let (ksname, slots) = (name.clone(), s.slots);
         let buckets = tokio::task::spawn_blocking(move || {
-            capdb_replication::ap::local::digest(&ap, &ksname, slots)
+            capdb_replication::ap::local::digest(&ap, &ksname, slots, u64::MAX)
         })
         .await
         .map_err(|e| ApiError(Error::Io(e.to_string())))??;
