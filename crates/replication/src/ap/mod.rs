@@ -450,7 +450,7 @@ impl Ap {
         let mut replies: Vec<Option<Result<Reply>>> = vec![None; mutations.len()];
         // Consecutive blind writes (plain SETs) travel together, one batch per shard; any other
         // command first waits for the writes queued before it, so a pipeline keeps its order.
-        let mut pending: BTreeMap<usize, (Vec<usize>, Vec<(Bytes, Value)>)> = BTreeMap::new();
+        let mut pending = BlindBatches::new();
         for (i, m) in mutations.into_iter().enumerate() {
             let s = shard_index(&entry, m.key());
             if let Some(version) = self.blind_version(&m, now_ms) {
@@ -504,7 +504,7 @@ impl Ap {
         self: &Arc<Self>,
         keyspace: &KeyspaceName,
         entry: &KeyspaceEntry,
-        pending: &mut BTreeMap<usize, (Vec<usize>, Vec<(Bytes, Value)>)>,
+        pending: &mut BlindBatches,
         replies: &mut [Option<Result<Reply>>],
         level: Level,
     ) {
@@ -712,6 +712,10 @@ impl Ap {
         self.stats.to_json(&self.hints)
     }
 }
+
+/// Blind writes waiting to go out: per shard index, the positions of their commands in the
+/// batch and the versions.
+type BlindBatches = BTreeMap<usize, (Vec<usize>, Vec<(Bytes, Value)>)>;
 
 fn shard_index(entry: &KeyspaceEntry, key: &[u8]) -> usize {
     let slot = capdb_cluster::slots::key_slot(key);
