@@ -38,7 +38,12 @@ pub struct Options {
     /// The `capdb` binary to run as nodes.
     pub binary: PathBuf,
     pub limits: check::Limits,
+    /// Test an `ap` keyspace instead of the `cp` default one.
+    pub ap: bool,
 }
+
+/// The keyspace an `ap` run works on.
+pub const AP_KEYSPACE: &str = "chaos_ap";
 
 /// How a run ended.
 pub struct Outcome {
@@ -81,6 +86,18 @@ pub async fn run(opts: Options) -> Result<Outcome, HarnessError> {
     if opts.workloads.is_empty() {
         return Err(HarnessError("no workload selected".into()));
     }
+    if opts.ap && opts.workloads.contains(&Workload::Register) {
+        return Err(HarnessError(
+            "the register workload checks linearizability, which ap keyspaces do not promise; use --workload counter,set with --mode ap".into(),
+        ));
+    }
+    // A run starts from empty nodes: data left by an earlier run in the same directory names
+    // other addresses and would make a different cluster.
+    let nodes_dir = opts.out.join("nodes");
+    if nodes_dir.exists() {
+        std::fs::remove_dir_all(&nodes_dir)
+            .map_err(|e| HarnessError(format!("{}: {e}", nodes_dir.display())))?;
+    }
     std::fs::create_dir_all(opts.out.join("nodes"))
         .map_err(|e| HarnessError(format!("{}: {e}", opts.out.display())))?;
     let history_path = opts.out.join("history.jsonl");
@@ -102,7 +119,7 @@ pub async fn run(opts: Options) -> Result<Outcome, HarnessError> {
     let result = drive(&opts, &topo, &nodes, writer).await;
     nodes.kill_all();
     topo.destroy();
-    let (records, extra_problems, interrupted, crashes, recovered) = result?;
+    let (records, extra_problems, interrupted, crashes, recovered, convergence) = result?;
 
     eprintln!("chaos: checking {} history records", records.len());
     let mut verdict = check::check(&records, opts.limits).map_err(HarnessError)?;
@@ -116,7 +133,8 @@ pub async fn run(opts: Options) -> Result<Outcome, HarnessError> {
         "nodes": opts.nodes,
         "clients": opts.clients,
         "rate": opts.rate,
-        "mode": "cp",
+        "mode": if opts.ap { "ap" } else { "cp" },
+        "ap_convergence_s": convergence,
         "workloads": opts.workloads,
         "nemeses": opts.nemeses.iter().map(|k| format!("{k:?}").to_lowercase()).collect::<Vec<_>>(),
         "unsafe_reads": opts.unsafe_reads,
@@ -155,7 +173,69 @@ type Driven = (
     bool,
     Vec<String>,
     bool,
+    Option<f64>,
 );
+
+/// Creates the `ap` keyspace and waits until every node knows it.
+async fn create_ap_keyspace(nodes: &Nodes) -> Result<(), HarnessError> {
+    let body = format!(r#"{{"name":"{AP_KEYSPACE}","mode":"ap","replication_factor":3}}"#);
+    match crate::cluster::http(&nodes.http_addr(1), "POST", "/v1/keyspaces", Some(&body)).await {
+        Ok((201 | 409, _)) => {}
+        other => {
+            return Err(HarnessError(format!(
+                "creating the ap keyspace failed: {other:?}"
+            )));
+        }
+    }
+    for i in 1..=nodes.count() {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let path = format!("/v1/keyspaces/{AP_KEYSPACE}");
+        while !matches!(
+            crate::cluster::http(&nodes.http_addr(i), "GET", &path, None).await,
+            Ok((200, _))
+        ) {
+            if Instant::now() > deadline {
+                return Err(HarnessError(format!("node {i} never saw the ap keyspace")));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    Ok(())
+}
+
+/// Waits until every node reports the same replica digest of the `ap` keyspace; returns the
+/// seconds that took, or `None` after 60 s.
+async fn wait_converged(nodes: &Nodes) -> Option<f64> {
+    let started = Instant::now();
+    let path = format!("/v1/keyspaces/{AP_KEYSPACE}/digest");
+    while started.elapsed() < Duration::from_secs(60) {
+        // Each node reports the shards it holds; every shard's replicas must agree.
+        let mut by_shard: std::collections::BTreeMap<u64, Vec<String>> = Default::default();
+        let mut all_answered = true;
+        for i in 1..=nodes.count() {
+            match crate::cluster::http(&nodes.http_addr(i), "GET", &path, None).await {
+                Ok((200, body)) => {
+                    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+                    for s in v["shards"].as_array().into_iter().flatten() {
+                        by_shard
+                            .entry(s["shard"].as_u64().unwrap_or(u64::MAX))
+                            .or_default()
+                            .push(s["digest"].as_str().unwrap_or_default().to_string());
+                    }
+                }
+                _ => all_answered = false,
+            }
+        }
+        let agree = by_shard
+            .values()
+            .all(|d| d.len() >= 2 && d.windows(2).all(|w| w[0] == w[1]));
+        if all_answered && !by_shard.is_empty() && agree {
+            return Some(started.elapsed().as_secs_f64());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    None
+}
 
 async fn drive(
     opts: &Options,
@@ -181,6 +261,9 @@ async fn drive(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
+    if opts.ap {
+        create_ap_keyspace(nodes).await?;
+    }
     let (interrupt_tx, mut interrupt) = watch::channel(false);
     tokio::spawn(async move {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -200,7 +283,11 @@ async fn drive(
         .collect();
     let shared = Arc::new(Shared {
         recorder: Recorder::new(writer),
-        keys: Mutex::new(Keys::new((opts.clients / 3).max(2), 2, 2)),
+        keys: Mutex::new({
+            let mut k = Keys::new((opts.clients / 3).max(2), 2, 2);
+            k.ap = opts.ap;
+            k
+        }),
         mix: Mix { workloads: weights },
         clients: opts.clients as u64,
     });
@@ -209,7 +296,11 @@ async fn drive(
     let mut tasks = Vec::new();
     for c in 0..opts.clients {
         let node = c % n + 1;
-        let client = Client::new(node, nodes.resp_addr(node));
+        let client = if opts.ap {
+            Client::ap(node, nodes.resp_addr(node), AP_KEYSPACE)
+        } else {
+            Client::new(node, nodes.resp_addr(node))
+        };
         tasks.push(tokio::spawn(workload::client_loop(
             shared.clone(),
             c as u64,
@@ -298,15 +389,32 @@ async fn drive(
     for t in tasks {
         let _ = t.await;
     }
+    let convergence = if opts.ap && !interrupted {
+        let c = wait_converged(nodes).await;
+        match c {
+            Some(s) => {
+                eprintln!("chaos: ap replicas converged {s:.1} s after the workload stopped")
+            }
+            None => eprintln!("chaos: ap replicas did NOT converge within 60 s"),
+        }
+        c
+    } else {
+        None
+    };
     shared
         .recorder
         .nemesis("stop", 0, "final heal and recovery");
     let recovered = if interrupted {
         false
     } else {
-        final_reads(&shared, nodes, opts.clients as u64).await
+        final_reads(&shared, nodes, opts.clients as u64, opts.ap).await
     };
     let mut problems = Vec::new();
+    if opts.ap && !interrupted && convergence.is_none() {
+        problems.push(
+            "ap replicas did not converge: digests still differed 60 s after the final heal".into(),
+        );
+    }
     if !recovered && !interrupted {
         problems.push(
             "the cluster did not recover: some final read failed for 60 s after the heal".into(),
@@ -320,20 +428,28 @@ async fn drive(
         interrupted,
         crashes,
         recovered,
+        convergence,
     ))
 }
 
 /// Reads every key ever used, retrying each for up to 60 s in all. Returns whether all
 /// succeeded.
-async fn final_reads(shared: &Shared, nodes: &Nodes, clients: u64) -> bool {
+async fn final_reads(shared: &Shared, nodes: &Nodes, clients: u64, ap: bool) -> bool {
     let keys: Vec<(Workload, String)> = shared.keys.lock().unwrap().used.iter().cloned().collect();
+    let elements = shared.keys.lock().unwrap().elements.clone();
     eprintln!("chaos: final reads of {} keys", keys.len());
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut process = 1_000_000_000 + clients;
     let mut all_ok = true;
     for (k, (w, key)) in keys.into_iter().enumerate() {
         let node = (k as u32 % nodes.count()) + 1;
-        let mut client = Client::new(node, nodes.resp_addr(node));
+        let mut client = if ap {
+            let mut c = Client::ap(node, nodes.resp_addr(node), AP_KEYSPACE);
+            c.set_elements = elements.clone();
+            c
+        } else {
+            Client::new(node, nodes.resp_addr(node))
+        };
         loop {
             let op = workload::Invocation {
                 workload: w,

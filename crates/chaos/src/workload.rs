@@ -121,6 +121,10 @@ pub struct Keys {
     next_element: i64,
     /// Every key ever used, for the final reads.
     pub used: BTreeSet<(Workload, String)>,
+    /// `ap` runs: no reads during the run (they are not expected to be linearizable), and set
+    /// elements are keys of their own (`set:N:E`), so the elements tried per set are kept.
+    pub ap: bool,
+    pub elements: std::collections::BTreeMap<String, Vec<i64>>,
 }
 
 impl Keys {
@@ -140,6 +144,8 @@ impl Keys {
             next_set: active_sets,
             next_element: 1,
             used: BTreeSet::new(),
+            ap: false,
+            elements: Default::default(),
         }
     }
 
@@ -185,7 +191,7 @@ impl Keys {
             }
             Workload::Counter => {
                 let key = format!("ctr:{}", rng.u32(0..self.counters));
-                if rng.u8(0..5) == 0 {
+                if !self.ap && rng.u8(0..5) == 0 {
                     (F::Read, key, Json::Null)
                 } else {
                     (F::Add, key, json!(rng.i64(1..=5)))
@@ -194,11 +200,14 @@ impl Keys {
             Workload::Set => {
                 let slot = rng.usize(0..self.sets.len());
                 let key = format!("set:{}", self.sets[slot].0);
-                if rng.u8(0..5) == 0 {
+                if !self.ap && rng.u8(0..5) == 0 {
                     (F::Read, key, Json::Null)
                 } else {
                     let e = self.next_element;
                     self.next_element += 1;
+                    if self.ap {
+                        self.elements.entry(key.clone()).or_default().push(e);
+                    }
                     self.sets[slot].1 += 1;
                     if self.sets[slot].1 >= SET_ELEMENTS_PER_KEY {
                         self.sets[slot] = (self.next_set, 0);
@@ -227,6 +236,11 @@ pub struct Client {
     pub node: u32,
     addr: String,
     conn: Option<redis::aio::MultiplexedConnection>,
+    /// `ap` runs: the keyspace to select, and the write level set on the connection now.
+    ap_keyspace: Option<String>,
+    ap_write_level: Option<&'static str>,
+    /// `ap` runs: the elements of each set key (for the final read, an MGET of them).
+    pub set_elements: std::collections::BTreeMap<String, Vec<i64>>,
 }
 
 impl Client {
@@ -235,6 +249,18 @@ impl Client {
             node,
             addr,
             conn: None,
+            ap_keyspace: None,
+            ap_write_level: None,
+            set_elements: Default::default(),
+        }
+    }
+
+    /// A client of an `ap` keyspace: reads at `all` (only final reads happen), set inserts at
+    /// `quorum`, counter increments at `one`.
+    pub fn ap(node: u32, addr: String, keyspace: &str) -> Client {
+        Client {
+            ap_keyspace: Some(keyspace.to_string()),
+            ..Client::new(node, addr)
         }
     }
 
@@ -248,6 +274,19 @@ impl Client {
             .await
             .map_err(|_| "connect timed out".to_string())?
             .map_err(|e| format!("connect: {e}"))?;
+        if let Some(ks) = &self.ap_keyspace {
+            let mut setup = c.clone();
+            let select: redis::RedisResult<()> =
+                redis::cmd("SELECT").arg(ks).query_async(&mut setup).await;
+            select.map_err(|e| format!("SELECT {ks}: {e}"))?;
+            let level: redis::RedisResult<()> = redis::cmd("CONSISTENCY")
+                .arg("READ")
+                .arg("ALL")
+                .query_async(&mut setup)
+                .await;
+            level.map_err(|e| format!("CONSISTENCY: {e}"))?;
+            self.ap_write_level = None;
+        }
         self.conn = Some(c.clone());
         Ok(c)
     }
@@ -259,8 +298,48 @@ impl Client {
             Err(e) => return Outcome::Fail(e),
         };
         let mutates = f != F::Read;
+        if self.ap_keyspace.is_some() && mutates {
+            let want = if f == F::Add { "one" } else { "quorum" };
+            if self.ap_write_level != Some(want) {
+                let r: redis::RedisResult<()> = redis::cmd("CONSISTENCY")
+                    .arg("WRITE")
+                    .arg(want)
+                    .query_async(&mut conn)
+                    .await;
+                if let Err(e) = r {
+                    self.conn = None;
+                    return Outcome::Fail(format!("CONSISTENCY: {e}"));
+                }
+                self.ap_write_level = Some(want);
+            }
+        }
+        let ap = self.ap_keyspace.is_some();
+        let elements = self.set_elements.get(key).cloned().unwrap_or_default();
         let work = async {
             match (w, f) {
+                (Workload::Set, F::Read) if ap => {
+                    // Each element is a key of its own; the set is what exists of them.
+                    let mut present = Vec::new();
+                    for chunk in elements.chunks(200) {
+                        let keys: Vec<String> =
+                            chunk.iter().map(|e| format!("{key}:{e}")).collect();
+                        let v: Vec<Option<String>> = conn.mget(&keys).await?;
+                        present.extend(
+                            chunk
+                                .iter()
+                                .zip(v)
+                                .filter(|(_, v)| v.is_some())
+                                .map(|(e, _)| *e),
+                        );
+                    }
+                    Ok(json!(present))
+                }
+                (Workload::Set, F::Insert) if ap => {
+                    let () = conn
+                        .set(format!("{key}:{}", value.as_i64().unwrap_or(0)), 1)
+                        .await?;
+                    Ok(Json::Null)
+                }
                 (Workload::Register | Workload::Counter, F::Read) => {
                     let v: Option<i64> = conn.get(key).await?;
                     Ok(json!(v))

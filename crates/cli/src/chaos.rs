@@ -63,7 +63,8 @@ pub struct RunArgs {
     /// Nemeses, comma-separated: partition, kill, pause, loss, clock, all, or none.
     #[arg(long, default_value = "all", value_delimiter = ',')]
     nemesis: Vec<String>,
-    /// Keyspace mode under test (cp; ap arrives with leaderless replication).
+    /// Keyspace mode under test: cp (linearizability of registers, counters, sets) or ap
+    /// (acknowledged quorum writes survive, concurrent increments all count, replicas converge).
     #[arg(long, default_value = "cp")]
     mode: String,
     /// Quiet seconds between fault windows.
@@ -190,12 +191,17 @@ pub async fn main(op: ChaosOp) -> ExitCode {
                 Ok(n) => n,
                 Err(e) => return harness_error(e),
             };
-            if a.mode != "cp" {
-                return harness_error(format!(
-                    "--mode {}: only cp keyspaces can be tested so far (ap replication is not built yet)",
-                    a.mode
-                ));
-            }
+            let ap = match a.mode.as_str() {
+                "cp" => false,
+                "ap" => true,
+                other => return harness_error(format!("--mode {other}: expected cp or ap")),
+            };
+            // ap keyspaces promise convergence, not linearizability: no register workload.
+            let workloads = if ap && a.workload == ["all"] {
+                vec![Workload::Counter, Workload::Set]
+            } else {
+                workloads
+            };
             if a.fault_min == 0 || a.fault_min > a.fault_max {
                 return harness_error("--fault-min must be at least 1 and at most --fault-max");
             }
@@ -219,6 +225,7 @@ pub async fn main(op: ChaosOp) -> ExitCode {
                 unsafe_reads: a.unsafe_reads,
                 binary,
                 limits: limits(a.key_budget_secs),
+                ap,
             };
             match capdb_chaos::run::run(opts).await {
                 Ok(outcome) => {

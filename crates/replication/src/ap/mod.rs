@@ -586,53 +586,50 @@ impl Ap {
         level: Level,
         now_ms: u64,
     ) -> Result<Reply> {
+        // One owner only: a failed call may still have counted the increment there, so trying
+        // another replica could count it twice. The caller sees an error with an unknown
+        // outcome instead (like any write that times out).
         let mut order: Vec<NodeId> = shard.replicas.clone();
-        order.sort_by_key(|&n| (n != self.me, self.detector.is_down(n), n));
-        let mut last_err = String::from("no replica reachable");
-        for owner in order {
-            if self.detector.is_down(owner) {
-                continue;
+        order.sort_by_key(|&n| (n != self.me, n));
+        let Some(owner) = order.into_iter().find(|&n| !self.detector.is_down(n)) else {
+            return Err(Error::Unavailable(
+                "no replica of the counter's shard is reachable; the increment was not applied"
+                    .into(),
+            ));
+        };
+        let timestamp = self.hlc.now();
+        let req = ApRequest::CounterAdd {
+            keyspace: keyspace.to_string(),
+            key: key.clone(),
+            delta,
+            timestamp,
+            now_ms,
+        };
+        match self.call(owner, req, REPLICA_TIMEOUT).await {
+            Ok(ApResponse::Value(v)) => {
+                let total = capdb_types::merge::render(v.clone())?;
+                let total = capdb_types::mutation::parse_i64_strict(&total.data)
+                    .ok_or(Error::NotAnInteger)?;
+                // The owner already holds the new version: one acknowledgement.
+                let others: Vec<NodeId> = shard
+                    .replicas
+                    .iter()
+                    .copied()
+                    .filter(|&n| n != owner)
+                    .collect();
+                let needed = level.required(shard.replicas.len()) - 1;
+                self.replicate(keyspace, others, vec![(key, v)], needed, level)
+                    .await?;
+                Ok(Reply::Integer(total))
             }
-            let timestamp = self.hlc.now();
-            let req = ApRequest::CounterAdd {
-                keyspace: keyspace.to_string(),
-                key: key.clone(),
-                delta,
-                timestamp,
-                now_ms,
-            };
-            match self.call(owner, req, REPLICA_TIMEOUT).await {
-                Ok(ApResponse::Value(v)) => {
-                    let total = capdb_types::merge::render(v.clone())?;
-                    let total = capdb_types::mutation::parse_i64_strict(&total.data)
-                        .ok_or(Error::NotAnInteger)?;
-                    // The owner already holds the new version: one acknowledgement.
-                    let others: Vec<NodeId> = shard
-                        .replicas
-                        .iter()
-                        .copied()
-                        .filter(|&n| n != owner)
-                        .collect();
-                    let needed = level.required(shard.replicas.len()) - 1;
-                    self.replicate(keyspace, others, vec![(key, v)], needed, level)
-                        .await?;
-                    return Ok(Reply::Integer(total));
-                }
-                Ok(other) => last_err = format!("unexpected answer {other:?}"),
-                // A definite refusal (not an integer, overflow) is final.
-                Err(e) if e.contains("not an integer") || e.contains("overflow") => {
-                    return Err(if e.contains("overflow") {
-                        Error::Overflow
-                    } else {
-                        Error::NotAnInteger
-                    });
-                }
-                Err(e) => last_err = e,
-            }
+            Ok(other) => Err(Error::Io(format!("unexpected answer {other:?}"))),
+            // A definite refusal (not an integer, overflow) is final.
+            Err(e) if e.contains("not an integer") => Err(Error::NotAnInteger),
+            Err(e) if e.contains("overflow") => Err(Error::Overflow),
+            Err(e) => Err(Error::Unavailable(format!(
+                "the increment's outcome is unknown ({e}); it may have been counted"
+            ))),
         }
-        Err(Error::Unavailable(format!(
-            "no replica of the counter's shard could count the increment ({last_err}); it was not applied"
-        )))
     }
 
     /// A page of live keys of one shard, from one replica (this node when it is one).
