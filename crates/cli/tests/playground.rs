@@ -124,9 +124,12 @@ fn playground_partition_refuses_cp_on_the_minority_and_keeps_ap_writable() {
     // The majority side keeps writing cp.
     let out = redis_cli(n2, "SELECT cp\nSET c majority\nGET c\n");
     assert_eq!(out, "OK\nOK\nmajority\n", "{out}");
-    // The ap write on the minority side is accepted.
+    // The ap write on the minority side is accepted (ap keyspaces default to CONSISTENCY ONE).
     let out = redis_cli(n1, "SELECT ap\nSET a minority\nGET a\n");
     assert_eq!(out, "OK\nOK\nminority\n", "ap on the minority: {out}");
+    // And the majority side writes another key meanwhile.
+    let out = redis_cli(n2, "SELECT ap\nSET b majority\n");
+    assert_eq!(out, "OK\nOK\n", "ap on the majority: {out}");
 
     // Heal; cp converges on the majority's value everywhere (the refused write never appears).
     let (ok, text) = control(base, &["heal"]);
@@ -139,6 +142,22 @@ fn playground_partition_refuses_cp_on_the_minority_and_keeps_ap_writable() {
         }
         assert!(Instant::now() < deadline, "cp after heal on node 1: {out}");
         std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // The ap data converges: every node sees both sides' writes.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for port in [base + 1, base + 2, base + 3] {
+        loop {
+            let out = redis_cli(port, "SELECT ap\nCONSISTENCY ALL\nGET a\nGET b\n");
+            if out == "OK\nOK\nminority\nmajority\n" {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ap did not converge on {port}: {out}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 
     // Kill and restart a node through the playground.

@@ -48,8 +48,11 @@ impl Default for Consistency {
     fn default() -> Self {
         Consistency {
             cp_read: ReadMode::Linearizable,
-            ap_read: Level::Quorum,
-            ap_write: Level::Quorum,
+            // ap keyspaces put availability first: a single replica (or a hint) answers, so
+            // every side of a partition keeps working. QUORUM for both gives
+            // read-your-writes (R + W > N).
+            ap_read: Level::One,
+            ap_write: Level::One,
         }
     }
 }

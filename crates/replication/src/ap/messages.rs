@@ -8,10 +8,11 @@ use serde::{Deserialize, Serialize};
 /// How many replicas must answer, per request (reads and writes choose separately).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub enum Level {
-    /// One replica (or a hint holder, for writes).
+    /// One replica (or a hint holder, for writes). The default: available on every side of
+    /// a partition.
+    #[default]
     One,
     /// A majority of the replicas (hint holders count: a sloppy quorum).
-    #[default]
     Quorum,
     /// Every replica; hints do not count.
     All,

@@ -360,8 +360,8 @@ struct GetQuery {
     consistency: Option<String>,
 }
 
-/// `?consistency=`: `linearizable` (default) or `stale` for `cp` reads; `one`, `quorum`
-/// (default) or `all` for `ap` reads and writes. `stale` also reads `ap` at `one`.
+/// `?consistency=`: `linearizable` (default) or `stale` for `cp` reads; `one` (default),
+/// `quorum` or `all` for `ap` reads and writes. `stale` also reads `ap` at `one`.
 fn read_mode(consistency: Option<&str>) -> Result<Consistency, ApiError> {
     let d = Consistency::default();
     match consistency {
@@ -380,7 +380,7 @@ fn read_mode(consistency: Option<&str>) -> Result<Consistency, ApiError> {
             })
         }
         Some(other) => Err(ApiError(Error::InvalidInput(format!(
-            "consistency={other}: expected linearizable (default) or stale for cp keyspaces, one, quorum (default) or all for ap keyspaces"
+            "consistency={other}: expected linearizable (default) or stale for cp keyspaces, one (default), quorum or all for ap keyspaces"
         )))),
     }
 }
@@ -421,7 +421,7 @@ struct PutQuery {
     ttl_ms: Option<u64>,
     #[serde(rename = "if")]
     condition: Option<String>,
-    /// `ap` keyspaces: `one`, `quorum` (default) or `all`.
+    /// `ap` keyspaces: `one` (default), `quorum` or `all`.
     consistency: Option<String>,
 }
 
@@ -475,7 +475,7 @@ async fn put_key(
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct DeleteQuery {
-    /// `ap` keyspaces: `one`, `quorum` (default) or `all`.
+    /// `ap` keyspaces: `one` (default), `quorum` or `all`.
     consistency: Option<String>,
 }
 

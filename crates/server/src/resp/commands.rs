@@ -354,7 +354,7 @@ fn check_kv(key: &[u8], value: Option<&[u8]>, value_max: usize) -> Result<(), St
 }
 
 /// `CONSISTENCY [READ|WRITE] [ONE|QUORUM|ALL]`: the levels of `ap` reads and writes on this
-/// connection (default QUORUM for both). Without a level it reports them; without READ or
+/// connection (default ONE for both; QUORUM for both reads your writes). Without a level it reports them; without READ or
 /// WRITE it sets both.
 fn consistency(conn: &mut Connection, args: &[Bytes]) -> Result<(), String> {
     use capdb_replication::ap::Level;
