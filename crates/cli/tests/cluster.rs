@@ -755,3 +755,75 @@ fn ap_keyspaces_write_on_both_sides_of_a_partition_and_converge() {
         "{text}"
     );
 }
+
+/// The Kubernetes StatefulSet recipe (deploy/kubernetes/statefulset.yaml): every pod gets the
+/// same flags, takes its node id from its host name, and names the founders by DNS name; the
+/// first three pods found the cluster, later ones join. Whatever order they start in, there is
+/// exactly one cluster.
+#[test]
+fn statefulset_pods_form_one_cluster_whatever_order_they_start_in() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let peers: Vec<u16> = (0..4).map(|_| free_port()).collect();
+    let initial: Vec<String> = (0..3)
+        .map(|i| format!("{}=localhost:{}", i + 1, peers[i]))
+        .collect();
+    let initial = initial.join(",");
+    let mut pods: Vec<Server> = peers
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let advertise = format!("localhost:{p}");
+            let mut s = Server::prepare(
+                *p,
+                &[
+                    "--node-id-from-hostname",
+                    "--initial-cluster",
+                    &initial,
+                    "--advertise-addr",
+                    &advertise,
+                ],
+            );
+            s.env.push(("HOSTNAME".into(), format!("capdb-{i}")));
+            s
+        })
+        .collect();
+    // The last pod first, founders in reverse, with pauses: the worst order.
+    for i in [3, 1, 2, 0] {
+        pods[i].spawn_no_wait();
+        std::thread::sleep(Duration::from_millis(700));
+    }
+    for p in &mut pods {
+        p.wait_ready()
+            .unwrap_or_else(|log| panic!("pod did not become ready: {log}"));
+    }
+    // One cluster: every pod sees the same four members and the same meta leader.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let views: Vec<(Vec<u64>, Option<u64>)> = pods
+            .iter()
+            .map(|p| {
+                let (_, body) = http(p.http, "GET", "/v1/cluster", &[], None).unwrap();
+                let v = json(&body);
+                let ids = v["nodes"]
+                    .as_array()
+                    .map(|n| n.iter().filter_map(|n| n["id"].as_u64()).collect())
+                    .unwrap_or_default();
+                (ids, v["meta_leader"].as_u64())
+            })
+            .collect();
+        let one_cluster = views
+            .iter()
+            .all(|(ids, leader)| *ids == vec![1, 2, 3, 4] && leader.is_some())
+            && views.windows(2).all(|w| w[0].1 == w[1].1);
+        if one_cluster {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not one cluster: {views:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // And it works as one: a write through the joined pod is read through a founder.
+    let mut c4 = pods[3].client();
+    set_retrying(&mut c4, "hello", "statefulset");
+    let v: Option<String> = pods[0].client().get("hello").unwrap();
+    assert_eq!(v.as_deref(), Some("statefulset"));
+}

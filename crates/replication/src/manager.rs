@@ -332,6 +332,7 @@ impl Manager {
     /// Stops every group (graceful shutdown). Leaders hand off leadership first when they can.
     pub async fn shutdown(&self) {
         self.stopping.store(true, Ordering::Release);
+        self.ap.shutdown();
         let groups: Vec<(GroupId, Arc<Group>)> = self
             .groups
             .read()

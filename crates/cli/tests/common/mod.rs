@@ -35,6 +35,8 @@ pub struct Server {
     pub peer: SocketAddr,
     pub dir: tempfile::TempDir,
     pub extra: Vec<String>,
+    /// Extra environment variables of the process (e.g. HOSTNAME).
+    pub env: Vec<(String, String)>,
 }
 
 impl Server {
@@ -57,6 +59,7 @@ impl Server {
             peer: format!("127.0.0.1:{peer_port}").parse().unwrap(),
             dir: tempfile::tempdir().unwrap(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            env: Vec::new(),
         }
     }
 
@@ -96,6 +99,7 @@ impl Server {
             .arg(self.peer.to_string())
             .args(&self.extra)
             .env("CAPDB_LOG", "info,openraft=warn")
+            .envs(self.env.iter().cloned())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

@@ -471,6 +471,7 @@ pub(super) async fn run(ap: Arc<Ap>) {
     loop {
         tokio::select! {
             _ = tokio::time::sleep(ap.config.anti_entropy_interval) => {}
+            _ = ap.stopped() => return,
             _ = recoveries.changed() => {
                 // Let hinted handoff go first; anti-entropy mops up.
                 tokio::time::sleep(Duration::from_millis(500)).await;

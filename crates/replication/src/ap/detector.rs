@@ -111,7 +111,10 @@ pub(super) async fn run(ap: Arc<Ap>) {
     let mut tick = tokio::time::interval(PROBE_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = ap.stopped() => return,
+        }
         let nodes: Vec<NodeId> = ap
             .state()
             .nodes

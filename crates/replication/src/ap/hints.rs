@@ -220,6 +220,7 @@ pub(super) async fn run(ap: Arc<Ap>) {
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             _ = recoveries.changed() => {}
+            _ = ap.stopped() => return,
         }
         let targets: Vec<NodeId> = ap.hints.pending().keys().copied().collect();
         for target in targets {

@@ -88,6 +88,8 @@ pub struct Ap {
     hints: hints::Hints,
     stats: anti_entropy::Stats,
     budget: anti_entropy::Budget,
+    /// Turns true at shutdown; the background loops end (and release the storage engine).
+    stop: watch::Sender<bool>,
 }
 
 /// The local table of an `ap` keyspace (one per keyspace per node; it holds the keys of every
@@ -117,6 +119,7 @@ impl Ap {
             detector: detector::Detector::new(me),
             stats: anti_entropy::Stats::default(),
             budget,
+            stop: watch::channel(false).0,
         });
         tokio::spawn(detector::run(ap.clone()));
         tokio::spawn(hints::run(ap.clone()));
@@ -126,6 +129,17 @@ impl Ap {
 
     pub fn me(&self) -> NodeId {
         self.me
+    }
+
+    /// Ends the background loops (failure detection, hint delivery, anti-entropy).
+    pub fn shutdown(&self) {
+        let _ = self.stop.send(true);
+    }
+
+    /// Resolves when [`Ap::shutdown`] has been called.
+    pub(crate) async fn stopped(&self) {
+        let mut rx = self.stop.subscribe();
+        let _ = rx.wait_for(|s| *s).await;
     }
 
     fn state(&self) -> Arc<ClusterState> {
