@@ -279,6 +279,24 @@ impl Manager {
         &self.info
     }
 
+    /// Whether every group this node holds knows a leader and has applied all but at most
+    /// `max_lag` entries of its log.
+    pub fn caught_up(&self, max_lag: u64) -> bool {
+        let groups: Vec<Arc<Group>> = self
+            .groups
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        groups.iter().all(|g| {
+            let m = g.raft.metrics().borrow_watched().clone();
+            let applied = m.last_applied.map(|l| l.index).unwrap_or(0);
+            let last = m.last_log_index.unwrap_or(0);
+            m.current_leader.is_some() && last.saturating_sub(applied) <= max_lag
+        })
+    }
+
     /// The `ap` replication service.
     pub fn ap(&self) -> &Arc<crate::ap::Ap> {
         &self.ap

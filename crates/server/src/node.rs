@@ -593,6 +593,9 @@ impl Node {
     }
 
     /// Whether this node can serve: registered in the map, the catalog built.
+    /// Whether this node can serve: registered, the catalog built, and caught up (every Raft
+    /// group it holds knows a leader and has applied nearly all of its log). Kubernetes
+    /// readiness (`/readyz`) uses this, so a restarted pod takes traffic once it has caught up.
     pub fn is_ready(&self) -> bool {
         !self.is_shutting_down()
             && self
@@ -601,6 +604,7 @@ impl Node {
                 .nodes
                 .contains_key(&self.manager.id())
             && self.default_keyspace().is_ok()
+            && self.manager.caught_up(READY_APPLY_LAG_MAX)
     }
 
     /// Creates a keyspace cluster-wide; returns once this node's catalog has it.
@@ -703,6 +707,9 @@ impl Node {
         }
     }
 }
+
+/// Log entries a group may still have to apply while the node counts as ready.
+pub const READY_APPLY_LAG_MAX: u64 = 1_000;
 
 /// Keys examined per durable keyspace per second by active expiry. Expired keys are invisible to
 /// readers at once (lazy expiry); the sweep only reclaims their space.
