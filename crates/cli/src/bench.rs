@@ -70,6 +70,56 @@ impl NodeProc {
     }
 }
 
+/// Starts `n` nodes of this binary on loopback ports, founding one cluster; data and logs go
+/// under `work`.
+pub(crate) fn spawn_local_cluster(
+    binary: &PathBuf,
+    work: &std::path::Path,
+    n: usize,
+) -> Result<Vec<NodeProc>, String> {
+    let peers: Vec<u16> = (0..n).map(|_| free_port()).collect::<Result<_, _>>()?;
+    let initial: Vec<String> = peers
+        .iter()
+        .enumerate()
+        .map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1))
+        .collect();
+    let mut nodes = Vec::new();
+    for (i, peer) in peers.iter().enumerate() {
+        let id = i as u64 + 1;
+        let (resp, http) = (
+            format!("127.0.0.1:{}", free_port()?),
+            format!("127.0.0.1:{}", free_port()?),
+        );
+        let args = vec![
+            "server".to_string(),
+            "--node-id".into(),
+            id.to_string(),
+            "--data-dir".into(),
+            work.join(format!("node{id}")).display().to_string(),
+            "--resp-addr".into(),
+            resp.clone(),
+            "--http-addr".into(),
+            http.clone(),
+            "--peer-addr".into(),
+            format!("127.0.0.1:{peer}"),
+            "--initial-cluster".into(),
+            initial.join(","),
+        ];
+        nodes.push(NodeProc {
+            id,
+            resp,
+            http,
+            args,
+            log: work.join(format!("node{id}.log")),
+            child: None,
+        });
+    }
+    for node in &mut nodes {
+        node.spawn(binary)?;
+    }
+    Ok(nodes)
+}
+
 pub(crate) fn free_port() -> Result<u16, String> {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -147,49 +197,7 @@ pub async fn failover(args: FailoverArgs) -> Result<(), String> {
         std::env::temp_dir().join(format!("capdb-failover-{}", std::process::id()))
     });
     std::fs::create_dir_all(&work).map_err(|e| format!("cannot create {}: {e}", work.display()))?;
-    let peers: Vec<u16> = (0..args.nodes)
-        .map(|_| free_port())
-        .collect::<Result<_, _>>()?;
-    let initial: Vec<String> = peers
-        .iter()
-        .enumerate()
-        .map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1))
-        .collect();
-    let mut nodes = Vec::new();
-    for (i, peer) in peers.iter().enumerate() {
-        let id = i as u64 + 1;
-        let (resp, http) = (
-            format!("127.0.0.1:{}", free_port()?),
-            format!("127.0.0.1:{}", free_port()?),
-        );
-        let data = work.join(format!("node{id}"));
-        let args = vec![
-            "server".to_string(),
-            "--node-id".into(),
-            id.to_string(),
-            "--data-dir".into(),
-            data.display().to_string(),
-            "--resp-addr".into(),
-            resp.clone(),
-            "--http-addr".into(),
-            http.clone(),
-            "--peer-addr".into(),
-            format!("127.0.0.1:{peer}"),
-            "--initial-cluster".into(),
-            initial.join(","),
-        ];
-        nodes.push(NodeProc {
-            id,
-            resp,
-            http,
-            args,
-            log: work.join(format!("node{id}.log")),
-            child: None,
-        });
-    }
-    for n in &mut nodes {
-        n.spawn(&binary)?;
-    }
+    let mut nodes = spawn_local_cluster(&binary, &work, args.nodes)?;
     let rf = args.nodes.min(3);
     let clients: Vec<HttpClient> = nodes
         .iter()

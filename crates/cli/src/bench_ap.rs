@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
-use crate::bench::{NodeProc, free_port};
+use crate::bench::{NodeProc, spawn_local_cluster};
 use crate::client::HttpClient;
 
 #[derive(clap::Args)]
@@ -174,46 +174,7 @@ pub async fn ap(args: ApArgs) -> Result<(), String> {
         std::env::temp_dir().join(format!("capdb-bench-ap-{}", std::process::id()))
     });
     std::fs::create_dir_all(&work).map_err(|e| format!("{}: {e}", work.display()))?;
-    let peers: Vec<u16> = (0..3).map(|_| free_port()).collect::<Result<_, _>>()?;
-    let initial: Vec<String> = peers
-        .iter()
-        .enumerate()
-        .map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1))
-        .collect();
-    let mut nodes = Vec::new();
-    for (i, peer) in peers.iter().enumerate() {
-        let id = i as u64 + 1;
-        let (resp, http) = (
-            format!("127.0.0.1:{}", free_port()?),
-            format!("127.0.0.1:{}", free_port()?),
-        );
-        let a = vec![
-            "server".to_string(),
-            "--node-id".into(),
-            id.to_string(),
-            "--data-dir".into(),
-            work.join(format!("node{id}")).display().to_string(),
-            "--resp-addr".into(),
-            resp.clone(),
-            "--http-addr".into(),
-            http.clone(),
-            "--peer-addr".into(),
-            format!("127.0.0.1:{peer}"),
-            "--initial-cluster".into(),
-            initial.join(","),
-        ];
-        nodes.push(NodeProc {
-            id,
-            resp,
-            http,
-            args: a,
-            log: work.join(format!("node{id}.log")),
-            child: None,
-        });
-    }
-    for n in &mut nodes {
-        n.spawn(&binary)?;
-    }
+    let mut nodes = spawn_local_cluster(&binary, &work, 3)?;
     let clients: Vec<HttpClient> = nodes
         .iter()
         .map(|n| HttpClient::new(&n.http, None))

@@ -635,6 +635,35 @@ mod tests {
     }
 
     #[test]
+    fn the_reference_file_parses_with_every_setting_uncommented() {
+        let text = include_str!("../../../config/capdb.toml");
+        // Uncomment `# key = value` lines (not prose, not the password) and parse the result.
+        let uncommented: String = text
+            .lines()
+            .map(|l| match l.strip_prefix("# ") {
+                Some(rest)
+                    if rest.contains(" = ")
+                        && !rest.starts_with("password")
+                        && !rest.starts_with("join")
+                        && !rest.starts_with("initial_cluster") =>
+                {
+                    rest.to_string()
+                }
+                _ => l.to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let (_d, p) = write(&uncommented);
+        let c = Config::resolve(&ServerArgs {
+            config: Some(p),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(c.cluster.ap_anti_entropy_interval_ms, 10_000);
+        assert_eq!(c.cluster.labels["zone"], "eu-west-1a");
+    }
+
+    #[test]
     fn statefulset_host_names_map_to_node_ids() {
         assert_eq!(node_id_from_hostname("capdb-0").unwrap(), 1);
         assert_eq!(node_id_from_hostname("my-db-12.peers.ns.svc").unwrap(), 13);
