@@ -53,6 +53,8 @@ pub struct ClusterConfig {
     pub ap_anti_entropy_interval_ms: u64,
     /// Bytes per second anti-entropy may stream from this node.
     pub ap_anti_entropy_bytes_per_sec: u64,
+    /// Age before a tombstone every replica holds may be collected.
+    pub ap_tombstone_grace_ms: u64,
 }
 
 /// Switches for fault-injection testing (`capdb chaos`). Both are off by default and only
@@ -115,6 +117,7 @@ struct FileConfig {
     raft_snapshot_logs: Option<u64>,
     ap_anti_entropy_interval_ms: Option<u64>,
     ap_anti_entropy_bytes_per_sec: Option<u64>,
+    ap_tombstone_grace_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -211,6 +214,10 @@ pub struct ServerArgs {
         value_name = "BYTES"
     )]
     pub ap_anti_entropy_bytes_per_sec: Option<u64>,
+    /// Milliseconds a tombstone lives at least before it may be collected (once every replica
+    /// holds it); hints live a third of that at most [default: 10800000, 3 h].
+    #[arg(long, env = "CAPDB_AP_TOMBSTONE_GRACE_MS", value_name = "MS")]
+    pub ap_tombstone_grace_ms: Option<u64>,
     /// Take the node id from the host name's ordinal suffix plus one (`capdb-0` is node 1), as
     /// Kubernetes StatefulSet pods are named. Reads $HOSTNAME, else the kernel's host name.
     #[arg(long, env = "CAPDB_NODE_ID_FROM_HOSTNAME", conflicts_with = "node_id")]
@@ -367,7 +374,17 @@ impl Config {
                 "ap_anti_entropy_bytes_per_sec must be at least 65536".into(),
             ));
         }
+        let ap_tombstone_grace_ms = args
+            .ap_tombstone_grace_ms
+            .or(file.ap_tombstone_grace_ms)
+            .unwrap_or(3 * 3600 * 1000);
+        if ap_tombstone_grace_ms < 1000 {
+            return Err(ConfigError(
+                "ap_tombstone_grace_ms must be at least 1000".into(),
+            ));
+        }
         let cluster = ClusterConfig {
+            ap_tombstone_grace_ms,
             ap_anti_entropy_interval_ms,
             ap_anti_entropy_bytes_per_sec,
             node_id,

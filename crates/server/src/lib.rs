@@ -107,7 +107,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                     config.cluster.ap_anti_entropy_interval_ms,
                 ),
                 anti_entropy_bytes_per_sec: config.cluster.ap_anti_entropy_bytes_per_sec,
-                ..Default::default()
+                tombstone_grace: std::time::Duration::from_millis(
+                    config.cluster.ap_tombstone_grace_ms,
+                ),
+                // Shorter than the grace, so no delayed hint can resurrect a collected delete.
+                hint_max_age: std::time::Duration::from_millis(
+                    (config.cluster.ap_tombstone_grace_ms / 3).min(3600 * 1000),
+                ),
             },
             raft: Arc::new(
                 capdb_replication::manager::default_raft_config(config.cluster.raft_snapshot_logs)
