@@ -94,11 +94,14 @@ enum Op {
         mutations: Vec<Mutation>,
         now_ms: u64,
     },
-    /// Deletes the given keys if they are still expired at `now_ms` (active expiry).
+    /// Deletes the given keys if they are still expired at `now_ms` (active expiry). In a
+    /// table with tombstones (`ap`) an expired value becomes a tombstone with its timestamp
+    /// instead, so replicas converge on the deletion rather than resurrecting older values.
     RemoveExpired {
         table: String,
         keys: Vec<Bytes>,
         now_ms: u64,
+        tombstones: bool,
     },
     Clear {
         table: String,
@@ -658,6 +661,7 @@ impl DiskTable {
                     table: self.table.clone(),
                     keys: expired,
                     now_ms,
+                    tombstones: self.tombstones,
                 })
                 .await?
             {
@@ -1037,7 +1041,11 @@ fn execute(
         } => {
             let mut t = txn.open_table(table_def(table)).map_err(io_err)?;
             let current = match t.get(&key[..]).map_err(io_err)? {
-                Some(raw) => Some(Value::decode(raw.value())?),
+                Some(raw) => match Value::decode(raw.value()) {
+                    Ok(v) => Some(v),
+                    // Fails this job alone, not the whole batch.
+                    Err(e) => return Ok(Output::Failed(e)),
+                },
                 None => None,
             };
             match capdb_types::merge::counter_add(
@@ -1191,16 +1199,24 @@ fn execute(
             table,
             keys,
             now_ms,
+            tombstones,
         } => {
             let mut t = txn.open_table(table_def(table)).map_err(io_err)?;
             let mut removed = 0;
             for key in keys {
                 let expired = match t.get(&key[..]).map_err(io_err)? {
-                    Some(raw) => Value::decode(raw.value()).is_ok_and(|v| v.is_expired(*now_ms)),
-                    None => false,
+                    Some(raw) => Value::decode(raw.value())
+                        .ok()
+                        .filter(|v| !v.header.tombstone && v.is_expired(*now_ms)),
+                    None => None,
                 };
-                if expired {
-                    t.remove(&key[..]).map_err(io_err)?;
+                if let Some(v) = expired {
+                    if *tombstones {
+                        let tomb = Value::tombstone(v.header.timestamp);
+                        t.insert(&key[..], &tomb.encode()[..]).map_err(io_err)?;
+                    } else {
+                        t.remove(&key[..]).map_err(io_err)?;
+                    }
                     removed += 1;
                 }
             }

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use capdb_cluster::NodeId;
 use capdb_cluster::state::ShardInfo;
-use capdb_types::{Error, KeyspaceName, Mode, Result, Value};
+use capdb_types::{Error, Mode, Result, Value};
 use serde::Serialize;
 use serde_json::json;
 
@@ -241,7 +241,13 @@ async fn session(ap: &Arc<Ap>, ks: &str, shard: &ShardInfo, peer: NodeId) -> Res
     let remote = |e: String| Error::Unavailable(format!("anti-entropy with node {peer}: {e}"));
     // Versions younger than a replica round trip may still be on their way; the next pass
     // compares them.
-    let before_ms = capdb_types::unix_now_ms().saturating_sub(REPLICA_TIMEOUT.as_millis() as u64);
+    // Taken from the HLC, which versions are stamped with, so a clock running ahead somewhere
+    // does not keep every new version out of the comparison.
+    let before_ms = ap
+        .hlc
+        .now()
+        .physical_ms()
+        .saturating_sub(REPLICA_TIMEOUT.as_millis() as u64);
     let (ap2, ks2, slots) = (ap.clone(), ks.to_string(), shard.slots);
     let mine = tokio::task::spawn_blocking(move || digest(&ap2, &ks2, slots, before_ms))
         .await
@@ -462,7 +468,6 @@ pub async fn pass(ap: &Arc<Ap>, collect: bool) {
         }
         ap.stats.pass(&ks, in_sync, ap.detector.last_recovery_ms());
     }
-    let _ = KeyspaceName::new("x");
 }
 
 pub(super) async fn run(ap: Arc<Ap>) {

@@ -44,6 +44,9 @@ pub struct Hints {
     engine: DiskEngine,
     max_age: Duration,
     queues: Mutex<BTreeMap<NodeId, Queue>>,
+    /// Held from reserving an index to queueing its append, so records commit in index order
+    /// (delivery deletes ranges of indices and must never skip one still being written).
+    append: tokio::sync::Mutex<()>,
 }
 
 fn table(target: NodeId) -> String {
@@ -72,6 +75,7 @@ impl Hints {
             engine,
             max_age,
             queues: Mutex::new(queues),
+            append: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -93,6 +97,7 @@ impl Hints {
         keyspace: &str,
         entries: Vec<(Bytes, Value)>,
     ) -> Result<()> {
+        let order = self.append.lock().await;
         let (index, new_target) = {
             let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
             let new_target = !queues.contains_key(&target);
@@ -105,13 +110,25 @@ impl Hints {
             q.next += 1;
             (q.next - 1, new_target)
         };
-        if new_target {
-            self.engine
+        let unreserve = || {
+            let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(q) = queues.get_mut(&target)
+                && q.next == index + 1
+            {
+                q.next = index;
+            }
+        };
+        if new_target
+            && let Err(e) = self
+                .engine
                 .meta_put(
                     vec![(format!("{MARKER_PREFIX}{target}"), Some(vec![1]))],
                     true,
                 )
-                .await?;
+                .await
+        {
+            unreserve();
+            return Err(e);
         }
         let record = HintRecord {
             keyspace: keyspace.to_string(),
@@ -120,11 +137,17 @@ impl Hints {
         };
         let bytes = postcard::to_stdvec(&record).map_err(|e| Error::Io(e.to_string()))?;
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.engine
+        if let Err(e) = self
+            .engine
             .log_append(&table(target), vec![(index, bytes)], move |r| {
                 let _ = tx.send(r);
             })
-            .await?;
+            .await
+        {
+            unreserve();
+            return Err(e);
+        }
+        drop(order);
         rx.await
             .map_err(|_| Error::Io("storage writer stopped".into()))?
     }
@@ -154,6 +177,20 @@ impl Hints {
                     return;
                 }
             };
+            if batch.is_empty() {
+                // A gap left by appends that failed: skip to the first stored record. (With
+                // none stored, appends may still be in flight: wait for them.)
+                if let Ok(Some((first, _))) = self.engine.log_first(&table(target))
+                    && first > q.first
+                {
+                    let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Some(q) = queues.get_mut(&target) {
+                        q.first = q.first.max(first);
+                    }
+                    continue;
+                }
+                return;
+            }
             // One merge per keyspace for the whole batch (records are small and many).
             let mut by_keyspace: BTreeMap<String, Vec<(Bytes, Value)>> = BTreeMap::new();
             let now = capdb_types::unix_now_ms();
@@ -178,8 +215,12 @@ impl Hints {
                     };
                     match ap.call(target, req, super::REPLICA_TIMEOUT).await {
                         Ok(_) => {}
-                        // A keyspace dropped meanwhile: nothing to deliver.
-                        Err(e) if e.contains("does not exist") || e.contains("not found") => {}
+                        // Dropped from the map meanwhile (as this node sees it): nothing to
+                        // deliver. A target that has not learned of a new keyspace yet gets
+                        // the hint again later.
+                        Err(_)
+                            if capdb_types::KeyspaceName::new(&keyspace)
+                                .is_ok_and(|k| !ap.state().keyspaces.contains_key(&k)) => {}
                         Err(_) => {
                             delivered_all = false;
                             break;

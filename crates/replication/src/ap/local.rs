@@ -6,8 +6,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use capdb_types::{Error, Result, Value};
 
+use super::Ap;
 use super::messages::{ApRequest, ApResponse, Slots};
-use super::{Ap, table_name};
 
 /// Leaves of a shard's anti-entropy tree: keys hash into this many buckets.
 pub const BUCKETS: u32 = 1024;
@@ -38,10 +38,11 @@ fn in_slots(key: &[u8], slots: Slots) -> bool {
     s >= slots.0 && s <= slots.1
 }
 
-/// Whether anti-entropy compares this version: tombstones yes (deletes must spread), expired
-/// values no (each replica drops them by itself at the same absolute time).
-fn compared(v: &Value, now_ms: u64) -> bool {
-    v.header.tombstone || !v.is_expired(now_ms)
+/// Whether anti-entropy compares this version: all of them. Expired values too: leaving them
+/// out would let an older value on another replica look like the only one and come back; the
+/// expiry sweep turns them into tombstones, which merge like deletes.
+fn compared(_v: &Value, _now_ms: u64) -> bool {
+    true
 }
 
 /// Bucket hashes of one shard's keys in the local table, of versions written at or before
@@ -169,24 +170,24 @@ pub(super) async fn handle(ap: &Arc<Ap>, request: ApRequest) -> Result<ApRespons
             ap.table(&keyspace)
                 .for_each_raw_after(after.as_deref(), |k, v| {
                     examined += 1;
-                    if examined > 100_000 {
-                        next = Some(Bytes::copy_from_slice(k));
-                        return false;
-                    }
-                    if prefix.as_ref().is_some_and(|p| !k.starts_with(p)) {
-                        return true;
-                    }
-                    if !in_slots(k, slots) || !v.is_live(now_ms) {
-                        return true;
-                    }
-                    match capdb_types::merge::render(v) {
-                        Ok(v) => entries.push((Bytes::copy_from_slice(k), v)),
-                        Err(e) => {
-                            result = Err(e);
+                    let wanted = prefix.as_ref().is_none_or(|p| k.starts_with(p))
+                        && in_slots(k, slots)
+                        && v.is_live(now_ms);
+                    if wanted {
+                        match capdb_types::merge::render(v) {
+                            Ok(v) => entries.push((Bytes::copy_from_slice(k), v)),
+                            Err(e) => {
+                                result = Err(e);
+                                return false;
+                            }
+                        }
+                        if entries.len() >= limit {
+                            next = Some(Bytes::copy_from_slice(k));
                             return false;
                         }
                     }
-                    if entries.len() >= limit {
+                    // This key is done either way: the next page starts after it.
+                    if examined >= 100_000 {
                         next = Some(Bytes::copy_from_slice(k));
                         return false;
                     }
@@ -210,7 +211,6 @@ pub(super) async fn handle(ap: &Arc<Ap>, request: ApRequest) -> Result<ApRespons
 fn check_table(ap: &Ap, keyspace: &str) -> Result<()> {
     let name = capdb_types::KeyspaceName::new(keyspace)?;
     if ap.state().keyspaces.contains_key(&name) {
-        let _ = table_name(keyspace);
         Ok(())
     } else {
         Err(Error::KeyspaceNotFound(keyspace.to_string()))

@@ -216,10 +216,21 @@ impl Ap {
         required: usize,
         level: Level,
     ) -> Result<()> {
-        if entries.is_empty() || replicas.is_empty() {
+        if entries.is_empty() {
             return Ok(());
         }
-        let (tx, mut rx) = mpsc::channel::<bool>(replicas.len().max(1));
+        if replicas.is_empty() {
+            return if required == 0 {
+                Ok(())
+            } else {
+                Err(Error::Unavailable(
+                    "the shard has no replicas in the cluster map yet; retry".into(),
+                ))
+            };
+        }
+        // What each replica's share became: stored on the replica, stored as a hint on a
+        // stand-in that counts toward the level, or neither.
+        let (tx, mut rx) = mpsc::channel::<Option<NodeId>>(replicas.len().max(1));
         for &r in &replicas {
             let ap = self.clone();
             let tx = tx.clone();
@@ -240,7 +251,7 @@ impl Ap {
                         .await
                         .is_ok();
                 let counts = if delivered {
-                    true
+                    Some(r)
                 } else {
                     // The replica's share goes to a healthy stand-in, handed off later.
                     let holder = ap.hint_holder(&replicas, r);
@@ -257,7 +268,7 @@ impl Ap {
                         .await
                         .is_ok();
                     // A sloppy quorum counts a stand-in that is not itself a replica.
-                    stored && level != Level::All && !replicas.contains(&holder)
+                    (stored && level != Level::All && !replicas.contains(&holder)).then_some(holder)
                 };
                 let _ = tx.send(counts).await;
             });
@@ -266,11 +277,13 @@ impl Ap {
         if required == 0 {
             return Ok(());
         }
-        let (mut acks, mut answers) = (0, 0);
-        while let Some(ok) = rx.recv().await {
+        // Distinct nodes holding the write: two hints on one stand-in count once.
+        let mut holders = std::collections::BTreeSet::new();
+        let mut answers = 0;
+        while let Some(holder) = rx.recv().await {
             answers += 1;
-            acks += ok as usize;
-            if acks >= required {
+            holders.extend(holder);
+            if holders.len() >= required {
                 return Ok(());
             }
             if answers == replicas.len() {
@@ -278,7 +291,8 @@ impl Ap {
             }
         }
         Err(Error::Unavailable(format!(
-            "{acks} of {required} required replicas acknowledged (consistency {}); the write may still be applied where it arrived, and retrying it is safe",
+            "{} of {required} required replicas acknowledged (consistency {}); the write may still be applied where it arrived (retrying a plain SET is safe)",
+            holders.len(),
             level.as_str()
         )))
     }
@@ -361,7 +375,6 @@ impl Ap {
         drop(tx);
         let mut replies: Vec<(NodeId, Vec<Option<Value>>)> = Vec::new();
         let mut answer = Some(answer);
-        let mut answered_with = 0;
         while let Some((node, out)) = rx.recv().await {
             if let Some(values) = out.filter(|v| v.len() == keys.len()) {
                 replies.push((node, values));
@@ -369,7 +382,6 @@ impl Ap {
             if replies.len() >= required
                 && let Some(a) = answer.take()
             {
-                answered_with = replies.len();
                 let _ = a.send(Ok(merge_replies(&replies, keys.len())));
             }
         }
@@ -382,7 +394,6 @@ impl Ap {
         }
         // Read repair: every replica that answered gets what it lacks.
         let merged = merge_replies(&replies, keys.len());
-        let _ = answered_with;
         for (node, values) in &replies {
             let stale: Vec<(Bytes, Value)> = keys
                 .iter()
@@ -632,8 +643,16 @@ impl Ap {
                     .filter(|&n| n != owner)
                     .collect();
                 let needed = level.required(shard.replicas.len()) - 1;
-                self.replicate(keyspace, others, vec![(key, v)], needed, level)
-                    .await?;
+                if let Err(e) = self
+                    .replicate(keyspace, others, vec![(key, v)], needed, level)
+                    .await
+                {
+                    // Counted already: a retry would count it twice.
+                    return Err(Error::Unavailable(format!(
+                        "the increment was counted on node {owner} but did not reach the level {} ({e}); do not retry it",
+                        level.as_str()
+                    )));
+                }
                 Ok(Reply::Integer(total))
             }
             Ok(other) => Err(Error::Io(format!("unexpected answer {other:?}"))),
