@@ -152,6 +152,29 @@ impl Hints {
             .map_err(|_| Error::Io("storage writer stopped".into()))?
     }
 
+    /// Drops every hint for `target` (a node that left the cluster).
+    async fn discard(&self, target: NodeId) {
+        let _order = self.append.lock().await;
+        if self
+            .engine
+            .log_remove(&table(target), 0, None)
+            .await
+            .is_err()
+            || self
+                .engine
+                .meta_put(vec![(format!("{MARKER_PREFIX}{target}"), None)], true)
+                .await
+                .is_err()
+        {
+            return;
+        }
+        self.queues
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&target);
+        tracing::info!(target, "hints for a node that left the cluster dropped");
+    }
+
     /// Hands `target` its hints, oldest first, until none are left or it stops answering.
     async fn deliver(&self, ap: &Arc<Ap>, target: NodeId) {
         loop {
@@ -257,16 +280,25 @@ impl Hints {
 /// Delivers hints to every reachable target, every second and whenever a node recovers.
 pub(super) async fn run(ap: Arc<Ap>) {
     let mut recoveries = ap.detector.recoveries();
+    // Nodes this process has seen in the map: a target missing from the map is only taken to
+    // have left when it was seen before (a map not yet caught up after a restart may simply not
+    // know a node that joined recently).
+    let mut seen: std::collections::BTreeSet<NodeId> = Default::default();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             _ = recoveries.changed() => {}
             _ = ap.stopped() => return,
         }
+        let state = ap.state();
+        seen.extend(state.nodes.keys().copied());
         let targets: Vec<NodeId> = ap.hints.pending().keys().copied().collect();
         for target in targets {
-            if !ap.state().nodes.contains_key(&target) {
-                // The node left the cluster: its hints have no one to go to.
+            if !state.nodes.contains_key(&target) {
+                if seen.contains(&target) {
+                    // The node left the cluster: its hints have no one to go to.
+                    ap.hints.discard(target).await;
+                }
                 continue;
             }
             if !ap.detector.is_down(target) {
