@@ -72,12 +72,12 @@ impl Nodes {
     }
 
     pub fn status(&self, i: u32) -> Status {
-        self.procs.lock().unwrap()[i as usize - 1].status
+        self.procs.lock().unwrap_or_else(|p| p.into_inner())[i as usize - 1].status
     }
 
     /// Starts node `i` (a no-op when it runs). Output is appended to `DIR/nodes/node-i.log`.
     pub fn start(&self, i: u32) -> Result<(), HarnessError> {
-        let mut procs = self.procs.lock().unwrap();
+        let mut procs = self.procs.lock().unwrap_or_else(|p| p.into_inner());
         let p = &mut procs[i as usize - 1];
         if p.status != Status::Down {
             return Ok(());
@@ -128,7 +128,7 @@ impl Nodes {
 
     /// SIGKILLs node `i` (also when paused) and reaps it.
     pub fn kill(&self, i: u32) {
-        let mut procs = self.procs.lock().unwrap();
+        let mut procs = self.procs.lock().unwrap_or_else(|p| p.into_inner());
         let p = &mut procs[i as usize - 1];
         if let Some(child) = p.child.as_mut() {
             let _ = child.kill();
@@ -139,7 +139,7 @@ impl Nodes {
     }
 
     fn signal(&self, i: u32, signal: &str, from: Status, to: Status) -> Result<(), HarnessError> {
-        let mut procs = self.procs.lock().unwrap();
+        let mut procs = self.procs.lock().unwrap_or_else(|p| p.into_inner());
         let p = &mut procs[i as usize - 1];
         if p.status != from {
             return Ok(());
@@ -164,7 +164,7 @@ impl Nodes {
 
     /// Notices nodes that exited on their own (a crash is a finding, reported by the run).
     pub fn exited(&self) -> Vec<(u32, String)> {
-        let mut procs = self.procs.lock().unwrap();
+        let mut procs = self.procs.lock().unwrap_or_else(|p| p.into_inner());
         let mut out = Vec::new();
         for (idx, p) in procs.iter_mut().enumerate() {
             if p.status == Status::Down {

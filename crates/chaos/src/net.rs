@@ -162,7 +162,7 @@ impl Topology {
     /// Cuts links so that node `a` and node `b` can talk only if `connected(a, b)`; loss rules
     /// are kept. Applies to every node.
     pub fn set_links(&self, connected: impl Fn(u32, u32) -> bool) -> Result<(), HarnessError> {
-        let mut faults = self.faults.lock().unwrap();
+        let mut faults = self.faults.lock().unwrap_or_else(|p| p.into_inner());
         for me in 1..=self.nodes {
             let f = faults.entry(me).or_default();
             f.blocked = (1..=self.nodes)
@@ -180,7 +180,7 @@ impl Topology {
     /// Drops this share (per mille) of packets node `me` receives from each peer in `from`.
     pub fn set_loss(&self, me: u32, from: &[u32], per_mille: u32) -> Result<(), HarnessError> {
         let f = {
-            let mut faults = self.faults.lock().unwrap();
+            let mut faults = self.faults.lock().unwrap_or_else(|p| p.into_inner());
             let f = faults.entry(me).or_default();
             f.lossy = from.iter().map(|&p| (p, per_mille.min(1000))).collect();
             f.clone()
@@ -190,7 +190,10 @@ impl Topology {
 
     /// Removes every link fault.
     pub fn heal(&self) -> Result<(), HarnessError> {
-        self.faults.lock().unwrap().clear();
+        self.faults
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         for me in 1..=self.nodes {
             self.apply(me, Faults::default())?;
         }
@@ -232,7 +235,7 @@ impl Topology {
     /// Deletes the namespaces (which deletes their links); idempotent. Processes inside must
     /// have been stopped first.
     pub fn destroy(&self) {
-        let mut done = self.destroyed.lock().unwrap();
+        let mut done = self.destroyed.lock().unwrap_or_else(|p| p.into_inner());
         if !*done {
             self.remove_leftovers();
             *done = true;

@@ -266,11 +266,20 @@ async fn drive(
     }
     let (interrupt_tx, mut interrupt) = watch::channel(false);
     tokio::spawn(async move {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("signal handler");
+        // Without a SIGTERM handler (cannot happen on Linux, but never panic) Ctrl-C still works.
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let sigterm = async {
+            match term.as_mut() {
+                Some(t) => {
+                    t.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
+            _ = sigterm => {}
         }
         eprintln!("chaos: interrupted; cleaning up");
         let _ = interrupt_tx.send(true);
@@ -435,8 +444,20 @@ async fn drive(
 /// Reads every key ever used, retrying each for up to 60 s in all. Returns whether all
 /// succeeded.
 async fn final_reads(shared: &Shared, nodes: &Nodes, clients: u64, ap: bool) -> bool {
-    let keys: Vec<(Workload, String)> = shared.keys.lock().unwrap().used.iter().cloned().collect();
-    let elements = shared.keys.lock().unwrap().elements.clone();
+    let keys: Vec<(Workload, String)> = shared
+        .keys
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .used
+        .iter()
+        .cloned()
+        .collect();
+    let elements = shared
+        .keys
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .elements
+        .clone();
     eprintln!("chaos: final reads of {} keys", keys.len());
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut process = 1_000_000_000 + clients;

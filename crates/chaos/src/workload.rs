@@ -46,7 +46,7 @@ impl Recorder {
     }
 
     fn push(&self, mut record: Record) {
-        let mut inner = self.inner.lock().unwrap();
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         // Index and time are taken under the lock so the file is in time order.
         let index = self.index.fetch_add(1, Ordering::Relaxed);
         let now = self.now_ns();
@@ -77,7 +77,7 @@ impl Recorder {
 
     /// Flushes the file and hands back every record.
     pub fn finish(&self) -> Vec<Record> {
-        let mut inner = self.inner.lock().unwrap();
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let _ = inner.0.flush();
         std::mem::take(&mut inner.1)
     }
@@ -483,7 +483,11 @@ pub async fn client_loop(
     while !*stop.borrow() {
         let started = Instant::now();
         let w = shared.mix.pick(&mut rng);
-        let (f, key, value) = shared.keys.lock().unwrap().next(w, &mut rng);
+        let (f, key, value) = shared
+            .keys
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .next(w, &mut rng);
         let op = Invocation {
             workload: w,
             f,

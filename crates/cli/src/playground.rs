@@ -263,7 +263,7 @@ impl Playground {
     }
 
     fn start(&self, i: u32) -> Result<(), String> {
-        let mut children = self.children.lock().unwrap();
+        let mut children = self.children.lock().unwrap_or_else(|p| p.into_inner());
         let slot = &mut children[i as usize - 1];
         if let Some(c) = slot.as_mut()
             && c.try_wait().ok().flatten().is_none()
@@ -302,7 +302,7 @@ impl Playground {
     }
 
     fn kill(&self, i: u32) -> Result<(), String> {
-        let mut children = self.children.lock().unwrap();
+        let mut children = self.children.lock().unwrap_or_else(|p| p.into_inner());
         match children[i as usize - 1].take() {
             Some(mut c) => {
                 let _ = c.kill();
@@ -316,7 +316,7 @@ impl Playground {
     /// SIGTERM to every node (each hands off leaderships and closes its files), then waits;
     /// SIGKILL for any still running after 15 s.
     fn stop_all(&self) {
-        let mut children = self.children.lock().unwrap();
+        let mut children = self.children.lock().unwrap_or_else(|p| p.into_inner());
         for c in children.iter().flatten() {
             let _ = Command::new("kill")
                 .args(["-TERM", &c.id().to_string()])
@@ -336,7 +336,7 @@ impl Playground {
     }
 
     fn running(&self, i: u32) -> bool {
-        let mut children = self.children.lock().unwrap();
+        let mut children = self.children.lock().unwrap_or_else(|p| p.into_inner());
         children[i as usize - 1]
             .as_mut()
             .is_some_and(|c| c.try_wait().ok().flatten().is_none())
@@ -550,7 +550,7 @@ Ctrl-C stops everything."
                 )),
             }
         }
-        *self.partition.lock().unwrap() = groups.clone();
+        *self.partition.lock().unwrap_or_else(|p| p.into_inner()) = groups.clone();
         if groups.is_empty() {
             out.push("healed: every node talks to every other".into());
         } else {
@@ -562,7 +562,11 @@ Ctrl-C stops everything."
 
     async fn status(&self) -> Vec<String> {
         let mut out = Vec::new();
-        let sides = self.partition.lock().unwrap().clone();
+        let sides = self
+            .partition
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         out.push(if sides.is_empty() {
             "links: all healthy".into()
         } else {

@@ -260,62 +260,27 @@ impl Keyspace {
             Store::Ap(a) => {
                 // Shard after shard, each from one replica (scans are best effort in ap).
                 let shards = a.ap.shard_count(&a.name)? as u32;
-                let mut shard = pos.shard.min(shards);
-                let mut after = pos.after.or_else(|| floor.clone());
-                let mut entries = Vec::new();
-                while shard < shards && entries.len() < limit {
-                    let want = (limit - entries.len()) as u32;
-                    let (page, next) =
-                        a.ap.scan_shard(
-                            &a.name,
-                            shard as usize,
-                            after.clone(),
-                            prefix.clone(),
-                            want,
-                            now_ms,
-                        )
-                        .await?;
-                    entries.extend(
-                        page.into_iter()
-                            .filter(|(k, _)| end.as_ref().is_none_or(|e| k < e)),
-                    );
-                    match next {
-                        Some(n) => after = Some(n),
-                        None => {
-                            shard += 1;
-                            after = floor.clone();
-                        }
-                    }
-                }
-                let next = (shard < shards).then_some(ScanPosition { shard, after });
-                Ok((entries, next))
+                walk_shards(shards, pos, floor, end, limit, |shard, after, want| {
+                    let prefix = prefix.clone();
+                    Box::pin(async move {
+                        a.ap.scan_shard(&a.name, shard as usize, after, prefix, want, now_ms)
+                            .await
+                    })
+                })
+                .await
             }
             Store::Replicated(r) => {
                 let shards = r.entry.shards.len() as u32;
-                let mut shard = pos.shard.min(shards);
-                let mut after = pos.after.or_else(|| floor.clone());
-                let mut entries = Vec::new();
-                while shard < shards && entries.len() < limit {
+                walk_shards(shards, pos, floor, end, limit, |shard, after, want| {
                     let group = r.entry.shards[shard as usize].group;
-                    let want = (limit - entries.len()) as u32;
-                    let (page, next) = r
-                        .manager
-                        .scan(group, after.clone(), prefix.clone(), want, mode, now_ms)
-                        .await?;
-                    entries.extend(
-                        page.into_iter()
-                            .filter(|(k, _)| end.as_ref().is_none_or(|e| k < e)),
-                    );
-                    match next {
-                        Some(n) => after = Some(n),
-                        None => {
-                            shard += 1;
-                            after = floor.clone();
-                        }
-                    }
-                }
-                let next = (shard < shards).then_some(ScanPosition { shard, after });
-                Ok((entries, next))
+                    let prefix = prefix.clone();
+                    Box::pin(async move {
+                        r.manager
+                            .scan(group, after, prefix, want, mode, now_ms)
+                            .await
+                    })
+                })
+                .await
             }
         }
     }
@@ -379,6 +344,42 @@ impl Keyspace {
             }
         }
     }
+}
+
+/// One page of one shard: entries in key order and the last key returned when more follow.
+type ShardPage = (Vec<(Bytes, Value)>, Option<Bytes>);
+
+/// Walks shards in order from `pos`, asking `page(shard, after, want)` for each page, until
+/// `limit` entries are gathered; keys at or past `end` are dropped and each shard restarts
+/// after `floor`. Returns the entries and where the next page starts (`None`: done).
+async fn walk_shards<'a>(
+    shards: u32,
+    pos: ScanPosition,
+    floor: Option<Bytes>,
+    end: Option<Bytes>,
+    limit: usize,
+    mut page: impl FnMut(u32, Option<Bytes>, u32) -> futures::future::BoxFuture<'a, Result<ShardPage>>,
+) -> Result<(Vec<(Bytes, Value)>, Option<ScanPosition>)> {
+    let mut shard = pos.shard.min(shards);
+    let mut after = pos.after.or_else(|| floor.clone());
+    let mut entries = Vec::new();
+    while shard < shards && entries.len() < limit {
+        let want = (limit - entries.len()) as u32;
+        let (got, next) = page(shard, after.clone(), want).await?;
+        entries.extend(
+            got.into_iter()
+                .filter(|(k, _)| end.as_ref().is_none_or(|e| k < e)),
+        );
+        match next {
+            Some(n) => after = Some(n),
+            None => {
+                shard += 1;
+                after = floor.clone();
+            }
+        }
+    }
+    let next = (shard < shards).then_some(ScanPosition { shard, after });
+    Ok((entries, next))
 }
 
 /// Everything one running node shares between its front ends.

@@ -111,14 +111,14 @@ pub fn check(records: &[Record], limits: Limits) -> Result<CheckResult, String> 
                             max_cache_entries: limits.max_cache_entries,
                         };
                         let outcome = register::check(entries, budget);
-                        results.lock().unwrap()[i] = Some(outcome);
+                        results.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(outcome);
                     }
                 });
             }
         });
         results
             .into_inner()
-            .unwrap()
+            .unwrap_or_else(|p| p.into_inner())
             .into_iter()
             .map(|o| o.expect("every key checked"))
             .collect()
