@@ -892,3 +892,91 @@ fn ap_tombstones_are_collected_once_every_replica_holds_them() {
     let d = digests(&c);
     assert!(d.windows(2).all(|w| w[0] == w[1]), "{d:?}");
 }
+
+/// The leader of the `default` shard holding `key`, as the cluster map reports it.
+fn shard_leader_of(c: &Cluster, conn: &mut redis::Connection, key: &str) -> u64 {
+    let slot: u64 = redis::cmd("CLUSTER")
+        .arg("KEYSLOT")
+        .arg(key)
+        .query(conn)
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let st = c.status();
+        let leader = st["keyspaces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|ks| ks["name"] == "default")
+            .flat_map(|ks| ks["shards"].as_array().unwrap().iter())
+            .find(|s| s["slots"][0].as_u64() <= Some(slot) && Some(slot) <= s["slots"][1].as_u64())
+            .and_then(|s| s["leader"].as_u64());
+        if let Some(l) = leader {
+            return l;
+        }
+        assert!(Instant::now() < deadline, "no leader for {key}: {st:#}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_forwarded_write_whose_answer_is_lost_is_applied_once_and_answered_truthfully() {
+    let c = Cluster::start_with(3, &["--debug-fault-injection"]);
+    let key = "{eo}register";
+    let counter = "{eo}counter";
+    let mut any = c.node(1).client();
+    let leader = shard_leader_of(&c, &mut any, key);
+    let follower = (1..=3).find(|&n| n != leader).unwrap();
+    let mut via_follower = c.node(follower).client();
+    set_retrying(&mut via_follower, key, "v1");
+    let lose_next_answer = || {
+        let (code, body) = http(
+            c.node(follower).http,
+            "POST",
+            "/v1/debug/lose-write-answers",
+            &[],
+            Some(br#"{"count":1}"#),
+        )
+        .unwrap();
+        assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+    };
+
+    // The leader applies the compare-and-set; its answer is lost on the way back; the follower
+    // sends the same write again. Applied twice, the second copy would fail its own check and
+    // the client would hear nil although its write took effect.
+    lose_next_answer();
+    let cas: Option<String> = redis::cmd("SET")
+        .arg(key)
+        .arg("v2")
+        .arg("IFEQ")
+        .arg("v1")
+        .query(&mut via_follower)
+        .unwrap();
+    assert_eq!(
+        cas.as_deref(),
+        Some("OK"),
+        "the client must hear the true outcome"
+    );
+    let mut on_leader = c.node(leader).client();
+    assert_eq!(
+        on_leader.get::<_, Option<String>>(key).unwrap().as_deref(),
+        Some("v2")
+    );
+
+    // An increment whose answer is lost is counted once, and the client hears that count.
+    lose_next_answer();
+    assert_eq!(via_follower.incr::<_, _, i64>(counter, 5).unwrap(), 5);
+    assert_eq!(on_leader.get::<_, Option<i64>>(counter).unwrap(), Some(5));
+    assert_eq!(via_follower.incr::<_, _, i64>(counter, 1).unwrap(), 6);
+
+    // Both answers really were dropped (the test is not passing vacuously).
+    let dropped = c
+        .node(follower)
+        .log()
+        .matches("fault injection: the leader's answer is dropped")
+        .count();
+    assert_eq!(
+        dropped, 2,
+        "the follower forwarded both writes and lost both answers"
+    );
+}

@@ -10,6 +10,8 @@
 //! - [`log_store`]: the Raft log of one group on the storage engine (durable before acknowledged).
 //! - [`state_machine`]: applying committed commands: data shards into their table, the meta
 //!   group into the [`capdb_cluster::ClusterState`]; snapshots of both.
+//! - [`sessions`]: exactly-once application: request ids stamped by the routing node, and
+//!   each group's table of applied ids and remembered replies.
 //! - [`network`]: openraft's network traits over [`rpc`], and the node-to-node messages.
 //! - [`rpc`]: request/response framing over TCP between nodes.
 //! - [`manager`]: the groups of one node: starting, bootstrapping, membership changes, routing
@@ -21,6 +23,7 @@ pub mod log_store;
 pub mod manager;
 pub mod network;
 pub mod rpc;
+pub mod sessions;
 pub mod state_machine;
 pub mod types;
 

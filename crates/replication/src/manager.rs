@@ -17,8 +17,19 @@
 //! [`Manager::write`] and [`Manager::read`] serve a request on this node when it leads the group,
 //! and otherwise forward it to the leader (learned from local Raft metrics, earlier answers, or
 //! by trying replicas). Every request has a deadline ([`REQUEST_DEADLINE`]): during an election
-//! or on the minority side of a partition the caller gets `Error::Unavailable` (retryable) in
-//! bounded time, never a wrong answer.
+//! or on the minority side of a partition the caller gets an error in bounded time, never a
+//! wrong answer.
+//!
+//! Writes are stamped once with a [`RequestId`](crate::sessions::RequestId) and state machines
+//! apply each id at most once, so a write whose answer was lost (leader died, connection broke,
+//! hop timed out) is simply sent again, to whichever node leads now: a copy of an applied write
+//! gets the first copy's reply. What the caller finally hears is the truth:
+//!
+//! | the caller gets | meaning |
+//! |---|---|
+//! | a reply | applied exactly once, with this reply |
+//! | `Error::Unavailable` (`-TRYAGAIN`) | certainly not applied: every attempt was refused or never sent |
+//! | `Error::OutcomeUnknown` (`-UNCERTAIN`) | some attempt may have been applied, and no leader could tell before the deadline |
 //!
 //! Linearizable reads use ReadIndex (`ensure_linearizable(ReadPolicy::ReadIndex)`): the leader
 //! confirms with a quorum heartbeat sent after the read arrived that it still leads, then waits
@@ -27,7 +38,7 @@
 //! from the local replica without that round.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -49,6 +60,7 @@ use crate::network::{
     ReadMode,
 };
 use crate::rpc::{self, PeerFilter, RpcError};
+use crate::sessions::RequestIds;
 use crate::state_machine::{Kind, StateMachine};
 use crate::types::{PeerNode, Raft, Request, Response};
 
@@ -180,6 +192,12 @@ pub struct Manager {
     unsafe_local_reads: bool,
     /// Leaderless replication of `ap` keyspaces.
     ap: Arc<crate::ap::Ap>,
+    /// Stamps this node's writes so that each is applied at most once.
+    ids: Arc<RequestIds>,
+    /// TESTING ONLY (`POST /v1/debug/lose-write-answers`): the next this-many answers to writes
+    /// forwarded to another node's leader are dropped as if the connection broke after the
+    /// leader applied them.
+    lose_write_answers: AtomicU64,
 }
 
 /// The table holding a data group's keys.
@@ -237,6 +255,8 @@ impl Manager {
             last_placement: Mutex::default(),
             stopping: AtomicBool::new(false),
             unsafe_local_reads: config.unsafe_local_reads,
+            ids: RequestIds::new(me),
+            lose_write_answers: AtomicU64::new(0),
         });
         let meta = manager
             .start_group(META_GROUP, Kind::Meta { published: tx })
@@ -484,15 +504,34 @@ impl Manager {
     /// `write`, optionally allowed to go through `--join` seeds when no leader is known. A
     /// request forwarded on behalf of another node never uses seeds: two nodes that both know
     /// no leader would otherwise bounce it between them, proposing it again at every bounce.
+    ///
+    /// The request is stamped with a new id unless it already carries one (a request forwarded
+    /// by another node keeps its origin's id), and every attempt sends the same stamp, so any
+    /// failure may be retried: see the module doc for what the caller finally hears.
     async fn write_via(
         &self,
         group: GroupId,
         request: Request,
         via_seeds: bool,
     ) -> Result<Response, Error> {
+        let mut _in_flight = None;
+        let request = match request {
+            r @ Request::Identified { .. } => r,
+            r => {
+                let stamp = self.ids.begin();
+                let id = stamp.id();
+                _in_flight = Some(stamp);
+                Request::Identified {
+                    id,
+                    request: Box::new(r),
+                }
+            }
+        };
         let deadline = Instant::now() + REQUEST_DEADLINE;
         let mut attempt = 0;
         let mut last_err = String::from("no leader known");
+        // Whether an attempt may have been applied (its answer was lost).
+        let mut uncertain = false;
         while Instant::now() < deadline {
             attempt += 1;
             let target = self.candidates(group, attempt).into_iter().next();
@@ -504,13 +543,25 @@ impl Manager {
                 }
                 None => Err(ForwardError::NotLeader { leader: None }),
             };
+            uncertain |= matches!(outcome, Err(ForwardError::Uncertain(_)));
             match self.settle(group, target, outcome).await? {
+                Step::Done(Response::Expired) => {
+                    return Err(Error::OutcomeUnknown(format!(
+                        "shard group {group}: the write's outcome is no longer known (its earlier copy may have been applied); read before retrying"
+                    )));
+                }
                 Step::Done(v) => return Ok(v),
                 Step::Retry(why) => last_err = why,
             }
         }
+        if uncertain {
+            return Err(Error::OutcomeUnknown(format!(
+                "shard group {group}: the write may or may not have been applied: a leader took it but no leader confirmed it within {} ms ({last_err}); read before retrying",
+                REQUEST_DEADLINE.as_millis()
+            )));
+        }
         Err(unavailable(format!(
-            "shard group {group} has no reachable leader with a quorum within {} ms ({last_err}); retry",
+            "shard group {group} has no reachable leader with a quorum within {} ms ({last_err}); the write was not applied; retry",
             REQUEST_DEADLINE.as_millis()
         )))
     }
@@ -539,7 +590,8 @@ impl Manager {
                 }
                 Ok(Step::Retry(why))
             }
-            Err(e @ ForwardError::UnknownGroup(_)) => {
+            Err(e @ (ForwardError::UnknownGroup(_) | ForwardError::Uncertain(_))) => {
+                // An uncertain outcome is safe to retry: writes are applied at most once.
                 self.set_hint(group, None);
                 tokio::time::sleep(RETRY_PAUSE).await;
                 Ok(Step::Retry(e.to_string()))
@@ -569,7 +621,7 @@ impl Manager {
         {
             Ok(PeerResponse::Write(r)) => r,
             Ok(_) => Err(ForwardError::NotLeader { leader: None }),
-            Err(_) => Err(ForwardError::NotLeader { leader: None }),
+            Err(e) => Err(forward_error(e)),
         }
     }
 
@@ -584,10 +636,10 @@ impl Manager {
             .saturating_duration_since(Instant::now())
             .min(HOP_TIMEOUT);
         match tokio::time::timeout(left, g.raft.client_write(request)).await {
-            Err(_) => Err(ForwardError::Db(unavailable(format!(
-                "shard group {group}: the write was not committed within {} ms (no quorum?); its outcome is unknown",
+            Err(_) => Err(ForwardError::Uncertain(format!(
+                "shard group {group}: the write was not committed within {} ms (no quorum?)",
                 left.as_millis()
-            )))),
+            ))),
             Ok(Ok(resp)) => Ok(resp.data),
             Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
                 Err(ForwardError::NotLeader {
@@ -596,14 +648,11 @@ impl Manager {
                         .map(|id| (id, f.leader_node.map(|n| n.peer_addr).unwrap_or_default())),
                 })
             }
-            Ok(Err(RaftError::APIError(ClientWriteError::LogEntryDiscarded(_)))) => {
-                Err(ForwardError::Db(unavailable(
-                    "leadership changed while the write was in flight; its outcome is unknown",
-                )))
-            }
-            Ok(Err(e)) => Err(ForwardError::Db(unavailable(format!(
-                "shard group {group}: {e}"
-            )))),
+            Ok(Err(RaftError::APIError(ClientWriteError::LogEntryDiscarded(_)))) => Err(
+                ForwardError::Uncertain("leadership changed while the write was in flight".into()),
+            ),
+            // The entry may have been appended before the group stopped or failed.
+            Ok(Err(e)) => Err(ForwardError::Uncertain(format!("shard group {group}: {e}"))),
         }
     }
 
@@ -621,17 +670,36 @@ impl Manager {
             .call(PeerRequest::Write { group, request }, HOP_TIMEOUT)
             .await
         {
+            Ok(PeerResponse::Write(Ok(_))) if self.take_lost_answer() => {
+                tracing::warn!(
+                    node,
+                    group,
+                    "fault injection: the leader's answer is dropped"
+                );
+                Err(forward_error(RpcError::Unreachable(
+                    addr,
+                    "connection dropped (fault injection)".into(),
+                )))
+            }
             Ok(PeerResponse::Write(r)) => r,
             Ok(PeerResponse::Unavailable(_)) => Err(ForwardError::UnknownGroup(group)),
             Ok(other) => Err(ForwardError::Db(Error::Io(format!(
                 "unexpected answer from node {node}: {other:?}"
             )))),
-            // The write may have reached the leader: a timeout is not safe to retry blindly.
-            Err(RpcError::Timeout(..)) => Err(ForwardError::Db(unavailable(format!(
-                "node {node} did not answer in time; the write's outcome is unknown"
-            )))),
-            Err(_) => Err(ForwardError::NotLeader { leader: None }),
+            Err(e) => Err(forward_error(e)),
         }
+    }
+
+    /// TESTING ONLY: drops the answers of the next `count` writes this node forwards to a
+    /// leader elsewhere, after that leader applied them (see `lose_write_answers`).
+    pub fn debug_lose_write_answers(&self, count: u64) {
+        self.lose_write_answers.store(count, Ordering::Release);
+    }
+
+    fn take_lost_answer(&self) -> bool {
+        self.lose_write_answers
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok()
     }
 
     /// Applies mutations to a data group: stamps them, proposes them, returns their replies.
@@ -1311,7 +1379,12 @@ impl Manager {
                 .collect();
             if let Err(e) = self
                 .engine
-                .drop_group(vec![shard_table(group)], vec![log_table(group)], metas)
+                .drop_group(
+                    vec![shard_table(group)],
+                    vec![log_table(group)],
+                    metas,
+                    vec![crate::sessions::SessionTable::prefix_of(group)],
+                )
                 .await
             {
                 tracing::warn!(group, error = %e, "could not delete the dropped replica's data");
@@ -1534,6 +1607,19 @@ fn meta_target_voters(state: &ClusterState, current: BTreeSet<NodeId>) -> BTreeS
         }
     }
     target
+}
+
+/// What a failed call to a peer means for a forwarded request: certainly not delivered (try
+/// another node), or delivered with its answer lost (may have been applied).
+fn forward_error(e: RpcError) -> ForwardError {
+    match e {
+        RpcError::NotSent(..) | RpcError::Blocked(_) | RpcError::Overloaded(_) => {
+            ForwardError::NotLeader { leader: None }
+        }
+        RpcError::Unreachable(..) | RpcError::Timeout(..) | RpcError::Codec(_) => {
+            ForwardError::Uncertain(e.to_string())
+        }
+    }
 }
 
 /// The meaning of one routing attempt (see [`Manager::settle`]).

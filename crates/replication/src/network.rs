@@ -99,6 +99,12 @@ pub enum ForwardError {
     /// The request failed with a database error (already final).
     #[error(transparent)]
     Db(#[from] Error),
+    /// The request may or may not have taken effect (a timeout, a broken connection, a leader
+    /// that lost its leadership with the entry in flight). Writes are identified and applied at
+    /// most once, so the routing node may retry; if it runs out of time the client learns the
+    /// outcome is unknown.
+    #[error("outcome unknown: {0}")]
+    Uncertain(String),
 }
 
 /// Per-group status, reported by `Status`.
@@ -175,9 +181,10 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
 
 fn rpc_error(e: RpcError) -> RPCError<TypeConfig> {
     match e {
-        RpcError::Unreachable(..) | RpcError::Blocked(_) | RpcError::Overloaded(_) => {
-            RPCError::Unreachable(Unreachable::from_string(e.to_string()))
-        }
+        RpcError::Unreachable(..)
+        | RpcError::NotSent(..)
+        | RpcError::Blocked(_)
+        | RpcError::Overloaded(_) => RPCError::Unreachable(Unreachable::from_string(e.to_string())),
         RpcError::Timeout(..) | RpcError::Codec(_) => {
             RPCError::Network(NetworkError::from_string(e.to_string()))
         }

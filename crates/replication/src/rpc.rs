@@ -48,10 +48,13 @@ pub type NodeId = u64;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RpcError {
-    /// The peer could not be reached or the connection broke; the request may or may not have
-    /// been executed.
+    /// The connection broke while the request was sent or awaited; the request may or may not
+    /// have been executed.
     #[error("peer {0} unreachable: {1}")]
     Unreachable(String, String),
+    /// No connection to the peer could be made: the request was certainly not sent.
+    #[error("peer {0} unreachable (not sent): {1}")]
+    NotSent(String, String),
     /// No answer before the deadline; the request may or may not have been executed.
     #[error("peer {0} did not answer within {1} ms")]
     Timeout(String, u64),
@@ -187,7 +190,7 @@ where
             .map_err(|e| match e {
                 mpsc::error::TrySendError::Full(_) => RpcError::Overloaded(self.addr.clone()),
                 mpsc::error::TrySendError::Closed(_) => {
-                    RpcError::Unreachable(self.addr.clone(), "peer task stopped".into())
+                    RpcError::NotSent(self.addr.clone(), "peer task stopped".into())
                 }
             })?;
         match tokio::time::timeout(deadline, wait).await {
@@ -231,7 +234,7 @@ where
                         _ = tokio::time::sleep_until(until) => break,
                         o = rx.recv() => match o {
                             Some(o) => {
-                                let _ = o.reply.send(Err(RpcError::Unreachable(addr.clone(), why.clone())));
+                                let _ = o.reply.send(Err(RpcError::NotSent(addr.clone(), why.clone())));
                             }
                             None => return,
                         },
@@ -351,7 +354,7 @@ fn fail_queued<Req, Resp>(
     addr: &str,
     why: &str,
 ) {
-    let err = || RpcError::Unreachable(addr.to_string(), why.to_string());
+    let err = || RpcError::NotSent(addr.to_string(), why.to_string());
     if let Some(o) = first.take() {
         let _ = o.reply.send(Err(err()));
     }

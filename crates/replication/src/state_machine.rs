@@ -14,12 +14,20 @@
 //! - Snapshots are built from one consistent read of the table (an MVCC snapshot), so applies
 //!   can continue while a snapshot is being built. The latest snapshot is kept in memory only;
 //!   after a restart a new one is built on demand from the (durable) table.
+//! - **Exactly once**: an identified request ([`Request::Identified`]) is applied only the first
+//!   time it is committed; later copies (retries by the routing node after a lost answer) get
+//!   the first copy's reply ([`crate::sessions`]). The session table and the remembered
+//!   replies are `_meta` rows written in the same transaction as the entries that changed
+//!   them, and travel in snapshots, so every replica decides the same way after restarts,
+//!   snapshot installs and leader changes.
 
 use std::io;
 use std::sync::{Arc, Mutex};
 
 use capdb_cluster::{ClusterState, GroupId, MetaResponse};
-use capdb_storage::disk::DiskEngine;
+use std::collections::HashMap;
+
+use capdb_storage::disk::{DiskEngine, MetaItem, RememberReplies};
 use futures::TryStreamExt;
 use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine};
 use openraft::{EntryPayload, OptionalSend};
@@ -28,6 +36,7 @@ use tokio::sync::watch;
 
 use crate::io;
 use crate::log_store::meta_key;
+use crate::sessions::{Decision, RequestId, SessionTable, row};
 use crate::types::{
     LogId, Request, Response, Snapshot, SnapshotData, SnapshotMeta, StoredMembership, TypeConfig,
 };
@@ -49,10 +58,25 @@ struct Applied {
     membership: StoredMembership,
 }
 
+/// A snapshot's content. Variants are only ever appended (older nodes' snapshots decode).
 #[derive(Serialize, Deserialize)]
 enum SnapshotPayload {
-    Data { entries: Vec<(Vec<u8>, Vec<u8>)> },
-    Meta { state: ClusterState },
+    Data {
+        entries: Vec<(Vec<u8>, Vec<u8>)>,
+    },
+    Meta {
+        state: ClusterState,
+    },
+    /// A data shard with its session rows (`_meta` keys without the group's session prefix).
+    DataWithSessions {
+        entries: Vec<(Vec<u8>, Vec<u8>)>,
+        sessions: Vec<(String, Vec<u8>)>,
+    },
+    /// The meta group with its session rows.
+    MetaWithSessions {
+        state: ClusterState,
+        sessions: Vec<(String, Vec<u8>)>,
+    },
 }
 
 /// One group's state machine. Cheap to clone; clones share state.
@@ -65,6 +89,9 @@ pub struct StateMachine {
     /// lock so a snapshot never pairs a map with the wrong applied id.
     state: Arc<Mutex<SmState>>,
     current: Arc<Mutex<Option<StoredSnapshot>>>,
+    /// Applied request ids and where their replies are (see [`crate::sessions`]). Only `apply`
+    /// and `install_snapshot` use it, and openraft never runs them at once.
+    sessions: Arc<Mutex<SessionTable>>,
 }
 
 /// The latest snapshot: its meta and encoded payload.
@@ -101,6 +128,11 @@ impl StateMachine {
         if let Kind::Meta { published } = &kind {
             published.send_replace(Arc::new(meta_state.clone()));
         }
+        let rows = engine
+            .meta_list(&SessionTable::prefix_of(group))
+            .map_err(io)?;
+        let sessions = SessionTable::load(group, &rows)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
         Ok(StateMachine {
             engine,
             group,
@@ -110,7 +142,33 @@ impl StateMachine {
                 cluster: meta_state,
             })),
             current: Arc::default(),
+            sessions: Arc::new(Mutex::new(sessions)),
         })
+    }
+
+    fn take_sessions(&self) -> SessionTable {
+        std::mem::take(&mut *self.sessions.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn put_sessions(&self, table: SessionTable) {
+        *self.sessions.lock().unwrap_or_else(|p| p.into_inner()) = table;
+    }
+
+    /// The remembered reply of an applied request, from `_meta`.
+    fn remembered_reply(&self, key: &str) -> io::Result<Response> {
+        let Some(raw) = self.engine.meta_get(key).map_err(io)? else {
+            // Forgotten (never expected while a copy can still arrive): do not guess.
+            return Ok(Response::Expired);
+        };
+        let (kind, payload) = match raw.get(8..) {
+            Some([kind, payload @ ..]) => (*kind, payload),
+            _ => return Err(io(format!("remembered reply {key} is truncated"))),
+        };
+        match kind {
+            row::REPLIES => Ok(Response::Replies(decode(payload, "remembered replies")?)),
+            row::RESPONSE => decode(payload, "remembered response"),
+            k => Err(io(format!("remembered reply {key} has unknown kind {k}"))),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, SmState> {
@@ -121,33 +179,43 @@ impl StateMachine {
         self.lock().applied.clone()
     }
 
-    fn applied_meta(&self, applied: &Applied) -> (String, Vec<u8>) {
-        (meta_key(self.group, "applied"), encode(applied))
+    fn applied_meta(&self, applied: &Applied) -> MetaItem {
+        (meta_key(self.group, "applied"), Some(encode(applied)))
     }
 
-    /// Applies a run of data writes in one engine transaction; returns one response per entry.
+    /// Applies a run of data writes in one engine transaction, remembering the replies of
+    /// identified ones, with `meta` (applied state, session changes); one response per write.
     async fn apply_data_writes(
         &self,
         table: &str,
-        batch: &[(usize, Request)],
-        applied: &Applied,
+        batch: &[PendingWrite],
+        meta: Vec<MetaItem>,
     ) -> io::Result<Vec<Response>> {
         let mut mutations = Vec::new();
         let mut counts = Vec::with_capacity(batch.len());
-        for (_, req) in batch {
+        let mut remember = Vec::new();
+        for w in batch {
             if let Request::Write {
                 mutations: m,
                 timestamp,
                 now_ms,
-            } = req
+            } = &w.request
             {
+                if let Some((key, sent_ms)) = &w.remember {
+                    remember.push(RememberReplies {
+                        key: key.clone(),
+                        prefix: row::prefix(*sent_ms, row::REPLIES),
+                        first: mutations.len(),
+                        count: m.len(),
+                    });
+                }
                 counts.push(m.len());
                 mutations.extend(m.iter().cloned().map(|m| (m, *timestamp, *now_ms)));
             }
         }
         let replies = self
             .engine
-            .apply_replicated(table, mutations, vec![self.applied_meta(applied)])
+            .apply_replicated(table, mutations, meta, remember)
             .await
             .map_err(io)?;
         let mut it = replies.into_iter();
@@ -155,6 +223,294 @@ impl StateMachine {
             .into_iter()
             .map(|n| Response::Replies(it.by_ref().take(n).collect()))
             .collect())
+    }
+
+    /// Applies the queued data writes of `b`, recording `upto` as the applied state.
+    async fn flush_writes(
+        &self,
+        table: &str,
+        b: &mut ApplyBatch,
+        sessions: &mut SessionTable,
+        upto: &Applied,
+    ) -> io::Result<()> {
+        let mut meta = vec![self.applied_meta(upto)];
+        meta.extend(sessions.take_changes());
+        let writes = std::mem::take(&mut b.writes);
+        if writes.is_empty() {
+            // Record progress (blank/membership entries) with the data table untouched.
+            self.engine
+                .apply_replicated(table, Vec::new(), meta, Vec::new())
+                .await
+                .map_err(io)?;
+            return Ok(());
+        }
+        let responses = self.apply_data_writes(table, &writes, meta).await?;
+        for (w, r) in writes.iter().zip(responses) {
+            b.responses[w.slot] = Some(r);
+        }
+        Ok(())
+    }
+
+    /// Applies one normal entry of a data shard (queued, or at once for FLUSHDB).
+    async fn apply_data_entry(
+        &self,
+        table: &str,
+        b: &mut ApplyBatch,
+        sessions: &mut SessionTable,
+        slot: usize,
+        request: Request,
+    ) -> io::Result<()> {
+        let (id, request) = unwrap_identified(request);
+        if matches!(request, Request::Clear) {
+            // Everything before this entry is applied first, and recorded as applied up to the
+            // previous entry, so a crash in between never claims the clear happened.
+            let upto = Applied {
+                last_applied: b.previous,
+                membership: b.applied.membership.clone(),
+            };
+            self.flush_writes(table, b, sessions, &upto).await?;
+        }
+        let remember = match id {
+            Some(id) => match b.decide(sessions, slot, &id) {
+                Some(key) => Some((key, id.sent_ms)),
+                None => return Ok(()),
+            },
+            None => None,
+        };
+        match request {
+            Request::Write { .. } => b.writes.push(PendingWrite {
+                slot,
+                request,
+                remember,
+            }),
+            Request::Clear => {
+                let mut meta = vec![self.applied_meta(&b.applied)];
+                meta.extend(sessions.take_changes());
+                let reply: Vec<Result<capdb_types::Reply, capdb_types::Error>> = Vec::new();
+                if let Some((key, sent_ms)) = remember {
+                    let mut value = row::prefix(sent_ms, row::REPLIES);
+                    value.extend(encode(&reply));
+                    meta.push((key, Some(value)));
+                }
+                self.engine
+                    .replace_table(table, Vec::new(), None, meta)
+                    .await
+                    .map_err(io)?;
+                b.responses[slot] = Some(Response::Replies(reply));
+            }
+            other => {
+                b.responses[slot] = Some(Response::Meta(MetaResponse::Error(format!(
+                    "not a data shard command: {other}"
+                ))));
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies one normal entry of the meta group to `cluster`; the remembered reply (if any)
+    /// joins `rows`, written with the new map.
+    fn apply_meta_entry(
+        b: &mut ApplyBatch,
+        sessions: &mut SessionTable,
+        cluster: &mut ClusterState,
+        rows: &mut Vec<MetaItem>,
+        slot: usize,
+        request: Request,
+    ) {
+        let (id, request) = unwrap_identified(request);
+        let remember = match id {
+            Some(id) => match b.decide(sessions, slot, &id) {
+                Some(key) => Some((key, id.sent_ms)),
+                None => return,
+            },
+            None => None,
+        };
+        let response = match request {
+            Request::Meta(cmd) => {
+                let r = cluster.apply(&cmd);
+                tracing::debug!(?cmd, ?r, version = cluster.version, "meta command applied");
+                Response::Meta(r)
+            }
+            other => Response::Meta(MetaResponse::Error(format!("not a meta command: {other}"))),
+        };
+        if let Some((key, sent_ms)) = remember {
+            let mut value = row::prefix(sent_ms, row::RESPONSE);
+            value.extend(encode(&response));
+            rows.push((key, Some(value)));
+        }
+        b.responses[slot] = Some(response);
+    }
+
+    /// The state after applying `entries` (see [`RaftStateMachine::apply`]).
+    async fn apply_entries<Strm>(
+        &self,
+        entries: &mut Strm,
+        sessions: &mut SessionTable,
+    ) -> io::Result<()>
+    where
+        Strm: futures::Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>>
+            + Unpin
+            + OptionalSend,
+    {
+        let (applied, mut cluster) = {
+            let st = self.lock();
+            let cluster = match self.kind {
+                Kind::Meta { .. } => st.cluster.clone(),
+                Kind::Data { .. } => ClusterState::default(),
+            };
+            (st.applied.clone(), cluster)
+        };
+        let mut b = ApplyBatch::new(applied);
+        let mut meta_rows: Vec<MetaItem> = Vec::new();
+        while let Some((entry, responder)) = entries.try_next().await? {
+            if let Some(prev) = b.applied.last_applied {
+                assert!(
+                    prev < entry.log_id,
+                    "group {}: applied log ids must strictly increase ({prev} then {})",
+                    self.group,
+                    entry.log_id
+                );
+            }
+            b.previous = b.applied.last_applied;
+            b.applied.last_applied = Some(entry.log_id);
+            let slot = b.responses.len();
+            b.responses.push(None);
+            b.responders.push(responder);
+            match entry.payload {
+                EntryPayload::Blank => b.responses[slot] = Some(Response::Empty),
+                EntryPayload::Membership(m) => {
+                    b.applied.membership = StoredMembership::new(Some(entry.log_id), m);
+                    b.responses[slot] = Some(Response::Empty);
+                }
+                EntryPayload::Normal(req) => match &self.kind {
+                    Kind::Data { table } => {
+                        self.apply_data_entry(table, &mut b, sessions, slot, req)
+                            .await?
+                    }
+                    Kind::Meta { .. } => Self::apply_meta_entry(
+                        &mut b,
+                        sessions,
+                        &mut cluster,
+                        &mut meta_rows,
+                        slot,
+                        req,
+                    ),
+                },
+            }
+        }
+        match &self.kind {
+            Kind::Data { table } => {
+                let upto = b.applied.clone();
+                self.flush_writes(table, &mut b, sessions, &upto).await?;
+            }
+            Kind::Meta { published } => {
+                let mut items = vec![
+                    (meta_key(self.group, "state"), Some(encode(&cluster))),
+                    (meta_key(self.group, "applied"), Some(encode(&b.applied))),
+                ];
+                items.extend(sessions.take_changes());
+                items.extend(meta_rows);
+                self.engine.meta_put(items, false).await.map_err(io)?;
+                published.send_replace(Arc::new(cluster.clone()));
+            }
+        }
+        for (slot, key) in std::mem::take(&mut b.duplicates) {
+            b.responses[slot] = Some(match b.rows.get(&key) {
+                Some(&first) => b.responses[first].clone().unwrap_or_default(),
+                None => self.remembered_reply(&key)?,
+            });
+        }
+        {
+            let mut st = self.lock();
+            st.applied = b.applied.clone();
+            if let Kind::Meta { .. } = self.kind {
+                st.cluster = cluster;
+            }
+        }
+        assert_eq!(b.responders.len(), b.responses.len());
+        for (responder, response) in b.responders.into_iter().zip(b.responses) {
+            if let Some(r) = responder {
+                debug_assert!(response.is_some(), "every entry gets a response");
+                r.send(response.unwrap_or_default());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A data write waiting to be applied with the rest of its batch.
+struct PendingWrite {
+    slot: usize,
+    request: Request,
+    /// Where to remember its replies, and when it was sent (identified writes).
+    remember: Option<(String, u64)>,
+}
+
+type Responder = Option<openraft::storage::ApplyResponder<TypeConfig>>;
+
+/// The entries of one `apply` call, in progress.
+struct ApplyBatch {
+    /// The applied state as of the last entry taken.
+    applied: Applied,
+    /// The log id of the entry before it.
+    previous: Option<LogId>,
+    writes: Vec<PendingWrite>,
+    responses: Vec<Option<Response>>,
+    responders: Vec<Responder>,
+    /// Identified entries applied in this batch: row key -> slot.
+    rows: HashMap<String, usize>,
+    /// Copies of applied entries: (slot, row key of the reply to give).
+    duplicates: Vec<(usize, String)>,
+}
+
+impl ApplyBatch {
+    fn new(applied: Applied) -> ApplyBatch {
+        ApplyBatch {
+            previous: applied.last_applied,
+            applied,
+            writes: Vec::new(),
+            responses: Vec::new(),
+            responders: Vec::new(),
+            rows: HashMap::new(),
+            duplicates: Vec::new(),
+        }
+    }
+
+    /// Decides an identified entry: `Some(row key)` to apply it and remember its reply there;
+    /// `None` when it is answered without being applied (a copy, or expired).
+    fn decide(
+        &mut self,
+        sessions: &mut SessionTable,
+        slot: usize,
+        id: &RequestId,
+    ) -> Option<String> {
+        let key = sessions.row_key(id);
+        match sessions.decide(id) {
+            Decision::Apply => {
+                self.rows.insert(key.clone(), slot);
+                Some(key)
+            }
+            Decision::Duplicate => {
+                tracing::debug!(?id, "a copy of an applied request: answered, not applied");
+                self.duplicates.push((slot, key));
+                None
+            }
+            Decision::Expired => {
+                tracing::info!(
+                    ?id,
+                    "a copy of a request whose outcome is forgotten: not applied"
+                );
+                self.responses[slot] = Some(Response::Expired);
+                None
+            }
+        }
+    }
+}
+
+fn unwrap_identified(request: Request) -> (Option<RequestId>, Request) {
+    match request {
+        Request::Identified { id, request } => (Some(id), *request),
+        other => (None, other),
     }
 }
 
@@ -173,117 +529,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             + Unpin
             + OptionalSend,
     {
-        let (mut applied, mut cluster) = {
-            let st = self.lock();
-            let cluster = match self.kind {
-                Kind::Meta { .. } => st.cluster.clone(),
-                Kind::Data { .. } => ClusterState::default(),
-            };
-            (st.applied.clone(), cluster)
-        };
-        // Data writes are gathered and applied together; anything else flushes them first.
-        let mut writes: Vec<(usize, Request)> = Vec::new();
-        let mut responders = Vec::new();
-        let mut responses: Vec<Option<Response>> = Vec::new();
-        while let Some((entry, responder)) = entries.try_next().await? {
-            applied.last_applied = Some(entry.log_id);
-            let slot = responses.len();
-            responses.push(None);
-            responders.push(responder);
-            match entry.payload {
-                EntryPayload::Blank => responses[slot] = Some(Response::Empty),
-                EntryPayload::Membership(m) => {
-                    applied.membership = StoredMembership::new(Some(entry.log_id), m);
-                    responses[slot] = Some(Response::Empty);
-                }
-                EntryPayload::Normal(req) => match (&self.kind, req) {
-                    (Kind::Data { .. }, req @ Request::Write { .. }) => writes.push((slot, req)),
-                    (Kind::Data { table }, Request::Clear) => {
-                        if !writes.is_empty() {
-                            let table = table.clone();
-                            for ((s, _), r) in writes
-                                .iter()
-                                .zip(self.apply_data_writes(&table, &writes, &applied).await?)
-                            {
-                                responses[*s] = Some(r);
-                            }
-                            writes.clear();
-                        }
-                        self.engine
-                            .replace_table(table, Vec::new(), vec![self.applied_meta(&applied)])
-                            .await
-                            .map_err(io)?;
-                        responses[slot] = Some(Response::Replies(Vec::new()));
-                    }
-                    (Kind::Meta { .. }, Request::Meta(cmd)) => {
-                        let r = cluster.apply(&cmd);
-                        tracing::debug!(
-                            index = entry.log_id.index,
-                            ?cmd,
-                            ?r,
-                            version = cluster.version,
-                            "meta command applied"
-                        );
-                        responses[slot] = Some(Response::Meta(r));
-                    }
-                    (Kind::Meta { .. }, other) => {
-                        responses[slot] = Some(Response::Meta(MetaResponse::Error(format!(
-                            "not a meta command: {other}"
-                        ))));
-                    }
-                    (Kind::Data { .. }, Request::Meta(_)) => {
-                        responses[slot] = Some(Response::Meta(MetaResponse::Error(
-                            "meta command sent to a data shard".into(),
-                        )));
-                    }
-                },
-            }
-        }
-        match &self.kind {
-            Kind::Data { table } => {
-                if writes.is_empty() {
-                    // Record progress (blank/membership entries) with the data table untouched.
-                    self.engine
-                        .apply_replicated(table, Vec::new(), vec![self.applied_meta(&applied)])
-                        .await
-                        .map_err(io)?;
-                } else {
-                    let table = table.clone();
-                    for ((s, _), r) in writes
-                        .iter()
-                        .zip(self.apply_data_writes(&table, &writes, &applied).await?)
-                    {
-                        responses[*s] = Some(r);
-                    }
-                }
-            }
-            Kind::Meta { published } => {
-                self.engine
-                    .meta_put(
-                        vec![
-                            (meta_key(self.group, "state"), Some(encode(&cluster))),
-                            (meta_key(self.group, "applied"), Some(encode(&applied))),
-                        ],
-                        false,
-                    )
-                    .await
-                    .map_err(io)?;
-                published.send_replace(Arc::new(cluster.clone()));
-            }
-        }
-        {
-            let mut st = self.lock();
-            st.applied = applied;
-            if let Kind::Meta { .. } = self.kind {
-                st.cluster = cluster;
-            }
-        }
-        for (responder, response) in responders.into_iter().zip(responses) {
-            if let Some(r) = responder {
-                r.send(response.unwrap_or_default());
-            }
-        }
-        Ok(())
+        let mut sessions = self.take_sessions();
+        let result = self.apply_entries(&mut entries, &mut sessions).await;
+        self.put_sessions(sessions);
+        result
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
@@ -301,24 +550,43 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             last_applied: meta.last_log_id,
             membership: meta.last_membership.clone(),
         };
+        let prefix = SessionTable::prefix_of(self.group);
+        let (payload, sessions) = match payload {
+            SnapshotPayload::Data { entries } => (SnapshotPayload::Data { entries }, Vec::new()),
+            SnapshotPayload::Meta { state } => (SnapshotPayload::Meta { state }, Vec::new()),
+            SnapshotPayload::DataWithSessions { entries, sessions } => {
+                (SnapshotPayload::Data { entries }, sessions)
+            }
+            SnapshotPayload::MetaWithSessions { state, sessions } => {
+                (SnapshotPayload::Meta { state }, sessions)
+            }
+        };
+        let session_rows: Vec<(String, Vec<u8>)> = sessions
+            .into_iter()
+            .map(|(k, v)| (format!("{prefix}{k}"), v))
+            .collect();
+        let table_of_sessions = SessionTable::load(self.group, &session_rows)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        let mut meta_items: Vec<MetaItem> = vec![self.applied_meta(&applied)];
+        meta_items.extend(session_rows.into_iter().map(|(k, v)| (k, Some(v))));
         match (&self.kind, payload) {
             (Kind::Data { table }, SnapshotPayload::Data { entries }) => {
                 self.engine
-                    .replace_table(table, entries, vec![self.applied_meta(&applied)])
+                    .replace_table(table, entries, Some(prefix), meta_items)
                     .await
                     .map_err(io)?;
             }
             (Kind::Meta { published }, SnapshotPayload::Meta { state }) => {
-                self.engine
-                    .meta_put(
-                        vec![
-                            (meta_key(self.group, "state"), Some(encode(&state))),
-                            (meta_key(self.group, "applied"), Some(encode(&applied))),
-                        ],
-                        true,
-                    )
-                    .await
-                    .map_err(io)?;
+                let mut items: Vec<MetaItem> = self
+                    .engine
+                    .meta_list(&prefix)
+                    .map_err(io)?
+                    .into_iter()
+                    .map(|(k, _)| (k, None))
+                    .collect();
+                items.push((meta_key(self.group, "state"), Some(encode(&state))));
+                items.extend(meta_items);
+                self.engine.meta_put(items, true).await.map_err(io)?;
                 self.lock().cluster = state.clone();
                 published.send_replace(Arc::new(state));
             }
@@ -336,6 +604,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             "installed a snapshot"
         );
         self.lock().applied = applied;
+        self.put_sessions(table_of_sessions);
         *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some((meta.clone(), bytes));
         Ok(())
     }
@@ -357,25 +626,40 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     type SnapshotData = SnapshotData;
 
     async fn build_snapshot(&mut self) -> io::Result<Snapshot> {
+        // One consistent read of the table (none for the meta group), the applied state, the
+        // map and the session rows: they were all written together.
         let applied_key = meta_key(self.group, "applied");
-        let (payload, applied) = match &self.kind {
-            Kind::Data { table } => {
-                let (entries, meta) = self.engine.dump_table(table, &[applied_key]).map_err(io)?;
-                let applied: Applied = match &meta[0] {
-                    Some(raw) => decode(raw, "applied state")?,
-                    None => Applied::default(),
-                };
-                (SnapshotPayload::Data { entries }, applied)
-            }
-            Kind::Meta { .. } => {
-                let st = self.lock();
-                (
-                    SnapshotPayload::Meta {
-                        state: st.cluster.clone(),
-                    },
-                    st.applied.clone(),
-                )
-            }
+        let state_key = meta_key(self.group, "state");
+        let prefix = SessionTable::prefix_of(self.group);
+        let table = match &self.kind {
+            Kind::Data { table } => table.clone(),
+            Kind::Meta { .. } => format!("raft/{}/no-table", self.group),
+        };
+        let dump = self
+            .engine
+            .dump_table(&table, &[applied_key, state_key], &prefix)
+            .map_err(io)?;
+        let applied: Applied = match &dump.meta[0] {
+            Some(raw) => decode(raw, "applied state")?,
+            None => Applied::default(),
+        };
+        let sessions: Vec<(String, Vec<u8>)> = dump
+            .meta_prefixed
+            .into_iter()
+            .map(|(k, v)| (k[prefix.len()..].to_string(), v))
+            .collect();
+        let payload = match &self.kind {
+            Kind::Data { .. } => SnapshotPayload::DataWithSessions {
+                entries: dump.entries,
+                sessions,
+            },
+            Kind::Meta { .. } => SnapshotPayload::MetaWithSessions {
+                state: match &dump.meta[1] {
+                    Some(raw) => decode(raw, "cluster state")?,
+                    None => ClusterState::default(),
+                },
+                sessions,
+            },
         };
         let bytes = encode(&payload);
         let meta = SnapshotMeta {

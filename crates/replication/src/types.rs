@@ -48,6 +48,13 @@ pub enum Request {
     Clear,
     /// Meta group: change the cluster map.
     Meta(MetaCommand),
+    /// Any of the above, stamped by the node that routes it so that the state machine applies
+    /// it at most once however often it is retried (see [`crate::sessions`]). Every client
+    /// write travels this way; the bare forms are only in logs written before it existed.
+    Identified {
+        id: crate::sessions::RequestId,
+        request: Box<Request>,
+    },
 }
 
 impl fmt::Display for Request {
@@ -56,6 +63,9 @@ impl fmt::Display for Request {
             Request::Write { mutations, .. } => write!(f, "write({} mutations)", mutations.len()),
             Request::Clear => f.write_str("clear"),
             Request::Meta(c) => write!(f, "meta({c:?})"),
+            Request::Identified { id, request } => {
+                write!(f, "{request} as {}.{}#{}", id.origin, id.epoch, id.seq)
+            }
         }
     }
 }
@@ -68,4 +78,7 @@ pub enum Response {
     /// One reply per mutation of a `Write`.
     Replies(Vec<Result<Reply, Error>>),
     Meta(MetaResponse),
+    /// An identified request that was not applied, and whether an earlier copy of it was is no
+    /// longer known (see [`crate::sessions::Decision::Expired`]).
+    Expired,
 }

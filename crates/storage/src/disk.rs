@@ -69,8 +69,32 @@ fn io_err(e: impl std::fmt::Display) -> Error {
     }
 }
 
-/// A table's `(key, encoded value)` pairs and the requested `_meta` values (snapshot build).
-pub type TableDump = (Vec<(Vec<u8>, Vec<u8>)>, Vec<Option<Vec<u8>>>);
+/// A table's content and chosen `_meta` entries, read from one consistent snapshot
+/// (snapshot build).
+pub struct TableDump {
+    /// Every `(key, encoded value)` of the table, in key order.
+    pub entries: Vec<(Vec<u8>, Vec<u8>)>,
+    /// The requested `_meta` values, in the order of the requested keys.
+    pub meta: Vec<Option<Vec<u8>>>,
+    /// Every `_meta` entry under the requested prefix, in key order.
+    pub meta_prefixed: Vec<(String, Vec<u8>)>,
+}
+
+/// A `_meta` change: put (`Some`) or delete (`None`).
+pub type MetaItem = (String, Option<Vec<u8>>);
+
+/// Stores the replies of a range of an [`DiskEngine::apply_replicated`] call's mutations in
+/// `_meta`, in the same transaction as the mutations: the value is `prefix` followed by the
+/// postcard encoding of `replies[first..first + count]` (a `Vec<Result<Reply>>`). Replicated
+/// state machines use it to remember what a request answered, so a retry of it can be answered
+/// the same way instead of being applied again.
+#[derive(Debug, Clone)]
+pub struct RememberReplies {
+    pub key: String,
+    pub prefix: Vec<u8>,
+    pub first: usize,
+    pub count: usize,
+}
 
 /// Counters exposed as metrics.
 #[derive(Debug, Default)]
@@ -145,7 +169,8 @@ enum Op {
     ApplyReplicated {
         table: String,
         mutations: Vec<(Mutation, Timestamp, u64)>,
-        meta: Vec<(String, Vec<u8>)>,
+        meta: Vec<MetaItem>,
+        remember: Vec<RememberReplies>,
     },
     /// Appends records to a log table (u64 index -> bytes).
     LogAppend {
@@ -163,17 +188,21 @@ enum Op {
         items: Vec<(String, Option<Vec<u8>>)>,
         durable: bool,
     },
-    /// Replaces a table's whole content (snapshot install) and sets `_meta` entries.
+    /// Replaces a table's whole content (snapshot install): deletes every `_meta` entry under
+    /// `clear_meta_prefix`, then sets `_meta` entries.
     ReplaceTable {
         table: String,
         entries: Vec<(Vec<u8>, Vec<u8>)>,
-        meta: Vec<(String, Vec<u8>)>,
+        clear_meta_prefix: Option<String>,
+        meta: Vec<MetaItem>,
     },
-    /// Deletes tables (data and log) and `_meta` entries of a group this node no longer holds.
+    /// Deletes tables (data and log) and `_meta` entries (by key and by prefix) of a group this
+    /// node no longer holds.
     DropGroup {
         tables: Vec<String>,
         log_tables: Vec<String>,
         meta_keys: Vec<String>,
+        meta_prefixes: Vec<String>,
     },
 }
 
@@ -496,18 +525,20 @@ impl DiskEngine {
     }
 
     /// Applies replicated mutations `(mutation, leader timestamp, leader now_ms)` to `table`
-    /// and records `meta` (the applied state) atomically with them.
+    /// and records `meta` (the applied state) and the `remember`ed replies atomically with them.
     pub async fn apply_replicated(
         &self,
         table: &str,
         mutations: Vec<(Mutation, Timestamp, u64)>,
-        meta: Vec<(String, Vec<u8>)>,
+        meta: Vec<MetaItem>,
+        remember: Vec<RememberReplies>,
     ) -> Result<BatchReplies> {
         match self
             .submit(Op::ApplyReplicated {
                 table: table.to_string(),
                 mutations,
                 meta,
+                remember,
             })
             .await?
         {
@@ -516,25 +547,33 @@ impl DiskEngine {
         }
     }
 
-    /// Replaces a table's content and sets `meta`, durably (snapshot install).
+    /// Replaces a table's content, deletes the `_meta` entries under `clear_meta_prefix` and
+    /// sets `meta`, durably and atomically (snapshot install, FLUSHDB).
     pub async fn replace_table(
         &self,
         table: &str,
         entries: Vec<(Vec<u8>, Vec<u8>)>,
-        meta: Vec<(String, Vec<u8>)>,
+        clear_meta_prefix: Option<String>,
+        meta: Vec<MetaItem>,
     ) -> Result<()> {
         self.submit(Op::ReplaceTable {
             table: table.to_string(),
             entries,
+            clear_meta_prefix,
             meta,
         })
         .await
         .map(|_| ())
     }
 
-    /// Every `(key, encoded value)` of a table plus the given `_meta` entries, from one
-    /// consistent snapshot (snapshot build).
-    pub fn dump_table(&self, table: &str, meta_keys: &[String]) -> Result<TableDump> {
+    /// Every `(key, encoded value)` of a table plus the given `_meta` entries and those under
+    /// `meta_prefix`, from one consistent snapshot (snapshot build).
+    pub fn dump_table(
+        &self,
+        table: &str,
+        meta_keys: &[String],
+        meta_prefix: &str,
+    ) -> Result<TableDump> {
         let txn = self.db.begin_read().map_err(io_err)?;
         let meta_table = txn.open_table(META_TABLE).map_err(io_err)?;
         let meta = meta_keys
@@ -546,6 +585,14 @@ impl DiskEngine {
             })
             .collect::<std::result::Result<Vec<_>, _>>()
             .map_err(io_err)?;
+        let mut meta_prefixed = Vec::new();
+        for entry in meta_table.range(meta_prefix..).map_err(io_err)? {
+            let (k, v) = entry.map_err(io_err)?;
+            if !k.value().starts_with(meta_prefix) {
+                break;
+            }
+            meta_prefixed.push((k.value().to_string(), v.value().to_vec()));
+        }
         let entries = match txn.open_table(table_def(table)) {
             Ok(t) => {
                 let mut out = Vec::new();
@@ -558,20 +605,26 @@ impl DiskEngine {
             Err(TableError::TableDoesNotExist(_)) => Vec::new(),
             Err(e) => return Err(io_err(e)),
         };
-        Ok((entries, meta))
+        Ok(TableDump {
+            entries,
+            meta,
+            meta_prefixed,
+        })
     }
 
-    /// Deletes a group's tables and `_meta` entries.
+    /// Deletes a group's tables and `_meta` entries (by key and by prefix).
     pub async fn drop_group(
         &self,
         tables: Vec<String>,
         log_tables: Vec<String>,
         meta_keys: Vec<String>,
+        meta_prefixes: Vec<String>,
     ) -> Result<()> {
         self.submit(Op::DropGroup {
             tables,
             log_tables,
             meta_keys,
+            meta_prefixes,
         })
         .await
         .map(|_| ())
@@ -1082,6 +1135,7 @@ fn execute(
             table,
             mutations,
             meta,
+            remember,
         } => {
             let mut t = txn.open_table(table_def(table)).map_err(io_err)?;
             let mut replies = Vec::with_capacity(mutations.len());
@@ -1100,8 +1154,19 @@ fn execute(
             }
             drop(t);
             let mut mt = txn.open_table(META_TABLE).map_err(io_err)?;
-            for (k, v) in meta {
-                mt.insert(k.as_str(), &v[..]).map_err(io_err)?;
+            put_meta(&mut mt, meta)?;
+            for r in remember {
+                let Some(range) = replies.get(r.first..r.first + r.count) else {
+                    return Err(Error::InvalidInput(format!(
+                        "replies {}..{} to remember are outside the batch of {}",
+                        r.first,
+                        r.first + r.count,
+                        replies.len()
+                    )));
+                };
+                let value = postcard::to_extend(range, r.prefix.clone())
+                    .map_err(|e| Error::Io(format!("cannot encode replies: {e}")))?;
+                mt.insert(r.key.as_str(), &value[..]).map_err(io_err)?;
             }
             Ok(Output::Replies(replies))
         }
@@ -1127,21 +1192,13 @@ fn execute(
         }
         Op::MetaPut { items, .. } => {
             let mut mt = txn.open_table(META_TABLE).map_err(io_err)?;
-            for (k, v) in items {
-                match v {
-                    Some(v) => {
-                        mt.insert(k.as_str(), &v[..]).map_err(io_err)?;
-                    }
-                    None => {
-                        mt.remove(k.as_str()).map_err(io_err)?;
-                    }
-                }
-            }
+            put_meta(&mut mt, items)?;
             Ok(Output::Done)
         }
         Op::ReplaceTable {
             table,
             entries,
+            clear_meta_prefix,
             meta,
         } => {
             txn.delete_table(table_def(table)).map_err(io_err)?;
@@ -1151,15 +1208,17 @@ fn execute(
             }
             drop(t);
             let mut mt = txn.open_table(META_TABLE).map_err(io_err)?;
-            for (k, v) in meta {
-                mt.insert(k.as_str(), &v[..]).map_err(io_err)?;
+            if let Some(prefix) = clear_meta_prefix {
+                remove_meta_prefix(&mut mt, prefix)?;
             }
+            put_meta(&mut mt, meta)?;
             Ok(Output::Done)
         }
         Op::DropGroup {
             tables,
             log_tables,
             meta_keys,
+            meta_prefixes,
         } => {
             for t in tables {
                 txn.delete_table(table_def(t)).map_err(io_err)?;
@@ -1170,6 +1229,9 @@ fn execute(
             let mut mt = txn.open_table(META_TABLE).map_err(io_err)?;
             for k in meta_keys {
                 mt.remove(k.as_str()).map_err(io_err)?;
+            }
+            for prefix in meta_prefixes {
+                remove_meta_prefix(&mut mt, prefix)?;
             }
             Ok(Output::Done)
         }
@@ -1247,6 +1309,37 @@ fn execute(
             Ok(Output::Done)
         }
     }
+}
+
+/// Applies `_meta` puts and deletes.
+fn put_meta(mt: &mut redb::Table<&str, &[u8]>, items: &[MetaItem]) -> Result<()> {
+    for (k, v) in items {
+        match v {
+            Some(v) => {
+                mt.insert(k.as_str(), &v[..]).map_err(io_err)?;
+            }
+            None => {
+                mt.remove(k.as_str()).map_err(io_err)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Deletes every `_meta` entry whose key starts with `prefix`.
+fn remove_meta_prefix(mt: &mut redb::Table<&str, &[u8]>, prefix: &str) -> Result<()> {
+    let mut doomed = Vec::new();
+    for entry in mt.range(prefix..).map_err(io_err)? {
+        let (k, _) = entry.map_err(io_err)?;
+        if !k.value().starts_with(prefix) {
+            break;
+        }
+        doomed.push(k.value().to_string());
+    }
+    for k in doomed {
+        mt.remove(k.as_str()).map_err(io_err)?;
+    }
+    Ok(())
 }
 
 /// Applies one mutation inside the writer's transaction. `Err` only for storage failures

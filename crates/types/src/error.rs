@@ -9,7 +9,8 @@
 //! | `KeyspaceNotFound`               | create the keyspace or fix name  | `ERR`       | 404  |
 //! | `KeyspaceExists`                 | nothing: it is already there     | `ERR`       | 409  |
 //! | `OutOfMemory`                    | shrink the value or raise limit  | `OOM`       | 507  |
-//! | `Unavailable`, `ShuttingDown`    | retry (elsewhere / later)        | `TRYAGAIN`  | 503  |
+//! | `Unavailable`, `ShuttingDown`    | retry (elsewhere / later): the request certainly did not take effect | `TRYAGAIN` | 503 |
+//! | `OutcomeUnknown`                 | read to learn the outcome before retrying: it may or may not have taken effect | `UNCERTAIN` | 504 |
 //! | `Corruption`                     | alert an operator; never retried | `CORRUPT`   | 500  |
 //! | `Io`                             | alert an operator                | `ERR`       | 500  |
 
@@ -43,7 +44,9 @@ pub enum Error {
     /// A cache keyspace cannot make room for this write (the entry alone exceeds the limit).
     #[error("command not allowed when used memory > 'maxmemory' ({0})")]
     OutOfMemory(String),
-    /// The node cannot serve this now; the same request may succeed later or elsewhere.
+    /// The node cannot serve this now, and the request **certainly did not take effect**; the
+    /// same request may succeed later or elsewhere. Redis Cluster clients retry `-TRYAGAIN`
+    /// on their own, so this must never be used when the outcome is in doubt.
     #[error("{0}")]
     Unavailable(String),
     /// The node is stopping; retry on another node or after restart.
@@ -55,6 +58,12 @@ pub enum Error {
     /// The storage layer failed (disk full, I/O error). Durability of the request is unknown.
     #[error("storage I/O error: {0}")]
     Io(String),
+    /// A write **may or may not have taken effect** (for `ap`: it took effect on some replicas
+    /// but not at the requested level): the node lost track of it, e.g. the leader failed and no
+    /// other node could answer for it before the deadline. Retrying blindly could apply it
+    /// twice; read the key to learn the outcome first.
+    #[error("{0}")]
+    OutcomeUnknown(String),
 }
 
 impl Error {
@@ -77,6 +86,7 @@ impl Error {
             Error::ShuttingDown => "shutting_down",
             Error::Corruption(_) => "corruption",
             Error::Io(_) => "io",
+            Error::OutcomeUnknown(_) => "outcome_unknown",
         }
     }
 }

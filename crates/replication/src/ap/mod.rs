@@ -290,8 +290,10 @@ impl Ap {
                 break;
             }
         }
-        Err(Error::Unavailable(format!(
-            "{} of {required} required replicas acknowledged (consistency {}); the write may still be applied where it arrived (retrying a plain SET is safe)",
+        // Not `Unavailable` (-TRYAGAIN, which clients retry on their own): the write was sent
+        // and may be stored where it arrived, from where it spreads (hints, anti-entropy).
+        Err(Error::OutcomeUnknown(format!(
+            "{} of {required} required replicas acknowledged (consistency {}); the write may have taken effect where it arrived and would then reach the other replicas later; read before retrying",
             holders.len(),
             level.as_str()
         )))
@@ -648,8 +650,8 @@ impl Ap {
                     .await
                 {
                     // Counted already: a retry would count it twice.
-                    return Err(Error::Unavailable(format!(
-                        "the increment was counted on node {owner} but did not reach the level {} ({e}); do not retry it",
+                    return Err(Error::OutcomeUnknown(format!(
+                        "the increment was counted on node {owner} but did not reach the level {} ({e}); it will reach the other replicas later: do not retry it",
                         level.as_str()
                     )));
                 }
@@ -659,8 +661,8 @@ impl Ap {
             // A definite refusal (not an integer, overflow) is final.
             Err(e) if e.contains("not an integer") => Err(Error::NotAnInteger),
             Err(e) if e.contains("overflow") => Err(Error::Overflow),
-            Err(e) => Err(Error::Unavailable(format!(
-                "the increment's outcome is unknown ({e}); it may have been counted"
+            Err(e) => Err(Error::OutcomeUnknown(format!(
+                "the increment's outcome is unknown ({e}); it may have been counted: read before retrying"
             ))),
         }
     }

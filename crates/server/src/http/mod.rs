@@ -71,6 +71,8 @@ impl IntoResponse for ApiError {
             Error::OutOfMemory(_) => StatusCode::INSUFFICIENT_STORAGE,
             Error::Unavailable(_) | Error::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             Error::Corruption(_) | Error::Io(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            // The write may or may not have happened: not 503, which clients retry.
+            Error::OutcomeUnknown(_) => StatusCode::GATEWAY_TIMEOUT,
         };
         let body = json!({"error": {"code": e.code(), "message": e.to_string(), "retryable": e.is_retryable()}});
         (status, Json(body)).into_response()
@@ -107,6 +109,10 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/cluster/reconcile-report", get(reconcile_report))
         .route("/v1/keyspaces/{name}/digest", get(keyspace_digest))
         .route("/v1/debug/clock", get(get_clock).post(set_clock))
+        .route(
+            "/v1/debug/lose-write-answers",
+            axum::routing::post(lose_write_answers),
+        )
         .route(
             "/v1/kv/{keyspace}/{*key}",
             get(get_key).put(put_key).delete(delete_key),
@@ -147,6 +153,7 @@ async fn observe(State(node): State<Arc<Node>>, req: Request, next: Next) -> Res
         Some("/v1/cluster/reconcile-report") => "/v1/cluster/reconcile-report",
         Some("/v1/keyspaces/{name}/digest") => "/v1/keyspaces/{name}/digest",
         Some("/v1/debug/clock") => "/v1/debug/clock",
+        Some("/v1/debug/lose-write-answers") => "/v1/debug/lose-write-answers",
         Some("/healthz") => "/healthz",
         Some("/readyz") => "/readyz",
         Some("/metrics") => "/metrics",
@@ -695,6 +702,28 @@ async fn set_partition(
 #[serde(deny_unknown_fields)]
 struct ClockBody {
     offset_ms: i64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LoseAnswersBody {
+    count: u64,
+}
+
+/// Drops the answers of the next `count` writes this node forwards to another node's leader,
+/// after the leader applied them, as a broken connection would (exactly-once tests).
+async fn lose_write_answers(
+    State(node): State<Arc<Node>>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult {
+    require_fault_injection(&node)?;
+    let body: LoseAnswersBody = json_body(body)?;
+    node.manager.debug_lose_write_answers(body.count);
+    tracing::warn!(
+        count = body.count,
+        "fault injection: answers of forwarded writes will be dropped"
+    );
+    Ok(Json(json!({"count": body.count})).into_response())
 }
 
 /// Fault injection routes exist only on nodes started with `--debug-fault-injection`.

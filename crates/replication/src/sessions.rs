@@ -1,0 +1,542 @@
+//! Exactly-once application of replicated writes.
+//!
+//! A write that reaches a leader may be committed even when its answer never comes back (the
+//! leader dies after committing, the connection breaks, the hop times out). The node that
+//! routes it must then retry on the new leader, and without help the retry would be applied a
+//! second time: a compare-and-set fails its own check, an INCR counts twice, a SET overwrites a
+//! later write. This module is the help: client sessions as in the Raft dissertation (§6.3),
+//! with completion floors as in RIFL (Lee et al., SOSP 2015).
+//!
+//! # How it works
+//!
+//! - Every node process is a **session** `(origin node, random epoch)` and numbers its writes
+//!   `seq = 1, 2, 3, ...` ([`RequestIds`]). The routing node stamps a write once
+//!   ([`RequestId`]) and sends the same stamp on every retry, to any leader.
+//! - Each group's state machine keeps a [`SessionTable`]: for every session, which sequence
+//!   numbers it applied, and (in `_meta`, written in the same transaction as the write itself)
+//!   what each answered. A copy of a write it already applied is **not applied again**: it is
+//!   answered with the remembered reply ([`Decision::Duplicate`]).
+//! - Decisions are made while applying committed log entries, so every replica makes the same
+//!   ones in the same order; the table is part of the state machine (persisted with the applied
+//!   log id, carried in snapshots), so it survives restarts, snapshots and leader changes.
+//!
+//! # Bounds (what is remembered, and for how long)
+//!
+//! - **Floor.** Every id carries the origin's *floor*: the smallest sequence number it still has
+//!   in flight. Everything below was answered and will never be retried, so its reply is
+//!   forgotten at once. In steady state a session remembers about as many replies as its node
+//!   has writes in flight.
+//! - **Retry window.** An origin retries a write for at most its request deadline (3 s). A reply
+//!   is forgotten once the session has sent a write [`RETRY_WINDOW_MS`] later (on the origin's
+//!   monotonic clock, so clock jumps do not matter).
+//! - **Per session** at most [`REMEMBERED_PER_SESSION_MAX`] replies; the oldest are forgotten
+//!   first (the floor rises past them).
+//! - **Sessions** unused for [`SESSION_IDLE_MS`] (by the largest wall-clock time any entry of
+//!   the group carried) are dropped, and at most [`SESSIONS_MAX`] are kept (least recently used
+//!   dropped first). A process restart starts a new session, so old ones only expire.
+//!
+//! A copy of a write whose reply was forgotten, or that is below its session's floor, is never
+//! applied: it is answered [`Decision::Expired`] (the routing node reports the outcome as
+//! unknown; by the bounds above this happens only to copies nobody waits for).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use capdb_cluster::{GroupId, NodeId};
+use serde::{Deserialize, Serialize};
+
+/// How long after a write its reply is remembered, in the origin's session time. Must exceed
+/// the longest time an origin keeps retrying one write (the request deadline, 3 s) plus the time
+/// a copy may sit in flight; generous, because forgetting early would allow a double apply.
+pub const RETRY_WINDOW_MS: u64 = 60_000;
+/// Replies remembered per session at most (writes in flight on one node, or within the retry
+/// window while one write is stuck).
+pub const REMEMBERED_PER_SESSION_MAX: usize = 100_000;
+/// A session unused for this long (group wall-clock time) is forgotten.
+pub const SESSION_IDLE_MS: u64 = 3_600_000;
+/// Sessions remembered per group at most.
+pub const SESSIONS_MAX: usize = 4_096;
+
+/// The identity of one write, stamped once by the node that routes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct RequestId {
+    /// The routing node.
+    pub origin: NodeId,
+    /// Random per process start of `origin`: a restarted node is a new session.
+    pub epoch: u64,
+    /// Position of this write among the session's writes (from 1).
+    pub seq: u64,
+    /// Every write of the session below this was answered and will never be sent again.
+    pub floor: u64,
+    /// When the write was first sent, in ms since the session started (monotonic).
+    pub sent_ms: u64,
+    /// The origin's wall clock when the write was first sent (only ages sessions).
+    pub wall_ms: u64,
+}
+
+/// Issues [`RequestId`]s for this node's session and tracks which are in flight.
+pub struct RequestIds {
+    origin: NodeId,
+    epoch: u64,
+    started: Instant,
+    state: Mutex<Issued>,
+}
+
+#[derive(Default)]
+struct Issued {
+    next: u64,
+    in_flight: BTreeSet<u64>,
+}
+
+/// One write in flight; its sequence number leaves the in-flight set when this drops (the
+/// write was answered, or its caller gave up on it).
+pub struct InFlight {
+    ids: Arc<RequestIds>,
+    id: RequestId,
+}
+
+impl InFlight {
+    pub fn id(&self) -> RequestId {
+        self.id
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.ids.lock().in_flight.remove(&self.id.seq);
+    }
+}
+
+impl RequestIds {
+    pub fn new(origin: NodeId) -> Arc<RequestIds> {
+        Arc::new(RequestIds {
+            origin,
+            epoch: fastrand::u64(1..),
+            started: Instant::now(),
+            state: Mutex::new(Issued {
+                next: 1,
+                in_flight: BTreeSet::new(),
+            }),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Issued> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Stamps a new write. Keep the guard until the write's answer is final.
+    pub fn begin(self: &Arc<Self>) -> InFlight {
+        let mut st = self.lock();
+        let seq = st.next;
+        st.next += 1;
+        st.in_flight.insert(seq);
+        let floor = *st.in_flight.first().expect("seq was just inserted");
+        // Read under the lock: `sent_ms` never decreases as `seq` grows (the state machine
+        // forgets replies from the oldest end relying on it).
+        let sent_ms = self.started.elapsed().as_millis() as u64;
+        drop(st);
+        InFlight {
+            ids: self.clone(),
+            id: RequestId {
+                origin: self.origin,
+                epoch: self.epoch,
+                seq,
+                floor,
+                sent_ms,
+                wall_ms: capdb_types::unix_now_ms(),
+            },
+        }
+    }
+}
+
+/// What the state machine does with one identified write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// First time seen: apply it and remember its reply under [`SessionTable::row_key`].
+    Apply,
+    /// Applied before: answer with the reply remembered under [`SessionTable::row_key`].
+    Duplicate,
+    /// Not applied now, and whether an earlier copy was is no longer known: answer "outcome
+    /// unknown". Only copies nobody waits for get this (see the module doc).
+    Expired,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct Session {
+    floor: u64,
+    newest_sent_ms: u64,
+    last_wall_ms: u64,
+    /// Remembered replies: seq -> sent_ms (the replies themselves are rows in `_meta`).
+    #[serde(skip)]
+    remembered: BTreeMap<u64, u64>,
+}
+
+type SessionKey = (NodeId, u64);
+
+/// A group's sessions (see the module doc). Pure bookkeeping: the state machine writes the
+/// changes it reports ([`SessionTable::take_changes`]) in the same transaction as the entries
+/// that caused them.
+#[derive(Debug, Default)]
+pub struct SessionTable {
+    prefix: String,
+    sessions: HashMap<SessionKey, Session>,
+    /// Largest wall-clock time carried by any entry (ages sessions deterministically).
+    clock_ms: u64,
+    dirty: BTreeSet<SessionKey>,
+    forgotten_rows: Vec<String>,
+    forgotten_sessions: Vec<SessionKey>,
+    clock_dirty: bool,
+}
+
+/// `_meta` changes: put (`Some`) or delete (`None`).
+pub type Changes = Vec<(String, Option<Vec<u8>>)>;
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    postcard::to_stdvec(v).expect("session types always encode")
+}
+
+impl SessionTable {
+    /// The `_meta` prefix under which a group's sessions live.
+    pub fn prefix_of(group: GroupId) -> String {
+        format!("raft/{group}/session/")
+    }
+
+    /// An empty table for `group`.
+    pub fn new(group: GroupId) -> SessionTable {
+        SessionTable {
+            prefix: Self::prefix_of(group),
+            ..Default::default()
+        }
+    }
+
+    /// Rebuilds the table from its `_meta` rows (`key` with the full prefix, value).
+    pub fn load(group: GroupId, rows: &[(String, Vec<u8>)]) -> Result<SessionTable, String> {
+        let mut t = SessionTable::new(group);
+        for (key, value) in rows {
+            let rest = key
+                .strip_prefix(&t.prefix)
+                .ok_or_else(|| format!("session row {key} outside {}", t.prefix))?;
+            if rest == "clock" {
+                t.clock_ms = postcard::from_bytes(value).map_err(|e| e.to_string())?;
+                continue;
+            }
+            let (session, seq) = match rest.split_once('/') {
+                Some((s, seq)) => (s, Some(seq)),
+                None => (rest, None),
+            };
+            let sk = parse_session(session).ok_or_else(|| format!("bad session row {key}"))?;
+            match seq {
+                None => {
+                    let header: Session = postcard::from_bytes(value)
+                        .map_err(|e| format!("corrupt session header {key}: {e}"))?;
+                    let s = t.sessions.entry(sk).or_default();
+                    s.floor = header.floor;
+                    s.newest_sent_ms = header.newest_sent_ms;
+                    s.last_wall_ms = header.last_wall_ms;
+                }
+                Some(seq) => {
+                    let seq = u64::from_str_radix(seq, 16)
+                        .map_err(|_| format!("bad session row {key}"))?;
+                    let sent_ms = row_sent_ms(value).ok_or_else(|| format!("short row {key}"))?;
+                    t.sessions
+                        .entry(sk)
+                        .or_default()
+                        .remembered
+                        .insert(seq, sent_ms);
+                }
+            }
+        }
+        Ok(t)
+    }
+
+    /// The `_meta` key of a write's remembered reply.
+    pub fn row_key(&self, id: &RequestId) -> String {
+        format!(
+            "{}{:016x}.{:016x}/{:016x}",
+            self.prefix, id.origin, id.epoch, id.seq
+        )
+    }
+
+    fn header_key(&self, sk: SessionKey) -> String {
+        format!("{}{:016x}.{:016x}", self.prefix, sk.0, sk.1)
+    }
+
+    /// Decides what to do with a committed write, and updates the bookkeeping as if the
+    /// decision were carried out (an `Apply` is remembered from now on).
+    pub fn decide(&mut self, id: &RequestId) -> Decision {
+        if id.wall_ms > self.clock_ms {
+            self.clock_ms = id.wall_ms;
+            self.clock_dirty = true;
+        }
+        let sk = (id.origin, id.epoch);
+        self.dirty.insert(sk);
+        let prefix = &self.prefix;
+        let s = self.sessions.entry(sk).or_default();
+        s.floor = s.floor.max(id.floor);
+        s.newest_sent_ms = s.newest_sent_ms.max(id.sent_ms);
+        s.last_wall_ms = s.last_wall_ms.max(id.wall_ms);
+        // Forget what can no longer be asked for: below the floor, or out of the window.
+        let horizon = s.newest_sent_ms.saturating_sub(RETRY_WINDOW_MS);
+        // Both conditions hold for a prefix of the seqs (sent_ms grows with seq).
+        while let Some((&seq, &sent)) = s.remembered.first_key_value() {
+            if seq >= s.floor && sent >= horizon {
+                break;
+            }
+            s.remembered.pop_first();
+            self.forgotten_rows
+                .push(format!("{prefix}{:016x}.{:016x}/{seq:016x}", sk.0, sk.1));
+        }
+        if s.remembered.contains_key(&id.seq) {
+            return Decision::Duplicate;
+        }
+        if id.seq < s.floor || id.sent_ms < horizon {
+            return Decision::Expired;
+        }
+        s.remembered.insert(id.seq, id.sent_ms);
+        while s.remembered.len() > REMEMBERED_PER_SESSION_MAX {
+            let (oldest, _) = s.remembered.pop_first().expect("over the limit, not empty");
+            s.floor = s.floor.max(oldest + 1);
+            self.forgotten_rows
+                .push(format!("{prefix}{:016x}.{:016x}/{oldest:016x}", sk.0, sk.1));
+        }
+        Decision::Apply
+    }
+
+    /// Drops idle sessions and keeps at most [`SESSIONS_MAX`] (once per applied batch).
+    fn expire_sessions(&mut self) {
+        let idle_before = self.clock_ms.saturating_sub(SESSION_IDLE_MS);
+        let mut doomed: Vec<SessionKey> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.last_wall_ms < idle_before)
+            .map(|(k, _)| *k)
+            .collect();
+        let over = self.sessions.len().saturating_sub(doomed.len());
+        if over > SESSIONS_MAX {
+            let mut by_age: Vec<(u64, SessionKey)> = self
+                .sessions
+                .iter()
+                .filter(|(_, s)| s.last_wall_ms >= idle_before)
+                .map(|(k, s)| (s.last_wall_ms, *k))
+                .collect();
+            by_age.sort_unstable();
+            doomed.extend(by_age.into_iter().take(over - SESSIONS_MAX).map(|(_, k)| k));
+        }
+        for sk in doomed {
+            if let Some(s) = self.sessions.remove(&sk) {
+                for seq in s.remembered.keys() {
+                    self.forgotten_rows.push(format!(
+                        "{}{:016x}.{:016x}/{seq:016x}",
+                        self.prefix, sk.0, sk.1
+                    ));
+                }
+                self.dirty.remove(&sk);
+                self.forgotten_sessions.push(sk);
+            }
+        }
+    }
+
+    /// The `_meta` changes since the last call (headers of touched sessions, forgotten rows
+    /// and sessions, the clock), to be written with the entries that caused them.
+    pub fn take_changes(&mut self) -> Changes {
+        self.expire_sessions();
+        let mut out: Changes = Vec::new();
+        for sk in std::mem::take(&mut self.dirty) {
+            if let Some(s) = self.sessions.get(&sk) {
+                out.push((self.header_key(sk), Some(encode(s))));
+            }
+        }
+        for row in std::mem::take(&mut self.forgotten_rows) {
+            out.push((row, None));
+        }
+        for sk in std::mem::take(&mut self.forgotten_sessions) {
+            out.push((self.header_key(sk), None));
+        }
+        if std::mem::take(&mut self.clock_dirty) {
+            out.push((
+                format!("{}clock", self.prefix),
+                Some(encode(&self.clock_ms)),
+            ));
+        }
+        out
+    }
+
+    /// Replies remembered in total (metrics, tests).
+    pub fn remembered(&self) -> usize {
+        self.sessions.values().map(|s| s.remembered.len()).sum()
+    }
+
+    /// Sessions known (metrics, tests).
+    pub fn sessions(&self) -> usize {
+        self.sessions.len()
+    }
+}
+
+fn parse_session(s: &str) -> Option<SessionKey> {
+    let (origin, epoch) = s.split_once('.')?;
+    Some((
+        u64::from_str_radix(origin, 16).ok()?,
+        u64::from_str_radix(epoch, 16).ok()?,
+    ))
+}
+
+/// A remembered reply row: `[sent_ms: u64 LE][kind: u8][postcard payload]`.
+pub mod row {
+    /// The payload is a `Vec<Result<Reply, Error>>` (a data write's replies).
+    pub const REPLIES: u8 = 0;
+    /// The payload is a whole `Response`.
+    pub const RESPONSE: u8 = 1;
+
+    /// The row's first bytes, before the payload.
+    pub fn prefix(sent_ms: u64, kind: u8) -> Vec<u8> {
+        let mut p = sent_ms.to_le_bytes().to_vec();
+        p.push(kind);
+        p
+    }
+}
+
+fn row_sent_ms(value: &[u8]) -> Option<u64> {
+    Some(u64::from_le_bytes(value.get(..8)?.try_into().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(seq: u64, floor: u64, sent_ms: u64) -> RequestId {
+        RequestId {
+            origin: 7,
+            epoch: 99,
+            seq,
+            floor,
+            sent_ms,
+            wall_ms: 1_000 + sent_ms,
+        }
+    }
+
+    #[test]
+    fn a_retry_of_an_applied_write_is_a_duplicate_not_a_second_apply() {
+        let mut t = SessionTable::new(3);
+        assert_eq!(t.decide(&id(1, 1, 0)), Decision::Apply);
+        assert_eq!(t.decide(&id(1, 1, 0)), Decision::Duplicate);
+        assert_eq!(t.decide(&id(2, 1, 5)), Decision::Apply);
+        assert_eq!(t.decide(&id(1, 1, 0)), Decision::Duplicate);
+    }
+
+    #[test]
+    fn writes_arriving_out_of_order_are_each_applied_once() {
+        let mut t = SessionTable::new(3);
+        assert_eq!(t.decide(&id(3, 1, 2)), Decision::Apply);
+        assert_eq!(t.decide(&id(1, 1, 0)), Decision::Apply);
+        assert_eq!(t.decide(&id(2, 1, 1)), Decision::Apply);
+        for seq in 1..=3 {
+            assert_eq!(t.decide(&id(seq, 1, seq - 1)), Decision::Duplicate);
+        }
+    }
+
+    #[test]
+    fn the_floor_forgets_answered_writes_and_refuses_their_late_copies() {
+        let mut t = SessionTable::new(3);
+        for seq in 1..=10 {
+            assert_eq!(t.decide(&id(seq, 1, seq)), Decision::Apply);
+        }
+        assert_eq!(t.remembered(), 10);
+        // The origin has answered everything below 10.
+        assert_eq!(t.decide(&id(11, 10, 11)), Decision::Apply);
+        assert_eq!(t.remembered(), 2);
+        assert_eq!(t.decide(&id(4, 1, 4)), Decision::Expired);
+        // Never-seen writes below the floor are refused too: the origin gave up on them.
+        let changes = t.take_changes();
+        let deletes = changes.iter().filter(|(_, v)| v.is_none()).count();
+        assert_eq!(deletes, 9, "one row deleted per forgotten reply");
+    }
+
+    #[test]
+    fn replies_are_forgotten_after_the_retry_window_and_late_copies_refused() {
+        let mut t = SessionTable::new(3);
+        assert_eq!(t.decide(&id(1, 1, 0)), Decision::Apply);
+        // Write 1 is still in flight at the origin (floor 1) but a minute has passed.
+        assert_eq!(t.decide(&id(2, 1, RETRY_WINDOW_MS + 1)), Decision::Apply);
+        assert_eq!(t.remembered(), 1);
+        assert_eq!(t.decide(&id(1, 1, 0)), Decision::Expired);
+    }
+
+    #[test]
+    fn a_session_remembers_a_bounded_number_of_replies() {
+        let mut t = SessionTable::new(3);
+        let n = REMEMBERED_PER_SESSION_MAX as u64 + 5;
+        for seq in 1..=n {
+            assert_eq!(t.decide(&id(seq, 1, 0)), Decision::Apply);
+        }
+        assert_eq!(t.remembered(), REMEMBERED_PER_SESSION_MAX);
+        // The oldest were forgotten and their copies are refused, never applied again.
+        assert_eq!(t.decide(&id(1, 1, 0)), Decision::Expired);
+        assert_eq!(t.decide(&id(n, 1, 0)), Decision::Duplicate);
+    }
+
+    #[test]
+    fn idle_sessions_expire_and_their_rows_are_deleted() {
+        let mut t = SessionTable::new(3);
+        assert_eq!(t.decide(&id(1, 1, 0)), Decision::Apply);
+        let other = RequestId {
+            origin: 8,
+            epoch: 1,
+            seq: 1,
+            floor: 1,
+            sent_ms: 0,
+            wall_ms: 1_000 + SESSION_IDLE_MS + 10,
+        };
+        assert_eq!(t.decide(&other), Decision::Apply);
+        let changes = t.take_changes();
+        assert_eq!(t.sessions(), 1);
+        assert!(changes.contains(&(t.header_key((7, 99)), None)));
+        assert!(changes.contains(&(t.row_key(&id(1, 1, 0)), None)));
+    }
+
+    #[test]
+    fn the_table_reloads_from_its_rows_with_the_same_decisions() {
+        let mut t = SessionTable::new(12);
+        for seq in 1..=4 {
+            let floor = if seq < 3 { 1 } else { 2 };
+            assert_eq!(t.decide(&id(seq, floor, seq)), Decision::Apply);
+        }
+        let mut rows: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+        for seq in 1..=4 {
+            let mut v = row::prefix(seq, row::REPLIES);
+            v.push(0);
+            rows.insert(t.row_key(&id(seq, 2, seq)), v);
+        }
+        for (k, v) in t.take_changes() {
+            match v {
+                Some(v) => {
+                    rows.insert(k, v);
+                }
+                None => {
+                    rows.remove(&k);
+                }
+            }
+        }
+        let rows: Vec<(String, Vec<u8>)> = rows.into_iter().collect();
+        let mut back = SessionTable::load(12, &rows).unwrap();
+        assert_eq!(back.remembered(), 3, "seq 1 is below the floor 2");
+        assert_eq!(back.decide(&id(3, 2, 3)), Decision::Duplicate);
+        assert_eq!(back.decide(&id(1, 2, 1)), Decision::Expired);
+        assert_eq!(back.decide(&id(5, 2, 5)), Decision::Apply);
+    }
+
+    #[test]
+    fn ids_carry_the_smallest_sequence_number_still_in_flight() {
+        let ids = RequestIds::new(4);
+        let a = ids.begin();
+        let b = ids.begin();
+        assert_eq!((a.id().seq, a.id().floor), (1, 1));
+        assert_eq!((b.id().seq, b.id().floor), (2, 1));
+        drop(a);
+        let c = ids.begin();
+        assert_eq!((c.id().seq, c.id().floor), (3, 2));
+        drop(b);
+        drop(c);
+        assert_eq!(ids.begin().id().floor, 4);
+    }
+}
