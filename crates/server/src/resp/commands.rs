@@ -211,6 +211,7 @@ pub fn error_line(e: &Error) -> String {
         Error::OutOfMemory(_) => format!("OOM {e}"),
         Error::Unavailable(_) | Error::ShuttingDown => format!("TRYAGAIN {e}"),
         Error::Corruption(_) => format!("CORRUPT {e}"),
+        Error::OutcomeUnknown(_) => format!("UNCERTAIN {e}"),
         _ => format!("ERR {e}"),
     }
 }
