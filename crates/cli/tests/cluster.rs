@@ -919,9 +919,23 @@ fn shard_leader_of(c: &Cluster, conn: &mut redis::Connection, key: &str) -> u64 
     }
 }
 
-#[test]
-fn a_forwarded_write_whose_answer_is_lost_is_applied_once_and_answered_truthfully() {
-    let c = Cluster::start_with(3, &["--debug-fault-injection"]);
+/// What a client heard and what the cluster holds after writes sent through a follower whose
+/// answers from the leader are lost once each (the leader applied them; the follower retries).
+struct LostAnswers {
+    /// The reply to `SET k v2 IFEQ v1` (the register held v1).
+    cas_reply: Option<String>,
+    /// The register afterwards, read on the leader.
+    register: Option<String>,
+    /// The reply to `INCRBY c 5` (the counter did not exist).
+    incr_reply: i64,
+    /// The counter afterwards, read on the leader.
+    counter: Option<i64>,
+}
+
+fn writes_through_a_follower_losing_answers(extra: &[&str]) -> LostAnswers {
+    let mut args = vec!["--debug-fault-injection"];
+    args.extend_from_slice(extra);
+    let c = Cluster::start_with(3, &args);
     let key = "{eo}register";
     let counter = "{eo}counter";
     let mut any = c.node(1).client();
@@ -940,36 +954,24 @@ fn a_forwarded_write_whose_answer_is_lost_is_applied_once_and_answered_truthfull
         .unwrap();
         assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
     };
-
-    // The leader applies the compare-and-set; its answer is lost on the way back; the follower
-    // sends the same write again. Applied twice, the second copy would fail its own check and
-    // the client would hear nil although its write took effect.
     lose_next_answer();
-    let cas: Option<String> = redis::cmd("SET")
+    let cas_reply: Option<String> = redis::cmd("SET")
         .arg(key)
         .arg("v2")
         .arg("IFEQ")
         .arg("v1")
         .query(&mut via_follower)
         .unwrap();
-    assert_eq!(
-        cas.as_deref(),
-        Some("OK"),
-        "the client must hear the true outcome"
-    );
-    let mut on_leader = c.node(leader).client();
-    assert_eq!(
-        on_leader.get::<_, Option<String>>(key).unwrap().as_deref(),
-        Some("v2")
-    );
-
-    // An increment whose answer is lost is counted once, and the client hears that count.
     lose_next_answer();
-    assert_eq!(via_follower.incr::<_, _, i64>(counter, 5).unwrap(), 5);
-    assert_eq!(on_leader.get::<_, Option<i64>>(counter).unwrap(), Some(5));
-    assert_eq!(via_follower.incr::<_, _, i64>(counter, 1).unwrap(), 6);
-
-    // Both answers really were dropped (the test is not passing vacuously).
+    let incr_reply: i64 = via_follower.incr(counter, 5).unwrap();
+    let mut on_leader = c.node(leader).client();
+    let out = LostAnswers {
+        cas_reply,
+        register: on_leader.get(key).unwrap(),
+        incr_reply,
+        counter: on_leader.get(counter).unwrap(),
+    };
+    // Both answers really were dropped (neither test passes vacuously).
     let dropped = c
         .node(follower)
         .log()
@@ -979,4 +981,34 @@ fn a_forwarded_write_whose_answer_is_lost_is_applied_once_and_answered_truthfull
         dropped, 2,
         "the follower forwarded both writes and lost both answers"
     );
+    out
+}
+
+#[test]
+fn a_forwarded_write_whose_answer_is_lost_is_applied_once_and_answered_truthfully() {
+    let r = writes_through_a_follower_losing_answers(&[]);
+    // The retried compare-and-set is answered with its first outcome: it took effect.
+    assert_eq!(
+        r.cas_reply.as_deref(),
+        Some("OK"),
+        "the client must hear the true outcome"
+    );
+    assert_eq!(r.register.as_deref(), Some("v2"));
+    // The retried increment is counted once, and the client hears that count.
+    assert_eq!(r.incr_reply, 5);
+    assert_eq!(r.counter, Some(5));
+}
+
+#[test]
+fn with_exactly_once_off_the_same_lost_answers_double_apply() {
+    // The deliberately broken mode shows what the test above guards against.
+    let r = writes_through_a_follower_losing_answers(&["--debug-apply-duplicates"]);
+    assert_eq!(r.cas_reply, None, "the second copy fails its own check");
+    assert_eq!(
+        r.register.as_deref(),
+        Some("v2"),
+        "although the first took effect"
+    );
+    assert_eq!(r.incr_reply, 10);
+    assert_eq!(r.counter, Some(10), "counted twice");
 }

@@ -90,6 +90,9 @@ pub struct ManagerConfig {
     pub unsafe_local_reads: bool,
     /// Tunables of `ap` replication.
     pub ap: crate::ap::ApConfig,
+    /// TESTING ONLY (`--debug-apply-duplicates`): state machines apply every copy of a retried
+    /// write (exactly-once off), a deliberately broken mode the chaos checker must catch.
+    pub apply_duplicates: bool,
 }
 
 /// Raft timing used by capdb, for failover well under 1.5 s: a follower calls an election
@@ -190,6 +193,8 @@ pub struct Manager {
     stopping: AtomicBool,
     /// See [`ManagerConfig::unsafe_local_reads`].
     unsafe_local_reads: bool,
+    /// See [`ManagerConfig::apply_duplicates`].
+    apply_duplicates: bool,
     /// Leaderless replication of `ap` keyspaces.
     ap: Arc<crate::ap::Ap>,
     /// Stamps this node's writes so that each is applied at most once.
@@ -255,6 +260,7 @@ impl Manager {
             last_placement: Mutex::default(),
             stopping: AtomicBool::new(false),
             unsafe_local_reads: config.unsafe_local_reads,
+            apply_duplicates: config.apply_duplicates,
             ids: RequestIds::new(me),
             lose_write_answers: AtomicU64::new(0),
         });
@@ -350,7 +356,9 @@ impl Manager {
         }
         let io = |e: std::io::Error| Error::Io(e.to_string());
         let log = LogStore::open(self.engine.clone(), group).map_err(io)?;
-        let sm = StateMachine::open(self.engine.clone(), group, kind).map_err(io)?;
+        let sm = StateMachine::open(self.engine.clone(), group, kind)
+            .map_err(io)?
+            .apply_duplicates(self.apply_duplicates);
         let network = NetworkFactory {
             group,
             peers: self.peers.clone(),

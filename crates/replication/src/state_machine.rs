@@ -92,6 +92,9 @@ pub struct StateMachine {
     /// Applied request ids and where their replies are (see [`crate::sessions`]). Only `apply`
     /// and `install_snapshot` use it, and openraft never runs them at once.
     sessions: Arc<Mutex<SessionTable>>,
+    /// TESTING ONLY: apply every copy of an identified request (see
+    /// [`StateMachine::apply_duplicates`]).
+    apply_duplicates: bool,
 }
 
 /// The latest snapshot: its meta and encoded payload.
@@ -143,7 +146,16 @@ impl StateMachine {
             })),
             current: Arc::default(),
             sessions: Arc::new(Mutex::new(sessions)),
+            apply_duplicates: false,
         })
+    }
+
+    /// TESTING ONLY (`--debug-apply-duplicates`): applies every copy of a retried request
+    /// again, as capdb did before exactly-once, so the chaos harness can show it catches
+    /// double application.
+    pub fn apply_duplicates(mut self, yes: bool) -> StateMachine {
+        self.apply_duplicates = yes;
+        self
     }
 
     fn take_sessions(&self) -> SessionTable {
@@ -360,7 +372,7 @@ impl StateMachine {
             };
             (st.applied.clone(), cluster)
         };
-        let mut b = ApplyBatch::new(applied);
+        let mut b = ApplyBatch::new(applied, self.apply_duplicates);
         let mut meta_rows: Vec<MetaItem> = Vec::new();
         while let Some((entry, responder)) = entries.try_next().await? {
             if let Some(prev) = b.applied.last_applied {
@@ -461,10 +473,12 @@ struct ApplyBatch {
     rows: HashMap<String, usize>,
     /// Copies of applied entries: (slot, row key of the reply to give).
     duplicates: Vec<(usize, String)>,
+    /// See [`StateMachine::apply_duplicates`].
+    apply_duplicates: bool,
 }
 
 impl ApplyBatch {
-    fn new(applied: Applied) -> ApplyBatch {
+    fn new(applied: Applied, apply_duplicates: bool) -> ApplyBatch {
         ApplyBatch {
             previous: applied.last_applied,
             applied,
@@ -473,6 +487,7 @@ impl ApplyBatch {
             responders: Vec::new(),
             rows: HashMap::new(),
             duplicates: Vec::new(),
+            apply_duplicates,
         }
     }
 
@@ -486,6 +501,10 @@ impl ApplyBatch {
     ) -> Option<String> {
         let key = sessions.row_key(id);
         match sessions.decide(id) {
+            _ if self.apply_duplicates => {
+                self.rows.insert(key.clone(), slot);
+                Some(key)
+            }
             Decision::Apply => {
                 self.rows.insert(key.clone(), slot);
                 Some(key)

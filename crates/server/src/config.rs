@@ -66,6 +66,9 @@ pub struct DebugConfig {
     pub unsafe_local_reads: bool,
     /// Enable `/v1/debug/*` routes that inject faults into this node (clock offset).
     pub fault_injection: bool,
+    /// Apply every copy of a retried write (exactly-once off): a deliberately broken mode that
+    /// the chaos checker must catch (doubled increments, CAS answered nil though applied).
+    pub apply_duplicates: bool,
 }
 
 pub const DEFAULT_PEER_ADDR: &str = "127.0.0.1:7380";
@@ -233,6 +236,10 @@ pub struct ServerArgs {
     /// TESTING ONLY: enable the /v1/debug/* fault-injection routes (clock offset).
     #[arg(long, hide = true)]
     pub debug_fault_injection: bool,
+    /// TESTING ONLY: apply every copy of a retried write again (exactly-once off). This breaks
+    /// correctness on purpose so `capdb chaos` can prove it detects double application.
+    #[arg(long, hide = true)]
+    pub debug_apply_duplicates: bool,
 }
 
 /// A configuration error: which setting, from where, and why.
@@ -397,6 +404,7 @@ impl Config {
             debug: DebugConfig {
                 unsafe_local_reads: args.debug_unsafe_local_reads,
                 fault_injection: args.debug_fault_injection,
+                apply_duplicates: args.debug_apply_duplicates,
             },
         };
         let config = Config {

@@ -102,6 +102,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             initial_cluster,
             join: config.cluster.join.clone(),
             unsafe_local_reads: config.cluster.debug.unsafe_local_reads,
+            apply_duplicates: config.cluster.debug.apply_duplicates,
             ap: capdb_replication::ap::ApConfig {
                 anti_entropy_interval: std::time::Duration::from_millis(
                     config.cluster.ap_anti_entropy_interval_ms,
