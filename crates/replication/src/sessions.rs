@@ -33,7 +33,12 @@
 //!   first (the floor rises past them).
 //! - **Sessions** unused for [`SESSION_IDLE_MS`] (by the largest wall-clock time any entry of
 //!   the group carried) are dropped, and at most [`SESSIONS_MAX`] are kept (least recently used
-//!   dropped first). A process restart starts a new session, so old ones only expire.
+//!   dropped first), checked whenever that clock enters a new minute (a point in the log, so
+//!   every replica drops the same sessions at the same entry). A process restart starts a new
+//!   session, so old ones only expire. A write of an idle session that is *not* a copy is
+//!   applied whether or not its session was dropped, so dropping never changes a decision
+//!   except for copies more than an hour late, which Raft cannot produce (an entry is
+//!   committed by a leader elected soon after it was sent, or never).
 //!
 //! A copy of a write whose reply was forgotten, or that is below its session's floor, is never
 //! applied: it is answered [`Decision::Expired`] (the routing node reports the outcome as
@@ -266,8 +271,15 @@ impl SessionTable {
     /// decision were carried out (an `Apply` is remembered from now on).
     pub fn decide(&mut self, id: &RequestId) -> Decision {
         if id.wall_ms > self.clock_ms {
+            // Sessions age when the clock enters a new minute: a point fixed by the log alone,
+            // so every replica expires the same sessions before the same entry (however its
+            // entries were batched).
+            let new_minute = id.wall_ms / 60_000 != self.clock_ms / 60_000;
             self.clock_ms = id.wall_ms;
             self.clock_dirty = true;
+            if new_minute {
+                self.expire_sessions(Some((id.origin, id.epoch)));
+            }
         }
         let sk = (id.origin, id.epoch);
         self.dirty.insert(sk);
@@ -303,13 +315,14 @@ impl SessionTable {
         Decision::Apply
     }
 
-    /// Drops idle sessions and keeps at most [`SESSIONS_MAX`] (once per applied batch).
-    fn expire_sessions(&mut self) {
+    /// Drops idle sessions and keeps at most [`SESSIONS_MAX`] (besides `keep`, the session of
+    /// the entry being decided).
+    fn expire_sessions(&mut self, keep: Option<SessionKey>) {
         let idle_before = self.clock_ms.saturating_sub(SESSION_IDLE_MS);
         let mut doomed: Vec<SessionKey> = self
             .sessions
             .iter()
-            .filter(|(_, s)| s.last_wall_ms < idle_before)
+            .filter(|(k, s)| s.last_wall_ms < idle_before && Some(**k) != keep)
             .map(|(k, _)| *k)
             .collect();
         let over = self.sessions.len().saturating_sub(doomed.len());
@@ -317,7 +330,7 @@ impl SessionTable {
             let mut by_age: Vec<(u64, SessionKey)> = self
                 .sessions
                 .iter()
-                .filter(|(_, s)| s.last_wall_ms >= idle_before)
+                .filter(|(k, s)| s.last_wall_ms >= idle_before && Some(**k) != keep)
                 .map(|(k, s)| (s.last_wall_ms, *k))
                 .collect();
             by_age.sort_unstable();
@@ -340,7 +353,6 @@ impl SessionTable {
     /// The `_meta` changes since the last call (headers of touched sessions, forgotten rows
     /// and sessions, the clock), to be written with the entries that caused them.
     pub fn take_changes(&mut self) -> Changes {
-        self.expire_sessions();
         let mut out: Changes = Vec::new();
         for sk in std::mem::take(&mut self.dirty) {
             if let Some(s) = self.sessions.get(&sk) {
@@ -523,6 +535,50 @@ mod tests {
         assert_eq!(back.decide(&id(3, 2, 3)), Decision::Duplicate);
         assert_eq!(back.decide(&id(1, 2, 1)), Decision::Expired);
         assert_eq!(back.decide(&id(5, 2, 5)), Decision::Apply);
+    }
+
+    proptest::proptest! {
+        /// An origin issues writes, finishes some, and copies of any of them (in flight or
+        /// finished, any number of times, in any order) reach the state machine: each write is
+        /// applied at most once, and the first copy of a write still in flight is applied.
+        #[test]
+        fn every_write_is_applied_at_most_once_under_any_delivery(
+            ops in proptest::collection::vec((0u8..3, 0usize..64), 1..300)
+        ) {
+            let ids = RequestIds::new(5);
+            let mut t = SessionTable::new(1);
+            let mut issued: Vec<(RequestId, Option<InFlight>)> = Vec::new();
+            let mut applied: BTreeSet<u64> = BTreeSet::new();
+            for (op, pick) in ops {
+                match op {
+                    0 => {
+                        let f = ids.begin();
+                        issued.push((f.id(), Some(f)));
+                    }
+                    1 if !issued.is_empty() => {
+                        let i = pick % issued.len();
+                        issued[i].1 = None; // answered: leaves the in-flight set
+                    }
+                    _ if !issued.is_empty() => {
+                        let i = pick % issued.len();
+                        let (id, in_flight) = (&issued[i].0, issued[i].1.is_some());
+                        let first = !applied.contains(&id.seq);
+                        match t.decide(id) {
+                            Decision::Apply => {
+                                proptest::prop_assert!(first, "seq {} applied twice", id.seq);
+                                applied.insert(id.seq);
+                            }
+                            Decision::Duplicate => proptest::prop_assert!(!first),
+                            Decision::Expired => proptest::prop_assert!(
+                                !in_flight,
+                                "a write still in flight must be applied or answered"
+                            ),
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
     }
 
     #[test]
