@@ -235,6 +235,58 @@ impl Nodes {
         None
     }
 
+    /// The shards of keyspace `default` with their leaders and replicas, asked of any node
+    /// that answers.
+    pub async fn shards(&self) -> Option<Vec<crate::route::Shard>> {
+        for i in 1..=self.count() {
+            if self.status(i) != Status::Running {
+                continue;
+            }
+            let Ok((200, body)) = http(&self.http_addr(i), "GET", "/v1/cluster", None).await else {
+                continue;
+            };
+            let Ok(v) = serde_json::from_str::<Json>(&body) else {
+                continue;
+            };
+            let Some(shards) = v["keyspaces"]
+                .as_array()
+                .and_then(|ks| ks.iter().find(|k| k["name"] == "default"))
+                .and_then(|k| k["shards"].as_array())
+            else {
+                continue;
+            };
+            let node = |v: &Json| v.as_u64().map(|n| n as u32);
+            return Some(
+                shards
+                    .iter()
+                    .map(|s| crate::route::Shard {
+                        slots: (
+                            s["slots"][0].as_u64().unwrap_or(0) as u16,
+                            s["slots"][1].as_u64().unwrap_or(16383) as u16,
+                        ),
+                        leader: node(&s["leader"]),
+                        replicas: s["replicas"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .filter_map(node)
+                            .collect(),
+                    })
+                    .collect(),
+            );
+        }
+        None
+    }
+
+    /// The leader of the shard holding `slot` in keyspace `default`.
+    pub async fn leader_of_slot(&self, slot: u16) -> Option<u32> {
+        self.shards()
+            .await?
+            .into_iter()
+            .find(|s| s.slots.0 <= slot && slot <= s.slots.1)?
+            .leader
+    }
+
     /// Sets node `i`'s wall-clock offset (its `/v1/debug/clock` route).
     pub async fn set_clock(&self, i: u32, offset_ms: i64) -> Result<(), HarnessError> {
         let body = format!("{{\"offset_ms\":{offset_ms}}}");

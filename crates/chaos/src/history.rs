@@ -26,6 +26,31 @@ pub enum Workload {
     Counter,
     /// Append-only sets: no acknowledged element lost, none invented or doubled.
     Set,
+    /// Compare-and-set heavy registers on keys of one shard (`{cas}:N`), each CAS expecting the
+    /// value the clients last saw: checked for linearizability exactly like [`Workload::Register`].
+    /// A CAS applied twice (once by a dying leader, again after a retry) fails its own
+    /// comparison the second time and answers nil, which no linearization explains.
+    Cas,
+}
+
+impl Workload {
+    /// Whether the register (linearizability) checker owns this workload's keys.
+    pub fn is_register(self) -> bool {
+        matches!(self, Workload::Register | Workload::Cas)
+    }
+}
+
+/// The role the client's node had in the key's shard when the operation was sent, as the
+/// harness last saw it (polled every few hundred milliseconds, so it may lag a failover).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// The shard's Raft leader: the write is proposed where it arrives.
+    Leader,
+    /// A replica that is not the leader: the write is forwarded to the leader.
+    Follower,
+    /// A node holding no replica of the shard: forwarded as well.
+    Other,
 }
 
 /// What an operation does.
@@ -63,14 +88,17 @@ pub struct OpEvent {
     pub process: u64,
     /// The node the client talks to (1-based).
     pub node: u32,
+    /// That node's role in the key's shard, when the harness knew it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<Role>,
     pub workload: Workload,
     pub f: F,
     pub key: String,
     /// The operation's argument: written value, `[expected, new]`, increment, element.
     #[serde(default)]
     pub value: Json,
-    /// On completion: what a read returned (number, null, or list for sets), or the CAS
-    /// outcome (bool).
+    /// On completion: what a read returned (number, null, or list for sets), the CAS
+    /// outcome (bool), or the counter's value after an increment (INCRBY's answer).
     #[serde(default, skip_serializing_if = "Json::is_null")]
     pub result: Json,
     /// On `fail`/`info`: the error the client saw.
@@ -107,6 +135,7 @@ pub enum Record {
 pub struct Op {
     pub process: u64,
     pub node: u32,
+    pub role: Option<Role>,
     pub workload: Workload,
     pub f: F,
     pub key: String,
@@ -145,6 +174,7 @@ pub fn pair(records: &[Record]) -> Result<Vec<Op>, String> {
                 ops.push(Op {
                     process: e.process,
                     node: e.node,
+                    role: e.role,
                     workload: e.workload,
                     f: e.f,
                     key: e.key.clone(),

@@ -18,6 +18,7 @@ pub mod history;
 pub mod nemesis;
 pub mod net;
 pub mod report;
+pub mod route;
 pub mod run;
 pub mod workload;
 

@@ -6,9 +6,17 @@
 //! sides, a ring where each node sees only its neighbours), kill -9 then restart, SIGSTOP then
 //! SIGCONT, lossy links (nftables random drop: this kernel has no netem), and wall-clock
 //! offsets. "Leader" targets are resolved when the window opens and written to the history.
+//!
+//! `kill-leader` is aimed: it kills (SIGKILL) the leader of the shard holding the workload's
+//! keys (the `{cas}` slot; with one shard, every key) at a moment when writes sent through
+//! other nodes are in flight, i.e. being forwarded to that leader. That is the moment a
+//! forwarding node must decide what a broken connection means: the leader may have committed
+//! the write before dying, so sending it again to the next leader can apply it twice. A plain
+//! `kill` picks its victim blindly and rarely lands there.
 
 use std::fmt::Write as _;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use crate::HarnessError;
 use crate::cluster::{Nodes, Status};
@@ -22,15 +30,20 @@ pub enum Kind {
     Pause,
     Loss,
     Clock,
+    KillLeader,
 }
 
+/// How long `kill-leader` waits for a forwarded write to be in flight before it kills anyway.
+const AIM_WAIT: Duration = Duration::from_secs(2);
+
 impl Kind {
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 6] = [
         Kind::Partition,
         Kind::Kill,
         Kind::Pause,
         Kind::Loss,
         Kind::Clock,
+        Kind::KillLeader,
     ];
 
     pub fn parse(s: &str) -> Result<Kind, String> {
@@ -40,9 +53,10 @@ impl Kind {
             "pause" => Kind::Pause,
             "loss" => Kind::Loss,
             "clock" => Kind::Clock,
+            "kill-leader" => Kind::KillLeader,
             other => {
                 return Err(format!(
-                    "unknown nemesis '{other}': expected partition, kill, pause, loss, clock or all"
+                    "unknown nemesis '{other}': expected partition, kill, pause, loss, clock, kill-leader or all"
                 ));
             }
         })
@@ -79,6 +93,16 @@ pub enum Fault {
     Clock {
         offsets: Vec<(u32, i64)>,
     },
+    /// Kill -9 the workload shard's leader while forwarded writes are in flight.
+    KillLeader,
+}
+
+/// What an aimed fault needs to know about the workload.
+pub struct Aim<'a> {
+    /// Writes sent through non-leaders and not yet answered.
+    pub forwarded_in_flight: &'a AtomicU64,
+    /// The slot whose shard leader `kill-leader` kills.
+    pub slot: u16,
 }
 
 #[derive(Debug, Clone)]
@@ -171,6 +195,7 @@ fn fault_of(kind: Kind, n: u32, rng: &mut fastrand::Rng) -> Fault {
                 per_mille: rng.u32(200..=400),
             }
         }
+        Kind::KillLeader => Fault::KillLeader,
         Kind::Clock => {
             let mut offsets: Vec<(u32, i64)> = Vec::new();
             for &i in &order {
@@ -222,6 +247,7 @@ pub async fn apply(
     topo: &Topology,
     nodes: &Nodes,
     rng: &mut fastrand::Rng,
+    aim: &Aim<'_>,
 ) -> Result<(String, Undo), HarnessError> {
     let mut undo = Undo::default();
     let mut text = String::new();
@@ -311,6 +337,25 @@ pub async fn apply(
                     "lossy links: {} drop {}% of peer packets",
                     set_text(lossy),
                     per_mille / 10
+                );
+            }
+            Fault::KillLeader => {
+                // Resolve the leader first: the strike itself must follow the wait at once.
+                let Some(leader) = nodes.leader_of_slot(aim.slot).await else {
+                    text.push_str("kill-leader: no leader known, nothing killed");
+                    continue;
+                };
+                let deadline = Instant::now() + AIM_WAIT;
+                let mut in_flight = aim.forwarded_in_flight.load(Ordering::SeqCst);
+                while in_flight == 0 && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    in_flight = aim.forwarded_in_flight.load(Ordering::SeqCst);
+                }
+                nodes.kill(leader);
+                undo.restart.push(leader);
+                let _ = write!(
+                    text,
+                    "kill -9 leader {leader} of the workload's shard with {in_flight} forwarded writes in flight"
                 );
             }
             Fault::Clock { offsets } => {
@@ -413,5 +458,6 @@ mod tests {
         assert!(all.iter().any(|f| matches!(f, Fault::Pause(_))));
         assert!(all.iter().any(|f| matches!(f, Fault::Loss { .. })));
         assert!(all.iter().any(|f| matches!(f, Fault::Clock { .. })));
+        assert!(all.iter().any(|f| matches!(f, Fault::KillLeader)));
     }
 }

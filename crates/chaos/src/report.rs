@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use serde_json::{Value as Json, json};
 
 use crate::check::CheckResult;
-use crate::history::{F, Op, Record, Stage};
+use crate::history::{F, Op, Record, Role, Stage};
 
 /// A nemesis window as recorded in the history.
 #[derive(Debug, Clone)]
@@ -129,6 +129,7 @@ pub fn build(records: &[Record], check: &CheckResult, run: Json) -> Result<Json,
     let mut by_workload = BTreeMap::new();
     for w in [
         crate::history::Workload::Register,
+        crate::history::Workload::Cas,
         crate::history::Workload::Counter,
         crate::history::Workload::Set,
     ] {
@@ -137,12 +138,27 @@ pub fn build(records: &[Record], check: &CheckResult, run: Json) -> Result<Json,
             by_workload.insert(format!("{w:?}").to_lowercase(), c);
         }
     }
+    // Which path writes took: proposed where they arrived (leader) or forwarded.
+    let mut writes_by_role = BTreeMap::new();
+    for role in [
+        Some(Role::Leader),
+        Some(Role::Follower),
+        Some(Role::Other),
+        None,
+    ] {
+        let c = counts(ops.iter().filter(|o| o.f != F::Read && o.role == role));
+        if c["ops"] != 0 {
+            let name = role.map_or("unknown".to_string(), |r| format!("{r:?}").to_lowercase());
+            writes_by_role.insert(name, c);
+        }
+    }
     let all = counts(ops.iter());
     let mut report = json!({
         "valid": check.validity.to_json(),
         "ops": all["ops"], "ok": all["ok"], "fail": all["fail"], "info": all["info"],
         "problems": check.problems,
         "by_workload": by_workload,
+        "writes_by_role": writes_by_role,
         "windows": by_window,
         "outside_windows": quiet,
         "latency_ms": latency,

@@ -15,6 +15,7 @@ use crate::history::{F, Stage, Workload, Writer};
 use crate::nemesis::{self, Kind};
 use crate::net::Topology;
 use crate::report;
+use crate::route::{self, Route, ShardMap, WORKLOAD_TAG};
 use crate::workload::{self, Client, Keys, Mix, Recorder, Shared};
 
 #[derive(Debug, Clone)]
@@ -40,6 +41,8 @@ pub struct Options {
     pub limits: check::Limits,
     /// Test an `ap` keyspace instead of the `cp` default one.
     pub ap: bool,
+    /// How clients choose the nodes they talk to.
+    pub route: Route,
 }
 
 /// The keyspace an `ap` run works on.
@@ -86,9 +89,9 @@ pub async fn run(opts: Options) -> Result<Outcome, HarnessError> {
     if opts.workloads.is_empty() {
         return Err(HarnessError("no workload selected".into()));
     }
-    if opts.ap && opts.workloads.contains(&Workload::Register) {
+    if opts.ap && opts.workloads.iter().any(|w| w.is_register()) {
         return Err(HarnessError(
-            "the register workload checks linearizability, which ap keyspaces do not promise; use --workload counter,set with --mode ap".into(),
+            "the register and cas workloads check linearizability, which ap keyspaces do not promise; use --workload counter,set with --mode ap".into(),
         ));
     }
     // A run starts from empty nodes: data left by an earlier run in the same directory names
@@ -134,6 +137,8 @@ pub async fn run(opts: Options) -> Result<Outcome, HarnessError> {
         "clients": opts.clients,
         "rate": opts.rate,
         "mode": if opts.ap { "ap" } else { "cp" },
+        "route": format!("{:?}", opts.route).to_lowercase(),
+        "binary": opts.binary.display().to_string(),
         "ap_convergence_s": convergence,
         "workloads": opts.workloads,
         "nemeses": opts.nemeses.iter().map(|k| format!("{k:?}").to_lowercase()).collect::<Vec<_>>(),
@@ -288,7 +293,7 @@ async fn drive(
     let weights: Vec<(Workload, u32)> = opts
         .workloads
         .iter()
-        .map(|w| (*w, if *w == Workload::Register { 2 } else { 1 }))
+        .map(|w| (*w, if w.is_register() { 2 } else { 1 }))
         .collect();
     let shared = Arc::new(Shared {
         recorder: Recorder::new(writer),
@@ -299,8 +304,20 @@ async fn drive(
         }),
         mix: Mix { workloads: weights },
         clients: opts.clients as u64,
+        route: opts.route,
+        addrs: (1..=n).map(|i| nodes.resp_addr(i)).collect(),
+        shards: ShardMap::default(),
+        forwarded_in_flight: Default::default(),
     });
+    // Roles and routing need the shard map from the first operation on.
+    if let Some(map) = nodes.shards().await {
+        shared.shards.set(map);
+    }
     let (stop_tx, stop_rx) = watch::channel(false);
+    let watcher = {
+        let (shared, nodes, stop) = (shared.clone(), nodes.clone(), stop_rx.clone());
+        tokio::spawn(async move { route::watch(&nodes, &shared.shards, stop).await })
+    };
     let interval = Duration::from_secs_f64(opts.clients as f64 / opts.rate.max(1) as f64);
     let mut tasks = Vec::new();
     for c in 0..opts.clients {
@@ -347,7 +364,11 @@ async fn drive(
             _ = interrupt.changed() => { interrupted = true; break; }
         }
         check_crashes(&mut crashes);
-        let (text, undo) = nemesis::apply(window, topo, nodes, &mut rng).await?;
+        let aim = nemesis::Aim {
+            forwarded_in_flight: &shared.forwarded_in_flight,
+            slot: route::key_slot(&format!("{{{WORKLOAD_TAG}}}")),
+        };
+        let (text, undo) = nemesis::apply(window, topo, nodes, &mut rng, &aim).await?;
         eprintln!(
             "chaos: [{:>5.1}s] window {} starts: {text}",
             started.elapsed().as_secs_f64(),
@@ -398,6 +419,7 @@ async fn drive(
     for t in tasks {
         let _ = t.await;
     }
+    let _ = watcher.await;
     let convergence = if opts.ap && !interrupted {
         let c = wait_converged(nodes).await;
         match c {
@@ -479,7 +501,7 @@ async fn final_reads(shared: &Shared, nodes: &Nodes, clients: u64, ap: bool) -> 
                 value: serde_json::Value::Null,
                 final_read: true,
             };
-            let stage = workload::perform(shared, &mut client, process, op).await;
+            let (stage, _) = workload::perform(shared, &mut client, process, op).await;
             process += 1;
             if stage == Stage::Ok {
                 break;

@@ -1,10 +1,22 @@
 //! Clients: real Redis-protocol connections (the `redis` crate) from the harness to the nodes,
-//! each client bound to one node, recording every operation to the history.
+//! recording every operation to the history. Where each client connects is [`crate::route`]'s
+//! business: bound to one node, or moving between the leader and followers of the workload's
+//! shard.
 //!
 //! Keys follow Jepsen's "independent" pattern: a few register keys are active at a time and
 //! each is retired after [`REGISTER_OPS_PER_KEY`] operations, so every key's history stays small
 //! enough for the linearizability search. Written values are unique per key, so a read names
-//! exactly the write it saw.
+//! exactly the write it saw. Counter keys retire too (after [`COUNTER_OPS_PER_KEY`]), and each
+//! increment is a large random number, so the counter checker can tell which increments a
+//! value is made of and a doubled one stands out (see `check::counter`).
+//!
+//! Outcomes are classified per error, because the checkers trust them: a `fail` must certainly
+//! not have happened, or a correct server could be convicted. Reads that fail are `fail` (they
+//! changed nothing). For writes, `-TRYAGAIN` is `fail` (capdb sends it only when the write was
+//! certainly not applied, and Redis Cluster clients retry it automatically, so it must not be
+//! sent otherwise), a CAS answered nil is a definite "not applied" (`ok` with result `false`),
+//! and everything else (`-UNCERTAIN`, any other error, a dropped connection, a timeout) is
+//! `info`: the write may or may not have happened, and the client carries on as a new process.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,13 +27,25 @@ use redis::AsyncCommands;
 use serde_json::{Value as Json, json};
 use tokio::sync::watch;
 
-use crate::history::{F, NemesisEvent, OpEvent, Record, Stage, Workload, Writer};
+use crate::history::{F, NemesisEvent, OpEvent, Record, Role, Stage, Workload, Writer};
+use crate::route::{REBIND_OPS, Route, ShardMap, WORKLOAD_TAG};
 
 /// Operations on one register key before it is retired for a fresh one.
 pub const REGISTER_OPS_PER_KEY: u32 = 120;
+/// Operations on one `cas` key before it is retired for a fresh one.
+pub const CAS_OPS_PER_KEY: u32 = 100;
+/// Operations on one counter key before it is retired (bounds how many uncertain increments
+/// the counter checker must consider for one key).
+pub const COUNTER_OPS_PER_KEY: u32 = 150;
+/// Increments are drawn from `1..=INCREMENT_MAX`: large and random, so that sums of different
+/// sets of increments almost never coincide.
+pub const INCREMENT_MAX: i64 = 1_000_000_000;
 /// Elements appended to one set key before a fresh key takes over (bounds value size).
 pub const SET_ELEMENTS_PER_KEY: u32 = 500;
-/// How long a client waits for any reply; the server's own bound is about 5 s.
+/// How long a client waits for any reply; the server's own bound is about 5 s. It is also the
+/// connection's response timeout: the `redis` crate's default of 500 ms would turn every
+/// write that waits out a failover into an `info`, and an indeterminate write can be placed
+/// anywhere by the checker, so the evidence of a doubled write would be lost.
 pub const OP_TIMEOUT: Duration = Duration::from_secs(7);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -111,11 +135,48 @@ struct RegisterKey {
     next_value: i64,
 }
 
+/// A key of the `cas` workload.
+struct CasKey {
+    id: u32,
+    ops: u32,
+    next_value: i64,
+    /// The value clients last saw there (a read, an acknowledged write or successful CAS):
+    /// the next CAS expects it, so most CAS operations succeed, and a doubled one shows.
+    known: Option<i64>,
+    /// A CAS on this key just failed: read before the next CAS.
+    stale: bool,
+}
+
+impl CasKey {
+    fn new(id: u32) -> CasKey {
+        CasKey {
+            id,
+            ops: 0,
+            next_value: 1,
+            known: None,
+            stale: false,
+        }
+    }
+
+    fn name(&self) -> String {
+        cas_key(self.id)
+    }
+}
+
+/// The name of `cas` key `id`: all share one hash tag, so one slot and one shard.
+pub fn cas_key(id: u32) -> String {
+    format!("{{{WORKLOAD_TAG}}}:{id}")
+}
+
 /// Shared key state: which keys are active, what values come next.
 pub struct Keys {
     registers: Vec<RegisterKey>,
     next_register: u32,
-    counters: u32,
+    cas: Vec<CasKey>,
+    next_cas: u32,
+    /// Active counter keys: (id, operations so far).
+    counters: Vec<(u32, u32)>,
+    next_counter: u32,
     sets: Vec<(u32, u32)>,
     next_set: u32,
     next_element: i64,
@@ -139,7 +200,10 @@ impl Keys {
                 })
                 .collect(),
             next_register: active_registers,
-            counters,
+            cas: (0..active_registers).map(CasKey::new).collect(),
+            next_cas: active_registers,
+            counters: (0..counters.max(1)).map(|id| (id, 0)).collect(),
+            next_counter: counters.max(1),
             sets: (0..active_sets).map(|id| (id, 0)).collect(),
             next_set: active_sets,
             next_element: 1,
@@ -189,12 +253,19 @@ impl Keys {
                 }
                 (f, key, value)
             }
+            Workload::Cas => self.next_cas(rng),
             Workload::Counter => {
-                let key = format!("ctr:{}", rng.u32(0..self.counters));
+                let slot = rng.usize(0..self.counters.len());
+                let key = format!("ctr:{}", self.counters[slot].0);
+                self.counters[slot].1 += 1;
+                if self.counters[slot].1 >= COUNTER_OPS_PER_KEY {
+                    self.counters[slot] = (self.next_counter, 0);
+                    self.next_counter += 1;
+                }
                 if !self.ap && rng.u8(0..5) == 0 {
                     (F::Read, key, Json::Null)
                 } else {
-                    (F::Add, key, json!(rng.i64(1..=5)))
+                    (F::Add, key, json!(rng.i64(1..=INCREMENT_MAX)))
                 }
             }
             Workload::Set => {
@@ -219,6 +290,69 @@ impl Keys {
         };
         self.used.insert((w, key.clone()));
         (f, key, value)
+    }
+
+    /// The next `cas` operation: a write on a fresh key (so there is something to compare
+    /// with), a read after a failed CAS or one time in four, a blind write one time in ten,
+    /// otherwise a CAS from the last value seen to a new unique one.
+    fn next_cas(&mut self, rng: &mut fastrand::Rng) -> (F, String, Json) {
+        let slot = rng.usize(0..self.cas.len());
+        let k = &mut self.cas[slot];
+        k.ops += 1;
+        let key = k.name();
+        let roll = rng.u8(0..20);
+        let op = match k.known {
+            _ if k.stale || (5..10).contains(&roll) => {
+                k.stale = false;
+                (F::Read, key, Json::Null)
+            }
+            Some(expected) if roll >= 10 || (2..5).contains(&roll) => {
+                let v = k.next_value;
+                k.next_value += 1;
+                (F::Cas, key, json!([expected, v]))
+            }
+            _ => {
+                let v = k.next_value;
+                k.next_value += 1;
+                (F::Write, key, json!(v))
+            }
+        };
+        if k.ops >= CAS_OPS_PER_KEY {
+            *k = CasKey::new(self.next_cas);
+            self.next_cas += 1;
+        }
+        op
+    }
+
+    /// Learns from a completed `cas` operation what the key holds now.
+    fn observe(&mut self, w: Workload, f: F, key: &str, value: &Json, stage: Stage, result: &Json) {
+        if w != Workload::Cas {
+            return;
+        }
+        let Some(k) = self.cas.iter_mut().find(|k| k.name() == key) else {
+            return;
+        };
+        match (f, stage) {
+            (F::Read, Stage::Ok) => k.known = result.as_i64(),
+            (F::Write, Stage::Ok) => k.known = value.as_i64(),
+            (F::Cas, Stage::Ok) if result == &json!(true) => k.known = value[1].as_i64(),
+            (F::Cas, _) | (F::Write, _) => k.stale = true,
+            _ => {}
+        }
+    }
+}
+
+/// What a failed request means for its operation: `fail` (certainly not applied) or `info`
+/// (maybe applied). See the module doc for why each case is what it is.
+pub fn error_stage(mutates: bool, error_code: Option<&str>) -> Stage {
+    if !mutates {
+        return Stage::Fail;
+    }
+    match error_code {
+        // capdb's promise: the write was not applied (and will not be).
+        Some("TRYAGAIN") => Stage::Fail,
+        // `UNCERTAIN`: capdb says it cannot know; anything else we cannot vouch for either.
+        _ => Stage::Info,
     }
 }
 
@@ -264,16 +398,32 @@ impl Client {
         }
     }
 
+    /// Moves the client to another node (a no-op when it is already there).
+    pub fn rebind(&mut self, node: u32, addr: String) {
+        if node != self.node {
+            self.node = node;
+            self.addr = addr;
+            self.conn = None;
+            self.ap_write_level = None;
+        }
+    }
+
     async fn connection(&mut self) -> Result<redis::aio::MultiplexedConnection, String> {
         if let Some(c) = &self.conn {
             return Ok(c.clone());
         }
         let client =
             redis::Client::open(format!("redis://{}/", self.addr)).map_err(|e| e.to_string())?;
-        let c = tokio::time::timeout(CONNECT_TIMEOUT, client.get_multiplexed_async_connection())
-            .await
-            .map_err(|_| "connect timed out".to_string())?
-            .map_err(|e| format!("connect: {e}"))?;
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(OP_TIMEOUT));
+        let c = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            client.get_multiplexed_async_connection_with_config(&config),
+        )
+        .await
+        .map_err(|_| "connect timed out".to_string())?
+        .map_err(|e| format!("connect: {e}"))?;
         if let Some(ks) = &self.ap_keyspace {
             let mut setup = c.clone();
             let select: redis::RedisResult<()> =
@@ -340,7 +490,7 @@ impl Client {
                         .await?;
                     Ok(Json::Null)
                 }
-                (Workload::Register | Workload::Counter, F::Read) => {
+                (Workload::Register | Workload::Cas | Workload::Counter, F::Read) => {
                     let v: Option<i64> = conn.get(key).await?;
                     Ok(json!(v))
                 }
@@ -390,10 +540,9 @@ impl Client {
                 if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() {
                     self.conn = None;
                 }
-                if mutates {
-                    Outcome::Info(e.to_string())
-                } else {
-                    Outcome::Fail(e.to_string())
+                match error_stage(mutates, e.code()) {
+                    Stage::Fail => Outcome::Fail(e.to_string()),
+                    _ => Outcome::Info(e.to_string()),
                 }
             }
             Err(_) => {
@@ -414,6 +563,14 @@ pub struct Shared {
     pub keys: Mutex<Keys>,
     pub mix: Mix,
     pub clients: u64,
+    /// How clients choose nodes, each node's RESP address (node `i` at `i - 1`), and the
+    /// shard map roles are taken from.
+    pub route: Route,
+    pub addrs: Vec<String>,
+    pub shards: ShardMap,
+    /// Writes sent through a node that was not the shard's leader and not answered yet: the
+    /// `kill-leader` nemesis waits for some before it strikes.
+    pub forwarded_in_flight: AtomicU64,
 }
 
 /// One operation to perform.
@@ -427,8 +584,13 @@ pub struct Invocation {
 }
 
 /// Runs one operation end to end: invoke record, request, completion record. Returns the
-/// outcome; after `Info` the caller must continue under a fresh process id.
-pub async fn perform(shared: &Shared, client: &mut Client, process: u64, op: Invocation) -> Stage {
+/// outcome and result; after `Info` the caller must continue under a fresh process id.
+pub async fn perform(
+    shared: &Shared,
+    client: &mut Client,
+    process: u64,
+    op: Invocation,
+) -> (Stage, Json) {
     let Invocation {
         workload: w,
         f,
@@ -437,6 +599,13 @@ pub async fn perform(shared: &Shared, client: &mut Client, process: u64, op: Inv
         final_read,
     } = op;
     let node = client.node;
+    // `ap` keyspaces have no leader; roles are about the `default` keyspace's shards.
+    let role = if client.ap_keyspace.is_some() {
+        None
+    } else {
+        shared.shards.role(node, &key)
+    };
+    let forwarded = f != F::Read && matches!(role, Some(Role::Follower | Role::Other));
     let event = |stage: Stage, result: Json, error: Option<String>| {
         Record::Op(OpEvent {
             index: 0,
@@ -444,6 +613,7 @@ pub async fn perform(shared: &Shared, client: &mut Client, process: u64, op: Inv
             stage,
             process,
             node,
+            role,
             workload: w,
             f,
             key: key.clone(),
@@ -454,18 +624,31 @@ pub async fn perform(shared: &Shared, client: &mut Client, process: u64, op: Inv
         })
     };
     shared.recorder.push(event(Stage::Invoke, Json::Null, None));
+    if forwarded {
+        shared.forwarded_in_flight.fetch_add(1, Ordering::SeqCst);
+    }
     let (stage, result, error) = match client.run(w, f, &key, &value).await {
         Outcome::Ok(v) => (Stage::Ok, v, None),
         Outcome::Fail(e) => (Stage::Fail, Json::Null, Some(e)),
         Outcome::Info(e) => (Stage::Info, Json::Null, Some(e)),
     };
-    // Only reads and CAS carry a result the checkers need.
+    if forwarded {
+        shared.forwarded_in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+    // Reads, CAS and increments (the counter's new value) carry a result the checkers use;
+    // not increments of `ap` keyspaces, whose replicas answer with their own partial view.
     let result = match f {
         F::Read | F::Cas => result,
+        F::Add if client.ap_keyspace.is_none() => result,
         _ => Json::Null,
     };
-    shared.recorder.push(event(stage, result, error));
-    stage
+    shared.recorder.push(event(stage, result.clone(), error));
+    shared
+        .keys
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .observe(w, f, &key, &value, stage, &result);
+    (stage, result)
 }
 
 /// One client's loop: an operation, then a pause to keep to `interval` per client, until
@@ -479,8 +662,24 @@ pub async fn client_loop(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut rng = fastrand::Rng::with_seed(seed);
+    // Its own generator: how often the leader was known must not change the operations.
+    let mut route_rng = fastrand::Rng::with_seed(seed ^ 0x726f757465);
     let mut process = id;
+    // A mixed-route client picks its first node like every later one.
+    let mut bound_ops = REBIND_OPS;
+    let mut last = Stage::Ok;
     while !*stop.borrow() {
+        if shared.route == Route::Mixed
+            && (bound_ops >= REBIND_OPS || last != Stage::Ok)
+            && !shared.addrs.is_empty()
+        {
+            let node = shared
+                .shards
+                .pick(shared.addrs.len() as u32, &mut route_rng);
+            client.rebind(node, shared.addrs[node as usize - 1].clone());
+            bound_ops = 0;
+        }
+        bound_ops += 1;
         let started = Instant::now();
         let w = shared.mix.pick(&mut rng);
         let (f, key, value) = shared
@@ -495,7 +694,8 @@ pub async fn client_loop(
             value,
             final_read: false,
         };
-        let stage = perform(&shared, &mut client, process, op).await;
+        let (stage, _) = perform(&shared, &mut client, process, op).await;
+        last = stage;
         if stage == Stage::Info {
             process += shared.clients;
         }
@@ -511,5 +711,65 @@ pub async fn client_loop(
             _ = tokio::time::sleep(pause + jitter) => {}
             _ = stop.changed() => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_are_classified_by_what_they_promise() {
+        // Reads change nothing: any error is a failure.
+        assert_eq!(error_stage(false, None), Stage::Fail);
+        assert_eq!(error_stage(false, Some("UNCERTAIN")), Stage::Fail);
+        // Writes: only TRYAGAIN promises "not applied".
+        assert_eq!(error_stage(true, Some("TRYAGAIN")), Stage::Fail);
+        assert_eq!(error_stage(true, Some("UNCERTAIN")), Stage::Info);
+        assert_eq!(error_stage(true, Some("ERR")), Stage::Info);
+        assert_eq!(error_stage(true, None), Stage::Info);
+        // The redis crate reports the codes as capdb sends them.
+        let code = |line: &str| {
+            let e = redis::parse_redis_value(line.as_bytes())
+                .and_then(|v| v.extract_error())
+                .expect_err("an error reply");
+            e.code().map(str::to_string)
+        };
+        assert_eq!(code("-TRYAGAIN no leader\r\n").as_deref(), Some("TRYAGAIN"));
+        assert_eq!(
+            code("-UNCERTAIN the outcome is unknown\r\n").as_deref(),
+            Some("UNCERTAIN")
+        );
+    }
+
+    #[test]
+    fn cas_operations_expect_the_last_value_seen() {
+        let mut keys = Keys::new(1, 1, 1);
+        let mut rng = fastrand::Rng::with_seed(5);
+        // A fresh key is written first: there is nothing to compare with yet.
+        let (f, key, value) = keys.next(Workload::Cas, &mut rng);
+        assert_eq!((f, key.as_str()), (F::Write, "{cas}:0"));
+        keys.observe(Workload::Cas, f, &key, &value, Stage::Ok, &Json::Null);
+        let mut saw_cas = false;
+        for _ in 0..40 {
+            let (f, key, value) = keys.next(Workload::Cas, &mut rng);
+            let known = keys.cas[0].known;
+            match f {
+                F::Cas => {
+                    saw_cas = true;
+                    assert_eq!(value[0].as_i64(), known);
+                    // A failed CAS makes the next operation on the key a read.
+                    keys.observe(Workload::Cas, f, &key, &value, Stage::Ok, &json!(false));
+                    let (next, _, _) = keys.next(Workload::Cas, &mut rng);
+                    assert_eq!(next, F::Read);
+                }
+                F::Write => keys.observe(Workload::Cas, f, &key, &value, Stage::Ok, &Json::Null),
+                F::Read => keys.observe(Workload::Cas, f, &key, &value, Stage::Ok, &json!(known)),
+                other => panic!("{other:?} in the cas workload"),
+            }
+        }
+        assert!(saw_cas);
+        // Every key of the workload lives in one slot.
+        assert!(keys.used.iter().all(|(_, k)| k.starts_with("{cas}:")));
     }
 }

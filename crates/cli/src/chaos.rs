@@ -16,6 +16,10 @@ Examples (as root):
   capdb chaos run --duration 120 --seed 7 --out chaos-out
   capdb chaos run --duration 1200 --seed 42 --out long --nemesis all --nodes 5
   capdb chaos run --duration 60 --nemesis partition --workload register --unsafe-reads --out broken
+  capdb chaos run --duration 60 --seed 3 --nodes 3 --workload cas,counter --nemesis kill-leader \
+      --rate 300 --quiet 3 --fault-min 3 --fault-max 5 --out forwarded
+      (writes through followers while the shard leader is killed: catches writes applied twice)
+  capdb chaos run --server-bin old/capdb ...   (this harness driving another server build)
   capdb chaos check chaos-out/history.jsonl
 
 Output: DIR/report.json (ops, ok, fail, info, valid, seed, windows, latency, evidence),
@@ -57,12 +61,19 @@ pub struct RunArgs {
     /// Target operations per second, all clients together.
     #[arg(long, default_value_t = 100)]
     rate: u32,
-    /// Workloads, comma-separated: register, counter, set, or all.
+    /// Workloads, comma-separated: register, cas (compare-and-set heavy registers on one
+    /// shard), counter, set, or all (register, counter, set).
     #[arg(long, default_value = "all", value_delimiter = ',')]
     workload: Vec<String>,
-    /// Nemeses, comma-separated: partition, kill, pause, loss, clock, all, or none.
+    /// Nemeses, comma-separated: partition, kill, pause, loss, clock, kill-leader (kill -9 the
+    /// workload shard's leader while writes are being forwarded to it), all, or none.
     #[arg(long, default_value = "all", value_delimiter = ',')]
     nemesis: Vec<String>,
+    /// Where clients connect: mixed (they move between nodes, three in four times to a
+    /// follower of the workload's shard, so writes take the forwarding path) or fixed (client
+    /// c always talks to node c % nodes + 1).
+    #[arg(long, default_value = "mixed")]
+    route: String,
     /// Keyspace mode under test: cp (linearizability of registers, counters, sets) or ap
     /// (acknowledged quorum writes survive, concurrent increments all count, replicas converge).
     #[arg(long, default_value = "cp")]
@@ -83,9 +94,10 @@ pub struct RunArgs {
     /// must flag).
     #[arg(long)]
     unsafe_reads: bool,
-    /// The capdb binary to run as nodes [default: this executable].
-    #[arg(long)]
-    binary: Option<PathBuf>,
+    /// The capdb binary to run as nodes [default: this executable], e.g. an older build to
+    /// test with this harness.
+    #[arg(long = "server-bin", visible_alias = "binary")]
+    server_bin: Option<PathBuf>,
     /// Seconds the linearizability search may spend per key.
     #[arg(long, default_value_t = 20)]
     key_budget_secs: u64,
@@ -97,11 +109,12 @@ fn parse_workloads(names: &[String]) -> Result<Vec<Workload>, String> {
         match n.as_str() {
             "all" => out.extend([Workload::Register, Workload::Counter, Workload::Set]),
             "register" => out.push(Workload::Register),
+            "cas" => out.push(Workload::Cas),
             "counter" => out.push(Workload::Counter),
             "set" => out.push(Workload::Set),
             other => {
                 return Err(format!(
-                    "unknown workload '{other}': expected register, counter, set or all"
+                    "unknown workload '{other}': expected register, cas, counter, set or all"
                 ));
             }
         }
@@ -205,10 +218,17 @@ pub async fn main(op: ChaosOp) -> ExitCode {
             if a.fault_min == 0 || a.fault_min > a.fault_max {
                 return harness_error("--fault-min must be at least 1 and at most --fault-max");
             }
-            let binary = match a.binary.map_or_else(std::env::current_exe, Ok) {
+            let route = match capdb_chaos::route::Route::parse(&a.route) {
+                Ok(r) => r,
+                Err(e) => return harness_error(e),
+            };
+            let binary = match a.server_bin.map_or_else(std::env::current_exe, Ok) {
                 Ok(b) => b,
                 Err(e) => return harness_error(format!("cannot find the capdb binary: {e}")),
             };
+            if !binary.is_file() {
+                return harness_error(format!("--server-bin {}: no such file", binary.display()));
+            }
             let opts = capdb_chaos::run::Options {
                 duration: Duration::from_secs(a.duration),
                 seed: a.seed,
@@ -226,6 +246,7 @@ pub async fn main(op: ChaosOp) -> ExitCode {
                 binary,
                 limits: limits(a.key_budget_secs),
                 ap,
+                route,
             };
             match capdb_chaos::run::run(opts).await {
                 Ok(outcome) => {

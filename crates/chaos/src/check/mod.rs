@@ -77,10 +77,10 @@ pub fn check(records: &[Record], limits: Limits) -> Result<CheckResult, String> 
     let mut validity = Validity::Valid;
     let mut problems = Vec::new();
 
-    // Registers: linearizability per key, on two threads.
+    // Registers (and the cas workload's keys): linearizability per key, on two threads.
     let register_keys: Vec<(&str, &Vec<&Op>)> = by_key
         .iter()
-        .filter(|((w, _), _)| *w == Workload::Register)
+        .filter(|((w, _), _)| w.is_register())
         .map(|((_, k), v)| (*k, v))
         .collect();
     let mut entries_by_key = Vec::new();
@@ -126,18 +126,31 @@ pub fn check(records: &[Record], limits: Limits) -> Result<CheckResult, String> 
     let mut reg_violations = Vec::new();
     let mut reg_unknown = Vec::new();
     let mut reg_ops = 0;
-    for ((key, entries, source), outcome) in entries_by_key.iter().zip(&outcomes) {
+    for (((key, entries, source), outcome), (_, all_ops)) in
+        entries_by_key.iter().zip(&outcomes).zip(&register_keys)
+    {
         reg_ops += entries.len();
         match outcome {
             register::Outcome::Linearizable => {}
             register::Outcome::Violation(sub) => {
                 validity = Validity::Invalid;
+                let sub_ops: Vec<&Op> = sub.iter().map(|&i| source[i]).collect();
+                let writers = writers_of_observed(&sub_ops, all_ops);
+                let blame: Vec<String> = writers.iter().map(|w| describe(w)).collect();
                 problems.push(format!(
-                    "register {key}: not linearizable; smallest failing sub-history has {} operations",
-                    sub.len()
+                    "register {key}: not linearizable; smallest failing sub-history has {} operations{}",
+                    sub.len(),
+                    if blame.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; what it observed was written by {}", blame.join(", "))
+                    }
                 ));
-                let ops: Vec<Json> = sub.iter().map(|&i| op_json(source[i])).collect();
-                reg_violations.push(json!({"key": key, "sub_history": ops}));
+                let ops: Vec<Json> = sub_ops.iter().map(|o| op_json(o)).collect();
+                let writers: Vec<Json> = writers.iter().map(|o| op_json(o)).collect();
+                reg_violations.push(
+                    json!({"key": key, "sub_history": ops, "writers_of_observed_values": writers}),
+                );
             }
             register::Outcome::Unknown(why) => {
                 validity = validity.and(Validity::Unknown);
@@ -157,13 +170,23 @@ pub fn check(records: &[Record], limits: Limits) -> Result<CheckResult, String> 
         counter_keys += 1;
         let errors = counter::check(ops)?;
         for e in &errors {
-            problems.push(format!(
-                "counter {key}: read {} outside [{}, {}]{}",
-                e.read_value,
-                e.lower,
-                e.upper,
-                if e.final_read { " (final read)" } else { "" }
-            ));
+            let what = if e.observed_by == "add" {
+                "an increment answered"
+            } else if e.final_read {
+                "the final read saw"
+            } else {
+                "a read saw"
+            };
+            problems.push(match e.reason {
+                "bounds" => format!(
+                    "counter {key}: {what} {}, outside [{}, {}] (lost or doubled increments)",
+                    e.read_value, e.lower, e.upper
+                ),
+                _ => format!(
+                    "counter {key}: {what} {}, which no set of the possible increments (each counted once) adds up to (a doubled or failed increment applied)",
+                    e.read_value
+                ),
+            });
         }
         if !errors.is_empty() {
             validity = Validity::Invalid;
@@ -227,10 +250,60 @@ pub fn check(records: &[Record], limits: Limits) -> Result<CheckResult, String> 
     })
 }
 
+/// The operations outside a failing sub-history that wrote a value it observed (a read's
+/// result, a successful CAS's expected value). A violation shrunk to "a read of a value
+/// nothing wrote" is explained by them: typically a write that answered `fail`, or a CAS that
+/// answered `false`, although it took effect.
+fn writers_of_observed<'a>(sub: &[&Op], all: &[&'a Op]) -> Vec<&'a Op> {
+    let mut observed = Vec::new();
+    for op in sub {
+        match op.f {
+            F::Read => observed.extend(op.result.as_i64()),
+            F::Cas if op.result == json!(true) => observed.extend(op.value[0].as_i64()),
+            _ => {}
+        }
+    }
+    all.iter()
+        .copied()
+        .filter(|o| !sub.iter().any(|s| std::ptr::eq(*s, *o)))
+        .filter(|o| {
+            let written = match o.f {
+                F::Write => o.value.as_i64(),
+                F::Cas => o.value[1].as_i64(),
+                _ => None,
+            };
+            written.is_some_and(|v| observed.contains(&v))
+        })
+        .collect()
+}
+
+/// One operation in a sentence, e.g. `cas [17,18] answered false (process 9 via node 3,
+/// follower)`.
+fn describe(op: &Op) -> String {
+    let answer = match (op.outcome, op.f) {
+        (Stage::Ok, F::Cas) => format!("answered {}", op.result),
+        (Stage::Ok, _) => "answered ok".to_string(),
+        (Stage::Fail, _) => format!("failed ({})", op.error.as_deref().unwrap_or("")),
+        _ => format!("outcome unknown ({})", op.error.as_deref().unwrap_or("")),
+    };
+    let via = match op.role {
+        Some(r) => format!("node {}, {}", op.node, format!("{r:?}").to_lowercase()),
+        None => format!("node {}", op.node),
+    };
+    format!(
+        "{} {} {answer} (process {} via {via})",
+        format!("{:?}", op.f).to_lowercase(),
+        op.value,
+        op.process
+    )
+}
+
 fn op_json(op: &Op) -> Json {
     json!({
         "process": op.process,
         "node": op.node,
+        "role": op.role,
+        "error": op.error,
         "f": op.f,
         "value": op.value,
         "type": op.outcome,
@@ -238,4 +311,198 @@ fn op_json(op: &Op) -> Json {
         "invoke_ns": op.invoke_ns,
         "complete_ns": op.complete_ns,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::history::{OpEvent, Role};
+
+    /// An operation as the two records a run writes: invoke and completion (none when `done`
+    /// is `None`: the run ended first).
+    #[allow(clippy::too_many_arguments)]
+    fn op(
+        process: u64,
+        w: Workload,
+        f: F,
+        key: &str,
+        value: Json,
+        (at, done): (u64, Option<u64>),
+        outcome: Stage,
+        result: Json,
+    ) -> Vec<Record> {
+        let event = |stage, time_ns, result| {
+            Record::Op(OpEvent {
+                index: 0,
+                time_ns,
+                stage,
+                process,
+                node: 1,
+                role: Some(Role::Follower),
+                workload: w,
+                f,
+                key: key.into(),
+                value: value.clone(),
+                result,
+                error: None,
+                final_read: false,
+            })
+        };
+        let mut out = vec![event(Stage::Invoke, at, Json::Null)];
+        if let Some(done) = done {
+            out.push(event(outcome, done, result));
+        }
+        out
+    }
+
+    fn sorted(mut records: Vec<Record>) -> Vec<Record> {
+        records.sort_by_key(|r| match r {
+            Record::Op(e) => e.time_ns,
+            Record::Nemesis(e) => e.time_ns,
+        });
+        records
+    }
+
+    #[test]
+    fn a_doubled_cas_fails_the_run() {
+        let (c, k) = (Workload::Cas, "{cas}:7");
+        let ms = 1_000_000;
+        let records = sorted(
+            [
+                op(
+                    0,
+                    c,
+                    F::Write,
+                    k,
+                    json!(190),
+                    (0, Some(5 * ms)),
+                    Stage::Ok,
+                    Json::Null,
+                ),
+                op(
+                    1,
+                    c,
+                    F::Read,
+                    k,
+                    Json::Null,
+                    (10 * ms, Some(20 * ms)),
+                    Stage::Ok,
+                    json!(190),
+                ),
+                // Applied, answered nil (it was applied a second time and failed its check).
+                op(
+                    2,
+                    c,
+                    F::Cas,
+                    k,
+                    json!([190, 257]),
+                    (20 * ms, Some(700 * ms)),
+                    Stage::Ok,
+                    json!(false),
+                ),
+                op(
+                    3,
+                    c,
+                    F::Cas,
+                    k,
+                    json!([8, 278]),
+                    (35 * ms, Some(40 * ms)),
+                    Stage::Info,
+                    Json::Null,
+                ),
+                op(
+                    4,
+                    c,
+                    F::Read,
+                    k,
+                    Json::Null,
+                    (698 * ms, Some(699 * ms)),
+                    Stage::Ok,
+                    json!(257),
+                ),
+            ]
+            .concat(),
+        );
+        let r = check(&records, Limits::default()).unwrap();
+        assert_eq!(r.validity, Validity::Invalid);
+        assert!(
+            r.problems[0].starts_with("register {cas}:7: not linearizable"),
+            "{:?}",
+            r.problems
+        );
+        assert!(
+            r.problems[0].ends_with(
+                "written by cas [190,257] answered false (process 2 via node 1, follower)"
+            ),
+            "{:?}",
+            r.problems
+        );
+        assert_eq!(r.details["register"]["violations"][0]["key"], "{cas}:7");
+    }
+
+    #[test]
+    fn a_doubled_increment_fails_the_run() {
+        let (c, k) = (Workload::Counter, "ctr:0");
+        let ms = 1_000_000;
+        let mut records = [
+            op(
+                0,
+                c,
+                F::Add,
+                k,
+                json!(300),
+                (0, Some(900 * ms)),
+                Stage::Ok,
+                json!(300),
+            ),
+            // An indeterminate increment gives the upper bound room for the doubled one...
+            op(
+                1,
+                c,
+                F::Add,
+                k,
+                json!(500),
+                (5 * ms, Some(30 * ms)),
+                Stage::Info,
+                Json::Null,
+            ),
+            // ...and one that certainly failed counts for nothing.
+            op(
+                2,
+                c,
+                F::Add,
+                k,
+                json!(40),
+                (6 * ms, Some(31 * ms)),
+                Stage::Fail,
+                Json::Null,
+            ),
+        ]
+        .concat();
+        let mut last = op(
+            5,
+            c,
+            F::Read,
+            k,
+            Json::Null,
+            (2000 * ms, Some(2001 * ms)),
+            Stage::Ok,
+            json!(600),
+        );
+        for r in &mut last {
+            if let Record::Op(e) = r {
+                e.final_read = true;
+            }
+        }
+        records.extend(last);
+        let r = check(&sorted(records), Limits::default()).unwrap();
+        assert_eq!(r.validity, Validity::Invalid);
+        assert_eq!(r.problems.len(), 1, "{:?}", r.problems);
+        assert!(
+            r.problems[0].contains("the final read saw 600"),
+            "{:?}",
+            r.problems
+        );
+        assert_eq!(r.details["counter"]["errors"][0]["reason"], "combination");
+    }
 }

@@ -463,6 +463,31 @@ mod tests {
     }
 
     #[test]
+    fn a_cas_applied_twice_answers_false_and_is_caught() {
+        // Issue 10's history: a CAS sent to a follower was applied by the dying leader, sent
+        // again to the next leader, failed its comparison there and answered nil (false); the
+        // next read sees its value, which nothing else wrote.
+        let h = [
+            e(Write(34190), 0, 5),
+            e(Read(Some(34190)), 10, 20),
+            e(cas(34190, 34257, Some(false)), 20, 700),
+            e(cas(34008, 34278, None), 35, u64::MAX),
+            e(Read(Some(34257)), 698, 699),
+        ];
+        let Outcome::Violation(sub) = check(&h, budget()) else {
+            panic!("doubled CAS not caught")
+        };
+        // Shrunk to the read: with the CAS answering false, nothing wrote what it saw.
+        assert_eq!(sub, vec![4]);
+        // The truthful answer (applied once, true) is linearizable, and so is "unknown".
+        let mut honest = h;
+        honest[2] = e(cas(34190, 34257, Some(true)), 20, 700);
+        assert_eq!(check(&honest, budget()), Outcome::Linearizable);
+        honest[2] = e(cas(34190, 34257, None), 20, u64::MAX);
+        assert_eq!(check(&honest, budget()), Outcome::Linearizable);
+    }
+
+    #[test]
     fn a_failed_cas_observes_a_different_value() {
         let h = [e(Write(3), 0, 1), e(cas(3, 4, Some(false)), 2, 3)];
         assert!(matches!(check(&h, budget()), Outcome::Violation(_)));

@@ -130,6 +130,7 @@ mod tests {
         Op {
             process: 0,
             node: 1,
+            role: None,
             workload: crate::history::Workload::Set,
             f,
             key: "s".into(),
