@@ -168,8 +168,17 @@ pub fn check(records: &[Record], limits: Limits) -> Result<CheckResult, String> 
             continue;
         }
         counter_keys += 1;
-        let errors = counter::check(ops)?;
-        for e in &errors {
+        let mut errors = counter::check(ops)?;
+        errors.sort_by_key(|e| e.read_invoke_ns);
+        // Once an increment is counted twice every later observation of the key is off too:
+        // name the first one and the final read, and count the rest.
+        let shown: Vec<&counter::CounterError> = errors
+            .iter()
+            .enumerate()
+            .filter(|(i, e)| *i == 0 || e.final_read)
+            .map(|(_, e)| e)
+            .collect();
+        for e in &shown {
             let what = if e.observed_by == "add" {
                 "an increment answered"
             } else if e.final_read {
@@ -177,13 +186,18 @@ pub fn check(records: &[Record], limits: Limits) -> Result<CheckResult, String> 
             } else {
                 "a read saw"
             };
+            let more = if e.final_read || errors.len() <= shown.len() {
+                String::new()
+            } else {
+                format!(" ({} observations of this key fail in all)", errors.len())
+            };
             problems.push(match e.reason {
                 "bounds" => format!(
-                    "counter {key}: {what} {}, outside [{}, {}] (lost or doubled increments)",
+                    "counter {key}: {what} {}, outside [{}, {}] (lost or doubled increments){more}",
                     e.read_value, e.lower, e.upper
                 ),
                 _ => format!(
-                    "counter {key}: {what} {}, which no set of the possible increments (each counted once) adds up to (a doubled or failed increment applied)",
+                    "counter {key}: {what} {}, which no set of the possible increments (each counted once) adds up to (a doubled or failed increment applied){more}",
                     e.read_value
                 ),
             });
