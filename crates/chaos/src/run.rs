@@ -36,6 +36,9 @@ pub struct Options {
     pub recovery: Duration,
     /// Start the nodes with `--debug-unsafe-local-reads` (a deliberately broken mode).
     pub unsafe_reads: bool,
+    /// More arguments for every `capdb server`, e.g. a testing flag that breaks a guarantee
+    /// on purpose so a run can show the checkers notice.
+    pub server_args: Vec<String>,
     /// The `capdb` binary to run as nodes.
     pub binary: PathBuf,
     pub limits: check::Limits,
@@ -113,6 +116,7 @@ pub async fn run(opts: Options) -> Result<Outcome, HarnessError> {
     if opts.unsafe_reads {
         extra.push("--debug-unsafe-local-reads".to_string());
     }
+    extra.extend(opts.server_args.iter().cloned());
     let nodes = Arc::new(Nodes::new(
         topo.clone(),
         opts.binary.clone(),
@@ -143,6 +147,7 @@ pub async fn run(opts: Options) -> Result<Outcome, HarnessError> {
         "workloads": opts.workloads,
         "nemeses": opts.nemeses.iter().map(|k| format!("{k:?}").to_lowercase()).collect::<Vec<_>>(),
         "unsafe_reads": opts.unsafe_reads,
+        "server_args": opts.server_args,
         "interrupted": interrupted,
         "recovered": recovered,
         "crashes": crashes,

@@ -94,6 +94,10 @@ pub struct RunArgs {
     /// must flag).
     #[arg(long)]
     unsafe_reads: bool,
+    /// An extra argument for every node's `capdb server` (repeat it for several), e.g.
+    /// --server-arg=--debug-apply-duplicates to break exactly-once on purpose.
+    #[arg(long = "server-arg", allow_hyphen_values = true)]
+    server_arg: Vec<String>,
     /// The capdb binary to run as nodes [default: this executable], e.g. an older build to
     /// test with this harness.
     #[arg(long = "server-bin", visible_alias = "binary")]
@@ -243,6 +247,7 @@ pub async fn main(op: ChaosOp) -> ExitCode {
                 fault_max: Duration::from_secs(a.fault_max),
                 recovery: Duration::from_secs(a.recovery),
                 unsafe_reads: a.unsafe_reads,
+                server_args: a.server_arg,
                 binary,
                 limits: limits(a.key_budget_secs),
                 ap,
