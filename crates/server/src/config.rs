@@ -8,7 +8,8 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use capdb_types::limits;
+use capdb_types::keyspace::DEFAULT_KEYSPACE;
+use capdb_types::{KeyspaceName, limits};
 use clap::Args;
 use serde::Deserialize;
 
@@ -27,6 +28,15 @@ pub struct Config {
     /// How long shutdown waits for in-flight requests before closing connections anyway.
     pub shutdown_grace_ms: u64,
     pub cluster: ClusterConfig,
+    /// Redis Cluster mode (`redis_cluster = true`, Redis's `cluster-enabled yes`): RESP
+    /// connections start with `-MOVED` redirects on, `SCAN`/`DBSIZE`/`KEYS` answer for the slots
+    /// this node serves, and `INFO` says `cluster_enabled:1`. Off by default: plain clients get
+    /// every key from every node. See `resp/cluster.rs`.
+    pub redis_cluster: bool,
+    /// The keyspace a RESP connection starts in, which `SELECT 0` also selects (`default`
+    /// unless set). Redis Cluster clients cannot `SELECT`, so in cluster mode this is the
+    /// keyspace they see.
+    pub resp_keyspace: KeyspaceName,
 }
 
 /// This node's place in a cluster.
@@ -121,6 +131,8 @@ struct FileConfig {
     ap_anti_entropy_interval_ms: Option<u64>,
     ap_anti_entropy_bytes_per_sec: Option<u64>,
     ap_tombstone_grace_ms: Option<u64>,
+    redis_cluster: Option<bool>,
+    resp_keyspace: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -229,6 +241,16 @@ pub struct ServerArgs {
     /// --label flags override it. Kubernetes writes the pod's zone here.
     #[arg(long, env = "CAPDB_LABELS_FILE", value_name = "PATH")]
     pub labels_file: Option<PathBuf>,
+    /// Redis Cluster mode (like Redis's cluster-enabled yes): RESP connections get -MOVED for
+    /// keys whose shard leader is another node, and SCAN, DBSIZE and KEYS answer for this
+    /// node's slots, so cluster clients (redis-cli -c, redis-py RedisCluster, redis-benchmark
+    /// --cluster) see each key on exactly one master.
+    #[arg(long, env = "CAPDB_REDIS_CLUSTER")]
+    pub redis_cluster: bool,
+    /// The keyspace RESP connections start in and SELECT 0 selects [default: default]. Redis
+    /// Cluster clients cannot SELECT: in cluster mode this is the keyspace they see.
+    #[arg(long, env = "CAPDB_RESP_KEYSPACE", value_name = "NAME")]
+    pub resp_keyspace: Option<String>,
     /// TESTING ONLY: serve linearizable reads from the local replica without a read barrier.
     /// This breaks linearizability on purpose so `capdb chaos` can prove it detects it.
     #[arg(long, hide = true)]
@@ -407,8 +429,17 @@ impl Config {
                 apply_duplicates: args.debug_apply_duplicates,
             },
         };
+        let resp_keyspace = args
+            .resp_keyspace
+            .clone()
+            .or(file.resp_keyspace)
+            .unwrap_or_else(|| DEFAULT_KEYSPACE.into());
+        let resp_keyspace = KeyspaceName::new(&resp_keyspace)
+            .map_err(|e| ConfigError(format!("resp_keyspace = '{resp_keyspace}': {e}")))?;
         let config = Config {
             cluster,
+            redis_cluster: args.redis_cluster || file.redis_cluster.unwrap_or(false),
+            resp_keyspace,
             data_dir: args
                 .data_dir
                 .clone()
@@ -686,6 +717,30 @@ mod tests {
         .unwrap();
         assert_eq!(c.cluster.ap_anti_entropy_interval_ms, 10_000);
         assert_eq!(c.cluster.labels["zone"], "eu-west-1a");
+    }
+
+    #[test]
+    fn redis_cluster_mode_and_the_resp_keyspace() {
+        let c = Config::resolve(&ServerArgs::default()).unwrap();
+        assert!(
+            !c.redis_cluster,
+            "off by default: plain clients get every key"
+        );
+        assert_eq!(c.resp_keyspace.as_str(), "default");
+        let (_d, p) = write("redis_cluster = true\nresp_keyspace = \"kv\"\n");
+        let c = Config::resolve(&ServerArgs {
+            config: Some(p),
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(c.redis_cluster);
+        assert_eq!(c.resp_keyspace.as_str(), "kv");
+        let e = Config::resolve(&ServerArgs {
+            resp_keyspace: Some("no spaces".into()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("resp_keyspace = 'no spaces'"), "{e}");
     }
 
     #[test]

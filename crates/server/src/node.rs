@@ -96,6 +96,29 @@ pub struct ScanPosition {
     pub after: Option<Bytes>,
 }
 
+/// Which shards of a replicated keyspace a scan or a count covers.
+///
+/// Redis Cluster mode answers `SCAN`/`DBSIZE`/`KEYS` for the slots this node serves only
+/// (`resp/cluster.rs`); a scan fixes that set when it begins and keeps it in its cursor, so a
+/// leadership change mid-scan neither ends it early nor hands it new shards.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum ShardScope {
+    /// Every shard (and every key of `ap` and `cache` keyspaces, which ignore the scope).
+    #[default]
+    All,
+    /// These shard indexes, in ascending order.
+    Only(Arc<[u32]>),
+}
+
+impl ShardScope {
+    pub fn contains(&self, shard: u32) -> bool {
+        match self {
+            ShardScope::All => true,
+            ShardScope::Only(s) => s.binary_search(&shard).is_ok(),
+        }
+    }
+}
+
 /// One keyspace: its specification and its store.
 pub struct Keyspace {
     pub spec: KeyspaceSpec,
@@ -241,6 +264,23 @@ impl Keyspace {
         now_ms: u64,
         c: Consistency,
     ) -> Result<(Vec<(Bytes, Value)>, Option<ScanPosition>)> {
+        self.scan_in(&ShardScope::All, pos, floor, prefix, end, limit, now_ms, c)
+            .await
+    }
+
+    /// [`Keyspace::scan`] over the shards of `scope` only (replicated keyspaces).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn scan_in(
+        &self,
+        scope: &ShardScope,
+        pos: ScanPosition,
+        floor: Option<Bytes>,
+        prefix: Option<Bytes>,
+        end: Option<Bytes>,
+        limit: usize,
+        now_ms: u64,
+        c: Consistency,
+    ) -> Result<(Vec<(Bytes, Value)>, Option<ScanPosition>)> {
         self.check_live()?;
         let mode = c.cp_read;
         let local = |page: capdb_storage::ScanPage| {
@@ -260,26 +300,42 @@ impl Keyspace {
             Store::Ap(a) => {
                 // Shard after shard, each from one replica (scans are best effort in ap).
                 let shards = a.ap.shard_count(&a.name)? as u32;
-                walk_shards(shards, pos, floor, end, limit, |shard, after, want| {
-                    let prefix = prefix.clone();
-                    Box::pin(async move {
-                        a.ap.scan_shard(&a.name, shard as usize, after, prefix, want, now_ms)
-                            .await
-                    })
-                })
+                walk_shards(
+                    shards,
+                    &ShardScope::All,
+                    pos,
+                    floor,
+                    end,
+                    limit,
+                    |shard, after, want| {
+                        let prefix = prefix.clone();
+                        Box::pin(async move {
+                            a.ap.scan_shard(&a.name, shard as usize, after, prefix, want, now_ms)
+                                .await
+                        })
+                    },
+                )
                 .await
             }
             Store::Replicated(r) => {
                 let shards = r.entry.shards.len() as u32;
-                walk_shards(shards, pos, floor, end, limit, |shard, after, want| {
-                    let group = r.entry.shards[shard as usize].group;
-                    let prefix = prefix.clone();
-                    Box::pin(async move {
-                        r.manager
-                            .scan(group, after, prefix, want, mode, now_ms)
-                            .await
-                    })
-                })
+                walk_shards(
+                    shards,
+                    scope,
+                    pos,
+                    floor,
+                    end,
+                    limit,
+                    |shard, after, want| {
+                        let group = r.entry.shards[shard as usize].group;
+                        let prefix = prefix.clone();
+                        Box::pin(async move {
+                            r.manager
+                                .scan(group, after, prefix, want, mode, now_ms)
+                                .await
+                        })
+                    },
+                )
                 .await
             }
         }
@@ -287,6 +343,11 @@ impl Keyspace {
 
     /// Number of keys (DBSIZE).
     pub async fn len(&self, c: Consistency) -> Result<u64> {
+        self.len_in(&ShardScope::All, c).await
+    }
+
+    /// Number of keys in the shards of `scope` (replicated keyspaces; the others count all).
+    pub async fn len_in(&self, scope: &ShardScope, c: Consistency) -> Result<u64> {
         self.check_live()?;
         let mode = c.cp_read;
         match &self.store {
@@ -320,7 +381,9 @@ impl Keyspace {
                     .entry
                     .shards
                     .iter()
-                    .map(|s| r.manager.count(s.group, mode));
+                    .enumerate()
+                    .filter(|(i, _)| scope.contains(*i as u32))
+                    .map(|(_, s)| r.manager.count(s.group, mode));
                 let counts = futures::future::join_all(calls).await;
                 counts.into_iter().sum()
             }
@@ -349,19 +412,30 @@ impl Keyspace {
 /// One page of one shard: entries in key order and the last key returned when more follow.
 type ShardPage = (Vec<(Bytes, Value)>, Option<Bytes>);
 
-/// Walks shards in order from `pos`, asking `page(shard, after, want)` for each page, until
-/// `limit` entries are gathered; keys at or past `end` are dropped and each shard restarts
-/// after `floor`. Returns the entries and where the next page starts (`None`: done).
+/// Walks the shards of `scope` in order from `pos`, asking `page(shard, after, want)` for each
+/// page, until `limit` entries are gathered; keys at or past `end` are dropped and each shard
+/// restarts after `floor`. Returns the entries and where the next page starts (`None`: done).
 async fn walk_shards<'a>(
     shards: u32,
+    scope: &ShardScope,
     pos: ScanPosition,
     floor: Option<Bytes>,
     end: Option<Bytes>,
     limit: usize,
     mut page: impl FnMut(u32, Option<Bytes>, u32) -> futures::future::BoxFuture<'a, Result<ShardPage>>,
 ) -> Result<(Vec<(Bytes, Value)>, Option<ScanPosition>)> {
+    // The first shard of the scope at or after `from` (`shards`: none left).
+    let next_in_scope = |from: u32| {
+        (from..shards)
+            .find(|s| scope.contains(*s))
+            .unwrap_or(shards)
+    };
     let mut shard = pos.shard.min(shards);
     let mut after = pos.after.or_else(|| floor.clone());
+    if shard < shards && !scope.contains(shard) {
+        shard = next_in_scope(shard);
+        after = floor.clone();
+    }
     let mut entries = Vec::new();
     while shard < shards && entries.len() < limit {
         let want = (limit - entries.len()) as u32;
@@ -373,7 +447,7 @@ async fn walk_shards<'a>(
         match next {
             Some(n) => after = Some(n),
             None => {
-                shard += 1;
+                shard = next_in_scope(shard + 1);
                 after = floor.clone();
             }
         }
@@ -401,9 +475,17 @@ pub struct Node {
 /// `ERR invalid cursor` and the client restarts from 0).
 pub const SCAN_CURSORS_MAX: usize = 100_000;
 
-/// Cursor id -> (keyspace, position), and ids oldest first.
+/// What a SCAN cursor names: the keyspace, the shards the scan covers, and where it stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScanCursor {
+    pub keyspace: KeyspaceName,
+    pub scope: ShardScope,
+    pub pos: ScanPosition,
+}
+
+/// Cursor id -> cursor, and ids oldest first.
 type CursorTable = (
-    std::collections::HashMap<u64, (KeyspaceName, ScanPosition)>,
+    std::collections::HashMap<u64, ScanCursor>,
     std::collections::VecDeque<u64>,
 );
 
@@ -425,8 +507,8 @@ impl ScanCursors {
         }
     }
 
-    /// Remembers a position and returns its cursor (never 0).
-    pub fn put(&self, keyspace: &KeyspaceName, pos: ScanPosition) -> u64 {
+    /// Remembers a scan's position and returns its cursor (never 0).
+    pub fn put(&self, cursor: ScanCursor) -> u64 {
         let id = self.next.fetch_add(1, Ordering::Relaxed).max(1);
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let (map, order) = &mut *g;
@@ -435,18 +517,18 @@ impl ScanCursors {
         {
             map.remove(&old);
         }
-        map.insert(id, (keyspace.clone(), pos));
+        map.insert(id, cursor);
         order.push_back(id);
         id
     }
 
-    /// The position of a cursor, if it is known and belongs to this keyspace. Cursors stay valid
-    /// after use, so a client may retry a page.
-    pub fn get(&self, cursor: u64, keyspace: &KeyspaceName) -> Option<ScanPosition> {
+    /// A cursor, if it is known and belongs to this keyspace. Cursors stay valid after use, so
+    /// a client may retry a page.
+    pub fn get(&self, cursor: u64, keyspace: &KeyspaceName) -> Option<ScanCursor> {
         let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         g.0.get(&cursor)
-            .filter(|(k, _)| k == keyspace)
-            .map(|(_, p)| p.clone())
+            .filter(|c| &c.keyspace == keyspace)
+            .cloned()
     }
 }
 
@@ -588,6 +670,20 @@ impl Node {
         })
     }
 
+    /// The keyspace RESP connections start in and `SELECT 0` selects: `resp_keyspace`
+    /// (`default` unless configured). A configured one must have been created by an operator.
+    pub fn resp_keyspace(&self) -> Result<Arc<Keyspace>> {
+        let name = &self.config.resp_keyspace;
+        if name.as_str() == DEFAULT_KEYSPACE {
+            return self.default_keyspace();
+        }
+        self.keyspace(name.as_str()).map_err(|_| {
+            Error::InvalidInput(format!(
+                "keyspace '{name}' (the resp_keyspace setting) does not exist; create it (POST /v1/keyspaces)"
+            ))
+        })
+    }
+
     /// Every keyspace, by name.
     pub fn keyspaces(&self) -> Vec<Arc<Keyspace>> {
         self.read_catalog().values().cloned().collect()
@@ -715,3 +811,55 @@ pub const READY_APPLY_LAG_MAX: u64 = 1_000;
 /// Keys examined per durable keyspace per second by active expiry. Expired keys are invisible to
 /// readers at once (lazy expiry); the sweep only reclaims their space.
 pub const DISK_SWEEP_KEYS: usize = 2_000;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Four shards of five keys each (`s<shard>k<i>`), read a page at a time.
+    async fn walk(scope: &ShardScope, limit: usize) -> Vec<Bytes> {
+        let mut pos = Some(ScanPosition::default());
+        let mut keys = Vec::new();
+        while let Some(p) = pos {
+            let (entries, next) =
+                walk_shards(4, scope, p, None, None, limit, |shard, after, want| {
+                    Box::pin(async move {
+                        let all: Vec<Bytes> = (0..5)
+                            .map(|i| Bytes::from(format!("s{shard}k{i}")))
+                            .filter(|k| after.as_ref().is_none_or(|a| k > a))
+                            .collect();
+                        let page: Vec<(Bytes, Value)> = all
+                            .iter()
+                            .take(want as usize)
+                            .map(|k| (k.clone(), Value::default()))
+                            .collect();
+                        let more = (all.len() > page.len()).then(|| page.last().unwrap().0.clone());
+                        Ok((page, more))
+                    })
+                })
+                .await
+                .unwrap();
+            keys.extend(entries.into_iter().map(|(k, _)| k));
+            pos = next;
+        }
+        keys
+    }
+
+    #[test]
+    fn a_scoped_walk_visits_exactly_the_shards_of_its_scope_once() {
+        futures::executor::block_on(async {
+            assert_eq!(walk(&ShardScope::All, 3).await.len(), 20);
+            for limit in [1, 2, 5, 7, 100] {
+                let only = ShardScope::Only(Arc::from(vec![1, 3]));
+                let keys = walk(&only, limit).await;
+                let want: Vec<Bytes> = [1, 3]
+                    .iter()
+                    .flat_map(|s| (0..5).map(move |i| Bytes::from(format!("s{s}k{i}"))))
+                    .collect();
+                assert_eq!(keys, want, "page size {limit}");
+            }
+            let none = ShardScope::Only(Arc::from(Vec::new()));
+            assert!(walk(&none, 10).await.is_empty());
+        });
+    }
+}

@@ -20,7 +20,8 @@ pub const SHARDS_MAX: u32 = 1024;
 ///
 /// Names that are all digits are allowed on purpose: `SELECT 3` (from `redis-cli -n 3` or
 /// `redis-benchmark --dbnum 3`) selects the keyspace named `3`, which is how tools that only know
-/// Redis database numbers reach a keyspace. `SELECT 0` always means `default`.
+/// Redis database numbers reach a keyspace. `SELECT 0` means the keyspace connections start in
+/// (the server's `resp_keyspace`, `default` unless configured).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct KeyspaceName(String);

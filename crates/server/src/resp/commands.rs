@@ -11,12 +11,12 @@
 use std::time::Instant;
 
 use bytes::Bytes;
-use capdb_types::limits::{SCAN_COUNT_MAX, check_key, check_value};
+use capdb_types::limits::{check_key, check_value};
 use capdb_types::mutation::{Condition, ExpiryUpdate, parse_i64_strict};
 use capdb_types::{Error, Mutation, Reply};
 
 use super::{Connection, PendingWrites, glob};
-use crate::node::{Keyspace, ScanPosition, Store};
+use crate::node::Store;
 use capdb_replication::network::ReadMode;
 
 /// Every command name the server knows, lowercase (aliases resolve to their canonical name).
@@ -44,6 +44,7 @@ pub const COMMAND_NAMES: &[&str] = &[
     "incr",
     "incrby",
     "info",
+    "keys",
     "mget",
     "mset",
     "persist",
@@ -123,6 +124,7 @@ const COMMAND_TABLE: &[CommandInfo] = &[
     ("incr", 2, &["write", "denyoom", "fast"], 1, 1, 1),
     ("incrby", 3, &["write", "denyoom", "fast"], 1, 1, 1),
     ("info", -1, &["loading", "stale"], 0, 0, 0),
+    ("keys", 2, &["readonly"], 0, 0, 0),
     ("mget", -2, &["readonly", "fast"], 1, -1, 1),
     ("mset", -3, &["write", "denyoom"], 1, -1, 2),
     ("persist", 2, &["write", "fast"], 1, 1, 1),
@@ -472,7 +474,7 @@ pub(super) async fn execute(conn: &mut Connection, name: &str, args: &[Bytes], s
     }
     if info.3 >= 1
         && let Some(key) = args.get(info.3 as usize)
-        && let Some(line) = super::cluster::moved(conn, key)
+        && let Some(line) = super::cluster::moved(conn, key, info.2.contains(&"readonly"))
     {
         conn.flush_pending().await;
         return conn.fail(sname, started, &line);
@@ -702,10 +704,8 @@ async fn run_now(
             };
             conn.out.int(n);
         }
-        "dbsize" => {
-            let n = ks.len(mode).await.map_err(|e| error_line(&e))?;
-            conn.out.int(n as i64);
-        }
+        "dbsize" => super::scan::dbsize(conn, &ks).await?,
+        "keys" => super::scan::keys(conn, &ks, &args[1], now).await?,
         "flushdb" => {
             check_flush_args(&args[1..])?;
             ks.clear(conn.consistency)
@@ -734,12 +734,12 @@ async fn run_now(
         "cluster" => super::cluster::command(conn, args)?,
         "select" => {
             let raw = String::from_utf8_lossy(&args[1]).into_owned();
-            let target = if raw == "0" {
-                capdb_types::keyspace::DEFAULT_KEYSPACE
+            let found = if raw == "0" {
+                conn.node.resp_keyspace()
             } else {
-                raw.as_str()
+                conn.node.keyspace(&raw)
             };
-            match conn.node.keyspace(target) {
+            match found {
                 Ok(ks) => {
                     conn.keyspace = ks;
                     conn.out.ok();
@@ -762,7 +762,7 @@ async fn run_now(
             conn.out.ok();
         }
         "hello" => hello(conn, args)?,
-        "scan" => scan(conn, &ks, args, now).await?,
+        "scan" => super::scan::scan(conn, &ks, args, now).await?,
         "info" => {
             let text = info(conn, &args[1..]).await;
             conn.out.verbatim(&text);
@@ -855,7 +855,11 @@ fn hello(conn: &mut Connection, args: &[Bytes]) -> Result<(), String> {
     conn.out.bulk(b"id");
     conn.out.int(conn.id as i64);
     conn.out.bulk(b"mode");
-    conn.out.bulk(b"standalone");
+    conn.out.bulk(if conn.cluster_mode {
+        b"cluster".as_slice()
+    } else {
+        b"standalone".as_slice()
+    });
     conn.out.bulk(b"role");
     conn.out.bulk(b"master");
     conn.out.bulk(b"modules");
@@ -1034,78 +1038,6 @@ fn config(conn: &mut Connection, args: &[Bytes]) -> Result<(), String> {
     }
 }
 
-/// `SCAN cursor [MATCH pattern] [COUNT n] [TYPE t]`.
-///
-/// Cursors are numbers (as clients expect) naming a server-side position: the last key
-/// returned, in key order. A key present for the whole iteration is returned exactly once, even
-/// while other keys are written, and any connection may continue a cursor.
-async fn scan(
-    conn: &mut Connection,
-    ks: &std::sync::Arc<Keyspace>,
-    args: &[Bytes],
-    now: u64,
-) -> Result<(), String> {
-    let cursor = std::str::from_utf8(&args[1])
-        .ok()
-        .and_then(|s| s.parse::<u64>().ok())
-        .ok_or("ERR invalid cursor")?;
-    let mut pattern: Option<Bytes> = None;
-    let mut count = 10usize;
-    let mut type_ok = true;
-    let mut i = 2;
-    while i < args.len() {
-        let opt = args[i].to_ascii_uppercase();
-        let Some(v) = args.get(i + 1) else {
-            return Err(syntax());
-        };
-        match &opt[..] {
-            b"MATCH" => pattern = Some(v.clone()),
-            b"COUNT" => {
-                let n = parse_int(v)?;
-                if n < 1 {
-                    return Err(syntax());
-                }
-                count = (n as usize).min(SCAN_COUNT_MAX);
-            }
-            b"TYPE" => type_ok = v.eq_ignore_ascii_case(b"string"),
-            _ => return Err(syntax()),
-        }
-        i += 2;
-    }
-    let pos = if cursor == 0 {
-        ScanPosition::default()
-    } else {
-        match conn.node.scan_cursors.get(cursor, &ks.spec.name) {
-            Some(pos) => pos,
-            None => return Err("ERR invalid cursor".into()),
-        }
-    };
-    let prefix = pattern
-        .as_ref()
-        .map(|p| Bytes::copy_from_slice(glob::literal_prefix(p)))
-        .filter(|p| !p.is_empty());
-    let (entries, next) = ks
-        .scan(pos, None, prefix, None, count, now, conn.consistency)
-        .await
-        .map_err(|e| error_line(&e))?;
-    let keys: Vec<&Bytes> = entries
-        .iter()
-        .map(|(k, _)| k)
-        .filter(|k| type_ok && pattern.as_ref().is_none_or(|p| glob::matches(p, k)))
-        .collect();
-    let next = match next {
-        Some(pos) => conn.node.scan_cursors.put(&ks.spec.name, pos),
-        None => 0,
-    };
-    conn.out.array(2);
-    conn.out.bulk(next.to_string().as_bytes());
-    conn.out.array(keys.len());
-    for k in keys {
-        conn.out.bulk(k);
-    }
-    Ok(())
-}
-
 async fn info(conn: &Connection, sections: &[Bytes]) -> String {
     use std::fmt::Write;
     let node = &conn.node;
@@ -1123,9 +1055,14 @@ async fn info(conn: &Connection, sections: &[Bytes]) -> String {
     if wanted("server") {
         let _ = write!(
             out,
-            "# Server\r\nredis_version:{}\r\ncapdb_version:{}\r\nredis_mode:standalone\r\nos:{} {}\r\narch_bits:64\r\nprocess_id:{}\r\ntcp_port:{}\r\nuptime_in_seconds:{}\r\nuptime_in_days:{}\r\nexecutable:capdb\r\n\r\n",
+            "# Server\r\nredis_version:{}\r\ncapdb_version:{}\r\nredis_mode:{}\r\nos:{} {}\r\narch_bits:64\r\nprocess_id:{}\r\ntcp_port:{}\r\nuptime_in_seconds:{}\r\nuptime_in_days:{}\r\nexecutable:capdb\r\n\r\n",
             crate::REDIS_COMPAT_VERSION,
             env!("CARGO_PKG_VERSION"),
+            if conn.cluster_mode {
+                "cluster"
+            } else {
+                "standalone"
+            },
             std::env::consts::OS,
             std::env::consts::ARCH,
             std::process::id(),
@@ -1197,18 +1134,25 @@ async fn info(conn: &Connection, sections: &[Bytes]) -> String {
     if wanted("replication") {
         out.push_str("# Replication\r\nrole:master\r\nconnected_slaves:0\r\n\r\n");
     }
+    if wanted("cluster") {
+        out.push_str(&super::cluster::info_section(conn));
+    }
     if wanted("keyspace") {
         out.push_str("# Keyspace\r\n");
         for k in &keyspaces {
             let name = k.spec.name.as_str();
-            let label = if name == capdb_types::keyspace::DEFAULT_KEYSPACE {
+            let label = if name == node.config.resp_keyspace.as_str() {
                 "db0".to_string()
             } else if name.bytes().all(|b| b.is_ascii_digit()) {
                 format!("db{name}")
             } else {
                 format!("keyspace_{name}")
             };
-            let keys = k.len(crate::node::Consistency::RELAXED).await.unwrap_or(0);
+            let scope = super::cluster::scope(conn, k);
+            let keys = k
+                .len_in(&scope, crate::node::Consistency::RELAXED)
+                .await
+                .unwrap_or(0);
             if keys > 0 {
                 let _ = write!(out, "{label}:keys={keys},mode={}\r\n", k.spec.mode.as_str());
             }

@@ -26,6 +26,7 @@ mod commands;
 pub mod glob;
 pub mod parse;
 pub mod reply;
+mod scan;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -77,17 +78,19 @@ pub async fn serve(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let Ok(default) = node.default_keyspace() else {
-            tokio::spawn(async move {
-                let _ = stream
-                    .write_all(b"-TRYAGAIN the cluster is still forming; retry in a moment\r\n")
-                    .await;
-            });
-            continue;
+        let keyspace = match node.resp_keyspace() {
+            Ok(ks) => ks,
+            Err(e) => {
+                let line = format!("-{}\r\n", commands::error_line(&e));
+                tokio::spawn(async move {
+                    let _ = stream.write_all(line.as_bytes()).await;
+                });
+                continue;
+            }
         };
         node.metrics.connections_total.inc();
         node.metrics.connections.inc();
-        let conn = Connection::new(node.clone(), default, shutdown.clone(), peer);
+        let conn = Connection::new(node.clone(), keyspace, shutdown.clone(), peer);
         tokio::spawn(async move {
             if let Err(e) = conn.run(stream).await {
                 tracing::debug!(%peer, error = %e, "connection ended with an I/O error");
@@ -118,8 +121,10 @@ pub(crate) struct Connection {
     /// Consistency of this connection's requests: `READONLY`/`READWRITE` switch `cp` reads,
     /// `CONSISTENCY` sets the `ap` levels.
     pub(super) consistency: crate::node::Consistency,
-    /// `CLUSTER REDIRECT ON`: answer `-MOVED` instead of forwarding to a remote leader.
-    redirect: bool,
+    /// Redis Cluster behaviour (`-MOVED` instead of forwarding to a remote leader; `SCAN`,
+    /// `DBSIZE`, `KEYS` for this node's slots; `cluster_enabled:1`): starts as the server's
+    /// `redis_cluster` setting, `CLUSTER REDIRECT ON|OFF` switches it (see `cluster.rs`).
+    cluster_mode: bool,
     authenticated: bool,
     out: ReplyWriter,
     pending: Option<PendingWrites>,
@@ -149,7 +154,7 @@ impl Connection {
             id: node.next_client_id(),
             keyspace,
             consistency: crate::node::Consistency::default(),
-            redirect: false,
+            cluster_mode: node.config.redis_cluster,
             authenticated: node.config.password.is_none(),
             node,
             shutdown,
