@@ -4,6 +4,7 @@
 //!
 //! - [`config`]: typed configuration from file, environment and flags, validated at start.
 //! - [`node`]: the node's shared state: storage engine, keyspace catalog, active expiry.
+//! - [`keyscan`]: scans shard by shard, and the table behind numeric `SCAN` cursors.
 //! - [`resp`]: the Redis protocol front end (parser, commands, replies).
 //! - [`http`]: the HTTP/JSON API, health checks and `/metrics`.
 //! - [`metrics`]: Prometheus metrics.
@@ -14,6 +15,7 @@
 
 pub mod config;
 pub mod http;
+pub mod keyscan;
 pub mod metrics;
 pub mod node;
 pub mod resp;

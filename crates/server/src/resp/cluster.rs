@@ -50,7 +50,7 @@
 //! # Leadership changes during a scan
 //!
 //! `SCAN 0` fixes the set of shards the scan covers, and the cursor keeps it
-//! (`node::ScanCursor`): a cursor continued on a node that no longer leads those shards
+//! (`keyscan::ScanCursor`): a cursor continued on a node that no longer leads those shards
 //! finishes exactly them (the reads go to the new leader, so they stay linearizable), and the
 //! node's scan returns every key present throughout once. What one node cannot fix: a client
 //! scans the masters it knew when it started. If a leadership moves between the `SCAN 0` sent

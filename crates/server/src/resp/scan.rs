@@ -4,7 +4,7 @@
 //! serves (`cluster::scope`), so that a cluster client asking every master gets each key once.
 //!
 //! `SCAN` cursors are numbers (as clients expect) naming a server-side position: the last key
-//! returned, in key order, and the shards the scan covers (`node::ScanCursor`). A key present
+//! returned, in key order, and the shards the scan covers (`keyscan::ScanCursor`). A key present
 //! for the whole iteration is returned exactly once, even while other keys are written, and any
 //! connection to the same node may continue a cursor. The shard set is fixed by `SCAN 0`, so a
 //! leadership change mid-scan does not change what the scan covers (see `cluster.rs`).
