@@ -4,6 +4,7 @@ mod bench;
 mod bench_ap;
 mod chaos;
 mod client;
+mod log_limit;
 mod playground;
 
 use std::process::ExitCode;
@@ -245,18 +246,43 @@ fn main() -> ExitCode {
 }
 
 async fn server(args: capdb_server::ServerArgs) -> Result<(), String> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    // Repeated lines are rate-limited (log_limit.rs); CAPDB_LOG_RATE_LIMIT=off writes them all.
+    // Without its reporter thread the limiter would hide lines silently, so then it is left out.
+    let limit_env = std::env::var("CAPDB_LOG_RATE_LIMIT").ok();
+    let (rate_limit, reporter_error) = if log_limit::enabled_by_env(limit_env.as_deref()) {
+        let limit = log_limit::RateLimit::new();
+        match limit.spawn_reporter() {
+            Ok(()) => (Some(limit), None),
+            Err(e) => (None, Some(e)),
+        }
+    } else {
+        (None, None)
+    };
+    tracing_subscriber::registry()
+        .with(
             tracing_subscriber::EnvFilter::try_from_env("CAPDB_LOG")
                 .unwrap_or_else(|_| "info,openraft=warn".into()),
         )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with(rate_limit.clone())
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+        )
         .init();
+    if let Some(e) = reporter_error {
+        tracing::warn!(error = %e, "cannot start the log rate limiter's thread; repeated lines are not limited");
+    }
     let config = capdb_server::Config::resolve(&args).map_err(|e| e.to_string())?;
-    capdb_server::run(config, shutdown_signal())
+    let result = capdb_server::run(config, shutdown_signal())
         .await
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string());
+    for summary in rate_limit.iter().flat_map(|r| r.flush_all()) {
+        summary.log();
+    }
+    result
 }
 
 /// Completes on SIGTERM or SIGINT (Ctrl-C).
