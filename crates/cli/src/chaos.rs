@@ -25,6 +25,8 @@ Examples (as root):
 Output: DIR/report.json (ops, ok, fail, info, valid, seed, windows, latency, evidence),
 DIR/history.jsonl (every operation and fault), DIR/timeline.svg, DIR/nodes/node-N.log.";
 
+// Parsed once per process: the size of the `Run` variant costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 #[derive(clap::Subcommand)]
 pub enum ChaosOp {
     /// Start a cluster in network namespaces, run workloads under faults, check the history.
