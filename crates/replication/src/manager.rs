@@ -551,6 +551,15 @@ impl Manager {
                 }
                 None => Err(ForwardError::NotLeader { leader: None }),
             };
+            let outcome = match outcome {
+                // A final refusal after an attempt that may have been applied is not certain.
+                Err(ForwardError::Db(Error::Unavailable(why))) if uncertain => {
+                    Err(ForwardError::Db(Error::OutcomeUnknown(format!(
+                        "{why}; an earlier attempt may have been applied: read before retrying"
+                    ))))
+                }
+                other => other,
+            };
             uncertain |= matches!(outcome, Err(ForwardError::Uncertain(_)));
             match self.settle(group, target, outcome).await? {
                 Step::Done(Response::Expired) => {
@@ -1062,11 +1071,9 @@ impl Manager {
                 if self.group(group).is_none() {
                     if group == META_GROUP {
                         // A joining node asks through a seed: forward to the meta leader.
-                        return PeerResponse::Write(
-                            self.write_via(group, request, false)
-                                .await
-                                .map_err(ForwardError::Db),
-                        );
+                        return PeerResponse::Write(relayed(
+                            self.write_via(group, request, false).await,
+                        ));
                     }
                     return no_group(group);
                 }
@@ -1077,11 +1084,9 @@ impl Manager {
                     && let Err(ForwardError::NotLeader { .. }) = &local
                     && !self.cluster().nodes.contains_key(&from)
                 {
-                    return PeerResponse::Write(
-                        self.write_via(group, request, false)
-                            .await
-                            .map_err(ForwardError::Db),
-                    );
+                    return PeerResponse::Write(relayed(
+                        self.write_via(group, request, false).await,
+                    ));
                 }
                 PeerResponse::Write(local)
             }
@@ -1627,6 +1632,20 @@ fn forward_error(e: RpcError) -> ForwardError {
         RpcError::Unreachable(..) | RpcError::Timeout(..) | RpcError::Codec(_) => {
             ForwardError::Uncertain(e.to_string())
         }
+    }
+}
+
+/// A write relayed for another node (a seed forwarding a joiner's meta write): what the relay
+/// heard, in the terms the sender routes by, so that it keeps retrying (elsewhere) and knows
+/// whether an attempt may have been applied.
+fn relayed(result: Result<Response, Error>) -> Result<Response, ForwardError> {
+    match result {
+        Ok(r) => Ok(r),
+        Err(Error::Unavailable(_) | Error::ShuttingDown) => {
+            Err(ForwardError::NotLeader { leader: None })
+        }
+        Err(Error::OutcomeUnknown(why)) => Err(ForwardError::Uncertain(why)),
+        Err(e) => Err(ForwardError::Db(e)),
     }
 }
 

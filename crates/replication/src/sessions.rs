@@ -31,14 +31,14 @@
 //!   monotonic clock, so clock jumps do not matter).
 //! - **Per session** at most [`REMEMBERED_PER_SESSION_MAX`] replies; the oldest are forgotten
 //!   first (the floor rises past them).
-//! - **Sessions** unused for [`SESSION_IDLE_MS`] (by the largest wall-clock time any entry of
-//!   the group carried) are dropped, and at most [`SESSIONS_MAX`] are kept (least recently used
-//!   dropped first), checked whenever that clock enters a new minute (a point in the log, so
-//!   every replica drops the same sessions at the same entry). A process restart starts a new
-//!   session, so old ones only expire. A write of an idle session that is *not* a copy is
-//!   applied whether or not its session was dropped, so dropping never changes a decision
-//!   except for copies more than an hour late, which Raft cannot produce (an entry is
-//!   committed by a leader elected soon after it was sent, or never).
+//! - **Sessions**: at most [`SESSIONS_MAX`] per group. When a new one would exceed that, the
+//!   least recently used (by log index of its last entry) is dropped. A process restart starts
+//!   a new session, so sessions of dead processes are what get dropped. Only the log decides
+//!   (no wall clock: a node whose clock is off must not age anyone else's session), so every
+//!   replica drops the same session at the same entry. A write of a dropped session that is
+//!   *not* a copy is applied as it would have been; only a copy of a write of the least
+//!   recently used of thousands of sessions could be misjudged, and Raft produces copies only
+//!   within seconds of the original.
 //!
 //! A copy of a write whose reply was forgotten, or that is below its session's floor, is never
 //! applied: it is answered [`Decision::Expired`] (the routing node reports the outcome as
@@ -58,9 +58,7 @@ pub const RETRY_WINDOW_MS: u64 = 60_000;
 /// Replies remembered per session at most (writes in flight on one node, or within the retry
 /// window while one write is stuck).
 pub const REMEMBERED_PER_SESSION_MAX: usize = 100_000;
-/// A session unused for this long (group wall-clock time) is forgotten.
-pub const SESSION_IDLE_MS: u64 = 3_600_000;
-/// Sessions remembered per group at most.
+/// Sessions remembered per group at most (one per process start of a node that wrote to it).
 pub const SESSIONS_MAX: usize = 4_096;
 
 /// The identity of one write, stamped once by the node that routes it.
@@ -76,8 +74,6 @@ pub struct RequestId {
     pub floor: u64,
     /// When the write was first sent, in ms since the session started (monotonic).
     pub sent_ms: u64,
-    /// The origin's wall clock when the write was first sent (only ages sessions).
-    pub wall_ms: u64,
 }
 
 /// Issues [`RequestId`]s for this node's session and tracks which are in flight.
@@ -149,7 +145,6 @@ impl RequestIds {
                 seq,
                 floor,
                 sent_ms,
-                wall_ms: capdb_types::unix_now_ms(),
             },
         }
     }
@@ -171,7 +166,8 @@ pub enum Decision {
 struct Session {
     floor: u64,
     newest_sent_ms: u64,
-    last_wall_ms: u64,
+    /// Log index of the session's last entry (least recently used sessions go first).
+    last_index: u64,
     /// Remembered replies: seq -> sent_ms (the replies themselves are rows in `_meta`).
     #[serde(skip)]
     remembered: BTreeMap<u64, u64>,
@@ -186,12 +182,10 @@ type SessionKey = (NodeId, u64);
 pub struct SessionTable {
     prefix: String,
     sessions: HashMap<SessionKey, Session>,
-    /// Largest wall-clock time carried by any entry (ages sessions deterministically).
-    clock_ms: u64,
+    /// Sessions whose header changed since the last [`SessionTable::take_changes`].
     dirty: BTreeSet<SessionKey>,
-    forgotten_rows: Vec<String>,
-    forgotten_sessions: Vec<SessionKey>,
-    clock_dirty: bool,
+    /// Deletions since then, in the order they happened (rows and headers).
+    forgotten: Vec<String>,
 }
 
 /// `_meta` changes: put (`Some`) or delete (`None`).
@@ -222,10 +216,6 @@ impl SessionTable {
             let rest = key
                 .strip_prefix(&t.prefix)
                 .ok_or_else(|| format!("session row {key} outside {}", t.prefix))?;
-            if rest == "clock" {
-                t.clock_ms = postcard::from_bytes(value).map_err(|e| e.to_string())?;
-                continue;
-            }
             let (session, seq) = match rest.split_once('/') {
                 Some((s, seq)) => (s, Some(seq)),
                 None => (rest, None),
@@ -238,7 +228,7 @@ impl SessionTable {
                     let s = t.sessions.entry(sk).or_default();
                     s.floor = header.floor;
                     s.newest_sent_ms = header.newest_sent_ms;
-                    s.last_wall_ms = header.last_wall_ms;
+                    s.last_index = header.last_index;
                 }
                 Some(seq) => {
                     let seq = u64::from_str_radix(seq, 16)
@@ -257,47 +247,34 @@ impl SessionTable {
 
     /// The `_meta` key of a write's remembered reply.
     pub fn row_key(&self, id: &RequestId) -> String {
-        format!(
-            "{}{:016x}.{:016x}/{:016x}",
-            self.prefix, id.origin, id.epoch, id.seq
-        )
+        row_key_of(&self.prefix, (id.origin, id.epoch), id.seq)
     }
 
     fn header_key(&self, sk: SessionKey) -> String {
         format!("{}{:016x}.{:016x}", self.prefix, sk.0, sk.1)
     }
 
-    /// Decides what to do with a committed write, and updates the bookkeeping as if the
-    /// decision were carried out (an `Apply` is remembered from now on).
-    pub fn decide(&mut self, id: &RequestId) -> Decision {
-        if id.wall_ms > self.clock_ms {
-            // Sessions age when the clock enters a new minute: a point fixed by the log alone,
-            // so every replica expires the same sessions before the same entry (however its
-            // entries were batched).
-            let new_minute = id.wall_ms / 60_000 != self.clock_ms / 60_000;
-            self.clock_ms = id.wall_ms;
-            self.clock_dirty = true;
-            if new_minute {
-                self.expire_sessions(Some((id.origin, id.epoch)));
-            }
-        }
+    /// Decides what to do with a write committed at log `index`, and updates the bookkeeping
+    /// as if the decision were carried out (an `Apply` is remembered from now on).
+    pub fn decide(&mut self, id: &RequestId, index: u64) -> Decision {
         let sk = (id.origin, id.epoch);
+        if !self.sessions.contains_key(&sk) && self.sessions.len() >= SESSIONS_MAX {
+            self.drop_least_recently_used();
+        }
         self.dirty.insert(sk);
-        let prefix = &self.prefix;
         let s = self.sessions.entry(sk).or_default();
         s.floor = s.floor.max(id.floor);
         s.newest_sent_ms = s.newest_sent_ms.max(id.sent_ms);
-        s.last_wall_ms = s.last_wall_ms.max(id.wall_ms);
-        // Forget what can no longer be asked for: below the floor, or out of the window.
+        s.last_index = s.last_index.max(index);
+        // Forget what can no longer be asked for: below the floor, or out of the window. Both
+        // conditions hold for a prefix of the seqs (sent_ms grows with seq).
         let horizon = s.newest_sent_ms.saturating_sub(RETRY_WINDOW_MS);
-        // Both conditions hold for a prefix of the seqs (sent_ms grows with seq).
         while let Some((&seq, &sent)) = s.remembered.first_key_value() {
             if seq >= s.floor && sent >= horizon {
                 break;
             }
             s.remembered.pop_first();
-            self.forgotten_rows
-                .push(format!("{prefix}{:016x}.{:016x}/{seq:016x}", sk.0, sk.1));
+            self.forgotten.push(row_key_of(&self.prefix, sk, seq));
         }
         if s.remembered.contains_key(&id.seq) {
             return Decision::Duplicate;
@@ -309,67 +286,43 @@ impl SessionTable {
         while s.remembered.len() > REMEMBERED_PER_SESSION_MAX {
             let (oldest, _) = s.remembered.pop_first().expect("over the limit, not empty");
             s.floor = s.floor.max(oldest + 1);
-            self.forgotten_rows
-                .push(format!("{prefix}{:016x}.{:016x}/{oldest:016x}", sk.0, sk.1));
+            self.forgotten.push(row_key_of(&self.prefix, sk, oldest));
         }
         Decision::Apply
     }
 
-    /// Drops idle sessions and keeps at most [`SESSIONS_MAX`] (besides `keep`, the session of
-    /// the entry being decided).
-    fn expire_sessions(&mut self, keep: Option<SessionKey>) {
-        let idle_before = self.clock_ms.saturating_sub(SESSION_IDLE_MS);
-        let mut doomed: Vec<SessionKey> = self
+    /// Drops the session whose last entry is oldest in the log, with its rows.
+    fn drop_least_recently_used(&mut self) {
+        let Some(sk) = self
             .sessions
             .iter()
-            .filter(|(k, s)| s.last_wall_ms < idle_before && Some(**k) != keep)
-            .map(|(k, _)| *k)
-            .collect();
-        let over = self.sessions.len().saturating_sub(doomed.len());
-        if over > SESSIONS_MAX {
-            let mut by_age: Vec<(u64, SessionKey)> = self
-                .sessions
-                .iter()
-                .filter(|(k, s)| s.last_wall_ms >= idle_before && Some(**k) != keep)
-                .map(|(k, s)| (s.last_wall_ms, *k))
-                .collect();
-            by_age.sort_unstable();
-            doomed.extend(by_age.into_iter().take(over - SESSIONS_MAX).map(|(_, k)| k));
+            .map(|(k, s)| (s.last_index, *k))
+            .min()
+            .map(|(_, k)| k)
+        else {
+            return;
+        };
+        let s = self.sessions.remove(&sk).expect("just found");
+        for seq in s.remembered.keys() {
+            self.forgotten.push(row_key_of(&self.prefix, sk, *seq));
         }
-        for sk in doomed {
-            if let Some(s) = self.sessions.remove(&sk) {
-                for seq in s.remembered.keys() {
-                    self.forgotten_rows.push(format!(
-                        "{}{:016x}.{:016x}/{seq:016x}",
-                        self.prefix, sk.0, sk.1
-                    ));
-                }
-                self.dirty.remove(&sk);
-                self.forgotten_sessions.push(sk);
-            }
-        }
+        self.dirty.remove(&sk);
+        self.forgotten.push(self.header_key(sk));
     }
 
     /// The `_meta` changes since the last call (headers of touched sessions, forgotten rows
-    /// and sessions, the clock), to be written with the entries that caused them.
+    /// and sessions), to be written with the entries that caused them, in this order.
     pub fn take_changes(&mut self) -> Changes {
-        let mut out: Changes = Vec::new();
+        // Deletions first, then the headers of sessions that exist now: a session dropped and
+        // then started again in the same batch ends up present.
+        let mut out: Changes = std::mem::take(&mut self.forgotten)
+            .into_iter()
+            .map(|k| (k, None))
+            .collect();
         for sk in std::mem::take(&mut self.dirty) {
             if let Some(s) = self.sessions.get(&sk) {
                 out.push((self.header_key(sk), Some(encode(s))));
             }
-        }
-        for row in std::mem::take(&mut self.forgotten_rows) {
-            out.push((row, None));
-        }
-        for sk in std::mem::take(&mut self.forgotten_sessions) {
-            out.push((self.header_key(sk), None));
-        }
-        if std::mem::take(&mut self.clock_dirty) {
-            out.push((
-                format!("{}clock", self.prefix),
-                Some(encode(&self.clock_ms)),
-            ));
         }
         out
     }
@@ -383,6 +336,10 @@ impl SessionTable {
     pub fn sessions(&self) -> usize {
         self.sessions.len()
     }
+}
+
+fn row_key_of(prefix: &str, sk: SessionKey, seq: u64) -> String {
+    format!("{prefix}{:016x}.{:016x}/{seq:016x}", sk.0, sk.1)
 }
 
 fn parse_session(s: &str) -> Option<SessionKey> {
@@ -423,27 +380,26 @@ mod tests {
             seq,
             floor,
             sent_ms,
-            wall_ms: 1_000 + sent_ms,
         }
     }
 
     #[test]
     fn a_retry_of_an_applied_write_is_a_duplicate_not_a_second_apply() {
         let mut t = SessionTable::new(3);
-        assert_eq!(t.decide(&id(1, 1, 0)), Decision::Apply);
-        assert_eq!(t.decide(&id(1, 1, 0)), Decision::Duplicate);
-        assert_eq!(t.decide(&id(2, 1, 5)), Decision::Apply);
-        assert_eq!(t.decide(&id(1, 1, 0)), Decision::Duplicate);
+        assert_eq!(t.decide(&id(1, 1, 0), 0), Decision::Apply);
+        assert_eq!(t.decide(&id(1, 1, 0), 0), Decision::Duplicate);
+        assert_eq!(t.decide(&id(2, 1, 5), 0), Decision::Apply);
+        assert_eq!(t.decide(&id(1, 1, 0), 0), Decision::Duplicate);
     }
 
     #[test]
     fn writes_arriving_out_of_order_are_each_applied_once() {
         let mut t = SessionTable::new(3);
-        assert_eq!(t.decide(&id(3, 1, 2)), Decision::Apply);
-        assert_eq!(t.decide(&id(1, 1, 0)), Decision::Apply);
-        assert_eq!(t.decide(&id(2, 1, 1)), Decision::Apply);
+        assert_eq!(t.decide(&id(3, 1, 2), 0), Decision::Apply);
+        assert_eq!(t.decide(&id(1, 1, 0), 0), Decision::Apply);
+        assert_eq!(t.decide(&id(2, 1, 1), 0), Decision::Apply);
         for seq in 1..=3 {
-            assert_eq!(t.decide(&id(seq, 1, seq - 1)), Decision::Duplicate);
+            assert_eq!(t.decide(&id(seq, 1, seq - 1), 0), Decision::Duplicate);
         }
     }
 
@@ -451,13 +407,13 @@ mod tests {
     fn the_floor_forgets_answered_writes_and_refuses_their_late_copies() {
         let mut t = SessionTable::new(3);
         for seq in 1..=10 {
-            assert_eq!(t.decide(&id(seq, 1, seq)), Decision::Apply);
+            assert_eq!(t.decide(&id(seq, 1, seq), 0), Decision::Apply);
         }
         assert_eq!(t.remembered(), 10);
         // The origin has answered everything below 10.
-        assert_eq!(t.decide(&id(11, 10, 11)), Decision::Apply);
+        assert_eq!(t.decide(&id(11, 10, 11), 0), Decision::Apply);
         assert_eq!(t.remembered(), 2);
-        assert_eq!(t.decide(&id(4, 1, 4)), Decision::Expired);
+        assert_eq!(t.decide(&id(4, 1, 4), 0), Decision::Expired);
         // Never-seen writes below the floor are refused too: the origin gave up on them.
         let changes = t.take_changes();
         let deletes = changes.iter().filter(|(_, v)| v.is_none()).count();
@@ -467,11 +423,11 @@ mod tests {
     #[test]
     fn replies_are_forgotten_after_the_retry_window_and_late_copies_refused() {
         let mut t = SessionTable::new(3);
-        assert_eq!(t.decide(&id(1, 1, 0)), Decision::Apply);
+        assert_eq!(t.decide(&id(1, 1, 0), 0), Decision::Apply);
         // Write 1 is still in flight at the origin (floor 1) but a minute has passed.
-        assert_eq!(t.decide(&id(2, 1, RETRY_WINDOW_MS + 1)), Decision::Apply);
+        assert_eq!(t.decide(&id(2, 1, RETRY_WINDOW_MS + 1), 0), Decision::Apply);
         assert_eq!(t.remembered(), 1);
-        assert_eq!(t.decide(&id(1, 1, 0)), Decision::Expired);
+        assert_eq!(t.decide(&id(1, 1, 0), 0), Decision::Expired);
     }
 
     #[test]
@@ -479,31 +435,67 @@ mod tests {
         let mut t = SessionTable::new(3);
         let n = REMEMBERED_PER_SESSION_MAX as u64 + 5;
         for seq in 1..=n {
-            assert_eq!(t.decide(&id(seq, 1, 0)), Decision::Apply);
+            assert_eq!(t.decide(&id(seq, 1, 0), 0), Decision::Apply);
         }
         assert_eq!(t.remembered(), REMEMBERED_PER_SESSION_MAX);
         // The oldest were forgotten and their copies are refused, never applied again.
-        assert_eq!(t.decide(&id(1, 1, 0)), Decision::Expired);
-        assert_eq!(t.decide(&id(n, 1, 0)), Decision::Duplicate);
+        assert_eq!(t.decide(&id(1, 1, 0), 0), Decision::Expired);
+        assert_eq!(t.decide(&id(n, 1, 0), 0), Decision::Duplicate);
     }
 
     #[test]
-    fn idle_sessions_expire_and_their_rows_are_deleted() {
+    fn beyond_the_cap_the_least_recently_used_session_is_dropped_with_its_rows() {
         let mut t = SessionTable::new(3);
-        assert_eq!(t.decide(&id(1, 1, 0)), Decision::Apply);
-        let other = RequestId {
-            origin: 8,
+        let of = |origin: u64| RequestId {
+            origin,
             epoch: 1,
             seq: 1,
             floor: 1,
             sent_ms: 0,
-            wall_ms: 1_000 + SESSION_IDLE_MS + 10,
         };
-        assert_eq!(t.decide(&other), Decision::Apply);
+        for origin in 0..SESSIONS_MAX as u64 {
+            assert_eq!(t.decide(&of(origin), 10 + origin), Decision::Apply);
+        }
+        // Session 0 writes again: now session 1 is the least recently used.
+        let again = RequestId { seq: 2, ..of(0) };
+        assert_eq!(t.decide(&again, 100_000), Decision::Apply);
+        t.take_changes();
+        assert_eq!(t.decide(&of(999_999), 100_001), Decision::Apply);
+        assert_eq!(t.sessions(), SESSIONS_MAX);
         let changes = t.take_changes();
-        assert_eq!(t.sessions(), 1);
-        assert!(changes.contains(&(t.header_key((7, 99)), None)));
-        assert!(changes.contains(&(t.row_key(&id(1, 1, 0)), None)));
+        assert!(changes.contains(&(t.header_key((1, 1)), None)));
+        assert!(changes.contains(&(t.row_key(&of(1)), None)));
+        assert_eq!(t.decide(&again, 100_002), Decision::Duplicate);
+    }
+
+    #[test]
+    fn a_session_dropped_and_started_again_in_one_batch_keeps_its_header() {
+        let mut t = SessionTable::new(3);
+        let of = |origin: u64, seq: u64| RequestId {
+            origin,
+            epoch: 1,
+            seq,
+            floor: 1,
+            sent_ms: seq,
+        };
+        for origin in 0..SESSIONS_MAX as u64 {
+            t.decide(&of(origin, 1), origin);
+        }
+        t.take_changes();
+        // A new session pushes out session 0, which then writes again.
+        t.decide(&of(SESSIONS_MAX as u64, 1), 10_000);
+        t.decide(&of(0, 2), 10_001);
+        let changes = t.take_changes();
+        let last_for_header = changes
+            .iter()
+            .rev()
+            .find(|(k, _)| *k == t.header_key((0, 1)))
+            .map(|(_, v)| v.is_some());
+        assert_eq!(
+            last_for_header,
+            Some(true),
+            "the header is put after its deletion"
+        );
     }
 
     #[test]
@@ -511,7 +503,7 @@ mod tests {
         let mut t = SessionTable::new(12);
         for seq in 1..=4 {
             let floor = if seq < 3 { 1 } else { 2 };
-            assert_eq!(t.decide(&id(seq, floor, seq)), Decision::Apply);
+            assert_eq!(t.decide(&id(seq, floor, seq), 0), Decision::Apply);
         }
         let mut rows: BTreeMap<String, Vec<u8>> = BTreeMap::new();
         for seq in 1..=4 {
@@ -532,9 +524,9 @@ mod tests {
         let rows: Vec<(String, Vec<u8>)> = rows.into_iter().collect();
         let mut back = SessionTable::load(12, &rows).unwrap();
         assert_eq!(back.remembered(), 3, "seq 1 is below the floor 2");
-        assert_eq!(back.decide(&id(3, 2, 3)), Decision::Duplicate);
-        assert_eq!(back.decide(&id(1, 2, 1)), Decision::Expired);
-        assert_eq!(back.decide(&id(5, 2, 5)), Decision::Apply);
+        assert_eq!(back.decide(&id(3, 2, 3), 0), Decision::Duplicate);
+        assert_eq!(back.decide(&id(1, 2, 1), 0), Decision::Expired);
+        assert_eq!(back.decide(&id(5, 2, 5), 0), Decision::Apply);
     }
 
     proptest::proptest! {
@@ -563,7 +555,7 @@ mod tests {
                         let i = pick % issued.len();
                         let (id, in_flight) = (&issued[i].0, issued[i].1.is_some());
                         let first = !applied.contains(&id.seq);
-                        match t.decide(id) {
+                        match t.decide(id, 0) {
                             Decision::Apply => {
                                 proptest::prop_assert!(first, "seq {} applied twice", id.seq);
                                 applied.insert(id.seq);

@@ -166,21 +166,28 @@ impl StateMachine {
         *self.sessions.lock().unwrap_or_else(|p| p.into_inner()) = table;
     }
 
-    /// The remembered reply of an applied request, from `_meta`.
-    fn remembered_reply(&self, key: &str) -> io::Result<Response> {
-        let Some(raw) = self.engine.meta_get(key).map_err(io)? else {
+    /// The remembered reply of an applied request, from `_meta`. A reply that is gone or
+    /// unreadable answers "outcome unknown": the copy is not applied either way, and only its
+    /// proposer is waiting, so this never stops the state machine.
+    fn remembered_reply(&self, key: &str) -> Response {
+        let decoded = match self.engine.meta_get(key) {
+            Ok(Some(raw)) => match raw.get(8..) {
+                Some([row::REPLIES, payload @ ..]) => {
+                    decode(payload, "remembered replies").map(Response::Replies)
+                }
+                Some([row::RESPONSE, payload @ ..]) => decode(payload, "remembered response"),
+                _ => Err(io(format!(
+                    "remembered reply {key} is truncated or of unknown kind"
+                ))),
+            },
             // Forgotten (never expected while a copy can still arrive): do not guess.
-            return Ok(Response::Expired);
+            Ok(None) => return Response::Expired,
+            Err(e) => Err(io(e)),
         };
-        let (kind, payload) = match raw.get(8..) {
-            Some([kind, payload @ ..]) => (*kind, payload),
-            _ => return Err(io(format!("remembered reply {key} is truncated"))),
-        };
-        match kind {
-            row::REPLIES => Ok(Response::Replies(decode(payload, "remembered replies")?)),
-            row::RESPONSE => decode(payload, "remembered response"),
-            k => Err(io(format!("remembered reply {key} has unknown kind {k}"))),
-        }
+        decoded.unwrap_or_else(|e| {
+            tracing::warn!(key, error = %e, "cannot read a remembered reply; answering outcome unknown");
+            Response::Expired
+        })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, SmState> {
@@ -420,16 +427,22 @@ impl StateMachine {
                     (meta_key(self.group, "state"), Some(encode(&cluster))),
                     (meta_key(self.group, "applied"), Some(encode(&b.applied))),
                 ];
-                items.extend(sessions.take_changes());
+                // Replies first: a reply remembered and forgotten in this batch stays deleted.
                 items.extend(meta_rows);
+                items.extend(sessions.take_changes());
                 self.engine.meta_put(items, false).await.map_err(io)?;
                 published.send_replace(Arc::new(cluster.clone()));
             }
         }
         for (slot, key) in std::mem::take(&mut b.duplicates) {
+            // Only the node that proposed the copy has someone waiting for the answer.
+            if b.responders[slot].is_none() {
+                b.responses[slot] = Some(Response::Empty);
+                continue;
+            }
             b.responses[slot] = Some(match b.rows.get(&key) {
                 Some(&first) => b.responses[first].clone().unwrap_or_default(),
-                None => self.remembered_reply(&key)?,
+                None => self.remembered_reply(&key),
             });
         }
         {
@@ -500,7 +513,8 @@ impl ApplyBatch {
         id: &RequestId,
     ) -> Option<String> {
         let key = sessions.row_key(id);
-        match sessions.decide(id) {
+        let index = self.applied.last_applied.map_or(0, |l| l.index);
+        match sessions.decide(id, index) {
             _ if self.apply_duplicates => {
                 self.rows.insert(key.clone(), slot);
                 Some(key)

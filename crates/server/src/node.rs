@@ -207,11 +207,21 @@ impl Keyspace {
                     })
                     .collect();
                 let results = futures::future::join_all(calls).await;
+                // A shard that failed fails its own mutations only: the others may have been
+                // applied, and each command's reply must say what happened to it.
                 let mut out: Vec<Option<Result<capdb_types::Reply>>> = vec![None; n];
                 for (idx, replies) in index_lists.into_iter().zip(results) {
-                    let replies = replies?;
-                    for (i, r) in idx.into_iter().zip(replies) {
-                        out[i] = Some(r);
+                    match replies {
+                        Ok(replies) => {
+                            for (i, r) in idx.into_iter().zip(replies) {
+                                out[i] = Some(r);
+                            }
+                        }
+                        Err(e) => {
+                            for i in idx {
+                                out[i] = Some(Err(e.clone()));
+                            }
+                        }
                     }
                 }
                 Ok(out
@@ -372,8 +382,18 @@ impl Keyspace {
             }
             Store::Memory(m) => m.clear().await,
             Store::Replicated(r) => {
-                for s in &r.entry.shards {
-                    r.manager.clear(s.group).await?;
+                for (i, s) in r.entry.shards.iter().enumerate() {
+                    match r.manager.clear(s.group).await {
+                        Ok(()) => {}
+                        // Earlier shards were cleared: not "certainly nothing happened".
+                        Err(e) if i > 0 && e.is_retryable() => {
+                            return Err(Error::OutcomeUnknown(format!(
+                                "{i} of {} shards were cleared, then: {e}",
+                                r.entry.shards.len()
+                            )));
+                        }
+                        Err(e) => return Err(e),
+                    }
                 }
                 Ok(())
             }

@@ -1154,7 +1154,8 @@ fn execute(
             }
             drop(t);
             let mut mt = txn.open_table(META_TABLE).map_err(io_err)?;
-            put_meta(&mut mt, meta)?;
+            // Replies first, then `meta`: a reply remembered and already forgotten by a later
+            // entry of this batch is deleted, not left behind.
             for r in remember {
                 let Some(range) = replies.get(r.first..r.first + r.count) else {
                     return Err(Error::InvalidInput(format!(
@@ -1168,6 +1169,7 @@ fn execute(
                     .map_err(|e| Error::Io(format!("cannot encode replies: {e}")))?;
                 mt.insert(r.key.as_str(), &value[..]).map_err(io_err)?;
             }
+            put_meta(&mut mt, meta)?;
             Ok(Output::Replies(replies))
         }
         Op::LogAppend { table, records } => {

@@ -293,7 +293,19 @@ pub(super) fn reply_pending(
         let mine: Vec<_> = it.by_ref().take(c.count).collect();
         debug_assert_eq!(mine.len(), c.count);
         if let Some(Err(e)) = mine.iter().find(|r| r.is_err()) {
-            let line = error_line(e);
+            // A command over several shards whose part on one shard certainly failed while
+            // another part may have taken effect must not say -TRYAGAIN (clients retry it).
+            let partial = e.is_retryable()
+                && mine
+                    .iter()
+                    .any(|r| !matches!(r, Err(other) if other.is_retryable()));
+            let line = if partial {
+                error_line(&Error::OutcomeUnknown(format!(
+                    "part of the command may have taken effect, part did not ({e}); read before retrying"
+                )))
+            } else {
+                error_line(e)
+            };
             conn.fail(c.name, c.started, &line);
             continue;
         }
