@@ -282,6 +282,54 @@ fn kill_the_leader_and_keep_writing_then_restart_and_catch_up() {
 }
 
 #[test]
+fn a_leader_cut_off_from_its_quorum_refuses_writes_as_certainly_not_applied() {
+    let c = Cluster::start(3);
+    let leader = c.leader();
+    let mut on_leader = c.node(leader).client();
+    set_retrying(&mut on_leader, "before", "x");
+    let others: Vec<u64> = (1..=3).filter(|&n| n != leader).collect();
+    partition(&c, &[&[leader], &others]);
+    // Once the majority has a new leader, the old one has been cut off for longer than an
+    // election takes. It may still believe it leads; it must not take writes it cannot commit
+    // (their outcome would be unknown) but refuse them: -TRYAGAIN, certainly not applied.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let st = c.status_from(others[0]);
+        let new_leader = st["keyspaces"][0]["shards"][0]["leader"].as_u64();
+        if new_leader.is_some_and(|l| l != leader) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the majority elected no leader: {st:#}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let e = on_leader
+        .set::<_, _, ()>("cut-off", "x")
+        .expect_err("a leader without a quorum must not acknowledge");
+    assert_eq!(e.code(), Some("TRYAGAIN"), "{e}");
+    partition(&c, &[&[1, 2, 3]]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut any = c.node(others[0]).client();
+        if let Ok(v) = any.get::<_, Option<String>>("cut-off") {
+            assert_eq!(v, None, "a refused write must never appear");
+            if any
+                .get::<_, Option<String>>("before")
+                .ok()
+                .flatten()
+                .is_some()
+            {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "the cluster did not recover");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
 fn the_minority_side_of_a_partition_refuses_in_bounded_time() {
     let c = Cluster::start(3);
     for i in 0..20 {

@@ -74,6 +74,12 @@ const RETRY_PAUSE: Duration = Duration::from_millis(40);
 const RECONCILE_EVERY: Duration = Duration::from_millis(500);
 /// Minimum time between two placement moves proposed by the meta leader.
 const PLACEMENT_STEP_EVERY: Duration = Duration::from_secs(1);
+/// A leader that has heard from no quorum for this long refuses new writes before proposing
+/// them (`-TRYAGAIN`, certainly not applied) instead of appending entries it most likely cannot
+/// commit (which could only be answered "outcome unknown"). Heartbeats are acknowledged every
+/// 60 ms; followers elect a new leader after 550-700 ms of silence. A stall shorter than the
+/// request deadline only delays writes: they are retried until then.
+const QUORUM_SILENCE_MAX: Duration = Duration::from_millis(500);
 /// A learner is "caught up" when it is at most this many entries behind the leader.
 const CATCH_UP_ENTRIES: u64 = 64;
 
@@ -649,6 +655,10 @@ impl Manager {
         deadline: Instant,
     ) -> Result<Response, ForwardError> {
         let g = self.group(group).ok_or(ForwardError::UnknownGroup(group))?;
+        if leads_without_quorum(&g.raft) {
+            // Not proposed: certainly not applied. The caller retries until its deadline.
+            return Err(ForwardError::NotLeader { leader: None });
+        }
         let left = deadline
             .saturating_duration_since(Instant::now())
             .min(HOP_TIMEOUT);
@@ -1633,6 +1643,23 @@ fn forward_error(e: RpcError) -> ForwardError {
             ForwardError::Uncertain(e.to_string())
         }
     }
+}
+
+/// Whether this node leads `raft` with other voters and has heard from none of a quorum of
+/// them for [`QUORUM_SILENCE_MAX`] (cut off from the majority, or the majority is down).
+fn leads_without_quorum(raft: &Raft) -> bool {
+    use openraft::Instant as _;
+    let metrics = raft.metrics();
+    let m = metrics.borrow_watched();
+    m.state == ServerState::Leader
+        && m.membership_config
+            .membership()
+            .voter_ids()
+            .nth(1)
+            .is_some()
+        && m.last_quorum_acked
+            .as_ref()
+            .is_some_and(|acked| acked.elapsed() > QUORUM_SILENCE_MAX)
 }
 
 /// A write relayed for another node (a seed forwarding a joiner's meta write): what the relay
