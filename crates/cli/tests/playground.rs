@@ -119,7 +119,13 @@ fn playground_partition_refuses_cp_on_the_minority_and_keeps_ap_writable() {
     // The cp write on the minority side is refused (in bounded time), never acknowledged.
     let started = Instant::now();
     let out = redis_cli(n1, "SELECT cp\nSET c minority\n");
-    assert!(out.starts_with("OK\nTRYAGAIN"), "cp on the minority: {out}");
+    // -TRYAGAIN: certainly not applied. -UNCERTAIN when node 1 led the shard and took the write
+    // in the instant before it noticed the cut: it cannot be committed by the majority, which
+    // has moved on (checked after the heal), but node 1 cannot know that in time.
+    assert!(
+        out.starts_with("OK\nTRYAGAIN") || out.starts_with("OK\nUNCERTAIN"),
+        "cp on the minority: {out}"
+    );
     assert!(started.elapsed() < Duration::from_secs(10));
     // The majority side keeps writing cp.
     let out = redis_cli(n2, "SELECT cp\nSET c majority\nGET c\n");
