@@ -2,7 +2,8 @@
 //!
 //! A run starts real `capdb server` processes, each in its own network namespace on a shared
 //! bridge ([`net`], [`cluster`]); drives workloads through real Redis-protocol clients while
-//! recording every operation ([`workload`], [`history`]); injects faults planned from a seed
+//! recording every operation ([`workload`], [`history`]), mostly through followers of the keys'
+//! shard so writes take the forwarding path ([`route`]); injects faults planned from a seed
 //! ([`nemesis`]); heals, lets the cluster recover and reads everything back; then checks the
 //! history ([`check`]: linearizability of registers, counters, sets) and writes a report with a
 //! timeline picture ([`report`]). [`run::run`] ties it together.
