@@ -43,8 +43,7 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 
 const HEADER_LEN: usize = 16;
 
-/// Identifies a node in the cluster.
-pub type NodeId = u64;
+pub use capdb_cluster::NodeId;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RpcError {
