@@ -533,8 +533,8 @@ mod tests {
             "openraft-0.10.0-alpha.37/src/core/heartbeat/worker.rs"
         );
         assert_eq!(
-            short_file("crates/replication/src/manager.rs"),
-            "crates/replication/src/manager.rs"
+            short_file("crates/raft/src/groups/route.rs"),
+            "crates/raft/src/groups/route.rs"
         );
     }
 

@@ -16,11 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::slots;
 
-/// A node's identity in the cluster (`--node-id`).
-pub type NodeId = u64;
-
-/// A Raft group's id. 0 is the meta group; data shards get ids from 1 up.
-pub type GroupId = u64;
+pub use capdb_types::{GroupId, NodeId};
 
 /// The meta group's id.
 pub const META_GROUP: GroupId = 0;
@@ -113,7 +109,11 @@ pub enum MetaCommand {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MetaResponse {
     Ok,
+    /// Written by versions before refusals were typed; still decoded from remembered replies,
+    /// never produced.
     Error(String),
+    /// The map refused the command and is unchanged.
+    Refused(capdb_types::Error),
 }
 
 impl ClusterState {
@@ -138,11 +138,13 @@ impl ClusterState {
         }
         match result {
             Ok(()) => MetaResponse::Ok,
-            Err(e) => MetaResponse::Error(e),
+            Err(e) => MetaResponse::Refused(e),
         }
     }
 
-    fn apply_inner(&mut self, cmd: &MetaCommand) -> Result<(), String> {
+    fn apply_inner(&mut self, cmd: &MetaCommand) -> Result<(), capdb_types::Error> {
+        use capdb_types::Error;
+        let invalid = |msg: String| Error::InvalidInput(msg);
         match cmd {
             MetaCommand::UpsertNode(info) => {
                 let draining = self.nodes.get(&info.id).is_some_and(|n| n.draining);
@@ -154,28 +156,30 @@ impl ClusterState {
                 let node = self
                     .nodes
                     .get_mut(id)
-                    .ok_or_else(|| format!("node {id} is not a member"))?;
+                    .ok_or_else(|| invalid(format!("node {id} is not a member")))?;
                 node.draining = true;
             }
             MetaCommand::RemoveNode(id) => {
                 if !self.nodes.contains_key(id) {
-                    return Err(format!("node {id} is not a member"));
+                    return Err(invalid(format!("node {id} is not a member")));
                 }
                 if let Some((ks, _, _)) = self.shards_of(*id).next() {
-                    return Err(format!("node {id} still holds replicas of keyspace '{ks}'"));
+                    return Err(invalid(format!(
+                        "node {id} still holds replicas of keyspace '{ks}'"
+                    )));
                 }
                 self.nodes.remove(id);
             }
             MetaCommand::CreateKeyspace { spec, replicas } => {
                 if self.keyspaces.contains_key(&spec.name) {
-                    return Err(format!("keyspace '{}' already exists", spec.name));
+                    return Err(Error::KeyspaceExists(spec.name.to_string()));
                 }
                 if replicas.len() != spec.shards as usize {
-                    return Err("one replica set per shard is required".into());
+                    return Err(invalid("one replica set per shard is required".into()));
                 }
                 for r in replicas.iter().flatten() {
                     if !self.nodes.contains_key(r) {
-                        return Err(format!("replica node {r} is not a member"));
+                        return Err(invalid(format!("replica node {r} is not a member")));
                     }
                 }
                 let shards = replicas
@@ -202,11 +206,11 @@ impl ClusterState {
             }
             MetaCommand::DropKeyspace(name) => {
                 if name.as_str() == capdb_types::keyspace::DEFAULT_KEYSPACE {
-                    return Err("the default keyspace cannot be dropped".into());
+                    return Err(invalid("the default keyspace cannot be dropped".into()));
                 }
                 self.keyspaces
                     .remove(name)
-                    .ok_or_else(|| format!("keyspace '{name}' does not exist"))?;
+                    .ok_or_else(|| invalid(format!("keyspace '{name}' does not exist")))?;
             }
             MetaCommand::SetReplicas {
                 keyspace,
@@ -215,20 +219,19 @@ impl ClusterState {
             } => {
                 for r in replicas {
                     if !self.nodes.contains_key(r) {
-                        return Err(format!("replica node {r} is not a member"));
+                        return Err(invalid(format!("replica node {r} is not a member")));
                     }
                 }
                 if replicas.is_empty() {
-                    return Err("a shard needs at least one replica".into());
+                    return Err(invalid("a shard needs at least one replica".into()));
                 }
                 let entry = self
                     .keyspaces
                     .get_mut(keyspace)
-                    .ok_or_else(|| format!("keyspace '{keyspace}' does not exist"))?;
-                let s = entry
-                    .shards
-                    .get_mut(*shard as usize)
-                    .ok_or_else(|| format!("keyspace '{keyspace}' has no shard {shard}"))?;
+                    .ok_or_else(|| invalid(format!("keyspace '{keyspace}' does not exist")))?;
+                let s = entry.shards.get_mut(*shard as usize).ok_or_else(|| {
+                    invalid(format!("keyspace '{keyspace}' has no shard {shard}"))
+                })?;
                 s.replicas = replicas.clone();
             }
         }
@@ -317,14 +320,14 @@ mod tests {
             replicas: vec![vec![1, 2, 3], vec![2, 3, 1]],
         };
         assert_eq!(s.apply(&cmd), MetaResponse::Ok);
-        assert!(matches!(s.apply(&cmd), MetaResponse::Error(_)));
+        assert!(matches!(s.apply(&cmd), MetaResponse::Refused(_)));
         let ks = &s.keyspaces[&KeyspaceName::new("k").unwrap()];
         assert_eq!(ks.shards[0].group, 1);
         assert_eq!(ks.shards[1].group, 2);
         assert_eq!(ks.shards[0].slots, (0, 8191));
         assert!(matches!(
             s.apply(&MetaCommand::RemoveNode(2)),
-            MetaResponse::Error(_)
+            MetaResponse::Refused(_)
         ));
         let mut replay = ClusterState::default();
         for i in 1..=3 {

@@ -379,7 +379,7 @@ impl Config {
         let raft_snapshot_logs = args
             .raft_snapshot_logs
             .or(file.raft_snapshot_logs)
-            .unwrap_or(capdb_replication::manager::SNAPSHOT_LOGS_DEFAULT);
+            .unwrap_or(capdb_raft::groups::SNAPSHOT_LOGS_DEFAULT);
         if !(10..=10_000_000).contains(&raft_snapshot_logs) {
             return Err(ConfigError(
                 "raft_snapshot_logs must be 10 to 10000000".into(),

@@ -98,28 +98,17 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         // A standalone node is a cluster of one.
         initial_cluster.insert(info.id, info.peer_addr.clone());
     }
-    let manager = capdb_replication::manager::Manager::start(
-        capdb_replication::manager::ManagerConfig {
-            me: info,
+    let filter = capdb_transport::PeerFilter::default();
+    let me = info.id;
+    let groups = capdb_raft::Groups::start(
+        capdb_raft::GroupsConfig {
+            me,
             initial_cluster,
             join: config.cluster.join.clone(),
             unsafe_local_reads: config.cluster.debug.unsafe_local_reads,
             apply_duplicates: config.cluster.debug.apply_duplicates,
-            ap: capdb_replication::ap::ApConfig {
-                anti_entropy_interval: std::time::Duration::from_millis(
-                    config.cluster.ap_anti_entropy_interval_ms,
-                ),
-                anti_entropy_bytes_per_sec: config.cluster.ap_anti_entropy_bytes_per_sec,
-                tombstone_grace: std::time::Duration::from_millis(
-                    config.cluster.ap_tombstone_grace_ms,
-                ),
-                // Shorter than the grace, so no delayed hint can resurrect a collected delete.
-                hint_max_age: std::time::Duration::from_millis(
-                    (config.cluster.ap_tombstone_grace_ms / 3).min(3600 * 1000),
-                ),
-            },
             raft: Arc::new(
-                capdb_replication::manager::default_raft_config(config.cluster.raft_snapshot_logs)
+                capdb_raft::groups::default_raft_config(config.cluster.raft_snapshot_logs)
                     .validate()
                     .map_err(|e| {
                         ServerError::Storage(capdb_types::Error::InvalidInput(e.to_string()))
@@ -128,18 +117,52 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         },
         engine.clone(),
         hlc.clone(),
-        capdb_replication::rpc::PeerFilter::default(),
+        filter.clone(),
     )
     .await?;
-    let peer_task = tokio::spawn(capdb_replication::rpc::serve(
-        peer_listener,
-        Arc::new(capdb_replication::manager::PeerHandler(manager.clone())),
-        manager.peers().filter().clone(),
-        stop_rx.clone(),
-    ));
+    let ap = capdb_ap::Ap::start(
+        me,
+        engine.clone(),
+        hlc.clone(),
+        filter.clone(),
+        groups.watch_cluster(),
+        capdb_ap::ApConfig {
+            anti_entropy_interval: Duration::from_millis(
+                config.cluster.ap_anti_entropy_interval_ms,
+            ),
+            anti_entropy_bytes_per_sec: config.cluster.ap_anti_entropy_bytes_per_sec,
+            tombstone_grace: Duration::from_millis(config.cluster.ap_tombstone_grace_ms),
+            // Shorter than the grace, so no delayed hint can resurrect a collected delete.
+            hint_max_age: Duration::from_millis(
+                (config.cluster.ap_tombstone_grace_ms / 3).min(3600 * 1000),
+            ),
+        },
+    );
 
     let metrics = metrics::Metrics::new(resp::COMMAND_NAMES);
-    let node = node::Node::new(config, engine, hlc, manager.clone(), metrics);
+    let node = node::Node::new(
+        config,
+        engine,
+        hlc,
+        info,
+        groups.clone(),
+        ap.clone(),
+        metrics,
+    );
+    // Every peer service on one port, each on its own connections.
+    let raft_handler = Arc::new(capdb_raft::groups::peer::GroupsHandler(groups.clone()));
+    let services = capdb_transport::Services::new()
+        .with::<capdb_raft::messages::RaftService, _>(raft_handler.clone())
+        .with::<capdb_raft::messages::SnapshotService, _>(raft_handler.clone())
+        .with::<capdb_raft::messages::ForwardService, _>(raft_handler)
+        .with::<capdb_ap::ApService, _>(Arc::new(capdb_ap::ApHandler(ap.clone())))
+        .with::<node::admin::AdminService, _>(Arc::new(node::admin::AdminHandler(node.clone())));
+    let peer_task = tokio::spawn(capdb_transport::serve(
+        peer_listener,
+        Arc::new(services),
+        filter,
+        stop_rx.clone(),
+    ));
     let permits = Arc::new(Semaphore::new(connections_max));
 
     let resp_task = tokio::spawn(resp::serve(
@@ -157,7 +180,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             .into_future(),
     );
     let expiry_task = tokio::spawn(node.clone().run_expiry());
-    tracing::info!(node = manager.id(), resp = %resp_addr, http = %http_addr, peer = %peer_addr, data_dir = %node.config.data_dir.display(), "capdb node started");
+    tracing::info!(node = me, resp = %resp_addr, http = %http_addr, peer = %peer_addr, data_dir = %node.config.data_dir.display(), "capdb node started");
 
     shutdown.await;
     tracing::info!("shutting down: no new connections; finishing in-flight requests");
@@ -178,7 +201,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     expiry_task.abort();
     let _ = expiry_task.await;
     // Hand leadership to other replicas, then stop the Raft groups.
-    manager.shutdown().await;
+    ap.shutdown();
+    groups.shutdown().await;
     peer_task.abort();
     let _ = peer_task.await;
     // All acknowledged writes are already durable; this waits for writes still queued.
@@ -187,7 +211,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     // is gone; a task that outlived the grace period may still hold one, so this is bounded.
     let closed = node.engine.closed();
     drop(node);
-    drop(manager);
+    drop(groups);
+    drop(ap);
     let clean = tokio::task::spawn_blocking(move || closed.wait(Duration::from_secs(5)))
         .await
         .unwrap_or(false);

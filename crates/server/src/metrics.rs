@@ -19,7 +19,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::node::{Node, Store};
+use crate::node::Node;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CommandLabel {
@@ -316,39 +316,18 @@ impl Metrics {
                 mode: ks.spec.mode.as_str(),
             };
             // Keys stored on this node: for replicated keyspaces, in the replicas it holds.
-            let local = match &ks.store {
-                Store::Ap(a) => capdb_storage::KeyspaceStore::len(
-                    &node
-                        .engine
-                        .table(&capdb_replication::ap::table_name(a.name.as_str()), true),
-                )
-                .ok(),
-                Store::Memory(m) => capdb_storage::KeyspaceStore::len(&**m).ok(),
-                Store::Replicated(r) => {
-                    let me = node.manager.id();
-                    let held = r.entry.shards.iter().filter(|s| s.replicas.contains(&me));
-                    let tables = held.map(|s| {
-                        node.engine
-                            .table(&capdb_replication::manager::shard_table(s.group), false)
-                    });
-                    Some(
-                        tables
-                            .filter_map(|t| capdb_storage::KeyspaceStore::len(&t).ok())
-                            .sum(),
-                    )
-                }
-            };
+            let local = ks.local_len();
             if let Some(n) = local {
                 self.keys.get_or_create(&label).set(n as i64);
             }
-            if let Store::Memory(m) = &ks.store {
-                self.memory.get_or_create(&label).set(m.used_bytes() as i64);
+            if let Some(m) = ks.memory() {
+                self.memory.get_or_create(&label).set(m.used_bytes as i64);
                 self.evicted
                     .get_or_create(&label)
-                    .set(m.stats().evicted_keys.load(Ordering::Relaxed) as i64);
+                    .set(m.evicted_keys as i64);
                 self.expired
                     .get_or_create(&label)
-                    .set(m.stats().expired_keys.load(Ordering::Relaxed) as i64);
+                    .set(m.expired_keys as i64);
             }
         }
         let s = node.engine.stats();

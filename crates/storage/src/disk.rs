@@ -1049,7 +1049,7 @@ fn execute(
 ) -> Result<Output> {
     let missing = |table: &String| {
         Output::Failed(Error::KeyspaceNotFound(
-            table.trim_start_matches("ks/").to_string(),
+            crate::layout::keyspace_of_table(table).to_string(),
         ))
     };
     match op {

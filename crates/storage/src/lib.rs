@@ -15,6 +15,7 @@
 //! are written once. Why redb: see ARCHITECTURE.md ("Storage engine").
 
 pub mod disk;
+pub mod layout;
 pub mod memory;
 
 use bytes::Bytes;

@@ -16,16 +16,20 @@
 //! This crate has no I/O and no async runtime: it must stay cheap to compile and trivially
 //! testable.
 
+pub mod consistency;
 pub mod error;
 pub mod hlc;
+pub mod ids;
 pub mod keyspace;
 pub mod limits;
 pub mod merge;
 pub mod mutation;
 pub mod value;
 
+pub use consistency::ReadMode;
 pub use error::{Error, Result};
 pub use hlc::{Hlc, Timestamp};
+pub use ids::{GroupId, NodeId};
 pub use keyspace::{EvictionPolicy, KeyspaceName, KeyspaceSpec, Mode};
 pub use mutation::{Effect, Mutation, Reply};
 pub use value::{Header, Value};

@@ -35,8 +35,8 @@ use serde::Deserialize;
 use serde_json::{Value as Json_, json};
 
 use crate::node::Consistency;
-use crate::node::{Keyspace, Node, ScanPosition, Store};
-use capdb_replication::network::ReadMode;
+use crate::node::{Keyspace, Node, ScanPosition};
+use capdb_types::ReadMode;
 
 /// An error answered as JSON: a database error, or an HTTP-level one (body too large, ...).
 pub enum ApiError {
@@ -230,10 +230,9 @@ async fn metrics(State(node): State<Arc<Node>>) -> Response {
 async fn spec_json(ks: &Keyspace) -> Json_ {
     let mut v = serde_json::to_value(&ks.spec).expect("specs serialize");
     v["keys"] = json!(ks.len(Consistency::RELAXED).await.ok());
-    if let Store::Replicated(r) = &ks.store {
+    if let Some(shards) = ks.led_shards() {
         v["shard_groups"] = json!(
-            r.entry
-                .shards
+            shards
                 .iter()
                 .map(|s| json!({
                     "group": s.group, "slots": [s.slots.0, s.slots.1], "replicas": s.replicas,
@@ -241,8 +240,8 @@ async fn spec_json(ks: &Keyspace) -> Json_ {
                 .collect::<Vec<_>>()
         );
     }
-    if let Store::Memory(m) = &ks.store {
-        v["used_memory_bytes"] = json!(m.used_bytes());
+    if let Some(memory) = ks.memory() {
+        v["used_memory_bytes"] = json!(memory.used_bytes);
     }
     v
 }
@@ -375,11 +374,11 @@ fn read_mode(consistency: Option<&str>) -> Result<Consistency, ApiError> {
         None | Some("linearizable") => Ok(d),
         Some("stale") => Ok(Consistency {
             cp_read: ReadMode::Stale,
-            ap_read: capdb_replication::ap::Level::One,
+            ap_read: capdb_ap::Level::One,
             ..d
         }),
         Some(level @ ("one" | "quorum" | "all")) => {
-            let l: capdb_replication::ap::Level = level.parse()?;
+            let l: capdb_ap::Level = level.parse()?;
             Ok(Consistency {
                 ap_read: l,
                 ap_write: l,
@@ -599,22 +598,21 @@ async fn scan(
 /// Nodes (with health and labels), and every shard with its leader and replication lag,
 /// gathered from every node (each answers within a second or is reported unhealthy).
 async fn cluster_status(State(node): State<Arc<Node>>) -> ApiResult {
-    let manager = &node.manager;
-    let state = manager.cluster();
-    let me = manager.id();
+    let state = node.cluster();
+    let me = node.id();
+    let node = &node;
     let calls = state.nodes.keys().map(|&id| async move {
         let status = if id == me {
-            Ok(manager.status())
+            Ok(node.status())
         } else {
-            manager.remote_status(id).await
+            node.remote_status(id).await
         };
         (id, status)
     });
-    let statuses: BTreeMap<u64, Result<capdb_replication::network::NodeStatus, Error>> =
+    let statuses: BTreeMap<u64, Result<crate::node::admin::NodeStatus, Error>> =
         futures::future::join_all(calls).await.into_iter().collect();
     // Each group's view from its leader (the node reporting itself as leader of the group).
-    let mut leaders: BTreeMap<u64, (u64, &capdb_replication::network::GroupStatus)> =
-        BTreeMap::new();
+    let mut leaders: BTreeMap<u64, (u64, &capdb_raft::GroupStatus)> = BTreeMap::new();
     for (id, st) in &statuses {
         if let Ok(st) = st {
             for g in &st.groups {
@@ -692,8 +690,7 @@ async fn set_partition(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
     let body: PartitionBody = json_body(body)?;
-    node.manager
-        .set_partition(body.blocked.iter().copied().collect());
+    node.set_partition(body.blocked.iter().copied().collect());
     tracing::warn!(blocked = ?body.blocked, "peer traffic filter changed");
     Ok(Json(json!({"blocked": body.blocked})).into_response())
 }
@@ -718,7 +715,7 @@ async fn lose_write_answers(
 ) -> ApiResult {
     require_fault_injection(&node)?;
     let body: LoseAnswersBody = json_body(body)?;
-    node.manager.debug_lose_write_answers(body.count);
+    node.groups.debug_lose_write_answers(body.count);
     tracing::warn!(
         count = body.count,
         "fault injection: answers of forwarded writes will be dropped"
@@ -771,9 +768,9 @@ async fn set_clock(
 /// over every node that answered, with each node's episodes (divergence seen until replicas
 /// were in sync again, and how long that took).
 async fn reconcile_report(State(node): State<Arc<Node>>) -> ApiResult {
-    use capdb_replication::ap::{ApRequest, ApResponse};
-    let ap = node.manager.ap();
-    let ids: Vec<u64> = node.manager.cluster().nodes.keys().copied().collect();
+    use capdb_ap::{ApRequest, ApResponse};
+    let ap = &node.ap;
+    let ids: Vec<u64> = node.cluster().nodes.keys().copied().collect();
     let calls = ids.iter().map(|&id| async move {
         let r = ap
             .call(id, ApRequest::Stats, std::time::Duration::from_secs(2))
@@ -837,8 +834,8 @@ async fn keyspace_digest(State(node): State<Arc<Node>>, Path(name): Path<String>
             ks.spec.mode.as_str()
         ))));
     }
-    let state = node.manager.cluster();
-    let me = node.manager.id();
+    let state = node.cluster();
+    let me = node.id();
     let entry = state
         .keyspaces
         .get(&ks.spec.name)
@@ -848,10 +845,10 @@ async fn keyspace_digest(State(node): State<Arc<Node>>, Path(name): Path<String>
         if !s.replicas.contains(&me) {
             continue;
         }
-        let ap = node.manager.ap().clone();
+        let ap = node.ap.clone();
         let (ksname, slots) = (name.clone(), s.slots);
         let buckets = tokio::task::spawn_blocking(move || {
-            capdb_replication::ap::local::digest(&ap, &ksname, slots, u64::MAX)
+            capdb_ap::replica::digest(&ap, &ksname, slots, u64::MAX)
         })
         .await
         .map_err(|e| ApiError(Error::Io(e.to_string())))??;
@@ -865,19 +862,19 @@ async fn keyspace_digest(State(node): State<Arc<Node>>, Path(name): Path<String>
 
 /// Drains a node: its replicas move elsewhere, then it leaves the map.
 async fn remove_node(State(node): State<Arc<Node>>, Path(id): Path<u64>) -> ApiResult {
-    if !node.manager.cluster().nodes.contains_key(&id) {
+    if !node.cluster().nodes.contains_key(&id) {
         return Err(ApiError(Error::InvalidInput(format!(
             "node {id} is not a member"
         ))));
     }
-    node.manager
-        .meta(capdb_cluster::MetaCommand::DrainNode(id))
+    node.groups
+        .propose_meta(capdb_cluster::MetaCommand::DrainNode(id))
         .await?;
     Ok(Json(json!({"draining": id, "note": "replicas are moving away; the node leaves the map once it holds none"})).into_response())
 }
 
 /// Moves every leadership this node holds to other replicas (before maintenance / preStop).
 async fn step_down(State(node): State<Arc<Node>>) -> ApiResult {
-    node.manager.step_down_everywhere().await;
-    Ok(Json(json!({"stepped_down": node.manager.id()})).into_response())
+    node.groups.step_down_everywhere().await;
+    Ok(Json(json!({"stepped_down": node.id()})).into_response())
 }

@@ -68,11 +68,11 @@
 //!   `CLUSTER MEET|ADDSLOTS|SETSLOT|FAILOVER` or `redis-cli --cluster fix|reshard`.
 
 use capdb_cluster::{ClusterState, NodeId, slots};
-use capdb_replication::manager::Manager;
-use capdb_replication::network::ReadMode;
+use capdb_raft::Groups;
+use capdb_types::ReadMode;
 
 use super::Connection;
-use crate::node::{Keyspace, Node, ShardScope, Store};
+use crate::node::{Keyspace, Node, ShardScope};
 
 fn node_id_text(id: NodeId) -> String {
     format!("{id:040x}")
@@ -92,8 +92,8 @@ fn host_port(addr: &str) -> (String, i64) {
 type ShardView = ((u16, u16), NodeId, Vec<NodeId>);
 
 /// Shards of a keyspace, in slot order, with their current leaders.
-fn layout(ks: &Keyspace, manager: &Manager) -> Result<Vec<ShardView>, String> {
-    if !matches!(ks.store, Store::Replicated(_)) {
+fn layout(ks: &Keyspace, groups: &Groups) -> Result<Vec<ShardView>, String> {
+    if ks.led_shards().is_none() {
         return Err(format!(
             "ERR keyspace '{}' is not sharded (mode {}); SELECT a cp keyspace",
             ks.spec.name,
@@ -101,7 +101,7 @@ fn layout(ks: &Keyspace, manager: &Manager) -> Result<Vec<ShardView>, String> {
         ));
     }
     // The current map (replicas move; the keyspace handle may be older).
-    let state = manager.cluster();
+    let state = groups.cluster();
     let entry = state
         .keyspaces
         .get(&ks.spec.name)
@@ -110,7 +110,7 @@ fn layout(ks: &Keyspace, manager: &Manager) -> Result<Vec<ShardView>, String> {
         .shards
         .iter()
         .map(|s| {
-            let leader = manager.leader_of(s.group).unwrap_or(s.replicas[0]);
+            let leader = groups.leader_of(s.group).unwrap_or(s.replicas[0]);
             (s.slots, leader, s.replicas.clone())
         })
         .collect())
@@ -147,10 +147,10 @@ fn slot_ranges(shards: &[ShardView], master: NodeId) -> Vec<(u16, u16)> {
 /// The shards `node` answers `SCAN`/`DBSIZE`/`KEYS` for in cluster mode: those led by the
 /// master it is listed as (or under) in `CLUSTER NODES`. Keyspaces without a slot map: all.
 pub(super) fn served_shards(node: &Node, ks: &Keyspace) -> ShardScope {
-    let Ok(shards) = layout(ks, &node.manager) else {
+    let Ok(shards) = layout(ks, &node.groups) else {
         return ShardScope::All;
     };
-    let master = master_of(&shards, node.manager.id());
+    let master = master_of(&shards, node.groups.id());
     ShardScope::Only(
         shards
             .iter()
@@ -185,16 +185,13 @@ pub(super) fn moved(conn: &Connection, key: &[u8], read_only: bool) -> Option<St
     if !conn.cluster_mode {
         return None;
     }
-    let Store::Replicated(r) = &conn.keyspace.store else {
-        return None;
-    };
-    let manager = &conn.node.manager;
-    let shard = r.entry.shard_for_key(key);
-    let leader = manager.leader_of(shard.group)?;
-    if leader == manager.id() {
+    let shard = conn.keyspace.led_shard_for_key(key)?;
+    let groups = &conn.node.groups;
+    let leader = groups.leader_of(shard.group)?;
+    if leader == groups.id() {
         return None;
     }
-    let state = manager.cluster();
+    let state = groups.cluster();
     if read_only && conn.consistency.cp_read == ReadMode::Stale {
         let replicas = state
             .keyspaces
@@ -202,7 +199,7 @@ pub(super) fn moved(conn: &Connection, key: &[u8], read_only: bool) -> Option<St
             .and_then(|e| e.shards.iter().find(|s| s.group == shard.group))
             .map(|s| s.replicas.as_slice())
             .unwrap_or_default();
-        if replicas.contains(&manager.id()) {
+        if replicas.contains(&groups.id()) {
             return None;
         }
     }
@@ -256,11 +253,11 @@ fn nodes_text(state: &ClusterState, shards: &[ShardView], me: NodeId) -> String 
 
 pub(super) fn command(conn: &mut Connection, args: &[bytes::Bytes]) -> Result<(), String> {
     let sub = args[1].to_ascii_lowercase();
-    let manager = conn.node.manager.clone();
-    let state = manager.cluster();
+    let groups = conn.node.groups.clone();
+    let state = groups.cluster();
     match &sub[..] {
         b"keyslot" if args.len() == 3 => conn.out.int(slots::key_slot(&args[2]) as i64),
-        b"myid" => conn.out.bulk(node_id_text(manager.id()).as_bytes()),
+        b"myid" => conn.out.bulk(node_id_text(groups.id()).as_bytes()),
         b"redirect" if args.len() == 3 => {
             conn.cluster_mode = match &args[2].to_ascii_lowercase()[..] {
                 b"on" => true,
@@ -270,7 +267,7 @@ pub(super) fn command(conn: &mut Connection, args: &[bytes::Bytes]) -> Result<()
             conn.out.ok();
         }
         b"slots" => {
-            let shards = layout(&conn.keyspace, &manager)?;
+            let shards = layout(&conn.keyspace, &groups)?;
             conn.out.array(shards.len());
             for ((start, end), leader, replicas) in &shards {
                 // Redis clients take a node's role from the first range they see it in, so a
@@ -293,7 +290,7 @@ pub(super) fn command(conn: &mut Connection, args: &[bytes::Bytes]) -> Result<()
         }
         b"shards" => {
             // One Redis shard per master: its slot ranges, itself and the nodes listed under it.
-            let shards = layout(&conn.keyspace, &manager)?;
+            let shards = layout(&conn.keyspace, &groups)?;
             let masters: std::collections::BTreeSet<NodeId> = shards.iter().map(|s| s.1).collect();
             conn.out.array(masters.len());
             for leader in masters {
@@ -343,12 +340,12 @@ pub(super) fn command(conn: &mut Connection, args: &[bytes::Bytes]) -> Result<()
             }
         }
         b"nodes" => {
-            let shards = layout(&conn.keyspace, &manager)?;
-            let text = nodes_text(&state, &shards, manager.id());
+            let shards = layout(&conn.keyspace, &groups)?;
+            let text = nodes_text(&state, &shards, groups.id());
             conn.out.verbatim(&text);
         }
         b"info" => {
-            let shards = layout(&conn.keyspace, &manager).unwrap_or_default();
+            let shards = layout(&conn.keyspace, &groups).unwrap_or_default();
             let ok = !shards.is_empty() && shards.iter().all(|s| state.nodes.contains_key(&s.1));
             let masters: std::collections::BTreeSet<NodeId> = shards.iter().map(|s| s.1).collect();
             let text = format!(

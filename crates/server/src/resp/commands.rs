@@ -1,7 +1,7 @@
 //! The commands: argument parsing, dispatch and reply shapes.
 //!
 //! Writes (SET, DEL, INCR, ...) become [`Mutation`]s and are *queued* on the connection; the
-//! queue is applied in one `Store::apply` when the pipeline ends or a command that is not a write
+//! queue is applied in one `Keyspace::apply` when the pipeline ends or a command that is not a write
 //! to the same keyspace arrives, so replies stay in order while a pipeline of N writes costs one
 //! group commit. Everything else runs at once.
 //!
@@ -16,8 +16,7 @@ use capdb_types::mutation::{Condition, ExpiryUpdate, parse_i64_strict};
 use capdb_types::{Error, Mutation, Reply};
 
 use super::{Connection, PendingWrites, glob};
-use crate::node::Store;
-use capdb_replication::network::ReadMode;
+use capdb_types::ReadMode;
 
 /// Every command name the server knows, lowercase (aliases resolve to their canonical name).
 pub const COMMAND_NAMES: &[&str] = &[
@@ -372,7 +371,7 @@ fn check_kv(key: &[u8], value: Option<&[u8]>, value_max: usize) -> Result<(), St
 /// connection (default ONE for both; QUORUM for both reads your writes). Without a level it reports them; without READ or
 /// WRITE it sets both.
 fn consistency(conn: &mut Connection, args: &[Bytes]) -> Result<(), String> {
-    use capdb_replication::ap::Level;
+    use capdb_ap::Level;
     let upper: Vec<String> = args[1..]
         .iter()
         .map(|a| String::from_utf8_lossy(a).to_ascii_uppercase())
@@ -1095,10 +1094,7 @@ async fn info(conn: &Connection, sections: &[Bytes]) -> String {
     if wanted("memory") {
         let used: u64 = keyspaces
             .iter()
-            .filter_map(|k| match &k.store {
-                Store::Memory(m) => Some(m.used_bytes()),
-                _ => None,
-            })
+            .filter_map(|k| k.memory().map(|m| m.used_bytes))
             .sum();
         let max: u64 = keyspaces
             .iter()
@@ -1123,15 +1119,9 @@ async fn info(conn: &Connection, sections: &[Bytes]) -> String {
     if wanted("stats") {
         let (mut expired, mut evicted) = (0, 0);
         for k in &keyspaces {
-            if let Store::Memory(m) = &k.store {
-                expired += m
-                    .stats()
-                    .expired_keys
-                    .load(std::sync::atomic::Ordering::Relaxed);
-                evicted += m
-                    .stats()
-                    .evicted_keys
-                    .load(std::sync::atomic::Ordering::Relaxed);
+            if let Some(m) = k.memory() {
+                expired += m.expired_keys;
+                evicted += m.evicted_keys;
             }
         }
         let _ = write!(

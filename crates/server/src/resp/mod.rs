@@ -6,7 +6,7 @@
 //! TcpListener (serve)            one task per connection, holding one of `connections_max` permits
 //!   -> Connection::run           read into a buffer, parse every complete command (parse.rs)
 //!   -> Connection::execute       dispatch by name (commands.rs); replies go to ReplyWriter (reply.rs)
-//!   -> consecutive writes to one keyspace are gathered into one Store::apply call (one group
+//!   -> consecutive writes to one keyspace are gathered into one Keyspace::apply call (one group
 //!      commit for a whole pipeline), then every reply is written in order and flushed once
 //! ```
 //!

@@ -3,9 +3,9 @@
 
 use std::sync::Arc;
 
-use capdb_replication::log_store::LogStore;
-use capdb_replication::state_machine::{Kind, StateMachine};
-use capdb_replication::types::TypeConfig;
+use capdb_raft::command::TypeConfig;
+use capdb_raft::log_store::LogStore;
+use capdb_raft::state_machine::{Kind, StateMachine};
 use capdb_storage::disk::DiskEngine;
 use capdb_types::Hlc;
 use openraft::StorageError;

@@ -24,7 +24,7 @@ use super::messages::ApRequest;
 
 pub const HINTS_MAX_PER_TARGET: u64 = 200_000;
 const DELIVER_BATCH: u64 = 512;
-const MARKER_PREFIX: &str = "ap-hints/";
+use capdb_storage::layout::HINT_MARKER_PREFIX as MARKER_PREFIX;
 
 #[derive(Serialize, Deserialize)]
 struct HintRecord {
@@ -50,7 +50,7 @@ pub struct Hints {
 }
 
 fn table(target: NodeId) -> String {
-    format!("hints/{target}")
+    capdb_storage::layout::hint_table(target)
 }
 
 impl Hints {

@@ -198,7 +198,7 @@ fn encode<T: Serialize>(v: &T) -> Vec<u8> {
 impl SessionTable {
     /// The `_meta` prefix under which a group's sessions live.
     pub fn prefix_of(group: GroupId) -> String {
-        format!("raft/{group}/session/")
+        capdb_storage::layout::raft_sessions_prefix(group)
     }
 
     /// An empty table for `group`.

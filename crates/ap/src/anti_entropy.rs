@@ -2,7 +2,7 @@
 //! background, under a bandwidth budget; and the reconciliation report.
 //!
 //! For each shard and each pair of its replicas, the lower-id replica runs a session:
-//! 1. both sides hash their keys of the shard into [`BUCKETS`](super::local::BUCKETS) buckets
+//! 1. both sides hash their keys of the shard into [`BUCKETS`](super::replica::BUCKETS) buckets
 //!    (the leaves of a one-level Merkle tree: 8 KiB per shard on the wire);
 //! 2. for the buckets that differ, both sides list (key, version fingerprint);
 //! 3. only the keys whose fingerprints differ travel, each way, and merge on arrival.
@@ -29,8 +29,8 @@ use capdb_types::{Error, Mode, Result, Value};
 use serde::Serialize;
 use serde_json::json;
 
-use super::local::{digest, fingerprints};
 use super::messages::{ApRequest, ApResponse};
+use super::replica::{digest, fingerprints};
 use super::{Ap, MERGE_BATCH_KEYS, REPLICA_TIMEOUT};
 
 /// Episodes remembered per keyspace.
@@ -239,6 +239,7 @@ struct Session {
 
 async fn session(ap: &Arc<Ap>, ks: &str, shard: &ShardInfo, peer: NodeId) -> Result<Session> {
     let remote = |e: String| Error::Unavailable(format!("anti-entropy with node {peer}: {e}"));
+    let failed = |e: super::CallError| remote(e.to_string());
     // Versions younger than a replica round trip may still be on their way; the next pass
     // compares them.
     // Taken from the HLC, which versions are stamped with, so a clock running ahead somewhere
@@ -263,7 +264,7 @@ async fn session(ap: &Arc<Ap>, ks: &str, shard: &ShardInfo, peer: NodeId) -> Res
             Duration::from_secs(30),
         )
         .await
-        .map_err(remote)?
+        .map_err(failed)?
     {
         ApResponse::Digest(d) if d.len() == mine.len() => d,
         other => return Err(remote(format!("unexpected answer {other:?}"))),
@@ -294,7 +295,7 @@ async fn session(ap: &Arc<Ap>, ks: &str, shard: &ShardInfo, peer: NodeId) -> Res
             Duration::from_secs(30),
         )
         .await
-        .map_err(remote)?
+        .map_err(failed)?
     {
         ApResponse::Fingerprints(f) => f.into_iter().collect(),
         other => return Err(remote(format!("unexpected answer {other:?}"))),
@@ -336,7 +337,7 @@ async fn session(ap: &Arc<Ap>, ks: &str, shard: &ShardInfo, peer: NodeId) -> Res
                 REPLICA_TIMEOUT * 5,
             )
             .await
-            .map_err(remote)?
+            .map_err(failed)?
         {
             ApResponse::Values(v) if v.len() == chunk.len() => v,
             other => return Err(remote(format!("unexpected answer {other:?}"))),
@@ -381,7 +382,7 @@ async fn session(ap: &Arc<Ap>, ks: &str, shard: &ShardInfo, peer: NodeId) -> Res
             REPLICA_TIMEOUT * 5,
         )
         .await
-        .map_err(remote)?;
+        .map_err(failed)?;
     }
     ap.stats.session(ks, compared, repaired, conflicts);
     Ok(Session { in_sync: false })
@@ -417,7 +418,7 @@ async fn collect_tombstones(ap: &Arc<Ap>, ks: &str, shard: &ShardInfo) -> Result
             REPLICA_TIMEOUT * 5,
         )
         .await
-        .map_err(Error::Unavailable)?;
+        .map_err(|e| Error::Unavailable(e.to_string()))?;
     }
     Ok(())
 }

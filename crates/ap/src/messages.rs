@@ -1,8 +1,9 @@
-//! Node-to-node messages of `ap` replication (carried inside `PeerRequest::Ap`).
+//! Node-to-node messages of `ap` replication, on the transport's own `ap` channel.
 
 use bytes::Bytes;
 use capdb_cluster::NodeId;
-use capdb_types::{Timestamp, Value};
+use capdb_transport::{Channel, RpcError, Service};
+use capdb_types::{Error, Timestamp, Value};
 use serde::{Deserialize, Serialize};
 
 /// How many replicas must answer, per request (reads and writes choose separately).
@@ -124,4 +125,28 @@ pub enum ApResponse {
     Fingerprints(Vec<(Bytes, u64)>),
     Page(Vec<(Bytes, Value)>, Option<Bytes>),
     Stats(String),
+}
+
+/// The `ap` channel: a replica answers with its response or the typed error that refused it.
+pub struct ApService;
+
+impl Service for ApService {
+    const CHANNEL: Channel = Channel::Ap;
+    type Request = ApRequest;
+    type Response = Result<ApResponse, Error>;
+}
+
+/// Why a call to a replica failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CallError {
+    /// The replica answered with an error: the request was refused and had no effect there.
+    #[error(transparent)]
+    Refused(Error),
+    /// No answer (unreachable, timed out, blocked): the request may or may not have been
+    /// executed by the replica.
+    #[error(transparent)]
+    Transport(RpcError),
+    /// The node is not in the cluster map this node has: nothing was sent.
+    #[error("node {0} is not in the cluster map")]
+    NotInMap(NodeId),
 }

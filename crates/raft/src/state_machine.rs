@@ -34,12 +34,12 @@ use openraft::{EntryPayload, OptionalSend};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use crate::command::{
+    LogId, Request, Response, Snapshot, SnapshotData, SnapshotMeta, StoredMembership, TypeConfig,
+};
 use crate::io;
 use crate::log_store::meta_key;
 use crate::sessions::{Decision, RequestId, SessionTable, row};
-use crate::types::{
-    LogId, Request, Response, Snapshot, SnapshotData, SnapshotMeta, StoredMembership, TypeConfig,
-};
 
 /// What a group's state machine holds.
 #[derive(Clone)]

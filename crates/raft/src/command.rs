@@ -1,5 +1,5 @@
 //! The Raft type configuration shared by every group (data shards and the meta group), and the
-//! commands their logs carry.
+//! commands their logs carry ([`Request`]) with what applying one answers ([`Response`]).
 
 use std::fmt;
 
@@ -25,7 +25,6 @@ openraft::declare_raft_types!(
         AsyncRuntime = openraft_rt_tokio::TokioRuntime,
 );
 
-pub type Raft = openraft::Raft<TypeConfig, crate::state_machine::StateMachine>;
 pub type LogId = openraft::alias::LogIdOf<TypeConfig>;
 pub type Vote = openraft::alias::VoteOf<TypeConfig>;
 pub type Entry = openraft::alias::EntryOf<TypeConfig>;

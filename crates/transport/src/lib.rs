@@ -1,10 +1,22 @@
-//! Node-to-node RPC: request/response over one multiplexed TCP connection per peer.
+//! Node-to-node transport: request/response over TCP, one multiplexed connection per peer and
+//! *service*.
+//!
+//! A service ([`Service`]) is a typed pair of request and response messages with its own
+//! [`Channel`]: Raft traffic, snapshots, forwarded client requests, leaderless (`ap`)
+//! replication, node administration. Each channel has its own connection to a peer, so a
+//! heartbeat never queues behind a 100 MiB snapshot or an anti-entropy stream, and each service
+//! is served by its own [`Handler`]: no service's messages pass through another's code.
+//!
+//! This crate knows frames, connections, bounds and the peer filter. It must not depend on
+//! Raft, on storage, or on any service's messages (services depend on it, never the reverse).
 //!
 //! # Wire format
 //!
-//! Every frame is `[u32 length][u64 request id][u64 sender node id][payload]` (little-endian),
-//! where the payload is the request or response encoded with `postcard`. Responses carry the id
-//! of their request, so many requests share one connection and complete out of order.
+//! A connection opens with a hello: `b"cpdb"`, a protocol version byte and the channel byte.
+//! Then every frame is `[u32 length][u64 request id][u64 sender node id][payload]`
+//! (little-endian), where the payload is the request or response encoded with `postcard`.
+//! Responses carry the id of their request, so many requests share one connection and complete
+//! out of order.
 //!
 //! Why not gRPC: openraft's types are serde already, a frame codec is ~300 lines, and tonic +
 //! prost would add ~40 crates and a code generator to every build (see ARCHITECTURE.md).
@@ -12,10 +24,12 @@
 //! # Bounds and failure
 //!
 //! - Frames larger than [`FRAME_BYTES_MAX`] are refused by both sides (the connection closes).
-//! - Each client peer queues at most [`PEER_QUEUE_MAX`] requests; a full queue fails the call
-//!   at once (`Overloaded`) rather than growing memory.
+//! - Each client peer queues at most [`PEER_QUEUE_MAX`] requests per service; a full queue
+//!   fails the call at once (`Overloaded`) rather than growing memory.
 //! - The server runs at most [`INFLIGHT_PER_CONNECTION_MAX`] requests per connection at once;
 //!   further frames wait (TCP backpressure).
+//! - A connection that does not say hello within [`HELLO_TIMEOUT`], or names a channel this
+//!   node does not serve, is closed.
 //! - Every call has a deadline. A broken connection fails every request in flight on it with
 //!   `Unreachable` and is re-established by the next call (with backoff).
 //! - A [`PeerFilter`] lets an operator cut this node off from chosen peers (both directions)
@@ -23,6 +37,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::marker::PhantomData;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -41,9 +56,57 @@ pub const INFLIGHT_PER_CONNECTION_MAX: usize = 1_024;
 /// Time to establish a connection.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 
+/// Time a new connection has to say hello before the server closes it.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+
 const HEADER_LEN: usize = 16;
+const HELLO_MAGIC: &[u8; 4] = b"cpdb";
+const PROTOCOL_VERSION: u8 = 1;
 
 pub use capdb_cluster::NodeId;
+
+/// The services nodes speak to each other, one connection per peer each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Channel {
+    /// Raft's own messages: append entries (and heartbeats), votes, leader transfers.
+    Raft = 1,
+    /// Raft snapshots (one frame of up to [`FRAME_BYTES_MAX`]), kept off the Raft channel.
+    Snapshot = 2,
+    /// Client requests forwarded to a Raft group's leader (or replica), and meta commands.
+    Forward = 3,
+    /// Leaderless (`ap`) replication: writes, reads, hints, anti-entropy, probes.
+    Ap = 4,
+    /// Node administration: status, simulated partitions.
+    Admin = 5,
+}
+
+impl Channel {
+    fn from_byte(b: u8) -> Option<Channel> {
+        [
+            Channel::Raft,
+            Channel::Snapshot,
+            Channel::Forward,
+            Channel::Ap,
+            Channel::Admin,
+        ]
+        .into_iter()
+        .find(|c| *c as u8 == b)
+    }
+}
+
+/// A typed request/response protocol on its own [`Channel`].
+pub trait Service: 'static {
+    const CHANNEL: Channel;
+    type Request: Serialize + DeserializeOwned + Send + 'static;
+    type Response: Serialize + DeserializeOwned + Send + 'static;
+}
+
+/// Serves one service's requests arriving from peers.
+pub trait Handler<S: Service>: Send + Sync + 'static {
+    fn handle(&self, from: NodeId, request: S::Request)
+    -> impl Future<Output = S::Response> + Send;
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RpcError {
@@ -137,15 +200,15 @@ struct Outgoing<Req, Resp> {
 
 type Pending<Resp> = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Resp, RpcError>>>>>;
 
-/// The client side of the connection to one peer. Cheap to clone.
-pub struct Peer<Req, Resp> {
+/// The client side of the connection to one peer for service `S`. Cheap to clone.
+pub struct Peer<S: Service> {
     addr: String,
     node: NodeId,
-    queue: mpsc::Sender<Outgoing<Req, Resp>>,
+    queue: mpsc::Sender<Outgoing<S::Request, S::Response>>,
     filter: PeerFilter,
 }
 
-impl<Req, Resp> Clone for Peer<Req, Resp> {
+impl<S: Service> Clone for Peer<S> {
     fn clone(&self) -> Self {
         Peer {
             addr: self.addr.clone(),
@@ -156,16 +219,17 @@ impl<Req, Resp> Clone for Peer<Req, Resp> {
     }
 }
 
-impl<Req, Resp> Peer<Req, Resp>
-where
-    Req: Serialize + Send + 'static,
-    Resp: DeserializeOwned + Send + 'static,
-{
+impl<S: Service> Peer<S> {
     /// A peer at `addr` (node id `node`), talking as `me`. The connection is opened lazily and
     /// re-opened after failures; the background task ends when every handle is dropped.
     pub fn new(me: NodeId, node: NodeId, addr: String, filter: PeerFilter) -> Self {
         let (tx, rx) = mpsc::channel(PEER_QUEUE_MAX);
-        tokio::spawn(peer_task::<Req, Resp>(me, addr.clone(), rx));
+        tokio::spawn(peer_task::<S::Request, S::Response>(
+            me,
+            S::CHANNEL,
+            addr.clone(),
+            rx,
+        ));
         Peer {
             addr,
             node,
@@ -179,7 +243,11 @@ where
     }
 
     /// Sends `request` and waits for the answer, at most `deadline`.
-    pub async fn call(&self, request: Req, deadline: Duration) -> Result<Resp, RpcError> {
+    pub async fn call(
+        &self,
+        request: S::Request,
+        deadline: Duration,
+    ) -> Result<S::Response, RpcError> {
         if self.filter.is_blocked(self.node) {
             return Err(RpcError::Blocked(self.addr.clone()));
         }
@@ -206,8 +274,12 @@ where
     }
 }
 
-async fn peer_task<Req, Resp>(me: NodeId, addr: String, mut rx: mpsc::Receiver<Outgoing<Req, Resp>>)
-where
+async fn peer_task<Req, Resp>(
+    me: NodeId,
+    channel: Channel,
+    addr: String,
+    mut rx: mpsc::Receiver<Outgoing<Req, Resp>>,
+) where
     Req: Serialize + Send + 'static,
     Resp: DeserializeOwned + Send + 'static,
 {
@@ -257,6 +329,24 @@ where
         backoff = Duration::from_millis(20);
         let _ = stream.set_nodelay(true);
         let (read_half, write_half) = stream.into_split();
+        let mut w = BufWriter::new(write_half);
+        // The hello is flushed with the first request.
+        let hello = [
+            HELLO_MAGIC[0],
+            HELLO_MAGIC[1],
+            HELLO_MAGIC[2],
+            HELLO_MAGIC[3],
+            PROTOCOL_VERSION,
+            channel as u8,
+        ];
+        if w.write_all(&hello).await.is_err() {
+            fail_queued(&mut first, &mut rx, &addr, "hello not sent");
+            match rx.recv().await {
+                Some(o) => first = Some(o),
+                None => return,
+            }
+            continue;
+        }
         let pending: Pending<Resp> = Arc::default();
         let (dead_tx, mut dead_rx) = watch::channel(false);
         let reader_pending = pending.clone();
@@ -289,7 +379,6 @@ where
                 let _ = tx.send(Err(RpcError::Unreachable(reader_addr.clone(), why.clone())));
             }
         });
-        let mut w = BufWriter::new(write_half);
         let broken = loop {
             let out = match first.take() {
                 Some(o) => o,
@@ -362,22 +451,72 @@ fn fail_queued<Req, Resp>(
     }
 }
 
-/// Handles requests arriving from peers.
-pub trait Handler<Req, Resp>: Send + Sync + 'static {
-    fn handle(&self, from: NodeId, request: Req) -> impl Future<Output = Resp> + Send;
+type Served = Pin<Box<dyn Future<Output = Option<Vec<u8>>> + Send>>;
+
+/// One service's handler with its types erased: decodes a request, serves it, encodes the
+/// answer frame.
+trait ErasedHandler: Send + Sync {
+    fn serve(&self, from: NodeId, id: u64, payload: &[u8]) -> Result<Served, String>;
 }
 
-/// Serves peer requests on `listener` until `shutdown` flips.
-pub async fn serve<Req, Resp, H>(
-    listener: TcpListener,
+struct Typed<S, H> {
     handler: Arc<H>,
+    _service: PhantomData<fn() -> S>,
+}
+
+impl<S: Service, H: Handler<S>> ErasedHandler for Typed<S, H> {
+    fn serve(&self, from: NodeId, id: u64, payload: &[u8]) -> Result<Served, String> {
+        let request = postcard::from_bytes::<S::Request>(payload).map_err(|e| e.to_string())?;
+        let handler = self.handler.clone();
+        Ok(Box::pin(async move {
+            let response = handler.handle(from, request).await;
+            match encode(id, 0, &response) {
+                Ok(frame) => Some(frame),
+                Err(e) => {
+                    tracing::error!(error = %e, channel = ?S::CHANNEL, "cannot encode a peer response");
+                    None
+                }
+            }
+        }))
+    }
+}
+
+/// The services this node serves, by channel.
+#[derive(Default)]
+pub struct Services {
+    handlers: HashMap<Channel, Arc<dyn ErasedHandler>>,
+}
+
+impl Services {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Serves service `S` with `handler`.
+    pub fn with<S: Service, H: Handler<S>>(mut self, handler: Arc<H>) -> Self {
+        let previous = self.handlers.insert(
+            S::CHANNEL,
+            Arc::new(Typed::<S, H> {
+                handler,
+                _service: PhantomData,
+            }),
+        );
+        assert!(
+            previous.is_none(),
+            "channel {:?} has two services",
+            S::CHANNEL
+        );
+        self
+    }
+}
+
+/// Serves peer connections on `listener` until `shutdown` flips.
+pub async fn serve(
+    listener: TcpListener,
+    services: Arc<Services>,
     filter: PeerFilter,
     mut shutdown: watch::Receiver<bool>,
-) where
-    Req: DeserializeOwned + Send + 'static,
-    Resp: Serialize + Send + 'static,
-    H: Handler<Req, Resp>,
-{
+) {
     loop {
         let (stream, _) = tokio::select! {
             biased;
@@ -392,26 +531,48 @@ pub async fn serve<Req, Resp, H>(
             },
         };
         let _ = stream.set_nodelay(true);
-        tokio::spawn(serve_connection::<Req, Resp, H>(
+        tokio::spawn(serve_connection(
             stream,
-            handler.clone(),
+            services.clone(),
             filter.clone(),
             shutdown.clone(),
         ));
     }
 }
 
-async fn serve_connection<Req, Resp, H>(
+/// Reads the hello and returns the service it names.
+async fn read_hello(
+    r: &mut BufReader<tokio::net::tcp::OwnedReadHalf>,
+    services: &Services,
+) -> Result<Arc<dyn ErasedHandler>, String> {
+    let mut hello = [0u8; 6];
+    tokio::time::timeout(HELLO_TIMEOUT, r.read_exact(&mut hello))
+        .await
+        .map_err(|_| "no hello in time".to_string())?
+        .map_err(|e| e.to_string())?;
+    if &hello[0..4] != HELLO_MAGIC || hello[4] != PROTOCOL_VERSION {
+        return Err(format!("not a capdb peer hello: {hello:?}"));
+    }
+    Channel::from_byte(hello[5])
+        .and_then(|c| services.handlers.get(&c).cloned())
+        .ok_or_else(|| format!("no service on channel {}", hello[5]))
+}
+
+async fn serve_connection(
     stream: TcpStream,
-    handler: Arc<H>,
+    services: Arc<Services>,
     filter: PeerFilter,
     mut shutdown: watch::Receiver<bool>,
-) where
-    Req: DeserializeOwned + Send + 'static,
-    Resp: Serialize + Send + 'static,
-    H: Handler<Req, Resp>,
-{
+) {
     let (read_half, write_half) = stream.into_split();
+    let mut r = BufReader::new(read_half);
+    let handler = match read_hello(&mut r, &services).await {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::debug!(error = %e, "peer connection refused");
+            return;
+        }
+    };
     let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(INFLIGHT_PER_CONNECTION_MAX);
     let writer = tokio::spawn(async move {
         let mut w = BufWriter::new(write_half);
@@ -425,7 +586,6 @@ async fn serve_connection<Req, Resp, H>(
         }
     });
     let permits = Arc::new(Semaphore::new(INFLIGHT_PER_CONNECTION_MAX));
-    let mut r = BufReader::new(read_half);
     loop {
         let frame = tokio::select! {
             biased;
@@ -443,8 +603,8 @@ async fn serve_connection<Req, Resp, H>(
         if filter.is_blocked(from) {
             continue; // a simulated partition drops the request; the caller times out
         }
-        let request = match postcard::from_bytes::<Req>(&payload) {
-            Ok(r) => r,
+        let served = match handler.serve(from, id, &payload) {
+            Ok(s) => s,
             Err(e) => {
                 tracing::warn!(error = %e, from, "undecodable peer request; closing the connection");
                 break;
@@ -453,18 +613,15 @@ async fn serve_connection<Req, Resp, H>(
         let Ok(permit) = permits.clone().acquire_owned().await else {
             break;
         };
-        let (handler, out_tx, filter) = (handler.clone(), out_tx.clone(), filter.clone());
+        let (out_tx, filter) = (out_tx.clone(), filter.clone());
         tokio::spawn(async move {
-            let response = handler.handle(from, request).await;
+            let frame = served.await;
             drop(permit);
             if filter.is_blocked(from) {
                 return;
             }
-            match encode(id, 0, &response) {
-                Ok(frame) => {
-                    let _ = out_tx.send(frame).await;
-                }
-                Err(e) => tracing::error!(error = %e, "cannot encode a peer response"),
+            if let Some(frame) = frame {
+                let _ = out_tx.send(frame).await;
             }
         });
     }
@@ -472,25 +629,19 @@ async fn serve_connection<Req, Resp, H>(
     let _ = writer.await;
 }
 
-/// A registry of peers by node id, created on first use.
-pub struct Peers<Req, Resp> {
+/// The peers of service `S` by node id, each connected on first use.
+pub struct Peers<S: Service> {
     me: NodeId,
     filter: PeerFilter,
-    peers: Mutex<HashMap<NodeId, Peer<Req, Resp>>>,
-    _types: PhantomData<fn(Req) -> Resp>,
+    peers: Mutex<HashMap<NodeId, Peer<S>>>,
 }
 
-impl<Req, Resp> Peers<Req, Resp>
-where
-    Req: Serialize + Send + 'static,
-    Resp: DeserializeOwned + Send + 'static,
-{
+impl<S: Service> Peers<S> {
     pub fn new(me: NodeId, filter: PeerFilter) -> Self {
         Peers {
             me,
             filter,
             peers: Mutex::default(),
-            _types: PhantomData,
         }
     }
 
@@ -503,7 +654,7 @@ where
     }
 
     /// The peer `node` at `addr` (re-created if its address changed).
-    pub fn get(&self, node: NodeId, addr: &str) -> Peer<Req, Resp> {
+    pub fn get(&self, node: NodeId, addr: &str) -> Peer<S> {
         let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(p) = peers.get(&node)
             && p.addr == addr

@@ -25,16 +25,10 @@ use capdb_storage::disk::DiskEngine;
 use openraft::OptionalSend;
 use openraft::storage::{IOFlushed, LogState, RaftLogReader, RaftLogStorage};
 
+use crate::command::{Entry, LogId, TypeConfig, Vote};
 use crate::io;
-use crate::types::{Entry, LogId, TypeConfig, Vote};
 
-pub(crate) fn meta_key(group: GroupId, what: &str) -> String {
-    format!("raft/{group}/{what}")
-}
-
-pub(crate) fn log_table(group: GroupId) -> String {
-    format!("raftlog/{group}")
-}
+pub(crate) use capdb_storage::layout::{raft_log_table as log_table, raft_meta_key as meta_key};
 
 struct Mem {
     /// Appended entries not yet known to be durable, by index.

@@ -23,12 +23,27 @@
 //! DEL's count) read at the write's level, compute the new version at the coordinator and
 //! write it: they are not atomic against concurrent writers (last writer wins), as in other
 //! leaderless stores. The README documents this.
+//!
+//! # Boundaries
+//!
+//! This crate speaks to other nodes over its own transport channel ([`ApService`]) and stores
+//! into the node's storage engine. It must not depend on Raft (`capdb-raft`) or on the node and
+//! front-end layers: an `ap` request never passes through a Raft room, and `ap` keeps working
+//! on both sides of a partition whatever the meta group can do.
+//!
+//! # Layout
+//!
+//! - this file: the coordinator (writes, reads, counters, scans, FLUSHDB).
+//! - [`replica`]: what a replica does with requests addressed to it.
+//! - [`messages`]: the `ap` channel's messages and [`Level`].
+//! - [`hints`], [`anti_entropy`], [`detector`]: hinted handoff, background repair, failure
+//!   detection.
 
 pub mod anti_entropy;
 pub mod detector;
 pub mod hints;
-pub mod local;
 pub mod messages;
+pub mod replica;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -42,9 +57,9 @@ use capdb_types::mutation::Condition;
 use capdb_types::{Effect, Error, Hlc, KeyspaceName, Mutation, Reply, Result, Value};
 use tokio::sync::{mpsc, oneshot, watch};
 
-pub use messages::{ApRequest, ApResponse, Level};
+pub use messages::{ApRequest, ApResponse, ApService, CallError, Level};
 
-use crate::network::{PeerPool, PeerRequest, PeerResponse};
+use capdb_transport::{Handler, PeerFilter, Peers};
 
 /// How long a coordinator waits for replicas before answering with what it has.
 pub const REPLICA_TIMEOUT: Duration = Duration::from_secs(2);
@@ -81,7 +96,7 @@ pub struct Ap {
     me: NodeId,
     engine: DiskEngine,
     hlc: Arc<Hlc>,
-    peers: Arc<PeerPool>,
+    peers: Peers<ApService>,
     cluster: watch::Receiver<Arc<ClusterState>>,
     config: ApConfig,
     detector: detector::Detector,
@@ -92,18 +107,15 @@ pub struct Ap {
     stop: watch::Sender<bool>,
 }
 
-/// The local table of an `ap` keyspace (one per keyspace per node; it holds the keys of every
-/// shard this node replicates).
-pub fn table_name(keyspace: &str) -> String {
-    format!("ks/{keyspace}")
-}
+/// The local table of an `ap` keyspace (see [`capdb_storage::layout::ap_table`]).
+pub use capdb_storage::layout::ap_table as table_name;
 
 impl Ap {
     pub fn start(
         me: NodeId,
         engine: DiskEngine,
         hlc: Arc<Hlc>,
-        peers: Arc<PeerPool>,
+        filter: PeerFilter,
         cluster: watch::Receiver<Arc<ClusterState>>,
         config: ApConfig,
     ) -> Arc<Ap> {
@@ -113,7 +125,7 @@ impl Ap {
             hints: hints::Hints::open(engine.clone(), config.hint_max_age),
             engine,
             hlc,
-            peers,
+            peers: Peers::new(me, filter),
             cluster,
             config,
             detector: detector::Detector::new(me),
@@ -169,25 +181,24 @@ impl Ap {
         node: NodeId,
         request: ApRequest,
         timeout: Duration,
-    ) -> std::result::Result<ApResponse, String> {
+    ) -> std::result::Result<ApResponse, CallError> {
         if node == self.me {
-            return self.handle(request).await.map_err(|e| e.to_string());
+            return self.handle(request).await.map_err(CallError::Refused);
         }
         let addr = match self.state().nodes.get(&node) {
             Some(n) => n.peer_addr.clone(),
-            None => return Err(format!("node {node} is not in the cluster map")),
+            None => return Err(CallError::NotInMap(node)),
         };
         let peer = self.peers.get(node, &addr);
-        match peer.call(PeerRequest::Ap(request), timeout).await {
-            Ok(PeerResponse::Ap(r)) => r,
-            Ok(other) => Err(format!("unexpected answer {other:?}")),
-            Err(e) => Err(e.to_string()),
+        match peer.call(request, timeout).await {
+            Ok(r) => r.map_err(CallError::Refused),
+            Err(e) => Err(CallError::Transport(e)),
         }
     }
 
     /// Serves a request from another node (or from this node's own coordinator).
     pub async fn handle(self: &Arc<Self>, request: ApRequest) -> Result<ApResponse> {
-        local::handle(self, request).await
+        replica::handle(self, request).await
     }
 
     // ------------------------------------------------------------------ coordinator: writes
@@ -228,6 +239,11 @@ impl Ap {
                 ))
             };
         }
+        assert!(
+            required <= replicas.len(),
+            "a required level ({required}) never exceeds the replica count ({})",
+            replicas.len()
+        );
         // What each replica's share became: stored on the replica, stored as a hint on a
         // stand-in that counts toward the level, or neither.
         let (tx, mut rx) = mpsc::channel::<Option<NodeId>>(replicas.len().max(1));
@@ -251,7 +267,7 @@ impl Ap {
                         .await
                         .is_ok();
                 let counts = if delivered {
-                    Some(r)
+                    counted_holder(Delivery::Stored, r, level, &replicas)
                 } else {
                     // The replica's share goes to a healthy stand-in, handed off later.
                     let holder = ap.hint_holder(&replicas, r);
@@ -267,8 +283,12 @@ impl Ap {
                         )
                         .await
                         .is_ok();
-                    // A sloppy quorum counts a stand-in that is not itself a replica.
-                    (stored && level != Level::All && !replicas.contains(&holder)).then_some(holder)
+                    let delivery = if stored {
+                        Delivery::Hinted
+                    } else {
+                        Delivery::Lost
+                    };
+                    counted_holder(delivery, holder, level, &replicas)
                 };
                 let _ = tx.send(counts).await;
             });
@@ -659,8 +679,7 @@ impl Ap {
             }
             Ok(other) => Err(Error::Io(format!("unexpected answer {other:?}"))),
             // A definite refusal (not an integer, overflow) is final.
-            Err(e) if e.contains("not an integer") => Err(Error::NotAnInteger),
-            Err(e) if e.contains("overflow") => Err(Error::Overflow),
+            Err(CallError::Refused(e @ (Error::NotAnInteger | Error::Overflow))) => Err(e),
             Err(e) => Err(Error::OutcomeUnknown(format!(
                 "the increment's outcome is unknown ({e}); it may have been counted: read before retrying"
             ))),
@@ -698,7 +717,7 @@ impl Ap {
             match self.call(node, req, REPLICA_TIMEOUT).await {
                 Ok(ApResponse::Page(entries, next)) => return Ok((entries, next)),
                 Ok(other) => last_err = format!("unexpected answer {other:?}"),
-                Err(e) => last_err = e,
+                Err(e) => last_err = e.to_string(),
             }
         }
         Err(Error::Unavailable(format!(
@@ -767,4 +786,101 @@ fn merge_replies(replies: &[(NodeId, Vec<Option<Value>>)], n: usize) -> Vec<Opti
             )
         })
         .collect()
+}
+
+/// What happened to one replica's share of a write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Delivery {
+    /// Stored on the replica itself.
+    Stored,
+    /// Stored as a hint on a stand-in node, to be handed off later.
+    Hinted,
+    /// Neither.
+    Lost,
+}
+
+/// The node a share counts as held by toward the write's level, if any: the replica when it
+/// stored it; a stand-in holding a hint under a sloppy quorum (`one`, `quorum`), unless the
+/// stand-in is itself a replica (it then counts once, for its own share); nobody under `all`,
+/// which only counts replicas.
+fn counted_holder(
+    delivery: Delivery,
+    holder: NodeId,
+    level: Level,
+    replicas: &[NodeId],
+) -> Option<NodeId> {
+    match delivery {
+        Delivery::Stored => Some(holder),
+        Delivery::Hinted => (level != Level::All && !replicas.contains(&holder)).then_some(holder),
+        Delivery::Lost => None,
+    }
+}
+
+/// Serves the `ap` channel: requests from other nodes' coordinators.
+pub struct ApHandler(pub Arc<Ap>);
+
+impl Handler<ApService> for ApHandler {
+    async fn handle(&self, _from: NodeId, request: ApRequest) -> Result<ApResponse> {
+        self.0.handle(request).await
+    }
+}
+
+#[cfg(test)]
+mod level_counting {
+    use super::{Delivery, Level, counted_holder};
+
+    const REPLICAS: [u64; 3] = [1, 2, 3];
+
+    #[test]
+    fn a_replica_that_stored_its_share_counts_at_every_level() {
+        for level in [Level::One, Level::Quorum, Level::All] {
+            assert_eq!(
+                counted_holder(Delivery::Stored, 2, level, &REPLICAS),
+                Some(2)
+            );
+        }
+    }
+
+    #[test]
+    fn a_hint_on_a_stand_in_counts_for_one_and_quorum_but_never_for_all() {
+        assert_eq!(
+            counted_holder(Delivery::Hinted, 4, Level::One, &REPLICAS),
+            Some(4)
+        );
+        assert_eq!(
+            counted_holder(Delivery::Hinted, 4, Level::Quorum, &REPLICAS),
+            Some(4)
+        );
+        assert_eq!(
+            counted_holder(Delivery::Hinted, 4, Level::All, &REPLICAS),
+            None
+        );
+    }
+
+    #[test]
+    fn a_hint_kept_by_another_replica_does_not_count_that_replica_twice() {
+        assert_eq!(
+            counted_holder(Delivery::Hinted, 3, Level::One, &REPLICAS),
+            None
+        );
+    }
+
+    #[test]
+    fn a_lost_share_counts_for_nobody() {
+        assert_eq!(
+            counted_holder(Delivery::Lost, 2, Level::One, &REPLICAS),
+            None
+        );
+    }
+
+    #[test]
+    fn levels_require_one_a_majority_or_every_replica() {
+        assert_eq!(Level::One.required(3), 1);
+        assert_eq!(Level::Quorum.required(3), 2);
+        assert_eq!(Level::Quorum.required(4), 3);
+        assert_eq!(Level::All.required(3), 3);
+        // Never more than there are replicas, never zero for a shard with replicas.
+        assert_eq!(Level::All.required(0), 1);
+        assert_eq!(Level::Quorum.required(1), 1);
+    }
 }

@@ -1,0 +1,397 @@
+//! The Raft groups of one node, and everything that routes requests to them.
+//!
+//! # What runs where
+//!
+//! - Every node runs the **meta group** (group 0): a voter on the first three nodes of the map,
+//!   a learner elsewhere. Its state machine publishes the [`ClusterState`] ([`meta`]).
+//! - A node runs a **data group** for each `cp` shard whose `replicas` include it. The initial
+//!   replicas of a new shard bootstrap it (all with the same membership, which openraft allows);
+//!   replicas added later start empty and are brought in by the group's leader.
+//! - [`Groups::follow_map`] (called by the node's control loop on every map change and twice a
+//!   second) starts and stops local groups, and on groups this node leads, moves the Raft
+//!   membership towards the map's `replicas` ([`membership`]).
+//!
+//! # Rooms
+//!
+//! - this file: the set of groups (start, stop, drop, status) and the addresses of peers;
+//! - [`route`]: the one leader-routing loop every request uses, and writes;
+//! - [`read`]: ReadIndex barriers and reads, scans, counts;
+//! - [`membership`]: following the map (start/stop groups, membership changes);
+//! - [`meta`]: proposing to the meta group, watching the map it publishes;
+//! - [`peer`]: serving peers' Raft, snapshot and forwarded requests.
+
+pub mod membership;
+pub mod meta;
+pub mod peer;
+pub mod read;
+pub mod route;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use capdb_cluster::{ClusterState, GroupId, META_GROUP, NodeId, placement};
+use capdb_storage::disk::DiskEngine;
+use capdb_storage::layout;
+use capdb_transport::{PeerFilter, Peers};
+use capdb_types::{Error, Hlc};
+use openraft::ServerState;
+use openraft::async_runtime::WatchReceiver;
+use tokio::sync::watch;
+
+use crate::command::{PeerNode, TypeConfig};
+use crate::log_store::LogStore;
+use crate::messages::{ForwardService, GroupStatus};
+use crate::network::{NetworkFactory, RaftPeers};
+use crate::sessions::RequestIds;
+use crate::state_machine::{Kind, StateMachine};
+
+/// A Raft group of this node.
+pub type Raft = openraft::Raft<TypeConfig, StateMachine>;
+
+/// Longest time a client request waits for a leader before failing with a retryable error.
+pub const REQUEST_DEADLINE: Duration = Duration::from_secs(3);
+/// A learner is "caught up" when it is at most this many entries behind the leader.
+const CATCH_UP_ENTRIES: u64 = 64;
+
+/// Static settings of a node's Raft groups.
+pub struct GroupsConfig {
+    pub me: NodeId,
+    /// The bootstrap voters of the meta group (`--initial-cluster`), or empty when joining.
+    pub initial_cluster: BTreeMap<NodeId, String>,
+    /// Peer addresses of existing members to join through (`--join`).
+    pub join: Vec<String>,
+    pub raft: Arc<openraft::Config>,
+    /// TESTING ONLY (`--debug-unsafe-local-reads`): answer linearizable reads from the local
+    /// replica without a read barrier. Breaks linearizability on purpose.
+    pub unsafe_local_reads: bool,
+    /// TESTING ONLY (`--debug-apply-duplicates`): state machines apply every copy of a retried
+    /// write (exactly-once off), a deliberately broken mode the chaos checker must catch.
+    pub apply_duplicates: bool,
+}
+
+/// Raft timing used by capdb, for failover well under 1.5 s: a follower calls an election
+/// when it has heard nothing for the leader lease (`election_timeout_max`) plus a random
+/// 200-350 ms. Heartbeats every 60 ms keep the lease alive with room for slow fsyncs.
+///
+/// `snapshot_logs`: a group snapshots its state machine after this many log entries and then
+/// purges the log up to the snapshot (keeping a tail for followers that are slightly behind).
+pub fn default_raft_config(snapshot_logs: u64) -> openraft::Config {
+    openraft::Config {
+        cluster_name: "capdb".into(),
+        heartbeat_interval: 60,
+        election_timeout_min: 200,
+        election_timeout_max: 350,
+        install_snapshot_timeout: 60_000,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(snapshot_logs),
+        max_in_snapshot_log_to_keep: (snapshot_logs / 20).min(1_000),
+        purge_batch_size: (snapshot_logs / 80).clamp(1, 256),
+        ..Default::default()
+    }
+}
+
+/// Default of [`default_raft_config`]'s `snapshot_logs`.
+pub const SNAPSHOT_LOGS_DEFAULT: u64 = 20_000;
+
+/// One group: its Raft instance, its log, and the reads waiting for a barrier.
+pub(crate) struct Group {
+    raft: Raft,
+    log: LogStore,
+    /// Linearizable reads waiting for a read barrier (see [`read`]).
+    barrier: Mutex<read::BarrierQueue>,
+}
+
+/// The Raft groups of this node.
+pub struct Groups {
+    me: NodeId,
+    engine: DiskEngine,
+    hlc: Arc<Hlc>,
+    raft_config: Arc<openraft::Config>,
+    filter: PeerFilter,
+    raft_peers: Arc<RaftPeers>,
+    forward_peers: Peers<ForwardService>,
+    join: Vec<String>,
+    groups: RwLock<HashMap<GroupId, Arc<Group>>>,
+    cluster: watch::Receiver<Arc<ClusterState>>,
+    /// The last leader each group's answers pointed to ([`route`]).
+    leader_guesses: Mutex<HashMap<GroupId, NodeId>>,
+    /// Groups whose membership change is in progress (one at a time per group).
+    changing: Mutex<BTreeSet<GroupId>>,
+    stopping: AtomicBool,
+    /// See [`GroupsConfig::unsafe_local_reads`].
+    unsafe_local_reads: bool,
+    /// See [`GroupsConfig::apply_duplicates`].
+    apply_duplicates: bool,
+    /// Stamps this node's writes so that each is applied at most once.
+    ids: Arc<RequestIds>,
+    /// TESTING ONLY (`POST /v1/debug/lose-write-answers`): the next this-many answers to writes
+    /// forwarded to another node's leader are dropped as if the connection broke after the
+    /// leader applied them.
+    lose_write_answers: AtomicU64,
+}
+
+fn unavailable(msg: impl Into<String>) -> Error {
+    Error::Unavailable(msg.into())
+}
+
+impl Groups {
+    /// Starts the meta group (bootstrapping it when this node is in `initial_cluster` and has
+    /// never run). The node's control loop then calls [`Groups::follow_map`].
+    pub async fn start(
+        config: GroupsConfig,
+        engine: DiskEngine,
+        hlc: Arc<Hlc>,
+        filter: PeerFilter,
+    ) -> Result<Arc<Groups>, Error> {
+        let me = config.me;
+        let (tx, rx) = watch::channel(Arc::new(ClusterState::default()));
+        // Founding members outside the meta voters reach the meta leader through the others.
+        let mut join = config.join.clone();
+        if join.is_empty() {
+            join = config
+                .initial_cluster
+                .iter()
+                .filter(|(id, _)| **id != me)
+                .map(|(_, addr)| addr.clone())
+                .collect();
+        }
+        let groups = Arc::new(Groups {
+            me,
+            engine,
+            hlc,
+            raft_config: config.raft.clone(),
+            raft_peers: Arc::new(RaftPeers {
+                raft: Peers::new(me, filter.clone()),
+                snapshot: Peers::new(me, filter.clone()),
+            }),
+            forward_peers: Peers::new(me, filter.clone()),
+            filter,
+            join,
+            groups: RwLock::default(),
+            cluster: rx,
+            leader_guesses: Mutex::default(),
+            changing: Mutex::default(),
+            stopping: AtomicBool::new(false),
+            unsafe_local_reads: config.unsafe_local_reads,
+            apply_duplicates: config.apply_duplicates,
+            ids: RequestIds::new(me),
+            lose_write_answers: AtomicU64::new(0),
+        });
+        let meta = groups
+            .start_group(META_GROUP, Kind::Meta { published: tx })
+            .await?;
+        let pristine = meta
+            .log
+            .is_pristine()
+            .map_err(|e| Error::Io(e.to_string()))?;
+        if pristine && !config.initial_cluster.is_empty() {
+            let voters: BTreeMap<NodeId, PeerNode> = config
+                .initial_cluster
+                .iter()
+                .take(placement::META_VOTERS)
+                .map(|(id, addr)| {
+                    (
+                        *id,
+                        PeerNode {
+                            peer_addr: addr.clone(),
+                        },
+                    )
+                })
+                .collect();
+            if voters.contains_key(&me) {
+                tracing::info!(?voters, "bootstrapping the meta group");
+                if let Err(e) = meta.raft.initialize(voters).await {
+                    tracing::info!(error = %e, "meta group already initialized");
+                }
+            }
+        }
+        Ok(groups)
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.me
+    }
+
+    /// The peers this node refuses to talk to (simulated partitions), shared by every service.
+    pub fn filter(&self) -> &PeerFilter {
+        &self.filter
+    }
+
+    /// Whether [`Groups::shutdown`] has begun.
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
+    }
+
+    fn all(&self) -> Vec<(GroupId, Arc<Group>)> {
+        self.groups
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, v)| (*k, v.clone()))
+            .collect()
+    }
+
+    /// Whether every group this node holds knows a leader and has applied all but at most
+    /// `max_lag` entries of its log.
+    pub fn caught_up(&self, max_lag: u64) -> bool {
+        self.all().iter().all(|(_, g)| {
+            let m = g.raft.metrics().borrow_watched().clone();
+            let applied = m.last_applied.map(|l| l.index).unwrap_or(0);
+            let last = m.last_log_index.unwrap_or(0);
+            m.current_leader.is_some() && last.saturating_sub(applied) <= max_lag
+        })
+    }
+
+    fn group(&self, group: GroupId) -> Option<Arc<Group>> {
+        self.groups
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&group)
+            .cloned()
+    }
+
+    /// Whether this node holds a replica of `group`.
+    pub fn holds(&self, group: GroupId) -> bool {
+        self.group(group).is_some()
+    }
+
+    async fn start_group(&self, group: GroupId, kind: Kind) -> Result<Arc<Group>, Error> {
+        if let Some(g) = self.group(group) {
+            return Ok(g);
+        }
+        let io = |e: std::io::Error| Error::Io(e.to_string());
+        let log = LogStore::open(self.engine.clone(), group).map_err(io)?;
+        let sm = StateMachine::open(self.engine.clone(), group, kind)
+            .map_err(io)?
+            .apply_duplicates(self.apply_duplicates);
+        let network = NetworkFactory {
+            group,
+            peers: self.raft_peers.clone(),
+        };
+        let raft = Raft::new(self.me, self.raft_config.clone(), network, log.clone(), sm)
+            .await
+            .map_err(|e| Error::Io(format!("cannot start group {group}: {e}")))?;
+        let g = Arc::new(Group {
+            raft,
+            log,
+            barrier: Mutex::default(),
+        });
+        let mut groups = self.groups.write().unwrap_or_else(|p| p.into_inner());
+        Ok(groups.entry(group).or_insert(g).clone())
+    }
+
+    /// Stops a data group this node no longer holds and deletes its data.
+    async fn drop_group(&self, group: GroupId) {
+        assert_ne!(group, META_GROUP, "the meta group is never dropped");
+        let g = self
+            .groups
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&group);
+        if let Some(g) = g {
+            tracing::info!(group, "dropping a replica this node no longer holds");
+            let _ = g.raft.shutdown().await;
+            let metas = layout::RAFT_META_RECORDS
+                .iter()
+                .map(|w| layout::raft_meta_key(group, w))
+                .collect();
+            if let Err(e) = self
+                .engine
+                .drop_group(
+                    vec![layout::shard_table(group)],
+                    vec![layout::raft_log_table(group)],
+                    metas,
+                    vec![layout::raft_sessions_prefix(group)],
+                )
+                .await
+            {
+                tracing::warn!(group, error = %e, "could not delete the dropped replica's data");
+            }
+        }
+    }
+
+    /// Stops every group (graceful shutdown). Leaders hand off leadership first when they can.
+    pub async fn shutdown(&self) {
+        self.stopping.store(true, Ordering::Release);
+        let groups = self.all();
+        for (_, g) in &groups {
+            self.transfer_away(&g.raft).await;
+        }
+        for (id, g) in groups {
+            if let Err(e) = g.raft.shutdown().await {
+                tracing::warn!(group = id, error = %e, "group did not shut down cleanly");
+            }
+        }
+    }
+
+    /// If this node leads `raft`, asks a caught-up voter to take over (used before stopping).
+    async fn transfer_away(&self, raft: &Raft) {
+        let m = raft.metrics().borrow_watched().clone();
+        if m.state != ServerState::Leader {
+            return;
+        }
+        let Some(repl) = &m.replication else { return };
+        let last = m.last_log_index.unwrap_or(0);
+        let voters: BTreeSet<NodeId> = m.membership_config.membership().voter_ids().collect();
+        if let Some((&to, _)) = repl
+            .iter()
+            .filter(|(id, _)| **id != self.me && voters.contains(id))
+            .max_by_key(|(_, matched)| matched.map(|l| l.index).unwrap_or(0))
+            .filter(|(_, matched)| matched.map(|l| l.index).unwrap_or(0) + CATCH_UP_ENTRIES >= last)
+        {
+            let _ = raft.trigger().transfer_leader(to).await;
+            let _ = raft
+                .wait(Some(Duration::from_millis(800)))
+                .metrics(|m| m.state != ServerState::Leader, "leadership transferred")
+                .await;
+        }
+    }
+
+    /// Moves leadership of every group this node leads elsewhere (`cluster drain`, preStop).
+    pub async fn step_down_everywhere(&self) {
+        for (_, g) in self.all() {
+            self.transfer_away(&g.raft).await;
+        }
+    }
+
+    /// The peer address of a node: from the map, else from the meta group's membership.
+    fn addr_of(&self, node: NodeId) -> Option<String> {
+        if let Some(n) = self.cluster().nodes.get(&node) {
+            return Some(n.peer_addr.clone());
+        }
+        let meta = self.group(META_GROUP)?;
+        let m = meta.raft.metrics().borrow_watched().clone();
+        m.membership_config
+            .membership()
+            .get_node(&node)
+            .map(|n| n.peer_addr.clone())
+    }
+
+    /// This node's view of its groups, in group order.
+    pub fn status(&self) -> Vec<GroupStatus> {
+        let mut out: Vec<GroupStatus> = self
+            .all()
+            .into_iter()
+            .map(|(group, g)| {
+                let m = g.raft.metrics().borrow_watched().clone();
+                GroupStatus {
+                    group,
+                    leader: m.current_leader,
+                    term: m.current_term,
+                    last_log_index: m.last_log_index,
+                    last_applied: m.last_applied.map(|l| l.index),
+                    voters: m.membership_config.membership().voter_ids().collect(),
+                    learners: m.membership_config.membership().learner_ids().collect(),
+                    replication: m
+                        .replication
+                        .as_ref()
+                        .map(|r| r.iter().map(|(k, v)| (*k, v.map(|l| l.index))).collect())
+                        .unwrap_or_default(),
+                }
+            })
+            .collect();
+        out.sort_by_key(|g| g.group);
+        out
+    }
+}

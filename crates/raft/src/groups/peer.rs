@@ -1,0 +1,131 @@
+//! Serving peers: Raft messages, snapshots, and requests forwarded to this node's groups.
+//! Each is its own transport service, registered by the node.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use capdb_cluster::{GroupId, META_GROUP, NodeId};
+use capdb_storage::ScanRange;
+use capdb_transport::Handler;
+use capdb_types::unix_now_ms;
+use openraft::raft::SnapshotResponse;
+
+use super::Groups;
+use super::route::{HOP_TIMEOUT, relayed};
+use crate::command::{Snapshot, TypeConfig};
+use crate::messages::{
+    ForwardError, ForwardRequest, ForwardResponse, ForwardService, RaftRefusal, RaftRequest,
+    RaftResponse, RaftService, SnapshotRequest, SnapshotService,
+};
+
+/// Serves the Raft, snapshot and forwarding channels with this node's groups.
+#[derive(Clone)]
+pub struct GroupsHandler(pub Arc<Groups>);
+
+impl Handler<RaftService> for GroupsHandler {
+    async fn handle(
+        &self,
+        _from: NodeId,
+        (group, request): (GroupId, RaftRequest),
+    ) -> Result<RaftResponse, RaftRefusal> {
+        let g = self.0.group(group).ok_or(RaftRefusal::NoReplica(group))?;
+        let refused = |e: openraft::errors::RaftError<TypeConfig>| RaftRefusal::Raft(e.to_string());
+        Ok(match request {
+            RaftRequest::AppendEntries(rpc) => {
+                RaftResponse::AppendEntries(g.raft.append_entries(rpc).await.map_err(refused)?)
+            }
+            RaftRequest::Vote(rpc) => RaftResponse::Vote(g.raft.vote(rpc).await.map_err(refused)?),
+            RaftRequest::TransferLeader(req) => RaftResponse::TransferLeader(
+                g.raft
+                    .handle_transfer_leader(req)
+                    .await
+                    .map_err(|e| RaftRefusal::Raft(e.to_string()))?,
+            ),
+        })
+    }
+}
+
+impl Handler<SnapshotService> for GroupsHandler {
+    async fn handle(
+        &self,
+        _from: NodeId,
+        request: SnapshotRequest,
+    ) -> Result<SnapshotResponse<TypeConfig>, RaftRefusal> {
+        let group = request.group;
+        let g = self.0.group(group).ok_or(RaftRefusal::NoReplica(group))?;
+        let snapshot = Snapshot {
+            meta: request.meta,
+            snapshot: std::io::Cursor::new(request.data),
+        };
+        g.raft
+            .install_full_snapshot(request.vote, snapshot)
+            .await
+            .map_err(|e| RaftRefusal::Raft(e.to_string()))
+    }
+}
+
+impl Handler<ForwardService> for GroupsHandler {
+    async fn handle(&self, from: NodeId, request: ForwardRequest) -> ForwardResponse {
+        let groups = &self.0;
+        let deadline = Instant::now() + HOP_TIMEOUT;
+        match request {
+            ForwardRequest::Write { group, request } => {
+                ForwardResponse::Write(groups.serve_write(from, group, request).await)
+            }
+            ForwardRequest::Read { group, keys, mode } => ForwardResponse::Read(
+                groups
+                    .read_local(group, &keys, mode, unix_now_ms(), deadline)
+                    .await,
+            ),
+            ForwardRequest::Scan {
+                group,
+                after,
+                prefix,
+                limit,
+                mode,
+            } => {
+                let range = ScanRange {
+                    after,
+                    end: None,
+                    prefix,
+                };
+                ForwardResponse::Scan(
+                    groups
+                        .scan_local(group, range, limit, mode, unix_now_ms(), deadline)
+                        .await,
+                )
+            }
+            ForwardRequest::Count { group, mode } => {
+                ForwardResponse::Count(groups.count_local(group, mode, deadline).await)
+            }
+        }
+    }
+}
+
+impl Groups {
+    /// A write forwarded by node `from`: proposed here when this node leads the group. A seed
+    /// relays meta writes for nodes that cannot reach the meta leader themselves (joiners).
+    async fn serve_write(
+        &self,
+        from: NodeId,
+        group: GroupId,
+        request: crate::command::Request,
+    ) -> Result<crate::command::Response, ForwardError> {
+        if !self.holds(group) {
+            if group == META_GROUP {
+                // A joining node asks through a seed: forward to the meta leader.
+                return relayed(self.write_via(group, request, false).await);
+            }
+            return Err(ForwardError::UnknownGroup(group));
+        }
+        let deadline = Instant::now() + HOP_TIMEOUT;
+        let local = self.write_local(group, request.clone(), deadline).await;
+        if group == META_GROUP
+            && let Err(ForwardError::NotLeader { .. }) = &local
+            && !self.cluster().nodes.contains_key(&from)
+        {
+            return relayed(self.write_via(group, request, false).await);
+        }
+        local
+    }
+}

@@ -1,0 +1,301 @@
+//! Reads of `cp` groups: ReadIndex barriers, and reads, scans and counts routed like writes.
+//!
+//! Linearizable reads use ReadIndex (`ensure_linearizable(ReadPolicy::ReadIndex)`): the leader
+//! confirms with a quorum heartbeat sent after the read arrived that it still leads, then waits
+//! until its state machine has applied everything committed before the read. This does not
+//! depend on clocks, unlike a leader lease, which is why it is the default. `Stale` reads answer
+//! from the local replica (or any replica) without that round.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use capdb_cluster::{GroupId, NodeId};
+use capdb_storage::layout::shard_table;
+use capdb_storage::{KeyspaceStore, ScanRange};
+use capdb_types::{Error, ReadMode, Value};
+use openraft::ReadPolicy;
+use openraft::errors::{LinearizableReadError, RaftError};
+
+use super::route::{HOP_TIMEOUT, Pick, RouteError};
+use super::{Group, Groups, REQUEST_DEADLINE, unavailable};
+use crate::messages::{ForwardError, ForwardRequest, ForwardResponse, ScanPage};
+
+/// Most linearizable reads of one group waiting for a barrier. Beyond it a read is refused at
+/// once (`-TRYAGAIN`, nothing happened) rather than growing memory; every waiting read is
+/// answered within [`HOP_TIMEOUT`] plus a little, so the queue drains at least that fast.
+pub const BARRIER_WAITING_MAX: usize = 100_000;
+
+/// Linearizable reads waiting for a read barrier of one group.
+#[derive(Default)]
+pub(crate) struct BarrierQueue {
+    running: bool,
+    waiting: Vec<tokio::sync::oneshot::Sender<Result<(), ForwardError>>>,
+}
+
+/// Runs read barriers for `g` while reads are waiting, each serving every read that arrived
+/// before it started.
+async fn run_barriers(group: GroupId, g: Arc<Group>) {
+    loop {
+        let batch = {
+            let mut q = g.barrier.lock().unwrap_or_else(|p| p.into_inner());
+            if q.waiting.is_empty() {
+                q.running = false;
+                return;
+            }
+            std::mem::take(&mut q.waiting)
+        };
+        let result = match tokio::time::timeout(
+            HOP_TIMEOUT,
+            g.raft.ensure_linearizable(ReadPolicy::ReadIndex),
+        )
+        .await
+        {
+            Err(_) => Err(ForwardError::Db(unavailable(format!(
+                "shard group {group}: read barrier timed out (no quorum?)"
+            )))),
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(f)))) => {
+                Err(ForwardError::NotLeader {
+                    leader: f
+                        .leader_id
+                        .map(|id| (id, f.leader_node.map(|n| n.peer_addr).unwrap_or_default())),
+                })
+            }
+            Ok(Err(RaftError::APIError(LinearizableReadError::QuorumNotEnough(q)))) => {
+                Err(ForwardError::Db(unavailable(format!(
+                    "shard group {group}: leader cannot reach a quorum ({q})"
+                ))))
+            }
+            Ok(Err(e)) => Err(ForwardError::Db(unavailable(format!(
+                "shard group {group}: {e}"
+            )))),
+        };
+        for waiter in batch {
+            let _ = waiter.send(result.clone());
+        }
+    }
+}
+
+/// A read's transport failure: reads change nothing, so any failure is simply retried.
+fn read_error(_: Option<capdb_transport::RpcError>) -> ForwardError {
+    ForwardError::NotLeader { leader: None }
+}
+
+fn pick_for(mode: ReadMode) -> Pick {
+    match mode {
+        ReadMode::Linearizable => Pick::Leader,
+        ReadMode::Stale => Pick::AnyReplica,
+    }
+}
+
+fn read_failed(group: GroupId, what: &str, e: RouteError) -> Error {
+    match e {
+        RouteError::Final(e) => e,
+        RouteError::Exhausted { last_err, .. } => unavailable(format!(
+            "shard group {group}: no leader for {what} within {} ms ({last_err}); retry, or read with READONLY for a possibly stale answer",
+            REQUEST_DEADLINE.as_millis()
+        )),
+    }
+}
+
+impl Groups {
+    /// Reads keys of one group. `Linearizable` reads go to the leader (ReadIndex); `Stale`
+    /// reads are served by this node's replica when it has one, else by any replica.
+    pub async fn read(
+        &self,
+        group: GroupId,
+        keys: Vec<Bytes>,
+        mode: ReadMode,
+        now_ms: u64,
+    ) -> Result<Vec<Option<Value>>, Error> {
+        let mode = if self.unsafe_local_reads {
+            ReadMode::Stale
+        } else {
+            mode
+        };
+        let keys = &keys;
+        self.route(group, pick_for(mode), |target, _, deadline| async move {
+            match target {
+                Some(t) if t == self.me => {
+                    self.read_local(group, keys, mode, now_ms, deadline).await
+                }
+                Some(t) => {
+                    let request = ForwardRequest::Read {
+                        group,
+                        keys: keys.clone(),
+                        mode,
+                    };
+                    match self.forward(t, request).await.map_err(read_error)? {
+                        ForwardResponse::Read(r) => r,
+                        other => Err(unexpected(t, other)),
+                    }
+                }
+                None => Err(ForwardError::NotLeader { leader: None }),
+            }
+        })
+        .await
+        .map_err(|e| read_failed(group, "a linearizable read", e))
+    }
+
+    /// One page of a group's keys in order.
+    pub async fn scan(
+        &self,
+        group: GroupId,
+        after: Option<Bytes>,
+        prefix: Option<Bytes>,
+        limit: u32,
+        mode: ReadMode,
+        now_ms: u64,
+    ) -> Result<ScanPage, Error> {
+        let (after, prefix) = (&after, &prefix);
+        self.route(group, pick_for(mode), |target, _, deadline| async move {
+            match target {
+                Some(t) if t == self.me => {
+                    let range = ScanRange {
+                        after: after.clone(),
+                        end: None,
+                        prefix: prefix.clone(),
+                    };
+                    self.scan_local(group, range, limit, mode, now_ms, deadline)
+                        .await
+                }
+                Some(t) => {
+                    let request = ForwardRequest::Scan {
+                        group,
+                        after: after.clone(),
+                        prefix: prefix.clone(),
+                        limit,
+                        mode,
+                    };
+                    match self.forward(t, request).await.map_err(read_error)? {
+                        ForwardResponse::Scan(r) => r,
+                        other => Err(unexpected(t, other)),
+                    }
+                }
+                None => Err(ForwardError::NotLeader { leader: None }),
+            }
+        })
+        .await
+        .map_err(|e| read_failed(group, "a scan", e))
+    }
+
+    /// The number of keys in a group (DBSIZE), read like [`Groups::read`].
+    pub async fn count(&self, group: GroupId, mode: ReadMode) -> Result<u64, Error> {
+        self.route(group, pick_for(mode), |target, _, deadline| async move {
+            match target {
+                Some(t) if t == self.me => self.count_local(group, mode, deadline).await,
+                Some(t) => {
+                    let request = ForwardRequest::Count { group, mode };
+                    match self.forward(t, request).await.map_err(read_error)? {
+                        ForwardResponse::Count(r) => r,
+                        other => Err(unexpected(t, other)),
+                    }
+                }
+                None => Err(ForwardError::NotLeader { leader: None }),
+            }
+        })
+        .await
+        .map_err(|e| read_failed(group, "counting keys", e))
+    }
+
+    /// Confirms this node may serve a linearizable read of `group` now (ReadIndex).
+    ///
+    /// Concurrent reads share barriers: a read joins the queue, and the next barrier to *start*
+    /// serves every read queued before it, so each read is covered by a leadership check that
+    /// began after the read arrived (what linearizability needs), while a burst of reads costs
+    /// a couple of heartbeat rounds instead of one each.
+    async fn read_barrier(
+        &self,
+        group: GroupId,
+        g: &Arc<Group>,
+        deadline: Instant,
+    ) -> Result<(), ForwardError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let start = {
+            let mut q = g.barrier.lock().unwrap_or_else(|p| p.into_inner());
+            if q.waiting.len() >= BARRIER_WAITING_MAX {
+                return Err(ForwardError::Db(unavailable(format!(
+                    "shard group {group}: {BARRIER_WAITING_MAX} reads already wait for a read barrier; retry"
+                ))));
+            }
+            q.waiting.push(tx);
+            !std::mem::replace(&mut q.running, true)
+        };
+        if start {
+            tokio::spawn(run_barriers(group, g.clone()));
+        }
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .min(HOP_TIMEOUT + Duration::from_millis(500));
+        match tokio::time::timeout(left, rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(ForwardError::Db(unavailable(
+                "read barrier abandoned (group stopping)",
+            ))),
+            Err(_) => Err(ForwardError::Db(unavailable(format!(
+                "shard group {group}: read barrier timed out (no quorum?)"
+            )))),
+        }
+    }
+
+    /// The group's replica on this node, after a read barrier when `mode` asks for one.
+    async fn readable(
+        &self,
+        group: GroupId,
+        mode: ReadMode,
+        deadline: Instant,
+    ) -> Result<capdb_storage::disk::DiskTable, ForwardError> {
+        let g = self.group(group).ok_or(ForwardError::UnknownGroup(group))?;
+        if mode == ReadMode::Linearizable {
+            self.read_barrier(group, &g, deadline).await?;
+        }
+        Ok(self.engine.table(&shard_table(group), false))
+    }
+
+    pub(crate) async fn read_local(
+        &self,
+        group: GroupId,
+        keys: &[Bytes],
+        mode: ReadMode,
+        now_ms: u64,
+        deadline: Instant,
+    ) -> Result<Vec<Option<Value>>, ForwardError> {
+        let table = self.readable(group, mode, deadline).await?;
+        keys.iter()
+            .map(|k| table.get(k, now_ms).map_err(ForwardError::Db))
+            .collect()
+    }
+
+    pub(crate) async fn scan_local(
+        &self,
+        group: GroupId,
+        range: ScanRange,
+        limit: u32,
+        mode: ReadMode,
+        now_ms: u64,
+        deadline: Instant,
+    ) -> Result<ScanPage, ForwardError> {
+        let table = self.readable(group, mode, deadline).await?;
+        let page = table
+            .scan(&range, limit as usize, now_ms)
+            .map_err(ForwardError::Db)?;
+        Ok((page.entries, page.next_after))
+    }
+
+    pub(crate) async fn count_local(
+        &self,
+        group: GroupId,
+        mode: ReadMode,
+        deadline: Instant,
+    ) -> Result<u64, ForwardError> {
+        let table = self.readable(group, mode, deadline).await?;
+        table.len().map_err(ForwardError::Db)
+    }
+}
+
+fn unexpected(node: NodeId, answer: ForwardResponse) -> ForwardError {
+    ForwardError::Db(Error::Io(format!(
+        "unexpected answer from node {node}: {answer:?}"
+    )))
+}

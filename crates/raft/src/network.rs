@@ -1,0 +1,148 @@
+//! openraft's network traits on top of the transport: the adapter and nothing else.
+//!
+//! A group's messages go to a peer on the Raft channel; full snapshots on the snapshot channel,
+//! so heartbeats never wait behind a snapshot frame.
+
+use std::sync::Arc;
+
+use capdb_transport::{Peer, Peers, RpcError};
+use capdb_types::{GroupId, NodeId};
+use openraft::alias::VoteOf;
+use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
+use openraft::network::{RPCOption, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
+    TransferLeaderResponse, VoteRequest, VoteResponse,
+};
+use openraft::{OptionalSend, RaftNetworkV2};
+
+use crate::command::{PeerNode, Snapshot, SnapshotData, TypeConfig};
+use crate::messages::{RaftRequest, RaftResponse, RaftService, SnapshotRequest, SnapshotService};
+
+/// The node's Raft and snapshot peers, shared by every group.
+pub struct RaftPeers {
+    pub raft: Peers<RaftService>,
+    pub snapshot: Peers<SnapshotService>,
+}
+
+/// Creates openraft network clients for one group.
+pub struct NetworkFactory {
+    pub group: GroupId,
+    pub peers: Arc<RaftPeers>,
+}
+
+/// openraft's client to one peer, for one group.
+pub struct Network {
+    group: GroupId,
+    target: NodeId,
+    raft: Peer<RaftService>,
+    snapshot: Peer<SnapshotService>,
+}
+
+impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
+    type Network = Network;
+
+    async fn new_client(&mut self, target: NodeId, node: &PeerNode) -> Network {
+        Network {
+            group: self.group,
+            target,
+            raft: self.peers.raft.get(target, &node.peer_addr),
+            snapshot: self.peers.snapshot.get(target, &node.peer_addr),
+        }
+    }
+}
+
+fn rpc_error(e: RpcError) -> RPCError<TypeConfig> {
+    match e {
+        RpcError::Unreachable(..)
+        | RpcError::NotSent(..)
+        | RpcError::Blocked(_)
+        | RpcError::Overloaded(_) => RPCError::Unreachable(Unreachable::from_string(e.to_string())),
+        RpcError::Timeout(..) | RpcError::Codec(_) => {
+            RPCError::Network(NetworkError::from_string(e.to_string()))
+        }
+    }
+}
+
+fn remote(msg: String) -> RPCError<TypeConfig> {
+    RPCError::Unreachable(Unreachable::from_string(msg))
+}
+
+impl Network {
+    /// Sends one Raft message of this group and returns the answer of the same kind.
+    async fn call(
+        &self,
+        request: RaftRequest,
+        option: &RPCOption,
+    ) -> Result<RaftResponse, RPCError<TypeConfig>> {
+        self.raft
+            .call((self.group, request), option.soft_ttl())
+            .await
+            .map_err(rpc_error)?
+            .map_err(|e| remote(e.to_string()))
+    }
+
+    fn unexpected(&self, what: &str, answer: RaftResponse) -> RPCError<TypeConfig> {
+        remote(format!(
+            "unexpected answer to {what} from node {}: {answer:?}",
+            self.target
+        ))
+    }
+}
+
+impl RaftNetworkV2<TypeConfig> for Network {
+    type SnapshotData = SnapshotData;
+
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+        match self.call(RaftRequest::AppendEntries(rpc), &option).await? {
+            RaftResponse::AppendEntries(r) => Ok(r),
+            other => Err(self.unexpected("append_entries", other)),
+        }
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        match self.call(RaftRequest::Vote(rpc), &option).await? {
+            RaftResponse::Vote(r) => Ok(r),
+            other => Err(self.unexpected("vote", other)),
+        }
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        req: TransferLeaderRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
+        match self.call(RaftRequest::TransferLeader(req), &option).await? {
+            RaftResponse::TransferLeader(r) => Ok(r),
+            other => Err(self.unexpected("transfer_leader", other)),
+        }
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: VoteOf<TypeConfig>,
+        snapshot: Snapshot,
+        _cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        let req = SnapshotRequest {
+            group: self.group,
+            vote,
+            meta: snapshot.meta,
+            data: snapshot.snapshot.into_inner(),
+        };
+        self.snapshot
+            .call(req, option.soft_ttl())
+            .await
+            .map_err(rpc_error)?
+            .map_err(|e| remote(e.to_string()).into())
+    }
+}

@@ -1,0 +1,598 @@
+//! One router for keyspaces: a key goes to its keyspace, the keyspace to its store, and the
+//! store (one per mode) to wherever the data lives.
+//!
+//! | mode | store | where the data lives |
+//! |---|---|---|
+//! | `cp` | [`Store::Cp`] | keys hash to slots, slots to shards, each shard a Raft group; requests go to the shard's leader (forwarded when elsewhere) |
+//! | `ap` | [`Store::Ap`] | leaderless replicas (`capdb_ap`): this node coordinates each request across the shard's replicas at the request's level, and holds a durable table for the shards it replicates |
+//! | `cache` | [`Store::Cache`] | in memory on this node (the spec is cluster-wide, the data per node) |
+//!
+//! Front ends (RESP, HTTP) and metrics only ask a [`Keyspace`] for what they need (values,
+//! writes, pages, counts, its shard layout, its memory use); none of them knows the store kinds,
+//! which are private to this file. A fourth mode is a new [`Store`] variant here and nothing
+//! else. The `cp` per-shard fan-out is [`by_shard`] (the `ap` coordinator fans out inside
+//! `capdb_ap`, because its pipelines keep order across shards).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use bytes::Bytes;
+use capdb_ap::{Ap, Level};
+use capdb_cluster::state::{KeyspaceEntry, ShardInfo};
+use capdb_raft::Groups;
+use capdb_storage::disk::DiskEngine;
+use capdb_storage::memory::MemStore;
+use capdb_storage::{BatchReplies, KeyspaceStore, ScanRange, layout};
+use capdb_types::{
+    Error, Hlc, KeyspaceName, KeyspaceSpec, Mode, Mutation, NodeId, ReadMode, Reply, Result, Value,
+};
+
+use crate::keyscan::{ScanPosition, ShardScope, walk_shards};
+
+/// How strongly a request must be confirmed, per keyspace mode: `cp` reads are linearizable
+/// or stale (`READONLY`), `ap` reads and writes wait for one, a quorum or all replicas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Consistency {
+    pub cp_read: ReadMode,
+    pub ap_read: Level,
+    pub ap_write: Level,
+}
+
+impl Default for Consistency {
+    fn default() -> Self {
+        Consistency {
+            cp_read: ReadMode::Linearizable,
+            // ap keyspaces put availability first: a single replica (or a hint) answers, so
+            // every side of a partition keeps working. QUORUM for both gives
+            // read-your-writes (R + W > N).
+            ap_read: Level::One,
+            ap_write: Level::One,
+        }
+    }
+}
+
+impl Consistency {
+    /// Stale `cp` reads, `one` for `ap`: what internal best-effort reads (INFO, metrics) use.
+    pub const RELAXED: Consistency = Consistency {
+        cp_read: ReadMode::Stale,
+        ap_read: Level::One,
+        ap_write: Level::One,
+    };
+}
+
+/// What a keyspace store needs from its node.
+#[derive(Clone)]
+pub struct Services {
+    pub me: NodeId,
+    pub engine: DiskEngine,
+    pub hlc: Arc<Hlc>,
+    pub groups: Arc<Groups>,
+    pub ap: Arc<Ap>,
+    pub value_bytes_max: usize,
+}
+
+/// Where a keyspace's data lives (see the module doc).
+enum Store {
+    Cp {
+        entry: KeyspaceEntry,
+        groups: Arc<Groups>,
+        engine: DiskEngine,
+        me: NodeId,
+    },
+    Ap {
+        ap: Arc<Ap>,
+        engine: DiskEngine,
+        value_bytes_max: usize,
+    },
+    Cache(Arc<MemStore>),
+}
+
+/// Memory a keyspace uses on this node, and what its limit made it do.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MemoryUse {
+    pub used_bytes: u64,
+    pub expired_keys: u64,
+    pub evicted_keys: u64,
+}
+
+/// One keyspace: its specification and its store.
+pub struct Keyspace {
+    pub spec: KeyspaceSpec,
+    store: Store,
+    dropped: AtomicBool,
+}
+
+/// Groups `items` by the shard `shard_of` names, keeping each item's index; shards in order.
+pub fn by_shard<T>(
+    items: impl IntoIterator<Item = T>,
+    shard_of: impl Fn(&T) -> u64,
+) -> BTreeMap<u64, (Vec<usize>, Vec<T>)> {
+    let mut out: BTreeMap<u64, (Vec<usize>, Vec<T>)> = BTreeMap::new();
+    for (i, item) in items.into_iter().enumerate() {
+        let e = out.entry(shard_of(&item)).or_default();
+        e.0.push(i);
+        e.1.push(item);
+    }
+    out
+}
+
+/// Puts per-shard answers back in the order of the items they answer: `answers` holds, per
+/// shard, the item indexes and either one answer per item or the shard's error (which then
+/// answers each of its items).
+pub fn reassemble<A: Clone>(
+    n: usize,
+    answers: impl IntoIterator<Item = (Vec<usize>, Result<Vec<A>>)>,
+) -> Vec<Result<A>> {
+    let mut out: Vec<Option<Result<A>>> = vec![None; n];
+    for (idx, answer) in answers {
+        match answer {
+            Ok(values) => {
+                assert_eq!(values.len(), idx.len(), "one answer per item of a shard");
+                for (i, v) in idx.into_iter().zip(values) {
+                    out[i] = Some(Ok(v));
+                }
+            }
+            Err(e) => {
+                for i in idx {
+                    out[i] = Some(Err(e.clone()));
+                }
+            }
+        }
+    }
+    out.into_iter()
+        .map(|r| r.unwrap_or_else(|| Err(Error::Io("missing answer".into()))))
+        .collect()
+}
+
+impl Keyspace {
+    /// Opens the store of a keyspace of the map (creating its local table when it has one).
+    pub async fn open(entry: &KeyspaceEntry, s: &Services) -> Result<Keyspace> {
+        let spec = entry.spec.clone();
+        let store = match spec.mode {
+            Mode::Cache => Store::Cache(Arc::new(MemStore::new(
+                spec.max_memory_bytes
+                    .expect("cache specs carry a memory limit"),
+                spec.eviction.unwrap_or_default(),
+                s.hlc.clone(),
+                s.value_bytes_max,
+            ))),
+            Mode::Ap => {
+                let name = spec.name.as_str();
+                s.engine
+                    .create_table(
+                        &layout::ap_table(name),
+                        &layout::keyspace_marker(name),
+                        Vec::new(),
+                    )
+                    .await?;
+                Store::Ap {
+                    ap: s.ap.clone(),
+                    engine: s.engine.clone(),
+                    value_bytes_max: s.value_bytes_max,
+                }
+            }
+            Mode::Cp => Store::Cp {
+                entry: entry.clone(),
+                groups: s.groups.clone(),
+                engine: s.engine.clone(),
+                me: s.me,
+            },
+        };
+        Ok(Keyspace {
+            spec,
+            store,
+            dropped: AtomicBool::new(false),
+        })
+    }
+
+    /// Whether this keyspace can keep serving `entry` (same spec, same shard groups).
+    pub fn serves(&self, entry: &KeyspaceEntry) -> bool {
+        self.spec == entry.spec
+            && match &self.store {
+                Store::Cp { entry: mine, .. } => mine
+                    .shards
+                    .iter()
+                    .map(|s| s.group)
+                    .eq(entry.shards.iter().map(|s| s.group)),
+                Store::Ap { .. } | Store::Cache(_) => true,
+            }
+    }
+
+    /// The keyspace left the map: refuse further requests and free what this node held.
+    pub async fn close(&self) {
+        self.dropped.store(true, Ordering::Release);
+        match &self.store {
+            Store::Cache(m) => {
+                let _ = m.clear().await;
+            }
+            Store::Ap { engine, .. } => {
+                let name = self.spec.name.as_str();
+                let _ = engine
+                    .drop_table(&layout::ap_table(name), &layout::keyspace_marker(name))
+                    .await;
+            }
+            // Raft groups are dropped by the control loop once this node leaves them.
+            Store::Cp { .. } => {}
+        }
+    }
+
+    /// Fails once the keyspace has been dropped (connections may still hold it selected).
+    pub fn check_live(&self) -> Result<()> {
+        if self.dropped.load(Ordering::Acquire) {
+            return Err(Error::KeyspaceNotFound(self.spec.name.to_string()));
+        }
+        Ok(())
+    }
+
+    fn name(&self) -> &KeyspaceName {
+        &self.spec.name
+    }
+
+    /// Whether reads are served from this node's memory without any network hop.
+    pub fn is_local(&self) -> bool {
+        matches!(self.store, Store::Cache(_))
+    }
+
+    /// The shards of a keyspace whose shards have leaders that cluster-aware clients route to
+    /// (`cp`); `None` for the others.
+    pub fn led_shards(&self) -> Option<&[ShardInfo]> {
+        match &self.store {
+            Store::Cp { entry, .. } => Some(&entry.shards),
+            Store::Ap { .. } | Store::Cache(_) => None,
+        }
+    }
+
+    /// The shard of `key`, when this keyspace's shards have leaders (see [`Keyspace::led_shards`]).
+    pub fn led_shard_for_key(&self, key: &[u8]) -> Option<&ShardInfo> {
+        match &self.store {
+            Store::Cp { entry, .. } => Some(entry.shard_for_key(key)),
+            Store::Ap { .. } | Store::Cache(_) => None,
+        }
+    }
+
+    /// Memory this keyspace uses on this node (in-memory keyspaces only).
+    pub fn memory(&self) -> Option<MemoryUse> {
+        match &self.store {
+            Store::Cache(m) => Some(MemoryUse {
+                used_bytes: m.used_bytes(),
+                expired_keys: m.stats().expired_keys.load(Ordering::Relaxed),
+                evicted_keys: m.stats().evicted_keys.load(Ordering::Relaxed),
+            }),
+            Store::Cp { .. } | Store::Ap { .. } => None,
+        }
+    }
+
+    /// Keys stored on this node (in the replicas it holds), for metrics.
+    pub fn local_len(&self) -> Option<u64> {
+        match &self.store {
+            Store::Ap { engine, .. } => engine
+                .table(&layout::ap_table(self.name().as_str()), true)
+                .len()
+                .ok(),
+            Store::Cache(m) => KeyspaceStore::len(&**m).ok(),
+            Store::Cp {
+                entry, engine, me, ..
+            } => Some(
+                entry
+                    .shards
+                    .iter()
+                    .filter(|s| s.replicas.contains(me))
+                    .filter_map(|s| {
+                        engine
+                            .table(&layout::shard_table(s.group), false)
+                            .len()
+                            .ok()
+                    })
+                    .sum(),
+            ),
+        }
+    }
+
+    /// One step of active expiry on this node's data, at `now`. `cursor` carries a durable
+    /// table's sweep position between steps; `sweep`: whether durable tables sweep this step.
+    /// (Raft-replicated keyspaces hide expired keys from readers; reclaiming their space through
+    /// the log is not done yet.)
+    pub async fn expire_step(
+        &self,
+        now: u64,
+        sweep: bool,
+        cursor: Option<Bytes>,
+        sweep_keys: usize,
+    ) -> Result<Option<Bytes>> {
+        match &self.store {
+            Store::Cache(m) => {
+                m.expire_cycle(now);
+                Ok(None)
+            }
+            Store::Ap { engine, .. } if sweep => {
+                let t = engine.table(&layout::ap_table(self.name().as_str()), true);
+                Ok(t.sweep_expired(cursor, sweep_keys, now).await?.0)
+            }
+            Store::Ap { .. } | Store::Cp { .. } => Ok(cursor),
+        }
+    }
+
+    /// Calls `f` with the live value of `key` (local stores only; see [`Keyspace::is_local`]).
+    pub fn read_with<R>(
+        &self,
+        key: &[u8],
+        now_ms: u64,
+        f: impl FnOnce(Option<&Value>) -> R,
+    ) -> Result<R> {
+        self.check_live()?;
+        match &self.store {
+            Store::Cache(m) => m.read_with(key, now_ms, f),
+            Store::Cp { .. } | Store::Ap { .. } => Err(Error::InvalidInput(
+                "read_with on a replicated keyspace".into(),
+            )),
+        }
+    }
+
+    /// The live values of `keys`, in order.
+    pub async fn get_many(
+        &self,
+        keys: &[Bytes],
+        now_ms: u64,
+        c: Consistency,
+    ) -> Result<Vec<Option<Value>>> {
+        self.check_live()?;
+        match &self.store {
+            Store::Ap { ap, .. } => ap.get_many(self.name(), keys, c.ap_read, now_ms).await,
+            Store::Cache(m) => keys.iter().map(|k| m.get(k, now_ms)).collect(),
+            Store::Cp { entry, groups, .. } => {
+                // One request per shard, in parallel; answers put back in key order.
+                let shards = by_shard(keys.iter().cloned(), |k| entry.shard_for_key(k).group);
+                let calls = shards.into_iter().map(|(group, (idx, keys))| async move {
+                    (idx, groups.read(group, keys, c.cp_read, now_ms).await)
+                });
+                let answers = futures::future::join_all(calls).await;
+                // A read fails whole when any shard failed.
+                reassemble(keys.len(), answers).into_iter().collect()
+            }
+        }
+    }
+
+    pub async fn get(&self, key: &[u8], now_ms: u64, c: Consistency) -> Result<Option<Value>> {
+        let mut v = self
+            .get_many(&[Bytes::copy_from_slice(key)], now_ms, c)
+            .await?;
+        Ok(v.pop().flatten())
+    }
+
+    /// Applies mutations. Within one shard they apply atomically and in order; across shards
+    /// of a replicated keyspace each shard applies its part (cross-shard atomicity is the job of
+    /// transactions, a later feature).
+    pub async fn apply(
+        &self,
+        mutations: Vec<Mutation>,
+        now_ms: u64,
+        c: Consistency,
+    ) -> Result<BatchReplies> {
+        self.check_live()?;
+        match &self.store {
+            Store::Ap {
+                ap,
+                value_bytes_max,
+                ..
+            } => {
+                ap.apply(self.name(), mutations, c.ap_write, now_ms, *value_bytes_max)
+                    .await
+            }
+            Store::Cache(m) => m.apply(mutations, now_ms).await,
+            Store::Cp { entry, groups, .. } => {
+                let n = mutations.len();
+                let shards = by_shard(mutations, |m| entry.shard_for_key(m.key()).group);
+                let calls = shards.into_iter().map(|(group, (idx, muts))| async move {
+                    (idx, groups.write_mutations(group, muts, now_ms).await)
+                });
+                let answers = futures::future::join_all(calls).await;
+                // A shard that failed fails its own mutations only: the others may have been
+                // applied, and each command's reply must say what happened to it.
+                Ok(reassemble::<Result<Reply>>(n, answers)
+                    .into_iter()
+                    .map(|r| r.and_then(|r| r))
+                    .collect())
+            }
+        }
+    }
+
+    /// One page of keys in order, continuing from `pos`; returns the next position (`None`:
+    /// done). Replicated keyspaces are scanned shard after shard (keys are ordered within a
+    /// shard); `floor` (exclusive) bounds every shard from below.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn scan(
+        &self,
+        pos: ScanPosition,
+        floor: Option<Bytes>,
+        prefix: Option<Bytes>,
+        end: Option<Bytes>,
+        limit: usize,
+        now_ms: u64,
+        c: Consistency,
+    ) -> Result<(Vec<(Bytes, Value)>, Option<ScanPosition>)> {
+        self.scan_in(&ShardScope::All, pos, floor, prefix, end, limit, now_ms, c)
+            .await
+    }
+
+    /// [`Keyspace::scan`] over the shards of `scope` only (replicated keyspaces).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn scan_in(
+        &self,
+        scope: &ShardScope,
+        pos: ScanPosition,
+        floor: Option<Bytes>,
+        prefix: Option<Bytes>,
+        end: Option<Bytes>,
+        limit: usize,
+        now_ms: u64,
+        c: Consistency,
+    ) -> Result<(Vec<(Bytes, Value)>, Option<ScanPosition>)> {
+        self.check_live()?;
+        let name = self.name();
+        match &self.store {
+            Store::Cache(m) => {
+                let range = ScanRange {
+                    after: pos.after.clone().or_else(|| floor.clone()),
+                    end: end.clone(),
+                    prefix: prefix.clone(),
+                };
+                let page = m.scan(&range, limit, now_ms)?;
+                let next = page.next_after.map(|after| ScanPosition {
+                    shard: 0,
+                    after: Some(after),
+                });
+                Ok((page.entries, next))
+            }
+            Store::Ap { ap, .. } => {
+                // Shard after shard, each from one replica (scans are best effort in ap).
+                let shards = ap.shard_count(name)? as u32;
+                walk_shards(
+                    shards,
+                    &ShardScope::All,
+                    pos,
+                    floor,
+                    end,
+                    limit,
+                    |shard, after, want| {
+                        let prefix = prefix.clone();
+                        Box::pin(async move {
+                            ap.scan_shard(name, shard as usize, after, prefix, want, now_ms)
+                                .await
+                        })
+                    },
+                )
+                .await
+            }
+            Store::Cp { entry, groups, .. } => {
+                let shards = entry.shards.len() as u32;
+                walk_shards(
+                    shards,
+                    scope,
+                    pos,
+                    floor,
+                    end,
+                    limit,
+                    |shard, after, want| {
+                        let group = entry.shards[shard as usize].group;
+                        let prefix = prefix.clone();
+                        Box::pin(async move {
+                            groups
+                                .scan(group, after, prefix, want, c.cp_read, now_ms)
+                                .await
+                        })
+                    },
+                )
+                .await
+            }
+        }
+    }
+
+    /// Number of keys (DBSIZE).
+    pub async fn len(&self, c: Consistency) -> Result<u64> {
+        self.len_in(&ShardScope::All, c).await
+    }
+
+    /// Number of keys in the shards of `scope` (replicated keyspaces; the others count all).
+    pub async fn len_in(&self, scope: &ShardScope, c: Consistency) -> Result<u64> {
+        self.check_live()?;
+        match &self.store {
+            Store::Ap { ap, .. } => {
+                let mut n = 0u64;
+                for shard in 0..ap.shard_count(self.name())? {
+                    let mut after = None;
+                    loop {
+                        let now = capdb_types::unix_now_ms();
+                        let (page, next) = ap
+                            .scan_shard(self.name(), shard, after, None, 10_000, now)
+                            .await?;
+                        n += page.len() as u64;
+                        match next {
+                            Some(k) => after = Some(k),
+                            None => break,
+                        }
+                    }
+                }
+                Ok(n)
+            }
+            Store::Cache(m) => m.len(),
+            Store::Cp { entry, groups, .. } => {
+                let calls = entry
+                    .shards
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| scope.contains(*i as u32))
+                    .map(|(_, s)| groups.count(s.group, c.cp_read));
+                let counts = futures::future::join_all(calls).await;
+                counts.into_iter().sum()
+            }
+        }
+    }
+
+    /// Deletes every key (FLUSHDB).
+    pub async fn clear(&self, c: Consistency) -> Result<()> {
+        self.check_live()?;
+        match &self.store {
+            Store::Ap { ap, .. } => {
+                ap.clear(self.name(), c.ap_write, capdb_types::unix_now_ms())
+                    .await
+            }
+            Store::Cache(m) => m.clear().await,
+            Store::Cp { entry, groups, .. } => {
+                for (i, s) in entry.shards.iter().enumerate() {
+                    match groups.clear(s.group).await {
+                        Ok(()) => {}
+                        // Earlier shards were cleared: not "certainly nothing happened".
+                        Err(e) if i > 0 && e.is_retryable() => {
+                            return Err(Error::OutcomeUnknown(format!(
+                                "{i} of {} shards were cleared, then: {e}",
+                                entry.shards.len()
+                            )));
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{by_shard, reassemble};
+    use capdb_types::Error;
+
+    #[test]
+    fn items_are_grouped_by_shard_in_shard_order_keeping_their_positions() {
+        let groups = by_shard(["b1", "a1", "b2", "c1"], |s| match &s[..1] {
+            "a" => 1,
+            "b" => 2,
+            _ => 3,
+        });
+        let got: Vec<_> = groups.into_iter().collect();
+        assert_eq!(
+            got,
+            vec![
+                (1, (vec![1], vec!["a1"])),
+                (2, (vec![0, 2], vec!["b1", "b2"])),
+                (3, (vec![3], vec!["c1"])),
+            ]
+        );
+    }
+
+    #[test]
+    fn answers_return_to_their_items_and_a_failed_shard_fails_only_its_items() {
+        let out = reassemble(
+            4,
+            vec![
+                (vec![0, 2], Ok(vec!["x", "z"])),
+                (vec![1, 3], Err(Error::Unavailable("down".into()))),
+            ],
+        );
+        assert_eq!(out[0], Ok("x"));
+        assert_eq!(out[2], Ok("z"));
+        assert!(matches!(out[1], Err(Error::Unavailable(_))));
+        assert!(matches!(out[3], Err(Error::Unavailable(_))));
+    }
+}
