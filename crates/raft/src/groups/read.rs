@@ -67,9 +67,9 @@ async fn run_barriers(group: GroupId, g: Arc<Group>) {
                     "shard group {group}: leader cannot reach a quorum ({q})"
                 ))))
             }
-            Ok(Err(e)) => Err(ForwardError::Db(unavailable(format!(
-                "shard group {group}: {e}"
-            )))),
+            // The group is stopping here (this replica is being dropped after a move): another
+            // replica can serve the read, so the router tries elsewhere.
+            Ok(Err(RaftError::Fatal(_))) => Err(ForwardError::UnknownGroup(group)),
         };
         for waiter in batch {
             let _ = waiter.send(result.clone());
@@ -230,9 +230,8 @@ impl Groups {
             .min(HOP_TIMEOUT + Duration::from_millis(500));
         match tokio::time::timeout(left, rx).await {
             Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(ForwardError::Db(unavailable(
-                "read barrier abandoned (group stopping)",
-            ))),
+            // The barrier task ended without answering: the group is stopping here.
+            Ok(Err(_)) => Err(ForwardError::UnknownGroup(group)),
             Err(_) => Err(ForwardError::Db(unavailable(format!(
                 "shard group {group}: read barrier timed out (no quorum?)"
             )))),
