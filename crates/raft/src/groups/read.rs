@@ -100,6 +100,36 @@ fn read_failed(group: GroupId, what: &str, e: RouteError) -> Error {
 }
 
 impl Groups {
+    /// Routes one read-only request: served by `local` when the pick is this node, else sent
+    /// as `remote()` and its answer taken out by `answer` (which hands back any other kind).
+    async fn route_read<T, L, LF>(
+        &self,
+        group: GroupId,
+        mode: ReadMode,
+        what: &str,
+        local: L,
+        remote: impl Fn() -> ForwardRequest,
+        answer: fn(ForwardResponse) -> Result<Result<T, ForwardError>, ForwardResponse>,
+    ) -> Result<T, Error>
+    where
+        L: Fn(Instant) -> LF,
+        LF: Future<Output = Result<T, ForwardError>>,
+    {
+        let (local, remote) = (&local, &remote);
+        self.route(group, pick_for(mode), |target, _, deadline| async move {
+            match target {
+                Some(t) if t == self.me => local(deadline).await,
+                Some(t) => match answer(self.forward(t, remote()).await.map_err(read_error)?) {
+                    Ok(result) => result,
+                    Err(other) => Err(unexpected(t, other)),
+                },
+                None => Err(ForwardError::NotLeader { leader: None }),
+            }
+        })
+        .await
+        .map_err(|e| read_failed(group, what, e))
+    }
+
     /// Reads keys of one group. `Linearizable` reads go to the leader (ReadIndex); `Stale`
     /// reads are served by this node's replica when it has one, else by any replica.
     pub async fn read(
@@ -115,27 +145,22 @@ impl Groups {
             mode
         };
         let keys = &keys;
-        self.route(group, pick_for(mode), |target, _, deadline| async move {
-            match target {
-                Some(t) if t == self.me => {
-                    self.read_local(group, keys, mode, now_ms, deadline).await
-                }
-                Some(t) => {
-                    let request = ForwardRequest::Read {
-                        group,
-                        keys: keys.clone(),
-                        mode,
-                    };
-                    match self.forward(t, request).await.map_err(read_error)? {
-                        ForwardResponse::Read(r) => r,
-                        other => Err(unexpected(t, other)),
-                    }
-                }
-                None => Err(ForwardError::NotLeader { leader: None }),
-            }
-        })
+        self.route_read(
+            group,
+            mode,
+            "a linearizable read",
+            |deadline| self.read_local(group, keys, mode, now_ms, deadline),
+            || ForwardRequest::Read {
+                group,
+                keys: keys.clone(),
+                mode,
+            },
+            |answer| match answer {
+                ForwardResponse::Read(r) => Ok(r),
+                other => Err(other),
+            },
+        )
         .await
-        .map_err(|e| read_failed(group, "a linearizable read", e))
     }
 
     /// One page of a group's keys in order.
@@ -148,55 +173,46 @@ impl Groups {
         mode: ReadMode,
         now_ms: u64,
     ) -> Result<ScanPage, Error> {
-        let (after, prefix) = (&after, &prefix);
-        self.route(group, pick_for(mode), |target, _, deadline| async move {
-            match target {
-                Some(t) if t == self.me => {
-                    let range = ScanRange {
-                        after: after.clone(),
-                        end: None,
-                        prefix: prefix.clone(),
-                    };
-                    self.scan_local(group, range, limit, mode, now_ms, deadline)
-                        .await
-                }
-                Some(t) => {
-                    let request = ForwardRequest::Scan {
-                        group,
-                        after: after.clone(),
-                        prefix: prefix.clone(),
-                        limit,
-                        mode,
-                    };
-                    match self.forward(t, request).await.map_err(read_error)? {
-                        ForwardResponse::Scan(r) => r,
-                        other => Err(unexpected(t, other)),
-                    }
-                }
-                None => Err(ForwardError::NotLeader { leader: None }),
-            }
-        })
+        let range = ScanRange {
+            after,
+            end: None,
+            prefix,
+        };
+        let range = &range;
+        self.route_read(
+            group,
+            mode,
+            "a scan",
+            |deadline| self.scan_local(group, range.clone(), limit, mode, now_ms, deadline),
+            || ForwardRequest::Scan {
+                group,
+                after: range.after.clone(),
+                prefix: range.prefix.clone(),
+                limit,
+                mode,
+            },
+            |answer| match answer {
+                ForwardResponse::Scan(r) => Ok(r),
+                other => Err(other),
+            },
+        )
         .await
-        .map_err(|e| read_failed(group, "a scan", e))
     }
 
     /// The number of keys in a group (DBSIZE), read like [`Groups::read`].
     pub async fn count(&self, group: GroupId, mode: ReadMode) -> Result<u64, Error> {
-        self.route(group, pick_for(mode), |target, _, deadline| async move {
-            match target {
-                Some(t) if t == self.me => self.count_local(group, mode, deadline).await,
-                Some(t) => {
-                    let request = ForwardRequest::Count { group, mode };
-                    match self.forward(t, request).await.map_err(read_error)? {
-                        ForwardResponse::Count(r) => r,
-                        other => Err(unexpected(t, other)),
-                    }
-                }
-                None => Err(ForwardError::NotLeader { leader: None }),
-            }
-        })
+        self.route_read(
+            group,
+            mode,
+            "counting keys",
+            |deadline| self.count_local(group, mode, deadline),
+            || ForwardRequest::Count { group, mode },
+            |answer| match answer {
+                ForwardResponse::Count(r) => Ok(r),
+                other => Err(other),
+            },
+        )
         .await
-        .map_err(|e| read_failed(group, "counting keys", e))
     }
 
     /// Confirms this node may serve a linearizable read of `group` now (ReadIndex).
