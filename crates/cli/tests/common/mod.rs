@@ -148,6 +148,38 @@ impl Server {
     }
 }
 
+/// Founding members of one cluster on loopback, started together (each waits for the others
+/// to form a quorum), then each waited for until ready. Node i (1-based) is `nodes[i - 1]`
+/// and runs with `--node-id i --initial-cluster ...` followed by `extra(i)`.
+pub fn start_founders(n: usize, extra: impl Fn(usize) -> Vec<String>) -> Vec<Server> {
+    let peers: Vec<u16> = (0..n).map(|_| free_port()).collect();
+    let initial: Vec<String> = peers
+        .iter()
+        .enumerate()
+        .map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1))
+        .collect();
+    let initial = initial.join(",");
+    let mut nodes: Vec<Server> = peers
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let id = (i + 1).to_string();
+            let more = extra(i + 1);
+            let mut args = vec!["--node-id", &id, "--initial-cluster", &initial];
+            args.extend(more.iter().map(String::as_str));
+            Server::prepare(*p, &args)
+        })
+        .collect();
+    for s in &mut nodes {
+        s.spawn_no_wait();
+    }
+    for s in &mut nodes {
+        s.wait_ready()
+            .unwrap_or_else(|log| panic!("node did not become ready: {log}"));
+    }
+    nodes
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         self.kill9();
