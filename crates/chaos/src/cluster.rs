@@ -1,11 +1,13 @@
 //! The capdb nodes under test: real `capdb server` processes, each started inside its own
 //! network namespace, with its data directory and log file under the run's output directory.
+//! They are started through `capdb-launch` (under `ip netns exec`, which execs the node in
+//! place), so they die with the harness, even when it is killed with SIGKILL.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use capdb_launch::{LocalNode, NodeCommand};
 use serde_json::Value as Json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -27,7 +29,7 @@ pub enum Status {
 }
 
 struct Proc {
-    child: Option<Child>,
+    child: Option<LocalNode>,
     status: Status,
 }
 
@@ -89,36 +91,25 @@ impl Nodes {
         std::fs::create_dir_all(&data)
             .map_err(|e| HarnessError(format!("{}: {e}", data.display())))?;
         let log_path = self.dir.join("nodes").join(format!("node-{i}.log"));
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .map_err(|e| HarnessError(format!("{}: {e}", log_path.display())))?;
         let initial: Vec<String> = (1..=self.count())
             .map(|j| format!("{j}={}:{PEER_PORT}", self.topo.ip(j)))
             .collect();
         let ip = self.topo.ip(i);
-        use std::os::unix::process::CommandExt;
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.topo.namespace(i)])
-            .arg(&self.binary)
-            .arg("server")
-            .args(["--node-id", &i.to_string()])
-            .arg("--data-dir")
-            .arg(&data)
-            .args(["--resp-addr", &format!("{ip}:{RESP_PORT}")])
-            .args(["--http-addr", &format!("{ip}:{HTTP_PORT}")])
-            .args(["--peer-addr", &format!("{ip}:{PEER_PORT}")])
-            .args(["--initial-cluster", &initial.join(",")])
+        let child = NodeCommand::new(&self.binary)
+            .wrapper(["ip", "netns", "exec", &self.topo.namespace(i)])
+            .node_id(i.into())
+            .data_dir(&data)
+            .resp_addr(format!("{ip}:{RESP_PORT}"))
+            .http_addr(format!("{ip}:{HTTP_PORT}"))
+            .peer_addr(format!("{ip}:{PEER_PORT}"))
+            .initial_cluster(initial.join(","))
             .args(["--label", &format!("zone=z{}", (i - 1) % 3 + 1)])
-            .arg("--debug-fault-injection")
+            .args(["--debug-fault-injection"])
             .args(&self.extra_args)
+            .log_file(&log_path)
             // Its own process group: a Ctrl-C at the terminal reaches only the harness, which
             // then stops the nodes itself (a node stopping on its own counts as a crash).
-            .process_group(0)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().map_err(|e| HarnessError(e.to_string()))?)
-            .stderr(log)
+            .own_process_group()
             .spawn()
             .map_err(|e| HarnessError(format!("starting node {i}: {e}")))?;
         p.child = Some(child);
@@ -130,36 +121,32 @@ impl Nodes {
     pub fn kill(&self, i: u32) {
         let mut procs = self.procs.lock().unwrap_or_else(|p| p.into_inner());
         let p = &mut procs[i as usize - 1];
-        if let Some(child) = p.child.as_mut() {
+        if let Some(mut child) = p.child.take() {
             let _ = child.kill();
-            let _ = child.wait();
         }
-        p.child = None;
         p.status = Status::Down;
     }
 
-    fn signal(&self, i: u32, signal: &str, from: Status, to: Status) -> Result<(), HarnessError> {
+    /// SIGSTOP or SIGCONT to node `i` when it is in state `from`.
+    fn signal(&self, i: u32, stop: bool, from: Status, to: Status) -> Result<(), HarnessError> {
         let mut procs = self.procs.lock().unwrap_or_else(|p| p.into_inner());
         let p = &mut procs[i as usize - 1];
         if p.status != from {
             return Ok(());
         }
-        let pid = p
-            .child
-            .as_ref()
-            .map(|c| c.id())
-            .expect("a running node has a child");
-        crate::net::sh("kill", &[signal, &pid.to_string()])?;
+        let child = p.child.as_mut().expect("a running node has a child");
+        let sent = if stop { child.pause() } else { child.resume() };
+        sent.map_err(|e| HarnessError(format!("node {i}: {e}")))?;
         p.status = to;
         Ok(())
     }
 
     pub fn pause(&self, i: u32) -> Result<(), HarnessError> {
-        self.signal(i, "-STOP", Status::Running, Status::Paused)
+        self.signal(i, true, Status::Running, Status::Paused)
     }
 
     pub fn resume(&self, i: u32) -> Result<(), HarnessError> {
-        self.signal(i, "-CONT", Status::Paused, Status::Running)
+        self.signal(i, false, Status::Paused, Status::Running)
     }
 
     /// Notices nodes that exited on their own (a crash is a finding, reported by the run).

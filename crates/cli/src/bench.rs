@@ -12,9 +12,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use capdb_launch::{LocalNode, NodeCommand};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
-use tokio::process::{Child, Command};
 
 use crate::client::HttpClient;
 
@@ -39,33 +39,24 @@ pub(crate) struct NodeProc {
     pub(crate) id: u64,
     pub(crate) resp: String,
     pub(crate) http: String,
-    pub(crate) args: Vec<String>,
-    pub(crate) log: PathBuf,
-    pub(crate) child: Option<Child>,
+    pub(crate) command: NodeCommand,
+    /// Killed when dropped (and when this process dies: capdb-launch).
+    pub(crate) child: Option<LocalNode>,
 }
 
 impl NodeProc {
-    pub(crate) fn spawn(&mut self, binary: &PathBuf) -> Result<(), String> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .map_err(|e| format!("cannot open {}: {e}", self.log.display()))?;
-        let child = Command::new(binary)
-            .args(&self.args)
-            .env("CAPDB_LOG", "warn")
-            .stdout(std::process::Stdio::null())
-            .stderr(log)
-            .kill_on_drop(true)
+    pub(crate) fn spawn(&mut self) -> Result<(), String> {
+        let child = self
+            .command
             .spawn()
             .map_err(|e| format!("cannot start node {}: {e}", self.id))?;
         self.child = Some(child);
         Ok(())
     }
 
-    pub(crate) async fn kill9(&mut self) {
+    pub(crate) fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = c.kill().await;
+            let _ = c.kill();
         }
     }
 }
@@ -90,41 +81,31 @@ pub(crate) fn spawn_local_cluster(
             format!("127.0.0.1:{}", free_port()?),
             format!("127.0.0.1:{}", free_port()?),
         );
-        let args = vec![
-            "server".to_string(),
-            "--node-id".into(),
-            id.to_string(),
-            "--data-dir".into(),
-            work.join(format!("node{id}")).display().to_string(),
-            "--resp-addr".into(),
-            resp.clone(),
-            "--http-addr".into(),
-            http.clone(),
-            "--peer-addr".into(),
-            format!("127.0.0.1:{peer}"),
-            "--initial-cluster".into(),
-            initial.join(","),
-        ];
+        let command = NodeCommand::new(binary)
+            .node_id(id)
+            .data_dir(work.join(format!("node{id}")))
+            .resp_addr(&resp)
+            .http_addr(&http)
+            .peer_addr(format!("127.0.0.1:{peer}"))
+            .initial_cluster(initial.join(","))
+            .env("CAPDB_LOG", "warn")
+            .stderr_log_file(work.join(format!("node{id}.log")));
         nodes.push(NodeProc {
             id,
             resp,
             http,
-            args,
-            log: work.join(format!("node{id}.log")),
+            command,
             child: None,
         });
     }
     for node in &mut nodes {
-        node.spawn(binary)?;
+        node.spawn()?;
     }
     Ok(nodes)
 }
 
-pub(crate) fn free_port() -> Result<u16, String> {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| format!("no free port: {e}"))
+fn free_port() -> Result<u16, String> {
+    capdb_launch::free_port().map_err(|e| format!("no free port: {e}"))
 }
 
 /// One `SET` over a fresh or kept RESP connection; `Ok(true)` when acknowledged with `+OK`.
@@ -245,7 +226,7 @@ pub async fn failover(args: FailoverArgs) -> Result<(), String> {
             .ok_or("leader is not one of ours")?;
         successes.lock().unwrap_or_else(|p| p.into_inner()).clear();
         let killed_at = Instant::now();
-        nodes[victim].kill9().await;
+        nodes[victim].kill9();
         let deadline = killed_at + Duration::from_secs(30);
         let window = loop {
             let first = successes
@@ -271,7 +252,7 @@ pub async fn failover(args: FailoverArgs) -> Result<(), String> {
             window.as_millis()
         );
         windows.push(window);
-        nodes[victim].spawn(&binary)?;
+        nodes[victim].spawn()?;
         let other = if victim == 0 { 1 } else { 0 };
         wait_settled(&clients[other], rf, Duration::from_secs(60)).await?;
     }
@@ -280,7 +261,7 @@ pub async fn failover(args: FailoverArgs) -> Result<(), String> {
         let _ = w.await;
     }
     for n in &mut nodes {
-        n.kill9().await;
+        n.kill9();
     }
     if temp {
         let _ = std::fs::remove_dir_all(&work);

@@ -181,7 +181,7 @@ pub async fn ap(args: ApArgs) -> Result<(), String> {
         .collect::<Result<_, _>>()?;
     let result = run(&args, &nodes, &clients).await;
     for n in &mut nodes {
-        n.kill9().await;
+        n.kill9();
     }
     if temp {
         let _ = std::fs::remove_dir_all(&work);

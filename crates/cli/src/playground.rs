@@ -7,13 +7,16 @@
 //! drop (`POST /v1/cluster/partition`), and drops their traffic in both directions.
 //!
 //! Ports: node i (1-based) serves RESP on BASE+i, HTTP on BASE+100+i and peers on BASE+200+i.
+//!
+//! Nodes start through `capdb-launch`, so they die with the playground even when it is killed
+//! with SIGKILL.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use capdb_launch::{LocalNode, NodeCommand};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -104,7 +107,7 @@ struct Playground {
     dir: PathBuf,
     nodes: u32,
     ports: Ports,
-    children: Mutex<Vec<Option<Child>>>,
+    children: Mutex<Vec<Option<LocalNode>>>,
     /// Current sides of a partition (empty when healed), for `status`.
     partition: Mutex<Vec<BTreeSet<u32>>>,
 }
@@ -273,28 +276,17 @@ impl Playground {
         let initial: Vec<String> = (1..=self.nodes)
             .map(|j| format!("{j}=127.0.0.1:{}", self.ports.peer(j)))
             .collect();
-        let log_path = self.dir.join(format!("node-{i}.log"));
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .map_err(|e| format!("{}: {e}", log_path.display()))?;
-        use std::os::unix::process::CommandExt;
-        let child = Command::new(&self.binary)
-            .arg("server")
-            .args(["--node-id", &i.to_string()])
-            .arg("--data-dir")
-            .arg(self.dir.join(format!("node-{i}")))
-            .args(["--resp-addr", &format!("127.0.0.1:{}", self.ports.resp(i))])
-            .args(["--http-addr", &format!("127.0.0.1:{}", self.ports.http(i))])
-            .args(["--peer-addr", &format!("127.0.0.1:{}", self.ports.peer(i))])
-            .args(["--initial-cluster", &initial.join(",")])
+        let child = NodeCommand::new(&self.binary)
+            .node_id(i.into())
+            .data_dir(self.dir.join(format!("node-{i}")))
+            .resp_addr(format!("127.0.0.1:{}", self.ports.resp(i)))
+            .http_addr(format!("127.0.0.1:{}", self.ports.http(i)))
+            .peer_addr(format!("127.0.0.1:{}", self.ports.peer(i)))
+            .initial_cluster(initial.join(","))
             .args(["--label", &format!("zone=z{}", (i - 1) % 3 + 1)])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().map_err(|e| e.to_string())?)
-            .stderr(log)
+            .log_file(self.dir.join(format!("node-{i}.log")))
             // Ctrl-C reaches the playground only; it stops the nodes itself, in order.
-            .process_group(0)
+            .own_process_group()
             .spawn()
             .map_err(|e| format!("starting node {i}: {e}"))?;
         *slot = Some(child);
@@ -306,7 +298,6 @@ impl Playground {
         match children[i as usize - 1].take() {
             Some(mut c) => {
                 let _ = c.kill();
-                let _ = c.wait();
                 Ok(())
             }
             None => Err(format!("node {i} is not running")),
@@ -317,19 +308,14 @@ impl Playground {
     /// SIGKILL for any still running after 15 s.
     fn stop_all(&self) {
         let mut children = self.children.lock().unwrap_or_else(|p| p.into_inner());
-        for c in children.iter().flatten() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &c.id().to_string()])
-                .status();
+        for c in children.iter_mut().flatten() {
+            let _ = c.terminate(Duration::ZERO);
         }
         let deadline = Instant::now() + Duration::from_secs(15);
         for c in children.iter_mut() {
             if let Some(child) = c.as_mut() {
-                while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-                    std::thread::sleep(Duration::from_millis(50));
-                }
+                let _ = child.wait_until(deadline);
                 let _ = child.kill();
-                let _ = child.wait();
             }
             *c = None;
         }
@@ -339,7 +325,7 @@ impl Playground {
         let mut children = self.children.lock().unwrap_or_else(|p| p.into_inner());
         children[i as usize - 1]
             .as_mut()
-            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
+            .is_some_and(|c| c.is_running())
     }
 
     async fn wait_ready(&self, timeout: Duration) -> Result<(), String> {

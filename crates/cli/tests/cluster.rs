@@ -27,36 +27,11 @@ impl Cluster {
 
     fn start_with(n: usize, extra: &[&str]) -> Cluster {
         let turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-        let peers: Vec<u16> = (0..n).map(|_| free_port()).collect();
-        let initial: Vec<String> = peers
-            .iter()
-            .enumerate()
-            .map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1))
-            .collect();
-        let initial = initial.join(",");
-        let mut nodes = Vec::new();
-        for (i, p) in peers.iter().enumerate() {
-            let id = (i + 1).to_string();
-            let zone = format!("zone=z{}", i % 3);
-            let mut args = vec![
-                "--node-id",
-                &id,
-                "--initial-cluster",
-                &initial,
-                "--label",
-                &zone,
-            ];
-            args.extend_from_slice(extra);
-            nodes.push(Server::prepare(*p, &args));
-        }
-        // Founding members start together (each waits for the others to form a quorum).
-        for s in &mut nodes {
-            s.spawn_no_wait();
-        }
-        for s in &mut nodes {
-            s.wait_ready()
-                .unwrap_or_else(|log| panic!("node did not become ready: {log}"));
-        }
+        let nodes = common::start_founders(n, |id| {
+            let mut args = vec!["--label".to_string(), format!("zone=z{}", (id - 1) % 3)];
+            args.extend(extra.iter().map(|a| a.to_string()));
+            args
+        });
         let c = Cluster { nodes, _turn: turn };
         c.wait_replicated(n.min(3));
         c

@@ -9,7 +9,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Server, free_port, http, json};
+use common::{Server, http, json};
 use redis::Commands;
 
 fn status(node: &Server) -> serde_json::Value {
@@ -21,37 +21,7 @@ fn status(node: &Server) -> serde_json::Value {
 /// Starts three founding nodes and waits until the default keyspace's shard has three voters
 /// and a leader.
 fn three_nodes() -> Vec<Server> {
-    let peers: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    let initial: Vec<String> = peers
-        .iter()
-        .enumerate()
-        .map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1))
-        .collect();
-    let initial = initial.join(",");
-    let mut nodes: Vec<Server> = peers
-        .iter()
-        .enumerate()
-        .map(|(i, p)| {
-            let id = (i + 1).to_string();
-            let zone = format!("zone=z{i}");
-            let args = [
-                "--node-id",
-                &id,
-                "--initial-cluster",
-                &initial,
-                "--label",
-                &zone,
-            ];
-            Server::prepare(*p, &args)
-        })
-        .collect();
-    for s in &mut nodes {
-        s.spawn_no_wait();
-    }
-    for s in &mut nodes {
-        s.wait_ready()
-            .unwrap_or_else(|log| panic!("node did not become ready: {log}"));
-    }
+    let nodes = common::start_founders(3, |id| vec!["--label".into(), format!("zone=z{}", id - 1)]);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let st = status(&nodes[0]);

@@ -33,39 +33,13 @@ impl Cluster {
     /// Three founding nodes in Redis Cluster mode, with `kv` led by two nodes or more.
     fn start() -> Cluster {
         let turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-        let peers: Vec<u16> = (0..3).map(|_| free_port()).collect();
-        let initial: Vec<String> = peers
-            .iter()
-            .enumerate()
-            .map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1))
-            .collect();
-        let initial = initial.join(",");
-        let mut nodes: Vec<Server> = peers
-            .iter()
-            .enumerate()
-            .map(|(i, p)| {
-                let id = (i + 1).to_string();
-                Server::prepare(
-                    *p,
-                    &[
-                        "--node-id",
-                        &id,
-                        "--initial-cluster",
-                        &initial,
-                        "--redis-cluster",
-                        "--resp-keyspace",
-                        KEYSPACE,
-                    ],
-                )
-            })
-            .collect();
-        for s in &mut nodes {
-            s.spawn_no_wait();
-        }
-        for s in &mut nodes {
-            s.wait_ready()
-                .unwrap_or_else(|log| panic!("node did not become ready: {log}"));
-        }
+        let nodes = common::start_founders(3, |_| {
+            vec![
+                "--redis-cluster".into(),
+                "--resp-keyspace".into(),
+                KEYSPACE.into(),
+            ]
+        });
         let c = Cluster { nodes, _turn: turn };
         c.create_keyspace_with_several_masters();
         c

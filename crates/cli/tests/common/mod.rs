@@ -1,35 +1,26 @@
-//! Test harness: starts the real `capdb` binary on free loopback ports with its own data
-//! directory, and stops it (SIGKILL) when dropped.
+//! Test harness: starts the real `capdb` binary (through `capdb-launch`) on free loopback
+//! ports with its own data directory, and stops it (SIGKILL) when dropped, or when the test
+//! process dies.
 #![allow(dead_code)]
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus};
 use std::time::{Duration, Instant};
+
+use capdb_launch::{LocalNode, NodeCommand};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_capdb");
 
 /// A port free right now, never handed out before in this test process (the OS may offer a
 /// just-released port again, and two nodes of one cluster must not get the same one).
 pub fn free_port() -> u16 {
-    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
-    loop {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
-        if !given.contains(&port) {
-            given.push(port);
-            return port;
-        }
-    }
+    capdb_launch::free_port().expect("a free loopback port")
 }
 
 pub struct Server {
-    pub child: Option<Child>,
+    pub child: Option<LocalNode>,
     pub resp: SocketAddr,
     pub http: SocketAddr,
     pub peer: SocketAddr,
@@ -82,28 +73,18 @@ impl Server {
     /// Starts the process without waiting for it to be ready.
     pub fn spawn_no_wait(&mut self) {
         assert!(self.child.is_none());
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join("server.log"))
-            .unwrap();
-        let child = Command::new(BIN)
-            .arg("server")
-            .arg("--data-dir")
-            .arg(self.data_dir())
-            .arg("--resp-addr")
-            .arg(self.resp.to_string())
-            .arg("--http-addr")
-            .arg(self.http.to_string())
-            .arg("--peer-addr")
-            .arg(self.peer.to_string())
+        let mut command = NodeCommand::new(BIN)
+            .data_dir(self.data_dir())
+            .resp_addr(self.resp)
+            .http_addr(self.http)
+            .peer_addr(self.peer)
             .args(&self.extra)
             .env("CAPDB_LOG", "info,openraft=warn")
-            .envs(self.env.iter().cloned())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start capdb");
+            .stderr_log_file(self.dir.path().join("server.log"));
+        for (k, v) in &self.env {
+            command = command.env(k, v);
+        }
+        let child = command.spawn().expect("start capdb");
         self.child = Some(child);
     }
 
@@ -134,21 +115,14 @@ impl Server {
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
-            let _ = c.wait();
         }
     }
 
     pub fn sigterm(&mut self) -> ExitStatus {
         let mut c = self.child.take().expect("running");
-        unsafe_kill(c.id(), "TERM");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = c.try_wait().unwrap() {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "no exit 30 s after SIGTERM");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        c.terminate(Duration::from_secs(30))
+            .unwrap()
+            .expect("no exit 30 s after SIGTERM")
     }
 
     pub fn restart(&mut self) {
@@ -174,19 +148,42 @@ impl Server {
     }
 }
 
+/// Founding members of one cluster on loopback, started together (each waits for the others
+/// to form a quorum), then each waited for until ready. Node i (1-based) is `nodes[i - 1]`
+/// and runs with `--node-id i --initial-cluster ...` followed by `extra(i)`.
+pub fn start_founders(n: usize, extra: impl Fn(usize) -> Vec<String>) -> Vec<Server> {
+    let peers: Vec<u16> = (0..n).map(|_| free_port()).collect();
+    let initial: Vec<String> = peers
+        .iter()
+        .enumerate()
+        .map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1))
+        .collect();
+    let initial = initial.join(",");
+    let mut nodes: Vec<Server> = peers
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let id = (i + 1).to_string();
+            let more = extra(i + 1);
+            let mut args = vec!["--node-id", &id, "--initial-cluster", &initial];
+            args.extend(more.iter().map(String::as_str));
+            Server::prepare(*p, &args)
+        })
+        .collect();
+    for s in &mut nodes {
+        s.spawn_no_wait();
+    }
+    for s in &mut nodes {
+        s.wait_ready()
+            .unwrap_or_else(|log| panic!("node did not become ready: {log}"));
+    }
+    nodes
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         self.kill9();
     }
-}
-
-fn unsafe_kill(pid: u32, sig: &str) {
-    let status = Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(pid.to_string())
-        .status()
-        .unwrap();
-    assert!(status.success());
 }
 
 /// A one-shot HTTP/1.1 request over a plain socket; returns (status, body).
