@@ -158,6 +158,29 @@ pub fn meta_voters(state: &ClusterState) -> BTreeSet<NodeId> {
     eligible(state).into_iter().take(META_VOTERS).collect()
 }
 
+/// The meta group's next voter set: keep the current voters (a founding voter may simply not
+/// have registered yet) except draining ones, and top up to [`META_VOTERS`] from the map's
+/// nodes.
+pub fn meta_target_voters(state: &ClusterState, current: BTreeSet<NodeId>) -> BTreeSet<NodeId> {
+    let draining = |n: &NodeId| state.nodes.get(n).is_some_and(|i| i.draining);
+    let mut target: BTreeSet<NodeId> = current.into_iter().filter(|n| !draining(n)).collect();
+    let kept = target.len();
+    for n in meta_voters(state)
+        .into_iter()
+        .chain(state.nodes.keys().copied())
+    {
+        if target.len() >= META_VOTERS {
+            break;
+        }
+        if !draining(&n) {
+            target.insert(n);
+        }
+    }
+    debug_assert!(!target.iter().any(draining), "{target:?}");
+    debug_assert!(target.len() <= META_VOTERS.max(kept), "{target:?}");
+    target
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
