@@ -6,7 +6,8 @@
 //! - [`state`]: [`state::ClusterState`], the meta Raft group's state machine: nodes, labels,
 //!   keyspaces, shards and their replicas, changed only by [`state::MetaCommand`]s.
 //! - [`placement`]: where replicas go (distinct nodes, spread over zones, least loaded), and the
-//!   one-step-at-a-time repair/rebalancing plan the meta leader follows.
+//!   one-step-at-a-time repair/rebalancing plan the meta leader follows, and the meta group's
+//!   voters. Specified by the scripts in `tests/placement/` (see `tests/placement_scripts.rs`).
 //!
 //! Pure logic, no I/O: the Raft groups that replicate this state live in `capdb-replication`.
 

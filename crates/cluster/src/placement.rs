@@ -61,7 +61,24 @@ pub fn pick(
         *zones.entry(state.nodes[&best].zone()).or_default() += 1;
         chosen.push(best);
     }
+    debug_assert!(chosen.len() <= count);
+    debug_assert!(
+        chosen
+            .iter()
+            .all(|n| state.nodes.get(n).is_some_and(|i| !i.draining)),
+        "picked a draining or unknown node: {chosen:?}"
+    );
+    debug_assert!(
+        distinct(&chosen) && chosen.iter().all(|n| !existing.contains(n)),
+        "picked a node twice or one already holding the shard: {chosen:?} (existing {existing:?})"
+    );
     chosen
+}
+
+/// Whether no node appears twice. `ClusterState::apply` does not check that a shard's replicas
+/// are distinct, so placement asserts only that it keeps them distinct.
+fn distinct(nodes: &[NodeId]) -> bool {
+    nodes.iter().collect::<BTreeSet<_>>().len() == nodes.len()
 }
 
 /// Replica sets for the `shards` shards of a new keyspace with replication factor `rf`.
@@ -97,7 +114,12 @@ pub fn next_move(state: &ClusterState) -> Option<MetaCommand> {
             let added = pick(state, &load, &shard.replicas, want - healthy.len());
             if !added.is_empty() {
                 // Add first; the bad replicas go in a later step, once the new ones hold data.
+                // So this set may still hold draining nodes, but none that it adds.
                 replicas.extend(added);
+                debug_assert!(
+                    distinct(&replicas) || !distinct(&shard.replicas),
+                    "{replicas:?}"
+                );
                 return Some(MetaCommand::SetReplicas {
                     keyspace: name.clone(),
                     shard: i as u32,
@@ -106,6 +128,7 @@ pub fn next_move(state: &ClusterState) -> Option<MetaCommand> {
             }
         }
         if healthy.len() >= want && healthy.len() < shard.replicas.len() {
+            debug_assert!(distinct(&healthy) || !distinct(&shard.replicas));
             return Some(MetaCommand::SetReplicas {
                 keyspace: name.clone(),
                 shard: i as u32,
@@ -143,6 +166,16 @@ pub fn next_move(state: &ClusterState) -> Option<MetaCommand> {
             if zones_after.len() < zones_before.len() {
                 continue;
             }
+            // Repair left every shard on eligible nodes only (else it returned a step above),
+            // and `min_node` is eligible and not in this shard.
+            debug_assert!(
+                replicas.iter().all(|n| eligible.contains(n)),
+                "balancing proposes a draining node: {name}/{i} {replicas:?}"
+            );
+            debug_assert!(
+                distinct(&replicas) || !distinct(&shard.replicas),
+                "{replicas:?}"
+            );
             return Some(MetaCommand::SetReplicas {
                 keyspace: name.clone(),
                 shard: i as u32,
@@ -156,6 +189,29 @@ pub fn next_move(state: &ClusterState) -> Option<MetaCommand> {
 /// The meta group's voters: the first [`META_VOTERS`] non-draining nodes by id (all when fewer).
 pub fn meta_voters(state: &ClusterState) -> BTreeSet<NodeId> {
     eligible(state).into_iter().take(META_VOTERS).collect()
+}
+
+/// The meta group's next voter set: keep the current voters (a founding voter may simply not
+/// have registered yet) except draining ones, and top up to [`META_VOTERS`] from the map's
+/// nodes.
+pub fn meta_target_voters(state: &ClusterState, current: BTreeSet<NodeId>) -> BTreeSet<NodeId> {
+    let draining = |n: &NodeId| state.nodes.get(n).is_some_and(|i| i.draining);
+    let mut target: BTreeSet<NodeId> = current.into_iter().filter(|n| !draining(n)).collect();
+    let kept = target.len();
+    for n in meta_voters(state)
+        .into_iter()
+        .chain(state.nodes.keys().copied())
+    {
+        if target.len() >= META_VOTERS {
+            break;
+        }
+        if !draining(&n) {
+            target.insert(n);
+        }
+    }
+    debug_assert!(!target.iter().any(draining), "{target:?}");
+    debug_assert!(target.len() <= META_VOTERS.max(kept), "{target:?}");
+    target
 }
 
 #[cfg(test)]

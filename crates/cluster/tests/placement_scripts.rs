@@ -1,0 +1,286 @@
+//! Replica placement as specifications: scripts under `tests/placement/*.txt` drive the
+//! placement functions on a cluster map and state what they decide.
+//!
+//! # Script format
+//!
+//! A script is a sequence of blocks separated by blank lines; one map carries through all the
+//! blocks of a file. A block is command lines (one command each, `#` starts a comment line),
+//! then a line `---`, then the expected output, which ends at the next blank line or at the end
+//! of the file (commands never print blank lines). A paragraph of comments only is no block.
+//!
+//! ```text
+//! nodes a(zone=1) b(zone=2) c(zone=3)
+//! create ks shards=2 rf=3
+//! show
+//! ---
+//! ks/0: a b c
+//! ks/1: a b c
+//! ```
+//!
+//! Nodes are named in scripts; a name gets the next id (1, 2, 3...) where it first appears, in
+//! any command, so `a` is node 1 above.
+//!
+//! - `nodes <node>...`: registers nodes (`MetaCommand::UpsertNode`). A node is `name` or
+//!   `name(key=value,...)` with placement labels, e.g. `a(zone=1)`. Prints nothing.
+//! - `add <node>...`: the same, for nodes that join a running cluster.
+//! - `drain <name>`: `MetaCommand::DrainNode`. Prints nothing.
+//! - `remove <name>`: `MetaCommand::RemoveNode` (refused while it holds replicas).
+//! - `create <keyspace> shards=N rf=R`: replica sets from `placement::place_keyspace`, applied
+//!   as `MetaCommand::CreateKeyspace` (mode cp). Prints nothing.
+//! - `step`: `placement::next_move`, printed and applied. A `SetReplicas` prints as
+//!   `<kind> <keyspace>/<shard>: <old replicas> -> <new replicas>`, where kind is `add` (the new
+//!   set only adds nodes), `remove` (it only removes) or `move`; no move prints `none`.
+//! - `steps`: `step` until it prints `none` (printed too), at most 100 times.
+//! - `show`: every shard's replicas, as stored, one line per shard: `<keyspace>/<shard>: a b c`.
+//! - `load`: replicas per node, then the difference between the most and least loaded
+//!   non-draining nodes: `a=2 b=2 c=1 d=0(draining) max-min=1`.
+//! - `meta-voters current=a,b,c`: `placement::meta_target_voters` for these current voters
+//!   (`current=` for none), printed by id.
+//!
+//! A failed apply prints `error: <message>`; a malformed command fails the test.
+//!
+//! Run with `UPDATE_SCRIPTS=1` to write the actual output over the expected one instead of
+//! comparing (then review the diff).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use capdb_cluster::placement;
+use capdb_cluster::{ClusterState, MetaCommand, MetaResponse, NodeId, NodeInfo};
+use capdb_types::{KeyspaceName, KeyspaceSpec, Mode};
+
+#[derive(Default)]
+struct Runner {
+    state: ClusterState,
+    ids: BTreeMap<String, NodeId>,
+}
+
+impl Runner {
+    fn id(&mut self, name: &str) -> NodeId {
+        let next = self.ids.len() as NodeId + 1;
+        *self.ids.entry(name.to_string()).or_insert(next)
+    }
+
+    fn name(&self, id: NodeId) -> String {
+        let name = self.ids.iter().find(|(_, i)| **i == id).map(|(n, _)| n);
+        name.cloned().unwrap_or_else(|| format!("#{id}"))
+    }
+
+    fn names(&self, ids: impl IntoIterator<Item = NodeId>) -> String {
+        let names: Vec<String> = ids.into_iter().map(|i| self.name(i)).collect();
+        names.join(" ")
+    }
+
+    fn apply(&mut self, cmd: &MetaCommand, out: &mut Vec<String>) {
+        if let MetaResponse::Error(e) = self.state.apply(cmd) {
+            out.push(format!("error: {e}"));
+        }
+    }
+
+    /// Runs one command line, appending its output lines to `out`.
+    fn run(&mut self, line: &str, out: &mut Vec<String>) -> Result<(), String> {
+        let mut words = line.split_whitespace();
+        let command = words.next().unwrap_or_default();
+        let args: Vec<&str> = words.collect();
+        match (command, args.as_slice()) {
+            ("nodes" | "add", nodes) if !nodes.is_empty() => {
+                for node in nodes {
+                    let (name, labels) = match node.strip_suffix(')') {
+                        Some(rest) => rest.split_once('(').ok_or("bad node")?,
+                        None => (*node, ""),
+                    };
+                    let labels = labels
+                        .split(',')
+                        .filter(|l| !l.is_empty())
+                        .map(|l| l.split_once('=').ok_or(format!("bad label '{l}'")))
+                        .map(|kv| kv.map(|(k, v)| (k.to_string(), v.to_string())))
+                        .collect::<Result<_, _>>()?;
+                    let info = NodeInfo {
+                        id: self.id(name),
+                        peer_addr: String::new(),
+                        resp_addr: String::new(),
+                        http_addr: String::new(),
+                        labels,
+                        draining: false,
+                    };
+                    self.apply(&MetaCommand::UpsertNode(info), out);
+                }
+            }
+            ("drain", [name]) => {
+                let id = self.id(name);
+                self.apply(&MetaCommand::DrainNode(id), out);
+            }
+            ("remove", [name]) => {
+                let id = self.id(name);
+                self.apply(&MetaCommand::RemoveNode(id), out);
+            }
+            ("create", [name, shards, rf]) => {
+                let number = |arg: &str, key: &str| {
+                    let v = arg.strip_prefix(key).ok_or(format!("expected {key}N"))?;
+                    v.parse::<u32>().map_err(|e| e.to_string())
+                };
+                let (shards, rf) = (number(shards, "shards=")?, number(rf, "rf=")?);
+                let name = KeyspaceName::new(*name).map_err(|e| e.to_string())?;
+                let spec = KeyspaceSpec::new(name, Mode::Cp, Some(rf), Some(shards), None, None)
+                    .map_err(|e| e.to_string())?;
+                let replicas = placement::place_keyspace(&self.state, shards, rf);
+                self.apply(&MetaCommand::CreateKeyspace { spec, replicas }, out);
+            }
+            ("step", []) => {
+                self.step(out);
+            }
+            ("steps", []) => {
+                let mut moved = 0;
+                while self.step(out) {
+                    moved += 1;
+                    if moved == 100 {
+                        out.push("(still moving after 100 steps)".into());
+                        break;
+                    }
+                }
+            }
+            ("show", []) => {
+                for (name, i, shard) in self.state.all_shards() {
+                    let replicas = self.names(shard.replicas.iter().copied());
+                    out.push(format!("{name}/{i}: {replicas}"));
+                }
+            }
+            ("load", []) => {
+                let mut line = Vec::new();
+                let mut eligible = Vec::new();
+                for (id, load) in self.state.load() {
+                    let draining = self.state.nodes[&id].draining;
+                    let mark = if draining { "(draining)" } else { "" };
+                    line.push(format!("{}={load}{mark}", self.name(id)));
+                    if !draining {
+                        eligible.push(load);
+                    }
+                }
+                let (max, min) = (eligible.iter().max(), eligible.iter().min());
+                let diff = max.zip(min).map_or(0, |(max, min)| max - min);
+                out.push(format!("{} max-min={diff}", line.join(" ")));
+            }
+            ("meta-voters", [current]) => {
+                let current = current
+                    .strip_prefix("current=")
+                    .ok_or("expected current=")?;
+                let current: BTreeSet<NodeId> = current
+                    .split(',')
+                    .filter(|n| !n.is_empty())
+                    .map(|n| self.id(n))
+                    .collect();
+                let target = placement::meta_target_voters(&self.state, current);
+                out.push(self.names(target));
+            }
+            _ => return Err(format!("unknown command or bad arguments: '{line}'")),
+        }
+        Ok(())
+    }
+
+    /// One `next_move`, printed and applied; false when there was none.
+    fn step(&mut self, out: &mut Vec<String>) -> bool {
+        let Some(cmd) = placement::next_move(&self.state) else {
+            out.push("none".into());
+            return false;
+        };
+        let line = match &cmd {
+            MetaCommand::SetReplicas {
+                keyspace,
+                shard,
+                replicas,
+            } => {
+                let old = &self.state.keyspaces[keyspace].shards[*shard as usize].replicas;
+                let kind = if old.iter().all(|n| replicas.contains(n)) {
+                    "add"
+                } else if replicas.iter().all(|n| old.contains(n)) {
+                    "remove"
+                } else {
+                    "move"
+                };
+                let (old, new) = (self.names(old.clone()), self.names(replicas.clone()));
+                format!("{kind} {keyspace}/{shard}: {old} -> {new}")
+            }
+            other => format!("{other:?}"),
+        };
+        out.push(line);
+        self.apply(&cmd, out);
+        true
+    }
+}
+
+/// Runs a script; returns its text with the actual outputs, and the mismatches.
+fn run_script(path: &Path, text: &str) -> (String, Vec<String>) {
+    let mut runner = Runner::default();
+    let (mut rewritten, mut failures) = (String::new(), Vec::new());
+    let mut commands: Vec<(usize, &str)> = Vec::new();
+    // The `---` line's number and the expected lines, once in a block's output.
+    let mut expected: Option<(usize, Vec<&str>)> = None;
+    let mut lines = text.lines().zip(1..).peekable();
+    while let Some((line, n)) = lines.next() {
+        let blank = line.trim().is_empty();
+        match &mut expected {
+            Some((_, exp)) => exp.push(line),
+            None => {
+                rewritten.push_str(line);
+                rewritten.push('\n');
+                if line == "---" {
+                    expected = Some((n, Vec::new()));
+                } else if blank && !commands.is_empty() {
+                    panic!("{}:{n}: commands without a --- line", path.display());
+                } else if !blank && !line.trim_start().starts_with('#') {
+                    commands.push((n, line.trim()));
+                }
+            }
+        }
+        let block_ends = lines.peek().is_none_or(|(l, _)| l.trim().is_empty());
+        if let (Some((dashes, exp)), true) = (&expected, block_ends) {
+            let mut actual = Vec::new();
+            for (n, command) in commands.drain(..) {
+                if let Err(e) = runner.run(command, &mut actual) {
+                    panic!("{}:{n}: {e}", path.display());
+                }
+            }
+            if *exp != actual {
+                failures.push(format!(
+                    "{}:{dashes}: output differs\n--- expected\n{}\n--- actual\n{}\n",
+                    path.display(),
+                    exp.join("\n"),
+                    actual.join("\n"),
+                ));
+            }
+            for line in actual {
+                rewritten.push_str(&line);
+                rewritten.push('\n');
+            }
+            expected = None;
+        }
+    }
+    if let Some((n, _)) = commands.first() {
+        panic!("{}:{n}: commands without a --- line", path.display());
+    }
+    (rewritten, failures)
+}
+
+#[test]
+fn placement_scripts() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/placement");
+    let mut paths: Vec<_> = std::fs::read_dir(&dir)
+        .expect("tests/placement")
+        .map(|e| e.expect("dir entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "txt"))
+        .collect();
+    paths.sort();
+    assert!(!paths.is_empty(), "no scripts in {}", dir.display());
+    let update = std::env::var_os("UPDATE_SCRIPTS").is_some_and(|v| v == "1");
+    let mut failures = Vec::new();
+    for path in paths {
+        let text = std::fs::read_to_string(&path).expect("read script");
+        let (rewritten, mismatches) = run_script(&path, &text);
+        if update && rewritten != text {
+            std::fs::write(&path, rewritten).expect("write script");
+        } else if !update {
+            failures.extend(mismatches);
+        }
+    }
+    assert!(failures.is_empty(), "\n{}", failures.join("\n"));
+}
