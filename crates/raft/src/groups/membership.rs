@@ -24,30 +24,6 @@ use crate::state_machine::Kind;
 /// on the next pass).
 const CATCH_UP_WAIT_MAX: Duration = Duration::from_secs(30);
 
-/// The meta group's next voter set: keep the current voters (a founding voter may simply not
-/// have registered yet) except draining ones, and top up to [`placement::META_VOTERS`] from
-/// the map's nodes.
-fn meta_target_voters(state: &ClusterState, current: BTreeSet<NodeId>) -> BTreeSet<NodeId> {
-    let draining = |n: &NodeId| state.nodes.get(n).is_some_and(|i| i.draining);
-    let mut target: BTreeSet<NodeId> = current.into_iter().filter(|n| !draining(n)).collect();
-    for n in placement::meta_voters(state)
-        .into_iter()
-        .chain(state.nodes.keys().copied())
-    {
-        if target.len() >= placement::META_VOTERS {
-            break;
-        }
-        if !draining(&n) {
-            target.insert(n);
-        }
-    }
-    assert!(
-        !target.iter().any(draining),
-        "a target meta voter set never holds a draining node"
-    );
-    target
-}
-
 impl Groups {
     /// One pass: local groups follow the map; groups this node leads move their membership.
     pub async fn follow_map(self: &Arc<Self>, state: &ClusterState) -> Result<(), Error> {
@@ -58,7 +34,7 @@ impl Groups {
                 if state.nodes.is_empty() {
                     continue;
                 }
-                meta_target_voters(
+                placement::meta_target_voters(
                     state,
                     m.membership_config.membership().voter_ids().collect(),
                 )
