@@ -9,7 +9,8 @@
 //!   one-step-at-a-time repair/rebalancing plan the meta leader follows, and the meta group's
 //!   voters. Specified by the scripts in `tests/placement/` (see `tests/placement_scripts.rs`).
 //!
-//! Pure logic, no I/O: the Raft groups that replicate this state live in `capdb-replication`.
+//! Pure logic, no I/O: it must not depend on storage, Raft or the network. The Raft group that
+//! replicates this state lives in `capdb-raft` (`groups/meta.rs`).
 
 pub mod placement;
 pub mod slots;

@@ -1,9 +1,13 @@
 //! A capdb node.
 //!
+//! The top of the stack below the binary: it may use every capdb library crate, and none of
+//! them may use it.
+//!
 //! # Layout
 //!
 //! - [`config`]: typed configuration from file, environment and flags, validated at start.
-//! - [`node`]: the node's shared state: storage engine, keyspace catalog, active expiry.
+//! - [`node`]: the node: its Raft groups and `ap` service, the keyspace catalog and router
+//!   (the only place that knows the keyspace modes), the control loop, admin status.
 //! - [`keyscan`]: scans shard by shard, and the table behind numeric `SCAN` cursors.
 //! - [`resp`]: the Redis protocol front end (parser, commands, replies).
 //! - [`http`]: the HTTP/JSON API, health checks and `/metrics`.

@@ -1,5 +1,9 @@
 //! capdb's storage: where a node keeps the keys of every keyspace it holds.
 //!
+//! It must not depend on the cluster map, Raft, `ap` or the network: replication decides what
+//! to store, storage only stores it (durably, with group commit). Every table and `_meta` key
+//! is named in [`layout`].
+//!
 //! # Layout
 //!
 //! - [`disk`]: [`disk::DiskEngine`], one redb database file per node holding every durable

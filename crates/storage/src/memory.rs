@@ -25,6 +25,7 @@
 //! Multi-key mutations (MSET) lock the shards they touch in index order, so they are atomic to
 //! readers and cannot deadlock.
 
+use std::collections::HashSet;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
@@ -235,9 +236,15 @@ impl MemStore {
     }
 
     /// Evicts sampled entries until the store is within its limit (bounded per call).
-    fn evict_to_limit(&self, now_ms: u64) {
+    ///
+    /// Keys in `spare` (the ones the batch just wrote) are not sampled while anything else can
+    /// go: Redis evicts before it runs a command, so a write it answered is never its own
+    /// eviction's victim, and with millisecond access times a whole batch would otherwise tie
+    /// with older entries. Only when every remaining entry is spared do spared keys go too.
+    fn evict_to_limit(&self, now_ms: u64, spare: &HashSet<&[u8]>) {
         let mut rng = fastrand::Rng::new();
         let mut evicted = 0;
+        let mut sparing = !spare.is_empty();
         while self.used_bytes.load(Ordering::Relaxed) > self.max_bytes
             && evicted < EVICTIONS_PER_WRITE_MAX
         {
@@ -251,8 +258,19 @@ impl MemStore {
                     return false;
                 }
                 let now = now_ms as u32;
-                let victim = (0..EVICTION_SAMPLE.min(len))
+                let spared = |idx: &usize| {
+                    sparing
+                        && shard
+                            .map
+                            .get_index(*idx)
+                            .is_some_and(|(k, _)| spare.contains(&k[..]))
+                };
+                // Draw at most a few times the sample size, so a shard full of spared keys
+                // costs a bounded number of draws.
+                let victim = (0..EVICTION_SAMPLE.min(len) * 4)
                     .map(|_| rng.usize(..len))
+                    .filter(|idx| !spared(idx))
+                    .take(EVICTION_SAMPLE)
                     .min_by_key(|&idx| {
                         let e = &shard.map[idx];
                         match self.policy {
@@ -264,12 +282,18 @@ impl MemStore {
                                 lfu_decay(e.frequency, e.accessed_ms, now) as u64
                             }
                         }
-                    })
-                    .expect("sampled at least one index");
+                    });
+                let Some(victim) = victim else {
+                    return false;
+                };
                 self.remove_at(&mut shard, victim);
                 true
             });
             if !victim_found {
+                if sparing {
+                    sparing = false;
+                    continue;
+                }
                 break;
             }
             evicted += 1;
@@ -419,7 +443,8 @@ impl KeyspaceStore for MemStore {
         }
         drop(guards);
         if self.used_bytes.load(Ordering::Relaxed) > self.max_bytes {
-            self.evict_to_limit(now_ms);
+            let written: HashSet<&[u8]> = mutations.iter().map(|m| &m.key()[..]).collect();
+            self.evict_to_limit(now_ms, &written);
         }
         Ok(replies)
     }

@@ -237,6 +237,32 @@ async fn disk_active_expiry_removes_expired_keys() {
 }
 
 #[tokio::test]
+async fn a_cache_never_evicts_the_writes_it_just_answered_while_older_entries_remain() {
+    // Every write at the same millisecond, as a pipeline on a busy node: LRU cannot tell old
+    // from new by access time, and Redis (which evicts before running a command) would keep
+    // each batch's keys.
+    for policy in [EvictionPolicy::Lru, EvictionPolicy::Lfu] {
+        let limit = 1 << 20;
+        let store = MemStore::new(limit, policy, Arc::new(Hlc::new()), VALUE_MAX);
+        let value = "x".repeat(1000);
+        for batch in 0..10 {
+            let writes = (0..400)
+                .map(|i| set(&format!("b{batch}k{i}"), &value, ExpiryUpdate::Clear))
+                .collect();
+            store.apply(writes, 7).await.unwrap();
+            for i in 0..400 {
+                let key = format!("b{batch}k{i}");
+                assert!(
+                    store.get(key.as_bytes(), 7).unwrap().is_some(),
+                    "{policy:?}: {key} of the last batch was evicted by its own batch"
+                );
+            }
+        }
+        assert!(store.used_bytes() <= limit);
+    }
+}
+
+#[tokio::test]
 async fn memory_store_evicts_under_its_limit_and_expires_actively() {
     for policy in [EvictionPolicy::Lru, EvictionPolicy::Lfu] {
         let limit = 1 << 20;

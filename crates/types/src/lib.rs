@@ -1,5 +1,8 @@
 //! Shared vocabulary of capdb: everything the layers above agree on.
 //!
+//! It must not depend on any other capdb crate, nor do I/O: every layer uses it, so it stays
+//! pure data and pure functions.
+//!
 //! # Layout
 //!
 //! - [`value`]: a stored value and its header (HLC timestamp, tombstone flag, expiry), and the
