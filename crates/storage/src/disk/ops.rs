@@ -1,0 +1,513 @@
+//! The jobs the writer runs (`Op`), what they answer (`Output`), and how each runs inside the
+//! batch's write transaction.
+
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use capdb_types::{Effect, Error, Hlc, Mutation, Reply, Result, Timestamp, Value};
+use redb::ReadableTable;
+
+use super::meta::{put_meta, remove_meta_prefix};
+use super::{EngineStats, META_TABLE, MetaItem, RememberReplies, io_err, log_def, table_def};
+use crate::BatchReplies;
+
+pub(super) enum Op {
+    Apply {
+        table: String,
+        tombstones: bool,
+        mutations: Vec<Mutation>,
+        now_ms: u64,
+    },
+    /// Deletes the given keys if they are still expired at `now_ms` (active expiry). In a
+    /// table with tombstones (`ap`) an expired value becomes a tombstone with its timestamp
+    /// instead, so replicas converge on the deletion rather than resurrecting older values.
+    RemoveExpired {
+        table: String,
+        keys: Vec<Bytes>,
+        now_ms: u64,
+        tombstones: bool,
+    },
+    Clear {
+        table: String,
+    },
+    CreateTable {
+        table: String,
+        meta_key: String,
+        meta_value: Vec<u8>,
+    },
+    DropTable {
+        table: String,
+        meta_key: String,
+    },
+    /// Completes once every job queued before it is durable.
+    Barrier,
+    /// `ap` replication: merges incoming versions into a table (`capdb_types::merge`);
+    /// replies with how many keys changed.
+    Merge {
+        table: String,
+        entries: Vec<(Bytes, Value)>,
+    },
+    /// `ap` counters: this node's increment of a key's PN-counter, read-modify-write under the
+    /// writer (so increments of one node never race); replies with the new version.
+    CounterAdd {
+        table: String,
+        key: Bytes,
+        node: u64,
+        delta: i64,
+        timestamp: Timestamp,
+        now_ms: u64,
+    },
+    /// `ap` tombstone collection: removes each key whose stored version is still the tombstone
+    /// with exactly this timestamp (a newer write is kept).
+    PurgeTombstones {
+        table: String,
+        entries: Vec<(Bytes, Timestamp)>,
+    },
+    /// Applies the mutations of committed Raft entries to a shard table, with the leader's
+    /// timestamps, and records the applied state in `_meta` in the same transaction. Not durable
+    /// by itself: the Raft log is, and replaying it restores anything lost (see `durable`).
+    ApplyReplicated {
+        table: String,
+        mutations: Vec<(Mutation, Timestamp, u64)>,
+        meta: Vec<MetaItem>,
+        remember: Vec<RememberReplies>,
+    },
+    /// Appends records to a log table (u64 index -> bytes).
+    LogAppend {
+        table: String,
+        records: Vec<(u64, Vec<u8>)>,
+    },
+    /// Deletes log records with index in `from..=to` (`to: None` = to the end).
+    LogRemove {
+        table: String,
+        from: u64,
+        to: Option<u64>,
+    },
+    /// Puts (`Some`) or deletes (`None`) `_meta` entries.
+    MetaPut {
+        items: Vec<(String, Option<Vec<u8>>)>,
+        durable: bool,
+    },
+    /// Replaces a table's whole content (snapshot install): deletes every `_meta` entry under
+    /// `clear_meta_prefix`, then sets `_meta` entries.
+    ReplaceTable {
+        table: String,
+        entries: Vec<(Vec<u8>, Vec<u8>)>,
+        clear_meta_prefix: Option<String>,
+        meta: Vec<MetaItem>,
+    },
+    /// Deletes tables (data and log) and `_meta` entries (by key and by prefix) of a group this
+    /// node no longer holds.
+    DropGroup {
+        tables: Vec<String>,
+        log_tables: Vec<String>,
+        meta_keys: Vec<String>,
+        meta_prefixes: Vec<String>,
+    },
+}
+
+impl Op {
+    pub(super) fn payload_bytes(&self) -> usize {
+        match self {
+            Op::Apply { mutations, .. } => mutations
+                .iter()
+                .map(|m| {
+                    m.key().len()
+                        + match m {
+                            Mutation::Set { value, .. } => value.len(),
+                            Mutation::Append { data, .. } => data.len(),
+                            _ => 0,
+                        }
+                })
+                .sum(),
+            Op::RemoveExpired { keys, .. } => keys.iter().map(|k| k.len()).sum(),
+            Op::Merge { entries, .. } => entries.iter().map(|(k, v)| k.len() + v.data.len()).sum(),
+            Op::PurgeTombstones { entries, .. } => entries.iter().map(|(k, _)| k.len() + 8).sum(),
+            Op::LogAppend { records, .. } => records.iter().map(|(_, r)| r.len() + 8).sum(),
+            Op::ReplaceTable { entries, .. } => {
+                entries.iter().map(|(k, v)| k.len() + v.len()).sum()
+            }
+            Op::ApplyReplicated { mutations, .. } => mutations
+                .iter()
+                .map(|(m, _, _)| {
+                    m.key().len()
+                        + match m {
+                            Mutation::Set { value, .. } => value.len(),
+                            Mutation::Append { data, .. } => data.len(),
+                            _ => 0,
+                        }
+                })
+                .sum(),
+            _ => 0,
+        }
+    }
+
+    /// Whether the job's acknowledgement must wait for an fsync. A batch made only of
+    /// non-durable jobs commits without one; any durable job makes the whole batch (and every
+    /// earlier non-durable commit) durable.
+    pub(super) fn durable(&self) -> bool {
+        match self {
+            Op::ApplyReplicated { .. } => false,
+            Op::MetaPut { durable, .. } => *durable,
+            _ => true,
+        }
+    }
+}
+
+pub(super) enum Output {
+    Replies(BatchReplies),
+    /// The new version written by `CounterAdd`.
+    Value(Value),
+    /// Replies of `ApplyReplicated`, one per mutation.
+    Count(u64),
+    Done,
+    /// The job failed alone (e.g. its table was dropped); the rest of the batch committed.
+    Failed(Error),
+}
+
+pub(super) fn execute(
+    txn: &redb::WriteTransaction,
+    op: &Op,
+    hlc: &Hlc,
+    value_bytes_max: usize,
+    stats: &EngineStats,
+    live_tables: &mut std::collections::HashSet<String>,
+) -> Result<Output> {
+    let missing = |table: &String| {
+        Output::Failed(Error::KeyspaceNotFound(
+            crate::layout::keyspace_of_table(table).to_string(),
+        ))
+    };
+    match op {
+        Op::Apply { table, .. }
+        | Op::RemoveExpired { table, .. }
+        | Op::Clear { table }
+        | Op::Merge { table, .. }
+        | Op::CounterAdd { table, .. }
+        | Op::PurgeTombstones { table, .. }
+            if !live_tables.contains(table) =>
+        {
+            Ok(missing(table))
+        }
+        Op::Barrier => Ok(Output::Done),
+        Op::Merge { table, entries } => {
+            let mut t = txn.open_table(table_def(table)).map_err(io_err)?;
+            let mut changed = 0;
+            for (key, incoming) in entries {
+                hlc.observe(incoming.header.timestamp);
+                let current = match t.get(&key[..]).map_err(io_err)? {
+                    Some(raw) => Value::decode(raw.value()).ok(),
+                    None => None,
+                };
+                let merged = match &current {
+                    Some(c) => capdb_types::merge::merge(c, incoming),
+                    None => incoming.clone(),
+                };
+                if current.as_ref() != Some(&merged) {
+                    t.insert(&key[..], &merged.encode()[..]).map_err(io_err)?;
+                    changed += 1;
+                }
+            }
+            Ok(Output::Count(changed))
+        }
+        Op::CounterAdd {
+            table,
+            key,
+            node,
+            delta,
+            timestamp,
+            now_ms,
+        } => {
+            let mut t = txn.open_table(table_def(table)).map_err(io_err)?;
+            let current = match t.get(&key[..]).map_err(io_err)? {
+                Some(raw) => match Value::decode(raw.value()) {
+                    Ok(v) => Some(v),
+                    // Fails this job alone, not the whole batch.
+                    Err(e) => return Ok(Output::Failed(e)),
+                },
+                None => None,
+            };
+            match capdb_types::merge::counter_add(
+                current.as_ref(),
+                *node,
+                *delta,
+                *timestamp,
+                *now_ms,
+            ) {
+                Ok(v) => {
+                    t.insert(&key[..], &v.encode()[..]).map_err(io_err)?;
+                    Ok(Output::Value(v))
+                }
+                Err(e) => Ok(Output::Failed(e)),
+            }
+        }
+        Op::PurgeTombstones { table, entries } => {
+            let mut t = txn.open_table(table_def(table)).map_err(io_err)?;
+            let mut removed = 0;
+            for (key, ts) in entries {
+                let still = match t.get(&key[..]).map_err(io_err)? {
+                    Some(raw) => Value::decode(raw.value())
+                        .is_ok_and(|v| v.header.tombstone && v.header.timestamp == *ts),
+                    None => false,
+                };
+                if still {
+                    t.remove(&key[..]).map_err(io_err)?;
+                    removed += 1;
+                }
+            }
+            Ok(Output::Count(removed))
+        }
+        Op::ApplyReplicated {
+            table,
+            mutations,
+            meta,
+            remember,
+        } => {
+            let mut t = txn.open_table(table_def(table)).map_err(io_err)?;
+            let mut replies = Vec::with_capacity(mutations.len());
+            for (m, ts, now_ms) in mutations {
+                hlc.observe(*ts);
+                replies.push(apply_one(
+                    &mut t,
+                    m,
+                    false,
+                    *now_ms,
+                    Some(*ts),
+                    hlc,
+                    value_bytes_max,
+                    stats,
+                )?);
+            }
+            drop(t);
+            let mut mt = txn.open_table(META_TABLE).map_err(io_err)?;
+            // Replies first, then `meta`: a reply remembered and already forgotten by a later
+            // entry of this batch is deleted, not left behind.
+            for r in remember {
+                let Some(range) = replies.get(r.first..r.first + r.count) else {
+                    return Err(Error::InvalidInput(format!(
+                        "replies {}..{} to remember are outside the batch of {}",
+                        r.first,
+                        r.first + r.count,
+                        replies.len()
+                    )));
+                };
+                let value = postcard::to_extend(range, r.prefix.clone())
+                    .map_err(|e| Error::Io(format!("cannot encode replies: {e}")))?;
+                mt.insert(r.key.as_str(), &value[..]).map_err(io_err)?;
+            }
+            put_meta(&mut mt, meta)?;
+            Ok(Output::Replies(replies))
+        }
+        Op::LogAppend { table, records } => {
+            let mut t = txn.open_table(log_def(table)).map_err(io_err)?;
+            for (index, record) in records {
+                t.insert(*index, &record[..]).map_err(io_err)?;
+            }
+            Ok(Output::Done)
+        }
+        Op::LogRemove { table, from, to } => {
+            let mut t = txn.open_table(log_def(table)).map_err(io_err)?;
+            match to {
+                Some(to) if to < from => {}
+                Some(to) => {
+                    t.retain_in(*from..=*to, |_, _| false).map_err(io_err)?;
+                }
+                None => {
+                    t.retain_in(*from.., |_, _| false).map_err(io_err)?;
+                }
+            }
+            Ok(Output::Done)
+        }
+        Op::MetaPut { items, .. } => {
+            let mut mt = txn.open_table(META_TABLE).map_err(io_err)?;
+            put_meta(&mut mt, items)?;
+            Ok(Output::Done)
+        }
+        Op::ReplaceTable {
+            table,
+            entries,
+            clear_meta_prefix,
+            meta,
+        } => {
+            txn.delete_table(table_def(table)).map_err(io_err)?;
+            let mut t = txn.open_table(table_def(table)).map_err(io_err)?;
+            for (k, v) in entries {
+                t.insert(&k[..], &v[..]).map_err(io_err)?;
+            }
+            drop(t);
+            let mut mt = txn.open_table(META_TABLE).map_err(io_err)?;
+            if let Some(prefix) = clear_meta_prefix {
+                remove_meta_prefix(&mut mt, prefix)?;
+            }
+            put_meta(&mut mt, meta)?;
+            Ok(Output::Done)
+        }
+        Op::DropGroup {
+            tables,
+            log_tables,
+            meta_keys,
+            meta_prefixes,
+        } => {
+            for t in tables {
+                txn.delete_table(table_def(t)).map_err(io_err)?;
+            }
+            for t in log_tables {
+                txn.delete_table(log_def(t)).map_err(io_err)?;
+            }
+            let mut mt = txn.open_table(META_TABLE).map_err(io_err)?;
+            for k in meta_keys {
+                mt.remove(k.as_str()).map_err(io_err)?;
+            }
+            for prefix in meta_prefixes {
+                remove_meta_prefix(&mut mt, prefix)?;
+            }
+            Ok(Output::Done)
+        }
+        Op::Apply {
+            table,
+            tombstones,
+            mutations,
+            now_ms,
+        } => {
+            let mut t = txn.open_table(table_def(table)).map_err(io_err)?;
+            let mut replies = Vec::with_capacity(mutations.len());
+            for m in mutations {
+                replies.push(apply_one(
+                    &mut t,
+                    m,
+                    *tombstones,
+                    *now_ms,
+                    None,
+                    hlc,
+                    value_bytes_max,
+                    stats,
+                )?);
+            }
+            Ok(Output::Replies(replies))
+        }
+        Op::RemoveExpired {
+            table,
+            keys,
+            now_ms,
+            tombstones,
+        } => {
+            let mut t = txn.open_table(table_def(table)).map_err(io_err)?;
+            let mut removed = 0;
+            for key in keys {
+                let expired = match t.get(&key[..]).map_err(io_err)? {
+                    Some(raw) => Value::decode(raw.value())
+                        .ok()
+                        .filter(|v| !v.header.tombstone && v.is_expired(*now_ms)),
+                    None => None,
+                };
+                if let Some(v) = expired {
+                    if *tombstones {
+                        let tomb = Value::tombstone(v.header.timestamp);
+                        t.insert(&key[..], &tomb.encode()[..]).map_err(io_err)?;
+                    } else {
+                        t.remove(&key[..]).map_err(io_err)?;
+                    }
+                    removed += 1;
+                }
+            }
+            Ok(Output::Count(removed))
+        }
+        Op::Clear { table } => {
+            txn.delete_table(table_def(table)).map_err(io_err)?;
+            txn.open_table(table_def(table)).map_err(io_err)?;
+            Ok(Output::Done)
+        }
+        Op::CreateTable {
+            table,
+            meta_key,
+            meta_value,
+        } => {
+            txn.open_table(table_def(table)).map_err(io_err)?;
+            let mut meta = txn.open_table(META_TABLE).map_err(io_err)?;
+            meta.insert(meta_key.as_str(), &meta_value[..])
+                .map_err(io_err)?;
+            live_tables.insert(table.clone());
+            Ok(Output::Done)
+        }
+        Op::DropTable { table, meta_key } => {
+            txn.delete_table(table_def(table)).map_err(io_err)?;
+            let mut meta = txn.open_table(META_TABLE).map_err(io_err)?;
+            meta.remove(meta_key.as_str()).map_err(io_err)?;
+            live_tables.remove(table);
+            Ok(Output::Done)
+        }
+    }
+}
+
+/// Applies one mutation inside the writer's transaction. `Err` only for storage failures
+/// (which abort the batch); semantic failures come back as `Ok(Err(..))`.
+#[allow(clippy::too_many_arguments)]
+fn apply_one(
+    t: &mut redb::Table<&'static [u8], &'static [u8]>,
+    m: &Mutation,
+    tombstones: bool,
+    now_ms: u64,
+    timestamp: Option<Timestamp>,
+    hlc: &Hlc,
+    value_bytes_max: usize,
+    stats: &EngineStats,
+) -> Result<Result<Reply>> {
+    let stamp = || timestamp.unwrap_or_else(|| hlc.now());
+    let key = &m.key()[..];
+    let stored = t
+        .get(key)
+        .map_err(io_err)?
+        .map(|raw| Value::decode(raw.value()));
+    let current = match stored {
+        None => None,
+        Some(Ok(v)) => v.is_live(now_ms).then_some(v),
+        Some(Err(corrupt)) => {
+            stats.corruptions.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(error = %corrupt, "corrupt value met by a write");
+            // A write that does not depend on the old value may replace a corrupt one (this is
+            // how an operator repairs a key); anything that would read it fails.
+            match m {
+                Mutation::Set {
+                    condition: capdb_types::mutation::Condition::Always,
+                    return_old: false,
+                    expiry:
+                        capdb_types::mutation::ExpiryUpdate::Clear
+                        | capdb_types::mutation::ExpiryUpdate::At(_),
+                    ..
+                } => None,
+                Mutation::Delete { .. } => {
+                    remove(t, key, tombstones, stamp())?;
+                    return Ok(Ok(Reply::Integer(1)));
+                }
+                _ => return Ok(Err(corrupt)),
+            }
+        }
+    };
+    let (effect, reply) = match m.apply(current.as_ref(), now_ms, stamp(), value_bytes_max) {
+        Ok(done) => done,
+        Err(e) => return Ok(Err(e)),
+    };
+    match effect {
+        Effect::Unchanged => {}
+        Effect::Put(v) => {
+            t.insert(key, &v.encode()[..]).map_err(io_err)?;
+        }
+        Effect::Remove(ts) => remove(t, key, tombstones, ts)?,
+    }
+    Ok(Ok(reply))
+}
+
+fn remove(
+    t: &mut redb::Table<&'static [u8], &'static [u8]>,
+    key: &[u8],
+    tombstones: bool,
+    ts: capdb_types::Timestamp,
+) -> Result<()> {
+    if tombstones {
+        t.insert(key, &Value::tombstone(ts).encode()[..])
+            .map_err(io_err)?;
+    } else {
+        t.remove(key).map_err(io_err)?;
+    }
+    Ok(())
+}

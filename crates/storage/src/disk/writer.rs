@@ -1,0 +1,128 @@
+//! The writer thread: takes queued jobs in batches and commits each batch in one transaction.
+
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use capdb_types::{Hlc, Result};
+use redb::{Database, Durability, ReadableDatabase};
+use tokio::sync::{mpsc, oneshot};
+
+use super::ops::{Op, Output, execute};
+use super::{EngineStats, io_err};
+
+/// Jobs waiting for the writer. A full queue makes callers wait (backpressure), it never grows.
+pub const WRITE_QUEUE_JOBS_MAX: usize = 16_384;
+/// Most jobs committed in one transaction.
+pub const BATCH_JOBS_MAX: usize = 4_096;
+/// Most payload bytes committed in one transaction (a batch may exceed it by one job).
+pub const BATCH_BYTES_MAX: usize = 32 * 1024 * 1024;
+
+pub(super) struct Job {
+    pub(super) op: Op,
+    pub(super) done: oneshot::Sender<Result<Output>>,
+}
+
+pub(super) fn writer_loop(
+    db: &Database,
+    mut rx: mpsc::Receiver<Job>,
+    hlc: &Hlc,
+    value_bytes_max: usize,
+    stats: &EngineStats,
+) {
+    // Tables that exist: a write to a table dropped after the write was queued must fail, not
+    // silently re-create the table (redb's open_table creates missing tables).
+    let mut live_tables: std::collections::HashSet<String> = match list_tables(db) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot list tables; storage writer stopping");
+            return;
+        }
+    };
+    let mut batch: Vec<Job> = Vec::with_capacity(BATCH_JOBS_MAX);
+    while let Some(first) = rx.blocking_recv() {
+        let mut bytes = first.op.payload_bytes();
+        batch.push(first);
+        while batch.len() < BATCH_JOBS_MAX && bytes < BATCH_BYTES_MAX {
+            match rx.try_recv() {
+                Ok(job) => {
+                    bytes += job.op.payload_bytes();
+                    batch.push(job);
+                }
+                Err(_) => break,
+            }
+        }
+        let started = Instant::now();
+        let before = live_tables.clone();
+        let result = commit_batch(db, &batch, hlc, value_bytes_max, stats, &mut live_tables);
+        if result.is_err() {
+            live_tables = before;
+        }
+        stats.commits.fetch_add(1, Ordering::Relaxed);
+        stats.jobs.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        stats
+            .commit_micros
+            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        match result {
+            Ok(outputs) => {
+                debug_assert_eq!(outputs.len(), batch.len());
+                for (job, out) in batch.drain(..).zip(outputs) {
+                    let _ = job.done.send(Ok(out));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, jobs = batch.len(), "write batch failed; nothing of it was applied");
+                for job in batch.drain(..) {
+                    let _ = job.done.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+    tracing::debug!("storage writer stopped: all engine handles dropped");
+}
+
+fn list_tables(db: &Database) -> Result<std::collections::HashSet<String>> {
+    use redb::TableHandle;
+    let txn = db.begin_read().map_err(io_err)?;
+    let names = txn
+        .list_tables()
+        .map_err(io_err)?
+        .map(|t| t.name().to_string())
+        .collect();
+    Ok(names)
+}
+
+fn commit_batch(
+    db: &Database,
+    batch: &[Job],
+    hlc: &Hlc,
+    value_bytes_max: usize,
+    stats: &EngineStats,
+    live_tables: &mut std::collections::HashSet<String>,
+) -> Result<Vec<Output>> {
+    let mut txn = db.begin_write().map_err(io_err)?;
+    // One fsync per batch: this is the durability point every acknowledgement waits for. A
+    // batch of only replicated applies skips it (their Raft log entries are durable already).
+    let durability = if batch.iter().any(|j| j.op.durable()) {
+        Durability::Immediate
+    } else {
+        Durability::None
+    };
+    txn.set_durability(durability).map_err(io_err)?;
+    let mut outputs = Vec::with_capacity(batch.len());
+    for job in batch {
+        outputs.push(execute(
+            &txn,
+            &job.op,
+            hlc,
+            value_bytes_max,
+            stats,
+            live_tables,
+        )?);
+    }
+    let syncing = Instant::now();
+    txn.commit().map_err(io_err)?;
+    stats
+        .sync_micros
+        .fetch_add(syncing.elapsed().as_micros() as u64, Ordering::Relaxed);
+    Ok(outputs)
+}
