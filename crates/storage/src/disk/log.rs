@@ -2,13 +2,11 @@
 //! log here (`raftlog/{group}`), and `ap` keeps its hinted-handoff queues in the same shape
 //! (`hints/{node}`). Part 2, replicated state machines, is in `replicated.rs`.
 
-use capdb_types::{Error, Result};
+use capdb_types::Result;
 use redb::{ReadableDatabase, ReadableTable, TableError};
-use tokio::sync::oneshot;
 
-use super::ops::{Op, Output};
-use super::writer::Job;
-use super::{DiskEngine, io_err, log_def};
+use super::ops::Op;
+use super::{DiskEngine, io_err, log_def, writer};
 
 impl DiskEngine {
     /// Queues a log append and returns once it is queued (ordered after every earlier write);
@@ -19,24 +17,14 @@ impl DiskEngine {
         records: Vec<(u64, Vec<u8>)>,
         done: impl FnOnce(Result<()>) + Send + 'static,
     ) -> Result<()> {
-        let (tx, rx) = oneshot::channel();
-        self.jobs
-            .send(Job {
-                op: Op::LogAppend {
-                    table: table.to_string(),
-                    records,
-                },
-                done: tx,
+        let answer = self
+            .enqueue(Op::LogAppend {
+                table: table.to_string(),
+                records,
             })
-            .await
-            .map_err(|_| Error::ShuttingDown)?;
+            .await?;
         tokio::spawn(async move {
-            let result = match rx.await {
-                Ok(Ok(Output::Failed(e))) | Ok(Err(e)) => Err(e),
-                Ok(Ok(_)) => Ok(()),
-                Err(_) => Err(Error::Io("storage writer stopped".into())),
-            };
-            done(result);
+            done(writer::answer(answer.await).map(|_| ()));
         });
         Ok(())
     }

@@ -38,14 +38,14 @@ use std::sync::atomic::AtomicU64;
 
 use capdb_types::{Error, Hlc, Result};
 use redb::{Database, TableDefinition};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 pub use meta::MetaItem;
-use ops::{Op, Output};
+use ops::Op;
 pub use replicated::{RememberReplies, TableDump};
 pub use table::SCAN_EXAMINE_MAX;
+use writer::Job;
 pub use writer::{BATCH_BYTES_MAX, BATCH_JOBS_MAX, WRITE_QUEUE_JOBS_MAX};
-use writer::{Job, writer_loop};
 
 const META_TABLE: TableDefinition<&str, &[u8]> = TableDefinition::new("_meta");
 
@@ -134,25 +134,10 @@ impl DiskEngine {
 
         let db = Arc::new(db);
         let stats = Arc::new(EngineStats::default());
-        let (tx, rx) = mpsc::channel(WRITE_QUEUE_JOBS_MAX);
-        let writer_db = db.clone();
-        let writer_stats = stats.clone();
-        let closed = Closed(Arc::default());
-        let writer_closed = closed.clone();
-        std::thread::Builder::new()
-            .name("capdb-writer".into())
-            .spawn(move || {
-                writer_loop(&writer_db, rx, &hlc, value_bytes_max, &writer_stats);
-                // Dropping the last handle closes the file cleanly.
-                drop(writer_db);
-                let (lock, cvar) = &*writer_closed.0;
-                *lock.lock().unwrap_or_else(|p| p.into_inner()) = true;
-                cvar.notify_all();
-            })
-            .map_err(|e| Error::Io(format!("cannot start writer thread: {e}")))?;
+        let (jobs, closed) = writer::start(db.clone(), hlc, value_bytes_max, stats.clone())?;
         Ok(DiskEngine {
             db,
-            jobs: tx,
+            jobs,
             path,
             stats,
             closed,
@@ -171,21 +156,6 @@ impl DiskEngine {
     /// Size of the database file in bytes.
     pub fn file_bytes(&self) -> u64 {
         std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0)
-    }
-
-    async fn submit(&self, op: Op) -> Result<Output> {
-        let (done, wait) = oneshot::channel();
-        self.jobs
-            .send(Job { op, done })
-            .await
-            .map_err(|_| Error::ShuttingDown)?;
-        match wait
-            .await
-            .map_err(|_| Error::Io("storage writer stopped".into()))??
-        {
-            Output::Failed(e) => Err(e),
-            out => Ok(out),
-        }
     }
 
     /// Waits until every write submitted before this call is durable.

@@ -1,14 +1,15 @@
 //! The writer thread: takes queued jobs in batches and commits each batch in one transaction.
 
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use capdb_types::{Hlc, Result};
+use capdb_types::{Error, Hlc, Result};
 use redb::{Database, Durability, ReadableDatabase};
 use tokio::sync::{mpsc, oneshot};
 
 use super::ops::{Op, Output, execute};
-use super::{EngineStats, io_err};
+use super::{Closed, DiskEngine, EngineStats, io_err};
 
 /// Jobs waiting for the writer. A full queue makes callers wait (backpressure), it never grows.
 pub const WRITE_QUEUE_JOBS_MAX: usize = 16_384;
@@ -22,7 +23,60 @@ pub(super) struct Job {
     pub(super) done: oneshot::Sender<Result<Output>>,
 }
 
-pub(super) fn writer_loop(
+/// Starts the writer thread; returns its job queue and the signal that it has stopped. The thread
+/// runs until every sender of the queue (every engine handle) has been dropped.
+pub(super) fn start(
+    db: Arc<Database>,
+    hlc: Arc<Hlc>,
+    value_bytes_max: usize,
+    stats: Arc<EngineStats>,
+) -> Result<(mpsc::Sender<Job>, Closed)> {
+    let (tx, rx) = mpsc::channel(WRITE_QUEUE_JOBS_MAX);
+    let closed = Closed(Arc::default());
+    let writer_closed = closed.clone();
+    std::thread::Builder::new()
+        .name("capdb-writer".into())
+        .spawn(move || {
+            writer_loop(&db, rx, &hlc, value_bytes_max, &stats);
+            // Dropping the last handle closes the file cleanly.
+            drop(db);
+            let (lock, cvar) = &*writer_closed.0;
+            *lock.lock().unwrap_or_else(|p| p.into_inner()) = true;
+            cvar.notify_all();
+        })
+        .map_err(|e| Error::Io(format!("cannot start writer thread: {e}")))?;
+    Ok((tx, closed))
+}
+
+impl DiskEngine {
+    /// Queues `op` behind every earlier job (waiting while the queue is full) and returns where
+    /// its answer will arrive.
+    pub(super) async fn enqueue(&self, op: Op) -> Result<oneshot::Receiver<Result<Output>>> {
+        let (done, wait) = oneshot::channel();
+        self.jobs
+            .send(Job { op, done })
+            .await
+            .map_err(|_| Error::ShuttingDown)?;
+        Ok(wait)
+    }
+
+    /// Queues `op` and waits for its answer.
+    pub(super) async fn submit(&self, op: Op) -> Result<Output> {
+        answer(self.enqueue(op).await?.await)
+    }
+}
+
+/// A job's answer as its caller sees it: a job that failed alone is an error too.
+pub(super) fn answer(
+    received: Result<Result<Output>, oneshot::error::RecvError>,
+) -> Result<Output> {
+    match received.map_err(|_| Error::Io("storage writer stopped".into()))?? {
+        Output::Failed(e) => Err(e),
+        out => Ok(out),
+    }
+}
+
+fn writer_loop(
     db: &Database,
     mut rx: mpsc::Receiver<Job>,
     hlc: &Hlc,
