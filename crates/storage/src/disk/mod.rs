@@ -27,6 +27,7 @@
 
 mod log;
 mod meta;
+mod mutation;
 mod ops;
 mod replicated;
 mod table;

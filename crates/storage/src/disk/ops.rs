@@ -1,13 +1,14 @@
 //! The jobs the writer runs (`Op`), what they answer (`Output`), and how each runs inside the
 //! batch's write transaction.
 
-use std::sync::atomic::Ordering;
+use std::collections::HashSet;
 
 use bytes::Bytes;
-use capdb_types::{Effect, Error, Hlc, Mutation, Reply, Result, Timestamp, Value};
-use redb::ReadableTable;
+use capdb_types::{Error, Hlc, Mutation, Result, Timestamp, Value};
+use redb::{ReadableTable, WriteTransaction};
 
 use super::meta::{put_meta, remove_meta_prefix};
+use super::mutation::apply_one;
 use super::{EngineStats, META_TABLE, MetaItem, RememberReplies, io_err, log_def, table_def};
 use crate::BatchReplies;
 
@@ -142,6 +143,29 @@ impl Op {
         }
     }
 
+    /// The keyspace table this op writes, for the ops that must fail alone when that table was
+    /// dropped after they were queued: they must not silently re-create it (redb's
+    /// `open_table` creates missing tables).
+    fn keyspace_table(&self) -> Option<&str> {
+        match self {
+            Op::Apply { table, .. }
+            | Op::RemoveExpired { table, .. }
+            | Op::Clear { table }
+            | Op::Merge { table, .. }
+            | Op::CounterAdd { table, .. }
+            | Op::PurgeTombstones { table, .. } => Some(table),
+            Op::CreateTable { .. }
+            | Op::DropTable { .. }
+            | Op::Barrier
+            | Op::ApplyReplicated { .. }
+            | Op::LogAppend { .. }
+            | Op::LogRemove { .. }
+            | Op::MetaPut { .. }
+            | Op::ReplaceTable { .. }
+            | Op::DropGroup { .. } => None,
+        }
+    }
+
     /// Whether the job's acknowledgement must wait for an fsync. A batch made only of
     /// non-durable jobs commits without one; any durable job makes the whole batch (and every
     /// earlier non-durable commit) durable.
@@ -165,51 +189,48 @@ pub(super) enum Output {
     Failed(Error),
 }
 
-pub(super) fn execute(
-    txn: &redb::WriteTransaction,
-    op: &Op,
-    hlc: &Hlc,
-    value_bytes_max: usize,
-    stats: &EngineStats,
-    live_tables: &mut std::collections::HashSet<String>,
-) -> Result<Output> {
-    let missing = |table: &String| {
-        Output::Failed(Error::KeyspaceNotFound(
+/// What running an op needs besides the op: the batch's write transaction and the engine's
+/// clock, value limit and counters.
+pub(super) struct Exec<'a> {
+    pub(super) txn: &'a WriteTransaction,
+    pub(super) hlc: &'a Hlc,
+    pub(super) value_bytes_max: usize,
+    pub(super) stats: &'a EngineStats,
+}
+
+/// Runs one op inside the batch's transaction. `Err` only for storage failures (which abort the
+/// whole batch); a job that fails alone answers [`Output::Failed`].
+pub(super) fn execute(x: &Exec, op: &Op, live_tables: &mut HashSet<String>) -> Result<Output> {
+    if let Some(table) = op.keyspace_table()
+        && !live_tables.contains(table)
+    {
+        return Ok(Output::Failed(Error::KeyspaceNotFound(
             crate::layout::keyspace_of_table(table).to_string(),
-        ))
-    };
+        )));
+    }
     match op {
-        Op::Apply { table, .. }
-        | Op::RemoveExpired { table, .. }
-        | Op::Clear { table }
-        | Op::Merge { table, .. }
-        | Op::CounterAdd { table, .. }
-        | Op::PurgeTombstones { table, .. }
-            if !live_tables.contains(table) =>
-        {
-            Ok(missing(table))
-        }
+        Op::Apply {
+            table,
+            tombstones,
+            mutations,
+            now_ms,
+        } => apply_mutations(x, table, *tombstones, mutations, *now_ms),
+        Op::RemoveExpired {
+            table,
+            keys,
+            now_ms,
+            tombstones,
+        } => remove_expired(x, table, keys, *now_ms, *tombstones),
+        Op::Clear { table } => clear_table(x, table),
+        Op::CreateTable {
+            table,
+            meta_key,
+            meta_value,
+        } => create_table(x, table, meta_key, meta_value, live_tables),
+        Op::DropTable { table, meta_key } => drop_table(x, table, meta_key, live_tables),
+        // Nothing to write: the batch's commit is what a barrier waits for.
         Op::Barrier => Ok(Output::Done),
-        Op::Merge { table, entries } => {
-            let mut t = txn.open_table(table_def(table)).map_err(io_err)?;
-            let mut changed = 0;
-            for (key, incoming) in entries {
-                hlc.observe(incoming.header.timestamp);
-                let current = match t.get(&key[..]).map_err(io_err)? {
-                    Some(raw) => Value::decode(raw.value()).ok(),
-                    None => None,
-                };
-                let merged = match &current {
-                    Some(c) => capdb_types::merge::merge(c, incoming),
-                    None => incoming.clone(),
-                };
-                if current.as_ref() != Some(&merged) {
-                    t.insert(&key[..], &merged.encode()[..]).map_err(io_err)?;
-                    changed += 1;
-                }
-            }
-            Ok(Output::Count(changed))
-        }
+        Op::Merge { table, entries } => merge_versions(x, table, entries),
         Op::CounterAdd {
             table,
             key,
@@ -217,297 +238,290 @@ pub(super) fn execute(
             delta,
             timestamp,
             now_ms,
-        } => {
-            let mut t = txn.open_table(table_def(table)).map_err(io_err)?;
-            let current = match t.get(&key[..]).map_err(io_err)? {
-                Some(raw) => match Value::decode(raw.value()) {
-                    Ok(v) => Some(v),
-                    // Fails this job alone, not the whole batch.
-                    Err(e) => return Ok(Output::Failed(e)),
-                },
-                None => None,
-            };
-            match capdb_types::merge::counter_add(
-                current.as_ref(),
-                *node,
-                *delta,
-                *timestamp,
-                *now_ms,
-            ) {
-                Ok(v) => {
-                    t.insert(&key[..], &v.encode()[..]).map_err(io_err)?;
-                    Ok(Output::Value(v))
-                }
-                Err(e) => Ok(Output::Failed(e)),
-            }
-        }
-        Op::PurgeTombstones { table, entries } => {
-            let mut t = txn.open_table(table_def(table)).map_err(io_err)?;
-            let mut removed = 0;
-            for (key, ts) in entries {
-                let still = match t.get(&key[..]).map_err(io_err)? {
-                    Some(raw) => Value::decode(raw.value())
-                        .is_ok_and(|v| v.header.tombstone && v.header.timestamp == *ts),
-                    None => false,
-                };
-                if still {
-                    t.remove(&key[..]).map_err(io_err)?;
-                    removed += 1;
-                }
-            }
-            Ok(Output::Count(removed))
-        }
+        } => add_to_counter(x, table, key, *node, *delta, *timestamp, *now_ms),
+        Op::PurgeTombstones { table, entries } => purge_tombstones(x, table, entries),
         Op::ApplyReplicated {
             table,
             mutations,
             meta,
             remember,
-        } => {
-            let mut t = txn.open_table(table_def(table)).map_err(io_err)?;
-            let mut replies = Vec::with_capacity(mutations.len());
-            for (m, ts, now_ms) in mutations {
-                hlc.observe(*ts);
-                replies.push(apply_one(
-                    &mut t,
-                    m,
-                    false,
-                    *now_ms,
-                    Some(*ts),
-                    hlc,
-                    value_bytes_max,
-                    stats,
-                )?);
-            }
-            drop(t);
-            let mut mt = txn.open_table(META_TABLE).map_err(io_err)?;
-            // Replies first, then `meta`: a reply remembered and already forgotten by a later
-            // entry of this batch is deleted, not left behind.
-            for r in remember {
-                let Some(range) = replies.get(r.first..r.first + r.count) else {
-                    return Err(Error::InvalidInput(format!(
-                        "replies {}..{} to remember are outside the batch of {}",
-                        r.first,
-                        r.first + r.count,
-                        replies.len()
-                    )));
-                };
-                let value = postcard::to_extend(range, r.prefix.clone())
-                    .map_err(|e| Error::Io(format!("cannot encode replies: {e}")))?;
-                mt.insert(r.key.as_str(), &value[..]).map_err(io_err)?;
-            }
-            put_meta(&mut mt, meta)?;
-            Ok(Output::Replies(replies))
-        }
-        Op::LogAppend { table, records } => {
-            let mut t = txn.open_table(log_def(table)).map_err(io_err)?;
-            for (index, record) in records {
-                t.insert(*index, &record[..]).map_err(io_err)?;
-            }
-            Ok(Output::Done)
-        }
-        Op::LogRemove { table, from, to } => {
-            let mut t = txn.open_table(log_def(table)).map_err(io_err)?;
-            match to {
-                Some(to) if to < from => {}
-                Some(to) => {
-                    t.retain_in(*from..=*to, |_, _| false).map_err(io_err)?;
-                }
-                None => {
-                    t.retain_in(*from.., |_, _| false).map_err(io_err)?;
-                }
-            }
-            Ok(Output::Done)
-        }
-        Op::MetaPut { items, .. } => {
-            let mut mt = txn.open_table(META_TABLE).map_err(io_err)?;
-            put_meta(&mut mt, items)?;
-            Ok(Output::Done)
-        }
+        } => apply_replicated(x, table, mutations, meta, remember),
+        Op::LogAppend { table, records } => append_log(x, table, records),
+        Op::LogRemove { table, from, to } => remove_log_range(x, table, *from, *to),
+        Op::MetaPut { items, .. } => update_meta(x, items),
         Op::ReplaceTable {
             table,
             entries,
             clear_meta_prefix,
             meta,
-        } => {
-            txn.delete_table(table_def(table)).map_err(io_err)?;
-            let mut t = txn.open_table(table_def(table)).map_err(io_err)?;
-            for (k, v) in entries {
-                t.insert(&k[..], &v[..]).map_err(io_err)?;
-            }
-            drop(t);
-            let mut mt = txn.open_table(META_TABLE).map_err(io_err)?;
-            if let Some(prefix) = clear_meta_prefix {
-                remove_meta_prefix(&mut mt, prefix)?;
-            }
-            put_meta(&mut mt, meta)?;
-            Ok(Output::Done)
-        }
+        } => replace_table(x, table, entries, clear_meta_prefix.as_deref(), meta),
         Op::DropGroup {
             tables,
             log_tables,
             meta_keys,
             meta_prefixes,
-        } => {
-            for t in tables {
-                txn.delete_table(table_def(t)).map_err(io_err)?;
-            }
-            for t in log_tables {
-                txn.delete_table(log_def(t)).map_err(io_err)?;
-            }
-            let mut mt = txn.open_table(META_TABLE).map_err(io_err)?;
-            for k in meta_keys {
-                mt.remove(k.as_str()).map_err(io_err)?;
-            }
-            for prefix in meta_prefixes {
-                remove_meta_prefix(&mut mt, prefix)?;
-            }
-            Ok(Output::Done)
-        }
-        Op::Apply {
-            table,
-            tombstones,
-            mutations,
-            now_ms,
-        } => {
-            let mut t = txn.open_table(table_def(table)).map_err(io_err)?;
-            let mut replies = Vec::with_capacity(mutations.len());
-            for m in mutations {
-                replies.push(apply_one(
-                    &mut t,
-                    m,
-                    *tombstones,
-                    *now_ms,
-                    None,
-                    hlc,
-                    value_bytes_max,
-                    stats,
-                )?);
-            }
-            Ok(Output::Replies(replies))
-        }
-        Op::RemoveExpired {
-            table,
-            keys,
-            now_ms,
-            tombstones,
-        } => {
-            let mut t = txn.open_table(table_def(table)).map_err(io_err)?;
-            let mut removed = 0;
-            for key in keys {
-                let expired = match t.get(&key[..]).map_err(io_err)? {
-                    Some(raw) => Value::decode(raw.value())
-                        .ok()
-                        .filter(|v| !v.header.tombstone && v.is_expired(*now_ms)),
-                    None => None,
-                };
-                if let Some(v) = expired {
-                    if *tombstones {
-                        let tomb = Value::tombstone(v.header.timestamp);
-                        t.insert(&key[..], &tomb.encode()[..]).map_err(io_err)?;
-                    } else {
-                        t.remove(&key[..]).map_err(io_err)?;
-                    }
-                    removed += 1;
-                }
-            }
-            Ok(Output::Count(removed))
-        }
-        Op::Clear { table } => {
-            txn.delete_table(table_def(table)).map_err(io_err)?;
-            txn.open_table(table_def(table)).map_err(io_err)?;
-            Ok(Output::Done)
-        }
-        Op::CreateTable {
-            table,
-            meta_key,
-            meta_value,
-        } => {
-            txn.open_table(table_def(table)).map_err(io_err)?;
-            let mut meta = txn.open_table(META_TABLE).map_err(io_err)?;
-            meta.insert(meta_key.as_str(), &meta_value[..])
-                .map_err(io_err)?;
-            live_tables.insert(table.clone());
-            Ok(Output::Done)
-        }
-        Op::DropTable { table, meta_key } => {
-            txn.delete_table(table_def(table)).map_err(io_err)?;
-            let mut meta = txn.open_table(META_TABLE).map_err(io_err)?;
-            meta.remove(meta_key.as_str()).map_err(io_err)?;
-            live_tables.remove(table);
-            Ok(Output::Done)
-        }
+        } => drop_group(x, tables, log_tables, meta_keys, meta_prefixes),
     }
 }
 
-/// Applies one mutation inside the writer's transaction. `Err` only for storage failures
-/// (which abort the batch); semantic failures come back as `Ok(Err(..))`.
-#[allow(clippy::too_many_arguments)]
-fn apply_one(
-    t: &mut redb::Table<&'static [u8], &'static [u8]>,
-    m: &Mutation,
+/// [`Op::Apply`]: client mutations, evaluated and stamped here.
+fn apply_mutations(
+    x: &Exec,
+    table: &str,
     tombstones: bool,
+    mutations: &[Mutation],
     now_ms: u64,
-    timestamp: Option<Timestamp>,
-    hlc: &Hlc,
-    value_bytes_max: usize,
-    stats: &EngineStats,
-) -> Result<Result<Reply>> {
-    let stamp = || timestamp.unwrap_or_else(|| hlc.now());
-    let key = &m.key()[..];
-    let stored = t
-        .get(key)
-        .map_err(io_err)?
-        .map(|raw| Value::decode(raw.value()));
-    let current = match stored {
-        None => None,
-        Some(Ok(v)) => v.is_live(now_ms).then_some(v),
-        Some(Err(corrupt)) => {
-            stats.corruptions.fetch_add(1, Ordering::Relaxed);
-            tracing::error!(error = %corrupt, "corrupt value met by a write");
-            // A write that does not depend on the old value may replace a corrupt one (this is
-            // how an operator repairs a key); anything that would read it fails.
-            match m {
-                Mutation::Set {
-                    condition: capdb_types::mutation::Condition::Always,
-                    return_old: false,
-                    expiry:
-                        capdb_types::mutation::ExpiryUpdate::Clear
-                        | capdb_types::mutation::ExpiryUpdate::At(_),
-                    ..
-                } => None,
-                Mutation::Delete { .. } => {
-                    remove(t, key, tombstones, stamp())?;
-                    return Ok(Ok(Reply::Integer(1)));
-                }
-                _ => return Ok(Err(corrupt)),
-            }
-        }
-    };
-    let (effect, reply) = match m.apply(current.as_ref(), now_ms, stamp(), value_bytes_max) {
-        Ok(done) => done,
-        Err(e) => return Ok(Err(e)),
-    };
-    match effect {
-        Effect::Unchanged => {}
-        Effect::Put(v) => {
-            t.insert(key, &v.encode()[..]).map_err(io_err)?;
-        }
-        Effect::Remove(ts) => remove(t, key, tombstones, ts)?,
+) -> Result<Output> {
+    let mut t = x.txn.open_table(table_def(table)).map_err(io_err)?;
+    let mut replies = Vec::with_capacity(mutations.len());
+    for m in mutations {
+        replies.push(apply_one(x, &mut t, m, tombstones, now_ms, None)?);
     }
-    Ok(Ok(reply))
+    Ok(Output::Replies(replies))
 }
 
-fn remove(
-    t: &mut redb::Table<&'static [u8], &'static [u8]>,
-    key: &[u8],
+/// [`Op::RemoveExpired`].
+fn remove_expired(
+    x: &Exec,
+    table: &str,
+    keys: &[Bytes],
+    now_ms: u64,
     tombstones: bool,
-    ts: capdb_types::Timestamp,
-) -> Result<()> {
-    if tombstones {
-        t.insert(key, &Value::tombstone(ts).encode()[..])
-            .map_err(io_err)?;
-    } else {
-        t.remove(key).map_err(io_err)?;
+) -> Result<Output> {
+    let mut t = x.txn.open_table(table_def(table)).map_err(io_err)?;
+    let mut removed = 0;
+    for key in keys {
+        let expired = match t.get(&key[..]).map_err(io_err)? {
+            Some(raw) => Value::decode(raw.value())
+                .ok()
+                .filter(|v| !v.header.tombstone && v.is_expired(now_ms)),
+            None => None,
+        };
+        if let Some(v) = expired {
+            if tombstones {
+                let tomb = Value::tombstone(v.header.timestamp);
+                t.insert(&key[..], &tomb.encode()[..]).map_err(io_err)?;
+            } else {
+                t.remove(&key[..]).map_err(io_err)?;
+            }
+            removed += 1;
+        }
     }
-    Ok(())
+    Ok(Output::Count(removed))
+}
+
+/// [`Op::Clear`]: the table stays, empty.
+fn clear_table(x: &Exec, table: &str) -> Result<Output> {
+    x.txn.delete_table(table_def(table)).map_err(io_err)?;
+    x.txn.open_table(table_def(table)).map_err(io_err)?;
+    Ok(Output::Done)
+}
+
+/// [`Op::CreateTable`].
+fn create_table(
+    x: &Exec,
+    table: &str,
+    meta_key: &str,
+    meta_value: &[u8],
+    live_tables: &mut HashSet<String>,
+) -> Result<Output> {
+    x.txn.open_table(table_def(table)).map_err(io_err)?;
+    let mut meta = x.txn.open_table(META_TABLE).map_err(io_err)?;
+    meta.insert(meta_key, meta_value).map_err(io_err)?;
+    live_tables.insert(table.to_string());
+    Ok(Output::Done)
+}
+
+/// [`Op::DropTable`].
+fn drop_table(
+    x: &Exec,
+    table: &str,
+    meta_key: &str,
+    live_tables: &mut HashSet<String>,
+) -> Result<Output> {
+    x.txn.delete_table(table_def(table)).map_err(io_err)?;
+    let mut meta = x.txn.open_table(META_TABLE).map_err(io_err)?;
+    meta.remove(meta_key).map_err(io_err)?;
+    live_tables.remove(table);
+    Ok(Output::Done)
+}
+
+/// [`Op::Merge`].
+fn merge_versions(x: &Exec, table: &str, entries: &[(Bytes, Value)]) -> Result<Output> {
+    let mut t = x.txn.open_table(table_def(table)).map_err(io_err)?;
+    let mut changed = 0;
+    for (key, incoming) in entries {
+        x.hlc.observe(incoming.header.timestamp);
+        let current = match t.get(&key[..]).map_err(io_err)? {
+            Some(raw) => Value::decode(raw.value()).ok(),
+            None => None,
+        };
+        let merged = match &current {
+            Some(c) => capdb_types::merge::merge(c, incoming),
+            None => incoming.clone(),
+        };
+        if current.as_ref() != Some(&merged) {
+            t.insert(&key[..], &merged.encode()[..]).map_err(io_err)?;
+            changed += 1;
+        }
+    }
+    Ok(Output::Count(changed))
+}
+
+/// [`Op::CounterAdd`].
+fn add_to_counter(
+    x: &Exec,
+    table: &str,
+    key: &[u8],
+    node: u64,
+    delta: i64,
+    timestamp: Timestamp,
+    now_ms: u64,
+) -> Result<Output> {
+    let mut t = x.txn.open_table(table_def(table)).map_err(io_err)?;
+    let current = match t.get(key).map_err(io_err)? {
+        Some(raw) => match Value::decode(raw.value()) {
+            Ok(v) => Some(v),
+            // Fails this job alone, not the whole batch.
+            Err(e) => return Ok(Output::Failed(e)),
+        },
+        None => None,
+    };
+    match capdb_types::merge::counter_add(current.as_ref(), node, delta, timestamp, now_ms) {
+        Ok(v) => {
+            t.insert(key, &v.encode()[..]).map_err(io_err)?;
+            Ok(Output::Value(v))
+        }
+        Err(e) => Ok(Output::Failed(e)),
+    }
+}
+
+/// [`Op::PurgeTombstones`].
+fn purge_tombstones(x: &Exec, table: &str, entries: &[(Bytes, Timestamp)]) -> Result<Output> {
+    let mut t = x.txn.open_table(table_def(table)).map_err(io_err)?;
+    let mut removed = 0;
+    for (key, ts) in entries {
+        let still = match t.get(&key[..]).map_err(io_err)? {
+            Some(raw) => Value::decode(raw.value())
+                .is_ok_and(|v| v.header.tombstone && v.header.timestamp == *ts),
+            None => false,
+        };
+        if still {
+            t.remove(&key[..]).map_err(io_err)?;
+            removed += 1;
+        }
+    }
+    Ok(Output::Count(removed))
+}
+
+/// [`Op::ApplyReplicated`].
+fn apply_replicated(
+    x: &Exec,
+    table: &str,
+    mutations: &[(Mutation, Timestamp, u64)],
+    meta: &[MetaItem],
+    remember: &[RememberReplies],
+) -> Result<Output> {
+    let mut t = x.txn.open_table(table_def(table)).map_err(io_err)?;
+    let mut replies = Vec::with_capacity(mutations.len());
+    for (m, ts, now_ms) in mutations {
+        x.hlc.observe(*ts);
+        replies.push(apply_one(x, &mut t, m, false, *now_ms, Some(*ts))?);
+    }
+    drop(t);
+    let mut mt = x.txn.open_table(META_TABLE).map_err(io_err)?;
+    // Replies first, then `meta`: a reply remembered and already forgotten by a later
+    // entry of this batch is deleted, not left behind.
+    for r in remember {
+        let Some(range) = replies.get(r.first..r.first + r.count) else {
+            return Err(Error::InvalidInput(format!(
+                "replies {}..{} to remember are outside the batch of {}",
+                r.first,
+                r.first + r.count,
+                replies.len()
+            )));
+        };
+        let value = postcard::to_extend(range, r.prefix.clone())
+            .map_err(|e| Error::Io(format!("cannot encode replies: {e}")))?;
+        mt.insert(r.key.as_str(), &value[..]).map_err(io_err)?;
+    }
+    put_meta(&mut mt, meta)?;
+    Ok(Output::Replies(replies))
+}
+
+/// [`Op::LogAppend`].
+fn append_log(x: &Exec, table: &str, records: &[(u64, Vec<u8>)]) -> Result<Output> {
+    let mut t = x.txn.open_table(log_def(table)).map_err(io_err)?;
+    for (index, record) in records {
+        t.insert(*index, &record[..]).map_err(io_err)?;
+    }
+    Ok(Output::Done)
+}
+
+/// [`Op::LogRemove`].
+fn remove_log_range(x: &Exec, table: &str, from: u64, to: Option<u64>) -> Result<Output> {
+    let mut t = x.txn.open_table(log_def(table)).map_err(io_err)?;
+    match to {
+        Some(to) if to < from => {}
+        Some(to) => {
+            t.retain_in(from..=to, |_, _| false).map_err(io_err)?;
+        }
+        None => {
+            t.retain_in(from.., |_, _| false).map_err(io_err)?;
+        }
+    }
+    Ok(Output::Done)
+}
+
+/// [`Op::MetaPut`].
+fn update_meta(x: &Exec, items: &[MetaItem]) -> Result<Output> {
+    let mut mt = x.txn.open_table(META_TABLE).map_err(io_err)?;
+    put_meta(&mut mt, items)?;
+    Ok(Output::Done)
+}
+
+/// [`Op::ReplaceTable`].
+fn replace_table(
+    x: &Exec,
+    table: &str,
+    entries: &[(Vec<u8>, Vec<u8>)],
+    clear_meta_prefix: Option<&str>,
+    meta: &[MetaItem],
+) -> Result<Output> {
+    x.txn.delete_table(table_def(table)).map_err(io_err)?;
+    let mut t = x.txn.open_table(table_def(table)).map_err(io_err)?;
+    for (k, v) in entries {
+        t.insert(&k[..], &v[..]).map_err(io_err)?;
+    }
+    drop(t);
+    let mut mt = x.txn.open_table(META_TABLE).map_err(io_err)?;
+    if let Some(prefix) = clear_meta_prefix {
+        remove_meta_prefix(&mut mt, prefix)?;
+    }
+    put_meta(&mut mt, meta)?;
+    Ok(Output::Done)
+}
+
+/// [`Op::DropGroup`].
+fn drop_group(
+    x: &Exec,
+    tables: &[String],
+    log_tables: &[String],
+    meta_keys: &[String],
+    meta_prefixes: &[String],
+) -> Result<Output> {
+    for t in tables {
+        x.txn.delete_table(table_def(t)).map_err(io_err)?;
+    }
+    for t in log_tables {
+        x.txn.delete_table(log_def(t)).map_err(io_err)?;
+    }
+    let mut mt = x.txn.open_table(META_TABLE).map_err(io_err)?;
+    for k in meta_keys {
+        mt.remove(k.as_str()).map_err(io_err)?;
+    }
+    for prefix in meta_prefixes {
+        remove_meta_prefix(&mut mt, prefix)?;
+    }
+    Ok(Output::Done)
 }

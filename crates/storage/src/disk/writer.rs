@@ -8,7 +8,7 @@ use capdb_types::{Error, Hlc, Result};
 use redb::{Database, Durability, ReadableDatabase};
 use tokio::sync::{mpsc, oneshot};
 
-use super::ops::{Op, Output, execute};
+use super::ops::{Exec, Op, Output, execute};
 use super::{Closed, DiskEngine, EngineStats, io_err};
 
 /// Jobs waiting for the writer. A full queue makes callers wait (backpressure), it never grows.
@@ -162,16 +162,15 @@ fn commit_batch(
         Durability::None
     };
     txn.set_durability(durability).map_err(io_err)?;
+    let x = Exec {
+        txn: &txn,
+        hlc,
+        value_bytes_max,
+        stats,
+    };
     let mut outputs = Vec::with_capacity(batch.len());
     for job in batch {
-        outputs.push(execute(
-            &txn,
-            &job.op,
-            hlc,
-            value_bytes_max,
-            stats,
-            live_tables,
-        )?);
+        outputs.push(execute(&x, &job.op, live_tables)?);
     }
     let syncing = Instant::now();
     txn.commit().map_err(io_err)?;
