@@ -5,7 +5,7 @@
 use capdb_types::Result;
 use redb::{ReadableDatabase, ReadableTable, TableError};
 
-use super::ops::Op;
+use super::ops::{Op, Output};
 use super::{DiskEngine, io_err, log_def, writer};
 
 impl DiskEngine {
@@ -24,7 +24,7 @@ impl DiskEngine {
             })
             .await?;
         tokio::spawn(async move {
-            done(writer::answer(answer.await).map(|_| ()));
+            done(writer::answer(answer.await).and_then(Output::into_done));
         });
         Ok(())
     }
@@ -36,8 +36,8 @@ impl DiskEngine {
             from,
             to,
         })
-        .await
-        .map(|_| ())
+        .await?
+        .into_done()
     }
 
     /// Log records with index in `from..to`, in order.

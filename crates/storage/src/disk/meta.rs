@@ -32,8 +32,8 @@ impl DiskEngine {
         durable: bool,
     ) -> Result<()> {
         self.submit(Op::MetaPut { items, durable })
-            .await
-            .map(|_| ())
+            .await?
+            .into_done()
     }
 
     /// One `_meta` entry.

@@ -161,7 +161,7 @@ impl DiskEngine {
 
     /// Waits until every write submitted before this call is durable.
     pub async fn flush(&self) -> Result<()> {
-        self.submit(Op::Barrier).await.map(|_| ())
+        self.submit(Op::Barrier).await?.into_done()
     }
 
     /// Creates a table and records its metadata, atomically.
@@ -176,8 +176,8 @@ impl DiskEngine {
             meta_key: meta_key.to_string(),
             meta_value,
         })
-        .await
-        .map(|_| ())
+        .await?
+        .into_done()
     }
 
     /// Drops a table and its metadata, atomically.
@@ -186,8 +186,8 @@ impl DiskEngine {
             table: table.to_string(),
             meta_key: meta_key.to_string(),
         })
-        .await
-        .map(|_| ())
+        .await?
+        .into_done()
     }
 
     /// A handle on one table. `tombstones`: deletes write tombstones instead of removing.

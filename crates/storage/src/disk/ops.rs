@@ -189,6 +189,54 @@ pub(super) enum Output {
     Failed(Error),
 }
 
+/// Each op answers one kind of [`Output`]; its wrapper takes that kind out with one of these. A
+/// different kind would be a bug in the engine: it comes back as [`Error::Io`], never as a panic,
+/// since peers and clients reach every wrapper.
+impl Output {
+    pub(super) fn into_replies(self) -> Result<BatchReplies> {
+        match self {
+            Output::Replies(replies) => Ok(replies),
+            other => Err(other.unexpected("replies")),
+        }
+    }
+
+    pub(super) fn into_count(self) -> Result<u64> {
+        match self {
+            Output::Count(n) => Ok(n),
+            other => Err(other.unexpected("a count")),
+        }
+    }
+
+    pub(super) fn into_value(self) -> Result<Value> {
+        match self {
+            Output::Value(v) => Ok(v),
+            other => Err(other.unexpected("a value")),
+        }
+    }
+
+    pub(super) fn into_done(self) -> Result<()> {
+        match self {
+            Output::Done => Ok(()),
+            other => Err(other.unexpected("done")),
+        }
+    }
+
+    /// The error for a reply that is not the `expected` kind (a job that failed alone is its
+    /// own error).
+    fn unexpected(self, expected: &str) -> Error {
+        let got = match self {
+            Output::Failed(e) => return e,
+            Output::Replies(_) => "replies",
+            Output::Value(_) => "a value",
+            Output::Count(_) => "a count",
+            Output::Done => "done",
+        };
+        Error::Io(format!(
+            "unexpected reply from the storage writer: expected {expected}, got {got}"
+        ))
+    }
+}
+
 /// What running an op needs besides the op: the batch's write transaction and the engine's
 /// clock, value limit and counters.
 pub(super) struct Exec<'a> {
@@ -524,4 +572,26 @@ fn drop_group(
         remove_meta_prefix(&mut mt, prefix)?;
     }
     Ok(Output::Done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reply_of_the_wrong_kind_is_an_io_error_not_a_panic() {
+        assert!(matches!(Output::Done.into_count(), Err(Error::Io(_))));
+        assert!(matches!(Output::Count(3).into_replies(), Err(Error::Io(_))));
+        assert!(matches!(
+            Output::Replies(Vec::new()).into_done(),
+            Err(Error::Io(_))
+        ));
+        assert!(matches!(Output::Count(3).into_count(), Ok(3)));
+        // A job that failed alone keeps its own error.
+        let failed = Output::Failed(Error::KeyspaceNotFound("k".into()));
+        assert!(matches!(
+            failed.into_value(),
+            Err(Error::KeyspaceNotFound(_))
+        ));
+    }
 }

@@ -7,7 +7,7 @@ use capdb_types::{Mutation, Result, Timestamp};
 use redb::{ReadableDatabase, ReadableTable, TableError};
 
 use super::meta::MetaItem;
-use super::ops::{Op, Output};
+use super::ops::Op;
 use super::{DiskEngine, META_TABLE, io_err, table_def};
 use crate::BatchReplies;
 
@@ -45,18 +45,14 @@ impl DiskEngine {
         meta: Vec<MetaItem>,
         remember: Vec<RememberReplies>,
     ) -> Result<BatchReplies> {
-        match self
-            .submit(Op::ApplyReplicated {
-                table: table.to_string(),
-                mutations,
-                meta,
-                remember,
-            })
-            .await?
-        {
-            Output::Replies(r) => Ok(r),
-            _ => unreachable!("ApplyReplicated yields replies"),
-        }
+        self.submit(Op::ApplyReplicated {
+            table: table.to_string(),
+            mutations,
+            meta,
+            remember,
+        })
+        .await?
+        .into_replies()
     }
 
     /// Replaces a table's content, deletes the `_meta` entries under `clear_meta_prefix` and
@@ -74,8 +70,8 @@ impl DiskEngine {
             clear_meta_prefix,
             meta,
         })
-        .await
-        .map(|_| ())
+        .await?
+        .into_done()
     }
 
     /// Every `(key, encoded value)` of a table plus the given `_meta` entries and those under
@@ -138,7 +134,7 @@ impl DiskEngine {
             meta_keys,
             meta_prefixes,
         })
-        .await
-        .map(|_| ())
+        .await?
+        .into_done()
     }
 }

@@ -6,7 +6,7 @@ use bytes::Bytes;
 use capdb_types::{Mutation, Result, Value};
 use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, TableError};
 
-use super::ops::{Op, Output};
+use super::ops::Op;
 use super::{DiskTable, io_err, table_def};
 use crate::{BatchReplies, KeyspaceStore, ScanPage, ScanRange};
 
@@ -74,8 +74,7 @@ impl DiskTable {
         let removed = if expired.is_empty() {
             0
         } else {
-            match self
-                .engine
+            self.engine
                 .submit(Op::RemoveExpired {
                     table: self.table.clone(),
                     keys: expired,
@@ -83,10 +82,7 @@ impl DiskTable {
                     tombstones: self.tombstones,
                 })
                 .await?
-            {
-                Output::Count(n) => n,
-                _ => 0,
-            }
+                .into_count()?
         };
         Ok((last, removed))
     }
@@ -141,17 +137,13 @@ impl DiskTable {
     /// Merges versions from other replicas; returns how many keys changed. Durable when it
     /// returns.
     pub async fn merge(&self, entries: Vec<(Bytes, Value)>) -> Result<u64> {
-        match self
-            .engine
+        self.engine
             .submit(Op::Merge {
                 table: self.table.clone(),
                 entries,
             })
             .await?
-        {
-            Output::Count(n) => Ok(n),
-            _ => unreachable!("Merge yields a count"),
-        }
+            .into_count()
     }
 
     /// This node's increment of a counter; returns the new version. Durable when it returns.
@@ -163,8 +155,7 @@ impl DiskTable {
         timestamp: capdb_types::Timestamp,
         now_ms: u64,
     ) -> Result<Value> {
-        match self
-            .engine
+        self.engine
             .submit(Op::CounterAdd {
                 table: self.table.clone(),
                 key,
@@ -174,10 +165,7 @@ impl DiskTable {
                 now_ms,
             })
             .await?
-        {
-            Output::Value(v) => Ok(v),
-            _ => unreachable!("CounterAdd yields a value"),
-        }
+            .into_value()
     }
 
     /// Removes tombstones every replica is known to hold; returns how many went.
@@ -185,17 +173,13 @@ impl DiskTable {
         &self,
         entries: Vec<(Bytes, capdb_types::Timestamp)>,
     ) -> Result<u64> {
-        match self
-            .engine
+        self.engine
             .submit(Op::PurgeTombstones {
                 table: self.table.clone(),
                 entries,
             })
             .await?
-        {
-            Output::Count(n) => Ok(n),
-            _ => unreachable!("PurgeTombstones yields a count"),
-        }
+            .into_count()
     }
 }
 
@@ -209,8 +193,7 @@ impl KeyspaceStore for DiskTable {
     }
 
     async fn apply(&self, mutations: Vec<Mutation>, now_ms: u64) -> Result<BatchReplies> {
-        match self
-            .engine
+        self.engine
             .submit(Op::Apply {
                 table: self.table.clone(),
                 tombstones: self.tombstones,
@@ -218,10 +201,7 @@ impl KeyspaceStore for DiskTable {
                 now_ms,
             })
             .await?
-        {
-            Output::Replies(r) => Ok(r),
-            _ => unreachable!("Apply always yields replies"),
-        }
+            .into_replies()
     }
 
     fn scan(&self, range: &ScanRange, limit: usize, now_ms: u64) -> Result<ScanPage> {
@@ -290,8 +270,8 @@ impl KeyspaceStore for DiskTable {
             .submit(Op::Clear {
                 table: self.table.clone(),
             })
-            .await
-            .map(|_| ())
+            .await?
+            .into_done()
     }
 }
 
