@@ -12,7 +12,10 @@ use super::mutation::apply_one;
 use super::{EngineStats, META_TABLE, MetaItem, RememberReplies, io_err, log_def, table_def};
 use crate::BatchReplies;
 
+/// A job for the writer. Each runs inside its batch's one write transaction (see [`execute`]).
 pub(super) enum Op {
+    /// Client mutations on a keyspace table, evaluated and stamped under the writer (so
+    /// read-modify-writes are atomic); replies one per mutation.
     Apply {
         table: String,
         tombstones: bool,
@@ -28,18 +31,16 @@ pub(super) enum Op {
         now_ms: u64,
         tombstones: bool,
     },
-    Clear {
-        table: String,
-    },
+    /// Deletes every key of a table; the table stays.
+    Clear { table: String },
+    /// Creates a table and records its `_meta` entry.
     CreateTable {
         table: String,
         meta_key: String,
         meta_value: Vec<u8>,
     },
-    DropTable {
-        table: String,
-        meta_key: String,
-    },
+    /// Drops a table and its `_meta` entry.
+    DropTable { table: String, meta_key: String },
     /// Completes once every job queued before it is durable.
     Barrier,
     /// `ap` replication: merges incoming versions into a table (`capdb_types::merge`);
@@ -108,19 +109,10 @@ pub(super) enum Op {
 }
 
 impl Op {
+    /// Roughly how many bytes the op writes, for the batch bound [`super::BATCH_BYTES_MAX`].
     pub(super) fn payload_bytes(&self) -> usize {
         match self {
-            Op::Apply { mutations, .. } => mutations
-                .iter()
-                .map(|m| {
-                    m.key().len()
-                        + match m {
-                            Mutation::Set { value, .. } => value.len(),
-                            Mutation::Append { data, .. } => data.len(),
-                            _ => 0,
-                        }
-                })
-                .sum(),
+            Op::Apply { mutations, .. } => mutations.iter().map(mutation_bytes).sum(),
             Op::RemoveExpired { keys, .. } => keys.iter().map(|k| k.len()).sum(),
             Op::Merge { entries, .. } => entries.iter().map(|(k, v)| k.len() + v.data.len()).sum(),
             Op::PurgeTombstones { entries, .. } => entries.iter().map(|(k, _)| k.len() + 8).sum(),
@@ -128,17 +120,9 @@ impl Op {
             Op::ReplaceTable { entries, .. } => {
                 entries.iter().map(|(k, v)| k.len() + v.len()).sum()
             }
-            Op::ApplyReplicated { mutations, .. } => mutations
-                .iter()
-                .map(|(m, _, _)| {
-                    m.key().len()
-                        + match m {
-                            Mutation::Set { value, .. } => value.len(),
-                            Mutation::Append { data, .. } => data.len(),
-                            _ => 0,
-                        }
-                })
-                .sum(),
+            Op::ApplyReplicated { mutations, .. } => {
+                mutations.iter().map(|(m, _, _)| mutation_bytes(m)).sum()
+            }
             _ => 0,
         }
     }
@@ -178,12 +162,25 @@ impl Op {
     }
 }
 
+/// The bytes a client mutation brings: its key, plus the value of a SET or the data of an APPEND.
+fn mutation_bytes(m: &Mutation) -> usize {
+    m.key().len()
+        + match m {
+            Mutation::Set { value, .. } => value.len(),
+            Mutation::Append { data, .. } => data.len(),
+            _ => 0,
+        }
+}
+
+/// What a job answers; which kind depends on its [`Op`].
 pub(super) enum Output {
+    /// Replies of `Apply` and `ApplyReplicated`, one per mutation.
     Replies(BatchReplies),
     /// The new version written by `CounterAdd`.
     Value(Value),
-    /// Replies of `ApplyReplicated`, one per mutation.
+    /// How many keys `Merge` changed, or `RemoveExpired` and `PurgeTombstones` removed.
     Count(u64),
+    /// Every other op, done.
     Done,
     /// The job failed alone (e.g. its table was dropped); the rest of the batch committed.
     Failed(Error),
@@ -593,5 +590,36 @@ mod tests {
             failed.into_value(),
             Err(Error::KeyspaceNotFound(_))
         ));
+    }
+
+    #[test]
+    fn a_mutation_counts_its_bytes_once() {
+        let set = Mutation::Set {
+            key: Bytes::from_static(b"key"),
+            value: Bytes::from_static(b"value"),
+            condition: capdb_types::mutation::Condition::Always,
+            expiry: capdb_types::mutation::ExpiryUpdate::Clear,
+            return_old: false,
+        };
+        let delete = Mutation::Delete {
+            key: Bytes::from_static(b"gone"),
+        };
+        let apply = Op::Apply {
+            table: "t".into(),
+            tombstones: false,
+            mutations: vec![set.clone(), delete.clone()],
+            now_ms: 0,
+        };
+        assert_eq!(apply.payload_bytes(), 3 + 5 + 4);
+        let replicated = Op::ApplyReplicated {
+            table: "t".into(),
+            mutations: vec![
+                (set, Timestamp::default(), 0),
+                (delete, Timestamp::default(), 0),
+            ],
+            meta: Vec::new(),
+            remember: Vec::new(),
+        };
+        assert_eq!(replicated.payload_bytes(), 3 + 5 + 4);
     }
 }
