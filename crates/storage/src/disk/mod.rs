@@ -48,7 +48,7 @@ pub use table::SCAN_EXAMINE_MAX;
 use writer::Job;
 pub use writer::{BATCH_BYTES_MAX, BATCH_JOBS_MAX, WRITE_QUEUE_JOBS_MAX};
 
-const META_TABLE: TableDefinition<&str, &[u8]> = TableDefinition::new("_meta");
+const META_TABLE: TableDefinition<&str, &[u8]> = TableDefinition::new(crate::layout::META_TABLE);
 
 fn table_def(name: &str) -> TableDefinition<'_, &'static [u8], &'static [u8]> {
     TableDefinition::new(name)
