@@ -1,6 +1,7 @@
 //! Support for Raft groups, part 1: log tables (u64 index -> bytes). Raft groups keep their
-//! log here (`raftlog/{group}`), and `ap` keeps its hinted-handoff queues in the same shape
-//! (`hints/{node}`). Part 2, replicated state machines, is in `replicated.rs`.
+//! log in one ([`crate::layout::raft_log_table`]), and `ap` keeps its hinted-handoff queues in
+//! the same shape ([`crate::layout::hint_table`]). Part 2, replicated state machines, is in
+//! `replicated.rs`.
 
 use capdb_types::Result;
 use redb::{ReadableDatabase, ReadableTable, TableError};

@@ -1,18 +1,31 @@
 //! The durable engine: one redb file per node, one table per keyspace, group commit.
 //!
-//! # Write path
+//! # Design: one writer thread
 //!
-//! Callers send a [`Job`] over a bounded channel to the single writer thread and await its reply.
-//! The writer takes everything queued (up to [`BATCH_JOBS_MAX`] jobs or [`BATCH_BYTES_MAX`]
-//! bytes), applies it in one redb write transaction, commits with `Durability::Immediate` (one
-//! fsync for the whole batch) and only then answers every job. While one batch is being fsync'd
-//! the next one queues up, so throughput grows with concurrency instead of being capped at one
-//! write per fsync. Read-modify-write commands (INCR, APPEND, SET NX) run inside the writer, so
-//! they are atomic without locks.
+//! Every write of the node goes through one thread that owns redb's write transaction. redb
+//! admits one write transaction at a time, and each durable commit costs an fsync; instead of
+//! making callers take turns for that, the writer gathers what they queued and commits it
+//! together. This buys three things at once: throughput that grows with concurrency (group
+//! commit, below), read-modify-write commands that are atomic without locks (they run inside the
+//! writer), and one order for all writes (a job is applied after every job queued before it,
+//! which is what [`DiskEngine::flush`] and the Raft log rely on). The queue is bounded
+//! ([`WRITE_QUEUE_JOBS_MAX`]): when it is full callers wait, so memory never grows under load.
+//!
+//! # Write path (group commit)
+//!
+//! Callers send a job (an op and a reply channel) over the bounded channel to the writer thread
+//! and await its reply. The writer takes everything queued (up to [`BATCH_JOBS_MAX`] jobs or
+//! [`BATCH_BYTES_MAX`] bytes), applies it in one redb write transaction, commits with
+//! `Durability::Immediate` (one fsync for the whole batch) and only then answers every job. While
+//! one batch is being fsync'd the next one queues up, so throughput grows with concurrency
+//! instead of being capped at one write per fsync. Read-modify-write commands (INCR, APPEND,
+//! SET NX) run inside the writer, so they are atomic without locks. A batch made only of jobs
+//! that need no fsync (replicated applies, which the durable Raft log can redo, and `_meta` puts
+//! not asked to be durable) commits without one.
 //!
 //! A storage error fails the whole batch (the transaction is aborted, nothing of it is applied,
 //! every caller gets [`Error::Io`]); a semantic error (INCR of a non-integer) fails its mutation
-//! only.
+//! only, and a job whose keyspace table was dropped after it was queued fails alone.
 //!
 //! # Read path
 //!
@@ -24,6 +37,28 @@
 //! Every value carries a CRC-32 ([`capdb_types::value`]); a mismatch is reported as
 //! [`Error::Corruption`], counted in [`EngineStats::corruptions`] and never served. redb itself
 //! checksums its pages and repairs its allocator state after a crash.
+//!
+//! # Customers
+//!
+//! Every table and `_meta` name they pass is built in [`crate::layout`].
+//!
+//! | customer | uses |
+//! |---|---|
+//! | the server's keyspace router | [`DiskEngine::open`], [`DiskEngine::create_table`] / [`DiskEngine::drop_table`], [`DiskEngine::table`] read and written as a [`KeyspaceStore`](crate::KeyspaceStore), [`DiskTable::sweep_expired`] (active expiry); `stats`, `file_bytes`, `flush` and `closed` for metrics and shutdown |
+//! | Raft log stores | `log_append`, `log_remove`, `log_read`, `log_last`; `meta_put` / `meta_get` for vote, committed and purged |
+//! | Raft state machines | [`DiskEngine::apply_replicated`], snapshots through [`DiskEngine::dump_table`] and [`DiskEngine::replace_table`], `meta_list` / `meta_get` / `meta_put`; [`DiskEngine::drop_group`] when a group leaves the node; shard reads through `table` |
+//! | `ap` replicas | `table(.., tombstones: true)`: [`DiskTable::get_raw`], [`DiskTable::for_each_raw`], [`DiskTable::merge`], [`DiskTable::counter_add`], [`DiskTable::purge_tombstones`] |
+//! | `ap` hinted handoff | log tables as queues (`log_append`, `log_first`, `log_read`, `log_last`, `log_remove`) and `_meta` markers (`meta_list`, `meta_put`) |
+//! | the control loop | `meta_get` / `meta_put` (the node-removed record) |
+//!
+//! # Files
+//!
+//! - `mod.rs`: the handles ([`DiskEngine`], [`DiskTable`]), opening the file, table lifecycle.
+//! - `writer.rs`: the writer thread, the job queue, batching and the commit.
+//! - `ops.rs`: the ops a job carries, what each answers, and how each runs in the transaction.
+//! - `mutation.rs`: one client mutation under the writer (also for replicated applies).
+//! - `table.rs`: [`DiskTable`]'s reads, scans and `ap` operations.
+//! - `log.rs`, `meta.rs`, `replicated.rs`: log tables, the `_meta` table, Raft state machines.
 
 mod log;
 mod meta;
