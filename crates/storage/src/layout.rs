@@ -19,6 +19,9 @@
 
 use capdb_types::GroupId;
 
+/// The `_meta` table itself (every `_meta …` row above lives in it).
+pub const META_TABLE: &str = "_meta";
+
 /// The table holding a `cp` shard's keys.
 pub fn shard_table(group: GroupId) -> String {
     format!("shard/{group}")

@@ -1,0 +1,244 @@
+//! The durable engine: one redb file per node, one table per keyspace, group commit.
+//!
+//! # Design: one writer thread
+//!
+//! Every write of the node goes through one thread that owns redb's write transaction. redb
+//! admits one write transaction at a time, and each durable commit costs an fsync; instead of
+//! making callers take turns for that, the writer gathers what they queued and commits it
+//! together. This buys three things at once: throughput that grows with concurrency (group
+//! commit, below), read-modify-write commands that are atomic without locks (they run inside the
+//! writer), and one order for all writes (a job is applied after every job queued before it,
+//! which is what [`DiskEngine::flush`] and the Raft log rely on). The queue is bounded
+//! ([`WRITE_QUEUE_JOBS_MAX`]): when it is full callers wait, so memory never grows under load.
+//!
+//! # Write path (group commit)
+//!
+//! Callers send a job (an op and a reply channel) over the bounded channel to the writer thread
+//! and await its reply. The writer takes everything queued (up to [`BATCH_JOBS_MAX`] jobs or
+//! [`BATCH_BYTES_MAX`] bytes), applies it in one redb write transaction, commits with
+//! `Durability::Immediate` (one fsync for the whole batch) and only then answers every job. While
+//! one batch is being fsync'd the next one queues up, so throughput grows with concurrency
+//! instead of being capped at one write per fsync. Read-modify-write commands (INCR, APPEND,
+//! SET NX) run inside the writer, so they are atomic without locks. A batch made only of jobs
+//! that need no fsync (replicated applies, which the durable Raft log can redo, and `_meta` puts
+//! not asked to be durable) commits without one.
+//!
+//! A storage error fails the whole batch (the transaction is aborted, nothing of it is applied,
+//! every caller gets [`Error::Io`]); a semantic error (INCR of a non-integer) fails its mutation
+//! only, and a job whose keyspace table was dropped after it was queued fails alone.
+//!
+//! # Read path
+//!
+//! Reads open a redb read transaction (an MVCC snapshot of the last commit) on the caller's
+//! thread; they never wait for the writer and only ever see committed, fsync'd data.
+//!
+//! # Integrity
+//!
+//! Every value carries a CRC-32 ([`capdb_types::value`]); a mismatch is reported as
+//! [`Error::Corruption`], counted in [`EngineStats::corruptions`] and never served. redb itself
+//! checksums its pages and repairs its allocator state after a crash.
+//!
+//! # Customers
+//!
+//! Every table and `_meta` name they pass is built in [`crate::layout`].
+//!
+//! | customer | uses |
+//! |---|---|
+//! | the server's keyspace router | [`DiskEngine::open`], [`DiskEngine::create_table`] / [`DiskEngine::drop_table`], [`DiskEngine::table`] read and written as a [`KeyspaceStore`](crate::KeyspaceStore), [`DiskTable::sweep_expired`] (active expiry); `stats`, `file_bytes`, `flush` and `closed` for metrics and shutdown |
+//! | Raft log stores | `log_append`, `log_remove`, `log_read`, `log_last`; `meta_put` / `meta_get` for vote, committed and purged |
+//! | Raft state machines | [`DiskEngine::apply_replicated`], snapshots through [`DiskEngine::dump_table`] and [`DiskEngine::replace_table`], `meta_list` / `meta_get` / `meta_put`; [`DiskEngine::drop_group`] when a group leaves the node; shard reads through `table` |
+//! | `ap` replicas | `table(.., tombstones: true)`: [`DiskTable::get_raw`], [`DiskTable::for_each_raw`], [`DiskTable::merge`], [`DiskTable::counter_add`], [`DiskTable::purge_tombstones`] |
+//! | `ap` hinted handoff | log tables as queues (`log_append`, `log_first`, `log_read`, `log_last`, `log_remove`) and `_meta` markers (`meta_list`, `meta_put`) |
+//! | the control loop | `meta_get` / `meta_put` (the node-removed record) |
+//!
+//! # Files
+//!
+//! - `mod.rs`: the handles ([`DiskEngine`], [`DiskTable`]), opening the file, table lifecycle.
+//! - `writer.rs`: the writer thread, the job queue, batching and the commit.
+//! - `ops.rs`: the ops a job carries, what each answers, and how each runs in the transaction.
+//! - `mutation.rs`: one client mutation under the writer (also for replicated applies).
+//! - `table.rs`: [`DiskTable`]'s reads, scans and `ap` operations.
+//! - `log.rs`, `meta.rs`, `replicated.rs`: log tables, the `_meta` table, Raft state machines.
+
+mod log;
+mod meta;
+mod mutation;
+mod ops;
+mod replicated;
+mod table;
+mod writer;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+use capdb_types::{Error, Hlc, Result};
+use redb::{Database, TableDefinition};
+use tokio::sync::mpsc;
+
+pub use meta::MetaItem;
+use ops::Op;
+pub use replicated::{RememberReplies, TableDump};
+pub use table::SCAN_EXAMINE_MAX;
+use writer::Job;
+pub use writer::{BATCH_BYTES_MAX, BATCH_JOBS_MAX, WRITE_QUEUE_JOBS_MAX};
+
+const META_TABLE: TableDefinition<&str, &[u8]> = TableDefinition::new(crate::layout::META_TABLE);
+
+fn table_def(name: &str) -> TableDefinition<'_, &'static [u8], &'static [u8]> {
+    TableDefinition::new(name)
+}
+
+fn log_def(name: &str) -> TableDefinition<'_, u64, &'static [u8]> {
+    TableDefinition::new(name)
+}
+
+fn io_err(e: impl std::fmt::Display) -> Error {
+    let text = e.to_string();
+    if text.to_ascii_lowercase().contains("corrupt") {
+        Error::Corruption(text)
+    } else {
+        Error::Io(text)
+    }
+}
+
+/// Counters exposed as metrics.
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    /// Transactions committed (each is one fsync).
+    pub commits: AtomicU64,
+    /// Jobs acknowledged by those commits.
+    pub jobs: AtomicU64,
+    /// Total time spent applying and committing batches (microseconds).
+    pub commit_micros: AtomicU64,
+    /// Of which in redb's commit call: page writes and the fsync (microseconds).
+    pub sync_micros: AtomicU64,
+    /// Values that failed their checksum on read.
+    pub corruptions: AtomicU64,
+}
+
+/// The node's durable engine. Cheap to clone; the writer thread stops when the last clone drops.
+#[derive(Clone)]
+pub struct DiskEngine {
+    db: Arc<Database>,
+    jobs: mpsc::Sender<Job>,
+    path: PathBuf,
+    stats: Arc<EngineStats>,
+    closed: Closed,
+}
+
+/// Signals when the writer thread has stopped and released its handle on the database. The file
+/// is closed cleanly (no repair at next open) once every engine handle has been dropped.
+#[derive(Clone)]
+pub struct Closed(Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>);
+
+impl Closed {
+    /// Waits up to `timeout` for the writer to stop; returns whether it did.
+    pub fn wait(&self, timeout: std::time::Duration) -> bool {
+        let (lock, cvar) = &*self.0;
+        let guard = lock.lock().unwrap_or_else(|p| p.into_inner());
+        let (guard, _) = cvar
+            .wait_timeout_while(guard, timeout, |closed| !*closed)
+            .unwrap_or_else(|p| p.into_inner());
+        *guard
+    }
+}
+
+impl DiskEngine {
+    /// Opens (or creates) `dir/capdb.redb` and starts the writer thread.
+    pub fn open(dir: &Path, hlc: Arc<Hlc>, value_bytes_max: usize) -> Result<DiskEngine> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::Io(format!("cannot create data dir {}: {e}", dir.display())))?;
+        let path = dir.join("capdb.redb");
+        let mut builder = Database::builder();
+        // After a crash redb verifies every page checksum and rebuilds its allocator state
+        // before the node serves; say so, since it can take a while on a large file. If the
+        // newest commit's pages fail verification redb falls back to the previous commit.
+        let repair_path = path.clone();
+        builder.set_repair_callback(move |session| {
+            if session.progress() == 0.0 {
+                tracing::warn!(file = %repair_path.display(), "database was not closed cleanly: verifying checksums and repairing before serving");
+            }
+        });
+        let db = builder
+            .create(&path)
+            .map_err(|e| Error::Io(format!("cannot open database {}: {e}", path.display())))?;
+        // Make sure the meta table exists so readers can always open it.
+        let txn = db.begin_write().map_err(io_err)?;
+        txn.open_table(META_TABLE).map_err(io_err)?;
+        txn.commit().map_err(io_err)?;
+
+        let db = Arc::new(db);
+        let stats = Arc::new(EngineStats::default());
+        let (jobs, closed) = writer::start(db.clone(), hlc, value_bytes_max, stats.clone())?;
+        Ok(DiskEngine {
+            db,
+            jobs,
+            path,
+            stats,
+            closed,
+        })
+    }
+
+    /// A handle to wait for the engine to close, usable after every engine handle is dropped.
+    pub fn closed(&self) -> Closed {
+        self.closed.clone()
+    }
+
+    pub fn stats(&self) -> &EngineStats {
+        &self.stats
+    }
+
+    /// Size of the database file in bytes.
+    pub fn file_bytes(&self) -> u64 {
+        std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// Waits until every write submitted before this call is durable.
+    pub async fn flush(&self) -> Result<()> {
+        self.submit(Op::Barrier).await?.into_done()
+    }
+
+    /// Creates a table and records its metadata, atomically.
+    pub async fn create_table(
+        &self,
+        table: &str,
+        meta_key: &str,
+        meta_value: Vec<u8>,
+    ) -> Result<()> {
+        self.submit(Op::CreateTable {
+            table: table.to_string(),
+            meta_key: meta_key.to_string(),
+            meta_value,
+        })
+        .await?
+        .into_done()
+    }
+
+    /// Drops a table and its metadata, atomically.
+    pub async fn drop_table(&self, table: &str, meta_key: &str) -> Result<()> {
+        self.submit(Op::DropTable {
+            table: table.to_string(),
+            meta_key: meta_key.to_string(),
+        })
+        .await?
+        .into_done()
+    }
+
+    /// A handle on one table. `tombstones`: deletes write tombstones instead of removing.
+    pub fn table(&self, table: &str, tombstones: bool) -> DiskTable {
+        DiskTable {
+            engine: self.clone(),
+            table: table.to_string(),
+            tombstones,
+        }
+    }
+}
+
+/// One keyspace's table in the [`DiskEngine`].
+#[derive(Clone)]
+pub struct DiskTable {
+    engine: DiskEngine,
+    table: String,
+    tombstones: bool,
+}

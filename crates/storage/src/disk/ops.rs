@@ -1,0 +1,625 @@
+//! The jobs the writer runs (`Op`), what they answer (`Output`), and how each runs inside the
+//! batch's write transaction.
+
+use std::collections::HashSet;
+
+use bytes::Bytes;
+use capdb_types::{Error, Hlc, Mutation, Result, Timestamp, Value};
+use redb::{ReadableTable, WriteTransaction};
+
+use super::meta::{put_meta, remove_meta_prefix};
+use super::mutation::apply_one;
+use super::{EngineStats, META_TABLE, MetaItem, RememberReplies, io_err, log_def, table_def};
+use crate::BatchReplies;
+
+/// A job for the writer. Each runs inside its batch's one write transaction (see [`execute`]).
+pub(super) enum Op {
+    /// Client mutations on a keyspace table, evaluated and stamped under the writer (so
+    /// read-modify-writes are atomic); replies one per mutation.
+    Apply {
+        table: String,
+        tombstones: bool,
+        mutations: Vec<Mutation>,
+        now_ms: u64,
+    },
+    /// Deletes the given keys if they are still expired at `now_ms` (active expiry). In a
+    /// table with tombstones (`ap`) an expired value becomes a tombstone with its timestamp
+    /// instead, so replicas converge on the deletion rather than resurrecting older values.
+    RemoveExpired {
+        table: String,
+        keys: Vec<Bytes>,
+        now_ms: u64,
+        tombstones: bool,
+    },
+    /// Deletes every key of a table; the table stays.
+    Clear { table: String },
+    /// Creates a table and records its `_meta` entry.
+    CreateTable {
+        table: String,
+        meta_key: String,
+        meta_value: Vec<u8>,
+    },
+    /// Drops a table and its `_meta` entry.
+    DropTable { table: String, meta_key: String },
+    /// Completes once every job queued before it is durable.
+    Barrier,
+    /// `ap` replication: merges incoming versions into a table (`capdb_types::merge`);
+    /// replies with how many keys changed.
+    Merge {
+        table: String,
+        entries: Vec<(Bytes, Value)>,
+    },
+    /// `ap` counters: this node's increment of a key's PN-counter, read-modify-write under the
+    /// writer (so increments of one node never race); replies with the new version.
+    CounterAdd {
+        table: String,
+        key: Bytes,
+        node: u64,
+        delta: i64,
+        timestamp: Timestamp,
+        now_ms: u64,
+    },
+    /// `ap` tombstone collection: removes each key whose stored version is still the tombstone
+    /// with exactly this timestamp (a newer write is kept).
+    PurgeTombstones {
+        table: String,
+        entries: Vec<(Bytes, Timestamp)>,
+    },
+    /// Applies the mutations of committed Raft entries to a shard table, with the leader's
+    /// timestamps, and records the applied state in `_meta` in the same transaction. Not durable
+    /// by itself: the Raft log is, and replaying it restores anything lost (see `durable`).
+    ApplyReplicated {
+        table: String,
+        mutations: Vec<(Mutation, Timestamp, u64)>,
+        meta: Vec<MetaItem>,
+        remember: Vec<RememberReplies>,
+    },
+    /// Appends records to a log table (u64 index -> bytes).
+    LogAppend {
+        table: String,
+        records: Vec<(u64, Vec<u8>)>,
+    },
+    /// Deletes log records with index in `from..=to` (`to: None` = to the end).
+    LogRemove {
+        table: String,
+        from: u64,
+        to: Option<u64>,
+    },
+    /// Puts (`Some`) or deletes (`None`) `_meta` entries.
+    MetaPut {
+        items: Vec<(String, Option<Vec<u8>>)>,
+        durable: bool,
+    },
+    /// Replaces a table's whole content (snapshot install): deletes every `_meta` entry under
+    /// `clear_meta_prefix`, then sets `_meta` entries.
+    ReplaceTable {
+        table: String,
+        entries: Vec<(Vec<u8>, Vec<u8>)>,
+        clear_meta_prefix: Option<String>,
+        meta: Vec<MetaItem>,
+    },
+    /// Deletes tables (data and log) and `_meta` entries (by key and by prefix) of a group this
+    /// node no longer holds.
+    DropGroup {
+        tables: Vec<String>,
+        log_tables: Vec<String>,
+        meta_keys: Vec<String>,
+        meta_prefixes: Vec<String>,
+    },
+}
+
+impl Op {
+    /// Roughly how many bytes the op writes, for the batch bound [`super::BATCH_BYTES_MAX`].
+    pub(super) fn payload_bytes(&self) -> usize {
+        match self {
+            Op::Apply { mutations, .. } => mutations.iter().map(mutation_bytes).sum(),
+            Op::RemoveExpired { keys, .. } => keys.iter().map(|k| k.len()).sum(),
+            Op::Merge { entries, .. } => entries.iter().map(|(k, v)| k.len() + v.data.len()).sum(),
+            Op::PurgeTombstones { entries, .. } => entries.iter().map(|(k, _)| k.len() + 8).sum(),
+            Op::LogAppend { records, .. } => records.iter().map(|(_, r)| r.len() + 8).sum(),
+            Op::ReplaceTable { entries, .. } => {
+                entries.iter().map(|(k, v)| k.len() + v.len()).sum()
+            }
+            Op::ApplyReplicated { mutations, .. } => {
+                mutations.iter().map(|(m, _, _)| mutation_bytes(m)).sum()
+            }
+            _ => 0,
+        }
+    }
+
+    /// The keyspace table this op writes, for the ops that must fail alone when that table was
+    /// dropped after they were queued: they must not silently re-create it (redb's
+    /// `open_table` creates missing tables).
+    fn keyspace_table(&self) -> Option<&str> {
+        match self {
+            Op::Apply { table, .. }
+            | Op::RemoveExpired { table, .. }
+            | Op::Clear { table }
+            | Op::Merge { table, .. }
+            | Op::CounterAdd { table, .. }
+            | Op::PurgeTombstones { table, .. } => Some(table),
+            Op::CreateTable { .. }
+            | Op::DropTable { .. }
+            | Op::Barrier
+            | Op::ApplyReplicated { .. }
+            | Op::LogAppend { .. }
+            | Op::LogRemove { .. }
+            | Op::MetaPut { .. }
+            | Op::ReplaceTable { .. }
+            | Op::DropGroup { .. } => None,
+        }
+    }
+
+    /// Whether the job's acknowledgement must wait for an fsync. A batch made only of
+    /// non-durable jobs commits without one; any durable job makes the whole batch (and every
+    /// earlier non-durable commit) durable.
+    pub(super) fn durable(&self) -> bool {
+        match self {
+            Op::ApplyReplicated { .. } => false,
+            Op::MetaPut { durable, .. } => *durable,
+            _ => true,
+        }
+    }
+}
+
+/// The bytes a client mutation brings: its key, plus the value of a SET or the data of an APPEND.
+fn mutation_bytes(m: &Mutation) -> usize {
+    m.key().len()
+        + match m {
+            Mutation::Set { value, .. } => value.len(),
+            Mutation::Append { data, .. } => data.len(),
+            _ => 0,
+        }
+}
+
+/// What a job answers; which kind depends on its [`Op`].
+pub(super) enum Output {
+    /// Replies of `Apply` and `ApplyReplicated`, one per mutation.
+    Replies(BatchReplies),
+    /// The new version written by `CounterAdd`.
+    Value(Value),
+    /// How many keys `Merge` changed, or `RemoveExpired` and `PurgeTombstones` removed.
+    Count(u64),
+    /// Every other op, done.
+    Done,
+    /// The job failed alone (e.g. its table was dropped); the rest of the batch committed.
+    Failed(Error),
+}
+
+/// Each op answers one kind of [`Output`]; its wrapper takes that kind out with one of these. A
+/// different kind would be a bug in the engine: it comes back as [`Error::Io`], never as a panic,
+/// since peers and clients reach every wrapper.
+impl Output {
+    pub(super) fn into_replies(self) -> Result<BatchReplies> {
+        match self {
+            Output::Replies(replies) => Ok(replies),
+            other => Err(other.unexpected("replies")),
+        }
+    }
+
+    pub(super) fn into_count(self) -> Result<u64> {
+        match self {
+            Output::Count(n) => Ok(n),
+            other => Err(other.unexpected("a count")),
+        }
+    }
+
+    pub(super) fn into_value(self) -> Result<Value> {
+        match self {
+            Output::Value(v) => Ok(v),
+            other => Err(other.unexpected("a value")),
+        }
+    }
+
+    pub(super) fn into_done(self) -> Result<()> {
+        match self {
+            Output::Done => Ok(()),
+            other => Err(other.unexpected("done")),
+        }
+    }
+
+    /// The error for a reply that is not the `expected` kind (a job that failed alone is its
+    /// own error).
+    fn unexpected(self, expected: &str) -> Error {
+        let got = match self {
+            Output::Failed(e) => return e,
+            Output::Replies(_) => "replies",
+            Output::Value(_) => "a value",
+            Output::Count(_) => "a count",
+            Output::Done => "done",
+        };
+        Error::Io(format!(
+            "unexpected reply from the storage writer: expected {expected}, got {got}"
+        ))
+    }
+}
+
+/// What running an op needs besides the op: the batch's write transaction and the engine's
+/// clock, value limit and counters.
+pub(super) struct Exec<'a> {
+    pub(super) txn: &'a WriteTransaction,
+    pub(super) hlc: &'a Hlc,
+    pub(super) value_bytes_max: usize,
+    pub(super) stats: &'a EngineStats,
+}
+
+/// Runs one op inside the batch's transaction. `Err` only for storage failures (which abort the
+/// whole batch); a job that fails alone answers [`Output::Failed`].
+pub(super) fn execute(x: &Exec, op: &Op, live_tables: &mut HashSet<String>) -> Result<Output> {
+    if let Some(table) = op.keyspace_table()
+        && !live_tables.contains(table)
+    {
+        return Ok(Output::Failed(Error::KeyspaceNotFound(
+            crate::layout::keyspace_of_table(table).to_string(),
+        )));
+    }
+    match op {
+        Op::Apply {
+            table,
+            tombstones,
+            mutations,
+            now_ms,
+        } => apply_mutations(x, table, *tombstones, mutations, *now_ms),
+        Op::RemoveExpired {
+            table,
+            keys,
+            now_ms,
+            tombstones,
+        } => remove_expired(x, table, keys, *now_ms, *tombstones),
+        Op::Clear { table } => clear_table(x, table),
+        Op::CreateTable {
+            table,
+            meta_key,
+            meta_value,
+        } => create_table(x, table, meta_key, meta_value, live_tables),
+        Op::DropTable { table, meta_key } => drop_table(x, table, meta_key, live_tables),
+        // Nothing to write: the batch's commit is what a barrier waits for.
+        Op::Barrier => Ok(Output::Done),
+        Op::Merge { table, entries } => merge_versions(x, table, entries),
+        Op::CounterAdd {
+            table,
+            key,
+            node,
+            delta,
+            timestamp,
+            now_ms,
+        } => add_to_counter(x, table, key, *node, *delta, *timestamp, *now_ms),
+        Op::PurgeTombstones { table, entries } => purge_tombstones(x, table, entries),
+        Op::ApplyReplicated {
+            table,
+            mutations,
+            meta,
+            remember,
+        } => apply_replicated(x, table, mutations, meta, remember),
+        Op::LogAppend { table, records } => append_log(x, table, records),
+        Op::LogRemove { table, from, to } => remove_log_range(x, table, *from, *to),
+        Op::MetaPut { items, .. } => update_meta(x, items),
+        Op::ReplaceTable {
+            table,
+            entries,
+            clear_meta_prefix,
+            meta,
+        } => replace_table(x, table, entries, clear_meta_prefix.as_deref(), meta),
+        Op::DropGroup {
+            tables,
+            log_tables,
+            meta_keys,
+            meta_prefixes,
+        } => drop_group(x, tables, log_tables, meta_keys, meta_prefixes),
+    }
+}
+
+/// [`Op::Apply`]: client mutations, evaluated and stamped here.
+fn apply_mutations(
+    x: &Exec,
+    table: &str,
+    tombstones: bool,
+    mutations: &[Mutation],
+    now_ms: u64,
+) -> Result<Output> {
+    let mut t = x.txn.open_table(table_def(table)).map_err(io_err)?;
+    let mut replies = Vec::with_capacity(mutations.len());
+    for m in mutations {
+        replies.push(apply_one(x, &mut t, m, tombstones, now_ms, None)?);
+    }
+    Ok(Output::Replies(replies))
+}
+
+/// [`Op::RemoveExpired`].
+fn remove_expired(
+    x: &Exec,
+    table: &str,
+    keys: &[Bytes],
+    now_ms: u64,
+    tombstones: bool,
+) -> Result<Output> {
+    let mut t = x.txn.open_table(table_def(table)).map_err(io_err)?;
+    let mut removed = 0;
+    for key in keys {
+        let expired = match t.get(&key[..]).map_err(io_err)? {
+            Some(raw) => Value::decode(raw.value())
+                .ok()
+                .filter(|v| !v.header.tombstone && v.is_expired(now_ms)),
+            None => None,
+        };
+        if let Some(v) = expired {
+            if tombstones {
+                let tomb = Value::tombstone(v.header.timestamp);
+                t.insert(&key[..], &tomb.encode()[..]).map_err(io_err)?;
+            } else {
+                t.remove(&key[..]).map_err(io_err)?;
+            }
+            removed += 1;
+        }
+    }
+    Ok(Output::Count(removed))
+}
+
+/// [`Op::Clear`]: the table stays, empty.
+fn clear_table(x: &Exec, table: &str) -> Result<Output> {
+    x.txn.delete_table(table_def(table)).map_err(io_err)?;
+    x.txn.open_table(table_def(table)).map_err(io_err)?;
+    Ok(Output::Done)
+}
+
+/// [`Op::CreateTable`].
+fn create_table(
+    x: &Exec,
+    table: &str,
+    meta_key: &str,
+    meta_value: &[u8],
+    live_tables: &mut HashSet<String>,
+) -> Result<Output> {
+    x.txn.open_table(table_def(table)).map_err(io_err)?;
+    let mut meta = x.txn.open_table(META_TABLE).map_err(io_err)?;
+    meta.insert(meta_key, meta_value).map_err(io_err)?;
+    live_tables.insert(table.to_string());
+    Ok(Output::Done)
+}
+
+/// [`Op::DropTable`].
+fn drop_table(
+    x: &Exec,
+    table: &str,
+    meta_key: &str,
+    live_tables: &mut HashSet<String>,
+) -> Result<Output> {
+    x.txn.delete_table(table_def(table)).map_err(io_err)?;
+    let mut meta = x.txn.open_table(META_TABLE).map_err(io_err)?;
+    meta.remove(meta_key).map_err(io_err)?;
+    live_tables.remove(table);
+    Ok(Output::Done)
+}
+
+/// [`Op::Merge`].
+fn merge_versions(x: &Exec, table: &str, entries: &[(Bytes, Value)]) -> Result<Output> {
+    let mut t = x.txn.open_table(table_def(table)).map_err(io_err)?;
+    let mut changed = 0;
+    for (key, incoming) in entries {
+        x.hlc.observe(incoming.header.timestamp);
+        let current = match t.get(&key[..]).map_err(io_err)? {
+            Some(raw) => Value::decode(raw.value()).ok(),
+            None => None,
+        };
+        let merged = match &current {
+            Some(c) => capdb_types::merge::merge(c, incoming),
+            None => incoming.clone(),
+        };
+        if current.as_ref() != Some(&merged) {
+            t.insert(&key[..], &merged.encode()[..]).map_err(io_err)?;
+            changed += 1;
+        }
+    }
+    Ok(Output::Count(changed))
+}
+
+/// [`Op::CounterAdd`].
+fn add_to_counter(
+    x: &Exec,
+    table: &str,
+    key: &[u8],
+    node: u64,
+    delta: i64,
+    timestamp: Timestamp,
+    now_ms: u64,
+) -> Result<Output> {
+    let mut t = x.txn.open_table(table_def(table)).map_err(io_err)?;
+    let current = match t.get(key).map_err(io_err)? {
+        Some(raw) => match Value::decode(raw.value()) {
+            Ok(v) => Some(v),
+            // Fails this job alone, not the whole batch.
+            Err(e) => return Ok(Output::Failed(e)),
+        },
+        None => None,
+    };
+    match capdb_types::merge::counter_add(current.as_ref(), node, delta, timestamp, now_ms) {
+        Ok(v) => {
+            t.insert(key, &v.encode()[..]).map_err(io_err)?;
+            Ok(Output::Value(v))
+        }
+        Err(e) => Ok(Output::Failed(e)),
+    }
+}
+
+/// [`Op::PurgeTombstones`].
+fn purge_tombstones(x: &Exec, table: &str, entries: &[(Bytes, Timestamp)]) -> Result<Output> {
+    let mut t = x.txn.open_table(table_def(table)).map_err(io_err)?;
+    let mut removed = 0;
+    for (key, ts) in entries {
+        let still = match t.get(&key[..]).map_err(io_err)? {
+            Some(raw) => Value::decode(raw.value())
+                .is_ok_and(|v| v.header.tombstone && v.header.timestamp == *ts),
+            None => false,
+        };
+        if still {
+            t.remove(&key[..]).map_err(io_err)?;
+            removed += 1;
+        }
+    }
+    Ok(Output::Count(removed))
+}
+
+/// [`Op::ApplyReplicated`].
+fn apply_replicated(
+    x: &Exec,
+    table: &str,
+    mutations: &[(Mutation, Timestamp, u64)],
+    meta: &[MetaItem],
+    remember: &[RememberReplies],
+) -> Result<Output> {
+    let mut t = x.txn.open_table(table_def(table)).map_err(io_err)?;
+    let mut replies = Vec::with_capacity(mutations.len());
+    for (m, ts, now_ms) in mutations {
+        x.hlc.observe(*ts);
+        replies.push(apply_one(x, &mut t, m, false, *now_ms, Some(*ts))?);
+    }
+    drop(t);
+    let mut mt = x.txn.open_table(META_TABLE).map_err(io_err)?;
+    // Replies first, then `meta`: a reply remembered and already forgotten by a later
+    // entry of this batch is deleted, not left behind.
+    for r in remember {
+        let Some(range) = replies.get(r.first..r.first + r.count) else {
+            return Err(Error::InvalidInput(format!(
+                "replies {}..{} to remember are outside the batch of {}",
+                r.first,
+                r.first + r.count,
+                replies.len()
+            )));
+        };
+        let value = postcard::to_extend(range, r.prefix.clone())
+            .map_err(|e| Error::Io(format!("cannot encode replies: {e}")))?;
+        mt.insert(r.key.as_str(), &value[..]).map_err(io_err)?;
+    }
+    put_meta(&mut mt, meta)?;
+    Ok(Output::Replies(replies))
+}
+
+/// [`Op::LogAppend`].
+fn append_log(x: &Exec, table: &str, records: &[(u64, Vec<u8>)]) -> Result<Output> {
+    let mut t = x.txn.open_table(log_def(table)).map_err(io_err)?;
+    for (index, record) in records {
+        t.insert(*index, &record[..]).map_err(io_err)?;
+    }
+    Ok(Output::Done)
+}
+
+/// [`Op::LogRemove`].
+fn remove_log_range(x: &Exec, table: &str, from: u64, to: Option<u64>) -> Result<Output> {
+    let mut t = x.txn.open_table(log_def(table)).map_err(io_err)?;
+    match to {
+        Some(to) if to < from => {}
+        Some(to) => {
+            t.retain_in(from..=to, |_, _| false).map_err(io_err)?;
+        }
+        None => {
+            t.retain_in(from.., |_, _| false).map_err(io_err)?;
+        }
+    }
+    Ok(Output::Done)
+}
+
+/// [`Op::MetaPut`].
+fn update_meta(x: &Exec, items: &[MetaItem]) -> Result<Output> {
+    let mut mt = x.txn.open_table(META_TABLE).map_err(io_err)?;
+    put_meta(&mut mt, items)?;
+    Ok(Output::Done)
+}
+
+/// [`Op::ReplaceTable`].
+fn replace_table(
+    x: &Exec,
+    table: &str,
+    entries: &[(Vec<u8>, Vec<u8>)],
+    clear_meta_prefix: Option<&str>,
+    meta: &[MetaItem],
+) -> Result<Output> {
+    x.txn.delete_table(table_def(table)).map_err(io_err)?;
+    let mut t = x.txn.open_table(table_def(table)).map_err(io_err)?;
+    for (k, v) in entries {
+        t.insert(&k[..], &v[..]).map_err(io_err)?;
+    }
+    drop(t);
+    let mut mt = x.txn.open_table(META_TABLE).map_err(io_err)?;
+    if let Some(prefix) = clear_meta_prefix {
+        remove_meta_prefix(&mut mt, prefix)?;
+    }
+    put_meta(&mut mt, meta)?;
+    Ok(Output::Done)
+}
+
+/// [`Op::DropGroup`].
+fn drop_group(
+    x: &Exec,
+    tables: &[String],
+    log_tables: &[String],
+    meta_keys: &[String],
+    meta_prefixes: &[String],
+) -> Result<Output> {
+    for t in tables {
+        x.txn.delete_table(table_def(t)).map_err(io_err)?;
+    }
+    for t in log_tables {
+        x.txn.delete_table(log_def(t)).map_err(io_err)?;
+    }
+    let mut mt = x.txn.open_table(META_TABLE).map_err(io_err)?;
+    for k in meta_keys {
+        mt.remove(k.as_str()).map_err(io_err)?;
+    }
+    for prefix in meta_prefixes {
+        remove_meta_prefix(&mut mt, prefix)?;
+    }
+    Ok(Output::Done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reply_of_the_wrong_kind_is_an_io_error_not_a_panic() {
+        assert!(matches!(Output::Done.into_count(), Err(Error::Io(_))));
+        assert!(matches!(Output::Count(3).into_replies(), Err(Error::Io(_))));
+        assert!(matches!(
+            Output::Replies(Vec::new()).into_done(),
+            Err(Error::Io(_))
+        ));
+        assert!(matches!(Output::Count(3).into_count(), Ok(3)));
+        // A job that failed alone keeps its own error.
+        let failed = Output::Failed(Error::KeyspaceNotFound("k".into()));
+        assert!(matches!(
+            failed.into_value(),
+            Err(Error::KeyspaceNotFound(_))
+        ));
+    }
+
+    #[test]
+    fn a_mutation_counts_its_bytes_once() {
+        let set = Mutation::Set {
+            key: Bytes::from_static(b"key"),
+            value: Bytes::from_static(b"value"),
+            condition: capdb_types::mutation::Condition::Always,
+            expiry: capdb_types::mutation::ExpiryUpdate::Clear,
+            return_old: false,
+        };
+        let delete = Mutation::Delete {
+            key: Bytes::from_static(b"gone"),
+        };
+        let apply = Op::Apply {
+            table: "t".into(),
+            tombstones: false,
+            mutations: vec![set.clone(), delete.clone()],
+            now_ms: 0,
+        };
+        assert_eq!(apply.payload_bytes(), 3 + 5 + 4);
+        let replicated = Op::ApplyReplicated {
+            table: "t".into(),
+            mutations: vec![
+                (set, Timestamp::default(), 0),
+                (delete, Timestamp::default(), 0),
+            ],
+            meta: Vec::new(),
+            remember: Vec::new(),
+        };
+        assert_eq!(replicated.payload_bytes(), 3 + 5 + 4);
+    }
+}

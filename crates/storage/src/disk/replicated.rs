@@ -1,0 +1,140 @@
+//! Support for Raft groups, part 2: replicated state machines. Applying committed entries (with
+//! the applied state and remembered replies in the same transaction), snapshot build
+//! ([`DiskEngine::dump_table`]) and install ([`DiskEngine::replace_table`]), and dropping a
+//! group this node no longer holds. Part 1, the log, is in `log.rs`.
+
+use capdb_types::{Mutation, Result, Timestamp};
+use redb::{ReadableDatabase, ReadableTable, TableError};
+
+use super::meta::MetaItem;
+use super::ops::Op;
+use super::{DiskEngine, META_TABLE, io_err, table_def};
+use crate::BatchReplies;
+
+/// A table's content and chosen `_meta` entries, read from one consistent snapshot
+/// (snapshot build).
+pub struct TableDump {
+    /// Every `(key, encoded value)` of the table, in key order.
+    pub entries: Vec<(Vec<u8>, Vec<u8>)>,
+    /// The requested `_meta` values, in the order of the requested keys.
+    pub meta: Vec<Option<Vec<u8>>>,
+    /// Every `_meta` entry under the requested prefix, in key order.
+    pub meta_prefixed: Vec<(String, Vec<u8>)>,
+}
+
+/// Stores the replies of a range of an [`DiskEngine::apply_replicated`] call's mutations in
+/// `_meta`, in the same transaction as the mutations: the value is `prefix` followed by the
+/// postcard encoding of `replies[first..first + count]` (a `Vec<Result<Reply>>`). Replicated
+/// state machines use it to remember what a request answered, so a retry of it can be answered
+/// the same way instead of being applied again.
+#[derive(Debug, Clone)]
+pub struct RememberReplies {
+    pub key: String,
+    pub prefix: Vec<u8>,
+    pub first: usize,
+    pub count: usize,
+}
+
+impl DiskEngine {
+    /// Applies replicated mutations `(mutation, leader timestamp, leader now_ms)` to `table`
+    /// and records `meta` (the applied state) and the `remember`ed replies atomically with them.
+    pub async fn apply_replicated(
+        &self,
+        table: &str,
+        mutations: Vec<(Mutation, Timestamp, u64)>,
+        meta: Vec<MetaItem>,
+        remember: Vec<RememberReplies>,
+    ) -> Result<BatchReplies> {
+        self.submit(Op::ApplyReplicated {
+            table: table.to_string(),
+            mutations,
+            meta,
+            remember,
+        })
+        .await?
+        .into_replies()
+    }
+
+    /// Replaces a table's content, deletes the `_meta` entries under `clear_meta_prefix` and
+    /// sets `meta`, durably and atomically (snapshot install, FLUSHDB).
+    pub async fn replace_table(
+        &self,
+        table: &str,
+        entries: Vec<(Vec<u8>, Vec<u8>)>,
+        clear_meta_prefix: Option<String>,
+        meta: Vec<MetaItem>,
+    ) -> Result<()> {
+        self.submit(Op::ReplaceTable {
+            table: table.to_string(),
+            entries,
+            clear_meta_prefix,
+            meta,
+        })
+        .await?
+        .into_done()
+    }
+
+    /// Every `(key, encoded value)` of a table plus the given `_meta` entries and those under
+    /// `meta_prefix`, from one consistent snapshot (snapshot build).
+    pub fn dump_table(
+        &self,
+        table: &str,
+        meta_keys: &[String],
+        meta_prefix: &str,
+    ) -> Result<TableDump> {
+        let txn = self.db.begin_read().map_err(io_err)?;
+        let meta_table = txn.open_table(META_TABLE).map_err(io_err)?;
+        let meta = meta_keys
+            .iter()
+            .map(|k| {
+                meta_table
+                    .get(k.as_str())
+                    .map(|v| v.map(|v| v.value().to_vec()))
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(io_err)?;
+        let mut meta_prefixed = Vec::new();
+        for entry in meta_table.range(meta_prefix..).map_err(io_err)? {
+            let (k, v) = entry.map_err(io_err)?;
+            if !k.value().starts_with(meta_prefix) {
+                break;
+            }
+            meta_prefixed.push((k.value().to_string(), v.value().to_vec()));
+        }
+        let entries = match txn.open_table(table_def(table)) {
+            Ok(t) => {
+                let mut out = Vec::new();
+                for e in t.iter().map_err(io_err)? {
+                    let (k, v) = e.map_err(io_err)?;
+                    out.push((k.value().to_vec(), v.value().to_vec()));
+                }
+                out
+            }
+            Err(TableError::TableDoesNotExist(_)) => Vec::new(),
+            Err(e) => return Err(io_err(e)),
+        };
+        Ok(TableDump {
+            entries,
+            meta,
+            meta_prefixed,
+        })
+    }
+
+    /// Deletes a group's tables and `_meta` entries (by key and by prefix).
+    pub async fn drop_group(
+        &self,
+        tables: Vec<String>,
+        log_tables: Vec<String>,
+        meta_keys: Vec<String>,
+        meta_prefixes: Vec<String>,
+    ) -> Result<()> {
+        self.submit(Op::DropGroup {
+            tables,
+            log_tables,
+            meta_keys,
+            meta_prefixes,
+        })
+        .await?
+        .into_done()
+    }
+}

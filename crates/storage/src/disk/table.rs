@@ -1,0 +1,281 @@
+//! A keyspace's table: reads and scans on the caller's thread, writes through the writer.
+
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use capdb_types::{Mutation, Result, Value};
+use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, TableError};
+
+use super::ops::Op;
+use super::{DiskTable, io_err, table_def};
+use crate::{BatchReplies, KeyspaceStore, ScanPage, ScanRange};
+
+/// Most stored entries a scan page examines (live or not) before returning, so a range full of
+/// expired keys or tombstones cannot make one call unbounded.
+pub const SCAN_EXAMINE_MAX: usize = 100_000;
+
+impl DiskTable {
+    fn read<T>(
+        &self,
+        f: impl FnOnce(&redb::ReadOnlyTable<&'static [u8], &'static [u8]>) -> Result<T>,
+    ) -> Result<Option<T>> {
+        let txn = self.engine.db.begin_read().map_err(io_err)?;
+        match txn.open_table(table_def(&self.table)) {
+            Ok(t) => f(&t).map(Some),
+            Err(TableError::TableDoesNotExist(_)) => Ok(None),
+            Err(e) => Err(io_err(e)),
+        }
+    }
+
+    fn decode(&self, raw: &[u8]) -> Result<Value> {
+        Value::decode(raw).inspect_err(|e| {
+            self.engine
+                .stats
+                .corruptions
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::error!(table = %self.table, error = %e, "corrupt value refused");
+        })
+    }
+
+    /// Active expiry: examines up to `examine` keys after `after` and deletes those that have
+    /// expired. Returns where to continue (`None`: wrapped around to the start).
+    pub async fn sweep_expired(
+        &self,
+        after: Option<Bytes>,
+        examine: usize,
+        now_ms: u64,
+    ) -> Result<(Option<Bytes>, u64)> {
+        let found = self.read(|t| {
+            let mut expired = Vec::new();
+            let mut last = None;
+            let iter = match &after {
+                Some(a) => t.range::<&[u8]>((
+                    std::ops::Bound::Excluded(&a[..]),
+                    std::ops::Bound::Unbounded,
+                )),
+                None => t.range::<&[u8]>(..),
+            }
+            .map_err(io_err)?;
+            for entry in iter.take(examine) {
+                let (k, v) = entry.map_err(io_err)?;
+                let key = Bytes::copy_from_slice(k.value());
+                if let Ok(value) = Value::decode(v.value())
+                    && value.is_expired(now_ms)
+                {
+                    expired.push(key.clone());
+                }
+                last = Some(key);
+            }
+            Ok((expired, last))
+        })?;
+        let Some((expired, last)) = found else {
+            return Ok((None, 0));
+        };
+        let removed = if expired.is_empty() {
+            0
+        } else {
+            self.engine
+                .submit(Op::RemoveExpired {
+                    table: self.table.clone(),
+                    keys: expired,
+                    now_ms,
+                    tombstones: self.tombstones,
+                })
+                .await?
+                .into_count()?
+        };
+        Ok((last, removed))
+    }
+}
+
+/// `ap` replica operations: raw versions (tombstones and expired values included), merges.
+impl DiskTable {
+    /// The stored version of `key`, whatever its state.
+    pub fn get_raw(&self, key: &[u8]) -> Result<Option<Value>> {
+        Ok(self
+            .read(|t| match t.get(key).map_err(io_err)? {
+                Some(raw) => self.decode(raw.value()).map(Some),
+                None => Ok(None),
+            })?
+            .flatten())
+    }
+
+    /// Calls `f` on every stored version in key order (tombstones included) until it returns
+    /// false. Corrupt records are reported and skipped.
+    pub fn for_each_raw(&self, f: impl FnMut(&[u8], Value) -> bool) -> Result<()> {
+        self.for_each_raw_after(None, f)
+    }
+
+    /// Like [`DiskTable::for_each_raw`], starting after `after` (exclusive).
+    pub fn for_each_raw_after(
+        &self,
+        after: Option<&[u8]>,
+        mut f: impl FnMut(&[u8], Value) -> bool,
+    ) -> Result<()> {
+        use std::ops::Bound;
+        let lower = match after {
+            Some(a) => Bound::Excluded(a),
+            None => Bound::Unbounded,
+        };
+        self.read(|t| {
+            for entry in t
+                .range::<&[u8]>((lower, Bound::Unbounded))
+                .map_err(io_err)?
+            {
+                let (k, v) = entry.map_err(io_err)?;
+                if let Ok(value) = self.decode(v.value())
+                    && !f(k.value(), value)
+                {
+                    break;
+                }
+            }
+            Ok(())
+        })?;
+        Ok(())
+    }
+
+    /// Merges versions from other replicas; returns how many keys changed. Durable when it
+    /// returns.
+    pub async fn merge(&self, entries: Vec<(Bytes, Value)>) -> Result<u64> {
+        self.engine
+            .submit(Op::Merge {
+                table: self.table.clone(),
+                entries,
+            })
+            .await?
+            .into_count()
+    }
+
+    /// This node's increment of a counter; returns the new version. Durable when it returns.
+    pub async fn counter_add(
+        &self,
+        key: Bytes,
+        node: u64,
+        delta: i64,
+        timestamp: capdb_types::Timestamp,
+        now_ms: u64,
+    ) -> Result<Value> {
+        self.engine
+            .submit(Op::CounterAdd {
+                table: self.table.clone(),
+                key,
+                node,
+                delta,
+                timestamp,
+                now_ms,
+            })
+            .await?
+            .into_value()
+    }
+
+    /// Removes tombstones every replica is known to hold; returns how many went.
+    pub async fn purge_tombstones(
+        &self,
+        entries: Vec<(Bytes, capdb_types::Timestamp)>,
+    ) -> Result<u64> {
+        self.engine
+            .submit(Op::PurgeTombstones {
+                table: self.table.clone(),
+                entries,
+            })
+            .await?
+            .into_count()
+    }
+}
+
+impl KeyspaceStore for DiskTable {
+    fn get(&self, key: &[u8], now_ms: u64) -> Result<Option<Value>> {
+        let found = self.read(|t| match t.get(key).map_err(io_err)? {
+            Some(raw) => self.decode(raw.value()).map(Some),
+            None => Ok(None),
+        })?;
+        Ok(found.flatten().filter(|v| v.is_live(now_ms)))
+    }
+
+    async fn apply(&self, mutations: Vec<Mutation>, now_ms: u64) -> Result<BatchReplies> {
+        self.engine
+            .submit(Op::Apply {
+                table: self.table.clone(),
+                tombstones: self.tombstones,
+                mutations,
+                now_ms,
+            })
+            .await?
+            .into_replies()
+    }
+
+    fn scan(&self, range: &ScanRange, limit: usize, now_ms: u64) -> Result<ScanPage> {
+        use std::ops::Bound;
+        // The lower bound is the greater of `after` (exclusive) and `prefix` (inclusive).
+        let lower = match (&range.after, &range.prefix) {
+            (Some(a), Some(p)) if p[..] > a[..] => Bound::Included(&p[..]),
+            (Some(a), _) => Bound::Excluded(&a[..]),
+            (None, Some(p)) => Bound::Included(&p[..]),
+            (None, None) => Bound::Unbounded,
+        };
+        let upper = match &range.end {
+            Some(e) => Bound::Excluded(&e[..]),
+            None => Bound::Unbounded,
+        };
+        if let (Bound::Included(l) | Bound::Excluded(l), Bound::Excluded(u)) = (lower, upper)
+            && l >= u
+        {
+            return Ok(ScanPage::default());
+        }
+        let page = self.read(|t| {
+            let mut page = ScanPage::default();
+            let mut examined = 0usize;
+            for entry in t.range::<&[u8]>((lower, upper)).map_err(io_err)? {
+                let (k, v) = entry.map_err(io_err)?;
+                let key = k.value();
+                if let Some(p) = &range.prefix
+                    && !key.starts_with(p)
+                {
+                    return Ok(page_done(page));
+                }
+                examined += 1;
+                let value = self.decode(v.value())?;
+                if value.is_live(now_ms) {
+                    page.entries.push((Bytes::copy_from_slice(key), value));
+                }
+                if page.entries.len() >= limit || examined >= SCAN_EXAMINE_MAX {
+                    page.next_after = Some(Bytes::copy_from_slice(key));
+                    return Ok(page);
+                }
+            }
+            Ok(page_done(page))
+        })?;
+        Ok(page.unwrap_or_default())
+    }
+
+    fn len(&self) -> Result<u64> {
+        let n = self.read(|t| {
+            if !self.tombstones {
+                return t.len().map_err(io_err);
+            }
+            let mut live = 0;
+            for entry in t.iter().map_err(io_err)? {
+                let (_, v) = entry.map_err(io_err)?;
+                if !self.decode(v.value())?.header.tombstone {
+                    live += 1;
+                }
+            }
+            Ok(live)
+        })?;
+        Ok(n.unwrap_or(0))
+    }
+
+    async fn clear(&self) -> Result<()> {
+        self.engine
+            .submit(Op::Clear {
+                table: self.table.clone(),
+            })
+            .await?
+            .into_done()
+    }
+}
+
+fn page_done(mut page: ScanPage) -> ScanPage {
+    page.next_after = None;
+    page
+}
