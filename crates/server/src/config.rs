@@ -279,156 +279,27 @@ fn parse_addr(value: &str, setting: &str) -> Result<SocketAddr, ConfigError> {
 
 impl Config {
     /// Resolves the configuration from `args` (flags and environment, already merged by clap)
-    /// over the optional file over the defaults, and validates it.
+    /// over the optional file over the defaults, and validates it. Settings are checked in a
+    /// fixed order (limits, the cluster settings, `resp_keyspace`, the client addresses, then
+    /// the checks across settings), so a configuration with several mistakes always reports the
+    /// same one first.
     pub fn resolve(args: &ServerArgs) -> Result<Config, ConfigError> {
         let file = match &args.config {
             Some(path) => read_file(path)?,
             None => FileConfig::default(),
         };
-        let fl = file.limits.unwrap_or_default();
-        let d = Limits::default();
-        let value_bytes_max = args
-            .value_bytes_max
-            .or(fl.value_bytes_max)
-            .unwrap_or(d.value_bytes_max);
-        let limits = Limits {
-            value_bytes_max,
-            frame_bytes_max: args.frame_bytes_max.or(fl.frame_bytes_max).unwrap_or(
-                d.frame_bytes_max
-                    .max(value_bytes_max + limits::KEY_BYTES_MAX + 1024),
-            ),
-            pipeline_depth_max: args
-                .pipeline_depth_max
-                .or(fl.pipeline_depth_max)
-                .unwrap_or(d.pipeline_depth_max),
-            connections_max: args
-                .connections_max
-                .or(fl.connections_max)
-                .unwrap_or(d.connections_max),
-            http_body_bytes_max: args
-                .http_body_bytes_max
-                .or(fl.http_body_bytes_max)
-                .unwrap_or(value_bytes_max + 64 * 1024),
-        };
+        let limits = resolve_limits(args, file.limits.as_ref().unwrap_or(&FileLimits::default()));
         let resp_addr = args
             .resp_addr
             .clone()
-            .or(file.resp_addr)
+            .or(file.resp_addr.clone())
             .unwrap_or_else(|| DEFAULT_RESP_ADDR.into());
         let http_addr = args
             .http_addr
             .clone()
-            .or(file.http_addr)
+            .or(file.http_addr.clone())
             .unwrap_or_else(|| DEFAULT_HTTP_ADDR.into());
-        let node_id = if args.node_id_from_hostname {
-            node_id_from_hostname(&hostname()?)?
-        } else {
-            args.node_id.or(file.node_id).unwrap_or(1)
-        };
-        let peer_addr_text = args
-            .peer_addr
-            .clone()
-            .or(file.peer_addr)
-            .unwrap_or_else(|| DEFAULT_PEER_ADDR.into());
-        let peer_addr = parse_addr(&peer_addr_text, "peer_addr")?;
-        let advertise_addr = args
-            .advertise_addr
-            .clone()
-            .or(file.advertise_addr)
-            .unwrap_or_else(|| peer_addr.to_string());
-        if !advertise_addr.contains(':') {
-            return Err(ConfigError(format!(
-                "advertise_addr = '{advertise_addr}' must be HOST:PORT"
-            )));
-        }
-        let mut initial_cluster = match args.initial_cluster.clone().or(file.initial_cluster) {
-            Some(text) => parse_initial_cluster(&text)?,
-            None => BTreeMap::new(),
-        };
-        let mut join = if args.join.is_empty() {
-            file.join.unwrap_or_default()
-        } else {
-            args.join.clone()
-        };
-        let mut labels = file.labels.unwrap_or_default();
-        if let Some(path) = &args.labels_file {
-            labels.extend(read_labels_file(path)?);
-        }
-        for l in &args.labels {
-            let (k, v) = l
-                .split_once('=')
-                .filter(|(k, _)| !k.is_empty())
-                .ok_or_else(|| {
-                    ConfigError(format!("label '{l}' must be KEY=VALUE (example: zone=a)"))
-                })?;
-            labels.insert(k.to_string(), v.to_string());
-        }
-        if !initial_cluster.is_empty() && !join.is_empty() {
-            return Err(ConfigError(
-                "give either initial_cluster (to form a new cluster) or join (to enter an existing one), not both".into(),
-            ));
-        }
-        if !initial_cluster.is_empty() && !initial_cluster.contains_key(&node_id) {
-            // Not a founding member: join the cluster the listed members formed. This lets every
-            // StatefulSet pod take the same flags, whatever its ordinal.
-            join = std::mem::take(&mut initial_cluster).into_values().collect();
-        }
-        if node_id == 0 || node_id > u64::MAX / 2 {
-            return Err(ConfigError("node_id must be between 1 and 2^63".into()));
-        }
-        let raft_snapshot_logs = args
-            .raft_snapshot_logs
-            .or(file.raft_snapshot_logs)
-            .unwrap_or(capdb_raft::groups::SNAPSHOT_LOGS_DEFAULT);
-        if !(10..=10_000_000).contains(&raft_snapshot_logs) {
-            return Err(ConfigError(
-                "raft_snapshot_logs must be 10 to 10000000".into(),
-            ));
-        }
-        let ap_anti_entropy_interval_ms = args
-            .ap_anti_entropy_interval_ms
-            .or(file.ap_anti_entropy_interval_ms)
-            .unwrap_or(10_000);
-        if !(100..=86_400_000).contains(&ap_anti_entropy_interval_ms) {
-            return Err(ConfigError(
-                "ap_anti_entropy_interval_ms must be 100 to 86400000".into(),
-            ));
-        }
-        let ap_anti_entropy_bytes_per_sec = args
-            .ap_anti_entropy_bytes_per_sec
-            .or(file.ap_anti_entropy_bytes_per_sec)
-            .unwrap_or(32 * 1024 * 1024);
-        if ap_anti_entropy_bytes_per_sec < 64 * 1024 {
-            return Err(ConfigError(
-                "ap_anti_entropy_bytes_per_sec must be at least 65536".into(),
-            ));
-        }
-        let ap_tombstone_grace_ms = args
-            .ap_tombstone_grace_ms
-            .or(file.ap_tombstone_grace_ms)
-            .unwrap_or(3 * 3600 * 1000);
-        if ap_tombstone_grace_ms < 1000 {
-            return Err(ConfigError(
-                "ap_tombstone_grace_ms must be at least 1000".into(),
-            ));
-        }
-        let cluster = ClusterConfig {
-            ap_tombstone_grace_ms,
-            ap_anti_entropy_interval_ms,
-            ap_anti_entropy_bytes_per_sec,
-            node_id,
-            peer_addr,
-            advertise_addr,
-            initial_cluster,
-            join,
-            labels,
-            raft_snapshot_logs,
-            debug: DebugConfig {
-                unsafe_local_reads: args.debug_unsafe_local_reads,
-                fault_injection: args.debug_fault_injection,
-                apply_duplicates: args.debug_apply_duplicates,
-            },
-        };
+        let cluster = resolve_cluster(args, &file)?;
         let resp_keyspace = args
             .resp_keyspace
             .clone()
@@ -512,7 +383,190 @@ impl Config {
     }
 }
 
-/// Parses `1=host:7380,2=host:7381`.
+/// The limits: a flag, else the file, else the default. The frame and HTTP body limits default
+/// to what the largest allowed value needs.
+fn resolve_limits(args: &ServerArgs, fl: &FileLimits) -> Limits {
+    let d = Limits::default();
+    let value_bytes_max = args
+        .value_bytes_max
+        .or(fl.value_bytes_max)
+        .unwrap_or(d.value_bytes_max);
+    Limits {
+        value_bytes_max,
+        frame_bytes_max: args.frame_bytes_max.or(fl.frame_bytes_max).unwrap_or(
+            d.frame_bytes_max
+                .max(value_bytes_max + limits::KEY_BYTES_MAX + 1024),
+        ),
+        pipeline_depth_max: args
+            .pipeline_depth_max
+            .or(fl.pipeline_depth_max)
+            .unwrap_or(d.pipeline_depth_max),
+        connections_max: args
+            .connections_max
+            .or(fl.connections_max)
+            .unwrap_or(d.connections_max),
+        http_body_bytes_max: args
+            .http_body_bytes_max
+            .or(fl.http_body_bytes_max)
+            .unwrap_or(value_bytes_max + 64 * 1024),
+    }
+}
+
+/// This node's place in the cluster: identity, peer addresses, founding members or members to
+/// join, labels, and the replication settings.
+fn resolve_cluster(args: &ServerArgs, file: &FileConfig) -> Result<ClusterConfig, ConfigError> {
+    let node_id = if args.node_id_from_hostname {
+        node_id_from_hostname(&hostname()?)?
+    } else {
+        args.node_id.or(file.node_id).unwrap_or(1)
+    };
+    let peer_addr_text = args
+        .peer_addr
+        .clone()
+        .or(file.peer_addr.clone())
+        .unwrap_or_else(|| DEFAULT_PEER_ADDR.into());
+    let peer_addr = parse_addr(&peer_addr_text, "peer_addr")?;
+    let advertise_addr = args
+        .advertise_addr
+        .clone()
+        .or(file.advertise_addr.clone())
+        .unwrap_or_else(|| peer_addr.to_string());
+    if !advertise_addr.contains(':') {
+        return Err(ConfigError(format!(
+            "advertise_addr = '{advertise_addr}' must be HOST:PORT"
+        )));
+    }
+    let initial_cluster = match args
+        .initial_cluster
+        .clone()
+        .or(file.initial_cluster.clone())
+    {
+        Some(text) => parse_initial_cluster(&text)?,
+        None => BTreeMap::new(),
+    };
+    let join = if args.join.is_empty() {
+        file.join.clone().unwrap_or_default()
+    } else {
+        args.join.clone()
+    };
+    let labels = resolve_labels(args, file)?;
+    let (initial_cluster, join) = founding_or_joining(node_id, initial_cluster, join)?;
+    if node_id == 0 || node_id > u64::MAX / 2 {
+        return Err(ConfigError("node_id must be between 1 and 2^63".into()));
+    }
+    let raft_snapshot_logs = args
+        .raft_snapshot_logs
+        .or(file.raft_snapshot_logs)
+        .unwrap_or(capdb_raft::groups::SNAPSHOT_LOGS_DEFAULT);
+    if !(10..=10_000_000).contains(&raft_snapshot_logs) {
+        return Err(ConfigError(
+            "raft_snapshot_logs must be 10 to 10000000".into(),
+        ));
+    }
+    let ap = resolve_ap(args, file)?;
+    Ok(ClusterConfig {
+        ap_tombstone_grace_ms: ap.tombstone_grace_ms,
+        ap_anti_entropy_interval_ms: ap.anti_entropy_interval_ms,
+        ap_anti_entropy_bytes_per_sec: ap.anti_entropy_bytes_per_sec,
+        node_id,
+        peer_addr,
+        advertise_addr,
+        initial_cluster,
+        join,
+        labels,
+        raft_snapshot_logs,
+        debug: DebugConfig {
+            unsafe_local_reads: args.debug_unsafe_local_reads,
+            fault_injection: args.debug_fault_injection,
+            apply_duplicates: args.debug_apply_duplicates,
+        },
+    })
+}
+
+/// Placement labels: the file's, then the labels file's, then `--label` flags, each overriding
+/// the one before.
+fn resolve_labels(
+    args: &ServerArgs,
+    file: &FileConfig,
+) -> Result<BTreeMap<String, String>, ConfigError> {
+    let mut labels = file.labels.clone().unwrap_or_default();
+    if let Some(path) = &args.labels_file {
+        labels.extend(read_labels_file(path)?);
+    }
+    for l in &args.labels {
+        let (k, v) = l
+            .split_once('=')
+            .filter(|(k, _)| !k.is_empty())
+            .ok_or_else(|| {
+                ConfigError(format!("label '{l}' must be KEY=VALUE (example: zone=a)"))
+            })?;
+        labels.insert(k.to_string(), v.to_string());
+    }
+    Ok(labels)
+}
+
+/// `(initial_cluster, join)` as the node will use them: a node listed in `initial_cluster`
+/// founds the cluster with the others listed; a node not listed joins through them.
+fn founding_or_joining(
+    node_id: u64,
+    mut initial_cluster: BTreeMap<u64, String>,
+    mut join: Vec<String>,
+) -> Result<(BTreeMap<u64, String>, Vec<String>), ConfigError> {
+    if !initial_cluster.is_empty() && !join.is_empty() {
+        return Err(ConfigError(
+            "give either initial_cluster (to form a new cluster) or join (to enter an existing one), not both".into(),
+        ));
+    }
+    if !initial_cluster.is_empty() && !initial_cluster.contains_key(&node_id) {
+        // Not a founding member: join the cluster the listed members formed. This lets every
+        // StatefulSet pod take the same flags, whatever its ordinal.
+        join = std::mem::take(&mut initial_cluster).into_values().collect();
+    }
+    Ok((initial_cluster, join))
+}
+
+/// The `ap` replication settings, checked.
+struct ApSettings {
+    anti_entropy_interval_ms: u64,
+    anti_entropy_bytes_per_sec: u64,
+    tombstone_grace_ms: u64,
+}
+
+fn resolve_ap(args: &ServerArgs, file: &FileConfig) -> Result<ApSettings, ConfigError> {
+    let anti_entropy_interval_ms = args
+        .ap_anti_entropy_interval_ms
+        .or(file.ap_anti_entropy_interval_ms)
+        .unwrap_or(10_000);
+    if !(100..=86_400_000).contains(&anti_entropy_interval_ms) {
+        return Err(ConfigError(
+            "ap_anti_entropy_interval_ms must be 100 to 86400000".into(),
+        ));
+    }
+    let anti_entropy_bytes_per_sec = args
+        .ap_anti_entropy_bytes_per_sec
+        .or(file.ap_anti_entropy_bytes_per_sec)
+        .unwrap_or(32 * 1024 * 1024);
+    if anti_entropy_bytes_per_sec < 64 * 1024 {
+        return Err(ConfigError(
+            "ap_anti_entropy_bytes_per_sec must be at least 65536".into(),
+        ));
+    }
+    let tombstone_grace_ms = args
+        .ap_tombstone_grace_ms
+        .or(file.ap_tombstone_grace_ms)
+        .unwrap_or(3 * 3600 * 1000);
+    if tombstone_grace_ms < 1000 {
+        return Err(ConfigError(
+            "ap_tombstone_grace_ms must be at least 1000".into(),
+        ));
+    }
+    Ok(ApSettings {
+        anti_entropy_interval_ms,
+        anti_entropy_bytes_per_sec,
+        tombstone_grace_ms,
+    })
+}
+
 /// This machine's host name: `$HOSTNAME` (Kubernetes sets it to the pod name), else the
 /// kernel's.
 fn hostname() -> Result<String, ConfigError> {
@@ -579,6 +633,7 @@ fn read_labels_file(path: &Path) -> Result<BTreeMap<String, String>, ConfigError
     Ok(labels)
 }
 
+/// Parses `1=host:7380,2=host:7381`.
 fn parse_initial_cluster(text: &str) -> Result<BTreeMap<u64, String>, ConfigError> {
     let mut out = BTreeMap::new();
     for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {

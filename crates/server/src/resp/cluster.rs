@@ -251,6 +251,7 @@ fn nodes_text(state: &ClusterState, shards: &[ShardView], me: NodeId) -> String 
     text
 }
 
+/// `CLUSTER KEYSLOT|MYID|REDIRECT|SLOTS|SHARDS|NODES|INFO`, for the connection's keyspace.
 pub(super) fn command(conn: &mut Connection, args: &[bytes::Bytes]) -> Result<(), String> {
     let sub = args[1].to_ascii_lowercase();
     let groups = conn.node.groups.clone();
@@ -268,76 +269,11 @@ pub(super) fn command(conn: &mut Connection, args: &[bytes::Bytes]) -> Result<()
         }
         b"slots" => {
             let shards = layout(&conn.keyspace, &groups)?;
-            conn.out.array(shards.len());
-            for ((start, end), leader, replicas) in &shards {
-                // Redis clients take a node's role from the first range they see it in, so a
-                // master must never be listed as another range's replica: the replicas shown
-                // are the nodes listed under this master that hold a copy of this shard.
-                let followers: Vec<NodeId> = replicas
-                    .iter()
-                    .copied()
-                    .filter(|r| *r != *leader && master_of(&shards, *r) == Some(*leader))
-                    .collect();
-                let (start, end, leader) = (*start, *end, *leader);
-                conn.out.array(3 + followers.len());
-                conn.out.int(start as i64);
-                conn.out.int(end as i64);
-                write_node_entry(conn, &state, leader);
-                for f in followers {
-                    write_node_entry(conn, &state, f);
-                }
-            }
+            write_slots(conn, &state, &shards);
         }
         b"shards" => {
-            // One Redis shard per master: its slot ranges, itself and the nodes listed under it.
             let shards = layout(&conn.keyspace, &groups)?;
-            let masters: std::collections::BTreeSet<NodeId> = shards.iter().map(|s| s.1).collect();
-            conn.out.array(masters.len());
-            for leader in masters {
-                let ranges = slot_ranges(&shards, leader);
-                conn.out.map(2);
-                conn.out.bulk(b"slots");
-                conn.out.array(2 * ranges.len());
-                for (start, end) in ranges {
-                    conn.out.int(start as i64);
-                    conn.out.int(end as i64);
-                }
-                let mut members: Vec<NodeId> = state
-                    .nodes
-                    .keys()
-                    .copied()
-                    .filter(|n| master_of(&shards, *n) == Some(leader))
-                    .collect();
-                members.sort_by_key(|n| *n != leader);
-                conn.out.bulk(b"nodes");
-                conn.out.array(members.len());
-                for r in members {
-                    let (host, port) = state
-                        .nodes
-                        .get(&r)
-                        .map(|n| host_port(&n.resp_addr))
-                        .unwrap_or_default();
-                    conn.out.map(7);
-                    conn.out.bulk(b"id");
-                    conn.out.bulk(node_id_text(r).as_bytes());
-                    conn.out.bulk(b"port");
-                    conn.out.int(port);
-                    conn.out.bulk(b"ip");
-                    conn.out.bulk(host.as_bytes());
-                    conn.out.bulk(b"endpoint");
-                    conn.out.bulk(host.as_bytes());
-                    conn.out.bulk(b"role");
-                    conn.out.bulk(if r == leader {
-                        b"master".as_slice()
-                    } else {
-                        b"replica".as_slice()
-                    });
-                    conn.out.bulk(b"replication-offset");
-                    conn.out.int(0);
-                    conn.out.bulk(b"health");
-                    conn.out.bulk(b"online");
-                }
-            }
+            write_shards(conn, &state, &shards);
         }
         b"nodes" => {
             let shards = layout(&conn.keyspace, &groups)?;
@@ -346,19 +282,7 @@ pub(super) fn command(conn: &mut Connection, args: &[bytes::Bytes]) -> Result<()
         }
         b"info" => {
             let shards = layout(&conn.keyspace, &groups).unwrap_or_default();
-            let ok = !shards.is_empty() && shards.iter().all(|s| state.nodes.contains_key(&s.1));
-            let masters: std::collections::BTreeSet<NodeId> = shards.iter().map(|s| s.1).collect();
-            let text = format!(
-                "cluster_state:{}\r\ncluster_slots_assigned:{}\r\ncluster_slots_ok:{}\r\ncluster_slots_pfail:0\r\ncluster_slots_fail:0\r\ncluster_known_nodes:{}\r\ncluster_size:{}\r\ncluster_current_epoch:{}\r\ncluster_my_epoch:{}\r\n",
-                if ok { "ok" } else { "fail" },
-                if shards.is_empty() { 0 } else { slots::SLOTS },
-                if ok { slots::SLOTS } else { 0 },
-                state.nodes.len(),
-                masters.len(),
-                state.version,
-                state.version,
-            );
-            conn.out.verbatim(&text);
+            conn.out.verbatim(&info_text(&state, &shards));
         }
         _ => {
             return Err(format!(
@@ -368,6 +292,103 @@ pub(super) fn command(conn: &mut Connection, args: &[bytes::Bytes]) -> Result<()
         }
     }
     Ok(())
+}
+
+/// `CLUSTER SLOTS`: each shard's range, its leader, and the nodes listed under that leader that
+/// hold a copy of it.
+fn write_slots(conn: &mut Connection, state: &ClusterState, shards: &[ShardView]) {
+    conn.out.array(shards.len());
+    for ((start, end), leader, replicas) in shards {
+        // Redis clients take a node's role from the first range they see it in, so a
+        // master must never be listed as another range's replica: the replicas shown
+        // are the nodes listed under this master that hold a copy of this shard.
+        let followers: Vec<NodeId> = replicas
+            .iter()
+            .copied()
+            .filter(|r| *r != *leader && master_of(shards, *r) == Some(*leader))
+            .collect();
+        let (start, end, leader) = (*start, *end, *leader);
+        conn.out.array(3 + followers.len());
+        conn.out.int(start as i64);
+        conn.out.int(end as i64);
+        write_node_entry(conn, state, leader);
+        for f in followers {
+            write_node_entry(conn, state, f);
+        }
+    }
+}
+
+/// `CLUSTER SHARDS`: one Redis shard per master: its slot ranges, itself and the nodes listed
+/// under it.
+fn write_shards(conn: &mut Connection, state: &ClusterState, shards: &[ShardView]) {
+    let masters: std::collections::BTreeSet<NodeId> = shards.iter().map(|s| s.1).collect();
+    conn.out.array(masters.len());
+    for leader in masters {
+        let ranges = slot_ranges(shards, leader);
+        conn.out.map(2);
+        conn.out.bulk(b"slots");
+        conn.out.array(2 * ranges.len());
+        for (start, end) in ranges {
+            conn.out.int(start as i64);
+            conn.out.int(end as i64);
+        }
+        let mut members: Vec<NodeId> = state
+            .nodes
+            .keys()
+            .copied()
+            .filter(|n| master_of(shards, *n) == Some(leader))
+            .collect();
+        members.sort_by_key(|n| *n != leader);
+        conn.out.bulk(b"nodes");
+        conn.out.array(members.len());
+        for r in members {
+            write_shard_member(conn, state, r, r == leader);
+        }
+    }
+}
+
+/// One node of a `CLUSTER SHARDS` entry.
+fn write_shard_member(conn: &mut Connection, state: &ClusterState, id: NodeId, master: bool) {
+    let (host, port) = state
+        .nodes
+        .get(&id)
+        .map(|n| host_port(&n.resp_addr))
+        .unwrap_or_default();
+    conn.out.map(7);
+    conn.out.bulk(b"id");
+    conn.out.bulk(node_id_text(id).as_bytes());
+    conn.out.bulk(b"port");
+    conn.out.int(port);
+    conn.out.bulk(b"ip");
+    conn.out.bulk(host.as_bytes());
+    conn.out.bulk(b"endpoint");
+    conn.out.bulk(host.as_bytes());
+    conn.out.bulk(b"role");
+    conn.out.bulk(if master {
+        b"master".as_slice()
+    } else {
+        b"replica".as_slice()
+    });
+    conn.out.bulk(b"replication-offset");
+    conn.out.int(0);
+    conn.out.bulk(b"health");
+    conn.out.bulk(b"online");
+}
+
+/// `CLUSTER INFO`: `ok` when every shard's leader is a known node.
+fn info_text(state: &ClusterState, shards: &[ShardView]) -> String {
+    let ok = !shards.is_empty() && shards.iter().all(|s| state.nodes.contains_key(&s.1));
+    let masters: std::collections::BTreeSet<NodeId> = shards.iter().map(|s| s.1).collect();
+    format!(
+        "cluster_state:{}\r\ncluster_slots_assigned:{}\r\ncluster_slots_ok:{}\r\ncluster_slots_pfail:0\r\ncluster_slots_fail:0\r\ncluster_known_nodes:{}\r\ncluster_size:{}\r\ncluster_current_epoch:{}\r\ncluster_my_epoch:{}\r\n",
+        if ok { "ok" } else { "fail" },
+        if shards.is_empty() { 0 } else { slots::SLOTS },
+        if ok { slots::SLOTS } else { 0 },
+        state.nodes.len(),
+        masters.len(),
+        state.version,
+        state.version,
+    )
 }
 
 #[cfg(test)]

@@ -5,10 +5,20 @@
 //! ```text
 //! TcpListener (serve)            one task per connection, holding one of `connections_max` permits
 //!   -> Connection::run           read into a buffer, parse every complete command (parse.rs)
-//!   -> Connection::execute       dispatch by name (commands.rs); replies go to ReplyWriter (reply.rs)
+//!   -> Connection::execute       dispatch by name (commands/mod.rs, one table: name, arity, flags,
+//!                                handler); replies go to ReplyWriter (reply.rs)
 //!   -> consecutive writes to one keyspace are gathered into one Keyspace::apply call (one group
 //!      commit for a whole pipeline), then every reply is written in order and flushed once
 //! ```
+//!
+//! # Rooms
+//!
+//! - this file: accepting connections, and [`Connection`]: its state, the read loop, the queue
+//!   of pending writes and how their replies are written (every method of `Connection` is
+//!   here, so its state changes are all in one file);
+//! - `commands/`: the command table and one file per command family;
+//! - `cluster.rs`: Redis Cluster compatibility (`CLUSTER`, `-MOVED`, which slots a node serves);
+//! - `parse.rs`, `reply.rs`, `glob.rs`: the wire format in and out, and `MATCH` patterns.
 //!
 //! # Bounds
 //!
@@ -26,7 +36,6 @@ mod commands;
 pub mod glob;
 pub mod parse;
 pub mod reply;
-mod scan;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -36,7 +45,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 
+use capdb_types::{Error, Mutation, Reply};
+
 use crate::node::{Keyspace, Node};
+use commands::error_line;
 use parse::{ParseError, parse_command};
 use reply::ReplyWriter;
 
@@ -81,7 +93,7 @@ pub async fn serve(
         let keyspace = match node.resp_keyspace() {
             Ok(ks) => ks,
             Err(e) => {
-                let line = format!("-{}\r\n", commands::error_line(&e));
+                let line = format!("-{}\r\n", error_line(&e));
                 tokio::spawn(async move {
                     let _ = stream.write_all(line.as_bytes()).await;
                 });
@@ -104,9 +116,30 @@ pub async fn serve(
 /// Writes batched for one group commit: consecutive mutation commands of one connection.
 struct PendingWrites {
     keyspace: Arc<Keyspace>,
-    mutations: Vec<capdb_types::Mutation>,
+    mutations: Vec<Mutation>,
     /// One entry per command, in order: how to turn its mutation replies into its RESP reply.
-    commands: Vec<commands::PendingCommand>,
+    commands: Vec<PendingCommand>,
+}
+
+/// How the replies of a queued command's mutations become its RESP reply.
+#[derive(Debug, Clone, Copy)]
+enum Shape {
+    /// One mutation; its reply as is.
+    Plain,
+    /// DEL k1..kn: the sum of the integer replies.
+    SumIntegers,
+    /// MSET: OK once all applied.
+    AllOk,
+    /// SETNX: 1 if set, 0 if not.
+    SetFlag,
+}
+
+/// A queued write command: its name (for metrics), reply shape and number of mutations.
+struct PendingCommand {
+    name: &'static str,
+    shape: Shape,
+    count: usize,
+    started: Instant,
 }
 
 pub(crate) struct Connection {
@@ -285,6 +318,118 @@ impl Connection {
         };
         let now = self.now_ms;
         let result = p.keyspace.apply(p.mutations, now, self.consistency).await;
-        commands::reply_pending(self, p.commands, result);
+        self.reply_pending(p.commands, result);
+    }
+
+    /// Records a finished command; its latency is observed when its reply is written.
+    fn done(&mut self, name: &'static str, _started: Instant, failed: bool) {
+        self.finished.push((name, failed));
+    }
+
+    fn fail(&mut self, name: &'static str, started: Instant, line: &str) {
+        self.out.error(line);
+        self.done(name, started, true);
+    }
+
+    fn write_reply(&mut self, r: &Reply) {
+        match r {
+            Reply::Ok => self.out.ok(),
+            Reply::Nil => self.out.null(),
+            Reply::Integer(n) => self.out.int(*n),
+            Reply::Bulk(b) => self.out.bulk(b),
+        }
+    }
+
+    /// Queues a write command's mutations behind earlier queued writes to the same keyspace.
+    async fn queue(
+        &mut self,
+        name: &'static str,
+        shape: Shape,
+        mutations: Vec<Mutation>,
+        started: Instant,
+    ) {
+        if let Err(e) = self.keyspace.check_live() {
+            self.flush_pending().await;
+            return self.fail(name, started, &error_line(&e));
+        }
+        let same = self
+            .pending
+            .as_ref()
+            .is_some_and(|p| Arc::ptr_eq(&p.keyspace, &self.keyspace));
+        if !same {
+            self.flush_pending().await;
+        }
+        let p = self.pending.get_or_insert_with(|| PendingWrites {
+            keyspace: self.keyspace.clone(),
+            mutations: Vec::new(),
+            commands: Vec::new(),
+        });
+        p.commands.push(PendingCommand {
+            name,
+            shape,
+            count: mutations.len(),
+            started,
+        });
+        p.mutations.extend(mutations);
+    }
+
+    /// Writes the replies of a flushed batch, in order.
+    fn reply_pending(
+        &mut self,
+        commands: Vec<PendingCommand>,
+        result: capdb_types::Result<Vec<capdb_types::Result<Reply>>>,
+    ) {
+        let replies = match result {
+            Ok(r) => r,
+            Err(e) => {
+                let line = error_line(&e);
+                for c in commands {
+                    self.fail(c.name, c.started, &line);
+                }
+                return;
+            }
+        };
+        let mut it = replies.into_iter();
+        for c in commands {
+            let mine: Vec<_> = it.by_ref().take(c.count).collect();
+            debug_assert_eq!(mine.len(), c.count);
+            if let Some(Err(e)) = mine.iter().find(|r| r.is_err()) {
+                // A command over several shards whose part on one shard certainly failed while
+                // another part may have taken effect must not say -TRYAGAIN (clients retry it).
+                let partial = e.is_retryable()
+                    && mine
+                        .iter()
+                        .any(|r| !matches!(r, Err(other) if other.is_retryable()));
+                let line = if partial {
+                    error_line(&Error::OutcomeUnknown(format!(
+                        "part of the command may have taken effect, part did not ({e}); read before retrying"
+                    )))
+                } else {
+                    error_line(e)
+                };
+                self.fail(c.name, c.started, &line);
+                continue;
+            }
+            let ok = mine.into_iter().map(|r| r.expect("errors handled above"));
+            match c.shape {
+                Shape::Plain => {
+                    for r in ok {
+                        self.write_reply(&r);
+                    }
+                }
+                Shape::SumIntegers => {
+                    let n = ok
+                        .map(|r| if let Reply::Integer(n) = r { n } else { 0 })
+                        .sum();
+                    self.out.int(n);
+                }
+                Shape::AllOk => self.out.ok(),
+                Shape::SetFlag => {
+                    let set = ok.into_iter().any(|r| r == Reply::Ok);
+                    self.out.int(set as i64);
+                }
+            }
+            self.done(c.name, c.started, false);
+        }
     }
 }

@@ -1,36 +1,30 @@
 //! The commands that walk or count a whole keyspace: `SCAN`, `KEYS` and `DBSIZE`.
 //!
 //! Each covers the connection's keyspace, or in Redis Cluster mode only the slots this node
-//! serves (`cluster::scope`), so that a cluster client asking every master gets each key once.
+//! serves (`resp/cluster.rs::scope`), so that a cluster client asking every master gets each key once.
 //!
 //! `SCAN` cursors are numbers (as clients expect) naming a server-side position: the last key
 //! returned, in key order, and the shards the scan covers (`keyscan::ScanCursor`). A key present
 //! for the whole iteration is returned exactly once, even while other keys are written, and any
 //! connection to the same node may continue a cursor. The shard set is fixed by `SCAN 0`, so a
-//! leadership change mid-scan does not change what the scan covers (see `cluster.rs`).
+//! leadership change mid-scan does not change what the scan covers (see `resp/cluster.rs`).
 //!
 //! `KEYS` collects every match before it answers, as Redis does, and is bounded:
 //! [`KEYS_REPLY_MAX`] keys or [`KEYS_REPLY_BYTES_MAX`] bytes of keys, beyond which it answers an
 //! error that points to `SCAN`.
 
-use std::sync::Arc;
-
 use bytes::Bytes;
 use capdb_types::limits::SCAN_COUNT_MAX;
 use capdb_types::mutation::parse_i64_strict;
 
-use super::commands::error_line;
-use super::{Connection, cluster, glob};
-use crate::node::{Keyspace, ScanCursor, ScanPosition};
+use super::{Outcome, error_line, syntax};
+use crate::node::{ScanCursor, ScanPosition};
+use crate::resp::{Connection, cluster, glob};
 
 /// Most keys one `KEYS` reply may carry.
 pub const KEYS_REPLY_MAX: usize = 1_000_000;
 /// Most key bytes one `KEYS` reply may carry.
 pub const KEYS_REPLY_BYTES_MAX: usize = 256 * 1024 * 1024;
-
-fn syntax() -> String {
-    "ERR syntax error".into()
-}
 
 /// The literal start of a `MATCH` pattern, which bounds the key range to read.
 fn pattern_prefix(pattern: Option<&Bytes>) -> Option<Bytes> {
@@ -40,12 +34,8 @@ fn pattern_prefix(pattern: Option<&Bytes>) -> Option<Bytes> {
 }
 
 /// `SCAN cursor [MATCH pattern] [COUNT n] [TYPE t]`.
-pub(super) async fn scan(
-    conn: &mut Connection,
-    ks: &Arc<Keyspace>,
-    args: &[Bytes],
-    now: u64,
-) -> Result<(), String> {
+pub(super) async fn scan(conn: &mut Connection, args: &[Bytes]) -> Outcome {
+    let (ks, now) = (conn.keyspace.clone(), conn.now_ms);
     let cursor = std::str::from_utf8(&args[1])
         .ok()
         .and_then(|s| s.parse::<u64>().ok())
@@ -74,7 +64,7 @@ pub(super) async fn scan(
         i += 2;
     }
     let (scope, pos) = if cursor == 0 {
-        (cluster::scope(conn, ks), ScanPosition::default())
+        (cluster::scope(conn, &ks), ScanPosition::default())
     } else {
         match conn.node.scan_cursors.get(cursor, &ks.spec.name) {
             Some(c) => (c.scope, c.pos),
@@ -118,13 +108,9 @@ pub(super) async fn scan(
 }
 
 /// `KEYS pattern`: every matching key, read page by page.
-pub(super) async fn keys(
-    conn: &mut Connection,
-    ks: &Arc<Keyspace>,
-    pattern: &Bytes,
-    now: u64,
-) -> Result<(), String> {
-    let scope = cluster::scope(conn, ks);
+pub(super) async fn keys(conn: &mut Connection, args: &[Bytes]) -> Outcome {
+    let (ks, now, pattern) = (conn.keyspace.clone(), conn.now_ms, &args[1]);
+    let scope = cluster::scope(conn, &ks);
     let prefix = pattern_prefix(Some(pattern));
     let mut pos = Some(ScanPosition::default());
     let (mut found, mut bytes) = (Vec::new(), 0usize);
@@ -163,8 +149,9 @@ pub(super) async fn keys(
 }
 
 /// `DBSIZE`: the number of keys.
-pub(super) async fn dbsize(conn: &mut Connection, ks: &Arc<Keyspace>) -> Result<(), String> {
-    let scope = cluster::scope(conn, ks);
+pub(super) async fn dbsize(conn: &mut Connection, _args: &[Bytes]) -> Outcome {
+    let ks = conn.keyspace.clone();
+    let scope = cluster::scope(conn, &ks);
     let n = ks
         .len_in(&scope, conn.consistency)
         .await

@@ -1,0 +1,293 @@
+//! Server commands: INFO, COMMAND, CONFIG, TIME, FLUSHDB, FLUSHALL.
+//!
+//! These answer what tools and client libraries ask at connect time (redis-cli, redis-benchmark,
+//! cluster clients): the wording and the fields they read follow Redis; what capdb adds is
+//! prefixed `capdb_`.
+
+use std::fmt::Write;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+
+use bytes::Bytes;
+
+use super::{COMMANDS, Command, Outcome, error_line, syntax};
+use crate::node::{Consistency, Keyspace, Node};
+use crate::resp::{Connection, cluster, glob};
+
+/// `INFO [section ...]`: the sections asked for (none, `all`, `everything` or `default`: all;
+/// `default` leaves out `commandstats`, which capdb does not have).
+pub(super) async fn info(conn: &mut Connection, args: &[Bytes]) -> Outcome {
+    let text = info_text(conn, &args[1..]).await;
+    conn.out.verbatim(&text);
+    Ok(())
+}
+
+async fn info_text(conn: &Connection, sections: &[Bytes]) -> String {
+    let node = &conn.node;
+    let wanted = |s: &str| {
+        sections.is_empty()
+            || sections.iter().any(|a| {
+                a.eq_ignore_ascii_case(s.as_bytes())
+                    || a.eq_ignore_ascii_case(b"all")
+                    || a.eq_ignore_ascii_case(b"everything")
+                    || (a.eq_ignore_ascii_case(b"default") && s != "commandstats")
+            })
+    };
+    let mut out = String::new();
+    if wanted("server") {
+        server_section(&mut out, node, conn.cluster_mode);
+    }
+    if wanted("clients") {
+        let _ = write!(
+            out,
+            "# Clients\r\nconnected_clients:{}\r\nmaxclients:{}\r\nblocked_clients:0\r\n\r\n",
+            node.metrics.connections.get(),
+            node.config.limits.connections_max
+        );
+    }
+    let keyspaces = node.keyspaces();
+    if wanted("memory") {
+        memory_section(&mut out, &keyspaces);
+    }
+    if wanted("persistence") {
+        persistence_section(&mut out, node);
+    }
+    if wanted("stats") {
+        stats_section(&mut out, node, &keyspaces);
+    }
+    if wanted("replication") {
+        out.push_str("# Replication\r\nrole:master\r\nconnected_slaves:0\r\n\r\n");
+    }
+    if wanted("cluster") {
+        out.push_str(&cluster::info_section(conn));
+    }
+    if wanted("keyspace") {
+        keyspace_section(&mut out, conn, &keyspaces).await;
+    }
+    out
+}
+
+fn server_section(out: &mut String, node: &Node, cluster_mode: bool) {
+    let uptime = node.started.elapsed().as_secs();
+    let _ = write!(
+        out,
+        "# Server\r\nredis_version:{}\r\ncapdb_version:{}\r\nredis_mode:{}\r\nos:{} {}\r\narch_bits:64\r\nprocess_id:{}\r\ntcp_port:{}\r\nuptime_in_seconds:{}\r\nuptime_in_days:{}\r\nexecutable:capdb\r\n\r\n",
+        crate::REDIS_COMPAT_VERSION,
+        env!("CARGO_PKG_VERSION"),
+        if cluster_mode {
+            "cluster"
+        } else {
+            "standalone"
+        },
+        std::env::consts::OS,
+        std::env::consts::ARCH,
+        std::process::id(),
+        node.config.resp_addr.port(),
+        uptime,
+        uptime / 86_400
+    );
+}
+
+fn memory_section(out: &mut String, keyspaces: &[Arc<Keyspace>]) {
+    let used: u64 = keyspaces
+        .iter()
+        .filter_map(|k| k.memory().map(|m| m.used_bytes))
+        .sum();
+    let max: u64 = keyspaces
+        .iter()
+        .filter_map(|k| k.spec.max_memory_bytes)
+        .sum();
+    let _ = write!(
+        out,
+        "# Memory\r\nused_memory:{used}\r\nused_memory_human:{:.2}M\r\nmaxmemory:{max}\r\n\r\n",
+        used as f64 / 1048576.0,
+    );
+}
+
+fn persistence_section(out: &mut String, node: &Node) {
+    let s = node.engine.stats();
+    let _ = write!(
+        out,
+        "# Persistence\r\nloading:0\r\nrdb_changes_since_last_save:0\r\naof_enabled:0\r\ncapdb_storage:redb\r\ncapdb_group_commits:{}\r\ncapdb_committed_writes:{}\r\ncapdb_storage_file_bytes:{}\r\n\r\n",
+        s.commits.load(Relaxed),
+        s.jobs.load(Relaxed),
+        node.engine.file_bytes()
+    );
+}
+
+fn stats_section(out: &mut String, node: &Node, keyspaces: &[Arc<Keyspace>]) {
+    let (mut expired, mut evicted) = (0, 0);
+    for k in keyspaces {
+        if let Some(m) = k.memory() {
+            expired += m.expired_keys;
+            evicted += m.evicted_keys;
+        }
+    }
+    let _ = write!(
+        out,
+        "# Stats\r\ntotal_connections_received:{}\r\ntotal_commands_processed:{}\r\nrejected_connections:{}\r\nexpired_keys:{expired}\r\nevicted_keys:{evicted}\r\n\r\n",
+        node.metrics.connections_total.get(),
+        node.commands_processed.load(Relaxed),
+        node.metrics.connections_rejected.get(),
+    );
+}
+
+/// One line per keyspace holding keys (in cluster mode, keys of this node's slots): the RESP
+/// keyspace is `db0`, numeric names `db<n>`, others `keyspace_<name>`.
+async fn keyspace_section(out: &mut String, conn: &Connection, keyspaces: &[Arc<Keyspace>]) {
+    out.push_str("# Keyspace\r\n");
+    for k in keyspaces {
+        let name = k.spec.name.as_str();
+        let label = if name == conn.node.config.resp_keyspace.as_str() {
+            "db0".to_string()
+        } else if name.bytes().all(|b| b.is_ascii_digit()) {
+            format!("db{name}")
+        } else {
+            format!("keyspace_{name}")
+        };
+        let scope = cluster::scope(conn, k);
+        let keys = k.len_in(&scope, Consistency::RELAXED).await.unwrap_or(0);
+        if keys > 0 {
+            let _ = write!(out, "{label}:keys={keys},mode={}\r\n", k.spec.mode.as_str());
+        }
+    }
+}
+
+fn write_command_info(conn: &mut Connection, cmd: &Command) {
+    let (first, last, step) = cmd.keys;
+    conn.out.array(6);
+    conn.out.bulk(cmd.name.as_bytes());
+    conn.out.int(cmd.arity);
+    conn.out.set(cmd.flags.len());
+    for f in cmd.flags {
+        conn.out.simple(f);
+    }
+    conn.out.int(first);
+    conn.out.int(last);
+    conn.out.int(step);
+}
+
+/// `COMMAND [COUNT|LIST|INFO name ...|DOCS]`, from the command table.
+pub(super) fn command(conn: &mut Connection, args: &[Bytes]) -> Outcome {
+    let Some(sub) = args.get(1) else {
+        conn.out.array(COMMANDS.len());
+        for cmd in COMMANDS {
+            write_command_info(conn, cmd);
+        }
+        return Ok(());
+    };
+    let sub = sub.to_ascii_lowercase();
+    match &sub[..] {
+        b"count" => conn.out.int(COMMANDS.len() as i64),
+        b"list" => {
+            conn.out.array(COMMANDS.len());
+            for cmd in COMMANDS {
+                conn.out.bulk(cmd.name.as_bytes());
+            }
+        }
+        b"info" => {
+            conn.out.array(args.len() - 2);
+            for a in &args[2..] {
+                let a = a.to_ascii_lowercase();
+                match COMMANDS.iter().find(|c| c.name.as_bytes() == &a[..]) {
+                    Some(cmd) => write_command_info(conn, cmd),
+                    None => conn.out.null_array(),
+                }
+            }
+        }
+        // redis-cli asks for documentation to show hints; an empty answer makes it fall back to
+        // no hints, which is correct for commands we do not document here.
+        b"docs" => conn.out.map(0),
+        _ => {
+            return Err(format!(
+                "ERR unknown subcommand '{}'. Try COMMAND HELP.",
+                String::from_utf8_lossy(&args[1])
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `CONFIG GET` answers the few parameters tools ask about (redis-benchmark reads `save` and
+/// `appendonly`); `CONFIG SET` is refused: capdb is configured by file, environment and flags.
+pub(super) fn config(conn: &mut Connection, args: &[Bytes]) -> Outcome {
+    let sub = args[1].to_ascii_lowercase();
+    match &sub[..] {
+        b"get" if args.len() >= 3 => {
+            let l = conn.node.config.limits;
+            let known: Vec<(&str, String)> = vec![
+                ("save", String::new()),
+                ("appendonly", "no".into()),
+                ("databases", conn.node.keyspaces().len().to_string()),
+                ("maxclients", l.connections_max.to_string()),
+                ("proto-max-bulk-len", l.value_bytes_max.to_string()),
+                ("client-query-buffer-limit", l.frame_bytes_max.to_string()),
+            ];
+            let found: Vec<_> = known
+                .into_iter()
+                .filter(|(k, _)| {
+                    args[2..]
+                        .iter()
+                        .any(|p| glob::matches(&p.to_ascii_lowercase(), k.as_bytes()))
+                })
+                .collect();
+            conn.out.map(found.len());
+            for (k, v) in found {
+                conn.out.bulk(k.as_bytes());
+                conn.out.bulk(v.as_bytes());
+            }
+            Ok(())
+        }
+        b"get" => Err("ERR wrong number of arguments for 'config|get' command".into()),
+        b"set" | b"rewrite" | b"resetstat" => Err(format!(
+            "ERR CONFIG {} is not supported: capdb is configured by its TOML file, CAPDB_* environment variables and flags",
+            String::from_utf8_lossy(&args[1]).to_uppercase()
+        )),
+        _ => Err(format!(
+            "ERR unknown subcommand '{}'. Try CONFIG HELP.",
+            String::from_utf8_lossy(&args[1])
+        )),
+    }
+}
+
+/// `TIME`: Unix seconds and microseconds.
+pub(super) fn time(conn: &mut Connection, _args: &[Bytes]) -> Outcome {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    conn.out.array(2);
+    conn.out.bulk(d.as_secs().to_string().as_bytes());
+    conn.out.bulk(d.subsec_micros().to_string().as_bytes());
+    Ok(())
+}
+
+/// `FLUSHDB [SYNC|ASYNC]`: deletes every key of the connection's keyspace.
+pub(super) async fn flushdb(conn: &mut Connection, args: &[Bytes]) -> Outcome {
+    check_flush_args(&args[1..])?;
+    let ks = conn.keyspace.clone();
+    ks.clear(conn.consistency)
+        .await
+        .map_err(|e| error_line(&e))?;
+    conn.out.ok();
+    Ok(())
+}
+
+/// `FLUSHALL [SYNC|ASYNC]`: deletes every key of every keyspace.
+pub(super) async fn flushall(conn: &mut Connection, args: &[Bytes]) -> Outcome {
+    check_flush_args(&args[1..])?;
+    for ks in conn.node.keyspaces() {
+        ks.clear(conn.consistency)
+            .await
+            .map_err(|e| error_line(&e))?;
+    }
+    conn.out.ok();
+    Ok(())
+}
+
+fn check_flush_args(args: &[Bytes]) -> Result<(), String> {
+    match args {
+        [] => Ok(()),
+        [m] if m.eq_ignore_ascii_case(b"sync") || m.eq_ignore_ascii_case(b"async") => Ok(()),
+        _ => Err(syntax()),
+    }
+}

@@ -1,0 +1,227 @@
+//! String commands. Writes (SET and its variants, MSET, GETDEL, INCR/DECR, APPEND) only parse
+//! their arguments into mutations, which the connection queues; reads (GET, MGET, STRLEN) run at
+//! once.
+
+use bytes::Bytes;
+use capdb_types::Mutation;
+use capdb_types::mutation::{Condition, ExpiryUpdate};
+
+use super::{
+    Outcome, Queued, WriteCall, check_kv, error_line, expiry_at, parse_int, read, read_many, syntax,
+};
+use crate::resp::{Connection, Shape};
+
+/// `SET key value [NX|XX|IFEQ v|IFNE v] [GET] [EX s|PX ms|EXAT s|PXAT ms|KEEPTTL]`.
+pub(super) fn set(w: &WriteCall<'_>) -> Result<Queued, String> {
+    check_kv(&w.args[1], Some(&w.args[2]), w.value_max)?;
+    parse_set(w.args, w.now).map(|m| (Shape::Plain, vec![m]))
+}
+
+/// Parses `SET key value [NX|XX|IFEQ v|IFNE v] [GET] [EX s|PX ms|EXAT s|PXAT ms|KEEPTTL]`.
+fn parse_set(args: &[Bytes], now_ms: u64) -> Result<Mutation, String> {
+    let mut condition = Condition::Always;
+    let mut expiry = ExpiryUpdate::Clear;
+    let mut return_old = false;
+    let mut i = 3;
+    while i < args.len() {
+        let opt = args[i].to_ascii_uppercase();
+        let next = args.get(i + 1);
+        match (&opt[..], next) {
+            (b"NX", _) if condition == Condition::Always => condition = Condition::IfAbsent,
+            (b"XX", _) if condition == Condition::Always => condition = Condition::IfPresent,
+            (b"IFEQ", Some(v)) if condition == Condition::Always => {
+                condition = Condition::IfEqual(v.clone());
+                i += 1;
+            }
+            (b"IFNE", Some(v)) if condition == Condition::Always => {
+                condition = Condition::IfNotEqual(v.clone());
+                i += 1;
+            }
+            (b"GET", _) => return_old = true,
+            (b"KEEPTTL", _) if expiry == ExpiryUpdate::Clear => expiry = ExpiryUpdate::Keep,
+            (b"EX" | b"PX" | b"EXAT" | b"PXAT", Some(v)) if expiry == ExpiryUpdate::Clear => {
+                let unit = if opt[0] == b'E' { 1000 } else { 1 };
+                let absolute = opt.ends_with(b"AT");
+                if parse_int(v).map_err(|_| syntax())? <= 0 {
+                    return Err("ERR invalid expire time in 'set' command".into());
+                }
+                expiry = ExpiryUpdate::At(expiry_at(v, unit, absolute, "set", now_ms)?);
+                i += 1;
+            }
+            _ => return Err(syntax()),
+        }
+        i += 1;
+    }
+    Ok(Mutation::Set {
+        key: args[1].clone(),
+        value: args[2].clone(),
+        condition,
+        expiry,
+        return_old,
+    })
+}
+
+/// `SETNX key value`: 1 if set, 0 if the key existed.
+pub(super) fn setnx(w: &WriteCall<'_>) -> Result<Queued, String> {
+    let args = w.args;
+    check_kv(&args[1], Some(&args[2]), w.value_max)?;
+    Ok((
+        Shape::SetFlag,
+        vec![Mutation::Set {
+            key: args[1].clone(),
+            value: args[2].clone(),
+            condition: Condition::IfAbsent,
+            expiry: ExpiryUpdate::Clear,
+            return_old: false,
+        }],
+    ))
+}
+
+/// `SETEX key seconds value`.
+pub(super) fn setex(w: &WriteCall<'_>) -> Result<Queued, String> {
+    set_expiring(w, "setex", 1000)
+}
+
+/// `PSETEX key milliseconds value`.
+pub(super) fn psetex(w: &WriteCall<'_>) -> Result<Queued, String> {
+    set_expiring(w, "psetex", 1)
+}
+
+fn set_expiring(w: &WriteCall<'_>, name: &str, unit_ms: i64) -> Result<Queued, String> {
+    let args = w.args;
+    check_kv(&args[1], Some(&args[3]), w.value_max)?;
+    if parse_int(&args[2])? <= 0 {
+        return Err(format!("ERR invalid expire time in '{name}' command"));
+    }
+    let at = expiry_at(&args[2], unit_ms, false, name, w.now)?;
+    Ok((
+        Shape::Plain,
+        vec![Mutation::Set {
+            key: args[1].clone(),
+            value: args[3].clone(),
+            condition: Condition::Always,
+            expiry: ExpiryUpdate::At(at),
+            return_old: false,
+        }],
+    ))
+}
+
+/// `MSET key value [key value ...]`.
+pub(super) fn mset(w: &WriteCall<'_>) -> Result<Queued, String> {
+    if w.args.len().is_multiple_of(2) {
+        return Err("ERR wrong number of arguments for 'mset' command".into());
+    }
+    w.args[1..]
+        .chunks(2)
+        .map(|kv| {
+            check_kv(&kv[0], Some(&kv[1]), w.value_max)?;
+            Ok(Mutation::Set {
+                key: kv[0].clone(),
+                value: kv[1].clone(),
+                condition: Condition::Always,
+                expiry: ExpiryUpdate::Clear,
+                return_old: false,
+            })
+        })
+        .collect::<Result<Vec<_>, String>>()
+        .map(|m| (Shape::AllOk, m))
+}
+
+/// `GETDEL key`.
+pub(super) fn getdel(w: &WriteCall<'_>) -> Result<Queued, String> {
+    check_kv(&w.args[1], None, w.value_max)?;
+    Ok((
+        Shape::Plain,
+        vec![Mutation::GetDel {
+            key: w.args[1].clone(),
+        }],
+    ))
+}
+
+pub(super) fn incr(w: &WriteCall<'_>) -> Result<Queued, String> {
+    incr_by(w, |_| Ok(1))
+}
+
+pub(super) fn decr(w: &WriteCall<'_>) -> Result<Queued, String> {
+    incr_by(w, |_| Ok(-1))
+}
+
+pub(super) fn incrby(w: &WriteCall<'_>) -> Result<Queued, String> {
+    incr_by(w, |args| parse_int(&args[2]))
+}
+
+pub(super) fn decrby(w: &WriteCall<'_>) -> Result<Queued, String> {
+    incr_by(w, |args| {
+        parse_int(&args[2])?
+            .checked_neg()
+            .ok_or_else(|| "ERR decrement would overflow".to_string())
+    })
+}
+
+/// INCR, DECR, INCRBY, DECRBY: the key is checked before the delta is parsed.
+fn incr_by(
+    w: &WriteCall<'_>,
+    delta: impl FnOnce(&[Bytes]) -> Result<i64, String>,
+) -> Result<Queued, String> {
+    check_kv(&w.args[1], None, w.value_max)?;
+    let delta = delta(w.args)?;
+    Ok((
+        Shape::Plain,
+        vec![Mutation::IncrBy {
+            key: w.args[1].clone(),
+            delta,
+        }],
+    ))
+}
+
+/// `APPEND key value`.
+pub(super) fn append(w: &WriteCall<'_>) -> Result<Queued, String> {
+    check_kv(&w.args[1], Some(&w.args[2]), w.value_max)?;
+    Ok((
+        Shape::Plain,
+        vec![Mutation::Append {
+            key: w.args[1].clone(),
+            data: w.args[2].clone(),
+        }],
+    ))
+}
+
+/// `GET key` on a local keyspace: the reply is written from the entry under its shard lock.
+pub(super) fn get_local(conn: &mut Connection, args: &[Bytes]) -> Outcome {
+    let out = &mut conn.out;
+    conn.keyspace
+        .read_with(&args[1], conn.now_ms, |v| match v {
+            Some(v) => out.bulk(&v.data),
+            None => out.null(),
+        })
+        .map_err(|e| error_line(&e))
+}
+
+/// `GET key` on a replicated keyspace.
+pub(super) async fn get(conn: &mut Connection, args: &[Bytes]) -> Outcome {
+    match read(conn, &args[1]).await? {
+        Some(v) => conn.out.bulk(&v.data),
+        None => conn.out.null(),
+    }
+    Ok(())
+}
+
+/// `MGET key [key ...]`.
+pub(super) async fn mget(conn: &mut Connection, args: &[Bytes]) -> Outcome {
+    let values = read_many(conn, &args[1..]).await?;
+    conn.out.array(values.len());
+    for v in values {
+        match v {
+            Some(v) => conn.out.bulk(&v.data),
+            None => conn.out.null(),
+        }
+    }
+    Ok(())
+}
+
+/// `STRLEN key`.
+pub(super) async fn strlen(conn: &mut Connection, args: &[Bytes]) -> Outcome {
+    let n = read(conn, &args[1]).await?.map_or(0, |v| v.data.len());
+    conn.out.int(n as i64);
+    Ok(())
+}
