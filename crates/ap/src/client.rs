@@ -1,0 +1,337 @@
+//! The operations clients ask for (GET/MGET, writes, INCR, SCAN, FLUSHDB), coordinated across
+//! the replicas of each key's shard. Plain SETs are blind writes (a version without reading);
+//! other commands read at the write's level first (see the crate doc).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use capdb_cluster::NodeId;
+use capdb_cluster::state::{KeyspaceEntry, ShardInfo};
+use capdb_types::mutation::Condition;
+use capdb_types::{Effect, Error, KeyspaceName, Mutation, Reply, Result, Value};
+
+use super::{
+    Ap, ApRequest, ApResponse, CallError, Level, MERGE_BATCH_KEYS, REPLICA_TIMEOUT, shard_index,
+};
+
+impl Ap {
+    /// Live values of `keys` (counters rendered as their totals), at `level`.
+    pub async fn get_many(
+        self: &Arc<Self>,
+        keyspace: &KeyspaceName,
+        keys: &[Bytes],
+        level: Level,
+        now_ms: u64,
+    ) -> Result<Vec<Option<Value>>> {
+        let entry = self.entry(keyspace)?;
+        let mut by_shard: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+        for (i, k) in keys.iter().enumerate() {
+            by_shard.entry(shard_index(&entry, k)).or_default().push(i);
+        }
+        let mut out = vec![None; keys.len()];
+        let calls = by_shard.into_iter().map(|(s, idx)| {
+            let shard_keys: Vec<Bytes> = idx.iter().map(|&i| keys[i].clone()).collect();
+            let shard = entry.shards[s].clone();
+            async move {
+                let v = self
+                    .read_versions(keyspace, &shard, shard_keys, level)
+                    .await;
+                (idx, v)
+            }
+        });
+        for (idx, values) in futures::future::join_all(calls).await {
+            for (i, v) in idx.into_iter().zip(values?) {
+                out[i] = match v.filter(|v| v.is_live(now_ms)) {
+                    Some(v) => Some(capdb_types::merge::render(v)?),
+                    None => None,
+                };
+            }
+        }
+        Ok(out)
+    }
+
+    /// Applies client mutations at `level`, in order. See the module docs for which commands
+    /// are blind writes, counters or read-modify-writes.
+    pub async fn apply(
+        self: &Arc<Self>,
+        keyspace: &KeyspaceName,
+        mutations: Vec<Mutation>,
+        level: Level,
+        now_ms: u64,
+        value_bytes_max: usize,
+    ) -> Result<Vec<Result<Reply>>> {
+        let entry = self.entry(keyspace)?;
+        let mut replies: Vec<Option<Result<Reply>>> = vec![None; mutations.len()];
+        // Consecutive blind writes (plain SETs) travel together, one batch per shard; any other
+        // command first waits for the writes queued before it, so a pipeline keeps its order.
+        let mut pending = BlindBatches::new();
+        for (i, m) in mutations.into_iter().enumerate() {
+            let s = shard_index(&entry, m.key());
+            if let Some(version) = self.blind_version(&m, now_ms) {
+                let e = pending.entry(s).or_default();
+                e.0.push(i);
+                e.1.push((m.key().clone(), version));
+                continue;
+            }
+            self.flush_blind(keyspace, &entry, &mut pending, &mut replies, level)
+                .await;
+            let shard = entry.shards[s].clone();
+            replies[i] = Some(
+                self.apply_one(keyspace, &shard, m, level, now_ms, value_bytes_max)
+                    .await,
+            );
+        }
+        self.flush_blind(keyspace, &entry, &mut pending, &mut replies, level)
+            .await;
+        Ok(replies
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(Error::Io("missing reply".into()))))
+            .collect())
+    }
+
+    /// The version a plain SET writes without reading (None for every other command).
+    fn blind_version(&self, m: &Mutation, now_ms: u64) -> Option<Value> {
+        use capdb_types::mutation::ExpiryUpdate;
+        let Mutation::Set {
+            value,
+            condition: Condition::Always,
+            expiry,
+            return_old: false,
+            ..
+        } = m
+        else {
+            return None;
+        };
+        let expire = match expiry {
+            ExpiryUpdate::Keep => return None,
+            ExpiryUpdate::At(at) => Some(*at),
+            ExpiryUpdate::Clear => None,
+        };
+        Some(match expire {
+            Some(at) if at <= now_ms => Value::tombstone(self.hlc.now()),
+            _ => Value::new(value.clone(), self.hlc.now(), expire),
+        })
+    }
+
+    /// Writes the queued blind writes, shards in parallel, and fills in their replies.
+    async fn flush_blind(
+        self: &Arc<Self>,
+        keyspace: &KeyspaceName,
+        entry: &KeyspaceEntry,
+        pending: &mut BlindBatches,
+        replies: &mut [Option<Result<Reply>>],
+        level: Level,
+    ) {
+        if pending.is_empty() {
+            return;
+        }
+        let batches = std::mem::take(pending);
+        let calls = batches.into_iter().map(|(s, (idx, entries))| {
+            let shard = entry.shards[s].clone();
+            async move {
+                let mut result = Ok(());
+                for chunk in entries.chunks(MERGE_BATCH_KEYS) {
+                    result = self
+                        .write_versions(keyspace, &shard, chunk.to_vec(), level)
+                        .await;
+                    if result.is_err() {
+                        break;
+                    }
+                }
+                (idx, result)
+            }
+        });
+        for (idx, result) in futures::future::join_all(calls).await {
+            for i in idx {
+                replies[i] = Some(result.clone().map(|()| Reply::Ok));
+            }
+        }
+    }
+
+    async fn apply_one(
+        self: &Arc<Self>,
+        keyspace: &KeyspaceName,
+        shard: &ShardInfo,
+        m: Mutation,
+        level: Level,
+        now_ms: u64,
+        value_bytes_max: usize,
+    ) -> Result<Reply> {
+        let key = m.key().clone();
+        match &m {
+            Mutation::IncrBy { delta, .. } => {
+                self.counter_add(keyspace, shard, key, *delta, level, now_ms)
+                    .await
+            }
+            _ => {
+                let current = self
+                    .read_versions(keyspace, shard, vec![key.clone()], level)
+                    .await?
+                    .pop()
+                    .flatten()
+                    .filter(|v| v.is_live(now_ms));
+                let current = match current {
+                    Some(v) => Some(capdb_types::merge::render(v)?),
+                    None => None,
+                };
+                let timestamp = self.hlc.now();
+                let (effect, reply) =
+                    m.apply(current.as_ref(), now_ms, timestamp, value_bytes_max)?;
+                let version = match effect {
+                    Effect::Unchanged => return Ok(reply),
+                    Effect::Put(v) => v,
+                    Effect::Remove(ts) => Value::tombstone(ts),
+                };
+                self.write_versions(keyspace, shard, vec![(key, version)], level)
+                    .await?;
+                Ok(reply)
+            }
+        }
+    }
+
+    /// INCRBY: one replica (this node when it is one) adds to its own slot of the key's
+    /// PN-counter, then the new version goes to the other replicas like any write.
+    async fn counter_add(
+        self: &Arc<Self>,
+        keyspace: &KeyspaceName,
+        shard: &ShardInfo,
+        key: Bytes,
+        delta: i64,
+        level: Level,
+        now_ms: u64,
+    ) -> Result<Reply> {
+        // One owner only: a failed call may still have counted the increment there, so trying
+        // another replica could count it twice. The caller sees an error with an unknown
+        // outcome instead (like any write that times out).
+        let mut order: Vec<NodeId> = shard.replicas.clone();
+        order.sort_by_key(|&n| (n != self.me, n));
+        let Some(owner) = order.into_iter().find(|&n| !self.detector.is_down(n)) else {
+            return Err(Error::Unavailable(
+                "no replica of the counter's shard is reachable; the increment was not applied"
+                    .into(),
+            ));
+        };
+        let timestamp = self.hlc.now();
+        let req = ApRequest::CounterAdd {
+            keyspace: keyspace.to_string(),
+            key: key.clone(),
+            delta,
+            timestamp,
+            now_ms,
+        };
+        match self.call(owner, req, REPLICA_TIMEOUT).await {
+            Ok(ApResponse::Value(v)) => {
+                let total = capdb_types::merge::render(v.clone())?;
+                let total = capdb_types::mutation::parse_i64_strict(&total.data)
+                    .ok_or(Error::NotAnInteger)?;
+                // The owner already holds the new version: one acknowledgement.
+                let others: Vec<NodeId> = shard
+                    .replicas
+                    .iter()
+                    .copied()
+                    .filter(|&n| n != owner)
+                    .collect();
+                let needed = level.required(shard.replicas.len()) - 1;
+                if let Err(e) = self
+                    .replicate(keyspace, others, vec![(key, v)], needed, level)
+                    .await
+                {
+                    // Counted already: a retry would count it twice.
+                    return Err(Error::OutcomeUnknown(format!(
+                        "the increment was counted on node {owner} but did not reach the level {} ({e}); it will reach the other replicas later: do not retry it",
+                        level.as_str()
+                    )));
+                }
+                Ok(Reply::Integer(total))
+            }
+            Ok(other) => Err(Error::Io(format!("unexpected answer {other:?}"))),
+            // A definite refusal (not an integer, overflow) is final.
+            Err(CallError::Refused(e @ (Error::NotAnInteger | Error::Overflow))) => Err(e),
+            Err(e) => Err(Error::OutcomeUnknown(format!(
+                "the increment's outcome is unknown ({e}); it may have been counted: read before retrying"
+            ))),
+        }
+    }
+
+    /// A page of live keys of one shard, from one replica (this node when it is one).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn scan_shard(
+        self: &Arc<Self>,
+        keyspace: &KeyspaceName,
+        shard_index: usize,
+        after: Option<Bytes>,
+        prefix: Option<Bytes>,
+        limit: u32,
+        now_ms: u64,
+    ) -> Result<(Vec<(Bytes, Value)>, Option<Bytes>)> {
+        let entry = self.entry(keyspace)?;
+        let shard = entry
+            .shards
+            .get(shard_index)
+            .ok_or_else(|| Error::InvalidInput("scan position past the last shard".into()))?;
+        let mut order = shard.replicas.clone();
+        order.sort_by_key(|&n| (n != self.me, self.detector.is_down(n), n));
+        let mut last_err = String::from("no replica reachable");
+        for node in order {
+            let req = ApRequest::Scan {
+                keyspace: keyspace.to_string(),
+                slots: shard.slots,
+                after: after.clone(),
+                prefix: prefix.clone(),
+                limit,
+                now_ms,
+            };
+            match self.call(node, req, REPLICA_TIMEOUT).await {
+                Ok(ApResponse::Page(entries, next)) => return Ok((entries, next)),
+                Ok(other) => last_err = format!("unexpected answer {other:?}"),
+                Err(e) => last_err = e.to_string(),
+            }
+        }
+        Err(Error::Unavailable(format!(
+            "no replica of shard {shard_index} answered the scan ({last_err})"
+        )))
+    }
+
+    pub fn shard_count(&self, keyspace: &KeyspaceName) -> Result<usize> {
+        Ok(self.entry(keyspace)?.shards.len())
+    }
+
+    /// Deletes every key (FLUSHDB): writes a tombstone for each live key, shard by shard.
+    pub async fn clear(
+        self: &Arc<Self>,
+        keyspace: &KeyspaceName,
+        level: Level,
+        now_ms: u64,
+    ) -> Result<()> {
+        let entry = self.entry(keyspace)?;
+        for (i, shard) in entry.shards.iter().enumerate() {
+            let mut after = None;
+            loop {
+                let (page, next) = self
+                    .scan_shard(keyspace, i, after.clone(), None, 1000, now_ms)
+                    .await?;
+                let ts = self.hlc.now();
+                let entries: Vec<(Bytes, Value)> = page
+                    .into_iter()
+                    .map(|(k, _)| (k, Value::tombstone(ts)))
+                    .collect();
+                self.write_versions(keyspace, shard, entries, level).await?;
+                match next {
+                    Some(n) => after = Some(n),
+                    None => break,
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reconciliation statistics of this node, as JSON.
+    pub fn stats_json(&self) -> serde_json::Value {
+        self.stats.to_json(&self.hints)
+    }
+}
+
+/// Blind writes waiting to go out: per shard index, the positions of their commands in the
+/// batch and the versions.
+type BlindBatches = BTreeMap<usize, (Vec<usize>, Vec<(Bytes, Value)>)>;
