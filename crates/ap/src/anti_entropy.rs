@@ -29,7 +29,7 @@ use capdb_types::{Error, Mode, Result, Value};
 use serde::Serialize;
 use serde_json::json;
 
-use super::messages::{ApRequest, ApResponse};
+use super::messages::{ApRequest, ApResponse, Slots};
 use super::replica::{digest, fingerprints};
 use super::{Ap, MERGE_BATCH_KEYS, REPLICA_TIMEOUT};
 
@@ -237,9 +237,15 @@ struct Session {
     in_sync: bool,
 }
 
+/// An error talking to `peer` during a session.
+fn remote(peer: NodeId, e: impl std::fmt::Display) -> Error {
+    Error::Unavailable(format!("anti-entropy with node {peer}: {e}"))
+}
+
+/// One anti-entropy session with `peer` over one shard of `ks`: compares bucket digests, then
+/// the fingerprints of the keys in differing buckets, and streams the differing versions both
+/// ways.
 async fn session(ap: &Arc<Ap>, ks: &str, shard: &ShardInfo, peer: NodeId) -> Result<Session> {
-    let remote = |e: String| Error::Unavailable(format!("anti-entropy with node {peer}: {e}"));
-    let failed = |e: super::CallError| remote(e.to_string());
     // Versions younger than a replica round trip may still be on their way; the next pass
     // compares them.
     // Taken from the HLC, which versions are stamped with, so a clock running ahead somewhere
@@ -249,7 +255,30 @@ async fn session(ap: &Arc<Ap>, ks: &str, shard: &ShardInfo, peer: NodeId) -> Res
         .now()
         .physical_ms()
         .saturating_sub(REPLICA_TIMEOUT.as_millis() as u64);
-    let (ap2, ks2, slots) = (ap.clone(), ks.to_string(), shard.slots);
+    let slots = shard.slots;
+    let differing = exchange_digests(ap, ks, slots, peer, before_ms).await?;
+    if differing.is_empty() {
+        return Ok(Session { in_sync: true });
+    }
+    let (my_fp, their_fp) =
+        exchange_fingerprints(ap, ks, slots, peer, differing, before_ms).await?;
+    let diff = Diff::of(&my_fp, &their_fp);
+    stream_differences(ap, ks, peer, &diff.pull, &diff.push).await?;
+    ap.stats
+        .session(ks, diff.compared, diff.repaired, diff.conflicts);
+    Ok(Session { in_sync: false })
+}
+
+/// Computes this node's bucket digest of the shard, asks `peer` for its own, and returns the
+/// buckets that differ.
+async fn exchange_digests(
+    ap: &Arc<Ap>,
+    ks: &str,
+    slots: Slots,
+    peer: NodeId,
+    before_ms: u64,
+) -> Result<Vec<u32>> {
+    let (ap2, ks2) = (ap.clone(), ks.to_string());
     let mine = tokio::task::spawn_blocking(move || digest(&ap2, &ks2, slots, before_ms))
         .await
         .map_err(|e| Error::Io(e.to_string()))??;
@@ -264,18 +293,26 @@ async fn session(ap: &Arc<Ap>, ks: &str, shard: &ShardInfo, peer: NodeId) -> Res
             Duration::from_secs(30),
         )
         .await
-        .map_err(failed)?
+        .map_err(|e| remote(peer, e))?
     {
         ApResponse::Digest(d) if d.len() == mine.len() => d,
-        other => return Err(remote(format!("unexpected answer {other:?}"))),
+        other => return Err(remote(peer, format!("unexpected answer {other:?}"))),
     };
-    let differing: Vec<u32> = (0..mine.len())
+    Ok((0..mine.len())
         .filter(|&i| mine[i] != theirs[i])
         .map(|i| i as u32)
-        .collect();
-    if differing.is_empty() {
-        return Ok(Session { in_sync: true });
-    }
+        .collect())
+}
+
+/// (key → fingerprint) of the keys in the `differing` buckets: this node's, then `peer`'s.
+async fn exchange_fingerprints(
+    ap: &Arc<Ap>,
+    ks: &str,
+    slots: Slots,
+    peer: NodeId,
+    differing: Vec<u32>,
+    before_ms: u64,
+) -> Result<(HashMap<Bytes, u64>, HashMap<Bytes, u64>)> {
     let (ap2, ks2, buckets) = (ap.clone(), ks.to_string(), differing.clone());
     let my_fp: HashMap<Bytes, u64> =
         tokio::task::spawn_blocking(move || fingerprints(&ap2, &ks2, slots, &buckets, before_ms))
@@ -295,36 +332,86 @@ async fn session(ap: &Arc<Ap>, ks: &str, shard: &ShardInfo, peer: NodeId) -> Res
             Duration::from_secs(30),
         )
         .await
-        .map_err(failed)?
+        .map_err(|e| remote(peer, e))?
     {
         ApResponse::Fingerprints(f) => f.into_iter().collect(),
-        other => return Err(remote(format!("unexpected answer {other:?}"))),
+        other => return Err(remote(peer, format!("unexpected answer {other:?}"))),
     };
-    let mut pull = Vec::new();
-    let mut push = Vec::new();
-    let (mut repaired, mut conflicts) = (0u64, 0u64);
-    for (k, fp) in &their_fp {
-        match my_fp.get(k) {
-            None => {
-                repaired += 1;
-                pull.push(k.clone());
+    Ok((my_fp, their_fp))
+}
+
+/// What differs between two replicas' fingerprints.
+struct Diff {
+    /// Keys to fetch from the peer: missing here, or present on both sides with different
+    /// versions.
+    pull: Vec<Bytes>,
+    /// Keys to send to the peer: missing there, or present on both sides with different
+    /// versions.
+    push: Vec<Bytes>,
+    /// Keys on either side.
+    compared: u64,
+    /// Keys missing on one side.
+    repaired: u64,
+    /// Keys present on both sides with different versions.
+    conflicts: u64,
+}
+
+impl Diff {
+    /// Compares this node's fingerprints with the peer's.
+    fn of(my_fp: &HashMap<Bytes, u64>, their_fp: &HashMap<Bytes, u64>) -> Diff {
+        let mut pull = Vec::new();
+        let mut push = Vec::new();
+        let (mut repaired, mut conflicts) = (0u64, 0u64);
+        for (k, fp) in their_fp {
+            match my_fp.get(k) {
+                None => {
+                    repaired += 1;
+                    pull.push(k.clone());
+                }
+                Some(mine) if mine != fp => {
+                    conflicts += 1;
+                    pull.push(k.clone());
+                    push.push(k.clone());
+                }
+                Some(_) => {}
             }
-            Some(mine) if mine != fp => {
-                conflicts += 1;
-                pull.push(k.clone());
+        }
+        for k in my_fp.keys() {
+            if !their_fp.contains_key(k) {
+                repaired += 1;
                 push.push(k.clone());
             }
-            Some(_) => {}
+        }
+        let compared =
+            (my_fp.len() + their_fp.keys().filter(|k| !my_fp.contains_key(*k)).count()) as u64;
+        Diff {
+            pull,
+            push,
+            compared,
+            repaired,
+            conflicts,
         }
     }
-    for k in my_fp.keys() {
-        if !their_fp.contains_key(k) {
-            repaired += 1;
-            push.push(k.clone());
-        }
-    }
-    let compared =
-        (my_fp.len() + their_fp.keys().filter(|k| !my_fp.contains_key(*k)).count()) as u64;
+}
+
+/// Bytes a batch of versions costs against the anti-entropy budget.
+fn budget_bytes(entries: &[(Bytes, Value)]) -> u64 {
+    entries
+        .iter()
+        .map(|(k, v)| (k.len() + v.data.len() + 30) as u64)
+        .sum()
+}
+
+/// Streams the differing versions, in batches of [`MERGE_BATCH_KEYS`] under the bandwidth
+/// budget: reads the `pull` keys from `peer` and merges them here, then sends this node's
+/// versions of the `push` keys to `peer` to merge there.
+async fn stream_differences(
+    ap: &Arc<Ap>,
+    ks: &str,
+    peer: NodeId,
+    pull: &[Bytes],
+    push: &[Bytes],
+) -> Result<()> {
     let table = ap.table(ks);
     for chunk in pull.chunks(MERGE_BATCH_KEYS) {
         let values = match ap
@@ -337,10 +424,10 @@ async fn session(ap: &Arc<Ap>, ks: &str, shard: &ShardInfo, peer: NodeId) -> Res
                 REPLICA_TIMEOUT * 5,
             )
             .await
-            .map_err(failed)?
+            .map_err(|e| remote(peer, e))?
         {
             ApResponse::Values(v) if v.len() == chunk.len() => v,
-            other => return Err(remote(format!("unexpected answer {other:?}"))),
+            other => return Err(remote(peer, format!("unexpected answer {other:?}"))),
         };
         let entries: Vec<(Bytes, Value)> = chunk
             .iter()
@@ -348,14 +435,7 @@ async fn session(ap: &Arc<Ap>, ks: &str, shard: &ShardInfo, peer: NodeId) -> Res
             .zip(values)
             .filter_map(|(k, v)| v.map(|v| (k, v)))
             .collect();
-        ap.budget
-            .take(
-                entries
-                    .iter()
-                    .map(|(k, v)| (k.len() + v.data.len() + 30) as u64)
-                    .sum(),
-            )
-            .await;
+        ap.budget.take(budget_bytes(&entries)).await;
         table.merge(entries).await?;
     }
     for chunk in push.chunks(MERGE_BATCH_KEYS) {
@@ -365,14 +445,7 @@ async fn session(ap: &Arc<Ap>, ks: &str, shard: &ShardInfo, peer: NodeId) -> Res
                 entries.push((k.clone(), v));
             }
         }
-        ap.budget
-            .take(
-                entries
-                    .iter()
-                    .map(|(k, v)| (k.len() + v.data.len() + 30) as u64)
-                    .sum(),
-            )
-            .await;
+        ap.budget.take(budget_bytes(&entries)).await;
         ap.call(
             peer,
             ApRequest::Merge {
@@ -382,10 +455,9 @@ async fn session(ap: &Arc<Ap>, ks: &str, shard: &ShardInfo, peer: NodeId) -> Res
             REPLICA_TIMEOUT * 5,
         )
         .await
-        .map_err(failed)?;
+        .map_err(|e| remote(peer, e))?;
     }
-    ap.stats.session(ks, compared, repaired, conflicts);
-    Ok(Session { in_sync: false })
+    Ok(())
 }
 
 /// Removes tombstones older than the grace period from every replica of a shard.

@@ -85,6 +85,7 @@ pub fn fingerprints(
     Ok(out)
 }
 
+/// Serves one `ap` request addressed to this node, on its local table.
 pub(super) async fn handle(ap: &Arc<Ap>, request: ApRequest) -> Result<ApResponse> {
     match request {
         ApRequest::Ping => Ok(ApResponse::Pong),
@@ -161,40 +162,7 @@ pub(super) async fn handle(ap: &Arc<Ap>, request: ApRequest) -> Result<ApRespons
             now_ms,
         } => {
             check_table(ap, &keyspace)?;
-            let limit = limit.clamp(1, SCAN_PAGE_MAX) as usize;
-            let mut entries = Vec::new();
-            let mut next = None;
-            let mut result = Ok(());
-            // Bounded work per page: at most this many records examined.
-            let mut examined = 0usize;
-            ap.table(&keyspace)
-                .for_each_raw_after(after.as_deref(), |k, v| {
-                    examined += 1;
-                    let wanted = prefix.as_ref().is_none_or(|p| k.starts_with(p))
-                        && in_slots(k, slots)
-                        && v.is_live(now_ms);
-                    if wanted {
-                        match capdb_types::merge::render(v) {
-                            Ok(v) => entries.push((Bytes::copy_from_slice(k), v)),
-                            Err(e) => {
-                                result = Err(e);
-                                return false;
-                            }
-                        }
-                        if entries.len() >= limit {
-                            next = Some(Bytes::copy_from_slice(k));
-                            return false;
-                        }
-                    }
-                    // This key is done either way: the next page starts after it.
-                    if examined >= 100_000 {
-                        next = Some(Bytes::copy_from_slice(k));
-                        return false;
-                    }
-                    true
-                })?;
-            result?;
-            Ok(ApResponse::Page(entries, next))
+            scan_page(ap, &keyspace, slots, after, prefix, limit, now_ms)
         }
         ApRequest::Purge { keyspace, entries } => {
             check_table(ap, &keyspace)?;
@@ -204,6 +172,54 @@ pub(super) async fn handle(ap: &Arc<Ap>, request: ApRequest) -> Result<ApRespons
         }
         ApRequest::Stats => Ok(ApResponse::Stats(ap.stats_json().to_string())),
     }
+}
+
+/// One page of a scan of the shard `slots` of `keyspace`: the live entries after `after`
+/// (matching `prefix`), rendered, at most `limit` (clamped to 1..=[`SCAN_PAGE_MAX`]), with the
+/// key the next page starts after (`None` at the end).
+fn scan_page(
+    ap: &Ap,
+    keyspace: &str,
+    slots: Slots,
+    after: Option<Bytes>,
+    prefix: Option<Bytes>,
+    limit: u32,
+    now_ms: u64,
+) -> Result<ApResponse> {
+    let limit = limit.clamp(1, SCAN_PAGE_MAX) as usize;
+    let mut entries = Vec::new();
+    let mut next = None;
+    let mut result = Ok(());
+    // Bounded work per page: at most this many records examined.
+    let mut examined = 0usize;
+    ap.table(keyspace)
+        .for_each_raw_after(after.as_deref(), |k, v| {
+            examined += 1;
+            let wanted = prefix.as_ref().is_none_or(|p| k.starts_with(p))
+                && in_slots(k, slots)
+                && v.is_live(now_ms);
+            if wanted {
+                match capdb_types::merge::render(v) {
+                    Ok(v) => entries.push((Bytes::copy_from_slice(k), v)),
+                    Err(e) => {
+                        result = Err(e);
+                        return false;
+                    }
+                }
+                if entries.len() >= limit {
+                    next = Some(Bytes::copy_from_slice(k));
+                    return false;
+                }
+            }
+            // This key is done either way: the next page starts after it.
+            if examined >= 100_000 {
+                next = Some(Bytes::copy_from_slice(k));
+                return false;
+            }
+            true
+        })?;
+    result?;
+    Ok(ApResponse::Page(entries, next))
 }
 
 /// The keyspace must exist here (a node learns of a new keyspace from the map shortly after

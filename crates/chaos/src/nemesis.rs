@@ -257,52 +257,7 @@ pub async fn apply(
         }
         match fault {
             Fault::Partition { shape, order } => {
-                let n = order.len();
-                let (desc, sides): (String, Vec<Vec<u32>>) = match shape {
-                    Shape::Halves => {
-                        let (a, b) = order.split_at(n / 2);
-                        let (mut a, mut b) = (a.to_vec(), b.to_vec());
-                        a.sort();
-                        b.sort();
-                        (
-                            format!("partition halves {} | {}", set_text(&a), set_text(&b)),
-                            vec![a, b],
-                        )
-                    }
-                    Shape::IsolateLeader => {
-                        let leader = nodes.leader().await.unwrap_or(order[0]);
-                        let rest: Vec<u32> = (1..=n as u32).filter(|&i| i != leader).collect();
-                        (
-                            format!(
-                                "partition isolating leader {leader} from {}",
-                                set_text(&rest)
-                            ),
-                            vec![vec![leader], rest],
-                        )
-                    }
-                    Shape::Bridge => {
-                        let bridge = order[0];
-                        let (a, b) = order[1..].split_at((n - 1) / 2);
-                        let (mut a, mut b) = (a.to_vec(), b.to_vec());
-                        a.sort();
-                        b.sort();
-                        let desc = format!(
-                            "partition bridge {bridge} between {} and {}",
-                            set_text(&a),
-                            set_text(&b)
-                        );
-                        a.push(bridge);
-                        b.push(bridge);
-                        (desc, vec![a, b])
-                    }
-                    Shape::Ring => {
-                        let ring: Vec<String> = order.iter().map(|i| i.to_string()).collect();
-                        let sides = (0..n)
-                            .map(|k| vec![order[(k + n - 1) % n], order[k], order[(k + 1) % n]])
-                            .collect();
-                        (format!("partition ring {}", ring.join("-")), sides)
-                    }
-                };
+                let (desc, sides) = partition_sides(shape, order, nodes).await;
                 topo.set_links(|a, b| sides.iter().any(|s| s.contains(&a) && s.contains(&b)))?;
                 undo.heal_links = true;
                 text.push_str(&desc);
@@ -339,25 +294,7 @@ pub async fn apply(
                     per_mille / 10
                 );
             }
-            Fault::KillLeader => {
-                // Resolve the leader first: the strike itself must follow the wait at once.
-                let Some(leader) = nodes.leader_of_slot(aim.slot).await else {
-                    text.push_str("kill-leader: no leader known, nothing killed");
-                    continue;
-                };
-                let deadline = Instant::now() + AIM_WAIT;
-                let mut in_flight = aim.forwarded_in_flight.load(Ordering::SeqCst);
-                while in_flight == 0 && Instant::now() < deadline {
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                    in_flight = aim.forwarded_in_flight.load(Ordering::SeqCst);
-                }
-                nodes.kill(leader);
-                undo.restart.push(leader);
-                let _ = write!(
-                    text,
-                    "kill -9 leader {leader} of the workload's shard with {in_flight} forwarded writes in flight"
-                );
-            }
+            Fault::KillLeader => text.push_str(&kill_leader(nodes, aim, &mut undo).await),
             Fault::Clock { offsets } => {
                 let mut parts = Vec::new();
                 for &(i, ms) in offsets {
@@ -372,6 +309,77 @@ pub async fn apply(
         }
     }
     Ok((text, undo))
+}
+
+/// The sides of a partition of `order` into `shape` (a node talks only to nodes on a side
+/// it is on), with its description for the history.
+async fn partition_sides(shape: &Shape, order: &[u32], nodes: &Nodes) -> (String, Vec<Vec<u32>>) {
+    let n = order.len();
+    match shape {
+        Shape::Halves => {
+            let (a, b) = order.split_at(n / 2);
+            let (mut a, mut b) = (a.to_vec(), b.to_vec());
+            a.sort();
+            b.sort();
+            (
+                format!("partition halves {} | {}", set_text(&a), set_text(&b)),
+                vec![a, b],
+            )
+        }
+        Shape::IsolateLeader => {
+            let leader = nodes.leader().await.unwrap_or(order[0]);
+            let rest: Vec<u32> = (1..=n as u32).filter(|&i| i != leader).collect();
+            (
+                format!(
+                    "partition isolating leader {leader} from {}",
+                    set_text(&rest)
+                ),
+                vec![vec![leader], rest],
+            )
+        }
+        Shape::Bridge => {
+            let bridge = order[0];
+            let (a, b) = order[1..].split_at((n - 1) / 2);
+            let (mut a, mut b) = (a.to_vec(), b.to_vec());
+            a.sort();
+            b.sort();
+            let desc = format!(
+                "partition bridge {bridge} between {} and {}",
+                set_text(&a),
+                set_text(&b)
+            );
+            a.push(bridge);
+            b.push(bridge);
+            (desc, vec![a, b])
+        }
+        Shape::Ring => {
+            let ring: Vec<String> = order.iter().map(|i| i.to_string()).collect();
+            let sides = (0..n)
+                .map(|k| vec![order[(k + n - 1) % n], order[k], order[(k + 1) % n]])
+                .collect();
+            (format!("partition ring {}", ring.join("-")), sides)
+        }
+    }
+}
+
+/// `kill-leader`: kills the leader of the workload's shard once a forwarded write is in
+/// flight (or after [`AIM_WAIT`]); returns what was done, for the history.
+async fn kill_leader(nodes: &Nodes, aim: &Aim<'_>, undo: &mut Undo) -> String {
+    // Resolve the leader first: the strike itself must follow the wait at once.
+    let Some(leader) = nodes.leader_of_slot(aim.slot).await else {
+        return "kill-leader: no leader known, nothing killed".to_string();
+    };
+    let deadline = Instant::now() + AIM_WAIT;
+    let mut in_flight = aim.forwarded_in_flight.load(Ordering::SeqCst);
+    while in_flight == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        in_flight = aim.forwarded_in_flight.load(Ordering::SeqCst);
+    }
+    nodes.kill(leader);
+    undo.restart.push(leader);
+    format!(
+        "kill -9 leader {leader} of the workload's shard with {in_flight} forwarded writes in flight"
+    )
 }
 
 /// Undoes a window's faults: heal links, resume, restart, reset clocks.

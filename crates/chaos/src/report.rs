@@ -172,6 +172,23 @@ pub fn build(records: &[Record], check: &CheckResult, run: Json) -> Result<Json,
     Ok(report)
 }
 
+/// Timeline: width of the drawing.
+const W: f64 = 1200.0;
+/// Timeline: left margin (labels), where time 0 is.
+const LEFT: f64 = 60.0;
+/// Timeline: width of the plot area.
+const PLOT_W: f64 = W - LEFT - 20.0;
+/// Timeline: time buckets (bars, and cells of the node rows).
+const BUCKETS: usize = 300;
+/// Timeline: top of the outcome bars.
+const BAR_TOP: f64 = 40.0;
+/// Timeline: height of the tallest outcome bar.
+const BAR_H: f64 = 160.0;
+/// Timeline: top of the first node row.
+const ROW_TOP: f64 = BAR_TOP + BAR_H + 30.0;
+/// Timeline: height of one node row.
+const ROW_H: f64 = 18.0;
+
 /// Draws the timeline: nemesis windows shaded behind a stacked bar chart of outcomes over
 /// time, and one row per node coloured by the share of that node's operations that succeeded.
 pub fn timeline_svg(records: &[Record], nodes: u32) -> Result<String, String> {
@@ -186,21 +203,39 @@ pub fn timeline_svg(records: &[Record], nodes: u32) -> Result<String, String> {
         .max()
         .unwrap_or(1)
         .max(1);
-    const W: f64 = 1200.0;
-    const LEFT: f64 = 60.0;
-    const PLOT_W: f64 = W - LEFT - 20.0;
-    const BUCKETS: usize = 300;
-    const BAR_TOP: f64 = 40.0;
-    const BAR_H: f64 = 160.0;
-    let row_top = BAR_TOP + BAR_H + 30.0;
-    let row_h = 18.0;
-    let height = row_top + nodes as f64 * row_h + 50.0;
-    let x = |ns: u64| LEFT + (ns as f64 / end_ns as f64) * PLOT_W;
+    let height = ROW_TOP + nodes as f64 * ROW_H + 50.0;
+    let (stacks, per_node) = outcome_buckets(&ops, nodes, end_ns);
+    let mut svg = String::new();
+    let _ = writeln!(
+        svg,
+        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{height}" font-family="sans-serif" font-size="11">"##
+    );
+    let _ = writeln!(svg, r##"<rect width="100%" height="100%" fill="white"/>"##);
+    let _ = writeln!(
+        svg,
+        r##"<text x="{LEFT}" y="16" font-size="13">Operations per {:.1} s (green ok, orange fail, red indeterminate); red bands: nemesis windows, blue: final heal and recovery</text>"##,
+        end_ns as f64 / 1e9 / BUCKETS as f64
+    );
+    draw_windows(&mut svg, &spans, end_ns, height);
+    draw_outcome_bars(&mut svg, &stacks);
+    draw_node_rows(&mut svg, &per_node);
+    draw_time_axis(&mut svg, end_ns, height);
+    svg.push_str("</svg>\n");
+    Ok(svg)
+}
+
+/// The timeline's x coordinate of time `ns`, in a run ending at `end_ns`.
+fn timeline_x(ns: u64, end_ns: u64) -> f64 {
+    LEFT + (ns as f64 / end_ns as f64) * PLOT_W
+}
+
+/// Completed operations per time bucket: (ok, fail, info) counts, and per node (ok, all).
+fn outcome_buckets(ops: &[Op], nodes: u32, end_ns: u64) -> (Vec<[u32; 3]>, Vec<Vec<[u32; 2]>>) {
     let bucket_of =
         |ns: u64| ((ns as f64 / end_ns as f64) * BUCKETS as f64).min(BUCKETS as f64 - 1.0) as usize;
     let mut stacks = vec![[0u32; 3]; BUCKETS];
     let mut per_node = vec![vec![[0u32; 2]; BUCKETS]; nodes as usize];
-    for op in &ops {
+    for op in ops {
         let Some(done) = op.complete_ns else { continue };
         let b = bucket_of(done);
         let kind = match op.outcome {
@@ -216,25 +251,16 @@ pub fn timeline_svg(records: &[Record], nodes: u32) -> Result<String, String> {
             }
         }
     }
-    let max = stacks
-        .iter()
-        .map(|s| s[0] + s[1] + s[2])
-        .max()
-        .unwrap_or(1)
-        .max(1) as f64;
-    let mut svg = String::new();
-    let _ = writeln!(
-        svg,
-        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{height}" font-family="sans-serif" font-size="11">"##
-    );
-    let _ = writeln!(svg, r##"<rect width="100%" height="100%" fill="white"/>"##);
-    let _ = writeln!(
-        svg,
-        r##"<text x="{LEFT}" y="16" font-size="13">Operations per {:.1} s (green ok, orange fail, red indeterminate); red bands: nemesis windows, blue: final heal and recovery</text>"##,
-        end_ns as f64 / 1e9 / BUCKETS as f64
-    );
-    for w in &spans {
-        let (x0, x1) = (x(w.start_ns), x(w.end_ns.min(end_ns)));
+    (stacks, per_node)
+}
+
+/// Shades the nemesis windows (numbered above the bars) over the whole `height`.
+fn draw_windows(svg: &mut String, spans: &[WindowSpan], end_ns: u64, height: f64) {
+    for w in spans {
+        let (x0, x1) = (
+            timeline_x(w.start_ns, end_ns),
+            timeline_x(w.end_ns.min(end_ns), end_ns),
+        );
         let _ = writeln!(
             svg,
             r##"<rect x="{x0:.1}" y="{BAR_TOP}" width="{:.1}" height="{:.1}" fill="{}" opacity="0.6"><title>window {}: {}</title></rect>"##,
@@ -252,6 +278,16 @@ pub fn timeline_svg(records: &[Record], nodes: u32) -> Result<String, String> {
             w.window
         );
     }
+}
+
+/// Draws one stacked bar of outcomes per time bucket, scaled to the busiest bucket.
+fn draw_outcome_bars(svg: &mut String, stacks: &[[u32; 3]]) {
+    let max = stacks
+        .iter()
+        .map(|s| s[0] + s[1] + s[2])
+        .max()
+        .unwrap_or(1)
+        .max(1) as f64;
     let bw = PLOT_W / BUCKETS as f64;
     for (b, s) in stacks.iter().enumerate() {
         let mut y = BAR_TOP + BAR_H;
@@ -275,13 +311,19 @@ pub fn timeline_svg(records: &[Record], nodes: u32) -> Result<String, String> {
         BAR_TOP + 10.0,
         BAR_TOP + BAR_H
     );
+}
+
+/// Draws one row per node, each bucket coloured by the share of its operations that
+/// succeeded (blank when idle).
+fn draw_node_rows(svg: &mut String, per_node: &[Vec<[u32; 2]>]) {
+    let bw = PLOT_W / BUCKETS as f64;
     let _ = writeln!(
         svg,
         r##"<text x="{LEFT}" y="{:.0}" font-size="13">Share of each node's operations that succeeded (green 100%, red 0%, blank idle)</text>"##,
-        row_top - 8.0
+        ROW_TOP - 8.0
     );
     for (n, row) in per_node.iter().enumerate() {
-        let y = row_top + n as f64 * row_h;
+        let y = ROW_TOP + n as f64 * ROW_H;
         let _ = writeln!(
             svg,
             r##"<text x="4" y="{:.0}">node {}</text>"##,
@@ -300,10 +342,14 @@ pub fn timeline_svg(records: &[Record], nodes: u32) -> Result<String, String> {
                 r##"<rect x="{:.1}" y="{y:.1}" width="{:.2}" height="{:.1}" fill="rgb({red},{green},50)"/>"##,
                 LEFT + b as f64 * bw,
                 bw,
-                row_h - 3.0
+                ROW_H - 3.0
             );
         }
     }
+}
+
+/// Labels the time axis at the bottom, at most about a dozen ticks.
+fn draw_time_axis(svg: &mut String, end_ns: u64, height: f64) {
     let axis_y = height - 30.0;
     let secs = end_ns as f64 / 1e9;
     let step = [1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0]
@@ -315,12 +361,10 @@ pub fn timeline_svg(records: &[Record], nodes: u32) -> Result<String, String> {
         let _ = writeln!(
             svg,
             r##"<text x="{:.1}" y="{axis_y:.0}" text-anchor="middle">{t:.0}s</text>"##,
-            x((t * 1e9) as u64)
+            timeline_x((t * 1e9) as u64, end_ns)
         );
         t += step;
     }
-    svg.push_str("</svg>\n");
-    Ok(svg)
 }
 
 fn escape(s: &str) -> String {

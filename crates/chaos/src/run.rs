@@ -247,12 +247,95 @@ async fn wait_converged(nodes: &Nodes) -> Option<f64> {
     None
 }
 
+/// Drives a run on its topology and nodes: starts the cluster and the clients, runs the
+/// nemesis schedule, heals, lets the cluster recover, and makes the final reads. Returns the
+/// history and what the run itself found.
 async fn drive(
     opts: &Options,
     topo: &Arc<Topology>,
     nodes: &Arc<Nodes>,
     writer: Writer,
 ) -> Result<Driven, HarnessError> {
+    start_cluster(opts, topo, nodes).await?;
+    let mut interrupt = watch_interrupts();
+    let (shared, clients) = start_clients(opts, nodes, writer).await;
+    let plan = nemesis::plan(
+        opts.seed,
+        opts.duration,
+        &opts.nemeses,
+        opts.nodes,
+        opts.quiet,
+        (opts.fault_min, opts.fault_max),
+    );
+    let started = Instant::now();
+    let (mut interrupted, mut crashes) =
+        run_windows(opts, &plan, topo, nodes, &shared, &mut interrupt, started).await?;
+    check_crashes(nodes, &shared, &mut crashes);
+
+    // Final heal, then recovery with the workload still running, then the final reads.
+    nemesis::heal_all(topo, nodes).await?;
+    nemesis::reset_clocks(nodes).await;
+    shared
+        .recorder
+        .nemesis("start", 0, "final heal and recovery");
+    eprintln!(
+        "chaos: [{:>5.1}s] final heal; recovering for {} s",
+        started.elapsed().as_secs_f64(),
+        opts.recovery.as_secs()
+    );
+    if !interrupted {
+        tokio::select! {
+            _ = tokio::time::sleep(opts.recovery) => {}
+            _ = interrupt.changed() => { interrupted = true; }
+        }
+    }
+    clients.stop().await;
+    let convergence = if opts.ap && !interrupted {
+        let c = wait_converged(nodes).await;
+        match c {
+            Some(s) => {
+                eprintln!("chaos: ap replicas converged {s:.1} s after the workload stopped")
+            }
+            None => eprintln!("chaos: ap replicas did NOT converge within 60 s"),
+        }
+        c
+    } else {
+        None
+    };
+    shared
+        .recorder
+        .nemesis("stop", 0, "final heal and recovery");
+    let recovered = if interrupted {
+        false
+    } else {
+        final_reads(&shared, nodes, opts.clients as u64, opts.ap).await
+    };
+    let mut problems = Vec::new();
+    if opts.ap && !interrupted && convergence.is_none() {
+        problems.push(
+            "ap replicas did not converge: digests still differed 60 s after the final heal".into(),
+        );
+    }
+    if !recovered && !interrupted {
+        problems.push(
+            "the cluster did not recover: some final read failed for 60 s after the heal".into(),
+        );
+    }
+    check_crashes(nodes, &shared, &mut crashes);
+    problems.extend(crashes.iter().cloned());
+    Ok((
+        shared.recorder.finish(),
+        problems,
+        interrupted,
+        crashes,
+        recovered,
+        convergence,
+    ))
+}
+
+/// Starts every node and waits until they are ready and every shard has a leader; creates
+/// the `ap` keyspace for `ap` runs.
+async fn start_cluster(opts: &Options, topo: &Topology, nodes: &Nodes) -> Result<(), HarnessError> {
     let n = opts.nodes;
     for i in 1..=n {
         nodes.start(i)?;
@@ -274,7 +357,12 @@ async fn drive(
     if opts.ap {
         create_ap_keyspace(nodes).await?;
     }
-    let (interrupt_tx, mut interrupt) = watch::channel(false);
+    Ok(())
+}
+
+/// Turns true on Ctrl-C or SIGTERM.
+fn watch_interrupts() -> watch::Receiver<bool> {
+    let (interrupt_tx, interrupt) = watch::channel(false);
     tokio::spawn(async move {
         // Without a SIGTERM handler (cannot happen on Linux, but never panic) Ctrl-C still works.
         let mut term =
@@ -294,7 +382,35 @@ async fn drive(
         eprintln!("chaos: interrupted; cleaning up");
         let _ = interrupt_tx.send(true);
     });
+    interrupt
+}
 
+/// The running client loops and the shard map watcher.
+struct Clients {
+    stop: watch::Sender<bool>,
+    watcher: tokio::task::JoinHandle<()>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Clients {
+    /// Stops the clients and the watcher, and waits for them.
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        let _ = self.watcher.await;
+    }
+}
+
+/// Sets up what the clients share (recording to `writer`), starts the shard map watcher and
+/// `opts.clients` client loops, spread over the nodes.
+async fn start_clients(
+    opts: &Options,
+    nodes: &Arc<Nodes>,
+    writer: Writer,
+) -> (Arc<Shared>, Clients) {
+    let n = opts.nodes;
     let weights: Vec<(Workload, u32)> = opts
         .workloads
         .iter()
@@ -341,34 +457,45 @@ async fn drive(
             stop_rx.clone(),
         )));
     }
+    let clients = Clients {
+        stop: stop_tx,
+        watcher,
+        tasks,
+    };
+    (shared, clients)
+}
 
-    let plan = nemesis::plan(
-        opts.seed,
-        opts.duration,
-        &opts.nemeses,
-        n,
-        opts.quiet,
-        (opts.fault_min, opts.fault_max),
-    );
-    let started = Instant::now();
+/// Records and reports nodes that exited on their own since the last look.
+fn check_crashes(nodes: &Nodes, shared: &Shared, crashes: &mut Vec<String>) {
+    for (i, code) in nodes.exited() {
+        let msg = format!("node {i} exited on its own ({code}); see nodes/node-{i}.log");
+        eprintln!("chaos: {msg}");
+        shared.recorder.nemesis("crash", 0, &msg);
+        crashes.push(msg);
+    }
+}
+
+/// Runs the nemesis `plan` (times from `started`), then waits out the run's duration. Returns
+/// whether the run was interrupted, and the crashes seen at each window's start.
+async fn run_windows(
+    opts: &Options,
+    plan: &[nemesis::Window],
+    topo: &Topology,
+    nodes: &Nodes,
+    shared: &Shared,
+    interrupt: &mut watch::Receiver<bool>,
+    started: Instant,
+) -> Result<(bool, Vec<String>), HarnessError> {
     let mut rng = fastrand::Rng::with_seed(opts.seed ^ 0x7461726765747321);
     let mut crashes = Vec::new();
     let mut interrupted = false;
     let sleep_until = |at: Duration| tokio::time::sleep_until((started + at).into());
-    let check_crashes = |crashes: &mut Vec<String>| {
-        for (i, code) in nodes.exited() {
-            let msg = format!("node {i} exited on its own ({code}); see nodes/node-{i}.log");
-            eprintln!("chaos: {msg}");
-            shared.recorder.nemesis("crash", 0, &msg);
-            crashes.push(msg);
-        }
-    };
-    for window in &plan {
+    for window in plan {
         tokio::select! {
             _ = sleep_until(window.start) => {}
             _ = interrupt.changed() => { interrupted = true; break; }
         }
-        check_crashes(&mut crashes);
+        check_crashes(nodes, shared, &mut crashes);
         let aim = nemesis::Aim {
             forwarded_in_flight: &shared.forwarded_in_flight,
             slot: route::key_slot(&format!("{{{WORKLOAD_TAG}}}")),
@@ -401,71 +528,7 @@ async fn drive(
             _ = interrupt.changed() => { interrupted = true; }
         }
     }
-    check_crashes(&mut crashes);
-
-    // Final heal, then recovery with the workload still running, then the final reads.
-    nemesis::heal_all(topo, nodes).await?;
-    nemesis::reset_clocks(nodes).await;
-    shared
-        .recorder
-        .nemesis("start", 0, "final heal and recovery");
-    eprintln!(
-        "chaos: [{:>5.1}s] final heal; recovering for {} s",
-        started.elapsed().as_secs_f64(),
-        opts.recovery.as_secs()
-    );
-    if !interrupted {
-        tokio::select! {
-            _ = tokio::time::sleep(opts.recovery) => {}
-            _ = interrupt.changed() => { interrupted = true; }
-        }
-    }
-    let _ = stop_tx.send(true);
-    for t in tasks {
-        let _ = t.await;
-    }
-    let _ = watcher.await;
-    let convergence = if opts.ap && !interrupted {
-        let c = wait_converged(nodes).await;
-        match c {
-            Some(s) => {
-                eprintln!("chaos: ap replicas converged {s:.1} s after the workload stopped")
-            }
-            None => eprintln!("chaos: ap replicas did NOT converge within 60 s"),
-        }
-        c
-    } else {
-        None
-    };
-    shared
-        .recorder
-        .nemesis("stop", 0, "final heal and recovery");
-    let recovered = if interrupted {
-        false
-    } else {
-        final_reads(&shared, nodes, opts.clients as u64, opts.ap).await
-    };
-    let mut problems = Vec::new();
-    if opts.ap && !interrupted && convergence.is_none() {
-        problems.push(
-            "ap replicas did not converge: digests still differed 60 s after the final heal".into(),
-        );
-    }
-    if !recovered && !interrupted {
-        problems.push(
-            "the cluster did not recover: some final read failed for 60 s after the heal".into(),
-        );
-    }
-    check_crashes(&mut crashes);
-    problems.extend(crashes.iter().cloned());
-    Ok((
-        shared.recorder.finish(),
-        problems,
-        interrupted,
-        crashes,
-        recovered,
-        convergence,
-    ))
+    Ok((interrupted, crashes))
 }
 
 /// Reads every key ever used, retrying each for up to 60 s in all. Returns whether all

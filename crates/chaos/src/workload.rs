@@ -448,95 +448,52 @@ impl Client {
             Err(e) => return Outcome::Fail(e),
         };
         let mutates = f != F::Read;
-        if self.ap_keyspace.is_some() && mutates {
-            let want = if f == F::Add { "one" } else { "quorum" };
-            if self.ap_write_level != Some(want) {
-                let r: redis::RedisResult<()> = redis::cmd("CONSISTENCY")
-                    .arg("WRITE")
-                    .arg(want)
-                    .query_async(&mut conn)
-                    .await;
-                if let Err(e) = r {
-                    self.conn = None;
-                    return Outcome::Fail(format!("CONSISTENCY: {e}"));
-                }
-                self.ap_write_level = Some(want);
-            }
+        if self.ap_keyspace.is_some()
+            && mutates
+            && let Err(e) = self.set_write_level(&mut conn, f).await
+        {
+            return e;
         }
         let ap = self.ap_keyspace.is_some();
         let elements = self.set_elements.get(key).cloned().unwrap_or_default();
-        let work = async {
-            match (w, f) {
-                (Workload::Set, F::Read) if ap => {
-                    // Each element is a key of its own; the set is what exists of them.
-                    let mut present = Vec::new();
-                    for chunk in elements.chunks(200) {
-                        let keys: Vec<String> =
-                            chunk.iter().map(|e| format!("{key}:{e}")).collect();
-                        let v: Vec<Option<String>> = conn.mget(&keys).await?;
-                        present.extend(
-                            chunk
-                                .iter()
-                                .zip(v)
-                                .filter(|(_, v)| v.is_some())
-                                .map(|(e, _)| *e),
-                        );
-                    }
-                    Ok(json!(present))
-                }
-                (Workload::Set, F::Insert) if ap => {
-                    let () = conn
-                        .set(format!("{key}:{}", value.as_i64().unwrap_or(0)), 1)
-                        .await?;
-                    Ok(Json::Null)
-                }
-                (Workload::Register | Workload::Cas | Workload::Counter, F::Read) => {
-                    let v: Option<i64> = conn.get(key).await?;
-                    Ok(json!(v))
-                }
-                (Workload::Set, F::Read) => {
-                    let v: Option<String> = conn.get(key).await?;
-                    let els: Vec<i64> = v
-                        .unwrap_or_default()
-                        .split_whitespace()
-                        .filter_map(|e| e.parse().ok())
-                        .collect();
-                    Ok(json!(els))
-                }
-                (_, F::Write) => {
-                    let () = conn.set(key, value.as_i64().unwrap_or(0)).await?;
-                    Ok(Json::Null)
-                }
-                (_, F::Cas) => {
-                    let (expected, new) = (
-                        value[0].as_i64().unwrap_or(0),
-                        value[1].as_i64().unwrap_or(0),
-                    );
-                    let r: Option<String> = redis::cmd("SET")
-                        .arg(key)
-                        .arg(new)
-                        .arg("IFEQ")
-                        .arg(expected)
-                        .query_async(&mut conn)
-                        .await?;
-                    Ok(json!(r.is_some()))
-                }
-                (_, F::Add) => {
-                    let v: i64 = conn.incr(key, value.as_i64().unwrap_or(0)).await?;
-                    Ok(json!(v))
-                }
-                (_, F::Insert) => {
-                    let _: i64 = conn
-                        .append(key, format!(" {}", value.as_i64().unwrap_or(0)))
-                        .await?;
-                    Ok(Json::Null)
-                }
+        let work = request(&mut conn, w, f, key, value, ap, &elements);
+        let done = tokio::time::timeout(OP_TIMEOUT, work).await;
+        self.classify(done, mutates)
+    }
+
+    /// `ap` runs: sets the connection's write level for `f` (`one` for increments, `quorum`
+    /// otherwise) unless it is set already. On error the connection is dropped.
+    async fn set_write_level(
+        &mut self,
+        conn: &mut redis::aio::MultiplexedConnection,
+        f: F,
+    ) -> Result<(), Outcome> {
+        let want = if f == F::Add { "one" } else { "quorum" };
+        if self.ap_write_level != Some(want) {
+            let r: redis::RedisResult<()> = redis::cmd("CONSISTENCY")
+                .arg("WRITE")
+                .arg(want)
+                .query_async(conn)
+                .await;
+            if let Err(e) = r {
+                self.conn = None;
+                return Err(Outcome::Fail(format!("CONSISTENCY: {e}")));
             }
-        };
-        match tokio::time::timeout(OP_TIMEOUT, work).await {
+            self.ap_write_level = Some(want);
+        }
+        Ok(())
+    }
+
+    /// The outcome of a request (`done`: its result, or `Err` when it timed out). Drops the
+    /// connection after connection errors and timeouts.
+    fn classify(
+        &mut self,
+        done: Result<redis::RedisResult<Json>, tokio::time::error::Elapsed>,
+        mutates: bool,
+    ) -> Outcome {
+        match done {
             Ok(Ok(v)) => Outcome::Ok(v),
             Ok(Err(e)) => {
-                let e: redis::RedisError = e;
                 if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() {
                     self.conn = None;
                 }
@@ -553,6 +510,84 @@ impl Client {
                     Outcome::Fail("timed out".into())
                 }
             }
+        }
+    }
+}
+
+/// Sends one operation's commands on `conn` and returns its result. `ap` keyspaces keep each
+/// set element as a key of its own (`elements`: those tried for `key`).
+async fn request(
+    conn: &mut redis::aio::MultiplexedConnection,
+    w: Workload,
+    f: F,
+    key: &str,
+    value: &Json,
+    ap: bool,
+    elements: &[i64],
+) -> redis::RedisResult<Json> {
+    match (w, f) {
+        (Workload::Set, F::Read) if ap => {
+            // Each element is a key of its own; the set is what exists of them.
+            let mut present = Vec::new();
+            for chunk in elements.chunks(200) {
+                let keys: Vec<String> = chunk.iter().map(|e| format!("{key}:{e}")).collect();
+                let v: Vec<Option<String>> = conn.mget(&keys).await?;
+                present.extend(
+                    chunk
+                        .iter()
+                        .zip(v)
+                        .filter(|(_, v)| v.is_some())
+                        .map(|(e, _)| *e),
+                );
+            }
+            Ok(json!(present))
+        }
+        (Workload::Set, F::Insert) if ap => {
+            let () = conn
+                .set(format!("{key}:{}", value.as_i64().unwrap_or(0)), 1)
+                .await?;
+            Ok(Json::Null)
+        }
+        (Workload::Register | Workload::Cas | Workload::Counter, F::Read) => {
+            let v: Option<i64> = conn.get(key).await?;
+            Ok(json!(v))
+        }
+        (Workload::Set, F::Read) => {
+            let v: Option<String> = conn.get(key).await?;
+            let els: Vec<i64> = v
+                .unwrap_or_default()
+                .split_whitespace()
+                .filter_map(|e| e.parse().ok())
+                .collect();
+            Ok(json!(els))
+        }
+        (_, F::Write) => {
+            let () = conn.set(key, value.as_i64().unwrap_or(0)).await?;
+            Ok(Json::Null)
+        }
+        (_, F::Cas) => {
+            let (expected, new) = (
+                value[0].as_i64().unwrap_or(0),
+                value[1].as_i64().unwrap_or(0),
+            );
+            let r: Option<String> = redis::cmd("SET")
+                .arg(key)
+                .arg(new)
+                .arg("IFEQ")
+                .arg(expected)
+                .query_async(conn)
+                .await?;
+            Ok(json!(r.is_some()))
+        }
+        (_, F::Add) => {
+            let v: i64 = conn.incr(key, value.as_i64().unwrap_or(0)).await?;
+            Ok(json!(v))
+        }
+        (_, F::Insert) => {
+            let _: i64 = conn
+                .append(key, format!(" {}", value.as_i64().unwrap_or(0)))
+                .await?;
+            Ok(Json::Null)
         }
     }
 }

@@ -168,6 +168,10 @@ async fn wait_settled(
     }
 }
 
+/// (sent, acknowledged) times of the writes that succeeded.
+type Successes = Arc<Mutex<Vec<(Instant, Instant)>>>;
+
+/// Runs `capdb bench failover` (see the module doc).
 pub async fn failover(args: FailoverArgs) -> Result<(), String> {
     if args.nodes < 3 {
         return Err("--nodes must be at least 3 (a leader must be able to die)".into());
@@ -192,13 +196,41 @@ pub async fn failover(args: FailoverArgs) -> Result<(), String> {
     wait_settled(&clients[0], rf, Duration::from_secs(60)).await?;
 
     // Steady write load on every node.
+    let (stop, successes, writers) = start_writers(&nodes, args.writers);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let mut windows = Vec::new();
+    for round in 1..=args.rounds {
+        let window = failover_round(round, &mut nodes, &clients, rf, &successes, &stop).await?;
+        windows.push(window);
+    }
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        let _ = w.await;
+    }
+    for n in &mut nodes {
+        n.kill9();
+    }
+    if temp {
+        let _ = std::fs::remove_dir_all(&work);
+    }
+    print_summary(windows, &args);
+    Ok(())
+}
+
+/// Starts `writers` tasks, spread over the nodes, each writing fresh keys one at a time until
+/// `stop` turns true and recording its successes.
+fn start_writers(
+    nodes: &[NodeProc],
+    writers: usize,
+) -> (Arc<AtomicBool>, Successes, Vec<tokio::task::JoinHandle<()>>) {
     let stop = Arc::new(AtomicBool::new(false));
-    let successes: Arc<Mutex<Vec<(Instant, Instant)>>> = Arc::default();
-    let mut writers = Vec::new();
-    for w in 0..args.writers {
+    let successes: Successes = Arc::default();
+    let mut tasks = Vec::new();
+    for w in 0..writers {
         let addr = nodes[w % nodes.len()].resp.clone();
         let (stop, successes) = (stop.clone(), successes.clone());
-        writers.push(tokio::spawn(async move {
+        tasks.push(tokio::spawn(async move {
             let mut conn = None;
             let mut i = 0u64;
             while !stop.load(Ordering::Relaxed) {
@@ -215,57 +247,60 @@ pub async fn failover(args: FailoverArgs) -> Result<(), String> {
             }
         }));
     }
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    (stop, successes, tasks)
+}
 
-    let mut windows = Vec::new();
-    for round in 1..=args.rounds {
-        let leader = wait_settled(&clients[0], rf, Duration::from_secs(60)).await?;
-        let victim = nodes
+/// One round: kills the settled leader, returns the time until the first write sent after the
+/// kill was acknowledged, then restarts the node and waits for the cluster to settle. After
+/// 30 s without such a write, stops the writers and fails.
+async fn failover_round(
+    round: usize,
+    nodes: &mut [NodeProc],
+    clients: &[HttpClient],
+    rf: usize,
+    successes: &Successes,
+    stop: &AtomicBool,
+) -> Result<Duration, String> {
+    let leader = wait_settled(&clients[0], rf, Duration::from_secs(60)).await?;
+    let victim = nodes
+        .iter()
+        .position(|n| n.id == leader)
+        .ok_or("leader is not one of ours")?;
+    successes.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    let killed_at = Instant::now();
+    nodes[victim].kill9();
+    let deadline = killed_at + Duration::from_secs(30);
+    let window = loop {
+        let first = successes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
             .iter()
-            .position(|n| n.id == leader)
-            .ok_or("leader is not one of ours")?;
-        successes.lock().unwrap_or_else(|p| p.into_inner()).clear();
-        let killed_at = Instant::now();
-        nodes[victim].kill9();
-        let deadline = killed_at + Duration::from_secs(30);
-        let window = loop {
-            let first = successes
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .iter()
-                .filter(|(start, _)| *start >= killed_at)
-                .map(|(_, end)| *end)
-                .min();
-            if let Some(end) = first {
-                break end - killed_at;
-            }
-            if Instant::now() > deadline {
-                stop.store(true, Ordering::Relaxed);
-                return Err(format!(
-                    "round {round}: no write succeeded within 30 s of killing node {leader}"
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        };
-        eprintln!(
-            "round {round:>2}: killed leader node {leader}, writes resumed after {:>5} ms",
-            window.as_millis()
-        );
-        windows.push(window);
-        nodes[victim].spawn()?;
-        let other = if victim == 0 { 1 } else { 0 };
-        wait_settled(&clients[other], rf, Duration::from_secs(60)).await?;
-    }
-    stop.store(true, Ordering::Relaxed);
-    for w in writers {
-        let _ = w.await;
-    }
-    for n in &mut nodes {
-        n.kill9();
-    }
-    if temp {
-        let _ = std::fs::remove_dir_all(&work);
-    }
+            .filter(|(start, _)| *start >= killed_at)
+            .map(|(_, end)| *end)
+            .min();
+        if let Some(end) = first {
+            break end - killed_at;
+        }
+        if Instant::now() > deadline {
+            stop.store(true, Ordering::Relaxed);
+            return Err(format!(
+                "round {round}: no write succeeded within 30 s of killing node {leader}"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    eprintln!(
+        "round {round:>2}: killed leader node {leader}, writes resumed after {:>5} ms",
+        window.as_millis()
+    );
+    nodes[victim].spawn()?;
+    let other = if victim == 0 { 1 } else { 0 };
+    wait_settled(&clients[other], rf, Duration::from_secs(60)).await?;
+    Ok(window)
+}
+
+/// Prints the unavailability windows' p50, p99 and max.
+fn print_summary(mut windows: Vec<Duration>, args: &FailoverArgs) {
     windows.sort();
     let pct =
         |p: f64| windows[((windows.len() as f64 * p).ceil() as usize).clamp(1, windows.len()) - 1];
@@ -281,5 +316,4 @@ pub async fn failover(args: FailoverArgs) -> Result<(), String> {
         pct(0.99).as_millis(),
         windows.last().map(|w| w.as_millis()).unwrap_or(0)
     );
-    Ok(())
 }

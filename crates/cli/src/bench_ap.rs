@@ -189,6 +189,7 @@ pub async fn ap(args: ApArgs) -> Result<(), String> {
     result
 }
 
+/// Measures write throughput per consistency level, then convergence after a partition.
 async fn run(args: &ApArgs, nodes: &[NodeProc], clients: &[HttpClient]) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -229,7 +230,17 @@ async fn run(args: &ApArgs, nodes: &[NodeProc], clients: &[HttpClient]) -> Resul
     );
     println!("  cp (Raft)  {cp:>10.0} SET/s   (for reference)");
 
-    // Convergence after a partition.
+    measure_convergence(args, nodes, clients).await
+}
+
+/// Convergence after a partition: cuts node 1 off, writes `--divergent-keys` keys on the
+/// majority side at `one`, heals, and times how long until every node reports the same replica
+/// digest; then prints what did the reconciling.
+async fn measure_convergence(
+    args: &ApArgs,
+    nodes: &[NodeProc],
+    clients: &[HttpClient],
+) -> Result<(), String> {
     partition(clients, &[&[1], &[2, 3]]).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let per_client = args.divergent_keys.div_ceil(args.clients as u64);

@@ -3,7 +3,7 @@
 //! Exit codes: 0 when every check passed, 1 on a violation or an unknown verdict, 2 when the
 //! harness itself failed (no root, bad flags, nodes that never started, a malformed history).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -163,6 +163,7 @@ fn verdict_code(validity: Validity) -> ExitCode {
     }
 }
 
+/// Runs one `capdb chaos` subcommand (exit codes: see the module doc).
 pub async fn main(op: ChaosOp) -> ExitCode {
     match op {
         ChaosOp::Clean => match capdb_chaos::net::clean_all() {
@@ -179,108 +180,114 @@ pub async fn main(op: ChaosOp) -> ExitCode {
         ChaosOp::Check {
             history,
             key_budget_secs,
-        } => {
-            let records = match capdb_chaos::history::read(&history) {
-                Ok(r) => r,
-                Err(e) => return harness_error(e),
-            };
-            let result = match tokio::task::spawn_blocking(move || {
-                check::check(&records, limits(key_budget_secs))
-            })
-            .await
-            {
-                Ok(Ok(r)) => r,
-                Ok(Err(e)) => return harness_error(e),
-                Err(e) => return harness_error(e),
-            };
-            let out = serde_json::json!({
-                "valid": result.validity.to_json(),
-                "problems": result.problems,
-                "checks": result.details,
-            });
-            println!("{}", serde_json::to_string_pretty(&out).expect("json"));
-            verdict_code(result.validity)
-        }
+        } => check_history(history, key_budget_secs).await,
         ChaosOp::Run(a) => {
-            let workloads = match parse_workloads(&a.workload) {
-                Ok(w) => w,
+            let out = a.out.clone();
+            let opts = match run_options(a) {
+                Ok(o) => o,
                 Err(e) => return harness_error(e),
-            };
-            let nemeses = match parse_nemeses(&a.nemesis) {
-                Ok(n) => n,
-                Err(e) => return harness_error(e),
-            };
-            let ap = match a.mode.as_str() {
-                "cp" => false,
-                "ap" => true,
-                other => return harness_error(format!("--mode {other}: expected cp or ap")),
-            };
-            // ap keyspaces promise convergence, not linearizability: no register workload.
-            let workloads = if ap && a.workload == ["all"] {
-                vec![Workload::Counter, Workload::Set]
-            } else {
-                workloads
-            };
-            if a.fault_min == 0 || a.fault_min > a.fault_max {
-                return harness_error("--fault-min must be at least 1 and at most --fault-max");
-            }
-            let route = match capdb_chaos::route::Route::parse(&a.route) {
-                Ok(r) => r,
-                Err(e) => return harness_error(e),
-            };
-            let binary = match a.server_bin.map_or_else(std::env::current_exe, Ok) {
-                Ok(b) => b,
-                Err(e) => return harness_error(format!("cannot find the capdb binary: {e}")),
-            };
-            if !binary.is_file() {
-                return harness_error(format!("--server-bin {}: no such file", binary.display()));
-            }
-            let opts = capdb_chaos::run::Options {
-                duration: Duration::from_secs(a.duration),
-                seed: a.seed,
-                out: a.out.clone(),
-                nodes: a.nodes,
-                clients: a.clients.max(1),
-                rate: a.rate.max(1),
-                workloads,
-                nemeses,
-                quiet: Duration::from_secs(a.quiet),
-                fault_min: Duration::from_secs(a.fault_min),
-                fault_max: Duration::from_secs(a.fault_max),
-                recovery: Duration::from_secs(a.recovery),
-                unsafe_reads: a.unsafe_reads,
-                server_args: a.server_arg,
-                binary,
-                limits: limits(a.key_budget_secs),
-                ap,
-                route,
             };
             match capdb_chaos::run::run(opts).await {
-                Ok(outcome) => {
-                    let r = &outcome.report;
-                    println!(
-                        "chaos: seed {} | {} ops: {} ok, {} fail, {} info | valid: {}",
-                        r["seed"], r["ops"], r["ok"], r["fail"], r["info"], r["valid"]
-                    );
-                    for p in r["problems"].as_array().into_iter().flatten() {
-                        println!("  problem: {}", p.as_str().unwrap_or_default());
-                    }
-                    for w in r["windows"].as_array().into_iter().flatten() {
-                        println!(
-                            "  window {:>3} avail {:>5} ops {:>5}  {}",
-                            w["window"],
-                            w["availability"],
-                            w["ops"],
-                            w["fault"].as_str().unwrap_or_default()
-                        );
-                    }
-                    println!("chaos: report in {}", a.out.join("report.json").display());
-                    outcome.exit_code_as()
-                }
+                Ok(outcome) => print_outcome(&outcome, &out),
                 Err(e) => harness_error(e),
             }
         }
     }
+}
+
+/// `capdb chaos check`: re-checks a saved history and prints the verdict as JSON.
+async fn check_history(history: PathBuf, key_budget_secs: u64) -> ExitCode {
+    let records = match capdb_chaos::history::read(&history) {
+        Ok(r) => r,
+        Err(e) => return harness_error(e),
+    };
+    let result =
+        match tokio::task::spawn_blocking(move || check::check(&records, limits(key_budget_secs)))
+            .await
+        {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => return harness_error(e),
+            Err(e) => return harness_error(e),
+        };
+    let out = serde_json::json!({
+        "valid": result.validity.to_json(),
+        "problems": result.problems,
+        "checks": result.details,
+    });
+    println!("{}", serde_json::to_string_pretty(&out).expect("json"));
+    verdict_code(result.validity)
+}
+
+/// The options of `capdb chaos run`, or why the flags are unusable.
+fn run_options(a: RunArgs) -> Result<capdb_chaos::run::Options, String> {
+    let workloads = parse_workloads(&a.workload)?;
+    let nemeses = parse_nemeses(&a.nemesis)?;
+    let ap = match a.mode.as_str() {
+        "cp" => false,
+        "ap" => true,
+        other => return Err(format!("--mode {other}: expected cp or ap")),
+    };
+    // ap keyspaces promise convergence, not linearizability: no register workload.
+    let workloads = if ap && a.workload == ["all"] {
+        vec![Workload::Counter, Workload::Set]
+    } else {
+        workloads
+    };
+    if a.fault_min == 0 || a.fault_min > a.fault_max {
+        return Err("--fault-min must be at least 1 and at most --fault-max".into());
+    }
+    let route = capdb_chaos::route::Route::parse(&a.route)?;
+    let binary = a
+        .server_bin
+        .map_or_else(std::env::current_exe, Ok)
+        .map_err(|e| format!("cannot find the capdb binary: {e}"))?;
+    if !binary.is_file() {
+        return Err(format!("--server-bin {}: no such file", binary.display()));
+    }
+    Ok(capdb_chaos::run::Options {
+        duration: Duration::from_secs(a.duration),
+        seed: a.seed,
+        out: a.out,
+        nodes: a.nodes,
+        clients: a.clients.max(1),
+        rate: a.rate.max(1),
+        workloads,
+        nemeses,
+        quiet: Duration::from_secs(a.quiet),
+        fault_min: Duration::from_secs(a.fault_min),
+        fault_max: Duration::from_secs(a.fault_max),
+        recovery: Duration::from_secs(a.recovery),
+        unsafe_reads: a.unsafe_reads,
+        server_args: a.server_arg,
+        binary,
+        limits: limits(a.key_budget_secs),
+        ap,
+        route,
+    })
+}
+
+/// Prints a run's summary (problems, availability per window, where the report is) and
+/// returns its exit code.
+fn print_outcome(outcome: &capdb_chaos::run::Outcome, out: &Path) -> ExitCode {
+    let r = &outcome.report;
+    println!(
+        "chaos: seed {} | {} ops: {} ok, {} fail, {} info | valid: {}",
+        r["seed"], r["ops"], r["ok"], r["fail"], r["info"], r["valid"]
+    );
+    for p in r["problems"].as_array().into_iter().flatten() {
+        println!("  problem: {}", p.as_str().unwrap_or_default());
+    }
+    for w in r["windows"].as_array().into_iter().flatten() {
+        println!(
+            "  window {:>3} avail {:>5} ops {:>5}  {}",
+            w["window"],
+            w["availability"],
+            w["ops"],
+            w["fault"].as_str().unwrap_or_default()
+        );
+    }
+    println!("chaos: report in {}", out.join("report.json").display());
+    outcome.exit_code_as()
 }
 
 trait ExitCodeAs {

@@ -329,17 +329,7 @@ async fn kv(op: KvOp, target: &Target) -> Result<(), String> {
             ttl_ms,
             condition,
         } => {
-            let mut path = client::kv_path(&keyspace, &key);
-            let mut query = Vec::new();
-            if let Some(ms) = ttl_ms {
-                query.push(format!("ttl_ms={ms}"));
-            }
-            if let Some(c) = condition {
-                query.push(format!("if={}", client::encode(&c)));
-            }
-            if !query.is_empty() {
-                path = format!("{path}?{}", query.join("&"));
-            }
+            let path = kv_put_path(&keyspace, &key, ttl_ms, condition);
             let v = client
                 .request("PUT", &path, Some(value.into_bytes()))
                 .await?;
@@ -371,55 +361,81 @@ async fn kv(op: KvOp, target: &Target) -> Result<(), String> {
             start,
             end,
             limit,
-        } => {
-            let mut printed = 0usize;
-            let mut cursor: Option<String> = None;
-            loop {
-                let mut query = vec![format!("limit={}", (limit - printed).clamp(1, 1000))];
-                for (name, v) in [
-                    ("prefix", &prefix),
-                    ("start", &start),
-                    ("end", &end),
-                    ("cursor", &cursor),
-                ] {
-                    if let Some(v) = v {
-                        query.push(format!("{name}={}", client::encode(v)));
-                    }
-                }
-                let path = format!("/v1/kv/{}?{}", client::encode(&keyspace), query.join("&"));
-                let v = client.request("GET", &path, None).await?;
-                for e in v["entries"].as_array().into_iter().flatten() {
-                    let k = e
-                        .get("key")
-                        .and_then(|k| k.as_str())
-                        .map(str::to_string)
-                        .or_else(|| {
-                            e.get("key_hex")
-                                .and_then(|k| k.as_str())
-                                .map(|h| format!("(hex) {h}"))
-                        })
-                        .unwrap_or_default();
-                    let val = e
-                        .get("value")
-                        .and_then(|k| k.as_str())
-                        .map(str::to_string)
-                        .or_else(|| {
-                            e.get("value_hex")
-                                .and_then(|k| k.as_str())
-                                .map(|h| format!("(hex) {h}"))
-                        })
-                        .unwrap_or_default();
-                    println!("{k}\t{val}");
-                    printed += 1;
-                }
-                match v["cursor"].as_str() {
-                    Some(c) if printed < limit => cursor = Some(c.to_string()),
-                    _ => break,
-                }
+        } => kv_scan(&client, &keyspace, [prefix, start, end], limit).await?,
+    }
+    Ok(())
+}
+
+/// The path of a `kv put`: the key's, with its TTL and condition in the query.
+fn kv_put_path(
+    keyspace: &str,
+    key: &str,
+    ttl_ms: Option<u64>,
+    condition: Option<String>,
+) -> String {
+    let mut path = client::kv_path(keyspace, key);
+    let mut query = Vec::new();
+    if let Some(ms) = ttl_ms {
+        query.push(format!("ttl_ms={ms}"));
+    }
+    if let Some(c) = condition {
+        query.push(format!("if={}", client::encode(&c)));
+    }
+    if !query.is_empty() {
+        path = format!("{path}?{}", query.join("&"));
+    }
+    path
+}
+
+/// `kv scan`: prints up to `limit` entries (key, tab, value), following the pages.
+/// `[prefix, start, end]` narrow the scan.
+async fn kv_scan(
+    client: &HttpClient,
+    keyspace: &str,
+    [prefix, start, end]: [Option<String>; 3],
+    limit: usize,
+) -> Result<(), String> {
+    let mut printed = 0usize;
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut query = vec![format!("limit={}", (limit - printed).clamp(1, 1000))];
+        for (name, v) in [
+            ("prefix", &prefix),
+            ("start", &start),
+            ("end", &end),
+            ("cursor", &cursor),
+        ] {
+            if let Some(v) = v {
+                query.push(format!("{name}={}", client::encode(v)));
             }
+        }
+        let path = format!("/v1/kv/{}?{}", client::encode(keyspace), query.join("&"));
+        let v = client.request("GET", &path, None).await?;
+        for e in v["entries"].as_array().into_iter().flatten() {
+            let k = text_or_hex(e, "key");
+            let val = text_or_hex(e, "value");
+            println!("{k}\t{val}");
+            printed += 1;
+        }
+        match v["cursor"].as_str() {
+            Some(c) if printed < limit => cursor = Some(c.to_string()),
+            _ => break,
         }
     }
     Ok(())
+}
+
+/// A scanned entry's `field` as text, or `(hex) ...` from `{field}_hex`; empty when neither.
+fn text_or_hex(e: &serde_json::Value, field: &str) -> String {
+    e.get(field)
+        .and_then(|k| k.as_str())
+        .map(str::to_string)
+        .or_else(|| {
+            e.get(format!("{field}_hex"))
+                .and_then(|k| k.as_str())
+                .map(|h| format!("(hex) {h}"))
+        })
+        .unwrap_or_default()
 }
 
 async fn keyspace(op: KeyspaceOp, target: &Target) -> Result<(), String> {
@@ -492,64 +508,7 @@ async fn cluster(op: ClusterOp, target: &Target) -> Result<(), String> {
                 print_json(&v);
                 return Ok(());
             }
-            println!(
-                "map version {}   meta leader: node {}",
-                v["map_version"], v["meta_leader"]
-            );
-            println!(
-                "\n{:<5} {:<8} {:<22} {:<22} {:<20} {:>8} {:>8}",
-                "NODE", "HEALTH", "PEER", "RESP", "LABELS", "REPLICAS", "LEADING"
-            );
-            for n in v["nodes"].as_array().into_iter().flatten() {
-                let labels: Vec<String> = n["labels"]
-                    .as_object()
-                    .map(|m| {
-                        m.iter()
-                            .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                let health = match (n["healthy"].as_bool(), n["draining"].as_bool()) {
-                    (Some(true), Some(true)) => "draining",
-                    (Some(true), _) => "up",
-                    _ => "DOWN",
-                };
-                println!(
-                    "{:<5} {:<8} {:<22} {:<22} {:<20} {:>8} {:>8}",
-                    n["id"].to_string(),
-                    health,
-                    n["peer_addr"].as_str().unwrap_or(""),
-                    n["resp_addr"].as_str().unwrap_or(""),
-                    labels.join(","),
-                    n["replicas"].to_string(),
-                    n["leading"].to_string()
-                );
-            }
-            for ks in v["keyspaces"].as_array().into_iter().flatten() {
-                println!(
-                    "\nkeyspace {} ({}, rf {})",
-                    ks["name"].as_str().unwrap_or("?"),
-                    ks["mode"].as_str().unwrap_or("?"),
-                    ks["replication_factor"]
-                );
-                println!(
-                    "  {:<6} {:<13} {:<8} {:<16} LAG (entries behind the leader)",
-                    "GROUP", "SLOTS", "LEADER", "REPLICAS"
-                );
-                for sh in ks["shards"].as_array().into_iter().flatten() {
-                    println!(
-                        "  {:<6} {:<13} {:<8} {:<16} {}",
-                        sh["group"].to_string(),
-                        format!("{}-{}", sh["slots"][0], sh["slots"][1]),
-                        sh["leader"]
-                            .as_u64()
-                            .map(|l| l.to_string())
-                            .unwrap_or_else(|| "none".into()),
-                        sh["replicas"].to_string(),
-                        sh["replication_lag_entries"]
-                    );
-                }
-            }
+            print_status(&v);
         }
         ClusterOp::Remove { id, no_wait } => {
             client
@@ -563,28 +522,7 @@ async fn cluster(op: ClusterOp, target: &Target) -> Result<(), String> {
             if no_wait {
                 return Ok(());
             }
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
-            loop {
-                let v = client.request("GET", "/v1/cluster", None).await?;
-                let member = v["nodes"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .find(|n| n["id"] == id);
-                match member {
-                    None => {
-                        println!("node {id} removed from the cluster");
-                        return Ok(());
-                    }
-                    Some(n) => println!("  node {id} still holds {} replicas", n["replicas"]),
-                }
-                if std::time::Instant::now() > deadline {
-                    return Err(format!(
-                        "node {id} still a member after 300 s; see `capdb cluster status`"
-                    ));
-                }
-                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-            }
+            wait_removed(&client, id).await?;
         }
         ClusterOp::StepDown => {
             let v = client
@@ -600,40 +538,133 @@ async fn cluster(op: ClusterOp, target: &Target) -> Result<(), String> {
                 print_json(&v);
                 return Ok(());
             }
-            let keyspaces = v["keyspaces"].as_object().cloned().unwrap_or_default();
-            if keyspaces.is_empty() {
-                println!("no ap keyspace has reconciled anything yet");
-            }
-            for (ks, r) in keyspaces {
-                let t = &r["totals"];
-                println!(
-                    "keyspace {ks}: compared {} keys, repaired {}, conflicts {} (resolved {}), read repairs {}, hints stored {} / delivered {}, tombstones collected {}",
-                    t["keys_compared"],
-                    t["keys_repaired"],
-                    t["conflicts"],
-                    t["resolved"],
-                    t["read_repairs"],
-                    t["hints_stored"],
-                    t["hints_delivered"],
-                    t["tombstones_purged"]
-                );
-                let e = &r["last_episode"];
-                if e.is_object() {
-                    println!(
-                        "  last convergence: {} ms (node {}: diverged at {}, in sync at {} Unix ms; {} repaired, {} conflicts)",
-                        e["convergence_ms"],
-                        e["node"],
-                        e["started_ms"],
-                        e["converged_ms"],
-                        e["keys_repaired"],
-                        e["conflicts"]
-                    );
-                }
-            }
-            if let Some(u) = v["unreachable_nodes"].as_array().filter(|u| !u.is_empty()) {
-                println!("not answering: nodes {u:?}");
-            }
+            print_reconcile_report(&v);
         }
     }
     Ok(())
+}
+
+/// Prints `cluster status`: the nodes, then each keyspace's shards.
+fn print_status(v: &serde_json::Value) {
+    println!(
+        "map version {}   meta leader: node {}",
+        v["map_version"], v["meta_leader"]
+    );
+    println!(
+        "\n{:<5} {:<8} {:<22} {:<22} {:<20} {:>8} {:>8}",
+        "NODE", "HEALTH", "PEER", "RESP", "LABELS", "REPLICAS", "LEADING"
+    );
+    for n in v["nodes"].as_array().into_iter().flatten() {
+        let labels: Vec<String> = n["labels"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let health = match (n["healthy"].as_bool(), n["draining"].as_bool()) {
+            (Some(true), Some(true)) => "draining",
+            (Some(true), _) => "up",
+            _ => "DOWN",
+        };
+        println!(
+            "{:<5} {:<8} {:<22} {:<22} {:<20} {:>8} {:>8}",
+            n["id"].to_string(),
+            health,
+            n["peer_addr"].as_str().unwrap_or(""),
+            n["resp_addr"].as_str().unwrap_or(""),
+            labels.join(","),
+            n["replicas"].to_string(),
+            n["leading"].to_string()
+        );
+    }
+    for ks in v["keyspaces"].as_array().into_iter().flatten() {
+        println!(
+            "\nkeyspace {} ({}, rf {})",
+            ks["name"].as_str().unwrap_or("?"),
+            ks["mode"].as_str().unwrap_or("?"),
+            ks["replication_factor"]
+        );
+        println!(
+            "  {:<6} {:<13} {:<8} {:<16} LAG (entries behind the leader)",
+            "GROUP", "SLOTS", "LEADER", "REPLICAS"
+        );
+        for sh in ks["shards"].as_array().into_iter().flatten() {
+            println!(
+                "  {:<6} {:<13} {:<8} {:<16} {}",
+                sh["group"].to_string(),
+                format!("{}-{}", sh["slots"][0], sh["slots"][1]),
+                sh["leader"]
+                    .as_u64()
+                    .map(|l| l.to_string())
+                    .unwrap_or_else(|| "none".into()),
+                sh["replicas"].to_string(),
+                sh["replication_lag_entries"]
+            );
+        }
+    }
+}
+
+/// Waits (up to 300 s) until node `id` has left the cluster, printing its replicas meanwhile.
+async fn wait_removed(client: &HttpClient, id: u64) -> Result<(), String> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    loop {
+        let v = client.request("GET", "/v1/cluster", None).await?;
+        let member = v["nodes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|n| n["id"] == id);
+        match member {
+            None => {
+                println!("node {id} removed from the cluster");
+                return Ok(());
+            }
+            Some(n) => println!("  node {id} still holds {} replicas", n["replicas"]),
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(format!(
+                "node {id} still a member after 300 s; see `capdb cluster status`"
+            ));
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+}
+
+/// Prints the `cluster reconcile-report` per keyspace, and the nodes that did not answer.
+fn print_reconcile_report(v: &serde_json::Value) {
+    let keyspaces = v["keyspaces"].as_object().cloned().unwrap_or_default();
+    if keyspaces.is_empty() {
+        println!("no ap keyspace has reconciled anything yet");
+    }
+    for (ks, r) in keyspaces {
+        let t = &r["totals"];
+        println!(
+            "keyspace {ks}: compared {} keys, repaired {}, conflicts {} (resolved {}), read repairs {}, hints stored {} / delivered {}, tombstones collected {}",
+            t["keys_compared"],
+            t["keys_repaired"],
+            t["conflicts"],
+            t["resolved"],
+            t["read_repairs"],
+            t["hints_stored"],
+            t["hints_delivered"],
+            t["tombstones_purged"]
+        );
+        let e = &r["last_episode"];
+        if e.is_object() {
+            println!(
+                "  last convergence: {} ms (node {}: diverged at {}, in sync at {} Unix ms; {} repaired, {} conflicts)",
+                e["convergence_ms"],
+                e["node"],
+                e["started_ms"],
+                e["converged_ms"],
+                e["keys_repaired"],
+                e["conflicts"]
+            );
+        }
+    }
+    if let Some(u) = v["unreachable_nodes"].as_array().filter(|u| !u.is_empty()) {
+        println!("not answering: nodes {u:?}");
+    }
 }

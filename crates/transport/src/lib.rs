@@ -44,6 +44,7 @@ use std::time::Duration;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 
@@ -274,6 +275,14 @@ impl<S: Service> Peer<S> {
     }
 }
 
+/// First wait before reconnecting to a peer that refused a connection.
+const BACKOFF_MIN: Duration = Duration::from_millis(20);
+/// Longest wait before reconnecting to a peer that keeps refusing connections.
+const BACKOFF_MAX: Duration = Duration::from_millis(500);
+
+/// The background task of a [`Peer`]: connects when a request arrives, runs the connection
+/// until it breaks, and reconnects (with backoff) on the next request. Ends when every handle
+/// is dropped.
 async fn peer_task<Req, Resp>(
     me: NodeId,
     channel: Channel,
@@ -283,7 +292,7 @@ async fn peer_task<Req, Resp>(
     Req: Serialize + Send + 'static,
     Resp: DeserializeOwned + Send + 'static,
 {
-    let mut backoff = Duration::from_millis(20);
+    let mut backoff = BACKOFF_MIN;
     let mut next_id: u64 = 1;
     // Wait for the first request before connecting.
     let mut first = match rx.recv().await {
@@ -291,25 +300,11 @@ async fn peer_task<Req, Resp>(
         None => return,
     };
     loop {
-        let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&addr)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                let why = e.to_string();
-                fail_queued(&mut first, &mut rx, &addr, &why);
-                // Back off before the next connection attempt, but fail requests arriving
-                // meanwhile at once: a caller must learn quickly that this peer is down.
-                let until = tokio::time::Instant::now() + backoff;
-                backoff = (backoff * 2).min(Duration::from_millis(500));
-                loop {
-                    tokio::select! {
-                        _ = tokio::time::sleep_until(until) => break,
-                        o = rx.recv() => match o {
-                            Some(o) => {
-                                let _ = o.reply.send(Err(RpcError::NotSent(addr.clone(), why.clone())));
-                            }
-                            None => return,
-                        },
-                    }
+        let (read_half, mut w) = match connect(&addr, channel, &mut backoff).await {
+            Ok(connection) => connection,
+            Err(failure) => {
+                if !fail_connect(failure, &mut first, &mut rx, &addr, &mut backoff).await {
+                    return;
                 }
                 match rx.recv().await {
                     Some(o) => first = Some(o),
@@ -317,115 +312,17 @@ async fn peer_task<Req, Resp>(
                 }
                 continue;
             }
-            Err(_) => {
-                fail_queued(&mut first, &mut rx, &addr, "connect timed out");
-                match rx.recv().await {
-                    Some(o) => first = Some(o),
-                    None => return,
-                }
-                continue;
-            }
         };
-        backoff = Duration::from_millis(20);
-        let _ = stream.set_nodelay(true);
-        let (read_half, write_half) = stream.into_split();
-        let mut w = BufWriter::new(write_half);
-        // The hello is flushed with the first request.
-        let hello = [
-            HELLO_MAGIC[0],
-            HELLO_MAGIC[1],
-            HELLO_MAGIC[2],
-            HELLO_MAGIC[3],
-            PROTOCOL_VERSION,
-            channel as u8,
-        ];
-        if w.write_all(&hello).await.is_err() {
-            fail_queued(&mut first, &mut rx, &addr, "hello not sent");
-            match rx.recv().await {
-                Some(o) => first = Some(o),
-                None => return,
-            }
-            continue;
-        }
-        let pending: Pending<Resp> = Arc::default();
-        let (dead_tx, mut dead_rx) = watch::channel(false);
-        let reader_pending = pending.clone();
-        let reader_addr = addr.clone();
-        let reader = tokio::spawn(async move {
-            let mut r = BufReader::new(read_half);
-            let why = loop {
-                match read_frame(&mut r).await {
-                    Ok(Some((id, _from, payload))) => {
-                        let result = postcard::from_bytes::<Resp>(&payload)
-                            .map_err(|e| RpcError::Codec(e.to_string()));
-                        if let Some(tx) = reader_pending
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .remove(&id)
-                        {
-                            let _ = tx.send(result);
-                        }
-                    }
-                    Ok(None) => break "closed by peer".to_string(),
-                    Err(e) => break e.to_string(),
-                }
-            };
-            let _ = dead_tx.send(true);
-            for (_, tx) in reader_pending
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .drain()
-            {
-                let _ = tx.send(Err(RpcError::Unreachable(reader_addr.clone(), why.clone())));
-            }
-        });
-        let broken = loop {
-            let out = match first.take() {
-                Some(o) => o,
-                None => {
-                    tokio::select! {
-                        biased;
-                        _ = dead_rx.changed() => break true,
-                        o = rx.recv() => match o {
-                            Some(o) => o,
-                            None => break false,
-                        },
-                    }
-                }
-            };
-            let id = next_id;
-            next_id += 1;
-            let frame = match encode(id, me, &out.request) {
-                Ok(f) => f,
-                Err(e) => {
-                    let _ = out.reply.send(Err(e));
-                    continue;
-                }
-            };
-            pending
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(id, out.reply);
-            let written = async {
-                w.write_all(&frame).await?;
-                // Flush when nothing else is waiting, so bursts share syscalls.
-                if rx.is_empty() {
-                    w.flush().await?;
-                }
-                std::io::Result::Ok(())
-            }
-            .await;
-            if written.is_err() {
-                break true;
-            }
-        };
-        reader.abort();
-        for (_, tx) in pending.lock().unwrap_or_else(|p| p.into_inner()).drain() {
-            let _ = tx.send(Err(RpcError::Unreachable(
-                addr.clone(),
-                "connection broke".into(),
-            )));
-        }
+        let broken = run_connection(
+            me,
+            &addr,
+            read_half,
+            &mut w,
+            first.take(),
+            &mut rx,
+            &mut next_id,
+        )
+        .await;
         if !broken {
             return; // every handle dropped
         }
@@ -436,6 +333,197 @@ async fn peer_task<Req, Resp>(
     }
 }
 
+/// Why no connection to a peer could be made.
+enum ConnectFailure {
+    /// The connection was refused (or the network failed): back off before the next attempt.
+    Refused(String),
+    /// No connection within [`CONNECT_TIMEOUT`].
+    TimedOut,
+    /// The connection was made but the hello could not be written.
+    HelloNotSent,
+}
+
+/// Connects to `addr` and writes the hello for `channel` (it is flushed with the first
+/// request). A TCP connection, even one whose hello fails, resets `backoff`.
+async fn connect(
+    addr: &str,
+    channel: Channel,
+    backoff: &mut Duration,
+) -> Result<(OwnedReadHalf, BufWriter<OwnedWriteHalf>), ConnectFailure> {
+    let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(ConnectFailure::Refused(e.to_string())),
+        Err(_) => return Err(ConnectFailure::TimedOut),
+    };
+    *backoff = BACKOFF_MIN;
+    let _ = stream.set_nodelay(true);
+    let (read_half, write_half) = stream.into_split();
+    let mut w = BufWriter::new(write_half);
+    let hello = [
+        HELLO_MAGIC[0],
+        HELLO_MAGIC[1],
+        HELLO_MAGIC[2],
+        HELLO_MAGIC[3],
+        PROTOCOL_VERSION,
+        channel as u8,
+    ];
+    if w.write_all(&hello).await.is_err() {
+        return Err(ConnectFailure::HelloNotSent);
+    }
+    Ok((read_half, w))
+}
+
+/// Fails `first` and every queued request with `NotSent` after a failed connection attempt.
+/// After a refused connection, also waits out `backoff` (then doubles it, up to
+/// [`BACKOFF_MAX`]), failing the requests that arrive meanwhile. `false` when every handle is
+/// dropped.
+async fn fail_connect<Req, Resp>(
+    failure: ConnectFailure,
+    first: &mut Option<Outgoing<Req, Resp>>,
+    rx: &mut mpsc::Receiver<Outgoing<Req, Resp>>,
+    addr: &str,
+    backoff: &mut Duration,
+) -> bool {
+    let why = match failure {
+        ConnectFailure::Refused(why) => why,
+        ConnectFailure::TimedOut => {
+            fail_queued(first, rx, addr, "connect timed out");
+            return true;
+        }
+        ConnectFailure::HelloNotSent => {
+            fail_queued(first, rx, addr, "hello not sent");
+            return true;
+        }
+    };
+    fail_queued(first, rx, addr, &why);
+    // Back off before the next connection attempt, but fail requests arriving
+    // meanwhile at once: a caller must learn quickly that this peer is down.
+    let until = tokio::time::Instant::now() + *backoff;
+    *backoff = (*backoff * 2).min(BACKOFF_MAX);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep_until(until) => return true,
+            o = rx.recv() => match o {
+                Some(o) => {
+                    let _ = o.reply.send(Err(RpcError::NotSent(addr.to_string(), why.clone())));
+                }
+                None => return false,
+            },
+        }
+    }
+}
+
+/// Runs one connection: a reader task completes requests as their responses arrive, while
+/// this loop writes `first` and then each queued request. Every request still in flight when
+/// it ends fails with `Unreachable`. `true` when the connection broke, `false` when every
+/// handle was dropped.
+async fn run_connection<Req, Resp>(
+    me: NodeId,
+    addr: &str,
+    read_half: OwnedReadHalf,
+    w: &mut BufWriter<OwnedWriteHalf>,
+    mut first: Option<Outgoing<Req, Resp>>,
+    rx: &mut mpsc::Receiver<Outgoing<Req, Resp>>,
+    next_id: &mut u64,
+) -> bool
+where
+    Req: Serialize + Send + 'static,
+    Resp: DeserializeOwned + Send + 'static,
+{
+    let pending: Pending<Resp> = Arc::default();
+    let (dead_tx, mut dead_rx) = watch::channel(false);
+    let reader = tokio::spawn(read_responses(
+        read_half,
+        pending.clone(),
+        addr.to_string(),
+        dead_tx,
+    ));
+    let broken = loop {
+        let out = match first.take() {
+            Some(o) => o,
+            None => {
+                tokio::select! {
+                    biased;
+                    _ = dead_rx.changed() => break true,
+                    o = rx.recv() => match o {
+                        Some(o) => o,
+                        None => break false,
+                    },
+                }
+            }
+        };
+        let id = *next_id;
+        *next_id += 1;
+        let frame = match encode(id, me, &out.request) {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = out.reply.send(Err(e));
+                continue;
+            }
+        };
+        pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, out.reply);
+        let written = async {
+            w.write_all(&frame).await?;
+            // Flush when nothing else is waiting, so bursts share syscalls.
+            if rx.is_empty() {
+                w.flush().await?;
+            }
+            std::io::Result::Ok(())
+        }
+        .await;
+        if written.is_err() {
+            break true;
+        }
+    };
+    reader.abort();
+    fail_pending(&pending, addr, "connection broke");
+    broken
+}
+
+/// The reader task of a connection: hands each response to the request awaiting it until the
+/// connection ends, then flips `dead` and fails every request in flight with `Unreachable`.
+async fn read_responses<Resp: DeserializeOwned>(
+    read_half: OwnedReadHalf,
+    pending: Pending<Resp>,
+    addr: String,
+    dead: watch::Sender<bool>,
+) {
+    let mut r = BufReader::new(read_half);
+    let why = loop {
+        match read_frame(&mut r).await {
+            Ok(Some((id, _from, payload))) => {
+                let result = postcard::from_bytes::<Resp>(&payload)
+                    .map_err(|e| RpcError::Codec(e.to_string()));
+                if let Some(tx) = pending
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&id)
+                {
+                    let _ = tx.send(result);
+                }
+            }
+            Ok(None) => break "closed by peer".to_string(),
+            Err(e) => break e.to_string(),
+        }
+    };
+    let _ = dead.send(true);
+    fail_pending(&pending, &addr, &why);
+}
+
+/// Fails every request awaiting a response with `Unreachable` (`addr`, `why`).
+fn fail_pending<Resp>(pending: &Pending<Resp>, addr: &str, why: &str) {
+    for (_, tx) in pending.lock().unwrap_or_else(|p| p.into_inner()).drain() {
+        let _ = tx.send(Err(RpcError::Unreachable(
+            addr.to_string(),
+            why.to_string(),
+        )));
+    }
+}
+
+/// Fails `first` and every request queued so far with `NotSent` (`addr`, `why`).
 fn fail_queued<Req, Resp>(
     first: &mut Option<Outgoing<Req, Resp>>,
     rx: &mut mpsc::Receiver<Outgoing<Req, Resp>>,

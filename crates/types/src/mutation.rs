@@ -119,7 +119,6 @@ impl Mutation {
             current.is_none_or(|v| v.is_live(now_ms)),
             "engines pass live values only"
         );
-        let old_bulk = || current.map_or(Reply::Nil, |v| Reply::Bulk(v.data.clone()));
         Ok(match self {
             Mutation::Set {
                 value,
@@ -127,39 +126,21 @@ impl Mutation {
                 expiry,
                 return_old,
                 ..
-            } => {
-                let allowed = match condition {
-                    Condition::Always => true,
-                    Condition::IfAbsent => current.is_none(),
-                    Condition::IfPresent => current.is_some(),
-                    Condition::IfEqual(expected) => current.is_some_and(|v| v.data == *expected),
-                    Condition::IfNotEqual(unwanted) => current.is_none_or(|v| v.data != *unwanted),
-                };
-                let reply = match (return_old, allowed) {
-                    (true, _) => old_bulk(),
-                    (false, true) => Reply::Ok,
-                    (false, false) => Reply::Nil,
-                };
-                if !allowed {
-                    return Ok((Effect::Unchanged, reply));
-                }
-                let expire_at_ms = match expiry {
-                    ExpiryUpdate::Clear => None,
-                    ExpiryUpdate::Keep => current.and_then(|v| v.header.expire_at_ms),
-                    ExpiryUpdate::At(at) => Some(*at),
-                };
-                let effect = match expire_at_ms {
-                    Some(at) if at <= now_ms => Effect::Remove(timestamp),
-                    _ => Effect::Put(Value::new(value.clone(), timestamp, expire_at_ms)),
-                };
-                (effect, reply)
-            }
+            } => apply_set(
+                current,
+                now_ms,
+                timestamp,
+                value,
+                condition,
+                *expiry,
+                *return_old,
+            ),
             Mutation::Delete { .. } => match current {
                 Some(_) => (Effect::Remove(timestamp), Reply::Integer(1)),
                 None => (Effect::Unchanged, Reply::Integer(0)),
             },
             Mutation::GetDel { .. } => match current {
-                Some(_) => (Effect::Remove(timestamp), old_bulk()),
+                Some(_) => (Effect::Remove(timestamp), old_bulk(current)),
                 None => (Effect::Unchanged, Reply::Nil),
             },
             Mutation::IncrBy { delta, .. } => {
@@ -211,6 +192,48 @@ impl Mutation {
             },
         })
     }
+}
+
+/// The previous value as a bulk reply (`Nil` when absent), for `GET` and `GETDEL`.
+fn old_bulk(current: Option<&Value>) -> Reply {
+    current.map_or(Reply::Nil, |v| Reply::Bulk(v.data.clone()))
+}
+
+/// Applies a SET of `value` to `current` (see [`Mutation::apply`]).
+fn apply_set(
+    current: Option<&Value>,
+    now_ms: u64,
+    timestamp: Timestamp,
+    value: &Bytes,
+    condition: &Condition,
+    expiry: ExpiryUpdate,
+    return_old: bool,
+) -> (Effect, Reply) {
+    let allowed = match condition {
+        Condition::Always => true,
+        Condition::IfAbsent => current.is_none(),
+        Condition::IfPresent => current.is_some(),
+        Condition::IfEqual(expected) => current.is_some_and(|v| v.data == *expected),
+        Condition::IfNotEqual(unwanted) => current.is_none_or(|v| v.data != *unwanted),
+    };
+    let reply = match (return_old, allowed) {
+        (true, _) => old_bulk(current),
+        (false, true) => Reply::Ok,
+        (false, false) => Reply::Nil,
+    };
+    if !allowed {
+        return (Effect::Unchanged, reply);
+    }
+    let expire_at_ms = match expiry {
+        ExpiryUpdate::Clear => None,
+        ExpiryUpdate::Keep => current.and_then(|v| v.header.expire_at_ms),
+        ExpiryUpdate::At(at) => Some(at),
+    };
+    let effect = match expire_at_ms {
+        Some(at) if at <= now_ms => Effect::Remove(timestamp),
+        _ => Effect::Put(Value::new(value.clone(), timestamp, expire_at_ms)),
+    };
+    (effect, reply)
 }
 
 /// Parses a base-10 `i64` the way Redis does: optional `-`, no `+`, no leading zeros, no spaces.

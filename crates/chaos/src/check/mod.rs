@@ -67,17 +67,41 @@ pub struct CheckResult {
     pub details: Json,
 }
 
+/// Operations by (workload, key).
+type ByKey<'a> = BTreeMap<(Workload, &'a str), Vec<&'a Op>>;
+
 /// Checks a history (already read or just recorded).
 pub fn check(records: &[Record], limits: Limits) -> Result<CheckResult, String> {
     let ops = crate::history::pair(records)?;
-    let mut by_key: BTreeMap<(Workload, &str), Vec<&Op>> = BTreeMap::new();
+    let mut by_key: ByKey = BTreeMap::new();
     for op in &ops {
         by_key.entry((op.workload, &op.key)).or_default().push(op);
     }
     let mut validity = Validity::Valid;
     let mut problems = Vec::new();
+    let register = check_registers(&by_key, limits, &mut validity, &mut problems)?;
+    let counter = check_counters(&by_key, &mut validity, &mut problems)?;
+    let set = check_sets(&by_key, &mut validity, &mut problems)?;
+    let details = json!({
+        "register": register,
+        "counter": counter,
+        "set": set,
+    });
+    Ok(CheckResult {
+        validity,
+        problems,
+        details,
+    })
+}
 
-    // Registers (and the cas workload's keys): linearizability per key, on two threads.
+/// Registers (and the cas workload's keys): linearizability per key, on two threads. Adds to
+/// `validity` and `problems`; returns the details for the report.
+fn check_registers(
+    by_key: &ByKey,
+    limits: Limits,
+    validity: &mut Validity,
+    problems: &mut Vec<String>,
+) -> Result<Json, String> {
     let register_keys: Vec<(&str, &Vec<&Op>)> = by_key
         .iter()
         .filter(|((w, _), _)| w.is_register())
@@ -95,34 +119,9 @@ pub fn check(records: &[Record], limits: Limits) -> Result<CheckResult, String> 
         }
         entries_by_key.push((*key, entries, source));
     }
-    let outcomes: Vec<register::Outcome> = {
-        let next = std::sync::atomic::AtomicUsize::new(0);
-        let results = std::sync::Mutex::new(vec![None; entries_by_key.len()]);
-        std::thread::scope(|s| {
-            for _ in 0..2 {
-                s.spawn(|| {
-                    loop {
-                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let Some((_, entries, _)) = entries_by_key.get(i) else {
-                            break;
-                        };
-                        let budget = register::Budget {
-                            deadline: Instant::now() + limits.per_key,
-                            max_cache_entries: limits.max_cache_entries,
-                        };
-                        let outcome = register::check(entries, budget);
-                        results.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(outcome);
-                    }
-                });
-            }
-        });
-        results
-            .into_inner()
-            .unwrap_or_else(|p| p.into_inner())
-            .into_iter()
-            .map(|o| o.expect("every key checked"))
-            .collect()
-    };
+    let histories: Vec<&[register::Entry]> =
+        entries_by_key.iter().map(|(_, e, _)| &e[..]).collect();
+    let outcomes = search_registers(&histories, limits);
     let mut reg_violations = Vec::new();
     let mut reg_unknown = Vec::new();
     let mut reg_ops = 0;
@@ -133,7 +132,7 @@ pub fn check(records: &[Record], limits: Limits) -> Result<CheckResult, String> 
         match outcome {
             register::Outcome::Linearizable => {}
             register::Outcome::Violation(sub) => {
-                validity = Validity::Invalid;
+                *validity = Validity::Invalid;
                 let sub_ops: Vec<&Op> = sub.iter().map(|&i| source[i]).collect();
                 let writers = writers_of_observed(&sub_ops, all_ops);
                 let blame: Vec<String> = writers.iter().map(|w| describe(w)).collect();
@@ -153,17 +152,61 @@ pub fn check(records: &[Record], limits: Limits) -> Result<CheckResult, String> 
                 );
             }
             register::Outcome::Unknown(why) => {
-                validity = validity.and(Validity::Unknown);
+                *validity = validity.and(Validity::Unknown);
                 problems.push(format!("register {key}: unknown ({why})"));
                 reg_unknown.push(json!({"key": key, "reason": why}));
             }
         }
     }
+    Ok(json!({
+        "keys": register_keys.len(),
+        "ops_checked": reg_ops,
+        "violations": reg_violations,
+        "unknown": reg_unknown,
+    }))
+}
 
-    // Counters.
+/// Runs the linearizability search on each key's history, on two threads, each key within
+/// `limits`. The outcomes are in the order of `histories`.
+fn search_registers(histories: &[&[register::Entry]], limits: Limits) -> Vec<register::Outcome> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results = std::sync::Mutex::new(vec![None; histories.len()]);
+    std::thread::scope(|s| {
+        for _ in 0..2 {
+            s.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(entries) = histories.get(i) else {
+                        break;
+                    };
+                    let budget = register::Budget {
+                        deadline: Instant::now() + limits.per_key,
+                        max_cache_entries: limits.max_cache_entries,
+                    };
+                    let outcome = register::check(entries, budget);
+                    results.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(outcome);
+                }
+            });
+        }
+    });
+    results
+        .into_inner()
+        .unwrap_or_else(|p| p.into_inner())
+        .into_iter()
+        .map(|o| o.expect("every key checked"))
+        .collect()
+}
+
+/// Counters: every observation within the bounds the increments allow, and a final read per
+/// key. Adds to `validity` and `problems`; returns the details for the report.
+fn check_counters(
+    by_key: &ByKey,
+    validity: &mut Validity,
+    problems: &mut Vec<String>,
+) -> Result<Json, String> {
     let mut counter_errors = Vec::new();
     let mut counter_keys = 0;
-    for ((w, key), ops) in &by_key {
+    for ((w, key), ops) in by_key {
         if *w != Workload::Counter {
             continue;
         }
@@ -179,53 +222,66 @@ pub fn check(records: &[Record], limits: Limits) -> Result<CheckResult, String> 
             .map(|(_, e)| e)
             .collect();
         for e in &shown {
-            let what = if e.observed_by == "add" {
-                "an increment answered"
-            } else if e.final_read {
-                "the final read saw"
-            } else {
-                "a read saw"
-            };
-            let more = if e.final_read || errors.len() <= shown.len() {
-                String::new()
-            } else {
-                format!(" ({} observations of this key fail in all)", errors.len())
-            };
-            problems.push(match e.reason {
-                "bounds" => format!(
-                    "counter {key}: {what} {}, outside [{}, {}] (lost or doubled increments){more}",
-                    e.read_value, e.lower, e.upper
-                ),
-                _ => format!(
-                    "counter {key}: {what} {}, which no set of the possible increments (each counted once) adds up to (a doubled or failed increment applied){more}",
-                    e.read_value
-                ),
-            });
+            problems.push(counter_problem(key, e, errors.len(), shown.len()));
         }
         if !errors.is_empty() {
-            validity = Validity::Invalid;
+            *validity = Validity::Invalid;
         }
         counter_errors.extend(errors);
         if !ops
             .iter()
             .any(|o| o.final_read && o.outcome == Stage::Ok && o.f == F::Read)
         {
-            validity = Validity::Invalid;
+            *validity = Validity::Invalid;
             problems.push(format!(
                 "counter {key}: no final read succeeded after the heal (the cluster did not recover)"
             ));
         }
     }
+    Ok(json!({"keys": counter_keys, "errors": counter_errors}))
+}
 
-    // Sets.
+/// One line for counter error `e` of `key`, which has `errors` in all, `shown` of them named.
+fn counter_problem(key: &str, e: &counter::CounterError, errors: usize, shown: usize) -> String {
+    let what = if e.observed_by == "add" {
+        "an increment answered"
+    } else if e.final_read {
+        "the final read saw"
+    } else {
+        "a read saw"
+    };
+    let more = if e.final_read || errors <= shown {
+        String::new()
+    } else {
+        format!(" ({errors} observations of this key fail in all)")
+    };
+    match e.reason {
+        "bounds" => format!(
+            "counter {key}: {what} {}, outside [{}, {}] (lost or doubled increments){more}",
+            e.read_value, e.lower, e.upper
+        ),
+        _ => format!(
+            "counter {key}: {what} {}, which no set of the possible increments (each counted once) adds up to (a doubled or failed increment applied){more}",
+            e.read_value
+        ),
+    }
+}
+
+/// Sets: every acknowledged element present, nothing unexpected. Adds to `validity` and
+/// `problems`; returns the details for the report.
+fn check_sets(
+    by_key: &ByKey,
+    validity: &mut Validity,
+    problems: &mut Vec<String>,
+) -> Result<Json, String> {
     let mut set_results = Vec::new();
-    for ((w, key), ops) in &by_key {
+    for ((w, key), ops) in by_key {
         if *w != Workload::Set {
             continue;
         }
         let r = set::check(key, ops)?;
         if !r.valid() {
-            validity = Validity::Invalid;
+            *validity = Validity::Invalid;
             problems.push(format!(
                 "set {key}: lost {:?}, unexpected {:?}, duplicated {:?}, vanished {:?}{}",
                 r.lost,
@@ -241,27 +297,12 @@ pub fn check(records: &[Record], limits: Limits) -> Result<CheckResult, String> 
         }
         set_results.push(r);
     }
-
-    let details = json!({
-        "register": {
-            "keys": register_keys.len(),
-            "ops_checked": reg_ops,
-            "violations": reg_violations,
-            "unknown": reg_unknown,
-        },
-        "counter": {"keys": counter_keys, "errors": counter_errors},
-        "set": {
-            "keys": set_results.len(),
-            "acknowledged": set_results.iter().map(|r| r.acknowledged).sum::<usize>(),
-            "lost": set_results.iter().map(|r| r.lost.len()).sum::<usize>(),
-            "invalid_keys": set_results.iter().filter(|r| !r.valid()).collect::<Vec<_>>(),
-        },
-    });
-    Ok(CheckResult {
-        validity,
-        problems,
-        details,
-    })
+    Ok(json!({
+        "keys": set_results.len(),
+        "acknowledged": set_results.iter().map(|r| r.acknowledged).sum::<usize>(),
+        "lost": set_results.iter().map(|r| r.lost.len()).sum::<usize>(),
+        "invalid_keys": set_results.iter().filter(|r| !r.valid()).collect::<Vec<_>>(),
+    }))
 }
 
 /// The operations outside a failing sub-history that wrote a value it observed (a read's

@@ -167,11 +167,10 @@ struct Node {
 
 const NIL: usize = usize::MAX;
 
-fn search(history: &[Entry], budget: Budget) -> Search {
+/// The history's call and return events in time order, as a doubly linked list of [`Node`]s
+/// (index 0 is the head sentinel) with each call pointing at its return.
+fn event_list(history: &[Entry]) -> Vec<Node> {
     let n = history.len();
-    if n == 0 {
-        return Search::Linearizable;
-    }
     // Events in time order; at equal times calls come first, so touching operations count as
     // concurrent (the permissive reading, which never invents a violation).
     let mut events: Vec<(u64, bool, usize)> = Vec::with_capacity(2 * n);
@@ -212,6 +211,16 @@ fn search(history: &[Entry], budget: Budget) -> Search {
     for op in 0..n {
         nodes[call_node[op]].partner = ret_node[op];
     }
+    nodes
+}
+
+/// Searches for a linearization of `history` within `budget` (see the module doc).
+fn search(history: &[Entry], budget: Budget) -> Search {
+    let n = history.len();
+    if n == 0 {
+        return Search::Linearizable;
+    }
+    let mut nodes = event_list(history);
 
     let unlink = |nodes: &mut Vec<Node>, i: usize| {
         let Node { prev, next, .. } = nodes[i];
