@@ -173,6 +173,9 @@ type Successes = Arc<Mutex<Vec<(Instant, Instant)>>>;
 
 /// Runs `capdb bench failover` (see the module doc).
 pub async fn failover(args: FailoverArgs) -> Result<(), String> {
+    if args.rounds == 0 {
+        return Err("--rounds must be at least 1 (nothing to measure otherwise)".into());
+    }
     if args.nodes < 3 {
         return Err("--nodes must be at least 3 (a leader must be able to die)".into());
     }
