@@ -59,6 +59,39 @@ pub enum Mutation {
     /// `EXPIRE`/`PEXPIRE`/`EXPIREAT`/`PEXPIREAT` (`Some`) and `PERSIST` (`None`).
     /// Replies 1 when the TTL changed, 0 otherwise. A deadline not after `now` deletes the key.
     Expire { key: Bytes, at_ms: Option<u64> },
+    /// `EXPIRE ... NX|XX|GT|LT` (and the other three): sets the deadline only when `when`
+    /// holds for the key's current one; replies 1 when it did, 0 otherwise (also for a missing
+    /// key). A new variant rather than a field of `Expire`, so logs written before it still
+    /// decode.
+    ExpireIf {
+        key: Bytes,
+        at_ms: u64,
+        when: ExpireWhen,
+    },
+}
+
+/// When a conditional EXPIRE applies, judged against the key's current deadline. As in Redis,
+/// a key without a deadline counts as expiring never (infinitely late).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExpireWhen {
+    /// `NX`: only when the key has no deadline.
+    pub nx: bool,
+    /// `XX`: only when it has one.
+    pub xx: bool,
+    /// `GT`: only when the new deadline is later than the current one.
+    pub gt: bool,
+    /// `LT`: only when the new deadline is earlier than the current one.
+    pub lt: bool,
+}
+
+impl ExpireWhen {
+    /// Whether a new deadline `at_ms` may replace `current` (`None`: the key has none).
+    pub fn allows(self, current: Option<u64>, at_ms: u64) -> bool {
+        !(self.nx && current.is_some()
+            || self.xx && current.is_none()
+            || self.gt && current.is_none_or(|c| at_ms <= c)
+            || self.lt && current.is_some_and(|c| at_ms >= c))
+    }
 }
 
 /// The answer to one mutation, independent of any wire protocol.
@@ -89,7 +122,8 @@ impl Mutation {
             | Mutation::GetDel { key }
             | Mutation::IncrBy { key, .. }
             | Mutation::Append { key, .. }
-            | Mutation::Expire { key, .. } => key,
+            | Mutation::Expire { key, .. }
+            | Mutation::ExpireIf { key, .. } => key,
         }
     }
 
@@ -101,7 +135,7 @@ impl Mutation {
             Mutation::GetDel { .. } => "getdel",
             Mutation::IncrBy { .. } => "incrby",
             Mutation::Append { .. } => "append",
-            Mutation::Expire { .. } => "expire",
+            Mutation::Expire { .. } | Mutation::ExpireIf { .. } => "expire",
         }
     }
 
@@ -174,6 +208,17 @@ impl Mutation {
                     Effect::Put(Value::new(joined.freeze(), timestamp, expire)),
                     Reply::Integer(len as i64),
                 )
+            }
+            Mutation::ExpireIf { key, at_ms, when } => {
+                let deadline = current.and_then(|v| v.header.expire_at_ms);
+                if current.is_none() || !when.allows(deadline, *at_ms) {
+                    return Ok((Effect::Unchanged, Reply::Integer(0)));
+                }
+                let expire = Mutation::Expire {
+                    key: key.clone(),
+                    at_ms: Some(*at_ms),
+                };
+                return expire.apply(current, now_ms, timestamp, value_bytes_max);
             }
             Mutation::Expire { at_ms, .. } => match (current, at_ms) {
                 (None, _) => (Effect::Unchanged, Reply::Integer(0)),

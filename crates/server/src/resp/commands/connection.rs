@@ -10,6 +10,9 @@ use crate::resp::Connection;
 
 /// `PING [message]`.
 pub(super) fn ping(conn: &mut Connection, args: &[Bytes]) -> Outcome {
+    if args.len() > 2 {
+        return Err("ERR wrong number of arguments for 'ping' command".into());
+    }
     match args.get(1) {
         Some(msg) => conn.out.bulk(msg),
         None => conn.out.simple("PONG"),

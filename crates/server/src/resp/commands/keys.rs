@@ -3,6 +3,7 @@
 
 use bytes::Bytes;
 use capdb_types::Mutation;
+use capdb_types::mutation::ExpireWhen;
 
 use super::{Outcome, Queued, WriteCall, check_kv, expiry_at, read, read_many};
 use crate::resp::{Connection, Shape};
@@ -44,19 +45,57 @@ fn set_expiry(
 ) -> Result<Queued, String> {
     let args = w.args;
     check_kv(&args[1], None, w.value_max)?;
-    if args.len() > 3 {
-        return Err(format!(
-            "ERR unsupported option for '{name}' (NX/XX/GT/LT are not supported yet)"
-        ));
-    }
+    // Redis checks the options before the time.
+    let when = expire_options(&args[3..])?;
     let at = expiry_at(&args[2], unit_ms, absolute, name, w.now)?;
-    Ok((
-        Shape::Plain,
-        vec![Mutation::Expire {
-            key: args[1].clone(),
+    let key = args[1].clone();
+    let mutation = match when {
+        None => Mutation::Expire {
+            key,
             at_ms: Some(at),
-        }],
-    ))
+        },
+        Some(when) => Mutation::ExpireIf {
+            key,
+            at_ms: at,
+            when,
+        },
+    };
+    Ok((Shape::Plain, vec![mutation]))
+}
+
+/// The `NX`/`XX`/`GT`/`LT` options of the EXPIRE family (`None`: none given), with Redis's
+/// errors for unknown and incompatible ones.
+fn expire_options(options: &[Bytes]) -> Result<Option<ExpireWhen>, String> {
+    if options.is_empty() {
+        return Ok(None);
+    }
+    let mut when = ExpireWhen {
+        nx: false,
+        xx: false,
+        gt: false,
+        lt: false,
+    };
+    for option in options {
+        match &option.to_ascii_lowercase()[..] {
+            b"nx" => when.nx = true,
+            b"xx" => when.xx = true,
+            b"gt" => when.gt = true,
+            b"lt" => when.lt = true,
+            _ => {
+                return Err(format!(
+                    "ERR Unsupported option {}",
+                    String::from_utf8_lossy(option)
+                ));
+            }
+        }
+    }
+    if when.nx && (when.xx || when.gt || when.lt) {
+        return Err("ERR NX and XX, GT or LT options at the same time are not compatible".into());
+    }
+    if when.gt && when.lt {
+        return Err("ERR GT and LT options at the same time are not compatible".into());
+    }
+    Ok(Some(when))
 }
 
 /// `PERSIST key`.

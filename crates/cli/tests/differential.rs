@@ -1,0 +1,149 @@
+//! Replies compared with a real `redis-server`: the same commands, in the same order, sent to
+//! Redis and to capdb (a `cp` keyspace and a `cache` keyspace), and every reply, error texts
+//! included, must be the same. Scripted cases for the commands whose semantics are easy to get
+//! subtly wrong; a seeded generator over every command comes with the data types.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Server, free_port, need_tool};
+use redis::Value;
+
+/// A real `redis-server` without persistence, stopped when dropped.
+struct Redis {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Redis {
+    fn start() -> Redis {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let child = Command::new(need_tool("redis-server"))
+            .args([
+                "--port",
+                &port.to_string(),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        Redis {
+            child,
+            port,
+            _dir: dir,
+        }
+    }
+
+    fn client(&mut self) -> redis::Connection {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(c) = redis::Client::open(format!("redis://127.0.0.1:{}/", self.port))
+                .unwrap()
+                .get_connection()
+            {
+                return c;
+            }
+            assert!(
+                self.child.try_wait().unwrap().is_none(),
+                "redis-server exited"
+            );
+            assert!(Instant::now() < deadline, "redis-server did not listen");
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Sends `script` (one command per line, words split on spaces) to both, and fails on the
+/// first reply that differs, naming the command.
+fn same_replies(redis: &mut redis::Connection, capdb: &mut redis::Connection, script: &str) {
+    for line in script.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        let mut cmd = redis::Cmd::new();
+        for word in line.split(' ') {
+            cmd.arg(word);
+        }
+        let theirs: Value = cmd.query(redis).unwrap_or_else(error_value);
+        let ours: Value = cmd.query(capdb).unwrap_or_else(error_value);
+        assert_eq!(
+            ours, theirs,
+            "`{line}`: capdb answered {ours:?}, Redis {theirs:?}"
+        );
+    }
+}
+
+/// An error reply as a value, so errors compare by code and text.
+fn error_value(e: redis::RedisError) -> Value {
+    Value::SimpleString(format!("error: {e}"))
+}
+
+/// EXPIRE and its variants with NX/XX/GT/LT: which deadline wins, a key without a deadline
+/// counting as never expiring, the option errors (checked before the time), a deadline in the
+/// past deleting the key, and PING's arity.
+const EXPIRE_SCRIPT: &str = "
+    expire k 10 foo
+    expire k 10 nx xx
+    expire k 10 gt lt
+    expire k abc foo
+    expire k abc nx
+    expire missing 10 nx
+    set k v
+    expire k 10 gt
+    expire k 100 lt
+    expire k 50 gt
+    expire k 200 gt
+    expire k 100 nx
+    expire k 300 xx lt
+    expire k 10 xx lt
+    persist k
+    expire k 10 xx
+    pexpire k 100000 nx
+    pexpireat k 1 gt
+    expireat k 4000000000 gt
+    expire k -1 lt
+    exists k
+    set j v
+    expire j 10 NX
+    expire j 10 Nx
+    ping a b c
+    ping a
+    ping
+";
+
+#[test]
+fn expire_options_answer_as_redis_does_on_cp_and_cache_keyspaces() {
+    let mut redis_server = Redis::start();
+    let mut redis = redis_server.client();
+    let capdb = Server::start();
+    let (status, body) = common::http(
+        capdb.http,
+        "POST",
+        "/v1/keyspaces",
+        &[],
+        Some(br#"{"name":"1","mode":"cache","max_memory_bytes":1048576}"#),
+    )
+    .unwrap();
+    assert_eq!(status, 201, "{}", String::from_utf8_lossy(&body));
+    for db in ["0", "1"] {
+        let mut ours = redis::Client::open(format!("redis://{}/{db}", capdb.resp))
+            .unwrap()
+            .get_connection()
+            .unwrap();
+        let _: () = redis::cmd("FLUSHDB").query(&mut redis).unwrap();
+        same_replies(&mut redis, &mut ours, EXPIRE_SCRIPT);
+    }
+}
