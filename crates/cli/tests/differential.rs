@@ -1,6 +1,6 @@
 //! Replies compared with a real `redis-server`: the same commands, in the same order, sent to
-//! Redis and to capdb (a `cp` keyspace and a `cache` keyspace), and every reply, error texts
-//! included, must be the same. Scripted cases for the commands whose semantics are easy to get
+//! Redis and to capdb (a `cp`, a `cache` and a one-node `ap` keyspace), and every reply, error
+//! texts included, must be the same. Scripted cases for the commands whose semantics are easy to get
 //! subtly wrong; a seeded generator over every command comes with the data types.
 
 mod common;
@@ -125,7 +125,7 @@ const EXPIRE_SCRIPT: &str = "
 ";
 
 #[test]
-fn expire_options_answer_as_redis_does_on_cp_and_cache_keyspaces() {
+fn expire_options_answer_as_redis_does_in_every_mode() {
     let mut redis_server = Redis::start();
     let mut redis = redis_server.client();
     let capdb = Server::start();
@@ -138,7 +138,16 @@ fn expire_options_answer_as_redis_does_on_cp_and_cache_keyspaces() {
     )
     .unwrap();
     assert_eq!(status, 201, "{}", String::from_utf8_lossy(&body));
-    for db in ["0", "1"] {
+    let (status, body) = common::http(
+        capdb.http,
+        "POST",
+        "/v1/keyspaces",
+        &[],
+        Some(br#"{"name":"2","mode":"ap"}"#),
+    )
+    .unwrap();
+    assert_eq!(status, 201, "{}", String::from_utf8_lossy(&body));
+    for db in ["0", "1", "2"] {
         let mut ours = redis::Client::open(format!("redis://{}/{db}", capdb.resp))
             .unwrap()
             .get_connection()
