@@ -5,6 +5,8 @@
 
 mod common;
 
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -20,6 +22,10 @@ struct Redis {
 
 impl Redis {
     fn start() -> Redis {
+        Redis::start_with(&[])
+    }
+
+    fn start_with(extra: &[&str]) -> Redis {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let child = Command::new(need_tool("redis-server"))
@@ -31,6 +37,7 @@ impl Redis {
                 "--appendonly",
                 "no",
             ])
+            .args(extra)
             .arg("--dir")
             .arg(dir.path())
             .stdout(Stdio::null())
@@ -154,5 +161,78 @@ fn expire_options_answer_as_redis_does_in_every_mode() {
             .unwrap();
         let _: () = redis::cmd("FLUSHDB").query(&mut redis).unwrap();
         same_replies(&mut redis, &mut ours, EXPIRE_SCRIPT);
+    }
+}
+
+/// Writes `request` on a new connection and returns every byte answered until the server
+/// closes the connection or stays silent for half a second.
+fn raw_exchange(addr: SocketAddr, request: &[u8]) -> Vec<u8> {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    stream.write_all(request).unwrap();
+    let mut out = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        match stream.read(&mut chunk) {
+            Ok(0) | Err(_) => return out,
+            Ok(n) => out.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// Requests Redis parses in a particular way (inline quoting, lengths out of range, frames
+/// that are not RESP), and what it answers, byte for byte.
+const RAW_REQUESTS: &[&[u8]] = &[
+    b"set \"\"\"k\"\"\" v\r\n",
+    b"set \"k v\r\n",
+    b"set 'k v\r\n",
+    b"set \"a\"b v\r\n",
+    b"echo \"a\\x41\\tb\" 'c\\'d'\r\n",
+    b"echo a\"b c\"\r\n",
+    b"echo \"\"\r\n",
+    b"*1\r\n$2000000000\r\n",
+    b"*2\r\n$3\r\nget\r\n$-5\r\n",
+    b"*abc\r\n",
+    b"*1\r\n$abc\r\n",
+    b"*1\r\nxyz\r\n",
+    b"*3000000000\r\n",
+    b"*0\r\nping\r\n",
+];
+
+#[test]
+fn protocol_edge_cases_answer_byte_for_byte_as_redis_does() {
+    let mut redis = Redis::start();
+    let _ = redis.client();
+    let capdb = Server::start();
+    let theirs = SocketAddr::from(([127, 0, 0, 1], redis.port));
+    for request in RAW_REQUESTS {
+        assert_eq!(
+            String::from_utf8_lossy(&raw_exchange(capdb.resp, request)),
+            String::from_utf8_lossy(&raw_exchange(theirs, request)),
+            "request {:?}",
+            String::from_utf8_lossy(request)
+        );
+    }
+}
+
+#[test]
+fn before_authentication_both_refuse_large_commands_alike() {
+    let mut redis = Redis::start_with(&["--requirepass", "s3cret"]);
+    let _ = redis.client();
+    let capdb = Server::start_with(&["--password", "s3cret"]);
+    let theirs = SocketAddr::from(([127, 0, 0, 1], redis.port));
+    for request in [
+        &b"*11\r\n"[..],
+        b"*2\r\n$4\r\nauth\r\n$16385\r\n",
+        b"*1\r\n$4\r\nping\r\n",
+    ] {
+        assert_eq!(
+            String::from_utf8_lossy(&raw_exchange(capdb.resp, request)),
+            String::from_utf8_lossy(&raw_exchange(theirs, request)),
+            "request {:?}",
+            String::from_utf8_lossy(request)
+        );
     }
 }

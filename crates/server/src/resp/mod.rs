@@ -228,17 +228,20 @@ impl Connection {
             let mut executed = 0;
             let mut protocol_error = None;
             while executed < depth_max && !self.quit {
-                match parse_command(&buf, frame_max) {
+                match parse_command(&buf, frame_max, !self.authenticated) {
                     Ok(parsed) => {
                         let frame = buf.split_to(parsed.consumed).freeze();
-                        if parsed.args.is_empty() {
+                        let args: Vec<Bytes> = match parsed.decoded {
+                            Some(words) => words.into_iter().map(Bytes::from).collect(),
+                            None => parsed
+                                .args
+                                .iter()
+                                .map(|&(s, e)| frame.slice(s..e))
+                                .collect(),
+                        };
+                        if args.is_empty() {
                             continue;
                         }
-                        let args: Vec<Bytes> = parsed
-                            .args
-                            .iter()
-                            .map(|&(s, e)| frame.slice(s..e))
-                            .collect();
                         self.execute(args).await;
                         executed += 1;
                         if self.out.out.len() >= OUTPUT_FLUSH_BYTES {

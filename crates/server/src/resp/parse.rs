@@ -30,9 +30,21 @@ pub enum ParseError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Parsed {
     pub args: Vec<(usize, usize)>,
+    /// An inline command whose words had quotes or escapes: the decoded words (then `args` is
+    /// empty). Plain inline words and multibulk arguments are ranges of the buffer instead.
+    pub decoded: Option<Vec<Vec<u8>>>,
     /// Bytes of the buffer the command occupied.
     pub consumed: usize,
 }
+
+/// Longest bulk string Redis accepts at all (`proto-max-bulk-len`); longer declared lengths
+/// are "invalid", as in Redis, while lengths between the frame limit and this one are refused
+/// with the frame limit's own message.
+const REDIS_BULK_BYTES_MAX: i64 = 512 * 1024 * 1024;
+/// Before authentication (when a password is required), Redis accepts at most this many
+/// arguments per command and this long a bulk string.
+pub const UNAUTHENTICATED_ARGS_MAX: i64 = 10;
+pub const UNAUTHENTICATED_BULK_BYTES_MAX: i64 = 16 * 1024;
 
 fn protocol(msg: impl Into<String>) -> ParseError {
     ParseError::Protocol(format!("Protocol error: {}", msg.into()))
@@ -58,25 +70,39 @@ fn parse_len(line: &[u8], what: &str) -> Result<i64, ParseError> {
 /// Parses one command from the front of `buf`.
 ///
 /// `frame_bytes_max` bounds the whole command (the sum of its bulk lengths).
-pub fn parse_command(buf: &[u8], frame_bytes_max: usize) -> Result<Parsed, ParseError> {
+/// `unauthenticated`: the client must still authenticate, so only small commands are read
+/// (Redis's bounds, so a stranger cannot make the server buffer much).
+pub fn parse_command(
+    buf: &[u8],
+    frame_bytes_max: usize,
+    unauthenticated: bool,
+) -> Result<Parsed, ParseError> {
     match buf.first() {
         None => Err(ParseError::Incomplete),
-        Some(b'*') => parse_multibulk(buf, frame_bytes_max),
+        Some(b'*') => parse_multibulk(buf, frame_bytes_max, unauthenticated),
         Some(_) => parse_inline(buf),
     }
 }
 
-fn parse_multibulk(buf: &[u8], frame_bytes_max: usize) -> Result<Parsed, ParseError> {
+fn parse_multibulk(
+    buf: &[u8],
+    frame_bytes_max: usize,
+    unauthenticated: bool,
+) -> Result<Parsed, ParseError> {
     let end = find_crlf(buf, 1, HEADER_LINE_MAX)?;
     let count = parse_len(&buf[1..end], "multibulk")?;
     if count > FRAME_ELEMENTS_MAX as i64 {
         return Err(protocol("invalid multibulk length"));
+    }
+    if unauthenticated && count > UNAUTHENTICATED_ARGS_MAX {
+        return Err(protocol("unauthenticated multibulk length"));
     }
     let mut pos = end + 2;
     if count <= 0 {
         // `*0` / `*-1`: an empty command, ignored as Redis does.
         return Ok(Parsed {
             args: Vec::new(),
+            decoded: None,
             consumed: pos,
         });
     }
@@ -96,8 +122,11 @@ fn parse_multibulk(buf: &[u8], frame_bytes_max: usize) -> Result<Parsed, ParseEr
         }
         let line_end = find_crlf(buf, pos + 1, HEADER_LINE_MAX)?;
         let len = parse_len(&buf[pos + 1..line_end], "bulk")?;
-        if len < 0 {
+        if !(0..=REDIS_BULK_BYTES_MAX).contains(&len) {
             return Err(protocol("invalid bulk length"));
+        }
+        if unauthenticated && len > UNAUTHENTICATED_BULK_BYTES_MAX {
+            return Err(protocol("unauthenticated bulk length"));
         }
         let len = len as usize;
         total = total.saturating_add(len);
@@ -119,6 +148,7 @@ fn parse_multibulk(buf: &[u8], frame_bytes_max: usize) -> Result<Parsed, ParseEr
     }
     Ok(Parsed {
         args,
+        decoded: None,
         consumed: pos,
     })
 }
@@ -140,14 +170,22 @@ fn parse_inline(buf: &[u8]) -> Result<Parsed, ParseError> {
     } else {
         nl
     };
+    let line = &buf[..line_end];
+    if line.iter().any(|&b| b == b'"' || b == b'\'' || b == 0) {
+        return Ok(Parsed {
+            args: Vec::new(),
+            decoded: Some(split_quoted(line)?),
+            consumed: nl + 1,
+        });
+    }
     let mut args = Vec::new();
     let mut i = 0;
     while i < line_end {
-        while i < line_end && buf[i].is_ascii_whitespace() {
+        while i < line_end && is_space(buf[i]) {
             i += 1;
         }
         let start = i;
-        while i < line_end && !buf[i].is_ascii_whitespace() {
+        while i < line_end && !is_space(buf[i]) {
             i += 1;
         }
         if i > start {
@@ -156,8 +194,98 @@ fn parse_inline(buf: &[u8]) -> Result<Parsed, ParseError> {
     }
     Ok(Parsed {
         args,
+        decoded: None,
         consumed: nl + 1,
     })
+}
+
+/// C's `isspace`, which Redis's inline parser splits on.
+fn is_space(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c)
+}
+
+/// Splits an inline line with quotes the way Redis does (`sdssplitargs`): `"..."` with the
+/// escapes `\n \r \t \b \a \xHH` and `\<any>`, `'...'` with `\'` only; a closing quote must
+/// end the word; quotes may start mid-word. Anything else is "unbalanced quotes".
+fn split_quoted(line: &[u8]) -> Result<Vec<Vec<u8>>, ParseError> {
+    // Redis splits a C string: a NUL byte ends the line.
+    let line = &line[..line.iter().position(|&b| b == 0).unwrap_or(line.len())];
+    let unbalanced = || protocol("unbalanced quotes in request");
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let mut words = Vec::new();
+    let mut p = 0;
+    loop {
+        while p < line.len() && is_space(line[p]) {
+            p += 1;
+        }
+        if p >= line.len() {
+            return Ok(words);
+        }
+        let (mut in_double, mut in_single) = (false, false);
+        let mut word = Vec::new();
+        loop {
+            let c = line.get(p).copied();
+            let next = line.get(p + 1).copied();
+            if in_double {
+                let c = c.ok_or_else(unbalanced)?;
+                match (c, next) {
+                    (b'\\', Some(b'x'))
+                        if line.get(p + 2).and_then(|&h| hex(h)).is_some()
+                            && line.get(p + 3).and_then(|&h| hex(h)).is_some() =>
+                    {
+                        let hi = hex(line[p + 2]).unwrap_or(0);
+                        let lo = hex(line[p + 3]).unwrap_or(0);
+                        word.push(hi * 16 + lo);
+                        p += 3;
+                    }
+                    (b'\\', Some(e)) => {
+                        word.push(match e {
+                            b'n' => b'\n',
+                            b'r' => b'\r',
+                            b't' => b'\t',
+                            b'b' => 0x08,
+                            b'a' => 0x07,
+                            other => other,
+                        });
+                        p += 1;
+                    }
+                    (b'"', next) => {
+                        if next.is_some_and(|n| !is_space(n)) {
+                            return Err(unbalanced());
+                        }
+                        p += 1;
+                        break;
+                    }
+                    (c, _) => word.push(c),
+                }
+            } else if in_single {
+                let c = c.ok_or_else(unbalanced)?;
+                match (c, next) {
+                    (b'\\', Some(b'\'')) => {
+                        word.push(b'\'');
+                        p += 1;
+                    }
+                    (b'\'', next) => {
+                        if next.is_some_and(|n| !is_space(n)) {
+                            return Err(unbalanced());
+                        }
+                        p += 1;
+                        break;
+                    }
+                    (c, _) => word.push(c),
+                }
+            } else {
+                match c {
+                    None | Some(b' ' | b'\n' | b'\r' | b'\t' | 0) => break,
+                    Some(b'"') => in_double = true,
+                    Some(b'\'') => in_single = true,
+                    Some(c) => word.push(c),
+                }
+            }
+            p += 1;
+        }
+        words.push(word);
+    }
 }
 
 #[cfg(test)]
@@ -184,10 +312,10 @@ mod tests {
     #[test]
     fn multibulk_and_inline() {
         let buf = b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\nPING\r\n";
-        let p = parse_command(buf, MAX).unwrap();
+        let p = parse_command(buf, MAX, false).unwrap();
         assert_eq!(args(buf, &p), vec![&b"GET"[..], b"k"]);
         let rest = &buf[p.consumed..];
-        let p2 = parse_command(rest, MAX).unwrap();
+        let p2 = parse_command(rest, MAX, false).unwrap();
         assert_eq!(args(rest, &p2), vec![&b"PING"[..]]);
         assert_eq!(p2.consumed, rest.len());
     }
@@ -197,7 +325,7 @@ mod tests {
         let full = b"*2\r\n$3\r\nSET\r\n$5\r\nhello\r\n";
         for cut in 0..full.len() {
             assert_eq!(
-                parse_command(&full[..cut], MAX),
+                parse_command(&full[..cut], MAX, false),
                 Err(ParseError::Incomplete),
                 "cut {cut}"
             );
@@ -214,22 +342,93 @@ mod tests {
             b"*99999999999\r\n",
         ] {
             assert!(
-                matches!(parse_command(bad, MAX), Err(ParseError::Protocol(_))),
+                matches!(parse_command(bad, MAX, false), Err(ParseError::Protocol(_))),
                 "{bad:?}"
             );
         }
     }
 
+    fn inline_words(line: &[u8]) -> Result<Vec<Vec<u8>>, ParseError> {
+        let p = parse_command(line, MAX, false)?;
+        Ok(match p.decoded {
+            Some(words) => words,
+            None => args(line, &p).into_iter().map(|a| a.to_vec()).collect(),
+        })
+    }
+
+    #[test]
+    fn inline_quotes_and_escapes_split_as_redis_does() {
+        let words = |w: &[&[u8]]| Ok(w.iter().map(|x| x.to_vec()).collect::<Vec<_>>());
+        assert_eq!(inline_words(b"set k v\r\n"), words(&[b"set", b"k", b"v"]));
+        assert_eq!(
+            inline_words(b"set \"a b\" 'c d'\r\n"),
+            words(&[b"set", b"a b", b"c d"])
+        );
+        assert_eq!(
+            inline_words(b"echo \"a\\x41\\n\\\"\"\r\n"),
+            words(&[b"echo", b"aA\n\""])
+        );
+        assert_eq!(inline_words(b"echo 'it\\'s'\n"), words(&[b"echo", b"it's"]));
+        assert_eq!(inline_words(b"echo a\"b c\"\n"), words(&[b"echo", b"ab c"]));
+        assert_eq!(inline_words(b"echo \"\"\n"), words(&[b"echo", b""]));
+        // A NUL ends the line, as in Redis's C-string splitter.
+        assert_eq!(inline_words(b"echo a\0b c\n"), words(&[b"echo", b"a"]));
+        for bad in [
+            &b"set \"\"\"k\"\"\" v\r\n"[..],
+            b"set \"k v\r\n",
+            b"set 'k v\r\n",
+            b"set \"a\"b v\r\n",
+        ] {
+            assert_eq!(
+                inline_words(bad),
+                Err(ParseError::Protocol(
+                    "Protocol error: unbalanced quotes in request".into()
+                )),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn before_authentication_only_small_commands_are_read() {
+        let many = b"*11\r\n";
+        assert_eq!(
+            parse_command(many, MAX, true),
+            Err(ParseError::Protocol(
+                "Protocol error: unauthenticated multibulk length".into()
+            ))
+        );
+        assert_eq!(parse_command(many, MAX, false), Err(ParseError::Incomplete));
+        let long = b"*1\r\n$16385\r\n";
+        assert_eq!(
+            parse_command(long, MAX, true),
+            Err(ParseError::Protocol(
+                "Protocol error: unauthenticated bulk length".into()
+            ))
+        );
+    }
+
+    #[test]
+    fn bulk_lengths_beyond_what_redis_accepts_are_invalid() {
+        assert_eq!(
+            parse_command(b"*1\r\n$2000000000\r\n", MAX, false),
+            Err(ParseError::Protocol(
+                "Protocol error: invalid bulk length".into()
+            ))
+        );
+    }
+
     #[test]
     fn declared_sizes_over_the_limit_are_refused_before_buffering() {
-        let r = parse_command(b"*1\r\n$2000000\r\n", MAX);
+        let r = parse_command(b"*1\r\n$2000000\r\n", MAX, false);
         assert!(matches!(r, Err(ParseError::Protocol(m)) if m.contains("frame limit")));
     }
 
     proptest! {
         #[test]
         fn arbitrary_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..512)) {
-            match parse_command(&data, 1024) {
+            match parse_command(&data, 1024, false) {
                 Ok(p) => {
                     prop_assert!(p.consumed <= data.len());
                     for (s, e) in p.args { prop_assert!(s <= e && e <= p.consumed); }
@@ -246,9 +445,9 @@ mod tests {
             let wire = encode(&cmd);
             let split = split % (wire.len() + 1);
             if split < wire.len() {
-                prop_assert_eq!(parse_command(&wire[..split], MAX), Err(ParseError::Incomplete));
+                prop_assert_eq!(parse_command(&wire[..split], MAX, false), Err(ParseError::Incomplete));
             }
-            let p = parse_command(&wire, MAX).unwrap();
+            let p = parse_command(&wire, MAX, false).unwrap();
             prop_assert_eq!(p.consumed, wire.len());
             let got: Vec<Vec<u8>> = args(&wire, &p).into_iter().map(|a| a.to_vec()).collect();
             prop_assert_eq!(got, cmd);
@@ -262,7 +461,7 @@ mod tests {
             let mut wire = encode(&cmd);
             let pos = pos % wire.len();
             wire[pos] = byte;
-            let _ = parse_command(&wire, 64);
+            let _ = parse_command(&wire, 64, false);
         }
     }
 }
