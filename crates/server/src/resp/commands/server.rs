@@ -55,6 +55,9 @@ async fn info_text(conn: &Connection, sections: &[Bytes]) -> String {
     if wanted("stats") {
         stats_section(&mut out, node, &keyspaces);
     }
+    if wanted("cpu") {
+        cpu_section(&mut out);
+    }
     if wanted("replication") {
         out.push_str("# Replication\r\nrole:master\r\nconnected_slaves:0\r\n\r\n");
     }
@@ -99,8 +102,48 @@ fn memory_section(out: &mut String, keyspaces: &[Arc<Keyspace>]) {
         .sum();
     let _ = write!(
         out,
-        "# Memory\r\nused_memory:{used}\r\nused_memory_human:{:.2}M\r\nmaxmemory:{max}\r\n\r\n",
+        "# Memory\r\nused_memory:{used}\r\nused_memory_human:{:.2}M\r\nused_memory_rss:{rss}\r\nmaxmemory:{max}\r\nmem_allocator:libc\r\n\r\n",
         used as f64 / 1048576.0,
+        rss = process_rss_bytes(),
+    );
+}
+
+/// Resident memory of this process (`/proc/self/statm`), 0 where unknown.
+fn process_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * 4096)
+}
+
+/// CPU seconds this process (and its reaped children) spent in system and user mode, from
+/// `/proc/self/stat` (in clock ticks of 1/100 s, Linux's `USER_HZ`): `(sys, user, sys
+/// children, user children)`, zeros where unknown.
+fn cpu_seconds(stat: &str) -> (f64, f64, f64, f64) {
+    // Fields after the command name, which is in parentheses and may contain spaces.
+    let fields: Vec<f64> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| {
+            rest.split_whitespace()
+                .map(|f| f.parse::<f64>().unwrap_or(0.0))
+                .collect()
+        })
+        .unwrap_or_default();
+    let tick = |i: usize| fields.get(i).copied().unwrap_or(0.0) / 100.0;
+    // state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt utime stime cutime cstime
+    (tick(12), tick(11), tick(14), tick(13))
+}
+
+fn cpu_section(out: &mut String) {
+    let process = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let main_thread =
+        std::fs::read_to_string(format!("/proc/self/task/{}/stat", std::process::id()))
+            .unwrap_or_default();
+    let (sys, user, sys_children, user_children) = cpu_seconds(&process);
+    let (main_sys, main_user, _, _) = cpu_seconds(&main_thread);
+    let _ = write!(
+        out,
+        "# CPU\r\nused_cpu_sys:{sys:.6}\r\nused_cpu_user:{user:.6}\r\nused_cpu_sys_children:{sys_children:.6}\r\nused_cpu_user_children:{user_children:.6}\r\nused_cpu_sys_main_thread:{main_sys:.6}\r\nused_cpu_user_main_thread:{main_user:.6}\r\n\r\n"
     );
 }
 
@@ -289,5 +332,19 @@ fn check_flush_args(args: &[Bytes]) -> Result<(), String> {
         [] => Ok(()),
         [m] if m.eq_ignore_ascii_case(b"sync") || m.eq_ignore_ascii_case(b"async") => Ok(()),
         _ => Err(syntax()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cpu_seconds;
+
+    #[test]
+    fn cpu_times_come_from_the_fields_after_the_command_name() {
+        // pid (comm with spaces) state ppid pgrp session tty tpgid flags minflt cminflt majflt
+        // cmajflt utime stime cutime cstime ...
+        let stat = "42 (capdb (x) y) S 1 42 42 0 -1 4194560 10 0 0 0 250 75 3 1 20 0";
+        assert_eq!(cpu_seconds(stat), (0.75, 2.5, 0.01, 0.03));
+        assert_eq!(cpu_seconds(""), (0.0, 0.0, 0.0, 0.0));
     }
 }
