@@ -7,74 +7,10 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{Server, free_port, need_tool};
+use common::{RedisServer, Server};
 use redis::Value;
-
-/// A real `redis-server` without persistence, stopped when dropped.
-struct Redis {
-    child: Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Redis {
-    fn start() -> Redis {
-        Redis::start_with(&[])
-    }
-
-    fn start_with(extra: &[&str]) -> Redis {
-        let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let child = Command::new(need_tool("redis-server"))
-            .args([
-                "--port",
-                &port.to_string(),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .args(extra)
-            .arg("--dir")
-            .arg(dir.path())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        Redis {
-            child,
-            port,
-            _dir: dir,
-        }
-    }
-
-    fn client(&mut self) -> redis::Connection {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(c) = redis::Client::open(format!("redis://127.0.0.1:{}/", self.port))
-                .unwrap()
-                .get_connection()
-            {
-                return c;
-            }
-            assert!(
-                self.child.try_wait().unwrap().is_none(),
-                "redis-server exited"
-            );
-            assert!(Instant::now() < deadline, "redis-server did not listen");
-            std::thread::sleep(Duration::from_millis(25));
-        }
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// Sends `script` (one command per line, words split on spaces) to both, and fails on the
 /// first reply that differs, naming the command.
@@ -133,7 +69,7 @@ const EXPIRE_SCRIPT: &str = "
 
 #[test]
 fn expire_options_answer_as_redis_does_in_every_mode() {
-    let mut redis_server = Redis::start();
+    let mut redis_server = RedisServer::start_with(&[]);
     let mut redis = redis_server.client();
     let capdb = Server::start();
     let (status, body) = common::http(
@@ -203,7 +139,7 @@ const RAW_REQUESTS: &[&[u8]] = &[
 
 #[test]
 fn protocol_edge_cases_answer_byte_for_byte_as_redis_does() {
-    let mut redis = Redis::start();
+    let mut redis = RedisServer::start_with(&[]);
     let _ = redis.client();
     let capdb = Server::start();
     let theirs = SocketAddr::from(([127, 0, 0, 1], redis.port));
@@ -219,7 +155,7 @@ fn protocol_edge_cases_answer_byte_for_byte_as_redis_does() {
 
 #[test]
 fn before_authentication_both_refuse_large_commands_alike() {
-    let mut redis = Redis::start_with(&["--requirepass", "s3cret"]);
+    let mut redis = RedisServer::start_with(&["--requirepass", "s3cret"]);
     let _ = redis.client();
     let capdb = Server::start_with(&["--password", "s3cret"]);
     let theirs = SocketAddr::from(([127, 0, 0, 1], redis.port));

@@ -12,10 +12,10 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Server, free_port, http, need_tool};
+use common::{RedisServer, Server, free_port, http, need_tool};
 use redis::Commands;
 
 /// Tests in this file start clusters; on a 2-core machine they run one at a time.
@@ -505,83 +505,30 @@ fn a_scan_cursor_finishes_the_slots_it_began_with_after_a_leadership_change() {
     assert_eq!(keys.into_iter().collect::<BTreeSet<_>>(), theirs);
 }
 
-/// A real `redis-server` in cluster mode serving all 16384 slots alone, stopped when dropped.
-struct RedisServer {
-    child: Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl RedisServer {
-    fn start() -> RedisServer {
-        let dir = tempfile::tempdir().unwrap();
-        let (port, bus) = (free_port(), free_port());
-        let child = Command::new(need_tool("redis-server"))
-            .args([
-                "--port",
-                &port.to_string(),
-                "--cluster-port",
-                &bus.to_string(),
-            ])
-            .args([
-                "--cluster-enabled",
-                "yes",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .arg("--dir")
-            .arg(dir.path())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut r = RedisServer {
-            child,
-            port,
-            _dir: dir,
-        };
-        let mut c = r.client();
-        let _: () = redis::cmd("CLUSTER")
-            .arg("ADDSLOTSRANGE")
-            .arg(0)
-            .arg(16383)
-            .query(&mut c)
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let info: String = redis::cmd("CLUSTER").arg("INFO").query(&mut c).unwrap();
-            if info.contains("cluster_state:ok") {
-                return r;
-            }
-            assert!(Instant::now() < deadline, "redis-server cluster: {info}");
-            std::thread::sleep(Duration::from_millis(50));
+/// A real `redis-server` in cluster mode serving all 16384 slots alone.
+fn redis_cluster_node() -> RedisServer {
+    let bus = free_port();
+    let mut r = RedisServer::start_with(&[
+        "--cluster-port",
+        &bus.to_string(),
+        "--cluster-enabled",
+        "yes",
+    ]);
+    let mut c = r.client();
+    let _: () = redis::cmd("CLUSTER")
+        .arg("ADDSLOTSRANGE")
+        .arg(0)
+        .arg(16383)
+        .query(&mut c)
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let info: String = redis::cmd("CLUSTER").arg("INFO").query(&mut c).unwrap();
+        if info.contains("cluster_state:ok") {
+            return r;
         }
-    }
-
-    fn client(&mut self) -> redis::Connection {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(c) = redis::Client::open(format!("redis://127.0.0.1:{}/", self.port))
-                .unwrap()
-                .get_connection()
-            {
-                return c;
-            }
-            assert!(
-                self.child.try_wait().unwrap().is_none(),
-                "redis-server exited"
-            );
-            assert!(Instant::now() < deadline, "redis-server did not listen");
-            std::thread::sleep(Duration::from_millis(25));
-        }
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        assert!(Instant::now() < deadline, "redis-server cluster: {info}");
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -629,7 +576,7 @@ fn hello_mode(c: &mut redis::Connection) -> String {
 #[test]
 fn cluster_mode_replies_have_the_shapes_of_a_redis_cluster_node() {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    let mut redis = RedisServer::start();
+    let mut redis = redis_cluster_node();
     let capdb = Server::start_with(&["--redis-cluster"]);
     let plain = Server::start();
     let mut r = redis.client();

@@ -181,7 +181,8 @@ type SpawnJob = (Command, mpsc::Sender<io::Result<Child>>);
 /// any thread may call it. The one place a node process (or a test's stand-in) is forked.
 pub fn launch(mut cmd: Command) -> io::Result<LocalNode> {
     arm_parent_death(&mut cmd);
-    static SPAWNER: OnceLock<mpsc::Sender<SpawnJob>> = OnceLock::new();
+    // `None`: the launcher thread could not be started (the OS refused a thread).
+    static SPAWNER: OnceLock<Option<mpsc::Sender<SpawnJob>>> = OnceLock::new();
     let spawner = SPAWNER.get_or_init(|| {
         let (tx, rx) = mpsc::channel::<SpawnJob>();
         std::thread::Builder::new()
@@ -192,10 +193,11 @@ pub fn launch(mut cmd: Command) -> io::Result<LocalNode> {
                     let _ = reply.send(cmd.spawn());
                 }
             })
-            .expect("cannot start the capdb-launch thread");
-        tx
+            .ok()
+            .map(|_| tx)
     });
-    let gone = || io::Error::other("the capdb-launch thread is gone");
+    let gone = || io::Error::other("the capdb-launch thread could not start or is gone");
+    let spawner = spawner.as_ref().ok_or_else(gone)?;
     let (reply, answer) = mpsc::channel();
     spawner.send((cmd, reply)).map_err(|_| gone())?;
     let child = answer.recv().map_err(|_| gone())??;

@@ -284,3 +284,66 @@ pub fn need_tool(name: &str) -> PathBuf {
 pub fn path_exists(p: &Path) -> bool {
     p.exists()
 }
+
+/// A real `redis-server` (the reference for differential tests), without persistence, with
+/// `extra` arguments, stopped when dropped.
+#[allow(dead_code)] // not every test binary uses it
+pub struct RedisServer {
+    child: std::process::Child,
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+#[allow(dead_code)]
+impl RedisServer {
+    pub fn start_with(extra: &[&str]) -> RedisServer {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let child = Command::new(need_tool("redis-server"))
+            .args([
+                "--port",
+                &port.to_string(),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .args(extra)
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        RedisServer {
+            child,
+            port,
+            _dir: dir,
+        }
+    }
+
+    /// A connection, once the server listens (bounded wait).
+    pub fn client(&mut self) -> redis::Connection {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(c) = redis::Client::open(format!("redis://127.0.0.1:{}/", self.port))
+                .unwrap()
+                .get_connection()
+            {
+                return c;
+            }
+            assert!(
+                self.child.try_wait().unwrap().is_none(),
+                "redis-server exited"
+            );
+            assert!(Instant::now() < deadline, "redis-server did not listen");
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
