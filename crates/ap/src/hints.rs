@@ -33,6 +33,52 @@ struct HintRecord {
     entries: Vec<(Bytes, Value)>,
 }
 
+/// A hint record as versions before value kinds wrote it (a value was a serde structure then,
+/// not its checksummed bytes). Read only, so hints queued before an upgrade are still delivered.
+#[derive(Deserialize)]
+struct LegacyHintRecord {
+    keyspace: String,
+    created_ms: u64,
+    entries: Vec<(Bytes, LegacyValue)>,
+}
+
+#[derive(Deserialize)]
+struct LegacyValue {
+    header: LegacyHeader,
+    data: Bytes,
+}
+
+#[derive(Deserialize)]
+struct LegacyHeader {
+    timestamp: capdb_types::Timestamp,
+    tombstone: bool,
+    expire_at_ms: Option<u64>,
+    counter: bool,
+}
+
+impl HintRecord {
+    fn decode(bytes: &[u8]) -> Result<HintRecord, postcard::Error> {
+        postcard::from_bytes::<HintRecord>(bytes).or_else(|e| {
+            let legacy = postcard::from_bytes::<LegacyHintRecord>(bytes).map_err(|_| e)?;
+            Ok(HintRecord {
+                keyspace: legacy.keyspace,
+                created_ms: legacy.created_ms,
+                entries: legacy
+                    .entries
+                    .into_iter()
+                    .map(|(k, v)| {
+                        let mut value =
+                            Value::new(v.data, v.header.timestamp, v.header.expire_at_ms);
+                        value.header.tombstone = v.header.tombstone;
+                        value.header.counter = v.header.counter;
+                        (k, value)
+                    })
+                    .collect(),
+            })
+        })
+    }
+}
+
 /// Per target: next index to append, first index not yet delivered.
 #[derive(Debug, Clone, Copy)]
 struct Queue {
@@ -218,7 +264,7 @@ impl Hints {
             let mut by_keyspace: BTreeMap<String, Vec<(Bytes, Value)>> = BTreeMap::new();
             let now = capdb_types::unix_now_ms();
             for (index, bytes) in &batch {
-                match postcard::from_bytes::<HintRecord>(bytes) {
+                match HintRecord::decode(bytes) {
                     Ok(r)
                         if now.saturating_sub(r.created_ms) <= self.max_age.as_millis() as u64 =>
                     {
@@ -305,5 +351,60 @@ pub(super) async fn run(ap: Arc<Ap>) {
                 ap.hints.deliver(&ap, target).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_hint_written_before_value_kinds_still_decodes() {
+        #[derive(Serialize)]
+        struct OldHeader {
+            timestamp: capdb_types::Timestamp,
+            tombstone: bool,
+            expire_at_ms: Option<u64>,
+            counter: bool,
+        }
+        #[derive(Serialize)]
+        struct OldValue {
+            header: OldHeader,
+            data: Bytes,
+        }
+        #[derive(Serialize)]
+        struct OldRecord {
+            keyspace: String,
+            created_ms: u64,
+            entries: Vec<(Bytes, OldValue)>,
+        }
+        let old = OldRecord {
+            keyspace: "ks".into(),
+            created_ms: 5,
+            entries: vec![(
+                Bytes::from_static(b"k"),
+                OldValue {
+                    header: OldHeader {
+                        timestamp: capdb_types::Timestamp(9),
+                        tombstone: true,
+                        expire_at_ms: Some(77),
+                        counter: false,
+                    },
+                    data: Bytes::from_static(b"v"),
+                },
+            )],
+        };
+        let r = HintRecord::decode(&postcard::to_stdvec(&old).unwrap()).unwrap();
+        assert_eq!(r.keyspace, "ks");
+        let v = &r.entries[0].1;
+        assert_eq!(
+            (
+                v.header.timestamp.0,
+                v.header.expire_at_ms,
+                v.header.tombstone
+            ),
+            (9, Some(77), true)
+        );
+        assert_eq!(&v.data[..], b"v");
     }
 }

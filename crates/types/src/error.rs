@@ -64,6 +64,14 @@ pub enum Error {
     /// twice; read the key to learn the outcome first.
     #[error("{0}")]
     OutcomeUnknown(String),
+    /// A command met a key holding another type (a hash where a string was expected, ...).
+    /// Nothing changed.
+    #[error("Operation against a key holding the wrong kind of value")]
+    WrongType,
+    /// A Redis command refused its arguments or the stored data with Redis's own error line
+    /// (code first: `ERR ...`, `WRONGTYPE ...`). Nothing changed; retrying unchanged fails again.
+    #[error("{0}")]
+    Command(String),
 }
 
 impl Error {
@@ -87,6 +95,8 @@ impl Error {
             Error::Corruption(_) => "corruption",
             Error::Io(_) => "io",
             Error::OutcomeUnknown(_) => "outcome_unknown",
+            Error::WrongType => "wrong_type",
+            Error::Command(_) => "command",
         }
     }
 }

@@ -35,7 +35,7 @@ pub use hlc::{Hlc, Timestamp};
 pub use ids::{GroupId, NodeId};
 pub use keyspace::{EvictionPolicy, KeyspaceName, KeyspaceSpec, Mode};
 pub use mutation::{Effect, Mutation, Reply};
-pub use value::{Header, Value};
+pub use value::{Header, Value, ValueKind};
 
 /// Milliseconds since the Unix epoch, from the system clock.
 ///

@@ -68,6 +68,13 @@ pub enum Mutation {
         at_ms: u64,
         when: ExpireWhen,
     },
+    /// A data-type command (hashes, lists, sets, sorted sets, and the string and key commands
+    /// added with them) as its whole argument list, name first, parsed and run by `capdb-data`
+    /// inside the engine. The log carries the command, as Redis replicates commands, so adding a
+    /// command never changes the shape of anything stored. `key` is the command's first key,
+    /// which routes it; a command never spans shards (the server refuses that with CROSSSLOT).
+    /// Any relative time in the arguments was resolved to an absolute one before queueing.
+    Exec { key: Bytes, args: Vec<Bytes> },
 }
 
 /// When a conditional EXPIRE applies, judged against the key's current deadline. As in Redis,
@@ -94,13 +101,29 @@ impl ExpireWhen {
     }
 }
 
-/// The answer to one mutation, independent of any wire protocol.
+/// The answer to one mutation, independent of any wire protocol. Variants are only ever
+/// appended: replies are remembered on disk (exactly-once sessions).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Reply {
     Ok,
     Nil,
     Integer(i64),
     Bulk(Bytes),
+    /// An array (RESP `*`).
+    Array(Vec<Reply>),
+    /// The null array (RESP2 `*-1`, RESP3 `_`), e.g. BLPOP timing out, LMPOP on empty lists.
+    NilArray,
+    /// A map (RESP3 `%`, a flat array in RESP2), e.g. HGETALL.
+    Map(Vec<(Reply, Reply)>),
+    /// A set (RESP3 `~`, an array in RESP2), e.g. SMEMBERS.
+    Set(Vec<Reply>),
+    /// A double already formatted as Redis formats it (RESP3 `,`, a bulk string in RESP2).
+    Double(String),
+    /// A status line (RESP `+`), e.g. TYPE's answer.
+    Status(String),
+    /// Pairs that RESP3 nests (`[[a, 1], [b, 2]]`) and RESP2 flattens (`[a, 1, b, 2]`), as
+    /// Redis replies to ZRANGE WITHSCORES and HRANDFIELD WITHVALUES.
+    Pairs(Vec<(Reply, Reply)>),
 }
 
 /// What the engine must store after applying a mutation.
@@ -123,7 +146,8 @@ impl Mutation {
             | Mutation::IncrBy { key, .. }
             | Mutation::Append { key, .. }
             | Mutation::Expire { key, .. }
-            | Mutation::ExpireIf { key, .. } => key,
+            | Mutation::ExpireIf { key, .. }
+            | Mutation::Exec { key, .. } => key,
         }
     }
 
@@ -136,6 +160,7 @@ impl Mutation {
             Mutation::IncrBy { .. } => "incrby",
             Mutation::Append { .. } => "append",
             Mutation::Expire { .. } | Mutation::ExpireIf { .. } => "expire",
+            Mutation::Exec { .. } => "exec",
         }
     }
 
@@ -153,7 +178,29 @@ impl Mutation {
             current.is_none_or(|v| v.is_live(now_ms)),
             "engines pass live values only"
         );
+        let string_only = match self {
+            Mutation::Set {
+                return_old,
+                condition,
+                ..
+            } => {
+                *return_old || matches!(condition, Condition::IfEqual(_) | Condition::IfNotEqual(_))
+            }
+            Mutation::GetDel { .. } | Mutation::IncrBy { .. } | Mutation::Append { .. } => true,
+            Mutation::Delete { .. }
+            | Mutation::Expire { .. }
+            | Mutation::ExpireIf { .. }
+            | Mutation::Exec { .. } => false,
+        };
+        if string_only && current.is_some_and(|v| !v.is_string()) {
+            return Err(Error::WrongType);
+        }
         Ok(match self {
+            Mutation::Exec { .. } => {
+                return Err(Error::Io(
+                    "a data-type command reached the string evaluator (an engine bug)".into(),
+                ));
+            }
             Mutation::Set {
                 value,
                 condition,
@@ -226,11 +273,21 @@ impl Mutation {
                     (Effect::Remove(timestamp), Reply::Integer(1))
                 }
                 (Some(v), Some(at)) => (
-                    Effect::Put(Value::new(v.data.clone(), timestamp, Some(*at))),
+                    Effect::Put(Value::of_kind(
+                        v.header.kind,
+                        v.data.clone(),
+                        timestamp,
+                        Some(*at),
+                    )),
                     Reply::Integer(1),
                 ),
                 (Some(v), None) if v.header.expire_at_ms.is_some() => (
-                    Effect::Put(Value::new(v.data.clone(), timestamp, None)),
+                    Effect::Put(Value::of_kind(
+                        v.header.kind,
+                        v.data.clone(),
+                        timestamp,
+                        None,
+                    )),
                     Reply::Integer(1),
                 ),
                 (Some(_), None) => (Effect::Unchanged, Reply::Integer(0)),

@@ -10,7 +10,9 @@
 //! offset size field
 //! 0      1    format version (1)
 //! 1      1    flags: bit 0 = tombstone, bit 1 = has expiry, bit 2 = counter (the payload is a
-//!             PN-counter, see `merge.rs`); other bits must be 0
+//!             PN-counter, see `merge.rs`), bits 3-5 = the value's kind ([`ValueKind`]: 0 is a
+//!             string, so every record written before kinds existed reads as one); bits 6-7
+//!             must be 0
 //! 2      8    HLC timestamp
 //! 10     8    expiry, Unix milliseconds (0 when the flag is clear)
 //! 18     4    CRC-32 (IEEE) of bytes [0..18) ++ payload
@@ -19,6 +21,13 @@
 //!
 //! The checksum covers the header and the payload, so a flipped bit anywhere is caught by
 //! [`Value::decode`] and reported as [`Error::Corruption`]: corrupt data is never served.
+//!
+//! # Serde
+//!
+//! Messages and hint records carry a value as these same bytes (one byte string), not as a
+//! derived structure: header changes then never change a serde shape (postcard is not
+//! self-describing, so an added field would silently misread older records), and a value is
+//! checksummed on the wire too.
 
 use bytes::Bytes;
 
@@ -28,11 +37,51 @@ const FORMAT_VERSION: u8 = 1;
 const FLAG_TOMBSTONE: u8 = 0b01;
 const FLAG_EXPIRES: u8 = 0b10;
 const FLAG_COUNTER: u8 = 0b100;
+const KIND_SHIFT: u8 = 3;
+const KIND_MASK: u8 = 0b111 << KIND_SHIFT;
 /// Size of the encoded header, including the checksum.
 pub const HEADER_LEN: usize = 22;
 
+/// What a key holds, as Redis's `TYPE` names it. A collection's top-level record (its *meta
+/// record*, see `capdb-data`) carries the collection's kind; its elements live in a separate
+/// element table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+#[repr(u8)]
+pub enum ValueKind {
+    #[default]
+    String = 0,
+    Hash = 1,
+    List = 2,
+    Set = 3,
+    ZSet = 4,
+}
+
+impl ValueKind {
+    /// The name `TYPE` answers.
+    pub fn type_name(self) -> &'static str {
+        match self {
+            ValueKind::String => "string",
+            ValueKind::Hash => "hash",
+            ValueKind::List => "list",
+            ValueKind::Set => "set",
+            ValueKind::ZSet => "zset",
+        }
+    }
+
+    fn from_bits(bits: u8) -> Option<ValueKind> {
+        Some(match bits {
+            0 => ValueKind::String,
+            1 => ValueKind::Hash,
+            2 => ValueKind::List,
+            3 => ValueKind::Set,
+            4 => ValueKind::ZSet,
+            _ => return None,
+        })
+    }
+}
+
 /// Metadata stored in front of every value.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Header {
     /// When the write was issued, by the issuing node's hybrid logical clock.
     pub timestamp: Timestamp,
@@ -41,12 +90,13 @@ pub struct Header {
     /// Absolute expiry in Unix milliseconds; `None` lives forever.
     pub expire_at_ms: Option<u64>,
     /// The payload is a conflict-free counter (`ap` INCR/DECR), not the user's bytes.
-    #[serde(default)]
     pub counter: bool,
+    /// What the key holds; a collection's payload is its meta record.
+    pub kind: ValueKind,
 }
 
 /// A value with its header, as engines store it and mutations see it.
-#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Value {
     pub header: Header,
     pub data: Bytes,
@@ -60,9 +110,27 @@ impl Value {
                 tombstone: false,
                 expire_at_ms,
                 counter: false,
+                kind: ValueKind::String,
             },
             data,
         }
+    }
+
+    /// A value of `kind` (a collection's meta record when not a string).
+    pub fn of_kind(
+        kind: ValueKind,
+        data: Bytes,
+        timestamp: Timestamp,
+        expire_at_ms: Option<u64>,
+    ) -> Value {
+        let mut v = Value::new(data, timestamp, expire_at_ms);
+        v.header.kind = kind;
+        v
+    }
+
+    /// Whether the key holds a string (every value written before kinds existed does).
+    pub fn is_string(&self) -> bool {
+        self.header.kind == ValueKind::String
     }
 
     pub fn tombstone(timestamp: Timestamp) -> Value {
@@ -72,6 +140,7 @@ impl Value {
                 tombstone: true,
                 expire_at_ms: None,
                 counter: false,
+                kind: ValueKind::String,
             },
             data: Bytes::new(),
         }
@@ -105,6 +174,7 @@ impl Value {
         if self.header.counter {
             flags |= FLAG_COUNTER;
         }
+        flags |= (self.header.kind as u8) << KIND_SHIFT;
         out.push(FORMAT_VERSION);
         out.push(flags);
         out.extend_from_slice(&self.header.timestamp.0.to_le_bytes());
@@ -143,11 +213,14 @@ impl Value {
             )));
         }
         let flags = raw[1];
-        if flags & !(FLAG_TOMBSTONE | FLAG_EXPIRES | FLAG_COUNTER) != 0 {
+        let kind = ValueKind::from_bits((flags & KIND_MASK) >> KIND_SHIFT);
+        let Some(kind) = kind
+            .filter(|_| flags & !(FLAG_TOMBSTONE | FLAG_EXPIRES | FLAG_COUNTER | KIND_MASK) == 0)
+        else {
             return Err(Error::Corruption(format!(
                 "unknown value flags {flags:#04x}"
             )));
-        }
+        };
         let timestamp = Timestamp(u64::from_le_bytes(raw[2..10].try_into().expect("8 bytes")));
         let expire = u64::from_le_bytes(raw[10..18].try_into().expect("8 bytes"));
         Ok(Value {
@@ -156,9 +229,39 @@ impl Value {
                 tombstone: flags & FLAG_TOMBSTONE != 0,
                 expire_at_ms: (flags & FLAG_EXPIRES != 0).then_some(expire),
                 counter: flags & FLAG_COUNTER != 0,
+                kind,
             },
             data: Bytes::copy_from_slice(&raw[HEADER_LEN..]),
         })
+    }
+}
+
+impl serde::Serialize for Value {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(&self.encode())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Value {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Value, D::Error> {
+        struct Encoded;
+        impl<'v> serde::de::Visitor<'v> for Encoded {
+            type Value = Value;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an encoded value")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, raw: &[u8]) -> Result<Value, E> {
+                Value::decode(raw).map_err(E::custom)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'v>>(self, mut seq: A) -> Result<Value, A::Error> {
+                let mut raw = Vec::new();
+                while let Some(b) = seq.next_element::<u8>()? {
+                    raw.push(b);
+                }
+                Value::decode(&raw).map_err(serde::de::Error::custom)
+            }
+        }
+        d.deserialize_bytes(Encoded)
     }
 }
 
@@ -169,12 +272,17 @@ mod tests {
 
     proptest! {
         #[test]
-        fn encode_decode_round_trips(data: Vec<u8>, ts: u64, tomb: bool, exp: Option<u64>, counter: bool) {
+        fn encode_decode_round_trips(data: Vec<u8>, ts: u64, tomb: bool, exp: Option<u64>, counter: bool, kind in 0u8..5) {
+            let kind = ValueKind::from_bits(kind).unwrap();
             let v = Value {
-                header: Header { timestamp: Timestamp(ts), tombstone: tomb, expire_at_ms: exp, counter },
+                header: Header { timestamp: Timestamp(ts), tombstone: tomb, expire_at_ms: exp, counter, kind },
                 data: Bytes::from(data),
             };
-            prop_assert_eq!(Value::decode(&v.encode()).unwrap(), v);
+            prop_assert_eq!(Value::decode(&v.encode()).unwrap(), v.clone());
+            let wire = postcard::to_stdvec(&v).unwrap();
+            prop_assert_eq!(postcard::from_bytes::<Value>(&wire).unwrap(), v.clone());
+            let json = serde_json_like(&v);
+            prop_assert_eq!(json, v);
         }
 
         #[test]
@@ -185,6 +293,36 @@ mod tests {
             raw[bit / 8] ^= 1 << (bit % 8);
             prop_assert!(matches!(Value::decode(&raw), Err(Error::Corruption(_))));
         }
+    }
+
+    /// A round trip through a serializer that writes bytes as a sequence (as JSON does).
+    fn serde_json_like(v: &Value) -> Value {
+        let d: serde::de::value::SeqDeserializer<_, serde::de::value::Error> =
+            serde::de::value::SeqDeserializer::new(v.encode().into_iter());
+        <Value as serde::Deserialize>::deserialize(d).unwrap()
+    }
+
+    #[test]
+    fn a_record_written_before_kinds_reads_as_a_string_and_unknown_kinds_are_corruption() {
+        let v = Value::new(Bytes::from_static(b"x"), Timestamp(1), None);
+        let raw = v.encode();
+        assert_eq!(
+            raw[1], 0,
+            "a string's flags are what they were before kinds"
+        );
+        assert_eq!(Value::decode(&raw).unwrap().header.kind, ValueKind::String);
+        let hash = Value::of_kind(ValueKind::Hash, Bytes::new(), Timestamp(1), None);
+        assert_eq!(
+            Value::decode(&hash.encode()).unwrap().header.kind,
+            ValueKind::Hash
+        );
+        let mut bad = hash.encode();
+        bad[1] = 7 << KIND_SHIFT;
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&bad[..18]);
+        crc.update(&bad[HEADER_LEN..]);
+        bad[18..22].copy_from_slice(&crc.finalize().to_le_bytes());
+        assert!(matches!(Value::decode(&bad), Err(Error::Corruption(_))));
     }
 
     #[test]

@@ -79,9 +79,10 @@ impl IntoResponse for ApiError {
             ApiError::Http(status, code, message) => return api_error(status, code, message),
         };
         let status = match &e {
-            Error::InvalidInput(_) | Error::NotAnInteger | Error::Overflow => {
+            Error::InvalidInput(_) | Error::NotAnInteger | Error::Overflow | Error::Command(_) => {
                 StatusCode::BAD_REQUEST
             }
+            Error::WrongType => StatusCode::CONFLICT,
             Error::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::KeyspaceNotFound(_) => StatusCode::NOT_FOUND,
             Error::KeyspaceExists(_) => StatusCode::CONFLICT,

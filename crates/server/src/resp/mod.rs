@@ -33,7 +33,7 @@
 
 mod cluster;
 mod commands;
-pub mod glob;
+
 pub mod parse;
 pub mod reply;
 
@@ -335,12 +335,7 @@ impl Connection {
     }
 
     fn write_reply(&mut self, r: &Reply) {
-        match r {
-            Reply::Ok => self.out.ok(),
-            Reply::Nil => self.out.null(),
-            Reply::Integer(n) => self.out.int(*n),
-            Reply::Bulk(b) => self.out.bulk(b),
-        }
+        self.out.reply(r);
     }
 
     /// Queues a write command's mutations behind earlier queued writes to the same keyspace.

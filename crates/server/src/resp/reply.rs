@@ -5,6 +5,7 @@
 //! sets, doubles) are handled here, so command code never checks the version.
 
 use bytes::{BufMut, BytesMut};
+use capdb_types::Reply;
 
 /// The reply side of one connection.
 pub struct ReplyWriter {
@@ -96,6 +97,61 @@ impl ReplyWriter {
             self.int_line(b'~', len as i64);
         } else {
             self.int_line(b'*', len as i64);
+        }
+    }
+
+    /// Any [`Reply`], in this connection's protocol version.
+    pub fn reply(&mut self, r: &Reply) {
+        match r {
+            Reply::Ok => self.ok(),
+            Reply::Nil => self.null(),
+            Reply::Integer(n) => self.int(*n),
+            Reply::Bulk(b) => self.bulk(b),
+            Reply::Array(items) => {
+                self.array(items.len());
+                items.iter().for_each(|i| self.reply(i));
+            }
+            Reply::NilArray => self.null_array(),
+            Reply::Map(pairs) => {
+                self.map(pairs.len());
+                for (k, v) in pairs {
+                    self.reply(k);
+                    self.reply(v);
+                }
+            }
+            Reply::Set(items) => {
+                self.set(items.len());
+                items.iter().for_each(|i| self.reply(i));
+            }
+            Reply::Double(text) => self.double(text),
+            Reply::Status(s) => self.simple(s),
+            Reply::Pairs(pairs) => {
+                if self.resp3 {
+                    self.array(pairs.len());
+                    for (a, b) in pairs {
+                        self.array(2);
+                        self.reply(a);
+                        self.reply(b);
+                    }
+                } else {
+                    self.array(2 * pairs.len());
+                    for (a, b) in pairs {
+                        self.reply(a);
+                        self.reply(b);
+                    }
+                }
+            }
+        }
+    }
+
+    /// A double as Redis formatted it (RESP3 `,`, a bulk string in RESP2).
+    pub fn double(&mut self, text: &str) {
+        if self.resp3 {
+            self.out.put_u8(b',');
+            self.out.extend_from_slice(text.as_bytes());
+            self.out.extend_from_slice(b"\r\n");
+        } else {
+            self.bulk(text.as_bytes());
         }
     }
 

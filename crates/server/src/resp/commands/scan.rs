@@ -19,7 +19,8 @@ use capdb_types::mutation::parse_i64_strict;
 
 use super::{Outcome, error_line, syntax};
 use crate::node::{ScanCursor, ScanPosition};
-use crate::resp::{Connection, cluster, glob};
+use crate::resp::{Connection, cluster};
+use capdb_data::glob;
 
 /// Most keys one `KEYS` reply may carry.
 pub const KEYS_REPLY_MAX: usize = 1_000_000;

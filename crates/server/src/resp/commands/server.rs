@@ -12,7 +12,8 @@ use bytes::Bytes;
 
 use super::{COMMANDS, Command, Outcome, error_line, syntax};
 use crate::node::{Consistency, Keyspace, Node};
-use crate::resp::{Connection, cluster, glob};
+use crate::resp::{Connection, cluster};
+use capdb_data::glob;
 
 /// `INFO [section ...]`: the sections asked for (none, `all`, `everything` or `default`: all;
 /// `default` leaves out `commandstats`, which capdb does not have).

@@ -1,0 +1,201 @@
+//! The data-type commands: one table per family, lookup, key positions, and [`execute`].
+//!
+//! Each family file owns a sorted `COMMANDS` slice of [`Spec`] rows (what `COMMAND` reports,
+//! and the function that runs it). The server lists these rows next to its own, so a command is
+//! known in exactly one place.
+
+use bytes::Bytes;
+use capdb_types::{Error, Reply, Result, Timestamp};
+
+use crate::space::Space;
+
+/// What a command may depend on besides its arguments and the data: the same for every replica
+/// that runs it (a `cp` entry's leader clock, timestamp and seed).
+#[derive(Debug, Clone, Copy)]
+pub struct Ctx {
+    /// Unix milliseconds: what counts as expired.
+    pub now_ms: u64,
+    /// Stamps every record the command writes.
+    pub timestamp: Timestamp,
+    /// Seeds every random choice of a write (SPOP, ...), so replicas choose alike.
+    pub seed: u64,
+    /// Largest element or value a write may create.
+    pub value_bytes_max: usize,
+}
+
+/// A command's function: the arguments (name first), the space, the context.
+pub type CommandFn = fn(&[Bytes], &mut dyn Space, &Ctx) -> Result<Reply>;
+
+/// Whether a command changes data (replicated, queued with the connection's writes) or only
+/// reads (evaluated where the data is, after a read barrier in `cp`).
+#[derive(Clone, Copy)]
+pub enum Run {
+    Write(CommandFn),
+    Read(CommandFn),
+}
+
+/// Where a command's keys are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keys {
+    /// First key, last key (negative: from the end), step, as `COMMAND` reports them.
+    Range(i64, i64, i64),
+    /// A `numkeys` argument at this index followed by that many keys, plus, when `dest` is
+    /// set, a destination key at index 1 (ZUNIONSTORE, SINTERCARD, LMPOP, ...).
+    NumKeys { at: usize, dest: bool },
+}
+
+/// One command: what `COMMAND` reports about it, and what runs it.
+pub struct Spec {
+    /// Lowercase; each family table is sorted by it.
+    pub name: &'static str,
+    /// Arguments counting the name; negative: at least |arity|.
+    pub arity: i64,
+    pub flags: &'static [&'static str],
+    pub keys: Keys,
+    pub run: Run,
+}
+
+impl Spec {
+    pub fn is_write(&self) -> bool {
+        matches!(self.run, Run::Write(_))
+    }
+
+    pub fn arity_ok(&self, argc: usize) -> bool {
+        if self.arity >= 0 {
+            argc == self.arity as usize
+        } else {
+            argc >= self.arity.unsigned_abs() as usize
+        }
+    }
+
+    /// The first, last and step `COMMAND` reports (numkeys commands: the first key only).
+    pub fn key_range(&self) -> (i64, i64, i64) {
+        match self.keys {
+            Keys::Range(f, l, s) => (f, l, s),
+            Keys::NumKeys { dest: true, .. } => (1, 1, 1),
+            Keys::NumKeys { at, dest: false } => (at as i64 + 1, at as i64 + 1, 1),
+        }
+    }
+
+    /// The indices of the keys in `args`, or Redis's error when `numkeys` is not valid.
+    pub fn key_indices(&self, args: &[Bytes]) -> Result<Vec<usize>> {
+        match self.keys {
+            Keys::Range(0, _, _) => Ok(Vec::new()),
+            Keys::Range(first, last, step) => {
+                let n = args.len() as i64;
+                let last = if last < 0 { n + last } else { last.min(n - 1) };
+                Ok((first..=last)
+                    .step_by(step.max(1) as usize)
+                    .map(|i| i as usize)
+                    .collect())
+            }
+            Keys::NumKeys { at, dest } => {
+                let n = numkeys(args, at)?;
+                let mut v: Vec<usize> = if dest { vec![1] } else { Vec::new() };
+                v.extend(at + 1..at + 1 + n);
+                Ok(v)
+            }
+        }
+    }
+}
+
+/// The `numkeys` argument at `at`, checked against the arguments that follow it.
+pub fn numkeys(args: &[Bytes], at: usize) -> Result<usize> {
+    let raw = args.get(at).ok_or_else(syntax)?;
+    let n =
+        crate::format::parse_int(raw).ok_or_else(|| err("ERR numkeys should be greater than 0"))?;
+    if n <= 0 {
+        return Err(err("ERR numkeys should be greater than 0"));
+    }
+    if n as usize > args.len() - at - 1 {
+        return Err(err(
+            "ERR Number of keys can't be greater than number of args",
+        ));
+    }
+    Ok(n as usize)
+}
+
+/// Every family's table.
+const FAMILIES: &[&[Spec]] = &[crate::hash::COMMANDS];
+
+/// The row of a data-type command by its lowercase name.
+pub fn lookup(name: &str) -> Option<&'static Spec> {
+    FAMILIES.iter().find_map(|table| {
+        table
+            .binary_search_by_key(&name, |c| c.name)
+            .ok()
+            .map(|i| &table[i])
+    })
+}
+
+/// Every data-type command row.
+pub fn all() -> impl Iterator<Item = &'static Spec> {
+    FAMILIES.iter().flat_map(|t| t.iter())
+}
+
+/// Runs a data-type command (`args[0]` is its name, any case). Engines call this for
+/// [`capdb_types::Mutation::Exec`] and for queries; a malformed argument list (from a log
+/// written by a different version, say) is an error reply, never a panic.
+pub fn execute(args: &[Bytes], space: &mut dyn Space, cx: &Ctx) -> Result<Reply> {
+    let name = args
+        .first()
+        .map(|n| String::from_utf8_lossy(n).to_ascii_lowercase())
+        .unwrap_or_default();
+    let Some(spec) = lookup(&name) else {
+        return Err(err(format!("ERR unknown command '{name}'")));
+    };
+    if !spec.arity_ok(args.len()) {
+        return Err(wrong_args(spec.name));
+    }
+    match spec.run {
+        Run::Write(f) | Run::Read(f) => f(args, space, cx),
+    }
+}
+
+/// A Redis error line (`ERR ...`, `WRONGTYPE ...`).
+pub fn err(line: impl Into<String>) -> Error {
+    Error::Command(line.into())
+}
+
+pub fn syntax() -> Error {
+    err("ERR syntax error")
+}
+
+pub fn not_integer() -> Error {
+    err("ERR value is not an integer or out of range")
+}
+
+pub fn wrong_args(name: &str) -> Error {
+    err(format!(
+        "ERR wrong number of arguments for '{name}' command"
+    ))
+}
+
+/// `args[i]` as an integer, or Redis's integer error.
+pub fn int_arg(args: &[Bytes], i: usize) -> Result<i64> {
+    args.get(i)
+        .and_then(|a| crate::format::parse_int(a))
+        .ok_or_else(not_integer)
+}
+
+/// Whether a table is sorted by name without duplicates (checked by each family's test).
+pub fn sorted(table: &[Spec]) -> bool {
+    table.windows(2).all(|w| w[0].name < w[1].name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_family_table_is_sorted_and_names_are_unique() {
+        let mut names = std::collections::HashSet::new();
+        for t in FAMILIES {
+            assert!(sorted(t));
+            for c in t.iter() {
+                assert!(names.insert(c.name), "{} listed twice", c.name);
+                assert_eq!(c.name, c.name.to_ascii_lowercase());
+            }
+        }
+    }
+}

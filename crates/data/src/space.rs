@@ -1,0 +1,76 @@
+//! What an engine provides to run data-type commands: top-level records and element records.
+
+use std::ops::Bound;
+
+use bytes::Bytes;
+use capdb_types::{Result, Value};
+
+/// A collection's handle for element operations: its key (engines that keep elements with the
+/// key's entry, like the cache, find them by it) and its id (engines with one element table,
+/// like redb, prefix element keys with it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Coll {
+    pub key: Bytes,
+    pub id: u64,
+}
+
+/// Which elements [`Space::el_range`] returns: subkeys within `lo..hi`, ascending (or
+/// descending when `rev`), at most `limit` of them.
+#[derive(Debug, Clone, Copy)]
+pub struct ElRange<'a> {
+    pub lo: Bound<&'a [u8]>,
+    pub hi: Bound<&'a [u8]>,
+    pub rev: bool,
+    pub limit: usize,
+}
+
+impl<'a> ElRange<'a> {
+    /// Every element, ascending.
+    pub fn all() -> ElRange<'a> {
+        ElRange {
+            lo: Bound::Unbounded,
+            hi: Bound::Unbounded,
+            rev: false,
+            limit: usize::MAX,
+        }
+    }
+
+    /// Elements whose subkey starts with `prefix`, ascending.
+    pub fn prefixed(prefix: &'a [u8], end: &'a [u8]) -> ElRange<'a> {
+        ElRange {
+            lo: Bound::Included(prefix),
+            hi: if end.is_empty() {
+                Bound::Unbounded
+            } else {
+                Bound::Excluded(end)
+            },
+            rev: false,
+            limit: usize::MAX,
+        }
+    }
+}
+
+/// One keyspace (or one shard of it) as a command sees it, inside one atomic step of the
+/// engine (a redb write transaction, the cache's shard locks, a read snapshot).
+///
+/// ### To ensure correctness
+///
+/// - [`Space::get`] returns only live records (no tombstones, nothing expired at the step's
+///   clock).
+/// - [`Space::put`] and [`Space::remove`] replace the key's top-level record. When the record
+///   they replace (live *or expired*) is a collection whose id differs from the new record's,
+///   the engine reclaims that collection's elements (at once, or later in bounded steps; they
+///   are unreachable either way, since ids are never reused).
+/// - [`Space::new_id`] never returns an id twice in the life of the space, and is replicated
+///   state where the space is (a `cp` shard): every replica allocates the same ids.
+/// - A read-only space (queries) answers every write with an error.
+pub trait Space {
+    fn get(&mut self, key: &[u8]) -> Result<Option<Value>>;
+    fn put(&mut self, key: &[u8], value: Value) -> Result<()>;
+    fn remove(&mut self, key: &[u8]) -> Result<()>;
+    fn new_id(&mut self) -> Result<u64>;
+    fn el_get(&mut self, c: &Coll, sub: &[u8]) -> Result<Option<Bytes>>;
+    fn el_put(&mut self, c: &Coll, sub: &[u8], value: &[u8]) -> Result<()>;
+    fn el_remove(&mut self, c: &Coll, sub: &[u8]) -> Result<()>;
+    fn el_range(&mut self, c: &Coll, range: ElRange<'_>) -> Result<Vec<(Bytes, Bytes)>>;
+}
