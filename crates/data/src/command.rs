@@ -128,6 +128,23 @@ pub fn lookup(name: &str) -> Option<&'static Spec> {
     })
 }
 
+/// The keys of a data-type command (`args[0]` its name), in argument order; an unknown command
+/// has none, and an invalid `numkeys` is Redis's error.
+pub fn command_keys(args: &[Bytes]) -> Result<Vec<Bytes>> {
+    let name = args
+        .first()
+        .map(|n| String::from_utf8_lossy(n).to_ascii_lowercase())
+        .unwrap_or_default();
+    let Some(spec) = lookup(&name) else {
+        return Ok(Vec::new());
+    };
+    Ok(spec
+        .key_indices(args)?
+        .into_iter()
+        .filter_map(|i| args.get(i).cloned())
+        .collect())
+}
+
 /// Every data-type command row.
 pub fn all() -> impl Iterator<Item = &'static Spec> {
     FAMILIES.iter().flat_map(|t| t.iter())

@@ -63,6 +63,9 @@ impl<'a> ElRange<'a> {
 ///   are unreachable either way, since ids are never reused).
 /// - [`Space::new_id`] never returns an id twice in the life of the space, and is replicated
 ///   state where the space is (a `cp` shard): every replica allocates the same ids.
+/// - [`Space::rename`] moves the live record at `from` with its elements to `to` (no copy: the
+///   elements keep their id), replacing and reclaiming whatever `to` held; nothing when `from`
+///   is absent.
 /// - A read-only space (queries) answers every write with an error.
 pub trait Space {
     fn get(&mut self, key: &[u8]) -> Result<Option<Value>>;
@@ -73,4 +76,5 @@ pub trait Space {
     fn el_put(&mut self, c: &Coll, sub: &[u8], value: &[u8]) -> Result<()>;
     fn el_remove(&mut self, c: &Coll, sub: &[u8]) -> Result<()>;
     fn el_range(&mut self, c: &Coll, range: ElRange<'_>) -> Result<Vec<(Bytes, Bytes)>>;
+    fn rename(&mut self, from: &[u8], to: &[u8]) -> Result<()>;
 }

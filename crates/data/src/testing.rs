@@ -106,6 +106,17 @@ impl Space for MapSpace {
             it.take(r.limit).map(pick).collect()
         })
     }
+
+    fn rename(&mut self, from: &[u8], to: &[u8]) -> Result<()> {
+        let Some(v) = self.get(from)? else {
+            return Ok(());
+        };
+        let moved = CollMeta::of(&v)?.map(|m| m.id);
+        self.reclaim_replaced(to, moved)?;
+        self.top.remove(from);
+        self.top.insert(Bytes::copy_from_slice(to), v);
+        Ok(())
+    }
 }
 
 /// No data, no writes: a command run on it fails at its first argument error, or at the first
@@ -140,5 +151,8 @@ impl Space for EmptySpace {
     }
     fn el_range(&mut self, _: &Coll, _: ElRange<'_>) -> Result<Vec<(Bytes, Bytes)>> {
         Ok(Vec::new())
+    }
+    fn rename(&mut self, _: &[u8], _: &[u8]) -> Result<()> {
+        Err(read_only())
     }
 }

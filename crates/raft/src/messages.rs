@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 
 use bytes::Bytes;
 use capdb_transport::{Channel, Service};
-use capdb_types::{Error, GroupId, NodeId, ReadMode, Value};
+use capdb_types::{Error, GroupId, NodeId, ReadMode, Reply, Value};
 use openraft::alias::VoteOf;
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
@@ -98,6 +98,14 @@ pub enum ForwardRequest {
     },
     /// The number of keys of a shard (DBSIZE).
     Count { group: GroupId, mode: ReadMode },
+    /// A read-only data-type command (HGET, LRANGE, ...; `args[0]` its name), evaluated on one
+    /// consistent state of the shard's replica.
+    Query {
+        group: GroupId,
+        args: Vec<Bytes>,
+        mode: ReadMode,
+        seed: u64,
+    },
 }
 
 /// A page of a shard scan: entries in key order and where the next page starts.
@@ -110,6 +118,7 @@ pub enum ForwardResponse {
     Read(Result<Vec<Option<Value>>, ForwardError>),
     Scan(Result<ScanPage, ForwardError>),
     Count(Result<u64, ForwardError>),
+    Query(Result<Reply, ForwardError>),
 }
 
 /// The forwarding channel.

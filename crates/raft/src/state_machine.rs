@@ -77,6 +77,13 @@ enum SnapshotPayload {
         state: ClusterState,
         sessions: Vec<(String, Vec<u8>)>,
     },
+    /// A data shard with its session rows and its element table (collections' elements, the
+    /// collection-id counter, the reclaim queue).
+    DataWithElements {
+        entries: Vec<(Vec<u8>, Vec<u8>)>,
+        elements: Vec<(Vec<u8>, Vec<u8>)>,
+        sessions: Vec<(String, Vec<u8>)>,
+    },
 }
 
 /// One group's state machine. Cheap to clone; clones share state.
@@ -312,7 +319,7 @@ impl StateMachine {
                     meta.push((key, Some(value)));
                 }
                 self.engine
-                    .replace_table(table, Vec::new(), None, meta)
+                    .replace_table(table, Vec::new(), Vec::new(), None, meta)
                     .await
                     .map_err(io)?;
                 b.responses[slot] = Some(Response::Replies(reply));
@@ -584,15 +591,25 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             membership: meta.last_membership.clone(),
         };
         let prefix = SessionTable::prefix_of(self.group);
-        let (payload, sessions) = match payload {
-            SnapshotPayload::Data { entries } => (SnapshotPayload::Data { entries }, Vec::new()),
-            SnapshotPayload::Meta { state } => (SnapshotPayload::Meta { state }, Vec::new()),
+        let empty = Vec::new;
+        let (payload, elements, sessions) = match payload {
+            SnapshotPayload::Data { entries } => {
+                (SnapshotPayload::Data { entries }, empty(), Vec::new())
+            }
+            SnapshotPayload::Meta { state } => {
+                (SnapshotPayload::Meta { state }, empty(), Vec::new())
+            }
             SnapshotPayload::DataWithSessions { entries, sessions } => {
-                (SnapshotPayload::Data { entries }, sessions)
+                (SnapshotPayload::Data { entries }, empty(), sessions)
             }
             SnapshotPayload::MetaWithSessions { state, sessions } => {
-                (SnapshotPayload::Meta { state }, sessions)
+                (SnapshotPayload::Meta { state }, empty(), sessions)
             }
+            SnapshotPayload::DataWithElements {
+                entries,
+                elements,
+                sessions,
+            } => (SnapshotPayload::Data { entries }, elements, sessions),
         };
         let session_rows: Vec<(String, Vec<u8>)> = sessions
             .into_iter()
@@ -605,7 +622,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         match (&self.kind, payload) {
             (Kind::Data { table }, SnapshotPayload::Data { entries }) => {
                 self.engine
-                    .replace_table(table, entries, Some(prefix), meta_items)
+                    .replace_table(table, entries, elements, Some(prefix), meta_items)
                     .await
                     .map_err(io)?;
             }
@@ -682,8 +699,9 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             .map(|(k, v)| (k[prefix.len()..].to_string(), v))
             .collect();
         let payload = match &self.kind {
-            Kind::Data { .. } => SnapshotPayload::DataWithSessions {
+            Kind::Data { .. } => SnapshotPayload::DataWithElements {
                 entries: dump.entries,
+                elements: dump.elements,
                 sessions,
             },
             Kind::Meta { .. } => SnapshotPayload::MetaWithSessions {

@@ -74,7 +74,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let groups = start_groups(&config, &info, &engine, &hlc, &filter).await?;
     let ap = start_ap(&config, me, &engine, &hlc, &filter, &groups);
 
-    let metrics = metrics::Metrics::new(resp::COMMAND_NAMES);
+    let metrics = metrics::Metrics::new(&resp::all_command_names());
     let node = node::Node::new(
         config,
         engine,

@@ -8,10 +8,12 @@
 //! | name | what | written by |
 //! |---|---|---|
 //! | `shard/{group}` | keys of a `cp` shard | its Raft state machine |
+//! | `shard/{group}/el` | elements of that shard's hashes, lists, sets and sorted sets, and its collection-id counter and reclaim queue | its Raft state machine; the reclaimer |
 //! | `raftlog/{group}` | the Raft log of a group | its log store |
 //! | `_meta raft/{group}/{vote,committed,purged,applied,state}` | Raft records of a group | log store, state machine |
 //! | `_meta raft/{group}/session/…` | exactly-once sessions of a group | its state machine |
 //! | `ks/{keyspace}` | this node's replica of an `ap` keyspace (every shard it holds) | `ap` |
+//! | `ks/{keyspace}/el` | reserved for the elements of `ap` collections | – |
 //! | `_meta keyspace/{keyspace}` | marker of an `ap` keyspace's table | the node's catalog |
 //! | `hints/{node}` | hinted-handoff queue for an unreachable node | `ap` hints |
 //! | `_meta ap-hints/{node}` | marker of a hint queue | `ap` hints |
@@ -26,6 +28,14 @@ pub const META_TABLE: &str = "_meta";
 pub fn shard_table(group: GroupId) -> String {
     format!("shard/{group}")
 }
+
+/// The element table of a keyspace or shard table: the fields, members and items of its
+/// collections (see `disk/space.rs`).
+pub fn element_table(table: &str) -> String {
+    format!("{table}{ELEMENTS_SUFFIX}")
+}
+
+const ELEMENTS_SUFFIX: &str = "/el";
 
 /// The table holding a Raft group's log.
 pub fn raft_log_table(group: GroupId) -> String {
@@ -56,6 +66,7 @@ pub fn ap_table(keyspace: &str) -> String {
 /// The keyspace an `ap` table belongs to (the inverse of [`ap_table`]); other tables name
 /// themselves.
 pub fn keyspace_of_table(table: &str) -> &str {
+    let table = table.strip_suffix(ELEMENTS_SUFFIX).unwrap_or(table);
     table.strip_prefix(AP_TABLE_PREFIX).unwrap_or(table)
 }
 

@@ -87,6 +87,10 @@ pub trait KeyspaceStore: Send + Sync {
         now_ms: u64,
     ) -> impl Future<Output = Result<BatchReplies>> + Send;
 
+    /// Runs a read-only data-type command (`args[0]` its name: HGET, LRANGE, SMEMBERS, ...) on
+    /// one consistent state at `now_ms`; `seed` drives random picks (HRANDFIELD).
+    fn query(&self, args: &[Bytes], now_ms: u64, seed: u64) -> Result<Reply>;
+
     /// Up to `limit` live entries of `range`, in ascending key order.
     fn scan(&self, range: &ScanRange, limit: usize, now_ms: u64) -> Result<ScanPage>;
 

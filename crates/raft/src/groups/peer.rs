@@ -98,6 +98,16 @@ impl Handler<ForwardService> for GroupsHandler {
             ForwardRequest::Count { group, mode } => {
                 ForwardResponse::Count(groups.count_local(group, mode, deadline).await)
             }
+            ForwardRequest::Query {
+                group,
+                args,
+                mode,
+                seed,
+            } => ForwardResponse::Query(
+                groups
+                    .query_local(group, &args, mode, unix_now_ms(), seed, deadline)
+                    .await,
+            ),
         }
     }
 }

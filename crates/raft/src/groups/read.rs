@@ -13,7 +13,7 @@ use bytes::Bytes;
 use capdb_cluster::{GroupId, NodeId};
 use capdb_storage::layout::shard_table;
 use capdb_storage::{KeyspaceStore, ScanRange};
-use capdb_types::{Error, ReadMode, Value};
+use capdb_types::{Error, ReadMode, Reply, Value};
 use openraft::ReadPolicy;
 use openraft::errors::{LinearizableReadError, RaftError};
 
@@ -215,6 +215,41 @@ impl Groups {
         .await
     }
 
+    /// Runs a read-only data-type command on a group, routed and fenced like [`Groups::read`].
+    /// Its own errors (WRONGTYPE, syntax) come back as final errors.
+    pub async fn query(
+        &self,
+        group: GroupId,
+        args: Vec<Bytes>,
+        mode: ReadMode,
+        now_ms: u64,
+        seed: u64,
+    ) -> Result<Reply, Error> {
+        let mode = if self.unsafe_local_reads {
+            ReadMode::Stale
+        } else {
+            mode
+        };
+        let args = &args;
+        self.route_read(
+            group,
+            mode,
+            "a linearizable read",
+            |deadline| self.query_local(group, args, mode, now_ms, seed, deadline),
+            || ForwardRequest::Query {
+                group,
+                args: args.clone(),
+                mode,
+                seed,
+            },
+            |answer| match answer {
+                ForwardResponse::Query(r) => Ok(r),
+                other => Err(other),
+            },
+        )
+        .await
+    }
+
     /// Confirms this node may serve a linearizable read of `group` now (ReadIndex).
     ///
     /// Concurrent reads share barriers: a read joins the queue, and the next barrier to *start*
@@ -296,6 +331,19 @@ impl Groups {
             .scan(&range, limit as usize, now_ms)
             .map_err(ForwardError::Db)?;
         Ok((page.entries, page.next_after))
+    }
+
+    pub(crate) async fn query_local(
+        &self,
+        group: GroupId,
+        args: &[Bytes],
+        mode: ReadMode,
+        now_ms: u64,
+        seed: u64,
+        deadline: Instant,
+    ) -> Result<Reply, ForwardError> {
+        let table = self.readable(group, mode, deadline).await?;
+        table.query(args, now_ms, seed).map_err(ForwardError::Db)
     }
 
     pub(crate) async fn count_local(

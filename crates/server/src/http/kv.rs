@@ -47,7 +47,13 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
 fn entry_json(key: &[u8], v: &capdb_types::Value, now: u64) -> Json_ {
     let mut obj = serde_json::Map::new();
     bytes_field(&mut obj, "key", key);
-    bytes_field(&mut obj, "value", &v.data);
+    if v.is_string() {
+        bytes_field(&mut obj, "value", &v.data);
+    } else {
+        // A hash, list, set or sorted set: read it with its own commands (RESP).
+        obj.insert("value".into(), Json_::Null);
+    }
+    obj.insert("type".into(), json!(v.header.kind.type_name()));
     obj.insert(
         "ttl_ms".into(),
         json!(v.header.expire_at_ms.map(|at| at.saturating_sub(now))),
@@ -105,6 +111,9 @@ pub(super) async fn get_key(
             format!("key '{key}' does not exist in keyspace '{keyspace}'"),
         ));
     };
+    if !v.is_string() {
+        return Err(capdb_types::Error::WrongType.into());
+    }
     let raw = q.raw.unwrap_or(false)
         || headers
             .get(header::ACCEPT)

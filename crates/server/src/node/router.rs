@@ -263,6 +263,18 @@ impl Keyspace {
         }
     }
 
+    /// Whether every key of `rest` is in the shard of `first` (always, for a cache: one node
+    /// holds all of it).
+    pub fn same_shard(&self, first: &[u8], rest: &[&Bytes]) -> bool {
+        match &self.store {
+            Store::Cp { entry, .. } => {
+                let group = entry.shard_for_key(first).group;
+                rest.iter().all(|k| entry.shard_for_key(k).group == group)
+            }
+            Store::Ap { .. } | Store::Cache(_) => true,
+        }
+    }
+
     /// Keys stored on this node (in the replicas it holds), for metrics.
     pub fn local_len(&self) -> Option<u64> {
         match &self.store {
@@ -292,7 +304,8 @@ impl Keyspace {
     /// One step of active expiry on this node's data, at `now`. `cursor` carries a durable
     /// table's sweep position between steps; `sweep`: whether durable tables sweep this step.
     /// (Raft-replicated keyspaces hide expired keys from readers; reclaiming their space through
-    /// the log is not done yet.)
+    /// the log is not done yet. They do reclaim the elements of big collections that were
+    /// deleted: see `storage/src/disk/space.rs`.)
     pub async fn expire_step(
         &self,
         now: u64,
@@ -309,7 +322,18 @@ impl Keyspace {
                 let t = engine.table(&layout::ap_table(self.name().as_str()), true);
                 Ok(t.sweep_expired(cursor, sweep_keys, now).await?.0)
             }
-            Store::Ap { .. } | Store::Cp { .. } => Ok(cursor),
+            Store::Cp {
+                entry, engine, me, ..
+            } => {
+                // Free the elements of dropped big collections, one bounded step per shard.
+                // Local, not through the log: nothing can read them any more.
+                for s in entry.shards.iter().filter(|s| s.replicas.contains(me)) {
+                    let t = engine.table(&layout::shard_table(s.group), false);
+                    t.reclaim_step().await?;
+                }
+                Ok(cursor)
+            }
+            Store::Ap { .. } => Ok(cursor),
         }
     }
 
@@ -360,6 +384,33 @@ impl Keyspace {
         Ok(v.pop().flatten())
     }
 
+    /// Runs a read-only data-type command (HGET, LRANGE, ...): where the data is, at the
+    /// connection's consistency. Every key of the command is in one shard (the RESP layer
+    /// refuses others with CROSSSLOT).
+    pub async fn query(&self, args: Vec<Bytes>, now_ms: u64, c: Consistency) -> Result<Reply> {
+        self.check_live()?;
+        let seed = fastrand::u64(..);
+        match &self.store {
+            Store::Cache(m) => m.query(&args, now_ms, seed),
+            Store::Ap { .. } => Err(ap_collections()),
+            Store::Cp { entry, groups, .. } => {
+                let keys = capdb_data::command::command_keys(&args)?;
+                let Some(first) = keys.first() else {
+                    // No key: the command can only answer an argument error.
+                    let cx = capdb_data::Ctx {
+                        now_ms,
+                        timestamp: capdb_types::Timestamp::ZERO,
+                        seed,
+                        value_bytes_max: 0,
+                    };
+                    return capdb_data::execute(&args, &mut capdb_data::testing::EmptySpace, &cx);
+                };
+                let group = entry.shard_for_key(first).group;
+                groups.query(group, args, c.cp_read, now_ms, seed).await
+            }
+        }
+    }
+
     /// Applies mutations. Within one shard they apply atomically and in order; across shards
     /// of a replicated keyspace each shard applies its part (cross-shard atomicity is the job of
     /// transactions, a later feature).
@@ -376,8 +427,25 @@ impl Keyspace {
                 value_bytes_max,
                 ..
             } => {
-                ap.apply(self.name(), mutations, c.ap_write, now_ms, *value_bytes_max)
-                    .await
+                // Collections do not merge across `ap` replicas yet: refuse their commands
+                // (nothing happens) and apply the rest.
+                let n = mutations.len();
+                let (data, plain): (Vec<_>, Vec<_>) = mutations
+                    .into_iter()
+                    .enumerate()
+                    .partition(|(_, m)| matches!(m, Mutation::Exec { .. }));
+                if plain.is_empty() {
+                    return Ok(data.into_iter().map(|_| Err(ap_collections())).collect());
+                }
+                let (idx, plain): (Vec<usize>, Vec<Mutation>) = plain.into_iter().unzip();
+                let replies = ap
+                    .apply(self.name(), plain, c.ap_write, now_ms, *value_bytes_max)
+                    .await?;
+                let mut out: Vec<Result<Reply>> = (0..n).map(|_| Err(ap_collections())).collect();
+                for (i, r) in idx.into_iter().zip(replies) {
+                    out[i] = r;
+                }
+                Ok(out)
             }
             Store::Cache(m) => m.apply(mutations, now_ms).await,
             Store::Cp { entry, groups, .. } => {
@@ -556,6 +624,13 @@ impl Keyspace {
             }
         }
     }
+}
+
+/// The answer to a hash, list, set or sorted-set command on an `ap` keyspace: not applied.
+fn ap_collections() -> Error {
+    Error::Command(
+        "ERR hashes, lists, sets and sorted sets are not available on ap keyspaces yet (they need conflict-free merging across replicas); use a cp or cache keyspace".into(),
+    )
 }
 
 #[cfg(test)]

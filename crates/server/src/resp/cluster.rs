@@ -179,6 +179,20 @@ pub(super) fn info_section(conn: &Connection) -> String {
     )
 }
 
+/// Whether a multi-key command's keys may run together: in cluster mode they must share a slot
+/// (Redis Cluster's rule, which cluster-aware clients also check); otherwise they must share a
+/// shard of the keyspace (a single-shard keyspace behaves as a standalone Redis).
+pub(super) fn same_place(conn: &Connection, keys: &[&bytes::Bytes]) -> bool {
+    let Some((first, rest)) = keys.split_first() else {
+        return true;
+    };
+    if conn.cluster_mode {
+        let slot = slots::key_slot(first);
+        return rest.iter().all(|k| slots::key_slot(k) == slot);
+    }
+    conn.keyspace.same_shard(first, rest)
+}
+
 /// `-MOVED` for a key command whose shard leader is elsewhere, in cluster mode. `read_only`:
 /// the command only reads, so after `READONLY` a local replica may answer it.
 pub(super) fn moved(conn: &Connection, key: &[u8], read_only: bool) -> Option<String> {

@@ -52,7 +52,7 @@ use commands::error_line;
 use parse::{ParseError, parse_command};
 use reply::ReplyWriter;
 
-pub use commands::COMMAND_NAMES;
+pub use commands::{COMMAND_NAMES, all_command_names};
 
 /// Replies are written to the socket once this many bytes are buffered, even mid-pipeline.
 pub const OUTPUT_FLUSH_BYTES: usize = 64 * 1024;

@@ -65,6 +65,7 @@ mod meta;
 mod mutation;
 mod ops;
 mod replicated;
+mod space;
 mod table;
 mod writer;
 
@@ -125,6 +126,7 @@ pub struct DiskEngine {
     path: PathBuf,
     stats: Arc<EngineStats>,
     closed: Closed,
+    value_bytes_max: usize,
 }
 
 /// Signals when the writer thread has stopped and released its handle on the database. The file
@@ -177,6 +179,7 @@ impl DiskEngine {
             path,
             stats,
             closed,
+            value_bytes_max,
         })
     }
 

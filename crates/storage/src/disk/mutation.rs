@@ -4,17 +4,29 @@
 
 use std::sync::atomic::Ordering;
 
+use capdb_data::meta::CollMeta;
 use capdb_types::{Effect, Mutation, Reply, Result, Timestamp, Value};
 use redb::ReadableTable;
 
 use super::io_err;
 use super::ops::Exec;
+use super::space::TxnSpace;
+
+/// The seed of a data-type command's random choices: a function of its timestamp, which in a
+/// `cp` shard is the leader's and the same on every replica.
+pub(crate) fn seed_of(timestamp: Timestamp) -> u64 {
+    let mut z = timestamp.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
 
 /// Applies one mutation inside the writer's transaction. `Err` only for storage failures
 /// (which abort the batch); semantic failures come back as `Ok(Err(..))`.
-pub(super) fn apply_one(
-    x: &Exec,
-    t: &mut redb::Table<&'static [u8], &'static [u8]>,
+pub(super) fn apply_one<'txn>(
+    x: &Exec<'txn>,
+    table: &str,
+    t: &mut redb::Table<'txn, &'static [u8], &'static [u8]>,
     m: &Mutation,
     tombstones: bool,
     now_ms: u64,
@@ -22,16 +34,39 @@ pub(super) fn apply_one(
 ) -> Result<Result<Reply>> {
     let stamp = || timestamp.unwrap_or_else(|| x.hlc.now());
     let key = &m.key()[..];
+    if let Mutation::Exec { args, .. } = m {
+        let ts = stamp();
+        let cx = capdb_data::Ctx {
+            now_ms,
+            timestamp: ts,
+            seed: seed_of(ts),
+            value_bytes_max: x.value_bytes_max,
+        };
+        let mut space = TxnSpace {
+            txn: x.txn,
+            top: t,
+            el_name: crate::layout::element_table(table),
+            el: None,
+            now_ms,
+            stats: x.stats,
+        };
+        return match capdb_data::execute(args, &mut space, &cx) {
+            // Storage failures abort the batch; everything else is the command's answer.
+            Err(e @ capdb_types::Error::Io(_)) => Err(e),
+            other => Ok(other),
+        };
+    }
     let stored = t
         .get(key)
         .map_err(io_err)?
         .map(|raw| Value::decode(raw.value()));
-    let current = match stored {
+    let current = match &stored {
         None => None,
-        Some(Ok(v)) => v.is_live(now_ms).then_some(v),
+        Some(Ok(v)) => v.is_live(now_ms).then(|| v.clone()),
         Some(Err(corrupt)) => {
             x.stats.corruptions.fetch_add(1, Ordering::Relaxed);
             tracing::error!(error = %corrupt, "corrupt value met by a write");
+            let corrupt = corrupt.clone();
             // A write that does not depend on the old value may replace a corrupt one (this is
             // how an operator repairs a key); anything that would read it fails.
             match m {
@@ -55,6 +90,30 @@ pub(super) fn apply_one(
         Ok(done) => done,
         Err(e) => return Ok(Err(e)),
     };
+    // A string write replacing a collection (SET over a hash, DEL, EXPIRE in the past, or an
+    // expired collection's record) reclaims its elements.
+    let replaced = match (&stored, &effect) {
+        (_, Effect::Unchanged) => None,
+        (Some(Ok(old)), Effect::Put(new)) => CollMeta::of(old).ok().flatten().filter(|o| {
+            CollMeta::of(new)
+                .ok()
+                .flatten()
+                .is_none_or(|n| n.id != o.id)
+        }),
+        (Some(Ok(old)), Effect::Remove(_)) => CollMeta::of(old).ok().flatten(),
+        _ => None,
+    };
+    if replaced.is_some() {
+        let mut space = TxnSpace {
+            txn: x.txn,
+            top: t,
+            el_name: crate::layout::element_table(table),
+            el: None,
+            now_ms,
+            stats: x.stats,
+        };
+        space.replacing(key, None)?;
+    }
     match effect {
         Effect::Unchanged => {}
         Effect::Put(v) => {

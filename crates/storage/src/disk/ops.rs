@@ -11,6 +11,7 @@ use super::meta::{put_meta, remove_meta_prefix};
 use super::mutation::apply_one;
 use super::{EngineStats, META_TABLE, MetaItem, RememberReplies, io_err, log_def, table_def};
 use crate::BatchReplies;
+use crate::layout::element_table;
 
 /// A job for the writer. Each runs inside its batch's one write transaction (see [`execute`]).
 pub(super) enum Op {
@@ -95,9 +96,14 @@ pub(super) enum Op {
     ReplaceTable {
         table: String,
         entries: Vec<(Vec<u8>, Vec<u8>)>,
+        /// The element table's rows (see `space.rs`), replaced with the table.
+        elements: Vec<(Vec<u8>, Vec<u8>)>,
         clear_meta_prefix: Option<String>,
         meta: Vec<MetaItem>,
     },
+    /// Deletes up to [`super::space::RECLAIM_STEP_MAX`] elements of the dead collections queued
+    /// in a table's element table; replies with how many.
+    Reclaim { table: String },
     /// Deletes tables (data and log) and `_meta` entries (by key and by prefix) of a group this
     /// node no longer holds.
     DropGroup {
@@ -117,9 +123,13 @@ impl Op {
             Op::Merge { entries, .. } => entries.iter().map(|(k, v)| k.len() + v.data.len()).sum(),
             Op::PurgeTombstones { entries, .. } => entries.iter().map(|(k, _)| k.len() + 8).sum(),
             Op::LogAppend { records, .. } => records.iter().map(|(_, r)| r.len() + 8).sum(),
-            Op::ReplaceTable { entries, .. } => {
-                entries.iter().map(|(k, v)| k.len() + v.len()).sum()
-            }
+            Op::ReplaceTable {
+                entries, elements, ..
+            } => entries
+                .iter()
+                .chain(elements)
+                .map(|(k, v)| k.len() + v.len())
+                .sum(),
             Op::ApplyReplicated { mutations, .. } => {
                 mutations.iter().map(|(m, _, _)| mutation_bytes(m)).sum()
             }
@@ -146,7 +156,8 @@ impl Op {
             | Op::LogRemove { .. }
             | Op::MetaPut { .. }
             | Op::ReplaceTable { .. }
-            | Op::DropGroup { .. } => None,
+            | Op::DropGroup { .. }
+            | Op::Reclaim { .. } => None,
         }
     }
 
@@ -155,7 +166,8 @@ impl Op {
     /// earlier non-durable commit) durable.
     pub(super) fn durable(&self) -> bool {
         match self {
-            Op::ApplyReplicated { .. } => false,
+            // Reclaiming unreachable elements again after a crash is harmless.
+            Op::ApplyReplicated { .. } | Op::Reclaim { .. } => false,
             Op::MetaPut { durable, .. } => *durable,
             _ => true,
         }
@@ -297,9 +309,18 @@ pub(super) fn execute(x: &Exec, op: &Op, live_tables: &mut HashSet<String>) -> R
         Op::ReplaceTable {
             table,
             entries,
+            elements,
             clear_meta_prefix,
             meta,
-        } => replace_table(x, table, entries, clear_meta_prefix.as_deref(), meta),
+        } => replace_table(
+            x,
+            table,
+            entries,
+            elements,
+            clear_meta_prefix.as_deref(),
+            meta,
+        ),
+        Op::Reclaim { table } => reclaim(x, table),
         Op::DropGroup {
             tables,
             log_tables,
@@ -320,7 +341,7 @@ fn apply_mutations(
     let mut t = x.txn.open_table(table_def(table)).map_err(io_err)?;
     let mut replies = Vec::with_capacity(mutations.len());
     for m in mutations {
-        replies.push(apply_one(x, &mut t, m, tombstones, now_ms, None)?);
+        replies.push(apply_one(x, table, &mut t, m, tombstones, now_ms, None)?);
     }
     Ok(Output::Replies(replies))
 }
@@ -358,6 +379,9 @@ fn remove_expired(
 /// [`Op::Clear`]: the table stays, empty.
 fn clear_table(x: &Exec, table: &str) -> Result<Output> {
     x.txn.delete_table(table_def(table)).map_err(io_err)?;
+    x.txn
+        .delete_table(table_def(&element_table(table)))
+        .map_err(io_err)?;
     x.txn.open_table(table_def(table)).map_err(io_err)?;
     Ok(Output::Done)
 }
@@ -385,6 +409,9 @@ fn drop_table(
     live_tables: &mut HashSet<String>,
 ) -> Result<Output> {
     x.txn.delete_table(table_def(table)).map_err(io_err)?;
+    x.txn
+        .delete_table(table_def(&element_table(table)))
+        .map_err(io_err)?;
     let mut meta = x.txn.open_table(META_TABLE).map_err(io_err)?;
     meta.remove(meta_key).map_err(io_err)?;
     live_tables.remove(table);
@@ -471,7 +498,7 @@ fn apply_replicated(
     let mut replies = Vec::with_capacity(mutations.len());
     for (m, ts, now_ms) in mutations {
         x.hlc.observe(*ts);
-        replies.push(apply_one(x, &mut t, m, false, *now_ms, Some(*ts))?);
+        replies.push(apply_one(x, table, &mut t, m, false, *now_ms, Some(*ts))?);
     }
     drop(t);
     let mut mt = x.txn.open_table(META_TABLE).map_err(io_err)?;
@@ -530,21 +557,35 @@ fn replace_table(
     x: &Exec,
     table: &str,
     entries: &[(Vec<u8>, Vec<u8>)],
+    elements: &[(Vec<u8>, Vec<u8>)],
     clear_meta_prefix: Option<&str>,
     meta: &[MetaItem],
 ) -> Result<Output> {
-    x.txn.delete_table(table_def(table)).map_err(io_err)?;
-    let mut t = x.txn.open_table(table_def(table)).map_err(io_err)?;
-    for (k, v) in entries {
-        t.insert(&k[..], &v[..]).map_err(io_err)?;
+    for (name, rows) in [
+        (table.to_string(), entries),
+        (element_table(table), elements),
+    ] {
+        x.txn.delete_table(table_def(&name)).map_err(io_err)?;
+        let mut t = x.txn.open_table(table_def(&name)).map_err(io_err)?;
+        for (k, v) in rows {
+            t.insert(&k[..], &v[..]).map_err(io_err)?;
+        }
     }
-    drop(t);
     let mut mt = x.txn.open_table(META_TABLE).map_err(io_err)?;
     if let Some(prefix) = clear_meta_prefix {
         remove_meta_prefix(&mut mt, prefix)?;
     }
     put_meta(&mut mt, meta)?;
     Ok(Output::Done)
+}
+
+/// [`Op::Reclaim`].
+fn reclaim(x: &Exec, table: &str) -> Result<Output> {
+    let mut el = x
+        .txn
+        .open_table(table_def(&element_table(table)))
+        .map_err(io_err)?;
+    super::space::reclaim_step(&mut el).map(Output::Count)
 }
 
 /// [`Op::DropGroup`].
@@ -557,6 +598,9 @@ fn drop_group(
 ) -> Result<Output> {
     for t in tables {
         x.txn.delete_table(table_def(t)).map_err(io_err)?;
+        x.txn
+            .delete_table(table_def(&element_table(t)))
+            .map_err(io_err)?;
     }
     for t in log_tables {
         x.txn.delete_table(log_def(t)).map_err(io_err)?;

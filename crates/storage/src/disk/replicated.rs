@@ -16,6 +16,8 @@ use crate::BatchReplies;
 pub struct TableDump {
     /// Every `(key, encoded value)` of the table, in key order.
     pub entries: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Every row of its element table (collections' elements, id counter, reclaim queue).
+    pub elements: Vec<(Vec<u8>, Vec<u8>)>,
     /// The requested `_meta` values, in the order of the requested keys.
     pub meta: Vec<Option<Vec<u8>>>,
     /// Every `_meta` entry under the requested prefix, in key order.
@@ -61,12 +63,14 @@ impl DiskEngine {
         &self,
         table: &str,
         entries: Vec<(Vec<u8>, Vec<u8>)>,
+        elements: Vec<(Vec<u8>, Vec<u8>)>,
         clear_meta_prefix: Option<String>,
         meta: Vec<MetaItem>,
     ) -> Result<()> {
         self.submit(Op::ReplaceTable {
             table: table.to_string(),
             entries,
+            elements,
             clear_meta_prefix,
             meta,
         })
@@ -101,20 +105,23 @@ impl DiskEngine {
             }
             meta_prefixed.push((k.value().to_string(), v.value().to_vec()));
         }
-        let entries = match txn.open_table(table_def(table)) {
-            Ok(t) => {
-                let mut out = Vec::new();
-                for e in t.iter().map_err(io_err)? {
-                    let (k, v) = e.map_err(io_err)?;
-                    out.push((k.value().to_vec(), v.value().to_vec()));
+        let rows = |name: &str| -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+            match txn.open_table(table_def(name)) {
+                Ok(t) => {
+                    let mut out = Vec::new();
+                    for e in t.iter().map_err(io_err)? {
+                        let (k, v) = e.map_err(io_err)?;
+                        out.push((k.value().to_vec(), v.value().to_vec()));
+                    }
+                    Ok(out)
                 }
-                out
+                Err(TableError::TableDoesNotExist(_)) => Ok(Vec::new()),
+                Err(e) => Err(io_err(e)),
             }
-            Err(TableError::TableDoesNotExist(_)) => Vec::new(),
-            Err(e) => return Err(io_err(e)),
         };
         Ok(TableDump {
-            entries,
+            entries: rows(table)?,
+            elements: rows(&crate::layout::element_table(table))?,
             meta,
             meta_prefixed,
         })

@@ -3,10 +3,11 @@
 use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
-use capdb_types::{Mutation, Result, Value};
+use capdb_types::{Mutation, Reply, Result, Value};
 use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, TableError};
 
 use super::ops::Op;
+use super::space::ReadSpace;
 use super::{DiskTable, io_err, table_def};
 use crate::{BatchReplies, KeyspaceStore, ScanPage, ScanRange};
 
@@ -183,7 +184,52 @@ impl DiskTable {
     }
 }
 
+impl DiskTable {
+    /// Deletes up to [`super::space::RECLAIM_STEP_MAX`] elements of dead collections (see
+    /// `space.rs`); returns how many, 0 when nothing is queued.
+    pub async fn reclaim_step(&self) -> Result<u64> {
+        let txn = self.engine.db.begin_read().map_err(io_err)?;
+        let queued = match txn.open_table(table_def(&crate::layout::element_table(&self.table))) {
+            Ok(el) => super::space::reclaim_queued(&el)?,
+            Err(TableError::TableDoesNotExist(_)) => false,
+            Err(e) => return Err(io_err(e)),
+        };
+        drop(txn);
+        if !queued {
+            return Ok(0);
+        }
+        self.engine
+            .submit(Op::Reclaim {
+                table: self.table.clone(),
+            })
+            .await?
+            .into_count()
+    }
+}
+
 impl KeyspaceStore for DiskTable {
+    fn query(&self, args: &[Bytes], now_ms: u64, seed: u64) -> Result<Reply> {
+        let txn = self.engine.db.begin_read().map_err(io_err)?;
+        let open = |name: &str| match txn.open_table(table_def(name)) {
+            Ok(t) => Ok(Some(t)),
+            Err(TableError::TableDoesNotExist(_)) => Ok(None),
+            Err(e) => Err(io_err(e)),
+        };
+        let mut space = ReadSpace {
+            top: open(&self.table)?,
+            el: open(&crate::layout::element_table(&self.table))?,
+            now_ms,
+            stats: &self.engine.stats,
+        };
+        let cx = capdb_data::Ctx {
+            now_ms,
+            timestamp: capdb_types::Timestamp::ZERO,
+            seed,
+            value_bytes_max: self.engine.value_bytes_max,
+        };
+        capdb_data::execute(args, &mut space, &cx)
+    }
+
     fn get(&self, key: &[u8], now_ms: u64) -> Result<Option<Value>> {
         let found = self.read(|t| match t.get(key).map_err(io_err)? {
             Some(raw) => self.decode(raw.value()).map(Some),

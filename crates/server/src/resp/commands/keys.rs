@@ -121,7 +121,7 @@ pub(super) async fn exists(conn: &mut Connection, args: &[Bytes]) -> Outcome {
 /// `TYPE key`: every value is a string.
 pub(super) async fn key_type(conn: &mut Connection, args: &[Bytes]) -> Outcome {
     match read(conn, &args[1]).await? {
-        Some(_) => conn.out.simple("string"),
+        Some(v) => conn.out.simple(v.header.kind.type_name()),
         None => conn.out.simple("none"),
     }
     Ok(())

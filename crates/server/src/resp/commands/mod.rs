@@ -34,6 +34,7 @@
 //! integer, unknown command, NOAUTH, WRONGPASS).
 
 mod connection;
+mod data;
 mod keys;
 mod scan;
 mod server;
@@ -192,6 +193,14 @@ pub const COMMAND_NAMES: &[&str] = &{
     names
 };
 
+/// Every command name the server answers: [`COMMAND_NAMES`] and the data-type commands.
+pub fn all_command_names() -> Vec<&'static str> {
+    let mut names: Vec<&'static str> = COMMAND_NAMES.to_vec();
+    names.extend(capdb_data::command::all().map(|s| s.name));
+    names.sort_unstable();
+    names
+}
+
 const _: () = assert!(
     sorted_by_name(COMMANDS),
     "COMMANDS must be sorted by name, without duplicates"
@@ -249,6 +258,9 @@ fn arity_ok(cmd: &Command, argc: usize) -> bool {
 /// Runs (or, for a write, queues) one command by its canonical lowercase `name`.
 pub(super) async fn execute(conn: &mut Connection, name: &str, args: &[Bytes], started: Instant) {
     let Some(cmd) = lookup(name) else {
+        if let Some(spec) = capdb_data::lookup(name) {
+            return data::execute(conn, spec, args, started).await;
+        }
         conn.flush_pending().await;
         return conn.fail("unknown", started, &unknown_command(args));
     };
@@ -349,6 +361,9 @@ pub fn error_line(e: &Error) -> String {
         Error::Unavailable(_) | Error::ShuttingDown => format!("TRYAGAIN {e}"),
         Error::Corruption(_) => format!("CORRUPT {e}"),
         Error::OutcomeUnknown(_) => format!("UNCERTAIN {e}"),
+        Error::WrongType => format!("WRONGTYPE {e}"),
+        // Already a whole Redis error line.
+        Error::Command(line) => line.clone(),
         _ => format!("ERR {e}"),
     }
 }

@@ -43,7 +43,7 @@ pub(super) async fn scan(conn: &mut Connection, args: &[Bytes]) -> Outcome {
         .ok_or("ERR invalid cursor")?;
     let mut pattern: Option<Bytes> = None;
     let mut count = 10usize;
-    let mut type_ok = true;
+    let mut wanted_type: Option<Vec<u8>> = None;
     let mut i = 2;
     while i < args.len() {
         let opt = args[i].to_ascii_uppercase();
@@ -59,7 +59,7 @@ pub(super) async fn scan(conn: &mut Connection, args: &[Bytes]) -> Outcome {
                 }
                 count = (n as usize).min(SCAN_COUNT_MAX);
             }
-            b"TYPE" => type_ok = v.eq_ignore_ascii_case(b"string"),
+            b"TYPE" => wanted_type = Some(v.to_ascii_lowercase()),
             _ => return Err(syntax()),
         }
         i += 2;
@@ -88,8 +88,13 @@ pub(super) async fn scan(conn: &mut Connection, args: &[Bytes]) -> Outcome {
         .map_err(|e| error_line(&e))?;
     let keys: Vec<&Bytes> = entries
         .iter()
+        .filter(|(_, v)| {
+            wanted_type
+                .as_deref()
+                .is_none_or(|t| t == v.header.kind.type_name().as_bytes())
+        })
         .map(|(k, _)| k)
-        .filter(|k| type_ok && pattern.as_ref().is_none_or(|p| glob::matches(p, k)))
+        .filter(|k| pattern.as_ref().is_none_or(|p| glob::matches(p, k)))
         .collect();
     let next = match next {
         Some(pos) => conn.node.scan_cursors.put(ScanCursor {

@@ -3,8 +3,8 @@
 //! once.
 
 use bytes::Bytes;
-use capdb_types::Mutation;
 use capdb_types::mutation::{Condition, ExpiryUpdate};
+use capdb_types::{Error, Mutation};
 
 use super::{
     Outcome, Queued, WriteCall, check_kv, error_line, expiry_at, parse_int, read, read_many, syntax,
@@ -191,16 +191,24 @@ pub(super) fn get_local(conn: &mut Connection, args: &[Bytes]) -> Outcome {
     let out = &mut conn.out;
     conn.keyspace
         .read_with(&args[1], conn.now_ms, |v| match v {
-            Some(v) => out.bulk(&v.data),
-            None => out.null(),
+            Some(v) if v.is_string() => {
+                out.bulk(&v.data);
+                Ok(())
+            }
+            Some(_) => Err(error_line(&Error::WrongType)),
+            None => {
+                out.null();
+                Ok(())
+            }
         })
-        .map_err(|e| error_line(&e))
+        .map_err(|e| error_line(&e))?
 }
 
 /// `GET key` on a replicated keyspace.
 pub(super) async fn get(conn: &mut Connection, args: &[Bytes]) -> Outcome {
     match read(conn, &args[1]).await? {
-        Some(v) => conn.out.bulk(&v.data),
+        Some(v) if v.is_string() => conn.out.bulk(&v.data),
+        Some(_) => return Err(error_line(&Error::WrongType)),
         None => conn.out.null(),
     }
     Ok(())
@@ -211,9 +219,10 @@ pub(super) async fn mget(conn: &mut Connection, args: &[Bytes]) -> Outcome {
     let values = read_many(conn, &args[1..]).await?;
     conn.out.array(values.len());
     for v in values {
+        // Redis answers nil for a key of another type, not an error.
         match v {
-            Some(v) => conn.out.bulk(&v.data),
-            None => conn.out.null(),
+            Some(v) if v.is_string() => conn.out.bulk(&v.data),
+            _ => conn.out.null(),
         }
     }
     Ok(())
@@ -221,7 +230,10 @@ pub(super) async fn mget(conn: &mut Connection, args: &[Bytes]) -> Outcome {
 
 /// `STRLEN key`.
 pub(super) async fn strlen(conn: &mut Connection, args: &[Bytes]) -> Outcome {
-    let n = read(conn, &args[1]).await?.map_or(0, |v| v.data.len());
+    let n = match read(conn, &args[1]).await? {
+        Some(v) if !v.is_string() => return Err(error_line(&Error::WrongType)),
+        v => v.map_or(0, |v| v.data.len()),
+    };
     conn.out.int(n as i64);
     Ok(())
 }

@@ -22,8 +22,13 @@
 //! budget shared by the whole keyspace; both crates own expiry and eviction internally and expose
 //! neither sampling nor TTL edits, so the semantics would have to be rebuilt around them anyway.
 //!
-//! Multi-key mutations (MSET) lock the shards they touch in index order, so they are atomic to
-//! readers and cannot deadlock.
+//! Multi-key mutations (MSET, SMOVE, SINTERSTORE, ...) lock the shards they touch in index order,
+//! so they are atomic to readers and cannot deadlock.
+//!
+//! Hashes, lists, sets and sorted sets keep their elements with their entry (`space.rs`), and run
+//! the same `capdb-data` family code as the disk engine.
+
+mod space;
 
 use std::collections::HashSet;
 use std::hash::BuildHasher;
@@ -32,7 +37,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use capdb_types::{Effect, Error, EvictionPolicy, Hlc, Mutation, Result, Value};
+use capdb_types::{Effect, Error, EvictionPolicy, Hlc, Mutation, Reply, Result, Value};
 use indexmap::{IndexMap, IndexSet};
 
 use crate::{BatchReplies, KeyspaceStore, ScanPage, ScanRange};
@@ -68,6 +73,8 @@ struct Entry {
     accessed_ms: u32,
     /// Logarithmic access frequency (LFU).
     frequency: u8,
+    /// A collection's elements (hash fields, list items, set and sorted-set members).
+    elements: Option<Box<space::Elements>>,
 }
 
 /// Keys up to 32 bytes are stored inline in the map's entry, saving one cache miss per lookup
@@ -99,6 +106,8 @@ pub struct MemStore {
     hlc: std::sync::Arc<Hlc>,
     value_bytes_max: usize,
     stats: MemStats,
+    /// Ids of collections created here (never reused; not replicated: the cache is per node).
+    next_collection_id: AtomicU64,
 }
 
 fn entry_bytes(key: &[u8], value: &Value) -> u64 {
@@ -122,6 +131,7 @@ impl MemStore {
             hlc,
             value_bytes_max,
             stats: MemStats::default(),
+            next_collection_id: AtomicU64::new(1),
         }
     }
 
@@ -151,6 +161,11 @@ impl MemStore {
         self.shards[i].lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Accounted bytes of an entry: key, value, overhead and its elements.
+    fn entry_total(&self, key: &[u8], entry: &Entry) -> u64 {
+        entry_bytes(key, &entry.value) + entry.elements.as_ref().map_or(0, |e| e.bytes)
+    }
+
     /// Removes the entry at `index` of a locked shard, keeping the byte count right.
     fn remove_at(&self, shard: &mut Shard, index: usize) {
         let Some((k, entry)) = shard.map.swap_remove_index(index) else {
@@ -160,7 +175,10 @@ impl MemStore {
             shard.expiring.swap_remove(&k[..]);
         }
         self.used_bytes
-            .fetch_sub(entry_bytes(&k, &entry.value), Ordering::Relaxed);
+            .fetch_sub(self.entry_total(&k, &entry), Ordering::Relaxed);
+        if let Some(elements) = entry.elements {
+            space::reclaim(elements);
+        }
     }
 
     /// The index of `key`'s live entry, removing it first if it has expired (lazy expiry).
@@ -203,6 +221,18 @@ impl MemStore {
             Some((_, entry)) => {
                 let old = entry_bytes(key, &entry.value);
                 let had_expiry = entry.value.header.expire_at_ms.is_some();
+                // A value that is not the same collection (SET over a hash, ...) drops its
+                // elements.
+                let keeps = capdb_data::meta::CollMeta::of(&value)
+                    .ok()
+                    .flatten()
+                    .map(|m| m.id);
+                if entry.elements.as_ref().is_some_and(|e| Some(e.id) != keeps)
+                    && let Some(gone) = entry.elements.take()
+                {
+                    self.used_bytes.fetch_sub(gone.bytes, Ordering::Relaxed);
+                    space::reclaim(gone);
+                }
                 entry.value = value;
                 self.touch(entry, now_ms);
                 self.used_bytes.fetch_add(added, Ordering::Relaxed);
@@ -228,6 +258,7 @@ impl MemStore {
                         value,
                         accessed_ms: now,
                         frequency: LFU_INIT,
+                        elements: None,
                     },
                 );
                 self.used_bytes.fetch_add(added, Ordering::Relaxed);
@@ -366,7 +397,55 @@ fn lfu_decay(counter: u8, accessed_ms: u32, now_ms: u32) -> u8 {
     counter.saturating_sub((idle_minutes / LFU_DECAY_MINUTES).min(255) as u8)
 }
 
+impl MemStore {
+    /// Runs a data-type command over locked shards (every shard its keys hash to).
+    fn exec_locked(
+        &self,
+        guards: &mut [(usize, MutexGuard<'_, Shard>)],
+        args: &[Bytes],
+        now_ms: u64,
+    ) -> Result<Reply> {
+        let timestamp = self.hlc.tick(now_ms);
+        let cx = capdb_data::Ctx {
+            now_ms,
+            timestamp,
+            seed: fastrand::u64(..),
+            value_bytes_max: self.value_bytes_max,
+        };
+        let mut space = space::MemSpace {
+            store: self,
+            guards,
+            now_ms,
+            pending: std::collections::HashMap::new(),
+        };
+        capdb_data::execute(args, &mut space, &cx)
+    }
+}
+
 impl KeyspaceStore for MemStore {
+    fn query(&self, args: &[Bytes], now_ms: u64, seed: u64) -> Result<Reply> {
+        // On an argument error the command answers it itself, touching no key.
+        let keys = capdb_data::command::command_keys(args).unwrap_or_default();
+        let mut order: Vec<usize> = keys.iter().map(|k| self.shard_of(k)).collect();
+        order.sort_unstable();
+        order.dedup();
+        let mut guards: Vec<(usize, MutexGuard<'_, Shard>)> =
+            order.iter().map(|&i| (i, self.lock(i))).collect();
+        let cx = capdb_data::Ctx {
+            now_ms,
+            timestamp: capdb_types::Timestamp::ZERO,
+            seed,
+            value_bytes_max: self.value_bytes_max,
+        };
+        let mut space = space::MemSpace {
+            store: self,
+            guards: &mut guards,
+            now_ms,
+            pending: std::collections::HashMap::new(),
+        };
+        capdb_data::execute(args, &mut space, &cx)
+    }
+
     fn read_with<R>(
         &self,
         key: &[u8],
@@ -411,6 +490,13 @@ impl KeyspaceStore for MemStore {
         let mut shard_ids: Vec<usize> = mutations.iter().map(|m| self.shard_of(m.key())).collect();
         let order = {
             let mut s = shard_ids.clone();
+            // Data-type commands may touch several keys (SMOVE, SINTERSTORE, ...).
+            for m in &mutations {
+                if let Mutation::Exec { args, .. } = m {
+                    let keys = capdb_data::command::command_keys(args).unwrap_or_default();
+                    s.extend(keys.iter().map(|k| self.shard_of(k)));
+                }
+            }
             s.sort_unstable();
             s.dedup();
             s
@@ -420,6 +506,10 @@ impl KeyspaceStore for MemStore {
             order.iter().map(|&i| (i, self.lock(i))).collect();
         let mut replies = Vec::with_capacity(mutations.len());
         for (m, sid) in mutations.iter().zip(shard_ids.drain(..)) {
+            if let Mutation::Exec { args, .. } = m {
+                replies.push(self.exec_locked(&mut guards, args, now_ms));
+                continue;
+            }
             let slot = order.binary_search(&sid).expect("shard was locked");
             let shard = &mut *guards[slot].1;
             let key = m.key();
@@ -443,6 +533,8 @@ impl KeyspaceStore for MemStore {
         }
         drop(guards);
         if self.used_bytes.load(Ordering::Relaxed) > self.max_bytes {
+            // Keys other than each mutation's first (SMOVE's destination, ...) may be evicted
+            // by this very batch's pass: Redis would have evicted before the command instead.
             let written: HashSet<&[u8]> = mutations.iter().map(|m| &m.key()[..]).collect();
             self.evict_to_limit(now_ms, &written);
         }
@@ -494,12 +586,12 @@ impl KeyspaceStore for MemStore {
     async fn clear(&self) -> Result<()> {
         for i in 0..SHARDS {
             let mut shard = self.lock(i);
-            let freed: u64 = shard
-                .map
-                .iter()
-                .map(|(k, e)| entry_bytes(k, &e.value))
-                .sum();
-            shard.map = IndexMap::default();
+            let freed: u64 = shard.map.iter().map(|(k, e)| self.entry_total(k, e)).sum();
+            for (_, e) in std::mem::take(&mut shard.map) {
+                if let Some(elements) = e.elements {
+                    space::reclaim(elements);
+                }
+            }
             shard.expiring = IndexSet::default();
             self.used_bytes.fetch_sub(freed, Ordering::Relaxed);
         }

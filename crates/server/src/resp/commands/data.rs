@@ -1,0 +1,105 @@
+//! The data-type commands (hashes, lists, sets, sorted sets, and the string and key commands
+//! built with them): their rows live in `capdb_data`'s tables; this file admits them (arity,
+//! authentication, key limits, `-MOVED`, `-CROSSSLOT`) and hands them to the keyspace: a write
+//! is queued as one [`Mutation::Exec`] with the connection's other writes, a read runs at once
+//! where the data is.
+
+use std::time::Instant;
+
+use bytes::Bytes;
+use capdb_data::{Run, Spec};
+use capdb_types::Mutation;
+use capdb_types::limits::check_key;
+
+use super::{Outcome, error_line};
+use crate::resp::{Connection, Shape, cluster};
+
+/// Redis Cluster's wording: clients recognise it.
+pub(super) const CROSSSLOT: &str = "CROSSSLOT Keys in request don't hash to the same slot";
+
+/// Runs (or, for a write, queues) a data-type command.
+pub(super) async fn execute(
+    conn: &mut Connection,
+    spec: &'static Spec,
+    args: &[Bytes],
+    started: Instant,
+) {
+    if let Err(line) = admit(conn, spec, args) {
+        conn.flush_pending().await;
+        return conn.fail(spec.name, started, &line);
+    }
+    let args = args.to_vec();
+    match spec.run {
+        Run::Write(_) => {
+            let key = first_key(spec, &args).unwrap_or_default();
+            let m = Mutation::Exec { key, args };
+            conn.queue(spec.name, Shape::Plain, vec![m], started).await;
+        }
+        Run::Read(_) => {
+            conn.flush_pending().await;
+            let (ks, now, c) = (conn.keyspace.clone(), conn.now_ms, conn.consistency);
+            let outcome: Outcome = match ks.query(args, now, c).await {
+                Ok(reply) => {
+                    conn.out.reply(&reply);
+                    Ok(())
+                }
+                Err(e) => Err(error_line(&e)),
+            };
+            match outcome {
+                Ok(()) => conn.done(spec.name, started, false),
+                Err(line) => conn.fail(spec.name, started, &line),
+            }
+        }
+    }
+}
+
+fn first_key(spec: &Spec, args: &[Bytes]) -> Option<Bytes> {
+    spec.key_indices(args)
+        .ok()
+        .and_then(|k| k.first().and_then(|&i| args.get(i).cloned()))
+}
+
+/// Arity, authentication, key limits, and where the keys are.
+fn admit(conn: &Connection, spec: &Spec, args: &[Bytes]) -> Outcome {
+    if !spec.arity_ok(args.len()) {
+        return Err(format!(
+            "ERR wrong number of arguments for '{}' command",
+            spec.name
+        ));
+    }
+    if !conn.authenticated {
+        return Err("NOAUTH Authentication required.".into());
+    }
+    // An invalid numkeys: the command answers its own error (on nothing, it touches no data).
+    let Ok(indices) = spec.key_indices(args) else {
+        return Err(argument_error(args));
+    };
+    let keys: Vec<&Bytes> = indices.iter().filter_map(|&i| args.get(i)).collect();
+    for k in &keys {
+        check_key(k).map_err(|e| error_line(&e))?;
+    }
+    let Some(first) = keys.first() else {
+        return Ok(());
+    };
+    if let Some(line) = cluster::moved(conn, first, !spec.is_write()) {
+        return Err(line);
+    }
+    if !cluster::same_place(conn, &keys) {
+        return Err(CROSSSLOT.into());
+    }
+    Ok(())
+}
+
+/// The error a command with invalid arguments answers, found by running it on no data.
+fn argument_error(args: &[Bytes]) -> String {
+    let cx = capdb_data::Ctx {
+        now_ms: 0,
+        timestamp: capdb_types::Timestamp::ZERO,
+        seed: 0,
+        value_bytes_max: 0,
+    };
+    match capdb_data::execute(args, &mut capdb_data::testing::EmptySpace, &cx) {
+        Err(e) => error_line(&e),
+        Ok(_) => "ERR syntax error".into(),
+    }
+}
