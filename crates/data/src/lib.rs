@@ -35,6 +35,7 @@ pub mod command;
 pub mod format;
 pub mod glob;
 pub mod hash;
+pub mod list;
 pub mod meta;
 pub mod rng;
 pub mod scan;
