@@ -38,6 +38,7 @@ pub mod hash;
 pub mod meta;
 pub mod rng;
 pub mod scan;
+pub mod set;
 pub mod space;
 pub mod testing;
 
