@@ -39,6 +39,7 @@ pub mod list;
 pub mod meta;
 pub mod rng;
 pub mod scan;
+pub mod set;
 pub mod space;
 pub mod testing;
 
