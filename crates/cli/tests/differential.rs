@@ -172,3 +172,97 @@ fn before_authentication_both_refuse_large_commands_alike() {
         );
     }
 }
+
+/// Sends each chunk on one connection and returns what the server answered to each (until it
+/// stays silent for half a second).
+fn raw_session(addr: SocketAddr, chunks: &[&[u8]]) -> Vec<Vec<u8>> {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut answers = Vec::new();
+    for chunk in chunks {
+        stream.write_all(chunk).unwrap();
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match stream.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+        answers.push(out);
+    }
+    answers
+}
+
+/// Subscribed mode as Redis defines it: confirmations and their counts, what a subscribed RESP2
+/// client may send (and the error for the rest), PING's shape, leaving the mode, PUBSUB, and
+/// the RESP3 push frames. One channel at a time: "unsubscribe from all" answers in the order of
+/// Redis's dictionary, which no client relies on.
+const PUBSUB_SESSION: &[u8] = b"SUBSCRIBE a\r\nget x\r\nPING\r\nPING hi\r\nPSUBSCRIBE p*\r\nSUBSCRIBE a\r\n\
+UNSUBSCRIBE\r\nPUNSUBSCRIBE\r\nUNSUBSCRIBE\r\nSSUBSCRIBE s\r\nSUNSUBSCRIBE\r\nSUNSUBSCRIBE\r\n\
+PUBSUB NUMSUB a\r\nPUBSUB NUMPAT\r\nPUBSUB CHANNELS\r\nPUBSUB foo\r\nPUBLISH a x\r\nSUBSCRIBE\r\nPING\r\n";
+
+#[test]
+fn subscribed_mode_answers_byte_for_byte_as_redis_does_in_resp2_and_resp3() {
+    let mut redis = RedisServer::start_with(&[]);
+    let _ = redis.client();
+    let capdb = Server::start();
+    let theirs = SocketAddr::from(([127, 0, 0, 1], redis.port));
+    for chunks in [
+        vec![PUBSUB_SESSION],
+        // The HELLO reply names the server, so only what follows it is compared.
+        vec![&b"HELLO 3\r\n"[..], PUBSUB_SESSION],
+    ] {
+        let ours = raw_session(capdb.resp, &chunks);
+        let expected = raw_session(theirs, &chunks);
+        assert_eq!(
+            String::from_utf8_lossy(ours.last().unwrap()),
+            String::from_utf8_lossy(expected.last().unwrap()),
+        );
+    }
+}
+
+#[test]
+fn a_subscriber_receives_messages_and_patterns_in_publish_order() {
+    let capdb = Server::start();
+    let mut sub = TcpStream::connect(capdb.resp).unwrap();
+    sub.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    sub.write_all(b"SUBSCRIBE news\r\nPSUBSCRIBE n*\r\n")
+        .unwrap();
+    let confirmations = b"*3\r\n$9\r\nsubscribe\r\n$4\r\nnews\r\n:1\r\n*3\r\n$10\r\npsubscribe\r\n$2\r\nn*\r\n:2\r\n";
+    read_exactly(&mut sub, confirmations);
+    let mut publisher = capdb.client();
+    for i in 0..50 {
+        let receivers: i64 = redis::cmd("PUBLISH")
+            .arg("news")
+            .arg(format!("m{i}"))
+            .query(&mut publisher)
+            .unwrap();
+        assert_eq!(receivers, 2, "one channel and one pattern subscription");
+    }
+    for i in 0..50 {
+        let m = format!("m{i}");
+        let message = format!(
+            "*3\r\n$7\r\nmessage\r\n$4\r\nnews\r\n${}\r\n{m}\r\n",
+            m.len()
+        );
+        let pmessage = format!(
+            "*4\r\n$8\r\npmessage\r\n$2\r\nn*\r\n$4\r\nnews\r\n${}\r\n{m}\r\n",
+            m.len()
+        );
+        read_exactly(&mut sub, message.as_bytes());
+        read_exactly(&mut sub, pmessage.as_bytes());
+    }
+}
+
+/// Reads `expected.len()` bytes and checks they are `expected`.
+fn read_exactly(stream: &mut TcpStream, expected: &[u8]) {
+    let mut got = vec![0u8; expected.len()];
+    stream.read_exact(&mut got).unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        String::from_utf8_lossy(expected)
+    );
+}

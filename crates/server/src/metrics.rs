@@ -129,6 +129,8 @@ pub struct Metrics {
     pub connections_total: Counter,
     pub connections_rejected: Counter,
     pub protocol_errors: Counter,
+    pub pubsub_slow_subscribers: Counter,
+    pub pubsub_dropped: Counter,
     keys: Family<KeyspaceLabel, Gauge>,
     memory: Family<KeyspaceLabel, Gauge>,
     evicted: Family<KeyspaceLabel, Gauge>,
@@ -192,6 +194,8 @@ impl Metrics {
             connections_total: Counter::default(),
             connections_rejected: Counter::default(),
             protocol_errors: Counter::default(),
+            pubsub_slow_subscribers: Counter::default(),
+            pubsub_dropped: Counter::default(),
             keys: Family::default(),
             memory: Family::default(),
             evicted: Family::default(),
@@ -218,6 +222,16 @@ impl Metrics {
             "connections_accepted",
             "Client connections accepted (RESP)",
             self.connections_total.clone(),
+        );
+        r.register(
+            "pubsub_slow_subscribers",
+            "Subscribers disconnected because their message queue was full",
+            self.pubsub_slow_subscribers.clone(),
+        );
+        r.register(
+            "pubsub_dropped",
+            "Pub/sub messages not sent to another node (its queue full, or it did not answer)",
+            self.pubsub_dropped.clone(),
         );
         r.register(
             "connections_rejected",

@@ -80,6 +80,8 @@ pub enum Channel {
     Ap = 4,
     /// Node administration: status, simulated partitions.
     Admin = 5,
+    /// Pub/sub messages published through another node.
+    PubSub = 6,
 }
 
 impl Channel {
@@ -90,6 +92,7 @@ impl Channel {
             Channel::Forward,
             Channel::Ap,
             Channel::Admin,
+            Channel::PubSub,
         ]
         .into_iter()
         .find(|c| *c as u8 == b)

@@ -12,6 +12,7 @@
 
 pub mod admin;
 pub mod control;
+pub mod pubsub;
 pub mod router;
 
 use std::collections::BTreeMap;
@@ -44,6 +45,8 @@ pub struct Node {
     /// Leaderless replication of `ap` keyspaces.
     pub ap: Arc<Ap>,
     admin_peers: admin::AdminPeers,
+    /// Subscriptions on this node and delivery to the others.
+    pub pubsub: Arc<pubsub::PubSub>,
     pub metrics: Metrics,
     catalog: RwLock<BTreeMap<KeyspaceName, Arc<Keyspace>>>,
     shutting_down: AtomicBool,
@@ -72,6 +75,10 @@ impl Node {
             admin_peers: admin::AdminPeers(capdb_transport::Peers::new(
                 info.id,
                 groups.filter().clone(),
+            )),
+            pubsub: Arc::new(pubsub::PubSub::new(
+                capdb_transport::Peers::new(info.id, groups.filter().clone()),
+                metrics.pubsub_dropped.clone(),
             )),
             info,
             groups,

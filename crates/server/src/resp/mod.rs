@@ -168,11 +168,58 @@ pub(crate) struct Connection {
     now_ms: u64,
     /// Commands answered since the last socket write: (name, failed).
     finished: Vec<(&'static str, bool)>,
+    /// Pub/sub subscriptions, once the connection subscribed to anything.
+    subs: Option<Box<Subscriptions>>,
+}
+
+/// A connection's pub/sub state: what it subscribed to, and its message queue (see
+/// `node/pubsub.rs` for delivery and bounds).
+struct Subscriptions {
+    sub: crate::node::pubsub::Subscriber,
+    rx: tokio::sync::mpsc::Receiver<crate::node::pubsub::Push>,
+    channels: std::collections::HashSet<Bytes>,
+    patterns: std::collections::HashSet<Bytes>,
+    shard: std::collections::HashSet<Bytes>,
+}
+
+impl Subscriptions {
+    fn set(&mut self, kind: crate::node::pubsub::Kind) -> &mut std::collections::HashSet<Bytes> {
+        use crate::node::pubsub::Kind;
+        match kind {
+            Kind::Channel => &mut self.channels,
+            Kind::Pattern => &mut self.patterns,
+            Kind::Shard => &mut self.shard,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.channels.is_empty() && self.patterns.is_empty() && self.shard.is_empty()
+    }
+}
+
+/// The next message for a subscribed connection (never, for one that is not subscribed).
+async fn next_push(subs: &mut Option<Box<Subscriptions>>) -> Option<crate::node::pubsub::Push> {
+    match subs {
+        Some(s) => s.rx.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 impl Drop for Connection {
     fn drop(&mut self) {
         self.node.metrics.connections.dec();
+        if let Some(s) = self.subs.take() {
+            use crate::node::pubsub::Kind;
+            for (kind, names) in [
+                (Kind::Channel, &s.channels),
+                (Kind::Pattern, &s.patterns),
+                (Kind::Shard, &s.shard),
+            ] {
+                for n in names {
+                    self.node.pubsub.unsubscribe(kind, n, self.id);
+                }
+            }
+        }
     }
 }
 
@@ -200,6 +247,7 @@ impl Connection {
             batch_started: Instant::now(),
             now_ms: capdb_types::unix_now_ms(),
             finished: Vec::new(),
+            subs: None,
         }
     }
 
@@ -286,6 +334,25 @@ impl Connection {
                 biased;
                 r = stream.read_buf(&mut buf) => r?,
                 _ = self.shutdown.changed() => return Ok(()),
+                push = next_push(&mut self.subs) => {
+                    if let Some(push) = push {
+                        self.write_push(push);
+                    }
+                    // Everything else already queued goes out in the same write.
+                    while let Some(p) = self.subs.as_mut().and_then(|s| s.rx.try_recv().ok()) {
+                        self.write_push(p);
+                        if self.out.out.len() >= OUTPUT_FLUSH_BYTES {
+                            break;
+                        }
+                    }
+                    if self.subs.as_ref().is_some_and(|s| s.sub.overflowed.load(std::sync::atomic::Ordering::Relaxed)) {
+                        // Redis's pubsub output limit: a subscriber that cannot keep up is dropped.
+                        self.node.metrics.pubsub_slow_subscribers.inc();
+                        return Ok(());
+                    }
+                    self.write_out(&mut stream).await?;
+                    continue;
+                }
             };
             if n == 0 {
                 return Ok(()); // the client closed (possibly mid-frame: nothing to answer)
@@ -293,6 +360,41 @@ impl Connection {
             self.batch_started = Instant::now();
             self.now_ms = capdb_types::unix_now_ms();
         }
+    }
+
+    /// Writes a pub/sub message in this connection's protocol.
+    fn write_push(&mut self, push: crate::node::pubsub::Push) {
+        use crate::node::pubsub::Push;
+        match push {
+            Push::Message { channel, payload } => {
+                self.out.push(3);
+                self.out.bulk(b"message");
+                self.out.bulk(&channel);
+                self.out.bulk(&payload);
+            }
+            Push::PMessage {
+                pattern,
+                channel,
+                payload,
+            } => {
+                self.out.push(4);
+                self.out.bulk(b"pmessage");
+                self.out.bulk(&pattern);
+                self.out.bulk(&channel);
+                self.out.bulk(&payload);
+            }
+            Push::SMessage { channel, payload } => {
+                self.out.push(3);
+                self.out.bulk(b"smessage");
+                self.out.bulk(&channel);
+                self.out.bulk(&payload);
+            }
+        }
+    }
+
+    /// Whether a RESP2 connection is in subscribed mode (only pub/sub commands, PING, QUIT).
+    fn subscribed_resp2(&self) -> bool {
+        !self.out.resp3 && self.subs.as_ref().is_some_and(|s| !s.is_empty())
     }
 
     /// Runs one command, writing its reply (or queueing it behind pending writes).

@@ -155,6 +155,16 @@ impl ReplyWriter {
         }
     }
 
+    /// The header of an out-of-band message of `len` elements (RESP3 push `>`, an array in
+    /// RESP2), as pub/sub messages and subscription confirmations are.
+    pub fn push(&mut self, len: usize) {
+        if self.resp3 {
+            self.int_line(b'>', len as i64);
+        } else {
+            self.int_line(b'*', len as i64);
+        }
+    }
+
     /// A verbatim text (RESP3 `=` with format `txt`, a bulk string in RESP2), as INFO uses.
     pub fn verbatim(&mut self, text: &str) {
         if self.resp3 {

@@ -13,6 +13,13 @@ pub(super) fn ping(conn: &mut Connection, args: &[Bytes]) -> Outcome {
     if args.len() > 2 {
         return Err("ERR wrong number of arguments for 'ping' command".into());
     }
+    if conn.subscribed_resp2() {
+        // Redis answers a subscribed RESP2 client in the shape of a message.
+        conn.out.array(2);
+        conn.out.bulk(b"pong");
+        conn.out.bulk(args.get(1).map_or(&b""[..], |m| &m[..]));
+        return Ok(());
+    }
     match args.get(1) {
         Some(msg) => conn.out.bulk(msg),
         None => conn.out.simple("PONG"),

@@ -36,6 +36,7 @@
 mod connection;
 mod data;
 mod keys;
+mod pubsub;
 mod scan;
 mod server;
 mod strings;
@@ -166,7 +167,11 @@ const COMMANDS: &[Command] = &[
     row("pexpireat",   -3, &["write", "fast"], KEY, Write(keys::pexpireat)),
     row("ping",        -1, &["fast"], NO_KEYS, Now(connection::ping)),
     row("psetex",      4,  &["write", "denyoom"], KEY, Write(strings::psetex)),
+    row("psubscribe",  -2, &["pubsub", "noscript", "loading", "stale"], NO_KEYS, Now(pubsub::psubscribe)),
     row("pttl",        2,  &["readonly", "fast"], KEY, wait!(keys::pttl)),
+    row("publish",     3,  &["pubsub", "loading", "stale", "fast"], NO_KEYS, Now(pubsub::publish)),
+    row("pubsub",      -2, &["pubsub", "loading", "stale"], NO_KEYS, Now(pubsub::pubsub)),
+    row("punsubscribe", -1, &["pubsub", "noscript", "loading", "stale"], NO_KEYS, Now(pubsub::punsubscribe)),
     row("quit",        -1, &["fast", "no_auth"], NO_KEYS, Now(connection::quit)),
     row("readonly",    1,  &["fast", "loading", "stale"], NO_KEYS, Now(connection::readonly)),
     row("readwrite",   1,  &["fast", "loading", "stale"], NO_KEYS, Now(connection::readwrite)),
@@ -175,10 +180,15 @@ const COMMANDS: &[Command] = &[
     row("set",         -3, &["write", "denyoom"], KEY, Write(strings::set)),
     row("setex",       4,  &["write", "denyoom"], KEY, Write(strings::setex)),
     row("setnx",       3,  &["write", "denyoom", "fast"], KEY, Write(strings::setnx)),
+    row("spublish",    3,  &["pubsub", "loading", "stale", "fast"], KEY, Now(pubsub::spublish)),
+    row("ssubscribe",  -2, &["pubsub", "noscript", "loading", "stale"], EVERY_KEY, Now(pubsub::ssubscribe)),
     row("strlen",      2,  &["readonly", "fast"], KEY, wait!(strings::strlen)),
+    row("subscribe",   -2, &["pubsub", "noscript", "loading", "stale"], NO_KEYS, Now(pubsub::subscribe)),
+    row("sunsubscribe", -1, &["pubsub", "noscript", "loading", "stale"], EVERY_KEY, Now(pubsub::sunsubscribe)),
     row("time",        1,  &["loading", "stale", "fast"], NO_KEYS, Now(server::time)),
     row("ttl",         2,  &["readonly", "fast"], KEY, wait!(keys::ttl)),
     row("type",        2,  &["readonly", "fast"], KEY, wait!(keys::key_type)),
+    row("unsubscribe", -1, &["pubsub", "noscript", "loading", "stale"], NO_KEYS, Now(pubsub::unsubscribe)),
 ];
 
 /// Every command name the server knows, lowercase, sorted (aliases resolve to their canonical
@@ -257,6 +267,15 @@ fn arity_ok(cmd: &Command, argc: usize) -> bool {
 
 /// Runs (or, for a write, queues) one command by its canonical lowercase `name`.
 pub(super) async fn execute(conn: &mut Connection, name: &str, args: &[Bytes], started: Instant) {
+    if conn.subscribed_resp2() && !pubsub::ALLOWED_WHILE_SUBSCRIBED.contains(&name) {
+        conn.flush_pending().await;
+        let shown = String::from_utf8_lossy(&args[0]).to_string();
+        return conn.fail(
+            "unknown",
+            started,
+            &format!("ERR Can't execute '{shown}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context"),
+        );
+    }
     let Some(cmd) = lookup(name) else {
         if let Some(spec) = capdb_data::lookup(name) {
             return data::execute(conn, spec, args, started).await;
