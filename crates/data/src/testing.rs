@@ -63,6 +63,22 @@ impl Space for MapSpace {
         Ok(())
     }
 
+    fn rename(&mut self, from: &[u8], to: &[u8]) -> Result<()> {
+        let Some(value) = self.get(from)? else {
+            return Err(Error::Io("rename of a key without a live record".into()));
+        };
+        if from == to {
+            return Ok(());
+        }
+        // Elements are stored under the collection's id, not its key: moving the top-level
+        // record moves them.
+        let id = CollMeta::of(&value)?.map(|m| m.id);
+        self.reclaim_replaced(to, id)?;
+        self.top.remove(from);
+        self.top.insert(Bytes::copy_from_slice(to), value);
+        Ok(())
+    }
+
     fn new_id(&mut self) -> Result<u64> {
         self.next_id += 1;
         Ok(self.next_id)
@@ -124,6 +140,9 @@ impl Space for EmptySpace {
         Err(read_only())
     }
     fn remove(&mut self, _: &[u8]) -> Result<()> {
+        Err(read_only())
+    }
+    fn rename(&mut self, _: &[u8], _: &[u8]) -> Result<()> {
         Err(read_only())
     }
     fn new_id(&mut self) -> Result<u64> {
