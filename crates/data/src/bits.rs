@@ -236,7 +236,9 @@ fn bitop(args: &[Bytes], space: &mut dyn Space, cx: &Ctx) -> Result<Reply> {
     };
     let not = &op[..] == b"NOT";
     if not && args.len() != 4 {
-        return Err(err("ERR BITOP NOT must be called with a single source key."));
+        return Err(err(
+            "ERR BITOP NOT must be called with a single source key.",
+        ));
     }
     let mut sources = Vec::with_capacity(args.len() - 3);
     for key in &args[3..] {
@@ -295,7 +297,9 @@ struct Field {
 /// A bit field type: `i1`..`i64` or `u1`..`u63` (lowercase, as Redis requires).
 fn field_type(raw: &[u8]) -> Result<(bool, u32)> {
     let bad = || {
-        err("ERR Invalid bitfield type. Use something like i16 u8. Note that u64 is not supported but i64 is.")
+        err(
+            "ERR Invalid bitfield type. Use something like i16 u8. Note that u64 is not supported but i64 is.",
+        )
     };
     let signed = match raw.first() {
         Some(b'i') => true,
@@ -378,22 +382,65 @@ fn write_field(data: &mut [u8], f: &Field, value: i128) {
     }
 }
 
-/// `value` made to fit the field by its overflow policy; `None` for FAIL on overflow.
-fn fit(value: i128, f: &Field) -> Option<i128> {
+/// Whether `value + incr` overflows the field upwards (1), downwards (-1) or not (0), decided
+/// exactly as Redis decides it (`checkSignedBitfieldOverflow`/`checkUnsignedBitfieldOverflow`,
+/// wrapping arithmetic included): for a signed field, a SET of a value far below the minimum
+/// (such as -2^63 into an `i5`) counts as an overflow *upwards* there, which matters for SAT.
+fn overflow_direction(f: &Field, value: i128, incr: i64) -> i8 {
+    if f.signed {
+        let value = value as i64;
+        let max: i64 = if f.bits == 64 {
+            i64::MAX
+        } else {
+            (1i64 << (f.bits - 1)) - 1
+        };
+        let min = -max - 1;
+        let max_incr = (max as u64).wrapping_sub(value as u64) as i64;
+        let min_incr = min.wrapping_sub(value);
+        let wide = f.bits != 64;
+        if value > max || (wide && incr > max_incr) || (value >= 0 && incr > 0 && incr > max_incr) {
+            1
+        } else if value < min
+            || (wide && incr < min_incr)
+            || (value < 0 && incr < 0 && incr < min_incr)
+        {
+            -1
+        } else {
+            0
+        }
+    } else {
+        let max = (1i128 << f.bits) - 1;
+        let sum = value + incr as i128;
+        if value > max || sum > max {
+            1
+        } else if sum < 0 {
+            -1
+        } else {
+            0
+        }
+    }
+}
+
+/// `value + incr` made to fit the field by its overflow policy; `None` for FAIL on overflow.
+/// `value` is a SET's argument (an unsigned field takes its 64-bit pattern) or the field's
+/// current value (INCRBY).
+fn fit(f: &Field, value: i128, incr: i64) -> Option<i128> {
     let span = 1i128 << f.bits;
     let (min, max) = if f.signed {
         (-(span >> 1), (span >> 1) - 1)
     } else {
         (0, span - 1)
     };
-    if (min..=max).contains(&value) {
-        return Some(value);
+    let sum = value + incr as i128;
+    let direction = overflow_direction(f, value, incr);
+    if direction == 0 {
+        return Some(sum);
     }
     match f.overflow {
         Overflow::Fail => None,
-        Overflow::Sat => Some(if value > max { max } else { min }),
+        Overflow::Sat => Some(if direction > 0 { max } else { min }),
         Overflow::Wrap => {
-            let m = value.rem_euclid(span);
+            let m = sum.rem_euclid(span);
             Some(if f.signed && m > max { m - span } else { m })
         }
     }
@@ -452,11 +499,15 @@ fn bitfield_generic(
             }
             FieldOp::Set(v) => {
                 // An unsigned field takes the 64-bit pattern of a negative value, as Redis.
-                let v = if f.signed { v as i128 } else { v as u64 as i128 };
-                (fit(v, f), Some(current))
+                let v = if f.signed {
+                    v as i128
+                } else {
+                    v as u64 as i128
+                };
+                (fit(f, v, 0), Some(current))
             }
             FieldOp::IncrBy(by) => {
-                let new = fit(current + by as i128, f);
+                let new = fit(f, current, by);
                 (new, new)
             }
         };
@@ -479,4 +530,561 @@ fn bitfield_generic(
         )?;
     }
     Ok(Reply::Array(replies))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::strings::tests::{
+        NOW, cx, data, deadline_of, error, get, int, ints, run, run_with, set, space,
+        with_string_and_hash,
+    };
+
+    const OFFSET_ERR: &str = "ERR bit offset is not an integer or out of range";
+    const TOO_LONG: &str = "ERR string exceeds maximum allowed size (proto-max-bulk-len)";
+
+    #[test]
+    fn table_is_sorted() {
+        assert!(crate::command::sorted(COMMANDS));
+    }
+
+    #[test]
+    fn setbit_answers_the_previous_bit_and_grows_with_zeros() {
+        let mut s = space();
+        assert_eq!(run(&mut s, "SETBIT k 7 1").unwrap(), int(0));
+        assert_eq!(data(&mut s, "k"), b"\x01");
+        assert_eq!(run(&mut s, "SETBIT k 7 0").unwrap(), int(1));
+        assert_eq!(run(&mut s, "SETBIT k 7 1").unwrap(), int(0));
+        assert_eq!(run(&mut s, "SETBIT k 7 1").unwrap(), int(1));
+        assert_eq!(run(&mut s, "SETBIT k 0 1").unwrap(), int(0));
+        assert_eq!(data(&mut s, "k"), b"\x81");
+        assert_eq!(run(&mut s, "SETBIT k 17 1").unwrap(), int(0));
+        assert_eq!(data(&mut s, "k"), b"\x81\x00\x40");
+        assert_eq!(run(&mut s, "SETBIT z 3 0").unwrap(), int(0));
+        assert_eq!(
+            data(&mut s, "z"),
+            b"\x00",
+            "clearing a bit still creates the key"
+        );
+    }
+
+    #[test]
+    fn setbit_keeps_the_ttl() {
+        let mut s = space();
+        set(&mut s, "t", b"v", Some(NOW + 100));
+        run(&mut s, "SETBIT t 100 1").unwrap();
+        assert_eq!(deadline_of(&mut s, "t"), Some(NOW + 100));
+        assert_eq!(data(&mut s, "t").len(), 13);
+    }
+
+    #[test]
+    fn setbit_checks_offset_then_bit_then_type_then_size() {
+        let mut s = with_string_and_hash();
+        for bad in ["x", "-1", "4294967296", "01"] {
+            assert_eq!(error(&mut s, &format!("SETBIT k {bad} 1")), OFFSET_ERR);
+        }
+        assert_eq!(error(&mut s, "SETBIT h x 1"), OFFSET_ERR);
+        let bit_err = "ERR bit is not an integer or out of range";
+        for bad in ["2", "-1", "x", "01"] {
+            assert_eq!(error(&mut s, &format!("SETBIT k 1 {bad}")), bit_err);
+        }
+        assert_eq!(error(&mut s, "SETBIT k 4294967295 2"), bit_err);
+        assert_eq!(error(&mut s, "SETBIT h 1 1"), "WRONGTYPE");
+        // Offsets below 2^32 that would grow the string past the value limit: no allocation.
+        assert_eq!(error(&mut s, "SETBIT k 4294967295 1"), TOO_LONG);
+        assert_eq!(get(&mut s, "k"), None);
+        let max_bit = cx().value_bytes_max as u64 * 8 - 1;
+        assert_eq!(
+            run(&mut s, &format!("SETBIT k {max_bit} 1")).unwrap(),
+            int(0)
+        );
+        assert_eq!(
+            error(&mut s, &format!("SETBIT k {} 1", max_bit + 1)),
+            TOO_LONG
+        );
+    }
+
+    #[test]
+    fn getbit_reads_zero_past_the_end() {
+        let mut s = with_string_and_hash();
+        run(&mut s, "SETBIT k 7 1").unwrap();
+        assert_eq!(run(&mut s, "GETBIT k 7").unwrap(), int(1));
+        assert_eq!(run(&mut s, "GETBIT k 6").unwrap(), int(0));
+        assert_eq!(run(&mut s, "GETBIT k 100").unwrap(), int(0));
+        assert_eq!(run(&mut s, "GETBIT k 4294967295").unwrap(), int(0));
+        assert_eq!(run(&mut s, "GETBIT nokey 1").unwrap(), int(0));
+        assert_eq!(error(&mut s, "GETBIT k 4294967296"), OFFSET_ERR);
+        assert_eq!(error(&mut s, "GETBIT k -1"), OFFSET_ERR);
+        assert_eq!(error(&mut s, "GETBIT h x"), OFFSET_ERR);
+        assert_eq!(error(&mut s, "GETBIT h 0"), "WRONGTYPE");
+    }
+
+    #[test]
+    fn bitcount_counts_byte_and_bit_ranges() {
+        let mut s = with_string_and_hash();
+        set(&mut s, "s", b"foobar", None);
+        for (cmd, want) in [
+            ("BITCOUNT s", 26),
+            ("BITCOUNT s 0 0", 4),
+            ("BITCOUNT s 1 1", 6),
+            ("BITCOUNT s 1 1 byte", 6),
+            ("BITCOUNT s 5 30 bit", 17),
+            ("BITCOUNT s 5 30 BIT", 17),
+            ("BITCOUNT s -3 -1 bit", 1),
+            ("BITCOUNT s -100 100", 26),
+            ("BITCOUNT s 0 -1 bit", 26),
+            ("BITCOUNT s -9223372036854775808 -1 bit", 26),
+            ("BITCOUNT s 9223372036854775807 -9223372036854775808 bit", 0),
+            // Both negative and reversed: 0 before the unit is even looked at.
+            ("BITCOUNT s -1 -2 foo", 0),
+            // A missing key is 0 whatever the other arguments.
+            ("BITCOUNT nokey 1", 0),
+            ("BITCOUNT nokey a b foo x", 0),
+        ] {
+            assert_eq!(run(&mut s, cmd).unwrap(), int(want), "{cmd}");
+        }
+        set(&mut s, "e", b"", None);
+        assert_eq!(run(&mut s, "BITCOUNT e").unwrap(), int(0));
+        assert_eq!(run(&mut s, "BITCOUNT e 0 -1 bit").unwrap(), int(0));
+    }
+
+    #[test]
+    fn bitcount_errors_follow_redis() {
+        let mut s = with_string_and_hash();
+        assert_eq!(error(&mut s, "BITCOUNT s 1"), "ERR syntax error");
+        assert_eq!(error(&mut s, "BITCOUNT s 0 1 foo"), "ERR syntax error");
+        assert_eq!(
+            error(&mut s, "BITCOUNT s 0 1 bit extra"),
+            "ERR syntax error"
+        );
+        let not_int = "ERR value is not an integer or out of range";
+        assert_eq!(error(&mut s, "BITCOUNT s a 1"), not_int);
+        assert_eq!(error(&mut s, "BITCOUNT s 0 a"), not_int);
+        assert_eq!(error(&mut s, "BITCOUNT h"), "WRONGTYPE");
+        assert_eq!(error(&mut s, "BITCOUNT h 1"), "WRONGTYPE");
+    }
+
+    #[test]
+    fn bitpos_finds_the_first_set_or_clear_bit() {
+        let mut s = space();
+        set(&mut s, "s", b"\xff\xf0\x00", None);
+        set(&mut s, "f", b"\xff\xff", None);
+        set(&mut s, "e", b"", None);
+        for (cmd, want) in [
+            ("BITPOS s 0", 12),
+            ("BITPOS s 1", 0),
+            ("BITPOS s 1 1", 8),
+            ("BITPOS s 0 0 1", 12),
+            ("BITPOS s 1 2 -1 byte", -1),
+            ("BITPOS s 1 7 15 bit", 7),
+            ("BITPOS s 0 0 11 bit", -1),
+            ("BITPOS s 0 0 12 bit", 12),
+            ("BITPOS s 0 1 1 bit", -1),
+            ("BITPOS s 0 8 11 bit", -1),
+            ("BITPOS s 1 12", -1),
+            ("BITPOS s 0 3", -1),
+            ("BITPOS s 1 -1 -1 bit", -1),
+            ("BITPOS s 1 9 10 bit", 9),
+            ("BITPOS s 1 11 20 bit", 11),
+            // All ones and no explicit end: the first bit past the string.
+            ("BITPOS f 0", 16),
+            ("BITPOS f 0 0", 16),
+            // An explicit end: not found.
+            ("BITPOS f 0 0 -1", -1),
+            ("BITPOS f 0 0 -1 bit", -1),
+            ("BITPOS f 0 3 15 bit", -1),
+            ("BITPOS f 0 1 1 byte", -1),
+            ("BITPOS f 1 16", -1),
+            ("BITPOS f 0 16", -1),
+            ("BITPOS f 0 -1 -2", -1),
+            ("BITPOS f 0 -1", 16),
+            // An empty string has no bits; a missing key is all zeros.
+            ("BITPOS e 0", -1),
+            ("BITPOS e 1", -1),
+            ("BITPOS nokey 0", 0),
+            ("BITPOS nokey 1", -1),
+            ("BITPOS nokey 0 x", 0),
+        ] {
+            assert_eq!(run(&mut s, cmd).unwrap(), int(want), "{cmd}");
+        }
+    }
+
+    #[test]
+    fn bitpos_skips_whole_bytes_in_long_strings() {
+        let mut s = space();
+        let mut v = vec![0u8; 10_000];
+        v[9_000] = 0x10;
+        set(&mut s, "z", &v, None);
+        assert_eq!(run(&mut s, "BITPOS z 1").unwrap(), int(9_000 * 8 + 3));
+        assert_eq!(run(&mut s, "BITPOS z 1 72004 -1 bit").unwrap(), int(-1));
+        assert_eq!(run(&mut s, "BITPOS z 0 72003 -1 bit").unwrap(), int(72_004));
+    }
+
+    #[test]
+    fn bitpos_errors_follow_redis_order() {
+        let mut s = with_string_and_hash();
+        set(&mut s, "f", b"\xff\xff", None);
+        let not_int = "ERR value is not an integer or out of range";
+        let bit_err = "ERR The bit argument must be 1 or 0.";
+        assert_eq!(error(&mut s, "BITPOS nokey 2"), bit_err);
+        assert_eq!(error(&mut s, "BITPOS h 2"), bit_err);
+        assert_eq!(error(&mut s, "BITPOS nokey x"), not_int);
+        assert_eq!(error(&mut s, "BITPOS f 01"), not_int);
+        assert_eq!(error(&mut s, "BITPOS h 0"), "WRONGTYPE");
+        assert_eq!(error(&mut s, "BITPOS h 0 x"), "WRONGTYPE");
+        assert_eq!(error(&mut s, "BITPOS f 0 x"), not_int);
+        assert_eq!(error(&mut s, "BITPOS f 0 0 x"), not_int);
+        assert_eq!(
+            error(&mut s, "BITPOS f 0 3 bit"),
+            not_int,
+            "the end, not a unit"
+        );
+        assert_eq!(error(&mut s, "BITPOS f 0 0 1 foo"), "ERR syntax error");
+        assert_eq!(error(&mut s, "BITPOS f 0 x 1 foo"), not_int);
+        assert_eq!(error(&mut s, "BITPOS f 0 0 x foo"), "ERR syntax error");
+        assert_eq!(error(&mut s, "BITPOS f 0 0 1 bit x"), "ERR syntax error");
+    }
+
+    #[test]
+    fn bitop_combines_bytes_treating_short_and_missing_sources_as_zeros() {
+        let mut s = space();
+        set(&mut s, "a", b"\xff\x0f", None);
+        set(&mut s, "b", b"\xf0", None);
+        assert_eq!(run(&mut s, "BITOP AND d a b").unwrap(), int(2));
+        assert_eq!(data(&mut s, "d"), b"\xf0\x00");
+        assert_eq!(run(&mut s, "BITOP or d a b").unwrap(), int(2));
+        assert_eq!(data(&mut s, "d"), b"\xff\x0f");
+        assert_eq!(run(&mut s, "BITOP XOR d a b").unwrap(), int(2));
+        assert_eq!(data(&mut s, "d"), b"\x0f\x0f");
+        assert_eq!(run(&mut s, "BITOP XOR d a a a").unwrap(), int(2));
+        assert_eq!(data(&mut s, "d"), b"\xff\x0f");
+        assert_eq!(run(&mut s, "BITOP NOT d a").unwrap(), int(2));
+        assert_eq!(data(&mut s, "d"), b"\x00\xf0");
+        assert_eq!(run(&mut s, "BITOP AND d a nokey").unwrap(), int(2));
+        assert_eq!(data(&mut s, "d"), b"\x00\x00");
+    }
+
+    #[test]
+    fn bitop_replaces_the_destination_and_clears_its_ttl() {
+        let mut s = space();
+        set(&mut s, "a", b"\xff", None);
+        set(&mut s, "d", b"x", Some(NOW + 100));
+        run(&mut s, "BITOP AND d a").unwrap();
+        assert_eq!(deadline_of(&mut s, "d"), None);
+        run(&mut s, "HSET h f v").unwrap();
+        assert_eq!(run(&mut s, "BITOP OR h a").unwrap(), int(1));
+        assert!(get(&mut s, "h").unwrap().is_string());
+        assert!(s.elements.is_empty(), "the hash's fields were reclaimed");
+    }
+
+    #[test]
+    fn bitop_of_empty_sources_deletes_the_destination() {
+        let mut s = space();
+        set(&mut s, "d", b"x", None);
+        assert_eq!(run(&mut s, "BITOP AND d nokey nokey2").unwrap(), int(0));
+        assert_eq!(get(&mut s, "d"), None);
+        assert_eq!(run(&mut s, "BITOP NOT d nokey").unwrap(), int(0));
+        assert_eq!(get(&mut s, "d"), None);
+    }
+
+    #[test]
+    fn bitop_errors_follow_redis() {
+        let mut s = with_string_and_hash();
+        assert_eq!(
+            error(&mut s, "BITOP NOT d s s"),
+            "ERR BITOP NOT must be called with a single source key."
+        );
+        assert_eq!(error(&mut s, "BITOP foo d s"), "ERR syntax error");
+        assert_eq!(error(&mut s, "BITOP foo d h"), "ERR syntax error");
+        assert_eq!(error(&mut s, "BITOP AND d s h"), "WRONGTYPE");
+        assert_eq!(error(&mut s, "BITOP NOT d h"), "WRONGTYPE");
+        assert_eq!(
+            error(&mut s, "BITOP AND d"),
+            "ERR wrong number of arguments for 'bitop' command"
+        );
+        assert_eq!(get(&mut s, "d"), None);
+    }
+
+    #[test]
+    fn bitop_keys_are_the_destination_and_every_source() {
+        let spec = crate::lookup("bitop").unwrap();
+        let args: Vec<Bytes> = "BITOP AND d a b"
+            .split(' ')
+            .map(|w| Bytes::copy_from_slice(w.as_bytes()))
+            .collect();
+        assert_eq!(spec.key_indices(&args).unwrap(), vec![2, 3, 4]);
+    }
+
+    #[test]
+    fn bitfield_set_get_and_incrby_signed_fields() {
+        let mut s = space();
+        assert_eq!(
+            run(&mut s, "BITFIELD k SET i8 0 100 GET i8 0 INCRBY i8 0 100").unwrap(),
+            ints(&[0, 100, -56])
+        );
+        assert_eq!(
+            run(&mut s, "BITFIELD k OVERFLOW SAT INCRBY i8 0 100").unwrap(),
+            ints(&[44])
+        );
+        assert_eq!(
+            run(&mut s, "BITFIELD k overflow wrap incrby i8 0 100").unwrap(),
+            ints(&[-112])
+        );
+        assert_eq!(
+            run(&mut s, "BITFIELD k GET u63 0 GET i64 0").unwrap(),
+            ints(&[5_188_146_770_730_811_392, -8_070_450_532_247_928_832])
+        );
+    }
+
+    #[test]
+    fn bitfield_overflow_fail_returns_nil() {
+        let mut s = space();
+        run(&mut s, "BITFIELD k SET i8 0 100").unwrap();
+        assert_eq!(
+            run(&mut s, "BITFIELD k OVERFLOW FAIL INCRBY i8 0 100 GET i8 0").unwrap(),
+            Reply::Array(vec![Reply::Nil, int(100)])
+        );
+        assert_eq!(
+            run(&mut s, "BITFIELD k OVERFLOW FAIL SET i8 0 200 GET i8 0").unwrap(),
+            Reply::Array(vec![Reply::Nil, int(100)])
+        );
+    }
+
+    #[test]
+    fn bitfield_grows_the_string_even_when_every_write_fails() {
+        let mut s = space();
+        assert_eq!(
+            run(&mut s, "BITFIELD n OVERFLOW FAIL SET u8 100 -1").unwrap(),
+            Reply::Array(vec![Reply::Nil])
+        );
+        assert_eq!(data(&mut s, "n"), vec![0u8; 14]);
+    }
+
+    #[test]
+    fn bitfield_unsigned_set_takes_the_bit_pattern_of_negative_values() {
+        let mut s = space();
+        for (cmd, want) in [
+            (
+                "BITFIELD n OVERFLOW SAT SET u8 0 -5 GET u8 0",
+                &[0, 255][..],
+            ),
+            ("BITFIELD n OVERFLOW SAT SET u8 0 300 GET u8 0", &[255, 255]),
+            ("BITFIELD n SET u8 0 300 GET u8 0", &[255, 44]),
+            ("BITFIELD n SET u8 0 -5 GET u8 0", &[44, 251]),
+            ("BITFIELD n SET i8 0 200 GET i8 0", &[-5, -56]),
+            (
+                "BITFIELD n OVERFLOW SAT SET i8 0 200 GET i8 0 SET i8 0 -200 GET i8 0",
+                &[-56, 127, 127, -128],
+            ),
+            (
+                "BITFIELD n SET u4 2 15 GET u8 0 GET u4 2 GET u2 3",
+                &[0, 188, 15, 3],
+            ),
+        ] {
+            assert_eq!(run(&mut s, cmd).unwrap(), ints(want), "{cmd}");
+        }
+    }
+
+    #[test]
+    fn bitfield_64_bit_fields_wrap_and_saturate_at_the_extremes() {
+        let mut s = space();
+        assert_eq!(
+            run(
+                &mut s,
+                "BITFIELD n SET i64 0 -1 GET i64 0 GET u63 0 GET u63 1"
+            )
+            .unwrap(),
+            ints(&[0, -1, i64::MAX, i64::MAX])
+        );
+        for (cmd, want) in [
+            (
+                "BITFIELD n OVERFLOW WRAP INCRBY i64 0 -9223372036854775808",
+                Some(i64::MAX),
+            ),
+            (
+                "BITFIELD n OVERFLOW SAT INCRBY i64 0 -9223372036854775808",
+                Some(-1),
+            ),
+            (
+                "BITFIELD n OVERFLOW FAIL INCRBY i64 0 -9223372036854775808",
+                None,
+            ),
+        ] {
+            let want = Reply::Array(vec![want.map_or(Reply::Nil, Reply::Integer)]);
+            assert_eq!(run(&mut s, cmd).unwrap(), want, "{cmd}");
+        }
+        assert_eq!(
+            run(
+                &mut s,
+                "BITFIELD n OVERFLOW SAT INCRBY i64 0 9223372036854775807 INCRBY i64 0 1"
+            )
+            .unwrap(),
+            ints(&[i64::MAX - 1, i64::MAX])
+        );
+        assert_eq!(
+            run(
+                &mut s,
+                "BITFIELD n OVERFLOW SAT INCRBY u63 0 -9223372036854775808"
+            )
+            .unwrap(),
+            ints(&[0])
+        );
+        assert_eq!(
+            run(&mut s, "BITFIELD n OVERFLOW WRAP INCRBY u63 0 -1").unwrap(),
+            ints(&[i64::MAX])
+        );
+    }
+
+    #[test]
+    fn bitfield_sat_of_a_huge_negative_signed_set_saturates_upwards_as_redis_does() {
+        // Redis's overflow check wraps when the value is far below the field's minimum, and
+        // reports an overflow upwards (found by comparing with redis-server 7.0.15).
+        let mut s = space();
+        assert_eq!(
+            run(
+                &mut s,
+                "BITFIELD k OVERFLOW SAT SET i5 0 -9223372036854775808 GET i5 0 SET i5 0 -4611686018427387904 GET i5 0"
+            )
+            .unwrap(),
+            ints(&[0, 15, 15, -16])
+        );
+        assert_eq!(
+            run(
+                &mut s,
+                "BITFIELD k OVERFLOW WRAP SET i5 0 -9223372036854775808 GET i5 0"
+            )
+            .unwrap(),
+            ints(&[-16, 0])
+        );
+    }
+
+    #[test]
+    fn bitfield_hash_offsets_are_multiples_of_the_width() {
+        let mut s = space();
+        assert_eq!(
+            run(
+                &mut s,
+                "BITFIELD n SET u8 #2 7 GET u8 16 GET u8 #2 GET i64 1000"
+            )
+            .unwrap(),
+            ints(&[0, 7, 7, 0])
+        );
+        assert_eq!(data(&mut s, "n"), b"\0\0\x07");
+    }
+
+    #[test]
+    fn bitfield_keeps_the_ttl() {
+        let mut s = space();
+        set(&mut s, "t", b"v", Some(NOW + 100));
+        run(&mut s, "BITFIELD t SET u8 8 1").unwrap();
+        assert_eq!(deadline_of(&mut s, "t"), Some(NOW + 100));
+    }
+
+    #[test]
+    fn bitfield_with_only_gets_is_a_read() {
+        let mut s = space();
+        assert_eq!(run(&mut s, "BITFIELD nokey GET u8 0").unwrap(), ints(&[0]));
+        assert_eq!(run(&mut s, "BITFIELD nokey").unwrap(), ints(&[]));
+        assert_eq!(get(&mut s, "nokey"), None);
+        let ro = crate::testing::EmptySpace;
+        let args: Vec<Bytes> = "BITFIELD_RO k GET u8 0 GET i4 #3"
+            .split(' ')
+            .map(|w| Bytes::copy_from_slice(w.as_bytes()))
+            .collect();
+        let mut ro = ro;
+        assert_eq!(
+            crate::execute(&args, &mut ro, &cx()).unwrap(),
+            ints(&[0, 0])
+        );
+    }
+
+    #[test]
+    fn bitfield_errors_follow_redis_order() {
+        let mut s = with_string_and_hash();
+        let type_err = "ERR Invalid bitfield type. Use something like i16 u8. Note that u64 is not supported but i64 is.";
+        for bad in ["u64", "i65", "I8", "u0", "u", "u08", "i-1"] {
+            assert_eq!(
+                error(&mut s, &format!("BITFIELD k GET {bad} 0")),
+                type_err,
+                "{bad}"
+            );
+        }
+        for bad in ["-1", "x", "#-1", "4294967296", "#536870912", "#"] {
+            assert_eq!(
+                error(&mut s, &format!("BITFIELD k GET u8 {bad}")),
+                OFFSET_ERR,
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            run(&mut s, "BITFIELD k GET u8 4294967295").unwrap(),
+            ints(&[0])
+        );
+        assert_eq!(
+            run(&mut s, "BITFIELD k GET u8 #536870911").unwrap(),
+            ints(&[0])
+        );
+        for bad in [
+            "BITFIELD k OVERFLOW",
+            "BITFIELD k GET",
+            "BITFIELD k GET u8",
+            "BITFIELD k SET u8 0",
+            "BITFIELD k foo",
+            "BITFIELD k GET u8 0 foo",
+            "BITFIELD h foo",
+        ] {
+            assert_eq!(error(&mut s, bad), "ERR syntax error", "{bad}");
+        }
+        assert_eq!(
+            error(&mut s, "BITFIELD k OVERFLOW foo INCRBY i8 0 1"),
+            "ERR Invalid OVERFLOW type specified"
+        );
+        let not_int = "ERR value is not an integer or out of range";
+        assert_eq!(error(&mut s, "BITFIELD k SET u8 0 x"), not_int);
+        assert_eq!(error(&mut s, "BITFIELD k INCRBY u8 0 x"), not_int);
+        assert_eq!(error(&mut s, "BITFIELD h GET u8 x"), OFFSET_ERR);
+        assert_eq!(error(&mut s, "BITFIELD h GET u8 0"), "WRONGTYPE");
+        assert_eq!(error(&mut s, "BITFIELD h SET u8 0 1"), "WRONGTYPE");
+        assert_eq!(get(&mut s, "k"), None, "nothing was written");
+    }
+
+    #[test]
+    fn bitfield_ro_refuses_writes_after_parsing_every_argument() {
+        let mut s = with_string_and_hash();
+        let ro_err = "ERR BITFIELD_RO only supports the GET subcommand";
+        assert_eq!(error(&mut s, "BITFIELD_RO k SET u8 0 1"), ro_err);
+        assert_eq!(error(&mut s, "BITFIELD_RO h SET u8 0 1"), ro_err);
+        assert_eq!(
+            error(&mut s, "BITFIELD_RO k SET u8 0 x"),
+            "ERR value is not an integer or out of range"
+        );
+        assert_eq!(error(&mut s, "BITFIELD_RO k foo"), "ERR syntax error");
+        assert_eq!(error(&mut s, "BITFIELD_RO h GET u8 0"), "WRONGTYPE");
+        assert_eq!(
+            run(&mut s, "BITFIELD_RO s GET u8 0").unwrap(),
+            ints(&[b'h' as i64])
+        );
+    }
+
+    #[test]
+    fn bitfield_growth_is_bounded_by_the_value_limit() {
+        let mut s = space();
+        let small = Ctx {
+            value_bytes_max: 4,
+            ..cx()
+        };
+        assert_eq!(
+            run_with(&mut s, "BITFIELD k SET u8 24 1", &small).unwrap(),
+            ints(&[0])
+        );
+        assert_eq!(
+            run_with(&mut s, "BITFIELD k SET u8 25 1", &small),
+            Err(too_long())
+        );
+        assert_eq!(
+            run_with(&mut s, "BITFIELD k SET i64 4294967295 1", &cx()),
+            Err(too_long())
+        );
+        assert_eq!(data(&mut s, "k"), b"\0\0\0\x01");
+    }
 }

@@ -289,3 +289,314 @@ fn object(args: &[Bytes], space: &mut dyn Space, _: &Ctx) -> Result<Reply> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::strings::tests::{
+        NOW, bulk, data, deadline_of, error, get, int, run, set, space, with_string_and_hash,
+    };
+    use crate::testing::MapSpace;
+
+    #[test]
+    fn table_is_sorted() {
+        assert!(crate::command::sorted(COMMANDS));
+    }
+
+    /// The (field, value) pairs of the hash at `key`, read through HGETALL.
+    fn fields(s: &mut MapSpace, key: &str) -> Vec<(Reply, Reply)> {
+        match run(s, &format!("HGETALL {key}")).unwrap() {
+            Reply::Map(m) => m,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn coll_id(s: &mut MapSpace, key: &str) -> u64 {
+        CollMeta::of(&get(s, key).unwrap()).unwrap().unwrap().id
+    }
+
+    #[test]
+    fn expiretime_answers_absolute_deadlines() {
+        let mut s = with_string_and_hash();
+        assert_eq!(run(&mut s, "EXPIRETIME nokey").unwrap(), int(-2));
+        assert_eq!(run(&mut s, "PEXPIRETIME nokey").unwrap(), int(-2));
+        assert_eq!(run(&mut s, "EXPIRETIME s").unwrap(), int(-1));
+        assert_eq!(run(&mut s, "PEXPIRETIME h").unwrap(), int(-1));
+        set(&mut s, "t", b"v", Some(99_999_999_999_500));
+        assert_eq!(run(&mut s, "EXPIRETIME t").unwrap(), int(100_000_000_000));
+        assert_eq!(
+            run(&mut s, "PEXPIRETIME t").unwrap(),
+            int(99_999_999_999_500)
+        );
+        set(&mut s, "t", b"v", Some(99_999_999_999_499));
+        assert_eq!(run(&mut s, "EXPIRETIME t").unwrap(), int(99_999_999_999));
+        set(&mut s, "gone", b"v", Some(NOW));
+        assert_eq!(run(&mut s, "EXPIRETIME gone").unwrap(), int(-2));
+        assert_eq!(
+            error(&mut s, "EXPIRETIME a b"),
+            "ERR wrong number of arguments for 'expiretime' command"
+        );
+    }
+
+    #[test]
+    fn touch_counts_existing_keys_each_time_named() {
+        let mut s = with_string_and_hash();
+        assert_eq!(run(&mut s, "TOUCH s h nokey s").unwrap(), int(3));
+        assert_eq!(
+            error(&mut s, "TOUCH"),
+            "ERR wrong number of arguments for 'touch' command"
+        );
+    }
+
+    #[test]
+    fn rename_moves_a_string_with_its_ttl() {
+        let mut s = space();
+        set(&mut s, "a", b"v", Some(NOW + 500));
+        assert_eq!(run(&mut s, "RENAME a b").unwrap(), Reply::Ok);
+        assert_eq!(get(&mut s, "a"), None);
+        assert_eq!(data(&mut s, "b"), b"v");
+        assert_eq!(deadline_of(&mut s, "b"), Some(NOW + 500));
+    }
+
+    #[test]
+    fn rename_of_a_hash_moves_its_fields_without_copying_them() {
+        let mut s = space();
+        run(&mut s, "HSET h a 1 b 2").unwrap();
+        let id = coll_id(&mut s, "h");
+        let elements = s.elements.clone();
+        assert_eq!(run(&mut s, "RENAME h h2").unwrap(), Reply::Ok);
+        assert_eq!(get(&mut s, "h"), None);
+        assert_eq!(coll_id(&mut s, "h2"), id, "same collection, same elements");
+        assert_eq!(s.elements, elements);
+        assert_eq!(
+            fields(&mut s, "h2"),
+            vec![(bulk(b"a"), bulk(b"1")), (bulk(b"b"), bulk(b"2"))]
+        );
+    }
+
+    #[test]
+    fn rename_replaces_the_destination_and_reclaims_its_elements() {
+        let mut s = space();
+        run(&mut s, "HSET old x 1").unwrap();
+        set(&mut s, "a", b"v", None);
+        assert_eq!(run(&mut s, "RENAME a old").unwrap(), Reply::Ok);
+        assert_eq!(data(&mut s, "old"), b"v");
+        assert!(
+            s.elements.is_empty(),
+            "the replaced hash's fields are reclaimed"
+        );
+        run(&mut s, "HSET h f v").unwrap();
+        run(&mut s, "HSET dst g w").unwrap();
+        run(&mut s, "RENAME h dst").unwrap();
+        assert_eq!(fields(&mut s, "dst"), vec![(bulk(b"f"), bulk(b"v"))]);
+        assert_eq!(s.elements.len(), 1);
+    }
+
+    #[test]
+    fn rename_errors_and_same_key() {
+        let mut s = with_string_and_hash();
+        assert_eq!(error(&mut s, "RENAME nokey x"), "ERR no such key");
+        assert_eq!(error(&mut s, "RENAME nokey nokey"), "ERR no such key");
+        assert_eq!(error(&mut s, "RENAMENX nokey nokey"), "ERR no such key");
+        assert_eq!(run(&mut s, "RENAME s s").unwrap(), Reply::Ok);
+        assert_eq!(run(&mut s, "RENAMENX s s").unwrap(), int(0));
+        assert_eq!(data(&mut s, "s"), b"hello");
+        assert_eq!(
+            error(&mut s, "RENAME a b c"),
+            "ERR wrong number of arguments for 'rename' command"
+        );
+    }
+
+    #[test]
+    fn renamenx_renames_only_onto_a_missing_key() {
+        let mut s = with_string_and_hash();
+        assert_eq!(run(&mut s, "RENAMENX s h").unwrap(), int(0));
+        assert_eq!(data(&mut s, "s"), b"hello");
+        assert_eq!(run(&mut s, "RENAMENX h h2").unwrap(), int(1));
+        assert_eq!(fields(&mut s, "h2"), vec![(bulk(b"f"), bulk(b"v"))]);
+        // An expired destination counts as missing.
+        set(&mut s, "gone", b"x", Some(NOW));
+        assert_eq!(run(&mut s, "RENAMENX s gone").unwrap(), int(1));
+        assert_eq!(data(&mut s, "gone"), b"hello");
+    }
+
+    #[test]
+    fn copy_of_a_string_keeps_its_ttl() {
+        let mut s = space();
+        set(&mut s, "a", b"1", Some(NOW + 500));
+        assert_eq!(run(&mut s, "COPY a b").unwrap(), int(1));
+        assert_eq!(data(&mut s, "b"), b"1");
+        assert_eq!(deadline_of(&mut s, "b"), Some(NOW + 500));
+        assert_eq!(data(&mut s, "a"), b"1");
+        assert_eq!(run(&mut s, "COPY a b").unwrap(), int(0));
+        assert_eq!(run(&mut s, "COPY nokey b").unwrap(), int(0));
+        assert_eq!(run(&mut s, "COPY a b DB 0").unwrap(), int(0));
+        assert_eq!(
+            run(&mut s, "COPY a b REPLACE replace DB 0").unwrap(),
+            int(1)
+        );
+    }
+
+    #[test]
+    fn copy_of_a_hash_copies_its_fields_under_a_new_id() {
+        let mut s = space();
+        for i in 0..1_200 {
+            run(&mut s, &format!("HSET h f{i} v{i}")).unwrap();
+        }
+        set(&mut s, "dst", b"x", None);
+        assert_eq!(run(&mut s, "COPY h dst").unwrap(), int(0));
+        assert_eq!(run(&mut s, "COPY h dst REPLACE").unwrap(), int(1));
+        assert_ne!(coll_id(&mut s, "h"), coll_id(&mut s, "dst"));
+        assert_eq!(fields(&mut s, "dst"), fields(&mut s, "h"));
+        assert_eq!(s.elements.len(), 2_400);
+        // The copy is independent of its source.
+        run(&mut s, "HDEL h f0").unwrap();
+        assert_eq!(run(&mut s, "HGET dst f0").unwrap(), bulk(b"v0"));
+        assert_eq!(run(&mut s, "HLEN dst").unwrap(), int(1_200));
+        // REPLACE over a collection reclaims it.
+        run(&mut s, "COPY h dst REPLACE").unwrap();
+        assert_eq!(s.elements.len(), 2 * 1_199);
+        assert_eq!(
+            get(&mut s, "dst").unwrap().header.kind,
+            ValueKind::Hash,
+            "the copy keeps the kind"
+        );
+    }
+
+    #[test]
+    fn copy_errors_follow_redis() {
+        let mut s = with_string_and_hash();
+        let same = "ERR source and destination objects are the same";
+        assert_eq!(error(&mut s, "COPY s s"), same);
+        assert_eq!(error(&mut s, "COPY nokey nokey"), same);
+        assert_eq!(error(&mut s, "COPY s s foo"), "ERR syntax error");
+        assert_eq!(error(&mut s, "COPY nokey b foo"), "ERR syntax error");
+        assert_eq!(error(&mut s, "COPY s b DB"), "ERR syntax error");
+        assert_eq!(error(&mut s, "COPY s b DB 0 foo"), "ERR syntax error");
+        assert_eq!(
+            error(&mut s, "COPY s b DB x"),
+            "ERR value is not an integer or out of range"
+        );
+        assert_eq!(
+            error(&mut s, "COPY s b DB 99999999999"),
+            "ERR value is out of range, value must between -2147483648 and 2147483647"
+        );
+        for db in ["1", "-1", "16"] {
+            assert_eq!(
+                error(&mut s, &format!("COPY s b DB {db}")),
+                "ERR DB index is out of range"
+            );
+        }
+        assert_eq!(get(&mut s, "b"), None);
+    }
+
+    #[test]
+    fn object_encoding_of_strings_follows_redis_7_0() {
+        let mut s = space();
+        for (value, want) in [
+            (&b"123"[..], "int"),
+            (b"-1", "int"),
+            (b"9223372036854775807", "int"),
+            (b"12345678901234567890", "embstr"),
+            (b"01", "embstr"),
+            (b"", "embstr"),
+            (&[b'a'; 44], "embstr"),
+            (&[b'a'; 45], "raw"),
+        ] {
+            set(&mut s, "s", value, None);
+            assert_eq!(
+                run(&mut s, "OBJECT ENCODING s").unwrap(),
+                bulk(want.as_bytes()),
+                "{value:?}"
+            );
+        }
+        assert_eq!(run(&mut s, "object encoding nokey").unwrap(), Reply::Nil);
+    }
+
+    #[test]
+    fn object_encoding_of_collections_follows_big() {
+        let mut s = space();
+        let put = |s: &mut MapSpace, key: &str, kind: ValueKind, big: bool| {
+            let meta = CollMeta {
+                id: 1,
+                len: 1,
+                head: 0,
+                tail: 1,
+                big,
+            };
+            s.put(
+                key.as_bytes(),
+                Value::of_kind(kind, meta.encode(), capdb_types::Timestamp(1), None),
+            )
+            .unwrap();
+        };
+        for (kind, small, large) in [
+            (ValueKind::Hash, "listpack", "hashtable"),
+            (ValueKind::Set, "intset", "hashtable"),
+            (ValueKind::ZSet, "listpack", "skiplist"),
+            (ValueKind::List, "quicklist", "quicklist"),
+        ] {
+            put(&mut s, "small", kind, false);
+            put(&mut s, "large", kind, true);
+            assert_eq!(encoding(&s.get(b"small").unwrap().unwrap()).unwrap(), small);
+            assert_eq!(encoding(&s.get(b"large").unwrap().unwrap()).unwrap(), large);
+        }
+    }
+
+    #[test]
+    fn object_other_subcommands_and_errors() {
+        let mut s = with_string_and_hash();
+        assert_eq!(run(&mut s, "OBJECT REFCOUNT s").unwrap(), int(1));
+        assert_eq!(run(&mut s, "OBJECT IDLETIME s").unwrap(), int(0));
+        assert_eq!(run(&mut s, "OBJECT refcount nokey").unwrap(), Reply::Nil);
+        assert_eq!(run(&mut s, "OBJECT FREQ nokey").unwrap(), Reply::Nil);
+        assert!(
+            error(&mut s, "OBJECT FREQ s")
+                .starts_with("ERR An LFU maxmemory policy is not selected")
+        );
+        let Reply::Array(help) = run(&mut s, "OBJECT HELP").unwrap() else {
+            panic!()
+        };
+        assert_eq!(help.len(), 15);
+        assert_eq!(help[1], Reply::Status("ENCODING <key>".into()));
+        assert_eq!(
+            error(&mut s, "OBJECT foo"),
+            "ERR unknown subcommand 'foo'. Try OBJECT HELP."
+        );
+        assert_eq!(
+            error(&mut s, "OBJECT ENCODING"),
+            "ERR wrong number of arguments for 'object|encoding' command"
+        );
+        assert_eq!(
+            error(&mut s, "OBJECT encoding a b"),
+            "ERR wrong number of arguments for 'object|encoding' command"
+        );
+        assert_eq!(
+            error(&mut s, "OBJECT HELP extra"),
+            "ERR wrong number of arguments for 'object|help' command"
+        );
+        assert_eq!(
+            error(&mut s, "OBJECT"),
+            "ERR wrong number of arguments for 'object' command"
+        );
+    }
+
+    #[test]
+    fn key_positions_match_redis() {
+        let words = |s: &str| -> Vec<Bytes> {
+            s.split(' ')
+                .map(|w| Bytes::copy_from_slice(w.as_bytes()))
+                .collect()
+        };
+        let keys = |cmd: &str| {
+            let args = words(cmd);
+            let name = String::from_utf8_lossy(&args[0]).to_ascii_lowercase();
+            crate::lookup(&name).unwrap().key_indices(&args).unwrap()
+        };
+        assert_eq!(keys("RENAME a b"), vec![1, 2]);
+        assert_eq!(keys("COPY a b DB 0 REPLACE"), vec![1, 2]);
+        assert_eq!(keys("TOUCH a b c"), vec![1, 2, 3]);
+        assert_eq!(keys("OBJECT ENCODING k"), vec![2]);
+        assert_eq!(keys("OBJECT HELP"), Vec::<usize>::new());
+    }
+}

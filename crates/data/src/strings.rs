@@ -1,7 +1,7 @@
 //! The string commands beyond SET/GET and friends: GETEX, GETRANGE/SUBSTR, SETRANGE,
 //! INCRBYFLOAT, MSETNX, LCS and GETSET, with Redis 7's replies, errors and order of checks.
 //!
-//! A string is a key's top-level record of kind [`ValueKind::String`]: its bytes are the
+//! A string is a key's top-level record of kind [`capdb_types::ValueKind::String`]: its bytes are the
 //! record's payload and its TTL the record's deadline, so every command here reads or writes
 //! one record per key and never touches element records. A write that keeps the TTL (SETRANGE,
 //! INCRBYFLOAT, GETEX without options) rewrites the record with the same deadline; one that
@@ -239,10 +239,7 @@ fn incrbyfloat(args: &[Bytes], space: &mut dyn Space, cx: &Ctx) -> Result<Reply>
     }
     let text = Bytes::from(format_long_double_human(new));
     let expire = old.and_then(|v| v.header.expire_at_ms);
-    space.put(
-        &args[1],
-        Value::new(text.clone(), cx.timestamp, expire),
-    )?;
+    space.put(&args[1], Value::new(text.clone(), cx.timestamp, expire))?;
     Ok(Reply::Bulk(text))
 }
 
@@ -286,8 +283,7 @@ fn msetnx(args: &[Bytes], space: &mut dyn Space, cx: &Ctx) -> Result<Reply> {
 fn lcs(args: &[Bytes], space: &mut dyn Space, cx: &Ctx) -> Result<Reply> {
     let a = space.get(&args[1])?;
     let b = space.get(&args[2])?;
-    if a.as_ref().is_some_and(|v| !v.is_string()) || b.as_ref().is_some_and(|v| !v.is_string())
-    {
+    if a.as_ref().is_some_and(|v| !v.is_string()) || b.as_ref().is_some_and(|v| !v.is_string()) {
         return Err(err("ERR The specified keys must contain string values"));
     }
     let a = a.map(|v| v.data).unwrap_or_default();
@@ -439,7 +435,7 @@ pub(crate) mod tests {
         let b = word.as_bytes();
         let mut i = 0;
         while i < b.len() {
-            if b[i] == b'\\' && b.get(i + 1) == Some(&b'x') && i + 3 < b.len() + 0 {
+            if b[i] == b'\\' && b.get(i + 1) == Some(&b'x') && i + 3 < b.len() {
                 let hex = std::str::from_utf8(&b[i + 2..i + 4]).unwrap();
                 out.push(u8::from_str_radix(hex, 16).unwrap());
                 i += 4;
@@ -714,10 +710,7 @@ pub(crate) mod tests {
         assert_eq!(crate::execute(&on_s, &mut s, &cx()).unwrap(), int(5));
         let mut on_h = empty;
         on_h[1] = Bytes::from_static(b"h");
-        assert_eq!(
-            crate::execute(&on_h, &mut s, &cx()),
-            Err(Error::WrongType)
-        );
+        assert_eq!(crate::execute(&on_h, &mut s, &cx()), Err(Error::WrongType));
     }
 
     #[test]
@@ -730,17 +723,20 @@ pub(crate) mod tests {
             int(max as i64)
         );
         assert_eq!(error(&mut s, &format!("SETRANGE s {max} x")), too_long);
-        assert_eq!(
-            error(&mut s, "SETRANGE s 9223372036854775807 x"),
-            too_long
-        );
+        assert_eq!(error(&mut s, "SETRANGE s 9223372036854775807 x"), too_long);
         assert_eq!(error(&mut s, "SETRANGE nokey 536870912 x"), too_long);
-        assert_eq!(error(&mut s, "SETRANGE s -1 x"), "ERR offset is out of range");
+        assert_eq!(
+            error(&mut s, "SETRANGE s -1 x"),
+            "ERR offset is out of range"
+        );
         assert_eq!(
             error(&mut s, "SETRANGE nokey -1 x"),
             "ERR offset is out of range"
         );
-        assert_eq!(error(&mut s, "SETRANGE h -1 x"), "ERR offset is out of range");
+        assert_eq!(
+            error(&mut s, "SETRANGE h -1 x"),
+            "ERR offset is out of range"
+        );
         assert_eq!(
             error(&mut s, "SETRANGE s a x"),
             "ERR value is not an integer or out of range"
@@ -807,7 +803,11 @@ pub(crate) mod tests {
         assert_eq!(data(&mut s, "a"), b"2", "the last pair for a key wins");
         assert_eq!(run(&mut s, "MSETNX x 1 a 3").unwrap(), int(0));
         assert_eq!(get(&mut s, "x"), None);
-        assert_eq!(run(&mut s, "MSETNX h 1 y 2").unwrap(), int(0), "any type counts");
+        assert_eq!(
+            run(&mut s, "MSETNX h 1 y 2").unwrap(),
+            int(0),
+            "any type counts"
+        );
         assert_eq!(run(&mut s, "MSETNX x 1 y 2").unwrap(), int(1));
         assert_eq!(data(&mut s, "y"), b"2");
         for bad in ["MSETNX a", "MSETNX a 1 b"] {
@@ -855,7 +855,10 @@ pub(crate) mod tests {
         let mut s = lcs_space();
         assert_eq!(run(&mut s, "LCS k1 k2").unwrap(), bulk(b"mytext"));
         assert_eq!(run(&mut s, "LCS k1 k2 LEN").unwrap(), int(6));
-        assert_eq!(run(&mut s, "LCS k1 k2 withmatchlen").unwrap(), bulk(b"mytext"));
+        assert_eq!(
+            run(&mut s, "LCS k1 k2 withmatchlen").unwrap(),
+            bulk(b"mytext")
+        );
         assert_eq!(run(&mut s, "LCS k1 k2 len withmatchlen").unwrap(), int(6));
         assert_eq!(run(&mut s, "LCS k1 nokey").unwrap(), bulk(b""));
         assert_eq!(run(&mut s, "LCS nokey nokey2 LEN").unwrap(), int(0));
@@ -922,11 +925,26 @@ pub(crate) mod tests {
             ..cx()
         };
         assert_eq!(
-            run_with(&mut s, "LCS a b LEN", &Ctx { value_bytes_max: 601 * 601 * 4, ..small }).unwrap(),
+            run_with(
+                &mut s,
+                "LCS a b LEN",
+                &Ctx {
+                    value_bytes_max: 601 * 601 * 4,
+                    ..small
+                }
+            )
+            .unwrap(),
             int(0)
         );
         assert_eq!(
-            run_with(&mut s, "LCS a b LEN", &Ctx { value_bytes_max: 601 * 601 * 4 - 1, ..small }),
+            run_with(
+                &mut s,
+                "LCS a b LEN",
+                &Ctx {
+                    value_bytes_max: 601 * 601 * 4 - 1,
+                    ..small
+                }
+            ),
             Err(err(
                 "ERR Insufficient memory, transient memory for LCS exceeds proto-max-bulk-len"
             ))
