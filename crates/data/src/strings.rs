@@ -1,11 +1,11 @@
 //! The string commands beyond SET/GET and friends: GETEX, GETRANGE/SUBSTR, SETRANGE,
 //! INCRBYFLOAT, MSETNX, LCS and GETSET, with Redis 7's replies, errors and order of checks.
 //!
-//! A string is a key's top-level record of kind [`capdb_types::ValueKind::String`]: its bytes are the
-//! record's payload and its TTL the record's deadline, so every command here reads or writes
-//! one record per key and never touches element records. A write that keeps the TTL (SETRANGE,
-//! INCRBYFLOAT, GETEX without options) rewrites the record with the same deadline; one that
-//! replaces the value as SET does (GETSET, MSETNX) clears it.
+//! A string is a key's top-level record of kind [`capdb_types::ValueKind::String`]: its bytes
+//! are the record's payload and its TTL the record's deadline, so every command here reads or
+//! writes one record per key and never touches element records. A write that keeps the TTL
+//! (SETRANGE, INCRBYFLOAT) rewrites the record with the same deadline; one that replaces the
+//! value as SET does (GETSET, MSETNX) clears it.
 //!
 //! Relative times are resolved before a command is logged: the server rewrites `GETEX k EX 10`
 //! into `GETEX k PXAT <deadline>` with [`absolutize`], so a replica replaying it later sets the
