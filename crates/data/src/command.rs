@@ -120,6 +120,9 @@ const FAMILIES: &[&[Spec]] = &[
     crate::hash::COMMANDS,
     crate::list::COMMANDS,
     crate::set::COMMANDS,
+    crate::strings::COMMANDS,
+    crate::bits::COMMANDS,
+    crate::keys::COMMANDS,
 ];
 
 /// The row of a data-type command by its lowercase name.

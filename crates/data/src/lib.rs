@@ -31,16 +31,19 @@
 //!   [`scan`]: HSCAN/SSCAN/ZSCAN cursors; [`rng`]: the seeded generator random commands use;
 //! - families: [`hash`] (and, as they land, lists, sets, sorted sets).
 
+pub mod bits;
 pub mod command;
 pub mod format;
 pub mod glob;
 pub mod hash;
+pub mod keys;
 pub mod list;
 pub mod meta;
 pub mod rng;
 pub mod scan;
 pub mod set;
 pub mod space;
+pub mod strings;
 pub mod testing;
 
 pub use command::{Ctx, Run, Spec, execute, lookup};

@@ -61,20 +61,24 @@ impl<'a> ElRange<'a> {
 ///   they replace (live *or expired*) is a collection whose id differs from the new record's,
 ///   the engine reclaims that collection's elements (at once, or later in bounded steps; they
 ///   are unreachable either way, since ids are never reused).
+/// - [`Space::rename`] moves the live record at `from` (the caller has checked there is one,
+///   and that `from != to`) with its elements to `to`, keeping its header (kind, TTL,
+///   timestamp) and its collection id, and replaces what `to` held as [`Space::put`] does
+///   (reclaiming a replaced collection's elements). It must not copy elements when the engine
+///   can avoid it: RENAME of a big collection is O(1) in Redis.
 /// - [`Space::new_id`] never returns an id twice in the life of the space, and is replicated
 ///   state where the space is (a `cp` shard): every replica allocates the same ids.
-/// - [`Space::rename`] moves the live record at `from` with its elements to `to` (no copy: the
-///   elements keep their id), replacing and reclaiming whatever `to` held; nothing when `from`
-///   is absent.
 /// - A read-only space (queries) answers every write with an error.
 pub trait Space {
     fn get(&mut self, key: &[u8]) -> Result<Option<Value>>;
     fn put(&mut self, key: &[u8], value: Value) -> Result<()>;
     fn remove(&mut self, key: &[u8]) -> Result<()>;
+    /// Moves the live record at `from` with its elements to `to`, replacing (and reclaiming)
+    /// whatever `to` held.
+    fn rename(&mut self, from: &[u8], to: &[u8]) -> Result<()>;
     fn new_id(&mut self) -> Result<u64>;
     fn el_get(&mut self, c: &Coll, sub: &[u8]) -> Result<Option<Bytes>>;
     fn el_put(&mut self, c: &Coll, sub: &[u8], value: &[u8]) -> Result<()>;
     fn el_remove(&mut self, c: &Coll, sub: &[u8]) -> Result<()>;
     fn el_range(&mut self, c: &Coll, range: ElRange<'_>) -> Result<Vec<(Bytes, Bytes)>>;
-    fn rename(&mut self, from: &[u8], to: &[u8]) -> Result<()>;
 }

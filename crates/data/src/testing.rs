@@ -63,6 +63,22 @@ impl Space for MapSpace {
         Ok(())
     }
 
+    fn rename(&mut self, from: &[u8], to: &[u8]) -> Result<()> {
+        let Some(value) = self.get(from)? else {
+            return Err(Error::Io("rename of a key without a live record".into()));
+        };
+        if from == to {
+            return Ok(());
+        }
+        // Elements are stored under the collection's id, not its key: moving the top-level
+        // record moves them.
+        let id = CollMeta::of(&value)?.map(|m| m.id);
+        self.reclaim_replaced(to, id)?;
+        self.top.remove(from);
+        self.top.insert(Bytes::copy_from_slice(to), value);
+        Ok(())
+    }
+
     fn new_id(&mut self) -> Result<u64> {
         self.next_id += 1;
         Ok(self.next_id)
@@ -106,17 +122,6 @@ impl Space for MapSpace {
             it.take(r.limit).map(pick).collect()
         })
     }
-
-    fn rename(&mut self, from: &[u8], to: &[u8]) -> Result<()> {
-        let Some(v) = self.get(from)? else {
-            return Ok(());
-        };
-        let moved = CollMeta::of(&v)?.map(|m| m.id);
-        self.reclaim_replaced(to, moved)?;
-        self.top.remove(from);
-        self.top.insert(Bytes::copy_from_slice(to), v);
-        Ok(())
-    }
 }
 
 /// No data, no writes: a command run on it fails at its first argument error, or at the first
@@ -137,6 +142,9 @@ impl Space for EmptySpace {
     fn remove(&mut self, _: &[u8]) -> Result<()> {
         Err(read_only())
     }
+    fn rename(&mut self, _: &[u8], _: &[u8]) -> Result<()> {
+        Err(read_only())
+    }
     fn new_id(&mut self) -> Result<u64> {
         Err(read_only())
     }
@@ -151,8 +159,5 @@ impl Space for EmptySpace {
     }
     fn el_range(&mut self, _: &Coll, _: ElRange<'_>) -> Result<Vec<(Bytes, Bytes)>> {
         Ok(Vec::new())
-    }
-    fn rename(&mut self, _: &[u8], _: &[u8]) -> Result<()> {
-        Err(read_only())
     }
 }

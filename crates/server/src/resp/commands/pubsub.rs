@@ -41,7 +41,7 @@ fn count(conn: &Connection, kind: Kind) -> i64 {
     conn.subs.as_ref().map_or(0, |s| match kind {
         Kind::Shard => s.shard.len() as i64,
         Kind::Channel | Kind::Pattern => (s.channels.len() + s.patterns.len()) as i64,
-    }) as i64
+    })
 }
 
 fn confirm(conn: &mut Connection, what: &str, name: Option<&[u8]>, kind: Kind) {
