@@ -181,7 +181,8 @@ pub(super) fn pubsub(conn: &mut Connection, args: &[Bytes]) -> Outcome {
             } else {
                 Kind::Shard
             };
-            conn.out.map(args.len() - 2);
+            // A flat array in RESP3 too, as Redis 7.0 answers.
+            conn.out.array(2 * (args.len() - 2));
             for c in &args[2..] {
                 conn.out.bulk(c);
                 conn.out.int(ps.count(kind, c) as i64);
