@@ -116,7 +116,7 @@ pub fn numkeys(args: &[Bytes], at: usize) -> Result<usize> {
 }
 
 /// Every family's table.
-const FAMILIES: &[&[Spec]] = &[crate::hash::COMMANDS];
+const FAMILIES: &[&[Spec]] = &[crate::hash::COMMANDS, crate::zset::COMMANDS];
 
 /// The row of a data-type command by its lowercase name.
 pub fn lookup(name: &str) -> Option<&'static Spec> {

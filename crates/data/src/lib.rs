@@ -40,6 +40,7 @@ pub mod rng;
 pub mod scan;
 pub mod space;
 pub mod testing;
+pub mod zset;
 
 pub use command::{Ctx, Run, Spec, execute, lookup};
 pub use space::{Coll, ElRange, Space};
