@@ -928,3 +928,27 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn repeated_options_follow_redis() {
+    let mut s = MapSpace::new(0);
+    ok(&mut s, "ZADD z 0 a 0 b 0 c");
+    assert_eq!(fails(&mut s, "ZRANGE z 0 -1 REV REV"), "ERR syntax error");
+    assert_eq!(
+        ok(&mut s, "ZRANGE z 0 0 WITHSCORES WITHSCORES"),
+        pairs("a 0")
+    );
+    assert_eq!(
+        ok(
+            &mut s,
+            "ZRANGEBYSCORE z 0 0 WITHSCORES LIMIT 1 1 WITHSCORES"
+        ),
+        pairs("b 0")
+    );
+    assert_eq!(ok(&mut s, "ZRANGEBYLEX z - + LIMIT -1 2"), members(""));
+    assert_eq!(ok(&mut s, "ZRANGEBYLEX z - + LIMIT 1 -1"), members("b c"));
+    assert_eq!(ok(&mut s, "ZRANGE z (a + BYLEX LIMIT 0 1"), members("b"));
+    assert_eq!(ok(&mut s, "ZADD z CH 0 a"), int(0));
+    assert_eq!(ok(&mut s, "ZADD z INCR 0 a"), dbl("0"));
+    assert_eq!(ok(&mut s, "ZREMRANGEBYRANK z 1 0"), int(0));
+}
