@@ -123,6 +123,7 @@ const FAMILIES: &[&[Spec]] = &[
     crate::strings::COMMANDS,
     crate::bits::COMMANDS,
     crate::keys::COMMANDS,
+    crate::zset::COMMANDS,
 ];
 
 /// The row of a data-type command by its lowercase name.

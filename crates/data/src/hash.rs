@@ -313,6 +313,14 @@ pub fn random_members(
     if count == 0 || len == 0 {
         return Ok(Vec::new());
     }
+    // Repetitions allowed: the reply's size is the count, not the collection's. Bounded like
+    // every reply (Redis would try to build it and run out of memory).
+    let most = capdb_types::limits::FRAME_ELEMENTS_MAX as u64;
+    if count < 0 && count.unsigned_abs() > most {
+        return Err(err(format!(
+            "ERR count is over the limit of {most} members with repetitions"
+        )));
+    }
     let end = [tag + 1];
     let probe = |space: &mut dyn Space, rng: &mut Rng| -> Result<(Bytes, Bytes)> {
         let at = rng.below(1 << 63);

@@ -45,6 +45,7 @@ pub mod set;
 pub mod space;
 pub mod strings;
 pub mod testing;
+pub mod zset;
 
 pub use command::{Ctx, Run, Spec, execute, lookup};
 pub use space::{Coll, ElRange, Space};
