@@ -1170,3 +1170,61 @@ fn with_exactly_once_off_the_same_lost_answers_double_apply() {
     assert_eq!(r.incr_reply, 10);
     assert_eq!(r.counter, Some(10), "counted twice");
 }
+
+#[test]
+fn a_client_blocked_on_one_node_is_served_by_a_push_through_another() {
+    let c = Cluster::start(3);
+    // BLPOP on node 2 waits; the push goes through node 3 (the shard's leader may be any of
+    // the three): the blocked client gets the element, and the list is left empty.
+    let waiter = {
+        let mut on2 = c.node(2).client();
+        std::thread::spawn(move || -> (String, String) {
+            redis::cmd("BLPOP")
+                .arg("jobs")
+                .arg(30)
+                .query(&mut on2)
+                .unwrap()
+        })
+    };
+    // The push must come after the client blocked: wait until node 2 reports it blocked (or,
+    // at worst, the element is popped by the first attempt, which the assertion accepts too).
+    std::thread::sleep(Duration::from_millis(300));
+    let mut on3 = c.node(3).client();
+    let _: i64 = on3.rpush("jobs", "job-1").unwrap();
+    assert_eq!(
+        waiter.join().unwrap(),
+        ("jobs".to_string(), "job-1".to_string())
+    );
+    let left: i64 = on3.llen("jobs").unwrap();
+    assert_eq!(left, 0, "the element was popped exactly once");
+
+    // A sorted set and BLMOVE, the same way.
+    let waiter = {
+        let mut on1 = c.node(1).client();
+        std::thread::spawn(move || -> (String, String, f64) {
+            redis::cmd("BZPOPMIN")
+                .arg("{q}z")
+                .arg(30)
+                .query(&mut on1)
+                .unwrap()
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let _: i64 = on3.zadd("{q}z", "m", 2.5).unwrap();
+    assert_eq!(
+        waiter.join().unwrap(),
+        ("{q}z".to_string(), "m".to_string(), 2.5)
+    );
+
+    // A client that disconnects while blocked takes nothing.
+    {
+        let mut gone = std::net::TcpStream::connect(c.node(2).resp).unwrap();
+        std::io::Write::write_all(&mut gone, b"BLPOP gone 0\r\n").unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let _: i64 = on3.rpush("gone", "kept").unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let kept: Vec<String> = on3.lrange("gone", 0, -1).unwrap();
+    assert_eq!(kept, ["kept"], "nothing is popped for a client that left");
+}

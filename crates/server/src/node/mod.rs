@@ -11,6 +11,7 @@
 //! - [`admin`]: the admin service peers call (status), and this node's status.
 
 pub mod admin;
+pub mod blocking;
 pub mod control;
 pub mod pubsub;
 pub mod router;
@@ -47,6 +48,8 @@ pub struct Node {
     admin_peers: admin::AdminPeers,
     /// Subscriptions on this node and delivery to the others.
     pub pubsub: Arc<pubsub::PubSub>,
+    /// Clients blocked on keys here, and other nodes' interest in keys.
+    pub blocking: blocking::Blocking,
     pub metrics: Metrics,
     catalog: RwLock<BTreeMap<KeyspaceName, Arc<Keyspace>>>,
     shutting_down: AtomicBool,
@@ -80,6 +83,7 @@ impl Node {
                 capdb_transport::Peers::new(info.id, groups.filter().clone()),
                 metrics.pubsub_dropped.clone(),
             )),
+            blocking: blocking::Blocking::default(),
             info,
             groups,
             ap,

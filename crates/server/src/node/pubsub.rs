@@ -138,11 +138,27 @@ impl Registry {
     }
 }
 
+/// One thing a node tells another on the pub/sub channel.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Item {
+    /// Deliver to this node's subscribers.
+    Publish(Message),
+    /// These keys were written: wake this node's clients blocked on them (BLPOP, ...).
+    Wake { keyspace: String, keys: Vec<Bytes> },
+    /// A client of the sending node blocks on these keys until `until_ms`: send it a `Wake`
+    /// when they are written (see `blocking.rs`).
+    Interest {
+        keyspace: String,
+        keys: Vec<Bytes>,
+        until_ms: u64,
+    },
+}
+
 /// A request on the pub/sub channel.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum PubSubRequest {
-    /// Deliver these messages to this node's subscribers.
-    Publish(Vec<Message>),
+    /// Items in the order the sending node queued them.
+    Batch(Vec<Item>),
 }
 
 /// The pub/sub channel between nodes.
@@ -158,12 +174,22 @@ impl Service for PubSubService {
 pub struct PubSubHandler(pub Arc<Node>);
 
 impl Handler<PubSubService> for PubSubHandler {
-    async fn handle(&self, _from: NodeId, request: PubSubRequest) {
-        match request {
-            PubSubRequest::Publish(messages) => {
-                for m in &messages {
-                    self.0.pubsub.deliver_local(m);
+    async fn handle(&self, from: NodeId, request: PubSubRequest) {
+        let PubSubRequest::Batch(items) = request;
+        for item in items {
+            match item {
+                Item::Publish(m) => {
+                    self.0.pubsub.deliver_local(&m);
                 }
+                Item::Wake { keyspace, keys } => self.0.blocking.wake_local(&keyspace, &keys),
+                Item::Interest {
+                    keyspace,
+                    keys,
+                    until_ms,
+                } => self
+                    .0
+                    .blocking
+                    .note_interest(from, &keyspace, keys, until_ms),
             }
         }
     }
@@ -173,7 +199,7 @@ impl Handler<PubSubService> for PubSubHandler {
 pub struct PubSub {
     registry: Mutex<Registry>,
     peers: Peers<PubSubService>,
-    outbound: Mutex<HashMap<NodeId, mpsc::Sender<Message>>>,
+    outbound: Mutex<HashMap<NodeId, mpsc::Sender<Item>>>,
     dropped: prometheus_client::metrics::counter::Counter,
     pub delivered: AtomicU64,
 }
@@ -277,21 +303,35 @@ impl PubSub {
         self.registry().patterns.len()
     }
 
-    /// Queues a message for every other node of the map (see the module doc).
-    pub fn broadcast(self: &Arc<Self>, node: &Node, m: Message) {
+    /// Queues an item for every other node of the map (see the module doc).
+    pub fn broadcast(self: &Arc<Self>, node: &Node, item: Item) {
+        let others: Vec<NodeId> = node
+            .cluster()
+            .nodes
+            .keys()
+            .copied()
+            .filter(|&id| id != node.id())
+            .collect();
+        self.send_to(node, &others, item);
+    }
+
+    /// Queues an item for the given nodes (never waits: a full queue drops it, counted).
+    pub fn send_to(self: &Arc<Self>, node: &Node, targets: &[NodeId], item: Item) {
+        if targets.is_empty() {
+            return;
+        }
         let state = node.cluster();
-        let me = node.id();
         let mut outbound = self.outbound.lock().unwrap_or_else(|p| p.into_inner());
-        for (&id, info) in &state.nodes {
-            if id == me {
+        for &id in targets {
+            let Some(info) = state.nodes.get(&id) else {
                 continue;
-            }
+            };
             let tx = outbound.entry(id).or_insert_with(|| {
                 let (tx, rx) = mpsc::channel(PEER_QUEUE_MAX);
                 tokio::spawn(send_loop(self.clone(), id, info.peer_addr.clone(), rx));
                 tx
             });
-            if tx.try_send(m.clone()).is_err() {
+            if tx.try_send(item.clone()).is_err() {
                 self.dropped.inc();
             }
         }
@@ -299,16 +339,11 @@ impl PubSub {
 }
 
 /// Sends one peer's queued messages, batch after batch (publish order is kept per publisher).
-async fn send_loop(
-    pubsub: Arc<PubSub>,
-    peer: NodeId,
-    addr: String,
-    mut rx: mpsc::Receiver<Message>,
-) {
+async fn send_loop(pubsub: Arc<PubSub>, peer: NodeId, addr: String, mut rx: mpsc::Receiver<Item>) {
     let mut batch = Vec::with_capacity(PEER_BATCH_MAX);
     while rx.recv_many(&mut batch, PEER_BATCH_MAX).await > 0 {
         let n = batch.len() as u64;
-        let request = PubSubRequest::Publish(std::mem::take(&mut batch));
+        let request = PubSubRequest::Batch(std::mem::take(&mut batch));
         let sent = pubsub
             .peers
             .get(peer, &addr)

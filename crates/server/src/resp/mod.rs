@@ -170,6 +170,8 @@ pub(crate) struct Connection {
     finished: Vec<(&'static str, bool)>,
     /// Pub/sub subscriptions, once the connection subscribed to anything.
     subs: Option<Box<Subscriptions>>,
+    /// The client's socket, for blocking commands to notice a client that leaves.
+    socket_fd: Option<std::os::fd::RawFd>,
 }
 
 /// A connection's pub/sub state: what it subscribed to, and its message queue (see
@@ -248,6 +250,7 @@ impl Connection {
             now_ms: capdb_types::unix_now_ms(),
             finished: Vec::new(),
             subs: None,
+            socket_fd: None,
         }
     }
 
@@ -268,6 +271,7 @@ impl Connection {
     }
 
     async fn run(mut self, mut stream: TcpStream) -> std::io::Result<()> {
+        self.socket_fd = Some(std::os::fd::AsRawFd::as_raw_fd(&stream));
         let frame_max = self.node.config.limits.frame_bytes_max;
         let depth_max = self.node.config.limits.pipeline_depth_max;
         let mut buf = BytesMut::with_capacity(16 * 1024);
@@ -422,8 +426,36 @@ impl Connection {
             return;
         };
         let now = self.now_ms;
+        // Keys written by data-type commands wake clients blocked on them (here or elsewhere);
+        // gathered only when someone waits.
+        let written: Vec<Bytes> = if self.node.blocking.anyone_waiting() {
+            p.mutations
+                .iter()
+                .filter_map(|m| match m {
+                    Mutation::Exec { args, .. } => capdb_data::command::command_keys(args).ok(),
+                    _ => None,
+                })
+                .flatten()
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let keyspace = p.keyspace.clone();
         let result = p.keyspace.apply(p.mutations, now, self.consistency).await;
         self.reply_pending(p.commands, result);
+        if !written.is_empty() {
+            let name = keyspace.spec.name.as_str();
+            self.node.blocking.wake_local(name, &written);
+            let nodes = self.node.blocking.interested_nodes(name, &written);
+            self.node.pubsub.send_to(
+                &self.node,
+                &nodes,
+                crate::node::pubsub::Item::Wake {
+                    keyspace: name.to_string(),
+                    keys: written,
+                },
+            );
+        }
     }
 
     /// Records a finished command; its latency is observed when its reply is written.

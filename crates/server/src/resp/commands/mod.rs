@@ -33,6 +33,7 @@
 //! Error replies follow Redis wording where clients or tools depend on it (arity, syntax,
 //! integer, unknown command, NOAUTH, WRONGPASS).
 
+mod blocking;
 mod connection;
 mod data;
 mod keys;
@@ -138,6 +139,14 @@ const EVERY_KEY: (i64, i64, i64) = (1, -1, 1);
 const COMMANDS: &[Command] = &[
     row("append",      3,  &["write", "denyoom", "fast"], KEY, Write(strings::append)),
     row("auth",        -2, &["noscript", "loading", "stale", "fast", "no_auth"], NO_KEYS, Now(connection::auth)),
+    row("blmove",      6,  &["write", "denyoom", "noscript", "blocking"], (1, 2, 1), wait!(blocking::run)),
+    row("blmpop",      -5, &["write", "blocking", "movablekeys"], NO_KEYS, wait!(blocking::run)),
+    row("blpop",       -3, &["write", "noscript", "blocking"], (1, -2, 1), wait!(blocking::run)),
+    row("brpop",       -3, &["write", "noscript", "blocking"], (1, -2, 1), wait!(blocking::run)),
+    row("brpoplpush",  4,  &["write", "denyoom", "noscript", "blocking"], (1, 2, 1), wait!(blocking::run)),
+    row("bzmpop",      -5, &["write", "blocking", "movablekeys"], NO_KEYS, wait!(blocking::run)),
+    row("bzpopmax",    -3, &["write", "noscript", "blocking", "fast"], (1, -2, 1), wait!(blocking::run)),
+    row("bzpopmin",    -3, &["write", "noscript", "blocking", "fast"], (1, -2, 1), wait!(blocking::run)),
     row("client",      -2, &["admin", "noscript", "loading", "stale"], NO_KEYS, Now(connection::client)),
     row("cluster",     -2, &["admin", "stale"], NO_KEYS, Now(cluster::command)),
     row("command",     -1, &["loading", "stale"], NO_KEYS, Now(server::command)),

@@ -137,7 +137,9 @@ fn publish_to(conn: &mut Connection, args: &[Bytes], shard: bool) -> Outcome {
         payload: args[2].clone(),
     };
     let n = conn.node.pubsub.deliver_local(&m);
-    conn.node.pubsub.broadcast(&conn.node, m);
+    conn.node
+        .pubsub
+        .broadcast(&conn.node, crate::node::pubsub::Item::Publish(m));
     conn.out.int(n);
     Ok(())
 }

@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use bytes::Bytes;
 
-use super::{COMMANDS, Command, Outcome, error_line, syntax};
+use super::{COMMANDS, Outcome, error_line, syntax};
 use crate::node::{Consistency, Keyspace, Node};
 use crate::resp::{Connection, cluster};
 use capdb_data::glob;
@@ -197,35 +197,80 @@ async fn keyspace_section(out: &mut String, conn: &Connection, keyspaces: &[Arc<
     }
 }
 
-fn write_command_info(conn: &mut Connection, cmd: &Command) {
+/// What `COMMAND` reports about one command, from either table.
+struct Described {
+    name: &'static str,
+    arity: i64,
+    flags: Vec<&'static str>,
+    keys: (i64, i64, i64),
+}
+
+/// Every command the server answers, sorted by name: its own table and the data-type commands.
+fn described() -> Vec<Described> {
+    let mut all: Vec<Described> = COMMANDS
+        .iter()
+        .map(|c| Described {
+            name: c.name,
+            arity: c.arity,
+            flags: c.flags.to_vec(),
+            keys: c.keys,
+        })
+        .collect();
+    all.extend(capdb_data::command::all().map(|s| {
+        let movable = matches!(s.keys, capdb_data::command::Keys::NumKeys { .. });
+        let mut flags = s.flags.to_vec();
+        if movable {
+            // As Redis: key positions depend on `numkeys`; clients ask COMMAND GETKEYS.
+            flags.push("movablekeys");
+        }
+        Described {
+            name: s.name,
+            arity: s.arity,
+            flags,
+            keys: if movable { (0, 0, 0) } else { s.key_range() },
+        }
+    }));
+    all.sort_by_key(|d| d.name);
+    all
+}
+
+/// Redis 7's 10-element entry: name, arity, flags, first/last/step, ACL categories, tips, key
+/// specifications and subcommands (the last four empty: capdb has no ACL categories, and
+/// first/last/step plus `movablekeys` with COMMAND GETKEYS locate every key).
+fn write_command_info(conn: &mut Connection, cmd: &Described) {
     let (first, last, step) = cmd.keys;
-    conn.out.array(6);
+    conn.out.array(10);
     conn.out.bulk(cmd.name.as_bytes());
     conn.out.int(cmd.arity);
     conn.out.set(cmd.flags.len());
-    for f in cmd.flags {
+    for f in &cmd.flags {
         conn.out.simple(f);
     }
     conn.out.int(first);
     conn.out.int(last);
     conn.out.int(step);
+    conn.out.set(0);
+    conn.out.set(0);
+    conn.out.array(0);
+    conn.out.array(0);
 }
 
-/// `COMMAND [COUNT|LIST|INFO name ...|DOCS]`, from the command table.
+/// `COMMAND [COUNT|LIST|INFO name ...|GETKEYS cmd args...|DOCS]`, from the command tables.
 pub(super) fn command(conn: &mut Connection, args: &[Bytes]) -> Outcome {
+    let all = described();
     let Some(sub) = args.get(1) else {
-        conn.out.array(COMMANDS.len());
-        for cmd in COMMANDS {
+        conn.out.array(all.len());
+        for cmd in &all {
             write_command_info(conn, cmd);
         }
         return Ok(());
     };
     let sub = sub.to_ascii_lowercase();
     match &sub[..] {
-        b"count" => conn.out.int(COMMANDS.len() as i64),
+        b"count" => conn.out.int(all.len() as i64),
         b"list" => {
-            conn.out.array(COMMANDS.len());
-            for cmd in COMMANDS {
+            conn.out.array(all.len());
+            for cmd in &all {
                 conn.out.bulk(cmd.name.as_bytes());
             }
         }
@@ -233,10 +278,55 @@ pub(super) fn command(conn: &mut Connection, args: &[Bytes]) -> Outcome {
             conn.out.array(args.len() - 2);
             for a in &args[2..] {
                 let a = a.to_ascii_lowercase();
-                match COMMANDS.iter().find(|c| c.name.as_bytes() == &a[..]) {
+                match all.iter().find(|c| c.name.as_bytes() == &a[..]) {
                     Some(cmd) => write_command_info(conn, cmd),
                     None => conn.out.null_array(),
                 }
+            }
+        }
+        b"getkeys" => {
+            let Some(name) = args.get(2) else {
+                return Err("ERR wrong number of arguments for 'command|getkeys' command".into());
+            };
+            let name = String::from_utf8_lossy(name).to_ascii_lowercase();
+            let call = &args[2..];
+            let keys: Vec<Bytes> = if name == "blmpop" || name == "bzmpop" {
+                // BLMPOP timeout numkeys key ...: the keys of LMPOP numkeys key ...
+                let form = if name == "blmpop" { "lmpop" } else { "zmpop" };
+                let mut attempt = vec![Bytes::from_static(form.as_bytes())];
+                attempt.extend(call.iter().skip(2).cloned());
+                capdb_data::command::command_keys(&attempt)
+                    .map_err(|_| "ERR Invalid arguments specified for command".to_string())?
+            } else if let Some(spec) = capdb_data::lookup(&name) {
+                if !spec.arity_ok(call.len()) {
+                    return Err("ERR Invalid number of arguments specified for command".into());
+                }
+                spec.key_indices(call)
+                    .map_err(|_| "ERR Invalid arguments specified for command".to_string())?
+                    .into_iter()
+                    .filter_map(|i| call.get(i).cloned())
+                    .collect()
+            } else if let Some(cmd) = all.iter().find(|c| c.name == name) {
+                let (first, last, step) = cmd.keys;
+                let n = call.len() as i64;
+                let last = if last < 0 { n + last } else { last.min(n - 1) };
+                if first == 0 {
+                    Vec::new()
+                } else {
+                    (first..=last)
+                        .step_by(step.max(1) as usize)
+                        .filter_map(|i| call.get(i as usize).cloned())
+                        .collect()
+                }
+            } else {
+                return Err("ERR Invalid command specified".into());
+            };
+            if keys.is_empty() {
+                return Err("ERR The command has no key arguments".into());
+            }
+            conn.out.array(keys.len());
+            for k in keys {
+                conn.out.bulk(&k);
             }
         }
         // redis-cli asks for documentation to show hints; an empty answer makes it fall back to
