@@ -112,8 +112,11 @@ def bench(port, test, pipeline, requests, dbnum):
     if out.returncode != 0:
         sys.exit(f"redis-benchmark failed on port {port}: {out.stderr}")
     rows = list(csv.reader(io.StringIO(out.stdout)))
-    header, data = rows[0], rows[1]
+    header = rows[0]
     col = {name: i for i, name in enumerate(header)}
+    # LRANGE tests first fill the list with an LPUSH run, reported as its own row: take the row
+    # of the test asked for.
+    data = next((r for r in rows[1:] if r[col["test"]].upper().startswith(test.upper())), rows[1])
     return float(data[col["rps"]]), float(data[col["p50_latency_ms"]]), float(data[col["p99_latency_ms"]])
 
 
@@ -125,6 +128,10 @@ def main():
                     help="requests per run against fsync-always configurations at -P 1")
     ap.add_argument("--binary", default=os.path.join(ROOT, "target", "release", "capdb"))
     ap.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    ap.add_argument("--tests", default="set,get",
+                    help="redis-benchmark tests, comma-separated (e.g. lpush,lpop,sadd,hset,zadd,lrange_100)")
+    ap.add_argument("--pairings", default="cache,always,everysec", help="which pairings to run")
+    ap.add_argument("--pipelines", default="1,16", help="pipeline depths")
     args = ap.parse_args()
     for tool in ("redis-server", "redis-benchmark"):
         if not shutil.which(tool):
@@ -139,12 +146,15 @@ def main():
     rows = []
     try:
         capdb, capdb_port = servers.start_capdb(args.binary)
-        for pairing, redis_mode, capdb_db in (("cache", "none", 1), ("always", "always", 0), ("everysec", "everysec", 0)):
+        pairings = [p for p in (("cache", "none", 1), ("always", "always", 0), ("everysec", "everysec", 0))
+                    if p[0] in args.pairings.split(",")]
+        for pairing, redis_mode, capdb_db in pairings:
             redis, redis_port = servers.start_redis(redis_mode)
-            for pipeline in (1, 16):
-                for test in ("set", "get"):
+            for pipeline in [int(p) for p in args.pipelines.split(",")]:
+                for test in args.tests.split(","):
                     n = args.requests * (4 if pipeline == 16 else 1)
-                    if pairing != "cache" and pipeline == 1 and test == "set":
+                    writes = test not in ("get", "lrange_100", "lrange_300", "lrange_500", "lrange_600")
+                    if pairing != "cache" and pipeline == 1 and writes:
                         n = args.durable_requests
                     r_runs, c_runs = [], []
                     for _ in range(args.reps):
