@@ -104,6 +104,72 @@ fn acknowledged_writes_survive_kill_9() {
     eprintln!("verified {acked_total} acknowledged writes across 3 kill -9 cycles");
 }
 
+#[test]
+fn acknowledged_collection_writes_survive_kill_9() {
+    let mut s = Server::start();
+    let stop = Arc::new(AtomicBool::new(false));
+    // Per writer: the acknowledged operations, in order.
+    let acked: Arc<Mutex<Vec<Vec<String>>>> = Arc::new(Mutex::new(vec![Vec::new(); 4]));
+    let mut threads = Vec::new();
+    for t in 0..4usize {
+        let (url, stop, acked) = (s.redis_url(), stop.clone(), acked.clone());
+        threads.push(std::thread::spawn(move || {
+            let Ok(mut c) = redis::Client::open(url).unwrap().get_connection() else {
+                return;
+            };
+            for i in 0.. {
+                if stop.load(Ordering::Relaxed) && i > 1_000_000 {
+                    return;
+                }
+                let item = format!("i{i}");
+                let r: RedisResult<i64> = match t {
+                    0 => c.hset("h", &item, i),
+                    1 => c.rpush("l", &item),
+                    2 => c.sadd("s", &item),
+                    _ => c.zadd("z", &item, i),
+                };
+                if r.is_err() {
+                    return;
+                }
+                acked.lock().unwrap()[t].push(item);
+            }
+        }));
+    }
+    std::thread::sleep(Duration::from_millis(1200));
+    stop.store(true, Ordering::Relaxed);
+    s.kill9();
+    for t in threads {
+        t.join().unwrap();
+    }
+    s.spawn();
+    let acked = acked.lock().unwrap().clone();
+    assert!(
+        acked.iter().all(|a| a.len() > 20),
+        "too few writes acknowledged before the kill: {:?}",
+        acked.iter().map(Vec::len).collect::<Vec<_>>()
+    );
+    let mut c = s.client();
+    let hash: std::collections::HashMap<String, i64> = c.hgetall("h").unwrap();
+    for (i, f) in acked[0].iter().enumerate() {
+        assert_eq!(hash.get(f), Some(&(i as i64)), "acknowledged HSET {f} lost");
+    }
+    let list: Vec<String> = c.lrange("l", 0, -1).unwrap();
+    assert!(
+        list.len() >= acked[1].len() && list[..acked[1].len()] == acked[1][..],
+        "acknowledged RPUSHes lost or out of order: {} acknowledged, {} stored",
+        acked[1].len(),
+        list.len()
+    );
+    let set: std::collections::HashSet<String> = c.smembers("s").unwrap();
+    for m in &acked[2] {
+        assert!(set.contains(m), "acknowledged SADD {m} lost");
+    }
+    for (i, m) in acked[3].iter().enumerate() {
+        let score: Option<i64> = c.zscore("z", m).unwrap();
+        assert_eq!(score, Some(i as i64), "acknowledged ZADD {m} lost");
+    }
+}
+
 fn corrupt_file(path: &std::path::Path, marker: &str) {
     let mut bytes = std::fs::read(path).unwrap();
     let mut flipped = 0;
