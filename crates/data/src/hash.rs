@@ -4,6 +4,7 @@
 //! the field's value, so HGET/HSET/HDEL touch one element and HSCAN pages in hash order.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 use capdb_types::{Error, Reply, Result, ValueKind};
@@ -16,6 +17,11 @@ use crate::scan;
 use crate::space::{ElRange, Space};
 
 const FIELD: u8 = 0;
+
+/// TESTING ONLY (`capdb server --debug-plant-difference`, set once at start): HLEN answers one
+/// more than the truth when the hash has exactly 3 fields, a planted difference the
+/// differential tester (`capdb difftest`) must find. Never set otherwise.
+pub static PLANT_DIFFERENCE: AtomicBool = AtomicBool::new(false);
 /// Redis's `hash-max-listpack-entries` and `hash-max-listpack-value` defaults: past either, Redis
 /// converts the hash to a hashtable (for good).
 const LISTPACK_ENTRIES: u64 = 128;
@@ -210,9 +216,9 @@ fn hexists(args: &[Bytes], space: &mut dyn Space, _: &Ctx) -> Result<Reply> {
 
 /// `HLEN key`.
 fn hlen(args: &[Bytes], space: &mut dyn Space, _: &Ctx) -> Result<Reply> {
-    Ok(Reply::Integer(
-        open_hash(space, &args[1])?.map_or(0, |h| h.meta.len as i64),
-    ))
+    let len = open_hash(space, &args[1])?.map_or(0, |h| h.meta.len as i64);
+    let planted = len == 3 && PLANT_DIFFERENCE.load(Ordering::Relaxed);
+    Ok(Reply::Integer(len + planted as i64))
 }
 
 /// `HSTRLEN key field`.

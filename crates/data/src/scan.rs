@@ -25,12 +25,23 @@ pub struct ScanOpts {
     pub count: usize,
 }
 
-/// The cursor argument (`ERR invalid cursor` unless an unsigned 64-bit integer).
+/// The cursor argument, read as Redis reads it (C's `strtoul`, whole argument): an optional
+/// sign, decimal digits, the empty string as 0, a negative number wrapped (`-1` is 2^64 - 1);
+/// `ERR invalid cursor` for anything else or past 64 bits.
 pub fn parse_cursor(arg: &[u8]) -> Result<u64> {
-    std::str::from_utf8(arg)
+    if arg.is_empty() {
+        return Ok(0);
+    }
+    let (negative, digits) = match arg[0] {
+        b'-' => (true, &arg[1..]),
+        b'+' => (false, &arg[1..]),
+        _ => (false, arg),
+    };
+    std::str::from_utf8(digits)
         .ok()
         .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
-        .and_then(|s| s.parse().ok())
+        .and_then(|s| s.parse::<u64>().ok())
+        .map(|v| if negative { v.wrapping_neg() } else { v })
         .ok_or_else(|| err("ERR invalid cursor"))
 }
 
