@@ -267,17 +267,28 @@ fn hincrbyfloat(args: &[Bytes], space: &mut dyn Space, cx: &Ctx) -> Result<Reply
 
 /// `HRANDFIELD key [count [WITHVALUES]]`.
 fn hrandfield(args: &[Bytes], space: &mut dyn Space, cx: &Ctx) -> Result<Reply> {
-    let (count, with_values) = match args.len() {
-        2 => (None, false),
-        3 => (Some(int_arg(args, 2)?), false),
-        4 if args[3].eq_ignore_ascii_case(b"WITHVALUES") => (Some(int_arg(args, 2)?), true),
-        _ => return Err(syntax()),
+    // Redis's order: the count (an integer above -2^63), then the syntax, then the range
+    // WITHVALUES allows.
+    let (count, with_values) = match args.get(2) {
+        None => (None, false),
+        Some(_) => {
+            let c = int_arg(args, 2)?;
+            if c == i64::MIN {
+                return Err(err(
+                    "ERR value is out of range, value must between -9223372036854775807 and 9223372036854775807",
+                ));
+            }
+            let with_values = match args.get(3) {
+                None => false,
+                Some(w) if args.len() == 4 && w.eq_ignore_ascii_case(b"WITHVALUES") => true,
+                Some(_) => return Err(syntax()),
+            };
+            if with_values && !(-(i64::MAX / 2)..=i64::MAX / 2).contains(&c) {
+                return Err(err("ERR value is out of range"));
+            }
+            (Some(c), with_values)
+        }
     };
-    if let Some(c) = count
-        && !(-(i64::MAX / 2)..=i64::MAX / 2).contains(&c)
-    {
-        return Err(err("ERR value is out of range"));
-    }
     let Some(h) = open_hash(space, &args[1])? else {
         return Ok(match count {
             None => Reply::Nil,

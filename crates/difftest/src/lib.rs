@@ -533,6 +533,11 @@ pub fn run(o: &Options, log: &mut dyn Write) -> Result<Outcome, String> {
         let path = o.out_dir.join(format!("{}-{}.txt", o.mode, o.seed));
         write_list(&path, o, &d, &list[..=d.index])?;
         d.file = Some(path);
+        // The node's scratch directory goes with it: keep its log next to the list.
+        let _ = std::fs::copy(
+            &s.capdb.log,
+            o.out_dir.join(format!("{}-{}.capdb.log", o.mode, o.seed)),
+        );
         if o.minimize {
             let _ = writeln!(log, "difftest: difference at #{}; minimising...", d.index);
             let min = minimize(&mut s, list[..=d.index].to_vec(), 3000)?;
@@ -544,10 +549,9 @@ pub fn run(o: &Options, log: &mut dyn Write) -> Result<Outcome, String> {
     }
     let _ = writeln!(
         log,
-        "difftest: {} commands compared in {} s; capdb log: {}",
+        "difftest: {} commands compared in {} s",
         outcome.compared,
-        started.elapsed().as_secs(),
-        s.capdb.log.display()
+        started.elapsed().as_secs()
     );
     Ok(outcome)
 }

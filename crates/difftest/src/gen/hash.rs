@@ -7,6 +7,7 @@ use crate::step;
 
 pub const FAMILY: Family = Family {
     name: "hash",
+    home: (4, 5),
     collections: true,
     weight: 20,
     commands: &[
@@ -98,7 +99,7 @@ fn hincrby(g: &mut Gen, name: &str) -> Step {
 
 fn hincrbyfloat(g: &mut Gen, name: &str) -> Step {
     let by = if g.invalid() {
-        g.bad_float()
+        g.bad_long_double()
     } else {
         g.float_text()
     };

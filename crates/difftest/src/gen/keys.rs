@@ -8,6 +8,7 @@ use crate::step;
 
 pub const FAMILY: Family = Family {
     name: "keys",
+    home: (0, 16),
     collections: false,
     weight: 20,
     commands: &[
@@ -80,7 +81,7 @@ fn expire(g: &mut Gen, name: &str) -> Step {
         1 if !invalid => b"-1".to_vec(),
         _ => {
             let bad = invalid && g.chance(50);
-            expiry_value(g, unit, bad)
+            expiry_value(g, unit, bad, true)
         }
     };
     let mut s = step!(g.name(name), g.key(), value);
@@ -100,7 +101,7 @@ fn expireat(g: &mut Gen, name: &str) -> Step {
     let unit = if name == "expireat" { "EXAT" } else { "PXAT" };
     let invalid = g.invalid();
     let bad = invalid && g.chance(30);
-    let value = expiry_value(g, unit, bad);
+    let value = expiry_value(g, unit, bad, true);
     let mut s = step!(g.name(name), g.key(), value);
     let n = if invalid {
         g.rng.range(1, 3)

@@ -60,6 +60,10 @@ pub struct Family {
     pub collections: bool,
     /// Share of the whole mix, relative to the other families.
     pub weight: u32,
+    /// The keys this family draws most of the time (`first..first + len` of the pool,
+    /// wrapping), overlapping its neighbours': enough collisions for `WRONGTYPE`, few enough
+    /// that collections grow.
+    pub home: (u64, u64),
     pub commands: &'static [CommandGen],
 }
 
@@ -82,6 +86,8 @@ const LONG: &[u8] =
 /// The generator's state and the pools every family draws from.
 pub struct Gen {
     pub rng: Rng,
+    /// The calling family's [`Family::home`].
+    home: (u64, u64),
 }
 
 /// Builds a [`Step`] from anything that reads as bytes.
@@ -99,7 +105,10 @@ pub fn arg(a: impl AsRef<[u8]>) -> Vec<u8> {
 
 impl Gen {
     pub fn new(seed: u64) -> Gen {
-        Gen { rng: Rng::new(seed) }
+        Gen {
+            rng: Rng::new(seed),
+            home: (0, KEYS as u64),
+        }
     }
 
     /// True with probability `percent`/100.
@@ -112,9 +121,15 @@ impl Gen {
         self.rng.chance(10)
     }
 
-    /// A key from the pool of [`KEYS`], all under the hash tag `{d}`.
+    /// A key from the pool of [`KEYS`], all under the hash tag `{d}`: four times in five one
+    /// of the family's home keys.
     pub fn key(&mut self) -> Vec<u8> {
-        format!("{{d}}:{}", self.rng.below(KEYS as u64)).into_bytes()
+        let i = if self.rng.chance(80) {
+            (self.home.0 + self.rng.below(self.home.1)) % KEYS as u64
+        } else {
+            self.rng.below(KEYS as u64)
+        };
+        format!("{{d}}:{i}").into_bytes()
     }
 
     /// `n` keys (repetitions allowed).
@@ -229,6 +244,16 @@ impl Gen {
             .to_vec()
     }
 
+    /// Text INCRBYFLOAT/HINCRBYFLOAT must refuse: [`Gen::bad_float`] without the values past
+    /// `f64`'s range, which Redis's 80-bit `long double` accepts (`1e309`) and capdb's `f64`
+    /// cannot hold (a documented difference, `crates/data/src/format.rs`).
+    pub fn bad_long_double(&mut self) -> Vec<u8> {
+        self.rng
+            .pick(&["abc", "", " 1", "1 ", "1.5x", "nan", "--1"])
+            .as_bytes()
+            .to_vec()
+    }
+
     /// An index into a list: near the ends, either sign, sometimes far out of range.
     pub fn index(&mut self) -> Vec<u8> {
         match self.rng.below(10) {
@@ -296,7 +321,7 @@ impl Gen {
 /// The whole mix for one run: the rows allowed (by mode and by what capdb serves), weighted.
 pub struct Generator {
     state: Gen,
-    rows: Vec<(u64, &'static CommandGen)>,
+    rows: Vec<(u64, (u64, u64), &'static CommandGen)>,
     total: u64,
 }
 
@@ -314,7 +339,7 @@ impl Generator {
                 if served(c.name) {
                     // Scale so each family keeps its share whatever its table's size.
                     let w = (c.weight as u64 * fam.weight as u64 * 1000) / fam_total.max(1);
-                    rows.push((w.max(1), c));
+                    rows.push((w.max(1), fam.home, c));
                 }
             }
         }
@@ -328,15 +353,16 @@ impl Generator {
 
     /// The names of the commands in the mix.
     pub fn names(&self) -> Vec<&'static str> {
-        let mut v: Vec<&'static str> = self.rows.iter().map(|r| r.1.name).collect();
+        let mut v: Vec<&'static str> = self.rows.iter().map(|r| r.2.name).collect();
         v.dedup();
         v
     }
 
     pub fn next_step(&mut self) -> Step {
         let mut at = self.state.rng.below(self.total);
-        for (w, c) in &self.rows {
+        for (w, home, c) in &self.rows {
             if at < *w {
+                self.state.home = *home;
                 return (c.make)(&mut self.state, c.name);
             }
             at -= w;
