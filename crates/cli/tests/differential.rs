@@ -175,7 +175,11 @@ fn before_authentication_both_refuse_large_commands_alike() {
 
 /// The seeded differential tester's options for a CI run: this build's `capdb`, Redis from
 /// PATH, the command list written under the test's target directory on a difference.
-fn difftest_options(mode: capdb_difftest::Mode, seed: u64, commands: u64) -> capdb_difftest::Options {
+fn difftest_options(
+    mode: capdb_difftest::Mode,
+    seed: u64,
+    commands: u64,
+) -> capdb_difftest::Options {
     capdb_difftest::Options {
         redis_server: common::need_tool("redis-server"),
         capdb: common::BIN.into(),

@@ -456,6 +456,35 @@ mod tests {
     }
 
     #[test]
+    fn hrandfield_checks_its_count_before_its_syntax() {
+        // Found by `capdb difftest`; replies checked against redis-server 7.0.15.
+        let mut s = MapSpace::new(0);
+        run(&mut s, "HSET h a 1").unwrap();
+        assert_eq!(
+            run(&mut s, "HRANDFIELD h 0x10 FOO").unwrap_err(),
+            err("ERR value is not an integer or out of range")
+        );
+        assert_eq!(
+            run(&mut s, "HRANDFIELD h 1 FOO").unwrap_err(),
+            err("ERR syntax error")
+        );
+        assert_eq!(
+            run(&mut s, "HRANDFIELD h 1 WITHVALUES x").unwrap_err(),
+            err("ERR syntax error")
+        );
+        assert_eq!(
+            run(&mut s, "HRANDFIELD h -9223372036854775808").unwrap_err(),
+            err(
+                "ERR value is out of range, value must between -9223372036854775807 and 9223372036854775807"
+            )
+        );
+        assert_eq!(
+            run(&mut s, "HRANDFIELD h -9223372036854775807 WITHVALUES").unwrap_err(),
+            err("ERR value is out of range")
+        );
+    }
+
+    #[test]
     fn hset_counts_new_fields_and_hget_reads_them() {
         let mut s = MapSpace::new(0);
         assert_eq!(run(&mut s, "HSET h a 1 b 2").unwrap(), Reply::Integer(2));

@@ -157,3 +157,30 @@ pub fn reply(
         Reply::Array(items),
     ]))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_parse_like_strtoul_over_the_whole_argument() {
+        // Found by `capdb difftest`: Redis reads cursors with strtoul.
+        assert_eq!(parse_cursor(b"").unwrap(), 0);
+        assert_eq!(parse_cursor(b"+0").unwrap(), 0);
+        assert_eq!(parse_cursor(b"-0").unwrap(), 0);
+        assert_eq!(parse_cursor(b"00").unwrap(), 0);
+        assert_eq!(parse_cursor(b"-1").unwrap(), u64::MAX);
+        assert_eq!(parse_cursor(b"18446744073709551615").unwrap(), u64::MAX);
+        for bad in [
+            &b"18446744073709551616"[..],
+            b" 1",
+            b"1 ",
+            b"+",
+            b"-",
+            b"abc",
+            b"1x",
+        ] {
+            assert!(parse_cursor(bad).is_err(), "{bad:?}");
+        }
+    }
+}

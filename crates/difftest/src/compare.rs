@@ -38,7 +38,9 @@ pub struct ClassRow {
 pub const CLASSES: &[ClassRow] = &[
     ClassRow {
         class: Class::Unordered,
-        commands: &["hkeys", "hvals", "smembers", "sinter", "sunion", "sdiff", "keys"],
+        commands: &[
+            "hkeys", "hvals", "smembers", "sinter", "sunion", "sdiff", "keys",
+        ],
         reason: "Redis leaves the order undefined (its small encodings keep insertion order, \
                  its hashtables bucket order); capdb keeps members in hash order",
     },
@@ -55,7 +57,13 @@ pub const CLASSES: &[ClassRow] = &[
     },
     ClassRow {
         class: Class::Random,
-        commands: &["spop", "srandmember", "hrandfield", "randomkey", "zrandmember"],
+        commands: &[
+            "spop",
+            "srandmember",
+            "hrandfield",
+            "randomkey",
+            "zrandmember",
+        ],
         reason: "the servers choose at random; the reply's shape, size and distinctness must \
                  agree, and SPOP's key is then resynchronised from capdb into Redis",
     },
@@ -181,11 +189,15 @@ fn random(args: &[Vec<u8>], redis: &Frame, capdb: &Frame) -> Result<(), String> 
             m.sort();
             m.dedup();
             if m.len() != len {
-                return Err(format!("{who} repeated a member though the count is positive"));
+                return Err(format!(
+                    "{who} repeated a member though the count is positive"
+                ));
             }
         }
         // Fewer than asked: the whole collection, the same on both.
-        if (firsts(redis).len() as i64) < n && sorted_groups(redis, group) != sorted_groups(capdb, group) {
+        if (firsts(redis).len() as i64) < n
+            && sorted_groups(redis, group) != sorted_groups(capdb, group)
+        {
             return Err("the whole collection (count above its size) differs".into());
         }
     }

@@ -42,9 +42,12 @@ impl Conn {
         for c in cmds {
             encode(c, &mut out);
         }
-        self.stream
-            .write_all(&out)
-            .map_err(|e| format!("{} closed the connection or failed ({e}); see its log", self.who))
+        self.stream.write_all(&out).map_err(|e| {
+            format!(
+                "{} closed the connection or failed ({e}); see its log",
+                self.who
+            )
+        })
     }
 
     /// Reads the next reply.

@@ -302,8 +302,16 @@ impl Session {
                 };
                 let ours = members(&mut pair.capdb)?;
                 let theirs = members(&mut pair.redis)?;
-                let add: Vec<Vec<u8>> = ours.iter().filter(|m| !theirs.contains(m)).cloned().collect();
-                let rem: Vec<Vec<u8>> = theirs.iter().filter(|m| !ours.contains(m)).cloned().collect();
+                let add: Vec<Vec<u8>> = ours
+                    .iter()
+                    .filter(|m| !theirs.contains(m))
+                    .cloned()
+                    .collect();
+                let rem: Vec<Vec<u8>> = theirs
+                    .iter()
+                    .filter(|m| !ours.contains(m))
+                    .cloned()
+                    .collect();
                 for (cmd, list) in [(&b"SADD"[..], add), (&b"SREM"[..], rem)] {
                     if !list.is_empty() {
                         let mut args = vec![cmd.to_vec(), key.clone()];
@@ -413,7 +421,7 @@ fn needs_resync(step: &Step) -> bool {
 /// The seed's command list: steps and whether each goes over RESP3 (in stretches of 1 to 64).
 fn command_list(o: &Options, served: &[&'static str]) -> Vec<(Step, bool)> {
     let mut g = Generator::new(o.seed, o.mode != Mode::Ap, &|n| served.contains(&n));
-    let mut stretch = rng::Rng::new(o.seed ^ 0x5eed_0f_2e5f3);
+    let mut stretch = rng::Rng::new(o.seed ^ 0x05ee_d0f2_e5f3);
     let mut out = Vec::with_capacity(o.commands as usize);
     while (out.len() as u64) < o.commands {
         let resp3 = stretch.chance(o.resp3_percent);
@@ -429,7 +437,12 @@ fn command_list(o: &Options, served: &[&'static str]) -> Vec<(Step, bool)> {
 }
 
 /// Writes the list (and the difference) to `path`, one command a line.
-fn write_list(path: &PathBuf, o: &Options, d: &Difference, list: &[(Step, bool)]) -> Result<(), String> {
+fn write_list(
+    path: &PathBuf,
+    o: &Options,
+    d: &Difference,
+    list: &[(Step, bool)],
+) -> Result<(), String> {
     let mut text = format!(
         "# capdb difftest --mode {} --seed {} (a difference at command #{})\n# {}\n",
         o.mode,
@@ -455,7 +468,11 @@ fn write_list(path: &PathBuf, o: &Options, d: &Difference, list: &[(Step, bool)]
 
 /// Cuts `list` (whose replay shows a difference) down: drops chunks of halving sizes while a
 /// difference remains, replaying after FLUSHDB each time. At most `budget` replays.
-fn minimize(s: &mut Session, mut list: Vec<(Step, bool)>, budget: usize) -> Result<Vec<(Step, bool)>, String> {
+fn minimize(
+    s: &mut Session,
+    mut list: Vec<(Step, bool)>,
+    budget: usize,
+) -> Result<Vec<(Step, bool)>, String> {
     let mut replays = 0;
     let mut counts = BTreeMap::new();
     let mut fails = |s: &mut Session, l: &[(Step, bool)]| -> Result<Option<usize>, String> {
@@ -469,7 +486,10 @@ fn minimize(s: &mut Session, mut list: Vec<(Step, bool)>, budget: usize) -> Resu
             let mut candidate = list.clone();
             candidate.drain(i..(i + chunk).min(list.len()));
             replays += 1;
-            match (!candidate.is_empty()).then(|| fails(s, &candidate)).transpose()? {
+            match (!candidate.is_empty())
+                .then(|| fails(s, &candidate))
+                .transpose()?
+            {
                 Some(Some(at)) => {
                     candidate.truncate(at + 1);
                     list = candidate;

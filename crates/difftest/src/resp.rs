@@ -101,7 +101,9 @@ fn parse_at(buf: &[u8], at: &mut usize, depth: usize) -> Result<Frame, ScanError
                 }
                 frame.text = buf[*at..*at + n].to_vec();
                 if &buf[*at + n..*at + n + 2] != b"\r\n" {
-                    return Err(ScanError::Invalid("bulk string not followed by CRLF".into()));
+                    return Err(ScanError::Invalid(
+                        "bulk string not followed by CRLF".into(),
+                    ));
                 }
                 *at += n + 2;
             }
@@ -111,7 +113,11 @@ fn parse_at(buf: &[u8], at: &mut usize, depth: usize) -> Result<Frame, ScanError
             if n < 0 {
                 frame.null = true;
             } else {
-                let items = if matches!(kind, b'%' | b'|') { 2 * n } else { n };
+                let items = if matches!(kind, b'%' | b'|') {
+                    2 * n
+                } else {
+                    n
+                };
                 for _ in 0..items {
                     frame.children.push(parse_at(buf, at, depth + 1)?);
                 }

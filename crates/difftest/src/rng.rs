@@ -79,5 +79,5 @@ mod tests {
         assert_eq!(first[0], REFERENCE_FIRST);
     }
 
-    const REFERENCE_FIRST: u64 = 0;
+    const REFERENCE_FIRST: u64 = 12_966_619_160_104_079_557;
 }

@@ -103,11 +103,17 @@ impl Redis {
             )
         })?;
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        wait_until(&mut node, "redis-server", &log, Duration::from_secs(30), || {
-            Conn::connect("redis-server", addr)
-                .and_then(|mut c| c.call_ok(&["PING"]))
-                .is_ok()
-        })?;
+        wait_until(
+            &mut node,
+            "redis-server",
+            &log,
+            Duration::from_secs(30),
+            || {
+                Conn::connect("redis-server", addr)
+                    .and_then(|mut c| c.call_ok(&["PING"]))
+                    .is_ok()
+            },
+        )?;
         Ok(Redis {
             _node: node,
             addr,

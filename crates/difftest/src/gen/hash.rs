@@ -11,22 +11,86 @@ pub const FAMILY: Family = Family {
     collections: true,
     weight: 20,
     commands: &[
-        CommandGen { name: "hset", weight: 20, make: hset },
-        CommandGen { name: "hmset", weight: 3, make: hset },
-        CommandGen { name: "hsetnx", weight: 4, make: hsetnx },
-        CommandGen { name: "hget", weight: 10, make: key_field },
-        CommandGen { name: "hexists", weight: 4, make: key_field },
-        CommandGen { name: "hstrlen", weight: 3, make: key_field },
-        CommandGen { name: "hmget", weight: 5, make: hmget },
-        CommandGen { name: "hdel", weight: 8, make: hdel },
-        CommandGen { name: "hgetall", weight: 5, make: one_key },
-        CommandGen { name: "hkeys", weight: 3, make: one_key },
-        CommandGen { name: "hvals", weight: 3, make: one_key },
-        CommandGen { name: "hlen", weight: 6, make: one_key },
-        CommandGen { name: "hincrby", weight: 6, make: hincrby },
-        CommandGen { name: "hincrbyfloat", weight: 4, make: hincrbyfloat },
-        CommandGen { name: "hrandfield", weight: 3, make: hrandfield },
-        CommandGen { name: "hscan", weight: 3, make: hscan },
+        CommandGen {
+            name: "hset",
+            weight: 20,
+            make: hset,
+        },
+        CommandGen {
+            name: "hmset",
+            weight: 3,
+            make: hset,
+        },
+        CommandGen {
+            name: "hsetnx",
+            weight: 4,
+            make: hsetnx,
+        },
+        CommandGen {
+            name: "hget",
+            weight: 10,
+            make: key_field,
+        },
+        CommandGen {
+            name: "hexists",
+            weight: 4,
+            make: key_field,
+        },
+        CommandGen {
+            name: "hstrlen",
+            weight: 3,
+            make: key_field,
+        },
+        CommandGen {
+            name: "hmget",
+            weight: 5,
+            make: hmget,
+        },
+        CommandGen {
+            name: "hdel",
+            weight: 8,
+            make: hdel,
+        },
+        CommandGen {
+            name: "hgetall",
+            weight: 5,
+            make: one_key,
+        },
+        CommandGen {
+            name: "hkeys",
+            weight: 3,
+            make: one_key,
+        },
+        CommandGen {
+            name: "hvals",
+            weight: 3,
+            make: one_key,
+        },
+        CommandGen {
+            name: "hlen",
+            weight: 6,
+            make: one_key,
+        },
+        CommandGen {
+            name: "hincrby",
+            weight: 6,
+            make: hincrby,
+        },
+        CommandGen {
+            name: "hincrbyfloat",
+            weight: 4,
+            make: hincrbyfloat,
+        },
+        CommandGen {
+            name: "hrandfield",
+            weight: 3,
+            make: hrandfield,
+        },
+        CommandGen {
+            name: "hscan",
+            weight: 3,
+            make: hscan,
+        },
     ],
 };
 

@@ -12,28 +12,116 @@ pub const FAMILY: Family = Family {
     collections: false,
     weight: 20,
     commands: &[
-        CommandGen { name: "del", weight: 6, make: del },
-        CommandGen { name: "unlink", weight: 1, make: del },
-        CommandGen { name: "exists", weight: 4, make: exists },
-        CommandGen { name: "type", weight: 6, make: key_type },
-        CommandGen { name: "ttl", weight: 3, make: ttl },
-        CommandGen { name: "pttl", weight: 2, make: ttl },
-        CommandGen { name: "expire", weight: 4, make: expire },
-        CommandGen { name: "pexpire", weight: 2, make: expire },
-        CommandGen { name: "expireat", weight: 3, make: expireat },
-        CommandGen { name: "pexpireat", weight: 2, make: expireat },
-        CommandGen { name: "persist", weight: 3, make: persist },
-        CommandGen { name: "scan", weight: 3, make: scan },
-        CommandGen { name: "keys", weight: 2, make: keys },
-        CommandGen { name: "dbsize", weight: 2, make: dbsize },
-        CommandGen { name: "flushdb", weight: 1, make: flushdb },
-        CommandGen { name: "randomkey", weight: 1, make: randomkey },
-        CommandGen { name: "rename", weight: 2, make: rename },
-        CommandGen { name: "renamenx", weight: 1, make: rename },
-        CommandGen { name: "copy", weight: 2, make: copy },
-        CommandGen { name: "touch", weight: 1, make: touch },
-        CommandGen { name: "expiretime", weight: 1, make: ttl },
-        CommandGen { name: "pexpiretime", weight: 1, make: ttl },
+        CommandGen {
+            name: "del",
+            weight: 6,
+            make: del,
+        },
+        CommandGen {
+            name: "unlink",
+            weight: 1,
+            make: del,
+        },
+        CommandGen {
+            name: "exists",
+            weight: 4,
+            make: exists,
+        },
+        CommandGen {
+            name: "type",
+            weight: 6,
+            make: key_type,
+        },
+        CommandGen {
+            name: "ttl",
+            weight: 3,
+            make: ttl,
+        },
+        CommandGen {
+            name: "pttl",
+            weight: 2,
+            make: ttl,
+        },
+        CommandGen {
+            name: "expire",
+            weight: 4,
+            make: expire,
+        },
+        CommandGen {
+            name: "pexpire",
+            weight: 2,
+            make: expire,
+        },
+        CommandGen {
+            name: "expireat",
+            weight: 3,
+            make: expireat,
+        },
+        CommandGen {
+            name: "pexpireat",
+            weight: 2,
+            make: expireat,
+        },
+        CommandGen {
+            name: "persist",
+            weight: 3,
+            make: persist,
+        },
+        CommandGen {
+            name: "scan",
+            weight: 3,
+            make: scan,
+        },
+        CommandGen {
+            name: "keys",
+            weight: 2,
+            make: keys,
+        },
+        CommandGen {
+            name: "dbsize",
+            weight: 2,
+            make: dbsize,
+        },
+        CommandGen {
+            name: "flushdb",
+            weight: 1,
+            make: flushdb,
+        },
+        CommandGen {
+            name: "randomkey",
+            weight: 1,
+            make: randomkey,
+        },
+        CommandGen {
+            name: "rename",
+            weight: 2,
+            make: rename,
+        },
+        CommandGen {
+            name: "renamenx",
+            weight: 1,
+            make: rename,
+        },
+        CommandGen {
+            name: "copy",
+            weight: 2,
+            make: copy,
+        },
+        CommandGen {
+            name: "touch",
+            weight: 1,
+            make: touch,
+        },
+        CommandGen {
+            name: "expiretime",
+            weight: 1,
+            make: ttl,
+        },
+        CommandGen {
+            name: "pexpiretime",
+            weight: 1,
+            make: ttl,
+        },
     ],
 };
 
@@ -154,13 +242,17 @@ fn scan(g: &mut Gen, name: &str) -> Step {
     if invalid && g.chance(30) {
         // Never a made-up number: capdb's cursors are server-side handles (an unknown one is
         // `invalid cursor`), Redis's are positions in its hash table.
-        let c = *g.rng.pick(&["abc", "18446744073709551616", " 1", "1x", "+"]);
+        let c = *g
+            .rng
+            .pick(&["abc", "18446744073709551616", " 1", "1x", "+"]);
         return step!(g.name(name), c);
     }
     let mut s = step!(g.name(name), g.cursor_zero());
     scan_options(g, &mut s, invalid);
     if g.chance(25) {
-        let t = *g.rng.pick(&["string", "hash", "list", "set", "zset", "none", "HASH"]);
+        let t = *g
+            .rng
+            .pick(&["string", "hash", "list", "set", "zset", "none", "HASH"]);
         s.args.push(g.word("TYPE"));
         s.args.push(t.as_bytes().to_vec());
     }

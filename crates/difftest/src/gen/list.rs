@@ -11,23 +11,91 @@ pub const FAMILY: Family = Family {
     collections: true,
     weight: 15,
     commands: &[
-        CommandGen { name: "lpush", weight: 10, make: push },
-        CommandGen { name: "rpush", weight: 10, make: push },
-        CommandGen { name: "lpushx", weight: 2, make: push },
-        CommandGen { name: "rpushx", weight: 2, make: push },
-        CommandGen { name: "lpop", weight: 5, make: pop },
-        CommandGen { name: "rpop", weight: 5, make: pop },
-        CommandGen { name: "llen", weight: 4, make: llen },
-        CommandGen { name: "lrange", weight: 8, make: range },
-        CommandGen { name: "ltrim", weight: 2, make: range },
-        CommandGen { name: "lindex", weight: 4, make: lindex },
-        CommandGen { name: "lset", weight: 3, make: lset },
-        CommandGen { name: "linsert", weight: 3, make: linsert },
-        CommandGen { name: "lrem", weight: 3, make: lrem },
-        CommandGen { name: "lpos", weight: 4, make: lpos },
-        CommandGen { name: "lmove", weight: 3, make: lmove },
-        CommandGen { name: "rpoplpush", weight: 2, make: rpoplpush },
-        CommandGen { name: "lmpop", weight: 3, make: lmpop },
+        CommandGen {
+            name: "lpush",
+            weight: 10,
+            make: push,
+        },
+        CommandGen {
+            name: "rpush",
+            weight: 10,
+            make: push,
+        },
+        CommandGen {
+            name: "lpushx",
+            weight: 2,
+            make: push,
+        },
+        CommandGen {
+            name: "rpushx",
+            weight: 2,
+            make: push,
+        },
+        CommandGen {
+            name: "lpop",
+            weight: 5,
+            make: pop,
+        },
+        CommandGen {
+            name: "rpop",
+            weight: 5,
+            make: pop,
+        },
+        CommandGen {
+            name: "llen",
+            weight: 4,
+            make: llen,
+        },
+        CommandGen {
+            name: "lrange",
+            weight: 8,
+            make: range,
+        },
+        CommandGen {
+            name: "ltrim",
+            weight: 2,
+            make: range,
+        },
+        CommandGen {
+            name: "lindex",
+            weight: 4,
+            make: lindex,
+        },
+        CommandGen {
+            name: "lset",
+            weight: 3,
+            make: lset,
+        },
+        CommandGen {
+            name: "linsert",
+            weight: 3,
+            make: linsert,
+        },
+        CommandGen {
+            name: "lrem",
+            weight: 3,
+            make: lrem,
+        },
+        CommandGen {
+            name: "lpos",
+            weight: 4,
+            make: lpos,
+        },
+        CommandGen {
+            name: "lmove",
+            weight: 3,
+            make: lmove,
+        },
+        CommandGen {
+            name: "rpoplpush",
+            weight: 2,
+            make: rpoplpush,
+        },
+        CommandGen {
+            name: "lmpop",
+            weight: 3,
+            make: lmpop,
+        },
     ],
 };
 

@@ -239,7 +239,9 @@ impl Gen {
     /// Text that is not a valid float for Redis (NaN, overflow, spaces, junk).
     pub fn bad_float(&mut self) -> Vec<u8> {
         self.rng
-            .pick(&["abc", "", " 1", "1 ", "1.5x", "nan", "1e309", "-1e309", "--1"])
+            .pick(&[
+                "abc", "", " 1", "1 ", "1.5x", "nan", "1e309", "-1e309", "--1",
+            ])
             .as_bytes()
             .to_vec()
     }
@@ -288,8 +290,19 @@ impl Gen {
     pub fn pattern(&mut self) -> Vec<u8> {
         self.rng
             .pick(&[
-                "*", "{d}:1*", "{d}:?", "{d}:[0-3]", "*5", "{d}:[^1]*", "f*", "?", "[a-c]", "1*",
-                "nomatch*", "*\\:*", "h*o",
+                "*",
+                "{d}:1*",
+                "{d}:?",
+                "{d}:[0-3]",
+                "*5",
+                "{d}:[^1]*",
+                "f*",
+                "?",
+                "[a-c]",
+                "1*",
+                "nomatch*",
+                "*\\:*",
+                "h*o",
             ])
             .as_bytes()
             .to_vec()

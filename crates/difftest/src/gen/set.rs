@@ -11,23 +11,91 @@ pub const FAMILY: Family = Family {
     collections: true,
     weight: 15,
     commands: &[
-        CommandGen { name: "sadd", weight: 20, make: key_members },
-        CommandGen { name: "srem", weight: 8, make: key_members },
-        CommandGen { name: "smismember", weight: 3, make: key_members },
-        CommandGen { name: "scard", weight: 5, make: one_key },
-        CommandGen { name: "smembers", weight: 5, make: one_key },
-        CommandGen { name: "sismember", weight: 5, make: sismember },
-        CommandGen { name: "spop", weight: 4, make: counted },
-        CommandGen { name: "srandmember", weight: 3, make: counted },
-        CommandGen { name: "smove", weight: 4, make: smove },
-        CommandGen { name: "sinter", weight: 3, make: many_keys },
-        CommandGen { name: "sunion", weight: 3, make: many_keys },
-        CommandGen { name: "sdiff", weight: 3, make: many_keys },
-        CommandGen { name: "sinterstore", weight: 2, make: store },
-        CommandGen { name: "sunionstore", weight: 2, make: store },
-        CommandGen { name: "sdiffstore", weight: 2, make: store },
-        CommandGen { name: "sintercard", weight: 3, make: sintercard },
-        CommandGen { name: "sscan", weight: 3, make: sscan },
+        CommandGen {
+            name: "sadd",
+            weight: 20,
+            make: key_members,
+        },
+        CommandGen {
+            name: "srem",
+            weight: 8,
+            make: key_members,
+        },
+        CommandGen {
+            name: "smismember",
+            weight: 3,
+            make: key_members,
+        },
+        CommandGen {
+            name: "scard",
+            weight: 5,
+            make: one_key,
+        },
+        CommandGen {
+            name: "smembers",
+            weight: 5,
+            make: one_key,
+        },
+        CommandGen {
+            name: "sismember",
+            weight: 5,
+            make: sismember,
+        },
+        CommandGen {
+            name: "spop",
+            weight: 4,
+            make: counted,
+        },
+        CommandGen {
+            name: "srandmember",
+            weight: 3,
+            make: counted,
+        },
+        CommandGen {
+            name: "smove",
+            weight: 4,
+            make: smove,
+        },
+        CommandGen {
+            name: "sinter",
+            weight: 3,
+            make: many_keys,
+        },
+        CommandGen {
+            name: "sunion",
+            weight: 3,
+            make: many_keys,
+        },
+        CommandGen {
+            name: "sdiff",
+            weight: 3,
+            make: many_keys,
+        },
+        CommandGen {
+            name: "sinterstore",
+            weight: 2,
+            make: store,
+        },
+        CommandGen {
+            name: "sunionstore",
+            weight: 2,
+            make: store,
+        },
+        CommandGen {
+            name: "sdiffstore",
+            weight: 2,
+            make: store,
+        },
+        CommandGen {
+            name: "sintercard",
+            weight: 3,
+            make: sintercard,
+        },
+        CommandGen {
+            name: "sscan",
+            weight: 3,
+            make: sscan,
+        },
     ],
 };
 

@@ -10,26 +10,106 @@ pub const FAMILY: Family = Family {
     collections: false,
     weight: 30,
     commands: &[
-        CommandGen { name: "set", weight: 20, make: set },
-        CommandGen { name: "get", weight: 15, make: get },
-        CommandGen { name: "getdel", weight: 3, make: one_key },
-        CommandGen { name: "setnx", weight: 3, make: setnx },
-        CommandGen { name: "setex", weight: 2, make: setex },
-        CommandGen { name: "psetex", weight: 2, make: setex },
-        CommandGen { name: "mset", weight: 4, make: mset },
-        CommandGen { name: "mget", weight: 5, make: mget },
-        CommandGen { name: "incr", weight: 5, make: one_key },
-        CommandGen { name: "decr", weight: 3, make: one_key },
-        CommandGen { name: "incrby", weight: 4, make: incrby },
-        CommandGen { name: "decrby", weight: 3, make: incrby },
-        CommandGen { name: "append", weight: 5, make: append },
-        CommandGen { name: "strlen", weight: 4, make: one_key },
-        CommandGen { name: "getset", weight: 2, make: getset },
-        CommandGen { name: "getrange", weight: 3, make: getrange },
-        CommandGen { name: "setrange", weight: 3, make: setrange },
-        CommandGen { name: "incrbyfloat", weight: 3, make: incrbyfloat },
-        CommandGen { name: "msetnx", weight: 2, make: mset },
-        CommandGen { name: "getex", weight: 3, make: getex },
+        CommandGen {
+            name: "set",
+            weight: 20,
+            make: set,
+        },
+        CommandGen {
+            name: "get",
+            weight: 15,
+            make: get,
+        },
+        CommandGen {
+            name: "getdel",
+            weight: 3,
+            make: one_key,
+        },
+        CommandGen {
+            name: "setnx",
+            weight: 3,
+            make: setnx,
+        },
+        CommandGen {
+            name: "setex",
+            weight: 2,
+            make: setex,
+        },
+        CommandGen {
+            name: "psetex",
+            weight: 2,
+            make: setex,
+        },
+        CommandGen {
+            name: "mset",
+            weight: 4,
+            make: mset,
+        },
+        CommandGen {
+            name: "mget",
+            weight: 5,
+            make: mget,
+        },
+        CommandGen {
+            name: "incr",
+            weight: 5,
+            make: one_key,
+        },
+        CommandGen {
+            name: "decr",
+            weight: 3,
+            make: one_key,
+        },
+        CommandGen {
+            name: "incrby",
+            weight: 4,
+            make: incrby,
+        },
+        CommandGen {
+            name: "decrby",
+            weight: 3,
+            make: incrby,
+        },
+        CommandGen {
+            name: "append",
+            weight: 5,
+            make: append,
+        },
+        CommandGen {
+            name: "strlen",
+            weight: 4,
+            make: one_key,
+        },
+        CommandGen {
+            name: "getset",
+            weight: 2,
+            make: getset,
+        },
+        CommandGen {
+            name: "getrange",
+            weight: 3,
+            make: getrange,
+        },
+        CommandGen {
+            name: "setrange",
+            weight: 3,
+            make: setrange,
+        },
+        CommandGen {
+            name: "incrbyfloat",
+            weight: 3,
+            make: incrbyfloat,
+        },
+        CommandGen {
+            name: "msetnx",
+            weight: 2,
+            make: mset,
+        },
+        CommandGen {
+            name: "getex",
+            weight: 3,
+            make: getex,
+        },
     ],
 };
 
@@ -62,13 +142,13 @@ pub fn expiry_value(g: &mut Gen, unit: &str, invalid: bool, past: bool) -> Vec<u
     }
     // Past deadlines only where Redis deletes the key at once (EXPIREAT, GETEX): a SET with
     // one leaves an expired key that Redis's DBSIZE counts until its expiry cycle runs.
-    let v: &str = match unit {
-        "EX" => *g.rng.pick(&["100", "1000", "100000"]),
-        "PX" => *g.rng.pick(&["100000", "5000000"]),
-        "EXAT" if past => *g.rng.pick(&["4000000000", "3000000000", "1"]),
-        "EXAT" => *g.rng.pick(&["4000000000", "3000000000"]),
-        _ if past => *g.rng.pick(&["4000000000000", "3000000000000", "1"]),
-        _ => *g.rng.pick(&["4000000000000", "3000000000000"]),
+    let v: &&str = match unit {
+        "EX" => g.rng.pick(&["100", "1000", "100000"]),
+        "PX" => g.rng.pick(&["100000", "5000000"]),
+        "EXAT" if past => g.rng.pick(&["4000000000", "3000000000", "1"]),
+        "EXAT" => g.rng.pick(&["4000000000", "3000000000"]),
+        _ if past => g.rng.pick(&["4000000000000", "3000000000000", "1"]),
+        _ => g.rng.pick(&["4000000000000", "3000000000000"]),
     };
     v.as_bytes().to_vec()
 }
