@@ -4,6 +4,7 @@ mod bench;
 mod bench_ap;
 mod chaos;
 mod client;
+mod difftest;
 mod log_limit;
 mod playground;
 
@@ -89,6 +90,9 @@ enum Command {
         #[command(subcommand)]
         op: chaos::ChaosOp,
     },
+    /// Compare capdb's replies with a real redis-server's, command by command, over a seeded
+    /// random command list.  Example: capdb difftest --mode cp --seed 1 --commands 100000
+    Difftest(difftest::DifftestArgs),
     /// Print the version.
     Version,
 }
@@ -203,6 +207,10 @@ enum KeyspaceOp {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Difftest(args) = cli.command {
+        // Blocking sockets and child processes: no runtime needed.
+        return difftest::main(args);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -218,7 +226,7 @@ fn main() -> ExitCode {
     }
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Chaos { .. } => unreachable!("handled above"),
+            Command::Chaos { .. } | Command::Difftest(_) => unreachable!("handled above"),
             Command::Playground(args) => playground::main(args).await,
             Command::Server(args) => server(*args).await,
             Command::Kv { op, target } => kv(op, &target).await,

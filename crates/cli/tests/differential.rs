@@ -266,3 +266,64 @@ fn read_exactly(stream: &mut TcpStream, expected: &[u8]) {
         String::from_utf8_lossy(expected)
     );
 }
+
+/// The seeded differential tester's options for a CI run: this build's `capdb`, Redis from
+/// PATH, the command list written under the test's target directory on a difference.
+fn difftest_options(
+    mode: capdb_difftest::Mode,
+    seed: u64,
+    commands: u64,
+) -> capdb_difftest::Options {
+    capdb_difftest::Options {
+        redis_server: common::need_tool("redis-server"),
+        capdb: common::BIN.into(),
+        out_dir: std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("difftest"),
+        ..capdb_difftest::Options::new(mode, seed, commands)
+    }
+}
+
+/// Runs a short seed in `mode` and fails on any difference, printing it whole.
+fn no_difference(mode: capdb_difftest::Mode, seed: u64, commands: u64) {
+    let options = difftest_options(mode, seed, commands);
+    let outcome = capdb_difftest::run(&options, &mut std::io::stderr())
+        .unwrap_or_else(|e| panic!("the differential tester could not run: {e}"));
+    if let Some(d) = outcome.difference {
+        panic!(
+            "capdb and Redis answered differently (mode {mode}, seed {seed}; replay with `capdb difftest --mode {mode} --seed {seed} --commands {commands} --minimize`):\n{d}"
+        );
+    }
+    assert_eq!(outcome.compared, commands);
+}
+
+#[test]
+fn seeded_commands_answer_as_redis_does_in_cp() {
+    no_difference(capdb_difftest::Mode::Cp, 1, 3_000);
+}
+
+#[test]
+fn seeded_commands_answer_as_redis_does_in_cache() {
+    no_difference(capdb_difftest::Mode::Cache, 1, 5_000);
+}
+
+#[test]
+fn seeded_commands_answer_as_redis_does_in_ap() {
+    no_difference(capdb_difftest::Mode::Ap, 1, 5_000);
+}
+
+/// The harness can fail: with `--debug-plant-difference` (HLEN one too many at exactly 3
+/// fields) it finds the difference within 20,000 commands and minimises it to a handful.
+#[test]
+fn the_differential_tester_finds_a_planted_difference() {
+    let mut options = difftest_options(capdb_difftest::Mode::Cp, 1, 20_000);
+    options.capdb_args = vec!["--debug-plant-difference".into()];
+    options.minimize = true;
+    let outcome = capdb_difftest::run(&options, &mut std::io::stderr())
+        .unwrap_or_else(|e| panic!("the differential tester could not run: {e}"));
+    let d = outcome
+        .difference
+        .expect("the planted HLEN difference was not found in 20,000 commands");
+    assert_eq!(d.step.name(), "hlen", "{d}");
+    let min = d.minimized.expect("minimised");
+    assert!(min.len() <= 5, "minimised to {} commands", min.len());
+    assert!(d.file.is_some_and(|f| f.exists()));
+}

@@ -4,6 +4,7 @@
 //! the field's value, so HGET/HSET/HDEL touch one element and HSCAN pages in hash order.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 use capdb_types::{Error, Reply, Result, ValueKind};
@@ -16,6 +17,11 @@ use crate::scan;
 use crate::space::{ElRange, Space};
 
 const FIELD: u8 = 0;
+
+/// TESTING ONLY (`capdb server --debug-plant-difference`, set once at start): HLEN answers one
+/// more than the truth when the hash has exactly 3 fields, a planted difference the
+/// differential tester (`capdb difftest`) must find. Never set otherwise.
+pub static PLANT_DIFFERENCE: AtomicBool = AtomicBool::new(false);
 /// Redis's `hash-max-listpack-entries` and `hash-max-listpack-value` defaults: past either, Redis
 /// converts the hash to a hashtable (for good).
 const LISTPACK_ENTRIES: u64 = 128;
@@ -210,9 +216,9 @@ fn hexists(args: &[Bytes], space: &mut dyn Space, _: &Ctx) -> Result<Reply> {
 
 /// `HLEN key`.
 fn hlen(args: &[Bytes], space: &mut dyn Space, _: &Ctx) -> Result<Reply> {
-    Ok(Reply::Integer(
-        open_hash(space, &args[1])?.map_or(0, |h| h.meta.len as i64),
-    ))
+    let len = open_hash(space, &args[1])?.map_or(0, |h| h.meta.len as i64);
+    let planted = len == 3 && PLANT_DIFFERENCE.load(Ordering::Relaxed);
+    Ok(Reply::Integer(len + planted as i64))
 }
 
 /// `HSTRLEN key field`.
@@ -261,17 +267,28 @@ fn hincrbyfloat(args: &[Bytes], space: &mut dyn Space, cx: &Ctx) -> Result<Reply
 
 /// `HRANDFIELD key [count [WITHVALUES]]`.
 fn hrandfield(args: &[Bytes], space: &mut dyn Space, cx: &Ctx) -> Result<Reply> {
-    let (count, with_values) = match args.len() {
-        2 => (None, false),
-        3 => (Some(int_arg(args, 2)?), false),
-        4 if args[3].eq_ignore_ascii_case(b"WITHVALUES") => (Some(int_arg(args, 2)?), true),
-        _ => return Err(syntax()),
+    // Redis's order: the count (an integer above -2^63), then the syntax, then the range
+    // WITHVALUES allows.
+    let (count, with_values) = match args.get(2) {
+        None => (None, false),
+        Some(_) => {
+            let c = int_arg(args, 2)?;
+            if c == i64::MIN {
+                return Err(err(
+                    "ERR value is out of range, value must between -9223372036854775807 and 9223372036854775807",
+                ));
+            }
+            let with_values = match args.get(3) {
+                None => false,
+                Some(w) if args.len() == 4 && w.eq_ignore_ascii_case(b"WITHVALUES") => true,
+                Some(_) => return Err(syntax()),
+            };
+            if with_values && !(-(i64::MAX / 2)..=i64::MAX / 2).contains(&c) {
+                return Err(err("ERR value is out of range"));
+            }
+            (Some(c), with_values)
+        }
     };
-    if let Some(c) = count
-        && !(-(i64::MAX / 2)..=i64::MAX / 2).contains(&c)
-    {
-        return Err(err("ERR value is out of range"));
-    }
     let Some(h) = open_hash(space, &args[1])? else {
         return Ok(match count {
             None => Reply::Nil,
@@ -444,6 +461,35 @@ mod tests {
     #[test]
     fn table_is_sorted() {
         assert!(crate::command::sorted(COMMANDS));
+    }
+
+    #[test]
+    fn hrandfield_checks_its_count_before_its_syntax() {
+        // Found by `capdb difftest`; replies checked against redis-server 7.0.15.
+        let mut s = MapSpace::new(0);
+        run(&mut s, "HSET h a 1").unwrap();
+        assert_eq!(
+            run(&mut s, "HRANDFIELD h 0x10 FOO").unwrap_err(),
+            err("ERR value is not an integer or out of range")
+        );
+        assert_eq!(
+            run(&mut s, "HRANDFIELD h 1 FOO").unwrap_err(),
+            err("ERR syntax error")
+        );
+        assert_eq!(
+            run(&mut s, "HRANDFIELD h 1 WITHVALUES x").unwrap_err(),
+            err("ERR syntax error")
+        );
+        assert_eq!(
+            run(&mut s, "HRANDFIELD h -9223372036854775808").unwrap_err(),
+            err(
+                "ERR value is out of range, value must between -9223372036854775807 and 9223372036854775807"
+            )
+        );
+        assert_eq!(
+            run(&mut s, "HRANDFIELD h -9223372036854775807 WITHVALUES").unwrap_err(),
+            err("ERR value is out of range")
+        );
     }
 
     #[test]

@@ -25,12 +25,23 @@ pub struct ScanOpts {
     pub count: usize,
 }
 
-/// The cursor argument (`ERR invalid cursor` unless an unsigned 64-bit integer).
+/// The cursor argument, read as Redis reads it (C's `strtoul`, whole argument): an optional
+/// sign, decimal digits, the empty string as 0, a negative number wrapped (`-1` is 2^64 - 1);
+/// `ERR invalid cursor` for anything else or past 64 bits.
 pub fn parse_cursor(arg: &[u8]) -> Result<u64> {
-    std::str::from_utf8(arg)
+    if arg.is_empty() {
+        return Ok(0);
+    }
+    let (negative, digits) = match arg[0] {
+        b'-' => (true, &arg[1..]),
+        b'+' => (false, &arg[1..]),
+        _ => (false, arg),
+    };
+    std::str::from_utf8(digits)
         .ok()
         .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
-        .and_then(|s| s.parse().ok())
+        .and_then(|s| s.parse::<u64>().ok())
+        .map(|v| if negative { v.wrapping_neg() } else { v })
         .ok_or_else(|| err("ERR invalid cursor"))
 }
 
@@ -145,4 +156,31 @@ pub fn reply(
         Reply::Bulk(Bytes::from(next.to_string())),
         Reply::Array(items),
     ]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_parse_like_strtoul_over_the_whole_argument() {
+        // Found by `capdb difftest`: Redis reads cursors with strtoul.
+        assert_eq!(parse_cursor(b"").unwrap(), 0);
+        assert_eq!(parse_cursor(b"+0").unwrap(), 0);
+        assert_eq!(parse_cursor(b"-0").unwrap(), 0);
+        assert_eq!(parse_cursor(b"00").unwrap(), 0);
+        assert_eq!(parse_cursor(b"-1").unwrap(), u64::MAX);
+        assert_eq!(parse_cursor(b"18446744073709551615").unwrap(), u64::MAX);
+        for bad in [
+            &b"18446744073709551616"[..],
+            b" 1",
+            b"1 ",
+            b"+",
+            b"-",
+            b"abc",
+            b"1x",
+        ] {
+            assert!(parse_cursor(bad).is_err(), "{bad:?}");
+        }
+    }
 }

@@ -67,7 +67,7 @@ pub struct ClusterConfig {
     pub ap_tombstone_grace_ms: u64,
 }
 
-/// Switches for fault-injection testing (`capdb chaos`). Both are off by default and only
+/// Switches for fault-injection testing (`capdb chaos`, `capdb difftest`). All are off by default and only
 /// settable by flag, so no configuration file can turn them on by accident.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DebugConfig {
@@ -79,6 +79,9 @@ pub struct DebugConfig {
     /// Apply every copy of a retried write (exactly-once off): a deliberately broken mode that
     /// the chaos checker must catch (doubled increments, CAS answered nil though applied).
     pub apply_duplicates: bool,
+    /// HLEN answers one too many for a hash of exactly 3 fields: a deliberately wrong reply
+    /// `capdb difftest` must catch (`capdb_data::hash::PLANT_DIFFERENCE`).
+    pub plant_difference: bool,
 }
 
 pub const DEFAULT_PEER_ADDR: &str = "127.0.0.1:7380";
@@ -262,6 +265,10 @@ pub struct ServerArgs {
     /// correctness on purpose so `capdb chaos` can prove it detects double application.
     #[arg(long, hide = true)]
     pub debug_apply_duplicates: bool,
+    /// TESTING ONLY: HLEN answers one more than the truth when the hash has exactly 3 fields.
+    /// A planted difference so `capdb difftest` can prove it detects one.
+    #[arg(long, hide = true)]
+    pub debug_plant_difference: bool,
 }
 
 /// A configuration error: which setting, from where, and why.
@@ -479,6 +486,7 @@ fn resolve_cluster(args: &ServerArgs, file: &FileConfig) -> Result<ClusterConfig
             unsafe_local_reads: args.debug_unsafe_local_reads,
             fault_injection: args.debug_fault_injection,
             apply_duplicates: args.debug_apply_duplicates,
+            plant_difference: args.debug_plant_difference,
         },
     })
 }

@@ -58,6 +58,10 @@ pub enum ServerError {
 
 /// Runs a node until `shutdown` completes, then shuts it down gracefully.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
+    if config.cluster.debug.plant_difference {
+        tracing::warn!("--debug-plant-difference: HLEN answers wrong on purpose (testing only)");
+        capdb_data::hash::PLANT_DIFFERENCE.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
     let listeners = Listeners::bind(&config).await?;
     let hlc = Arc::new(capdb_types::Hlc::new());
     let engine = capdb_storage::disk::DiskEngine::open(

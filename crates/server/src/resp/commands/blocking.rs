@@ -204,6 +204,8 @@ async fn wait_and_pop(
                 .ok_or("ERR the write answered nothing (a bug)")?
                 .map_err(|e| error_line(&e))?;
             if !empty(&reply) {
+                // BLMOVE/BRPOPLPUSH pushed to their destination: clients blocked on it wake.
+                wake(conn, &b.keys);
                 return Ok(Some(reply));
             }
         }
@@ -237,6 +239,24 @@ async fn wait_and_pop(
             _ = shutdown.changed() => return Err("TRYAGAIN server is shutting down".into()),
         };
     }
+}
+
+/// Wakes clients blocked on `keys`, here and on nodes that announced interest.
+fn wake(conn: &Connection, keys: &[Bytes]) {
+    let (node, name) = (&conn.node, conn.keyspace.spec.name.as_str());
+    if !node.blocking.anyone_waiting() {
+        return;
+    }
+    node.blocking.wake_local(name, keys);
+    let nodes = node.blocking.interested_nodes(name, keys);
+    node.pubsub.send_to(
+        node,
+        &nodes,
+        Item::Wake {
+            keyspace: name.to_string(),
+            keys: keys.to_vec(),
+        },
+    );
 }
 
 /// Notices a client that disconnects while blocked, through a second handle on its socket.

@@ -341,9 +341,15 @@ pub(super) async fn execute(conn: &mut Connection, name: &str, args: &[Bytes], s
 /// `-MOVED` when another node leads the shard of its first key.
 fn admit(conn: &Connection, cmd: &Command, args: &[Bytes]) -> Outcome {
     if !arity_ok(cmd, args.len()) {
-        return Err(format!(
-            "ERR wrong number of arguments for '{}' command",
+        // Redis names the command as called: an alias (UNLINK) by its own name.
+        let called = String::from_utf8_lossy(&args[0]).to_ascii_lowercase();
+        let shown = if canonical_name(&called) == cmd.name {
+            &called
+        } else {
             cmd.name
+        };
+        return Err(format!(
+            "ERR wrong number of arguments for '{shown}' command"
         ));
     }
     if !conn.authenticated && !cmd.flags.contains(&"no_auth") {

@@ -37,10 +37,7 @@ fn pattern_prefix(pattern: Option<&Bytes>) -> Option<Bytes> {
 /// `SCAN cursor [MATCH pattern] [COUNT n] [TYPE t]`.
 pub(super) async fn scan(conn: &mut Connection, args: &[Bytes]) -> Outcome {
     let (ks, now) = (conn.keyspace.clone(), conn.now_ms);
-    let cursor = std::str::from_utf8(&args[1])
-        .ok()
-        .and_then(|s| s.parse::<u64>().ok())
-        .ok_or("ERR invalid cursor")?;
+    let cursor = capdb_data::scan::parse_cursor(&args[1]).map_err(|e| error_line(&e))?;
     let mut pattern: Option<Bytes> = None;
     let mut count = 10usize;
     let mut wanted_type: Option<Vec<u8>> = None;

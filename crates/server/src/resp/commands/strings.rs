@@ -17,41 +17,59 @@ pub(super) fn set(w: &WriteCall<'_>) -> Result<Queued, String> {
     parse_set(w.args, w.now).map(|m| (Shape::Plain, vec![m]))
 }
 
-/// Parses `SET key value [NX|XX|IFEQ v|IFNE v] [GET] [EX s|PX ms|EXAT s|PXAT ms|KEEPTTL]`.
+/// Parses `SET key value [NX|XX|IFEQ v|IFNE v] [GET] [EX s|PX ms|EXAT s|PXAT ms|KEEPTTL]` as
+/// Redis 7.0 does: an option may repeat (`NX NX`; `EX 1 EX 2`, the last one wins), conflicting
+/// ones are a syntax error, and the expiry is checked only after every option parsed (so a
+/// syntax error wins over a bad number, and a bad number is an integer error).
 fn parse_set(args: &[Bytes], now_ms: u64) -> Result<Mutation, String> {
     let mut condition = Condition::Always;
-    let mut expiry = ExpiryUpdate::Clear;
+    let mut keep_ttl = false;
+    let mut expiry: Option<(Vec<u8>, &Bytes)> = None;
     let mut return_old = false;
     let mut i = 3;
     while i < args.len() {
         let opt = args[i].to_ascii_uppercase();
         let next = args.get(i + 1);
+        let plain = matches!(condition, Condition::Always);
         match (&opt[..], next) {
-            (b"NX", _) if condition == Condition::Always => condition = Condition::IfAbsent,
-            (b"XX", _) if condition == Condition::Always => condition = Condition::IfPresent,
-            (b"IFEQ", Some(v)) if condition == Condition::Always => {
+            (b"NX", _) if plain || condition == Condition::IfAbsent => {
+                condition = Condition::IfAbsent
+            }
+            (b"XX", _) if plain || condition == Condition::IfPresent => {
+                condition = Condition::IfPresent
+            }
+            (b"IFEQ", Some(v)) if plain => {
                 condition = Condition::IfEqual(v.clone());
                 i += 1;
             }
-            (b"IFNE", Some(v)) if condition == Condition::Always => {
+            (b"IFNE", Some(v)) if plain => {
                 condition = Condition::IfNotEqual(v.clone());
                 i += 1;
             }
             (b"GET", _) => return_old = true,
-            (b"KEEPTTL", _) if expiry == ExpiryUpdate::Clear => expiry = ExpiryUpdate::Keep,
-            (b"EX" | b"PX" | b"EXAT" | b"PXAT", Some(v)) if expiry == ExpiryUpdate::Clear => {
-                let unit = if opt[0] == b'E' { 1000 } else { 1 };
-                let absolute = opt.ends_with(b"AT");
-                if parse_int(v).map_err(|_| syntax())? <= 0 {
-                    return Err("ERR invalid expire time in 'set' command".into());
-                }
-                expiry = ExpiryUpdate::At(expiry_at(v, unit, absolute, "set", now_ms)?);
+            (b"KEEPTTL", _) if expiry.is_none() => keep_ttl = true,
+            (b"EX" | b"PX" | b"EXAT" | b"PXAT", Some(v))
+                if !keep_ttl && expiry.as_ref().is_none_or(|(o, _)| *o == opt) =>
+            {
+                expiry = Some((opt.clone(), v));
                 i += 1;
             }
             _ => return Err(syntax()),
         }
         i += 1;
     }
+    let expiry = match expiry {
+        None if keep_ttl => ExpiryUpdate::Keep,
+        None => ExpiryUpdate::Clear,
+        Some((opt, v)) => {
+            let unit = if opt[0] == b'E' { 1000 } else { 1 };
+            let absolute = opt.ends_with(b"AT");
+            if parse_int(v)? <= 0 {
+                return Err("ERR invalid expire time in 'set' command".into());
+            }
+            ExpiryUpdate::At(expiry_at(v, unit, absolute, "set", now_ms)?)
+        }
+    };
     Ok(Mutation::Set {
         key: args[1].clone(),
         value: args[2].clone(),

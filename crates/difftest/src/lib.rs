@@ -1,0 +1,577 @@
+//! Differential testing of capdb against a real `redis-server`: a seeded generator of random
+//! command sequences over every supported command and type, sent to both servers side by side,
+//! every reply compared byte for byte, error texts included.
+//!
+//! # Why a black box
+//!
+//! The harness speaks RESP over TCP only and starts both servers itself (`redis-server
+//! --save '' --appendonly no`, and one `capdb server` node through `capdb-launch`), so it tests
+//! what a client sees: the parser, the command table, the keyspace engine of the mode under
+//! test (`cp`, `ap` with one node, or `cache`) and the reply encoder, RESP2 and RESP3.
+//!
+//! # How a run goes
+//!
+//! 1. Both servers start; every command a family generates is probed on both (a command capdb
+//!    does not serve yet is left out of the mix and listed).
+//! 2. The seed names the command list ([`gen`]) and which stretches of it go over RESP3
+//!    connections (after `HELLO 3`).
+//! 3. Commands go to both servers in pipelines of up to `batch` ([`exec`]); each reply is read
+//!    as raw bytes and compared by its command's class ([`compare::CLASSES`]: exact unless a
+//!    reviewed row says otherwise). SCAN-family walks and random writes run alone, because the
+//!    harness must look at their replies before going on.
+//! 4. On the first difference the run stops: the seed, the command's index, the command and
+//!    both replies are printed, the command list is written to a file, and with `minimize` the
+//!    list is cut down (replayed on the same servers after FLUSHDB) to a short reproduction.
+//!
+//! `ap` keyspaces refuse hash, list and set commands by design today, so in `ap` only the string
+//! and key families run.
+
+pub mod compare;
+pub mod exec;
+pub mod r#gen;
+pub mod resp;
+pub mod rng;
+pub mod servers;
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use compare::{Class, class_of, compare, show_items, walk_items};
+use exec::Conn;
+use r#gen::{Generator, Step};
+use resp::{Frame, command_line, escape};
+use servers::{Capdb, Redis};
+
+/// The keyspace mode under test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Cp,
+    Ap,
+    Cache,
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Mode, String> {
+        match s {
+            "cp" => Ok(Mode::Cp),
+            "ap" => Ok(Mode::Ap),
+            "cache" => Ok(Mode::Cache),
+            other => Err(format!("unknown mode '{other}': use cp, ap or cache")),
+        }
+    }
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mode::Cp => "cp",
+            Mode::Ap => "ap",
+            Mode::Cache => "cache",
+        })
+    }
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub mode: Mode,
+    pub seed: u64,
+    pub commands: u64,
+    pub redis_server: PathBuf,
+    pub capdb: PathBuf,
+    /// Extra `capdb server` arguments (e.g. `--debug-plant-difference`).
+    pub capdb_args: Vec<String>,
+    /// Percentage of commands sent over RESP3 connections.
+    pub resp3_percent: u64,
+    /// Most commands per pipeline.
+    pub batch: usize,
+    /// Where a difference's command list is written.
+    pub out_dir: PathBuf,
+    pub minimize: bool,
+}
+
+impl Options {
+    pub fn new(mode: Mode, seed: u64, commands: u64) -> Options {
+        Options {
+            mode,
+            seed,
+            commands,
+            redis_server: PathBuf::from("redis-server"),
+            capdb: PathBuf::from("capdb"),
+            capdb_args: Vec::new(),
+            resp3_percent: 50,
+            batch: 32,
+            out_dir: PathBuf::from("target/difftest"),
+            minimize: false,
+        }
+    }
+}
+
+/// The first difference found.
+#[derive(Debug, Clone)]
+pub struct Difference {
+    /// 0-based index of the command in the seed's list.
+    pub index: usize,
+    pub step: Step,
+    pub resp3: bool,
+    pub redis: String,
+    pub capdb: String,
+    pub why: String,
+    /// The command list written for it.
+    pub file: Option<PathBuf>,
+    /// With `minimize`: a short list that still shows a difference (its last command differs).
+    pub minimized: Option<Vec<(Step, bool)>>,
+}
+
+impl std::fmt::Display for Difference {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "command #{} ({}): {}",
+            self.index,
+            if self.resp3 { "RESP3" } else { "RESP2" },
+            command_line(&self.step.args)
+        )?;
+        writeln!(f, "  redis: {}", self.redis)?;
+        writeln!(f, "  capdb: {}", self.capdb)?;
+        write!(f, "  why:   {}", self.why)
+    }
+}
+
+/// What a run did.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// Commands compared (walks count once).
+    pub compared: u64,
+    pub difference: Option<Difference>,
+    /// Replies compared per class.
+    pub classes: BTreeMap<String, u64>,
+    /// Commands in the mix, and commands a family lists that capdb does not serve yet.
+    pub served: Vec<&'static str>,
+    pub not_served: Vec<&'static str>,
+}
+
+/// One RESP2 or RESP3 connection to each server, on the keyspace under test.
+struct Pair {
+    redis: Conn,
+    capdb: Conn,
+}
+
+struct Session {
+    _redis: Redis,
+    capdb: Capdb,
+    /// RESP2, RESP3.
+    pairs: [Pair; 2],
+    batch: usize,
+}
+
+impl Session {
+    fn start(o: &Options) -> Result<Session, String> {
+        let redis = Redis::start(&o.redis_server)?;
+        let capdb = Capdb::start(&o.capdb, o.mode, &o.capdb_args)?;
+        let pair = |resp3: bool| -> Result<Pair, String> {
+            let mut p = Pair {
+                redis: Conn::connect("redis-server", redis.addr)?,
+                capdb: Conn::connect("capdb", capdb.resp)?,
+            };
+            p.capdb.call_ok(&["SELECT", capdb.db])?;
+            if resp3 {
+                p.redis.call_ok(&["HELLO", "3"])?;
+                p.capdb.call_ok(&["HELLO", "3"])?;
+            }
+            Ok(p)
+        };
+        let pairs = [pair(false)?, pair(true)?];
+        Ok(Session {
+            _redis: redis,
+            capdb,
+            pairs,
+            batch: o.batch.max(1),
+        })
+    }
+
+    fn flush(&mut self) -> Result<(), String> {
+        let p = &mut self.pairs[0];
+        p.redis.call_ok(&["FLUSHDB"])?;
+        p.capdb.call_ok(&["FLUSHDB"])?;
+        Ok(())
+    }
+
+    /// Which generated commands both servers know (a bare name answers an arity error, or
+    /// runs harmlessly, unless the command is unknown).
+    fn probe(&mut self) -> Result<(Vec<&'static str>, Vec<&'static str>), String> {
+        let (mut served, mut not) = (Vec::new(), Vec::new());
+        for name in r#gen::all_names() {
+            let args = vec![name.as_bytes().to_vec()];
+            let p = &mut self.pairs[0];
+            let known = |f: &Frame| !(f.is_error() && f.text.starts_with(b"ERR unknown command"));
+            let r = p.redis.call(&args)?;
+            let c = p.capdb.call(&args)?;
+            if known(&r) && known(&c) {
+                served.push(name);
+            } else {
+                not.push(name);
+            }
+        }
+        self.flush()?;
+        Ok((served, not))
+    }
+
+    /// Runs `steps`, comparing each reply; the first difference, if any. `counts` collects
+    /// replies per class.
+    fn execute(
+        &mut self,
+        steps: &[(Step, bool)],
+        counts: &mut BTreeMap<String, u64>,
+        progress: &mut dyn FnMut(usize),
+    ) -> Result<Option<Difference>, String> {
+        let mut i = 0;
+        while i < steps.len() {
+            progress(i);
+            let (first, resp3) = &steps[i];
+            if first.walk {
+                if let Some(d) = self.walk(i, first, *resp3, counts)? {
+                    return Ok(Some(d));
+                }
+                i += 1;
+                continue;
+            }
+            // A pipeline: same connection pair, no walk, ending at the first step whose reply
+            // must be acted on before the next command (a random write, a float increment).
+            let mut end = i;
+            while end < steps.len()
+                && end - i < self.batch
+                && steps[end].1 == *resp3
+                && !steps[end].0.walk
+            {
+                end += 1;
+                if needs_resync(&steps[end - 1].0) {
+                    break;
+                }
+            }
+            let batch = &steps[i..end];
+            let pair = &mut self.pairs[*resp3 as usize];
+            let cmds: Vec<&[Vec<u8>]> = batch.iter().map(|(s, _)| &s.args[..]).collect();
+            pair.redis.send(&cmds)?;
+            pair.capdb.send(&cmds)?;
+            let mut replies = Vec::with_capacity(batch.len());
+            for _ in batch {
+                replies.push((pair.redis.read()?, pair.capdb.read()?));
+            }
+            for (k, ((step, _), (r, c))) in batch.iter().zip(&replies).enumerate() {
+                let class = class_of(&step.name());
+                *counts.entry(format!("{class:?}")).or_default() += 1;
+                if let Err(why) = compare(class, &step.args, r, c) {
+                    return Ok(Some(Difference {
+                        index: i + k,
+                        step: step.clone(),
+                        resp3: *resp3,
+                        redis: escape(&r.raw),
+                        capdb: escape(&c.raw),
+                        why,
+                        file: None,
+                        minimized: None,
+                    }));
+                }
+            }
+            if let (Some((step, _)), Some((r, c))) = (batch.last(), replies.last())
+                && needs_resync(step)
+                && r.raw != c.raw
+                && !r.is_error()
+            {
+                self.resync(step, c, *resp3)?;
+            }
+            i = end;
+        }
+        Ok(None)
+    }
+
+    /// Makes Redis hold what capdb holds after a random or float write, so later commands
+    /// compare again.
+    fn resync(&mut self, step: &Step, capdb_reply: &Frame, resp3: bool) -> Result<(), String> {
+        let pair = &mut self.pairs[resp3 as usize];
+        let key = step.args[1].clone();
+        match &step.name()[..] {
+            "spop" => {
+                let members = |conn: &mut Conn| -> Result<Vec<Vec<u8>>, String> {
+                    let f = conn.call(&[b"SMEMBERS".to_vec(), key.clone()])?;
+                    Ok(f.children.iter().map(|c| c.text.clone()).collect())
+                };
+                let ours = members(&mut pair.capdb)?;
+                let theirs = members(&mut pair.redis)?;
+                let add: Vec<Vec<u8>> = ours
+                    .iter()
+                    .filter(|m| !theirs.contains(m))
+                    .cloned()
+                    .collect();
+                let rem: Vec<Vec<u8>> = theirs
+                    .iter()
+                    .filter(|m| !ours.contains(m))
+                    .cloned()
+                    .collect();
+                for (cmd, list) in [(&b"SADD"[..], add), (&b"SREM"[..], rem)] {
+                    if !list.is_empty() {
+                        let mut args = vec![cmd.to_vec(), key.clone()];
+                        args.extend(list);
+                        pair.redis.call(&args)?;
+                    }
+                }
+            }
+            "incrbyfloat" => {
+                pair.redis.call(&[
+                    b"SET".to_vec(),
+                    key,
+                    capdb_reply.text.clone(),
+                    b"KEEPTTL".to_vec(),
+                ])?;
+            }
+            "hincrbyfloat" => {
+                pair.redis.call(&[
+                    b"HSET".to_vec(),
+                    key,
+                    step.args[2].clone(),
+                    capdb_reply.text.clone(),
+                ])?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// A whole SCAN-family walk on each server, compared as sets.
+    fn walk(
+        &mut self,
+        index: usize,
+        step: &Step,
+        resp3: bool,
+        counts: &mut BTreeMap<String, u64>,
+    ) -> Result<Option<Difference>, String> {
+        *counts.entry(format!("{:?}", Class::Walk)).or_default() += 1;
+        let name = step.name();
+        let at = if name == "scan" { 1 } else { 2 };
+        let pair = &mut self.pairs[resp3 as usize];
+        let walk_one = |conn: &mut Conn| -> Result<Result<Vec<Frame>, Frame>, String> {
+            let mut args = step.args.clone();
+            let mut pages = Vec::new();
+            for _ in 0..100_000 {
+                let f = conn.call(&args)?;
+                let cursor = match (&f.kind, f.children.first()) {
+                    (b'*', Some(c)) if f.children.len() == 2 && c.kind == b'$' => c.text.clone(),
+                    _ => return Ok(Err(f)),
+                };
+                pages.push(f);
+                if cursor == b"0" {
+                    return Ok(Ok(pages));
+                }
+                args[at] = cursor;
+            }
+            Err(format!(
+                "{} did not finish `{}` in 100000 pages; its cursors loop",
+                conn.who,
+                command_line(&step.args)
+            ))
+        };
+        let r = walk_one(&mut pair.redis)?;
+        let c = walk_one(&mut pair.capdb)?;
+        let pairs = name == "hscan" || name == "zscan";
+        let diff = |redis: String, capdb: String, why: &str| Difference {
+            index,
+            step: step.clone(),
+            resp3,
+            redis,
+            capdb,
+            why: why.into(),
+            file: None,
+            minimized: None,
+        };
+        Ok(match (r, c) {
+            (Ok(rp), Ok(cp)) => {
+                let (ri, ci) = (walk_items(&rp, pairs), walk_items(&cp, pairs));
+                (ri != ci).then(|| {
+                    diff(
+                        show_items(&ri),
+                        show_items(&ci),
+                        "the walks returned different elements (compared as sets)",
+                    )
+                })
+            }
+            (Err(rf), Err(cf)) if rf.raw == cf.raw => None,
+            (r, c) => {
+                let show = |x: Result<Vec<Frame>, Frame>| match x {
+                    Ok(pages) => escape(&pages[0].raw),
+                    Err(f) => escape(&f.raw),
+                };
+                Some(diff(
+                    show(r),
+                    show(c),
+                    "one walk failed or answered another shape",
+                ))
+            }
+        })
+    }
+}
+
+fn needs_resync(step: &Step) -> bool {
+    matches!(&step.name()[..], "spop" | "incrbyfloat" | "hincrbyfloat")
+}
+
+/// The seed's command list: steps and whether each goes over RESP3 (in stretches of 1 to 64).
+fn command_list(o: &Options, served: &[&'static str]) -> Vec<(Step, bool)> {
+    let mut g = Generator::new(o.seed, o.mode != Mode::Ap, &|n| served.contains(&n));
+    let mut stretch = rng::Rng::new(o.seed ^ 0x05ee_d0f2_e5f3);
+    let mut out = Vec::with_capacity(o.commands as usize);
+    while (out.len() as u64) < o.commands {
+        let resp3 = stretch.chance(o.resp3_percent);
+        let n = stretch.range(1, 64);
+        for _ in 0..n {
+            if out.len() as u64 >= o.commands {
+                break;
+            }
+            out.push((g.next_step(), resp3));
+        }
+    }
+    out
+}
+
+/// Writes the list (and the difference) to `path`, one command a line.
+fn write_list(
+    path: &PathBuf,
+    o: &Options,
+    d: &Difference,
+    list: &[(Step, bool)],
+) -> Result<(), String> {
+    let mut text = format!(
+        "# capdb difftest --mode {} --seed {} (a difference at command #{})\n# {}\n",
+        o.mode,
+        o.seed,
+        d.index,
+        d.to_string().replace('\n', "\n# ")
+    );
+    for (i, (s, resp3)) in list.iter().enumerate() {
+        text.push_str(&format!(
+            "{i} {} {}{}\n",
+            if *resp3 { "resp3" } else { "resp2" },
+            if s.walk { "walk " } else { "" },
+            command_line(&s.args)
+        ));
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create {}: {e}; pass --out DIR", dir.display()))?;
+    }
+    std::fs::write(path, text)
+        .map_err(|e| format!("cannot write {}: {e}; pass --out DIR", path.display()))
+}
+
+/// Cuts `list` (whose replay shows a difference) down: drops chunks of halving sizes while a
+/// difference remains, replaying after FLUSHDB each time. At most `budget` replays.
+fn minimize(
+    s: &mut Session,
+    mut list: Vec<(Step, bool)>,
+    budget: usize,
+) -> Result<Vec<(Step, bool)>, String> {
+    let mut replays = 0;
+    let mut counts = BTreeMap::new();
+    let mut fails = |s: &mut Session, l: &[(Step, bool)]| -> Result<Option<usize>, String> {
+        s.flush()?;
+        Ok(s.execute(l, &mut counts, &mut |_| {})?.map(|d| d.index))
+    };
+    let mut chunk = list.len().div_ceil(2);
+    while chunk >= 1 && replays < budget {
+        let mut i = 0;
+        while i < list.len() && replays < budget {
+            let mut candidate = list.clone();
+            candidate.drain(i..(i + chunk).min(list.len()));
+            replays += 1;
+            match (!candidate.is_empty())
+                .then(|| fails(s, &candidate))
+                .transpose()?
+            {
+                Some(Some(at)) => {
+                    candidate.truncate(at + 1);
+                    list = candidate;
+                }
+                _ => i += chunk,
+            }
+        }
+        if chunk == 1 {
+            break;
+        }
+        chunk = chunk.div_ceil(2).min(chunk - 1).max(1);
+    }
+    Ok(list)
+}
+
+/// Runs one differential test; `log` gets progress lines. `Err` only when the harness itself
+/// could not run (a server would not start, a connection broke).
+pub fn run(o: &Options, log: &mut dyn Write) -> Result<Outcome, String> {
+    let started = Instant::now();
+    let mut s = Session::start(o)?;
+    let (served, not_served) = s.probe()?;
+    let _ = writeln!(
+        log,
+        "difftest: mode {}, seed {}, {} commands, {}% RESP3, pipelines of {}",
+        o.mode, o.seed, o.commands, o.resp3_percent, o.batch
+    );
+    if o.mode == Mode::Ap {
+        let _ = writeln!(
+            log,
+            "difftest: ap keyspaces refuse hash, list and set commands by design today: only string and key commands are generated"
+        );
+    }
+    if !not_served.is_empty() {
+        let _ = writeln!(
+            log,
+            "difftest: not served by capdb yet, left out: {}",
+            not_served.join(" ")
+        );
+    }
+    let list = command_list(o, &served);
+    let mut outcome = Outcome {
+        served,
+        not_served,
+        ..Outcome::default()
+    };
+    let total = list.len();
+    let mut last = Instant::now();
+    let mut progress = |i: usize| {
+        if last.elapsed().as_secs() >= 10 {
+            last = Instant::now();
+            let _ = writeln!(
+                log,
+                "difftest: {i}/{total} commands, {} s",
+                started.elapsed().as_secs()
+            );
+        }
+    };
+    let found = s.execute(&list, &mut outcome.classes, &mut progress)?;
+    outcome.compared = found.as_ref().map_or(total, |d| d.index + 1) as u64;
+    if let Some(mut d) = found {
+        let path = o.out_dir.join(format!("{}-{}.txt", o.mode, o.seed));
+        write_list(&path, o, &d, &list[..=d.index])?;
+        d.file = Some(path);
+        // The node's scratch directory goes with it: keep its log next to the list.
+        let _ = std::fs::copy(
+            &s.capdb.log,
+            o.out_dir.join(format!("{}-{}.capdb.log", o.mode, o.seed)),
+        );
+        if o.minimize {
+            let _ = writeln!(log, "difftest: difference at #{}; minimising...", d.index);
+            let min = minimize(&mut s, list[..=d.index].to_vec(), 3000)?;
+            let path = o.out_dir.join(format!("{}-{}.min.txt", o.mode, o.seed));
+            write_list(&path, o, &d, &min)?;
+            d.minimized = Some(min);
+        }
+        outcome.difference = Some(d);
+    }
+    let _ = writeln!(
+        log,
+        "difftest: {} commands compared in {} s",
+        outcome.compared,
+        started.elapsed().as_secs()
+    );
+    Ok(outcome)
+}
