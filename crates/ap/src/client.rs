@@ -76,6 +76,13 @@ impl Ap {
             }
             self.flush_blind(keyspace, &entry, &mut pending, &mut replies, level)
                 .await;
+            if let Mutation::Exec { args, .. } = &m {
+                let r = self
+                    .exec(keyspace, &entry, args, level, now_ms, value_bytes_max, true)
+                    .await;
+                replies[i] = Some(r);
+                continue;
+            }
             let shard = entry.shards[s].clone();
             replies[i] = Some(
                 self.apply_one(keyspace, &shard, m, level, now_ms, value_bytes_max)
@@ -88,6 +95,94 @@ impl Ap {
             .into_iter()
             .map(|r| r.unwrap_or_else(|| Err(Error::Io("missing reply".into()))))
             .collect())
+    }
+
+    /// Runs a data-type string or key command (see `scratch.rs`): reads its keys at `level`,
+    /// evaluates it here, and (`write`) replicates what it wrote.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn exec(
+        self: &Arc<Self>,
+        keyspace: &KeyspaceName,
+        entry: &KeyspaceEntry,
+        args: &[Bytes],
+        level: Level,
+        now_ms: u64,
+        value_bytes_max: usize,
+        write: bool,
+    ) -> Result<Reply> {
+        let name = args
+            .first()
+            .map(|n| String::from_utf8_lossy(n).to_ascii_lowercase())
+            .unwrap_or_default();
+        if capdb_data::command::is_collection_command(&name) {
+            return Err(crate::scratch::collections_refused());
+        }
+        // An argument error needs no data: answer it without reading.
+        let keys = match capdb_data::command::command_keys(args) {
+            Ok(keys) => keys,
+            Err(e) => return Err(e),
+        };
+        let mut values = std::collections::HashMap::new();
+        for k in keys {
+            if values.contains_key(&k) {
+                continue;
+            }
+            let shard = &entry.shards[shard_index(entry, &k)];
+            let current = self
+                .read_versions(keyspace, shard, vec![k.clone()], level)
+                .await?
+                .pop()
+                .flatten()
+                .filter(|v| v.is_live(now_ms));
+            let current = match current {
+                Some(v) => Some(capdb_types::merge::render(v)?),
+                None => None,
+            };
+            values.insert(k, current);
+        }
+        let timestamp = self.hlc.now();
+        let mut space = crate::scratch::Scratch {
+            values,
+            writes: Vec::new(),
+        };
+        let cx = capdb_data::Ctx {
+            now_ms,
+            timestamp,
+            seed: timestamp.0.rotate_left(17) ^ 0x9e37_79b9_7f4a_7c15,
+            value_bytes_max,
+        };
+        let reply = capdb_data::execute(args, &mut space, &cx)?;
+        if !write {
+            return Ok(reply);
+        }
+        // The last write of each key, each to its shard, in the order written.
+        let mut last: Vec<(Bytes, Value)> = Vec::new();
+        for (k, v) in space.writes {
+            let version = v.unwrap_or_else(|| Value::tombstone(timestamp));
+            match last.iter_mut().find(|(lk, _)| *lk == k) {
+                Some(slot) => slot.1 = version,
+                None => last.push((k, version)),
+            }
+        }
+        for (k, version) in last {
+            let shard = entry.shards[shard_index(entry, &k)].clone();
+            self.write_versions(keyspace, &shard, vec![(k, version)], level)
+                .await?;
+        }
+        Ok(reply)
+    }
+
+    /// A read-only data-type command (GETRANGE, BITCOUNT, ...), read at `level`.
+    pub async fn query(
+        self: &Arc<Self>,
+        keyspace: &KeyspaceName,
+        args: &[Bytes],
+        level: Level,
+        now_ms: u64,
+    ) -> Result<Reply> {
+        let entry = self.entry(keyspace)?;
+        self.exec(keyspace, &entry, args, level, now_ms, usize::MAX, false)
+            .await
     }
 
     /// The version a plain SET writes without reading (None for every other command).

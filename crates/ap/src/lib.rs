@@ -48,6 +48,7 @@ pub mod hints;
 pub mod messages;
 pub mod replica;
 mod replicate;
+pub mod scratch;
 
 use std::sync::Arc;
 use std::time::Duration;

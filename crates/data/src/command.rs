@@ -153,6 +153,19 @@ pub fn command_keys(args: &[Bytes]) -> Result<Vec<Bytes>> {
         .collect())
 }
 
+/// Whether a command belongs to the hash, list, set or sorted-set families (its data are
+/// element records).
+pub fn is_collection_command(name: &str) -> bool {
+    [
+        crate::hash::COMMANDS,
+        crate::list::COMMANDS,
+        crate::set::COMMANDS,
+        crate::zset::COMMANDS,
+    ]
+    .iter()
+    .any(|t| t.binary_search_by_key(&name, |c| c.name).is_ok())
+}
+
 /// Every data-type command row.
 pub fn all() -> impl Iterator<Item = &'static Spec> {
     FAMILIES.iter().flat_map(|t| t.iter())

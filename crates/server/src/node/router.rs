@@ -392,7 +392,7 @@ impl Keyspace {
         let seed = fastrand::u64(..);
         match &self.store {
             Store::Cache(m) => m.query(&args, now_ms, seed),
-            Store::Ap { .. } => Err(ap_collections()),
+            Store::Ap { ap, .. } => ap.query(self.name(), &args, c.ap_read, now_ms).await,
             Store::Cp { entry, groups, .. } => {
                 let keys = capdb_data::command::command_keys(&args)?;
                 let Some(first) = keys.first() else {
@@ -428,12 +428,12 @@ impl Keyspace {
                 ..
             } => {
                 // Collections do not merge across `ap` replicas yet: refuse their commands
-                // (nothing happens) and apply the rest.
+                // (nothing happens) and apply the rest (string and key commands included).
                 let n = mutations.len();
                 let (data, plain): (Vec<_>, Vec<_>) = mutations
                     .into_iter()
                     .enumerate()
-                    .partition(|(_, m)| matches!(m, Mutation::Exec { .. }));
+                    .partition(|(_, m)| is_collection_write(m));
                 if plain.is_empty() {
                     return Ok(data.into_iter().map(|_| Err(ap_collections())).collect());
                 }
@@ -628,9 +628,19 @@ impl Keyspace {
 
 /// The answer to a hash, list, set or sorted-set command on an `ap` keyspace: not applied.
 fn ap_collections() -> Error {
-    Error::Command(
-        "ERR hashes, lists, sets and sorted sets are not available on ap keyspaces yet (they need conflict-free merging across replicas); use a cp or cache keyspace".into(),
-    )
+    capdb_ap::scratch::collections_refused()
+}
+
+/// Whether a mutation is a hash, list, set or sorted-set command (refused in `ap`).
+fn is_collection_write(m: &Mutation) -> bool {
+    let Mutation::Exec { args, .. } = m else {
+        return false;
+    };
+    let name = args
+        .first()
+        .map(|n| String::from_utf8_lossy(n).to_ascii_lowercase())
+        .unwrap_or_default();
+    capdb_data::command::is_collection_command(&name)
 }
 
 #[cfg(test)]
