@@ -118,6 +118,7 @@ pub fn numkeys(args: &[Bytes], at: usize) -> Result<usize> {
 /// Every family's table.
 const FAMILIES: &[&[Spec]] = &[
     crate::hash::COMMANDS,
+    crate::hll::COMMANDS,
     crate::list::COMMANDS,
     crate::set::COMMANDS,
     crate::strings::COMMANDS,

@@ -36,6 +36,7 @@ pub mod command;
 pub mod format;
 pub mod glob;
 pub mod hash;
+pub mod hll;
 pub mod keys;
 pub mod list;
 pub mod meta;
