@@ -63,8 +63,7 @@ fn get_field(space: &mut dyn Space, h: &Open, field: &[u8]) -> Result<Option<Byt
 /// Sets a field; returns whether it is new.
 fn set_field(space: &mut dyn Space, h: &mut Open, field: &[u8], value: &[u8]) -> Result<bool> {
     let sub = hashed_sub(FIELD, field);
-    let new = space.el_get(&h.coll, &sub)?.is_none();
-    space.el_put(&h.coll, &sub, value)?;
+    let new = space.el_insert(&h.coll, &sub, value)?;
     if new {
         h.meta.len += 1;
     }
@@ -192,8 +191,7 @@ fn hdel(args: &[Bytes], space: &mut dyn Space, cx: &Ctx) -> Result<Reply> {
     let mut removed = 0;
     for f in &args[2..] {
         let sub = hashed_sub(FIELD, f);
-        if space.el_get(&h.coll, &sub)?.is_some() {
-            space.el_remove(&h.coll, &sub)?;
+        if space.el_delete(&h.coll, &sub)? {
             h.meta.len -= 1;
             removed += 1;
         }

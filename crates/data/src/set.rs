@@ -94,10 +94,9 @@ fn contains(space: &mut dyn Space, s: &Open, member: &[u8]) -> Result<bool> {
 /// Adds a member; returns whether it is new.
 fn add(space: &mut dyn Space, s: &mut Open, member: &[u8]) -> Result<bool> {
     let sub = hashed_sub(MEMBER, member);
-    if space.el_get(&s.coll, &sub)?.is_some() {
+    if !space.el_insert(&s.coll, &sub, &[])? {
         return Ok(false);
     }
-    space.el_put(&s.coll, &sub, &[])?;
     s.meta.len += 1;
     note_added(&mut s.meta, member);
     Ok(true)
@@ -106,10 +105,9 @@ fn add(space: &mut dyn Space, s: &mut Open, member: &[u8]) -> Result<bool> {
 /// Removes a member; returns whether it was there.
 fn remove(space: &mut dyn Space, s: &mut Open, member: &[u8]) -> Result<bool> {
     let sub = hashed_sub(MEMBER, member);
-    if space.el_get(&s.coll, &sub)?.is_none() {
+    if !space.el_delete(&s.coll, &sub)? {
         return Ok(false);
     }
-    space.el_remove(&s.coll, &sub)?;
     s.meta.len -= 1;
     Ok(true)
 }

@@ -81,4 +81,21 @@ pub trait Space {
     fn el_put(&mut self, c: &Coll, sub: &[u8], value: &[u8]) -> Result<()>;
     fn el_remove(&mut self, c: &Coll, sub: &[u8]) -> Result<()>;
     fn el_range(&mut self, c: &Coll, range: ElRange<'_>) -> Result<Vec<(Bytes, Bytes)>>;
+
+    /// [`Space::el_put`], answering whether the subkey is new. Engines override it to look the
+    /// subkey up once (HSET, SADD on a big collection are a tree search each).
+    fn el_insert(&mut self, c: &Coll, sub: &[u8], value: &[u8]) -> Result<bool> {
+        let new = self.el_get(c, sub)?.is_none();
+        self.el_put(c, sub, value)?;
+        Ok(new)
+    }
+
+    /// [`Space::el_remove`], answering whether the subkey was there.
+    fn el_delete(&mut self, c: &Coll, sub: &[u8]) -> Result<bool> {
+        let was = self.el_get(c, sub)?.is_some();
+        if was {
+            self.el_remove(c, sub)?;
+        }
+        Ok(was)
+    }
 }

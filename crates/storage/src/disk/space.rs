@@ -258,6 +258,22 @@ impl Space for TxnSpace<'_, '_> {
         Ok(())
     }
 
+    fn el_insert(&mut self, c: &Coll, sub: &[u8], value: &[u8]) -> Result<bool> {
+        let old = self
+            .el()?
+            .insert(&element_key(c.id, sub)[..], &seal(value)[..])
+            .map_err(io_err)?;
+        Ok(old.is_none())
+    }
+
+    fn el_delete(&mut self, c: &Coll, sub: &[u8]) -> Result<bool> {
+        let old = self
+            .el()?
+            .remove(&element_key(c.id, sub)[..])
+            .map_err(io_err)?;
+        Ok(old.is_some())
+    }
+
     fn el_range(&mut self, c: &Coll, range: ElRange<'_>) -> Result<Vec<(Bytes, Bytes)>> {
         let stats = self.stats;
         el_range_in(self.el()?, c, range, stats)

@@ -200,22 +200,41 @@ impl Space for MemSpace<'_, '_> {
     }
 
     fn el_put(&mut self, c: &Coll, sub: &[u8], value: &[u8]) -> Result<()> {
+        self.el_insert(c, sub, value).map(|_| ())
+    }
+
+    fn el_insert(&mut self, c: &Coll, sub: &[u8], value: &[u8]) -> Result<bool> {
         let attached = self.is_attached(c)?;
         let store = self.store;
         let e = self
             .elements(c, true)?
             .ok_or_else(|| Error::Io("no elements after create (an engine bug)".into()))?;
         let added = element_bytes(sub, value);
-        let removed = e
-            .map
-            .insert(sub.to_vec(), Bytes::copy_from_slice(value))
-            .map_or(0, |old| element_bytes(sub, &old));
+        let old = e.map.insert(sub.to_vec(), Bytes::copy_from_slice(value));
+        let removed = old.as_ref().map_or(0, |old| element_bytes(sub, old));
         e.bytes = e.bytes + added - removed;
         if attached {
             store.used_bytes.fetch_add(added, Ordering::Relaxed);
             store.used_bytes.fetch_sub(removed, Ordering::Relaxed);
         }
-        Ok(())
+        Ok(old.is_none())
+    }
+
+    fn el_delete(&mut self, c: &Coll, sub: &[u8]) -> Result<bool> {
+        let attached = self.is_attached(c)?;
+        let store = self.store;
+        let Some(e) = self.elements(c, false)? else {
+            return Ok(false);
+        };
+        let Some(old) = e.map.remove(sub) else {
+            return Ok(false);
+        };
+        let freed = element_bytes(sub, &old);
+        e.bytes -= freed;
+        if attached {
+            store.used_bytes.fetch_sub(freed, Ordering::Relaxed);
+        }
+        Ok(true)
     }
 
     fn el_remove(&mut self, c: &Coll, sub: &[u8]) -> Result<()> {
