@@ -435,22 +435,7 @@ mod tests {
     use crate::testing::MapSpace;
     use capdb_types::Timestamp;
 
-    fn cx() -> Ctx {
-        Ctx {
-            now_ms: 1_000,
-            timestamp: Timestamp(1),
-            seed: 7,
-            value_bytes_max: 1 << 20,
-        }
-    }
-
-    fn run(space: &mut MapSpace, cmd: &str) -> Result<Reply> {
-        let args: Vec<Bytes> = cmd
-            .split_whitespace()
-            .map(|a| Bytes::copy_from_slice(a.as_bytes()))
-            .collect();
-        crate::execute(&args, space, &cx())
-    }
+    use crate::testing::words::run;
 
     fn bulk(s: &str) -> Reply {
         Reply::Bulk(Bytes::copy_from_slice(s.as_bytes()))

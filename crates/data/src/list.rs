@@ -782,14 +782,7 @@ mod tests {
     use capdb_types::{Timestamp, Value};
     use proptest::prelude::*;
 
-    fn cx() -> Ctx {
-        Ctx {
-            now_ms: 1_000,
-            timestamp: Timestamp(1),
-            seed: 7,
-            value_bytes_max: 1 << 20,
-        }
-    }
+    use crate::testing::words::cx;
 
     fn run(space: &mut MapSpace, cmd: &str) -> Result<Reply> {
         let args: Vec<Bytes> = cmd

@@ -404,48 +404,7 @@ pub(crate) mod tests {
     use crate::testing::MapSpace;
     use capdb_types::Timestamp;
 
-    /// The clock of every test: the space's and the command's.
-    pub const NOW: u64 = 1_000_000;
-
-    pub fn cx() -> Ctx {
-        Ctx {
-            now_ms: NOW,
-            timestamp: Timestamp(1),
-            seed: 7,
-            value_bytes_max: 1 << 20,
-        }
-    }
-
-    pub fn space() -> MapSpace {
-        MapSpace::new(NOW)
-    }
-
-    /// Runs a command given as words (split on whitespace; `\xNN` escapes allowed).
-    pub fn run(space: &mut MapSpace, cmd: &str) -> Result<Reply> {
-        run_with(space, cmd, &cx())
-    }
-
-    pub fn run_with(space: &mut MapSpace, cmd: &str, cx: &Ctx) -> Result<Reply> {
-        let args: Vec<Bytes> = cmd.split_whitespace().map(unescape).collect();
-        crate::execute(&args, space, cx)
-    }
-
-    fn unescape(word: &str) -> Bytes {
-        let mut out = Vec::new();
-        let b = word.as_bytes();
-        let mut i = 0;
-        while i < b.len() {
-            if b[i] == b'\\' && b.get(i + 1) == Some(&b'x') && i + 3 < b.len() {
-                let hex = std::str::from_utf8(&b[i + 2..i + 4]).unwrap();
-                out.push(u8::from_str_radix(hex, 16).unwrap());
-                i += 4;
-            } else {
-                out.push(b[i]);
-                i += 1;
-            }
-        }
-        Bytes::from(out)
-    }
+    pub use crate::testing::words::*;
 
     pub fn bulk(s: &[u8]) -> Reply {
         Reply::Bulk(Bytes::copy_from_slice(s))

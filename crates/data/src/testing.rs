@@ -161,3 +161,56 @@ impl Space for EmptySpace {
         Ok(Vec::new())
     }
 }
+
+/// Helpers of the families' unit tests: commands written as words, one clock, one seed.
+#[cfg(test)]
+pub(crate) mod words {
+    use bytes::Bytes;
+    use capdb_types::{Reply, Result, Timestamp};
+
+    use super::MapSpace;
+    use crate::command::Ctx;
+
+    /// The clock of every test: the space's and the command's.
+    pub const NOW: u64 = 1_000_000;
+
+    pub fn cx() -> Ctx {
+        Ctx {
+            now_ms: NOW,
+            timestamp: Timestamp(1),
+            seed: 7,
+            value_bytes_max: 1 << 20,
+        }
+    }
+
+    pub fn space() -> MapSpace {
+        MapSpace::new(NOW)
+    }
+
+    /// Runs a command given as words (split on whitespace; `\xNN` escapes allowed).
+    pub fn run(space: &mut MapSpace, cmd: &str) -> Result<Reply> {
+        run_with(space, cmd, &cx())
+    }
+
+    pub fn run_with(space: &mut MapSpace, cmd: &str, cx: &Ctx) -> Result<Reply> {
+        let args: Vec<Bytes> = cmd.split_whitespace().map(unescape).collect();
+        crate::execute(&args, space, cx)
+    }
+
+    pub fn unescape(word: &str) -> Bytes {
+        let mut out = Vec::new();
+        let b = word.as_bytes();
+        let mut i = 0;
+        while i < b.len() {
+            if b[i] == b'\\' && b.get(i + 1) == Some(&b'x') && i + 3 < b.len() {
+                let hex = std::str::from_utf8(&b[i + 2..i + 4]).unwrap();
+                out.push(u8::from_str_radix(hex, 16).unwrap());
+                i += 4;
+            } else {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
+        Bytes::from(out)
+    }
+}

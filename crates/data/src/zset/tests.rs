@@ -4,28 +4,13 @@
 use std::collections::{BTreeMap, HashSet};
 
 use bytes::Bytes;
-use capdb_types::{Error, Reply, Result, Timestamp, Value};
+use capdb_types::{Error, Reply, Timestamp, Value};
 use proptest::prelude::*;
 
 use super::*;
 use crate::testing::MapSpace;
 
-fn cx() -> Ctx {
-    Ctx {
-        now_ms: 1_000,
-        timestamp: Timestamp(1),
-        seed: 7,
-        value_bytes_max: 1 << 20,
-    }
-}
-
-fn run(s: &mut MapSpace, cmd: &str) -> Result<Reply> {
-    let args: Vec<Bytes> = cmd
-        .split_whitespace()
-        .map(|a| Bytes::copy_from_slice(a.as_bytes()))
-        .collect();
-    crate::execute(&args, s, &cx())
-}
+use crate::testing::words::{cx, run};
 
 fn ok(s: &mut MapSpace, cmd: &str) -> Reply {
     run(s, cmd).unwrap_or_else(|e| panic!("{cmd}: {e:?}"))
