@@ -128,16 +128,7 @@ impl Ap {
                 continue;
             }
             let shard = &entry.shards[shard_index(entry, &k)];
-            let current = self
-                .read_versions(keyspace, shard, vec![k.clone()], level)
-                .await?
-                .pop()
-                .flatten()
-                .filter(|v| v.is_live(now_ms));
-            let current = match current {
-                Some(v) => Some(capdb_types::merge::render(v)?),
-                None => None,
-            };
+            let current = self.read_live(keyspace, shard, &k, level, now_ms).await?;
             values.insert(k, current);
         }
         let timestamp = self.hlc.now();
@@ -170,6 +161,24 @@ impl Ap {
                 .await?;
         }
         Ok(reply)
+    }
+
+    /// The live value of `key` read at `level`, as a client sees it (counters rendered).
+    async fn read_live(
+        self: &Arc<Self>,
+        keyspace: &KeyspaceName,
+        shard: &ShardInfo,
+        key: &Bytes,
+        level: Level,
+        now_ms: u64,
+    ) -> Result<Option<Value>> {
+        let current = self
+            .read_versions(keyspace, shard, vec![key.clone()], level)
+            .await?
+            .pop()
+            .flatten()
+            .filter(|v| v.is_live(now_ms));
+        current.map(capdb_types::merge::render).transpose()
     }
 
     /// A read-only data-type command (GETRANGE, BITCOUNT, ...), read at `level`.
@@ -260,16 +269,7 @@ impl Ap {
                     .await
             }
             _ => {
-                let current = self
-                    .read_versions(keyspace, shard, vec![key.clone()], level)
-                    .await?
-                    .pop()
-                    .flatten()
-                    .filter(|v| v.is_live(now_ms));
-                let current = match current {
-                    Some(v) => Some(capdb_types::merge::render(v)?),
-                    None => None,
-                };
+                let current = self.read_live(keyspace, shard, &key, level, now_ms).await?;
                 let timestamp = self.hlc.now();
                 let (effect, reply) =
                     m.apply(current.as_ref(), now_ms, timestamp, value_bytes_max)?;
