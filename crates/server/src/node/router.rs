@@ -275,6 +275,25 @@ impl Keyspace {
         }
     }
 
+    /// A random live key (RANDOMKEY), or `None` when the keyspace is empty. Replicated
+    /// keyspaces take the first key after a random position (not uniform, as Redis's is not).
+    pub async fn random_key(&self, now_ms: u64, c: Consistency) -> Result<Option<Bytes>> {
+        self.check_live()?;
+        if let Store::Cache(m) = &self.store {
+            return Ok(m.random_key(now_ms));
+        }
+        let floor = Bytes::from(fastrand::u64(..).to_be_bytes().to_vec());
+        for floor in [Some(floor), None] {
+            let (found, _) = self
+                .scan(ScanPosition::default(), floor, None, None, 1, now_ms, c)
+                .await?;
+            if let Some((k, _)) = found.into_iter().next() {
+                return Ok(Some(k));
+            }
+        }
+        Ok(None)
+    }
+
     /// Keys stored on this node (in the replicas it holds), for metrics.
     pub fn local_len(&self) -> Option<u64> {
         match &self.store {

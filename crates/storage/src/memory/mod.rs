@@ -332,6 +332,30 @@ impl MemStore {
         }
     }
 
+    /// A random live key (RANDOMKEY): a few random probes of random shards, as Redis samples
+    /// its dictionary; `None` when the store is empty.
+    pub fn random_key(&self, now_ms: u64) -> Option<Bytes> {
+        let mut rng = fastrand::Rng::new();
+        let start = rng.usize(..SHARDS);
+        for step in 0..SHARDS {
+            let mut shard = self.lock((start + step) & (SHARDS - 1));
+            for _ in 0..8 {
+                let len = shard.map.len();
+                if len == 0 {
+                    break;
+                }
+                let i = rng.usize(..len);
+                if shard.map[i].value.is_expired(now_ms) {
+                    self.remove_at(&mut shard, i);
+                    continue;
+                }
+                let (k, _) = shard.map.get_index(i)?;
+                return Some(Bytes::copy_from_slice(k));
+            }
+        }
+        None
+    }
+
     /// One round of active expiry over every shard; returns the number of keys removed.
     pub fn expire_cycle(&self, now_ms: u64) -> u64 {
         let started = Instant::now();

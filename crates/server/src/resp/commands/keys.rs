@@ -5,7 +5,7 @@ use bytes::Bytes;
 use capdb_types::Mutation;
 use capdb_types::mutation::ExpireWhen;
 
-use super::{Outcome, Queued, WriteCall, check_kv, expiry_at, read, read_many};
+use super::{Outcome, Queued, WriteCall, check_kv, error_line, expiry_at, read, read_many};
 use crate::resp::{Connection, Shape};
 
 /// `DEL key [key ...]` (and `UNLINK`): the number of keys deleted.
@@ -123,6 +123,16 @@ pub(super) async fn key_type(conn: &mut Connection, args: &[Bytes]) -> Outcome {
     match read(conn, &args[1]).await? {
         Some(v) => conn.out.simple(v.header.kind.type_name()),
         None => conn.out.simple("none"),
+    }
+    Ok(())
+}
+
+/// `RANDOMKEY`: a random key, or nil when the keyspace is empty.
+pub(super) async fn randomkey(conn: &mut Connection, _args: &[Bytes]) -> Outcome {
+    let (ks, now, c) = (conn.keyspace.clone(), conn.now_ms, conn.consistency);
+    match ks.random_key(now, c).await.map_err(|e| error_line(&e))? {
+        Some(k) => conn.out.bulk(&k),
+        None => conn.out.null(),
     }
     Ok(())
 }

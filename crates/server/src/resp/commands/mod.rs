@@ -182,6 +182,7 @@ const COMMANDS: &[Command] = &[
     row("pubsub",      -2, &["pubsub", "loading", "stale"], NO_KEYS, Now(pubsub::pubsub)),
     row("punsubscribe", -1, &["pubsub", "noscript", "loading", "stale"], NO_KEYS, Now(pubsub::punsubscribe)),
     row("quit",        -1, &["fast", "no_auth"], NO_KEYS, Now(connection::quit)),
+    row("randomkey",   1,  &["readonly"], NO_KEYS, wait!(keys::randomkey)),
     row("readonly",    1,  &["fast", "loading", "stale"], NO_KEYS, Now(connection::readonly)),
     row("readwrite",   1,  &["fast", "loading", "stale"], NO_KEYS, Now(connection::readwrite)),
     row("scan",        -2, &["readonly"], NO_KEYS, wait!(scan::scan)),
