@@ -55,11 +55,14 @@ pub struct Blocking {
     local_count: AtomicUsize,
     remote: Mutex<HashMap<Slot, HashMap<NodeId, u64>>>,
     remote_count: AtomicUsize,
+    /// Clients blocked on this node now (INFO's `blocked_clients`).
+    clients: AtomicUsize,
 }
 
 impl Blocking {
     /// Registers a blocked client (its `notify`) on `keys`.
     pub fn register(&self, keyspace: &str, keys: &[Bytes], notify: &Arc<Notify>) {
+        self.clients.fetch_add(1, Ordering::Relaxed);
         let mut local = self.local.lock().unwrap_or_else(|p| p.into_inner());
         for k in keys {
             local
@@ -72,6 +75,7 @@ impl Blocking {
 
     /// Removes a client's registrations (and any other dead ones on those keys).
     pub fn unregister(&self, keyspace: &str, keys: &[Bytes], notify: &Arc<Notify>) {
+        self.clients.fetch_sub(1, Ordering::Relaxed);
         let mut local = self.local.lock().unwrap_or_else(|p| p.into_inner());
         for k in keys {
             let slot = (keyspace.to_string(), k.clone());
@@ -83,6 +87,11 @@ impl Blocking {
             }
         }
         self.local_count.store(local.len(), Ordering::Relaxed);
+    }
+
+    /// Clients blocked on this node now.
+    pub fn blocked_clients(&self) -> usize {
+        self.clients.load(Ordering::Relaxed)
     }
 
     /// Whether any client anywhere may care about writes (the common case is no: one load).

@@ -41,9 +41,10 @@ async fn info_text(conn: &Connection, sections: &[Bytes]) -> String {
     if wanted("clients") {
         let _ = write!(
             out,
-            "# Clients\r\nconnected_clients:{}\r\nmaxclients:{}\r\nblocked_clients:0\r\n\r\n",
+            "# Clients\r\nconnected_clients:{}\r\nmaxclients:{}\r\nblocked_clients:{}\r\n\r\n",
             node.metrics.connections.get(),
-            node.config.limits.connections_max
+            node.config.limits.connections_max,
+            node.blocking.blocked_clients()
         );
     }
     let keyspaces = node.keyspaces();
