@@ -29,11 +29,16 @@ pub const RECLAIM_INLINE_MAX: usize = 64;
 /// Collections waiting for the reclaim thread; when full, a drop happens inline.
 pub const RECLAIM_QUEUE_MAX: usize = 64;
 
+/// An element's subkey, inline up to 32 bytes: a tree search compares keys in the tree's own
+/// nodes instead of following a pointer per comparison (hash and set subkeys are 9 bytes plus
+/// the member).
+type SubKey = smallvec::SmallVec<[u8; 32]>;
+
 /// A collection's elements.
 #[derive(Debug)]
 pub(crate) struct Elements {
     pub(crate) id: u64,
-    pub(crate) map: BTreeMap<Vec<u8>, Bytes>,
+    pub(crate) map: BTreeMap<SubKey, Bytes>,
     /// Accounted bytes of all elements.
     pub(crate) bytes: u64,
 }
@@ -210,7 +215,9 @@ impl Space for MemSpace<'_, '_> {
             .elements(c, true)?
             .ok_or_else(|| Error::Io("no elements after create (an engine bug)".into()))?;
         let added = element_bytes(sub, value);
-        let old = e.map.insert(sub.to_vec(), Bytes::copy_from_slice(value));
+        let old = e
+            .map
+            .insert(SubKey::from_slice(sub), Bytes::copy_from_slice(value));
         let removed = old.as_ref().map_or(0, |old| element_bytes(sub, old));
         e.bytes = e.bytes + added - removed;
         if attached {
@@ -266,7 +273,7 @@ impl Space for MemSpace<'_, '_> {
             return Ok(Vec::new());
         }
         let it = e.map.range::<[u8], _>((r.lo, r.hi));
-        let pick = |(k, v): (&Vec<u8>, &Bytes)| (Bytes::copy_from_slice(k), v.clone());
+        let pick = |(k, v): (&SubKey, &Bytes)| (Bytes::copy_from_slice(k), v.clone());
         Ok(if r.rev {
             it.rev().take(r.limit).map(pick).collect()
         } else {
