@@ -327,11 +327,18 @@ fn errors_match_redis_wording() {
             .to_string()
             .contains("wrong number of arguments for 'get' command")
     );
-    let e: RedisResult<()> = redis::cmd("LPUSH").arg("l").arg("x").query(&mut c);
+    let e: RedisResult<()> = redis::cmd("NOSUCHCMD").arg("l").arg("x").query(&mut c);
     assert!(
         e.unwrap_err()
             .to_string()
-            .contains("unknown command 'LPUSH'")
+            .contains("unknown command 'NOSUCHCMD'")
+    );
+    let _: () = redis::cmd("SET").arg("s").arg("v").query(&mut c).unwrap();
+    let e: RedisResult<()> = redis::cmd("LPUSH").arg("s").arg("x").query(&mut c);
+    assert!(
+        e.unwrap_err()
+            .to_string()
+            .contains("Operation against a key holding the wrong kind of value")
     );
     let e: RedisResult<()> = redis::cmd("SET")
         .arg("k")
