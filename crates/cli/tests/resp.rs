@@ -461,3 +461,46 @@ fn cache_keyspace_evicts_under_its_memory_limit() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
+
+#[test]
+fn expired_keys_of_a_cp_keyspace_leave_dbsize() {
+    let s = Server::start();
+    let mut c = s.client();
+    for i in 0..50 {
+        let _: () = redis::cmd("SET")
+            .arg(format!("k{i}"))
+            .arg("v")
+            .arg("PX")
+            .arg(50)
+            .query(&mut c)
+            .unwrap();
+    }
+    let _: () = redis::cmd("HSET")
+        .arg("h")
+        .arg("f")
+        .arg("v")
+        .query(&mut c)
+        .unwrap();
+    let _: () = redis::cmd("PEXPIRE")
+        .arg("h")
+        .arg(50)
+        .query(&mut c)
+        .unwrap();
+    let _: () = c.set("stays", "v").unwrap();
+    // Expired keys are invisible at once; the shard's leader deletes them through the log, so
+    // DBSIZE stops counting them within a few active-expiry steps.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let n: i64 = redis::cmd("DBSIZE").query(&mut c).unwrap();
+        if n == 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "DBSIZE still {n} 30 s after every key but one expired"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let v: Option<String> = c.get("stays").unwrap();
+    assert_eq!(v.as_deref(), Some("v"));
+}

@@ -116,14 +116,40 @@ pub fn numkeys(args: &[Bytes], at: usize) -> Result<usize> {
 }
 
 /// The row of the command `args[0]` names (any case), without allocating: this runs for every
-/// data-type command, twice in some engines.
+/// data-type command, twice in some engines. Internal commands included.
 fn spec_of(args: &[Bytes]) -> Option<&'static Spec> {
     let name = args.first()?;
     let mut lower = [0u8; 32];
     let lower = lower.get_mut(..name.len())?;
     lower.copy_from_slice(name);
     lower.make_ascii_lowercase();
-    lookup(std::str::from_utf8(lower).ok()?)
+    let name = std::str::from_utf8(lower).ok()?;
+    lookup(name).or_else(|| INTERNAL.iter().find(|s| s.name == name))
+}
+
+/// Commands the nodes themselves log, never listed nor accepted from clients (`lookup` does not
+/// find them): the active expiry of replicated keyspaces.
+const INTERNAL: &[Spec] = &[Spec {
+    name: EXPIRED_COMMAND,
+    arity: -2,
+    flags: &["write"],
+    keys: Keys::Range(1, -1, 1),
+    run: Run::Write(remove_expired),
+}];
+
+/// `capdb.expired key [key ...]`: deletes each key whose record has expired at the entry's
+/// clock (a shard leader proposes it for keys it found expired; a key written again since is
+/// live and kept). Reclaims an expired collection's elements. Replies with how many keys it
+/// examined, since whether a record existed is not visible through a [`Space`].
+pub const EXPIRED_COMMAND: &str = "capdb.expired";
+
+fn remove_expired(args: &[Bytes], space: &mut dyn Space, _: &Ctx) -> Result<Reply> {
+    for key in &args[1..] {
+        if space.get(key)?.is_none() {
+            space.remove(key)?;
+        }
+    }
+    Ok(Reply::Integer(args.len() as i64 - 1))
 }
 
 /// Every family's table.

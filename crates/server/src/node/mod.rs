@@ -266,8 +266,9 @@ impl Node {
     }
 
     /// Runs active expiry until shutdown: cache keyspaces every 100 ms (Redis's `hz 10`),
-    /// each node's `ap` replica tables a bounded sweep of [`DISK_SWEEP_KEYS`] keys per second each
-    /// (see [`Keyspace::expire_step`]).
+    /// each node's `ap` replica tables a bounded sweep of [`DISK_SWEEP_KEYS`] keys per second each,
+    /// and `cp` shards, once a second, a deletion through the log of expired keys the shard's
+    /// leader finds (see [`Keyspace::expire_step`]).
     pub async fn run_expiry(self: Arc<Self>) {
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         let mut cursors: BTreeMap<KeyspaceName, Option<Bytes>> = BTreeMap::new();

@@ -322,9 +322,9 @@ impl Keyspace {
 
     /// One step of active expiry on this node's data, at `now`. `cursor` carries a durable
     /// table's sweep position between steps; `sweep`: whether durable tables sweep this step.
-    /// (Raft-replicated keyspaces hide expired keys from readers; reclaiming their space through
-    /// the log is not done yet. They do reclaim the elements of big collections that were
-    /// deleted: see `storage/src/disk/space.rs`.)
+    /// Raft-replicated keyspaces hide expired keys from readers; each shard's leader deletes
+    /// those it finds through the log (`capdb.expired`), and every replica reclaims the elements
+    /// of big collections that were deleted (see `storage/src/disk/space.rs`).
     pub async fn expire_step(
         &self,
         now: u64,
@@ -342,13 +342,38 @@ impl Keyspace {
                 Ok(t.sweep_expired(cursor, sweep_keys, now).await?.0)
             }
             Store::Cp {
-                entry, engine, me, ..
+                entry,
+                engine,
+                me,
+                groups,
+                ..
             } => {
-                // Free the elements of dropped big collections, one bounded step per shard.
-                // Local, not through the log: nothing can read them any more.
                 for s in entry.shards.iter().filter(|s| s.replicas.contains(me)) {
                     let t = engine.table(&layout::shard_table(s.group), false);
+                    // Free the elements of dropped big collections, one bounded step per
+                    // shard. Local, not through the log: nothing can read them any more.
                     t.reclaim_step().await?;
+                    // Active expiry through the log: the shard's leader proposes deleting keys
+                    // it finds expired (from a random point), so DBSIZE stops counting them and
+                    // their space (a collection's elements too) is freed on every replica.
+                    if sweep && groups.leader_of(s.group) == Some(*me) {
+                        let expired = expired_sample(&t, now)?;
+                        if let Some(first) = expired.first().cloned() {
+                            let mut args = vec![Bytes::from_static(
+                                capdb_data::command::EXPIRED_COMMAND.as_bytes(),
+                            )];
+                            args.extend(expired);
+                            let m = Mutation::Exec { key: first, args };
+                            // Best effort, bounded: a sweep that fails or times out is
+                            // retried by a later step (deleting an expired key twice is
+                            // harmless), and never holds up the other keyspaces' expiry.
+                            let _ = tokio::time::timeout(
+                                CP_EXPIRE_WAIT,
+                                groups.write_mutations(s.group, vec![m], now),
+                            )
+                            .await;
+                        }
+                    }
                 }
                 Ok(cursor)
             }
@@ -643,6 +668,28 @@ impl Keyspace {
             }
         }
     }
+}
+
+/// Keys examined per shard per active-expiry step of a replicated keyspace, and most expired
+/// keys deleted by one step.
+const CP_EXPIRE_EXAMINE: usize = 2_000;
+const CP_EXPIRE_BATCH: usize = 128;
+/// How long one step waits for its deletion to commit.
+const CP_EXPIRE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Expired keys of a shard's local replica, examined from a random point.
+fn expired_sample(t: &capdb_storage::disk::DiskTable, now: u64) -> Result<Vec<Bytes>> {
+    let start = fastrand::u64(..).to_be_bytes();
+    let mut found = Vec::new();
+    let mut examined = 0;
+    t.for_each_raw_after(Some(&start), |k, v| {
+        examined += 1;
+        if v.is_expired(now) && !v.header.tombstone {
+            found.push(Bytes::copy_from_slice(k));
+        }
+        examined < CP_EXPIRE_EXAMINE && found.len() < CP_EXPIRE_BATCH
+    })?;
+    Ok(found)
 }
 
 /// The answer to a hash, list, set or sorted-set command on an `ap` keyspace: not applied.
