@@ -29,6 +29,25 @@ pub fn parse_double(raw: &[u8]) -> Option<f64> {
     (!v.is_nan()).then_some(v)
 }
 
+/// Redis's `getDoubleFromObject` (ZADD and ZINCRBY scores, WEIGHTS): [`parse_double`], and
+/// what `strtod` flags with `ERANGE` refused too: a finite text too large for a double (`1e309`,
+/// which `strtod` rounds to infinity) and a non-zero one too small (`1e-400`, rounded to 0).
+/// Spelled-out infinities, zeros and subnormals (`5e-324`) are accepted, as in Redis.
+pub fn parse_double_in_range(raw: &[u8]) -> Option<f64> {
+    let v = parse_double(raw)?;
+    // `raw` is UTF-8 once parse_double accepted it.
+    let lower = String::from_utf8_lossy(raw).to_ascii_lowercase();
+    let body = lower.trim_start_matches(['+', '-']);
+    if v.is_infinite() && !body.starts_with("inf") {
+        return None;
+    }
+    let mantissa = body.split('e').next().unwrap_or(body);
+    if v == 0.0 && mantissa.bytes().any(|c| (b'1'..=b'9').contains(&c)) {
+        return None;
+    }
+    Some(v)
+}
+
 /// C's `printf("%.17g", x)`, with `inf`/`-inf` as Redis prints them.
 pub fn format_double(x: f64) -> String {
     if x.is_infinite() {
@@ -132,6 +151,28 @@ mod tests {
         for bad in [&b" 1"[..], b"1 ", b"", b"nan", b"abc", b"1.5x"] {
             assert_eq!(parse_double(bad), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn doubles_out_of_range_are_refused_where_redis_checks_erange() {
+        // Each verdict was given by redis-server 7.0.15 (ZADD).
+        for bad in [&b"1e309"[..], b"-1e309", b"1e-400", b"-2e-999", b"0.1e-400"] {
+            assert_eq!(parse_double(bad).is_some(), true, "{bad:?}");
+            assert_eq!(parse_double_in_range(bad), None, "{bad:?}");
+        }
+        for (good, v) in [
+            (&b"inf"[..], f64::INFINITY),
+            (b"-Infinity", f64::NEG_INFINITY),
+            (b"1.7976931348623157e308", f64::MAX),
+            (b"5e-324", 5e-324),
+            (b"0e-400", 0.0),
+            (b"-0", -0.0),
+            (b"0.000", 0.0),
+            (b"2.5", 2.5),
+        ] {
+            assert_eq!(parse_double_in_range(good), Some(v), "{good:?}");
+        }
+        assert_eq!(parse_double_in_range(b"nan"), None);
     }
 
     #[test]

@@ -38,7 +38,7 @@ use bytes::Bytes;
 use capdb_types::{Error, Reply, Result, ValueKind};
 
 use crate::command::{Ctx, Keys, Run, Spec, err, not_integer, syntax};
-use crate::format::{format_double, parse_double, parse_int};
+use crate::format::{format_double, parse_double_in_range, parse_int};
 use crate::meta::{Open, finish, hashed_sub, open};
 use crate::rng::Rng;
 use crate::scan;
@@ -357,7 +357,10 @@ fn add_generic(
     }
     let mut pairs = Vec::with_capacity(rest.len() / 2);
     for pair in rest.chunks(2) {
-        pairs.push((parse_double(&pair[0]).ok_or_else(not_float)?, &pair[1]));
+        pairs.push((
+            parse_double_in_range(&pair[0]).ok_or_else(not_float)?,
+            &pair[1],
+        ));
     }
     let nil_or_zero = || {
         if f.incr {

@@ -162,6 +162,45 @@ fn zadd_option_conflicts_use_redis_texts_in_redis_order() {
 }
 
 #[test]
+fn scores_and_weights_past_a_doubles_range_are_not_valid_floats() {
+    // redis-server 7.0.15 refuses what strtod flags with ERANGE (`1e309` overflows to inf,
+    // `1e-400` underflows to 0), before looking at the key's type; spelled-out infinities and
+    // subnormals are scores.
+    let mut s = MapSpace::new(0);
+    with_string(&mut s);
+    for cmd in [
+        "ZADD str 1 a 1e309 b",
+        "ZADD z -1e309 a",
+        "ZADD z 1e-400 a",
+        "ZINCRBY z 1e309 a",
+        "ZADD z INCR -2e-999 a",
+    ] {
+        assert_eq!(
+            fails(&mut s, cmd),
+            "ERR value is not a valid float",
+            "{cmd}"
+        );
+    }
+    assert_eq!(s.top.len(), 1, "no sorted set was created");
+    assert_eq!(
+        ok(&mut s, "ZADD z 5e-324 a inf b -Infinity c 0e-400 d"),
+        int(4)
+    );
+    assert_eq!(ok(&mut s, "ZSCORE z a"), dbl("4.9406564584124654e-324"));
+    assert_eq!(ok(&mut s, "ZSCORE z d"), dbl("0"));
+    for w in ["1e309", "-1e309", "1e-400"] {
+        assert_eq!(
+            fails(&mut s, &format!("ZUNIONSTORE d 1 z WEIGHTS {w}")),
+            "ERR weight value is not a float",
+            "{w}"
+        );
+    }
+    assert_eq!(ok(&mut s, "ZUNIONSTORE d 1 z WEIGHTS inf"), int(4));
+    // Range bounds are C's strtod without the ERANGE check: 1e309 is +inf there.
+    assert_eq!(ok(&mut s, "ZCOUNT z -1e309 1e309"), int(4));
+}
+
+#[test]
 fn zadd_gt_never_lowers_a_score_and_lt_never_raises_one() {
     let mut s = MapSpace::new(0);
     ok(&mut s, "ZADD z 5 a");
