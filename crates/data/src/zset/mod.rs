@@ -539,9 +539,18 @@ fn positive(raw: &[u8], msg: &str) -> Result<u64> {
 
 /// `ZMPOP numkeys key [key ...] MIN|MAX [COUNT count]`: `[key, [[member, score], ...]]` (nested
 /// in both protocols), or a null array when every key is missing.
-fn zmpop(args: &[Bytes], space: &mut dyn Space, cx: &Ctx) -> Result<Reply> {
-    let numkeys = positive(&args[1], "ERR numkeys should be greater than 0")?;
-    let where_at = numkeys.saturating_add(2);
+/// ZMPOP's (and BZMPOP's) arguments: `numkeys key [key ...] MIN|MAX [COUNT count]` with
+/// `numkeys` at `numkeys_at` (ZMPOP: 1, BZMPOP: 2), with Redis's errors in Redis's order. The
+/// keys' indices, whether MAX, and the count.
+pub fn parse_zmpop(
+    args: &[Bytes],
+    numkeys_at: usize,
+) -> Result<(std::ops::Range<usize>, bool, u64)> {
+    let numkeys = positive(
+        args.get(numkeys_at).map_or(&b""[..], |a| &a[..]),
+        "ERR numkeys should be greater than 0",
+    )?;
+    let where_at = numkeys.saturating_add(numkeys_at as u64 + 1);
     if where_at >= args.len() as u64 {
         return Err(syntax());
     }
@@ -564,8 +573,12 @@ fn zmpop(args: &[Bytes], space: &mut dyn Space, cx: &Ctx) -> Result<Reply> {
             return Err(syntax());
         }
     }
-    let keys = &args[2..where_at];
-    Ok(match pop_first(space, keys, max, count.unwrap_or(1), cx)? {
+    Ok((numkeys_at + 1..where_at, max, count.unwrap_or(1)))
+}
+
+fn zmpop(args: &[Bytes], space: &mut dyn Space, cx: &Ctx) -> Result<Reply> {
+    let (keys, max, count) = parse_zmpop(args, 1)?;
+    Ok(match pop_first(space, &args[keys], max, count, cx)? {
         None => Reply::NilArray,
         Some((key, got)) => Reply::Array(vec![
             Reply::Bulk(key),

@@ -106,8 +106,14 @@ fn parse(name: &str, args: &[Bytes]) -> Result<Blocked, String> {
             keys: args[1..3].to_vec(),
             shape: Shape::Element,
         },
-        // BLMPOP/BZMPOP timeout numkeys key [key ...] where [COUNT n]
+        // BLMPOP/BZMPOP timeout numkeys key [key ...] where [COUNT n]: Redis parses the rest
+        // before the timeout.
         _ => {
+            if name == "blmpop" {
+                capdb_data::list::parse_mpop(args, 2).map_err(|e| error_line(&e))?;
+            } else {
+                capdb_data::zset::parse_zmpop(args, 2).map_err(|e| error_line(&e))?;
+            }
             let t = timeout(&args[1])?;
             let form = if name == "blmpop" { "LMPOP" } else { "ZMPOP" };
             let attempt = [&[cmd(form)][..], &args[2..]].concat();
@@ -323,6 +329,48 @@ mod tests {
             w.resp3 = true;
             timed_out(&mut w);
             assert_eq!(&w.out[..], b"*-1\r\n_\r\n", "{name}");
+        }
+    }
+
+    fn parse_error(line: &str) -> String {
+        let args: Vec<Bytes> = line
+            .split(' ')
+            .map(|a| Bytes::copy_from_slice(a.as_bytes()))
+            .collect();
+        let name = line
+            .split(' ')
+            .next()
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        match parse(&name, &args) {
+            Ok(_) => "ok".into(),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn blmpop_and_bzmpop_check_their_arguments_before_the_timeout() {
+        // Each text was answered by redis-server 7.0.15. BLPOP, BZPOPMIN and BLMOVE's
+        // timeout errors come first; BLMPOP and BZMPOP parse numkeys, the side and COUNT first.
+        for (line, want) in [
+            ("BZMPOP -1 2 a b UP COUNT", "ERR syntax error"),
+            ("BZMPOP -1 0 a MIN", "ERR numkeys should be greater than 0"),
+            (
+                "BZMPOP abc 1 a MIN COUNT 0",
+                "ERR count should be greater than 0",
+            ),
+            ("BZMPOP -1 1 a MAX COUNT 2", "ERR timeout is negative"),
+            ("BLMPOP -1 1 a MIN", "ERR syntax error"),
+            (
+                "BLMPOP abc 1 a LEFT",
+                "ERR timeout is not a float or out of range",
+            ),
+            ("BLMPOP 0.5 1 a LEFT COUNT 2", "ok"),
+            ("BZMPOP 0.5 2 a b min", "ok"),
+            ("BLPOP a abc", "ERR timeout is not a float or out of range"),
+            ("BZPOPMIN a -1", "ERR timeout is negative"),
+        ] {
+            assert_eq!(parse_error(line), want, "{line}");
         }
     }
 }
