@@ -492,13 +492,14 @@ fn pop_command(args: &[Bytes], space: &mut dyn Space, cx: &Ctx, max: bool) -> Re
     }
     let count = match args.get(2) {
         None => None,
-        Some(raw) => {
-            let n = parse_int(raw).ok_or_else(not_integer)?;
-            if n < 0 {
-                return Err(err("ERR value is out of range, must be positive"));
-            }
-            Some(n as u64)
-        }
+        // Redis's getPositiveLongFromObjectOrReply: one message for a non-integer and a
+        // negative count.
+        Some(raw) => Some(
+            parse_int(raw)
+                .filter(|n| *n >= 0)
+                .ok_or_else(|| err("ERR value is out of range, must be positive"))?
+                as u64,
+        ),
     };
     let Some(mut z) = open_zset(space, &args[1])? else {
         return Ok(Reply::Array(Vec::new()));

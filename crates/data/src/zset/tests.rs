@@ -201,6 +201,27 @@ fn scores_and_weights_past_a_doubles_range_are_not_valid_floats() {
 }
 
 #[test]
+fn zpop_counts_that_are_not_integers_are_out_of_range() {
+    // redis-server 7.0.15 answers these with the negative count's text, before the type check.
+    let mut s = MapSpace::new(0);
+    with_string(&mut s);
+    for cmd in [
+        "ZPOPMIN z abc",
+        "ZPOPMIN z +1",
+        "ZPOPMAX z 1.5",
+        "ZPOPMIN z 99999999999999999999",
+        "ZPOPMAX z -1",
+        "ZPOPMIN str abc",
+    ] {
+        assert_eq!(
+            fails(&mut s, cmd),
+            "ERR value is out of range, must be positive",
+            "{cmd}"
+        );
+    }
+}
+
+#[test]
 fn zadd_gt_never_lowers_a_score_and_lt_never_raises_one() {
     let mut s = MapSpace::new(0);
     ok(&mut s, "ZADD z 5 a");
@@ -552,7 +573,7 @@ fn zpop_replies_flat_without_count_and_pairs_with_one() {
     assert_eq!(ok(&mut s, "ZPOPMIN z 3"), Reply::Array(vec![]));
     assert_eq!(
         fails(&mut s, "ZPOPMIN z x"),
-        "ERR value is not an integer or out of range"
+        "ERR value is out of range, must be positive"
     );
     assert_eq!(fails(&mut s, "ZPOPMIN z 1 2"), "ERR syntax error");
 }
