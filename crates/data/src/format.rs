@@ -102,6 +102,19 @@ pub fn format_double(x: f64) -> String {
     out
 }
 
+/// Redis 7.0's `d2string`, the text a score is stored as in a listpack (and what ZSCAN of a
+/// compact sorted set answers): an integral value within ±2^62 as an integer
+/// (`123456789012345680`, where `%.17g` is `1.2345678901234568e+17`), anything else as
+/// [`format_double`].
+pub fn format_double_listpack(x: f64) -> String {
+    const LIMIT: f64 = 4_611_686_018_427_387_904.0; // (double)(LLONG_MAX / 2)
+    if x != 0.0 && (-LIMIT..=LIMIT).contains(&x) && x.fract() == 0.0 {
+        // In range and integral: the cast is exact.
+        return (x as i64).to_string();
+    }
+    format_double(x)
+}
+
 /// How Redis prints the result of INCRBYFLOAT/HINCRBYFLOAT (`%.17Lf`, trailing zeros removed).
 ///
 /// Redis computes these in C `long double` (80-bit on x86-64), whose 17 printed decimals of a
@@ -150,6 +163,28 @@ mod tests {
         assert_eq!(parse_double(b"1e3"), Some(1000.0));
         for bad in [&b" 1"[..], b"1 ", b"", b"nan", b"abc", b"1.5x"] {
             assert_eq!(parse_double(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn listpack_scores_print_integers_whole_like_d2string() {
+        // Each pair was answered by redis-server 7.0.15 (ZSCAN of a listpack sorted set).
+        for (x, want) in [
+            (123456789012345678.0, "123456789012345680"),
+            (4611686018427387904.0, "4611686018427387904"),
+            (-4611686018427387904.0, "-4611686018427387904"),
+            (9223372036854775807.0, "9.2233720368547758e+18"),
+            (1e17, "100000000000000000"),
+            (100.0, "100"),
+            (-2.5, "-2.5"),
+            (0.1, "0.10000000000000001"),
+            (1e300, "1.0000000000000001e+300"),
+            (5e-324, "4.9406564584124654e-324"),
+            (0.0, "0"),
+            (-0.0, "-0"),
+            (f64::INFINITY, "inf"),
+        ] {
+            assert_eq!(format_double_listpack(x), want, "{x}");
         }
     }
 

@@ -38,7 +38,7 @@ use bytes::Bytes;
 use capdb_types::{Error, Reply, Result, ValueKind};
 
 use crate::command::{Ctx, Keys, Run, Spec, err, not_integer, syntax};
-use crate::format::{format_double, parse_double_in_range, parse_int};
+use crate::format::{format_double, format_double_listpack, parse_double_in_range, parse_int};
 use crate::meta::{Open, finish, hashed_sub, open};
 use crate::rng::Rng;
 use crate::scan;
@@ -657,9 +657,15 @@ fn zscan(args: &[Bytes], space: &mut dyn Space, _: &Ctx) -> Result<Reply> {
     };
     let opts = scan::parse_opts(args, 3)?;
     let (next, page) = scan::page(space, &z, SCORE, cursor, opts.count)?;
+    // A compact sorted set answers the score texts its listpack holds; a big one `%.17g`.
+    let text = if z.meta.big {
+        format_double
+    } else {
+        format_double_listpack
+    };
     scan::reply(next, page, opts.pattern.as_ref(), |m, raw, items| {
         items.push(Reply::Bulk(m));
-        items.push(Reply::Bulk(Bytes::from(format_double(decode_score(&raw)?))));
+        items.push(Reply::Bulk(Bytes::from(text(decode_score(&raw)?))));
         Ok(())
     })
 }

@@ -201,6 +201,58 @@ fn scores_and_weights_past_a_doubles_range_are_not_valid_floats() {
 }
 
 #[test]
+fn zscan_of_a_compact_sorted_set_prints_integral_scores_whole() {
+    // redis-server 7.0.15: ZSCAN answers a listpack's stored score texts (d2string), a
+    // skiplist's `%.17g`; ZSCORE prints `%.17g` either way.
+    let mut s = MapSpace::new(0);
+    ok(&mut s, "ZADD z 123456789012345678 a 1e17 b 2.5 c 1e300 d");
+    let Reply::Array(page) = ok(&mut s, "ZSCAN z 0") else {
+        panic!("ZSCAN answers an array");
+    };
+    let mut items: Vec<(Reply, Reply)> = match &page[1] {
+        Reply::Array(v) => v.chunks(2).map(|p| (p[0].clone(), p[1].clone())).collect(),
+        other => panic!("{other:?}"),
+    };
+    items.sort_by_key(|(m, _)| format!("{m:?}"));
+    assert_eq!(
+        items,
+        vec![
+            (bulk("a"), bulk("123456789012345680")),
+            (bulk("b"), bulk("100000000000000000")),
+            (bulk("c"), bulk("2.5")),
+            (bulk("d"), bulk("1.0000000000000001e+300")),
+        ]
+    );
+    assert_eq!(ok(&mut s, "ZSCORE z a"), dbl("1.2345678901234568e+17"));
+    // Past 128 members the sorted set is big: `%.17g`.
+    for i in 0..130 {
+        ok(&mut s, &format!("ZADD z {i} m{i}"));
+    }
+    let mut cursor = "0".to_string();
+    let mut a_score = None;
+    loop {
+        let Reply::Array(page) = ok(&mut s, &format!("ZSCAN z {cursor} COUNT 50")) else {
+            panic!("ZSCAN answers an array");
+        };
+        if let Reply::Array(v) = &page[1] {
+            for p in v.chunks(2) {
+                if p[0] == bulk("a") {
+                    a_score = Some(p[1].clone());
+                }
+            }
+        }
+        cursor = match &page[0] {
+            Reply::Bulk(b) => String::from_utf8_lossy(b).into_owned(),
+            other => panic!("{other:?}"),
+        };
+        if cursor == "0" {
+            break;
+        }
+    }
+    assert_eq!(a_score, Some(bulk("1.2345678901234568e+17")));
+}
+
+#[test]
 fn zpop_counts_that_are_not_integers_are_out_of_range() {
     // redis-server 7.0.15 answers these with the negative count's text, before the type check.
     let mut s = MapSpace::new(0);
