@@ -42,7 +42,7 @@ pub const FAMILY: Family = Family {
         },
         CommandGen {
             name: "zadd",
-            weight: 2,
+            weight: 4,
             make: zadd_bulk,
         },
         CommandGen {
@@ -219,6 +219,11 @@ pub const FAMILY: Family = Family {
             name: "del",
             weight: 1,
             make: del_special,
+        },
+        CommandGen {
+            name: "object",
+            weight: 2,
+            make: object_encoding,
         },
     ],
 };
@@ -470,7 +475,8 @@ fn zadd(g: &mut Gen, name: &str) -> Step {
     s
 }
 
-/// A bulk ZADD of 20 to 40 members into a big or lex key: what makes them skiplists.
+/// A bulk ZADD of 60 to 150 members into a big or lex key: what makes them skiplists (in one
+/// or two of them: the keys family's FLUSHDB comes every few hundred commands).
 fn zadd_bulk(g: &mut Gen, name: &str) -> Step {
     let kind = if g.chance(60) { Kind::Big } else { Kind::Lex };
     let mut s = step!(g.name(name), key_of(g, kind));
@@ -478,9 +484,9 @@ fn zadd_bulk(g: &mut Gen, name: &str) -> Step {
         let f = *g.rng.pick(&["NX", "XX", "CH", "GT"]);
         s.args.push(g.word(f));
     }
-    for _ in 0..g.rng.range(20, 40) {
+    for _ in 0..g.rng.range(60, 150) {
         s.args.push(score(g, kind));
-        s.args.push(format!("m{}", g.rng.below(300)).into_bytes());
+        s.args.push(format!("m{}", g.rng.below(400)).into_bytes());
     }
     s
 }
@@ -895,8 +901,18 @@ fn zintercard(g: &mut Gen, name: &str) -> Step {
 }
 
 /// DEL of a big or lex key now and then (nothing else deletes them but FLUSHDB), so they
-/// start over small.
+/// start over small; mostly of a pool key.
 fn del_special(g: &mut Gen, name: &str) -> Step {
-    let kind = if g.chance(50) { Kind::Big } else { Kind::Lex };
+    let kind = match g.rng.below(8) {
+        0 => Kind::Big,
+        1 => Kind::Lex,
+        _ => Kind::Pool,
+    };
     step!(g.name(name), key_of(g, kind))
+}
+
+/// `OBJECT ENCODING key` of any kind of key: `listpack` or `skiplist`, compared exactly.
+fn object_encoding(g: &mut Gen, name: &str) -> Step {
+    let kind = any_kind(g);
+    step!(g.name(name), g.word("ENCODING"), key_of(g, kind))
 }
