@@ -192,7 +192,7 @@ mod tests {
     fn doubles_out_of_range_are_refused_where_redis_checks_erange() {
         // Each verdict was given by redis-server 7.0.15 (ZADD).
         for bad in [&b"1e309"[..], b"-1e309", b"1e-400", b"-2e-999", b"0.1e-400"] {
-            assert_eq!(parse_double(bad).is_some(), true, "{bad:?}");
+            assert!(parse_double(bad).is_some(), "{bad:?}");
             assert_eq!(parse_double_in_range(bad), None, "{bad:?}");
         }
         for (good, v) in [
