@@ -328,13 +328,12 @@ fn score(g: &mut Gen, kind: Kind) -> Vec<u8> {
 /// Text ZADD, ZINCRBY and WEIGHTS refuse: junk, NaN, spaces, and values past a double's range
 /// (strtod's ERANGE: overflow and underflow to zero).
 fn bad_score(g: &mut Gen) -> Vec<u8> {
-    g.rng
-        .pick(&[
-            "abc", "nan", "", " 1", "1 ", "1.5x", "--1", "1e309", "-1e309", "1e-400", "-2e-999",
-        ])
-        .as_bytes()
-        .to_vec()
+    g.rng.pick(BAD_SCORES).as_bytes().to_vec()
 }
+
+const BAD_SCORES: &[&str] = &[
+    "abc", "nan", "", " 1", "1 ", "1.5x", "--1", "1e309", "-1e309", "1e-400", "-2e-999",
+];
 
 /// One end of a score range: a score, exclusive or not, infinities, and what C's `strtod`
 /// accepts there (leading spaces, an empty string as 0, overflow to infinity); sometimes junk.
@@ -920,4 +919,65 @@ fn del_special(g: &mut Gen, name: &str) -> Step {
 fn object_encoding(g: &mut Gen, name: &str) -> Step {
     let kind = any_kind(g);
     step!(g.name(name), g.word("ENCODING"), key_of(g, kind))
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::r#gen::Generator;
+
+    fn is_big(a: &[u8]) -> bool {
+        a.starts_with(b"{d}:zbig")
+    }
+
+    fn is_pool(a: &[u8]) -> bool {
+        a.starts_with(b"{d}:") && !a.starts_with(b"{d}:z")
+    }
+
+    fn negative_zero(a: &[u8]) -> bool {
+        let t = String::from_utf8_lossy(a);
+        // A refused score stores nothing.
+        !super::BAD_SCORES.contains(&&*t)
+            && t.starts_with('-')
+            && t.parse::<f64>().is_ok_and(|x| x == 0.0)
+    }
+
+    /// The module docs' rules, over a long mix: no lex range over a big key, no `-0` into one,
+    /// pool keys written only from pool keys, and no member past 64 bytes into a pool key.
+    #[test]
+    fn generated_commands_keep_the_encodings_apart() {
+        let mut g = Generator::new(11, true, &|_| true);
+        for _ in 0..200_000 {
+            let s = g.next_step();
+            let name = s.name();
+            let a = &s.args;
+            let bylex = a.iter().any(|x| x.eq_ignore_ascii_case(b"BYLEX")) || name.contains("lex");
+            if bylex {
+                assert!(!a.iter().any(|x| is_big(x)), "{a:?}");
+            }
+            if (name == "zadd" || name == "zincrby") && is_big(&a[1]) {
+                assert!(!a.iter().any(|x| negative_zero(x)), "{a:?}");
+            }
+            if name == "zadd" && is_pool(&a[1]) {
+                assert!(a.iter().all(|x| x.len() <= 64), "{a:?}");
+            }
+            if name.ends_with("store") && name.starts_with('z') && a.len() > 2 {
+                if is_pool(&a[1]) {
+                    assert!(a[2..].iter().all(|x| !x.starts_with(b"{d}:z")), "{a:?}");
+                }
+                if is_big(&a[1])
+                    && let Some(w) = a.iter().position(|x| x.eq_ignore_ascii_case(b"WEIGHTS"))
+                {
+                    for x in &a[w + 1..] {
+                        let t = String::from_utf8_lossy(x);
+                        if super::BAD_SCORES.contains(&&*t) {
+                            continue; // refused: nothing is stored
+                        }
+                        if let Ok(v) = t.parse::<f64>() {
+                            assert!(v > 0.0, "{a:?}");
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
