@@ -29,6 +29,25 @@ pub fn parse_double(raw: &[u8]) -> Option<f64> {
     (!v.is_nan()).then_some(v)
 }
 
+/// Redis's `getDoubleFromObject` (ZADD and ZINCRBY scores, WEIGHTS): [`parse_double`], and
+/// what `strtod` flags with `ERANGE` refused too: a finite text too large for a double (`1e309`,
+/// which `strtod` rounds to infinity) and a non-zero one too small (`1e-400`, rounded to 0).
+/// Spelled-out infinities, zeros and subnormals (`5e-324`) are accepted, as in Redis.
+pub fn parse_double_in_range(raw: &[u8]) -> Option<f64> {
+    let v = parse_double(raw)?;
+    // `raw` is UTF-8 once parse_double accepted it.
+    let lower = String::from_utf8_lossy(raw).to_ascii_lowercase();
+    let body = lower.trim_start_matches(['+', '-']);
+    if v.is_infinite() && !body.starts_with("inf") {
+        return None;
+    }
+    let mantissa = body.split('e').next().unwrap_or(body);
+    if v == 0.0 && mantissa.bytes().any(|c| (b'1'..=b'9').contains(&c)) {
+        return None;
+    }
+    Some(v)
+}
+
 /// C's `printf("%.17g", x)`, with `inf`/`-inf` as Redis prints them.
 pub fn format_double(x: f64) -> String {
     if x.is_infinite() {
@@ -83,6 +102,19 @@ pub fn format_double(x: f64) -> String {
     out
 }
 
+/// Redis 7.0's `d2string`, the text a score is stored as in a listpack (and what ZSCAN of a
+/// compact sorted set answers): an integral value within ±2^62 as an integer
+/// (`123456789012345680`, where `%.17g` is `1.2345678901234568e+17`), anything else as
+/// [`format_double`].
+pub fn format_double_listpack(x: f64) -> String {
+    const LIMIT: f64 = 4_611_686_018_427_387_904.0; // (double)(LLONG_MAX / 2)
+    if x != 0.0 && (-LIMIT..=LIMIT).contains(&x) && x.fract() == 0.0 {
+        // In range and integral: the cast is exact.
+        return (x as i64).to_string();
+    }
+    format_double(x)
+}
+
 /// How Redis prints the result of INCRBYFLOAT/HINCRBYFLOAT (`%.17Lf`, trailing zeros removed).
 ///
 /// Redis computes these in C `long double` (80-bit on x86-64), whose 17 printed decimals of a
@@ -132,6 +164,50 @@ mod tests {
         for bad in [&b" 1"[..], b"1 ", b"", b"nan", b"abc", b"1.5x"] {
             assert_eq!(parse_double(bad), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn listpack_scores_print_integers_whole_like_d2string() {
+        // Each pair was answered by redis-server 7.0.15 (ZSCAN of a listpack sorted set).
+        for (x, want) in [
+            (123456789012345678.0, "123456789012345680"),
+            (4611686018427387904.0, "4611686018427387904"),
+            (-4611686018427387904.0, "-4611686018427387904"),
+            (9223372036854775807.0, "9.2233720368547758e+18"),
+            (1e17, "100000000000000000"),
+            (100.0, "100"),
+            (-2.5, "-2.5"),
+            (0.1, "0.10000000000000001"),
+            (1e300, "1.0000000000000001e+300"),
+            (5e-324, "4.9406564584124654e-324"),
+            (0.0, "0"),
+            (-0.0, "-0"),
+            (f64::INFINITY, "inf"),
+        ] {
+            assert_eq!(format_double_listpack(x), want, "{x}");
+        }
+    }
+
+    #[test]
+    fn doubles_out_of_range_are_refused_where_redis_checks_erange() {
+        // Each verdict was given by redis-server 7.0.15 (ZADD).
+        for bad in [&b"1e309"[..], b"-1e309", b"1e-400", b"-2e-999", b"0.1e-400"] {
+            assert!(parse_double(bad).is_some(), "{bad:?}");
+            assert_eq!(parse_double_in_range(bad), None, "{bad:?}");
+        }
+        for (good, v) in [
+            (&b"inf"[..], f64::INFINITY),
+            (b"-Infinity", f64::NEG_INFINITY),
+            (b"1.7976931348623157e308", f64::MAX),
+            (b"5e-324", 5e-324),
+            (b"0e-400", 0.0),
+            (b"-0", -0.0),
+            (b"0.000", 0.0),
+            (b"2.5", 2.5),
+        ] {
+            assert_eq!(parse_double_in_range(good), Some(v), "{good:?}");
+        }
+        assert_eq!(parse_double_in_range(b"nan"), None);
     }
 
     #[test]

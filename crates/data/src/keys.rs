@@ -48,7 +48,9 @@ fn expiretime(args: &[Bytes], space: &mut dyn Space, _: &Ctx) -> Result<Reply> {
     Ok(Reply::Integer(match deadline_ms(args, space)? {
         None => -2,
         Some(-1) => -1,
-        Some(ms) => (ms + 500) / 1000,
+        // Rounded half up without overflow: a deadline near i64::MAX ms (PEXPIREAT accepts
+        // one) is 9223372036854776 s, as Redis answers.
+        Some(ms) => ((ms as i128 + 500) / 1000) as i64,
     }))
 }
 
@@ -332,6 +334,15 @@ mod tests {
         assert_eq!(run(&mut s, "EXPIRETIME t").unwrap(), int(99_999_999_999));
         set(&mut s, "gone", b"v", Some(NOW));
         assert_eq!(run(&mut s, "EXPIRETIME gone").unwrap(), int(-2));
+        // redis-server 7.0.15 after PEXPIREAT t 9223372036854775807 (and ...307, ...308).
+        for (at, want) in [
+            (i64::MAX as u64, 9_223_372_036_854_776),
+            (9_223_372_036_854_775_307, 9_223_372_036_854_775),
+            (9_223_372_036_854_775_308, 9_223_372_036_854_775),
+        ] {
+            set(&mut s, "far", b"v", Some(at));
+            assert_eq!(run(&mut s, "EXPIRETIME far").unwrap(), int(want), "{at}");
+        }
         assert_eq!(
             error(&mut s, "EXPIRETIME a b"),
             "ERR wrong number of arguments for 'expiretime' command"

@@ -25,6 +25,9 @@ pub enum Class {
     /// INCRBYFLOAT/HINCRBYFLOAT: equal bytes, or the same number to 12 significant digits, and
     /// then capdb's value is written into Redis.
     LongDouble,
+    /// OBJECT: equal bytes, or two string encodings (`int`, `embstr`, `raw`), or two
+    /// reference counts of 1 and 2147483647 (Redis's shared integers).
+    ObjectString,
 }
 
 /// One reviewed exception: the class, the commands it covers, and why.
@@ -84,6 +87,15 @@ pub const CLASSES: &[ClassRow] = &[
         reason: "Redis adds in 80-bit long double, capdb in f64 (crates/data/src/format.rs); \
                  sums of halves and quarters agree, big integers may differ in the last digits",
     },
+    ClassRow {
+        class: Class::ObjectString,
+        commands: &["object"],
+        reason: "a Redis string's encoding (and whether it is a shared integer, REFCOUNT \
+                 2147483647) depends on the command that wrote it (APPEND, SETRANGE, SETBIT, \
+                 BITOP and INCRBYFLOAT write `raw`/`embstr` text where SET writes `int`); capdb \
+                 decides from the bytes alone and keeps no reference counts \
+                 (crates/data/src/keys.rs). Collection encodings compare exactly",
+    },
 ];
 
 /// The class of a command (lowercase name).
@@ -111,6 +123,20 @@ pub fn compare(class: Class, args: &[Vec<u8>], redis: &Frame, capdb: &Frame) -> 
             (Some(a), Some(b)) if a >= 0 && b >= 0 && (a - b).abs() <= tol => Ok(()),
             _ => Err(format!("not the same integer within {tol}")),
         },
+        Class::ObjectString => {
+            let is = |f: &Frame, set: &[&[u8]]| f.kind == b'$' && set.contains(&&f.text[..]);
+            let strings: &[&[u8]] = &[b"int", b"embstr", b"raw"];
+            let counts: &[&[u8]] = &[b"1", b"2147483647"];
+            let both = |set: &[&[u8]], kind: u8| {
+                let k = |f: &Frame| f.kind == kind && set.contains(&&f.text[..]);
+                k(redis) && k(capdb)
+            };
+            if (is(redis, strings) && is(capdb, strings)) || both(counts, b':') {
+                Ok(())
+            } else {
+                Err("the bytes differ (beyond a string's encoding or refcount)".into())
+            }
+        }
         Class::LongDouble => {
             let num = |f: &Frame| -> Option<f64> {
                 (f.kind == b'$' && !f.null)

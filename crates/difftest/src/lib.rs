@@ -537,7 +537,9 @@ pub fn run(o: &Options, log: &mut dyn Write) -> Result<Outcome, String> {
     };
     let total = list.len();
     let mut last = Instant::now();
+    let mut at = 0;
     let mut progress = |i: usize| {
+        at = i;
         if last.elapsed().as_secs() >= 10 {
             last = Instant::now();
             let _ = writeln!(
@@ -547,7 +549,36 @@ pub fn run(o: &Options, log: &mut dyn Write) -> Result<Outcome, String> {
             );
         }
     };
-    let found = s.execute(&list, &mut outcome.classes, &mut progress)?;
+    let found = match s.execute(&list, &mut outcome.classes, &mut progress) {
+        Ok(found) => found,
+        Err(e) => {
+            // The harness could not go on (a server closed its connection): keep what shows
+            // why, the commands up to the pipeline that broke and capdb's log.
+            let end = (at + o.batch.max(1)).min(list.len());
+            let path = o.out_dir.join(format!("{}-{}.broken.txt", o.mode, o.seed));
+            let mut text = format!(
+                "# capdb difftest --mode {} --seed {}: {e} (in the pipeline from command #{at})\n",
+                o.mode, o.seed
+            );
+            for (i, (st, resp3)) in list[..end].iter().enumerate() {
+                text.push_str(&format!(
+                    "{i} {} {}{}\n",
+                    if *resp3 { "resp3" } else { "resp2" },
+                    if st.walk { "walk " } else { "" },
+                    command_line(&st.args)
+                ));
+            }
+            let _ = std::fs::create_dir_all(&o.out_dir);
+            let _ = std::fs::write(&path, text);
+            let log_copy = o.out_dir.join(format!("{}-{}.capdb.log", o.mode, o.seed));
+            let _ = std::fs::copy(&s.capdb.log, &log_copy);
+            return Err(format!(
+                "{e} (in the pipeline from command #{at}; commands in {}, capdb's log in {})",
+                path.display(),
+                log_copy.display()
+            ));
+        }
+    };
     outcome.compared = found.as_ref().map_or(total, |d| d.index + 1) as u64;
     if let Some(mut d) = found {
         let path = o.out_dir.join(format!("{}-{}.txt", o.mode, o.seed));

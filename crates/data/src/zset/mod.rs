@@ -38,7 +38,7 @@ use bytes::Bytes;
 use capdb_types::{Error, Reply, Result, ValueKind};
 
 use crate::command::{Ctx, Keys, Run, Spec, err, not_integer, syntax};
-use crate::format::{format_double, parse_double, parse_int};
+use crate::format::{format_double, format_double_listpack, parse_double_in_range, parse_int};
 use crate::meta::{Open, finish, hashed_sub, open};
 use crate::rng::Rng;
 use crate::scan;
@@ -357,7 +357,10 @@ fn add_generic(
     }
     let mut pairs = Vec::with_capacity(rest.len() / 2);
     for pair in rest.chunks(2) {
-        pairs.push((parse_double(&pair[0]).ok_or_else(not_float)?, &pair[1]));
+        pairs.push((
+            parse_double_in_range(&pair[0]).ok_or_else(not_float)?,
+            &pair[1],
+        ));
     }
     let nil_or_zero = || {
         if f.incr {
@@ -489,13 +492,14 @@ fn pop_command(args: &[Bytes], space: &mut dyn Space, cx: &Ctx, max: bool) -> Re
     }
     let count = match args.get(2) {
         None => None,
-        Some(raw) => {
-            let n = parse_int(raw).ok_or_else(not_integer)?;
-            if n < 0 {
-                return Err(err("ERR value is out of range, must be positive"));
-            }
-            Some(n as u64)
-        }
+        // Redis's getPositiveLongFromObjectOrReply: one message for a non-integer and a
+        // negative count.
+        Some(raw) => Some(
+            parse_int(raw)
+                .filter(|n| *n >= 0)
+                .ok_or_else(|| err("ERR value is out of range, must be positive"))?
+                as u64,
+        ),
     };
     let Some(mut z) = open_zset(space, &args[1])? else {
         return Ok(Reply::Array(Vec::new()));
@@ -536,9 +540,18 @@ fn positive(raw: &[u8], msg: &str) -> Result<u64> {
 
 /// `ZMPOP numkeys key [key ...] MIN|MAX [COUNT count]`: `[key, [[member, score], ...]]` (nested
 /// in both protocols), or a null array when every key is missing.
-fn zmpop(args: &[Bytes], space: &mut dyn Space, cx: &Ctx) -> Result<Reply> {
-    let numkeys = positive(&args[1], "ERR numkeys should be greater than 0")?;
-    let where_at = numkeys.saturating_add(2);
+/// ZMPOP's (and BZMPOP's) arguments: `numkeys key [key ...] MIN|MAX [COUNT count]` with
+/// `numkeys` at `numkeys_at` (ZMPOP: 1, BZMPOP: 2), with Redis's errors in Redis's order. The
+/// keys' indices, whether MAX, and the count.
+pub fn parse_zmpop(
+    args: &[Bytes],
+    numkeys_at: usize,
+) -> Result<(std::ops::Range<usize>, bool, u64)> {
+    let numkeys = positive(
+        args.get(numkeys_at).map_or(&b""[..], |a| &a[..]),
+        "ERR numkeys should be greater than 0",
+    )?;
+    let where_at = numkeys.saturating_add(numkeys_at as u64 + 1);
     if where_at >= args.len() as u64 {
         return Err(syntax());
     }
@@ -561,8 +574,12 @@ fn zmpop(args: &[Bytes], space: &mut dyn Space, cx: &Ctx) -> Result<Reply> {
             return Err(syntax());
         }
     }
-    let keys = &args[2..where_at];
-    Ok(match pop_first(space, keys, max, count.unwrap_or(1), cx)? {
+    Ok((numkeys_at + 1..where_at, max, count.unwrap_or(1)))
+}
+
+fn zmpop(args: &[Bytes], space: &mut dyn Space, cx: &Ctx) -> Result<Reply> {
+    let (keys, max, count) = parse_zmpop(args, 1)?;
+    Ok(match pop_first(space, &args[keys], max, count, cx)? {
         None => Reply::NilArray,
         Some((key, got)) => Reply::Array(vec![
             Reply::Bulk(key),
@@ -640,9 +657,15 @@ fn zscan(args: &[Bytes], space: &mut dyn Space, _: &Ctx) -> Result<Reply> {
     };
     let opts = scan::parse_opts(args, 3)?;
     let (next, page) = scan::page(space, &z, SCORE, cursor, opts.count)?;
+    // A compact sorted set answers the score texts its listpack holds; a big one `%.17g`.
+    let text = if z.meta.big {
+        format_double
+    } else {
+        format_double_listpack
+    };
     scan::reply(next, page, opts.pattern.as_ref(), |m, raw, items| {
         items.push(Reply::Bulk(m));
-        items.push(Reply::Bulk(Bytes::from(format_double(decode_score(&raw)?))));
+        items.push(Reply::Bulk(Bytes::from(text(decode_score(&raw)?))));
         Ok(())
     })
 }

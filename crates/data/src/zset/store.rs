@@ -14,7 +14,7 @@ use capdb_types::{Error, Reply, Result, ValueKind};
 
 use super::{Entry, SCORE, decode_score, entries_reply, store_entries};
 use crate::command::{Ctx, err, int_arg, syntax};
-use crate::format::{parse_double, parse_int};
+use crate::format::{parse_double_in_range, parse_int};
 use crate::meta::{Open, hashed_sub, member_of_hashed, open};
 use crate::space::{ElRange, Space};
 
@@ -165,8 +165,8 @@ fn generic(
         if set_op && remaining > setnum && a.eq_ignore_ascii_case(b"WEIGHTS") {
             j += 1;
             for src in srcs.iter_mut() {
-                src.weight =
-                    parse_double(&args[j]).ok_or_else(|| err("ERR weight value is not a float"))?;
+                src.weight = parse_double_in_range(&args[j])
+                    .ok_or_else(|| err("ERR weight value is not a float"))?;
                 j += 1;
             }
         } else if set_op && remaining >= 2 && a.eq_ignore_ascii_case(b"AGGREGATE") {

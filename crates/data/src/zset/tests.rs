@@ -147,6 +147,118 @@ fn zadd_option_conflicts_use_redis_texts_in_redis_order() {
 }
 
 #[test]
+fn scores_and_weights_past_a_doubles_range_are_not_valid_floats() {
+    // redis-server 7.0.15 refuses what strtod flags with ERANGE (`1e309` overflows to inf,
+    // `1e-400` underflows to 0), before looking at the key's type; spelled-out infinities and
+    // subnormals are scores.
+    let mut s = MapSpace::new(0);
+    with_string(&mut s);
+    for cmd in [
+        "ZADD str 1 a 1e309 b",
+        "ZADD z -1e309 a",
+        "ZADD z 1e-400 a",
+        "ZINCRBY z 1e309 a",
+        "ZADD z INCR -2e-999 a",
+    ] {
+        assert_eq!(
+            fails(&mut s, cmd),
+            "ERR value is not a valid float",
+            "{cmd}"
+        );
+    }
+    assert_eq!(s.top.len(), 1, "no sorted set was created");
+    assert_eq!(
+        ok(&mut s, "ZADD z 5e-324 a inf b -Infinity c 0e-400 d"),
+        int(4)
+    );
+    assert_eq!(ok(&mut s, "ZSCORE z a"), dbl("4.9406564584124654e-324"));
+    assert_eq!(ok(&mut s, "ZSCORE z d"), dbl("0"));
+    for w in ["1e309", "-1e309", "1e-400"] {
+        assert_eq!(
+            fails(&mut s, &format!("ZUNIONSTORE d 1 z WEIGHTS {w}")),
+            "ERR weight value is not a float",
+            "{w}"
+        );
+    }
+    assert_eq!(ok(&mut s, "ZUNIONSTORE d 1 z WEIGHTS inf"), int(4));
+    // Range bounds are C's strtod without the ERANGE check: 1e309 is +inf there.
+    assert_eq!(ok(&mut s, "ZCOUNT z -1e309 1e309"), int(4));
+}
+
+#[test]
+fn zscan_of_a_compact_sorted_set_prints_integral_scores_whole() {
+    // redis-server 7.0.15: ZSCAN answers a listpack's stored score texts (d2string), a
+    // skiplist's `%.17g`; ZSCORE prints `%.17g` either way.
+    let mut s = MapSpace::new(0);
+    ok(&mut s, "ZADD z 123456789012345678 a 1e17 b 2.5 c 1e300 d");
+    let Reply::Array(page) = ok(&mut s, "ZSCAN z 0") else {
+        panic!("ZSCAN answers an array");
+    };
+    let mut items: Vec<(Reply, Reply)> = match &page[1] {
+        Reply::Array(v) => v.chunks(2).map(|p| (p[0].clone(), p[1].clone())).collect(),
+        other => panic!("{other:?}"),
+    };
+    items.sort_by_key(|(m, _)| format!("{m:?}"));
+    assert_eq!(
+        items,
+        vec![
+            (bulk("a"), bulk("123456789012345680")),
+            (bulk("b"), bulk("100000000000000000")),
+            (bulk("c"), bulk("2.5")),
+            (bulk("d"), bulk("1.0000000000000001e+300")),
+        ]
+    );
+    assert_eq!(ok(&mut s, "ZSCORE z a"), dbl("1.2345678901234568e+17"));
+    // Past 128 members the sorted set is big: `%.17g`.
+    for i in 0..130 {
+        ok(&mut s, &format!("ZADD z {i} m{i}"));
+    }
+    let mut cursor = "0".to_string();
+    let mut a_score = None;
+    loop {
+        let Reply::Array(page) = ok(&mut s, &format!("ZSCAN z {cursor} COUNT 50")) else {
+            panic!("ZSCAN answers an array");
+        };
+        if let Reply::Array(v) = &page[1] {
+            for p in v.chunks(2) {
+                if p[0] == bulk("a") {
+                    a_score = Some(p[1].clone());
+                }
+            }
+        }
+        cursor = match &page[0] {
+            Reply::Bulk(b) => String::from_utf8_lossy(b).into_owned(),
+            other => panic!("{other:?}"),
+        };
+        if cursor == "0" {
+            break;
+        }
+    }
+    assert_eq!(a_score, Some(bulk("1.2345678901234568e+17")));
+}
+
+#[test]
+fn zpop_counts_that_are_not_integers_are_out_of_range() {
+    // redis-server 7.0.15 answers these with the negative count's text, before the type check.
+    let mut s = MapSpace::new(0);
+    with_string(&mut s);
+    for cmd in [
+        "ZPOPMIN z abc",
+        "ZPOPMIN z +1",
+        "ZPOPMAX z 1.5",
+        "ZPOPMIN z 99999999999999999999",
+        "ZPOPMAX z -1",
+        "ZPOPMIN str abc",
+    ] {
+        assert_eq!(
+            fails(&mut s, cmd),
+            "ERR value is out of range, must be positive",
+            "{cmd}"
+        );
+    }
+}
+
+#[test]
 fn zadd_gt_never_lowers_a_score_and_lt_never_raises_one() {
     let mut s = MapSpace::new(0);
     ok(&mut s, "ZADD z 5 a");
@@ -498,7 +610,7 @@ fn zpop_replies_flat_without_count_and_pairs_with_one() {
     assert_eq!(ok(&mut s, "ZPOPMIN z 3"), Reply::Array(vec![]));
     assert_eq!(
         fails(&mut s, "ZPOPMIN z x"),
-        "ERR value is not an integer or out of range"
+        "ERR value is out of range, must be positive"
     );
     assert_eq!(fails(&mut s, "ZPOPMIN z 1 2"), "ERR syntax error");
 }

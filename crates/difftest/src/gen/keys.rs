@@ -1,6 +1,6 @@
 //! Keys whatever their type: DEL/UNLINK, EXISTS, TYPE, TTL/PTTL, the EXPIRE family with
-//! NX/XX/GT/LT, PERSIST, SCAN walks, KEYS, DBSIZE, a rare FLUSHDB, and (enabled once capdb
-//! serves them) RANDOMKEY, RENAME/RENAMENX, COPY, TOUCH, EXPIRETIME/PEXPIRETIME.
+//! NX/XX/GT/LT, PERSIST, SCAN walks, KEYS, DBSIZE, a rare FLUSHDB, RENAME/RENAMENX, COPY,
+//! TOUCH, EXPIRETIME/PEXPIRETIME, OBJECT, and (enabled once capdb serves it) RANDOMKEY.
 
 use super::strings::expiry_value;
 use super::{CommandGen, Family, Gen, Step};
@@ -121,6 +121,11 @@ pub const FAMILY: Family = Family {
             name: "pexpiretime",
             weight: 1,
             make: ttl,
+        },
+        CommandGen {
+            name: "object",
+            weight: 3,
+            make: object,
         },
     ],
 };
@@ -306,5 +311,46 @@ fn touch(g: &mut Gen, name: &str) -> Step {
     let mut s = step!(g.name(name));
     let n = g.rng.range(1, 3) as usize;
     s.args.extend(g.keys(n));
+    s
+}
+
+/// `OBJECT ENCODING|REFCOUNT|FREQ key`, `OBJECT HELP`, and the refused forms. IDLETIME only in
+/// its refused forms: capdb keeps no access times (it answers 0, `crates/data/src/keys.rs`),
+/// and Redis's answer grows with the seconds since the key was last touched.
+fn object(g: &mut Gen, name: &str) -> Step {
+    let invalid = g.invalid();
+    let sub = match g.rng.below(20) {
+        0..=13 => "ENCODING",
+        14..=15 => "REFCOUNT",
+        16 => "FREQ",
+        17 => "HELP",
+        _ => "IDLETIME",
+    };
+    let mut s = step!(g.name(name));
+    if invalid && g.chance(20) {
+        return s;
+    }
+    if invalid && g.chance(30) {
+        s.args.push(b"FOO".to_vec());
+        s.args.push(g.key());
+        return s;
+    }
+    s.args.push(g.word(sub));
+    match sub {
+        "HELP" if invalid => s.args.push(g.key()),
+        "HELP" => {}
+        "IDLETIME" if g.chance(50) => {}
+        "IDLETIME" => {
+            s.args.push(g.key());
+            s.args.push(g.key());
+        }
+        _ if invalid && g.chance(50) => {}
+        _ => {
+            s.args.push(g.key());
+            if invalid {
+                s.args.push(g.key());
+            }
+        }
+    }
     s
 }

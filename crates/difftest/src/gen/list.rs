@@ -1,6 +1,8 @@
 //! Lists: LPUSH/RPUSH(X), LPOP/RPOP with count, LLEN, LRANGE, LINDEX, LSET, LINSERT, LREM,
-//! LTRIM, LPOS with RANK/COUNT/MAXLEN, LMOVE, RPOPLPUSH, LMPOP. Lists are ordered: every reply
-//! compares exactly.
+//! LTRIM, LPOS with RANK/COUNT/MAXLEN, LMOVE, RPOPLPUSH, LMPOP, and the blocking BLPOP, BRPOP,
+//! BLMOVE, BRPOPLPUSH and BLMPOP with a 10 ms timeout (they answer at once on a non-empty list,
+//! nil after the timeout on an empty one; never timeout 0, which blocks forever). Lists are
+//! ordered: every reply compares exactly.
 
 use super::{CommandGen, Family, Gen, Step};
 use crate::step;
@@ -94,6 +96,31 @@ pub const FAMILY: Family = Family {
         CommandGen {
             name: "lmpop",
             weight: 3,
+            make: lmpop,
+        },
+        CommandGen {
+            name: "blpop",
+            weight: 1,
+            make: bpop,
+        },
+        CommandGen {
+            name: "brpop",
+            weight: 1,
+            make: bpop,
+        },
+        CommandGen {
+            name: "blmove",
+            weight: 1,
+            make: lmove,
+        },
+        CommandGen {
+            name: "brpoplpush",
+            weight: 1,
+            make: rpoplpush,
+        },
+        CommandGen {
+            name: "blmpop",
+            weight: 1,
             make: lmpop,
         },
     ],
@@ -221,20 +248,50 @@ fn side(g: &mut Gen, invalid: bool) -> Vec<u8> {
     g.word(w)
 }
 
+/// A blocking pop's timeout: 10 ms (never 0, which would block forever), or a refused one.
+fn timeout(g: &mut Gen, invalid: bool) -> Vec<u8> {
+    if invalid && g.chance(50) {
+        return g.rng.pick(&["-1", "abc", "", "-0.5"]).as_bytes().to_vec();
+    }
+    g.rng.pick(&["0.01", "0.01", "0.005"]).as_bytes().to_vec()
+}
+
+/// LMOVE and `BLMOVE source destination LEFT|RIGHT LEFT|RIGHT timeout`.
 fn lmove(g: &mut Gen, name: &str) -> Step {
     let invalid = g.invalid();
     let (a, b) = (side(g, invalid), side(g, invalid));
-    step!(g.name(name), g.key(), g.key(), a, b)
-}
-
-fn rpoplpush(g: &mut Gen, name: &str) -> Step {
-    if g.invalid() {
-        return step!(g.name(name), g.key());
+    let mut s = step!(g.name(name), g.key(), g.key(), a, b);
+    if name == "blmove" {
+        s.args.push(timeout(g, invalid));
     }
-    step!(g.name(name), g.key(), g.key())
+    s
 }
 
-/// `LMPOP numkeys key [key ...] LEFT|RIGHT [COUNT count]`.
+/// RPOPLPUSH and `BRPOPLPUSH source destination timeout`.
+fn rpoplpush(g: &mut Gen, name: &str) -> Step {
+    let invalid = g.invalid();
+    let mut s = step!(g.name(name), g.key());
+    if invalid && g.chance(50) {
+        return s;
+    }
+    s.args.push(g.key());
+    if name == "brpoplpush" {
+        s.args.push(timeout(g, invalid));
+    }
+    s
+}
+
+/// `BLPOP|BRPOP key [key ...] timeout`.
+fn bpop(g: &mut Gen, name: &str) -> Step {
+    let invalid = g.invalid();
+    let mut s = step!(g.name(name));
+    let n = g.rng.range(1, 3) as usize;
+    s.args.extend(g.keys(n));
+    s.args.push(timeout(g, invalid));
+    s
+}
+
+/// `LMPOP numkeys key [key ...] LEFT|RIGHT [COUNT count]` and `BLMPOP timeout numkeys ...`.
 fn lmpop(g: &mut Gen, name: &str) -> Step {
     let invalid = g.invalid();
     let n = g.rng.range(1, 3) as usize;
@@ -243,7 +300,11 @@ fn lmpop(g: &mut Gen, name: &str) -> Step {
     } else {
         n.to_string().into_bytes()
     };
-    let mut s = step!(g.name(name), numkeys);
+    let mut s = step!(g.name(name));
+    if name == "blmpop" {
+        s.args.push(timeout(g, invalid));
+    }
+    s.args.push(numkeys);
     s.args.extend(g.keys(n));
     s.args.push(side(g, invalid));
     if g.chance(40) {

@@ -104,7 +104,7 @@ fn key_members(g: &mut Gen, name: &str) -> Step {
     let mut s = step!(g.name(name), g.key());
     if !g.invalid() {
         let n = g.rng.range(1, 4) as usize;
-        s.args.extend(g.members(n));
+        s.args.extend(g.set_members(n));
     }
     s
 }
@@ -120,7 +120,7 @@ fn sismember(g: &mut Gen, name: &str) -> Step {
     if g.invalid() {
         return step!(g.name(name), g.key());
     }
-    step!(g.name(name), g.key(), g.member())
+    step!(g.name(name), g.key(), g.set_member())
 }
 
 /// SPOP and SRANDMEMBER: `key [count]` (random: compared by properties; SPOP's key is then
@@ -145,7 +145,7 @@ fn smove(g: &mut Gen, name: &str) -> Step {
     if g.invalid() {
         return step!(g.name(name), g.key(), g.key());
     }
-    step!(g.name(name), g.key(), g.key(), g.member())
+    step!(g.name(name), g.key(), g.key(), g.set_member())
 }
 
 /// SINTER, SUNION, SDIFF over one to three keys.

@@ -1,5 +1,5 @@
-//! Strings: SET and its options, GET, GETDEL, the INCR family, APPEND, MSET/MGET, STRLEN, and
-//! (enabled once capdb serves them) GETSET, GETRANGE, SETRANGE, INCRBYFLOAT, MSETNX, GETEX.
+//! Strings: SET and its options, GET, GETDEL, the INCR family, APPEND, MSET/MGET, STRLEN,
+//! GETSET, GETRANGE/SUBSTR, SETRANGE, INCRBYFLOAT, MSETNX, GETEX and LCS.
 
 use super::{CommandGen, Family, Gen, Step};
 use crate::step;
@@ -109,6 +109,16 @@ pub const FAMILY: Family = Family {
             name: "getex",
             weight: 3,
             make: getex,
+        },
+        CommandGen {
+            name: "substr",
+            weight: 1,
+            make: getrange,
+        },
+        CommandGen {
+            name: "lcs",
+            weight: 3,
+            make: lcs,
         },
     ],
 };
@@ -306,5 +316,38 @@ fn getex(g: &mut Gen, name: &str) -> Step {
         let extra = *g.rng.pick(&["PERSIST", "EX", "FOO"]);
         s.args.push(g.word(extra));
     }
+    s
+}
+
+/// `LCS key1 key2 [LEN] [IDX] [MINMATCHLEN len] [WITHMATCHLEN]`, options in any order (LEN
+/// with IDX is refused).
+fn lcs(g: &mut Gen, name: &str) -> Step {
+    let invalid = g.invalid();
+    let mut s = step!(g.name(name), g.key(), g.key());
+    let mut opts: Vec<Vec<Vec<u8>>> = Vec::new();
+    match g.rng.below(10) {
+        0..=2 => {}
+        3..=4 => opts.push(vec![g.word("LEN")]),
+        _ => opts.push(vec![g.word("IDX")]),
+    }
+    if g.chance(30) {
+        let n = if invalid && g.chance(50) {
+            g.bad_int()
+        } else {
+            g.rng.pick(&["0", "1", "2", "3", "-1"]).as_bytes().to_vec()
+        };
+        opts.push(vec![g.word("MINMATCHLEN"), n]);
+    }
+    if g.chance(30) {
+        opts.push(vec![g.word("WITHMATCHLEN")]);
+    }
+    if invalid {
+        let o = *g.rng.pick(&["LEN", "IDX", "MINMATCHLEN", "FOO"]);
+        opts.push(vec![g.word(o)]);
+    }
+    if g.chance(40) {
+        opts.reverse();
+    }
+    s.args.extend(opts.into_iter().flatten());
     s
 }

@@ -3,7 +3,8 @@
 //! Each runs its non-blocking form (LMPOP, LMOVE, RPOPLPUSH, ZMPOP) as an ordinary write; when
 //! that finds nothing, the connection waits (processing nothing else, as in Redis) until a
 //! write to one of its keys wakes it, through this node or another (`node/blocking.rs`), or
-//! its timeout passes (nil), or the client disconnects (nothing is popped for a client that is
+//! its timeout passes (a null array, whatever the command: see [`timed_out`]), or the client
+//! disconnects (nothing is popped for a client that is
 //! gone). Every error a client can receive comes from the non-blocking form, with Redis's
 //! texts, or from the timeout's parsing.
 
@@ -18,6 +19,7 @@ use tokio::sync::Notify;
 use super::{Outcome, error_line, syntax};
 use crate::node::blocking::{INTEREST_TTL, POLL_INTERVAL};
 use crate::node::pubsub::Item;
+use crate::resp::reply::ReplyWriter;
 use crate::resp::{Connection, cluster};
 
 /// What a blocking command tries, and how its answer is shaped.
@@ -38,7 +40,7 @@ enum Shape {
     KeyMemberScore,
     /// BLMPOP/BZMPOP: the non-blocking reply as is; nil array on timeout.
     Same,
-    /// BLMOVE/BRPOPLPUSH: the element; nil bulk on timeout.
+    /// BLMOVE/BRPOPLPUSH: the element; nil array on timeout (see [`timed_out`]).
     Element,
 }
 
@@ -104,8 +106,14 @@ fn parse(name: &str, args: &[Bytes]) -> Result<Blocked, String> {
             keys: args[1..3].to_vec(),
             shape: Shape::Element,
         },
-        // BLMPOP/BZMPOP timeout numkeys key [key ...] where [COUNT n]
+        // BLMPOP/BZMPOP timeout numkeys key [key ...] where [COUNT n]: Redis parses the rest
+        // before the timeout.
         _ => {
+            if name == "blmpop" {
+                capdb_data::list::parse_mpop(args, 2).map_err(|e| error_line(&e))?;
+            } else {
+                capdb_data::zset::parse_zmpop(args, 2).map_err(|e| error_line(&e))?;
+            }
             let t = timeout(&args[1])?;
             let form = if name == "blmpop" { "LMPOP" } else { "ZMPOP" };
             let attempt = [&[cmd(form)][..], &args[2..]].concat();
@@ -168,12 +176,17 @@ pub(super) async fn run(conn: &mut Connection, args: &[Bytes]) -> Outcome {
         .unregister(ks.spec.name.as_str(), &b.keys, &notify);
     match result? {
         Some(reply) => conn.out.reply(&shaped(b.shape, reply)),
-        None => match b.shape {
-            Shape::Element => conn.out.null(),
-            _ => conn.out.null_array(),
-        },
+        None => timed_out(&mut conn.out),
     }
     Ok(())
+}
+
+/// What a blocking pop answers when its timeout passes: the null array (`*-1`, RESP3 `_`) for
+/// every one of them, BLMOVE and BRPOPLPUSH included, as Redis 7.0's
+/// `replyToBlockedClientTimedOut` answers (its documentation promises BLMOVE a nil bulk string;
+/// the server under test writes `*-1`).
+fn timed_out(out: &mut ReplyWriter) {
+    out.null_array();
 }
 
 /// Tries, then waits for a wake-up, a poll, the deadline or the client leaving; `None`: timed
@@ -288,6 +301,76 @@ impl ClosedProbe {
                 self.0 = None;
                 std::future::pending::<()>().await
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_blocking_pop_times_out_with_a_null_array() {
+        // redis-server 7.0.15: `BLMOVE empty dst LEFT RIGHT 0.01` and `BRPOPLPUSH empty dst
+        // 0.01` answer `*-1` (RESP2) and `_` (RESP3), as BLPOP does.
+        for name in ["blmove", "brpoplpush", "blpop", "bzpopmin", "blmpop"] {
+            let args: Vec<Bytes> = match name {
+                "blmove" => vec!["blmove", "a", "b", "LEFT", "RIGHT", "0.01"],
+                "brpoplpush" => vec!["brpoplpush", "a", "b", "0.01"],
+                "blmpop" => vec!["blmpop", "0.01", "1", "a", "LEFT"],
+                _ => vec![name, "a", "0.01"],
+            }
+            .into_iter()
+            .map(|a| Bytes::copy_from_slice(a.as_bytes()))
+            .collect();
+            assert!(parse(name, &args).is_ok(), "{name}");
+            let mut w = ReplyWriter::new();
+            timed_out(&mut w);
+            w.resp3 = true;
+            timed_out(&mut w);
+            assert_eq!(&w.out[..], b"*-1\r\n_\r\n", "{name}");
+        }
+    }
+
+    fn parse_error(line: &str) -> String {
+        let args: Vec<Bytes> = line
+            .split(' ')
+            .map(|a| Bytes::copy_from_slice(a.as_bytes()))
+            .collect();
+        let name = line
+            .split(' ')
+            .next()
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        match parse(&name, &args) {
+            Ok(_) => "ok".into(),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn blmpop_and_bzmpop_check_their_arguments_before_the_timeout() {
+        // Each text was answered by redis-server 7.0.15. BLPOP, BZPOPMIN and BLMOVE's
+        // timeout errors come first; BLMPOP and BZMPOP parse numkeys, the side and COUNT first.
+        for (line, want) in [
+            ("BZMPOP -1 2 a b UP COUNT", "ERR syntax error"),
+            ("BZMPOP -1 0 a MIN", "ERR numkeys should be greater than 0"),
+            (
+                "BZMPOP abc 1 a MIN COUNT 0",
+                "ERR count should be greater than 0",
+            ),
+            ("BZMPOP -1 1 a MAX COUNT 2", "ERR timeout is negative"),
+            ("BLMPOP -1 1 a MIN", "ERR syntax error"),
+            (
+                "BLMPOP abc 1 a LEFT",
+                "ERR timeout is not a float or out of range",
+            ),
+            ("BLMPOP 0.5 1 a LEFT COUNT 2", "ok"),
+            ("BZMPOP 0.5 2 a b min", "ok"),
+            ("BLPOP a abc", "ERR timeout is not a float or out of range"),
+            ("BZPOPMIN a -1", "ERR timeout is negative"),
+        ] {
+            assert_eq!(parse_error(line), want, "{line}");
         }
     }
 }

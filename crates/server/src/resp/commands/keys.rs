@@ -154,7 +154,11 @@ async fn time_to_live(conn: &mut Connection, args: &[Bytes], in_seconds: bool) -
             None => -1,
             Some(at) => {
                 let ms = at.saturating_sub(conn.now_ms) as i64;
-                if in_seconds { (ms + 500) / 1000 } else { ms }
+                if in_seconds {
+                    ((ms as i128 + 500) / 1000) as i64
+                } else {
+                    ms
+                }
             }
         },
     };
