@@ -42,14 +42,7 @@ pub(super) fn apply_one<'txn>(
             seed: seed_of(ts),
             value_bytes_max: x.value_bytes_max,
         };
-        let mut space = TxnSpace {
-            txn: x.txn,
-            top: t,
-            el_name: crate::layout::element_table(table),
-            el: None,
-            now_ms,
-            stats: x.stats,
-        };
+        let mut space = TxnSpace::new(x, table, t, now_ms);
         return match capdb_data::execute(args, &mut space, &cx) {
             // Storage failures abort the batch; everything else is the command's answer.
             Err(e @ capdb_types::Error::Io(_)) => Err(e),
@@ -104,14 +97,7 @@ pub(super) fn apply_one<'txn>(
         _ => None,
     };
     if replaced.is_some() {
-        let mut space = TxnSpace {
-            txn: x.txn,
-            top: t,
-            el_name: crate::layout::element_table(table),
-            el: None,
-            now_ms,
-            stats: x.stats,
-        };
+        let mut space = TxnSpace::new(x, table, t, now_ms);
         space.replacing(key, None)?;
     }
     match effect {

@@ -140,7 +140,25 @@ pub(super) struct TxnSpace<'a, 'txn> {
     pub(super) stats: &'a EngineStats,
 }
 
-impl<'txn> TxnSpace<'_, 'txn> {
+impl<'a, 'txn> TxnSpace<'a, 'txn> {
+    /// The space of `table` (whose open handle is `top`) and its element table, opened on
+    /// first use, in the batch's transaction.
+    pub(super) fn new(
+        x: &'a super::ops::Exec<'txn>,
+        table: &str,
+        top: &'a mut RawTable<'txn>,
+        now_ms: u64,
+    ) -> TxnSpace<'a, 'txn> {
+        TxnSpace {
+            txn: x.txn,
+            top,
+            el_name: crate::layout::element_table(table),
+            el: None,
+            now_ms,
+            stats: x.stats,
+        }
+    }
+
     fn el(&mut self) -> Result<&mut RawTable<'txn>> {
         if self.el.is_none() {
             self.el = Some(
