@@ -68,6 +68,22 @@ fn unseal(raw: &[u8], stats: &EngineStats) -> Result<Bytes> {
     Ok(Bytes::copy_from_slice(&raw[4..]))
 }
 
+/// The live top-level record of `key` (corrupt records are counted and refused).
+fn live_in<T: ReadableTable<&'static [u8], &'static [u8]>>(
+    t: &T,
+    key: &[u8],
+    now_ms: u64,
+    stats: &EngineStats,
+) -> Result<Option<Value>> {
+    let Some(raw) = t.get(key).map_err(io_err)? else {
+        return Ok(None);
+    };
+    let v = Value::decode(raw.value()).inspect_err(|_| {
+        stats.corruptions.fetch_add(1, Ordering::Relaxed);
+    })?;
+    Ok(v.is_live(now_ms).then_some(v))
+}
+
 fn el_get_in<T: ReadableTable<&'static [u8], &'static [u8]>>(
     t: &T,
     c: &Coll,
@@ -218,15 +234,7 @@ impl<'a, 'txn> TxnSpace<'a, 'txn> {
 
 impl Space for TxnSpace<'_, '_> {
     fn get(&mut self, key: &[u8]) -> Result<Option<Value>> {
-        match self.top.get(key).map_err(io_err)? {
-            None => Ok(None),
-            Some(raw) => {
-                let v = Value::decode(raw.value()).inspect_err(|_| {
-                    self.stats.corruptions.fetch_add(1, Ordering::Relaxed);
-                })?;
-                Ok(v.is_live(self.now_ms).then_some(v))
-            }
-        }
+        live_in(&*self.top, key, self.now_ms, self.stats)
     }
 
     fn put(&mut self, key: &[u8], value: Value) -> Result<()> {
@@ -386,17 +394,9 @@ fn read_only() -> Error {
 
 impl Space for ReadSpace<'_> {
     fn get(&mut self, key: &[u8]) -> Result<Option<Value>> {
-        let Some(top) = &self.top else {
-            return Ok(None);
-        };
-        match top.get(key).map_err(io_err)? {
+        match &self.top {
+            Some(top) => live_in(top, key, self.now_ms, self.stats),
             None => Ok(None),
-            Some(raw) => {
-                let v = Value::decode(raw.value()).inspect_err(|_| {
-                    self.stats.corruptions.fetch_add(1, Ordering::Relaxed);
-                })?;
-                Ok(v.is_live(self.now_ms).then_some(v))
-            }
         }
     }
     fn put(&mut self, _: &[u8], _: Value) -> Result<()> {
