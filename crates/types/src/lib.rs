@@ -13,12 +13,15 @@
 //!   call that function instead of re-implementing Redis semantics, and a replicated log can carry
 //!   a mutation unchanged because it holds absolute times, never "now".
 //! - [`keyspace`]: keyspace names, modes (`cp`, `ap`, `cache`) and their specification.
+//! - [`merge`] and [`composite`]: how `ap` replicas merge versions (last writer wins,
+//!   PN-counters, and per-element rules for collections).
 //! - [`limits`]: the documented bounds on keys, values and frames.
 //! - [`error`]: errors shaped by what the caller must do.
 //!
 //! This crate has no I/O and no async runtime: it must stay cheap to compile and trivially
 //! testable.
 
+pub mod composite;
 pub mod consistency;
 pub mod error;
 pub mod hlc;

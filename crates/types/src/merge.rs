@@ -93,8 +93,18 @@ pub fn wins(a: &Value, b: &Value) -> bool {
     }
 }
 
+/// The timestamp of the plain value or delete a version counts from (its own for a plain
+/// value or tombstone, the epoch for a counter): a collection's elements written at or before
+/// it are hidden (see [`crate::composite`]).
+pub fn reset_timestamp(v: &Value) -> Timestamp {
+    reset_of(v).0.0
+}
+
 /// Merges two versions of one key into the version every replica should hold.
 pub fn merge(a: &Value, b: &Value) -> Value {
+    if crate::composite::is_composite(a) || crate::composite::is_composite(b) {
+        return crate::composite::merge(a, b);
+    }
     let (ra, ca) = reset_of(a);
     let (rb, cb) = reset_of(b);
     let reset = if ra >= rb { ra.clone() } else { rb.clone() };
@@ -149,6 +159,15 @@ pub fn counter_add(
     timestamp: Timestamp,
     now_ms: u64,
 ) -> Result<Value> {
+    if let Some(c) = current.filter(|v| crate::composite::is_composite(v)) {
+        // A key that holds (or held) a collection: count on its plain part, keep the rest.
+        let comp = crate::composite::Composite::of(c)?;
+        if let crate::composite::Visible::Coll(_) = comp.visible(now_ms) {
+            return Err(Error::WrongType);
+        }
+        let added = counter_add(comp.base().as_ref(), node, delta, timestamp, now_ms)?;
+        return Ok(merge(c, &added));
+    }
     let live = current.filter(|v| v.is_live(now_ms));
     let mut counter = match (current, live) {
         (_, Some(v)) if v.header.counter => Counter::decode(&v.data)?,
@@ -191,6 +210,9 @@ pub fn counter_add(
 
 /// What a client sees of a version: a counter reads as its decimal total.
 pub fn render(v: Value) -> Result<Value> {
+    if crate::composite::is_composite(&v) {
+        return crate::composite::render(v);
+    }
     if !v.header.counter || v.header.tombstone {
         return Ok(v);
     }

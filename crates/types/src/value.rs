@@ -68,7 +68,7 @@ impl ValueKind {
         }
     }
 
-    fn from_bits(bits: u8) -> Option<ValueKind> {
+    pub(crate) fn from_bits(bits: u8) -> Option<ValueKind> {
         Some(match bits {
             0 => ValueKind::String,
             1 => ValueKind::Hash,
