@@ -110,52 +110,30 @@ impl Ap {
         value_bytes_max: usize,
         write: bool,
     ) -> Result<Reply> {
-        let name = args
-            .first()
-            .map(|n| String::from_utf8_lossy(n).to_ascii_lowercase())
-            .unwrap_or_default();
-        if capdb_data::command::is_collection_command(&name) {
-            return Err(crate::scratch::collections_refused());
-        }
         // An argument error needs no data: answer it without reading.
-        let keys = match capdb_data::command::command_keys(args) {
-            Ok(keys) => keys,
-            Err(e) => return Err(e),
-        };
+        let keys = capdb_data::command::command_keys(args)?;
         let mut values = std::collections::HashMap::new();
         for k in keys {
             if values.contains_key(&k) {
                 continue;
             }
             let shard = &entry.shards[shard_index(entry, &k)];
-            let current = self.read_live(keyspace, shard, &k, level, now_ms).await?;
+            let current = self.read_raw(keyspace, shard, &k, level).await?;
             values.insert(k, current);
         }
-        let timestamp = self.hlc.now();
-        let mut space = crate::scratch::Scratch {
-            values,
-            writes: Vec::new(),
-        };
+        let (t_reset, t_write) = (self.hlc.now(), self.hlc.now());
+        let mut view = crate::view::View::new(self.me, t_reset, t_write, now_ms, values)?;
         let cx = capdb_data::Ctx {
             now_ms,
-            timestamp,
-            seed: timestamp.0.rotate_left(17) ^ 0x9e37_79b9_7f4a_7c15,
+            timestamp: t_write,
+            seed: t_write.0.rotate_left(17) ^ 0x9e37_79b9_7f4a_7c15,
             value_bytes_max,
         };
-        let reply = capdb_data::execute(args, &mut space, &cx)?;
+        let reply = capdb_data::execute(args, &mut view, &cx)?;
         if !write {
             return Ok(reply);
         }
-        // The last write of each key, each to its shard, in the order written.
-        let mut last: Vec<(Bytes, Value)> = Vec::new();
-        for (k, v) in space.writes {
-            let version = v.unwrap_or_else(|| Value::tombstone(timestamp));
-            match last.iter_mut().find(|(lk, _)| *lk == k) {
-                Some(slot) => slot.1 = version,
-                None => last.push((k, version)),
-            }
-        }
-        for (k, version) in last {
+        for (k, version) in view.into_writes(value_bytes_max)? {
             let shard = entry.shards[shard_index(entry, &k)].clone();
             self.write_versions(keyspace, &shard, vec![(k, version)], level)
                 .await?;
@@ -163,22 +141,25 @@ impl Ap {
         Ok(reply)
     }
 
-    /// The live value of `key` read at `level`, as a client sees it (counters rendered).
-    async fn read_live(
+    /// The stored version of `key` read at `level` (merged across the replicas that answered),
+    /// whatever its state; this node's clock moves past it, so that what it writes next is
+    /// later.
+    async fn read_raw(
         self: &Arc<Self>,
         keyspace: &KeyspaceName,
         shard: &ShardInfo,
         key: &Bytes,
         level: Level,
-        now_ms: u64,
     ) -> Result<Option<Value>> {
-        let current = self
+        let v = self
             .read_versions(keyspace, shard, vec![key.clone()], level)
             .await?
             .pop()
-            .flatten()
-            .filter(|v| v.is_live(now_ms));
-        current.map(capdb_types::merge::render).transpose()
+            .flatten();
+        if let Some(v) = &v {
+            self.hlc.observe(v.header.timestamp);
+        }
+        Ok(v)
     }
 
     /// A read-only data-type command (GETRANGE, BITCOUNT, ...), read at `level`.
@@ -269,12 +250,32 @@ impl Ap {
                     .await
             }
             _ => {
-                let current = self.read_live(keyspace, shard, &key, level, now_ms).await?;
-                let timestamp = self.hlc.now();
+                let raw = self.read_raw(keyspace, shard, &key, level).await?;
+                let current = raw
+                    .clone()
+                    .filter(|v| v.is_live(now_ms))
+                    .map(capdb_types::merge::render)
+                    .transpose()?;
+                let (t_reset, timestamp) = (self.hlc.now(), self.hlc.now());
                 let (effect, reply) =
                     m.apply(current.as_ref(), now_ms, timestamp, value_bytes_max)?;
                 let version = match effect {
                     Effect::Unchanged => return Ok(reply),
+                    // EXPIRE or PERSIST of a key holding a collection: its TTL register.
+                    Effect::Put(v) if !v.is_string() => {
+                        let mut view = crate::view::View::new(
+                            self.me,
+                            t_reset,
+                            timestamp,
+                            now_ms,
+                            [(key.clone(), raw)].into_iter().collect(),
+                        )?;
+                        view.set_ttl(&key, v.header.expire_at_ms)?;
+                        match view.into_writes(usize::MAX)?.pop() {
+                            Some((_, version)) => version,
+                            None => return Ok(reply),
+                        }
+                    }
                     Effect::Put(v) => v,
                     Effect::Remove(ts) => Value::tombstone(ts),
                 };
@@ -342,7 +343,9 @@ impl Ap {
             }
             Ok(other) => Err(Error::Io(format!("unexpected answer {other:?}"))),
             // A definite refusal (not an integer, overflow) is final.
-            Err(CallError::Refused(e @ (Error::NotAnInteger | Error::Overflow))) => Err(e),
+            Err(CallError::Refused(e @ (Error::NotAnInteger | Error::Overflow | Error::WrongType))) => {
+                Err(e)
+            }
             Err(e) => Err(Error::OutcomeUnknown(format!(
                 "the increment's outcome is unknown ({e}); it may have been counted: read before retrying"
             ))),

@@ -24,6 +24,11 @@
 //! write it: they are not atomic against concurrent writers (last writer wins), as in other
 //! leaderless stores. The README documents this.
 //!
+//! Hashes, sets, sorted sets and lists run `capdb-data`'s commands at the coordinator too
+//! (`view.rs`), and replicate per-element deltas that merge as CRDTs
+//! (`capdb_types::composite`): hash fields and sorted-set members last-writer-wins per element,
+//! sets add-wins, a list as one register whose concurrent loss the report counts.
+//!
 //! # Boundaries
 //!
 //! This crate speaks to other nodes over its own transport channel ([`ApService`]) and stores
@@ -48,7 +53,7 @@ pub mod hints;
 pub mod messages;
 pub mod replica;
 mod replicate;
-pub mod scratch;
+mod view;
 
 use std::sync::Arc;
 use std::time::Duration;

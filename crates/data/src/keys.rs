@@ -159,6 +159,7 @@ fn copy(args: &[Bytes], space: &mut dyn Space, cx: &Ctx) -> Result<Reply> {
         None => value.data.clone(),
         Some(meta) => {
             let id = space.new_id()?;
+            space.creating(dst, value.header.kind)?;
             let from = Coll {
                 key: src.clone(),
                 id: meta.id,

@@ -104,6 +104,7 @@ pub fn open(space: &mut dyn Space, key: &Bytes, kind: ValueKind) -> Result<Optio
 /// leaves no key behind).
 pub fn create(space: &mut dyn Space, key: &Bytes, kind: ValueKind) -> Result<Open> {
     let id = space.new_id()?;
+    space.creating(key, kind)?;
     Ok(Open {
         coll: Coll {
             key: key.clone(),

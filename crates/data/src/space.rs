@@ -3,7 +3,7 @@
 use std::ops::Bound;
 
 use bytes::Bytes;
-use capdb_types::{Result, Value};
+use capdb_types::{Result, Value, ValueKind};
 
 /// A collection's handle for element operations: its key (engines that keep elements with the
 /// key's entry, like the cache, find them by it) and its id (engines with one element table,
@@ -81,6 +81,13 @@ pub trait Space {
     fn el_put(&mut self, c: &Coll, sub: &[u8], value: &[u8]) -> Result<()>;
     fn el_remove(&mut self, c: &Coll, sub: &[u8]) -> Result<()>;
     fn el_range(&mut self, c: &Coll, range: ElRange<'_>) -> Result<Vec<(Bytes, Bytes)>>;
+
+    /// A new collection of `kind` is about to get elements at `key` (its meta record is stored
+    /// after them). Engines that keep elements by kind (`ap` merges a set's members differently
+    /// from a hash's fields) learn the kind here; others need nothing.
+    fn creating(&mut self, _key: &[u8], _kind: ValueKind) -> Result<()> {
+        Ok(())
+    }
 
     /// [`Space::el_put`], answering whether the subkey is new. Engines override it to look the
     /// subkey up once (HSET, SADD on a big collection are a tree search each).

@@ -154,6 +154,19 @@ fn decode_index(sub: &[u8]) -> Result<Entry> {
 
 /// The score stored in a member record; a set's member (empty value) counts as 1, as Redis's
 /// ZUNION/ZINTER/ZDIFF take it.
+/// Whether a subkey is an order-index record. Engines that cannot keep a secondary index
+/// consistent under their merge rules (`ap` keyspaces keep only member → score records, merged
+/// per member) derive the index from the score records instead of storing it.
+pub fn is_index_sub(sub: &[u8]) -> bool {
+    sub.first() == Some(&INDEX)
+}
+
+/// The order-index subkey of a member → score record (see [`is_index_sub`]).
+pub fn index_of_score_record(sub: &[u8], value: &[u8]) -> Result<Vec<u8>> {
+    let member = crate::meta::member_of_hashed(sub)?;
+    Ok(index_key(decode_score(value)?, &member))
+}
+
 fn decode_score(raw: &[u8]) -> Result<f64> {
     if raw.is_empty() {
         return Ok(1.0);

@@ -471,25 +471,8 @@ impl Keyspace {
                 value_bytes_max,
                 ..
             } => {
-                // Collections do not merge across `ap` replicas yet: refuse their commands
-                // (nothing happens) and apply the rest (string and key commands included).
-                let n = mutations.len();
-                let (data, plain): (Vec<_>, Vec<_>) = mutations
-                    .into_iter()
-                    .enumerate()
-                    .partition(|(_, m)| is_collection_write(m));
-                if plain.is_empty() {
-                    return Ok(data.into_iter().map(|_| Err(ap_collections())).collect());
-                }
-                let (idx, plain): (Vec<usize>, Vec<Mutation>) = plain.into_iter().unzip();
-                let replies = ap
-                    .apply(self.name(), plain, c.ap_write, now_ms, *value_bytes_max)
-                    .await?;
-                let mut out: Vec<Result<Reply>> = (0..n).map(|_| Err(ap_collections())).collect();
-                for (i, r) in idx.into_iter().zip(replies) {
-                    out[i] = r;
-                }
-                Ok(out)
+                ap.apply(self.name(), mutations, c.ap_write, now_ms, *value_bytes_max)
+                    .await
             }
             Store::Cache(m) => m.apply(mutations, now_ms).await,
             Store::Cp { entry, groups, .. } => {
@@ -690,23 +673,6 @@ fn expired_sample(t: &capdb_storage::disk::DiskTable, now: u64) -> Result<Vec<By
         examined < CP_EXPIRE_EXAMINE && found.len() < CP_EXPIRE_BATCH
     })?;
     Ok(found)
-}
-
-/// The answer to a hash, list, set or sorted-set command on an `ap` keyspace: not applied.
-fn ap_collections() -> Error {
-    capdb_ap::scratch::collections_refused()
-}
-
-/// Whether a mutation is a hash, list, set or sorted-set command (refused in `ap`).
-fn is_collection_write(m: &Mutation) -> bool {
-    let Mutation::Exec { args, .. } = m else {
-        return false;
-    };
-    let name = args
-        .first()
-        .map(|n| String::from_utf8_lossy(n).to_ascii_lowercase())
-        .unwrap_or_default();
-    capdb_data::command::is_collection_command(&name)
 }
 
 #[cfg(test)]
