@@ -83,6 +83,12 @@ pub struct Counts {
     pub hints_stored: u64,
     pub hints_delivered: u64,
     pub tombstones_purged: u64,
+    /// Merges that discarded a list version written concurrently with the one kept (a list is
+    /// one register in `ap`: the discarded side's pushes and pops are lost). Counted by each
+    /// replica that merged it.
+    pub list_versions_lost: u64,
+    /// Merges that met two types written concurrently to one key (the later wins).
+    pub type_conflicts: u64,
 }
 
 impl Counts {
@@ -96,6 +102,8 @@ impl Counts {
             hints_stored: self.hints_stored - o.hints_stored,
             hints_delivered: self.hints_delivered - o.hints_delivered,
             tombstones_purged: self.tombstones_purged - o.tombstones_purged,
+            list_versions_lost: self.list_versions_lost - o.list_versions_lost,
+            type_conflicts: self.type_conflicts - o.type_conflicts,
         }
     }
 }
@@ -155,6 +163,18 @@ impl Stats {
 
     pub fn hints_delivered(&self, ks: &str, n: u64) {
         self.with(ks, |s| s.totals.hints_delivered += n);
+    }
+
+    /// What merging collections found (see [`Counts::list_versions_lost`]).
+    pub fn collection_conflicts(&self, ks: &str, c: capdb_types::composite::Conflicts) {
+        if c.list_versions_lost + c.type_conflicts == 0 {
+            return;
+        }
+        self.diverged(ks);
+        self.with(ks, |s| {
+            s.totals.list_versions_lost += c.list_versions_lost;
+            s.totals.type_conflicts += c.type_conflicts;
+        });
     }
 
     pub fn tombstones_purged(&self, ks: &str, n: u64) {
@@ -436,7 +456,7 @@ async fn stream_differences(
             .filter_map(|(k, v)| v.map(|v| (k, v)))
             .collect();
         ap.budget.take(budget_bytes(&entries)).await;
-        table.merge(entries).await?;
+        super::replica::merge_counted(ap, ks, entries).await?;
     }
     for chunk in push.chunks(MERGE_BATCH_KEYS) {
         let mut entries = Vec::with_capacity(chunk.len());
@@ -466,14 +486,22 @@ async fn collect_tombstones(ap: &Arc<Ap>, ks: &str, shard: &ShardInfo) -> Result
         capdb_types::unix_now_ms().saturating_sub(ap.config.tombstone_grace.as_millis() as u64);
     let mut old = Vec::new();
     let slots = shard.slots;
+    let horizon = capdb_types::Timestamp::from_parts(horizon_ms, 0);
     ap.table(ks).for_each_raw(|k, v| {
         let s = capdb_cluster::slots::key_slot(k);
-        if s >= slots.0
-            && s <= slots.1
-            && v.header.tombstone
-            && v.header.timestamp.physical_ms() < horizon_ms
-        {
+        if s < slots.0 || s > slots.1 {
+            return old.len() < 100_000;
+        }
+        if v.header.tombstone && v.header.timestamp.physical_ms() < horizon_ms {
             old.push((Bytes::copy_from_slice(k), v.header.timestamp));
+        } else if !v.header.tombstone
+            && capdb_types::composite::is_composite(&v)
+            && capdb_types::composite::Composite::of(&v)
+                .is_ok_and(|c| c.has_removed_before(horizon))
+        {
+            // A live collection's removed elements (HDEL, SREM, ZREM): the horizon travels
+            // in place of the timestamp.
+            old.push((Bytes::copy_from_slice(k), horizon));
         }
         old.len() < 100_000
     })?;

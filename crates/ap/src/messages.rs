@@ -106,7 +106,8 @@ pub enum ApRequest {
         limit: u32,
         now_ms: u64,
     },
-    /// Remove these tombstones (every replica is known to hold them).
+    /// Remove these tombstones (every replica is known to hold them). For a live `ap`
+    /// collection the timestamp is a horizon: its element removals older than it go.
     Purge {
         keyspace: String,
         entries: Vec<(Bytes, Timestamp)>,

@@ -85,13 +85,39 @@ pub fn fingerprints(
     Ok(out)
 }
 
+/// Merges versions into the local table (durably), first counting what the reconciliation
+/// report says about collections: a list version lost to a concurrent one, a type conflict.
+/// Only incoming collection versions are examined (one extra local read each).
+pub(crate) async fn merge_counted(
+    ap: &Ap,
+    keyspace: &str,
+    entries: Vec<(Bytes, Value)>,
+) -> Result<u64> {
+    let table = ap.table(keyspace);
+    let mut found = capdb_types::composite::Conflicts::default();
+    for (k, v) in &entries {
+        if !capdb_types::composite::is_composite(v) {
+            continue;
+        }
+        if let Some(current) = table.get_raw(k)? {
+            let (_, c) = capdb_types::composite::merge_counting(&current, v);
+            found.list_versions_lost += c.list_versions_lost;
+            found.type_conflicts += c.type_conflicts;
+        }
+    }
+    ap.stats.collection_conflicts(keyspace, found);
+    table.merge(entries).await
+}
+
 /// Serves one `ap` request addressed to this node, on its local table.
 pub(super) async fn handle(ap: &Arc<Ap>, request: ApRequest) -> Result<ApResponse> {
     match request {
         ApRequest::Ping => Ok(ApResponse::Pong),
         ApRequest::Merge { keyspace, entries } => {
             check_table(ap, &keyspace)?;
-            Ok(ApResponse::Count(ap.table(&keyspace).merge(entries).await?))
+            Ok(ApResponse::Count(
+                merge_counted(ap, &keyspace, entries).await?,
+            ))
         }
         ApRequest::Read { keyspace, keys } => {
             check_table(ap, &keyspace)?;

@@ -305,13 +305,13 @@ impl Space for View {
             let ks = self.key(key)?;
             let mut v = value;
             v.header.timestamp = t_write;
-            ks.state.base = Some(Bytes::from(
-                match ks.state.base() {
-                    Some(b) => capdb_types::merge::merge(&b, &v),
-                    None => v,
-                }
-                .encode(),
-            ));
+            // A second write of the key by this command replaces its first (MSETNX k a k b),
+            // which a merge of two versions with one timestamp would not.
+            let merged = match ks.state.base() {
+                Some(b) if !ks.base_written => capdb_types::merge::merge(&b, &v),
+                _ => v,
+            };
+            ks.state.base = Some(Bytes::from(merged.encode()));
             ks.state.prune();
             ks.base_written = true;
             ks.touched.clear();

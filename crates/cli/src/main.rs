@@ -649,7 +649,7 @@ fn print_reconcile_report(v: &serde_json::Value) {
     for (ks, r) in keyspaces {
         let t = &r["totals"];
         println!(
-            "keyspace {ks}: compared {} keys, repaired {}, conflicts {} (resolved {}), read repairs {}, hints stored {} / delivered {}, tombstones collected {}",
+            "keyspace {ks}: compared {} keys, repaired {}, conflicts {} (resolved {}), read repairs {}, hints stored {} / delivered {}, tombstones collected {}, list versions lost {}, type conflicts {}",
             t["keys_compared"],
             t["keys_repaired"],
             t["conflicts"],
@@ -657,7 +657,9 @@ fn print_reconcile_report(v: &serde_json::Value) {
             t["read_repairs"],
             t["hints_stored"],
             t["hints_delivered"],
-            t["tombstones_purged"]
+            t["tombstones_purged"],
+            t["list_versions_lost"],
+            t["type_conflicts"]
         );
         let e = &r["last_episode"];
         if e.is_object() {

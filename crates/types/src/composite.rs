@@ -276,6 +276,47 @@ impl Composite {
         conflicts
     }
 
+    /// Drops element removals older than `before` (tombstone collection: every replica is
+    /// known to hold them, see `capdb-ap`'s anti-entropy); true when anything went.
+    pub fn collect_removed(&mut self, before: Timestamp) -> bool {
+        let mut changed = false;
+        for (kind, c) in self.colls.iter_mut() {
+            if *kind == LIST {
+                continue;
+            }
+            let n = c.entries.len();
+            c.entries.retain(|_, e| {
+                let removed = if *kind == SET {
+                    !e.visible(*kind)
+                } else {
+                    e.value.is_none()
+                };
+                !(removed && e.top() < before)
+            });
+            changed |= c.entries.len() != n;
+        }
+        if changed {
+            self.colls
+                .retain(|k, c| *k == LIST || !c.entries.is_empty() || c.ttl.0 > Timestamp::ZERO);
+        }
+        changed
+    }
+
+    /// Whether any element removal older than `before` could be collected.
+    pub fn has_removed_before(&self, before: Timestamp) -> bool {
+        self.colls.iter().any(|(kind, c)| {
+            *kind != LIST
+                && c.entries.values().any(|e| {
+                    let removed = if *kind == SET {
+                        !e.visible(*kind)
+                    } else {
+                        e.value.is_none()
+                    };
+                    removed && e.top() < before
+                })
+        })
+    }
+
     /// Drops every element version the base's delete hides, and kinds left empty.
     pub fn prune(&mut self) {
         let reset = self.reset();
@@ -546,6 +587,21 @@ mod tests {
         let m2 = merge(&m, &s2);
         assert!(!is_composite(&m2));
         assert_eq!(m2.data, "str");
+    }
+
+    #[test]
+    fn removed_fields_older_than_the_horizon_are_collected_and_live_ones_stay() {
+        let h = hash(&[
+            ("gone", field(5, 1, None)),
+            ("recent-gone", field(50, 1, None)),
+            ("live", field(4, 1, Some("v"))),
+        ]);
+        let mut c = Composite::of(&h).unwrap();
+        assert!(c.has_removed_before(ts(10)));
+        assert!(c.collect_removed(ts(10)));
+        let left: Vec<_> = c.colls[&HASH].entries.keys().cloned().collect();
+        assert_eq!(left, vec![Bytes::from_static(b"live"), Bytes::from_static(b"recent-gone")]);
+        assert!(!c.has_removed_before(ts(10)));
     }
 
     #[test]

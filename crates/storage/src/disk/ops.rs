@@ -473,14 +473,26 @@ fn purge_tombstones(x: &Exec, table: &str, entries: &[(Bytes, Timestamp)]) -> Re
     let mut t = x.txn.open_table(table_def(table)).map_err(io_err)?;
     let mut removed = 0;
     for (key, ts) in entries {
-        let still = match t.get(&key[..]).map_err(io_err)? {
-            Some(raw) => Value::decode(raw.value())
-                .is_ok_and(|v| v.header.tombstone && v.header.timestamp == *ts),
-            None => false,
+        let stored = match t.get(&key[..]).map_err(io_err)? {
+            Some(raw) => Value::decode(raw.value()).ok(),
+            None => None,
         };
-        if still {
+        let Some(v) = stored else {
+            continue;
+        };
+        if v.header.tombstone && v.header.timestamp == *ts {
             t.remove(&key[..]).map_err(io_err)?;
             removed += 1;
+        } else if !v.header.tombstone && capdb_types::composite::is_composite(&v) {
+            // A live `ap` collection: `ts` is the horizon; its element removals older than it
+            // go (see `Composite::collect_removed`).
+            if let Ok(mut c) = capdb_types::composite::Composite::of(&v)
+                && c.collect_removed(*ts)
+            {
+                t.insert(&key[..], &c.to_value().encode()[..])
+                    .map_err(io_err)?;
+                removed += 1;
+            }
         }
     }
     Ok(Output::Count(removed))
