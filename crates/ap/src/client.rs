@@ -343,9 +343,9 @@ impl Ap {
             }
             Ok(other) => Err(Error::Io(format!("unexpected answer {other:?}"))),
             // A definite refusal (not an integer, overflow) is final.
-            Err(CallError::Refused(e @ (Error::NotAnInteger | Error::Overflow | Error::WrongType))) => {
-                Err(e)
-            }
+            Err(CallError::Refused(
+                e @ (Error::NotAnInteger | Error::Overflow | Error::WrongType),
+            )) => Err(e),
             Err(e) => Err(Error::OutcomeUnknown(format!(
                 "the increment's outcome is unknown ({e}); it may have been counted: read before retrying"
             ))),

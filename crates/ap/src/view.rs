@@ -169,7 +169,9 @@ impl View {
         let (me, t_write, now_ms) = (self.me, self.t_write, self.now_ms);
         let ks = self.key(key)?;
         let Visible::Coll(kind) = ks.state.visible(now_ms) else {
-            return Err(Error::Io("ap TTL change of a key without a collection".into()));
+            return Err(Error::Io(
+                "ap TTL change of a key without a collection".into(),
+            ));
         };
         let kind = kind as u8;
         let c = ks.state.colls.entry(kind).or_default();
@@ -193,7 +195,8 @@ impl View {
             .encode(),
         ));
         for c in ks.state.colls.values_mut() {
-            c.entries.retain(|_, e| e.ts < t_write && !e.adds.values().any(|a| *a >= t_write));
+            c.entries
+                .retain(|_, e| e.ts < t_write && !e.adds.values().any(|a| *a >= t_write));
             if c.written.0 >= t_write {
                 *c = CollState::default();
             }
@@ -289,12 +292,7 @@ impl Space for View {
                     tail: c.tail,
                     big: c.big > Timestamp::ZERO,
                 };
-                Ok(Some(Value::of_kind(
-                    kind,
-                    meta.encode(),
-                    c.top(),
-                    c.ttl.2,
-                )))
+                Ok(Some(Value::of_kind(kind, meta.encode(), c.top(), c.ttl.2)))
             }
         }
     }

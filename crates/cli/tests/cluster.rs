@@ -914,6 +914,186 @@ fn ap_keyspaces_write_on_both_sides_of_a_partition_and_converge() {
     );
 }
 
+/// Issue 12's merge rules for `ap` collections, through a partition: hash fields last writer
+/// wins per field, sets add-wins, sorted-set members last writer wins per member (one score
+/// each), a list is one register (the later side's version wins whole and the report counts
+/// the loss), a DEL loses to a field written after it, and a type conflict goes to the later
+/// type.
+#[test]
+fn ap_collections_merge_by_their_rules_after_a_partition() {
+    let c = Cluster::start_with(3, &["--ap-anti-entropy-interval-ms", "1000"]);
+    let (code, body) = http(
+        c.node(1).http,
+        "POST",
+        "/v1/keyspaces",
+        &[],
+        Some(br#"{"name":"events","mode":"ap","replication_factor":3}"#),
+    )
+    .unwrap();
+    assert_eq!(code, 201, "{}", String::from_utf8_lossy(&body));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut q = loop {
+        let mut conn = c.node(1).client();
+        if redis::cmd("SELECT")
+            .arg("events")
+            .query::<()>(&mut conn)
+            .is_ok()
+        {
+            let _: () = redis::cmd("CONSISTENCY")
+                .arg("all")
+                .query(&mut conn)
+                .unwrap();
+            break conn;
+        }
+        assert!(Instant::now() < deadline, "keyspace never appeared");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let run = |conn: &mut redis::Connection, args: &[&str]| -> redis::Value {
+        let mut cmd = redis::cmd(args[0]);
+        for a in &args[1..] {
+            cmd.arg(*a);
+        }
+        cmd.query(conn).unwrap_or_else(|e| panic!("{args:?}: {e}"))
+    };
+    // Before the partition, on every replica.
+    run(&mut q, &["HSET", "h", "a", "1", "b", "2", "c", "3"]);
+    run(&mut q, &["SADD", "s", "m1", "m2"]);
+    run(&mut q, &["ZADD", "z", "1", "x", "2", "y"]);
+    run(&mut q, &["RPUSH", "l", "base"]);
+    run(&mut q, &["HSET", "doomed", "old", "v"]);
+
+    partition(&c, &[&[1], &[2, 3]]);
+    std::thread::sleep(Duration::from_secs(2)); // let the failure detectors notice
+    let mut left = ap_conn(&c, 1, "one");
+    let mut right = ap_conn(&c, 2, "one");
+    // Left first, right a little later: where the rules are last-writer-wins, right wins.
+    run(&mut left, &["HSET", "h", "a", "left", "d", "left-d"]);
+    run(&mut left, &["HDEL", "h", "b"]);
+    run(&mut left, &["SREM", "s", "m1", "m2"]);
+    run(&mut left, &["SADD", "s", "l1"]);
+    run(&mut left, &["ZADD", "z", "10", "x"]);
+    run(&mut left, &["ZREM", "z", "y"]);
+    run(&mut left, &["RPUSH", "l", "L1"]);
+    run(&mut left, &["DEL", "doomed"]);
+    run(&mut left, &["SET", "t", "a-string"]);
+    std::thread::sleep(Duration::from_millis(20));
+    run(&mut right, &["HSET", "h", "a", "right", "e", "right-e"]);
+    // Right never saw left's SREM: its add of m1 survives it; m2 it did not touch stays removed.
+    run(&mut right, &["SADD", "s", "m1", "r1"]);
+    run(&mut right, &["ZADD", "z", "20", "x", "5", "w"]);
+    run(&mut right, &["RPUSH", "l", "R1", "R2"]);
+    run(&mut right, &["HSET", "doomed", "new", "v"]);
+    run(&mut right, &["HSET", "t", "f", "v"]);
+    // The sides really diverged: each sees only its own writes.
+    let e_on_left: Option<String> = redis::cmd("HGET")
+        .arg("h")
+        .arg("e")
+        .query(&mut left)
+        .unwrap();
+    let d_on_right: Option<String> = redis::cmd("HGET")
+        .arg("h")
+        .arg("d")
+        .query(&mut right)
+        .unwrap();
+    assert_eq!((e_on_left, d_on_right), (None, None));
+
+    partition(&c, &[&[1, 2, 3]]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let d = digests(&c);
+        if d.windows(2).all(|w| w[0] == w[1]) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "replicas did not converge: {d:?}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    for node in 1..=3 {
+        let mut r = ap_conn(&c, node, "one");
+        let mut h: Vec<(String, String)> = redis::cmd("HGETALL")
+            .arg("h")
+            .query::<std::collections::HashMap<String, String>>(&mut r)
+            .unwrap()
+            .into_iter()
+            .collect();
+        h.sort();
+        let want = [
+            ("a", "right"),
+            ("c", "3"),
+            ("d", "left-d"),
+            ("e", "right-e"),
+        ];
+        assert_eq!(
+            h,
+            want.map(|(f, v)| (f.to_string(), v.to_string())).to_vec(),
+            "node {node}: per-field last writer wins, the delete of b kept"
+        );
+        let mut s: Vec<String> = redis::cmd("SMEMBERS").arg("s").query(&mut r).unwrap();
+        s.sort();
+        assert_eq!(
+            s,
+            ["l1", "m1", "r1"],
+            "node {node}: add wins over a remove that did not see it"
+        );
+        let z: Vec<(String, f64)> = redis::cmd("ZRANGE")
+            .arg("z")
+            .arg(0)
+            .arg(-1)
+            .arg("WITHSCORES")
+            .query(&mut r)
+            .unwrap();
+        assert_eq!(
+            z,
+            vec![("w".to_string(), 5.0), ("x".to_string(), 20.0)],
+            "node {node}: one score per member, the later write's"
+        );
+        let zcard: i64 = redis::cmd("ZCARD").arg("z").query(&mut r).unwrap();
+        assert_eq!(zcard, 2);
+        let l: Vec<String> = redis::cmd("LRANGE")
+            .arg("l")
+            .arg(0)
+            .arg(-1)
+            .query(&mut r)
+            .unwrap();
+        assert_eq!(
+            l,
+            ["base", "R1", "R2"],
+            "node {node}: the later list version wins whole"
+        );
+        let mut doomed: Vec<String> = redis::cmd("HKEYS").arg("doomed").query(&mut r).unwrap();
+        doomed.sort();
+        assert_eq!(
+            doomed,
+            ["new"],
+            "node {node}: a field written after the DEL survives it"
+        );
+        let t: String = redis::cmd("TYPE").arg("t").query(&mut r).unwrap();
+        assert_eq!(t, "hash", "node {node}: the type written last wins");
+    }
+    // The report says what was lost.
+    let (code, body) = http(
+        c.node(1).http,
+        "GET",
+        "/v1/cluster/reconcile-report",
+        &[],
+        None,
+    )
+    .unwrap();
+    assert_eq!(code, 200);
+    let report = json(&body);
+    let t = &report["keyspaces"]["events"]["totals"];
+    assert!(
+        t["list_versions_lost"].as_u64().unwrap() >= 1,
+        "the discarded list version is reported: {report:#}"
+    );
+    assert!(
+        t["type_conflicts"].as_u64().unwrap() >= 1,
+        "the type conflict is reported: {report:#}"
+    );
+}
+
 /// The Kubernetes StatefulSet recipe (deploy/kubernetes/statefulset.yaml): every pod gets the
 /// same flags, takes its node id from its host name, and names the founders by DNS name; the
 /// first three pods found the cluster, later ones join. Whatever order they start in, there is

@@ -337,7 +337,11 @@ impl Composite {
     fn winner(&self) -> (Visible, Option<u64>, Timestamp) {
         let mut best = (Visible::Absent, None, Timestamp::ZERO);
         if let Some(b) = self.base().filter(|b| !b.header.tombstone) {
-            best = (Visible::Base(b.clone()), b.header.expire_at_ms, b.header.timestamp);
+            best = (
+                Visible::Base(b.clone()),
+                b.header.expire_at_ms,
+                b.header.timestamp,
+            );
         }
         for (kind, c) in &self.colls {
             if !c.any_visible(*kind) {
@@ -427,7 +431,12 @@ pub(crate) fn render(v: Value) -> Result<Value> {
     Ok(match c.winner().0 {
         Visible::Absent => Value::tombstone(v.header.timestamp),
         Visible::Base(b) => crate::merge::render(b)?,
-        Visible::Coll(kind) => Value::of_kind(kind, Bytes::new(), v.header.timestamp, v.header.expire_at_ms),
+        Visible::Coll(kind) => Value::of_kind(
+            kind,
+            Bytes::new(),
+            v.header.timestamp,
+            v.header.expire_at_ms,
+        ),
     })
 }
 
@@ -495,8 +504,14 @@ mod tests {
 
     #[test]
     fn hash_fields_written_on_both_sides_all_survive_and_the_later_write_of_one_field_wins() {
-        let a = hash(&[("x", field(5, 1, Some("a"))), ("k", field(7, 1, Some("side-a")))]);
-        let b = hash(&[("y", field(6, 2, Some("b"))), ("k", field(8, 2, Some("side-b")))]);
+        let a = hash(&[
+            ("x", field(5, 1, Some("a"))),
+            ("k", field(7, 1, Some("side-a"))),
+        ]);
+        let b = hash(&[
+            ("y", field(6, 2, Some("b"))),
+            ("k", field(8, 2, Some("side-b"))),
+        ]);
         let m = merge(&a, &b);
         assert_eq!(m, merge(&b, &a));
         assert_eq!(
@@ -511,11 +526,17 @@ mod tests {
 
     #[test]
     fn a_delete_hides_older_fields_but_not_fields_written_after_it() {
-        let h = hash(&[("old", field(5, 1, Some("1"))), ("new", field(12, 2, Some("2")))]);
+        let h = hash(&[
+            ("old", field(5, 1, Some("1"))),
+            ("new", field(12, 2, Some("2"))),
+        ]);
         let m = merge(&h, &Value::tombstone(ts(10)));
         assert_eq!(fields(&m), vec![("new".into(), "2".into())]);
         // Everything older than the delete: the key is gone, a plain tombstone is left.
-        let gone = merge(&hash(&[("old", field(5, 1, Some("1")))]), &Value::tombstone(ts(10)));
+        let gone = merge(
+            &hash(&[("old", field(5, 1, Some("1")))]),
+            &Value::tombstone(ts(10)),
+        );
         assert!(!is_composite(&gone) && gone.header.tombstone);
     }
 
@@ -564,7 +585,11 @@ mod tests {
         };
         let mut a = list(5, 1, &[(1, 5)]);
         let later = list(7, 1, &[(1, 7)]);
-        assert_eq!(a.join(&later).list_versions_lost, 0, "a later write is no conflict");
+        assert_eq!(
+            a.join(&later).list_versions_lost,
+            0,
+            "a later write is no conflict"
+        );
         let mut a = list(5, 1, &[(1, 5)]);
         let b = list(6, 2, &[(2, 6)]);
         assert_eq!(a.join(&b).list_versions_lost, 1);
@@ -600,7 +625,13 @@ mod tests {
         assert!(c.has_removed_before(ts(10)));
         assert!(c.collect_removed(ts(10)));
         let left: Vec<_> = c.colls[&HASH].entries.keys().cloned().collect();
-        assert_eq!(left, vec![Bytes::from_static(b"live"), Bytes::from_static(b"recent-gone")]);
+        assert_eq!(
+            left,
+            vec![
+                Bytes::from_static(b"live"),
+                Bytes::from_static(b"recent-gone")
+            ]
+        );
         assert!(!c.has_removed_before(ts(10)));
     }
 
@@ -637,7 +668,11 @@ mod tests {
 
     fn arb_coll() -> impl Strategy<Value = CollState> {
         (
-            prop::collection::btree_map(prop::sample::select(vec!["a", "b", "c"]), arb_entry(), 0..3),
+            prop::collection::btree_map(
+                prop::sample::select(vec!["a", "b", "c"]),
+                arb_entry(),
+                0..3,
+            ),
             (0u64..8, 0u64..3, prop::option::of(0u64..3)),
             0u64..3,
             (0u64..8, 0u64..3),
