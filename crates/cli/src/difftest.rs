@@ -19,8 +19,7 @@ Examples:
 It starts its own redis-server (--save '' --appendonly no) and one capdb node on free loopback
 ports. On the first difference it prints the seed, the command's index, the command and both
 replies, and writes the command list to OUT/<mode>-<seed>.txt (with --minimize, a short
-reproduction to OUT/<mode>-<seed>.min.txt). ap keyspaces refuse hash, list and set commands
-today, so in ap mode only string and key commands are generated.";
+reproduction to OUT/<mode>-<seed>.min.txt). Every command family runs in every mode.";
 
 #[derive(clap::Args)]
 #[command(after_help = EXAMPLES)]
