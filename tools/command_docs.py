@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 
-OUT = os.path.join(os.path.dirname(__file__), "..", "crates", "server", "src", "resp",
+OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "crates", "server", "src", "resp",
                    "commands", "command_docs.resp")
 
 # The subcommands capdb answers, per container command; others are left out of the docs.
@@ -130,6 +130,8 @@ class Reader:
             return int(rest)
         if t == b"$":
             return self.exact(int(rest)).decode()
+        if t == b"=":  # verbatim text (INFO): "txt:" then the text
+            return self.exact(int(rest))[4:].decode()
         if t == b"*":
             return [self.value() for _ in range(int(rest))]
         if t == b"~":

@@ -27,6 +27,7 @@
 //! - `scan.rs`: the commands that walk or count a whole keyspace: SCAN, KEYS, DBSIZE;
 //! - `server.rs`: INFO, COMMAND, TIME, FLUSHDB, FLUSHALL;
 //! - `config.rs`: CONFIG GET/SET and the node's run-time settings;
+//! - `docs.rs`: COMMAND DOCS, from Redis's documentation (`command_docs.resp`);
 //! - `connection.rs`: the connection's own state: AUTH, HELLO, CLIENT, SELECT, PING, ECHO,
 //!   QUIT, READONLY/READWRITE, CONSISTENCY;
 //! - CLUSTER is in `../cluster.rs`, with the rest of Redis Cluster compatibility.
@@ -38,6 +39,7 @@ mod blocking;
 mod config;
 mod connection;
 mod data;
+mod docs;
 mod keys;
 mod pubsub;
 mod scan;

@@ -255,7 +255,8 @@ fn write_command_info(conn: &mut Connection, cmd: &Described) {
     conn.out.array(0);
 }
 
-/// `COMMAND [COUNT|LIST|INFO name ...|GETKEYS cmd args...|DOCS]`, from the command tables.
+/// `COMMAND [COUNT|LIST|INFO name ...|GETKEYS cmd args...|DOCS [name ...]]`, from the command
+/// tables (DOCS: `docs.rs`).
 pub(super) fn command(conn: &mut Connection, args: &[Bytes]) -> Outcome {
     let all = described();
     let Some(sub) = args.get(1) else {
@@ -329,9 +330,7 @@ pub(super) fn command(conn: &mut Connection, args: &[Bytes]) -> Outcome {
                 conn.out.bulk(&k);
             }
         }
-        // redis-cli asks for documentation to show hints; an empty answer makes it fall back to
-        // no hints, which is correct for commands we do not document here.
-        b"docs" => conn.out.map(0),
+        b"docs" => super::docs::command_docs(&mut conn.out, &args[2..]),
         _ => {
             return Err(format!(
                 "ERR unknown subcommand '{}'. Try COMMAND HELP.",
