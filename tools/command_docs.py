@@ -4,7 +4,7 @@
 The documentation of every command capdb shares with Redis is Redis's own: this script asks a
 local redis-server for `COMMAND DOCS` (in RESP3) of the commands a running capdb lists in
 `COMMAND LIST`, keeps only the subcommands capdb answers (SUBCOMMANDS below), adds capdb's own
-commands (CAPDB_ONLY) and writes the result as one RESP3 map, exactly the reply to a bare
+commands and those newer than Redis 7.0 (CAPDB_ONLY, in our words) and writes the result as one RESP3 map, exactly the reply to a bare
 `COMMAND DOCS`. The server answers from it, converting maps and sets to arrays for RESP2.
 
 Attribution: the command documentation comes from Redis (https://github.com/redis/redis,
@@ -65,7 +65,8 @@ def arg(name, type_, token=None, flags=(), arguments=None):
     return a
 
 
-# capdb's own commands and subcommands ("since" is the capdb version that added them).
+# capdb's own commands and subcommands ("since" is the capdb version that added them), and
+# commands newer than the Redis that generates the file ("since" is Redis's).
 CAPDB_ONLY = {
     "consistency": doc(
         "Shows or sets the consistency level of ap reads and writes on the connection (capdb)",
@@ -87,6 +88,46 @@ CAPDB_ONLY = {
             arg("off", "pure-token", "OFF"),
         ])]),
 }
+
+
+def key_arg():
+    return {"name": "key", "type": "key", "key_spec_index": 0}
+
+
+def fields_arg():
+    return arg("fields", "block", "FIELDS", arguments=[
+        arg("numfields", "integer"),
+        arg("field", "string", flags=["multiple"]),
+    ])
+
+
+def hash_field_expiry_docs():
+    """Redis 7.4's hash field expiry commands, which Redis 7.0 cannot document (our wording)."""
+    condition = arg("condition", "oneof", flags=["optional"], arguments=[
+        arg(c, "pure-token", c.upper()) for c in ("nx", "xx", "gt", "lt")])
+    fields_n = "O(N) where N is the number of specified fields"
+    out = {}
+    for name, what, time_name, time_type in [
+        ("hexpire", "a number of seconds from now", "seconds", "integer"),
+        ("hpexpire", "a number of milliseconds from now", "milliseconds", "integer"),
+        ("hexpireat", "a Unix time in seconds", "unix-time-seconds", "unix-time"),
+        ("hpexpireat", "a Unix time in milliseconds", "unix-time-milliseconds", "unix-time"),
+    ]:
+        out[name] = doc(f"Sets the expiration of hash fields to {what}", "7.4.0", "hash",
+                        fields_n, [key_arg(), arg(time_name, time_type), condition, fields_arg()])
+    for name, what in [
+        ("httl", "Returns the remaining time to live of hash fields, in seconds"),
+        ("hpttl", "Returns the remaining time to live of hash fields, in milliseconds"),
+        ("hexpiretime", "Returns the expiration time of hash fields as a Unix time in seconds"),
+        ("hpexpiretime",
+         "Returns the expiration time of hash fields as a Unix time in milliseconds"),
+        ("hpersist", "Removes the expiration of hash fields"),
+    ]:
+        out[name] = doc(what, "7.4.0", "hash", fields_n, [key_arg(), fields_arg()])
+    return out
+
+
+CAPDB_ONLY.update(hash_field_expiry_docs())
 
 
 def command(sock, *args):
