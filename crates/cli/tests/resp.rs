@@ -539,9 +539,15 @@ fn config_get_and_set_follow_redis() {
     };
 
     // Keyspace events read back normalised; a bad letter changes nothing.
-    assert_eq!(get(&mut c, &["notify-keyspace-events"]), ["notify-keyspace-events", ""]);
+    assert_eq!(
+        get(&mut c, &["notify-keyspace-events"]),
+        ["notify-keyspace-events", ""]
+    );
     ok(&mut c, &["notify-keyspace-events", "KEA"]);
-    assert_eq!(get(&mut c, &["notify-keyspace-events"]), ["notify-keyspace-events", "AKE"]);
+    assert_eq!(
+        get(&mut c, &["notify-keyspace-events"]),
+        ["notify-keyspace-events", "AKE"]
+    );
     let e = set_err(&mut c, &["notify-keyspace-events", "ke"]);
     assert!(
         e.contains("CONFIG SET failed (possibly related to argument 'notify-keyspace-events') - Invalid event class character. Use 'Ag$lshzxeKEtmdn'."),
@@ -552,12 +558,25 @@ fn config_get_and_set_follow_redis() {
     // A durable keyspace has no memory limit and never evicts.
     assert_eq!(
         get(&mut c, &["maxmemory*"]),
-        ["maxmemory", "0", "maxmemory-policy", "noeviction", "maxmemory-samples", "5"]
+        [
+            "maxmemory",
+            "0",
+            "maxmemory-policy",
+            "noeviction",
+            "maxmemory-samples",
+            "5"
+        ]
     );
     // Patterns without glob characters answer the name as typed; each setting once.
-    assert_eq!(get(&mut c, &["MAXMEMORY", "maxmemory", "maxmemory"]), ["MAXMEMORY", "0"]);
+    assert_eq!(
+        get(&mut c, &["MAXMEMORY", "maxmemory", "maxmemory"]),
+        ["MAXMEMORY", "0"]
+    );
     assert!(get(&mut c, &["nosuch"]).is_empty());
-    ok(&mut c, &["maxmemory", "0", "maxmemory-policy", "NOEVICTION"]);
+    ok(
+        &mut c,
+        &["maxmemory", "0", "maxmemory-policy", "NOEVICTION"],
+    );
     let e = set_err(&mut c, &["maxmemory", "1.5mb"]);
     assert!(
         e.contains("CONFIG SET failed (possibly related to argument 'maxmemory') - argument must be a memory value"),
@@ -571,31 +590,62 @@ fn config_get_and_set_follow_redis() {
     // Several pairs: names are checked first (the first problem wins), then values, then
     // everything applies, or nothing does.
     let e = set_err(&mut c, &["maxmemory", "x", "foo", "bar"]);
-    assert!(e.contains("Unknown option or number of arguments for CONFIG SET - 'foo'"), "{e}");
+    assert!(
+        e.contains("Unknown option or number of arguments for CONFIG SET - 'foo'"),
+        "{e}"
+    );
     let e = set_err(&mut c, &["DAEMONIZE", "yes"]);
-    assert!(e.contains("Unknown option or number of arguments for CONFIG SET - 'DAEMONIZE'"), "{e}");
+    assert!(
+        e.contains("Unknown option or number of arguments for CONFIG SET - 'DAEMONIZE'"),
+        "{e}"
+    );
     let e = set_err(&mut c, &["APPENDONLY", "yes", "foo", "bar"]);
-    assert!(e.contains("(possibly related to argument 'APPENDONLY') - can't set immutable config"), "{e}");
+    assert!(
+        e.contains("(possibly related to argument 'APPENDONLY') - can't set immutable config"),
+        "{e}"
+    );
     let e = set_err(&mut c, &["maxmemory", "1", "maxmemory", "2"]);
-    assert!(e.contains("(possibly related to argument 'maxmemory') - duplicate parameter"), "{e}");
-    let e = set_err(&mut c, &["notify-keyspace-events", "E", "maxmemory-policy", "bad"]);
+    assert!(
+        e.contains("(possibly related to argument 'maxmemory') - duplicate parameter"),
+        "{e}"
+    );
+    let e = set_err(
+        &mut c,
+        &["notify-keyspace-events", "E", "maxmemory-policy", "bad"],
+    );
     assert!(e.contains("argument 'maxmemory-policy'"), "{e}");
-    assert_eq!(get(&mut c, &["notify-keyspace-events"])[1], "AKE", "nothing applied");
+    assert_eq!(
+        get(&mut c, &["notify-keyspace-events"])[1],
+        "AKE",
+        "nothing applied"
+    );
     ok(&mut c, &["notify-keyspace-events", "Ex", "maxmemory", "0"]);
     assert_eq!(get(&mut c, &["notify-keyspace-events"])[1], "xE");
 
     let e = set_err(&mut c, &["maxmemory", "1", "foo"]);
     assert!(e.contains("syntax error"), "{e}");
     let e = set_err(&mut c, &["maxmemory"]);
-    assert!(e.contains("wrong number of arguments for 'config|set' command"), "{e}");
+    assert!(
+        e.contains("wrong number of arguments for 'config|set' command"),
+        "{e}"
+    );
     let e = error_of(&mut c, &mut config(&["GET"]));
-    assert!(e.contains("wrong number of arguments for 'config|get' command"), "{e}");
+    assert!(
+        e.contains("wrong number of arguments for 'config|get' command"),
+        "{e}"
+    );
     let e = error_of(&mut c, &mut config(&["FOO"]));
-    assert!(e.contains("unknown subcommand 'FOO'. Try CONFIG HELP."), "{e}");
+    assert!(
+        e.contains("unknown subcommand 'FOO'. Try CONFIG HELP."),
+        "{e}"
+    );
     let e = error_of(&mut c, &mut config(&["RESETSTAT"]));
     assert!(e.contains("not supported"), "{e}");
     let help: Vec<String> = config(&["HELP"]).query(&mut c).unwrap();
-    assert_eq!(help[0], "CONFIG <subcommand> [<arg> [value] [opt] ...]. Subcommands are:");
+    assert_eq!(
+        help[0],
+        "CONFIG <subcommand> [<arg> [value] [opt] ...]. Subcommands are:"
+    );
 
     // A cache keyspace reports its own limit and policy; they are fixed at creation.
     let (status, _) = common::http(
@@ -612,7 +662,10 @@ fn config_get_and_set_follow_redis() {
         get(&mut c, &["maxmemory", "maxmemory-policy"]),
         ["maxmemory", "2097152", "maxmemory-policy", "allkeys-lfu"]
     );
-    ok(&mut c, &["maxmemory", "2mb", "maxmemory-policy", "allkeys-lfu"]);
+    ok(
+        &mut c,
+        &["maxmemory", "2mb", "maxmemory-policy", "allkeys-lfu"],
+    );
     let e = set_err(&mut c, &["maxmemory-policy", "volatile-ttl"]);
     assert!(e.contains("allkeys-lru or allkeys-lfu only"), "{e}");
 }

@@ -157,7 +157,10 @@ fn decode(h: &Open, raw: Bytes) -> Result<Stored> {
 
 fn encode(h: &Open, value: &[u8], expire_at_ms: Option<u64>) -> Vec<u8> {
     if !h.meta.field_expiry {
-        debug_assert!(expire_at_ms.is_none(), "an expiry needs the field-expiry encoding");
+        debug_assert!(
+            expire_at_ms.is_none(),
+            "an expiry needs the field-expiry encoding"
+        );
         return value.to_vec();
     }
     let mut out = Vec::with_capacity(9 + value.len());
@@ -193,7 +196,12 @@ fn stored_field(space: &mut dyn Space, h: &Open, field: &[u8]) -> Result<Option<
 }
 
 /// The live field.
-fn live_field(space: &mut dyn Space, h: &Open, field: &[u8], now_ms: u64) -> Result<Option<Stored>> {
+fn live_field(
+    space: &mut dyn Space,
+    h: &Open,
+    field: &[u8],
+    now_ms: u64,
+) -> Result<Option<Stored>> {
     Ok(stored_field(space, h, field)?.filter(|f| !is_expired(f.expire_at_ms, now_ms)))
 }
 
@@ -224,7 +232,10 @@ fn expired_entries(space: &mut dyn Space, h: &Open, now_ms: u64) -> Result<Vec<(
         .into_iter()
         .map(|(sub, _)| {
             if sub.len() < 9 {
-                return Err(Error::Corruption(format!("hash expiry index key of {} bytes", sub.len())));
+                return Err(Error::Corruption(format!(
+                    "hash expiry index key of {} bytes",
+                    sub.len()
+                )));
             }
             let field = sub.slice(9..);
             Ok((sub, field))
@@ -552,7 +563,11 @@ fn hrandfield(args: &[Bytes], space: &mut dyn Space, cx: &Ctx) -> Result<Reply> 
 }
 
 /// [`random_members`]' choice from members already read.
-fn pick_members(mut all: Vec<(Bytes, Bytes)>, count: i64, rng: &mut Rng) -> Result<Vec<(Bytes, Bytes)>> {
+fn pick_members(
+    mut all: Vec<(Bytes, Bytes)>,
+    count: i64,
+    rng: &mut Rng,
+) -> Result<Vec<(Bytes, Bytes)>> {
     if count == 0 || all.is_empty() {
         return Ok(Vec::new());
     }
@@ -581,7 +596,10 @@ const FIELD_EXPIRE_AT_MS_MAX: i64 = ((1 << 48) - 1) >> 2;
 /// Redis 7.4 checks them; `not_positive` is the error for a `numfields` below 1 (HEXPIRE and
 /// the readers word it differently).
 fn fields_arg<'a>(args: &'a [Bytes], at: usize, not_positive: &str) -> Result<&'a [Bytes]> {
-    if !args.get(at).is_some_and(|a| a.eq_ignore_ascii_case(b"FIELDS")) {
+    if !args
+        .get(at)
+        .is_some_and(|a| a.eq_ignore_ascii_case(b"FIELDS"))
+    {
         return Err(err(
             "ERR Mandatory argument FIELDS is missing or not at the right position",
         ));
@@ -668,7 +686,11 @@ fn hexpire(args: &[Bytes], space: &mut dyn Space, cx: &Ctx) -> Result<Reply> {
         _ => b"",
     };
     let fields_at = if cond.is_empty() { 3 } else { 4 };
-    let fields = fields_arg(args, fields_at, "ERR Parameter `numFields` should be greater than 0")?;
+    let fields = fields_arg(
+        args,
+        fields_at,
+        "ERR Parameter `numFields` should be greater than 0",
+    )?;
     let Some(mut h) = open_write_existing(space, &args[1], cx)? else {
         return Ok(Reply::Array(vec![Reply::Integer(-2); fields.len()]));
     };
@@ -725,19 +747,21 @@ fn httl(args: &[Bytes], space: &mut dyn Space, cx: &Ctx) -> Result<Reply> {
     let base = if relative { cx.now_ms } else { 0 };
     let mut out = Vec::with_capacity(fields.len());
     for field in fields {
-        out.push(Reply::Integer(match live_field(space, &h, field, cx.now_ms)? {
-            None => -2,
-            Some(Stored {
-                expire_at_ms: None, ..
-            }) => -1,
-            Some(Stored {
-                expire_at_ms: Some(at),
-                ..
-            }) => {
-                let ms = at.saturating_sub(base);
-                (if seconds { ms.div_ceil(1000) } else { ms }) as i64
-            }
-        }));
+        out.push(Reply::Integer(
+            match live_field(space, &h, field, cx.now_ms)? {
+                None => -2,
+                Some(Stored {
+                    expire_at_ms: None, ..
+                }) => -1,
+                Some(Stored {
+                    expire_at_ms: Some(at),
+                    ..
+                }) => {
+                    let ms = at.saturating_sub(base);
+                    (if seconds { ms.div_ceil(1000) } else { ms }) as i64
+                }
+            },
+        ));
     }
     Ok(Reply::Array(out))
 }
@@ -753,15 +777,17 @@ fn hpersist(args: &[Bytes], space: &mut dyn Space, cx: &Ctx) -> Result<Reply> {
     let mut out = Vec::with_capacity(fields.len());
     let mut changed = false;
     for field in fields {
-        out.push(Reply::Integer(match live_field(space, &h, field, cx.now_ms)? {
-            None => -2,
-            Some(f) if f.expire_at_ms.is_none() => -1,
-            Some(f) => {
-                set_expiry(space, &mut h, field, f, None)?;
-                changed = true;
-                1
-            }
-        }));
+        out.push(Reply::Integer(
+            match live_field(space, &h, field, cx.now_ms)? {
+                None => -2,
+                Some(f) if f.expire_at_ms.is_none() => -1,
+                Some(f) => {
+                    set_expiry(space, &mut h, field, f, None)?;
+                    changed = true;
+                    1
+                }
+            },
+        ));
     }
     if changed {
         finish(space, &h, cx)?;
@@ -1081,7 +1107,10 @@ mod tests {
             ints(&[1, 1, -2])
         );
         let cx = at(&mut s, 9_999);
-        assert_eq!(run_with(&mut s, "HLEN mykey", &cx).unwrap(), Reply::Integer(2));
+        assert_eq!(
+            run_with(&mut s, "HLEN mykey", &cx).unwrap(),
+            Reply::Integer(2)
+        );
         let cx = at(&mut s, 10_000);
         for (cmd, empty) in [
             ("HGETALL mykey", Reply::Map(Vec::new())),
@@ -1100,7 +1129,10 @@ mod tests {
             run_with(&mut s, "HSET mykey field3 x", &cx).unwrap(),
             Reply::Integer(1)
         );
-        assert_eq!(run_with(&mut s, "HLEN mykey", &cx).unwrap(), Reply::Integer(1));
+        assert_eq!(
+            run_with(&mut s, "HLEN mykey", &cx).unwrap(),
+            Reply::Integer(1)
+        );
         assert_eq!(s.elements.len(), 1, "only field3 is stored");
         // A write that adds nothing deletes a hash whose fields have all expired.
         run_with(&mut s, "HEXPIRE mykey 1 FIELDS 1 field3", &cx).unwrap();
@@ -1176,7 +1208,11 @@ mod tests {
             ints(&[(now + 1500).div_ceil(1000) as i64])
         );
         assert_eq!(
-            run(&mut s, &format!("HEXPIREAT h {} FIELDS 1 f", now / 1000 + 50)).unwrap(),
+            run(
+                &mut s,
+                &format!("HEXPIREAT h {} FIELDS 1 f", now / 1000 + 50)
+            )
+            .unwrap(),
             ints(&[1])
         );
         assert_eq!(
@@ -1235,10 +1271,7 @@ mod tests {
     fn a_time_now_or_past_deletes_the_field_and_the_last_one_the_key() {
         let mut s = space();
         run(&mut s, "HSET h a 1 b 2").unwrap();
-        assert_eq!(
-            run(&mut s, "HEXPIRE h 0 FIELDS 1 a").unwrap(),
-            ints(&[2])
-        );
+        assert_eq!(run(&mut s, "HEXPIRE h 0 FIELDS 1 a").unwrap(), ints(&[2]));
         assert_eq!(run(&mut s, "HLEN h").unwrap(), Reply::Integer(1));
         assert_eq!(
             run(&mut s, "HPEXPIREAT h 1 FIELDS 2 b zz").unwrap(),
@@ -1281,7 +1314,10 @@ mod tests {
         )
         .unwrap();
         let cx = at(&mut s, 10);
-        assert_eq!(run_with(&mut s, "HLEN h", &cx).unwrap(), Reply::Integer(100));
+        assert_eq!(
+            run_with(&mut s, "HLEN h", &cx).unwrap(),
+            Reply::Integer(100)
+        );
         let mut seen = HashSet::new();
         let mut cursor = "0".to_string();
         loop {
@@ -1337,8 +1373,14 @@ mod tests {
         );
         run(&mut s, "HSET h a 1").unwrap();
         for (cmd, error) in [
-            ("HEXPIRE h x FIELDS 1 a", "ERR value is not an integer or out of range"),
-            ("HEXPIRE h -1 FIELDS 1 a", "ERR invalid expire time, must be >= 0"),
+            (
+                "HEXPIRE h x FIELDS 1 a",
+                "ERR value is not an integer or out of range",
+            ),
+            (
+                "HEXPIRE h -1 FIELDS 1 a",
+                "ERR invalid expire time, must be >= 0",
+            ),
             (
                 "HEXPIRE h 70368744177664 FIELDS 1 a",
                 "ERR invalid expire time in 'hexpire' command",
@@ -1375,7 +1417,10 @@ mod tests {
                 "HPTTL h NOTFIELDS 1 a",
                 "ERR Mandatory argument FIELDS is missing or not at the right position",
             ),
-            ("HTTL h FIELDS 1", "ERR wrong number of arguments for 'httl' command"),
+            (
+                "HTTL h FIELDS 1",
+                "ERR wrong number of arguments for 'httl' command",
+            ),
         ] {
             assert_eq!(run(&mut s, cmd).unwrap_err(), err(error), "{cmd}");
         }

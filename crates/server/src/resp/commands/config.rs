@@ -97,7 +97,14 @@ const PARAMS: &[Param] = &[
     },
     Param {
         name: "cluster-enabled",
-        get: |c| if c.node.config.redis_cluster { "yes" } else { "no" }.into(),
+        get: |c| {
+            if c.node.config.redis_cluster {
+                "yes"
+            } else {
+                "no"
+            }
+            .into()
+        },
         set: Setter::Immutable,
     },
     Param {
@@ -312,9 +319,9 @@ fn set_max_memory_policy(conn: &Connection, value: &[u8]) -> Result<Change, Stri
             "the eviction policy of cache keyspace '{}' is set when it is created (POST /v1/keyspaces eviction)",
             ks.name
         ),
-        Mode::Cache => format!(
-            "capdb's cache evicts with allkeys-lru or allkeys-lfu only, not {policy}"
-        ),
+        Mode::Cache => {
+            format!("capdb's cache evicts with allkeys-lru or allkeys-lfu only, not {policy}")
+        }
         Mode::Cp | Mode::Ap => format!(
             "keyspace '{}' is durable ({}) and never evicts: its policy is noeviction",
             ks.name,

@@ -214,7 +214,10 @@ mod tests {
 
     #[test]
     fn the_documentation_file_is_well_formed() {
-        assert!(build_index(DOCS).is_some(), "command_docs.resp does not parse");
+        assert!(
+            build_index(DOCS).is_some(),
+            "command_docs.resp does not parse"
+        );
     }
 
     #[test]
@@ -234,7 +237,10 @@ mod tests {
     #[test]
     fn resp3_answers_the_generated_bytes_and_resp2_flattens_maps_and_sets() {
         let r3 = reply(true, &["GET", "nosuch"]);
-        let at = &index()[index().binary_search_by(|(n, _)| n.as_str().cmp("get")).unwrap()].1;
+        let at = &index()[index()
+            .binary_search_by(|(n, _)| n.as_str().cmp("get"))
+            .unwrap()]
+        .1;
         let mut expected = b"%1\r\n$3\r\nget\r\n".to_vec();
         expected.extend_from_slice(&DOCS[at.clone()]);
         assert_eq!(r3, expected);
@@ -255,7 +261,10 @@ mod tests {
         let r = String::from_utf8(reply(true, &["config"])).unwrap();
         assert!(r.contains("config|set"), "{r}");
         let r = String::from_utf8(reply(true, &["client"])).unwrap();
-        assert!(r.contains("client|setname") && !r.contains("client|kill"), "{r}");
+        assert!(
+            r.contains("client|setname") && !r.contains("client|kill"),
+            "{r}"
+        );
         assert_eq!(reply(true, &["client|kill"]), b"%0\r\n");
     }
 }
