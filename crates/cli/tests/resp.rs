@@ -504,3 +504,168 @@ fn expired_keys_of_a_cp_keyspace_leave_dbsize() {
     let v: Option<String> = c.get("stays").unwrap();
     assert_eq!(v.as_deref(), Some("v"));
 }
+
+/// The error a command answers, as its text.
+fn error_of(c: &mut redis::Connection, cmd: &mut redis::Cmd) -> String {
+    cmd.query::<Value>(c).unwrap_err().to_string()
+}
+
+#[test]
+fn config_get_and_set_follow_redis() {
+    // Replies and error texts checked against redis-server 7.0.15.
+    let s = Server::start();
+    let mut c = s.client();
+    let config = |args: &[&str]| {
+        let mut cmd = redis::cmd("CONFIG");
+        for a in args {
+            cmd.arg(*a);
+        }
+        cmd
+    };
+    let get = |c: &mut redis::Connection, args: &[&str]| -> Vec<String> {
+        let mut all = vec!["GET"];
+        all.extend_from_slice(args);
+        config(&all).query(c).unwrap()
+    };
+    let ok = |c: &mut redis::Connection, args: &[&str]| {
+        let mut all = vec!["SET"];
+        all.extend_from_slice(args);
+        let _: () = config(&all).query(c).unwrap();
+    };
+    let set_err = |c: &mut redis::Connection, args: &[&str]| {
+        let mut all = vec!["SET"];
+        all.extend_from_slice(args);
+        error_of(c, &mut config(&all))
+    };
+
+    // Keyspace events read back normalised; a bad letter changes nothing.
+    assert_eq!(
+        get(&mut c, &["notify-keyspace-events"]),
+        ["notify-keyspace-events", ""]
+    );
+    ok(&mut c, &["notify-keyspace-events", "KEA"]);
+    assert_eq!(
+        get(&mut c, &["notify-keyspace-events"]),
+        ["notify-keyspace-events", "AKE"]
+    );
+    let e = set_err(&mut c, &["notify-keyspace-events", "ke"]);
+    assert!(
+        e.contains("CONFIG SET failed (possibly related to argument 'notify-keyspace-events') - Invalid event class character. Use 'Ag$lshzxeKEtmdn'."),
+        "{e}"
+    );
+    assert_eq!(get(&mut c, &["notify-keyspace-events"])[1], "AKE");
+
+    // A durable keyspace has no memory limit and never evicts.
+    assert_eq!(
+        get(&mut c, &["maxmemory*"]),
+        [
+            "maxmemory",
+            "0",
+            "maxmemory-policy",
+            "noeviction",
+            "maxmemory-samples",
+            "5"
+        ]
+    );
+    // Patterns without glob characters answer the name as typed; each setting once.
+    assert_eq!(
+        get(&mut c, &["MAXMEMORY", "maxmemory", "maxmemory"]),
+        ["MAXMEMORY", "0"]
+    );
+    assert!(get(&mut c, &["nosuch"]).is_empty());
+    ok(
+        &mut c,
+        &["maxmemory", "0", "maxmemory-policy", "NOEVICTION"],
+    );
+    let e = set_err(&mut c, &["maxmemory", "1.5mb"]);
+    assert!(
+        e.contains("CONFIG SET failed (possibly related to argument 'maxmemory') - argument must be a memory value"),
+        "{e}"
+    );
+    let e = set_err(&mut c, &["maxmemory-policy", "foo"]);
+    assert!(e.contains("argument(s) must be one of the following: volatile-lru, volatile-lfu, volatile-random, volatile-ttl, allkeys-lru, allkeys-lfu, allkeys-random, noeviction"), "{e}");
+    let e = set_err(&mut c, &["maxmemory", "100mb"]);
+    assert!(e.contains("has no memory limit"), "{e}");
+
+    // Several pairs: names are checked first (the first problem wins), then values, then
+    // everything applies, or nothing does.
+    let e = set_err(&mut c, &["maxmemory", "x", "foo", "bar"]);
+    assert!(
+        e.contains("Unknown option or number of arguments for CONFIG SET - 'foo'"),
+        "{e}"
+    );
+    let e = set_err(&mut c, &["DAEMONIZE", "yes"]);
+    assert!(
+        e.contains("Unknown option or number of arguments for CONFIG SET - 'DAEMONIZE'"),
+        "{e}"
+    );
+    let e = set_err(&mut c, &["APPENDONLY", "yes", "foo", "bar"]);
+    assert!(
+        e.contains("(possibly related to argument 'APPENDONLY') - can't set immutable config"),
+        "{e}"
+    );
+    let e = set_err(&mut c, &["maxmemory", "1", "maxmemory", "2"]);
+    assert!(
+        e.contains("(possibly related to argument 'maxmemory') - duplicate parameter"),
+        "{e}"
+    );
+    let e = set_err(
+        &mut c,
+        &["notify-keyspace-events", "E", "maxmemory-policy", "bad"],
+    );
+    assert!(e.contains("argument 'maxmemory-policy'"), "{e}");
+    assert_eq!(
+        get(&mut c, &["notify-keyspace-events"])[1],
+        "AKE",
+        "nothing applied"
+    );
+    ok(&mut c, &["notify-keyspace-events", "Ex", "maxmemory", "0"]);
+    assert_eq!(get(&mut c, &["notify-keyspace-events"])[1], "xE");
+
+    let e = set_err(&mut c, &["maxmemory", "1", "foo"]);
+    assert!(e.contains("syntax error"), "{e}");
+    let e = set_err(&mut c, &["maxmemory"]);
+    assert!(
+        e.contains("wrong number of arguments for 'config|set' command"),
+        "{e}"
+    );
+    let e = error_of(&mut c, &mut config(&["GET"]));
+    assert!(
+        e.contains("wrong number of arguments for 'config|get' command"),
+        "{e}"
+    );
+    let e = error_of(&mut c, &mut config(&["FOO"]));
+    assert!(
+        e.contains("unknown subcommand 'FOO'. Try CONFIG HELP."),
+        "{e}"
+    );
+    let e = error_of(&mut c, &mut config(&["RESETSTAT"]));
+    assert!(e.contains("not supported"), "{e}");
+    let help: Vec<String> = config(&["HELP"]).query(&mut c).unwrap();
+    assert_eq!(
+        help[0],
+        "CONFIG <subcommand> [<arg> [value] [opt] ...]. Subcommands are:"
+    );
+
+    // A cache keyspace reports its own limit and policy; they are fixed at creation.
+    let (status, _) = common::http(
+        s.http,
+        "POST",
+        "/v1/keyspaces",
+        &[],
+        Some(br#"{"name":"3","mode":"cache","max_memory_bytes":2097152,"eviction":"lfu"}"#),
+    )
+    .unwrap();
+    assert_eq!(status, 201);
+    let _: () = redis::cmd("SELECT").arg(3).query(&mut c).unwrap();
+    assert_eq!(
+        get(&mut c, &["maxmemory", "maxmemory-policy"]),
+        ["maxmemory", "2097152", "maxmemory-policy", "allkeys-lfu"]
+    );
+    ok(
+        &mut c,
+        &["maxmemory", "2mb", "maxmemory-policy", "allkeys-lfu"],
+    );
+    let e = set_err(&mut c, &["maxmemory-policy", "volatile-ttl"]);
+    assert!(e.contains("allkeys-lru or allkeys-lfu only"), "{e}");
+}

@@ -535,6 +535,7 @@ mod tests {
                 head: 0,
                 tail: 1,
                 big,
+                field_expiry: false,
             };
             s.put(
                 key.as_bytes(),

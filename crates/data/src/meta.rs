@@ -29,6 +29,10 @@ pub struct CollMeta {
     /// (listpack/intset) to the general one, which changes `OBJECT ENCODING` and makes the
     /// SCAN family page instead of answering everything at once.
     pub big: bool,
+    /// Sticky, hashes only: the hash has had a field with an expiry (HEXPIRE), so each field's
+    /// stored value starts with its expiry (see `hash.rs`). Hashes that never had one store
+    /// values as they are, as every hash written before field expiry existed does.
+    pub field_expiry: bool,
 }
 
 impl CollMeta {
@@ -39,7 +43,8 @@ impl CollMeta {
         b.put_u64_le(self.len);
         b.put_i64_le(self.head);
         b.put_i64_le(self.tail);
-        b.put_u8(self.big as u8);
+        // One byte of flags: bit 0 `big`, bit 1 `field_expiry` (older records: 0 or 1).
+        b.put_u8(self.big as u8 | (self.field_expiry as u8) << 1);
         b.freeze()
     }
 
@@ -57,7 +62,8 @@ impl CollMeta {
             len: u(9),
             head: u(17) as i64,
             tail: u(25) as i64,
-            big: raw[33] != 0,
+            big: raw[33] & 1 != 0,
+            field_expiry: raw[33] & 2 != 0,
         })
     }
 
@@ -213,8 +219,18 @@ mod tests {
             head: -2,
             tail: 1,
             big: true,
+            field_expiry: true,
         };
         assert_eq!(CollMeta::decode(&m.encode()).unwrap(), m);
+        let plain = CollMeta {
+            field_expiry: false,
+            ..m
+        };
+        assert_eq!(CollMeta::decode(&plain.encode()).unwrap(), plain);
+        // A record written before field expiry existed (flags byte 1) reads as big, no expiry.
+        let mut old = m.encode().to_vec();
+        old[33] = 1;
+        assert_eq!(CollMeta::decode(&old).unwrap(), plain);
         assert!(CollMeta::decode(b"x").is_err());
     }
 

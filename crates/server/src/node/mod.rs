@@ -8,13 +8,15 @@
 //! - [`router`]: a keyspace and the store of its mode, the one place that knows the modes;
 //! - [`control`]: the node's control loop (registration, local groups following the map, the
 //!   meta leader's placement duties);
-//! - [`admin`]: the admin service peers call (status), and this node's status.
+//! - [`admin`]: the admin service peers call (status), and this node's status;
+//! - [`settings`]: what `CONFIG SET` changes at run time.
 
 pub mod admin;
 pub mod blocking;
 pub mod control;
 pub mod pubsub;
 pub mod router;
+pub mod settings;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -57,6 +59,8 @@ pub struct Node {
     pub commands_processed: AtomicU64,
     pub started: std::time::Instant,
     pub scan_cursors: ScanCursors,
+    /// What `CONFIG SET` changes at run time (per node, as in Redis Cluster).
+    pub settings: settings::Settings,
 }
 
 impl Node {
@@ -94,6 +98,7 @@ impl Node {
             commands_processed: AtomicU64::new(0),
             started: std::time::Instant::now(),
             scan_cursors: ScanCursors::new(),
+            settings: settings::Settings::default(),
         });
         let n = node.clone();
         tokio::spawn(async move { n.follow_map().await });

@@ -25,7 +25,9 @@
 //! - `strings.rs`: SET and its variants, MSET, GETDEL, INCR/DECR, APPEND, GET, MGET, STRLEN;
 //! - `keys.rs`: DEL, EXISTS, TYPE, TTL/PTTL, EXPIRE and its variants, PERSIST;
 //! - `scan.rs`: the commands that walk or count a whole keyspace: SCAN, KEYS, DBSIZE;
-//! - `server.rs`: INFO, COMMAND, CONFIG, TIME, FLUSHDB, FLUSHALL;
+//! - `server.rs`: INFO, COMMAND, TIME, FLUSHDB, FLUSHALL;
+//! - `config.rs`: CONFIG GET/SET and the node's run-time settings;
+//! - `docs.rs`: COMMAND DOCS, from Redis's documentation (`command_docs.resp`);
 //! - `connection.rs`: the connection's own state: AUTH, HELLO, CLIENT, SELECT, PING, ECHO,
 //!   QUIT, READONLY/READWRITE, CONSISTENCY;
 //! - CLUSTER is in `../cluster.rs`, with the rest of Redis Cluster compatibility.
@@ -34,8 +36,10 @@
 //! integer, unknown command, NOAUTH, WRONGPASS).
 
 mod blocking;
+mod config;
 mod connection;
 mod data;
+mod docs;
 mod keys;
 mod pubsub;
 mod scan;
@@ -150,7 +154,7 @@ const COMMANDS: &[Command] = &[
     row("client",      -2, &["admin", "noscript", "loading", "stale"], NO_KEYS, Now(connection::client)),
     row("cluster",     -2, &["admin", "stale"], NO_KEYS, Now(cluster::command)),
     row("command",     -1, &["loading", "stale"], NO_KEYS, Now(server::command)),
-    row("config",      -2, &["admin", "noscript", "loading", "stale"], NO_KEYS, Now(server::config)),
+    row("config",      -2, &["admin", "noscript", "loading", "stale"], NO_KEYS, Now(config::config)),
     row("consistency", -1, &["fast", "loading", "stale"], NO_KEYS, Now(connection::consistency)),
     row("dbsize",      1,  &["readonly", "fast"], NO_KEYS, wait!(scan::dbsize)),
     row("decr",        2,  &["write", "denyoom", "fast"], KEY, Write(strings::decr)),

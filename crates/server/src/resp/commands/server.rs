@@ -1,4 +1,4 @@
-//! Server commands: INFO, COMMAND, CONFIG, TIME, FLUSHDB, FLUSHALL.
+//! Server commands: INFO, COMMAND, TIME, FLUSHDB, FLUSHALL.
 //!
 //! These answer what tools and client libraries ask at connect time (redis-cli, redis-benchmark,
 //! cluster clients): the wording and the fields they read follow Redis; what capdb adds is
@@ -13,7 +13,6 @@ use bytes::Bytes;
 use super::{COMMANDS, Outcome, error_line, syntax};
 use crate::node::{Consistency, Keyspace, Node};
 use crate::resp::{Connection, cluster};
-use capdb_data::glob;
 
 /// `INFO [section ...]`: the sections asked for (none, `all`, `everything` or `default`: all;
 /// `default` leaves out `commandstats`, which capdb does not have).
@@ -256,7 +255,8 @@ fn write_command_info(conn: &mut Connection, cmd: &Described) {
     conn.out.array(0);
 }
 
-/// `COMMAND [COUNT|LIST|INFO name ...|GETKEYS cmd args...|DOCS]`, from the command tables.
+/// `COMMAND [COUNT|LIST|INFO name ...|GETKEYS cmd args...|DOCS [name ...]]`, from the command
+/// tables (DOCS: `docs.rs`).
 pub(super) fn command(conn: &mut Connection, args: &[Bytes]) -> Outcome {
     let all = described();
     let Some(sub) = args.get(1) else {
@@ -330,9 +330,7 @@ pub(super) fn command(conn: &mut Connection, args: &[Bytes]) -> Outcome {
                 conn.out.bulk(&k);
             }
         }
-        // redis-cli asks for documentation to show hints; an empty answer makes it fall back to
-        // no hints, which is correct for commands we do not document here.
-        b"docs" => conn.out.map(0),
+        b"docs" => super::docs::command_docs(&mut conn.out, &args[2..]),
         _ => {
             return Err(format!(
                 "ERR unknown subcommand '{}'. Try COMMAND HELP.",
@@ -341,48 +339,6 @@ pub(super) fn command(conn: &mut Connection, args: &[Bytes]) -> Outcome {
         }
     }
     Ok(())
-}
-
-/// `CONFIG GET` answers the few parameters tools ask about (redis-benchmark reads `save` and
-/// `appendonly`); `CONFIG SET` is refused: capdb is configured by file, environment and flags.
-pub(super) fn config(conn: &mut Connection, args: &[Bytes]) -> Outcome {
-    let sub = args[1].to_ascii_lowercase();
-    match &sub[..] {
-        b"get" if args.len() >= 3 => {
-            let l = conn.node.config.limits;
-            let known: Vec<(&str, String)> = vec![
-                ("save", String::new()),
-                ("appendonly", "no".into()),
-                ("databases", conn.node.keyspaces().len().to_string()),
-                ("maxclients", l.connections_max.to_string()),
-                ("proto-max-bulk-len", l.value_bytes_max.to_string()),
-                ("client-query-buffer-limit", l.frame_bytes_max.to_string()),
-            ];
-            let found: Vec<_> = known
-                .into_iter()
-                .filter(|(k, _)| {
-                    args[2..]
-                        .iter()
-                        .any(|p| glob::matches(&p.to_ascii_lowercase(), k.as_bytes()))
-                })
-                .collect();
-            conn.out.map(found.len());
-            for (k, v) in found {
-                conn.out.bulk(k.as_bytes());
-                conn.out.bulk(v.as_bytes());
-            }
-            Ok(())
-        }
-        b"get" => Err("ERR wrong number of arguments for 'config|get' command".into()),
-        b"set" | b"rewrite" | b"resetstat" => Err(format!(
-            "ERR CONFIG {} is not supported: capdb is configured by its TOML file, CAPDB_* environment variables and flags",
-            String::from_utf8_lossy(&args[1]).to_uppercase()
-        )),
-        _ => Err(format!(
-            "ERR unknown subcommand '{}'. Try CONFIG HELP.",
-            String::from_utf8_lossy(&args[1])
-        )),
-    }
 }
 
 /// `TIME`: Unix seconds and microseconds.
