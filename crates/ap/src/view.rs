@@ -291,6 +291,7 @@ impl Space for View {
                     head: c.head,
                     tail: c.tail,
                     big: c.big > Timestamp::ZERO,
+                    field_expiry: false,
                 };
                 Ok(Some(Value::of_kind(kind, meta.encode(), c.top(), c.ttl.2)))
             }
@@ -317,6 +318,14 @@ impl Space for View {
             return Ok(());
         }
         let meta = CollMeta::decode(&value.data)?;
+        if meta.field_expiry {
+            // Field expiry changes how every field's value is stored and keeps an expiry index:
+            // neither survives merging fields one by one. The command fails before anything is
+            // replicated.
+            return Err(Error::Command(
+                "ERR hash field expiry (HEXPIRE and its variants) is not available on ap keyspaces; use a cp or cache keyspace".into(),
+            ));
+        }
         let kind = value.header.kind as u8;
         let (visible, id) = {
             let ks = self.key(key)?;
