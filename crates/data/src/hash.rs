@@ -652,11 +652,9 @@ fn set_expiry(
     space.el_put(&h.coll, &hashed_sub(FIELD, field), &encode(h, &f.value, at))
 }
 
-/// `HEXPIRE key seconds [NX|XX|GT|LT] FIELDS numfields field [field ...]`, and HPEXPIRE
-/// (milliseconds), HEXPIREAT and HPEXPIREAT (Unix time): for each field, -2 (no such field),
-/// 0 (the condition is not met; no expiry counts as infinite for GT and LT), 1 (set) or 2
-/// (deleted: the time is now or past). A hash left without fields is deleted.
-fn hexpire(args: &[Bytes], space: &mut dyn Space, cx: &Ctx) -> Result<Reply> {
+/// The absolute expiry of `HEXPIRE`-family arguments at `now_ms` (relative forms from
+/// `now_ms`), or Redis's error.
+fn expire_at_arg(args: &[Bytes], now_ms: u64) -> Result<u64> {
     let name = String::from_utf8_lossy(&args[0]).to_ascii_lowercase();
     let (unit_ms, relative) = match name.as_str() {
         "hexpire" => (1000, true),
@@ -664,8 +662,6 @@ fn hexpire(args: &[Bytes], space: &mut dyn Space, cx: &Ctx) -> Result<Reply> {
         "hexpireat" => (1000, false),
         _ => (1, false),
     };
-    // Redis's order: the key's type, the time, the condition, the fields.
-    open_hash(space, &args[1])?;
     let n = int_arg(args, 2)?;
     if n < 0 {
         return Err(err("ERR invalid expire time, must be >= 0"));
@@ -674,12 +670,40 @@ fn hexpire(args: &[Bytes], space: &mut dyn Space, cx: &Ctx) -> Result<Reply> {
     if n > FIELD_EXPIRE_AT_MS_MAX / unit_ms {
         return Err(invalid());
     }
-    let base = if relative { cx.now_ms as i64 } else { 0 };
+    let base = if relative { now_ms as i64 } else { 0 };
     let ms = n * unit_ms;
     if ms > FIELD_EXPIRE_AT_MS_MAX - base {
         return Err(invalid());
     }
-    let at = (ms + base) as u64;
+    Ok((ms + base) as u64)
+}
+
+/// Rewrites `HEXPIRE`/`HPEXPIRE` (a time relative to now) as `HPEXPIREAT` with the absolute
+/// time, so that replaying the command later gives the same result (as
+/// [`crate::strings::absolutize`] does for GETEX). `None` when there is nothing to rewrite
+/// (another command, or a time that is an error anyway, which replays identically).
+pub fn absolutize(args: &[Bytes], now_ms: u64) -> Option<Vec<Bytes>> {
+    let relative = args
+        .first()
+        .is_some_and(|n| n.eq_ignore_ascii_case(b"hexpire") || n.eq_ignore_ascii_case(b"hpexpire"));
+    if !relative || args.len() < 3 {
+        return None;
+    }
+    let at = expire_at_arg(args, now_ms).ok()?;
+    let mut out = args.to_vec();
+    out[0] = Bytes::from_static(b"HPEXPIREAT");
+    out[2] = Bytes::from(at.to_string());
+    Some(out)
+}
+
+/// `HEXPIRE key seconds [NX|XX|GT|LT] FIELDS numfields field [field ...]`, and HPEXPIRE
+/// (milliseconds), HEXPIREAT and HPEXPIREAT (Unix time): for each field, -2 (no such field),
+/// 0 (the condition is not met; no expiry counts as infinite for GT and LT), 1 (set) or 2
+/// (deleted: the time is now or past). A hash left without fields is deleted.
+fn hexpire(args: &[Bytes], space: &mut dyn Space, cx: &Ctx) -> Result<Reply> {
+    // Redis's order: the key's type, the time, the condition, the fields.
+    open_hash(space, &args[1])?;
+    let at = expire_at_arg(args, cx.now_ms)?;
     let cond = args[3].to_ascii_uppercase();
     let cond: &[u8] = match &cond[..] {
         c @ (b"NX" | b"XX" | b"GT" | b"LT") => c,
@@ -1443,5 +1467,40 @@ mod tests {
         };
         pairs.sort_by_key(|(f, _)| format!("{f:?}"));
         assert_eq!(pairs, vec![(bulk("a"), bulk("1")), (bulk("b"), bulk("2"))]);
+    }
+
+    #[test]
+    fn relative_expiries_are_logged_as_absolute_times() {
+        let now = crate::testing::words::NOW;
+        let words = |cmd: &str| -> Vec<Bytes> {
+            cmd.split_whitespace()
+                .map(|w| Bytes::copy_from_slice(w.as_bytes()))
+                .collect()
+        };
+        assert_eq!(
+            absolutize(&words("hexpire h 10 NX FIELDS 1 f"), now),
+            Some(words(&format!(
+                "HPEXPIREAT h {} NX FIELDS 1 f",
+                now + 10_000
+            )))
+        );
+        assert_eq!(
+            absolutize(&words("HPEXPIRE h 5 FIELDS 1 f"), now),
+            Some(words(&format!("HPEXPIREAT h {} FIELDS 1 f", now + 5)))
+        );
+        // Absolute forms, other commands and invalid times are left alone.
+        assert_eq!(absolutize(&words("HEXPIREAT h 10 FIELDS 1 f"), now), None);
+        assert_eq!(absolutize(&words("HSET h 10 x"), now), None);
+        assert_eq!(absolutize(&words("HEXPIRE h -1 FIELDS 1 f"), now), None);
+        // Replayed later, the rewritten command sets the same expiry.
+        let mut s = space();
+        run(&mut s, "HSET h f v").unwrap();
+        let rewritten = absolutize(&words("HEXPIRE h 10 FIELDS 1 f"), now).unwrap();
+        let cx = at(&mut s, 3_000);
+        crate::execute(&rewritten, &mut s, &cx).unwrap();
+        assert_eq!(
+            run_with(&mut s, "HPEXPIRETIME h FIELDS 1 f", &cx).unwrap(),
+            ints(&[(now + 10_000) as i64])
+        );
     }
 }

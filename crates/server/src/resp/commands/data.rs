@@ -32,7 +32,9 @@ pub(super) async fn execute(
     match spec.run {
         Run::Write(_) => {
             // Replicas replay the command later: relative times become absolute now.
-            let args = capdb_data::strings::absolutize(&args, conn.now_ms).unwrap_or(args);
+            let args = capdb_data::strings::absolutize(&args, conn.now_ms)
+                .or_else(|| capdb_data::hash::absolutize(&args, conn.now_ms))
+                .unwrap_or(args);
             let key = first_key(spec, &args).unwrap_or_default();
             let m = Mutation::Exec { key, args };
             conn.queue(spec.name, Shape::Plain, vec![m], started).await;
