@@ -1072,6 +1072,22 @@ fn ap_collections_merge_by_their_rules_after_a_partition() {
         let t: String = redis::cmd("TYPE").arg("t").query(&mut r).unwrap();
         assert_eq!(t, "hash", "node {node}: the type written last wins");
     }
+    // Field expiry cannot merge field by field: refused, nothing applied.
+    let mut r = ap_conn(&c, 1, "all");
+    let e = redis::cmd("HEXPIRE")
+        .arg("h")
+        .arg(100)
+        .arg("FIELDS")
+        .arg(1)
+        .arg("a")
+        .query::<redis::Value>(&mut r)
+        .expect_err("HEXPIRE on ap");
+    assert!(
+        e.to_string().contains("not available on ap keyspaces"),
+        "{e}"
+    );
+    let a: Option<String> = redis::cmd("HGET").arg("h").arg("a").query(&mut r).unwrap();
+    assert_eq!(a.as_deref(), Some("right"));
     // The report says what was lost.
     let (code, body) = http(
         c.node(1).http,
