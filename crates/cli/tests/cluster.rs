@@ -1072,6 +1072,28 @@ fn ap_collections_merge_by_their_rules_after_a_partition() {
         let t: String = redis::cmd("TYPE").arg("t").query(&mut r).unwrap();
         assert_eq!(t, "hash", "node {node}: the type written last wins");
     }
+    // Blocking pops work on ap too: a client blocked on node 2 is served by a push through
+    // node 3.
+    let waiter = {
+        let mut on2 = ap_conn(&c, 2, "all");
+        std::thread::spawn(move || -> (String, String) {
+            redis::cmd("BLPOP")
+                .arg("jobs")
+                .arg(30)
+                .query(&mut on2)
+                .unwrap()
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let mut on3 = ap_conn(&c, 3, "all");
+    run(&mut on3, &["RPUSH", "jobs", "job-1"]);
+    assert_eq!(
+        waiter.join().unwrap(),
+        ("jobs".to_string(), "job-1".to_string())
+    );
+    let left: i64 = redis::cmd("LLEN").arg("jobs").query(&mut on3).unwrap();
+    assert_eq!(left, 0);
+
     // Field expiry cannot merge field by field: refused, nothing applied.
     let mut r = ap_conn(&c, 1, "all");
     let e = redis::cmd("HEXPIRE")

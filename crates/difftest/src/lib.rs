@@ -420,7 +420,7 @@ fn needs_resync(step: &Step) -> bool {
 
 /// The seed's command list: steps and whether each goes over RESP3 (in stretches of 1 to 64).
 fn command_list(o: &Options, served: &[&'static str]) -> Vec<(Step, bool)> {
-    let mut g = Generator::new(o.seed, true, &|n| served.contains(&n));
+    let mut g = Generator::new(o.seed, &|n| served.contains(&n));
     let mut stretch = rng::Rng::new(o.seed ^ 0x05ee_d0f2_e5f3);
     let mut out = Vec::with_capacity(o.commands as usize);
     while (out.len() as u64) < o.commands {

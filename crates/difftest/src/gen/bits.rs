@@ -12,7 +12,6 @@ use crate::step;
 pub const FAMILY: Family = Family {
     name: "bits",
     home: (2, 6),
-    collections: false,
     weight: 12,
     commands: &[
         CommandGen {

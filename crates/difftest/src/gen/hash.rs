@@ -8,7 +8,6 @@ use crate::step;
 pub const FAMILY: Family = Family {
     name: "hash",
     home: (4, 5),
-    collections: true,
     weight: 20,
     commands: &[
         CommandGen {

@@ -9,7 +9,6 @@ use crate::step;
 pub const FAMILY: Family = Family {
     name: "keys",
     home: (0, 16),
-    collections: false,
     weight: 20,
     commands: &[
         CommandGen {

@@ -10,7 +10,6 @@ use crate::step;
 pub const FAMILY: Family = Family {
     name: "list",
     home: (8, 5),
-    collections: true,
     weight: 15,
     commands: &[
         CommandGen {

@@ -55,11 +55,9 @@ pub struct CommandGen {
     pub make: fn(&mut Gen, &str) -> Step,
 }
 
-/// A family: a name, whether its commands act on collections (which `ap` keyspaces refuse
-/// today), and its table.
+/// A family: a name and its table.
 pub struct Family {
     pub name: &'static str,
-    pub collections: bool,
     /// Share of the whole mix, relative to the other families.
     pub weight: u32,
     /// The keys this family draws most of the time (`first..first + len` of the pool,
@@ -358,14 +356,10 @@ pub struct Generator {
 }
 
 impl Generator {
-    /// `collections`: whether collection families take part (not in `ap` today); `served`:
-    /// whether capdb serves a command (rows it does not are left out).
-    pub fn new(seed: u64, collections: bool, served: &dyn Fn(&str) -> bool) -> Generator {
+    /// `served`: whether capdb serves a command (rows it does not are left out).
+    pub fn new(seed: u64, served: &dyn Fn(&str) -> bool) -> Generator {
         let mut rows = Vec::new();
         for fam in FAMILIES {
-            if fam.collections && !collections {
-                continue;
-            }
             let fam_total: u64 = fam.commands.iter().map(|c| c.weight as u64).sum();
             for c in fam.commands {
                 if served(c.name) {
@@ -422,36 +416,12 @@ mod tests {
     fn a_seed_replays_the_same_commands() {
         let all = |_: &str| true;
         let a: Vec<Step> = {
-            let mut g = Generator::new(7, true, &all);
+            let mut g = Generator::new(7, &all);
             (0..2000).map(|_| g.next_step()).collect()
         };
-        let mut g = Generator::new(7, true, &all);
+        let mut g = Generator::new(7, &all);
         let b: Vec<Step> = (0..2000).map(|_| g.next_step()).collect();
         assert_eq!(a, b);
         assert!(a.iter().all(|s| !s.args.is_empty()));
-    }
-
-    #[test]
-    fn ap_mixes_leave_collection_families_out() {
-        let all = |_: &str| true;
-        let names = |collections: bool| -> Vec<&str> {
-            FAMILIES
-                .iter()
-                .filter(|f| f.collections == collections)
-                .flat_map(|f| f.commands.iter().map(|c| c.name))
-                .collect()
-        };
-        // Key commands a collection family also sends (the zset family's DEL and OBJECT of
-        // its own keys) stay in the ap mix through the keys family.
-        let shared = names(false);
-        let collection_names: Vec<&str> = names(true)
-            .into_iter()
-            .filter(|n| !shared.contains(n))
-            .collect();
-        let mut g = Generator::new(1, false, &all);
-        for _ in 0..2000 {
-            let name = g.next_step().name();
-            assert!(!collection_names.contains(&name.as_str()), "{name}");
-        }
     }
 }

@@ -8,7 +8,6 @@ use crate::step;
 pub const FAMILY: Family = Family {
     name: "set",
     home: (12, 5),
-    collections: true,
     weight: 15,
     commands: &[
         CommandGen {

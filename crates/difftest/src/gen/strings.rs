@@ -7,7 +7,6 @@ use crate::step;
 pub const FAMILY: Family = Family {
     name: "strings",
     home: (0, 6),
-    collections: false,
     weight: 30,
     commands: &[
         CommandGen {

@@ -32,7 +32,6 @@ use crate::step;
 pub const FAMILY: Family = Family {
     name: "zset",
     home: (13, 5),
-    collections: true,
     weight: 20,
     commands: &[
         CommandGen {
@@ -945,7 +944,7 @@ mod tests {
     /// pool keys written only from pool keys, and no member past 64 bytes into a pool key.
     #[test]
     fn generated_commands_keep_the_encodings_apart() {
-        let mut g = Generator::new(11, true, &|_| true);
+        let mut g = Generator::new(11, &|_| true);
         for _ in 0..200_000 {
             let s = g.next_step();
             let name = s.name();
