@@ -892,4 +892,36 @@ mod tests {
         // Every key of the workload lives in one slot.
         assert!(keys.used.iter().all(|(_, k)| k.starts_with("{cas}:")));
     }
+
+    #[test]
+    fn collection_reads_keep_what_is_not_an_element() {
+        let read = collection_elements(vec!["7".into(), "04".into(), "x".into(), "-2".into()]);
+        assert_eq!(read, json!([7, "04", "x", -2]));
+    }
+
+    #[test]
+    fn collection_keys_retire_after_their_elements() {
+        let mut keys = Keys::new(1, 1, 1);
+        keys.ap = true;
+        let mut rng = fastrand::Rng::with_seed(3);
+        let mut seen = std::collections::BTreeMap::<String, Vec<i64>>::new();
+        for _ in 0..2 * COLLECTION_ELEMENTS_PER_KEY {
+            let (f, key, value) = keys.next(Workload::Sadd, &mut rng);
+            // `ap` runs read only after the final heal.
+            assert_eq!(f, F::Insert);
+            seen.entry(key).or_default().push(value.as_i64().unwrap());
+        }
+        let (_, hkey, _) = keys.next(Workload::Hset, &mut rng);
+        assert_eq!(hkey, "hset:0");
+        assert_eq!(seen.keys().collect::<Vec<_>>(), ["sadd:0", "sadd:1"]);
+        assert!(
+            seen.values()
+                .all(|v| v.len() == COLLECTION_ELEMENTS_PER_KEY as usize)
+        );
+        // Elements are unique across keys and workloads.
+        let mut all: Vec<i64> = seen.into_values().flatten().collect();
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all.len(), 2 * COLLECTION_ELEMENTS_PER_KEY as usize);
+    }
 }

@@ -81,12 +81,14 @@ pub fn check(records: &[Record], limits: Limits) -> Result<CheckResult, String> 
     let mut problems = Vec::new();
     let register = check_registers(&by_key, limits, &mut validity, &mut problems)?;
     let counter = check_counters(&by_key, &mut validity, &mut problems)?;
-    let set = check_sets(&by_key, &mut validity, &mut problems)?;
-    let details = json!({
+    let mut details = json!({
         "register": register,
         "counter": counter,
-        "set": set,
     });
+    // One entry per set-like workload: `set`, and `sadd` and `hset` when they ran.
+    if let Some(d) = details.as_object_mut() {
+        d.extend(check_sets(&by_key, &mut validity, &mut problems)?);
+    }
     Ok(CheckResult {
         validity,
         problems,
@@ -274,7 +276,7 @@ fn check_sets(
     by_key: &ByKey,
     validity: &mut Validity,
     problems: &mut Vec<String>,
-) -> Result<Json, String> {
+) -> Result<serde_json::Map<String, Json>, String> {
     let mut details = serde_json::Map::new();
     for workload in Workload::ALL.into_iter().filter(|w| w.is_set()) {
         let mut results = Vec::new();
@@ -302,7 +304,7 @@ fn check_sets(
             }),
         );
     }
-    Ok(Json::Object(details))
+    Ok(details)
 }
 
 /// A workload's name as the command line and the history spell it.
@@ -606,5 +608,63 @@ mod tests {
             r.problems
         );
         assert_eq!(r.details["counter"]["errors"][0]["reason"], "combination");
+    }
+
+    #[test]
+    fn a_collection_that_drops_an_acknowledged_element_fails_the_run() {
+        let ms = 1_000_000;
+        // Two Redis collections, each with three acknowledged inserts ("1 added").
+        let history = |sadd_final: Json, hset_final: Json| {
+            let mut records = Vec::new();
+            for (n, (w, key, last)) in [
+                (Workload::Sadd, "sadd:0", sadd_final),
+                (Workload::Hset, "hset:0", hset_final),
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                let p = 10 * n as u64;
+                for e in 1..=3u64 {
+                    records.extend(op(
+                        p + e,
+                        w,
+                        F::Insert,
+                        key,
+                        json!(e),
+                        (e * ms, Some((e + 1) * ms)),
+                        Stage::Ok,
+                        json!(1),
+                    ));
+                }
+                let mut read = op(
+                    p + 9,
+                    w,
+                    F::Read,
+                    key,
+                    Json::Null,
+                    (100 * ms, Some(101 * ms)),
+                    Stage::Ok,
+                    last,
+                );
+                for r in &mut read {
+                    if let Record::Op(e) = r {
+                        e.final_read = true;
+                    }
+                }
+                records.extend(read);
+            }
+            check(&sorted(records), Limits::default()).unwrap()
+        };
+        let r = history(json!([1, 2, 3]), json!([3, 2, 1]));
+        assert_eq!(r.validity, Validity::Valid, "{:?}", r.problems);
+        assert_eq!(r.details["sadd"]["acknowledged"], 3);
+        assert_eq!(r.details["hset"]["acknowledged"], 3);
+
+        let r = history(json!([1, 3]), json!([1, 2, 3]));
+        assert_eq!(r.validity, Validity::Invalid);
+        assert_eq!(r.problems, vec!["sadd sadd:0: lost [2]".to_string()]);
+        let r = history(json!([1, 2, 3]), json!([1, 2, 3, 3]));
+        assert_eq!(r.validity, Validity::Invalid);
+        assert_eq!(r.problems, vec!["hset hset:0: duplicated [3]".to_string()]);
     }
 }

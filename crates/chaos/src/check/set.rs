@@ -176,11 +176,24 @@ mod tests {
         result: serde_json::Value,
         final_read: bool,
     ) -> Op {
+        op_of(crate::history::Workload::Set, f, value, t, outcome, result, final_read)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn op_of(
+        workload: crate::history::Workload,
+        f: F,
+        value: serde_json::Value,
+        t: (u64, u64),
+        outcome: Stage,
+        result: serde_json::Value,
+        final_read: bool,
+    ) -> Op {
         Op {
             process: 0,
             node: 1,
             role: None,
-            workload: crate::history::Workload::Set,
+            workload,
             f,
             key: "s".into(),
             value,
@@ -242,5 +255,83 @@ mod tests {
             !check("s", &refs).unwrap().valid(),
             "no final read is not a pass"
         );
+    }
+
+    /// An SADD history: members 1-4 acknowledged ("1 added"), 5 indeterminate, 6 certainly
+    /// failed; the final read is given by each case.
+    fn sadd_history(final_read: serde_json::Value) -> Vec<Op> {
+        let sadd = |e: i64, outcome, result| {
+            op_of(
+                crate::history::Workload::Sadd,
+                F::Insert,
+                json!(e),
+                (0, 1),
+                outcome,
+                result,
+                false,
+            )
+        };
+        let mut ops: Vec<Op> = (1..=4).map(|e| sadd(e, Stage::Ok, json!(1))).collect();
+        ops.push(sadd(5, Stage::Info, json!(null)));
+        ops.push(sadd(6, Stage::Fail, json!(null)));
+        ops.push(op_of(
+            crate::history::Workload::Sadd,
+            F::Read,
+            json!(null),
+            (9, 10),
+            Stage::Ok,
+            final_read,
+            true,
+        ));
+        ops
+    }
+
+    #[test]
+    fn every_acknowledged_sadd_in_the_final_read_passes() {
+        // The indeterminate member may be there or not.
+        for read in [json!([4, 2, 1, 3]), json!([1, 2, 3, 4, 5])] {
+            let ops = sadd_history(read);
+            let r = check("sadd:0", &ops.iter().collect::<Vec<_>>()).unwrap();
+            assert!(r.valid(), "{r:?}");
+            assert_eq!(r.acknowledged, 4);
+        }
+    }
+
+    #[test]
+    fn a_dropped_sadd_member_is_lost() {
+        // What a server that drops an acknowledged member (say, a merge that loses an add)
+        // leaves in the history.
+        let ops = sadd_history(json!([1, 2, 4, 5]));
+        let r = check("sadd:0", &ops.iter().collect::<Vec<_>>()).unwrap();
+        assert_eq!(r.lost, vec![3]);
+        assert!(!r.valid());
+    }
+
+    #[test]
+    fn a_failed_insert_that_shows_up_is_reported() {
+        // `fail` promised member 6 was certainly not applied.
+        let ops = sadd_history(json!([1, 2, 3, 4, 6]));
+        let r = check("sadd:0", &ops.iter().collect::<Vec<_>>()).unwrap();
+        assert_eq!(r.failed_but_present, vec![6]);
+        assert!(r.lost.is_empty() && !r.valid());
+    }
+
+    #[test]
+    fn an_insert_answered_zero_added_was_applied_twice() {
+        // A fresh member is added by exactly one request: answering "0 added" means that
+        // request found its own earlier application.
+        let mut ops = sadd_history(json!([1, 2, 3, 4]));
+        ops[1].result = json!(0);
+        let r = check("sadd:0", &ops.iter().collect::<Vec<_>>()).unwrap();
+        assert_eq!(r.reapplied, vec![2]);
+        assert!(!r.valid());
+    }
+
+    #[test]
+    fn members_that_are_not_elements_are_malformed() {
+        let ops = sadd_history(json!([1, 2, 3, 4, "04"]));
+        let r = check("sadd:0", &ops.iter().collect::<Vec<_>>()).unwrap();
+        assert_eq!(r.malformed, vec!["04".to_string()]);
+        assert!(!r.valid());
     }
 }
