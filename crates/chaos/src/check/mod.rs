@@ -332,7 +332,11 @@ fn set_problem(workload: Workload, r: &set::SetResult) -> String {
         format!("{:?}", r.duplicated),
         r.duplicated.is_empty(),
     );
-    add("vanished", format!("{:?}", r.vanished), r.vanished.is_empty());
+    add(
+        "vanished",
+        format!("{:?}", r.vanished),
+        r.vanished.is_empty(),
+    );
     add(
         "answered fail (certainly not applied) but present",
         format!("{:?}", r.failed_but_present),

@@ -176,7 +176,15 @@ mod tests {
         result: serde_json::Value,
         final_read: bool,
     ) -> Op {
-        op_of(crate::history::Workload::Set, f, value, t, outcome, result, final_read)
+        op_of(
+            crate::history::Workload::Set,
+            f,
+            value,
+            t,
+            outcome,
+            result,
+            final_read,
+        )
     }
 
     #[allow(clippy::too_many_arguments)]
