@@ -31,12 +31,38 @@ pub enum Workload {
     /// A CAS applied twice (once by a dying leader, again after a retry) fails its own
     /// comparison the second time and answers nil, which no linearization explains.
     Cas,
+    /// Real Redis sets: `SADD sadd:N member` of unique members, read with `SMEMBERS`. Checked
+    /// like [`Workload::Set`]; in `ap` keyspaces this is the add-wins set's promise.
+    Sadd,
+    /// Real Redis hashes: `HSET hset:N field field` of unique fields, read with `HKEYS`. Checked
+    /// like [`Workload::Set`] (the fields are the elements).
+    Hset,
 }
 
 impl Workload {
+    /// Every workload, in the order reports list them.
+    pub const ALL: [Workload; 6] = [
+        Workload::Register,
+        Workload::Cas,
+        Workload::Counter,
+        Workload::Set,
+        Workload::Sadd,
+        Workload::Hset,
+    ];
+
     /// Whether the register (linearizability) checker owns this workload's keys.
     pub fn is_register(self) -> bool {
         matches!(self, Workload::Register | Workload::Cas)
+    }
+
+    /// Whether the set checker owns this workload's keys (elements added, never removed).
+    pub fn is_set(self) -> bool {
+        matches!(self, Workload::Set | Workload::Sadd | Workload::Hset)
+    }
+
+    /// Whether the workload writes a Redis collection (a set or a hash) rather than a string.
+    pub fn is_collection(self) -> bool {
+        matches!(self, Workload::Sadd | Workload::Hset)
     }
 }
 
@@ -63,7 +89,8 @@ pub enum F {
     Cas,
     /// Counter increment by `value`.
     Add,
-    /// Set insertion of element `value`.
+    /// Set insertion of element `value` (for collections, the reply: how many members or
+    /// fields were new, which for a unique element must be 1).
     Insert,
 }
 
@@ -98,7 +125,8 @@ pub struct OpEvent {
     #[serde(default)]
     pub value: Json,
     /// On completion: what a read returned (number, null, or list for sets), the CAS
-    /// outcome (bool), or the counter's value after an increment (INCRBY's answer).
+    /// outcome (bool), the counter's value after an increment (INCRBY's answer), or how many
+    /// elements a collection insert added (SADD's or HSET's answer).
     #[serde(default, skip_serializing_if = "Json::is_null")]
     pub result: Json,
     /// On `fail`/`info`: the error the client saw.

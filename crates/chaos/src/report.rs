@@ -127,12 +127,7 @@ pub fn build(records: &[Record], check: &CheckResult, run: Json) -> Result<Json,
         })
         .collect();
     let mut by_workload = BTreeMap::new();
-    for w in [
-        crate::history::Workload::Register,
-        crate::history::Workload::Cas,
-        crate::history::Workload::Counter,
-        crate::history::Workload::Set,
-    ] {
+    for w in crate::history::Workload::ALL {
         let c = counts(ops.iter().filter(|o| o.workload == w));
         if c["ops"] != 0 {
             by_workload.insert(format!("{w:?}").to_lowercase(), c);

@@ -94,7 +94,7 @@ pub async fn run(opts: Options) -> Result<Outcome, HarnessError> {
     }
     if opts.ap && opts.workloads.iter().any(|w| w.is_register()) {
         return Err(HarnessError(
-            "the register and cas workloads check linearizability, which ap keyspaces do not promise; use --workload counter,set with --mode ap".into(),
+            "the register and cas workloads check linearizability, which ap keyspaces do not promise; use --workload counter,set,sadd,hset with --mode ap".into(),
         ));
     }
     // A run starts from empty nodes: data left by an earlier run in the same directory names

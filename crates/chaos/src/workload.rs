@@ -10,6 +10,14 @@
 //! increment is a large random number, so the counter checker can tell which increments a
 //! value is made of and a doubled one stands out (see `check::counter`).
 //!
+//! Collections are attacked with the commands users send: the `sadd` workload adds unique
+//! integers to Redis sets (`SADD sadd:N member`, read with `SMEMBERS`), the `hset` workload
+//! adds unique fields to Redis hashes (`HSET hset:N field field`, read with `HKEYS`), each key
+//! retired after [`COLLECTION_ELEMENTS_PER_KEY`] elements. Both record the insert's answer (how
+//! many elements were new), so an insert applied twice shows as an acknowledged "0 added". In
+//! `ap` keyspaces SADD runs at level `one` (both sides of a partition keep adding, and the
+//! add-wins merge must keep every acknowledged add) and HSET at `quorum`.
+//!
 //! Outcomes are classified per error, because the checkers trust them: a `fail` must certainly
 //! not have happened, or a correct server could be convicted. Reads that fail are `fail` (they
 //! changed nothing). For writes, `-TRYAGAIN` is `fail` (capdb sends it only when the write was
@@ -42,6 +50,9 @@ pub const COUNTER_OPS_PER_KEY: u32 = 150;
 pub const INCREMENT_MAX: i64 = 1_000_000_000;
 /// Elements appended to one set key before a fresh key takes over (bounds value size).
 pub const SET_ELEMENTS_PER_KEY: u32 = 500;
+/// Members (fields) added to one `sadd` (`hset`) key before a fresh key takes over. An `ap`
+/// collection is one record re-stored on every write, so this also bounds each write's cost.
+pub const COLLECTION_ELEMENTS_PER_KEY: u32 = 200;
 /// How long a client waits for any reply; the server's own bound is about 5 s. It is also the
 /// connection's response timeout: the `redis` crate's default of 500 ms would turn every
 /// write that waits out a failover into an `info`, and an indeterminate write can be placed
@@ -179,6 +190,12 @@ pub struct Keys {
     next_counter: u32,
     sets: Vec<(u32, u32)>,
     next_set: u32,
+    /// Active `sadd` and `hset` keys: (id, elements so far), and the next fresh id of each.
+    sadds: Vec<(u32, u32)>,
+    next_sadd: u32,
+    hsets: Vec<(u32, u32)>,
+    next_hset: u32,
+    /// Elements are unique across every set-like workload and key.
     next_element: i64,
     /// Every key ever used, for the final reads.
     pub used: BTreeSet<(Workload, String)>,
@@ -206,6 +223,10 @@ impl Keys {
             next_counter: counters.max(1),
             sets: (0..active_sets).map(|id| (id, 0)).collect(),
             next_set: active_sets,
+            sadds: (0..active_sets).map(|id| (id, 0)).collect(),
+            next_sadd: active_sets,
+            hsets: (0..active_sets).map(|id| (id, 0)).collect(),
+            next_hset: active_sets,
             next_element: 1,
             used: BTreeSet::new(),
             ap: false,
@@ -287,9 +308,34 @@ impl Keys {
                     (F::Insert, key, json!(e))
                 }
             }
+            Workload::Sadd | Workload::Hset => self.next_collection(w, rng),
         };
         self.used.insert((w, key.clone()));
         (f, key, value)
+    }
+
+    /// The next `sadd` or `hset` operation: a read one time in five (`cp` only: `ap` keys are
+    /// read once, after the final heal), otherwise an insert of a fresh element, after which a
+    /// key holding [`COLLECTION_ELEMENTS_PER_KEY`] elements is retired.
+    fn next_collection(&mut self, w: Workload, rng: &mut fastrand::Rng) -> (F, String, Json) {
+        let read = !self.ap && rng.u8(0..5) == 0;
+        let element = self.next_element;
+        let (active, next_id) = match w {
+            Workload::Hset => (&mut self.hsets, &mut self.next_hset),
+            _ => (&mut self.sadds, &mut self.next_sadd),
+        };
+        let slot = rng.usize(0..active.len());
+        let key = format!("{}:{}", format!("{w:?}").to_lowercase(), active[slot].0);
+        if read {
+            return (F::Read, key, Json::Null);
+        }
+        self.next_element += 1;
+        active[slot].1 += 1;
+        if active[slot].1 >= COLLECTION_ELEMENTS_PER_KEY {
+            active[slot] = (*next_id, 0);
+            *next_id += 1;
+        }
+        (F::Insert, key, json!(element))
     }
 
     /// The next `cas` operation: a write on a fresh key (so there is something to compare
@@ -389,8 +435,8 @@ impl Client {
         }
     }
 
-    /// A client of an `ap` keyspace: reads at `all` (only final reads happen), set inserts at
-    /// `quorum`, counter increments at `one`.
+    /// A client of an `ap` keyspace: reads at `all` (only final reads happen), set inserts and
+    /// HSET at `quorum`, counter increments and SADD at `one`.
     pub fn ap(node: u32, addr: String, keyspace: &str) -> Client {
         Client {
             ap_keyspace: Some(keyspace.to_string()),
@@ -450,7 +496,7 @@ impl Client {
         let mutates = f != F::Read;
         if self.ap_keyspace.is_some()
             && mutates
-            && let Err(e) = self.set_write_level(&mut conn, f).await
+            && let Err(e) = self.set_write_level(&mut conn, w, f).await
         {
             return e;
         }
@@ -461,14 +507,20 @@ impl Client {
         self.classify(done, mutates)
     }
 
-    /// `ap` runs: sets the connection's write level for `f` (`one` for increments, `quorum`
-    /// otherwise) unless it is set already. On error the connection is dropped.
+    /// `ap` runs: sets the connection's write level for operation `f` of workload `w` (`one`
+    /// for increments and SADD, `quorum` otherwise) unless it is set already. On error the
+    /// connection is dropped.
     async fn set_write_level(
         &mut self,
         conn: &mut redis::aio::MultiplexedConnection,
+        w: Workload,
         f: F,
     ) -> Result<(), Outcome> {
-        let want = if f == F::Add { "one" } else { "quorum" };
+        let want = if f == F::Add || w == Workload::Sadd {
+            "one"
+        } else {
+            "quorum"
+        };
         if self.ap_write_level != Some(want) {
             let r: redis::RedisResult<()> = redis::cmd("CONSISTENCY")
                 .arg("WRITE")
@@ -548,6 +600,23 @@ async fn request(
                 .await?;
             Ok(Json::Null)
         }
+        (Workload::Sadd, F::Insert) => {
+            let added: i64 = conn.sadd(key, value.as_i64().unwrap_or(0)).await?;
+            Ok(json!(added))
+        }
+        (Workload::Hset, F::Insert) => {
+            let field = value.as_i64().unwrap_or(0);
+            let added: i64 = conn.hset(key, field, field).await?;
+            Ok(json!(added))
+        }
+        (Workload::Sadd, F::Read) => {
+            let members: Vec<String> = conn.smembers(key).await?;
+            Ok(collection_elements(members))
+        }
+        (Workload::Hset, F::Read) => {
+            let fields: Vec<String> = conn.hkeys(key).await?;
+            Ok(collection_elements(fields))
+        }
         (Workload::Register | Workload::Cas | Workload::Counter, F::Read) => {
             let v: Option<i64> = conn.get(key).await?;
             Ok(json!(v))
@@ -590,6 +659,20 @@ async fn request(
             Ok(Json::Null)
         }
     }
+}
+
+/// A collection read as the history records it: integer elements as numbers, anything else
+/// as the string read (the checker reports it as malformed rather than the harness dropping it).
+fn collection_elements(items: Vec<String>) -> Json {
+    Json::Array(
+        items
+            .into_iter()
+            .map(|s| match s.parse::<i64>() {
+                Ok(e) if e.to_string() == s => json!(e),
+                _ => json!(s),
+            })
+            .collect(),
+    )
 }
 
 /// Everything the clients share.
@@ -670,11 +753,13 @@ pub async fn perform(
     if forwarded {
         shared.forwarded_in_flight.fetch_sub(1, Ordering::SeqCst);
     }
-    // Reads, CAS and increments (the counter's new value) carry a result the checkers use;
-    // not increments of `ap` keyspaces, whose replicas answer with their own partial view.
+    // Reads, CAS, increments (the counter's new value) and collection inserts (how many
+    // elements were new) carry a result the checkers use; not increments of `ap` keyspaces,
+    // whose replicas answer with their own partial view.
     let result = match f {
         F::Read | F::Cas => result,
         F::Add if client.ap_keyspace.is_none() => result,
+        F::Insert if w.is_collection() => result,
         _ => Json::Null,
     };
     shared.recorder.push(event(stage, result.clone(), error));
@@ -806,5 +891,37 @@ mod tests {
         assert!(saw_cas);
         // Every key of the workload lives in one slot.
         assert!(keys.used.iter().all(|(_, k)| k.starts_with("{cas}:")));
+    }
+
+    #[test]
+    fn collection_reads_keep_what_is_not_an_element() {
+        let read = collection_elements(vec!["7".into(), "04".into(), "x".into(), "-2".into()]);
+        assert_eq!(read, json!([7, "04", "x", -2]));
+    }
+
+    #[test]
+    fn collection_keys_retire_after_their_elements() {
+        let mut keys = Keys::new(1, 1, 1);
+        keys.ap = true;
+        let mut rng = fastrand::Rng::with_seed(3);
+        let mut seen = std::collections::BTreeMap::<String, Vec<i64>>::new();
+        for _ in 0..2 * COLLECTION_ELEMENTS_PER_KEY {
+            let (f, key, value) = keys.next(Workload::Sadd, &mut rng);
+            // `ap` runs read only after the final heal.
+            assert_eq!(f, F::Insert);
+            seen.entry(key).or_default().push(value.as_i64().unwrap());
+        }
+        let (_, hkey, _) = keys.next(Workload::Hset, &mut rng);
+        assert_eq!(hkey, "hset:0");
+        assert_eq!(seen.keys().collect::<Vec<_>>(), ["sadd:0", "sadd:1"]);
+        assert!(
+            seen.values()
+                .all(|v| v.len() == COLLECTION_ELEMENTS_PER_KEY as usize)
+        );
+        // Elements are unique across keys and workloads.
+        let mut all: Vec<i64> = seen.into_values().flatten().collect();
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all.len(), 2 * COLLECTION_ELEMENTS_PER_KEY as usize);
     }
 }

@@ -64,7 +64,9 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 100)]
     rate: u32,
     /// Workloads, comma-separated: register, cas (compare-and-set heavy registers on one
-    /// shard), counter, set, or all (register, counter, set).
+    /// shard), counter, set (appends to a string), sadd (SADD/SMEMBERS on Redis sets), hset
+    /// (HSET/HKEYS on Redis hashes), or all (register, counter, set, sadd, hset; without
+    /// register in --mode ap).
     #[arg(long, default_value = "all", value_delimiter = ',')]
     workload: Vec<String>,
     /// Nemeses, comma-separated: partition, kill, pause, loss, clock, kill-leader (kill -9 the
@@ -113,14 +115,22 @@ fn parse_workloads(names: &[String]) -> Result<Vec<Workload>, String> {
     let mut out = Vec::new();
     for n in names {
         match n.as_str() {
-            "all" => out.extend([Workload::Register, Workload::Counter, Workload::Set]),
+            "all" => out.extend([
+                Workload::Register,
+                Workload::Counter,
+                Workload::Set,
+                Workload::Sadd,
+                Workload::Hset,
+            ]),
             "register" => out.push(Workload::Register),
             "cas" => out.push(Workload::Cas),
             "counter" => out.push(Workload::Counter),
             "set" => out.push(Workload::Set),
+            "sadd" => out.push(Workload::Sadd),
+            "hset" => out.push(Workload::Hset),
             other => {
                 return Err(format!(
-                    "unknown workload '{other}': expected register, cas, counter, set or all"
+                    "unknown workload '{other}': expected register, cas, counter, set, sadd, hset or all"
                 ));
             }
         }
@@ -229,7 +239,7 @@ fn run_options(a: RunArgs) -> Result<capdb_chaos::run::Options, String> {
     };
     // ap keyspaces promise convergence, not linearizability: no register workload.
     let workloads = if ap && a.workload == ["all"] {
-        vec![Workload::Counter, Workload::Set]
+        workloads.into_iter().filter(|w| !w.is_register()).collect()
     } else {
         workloads
     };

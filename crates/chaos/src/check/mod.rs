@@ -81,12 +81,14 @@ pub fn check(records: &[Record], limits: Limits) -> Result<CheckResult, String> 
     let mut problems = Vec::new();
     let register = check_registers(&by_key, limits, &mut validity, &mut problems)?;
     let counter = check_counters(&by_key, &mut validity, &mut problems)?;
-    let set = check_sets(&by_key, &mut validity, &mut problems)?;
-    let details = json!({
+    let mut details = json!({
         "register": register,
         "counter": counter,
-        "set": set,
     });
+    // One entry per set-like workload: `set`, and `sadd` and `hset` when they ran.
+    if let Some(d) = details.as_object_mut() {
+        d.extend(check_sets(&by_key, &mut validity, &mut problems)?);
+    }
     Ok(CheckResult {
         validity,
         problems,
@@ -267,42 +269,93 @@ fn counter_problem(key: &str, e: &counter::CounterError, errors: usize, shown: u
     }
 }
 
-/// Sets: every acknowledged element present, nothing unexpected. Adds to `validity` and
-/// `problems`; returns the details for the report.
+/// Set-like workloads (string appends, Redis sets, Redis hashes): every acknowledged element
+/// present, nothing unexpected (see [`set`]). Adds to `validity` and `problems`; returns the
+/// details for the report, per workload.
 fn check_sets(
     by_key: &ByKey,
     validity: &mut Validity,
     problems: &mut Vec<String>,
-) -> Result<Json, String> {
-    let mut set_results = Vec::new();
-    for ((w, key), ops) in by_key {
-        if *w != Workload::Set {
+) -> Result<serde_json::Map<String, Json>, String> {
+    let mut details = serde_json::Map::new();
+    for workload in Workload::ALL.into_iter().filter(|w| w.is_set()) {
+        let mut results = Vec::new();
+        for ((w, key), ops) in by_key {
+            if *w != workload {
+                continue;
+            }
+            let r = set::check(key, ops)?;
+            if !r.valid() {
+                *validity = Validity::Invalid;
+                problems.push(set_problem(workload, &r));
+            }
+            results.push(r);
+        }
+        if results.is_empty() && workload != Workload::Set {
             continue;
         }
-        let r = set::check(key, ops)?;
-        if !r.valid() {
-            *validity = Validity::Invalid;
-            problems.push(format!(
-                "set {key}: lost {:?}, unexpected {:?}, duplicated {:?}, vanished {:?}{}",
-                r.lost,
-                r.unexpected,
-                r.duplicated,
-                r.vanished,
-                if r.final_read {
-                    ""
-                } else {
-                    ", no final read succeeded"
-                }
-            ));
-        }
-        set_results.push(r);
+        details.insert(
+            workload_name(workload),
+            json!({
+                "keys": results.len(),
+                "acknowledged": results.iter().map(|r| r.acknowledged).sum::<usize>(),
+                "lost": results.iter().map(|r| r.lost.len()).sum::<usize>(),
+                "invalid_keys": results.iter().filter(|r| !r.valid()).collect::<Vec<_>>(),
+            }),
+        );
     }
-    Ok(json!({
-        "keys": set_results.len(),
-        "acknowledged": set_results.iter().map(|r| r.acknowledged).sum::<usize>(),
-        "lost": set_results.iter().map(|r| r.lost.len()).sum::<usize>(),
-        "invalid_keys": set_results.iter().filter(|r| !r.valid()).collect::<Vec<_>>(),
-    }))
+    Ok(details)
+}
+
+/// A workload's name as the command line and the history spell it.
+fn workload_name(w: Workload) -> String {
+    format!("{w:?}").to_lowercase()
+}
+
+/// One line for an invalid key of a set-like workload, naming only what went wrong, e.g.
+/// `sadd sadd:3: lost [17, 40]`.
+fn set_problem(workload: Workload, r: &set::SetResult) -> String {
+    let mut what = Vec::new();
+    let mut add = |name: &str, items: String, empty: bool| {
+        if !empty {
+            what.push(format!("{name} {items}"));
+        }
+    };
+    add("lost", format!("{:?}", r.lost), r.lost.is_empty());
+    add(
+        "unexpected",
+        format!("{:?}", r.unexpected),
+        r.unexpected.is_empty(),
+    );
+    add(
+        "duplicated",
+        format!("{:?}", r.duplicated),
+        r.duplicated.is_empty(),
+    );
+    add(
+        "vanished",
+        format!("{:?}", r.vanished),
+        r.vanished.is_empty(),
+    );
+    add(
+        "answered fail (certainly not applied) but present",
+        format!("{:?}", r.failed_but_present),
+        r.failed_but_present.is_empty(),
+    );
+    add(
+        "answered 0 added (applied twice)",
+        format!("{:?}", r.reapplied),
+        r.reapplied.is_empty(),
+    );
+    add(
+        "malformed",
+        format!("{:?}", r.malformed),
+        r.malformed.is_empty(),
+    );
+    if !r.final_read {
+        what.push("no final read succeeded".into());
+    }
+    format!("{} {}: {}", workload_name(workload), r.key, what.join(", "))
 }
 
 /// The operations outside a failing sub-history that wrote a value it observed (a read's
@@ -559,5 +612,63 @@ mod tests {
             r.problems
         );
         assert_eq!(r.details["counter"]["errors"][0]["reason"], "combination");
+    }
+
+    #[test]
+    fn a_collection_that_drops_an_acknowledged_element_fails_the_run() {
+        let ms = 1_000_000;
+        // Two Redis collections, each with three acknowledged inserts ("1 added").
+        let history = |sadd_final: Json, hset_final: Json| {
+            let mut records = Vec::new();
+            for (n, (w, key, last)) in [
+                (Workload::Sadd, "sadd:0", sadd_final),
+                (Workload::Hset, "hset:0", hset_final),
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                let p = 10 * n as u64;
+                for e in 1..=3u64 {
+                    records.extend(op(
+                        p + e,
+                        w,
+                        F::Insert,
+                        key,
+                        json!(e),
+                        (e * ms, Some((e + 1) * ms)),
+                        Stage::Ok,
+                        json!(1),
+                    ));
+                }
+                let mut read = op(
+                    p + 9,
+                    w,
+                    F::Read,
+                    key,
+                    Json::Null,
+                    (100 * ms, Some(101 * ms)),
+                    Stage::Ok,
+                    last,
+                );
+                for r in &mut read {
+                    if let Record::Op(e) = r {
+                        e.final_read = true;
+                    }
+                }
+                records.extend(read);
+            }
+            check(&sorted(records), Limits::default()).unwrap()
+        };
+        let r = history(json!([1, 2, 3]), json!([3, 2, 1]));
+        assert_eq!(r.validity, Validity::Valid, "{:?}", r.problems);
+        assert_eq!(r.details["sadd"]["acknowledged"], 3);
+        assert_eq!(r.details["hset"]["acknowledged"], 3);
+
+        let r = history(json!([1, 3]), json!([1, 2, 3]));
+        assert_eq!(r.validity, Validity::Invalid);
+        assert_eq!(r.problems, vec!["sadd sadd:0: lost [2]".to_string()]);
+        let r = history(json!([1, 2, 3]), json!([1, 2, 3, 3]));
+        assert_eq!(r.validity, Validity::Invalid);
+        assert_eq!(r.problems, vec!["hset hset:0: duplicated [3]".to_string()]);
     }
 }
