@@ -480,8 +480,41 @@ async fn stream_differences(
     Ok(())
 }
 
-/// Removes tombstones older than the grace period from every replica of a shard.
-async fn collect_tombstones(ap: &Arc<Ap>, ks: &str, shard: &ShardInfo) -> Result<()> {
+/// What tombstone collection asks the replicas to purge for a stored version, if anything:
+/// a tombstone older than the grace period (its timestamp travels, so a newer write is kept);
+/// for a collection, the horizon travels, for its element removals (HDEL, SREM, ZREM) older
+/// than the grace period, or the whole record when it expired before then.
+///
+/// `compared_before_ms`: the pass's anti-entropy sessions compared every version written at or
+/// before it (and found the replicas in sync). A collection written since was not compared, so
+/// its replicas may differ: one may still lack a removal another would collect, and hand its
+/// add back later. Its collection waits for a later pass.
+pub(crate) fn collectable(
+    v: &Value,
+    horizon: capdb_types::Timestamp,
+    compared_before_ms: u64,
+) -> Option<capdb_types::Timestamp> {
+    use capdb_types::composite::{Composite, expired_before, is_composite};
+    if v.header.tombstone && v.header.timestamp < horizon {
+        return Some(v.header.timestamp);
+    }
+    let compared_collection = !v.header.tombstone
+        && is_composite(v)
+        && v.header.timestamp.physical_ms() <= compared_before_ms;
+    let old_parts = || {
+        expired_before(v, horizon) || Composite::of(v).is_ok_and(|c| c.has_removed_before(horizon))
+    };
+    (compared_collection && old_parts()).then_some(horizon)
+}
+
+/// Removes tombstones older than the grace period from every replica of a shard (see
+/// [`collectable`]).
+async fn collect_tombstones(
+    ap: &Arc<Ap>,
+    ks: &str,
+    shard: &ShardInfo,
+    compared_before_ms: u64,
+) -> Result<()> {
     let horizon_ms =
         capdb_types::unix_now_ms().saturating_sub(ap.config.tombstone_grace.as_millis() as u64);
     let mut old = Vec::new();
@@ -492,16 +525,8 @@ async fn collect_tombstones(ap: &Arc<Ap>, ks: &str, shard: &ShardInfo) -> Result
         if s < slots.0 || s > slots.1 {
             return old.len() < 100_000;
         }
-        if v.header.tombstone && v.header.timestamp.physical_ms() < horizon_ms {
-            old.push((Bytes::copy_from_slice(k), v.header.timestamp));
-        } else if !v.header.tombstone
-            && capdb_types::composite::is_composite(&v)
-            && capdb_types::composite::Composite::of(&v)
-                .is_ok_and(|c| c.has_removed_before(horizon))
-        {
-            // A live collection's removed elements (HDEL, SREM, ZREM): the horizon travels
-            // in place of the timestamp.
-            old.push((Bytes::copy_from_slice(k), horizon));
+        if let Some(ts) = collectable(&v, horizon, compared_before_ms) {
+            old.push((Bytes::copy_from_slice(k), ts));
         }
         old.len() < 100_000
     })?;
@@ -537,6 +562,12 @@ pub async fn pass(ap: &Arc<Ap>, collect: bool) {
                 continue;
             }
             let mut shard_in_sync = true;
+            // Every session below compares at least the versions written before this.
+            let compared_before_ms = ap
+                .hlc
+                .now()
+                .physical_ms()
+                .saturating_sub(REPLICA_TIMEOUT.as_millis() as u64);
             for &peer in &shard.replicas {
                 if peer <= ap.me {
                     continue;
@@ -558,7 +589,7 @@ pub async fn pass(ap: &Arc<Ap>, collect: bool) {
                 && lowest
                 && shard_in_sync
                 && shard.replicas.iter().all(|&r| !ap.detector.is_down(r))
-                && let Err(e) = collect_tombstones(ap, &ks, shard).await
+                && let Err(e) = collect_tombstones(ap, &ks, shard, compared_before_ms).await
             {
                 tracing::debug!(keyspace = %ks, error = %e, "tombstone collection skipped");
             }
@@ -585,5 +616,88 @@ pub(super) async fn run(ap: Arc<Ap>) {
         }
         passes += 1;
         pass(&ap, passes.is_multiple_of(GC_EVERY_PASSES)).await;
+    }
+}
+
+#[cfg(test)]
+mod collection {
+    use bytes::Bytes;
+    use capdb_types::composite::{CollState, Composite, Entry};
+    use capdb_types::{Timestamp, Value, ValueKind};
+
+    use super::collectable;
+
+    fn at(ms: u64) -> Timestamp {
+        Timestamp::from_parts(ms, 0)
+    }
+
+    /// A hash of `fields` (name, written at ms, `None`: removed by HDEL) with a deadline.
+    fn hash(fields: &[(&str, u64, Option<&str>)], deadline: Option<u64>) -> Value {
+        let mut c = CollState::default();
+        for (name, ms, value) in fields {
+            c.entries.insert(
+                Bytes::from(name.to_string()),
+                Entry {
+                    ts: at(*ms),
+                    origin: 1,
+                    value: value.map(|v| Bytes::from(v.to_string())),
+                    ..Entry::default()
+                },
+            );
+        }
+        if deadline.is_some() {
+            c.ttl = (at(1_000), 1, deadline);
+        }
+        let mut comp = Composite::default();
+        comp.colls.insert(ValueKind::Hash as u8, c);
+        comp.to_value()
+    }
+
+    const HORIZON_MS: u64 = 50_000;
+
+    #[test]
+    fn tombstones_older_than_the_grace_period_go_with_their_own_timestamp() {
+        let old = Value::tombstone(at(40_000));
+        assert_eq!(collectable(&old, at(HORIZON_MS), 0), Some(at(40_000)));
+        let recent = Value::tombstone(at(60_000));
+        assert_eq!(collectable(&recent, at(HORIZON_MS), u64::MAX), None);
+    }
+
+    #[test]
+    fn old_field_removals_of_a_collection_go_only_once_anti_entropy_compared_it() {
+        // HDEL of `gone` long ago; `live` written at 100_000ms, after the versions the pass
+        // compared (up to 90_000ms): the replicas' copies of the key were not compared, one may
+        // still hold `gone` unremoved.
+        let h = hash(&[("gone", 1_000, None), ("live", 100_000, Some("v"))], None);
+        assert_eq!(collectable(&h, at(HORIZON_MS), 90_000), None);
+        // A later pass compared it (and found every replica in sync).
+        assert_eq!(
+            collectable(&h, at(HORIZON_MS), 100_000),
+            Some(at(HORIZON_MS))
+        );
+        // Nothing removed before the horizon: nothing to collect.
+        let fresh = hash(&[("gone", 60_000, None), ("live", 1_000, Some("v"))], None);
+        assert_eq!(collectable(&fresh, at(HORIZON_MS), u64::MAX), None);
+    }
+
+    #[test]
+    fn an_expired_collection_goes_once_it_expired_longer_ago_than_the_grace_period() {
+        let long_expired = hash(&[("f", 1_000, Some("v"))], Some(2_000));
+        assert_eq!(
+            collectable(&long_expired, at(HORIZON_MS), 40_000),
+            Some(at(HORIZON_MS))
+        );
+        assert!(capdb_types::composite::expired_before(
+            &long_expired,
+            at(HORIZON_MS)
+        ));
+        // Expired after the horizon: a PERSIST from before its deadline may still be on its
+        // way to some replica.
+        let recently_expired = hash(&[("f", 1_000, Some("v"))], Some(55_000));
+        assert_eq!(collectable(&recently_expired, at(HORIZON_MS), 40_000), None);
+        assert!(!capdb_types::composite::expired_before(
+            &recently_expired,
+            at(HORIZON_MS)
+        ));
     }
 }

@@ -403,6 +403,16 @@ impl Composite {
     }
 }
 
+/// Whether `v` is a collection that expired before `horizon` and was last written before it:
+/// what tombstone collection removes in place of the expiry sweep (see
+/// [`crate::merge::expiry_replacement`]).
+pub fn expired_before(v: &Value, horizon: Timestamp) -> bool {
+    is_composite(v)
+        && !v.header.tombstone
+        && v.header.timestamp < horizon
+        && v.is_expired(horizon.physical_ms().saturating_sub(1))
+}
+
 /// Merges two versions of which at least one is a composite.
 pub(crate) fn merge(a: &Value, b: &Value) -> Value {
     match (Composite::of(a), Composite::of(b)) {
@@ -647,6 +657,86 @@ mod tests {
         assert_eq!(comp.visible(1_000), Visible::Absent);
         let v = comp.to_value();
         assert!(v.is_live(999) && !v.is_live(1_000));
+    }
+
+    fn at(ms: u64) -> Timestamp {
+        Timestamp::from_parts(ms, 0)
+    }
+
+    /// A hash of `fields` (name, written at ms) whose TTL register is `ttl` (written at ms,
+    /// deadline).
+    fn hash_with_ttl(fields: &[(&str, u64)], ttl: (u64, Option<u64>)) -> Value {
+        let mut c = CollState::default();
+        for (f, ms) in fields {
+            c.entries.insert(
+                Bytes::from(f.to_string()),
+                Entry {
+                    ts: at(*ms),
+                    origin: 1,
+                    value: Some(Bytes::from_static(b"v")),
+                    ..Entry::default()
+                },
+            );
+        }
+        c.ttl = (at(ttl.0), 1, ttl.1);
+        let mut comp = Composite::default();
+        comp.colls.insert(HASH, c);
+        comp.to_value()
+    }
+
+    /// What a replica holds after its expiry sweep ran at `now_ms`.
+    fn swept(v: &Value, now_ms: u64) -> Value {
+        crate::merge::expiry_replacement(v, now_ms).unwrap_or_else(|| v.clone())
+    }
+
+    #[test]
+    fn a_persist_that_one_replica_missed_keeps_the_collection_after_that_replica_swept_it() {
+        // h = {f} with EXPIRE (at 100ms) for 1_000ms; PERSIST at 500ms reached a quorum but
+        // not replica C. C's sweep runs after the deadline, then anti-entropy brings the
+        // PERSIST (the TTL register alone: the delta PERSIST replicates).
+        let on_c = hash_with_ttl(&[("f", 50)], (100, Some(1_000)));
+        let persist = hash_with_ttl(&[], (500, None));
+        let healed = merge(&swept(&on_c, 1_000), &persist);
+        assert!(
+            healed.is_live(5_000),
+            "the acknowledged PERSIST lost the hash"
+        );
+        assert_eq!(fields(&healed), vec![("f".into(), "v".into())]);
+        // Every replica ends with the same record, whichever merged first.
+        assert_eq!(healed, merge(&persist, &swept(&on_c, 1_000)));
+    }
+
+    #[test]
+    fn a_field_written_just_before_the_deadline_expires_with_the_collection_on_every_replica() {
+        // HSET h g at 900ms (before the deadline at 1_000ms) reached a quorum; its delta
+        // carries the TTL register its coordinator read. Replica C gets it late, after its
+        // sweep ran.
+        let on_c = hash_with_ttl(&[("f", 50)], (100, Some(1_000)));
+        let late = hash_with_ttl(&[("g", 900)], (100, Some(1_000)));
+        let healed = merge(&swept(&on_c, 1_000), &late);
+        assert!(
+            !healed.is_live(5_000),
+            "an expired hash came back, without its deadline: {:?}",
+            Composite::of(&healed).unwrap()
+        );
+    }
+
+    #[test]
+    fn an_incr_on_an_expired_collection_counts_from_nothing_and_drops_its_elements() {
+        let expired = hash_with_ttl(&[("f", 50)], (100, Some(1_000)));
+        let incr = crate::merge::counter_add(Some(&expired), 2, 5, at(2_000), 2_000).unwrap();
+        assert!(
+            !is_composite(&incr),
+            "the expired hash is kept hidden in the counter"
+        );
+        assert_eq!(crate::merge::render(incr.clone()).unwrap().data, "5");
+        // A replica that did not see the INCR still holds the expired hash (or, swept by a
+        // build that tombstoned expired collections, a tombstone at its newest write): the
+        // increment survives the merge with either.
+        for other in [expired.clone(), Value::tombstone(expired.header.timestamp)] {
+            let m = merge(&incr, &other);
+            assert_eq!(crate::merge::render(m).unwrap().data, "5");
+        }
     }
 
     fn arb_entry() -> impl Strategy<Value = Entry> {

@@ -165,7 +165,16 @@ pub fn counter_add(
         if let crate::composite::Visible::Coll(_) = comp.visible(now_ms) {
             return Err(Error::WrongType);
         }
-        let added = counter_add(comp.base().as_ref(), node, delta, timestamp, now_ms)?;
+        // An expired collection is gone: the counter starts from a delete at its newest write,
+        // which drops its elements as a SET would (counting from its older plain part would
+        // leave them hidden in the record, and a delete of the expired collection would take
+        // the increments with it).
+        let base = if c.is_expired(now_ms) && !c.header.tombstone {
+            Some(Value::tombstone(c.header.timestamp))
+        } else {
+            comp.base()
+        };
+        let added = counter_add(base.as_ref(), node, delta, timestamp, now_ms)?;
         return Ok(merge(c, &added));
     }
     let live = current.filter(|v| v.is_live(now_ms));
@@ -206,6 +215,24 @@ pub fn counter_add(
     let mut v = Value::new(counter.encode(), timestamp, expire);
     v.header.counter = true;
     Ok(v)
+}
+
+/// What the expiry sweep of an `ap` table stores in place of `v`, expired at `now_ms`: a
+/// tombstone at its timestamp for a plain value (it merges as the expired value would: every
+/// later write beats both), or `None` to leave the record as it is.
+///
+/// A collection stays. No tombstone merges as an expired collection does: a later PERSIST or
+/// EXPIRE from a replica that saw it (a TTL register newer than anything here) makes its
+/// elements visible again, and a field written before the deadline (arriving late) still falls
+/// under the deadline; a tombstone at the collection's newest write would drop the elements
+/// under the PERSIST, and leave the late field visible without a deadline. Expired collections
+/// are removed by tombstone collection instead, once they expired longer than the grace period
+/// ago and every replica holds the same (`capdb-ap`'s anti-entropy).
+pub fn expiry_replacement(v: &Value, now_ms: u64) -> Option<Value> {
+    if crate::composite::is_composite(v) || v.header.tombstone || !v.is_expired(now_ms) {
+        return None;
+    }
+    Some(Value::tombstone(v.header.timestamp))
 }
 
 /// What a client sees of a version: a counter reads as its decimal total.

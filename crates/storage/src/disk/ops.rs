@@ -25,7 +25,9 @@ pub(super) enum Op {
     },
     /// Deletes the given keys if they are still expired at `now_ms` (active expiry). In a
     /// table with tombstones (`ap`) an expired value becomes a tombstone with its timestamp
-    /// instead, so replicas converge on the deletion rather than resurrecting older values.
+    /// instead, so replicas converge on the deletion rather than resurrecting older values; an
+    /// expired `ap` collection stays (`capdb_types::merge::expiry_replacement` says why) until
+    /// tombstone collection removes it.
     RemoveExpired {
         table: String,
         keys: Vec<Bytes>,
@@ -61,7 +63,9 @@ pub(super) enum Op {
         now_ms: u64,
     },
     /// `ap` tombstone collection: removes each key whose stored version is still the tombstone
-    /// with exactly this timestamp (a newer write is kept).
+    /// with exactly this timestamp (a newer write is kept). For a key holding a collection the
+    /// timestamp is the collection horizon instead: the collection goes if it expired and was
+    /// last written before it, else its element removals older than it go.
     PurgeTombstones {
         table: String,
         entries: Vec<(Bytes, Timestamp)>,
@@ -365,7 +369,11 @@ fn remove_expired(
         };
         if let Some(v) = expired {
             if tombstones {
-                let tomb = Value::tombstone(v.header.timestamp);
+                // An expired `ap` collection stays (see `expiry_replacement`); tombstone
+                // collection removes it.
+                let Some(tomb) = capdb_types::merge::expiry_replacement(&v, now_ms) else {
+                    continue;
+                };
                 t.insert(&key[..], &tomb.encode()[..]).map_err(io_err)?;
             } else {
                 t.remove(&key[..]).map_err(io_err)?;
@@ -484,8 +492,15 @@ fn purge_tombstones(x: &Exec, table: &str, entries: &[(Bytes, Timestamp)]) -> Re
             t.remove(&key[..]).map_err(io_err)?;
             removed += 1;
         } else if !v.header.tombstone && capdb_types::composite::is_composite(&v) {
-            // A live `ap` collection: `ts` is the horizon; its element removals older than it
-            // go (see `Composite::collect_removed`).
+            // An `ap` collection: `ts` is the horizon. Expired and untouched since before it:
+            // the whole record goes (the expiry sweep leaves collections in place).
+            if capdb_types::composite::expired_before(&v, *ts) {
+                t.remove(&key[..]).map_err(io_err)?;
+                removed += 1;
+                continue;
+            }
+            // Else its element removals older than the horizon go (see
+            // `Composite::collect_removed`).
             if let Ok(mut c) = capdb_types::composite::Composite::of(&v)
                 && c.collect_removed(*ts)
             {
