@@ -177,6 +177,9 @@ pub fn lookup(name: &str) -> Option<&'static Spec> {
 /// The keys of a data-type command (`args[0]` its name), in argument order; an unknown command
 /// has none, and an invalid `numkeys` is Redis's error.
 pub fn command_keys(args: &[Bytes]) -> Result<Vec<Bytes>> {
+    if crate::notify::is_wrapped(args) {
+        return command_keys(&args[1..]);
+    }
     let Some(spec) = spec_of(args) else {
         return Ok(Vec::new());
     };
@@ -209,6 +212,10 @@ pub fn all() -> impl Iterator<Item = &'static Spec> {
 /// [`capdb_types::Mutation::Exec`] and for queries; a malformed argument list (from a log
 /// written by a different version, say) is an error reply, never a panic.
 pub fn execute(args: &[Bytes], space: &mut dyn Space, cx: &Ctx) -> Result<Reply> {
+    // `capdb.notify <command>`: the command and its keyspace events (`notify.rs`).
+    if crate::notify::is_wrapped(args) && args.len() > 1 && !crate::notify::is_wrapped(&args[1..]) {
+        return crate::notify::run(args, space, cx);
+    }
     let Some(spec) = spec_of(args) else {
         let name = args
             .first()
