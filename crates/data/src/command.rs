@@ -139,17 +139,21 @@ const INTERNAL: &[Spec] = &[Spec {
 
 /// `capdb.expired key [key ...]`: deletes each key whose record has expired at the entry's
 /// clock (a shard leader proposes it for keys it found expired; a key written again since is
-/// live and kept). Reclaims an expired collection's elements. Replies with how many keys it
-/// examined, since whether a record existed is not visible through a [`Space`].
+/// live and kept). Reclaims an expired collection's elements. Replies with the keys it
+/// removed, for their `expired` keyspace events (the proposing leader publishes them). A key a
+/// client deleted between the leader's look and this entry is among them too: whether a record
+/// existed is not visible through a [`Space`].
 pub const EXPIRED_COMMAND: &str = "capdb.expired";
 
 fn remove_expired(args: &[Bytes], space: &mut dyn Space, _: &Ctx) -> Result<Reply> {
+    let mut removed = Vec::new();
     for key in &args[1..] {
         if space.get(key)?.is_none() {
             space.remove(key)?;
+            removed.push(Reply::Bulk(key.clone()));
         }
     }
-    Ok(Reply::Integer(args.len() as i64 - 1))
+    Ok(Reply::Array(removed))
 }
 
 /// Every family's table.

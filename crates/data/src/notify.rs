@@ -301,9 +301,9 @@ fn rule(args: &[Bytes], reply: &Reply, f: &Facts) -> Option<Vec<Event>> {
     };
     // A STORE command: its event when the result was stored, `del` when an empty result
     // deleted a key that existed.
-    let store = |dest: &Bytes, event: &'static str| {
+    let store = |dest: &Bytes, class, event: &'static str| {
         if f.exists(dest) {
-            vec![Event::new(Generic, event, dest)]
+            vec![Event::new(class, event, dest)]
         } else if f.existed(dest) {
             vec![Event::new(Generic, "del", dest)]
         } else {
@@ -517,7 +517,7 @@ fn rule(args: &[Bytes], reply: &Reply, f: &Facts) -> Option<Vec<Event>> {
             out.push(Event::new(Set, "sadd", &dest));
             std::mem::take(&mut out)
         }
-        "sinterstore" | "sunionstore" | "sdiffstore" => store(&key, static_name(&name)?),
+        "sinterstore" | "sunionstore" | "sdiffstore" => store(&key, Set, static_name(&name)?),
         // Sorted sets.
         "zadd" => {
             if args
@@ -549,7 +549,7 @@ fn rule(args: &[Bytes], reply: &Reply, f: &Facts) -> Option<Vec<Event>> {
         }
         "zpopmin" | "zpopmax" => removal(Zset, static_name(&name)?, !nothing(reply)),
         "zunionstore" | "zinterstore" | "zdiffstore" | "zrangestore" => {
-            store(&key, static_name(&name)?)
+            store(&key, Zset, static_name(&name)?)
         }
         // Keys.
         "copy" => {

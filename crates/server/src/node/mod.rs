@@ -284,10 +284,26 @@ impl Node {
             let now = capdb_types::unix_now_ms();
             for ks in self.keyspaces() {
                 let cursor = cursors.remove(&ks.spec.name).flatten();
-                match ks
-                    .expire_step(now, round.is_multiple_of(10), cursor, DISK_SWEEP_KEYS)
-                    .await
-                {
+                let mut removed = Vec::new();
+                let step = ks
+                    .expire_step(
+                        now,
+                        round.is_multiple_of(10),
+                        cursor,
+                        DISK_SWEEP_KEYS,
+                        &mut removed,
+                    )
+                    .await;
+                if !removed.is_empty() && self.settings.keyspace_events().active() {
+                    use capdb_data::notify::{Class, Event};
+                    let events = removed
+                        .iter()
+                        .map(|k| Event::new(Class::Expired, "expired", k))
+                        .collect();
+                    self.pubsub
+                        .publish_events(&self, ks.spec.name.as_str(), events);
+                }
+                match step {
                     Ok(next) => {
                         cursors.insert(ks.spec.name.clone(), next);
                     }

@@ -124,7 +124,8 @@ impl KeyspaceEvents {
     /// Whether any event would be published: a destination (`K` or `E`) and a class. When not,
     /// writes skip everything notifications cost (one atomic read per write).
     pub fn active(self) -> bool {
-        self.has(Self::KEYSPACE | Self::KEYEVENT) && self.has(Self::ALL | Self::NEW | Self::KEY_MISS)
+        self.has(Self::KEYSPACE | Self::KEYEVENT)
+            && self.has(Self::ALL | Self::NEW | Self::KEY_MISS)
     }
 }
 
