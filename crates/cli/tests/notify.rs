@@ -274,35 +274,79 @@ fn flags_choose_the_classes_and_the_channels() {
     }
 }
 
+/// The first `n` keyspace messages `ps` receives, as `channel payload`.
+fn next_messages(ps: &mut redis::PubSub<'_>, n: usize) -> Vec<String> {
+    (0..n)
+        .map(|_| {
+            let m = ps.get_message().expect("a keyspace event");
+            let payload: String = m.get_payload().unwrap();
+            format!("{} {payload}", m.get_channel_name())
+        })
+        .collect()
+}
+
 #[test]
-fn an_expired_key_of_a_cp_keyspace_is_announced() {
+fn an_expired_key_is_announced_in_cp_and_cache_keyspaces() {
     let mut redis_server = RedisServer::start_with(&[]);
     drop(redis_server.client());
     let theirs_url = format!("redis://127.0.0.1:{}", redis_server.port);
     let capdb = Server::start();
+    create_keyspace(
+        &capdb,
+        r#"{"name":"1","mode":"cache","max_memory_bytes":16777216}"#,
+    );
     let ours_url = format!("redis://{}", capdb.resp);
     // The deadline passes during the run; `expired` comes when the key is removed (Redis's
-    // active expiry, capdb's shard leader sweep), so the script waits for it before the end.
-    for url in [&theirs_url, &ours_url] {
-        let mut c = connect(format!("{url}/0"));
+    // active expiry; capdb's shard leader sweep in `cp`, the cache's expiry cycle), so the
+    // script waits for it (the read timeout bounds a failure, not a pass).
+    for (url, db) in [
+        (&theirs_url, "0"),
+        (&ours_url, "0"),
+        (&theirs_url, "1"),
+        (&ours_url, "1"),
+    ] {
+        let mut c = connect(format!("{url}/{db}"));
         let _: () = redis::cmd("FLUSHDB").query(&mut c).unwrap();
         config_set_events(&mut c, "Egx");
-        let mut sub = connect(format!("{url}/0"));
+        let mut sub = connect(format!("{url}/{db}"));
         let mut ps = sub.as_pubsub();
         ps.psubscribe("__key*__:*").unwrap();
         ps.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
         run(&mut c, "set gone v px 100");
-        let mut seen = Vec::new();
-        while seen.len() < 2 {
-            let m = ps.get_message().expect("the expired event");
-            let payload: String = m.get_payload().unwrap();
-            seen.push(format!("{} {payload}", m.get_channel_name()));
-        }
         assert_eq!(
-            seen,
-            ["__keyevent@0__:expire gone", "__keyevent@0__:expired gone"],
-            "{url}"
+            next_messages(&mut ps, 2),
+            [
+                format!("__keyevent@{db}__:expire gone"),
+                format!("__keyevent@{db}__:expired gone")
+            ],
+            "{url} db {db}"
         );
         config_set_events(&mut c, "");
     }
+}
+
+#[test]
+fn a_cache_keyspace_announces_the_keys_it_evicts() {
+    let capdb = Server::start();
+    create_keyspace(
+        &capdb,
+        r#"{"name":"1","mode":"cache","max_memory_bytes":1048576}"#,
+    );
+    let mut c = connect(format!("redis://{}/1", capdb.resp));
+    config_set_events(&mut c, "Ee");
+    let mut sub = connect(format!("redis://{}/1", capdb.resp));
+    let mut ps = sub.as_pubsub();
+    ps.psubscribe("__keyevent@1__:*").unwrap();
+    ps.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let value = "v".repeat(20_000);
+    for i in 0..100 {
+        run(&mut c, &format!("set key{i} {value}"));
+    }
+    // 2 MB into 1 MiB: keys were evicted, each announced once it is gone.
+    let first = next_messages(&mut ps, 1).remove(0);
+    let key = first
+        .strip_prefix("__keyevent@1__:evicted ")
+        .unwrap_or_else(|| panic!("{first}"));
+    let exists: i64 = redis::cmd("EXISTS").arg(key).query(&mut c).unwrap();
+    assert_eq!(exists, 0, "{key} was announced as evicted");
 }

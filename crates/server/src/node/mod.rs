@@ -294,12 +294,19 @@ impl Node {
                         &mut removed,
                     )
                     .await;
-                if !removed.is_empty() && self.settings.keyspace_events().active() {
+                let notify = self.settings.keyspace_events().active();
+                let cache_removals = ks.cache_removals(notify);
+                if notify && !(removed.is_empty() && cache_removals.is_empty()) {
                     use capdb_data::notify::{Class, Event};
-                    let events = removed
+                    use capdb_storage::memory::Removal;
+                    let mut events: Vec<Event> = removed
                         .iter()
                         .map(|k| Event::new(Class::Expired, "expired", k))
                         .collect();
+                    events.extend(cache_removals.iter().map(|(k, why)| match why {
+                        Removal::Expired => Event::new(Class::Expired, "expired", k),
+                        Removal::Evicted => Event::new(Class::Evicted, "evicted", k),
+                    }));
                     self.pubsub
                         .publish_events(&self, ks.spec.name.as_str(), events);
                 }

@@ -320,6 +320,19 @@ impl Keyspace {
         }
     }
 
+    /// A cache keyspace's keys removed by expiry or eviction since the last call (for their
+    /// keyspace events), while `notice` is on; other modes have none here (`cp` reports its
+    /// sweep through [`Keyspace::expire_step`]).
+    pub fn cache_removals(&self, notice: bool) -> Vec<(Bytes, capdb_storage::memory::Removal)> {
+        match &self.store {
+            Store::Cache(m) => {
+                m.notice_removals(notice);
+                m.drain_removals()
+            }
+            _ => Vec::new(),
+        }
+    }
+
     /// One step of active expiry on this node's data, at `now`. `cursor` carries a durable
     /// table's sweep position between steps; `sweep`: whether durable tables sweep this step.
     /// Raft-replicated keyspaces hide expired keys from readers; each shard's leader deletes
