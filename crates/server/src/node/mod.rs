@@ -273,7 +273,8 @@ impl Node {
     /// Runs active expiry until shutdown: cache keyspaces every 100 ms (Redis's `hz 10`),
     /// each node's `ap` replica tables a bounded sweep of [`DISK_SWEEP_KEYS`] keys per second each,
     /// and `cp` shards, once a second, a deletion through the log of expired keys the shard's
-    /// leader finds (see [`Keyspace::expire_step`]).
+    /// leader finds (see [`Keyspace::expire_step`]). Keys removed by expiry (and a cache's
+    /// evictions) are published as `expired`/`evicted` keyspace events when they are wanted.
     pub async fn run_expiry(self: Arc<Self>) {
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         let mut cursors: BTreeMap<KeyspaceName, Option<Bytes>> = BTreeMap::new();
