@@ -139,17 +139,21 @@ const INTERNAL: &[Spec] = &[Spec {
 
 /// `capdb.expired key [key ...]`: deletes each key whose record has expired at the entry's
 /// clock (a shard leader proposes it for keys it found expired; a key written again since is
-/// live and kept). Reclaims an expired collection's elements. Replies with how many keys it
-/// examined, since whether a record existed is not visible through a [`Space`].
+/// live and kept). Reclaims an expired collection's elements. Replies with the keys it
+/// removed, for their `expired` keyspace events (the proposing leader publishes them). A key a
+/// client deleted between the leader's look and this entry is among them too: whether a record
+/// existed is not visible through a [`Space`].
 pub const EXPIRED_COMMAND: &str = "capdb.expired";
 
 fn remove_expired(args: &[Bytes], space: &mut dyn Space, _: &Ctx) -> Result<Reply> {
+    let mut removed = Vec::new();
     for key in &args[1..] {
         if space.get(key)?.is_none() {
             space.remove(key)?;
+            removed.push(Reply::Bulk(key.clone()));
         }
     }
-    Ok(Reply::Integer(args.len() as i64 - 1))
+    Ok(Reply::Array(removed))
 }
 
 /// Every family's table.
@@ -177,6 +181,9 @@ pub fn lookup(name: &str) -> Option<&'static Spec> {
 /// The keys of a data-type command (`args[0]` its name), in argument order; an unknown command
 /// has none, and an invalid `numkeys` is Redis's error.
 pub fn command_keys(args: &[Bytes]) -> Result<Vec<Bytes>> {
+    if crate::notify::is_wrapped(args) {
+        return command_keys(&args[1..]);
+    }
     let Some(spec) = spec_of(args) else {
         return Ok(Vec::new());
     };
@@ -209,6 +216,10 @@ pub fn all() -> impl Iterator<Item = &'static Spec> {
 /// [`capdb_types::Mutation::Exec`] and for queries; a malformed argument list (from a log
 /// written by a different version, say) is an error reply, never a panic.
 pub fn execute(args: &[Bytes], space: &mut dyn Space, cx: &Ctx) -> Result<Reply> {
+    // `capdb.notify <command>`: the command and its keyspace events (`notify.rs`).
+    if crate::notify::is_wrapped(args) && args.len() > 1 && !crate::notify::is_wrapped(&args[1..]) {
+        return crate::notify::run(args, space, cx);
+    }
     let Some(spec) = spec_of(args) else {
         let name = args
             .first()

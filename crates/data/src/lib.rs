@@ -40,6 +40,7 @@ pub mod hll;
 pub mod keys;
 pub mod list;
 pub mod meta;
+pub mod notify;
 pub mod rng;
 pub mod scan;
 pub mod set;

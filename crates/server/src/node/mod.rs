@@ -273,7 +273,8 @@ impl Node {
     /// Runs active expiry until shutdown: cache keyspaces every 100 ms (Redis's `hz 10`),
     /// each node's `ap` replica tables a bounded sweep of [`DISK_SWEEP_KEYS`] keys per second each,
     /// and `cp` shards, once a second, a deletion through the log of expired keys the shard's
-    /// leader finds (see [`Keyspace::expire_step`]).
+    /// leader finds (see [`Keyspace::expire_step`]). Keys removed by expiry (and a cache's
+    /// evictions) are published as `expired`/`evicted` keyspace events when they are wanted.
     pub async fn run_expiry(self: Arc<Self>) {
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         let mut cursors: BTreeMap<KeyspaceName, Option<Bytes>> = BTreeMap::new();
@@ -284,10 +285,33 @@ impl Node {
             let now = capdb_types::unix_now_ms();
             for ks in self.keyspaces() {
                 let cursor = cursors.remove(&ks.spec.name).flatten();
-                match ks
-                    .expire_step(now, round.is_multiple_of(10), cursor, DISK_SWEEP_KEYS)
-                    .await
-                {
+                let mut removed = Vec::new();
+                let step = ks
+                    .expire_step(
+                        now,
+                        round.is_multiple_of(10),
+                        cursor,
+                        DISK_SWEEP_KEYS,
+                        &mut removed,
+                    )
+                    .await;
+                let notify = self.settings.keyspace_events().active();
+                let cache_removals = ks.cache_removals(notify);
+                if notify && !(removed.is_empty() && cache_removals.is_empty()) {
+                    use capdb_data::notify::{Class, Event};
+                    use capdb_storage::memory::Removal;
+                    let mut events: Vec<Event> = removed
+                        .iter()
+                        .map(|k| Event::new(Class::Expired, "expired", k))
+                        .collect();
+                    events.extend(cache_removals.iter().map(|(k, why)| match why {
+                        Removal::Expired => Event::new(Class::Expired, "expired", k),
+                        Removal::Evicted => Event::new(Class::Evicted, "evicted", k),
+                    }));
+                    self.pubsub
+                        .publish_events(&self, ks.spec.name.as_str(), events);
+                }
+                match step {
                     Ok(next) => {
                         cursors.insert(ks.spec.name.clone(), next);
                     }

@@ -25,6 +25,17 @@
 //! - A connection may hold [`CHANNELS_PER_CONNECTION_MAX`] subscriptions (channels, patterns and
 //!   shard channels together).
 //! - PUBSUB CHANNELS/NUMSUB/NUMPAT answer for this node, as in Redis Cluster.
+//!
+//! # Keyspace notifications
+//!
+//! A write's keyspace events (`capdb_data::notify` decides them) are published by the node
+//! that received the write, after its reply, filtered by that node's `notify-keyspace-events`
+//! ([`PubSub::publish_events`]): `__keyspace@<db>__:<key>` with the event name and
+//! `__keyevent@<db>__:<event>` with the key, as Redis does, where `<db>` is what `SELECT` takes
+//! for the keyspace (`0` for the connection's starting keyspace, else its name). They travel
+//! as any published message, so a subscriber on any node receives them: wider than Redis
+//! Cluster, whose events stay on the node that holds the key. `expired` comes from the node
+//! that removed the key (a `cp` shard's leader sweeping, a cache node).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -38,6 +49,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use super::Node;
+use super::settings::KeyspaceEvents;
 
 /// Messages waiting for one subscribed connection.
 pub const SUBSCRIBER_QUEUE_MAX: usize = 16_384;
@@ -278,6 +290,45 @@ impl PubSub {
         }
         self.delivered.fetch_add(n as u64, Ordering::Relaxed);
         n
+    }
+
+    /// Publishes keyspace events of `keyspace` (see the module doc) to every node's
+    /// subscribers, as this node's `notify-keyspace-events` allows.
+    pub fn publish_events(
+        self: &Arc<Self>,
+        node: &Node,
+        keyspace: &str,
+        events: Vec<capdb_data::notify::Event>,
+    ) {
+        let flags = node.settings.keyspace_events();
+        let db = if keyspace == node.config.resp_keyspace.as_str() {
+            "0"
+        } else {
+            keyspace
+        };
+        for e in events {
+            if !flags.has(e.class.bit()) {
+                continue;
+            }
+            let publish = |channel: Vec<u8>, payload: Bytes| {
+                let m = Message {
+                    shard: false,
+                    channel: channel.into(),
+                    payload,
+                };
+                self.deliver_local(&m);
+                self.broadcast(node, Item::Publish(m));
+            };
+            if flags.has(KeyspaceEvents::KEYSPACE) {
+                let mut channel = format!("__keyspace@{db}__:").into_bytes();
+                channel.extend_from_slice(&e.key);
+                publish(channel, Bytes::from_static(e.name.as_bytes()));
+            }
+            if flags.has(KeyspaceEvents::KEYEVENT) {
+                let channel = format!("__keyevent@{db}__:{}", e.name).into_bytes();
+                publish(channel, e.key);
+            }
+        }
     }
 
     /// Channels with subscribers on this node (`kind` Channel or Shard), matching `pattern`.

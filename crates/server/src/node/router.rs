@@ -320,17 +320,32 @@ impl Keyspace {
         }
     }
 
+    /// A cache keyspace's keys removed by expiry or eviction since the last call (for their
+    /// keyspace events), while `notice` is on; other modes have none here (`cp` reports its
+    /// sweep through [`Keyspace::expire_step`]).
+    pub fn cache_removals(&self, notice: bool) -> Vec<(Bytes, capdb_storage::memory::Removal)> {
+        match &self.store {
+            Store::Cache(m) => {
+                m.notice_removals(notice);
+                m.drain_removals()
+            }
+            _ => Vec::new(),
+        }
+    }
+
     /// One step of active expiry on this node's data, at `now`. `cursor` carries a durable
     /// table's sweep position between steps; `sweep`: whether durable tables sweep this step.
     /// Raft-replicated keyspaces hide expired keys from readers; each shard's leader deletes
     /// those it finds through the log (`capdb.expired`), and every replica reclaims the elements
-    /// of big collections that were deleted (see `storage/src/disk/space.rs`).
+    /// of big collections that were deleted (see `storage/src/disk/space.rs`). The keys a `cp`
+    /// shard's leader removed are added to `removed` (their `expired` keyspace events).
     pub async fn expire_step(
         &self,
         now: u64,
         sweep: bool,
         cursor: Option<Bytes>,
         sweep_keys: usize,
+        removed: &mut Vec<Bytes>,
     ) -> Result<Option<Bytes>> {
         match &self.store {
             Store::Cache(m) => {
@@ -367,11 +382,19 @@ impl Keyspace {
                             // Best effort, bounded: a sweep that fails or times out is
                             // retried by a later step (deleting an expired key twice is
                             // harmless), and never holds up the other keyspaces' expiry.
-                            let _ = tokio::time::timeout(
+                            let written = tokio::time::timeout(
                                 CP_EXPIRE_WAIT,
                                 groups.write_mutations(s.group, vec![m], now),
                             )
                             .await;
+                            if let Ok(Ok(mut replies)) = written
+                                && let Some(Ok(Reply::Array(keys))) = replies.pop()
+                            {
+                                removed.extend(keys.into_iter().filter_map(|k| match k {
+                                    Reply::Bulk(k) => Some(k),
+                                    _ => None,
+                                }));
+                            }
                         }
                     }
                 }

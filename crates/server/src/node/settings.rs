@@ -120,7 +120,27 @@ impl KeyspaceEvents {
     pub fn has(self, bits: u32) -> bool {
         self.0 & bits != 0
     }
+
+    /// Whether any event would be published: a destination (`K` or `E`) and a class. When not,
+    /// writes skip everything notifications cost (one atomic read per write).
+    pub fn active(self) -> bool {
+        self.has(Self::KEYSPACE | Self::KEYEVENT)
+            && self.has(Self::ALL | Self::NEW | Self::KEY_MISS)
+    }
 }
+
+// The classes `capdb_data::notify` decides are these flags' bits.
+const _: () = {
+    use capdb_data::notify::Class;
+    assert!(Class::Generic as u32 == KeyspaceEvents::GENERIC);
+    assert!(Class::String as u32 == KeyspaceEvents::STRING);
+    assert!(Class::List as u32 == KeyspaceEvents::LIST);
+    assert!(Class::Set as u32 == KeyspaceEvents::SET);
+    assert!(Class::Hash as u32 == KeyspaceEvents::HASH);
+    assert!(Class::Zset as u32 == KeyspaceEvents::ZSET);
+    assert!(Class::Expired as u32 == KeyspaceEvents::EXPIRED);
+    assert!(Class::Evicted as u32 == KeyspaceEvents::EVICTED);
+};
 
 #[cfg(test)]
 mod tests {

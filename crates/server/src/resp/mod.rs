@@ -113,6 +113,41 @@ pub async fn serve(
     tracing::info!("RESP listener closed");
 }
 
+/// The keyspace events of a flushed batch, in command order, from the commands that asked for
+/// them; the replies of their wrapped data-type commands are unwrapped in place (the client
+/// sees the command's own reply).
+fn keyspace_events(
+    commands: &[PendingCommand],
+    mutations: &[Mutation],
+    replies: &mut [capdb_types::Result<Reply>],
+    now_ms: u64,
+) -> Vec<capdb_data::notify::Event> {
+    use capdb_data::notify;
+    let mut events = Vec::new();
+    let mut at = 0;
+    for c in commands {
+        let range = at..(at + c.count).min(replies.len()).min(mutations.len());
+        at += c.count;
+        if !c.notify {
+            continue;
+        }
+        for i in range {
+            let Ok(reply) = &mut replies[i] else {
+                continue;
+            };
+            match &mutations[i] {
+                Mutation::Exec { args, .. } if notify::is_wrapped(args) => {
+                    let (inner, mine) = notify::unwrap(std::mem::replace(reply, Reply::Nil));
+                    *reply = inner;
+                    events.extend(mine);
+                }
+                m => events.extend(notify::mutation_events(m, reply, now_ms)),
+            }
+        }
+    }
+    events
+}
+
 /// Writes batched for one group commit: consecutive mutation commands of one connection.
 struct PendingWrites {
     keyspace: Arc<Keyspace>,
@@ -140,6 +175,9 @@ struct PendingCommand {
     shape: Shape,
     count: usize,
     started: Instant,
+    /// Its keyspace events are wanted (`notify-keyspace-events` was active when it was queued):
+    /// its data-type commands travel wrapped (`capdb_data::notify`).
+    notify: bool,
 }
 
 pub(crate) struct Connection {
@@ -441,8 +479,21 @@ impl Connection {
             Vec::new()
         };
         let keyspace = p.keyspace.clone();
-        let result = p.keyspace.apply(p.mutations, now, self.consistency).await;
+        let notified = p
+            .commands
+            .iter()
+            .any(|c| c.notify)
+            .then(|| p.mutations.clone());
+        let mut result = p.keyspace.apply(p.mutations, now, self.consistency).await;
+        let events = match (&notified, &mut result) {
+            (Some(mutations), Ok(replies)) => keyspace_events(&p.commands, mutations, replies, now),
+            _ => Vec::new(),
+        };
         self.reply_pending(p.commands, result);
+        if !events.is_empty() {
+            let name = keyspace.spec.name.as_str();
+            self.node.pubsub.publish_events(&self.node, name, events);
+        }
         if !written.is_empty() {
             let name = keyspace.spec.name.as_str();
             self.node.blocking.wake_local(name, &written);
@@ -496,13 +547,26 @@ impl Connection {
             mutations: Vec::new(),
             commands: Vec::new(),
         });
+        // The one cost of notifications when they are off: this atomic read.
+        let notify = self.node.settings.keyspace_events().active();
         p.commands.push(PendingCommand {
             name,
             shape,
             count: mutations.len(),
             started,
+            notify,
         });
-        p.mutations.extend(mutations);
+        if notify {
+            p.mutations.extend(mutations.into_iter().map(|m| match m {
+                Mutation::Exec { key, args } => Mutation::Exec {
+                    key,
+                    args: capdb_data::notify::wrap(args),
+                },
+                other => other,
+            }));
+        } else {
+            p.mutations.extend(mutations);
+        }
     }
 
     /// Writes the replies of a flushed batch, in order.

@@ -87,6 +87,26 @@ struct Shard {
     expiring: IndexSet<Key, Hasher>,
 }
 
+/// Keys removed by expiry or eviction, kept for the server to drain (its `expired` and
+/// `evicted` keyspace events) only while it asks for them ([`MemStore::notice_removals`]). At
+/// most [`REMOVAL_NOTICES_MAX`] wait; beyond that the newest are dropped (events are
+/// at-most-once, as pub/sub is).
+#[derive(Debug, Default)]
+struct RemovalNotices {
+    on: std::sync::atomic::AtomicBool,
+    queue: Mutex<Vec<(Bytes, Removal)>>,
+}
+
+/// Removal notices waiting to be drained, at most.
+pub const REMOVAL_NOTICES_MAX: usize = 16_384;
+
+/// Why a key left the cache by itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Removal {
+    Expired,
+    Evicted,
+}
+
 /// Counters exposed as metrics.
 #[derive(Debug, Default)]
 pub struct MemStats {
@@ -108,6 +128,7 @@ pub struct MemStore {
     stats: MemStats,
     /// Ids of collections created here (never reused; not replicated: the cache is per node).
     next_collection_id: AtomicU64,
+    removals: RemovalNotices,
 }
 
 fn entry_bytes(key: &[u8], value: &Value) -> u64 {
@@ -132,6 +153,7 @@ impl MemStore {
             value_bytes_max,
             stats: MemStats::default(),
             next_collection_id: AtomicU64::new(1),
+            removals: RemovalNotices::default(),
         }
     }
 
@@ -182,9 +204,43 @@ impl MemStore {
     }
 
     /// The index of `key`'s live entry, removing it first if it has expired (lazy expiry).
+    /// Starts (or stops) keeping the keys expiry and eviction remove, for [`Self::drain_removals`].
+    pub fn notice_removals(&self, on: bool) {
+        self.removals.on.store(on, Ordering::Relaxed);
+        if !on {
+            self.drain_removals();
+        }
+    }
+
+    /// The keys removed by expiry or eviction since the last call, in order (see
+    /// [`RemovalNotices`]).
+    pub fn drain_removals(&self) -> Vec<(Bytes, Removal)> {
+        let mut q = self
+            .removals
+            .queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        std::mem::take(&mut *q)
+    }
+
+    fn notice(&self, key: &[u8], why: Removal) {
+        if !self.removals.on.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut q = self
+            .removals
+            .queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if q.len() < REMOVAL_NOTICES_MAX {
+            q.push((Bytes::copy_from_slice(key), why));
+        }
+    }
+
     fn live_index(&self, shard: &mut Shard, key: &[u8], now_ms: u64) -> Option<usize> {
         let index = shard.map.get_index_of(key)?;
         if shard.map[index].value.is_expired(now_ms) {
+            self.notice(key, Removal::Expired);
             self.remove_at(shard, index);
             self.stats.expired_keys.fetch_add(1, Ordering::Relaxed);
             return None;
@@ -317,6 +373,9 @@ impl MemStore {
                 let Some(victim) = victim else {
                     return false;
                 };
+                if let Some((k, _)) = shard.map.get_index(victim) {
+                    self.notice(k, Removal::Evicted);
+                }
                 self.remove_at(&mut shard, victim);
                 true
             });
@@ -346,6 +405,9 @@ impl MemStore {
                 }
                 let i = rng.usize(..len);
                 if shard.map[i].value.is_expired(now_ms) {
+                    if let Some((k, _)) = shard.map.get_index(i) {
+                        self.notice(k, Removal::Expired);
+                    }
                     self.remove_at(&mut shard, i);
                     continue;
                 }
@@ -380,6 +442,7 @@ impl MemStore {
                     if let Some(i) = index
                         && shard.map[i].value.is_expired(now_ms)
                     {
+                        self.notice(&key, Removal::Expired);
                         self.remove_at(&mut shard, i);
                         expired += 1;
                     }

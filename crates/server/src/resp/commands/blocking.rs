@@ -203,19 +203,31 @@ async fn wait_and_pop(
     let mut look_now = true;
     loop {
         if look_now {
+            let notify = conn.node.settings.keyspace_events().active();
+            let args = if notify {
+                capdb_data::notify::wrap(b.attempt.clone())
+            } else {
+                b.attempt.clone()
+            };
             let m = Mutation::Exec {
                 key: b.keys.first().cloned().unwrap_or_default(),
-                args: b.attempt.clone(),
+                args,
             };
             let now = capdb_types::unix_now_ms();
             let mut replies = ks
                 .apply(vec![m], now, conn.consistency)
                 .await
                 .map_err(|e| error_line(&e))?;
-            let reply = replies
+            let mut reply = replies
                 .pop()
                 .ok_or("ERR the write answered nothing (a bug)")?
                 .map_err(|e| error_line(&e))?;
+            if notify {
+                let (inner, events) = capdb_data::notify::unwrap(reply);
+                reply = inner;
+                let name = ks.spec.name.as_str();
+                conn.node.pubsub.publish_events(&conn.node, name, events);
+            }
             if !empty(&reply) {
                 // BLMOVE/BRPOPLPUSH pushed to their destination: clients blocked on it wake.
                 wake(conn, &b.keys);
