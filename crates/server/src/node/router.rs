@@ -320,6 +320,14 @@ impl Keyspace {
         }
     }
 
+    /// Whether a cache keyspace records the keys it removes by expiry or eviction (for their
+    /// keyspace events); other modes have nothing to switch.
+    pub fn notice_cache_removals(&self, on: bool) {
+        if let Store::Cache(m) = &self.store {
+            m.notice_removals(on);
+        }
+    }
+
     /// A cache keyspace's keys removed by expiry or eviction since the last call (for their
     /// keyspace events), while `notice` is on; other modes have none here (`cp` reports its
     /// sweep through [`Keyspace::expire_step`]).

@@ -240,7 +240,14 @@ fn set(conn: &mut Connection, pairs: &[Bytes]) -> Outcome {
     for change in changes {
         match change {
             Change::Keep => {}
-            Change::KeyspaceEvents(e) => conn.node.settings.set_keyspace_events(e),
+            Change::KeyspaceEvents(e) => {
+                conn.node.settings.set_keyspace_events(e);
+                // Before answering OK: a removal right after it is announced (the expiry tick
+                // would switch the cache's notices on only up to 100 ms later).
+                for ks in conn.node.keyspaces() {
+                    ks.notice_cache_removals(e.active());
+                }
+            }
         }
     }
     conn.out.ok();
