@@ -166,12 +166,18 @@ const FAMILIES: &[&[Spec]] = &[
 
 /// The row of a data-type command by its lowercase name.
 pub fn lookup(name: &str) -> Option<&'static Spec> {
-    FAMILIES.iter().find_map(|table| {
-        table
-            .binary_search_by_key(&name, |c| c.name)
-            .ok()
-            .map(|i| &table[i])
-    })
+    // Every family's rows in one sorted table: one binary search per command instead of one
+    // per family (this runs several times for every data-type command).
+    static SORTED: std::sync::OnceLock<Vec<&'static Spec>> = std::sync::OnceLock::new();
+    let sorted = SORTED.get_or_init(|| {
+        let mut v: Vec<&'static Spec> = all().collect();
+        v.sort_unstable_by_key(|s| s.name);
+        v
+    });
+    sorted
+        .binary_search_by_key(&name, |c| c.name)
+        .ok()
+        .map(|i| sorted[i])
 }
 
 /// The keys of a data-type command (`args[0]` its name), in argument order; an unknown command
