@@ -201,6 +201,32 @@ impl MemSpace<'_, '_> {
         };
         Ok(Some((&mut pending[at], false)))
     }
+    /// `pick` of each element of `c` in `r`, in the range's order.
+    fn walk_range<T>(
+        &mut self,
+        c: &Coll,
+        r: ElRange<'_>,
+        pick: impl FnMut((&SubKey, &Bytes)) -> T,
+    ) -> Result<Vec<T>> {
+        let Some((e, _)) = self.elements(c, false)? else {
+            return Ok(Vec::new());
+        };
+        let empty = match (r.lo, r.hi) {
+            (Bound::Included(a), Bound::Included(b)) => a > b,
+            (Bound::Included(a) | Bound::Excluded(a), Bound::Excluded(b))
+            | (Bound::Excluded(a), Bound::Included(b)) => a >= b,
+            _ => false,
+        };
+        if empty {
+            return Ok(Vec::new());
+        }
+        let it = e.map.range::<[u8], _>((r.lo, r.hi));
+        Ok(if r.rev {
+            it.rev().take(r.limit).map(pick).collect()
+        } else {
+            it.take(r.limit).map(pick).collect()
+        })
+    }
 }
 
 /// The locked shard of `key` among `guards` (sorted by shard index).
@@ -331,25 +357,12 @@ impl Space for MemSpace<'_, '_> {
     }
 
     fn el_range(&mut self, c: &Coll, r: ElRange<'_>) -> Result<Vec<(Bytes, Bytes)>> {
-        let Some((e, _)) = self.elements(c, false)? else {
-            return Ok(Vec::new());
-        };
-        let empty = match (r.lo, r.hi) {
-            (Bound::Included(a), Bound::Included(b)) => a > b,
-            (Bound::Included(a) | Bound::Excluded(a), Bound::Excluded(b))
-            | (Bound::Excluded(a), Bound::Included(b)) => a >= b,
-            _ => false,
-        };
-        if empty {
-            return Ok(Vec::new());
-        }
-        let it = e.map.range::<[u8], _>((r.lo, r.hi));
         let pick = |(k, v): (&SubKey, &Bytes)| (Bytes::copy_from_slice(k), v.clone());
-        Ok(if r.rev {
-            it.rev().take(r.limit).map(pick).collect()
-        } else {
-            it.take(r.limit).map(pick).collect()
-        })
+        self.walk_range(c, r, pick)
+    }
+
+    fn el_values(&mut self, c: &Coll, r: ElRange<'_>) -> Result<Vec<Bytes>> {
+        self.walk_range(c, r, |(_, v)| v.clone())
     }
 
     fn rename(&mut self, from: &[u8], to: &[u8]) -> Result<()> {
