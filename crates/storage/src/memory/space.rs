@@ -401,3 +401,62 @@ impl Space for MemSpace<'_, '_> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subkeys_order_exactly_as_their_bytes() {
+        // Edge cases of the zero-padded head: prefixes, trailing zeros, keys of 16 and 17
+        // bytes, differences after the head.
+        let mut keys: Vec<Vec<u8>> = vec![
+            vec![],
+            vec![0],
+            vec![0, 0],
+            vec![1],
+            vec![1, 0],
+            vec![1, 0, 0, 5],
+            vec![0xff; 16],
+            vec![0xff; 17],
+            [vec![7; 16], vec![0]].concat(),
+            [vec![7; 16], vec![1]].concat(),
+            [vec![7; 16], vec![1, 2, 3]].concat(),
+            vec![7; 16],
+        ];
+        let mut rng = fastrand::Rng::with_seed(7);
+        for _ in 0..500 {
+            let len = rng.usize(0..40);
+            // Few distinct byte values, so many keys share long prefixes.
+            keys.push((0..len).map(|_| rng.u8(0..3)).collect());
+        }
+        for a in &keys {
+            for b in &keys {
+                let (x, y) = (SubKey::new(a), SubKey::new(b));
+                assert_eq!(x.cmp(&y), a.cmp(b), "{a:?} vs {b:?}");
+                assert_eq!(x == y, a == b);
+            }
+        }
+        let mut map = ElementMap::new();
+        for k in &keys {
+            map.insert(SubKey::new(k), Bytes::new());
+        }
+        for k in &keys {
+            assert!(map_get(&map, k).is_some());
+        }
+        let lo: &[u8] = &[1];
+        let hi: &[u8] = &[2];
+        let ranged: Vec<&[u8]> = map
+            .range::<[u8], _>((Bound::Included(lo), Bound::Excluded(hi)))
+            .map(|(k, _)| &k[..])
+            .collect();
+        let mut want: Vec<&[u8]> = keys
+            .iter()
+            .map(|k| &k[..])
+            .filter(|k| *k >= lo && *k < hi)
+            .collect();
+        want.sort_unstable();
+        want.dedup();
+        assert_eq!(ranged, want);
+    }
+}
