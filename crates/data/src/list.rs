@@ -477,7 +477,7 @@ fn lrange(args: &[Bytes], space: &mut dyn Space, _: &Ctx) -> Result<Reply> {
         return Ok(Reply::Array(Vec::new()));
     }
     let (lo, hi) = (sub(l.meta.head + r.start), sub(l.meta.head + r.end - 1));
-    let got = space.el_range(
+    let got = space.el_values(
         &l.coll,
         ElRange {
             lo: Bound::Included(&lo),
@@ -489,9 +489,7 @@ fn lrange(args: &[Bytes], space: &mut dyn Space, _: &Ctx) -> Result<Reply> {
     if got.len() as i64 != r.end - r.start {
         return Err(missing_element(l.meta.head + r.start));
     }
-    Ok(Reply::Array(
-        got.into_iter().map(|(_, v)| Reply::Bulk(v)).collect(),
-    ))
+    Ok(Reply::Array(got.into_iter().map(Reply::Bulk).collect()))
 }
 
 /// `LINDEX key index`: the element at `index` (negative: from the tail), nil when out of range.

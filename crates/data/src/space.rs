@@ -97,6 +97,16 @@ pub trait Space {
         Ok(new)
     }
 
+    /// The values of [`Space::el_range`], without their subkeys. Engines override it to skip
+    /// copying subkeys a caller does not need (LRANGE).
+    fn el_values(&mut self, c: &Coll, range: ElRange<'_>) -> Result<Vec<Bytes>> {
+        Ok(self
+            .el_range(c, range)?
+            .into_iter()
+            .map(|(_, v)| v)
+            .collect())
+    }
+
     /// [`Space::el_remove`], answering whether the subkey was there.
     fn el_delete(&mut self, c: &Coll, sub: &[u8]) -> Result<bool> {
         let was = self.el_get(c, sub)?.is_some();

@@ -455,7 +455,7 @@ impl Connection {
             ""
         };
         let name = commands::canonical_name(name);
-        commands::execute(self, name, &args, started).await;
+        commands::execute(self, name, args, started).await;
     }
 
     /// Applies gathered writes in one call and writes their replies, in order.
@@ -587,6 +587,18 @@ impl Connection {
         };
         let mut it = replies.into_iter();
         for c in commands {
+            if let (Shape::Plain, 1) = (c.shape, c.count) {
+                // The common case (every data-type command): one reply, written as is.
+                match it.next() {
+                    Some(Ok(r)) => {
+                        self.write_reply(&r);
+                        self.done(c.name, c.started, false);
+                    }
+                    Some(Err(e)) => self.fail(c.name, c.started, &error_line(&e)),
+                    None => self.fail(c.name, c.started, "ERR missing reply"),
+                }
+                continue;
+            }
             let mine: Vec<_> = it.by_ref().take(c.count).collect();
             debug_assert_eq!(mine.len(), c.count);
             if let Some(Err(e)) = mine.iter().find(|r| r.is_err()) {

@@ -257,7 +257,8 @@ impl MemStore {
         entry.accessed_ms = now;
     }
 
-    /// Stores `value` under `key`, whose live entry (if any) is at `index`.
+    /// Stores `value` under `key`, whose live entry (if any) is at `index`; returns the index
+    /// of the entry.
     fn put_locked(
         &self,
         shard: &mut Shard,
@@ -265,24 +266,29 @@ impl MemStore {
         key: &[u8],
         value: Value,
         now_ms: u64,
-    ) {
+    ) -> usize {
+        let meta = capdb_data::meta::CollMeta::of(&value).ok().flatten();
         // Copy into exactly-sized allocations: the caller's buffers may be slices of a large
-        // network read buffer that must not be kept alive (and unaccounted) by the cache.
-        let data = Bytes::copy_from_slice(&value.data);
-        let value = Value { data, ..value };
+        // network read buffer that must not be kept alive (and unaccounted) by the cache. A
+        // collection's record is not: `CollMeta::encode` made it, exactly sized, for this write.
+        let value = match meta {
+            Some(_) => value,
+            None => Value {
+                data: Bytes::copy_from_slice(&value.data),
+                ..value
+            },
+        };
         let added = entry_bytes(key, &value);
         let now = now_ms as u32;
         let expires = value.header.expire_at_ms.is_some();
-        match index.and_then(|i| shard.map.get_index_mut(i)) {
-            Some((_, entry)) => {
+        match index.filter(|&i| i < shard.map.len()) {
+            Some(i) => {
+                let entry = &mut shard.map[i];
                 let old = entry_bytes(key, &entry.value);
                 let had_expiry = entry.value.header.expire_at_ms.is_some();
                 // A value that is not the same collection (SET over a hash, ...) drops its
                 // elements.
-                let keeps = capdb_data::meta::CollMeta::of(&value)
-                    .ok()
-                    .flatten()
-                    .map(|m| m.id);
+                let keeps = meta.map(|m| m.id);
                 if entry.elements.as_ref().is_some_and(|e| Some(e.id) != keeps)
                     && let Some(gone) = entry.elements.take()
                 {
@@ -302,13 +308,14 @@ impl MemStore {
                     }
                     _ => {}
                 }
+                i
             }
             None => {
                 let key = Key::from_slice(key);
                 if expires {
                     shard.expiring.insert(key.clone());
                 }
-                shard.map.insert(
+                let (at, _) = shard.map.insert_full(
                     key,
                     Entry {
                         value,
@@ -318,6 +325,7 @@ impl MemStore {
                     },
                 );
                 self.used_bytes.fetch_add(added, Ordering::Relaxed);
+                at
             }
         }
     }
@@ -503,7 +511,7 @@ impl MemStore {
             store: self,
             guards,
             now_ms,
-            pending: std::collections::HashMap::new(),
+            pending: Vec::new(),
         };
         capdb_data::execute(args, &mut space, &cx)
     }
@@ -528,7 +536,7 @@ impl KeyspaceStore for MemStore {
             store: self,
             guards: &mut guards,
             now_ms,
-            pending: std::collections::HashMap::new(),
+            pending: Vec::new(),
         };
         capdb_data::execute(args, &mut space, &cx)
     }
@@ -607,7 +615,9 @@ impl KeyspaceStore for MemStore {
                 Ok((effect, reply)) => {
                     match effect {
                         Effect::Unchanged => {}
-                        Effect::Put(v) => self.put_locked(shard, index, key, v, now_ms),
+                        Effect::Put(v) => {
+                            self.put_locked(shard, index, key, v, now_ms);
+                        }
                         Effect::Remove(_) => {
                             if let Some(i) = index {
                                 self.remove_at(shard, i);

@@ -21,21 +21,23 @@ pub(super) const CROSSSLOT: &str = "CROSSSLOT Keys in request don't hash to the 
 pub(super) async fn execute(
     conn: &mut Connection,
     spec: &'static Spec,
-    args: &[Bytes],
+    args: Vec<Bytes>,
     started: Instant,
 ) {
-    if let Err(line) = admit(conn, spec, args) {
-        conn.flush_pending().await;
-        return conn.fail(spec.name, started, &line);
-    }
-    let args = args.to_vec();
+    let key = match admit(conn, spec, &args) {
+        Ok(key) => key,
+        Err(line) => {
+            conn.flush_pending().await;
+            return conn.fail(spec.name, started, &line);
+        }
+    };
     match spec.run {
         Run::Write(_) => {
             // Replicas replay the command later: relative times become absolute now.
             let args = capdb_data::strings::absolutize(&args, conn.now_ms)
                 .or_else(|| capdb_data::hash::absolutize(&args, conn.now_ms))
                 .unwrap_or(args);
-            let key = first_key(spec, &args).unwrap_or_default();
+            let key = key.unwrap_or_default();
             let m = Mutation::Exec { key, args };
             conn.queue(spec.name, Shape::Plain, vec![m], started).await;
         }
@@ -57,14 +59,8 @@ pub(super) async fn execute(
     }
 }
 
-fn first_key(spec: &Spec, args: &[Bytes]) -> Option<Bytes> {
-    spec.key_indices(args)
-        .ok()
-        .and_then(|k| k.first().and_then(|&i| args.get(i).cloned()))
-}
-
-/// Arity, authentication, key limits, and where the keys are.
-fn admit(conn: &Connection, spec: &Spec, args: &[Bytes]) -> Outcome {
+/// Arity, authentication, key limits, and where the keys are; the first key, if any.
+fn admit(conn: &Connection, spec: &Spec, args: &[Bytes]) -> Result<Option<Bytes>, String> {
     if !spec.arity_ok(args.len()) {
         return Err(format!(
             "ERR wrong number of arguments for '{}' command",
@@ -83,7 +79,7 @@ fn admit(conn: &Connection, spec: &Spec, args: &[Bytes]) -> Outcome {
         check_key(k).map_err(|e| error_line(&e))?;
     }
     let Some(first) = keys.first() else {
-        return Ok(());
+        return Ok(None);
     };
     if let Some(line) = cluster::moved(conn, first, !spec.is_write()) {
         return Err(line);
@@ -91,7 +87,7 @@ fn admit(conn: &Connection, spec: &Spec, args: &[Bytes]) -> Outcome {
     if !cluster::same_place(conn, &keys) {
         return Err(CROSSSLOT.into());
     }
-    Ok(())
+    Ok(Some((*first).clone()))
 }
 
 /// The error a command with invalid arguments answers, found by running it on no data.

@@ -280,7 +280,7 @@ fn arity_ok(cmd: &Command, argc: usize) -> bool {
 }
 
 /// Runs (or, for a write, queues) one command by its canonical lowercase `name`.
-pub(super) async fn execute(conn: &mut Connection, name: &str, args: &[Bytes], started: Instant) {
+pub(super) async fn execute(conn: &mut Connection, name: &str, args: Vec<Bytes>, started: Instant) {
     if conn.subscribed_resp2() && !pubsub::ALLOWED_WHILE_SUBSCRIBED.contains(&name) {
         conn.flush_pending().await;
         let shown = String::from_utf8_lossy(&args[0]).to_string();
@@ -295,8 +295,9 @@ pub(super) async fn execute(conn: &mut Connection, name: &str, args: &[Bytes], s
             return data::execute(conn, spec, args, started).await;
         }
         conn.flush_pending().await;
-        return conn.fail("unknown", started, &unknown_command(args));
+        return conn.fail("unknown", started, &unknown_command(&args));
     };
+    let args = &args[..];
     if let Err(line) = admit(conn, cmd, args) {
         conn.flush_pending().await;
         return conn.fail(cmd.name, started, &line);
