@@ -151,6 +151,7 @@ impl View {
                             .collect(),
                         ttl: c.ttl,
                         big: c.big,
+                        created: c.created,
                         ..CollState::default()
                     }
                 };
@@ -290,7 +291,7 @@ impl Space for View {
                     len: ks.visible_len(k),
                     head: c.head,
                     tail: c.tail,
-                    big: c.big > Timestamp::ZERO,
+                    big: c.is_big(),
                     field_expiry: false,
                 };
                 Ok(Some(Value::of_kind(kind, meta.encode(), c.top(), c.ttl.2)))
@@ -342,7 +343,7 @@ impl Space for View {
             c.ttl = (t_write, me, value.header.expire_at_ms);
             changed = true;
         }
-        if meta.big && c.big == Timestamp::ZERO {
+        if meta.big && !c.is_big() {
             c.big = t_write;
             changed = true;
         }
@@ -390,7 +391,8 @@ impl Space for View {
                 ks.kind = k;
                 let mut c = CollState {
                     ttl: (t_write, me, from_coll.ttl.2),
-                    big: if from_coll.big > Timestamp::ZERO {
+                    created: t_write,
+                    big: if from_coll.is_big() {
                         t_write
                     } else {
                         Timestamp::ZERO
@@ -436,7 +438,12 @@ impl Space for View {
         if !matches!(visible, Visible::Absent) || hidden {
             self.reset(key)?;
         }
-        self.key(key)?.kind = kind as u8;
+        let (me, t_write) = (self.me, self.t_write);
+        let ks = self.key(key)?;
+        ks.kind = kind as u8;
+        // A new incarnation starts compact, whatever the last one's encoding was.
+        ks.state.colls.entry(kind as u8).or_default().created = t_write;
+        ks.touch_registers(kind as u8, me, t_write);
         Ok(())
     }
 

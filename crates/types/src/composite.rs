@@ -55,6 +55,9 @@ pub struct CollState {
     /// When Redis would have converted the collection to its general encoding (sticky: the
     /// latest such write; `ZERO`: never). A timestamp so that a delete hides it too.
     pub big: Timestamp,
+    /// When the current incarnation was created (a collection emptied element by element and
+    /// created again starts compact, as in Redis): `big` counts only if not older.
+    pub created: Timestamp,
     /// Lists only: the whole list's version (timestamp, node), its ends, and the version
     /// vector of the writes it includes (node to its latest write).
     pub written: (Timestamp, u64),
@@ -196,6 +199,7 @@ impl CollState {
             self.ttl = o.ttl;
         }
         self.big = self.big.max(o.big);
+        self.created = self.created.max(o.created);
     }
 
     /// A total order among list versions written at the same (timestamp, node), which only a
@@ -218,7 +222,20 @@ impl CollState {
         if self.big <= reset {
             self.big = Timestamp::ZERO;
         }
-        !self.entries.is_empty() || self.ttl.0 > Timestamp::ZERO
+        if self.created <= reset {
+            self.created = Timestamp::ZERO;
+        }
+        // Kept while anything newer than the delete is left, registers included: dropping a
+        // state that still holds a register would depend on the order merges happen in.
+        !self.entries.is_empty()
+            || self.ttl.0 > Timestamp::ZERO
+            || self.big > Timestamp::ZERO
+            || self.created > Timestamp::ZERO
+    }
+
+    /// Whether Redis would report the general encoding for the current incarnation.
+    pub fn is_big(&self) -> bool {
+        self.big > Timestamp::ZERO && self.big >= self.created
     }
 }
 
@@ -764,27 +781,30 @@ mod tests {
                 0..3,
             ),
             (0u64..8, 0u64..3, prop::option::of(0u64..3)),
-            0u64..3,
+            (0u64..3, 0u64..3),
             (0u64..8, 0u64..3),
             0i64..3,
             prop::collection::btree_map(0u64..3, 0u64..8, 0..3),
         )
-            .prop_map(|(entries, ttl, big, written, len, clock)| CollState {
-                entries: entries
-                    .into_iter()
-                    .map(|(k, e)| (Bytes::from_static(k.as_bytes()), e))
-                    .collect(),
-                ttl: (ts(ttl.0), ttl.1, ttl.2),
-                big: ts(big),
-                written: (ts(written.0), written.1),
-                head: 0,
-                tail: len,
-                // A list's clock never runs ahead of its own version.
-                clock: clock
-                    .into_iter()
-                    .map(|(k, v)| (k, ts(v.min(written.0))))
-                    .collect(),
-            })
+            .prop_map(
+                |(entries, ttl, (big, created), written, len, clock)| CollState {
+                    entries: entries
+                        .into_iter()
+                        .map(|(k, e)| (Bytes::from_static(k.as_bytes()), e))
+                        .collect(),
+                    ttl: (ts(ttl.0), ttl.1, ttl.2),
+                    big: ts(big),
+                    created: ts(created),
+                    written: (ts(written.0), written.1),
+                    head: 0,
+                    tail: len,
+                    // A list's clock never runs ahead of its own version.
+                    clock: clock
+                        .into_iter()
+                        .map(|(k, v)| (k, ts(v.min(written.0))))
+                        .collect(),
+                },
+            )
     }
 
     fn arb_version() -> impl Strategy<Value = Value> {
