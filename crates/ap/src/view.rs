@@ -285,7 +285,9 @@ impl Space for View {
             Visible::Coll(kind) => {
                 let k = kind as u8;
                 ks.kind = k;
-                let c = &ks.state.colls[&k];
+                let c = ks.state.colls.get(&k).ok_or_else(|| {
+                    Error::Corruption("ap collection visible without its elements".into())
+                })?;
                 let meta = CollMeta {
                     id: ks.id,
                     len: ks.visible_len(k),

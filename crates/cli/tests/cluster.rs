@@ -755,9 +755,9 @@ fn digests(c: &Cluster) -> Vec<serde_json::Value> {
         .collect()
 }
 
-#[test]
-fn ap_keyspaces_write_on_both_sides_of_a_partition_and_converge() {
-    let c = Cluster::start_with(3, &["--ap-anti-entropy-interval-ms", "1000"]);
+/// Creates the `ap` keyspace `events` (3 replicas) and returns a connection to node 1 using it
+/// at `level`, once the keyspace has reached node 1's catalog.
+fn create_events_keyspace(c: &Cluster, level: &str) -> redis::Connection {
     let (code, body) = http(
         c.node(1).http,
         "POST",
@@ -767,9 +767,8 @@ fn ap_keyspaces_write_on_both_sides_of_a_partition_and_converge() {
     )
     .unwrap();
     assert_eq!(code, 201, "{}", String::from_utf8_lossy(&body));
-    // Before the partition: quorum writes, a key to delete later, a counter.
     let deadline = Instant::now() + Duration::from_secs(15);
-    let mut q = loop {
+    loop {
         // The keyspace reaches every node's catalog shortly after creation.
         let mut conn = c.node(1).client();
         if redis::cmd("SELECT")
@@ -778,14 +777,21 @@ fn ap_keyspaces_write_on_both_sides_of_a_partition_and_converge() {
             .is_ok()
         {
             let _: () = redis::cmd("CONSISTENCY")
-                .arg("quorum")
+                .arg(level)
                 .query(&mut conn)
                 .unwrap();
-            break conn;
+            return conn;
         }
         assert!(Instant::now() < deadline, "keyspace never appeared");
         std::thread::sleep(Duration::from_millis(100));
-    };
+    }
+}
+
+#[test]
+fn ap_keyspaces_write_on_both_sides_of_a_partition_and_converge() {
+    let c = Cluster::start_with(3, &["--ap-anti-entropy-interval-ms", "1000"]);
+    // Before the partition: quorum writes, a key to delete later, a counter.
+    let mut q = create_events_keyspace(&c, "quorum");
     for i in 0..50 {
         let _: () = q.set(format!("acked:{i}"), i).unwrap();
     }
@@ -922,32 +928,7 @@ fn ap_keyspaces_write_on_both_sides_of_a_partition_and_converge() {
 #[test]
 fn ap_collections_merge_by_their_rules_after_a_partition() {
     let c = Cluster::start_with(3, &["--ap-anti-entropy-interval-ms", "1000"]);
-    let (code, body) = http(
-        c.node(1).http,
-        "POST",
-        "/v1/keyspaces",
-        &[],
-        Some(br#"{"name":"events","mode":"ap","replication_factor":3}"#),
-    )
-    .unwrap();
-    assert_eq!(code, 201, "{}", String::from_utf8_lossy(&body));
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let mut q = loop {
-        let mut conn = c.node(1).client();
-        if redis::cmd("SELECT")
-            .arg("events")
-            .query::<()>(&mut conn)
-            .is_ok()
-        {
-            let _: () = redis::cmd("CONSISTENCY")
-                .arg("all")
-                .query(&mut conn)
-                .unwrap();
-            break conn;
-        }
-        assert!(Instant::now() < deadline, "keyspace never appeared");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let mut q = create_events_keyspace(&c, "all");
     let run = |conn: &mut redis::Connection, args: &[&str]| -> redis::Value {
         let mut cmd = redis::cmd(args[0]);
         for a in &args[1..] {

@@ -647,7 +647,8 @@ fn config_get_and_set_follow_redis() {
         "CONFIG <subcommand> [<arg> [value] [opt] ...]. Subcommands are:"
     );
 
-    // A cache keyspace reports its own limit and policy; they are fixed at creation.
+    // A cache keyspace reports its own limit and policy, and CONFIG SET changes them (on this
+    // node).
     let (status, _) = common::http(
         s.http,
         "POST",
@@ -668,4 +669,30 @@ fn config_get_and_set_follow_redis() {
     );
     let e = set_err(&mut c, &["maxmemory-policy", "volatile-ttl"]);
     assert!(e.contains("allkeys-lru or allkeys-lfu only"), "{e}");
+    // 1.5 MB under a 2 MB limit, then a 1 MB limit: evicted down at once.
+    let value = "v".repeat(10_000);
+    for i in 0..150 {
+        let _: () = redis::cmd("SET")
+            .arg(format!("k{i}"))
+            .arg(&value)
+            .query(&mut c)
+            .unwrap();
+    }
+    let before: i64 = redis::cmd("DBSIZE").query(&mut c).unwrap();
+    assert_eq!(before, 150);
+    ok(
+        &mut c,
+        &["maxmemory", "1mb", "maxmemory-policy", "allkeys-lru"],
+    );
+    assert_eq!(
+        get(&mut c, &["maxmemory", "maxmemory-policy"]),
+        ["maxmemory", "1048576", "maxmemory-policy", "allkeys-lru"]
+    );
+    let after: i64 = redis::cmd("DBSIZE").query(&mut c).unwrap();
+    assert!(
+        after < 105,
+        "a lower limit evicts at once: {after} keys left"
+    );
+    let e = set_err(&mut c, &["maxmemory", "0"]);
+    assert!(e.contains("needs a memory limit"), "{e}");
 }

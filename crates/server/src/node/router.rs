@@ -320,6 +320,29 @@ impl Keyspace {
         }
     }
 
+    /// A cache keyspace's memory limit and eviction policy on this node (`None`: not a cache).
+    pub fn cache_limits(&self) -> Option<(u64, capdb_types::EvictionPolicy)> {
+        match &self.store {
+            Store::Cache(m) => Some((m.max_bytes(), m.policy())),
+            _ => None,
+        }
+    }
+
+    /// Changes a cache keyspace's limit and policy on this node (`CONFIG SET`).
+    pub fn set_cache_limits(
+        &self,
+        max_bytes: u64,
+        policy: capdb_types::EvictionPolicy,
+        now_ms: u64,
+    ) -> Result<()> {
+        match &self.store {
+            Store::Cache(m) => m.set_limits(max_bytes, policy, now_ms),
+            _ => Err(Error::InvalidInput(
+                "only cache keyspaces have a memory limit".into(),
+            )),
+        }
+    }
+
     /// Whether a cache keyspace records the keys it removes by expiry or eviction (for their
     /// keyspace events); other modes have nothing to switch.
     pub fn notice_cache_removals(&self, on: bool) {

@@ -121,14 +121,23 @@ pub struct MemStore {
     /// crowd them into a fraction of its buckets.
     shard_hasher: foldhash::fast::FixedState,
     used_bytes: AtomicU64,
-    max_bytes: u64,
-    policy: EvictionPolicy,
+    /// The limit and policy: set at creation, changed at run time by `CONFIG SET` on this node.
+    max_bytes: AtomicU64,
+    /// 0: LRU, 1: LFU.
+    policy: std::sync::atomic::AtomicU8,
     hlc: std::sync::Arc<Hlc>,
     value_bytes_max: usize,
     stats: MemStats,
     /// Ids of collections created here (never reused; not replicated: the cache is per node).
     next_collection_id: AtomicU64,
     removals: RemovalNotices,
+}
+
+fn policy_code(p: EvictionPolicy) -> u8 {
+    match p {
+        EvictionPolicy::Lru => 0,
+        EvictionPolicy::Lfu => 1,
+    }
 }
 
 fn entry_bytes(key: &[u8], value: &Value) -> u64 {
@@ -147,8 +156,8 @@ impl MemStore {
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             shard_hasher: foldhash::fast::FixedState::with_seed(0x5eed_cafe_f00d_d00d),
             used_bytes: AtomicU64::new(0),
-            max_bytes,
-            policy,
+            max_bytes: AtomicU64::new(max_bytes),
+            policy: std::sync::atomic::AtomicU8::new(policy_code(policy)),
             hlc,
             value_bytes_max,
             stats: MemStats::default(),
@@ -162,11 +171,33 @@ impl MemStore {
     }
 
     pub fn max_bytes(&self) -> u64 {
-        self.max_bytes
+        self.max_bytes.load(Ordering::Relaxed)
     }
 
     pub fn policy(&self) -> EvictionPolicy {
-        self.policy
+        match self.policy.load(Ordering::Relaxed) {
+            1 => EvictionPolicy::Lfu,
+            _ => EvictionPolicy::Lru,
+        }
+    }
+
+    /// Changes the memory limit and the eviction policy (`CONFIG SET maxmemory`,
+    /// `maxmemory-policy`, on this node). A lower limit evicts down to it at once, as Redis does.
+    /// Switching policies keeps every entry's access data: LFU starts from the counters the
+    /// entries have (reads keep them under LRU too), as Redis reinterprets its `lru` field.
+    pub fn set_limits(&self, max_bytes: u64, policy: EvictionPolicy, now_ms: u64) -> Result<()> {
+        if max_bytes == 0 {
+            return Err(Error::InvalidInput(
+                "a cache keyspace needs a memory limit (Redis's 0, no limit, is not available)"
+                    .into(),
+            ));
+        }
+        self.policy.store(policy_code(policy), Ordering::Relaxed);
+        self.max_bytes.store(max_bytes, Ordering::Relaxed);
+        if self.used_bytes.load(Ordering::Relaxed) > max_bytes {
+            self.evict_to_limit(now_ms, &HashSet::new());
+        }
+        Ok(())
     }
 
     pub fn stats(&self) -> &MemStats {
@@ -250,7 +281,7 @@ impl MemStore {
 
     fn touch(&self, entry: &mut Entry, now_ms: u64) {
         let now = now_ms as u32;
-        if self.policy == EvictionPolicy::Lfu {
+        if self.policy() == EvictionPolicy::Lfu {
             entry.frequency = lfu_decay(entry.frequency, entry.accessed_ms, now);
             entry.frequency = lfu_increment(entry.frequency);
         }
@@ -340,7 +371,7 @@ impl MemStore {
         let mut rng = fastrand::Rng::new();
         let mut evicted = 0;
         let mut sparing = !spare.is_empty();
-        while self.used_bytes.load(Ordering::Relaxed) > self.max_bytes
+        while self.used_bytes.load(Ordering::Relaxed) > self.max_bytes()
             && evicted < EVICTIONS_PER_WRITE_MAX
         {
             // Sample from one random non-empty shard per eviction (shards are balanced by hash).
@@ -368,7 +399,7 @@ impl MemStore {
                     .take(EVICTION_SAMPLE)
                     .min_by_key(|&idx| {
                         let e = &shard.map[idx];
-                        match self.policy {
+                        match self.policy() {
                             // Oldest access first: larger idle time = smaller key.
                             EvictionPolicy::Lru => {
                                 u64::MAX - now.wrapping_sub(e.accessed_ms) as u64
@@ -574,10 +605,10 @@ impl KeyspaceStore for MemStore {
         for m in &mutations {
             if let Mutation::Set { key, value, .. } = m {
                 let need = key.len() as u64 + value.len() as u64 + ENTRY_OVERHEAD_BYTES;
-                if need > self.max_bytes {
+                if need > self.max_bytes() {
                     return Err(Error::OutOfMemory(format!(
                         "entry of {need} bytes exceeds the keyspace limit of {} bytes",
-                        self.max_bytes
+                        self.max_bytes()
                     )));
                 }
             }
@@ -629,7 +660,7 @@ impl KeyspaceStore for MemStore {
             }
         }
         drop(guards);
-        if self.used_bytes.load(Ordering::Relaxed) > self.max_bytes {
+        if self.used_bytes.load(Ordering::Relaxed) > self.max_bytes() {
             // Keys other than each mutation's first (SMOVE's destination, ...) may be evicted
             // by this very batch's pass: Redis would have evicted before the command instead.
             let written: HashSet<&[u8]> = mutations.iter().map(|m| &m.key()[..]).collect();

@@ -12,7 +12,7 @@
 //! | setting | `CONFIG SET` |
 //! |---|---|
 //! | `notify-keyspace-events` | stored and answered as Redis normalises it (`KEA` reads `AKE`) |
-//! | `maxmemory`, `maxmemory-policy` | validated as Redis does; accepted when it keeps the keyspace's value (a `cache` keyspace's limit and policy are fixed when it is created; `cp`/`ap`: `0` and `noeviction`); Redis's policies other than `allkeys-lru`/`allkeys-lfu` are refused by name |
+//! | `maxmemory`, `maxmemory-policy` | validated as Redis does; a `cache` keyspace's limit and policy change on this node (a lower limit evicts at once; `0`, no limit, is refused: a cache needs one); `cp`/`ap` read `0` and `noeviction` and refuse other values; Redis's policies other than `allkeys-lru`/`allkeys-lfu` are refused by name |
 //! | `save`, `appendonly`, `databases`, `maxclients`, `maxmemory-samples`, `port`, `cluster-enabled`, `proto-max-bulk-len`, `client-query-buffer-limit` | readable; `can't set immutable config` (they come from the node's configuration) |
 //!
 //! `CONFIG SET` with several pairs is all or nothing, as Redis's: every name is checked
@@ -39,6 +39,10 @@ enum Change {
     /// The value is what the node already has.
     Keep,
     KeyspaceEvents(KeyspaceEvents),
+    /// A cache keyspace's memory limit (bytes).
+    MaxMemory(u64),
+    /// A cache keyspace's eviction policy.
+    Policy(EvictionPolicy),
 }
 
 struct Param {
@@ -240,6 +244,20 @@ fn set(conn: &mut Connection, pairs: &[Bytes]) -> Outcome {
     for change in changes {
         match change {
             Change::Keep => {}
+            Change::MaxMemory(bytes) => {
+                if let Some((_, policy)) = conn.keyspace.cache_limits() {
+                    conn.keyspace
+                        .set_cache_limits(bytes, policy, conn.now_ms)
+                        .map_err(|e| failed("maxmemory", &e.to_string()))?;
+                }
+            }
+            Change::Policy(policy) => {
+                if let Some((bytes, _)) = conn.keyspace.cache_limits() {
+                    conn.keyspace
+                        .set_cache_limits(bytes, policy, conn.now_ms)
+                        .map_err(|e| failed("maxmemory-policy", &e.to_string()))?;
+                }
+            }
             Change::KeyspaceEvents(e) => {
                 conn.node.settings.set_keyspace_events(e);
                 // Before answering OK: a removal right after it is announced (the expiry tick
@@ -262,17 +280,14 @@ fn set_keyspace_events(_: &Connection, value: &[u8]) -> Result<Change, String> {
 
 /// The connection's keyspace's memory limit: a `cache` keyspace's, else 0 (no limit).
 fn max_memory_bytes(conn: &Connection) -> u64 {
-    match conn.keyspace.spec.mode {
-        Mode::Cache => conn.keyspace.spec.max_memory_bytes.unwrap_or(0),
-        Mode::Cp | Mode::Ap => 0,
-    }
+    conn.keyspace.cache_limits().map_or(0, |(bytes, _)| bytes)
 }
 
 fn policy_name(conn: &Connection) -> &'static str {
-    match (conn.keyspace.spec.mode, conn.keyspace.spec.eviction) {
-        (Mode::Cache, Some(EvictionPolicy::Lfu)) => "allkeys-lfu",
-        (Mode::Cache, _) => "allkeys-lru",
-        (Mode::Cp | Mode::Ap, _) => "noeviction",
+    match conn.keyspace.cache_limits() {
+        Some((_, EvictionPolicy::Lfu)) => "allkeys-lfu",
+        Some((_, EvictionPolicy::Lru)) => "allkeys-lru",
+        None => "noeviction",
     }
 }
 
@@ -283,8 +298,9 @@ fn set_max_memory(conn: &Connection, value: &[u8]) -> Result<Change, String> {
     }
     let ks = &conn.keyspace.spec;
     Err(match ks.mode {
+        Mode::Cache if bytes > 0 => return Ok(Change::MaxMemory(bytes)),
         Mode::Cache => format!(
-            "the memory limit of cache keyspace '{}' is set when it is created (POST /v1/keyspaces max_memory_bytes)",
+            "cache keyspace '{}' needs a memory limit (Redis's 0, no limit, is not available)",
             ks.name
         ),
         Mode::Cp | Mode::Ap => format!(
@@ -322,10 +338,8 @@ fn set_max_memory_policy(conn: &Connection, value: &[u8]) -> Result<Change, Stri
     }
     let ks = &conn.keyspace.spec;
     Err(match ks.mode {
-        Mode::Cache if matches!(*policy, "allkeys-lru" | "allkeys-lfu") => format!(
-            "the eviction policy of cache keyspace '{}' is set when it is created (POST /v1/keyspaces eviction)",
-            ks.name
-        ),
+        Mode::Cache if *policy == "allkeys-lru" => return Ok(Change::Policy(EvictionPolicy::Lru)),
+        Mode::Cache if *policy == "allkeys-lfu" => return Ok(Change::Policy(EvictionPolicy::Lfu)),
         Mode::Cache => {
             format!("capdb's cache evicts with allkeys-lru or allkeys-lfu only, not {policy}")
         }
