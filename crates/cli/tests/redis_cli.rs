@@ -5,12 +5,16 @@ mod common;
 use std::io::Write;
 use std::process::{Command, Stdio};
 
-use common::{Server, need_tool};
+use common::{RedisServer, Server, need_tool};
 
 fn cli(s: &Server, args: &[&str]) -> String {
+    cli_at(s.resp.port(), args)
+}
+
+fn cli_at(port: u16, args: &[&str]) -> String {
     let out = Command::new(need_tool("redis-cli"))
         .arg("-p")
-        .arg(s.resp.port().to_string())
+        .arg(port.to_string())
         .args(args)
         .output()
         .unwrap();
@@ -82,4 +86,89 @@ fn redis_cli_pipe_mode_bulk_loads() {
     assert!(text.contains("errors: 0, replies: 5000"), "{text}");
     assert_eq!(cli(&s, &["DBSIZE"]), "5000\n");
     assert_eq!(cli(&s, &["GET", "bulk:4999"]), "value-4999\n");
+}
+
+/// Every data type through the real `redis-cli`, in every keyspace mode, printed exactly as
+/// redis-cli prints the same commands against a real redis-server. Replies whose order Redis
+/// leaves undefined (HGETALL, SMEMBERS, ...) are compared as sorted lines.
+#[test]
+fn redis_cli_shows_every_type_as_it_does_against_redis() {
+    let mut redis_server = RedisServer::start_with(&[]);
+    drop(redis_server.client());
+    let s = Server::start();
+    for (name, mode) in [("1", "cache"), ("2", "ap")] {
+        let body = format!(r#"{{"name":"{name}","mode":"{mode}"}}"#);
+        let (status, _) =
+            common::http(s.http, "POST", "/v1/keyspaces", &[], Some(body.as_bytes())).unwrap();
+        assert_eq!(status, 201);
+    }
+    // (command, whether its output's order is undefined)
+    let script: &[(&[&str], bool)] = &[
+        (
+            &["HSET", "user:1", "name", "ada", "lang", "rust", "age", "36"],
+            false,
+        ),
+        (&["HGET", "user:1", "name"], false),
+        (&["HINCRBY", "user:1", "age", "1"], false),
+        (&["HGETALL", "user:1"], true),
+        (&["HDEL", "user:1", "lang", "nope"], false),
+        (&["HLEN", "user:1"], false),
+        (&["RPUSH", "queue", "a", "b", "c", "d"], false),
+        (&["LPUSH", "queue", "z"], false),
+        (&["LRANGE", "queue", "0", "-1"], false),
+        (&["LPOP", "queue", "2"], false),
+        (&["LINSERT", "queue", "BEFORE", "c", "bb"], false),
+        (&["LRANGE", "queue", "0", "-1"], false),
+        (&["SADD", "tags", "db", "rust", "redis"], false),
+        (&["SISMEMBER", "tags", "rust"], false),
+        (&["SMEMBERS", "tags"], true),
+        (&["SREM", "tags", "redis"], false),
+        (&["SCARD", "tags"], false),
+        (
+            &["ZADD", "board", "10", "ada", "7", "bob", "12", "cy"],
+            false,
+        ),
+        (&["ZRANGE", "board", "0", "-1", "WITHSCORES"], false),
+        (&["ZINCRBY", "board", "0.5", "bob"], false),
+        (&["ZREVRANK", "board", "bob"], false),
+        (
+            &[
+                "ZRANGE", "board", "(7", "+inf", "BYSCORE", "LIMIT", "0", "2",
+            ],
+            false,
+        ),
+        (&["PFADD", "visitors", "a", "b", "c"], false),
+        (&["PFCOUNT", "visitors"], false),
+        (&["TYPE", "board"], false),
+        (&["GET", "board"], false),
+        (&["EXPIRE", "user:1", "100", "NX"], false),
+        (&["TTL", "user:1"], false),
+        (&["DEL", "queue", "tags"], false),
+        (&["EXISTS", "queue", "tags", "board"], false),
+    ];
+    let run = |port: u16, db: &str| -> Vec<String> {
+        let _ = cli_at(port, &["-n", db, "FLUSHDB"]);
+        script
+            .iter()
+            .map(|(args, unordered)| {
+                let mut all = vec!["-n", db];
+                all.extend_from_slice(args);
+                let out = cli_at(port, &all);
+                if *unordered {
+                    let mut lines: Vec<&str> = out.lines().collect();
+                    lines.sort();
+                    lines.join("\n")
+                } else {
+                    out
+                }
+            })
+            .collect()
+    };
+    let theirs = run(redis_server.port, "0");
+    for db in ["0", "1", "2"] {
+        let ours = run(s.resp.port(), db);
+        for ((args, _), (o, t)) in script.iter().zip(ours.iter().zip(&theirs)) {
+            assert_eq!(o, t, "db {db}: redis-cli {args:?}");
+        }
+    }
 }
