@@ -755,6 +755,22 @@ fn digests(c: &Cluster) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// Waits (at most 30 s) until every node's replica digest of `events` is the same.
+fn wait_until_replicas_converge(c: &Cluster) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let d = digests(c);
+        if d.windows(2).all(|w| w[0] == w[1]) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "replicas did not converge: {d:?}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
 /// Creates the `ap` keyspace `events` (3 replicas) and returns a connection to node 1 using it
 /// at `level`, once the keyspace has reached node 1's catalog.
 fn create_events_keyspace(c: &Cluster, level: &str) -> redis::Connection {
@@ -834,18 +850,7 @@ fn ap_keyspaces_write_on_both_sides_of_a_partition_and_converge() {
 
     // Heal; every replica of every key converges.
     partition(&c, &[&[1, 2, 3]]);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let d = digests(&c);
-        if d.windows(2).all(|w| w[0] == w[1]) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "replicas did not converge: {d:?}"
-        );
-        std::thread::sleep(Duration::from_millis(250));
-    }
+    wait_until_replicas_converge(&c);
     for node in 1..=3 {
         let mut r = ap_conn(&c, node, "all");
         assert_eq!(
@@ -979,18 +984,7 @@ fn ap_collections_merge_by_their_rules_after_a_partition() {
     assert_eq!((e_on_left, d_on_right), (None, None));
 
     partition(&c, &[&[1, 2, 3]]);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let d = digests(&c);
-        if d.windows(2).all(|w| w[0] == w[1]) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "replicas did not converge: {d:?}"
-        );
-        std::thread::sleep(Duration::from_millis(250));
-    }
+    wait_until_replicas_converge(&c);
     for node in 1..=3 {
         let mut r = ap_conn(&c, node, "one");
         let mut h: Vec<(String, String)> = redis::cmd("HGETALL")
