@@ -6,6 +6,9 @@
 //! sides, a ring where each node sees only its neighbours), kill -9 then restart, SIGSTOP then
 //! SIGCONT, lossy links (nftables random drop: this kernel has no netem), and wall-clock
 //! offsets. "Leader" targets are resolved when the window opens and written to the history.
+//! `partition-leader` is the partition that always isolates the leader: the check that broken
+//! reads are caught uses it, because the other shapes may leave every node in a majority (a
+//! ring of five) and then a run can pass by luck.
 //!
 //! `kill-leader` is aimed: it kills (SIGKILL) the leader of the shard holding the workload's
 //! keys (the `{cas}` slot; with one shard, every key) at a moment when writes sent through
@@ -31,6 +34,10 @@ pub enum Kind {
     Loss,
     Clock,
     KillLeader,
+    /// A partition that always cuts the workload shard's leader off from everyone else: the
+    /// one shape certain to leave a node that believes it leads while a majority moves on,
+    /// which is what a check for stale reads needs to see.
+    PartitionLeader,
 }
 
 /// How long `kill-leader` waits for a forwarded write to be in flight before it kills anyway.
@@ -54,9 +61,10 @@ impl Kind {
             "loss" => Kind::Loss,
             "clock" => Kind::Clock,
             "kill-leader" => Kind::KillLeader,
+            "partition-leader" => Kind::PartitionLeader,
             other => {
                 return Err(format!(
-                    "unknown nemesis '{other}': expected partition, kill, pause, loss, clock, kill-leader or all"
+                    "unknown nemesis '{other}': expected partition, partition-leader, kill, pause, loss, clock, kill-leader or all"
                 ));
             }
         })
@@ -196,6 +204,10 @@ fn fault_of(kind: Kind, n: u32, rng: &mut fastrand::Rng) -> Fault {
             }
         }
         Kind::KillLeader => Fault::KillLeader,
+        Kind::PartitionLeader => Fault::Partition {
+            shape: Shape::IsolateLeader,
+            order,
+        },
         Kind::Clock => {
             let mut offsets: Vec<(u32, i64)> = Vec::new();
             for &i in &order {

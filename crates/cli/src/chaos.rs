@@ -15,7 +15,7 @@ const RUN_EXAMPLES: &str = "\
 Examples (as root):
   capdb chaos run --duration 120 --seed 7 --out chaos-out
   capdb chaos run --duration 1200 --seed 42 --out long --nemesis all --nodes 5
-  capdb chaos run --duration 60 --nemesis partition --workload register --unsafe-reads --out broken
+  capdb chaos run --duration 60 --nemesis partition-leader --workload register --unsafe-reads --out broken
   capdb chaos run --duration 60 --seed 3 --nodes 3 --workload cas,counter --nemesis kill-leader \
       --rate 300 --quiet 3 --fault-min 3 --fault-max 5 --out forwarded
       (writes through followers while the shard leader is killed: catches writes applied twice)
@@ -69,8 +69,9 @@ pub struct RunArgs {
     /// register in --mode ap).
     #[arg(long, default_value = "all", value_delimiter = ',')]
     workload: Vec<String>,
-    /// Nemeses, comma-separated: partition, kill, pause, loss, clock, kill-leader (kill -9 the
-    /// workload shard's leader while writes are being forwarded to it), all, or none.
+    /// Nemeses, comma-separated: partition, partition-leader (always cut the workload shard's
+    /// leader off), kill, pause, loss, clock, kill-leader (kill -9 the workload shard's leader
+    /// while writes are being forwarded to it), all (every one but partition-leader), or none.
     #[arg(long, default_value = "all", value_delimiter = ',')]
     nemesis: Vec<String>,
     /// Where clients connect: mixed (they move between nodes, three in four times to a
