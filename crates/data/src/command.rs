@@ -165,14 +165,68 @@ fn lookup_any_case(name: &[u8]) -> Option<&'static Spec> {
 }
 
 /// Commands the nodes themselves log, never listed nor accepted from clients (`lookup` does not
-/// find them): the active expiry of replicated keyspaces.
-const INTERNAL: &[Spec] = &[Spec {
-    name: EXPIRED_COMMAND,
-    arity: -2,
-    flags: &["write"],
-    keys: Keys::Range(1, -1, 1),
-    run: Run::Write(remove_expired),
-}];
+/// find them): the active expiry of replicated keyspaces, and the server's own key reads (GET,
+/// MGET, STRLEN, EXISTS, TTL, PTTL, TYPE) in the form a transaction carries them (MULTI/EXEC
+/// runs every keyed command of a transaction in one atomic step of the engine: see
+/// `crate::txn_reads`).
+const INTERNAL: &[Spec] = &[
+    Spec {
+        name: EXPIRED_COMMAND,
+        arity: -2,
+        flags: &["write"],
+        keys: Keys::Range(1, -1, 1),
+        run: Run::Write(remove_expired),
+    },
+    Spec {
+        name: "capdb.exists",
+        arity: -2,
+        flags: &["readonly"],
+        keys: Keys::Range(1, -1, 1),
+        run: Run::Read(crate::txn_reads::exists),
+    },
+    Spec {
+        name: "capdb.get",
+        arity: 2,
+        flags: &["readonly"],
+        keys: Keys::Range(1, 1, 1),
+        run: Run::Read(crate::txn_reads::get),
+    },
+    Spec {
+        name: "capdb.mget",
+        arity: -2,
+        flags: &["readonly"],
+        keys: Keys::Range(1, -1, 1),
+        run: Run::Read(crate::txn_reads::mget),
+    },
+    Spec {
+        name: "capdb.pttl",
+        arity: 2,
+        flags: &["readonly"],
+        keys: Keys::Range(1, 1, 1),
+        run: Run::Read(crate::txn_reads::pttl),
+    },
+    Spec {
+        name: "capdb.strlen",
+        arity: 2,
+        flags: &["readonly"],
+        keys: Keys::Range(1, 1, 1),
+        run: Run::Read(crate::txn_reads::strlen),
+    },
+    Spec {
+        name: "capdb.ttl",
+        arity: 2,
+        flags: &["readonly"],
+        keys: Keys::Range(1, 1, 1),
+        run: Run::Read(crate::txn_reads::ttl),
+    },
+    Spec {
+        name: "capdb.type",
+        arity: 2,
+        flags: &["readonly"],
+        keys: Keys::Range(1, 1, 1),
+        run: Run::Read(crate::txn_reads::key_type),
+    },
+];
 
 /// `capdb.expired key [key ...]`: deletes each key whose record has expired at the entry's
 /// clock (a shard leader proposes it for keys it found expired; a key written again since is

@@ -47,6 +47,7 @@ pub mod set;
 pub mod space;
 pub mod strings;
 pub mod testing;
+pub mod txn_reads;
 pub mod zset;
 
 pub use command::{Ctx, Run, Spec, execute, lookup};

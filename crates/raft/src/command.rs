@@ -54,6 +54,30 @@ pub enum Request {
         id: crate::sessions::RequestId,
         request: Box<Request>,
     },
+    /// Data shard: a MULTI/EXEC transaction, applied in one storage transaction: every
+    /// mutation in order (reads too, as read-only data-type commands, so they see the writes
+    /// before them), or none when a `guards` key changed since its WATCH. Replies: with guards,
+    /// the verdict first (OK, or the null array: aborted, nothing applied), then one per
+    /// mutation; without, one per mutation (as a `Write`).
+    Txn {
+        mutations: Vec<Mutation>,
+        timestamp: Timestamp,
+        now_ms: u64,
+        guards: Vec<TxnGuard>,
+    },
+    /// Data shard: a point in the log for WATCH; answers its own log index (one
+    /// `Reply::Integer`). Changes nothing.
+    WatchPoint,
+}
+
+/// A watched key's guard in a [`Request::Txn`]: the key has not changed after log index
+/// `index` (a [`Request::WatchPoint`]'s answer) nor expired after `since_ms` (the WATCH's
+/// clock). See `capdb_storage::disk::WatchGuard`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TxnGuard {
+    pub key: bytes::Bytes,
+    pub index: u64,
+    pub since_ms: u64,
 }
 
 impl fmt::Display for Request {
@@ -62,6 +86,15 @@ impl fmt::Display for Request {
             Request::Write { mutations, .. } => write!(f, "write({} mutations)", mutations.len()),
             Request::Clear => f.write_str("clear"),
             Request::Meta(c) => write!(f, "meta({c:?})"),
+            Request::Txn {
+                mutations, guards, ..
+            } => write!(
+                f,
+                "txn({} mutations, {} guards)",
+                mutations.len(),
+                guards.len()
+            ),
+            Request::WatchPoint => f.write_str("watch point"),
             Request::Identified { id, request } => {
                 write!(f, "{request} as {}.{}#{}", id.origin, id.epoch, id.seq)
             }

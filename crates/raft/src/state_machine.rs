@@ -225,6 +225,12 @@ impl StateMachine {
                 mutations: m,
                 timestamp,
                 now_ms,
+            }
+            | Request::Txn {
+                mutations: m,
+                timestamp,
+                now_ms,
+                ..
             } = &w.request
             {
                 if let Some((key, sent_ms)) = &w.remember {
@@ -236,12 +242,12 @@ impl StateMachine {
                     });
                 }
                 counts.push(m.len());
-                mutations.extend(m.iter().cloned().map(|m| (m, *timestamp, *now_ms)));
+                mutations.extend(m.iter().cloned().map(|m| (m, *timestamp, *now_ms, w.index)));
             }
         }
         let replies = self
             .engine
-            .apply_replicated(table, mutations, meta, remember)
+            .apply_replicated(table, mutations, meta, remember, Vec::new())
             .await
             .map_err(io)?;
         let mut it = replies.into_iter();
@@ -261,11 +267,12 @@ impl StateMachine {
     ) -> io::Result<()> {
         let mut meta = vec![self.applied_meta(upto)];
         meta.extend(sessions.take_changes());
+        meta.append(&mut b.remembered);
         let writes = std::mem::take(&mut b.writes);
         if writes.is_empty() {
             // Record progress (blank/membership entries) with the data table untouched.
             self.engine
-                .apply_replicated(table, Vec::new(), meta, Vec::new())
+                .apply_replicated(table, Vec::new(), meta, Vec::new(), Vec::new())
                 .await
                 .map_err(io)?;
             return Ok(());
@@ -287,7 +294,9 @@ impl StateMachine {
         request: Request,
     ) -> io::Result<()> {
         let (id, request) = unwrap_identified(request);
-        if matches!(request, Request::Clear) {
+        let index = b.applied.last_applied.map_or(0, |l| l.index);
+        let guarded = matches!(&request, Request::Txn { guards, .. } if !guards.is_empty());
+        if matches!(request, Request::Clear) || guarded {
             // Everything before this entry is applied first, and recorded as applied up to the
             // previous entry, so a crash in between never claims the clear happened.
             let upto = Applied {
@@ -304,11 +313,62 @@ impl StateMachine {
             None => None,
         };
         match request {
-            Request::Write { .. } => b.writes.push(PendingWrite {
-                slot,
-                request,
-                remember,
-            }),
+            Request::Write { .. } | Request::Txn { .. } if !guarded => {
+                b.writes.push(PendingWrite {
+                    slot,
+                    request,
+                    remember,
+                    index,
+                })
+            }
+            Request::Txn {
+                mutations,
+                timestamp,
+                now_ms,
+                guards,
+            } => {
+                // Alone in its storage transaction, after everything before it: its guards
+                // are judged on the state the entries before it left.
+                let mut meta = vec![self.applied_meta(&b.applied)];
+                meta.extend(sessions.take_changes());
+                meta.append(&mut b.remembered);
+                let remember = remember
+                    .map(|(key, sent_ms)| RememberReplies {
+                        key,
+                        prefix: row::prefix(sent_ms, row::REPLIES),
+                        first: 0,
+                        count: mutations.len() + 1,
+                    })
+                    .into_iter()
+                    .collect();
+                let guards = guards
+                    .into_iter()
+                    .map(|g| capdb_storage::disk::WatchGuard {
+                        key: g.key,
+                        index: g.index,
+                        since_ms: g.since_ms,
+                    })
+                    .collect();
+                let mutations = mutations
+                    .into_iter()
+                    .map(|m| (m, timestamp, now_ms, index))
+                    .collect();
+                let replies = self
+                    .engine
+                    .apply_replicated(table, mutations, meta, remember, guards)
+                    .await
+                    .map_err(io)?;
+                b.responses[slot] = Some(Response::Replies(replies));
+            }
+            Request::WatchPoint => {
+                let reply = vec![Ok(capdb_types::Reply::Integer(index as i64))];
+                if let Some((key, sent_ms)) = remember {
+                    let mut value = row::prefix(sent_ms, row::REPLIES);
+                    value.extend(encode(&reply));
+                    b.remembered.push((key, Some(value)));
+                }
+                b.responses[slot] = Some(Response::Replies(reply));
+            }
             Request::Clear => {
                 let mut meta = vec![self.applied_meta(&b.applied)];
                 meta.extend(sessions.take_changes());
@@ -318,8 +378,11 @@ impl StateMachine {
                     value.extend(encode(&reply));
                     meta.push((key, Some(value)));
                 }
+                meta.append(&mut b.remembered);
+                // Every WATCH older than the FLUSHDB aborts (`touched.rs`).
+                let elements = vec![capdb_storage::disk::horizon_row(index)];
                 self.engine
-                    .replace_table(table, Vec::new(), Vec::new(), None, meta)
+                    .replace_table(table, Vec::new(), elements, None, meta)
                     .await
                     .map_err(io)?;
                 b.responses[slot] = Some(Response::Replies(reply));
@@ -476,6 +539,8 @@ struct PendingWrite {
     request: Request,
     /// Where to remember its replies, and when it was sent (identified writes).
     remember: Option<(String, u64)>,
+    /// Its entry's log index (WATCH's touched rows).
+    index: u64,
 }
 
 type Responder = Option<openraft::storage::ApplyResponder<TypeConfig>>;
@@ -487,6 +552,9 @@ struct ApplyBatch {
     /// The log id of the entry before it.
     previous: Option<LogId>,
     writes: Vec<PendingWrite>,
+    /// Remembered replies of entries answered without a storage write of their own (watch
+    /// points), written with the next one.
+    remembered: Vec<MetaItem>,
     responses: Vec<Option<Response>>,
     responders: Vec<Responder>,
     /// Identified entries applied in this batch: row key -> slot.
@@ -503,6 +571,7 @@ impl ApplyBatch {
             previous: applied.last_applied,
             applied,
             writes: Vec::new(),
+            remembered: Vec::new(),
             responses: Vec::new(),
             responders: Vec::new(),
             rows: HashMap::new(),

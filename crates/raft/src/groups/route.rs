@@ -459,6 +459,70 @@ impl Groups {
         }
     }
 
+    /// Runs a MULTI/EXEC transaction on one data group as one log entry (`Request::Txn`):
+    /// `None` when a guarded key changed since its WATCH (nothing applied), else one reply
+    /// per mutation. Retried and forwarded like any write, exactly once.
+    pub async fn write_txn(
+        &self,
+        group: GroupId,
+        mutations: Vec<Mutation>,
+        guards: Vec<crate::command::TxnGuard>,
+        now_ms: u64,
+    ) -> Result<Option<Vec<Result<Reply, Error>>>, Error> {
+        let count = mutations.len();
+        let guarded = !guards.is_empty();
+        let request = Request::Txn {
+            mutations,
+            timestamp: self.hlc.now(),
+            now_ms,
+            guards,
+        };
+        let mut replies = match self.write(group, request).await? {
+            Response::Replies(r) => r,
+            other => {
+                return Err(Error::Io(format!(
+                    "unexpected response to a transaction: {other:?}"
+                )));
+            }
+        };
+        if guarded {
+            match replies.first() {
+                Some(Ok(Reply::Ok)) => {
+                    let _verdict = replies.remove(0);
+                }
+                Some(Ok(Reply::NilArray)) => return Ok(None),
+                other => {
+                    return Err(Error::Io(format!(
+                        "unexpected verdict of a transaction: {other:?}"
+                    )));
+                }
+            }
+        }
+        if replies.len() != count {
+            return Err(Error::Io(format!(
+                "a transaction of {count} mutations got {} replies",
+                replies.len()
+            )));
+        }
+        Ok(Some(replies))
+    }
+
+    /// A point in a data group's log for WATCH: the log index of an entry proposed now, so
+    /// every change linearized before this call is at or below it.
+    pub async fn watch_point(&self, group: GroupId) -> Result<u64, Error> {
+        match self.write(group, Request::WatchPoint).await? {
+            Response::Replies(r) => match r.first() {
+                Some(Ok(Reply::Integer(i))) if *i >= 0 => Ok(*i as u64),
+                other => Err(Error::Io(format!(
+                    "unexpected answer to a watch point: {other:?}"
+                ))),
+            },
+            other => Err(Error::Io(format!(
+                "unexpected response to a watch point: {other:?}"
+            ))),
+        }
+    }
+
     /// Deletes every key of a data group (FLUSHDB), through its log.
     pub async fn clear(&self, group: GroupId) -> Result<(), Error> {
         self.write(group, Request::Clear).await.map(|_| ())

@@ -103,6 +103,24 @@ pub struct Keyspace {
     dropped: AtomicBool,
 }
 
+/// A key watched by WATCH, as its keyspace's mode checks it at EXEC ([`Keyspace::watch`]).
+pub struct Watched {
+    pub keyspace: KeyspaceName,
+    /// See [`Keyspace::txn_shard`].
+    pub shard: u64,
+    mark: WatchMark,
+}
+
+enum WatchMark {
+    Cp(capdb_raft::command::TxnGuard),
+    /// Dropping it stops the cache recording changes for it.
+    Cache(capdb_storage::memory::WatchTicket),
+    Ap {
+        key: Bytes,
+        version: Option<capdb_types::Timestamp>,
+    },
+}
+
 /// Groups `items` by the shard `shard_of` names, keeping each item's index; shards in order.
 pub fn by_shard<T>(
     items: impl IntoIterator<Item = T>,
@@ -542,6 +560,148 @@ impl Keyspace {
                     .into_iter()
                     .map(|r| r.and_then(|r| r))
                     .collect())
+            }
+        }
+    }
+
+    /// The shard a transaction touching `key` runs on (MULTI/EXEC: every key of one
+    /// transaction must be on one shard of one keyspace): a `cp` key's Raft group, an `ap` key's
+    /// shard index, and 0 for a cache (one node holds all of it, under one lock scope).
+    pub fn txn_shard(&self, key: &[u8]) -> u64 {
+        match &self.store {
+            Store::Cp { entry, .. } => entry.shard_for_key(key).group,
+            Store::Ap { ap, .. } => {
+                let shards = ap.shard_count(self.name()).unwrap_or(1).max(1) as u32;
+                let slot = capdb_cluster::slots::key_slot(key);
+                capdb_cluster::slots::shard_of_slot(slot, shards) as u64
+            }
+            Store::Cache(_) => 0,
+        }
+    }
+
+    /// Starts watching `keys` (WATCH; every key on one shard, see [`Keyspace::txn_shard`]):
+    /// what EXEC needs to tell whether any of them changed since now. `cp`: a point in the
+    /// shard's log (one entry through it, `Groups::watch_point`); `cache`: the shard's change
+    /// count (`MemStore::watch`); `ap`: each key's version as read now (best effort: see
+    /// [`Keyspace::transact`]).
+    pub async fn watch(&self, keys: &[Bytes], now_ms: u64, c: Consistency) -> Result<Vec<Watched>> {
+        self.check_live()?;
+        let Some(first) = keys.first() else {
+            return Ok(Vec::new());
+        };
+        let shard = self.txn_shard(first);
+        let marks: Vec<WatchMark> = match &self.store {
+            Store::Cp { groups, .. } => {
+                let index = groups.watch_point(shard).await?;
+                keys.iter()
+                    .map(|k| {
+                        WatchMark::Cp(capdb_raft::command::TxnGuard {
+                            key: k.clone(),
+                            index,
+                            since_ms: now_ms,
+                        })
+                    })
+                    .collect()
+            }
+            Store::Cache(m) => keys
+                .iter()
+                .map(|k| WatchMark::Cache(m.watch(k, now_ms)))
+                .collect(),
+            Store::Ap { .. } => {
+                let values = self.get_many(keys, now_ms, c).await?;
+                keys.iter()
+                    .zip(values)
+                    .map(|(k, v)| WatchMark::Ap {
+                        key: k.clone(),
+                        version: v.map(|v| v.header.timestamp),
+                    })
+                    .collect()
+            }
+        };
+        Ok(marks
+            .into_iter()
+            .map(|mark| Watched {
+                keyspace: self.spec.name.clone(),
+                shard,
+                mark,
+            })
+            .collect())
+    }
+
+    /// Runs a MULTI/EXEC transaction's keyed commands (`mutations`, reads included as
+    /// read-only data-type commands; every key on one shard) unless a watched key changed:
+    /// `None` then, and nothing ran.
+    ///
+    /// - `cp`: one log entry (`Request::Txn`), the guards checked while applying it: atomic,
+    ///   isolated, exactly once.
+    /// - `cache`: one lock scope over every shard the keys (and watched keys) hash to.
+    /// - `ap`: the watched keys are read again and compared with their versions at WATCH,
+    ///   then the commands run in order at this coordinator: nothing is isolated from
+    ///   concurrent writers (as for every `ap` read-modify-write), and a change between that
+    ///   check and the writes is not seen (best effort, as the README says).
+    pub async fn transact(
+        &self,
+        mutations: Vec<Mutation>,
+        watches: &[&Watched],
+        now_ms: u64,
+        c: Consistency,
+    ) -> Result<Option<BatchReplies>> {
+        self.check_live()?;
+        match &self.store {
+            Store::Cp { groups, entry, .. } => {
+                let group = match (mutations.first(), watches.first()) {
+                    (Some(m), _) => entry.shard_for_key(m.key()).group,
+                    (None, Some(w)) => w.shard,
+                    (None, None) => return Ok(Some(Vec::new())),
+                };
+                let guards = watches
+                    .iter()
+                    .filter_map(|w| match &w.mark {
+                        WatchMark::Cp(g) => Some(g.clone()),
+                        _ => None,
+                    })
+                    .collect();
+                groups.write_txn(group, mutations, guards, now_ms).await
+            }
+            Store::Cache(m) => {
+                let tickets: Vec<_> = watches
+                    .iter()
+                    .filter_map(|w| match &w.mark {
+                        WatchMark::Cache(t) => Some(t),
+                        _ => None,
+                    })
+                    .collect();
+                m.apply_guarded(mutations, &tickets, now_ms)
+            }
+            Store::Ap {
+                ap,
+                value_bytes_max,
+                ..
+            } => {
+                let watched: Vec<(&Bytes, Option<capdb_types::Timestamp>)> = watches
+                    .iter()
+                    .filter_map(|w| match &w.mark {
+                        WatchMark::Ap { key, version } => Some((key, *version)),
+                        _ => None,
+                    })
+                    .collect();
+                if !watched.is_empty() {
+                    let keys: Vec<Bytes> = watched.iter().map(|(k, _)| (*k).clone()).collect();
+                    let now = self.get_many(&keys, now_ms, c).await?;
+                    let same = watched
+                        .iter()
+                        .zip(now)
+                        .all(|((_, before), v)| *before == v.map(|v| v.header.timestamp));
+                    if !same {
+                        return Ok(None);
+                    }
+                }
+                if mutations.is_empty() {
+                    return Ok(Some(Vec::new()));
+                }
+                ap.apply(self.name(), mutations, c.ap_write, now_ms, *value_bytes_max)
+                    .await
+                    .map(Some)
             }
         }
     }

@@ -210,6 +210,11 @@ pub(crate) struct Connection {
     subs: Option<Box<Subscriptions>>,
     /// The client's socket, for blocking commands to notice a client that leaves.
     socket_fd: Option<std::os::fd::RawFd>,
+    /// The open transaction, between MULTI and EXEC/DISCARD (`commands/txn.rs`).
+    multi: Option<Box<commands::txn::Multi>>,
+    /// Keys watched by WATCH until EXEC, DISCARD, UNWATCH or disconnect (dropping them ends
+    /// the watch).
+    watched: Vec<crate::node::Watched>,
 }
 
 /// A connection's pub/sub state: what it subscribed to, and its message queue (see
@@ -289,6 +294,8 @@ impl Connection {
             finished: Vec::new(),
             subs: None,
             socket_fd: None,
+            multi: None,
+            watched: Vec::new(),
         }
     }
 
@@ -494,19 +501,25 @@ impl Connection {
             let name = keyspace.spec.name.as_str();
             self.node.pubsub.publish_events(&self.node, name, events);
         }
-        if !written.is_empty() {
-            let name = keyspace.spec.name.as_str();
-            self.node.blocking.wake_local(name, &written);
-            let nodes = self.node.blocking.interested_nodes(name, &written);
-            self.node.pubsub.send_to(
-                &self.node,
-                &nodes,
-                crate::node::pubsub::Item::Wake {
-                    keyspace: name.to_string(),
-                    keys: written,
-                },
-            );
+        self.wake_blocked(&keyspace, written);
+    }
+
+    /// Wakes clients blocked on `written` keys of `keyspace`, here and on other nodes.
+    fn wake_blocked(&self, keyspace: &Keyspace, written: Vec<Bytes>) {
+        if written.is_empty() || !self.node.blocking.anyone_waiting() {
+            return;
         }
+        let name = keyspace.spec.name.as_str();
+        self.node.blocking.wake_local(name, &written);
+        let nodes = self.node.blocking.interested_nodes(name, &written);
+        self.node.pubsub.send_to(
+            &self.node,
+            &nodes,
+            crate::node::pubsub::Item::Wake {
+                keyspace: name.to_string(),
+                keys: written,
+            },
+        );
     }
 
     /// Records a finished command; its latency is observed when its reply is written.

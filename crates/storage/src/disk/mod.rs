@@ -67,6 +67,7 @@ mod ops;
 mod replicated;
 mod space;
 mod table;
+mod touched;
 mod writer;
 
 use std::path::{Path, PathBuf};
@@ -81,6 +82,7 @@ pub use meta::MetaItem;
 use ops::Op;
 pub use replicated::{RememberReplies, TableDump};
 pub use table::SCAN_EXAMINE_MAX;
+pub use touched::{TOUCHED_MAX, WatchGuard, horizon_row};
 use writer::Job;
 pub use writer::{BATCH_BYTES_MAX, BATCH_JOBS_MAX, WRITE_QUEUE_JOBS_MAX};
 

@@ -22,7 +22,9 @@ pub(crate) fn seed_of(timestamp: Timestamp) -> u64 {
 }
 
 /// Applies one mutation inside the writer's transaction. `Err` only for storage failures
-/// (which abort the batch); semantic failures come back as `Ok(Err(..))`.
+/// (which abort the batch); semantic failures come back as `Ok(Err(..))`. `changed`, when
+/// given, receives the keys the mutation changed (WATCH's touched rows).
+#[allow(clippy::too_many_arguments)]
 pub(super) fn apply_one<'txn>(
     x: &Exec<'txn>,
     table: &str,
@@ -31,6 +33,7 @@ pub(super) fn apply_one<'txn>(
     tombstones: bool,
     now_ms: u64,
     timestamp: Option<Timestamp>,
+    changed: Option<&mut Vec<bytes::Bytes>>,
 ) -> Result<Result<Reply>> {
     let stamp = || timestamp.unwrap_or_else(|| x.hlc.now());
     let key = &m.key()[..];
@@ -43,7 +46,17 @@ pub(super) fn apply_one<'txn>(
             value_bytes_max: x.value_bytes_max,
         };
         let mut space = TxnSpace::new(x, table, t, now_ms);
-        return match capdb_data::execute(args, &mut space, &cx) {
+        let ran = match changed {
+            Some(changed) => {
+                let mut tracking = super::touched::Tracking {
+                    inner: &mut space,
+                    changed,
+                };
+                capdb_data::execute(args, &mut tracking, &cx)
+            }
+            None => capdb_data::execute(args, &mut space, &cx),
+        };
+        return match ran {
             // Storage failures abort the batch; everything else is the command's answer.
             Err(e @ capdb_types::Error::Io(_)) => Err(e),
             other => Ok(other),
@@ -72,6 +85,9 @@ pub(super) fn apply_one<'txn>(
                     ..
                 } => None,
                 Mutation::Delete { .. } => {
+                    if let Some(changed) = changed {
+                        changed.push(m.key().clone());
+                    }
                     remove(t, key, tombstones, stamp())?;
                     return Ok(Ok(Reply::Integer(1)));
                 }
@@ -99,6 +115,9 @@ pub(super) fn apply_one<'txn>(
     if replaced.is_some() {
         let mut space = TxnSpace::new(x, table, t, now_ms);
         space.replacing(key, None)?;
+    }
+    if let (Some(changed), false) = (changed, matches!(effect, Effect::Unchanged)) {
+        changed.push(m.key().clone());
     }
     match effect {
         Effect::Unchanged => {}

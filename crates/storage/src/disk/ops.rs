@@ -75,9 +75,14 @@ pub(super) enum Op {
     /// by itself: the Raft log is, and replaying it restores anything lost (see `durable`).
     ApplyReplicated {
         table: String,
-        mutations: Vec<(Mutation, Timestamp, u64)>,
+        /// (mutation, leader timestamp, leader clock, log index of its entry).
+        mutations: Vec<(Mutation, Timestamp, u64, u64)>,
         meta: Vec<MetaItem>,
         remember: Vec<RememberReplies>,
+        /// A transaction's WATCH guards (`touched.rs`), judged with the first mutation's
+        /// clock: when any fails nothing is applied. With guards, the replies start with the
+        /// verdict: OK (applied) or the null array (a watched key changed).
+        guards: Vec<super::WatchGuard>,
     },
     /// Appends records to a log table (u64 index -> bytes).
     LogAppend {
@@ -135,7 +140,7 @@ impl Op {
                 .map(|(k, v)| k.len() + v.len())
                 .sum(),
             Op::ApplyReplicated { mutations, .. } => {
-                mutations.iter().map(|(m, _, _)| mutation_bytes(m)).sum()
+                mutations.iter().map(|(m, ..)| mutation_bytes(m)).sum()
             }
             _ => 0,
         }
@@ -306,7 +311,8 @@ pub(super) fn execute(x: &Exec, op: &Op, live_tables: &mut HashSet<String>) -> R
             mutations,
             meta,
             remember,
-        } => apply_replicated(x, table, mutations, meta, remember),
+            guards,
+        } => apply_replicated(x, table, mutations, meta, remember, guards),
         Op::LogAppend { table, records } => append_log(x, table, records),
         Op::LogRemove { table, from, to } => remove_log_range(x, table, *from, *to),
         Op::MetaPut { items, .. } => update_meta(x, items),
@@ -345,7 +351,9 @@ fn apply_mutations(
     let mut t = x.txn.open_table(table_def(table)).map_err(io_err)?;
     let mut replies = Vec::with_capacity(mutations.len());
     for m in mutations {
-        replies.push(apply_one(x, table, &mut t, m, tombstones, now_ms, None)?);
+        replies.push(apply_one(
+            x, table, &mut t, m, tombstones, now_ms, None, None,
+        )?);
     }
     Ok(Output::Replies(replies))
 }
@@ -517,22 +525,65 @@ fn purge_tombstones(x: &Exec, table: &str, entries: &[(Bytes, Timestamp)]) -> Re
 fn apply_replicated(
     x: &Exec,
     table: &str,
-    mutations: &[(Mutation, Timestamp, u64)],
+    mutations: &[(Mutation, Timestamp, u64, u64)],
     meta: &[MetaItem],
     remember: &[RememberReplies],
+    guards: &[super::WatchGuard],
 ) -> Result<Output> {
     let mut t = x.txn.open_table(table_def(table)).map_err(io_err)?;
-    let mut replies = Vec::with_capacity(mutations.len());
-    for (m, ts, now_ms) in mutations {
+    let el_name = crate::layout::element_table(table);
+    let mut replies = Vec::with_capacity(mutations.len() + 1);
+    let mut run = true;
+    if !guards.is_empty() {
+        let now_ms = mutations.first().map_or(0, |(_, _, now, _)| *now);
+        let el = x.txn.open_table(table_def(&el_name)).map_err(io_err)?;
+        run = super::touched::guards_hold(&t, &el, guards, now_ms)?;
+        replies.push(Ok(if run {
+            capdb_types::Reply::Ok
+        } else {
+            capdb_types::Reply::NilArray
+        }));
+    }
+    // Keys each entry changed, for the touched rows (`touched.rs`).
+    let mut touched: Vec<(u64, Vec<Bytes>)> = Vec::new();
+    for (m, ts, now_ms, index) in mutations.iter().filter(|_| run) {
         x.hlc.observe(*ts);
-        replies.push(apply_one(x, table, &mut t, m, false, *now_ms, Some(*ts))?);
+        let mut changed = Vec::new();
+        replies.push(apply_one(
+            x,
+            table,
+            &mut t,
+            m,
+            false,
+            *now_ms,
+            Some(*ts),
+            Some(&mut changed),
+        )?);
+        if !changed.is_empty() {
+            match touched.last_mut() {
+                Some((at, keys)) if at == index => keys.extend(changed),
+                _ => touched.push((*index, changed)),
+            }
+        }
     }
     drop(t);
+    if !touched.is_empty() {
+        let mut el = x.txn.open_table(table_def(&el_name)).map_err(io_err)?;
+        for (index, keys) in &touched {
+            super::touched::record(&mut el, keys, *index)?;
+        }
+    }
     let mut mt = x.txn.open_table(META_TABLE).map_err(io_err)?;
     // Replies first, then `meta`: a reply remembered and already forgotten by a later
     // entry of this batch is deleted, not left behind.
     for r in remember {
-        let Some(range) = replies.get(r.first..r.first + r.count) else {
+        // An aborted transaction answers its verdict alone.
+        let count = if guards.is_empty() {
+            r.count
+        } else {
+            replies.len().saturating_sub(r.first)
+        };
+        let Some(range) = replies.get(r.first..r.first + count) else {
             return Err(Error::InvalidInput(format!(
                 "replies {}..{} to remember are outside the batch of {}",
                 r.first,
@@ -685,11 +736,12 @@ mod tests {
         let replicated = Op::ApplyReplicated {
             table: "t".into(),
             mutations: vec![
-                (set, Timestamp::default(), 0),
-                (delete, Timestamp::default(), 0),
+                (set, Timestamp::default(), 0, 1),
+                (delete, Timestamp::default(), 0, 1),
             ],
             meta: Vec::new(),
             remember: Vec::new(),
+            guards: Vec::new(),
         };
         assert_eq!(replicated.payload_bytes(), 3 + 5 + 4);
     }

@@ -38,20 +38,25 @@ pub struct RememberReplies {
 }
 
 impl DiskEngine {
-    /// Applies replicated mutations `(mutation, leader timestamp, leader now_ms)` to `table`
-    /// and records `meta` (the applied state) and the `remember`ed replies atomically with them.
+    /// Applies replicated mutations `(mutation, leader timestamp, leader now_ms, log index)` to
+    /// `table` and records `meta` (the applied state) and the `remember`ed replies atomically
+    /// with them; every key a mutation changed is recorded as touched at its log index (WATCH,
+    /// `touched.rs`). With `guards` (a transaction), nothing is applied unless every guard
+    /// holds, and the replies start with the verdict (OK, or the null array: aborted).
     pub async fn apply_replicated(
         &self,
         table: &str,
-        mutations: Vec<(Mutation, Timestamp, u64)>,
+        mutations: Vec<(Mutation, Timestamp, u64, u64)>,
         meta: Vec<MetaItem>,
         remember: Vec<RememberReplies>,
+        guards: Vec<super::WatchGuard>,
     ) -> Result<BatchReplies> {
         self.submit(Op::ApplyReplicated {
             table: table.to_string(),
             mutations,
             meta,
             remember,
+            guards,
         })
         .await?
         .into_replies()

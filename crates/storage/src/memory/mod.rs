@@ -29,6 +29,9 @@
 //! the same `capdb-data` family code as the disk engine.
 
 mod space;
+mod watch;
+
+pub use watch::TOUCHED_PER_SHARD_MAX;
 
 use std::collections::HashSet;
 use std::hash::BuildHasher;
@@ -85,6 +88,8 @@ type Key = smallvec::SmallVec<[u8; 32]>;
 struct Shard {
     map: IndexMap<Key, Entry, Hasher>,
     expiring: IndexSet<Key, Hasher>,
+    /// Which keys changed when, while anyone watches (`watch.rs`).
+    changes: watch::ChangeLog,
 }
 
 /// Keys removed by expiry or eviction, kept for the server to drain (its `expired` and
@@ -131,6 +136,28 @@ pub struct MemStore {
     /// Ids of collections created here (never reused; not replicated: the cache is per node).
     next_collection_id: AtomicU64,
     removals: RemovalNotices,
+    /// Watches alive ([`WatchTicket`]s): changes are recorded only while there are any.
+    watchers: std::sync::atomic::AtomicUsize,
+}
+
+/// A key watched on a cache keyspace (WATCH): where its shard's change count stood. Changes
+/// are recorded while it lives; dropping it (EXEC, DISCARD, UNWATCH, disconnect) ends that.
+pub struct WatchTicket {
+    store: std::sync::Arc<MemStore>,
+    key: Bytes,
+    mark: u64,
+}
+
+impl WatchTicket {
+    pub fn key(&self) -> &Bytes {
+        &self.key
+    }
+}
+
+impl Drop for WatchTicket {
+    fn drop(&mut self) {
+        self.store.watchers.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 fn policy_code(p: EvictionPolicy) -> u8 {
@@ -163,6 +190,7 @@ impl MemStore {
             stats: MemStats::default(),
             next_collection_id: AtomicU64::new(1),
             removals: RemovalNotices::default(),
+            watchers: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -214,6 +242,26 @@ impl MemStore {
         self.shards[i].lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Records that `key` (in the locked `shard`) changed, while anyone watches.
+    fn changed(&self, shard: &mut Shard, key: &[u8]) {
+        if self.watchers.load(Ordering::Acquire) > 0 {
+            shard.changes.record(key);
+        }
+    }
+
+    /// Starts watching `key` (WATCH): an expired entry is removed first (a key that expired
+    /// before WATCH does not abort EXEC; one that expires after does, as in Redis >= 6.0.9).
+    pub fn watch(self: &std::sync::Arc<Self>, key: &Bytes, now_ms: u64) -> WatchTicket {
+        self.watchers.fetch_add(1, Ordering::AcqRel);
+        let mut shard = self.lock(self.shard_of(key));
+        self.live_index(&mut shard, key, now_ms);
+        WatchTicket {
+            store: self.clone(),
+            key: key.clone(),
+            mark: shard.changes.mark(),
+        }
+    }
+
     /// Accounted bytes of an entry: key, value, overhead and its elements.
     fn entry_total(&self, key: &[u8], entry: &Entry) -> u64 {
         entry_bytes(key, &entry.value) + entry.elements.as_ref().map_or(0, |e| e.bytes)
@@ -224,6 +272,7 @@ impl MemStore {
         let Some((k, entry)) = shard.map.swap_remove_index(index) else {
             return;
         };
+        self.changed(shard, &k);
         if entry.value.header.expire_at_ms.is_some() {
             shard.expiring.swap_remove(&k[..]);
         }
@@ -309,6 +358,7 @@ impl MemStore {
                 ..value
             },
         };
+        self.changed(shard, key);
         let added = entry_bytes(key, &value);
         let now = now_ms as u32;
         let expires = value.header.expire_at_ms.is_some();
@@ -524,6 +574,95 @@ fn lfu_decay(counter: u8, accessed_ms: u32, now_ms: u32) -> u8 {
 }
 
 impl MemStore {
+    /// Applies `mutations` under the locks of every shard they touch (and the shards of the
+    /// watched keys), so no other command interleaves: MULTI/EXEC's one lock scope. `None`, and
+    /// nothing applied, when a watched key changed since its WATCH.
+    pub fn apply_guarded(
+        &self,
+        mutations: Vec<Mutation>,
+        watches: &[&WatchTicket],
+        now_ms: u64,
+    ) -> Result<Option<BatchReplies>> {
+        // Refuse entries that could never fit before touching anything.
+        for m in &mutations {
+            if let Mutation::Set { key, value, .. } = m {
+                let need = key.len() as u64 + value.len() as u64 + ENTRY_OVERHEAD_BYTES;
+                if need > self.max_bytes() {
+                    return Err(Error::OutOfMemory(format!(
+                        "entry of {need} bytes exceeds the keyspace limit of {} bytes",
+                        self.max_bytes()
+                    )));
+                }
+            }
+        }
+        let mut shard_ids: Vec<usize> = mutations.iter().map(|m| self.shard_of(m.key())).collect();
+        let order = {
+            let mut s = shard_ids.clone();
+            s.extend(watches.iter().map(|w| self.shard_of(&w.key)));
+            // Data-type commands may touch several keys (SMOVE, SINTERSTORE, ...).
+            for m in &mutations {
+                if let Mutation::Exec { args, .. } = m {
+                    let keys = capdb_data::command::command_keys(args).unwrap_or_default();
+                    s.extend(keys.iter().map(|k| self.shard_of(k)));
+                }
+            }
+            s.sort_unstable();
+            s.dedup();
+            s
+        };
+        // Lock every touched shard in index order (no deadlock), apply, then release.
+        let mut guards: Vec<(usize, MutexGuard<'_, Shard>)> =
+            order.iter().map(|&i| (i, self.lock(i))).collect();
+        for w in watches {
+            let slot = order
+                .binary_search(&self.shard_of(&w.key))
+                .expect("the shard of every watched key was locked");
+            let shard = &mut *guards[slot].1;
+            // A key that expired since WATCH is removed here, which counts as its change.
+            self.live_index(shard, &w.key, now_ms);
+            if shard.changes.changed_since(&w.key, w.mark) {
+                return Ok(None);
+            }
+        }
+        let mut replies = Vec::with_capacity(mutations.len());
+        for (m, sid) in mutations.iter().zip(shard_ids.drain(..)) {
+            if let Mutation::Exec { args, .. } = m {
+                replies.push(self.exec_locked(&mut guards, args, now_ms));
+                continue;
+            }
+            let slot = order.binary_search(&sid).expect("shard was locked");
+            let shard = &mut *guards[slot].1;
+            let key = m.key();
+            let index = self.live_index(shard, key, now_ms);
+            let current = index.map(|i| &shard.map[i].value);
+            match m.apply(current, now_ms, self.hlc.tick(now_ms), self.value_bytes_max) {
+                Err(e) => replies.push(Err(e)),
+                Ok((effect, reply)) => {
+                    match effect {
+                        Effect::Unchanged => {}
+                        Effect::Put(v) => {
+                            self.put_locked(shard, index, key, v, now_ms);
+                        }
+                        Effect::Remove(_) => {
+                            if let Some(i) = index {
+                                self.remove_at(shard, i);
+                            }
+                        }
+                    }
+                    replies.push(Ok(reply));
+                }
+            }
+        }
+        drop(guards);
+        if self.used_bytes.load(Ordering::Relaxed) > self.max_bytes() {
+            // Keys other than each mutation's first (SMOVE's destination, ...) may be evicted
+            // by this very batch's pass: Redis would have evicted before the command instead.
+            let written: HashSet<&[u8]> = mutations.iter().map(|m| &m.key()[..]).collect();
+            self.evict_to_limit(now_ms, &written);
+        }
+        Ok(Some(replies))
+    }
+
     /// Runs a data-type command over locked shards (every shard its keys hash to).
     fn exec_locked(
         &self,
@@ -601,72 +740,8 @@ impl KeyspaceStore for MemStore {
     }
 
     async fn apply(&self, mutations: Vec<Mutation>, now_ms: u64) -> Result<BatchReplies> {
-        // Refuse entries that could never fit before touching anything.
-        for m in &mutations {
-            if let Mutation::Set { key, value, .. } = m {
-                let need = key.len() as u64 + value.len() as u64 + ENTRY_OVERHEAD_BYTES;
-                if need > self.max_bytes() {
-                    return Err(Error::OutOfMemory(format!(
-                        "entry of {need} bytes exceeds the keyspace limit of {} bytes",
-                        self.max_bytes()
-                    )));
-                }
-            }
-        }
-        let mut shard_ids: Vec<usize> = mutations.iter().map(|m| self.shard_of(m.key())).collect();
-        let order = {
-            let mut s = shard_ids.clone();
-            // Data-type commands may touch several keys (SMOVE, SINTERSTORE, ...).
-            for m in &mutations {
-                if let Mutation::Exec { args, .. } = m {
-                    let keys = capdb_data::command::command_keys(args).unwrap_or_default();
-                    s.extend(keys.iter().map(|k| self.shard_of(k)));
-                }
-            }
-            s.sort_unstable();
-            s.dedup();
-            s
-        };
-        // Lock every touched shard in index order (no deadlock), apply, then release.
-        let mut guards: Vec<(usize, MutexGuard<'_, Shard>)> =
-            order.iter().map(|&i| (i, self.lock(i))).collect();
-        let mut replies = Vec::with_capacity(mutations.len());
-        for (m, sid) in mutations.iter().zip(shard_ids.drain(..)) {
-            if let Mutation::Exec { args, .. } = m {
-                replies.push(self.exec_locked(&mut guards, args, now_ms));
-                continue;
-            }
-            let slot = order.binary_search(&sid).expect("shard was locked");
-            let shard = &mut *guards[slot].1;
-            let key = m.key();
-            let index = self.live_index(shard, key, now_ms);
-            let current = index.map(|i| &shard.map[i].value);
-            match m.apply(current, now_ms, self.hlc.tick(now_ms), self.value_bytes_max) {
-                Err(e) => replies.push(Err(e)),
-                Ok((effect, reply)) => {
-                    match effect {
-                        Effect::Unchanged => {}
-                        Effect::Put(v) => {
-                            self.put_locked(shard, index, key, v, now_ms);
-                        }
-                        Effect::Remove(_) => {
-                            if let Some(i) = index {
-                                self.remove_at(shard, i);
-                            }
-                        }
-                    }
-                    replies.push(Ok(reply));
-                }
-            }
-        }
-        drop(guards);
-        if self.used_bytes.load(Ordering::Relaxed) > self.max_bytes() {
-            // Keys other than each mutation's first (SMOVE's destination, ...) may be evicted
-            // by this very batch's pass: Redis would have evicted before the command instead.
-            let written: HashSet<&[u8]> = mutations.iter().map(|m| &m.key()[..]).collect();
-            self.evict_to_limit(now_ms, &written);
-        }
-        Ok(replies)
+        self.apply_guarded(mutations, &[], now_ms)
+            .map(|r| r.expect("no watches, nothing to abort"))
     }
 
     fn scan(&self, range: &ScanRange, limit: usize, now_ms: u64) -> Result<ScanPage> {
@@ -721,6 +796,7 @@ impl KeyspaceStore for MemStore {
                 }
             }
             shard.expiring = IndexSet::default();
+            shard.changes.forget_all();
             self.used_bytes.fetch_sub(freed, Ordering::Relaxed);
         }
         Ok(())

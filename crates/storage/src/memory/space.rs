@@ -332,6 +332,8 @@ impl Space for MemSpace<'_, '_> {
         if attached {
             store.used_bytes.fetch_add(added, Ordering::Relaxed);
             store.used_bytes.fetch_sub(removed, Ordering::Relaxed);
+            // A new collection's elements count as changed when its entry is stored.
+            store.changed(shard_in(store, self.guards, &c.key)?, &c.key);
         }
         Ok(old.is_none())
     }
@@ -348,6 +350,7 @@ impl Space for MemSpace<'_, '_> {
         e.bytes -= freed;
         if attached {
             store.used_bytes.fetch_sub(freed, Ordering::Relaxed);
+            store.changed(shard_in(store, self.guards, &c.key)?, &c.key);
         }
         Ok(true)
     }
@@ -379,6 +382,7 @@ impl Space for MemSpace<'_, '_> {
         if entry.value.header.expire_at_ms.is_some() {
             shard.expiring.swap_remove(from);
         }
+        store.changed(shard, from);
         let moved_bytes = store.entry_total(from, &entry);
         store.used_bytes.fetch_sub(moved_bytes, Ordering::Relaxed);
         let shard = self.shard(to)?;
@@ -397,6 +401,7 @@ impl Space for MemSpace<'_, '_> {
         store
             .used_bytes
             .fetch_add(store.entry_total(to, &entry), Ordering::Relaxed);
+        store.changed(shard, to);
         shard.map.insert(Key::from_slice(to), entry);
         Ok(())
     }

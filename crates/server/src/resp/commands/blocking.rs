@@ -156,6 +156,31 @@ fn shaped(shape: Shape, r: Reply) -> Reply {
     }
 }
 
+/// How a blocking pop queued inside MULTI answers: it runs its non-blocking form once, inside
+/// the transaction, and never blocks (as in Redis, where the empty case answers the null array,
+/// or for BLMOVE/BRPOPLPUSH the nil of LMOVE/RPOPLPUSH).
+pub(super) struct InTransaction(Shape);
+
+impl InTransaction {
+    pub(super) fn reply(&self, r: Reply) -> Reply {
+        match (empty(&r), self.0) {
+            (true, Shape::Element) => r,
+            (true, _) => Reply::NilArray,
+            (false, shape) => shaped(shape, r),
+        }
+    }
+}
+
+/// A blocking pop queued inside MULTI: its non-blocking form (name first), its keys, and how
+/// its reply is shaped; or the argument error it answers.
+pub(super) fn in_transaction(
+    name: &str,
+    args: &[Bytes],
+) -> Result<(Vec<Bytes>, Vec<Bytes>, InTransaction), String> {
+    let b = parse(name, args)?;
+    Ok((b.attempt, b.keys, InTransaction(b.shape)))
+}
+
 /// Runs a blocking pop.
 pub(super) async fn run(conn: &mut Connection, args: &[Bytes]) -> Outcome {
     let name = String::from_utf8_lossy(&args[0]).to_ascii_lowercase();

@@ -91,7 +91,7 @@ fn admit(conn: &Connection, spec: &Spec, args: &[Bytes]) -> Result<Option<Bytes>
 }
 
 /// The error a command with invalid arguments answers, found by running it on no data.
-fn argument_error(args: &[Bytes]) -> String {
+pub(super) fn argument_error(args: &[Bytes]) -> String {
     let cx = capdb_data::Ctx {
         now_ms: 0,
         timestamp: capdb_types::Timestamp::ZERO,

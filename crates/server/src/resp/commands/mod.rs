@@ -45,6 +45,7 @@ mod pubsub;
 mod scan;
 mod server;
 mod strings;
+pub(super) mod txn;
 
 use std::time::Instant;
 
@@ -160,7 +161,9 @@ const COMMANDS: &[Command] = &[
     row("decr",        2,  &["write", "denyoom", "fast"], KEY, Write(strings::decr)),
     row("decrby",      3,  &["write", "denyoom", "fast"], KEY, Write(strings::decrby)),
     row("del",         -2, &["write"], EVERY_KEY, Write(keys::del)),
+    row("discard",     1,  &["noscript", "loading", "stale", "fast"], NO_KEYS, Now(txn::discard)),
     row("echo",        2,  &["fast"], NO_KEYS, Now(connection::echo)),
+    row("exec",        1,  &["noscript", "loading", "stale", "skip_slowlog"], NO_KEYS, wait!(txn::exec)),
     row("exists",      -2, &["readonly", "fast"], EVERY_KEY, wait!(keys::exists)),
     row("expire",      -3, &["write", "fast"], KEY, Write(keys::expire)),
     row("expireat",    -3, &["write", "fast"], KEY, Write(keys::expireat)),
@@ -175,6 +178,7 @@ const COMMANDS: &[Command] = &[
     row("keys",        2,  &["readonly"], NO_KEYS, wait!(scan::keys)),
     row("mget",        -2, &["readonly", "fast"], EVERY_KEY, wait!(strings::mget)),
     row("mset",        -3, &["write", "denyoom"], (1, -1, 2), Write(strings::mset)),
+    row("multi",       1,  &["noscript", "loading", "stale", "fast"], NO_KEYS, Now(txn::multi)),
     row("persist",     2,  &["write", "fast"], KEY, Write(keys::persist)),
     row("pexpire",     -3, &["write", "fast"], KEY, Write(keys::pexpire)),
     row("pexpireat",   -3, &["write", "fast"], KEY, Write(keys::pexpireat)),
@@ -203,6 +207,8 @@ const COMMANDS: &[Command] = &[
     row("ttl",         2,  &["readonly", "fast"], KEY, wait!(keys::ttl)),
     row("type",        2,  &["readonly", "fast"], KEY, wait!(keys::key_type)),
     row("unsubscribe", -1, &["pubsub", "noscript", "loading", "stale"], NO_KEYS, Now(pubsub::unsubscribe)),
+    row("unwatch",     1,  &["noscript", "loading", "stale", "fast"], NO_KEYS, Now(txn::unwatch)),
+    row("watch",       -2, &["noscript", "loading", "stale", "fast"], EVERY_KEY, wait!(txn::watch)),
 ];
 
 /// Every command name the server knows, lowercase, sorted (aliases resolve to their canonical
@@ -290,6 +296,9 @@ pub(super) async fn execute(conn: &mut Connection, name: &str, args: Vec<Bytes>,
             &format!("ERR Can't execute '{shown}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context"),
         );
     }
+    if conn.multi.is_some() && !txn::runs_at_once(name) {
+        return txn::queue(conn, name, args, started).await;
+    }
     let Some(cmd) = lookup(name) else {
         if let Some(spec) = capdb_data::lookup(name) {
             return data::execute(conn, spec, args, started).await;
@@ -300,6 +309,9 @@ pub(super) async fn execute(conn: &mut Connection, name: &str, args: Vec<Bytes>,
     let args = &args[..];
     if let Err(line) = admit(conn, cmd, args) {
         conn.flush_pending().await;
+        if conn.multi.is_some() {
+            return txn::rejected(conn, cmd.name, started, &line);
+        }
         return conn.fail(cmd.name, started, &line);
     }
     let outcome = match cmd.handler {

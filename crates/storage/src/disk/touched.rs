@@ -1,0 +1,212 @@
+//! WATCH on a `cp` shard: the log index of each key's last change (the *touched* rows).
+//!
+//! Redis aborts EXEC when a watched key was modified in any way after WATCH: a write by anyone
+//! (this client included), a SET of the same value, a delete then a re-create, expiry. A value
+//! cannot tell that (a delete leaves no record), so applying a shard's log records, for every
+//! key a write changed, the log index of that write. A watch is a log index *w* (an entry
+//! proposed through the log at WATCH: everything linearized before WATCH is at or below it);
+//! its guard, checked while applying the transaction's own entry, holds iff the key's last
+//! change is at or below *w* and the key did not expire after WATCH ([`WatchGuard`]).
+//!
+//! The rows live in the shard's element table under the reserved id 0 (`0 ‖ "touched/" ‖ key`
+//! -> u64 LE index), so they are replicated state: written by applying entries, identical on
+//! every replica, carried by snapshots (which copy the element table) and cleared with it.
+//!
+//! # Bound
+//!
+//! At most [`TOUCHED_MAX`] keys are remembered. When one more would be, every row is dropped
+//! and the *horizon* (`0 ‖ "touched-horizon"`) becomes the current index: a watch older than
+//! the horizon counts as changed (a conservative abort, which Redis's rule allows: a changed
+//! key aborts, never the reverse). FLUSHDB and snapshot installs replace the element table; a
+//! FLUSHDB sets the horizon to its own index ([`horizon_row`]), so every older watch aborts.
+
+use bytes::Bytes;
+use capdb_data::{Coll, ElRange, Space};
+use capdb_types::{Result, Value, ValueKind};
+use redb::ReadableTable;
+
+use super::io_err;
+
+type RawTable<'txn> = redb::Table<'txn, &'static [u8], &'static [u8]>;
+
+/// Keys whose last change a shard remembers at most (see the module doc).
+pub const TOUCHED_MAX: u64 = 100_000;
+
+const RESERVED: [u8; 8] = [0; 8];
+const ROW_PREFIX: &[u8] = b"touched/";
+const HORIZON: &[u8] = b"touched-horizon";
+const COUNT: &[u8] = b"touched-count";
+
+fn reserved(name: &[u8]) -> Vec<u8> {
+    let mut k = RESERVED.to_vec();
+    k.extend_from_slice(name);
+    k
+}
+
+fn row(key: &[u8]) -> Vec<u8> {
+    let mut k = reserved(ROW_PREFIX);
+    k.extend_from_slice(key);
+    k
+}
+
+/// A watched key's guard: no change to `key` after log index `index`, and no expiry after
+/// `since_ms` (the WATCH's clock) up to the transaction's clock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WatchGuard {
+    pub key: Bytes,
+    pub index: u64,
+    pub since_ms: u64,
+}
+
+/// The element-table row that sets the horizon to `index` (every watch older than it aborts):
+/// what a FLUSHDB at `index` leaves in the emptied element table.
+pub fn horizon_row(index: u64) -> (Vec<u8>, Vec<u8>) {
+    (reserved(HORIZON), index.to_le_bytes().to_vec())
+}
+
+fn read_u64(el: &RawTable<'_>, key: &[u8]) -> Result<Option<u64>> {
+    Ok(el
+        .get(key)
+        .map_err(io_err)?
+        .and_then(|v| v.value().try_into().ok().map(u64::from_le_bytes)))
+}
+
+/// Records that `keys` changed at log index `index`.
+pub(super) fn record(el: &mut RawTable<'_>, keys: &[Bytes], index: u64) -> Result<()> {
+    for key in keys {
+        let at = row(key);
+        let known = el.get(&at[..]).map_err(io_err)?.is_some();
+        if !known {
+            let count = read_u64(el, &reserved(COUNT))?.unwrap_or(0);
+            if count >= TOUCHED_MAX {
+                forget_all(el, index)?;
+                el.insert(&reserved(COUNT)[..], &1u64.to_le_bytes()[..])
+                    .map_err(io_err)?;
+            } else {
+                el.insert(&reserved(COUNT)[..], &(count + 1).to_le_bytes()[..])
+                    .map_err(io_err)?;
+            }
+        }
+        el.insert(&at[..], &index.to_le_bytes()[..])
+            .map_err(io_err)?;
+    }
+    Ok(())
+}
+
+/// Drops every row; watches older than `index` count as changed from now on.
+fn forget_all(el: &mut RawTable<'_>, index: u64) -> Result<()> {
+    let lo = reserved(ROW_PREFIX);
+    let mut hi = reserved(ROW_PREFIX);
+    if let Some(last) = hi.last_mut() {
+        *last += 1;
+    }
+    let doomed: Vec<Vec<u8>> = el
+        .range::<&[u8]>(&lo[..]..&hi[..])
+        .map_err(io_err)?
+        .map(|e| e.map(|(k, _)| k.value().to_vec()).map_err(io_err))
+        .collect::<Result<_>>()?;
+    for k in doomed {
+        el.remove(&k[..]).map_err(io_err)?;
+    }
+    let (k, v) = horizon_row(index);
+    el.insert(&k[..], &v[..]).map_err(io_err)?;
+    Ok(())
+}
+
+/// Whether every guard holds, judged with the transaction's clock `now_ms`: `top` is the
+/// shard's table, `el` its element table.
+pub(super) fn guards_hold(
+    top: &RawTable<'_>,
+    el: &RawTable<'_>,
+    guards: &[WatchGuard],
+    now_ms: u64,
+) -> Result<bool> {
+    let horizon = read_u64(el, &reserved(HORIZON))?.unwrap_or(0);
+    for g in guards {
+        if g.index < horizon {
+            return Ok(false);
+        }
+        if read_u64(el, &row(&g.key))?.is_some_and(|at| at > g.index) {
+            return Ok(false);
+        }
+        // Expired after WATCH (and not yet removed by the active expiry, whose removal would
+        // be a change): a change from its deadline on, as in Redis >= 6.0.9.
+        if let Some(raw) = top.get(&g.key[..]).map_err(io_err)?
+            && let Ok(v) = Value::decode(raw.value())
+            && let Some(at) = v.header.expire_at_ms
+            && at > g.since_ms
+            && at <= now_ms
+        {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// A [`Space`] that notes every key a command writes (its record or its elements), so the
+/// state machine can record them as touched.
+pub(super) struct Tracking<'s> {
+    pub(super) inner: &'s mut dyn Space,
+    pub(super) changed: &'s mut Vec<Bytes>,
+}
+
+impl Tracking<'_> {
+    fn note(&mut self, key: &[u8]) {
+        if self.changed.last().is_none_or(|k| k[..] != *key) {
+            self.changed.push(Bytes::copy_from_slice(key));
+        }
+    }
+}
+
+impl Space for Tracking<'_> {
+    fn get(&mut self, key: &[u8]) -> Result<Option<Value>> {
+        self.inner.get(key)
+    }
+    fn put(&mut self, key: &[u8], value: Value) -> Result<()> {
+        self.note(key);
+        self.inner.put(key, value)
+    }
+    fn remove(&mut self, key: &[u8]) -> Result<()> {
+        self.note(key);
+        self.inner.remove(key)
+    }
+    fn rename(&mut self, from: &[u8], to: &[u8]) -> Result<()> {
+        self.note(from);
+        self.note(to);
+        self.inner.rename(from, to)
+    }
+    fn new_id(&mut self) -> Result<u64> {
+        self.inner.new_id()
+    }
+    fn el_get(&mut self, c: &Coll, sub: &[u8]) -> Result<Option<Bytes>> {
+        self.inner.el_get(c, sub)
+    }
+    fn el_put(&mut self, c: &Coll, sub: &[u8], value: &[u8]) -> Result<()> {
+        self.note(&c.key);
+        self.inner.el_put(c, sub, value)
+    }
+    fn el_remove(&mut self, c: &Coll, sub: &[u8]) -> Result<()> {
+        self.note(&c.key);
+        self.inner.el_remove(c, sub)
+    }
+    fn el_range(&mut self, c: &Coll, range: ElRange<'_>) -> Result<Vec<(Bytes, Bytes)>> {
+        self.inner.el_range(c, range)
+    }
+    fn creating(&mut self, key: &[u8], kind: ValueKind) -> Result<()> {
+        self.inner.creating(key, kind)
+    }
+    fn el_insert(&mut self, c: &Coll, sub: &[u8], value: &[u8]) -> Result<bool> {
+        self.note(&c.key);
+        self.inner.el_insert(c, sub, value)
+    }
+    fn el_values(&mut self, c: &Coll, range: ElRange<'_>) -> Result<Vec<Bytes>> {
+        self.inner.el_values(c, range)
+    }
+    fn el_delete(&mut self, c: &Coll, sub: &[u8]) -> Result<bool> {
+        let was = self.inner.el_delete(c, sub)?;
+        if was {
+            self.note(&c.key);
+        }
+        Ok(was)
+    }
+}
