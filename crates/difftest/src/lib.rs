@@ -216,6 +216,10 @@ impl Session {
                 not.push(name);
             }
         }
+        // Probing MULTI opened a transaction: close it (an old capdb answers an error).
+        let p = &mut self.pairs[0];
+        p.redis.call(&[b"DISCARD".to_vec()])?;
+        p.capdb.call(&[b"DISCARD".to_vec()])?;
         self.flush()?;
         Ok((served, not))
     }
@@ -414,7 +418,7 @@ impl Session {
     }
 }
 
-fn needs_resync(step: &Step) -> bool {
+pub(crate) fn needs_resync(step: &Step) -> bool {
     matches!(&step.name()[..], "spop" | "incrbyfloat" | "hincrbyfloat")
 }
 
@@ -430,6 +434,10 @@ fn command_list(o: &Options, served: &[&'static str]) -> Vec<(Step, bool)> {
             if out.len() as u64 >= o.commands {
                 break;
             }
+            out.push((g.next_step(), resp3));
+        }
+        // A transaction block stays on one connection to its end.
+        while out.last().is_some_and(|(s, _)| s.block) {
             out.push((g.next_step(), resp3));
         }
     }

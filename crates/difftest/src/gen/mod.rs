@@ -26,6 +26,7 @@ pub mod keys;
 pub mod list;
 pub mod set;
 pub mod strings;
+pub mod txn;
 pub mod zset;
 
 use crate::rng::Rng;
@@ -38,6 +39,8 @@ pub struct Step {
     /// A SCAN-family walk: `args` is the first call (cursor `0`); the harness follows cursors
     /// on each server until 0 and compares what the walks returned.
     pub walk: bool,
+    /// More steps of a transaction block follow (`txn.rs`): they go over the same connection.
+    pub block: bool,
 }
 
 impl Step {
@@ -76,6 +79,7 @@ pub const FAMILIES: &[&Family] = &[
     &set::FAMILY,
     &zset::FAMILY,
     &bits::FAMILY,
+    &txn::FAMILY,
 ];
 
 /// Number of keys in the pool.
@@ -96,7 +100,7 @@ pub struct Gen {
 #[macro_export]
 macro_rules! step {
     ($($a:expr),* $(,)?) => {
-        $crate::r#gen::Step { args: vec![$($crate::r#gen::arg($a)),*], walk: false }
+        $crate::r#gen::Step { args: vec![$($crate::r#gen::arg($a)),*], walk: false, block: false }
     };
 }
 
@@ -353,6 +357,8 @@ pub struct Generator {
     state: Gen,
     rows: Vec<(u64, (u64, u64), &'static CommandGen)>,
     total: u64,
+    /// The rest of a transaction block, sent before anything else.
+    pending: std::collections::VecDeque<Step>,
 }
 
 impl Generator {
@@ -374,6 +380,7 @@ impl Generator {
             state: Gen::new(seed),
             rows,
             total,
+            pending: std::collections::VecDeque::new(),
         }
     }
 
@@ -385,16 +392,61 @@ impl Generator {
     }
 
     pub fn next_step(&mut self) -> Step {
+        if let Some(s) = self.pending.pop_front() {
+            return s;
+        }
+        let (step, row) = self.draw();
+        if row != "multi" {
+            return step;
+        }
+        // A transaction block (see `txn.rs`).
+        let mut block = txn::prelude(&mut self.state);
+        block.push(step);
+        let queued = self.state.rng.below(7);
+        for _ in 0..queued {
+            if self.state.chance(6) {
+                block.push(txn::odd_one(&mut self.state));
+                continue;
+            }
+            // Only commands whose replies compare exactly go inside EXEC's array.
+            let s = loop {
+                let (s, row) = self.draw();
+                if exact_inside_exec(&s, row) {
+                    break s;
+                }
+            };
+            block.push(s);
+        }
+        block.push(txn::end(&mut self.state));
+        let last = block.len() - 1;
+        for (i, s) in block.iter_mut().enumerate() {
+            s.block = i < last;
+        }
+        self.pending.extend(block);
+        self.pending.pop_front().expect("a block has steps")
+    }
+
+    /// One step from a row drawn by weight, and the row's name.
+    fn draw(&mut self) -> (Step, &'static str) {
         let mut at = self.state.rng.below(self.total);
         for (w, home, c) in &self.rows {
             if at < *w {
                 self.state.home = *home;
-                return (c.make)(&mut self.state, c.name);
+                return ((c.make)(&mut self.state, c.name), c.name);
             }
             at -= w;
         }
         unreachable!("the weights sum to total")
     }
+}
+
+/// Whether a step may be queued inside a generated transaction: not a walk, compared exactly
+/// (see `compare.rs`), nothing to resync, not a transaction command itself.
+fn exact_inside_exec(s: &Step, row: &str) -> bool {
+    !s.walk
+        && !matches!(row, "multi" | "exec" | "discard" | "watch" | "unwatch")
+        && crate::compare::class_of(row) == crate::compare::Class::Exact
+        && !crate::needs_resync(s)
 }
 
 /// Every command name any family generates (probed on the servers at start).

@@ -309,7 +309,7 @@ pub(super) async fn execute(conn: &mut Connection, name: &str, args: Vec<Bytes>,
     let args = &args[..];
     if let Err(line) = admit(conn, cmd, args) {
         conn.flush_pending().await;
-        if conn.multi.is_some() {
+        if conn.multi.is_some() || cmd.name == "exec" {
             return txn::rejected(conn, cmd.name, started, &line);
         }
         return conn.fail(cmd.name, started, &line);

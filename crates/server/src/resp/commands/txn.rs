@@ -130,7 +130,8 @@ pub(super) fn runs_at_once(name: &str) -> bool {
 }
 
 /// A command rejected before running while a transaction is open: it marks the transaction
-/// dirty; EXEC itself discards the transaction with Redis's EXECABORT wording.
+/// dirty. EXEC itself discards the transaction (if any) with Redis's EXECABORT wording, with
+/// or without MULTI, as Redis words it.
 pub(super) fn rejected(conn: &mut Connection, name: &'static str, started: Instant, line: &str) {
     if name == "exec" {
         conn.multi = None;
