@@ -52,7 +52,20 @@ pub(super) fn apply_one<'txn>(
                     inner: &mut space,
                     changed,
                 };
-                capdb_data::execute(args, &mut tracking, &cx)
+                let ran = capdb_data::execute(args, &mut tracking, &cx);
+                // The active expiry removes records that are no longer live: each key it
+                // names in its reply was removed (a change WATCH must see).
+                if args.first().is_some_and(|n| {
+                    n.eq_ignore_ascii_case(capdb_data::command::EXPIRED_COMMAND.as_bytes())
+                }) && let Ok(Reply::Array(removed)) = &ran
+                {
+                    for r in removed {
+                        if let Reply::Bulk(k) = r {
+                            tracking.changed.push(k.clone());
+                        }
+                    }
+                }
+                ran
             }
             None => capdb_data::execute(args, &mut space, &cx),
         };

@@ -143,8 +143,10 @@ pub(super) fn guards_hold(
     Ok(true)
 }
 
-/// A [`Space`] that notes every key a command writes (its record or its elements), so the
-/// state machine can record them as touched.
+/// A [`Space`] that notes every key a command changes (its record, or its elements), so the
+/// state machine can record them as touched: as closely as it can to where Redis signals a
+/// modified key, and otherwise more often, never less (an extra abort is allowed, a missed one
+/// is not).
 pub(super) struct Tracking<'s> {
     pub(super) inner: &'s mut dyn Space,
     pub(super) changed: &'s mut Vec<Bytes>,
@@ -167,7 +169,11 @@ impl Space for Tracking<'_> {
         self.inner.put(key, value)
     }
     fn remove(&mut self, key: &[u8]) -> Result<()> {
-        self.note(key);
+        // Removing nothing changes nothing (BITOP's empty result on a missing destination);
+        // the active expiry's removals are noted by the caller (`capdb.expired`).
+        if self.inner.get(key)?.is_some() {
+            self.note(key);
+        }
         self.inner.remove(key)
     }
     fn rename(&mut self, from: &[u8], to: &[u8]) -> Result<()> {
@@ -196,8 +202,14 @@ impl Space for Tracking<'_> {
         self.inner.creating(key, kind)
     }
     fn el_insert(&mut self, c: &Coll, sub: &[u8], value: &[u8]) -> Result<bool> {
-        self.note(&c.key);
-        self.inner.el_insert(c, sub, value)
+        // A new element changes the key; a rewritten one does when the command then stores
+        // the collection's record, which is when Redis signals it (SADD of a present member
+        // changes nothing; HSET, LSET store the record).
+        let new = self.inner.el_insert(c, sub, value)?;
+        if new {
+            self.note(&c.key);
+        }
+        Ok(new)
     }
     fn el_values(&mut self, c: &Coll, range: ElRange<'_>) -> Result<Vec<Bytes>> {
         self.inner.el_values(c, range)

@@ -329,13 +329,18 @@ impl Space for MemSpace<'_, '_> {
             .insert(SubKey::new(sub), Bytes::copy_from_slice(value));
         let removed = old.as_ref().map_or(0, |old| element_bytes(sub, old));
         e.bytes = e.bytes + added - removed;
+        let new = old.is_none();
         if attached {
             store.used_bytes.fetch_add(added, Ordering::Relaxed);
             store.used_bytes.fetch_sub(removed, Ordering::Relaxed);
-            // A new collection's elements count as changed when its entry is stored.
-            store.changed(shard_in(store, self.guards, &c.key)?, &c.key);
+            // A new element changes the key; a rewritten one changes it when the command
+            // stores the collection's record after it, as Redis signals (SADD of a present
+            // member changes nothing). A new collection's elements count when it is stored.
+            if new {
+                store.changed(shard_in(store, self.guards, &c.key)?, &c.key);
+            }
         }
-        Ok(old.is_none())
+        Ok(new)
     }
 
     fn el_delete(&mut self, c: &Coll, sub: &[u8]) -> Result<bool> {
