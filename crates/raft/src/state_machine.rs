@@ -347,6 +347,7 @@ impl StateMachine {
                         key: g.key,
                         index: g.index,
                         since_ms: g.since_ms,
+                        until_ms: now_ms,
                     })
                     .collect();
                 let mutations = mutations

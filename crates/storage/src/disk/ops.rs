@@ -79,8 +79,7 @@ pub(super) enum Op {
         mutations: Vec<(Mutation, Timestamp, u64, u64)>,
         meta: Vec<MetaItem>,
         remember: Vec<RememberReplies>,
-        /// A transaction's WATCH guards (`touched.rs`), judged with the first mutation's
-        /// clock: when any fails nothing is applied. With guards, the replies start with the
+        /// A transaction's WATCH guards (`touched.rs`): when any fails nothing is applied. With guards, the replies start with the
         /// verdict: OK (applied) or the null array (a watched key changed).
         guards: Vec<super::WatchGuard>,
     },
@@ -535,9 +534,8 @@ fn apply_replicated(
     let mut replies = Vec::with_capacity(mutations.len() + 1);
     let mut run = true;
     if !guards.is_empty() {
-        let now_ms = mutations.first().map_or(0, |(_, _, now, _)| *now);
         let el = x.txn.open_table(table_def(&el_name)).map_err(io_err)?;
-        run = super::touched::guards_hold(&t, &el, guards, now_ms)?;
+        run = super::touched::guards_hold(&t, &el, guards)?;
         replies.push(Ok(if run {
             capdb_types::Reply::Ok
         } else {

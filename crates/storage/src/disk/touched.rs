@@ -50,12 +50,13 @@ fn row(key: &[u8]) -> Vec<u8> {
 }
 
 /// A watched key's guard: no change to `key` after log index `index`, and no expiry after
-/// `since_ms` (the WATCH's clock) up to the transaction's clock.
+/// `since_ms` (the WATCH's clock) up to `until_ms` (the transaction's clock).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WatchGuard {
     pub key: Bytes,
     pub index: u64,
     pub since_ms: u64,
+    pub until_ms: u64,
 }
 
 /// The element-table row that sets the horizon to `index` (every watch older than it aborts):
@@ -113,13 +114,11 @@ fn forget_all(el: &mut RawTable<'_>, index: u64) -> Result<()> {
     Ok(())
 }
 
-/// Whether every guard holds, judged with the transaction's clock `now_ms`: `top` is the
-/// shard's table, `el` its element table.
+/// Whether every guard holds: `top` is the shard's table, `el` its element table.
 pub(super) fn guards_hold(
     top: &RawTable<'_>,
     el: &RawTable<'_>,
     guards: &[WatchGuard],
-    now_ms: u64,
 ) -> Result<bool> {
     let horizon = read_u64(el, &reserved(HORIZON))?.unwrap_or(0);
     for g in guards {
@@ -135,7 +134,7 @@ pub(super) fn guards_hold(
             && let Ok(v) = Value::decode(raw.value())
             && let Some(at) = v.header.expire_at_ms
             && at > g.since_ms
-            && at <= now_ms
+            && at <= g.until_ms
         {
             return Ok(false);
         }
