@@ -8,7 +8,7 @@
 //! | name | what | written by |
 //! |---|---|---|
 //! | `shard/{group}` | keys of a `cp` shard | its Raft state machine |
-//! | `shard/{group}/el` | elements of that shard's hashes, lists, sets and sorted sets, and its collection-id counter and reclaim queue | its Raft state machine; the reclaimer |
+//! | `shard/{group}/el` | elements of that shard's hashes, lists, sets and sorted sets, its collection-id counter and reclaim queue, and WATCH's touched rows (`disk/touched.rs`) | its Raft state machine; the reclaimer |
 //! | `raftlog/{group}` | the Raft log of a group | its log store |
 //! | `_meta raft/{group}/{vote,committed,purged,applied,state}` | Raft records of a group | log store, state machine |
 //! | `_meta raft/{group}/session/…` | exactly-once sessions of a group | its state machine |
