@@ -216,6 +216,7 @@ impl StateMachine {
         table: &str,
         batch: &[PendingWrite],
         meta: Vec<MetaItem>,
+        watch_points: Vec<u64>,
     ) -> io::Result<Vec<Response>> {
         let mut mutations = Vec::new();
         let mut counts = Vec::with_capacity(batch.len());
@@ -247,7 +248,7 @@ impl StateMachine {
         }
         let replies = self
             .engine
-            .apply_replicated(table, mutations, meta, remember, Vec::new())
+            .apply_replicated(table, mutations, meta, remember, Vec::new(), watch_points)
             .await
             .map_err(io)?;
         let mut it = replies.into_iter();
@@ -268,16 +269,26 @@ impl StateMachine {
         let mut meta = vec![self.applied_meta(upto)];
         meta.extend(sessions.take_changes());
         meta.append(&mut b.remembered);
+        let watch_points = std::mem::take(&mut b.watch_points);
         let writes = std::mem::take(&mut b.writes);
         if writes.is_empty() {
             // Record progress (blank/membership entries) with the data table untouched.
             self.engine
-                .apply_replicated(table, Vec::new(), meta, Vec::new(), Vec::new())
+                .apply_replicated(
+                    table,
+                    Vec::new(),
+                    meta,
+                    Vec::new(),
+                    Vec::new(),
+                    watch_points,
+                )
                 .await
                 .map_err(io)?;
             return Ok(());
         }
-        let responses = self.apply_data_writes(table, &writes, meta).await?;
+        let responses = self
+            .apply_data_writes(table, &writes, meta, watch_points)
+            .await?;
         for (w, r) in writes.iter().zip(responses) {
             b.responses[w.slot] = Some(r);
         }
@@ -356,7 +367,7 @@ impl StateMachine {
                     .collect();
                 let replies = self
                     .engine
-                    .apply_replicated(table, mutations, meta, remember, guards)
+                    .apply_replicated(table, mutations, meta, remember, guards, Vec::new())
                     .await
                     .map_err(io)?;
                 b.responses[slot] = Some(Response::Replies(replies));
@@ -368,6 +379,8 @@ impl StateMachine {
                     value.extend(encode(&reply));
                     b.remembered.push((key, Some(value)));
                 }
+                // Recording touched keys starts here (`storage/src/disk/touched.rs`).
+                b.watch_points.push(index);
                 b.responses[slot] = Some(Response::Replies(reply));
             }
             Request::Clear => {
@@ -556,6 +569,8 @@ struct ApplyBatch {
     /// Remembered replies of entries answered without a storage write of their own (watch
     /// points), written with the next one.
     remembered: Vec<MetaItem>,
+    /// Log indexes of the watch points taken, applied with the next storage write.
+    watch_points: Vec<u64>,
     responses: Vec<Option<Response>>,
     responders: Vec<Responder>,
     /// Identified entries applied in this batch: row key -> slot.
@@ -573,6 +588,7 @@ impl ApplyBatch {
             applied,
             writes: Vec::new(),
             remembered: Vec::new(),
+            watch_points: Vec::new(),
             responses: Vec::new(),
             responders: Vec::new(),
             rows: HashMap::new(),

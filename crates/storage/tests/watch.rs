@@ -51,9 +51,23 @@ async fn write(e: &DiskEngine, index: u64, mutations: Vec<Mutation>) {
         .into_iter()
         .map(|m| (m, Timestamp(index), 1_000, index))
         .collect();
-    e.apply_replicated(TABLE, m, Vec::new(), Vec::new(), Vec::new())
+    e.apply_replicated(TABLE, m, Vec::new(), Vec::new(), Vec::new(), Vec::new())
         .await
         .unwrap();
+}
+
+/// A WATCH's point in the log at `index` (recording starts there).
+async fn watch_point(e: &DiskEngine, index: u64) {
+    e.apply_replicated(
+        TABLE,
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        vec![index],
+    )
+    .await
+    .unwrap();
 }
 
 fn guard(key: &str, index: u64) -> WatchGuard {
@@ -70,7 +84,7 @@ async fn commits(e: &DiskEngine, index: u64, guards: Vec<WatchGuard>) -> bool {
     let until = guards.first().map_or(1_000, |g| g.until_ms);
     let m = vec![(set("t", "x"), Timestamp(index), until, index)];
     let replies = e
-        .apply_replicated(TABLE, m, Vec::new(), Vec::new(), guards)
+        .apply_replicated(TABLE, m, Vec::new(), Vec::new(), guards, Vec::new())
         .await
         .unwrap();
     match replies.first() {
@@ -93,6 +107,7 @@ async fn commits(e: &DiskEngine, index: u64, guards: Vec<WatchGuard>) -> bool {
 #[tokio::test]
 async fn a_cp_guard_fails_exactly_when_its_key_changed_after_the_watch() {
     let (_d, e) = open();
+    watch_point(&e, 1).await;
     write(&e, 5, vec![set("k", "1")]).await;
     assert!(
         commits(&e, 6, vec![guard("k", 5)]).await,
@@ -128,6 +143,7 @@ async fn a_cp_guard_fails_exactly_when_its_key_changed_after_the_watch() {
 #[tokio::test]
 async fn a_cp_guard_fails_when_its_key_expired_after_the_watch() {
     let (_d, e) = open();
+    watch_point(&e, 1).await;
     write(&e, 3, vec![set_expiring("e", "v", ExpiryUpdate::At(1_500))]).await;
     let watched = |since_ms, until_ms| WatchGuard {
         key: b("e"),
@@ -154,6 +170,7 @@ async fn replicas_and_snapshots_judge_guards_alike_and_flushdb_aborts_older_watc
     let (_a, a) = open();
     let (_b, b_engine) = open();
     for e in [&a, &b_engine] {
+        watch_point(e, 1).await;
         write(e, 2, vec![set("k", "1"), exec(&["RPUSH", "l", "x"])]).await;
         write(e, 3, vec![Mutation::Delete { key: b("k") }]).await;
     }
@@ -168,12 +185,40 @@ async fn replicas_and_snapshots_judge_guards_alike_and_flushdb_aborts_older_watc
         assert!(!commits(e, 5, vec![guard("l", 1)]).await, "replica {name}");
         assert!(commits(e, 6, vec![guard("l", 2)]).await, "replica {name}");
     }
-    // FLUSHDB at 7 leaves the horizon: every watch from before it aborts, later ones hold.
+    // FLUSHDB at 7 leaves the horizon: every watch from before it aborts, and recording
+    // stays off until the next watch point.
     a.replace_table(TABLE, Vec::new(), vec![horizon_row(7)], None, Vec::new())
         .await
         .unwrap();
     assert!(!commits(&a, 8, vec![guard("untouched", 6)]).await);
-    assert!(commits(&a, 9, vec![guard("untouched", 7)]).await);
+    assert!(
+        !commits(&a, 9, vec![guard("untouched", 7)]).await,
+        "recording is off until the next watch point"
+    );
+    watch_point(&a, 10).await;
+    assert!(commits(&a, 11, vec![guard("untouched", 10)]).await);
+}
+
+#[tokio::test]
+async fn changes_are_recorded_only_from_a_watch_point_on() {
+    let (_d, e) = open();
+    write(&e, 2, vec![set("k", "1")]).await;
+    assert!(
+        !commits(&e, 3, vec![guard("k", 2)]).await,
+        "no watch point: nothing is known"
+    );
+    watch_point(&e, 4).await;
+    assert!(
+        !commits(&e, 5, vec![guard("k", 3)]).await,
+        "older than the first watch point"
+    );
+    assert!(commits(&e, 6, vec![guard("k", 4)]).await);
+    // A watch point and a change in one batch: the change after it is recorded.
+    let m = vec![(set("k", "2"), Timestamp(8), 1_000, 8)];
+    e.apply_replicated(TABLE, m, Vec::new(), Vec::new(), Vec::new(), vec![7])
+        .await
+        .unwrap();
+    assert!(!commits(&e, 9, vec![guard("k", 7)]).await);
 }
 
 #[tokio::test]

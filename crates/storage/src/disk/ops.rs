@@ -82,6 +82,8 @@ pub(super) enum Op {
         /// A transaction's WATCH guards (`touched.rs`): when any fails nothing is applied. With guards, the replies start with the
         /// verdict: OK (applied) or the null array (a watched key changed).
         guards: Vec<super::WatchGuard>,
+        /// Log indexes of WATCH's points in the applied entries (`touched.rs`).
+        watch_points: Vec<u64>,
     },
     /// Appends records to a log table (u64 index -> bytes).
     LogAppend {
@@ -311,7 +313,8 @@ pub(super) fn execute(x: &Exec, op: &Op, live_tables: &mut HashSet<String>) -> R
             meta,
             remember,
             guards,
-        } => apply_replicated(x, table, mutations, meta, remember, guards),
+            watch_points,
+        } => apply_replicated(x, table, mutations, meta, remember, guards, watch_points),
         Op::LogAppend { table, records } => append_log(x, table, records),
         Op::LogRemove { table, from, to } => remove_log_range(x, table, *from, *to),
         Op::MetaPut { items, .. } => update_meta(x, items),
@@ -528,21 +531,27 @@ fn apply_replicated(
     meta: &[MetaItem],
     remember: &[RememberReplies],
     guards: &[super::WatchGuard],
+    watch_points: &[u64],
 ) -> Result<Output> {
     let mut t = x.txn.open_table(table_def(table)).map_err(io_err)?;
     let el_name = crate::layout::element_table(table);
     let mut replies = Vec::with_capacity(mutations.len() + 1);
     let mut run = true;
+    let mut recording = {
+        let el = x.txn.open_table(table_def(&el_name)).map_err(io_err)?;
+        super::touched::Recording::load(&el)?
+    };
     if !guards.is_empty() {
         let el = x.txn.open_table(table_def(&el_name)).map_err(io_err)?;
-        run = super::touched::guards_hold(&t, &el, guards)?;
+        run = super::touched::guards_hold(&t, &el, &recording, guards)?;
         replies.push(Ok(if run {
             capdb_types::Reply::Ok
         } else {
             capdb_types::Reply::NilArray
         }));
     }
-    // Keys each entry changed, for the touched rows (`touched.rs`).
+    // Keys each entry changed, for the touched rows (`touched.rs`), while anyone may watch.
+    let track = recording.is_on() || !watch_points.is_empty();
     let mut touched: Vec<(u64, Vec<Bytes>)> = Vec::new();
     for (m, ts, now_ms, index) in mutations.iter().filter(|_| run) {
         x.hlc.observe(*ts);
@@ -555,7 +564,7 @@ fn apply_replicated(
             false,
             *now_ms,
             Some(*ts),
-            Some(&mut changed),
+            track.then_some(&mut changed),
         )?);
         if !changed.is_empty() {
             match touched.last_mut() {
@@ -565,10 +574,18 @@ fn apply_replicated(
         }
     }
     drop(t);
-    if !touched.is_empty() {
+    if !touched.is_empty() || !watch_points.is_empty() {
         let mut el = x.txn.open_table(table_def(&el_name)).map_err(io_err)?;
+        // In log order: a watch point turns recording on for the entries after it.
+        let mut points = watch_points.iter().copied().peekable();
         for (index, keys) in &touched {
-            super::touched::record(&mut el, keys, *index)?;
+            while let Some(p) = points.next_if(|p| p < index) {
+                super::touched::watch_point(&mut el, &mut recording, p)?;
+            }
+            super::touched::record(&mut el, &mut recording, keys, *index)?;
+        }
+        for p in points {
+            super::touched::watch_point(&mut el, &mut recording, p)?;
         }
     }
     let mut mt = x.txn.open_table(META_TABLE).map_err(io_err)?;
@@ -740,6 +757,7 @@ mod tests {
             meta: Vec::new(),
             remember: Vec::new(),
             guards: Vec::new(),
+            watch_points: Vec::new(),
         };
         assert_eq!(replicated.payload_bytes(), 3 + 5 + 4);
     }

@@ -41,8 +41,11 @@ impl DiskEngine {
     /// Applies replicated mutations `(mutation, leader timestamp, leader now_ms, log index)` to
     /// `table` and records `meta` (the applied state) and the `remember`ed replies atomically
     /// with them; every key a mutation changed is recorded as touched at its log index (WATCH,
-    /// `touched.rs`). With `guards` (a transaction), nothing is applied unless every guard
-    /// holds, and the replies start with the verdict (OK, or the null array: aborted).
+    /// `touched.rs`) while recording is on, which `watch_points` (WATCH's entries among the
+    /// applied ones, by log index) turn on. With `guards` (a transaction), nothing is applied
+    /// unless every guard holds, and the replies start with the verdict (OK, or the null
+    /// array: aborted).
+    #[allow(clippy::too_many_arguments)]
     pub async fn apply_replicated(
         &self,
         table: &str,
@@ -50,6 +53,7 @@ impl DiskEngine {
         meta: Vec<MetaItem>,
         remember: Vec<RememberReplies>,
         guards: Vec<super::WatchGuard>,
+        watch_points: Vec<u64>,
     ) -> Result<BatchReplies> {
         self.submit(Op::ApplyReplicated {
             table: table.to_string(),
@@ -57,6 +61,7 @@ impl DiskEngine {
             meta,
             remember,
             guards,
+            watch_points,
         })
         .await?
         .into_replies()

@@ -12,13 +12,23 @@
 //! -> u64 LE index), so they are replicated state: written by applying entries, identical on
 //! every replica, carried by snapshots (which copy the element table) and cleared with it.
 //!
+//! # Only while someone watches
+//!
+//! Recording costs every write a few tree operations, so it is on only after a watch point:
+//! the first one at index *p* turns it on and raises the horizon to *p* (changes before it
+//! were not recorded; no watch older than *p* can still be judged). `0 ‖ "touched-on"` holds
+//! the latest watch point's index while recording is on. It turns off again when the rows
+//! reach their bound with no watch point since they were last dropped (below). All of this is
+//! decided by applying the log, so every replica records the same rows.
+//!
 //! # Bound
 //!
 //! At most [`TOUCHED_MAX`] keys are remembered. When one more would be, every row is dropped
 //! and the *horizon* (`0 ‖ "touched-horizon"`) becomes the current index: a watch older than
 //! the horizon counts as changed (a conservative abort, which Redis's rule allows: a changed
 //! key aborts, never the reverse). FLUSHDB and snapshot installs replace the element table; a
-//! FLUSHDB sets the horizon to its own index ([`horizon_row`]), so every older watch aborts.
+//! FLUSHDB sets the horizon to its own index ([`horizon_row`]), so every older watch aborts,
+//! and turns recording off until the next watch point.
 
 use bytes::Bytes;
 use capdb_data::{Coll, ElRange, Space};
@@ -36,6 +46,7 @@ const RESERVED: [u8; 8] = [0; 8];
 const ROW_PREFIX: &[u8] = b"touched/";
 const HORIZON: &[u8] = b"touched-horizon";
 const COUNT: &[u8] = b"touched-count";
+const ON: &[u8] = b"touched-on";
 
 fn reserved(name: &[u8]) -> Vec<u8> {
     let mut k = RESERVED.to_vec();
@@ -72,15 +83,68 @@ fn read_u64(el: &RawTable<'_>, key: &[u8]) -> Result<Option<u64>> {
         .and_then(|v| v.value().try_into().ok().map(u64::from_le_bytes)))
 }
 
-/// Records that `keys` changed at log index `index`.
-pub(super) fn record(el: &mut RawTable<'_>, keys: &[Bytes], index: u64) -> Result<()> {
+/// Whether recording is on, and since which watch point (see the module doc).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Recording {
+    /// The latest watch point's index while recording is on.
+    on: Option<u64>,
+    horizon: u64,
+}
+
+impl Recording {
+    pub(super) fn load(el: &RawTable<'_>) -> Result<Recording> {
+        Ok(Recording {
+            on: read_u64(el, &reserved(ON))?,
+            horizon: read_u64(el, &reserved(HORIZON))?.unwrap_or(0),
+        })
+    }
+
+    pub(super) fn is_on(&self) -> bool {
+        self.on.is_some()
+    }
+}
+
+/// A watch point applied at `index`: recording is on from there (turning it on raises the
+/// horizon to `index`).
+pub(super) fn watch_point(el: &mut RawTable<'_>, rec: &mut Recording, index: u64) -> Result<()> {
+    if rec.on.is_none() {
+        let (k, v) = horizon_row(index);
+        el.insert(&k[..], &v[..]).map_err(io_err)?;
+        rec.horizon = index;
+    }
+    el.insert(&reserved(ON)[..], &index.to_le_bytes()[..])
+        .map_err(io_err)?;
+    rec.on = Some(index);
+    Ok(())
+}
+
+/// Records that `keys` changed at log index `index` (nothing while recording is off).
+pub(super) fn record(
+    el: &mut RawTable<'_>,
+    rec: &mut Recording,
+    keys: &[Bytes],
+    index: u64,
+) -> Result<()> {
     for key in keys {
+        let Some(last_watch) = rec.on else {
+            return Ok(());
+        };
         let at = row(key);
         let known = el.get(&at[..]).map_err(io_err)?.is_some();
         if !known {
             let count = read_u64(el, &reserved(COUNT))?.unwrap_or(0);
             if count >= TOUCHED_MAX {
                 forget_all(el, index)?;
+                let horizon_before = rec.horizon;
+                rec.horizon = index;
+                if last_watch <= horizon_before {
+                    // No watch point since the rows were last dropped: stop recording.
+                    el.remove(&reserved(ON)[..]).map_err(io_err)?;
+                    el.insert(&reserved(COUNT)[..], &0u64.to_le_bytes()[..])
+                        .map_err(io_err)?;
+                    rec.on = None;
+                    return Ok(());
+                }
                 el.insert(&reserved(COUNT)[..], &1u64.to_le_bytes()[..])
                     .map_err(io_err)?;
             } else {
@@ -118,11 +182,13 @@ fn forget_all(el: &mut RawTable<'_>, index: u64) -> Result<()> {
 pub(super) fn guards_hold(
     top: &RawTable<'_>,
     el: &RawTable<'_>,
+    rec: &Recording,
     guards: &[WatchGuard],
 ) -> Result<bool> {
-    let horizon = read_u64(el, &reserved(HORIZON))?.unwrap_or(0);
     for g in guards {
-        if g.index < horizon {
+        // Older than what the rows cover, or recording is off (then no watch point since the
+        // horizon exists, and every guard comes from one): changed, as far as anyone knows.
+        if g.index < rec.horizon || !rec.is_on() {
             return Ok(false);
         }
         if read_u64(el, &row(&g.key))?.is_some_and(|at| at > g.index) {
