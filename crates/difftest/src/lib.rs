@@ -323,6 +323,28 @@ impl Session {
                         pair.redis.call(&args)?;
                     }
                 }
+                // The encoding too: Redis's SPOP with a count may rebuild the set (as an
+                // intset when what remains are integers), which SADD/SREM above cannot copy.
+                let encoding = |conn: &mut Conn| -> Result<Vec<u8>, String> {
+                    let f = conn.call(&[b"OBJECT".to_vec(), b"ENCODING".to_vec(), key.clone()])?;
+                    Ok(f.text)
+                };
+                let (ours, theirs) = (encoding(&mut pair.capdb)?, encoding(&mut pair.redis)?);
+                if ours != theirs && !ours.is_empty() {
+                    if ours == b"intset" {
+                        // A set built anew from integers is an intset.
+                        pair.redis.call(&[b"DEL".to_vec(), key.clone()])?;
+                        let mut args = vec![b"SADD".to_vec(), key.clone()];
+                        args.extend(members(&mut pair.capdb)?);
+                        pair.redis.call(&args)?;
+                    } else if theirs == b"intset" {
+                        // A non-integer member converts it for good.
+                        let marker = b"capdb-difftest-resync".to_vec();
+                        pair.redis
+                            .call(&[b"SADD".to_vec(), key.clone(), marker.clone()])?;
+                        pair.redis.call(&[b"SREM".to_vec(), key.clone(), marker])?;
+                    }
+                }
             }
             "incrbyfloat" => {
                 pair.redis.call(&[
