@@ -1,6 +1,7 @@
 //! Checkers for a run's history: one per workload, each answering valid, invalid (with the
 //! evidence) or unknown (a bound was hit). Only "valid" from every checker passes a run.
 
+pub mod append;
 pub mod counter;
 pub mod register;
 pub mod set;
