@@ -221,3 +221,37 @@ async fn element_removals_are_collected_only_once_older_than_the_horizon() {
     assert_eq!(t.ap_element_count(&key).unwrap(), 1);
     assert_eq!(visible_fields(&t, &key), vec!["f00001".to_string()]);
 }
+
+#[tokio::test]
+async fn a_hash_written_over_a_concurrent_string_counts_one_type_conflict_and_shows_the_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_engine, t) = table(&dir).await;
+    let key = Bytes::from_static(b"k");
+    let string = Value::new(Bytes::from_static(b"s"), at(1_000), None);
+    let first = t.ap_merge(vec![(key.clone(), string)]).await.unwrap();
+    assert_eq!(first.conflicts.type_conflicts, 0);
+    let hash = t
+        .ap_merge(vec![(
+            key.clone(),
+            hash_delta(&[("f".into(), 2_000)], 2_000),
+        )])
+        .await
+        .unwrap();
+    assert_eq!(hash.conflicts.type_conflicts, 1);
+    let mut shown = Vec::new();
+    t.ap_for_each_key(None, |_, v| {
+        shown.push(v.header.kind);
+        true
+    })
+    .unwrap();
+    assert_eq!(shown, vec![ValueKind::Hash], "the hash was written last");
+    // More fields of the hash are no new conflict.
+    let more = t
+        .ap_merge(vec![(
+            key.clone(),
+            hash_delta(&[("g".into(), 3_000)], 2_000),
+        )])
+        .await
+        .unwrap();
+    assert_eq!(more.conflicts.type_conflicts, 0);
+}

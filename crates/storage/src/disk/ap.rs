@@ -20,7 +20,10 @@
 //!   conflicts): the head plus the first *visible* element of each kind ([`lite`]); only when
 //!   two types are candidates (a type conflict) is the key assembled whole, so the answer is
 //!   always the whole state's. Finding the first visible element skips removed ones (HDEL
-//!   tombstones until they are collected, elements hidden by a delete until reclaimed).
+//!   tombstones until they are collected, elements hidden by a delete until reclaimed): a read
+//!   cost, outside the writer. Merges look only when two types could show at all
+//!   ([`may_conflict`]: one probe per kind), so a write to a collection of one kind never walks
+//!   its removed elements.
 //! - **Deletes** (DEL, SET over a collection, expiry) write the head only: its base hides
 //!   older elements at once (they are pruned on read and never stored again). The key is then
 //!   queued ([`crate::layout::ap_reclaim_row`]) and [`DiskTable::ap_reclaim_step`] removes its
@@ -47,6 +50,8 @@ type RawTable<'txn> = redb::Table<'txn, &'static [u8], &'static [u8]>;
 
 /// Element records one reclaim step examines at most.
 pub const AP_RECLAIM_STEP_MAX: usize = 4_096;
+
+const LIST: u8 = capdb_types::ValueKind::List as u8;
 
 /// The non-list kinds, whose elements are records of their own.
 const ELEMENT_KINDS: [u8; 3] = [
@@ -186,6 +191,36 @@ fn read_head<T: ReadableTable<&'static [u8], &'static [u8]>>(
     })
 }
 
+/// Whether merging `delta` into `key` could leave two types visible (a type conflict): an
+/// upper bound on the candidates after the merge (a live base on either side, each kind with
+/// element records stored or arriving, a list on either side), one probe per kind.
+fn may_conflict<T: ReadableTable<&'static [u8], &'static [u8]>>(
+    el: &T,
+    key: &[u8],
+    head: &Composite,
+    delta: &Composite,
+) -> Result<bool> {
+    let live_base = |c: &Composite| c.base().is_some_and(|b| !b.header.tombstone);
+    let list = |c: &Composite| c.colls.get(&LIST).is_some_and(|l| l.tail > l.head);
+    let mut n =
+        usize::from(live_base(head) || live_base(delta)) + usize::from(list(head) || list(delta));
+    for kind in ELEMENT_KINDS {
+        let arriving = delta
+            .colls
+            .get(&kind)
+            .is_some_and(|c| !c.entries.is_empty());
+        let mut stored = false;
+        if !arriving {
+            elements_of(el, key, Some(kind), |_, _, _, _| {
+                stored = true;
+                false
+            })?;
+        }
+        n += usize::from(arriving || stored);
+    }
+    Ok(n >= 2)
+}
+
 /// Queues `key` for reclaiming what its delete hides (if it has elements).
 fn queue_reclaim(el: &mut RawTable<'_>, key: &[u8], job: &ReclaimJob) -> Result<()> {
     let row = ap_reclaim_row(key);
@@ -262,8 +297,10 @@ pub(super) fn merge(x: &Exec, table: &str, entries: &[(Bytes, Value)]) -> Result
         };
         let mut head = head_of(current.as_ref());
         let old_reset = head.reset();
-        // Only incoming collections are examined for type conflicts (as before the split).
-        let counted = is_composite(incoming);
+        // Only incoming collections are examined for type conflicts (as before the split),
+        // and only when two types could show after the merge: the common case (elements of
+        // one kind) costs a few probes, never a walk over removed elements.
+        let counted = is_composite(incoming) && may_conflict(&el, key, &head, &delta)?;
         let before = if counted {
             lite(&el, key, &head)?.candidates()
         } else {
