@@ -468,6 +468,15 @@ pub(super) fn purge(
                 },
             )?;
             removed += 1;
+        } else {
+            // A head stored whole, with its elements (by a build before the split form: it
+            // merges and reads the same): its removals older than the horizon go.
+            let mut head = head;
+            if head.collect_removed(*ts) {
+                t.insert(&key[..], &head.to_value().encode()[..])
+                    .map_err(io_err)?;
+                removed += 1;
+            }
         }
     }
     for (ek, horizon) in elements {
