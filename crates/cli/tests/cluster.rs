@@ -964,6 +964,76 @@ fn element_records(c: &Cluster) -> Vec<u64> {
         .collect()
 }
 
+/// Bytes that merges stored in `events` on node `n`, from the reconcile report.
+fn merge_bytes_stored_on(c: &Cluster, n: u64) -> u64 {
+    let (code, body) = http(
+        c.node(1).http,
+        "GET",
+        "/v1/cluster/reconcile-report",
+        &[],
+        None,
+    )
+    .unwrap();
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+    let report = json(&body);
+    report["nodes"][n.to_string()]["keyspaces"]["events"]["totals"]["merge_bytes_stored"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("node {n} reports no merge bytes: {report:#}"))
+}
+
+/// A replica partitioned away while one field of a big hash was written is repaired with that
+/// field (and the hash's small head), not the hash.
+#[test]
+fn ap_a_replica_that_missed_one_field_of_a_big_hash_is_repaired_with_that_field_alone() {
+    let c = Cluster::start_with(3, &["--ap-anti-entropy-interval-ms", "1000"]);
+    let mut q = create_events_keyspace(&c, "all");
+    let value = "v".repeat(100);
+    for batch in 0..10 {
+        let mut cmd = redis::cmd("HSET");
+        cmd.arg("big");
+        for i in batch * 40..(batch + 1) * 40 {
+            cmd.arg(format!("f{i:04}")).arg(&value);
+        }
+        let _: i64 = cmd.query(&mut q).unwrap();
+    }
+    wait_until_replicas_converge(&c);
+    let before = merge_bytes_stored_on(&c, 3);
+
+    partition(&c, &[&[1, 2], &[3]]);
+    let mut majority = ap_conn(&c, 1, "quorum");
+    let added: i64 = redis::cmd("HSET")
+        .arg("big")
+        .arg("late")
+        .arg("x")
+        .query(&mut majority)
+        .unwrap();
+    assert_eq!(added, 1);
+    let mut minority = ap_conn(&c, 3, "one");
+    let missed: Option<String> = redis::cmd("HGET")
+        .arg("big")
+        .arg("late")
+        .query(&mut minority)
+        .unwrap();
+    assert_eq!(missed, None, "node 3 really missed the write");
+    partition(&c, &[&[1, 2, 3]]);
+    wait_until_replicas_converge(&c);
+
+    let repaired = merge_bytes_stored_on(&c, 3) - before;
+    assert!(
+        repaired > 0 && repaired < 2048,
+        "node 3 stored {repaired} bytes to catch up one field (the hash is over 40,000)"
+    );
+    let mut on_3 = ap_conn(&c, 3, "one");
+    let late: Option<String> = redis::cmd("HGET")
+        .arg("big")
+        .arg("late")
+        .query(&mut on_3)
+        .unwrap();
+    assert_eq!(late.as_deref(), Some("x"));
+    let len: i64 = redis::cmd("HLEN").arg("big").query(&mut on_3).unwrap();
+    assert_eq!(len, 401);
+}
+
 /// An `ap` hash is stored field by field: it may hold ten times the value limit, writing one
 /// field of it stores a few hundred bytes per replica (not the hash), and after DEL every
 /// replica shows nothing and reclaims its field records.
