@@ -1009,6 +1009,31 @@ mod tests {
         }
 
         #[test]
+        fn head_and_element_records_each_merge_commutatively_associatively_idempotently(
+            a in arb_version(), b in arb_version(), c in arb_version(),
+            x in arb_entry(), y in arb_entry(), z in arb_entry()
+        ) {
+            let head = |v: &Value| Composite::of(v).unwrap().split().0;
+            let jh = |p: &Composite, q: &Composite| {
+                let mut r = p.clone();
+                r.join_head(q);
+                r
+            };
+            let (a, b, c) = (head(&a), head(&b), head(&c));
+            prop_assert_eq!(jh(&a, &b).to_value(), jh(&b, &a).to_value());
+            prop_assert_eq!(jh(&a, &a).to_value(), a.to_value());
+            prop_assert_eq!(jh(&jh(&a, &b), &c).to_value(), jh(&a, &jh(&b, &c)).to_value());
+            let je = |p: &Entry, q: &Entry| {
+                let mut r = p.clone();
+                r.join(q);
+                r
+            };
+            prop_assert_eq!(je(&x, &y), je(&y, &x));
+            prop_assert_eq!(je(&x, &x), x.clone());
+            prop_assert_eq!(je(&je(&x, &y), &z), je(&x, &je(&y, &z)));
+        }
+
+        #[test]
         fn an_element_record_decodes_to_its_entry(e in arb_entry(), kind in 1u8..5) {
             let r = e.to_record(kind);
             prop_assert_eq!(Entry::of_record(&Value::decode(&r.encode()).unwrap()).unwrap(), e.clone());
