@@ -298,11 +298,20 @@ impl Connection {
         stream.write_all(&self.out.out).await?;
         self.out.out.clear();
         let took = self.batch_started.elapsed();
-        for (name, failed) in self.finished.drain(..) {
-            let m = self.node.metrics.command(name);
-            m.duration.observe(took);
-            if failed {
-                m.errors.inc();
+        // A pipeline is mostly runs of one command: one metrics lookup and one observation of
+        // the shared latency per run, not per command.
+        let metrics = &self.node.metrics;
+        let mut finished = self.finished.drain(..).peekable();
+        while let Some((name, failed)) = finished.next() {
+            let (mut n, mut errors) = (1u64, failed as u64);
+            while let Some((_, f)) = finished.next_if(|(next, _)| std::ptr::eq(*next, name)) {
+                n += 1;
+                errors += f as u64;
+            }
+            let m = metrics.command(name);
+            m.duration.observe_many(took, n);
+            if errors > 0 {
+                m.errors.inc_by(errors);
             }
         }
         Ok(())
