@@ -2,10 +2,12 @@
 //! background, under a bandwidth budget; and the reconciliation report.
 //!
 //! For each shard and each pair of its replicas, the lower-id replica runs a session:
-//! 1. both sides hash their keys of the shard into [`BUCKETS`](super::replica::BUCKETS) buckets
-//!    (the leaves of a one-level Merkle tree: 8 KiB per shard on the wire);
-//! 2. for the buckets that differ, both sides list (key, version fingerprint);
-//! 3. only the keys whose fingerprints differ travel, each way, and merge on arrival.
+//! 1. both sides hash their records of the shard into [`BUCKETS`](super::replica::BUCKETS)
+//!    buckets (the leaves of a one-level Merkle tree: 8 KiB per shard on the wire); a record is
+//!    a key's head or one element of its collection, in its key's bucket;
+//! 2. for the buckets that differ, both sides list (record id, version fingerprint);
+//! 3. only the records whose fingerprints differ travel, each way, and merge on arrival (one
+//!    missing hash field sends that field, not the hash).
 //!
 //! Passes run every `anti_entropy_interval` and right after a peer recovers. Tombstones are
 //! collected by a shard's lowest-id replica when a pass found every replica in sync and they are
@@ -13,7 +15,8 @@
 //! older value back).
 //!
 //! The report counts, per keyspace: keys compared, keys repaired (missing on one side and
-//! copied), conflicts (present on both sides with different versions) and how many of those
+//! copied), conflicts (present on both sides with different versions) (anti-entropy counts
+//! records, heads and elements, under these names) and how many of those
 //! were resolved by the merge, read repairs, hints stored and delivered; and *episodes*: from the
 //! first divergence this node saw to the pass that found everything in sync again, with the
 //! time convergence took (also logged).
@@ -35,6 +38,8 @@ use super::{Ap, MERGE_BATCH_KEYS, REPLICA_TIMEOUT};
 
 /// Episodes remembered per keyspace.
 const EPISODES_KEPT: usize = 20;
+/// Most keys, and most element records, one tombstone collection purges (the next one goes on).
+const COLLECT_MAX: usize = 100_000;
 /// Tombstone collection runs every this many passes.
 const GC_EVERY_PASSES: u64 = 6;
 
@@ -89,6 +94,9 @@ pub struct Counts {
     pub list_versions_lost: u64,
     /// Merges that met two types written concurrently to one key (the later wins).
     pub type_conflicts: u64,
+    /// Bytes merges stored in this node's tables (heads and element records written): a write
+    /// of k collection elements stores O(k), whatever the collection's size.
+    pub merge_bytes_stored: u64,
 }
 
 impl Counts {
@@ -104,6 +112,7 @@ impl Counts {
             tombstones_purged: self.tombstones_purged - o.tombstones_purged,
             list_versions_lost: self.list_versions_lost - o.list_versions_lost,
             type_conflicts: self.type_conflicts - o.type_conflicts,
+            merge_bytes_stored: self.merge_bytes_stored - o.merge_bytes_stored,
         }
     }
 }
@@ -175,6 +184,11 @@ impl Stats {
             s.totals.list_versions_lost += c.list_versions_lost;
             s.totals.type_conflicts += c.type_conflicts;
         });
+    }
+
+    /// Bytes a merge stored (not a sign of divergence: every write is merged).
+    pub fn merged(&self, ks: &str, bytes: u64) {
+        self.with(ks, |s| s.totals.merge_bytes_stored += bytes);
     }
 
     pub fn tombstones_purged(&self, ks: &str, n: u64) {
@@ -434,37 +448,31 @@ async fn stream_differences(
 ) -> Result<()> {
     let table = ap.table(ks);
     for chunk in pull.chunks(MERGE_BATCH_KEYS) {
-        let values = match ap
+        let records = match ap
             .call(
                 peer,
-                ApRequest::Read {
+                ApRequest::ReadRecords {
                     keyspace: ks.to_string(),
-                    keys: chunk.to_vec(),
+                    ids: chunk.to_vec(),
                 },
                 REPLICA_TIMEOUT * 5,
             )
             .await
             .map_err(|e| remote(peer, e))?
         {
-            ApResponse::Values(v) if v.len() == chunk.len() => v,
+            ApResponse::Records(v) if v.len() == chunk.len() => v,
             other => return Err(remote(peer, format!("unexpected answer {other:?}"))),
         };
-        let entries: Vec<(Bytes, Value)> = chunk
-            .iter()
-            .cloned()
-            .zip(values)
-            .filter_map(|(k, v)| v.map(|v| (k, v)))
-            .collect();
+        let entries: Vec<(Bytes, Value)> = records.into_iter().flatten().collect();
         ap.budget.take(budget_bytes(&entries)).await;
         super::replica::merge_counted(ap, ks, entries).await?;
     }
     for chunk in push.chunks(MERGE_BATCH_KEYS) {
-        let mut entries = Vec::with_capacity(chunk.len());
-        for k in chunk {
-            if let Some(v) = table.get_raw(k)? {
-                entries.push((k.clone(), v));
-            }
-        }
+        let entries: Vec<(Bytes, Value)> = table
+            .ap_read_records(chunk)?
+            .into_iter()
+            .flatten()
+            .collect();
         ap.budget.take(budget_bytes(&entries)).await;
         ap.call(
             peer,
@@ -480,10 +488,11 @@ async fn stream_differences(
     Ok(())
 }
 
-/// What tombstone collection asks the replicas to purge for a stored version, if anything:
+/// What tombstone collection asks the replicas to purge for what a key shows, if anything:
 /// a tombstone older than the grace period (its timestamp travels, so a newer write is kept);
-/// for a collection, the horizon travels, for its element removals (HDEL, SREM, ZREM) older
-/// than the grace period, or the whole record when it expired before then.
+/// for a collection, the horizon travels, for the whole key when it expired before then (its
+/// element records go in bounded steps). Element removals (HDEL, SREM, ZREM) are element
+/// records of their own, collected one by one (see `collect_tombstones`).
 ///
 /// `compared_before_ms`: the pass's anti-entropy sessions compared every version written at or
 /// before it (and found the replicas in sync). A collection written since was not compared, so
@@ -520,17 +529,35 @@ async fn collect_tombstones(
     let mut old = Vec::new();
     let slots = shard.slots;
     let horizon = capdb_types::Timestamp::from_parts(horizon_ms, 0);
-    ap.table(ks).for_each_raw(|k, v| {
+    let in_shard = |k: &[u8]| {
         let s = capdb_cluster::slots::key_slot(k);
-        if s < slots.0 || s > slots.1 {
-            return old.len() < 100_000;
-        }
-        if let Some(ts) = collectable(&v, horizon, compared_before_ms) {
+        s >= slots.0 && s <= slots.1
+    };
+    // Keys, judged on what they show (the head with its first visible elements).
+    ap.table(ks).ap_for_each_key(None, |k, v| {
+        if in_shard(k)
+            && let Some(ts) = collectable(&v, horizon, compared_before_ms)
+        {
             old.push((Bytes::copy_from_slice(k), ts));
         }
-        old.len() < 100_000
+        old.len() < COLLECT_MAX
     })?;
-    if old.is_empty() {
+    // Element removals (HDEL, SREM, ZREM) older than the grace period, once compared: the
+    // record's timestamp is its newest version, so a compared record is the same everywhere.
+    let mut elements = Vec::new();
+    ap.table(ks).ap_for_each_record(|r| {
+        if r.id.first() == Some(&1)
+            && in_shard(r.key)
+            && r.value.header.timestamp < horizon
+            && r.value.header.timestamp.physical_ms() <= compared_before_ms
+            && capdb_types::composite::Entry::of_record(&r.value)
+                .is_ok_and(|e| e.removed(r.value.header.kind as u8))
+        {
+            elements.push((Bytes::copy_from_slice(&r.id[1..]), horizon));
+        }
+        elements.len() < COLLECT_MAX
+    })?;
+    if old.is_empty() && elements.is_empty() {
         return Ok(());
     }
     for &r in &shard.replicas {
@@ -539,6 +566,7 @@ async fn collect_tombstones(
             ApRequest::Purge {
                 keyspace: ks.to_string(),
                 entries: old.clone(),
+                elements: elements.clone(),
             },
             REPLICA_TIMEOUT * 5,
         )

@@ -424,9 +424,25 @@ impl Ap {
         Ok(())
     }
 
-    /// Reconciliation statistics of this node, as JSON.
+    /// Reconciliation statistics of this node, as JSON, with each local `ap` table's element
+    /// records and queued reclaims (`storage`: counted on each call, a walk of the element
+    /// table; diagnostics, not a hot path).
     pub fn stats_json(&self) -> serde_json::Value {
-        self.stats.to_json(&self.hints)
+        let mut json = self.stats.to_json(&self.hints);
+        let state = self.state();
+        for (name, entry) in &state.keyspaces {
+            if entry.spec.mode != capdb_types::Mode::Ap {
+                continue;
+            }
+            let Ok((elements, queued)) = self.table(name.as_str()).ap_element_stats() else {
+                continue;
+            };
+            json["keyspaces"][name.as_str()]["storage"] = serde_json::json!({
+                "element_records": elements,
+                "reclaim_queued": queued,
+            });
+        }
+        json
     }
 }
 

@@ -27,7 +27,10 @@
 //! Hashes, sets, sorted sets and lists run `capdb-data`'s commands at the coordinator too
 //! (`view.rs`), and replicate per-element deltas that merge as CRDTs
 //! (`capdb_types::composite`): hash fields and sorted-set members last-writer-wins per element,
-//! sets add-wins, a list as one register whose concurrent loss the report counts.
+//! sets add-wins, a list as one register whose concurrent loss the report counts. Replicas store
+//! a collection element by element (a head record per key, a record per element, see
+//! `capdb_storage`'s `disk/ap.rs`): a write of k elements stores and sends O(k) bytes; reads
+//! assemble the key whole. `reclaim.rs` removes the elements a delete hid, in bounded steps.
 //!
 //! # Boundaries
 //!
@@ -45,12 +48,14 @@
 //! - [`messages`]: the `ap` channel's messages and [`Level`].
 //! - [`hints`], [`anti_entropy`], [`detector`]: hinted handoff, background repair, failure
 //!   detection.
+//! - `reclaim.rs`: removing element records hidden by a delete, in bounded steps.
 
 pub mod anti_entropy;
 mod client;
 pub mod detector;
 pub mod hints;
 pub mod messages;
+mod reclaim;
 pub mod replica;
 mod replicate;
 mod view;
@@ -143,6 +148,7 @@ impl Ap {
         tokio::spawn(detector::run(ap.clone()));
         tokio::spawn(hints::run(ap.clone()));
         tokio::spawn(anti_entropy::run(ap.clone()));
+        tokio::spawn(reclaim::run(ap.clone()));
         ap
     }
 

@@ -66,8 +66,12 @@ pub enum ApRequest {
         keyspace: String,
         entries: Vec<(Bytes, Value)>,
     },
-    /// The stored versions of these keys (tombstones included).
+    /// The stored versions of these keys (tombstones included), each assembled whole from
+    /// its head and element records.
     Read { keyspace: String, keys: Vec<Bytes> },
+    /// Stored records by anti-entropy id (a key's head or one element record, see
+    /// `capdb_storage::disk::ApRecord`), each as (key, a version that merges it in).
+    ReadRecords { keyspace: String, ids: Vec<Bytes> },
     /// This replica's increment of a counter (it owns its own slot of the PN-counter).
     CounterAdd {
         keyspace: String,
@@ -90,7 +94,7 @@ pub enum ApRequest {
         slots: Slots,
         before_ms: u64,
     },
-    /// Key fingerprints in these buckets of a shard.
+    /// Record fingerprints (heads and elements, by record id) in these buckets of a shard.
     Fingerprints {
         keyspace: String,
         slots: Slots,
@@ -106,11 +110,14 @@ pub enum ApRequest {
         limit: u32,
         now_ms: u64,
     },
-    /// Remove these tombstones (every replica is known to hold them). For a live `ap`
-    /// collection the timestamp is a horizon: its element removals older than it go.
+    /// Remove these tombstones (every replica is known to hold them). For an expired `ap`
+    /// collection the timestamp is a horizon: it goes (its elements in bounded steps).
+    /// `elements`: element records (by record key) holding only removals older than the
+    /// horizon given with each.
     Purge {
         keyspace: String,
         entries: Vec<(Bytes, Timestamp)>,
+        elements: Vec<(Bytes, Timestamp)>,
     },
     /// This node's reconciliation statistics (JSON).
     Stats,
@@ -121,6 +128,7 @@ pub enum ApResponse {
     Pong,
     Count(u64),
     Values(Vec<Option<Value>>),
+    Records(Vec<Option<(Bytes, Value)>>),
     Value(Value),
     Digest(Vec<u64>),
     Fingerprints(Vec<(Bytes, u64)>),

@@ -1,4 +1,9 @@
 //! The replica side: what a node does with `ap` requests addressed to it, on its local table.
+//!
+//! The table stores each key in the split form (`capdb_storage`'s `disk/ap.rs`): a head record
+//! and one record per collection element. Reads assemble a key whole; anti-entropy compares
+//! records one by one (an element record falls in its key's bucket), so a replica missing one
+//! element is sent that element, not the collection.
 
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
@@ -45,23 +50,26 @@ fn compared(_v: &Value, _now_ms: u64) -> bool {
     true
 }
 
-/// Bucket hashes of one shard's keys in the local table, of versions written at or before
-/// `before_ms` (`u64::MAX`: all).
+/// Bucket hashes of one shard's records in the local table (heads and element records, each
+/// in its key's bucket), of records written at or before `before_ms` (`u64::MAX`: all).
 pub fn digest(ap: &Ap, keyspace: &str, slots: Slots, before_ms: u64) -> Result<Vec<u64>> {
     let now = capdb_types::unix_now_ms();
     let mut buckets = vec![0u64; BUCKETS as usize];
-    ap.table(keyspace).for_each_raw(|k, v| {
-        if in_slots(k, slots) && compared(&v, now) && v.header.timestamp.physical_ms() <= before_ms
+    ap.table(keyspace).ap_for_each_record(|r| {
+        if in_slots(r.key, slots)
+            && compared(&r.value, now)
+            && r.value.header.timestamp.physical_ms() <= before_ms
         {
-            let b = bucket_of(k) as usize;
-            buckets[b] = buckets[b].wrapping_add(hash64(&[k, &fingerprint(&v).to_le_bytes()]));
+            let b = bucket_of(r.key) as usize;
+            buckets[b] =
+                buckets[b].wrapping_add(hash64(&[&r.id, &fingerprint(&r.value).to_le_bytes()]));
         }
         true
     })?;
     Ok(buckets)
 }
 
-/// (key, fingerprint) of one shard's keys in the given buckets.
+/// (record id, fingerprint) of one shard's records in the given buckets (see [`digest`]).
 pub fn fingerprints(
     ap: &Ap,
     keyspace: &str,
@@ -72,41 +80,31 @@ pub fn fingerprints(
     let wanted: std::collections::HashSet<u32> = buckets.iter().copied().collect();
     let now = capdb_types::unix_now_ms();
     let mut out = Vec::new();
-    ap.table(keyspace).for_each_raw(|k, v| {
-        if in_slots(k, slots)
-            && compared(&v, now)
-            && v.header.timestamp.physical_ms() <= before_ms
-            && wanted.contains(&bucket_of(k))
+    ap.table(keyspace).ap_for_each_record(|r| {
+        if in_slots(r.key, slots)
+            && compared(&r.value, now)
+            && r.value.header.timestamp.physical_ms() <= before_ms
+            && wanted.contains(&bucket_of(r.key))
         {
-            out.push((Bytes::copy_from_slice(k), fingerprint(&v)));
+            out.push((Bytes::from(r.id), fingerprint(&r.value)));
         }
         true
     })?;
     Ok(out)
 }
 
-/// Merges versions into the local table (durably), first counting what the reconciliation
-/// report says about collections: a list version lost to a concurrent one, a type conflict.
-/// Only incoming collection versions are examined (one extra local read each).
+/// Merges versions (plain versions or composite deltas) into the local table (durably), and
+/// counts what the reconciliation report says about them: a list version lost to a concurrent
+/// one, a type conflict, the bytes stored.
 pub(crate) async fn merge_counted(
     ap: &Ap,
     keyspace: &str,
     entries: Vec<(Bytes, Value)>,
 ) -> Result<u64> {
-    let table = ap.table(keyspace);
-    let mut found = capdb_types::composite::Conflicts::default();
-    for (k, v) in &entries {
-        if !capdb_types::composite::is_composite(v) {
-            continue;
-        }
-        if let Some(current) = table.get_raw(k)? {
-            let (_, c) = capdb_types::composite::merge_counting(&current, v);
-            found.list_versions_lost += c.list_versions_lost;
-            found.type_conflicts += c.type_conflicts;
-        }
-    }
-    ap.stats.collection_conflicts(keyspace, found);
-    table.merge(entries).await
+    let outcome = ap.table(keyspace).ap_merge(entries).await?;
+    ap.stats.collection_conflicts(keyspace, outcome.conflicts);
+    ap.stats.merged(keyspace, outcome.stored_bytes);
+    Ok(outcome.changed)
 }
 
 /// Serves one `ap` request addressed to this node, on its local table.
@@ -124,9 +122,15 @@ pub(super) async fn handle(ap: &Arc<Ap>, request: ApRequest) -> Result<ApRespons
             let t = ap.table(&keyspace);
             let values = keys
                 .iter()
-                .map(|k| t.get_raw(k))
+                .map(|k| t.ap_get(k))
                 .collect::<Result<Vec<_>>>()?;
             Ok(ApResponse::Values(values))
+        }
+        ApRequest::ReadRecords { keyspace, ids } => {
+            check_table(ap, &keyspace)?;
+            Ok(ApResponse::Records(
+                ap.table(&keyspace).ap_read_records(&ids)?,
+            ))
         }
         ApRequest::CounterAdd {
             keyspace,
@@ -190,9 +194,16 @@ pub(super) async fn handle(ap: &Arc<Ap>, request: ApRequest) -> Result<ApRespons
             check_table(ap, &keyspace)?;
             scan_page(ap, &keyspace, slots, after, prefix, limit, now_ms)
         }
-        ApRequest::Purge { keyspace, entries } => {
+        ApRequest::Purge {
+            keyspace,
+            entries,
+            elements,
+        } => {
             check_table(ap, &keyspace)?;
-            let n = ap.table(&keyspace).purge_tombstones(entries).await?;
+            let n = ap
+                .table(&keyspace)
+                .purge_tombstones(entries, elements)
+                .await?;
             ap.stats.tombstones_purged(&keyspace, n);
             Ok(ApResponse::Count(n))
         }
@@ -219,7 +230,7 @@ fn scan_page(
     // Bounded work per page: at most this many records examined.
     let mut examined = 0usize;
     ap.table(keyspace)
-        .for_each_raw_after(after.as_deref(), |k, v| {
+        .ap_for_each_key(after.as_deref(), |k, v| {
             examined += 1;
             let wanted = prefix.as_ref().is_none_or(|p| k.starts_with(p))
                 && in_slots(k, slots)

@@ -231,7 +231,9 @@ impl Ap {
                 .iter()
                 .zip(values.iter().zip(&merged))
                 .filter_map(|(k, (mine, best))| match (mine, best) {
-                    (m, Some(b)) if m.as_ref() != Some(b) => Some((k.clone(), b.clone())),
+                    (m, Some(b)) if m.as_ref() != Some(b) => {
+                        Some((k.clone(), repair_delta(m.as_ref(), b)))
+                    }
                     _ => None,
                 })
                 .collect();
@@ -254,6 +256,19 @@ impl Ap {
                 self.stats.read_repaired(&keyspace, n);
             }
         }
+    }
+}
+
+/// What a replica that answered `mine` needs of `best`: for a collection, its head and the
+/// elements whose versions differ (not the whole collection); else `best`.
+fn repair_delta(mine: Option<&Value>, best: &Value) -> Value {
+    use capdb_types::composite::{Composite, is_composite};
+    let (Some(mine), true) = (mine, is_composite(best)) else {
+        return best.clone();
+    };
+    match (Composite::of(best), Composite::of(mine)) {
+        (Ok(b), Ok(m)) => b.delta_from(&m).to_value(),
+        _ => best.clone(),
     }
 }
 

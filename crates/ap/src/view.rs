@@ -8,7 +8,9 @@
 //! (`t_write`), and deletes and overwrites with an earlier one (`t_reset`), so that a command
 //! that empties a key and fills it again keeps what it wrote. What goes to the replicas is a
 //! *delta*: the base if it changed, the elements the command touched, the collection registers,
-//! and for lists the whole list (a list is one register).
+//! and for lists the whole list (a list is one register). Replicas store the delta's elements
+//! as records of their own (`capdb_storage`'s `disk/ap.rs`): a write of k elements stores
+//! O(k) bytes, and the value limit bounds each element, not the collection.
 //!
 //! The reply is computed from what this coordinator read: under concurrency two coordinators
 //! may both answer `HDEL … = 1`, or both pop the same list element; the merged state follows
@@ -109,23 +111,14 @@ impl View {
         }
     }
 
-    /// The versions to replicate, one per key written, each checked against the value limit
-    /// (an `ap` collection is one record).
+    /// The versions to replicate, one per key written: each a delta (the key's head and the
+    /// elements the command touched). Replicas store each element as its own record, so the
+    /// value limit applies per element, and to a list whole (a list is one register).
     pub(crate) fn into_writes(self, value_bytes_max: usize) -> Result<Vec<(Bytes, Value)>> {
         let mut out = Vec::new();
         for (key, ks) in self.keys {
             if !ks.base_written && ks.touched.is_empty() {
                 continue;
-            }
-            if !ks.touched.is_empty() {
-                let whole = ks.state.to_value();
-                if whole.data.len() > value_bytes_max {
-                    return Err(Error::Command(format!(
-                        "ERR ap collection '{}' would take {} bytes, more than the value limit of {value_bytes_max} (an ap collection is one record); nothing was written",
-                        String::from_utf8_lossy(&key),
-                        whole.data.len()
-                    )));
-                }
             }
             let mut delta = Composite {
                 base: if ks.base_written {
@@ -160,6 +153,7 @@ impl View {
             if delta.base.is_none() && delta.colls.is_empty() {
                 continue;
             }
+            check_record_sizes(&key, &delta, value_bytes_max)?;
             out.push((key, delta.to_value()));
         }
         Ok(out)
@@ -259,6 +253,35 @@ impl KeyState {
         }
         c.entries.values().filter(|e| e.visible(kind)).count() as u64
     }
+}
+
+/// Refuses a write whose records would exceed the value limit: an element (its encoded
+/// versions), or a list (one record), before anything is replicated.
+fn check_record_sizes(key: &[u8], delta: &Composite, value_bytes_max: usize) -> Result<()> {
+    let too_big = |what: &str, n: usize| {
+        Error::Command(format!(
+            "ERR ap {what} of '{}' would take {n} bytes, more than the value limit of {value_bytes_max}; nothing was written",
+            String::from_utf8_lossy(key)
+        ))
+    };
+    for (kind, c) in &delta.colls {
+        if *kind == LIST {
+            let n = postcard::to_stdvec(c)
+                .map(|b| b.len())
+                .unwrap_or(usize::MAX);
+            if n > value_bytes_max {
+                return Err(too_big("list (a list is one record)", n));
+            }
+            continue;
+        }
+        for (sub, e) in &c.entries {
+            let n = sub.len() + e.value.as_ref().map_or(0, |v| v.len());
+            if n > value_bytes_max {
+                return Err(too_big("collection element", n));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn in_range(sub: &[u8], lo: Bound<&[u8]>, hi: Bound<&[u8]>) -> bool {

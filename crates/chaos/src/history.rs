@@ -37,17 +37,22 @@ pub enum Workload {
     /// Real Redis hashes: `HSET hset:N field field` of unique fields, read with `HKEYS`. Checked
     /// like [`Workload::Set`] (the fields are the elements).
     Hset,
+    /// Transactions (`MULTI`, `RPUSH`/`LRANGE` on a few `append:N` lists, `EXEC`), checked for
+    /// strict serializability by the list-append checker (`check::append`). Every operation
+    /// has the key `append`; its value is the transaction's micro-operations.
+    Append,
 }
 
 impl Workload {
     /// Every workload, in the order reports list them.
-    pub const ALL: [Workload; 6] = [
+    pub const ALL: [Workload; 7] = [
         Workload::Register,
         Workload::Cas,
         Workload::Counter,
         Workload::Set,
         Workload::Sadd,
         Workload::Hset,
+        Workload::Append,
     ];
 
     /// Whether the register (linearizability) checker owns this workload's keys.
@@ -92,6 +97,9 @@ pub enum F {
     /// Set insertion of element `value` (for collections, the reply: how many members or
     /// fields were new, which for a unique element must be 1).
     Insert,
+    /// A transaction: `value` holds its micro-operations `[["append", key, element] |
+    /// ["r", key, null], ...]`; on `ok`, `result` holds the same with each read's list.
+    Txn,
 }
 
 /// The stage of an operation this record describes.

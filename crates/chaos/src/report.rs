@@ -108,6 +108,7 @@ pub fn build(records: &[Record], check: &CheckResult, run: Json) -> Result<Json,
                 F::Cas => "cas",
                 F::Add => "add",
                 F::Insert => "insert",
+                F::Txn => "txn",
             };
             latency
                 .entry(f.to_string())

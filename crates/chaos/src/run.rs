@@ -548,6 +548,11 @@ async fn final_reads(shared: &Shared, nodes: &Nodes, clients: u64, ap: bool) -> 
         .unwrap_or_else(|p| p.into_inner())
         .elements
         .clone();
+    let append_reads = shared
+        .keys
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .final_append_reads();
     eprintln!("chaos: final reads of {} keys", keys.len());
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut process = 1_000_000_000 + clients;
@@ -561,12 +566,18 @@ async fn final_reads(shared: &Shared, nodes: &Nodes, clients: u64, ap: bool) -> 
         } else {
             Client::new(node, nodes.resp_addr(node))
         };
+        // The `append` workload reads every list it used in one transaction.
+        let (f, value) = if w == Workload::Append {
+            (F::Txn, append_reads.clone())
+        } else {
+            (F::Read, serde_json::Value::Null)
+        };
         loop {
             let op = workload::Invocation {
                 workload: w,
-                f: F::Read,
+                f,
                 key: key.clone(),
-                value: serde_json::Value::Null,
+                value: value.clone(),
                 final_read: true,
             };
             let (stage, _) = workload::perform(shared, &mut client, process, op).await;

@@ -18,6 +18,12 @@
 //! `ap` keyspaces SADD runs at level `one` (both sides of a partition keep adding, and the
 //! add-wins merge must keep every acknowledged add) and HSET at `quorum`.
 //!
+//! Transactions are attacked as Jepsen's list-append does: the `append` workload sends
+//! `MULTI`, one to four `RPUSH append:N element` / `LRANGE append:N 0 -1`, `EXEC`, over a few
+//! lists that every client shares, and records what each read returned; `check::append` infers
+//! the order of versions from the reads and looks for cycles (strict serializability). An EXEC
+//! answered `-EXECABORT` or nil ran nothing (`fail`).
+//!
 //! Outcomes are classified per error, because the checkers trust them: a `fail` must certainly
 //! not have happened, or a correct server could be convicted. Reads that fail are `fail` (they
 //! changed nothing). For writes, `-TRYAGAIN` is `fail` (capdb sends it only when the write was
@@ -53,6 +59,12 @@ pub const SET_ELEMENTS_PER_KEY: u32 = 500;
 /// Members (fields) added to one `sadd` (`hset`) key before a fresh key takes over. An `ap`
 /// collection is one record re-stored on every write, so this also bounds each write's cost.
 pub const COLLECTION_ELEMENTS_PER_KEY: u32 = 200;
+/// Appends to one `append:N` list before a fresh key takes over (bounds each LRANGE's reply).
+pub const APPEND_ELEMENTS_PER_KEY: u32 = 100;
+/// `append` lists in use at once: few, so transactions collide on them.
+pub const APPEND_KEYS_ACTIVE: u32 = 6;
+/// Micro-operations per transaction at most.
+pub const APPEND_MOPS_MAX: usize = 4;
 /// How long a client waits for any reply; the server's own bound is about 5 s. It is also the
 /// connection's response timeout: the `redis` crate's default of 500 ms would turn every
 /// write that waits out a failover into an `info`, and an indeterminate write can be placed
@@ -203,6 +215,11 @@ pub struct Keys {
     /// elements are keys of their own (`set:N:E`), so the elements tried per set are kept.
     pub ap: bool,
     pub elements: std::collections::BTreeMap<String, Vec<i64>>,
+    /// `append` lists in use: (id, appends so far).
+    appends: Vec<(u32, u32)>,
+    next_append: u32,
+    /// Every `append` list ever used, for the final read.
+    pub append_keys: BTreeSet<String>,
 }
 
 impl Keys {
@@ -231,7 +248,44 @@ impl Keys {
             used: BTreeSet::new(),
             ap: false,
             elements: Default::default(),
+            appends: (0..APPEND_KEYS_ACTIVE).map(|id| (id, 0)).collect(),
+            next_append: APPEND_KEYS_ACTIVE,
+            append_keys: BTreeSet::new(),
         }
+    }
+
+    /// The next transaction of the `append` workload: 1 to [`APPEND_MOPS_MAX`] micro-operations,
+    /// each an append of a fresh element or a read of a whole list, on the active lists.
+    fn next_append(&mut self, rng: &mut fastrand::Rng) -> (F, String, Json) {
+        let mut mops = Vec::new();
+        for _ in 0..rng.usize(1..=APPEND_MOPS_MAX) {
+            let slot = rng.usize(0..self.appends.len());
+            let key = format!("append:{}", self.appends[slot].0);
+            self.append_keys.insert(key.clone());
+            if rng.bool() {
+                mops.push(json!(["r", key, null]));
+            } else {
+                let e = self.next_element;
+                self.next_element += 1;
+                mops.push(json!(["append", key, e]));
+                self.appends[slot].1 += 1;
+                if self.appends[slot].1 >= APPEND_ELEMENTS_PER_KEY {
+                    self.appends[slot] = (self.next_append, 0);
+                    self.next_append += 1;
+                }
+            }
+        }
+        (F::Txn, "append".to_string(), Json::Array(mops))
+    }
+
+    /// The final read of the `append` workload: one transaction reading every list used.
+    pub fn final_append_reads(&self) -> Json {
+        Json::Array(
+            self.append_keys
+                .iter()
+                .map(|k| json!(["r", k, null]))
+                .collect(),
+        )
     }
 
     /// Chooses the next operation of workload `w`: (f, key, value).
@@ -309,6 +363,7 @@ impl Keys {
                 }
             }
             Workload::Sadd | Workload::Hset => self.next_collection(w, rng),
+            Workload::Append => self.next_append(rng),
         };
         self.used.insert((w, key.clone()));
         (f, key, value)
@@ -395,8 +450,9 @@ pub fn error_stage(mutates: bool, error_code: Option<&str>) -> Stage {
         return Stage::Fail;
     }
     match error_code {
-        // capdb's promise: the write was not applied (and will not be).
-        Some("TRYAGAIN") => Stage::Fail,
+        // capdb's promise: the write was not applied (and will not be). EXECABORT and
+        // CROSSSLOT refuse a transaction (or command) before anything runs.
+        Some("TRYAGAIN" | "EXECABORT" | "CROSSSLOT") => Stage::Fail,
         // `UNCERTAIN`: capdb says it cannot know; anything else we cannot vouch for either.
         _ => Stage::Info,
     }
@@ -578,6 +634,11 @@ async fn request(
     elements: &[i64],
 ) -> redis::RedisResult<Json> {
     match (w, f) {
+        (_, F::Txn) => transaction(conn, value).await,
+        (Workload::Append, _) => Err(redis::RedisError::from((
+            redis::ErrorKind::Client,
+            "append operations are transactions",
+        ))),
         (Workload::Set, F::Read) if ap => {
             // Each element is a key of its own; the set is what exists of them.
             let mut present = Vec::new();
@@ -659,6 +720,60 @@ async fn request(
             Ok(Json::Null)
         }
     }
+}
+
+/// Runs a transaction of the `append` workload: MULTI, an RPUSH or LRANGE per micro-operation,
+/// EXEC. Returns the micro-operations with each read's list filled in. An EXEC answered nil
+/// (nothing run) is reported as an `EXECABORT` error, which the caller records as `fail`.
+async fn transaction(
+    conn: &mut redis::aio::MultiplexedConnection,
+    mops: &Json,
+) -> redis::RedisResult<Json> {
+    let malformed = || redis::RedisError::from((redis::ErrorKind::Client, "malformed micro-op"));
+    let mops = mops.as_array().ok_or_else(malformed)?;
+    let mut pipe = redis::pipe();
+    pipe.atomic();
+    for m in mops {
+        let key = m[1].as_str().ok_or_else(malformed)?;
+        match m[0].as_str() {
+            Some("append") => pipe
+                .cmd("RPUSH")
+                .arg(key)
+                .arg(m[2].as_i64().ok_or_else(malformed)?),
+            Some("r") => pipe.cmd("LRANGE").arg(key).arg(0).arg(-1),
+            _ => return Err(malformed()),
+        };
+    }
+    let replies: redis::Value = pipe.query_async(conn).await?;
+    let replies = match replies {
+        redis::Value::Array(items) if items.len() == mops.len() => items,
+        redis::Value::Nil => {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::Server(redis::ServerErrorKind::ExecAbort),
+                "EXEC answered nil",
+            )));
+        }
+        other => {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::Client,
+                "unexpected EXEC reply",
+                format!("{other:?}"),
+            )));
+        }
+    };
+    let mut out = Vec::with_capacity(mops.len());
+    for (m, reply) in mops.iter().zip(replies) {
+        if m[0] == "r" {
+            let list: Vec<String> = redis::from_redis_value(reply)?;
+            out.push(json!(["r", m[1], collection_elements(list)]));
+        } else {
+            if let redis::Value::ServerError(e) = reply {
+                return Err(e.into());
+            }
+            out.push(m.clone());
+        }
+    }
+    Ok(Json::Array(out))
 }
 
 /// A collection read as the history records it: integer elements as numbers, anything else
@@ -757,7 +872,7 @@ pub async fn perform(
     // elements were new) carry a result the checkers use; not increments of `ap` keyspaces,
     // whose replicas answer with their own partial view.
     let result = match f {
-        F::Read | F::Cas => result,
+        F::Read | F::Cas | F::Txn => result,
         F::Add if client.ap_keyspace.is_none() => result,
         F::Insert if w.is_collection() => result,
         _ => Json::Null,

@@ -65,8 +65,9 @@ pub struct RunArgs {
     rate: u32,
     /// Workloads, comma-separated: register, cas (compare-and-set heavy registers on one
     /// shard), counter, set (appends to a string), sadd (SADD/SMEMBERS on Redis sets), hset
-    /// (HSET/HKEYS on Redis hashes), or all (register, counter, set, sadd, hset; without
-    /// register in --mode ap).
+    /// (HSET/HKEYS on Redis hashes), append (MULTI/EXEC transactions of RPUSH and LRANGE,
+    /// checked for strict serializability; cp only), or all (register, counter, set, sadd,
+    /// hset; without register in --mode ap).
     #[arg(long, default_value = "all", value_delimiter = ',')]
     workload: Vec<String>,
     /// Nemeses, comma-separated: partition, partition-leader (always cut the workload shard's
@@ -129,9 +130,10 @@ fn parse_workloads(names: &[String]) -> Result<Vec<Workload>, String> {
             "set" => out.push(Workload::Set),
             "sadd" => out.push(Workload::Sadd),
             "hset" => out.push(Workload::Hset),
+            "append" => out.push(Workload::Append),
             other => {
                 return Err(format!(
-                    "unknown workload '{other}': expected register, cas, counter, set, sadd, hset or all"
+                    "unknown workload '{other}': expected register, cas, counter, set, sadd, hset, append or all"
                 ));
             }
         }
@@ -244,6 +246,12 @@ fn run_options(a: RunArgs) -> Result<capdb_chaos::run::Options, String> {
     } else {
         workloads
     };
+    if ap && workloads.contains(&Workload::Append) {
+        return Err(
+            "--workload append checks strict serializability, which ap keyspaces do not promise"
+                .into(),
+        );
+    }
     if a.fault_min == 0 || a.fault_min > a.fault_max {
         return Err("--fault-min must be at least 1 and at most --fault-max".into());
     }

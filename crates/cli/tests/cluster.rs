@@ -925,6 +925,205 @@ fn ap_keyspaces_write_on_both_sides_of_a_partition_and_converge() {
     );
 }
 
+/// The reconcile report's sum over every node of bytes that merges stored in `events`.
+fn merge_bytes_stored(c: &Cluster) -> u64 {
+    let (code, body) = http(
+        c.node(1).http,
+        "GET",
+        "/v1/cluster/reconcile-report",
+        &[],
+        None,
+    )
+    .unwrap();
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+    let report = json(&body);
+    assert_eq!(report["unreachable_nodes"], serde_json::json!([]));
+    report["keyspaces"]["events"]["totals"]["merge_bytes_stored"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+/// Element records of `events` stored on each node.
+fn element_records(c: &Cluster) -> Vec<u64> {
+    let (code, body) = http(
+        c.node(1).http,
+        "GET",
+        "/v1/cluster/reconcile-report",
+        &[],
+        None,
+    )
+    .unwrap();
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+    let report = json(&body);
+    (1..=3)
+        .map(|n| {
+            report["nodes"][n.to_string()]["keyspaces"]["events"]["storage"]["element_records"]
+                .as_u64()
+                .unwrap_or_else(|| panic!("node {n} reports no element records: {report:#}"))
+        })
+        .collect()
+}
+
+/// Bytes that merges stored in `events` on node `n`, from the reconcile report.
+fn merge_bytes_stored_on(c: &Cluster, n: u64) -> u64 {
+    let (code, body) = http(
+        c.node(1).http,
+        "GET",
+        "/v1/cluster/reconcile-report",
+        &[],
+        None,
+    )
+    .unwrap();
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+    let report = json(&body);
+    report["nodes"][n.to_string()]["keyspaces"]["events"]["totals"]["merge_bytes_stored"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("node {n} reports no merge bytes: {report:#}"))
+}
+
+/// A replica partitioned away while one field of a big hash was written is repaired with that
+/// field (and the hash's small head), not the hash.
+#[test]
+fn ap_a_replica_that_missed_one_field_of_a_big_hash_is_repaired_with_that_field_alone() {
+    let c = Cluster::start_with(3, &["--ap-anti-entropy-interval-ms", "1000"]);
+    let mut q = create_events_keyspace(&c, "all");
+    let value = "v".repeat(100);
+    for batch in 0..10 {
+        let mut cmd = redis::cmd("HSET");
+        cmd.arg("big");
+        for i in batch * 40..(batch + 1) * 40 {
+            cmd.arg(format!("f{i:04}")).arg(&value);
+        }
+        let _: i64 = cmd.query(&mut q).unwrap();
+    }
+    wait_until_replicas_converge(&c);
+    let before = merge_bytes_stored_on(&c, 3);
+
+    partition(&c, &[&[1, 2], &[3]]);
+    let mut majority = ap_conn(&c, 1, "quorum");
+    let added: i64 = redis::cmd("HSET")
+        .arg("big")
+        .arg("late")
+        .arg("x")
+        .query(&mut majority)
+        .unwrap();
+    assert_eq!(added, 1);
+    let mut minority = ap_conn(&c, 3, "one");
+    let missed: Option<String> = redis::cmd("HGET")
+        .arg("big")
+        .arg("late")
+        .query(&mut minority)
+        .unwrap();
+    assert_eq!(missed, None, "node 3 really missed the write");
+    partition(&c, &[&[1, 2, 3]]);
+    wait_until_replicas_converge(&c);
+
+    let repaired = merge_bytes_stored_on(&c, 3) - before;
+    assert!(
+        repaired > 0 && repaired < 2048,
+        "node 3 stored {repaired} bytes to catch up one field (the hash is over 40,000)"
+    );
+    let mut on_3 = ap_conn(&c, 3, "one");
+    let late: Option<String> = redis::cmd("HGET")
+        .arg("big")
+        .arg("late")
+        .query(&mut on_3)
+        .unwrap();
+    assert_eq!(late.as_deref(), Some("x"));
+    let len: i64 = redis::cmd("HLEN").arg("big").query(&mut on_3).unwrap();
+    assert_eq!(len, 401);
+}
+
+/// An `ap` hash is stored field by field: it may hold ten times the value limit, writing one
+/// field of it stores a few hundred bytes per replica (not the hash), and after DEL every
+/// replica shows nothing and reclaims its field records.
+#[test]
+fn ap_hash_bigger_than_the_value_limit_is_stored_per_field_and_reclaimed_after_del() {
+    const VALUE_LIMIT: usize = 4096;
+    const FIELDS: usize = 400;
+    let c = Cluster::start_with(
+        3,
+        &[
+            "--value-bytes-max",
+            "4096",
+            "--frame-bytes-max",
+            "70000",
+            "--ap-anti-entropy-interval-ms",
+            "1000",
+        ],
+    );
+    let mut q = create_events_keyspace(&c, "all");
+    let value = "v".repeat(100);
+    for batch in 0..FIELDS / 40 {
+        let mut cmd = redis::cmd("HSET");
+        cmd.arg("big");
+        for i in batch * 40..(batch + 1) * 40 {
+            cmd.arg(format!("f{i:04}")).arg(&value);
+        }
+        let added: i64 = cmd.query(&mut q).unwrap();
+        assert_eq!(added, 40);
+    }
+    let hash_bytes = FIELDS * (5 + value.len());
+    assert!(hash_bytes > 9 * VALUE_LIMIT);
+    for node in 1..=3 {
+        let mut r = ap_conn(&c, node, "one");
+        let all: std::collections::HashMap<String, String> =
+            redis::cmd("HGETALL").arg("big").query(&mut r).unwrap();
+        assert_eq!(all.len(), FIELDS, "node {node}");
+        assert!(all.values().all(|v| *v == value), "node {node}");
+        let len: i64 = redis::cmd("HLEN").arg("big").query(&mut r).unwrap();
+        assert_eq!(len, FIELDS as i64, "node {node}");
+    }
+    wait_until_replicas_converge(&c);
+
+    let before = merge_bytes_stored(&c);
+    let added: i64 = redis::cmd("HSET")
+        .arg("big")
+        .arg("f0000")
+        .arg("changed")
+        .query(&mut q)
+        .unwrap();
+    assert_eq!(added, 0);
+    let stored = merge_bytes_stored(&c) - before;
+    assert!(
+        stored > 0 && stored < 3 * 1024,
+        "writing one field stored {stored} bytes over three replicas (the hash is {hash_bytes} bytes)"
+    );
+    let got: Option<String> = redis::cmd("HGET")
+        .arg("big")
+        .arg("f0000")
+        .query(&mut q)
+        .unwrap();
+    assert_eq!(got.as_deref(), Some("changed"));
+    assert!(
+        element_records(&c).iter().all(|&n| n >= FIELDS as u64),
+        "every replica stores the fields as records"
+    );
+
+    let deleted: i64 = redis::cmd("DEL").arg("big").query(&mut q).unwrap();
+    assert_eq!(deleted, 1);
+    for node in 1..=3 {
+        let mut r = ap_conn(&c, node, "one");
+        let exists: i64 = redis::cmd("EXISTS").arg("big").query(&mut r).unwrap();
+        let len: i64 = redis::cmd("HLEN").arg("big").query(&mut r).unwrap();
+        assert_eq!((exists, len), (0, 0), "node {node} still shows the hash");
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = element_records(&c);
+        if left.iter().all(|&n| n == 0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "field records never reclaimed: {left:?} per node"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let size: i64 = redis::cmd("DBSIZE").query(&mut q).unwrap();
+    assert_eq!(size, 0, "element records are never keys");
+}
+
 /// Issue 12's merge rules for `ap` collections, through a partition: hash fields last writer
 /// wins per field, sets add-wins, sorted-set members last writer wins per member (one score
 /// each), a list is one register (the later side's version wins whole and the report counts

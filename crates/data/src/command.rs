@@ -79,23 +79,32 @@ impl Spec {
 
     /// The indices of the keys in `args`, or Redis's error when `numkeys` is not valid.
     pub fn key_indices(&self, args: &[Bytes]) -> Result<Vec<usize>> {
+        let mut v = Vec::new();
+        self.each_key_index(args, |i| v.push(i))?;
+        Ok(v)
+    }
+
+    /// [`Spec::key_indices`] without collecting them: `f` gets each index in order (this runs
+    /// for every data-type command an engine applies; it must not allocate).
+    pub fn each_key_index(&self, args: &[Bytes], mut f: impl FnMut(usize)) -> Result<()> {
         match self.keys {
-            Keys::Range(0, _, _) => Ok(Vec::new()),
+            Keys::Range(0, _, _) => {}
             Keys::Range(first, last, step) => {
                 let n = args.len() as i64;
                 let last = if last < 0 { n + last } else { last.min(n - 1) };
-                Ok((first..=last)
-                    .step_by(step.max(1) as usize)
-                    .map(|i| i as usize)
-                    .collect())
+                for i in (first..=last).step_by(step.max(1) as usize) {
+                    f(i as usize);
+                }
             }
             Keys::NumKeys { at, dest } => {
                 let n = numkeys(args, at)?;
-                let mut v: Vec<usize> = if dest { vec![1] } else { Vec::new() };
-                v.extend(at + 1..at + 1 + n);
-                Ok(v)
+                if dest {
+                    f(1);
+                }
+                (at + 1..at + 1 + n).for_each(f);
             }
         }
+        Ok(())
     }
 }
 
@@ -278,6 +287,21 @@ pub fn command_keys(args: &[Bytes]) -> Result<Vec<Bytes>> {
         .into_iter()
         .filter_map(|i| args.get(i).cloned())
         .collect())
+}
+
+/// [`command_keys`] without collecting them: `f` gets each key in argument order.
+pub fn each_command_key(args: &[Bytes], mut f: impl FnMut(&Bytes)) -> Result<()> {
+    if crate::notify::is_wrapped(args) {
+        return each_command_key(&args[1..], f);
+    }
+    let Some(spec) = spec_of(args) else {
+        return Ok(());
+    };
+    spec.each_key_index(args, |i| {
+        if let Some(k) = args.get(i) {
+            f(k)
+        }
+    })
 }
 
 /// Whether a command belongs to the hash, list, set or sorted-set families (its data are

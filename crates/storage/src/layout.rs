@@ -13,7 +13,7 @@
 //! | `_meta raft/{group}/{vote,committed,purged,applied,state}` | Raft records of a group | log store, state machine |
 //! | `_meta raft/{group}/session/…` | exactly-once sessions of a group | its state machine |
 //! | `ks/{keyspace}` | this node's replica of an `ap` keyspace (every shard it holds) | `ap` |
-//! | `ks/{keyspace}/el` | reserved for the elements of `ap` collections | – |
+//! | `ks/{keyspace}/el` | elements of its `ap` collections (one record per hash field, set or sorted-set member, keyed by [`ap_element_key`]) and the queue of keys whose hidden elements are reclaimed ([`ap_reclaim_row`]) | `ap` |
 //! | `_meta keyspace/{keyspace}` | marker of an `ap` keyspace's table | the node's catalog |
 //! | `hints/{node}` | hinted-handoff queue for an unreachable node | `ap` hints |
 //! | `_meta ap-hints/{node}` | marker of a hint queue | `ap` hints |
@@ -63,6 +63,47 @@ pub fn ap_table(keyspace: &str) -> String {
     format!("{AP_TABLE_PREFIX}{keyspace}")
 }
 
+/// The first bytes of every element record of `key` in an `ap` element table: the key's
+/// length (4 bytes, big-endian) then the key, so one key's elements are contiguous and no key's
+/// range contains another's.
+pub fn ap_element_prefix(key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(4 + key.len() + 1);
+    k.extend_from_slice(&(key.len() as u32).to_be_bytes());
+    k.extend_from_slice(key);
+    k
+}
+
+/// The element record of `key`'s collection of `kind` (a `ValueKind` as `u8`) at `sub` (the
+/// subkey `capdb-data` uses: hash field, set member, sorted-set score record).
+pub fn ap_element_key(key: &[u8], kind: u8, sub: &[u8]) -> Vec<u8> {
+    let mut k = ap_element_prefix(key);
+    k.push(kind);
+    k.extend_from_slice(sub);
+    k
+}
+
+/// (key, kind, subkey) of an element record's key; `None` for anything else (a reserved row).
+pub fn ap_element_parse(raw: &[u8]) -> Option<(&[u8], u8, &[u8])> {
+    let len = u32::from_be_bytes(raw.get(..4)?.try_into().ok()?) as usize;
+    if raw.starts_with(&AP_RESERVED) {
+        return None;
+    }
+    let key = raw.get(4..4 + len)?;
+    let kind = *raw.get(4 + len)?;
+    Some((key, kind, &raw[5 + len..]))
+}
+
+/// Rows of an `ap` element table that are not elements start with this (no key is 4 GiB long).
+pub const AP_RESERVED: [u8; 4] = [0xFF; 4];
+
+/// The reclaim-queue row of `key` in an `ap` element table: its elements hidden by a delete
+/// (or expired) are removed later, in bounded steps.
+pub fn ap_reclaim_row(key: &[u8]) -> Vec<u8> {
+    let mut k = AP_RESERVED.to_vec();
+    k.extend_from_slice(key);
+    k
+}
+
 /// The keyspace an `ap` table belongs to (the inverse of [`ap_table`]); other tables name
 /// themselves.
 pub fn keyspace_of_table(table: &str) -> &str {
@@ -96,5 +137,16 @@ mod tests {
     fn an_ap_table_names_its_keyspace_back() {
         assert_eq!(keyspace_of_table(&ap_table("users")), "users");
         assert_eq!(keyspace_of_table("shard/7"), "shard/7");
+    }
+
+    #[test]
+    fn ap_element_keys_parse_back_and_keep_one_key_contiguous() {
+        let k = ap_element_key(b"user", 1, b"field");
+        assert_eq!(ap_element_parse(&k), Some((&b"user"[..], 1, &b"field"[..])));
+        assert!(k.starts_with(&ap_element_prefix(b"user")));
+        // A key that extends another is not inside its range.
+        assert!(!ap_element_key(b"users", 1, b"").starts_with(&ap_element_prefix(b"user")));
+        assert_eq!(ap_element_parse(&ap_reclaim_row(b"user")), None);
+        assert_eq!(ap_element_parse(b"\0\0"), None);
     }
 }

@@ -23,11 +23,21 @@
 //!
 //! Each kind's elements are keyed by the subkeys `capdb-data` uses (hash field, set member,
 //! list position), so the `ap` coordinator runs the very same command code as `cp` over this
-//! state. Why one record per key and not one per element: every part of `ap` replication
-//! (read repair, hints, anti-entropy digests, tombstone collection) works on versioned
-//! records per key; this keeps all of it unchanged. The cost is stated in the README: an `ap`
-//! collection is bounded by the value limit, and each write re-stores the record on each
-//! replica.
+//! state.
+//!
+//! # Whole and split forms
+//!
+//! The whole [`Composite`] is the model, and what travels between nodes (a write's delta, a
+//! read's answer). Replicas store it *split* ([`Composite::split`]): a head (the base, each
+//! kind's registers, lists whole, since a list is one register) and one [`Element`] record per
+//! hash field, set member or sorted-set score record, so that a write of k elements stores
+//! O(k) whatever the collection's size and the value limit bounds an element, not the
+//! collection (`capdb-storage`'s `disk/ap.rs`). Heads join with [`Composite::join_head`],
+//! element records with [`Entry::join`]; [`Composite::assemble`] puts them back together.
+//! Because pruning by a delete is a lattice homomorphism (pruning then joining equals joining
+//! then pruning), merging heads and element records in any order, pruning elements by
+//! whatever delete a replica knew, then assembling, equals merging the whole states
+//! (property-tested below).
 
 use std::collections::BTreeMap;
 
@@ -119,12 +129,14 @@ impl Entry {
         }
     }
 
-    fn top(&self) -> Timestamp {
+    /// The newest version in the element (its record's timestamp in the split form).
+    pub fn top(&self) -> Timestamp {
         let tags = self.adds.values().chain(self.removes.values()).max();
         tags.copied().unwrap_or(Timestamp::ZERO).max(self.ts)
     }
 
-    fn join(&mut self, o: &Entry) {
+    /// Joins another version of the same element (a join-semilattice).
+    pub fn join(&mut self, o: &Entry) {
         if (o.ts, o.origin, &o.value) > (self.ts, self.origin, &self.value) {
             self.ts = o.ts;
             self.origin = o.origin;
@@ -135,7 +147,7 @@ impl Entry {
     }
 
     /// Drops the versions a delete at `reset` hides; false when nothing is left.
-    fn prune(&mut self, reset: Timestamp) -> bool {
+    pub fn prune(&mut self, reset: Timestamp) -> bool {
         self.adds.retain(|_, a| *a > reset);
         self.removes.retain(|_, r| *r > reset);
         if self.ts <= reset {
@@ -341,7 +353,7 @@ impl Composite {
     }
 
     /// How many things a client could be shown (live base, kinds with visible elements).
-    fn candidates(&self) -> usize {
+    pub fn candidates(&self) -> usize {
         let base = self.base().is_some_and(|b| !b.header.tombstone) as usize;
         base + self
             .colls
@@ -417,6 +429,113 @@ impl Composite {
             v.header.expire_at_ms = None;
         }
         v
+    }
+}
+
+/// One element of a collection in the split form: (kind as `u8`, subkey, versions).
+pub type Element = (u8, Bytes, Entry);
+
+impl Entry {
+    /// Whether only removals are left (HDEL, ZREM: a removed value; SREM: no add survives a
+    /// removal): what tombstone collection drops once every replica holds it.
+    pub fn removed(&self, kind: u8) -> bool {
+        if kind == SET {
+            !self.visible(kind)
+        } else {
+            self.value.is_none()
+        }
+    }
+
+    /// The stored form of an element record: a [`Value`] of the collection's kind whose
+    /// timestamp is the element's newest version (what anti-entropy's `before_ms` and tombstone
+    /// collection look at) and whose data is the encoded entry.
+    pub fn to_record(&self, kind: u8) -> Value {
+        let data = postcard::to_stdvec(self).expect("an element always encodes");
+        let kind = ValueKind::from_bits(kind).unwrap_or(ValueKind::Hash);
+        Value::of_kind(kind, Bytes::from(data), self.top(), None)
+    }
+
+    /// The entry an element record holds.
+    pub fn of_record(v: &Value) -> Result<Entry> {
+        postcard::from_bytes(&v.data)
+            .map_err(|e| Error::Corruption(format!("ap element record does not decode: {e}")))
+    }
+}
+
+/// The split form: how `ap` tables store a collection (see the module docs).
+impl Composite {
+    /// Splits the state into its *head* (the base, every kind's registers, and lists whole)
+    /// and its elements (hash fields, set and sorted-set members), one record each.
+    pub fn split(mut self) -> (Composite, Vec<Element>) {
+        let mut elements = Vec::new();
+        for (kind, c) in self.colls.iter_mut() {
+            if *kind == LIST {
+                continue;
+            }
+            for (sub, e) in std::mem::take(&mut c.entries) {
+                elements.push((*kind, sub, e));
+            }
+        }
+        // A kind left with neither elements nor registers newer than the delete goes, as in
+        // the whole form's pruning.
+        self.prune();
+        (self, elements)
+    }
+
+    /// Whether the head holds nothing at all (no base, no kind): not worth a record.
+    pub fn is_empty(&self) -> bool {
+        self.base.is_none() && self.colls.is_empty()
+    }
+
+    /// Joins element versions into the state (then drops what the base's delete hides): the
+    /// inverse of [`Composite::split`], in any order and any grouping.
+    pub fn assemble(&mut self, elements: impl IntoIterator<Item = Element>) {
+        for (kind, sub, e) in elements {
+            let c = self.colls.entry(kind).or_default();
+            match c.entries.get_mut(&sub) {
+                Some(mine) => mine.join(&e),
+                None => {
+                    c.entries.insert(sub, e);
+                }
+            }
+        }
+        self.prune();
+    }
+
+    /// Joins another head into this one (no element entries involved); reports a list version
+    /// lost. Type conflicts need the elements' visibility: the caller counts them on the
+    /// assembled states.
+    pub fn join_head(&mut self, other: &Composite) -> Conflicts {
+        let mut conflicts = Conflicts::default();
+        self.base = match (self.base(), other.base()) {
+            (Some(a), Some(b)) => Some(Bytes::from(crate::merge::merge(&a, &b).encode())),
+            (a, b) => a.or(b).map(|v| Bytes::from(v.encode())),
+        };
+        for (kind, c) in &other.colls {
+            match self.colls.get_mut(kind) {
+                Some(mine) => mine.join(*kind, c, &mut conflicts),
+                None => {
+                    self.colls.insert(*kind, c.clone());
+                }
+            }
+        }
+        self.prune();
+        conflicts
+    }
+
+    /// What a replica holding `mine` lacks of this state: the head whole (small), and the
+    /// elements whose versions differ (read repair sends this rather than the whole state).
+    pub fn delta_from(&self, mine: &Composite) -> Composite {
+        let mut delta = self.clone();
+        for (kind, c) in delta.colls.iter_mut() {
+            if *kind == LIST {
+                continue;
+            }
+            let theirs = mine.colls.get(kind);
+            c.entries
+                .retain(|sub, e| theirs.and_then(|t| t.entries.get(sub)) != Some(e));
+        }
+        delta
     }
 }
 
@@ -842,6 +961,84 @@ mod tests {
                 c.to_value()
             });
         prop_oneof![1 => plain, 1 => tomb, 2 => comp]
+    }
+
+    /// Joins element records the way a replica's element table does: per (kind, subkey).
+    fn join_elements(
+        into: &mut BTreeMap<(u8, Bytes), Entry>,
+        elements: impl IntoIterator<Item = Element>,
+    ) {
+        for (kind, sub, e) in elements {
+            into.entry((kind, sub))
+                .and_modify(|mine| mine.join(&e))
+                .or_insert(e);
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn split_records_merged_in_any_order_assemble_to_the_merged_whole(
+            a in arb_version(), b in arb_version(), c in arb_version()
+        ) {
+            let m = crate::merge::merge;
+            let whole = m(&m(&a, &b), &c);
+            let parts: Vec<(Composite, Vec<Element>)> = [&a, &b, &c]
+                .iter()
+                .map(|v| Composite::of(v).unwrap().split())
+                .collect();
+            // Heads in one order, element records in the other, and elements pruned on
+            // arrival by the delete their replica knew then (as a replica stores them).
+            let mut head = Composite::default();
+            for (h, _) in parts.iter().rev() {
+                head.join_head(h);
+            }
+            let mut els = BTreeMap::new();
+            for (i, (_, es)) in parts.iter().enumerate() {
+                let known = parts[..=i].iter().fold(Composite::default(), |mut acc, (h, _)| {
+                    acc.join_head(h);
+                    acc
+                });
+                let pruned = es.iter().cloned().filter_map(|(k, s, mut e)| {
+                    e.prune(known.reset()).then_some((k, s, e))
+                });
+                join_elements(&mut els, pruned);
+            }
+            let mut assembled = head;
+            assembled.assemble(els.into_iter().map(|((k, s), e)| (k, s, e)));
+            prop_assert_eq!(assembled.to_value(), whole);
+        }
+
+        #[test]
+        fn head_and_element_records_each_merge_commutatively_associatively_idempotently(
+            a in arb_version(), b in arb_version(), c in arb_version(),
+            x in arb_entry(), y in arb_entry(), z in arb_entry()
+        ) {
+            let head = |v: &Value| Composite::of(v).unwrap().split().0;
+            let jh = |p: &Composite, q: &Composite| {
+                let mut r = p.clone();
+                r.join_head(q);
+                r
+            };
+            let (a, b, c) = (head(&a), head(&b), head(&c));
+            prop_assert_eq!(jh(&a, &b).to_value(), jh(&b, &a).to_value());
+            prop_assert_eq!(jh(&a, &a).to_value(), a.to_value());
+            prop_assert_eq!(jh(&jh(&a, &b), &c).to_value(), jh(&a, &jh(&b, &c)).to_value());
+            let je = |p: &Entry, q: &Entry| {
+                let mut r = p.clone();
+                r.join(q);
+                r
+            };
+            prop_assert_eq!(je(&x, &y), je(&y, &x));
+            prop_assert_eq!(je(&x, &x), x.clone());
+            prop_assert_eq!(je(&je(&x, &y), &z), je(&x, &je(&y, &z)));
+        }
+
+        #[test]
+        fn an_element_record_decodes_to_its_entry(e in arb_entry(), kind in 1u8..5) {
+            let r = e.to_record(kind);
+            prop_assert_eq!(Entry::of_record(&Value::decode(&r.encode()).unwrap()).unwrap(), e.clone());
+            prop_assert_eq!(r.header.timestamp, e.top());
+        }
     }
 
     proptest! {

@@ -15,6 +15,8 @@
 //! - [`keyspace`]: keyspace names, modes (`cp`, `ap`, `cache`) and their specification.
 //! - [`merge`] and [`composite`]: how `ap` replicas merge versions (last writer wins,
 //!   PN-counters, and per-element rules for collections).
+//! - [`txn`]: transactions across `cp` shards: locks, a participant's states and steps, and
+//!   the commit rule, as pure functions every replica runs while applying its log.
 //! - [`limits`]: the documented bounds on keys, values and frames.
 //! - [`error`]: errors shaped by what the caller must do.
 //!
@@ -30,6 +32,7 @@ pub mod keyspace;
 pub mod limits;
 pub mod merge;
 pub mod mutation;
+pub mod txn;
 pub mod value;
 
 pub use consistency::ReadMode;

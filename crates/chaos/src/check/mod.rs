@@ -1,6 +1,7 @@
 //! Checkers for a run's history: one per workload, each answering valid, invalid (with the
 //! evidence) or unknown (a bound was hit). Only "valid" from every checker passes a run.
 
+pub mod append;
 pub mod counter;
 pub mod register;
 pub mod set;
@@ -88,6 +89,9 @@ pub fn check(records: &[Record], limits: Limits) -> Result<CheckResult, String> 
     // One entry per set-like workload: `set`, and `sadd` and `hset` when they ran.
     if let Some(d) = details.as_object_mut() {
         d.extend(check_sets(&by_key, &mut validity, &mut problems)?);
+        if let Some(append) = check_appends(&ops, &mut validity, &mut problems)? {
+            d.insert("append".into(), append);
+        }
     }
     Ok(CheckResult {
         validity,
@@ -197,6 +201,91 @@ fn search_registers(histories: &[&[register::Entry]], limits: Limits) -> Vec<reg
         .into_iter()
         .map(|o| o.expect("every key checked"))
         .collect()
+}
+
+/// Transactions of the `append` workload: strict serializability (`append.rs`). `None` when
+/// the workload did not run.
+fn check_appends(
+    ops: &[Op],
+    validity: &mut Validity,
+    problems: &mut Vec<String>,
+) -> Result<Option<Json>, String> {
+    let mut txns = Vec::new();
+    for (index, op) in ops.iter().enumerate() {
+        if op.workload != Workload::Append {
+            continue;
+        }
+        txns.push(append_txn(index, op)?);
+    }
+    if txns.is_empty() {
+        return Ok(None);
+    }
+    let r = append::check(&txns);
+    if !r.valid() {
+        *validity = Validity::Invalid;
+        let mut kinds: Vec<&str> = r.anomalies.iter().map(|a| a.kind.as_str()).collect();
+        kinds.sort();
+        kinds.dedup();
+        problems.push(format!(
+            "append: not strictly serializable: {} anomalies ({})",
+            r.anomalies.len(),
+            kinds.join(", ")
+        ));
+    }
+    Ok(Some(json!({
+        "transactions": r.transactions,
+        "committed": r.committed,
+        "keys": r.keys,
+        "anomalies": r.anomalies.iter().take(50).collect::<Vec<_>>(),
+    })))
+}
+
+/// One `append` operation as the checker sees it: micro-operations from its result when it
+/// succeeded, else from what was sent (reads unknown).
+fn append_txn(index: usize, op: &Op) -> Result<append::Txn, String> {
+    let outcome = match op.outcome {
+        Stage::Ok => append::Outcome::Ok,
+        Stage::Fail => append::Outcome::Fail,
+        _ => append::Outcome::Info,
+    };
+    let source = if outcome == append::Outcome::Ok {
+        &op.result
+    } else {
+        &op.value
+    };
+    let bad = || format!("append operation {index}: malformed micro-operations {source}");
+    let mut mops = Vec::new();
+    for m in source.as_array().ok_or_else(bad)? {
+        let key = m[1].as_str().ok_or_else(bad)?.to_string();
+        mops.push(match m[0].as_str() {
+            Some("append") => append::Mop::Append {
+                key,
+                value: m[2].as_i64().ok_or_else(bad)?,
+            },
+            Some("r") => append::Mop::Read {
+                key,
+                value: match &m[2] {
+                    Json::Null => None,
+                    Json::Array(items) => Some(
+                        items
+                            .iter()
+                            // A non-integer element is garbage: no append wrote it.
+                            .map(|e| e.as_i64().unwrap_or(i64::MIN))
+                            .collect(),
+                    ),
+                    _ => return Err(bad()),
+                },
+            },
+            _ => return Err(bad()),
+        });
+    }
+    Ok(append::Txn {
+        index,
+        invoke_ns: op.invoke_ns,
+        complete_ns: op.complete_ns,
+        outcome,
+        mops,
+    })
 }
 
 /// Counters: every observation within the bounds the increments allow, and a final read per
@@ -612,6 +701,61 @@ mod tests {
             r.problems
         );
         assert_eq!(r.details["counter"]["errors"][0]["reason"], "combination");
+    }
+
+    #[test]
+    fn append_transactions_are_read_from_the_history_and_a_stale_read_fails_the_run() {
+        let ms = 1_000_000;
+        let history = |late_read: Json| {
+            let (w, k) = (Workload::Append, "append");
+            let records = sorted(
+                [
+                    op(
+                        1,
+                        w,
+                        F::Txn,
+                        k,
+                        json!([["append", "append:0", 1], ["append", "append:1", 2]]),
+                        (0, Some(ms)),
+                        Stage::Ok,
+                        json!([["append", "append:0", 1], ["append", "append:1", 2]]),
+                    ),
+                    // Failed: certainly not applied, so nobody may read 3.
+                    op(
+                        2,
+                        w,
+                        F::Txn,
+                        k,
+                        json!([["append", "append:0", 3]]),
+                        (2 * ms, Some(3 * ms)),
+                        Stage::Fail,
+                        Json::Null,
+                    ),
+                    op(
+                        3,
+                        w,
+                        F::Txn,
+                        k,
+                        json!([["r", "append:0", null], ["r", "append:1", null]]),
+                        (4 * ms, Some(5 * ms)),
+                        Stage::Ok,
+                        json!([["r", "append:0", [1]], ["r", "append:1", late_read]]),
+                    ),
+                ]
+                .concat(),
+            );
+            check(&records, Limits::default()).unwrap()
+        };
+        let r = history(json!([2]));
+        assert_eq!(r.validity, Validity::Valid, "{:?}", r.problems);
+        assert_eq!(r.details["append"]["committed"], 2);
+        // Begun after the append completed, it misses it: a stale read.
+        let r = history(json!([]));
+        assert_eq!(r.validity, Validity::Invalid);
+        assert_eq!(
+            r.problems,
+            vec!["append: not strictly serializable: 1 anomalies (lost)".to_string()]
+        );
     }
 
     #[test]

@@ -315,10 +315,19 @@ impl Keyspace {
     /// Keys stored on this node (in the replicas it holds), for metrics.
     pub fn local_len(&self) -> Option<u64> {
         match &self.store {
-            Store::Ap { engine, .. } => engine
-                .table(&layout::ap_table(self.name().as_str()), true)
-                .len()
-                .ok(),
+            Store::Ap { engine, .. } => {
+                // A key's head alone does not say whether its collection has elements: count
+                // what each key shows (see `capdb_storage`'s `disk/ap.rs`).
+                let mut live = 0;
+                engine
+                    .table(&layout::ap_table(self.name().as_str()), true)
+                    .ap_for_each_key(None, |_, v| {
+                        live += u64::from(!v.header.tombstone);
+                        true
+                    })
+                    .ok()
+                    .map(|()| live)
+            }
             Store::Cache(m) => KeyspaceStore::len(&**m).ok(),
             Store::Cp {
                 entry, engine, me, ..

@@ -47,7 +47,7 @@
 //! | the server's keyspace router | [`DiskEngine::open`], [`DiskEngine::create_table`] / [`DiskEngine::drop_table`], [`DiskEngine::table`] read and written as a [`KeyspaceStore`](crate::KeyspaceStore), [`DiskTable::sweep_expired`] (active expiry); `stats`, `file_bytes`, `flush` and `closed` for metrics and shutdown |
 //! | Raft log stores | `log_append`, `log_remove`, `log_read`, `log_last`; `meta_put` / `meta_get` for vote, committed and purged |
 //! | Raft state machines | [`DiskEngine::apply_replicated`], snapshots through [`DiskEngine::dump_table`] and [`DiskEngine::replace_table`], `meta_list` / `meta_get` / `meta_put`; [`DiskEngine::drop_group`] when a group leaves the node; shard reads through `table` |
-//! | `ap` replicas | `table(.., tombstones: true)`: [`DiskTable::get_raw`], [`DiskTable::for_each_raw`], [`DiskTable::merge`], [`DiskTable::counter_add`], [`DiskTable::purge_tombstones`] |
+//! | `ap` replicas | `table(.., tombstones: true)` in the split form (`ap.rs`): [`DiskTable::ap_get`], [`DiskTable::ap_for_each_key`], [`DiskTable::ap_for_each_record`], [`DiskTable::ap_read_records`], [`DiskTable::ap_merge`], [`DiskTable::ap_reclaim_step`], [`DiskTable::counter_add`], [`DiskTable::purge_tombstones`] |
 //! | `ap` hinted handoff | log tables as queues (`log_append`, `log_first`, `log_read`, `log_last`, `log_remove`) and `_meta` markers (`meta_list`, `meta_put`) |
 //! | the control loop | `meta_get` / `meta_put` (the node-removed record) |
 //!
@@ -58,8 +58,10 @@
 //! - `ops.rs`: the ops a job carries, what each answers, and how each runs in the transaction.
 //! - `mutation.rs`: one client mutation under the writer (also for replicated applies).
 //! - `table.rs`: [`DiskTable`]'s reads, scans and `ap` operations.
+//! - `ap.rs`: `ap` tables in the split form (a head record per key, a record per element).
 //! - `log.rs`, `meta.rs`, `replicated.rs`: log tables, the `_meta` table, Raft state machines.
 
+mod ap;
 mod log;
 mod meta;
 mod mutation;
@@ -78,6 +80,7 @@ use capdb_types::{Error, Hlc, Result};
 use redb::{Database, TableDefinition};
 use tokio::sync::mpsc;
 
+pub use ap::{AP_RECLAIM_STEP_MAX, ApRecord, MergeOutcome};
 pub use meta::MetaItem;
 use ops::Op;
 pub use replicated::{RememberReplies, TableDump};

@@ -46,14 +46,14 @@ pub(super) enum Op {
     DropTable { table: String, meta_key: String },
     /// Completes once every job queued before it is durable.
     Barrier,
-    /// `ap` replication: merges incoming versions into a table (`capdb_types::merge`);
-    /// replies with how many keys changed.
+    /// `ap` replication: merges incoming versions (plain or composite deltas) into a table's
+    /// heads and element records (`ap.rs`); replies with what it did.
     Merge {
         table: String,
         entries: Vec<(Bytes, Value)>,
     },
     /// `ap` counters: this node's increment of a key's PN-counter, read-modify-write under the
-    /// writer (so increments of one node never race); replies with the new version.
+    /// writer (so increments of one node never race); replies with the new head (`ap.rs`).
     CounterAdd {
         table: String,
         key: Bytes,
@@ -69,7 +69,13 @@ pub(super) enum Op {
     PurgeTombstones {
         table: String,
         entries: Vec<(Bytes, Timestamp)>,
+        /// Element removals of `ap` collections: (element record key, horizon); each goes if
+        /// it still holds only removals older than the horizon.
+        elements: Vec<(Bytes, Timestamp)>,
     },
+    /// One bounded step of an `ap` table's reclaim queue (see `ap.rs`); replies with a count
+    /// (0: nothing queued).
+    ApReclaim { table: String },
     /// Applies the mutations of committed Raft entries to a shard table, with the leader's
     /// timestamps, and records the applied state in `_meta` in the same transaction. Not durable
     /// by itself: the Raft log is, and replaying it restores anything lost (see `durable`).
@@ -131,7 +137,13 @@ impl Op {
             Op::Apply { mutations, .. } => mutations.iter().map(mutation_bytes).sum(),
             Op::RemoveExpired { keys, .. } => keys.iter().map(|k| k.len()).sum(),
             Op::Merge { entries, .. } => entries.iter().map(|(k, v)| k.len() + v.data.len()).sum(),
-            Op::PurgeTombstones { entries, .. } => entries.iter().map(|(k, _)| k.len() + 8).sum(),
+            Op::PurgeTombstones {
+                entries, elements, ..
+            } => entries
+                .iter()
+                .chain(elements)
+                .map(|(k, _)| k.len() + 8)
+                .sum(),
             Op::LogAppend { records, .. } => records.iter().map(|(_, r)| r.len() + 8).sum(),
             Op::ReplaceTable {
                 entries, elements, ..
@@ -157,7 +169,8 @@ impl Op {
             | Op::Clear { table }
             | Op::Merge { table, .. }
             | Op::CounterAdd { table, .. }
-            | Op::PurgeTombstones { table, .. } => Some(table),
+            | Op::PurgeTombstones { table, .. }
+            | Op::ApReclaim { table } => Some(table),
             Op::CreateTable { .. }
             | Op::DropTable { .. }
             | Op::Barrier
@@ -177,7 +190,7 @@ impl Op {
     pub(super) fn durable(&self) -> bool {
         match self {
             // Reclaiming unreachable elements again after a crash is harmless.
-            Op::ApplyReplicated { .. } | Op::Reclaim { .. } => false,
+            Op::ApplyReplicated { .. } | Op::Reclaim { .. } | Op::ApReclaim { .. } => false,
             Op::MetaPut { durable, .. } => *durable,
             _ => true,
         }
@@ -200,8 +213,10 @@ pub(super) enum Output {
     Replies(BatchReplies),
     /// The new version written by `CounterAdd`.
     Value(Value),
-    /// How many keys `Merge` changed, or `RemoveExpired` and `PurgeTombstones` removed.
+    /// How many keys `RemoveExpired` and `PurgeTombstones` removed (or reclaim steps did).
     Count(u64),
+    /// What an `ap` `Merge` did.
+    Merged(super::ap::MergeOutcome),
     /// Every other op, done.
     Done,
     /// The job failed alone (e.g. its table was dropped); the rest of the batch committed.
@@ -248,6 +263,7 @@ impl Output {
             Output::Replies(_) => "replies",
             Output::Value(_) => "a value",
             Output::Count(_) => "a count",
+            Output::Merged(_) => "a merge outcome",
             Output::Done => "done",
         };
         Error::Io(format!(
@@ -297,7 +313,7 @@ pub(super) fn execute(x: &Exec, op: &Op, live_tables: &mut HashSet<String>) -> R
         Op::DropTable { table, meta_key } => drop_table(x, table, meta_key, live_tables),
         // Nothing to write: the batch's commit is what a barrier waits for.
         Op::Barrier => Ok(Output::Done),
-        Op::Merge { table, entries } => merge_versions(x, table, entries),
+        Op::Merge { table, entries } => super::ap::merge(x, table, entries),
         Op::CounterAdd {
             table,
             key,
@@ -305,8 +321,13 @@ pub(super) fn execute(x: &Exec, op: &Op, live_tables: &mut HashSet<String>) -> R
             delta,
             timestamp,
             now_ms,
-        } => add_to_counter(x, table, key, *node, *delta, *timestamp, *now_ms),
-        Op::PurgeTombstones { table, entries } => purge_tombstones(x, table, entries),
+        } => super::ap::counter_add(x, table, key, *node, *delta, *timestamp, *now_ms),
+        Op::PurgeTombstones {
+            table,
+            entries,
+            elements,
+        } => super::ap::purge(x, table, entries, elements),
+        Op::ApReclaim { table } => super::ap::reclaim_step(x, table),
         Op::ApplyReplicated {
             table,
             mutations,
@@ -434,93 +455,6 @@ fn drop_table(
     meta.remove(meta_key).map_err(io_err)?;
     live_tables.remove(table);
     Ok(Output::Done)
-}
-
-/// [`Op::Merge`].
-fn merge_versions(x: &Exec, table: &str, entries: &[(Bytes, Value)]) -> Result<Output> {
-    let mut t = x.txn.open_table(table_def(table)).map_err(io_err)?;
-    let mut changed = 0;
-    for (key, incoming) in entries {
-        x.hlc.observe(incoming.header.timestamp);
-        let current = match t.get(&key[..]).map_err(io_err)? {
-            Some(raw) => Value::decode(raw.value()).ok(),
-            None => None,
-        };
-        let merged = match &current {
-            Some(c) => capdb_types::merge::merge(c, incoming),
-            None => incoming.clone(),
-        };
-        if current.as_ref() != Some(&merged) {
-            t.insert(&key[..], &merged.encode()[..]).map_err(io_err)?;
-            changed += 1;
-        }
-    }
-    Ok(Output::Count(changed))
-}
-
-/// [`Op::CounterAdd`].
-fn add_to_counter(
-    x: &Exec,
-    table: &str,
-    key: &[u8],
-    node: u64,
-    delta: i64,
-    timestamp: Timestamp,
-    now_ms: u64,
-) -> Result<Output> {
-    let mut t = x.txn.open_table(table_def(table)).map_err(io_err)?;
-    let current = match t.get(key).map_err(io_err)? {
-        Some(raw) => match Value::decode(raw.value()) {
-            Ok(v) => Some(v),
-            // Fails this job alone, not the whole batch.
-            Err(e) => return Ok(Output::Failed(e)),
-        },
-        None => None,
-    };
-    match capdb_types::merge::counter_add(current.as_ref(), node, delta, timestamp, now_ms) {
-        Ok(v) => {
-            t.insert(key, &v.encode()[..]).map_err(io_err)?;
-            Ok(Output::Value(v))
-        }
-        Err(e) => Ok(Output::Failed(e)),
-    }
-}
-
-/// [`Op::PurgeTombstones`].
-fn purge_tombstones(x: &Exec, table: &str, entries: &[(Bytes, Timestamp)]) -> Result<Output> {
-    let mut t = x.txn.open_table(table_def(table)).map_err(io_err)?;
-    let mut removed = 0;
-    for (key, ts) in entries {
-        let stored = match t.get(&key[..]).map_err(io_err)? {
-            Some(raw) => Value::decode(raw.value()).ok(),
-            None => None,
-        };
-        let Some(v) = stored else {
-            continue;
-        };
-        if v.header.tombstone && v.header.timestamp == *ts {
-            t.remove(&key[..]).map_err(io_err)?;
-            removed += 1;
-        } else if !v.header.tombstone && capdb_types::composite::is_composite(&v) {
-            // An `ap` collection: `ts` is the horizon. Expired and untouched since before it:
-            // the whole record goes (the expiry sweep leaves collections in place).
-            if capdb_types::composite::expired_before(&v, *ts) {
-                t.remove(&key[..]).map_err(io_err)?;
-                removed += 1;
-                continue;
-            }
-            // Else its element removals older than the horizon go (see
-            // `Composite::collect_removed`).
-            if let Ok(mut c) = capdb_types::composite::Composite::of(&v)
-                && c.collect_removed(*ts)
-            {
-                t.insert(&key[..], &c.to_value().encode()[..])
-                    .map_err(io_err)?;
-                removed += 1;
-            }
-        }
-    }
-    Ok(Output::Count(removed))
 }
 
 /// [`Op::ApplyReplicated`].

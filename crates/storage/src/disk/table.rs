@@ -91,16 +91,6 @@ impl DiskTable {
 
 /// `ap` replica operations: raw versions (tombstones and expired values included), merges.
 impl DiskTable {
-    /// The stored version of `key`, whatever its state.
-    pub fn get_raw(&self, key: &[u8]) -> Result<Option<Value>> {
-        Ok(self
-            .read(|t| match t.get(key).map_err(io_err)? {
-                Some(raw) => self.decode(raw.value()).map(Some),
-                None => Ok(None),
-            })?
-            .flatten())
-    }
-
     /// Calls `f` on every stored version in key order (tombstones included) until it returns
     /// false. Corrupt records are reported and skipped.
     pub fn for_each_raw(&self, f: impl FnMut(&[u8], Value) -> bool) -> Result<()> {
@@ -135,18 +125,6 @@ impl DiskTable {
         Ok(())
     }
 
-    /// Merges versions from other replicas; returns how many keys changed. Durable when it
-    /// returns.
-    pub async fn merge(&self, entries: Vec<(Bytes, Value)>) -> Result<u64> {
-        self.engine
-            .submit(Op::Merge {
-                table: self.table.clone(),
-                entries,
-            })
-            .await?
-            .into_count()
-    }
-
     /// This node's increment of a counter; returns the new version. Durable when it returns.
     pub async fn counter_add(
         &self,
@@ -169,15 +147,18 @@ impl DiskTable {
             .into_value()
     }
 
-    /// Removes tombstones every replica is known to hold; returns how many went.
+    /// Removes tombstones every replica is known to hold (`entries`: keys; `elements`: element
+    /// records of `ap` collections, see `ap.rs`); returns how many went.
     pub async fn purge_tombstones(
         &self,
         entries: Vec<(Bytes, capdb_types::Timestamp)>,
+        elements: Vec<(Bytes, capdb_types::Timestamp)>,
     ) -> Result<u64> {
         self.engine
             .submit(Op::PurgeTombstones {
                 table: self.table.clone(),
                 entries,
+                elements,
             })
             .await?
             .into_count()

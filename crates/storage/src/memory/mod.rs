@@ -28,6 +28,7 @@
 //! Hashes, lists, sets and sorted sets keep their elements with their entry (`space.rs`), and run
 //! the same `capdb-data` family code as the disk engine.
 
+mod elements;
 mod space;
 mod watch;
 
@@ -68,6 +69,11 @@ const LFU_DECAY_MINUTES: u32 = 1;
 
 /// Hasher of the per-shard maps (randomly seeded per map).
 type Hasher = foldhash::fast::RandomState;
+
+/// The shards one batch touches, and their locks (inline up to a pipeline's worth: a batch
+/// of writes to a few keys allocates nothing for its locking).
+type ShardList = smallvec::SmallVec<[usize; 16]>;
+type Guards<'a> = smallvec::SmallVec<[(usize, MutexGuard<'a, Shard>); 4]>;
 
 struct Entry {
     value: Value,
@@ -264,7 +270,7 @@ impl MemStore {
 
     /// Accounted bytes of an entry: key, value, overhead and its elements.
     fn entry_total(&self, key: &[u8], entry: &Entry) -> u64 {
-        entry_bytes(key, &entry.value) + entry.elements.as_ref().map_or(0, |e| e.bytes)
+        entry_bytes(key, &entry.value) + entry.elements.as_ref().map_or(0, |e| e.bytes())
     }
 
     /// Removes the entry at `index` of a locked shard, keeping the byte count right.
@@ -373,7 +379,7 @@ impl MemStore {
                 if entry.elements.as_ref().is_some_and(|e| Some(e.id) != keeps)
                     && let Some(gone) = entry.elements.take()
                 {
-                    self.used_bytes.fetch_sub(gone.bytes, Ordering::Relaxed);
+                    self.used_bytes.fetch_sub(gone.bytes(), Ordering::Relaxed);
                     space::reclaim(gone);
                 }
                 entry.value = value;
@@ -595,24 +601,22 @@ impl MemStore {
                 }
             }
         }
-        let mut shard_ids: Vec<usize> = mutations.iter().map(|m| self.shard_of(m.key())).collect();
-        let order = {
-            let mut s = shard_ids.clone();
-            s.extend(watches.iter().map(|w| self.shard_of(&w.key)));
+        let mut order = ShardList::new();
+        for m in &mutations {
+            order.push(self.shard_of(m.key()));
             // Data-type commands may touch several keys (SMOVE, SINTERSTORE, ...).
-            for m in &mutations {
-                if let Mutation::Exec { args, .. } = m {
-                    let keys = capdb_data::command::command_keys(args).unwrap_or_default();
-                    s.extend(keys.iter().map(|k| self.shard_of(k)));
-                }
+            if let Mutation::Exec { args, .. } = m {
+                let _ =
+                    capdb_data::command::each_command_key(args, |k| order.push(self.shard_of(k)));
             }
-            s.sort_unstable();
-            s.dedup();
-            s
-        };
+        }
+        for w in watches {
+            order.push(self.shard_of(&w.key));
+        }
+        order.sort_unstable();
+        order.dedup();
         // Lock every touched shard in index order (no deadlock), apply, then release.
-        let mut guards: Vec<(usize, MutexGuard<'_, Shard>)> =
-            order.iter().map(|&i| (i, self.lock(i))).collect();
+        let mut guards: Guards<'_> = order.iter().map(|&i| (i, self.lock(i))).collect();
         for w in watches {
             let slot = order
                 .binary_search(&self.shard_of(&w.key))
@@ -625,11 +629,12 @@ impl MemStore {
             }
         }
         let mut replies = Vec::with_capacity(mutations.len());
-        for (m, sid) in mutations.iter().zip(shard_ids.drain(..)) {
+        for m in &mutations {
             if let Mutation::Exec { args, .. } = m {
                 replies.push(self.exec_locked(&mut guards, args, now_ms));
                 continue;
             }
+            let sid = self.shard_of(m.key());
             let slot = order.binary_search(&sid).expect("shard was locked");
             let shard = &mut *guards[slot].1;
             let key = m.key();
@@ -690,12 +695,11 @@ impl MemStore {
 impl KeyspaceStore for MemStore {
     fn query(&self, args: &[Bytes], now_ms: u64, seed: u64) -> Result<Reply> {
         // On an argument error the command answers it itself, touching no key.
-        let keys = capdb_data::command::command_keys(args).unwrap_or_default();
-        let mut order: Vec<usize> = keys.iter().map(|k| self.shard_of(k)).collect();
+        let mut order = ShardList::new();
+        let _ = capdb_data::command::each_command_key(args, |k| order.push(self.shard_of(k)));
         order.sort_unstable();
         order.dedup();
-        let mut guards: Vec<(usize, MutexGuard<'_, Shard>)> =
-            order.iter().map(|&i| (i, self.lock(i))).collect();
+        let mut guards: Guards<'_> = order.iter().map(|&i| (i, self.lock(i))).collect();
         let cx = capdb_data::Ctx {
             now_ms,
             timestamp: capdb_types::Timestamp::ZERO,

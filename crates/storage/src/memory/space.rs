@@ -1,17 +1,16 @@
 //! Data-type commands on the cache: the [`Space`] of the shards a command locked.
 //!
-//! A collection's elements live with its entry ([`Elements`]: an ordered map from subkey to
-//! value, keyed exactly as the disk engine keys them, so both engines run the same family code
-//! with the same orders). Elements of a collection a command creates are held aside until the
-//! command stores its meta record ([`Space::put`] attaches them). Memory accounting counts every
-//! element's subkey, value and [`ELEMENT_OVERHEAD_BYTES`], so collections take part in the byte
-//! limit and eviction like strings do.
+//! A collection's elements live with its entry ([`Elements`]: subkey to value, keyed exactly as
+//! the disk engine keys them and answering ranges in the same order, so both engines run the
+//! same family code with the same orders; `elements.rs` holds them). Elements of a collection a
+//! command creates are held aside until the command stores its meta record ([`Space::put`]
+//! attaches them). Memory accounting counts every element's subkey, value and its
+//! representation's overhead (`elements.rs`), so collections take part in the byte limit and
+//! eviction like strings do.
 //!
 //! Dropping a collection with more than [`RECLAIM_INLINE_MAX`] elements hands it to a reclaim
 //! thread (Redis's lazyfree): freeing ten million elements must not stall the shard's clients.
 
-use std::collections::BTreeMap;
-use std::ops::Bound;
 use std::sync::MutexGuard;
 use std::sync::atomic::Ordering;
 
@@ -20,10 +19,9 @@ use capdb_data::meta::CollMeta;
 use capdb_data::{Coll, ElRange, Space};
 use capdb_types::{Error, Result, Value};
 
+use super::elements::ElementStore;
 use super::{Entry, Key, MemStore, Shard};
 
-/// Accounted bytes per element on top of its subkey and value (tree node share, allocations).
-pub const ELEMENT_OVERHEAD_BYTES: u64 = 48;
 /// Collections up to this many elements are freed inline; bigger ones on the reclaim thread.
 pub const RECLAIM_INLINE_MAX: usize = 64;
 /// Collections waiting for the reclaim thread; when full, a drop happens inline.
@@ -44,10 +42,6 @@ pub(crate) struct SubKey {
     head: u128,
     bytes: smallvec::SmallVec<[u8; 32]>,
 }
-
-/// Subkeys up to this long are looked up as a [`SubKey`] (built without allocating); longer ones
-/// as byte slices.
-const SUBKEY_INLINE: usize = 32;
 
 impl SubKey {
     pub(crate) fn new(bytes: &[u8]) -> SubKey {
@@ -71,6 +65,13 @@ impl std::ops::Deref for SubKey {
 impl std::borrow::Borrow<[u8]> for SubKey {
     fn borrow(&self) -> &[u8] {
         &self.bytes
+    }
+}
+
+impl std::hash::Hash for SubKey {
+    /// As its bytes hash (`Borrow<[u8]>` requires it: tables are probed with byte slices).
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.bytes[..].hash(state)
     }
 }
 
@@ -100,46 +101,25 @@ impl Ord for SubKey {
     }
 }
 
-/// Elements, keyed by subkey.
-type ElementMap = BTreeMap<SubKey, Bytes>;
-
-fn map_get<'m>(map: &'m ElementMap, sub: &[u8]) -> Option<&'m Bytes> {
-    if sub.len() <= SUBKEY_INLINE {
-        map.get(&SubKey::new(sub))
-    } else {
-        map.get(sub)
-    }
-}
-
-fn map_remove(map: &mut ElementMap, sub: &[u8]) -> Option<Bytes> {
-    if sub.len() <= SUBKEY_INLINE {
-        map.remove(&SubKey::new(sub))
-    } else {
-        map.remove(sub)
-    }
-}
-
 /// A collection's elements.
 #[derive(Debug)]
 pub(crate) struct Elements {
     pub(crate) id: u64,
-    pub(crate) map: ElementMap,
-    /// Accounted bytes of all elements.
-    pub(crate) bytes: u64,
+    pub(crate) map: ElementStore,
 }
 
 impl Elements {
+    /// Accounted bytes of all elements.
+    pub(crate) fn bytes(&self) -> u64 {
+        self.map.bytes()
+    }
+
     fn new(id: u64) -> Elements {
         Elements {
             id,
-            map: BTreeMap::new(),
-            bytes: 0,
+            map: ElementStore::new(),
         }
     }
-}
-
-fn element_bytes(sub: &[u8], value: &[u8]) -> u64 {
-    sub.len() as u64 + value.len() as u64 + ELEMENT_OVERHEAD_BYTES
 }
 
 /// Frees a collection, on the reclaim thread when it is big.
@@ -206,26 +186,12 @@ impl MemSpace<'_, '_> {
         &mut self,
         c: &Coll,
         r: ElRange<'_>,
-        pick: impl FnMut((&SubKey, &Bytes)) -> T,
+        pick: impl FnMut(&[u8], &Bytes) -> T,
     ) -> Result<Vec<T>> {
         let Some((e, _)) = self.elements(c, false)? else {
             return Ok(Vec::new());
         };
-        let empty = match (r.lo, r.hi) {
-            (Bound::Included(a), Bound::Included(b)) => a > b,
-            (Bound::Included(a) | Bound::Excluded(a), Bound::Excluded(b))
-            | (Bound::Excluded(a), Bound::Included(b)) => a >= b,
-            _ => false,
-        };
-        if empty {
-            return Ok(Vec::new());
-        }
-        let it = e.map.range::<[u8], _>((r.lo, r.hi));
-        Ok(if r.rev {
-            it.rev().take(r.limit).map(pick).collect()
-        } else {
-            it.take(r.limit).map(pick).collect()
-        })
+        Ok(e.map.range(r.lo, r.hi, r.rev, r.limit, pick))
     }
 }
 
@@ -271,7 +237,7 @@ impl Space for MemSpace<'_, '_> {
                 .is_some_and(|e| Some(e.id) != new_id)
                 && let Some(old) = entry.elements.take()
             {
-                store.used_bytes.fetch_sub(old.bytes, Ordering::Relaxed);
+                store.used_bytes.fetch_sub(old.bytes(), Ordering::Relaxed);
                 reclaim(old);
             }
         }
@@ -283,9 +249,9 @@ impl Space for MemSpace<'_, '_> {
                 .ok_or_else(|| Error::Io("entry vanished after put (an engine bug)".into()))?;
             store
                 .used_bytes
-                .fetch_add(elements.bytes, Ordering::Relaxed);
+                .fetch_add(elements.bytes(), Ordering::Relaxed);
             if let Some(old) = entry.elements.replace(Box::new(elements)) {
-                store.used_bytes.fetch_sub(old.bytes, Ordering::Relaxed);
+                store.used_bytes.fetch_sub(old.bytes(), Ordering::Relaxed);
                 reclaim(old);
             }
         }
@@ -311,7 +277,7 @@ impl Space for MemSpace<'_, '_> {
     fn el_get(&mut self, c: &Coll, sub: &[u8]) -> Result<Option<Bytes>> {
         Ok(self
             .elements(c, false)?
-            .and_then(|(e, _)| map_get(&e.map, sub).cloned()))
+            .and_then(|(e, _)| e.map.get(sub).cloned()))
     }
 
     fn el_put(&mut self, c: &Coll, sub: &[u8], value: &[u8]) -> Result<()> {
@@ -323,16 +289,12 @@ impl Space for MemSpace<'_, '_> {
         let (e, attached) = self
             .elements(c, true)?
             .ok_or_else(|| Error::Io("no elements after create (an engine bug)".into()))?;
-        let added = element_bytes(sub, value);
-        let old = e
-            .map
-            .insert(SubKey::new(sub), Bytes::copy_from_slice(value));
-        let removed = old.as_ref().map_or(0, |old| element_bytes(sub, old));
-        e.bytes = e.bytes + added - removed;
+        let before = e.bytes();
+        let old = e.map.insert(sub, Bytes::copy_from_slice(value));
         let new = old.is_none();
         if attached {
-            store.used_bytes.fetch_add(added, Ordering::Relaxed);
-            store.used_bytes.fetch_sub(removed, Ordering::Relaxed);
+            store.used_bytes.fetch_add(e.bytes(), Ordering::Relaxed);
+            store.used_bytes.fetch_sub(before, Ordering::Relaxed);
             // A new element changes the key; a rewritten one changes it when the command
             // stores the collection's record after it, as Redis signals (SADD of a present
             // member changes nothing). A new collection's elements count when it is stored.
@@ -348,13 +310,14 @@ impl Space for MemSpace<'_, '_> {
         let Some((e, attached)) = self.elements(c, false)? else {
             return Ok(false);
         };
-        let Some(old) = map_remove(&mut e.map, sub) else {
+        let before = e.bytes();
+        if e.map.remove(sub).is_none() {
             return Ok(false);
-        };
-        let freed = element_bytes(sub, &old);
-        e.bytes -= freed;
+        }
         if attached {
-            store.used_bytes.fetch_sub(freed, Ordering::Relaxed);
+            // A removal may turn a run into a map, which accounts more.
+            store.used_bytes.fetch_add(e.bytes(), Ordering::Relaxed);
+            store.used_bytes.fetch_sub(before, Ordering::Relaxed);
             store.changed(shard_in(store, self.guards, &c.key)?, &c.key);
         }
         Ok(true)
@@ -365,12 +328,12 @@ impl Space for MemSpace<'_, '_> {
     }
 
     fn el_range(&mut self, c: &Coll, r: ElRange<'_>) -> Result<Vec<(Bytes, Bytes)>> {
-        let pick = |(k, v): (&SubKey, &Bytes)| (Bytes::copy_from_slice(k), v.clone());
+        let pick = |k: &[u8], v: &Bytes| (Bytes::copy_from_slice(k), v.clone());
         self.walk_range(c, r, pick)
     }
 
     fn el_values(&mut self, c: &Coll, r: ElRange<'_>) -> Result<Vec<Bytes>> {
-        self.walk_range(c, r, |(_, v)| v.clone())
+        self.walk_range(c, r, |_, v| v.clone())
     }
 
     fn rename(&mut self, from: &[u8], to: &[u8]) -> Result<()> {
@@ -447,17 +410,18 @@ mod tests {
                 assert_eq!(x == y, a == b);
             }
         }
-        let mut map = ElementMap::new();
+        let mut map = std::collections::BTreeMap::new();
         for k in &keys {
             map.insert(SubKey::new(k), Bytes::new());
         }
         for k in &keys {
-            assert!(map_get(&map, k).is_some());
+            assert!(map.contains_key(&SubKey::new(k)));
+            assert!(map.contains_key(&k[..]));
         }
         let lo: &[u8] = &[1];
         let hi: &[u8] = &[2];
         let ranged: Vec<&[u8]> = map
-            .range::<[u8], _>((Bound::Included(lo), Bound::Excluded(hi)))
+            .range::<[u8], _>((std::ops::Bound::Included(lo), std::ops::Bound::Excluded(hi)))
             .map(|(k, _)| &k[..])
             .collect();
         let mut want: Vec<&[u8]> = keys

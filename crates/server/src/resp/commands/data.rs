@@ -39,7 +39,8 @@ pub(super) async fn execute(
                 .unwrap_or(args);
             let key = key.unwrap_or_default();
             let m = Mutation::Exec { key, args };
-            conn.queue(spec.name, Shape::Plain, vec![m], started).await;
+            conn.queue(spec.name, Shape::Plain, std::iter::once(m), started)
+                .await;
         }
         Run::Read(_) => {
             conn.flush_pending().await;
@@ -71,10 +72,14 @@ fn admit(conn: &Connection, spec: &Spec, args: &[Bytes]) -> Result<Option<Bytes>
         return Err("NOAUTH Authentication required.".into());
     }
     // An invalid numkeys: the command answers its own error (on nothing, it touches no data).
-    let Ok(indices) = spec.key_indices(args) else {
+    // Inline up to a few keys: this runs for every data-type command.
+    let mut keys: smallvec::SmallVec<[&Bytes; 4]> = smallvec::SmallVec::new();
+    if spec
+        .each_key_index(args, |i| keys.extend(args.get(i)))
+        .is_err()
+    {
         return Err(argument_error(args));
-    };
-    let keys: Vec<&Bytes> = indices.iter().filter_map(|&i| args.get(i)).collect();
+    }
     for k in &keys {
         check_key(k).map_err(|e| error_line(&e))?;
     }

@@ -269,12 +269,37 @@ pub fn canonical_name(name: &str) -> &str {
     }
 }
 
+/// A lowercase command name of up to 16 bytes as one big-endian integer (zero-padded; names
+/// have no zero bytes), so the lookup compares integers instead of calling `memcmp` per row:
+/// it runs for every command, and misses for every data-type command.
+fn packed_name(name: &str) -> Option<u128> {
+    let name = name.as_bytes();
+    if name.len() > 16 {
+        return None;
+    }
+    let mut b = [0u8; 16];
+    b[..name.len()].copy_from_slice(name);
+    Some(u128::from_be_bytes(b))
+}
+
 /// The table row of a command.
 fn lookup(name: &str) -> Option<&'static Command> {
-    COMMANDS
-        .binary_search_by_key(&name, |c| c.name)
+    static PACKED: std::sync::OnceLock<Vec<(u128, &'static Command)>> = std::sync::OnceLock::new();
+    let Some(packed) = packed_name(name) else {
+        return COMMANDS.iter().find(|c| c.name == name);
+    };
+    let table = PACKED.get_or_init(|| {
+        let mut v: Vec<(u128, &'static Command)> = COMMANDS
+            .iter()
+            .filter_map(|c| Some((packed_name(c.name)?, c)))
+            .collect();
+        v.sort_unstable_by_key(|(p, _)| *p);
+        v
+    });
+    table
+        .binary_search_by_key(&packed, |(p, _)| *p)
         .ok()
-        .map(|i| &COMMANDS[i])
+        .map(|i| table[i].1)
 }
 
 fn arity_ok(cmd: &Command, argc: usize) -> bool {
@@ -469,4 +494,26 @@ async fn read(conn: &Connection, key: &Bytes) -> Result<Option<Value>, String> {
     read_many(conn, std::slice::from_ref(key))
         .await
         .map(|mut v| v.pop().flatten())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lookup_finds_every_row_by_its_name_and_nothing_else() {
+        for c in COMMANDS {
+            assert_eq!(lookup(c.name).map(|found| found.name), Some(c.name));
+        }
+        for missing in [
+            "",
+            "gett",
+            "ge",
+            "lpush",
+            "subscribex",
+            "a-name-longer-than-16",
+        ] {
+            assert!(lookup(missing).is_none(), "{missing}");
+        }
+    }
 }

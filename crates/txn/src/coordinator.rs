@@ -1,0 +1,431 @@
+//! The coordinator: one transaction from plan to answer (see the crate docs for the protocol).
+//!
+//! `execute` runs attempts. An attempt takes a fresh [`TxnId`], sends every participant its
+//! prepare at once, and applies the commit rule to the answers:
+//! - all YES: committed. The replies are assembled in command order and the commits go out in
+//!   the background (a participant that misses its commit keeps its locks until the anchor's
+//!   recovery commits it, which it will: every vote is YES).
+//! - a NO: aborted. A failed WATCH ends the transaction (nothing applied, EXEC answers nil);
+//!   a lock conflict, or a prepare that arrived after a recovery's prevent, releases this
+//!   attempt's locks (awaited, so the next attempt does not meet its own) and tries again
+//!   with a new id, up to [`Config::attempts_max`] attempts.
+//! - some answer missing: the unreachable participants are *prevented* (retried until
+//!   [`Config::resolve_for`] has passed). A prevent either finds the prepare (its vote counts)
+//!   or makes any later prepare a NO, so once every participant has answered one or the other,
+//!   the decision is certain. If one stays unreachable, the answer is `Unknown`.
+//!
+//! Every step is idempotent at the participant (`capdb_types::txn::step`), so resending one
+//! after a lost reply is always safe, and a coordinator and a recovery racing on the same
+//! transaction cannot decide differently.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use capdb_types::txn::{Decision, LockMode, Outcome, Refusal, TxnId, decide};
+use capdb_types::{GroupId, Timestamp};
+use tokio::time::Instant;
+
+/// One command of a transaction, with the shard its keys are on and how it uses them.
+#[derive(Debug, Clone)]
+pub struct PlannedCommand {
+    pub group: GroupId,
+    pub args: Vec<Bytes>,
+    pub keys: Vec<(Bytes, LockMode)>,
+}
+
+/// A whole transaction as the coordinator receives it: every command and WATCH guard up
+/// front (one-shot transactions: locks are never held across a client's think time).
+#[derive(Debug, Clone, Default)]
+pub struct Plan {
+    pub commands: Vec<PlannedCommand>,
+    /// WATCH guards: (shard, key, the change mark the client saw).
+    pub guards: Vec<(GroupId, Bytes, u64)>,
+}
+
+/// One participant's part of a transaction.
+#[derive(Debug, Clone)]
+pub struct Prepare {
+    /// The shard that keeps the transaction record and recovers it.
+    pub anchor: GroupId,
+    /// Every participant (the anchor's record lists them for recovery).
+    pub participants: Vec<GroupId>,
+    /// This shard's commands, in transaction order.
+    pub commands: Vec<Vec<Bytes>>,
+    pub keys: Vec<(Bytes, LockMode)>,
+    /// This shard's WATCH guards: (key, change mark seen).
+    pub guards: Vec<(Bytes, u64)>,
+    /// Unix ms after which the locks count as orphaned and the anchor is asked.
+    pub deadline_ms: u64,
+}
+
+/// A step sent to one participant shard (one log entry there).
+#[derive(Debug, Clone)]
+pub enum ShardStep {
+    Prepare(Prepare),
+    Commit { ts: Timestamp },
+    Abort,
+    Prevent,
+}
+
+/// A participant's answer to any step.
+#[derive(Debug, Clone)]
+pub struct Answer<R> {
+    pub outcome: Outcome,
+    /// With `Yes` and `Committed`: this shard's replies, in its commands' order (the
+    /// participant keeps them with its vote, so a repeated step returns them too).
+    pub replies: Option<Vec<R>>,
+}
+
+/// A step whose outcome at the participant is unknown: it may or may not have been applied.
+#[derive(Debug, Clone)]
+pub struct Unreachable(pub String);
+
+/// How the coordinator reaches participant shards.
+pub trait Participants: Send + Sync + 'static {
+    type Reply: Clone + Send + Sync + 'static;
+
+    /// Has `step` of `txn` applied by shard `group` (proposed through its leader) and returns
+    /// the participant's answer. `Err`: unknown whether it was applied.
+    fn step(
+        &self,
+        group: GroupId,
+        txn: TxnId,
+        step: ShardStep,
+    ) -> impl Future<Output = Result<Answer<Self::Reply>, Unreachable>> + Send;
+
+    /// Unix ms (the node's clock, for lock deadlines).
+    fn now_ms(&self) -> u64;
+}
+
+/// The coordinator's bounds.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Attempts per transaction when locks conflict (then `Conflict`: `-TRYAGAIN`).
+    pub attempts_max: u32,
+    /// Locks count as orphaned this long after the prepare was sent.
+    pub lock_hold_ms: u64,
+    /// How long an unanswered step is resent before giving up on the participant.
+    pub resolve_for: Duration,
+    /// First pause between attempts (doubling, with jitter).
+    pub retry_pause: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            attempts_max: 8,
+            lock_hold_ms: 2_000,
+            resolve_for: Duration::from_secs(3),
+            retry_pause: Duration::from_millis(2),
+        }
+    }
+}
+
+/// Counters for `/metrics`.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub committed: AtomicU64,
+    pub watch_failed: AtomicU64,
+    /// Transactions given up after every attempt met a lock.
+    pub conflicts: AtomicU64,
+    /// Attempts after the first.
+    pub retried: AtomicU64,
+    pub unknown: AtomicU64,
+    /// Transactions finished by [`Coordinator::recover`].
+    pub recovered: AtomicU64,
+}
+
+/// How a transaction ended, for the client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Finished<R> {
+    /// Applied on every shard; the replies in command order.
+    Committed(Vec<R>),
+    /// A watched key had changed: nothing applied.
+    WatchFailed,
+    /// Every attempt met locks of other transactions: nothing applied.
+    Conflict,
+    /// A participant stayed unreachable: it may or may not commit; the anchor's recovery
+    /// decides.
+    Unknown(String),
+}
+
+/// Coordinates transactions for one node: a session of transaction ids and the protocol.
+pub struct Coordinator<P: Participants> {
+    participants: Arc<P>,
+    origin: u64,
+    epoch: u64,
+    seq: AtomicU64,
+    config: Config,
+    pub metrics: Arc<Metrics>,
+}
+
+/// An attempt's end: finished, or try again with a new id.
+enum Attempt<R> {
+    Done(Finished<R>),
+    Retry,
+}
+
+impl<P: Participants> Coordinator<P> {
+    /// A coordinator for node `origin`; `epoch` must differ per process start (a restarted
+    /// node is a new session, so its ids never repeat an earlier process's).
+    pub fn new(participants: Arc<P>, origin: u64, epoch: u64, config: Config) -> Self {
+        Coordinator {
+            participants,
+            origin,
+            epoch,
+            seq: AtomicU64::new(0),
+            config,
+            metrics: Arc::new(Metrics::default()),
+        }
+    }
+
+    fn next_id(&self) -> TxnId {
+        TxnId {
+            origin: self.origin,
+            epoch: self.epoch,
+            seq: self.seq.fetch_add(1, Ordering::Relaxed) + 1,
+        }
+    }
+
+    /// Runs `plan` to its end (see [`Finished`] for what each answer promises).
+    pub async fn execute(&self, plan: &Plan) -> Finished<P::Reply> {
+        if plan.commands.is_empty() {
+            return Finished::Committed(Vec::new());
+        }
+        let mut pause = self.config.retry_pause;
+        for attempt in 0..self.config.attempts_max {
+            if attempt > 0 {
+                self.metrics.retried.fetch_add(1, Ordering::Relaxed);
+                let jitter = fastrand::u64(0..=pause.as_micros() as u64);
+                tokio::time::sleep(pause + Duration::from_micros(jitter)).await;
+                pause = (pause * 2).min(Duration::from_millis(200));
+            }
+            if let Attempt::Done(f) = self.attempt(plan).await {
+                let counter = match &f {
+                    Finished::Committed(_) => &self.metrics.committed,
+                    Finished::WatchFailed => &self.metrics.watch_failed,
+                    Finished::Conflict => &self.metrics.conflicts,
+                    Finished::Unknown(_) => &self.metrics.unknown,
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+                return f;
+            }
+        }
+        self.metrics.conflicts.fetch_add(1, Ordering::Relaxed);
+        Finished::Conflict
+    }
+
+    async fn attempt(&self, plan: &Plan) -> Attempt<P::Reply> {
+        let id = self.next_id();
+        // Commands per shard, in transaction order; the anchor is the first command's shard.
+        let mut parts: BTreeMap<GroupId, Vec<usize>> = BTreeMap::new();
+        for (i, c) in plan.commands.iter().enumerate() {
+            parts.entry(c.group).or_default().push(i);
+        }
+        let anchor = plan.commands[0].group;
+        let groups: Vec<GroupId> = parts.keys().copied().collect();
+        let deadline_ms = self.participants.now_ms() + self.config.lock_hold_ms;
+        let prepares = groups.iter().map(|g| {
+            let idx = &parts[g];
+            let mut keys: Vec<(Bytes, LockMode)> = Vec::new();
+            for &i in idx {
+                keys.extend(plan.commands[i].keys.iter().cloned());
+            }
+            let prepare = Prepare {
+                anchor,
+                participants: groups.clone(),
+                commands: idx.iter().map(|&i| plan.commands[i].args.clone()).collect(),
+                keys,
+                guards: plan
+                    .guards
+                    .iter()
+                    .filter(|(gg, _, _)| gg == g)
+                    .map(|(_, k, m)| (k.clone(), *m))
+                    .collect(),
+                deadline_ms,
+            };
+            self.participants.step(*g, id, ShardStep::Prepare(prepare))
+        });
+        let answers = futures::future::join_all(prepares).await;
+        let mut outcomes: Vec<Option<Outcome>> = Vec::with_capacity(groups.len());
+        let mut replies: Vec<Option<Vec<P::Reply>>> = Vec::with_capacity(groups.len());
+        for a in answers {
+            match a {
+                Ok(a) => {
+                    outcomes.push(Some(a.outcome));
+                    replies.push(a.replies);
+                }
+                Err(_) => {
+                    outcomes.push(None);
+                    replies.push(None);
+                }
+            }
+        }
+        let mut decision = decide(&outcomes);
+        if decision == Decision::Unknown {
+            decision = self.resolve(id, &groups, &mut outcomes, &mut replies).await;
+        }
+        match decision {
+            Decision::Commit { ts } => {
+                // A shard whose vote came through a recovery's commit may not have sent its
+                // replies: ask again (any step answers them while the shard keeps the vote).
+                let until = Instant::now() + self.config.resolve_for;
+                for (i, g) in groups.iter().enumerate() {
+                    if replies[i].is_none()
+                        && let Some(a) = self.step_until(*g, id, ShardStep::Prevent, until).await
+                    {
+                        replies[i] = a.replies;
+                    }
+                }
+                self.finish_in_background(id, groups.clone(), ShardStep::Commit { ts });
+                let mut out: Vec<Option<P::Reply>> = vec![None; plan.commands.len()];
+                for (g, shard_replies) in groups.iter().zip(replies) {
+                    let idx = &parts[g];
+                    match shard_replies {
+                        Some(r) if r.len() == idx.len() => {
+                            for (&i, reply) in idx.iter().zip(r) {
+                                out[i] = Some(reply);
+                            }
+                        }
+                        _ => {
+                            return Attempt::Done(Finished::Unknown(format!(
+                                "transaction {id} committed, but shard {g}'s replies were lost"
+                            )));
+                        }
+                    }
+                }
+                Attempt::Done(Finished::Committed(out.into_iter().flatten().collect()))
+            }
+            Decision::Abort => {
+                let watch = outcomes
+                    .iter()
+                    .any(|o| matches!(o, Some(Outcome::No(Refusal::WatchFailed { .. }))));
+                if watch {
+                    self.finish_in_background(id, groups, ShardStep::Abort);
+                    return Attempt::Done(Finished::WatchFailed);
+                }
+                // A lock conflict (or a recovery's prevent got to a slow prepare first):
+                // release this attempt's locks before the next attempt can meet them.
+                self.finish(id, &groups, ShardStep::Abort).await;
+                Attempt::Retry
+            }
+            Decision::Unknown => {
+                let missing: Vec<GroupId> = groups
+                    .iter()
+                    .zip(&outcomes)
+                    .filter(|(_, o)| o.is_none())
+                    .map(|(g, _)| *g)
+                    .collect();
+                Attempt::Done(Finished::Unknown(format!(
+                    "transaction {id}: shards {missing:?} unreachable; the anchor shard {anchor} finishes it"
+                )))
+            }
+        }
+    }
+
+    /// Fills in the missing answers by preventing those participants, resending until
+    /// [`Config::resolve_for`] has passed; returns the decision then.
+    async fn resolve(
+        &self,
+        id: TxnId,
+        groups: &[GroupId],
+        outcomes: &mut [Option<Outcome>],
+        replies: &mut [Option<Vec<P::Reply>>],
+    ) -> Decision {
+        let until = Instant::now() + self.config.resolve_for;
+        let asks = groups
+            .iter()
+            .zip(outcomes.iter())
+            .enumerate()
+            .filter(|(_, (_, o))| o.is_none())
+            .map(|(i, (g, _))| async move {
+                (i, self.step_until(*g, id, ShardStep::Prevent, until).await)
+            });
+        for (i, answer) in futures::future::join_all(asks).await {
+            if let Some(a) = answer {
+                outcomes[i] = Some(a.outcome);
+                replies[i] = a.replies;
+            }
+        }
+        decide(outcomes)
+    }
+
+    /// Resends `step` to `group` until it is answered or `until` passes.
+    async fn step_until(
+        &self,
+        group: GroupId,
+        id: TxnId,
+        step: ShardStep,
+        until: Instant,
+    ) -> Option<Answer<P::Reply>> {
+        step_until(&*self.participants, group, id, step, until).await
+    }
+
+    /// Sends a decision's step to every participant and waits for the answers (bounded).
+    async fn finish(&self, id: TxnId, groups: &[GroupId], step: ShardStep) {
+        let until = Instant::now() + self.config.resolve_for;
+        let sends = groups
+            .iter()
+            .map(|g| self.step_until(*g, id, step.clone(), until));
+        futures::future::join_all(sends).await;
+    }
+
+    /// Sends a decision's step to every participant without waiting. A participant it never
+    /// reaches keeps its locks until the anchor's recovery finishes the transaction.
+    fn finish_in_background(&self, id: TxnId, groups: Vec<GroupId>, step: ShardStep) {
+        let participants = self.participants.clone();
+        let until = Instant::now() + self.config.resolve_for;
+        tokio::spawn(async move {
+            let sends = groups
+                .iter()
+                .map(|g| step_until(&*participants, *g, id, step.clone(), until));
+            futures::future::join_all(sends).await;
+        });
+    }
+
+    /// Finishes transaction `id` whose coordinator may be gone (run by the anchor shard's
+    /// leader for a record past its deadline): prevents every participant that has not
+    /// prepared, decides, and carries the decision out. Returns the decision (`Unknown` if a
+    /// participant stayed unreachable: try again later).
+    pub async fn recover(&self, id: TxnId, groups: &[GroupId]) -> Decision {
+        let mut outcomes: Vec<Option<Outcome>> = vec![None; groups.len()];
+        let mut replies: Vec<Option<Vec<P::Reply>>> = vec![None; groups.len()];
+        let decision = self.resolve(id, groups, &mut outcomes, &mut replies).await;
+        match &decision {
+            Decision::Commit { ts } => {
+                self.finish(id, groups, ShardStep::Commit { ts: *ts }).await;
+            }
+            Decision::Abort => self.finish(id, groups, ShardStep::Abort).await,
+            Decision::Unknown => return decision,
+        }
+        self.metrics.recovered.fetch_add(1, Ordering::Relaxed);
+        decision
+    }
+}
+
+async fn step_until<P: Participants>(
+    participants: &P,
+    group: GroupId,
+    id: TxnId,
+    step: ShardStep,
+    until: Instant,
+) -> Option<Answer<P::Reply>> {
+    let mut pause = Duration::from_millis(5);
+    loop {
+        match participants.step(group, id, step.clone()).await {
+            Ok(a) => return Some(a),
+            Err(e) => {
+                if Instant::now() >= until {
+                    tracing::debug!(%id, group, error = %e.0, "participant unreachable");
+                    return None;
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(200));
+            }
+        }
+    }
+}
