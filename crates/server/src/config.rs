@@ -79,6 +79,9 @@ pub struct DebugConfig {
     /// Apply every copy of a retried write (exactly-once off): a deliberately broken mode that
     /// the chaos checker must catch (doubled increments, CAS answered nil though applied).
     pub apply_duplicates: bool,
+    /// Run a `cp` MULTI/EXEC as one log entry per command (not atomic, WATCH ignored): a
+    /// deliberately broken mode that the chaos `append` checker must catch.
+    pub unsafe_txn: bool,
     /// HLEN answers one too many for a hash of exactly 3 fields: a deliberately wrong reply
     /// `capdb difftest` must catch (`capdb_data::hash::PLANT_DIFFERENCE`).
     pub plant_difference: bool,
@@ -265,6 +268,10 @@ pub struct ServerArgs {
     /// correctness on purpose so `capdb chaos` can prove it detects double application.
     #[arg(long, hide = true)]
     pub debug_apply_duplicates: bool,
+    /// TESTING ONLY: run a cp MULTI/EXEC as one log entry per command (not atomic, WATCH
+    /// ignored). This breaks transactions on purpose so `capdb chaos` can prove it detects it.
+    #[arg(long, hide = true)]
+    pub debug_unsafe_txn: bool,
     /// TESTING ONLY: HLEN answers one more than the truth when the hash has exactly 3 fields.
     /// A planted difference so `capdb difftest` can prove it detects one.
     #[arg(long, hide = true)]
@@ -486,6 +493,7 @@ fn resolve_cluster(args: &ServerArgs, file: &FileConfig) -> Result<ClusterConfig
             unsafe_local_reads: args.debug_unsafe_local_reads,
             fault_injection: args.debug_fault_injection,
             apply_duplicates: args.debug_apply_duplicates,
+            unsafe_txn: args.debug_unsafe_txn,
             plant_difference: args.debug_plant_difference,
         },
     })

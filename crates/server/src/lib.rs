@@ -187,6 +187,7 @@ async fn start_groups(
             join: config.cluster.join.clone(),
             unsafe_local_reads: config.cluster.debug.unsafe_local_reads,
             apply_duplicates: config.cluster.debug.apply_duplicates,
+            unsafe_txn: config.cluster.debug.unsafe_txn,
             raft: Arc::new(raft),
         },
         engine.clone(),

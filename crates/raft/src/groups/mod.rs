@@ -69,6 +69,10 @@ pub struct GroupsConfig {
     /// TESTING ONLY (`--debug-apply-duplicates`): state machines apply every copy of a retried
     /// write (exactly-once off), a deliberately broken mode the chaos checker must catch.
     pub apply_duplicates: bool,
+    /// TESTING ONLY (`--debug-unsafe-txn`): a MULTI/EXEC transaction is proposed as one entry
+    /// per command (not atomic, guards ignored), a deliberately broken mode the chaos
+    /// `append` checker must catch.
+    pub unsafe_txn: bool,
 }
 
 /// Raft timing used by capdb, for failover well under 1.5 s: a follower calls an election
@@ -123,6 +127,8 @@ pub struct Groups {
     unsafe_local_reads: bool,
     /// See [`GroupsConfig::apply_duplicates`].
     apply_duplicates: bool,
+    /// See [`GroupsConfig::unsafe_txn`].
+    unsafe_txn: bool,
     /// Stamps this node's writes so that each is applied at most once.
     ids: Arc<RequestIds>,
     /// TESTING ONLY (`POST /v1/debug/lose-write-answers`): the next this-many answers to writes
@@ -175,6 +181,7 @@ impl Groups {
             stopping: AtomicBool::new(false),
             unsafe_local_reads: config.unsafe_local_reads,
             apply_duplicates: config.apply_duplicates,
+            unsafe_txn: config.unsafe_txn,
             ids: RequestIds::new(me),
             lose_write_answers: AtomicU64::new(0),
         });

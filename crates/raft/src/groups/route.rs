@@ -470,6 +470,14 @@ impl Groups {
         now_ms: u64,
     ) -> Result<Option<Vec<Result<Reply, Error>>>, Error> {
         let count = mutations.len();
+        if self.unsafe_txn {
+            // Deliberately broken (testing only): one entry per command, guards ignored.
+            let mut replies = Vec::with_capacity(count);
+            for m in mutations {
+                replies.extend(self.write_mutations(group, vec![m], now_ms).await?);
+            }
+            return Ok(Some(replies));
+        }
         let guarded = !guards.is_empty();
         let request = Request::Txn {
             mutations,
