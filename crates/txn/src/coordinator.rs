@@ -4,7 +4,9 @@
 //! prepare at once, and applies the commit rule to the answers:
 //! - all YES: committed. The replies are assembled in command order and the commits go out in
 //!   the background (a participant that misses its commit keeps its locks until the anchor's
-//!   recovery commits it, which it will: every vote is YES).
+//!   recovery commits it, which it will: every vote is YES). A participant that runs its
+//!   commands only when it commits (it voted without replies) is committed first and its
+//!   commit's answer carries them.
 //! - a NO: aborted. A failed WATCH ends the transaction (nothing applied, EXEC answers nil);
 //!   a lock conflict, or a prepare that arrived after a recovery's prevent, releases this
 //!   attempt's locks (awaited, so the next attempt does not meet its own) and tries again
@@ -271,13 +273,18 @@ impl<P: Participants> Coordinator<P> {
         }
         match decision {
             Decision::Commit { ts } => {
-                // A shard whose vote came through a recovery's commit may not have sent its
-                // replies: ask again (any step answers them while the shard keeps the vote).
+                // A shard that voted without replies (it runs its commands when it commits),
+                // or whose vote came through a recovery's commit, answers them to its commit:
+                // commit those now and wait; the rest commit in the background.
                 let until = Instant::now() + self.config.resolve_for;
-                for (i, g) in groups.iter().enumerate() {
-                    if replies[i].is_none()
-                        && let Some(a) = self.step_until(*g, id, ShardStep::Prevent, until).await
-                    {
+                let waiting: Vec<usize> = (0..groups.len())
+                    .filter(|&i| replies[i].is_none())
+                    .collect();
+                let commits = waiting
+                    .iter()
+                    .map(|&i| self.step_until(groups[i], id, ShardStep::Commit { ts }, until));
+                for (&i, answer) in waiting.iter().zip(futures::future::join_all(commits).await) {
+                    if let Some(a) = answer {
                         replies[i] = a.replies;
                     }
                 }

@@ -50,6 +50,9 @@ struct Sim {
     lose_reply: u32,
     /// Steps a correct coordinator never sends (a commit without a YES vote, ...).
     violations: Mutex<Vec<String>>,
+    /// Participants answer their replies only to the commit (they run the commands then), not
+    /// with their YES vote.
+    replies_at_commit: bool,
 }
 
 impl Sim {
@@ -149,6 +152,7 @@ impl Sim {
             shard.txns.insert(txn, n);
         }
         let replies = match outcome {
+            Outcome::Yes(_) if self.replies_at_commit => None,
             Outcome::Yes(_) | Outcome::Committed(_) => shard.replies.get(&txn).cloned(),
             _ => None,
         };
@@ -212,6 +216,16 @@ fn transfer(from: u64, to: u64, amount: i64) -> Plan {
 }
 
 async fn run(seed: u64, lose_request: u32, lose_reply: u32, per_client: usize) {
+    run_with(seed, lose_request, lose_reply, per_client, false).await
+}
+
+async fn run_with(
+    seed: u64,
+    lose_request: u32,
+    lose_reply: u32,
+    per_client: usize,
+    replies_at_commit: bool,
+) {
     fastrand::seed(seed);
     let sim = Arc::new(Sim {
         shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
@@ -219,6 +233,7 @@ async fn run(seed: u64, lose_request: u32, lose_reply: u32, per_client: usize) {
         lose_request,
         lose_reply,
         violations: Mutex::new(Vec::new()),
+        replies_at_commit,
     });
     for a in 0..ACCOUNTS {
         sim.shards[shard_of(a) as usize]
@@ -361,5 +376,12 @@ async fn transfers_are_all_or_nothing_when_requests_and_replies_are_lost() {
 async fn transfers_are_all_or_nothing_when_most_replies_are_lost() {
     for seed in 20..=22 {
         run(seed, 50, 400, 8).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shards_that_reply_only_when_they_commit_are_waited_for() {
+    for seed in 30..=33 {
+        run_with(seed, 100, 100, 12, true).await;
     }
 }
