@@ -925,8 +925,8 @@ fn ap_keyspaces_write_on_both_sides_of_a_partition_and_converge() {
     );
 }
 
-/// The reconcile report's sum over every node of bytes that merges stored in `events`.
-fn merge_bytes_stored(c: &Cluster) -> u64 {
+/// The cluster's reconcile report, asked of node 1.
+fn reconcile_report(c: &Cluster) -> serde_json::Value {
     let (code, body) = http(
         c.node(1).http,
         "GET",
@@ -936,7 +936,12 @@ fn merge_bytes_stored(c: &Cluster) -> u64 {
     )
     .unwrap();
     assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
-    let report = json(&body);
+    json(&body)
+}
+
+/// The reconcile report's sum over every node of bytes that merges stored in `events`.
+fn merge_bytes_stored(c: &Cluster) -> u64 {
+    let report = reconcile_report(c);
     assert_eq!(report["unreachable_nodes"], serde_json::json!([]));
     report["keyspaces"]["events"]["totals"]["merge_bytes_stored"]
         .as_u64()
@@ -945,16 +950,7 @@ fn merge_bytes_stored(c: &Cluster) -> u64 {
 
 /// Element records of `events` stored on each node.
 fn element_records(c: &Cluster) -> Vec<u64> {
-    let (code, body) = http(
-        c.node(1).http,
-        "GET",
-        "/v1/cluster/reconcile-report",
-        &[],
-        None,
-    )
-    .unwrap();
-    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
-    let report = json(&body);
+    let report = reconcile_report(c);
     (1..=3)
         .map(|n| {
             report["nodes"][n.to_string()]["keyspaces"]["events"]["storage"]["element_records"]
@@ -966,16 +962,7 @@ fn element_records(c: &Cluster) -> Vec<u64> {
 
 /// Bytes that merges stored in `events` on node `n`, from the reconcile report.
 fn merge_bytes_stored_on(c: &Cluster, n: u64) -> u64 {
-    let (code, body) = http(
-        c.node(1).http,
-        "GET",
-        "/v1/cluster/reconcile-report",
-        &[],
-        None,
-    )
-    .unwrap();
-    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
-    let report = json(&body);
+    let report = reconcile_report(c);
     report["nodes"][n.to_string()]["keyspaces"]["events"]["totals"]["merge_bytes_stored"]
         .as_u64()
         .unwrap_or_else(|| panic!("node {n} reports no merge bytes: {report:#}"))
