@@ -654,3 +654,39 @@ fn a_forwarded_exec_whose_answer_is_lost_is_applied_once() {
         .count();
     assert_eq!(dropped, 1, "the answer really was lost");
 }
+
+/// The value of `capdb_transactions_total{outcome="..."}` in `/metrics` (0 when absent).
+fn transactions_counted(s: &Server, outcome: &str) -> u64 {
+    let (code, body) = http(s.http, "GET", "/metrics", &[], None).unwrap();
+    assert_eq!(code, 200);
+    let text = String::from_utf8_lossy(&body).into_owned();
+    let prefix = format!("capdb_transactions_total{{outcome=\"{outcome}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map_or(0, |v| v.trim().parse().unwrap())
+}
+
+#[test]
+fn every_exec_is_counted_by_how_it_ended() {
+    let s = Server::start();
+    let mut c = s.client();
+    ok(&mut c, "MULTI");
+    queued(&mut c, "SET {m}a 1");
+    ok(&mut c, "EXEC");
+    // A watched key this client changes: nil.
+    ok(&mut c, "WATCH {m}a");
+    ok(&mut c, "SET {m}a 2");
+    ok(&mut c, "MULTI");
+    queued(&mut c, "SET {m}a 3");
+    assert_eq!(ok(&mut c, "EXEC"), Value::Nil);
+    // A queue-time error: EXECABORT.
+    ok(&mut c, "MULTI");
+    assert!(err(&mut c, "NOSUCHCOMMAND x").contains("unknown command"));
+    assert!(err(&mut c, "EXEC").starts_with("EXECABORT"));
+    // Not a transaction: not counted.
+    assert!(err(&mut c, "EXEC").contains("EXEC without MULTI"));
+    assert_eq!(transactions_counted(&s, "committed"), 1);
+    assert_eq!(transactions_counted(&s, "watch_aborted"), 1);
+    assert_eq!(transactions_counted(&s, "discarded"), 1);
+    assert_eq!(transactions_counted(&s, "failed"), 0);
+}

@@ -34,6 +34,11 @@ pub struct HttpLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TxnLabel {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KeyspaceLabel {
     keyspace: String,
     mode: &'static str,
@@ -141,6 +146,7 @@ pub struct Metrics {
     pub protocol_errors: Counter,
     pub pubsub_slow_subscribers: Counter,
     pub pubsub_dropped: Counter,
+    transactions: Family<TxnLabel, Counter>,
     keys: Family<KeyspaceLabel, Gauge>,
     memory: Family<KeyspaceLabel, Gauge>,
     evicted: Family<KeyspaceLabel, Gauge>,
@@ -159,6 +165,11 @@ fn latency_histogram() -> Histogram {
 }
 
 impl Metrics {
+    /// Counts one EXEC that ended with `outcome` (see the `transactions` metric's help).
+    pub fn transaction(&self, outcome: &'static str) {
+        self.transactions.get_or_create(&TxnLabel { outcome }).inc();
+    }
+
     /// `commands`: every command name the server knows (lowercase).
     pub fn new(commands: &[&'static str]) -> Metrics {
         let mut registry = Registry::with_prefix("capdb");
@@ -206,6 +217,7 @@ impl Metrics {
             protocol_errors: Counter::default(),
             pubsub_slow_subscribers: Counter::default(),
             pubsub_dropped: Counter::default(),
+            transactions: Family::default(),
             keys: Family::default(),
             memory: Family::default(),
             evicted: Family::default(),
@@ -242,6 +254,13 @@ impl Metrics {
             "pubsub_dropped",
             "Pub/sub messages not sent to another node (its queue full, or it did not answer)",
             self.pubsub_dropped.clone(),
+        );
+        r.register(
+            "transactions",
+            "EXEC calls by outcome: committed (ran), watch_aborted (a watched key changed: nil), \
+             discarded (EXECABORT: queue-time errors), failed (an error before anything ran, or \
+             -UNCERTAIN)",
+            self.transactions.clone(),
         );
         r.register(
             "connections_rejected",

@@ -453,7 +453,29 @@ fn data_step(
 /// whole EXEC can answer `-EXECABORT` (dirty: nothing ran), `-CROSSSLOT` (watched keys
 /// elsewhere: nothing ran), `-TRYAGAIN` (no leader with a quorum: nothing ran) or
 /// `-UNCERTAIN` (the transaction may have been applied: read before retrying).
-pub(super) async fn exec(conn: &mut Connection, _args: &[Bytes]) -> Outcome {
+pub(super) async fn exec(conn: &mut Connection, args: &[Bytes]) -> Outcome {
+    if conn.multi.is_none() {
+        return Err("ERR EXEC without MULTI".into());
+    }
+    let ended = run_exec(conn, args).await;
+    let outcome = match &ended {
+        Ok(Ended::Ran) => "committed",
+        Ok(Ended::WatchFailed) => "watch_aborted",
+        Err(e) if e.starts_with("EXECABORT") => "discarded",
+        Err(_) => "failed",
+    };
+    conn.node.metrics.transaction(outcome);
+    ended.map(|_| ())
+}
+
+/// How an EXEC that did not answer an error ended.
+enum Ended {
+    Ran,
+    /// A watched key changed: answered the null array, nothing ran.
+    WatchFailed,
+}
+
+async fn run_exec(conn: &mut Connection, _args: &[Bytes]) -> Result<Ended, String> {
     let Some(multi) = conn.multi.take() else {
         return Err("ERR EXEC without MULTI".into());
     };
@@ -472,7 +494,7 @@ pub(super) async fn exec(conn: &mut Connection, _args: &[Bytes]) -> Outcome {
                 // The watched keyspace is gone: its keys changed.
                 Err(_) => {
                     conn.out.null_array();
-                    return Ok(());
+                    return Ok(Ended::WatchFailed);
                 }
             },
             None => (conn.keyspace.clone(), 0),
@@ -529,7 +551,7 @@ pub(super) async fn exec(conn: &mut Connection, _args: &[Bytes]) -> Outcome {
         Err(e) => return Err(error_line(&e)),
         Ok(None) => {
             conn.out.null_array();
-            return Ok(());
+            return Ok(Ended::WatchFailed);
         }
         Ok(Some(r)) => r.into_iter(),
     };
@@ -575,7 +597,7 @@ pub(super) async fn exec(conn: &mut Connection, _args: &[Bytes]) -> Outcome {
             }
         }
     }
-    Ok(())
+    Ok(Ended::Ran)
 }
 
 /// The keys data-type writes of `mutations` touch (to wake clients blocked on them).
