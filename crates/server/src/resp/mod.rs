@@ -496,14 +496,7 @@ impl Connection {
         // Keys written by data-type commands wake clients blocked on them (here or elsewhere);
         // gathered only when someone waits.
         let written: Vec<Bytes> = if self.node.blocking.anyone_waiting() {
-            p.mutations
-                .iter()
-                .filter_map(|m| match m {
-                    Mutation::Exec { args, .. } => capdb_data::command::command_keys(args).ok(),
-                    _ => None,
-                })
-                .flatten()
-                .collect()
+            written_keys(&p.mutations)
         } else {
             Vec::new()
         };
@@ -677,4 +670,16 @@ impl Connection {
             self.done(c.name, c.started, false);
         }
     }
+}
+
+/// The keys data-type writes of `mutations` touch (to wake clients blocked on them).
+fn written_keys(mutations: &[Mutation]) -> Vec<Bytes> {
+    mutations
+        .iter()
+        .filter_map(|m| match m {
+            Mutation::Exec { args, .. } => capdb_data::command::command_keys(args).ok(),
+            _ => None,
+        })
+        .flatten()
+        .collect()
 }

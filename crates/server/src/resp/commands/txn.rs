@@ -545,7 +545,7 @@ async fn run_exec(conn: &mut Connection, _args: &[Bytes]) -> Result<Ended, Strin
     let mut parts = parts.into_iter();
     let (ks, now, c) = (target.0.clone(), conn.now_ms, conn.consistency);
     let first = parts.next().unwrap_or_default();
-    let written = written_keys(&first);
+    let written = crate::resp::written_keys(&first);
     let mut replies = match ks.transact(first, &guards, now, c).await {
         // Nothing ran (TRYAGAIN), or the client cannot know (UNCERTAIN): EXEC says so whole.
         Err(e) => return Err(error_line(&e)),
@@ -586,7 +586,7 @@ async fn run_exec(conn: &mut Connection, _args: &[Bytes]) -> Result<Ended, Strin
                     // The next part runs after it, without the watch guards (already judged).
                     let part = parts.next().unwrap_or_default();
                     let n = part.len();
-                    let written = written_keys(&part);
+                    let written = crate::resp::written_keys(&part);
                     replies = match ks.transact(part, &[], now, c).await {
                         Ok(Some(r)) => r.into_iter(),
                         Ok(None) => Vec::new().into_iter(),
@@ -598,18 +598,6 @@ async fn run_exec(conn: &mut Connection, _args: &[Bytes]) -> Result<Ended, Strin
         }
     }
     Ok(Ended::Ran)
-}
-
-/// The keys data-type writes of `mutations` touch (to wake clients blocked on them).
-fn written_keys(mutations: &[Mutation]) -> Vec<Bytes> {
-    mutations
-        .iter()
-        .filter_map(|m| match m {
-            Mutation::Exec { args, .. } => capdb_data::command::command_keys(args).ok(),
-            _ => None,
-        })
-        .flatten()
-        .collect()
 }
 
 /// A keyed command's reply from its mutations' replies.
