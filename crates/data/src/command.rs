@@ -289,6 +289,15 @@ pub fn command_keys(args: &[Bytes]) -> Result<Vec<Bytes>> {
         .collect())
 }
 
+/// Whether a data-type command (`args[0]` its name) may change its keys: by its table row,
+/// and for a command no row knows, yes (what a caller guarding data must assume).
+pub fn writes(args: &[Bytes]) -> bool {
+    if crate::notify::is_wrapped(args) {
+        return writes(&args[1..]);
+    }
+    spec_of(args).is_none_or(Spec::is_write)
+}
+
 /// [`command_keys`] without collecting them: `f` gets each key in argument order.
 pub fn each_command_key(args: &[Bytes], mut f: impl FnMut(&Bytes)) -> Result<()> {
     if crate::notify::is_wrapped(args) {

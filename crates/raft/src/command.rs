@@ -68,6 +68,15 @@ pub enum Request {
     /// Data shard: a point in the log for WATCH; answers its own log index (one
     /// `Reply::Integer`). Changes nothing.
     WatchPoint,
+    /// Data shard: one step of a cross-shard transaction at this participant (prepare, commit,
+    /// abort or prevent: `capdb_storage::disk::TxnJob`), stamped by the proposing leader like
+    /// a write. Answers [`Response::Txn`].
+    TxnStep {
+        txn: capdb_types::txn::TxnId,
+        step: capdb_types::txn::ShardStep<capdb_types::Mutation, TxnGuard>,
+        timestamp: Timestamp,
+        now_ms: u64,
+    },
 }
 
 /// A watched key's guard in a [`Request::Txn`]: the key has not changed after log index
@@ -95,6 +104,7 @@ impl fmt::Display for Request {
                 guards.len()
             ),
             Request::WatchPoint => f.write_str("watch point"),
+            Request::TxnStep { txn, step, .. } => write!(f, "txn {} of {txn}", step.name()),
             Request::Identified { id, request } => {
                 write!(f, "{request} as {}.{}#{}", id.origin, id.epoch, id.seq)
             }
@@ -113,4 +123,7 @@ pub enum Response {
     /// An identified request that was not applied, and whether an earlier copy of it was is no
     /// longer known (see [`crate::sessions::Decision::Expired`]).
     Expired,
+    /// What a participant answered to a [`Request::TxnStep`] (`Err`: the step broke the
+    /// protocol and changed nothing).
+    Txn(Result<capdb_storage::disk::TxnAnswer, Error>),
 }

@@ -307,7 +307,8 @@ impl StateMachine {
         let (id, request) = unwrap_identified(request);
         let index = b.applied.last_applied.map_or(0, |l| l.index);
         let guarded = matches!(&request, Request::Txn { guards, .. } if !guards.is_empty());
-        if matches!(request, Request::Clear) || guarded {
+        let alone = guarded || matches!(request, Request::Clear | Request::TxnStep { .. });
+        if alone {
             // Everything before this entry is applied first, and recorded as applied up to the
             // previous entry, so a crash in between never claims the clear happened.
             let upto = Applied {
@@ -371,6 +372,67 @@ impl StateMachine {
                     .await
                     .map_err(io)?;
                 b.responses[slot] = Some(Response::Replies(replies));
+            }
+            Request::TxnStep {
+                txn,
+                step,
+                timestamp,
+                now_ms,
+            } => {
+                // Alone, after everything before it: its locks and guards are judged on the
+                // state the entries before it left.
+                let mut meta = vec![self.applied_meta(&b.applied)];
+                meta.extend(sessions.take_changes());
+                meta.append(&mut b.remembered);
+                let step = match step {
+                    capdb_types::txn::ShardStep::Prepare(p) => {
+                        capdb_types::txn::ShardStep::Prepare(capdb_types::txn::Prepare {
+                            anchor: p.anchor,
+                            participants: p.participants,
+                            commands: p.commands,
+                            keys: p.keys,
+                            guards: p
+                                .guards
+                                .into_iter()
+                                .map(|g| capdb_storage::disk::WatchGuard {
+                                    key: g.key,
+                                    index: g.index,
+                                    since_ms: g.since_ms,
+                                    until_ms: now_ms,
+                                })
+                                .collect(),
+                            deadline_ms: p.deadline_ms,
+                        })
+                    }
+                    capdb_types::txn::ShardStep::Commit { ts } => {
+                        capdb_types::txn::ShardStep::Commit { ts }
+                    }
+                    capdb_types::txn::ShardStep::Abort => capdb_types::txn::ShardStep::Abort,
+                    capdb_types::txn::ShardStep::Prevent => capdb_types::txn::ShardStep::Prevent,
+                };
+                let job = capdb_storage::disk::TxnJob {
+                    txn,
+                    step,
+                    timestamp,
+                    now_ms,
+                    index,
+                };
+                let remember = remember.map(|(key, sent_ms)| {
+                    let encode_answer: capdb_storage::disk::RememberAnswer =
+                        Box::new(move |answer| {
+                            let mut value = row::prefix(sent_ms, row::RESPONSE);
+                            value.extend(encode(&Response::Txn(answer.clone())));
+                            value
+                        });
+                    (key, encode_answer)
+                });
+                let answer = match self.engine.txn_step(table, job, meta, remember).await {
+                    // A protocol violation: refused, nothing changed (the engine logged it).
+                    Err(e @ capdb_types::Error::InvalidInput(_)) => Err(e),
+                    // Storage failed: as for any entry, applying stops here.
+                    other => Ok(other.map_err(io)?),
+                };
+                b.responses[slot] = Some(Response::Txn(answer));
             }
             Request::WatchPoint => {
                 let reply = vec![Ok(capdb_types::Reply::Integer(index as i64))];

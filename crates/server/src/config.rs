@@ -85,6 +85,9 @@ pub struct DebugConfig {
     /// HLEN answers one too many for a hash of exactly 3 fields: a deliberately wrong reply
     /// `capdb difftest` must catch (`capdb_data::hash::PLANT_DIFFERENCE`).
     pub plant_difference: bool,
+    /// The node aborts in the middle of the first cross-shard transaction it coordinates
+    /// (`capdb_txn::CrashPoint`): what the recovery of orphaned locks is tested with.
+    pub txn_crash: Option<capdb_txn::CrashPoint>,
 }
 
 pub const DEFAULT_PEER_ADDR: &str = "127.0.0.1:7380";
@@ -276,6 +279,22 @@ pub struct ServerArgs {
     /// A planted difference so `capdb difftest` can prove it detects one.
     #[arg(long, hide = true)]
     pub debug_plant_difference: bool,
+    /// TESTING ONLY: abort the process in the middle of the first cross-shard transaction
+    /// this node coordinates: `after-prepares` (every shard voted yes, no commit sent) or
+    /// `after-one-prepare` (one shard prepared, the others never heard). The cluster must
+    /// finish it and release its locks.
+    #[arg(long, hide = true, value_parser = parse_crash_point)]
+    pub debug_txn_crash: Option<capdb_txn::CrashPoint>,
+}
+
+fn parse_crash_point(s: &str) -> std::result::Result<capdb_txn::CrashPoint, String> {
+    match s {
+        "after-prepares" => Ok(capdb_txn::CrashPoint::AfterPrepares),
+        "after-one-prepare" => Ok(capdb_txn::CrashPoint::AfterOnePrepare),
+        other => Err(format!(
+            "unknown crash point {other:?}: after-prepares or after-one-prepare"
+        )),
+    }
 }
 
 /// A configuration error: which setting, from where, and why.
@@ -495,6 +514,7 @@ fn resolve_cluster(args: &ServerArgs, file: &FileConfig) -> Result<ClusterConfig
             apply_duplicates: args.debug_apply_duplicates,
             unsafe_txn: args.debug_unsafe_txn,
             plant_difference: args.debug_plant_difference,
+            txn_crash: args.debug_txn_crash,
         },
     })
 }

@@ -157,6 +157,10 @@ pub struct Metrics {
     commit_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
     sync_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
     corruptions: Gauge,
+    /// Cross-shard transactions: the coordinator's counters by what happened.
+    cross_shard: Family<TxnLabel, Gauge>,
+    txn_prepared: Gauge,
+    txn_oldest_lock_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -168,6 +172,13 @@ impl Metrics {
     /// Counts one EXEC that ended with `outcome` (see the `transactions` metric's help).
     pub fn transaction(&self, outcome: &'static str) {
         self.transactions.get_or_create(&TxnLabel { outcome }).inc();
+    }
+
+    /// The lock gauges of cross-shard transactions on the shards this node leads: how many
+    /// are prepared and not decided, and how long the oldest has held its locks.
+    pub fn txn_locks(&self, prepared: u64, oldest_ms: u64) {
+        self.txn_prepared.set(prepared as i64);
+        self.txn_oldest_lock_seconds.set(oldest_ms as f64 / 1e3);
     }
 
     /// `commands`: every command name the server knows (lowercase).
@@ -228,6 +239,9 @@ impl Metrics {
             commit_seconds: Gauge::default(),
             sync_seconds: Gauge::default(),
             corruptions: Gauge::default(),
+            cross_shard: Family::default(),
+            txn_prepared: Gauge::default(),
+            txn_oldest_lock_seconds: Gauge::default(),
             registry,
         };
         m.register_rest()
@@ -261,6 +275,25 @@ impl Metrics {
              discarded (EXECABORT: queue-time errors), failed (an error before anything ran, or \
              -UNCERTAIN)",
             self.transactions.clone(),
+        );
+        r.register(
+            "cross_shard_transactions",
+            "Cross-shard transactions coordinated by this node, by outcome: committed, \
+             watch_aborted, conflict (-TRYAGAIN after every retry met locks), unknown \
+             (-UNCERTAIN), retried (attempts after the first), recovered (orphans finished \
+             here)",
+            self.cross_shard.clone(),
+        );
+        r.register(
+            "transaction_locks_prepared",
+            "Cross-shard transactions prepared and not decided on the shards this node leads \
+             (each holds the locks of its keys there)",
+            self.txn_prepared.clone(),
+        );
+        r.register(
+            "transaction_oldest_lock_seconds",
+            "How long the oldest of those has held its locks",
+            self.txn_oldest_lock_seconds.clone(),
         );
         r.register(
             "connections_rejected",
@@ -372,6 +405,19 @@ impl Metrics {
                     .get_or_create(&label)
                     .set(m.expired_keys as i64);
             }
+        }
+        let t = &node.txns.metrics;
+        for (outcome, n) in [
+            ("committed", &t.committed),
+            ("watch_aborted", &t.watch_failed),
+            ("conflict", &t.conflicts),
+            ("unknown", &t.unknown),
+            ("retried", &t.retried),
+            ("recovered", &t.recovered),
+        ] {
+            self.cross_shard
+                .get_or_create(&TxnLabel { outcome })
+                .set(n.load(Ordering::Relaxed) as i64);
         }
         let s = node.engine.stats();
         self.file_bytes.set(node.engine.file_bytes() as i64);

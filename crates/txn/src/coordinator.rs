@@ -10,7 +10,7 @@
 //! - a NO: aborted. A failed WATCH ends the transaction (nothing applied, EXEC answers nil);
 //!   a lock conflict, or a prepare that arrived after a recovery's prevent, releases this
 //!   attempt's locks (awaited, so the next attempt does not meet its own) and tries again
-//!   with a new id, up to [`Config::attempts_max`] attempts.
+//!   with a new id, for up to [`Config::retry_for`] (and [`Config::attempts_max`] attempts).
 //! - some answer missing: the unreachable participants are *prevented* (retried until
 //!   [`Config::resolve_for`] has passed). A prevent either finds the prepare (its vote counts)
 //!   or makes any later prepare a NO, so once every participant has answered one or the other,
@@ -27,50 +27,37 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
+use capdb_types::GroupId;
 use capdb_types::txn::{Decision, LockMode, Outcome, Refusal, TxnId, decide};
-use capdb_types::{GroupId, Timestamp};
+pub use capdb_types::txn::{Prepare, ShardStep};
 use tokio::time::Instant;
 
-/// One command of a transaction, with the shard its keys are on and how it uses them.
+/// One command of a transaction (`C`: in the node a `Mutation`), with the shard its keys are
+/// on and how it uses them.
 #[derive(Debug, Clone)]
-pub struct PlannedCommand {
+pub struct PlannedCommand<C> {
     pub group: GroupId,
-    pub args: Vec<Bytes>,
+    pub command: C,
     pub keys: Vec<(Bytes, LockMode)>,
 }
 
-/// A whole transaction as the coordinator receives it: every command and WATCH guard up
-/// front (one-shot transactions: locks are never held across a client's think time).
-#[derive(Debug, Clone, Default)]
-pub struct Plan {
-    pub commands: Vec<PlannedCommand>,
-    /// WATCH guards: (shard, key, the change mark the client saw).
-    pub guards: Vec<(GroupId, Bytes, u64)>,
+/// A whole transaction as the coordinator receives it: every command and WATCH guard (`G`)
+/// up front (one-shot transactions: locks are never held across a client's think time).
+#[derive(Debug, Clone)]
+pub struct Plan<C, G> {
+    pub commands: Vec<PlannedCommand<C>>,
+    /// WATCH guards: the shard that judges each, the key (read-locked there until the
+    /// decision, so it cannot change after the guard held), and the guard.
+    pub guards: Vec<(GroupId, Bytes, G)>,
 }
 
-/// One participant's part of a transaction.
-#[derive(Debug, Clone)]
-pub struct Prepare {
-    /// The shard that keeps the transaction record and recovers it.
-    pub anchor: GroupId,
-    /// Every participant (the anchor's record lists them for recovery).
-    pub participants: Vec<GroupId>,
-    /// This shard's commands, in transaction order.
-    pub commands: Vec<Vec<Bytes>>,
-    pub keys: Vec<(Bytes, LockMode)>,
-    /// This shard's WATCH guards: (key, change mark seen).
-    pub guards: Vec<(Bytes, u64)>,
-    /// Unix ms after which the locks count as orphaned and the anchor is asked.
-    pub deadline_ms: u64,
-}
-
-/// A step sent to one participant shard (one log entry there).
-#[derive(Debug, Clone)]
-pub enum ShardStep {
-    Prepare(Prepare),
-    Commit { ts: Timestamp },
-    Abort,
-    Prevent,
+impl<C, G> Default for Plan<C, G> {
+    fn default() -> Self {
+        Plan {
+            commands: Vec::new(),
+            guards: Vec::new(),
+        }
+    }
 }
 
 /// A participant's answer to any step.
@@ -89,6 +76,8 @@ pub struct Unreachable(pub String);
 /// How the coordinator reaches participant shards.
 pub trait Participants: Send + Sync + 'static {
     type Reply: Clone + Send + Sync + 'static;
+    type Command: Clone + Send + Sync + 'static;
+    type Guard: Clone + Send + Sync + 'static;
 
     /// Has `step` of `txn` applied by shard `group` (proposed through its leader) and returns
     /// the participant's answer. `Err`: unknown whether it was applied.
@@ -96,33 +85,57 @@ pub trait Participants: Send + Sync + 'static {
         &self,
         group: GroupId,
         txn: TxnId,
-        step: ShardStep,
+        step: Step<Self>,
     ) -> impl Future<Output = Result<Answer<Self::Reply>, Unreachable>> + Send;
 
     /// Unix ms (the node's clock, for lock deadlines).
     fn now_ms(&self) -> u64;
 }
 
+/// The step type of participants `P`.
+pub type Step<P> = ShardStep<<P as Participants>::Command, <P as Participants>::Guard>;
+
+/// The plan type of participants `P`.
+pub type PlanOf<P> = Plan<<P as Participants>::Command, <P as Participants>::Guard>;
+
 /// The coordinator's bounds.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Attempts per transaction when locks conflict (then `Conflict`: `-TRYAGAIN`).
+    /// Attempts per transaction when locks conflict, and how long they may go on (whichever
+    /// ends first; then `Conflict`: `-TRYAGAIN`). Plain writes wait as long for a lock.
     pub attempts_max: u32,
+    pub retry_for: Duration,
     /// Locks count as orphaned this long after the prepare was sent.
     pub lock_hold_ms: u64,
     /// How long an unanswered step is resent before giving up on the participant.
     pub resolve_for: Duration,
     /// First pause between attempts (doubling, with jitter).
     pub retry_pause: Duration,
+    /// TESTING ONLY: the process aborts at this point of every transaction's first attempt,
+    /// leaving its locks for the recovery of orphans to release.
+    pub debug_crash: Option<CrashPoint>,
+}
+
+/// Where a coordinator dies on purpose (`Config::debug_crash`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CrashPoint {
+    /// After every participant answered its prepare, before any commit: the recovery must
+    /// commit (every vote is YES, and the client may have been about to hear so).
+    AfterPrepares,
+    /// After the first participant prepared, before the others heard anything: the recovery
+    /// must abort (the others are prevented).
+    AfterOnePrepare,
 }
 
 impl Default for Config {
     fn default() -> Self {
         Config {
-            attempts_max: 8,
+            attempts_max: 1_000,
+            retry_for: Duration::from_secs(5),
             lock_hold_ms: 2_000,
             resolve_for: Duration::from_secs(3),
             retry_pause: Duration::from_millis(2),
+            debug_crash: None,
         }
     }
 }
@@ -194,17 +207,21 @@ impl<P: Participants> Coordinator<P> {
     }
 
     /// Runs `plan` to its end (see [`Finished`] for what each answer promises).
-    pub async fn execute(&self, plan: &Plan) -> Finished<P::Reply> {
-        if plan.commands.is_empty() {
+    pub async fn execute(&self, plan: &PlanOf<P>) -> Finished<P::Reply> {
+        if plan.commands.is_empty() && plan.guards.is_empty() {
             return Finished::Committed(Vec::new());
         }
         let mut pause = self.config.retry_pause;
+        let until = Instant::now() + self.config.retry_for;
         for attempt in 0..self.config.attempts_max {
             if attempt > 0 {
+                if Instant::now() >= until {
+                    break;
+                }
                 self.metrics.retried.fetch_add(1, Ordering::Relaxed);
                 let jitter = fastrand::u64(0..=pause.as_micros() as u64);
                 tokio::time::sleep(pause + Duration::from_micros(jitter)).await;
-                pause = (pause * 2).min(Duration::from_millis(200));
+                pause = (pause * 2).min(Duration::from_millis(50));
             }
             if let Attempt::Done(f) = self.attempt(plan).await {
                 let counter = match &f {
@@ -221,14 +238,22 @@ impl<P: Participants> Coordinator<P> {
         Finished::Conflict
     }
 
-    async fn attempt(&self, plan: &Plan) -> Attempt<P::Reply> {
+    async fn attempt(&self, plan: &PlanOf<P>) -> Attempt<P::Reply> {
         let id = self.next_id();
-        // Commands per shard, in transaction order; the anchor is the first command's shard.
+        // Commands per shard, in transaction order (a shard with only guards has none); the
+        // anchor is the first command's shard.
         let mut parts: BTreeMap<GroupId, Vec<usize>> = BTreeMap::new();
         for (i, c) in plan.commands.iter().enumerate() {
             parts.entry(c.group).or_default().push(i);
         }
-        let anchor = plan.commands[0].group;
+        for (g, _, _) in &plan.guards {
+            parts.entry(*g).or_default();
+        }
+        let anchor = match (plan.commands.first(), plan.guards.first()) {
+            (Some(c), _) => c.group,
+            (None, Some((g, _, _))) => *g,
+            (None, None) => unreachable!("execute returns early for an empty plan"),
+        };
         let groups: Vec<GroupId> = parts.keys().copied().collect();
         let deadline_ms = self.participants.now_ms() + self.config.lock_hold_ms;
         let prepares = groups.iter().map(|g| {
@@ -237,22 +262,42 @@ impl<P: Participants> Coordinator<P> {
             for &i in idx {
                 keys.extend(plan.commands[i].keys.iter().cloned());
             }
+            for (_, key, _) in plan.guards.iter().filter(|(gg, _, _)| gg == g) {
+                keys.push((key.clone(), LockMode::Read));
+            }
             let prepare = Prepare {
                 anchor,
                 participants: groups.clone(),
-                commands: idx.iter().map(|&i| plan.commands[i].args.clone()).collect(),
+                commands: idx
+                    .iter()
+                    .map(|&i| plan.commands[i].command.clone())
+                    .collect(),
                 keys,
                 guards: plan
                     .guards
                     .iter()
                     .filter(|(gg, _, _)| gg == g)
-                    .map(|(_, k, m)| (k.clone(), *m))
+                    .map(|(_, _, guard)| guard.clone())
                     .collect(),
                 deadline_ms,
             };
             self.participants.step(*g, id, ShardStep::Prepare(prepare))
         });
-        let answers = futures::future::join_all(prepares).await;
+        let answers = if self.config.debug_crash == Some(CrashPoint::AfterOnePrepare) {
+            let first = prepares
+                .into_iter()
+                .next()
+                .expect("a transaction has a participant");
+            let answered = first.await.map(|a| a.outcome);
+            tracing::error!(%id, ?answered, "TESTING: the coordinator dies after one prepare");
+            std::process::abort();
+        } else {
+            futures::future::join_all(prepares).await
+        };
+        if self.config.debug_crash == Some(CrashPoint::AfterPrepares) {
+            tracing::error!(%id, "TESTING: the coordinator dies after its prepares");
+            std::process::abort();
+        }
         let mut outcomes: Vec<Option<Outcome>> = Vec::with_capacity(groups.len());
         let mut replies: Vec<Option<Vec<P::Reply>>> = Vec::with_capacity(groups.len());
         for a in answers {
@@ -366,14 +411,14 @@ impl<P: Participants> Coordinator<P> {
         &self,
         group: GroupId,
         id: TxnId,
-        step: ShardStep,
+        step: Step<P>,
         until: Instant,
     ) -> Option<Answer<P::Reply>> {
         step_until(&*self.participants, group, id, step, until).await
     }
 
     /// Sends a decision's step to every participant and waits for the answers (bounded).
-    async fn finish(&self, id: TxnId, groups: &[GroupId], step: ShardStep) {
+    async fn finish(&self, id: TxnId, groups: &[GroupId], step: Step<P>) {
         let until = Instant::now() + self.config.resolve_for;
         let sends = groups
             .iter()
@@ -383,7 +428,7 @@ impl<P: Participants> Coordinator<P> {
 
     /// Sends a decision's step to every participant without waiting. A participant it never
     /// reaches keeps its locks until the anchor's recovery finishes the transaction.
-    fn finish_in_background(&self, id: TxnId, groups: Vec<GroupId>, step: ShardStep) {
+    fn finish_in_background(&self, id: TxnId, groups: Vec<GroupId>, step: Step<P>) {
         let participants = self.participants.clone();
         let until = Instant::now() + self.config.resolve_for;
         tokio::spawn(async move {
@@ -392,6 +437,11 @@ impl<P: Participants> Coordinator<P> {
                 .map(|g| step_until(&*participants, *g, id, step.clone(), until));
             futures::future::join_all(sends).await;
         });
+    }
+
+    /// The participants this coordinator reaches.
+    pub fn participants(&self) -> &P {
+        &self.participants
     }
 
     /// Finishes transaction `id` whose coordinator may be gone (run by the anchor shard's
@@ -418,7 +468,7 @@ async fn step_until<P: Participants>(
     participants: &P,
     group: GroupId,
     id: TxnId,
-    step: ShardStep,
+    step: Step<P>,
     until: Instant,
 ) -> Option<Answer<P::Reply>> {
     let mut pause = Duration::from_millis(5);

@@ -31,6 +31,6 @@
 pub mod coordinator;
 
 pub use coordinator::{
-    Answer, Config, Coordinator, Finished, Metrics, Participants, Plan, PlannedCommand, Prepare,
-    ShardStep, Unreachable,
+    Answer, Config, Coordinator, CrashPoint, Finished, Metrics, Participants, Plan, PlanOf,
+    PlannedCommand, Prepare, ShardStep, Step, Unreachable,
 };

@@ -42,6 +42,9 @@ struct Shard {
     clock: u64,
 }
 
+/// A step as the simulated shards receive it: commands are `["ADD", key, delta]`.
+type SimStep = ShardStep<Vec<Bytes>, (Bytes, u64)>;
+
 struct Sim {
     shards: Vec<Mutex<Shard>>,
     rng: Mutex<fastrand::Rng>,
@@ -60,7 +63,7 @@ impl Sim {
         self.rng.lock().unwrap().u32(0..1000) < per_mille
     }
 
-    fn apply(&self, group: GroupId, txn: TxnId, s: ShardStep) -> Answer<i64> {
+    fn apply(&self, group: GroupId, txn: TxnId, s: SimStep) -> Answer<i64> {
         let mut shard = self.shards[group as usize].lock().unwrap();
         let shard = &mut *shard;
         let current = shard.txns.get(&txn).cloned();
@@ -162,12 +165,14 @@ impl Sim {
 
 impl Participants for Sim {
     type Reply = i64;
+    type Command = Vec<Bytes>;
+    type Guard = (Bytes, u64);
 
     async fn step(
         &self,
         group: GroupId,
         txn: TxnId,
-        s: ShardStep,
+        s: SimStep,
     ) -> Result<Answer<i64>, Unreachable> {
         // Requests take a little while, so transactions interleave.
         tokio::time::sleep(Duration::from_micros(fastrand::u64(0..300))).await;
@@ -199,10 +204,10 @@ fn shard_of(a: u64) -> GroupId {
     a % SHARDS
 }
 
-fn transfer(from: u64, to: u64, amount: i64) -> Plan {
+fn transfer(from: u64, to: u64, amount: i64) -> Plan<Vec<Bytes>, (Bytes, u64)> {
     let cmd = |a: u64, delta: i64| PlannedCommand {
         group: shard_of(a),
-        args: vec![
+        command: vec![
             Bytes::from_static(b"ADD"),
             account(a),
             Bytes::from(delta.to_string()),

@@ -72,12 +72,20 @@ pub enum Error {
     /// (code first: `ERR ...`, `WRONGTYPE ...`). Nothing changed; retrying unchanged fails again.
     #[error("{0}")]
     Command(String),
+    /// A key is locked by a cross-shard transaction between its prepare and its commit: the
+    /// write **certainly did not take effect**; retrying it shortly will (the node retries for
+    /// a bounded time before answering this). Last in the enum: older logs' replies decode.
+    #[error("key is locked by transaction {0}; retry")]
+    Locked(String),
 }
 
 impl Error {
     /// Whether the same request may succeed if retried later or on another node.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Error::Unavailable(_) | Error::ShuttingDown)
+        matches!(
+            self,
+            Error::Unavailable(_) | Error::ShuttingDown | Error::Locked(_)
+        )
     }
 
     /// A short stable code for machine consumers (HTTP JSON `code`, metrics labels).
@@ -97,6 +105,7 @@ impl Error {
             Error::OutcomeUnknown(_) => "outcome_unknown",
             Error::WrongType => "wrong_type",
             Error::Command(_) => "command",
+            Error::Locked(_) => "locked",
         }
     }
 }

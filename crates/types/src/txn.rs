@@ -212,6 +212,45 @@ pub enum Refusal {
     Prevented,
 }
 
+/// One participant's part of a transaction, as the coordinator sends it and the shard's log
+/// carries it: its commands (`C`: in the node, [`crate::Mutation`]s) and WATCH guards (`G`), in
+/// transaction order, with the keys they lock.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Prepare<C, G> {
+    /// The shard that keeps the transaction record (the first command's).
+    pub anchor: crate::GroupId,
+    /// Every participant, so that whoever finds this prepare orphaned can finish it.
+    pub participants: Vec<crate::GroupId>,
+    /// This shard's commands, in transaction order.
+    pub commands: Vec<C>,
+    pub keys: Vec<(Bytes, LockMode)>,
+    /// This shard's WATCH guards.
+    pub guards: Vec<G>,
+    /// Unix ms after which the locks count as orphaned (a prepare applied later is refused).
+    pub deadline_ms: u64,
+}
+
+/// A step sent to one participant shard: one entry in its log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ShardStep<C, G> {
+    Prepare(Prepare<C, G>),
+    Commit { ts: Timestamp },
+    Abort,
+    Prevent,
+}
+
+impl<C, G> ShardStep<C, G> {
+    /// The step's name, for logs and errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ShardStep::Prepare(_) => "prepare",
+            ShardStep::Commit { .. } => "commit",
+            ShardStep::Abort => "abort",
+            ShardStep::Prevent => "prevent",
+        }
+    }
+}
+
 /// What a participant shard keeps per transaction (its transaction table), written by the
 /// log entries of [`Step`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -375,6 +375,28 @@ impl Groups {
             .map(|n| n.peer_addr.clone())
     }
 
+    /// The cross-shard transactions prepared and not decided on each data group this node
+    /// leads (the recovery of orphans runs where the leader is; metrics).
+    pub fn open_txns_led(&self, now_ms: u64) -> Vec<(GroupId, capdb_storage::disk::OpenTxns)> {
+        self.all()
+            .into_iter()
+            .filter(|(g, _)| *g != META_GROUP && self.leads(*g))
+            .filter_map(|(g, _)| {
+                match self
+                    .engine
+                    .table(&layout::shard_table(g), false)
+                    .open_txns(now_ms)
+                {
+                    Ok(open) => Some((g, open)),
+                    Err(e) => {
+                        tracing::warn!(group = g, error = %e, "cannot read open transactions");
+                        None
+                    }
+                }
+            })
+            .collect()
+    }
+
     /// This node's view of its groups, in group order.
     pub fn status(&self) -> Vec<GroupStatus> {
         let mut out: Vec<GroupStatus> = self

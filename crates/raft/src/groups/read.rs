@@ -312,6 +312,9 @@ impl Groups {
         deadline: Instant,
     ) -> Result<Vec<Option<Value>>, ForwardError> {
         let table = self.readable(group, mode, deadline).await?;
+        if mode == ReadMode::Linearizable {
+            wait_for_locks(&table, keys).await?;
+        }
         keys.iter()
             .map(|k| table.get(k, now_ms).map_err(ForwardError::Db))
             .collect()
@@ -343,6 +346,9 @@ impl Groups {
         deadline: Instant,
     ) -> Result<Reply, ForwardError> {
         let table = self.readable(group, mode, deadline).await?;
+        if mode == ReadMode::Linearizable {
+            wait_for_locks(&table, &table.command_keys(args)).await?;
+        }
         table.query(args, now_ms, seed).map_err(ForwardError::Db)
     }
 
@@ -355,6 +361,26 @@ impl Groups {
         let table = self.readable(group, mode, deadline).await?;
         table.len().map_err(ForwardError::Db)
     }
+}
+
+/// Waits until no cross-shard transaction holds a write lock on `keys` here: a transaction
+/// may be committed (every shard voted yes) before this shard has applied its commit, and a
+/// linearizable read must not return what it is about to replace. Bounded by
+/// [`super::route::LOCK_WAIT_MAX`], then `-TRYAGAIN` (nothing was read).
+async fn wait_for_locks(
+    table: &capdb_storage::disk::DiskTable,
+    keys: &[Bytes],
+) -> Result<(), ForwardError> {
+    let (since, mut tries) = (Instant::now(), 0);
+    while let Some(holder) = table.write_locked(keys).map_err(ForwardError::Db)? {
+        if super::route::wait_for_lock(since, &mut tries)
+            .await
+            .is_none()
+        {
+            return Err(ForwardError::Db(Error::Locked(holder.to_string())));
+        }
+    }
+    Ok(())
 }
 
 fn unexpected(node: NodeId, answer: ForwardResponse) -> ForwardError {

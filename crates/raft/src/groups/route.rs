@@ -34,6 +34,24 @@ use super::{Groups, REQUEST_DEADLINE, Raft, unavailable};
 use crate::command::{Request, Response};
 use crate::messages::{ForwardError, ForwardRequest, ForwardResponse};
 
+/// How long a write (or a single-shard transaction) refused because a cross-shard transaction
+/// locks one of its keys is retried before `-TRYAGAIN` reaches the client. A lock lives from
+/// a prepare to its commit (a few milliseconds), or, when the coordinator died, until the
+/// recovery releases it (its deadline, 2 s, plus a recovery round).
+pub const LOCK_WAIT_MAX: Duration = Duration::from_secs(5);
+
+/// Waits before the next try of something a transaction's lock refused; `None` once
+/// [`LOCK_WAIT_MAX`] has passed since `since`. Backs off from 1 ms to 50 ms.
+pub(crate) async fn wait_for_lock(since: Instant, tries: &mut u32) -> Option<()> {
+    if since.elapsed() >= LOCK_WAIT_MAX {
+        return None;
+    }
+    let pause = Duration::from_millis(1u64 << (*tries).min(6)).min(Duration::from_millis(50));
+    *tries += 1;
+    tokio::time::sleep(pause).await;
+    Some(())
+}
+
 /// Time one forwarded hop may take.
 pub(crate) const HOP_TIMEOUT: Duration = Duration::from_secs(2);
 /// Pause before retrying when no leader is known (an election is running).
@@ -443,19 +461,30 @@ impl Groups {
         now_ms: u64,
     ) -> Result<Vec<Result<Reply, Error>>, Error> {
         let count = mutations.len();
-        let request = Request::Write {
-            mutations,
-            timestamp: self.hlc.now(),
-            now_ms,
-        };
-        match self.write(group, request).await? {
-            Response::Replies(r) => {
-                assert_eq!(r.len(), count, "one reply per mutation");
-                Ok(r)
+        let (since, mut tries) = (Instant::now(), 0);
+        loop {
+            let request = Request::Write {
+                mutations: mutations.clone(),
+                timestamp: self.hlc.now(),
+                now_ms,
+            };
+            let replies = match self.write(group, request).await? {
+                Response::Replies(r) => {
+                    assert_eq!(r.len(), count, "one reply per mutation");
+                    r
+                }
+                other => {
+                    return Err(Error::Io(format!(
+                        "unexpected response to a write: {other:?}"
+                    )));
+                }
+            };
+            // A lock refuses the whole entry (nothing applied): try again as a new request
+            // (the same one would get the remembered refusal).
+            let locked = matches!(replies.first(), Some(Err(Error::Locked(_))));
+            if !locked || wait_for_lock(since, &mut tries).await.is_none() {
+                return Ok(replies);
             }
-            other => Err(Error::Io(format!(
-                "unexpected response to a write: {other:?}"
-            ))),
         }
     }
 
@@ -479,18 +508,30 @@ impl Groups {
             return Ok(Some(replies));
         }
         let guarded = !guards.is_empty();
-        let request = Request::Txn {
-            mutations,
-            timestamp: self.hlc.now(),
-            now_ms,
-            guards,
-        };
-        let mut replies = match self.write(group, request).await? {
-            Response::Replies(r) => r,
-            other => {
-                return Err(Error::Io(format!(
-                    "unexpected response to a transaction: {other:?}"
-                )));
+        let (since, mut tries) = (Instant::now(), 0);
+        let mut replies = loop {
+            let request = Request::Txn {
+                mutations: mutations.clone(),
+                timestamp: self.hlc.now(),
+                now_ms,
+                guards: guards.clone(),
+            };
+            let replies = match self.write(group, request).await? {
+                Response::Replies(r) => r,
+                other => {
+                    return Err(Error::Io(format!(
+                        "unexpected response to a transaction: {other:?}"
+                    )));
+                }
+            };
+            // Refused whole by a cross-shard transaction's lock: nothing ran; try again.
+            match replies.first() {
+                Some(Err(e @ Error::Locked(_))) => {
+                    if wait_for_lock(since, &mut tries).await.is_none() {
+                        return Err(e.clone());
+                    }
+                }
+                _ => break replies,
             }
         };
         if guarded {
@@ -513,6 +554,36 @@ impl Groups {
             )));
         }
         Ok(Some(replies))
+    }
+
+    /// Whether `--debug-unsafe-txn` (testing only) is on: transactions run one command at a
+    /// time, not atomic.
+    pub fn unsafe_txn(&self) -> bool {
+        self.unsafe_txn
+    }
+
+    /// Has one step of cross-shard transaction `txn` applied by participant `group` (through
+    /// its leader, retried like any write) and returns the participant's answer. `Err`: the
+    /// step may or may not have been applied (every step is idempotent: resend it).
+    pub async fn txn_step(
+        &self,
+        group: GroupId,
+        txn: capdb_types::txn::TxnId,
+        step: capdb_types::txn::ShardStep<Mutation, crate::command::TxnGuard>,
+        now_ms: u64,
+    ) -> Result<capdb_storage::disk::TxnAnswer, Error> {
+        let request = Request::TxnStep {
+            txn,
+            step,
+            timestamp: self.hlc.now(),
+            now_ms,
+        };
+        match self.write(group, request).await? {
+            Response::Txn(answer) => answer,
+            other => Err(Error::Io(format!(
+                "unexpected response to a transaction step: {other:?}"
+            ))),
+        }
     }
 
     /// A point in a data group's log for WATCH: the log index of an entry proposed now, so

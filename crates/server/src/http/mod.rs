@@ -87,7 +87,9 @@ impl IntoResponse for ApiError {
             Error::KeyspaceNotFound(_) => StatusCode::NOT_FOUND,
             Error::KeyspaceExists(_) => StatusCode::CONFLICT,
             Error::OutOfMemory(_) => StatusCode::INSUFFICIENT_STORAGE,
-            Error::Unavailable(_) | Error::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Unavailable(_) | Error::ShuttingDown | Error::Locked(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Error::Corruption(_) | Error::Io(_) => StatusCode::INTERNAL_SERVER_ERROR,
             // The write may or may not have happened: not 503, which clients retry.
             Error::OutcomeUnknown(_) => StatusCode::GATEWAY_TIMEOUT,

@@ -17,6 +17,7 @@ pub mod control;
 pub mod pubsub;
 pub mod router;
 pub mod settings;
+pub mod txns;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -47,6 +48,8 @@ pub struct Node {
     pub groups: Arc<Groups>,
     /// Leaderless replication of `ap` keyspaces.
     pub ap: Arc<Ap>,
+    /// The coordinator of this node's cross-shard `cp` transactions.
+    pub txns: Arc<txns::TxnCoordinator>,
     admin_peers: admin::AdminPeers,
     /// Subscriptions on this node and delivery to the others.
     pub pubsub: Arc<pubsub::PubSub>,
@@ -75,6 +78,7 @@ impl Node {
         ap: Arc<Ap>,
         metrics: Metrics,
     ) -> Arc<Node> {
+        let crash = config.cluster.debug.txn_crash;
         let node = Arc::new(Node {
             config,
             hlc,
@@ -89,6 +93,7 @@ impl Node {
             )),
             blocking: blocking::Blocking::default(),
             info,
+            txns: txns::coordinator(groups.clone(), crash),
             groups,
             ap,
             metrics,
@@ -103,6 +108,7 @@ impl Node {
         let n = node.clone();
         tokio::spawn(async move { n.follow_map().await });
         tokio::spawn(control::run(node.clone()));
+        tokio::spawn(txns::recover_orphans(node.clone()));
         node
     }
 
@@ -121,6 +127,7 @@ impl Node {
             engine: self.engine.clone(),
             hlc: self.hlc.clone(),
             groups: self.groups.clone(),
+            txns: self.txns.clone(),
             ap: self.ap.clone(),
             value_bytes_max: self.config.limits.value_bytes_max,
         }

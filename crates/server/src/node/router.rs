@@ -68,6 +68,7 @@ pub struct Services {
     pub engine: DiskEngine,
     pub hlc: Arc<Hlc>,
     pub groups: Arc<Groups>,
+    pub txns: Arc<super::txns::TxnCoordinator>,
     pub ap: Arc<Ap>,
     pub value_bytes_max: usize,
 }
@@ -713,6 +714,27 @@ impl Keyspace {
                     .map(Some)
             }
         }
+    }
+
+    /// Runs a transaction's keyed commands over several `cp` shards, of one or several `cp`
+    /// keyspaces (each command with its Raft group), atomically: every shard commits or none
+    /// does, and a watched key that changed on any shard aborts it all (`None`, nothing ran).
+    /// See `crate::node::txns` for the protocol and what each error means.
+    pub async fn transact_across(
+        txns: &super::txns::TxnCoordinator,
+        commands: Vec<(u64, Mutation)>,
+        watches: &[&Watched],
+        now_ms: u64,
+    ) -> Result<Option<BatchReplies>> {
+        let guards = watches
+            .iter()
+            .filter_map(|w| match &w.mark {
+                WatchMark::Cp(g) => Some((w.shard, g.clone())),
+                _ => None,
+            })
+            .collect();
+        let plan = super::txns::plan(commands, guards);
+        super::txns::execute(txns, plan, now_ms).await
     }
 
     /// One page of keys in order, continuing from `pos`; returns the next position (`None`:

@@ -60,6 +60,7 @@
 //! - `table.rs`: [`DiskTable`]'s reads, scans and `ap` operations.
 //! - `ap.rs`: `ap` tables in the split form (a head record per key, a record per element).
 //! - `log.rs`, `meta.rs`, `replicated.rs`: log tables, the `_meta` table, Raft state machines.
+//! - `touched.rs`, `txn.rs`: WATCH's touched rows; cross-shard transactions' locks and records.
 
 mod ap;
 mod log;
@@ -70,6 +71,7 @@ mod replicated;
 mod space;
 mod table;
 mod touched;
+mod txn;
 mod writer;
 
 use std::path::{Path, PathBuf};
@@ -86,6 +88,7 @@ use ops::Op;
 pub use replicated::{RememberReplies, TableDump};
 pub use table::SCAN_EXAMINE_MAX;
 pub use touched::{TOUCHED_MAX, WatchGuard, horizon_row};
+pub use txn::{GC_STEP_MAX, OpenTxns, Orphan, RECORD_RETAIN_MS, RememberAnswer, TxnAnswer, TxnJob};
 use writer::Job;
 pub use writer::{BATCH_BYTES_MAX, BATCH_JOBS_MAX, WRITE_QUEUE_JOBS_MAX};
 

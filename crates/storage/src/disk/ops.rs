@@ -91,6 +91,15 @@ pub(super) enum Op {
         /// Log indexes of WATCH's points in the applied entries (`touched.rs`).
         watch_points: Vec<u64>,
     },
+    /// One step of a cross-shard transaction at this participant shard (`txn.rs`), with the
+    /// applied state in `meta`; answers [`Output::Txn`].
+    TxnStep {
+        table: String,
+        job: super::txn::TxnJob,
+        meta: Vec<MetaItem>,
+        /// The `_meta` key remembering the answer, and how to encode it.
+        remember: Option<(String, super::txn::RememberAnswer)>,
+    },
     /// Appends records to a log table (u64 index -> bytes).
     LogAppend {
         table: String,
@@ -155,6 +164,12 @@ impl Op {
             Op::ApplyReplicated { mutations, .. } => {
                 mutations.iter().map(|(m, ..)| mutation_bytes(m)).sum()
             }
+            Op::TxnStep { job, .. } => match &job.step {
+                capdb_types::txn::ShardStep::Prepare(p) => {
+                    p.commands.iter().map(mutation_bytes).sum()
+                }
+                _ => 0,
+            },
             _ => 0,
         }
     }
@@ -175,6 +190,7 @@ impl Op {
             | Op::DropTable { .. }
             | Op::Barrier
             | Op::ApplyReplicated { .. }
+            | Op::TxnStep { .. }
             | Op::LogAppend { .. }
             | Op::LogRemove { .. }
             | Op::MetaPut { .. }
@@ -190,7 +206,10 @@ impl Op {
     pub(super) fn durable(&self) -> bool {
         match self {
             // Reclaiming unreachable elements again after a crash is harmless.
-            Op::ApplyReplicated { .. } | Op::Reclaim { .. } | Op::ApReclaim { .. } => false,
+            Op::ApplyReplicated { .. }
+            | Op::TxnStep { .. }
+            | Op::Reclaim { .. }
+            | Op::ApReclaim { .. } => false,
             Op::MetaPut { durable, .. } => *durable,
             _ => true,
         }
@@ -217,6 +236,8 @@ pub(super) enum Output {
     Count(u64),
     /// What an `ap` `Merge` did.
     Merged(super::ap::MergeOutcome),
+    /// What a `TxnStep` answered (an error: the step broke the protocol, nothing changed).
+    Txn(Result<super::txn::TxnAnswer>),
     /// Every other op, done.
     Done,
     /// The job failed alone (e.g. its table was dropped); the rest of the batch committed.
@@ -248,6 +269,13 @@ impl Output {
         }
     }
 
+    pub(super) fn into_txn(self) -> Result<super::txn::TxnAnswer> {
+        match self {
+            Output::Txn(answer) => answer,
+            other => Err(other.unexpected("a transaction answer")),
+        }
+    }
+
     pub(super) fn into_done(self) -> Result<()> {
         match self {
             Output::Done => Ok(()),
@@ -264,6 +292,7 @@ impl Output {
             Output::Value(_) => "a value",
             Output::Count(_) => "a count",
             Output::Merged(_) => "a merge outcome",
+            Output::Txn(_) => "a transaction answer",
             Output::Done => "done",
         };
         Error::Io(format!(
@@ -335,7 +364,22 @@ pub(super) fn execute(x: &Exec, op: &Op, live_tables: &mut HashSet<String>) -> R
             remember,
             guards,
             watch_points,
-        } => apply_replicated(x, table, mutations, meta, remember, guards, watch_points),
+        } => apply_replicated(
+            x,
+            table,
+            mutations,
+            meta,
+            remember,
+            guards,
+            watch_points,
+            true,
+        ),
+        Op::TxnStep {
+            table,
+            job,
+            meta,
+            remember,
+        } => super::txn::apply_step(x, table, job, meta, remember.as_ref()),
         Op::LogAppend { table, records } => append_log(x, table, records),
         Op::LogRemove { table, from, to } => remove_log_range(x, table, *from, *to),
         Op::MetaPut { items, .. } => update_meta(x, items),
@@ -457,8 +501,11 @@ fn drop_table(
     Ok(Output::Done)
 }
 
-/// [`Op::ApplyReplicated`].
-fn apply_replicated(
+/// [`Op::ApplyReplicated`]. With `respect_locks`, an entry (the mutations of one log index)
+/// with a key a cross-shard transaction locks is refused whole with [`Error::Locked`]
+/// (`txn.rs`); a transaction's own commit runs without (its locks are released first).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn apply_replicated(
     x: &Exec,
     table: &str,
     mutations: &[(Mutation, Timestamp, u64, u64)],
@@ -466,28 +513,61 @@ fn apply_replicated(
     remember: &[RememberReplies],
     guards: &[super::WatchGuard],
     watch_points: &[u64],
+    respect_locks: bool,
 ) -> Result<Output> {
     let mut t = x.txn.open_table(table_def(table)).map_err(io_err)?;
     let el_name = crate::layout::element_table(table);
     let mut replies = Vec::with_capacity(mutations.len() + 1);
     let mut run = true;
+    // Entries refused by a lock: (log index, the holder).
+    let mut refused: Vec<(u64, capdb_types::txn::TxnId)> = Vec::new();
     let mut recording = {
         let el = x.txn.open_table(table_def(&el_name)).map_err(io_err)?;
+        if respect_locks && super::txn::any_locks(&el)? {
+            for (m, _, _, index) in mutations {
+                if refused.last().is_some_and(|(i, _)| i == index) {
+                    continue;
+                }
+                let (keys, writes) = super::txn::mutation_keys(m);
+                for k in &keys {
+                    if let Some(holder) = super::txn::lock_holder(&el, k, writes)? {
+                        refused.push((*index, holder));
+                        break;
+                    }
+                }
+            }
+        }
         super::touched::Recording::load(&el)?
+    };
+    let refusal = |index: u64| {
+        refused
+            .iter()
+            .find(|(i, _)| *i == index)
+            .map(|(_, holder)| Error::Locked(holder.to_string()))
     };
     if !guards.is_empty() {
         let el = x.txn.open_table(table_def(&el_name)).map_err(io_err)?;
-        run = super::touched::guards_hold(&t, &el, &recording, guards)?;
-        replies.push(Ok(if run {
-            capdb_types::Reply::Ok
+        if let Some((_, holder)) = refused.first() {
+            // A transaction is one entry: refused whole, its verdict says why.
+            run = false;
+            replies.push(Err(Error::Locked(holder.to_string())));
         } else {
-            capdb_types::Reply::NilArray
-        }));
+            run = super::touched::guards_hold(&t, &el, &recording, guards)?;
+            replies.push(Ok(if run {
+                capdb_types::Reply::Ok
+            } else {
+                capdb_types::Reply::NilArray
+            }));
+        }
     }
     // Keys each entry changed, for the touched rows (`touched.rs`), while anyone may watch.
     let track = recording.is_on() || !watch_points.is_empty();
     let mut touched: Vec<(u64, Vec<Bytes>)> = Vec::new();
     for (m, ts, now_ms, index) in mutations.iter().filter(|_| run) {
+        if let Some(e) = refusal(*index) {
+            replies.push(Err(e));
+            continue;
+        }
         x.hlc.observe(*ts);
         let mut changed = Vec::new();
         replies.push(apply_one(

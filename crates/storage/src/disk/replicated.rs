@@ -67,6 +67,26 @@ impl DiskEngine {
         .into_replies()
     }
 
+    /// Applies one step of a cross-shard transaction at this participant shard (`txn.rs`) and
+    /// records `meta` (the applied state) and the `remember`ed answer with it. `Err`: storage
+    /// failed, or the step broke the protocol (nothing changed).
+    pub async fn txn_step(
+        &self,
+        table: &str,
+        job: super::TxnJob,
+        meta: Vec<MetaItem>,
+        remember: Option<(String, super::RememberAnswer)>,
+    ) -> Result<super::TxnAnswer> {
+        self.submit(Op::TxnStep {
+            table: table.to_string(),
+            job,
+            meta,
+            remember,
+        })
+        .await?
+        .into_txn()
+    }
+
     /// Replaces a table's content, deletes the `_meta` entries under `clear_meta_prefix` and
     /// sets `meta`, durably and atomically (snapshot install, FLUSHDB).
     pub async fn replace_table(

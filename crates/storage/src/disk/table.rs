@@ -188,6 +188,42 @@ impl DiskTable {
     }
 }
 
+impl DiskTable {
+    /// Reads the table's element table in one snapshot (`None`: it does not exist yet).
+    fn read_elements<T>(
+        &self,
+        f: impl FnOnce(&redb::ReadOnlyTable<&'static [u8], &'static [u8]>) -> Result<T>,
+    ) -> Result<Option<T>> {
+        let txn = self.engine.db.begin_read().map_err(io_err)?;
+        match txn.open_table(table_def(&crate::layout::element_table(&self.table))) {
+            Ok(el) => f(&el).map(Some),
+            Err(TableError::TableDoesNotExist(_)) => Ok(None),
+            Err(e) => Err(io_err(e)),
+        }
+    }
+
+    /// The cross-shard transaction that holds a write lock on one of `keys` (a linearizable
+    /// read of them waits until it is gone: `txn.rs`).
+    pub fn write_locked(&self, keys: &[Bytes]) -> Result<Option<capdb_types::txn::TxnId>> {
+        Ok(self
+            .read_elements(|el| super::txn::read_blocker(el, keys))?
+            .flatten())
+    }
+
+    /// The keys of a data-type command (`args[0]` its name; none for an unknown command).
+    pub fn command_keys(&self, args: &[Bytes]) -> Vec<Bytes> {
+        capdb_data::command::command_keys(args).unwrap_or_default()
+    }
+
+    /// The transactions prepared on this shard and not decided, with those past their lock
+    /// deadline at `now_ms` (`txn.rs`).
+    pub fn open_txns(&self, now_ms: u64) -> Result<super::OpenTxns> {
+        Ok(self
+            .read_elements(|el| super::txn::open_txns(el, now_ms))?
+            .unwrap_or_default())
+    }
+}
+
 impl KeyspaceStore for DiskTable {
     fn query(&self, args: &[Bytes], now_ms: u64, seed: u64) -> Result<Reply> {
         let txn = self.engine.db.begin_read().map_err(io_err)?;

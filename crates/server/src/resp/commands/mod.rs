@@ -435,7 +435,7 @@ pub fn error_line(e: &Error) -> String {
         Error::NotAnInteger => "ERR value is not an integer or out of range".into(),
         Error::Overflow => "ERR increment or decrement would overflow".into(),
         Error::OutOfMemory(_) => format!("OOM {e}"),
-        Error::Unavailable(_) | Error::ShuttingDown => format!("TRYAGAIN {e}"),
+        Error::Unavailable(_) | Error::ShuttingDown | Error::Locked(_) => format!("TRYAGAIN {e}"),
         Error::Corruption(_) => format!("CORRUPT {e}"),
         Error::OutcomeUnknown(_) => format!("UNCERTAIN {e}"),
         Error::WrongType => format!("WRONGTYPE {e}"),

@@ -46,7 +46,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use capdb_types::limits::check_key;
-use capdb_types::{Mutation, Reply};
+use capdb_types::{Mode, Mutation, Reply};
 
 use super::{Handler, Outcome, WriteCall, blocking, cluster, error_line, lookup, unknown_command};
 use crate::node::{Keyspace, Watched};
@@ -84,6 +84,9 @@ pub(crate) struct Multi {
     keyspace: Arc<Keyspace>,
     /// Where the keyed commands run: the keyspace and shard of the first of them.
     target: Option<(Arc<Keyspace>, u64)>,
+    /// Some keyed command is on another `cp` shard or keyspace than the target: EXEC runs a
+    /// cross-shard transaction (`crate::node::txns`).
+    spread: bool,
 }
 
 impl Multi {
@@ -94,6 +97,7 @@ impl Multi {
             dirty: false,
             keyspace,
             target: None,
+            spread: false,
         }
     }
 }
@@ -105,6 +109,8 @@ enum Step {
         name: &'static str,
         mutations: Vec<Mutation>,
         shape: KeyedShape,
+        /// Its keyspace and shard (a `cp` shard is its Raft group); `None` without keys.
+        at: Option<(Arc<Keyspace>, u64)>,
     },
     /// Its reply is already known: an error found while parsing it, which Redis finds when the
     /// command runs, so it fails only this command.
@@ -176,7 +182,8 @@ pub(super) fn unwatch(conn: &mut Connection, _args: &[Bytes]) -> Outcome {
     Ok(())
 }
 
-/// `WATCH key [key ...]`: every key on one shard (Redis Cluster's rule for a multi-key command).
+/// `WATCH key [key ...]`: every key on one shard (Redis Cluster's rule for a multi-key
+/// command), except on `cp` keyspaces outside cluster mode, where transactions span shards.
 pub(super) async fn watch(conn: &mut Connection, args: &[Bytes]) -> Outcome {
     if conn.multi.is_some() {
         return Err("ERR WATCH inside MULTI is not allowed".into());
@@ -192,17 +199,30 @@ pub(super) async fn watch(conn: &mut Connection, args: &[Bytes]) -> Outcome {
     }
     let ks = conn.keyspace.clone();
     let shard = ks.txn_shard(&keys[0]);
-    if keys.iter().any(|k| ks.txn_shard(k) != shard) {
+    // Keys by shard, in first-seen order: several only on `cp` outside cluster mode (a
+    // cross-shard transaction judges each shard's guards there).
+    let mut by_shard: Vec<(u64, Vec<Bytes>)> = Vec::new();
+    for k in keys {
+        let s = ks.txn_shard(k);
+        match by_shard.iter_mut().find(|(at, _)| *at == s) {
+            Some((_, ks)) => ks.push(k.clone()),
+            None => by_shard.push((s, vec![k.clone()])),
+        }
+    }
+    if by_shard.len() > 1 && (ks.spec.mode != Mode::Cp || conn.cluster_mode) {
         return Err(super::data::CROSSSLOT.into());
     }
     if let Some(line) = cluster::moved(conn, &keys[0], true) {
         return Err(line);
     }
-    let watched = ks
-        .watch(keys, conn.now_ms, conn.consistency)
-        .await
-        .map_err(|e| error_line(&e))?;
-    conn.watched.extend(watched);
+    debug_assert_eq!(by_shard[0].0, shard, "the first key's shard comes first");
+    for (_, keys) in by_shard {
+        let watched = ks
+            .watch(&keys, conn.now_ms, conn.consistency)
+            .await
+            .map_err(|e| error_line(&e))?;
+        conn.watched.extend(watched);
+    }
     conn.out.ok();
     Ok(())
 }
@@ -302,14 +322,18 @@ fn current_keyspace(conn: &Connection) -> Arc<Keyspace> {
 
 /// Checks that `keys` can join the transaction (size, shard, mode, `-MOVED`) and makes their
 /// keyspace and shard its target.
-fn place(conn: &mut Connection, keys: &[&Bytes], write: bool) -> Result<(), String> {
+fn place(
+    conn: &mut Connection,
+    keys: &[&Bytes],
+    write: bool,
+) -> Result<Option<(Arc<Keyspace>, u64)>, String> {
     let ks = current_keyspace(conn);
     ks.check_live().map_err(|e| error_line(&e))?;
     for k in keys {
         check_key(k).map_err(|e| error_line(&e))?;
     }
     let Some(first) = keys.first() else {
-        return Ok(());
+        return Ok(None);
     };
     if conn.cluster_mode {
         // `-MOVED` and same-slot rules are judged against the selected keyspace.
@@ -328,18 +352,24 @@ fn place(conn: &mut Connection, keys: &[&Bytes], write: bool) -> Result<(), Stri
     if keys.iter().any(|k| ks.txn_shard(k) != shard) {
         return Err(super::data::CROSSSLOT.into());
     }
+    let cluster_mode = conn.cluster_mode;
     let Some(multi) = conn.multi.as_mut() else {
-        return Ok(());
+        return Ok(None);
     };
     match &multi.target {
-        None => multi.target = Some((ks, shard)),
+        None => multi.target = Some((ks.clone(), shard)),
         Some((target, _)) if target.spec.mode != ks.spec.mode => return Err(MIXED_MODES.into()),
         Some((target, s)) if !Arc::ptr_eq(target, &ks) || *s != shard => {
-            return Err(super::data::CROSSSLOT.into());
+            // `cp` commits across shards and keyspaces; cluster-mode clients expect Redis
+            // Cluster's rule, and `ap` and `cache` keep it.
+            if ks.spec.mode != Mode::Cp || cluster_mode {
+                return Err(super::data::CROSSSLOT.into());
+            }
+            multi.spread = true;
         }
         Some(_) => {}
     }
-    Ok(())
+    Ok(Some((ks, shard)))
 }
 
 /// The step of a command of the server's own table.
@@ -363,7 +393,7 @@ fn server_step(
     match cmd.handler {
         Handler::Write(parse) => {
             let keys = keys_of(&args);
-            place(conn, &keys.iter().collect::<Vec<_>>(), true)?;
+            let at = place(conn, &keys.iter().collect::<Vec<_>>(), true)?;
             let call = WriteCall {
                 args: &args,
                 now: conn.now_ms,
@@ -374,6 +404,7 @@ fn server_step(
                     name: cmd.name,
                     mutations,
                     shape: KeyedShape::Write(shape),
+                    at,
                 },
                 Err(error) => Step::Fixed {
                     name: cmd.name,
@@ -383,12 +414,13 @@ fn server_step(
         }
         _ if cmd.flags.contains(&"blocking") => match blocking::in_transaction(cmd.name, &args) {
             Ok((attempt, keys, shape)) => {
-                place(conn, &keys.iter().collect::<Vec<_>>(), true)?;
+                let at = place(conn, &keys.iter().collect::<Vec<_>>(), true)?;
                 let key = keys.first().cloned().unwrap_or_default();
                 Ok(Step::Keyed {
                     name: cmd.name,
                     mutations: vec![Mutation::Exec { key, args: attempt }],
                     shape: KeyedShape::Blocking(shape),
+                    at,
                 })
             }
             Err(error) => Ok(Step::Fixed {
@@ -398,7 +430,7 @@ fn server_step(
         },
         _ if KEYED_READS.contains(&cmd.name) => {
             let keys = keys_of(&args);
-            place(conn, &keys.iter().collect::<Vec<_>>(), false)?;
+            let at = place(conn, &keys.iter().collect::<Vec<_>>(), false)?;
             let mut internal = args;
             internal[0] = Bytes::from(format!("capdb.{}", cmd.name));
             Ok(Step::Keyed {
@@ -408,6 +440,7 @@ fn server_step(
                     args: internal,
                 }],
                 shape: KeyedShape::Write(Shape::Plain),
+                at,
             })
         }
         _ => Ok(Step::Replay {
@@ -432,7 +465,7 @@ fn data_step(
         });
     };
     let keys: Vec<&Bytes> = indices.iter().filter_map(|&i| args.get(i)).collect();
-    place(conn, &keys, spec.is_write())?;
+    let at = place(conn, &keys, spec.is_write())?;
     let key = keys.first().map(|k| (*k).clone()).unwrap_or_default();
     let args = if spec.is_write() {
         // Replicas replay the command later: relative times become absolute now.
@@ -446,6 +479,7 @@ fn data_step(
         name: spec.name,
         mutations: vec![Mutation::Exec { key, args }],
         shape: KeyedShape::Write(Shape::Plain),
+        at,
     })
 }
 
@@ -484,7 +518,12 @@ async fn run_exec(conn: &mut Connection, _args: &[Bytes]) -> Result<Ended, Strin
     if multi.dirty {
         return Err(EXECABORT.into());
     }
-    let Multi { steps, target, .. } = *multi;
+    let Multi {
+        steps,
+        target,
+        spread,
+        ..
+    } = *multi;
     // Where the keyed commands (and the watch guards) run.
     let target = match target {
         Some(t) => t,
@@ -500,15 +539,27 @@ async fn run_exec(conn: &mut Connection, _args: &[Bytes]) -> Result<Ended, Strin
             None => (conn.keyspace.clone(), 0),
         },
     };
-    if watched
+    let elsewhere: Vec<&Watched> = watched
         .iter()
-        .any(|w| w.keyspace != target.0.spec.name || w.shard != target.1)
-    {
-        return Err(super::data::CROSSSLOT.into());
+        .filter(|w| w.keyspace != target.0.spec.name || w.shard != target.1)
+        .collect();
+    // Watched keys on other shards join a `cp` transaction (their shards judge the guards);
+    // elsewhere they are Redis Cluster's CROSSSLOT.
+    let spread = spread || !elsewhere.is_empty();
+    if !elsewhere.is_empty() {
+        let all_cp = target.0.spec.mode == Mode::Cp
+            && elsewhere.iter().all(|w| {
+                conn.node
+                    .keyspace(w.keyspace.as_str())
+                    .is_ok_and(|ks| ks.spec.mode == Mode::Cp)
+            });
+        if !all_cp || conn.cluster_mode {
+            return Err(super::data::CROSSSLOT.into());
+        }
     }
     let guards: Vec<&Watched> = watched.iter().collect();
     // The keyed commands, cut into the parts between keyspace-wide commands.
-    let mut parts: Vec<Vec<Mutation>> = vec![Vec::new()];
+    let mut parts: Vec<Part> = vec![Part::default()];
     let mut layout: Vec<Step> = Vec::with_capacity(steps.len());
     for step in steps {
         match step {
@@ -516,21 +567,25 @@ async fn run_exec(conn: &mut Connection, _args: &[Bytes]) -> Result<Ended, Strin
                 name,
                 mutations,
                 shape,
+                at,
             } => {
                 let count = mutations.len();
-                parts
-                    .last_mut()
-                    .expect("parts starts non-empty")
-                    .extend(mutations);
+                let part = parts.last_mut().expect("parts starts non-empty");
+                let (ks, shard) = at.unwrap_or_else(|| target.clone());
+                part.wake
+                    .push((ks.clone(), crate::resp::written_keys(&mutations)));
+                part.commands
+                    .extend(mutations.into_iter().map(|m| (shard, m)));
                 layout.push(Step::Keyed {
                     name,
                     mutations: Vec::with_capacity(count),
                     shape,
+                    at: None,
                 });
             }
             Step::Replay { name, .. } if KEYSPACE_WIDE.contains(&name) => {
                 layout.push(step);
-                parts.push(Vec::new());
+                parts.push(Part::default());
             }
             other => layout.push(other),
         }
@@ -543,10 +598,15 @@ async fn run_exec(conn: &mut Connection, _args: &[Bytes]) -> Result<Ended, Strin
         })
         .collect();
     let mut parts = parts.into_iter();
-    let (ks, now, c) = (target.0.clone(), conn.now_ms, conn.consistency);
+    let runner = PartRunner {
+        ks: target.0.clone(),
+        spread,
+        now: conn.now_ms,
+        c: conn.consistency,
+    };
     let first = parts.next().unwrap_or_default();
-    let written = crate::resp::written_keys(&first);
-    let mut replies = match ks.transact(first, &guards, now, c).await {
+    let wake = first.wake;
+    let mut replies = match runner.run(conn, first.commands, &guards).await {
         // Nothing ran (TRYAGAIN), or the client cannot know (UNCERTAIN): EXEC says so whole.
         Err(e) => return Err(error_line(&e)),
         Ok(None) => {
@@ -556,8 +616,11 @@ async fn run_exec(conn: &mut Connection, _args: &[Bytes]) -> Result<Ended, Strin
         Ok(Some(r)) => r.into_iter(),
     };
     drop(guards);
+    drop(elsewhere);
     drop(watched);
-    conn.wake_blocked(&ks, written);
+    for (ks, written) in wake {
+        conn.wake_blocked(&ks, written);
+    }
     conn.out.array(layout.len());
     for (step, count) in layout.into_iter().zip(counts) {
         match step {
@@ -585,19 +648,54 @@ async fn run_exec(conn: &mut Connection, _args: &[Bytes]) -> Result<Ended, Strin
                 if KEYSPACE_WIDE.contains(&name) {
                     // The next part runs after it, without the watch guards (already judged).
                     let part = parts.next().unwrap_or_default();
-                    let n = part.len();
-                    let written = crate::resp::written_keys(&part);
-                    replies = match ks.transact(part, &[], now, c).await {
+                    let n = part.commands.len();
+                    replies = match runner.run(conn, part.commands, &[]).await {
                         Ok(Some(r)) => r.into_iter(),
                         Ok(None) => Vec::new().into_iter(),
                         Err(e) => vec![Err(e); n].into_iter(),
                     };
-                    conn.wake_blocked(&ks, written);
+                    for (ks, written) in part.wake {
+                        conn.wake_blocked(&ks, written);
+                    }
                 }
             }
         }
     }
     Ok(Ended::Ran)
+}
+
+/// The keyed commands between two keyspace-wide commands of a transaction.
+#[derive(Default)]
+struct Part {
+    /// Each mutation with its shard.
+    commands: Vec<(u64, Mutation)>,
+    /// The keys to wake blocked clients on, by keyspace, once it ran.
+    wake: Vec<(Arc<Keyspace>, Vec<Bytes>)>,
+}
+
+/// How an EXEC's parts run: as one step of the target keyspace's store, or, `spread` over
+/// several `cp` shards, as a cross-shard transaction.
+struct PartRunner {
+    ks: Arc<Keyspace>,
+    spread: bool,
+    now: u64,
+    c: crate::node::Consistency,
+}
+
+impl PartRunner {
+    async fn run(
+        &self,
+        conn: &Connection,
+        commands: Vec<(u64, Mutation)>,
+        guards: &[&Watched],
+    ) -> capdb_types::Result<Option<capdb_storage::BatchReplies>> {
+        if self.spread {
+            Keyspace::transact_across(&conn.node.txns, commands, guards, self.now).await
+        } else {
+            let mutations = commands.into_iter().map(|(_, m)| m).collect();
+            self.ks.transact(mutations, guards, self.now, self.c).await
+        }
+    }
 }
 
 /// A keyed command's reply from its mutations' replies.

@@ -1,0 +1,458 @@
+//! Cross-shard transactions at a participant shard: its lock table and transaction records
+//! (the protocol and its rules are `capdb_types::txn`; the coordinator is `capdb-txn`).
+//!
+//! A participant applies each step of a transaction ([`ShardStep`]) as one entry of its log:
+//! - *prepare*: votes YES when no other transaction holds a conflicting lock on its keys, its
+//!   WATCH guards hold (`touched.rs`) and its deadline has not passed; then locks the keys and
+//!   stages the commands (they run at commit, under the locks: the "v0" simplification in
+//!   `docs/design/transactions.md`, so a participant answers its replies to the commit);
+//! - *commit*: releases the locks and runs the staged commands in order, like a single-shard
+//!   transaction; the replies are kept in the record, so a repeated commit answers them again;
+//! - *abort* / *prevent*: drop what was staged, or make sure no prepare can land later.
+//!
+//! While a key is locked, other writes to it are refused at apply with [`Error::Locked`] (the
+//! node retries them for a bounded time), and a write-locked key's linearizable reads wait
+//! ([`DiskTable::write_locked`]): nothing outside the transaction sees or changes its keys
+//! between its prepare and its commit, which is what makes the shards' commits, at different
+//! log positions, one serializable point.
+//!
+//! # Rows
+//!
+//! Everything is replicated state in the shard's element table under the reserved id 0 (as
+//! the touched rows), so it is identical on every replica, carried by snapshots and cleared by
+//! FLUSHDB (which the coordinator then sees as a refused or lost prepare):
+//! - `0 ‖ "txn-lock/" ‖ key` -> the key's [`KeyLocks`];
+//! - `0 ‖ "txn/" ‖ id` -> the transaction's [`Record`];
+//! - `0 ‖ "txn-open/" ‖ id` -> its lock deadline (u64 LE), while it is prepared: what the
+//!   recovery of orphaned transactions scans ([`DiskTable::orphaned_txns`]);
+//! - `0 ‖ "txn-done/" ‖ decided ms (BE) ‖ id` -> empty: decided records, oldest first.
+//!
+//! # Bounds
+//!
+//! A decided record is kept [`RECORD_RETAIN_MS`] after its decision (a repeated step within
+//! that time answers the same), then dropped, at most [`GC_STEP_MAX`] per step. A prepare
+//! applied after its deadline is refused, so a dropped record can never let a late prepare
+//! through. Locks are bounded by the keys of prepared transactions (each bounded by the RESP
+//! layer's transaction limits).
+
+use bytes::Bytes;
+use capdb_types::txn::{
+    self, Conflict, Effect, KeyLocks, LockMode, Outcome, Participation, Refusal, ShardStep, Step,
+    TxnId,
+};
+use capdb_types::{Error, GroupId, Mutation, Reply, Result, Timestamp};
+use redb::ReadableTable;
+use serde::{Deserialize, Serialize};
+
+use super::meta::MetaItem;
+use super::ops::{Exec, Output};
+use super::touched::{self, WatchGuard};
+use super::{META_TABLE, io_err, table_def};
+use crate::layout::element_table;
+
+type RawTable<'txn> = redb::Table<'txn, &'static [u8], &'static [u8]>;
+
+/// How long a decided transaction's record is kept to answer repeated steps.
+pub const RECORD_RETAIN_MS: u64 = 60_000;
+/// Decided records dropped per step at most.
+pub const GC_STEP_MAX: usize = 64;
+
+const RESERVED: [u8; 8] = [0; 8];
+const LOCK: &[u8] = b"txn-lock/";
+const RECORD: &[u8] = b"txn/";
+const OPEN: &[u8] = b"txn-open/";
+const DONE: &[u8] = b"txn-done/";
+
+fn row(kind: &[u8], rest: &[&[u8]]) -> Vec<u8> {
+    let mut k = RESERVED.to_vec();
+    k.extend_from_slice(kind);
+    for r in rest {
+        k.extend_from_slice(r);
+    }
+    k
+}
+
+fn id_bytes(id: TxnId) -> [u8; 24] {
+    let mut b = [0; 24];
+    b[..8].copy_from_slice(&id.origin.to_be_bytes());
+    b[8..16].copy_from_slice(&id.epoch.to_be_bytes());
+    b[16..].copy_from_slice(&id.seq.to_be_bytes());
+    b
+}
+
+fn id_of(b: &[u8]) -> Option<TxnId> {
+    let b: &[u8; 24] = b.try_into().ok()?;
+    let n = |i: usize| u64::from_be_bytes(b[i..i + 8].try_into().expect("8 bytes"));
+    Some(TxnId {
+        origin: n(0),
+        epoch: n(8),
+        seq: n(16),
+    })
+}
+
+/// What a participant keeps per transaction.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Record {
+    participation: Participation,
+    /// Every participant (from the prepare), for the recovery of an orphan.
+    participants: Vec<GroupId>,
+    /// The staged commands, while prepared.
+    commands: Vec<Mutation>,
+    /// The commit's replies, one per command.
+    replies: Option<Vec<Result<Reply>>>,
+}
+
+/// One step of a transaction, as the state machine hands it to the engine: with the entry's
+/// leader timestamp and clock, and its log index (the touched rows of the commit's writes).
+#[derive(Debug, Clone)]
+pub struct TxnJob {
+    pub txn: TxnId,
+    pub step: ShardStep<Mutation, WatchGuard>,
+    pub timestamp: Timestamp,
+    pub now_ms: u64,
+    pub index: u64,
+}
+
+/// Encodes a step's answer for the `_meta` row that remembers it (the state machine's own
+/// response format), written in the same storage transaction as the step.
+pub type RememberAnswer = Box<dyn Fn(&Result<TxnAnswer>) -> Vec<u8> + Send + Sync>;
+
+/// What a step answered: where the transaction stands here, and with a commit its replies.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TxnAnswer {
+    pub outcome: Outcome,
+    pub replies: Option<Vec<Result<Reply>>>,
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(raw: &[u8], what: &str) -> Result<T> {
+    postcard::from_bytes(raw).map_err(|e| Error::Corruption(format!("{what}: {e}")))
+}
+
+fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>> {
+    postcard::to_allocvec(v).map_err(|e| Error::Io(format!("cannot encode: {e}")))
+}
+
+fn read_locks(
+    el: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    key: &[u8],
+) -> Result<KeyLocks> {
+    match el.get(&row(LOCK, &[key])[..]).map_err(io_err)? {
+        Some(raw) => decode(raw.value(), "a lock record"),
+        None => Ok(KeyLocks::default()),
+    }
+}
+
+fn write_locks(el: &mut RawTable<'_>, key: &[u8], locks: &KeyLocks) -> Result<()> {
+    let k = row(LOCK, &[key]);
+    if locks.is_empty() {
+        el.remove(&k[..]).map_err(io_err)?;
+    } else {
+        el.insert(&k[..], &encode(locks)?[..]).map_err(io_err)?;
+    }
+    Ok(())
+}
+
+/// Whether any key of the shard is locked (one seek: the common case costs writes nothing
+/// more).
+pub(super) fn any_locks(el: &impl ReadableTable<&'static [u8], &'static [u8]>) -> Result<bool> {
+    let start = row(LOCK, &[]);
+    Ok(match el.range(&start[..]..).map_err(io_err)?.next() {
+        Some(e) => e.map_err(io_err)?.0.value().starts_with(&start),
+        None => false,
+    })
+}
+
+/// The transaction whose lock keeps a non-transactional command from `key` (`writes`: it
+/// changes the key, so any lock keeps it out; else only a write lock does).
+pub(super) fn lock_holder(
+    el: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    key: &[u8],
+    writes: bool,
+) -> Result<Option<TxnId>> {
+    let locks = read_locks(el, key)?;
+    Ok(locks
+        .held
+        .iter()
+        .find(|h| writes || h.mode == LockMode::Write)
+        .map(|h| h.txn))
+}
+
+/// The keys a mutation touches and whether it changes them (a data-type command by its
+/// table row; every other mutation writes its key).
+pub(super) fn mutation_keys(m: &Mutation) -> (Vec<Bytes>, bool) {
+    match m {
+        Mutation::Exec { args, key } => {
+            let keys =
+                capdb_data::command::command_keys(args).unwrap_or_else(|_| vec![key.clone()]);
+            (keys, capdb_data::command::writes(args))
+        }
+        other => (vec![other.key().clone()], true),
+    }
+}
+
+/// The vote of a first prepare: YES at the entry's timestamp, or why not.
+fn vote(
+    x: &Exec,
+    table: &str,
+    el: &RawTable<'_>,
+    job: &TxnJob,
+    p: &txn::Prepare<Mutation, WatchGuard>,
+) -> Result<std::result::Result<Timestamp, Refusal>> {
+    if job.now_ms > p.deadline_ms {
+        // Too late: its coordinator (or a recovery) may already have decided without it.
+        return Ok(Err(Refusal::Prevented));
+    }
+    for (key, mode) in &p.keys {
+        if let Some(holder) = read_locks(el, key)?.blocker(job.txn, *mode) {
+            return Ok(Err(Refusal::Locked(Conflict {
+                key: key.clone(),
+                holder,
+            })));
+        }
+    }
+    if let Some(first) = p.guards.first() {
+        let t = x.txn.open_table(table_def(table)).map_err(io_err)?;
+        let rec = touched::Recording::load(el)?;
+        if !touched::guards_hold(&t, el, &rec, &p.guards)? {
+            return Ok(Err(Refusal::WatchFailed {
+                key: first.key.clone(),
+            }));
+        }
+    }
+    Ok(Ok(job.timestamp))
+}
+
+/// [`super::ops::Op::TxnStep`]: applies one step of a transaction and records `meta` (the
+/// applied state) in the same transaction. A step that breaks the protocol (a commit without
+/// a YES vote here) changes nothing and answers an error.
+pub(super) fn apply_step(
+    x: &Exec,
+    table: &str,
+    job: &TxnJob,
+    meta: &[MetaItem],
+    remember: Option<&(String, RememberAnswer)>,
+) -> Result<Output> {
+    let answer = step_inner(x, table, job)?;
+    let mut mt = x.txn.open_table(META_TABLE).map_err(io_err)?;
+    if let Some((key, encode_answer)) = remember {
+        mt.insert(key.as_str(), &encode_answer(&answer)[..])
+            .map_err(io_err)?;
+    }
+    // The applied state after the remembered answer (a later forget in `meta` wins).
+    super::meta::put_meta(&mut mt, meta)?;
+    Ok(Output::Txn(answer))
+}
+
+/// The step itself (`Err` inside: a protocol violation, nothing changed).
+fn step_inner(x: &Exec, table: &str, job: &TxnJob) -> Result<Result<TxnAnswer>> {
+    let mut el = x
+        .txn
+        .open_table(table_def(&element_table(table)))
+        .map_err(io_err)?;
+    let record_key = row(RECORD, &[&id_bytes(job.txn)]);
+    let current: Option<Record> = match el.get(&record_key[..]).map_err(io_err)? {
+        Some(raw) => Some(decode(raw.value(), "a transaction record")?),
+        None => None,
+    };
+    let prepare = match &job.step {
+        ShardStep::Prepare(p) => Some(p),
+        _ => None,
+    };
+    let pure = match (&job.step, prepare) {
+        (_, Some(p)) => Step::Prepare {
+            vote: match &current {
+                // Repeated or late: `step` answers what is there without a new vote.
+                Some(_) => Ok(job.timestamp),
+                None => vote(x, table, &el, job, p)?,
+            },
+        },
+        (ShardStep::Commit { ts }, _) => Step::Commit { ts: *ts },
+        (ShardStep::Abort, _) => Step::Abort,
+        _ => Step::Prevent,
+    };
+    let stepped = txn::step(current.as_ref().map(|r| &r.participation), pure, || {
+        let p = prepare.expect("only a prepare locks and stages");
+        (p.keys.clone(), p.anchor, p.deadline_ms)
+    });
+    let (next, effect, outcome) = match stepped {
+        Ok(t) => t,
+        Err(violation) => {
+            tracing::error!(txn = %job.txn, table, why = %violation.0, "transaction step refused: protocol violation");
+            return Ok(Err(Error::InvalidInput(format!(
+                "transaction {}: {}",
+                job.txn, violation.0
+            ))));
+        }
+    };
+    let mut record = current.clone().unwrap_or(Record {
+        participation: Participation::Prevented,
+        participants: Vec::new(),
+        commands: Vec::new(),
+        replies: None,
+    });
+    let open_key = row(OPEN, &[&id_bytes(job.txn)]);
+    let mut to_run = Vec::new();
+    match effect {
+        Effect::LockAndStage => {
+            let p = prepare.expect("only a prepare locks and stages");
+            for (key, mode) in &p.keys {
+                let mut locks = read_locks(&el, key)?;
+                locks.grant(job.txn, *mode, p.deadline_ms);
+                write_locks(&mut el, key, &locks)?;
+            }
+            el.insert(&open_key[..], &p.deadline_ms.to_le_bytes()[..])
+                .map_err(io_err)?;
+            record.participants = p.participants.clone();
+            record.commands = p.commands.clone();
+        }
+        Effect::ApplyAndUnlock | Effect::DropAndUnlock => {
+            if let Some(Participation::Prepared { keys, .. }) =
+                current.as_ref().map(|r| &r.participation)
+            {
+                for (key, _) in keys {
+                    let mut locks = read_locks(&el, key)?;
+                    if locks.release(job.txn) {
+                        write_locks(&mut el, key, &locks)?;
+                    }
+                }
+            }
+            el.remove(&open_key[..]).map_err(io_err)?;
+            let staged = std::mem::take(&mut record.commands);
+            if effect == Effect::ApplyAndUnlock {
+                to_run = staged;
+            }
+        }
+        Effect::None => {}
+    }
+    let changed = current.as_ref().map(|r| &r.participation) != next.as_ref();
+    if let Some(next) = next {
+        record.participation = next;
+    }
+    drop(el);
+    if effect == Effect::ApplyAndUnlock {
+        // The locks are released above, in this same storage transaction: the commands run
+        // as a single-shard transaction's do, and record what they change as touched.
+        let mutations: Vec<_> = to_run
+            .into_iter()
+            .map(|m| (m, job.timestamp, job.now_ms, job.index))
+            .collect();
+        let replies =
+            super::ops::apply_replicated(x, table, &mutations, &[], &[], &[], &[], false)?
+                .into_replies()?;
+        record.replies = Some(replies);
+    }
+    let mut el = x
+        .txn
+        .open_table(table_def(&element_table(table)))
+        .map_err(io_err)?;
+    if changed {
+        el.insert(&record_key[..], &encode(&record)?[..])
+            .map_err(io_err)?;
+        if !matches!(record.participation, Participation::Prepared { .. }) {
+            let done = row(DONE, &[&job.now_ms.to_be_bytes(), &id_bytes(job.txn)]);
+            el.insert(&done[..], &[][..]).map_err(io_err)?;
+        }
+    }
+    collect_decided(&mut el, job.now_ms)?;
+    let replies = match outcome {
+        Outcome::Committed(_) => record.replies.clone(),
+        _ => None,
+    };
+    Ok(Ok(TxnAnswer { outcome, replies }))
+}
+
+/// Drops up to [`GC_STEP_MAX`] records decided more than [`RECORD_RETAIN_MS`] before `now_ms`.
+fn collect_decided(el: &mut RawTable<'_>, now_ms: u64) -> Result<()> {
+    let start = row(DONE, &[]);
+    let mut old = Vec::new();
+    for e in el.range(&start[..]..).map_err(io_err)?.take(GC_STEP_MAX) {
+        let (k, _) = e.map_err(io_err)?;
+        let k = k.value();
+        let Some(rest) = k.strip_prefix(&start[..]) else {
+            break;
+        };
+        let Some((at, id)) = rest.split_first_chunk::<8>() else {
+            break;
+        };
+        if u64::from_be_bytes(*at).saturating_add(RECORD_RETAIN_MS) > now_ms {
+            break;
+        }
+        old.push((k.to_vec(), id.to_vec()));
+    }
+    for (done, id) in old {
+        el.remove(&done[..]).map_err(io_err)?;
+        el.remove(&row(RECORD, &[&id])[..]).map_err(io_err)?;
+    }
+    Ok(())
+}
+
+/// A prepared transaction past its lock deadline: whoever leads the shard finishes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Orphan {
+    pub txn: TxnId,
+    pub participants: Vec<GroupId>,
+    pub deadline_ms: u64,
+}
+
+/// Prepared transactions of a shard and their locks, for recovery and metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OpenTxns {
+    /// Transactions prepared here and not decided.
+    pub prepared: u64,
+    /// The earliest lock deadline among them.
+    pub earliest_deadline_ms: Option<u64>,
+    /// Those past their deadline at the time asked, with their participants.
+    pub orphans: Vec<Orphan>,
+}
+
+/// Reads the open transactions of a shard's element table (a read snapshot).
+pub(super) fn open_txns(
+    el: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    now_ms: u64,
+) -> Result<OpenTxns> {
+    let start = row(OPEN, &[]);
+    let mut out = OpenTxns::default();
+    for e in el.range(&start[..]..).map_err(io_err)? {
+        let (k, v) = e.map_err(io_err)?;
+        let Some(id) = k.value().strip_prefix(&start[..]) else {
+            break;
+        };
+        let (Some(txn), Ok(deadline)) = (id_of(id), <[u8; 8]>::try_from(v.value())) else {
+            continue;
+        };
+        let deadline_ms = u64::from_le_bytes(deadline);
+        out.prepared += 1;
+        out.earliest_deadline_ms = Some(
+            out.earliest_deadline_ms
+                .map_or(deadline_ms, |d| d.min(deadline_ms)),
+        );
+        if deadline_ms < now_ms {
+            let participants = match el.get(&row(RECORD, &[id])[..]).map_err(io_err)? {
+                Some(raw) => decode::<Record>(raw.value(), "a transaction record")?.participants,
+                None => Vec::new(),
+            };
+            out.orphans.push(Orphan {
+                txn,
+                participants,
+                deadline_ms,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// The first transaction that keeps a linearizable read of `keys` waiting (a write lock).
+pub(super) fn read_blocker(
+    el: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    keys: &[Bytes],
+) -> Result<Option<TxnId>> {
+    if !any_locks(el)? {
+        return Ok(None);
+    }
+    for k in keys {
+        if let Some(t) = lock_holder(el, k, false)? {
+            return Ok(Some(t));
+        }
+    }
+    Ok(None)
+}
