@@ -383,27 +383,25 @@ fn select_inside_multi_addresses_the_selected_keyspace_and_modes_do_not_mix() {
     let e = err(&mut c, "SET {t}m 2");
     assert!(e.contains("cannot mix keyspaces of different modes"), "{e}");
     assert!(err(&mut c, "EXEC").contains("EXECABORT"));
-    // Two cp keyspaces are two places: CROSSSLOT.
+    // Two cp keyspaces: one transaction over both (a cross-shard commit).
     ok(&mut c, "SELECT 0");
     ok(&mut c, "MULTI");
     queued(&mut c, "SET {t}m 1");
     queued(&mut c, "SELECT cp2");
-    assert!(err(&mut c, "SET {t}m 2").contains("CROSSSLOT"));
-    assert!(err(&mut c, "EXEC").contains("EXECABORT"));
-    let v: Option<String> = c.get("{t}m").unwrap();
-    assert_eq!(v, None);
+    queued(&mut c, "SET {t}m 2");
+    assert_eq!(
+        ok(&mut c, "EXEC"),
+        Value::Array(vec![Value::Okay, Value::Okay, Value::Okay])
+    );
+    let v: String = c.get("{t}m").unwrap();
+    assert_eq!(v, "2", "the connection stays in cp2");
+    ok(&mut c, "SELECT 0");
+    let v: String = c.get("{t}m").unwrap();
+    assert_eq!(v, "1");
 }
 
-#[test]
-fn a_transaction_spanning_two_shards_answers_crossslot_and_applies_nothing() {
-    let s = Server::start();
-    create_keyspace(
-        &s,
-        r#"{"name":"four","mode":"cp","shards":4,"replication_factor":1}"#,
-        "four",
-    );
-    let mut c = client_in(&s, "four");
-    // Two keys in different quarters of the slot space, hence different shards.
+/// Two keys of `c`'s keyspace (4 shards) on different shards.
+fn keys_on_two_shards(c: &mut redis::Connection) -> (String, String) {
     let slot = |c: &mut redis::Connection, k: &str| -> i64 {
         redis::cmd("CLUSTER")
             .arg("KEYSLOT")
@@ -411,24 +409,104 @@ fn a_transaction_spanning_two_shards_answers_crossslot_and_applies_nothing() {
             .query(c)
             .unwrap()
     };
-    let a = "{a}k";
+    let a = "{a}k".to_string();
     let b = (0..100)
         .map(|i| format!("{{b{i}}}k"))
-        .find(|k| slot(&mut c, k) / 4096 != slot(&mut c, a) / 4096)
+        .find(|k| slot(c, k) / 4096 != slot(c, &a) / 4096)
         .unwrap();
+    (a, b)
+}
+
+#[test]
+fn a_cp_transaction_over_several_shards_commits_on_every_shard_or_on_none() {
+    let s = Server::start();
+    create_keyspace(
+        &s,
+        r#"{"name":"four","mode":"cp","shards":4,"replication_factor":1}"#,
+        "four",
+    );
+    let mut c = client_in(&s, "four");
+    let (a, b) = keys_on_two_shards(&mut c);
+    ok(&mut c, "MULTI");
+    queued(&mut c, &format!("SET {a} 1"));
+    queued(&mut c, &format!("INCRBY {b} 5"));
+    queued(&mut c, &format!("GET {a}"));
+    queued(&mut c, &format!("RPUSH {b}l x y"));
+    queued(&mut c, &format!("INCR {a}"));
+    assert_eq!(
+        ok(&mut c, "EXEC"),
+        Value::Array(vec![
+            Value::Okay,
+            Value::Int(5),
+            bulk("1"),
+            Value::Int(2),
+            Value::Int(2)
+        ]),
+        "replies in command order, each shard's reads seeing its writes before them"
+    );
+    let got: (String, String) = (c.get(&a).unwrap(), c.get(&b).unwrap());
+    assert_eq!(got, ("2".into(), "5".into()));
+    // A run-time error fails its command only, on any shard.
+    let mut raw = Raw::new(&s, "four");
+    raw.call("MULTI");
+    raw.call(&format!("INCR {b}l"));
+    raw.call(&format!("INCR {a}"));
+    let Value::Array(r) = raw.call("EXEC") else {
+        panic!("an array")
+    };
+    assert!(matches!(&r[0], Value::ServerError(_)), "{:?}", r[0]);
+    assert_eq!(r[1], Value::Int(3));
+    // A watched key changed on one shard aborts the writes on every shard.
+    let mut other = client_in(&s, "four");
+    ok(&mut c, &format!("WATCH {a} {b}"));
+    let _: () = other.set(&b, "changed").unwrap();
+    ok(&mut c, "MULTI");
+    queued(&mut c, &format!("SET {a} from-txn"));
+    queued(&mut c, &format!("SET {b} from-txn"));
+    assert_eq!(ok(&mut c, "EXEC"), Value::Nil);
+    let got: (String, String) = (c.get(&a).unwrap(), c.get(&b).unwrap());
+    assert_eq!(got, ("3".into(), "changed".into()), "nothing applied");
+    // Unchanged, the same transaction commits everywhere.
+    ok(&mut c, &format!("WATCH {a} {b}"));
+    ok(&mut c, "MULTI");
+    queued(&mut c, &format!("SET {a} from-txn"));
+    queued(&mut c, &format!("SET {b} from-txn"));
+    assert_eq!(
+        ok(&mut c, "EXEC"),
+        Value::Array(vec![Value::Okay, Value::Okay])
+    );
+    let got: (String, String) = (other.get(&a).unwrap(), other.get(&b).unwrap());
+    assert_eq!(got, ("from-txn".into(), "from-txn".into()));
+    // One command's keys must still be on one shard (Redis Cluster's rule for a command).
+    ok(&mut c, "MULTI");
+    let e = err(&mut c, &format!("MSET {a} 1 {b} 1"));
+    assert!(e.starts_with("CROSSSLOT"), "{e}");
+    assert!(err(&mut c, "EXEC").contains("EXECABORT"));
+}
+
+#[test]
+fn ap_keyspaces_keep_the_one_shard_rule() {
+    let s = Server::start();
+    create_keyspace(
+        &s,
+        r#"{"name":"apfour","mode":"ap","shards":4,"replication_factor":1}"#,
+        "apfour",
+    );
+    let mut c = client_in(&s, "apfour");
+    let (a, b) = keys_on_two_shards(&mut c);
     ok(&mut c, "MULTI");
     queued(&mut c, &format!("SET {a} 1"));
     let e = err(&mut c, &format!("SET {b} 1"));
     assert!(e.starts_with("CROSSSLOT"), "{e}");
     assert!(err(&mut c, "EXEC").contains("EXECABORT"));
-    let got: (Option<String>, Option<String>) = (c.get(a).unwrap(), c.get(&b).unwrap());
+    let got: (Option<String>, Option<String>) = (c.get(&a).unwrap(), c.get(&b).unwrap());
     assert_eq!(got, (None, None), "nothing applied");
-    // Watched keys must be where the transaction runs.
+    assert!(err(&mut c, &format!("WATCH {a} {b}")).starts_with("CROSSSLOT"));
     ok(&mut c, &format!("WATCH {b}"));
     ok(&mut c, "MULTI");
     queued(&mut c, &format!("SET {a} 1"));
     assert!(err(&mut c, "EXEC").starts_with("CROSSSLOT"));
-    let v: Option<String> = c.get(a).unwrap();
+    let v: Option<String> = c.get(&a).unwrap();
     assert_eq!(v, None);
 }
 
@@ -689,4 +767,94 @@ fn every_exec_is_counted_by_how_it_ended() {
     assert_eq!(transactions_counted(&s, "watch_aborted"), 1);
     assert_eq!(transactions_counted(&s, "discarded"), 1);
     assert_eq!(transactions_counted(&s, "failed"), 0);
+}
+
+// ---- cross-shard transactions on a 3-node cluster: a coordinator that dies ----
+
+/// A 3-node cluster where node 3 dies (on purpose) in the middle of the first cross-shard
+/// transaction it coordinates, at `crash`; a keyspace `four` (4 shards, 3 replicas each).
+fn cluster_with_a_dying_coordinator(crash: &str) -> Cluster {
+    let turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let nodes = common::start_founders(3, |id| {
+        let mut args = vec!["--label".to_string(), format!("zone=z{id}")];
+        if id == 3 {
+            args.extend(["--debug-txn-crash".to_string(), crash.to_string()]);
+        }
+        args
+    });
+    let c = Cluster { nodes, _turn: turn };
+    create_keyspace(
+        c.node(1),
+        r#"{"name":"four","mode":"cp","shards":4,"replication_factor":3}"#,
+        "four",
+    );
+    c
+}
+
+/// Retries `f` until it answers without an error (a key locked, a shard electing).
+fn eventually<T>(what: &str, mut f: impl FnMut() -> redis::RedisResult<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match f() {
+            Ok(v) => return v,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "{what}: still failing: {e}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+/// Runs `MULTI; SET a 1; SET b 1; EXEC` through node 3, which dies in it; then, through node
+/// 1, waits for both keys to be readable and writable again. Returns (a, b) as read then,
+/// and how long the locks outlived the coordinator.
+fn transaction_whose_coordinator_dies(crash: &str) -> (Option<String>, Option<String>, Duration) {
+    let mut c = cluster_with_a_dying_coordinator(crash);
+    let mut via1 = client_in(c.node(1), "four");
+    let (a, b) = keys_on_two_shards(&mut via1);
+    // Every shard has a leader and takes writes through node 3 before the test starts.
+    let mut via3 = client_in(c.node(3), "four");
+    for k in [&a, &b] {
+        eventually("a first write", || {
+            redis::cmd("SET").arg(k).arg("0").query::<()>(&mut via3)
+        });
+        eventually("a first delete", || {
+            redis::cmd("DEL").arg(k).query::<i64>(&mut via3)
+        });
+    }
+    ok(&mut via3, "MULTI");
+    queued(&mut via3, &format!("SET {a} 1"));
+    queued(&mut via3, &format!("SET {b} 1"));
+    assert!(cmd(&mut via3, "EXEC").is_err(), "the coordinator died");
+    let died = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while c.nodes[2].is_running() {
+        assert!(Instant::now() < deadline, "node 3 did not die");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(c.node(3).log().contains("TESTING: the coordinator dies"));
+    // Plain reads of the locked keys wait for the locks; both see the same outcome.
+    let got_a: Option<String> = eventually("GET a", || via1.get(&a));
+    let got_b: Option<String> = eventually("GET b", || via1.get(&b));
+    let released = died.elapsed();
+    // And the keys take plain writes again.
+    let _: () = eventually("SET a", || via1.set(&a, "after"));
+    let _: () = eventually("SET b", || via1.set(&b, "after"));
+    (got_a, got_b, released)
+}
+
+#[test]
+fn a_coordinator_that_dies_after_every_prepare_is_committed_by_the_cluster() {
+    let (a, b, released) = transaction_whose_coordinator_dies("after-prepares");
+    // Every shard voted yes: the transaction is committed, on every shard.
+    assert_eq!((a.as_deref(), b.as_deref()), (Some("1"), Some("1")));
+    eprintln!("locks released {released:?} after the coordinator died");
+}
+
+#[test]
+fn a_coordinator_that_dies_after_one_prepare_is_aborted_by_the_cluster() {
+    let (a, b, released) = transaction_whose_coordinator_dies("after-one-prepare");
+    // One shard prepared, the other never heard: the recovery prevents it and aborts.
+    assert_eq!((a, b), (None, None));
+    eprintln!("locks released {released:?} after the coordinator died");
 }
