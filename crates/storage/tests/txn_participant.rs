@@ -1,0 +1,355 @@
+//! A `cp` shard as a participant of cross-shard transactions (`disk/txn.rs`): what each step
+//! does to its locks, records and data, and how the shard's other writes and reads meet the
+//! locks. Every step is applied as the state machine applies a log entry.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use capdb_storage::KeyspaceStore;
+use capdb_storage::disk::{DiskEngine, RECORD_RETAIN_MS, TxnAnswer, TxnJob, WatchGuard};
+use capdb_types::mutation::{Condition, ExpiryUpdate};
+use capdb_types::txn::{LockMode, Outcome, Prepare, Refusal, ShardStep, TxnId};
+use capdb_types::{Error, Hlc, Mutation, Reply, Timestamp};
+
+const VALUE_MAX: usize = 1 << 20;
+const TABLE: &str = "shard/9";
+const NOW: u64 = 1_000_000;
+
+fn b(s: &str) -> Bytes {
+    Bytes::from(s.to_string())
+}
+
+fn set(k: &str, v: &str) -> Mutation {
+    Mutation::Set {
+        key: b(k),
+        value: b(v),
+        condition: Condition::Always,
+        expiry: ExpiryUpdate::Clear,
+        return_old: false,
+    }
+}
+
+fn incr(k: &str) -> Mutation {
+    Mutation::IncrBy {
+        key: b(k),
+        delta: 1,
+    }
+}
+
+fn get(k: &str) -> Mutation {
+    Mutation::Exec {
+        key: b(k),
+        args: vec![b("capdb.get"), b(k)],
+    }
+}
+
+fn id(seq: u64) -> TxnId {
+    TxnId {
+        origin: 1,
+        epoch: 7,
+        seq,
+    }
+}
+
+fn open() -> (tempfile::TempDir, DiskEngine) {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = DiskEngine::open(dir.path(), Arc::new(Hlc::new()), VALUE_MAX).unwrap();
+    (dir, engine)
+}
+
+/// A prepare of `commands`, locking `keys`, with a deadline well after [`NOW`].
+fn prepare(commands: Vec<Mutation>, keys: &[(&str, LockMode)]) -> ShardStep<Mutation, WatchGuard> {
+    ShardStep::Prepare(Prepare {
+        anchor: 9,
+        participants: vec![9, 10],
+        commands,
+        keys: keys.iter().map(|(k, m)| (b(k), *m)).collect(),
+        guards: Vec::new(),
+        deadline_ms: NOW + 2_000,
+    })
+}
+
+/// Applies `step` of `txn` as the entry at log `index`, at `now_ms`.
+async fn step_at(
+    e: &DiskEngine,
+    txn: TxnId,
+    step: ShardStep<Mutation, WatchGuard>,
+    index: u64,
+    now_ms: u64,
+) -> Result<TxnAnswer, Error> {
+    let job = TxnJob {
+        txn,
+        step,
+        timestamp: Timestamp(index),
+        now_ms,
+        index,
+    };
+    e.txn_step(TABLE, job, Vec::new(), None).await
+}
+
+async fn step(
+    e: &DiskEngine,
+    txn: TxnId,
+    step: ShardStep<Mutation, WatchGuard>,
+    index: u64,
+) -> TxnAnswer {
+    step_at(e, txn, step, index, NOW).await.unwrap()
+}
+
+/// Applies plain mutations as the entry at `index`.
+async fn write(e: &DiskEngine, index: u64, mutations: Vec<Mutation>) -> Vec<Result<Reply, Error>> {
+    let m = mutations
+        .into_iter()
+        .map(|m| (m, Timestamp(index), NOW, index))
+        .collect();
+    e.apply_replicated(TABLE, m, Vec::new(), Vec::new(), Vec::new(), Vec::new())
+        .await
+        .unwrap()
+}
+
+fn value(e: &DiskEngine, k: &str) -> Option<Bytes> {
+    e.table(TABLE, false)
+        .get(k.as_bytes(), NOW)
+        .unwrap()
+        .map(|v| v.data)
+}
+
+fn locked(e: &DiskEngine, k: &str) -> bool {
+    e.table(TABLE, false)
+        .write_locked(&[b(k)])
+        .unwrap()
+        .is_some()
+}
+
+#[tokio::test]
+async fn a_prepare_locks_and_stages_and_the_commit_runs_the_commands_and_unlocks() {
+    let (_d, e) = open();
+    write(&e, 1, vec![set("a", "1")]).await;
+    let yes = step(
+        &e,
+        id(1),
+        prepare(vec![incr("a"), get("a")], &[("a", LockMode::Write)]),
+        2,
+    )
+    .await;
+    assert_eq!(yes.outcome, Outcome::Yes(Timestamp(2)));
+    assert_eq!(yes.replies, None, "replies come with the commit");
+    assert_eq!(value(&e, "a"), Some(b("1")), "nothing applied at prepare");
+    assert!(locked(&e, "a"));
+    let open = e.table(TABLE, false).open_txns(NOW).unwrap();
+    assert_eq!((open.prepared, open.orphans.len()), (1, 0));
+
+    let done = step(&e, id(1), ShardStep::Commit { ts: Timestamp(2) }, 3).await;
+    assert_eq!(done.outcome, Outcome::Committed(Timestamp(2)));
+    assert_eq!(
+        done.replies,
+        Some(vec![Ok(Reply::Integer(2)), Ok(Reply::Bulk(b("2")))])
+    );
+    assert_eq!(value(&e, "a"), Some(b("2")));
+    assert!(!locked(&e, "a"));
+    assert_eq!(e.table(TABLE, false).open_txns(NOW).unwrap().prepared, 0);
+
+    // A repeated commit (a lost answer) answers the same and applies nothing again.
+    let again = step(&e, id(1), ShardStep::Commit { ts: Timestamp(2) }, 4).await;
+    assert_eq!(again, done);
+    assert_eq!(value(&e, "a"), Some(b("2")));
+}
+
+#[tokio::test]
+async fn a_locked_key_refuses_plain_writes_whole_and_conflicting_prepares() {
+    let (_d, e) = open();
+    step(
+        &e,
+        id(1),
+        prepare(vec![set("a", "t")], &[("a", LockMode::Write)]),
+        1,
+    )
+    .await;
+    // One entry with a free key and a locked one: refused whole, nothing applied.
+    let replies = write(&e, 2, vec![set("free", "1"), set("a", "plain")]).await;
+    assert!(
+        replies.iter().all(|r| matches!(r, Err(Error::Locked(_)))),
+        "{replies:?}"
+    );
+    assert_eq!(value(&e, "free"), None);
+    // Another entry of the same batch, on free keys only, applies.
+    assert_eq!(
+        write(&e, 3, vec![set("free", "1")]).await,
+        vec![Ok(Reply::Ok)]
+    );
+    // Another transaction wanting the key votes no and holds nothing.
+    let no = step(
+        &e,
+        id(2),
+        prepare(vec![set("a", "u")], &[("a", LockMode::Read)]),
+        4,
+    )
+    .await;
+    assert!(
+        matches!(&no.outcome, Outcome::No(Refusal::Locked(c)) if c.holder == id(1)),
+        "{no:?}"
+    );
+    // Aborting the first releases the key: plain writes go through again.
+    let aborted = step(&e, id(1), ShardStep::Abort, 5).await;
+    assert_eq!(aborted.outcome, Outcome::Aborted);
+    assert_eq!(value(&e, "a"), None, "the staged write is dropped");
+    assert_eq!(
+        write(&e, 6, vec![set("a", "plain")]).await,
+        vec![Ok(Reply::Ok)]
+    );
+}
+
+#[tokio::test]
+async fn read_locks_are_shared_and_let_plain_reads_through_but_not_writes() {
+    let (_d, e) = open();
+    write(&e, 1, vec![set("r", "v")]).await;
+    let one = step(
+        &e,
+        id(1),
+        prepare(vec![get("r")], &[("r", LockMode::Read)]),
+        2,
+    )
+    .await;
+    let two = step(
+        &e,
+        id(2),
+        prepare(vec![get("r")], &[("r", LockMode::Read)]),
+        3,
+    )
+    .await;
+    assert!(matches!(one.outcome, Outcome::Yes(_)));
+    assert!(matches!(two.outcome, Outcome::Yes(_)));
+    assert!(!locked(&e, "r"), "a read lock keeps no reader waiting");
+    let replies = write(&e, 4, vec![set("r", "w")]).await;
+    assert!(matches!(replies[0], Err(Error::Locked(_))), "{replies:?}");
+    let done = step(&e, id(1), ShardStep::Commit { ts: Timestamp(3) }, 5).await;
+    assert_eq!(done.replies, Some(vec![Ok(Reply::Bulk(b("v")))]));
+    step(&e, id(2), ShardStep::Commit { ts: Timestamp(3) }, 6).await;
+    assert_eq!(write(&e, 7, vec![set("r", "w")]).await, vec![Ok(Reply::Ok)]);
+}
+
+#[tokio::test]
+async fn a_prevent_before_the_prepare_makes_the_prepare_vote_no() {
+    let (_d, e) = open();
+    let prevented = step(&e, id(1), ShardStep::Prevent, 1).await;
+    assert_eq!(prevented.outcome, Outcome::No(Refusal::Prevented));
+    let late = step(
+        &e,
+        id(1),
+        prepare(vec![set("a", "t")], &[("a", LockMode::Write)]),
+        2,
+    )
+    .await;
+    assert_eq!(late.outcome, Outcome::No(Refusal::Prevented));
+    assert!(!locked(&e, "a"));
+    // A prevent after a YES vote reports the vote and changes nothing.
+    step(
+        &e,
+        id(2),
+        prepare(vec![set("b", "t")], &[("b", LockMode::Write)]),
+        3,
+    )
+    .await;
+    let seen = step(&e, id(2), ShardStep::Prevent, 4).await;
+    assert_eq!(seen.outcome, Outcome::Yes(Timestamp(3)));
+    assert!(locked(&e, "b"));
+}
+
+#[tokio::test]
+async fn a_prepare_after_its_deadline_is_refused_and_a_commit_without_a_yes_is_a_violation() {
+    let (_d, e) = open();
+    let late = step_at(
+        &e,
+        id(1),
+        prepare(vec![set("a", "t")], &[("a", LockMode::Write)]),
+        1,
+        NOW + 5_000,
+    )
+    .await
+    .unwrap();
+    assert_eq!(late.outcome, Outcome::No(Refusal::Prevented));
+    let violation = step_at(&e, id(3), ShardStep::Commit { ts: Timestamp(1) }, 2, NOW).await;
+    assert!(
+        matches!(violation, Err(Error::InvalidInput(_))),
+        "{violation:?}"
+    );
+    assert_eq!(value(&e, "a"), None);
+}
+
+#[tokio::test]
+async fn a_prepared_transaction_past_its_deadline_is_an_orphan_with_its_participants() {
+    let (_d, e) = open();
+    step(
+        &e,
+        id(1),
+        prepare(vec![set("a", "t")], &[("a", LockMode::Write)]),
+        1,
+    )
+    .await;
+    let open = e.table(TABLE, false).open_txns(NOW + 2_001).unwrap();
+    assert_eq!(open.orphans.len(), 1);
+    assert_eq!(open.orphans[0].txn, id(1));
+    assert_eq!(open.orphans[0].participants, vec![9, 10]);
+    assert_eq!(open.earliest_deadline_ms, Some(NOW + 2_000));
+}
+
+#[tokio::test]
+async fn decided_records_are_dropped_after_their_retention() {
+    let (_d, e) = open();
+    step(
+        &e,
+        id(1),
+        prepare(vec![set("a", "t")], &[("a", LockMode::Write)]),
+        1,
+    )
+    .await;
+    step(&e, id(1), ShardStep::Commit { ts: Timestamp(1) }, 2).await;
+    // Within the retention a repeated commit still finds the record.
+    let again = step(&e, id(1), ShardStep::Commit { ts: Timestamp(1) }, 3).await;
+    assert_eq!(again.outcome, Outcome::Committed(Timestamp(1)));
+    // Any step after the retention drops it (here another transaction's prevent); a commit
+    // then finds nothing to commit.
+    let later = NOW + RECORD_RETAIN_MS + 1;
+    step_at(&e, id(2), ShardStep::Prevent, 4, later)
+        .await
+        .unwrap();
+    let gone = step_at(&e, id(1), ShardStep::Commit { ts: Timestamp(1) }, 5, later).await;
+    assert!(matches!(gone, Err(Error::InvalidInput(_))), "{gone:?}");
+    assert_eq!(value(&e, "a"), Some(b("t")), "the committed write stays");
+}
+
+#[tokio::test]
+async fn a_watch_guard_that_failed_votes_no() {
+    let (_d, e) = open();
+    // A watch point at 1 turns change recording on; a write at 2 changes the key.
+    e.apply_replicated(
+        TABLE,
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        vec![1],
+    )
+    .await
+    .unwrap();
+    write(&e, 2, vec![set("w", "changed")]).await;
+    let ShardStep::Prepare(mut p) = prepare(vec![set("a", "t")], &[("a", LockMode::Write)]) else {
+        unreachable!()
+    };
+    p.guards = vec![WatchGuard {
+        key: b("w"),
+        index: 1,
+        since_ms: NOW,
+        until_ms: NOW,
+    }];
+    let no = step(&e, id(1), ShardStep::Prepare(p.clone()), 3).await;
+    assert!(
+        matches!(&no.outcome, Outcome::No(Refusal::WatchFailed { key }) if key == "w"),
+        "{no:?}"
+    );
+    assert!(!locked(&e, "a"));
+    // Watched after the change: holds.
+    p.guards[0].index = 2;
+    let yes = step(&e, id(2), ShardStep::Prepare(p), 4).await;
+    assert!(matches!(yes.outcome, Outcome::Yes(_)), "{yes:?}");
+}
