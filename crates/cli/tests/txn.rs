@@ -858,3 +858,85 @@ fn a_coordinator_that_dies_after_one_prepare_is_aborted_by_the_cluster() {
     assert_eq!((a, b), (None, None));
     eprintln!("locks released {released:?} after the coordinator died");
 }
+
+// ---- HTTP: POST /v1/txn ----
+
+fn post_txn(s: &Server, body: serde_json::Value) -> (u16, serde_json::Value) {
+    let (code, out) = http(
+        s.http,
+        "POST",
+        "/v1/txn",
+        &[],
+        Some(body.to_string().as_bytes()),
+    )
+    .unwrap();
+    (code, common::json(&out))
+}
+
+#[test]
+fn http_transactions_run_every_operation_when_every_guard_holds_and_none_otherwise() {
+    let s = Server::start();
+    create_keyspace(
+        &s,
+        r#"{"name":"four","mode":"cp","shards":4,"replication_factor":1}"#,
+        "four",
+    );
+    let mut c = client_in(&s, "four");
+    let (a, b) = keys_on_two_shards(&mut c);
+    let _: () = c.set(&a, "1").unwrap();
+    // Guards hold: every operation runs, on both shards, results in order.
+    let (code, out) = post_txn(
+        &s,
+        serde_json::json!({"keyspace": "four",
+            "guards": [{"key": a, "value": "1"}, {"key": b, "exists": false}],
+            "ops": [{"op": "put", "key": b, "value": "2"}, {"op": "get", "key": a},
+                    {"op": "delete", "key": a}, {"op": "get", "key": b}]}),
+    );
+    assert_eq!(code, 200, "{out}");
+    assert_eq!(
+        out,
+        serde_json::json!({"committed": true, "results": [
+            {"written": true}, {"value": "1"}, {"deleted": 1}, {"value": "2"}]})
+    );
+    let got: (Option<String>, String) = (c.get(&a).unwrap(), c.get(&b).unwrap());
+    assert_eq!(got, (None, "2".into()));
+    // A guard fails: nothing runs, and the answer names it with what the key holds.
+    let (code, out) = post_txn(
+        &s,
+        serde_json::json!({"keyspace": "four",
+            "guards": [{"key": a, "exists": false}, {"key": b, "value": "9"}],
+            "ops": [{"op": "put", "key": a, "value": "x"}]}),
+    );
+    assert_eq!(code, 200, "{out}");
+    assert_eq!(out["committed"], false);
+    assert_eq!(out["failed_guard"]["index"], 1);
+    assert_eq!(out["failed_guard"]["value"], "2");
+    let version = out["failed_guard"]["version"].as_str().unwrap().to_string();
+    let v: Option<String> = c.get(&a).unwrap();
+    assert_eq!(v, None, "nothing ran");
+    // A version guard: the key's timestamp as last seen.
+    let (code, out) = post_txn(
+        &s,
+        serde_json::json!({"keyspace": "four",
+            "guards": [{"key": b, "version": version}],
+            "ops": [{"op": "put", "key": b, "value": "3"}]}),
+    );
+    assert_eq!(
+        (code, &out["committed"]),
+        (200, &serde_json::json!(true)),
+        "{out}"
+    );
+    let (_, out) = post_txn(
+        &s,
+        serde_json::json!({"keyspace": "four",
+            "guards": [{"key": b, "version": version}],
+            "ops": [{"op": "put", "key": b, "value": "4"}]}),
+    );
+    assert_eq!(out["committed"], false, "the version moved on");
+    // Bad input is a 400 with a reason.
+    let (code, out) = post_txn(
+        &s,
+        serde_json::json!({"ops": [{"op": "frobnicate", "key": "k"}]}),
+    );
+    assert_eq!(code, 400, "{out}");
+}

@@ -6,6 +6,7 @@
 //! | `PUT /v1/kv/{keyspace}/{key}` | body = the value's bytes; `?ttl_ms=N`, `?if=absent\|present` | `kv.rs` |
 //! | `DELETE /v1/kv/{keyspace}/{key}` | `{"deleted": bool}` | `kv.rs` |
 //! | `GET /v1/kv/{keyspace}?prefix=&start=&end=&limit=&cursor=` | ordered range scan, paged by an opaque cursor | `kv.rs` |
+//! | `POST /v1/txn` | guards (value, existence, version) and operations (put, get, delete): all run atomically if every guard holds, else none and the failed guard (`cp`: across shards) | `txn.rs` |
 //! | `GET/POST /v1/keyspaces`, `GET/DELETE /v1/keyspaces/{name}` | keyspace administration | `keyspaces.rs` |
 //! | `GET /v1/keyspaces/{name}/digest` | this node's digest of an `ap` keyspace, one hash per shard it holds | `keyspaces.rs` |
 //! | `GET /v1/cluster` | nodes (health, labels, load) and every shard (leader, term, members, replication lag), asked of every node | `cluster.rs` |
@@ -32,6 +33,7 @@ mod cluster;
 mod debug;
 mod keyspaces;
 mod kv;
+mod txn;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -119,6 +121,7 @@ pub fn router(node: Arc<Node>) -> Router {
             get(describe_keyspace).delete(drop_keyspace),
         )
         .route("/v1/kv/{keyspace}", get(scan))
+        .route("/v1/txn", post(txn::txn))
         .route("/v1/cluster", get(cluster_status))
         .route("/v1/cluster/partition", post(set_partition))
         .route("/v1/cluster/nodes/{id}/remove", post(remove_node))
