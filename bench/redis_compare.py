@@ -81,11 +81,12 @@ class Servers:
         return p, port
 
     def start_capdb(self, binary, name="capdb"):
-        resp, http = free_port(), free_port()
+        resp, http, peer = free_port(), free_port(), free_port()
         d = os.path.join(self.work, name)
         log = open(os.path.join(self.work, f"{name}.log"), "w")
         p = subprocess.Popen([binary, "server", "--data-dir", d, "--resp-addr", f"127.0.0.1:{resp}",
-                              "--http-addr", f"127.0.0.1:{http}"], stdout=log, stderr=log)
+                              "--http-addr", f"127.0.0.1:{http}", "--peer-addr", f"127.0.0.1:{peer}"],
+                             stdout=log, stderr=log)
         self.procs.append(p)
         wait_port(resp, p, "capdb")
         body = json.dumps({"name": "1", "mode": "cache", "max_memory_bytes": 2 << 30}).encode()
