@@ -15,6 +15,10 @@ this machine is shared and noisy. Usage:
 
   python3 bench/redis_compare.py [--reps 3] [--requests 200000] [--markdown]
 
+With --baseline-binary OTHER, a second capdb built from OTHER runs beside the first and is
+measured in the same rounds (Redis, capdb, baseline, in turn), so a change is judged against the
+build before it on the same noisy machine: the table gains its ops/s and ratio.
+
 Needs redis-server and redis-benchmark (Debian: redis-server, redis-tools). Everything it starts
 is stopped on exit, also on Ctrl-C.
 """
@@ -76,12 +80,13 @@ class Servers:
         wait_port(port, p, "redis-server")
         return p, port
 
-    def start_capdb(self, binary):
-        resp, http = free_port(), free_port()
-        d = os.path.join(self.work, "capdb")
-        log = open(os.path.join(self.work, "capdb.log"), "w")
+    def start_capdb(self, binary, name="capdb"):
+        resp, http, peer = free_port(), free_port(), free_port()
+        d = os.path.join(self.work, name)
+        log = open(os.path.join(self.work, f"{name}.log"), "w")
         p = subprocess.Popen([binary, "server", "--data-dir", d, "--resp-addr", f"127.0.0.1:{resp}",
-                              "--http-addr", f"127.0.0.1:{http}"], stdout=log, stderr=log)
+                              "--http-addr", f"127.0.0.1:{http}", "--peer-addr", f"127.0.0.1:{peer}"],
+                             stdout=log, stderr=log)
         self.procs.append(p)
         wait_port(resp, p, "capdb")
         body = json.dumps({"name": "1", "mode": "cache", "max_memory_bytes": 2 << 30}).encode()
@@ -127,6 +132,7 @@ def main():
     ap.add_argument("--durable-requests", type=int, default=50_000,
                     help="requests per run against fsync-always configurations at -P 1")
     ap.add_argument("--binary", default=os.path.join(ROOT, "target", "release", "capdb"))
+    ap.add_argument("--baseline-binary", help="a second capdb build measured in the same rounds")
     ap.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     ap.add_argument("--tests", default="set,get",
                     help="redis-benchmark tests, comma-separated (e.g. lpush,lpop,sadd,hset,zadd,lrange_100)")
@@ -146,6 +152,7 @@ def main():
     rows = []
     try:
         capdb, capdb_port = servers.start_capdb(args.binary)
+        base_port = servers.start_capdb(args.baseline_binary, "capdb-baseline")[1] if args.baseline_binary else None
         pairings = [p for p in (("cache", "none", 1), ("always", "always", 0), ("everysec", "everysec", 0))
                     if p[0] in args.pairings.split(",")]
         for pairing, redis_mode, capdb_db in pairings:
@@ -156,15 +163,19 @@ def main():
                     writes = test not in ("get", "lrange_100", "lrange_300", "lrange_500", "lrange_600")
                     if pairing != "cache" and pipeline == 1 and writes:
                         n = args.durable_requests
-                    r_runs, c_runs = [], []
+                    r_runs, c_runs, b_runs = [], [], []
                     for _ in range(args.reps):
                         r_runs.append(bench(redis_port, test, pipeline, n, 0))
                         c_runs.append(bench(capdb_port, test, pipeline, n, capdb_db))
-                    med = lambda runs, i: statistics.median(r[i] for r in runs)
+                        if base_port:
+                            b_runs.append(bench(base_port, test, pipeline, n, capdb_db))
+                    med = lambda runs, i: statistics.median(r[i] for r in runs) if runs else None
                     rows.append((pairing, test.upper(), pipeline, med(r_runs, 0), med(c_runs, 0),
-                                 med(r_runs, 1), med(c_runs, 1), med(r_runs, 2), med(c_runs, 2)))
+                                 med(r_runs, 1), med(c_runs, 1), med(r_runs, 2), med(c_runs, 2),
+                                 med(b_runs, 0)))
+                    base = f"  baseline {rows[-1][9]:>10,.0f}/s" if base_port else ""
                     print(f"  {pairing:<8} {test.upper():<3} -P {pipeline:<2}  redis {rows[-1][3]:>10,.0f}/s"
-                          f"  capdb {rows[-1][4]:>10,.0f}/s", file=sys.stderr)
+                          f"  capdb {rows[-1][4]:>10,.0f}/s{base}", file=sys.stderr)
             servers.stop(redis)
     finally:
         servers.stop_all()
@@ -173,8 +184,10 @@ def main():
     head = ["pairing", "op", "-P", "Redis ops/s", "capdb ops/s", "capdb/Redis", "Redis p50 ms", "capdb p50 ms",
             "Redis p99 ms", "capdb p99 ms"]
     lines = [[p, op, str(pl), f"{r:,.0f}", f"{c:,.0f}", f"{c / r:.2f}", f"{rp50:.3f}", f"{cp50:.3f}",
-              f"{rp99:.3f}", f"{cp99:.3f}"]
-             for (p, op, pl, r, c, rp50, cp50, rp99, cp99) in rows]
+              f"{rp99:.3f}", f"{cp99:.3f}"] + ([f"{b:,.0f}", f"{b / r:.2f}"] if b is not None else [])
+             for (p, op, pl, r, c, rp50, cp50, rp99, cp99, b) in rows]
+    if args.baseline_binary:
+        head += ["baseline ops/s", "baseline/Redis"]
     print(f"\ncapdb vs Redis, redis-benchmark -c 50 -r 100000, median of {args.reps} runs, "
           f"{os.cpu_count()} cores shared by client and server")
     if args.markdown:

@@ -15,6 +15,16 @@ use serde_json::json;
 
 use client::HttpClient;
 
+/// The process's allocator: mimalloc instead of the system's (glibc) malloc.
+///
+/// A cache write allocates and frees element values and reply buffers on whichever runtime
+/// worker runs it, and a value is often freed by another worker than the one that allocated
+/// it. glibc's arenas made `free` and `malloc` a fifth of HSET's profile on a 100,000-field
+/// hash, and HSET ran 65% faster under a thread-caching allocator (Redis links jemalloc for
+/// the same reason). mimalloc builds from the C source its crate ships (no system library).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const EXAMPLES: &str = "\
 Examples:
   capdb server                                   # one node: RESP on 127.0.0.1:6380, HTTP on :8080

@@ -163,10 +163,12 @@ fn copy(args: &[Bytes], space: &mut dyn Space, cx: &Ctx) -> Result<Reply> {
             let from = Coll {
                 key: src.clone(),
                 id: meta.id,
+                kind: value.header.kind,
             };
             let to = Coll {
                 key: dst.clone(),
                 id,
+                kind: value.header.kind,
             };
             copy_elements(space, &from, &to)?;
             CollMeta { id, ..meta }.encode()

@@ -99,6 +99,7 @@ pub fn open(space: &mut dyn Space, key: &Bytes, kind: ValueKind) -> Result<Optio
         coll: Coll {
             key: key.clone(),
             id: meta.id,
+            kind,
         },
         meta,
         kind,
@@ -115,6 +116,7 @@ pub fn create(space: &mut dyn Space, key: &Bytes, kind: ValueKind) -> Result<Ope
         coll: Coll {
             key: key.clone(),
             id,
+            kind,
         },
         meta: CollMeta {
             id,

@@ -6,12 +6,30 @@ use bytes::Bytes;
 use capdb_types::{Result, Value, ValueKind};
 
 /// A collection's handle for element operations: its key (engines that keep elements with the
-/// key's entry, like the cache, find them by it) and its id (engines with one element table,
-/// like redb, prefix element keys with it).
+/// key's entry, like the cache, find them by it), its id (engines with one element table,
+/// like redb, prefix element keys with it) and its kind (which family's layout its subkeys
+/// follow).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Coll {
     pub key: Bytes,
     pub id: u64,
+    pub kind: ValueKind,
+}
+
+impl Coll {
+    /// Whether the element at `sub` is one that commands only read in ranges, never look up by
+    /// its subkey alone, and that always has an empty value: a sorted set's order index record
+    /// ([`crate::zset::is_index_sub`]). An engine may keep such elements in its ordered
+    /// structure only, out of the one that serves lookups by subkey (the cache does: a ZADD
+    /// that changes a score then costs one tree update for the index, not a tree and a hash
+    /// table update).
+    ///
+    /// The family code's side of the contract: it never calls [`Space::el_get`] (nor the
+    /// default [`Space::el_insert`]/[`Space::el_delete`]) on such a subkey, and always writes
+    /// it with an empty value. Writes, removals and ranges by subkey are fine.
+    pub fn is_order_only(&self, sub: &[u8]) -> bool {
+        self.kind == ValueKind::ZSet && crate::zset::is_index_sub(sub)
+    }
 }
 
 /// Which elements [`Space::el_range`] returns: subkeys within `lo..hi`, ascending (or

@@ -13,7 +13,10 @@
 //!   values in a hash table, so HGET/HSET/SADD/SISMEMBER/ZSCORE on a member that exists is one
 //!   probe instead of a tree search that misses the cache at every level; and the subkeys alone
 //!   in an ordered set, which only ranges (HGETALL, SCAN cursors, ZRANGE, ...) and inserts and
-//!   removals of subkeys touch.
+//!   removals of subkeys touch. Elements the family code never looks up by subkey and whose
+//!   value is always empty (a sorted set's order index: `Coll::is_order_only`, the caller's
+//!   `alone` argument) are held in the ordered set only: a ZADD that changes a score removes
+//!   and inserts one index record, and a hash table that nothing probes would double that.
 //!
 //! A run answers exactly as a map of the same subkeys would: a write that would break
 //! contiguity (or any subkey not shaped as a list position) turns the run into a map first, in
@@ -41,6 +44,12 @@ pub const RUN_ELEMENT_OVERHEAD_BYTES: u64 = 48;
 /// `SubKey` and a `Bytes`, at the table's load), a copy of the `SubKey` in the ordered set (at a
 /// tree node's fill), and the value's allocation header and rounding.
 pub const MAP_ELEMENT_OVERHEAD_BYTES: u64 = 224;
+/// Accounted bytes per element of a map held in its ordered set alone (see the module doc): its
+/// `SubKey` there, at a tree node's fill.
+pub const ORDER_ONLY_ELEMENT_OVERHEAD_BYTES: u64 = 96;
+
+/// The value of every element held in the ordered set alone.
+static EMPTY: Bytes = Bytes::new();
 
 /// Hasher of element tables (randomly seeded per table: members are client-chosen).
 type Hasher = foldhash::fast::RandomState;
@@ -74,7 +83,8 @@ fn position_sub(pos: i64) -> [u8; 9] {
 enum Held {
     /// `items[i]` is the element at position `first + i` (subkey [`position_sub`]).
     Run { first: i64, items: VecDeque<Bytes> },
-    /// Values by subkey, and every subkey in order.
+    /// Values by subkey (of every element but those held in the order alone), and every
+    /// subkey in order.
     Map {
         values: HashMap<SubKey, Bytes, Hasher>,
         order: BTreeSet<SubKey>,
@@ -87,6 +97,14 @@ pub(crate) struct ElementStore {
     held: Held,
     /// Accounted bytes of every element (see the module doc).
     bytes: u64,
+}
+
+fn order_contains(order: &BTreeSet<SubKey>, sub: &[u8]) -> bool {
+    if sub.len() <= SUBKEY_INLINE {
+        order.contains(&SubKey::new(sub))
+    } else {
+        order.contains(sub)
+    }
 }
 
 fn order_remove(order: &mut BTreeSet<SubKey>, sub: &[u8]) -> bool {
@@ -113,10 +131,11 @@ impl ElementStore {
         self.bytes
     }
 
-    /// Accounted bytes of one element as it is held now.
-    fn element_bytes(&self, sub: &[u8], value: &[u8]) -> u64 {
+    /// Accounted bytes of one element as it is held now (`alone`: see the module doc).
+    fn element_bytes(&self, sub: &[u8], value: &[u8], alone: bool) -> u64 {
         let overhead = match self.held {
             Held::Run { .. } => RUN_ELEMENT_OVERHEAD_BYTES,
+            Held::Map { .. } if alone => ORDER_ONLY_ELEMENT_OVERHEAD_BYTES,
             Held::Map { .. } => MAP_ELEMENT_OVERHEAD_BYTES,
         };
         sub.len() as u64 + value.len() as u64 + overhead
@@ -125,7 +144,7 @@ impl ElementStore {
     pub(crate) fn len(&self) -> usize {
         match &self.held {
             Held::Run { items, .. } => items.len(),
-            Held::Map { values, .. } => values.len(),
+            Held::Map { order, .. } => order.len(),
         }
     }
 
@@ -149,35 +168,44 @@ impl ElementStore {
         }
     }
 
-    pub(crate) fn get(&self, sub: &[u8]) -> Option<&Bytes> {
+    /// The value at `sub`; `alone` says the element is one held in the order alone (the same
+    /// answer for a subkey every time; see the module doc).
+    pub(crate) fn get(&self, sub: &[u8], alone: bool) -> Option<&Bytes> {
         match &self.held {
             Held::Run { first, items } => {
                 let at = position_of(sub)?.checked_sub(*first)?;
                 items.get(usize::try_from(at).ok()?)
             }
+            Held::Map { order, .. } if alone => order_contains(order, sub).then_some(&EMPTY),
             Held::Map { values, .. } => values.get(sub),
         }
     }
 
-    /// Stores `value` at `sub`; the value it replaced, if any.
-    pub(crate) fn insert(&mut self, sub: &[u8], value: Bytes) -> Option<Bytes> {
+    /// Stores `value` at `sub` (`alone`: as for [`Self::get`], and then `value` is empty); the
+    /// value it replaced, if any.
+    pub(crate) fn insert(&mut self, sub: &[u8], value: Bytes, alone: bool) -> Option<Bytes> {
+        debug_assert!(
+            !alone || value.is_empty(),
+            "an element held in the order alone has an empty value"
+        );
         let len = value.len();
-        let old = self.insert_unaccounted(sub, value);
+        let old = self.insert_unaccounted(sub, value, alone);
         if let Some(old) = &old {
-            self.bytes -= self.element_bytes(sub, old);
+            self.bytes -= self.element_bytes(sub, old, alone);
         }
-        self.bytes += self.element_bytes(sub, &[]) + len as u64;
+        self.bytes += self.element_bytes(sub, &[], alone) + len as u64;
         old
     }
 
-    /// Removes the element at `sub`; its value, if it was there.
-    pub(crate) fn remove(&mut self, sub: &[u8]) -> Option<Bytes> {
-        let old = self.remove_unaccounted(sub)?;
-        self.bytes -= self.element_bytes(sub, &old);
+    /// Removes the element at `sub` (`alone`: as for [`Self::get`]); its value, if it was
+    /// there.
+    pub(crate) fn remove(&mut self, sub: &[u8], alone: bool) -> Option<Bytes> {
+        let old = self.remove_unaccounted(sub, alone)?;
+        self.bytes -= self.element_bytes(sub, &old, alone);
         Some(old)
     }
 
-    fn insert_unaccounted(&mut self, sub: &[u8], value: Bytes) -> Option<Bytes> {
+    fn insert_unaccounted(&mut self, sub: &[u8], value: Bytes, alone: bool) -> Option<Bytes> {
         if let Held::Run { first, items } = &mut self.held
             && let Some(pos) = position_of(sub)
             && let Some(end) = first.checked_add(items.len() as i64)
@@ -203,6 +231,9 @@ impl ElementStore {
             // A hole would open: fall through to a map.
         }
         let (values, order) = self.as_map();
+        if alone {
+            return (!order.insert(SubKey::new(sub))).then(Bytes::new);
+        }
         match values.get_mut(sub) {
             Some(slot) => Some(std::mem::replace(slot, value)),
             None => {
@@ -214,7 +245,7 @@ impl ElementStore {
         }
     }
 
-    fn remove_unaccounted(&mut self, sub: &[u8]) -> Option<Bytes> {
+    fn remove_unaccounted(&mut self, sub: &[u8], alone: bool) -> Option<Bytes> {
         if let Held::Run { first, items } = &mut self.held {
             let pos = position_of(sub)?;
             let end = first.checked_add(items.len() as i64)?;
@@ -231,19 +262,24 @@ impl ElementStore {
             // A hole would open: fall through to a map.
         }
         let (values, order) = self.as_map();
+        if alone {
+            return order_remove(order, sub).then(Bytes::new);
+        }
         let old = values.remove(sub)?;
         order_remove(order, sub);
         Some(old)
     }
 
     /// `pick` of each element with a subkey within `lo..hi`, ascending (descending when
-    /// `rev`), at most `limit` of them.
+    /// `rev`), at most `limit` of them; `alone` says which subkeys are held in the order alone
+    /// (as for [`Self::get`]).
     pub(crate) fn range<T>(
         &self,
         lo: Bound<&[u8]>,
         hi: Bound<&[u8]>,
         rev: bool,
         limit: usize,
+        alone: impl Fn(&[u8]) -> bool,
         mut pick: impl FnMut(&[u8], &Bytes) -> T,
     ) -> Vec<T> {
         let empty = match (lo, hi) {
@@ -257,20 +293,9 @@ impl ElementStore {
         }
         match &self.held {
             Held::Run { first, items } => {
-                // Subkeys ascend with the index: the bounds are two binary searches.
                 let sub_at = |i: usize| position_sub(*first + i as i64);
-                let below = |i: usize| match lo {
-                    Bound::Included(b) => sub_at(i)[..] < *b,
-                    Bound::Excluded(b) => sub_at(i)[..] <= *b,
-                    Bound::Unbounded => false,
-                };
-                let within_hi = |i: usize| match hi {
-                    Bound::Included(b) => sub_at(i)[..] <= *b,
-                    Bound::Excluded(b) => sub_at(i)[..] < *b,
-                    Bound::Unbounded => true,
-                };
-                let start = partition_point(items.len(), below);
-                let end = partition_point(items.len(), within_hi).max(start);
+                let start = run_index(*first, items.len(), lo, false);
+                let end = run_index(*first, items.len(), hi, true).max(start);
                 let n = (end - start).min(limit);
                 let mut pick = |(i, v): (usize, &Bytes)| pick(&sub_at(i), v);
                 if rev {
@@ -287,9 +312,12 @@ impl ElementStore {
             Held::Map { values, order } => {
                 let it = order.range::<[u8], _>((lo, hi));
                 let mut pick = |k: &SubKey| {
-                    let v = values
-                        .get(&k[..])
-                        .expect("every subkey in the order has a value (ElementStore invariant)");
+                    if alone(k) {
+                        return pick(k, &EMPTY);
+                    }
+                    let v = values.get(&k[..]).expect(
+                        "every subkey in the order not held there alone has a value (ElementStore invariant)",
+                    );
                     pick(k, v)
                 };
                 if rev {
@@ -299,6 +327,47 @@ impl ElementStore {
                 }
             }
         }
+    }
+}
+
+/// Where a range bound cuts a run of `len` positions starting at `first`: the number of the
+/// run's elements below a lower bound (`upper` false), or up to and including an upper bound
+/// (`upper` true); so `start..end` are the indices within both bounds.
+///
+/// The family code bounds its ranges of a list by positions (LRANGE, LPOP, ...), which map to
+/// an index by one subtraction; any other bound is found by a binary search over the run's
+/// subkeys (a list's ranges are walked on every pop, where a search of a million-element run
+/// was most of LPOP's cost).
+fn run_index(first: i64, len: usize, bound: Bound<&[u8]>, upper: bool) -> usize {
+    let (b, inclusive) = match bound {
+        Bound::Unbounded => return if upper { len } else { 0 },
+        Bound::Included(b) => (b, true),
+        Bound::Excluded(b) => (b, false),
+    };
+    if let Some(pos) = position_of(b) {
+        // Index of the bound's position in the run, possibly outside `0..len`.
+        let at = i128::from(pos) - i128::from(first);
+        // Elements at indices < cut are below a lower bound / within an upper bound.
+        let cut = if inclusive == upper { at + 1 } else { at };
+        return cut.clamp(0, len as i128) as usize;
+    }
+    let sub_at = |i: usize| position_sub(first + i as i64);
+    if upper {
+        partition_point(len, |i| {
+            if inclusive {
+                sub_at(i)[..] <= *b
+            } else {
+                sub_at(i)[..] < *b
+            }
+        })
+    } else {
+        partition_point(len, |i| {
+            if inclusive {
+                sub_at(i)[..] < *b
+            } else {
+                sub_at(i)[..] <= *b
+            }
+        })
     }
 }
 
@@ -323,9 +392,11 @@ mod tests {
     use super::*;
 
     /// Random operations on an [`ElementStore`] and on a plain ordered map answer alike, for
-    /// subkeys that are list positions (runs, and runs broken into maps) and for others.
+    /// subkeys that are list positions (runs, and runs broken into maps) and for others, some
+    /// of them held in the order alone (here: those with tag 1, always with an empty value).
     #[test]
     fn answers_exactly_as_an_ordered_map() {
+        let alone = |k: &[u8]| k.first() == Some(&1);
         for seed in 0..200 {
             let mut rng = fastrand::Rng::with_seed(seed);
             let mut store = ElementStore::new();
@@ -343,12 +414,20 @@ mod tests {
                         position_sub(tail - 1).to_vec()
                     }
                     6 | 7 => position_sub(rng.i64(head.min(tail) - 2..head.max(tail) + 2)).to_vec(),
-                    8 if seed % 4 == 0 => vec![1, rng.u8(..)],
+                    8 if seed % 4 == 0 => vec![rng.u8(1..3), rng.u8(..)],
                     _ => position_sub(if rng.bool() { head } else { tail - 1 }).to_vec(),
                 };
-                let value = Bytes::from(format!("v{step}"));
+                let value = if alone(&sub) {
+                    Bytes::new()
+                } else {
+                    Bytes::from(format!("v{step}"))
+                };
                 if rng.u8(0..3) == 0 {
-                    assert_eq!(store.remove(&sub), model.remove(&sub), "seed {seed}");
+                    assert_eq!(
+                        store.remove(&sub, alone(&sub)),
+                        model.remove(&sub),
+                        "seed {seed}"
+                    );
                     if sub == position_sub(head) {
                         head += 1;
                     } else if sub == position_sub(tail - 1) {
@@ -356,27 +435,40 @@ mod tests {
                     }
                 } else {
                     assert_eq!(
-                        store.insert(&sub, value.clone()),
+                        store.insert(&sub, value.clone(), alone(&sub)),
                         model.insert(sub.clone(), value),
                         "seed {seed}"
                     );
                 }
                 assert_eq!(store.len(), model.len());
-                let overhead = match store.held {
+                let overhead = |k: &[u8]| match store.held {
                     Held::Run { .. } => RUN_ELEMENT_OVERHEAD_BYTES,
+                    Held::Map { .. } if alone(k) => ORDER_ONLY_ELEMENT_OVERHEAD_BYTES,
                     Held::Map { .. } => MAP_ELEMENT_OVERHEAD_BYTES,
                 };
                 let accounted: u64 = model
                     .iter()
-                    .map(|(k, v)| (k.len() + v.len()) as u64 + overhead)
+                    .map(|(k, v)| (k.len() + v.len()) as u64 + overhead(k))
                     .sum();
                 assert_eq!(store.bytes(), accounted, "seed {seed} step {step}");
-                let probe = position_sub(rng.i64(head.min(tail) - 2..head.max(tail) + 2));
-                assert_eq!(store.get(&probe), model.get(&probe[..]));
-                let (a, b) = (
-                    position_sub(rng.i64(head.min(tail) - 2..head.max(tail) + 2)),
-                    position_sub(rng.i64(head.min(tail) - 2..head.max(tail) + 2)),
-                );
+                let probe = if rng.u8(0..4) == 0 {
+                    vec![rng.u8(1..3), rng.u8(..)]
+                } else {
+                    position_sub(rng.i64(head.min(tail) - 2..head.max(tail) + 2)).to_vec()
+                };
+                assert_eq!(store.get(&probe, alone(&probe)), model.get(&probe[..]));
+                // Mostly list positions (the bounds list commands use), now and then a bound
+                // that is no position: a prefix of one, one extended, or another tag.
+                let bound = |rng: &mut fastrand::Rng| -> Vec<u8> {
+                    let p = position_sub(rng.i64(head.min(tail) - 2..head.max(tail) + 2));
+                    match rng.u8(0..8) {
+                        0 => p[..rng.usize(0..9)].to_vec(),
+                        1 => [&p[..], &[rng.u8(..)]].concat(),
+                        2 => vec![rng.u8(1..3)],
+                        _ => p.to_vec(),
+                    }
+                };
+                let (a, b) = (bound(&mut rng), bound(&mut rng));
                 let bounds = [
                     Bound::Included(&a[..]),
                     Bound::Excluded(&a[..]),
@@ -390,7 +482,7 @@ mod tests {
                 ][rng.usize(..3)];
                 let rev = rng.bool();
                 let limit = rng.usize(0..20);
-                let got = store.range(lo, hi, rev, limit, |k, v| (k.to_vec(), v.clone()));
+                let got = store.range(lo, hi, rev, limit, alone, |k, v| (k.to_vec(), v.clone()));
                 let empty = match (lo, hi) {
                     (Bound::Included(x), Bound::Included(y)) => x > y,
                     (Bound::Included(x) | Bound::Excluded(x), Bound::Excluded(y))
@@ -418,19 +510,19 @@ mod tests {
     fn list_traffic_stays_a_run() {
         let mut store = ElementStore::new();
         for p in 0..100 {
-            store.insert(&position_sub(-p), Bytes::from_static(b"l"));
-            store.insert(&position_sub(p + 1), Bytes::from_static(b"r"));
+            store.insert(&position_sub(-p), Bytes::from_static(b"l"), false);
+            store.insert(&position_sub(p + 1), Bytes::from_static(b"r"), false);
         }
-        store.insert(&position_sub(5), Bytes::from_static(b"set"));
-        store.remove(&position_sub(-99));
-        store.remove(&position_sub(100));
+        store.insert(&position_sub(5), Bytes::from_static(b"set"), false);
+        store.remove(&position_sub(-99), false);
+        store.remove(&position_sub(100), false);
         assert!(matches!(store.held, Held::Run { .. }));
         assert_eq!(store.len(), 198);
-        store.remove(&position_sub(7));
+        store.remove(&position_sub(7), false);
         assert!(matches!(store.held, Held::Map { .. }), "a hole makes a map");
         assert_eq!(store.len(), 197);
         assert_eq!(
-            store.get(&position_sub(5)),
+            store.get(&position_sub(5), false),
             Some(&Bytes::from_static(b"set"))
         );
     }

@@ -191,7 +191,8 @@ impl MemSpace<'_, '_> {
         let Some((e, _)) = self.elements(c, false)? else {
             return Ok(Vec::new());
         };
-        Ok(e.map.range(r.lo, r.hi, r.rev, r.limit, pick))
+        let alone = |sub: &[u8]| c.is_order_only(sub);
+        Ok(e.map.range(r.lo, r.hi, r.rev, r.limit, alone, pick))
     }
 }
 
@@ -277,7 +278,7 @@ impl Space for MemSpace<'_, '_> {
     fn el_get(&mut self, c: &Coll, sub: &[u8]) -> Result<Option<Bytes>> {
         Ok(self
             .elements(c, false)?
-            .and_then(|(e, _)| e.map.get(sub).cloned()))
+            .and_then(|(e, _)| e.map.get(sub, c.is_order_only(sub)).cloned()))
     }
 
     fn el_put(&mut self, c: &Coll, sub: &[u8], value: &[u8]) -> Result<()> {
@@ -286,11 +287,17 @@ impl Space for MemSpace<'_, '_> {
 
     fn el_insert(&mut self, c: &Coll, sub: &[u8], value: &[u8]) -> Result<bool> {
         let store = self.store;
+        let alone = c.is_order_only(sub);
+        if alone && !value.is_empty() {
+            return Err(Error::Io(
+                "an order-only element written with a value (a data-type bug)".into(),
+            ));
+        }
         let (e, attached) = self
             .elements(c, true)?
             .ok_or_else(|| Error::Io("no elements after create (an engine bug)".into()))?;
         let before = e.bytes();
-        let old = e.map.insert(sub, Bytes::copy_from_slice(value));
+        let old = e.map.insert(sub, Bytes::copy_from_slice(value), alone);
         let new = old.is_none();
         if attached {
             store.used_bytes.fetch_add(e.bytes(), Ordering::Relaxed);
@@ -311,7 +318,7 @@ impl Space for MemSpace<'_, '_> {
             return Ok(false);
         };
         let before = e.bytes();
-        if e.map.remove(sub).is_none() {
+        if e.map.remove(sub, c.is_order_only(sub)).is_none() {
             return Ok(false);
         }
         if attached {
