@@ -865,15 +865,26 @@ async fn bank_read(conn: &mut redis::aio::MultiplexedConnection) -> redis::Redis
     for n in 0..BANK_ACCOUNTS {
         pipe.cmd("GET").arg(bank_key(n));
     }
-    let balances: Option<Vec<Option<i64>>> = pipe.query_async(conn).await?;
-    match balances {
-        Some(b) if b.len() == BANK_ACCOUNTS as usize => Ok(json!(b)),
-        other => Err(redis::RedisError::from((
-            redis::ErrorKind::Client,
-            "unexpected EXEC reply to a bank read",
-            format!("{other:?}"),
-        ))),
+    let replies: redis::Value = pipe.query_async(conn).await?;
+    let items = match replies {
+        redis::Value::Array(items) if items.len() == BANK_ACCOUNTS as usize => items,
+        other => {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::Client,
+                "unexpected EXEC reply to a bank read",
+                format!("{other:?}"),
+            )));
+        }
+    };
+    let mut balances = Vec::with_capacity(items.len());
+    for reply in items {
+        if let redis::Value::ServerError(e) = reply {
+            return Err(e.into());
+        }
+        let balance: Option<i64> = redis::from_redis_value(reply)?;
+        balances.push(balance);
     }
+    Ok(json!(balances))
 }
 
 /// One bank transfer, `{"from": a, "to": b, "amount": x}`: `WATCH` both accounts, read both,
