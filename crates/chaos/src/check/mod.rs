@@ -780,7 +780,7 @@ mod tests {
         assert_eq!(r.validity, Validity::Invalid);
         assert_eq!(
             r.problems,
-            vec!["append: not strictly serializable: 1 anomalies (lost)".to_string()]
+            vec!["append: not strictly serializable: 2 anomalies (G-single, lost)".to_string()]
         );
     }
 
