@@ -1153,6 +1153,56 @@ mod tests {
     }
 
     #[test]
+    fn a_transfer_is_uncertain_only_once_exec_was_sent() {
+        let error = |code: &str| -> redis::RedisResult<Json> {
+            Err(
+                redis::parse_redis_value(format!("-{code} x\r\n").as_bytes())
+                    .and_then(|v| v.extract_error())
+                    .expect_err("an error reply"),
+            )
+        };
+        let mut client = Client::new(1, "127.0.0.1:1".into());
+        let stage = |client: &mut Client, code: &str, exec_sent: bool| match client
+            .classify(Ok(error(code)), exec_sent)
+        {
+            Outcome::Ok(_) => Stage::Ok,
+            Outcome::Fail(_) => Stage::Fail,
+            Outcome::Info(_) => Stage::Info,
+        };
+        // WATCH, GET or MULTI failed: nothing was proposed, whatever the error says.
+        assert_eq!(stage(&mut client, "UNCERTAIN", false), Stage::Fail);
+        assert_eq!(stage(&mut client, "ERR", false), Stage::Fail);
+        // EXEC went out: only an answer that promises "not applied" is a failure.
+        assert_eq!(stage(&mut client, "UNCERTAIN", true), Stage::Info);
+        assert_eq!(stage(&mut client, "ERR", true), Stage::Info);
+        assert_eq!(stage(&mut client, "EXECABORT", true), Stage::Fail);
+        assert_eq!(stage(&mut client, "TRYAGAIN", true), Stage::Fail);
+    }
+
+    #[test]
+    fn transfers_move_money_between_two_different_accounts() {
+        let mut rng = fastrand::Rng::with_seed(9);
+        let (mut reads, mut transfers) = (0, 0);
+        for _ in 0..1000 {
+            match next_bank(&mut rng) {
+                (F::Read, key, Json::Null) if key == "bank" => reads += 1,
+                (F::Transfer, key, v) if key == "bank" => {
+                    transfers += 1;
+                    let (from, to) = (v["from"].as_u64().unwrap(), v["to"].as_u64().unwrap());
+                    assert_ne!(from, to);
+                    assert!(from < BANK_ACCOUNTS as u64 && to < BANK_ACCOUNTS as u64);
+                    assert!((1..=BANK_TRANSFER_MAX).contains(&v["amount"].as_i64().unwrap()));
+                }
+                other => panic!("not a bank operation: {other:?}"),
+            }
+        }
+        assert!(
+            reads > 300 && transfers > 500,
+            "{reads} reads, {transfers} transfers"
+        );
+    }
+
+    #[test]
     fn cas_operations_expect_the_last_value_seen() {
         let mut keys = Keys::new(1, 1, 1);
         let mut rng = fastrand::Rng::with_seed(5);
