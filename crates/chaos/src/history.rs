@@ -41,11 +41,16 @@ pub enum Workload {
     /// strict serializability by the list-append checker (`check::append`). Every operation
     /// has the key `append`; its value is the transaction's micro-operations.
     Append,
+    /// Bank transfers between accounts `bank:0..N` (`WATCH` both, `GET` both, then `MULTI`,
+    /// `DECRBY`, `INCRBY`, `EXEC`) and reads of every account in one `MULTI`/`EXEC`, checked by
+    /// `check::bank`: every read sums to the total and no balance is negative. Every operation
+    /// has the key `bank`.
+    Bank,
 }
 
 impl Workload {
     /// Every workload, in the order reports list them.
-    pub const ALL: [Workload; 7] = [
+    pub const ALL: [Workload; 8] = [
         Workload::Register,
         Workload::Cas,
         Workload::Counter,
@@ -53,6 +58,7 @@ impl Workload {
         Workload::Sadd,
         Workload::Hset,
         Workload::Append,
+        Workload::Bank,
     ];
 
     /// Whether the register (linearizability) checker owns this workload's keys.
@@ -100,6 +106,11 @@ pub enum F {
     /// A transaction: `value` holds its micro-operations `[["append", key, element] |
     /// ["r", key, null], ...]`; on `ok`, `result` holds the same with each read's list.
     Txn,
+    /// A bank transfer: `value` is `{"from": a, "to": b, "amount": x}` (account numbers); on
+    /// `ok`, `result` is `true` when EXEC committed it and `false` when the balance read under
+    /// WATCH did not allow it (nothing was sent). An EXEC answered nil (a watched key changed)
+    /// is a `fail`: nothing happened.
+    Transfer,
 }
 
 /// The stage of an operation this record describes.

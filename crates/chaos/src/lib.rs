@@ -5,8 +5,9 @@
 //! recording every operation ([`workload`], [`history`]), mostly through followers of the keys'
 //! shard so writes take the forwarding path ([`route`]); injects faults planned from a seed
 //! ([`nemesis`]); heals, lets the cluster recover and reads everything back; then checks the
-//! history ([`check`]: linearizability of registers, counters, sets) and writes a report with a
-//! timeline picture ([`report`]). [`run::run`] ties it together.
+//! history ([`check`]: linearizability of registers, counters, sets; transactions: list-append
+//! and bank) and writes a report with a timeline picture ([`report`]). [`run::run`] ties it
+//! together.
 //!
 //! Why real processes and namespaces rather than simulation: they exercise the binary users
 //! run, its real sockets, fsyncs and timers, which is what a Jepsen test is for. The price is

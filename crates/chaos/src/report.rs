@@ -109,6 +109,7 @@ pub fn build(records: &[Record], check: &CheckResult, run: Json) -> Result<Json,
                 F::Add => "add",
                 F::Insert => "insert",
                 F::Txn => "txn",
+                F::Transfer => "transfer",
             };
             latency
                 .entry(f.to_string())

@@ -46,7 +46,14 @@ pub struct Options {
     pub ap: bool,
     /// How clients choose the nodes they talk to.
     pub route: Route,
+    /// Shards of the `default` keyspace (`--default-shards` of every node; 1 is the nodes'
+    /// own default, and then the flag is not passed at all).
+    pub shards: u32,
 }
+
+/// Shards of the `default` keyspace a run may ask for: enough to put every bank account on a
+/// shard of its own, few enough that a 3-node cluster elects every leader quickly.
+pub const SHARDS_MAX: u32 = 16;
 
 /// The keyspace an `ap` run works on.
 pub const AP_KEYSPACE: &str = "chaos_ap";
@@ -116,6 +123,9 @@ pub async fn run(opts: Options) -> Result<Outcome, HarnessError> {
     if opts.unsafe_reads {
         extra.push("--debug-unsafe-local-reads".to_string());
     }
+    if opts.shards != 1 {
+        extra.push(format!("--default-shards={}", opts.shards));
+    }
     extra.extend(opts.server_args.iter().cloned());
     let nodes = Arc::new(Nodes::new(
         topo.clone(),
@@ -138,6 +148,7 @@ pub async fn run(opts: Options) -> Result<Outcome, HarnessError> {
         "seed": opts.seed,
         "duration_s": opts.duration.as_secs_f64(),
         "nodes": opts.nodes,
+        "shards": opts.shards,
         "clients": opts.clients,
         "rate": opts.rate,
         "mode": if opts.ap { "ap" } else { "cp" },
@@ -258,7 +269,7 @@ async fn drive(
 ) -> Result<Driven, HarnessError> {
     start_cluster(opts, topo, nodes).await?;
     let mut interrupt = watch_interrupts();
-    let (shared, clients) = start_clients(opts, nodes, writer).await;
+    let (shared, clients) = start_clients(opts, nodes, writer).await?;
     let plan = nemesis::plan(
         opts.seed,
         opts.duration,
@@ -347,9 +358,17 @@ async fn start_cluster(opts: &Options, topo: &Topology, nodes: &Nodes) -> Result
     nodes.wait_ready(Duration::from_secs(60)).await?;
     // Every shard needs a leader before the clock starts.
     let deadline = Instant::now() + Duration::from_secs(30);
-    while nodes.leader().await.is_none() {
+    let all_led = |shards: Option<Vec<route::Shard>>| {
+        shards.is_some_and(|s| {
+            s.len() == opts.shards as usize && s.iter().all(|s| s.leader.is_some())
+        })
+    };
+    while !all_led(nodes.shards().await) {
         if Instant::now() > deadline {
-            return Err(HarnessError("no shard leader within 30 s".into()));
+            return Err(HarnessError(format!(
+                "not every one of the {} shards of keyspace default had a leader within 30 s",
+                opts.shards
+            )));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -403,13 +422,14 @@ impl Clients {
     }
 }
 
-/// Sets up what the clients share (recording to `writer`), starts the shard map watcher and
-/// `opts.clients` client loops, spread over the nodes.
+/// Sets up what the clients share (recording to `writer`), sets the bank's accounts when that
+/// workload runs, starts the shard map watcher and `opts.clients` client loops, spread over
+/// the nodes.
 async fn start_clients(
     opts: &Options,
     nodes: &Arc<Nodes>,
     writer: Writer,
-) -> (Arc<Shared>, Clients) {
+) -> Result<(Arc<Shared>, Clients), HarnessError> {
     let n = opts.nodes;
     let weights: Vec<(Workload, u32)> = opts
         .workloads
@@ -433,6 +453,9 @@ async fn start_clients(
     // Roles and routing need the shard map from the first operation on.
     if let Some(map) = nodes.shards().await {
         shared.shards.set(map);
+    }
+    if opts.workloads.contains(&Workload::Bank) {
+        set_up_bank(&shared, nodes, opts.clients as u64).await?;
     }
     let (stop_tx, stop_rx) = watch::channel(false);
     let watcher = {
@@ -462,7 +485,31 @@ async fn start_clients(
         watcher,
         tasks,
     };
-    (shared, clients)
+    Ok((shared, clients))
+}
+
+/// Sets every bank account to its initial balance (the recorded setup operation), retrying
+/// for up to 60 s: no fault has started yet, so a cluster that cannot do it is a harness
+/// failure, not a finding.
+async fn set_up_bank(shared: &Shared, nodes: &Nodes, clients: u64) -> Result<(), HarnessError> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    // Process ids after the clients' own, before the final reads'.
+    let mut process = 500_000_000 + clients;
+    let mut client = Client::new(1, nodes.resp_addr(1));
+    loop {
+        let (stage, _) =
+            workload::perform(shared, &mut client, process, workload::bank_setup()).await;
+        if stage == Stage::Ok {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(HarnessError(
+                "could not set the bank's initial balances within 60 s".into(),
+            ));
+        }
+        process += 1;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
 }
 
 /// Records and reports nodes that exited on their own since the last look.

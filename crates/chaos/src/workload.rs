@@ -24,6 +24,16 @@
 //! the order of versions from the reads and looks for cycles (strict serializability). An EXEC
 //! answered `-EXECABORT` or nil ran nothing (`fail`).
 //!
+//! The `bank` workload moves money between [`BANK_ACCOUNTS`] accounts (`bank:0..N`, set to
+//! [`BANK_BALANCE_INITIAL`] each with `SET NX` before the clock starts): a transfer is `WATCH a
+//! b`, `GET a`, `GET b`, then, when `a` can pay, `MULTI`, `DECRBY a x`, `INCRBY b x`, `EXEC`
+//! (nil: a watched key changed, nothing happened, `fail`); a read is `MULTI`, a `GET` per
+//! account, `EXEC`. The accounts carry no hash tag, so in a keyspace of several shards they
+//! spread over them and every transaction is a cross-shard one. A transfer's outcome depends
+//! on how far it got: any error before `EXEC` was sent is `fail` (nothing was proposed), an
+//! error or timeout after it is classified like any write's (`info` unless the error promises
+//! otherwise).
+//!
 //! Outcomes are classified per error, because the checkers trust them: a `fail` must certainly
 //! not have happened, or a correct server could be convicted. Reads that fail are `fail` (they
 //! changed nothing). For writes, `-TRYAGAIN` is `fail` (capdb sends it only when the write was
@@ -65,6 +75,14 @@ pub const APPEND_ELEMENTS_PER_KEY: u32 = 100;
 pub const APPEND_KEYS_ACTIVE: u32 = 6;
 /// Micro-operations per transaction at most.
 pub const APPEND_MOPS_MAX: usize = 4;
+/// Accounts of the `bank` workload (`bank:0` to `bank:7`): few, so transfers collide and
+/// `WATCH` has conflicts to catch.
+pub const BANK_ACCOUNTS: u32 = 8;
+/// Each account's balance when the run starts; the bank's total is this times [`BANK_ACCOUNTS`].
+pub const BANK_BALANCE_INITIAL: i64 = 20;
+/// Transfers move `1..=BANK_TRANSFER_MAX`: half an initial balance, so accounts often run low
+/// and a transfer that `WATCH` should have aborted overdraws one.
+pub const BANK_TRANSFER_MAX: i64 = 10;
 /// How long a client waits for any reply; the server's own bound is about 5 s. It is also the
 /// connection's response timeout: the `redis` crate's default of 500 ms would turn every
 /// write that waits out a failover into an `info`, and an indeterminate write can be placed
@@ -364,6 +382,7 @@ impl Keys {
             }
             Workload::Sadd | Workload::Hset => self.next_collection(w, rng),
             Workload::Append => self.next_append(rng),
+            Workload::Bank => next_bank(rng),
         };
         self.used.insert((w, key.clone()));
         (f, key, value)
@@ -441,6 +460,40 @@ impl Keys {
             _ => {}
         }
     }
+}
+
+/// The next `bank` operation: a read of every account two times in five, otherwise a transfer
+/// of a random amount between two different random accounts.
+fn next_bank(rng: &mut fastrand::Rng) -> (F, String, Json) {
+    if rng.u8(0..5) < 2 {
+        return (F::Read, "bank".into(), Json::Null);
+    }
+    let from = rng.u32(0..BANK_ACCOUNTS);
+    // A uniformly chosen account other than `from`.
+    let to = (from + rng.u32(1..BANK_ACCOUNTS)) % BANK_ACCOUNTS;
+    let amount = rng.i64(1..=BANK_TRANSFER_MAX);
+    (
+        F::Transfer,
+        "bank".into(),
+        json!({"from": from, "to": to, "amount": amount}),
+    )
+}
+
+/// The setup operation of the `bank` workload, recorded before the clock starts: it sets every
+/// account to the initial balance, and its value tells the checker the total.
+pub fn bank_setup() -> Invocation {
+    Invocation {
+        workload: Workload::Bank,
+        f: F::Write,
+        key: "bank".into(),
+        value: json!({"accounts": BANK_ACCOUNTS, "balance": BANK_BALANCE_INITIAL}),
+        final_read: false,
+    }
+}
+
+/// The key of bank account `n`.
+pub fn bank_key(n: u32) -> String {
+    format!("bank:{n}")
 }
 
 /// What a failed request means for its operation: `fail` (certainly not applied) or `info`
@@ -556,6 +609,17 @@ impl Client {
         {
             return e;
         }
+        if f == F::Transfer {
+            // Whether it may have happened depends on whether EXEC was sent.
+            let mut exec_sent = false;
+            let work = transfer(&mut conn, value, &mut exec_sent);
+            let done = tokio::time::timeout(OP_TIMEOUT, work).await;
+            if !matches!(done, Ok(Ok(_))) {
+                // The connection may still hold the WATCH: start afresh.
+                self.conn = None;
+            }
+            return self.classify(done, exec_sent);
+        }
         let ap = self.ap_keyspace.is_some();
         let elements = self.set_elements.get(key).cloned().unwrap_or_default();
         let work = request(&mut conn, w, f, key, value, ap, &elements);
@@ -635,6 +699,23 @@ async fn request(
 ) -> redis::RedisResult<Json> {
     match (w, f) {
         (_, F::Txn) => transaction(conn, value).await,
+        (Workload::Bank, F::Read) => bank_read(conn).await,
+        (Workload::Bank, F::Write) => {
+            // NX: a copy of this setup delayed past the first transfer must not reset a balance.
+            for n in 0..BANK_ACCOUNTS {
+                let _: Option<String> = redis::cmd("SET")
+                    .arg(bank_key(n))
+                    .arg(BANK_BALANCE_INITIAL)
+                    .arg("NX")
+                    .query_async(conn)
+                    .await?;
+            }
+            Ok(Json::Null)
+        }
+        (Workload::Bank, _) | (_, F::Transfer) => Err(redis::RedisError::from((
+            redis::ErrorKind::Client,
+            "bank operations are reads, transfers and the setup",
+        ))),
         (Workload::Append, _) => Err(redis::RedisError::from((
             redis::ErrorKind::Client,
             "append operations are transactions",
@@ -776,6 +857,100 @@ async fn transaction(
     Ok(Json::Array(out))
 }
 
+/// Reads every bank account in one `MULTI`/`EXEC`: the balances in account order (`null` for
+/// a missing account).
+async fn bank_read(conn: &mut redis::aio::MultiplexedConnection) -> redis::RedisResult<Json> {
+    let mut pipe = redis::pipe();
+    pipe.atomic();
+    for n in 0..BANK_ACCOUNTS {
+        pipe.cmd("GET").arg(bank_key(n));
+    }
+    let replies: redis::Value = pipe.query_async(conn).await?;
+    let items = match replies {
+        redis::Value::Array(items) if items.len() == BANK_ACCOUNTS as usize => items,
+        other => {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::Client,
+                "unexpected EXEC reply to a bank read",
+                format!("{other:?}"),
+            )));
+        }
+    };
+    let mut balances = Vec::with_capacity(items.len());
+    for reply in items {
+        if let redis::Value::ServerError(e) = reply {
+            return Err(e.into());
+        }
+        let balance: Option<i64> = redis::from_redis_value(reply)?;
+        balances.push(balance);
+    }
+    Ok(json!(balances))
+}
+
+/// One bank transfer, `{"from": a, "to": b, "amount": x}`: `WATCH` both accounts, read both,
+/// and when `a` can pay, `MULTI`, `DECRBY a x`, `INCRBY b x`, `EXEC`. Returns `true` when EXEC
+/// committed it, `false` when `a` could not pay (nothing sent; the WATCH is dropped). An EXEC
+/// answered nil is an `EXECABORT` error (nothing happened). `exec_sent` turns true just before
+/// EXEC goes out: from then on an error or a timeout leaves the outcome unknown.
+async fn transfer(
+    conn: &mut redis::aio::MultiplexedConnection,
+    value: &Json,
+    exec_sent: &mut bool,
+) -> redis::RedisResult<Json> {
+    let malformed = || redis::RedisError::from((redis::ErrorKind::Client, "malformed transfer"));
+    let account = |field: &str| {
+        value[field]
+            .as_u64()
+            .filter(|n| *n < BANK_ACCOUNTS as u64)
+            .map(|n| bank_key(n as u32))
+    };
+    let (Some(from), Some(to), Some(amount)) =
+        (account("from"), account("to"), value["amount"].as_i64())
+    else {
+        return Err(malformed());
+    };
+    let () = redis::cmd("WATCH")
+        .arg(&from)
+        .arg(&to)
+        .query_async(conn)
+        .await?;
+    let balance: Option<i64> = conn.get(&from).await?;
+    let _: Option<i64> = conn.get(&to).await?;
+    if balance.unwrap_or(0) < amount {
+        let () = redis::cmd("UNWATCH").query_async(conn).await?;
+        return Ok(json!(false));
+    }
+    let mut pipe = redis::pipe();
+    pipe.atomic()
+        .cmd("DECRBY")
+        .arg(&from)
+        .arg(amount)
+        .cmd("INCRBY")
+        .arg(&to)
+        .arg(amount);
+    *exec_sent = true;
+    let replies: redis::Value = pipe.query_async(conn).await?;
+    match replies {
+        redis::Value::Array(items) if items.len() == 2 => {
+            for reply in items {
+                if let redis::Value::ServerError(e) = reply {
+                    return Err(e.into());
+                }
+            }
+            Ok(json!(true))
+        }
+        redis::Value::Nil => Err(redis::RedisError::from((
+            redis::ErrorKind::Server(redis::ServerErrorKind::ExecAbort),
+            "EXEC answered nil (a watched account changed)",
+        ))),
+        other => Err(redis::RedisError::from((
+            redis::ErrorKind::Client,
+            "unexpected EXEC reply to a transfer",
+            format!("{other:?}"),
+        ))),
+    }
+}
+
 /// A collection read as the history records it: integer elements as numbers, anything else
 /// as the string read (the checker reports it as malformed rather than the harness dropping it).
 fn collection_elements(items: Vec<String>) -> Json {
@@ -872,7 +1047,7 @@ pub async fn perform(
     // elements were new) carry a result the checkers use; not increments of `ap` keyspaces,
     // whose replicas answer with their own partial view.
     let result = match f {
-        F::Read | F::Cas | F::Txn => result,
+        F::Read | F::Cas | F::Txn | F::Transfer => result,
         F::Add if client.ap_keyspace.is_none() => result,
         F::Insert if w.is_collection() => result,
         _ => Json::Null,
@@ -974,6 +1149,56 @@ mod tests {
         assert_eq!(
             code("-UNCERTAIN the outcome is unknown\r\n").as_deref(),
             Some("UNCERTAIN")
+        );
+    }
+
+    #[test]
+    fn a_transfer_is_uncertain_only_once_exec_was_sent() {
+        let error = |code: &str| -> redis::RedisResult<Json> {
+            Err(
+                redis::parse_redis_value(format!("-{code} x\r\n").as_bytes())
+                    .and_then(|v| v.extract_error())
+                    .expect_err("an error reply"),
+            )
+        };
+        let mut client = Client::new(1, "127.0.0.1:1".into());
+        let stage = |client: &mut Client, code: &str, exec_sent: bool| match client
+            .classify(Ok(error(code)), exec_sent)
+        {
+            Outcome::Ok(_) => Stage::Ok,
+            Outcome::Fail(_) => Stage::Fail,
+            Outcome::Info(_) => Stage::Info,
+        };
+        // WATCH, GET or MULTI failed: nothing was proposed, whatever the error says.
+        assert_eq!(stage(&mut client, "UNCERTAIN", false), Stage::Fail);
+        assert_eq!(stage(&mut client, "ERR", false), Stage::Fail);
+        // EXEC went out: only an answer that promises "not applied" is a failure.
+        assert_eq!(stage(&mut client, "UNCERTAIN", true), Stage::Info);
+        assert_eq!(stage(&mut client, "ERR", true), Stage::Info);
+        assert_eq!(stage(&mut client, "EXECABORT", true), Stage::Fail);
+        assert_eq!(stage(&mut client, "TRYAGAIN", true), Stage::Fail);
+    }
+
+    #[test]
+    fn transfers_move_money_between_two_different_accounts() {
+        let mut rng = fastrand::Rng::with_seed(9);
+        let (mut reads, mut transfers) = (0, 0);
+        for _ in 0..1000 {
+            match next_bank(&mut rng) {
+                (F::Read, key, Json::Null) if key == "bank" => reads += 1,
+                (F::Transfer, key, v) if key == "bank" => {
+                    transfers += 1;
+                    let (from, to) = (v["from"].as_u64().unwrap(), v["to"].as_u64().unwrap());
+                    assert_ne!(from, to);
+                    assert!(from < BANK_ACCOUNTS as u64 && to < BANK_ACCOUNTS as u64);
+                    assert!((1..=BANK_TRANSFER_MAX).contains(&v["amount"].as_i64().unwrap()));
+                }
+                other => panic!("not a bank operation: {other:?}"),
+            }
+        }
+        assert!(
+            reads > 300 && transfers > 500,
+            "{reads} reads, {transfers} transfers"
         );
     }
 

@@ -19,6 +19,9 @@ Examples (as root):
   capdb chaos run --duration 60 --seed 3 --nodes 3 --workload cas,counter --nemesis kill-leader \
       --rate 300 --quiet 3 --fault-min 3 --fault-max 5 --out forwarded
       (writes through followers while the shard leader is killed: catches writes applied twice)
+  capdb chaos run --duration 30 --seed 11 --nodes 3 --nemesis partition,kill,kill-leader \
+      --workload bank --shards 3 --out bank
+      (transfers between accounts on three shards; every read of the bank must sum to the total)
   capdb chaos run --server-bin old/capdb ...   (this harness driving another server build)
   capdb chaos check chaos-out/history.jsonl
 
@@ -57,6 +60,10 @@ pub struct RunArgs {
     /// Nodes in the cluster (3 to 9).
     #[arg(long, default_value_t = 5)]
     nodes: u32,
+    /// Shards of the cp keyspace `default` (every node's --default-shards). With more than
+    /// one, the append and bank workloads' transactions span shards.
+    #[arg(long, default_value_t = 1)]
+    shards: u32,
     /// Concurrent clients, spread over the nodes.
     #[arg(long, default_value_t = 10)]
     clients: u32,
@@ -66,8 +73,9 @@ pub struct RunArgs {
     /// Workloads, comma-separated: register, cas (compare-and-set heavy registers on one
     /// shard), counter, set (appends to a string), sadd (SADD/SMEMBERS on Redis sets), hset
     /// (HSET/HKEYS on Redis hashes), append (MULTI/EXEC transactions of RPUSH and LRANGE,
-    /// checked for strict serializability; cp only), or all (register, counter, set, sadd,
-    /// hset; without register in --mode ap).
+    /// checked for strict serializability; cp only), bank (transfers under WATCH and reads of
+    /// every account in MULTI/EXEC: every read must sum to the total; cp only), or all
+    /// (register, counter, set, sadd, hset; without register in --mode ap).
     #[arg(long, default_value = "all", value_delimiter = ',')]
     workload: Vec<String>,
     /// Nemeses, comma-separated: partition, partition-leader (always cut the workload shard's
@@ -131,9 +139,10 @@ fn parse_workloads(names: &[String]) -> Result<Vec<Workload>, String> {
             "sadd" => out.push(Workload::Sadd),
             "hset" => out.push(Workload::Hset),
             "append" => out.push(Workload::Append),
+            "bank" => out.push(Workload::Bank),
             other => {
                 return Err(format!(
-                    "unknown workload '{other}': expected register, cas, counter, set, sadd, hset, append or all"
+                    "unknown workload '{other}': expected register, cas, counter, set, sadd, hset, append, bank or all"
                 ));
             }
         }
@@ -252,6 +261,23 @@ fn run_options(a: RunArgs) -> Result<capdb_chaos::run::Options, String> {
                 .into(),
         );
     }
+    if ap && workloads.contains(&Workload::Bank) {
+        return Err(
+            "--workload bank needs atomic transactions under WATCH, which ap keyspaces do not offer"
+                .into(),
+        );
+    }
+    if ap && a.shards != 1 {
+        return Err(
+            "--shards sets the cp keyspace's shards; it has no effect with --mode ap".into(),
+        );
+    }
+    if !(1..=capdb_chaos::run::SHARDS_MAX).contains(&a.shards) {
+        return Err(format!(
+            "--shards must be 1 to {}",
+            capdb_chaos::run::SHARDS_MAX
+        ));
+    }
     if a.fault_min == 0 || a.fault_min > a.fault_max {
         return Err("--fault-min must be at least 1 and at most --fault-max".into());
     }
@@ -268,6 +294,7 @@ fn run_options(a: RunArgs) -> Result<capdb_chaos::run::Options, String> {
         seed: a.seed,
         out: a.out,
         nodes: a.nodes,
+        shards: a.shards,
         clients: a.clients.max(1),
         rate: a.rate.max(1),
         workloads,

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use capdb_types::keyspace::DEFAULT_KEYSPACE;
+use capdb_types::keyspace::{DEFAULT_KEYSPACE, SHARDS_MAX};
 use capdb_types::{KeyspaceName, limits};
 use clap::Args;
 use serde::Deserialize;
@@ -57,6 +57,10 @@ pub struct ClusterConfig {
     pub labels: BTreeMap<String, String>,
     /// Log entries between snapshots of a Raft group (then the log is compacted).
     pub raft_snapshot_logs: u64,
+    /// Shards of the `default` keyspace, used once: when the cluster is formed and the meta
+    /// leader creates it (an existing `default` keeps the shards it was created with). Give
+    /// every founding node the same value.
+    pub default_shards: u32,
     /// Testing switches that weaken guarantees on purpose; never set in production.
     pub debug: DebugConfig,
     /// Milliseconds between anti-entropy passes of `ap` keyspaces.
@@ -119,6 +123,10 @@ pub const DEFAULT_RESP_ADDR: &str = "127.0.0.1:6380";
 pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:8080";
 pub const DEFAULT_DATA_DIR: &str = "capdb-data";
 pub const DEFAULT_SHUTDOWN_GRACE_MS: u64 = 10_000;
+/// Shards of the `default` keyspace unless `default_shards` says otherwise: one, so that every
+/// multi-key command and transaction works on it (cross-shard ones answer `-CROSSSLOT` until
+/// cross-shard transactions land).
+pub const DEFAULT_SHARDS: u32 = 1;
 
 /// The configuration file's shape. Unknown keys are errors (a typo must not be ignored).
 #[derive(Debug, Default, Deserialize)]
@@ -137,6 +145,7 @@ struct FileConfig {
     join: Option<Vec<String>>,
     labels: Option<BTreeMap<String, String>>,
     raft_snapshot_logs: Option<u64>,
+    default_shards: Option<u32>,
     ap_anti_entropy_interval_ms: Option<u64>,
     ap_anti_entropy_bytes_per_sec: Option<u64>,
     ap_tombstone_grace_ms: Option<u64>,
@@ -228,6 +237,11 @@ pub struct ServerArgs {
     /// Raft log entries between snapshots (log compaction) [default: 20000].
     #[arg(long, env = "CAPDB_RAFT_SNAPSHOT_LOGS", value_name = "N")]
     pub raft_snapshot_logs: Option<u64>,
+    /// Shards the cp keyspace `default` is created with when the cluster forms (1 to 1024;
+    /// give every founding node the same value; an existing cluster keeps its shards)
+    /// [default: 1].
+    #[arg(long, env = "CAPDB_DEFAULT_SHARDS", value_name = "N")]
+    pub default_shards: Option<u32>,
     /// Milliseconds between anti-entropy passes over ap keyspaces [default: 10000].
     #[arg(long, env = "CAPDB_AP_ANTI_ENTROPY_INTERVAL_MS", value_name = "MS")]
     pub ap_anti_entropy_interval_ms: Option<u64>,
@@ -496,8 +510,18 @@ fn resolve_cluster(args: &ServerArgs, file: &FileConfig) -> Result<ClusterConfig
             "raft_snapshot_logs must be 10 to 10000000".into(),
         ));
     }
+    let default_shards = args
+        .default_shards
+        .or(file.default_shards)
+        .unwrap_or(DEFAULT_SHARDS);
+    if !(1..=SHARDS_MAX).contains(&default_shards) {
+        return Err(ConfigError(format!(
+            "default_shards = {default_shards}: the default keyspace needs 1 to {SHARDS_MAX} shards"
+        )));
+    }
     let ap = resolve_ap(args, file)?;
     Ok(ClusterConfig {
+        default_shards,
         ap_tombstone_grace_ms: ap.tombstone_grace_ms,
         ap_anti_entropy_interval_ms: ap.anti_entropy_interval_ms,
         ap_anti_entropy_bytes_per_sec: ap.anti_entropy_bytes_per_sec,
@@ -832,6 +856,42 @@ mod tests {
         })
         .unwrap_err();
         assert!(e.to_string().contains("resp_keyspace = 'no spaces'"), "{e}");
+    }
+
+    #[test]
+    fn the_default_keyspace_has_one_shard_unless_told_otherwise() {
+        let c = Config::resolve(&ServerArgs::default()).unwrap();
+        assert_eq!(c.cluster.default_shards, 1);
+        let (_d, p) = write("default_shards = 4\n");
+        let from_file = ServerArgs {
+            config: Some(p),
+            ..Default::default()
+        };
+        assert_eq!(
+            Config::resolve(&from_file).unwrap().cluster.default_shards,
+            4
+        );
+        let flag_wins = ServerArgs {
+            default_shards: Some(3),
+            ..from_file
+        };
+        assert_eq!(
+            Config::resolve(&flag_wins).unwrap().cluster.default_shards,
+            3
+        );
+        for bad in [0, SHARDS_MAX + 1] {
+            let e = Config::resolve(&ServerArgs {
+                default_shards: Some(bad),
+                ..Default::default()
+            })
+            .unwrap_err();
+            assert!(
+                e.to_string().contains(&format!(
+                    "default_shards = {bad}: the default keyspace needs 1 to"
+                )),
+                "{e}"
+            );
+        }
     }
 
     #[test]

@@ -12,6 +12,9 @@
 //! - **wr**: the writer of the last element a read saw precedes the reader;
 //! - **rw** (anti-dependency): a reader precedes the writer of the first element it did *not*
 //!   see;
+//! - an append that no read ever held came after every version that was read (any read made
+//!   after it would hold it): ww from the last element's writer, rw from each read of the whole
+//!   list (as adya, an independent checker, infers; `tests/append_cross_check.rs`);
 //! - **rt** (real time): a transaction that completed before another was invoked precedes it
 //!   (kept as a transitive reduction, so the graph stays linear in size).
 //!
@@ -262,6 +265,28 @@ pub fn check(txns: &[Txn]) -> AppendResult {
             }
         }
     }
+    // Appends no read ever held came after every version read (a read made after one would
+    // hold it): ww from the writer of the last element read, rw from every read of the whole
+    // list. Sorted, so the graph, and the witnesses, are the same on every run.
+    let mut unread: Vec<(&str, i64, usize)> = writer
+        .iter()
+        .filter(|((key, value), _)| order.get(key).is_some_and(|l| !l.contains(value)))
+        .map(|(&(key, value), &w)| (key, value, w))
+        .collect();
+    unread.sort_unstable();
+    for (key, _, w) in unread {
+        let list = order[key];
+        if let Some(last) = list.last()
+            && let Some(&before) = writer.get(&(key, *last))
+        {
+            add(before, w, Edge::Ww);
+        }
+        for (t, l) in &reads[key] {
+            if l.len() == list.len() {
+                add(*t, w, Edge::Rw);
+            }
+        }
+    }
     for (a, b) in realtime(txns, &committed) {
         add(a, b, Edge::Rt);
     }
@@ -440,11 +465,15 @@ fn cycles(txns: &[Txn], graph: &[Vec<(usize, Edge)>], out: &mut AppendResult) {
     }
     for comp in components.iter().take(WITNESSES_MAX) {
         let inside: HashSet<usize> = comp.iter().copied().collect();
-        // The weakest edge set that closes a cycle names the anomaly.
-        let filters: [(&[Edge], &str); 4] = [
+        // The weakest edge set that closes a cycle names the anomaly; real-time edges only
+        // when nothing closes without them, and then again the weakest set (a cycle of ww and
+        // rt edges is G0-realtime, as Elle names it, not G1c-realtime).
+        let filters: [(&[Edge], &str); 6] = [
             (&[Edge::Ww], "G0"),
             (&[Edge::Ww, Edge::Wr], "G1c"),
             (&[Edge::Ww, Edge::Wr, Edge::Rw], ""),
+            (&[Edge::Ww, Edge::Rt], "G0"),
+            (&[Edge::Ww, Edge::Wr, Edge::Rt], "G1c"),
             (&[Edge::Ww, Edge::Wr, Edge::Rw, Edge::Rt], ""),
         ];
         for (allowed, name) in filters {
@@ -644,6 +673,17 @@ mod tests {
     }
 
     #[test]
+    fn appends_ordered_against_real_time_are_g0_realtime() {
+        // The append that completed first sits second in the list.
+        let h = history(vec![
+            (0, 1, Ok, vec![ap("x", 2)]),
+            (2, 3, Ok, vec![ap("x", 1)]),
+            (4, 5, Ok, vec![r("x", &[1, 2])]),
+        ]);
+        assert_eq!(kinds(&h), vec!["G0-realtime"]);
+    }
+
+    #[test]
     fn reading_a_failed_transactions_append_is_g1a() {
         let h = history(vec![
             (0, 1, Fail, vec![ap("x", 1)]),
@@ -695,7 +735,25 @@ mod tests {
             (2, 3, Ok, vec![ap("x", 2)]),
             (4, 5, Ok, vec![r("x", &[2])]),
         ]);
-        assert_eq!(kinds(&h), vec!["lost"]);
+        // Never read, 1 came after 2 although it completed first: a cycle with real time too.
+        assert_eq!(kinds(&h), vec!["G0-realtime", "lost"]);
+    }
+
+    #[test]
+    fn an_append_no_read_holds_comes_after_every_version_read() {
+        // T2 saw T1's y but not T1's x, and no read ever saw x's 1: T1 precedes T2 (wr) and
+        // follows it (T2 read the whole of x, which 1 must come after).
+        let h = history(vec![
+            (0, 10, Ok, vec![ap("x", 1), ap("y", 1)]),
+            (0, 10, Ok, vec![r("x", &[]), r("y", &[1])]),
+        ]);
+        assert_eq!(kinds(&h), vec!["G-single"]);
+        // The same without the append to y: nothing orders them otherwise, so T2 first.
+        let h = history(vec![
+            (0, 10, Ok, vec![ap("x", 1)]),
+            (0, 10, Ok, vec![r("x", &[])]),
+        ]);
+        assert!(check(&h).valid());
     }
 
     #[test]

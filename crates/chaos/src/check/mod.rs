@@ -2,6 +2,7 @@
 //! evidence) or unknown (a bound was hit). Only "valid" from every checker passes a run.
 
 pub mod append;
+pub mod bank;
 pub mod counter;
 pub mod register;
 pub mod set;
@@ -91,6 +92,9 @@ pub fn check(records: &[Record], limits: Limits) -> Result<CheckResult, String> 
         d.extend(check_sets(&by_key, &mut validity, &mut problems)?);
         if let Some(append) = check_appends(&ops, &mut validity, &mut problems)? {
             d.insert("append".into(), append);
+        }
+        if let Some(bank) = check_bank(&ops, &mut validity, &mut problems)? {
+            d.insert("bank".into(), bank);
         }
     }
     Ok(CheckResult {
@@ -238,6 +242,28 @@ fn check_appends(
         "keys": r.keys,
         "anomalies": r.anomalies.iter().take(50).collect::<Vec<_>>(),
     })))
+}
+
+/// The `bank` workload: every read sums to the total, no balance negative (`bank.rs`). `None`
+/// when the workload did not run.
+fn check_bank(
+    ops: &[Op],
+    validity: &mut Validity,
+    problems: &mut Vec<String>,
+) -> Result<Option<Json>, String> {
+    let bank_ops: Vec<&Op> = ops
+        .iter()
+        .filter(|o| o.workload == Workload::Bank)
+        .collect();
+    if bank_ops.is_empty() {
+        return Ok(None);
+    }
+    let r = bank::check(&bank_ops)?;
+    if !r.valid() {
+        *validity = Validity::Invalid;
+        problems.extend(r.problems());
+    }
+    Ok(Some(serde_json::to_value(&r).map_err(|e| e.to_string())?))
 }
 
 /// One `append` operation as the checker sees it: micro-operations from its result when it
@@ -754,7 +780,7 @@ mod tests {
         assert_eq!(r.validity, Validity::Invalid);
         assert_eq!(
             r.problems,
-            vec!["append: not strictly serializable: 1 anomalies (lost)".to_string()]
+            vec!["append: not strictly serializable: 2 anomalies (G-single, lost)".to_string()]
         );
     }
 

@@ -139,7 +139,8 @@ async fn meta_leader_duties(node: &Node, state: &ClusterState, last: &mut Option
 /// node that merely has learners catching up.
 async fn create_default_keyspace(node: &Node, state: &ClusterState) {
     let default = KeyspaceName::default_keyspace();
-    let spec = match KeyspaceSpec::new(default, Mode::Cp, None, None, None, None) {
+    let shards = Some(node.config.cluster.default_shards);
+    let spec = match KeyspaceSpec::new(default, Mode::Cp, None, shards, None, None) {
         Ok(s) => s,
         Err(e) => {
             tracing::error!(error = %e, "cannot build the default keyspace spec");
