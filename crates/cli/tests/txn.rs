@@ -417,16 +417,23 @@ fn keys_on_two_shards(c: &mut redis::Connection) -> (String, String) {
     (a, b)
 }
 
-#[test]
-fn a_cp_transaction_over_several_shards_commits_on_every_shard_or_on_none() {
+/// One node with a keyspace `name` of `mode` and 4 shards; a client in it, and two keys on
+/// different shards.
+fn four_shards(mode: &str, name: &str) -> (Server, redis::Connection, String, String) {
     let s = Server::start();
     create_keyspace(
         &s,
-        r#"{"name":"four","mode":"cp","shards":4,"replication_factor":1}"#,
-        "four",
+        &format!(r#"{{"name":"{name}","mode":"{mode}","shards":4,"replication_factor":1}}"#),
+        name,
     );
-    let mut c = client_in(&s, "four");
+    let mut c = client_in(&s, name);
     let (a, b) = keys_on_two_shards(&mut c);
+    (s, c, a, b)
+}
+
+#[test]
+fn a_cp_transaction_over_several_shards_commits_on_every_shard_or_on_none() {
+    let (s, mut c, a, b) = four_shards("cp", "four");
     ok(&mut c, "MULTI");
     queued(&mut c, &format!("SET {a} 1"));
     queued(&mut c, &format!("INCRBY {b} 5"));
@@ -486,14 +493,7 @@ fn a_cp_transaction_over_several_shards_commits_on_every_shard_or_on_none() {
 
 #[test]
 fn ap_keyspaces_keep_the_one_shard_rule() {
-    let s = Server::start();
-    create_keyspace(
-        &s,
-        r#"{"name":"apfour","mode":"ap","shards":4,"replication_factor":1}"#,
-        "apfour",
-    );
-    let mut c = client_in(&s, "apfour");
-    let (a, b) = keys_on_two_shards(&mut c);
+    let (_s, mut c, a, b) = four_shards("ap", "apfour");
     ok(&mut c, "MULTI");
     queued(&mut c, &format!("SET {a} 1"));
     let e = err(&mut c, &format!("SET {b} 1"));
@@ -875,14 +875,7 @@ fn post_txn(s: &Server, body: serde_json::Value) -> (u16, serde_json::Value) {
 
 #[test]
 fn http_transactions_run_every_operation_when_every_guard_holds_and_none_otherwise() {
-    let s = Server::start();
-    create_keyspace(
-        &s,
-        r#"{"name":"four","mode":"cp","shards":4,"replication_factor":1}"#,
-        "four",
-    );
-    let mut c = client_in(&s, "four");
-    let (a, b) = keys_on_two_shards(&mut c);
+    let (s, mut c, a, b) = four_shards("cp", "four");
     let _: () = c.set(&a, "1").unwrap();
     // Guards hold: every operation runs, on both shards, results in order.
     let (code, out) = post_txn(

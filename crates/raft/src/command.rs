@@ -89,6 +89,18 @@ pub struct TxnGuard {
     pub since_ms: u64,
 }
 
+impl TxnGuard {
+    /// The guard as the engine judges it in an entry applied with clock `until_ms`.
+    pub fn judged_at(self, until_ms: u64) -> capdb_storage::disk::WatchGuard {
+        capdb_storage::disk::WatchGuard {
+            key: self.key,
+            index: self.index,
+            since_ms: self.since_ms,
+            until_ms,
+        }
+    }
+}
+
 impl fmt::Display for Request {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

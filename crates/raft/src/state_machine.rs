@@ -209,6 +209,15 @@ impl StateMachine {
         (meta_key(self.group, "applied"), Some(encode(applied)))
     }
 
+    /// The `_meta` rows of an entry applied alone (its storage transaction holds nothing else):
+    /// the applied state, the session changes and the replies remembered so far.
+    fn alone_meta(&self, b: &mut ApplyBatch, sessions: &mut SessionTable) -> Vec<MetaItem> {
+        let mut meta = vec![self.applied_meta(&b.applied)];
+        meta.extend(sessions.take_changes());
+        meta.append(&mut b.remembered);
+        meta
+    }
+
     /// Applies a run of data writes in one engine transaction, remembering the replies of
     /// identified ones, with `meta` (applied state, session changes); one response per write.
     async fn apply_data_writes(
@@ -341,9 +350,7 @@ impl StateMachine {
             } => {
                 // Alone in its storage transaction, after everything before it: its guards
                 // are judged on the state the entries before it left.
-                let mut meta = vec![self.applied_meta(&b.applied)];
-                meta.extend(sessions.take_changes());
-                meta.append(&mut b.remembered);
+                let meta = self.alone_meta(b, sessions);
                 let remember = remember
                     .map(|(key, sent_ms)| RememberReplies {
                         key,
@@ -353,15 +360,7 @@ impl StateMachine {
                     })
                     .into_iter()
                     .collect();
-                let guards = guards
-                    .into_iter()
-                    .map(|g| capdb_storage::disk::WatchGuard {
-                        key: g.key,
-                        index: g.index,
-                        since_ms: g.since_ms,
-                        until_ms: now_ms,
-                    })
-                    .collect();
+                let guards = guards.into_iter().map(|g| g.judged_at(now_ms)).collect();
                 let mutations = mutations
                     .into_iter()
                     .map(|m| (m, timestamp, now_ms, index))
@@ -381,9 +380,7 @@ impl StateMachine {
             } => {
                 // Alone, after everything before it: its locks and guards are judged on the
                 // state the entries before it left.
-                let mut meta = vec![self.applied_meta(&b.applied)];
-                meta.extend(sessions.take_changes());
-                meta.append(&mut b.remembered);
+                let meta = self.alone_meta(b, sessions);
                 let step = match step {
                     capdb_types::txn::ShardStep::Prepare(p) => {
                         capdb_types::txn::ShardStep::Prepare(capdb_types::txn::Prepare {
@@ -391,16 +388,7 @@ impl StateMachine {
                             participants: p.participants,
                             commands: p.commands,
                             keys: p.keys,
-                            guards: p
-                                .guards
-                                .into_iter()
-                                .map(|g| capdb_storage::disk::WatchGuard {
-                                    key: g.key,
-                                    index: g.index,
-                                    since_ms: g.since_ms,
-                                    until_ms: now_ms,
-                                })
-                                .collect(),
+                            guards: p.guards.into_iter().map(|g| g.judged_at(now_ms)).collect(),
                             deadline_ms: p.deadline_ms,
                         })
                     }
