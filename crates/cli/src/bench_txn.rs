@@ -269,6 +269,37 @@ fn describe(r: &Reply) -> String {
     }
 }
 
+/// Largest `/metrics` page read.
+const METRICS_BYTES_MAX: u64 = 16 * 1024 * 1024;
+
+/// Attempts after the first (lock conflicts, retried with a new id) of the cross-shard
+/// transactions the nodes coordinated so far: the sum of every node's
+/// `capdb_cross_shard_transactions{outcome="retried"}`.
+async fn retried_attempts(nodes: &[NodeProc]) -> Result<u64, String> {
+    const LINE: &str = "capdb_cross_shard_transactions{outcome=\"retried\"} ";
+    let mut sum = 0;
+    for n in nodes {
+        let page = async {
+            let mut s = TcpStream::connect(&n.http).await?;
+            s.write_all(b"GET /metrics HTTP/1.0\r\nHost: capdb\r\n\r\n")
+                .await?;
+            let mut body = Vec::new();
+            s.take(METRICS_BYTES_MAX).read_to_end(&mut body).await?;
+            std::io::Result::Ok(String::from_utf8_lossy(&body).into_owned())
+        };
+        let page = tokio::time::timeout(REQUEST_TIMEOUT, page)
+            .await
+            .map_err(|_| format!("node {}: /metrics timed out", n.id))?
+            .map_err(|e| format!("node {}: /metrics: {e}", n.id))?;
+        sum += page
+            .lines()
+            .find_map(|l| l.strip_prefix(LINE))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    Ok(sum)
+}
+
 // ---- keys on shards ----
 
 /// Hash tags whose keys land on each shard: `tags[s]` is on shard `s`.
@@ -396,6 +427,8 @@ struct Measured {
     ops_per_s: f64,
     failures: u64,
     first_failure: Option<String>,
+    /// Cross-shard attempts retried after a lock conflict during the run.
+    retried: u64,
 }
 
 /// The value at quantile `q` of sorted `values` (nearest rank).
@@ -419,6 +452,7 @@ async fn measure(
     for i in 0..tags.len() {
         conns.push(Conn::open(&nodes[i % nodes.len()].resp).await?);
     }
+    let retried_before = retried_attempts(nodes).await?;
     let started = Instant::now();
     let until = started + Duration::from_secs(seconds);
     let mut tasks = Vec::with_capacity(conns.len());
@@ -455,6 +489,9 @@ async fn measure(
         }
     }
     let elapsed = started.elapsed().as_secs_f64();
+    let retried = retried_attempts(nodes)
+        .await?
+        .saturating_sub(retried_before);
     all.latencies_us.sort_unstable();
     Ok(Measured {
         case,
@@ -464,6 +501,7 @@ async fn measure(
         ops_per_s: all.latencies_us.len() as f64 / elapsed,
         failures: all.failures,
         first_failure: all.first_failure,
+        retried,
     })
 }
 
@@ -475,6 +513,8 @@ struct Contention {
     uncertain: u64,
     other: u64,
     first_other: Option<String>,
+    /// Attempts retried after a lock conflict.
+    retried: u64,
     p50_ms: f64,
     p99_ms: f64,
     ops_per_s: f64,
@@ -505,6 +545,7 @@ async fn contention(
     for i in 0..hot_clients {
         conns.push(Conn::open(&nodes[i % nodes.len()].resp).await?);
     }
+    let retried_before = retried_attempts(nodes).await?;
     let started = Instant::now();
     let until = started + Duration::from_secs(seconds);
     let mut tasks = Vec::with_capacity(hot_clients);
@@ -544,6 +585,9 @@ async fn contention(
         }
     }
     let elapsed = started.elapsed().as_secs_f64();
+    let retried = retried_attempts(nodes)
+        .await?
+        .saturating_sub(retried_before);
     latencies.sort_unstable();
     let mut check = Conn::open(&nodes[0].resp).await?;
     let read = |r: Reply| match r {
@@ -562,6 +606,7 @@ async fn contention(
         uncertain,
         other,
         first_other,
+        retried,
         p50_ms: quantile(&latencies, 0.50) as f64 / 1000.0,
         p99_ms: quantile(&latencies, 0.99) as f64 / 1000.0,
         ops_per_s: latencies.len() as f64 / elapsed,
@@ -830,13 +875,13 @@ fn print_throughput(measured: &[Measured], seconds: u64) {
     );
     println!();
     println!(
-        "| case | clients | p50 ms | p99 ms | ops/s | p50 / SET | p99 / SET | ops/s / SET | failed |"
+        "| case | clients | p50 ms | p99 ms | ops/s | p50 / SET | p99 / SET | ops/s / SET | failed | retried attempts |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for m in measured {
         let set = baseline(measured, m.clients);
         println!(
-            "| {} | {} | {:.2} | {:.2} | {:.0} | {:.2}x | {:.2}x | {:.2}x | {} |",
+            "| {} | {} | {:.2} | {:.2} | {:.0} | {:.2}x | {:.2}x | {:.2}x | {} | {} |",
             m.case.name(),
             m.clients,
             m.p50_ms,
@@ -845,7 +890,8 @@ fn print_throughput(measured: &[Measured], seconds: u64) {
             ratio(m.p50_ms, set.map(|s| s.p50_ms)),
             ratio(m.p99_ms, set.map(|s| s.p99_ms)),
             ratio(m.ops_per_s, set.map(|s| s.ops_per_s)),
-            m.failures
+            m.failures,
+            m.retried
         );
     }
     for m in measured.iter().filter(|m| m.failures > 0) {
@@ -945,11 +991,11 @@ fn print_contention(hot: &Contention, seconds: u64) {
     );
     println!();
     println!(
-        "| committed | ops/s | p50 ms | p99 ms | -TRYAGAIN | -UNCERTAIN | other | a | b | a == b == committed |"
+        "| committed | ops/s | p50 ms | p99 ms | -TRYAGAIN | -UNCERTAIN | other | retried attempts | a | b | a == b == committed |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
     println!(
-        "| {} | {:.0} | {:.2} | {:.2} | {} | {} | {} | {} | {} | {} |",
+        "| {} | {:.0} | {:.2} | {:.2} | {} | {} | {} | {} | {} | {} | {} |",
         hot.committed,
         hot.ops_per_s,
         hot.p50_ms,
@@ -957,6 +1003,7 @@ fn print_contention(hot: &Contention, seconds: u64) {
         hot.tryagain,
         hot.uncertain,
         hot.other,
+        hot.retried,
         hot.a,
         hot.b,
         if hot.consistent() { "yes" } else { "**NO**" }
