@@ -272,11 +272,11 @@ fn describe(r: &Reply) -> String {
 /// Largest `/metrics` page read.
 const METRICS_BYTES_MAX: u64 = 16 * 1024 * 1024;
 
-/// Attempts after the first (lock conflicts, retried with a new id) of the cross-shard
-/// transactions the nodes coordinated so far: the sum of every node's
-/// `capdb_cross_shard_transactions{outcome="retried"}`.
-async fn retried_attempts(nodes: &[NodeProc]) -> Result<u64, String> {
-    const LINE: &str = "capdb_cross_shard_transactions{outcome=\"retried\"} ";
+/// The sum over `nodes` of `capdb_cross_shard_transactions{outcome="OUTCOME"}`: the
+/// cross-shard transactions the nodes coordinated so far that ended so (`retried`: attempts
+/// after the first, after lock conflicts; `recovered`: orphans finished by a shard leader).
+async fn cross_shard_count(nodes: &[NodeProc], outcome: &str) -> Result<u64, String> {
+    let line = format!("capdb_cross_shard_transactions{{outcome=\"{outcome}\"}} ");
     let mut sum = 0;
     for n in nodes {
         let page = async {
@@ -293,7 +293,7 @@ async fn retried_attempts(nodes: &[NodeProc]) -> Result<u64, String> {
             .map_err(|e| format!("node {}: /metrics: {e}", n.id))?;
         sum += page
             .lines()
-            .find_map(|l| l.strip_prefix(LINE))
+            .find_map(|l| l.strip_prefix(line.as_str()))
             .and_then(|v| v.trim().parse::<u64>().ok())
             .unwrap_or(0);
     }
@@ -452,7 +452,7 @@ async fn measure(
     for i in 0..tags.len() {
         conns.push(Conn::open(&nodes[i % nodes.len()].resp).await?);
     }
-    let retried_before = retried_attempts(nodes).await?;
+    let retried_before = cross_shard_count(nodes, "retried").await?;
     let started = Instant::now();
     let until = started + Duration::from_secs(seconds);
     let mut tasks = Vec::with_capacity(conns.len());
@@ -489,7 +489,7 @@ async fn measure(
         }
     }
     let elapsed = started.elapsed().as_secs_f64();
-    let retried = retried_attempts(nodes)
+    let retried = cross_shard_count(nodes, "retried")
         .await?
         .saturating_sub(retried_before);
     all.latencies_us.sort_unstable();
@@ -515,6 +515,9 @@ struct Contention {
     first_other: Option<String>,
     /// Attempts retried after a lock conflict.
     retried: u64,
+    /// Transactions finished by the orphan recovery (no coordinator died here: each is a
+    /// transaction whose locks outlived its coordinator's attention).
+    recovered: u64,
     p50_ms: f64,
     p99_ms: f64,
     ops_per_s: f64,
@@ -545,7 +548,8 @@ async fn contention(
     for i in 0..hot_clients {
         conns.push(Conn::open(&nodes[i % nodes.len()].resp).await?);
     }
-    let retried_before = retried_attempts(nodes).await?;
+    let retried_before = cross_shard_count(nodes, "retried").await?;
+    let recovered_before = cross_shard_count(nodes, "recovered").await?;
     let started = Instant::now();
     let until = started + Duration::from_secs(seconds);
     let mut tasks = Vec::with_capacity(hot_clients);
@@ -585,7 +589,7 @@ async fn contention(
         }
     }
     let elapsed = started.elapsed().as_secs_f64();
-    let retried = retried_attempts(nodes)
+    let retried = cross_shard_count(nodes, "retried")
         .await?
         .saturating_sub(retried_before);
     latencies.sort_unstable();
@@ -599,6 +603,10 @@ async fn contention(
     };
     let a = read(get_when_unlocked(&mut check, &a).await?)?;
     let b = read(get_when_unlocked(&mut check, &b).await?)?;
+    // Read after a and b answered, i.e. after any orphan's recovery released them.
+    let recovered = cross_shard_count(nodes, "recovered")
+        .await?
+        .saturating_sub(recovered_before);
     Ok(Contention {
         clients: hot_clients,
         committed: latencies.len() as u64,
@@ -607,6 +615,7 @@ async fn contention(
         other,
         first_other,
         retried,
+        recovered,
         p50_ms: quantile(&latencies, 0.50) as f64 / 1000.0,
         p99_ms: quantile(&latencies, 0.99) as f64 / 1000.0,
         ops_per_s: latencies.len() as f64 / elapsed,
@@ -996,11 +1005,11 @@ fn print_contention(hot: &Contention, seconds: u64) {
     );
     println!();
     println!(
-        "| committed | ops/s | p50 ms | p99 ms | -TRYAGAIN | -UNCERTAIN | other | retried attempts | a | b | a == b == committed |"
+        "| committed | ops/s | p50 ms | p99 ms | -TRYAGAIN | -UNCERTAIN | other | retried attempts | recovered orphans | a | b | a == b == committed |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
     println!(
-        "| {} | {:.0} | {:.2} | {:.2} | {} | {} | {} | {} | {} | {} | {} |",
+        "| {} | {:.0} | {:.2} | {:.2} | {} | {} | {} | {} | {} | {} | {} | {} |",
         hot.committed,
         hot.ops_per_s,
         hot.p50_ms,
@@ -1009,6 +1018,7 @@ fn print_contention(hot: &Contention, seconds: u64) {
         hot.uncertain,
         hot.other,
         hot.retried,
+        hot.recovered,
         hot.a,
         hot.b,
         if hot.consistent() { "yes" } else { "**NO**" }
