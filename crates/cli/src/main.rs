@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_ap;
+mod bench_txn;
 mod chaos;
 mod client;
 mod difftest;
@@ -115,6 +116,10 @@ enum BenchOp {
     /// ap write throughput at one/quorum/all, and convergence time after a partition.
     /// Example: capdb bench ap --divergent-keys 100000
     Ap(bench_ap::ApArgs),
+    /// SET vs single-shard and cross-shard EXEC (p50, p99, ops/s at 1/16/64 clients), a
+    /// hot-key case, and how long a killed coordinator's locks outlive it.
+    /// Example: capdb bench txn --seconds 5 --kill-rounds 5
+    Txn(bench_txn::TxnArgs),
 }
 
 #[derive(Subcommand)]
@@ -248,6 +253,9 @@ fn main() -> ExitCode {
             Command::Bench {
                 op: BenchOp::Ap(args),
             } => bench_ap::ap(args).await,
+            Command::Bench {
+                op: BenchOp::Txn(args),
+            } => bench_txn::txn(args).await,
             Command::Version => {
                 println!("capdb {}", env!("CARGO_PKG_VERSION"));
                 Ok(())
