@@ -317,9 +317,13 @@ impl StateMachine {
         let index = b.applied.last_applied.map_or(0, |l| l.index);
         let guarded = matches!(&request, Request::Txn { guards, .. } if !guards.is_empty());
         let alone = guarded || matches!(request, Request::Clear | Request::TxnStep { .. });
-        if alone {
+        let pending =
+            !(b.writes.is_empty() && b.watch_points.is_empty() && b.remembered.is_empty());
+        if alone && pending {
             // Everything before this entry is applied first, and recorded as applied up to the
-            // previous entry, so a crash in between never claims the clear happened.
+            // previous entry, so a crash in between never claims the clear happened. (With
+            // nothing pending, the entry's own storage transaction records the progress: one
+            // storage job per transaction step when they come back to back.)
             let upto = Applied {
                 last_applied: b.previous,
                 membership: b.applied.membership.clone(),
@@ -414,13 +418,14 @@ impl StateMachine {
                         });
                     (key, encode_answer)
                 });
-                let answer = match self.engine.txn_step(table, job, meta, remember).await {
-                    // A protocol violation: refused, nothing changed (the engine logged it).
-                    Err(e @ capdb_types::Error::InvalidInput(_)) => Err(e),
-                    // Storage failed: as for any entry, applying stops here.
-                    other => Ok(other.map_err(io)?),
-                };
-                b.responses[slot] = Some(Response::Txn(answer));
+                // Queued, not awaited: the steps of a run of entries share the writer's
+                // transactions; their answers are collected when the batch ends.
+                let queued = self
+                    .engine
+                    .txn_step_queued(table, job, meta, remember)
+                    .await
+                    .map_err(io)?;
+                b.steps.push((slot, queued));
             }
             Request::WatchPoint => {
                 let reply = vec![Ok(capdb_types::Reply::Integer(index as i64))];
@@ -555,6 +560,15 @@ impl StateMachine {
             Kind::Data { table } => {
                 let upto = b.applied.clone();
                 self.flush_writes(table, &mut b, sessions, &upto).await?;
+                for (slot, queued) in std::mem::take(&mut b.steps) {
+                    let answer = match queued.await {
+                        // A protocol violation: refused, nothing changed (the engine logged it).
+                        Err(e @ capdb_types::Error::InvalidInput(_)) => Err(e),
+                        // Storage failed: as for any entry, applying stops here.
+                        other => Ok(other.map_err(io)?),
+                    };
+                    b.responses[slot] = Some(Response::Txn(answer));
+                }
             }
             Kind::Meta { published } => {
                 let mut items = vec![
@@ -629,6 +643,11 @@ struct ApplyBatch {
     duplicates: Vec<(usize, String)>,
     /// See [`StateMachine::apply_duplicates`].
     apply_duplicates: bool,
+    /// Transaction steps queued in the storage writer, answered when the batch ends.
+    steps: Vec<(
+        usize,
+        capdb_storage::disk::Queued<capdb_storage::disk::TxnAnswer>,
+    )>,
 }
 
 impl ApplyBatch {
@@ -637,6 +656,7 @@ impl ApplyBatch {
             previous: applied.last_applied,
             applied,
             writes: Vec::new(),
+            steps: Vec::new(),
             remembered: Vec::new(),
             watch_points: Vec::new(),
             responses: Vec::new(),

@@ -328,12 +328,24 @@ impl<P: Participants> Coordinator<P> {
                 let commits = waiting
                     .iter()
                     .map(|&i| self.step_until(groups[i], id, ShardStep::Commit { ts }, until));
+                let mut committed = vec![false; groups.len()];
                 for (&i, answer) in waiting.iter().zip(futures::future::join_all(commits).await) {
                     if let Some(a) = answer {
+                        committed[i] = matches!(a.outcome, Outcome::Committed(_));
                         replies[i] = a.replies;
                     }
                 }
-                self.finish_in_background(id, groups.clone(), ShardStep::Commit { ts });
+                // The others (and any commit that went unanswered) in the background: a
+                // shard committed above must not get a second commit entry for nothing.
+                let rest: Vec<GroupId> = groups
+                    .iter()
+                    .zip(&committed)
+                    .filter(|(_, done)| !**done)
+                    .map(|(g, _)| *g)
+                    .collect();
+                if !rest.is_empty() {
+                    self.finish_in_background(id, rest, ShardStep::Commit { ts });
+                }
                 let mut out: Vec<Option<P::Reply>> = vec![None; plan.commands.len()];
                 for (g, shard_replies) in groups.iter().zip(replies) {
                     let idx = &parts[g];

@@ -85,7 +85,7 @@ use tokio::sync::mpsc;
 pub use ap::{AP_RECLAIM_STEP_MAX, ApRecord, MergeOutcome};
 pub use meta::MetaItem;
 use ops::Op;
-pub use replicated::{RememberReplies, TableDump};
+pub use replicated::{Queued, RememberReplies, TableDump};
 pub use table::SCAN_EXAMINE_MAX;
 pub use touched::{TOUCHED_MAX, WatchGuard, horizon_row};
 pub use txn::{GC_STEP_MAX, OpenTxns, Orphan, RECORD_RETAIN_MS, RememberAnswer, TxnAnswer, TxnJob};

@@ -11,6 +11,9 @@ use super::ops::Op;
 use super::{DiskEngine, META_TABLE, io_err, table_def};
 use crate::BatchReplies;
 
+/// A queued job's answer, to be awaited later.
+pub type Queued<T> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<T>> + Send>>;
+
 /// A table's content and chosen `_meta` entries, read from one consistent snapshot
 /// (snapshot build).
 pub struct TableDump {
@@ -85,6 +88,30 @@ impl DiskEngine {
         })
         .await?
         .into_txn()
+    }
+
+    /// [`DiskEngine::txn_step`], queued now and answered later: the step is behind every job
+    /// queued before this call and ahead of every job queued after it, so a state machine can
+    /// queue the steps of a run of entries without waiting for each (the writer commits them
+    /// together) and collect the answers at the end.
+    pub async fn txn_step_queued(
+        &self,
+        table: &str,
+        job: super::TxnJob,
+        meta: Vec<MetaItem>,
+        remember: Option<(String, super::RememberAnswer)>,
+    ) -> Result<Queued<super::TxnAnswer>> {
+        let wait = self
+            .enqueue(Op::TxnStep {
+                table: table.to_string(),
+                job,
+                meta,
+                remember,
+            })
+            .await?;
+        Ok(Box::pin(async move {
+            super::writer::answer(wait.await)?.into_txn()
+        }))
     }
 
     /// Replaces a table's content, deletes the `_meta` entries under `clear_meta_prefix` and
