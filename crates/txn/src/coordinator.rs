@@ -105,7 +105,9 @@ pub struct Config {
     /// ends first; then `Conflict`: `-TRYAGAIN`). Plain writes wait as long for a lock.
     pub attempts_max: u32,
     pub retry_for: Duration,
-    /// Locks count as orphaned this long after the prepare was sent.
+    /// Locks count as orphaned this long after the prepare was sent. Participants compare it
+    /// with their own clocks, so clocks must agree to well within it (a participant whose
+    /// clock runs ahead by more refuses every prepare: unavailable, never wrong).
     pub lock_hold_ms: u64,
     /// How long an unanswered step is resent before giving up on the participant.
     pub resolve_for: Duration,
@@ -132,7 +134,7 @@ impl Default for Config {
         Config {
             attempts_max: 1_000,
             retry_for: Duration::from_secs(5),
-            lock_hold_ms: 2_000,
+            lock_hold_ms: 1_200,
             resolve_for: Duration::from_secs(3),
             retry_pause: Duration::from_millis(2),
             debug_crash: None,

@@ -37,7 +37,7 @@ use crate::messages::{ForwardError, ForwardRequest, ForwardResponse};
 /// How long a write (or a single-shard transaction) refused because a cross-shard transaction
 /// locks one of its keys is retried before `-TRYAGAIN` reaches the client. A lock lives from
 /// a prepare to its commit (a few milliseconds), or, when the coordinator died, until the
-/// recovery releases it (its deadline, 2 s, plus a recovery round).
+/// recovery releases it (its deadline, 1.2 s, plus a recovery round).
 pub const LOCK_WAIT_MAX: Duration = Duration::from_secs(5);
 
 /// Waits before the next try of something a transaction's lock refused; `None` once

@@ -30,7 +30,7 @@ use capdb_types::txn::{LockMode, TxnId};
 use capdb_types::{GroupId, Mutation, Reply, Result};
 
 /// How often each node looks for orphaned transactions on the shards it leads.
-pub const RECOVERY_PERIOD: Duration = Duration::from_millis(250);
+pub const RECOVERY_PERIOD: Duration = Duration::from_millis(100);
 /// Orphans one node recovers at once at most (the rest wait for the next round).
 pub const RECOVERIES_IN_FLIGHT_MAX: usize = 64;
 
