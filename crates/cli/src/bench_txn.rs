@@ -991,9 +991,8 @@ fn print_targets(measured: &[Measured]) {
         }
     }
     println!(
-        "\nA cross-shard EXEC waits for two Raft rounds in sequence: the prepares, then the \
-         commits (a participant runs its commands at commit and answers their replies there), \
-         so its p50 is about 2x a SET's by construction; 1.5x needs the replies at prepare."
+        "\nA cross-shard EXEC answers once every shard has prepared (one Raft round per shard, \
+         in parallel; the replies come with the votes); the commits follow in the background."
     );
 }
 

@@ -304,6 +304,23 @@ impl StateMachine {
         Ok(())
     }
 
+    /// Waits for the transaction steps queued in the storage writer and takes their answers.
+    async fn collect_steps(&self, b: &mut ApplyBatch) -> io::Result<()> {
+        for (slot, queued) in std::mem::take(&mut b.steps) {
+            let answer = match queued.await {
+                // A protocol violation, or a record that cannot be read: refused, nothing
+                // changed (the engine logged it).
+                Err(
+                    e @ (capdb_types::Error::InvalidInput(_) | capdb_types::Error::Corruption(_)),
+                ) => Err(e),
+                // Storage failed: as for any entry, applying stops here.
+                other => Ok(other.map_err(io)?),
+            };
+            b.responses[slot] = Some(Response::Txn(answer));
+        }
+        Ok(())
+    }
+
     /// Applies one normal entry of a data shard (queued, or at once for FLUSHDB).
     async fn apply_data_entry(
         &self,
@@ -439,15 +456,46 @@ impl StateMachine {
                 b.responses[slot] = Some(Response::Replies(reply));
             }
             Request::Clear => {
+                // Not while a cross-shard transaction is prepared here: it may have answered
+                // its client already, and a recovery that then found no prepare here would
+                // abort it on the other shards. Refused whole (nothing changes); the routing
+                // node retries, as for a write refused by a lock. The prepared set is applied
+                // state (the steps queued before this entry are collected first), so every
+                // replica decides the same.
+                self.collect_steps(b).await?;
+                let prepared = self
+                    .engine
+                    .table(table, false)
+                    .prepared_txns()
+                    .map_err(io)?;
+                let reply: Vec<Result<capdb_types::Reply, capdb_types::Error>> =
+                    match prepared.first() {
+                        Some(txn) => vec![Err(capdb_types::Error::Locked(txn.to_string()))],
+                        None => Vec::new(),
+                    };
                 let mut meta = vec![self.applied_meta(&b.applied)];
                 meta.extend(sessions.take_changes());
-                let reply: Vec<Result<capdb_types::Reply, capdb_types::Error>> = Vec::new();
                 if let Some((key, sent_ms)) = remember {
                     let mut value = row::prefix(sent_ms, row::REPLIES);
                     value.extend(encode(&reply));
                     meta.push((key, Some(value)));
                 }
                 meta.append(&mut b.remembered);
+                if !prepared.is_empty() {
+                    self.engine
+                        .apply_replicated(
+                            table,
+                            Vec::new(),
+                            meta,
+                            Vec::new(),
+                            Vec::new(),
+                            Vec::new(),
+                        )
+                        .await
+                        .map_err(io)?;
+                    b.responses[slot] = Some(Response::Replies(reply));
+                    return Ok(());
+                }
                 // Every WATCH older than the FLUSHDB aborts (`touched.rs`).
                 let elements = vec![capdb_storage::disk::horizon_row(index)];
                 self.engine
@@ -560,15 +608,7 @@ impl StateMachine {
             Kind::Data { table } => {
                 let upto = b.applied.clone();
                 self.flush_writes(table, &mut b, sessions, &upto).await?;
-                for (slot, queued) in std::mem::take(&mut b.steps) {
-                    let answer = match queued.await {
-                        // A protocol violation: refused, nothing changed (the engine logged it).
-                        Err(e @ capdb_types::Error::InvalidInput(_)) => Err(e),
-                        // Storage failed: as for any entry, applying stops here.
-                        other => Ok(other.map_err(io)?),
-                    };
-                    b.responses[slot] = Some(Response::Txn(answer));
-                }
+                self.collect_steps(&mut b).await?;
             }
             Kind::Meta { published } => {
                 let mut items = vec![

@@ -122,7 +122,7 @@ fn locked(e: &DiskEngine, k: &str) -> bool {
 }
 
 #[tokio::test]
-async fn a_prepare_locks_and_stages_and_the_commit_runs_the_commands_and_unlocks() {
+async fn a_prepare_answers_the_replies_and_locks_and_the_commit_applies_and_unlocks() {
     let (_d, e) = open();
     write(&e, 1, vec![set("a", "1")]).await;
     let yes = step(
@@ -133,24 +133,36 @@ async fn a_prepare_locks_and_stages_and_the_commit_runs_the_commands_and_unlocks
     )
     .await;
     assert_eq!(yes.outcome, Outcome::Yes(Timestamp(2)));
-    assert_eq!(yes.replies, None, "replies come with the commit");
+    assert_eq!(
+        yes.replies,
+        Some(vec![Ok(Reply::Integer(2)), Ok(Reply::Bulk(b("2")))]),
+        "the vote carries the replies"
+    );
     assert_eq!(value(&e, "a"), Some(b("1")), "nothing applied at prepare");
+    let again = step(
+        &e,
+        id(1),
+        prepare(vec![incr("a"), get("a")], &[("a", LockMode::Write)]),
+        3,
+    )
+    .await;
+    assert_eq!(
+        again, yes,
+        "a repeated prepare answers the same and runs nothing"
+    );
     assert!(locked(&e, "a"));
     let open = e.table(TABLE, false).open_txns(NOW).unwrap();
     assert_eq!((open.prepared, open.orphans.len()), (1, 0));
 
-    let done = step(&e, id(1), ShardStep::Commit { ts: Timestamp(2) }, 3).await;
+    let done = step(&e, id(1), ShardStep::Commit { ts: Timestamp(2) }, 4).await;
     assert_eq!(done.outcome, Outcome::Committed(Timestamp(2)));
-    assert_eq!(
-        done.replies,
-        Some(vec![Ok(Reply::Integer(2)), Ok(Reply::Bulk(b("2")))])
-    );
+    assert_eq!(done.replies, yes.replies);
     assert_eq!(value(&e, "a"), Some(b("2")));
     assert!(!locked(&e, "a"));
     assert_eq!(e.table(TABLE, false).open_txns(NOW).unwrap().prepared, 0);
 
     // A repeated commit (a lost answer) answers the same and applies nothing again.
-    let again = step(&e, id(1), ShardStep::Commit { ts: Timestamp(2) }, 4).await;
+    let again = step(&e, id(1), ShardStep::Commit { ts: Timestamp(2) }, 5).await;
     assert_eq!(again, done);
     assert_eq!(value(&e, "a"), Some(b("2")));
 }
@@ -352,4 +364,210 @@ async fn a_watch_guard_that_failed_votes_no() {
     p.guards[0].index = 2;
     let yes = step(&e, id(2), ShardStep::Prepare(p), 4).await;
     assert!(matches!(yes.outcome, Outcome::Yes(_)), "{yes:?}");
+}
+
+fn del(k: &str) -> Mutation {
+    Mutation::Delete { key: b(k) }
+}
+
+fn cmd(words: &str) -> Mutation {
+    let args: Vec<Bytes> = words.split(' ').map(b).collect();
+    Mutation::Exec {
+        key: args.get(1).cloned().unwrap_or_default(),
+        args,
+    }
+}
+
+fn query(e: &DiskEngine, words: &str) -> Reply {
+    let args: Vec<Bytes> = words.split(' ').map(b).collect();
+    e.table(TABLE, false).query(&args, NOW, 0).unwrap()
+}
+
+/// What a set of reads answers on an engine: the state a test compares.
+fn state(e: &DiskEngine) -> Vec<Reply> {
+    [
+        "HGETALL h",
+        "HGETALL h2",
+        "LRANGE l 0 -1",
+        "ZRANGE z 0 -1 WITHSCORES",
+        "SMEMBERS s",
+        "capdb.get a",
+        "capdb.exists h h2 l z s a",
+    ]
+    .iter()
+    .map(|q| query(e, q))
+    .collect()
+}
+
+/// The same commands, prepared then committed as a participant, answer (at the prepare) and
+/// leave (after the commit) exactly what they answer and leave run at once as a single-shard
+/// transaction: the overlay they run on at the prepare reads its own writes, ranges over
+/// collections it changed, and moves collections with RENAME.
+#[tokio::test]
+async fn commands_run_at_prepare_answer_and_leave_what_running_them_at_once_does() {
+    let setup = vec![
+        cmd("HSET h f1 a f2 b f3 c"),
+        cmd("RPUSH l x y z"),
+        cmd("ZADD z 1 m1 2 m2 3 m3"),
+        cmd("SADD s p q"),
+        set("a", "10"),
+    ];
+    let scripts: Vec<Vec<Mutation>> = vec![
+        vec![
+            cmd("HDEL h f2"),
+            cmd("HSET h f4 d f1 A"),
+            cmd("HGETALL h"),
+            cmd("HLEN h"),
+            cmd("RENAME h h2"),
+            cmd("HGETALL h2"),
+            cmd("EXISTS h"),
+        ],
+        vec![
+            cmd("LPOP l"),
+            cmd("RPUSH l w v"),
+            cmd("LRANGE l 0 -1"),
+            cmd("LINDEX l -1"),
+            cmd("LREM l 0 w"),
+            cmd("LRANGE l 1 2"),
+        ],
+        vec![
+            cmd("ZADD z 0 m0 5 m2"),
+            cmd("ZREM z m1"),
+            cmd("ZRANGE z 0 1"),
+            cmd("ZRANGE z 0 -1 REV WITHSCORES"),
+            cmd("ZRANGEBYSCORE z 1 10 LIMIT 0 1"),
+            cmd("ZPOPMIN z"),
+        ],
+        vec![
+            del("h"),
+            cmd("HSET h n 1"),
+            cmd("HGETALL h"),
+            cmd("SADD s r"),
+            cmd("SREM s p"),
+            cmd("SMEMBERS s"),
+            cmd("SMOVE s s2 q"),
+            cmd("RENAME s2 s"),
+            cmd("SCARD s"),
+        ],
+        vec![
+            incr("a"),
+            Mutation::Append {
+                key: b("a"),
+                data: b("x"),
+            },
+            get("a"),
+            Mutation::GetDel { key: b("a") },
+            del("l"),
+            cmd("LPUSH l n"),
+            cmd("LRANGE l 0 -1"),
+            cmd("HSET l f v"),
+        ],
+    ];
+    for (n, script) in scripts.into_iter().enumerate() {
+        let (_d1, at_once) = open();
+        let (_d2, prepared) = open();
+        for e in [&at_once, &prepared] {
+            write(e, 1, setup.clone()).await;
+        }
+        let expected = write(&at_once, 2, script.clone()).await;
+        let failed = expected.iter().filter(|r| r.is_err()).count();
+        assert!(failed <= 1, "script {n} is meant to run: {expected:?}");
+        let keys: Vec<(&str, LockMode)> = ["h", "h2", "l", "z", "s", "s2", "a"]
+            .iter()
+            .map(|k| (*k, LockMode::Write))
+            .collect();
+        let yes = step(&prepared, id(1), prepare(script, &keys), 2).await;
+        assert_eq!(yes.replies.as_ref(), Some(&expected), "script {n}: replies");
+        assert_ne!(
+            state(&prepared),
+            state(&at_once),
+            "script {n}: applied early"
+        );
+        step(&prepared, id(1), ShardStep::Commit { ts: Timestamp(2) }, 3).await;
+        assert_eq!(state(&prepared), state(&at_once), "script {n}: state");
+    }
+}
+
+#[tokio::test]
+async fn an_aborted_prepare_leaves_nothing_behind() {
+    let (_d, e) = open();
+    write(&e, 1, vec![cmd("HSET h f v"), set("a", "1")]).await;
+    let before = state(&e);
+    let yes = step(
+        &e,
+        id(1),
+        prepare(
+            vec![del("h"), cmd("RPUSH l x"), incr("a")],
+            &[
+                ("h", LockMode::Write),
+                ("l", LockMode::Write),
+                ("a", LockMode::Write),
+            ],
+        ),
+        2,
+    )
+    .await;
+    assert!(matches!(yes.outcome, Outcome::Yes(_)), "{yes:?}");
+    let aborted = step(&e, id(1), ShardStep::Abort, 3).await;
+    assert_eq!(aborted.outcome, Outcome::Aborted);
+    assert_eq!(state(&e), before);
+    assert!(!locked(&e, "h") && !locked(&e, "a"));
+    // The collection id the aborted RPUSH took is not handed out again.
+    write(&e, 4, vec![cmd("RPUSH l y")]).await;
+    assert_eq!(
+        query(&e, "LRANGE l 0 -1"),
+        Reply::Array(vec![Reply::Bulk(b("y"))])
+    );
+}
+
+/// A transaction takes its place in a shard's order at its prepare: a WATCH taken after the
+/// prepare (before the commit is applied) does not count the commit as a change, one taken
+/// before does.
+#[tokio::test]
+async fn a_commit_counts_as_a_change_at_its_prepare_for_watch() {
+    let (_d, e) = open();
+    let watch_point = |index| {
+        e.apply_replicated(
+            TABLE,
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            vec![index],
+        )
+    };
+    watch_point(1).await.unwrap();
+    step(
+        &e,
+        id(1),
+        prepare(vec![set("a", "t")], &[("a", LockMode::Write)]),
+        2,
+    )
+    .await;
+    watch_point(3).await.unwrap();
+    step(&e, id(1), ShardStep::Commit { ts: Timestamp(2) }, 4).await;
+    let exec = |index: u64, watched_at: u64| {
+        e.apply_replicated(
+            TABLE,
+            vec![(set("a", "u"), Timestamp(index), NOW, index)],
+            Vec::new(),
+            Vec::new(),
+            vec![WatchGuard {
+                key: b("a"),
+                index: watched_at,
+                since_ms: NOW,
+                until_ms: NOW,
+            }],
+            Vec::new(),
+        )
+    };
+    let before = exec(5, 1).await.unwrap();
+    assert_eq!(
+        before[0],
+        Ok(Reply::NilArray),
+        "watched before the prepare: aborts"
+    );
+    let after = exec(6, 3).await.unwrap();
+    assert_eq!(after[0], Ok(Reply::Ok), "watched after the prepare: runs");
+    assert_eq!(value(&e, "a"), Some(b("u")));
 }

@@ -330,6 +330,9 @@ impl Groups {
         deadline: Instant,
     ) -> Result<ScanPage, ForwardError> {
         let table = self.readable(group, mode, deadline).await?;
+        if mode == ReadMode::Linearizable {
+            wait_for_prepared(&table).await?;
+        }
         let page = table
             .scan(&range, limit as usize, now_ms)
             .map_err(ForwardError::Db)?;
@@ -359,6 +362,9 @@ impl Groups {
         deadline: Instant,
     ) -> Result<u64, ForwardError> {
         let table = self.readable(group, mode, deadline).await?;
+        if mode == ReadMode::Linearizable {
+            wait_for_prepared(&table).await?;
+        }
         table.len().map_err(ForwardError::Db)
     }
 }
@@ -379,6 +385,27 @@ async fn wait_for_locks(
         {
             return Err(ForwardError::Db(Error::Locked(holder.to_string())));
         }
+    }
+    Ok(())
+}
+
+/// Waits until every cross-shard transaction prepared here when the read began is decided
+/// and applied: a scan or count of the shard (KEYS, SCAN, DBSIZE) must not miss what a
+/// transaction that already answered its client is about to write. Transactions prepared
+/// later are concurrent with the read and not waited for, so a steady stream of them cannot
+/// starve it. Bounded by [`super::route::LOCK_WAIT_MAX`], then `-TRYAGAIN` (nothing was read).
+async fn wait_for_prepared(table: &capdb_storage::disk::DiskTable) -> Result<(), ForwardError> {
+    let mut waiting = table.prepared_txns().map_err(ForwardError::Db)?;
+    let (since, mut tries) = (Instant::now(), 0);
+    while let Some(first) = waiting.first() {
+        if super::route::wait_for_lock(since, &mut tries)
+            .await
+            .is_none()
+        {
+            return Err(ForwardError::Db(Error::Locked(first.to_string())));
+        }
+        let open = table.prepared_txns().map_err(ForwardError::Db)?;
+        waiting.retain(|t| open.contains(t));
     }
     Ok(())
 }

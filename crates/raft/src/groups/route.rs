@@ -602,9 +602,28 @@ impl Groups {
         }
     }
 
-    /// Deletes every key of a data group (FLUSHDB), through its log.
+    /// Deletes every key of a data group (FLUSHDB), through its log. Refused (nothing
+    /// deleted) while a cross-shard transaction is prepared on the group: retried like a write
+    /// refused by a lock, then `Error::Locked`.
     pub async fn clear(&self, group: GroupId) -> Result<(), Error> {
-        self.write(group, Request::Clear).await.map(|_| ())
+        let (since, mut tries) = (Instant::now(), 0);
+        loop {
+            match self.write(group, Request::Clear).await? {
+                Response::Replies(r) => match r.first() {
+                    Some(Err(e @ Error::Locked(_))) => {
+                        if wait_for_lock(since, &mut tries).await.is_none() {
+                            return Err(e.clone());
+                        }
+                    }
+                    _ => return Ok(()),
+                },
+                other => {
+                    return Err(Error::Io(format!(
+                        "unexpected response to a clear: {other:?}"
+                    )));
+                }
+            }
+        }
     }
 
     /// Proposes a change to the cluster map. A refusal by the map comes back typed.

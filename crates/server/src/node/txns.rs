@@ -4,8 +4,10 @@
 //! A MULTI/EXEC whose keys are on several shards (of one or several `cp` keyspaces) becomes a
 //! [`Plan`]: each command with its shard and the keys it locks (read or write), each WATCH
 //! guard with its shard. The coordinator prepares every participant shard at once (one log
-//! entry each: `Request::TxnStep`), decides, and commits; the participants run their commands
-//! at commit, under the locks (`capdb_storage::disk` `txn.rs`). What EXEC answers for each
+//! entry each: `Request::TxnStep`), decides, answers, and commits in the background; the
+//! participants run their commands at the prepare, under the locks, on an overlay of their
+//! state, and apply what they would change at the commit (`capdb_storage::disk` `txn.rs`,
+//! `overlay.rs`), so their votes carry the replies. What EXEC answers for each
 //! ending is in [`Finished`]; see `ARCHITECTURE.md`, "Transactions".
 //!
 //! # Orphans

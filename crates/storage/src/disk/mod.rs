@@ -67,6 +67,7 @@ mod log;
 mod meta;
 mod mutation;
 mod ops;
+mod overlay;
 mod replicated;
 mod space;
 mod table;

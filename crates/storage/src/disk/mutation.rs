@@ -21,6 +21,21 @@ pub(crate) fn seed_of(timestamp: Timestamp) -> u64 {
     z ^ (z >> 31)
 }
 
+/// Whether `m` replaces its key's value without reading it: the writes that may replace a
+/// corrupt value (how an operator repairs a key), with DEL.
+pub(super) fn overwrites_blindly(m: &Mutation) -> bool {
+    matches!(
+        m,
+        Mutation::Set {
+            condition: capdb_types::mutation::Condition::Always,
+            return_old: false,
+            expiry: capdb_types::mutation::ExpiryUpdate::Clear
+                | capdb_types::mutation::ExpiryUpdate::At(_),
+            ..
+        }
+    )
+}
+
 /// Applies one mutation inside the writer's transaction. `Err` only for storage failures
 /// (which abort the batch); semantic failures come back as `Ok(Err(..))`. `changed`, when
 /// given, receives the keys the mutation changed (WATCH's touched rows).
@@ -89,14 +104,7 @@ pub(super) fn apply_one<'txn>(
             // A write that does not depend on the old value may replace a corrupt one (this is
             // how an operator repairs a key); anything that would read it fails.
             match m {
-                Mutation::Set {
-                    condition: capdb_types::mutation::Condition::Always,
-                    return_old: false,
-                    expiry:
-                        capdb_types::mutation::ExpiryUpdate::Clear
-                        | capdb_types::mutation::ExpiryUpdate::At(_),
-                    ..
-                } => None,
+                m if overwrites_blindly(m) => None,
                 Mutation::Delete { .. } => {
                     if let Some(changed) = changed {
                         changed.push(m.key().clone());

@@ -521,8 +521,20 @@ pub(super) fn apply_replicated(
     let mut run = true;
     // Entries refused by a lock: (log index, the holder).
     let mut refused: Vec<(u64, capdb_types::txn::TxnId)> = Vec::new();
+    // A cross-shard transaction that holds a write lock on a watched key (a single-shard
+    // EXEC's guard, or `/v1/txn`'s) may already have answered its client: it changed the key
+    // at its prepare, before this entry, though its commit is not applied yet.
+    let mut guard_blocker = None;
     let mut recording = {
         let el = x.txn.open_table(table_def(&el_name)).map_err(io_err)?;
+        if respect_locks && !guards.is_empty() && super::txn::any_locks(&el)? {
+            for g in guards {
+                if let Some(holder) = super::txn::lock_holder(&el, &g.key, false)? {
+                    guard_blocker = Some(holder);
+                    break;
+                }
+            }
+        }
         if respect_locks && super::txn::any_locks(&el)? {
             for (m, _, _, index) in mutations {
                 if refused.last().is_some_and(|(i, _)| i == index) {
@@ -547,7 +559,7 @@ pub(super) fn apply_replicated(
     };
     if !guards.is_empty() {
         let el = x.txn.open_table(table_def(&el_name)).map_err(io_err)?;
-        if let Some((_, holder)) = refused.first() {
+        if let Some(holder) = refused.first().map(|(_, h)| *h).or(guard_blocker) {
             // A transaction is one entry: refused whole, its verdict says why.
             run = false;
             replies.push(Err(Error::Locked(holder.to_string())));

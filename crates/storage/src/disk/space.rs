@@ -19,6 +19,7 @@ use capdb_data::{Coll, ElRange, Space};
 use capdb_types::{Error, Result, Value};
 use redb::{ReadableTable, WriteTransaction};
 
+use super::overlay::Redo;
 use super::{EngineStats, io_err, table_def};
 
 type RawTable<'txn> = redb::Table<'txn, &'static [u8], &'static [u8]>;
@@ -226,6 +227,49 @@ impl<'a, 'txn> TxnSpace<'a, 'txn> {
         if let Some(old) = self.stored_collection(key)?
             && Some(old.id) != keep_id
         {
+            self.reclaim(old)?;
+        }
+        Ok(())
+    }
+}
+
+impl TxnSpace<'_, '_> {
+    /// Applies a cross-shard transaction's [`Redo`] (`overlay.rs`) at its commit: its records,
+    /// then its elements, then reclaims the collections its records replaced (unless one of
+    /// them still holds it: RENAME moves a collection).
+    pub(super) fn apply_redo(&mut self, redo: &Redo) -> Result<()> {
+        let kept = redo.kept_collections()?;
+        let mut dropped = Vec::new();
+        for (key, value) in &redo.top {
+            if let Some(old) = self.stored_collection(key)?
+                && !kept.contains(&old.id)
+            {
+                dropped.push(old);
+            }
+            match value {
+                Some(raw) => {
+                    self.top.insert(&key[..], &raw[..]).map_err(io_err)?;
+                }
+                None => {
+                    self.top.remove(&key[..]).map_err(io_err)?;
+                }
+            }
+        }
+        for (id, subs) in &redo.elements {
+            let el = self.el()?;
+            for (sub, value) in subs {
+                let k = element_key(*id, sub);
+                match value {
+                    Some(v) => {
+                        el.insert(&k[..], &seal(v)[..]).map_err(io_err)?;
+                    }
+                    None => {
+                        el.remove(&k[..]).map_err(io_err)?;
+                    }
+                }
+            }
+        }
+        for old in dropped {
             self.reclaim(old)?;
         }
         Ok(())

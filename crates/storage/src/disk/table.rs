@@ -210,6 +210,14 @@ impl DiskTable {
             .flatten())
     }
 
+    /// The cross-shard transactions prepared on this shard and not decided yet (a
+    /// linearizable scan waits for those prepared before it: `txn.rs`).
+    pub fn prepared_txns(&self) -> Result<Vec<capdb_types::txn::TxnId>> {
+        Ok(self
+            .read_elements(super::txn::prepared_ids)?
+            .unwrap_or_default())
+    }
+
     /// The keys of a data-type command (`args[0]` its name; none for an unknown command).
     pub fn command_keys(&self, args: &[Bytes]) -> Vec<Bytes> {
         capdb_data::command::command_keys(args).unwrap_or_default()

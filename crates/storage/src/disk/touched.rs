@@ -125,12 +125,32 @@ pub(super) fn record(
     keys: &[Bytes],
     index: u64,
 ) -> Result<()> {
+    record_at(el, rec, keys, index, index)
+}
+
+/// Records that `keys` changed at log index `at`, applied at `index` (>= `at`): a
+/// cross-shard transaction's writes are applied by its commit, but the transaction took its
+/// place in the shard's order at its prepare (it held the keys' locks from there, and its
+/// replies were computed there), so a WATCH after the prepare does not see them as a change.
+/// `index` is where the rows may be dropped (the horizon never moves back).
+pub(super) fn record_at(
+    el: &mut RawTable<'_>,
+    rec: &mut Recording,
+    keys: &[Bytes],
+    at: u64,
+    index: u64,
+) -> Result<()> {
+    debug_assert!(at <= index, "a change recorded after it was applied");
     for key in keys {
         let Some(last_watch) = rec.on else {
             return Ok(());
         };
-        let at = row(key);
-        let known = el.get(&at[..]).map_err(io_err)?.is_some();
+        let row_key = row(key);
+        let last = el
+            .get(&row_key[..])
+            .map_err(io_err)?
+            .and_then(|v| v.value().try_into().ok().map(u64::from_le_bytes));
+        let known = last.is_some();
         if !known {
             let count = read_u64(el, &reserved(COUNT))?.unwrap_or(0);
             if count >= TOUCHED_MAX {
@@ -152,7 +172,9 @@ pub(super) fn record(
                     .map_err(io_err)?;
             }
         }
-        el.insert(&at[..], &index.to_le_bytes()[..])
+        // Never lowered (a key changed later than `at` stays changed then).
+        let at = last.map_or(at, |l| l.max(at));
+        el.insert(&row_key[..], &at.to_le_bytes()[..])
             .map_err(io_err)?;
     }
     Ok(())
@@ -235,8 +257,9 @@ impl Space for Tracking<'_> {
     }
     fn remove(&mut self, key: &[u8]) -> Result<()> {
         // Removing nothing changes nothing (BITOP's empty result on a missing destination);
-        // the active expiry's removals are noted by the caller (`capdb.expired`).
-        if self.inner.get(key)?.is_some() {
+        // the active expiry's removals are noted by the caller (`capdb.expired`). Removing a
+        // corrupt record is a change.
+        if !matches!(self.inner.get(key), Ok(None)) {
             self.note(key);
         }
         self.inner.remove(key)

@@ -3,11 +3,12 @@
 //!
 //! A participant applies each step of a transaction ([`ShardStep`]) as one entry of its log:
 //! - *prepare*: votes YES when no other transaction holds a conflicting lock on its keys, its
-//!   WATCH guards hold (`touched.rs`) and its deadline has not passed; then locks the keys and
-//!   stages the commands (they run at commit, under the locks: the "v0" simplification in
-//!   `docs/design/transactions.md`, so a participant answers its replies to the commit);
-//! - *commit*: releases the locks and runs the staged commands in order, like a single-shard
-//!   transaction; the replies are kept in the record, so a repeated commit answers them again;
+//!   WATCH guards hold (`touched.rs`) and its deadline has not passed; then locks the keys,
+//!   runs the commands on an overlay of the shard (`overlay.rs`) and stages what they would
+//!   change (a redo); the vote carries their replies, which the record keeps, so a repeated
+//!   prepare (or a prevent that finds it) answers them again;
+//! - *commit*: releases the locks and applies the redo, recording its keys as touched at the
+//!   prepare's log index (where the transaction took its place in this shard's order);
 //! - *abort* / *prevent*: drop what was staged, or make sure no prepare can land later.
 //!
 //! While a key is locked, other writes to it are refused at apply with [`Error::Locked`] (the
@@ -46,7 +47,9 @@ use serde::{Deserialize, Serialize};
 
 use super::meta::MetaItem;
 use super::ops::{Exec, Output};
-use super::touched::{self, WatchGuard};
+use super::overlay::{Overlay, Redo};
+use super::space::TxnSpace;
+use super::touched::{self, Tracking, WatchGuard};
 use super::{META_TABLE, io_err, table_def};
 use crate::layout::element_table;
 
@@ -90,16 +93,111 @@ fn id_of(b: &[u8]) -> Option<TxnId> {
     })
 }
 
-/// What a participant keeps per transaction.
+/// What a participant keeps per transaction. Its first two fields must stay first
+/// ([`RecordHead`]). Records of the build before replies at prepare (which kept the commands,
+/// not a redo) cannot be read by this one: drain cross-shard transactions before upgrading
+/// from it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Record {
     participation: Participation,
     /// Every participant (from the prepare), for the recovery of an orphan.
     participants: Vec<GroupId>,
-    /// The staged commands, while prepared.
-    commands: Vec<Mutation>,
-    /// The commit's replies, one per command.
+    /// What the commands change, computed at the prepare, while prepared.
+    redo: Redo,
+    /// The keys the commands change (recorded as touched when the redo is applied).
+    touched: Vec<Bytes>,
+    /// The prepare's log index: the transaction's place in this shard's order.
+    prepared_at: u64,
+    /// The commands' replies (from the prepare), one per command.
     replies: Option<Vec<Result<Reply>>>,
+}
+
+/// The first fields of a [`Record`], which every version of it starts with.
+#[derive(Debug, Deserialize)]
+struct RecordHead {
+    #[allow(dead_code)]
+    participation: Participation,
+    participants: Vec<GroupId>,
+}
+
+/// Runs a prepare's commands on an overlay of the shard (see `overlay.rs`), at the prepare's
+/// clock and timestamp: their replies, what they change, and which keys.
+fn run_at_prepare(
+    x: &Exec,
+    table: &str,
+    job: &TxnJob,
+    commands: &[Mutation],
+) -> Result<(Vec<Result<Reply>>, Redo, Vec<Bytes>)> {
+    x.hlc.observe(job.timestamp);
+    let mut t = x.txn.open_table(table_def(table)).map_err(io_err)?;
+    let mut base = TxnSpace::new(x, table, &mut t, job.now_ms);
+    let mut overlay = Overlay::new(&mut base, job.now_ms);
+    let mut changed = Vec::new();
+    let mut replies = Vec::with_capacity(commands.len());
+    for m in commands {
+        replies.push(overlay.command(|o| {
+            let mut space = Tracking {
+                inner: o,
+                changed: &mut changed,
+            };
+            run_one(x, &mut space, m, job)
+        })?);
+    }
+    let redo = overlay.into_redo()?;
+    changed.sort();
+    changed.dedup();
+    Ok((replies, redo, changed))
+}
+
+/// One command on `space` (`Err`: a storage failure, which fails the whole batch).
+fn run_one(
+    x: &Exec,
+    space: &mut dyn capdb_data::Space,
+    m: &Mutation,
+    job: &TxnJob,
+) -> Result<Result<Reply>> {
+    let ran = match m {
+        Mutation::Exec { args, .. } => {
+            let cx = capdb_data::Ctx {
+                now_ms: job.now_ms,
+                timestamp: job.timestamp,
+                seed: super::mutation::seed_of(job.timestamp),
+                value_bytes_max: x.value_bytes_max,
+            };
+            capdb_data::execute(args, space, &cx)
+        }
+        other => {
+            let key = &other.key()[..];
+            (|| {
+                let current = match space.get(key) {
+                    // A corrupt value may be replaced or deleted, as outside a transaction
+                    // (`mutation.rs`); anything that would read it fails.
+                    Err(Error::Corruption(_)) if super::mutation::overwrites_blindly(other) => None,
+                    Err(Error::Corruption(_)) if matches!(other, Mutation::Delete { .. }) => {
+                        space.remove(key)?;
+                        return Ok(Reply::Integer(1));
+                    }
+                    read => read?,
+                };
+                let (effect, reply) = other.apply(
+                    current.as_ref(),
+                    job.now_ms,
+                    job.timestamp,
+                    x.value_bytes_max,
+                )?;
+                match effect {
+                    capdb_types::Effect::Unchanged => {}
+                    capdb_types::Effect::Put(v) => space.put(key, v)?,
+                    capdb_types::Effect::Remove(_) => space.remove(key)?,
+                }
+                Ok(reply)
+            })()
+        }
+    };
+    match ran {
+        Err(e @ Error::Io(_)) => Err(e),
+        other => Ok(other),
+    }
 }
 
 /// One step of a transaction, as the state machine hands it to the engine: with the entry's
@@ -251,7 +349,15 @@ fn step_inner(x: &Exec, table: &str, job: &TxnJob) -> Result<Result<TxnAnswer>> 
         .map_err(io_err)?;
     let record_key = row(RECORD, &[&id_bytes(job.txn)]);
     let current: Option<Record> = match el.get(&record_key[..]).map_err(io_err)? {
-        Some(raw) => Some(decode(raw.value(), "a transaction record")?),
+        // One that cannot be read fails this step alone (nothing changes; the locks stay
+        // until an operator steps in), never the whole batch of the shard's log.
+        Some(raw) => match decode(raw.value(), "a transaction record") {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::error!(txn = %job.txn, table, error = %e, "unreadable transaction record");
+                return Ok(Err(e));
+            }
+        },
         None => None,
     };
     let prepare = match &job.step {
@@ -287,11 +393,13 @@ fn step_inner(x: &Exec, table: &str, job: &TxnJob) -> Result<Result<TxnAnswer>> 
     let mut record = current.clone().unwrap_or(Record {
         participation: Participation::Prevented,
         participants: Vec::new(),
-        commands: Vec::new(),
+        redo: Redo::default(),
+        touched: Vec::new(),
+        prepared_at: job.index,
         replies: None,
     });
     let open_key = row(OPEN, &[&id_bytes(job.txn)]);
-    let mut to_run = Vec::new();
+    let mut to_apply = None;
     match effect {
         Effect::LockAndStage => {
             let p = prepare.expect("only a prepare locks and stages");
@@ -303,7 +411,18 @@ fn step_inner(x: &Exec, table: &str, job: &TxnJob) -> Result<Result<TxnAnswer>> 
             el.insert(&open_key[..], &p.deadline_ms.to_le_bytes()[..])
                 .map_err(io_err)?;
             record.participants = p.participants.clone();
-            record.commands = p.commands.clone();
+            record.prepared_at = job.index;
+            // The locks are taken: nothing outside the transaction changes these keys until
+            // the commit applies what the commands do now.
+            drop(el);
+            let (replies, redo, touched) = run_at_prepare(x, table, job, &p.commands)?;
+            record.replies = Some(replies);
+            record.redo = redo;
+            record.touched = touched;
+            el = x
+                .txn
+                .open_table(table_def(&element_table(table)))
+                .map_err(io_err)?;
         }
         Effect::ApplyAndUnlock | Effect::DropAndUnlock => {
             if let Some(Participation::Prepared { keys, .. }) =
@@ -317,9 +436,10 @@ fn step_inner(x: &Exec, table: &str, job: &TxnJob) -> Result<Result<TxnAnswer>> 
                 }
             }
             el.remove(&open_key[..]).map_err(io_err)?;
-            let staged = std::mem::take(&mut record.commands);
+            let redo = std::mem::take(&mut record.redo);
+            let touched = std::mem::take(&mut record.touched);
             if effect == Effect::ApplyAndUnlock {
-                to_run = staged;
+                to_apply = Some((redo, touched));
             }
         }
         Effect::None => {}
@@ -329,22 +449,27 @@ fn step_inner(x: &Exec, table: &str, job: &TxnJob) -> Result<Result<TxnAnswer>> 
         record.participation = next;
     }
     drop(el);
-    if effect == Effect::ApplyAndUnlock {
-        // The locks are released above, in this same storage transaction: the commands run
-        // as a single-shard transaction's do, and record what they change as touched.
-        let mutations: Vec<_> = to_run
-            .into_iter()
-            .map(|m| (m, job.timestamp, job.now_ms, job.index))
-            .collect();
-        let replies =
-            super::ops::apply_replicated(x, table, &mutations, &[], &[], &[], &[], false)?
-                .into_replies()?;
-        record.replies = Some(replies);
+    let mut applied = None;
+    if let Some((redo, touched)) = to_apply {
+        // The locks are released above, in this same storage transaction.
+        let mut t = x.txn.open_table(table_def(table)).map_err(io_err)?;
+        TxnSpace::new(x, table, &mut t, job.now_ms).apply_redo(&redo)?;
+        applied = Some(touched);
     }
     let mut el = x
         .txn
         .open_table(table_def(&element_table(table)))
         .map_err(io_err)?;
+    if let Some(touched) = applied {
+        let mut recording = touched::Recording::load(&el)?;
+        touched::record_at(
+            &mut el,
+            &mut recording,
+            &touched,
+            record.prepared_at,
+            job.index,
+        )?;
+    }
     if changed {
         el.insert(&record_key[..], &encode(&record)?[..])
             .map_err(io_err)?;
@@ -354,8 +479,9 @@ fn step_inner(x: &Exec, table: &str, job: &TxnJob) -> Result<Result<TxnAnswer>> 
         }
     }
     collect_decided(&mut el, job.now_ms)?;
+    // A YES vote and a commit both carry the replies (computed at the prepare).
     let replies = match outcome {
-        Outcome::Committed(_) => record.replies.clone(),
+        Outcome::Yes(_) | Outcome::Committed(_) => record.replies.clone(),
         _ => None,
     };
     Ok(Ok(TxnAnswer { outcome, replies }))
@@ -428,7 +554,14 @@ pub(super) fn open_txns(
         );
         if deadline_ms < now_ms {
             let participants = match el.get(&row(RECORD, &[id])[..]).map_err(io_err)? {
-                Some(raw) => decode::<Record>(raw.value(), "a transaction record")?.participants,
+                // Only the head: the rest of the record changed shape across versions.
+                Some(raw) => match postcard::take_from_bytes::<RecordHead>(raw.value()) {
+                    Ok((head, _)) => head.participants,
+                    Err(e) => {
+                        tracing::error!(%txn, error = %e, "unreadable transaction record");
+                        continue;
+                    }
+                },
                 None => Vec::new(),
             };
             out.orphans.push(Orphan {
@@ -437,6 +570,22 @@ pub(super) fn open_txns(
                 deadline_ms,
             });
         }
+    }
+    Ok(out)
+}
+
+/// The transactions prepared on the shard and not decided (a read snapshot's).
+pub(super) fn prepared_ids(
+    el: &impl ReadableTable<&'static [u8], &'static [u8]>,
+) -> Result<Vec<TxnId>> {
+    let start = row(OPEN, &[]);
+    let mut out = Vec::new();
+    for e in el.range(&start[..]..).map_err(io_err)? {
+        let (k, _) = e.map_err(io_err)?;
+        let Some(id) = k.value().strip_prefix(&start[..]) else {
+            break;
+        };
+        out.extend(id_of(id));
     }
     Ok(out)
 }
