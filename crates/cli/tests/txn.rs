@@ -615,6 +615,11 @@ impl Cluster {
 
     /// The leader of the shard of `default` holding `key` (waits for one).
     fn leader_of(&self, key: &str) -> u64 {
+        self.leader_in("default", key)
+    }
+
+    /// The leader of the shard of keyspace `ks` holding `key` (waits for one).
+    fn leader_in(&self, ks: &str, key: &str) -> u64 {
         let mut c = self.node(1).client();
         let slot: u64 = redis::cmd("CLUSTER")
             .arg("KEYSLOT")
@@ -629,7 +634,7 @@ impl Cluster {
                 .as_array()
                 .unwrap()
                 .iter()
-                .filter(|ks| ks["name"] == "default")
+                .filter(|k| k["name"] == ks)
                 .flat_map(|ks| ks["shards"].as_array().unwrap().iter())
                 .find(|s| {
                     s["slots"][0].as_u64() <= Some(slot) && Some(slot) <= s["slots"][1].as_u64()
@@ -857,6 +862,79 @@ fn a_coordinator_that_dies_after_one_prepare_is_aborted_by_the_cluster() {
     // One shard prepared, the other never heard: the recovery prevents it and aborts.
     assert_eq!((a, b), (None, None));
     eprintln!("locks released {released:?} after the coordinator died");
+}
+
+/// Cross-shard transactions keep running while the leader of one participant shard is killed
+/// (kill -9, whatever is in flight then) and comes back: each one commits on both shards or
+/// on neither (the two counters stay equal), every EXEC answered with replies counted, none
+/// applied twice.
+#[test]
+fn cross_shard_transactions_stay_all_or_nothing_when_a_participant_leader_is_killed() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let mut c = Cluster::start(&[]);
+    create_keyspace(
+        c.node(1),
+        r#"{"name":"four","mode":"cp","shards":4,"replication_factor":3}"#,
+        "four",
+    );
+    let mut probe = client_in(c.node(1), "four");
+    let (a, b) = keys_on_two_shards(&mut probe);
+    let victim = c.leader_in("four", &a);
+    let via = (1..=3).find(|&n| n != victim).unwrap();
+    let mut client = client_in(c.node(via), "four");
+    let (done, stop) = (
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let load = {
+        let (a, b, done, stop) = (a.clone(), b.clone(), done.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let (mut committed, mut maybe) = (0u64, 0u64);
+            while !stop.load(Ordering::Relaxed) {
+                ok(&mut client, "MULTI");
+                queued(&mut client, &format!("INCR {a}"));
+                queued(&mut client, &format!("INCR {b}"));
+                match cmd(&mut client, "EXEC") {
+                    Ok(Value::Array(r)) => {
+                        assert_eq!(r.len(), 2, "{r:?}");
+                        assert_eq!(r[0], r[1], "the two counters move together: {r:?}");
+                        committed += 1;
+                    }
+                    // -TRYAGAIN: certainly not applied; anything else may have been.
+                    Err(e) if e.code() == Some("TRYAGAIN") => {}
+                    Err(_) => maybe += 1,
+                    Ok(other) => panic!("EXEC answered {other:?}"),
+                }
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+            (client, committed, maybe)
+        })
+    };
+    let after = |n: u64| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let from = done.load(Ordering::Relaxed);
+        while done.load(Ordering::Relaxed) < from + n {
+            assert!(Instant::now() < deadline, "transactions stopped");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    after(20);
+    c.nodes[victim as usize - 1].kill9();
+    after(40);
+    c.nodes[victim as usize - 1].spawn();
+    after(20);
+    stop.store(true, Ordering::Relaxed);
+    let (mut client, committed, maybe) = load.join().unwrap();
+    let got_a: Option<i64> = eventually("GET a", || client.get(&a));
+    let got_b: Option<i64> = eventually("GET b", || client.get(&b));
+    let (got_a, got_b) = (got_a.unwrap_or(0) as u64, got_b.unwrap_or(0) as u64);
+    assert_eq!(got_a, got_b, "all or nothing on both shards");
+    assert!(
+        committed <= got_a && got_a <= committed + maybe,
+        "{committed} committed and {maybe} unknown, but the counters say {got_a}"
+    );
+    assert!(committed >= 40, "most transactions commit: {committed}");
 }
 
 // ---- HTTP: POST /v1/txn ----

@@ -411,6 +411,7 @@ impl StateMachine {
                             keys: p.keys,
                             guards: p.guards.into_iter().map(|g| g.judged_at(now_ms)).collect(),
                             deadline_ms: p.deadline_ms,
+                            committed_first: p.committed_first,
                         })
                     }
                     capdb_types::txn::ShardStep::Commit { ts } => {

@@ -66,6 +66,7 @@ fn prepare(commands: Vec<Mutation>, keys: &[(&str, LockMode)]) -> ShardStep<Muta
         keys: keys.iter().map(|(k, m)| (b(k), *m)).collect(),
         guards: Vec::new(),
         deadline_ms: NOW + 2_000,
+        committed_first: Vec::new(),
     })
 }
 
@@ -570,4 +571,45 @@ async fn a_commit_counts_as_a_change_at_its_prepare_for_watch() {
     let after = exec(6, 3).await.unwrap();
     assert_eq!(after[0], Ok(Reply::Ok), "watched after the prepare: runs");
     assert_eq!(value(&e, "a"), Some(b("u")));
+}
+
+/// A prepare that names an earlier transaction as committed commits it first (if it is still
+/// prepared here), so it does not meet that transaction's locks; a second commit of the
+/// earlier one later changes nothing.
+#[tokio::test]
+async fn a_prepare_commits_the_earlier_transactions_it_knows_committed_before_it_votes() {
+    let (_d, e) = open();
+    write(&e, 1, vec![set("a", "1")]).await;
+    let first = step(
+        &e,
+        id(1),
+        prepare(vec![incr("a")], &[("a", LockMode::Write)]),
+        2,
+    )
+    .await;
+    assert!(matches!(first.outcome, Outcome::Yes(_)), "{first:?}");
+    let conflicting = step(
+        &e,
+        id(2),
+        prepare(vec![incr("a")], &[("a", LockMode::Write)]),
+        3,
+    )
+    .await;
+    assert!(
+        matches!(conflicting.outcome, Outcome::No(Refusal::Locked(_))),
+        "without the news it meets the lock: {conflicting:?}"
+    );
+    let ShardStep::Prepare(mut p) = prepare(vec![incr("a")], &[("a", LockMode::Write)]) else {
+        unreachable!()
+    };
+    p.committed_first = vec![(id(1), Timestamp(2))];
+    let second = step(&e, id(3), ShardStep::Prepare(p), 4).await;
+    assert!(matches!(second.outcome, Outcome::Yes(_)), "{second:?}");
+    assert_eq!(second.replies, Some(vec![Ok(Reply::Integer(3))]));
+    assert_eq!(value(&e, "a"), Some(b("2")), "the first one is applied");
+    let late = step(&e, id(1), ShardStep::Commit { ts: Timestamp(2) }, 5).await;
+    assert_eq!(late.outcome, Outcome::Committed(Timestamp(2)));
+    assert_eq!(value(&e, "a"), Some(b("2")), "applied once");
+    step(&e, id(3), ShardStep::Commit { ts: Timestamp(4) }, 6).await;
+    assert_eq!(value(&e, "a"), Some(b("3")));
 }

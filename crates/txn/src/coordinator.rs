@@ -20,16 +20,16 @@
 //! after a lost reply is always safe, and a coordinator and a recovery racing on the same
 //! transaction cannot decide differently.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use capdb_types::GroupId;
 use capdb_types::txn::{Decision, LockMode, Outcome, Refusal, TxnId, decide};
 pub use capdb_types::txn::{Prepare, ShardStep};
+use capdb_types::{GroupId, Timestamp};
 use tokio::time::Instant;
 
 /// One command of a transaction (`C`: in the node a `Mutation`), with the shard its keys are
@@ -178,7 +178,16 @@ pub struct Coordinator<P: Participants> {
     seq: AtomicU64,
     config: Config,
     pub metrics: Arc<Metrics>,
+    /// Keys of committed transactions whose commits are still on the way to their shard, by
+    /// (shard, key): a later prepare of the same keys carries them
+    /// (`Prepare::committed_first`) instead of meeting their locks. An entry goes when its
+    /// commit is answered or given up ([`Config::resolve_for`]), so it holds at most the keys
+    /// of the transactions committed in that time.
+    committing: Arc<Mutex<Committing>>,
 }
+
+/// Commits on the way: (shard, key) -> the transaction and its commit timestamp.
+type Committing = HashMap<(GroupId, Bytes), (TxnId, Timestamp)>;
 
 /// An attempt's end: finished, or try again with a new id.
 enum Attempt<R> {
@@ -197,6 +206,7 @@ impl<P: Participants> Coordinator<P> {
             seq: AtomicU64::new(0),
             config,
             metrics: Arc::new(Metrics::default()),
+            committing: Arc::new(Mutex::new(HashMap::new())),
         }
     }
 
@@ -258,15 +268,23 @@ impl<P: Participants> Coordinator<P> {
         };
         let groups: Vec<GroupId> = parts.keys().copied().collect();
         let deadline_ms = self.participants.now_ms() + self.config.lock_hold_ms;
+        let keys_of: BTreeMap<GroupId, Vec<(Bytes, LockMode)>> = groups
+            .iter()
+            .map(|g| {
+                let mut keys: Vec<(Bytes, LockMode)> = Vec::new();
+                for &i in &parts[g] {
+                    keys.extend(plan.commands[i].keys.iter().cloned());
+                }
+                for (_, key, _) in plan.guards.iter().filter(|(gg, _, _)| gg == g) {
+                    keys.push((key.clone(), LockMode::Read));
+                }
+                (*g, keys)
+            })
+            .collect();
         let prepares = groups.iter().map(|g| {
             let idx = &parts[g];
-            let mut keys: Vec<(Bytes, LockMode)> = Vec::new();
-            for &i in idx {
-                keys.extend(plan.commands[i].keys.iter().cloned());
-            }
-            for (_, key, _) in plan.guards.iter().filter(|(gg, _, _)| gg == g) {
-                keys.push((key.clone(), LockMode::Read));
-            }
+            let keys = keys_of[g].clone();
+            let committed_first = self.committing_on(*g, &keys);
             let prepare = Prepare {
                 anchor,
                 participants: groups.clone(),
@@ -282,6 +300,7 @@ impl<P: Participants> Coordinator<P> {
                     .map(|(_, _, guard)| guard.clone())
                     .collect(),
                 deadline_ms,
+                committed_first,
             };
             self.participants.step(*g, id, ShardStep::Prepare(prepare))
         });
@@ -346,7 +365,11 @@ impl<P: Participants> Coordinator<P> {
                     .map(|(g, _)| *g)
                     .collect();
                 if !rest.is_empty() {
-                    self.finish_in_background(id, rest, ShardStep::Commit { ts });
+                    let keys = rest
+                        .iter()
+                        .map(|g| (*g, keys_of[g].iter().map(|(k, _)| k.clone()).collect()))
+                        .collect();
+                    self.commit_in_background(id, ts, keys);
                 }
                 let mut out: Vec<Option<P::Reply>> = vec![None; plan.commands.len()];
                 for (g, shard_replies) in groups.iter().zip(replies) {
@@ -449,6 +472,56 @@ impl<P: Participants> Coordinator<P> {
             let sends = groups
                 .iter()
                 .map(|g| step_until(&*participants, *g, id, step.clone(), until));
+            futures::future::join_all(sends).await;
+        });
+    }
+
+    /// The committed transactions whose commits are on the way to `group` and lock some of
+    /// `keys` there.
+    fn committing_on(&self, group: GroupId, keys: &[(Bytes, LockMode)]) -> Vec<(TxnId, Timestamp)> {
+        let committing = self.committing.lock().expect("committing map poisoned");
+        if committing.is_empty() {
+            return Vec::new();
+        }
+        let mut found: Vec<(TxnId, Timestamp)> = keys
+            .iter()
+            .filter_map(|(k, _)| committing.get(&(group, k.clone())).copied())
+            .collect();
+        found.sort();
+        found.dedup();
+        found
+    }
+
+    /// Sends the commit of `id` to each shard of `keys` (with the keys it locks there) without
+    /// waiting; until a shard answers, later prepares of those keys carry the commit.
+    fn commit_in_background(&self, id: TxnId, ts: Timestamp, keys: Vec<(GroupId, Vec<Bytes>)>) {
+        {
+            let mut committing = self.committing.lock().expect("committing map poisoned");
+            for (g, ks) in &keys {
+                for k in ks {
+                    committing.insert((*g, k.clone()), (id, ts));
+                }
+            }
+        }
+        let participants = self.participants.clone();
+        let committing = self.committing.clone();
+        let until = Instant::now() + self.config.resolve_for;
+        tokio::spawn(async move {
+            let sends = keys.into_iter().map(|(g, ks)| {
+                let participants = participants.clone();
+                let committing = committing.clone();
+                async move {
+                    step_until(&*participants, g, id, ShardStep::Commit { ts }, until).await;
+                    let mut committing = committing.lock().expect("committing map poisoned");
+                    for k in ks {
+                        if let Some((txn, _)) = committing.get(&(g, k.clone()))
+                            && *txn == id
+                        {
+                            committing.remove(&(g, k));
+                        }
+                    }
+                }
+            });
             futures::future::join_all(sends).await;
         });
     }

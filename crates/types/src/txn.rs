@@ -228,6 +228,12 @@ pub struct Prepare<C, G> {
     pub guards: Vec<G>,
     /// Unix ms after which the locks count as orphaned (a prepare applied later is refused).
     pub deadline_ms: u64,
+    /// Earlier transactions that hold locks on some of these keys here and are known to be
+    /// committed (every vote was YES) while their commits are still on the way: the
+    /// participant commits each one still prepared before judging this prepare, so a
+    /// client's next transaction on the same keys does not meet its previous one's locks.
+    /// Committing a committed transaction is always right, at any time.
+    pub committed_first: Vec<(TxnId, Timestamp)>,
 }
 
 /// A step sent to one participant shard: one entry in its log.

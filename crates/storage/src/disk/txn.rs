@@ -115,7 +115,6 @@ struct Record {
 /// The first fields of a [`Record`], which every version of it starts with.
 #[derive(Debug, Deserialize)]
 struct RecordHead {
-    #[allow(dead_code)]
     participation: Participation,
     participants: Vec<GroupId>,
 }
@@ -343,6 +342,11 @@ pub(super) fn apply_step(
 
 /// The step itself (`Err` inside: a protocol violation, nothing changed).
 fn step_inner(x: &Exec, table: &str, job: &TxnJob) -> Result<Result<TxnAnswer>> {
+    if let ShardStep::Prepare(p) = &job.step {
+        for (earlier, ts) in &p.committed_first {
+            commit_known(x, table, job, *earlier, *ts)?;
+        }
+    }
     let mut el = x
         .txn
         .open_table(table_def(&element_table(table)))
@@ -485,6 +489,39 @@ fn step_inner(x: &Exec, table: &str, job: &TxnJob) -> Result<Result<TxnAnswer>> 
         _ => None,
     };
     Ok(Ok(TxnAnswer { outcome, replies }))
+}
+
+/// Commits `txn`, known to be committed at `ts` (`Prepare::committed_first`), if it is still
+/// prepared here, as part of applying `job`.
+fn commit_known(x: &Exec, table: &str, job: &TxnJob, txn: TxnId, ts: Timestamp) -> Result<()> {
+    let prepared = {
+        let el = x
+            .txn
+            .open_table(table_def(&element_table(table)))
+            .map_err(io_err)?;
+        let raw = el
+            .get(&row(RECORD, &[&id_bytes(txn)])[..])
+            .map_err(io_err)?;
+        raw.is_some_and(|raw| {
+            matches!(
+                postcard::take_from_bytes::<RecordHead>(raw.value()),
+                Ok((head, _)) if matches!(head.participation, Participation::Prepared { .. })
+            )
+        })
+    };
+    if prepared {
+        let commit = TxnJob {
+            txn,
+            step: ShardStep::Commit { ts },
+            timestamp: job.timestamp,
+            now_ms: job.now_ms,
+            index: job.index,
+        };
+        if let Err(e) = step_inner(x, table, &commit)? {
+            tracing::error!(%txn, error = %e, "a known commit was refused");
+        }
+    }
+    Ok(())
 }
 
 /// Drops up to [`GC_STEP_MAX`] records decided more than [`RECORD_RETAIN_MS`] before `now_ms`.
