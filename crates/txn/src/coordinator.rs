@@ -184,6 +184,29 @@ pub struct Coordinator<P: Participants> {
     /// commit is answered or given up ([`Config::resolve_for`]), so it holds at most the keys
     /// of the transactions committed in that time.
     committing: Arc<Mutex<Committing>>,
+    /// Per (shard, key), a FIFO latch that this node's transactions on the key take in turn
+    /// (see [`Coordinator::latch`]). An entry lives while a transaction holds or waits for it.
+    latches: Arc<Mutex<HashMap<(GroupId, Bytes), Arc<tokio::sync::Mutex<()>>>>>,
+}
+
+/// The latches one transaction holds; released (and their unused entries dropped) with it.
+struct Latched {
+    keys: Vec<(GroupId, Bytes)>,
+    held: Vec<tokio::sync::OwnedMutexGuard<()>>,
+    latches: Arc<Mutex<HashMap<(GroupId, Bytes), Arc<tokio::sync::Mutex<()>>>>>,
+}
+
+impl Drop for Latched {
+    fn drop(&mut self) {
+        self.held.clear();
+        let mut latches = self.latches.lock().expect("latch map poisoned");
+        for k in &self.keys {
+            // Only the map's own reference left: nobody holds or waits for it.
+            if latches.get(k).is_some_and(|l| Arc::strong_count(l) == 1) {
+                latches.remove(k);
+            }
+        }
+    }
 }
 
 /// Commits on the way: (shard, key) -> the transaction and its commit timestamp.
@@ -207,6 +230,7 @@ impl<P: Participants> Coordinator<P> {
             config,
             metrics: Arc::new(Metrics::default()),
             committing: Arc::new(Mutex::new(HashMap::new())),
+            latches: Arc::new(Mutex::new(HashMap::new())),
         }
     }
 
@@ -223,8 +247,12 @@ impl<P: Participants> Coordinator<P> {
         if plan.commands.is_empty() && plan.guards.is_empty() {
             return Finished::Committed(Vec::new());
         }
-        let mut pause = self.config.retry_pause;
         let until = Instant::now() + self.config.retry_for;
+        let Ok(_latched) = tokio::time::timeout_at(until, self.latch(plan)).await else {
+            self.metrics.conflicts.fetch_add(1, Ordering::Relaxed);
+            return Finished::Conflict;
+        };
+        let mut pause = self.config.retry_pause;
         for attempt in 0..self.config.attempts_max {
             if attempt > 0 {
                 if Instant::now() >= until {
@@ -474,6 +502,38 @@ impl<P: Participants> Coordinator<P> {
                 .map(|g| step_until(&*participants, *g, id, step.clone(), until));
             futures::future::join_all(sends).await;
         });
+    }
+
+    /// Takes this node's latches on every key of `plan`, in one global order (no deadlock
+    /// between this node's transactions), each first come, first served. Transactions of one
+    /// node on the same keys so run one after the other: the later one's prepare carries the
+    /// earlier one's commit (`Prepare::committed_first`) instead of meeting its locks and
+    /// backing off, which would let a hot key starve some of them. Transactions coordinated by
+    /// other nodes still meet at the participants' locks.
+    async fn latch(&self, plan: &PlanOf<P>) -> Latched {
+        let mut keys: Vec<(GroupId, Bytes)> = plan
+            .commands
+            .iter()
+            .flat_map(|c| c.keys.iter().map(|(k, _)| (c.group, k.clone())))
+            .chain(plan.guards.iter().map(|(g, k, _)| (*g, k.clone())))
+            .collect();
+        keys.sort();
+        keys.dedup();
+        let mutexes: Vec<Arc<tokio::sync::Mutex<()>>> = {
+            let mut latches = self.latches.lock().expect("latch map poisoned");
+            keys.iter()
+                .map(|k| latches.entry(k.clone()).or_default().clone())
+                .collect()
+        };
+        let mut latched = Latched {
+            keys,
+            held: Vec::with_capacity(mutexes.len()),
+            latches: self.latches.clone(),
+        };
+        for m in mutexes {
+            latched.held.push(m.lock_owned().await);
+        }
+        latched
     }
 
     /// The committed transactions whose commits are on the way to `group` and lock some of
