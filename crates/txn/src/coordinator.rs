@@ -186,14 +186,14 @@ pub struct Coordinator<P: Participants> {
     committing: Arc<Mutex<Committing>>,
     /// Per (shard, key), a FIFO latch that this node's transactions on the key take in turn
     /// (see [`Coordinator::latch`]). An entry lives while a transaction holds or waits for it.
-    latches: Arc<Mutex<HashMap<(GroupId, Bytes), Arc<tokio::sync::Mutex<()>>>>>,
+    latches: Arc<Mutex<Latches>>,
 }
 
 /// The latches one transaction holds; released (and their unused entries dropped) with it.
 struct Latched {
     keys: Vec<(GroupId, Bytes)>,
     held: Vec<tokio::sync::OwnedMutexGuard<()>>,
-    latches: Arc<Mutex<HashMap<(GroupId, Bytes), Arc<tokio::sync::Mutex<()>>>>>,
+    latches: Arc<Mutex<Latches>>,
 }
 
 impl Drop for Latched {
@@ -208,6 +208,9 @@ impl Drop for Latched {
         }
     }
 }
+
+/// Latches by (shard, key) (see [`Coordinator::latch`]).
+type Latches = HashMap<(GroupId, Bytes), Arc<tokio::sync::Mutex<()>>>;
 
 /// Commits on the way: (shard, key) -> the transaction and its commit timestamp.
 type Committing = HashMap<(GroupId, Bytes), (TxnId, Timestamp)>;
