@@ -15,6 +15,7 @@ Examples:
   capdb difftest --mode cache --seed 7 --commands 5000 --resp3-percent 100
   capdb difftest --mode ap --seed 3 --commands 100000 --redis-server /usr/bin/redis-server
   capdb difftest --mode cp --seed 1 --commands 20000 --capdb-arg=--debug-plant-difference --minimize
+  capdb difftest --mode cp-shards --seed 7 --commands 100000
 
 It starts its own redis-server (--save '' --appendonly no) and one capdb node on free loopback
 ports. On the first difference it prints the seed, the command's index, the command and both
@@ -24,7 +25,8 @@ reproduction to OUT/<mode>-<seed>.min.txt). Every command family runs in every m
 #[derive(clap::Args)]
 #[command(after_help = EXAMPLES)]
 pub struct DifftestArgs {
-    /// Keyspace mode under test: cp, ap (one node) or cache.
+    /// Keyspace mode under test: cp, ap (one node), cache, or cp-shards (cp on 4 shards, each
+    /// command queued in MULTI under its own shard's hash tag: cross-shard transactions).
     #[arg(long, default_value = "cp")]
     mode: String,
     /// Seed of the command list: the same seed replays the same commands.

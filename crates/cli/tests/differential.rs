@@ -1,5 +1,6 @@
 //! Replies compared with a real `redis-server`: the same commands, in the same order, sent to
-//! Redis and to capdb (a `cp`, a `cache` and a one-node `ap` keyspace), and every reply, error
+//! Redis and to capdb (a `cp`, a `cache` and a one-node `ap` keyspace, and a 4-shard `cp`
+//! keyspace with transactions spread over its shards), and every reply, error
 //! texts included, must be the same. Scripted cases for the commands whose semantics are easy to get
 //! subtly wrong; a seeded generator over every command comes with the data types.
 
@@ -326,4 +327,51 @@ fn the_differential_tester_finds_a_planted_difference() {
     let min = d.minimized.expect("minimised");
     assert!(min.len() <= 5, "minimised to {} commands", min.len());
     assert!(d.file.is_some_and(|f| f.exists()));
+}
+
+/// Cross-shard MULTI/EXEC on `cp` (two-phase commit), reply for reply: mode `cp-shards` runs
+/// on a 4-shard keyspace, each queued command under one shard's hash tag, WATCHes over several
+/// shards. The node's counters show the run did commit, and WATCH-abort, cross-shard
+/// transactions.
+#[test]
+fn seeded_cross_shard_transactions_answer_as_redis_does_in_cp_shards() {
+    let (mode, seed, commands) = (capdb_difftest::Mode::CpShards, 1, 3_000);
+    let options = difftest_options(mode, seed, commands);
+    let outcome = capdb_difftest::run(&options, &mut std::io::stderr())
+        .unwrap_or_else(|e| panic!("the differential tester could not run: {e}"));
+    if let Some(d) = outcome.difference {
+        panic!(
+            "capdb and Redis answered differently (mode {mode}, seed {seed}; replay with `capdb difftest --mode {mode} --seed {seed} --commands {commands} --minimize`):\n{d}"
+        );
+    }
+    // The list runs on to the end of a transaction block.
+    assert!(outcome.compared >= commands, "{}", outcome.compared);
+    let count = |outcome_name: &str| outcome.cross_shard.get(outcome_name).copied();
+    assert!(
+        count("committed") >= Some(20) && count("watch_aborted") >= Some(1),
+        "cross-shard transactions: {:?}",
+        outcome.cross_shard
+    );
+}
+
+/// The mode can fail: with `--debug-unsafe-txn` (a cross-shard transaction's commands applied
+/// one by one, its WATCH guards ignored) a transaction whose watched key changed runs where
+/// Redis answers nil, and the run finds it and minimises it to a handful of commands.
+#[test]
+fn the_differential_tester_finds_unsafe_cross_shard_transactions() {
+    let mut options = difftest_options(capdb_difftest::Mode::CpShards, 1, 3_000);
+    options.capdb_args = vec!["--debug-unsafe-txn".into()];
+    options.minimize = true;
+    let outcome = capdb_difftest::run(&options, &mut std::io::stderr())
+        .unwrap_or_else(|e| panic!("the differential tester could not run: {e}"));
+    let d = outcome
+        .difference
+        .expect("no difference with --debug-unsafe-txn in 3,000 commands");
+    assert_eq!(d.step.name(), "exec", "{d}");
+    assert!(
+        ["*-1\\r\\n", "_\\r\\n"].contains(&d.redis.as_str()),
+        "Redis aborted the watched transaction (nil): {d}"
+    );
+    let min = d.minimized.expect("minimised");
+    assert!(min.len() <= 8, "minimised to {} commands", min.len());
 }

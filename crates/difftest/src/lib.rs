@@ -7,7 +7,9 @@
 //! The harness speaks RESP over TCP only and starts both servers itself (`redis-server
 //! --save '' --appendonly no`, and one `capdb server` node through `capdb-launch`), so it tests
 //! what a client sees: the parser, the command table, the keyspace engine of the mode under
-//! test (`cp`, `ap` with one node, or `cache`) and the reply encoder, RESP2 and RESP3.
+//! test (`cp`, `ap` with one node, or `cache`) and the reply encoder, RESP2 and RESP3. Mode
+//! `cp-shards` is `cp` on a keyspace of 4 shards with transactions spread over them
+//! ([`Mode::CpShards`]): cross-shard MULTI/EXEC, reply for reply.
 //!
 //! # How a run goes
 //!
@@ -50,6 +52,19 @@ pub enum Mode {
     Cp,
     Ap,
     Cache,
+    /// `cp-shards`: a `cp` keyspace of 4 shards (replication factor 1), and transactions
+    /// spread over them: each command queued in a MULTI block gets one of
+    /// [`r#gen::txn::TAGS`] (one hash tag per shard) for all its keys, WATCH before MULTI
+    /// watches keys under several tags, and some commands outside blocks use the other tags
+    /// too, so cross-shard EXEC replies (two-phase commit) are compared with Redis's.
+    CpShards,
+}
+
+impl Mode {
+    /// Whether the generator spreads a transaction's commands over the shards' hash tags.
+    pub fn spreads_txn(self) -> bool {
+        self == Mode::CpShards
+    }
 }
 
 impl std::str::FromStr for Mode {
@@ -59,7 +74,10 @@ impl std::str::FromStr for Mode {
             "cp" => Ok(Mode::Cp),
             "ap" => Ok(Mode::Ap),
             "cache" => Ok(Mode::Cache),
-            other => Err(format!("unknown mode '{other}': use cp, ap or cache")),
+            "cp-shards" => Ok(Mode::CpShards),
+            other => Err(format!(
+                "unknown mode '{other}': use cp, ap, cache or cp-shards"
+            )),
         }
     }
 }
@@ -70,6 +88,7 @@ impl std::fmt::Display for Mode {
             Mode::Cp => "cp",
             Mode::Ap => "ap",
             Mode::Cache => "cache",
+            Mode::CpShards => "cp-shards",
         })
     }
 }
@@ -152,6 +171,9 @@ pub struct Outcome {
     /// Commands in the mix, and commands a family lists that capdb does not serve yet.
     pub served: Vec<&'static str>,
     pub not_served: Vec<&'static str>,
+    /// Mode `cp-shards`: the node's cross-shard transactions by outcome at the end (committed,
+    /// watch_aborted, conflict, ...), which shows the run did span shards.
+    pub cross_shard: BTreeMap<String, u64>,
 }
 
 /// One RESP2 or RESP3 connection to each server, on the keyspace under test.
@@ -193,7 +215,15 @@ impl Session {
         })
     }
 
+    /// Empties both keyspaces, first closing any transaction and WATCH a previous (cut short)
+    /// replay left open on either connection: a minimiser's replay must not start inside one.
     fn flush(&mut self) -> Result<(), String> {
+        for p in &mut self.pairs {
+            for conn in [&mut p.redis, &mut p.capdb] {
+                conn.call(&[b"DISCARD".to_vec()])?;
+                conn.call_ok(&["UNWATCH"])?;
+            }
+        }
         let p = &mut self.pairs[0];
         p.redis.call_ok(&["FLUSHDB"])?;
         p.capdb.call_ok(&["FLUSHDB"])?;
@@ -447,6 +477,9 @@ pub(crate) fn needs_resync(step: &Step) -> bool {
 /// The seed's command list: steps and whether each goes over RESP3 (in stretches of 1 to 64).
 fn command_list(o: &Options, served: &[&'static str]) -> Vec<(Step, bool)> {
     let mut g = Generator::new(o.seed, &|n| served.contains(&n));
+    if o.mode.spreads_txn() {
+        g = g.spreading_txn();
+    }
     let mut stretch = rng::Rng::new(o.seed ^ 0x05ee_d0f2_e5f3);
     let mut out = Vec::with_capacity(o.commands as usize);
     while (out.len() as u64) < o.commands {
@@ -621,6 +654,19 @@ pub fn run(o: &Options, log: &mut dyn Write) -> Result<Outcome, String> {
             d.minimized = Some(min);
         }
         outcome.difference = Some(d);
+    }
+    if o.mode.spreads_txn() {
+        outcome.cross_shard = s.capdb.cross_shard_counts()?;
+        let counts: Vec<String> = outcome
+            .cross_shard
+            .iter()
+            .map(|(k, n)| format!("{k} {n}"))
+            .collect();
+        let _ = writeln!(
+            log,
+            "difftest: cross-shard transactions: {}",
+            counts.join(", ")
+        );
     }
     let _ = writeln!(
         log,

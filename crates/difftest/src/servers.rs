@@ -164,6 +164,10 @@ impl Capdb {
                 Some(r#"{"name":"1","mode":"cache","max_memory_bytes":268435456}"#),
             ),
             Mode::Ap => ("2", Some(r#"{"name":"2","mode":"ap"}"#)),
+            Mode::CpShards => (
+                "3",
+                Some(r#"{"name":"3","mode":"cp","shards":4,"replication_factor":1}"#),
+            ),
         };
         if let Some(body) = body {
             let (status, answer) = http_request(http, "POST", "/v1/keyspaces", Some(body))?;
@@ -175,6 +179,15 @@ impl Capdb {
                 ));
             }
         }
+        if mode == Mode::CpShards {
+            wait_until(&mut node, "capdb", &log, Duration::from_secs(60), || {
+                shards_ready(resp, db).is_ok()
+            })
+            .map_err(|e| match shards_ready(resp, db) {
+                Err(why) => format!("{e}; the 4-shard keyspace: {why}"),
+                Ok(()) => e,
+            })?;
+        }
         Ok(Capdb {
             _node: node,
             resp,
@@ -184,6 +197,48 @@ impl Capdb {
             _dir: dir,
         })
     }
+}
+
+impl Capdb {
+    /// The node's `capdb_cross_shard_transactions` counters by outcome (from `/metrics`):
+    /// what a `cp-shards` run made the coordinator do.
+    pub fn cross_shard_counts(&self) -> Result<std::collections::BTreeMap<String, u64>, String> {
+        let (status, body) = http_request(self.http, "GET", "/metrics", None)?;
+        if status != 200 {
+            return Err(format!("GET /metrics answered {status}"));
+        }
+        let prefix = "capdb_cross_shard_transactions{outcome=\"";
+        Ok(String::from_utf8_lossy(&body)
+            .lines()
+            .filter_map(|l| {
+                let (outcome, n) = l.strip_prefix(prefix)?.split_once("\"} ")?;
+                Some((outcome.to_string(), n.trim().parse().ok()?))
+            })
+            .collect())
+    }
+}
+
+/// Whether the 4-shard keyspace `db` serves every shard: SELECT works, a write under each of
+/// [`crate::gen::txn::TAGS`] succeeds (each shard has a leader), and `CLUSTER KEYSLOT` puts
+/// the tags on the four shards (quarters of the slots), in order.
+fn shards_ready(resp: SocketAddr, db: &str) -> Result<(), String> {
+    let mut c = Conn::connect("capdb", resp)?;
+    c.call_ok(&["SELECT", db])?;
+    for (shard, tag) in crate::r#gen::txn::TAGS.iter().enumerate() {
+        let key = format!("{tag}:ready");
+        let slot = c
+            .call_ok(&["CLUSTER", "KEYSLOT", &key])?
+            .int()
+            .unwrap_or(-1);
+        if slot / 4096 != shard as i64 {
+            return Err(format!(
+                "{key} is in slot {slot}, not on shard {shard} of 4: the tags must be one per shard"
+            ));
+        }
+        c.call_ok(&["SET", &key, "1"])?;
+        c.call_ok(&["DEL", &key])?;
+    }
+    Ok(())
 }
 
 /// A one-shot HTTP/1.1 request; (status, body).

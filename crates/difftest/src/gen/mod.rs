@@ -13,7 +13,9 @@
 //!   family can list commands before they land.
 //! - **Small pools** ([`Gen::key`], [`Gen::field`], ...) so that keys collide across types
 //!   (`WRONGTYPE`), fields repeat, and collections grow and empty out. All keys share the hash
-//!   tag `{d}`, so multi-key commands never meet `CROSSSLOT`.
+//!   tag `{d}`, so multi-key commands never meet `CROSSSLOT`. In mode `cp-shards`
+//!   ([`Generator::spreading_txn`]) a step may have its `{d}` rewritten to another of
+//!   [`txn::TAGS`], all its keys alike, so transactions span shards.
 //! - **Invalid forms** on purpose (wrong arity, unknown options, bad numbers, out-of-range
 //!   indexes): error texts are replies too.
 //! - **Time**: expiries are far in the future or in the past, relative ones at least 100 s,
@@ -359,6 +361,8 @@ pub struct Generator {
     total: u64,
     /// The rest of a transaction block, sent before anything else.
     pending: std::collections::VecDeque<Step>,
+    /// Mode `cp-shards`: spread transactions over [`txn::TAGS`].
+    spread: bool,
 }
 
 impl Generator {
@@ -381,7 +385,26 @@ impl Generator {
             rows,
             total,
             pending: std::collections::VecDeque::new(),
+            spread: false,
         }
+    }
+
+    /// Spreads transactions over the shards of a 4-shard keyspace (mode `cp-shards`): each
+    /// command queued in a block gets its own one of [`txn::TAGS`] for all its keys, the
+    /// WATCHes of a block's prelude and WATCH alone watch keys under several tags, and one
+    /// command in four outside blocks gets a tag too (so what transactions wrote there is read
+    /// and changed outside them as well); blocks come three times as often. Another command
+    /// list than without, as determined by the seed.
+    pub fn spreading_txn(mut self) -> Generator {
+        self.spread = true;
+        // Blocks three times as often: they are what the mode is for.
+        for r in &mut self.rows {
+            if r.2.name == "multi" {
+                r.0 *= 3;
+            }
+        }
+        self.total = self.rows.iter().map(|r| r.0).sum();
+        self
     }
 
     /// The names of the commands in the mix.
@@ -395,26 +418,41 @@ impl Generator {
         if let Some(s) = self.pending.pop_front() {
             return s;
         }
-        let (step, row) = self.draw();
+        let (mut step, row) = self.draw();
         if row != "multi" {
+            if self.spread {
+                if row == "watch" {
+                    for a in step.args.iter_mut().skip(1) {
+                        let t = txn::tag(&mut self.state);
+                        *a = txn::retag_arg(a, t);
+                    }
+                } else if self.state.chance(25) {
+                    let t = txn::tag(&mut self.state);
+                    txn::retag(&mut step, t);
+                }
+            }
             return step;
         }
         // A transaction block (see `txn.rs`).
-        let mut block = txn::prelude(&mut self.state);
+        let mut block = txn::prelude(&mut self.state, self.spread);
         block.push(step);
         let queued = self.state.rng.below(7);
         for _ in 0..queued {
-            if self.state.chance(6) {
-                block.push(txn::odd_one(&mut self.state));
-                continue;
-            }
-            // Only commands whose replies compare exactly go inside EXEC's array.
-            let s = loop {
-                let (s, row) = self.draw();
-                if exact_inside_exec(&s, row) {
-                    break s;
+            let mut s = if self.state.chance(6) {
+                txn::odd_one(&mut self.state)
+            } else {
+                // Only commands whose replies compare exactly go inside EXEC's array.
+                loop {
+                    let (s, row) = self.draw();
+                    if exact_inside_exec(&s, row) {
+                        break s;
+                    }
                 }
             };
+            if self.spread {
+                let t = txn::tag(&mut self.state);
+                txn::retag(&mut s, t);
+            }
             block.push(s);
         }
         block.push(txn::end(&mut self.state));
@@ -475,5 +513,48 @@ mod tests {
         let b: Vec<Step> = (0..2000).map(|_| g.next_step()).collect();
         assert_eq!(a, b);
         assert!(a.iter().all(|s| !s.args.is_empty()));
+    }
+
+    /// Spread: the same seed gives the same list; the queued commands of blocks use several
+    /// tags, each command one tag for all its arguments.
+    #[test]
+    fn spread_blocks_span_the_tags_one_tag_per_command() {
+        let all = |_: &str| true;
+        let list = |seed| -> Vec<Step> {
+            let mut g = Generator::new(seed, &all).spreading_txn();
+            (0..5000).map(|_| g.next_step()).collect()
+        };
+        let a = list(7);
+        assert_eq!(a, list(7));
+        let tags_of = |s: &Step| -> std::collections::BTreeSet<&'static str> {
+            txn::TAGS
+                .iter()
+                .copied()
+                .filter(|t| {
+                    s.args[1..]
+                        .iter()
+                        .any(|a| a.windows(t.len()).any(|w| w == t.as_bytes()))
+                })
+                .collect()
+        };
+        let (mut spanning, mut in_multi) = (0, false);
+        let mut block_tags = std::collections::BTreeSet::new();
+        for s in &a {
+            let name = s.name();
+            let tags = tags_of(s);
+            if name != "watch" {
+                assert!(tags.len() <= 1, "one tag per command: {s:?}");
+            }
+            if name == "multi" && !in_multi {
+                in_multi = true;
+                block_tags.clear();
+            } else if in_multi && !s.block {
+                in_multi = false;
+                spanning += usize::from(block_tags.len() > 1);
+            } else if in_multi {
+                block_tags.extend(tags);
+            }
+        }
+        assert!(spanning > 50, "{spanning} blocks over several tags");
     }
 }

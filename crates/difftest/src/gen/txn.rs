@@ -9,7 +9,11 @@
 //! Now and then the block queues an unknown command (the transaction is then dirty: EXECABORT),
 //! a nested MULTI or a WATCH (errors that do not make it dirty). The other rows are the
 //! commands alone: EXEC and DISCARD without MULTI, UNWATCH, and a WATCH left for a later block.
-//! Every key shares the hash tag `{d}`, so a transaction never spans shards.
+//! Every key shares the hash tag `{d}`, so a transaction never spans shards, except in mode
+//! `cp-shards` ([`crate::Mode::CpShards`]): there the generator gives each queued command one
+//! of [`TAGS`] (one per shard of a 4-shard keyspace) for all its keys, and the WATCHes before
+//! MULTI watch keys under several tags, so a transaction's commands and guards span shards
+//! while no single command is `CROSSSLOT`. Both servers get the same rewritten commands.
 
 use super::{CommandGen, Family, Gen, Step};
 use crate::step;
@@ -72,20 +76,87 @@ fn watch(g: &mut Gen, name: &str) -> Step {
     s
 }
 
-/// What a block does before MULTI: the steps, and the keys it watches.
-pub(super) fn prelude(g: &mut Gen) -> Vec<Step> {
+/// The hash tags of mode `cp-shards`, one per shard of a 4-shard keyspace, in shard order:
+/// `CLUSTER KEYSLOT` (CRC16 of the tag mod 16384) puts them in the quarters 0, 1, 2 and 3 of
+/// the slots (478, 4607, 11298, 12733; proved by a test below, and checked on capdb when a
+/// run starts). `{d}`, the tag of every other mode, is one of them.
+pub const TAGS: [&str; 4] = ["{d3}", "{d2}", "{d}", "{d0}"];
+
+/// One of [`TAGS`].
+pub(super) fn tag(g: &mut Gen) -> &'static str {
+    TAGS[g.rng.below(TAGS.len() as u64) as usize]
+}
+
+/// `arg` with every `{d}` (the generator's only tag) replaced by `tag`.
+pub(super) fn retag_arg(arg: &[u8], tag: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(arg.len() + 2);
+    let mut i = 0;
+    while i < arg.len() {
+        if arg[i..].starts_with(b"{d}") {
+            out.extend_from_slice(tag.as_bytes());
+            i += 3;
+        } else {
+            out.push(arg[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
+/// `s` with all its keys (and patterns) under `tag`: one tag for the whole command, so it is
+/// never `CROSSSLOT` alone.
+pub(super) fn retag(s: &mut Step, tag: &str) {
+    for a in s.args.iter_mut().skip(1) {
+        *a = retag_arg(a, tag);
+    }
+}
+
+/// A pool key under a tag: `{d}` alone, or with `spread` one of [`TAGS`].
+fn key_under(g: &mut Gen, spread: bool) -> Vec<u8> {
+    let k = g.key();
+    if spread {
+        let t = tag(g);
+        retag_arg(&k, t)
+    } else {
+        k
+    }
+}
+
+/// What a block does before MULTI: the steps, and the keys it watches. With `spread`, each
+/// watched key has its own tag (WATCH over several shards is allowed on `cp`, as in Redis),
+/// and sometimes a second WATCH adds keys.
+pub(super) fn prelude(g: &mut Gen, spread: bool) -> Vec<Step> {
     let mut out = Vec::new();
-    if !g.chance(40) {
+    if !g.chance(if spread { 60 } else { 40 }) {
         return out;
     }
-    let key = g.key();
-    out.push(step!(g.name("watch"), key.clone()));
+    let key = key_under(g, spread);
+    let mut watched = vec![key.clone()];
+    let mut s = step!(g.name("watch"), key);
+    if spread && g.chance(40) {
+        let k = key_under(g, spread);
+        s.args.push(k.clone());
+        watched.push(k);
+    }
+    out.push(s);
+    if spread && g.chance(25) {
+        let k = key_under(g, spread);
+        out.push(step!(g.name("watch"), k.clone()));
+        watched.push(k);
+    }
     match g.rng.below(10) {
-        // This client changes the watched key: EXEC answers nil.
-        0..=2 => out.push(change(g, key)),
+        // This client changes a watched key: EXEC answers nil.
+        0..=2 => {
+            let key = if watched.len() > 1 {
+                g.rng.pick(&watched).clone()
+            } else {
+                watched.swap_remove(0)
+            };
+            out.push(change(g, key));
+        }
         // ... or another key: EXEC runs.
         3 => {
-            let other = g.key();
+            let other = key_under(g, spread);
             out.push(change(g, other));
         }
         4 => out.push(step!(g.name("unwatch"))),
@@ -121,5 +192,49 @@ pub(super) fn end(g: &mut Gen) -> Step {
         0 | 1 => step!(g.name("discard")),
         2 => step!(g.name("exec"), "now"),
         _ => step!(g.name("exec")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// CRC16-XMODEM, Redis Cluster's key hash (as `capdb_cluster::slots::crc16`).
+    fn crc16(data: &[u8]) -> u16 {
+        let mut crc: u16 = 0;
+        for &b in data {
+            crc ^= (b as u16) << 8;
+            for _ in 0..8 {
+                crc = if crc & 0x8000 != 0 {
+                    (crc << 1) ^ 0x1021
+                } else {
+                    crc << 1
+                };
+            }
+        }
+        crc
+    }
+
+    #[test]
+    fn the_tags_land_on_the_four_shards_in_order() {
+        // Redis Cluster's check value, and `CLUSTER KEYSLOT foo`.
+        assert_eq!(crc16(b"123456789"), 0x31C3);
+        assert_eq!(crc16(b"foo") % 16384, 12182);
+        for (shard, t) in TAGS.iter().enumerate() {
+            let inner = t.trim_start_matches('{').trim_end_matches('}');
+            let slot = crc16(inner.as_bytes()) % 16384;
+            assert_eq!(slot / 4096, shard as u16, "{t}: slot {slot}");
+        }
+    }
+
+    #[test]
+    fn retagging_replaces_only_the_tag() {
+        assert_eq!(retag_arg(b"{d}:3", "{d0}"), b"{d0}:3");
+        assert_eq!(retag_arg(b"{d}:[0-3]", "{d2}"), b"{d2}:[0-3]");
+        assert_eq!(retag_arg(b"{d}", "{d}"), b"{d}");
+        assert_eq!(retag_arg(b"a{d", "{d3}"), b"a{d");
+        let mut s = step!("MSET", "{d}:1", "{d}", "{d}:2", "x");
+        retag(&mut s, "{d3}");
+        assert_eq!(s, step!("MSET", "{d3}:1", "{d3}", "{d3}:2", "x"));
     }
 }
