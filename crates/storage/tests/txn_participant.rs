@@ -613,3 +613,64 @@ async fn a_prepare_commits_the_earlier_transactions_it_knows_committed_before_it
     step(&e, id(3), ShardStep::Commit { ts: Timestamp(4) }, 6).await;
     assert_eq!(value(&e, "a"), Some(b("3")));
 }
+
+fn from_node(origin: u64, seq: u64) -> TxnId {
+    TxnId {
+        origin,
+        epoch: 7,
+        seq,
+    }
+}
+
+/// A hot key's turn: the first node whose prepare meets the key's lock gets the key next,
+/// even if the holder's node hands its lock straight on to its next transaction; the turn is
+/// taken by that node's commit, or runs out.
+#[tokio::test]
+async fn the_first_node_refused_by_a_lock_gets_the_key_next() {
+    let (_d, e) = open();
+    let a = || prepare(vec![incr("a")], &[("a", LockMode::Write)]);
+    let yes = |x: &TxnAnswer| matches!(x.outcome, Outcome::Yes(_));
+    assert!(yes(&step(&e, from_node(1, 1), a(), 1).await));
+    let refused = step(&e, from_node(2, 1), a(), 2).await;
+    assert!(!yes(&refused), "{refused:?}");
+    step(
+        &e,
+        from_node(1, 1),
+        ShardStep::Commit { ts: Timestamp(1) },
+        3,
+    )
+    .await;
+    // Node 1 again: the key's turn is node 2's.
+    let turn = step(&e, from_node(1, 2), a(), 4).await;
+    assert!(
+        matches!(&turn.outcome, Outcome::No(Refusal::Locked(c)) if c.holder.origin == 2),
+        "{turn:?}"
+    );
+    assert!(yes(&step(&e, from_node(2, 2), a(), 5).await));
+    step(
+        &e,
+        from_node(2, 2),
+        ShardStep::Commit { ts: Timestamp(5) },
+        6,
+    )
+    .await;
+    assert!(
+        yes(&step(&e, from_node(1, 3), a(), 7).await),
+        "the turn was taken"
+    );
+    // A turn nobody takes runs out.
+    let refused = step(&e, from_node(3, 1), a(), 8).await;
+    assert!(!yes(&refused));
+    step(
+        &e,
+        from_node(1, 3),
+        ShardStep::Commit { ts: Timestamp(7) },
+        9,
+    )
+    .await;
+    assert!(!yes(&step(&e, from_node(1, 4), a(), 10).await));
+    let later = step_at(&e, from_node(1, 5), a(), 11, NOW + 1_000)
+        .await
+        .unwrap();
+    assert!(yes(&later), "{later:?}");
+}
