@@ -26,10 +26,7 @@
 //! - `0 ‖ "txn/" ‖ id` -> the transaction's [`Record`];
 //! - `0 ‖ "txn-open/" ‖ id` -> its lock deadline (u64 LE), while it is prepared: what the
 //!   recovery of orphaned transactions scans ([`DiskTable::orphaned_txns`]);
-//! - `0 ‖ "txn-done/" ‖ decided ms (BE) ‖ id` -> empty: decided records, oldest first;
-//! - `0 ‖ "txn-wait/" ‖ key` -> the node (transaction origin) whose prepare met the key's lock
-//!   and until when (two u64 LE): the key's next turn is that node's (see [`vote`]); dropped
-//!   by that node's commit on the key, or by the next prepare of the key once it ran out.
+//! - `0 ‖ "txn-done/" ‖ decided ms (BE) ‖ id` -> empty: decided records, oldest first.
 //!
 //! # Bounds
 //!
@@ -68,10 +65,6 @@ const LOCK: &[u8] = b"txn-lock/";
 const RECORD: &[u8] = b"txn/";
 const OPEN: &[u8] = b"txn-open/";
 const DONE: &[u8] = b"txn-done/";
-const WAIT: &[u8] = b"txn-wait/";
-
-/// How long a key stays reserved for the node whose prepare met its lock (see [`vote`]).
-pub const WAIT_MARK_MS: u64 = 250;
 
 fn row(kind: &[u8], rest: &[&[u8]]) -> Vec<u8> {
     let mut k = RESERVED.to_vec();
@@ -294,29 +287,7 @@ pub(super) fn mutation_keys(m: &Mutation) -> (Vec<Bytes>, bool) {
     }
 }
 
-/// A key's turn reserved for the node `origin` until `until_ms`.
-fn read_wait(
-    el: &impl ReadableTable<&'static [u8], &'static [u8]>,
-    key: &[u8],
-) -> Result<Option<(u64, u64)>> {
-    Ok(el
-        .get(&row(WAIT, &[key])[..])
-        .map_err(io_err)?
-        .and_then(|v| {
-            let v = v.value();
-            let origin = u64::from_le_bytes(v.get(..8)?.try_into().ok()?);
-            let until = u64::from_le_bytes(v.get(8..16)?.try_into().ok()?);
-            Some((origin, until))
-        }))
-}
-
 /// The vote of a first prepare: YES at the entry's timestamp, or why not.
-///
-/// Fairness on a hot key: a node whose transactions follow each other on a key hands its
-/// locks from one to the next (`Prepare::committed_first`), so a transaction from another node
-/// that meets the lock would otherwise keep meeting it. The first prepare refused by a lock
-/// reserves the key's next turn for its node ([`WAIT_MARK_MS`]): until that node's transaction
-/// commits or the mark runs out, prepares from other nodes are refused too.
 fn vote(
     x: &Exec,
     table: &str,
@@ -333,19 +304,6 @@ fn vote(
             return Ok(Err(Refusal::Locked(Conflict {
                 key: key.clone(),
                 holder,
-            })));
-        }
-        if let Some((origin, until)) = read_wait(el, key)?
-            && origin != job.txn.origin
-            && until >= job.now_ms
-        {
-            return Ok(Err(Refusal::Locked(Conflict {
-                key: key.clone(),
-                holder: TxnId {
-                    origin,
-                    epoch: 0,
-                    seq: 0,
-                },
             })));
         }
     }
@@ -422,12 +380,6 @@ fn step_inner(x: &Exec, table: &str, job: &TxnJob) -> Result<Result<TxnAnswer>> 
         (ShardStep::Abort, _) => Step::Abort,
         _ => Step::Prevent,
     };
-    let refused_on = match &pure {
-        Step::Prepare {
-            vote: Err(Refusal::Locked(Conflict { key, .. })),
-        } => Some(key.clone()),
-        _ => None,
-    };
     let stepped = txn::step(current.as_ref().map(|r| &r.participation), pure, || {
         let p = prepare.expect("only a prepare locks and stages");
         (p.keys.clone(), p.anchor, p.deadline_ms)
@@ -451,17 +403,6 @@ fn step_inner(x: &Exec, table: &str, job: &TxnJob) -> Result<Result<TxnAnswer>> 
         replies: None,
     });
     let open_key = row(OPEN, &[&id_bytes(job.txn)]);
-    if let Some(key) = &refused_on {
-        // The first node refused a key reserves its next turn (see `vote`).
-        let fresh_other = read_wait(&el, key)?
-            .is_some_and(|(origin, until)| origin != job.txn.origin && until >= job.now_ms);
-        if !fresh_other {
-            let mut mark = job.txn.origin.to_le_bytes().to_vec();
-            mark.extend_from_slice(&(job.now_ms + WAIT_MARK_MS).to_le_bytes());
-            el.insert(&row(WAIT, &[key])[..], &mark[..])
-                .map_err(io_err)?;
-        }
-    }
     let mut to_apply = None;
     match effect {
         Effect::LockAndStage => {
@@ -470,10 +411,6 @@ fn step_inner(x: &Exec, table: &str, job: &TxnJob) -> Result<Result<TxnAnswer>> 
                 let mut locks = read_locks(&el, key)?;
                 locks.grant(job.txn, *mode, p.deadline_ms);
                 write_locks(&mut el, key, &locks)?;
-                // A reservation that ran out goes with the next prepare of its key.
-                if read_wait(&el, key)?.is_some_and(|(_, until)| until < job.now_ms) {
-                    el.remove(&row(WAIT, &[key])[..]).map_err(io_err)?;
-                }
             }
             el.insert(&open_key[..], &p.deadline_ms.to_le_bytes()[..])
                 .map_err(io_err)?;
@@ -499,12 +436,6 @@ fn step_inner(x: &Exec, table: &str, job: &TxnJob) -> Result<Result<TxnAnswer>> 
                     let mut locks = read_locks(&el, key)?;
                     if locks.release(job.txn) {
                         write_locks(&mut el, key, &locks)?;
-                    }
-                    // The node's turn, if it waited for one, is taken.
-                    if effect == Effect::ApplyAndUnlock
-                        && read_wait(&el, key)?.is_some_and(|(o, _)| o == job.txn.origin)
-                    {
-                        el.remove(&row(WAIT, &[key])[..]).map_err(io_err)?;
                     }
                 }
             }
