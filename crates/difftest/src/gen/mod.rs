@@ -464,8 +464,18 @@ impl Generator {
         self.pending.pop_front().expect("a block has steps")
     }
 
-    /// One step from a row drawn by weight, and the row's name.
+    /// One step from a row drawn by weight, and the row's name. Spreading, a step whose keys
+    /// may not all be under its tag is drawn again ([`txn::keys_tagged`]).
     fn draw(&mut self) -> (Step, &'static str) {
+        loop {
+            let (s, row) = self.draw_any();
+            if !self.spread || txn::keys_tagged(&s) {
+                return (s, row);
+            }
+        }
+    }
+
+    fn draw_any(&mut self) -> (Step, &'static str) {
         let mut at = self.state.rng.below(self.total);
         for (w, home, c) in &self.rows {
             if at < *w {

@@ -111,6 +111,30 @@ pub(super) fn retag(s: &mut Step, tag: &str) {
     }
 }
 
+/// Whether a command's keys, as Redis's key specs find them, all carry a tag: false for the
+/// invalid forms whose `numkeys` counts options past the keys (`ZUNIONSTORE d 9 k1 k2
+/// AGGREGATE ...`), whose "keys" `AGGREGATE`, `3`, ... hash elsewhere. On one shard that
+/// changes nothing; over 4 shards capdb answers `-CROSSSLOT` (the one-shard rule, as Redis
+/// Cluster does) where a standalone Redis answers the command, so mode `cp-shards` leaves
+/// them out.
+pub(super) fn keys_tagged(s: &Step) -> bool {
+    let at = match &s.name()[..] {
+        "lmpop" | "zmpop" | "sintercard" | "zintercard" | "zunion" | "zinter" | "zdiff" => 1,
+        "blmpop" | "bzmpop" | "zunionstore" | "zinterstore" | "zdiffstore" => 2,
+        _ => return true,
+    };
+    let n = s
+        .args
+        .get(at)
+        .and_then(|a| std::str::from_utf8(a).ok()?.parse::<i64>().ok())
+        .unwrap_or(0);
+    s.args
+        .iter()
+        .skip(at + 1)
+        .take(n.max(0) as usize)
+        .all(|a| a.starts_with(b"{d"))
+}
+
 /// A pool key under a tag: `{d}` alone, or with `spread` one of [`TAGS`].
 fn key_under(g: &mut Gen, spread: bool) -> Vec<u8> {
     let k = g.key();
@@ -236,5 +260,32 @@ mod tests {
         let mut s = step!("MSET", "{d}:1", "{d}", "{d}:2", "x");
         retag(&mut s, "{d3}");
         assert_eq!(s, step!("MSET", "{d3}:1", "{d3}", "{d3}:2", "x"));
+    }
+
+    #[test]
+    fn numkeys_past_the_keys_is_not_one_slot() {
+        let bad = step!(
+            "ZUNIONSTORE",
+            "{d0}:z",
+            "9",
+            "{d0}:1",
+            "{d0}:2",
+            "AGGREGATE",
+            "SUM"
+        );
+        assert!(!keys_tagged(&bad));
+        assert!(keys_tagged(&step!(
+            "ZUNIONSTORE",
+            "{d}:z",
+            "2",
+            "{d}:1",
+            "{d}:2",
+            "AGGREGATE",
+            "SUM"
+        )));
+        assert!(keys_tagged(&step!("ZUNIONSTORE", "{d}:z", "abc", "{d}:1")));
+        assert!(!keys_tagged(&step!("BLMPOP", "0", "2", "{d}:1", "LEFT")));
+        assert!(keys_tagged(&step!("LMPOP", "9", "{d}:1")));
+        assert!(keys_tagged(&step!("SET", "{d}:1", "x")));
     }
 }
