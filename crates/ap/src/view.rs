@@ -23,7 +23,6 @@
 //! and keeps the command's index writes local.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::ops::Bound;
 
 use bytes::Bytes;
 use capdb_data::meta::CollMeta;
@@ -282,20 +281,6 @@ fn check_record_sizes(key: &[u8], delta: &Composite, value_bytes_max: usize) -> 
         }
     }
     Ok(())
-}
-
-fn in_range(sub: &[u8], lo: Bound<&[u8]>, hi: Bound<&[u8]>) -> bool {
-    let above = match lo {
-        Bound::Included(l) => sub >= l,
-        Bound::Excluded(l) => sub > l,
-        Bound::Unbounded => true,
-    };
-    let below = match hi {
-        Bound::Included(h) => sub <= h,
-        Bound::Excluded(h) => sub < h,
-        Bound::Unbounded => true,
-    };
-    above && below
 }
 
 impl Space for View {
@@ -575,7 +560,7 @@ impl Space for View {
         if kind == ZSET {
             // Index records sort after every score record (their tag is larger).
             for (sub, ()) in ks.index()?.range::<[u8], _>((range.lo, range.hi)) {
-                debug_assert!(in_range(sub, range.lo, range.hi));
+                debug_assert!(range.contains(sub));
                 out.push((sub.clone(), Bytes::new()));
             }
         }

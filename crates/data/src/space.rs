@@ -53,6 +53,21 @@ impl<'a> ElRange<'a> {
         }
     }
 
+    /// Whether `sub` is within the range's bounds (its limit and order aside).
+    pub fn contains(&self, sub: &[u8]) -> bool {
+        let above = match self.lo {
+            Bound::Included(l) => sub >= l,
+            Bound::Excluded(l) => sub > l,
+            Bound::Unbounded => true,
+        };
+        let below = match self.hi {
+            Bound::Included(h) => sub <= h,
+            Bound::Excluded(h) => sub < h,
+            Bound::Unbounded => true,
+        };
+        above && below
+    }
+
     /// Elements whose subkey starts with `prefix`, ascending.
     pub fn prefixed(prefix: &'a [u8], end: &'a [u8]) -> ElRange<'a> {
         ElRange {

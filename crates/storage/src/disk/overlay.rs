@@ -28,7 +28,6 @@
 //! when the commit applies the redo, as any drop does ([`super::space`]).
 
 use std::collections::{BTreeMap, HashSet};
-use std::ops::Bound;
 
 use bytes::Bytes;
 use capdb_data::meta::CollMeta;
@@ -94,20 +93,6 @@ impl Redo {
         }
         Ok(kept)
     }
-}
-
-fn in_range(sub: &[u8], lo: Bound<&[u8]>, hi: Bound<&[u8]>) -> bool {
-    let above = match lo {
-        Bound::Included(l) => sub >= l,
-        Bound::Excluded(l) => sub > l,
-        Bound::Unbounded => true,
-    };
-    let below = match hi {
-        Bound::Included(h) => sub <= h,
-        Bound::Excluded(h) => sub < h,
-        Bound::Unbounded => true,
-    };
-    above && below
 }
 
 impl<'s> Overlay<'s> {
@@ -279,7 +264,7 @@ impl Space for Overlay<'_> {
             .flatten();
         let mut merged: BTreeMap<Bytes, Bytes> = from_base.into_iter().collect();
         for (sub, value) in written {
-            if !in_range(sub, range.lo, range.hi) {
+            if !range.contains(sub) {
                 continue;
             }
             let beyond = edge
@@ -307,6 +292,7 @@ impl Space for Overlay<'_> {
 mod tests {
     use super::*;
     use capdb_types::ValueKind;
+    use std::ops::Bound;
 
     /// A plain in-memory space: the reference the overlay must agree with.
     #[derive(Default, Clone)]
@@ -356,7 +342,7 @@ mod tests {
             let all = self
                 .el
                 .iter()
-                .filter(|((id, s), _)| *id == c.id && in_range(s, r.lo, r.hi))
+                .filter(|((id, s), _)| *id == c.id && r.contains(s))
                 .map(|((_, s), v)| (s.clone(), v.clone()));
             Ok(if r.rev {
                 all.rev().take(r.limit).collect()
