@@ -20,7 +20,7 @@
 //! after a lost reply is always safe, and a coordinator and a recovery racing on the same
 //! transaction cannot decide differently.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -111,11 +111,6 @@ pub struct Config {
     pub lock_hold_ms: u64,
     /// How long an unanswered step is resent before giving up on the participant.
     pub resolve_for: Duration,
-    /// How long a committed transaction's commits wait before they are sent on their own: a
-    /// client's next transaction on the same keys usually carries them sooner
-    /// (`Prepare::committed_first`), which saves each shard a log entry. Locks are held that
-    /// much longer (reads of the keys wait for them).
-    pub commit_delay: Duration,
     /// First pause between attempts (doubling, with jitter).
     pub retry_pause: Duration,
     /// TESTING ONLY: the process aborts at this point of every transaction's first attempt,
@@ -141,7 +136,6 @@ impl Default for Config {
             retry_for: Duration::from_secs(5),
             lock_hold_ms: 1_200,
             resolve_for: Duration::from_secs(3),
-            commit_delay: Duration::from_millis(2),
             retry_pause: Duration::from_millis(2),
             debug_crash: None,
         }
@@ -218,15 +212,8 @@ impl Drop for Latched {
 /// Latches by (shard, key) (see [`Coordinator::latch`]).
 type Latches = HashMap<(GroupId, Bytes), Arc<tokio::sync::Mutex<()>>>;
 
-/// Commits on the way.
-#[derive(Default)]
-struct Committing {
-    /// (shard, key) -> the transaction and its commit timestamp.
-    by_key: HashMap<(GroupId, Bytes), (TxnId, Timestamp)>,
-    /// Commits a later prepare carried to their shard (it was answered, so they are applied
-    /// there): their own entry is not needed. Only while the transaction is in `by_key`.
-    carried: HashSet<(TxnId, GroupId)>,
-}
+/// Commits on the way: (shard, key) -> the transaction and its commit timestamp.
+type Committing = HashMap<(GroupId, Bytes), (TxnId, Timestamp)>;
 
 /// An attempt's end: finished, or try again with a new id.
 enum Attempt<R> {
@@ -245,7 +232,7 @@ impl<P: Participants> Coordinator<P> {
             seq: AtomicU64::new(0),
             config,
             metrics: Arc::new(Metrics::default()),
-            committing: Arc::new(Mutex::new(Committing::default())),
+            committing: Arc::new(Mutex::new(HashMap::new())),
             latches: Arc::new(Mutex::new(HashMap::new())),
         }
     }
@@ -325,14 +312,10 @@ impl<P: Participants> Coordinator<P> {
                 (*g, keys)
             })
             .collect();
-        let carrying: BTreeMap<GroupId, Vec<(TxnId, Timestamp)>> = groups
-            .iter()
-            .map(|g| (*g, self.committing_on(*g, &keys_of[g])))
-            .collect();
         let prepares = groups.iter().map(|g| {
             let idx = &parts[g];
             let keys = keys_of[g].clone();
-            let committed_first = carrying[g].clone();
+            let committed_first = self.committing_on(*g, &keys);
             let prepare = Prepare {
                 anchor,
                 participants: groups.clone(),
@@ -369,12 +352,9 @@ impl<P: Participants> Coordinator<P> {
         }
         let mut outcomes: Vec<Option<Outcome>> = Vec::with_capacity(groups.len());
         let mut replies: Vec<Option<Vec<P::Reply>>> = Vec::with_capacity(groups.len());
-        for (g, a) in groups.iter().zip(answers) {
+        for a in answers {
             match a {
                 Ok(a) => {
-                    if !carrying[g].is_empty() {
-                        self.carried(*g, &carrying[g], &keys_of[g]);
-                    }
                     outcomes.push(Some(a.outcome));
                     replies.push(a.replies);
                 }
@@ -563,69 +543,46 @@ impl<P: Participants> Coordinator<P> {
     /// `keys` there.
     fn committing_on(&self, group: GroupId, keys: &[(Bytes, LockMode)]) -> Vec<(TxnId, Timestamp)> {
         let committing = self.committing.lock().expect("committing map poisoned");
-        if committing.by_key.is_empty() {
+        if committing.is_empty() {
             return Vec::new();
         }
         let mut found: Vec<(TxnId, Timestamp)> = keys
             .iter()
-            .filter_map(|(k, _)| committing.by_key.get(&(group, k.clone())).copied())
+            .filter_map(|(k, _)| committing.get(&(group, k.clone())).copied())
             .collect();
         found.sort();
         found.dedup();
         found
     }
 
-    /// A prepare on `group` that carried `commits` was answered: they are applied there.
-    fn carried(&self, group: GroupId, commits: &[(TxnId, Timestamp)], keys: &[(Bytes, LockMode)]) {
-        let mut committing = self.committing.lock().expect("committing map poisoned");
-        for (k, _) in keys {
-            let at = (group, k.clone());
-            if let Some((txn, _)) = committing.by_key.get(&at).copied()
-                && commits.iter().any(|(t, _)| *t == txn)
-            {
-                committing.by_key.remove(&at);
-                committing.carried.insert((txn, group));
-            }
-        }
-    }
-
     /// Sends the commit of `id` to each shard of `keys` (with the keys it locks there) without
-    /// waiting, after [`Config::commit_delay`]; until a shard has it, later prepares of those
-    /// keys carry the commit, and a shard a prepare carried it to gets no entry of its own.
+    /// waiting; until a shard answers, later prepares of those keys carry the commit.
     fn commit_in_background(&self, id: TxnId, ts: Timestamp, keys: Vec<(GroupId, Vec<Bytes>)>) {
         {
             let mut committing = self.committing.lock().expect("committing map poisoned");
             for (g, ks) in &keys {
                 for k in ks {
-                    committing.by_key.insert((*g, k.clone()), (id, ts));
+                    committing.insert((*g, k.clone()), (id, ts));
                 }
             }
         }
         let participants = self.participants.clone();
         let committing = self.committing.clone();
-        let delay = self.config.commit_delay;
         let until = Instant::now() + self.config.resolve_for;
         tokio::spawn(async move {
-            if !delay.is_zero() {
-                tokio::time::sleep(delay).await;
-            }
             let sends = keys.into_iter().map(|(g, ks)| {
                 let participants = participants.clone();
                 let committing = committing.clone();
                 async move {
-                    let forget = |committing: &mut Committing| {
-                        for k in &ks {
-                            let at = (g, k.clone());
-                            if committing.by_key.get(&at).is_some_and(|(t, _)| *t == id) {
-                                committing.by_key.remove(&at);
-                            }
-                        }
-                        committing.carried.remove(&(id, g))
-                    };
-                    if forget(&mut committing.lock().expect("committing map poisoned")) {
-                        return;
-                    }
                     step_until(&*participants, g, id, ShardStep::Commit { ts }, until).await;
+                    let mut committing = committing.lock().expect("committing map poisoned");
+                    for k in ks {
+                        if let Some((txn, _)) = committing.get(&(g, k.clone()))
+                            && *txn == id
+                        {
+                            committing.remove(&(g, k));
+                        }
+                    }
                 }
             });
             futures::future::join_all(sends).await;

@@ -64,23 +64,6 @@ impl Sim {
     }
 
     fn apply(&self, group: GroupId, txn: TxnId, s: SimStep) -> Answer<i64> {
-        // Commits the coordinator knows of and carries with this prepare go first, as a
-        // participant applies them (`Prepare::committed_first`).
-        if let ShardStep::Prepare(p) = &s {
-            for (earlier, ts) in &p.committed_first {
-                let prepared = matches!(
-                    self.shards[group as usize]
-                        .lock()
-                        .unwrap()
-                        .txns
-                        .get(earlier),
-                    Some(Participation::Prepared { .. })
-                );
-                if prepared {
-                    self.apply(group, *earlier, ShardStep::Commit { ts: *ts });
-                }
-            }
-        }
         let mut shard = self.shards[group as usize].lock().unwrap();
         let shard = &mut *shard;
         let current = shard.txns.get(&txn).cloned();
