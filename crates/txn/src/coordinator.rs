@@ -23,7 +23,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -199,7 +199,7 @@ struct Latched {
 impl Drop for Latched {
     fn drop(&mut self) {
         self.held.clear();
-        let mut latches = self.latches.lock().expect("latch map poisoned");
+        let mut latches = self.latches.lock().unwrap_or_else(PoisonError::into_inner);
         for k in &self.keys {
             // Only the map's own reference left: nobody holds or waits for it.
             if latches.get(k).is_some_and(|l| Arc::strong_count(l) == 1) {
@@ -209,7 +209,9 @@ impl Drop for Latched {
     }
 }
 
-/// Latches by (shard, key) (see [`Coordinator::latch`]).
+/// Latches by (shard, key) (see [`Coordinator::latch`]). This map and the commits on the way
+/// are changed by single inserts and removals, so a panic elsewhere while one was locked
+/// leaves them whole: a poisoned lock is taken as it is.
 type Latches = HashMap<(GroupId, Bytes), Arc<tokio::sync::Mutex<()>>>;
 
 /// Commits on the way: (shard, key) -> the transaction and its commit timestamp.
@@ -523,7 +525,7 @@ impl<P: Participants> Coordinator<P> {
         keys.sort();
         keys.dedup();
         let mutexes: Vec<Arc<tokio::sync::Mutex<()>>> = {
-            let mut latches = self.latches.lock().expect("latch map poisoned");
+            let mut latches = self.latches.lock().unwrap_or_else(PoisonError::into_inner);
             keys.iter()
                 .map(|k| latches.entry(k.clone()).or_default().clone())
                 .collect()
@@ -542,7 +544,10 @@ impl<P: Participants> Coordinator<P> {
     /// The committed transactions whose commits are on the way to `group` and lock some of
     /// `keys` there.
     fn committing_on(&self, group: GroupId, keys: &[(Bytes, LockMode)]) -> Vec<(TxnId, Timestamp)> {
-        let committing = self.committing.lock().expect("committing map poisoned");
+        let committing = self
+            .committing
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         if committing.is_empty() {
             return Vec::new();
         }
@@ -559,7 +564,10 @@ impl<P: Participants> Coordinator<P> {
     /// waiting; until a shard answers, later prepares of those keys carry the commit.
     fn commit_in_background(&self, id: TxnId, ts: Timestamp, keys: Vec<(GroupId, Vec<Bytes>)>) {
         {
-            let mut committing = self.committing.lock().expect("committing map poisoned");
+            let mut committing = self
+                .committing
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
             for (g, ks) in &keys {
                 for k in ks {
                     committing.insert((*g, k.clone()), (id, ts));
@@ -575,7 +583,7 @@ impl<P: Participants> Coordinator<P> {
                 let committing = committing.clone();
                 async move {
                     step_until(&*participants, g, id, ShardStep::Commit { ts }, until).await;
-                    let mut committing = committing.lock().expect("committing map poisoned");
+                    let mut committing = committing.lock().unwrap_or_else(PoisonError::into_inner);
                     for k in ks {
                         if let Some((txn, _)) = committing.get(&(g, k.clone()))
                             && *txn == id
