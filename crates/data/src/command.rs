@@ -266,6 +266,7 @@ const FAMILIES: &[&[Spec]] = &[
     crate::bits::COMMANDS,
     crate::keys::COMMANDS,
     crate::zset::COMMANDS,
+    crate::dump::COMMANDS,
 ];
 
 /// The row of a data-type command by its lowercase name.

@@ -29,10 +29,12 @@
 //!   [`execute`];
 //! - [`format`]: numbers as Redis parses and prints them; [`glob`]: Redis's MATCH patterns;
 //!   [`scan`]: HSCAN/SSCAN/ZSCAN cursors; [`rng`]: the seeded generator random commands use;
-//! - families: [`hash`] (and, as they land, lists, sets, sorted sets).
+//! - families: [`hash`], [`list`], [`set`], [`zset`], [`strings`], [`bits`], [`hll`], [`keys`];
+//! - [`dump`]: DUMP and RESTORE in Redis's payload format (its RDB codec in [`dump::rdb`]).
 
 pub mod bits;
 pub mod command;
+pub mod dump;
 pub mod format;
 pub mod glob;
 pub mod hash;

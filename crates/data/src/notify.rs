@@ -563,6 +563,17 @@ fn rule(args: &[Bytes], reply: &Reply, f: &Facts) -> Option<Vec<Event>> {
                 Vec::new()
             }
         }
+        // A deadline already past restores nothing (REPLACE still deleted the old value).
+        "restore" if matches!(reply, Reply::Ok) => {
+            if f.exists(&key) {
+                one(Generic, "restore")
+            } else if f.emptied(&key) {
+                one(Generic, "del")
+            } else {
+                Vec::new()
+            }
+        }
+        "restore" => Vec::new(),
         "rename" | "renamenx" => {
             let dest = args.get(2).cloned().unwrap_or_default();
             let renamed = match reply {
@@ -609,6 +620,7 @@ const EVENT_NAMES: &[&str] = &[
     "pfadd",
     "rename_from",
     "rename_to",
+    "restore",
     "rpop",
     "rpush",
     "sadd",

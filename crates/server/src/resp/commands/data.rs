@@ -36,6 +36,7 @@ pub(super) async fn execute(
             // Replicas replay the command later: relative times become absolute now.
             let args = capdb_data::strings::absolutize(&args, conn.now_ms)
                 .or_else(|| capdb_data::hash::absolutize(&args, conn.now_ms))
+                .or_else(|| capdb_data::dump::absolutize(&args, conn.now_ms))
                 .unwrap_or(args);
             let key = key.unwrap_or_default();
             let m = Mutation::Exec { key, args };

@@ -471,6 +471,7 @@ fn data_step(
         // Replicas replay the command later: relative times become absolute now.
         capdb_data::strings::absolutize(&args, conn.now_ms)
             .or_else(|| capdb_data::hash::absolutize(&args, conn.now_ms))
+            .or_else(|| capdb_data::dump::absolutize(&args, conn.now_ms))
             .unwrap_or(args)
     } else {
         args
