@@ -210,12 +210,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> io::Result<()> {
-        // Not fsync'd on its own: losing it only means re-applying a few entries after a crash.
+        // With the writer's next batch (the apply of these entries, usually), not in a commit
+        // of its own: losing it in a crash only means applying a few entries again once the
+        // leader says they are committed; openraft saves it before each apply, so a storage
+        // commit of its own would sit on every write's path.
         let value = committed.map(|c| encode(&c));
         self.engine
-            .meta_put(vec![(meta_key(self.group, "committed"), value)], false)
-            .await
-            .map_err(io)
+            .meta_put_deferred(vec![(meta_key(self.group, "committed"), value)]);
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> io::Result<Option<LogId>> {

@@ -185,6 +185,43 @@ async fn disk_writes_survive_reopen_and_meta_is_listed() {
 }
 
 #[tokio::test]
+async fn a_deferred_meta_put_is_read_at_once_and_committed_with_the_next_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = DiskEngine::open(dir.path(), Arc::new(Hlc::new()), VALUE_MAX).unwrap();
+    engine.meta_put_deferred(vec![("g/1/committed".into(), Some(b"old".to_vec()))]);
+    engine.meta_put_deferred(vec![("g/1/committed".into(), Some(b"new".to_vec()))]);
+    assert_eq!(
+        engine.meta_get("g/1/committed").unwrap(),
+        Some(b"new".to_vec())
+    );
+    assert!(
+        engine.meta_list("g/").unwrap().is_empty(),
+        "no commit of its own"
+    );
+    // Any batch carries it.
+    engine
+        .meta_put(vec![("other".into(), Some(b"x".to_vec()))], false)
+        .await
+        .unwrap();
+    assert_eq!(
+        engine.meta_list("g/").unwrap(),
+        vec![("g/1/committed".into(), b"new".to_vec())]
+    );
+    // A group dropped while a put of its waits: the put goes with it.
+    engine.meta_put_deferred(vec![("g/2/committed".into(), Some(b"2".to_vec()))]);
+    engine
+        .drop_group(Vec::new(), Vec::new(), Vec::new(), vec!["g/2/".into()])
+        .await
+        .unwrap();
+    engine
+        .meta_put(vec![("other".into(), None)], false)
+        .await
+        .unwrap();
+    assert_eq!(engine.meta_get("g/2/committed").unwrap(), None);
+    assert_eq!(engine.meta_list("g/").unwrap().len(), 1);
+}
+
+#[tokio::test]
 async fn ap_deletes_leave_tombstones_invisible_to_readers() {
     let dir = tempfile::tempdir().unwrap();
     let engine = DiskEngine::open(dir.path(), Arc::new(Hlc::new()), VALUE_MAX).unwrap();

@@ -136,6 +136,8 @@ pub struct DiskEngine {
     stats: Arc<EngineStats>,
     closed: Closed,
     value_bytes_max: usize,
+    /// `_meta` puts that ride the writer's next batch ([`DiskEngine::meta_put_deferred`]).
+    deferred_meta: writer::DeferredMeta,
 }
 
 /// Signals when the writer thread has stopped and released its handle on the database. The file
@@ -181,7 +183,14 @@ impl DiskEngine {
 
         let db = Arc::new(db);
         let stats = Arc::new(EngineStats::default());
-        let (jobs, closed) = writer::start(db.clone(), hlc, value_bytes_max, stats.clone())?;
+        let deferred_meta = writer::DeferredMeta::default();
+        let (jobs, closed) = writer::start(
+            db.clone(),
+            hlc,
+            value_bytes_max,
+            stats.clone(),
+            deferred_meta.clone(),
+        )?;
         Ok(DiskEngine {
             db,
             jobs,
@@ -189,6 +198,7 @@ impl DiskEngine {
             stats,
             closed,
             value_bytes_max,
+            deferred_meta,
         })
     }
 
