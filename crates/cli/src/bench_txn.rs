@@ -276,8 +276,14 @@ const METRICS_BYTES_MAX: u64 = 16 * 1024 * 1024;
 /// cross-shard transactions the nodes coordinated so far that ended so (`retried`: attempts
 /// after the first, after lock conflicts; `recovered`: orphans finished by a shard leader).
 async fn cross_shard_count(nodes: &[NodeProc], outcome: &str) -> Result<u64, String> {
-    let line = format!("capdb_cross_shard_transactions{{outcome=\"{outcome}\"}} ");
-    let mut sum = 0;
+    let name = format!("capdb_cross_shard_transactions{{outcome=\"{outcome}\"}}");
+    Ok(metric_sums(nodes, &[&name]).await?[0] as u64)
+}
+
+/// The sums over `nodes` of the metrics `names` (each a full series name, labels included; a
+/// node without one counts 0).
+async fn metric_sums(nodes: &[NodeProc], names: &[&str]) -> Result<Vec<f64>, String> {
+    let mut sums = vec![0.0; names.len()];
     for n in nodes {
         let page = async {
             let mut s = TcpStream::connect(&n.http).await?;
@@ -291,14 +297,25 @@ async fn cross_shard_count(nodes: &[NodeProc], outcome: &str) -> Result<u64, Str
             .await
             .map_err(|_| format!("node {}: /metrics timed out", n.id))?
             .map_err(|e| format!("node {}: /metrics: {e}", n.id))?;
-        sum += page
-            .lines()
-            .find_map(|l| l.strip_prefix(line.as_str()))
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .unwrap_or(0);
+        for (sum, name) in sums.iter_mut().zip(names) {
+            *sum += page
+                .lines()
+                .find_map(|l| l.strip_prefix(*name)?.strip_prefix(' '))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .unwrap_or(0.0);
+        }
     }
-    Ok(sum)
+    Ok(sums)
 }
+
+/// The storage engines' counters (summed over the nodes) a case's cost is read from: group
+/// commits, and the seconds spent committing and, of those, in redb's commit (page writes and
+/// fsync).
+const STORAGE_METRICS: [&str; 3] = [
+    "capdb_storage_commits",
+    "capdb_storage_commit_seconds",
+    "capdb_storage_sync_seconds",
+];
 
 // ---- keys on shards ----
 
@@ -429,6 +446,12 @@ struct Measured {
     first_failure: Option<String>,
     /// Cross-shard attempts retried after a lock conflict during the run.
     retried: u64,
+    /// Storage group commits per successful request, summed over the nodes (Raft log
+    /// appends and state machine applies alike; a commit carries many requests under load).
+    commits_per_op: f64,
+    /// Time in those commits per request, and of it in redb's commit (pages and fsync).
+    commit_us_per_op: f64,
+    sync_us_per_op: f64,
 }
 
 /// The value at quantile `q` of sorted `values` (nearest rank).
@@ -453,6 +476,7 @@ async fn measure(
         conns.push(Conn::open(&nodes[i % nodes.len()].resp).await?);
     }
     let retried_before = cross_shard_count(nodes, "retried").await?;
+    let storage_before = metric_sums(nodes, &STORAGE_METRICS).await?;
     let started = Instant::now();
     let until = started + Duration::from_secs(seconds);
     let mut tasks = Vec::with_capacity(conns.len());
@@ -492,6 +516,9 @@ async fn measure(
     let retried = cross_shard_count(nodes, "retried")
         .await?
         .saturating_sub(retried_before);
+    let storage_after = metric_sums(nodes, &STORAGE_METRICS).await?;
+    let ops = all.latencies_us.len().max(1) as f64;
+    let per_op = |i: usize| (storage_after[i] - storage_before[i]).max(0.0) / ops;
     all.latencies_us.sort_unstable();
     Ok(Measured {
         case,
@@ -502,6 +529,9 @@ async fn measure(
         failures: all.failures,
         first_failure: all.first_failure,
         retried,
+        commits_per_op: per_op(0),
+        commit_us_per_op: per_op(1) * 1e6,
+        sync_us_per_op: per_op(2) * 1e6,
     })
 }
 
@@ -884,13 +914,13 @@ fn print_throughput(measured: &[Measured], seconds: u64) {
     );
     println!();
     println!(
-        "| case | clients | p50 ms | p99 ms | ops/s | p50 / SET | p99 / SET | ops/s / SET | failed | retried attempts |"
+        "| case | clients | p50 ms | p99 ms | ops/s | p50 / SET | p99 / SET | ops/s / SET | failed | retried attempts | storage commits / op | commit µs / op (of it redb) |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for m in measured {
         let set = baseline(measured, m.clients);
         println!(
-            "| {} | {} | {:.2} | {:.2} | {:.0} | {:.2}x | {:.2}x | {:.2}x | {} | {} |",
+            "| {} | {} | {:.2} | {:.2} | {:.0} | {:.2}x | {:.2}x | {:.2}x | {} | {} | {:.1} | {:.0} ({:.0}) |",
             m.case.name(),
             m.clients,
             m.p50_ms,
@@ -900,7 +930,10 @@ fn print_throughput(measured: &[Measured], seconds: u64) {
             ratio(m.p99_ms, set.map(|s| s.p99_ms)),
             ratio(m.ops_per_s, set.map(|s| s.ops_per_s)),
             m.failures,
-            m.retried
+            m.retried,
+            m.commits_per_op,
+            m.commit_us_per_op,
+            m.sync_us_per_op
         );
     }
     for m in measured.iter().filter(|m| m.failures > 0) {
