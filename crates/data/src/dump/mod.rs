@@ -184,9 +184,12 @@ fn options(args: &[Bytes]) -> Result<Options> {
 
 fn decode_error(e: DecodeError) -> Error {
     err(match e {
-        DecodeError::VersionOrChecksum => "ERR DUMP payload version or checksum are wrong",
-        DecodeError::BadData => "ERR Bad data format",
-        DecodeError::TooLarge => "ERR DUMP payload expands past 256 MiB, capdb's limit",
+        DecodeError::VersionOrChecksum => "ERR DUMP payload version or checksum are wrong".into(),
+        DecodeError::BadData => "ERR Bad data format".into(),
+        DecodeError::TooLarge => format!(
+            "ERR DUMP payload expands past {} MiB, capdb's limit",
+            rdb::DECODED_BYTES_MAX >> 20
+        ),
     })
 }
 

@@ -24,7 +24,8 @@
 //! element count must fit in the bytes that remain (each element takes at least one), a string
 //! must lie within the payload, a listpack or intset is walked entry by entry (header, each
 //! entry's back-length, the terminator, the declared count), and LZF output is bounded by the
-//! length it declares and by [`DECODED_BYTES_MAX`] for the whole payload. Empty collections,
+//! length it declares (itself at most 88 times the compressed length, LZF's largest expansion)
+//! and by [`DECODED_BYTES_MAX`] for the whole payload. Empty collections,
 //! NaN scores and duplicate members or fields are refused, as Redis refuses them. Redis 7.0
 //! (`sanitize-dump-payload no`, its default) checks listpacks and intsets more shallowly and
 //! would restore a few malformed ones (duplicates inside a listpack, a score that is not a
@@ -45,6 +46,10 @@ pub const RDB_VERSION: u16 = 10;
 /// (at most the frame limit, 16 MiB by default), but LZF can expand 88 times, so without a
 /// bound a small payload could make the server allocate gigabytes.
 pub const DECODED_BYTES_MAX: usize = 256 << 20;
+
+/// The most output bytes an LZF stream makes of one input byte: a back reference of 3 bytes
+/// copies up to 264.
+const LZF_EXPANSION_MAX: u64 = 88;
 
 /// The 2-byte version and the 8-byte checksum after the value.
 const FOOTER_LEN: usize = 10;
@@ -332,6 +337,12 @@ impl<'a> Reader<'a> {
                 let compressed_len =
                     usize::try_from(compressed_len).map_err(|_| DecodeError::BadData)?;
                 let compressed = self.take(compressed_len)?;
+                // No LZF stream expands more than 88 times (3 bytes name 264): a longer
+                // declared output is malformed, as Redis finds; a possible one past the
+                // budget is capdb's limit.
+                if len > (compressed_len as u64).saturating_mul(LZF_EXPANSION_MAX) {
+                    return Err(DecodeError::BadData);
+                }
                 let len = usize::try_from(len).map_err(|_| DecodeError::TooLarge)?;
                 if len > self.expand_left {
                     return Err(DecodeError::TooLarge);
@@ -820,11 +831,12 @@ pub(crate) mod tests {
             decode(&raw(TYPE_LIST_QUICKLIST_2, &many)),
             Err(DecodeError::BadData)
         );
-        // LZF declaring 2^40 bytes of output from 2 bytes of input.
+        // LZF declaring 2^40 bytes of output from 2 bytes of input: more than any stream of 2
+        // bytes makes (Redis: Bad data format too).
         let mut lzf = vec![0xc3, 0x02, 0x81];
         lzf.extend_from_slice(&(1u64 << 40).to_be_bytes());
         lzf.extend_from_slice(&[0x00, b'a']);
-        assert_eq!(decode(&raw(TYPE_STRING, &lzf)), Err(DecodeError::TooLarge));
+        assert_eq!(decode(&raw(TYPE_STRING, &lzf)), Err(DecodeError::BadData));
         // LZF strings that each expand legitimately (one literal, then 378 back references
         // of 264 bytes: 99,793 bytes from 1,136), refused once together they pass the budget.
         let mut stream = vec![0x00, b'a'];
