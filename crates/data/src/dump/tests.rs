@@ -496,3 +496,26 @@ fn keys_are_the_first_argument() {
         assert_eq!(spec.key_indices(&args).unwrap(), want);
     }
 }
+
+#[test]
+fn keyspace_events_are_redis_s() {
+    // redis-server 7.0.15, `__keyevent@0__:*`: restore, restore, del, nothing.
+    let mut s = every_type();
+    let payload = dump_of(&mut s, "str");
+    let mut events = |args: &[&[u8]]| -> Vec<&'static str> {
+        let args = crate::notify::wrap(args.iter().map(|a| Bytes::copy_from_slice(a)).collect());
+        let (reply, events) = crate::notify::unwrap(execute(&args, &mut s, &cx()).unwrap());
+        assert_eq!(reply, Reply::Ok);
+        events.iter().map(|e| e.name).collect()
+    };
+    assert_eq!(events(&[b"RESTORE", b"new", b"0", &payload]), ["restore"]);
+    assert_eq!(
+        events(&[b"RESTORE", b"str", b"0", &payload, b"REPLACE"]),
+        ["restore"]
+    );
+    assert_eq!(
+        events(&[b"RESTORE", b"str", b"1", &payload, b"ABSTTL", b"REPLACE"]),
+        ["del"]
+    );
+    assert!(events(&[b"RESTORE", b"none", b"1", &payload, b"ABSTTL"]).is_empty());
+}
