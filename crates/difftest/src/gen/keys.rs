@@ -395,7 +395,8 @@ fn unhex(s: &str) -> Vec<u8> {
 /// restores nothing), the option errors, and each payload's contents read back by the other
 /// families' commands.
 fn restore(g: &mut Gen, name: &str) -> Step {
-    let payload = unhex(*g.rng.pick(PAYLOADS));
+    let hex: &&str = g.rng.pick(PAYLOADS);
+    let payload = unhex(hex);
     let absttl = g.chance(25);
     let invalid = g.invalid();
     let ttl = if g.chance(60) {
