@@ -1240,7 +1240,7 @@ pub(crate) mod tests {
         let zset = zl_of_raw(&[zl_str(b"a"), zl_str(b"1.5"), zl_str(b"b"), vec![0xf3]]);
         vec![
             (
-                with(TYPE_LIST_ZIPLIST, &[list.clone()], None),
+                with(TYPE_LIST_ZIPLIST, std::slice::from_ref(&list), None),
                 Object::List(list_values),
             ),
             (
