@@ -293,7 +293,12 @@ fn no_difference(mode: capdb_difftest::Mode, seed: u64, commands: u64) {
             "capdb and Redis answered differently (mode {mode}, seed {seed}; replay with `capdb difftest --mode {mode} --seed {seed} --commands {commands} --minimize`):\n{d}"
         );
     }
-    assert_eq!(outcome.compared, commands);
+    // A transaction block the list would end in is run to its end (`command_list`).
+    assert!(
+        outcome.compared >= commands,
+        "{} of {commands} commands compared",
+        outcome.compared
+    );
 }
 
 #[test]
