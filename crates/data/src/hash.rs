@@ -47,9 +47,10 @@ const EXPIRY: u8 = 2;
 /// more than the truth when the hash has exactly 3 fields, a planted difference the
 /// differential tester (`capdb difftest`) must find. Never set otherwise.
 pub static PLANT_DIFFERENCE: AtomicBool = AtomicBool::new(false);
-/// Redis's `hash-max-listpack-entries` and `hash-max-listpack-value` defaults: past either, Redis
-/// converts the hash to a hashtable (for good).
-const LISTPACK_ENTRIES: u64 = 128;
+/// Redis 7.0's `hash-max-listpack-entries` and `hash-max-listpack-value` defaults (the compiled
+/// defaults of redis-server 7.0.15, `CONFIG GET` checked: 512 and 64; `redis.conf` says the
+/// same): past either, Redis converts the hash to a hashtable (for good).
+const LISTPACK_ENTRIES: u64 = 512;
 const LISTPACK_VALUE: usize = 64;
 
 const KEY: Keys = Keys::Range(1, 1, 1);
@@ -1060,7 +1061,7 @@ mod tests {
     #[test]
     fn hscan_of_a_big_hash_returns_every_field_once_across_pages() {
         let mut s = MapSpace::new(0);
-        for i in 0..500 {
+        for i in 0..600 {
             run(&mut s, &format!("HSET h f{i} v")).unwrap();
         }
         let mut cursor = "0".to_string();
@@ -1082,7 +1083,34 @@ mod tests {
                 break;
             }
         }
-        assert_eq!(seen.len(), 500);
+        assert_eq!(seen.len(), 600);
+    }
+
+    #[test]
+    fn a_hash_stays_listpack_up_to_512_fields_as_in_redis_7_0() {
+        // Found by `capdb difftest` (a hash of 129-512 fields): redis-server 7.0.15's
+        // `hash-max-listpack-entries` is 512, so OBJECT ENCODING answers listpack and one HSCAN
+        // call returns every field, whatever COUNT says.
+        let mut s = MapSpace::new(0);
+        for i in 0..512 {
+            run(&mut s, &format!("HSET h f{i} v")).unwrap();
+        }
+        assert_eq!(run(&mut s, "OBJECT ENCODING h").unwrap(), bulk("listpack"));
+        let Reply::Array(parts) = run(&mut s, "HSCAN h 0 COUNT 7").unwrap() else {
+            panic!()
+        };
+        assert_eq!(parts[0], bulk("0"));
+        let Reply::Array(items) = &parts[1] else {
+            panic!()
+        };
+        assert_eq!(items.len(), 2 * 512);
+        run(&mut s, "HSET h f512 v").unwrap();
+        assert_eq!(run(&mut s, "OBJECT ENCODING h").unwrap(), bulk("hashtable"));
+        // A value longer than `hash-max-listpack-value` (64) converts at once.
+        run(&mut s, &format!("HSET g a {}", "x".repeat(64))).unwrap();
+        assert_eq!(run(&mut s, "OBJECT ENCODING g").unwrap(), bulk("listpack"));
+        run(&mut s, &format!("HSET g b {}", "x".repeat(65))).unwrap();
+        assert_eq!(run(&mut s, "OBJECT ENCODING g").unwrap(), bulk("hashtable"));
     }
 
     #[test]
