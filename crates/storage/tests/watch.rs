@@ -278,8 +278,37 @@ async fn a_cache_transaction_aborts_exactly_when_a_watched_key_changed() {
         .apply_guarded(vec![set("t", "y")], &[&w], now + 200)
         .unwrap();
     assert!(later.is_none(), "expired since WATCH");
-    // FLUSHDB aborts every watch.
+    // FLUSHDB aborts the watches of the keys it deletes, and only those (Redis 7.0's
+    // `touchAllWatchedKeysInDb`; found by `capdb difftest`, cache seed 21).
+    store
+        .apply(
+            vec![
+                set_expiring("x", "v", ExpiryUpdate::At(now + 100)),
+                set_expiring("y", "v", ExpiryUpdate::At(now + 100)),
+            ],
+            now,
+        )
+        .await
+        .unwrap();
     let w = store.watch(&b("k"), now);
+    let missing = store.watch(&b("missing"), now);
+    let expired_before = store.watch(&b("y"), now + 200);
+    let expired_after = store.watch(&b("x"), now);
     store.clear().await.unwrap();
-    assert!(!run(&store, &w));
+    assert!(!run(&store, &w), "a deleted key");
+    assert!(run(&store, &missing), "a key that did not exist");
+    assert!(
+        store
+            .apply_guarded(vec![set("t", "z")], &[&expired_before], now + 200)
+            .unwrap()
+            .is_some(),
+        "a key that had expired at WATCH"
+    );
+    assert!(
+        store
+            .apply_guarded(vec![set("t", "z")], &[&expired_after], now + 200)
+            .unwrap()
+            .is_none(),
+        "a key that expired after WATCH"
+    );
 }

@@ -794,13 +794,27 @@ impl KeyspaceStore for MemStore {
         for i in 0..SHARDS {
             let mut shard = self.lock(i);
             let freed: u64 = shard.map.iter().map(|(k, e)| self.entry_total(k, e)).sum();
+            // WATCH: as Redis 7.0's `touchAllWatchedKeysInDb`, a flush changes the keys it
+            // deletes, and only those: a watched key that was absent (or had expired at WATCH,
+            // which removed it here) is not touched. A key that expired after WATCH is still
+            // in the map, and counts, as in Redis. A shard with more keys than the change log
+            // remembers forgets them all instead (every older watch aborts: conservative).
+            if self.watchers.load(Ordering::Acquire) > 0 {
+                let s = &mut *shard;
+                if s.map.len() > watch::TOUCHED_PER_SHARD_MAX {
+                    s.changes.forget_all();
+                } else {
+                    for k in s.map.keys() {
+                        s.changes.record(k);
+                    }
+                }
+            }
             for (_, e) in std::mem::take(&mut shard.map) {
                 if let Some(elements) = e.elements {
                     space::reclaim(elements);
                 }
             }
             shard.expiring = IndexSet::default();
-            shard.changes.forget_all();
             self.used_bytes.fetch_sub(freed, Ordering::Relaxed);
         }
         Ok(())

@@ -41,7 +41,7 @@ impl ChangeLog {
         self.touched.insert(Key::from_slice(key), self.count);
     }
 
-    /// Every watch of this shard counts as changed (FLUSHDB).
+    /// Every watch of this shard counts as changed (a flush of more keys than are remembered).
     pub(super) fn forget_all(&mut self) {
         self.count += 1;
         self.horizon = self.count;
