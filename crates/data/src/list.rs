@@ -652,9 +652,9 @@ fn ltrim(args: &[Bytes], space: &mut dyn Space, cx: &Ctx) -> Result<Reply> {
         l.meta.head = head + keep.start;
         l.meta.tail = head + keep.end;
         l.meta.len = (keep.end - keep.start) as u64;
-    } else {
-        return Ok(Reply::Ok);
     }
+    // Stored even when every element is kept: Redis's LTRIM signals the key as modified
+    // whatever it trimmed (a WATCH of it aborts).
     finish(space, &l, cx)?;
     Ok(Reply::Ok)
 }
