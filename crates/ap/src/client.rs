@@ -51,6 +51,33 @@ impl Ap {
         Ok(out)
     }
 
+    /// WATCH's marks of `keys` at `level`: per key, `None` when it shows nothing (absent,
+    /// deleted, expired), else its [`capdb_types::composite::watch_stamp`]. A key changed
+    /// between two reads the way Redis counts a change iff its mark differs.
+    pub async fn watch_stamps(
+        self: &Arc<Self>,
+        keyspace: &KeyspaceName,
+        keys: &[Bytes],
+        level: Level,
+        now_ms: u64,
+    ) -> Result<Vec<Option<u64>>> {
+        let entry = self.entry(keyspace)?;
+        let mut out = Vec::with_capacity(keys.len());
+        for k in keys {
+            let shard = entry.shards[shard_index(&entry, k)].clone();
+            let v = self
+                .read_versions(keyspace, &shard, vec![k.clone()], level)
+                .await?
+                .pop()
+                .flatten();
+            out.push(match v.filter(|v| v.is_live(now_ms)) {
+                Some(v) => Some(capdb_types::composite::watch_stamp(&v)?),
+                None => None,
+            });
+        }
+        Ok(out)
+    }
+
     /// Applies client mutations at `level`, in order. See the module docs for which commands
     /// are blind writes, counters or read-modify-writes.
     pub async fn apply(

@@ -362,7 +362,9 @@ impl Space for View {
             c.tail = meta.tail;
             changed = true;
         }
-        if changed {
+        // A list stored again unchanged (LTRIM keeping every element) is still a write Redis
+        // signals (a WATCH aborts): the list register is rewritten.
+        if changed || kind == LIST {
             ks.touch_registers(kind, me, t_write);
         }
         Ok(())
@@ -505,6 +507,19 @@ impl Space for View {
         }
         ks.touch(sub, me, t_write);
         Ok(())
+    }
+
+    fn el_insert(&mut self, c: &Coll, sub: &[u8], value: &[u8]) -> Result<bool> {
+        let present = self.el_get(c, sub)?.is_some();
+        // A set member already present: Redis's SADD (SMOVE's destination) changes nothing
+        // and signals no change, so no new add is written either. Re-adding would bump the
+        // key's version, aborting a WATCH that Redis lets through. (A hash field or score is
+        // rewritten: the command then stores the record, a change Redis signals too.)
+        if present && self.key(&c.key)?.kind == SET {
+            return Ok(false);
+        }
+        self.el_put(c, sub, value)?;
+        Ok(!present)
     }
 
     fn el_remove(&mut self, c: &Coll, sub: &[u8]) -> Result<()> {

@@ -101,6 +101,132 @@ fn expire_options_answer_as_redis_does_in_every_mode() {
     }
 }
 
+/// WATCH, a write by the same client, then MULTI/EXEC: a write Redis signals as a change
+/// aborts EXEC (an SREM that leaves members, an LTRIM that keeps every element, an HSET of the
+/// same value), a write that changes nothing does not (SADD of a present member, ZINCRBY by 0,
+/// SMOVE within one set). Found by `capdb difftest` (`ap`: SADD of a present member aborted;
+/// an SREM and an LTRIM did not, nor did an LTRIM on `cp` and `cache`).
+const WATCH_SCRIPT: &str = "
+    sadd s 4 hello 10
+    watch s
+    sadd s 10
+    multi
+    ping
+    exec
+    watch s
+    srem s 4
+    multi
+    ping
+    exec
+    watch s
+    srem s nothere
+    multi
+    ping
+    exec
+    watch s
+    smove s s hello
+    multi
+    ping
+    exec
+    rpush l a b
+    watch l
+    ltrim l 0 -1
+    multi
+    ping
+    exec
+    watch l
+    lrem l 0 nothere
+    multi
+    ping
+    exec
+    hset h f v g w
+    watch h
+    hset h f v
+    multi
+    ping
+    exec
+    watch h
+    hdel h nothere
+    multi
+    ping
+    exec
+    watch h
+    hdel h g
+    multi
+    ping
+    exec
+    zadd z 1 m 2 n
+    watch z
+    zadd z 1 m
+    multi
+    ping
+    exec
+    watch z
+    zincrby z 0 m
+    multi
+    ping
+    exec
+    watch z
+    zrem z n
+    multi
+    ping
+    exec
+    set k v
+    watch k
+    set k v
+    multi
+    ping
+    exec
+    watch k
+    persist k
+    multi
+    ping
+    exec
+";
+
+/// FLUSHDB aborts the WATCH of a key it deletes, not of a key that did not exist (Redis 7.0's
+/// `touchAllWatchedKeysInDb`; found by `capdb difftest`, cache seed 21). `cp` aborts both (a
+/// documented conservative choice), so this runs on `cache` and `ap`.
+const FLUSHDB_WATCH_SCRIPT: &str = "
+    watch missing
+    flushdb
+    multi
+    ping
+    exec
+    set k v
+    watch k
+    flushdb
+    multi
+    ping
+    exec
+";
+
+#[test]
+fn watch_aborts_exactly_where_redis_signals_a_change_in_every_mode() {
+    let mut redis_server = RedisServer::start_with(&[]);
+    let mut redis = redis_server.client();
+    let capdb = Server::start();
+    for body in [
+        &br#"{"name":"1","mode":"cache","max_memory_bytes":1048576}"#[..],
+        &br#"{"name":"2","mode":"ap"}"#[..],
+    ] {
+        let (status, answer) =
+            common::http(capdb.http, "POST", "/v1/keyspaces", &[], Some(body)).unwrap();
+        assert_eq!(status, 201, "{}", String::from_utf8_lossy(&answer));
+    }
+    for db in ["0", "1", "2"] {
+        let mut ours = redis::Client::open(format!("redis://{}/{db}", capdb.resp))
+            .unwrap()
+            .get_connection()
+            .unwrap();
+        let _: () = redis::cmd("FLUSHDB").query(&mut redis).unwrap();
+        same_replies(&mut redis, &mut ours, WATCH_SCRIPT);
+        if db != "0" {
+            same_replies(&mut redis, &mut ours, FLUSHDB_WATCH_SCRIPT);
+        }
+    }
+}
+
 /// Writes `request` on a new connection and returns every byte answered until the server
 /// closes the connection or stays silent for half a second.
 fn raw_exchange(addr: SocketAddr, request: &[u8]) -> Vec<u8> {

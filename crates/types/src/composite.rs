@@ -570,6 +570,48 @@ pub(crate) fn merge(a: &Value, b: &Value) -> Value {
     }
 }
 
+/// WATCH on an `ap` key: a fingerprint of what the key shows and of the versions that wrote
+/// it, compared at EXEC with the one taken at WATCH. It changes with every write Redis counts
+/// as a change: a new version of the base (SET, even of the same value; DEL), of a visible
+/// element (HSET, ZADD of a new score, an element's removal, which hides it), of a set
+/// member's adds, of the deadline (EXPIRE), of a list. It ignores what no client can see and
+/// no Redis command signals: hidden elements, set removals of an invisible member, what
+/// tombstone collection drops. (The record's timestamp is not enough: an SREM records the adds
+/// it observed, no newer timestamp.) Compared within one process only.
+pub fn watch_stamp(v: &Value) -> Result<u64> {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    if !is_composite(v) {
+        v.encode().hash(&mut h);
+        return Ok(h.finish());
+    }
+    let c = Composite::of(v)?;
+    match c.winner().0 {
+        Visible::Absent => 0u8.hash(&mut h),
+        Visible::Base(b) => {
+            1u8.hash(&mut h);
+            b.encode().hash(&mut h);
+        }
+        Visible::Coll(kind) => {
+            let k = kind as u8;
+            (2u8, k).hash(&mut h);
+            if let Some(cs) = c.colls.get(&k) {
+                let mut shown = cs.clone();
+                if k != LIST {
+                    shown.entries.retain(|_, e| e.visible(k));
+                    for e in shown.entries.values_mut() {
+                        e.removes.clear();
+                    }
+                }
+                postcard::to_stdvec(&shown)
+                    .map_err(|e| Error::Io(format!("ap watch stamp: {e}")))?
+                    .hash(&mut h);
+            }
+        }
+    }
+    Ok(h.finish())
+}
+
 /// What a client sees of a composite version (see [`crate::merge::render`]); the caller has
 /// judged expiry on the header.
 pub(crate) fn render(v: Value) -> Result<Value> {

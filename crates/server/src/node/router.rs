@@ -116,9 +116,10 @@ enum WatchMark {
     Cp(capdb_raft::command::TxnGuard),
     /// Dropping it stops the cache recording changes for it.
     Cache(capdb_storage::memory::WatchTicket),
+    /// The key's `capdb_types::composite::watch_stamp` at WATCH (`None`: it showed nothing).
     Ap {
         key: Bytes,
-        version: Option<capdb_types::Timestamp>,
+        stamp: Option<u64>,
     },
 }
 
@@ -592,8 +593,8 @@ impl Keyspace {
     /// Starts watching `keys` (WATCH; every key on one shard, see [`Keyspace::txn_shard`]):
     /// what EXEC needs to tell whether any of them changed since now. `cp`: a point in the
     /// shard's log (one entry through it, `Groups::watch_point`); `cache`: the shard's change
-    /// count (`MemStore::watch`); `ap`: each key's version as read now (best effort: see
-    /// [`Keyspace::transact`]).
+    /// count (`MemStore::watch`); `ap`: each key's watch stamp as read now
+    /// (`capdb_types::composite::watch_stamp`; best effort: see [`Keyspace::transact`]).
     pub async fn watch(&self, keys: &[Bytes], now_ms: u64, c: Consistency) -> Result<Vec<Watched>> {
         self.check_live()?;
         let Some(first) = keys.first() else {
@@ -617,13 +618,15 @@ impl Keyspace {
                 .iter()
                 .map(|k| WatchMark::Cache(m.watch(k, now_ms)))
                 .collect(),
-            Store::Ap { .. } => {
-                let values = self.get_many(keys, now_ms, c).await?;
+            Store::Ap { ap, .. } => {
+                let stamps = ap
+                    .watch_stamps(self.name(), keys, c.ap_read, now_ms)
+                    .await?;
                 keys.iter()
-                    .zip(values)
-                    .map(|(k, v)| WatchMark::Ap {
+                    .zip(stamps)
+                    .map(|(k, stamp)| WatchMark::Ap {
                         key: k.clone(),
-                        version: v.map(|v| v.header.timestamp),
+                        stamp,
                     })
                     .collect()
             }
@@ -645,7 +648,7 @@ impl Keyspace {
     /// - `cp`: one log entry (`Request::Txn`), the guards checked while applying it: atomic,
     ///   isolated, exactly once.
     /// - `cache`: one lock scope over every shard the keys (and watched keys) hash to.
-    /// - `ap`: the watched keys are read again and compared with their versions at WATCH,
+    /// - `ap`: the watched keys are read again and compared with their stamps at WATCH,
     ///   then the commands run in order at this coordinator: nothing is isolated from
     ///   concurrent writers (as for every `ap` read-modify-write), and a change between that
     ///   check and the writes is not seen (best effort, as the README says).
@@ -688,20 +691,22 @@ impl Keyspace {
                 value_bytes_max,
                 ..
             } => {
-                let watched: Vec<(&Bytes, Option<capdb_types::Timestamp>)> = watches
+                let watched: Vec<(&Bytes, Option<u64>)> = watches
                     .iter()
                     .filter_map(|w| match &w.mark {
-                        WatchMark::Ap { key, version } => Some((key, *version)),
+                        WatchMark::Ap { key, stamp } => Some((key, *stamp)),
                         _ => None,
                     })
                     .collect();
                 if !watched.is_empty() {
                     let keys: Vec<Bytes> = watched.iter().map(|(k, _)| (*k).clone()).collect();
-                    let now = self.get_many(&keys, now_ms, c).await?;
+                    let now = ap
+                        .watch_stamps(self.name(), &keys, c.ap_read, now_ms)
+                        .await?;
                     let same = watched
                         .iter()
                         .zip(now)
-                        .all(|((_, before), v)| *before == v.map(|v| v.header.timestamp));
+                        .all(|((_, before), stamp)| *before == stamp);
                     if !same {
                         return Ok(None);
                     }
