@@ -227,6 +227,33 @@ fn watch_aborts_exactly_where_redis_signals_a_change_in_every_mode() {
     }
 }
 
+/// The thresholds of Redis 7.0's compact encodings, which OBJECT ENCODING and the SCAN family's
+/// paging follow (`hash-max-listpack-entries` was 128 in capdb, 512 in redis-server 7.0.15).
+const ENCODING_CONFIG_SCRIPT: &str = "
+    config get hash-max-listpack-entries
+    config get hash-max-ziplist-entries
+    config get hash-max-listpack-value
+    config get set-max-intset-entries
+    config get zset-max-listpack-entries
+    config get zset-max-listpack-value
+    config get zset-max-ziplist-value
+    config get list-max-listpack-size
+    config get list-max-ziplist-size
+    config get list-compress-depth
+";
+
+#[test]
+fn encoding_thresholds_read_as_redis_7_0s() {
+    let mut redis_server = RedisServer::start_with(&[]);
+    let mut redis = redis_server.client();
+    let capdb = Server::start();
+    let mut ours = redis::Client::open(format!("redis://{}/0", capdb.resp))
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    same_replies(&mut redis, &mut ours, ENCODING_CONFIG_SCRIPT);
+}
+
 /// Writes `request` on a new connection and returns every byte answered until the server
 /// closes the connection or stays silent for half a second.
 fn raw_exchange(addr: SocketAddr, request: &[u8]) -> Vec<u8> {

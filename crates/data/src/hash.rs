@@ -50,8 +50,8 @@ pub static PLANT_DIFFERENCE: AtomicBool = AtomicBool::new(false);
 /// Redis 7.0's `hash-max-listpack-entries` and `hash-max-listpack-value` defaults (the compiled
 /// defaults of redis-server 7.0.15, `CONFIG GET` checked: 512 and 64; `redis.conf` says the
 /// same): past either, Redis converts the hash to a hashtable (for good).
-const LISTPACK_ENTRIES: u64 = 512;
-const LISTPACK_VALUE: usize = 64;
+pub const LISTPACK_ENTRIES: u64 = 512;
+pub const LISTPACK_VALUE: usize = 64;
 
 const KEY: Keys = Keys::Range(1, 1, 1);
 const W: &[&str] = &["write", "denyoom", "fast"];

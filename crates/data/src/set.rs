@@ -30,7 +30,7 @@ use crate::space::{ElRange, Space};
 
 const MEMBER: u8 = 0;
 /// Redis's `set-max-intset-entries` default.
-const INTSET_ENTRIES: u64 = 512;
+pub const INTSET_ENTRIES: u64 = 512;
 /// Redis's `SPOP_MOVE_STRATEGY_MUL`: SPOP with a count rebuilds the set from the members it
 /// keeps when `left * 5 <= count`, which re-decides the encoding.
 const SPOP_MOVE_STRATEGY_MUL: u64 = 5;

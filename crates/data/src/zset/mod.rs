@@ -49,8 +49,8 @@ const SCORE: u8 = 0;
 /// The order index.
 const INDEX: u8 = 1;
 /// Redis's `zset-max-listpack-entries` and `zset-max-listpack-value` defaults.
-const LISTPACK_ENTRIES: u64 = 128;
-const LISTPACK_VALUE: usize = 64;
+pub const LISTPACK_ENTRIES: u64 = 128;
+pub const LISTPACK_VALUE: usize = 64;
 /// Most members ZRANDMEMBER returns with a negative count (repetitions allowed): Redis would
 /// build any reply asked for (and run out of memory); capdb refuses one larger than the largest
 /// command it accepts.

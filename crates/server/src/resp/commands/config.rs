@@ -14,6 +14,7 @@
 //! | `notify-keyspace-events` | stored and answered as Redis normalises it (`KEA` reads `AKE`) |
 //! | `maxmemory`, `maxmemory-policy` | validated as Redis does; a `cache` keyspace's limit and policy change on this node (a lower limit evicts at once; `0`, no limit, is refused: a cache needs one); `cp`/`ap` read `0` and `noeviction` and refuse other values; Redis's policies other than `allkeys-lru`/`allkeys-lfu` are refused by name |
 //! | `save`, `appendonly`, `databases`, `maxclients`, `maxmemory-samples`, `port`, `cluster-enabled`, `proto-max-bulk-len`, `client-query-buffer-limit` | readable; `can't set immutable config` (they come from the node's configuration) |
+//! | the encoding thresholds: `hash-max-listpack-entries`/`-value`, `set-max-intset-entries`, `zset-max-listpack-entries`/`-value`, `list-max-listpack-size`, `list-compress-depth` (and the `ziplist` aliases) | readable, Redis 7.0's defaults; `can't set immutable config` (Redis can change them; capdb's are fixed) |
 //!
 //! `CONFIG SET` with several pairs is all or nothing, as Redis's: every name is checked
 //! (unknown, immutable, duplicate: the first problem wins), then every value, and only then is
@@ -119,6 +120,70 @@ const PARAMS: &[Param] = &[
     Param {
         name: "client-query-buffer-limit",
         get: |c| c.node.config.limits.frame_bytes_max.to_string(),
+        set: Setter::Immutable,
+    },
+    // Where Redis 7.0 leaves its compact encodings (OBJECT ENCODING, HSCAN/SSCAN/ZSCAN paging
+    // follow them): redis-server 7.0.15's defaults, fixed in `capdb-data`. Each under its
+    // 7.0 name and its older alias, as Redis lists them.
+    Param {
+        name: "hash-max-listpack-entries",
+        get: |_| capdb_data::hash::LISTPACK_ENTRIES.to_string(),
+        set: Setter::Immutable,
+    },
+    Param {
+        name: "hash-max-ziplist-entries",
+        get: |_| capdb_data::hash::LISTPACK_ENTRIES.to_string(),
+        set: Setter::Immutable,
+    },
+    Param {
+        name: "hash-max-listpack-value",
+        get: |_| capdb_data::hash::LISTPACK_VALUE.to_string(),
+        set: Setter::Immutable,
+    },
+    Param {
+        name: "hash-max-ziplist-value",
+        get: |_| capdb_data::hash::LISTPACK_VALUE.to_string(),
+        set: Setter::Immutable,
+    },
+    Param {
+        name: "set-max-intset-entries",
+        get: |_| capdb_data::set::INTSET_ENTRIES.to_string(),
+        set: Setter::Immutable,
+    },
+    Param {
+        name: "zset-max-listpack-entries",
+        get: |_| capdb_data::zset::LISTPACK_ENTRIES.to_string(),
+        set: Setter::Immutable,
+    },
+    Param {
+        name: "zset-max-ziplist-entries",
+        get: |_| capdb_data::zset::LISTPACK_ENTRIES.to_string(),
+        set: Setter::Immutable,
+    },
+    Param {
+        name: "zset-max-listpack-value",
+        get: |_| capdb_data::zset::LISTPACK_VALUE.to_string(),
+        set: Setter::Immutable,
+    },
+    Param {
+        name: "zset-max-ziplist-value",
+        get: |_| capdb_data::zset::LISTPACK_VALUE.to_string(),
+        set: Setter::Immutable,
+    },
+    // Lists are quicklists (Redis 7.0's only list encoding) with these defaults.
+    Param {
+        name: "list-max-listpack-size",
+        get: |_| "-2".into(),
+        set: Setter::Immutable,
+    },
+    Param {
+        name: "list-max-ziplist-size",
+        get: |_| "-2".into(),
+        set: Setter::Immutable,
+    },
+    Param {
+        name: "list-compress-depth",
+        get: |_| "0".into(),
         set: Setter::Immutable,
     },
 ];
