@@ -51,8 +51,8 @@ impl Ap {
         Ok(out)
     }
 
-    /// WATCH's marks of `keys` at `level`: per key, `None` when it shows nothing (absent,
-    /// deleted, expired), else its [`capdb_types::composite::watch_stamp`]. A key changed
+    /// WATCH's marks of `keys` at `level`: per key, `None` when no version of it is stored,
+    /// else its [`capdb_types::composite::watch_stamp`] (also for a tombstone). A key changed
     /// between two reads the way Redis counts a change iff its mark differs.
     pub async fn watch_stamps(
         self: &Arc<Self>,
@@ -70,8 +70,8 @@ impl Ap {
                 .await?
                 .pop()
                 .flatten();
-            out.push(match v.filter(|v| v.is_live(now_ms)) {
-                Some(v) => Some(capdb_types::composite::watch_stamp(&v)?),
+            out.push(match v {
+                Some(v) => Some(capdb_types::composite::watch_stamp(&v, now_ms)?),
                 None => None,
             });
         }

@@ -104,8 +104,9 @@ fn expire_options_answer_as_redis_does_in_every_mode() {
 /// WATCH, a write by the same client, then MULTI/EXEC: a write Redis signals as a change
 /// aborts EXEC (an SREM that leaves members, an LTRIM that keeps every element, an HSET of the
 /// same value), a write that changes nothing does not (SADD of a present member, ZINCRBY by 0,
-/// SMOVE within one set). Found by `capdb difftest` (`ap`: SADD of a present member aborted;
-/// an SREM and an LTRIM did not, nor did an LTRIM on `cp` and `cache`).
+/// SMOVE within one set); a key created and deleted again since WATCH counts as changed. Found by `capdb difftest` (`ap`: SADD of a present
+/// member aborted; an SREM, an LTRIM and a create-then-delete did not, nor did an LTRIM on
+/// `cp` and `cache`).
 const WATCH_SCRIPT: &str = "
     sadd s 4 hello 10
     watch s
@@ -179,6 +180,12 @@ const WATCH_SCRIPT: &str = "
     exec
     watch k
     persist k
+    multi
+    ping
+    exec
+    watch gone
+    rpush gone a
+    del gone
     multi
     ping
     exec

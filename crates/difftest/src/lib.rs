@@ -482,6 +482,7 @@ fn command_list(o: &Options, served: &[&'static str]) -> Vec<(Step, bool)> {
     }
     let mut stretch = rng::Rng::new(o.seed ^ 0x05ee_d0f2_e5f3);
     let mut out = Vec::with_capacity(o.commands as usize);
+    let mut watches = FlushWatches::new(matches!(o.mode, Mode::Cp | Mode::CpShards));
     while (out.len() as u64) < o.commands {
         let resp3 = stretch.chance(o.resp3_percent);
         let n = stretch.range(1, 64);
@@ -489,14 +490,75 @@ fn command_list(o: &Options, served: &[&'static str]) -> Vec<(Step, bool)> {
             if out.len() as u64 >= o.commands {
                 break;
             }
-            out.push((g.next_step(), resp3));
+            watches.push(&mut out, g.next_step(), resp3);
         }
         // A transaction block stays on one connection to its end.
         while out.last().is_some_and(|(s, _)| s.block) {
-            out.push((g.next_step(), resp3));
+            watches.push(&mut out, g.next_step(), resp3);
         }
     }
     out
+}
+
+/// The one documented difference the list steers around: on `cp` a FLUSHDB aborts every older
+/// WATCH, also of a key that did not exist (README, "Transactions"), where Redis 7.0 aborts
+/// only those of keys it deleted. In the `cp` modes, before a FLUSHDB (or FLUSHALL), a
+/// connection still watching (a WATCH left for a later block) gets an UNWATCH, sent to both
+/// servers; the connection whose MULTI queues the FLUSHDB keeps its watches (its EXEC judges
+/// them before the FLUSHDB runs). Other modes follow Redis exactly and get no UNWATCH.
+struct FlushWatches {
+    on: bool,
+    /// Per connection (RESP2, RESP3): inside MULTI, and (maybe) watching.
+    in_multi: [bool; 2],
+    watching: [bool; 2],
+    /// Where the block (or lone command) being pushed starts: an UNWATCH goes before it.
+    segment_start: usize,
+}
+
+impl FlushWatches {
+    fn new(on: bool) -> FlushWatches {
+        FlushWatches {
+            on,
+            in_multi: [false; 2],
+            watching: [false; 2],
+            segment_start: 0,
+        }
+    }
+
+    fn push(&mut self, out: &mut Vec<(Step, bool)>, step: Step, resp3: bool) {
+        if out.last().is_none_or(|(s, _)| !s.block) {
+            self.segment_start = out.len();
+        }
+        let name = step.name();
+        if self.on && matches!(&name[..], "flushdb" | "flushall") {
+            for c in [false, true] {
+                let i = c as usize;
+                if self.watching[i] && !(c == resp3 && self.in_multi[i]) {
+                    let unwatch = Step {
+                        args: vec![b"UNWATCH".to_vec()],
+                        walk: false,
+                        block: false,
+                    };
+                    out.insert(self.segment_start, (unwatch, c));
+                    self.segment_start += 1;
+                    self.watching[i] = false;
+                }
+            }
+        }
+        // Conservative: a WATCH is assumed to hold until a clean EXEC, DISCARD or UNWATCH.
+        let i = resp3 as usize;
+        match (&name[..], step.args.len()) {
+            ("multi", 1) => self.in_multi[i] = true,
+            ("exec" | "discard", 1) if self.in_multi[i] => {
+                self.in_multi[i] = false;
+                self.watching[i] = false;
+            }
+            ("unwatch", 1) if !self.in_multi[i] => self.watching[i] = false,
+            ("watch", 2..) if !self.in_multi[i] => self.watching[i] = true,
+            _ => {}
+        }
+        out.push((step, resp3));
+    }
 }
 
 /// Writes the list (and the difference) to `path`, one command a line.
@@ -675,4 +737,61 @@ pub fn run(o: &Options, log: &mut dyn Write) -> Result<Outcome, String> {
         started.elapsed().as_secs()
     );
     Ok(outcome)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn step(words: &str, block: bool) -> Step {
+        Step {
+            args: words.split(' ').map(|w| w.as_bytes().to_vec()).collect(),
+            walk: false,
+            block,
+        }
+    }
+
+    fn lines(out: &[(Step, bool)]) -> Vec<String> {
+        out.iter()
+            .map(|(s, resp3)| {
+                let words: Vec<String> = s
+                    .args
+                    .iter()
+                    .map(|a| String::from_utf8_lossy(a).into_owned())
+                    .collect();
+                format!("{}:{}", if *resp3 { 3 } else { 2 }, words.join(" "))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn in_cp_modes_a_watch_left_open_is_unwatched_before_a_flushdb() {
+        // Found by `capdb difftest --mode cp-shards --seed 1` (command 22,763): a WATCH left
+        // on one connection, a FLUSHDB queued on the other, then the first's EXEC.
+        for on in [true, false] {
+            let mut w = FlushWatches::new(on);
+            let mut out = Vec::new();
+            w.push(&mut out, step("WATCH k", false), false);
+            w.push(&mut out, step("WATCH j", false), true);
+            w.push(&mut out, step("MULTI", true), true);
+            w.push(&mut out, step("FLUSHDB", true), true);
+            w.push(&mut out, step("EXEC", false), true);
+            w.push(&mut out, step("MULTI", true), false);
+            w.push(&mut out, step("EXEC", false), false);
+            let mut want = vec![
+                "2:WATCH k",
+                "3:WATCH j",
+                "2:UNWATCH",
+                "3:MULTI",
+                "3:FLUSHDB",
+                "3:EXEC",
+                "2:MULTI",
+                "2:EXEC",
+            ];
+            if !on {
+                want.remove(2);
+            }
+            assert_eq!(lines(&out), want, "cp modes: {on}");
+        }
+    }
 }

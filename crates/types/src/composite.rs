@@ -577,10 +577,17 @@ pub(crate) fn merge(a: &Value, b: &Value) -> Value {
 /// member's adds, of the deadline (EXPIRE), of a list. It ignores what no client can see and
 /// no Redis command signals: hidden elements, set removals of an invisible member, what
 /// tombstone collection drops. (The record's timestamp is not enough: an SREM records the adds
-/// it observed, no newer timestamp.) Compared within one process only.
-pub fn watch_stamp(v: &Value) -> Result<u64> {
+/// it observed, no newer timestamp.) A record that shows nothing at `now_ms` (a delete's
+/// tombstone, an expired or emptied key) stamps its newest version, so that a key created and
+/// deleted again since WATCH counts as changed, as in Redis, and a key that expires after WATCH
+/// too. Compared within one process only.
+pub fn watch_stamp(v: &Value, now_ms: u64) -> Result<u64> {
     use std::hash::{Hash, Hasher};
     let mut h = std::hash::DefaultHasher::new();
+    if !v.is_live(now_ms) {
+        (3u8, v.header.timestamp.0).hash(&mut h);
+        return Ok(h.finish());
+    }
     if !is_composite(v) {
         v.encode().hash(&mut h);
         return Ok(h.finish());
