@@ -69,7 +69,10 @@ impl Src {
     }
 }
 
-/// `w * s`, with Redis's NaN (`0 * inf`) as 0.
+/// `w * s`, with Redis's NaN (`0 * inf`) as 0: a union's every product, an intersection's
+/// first source's. An intersection's later products go into the aggregate as they are (Redis
+/// 7.0's `zunionInterDiffGenericCommand`), so a NaN there makes a sum 0 and never wins a MIN
+/// or MAX.
 fn weighted(w: f64, s: f64) -> f64 {
     let x = w * s;
     if x.is_nan() { 0.0 } else { x }
@@ -204,7 +207,7 @@ fn generic(
                         let Some(v) = probe(space, &src.z, &m)? else {
                             return Ok(true);
                         };
-                        agg.apply(&mut score, weighted(src.weight, v));
+                        agg.apply(&mut score, src.weight * v);
                     }
                     if card_only {
                         cardinality += 1;

@@ -690,6 +690,45 @@ fn zunion_zinter_zdiff_with_weights_and_aggregates() {
     ok(&mut s, "ZADD j -inf m");
     assert_eq!(ok(&mut s, "ZUNION 1 i WEIGHTS 0 WITHSCORES"), pairs("m 0"));
     assert_eq!(ok(&mut s, "ZINTER 2 i j WITHSCORES"), pairs("m 0"));
+    // ZINTER turns only the first (smallest) source's NaN product into 0; a later source's
+    // NaN goes into the aggregate as it is (SUM: inf + NaN is NaN, so 0; MIN and MAX: a NaN
+    // never wins). ZUNION turns every source's NaN product into 0. Replies of redis-server
+    // 7.0.15.
+    ok(&mut s, "ZADD ii inf m 1 n -inf o");
+    ok(&mut s, "ZADD kk 1 m 1 n 1 o");
+    assert_eq!(
+        ok(&mut s, "ZINTER 2 ii ii WITHSCORES WEIGHTS 2 0"),
+        pairs("m 0 o 0 n 2")
+    );
+    assert_eq!(
+        ok(&mut s, "ZINTER 2 ii kk WITHSCORES WEIGHTS 0 1"),
+        pairs("m 1 n 1 o 1")
+    );
+    assert_eq!(
+        ok(&mut s, "ZINTER 2 kk ii WITHSCORES WEIGHTS 1 0"),
+        pairs("m 0 o 0 n 1")
+    );
+    assert_eq!(
+        ok(
+            &mut s,
+            "ZINTER 2 kk ii WITHSCORES WEIGHTS 1 0 AGGREGATE MIN"
+        ),
+        pairs("n 0 m 1 o 1")
+    );
+    assert_eq!(
+        ok(
+            &mut s,
+            "ZINTER 2 kk ii WITHSCORES WEIGHTS 1 0 AGGREGATE MAX"
+        ),
+        pairs("m 1 n 1 o 1")
+    );
+    assert_eq!(
+        ok(
+            &mut s,
+            "ZUNION 2 kk ii WITHSCORES WEIGHTS 1 0 AGGREGATE MIN"
+        ),
+        pairs("m 0 n 0 o 0")
+    );
     // A weight of -1 on 0 answers -0, as redis-server does when nothing is stored.
     ok(&mut s, "ZADD zero 0 m");
     assert_eq!(
