@@ -5,7 +5,8 @@
 //! fit for the two hot shapes of in-memory collections, so the cache holds them differently:
 //!
 //! - **Runs** (lists): a list's elements sit at contiguous positions whose subkeys are
-//!   `0 ‖ u64be(position ^ 1 << 63)` (see `capdb_data::list`). A [`VecDeque`] indexed by
+//!   `0 ‖ u64be(position ^ 1 << 63)` (see `capdb_data::list`). A deque in chunks
+//!   ([`ChunkedDeque`], `chunked.rs`: no reallocation of a whole list as it grows) indexed by
 //!   `position - first` holds them: LPUSH/RPUSH/LPOP/RPOP touch one end, LINDEX/LSET index,
 //!   LRANGE slices, and an element costs its value and one `Bytes`, not a tree slot (a tree of
 //!   positions made LPUSH allocate a node every few elements and fault in pages as it grew).
@@ -30,11 +31,12 @@
 //! value's allocation, the tree share); [`ElementStore::bytes`] is the total, kept right
 //! through a run's turning into a map.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap};
 use std::ops::Bound;
 
 use bytes::Bytes;
 
+use super::chunked::ChunkedDeque;
 use super::space::SubKey;
 
 /// Accounted bytes per element of a run on top of its subkey and value: its `Bytes` slot in the
@@ -82,7 +84,10 @@ fn position_sub(pos: i64) -> [u8; 9] {
 #[derive(Debug)]
 enum Held {
     /// `items[i]` is the element at position `first + i` (subkey [`position_sub`]).
-    Run { first: i64, items: VecDeque<Bytes> },
+    Run {
+        first: i64,
+        items: ChunkedDeque<Bytes>,
+    },
     /// Values by subkey (of every element but those held in the order alone), and every
     /// subkey in order.
     Map {
@@ -120,7 +125,7 @@ impl ElementStore {
         ElementStore {
             held: Held::Run {
                 first: 0,
-                items: VecDeque::new(),
+                items: ChunkedDeque::default(),
             },
             bytes: 0,
         }
@@ -153,7 +158,7 @@ impl ElementStore {
         if let Held::Run { first, items } = &mut self.held {
             let mut values = HashMap::with_capacity_and_hasher(items.len(), Hasher::default());
             let mut order = BTreeSet::new();
-            for (i, v) in std::mem::take(items).into_iter().enumerate() {
+            for (i, v) in std::mem::take(items).into_values().enumerate() {
                 let sub = SubKey::new(&position_sub(*first + i as i64));
                 order.insert(sub.clone());
                 values.insert(sub, v);
@@ -225,7 +230,9 @@ impl ElementStore {
                 return None;
             }
             if (*first..end).contains(&pos) {
-                let slot = &mut items[(pos - *first) as usize];
+                let slot = items
+                    .get_mut((pos - *first) as usize)
+                    .expect("a position within the run is an index of it");
                 return Some(std::mem::replace(slot, value));
             }
             // A hole would open: fall through to a map.
@@ -299,13 +306,13 @@ impl ElementStore {
                 let n = (end - start).min(limit);
                 let mut pick = |(i, v): (usize, &Bytes)| pick(&sub_at(i), v);
                 if rev {
-                    let run = items.range(end - n..end).enumerate();
-                    run.rev()
-                        .map(|(j, v)| (end - n + j, v))
+                    let run = items.range(end - n, end).rev();
+                    run.enumerate()
+                        .map(|(j, v)| (end - 1 - j, v))
                         .map(&mut pick)
                         .collect()
                 } else {
-                    let run = items.range(start..start + n).enumerate();
+                    let run = items.range(start, start + n).enumerate();
                     run.map(|(j, v)| (start + j, v)).map(&mut pick).collect()
                 }
             }
@@ -502,6 +509,57 @@ mod tests {
                     }
                 };
                 assert_eq!(got, want, "seed {seed} step {step}");
+            }
+        }
+    }
+
+    /// A list longer than several chunks (`chunked.rs`) reads as the ordered map of its
+    /// positions, by index, by range in both directions, and after pops at both ends.
+    #[test]
+    fn a_run_of_many_chunks_reads_as_an_ordered_map() {
+        let n = 3 * super::super::chunked::CHUNK as i64 + 5;
+        let mut store = ElementStore::new();
+        let mut model: BTreeMap<Vec<u8>, Bytes> = BTreeMap::new();
+        for p in 0..n {
+            for pos in [-p, p + 1] {
+                let v = Bytes::from(format!("v{pos}"));
+                store.insert(&position_sub(pos), v.clone(), false);
+                model.insert(position_sub(pos).to_vec(), v);
+            }
+        }
+        for p in 0..200 {
+            for pos in [-(n - 1) + p, n - p] {
+                assert_eq!(
+                    store.remove(&position_sub(pos), false),
+                    model.remove(&position_sub(pos)[..])
+                );
+            }
+        }
+        assert!(matches!(store.held, Held::Run { .. }));
+        assert_eq!(store.len(), model.len());
+        for (k, v) in &model {
+            assert_eq!(store.get(k, false), Some(v));
+        }
+        for (a, b) in [(-700, 700), (-n, n + 1), (100, 2_000), (-1_500, -1_400)] {
+            let (lo, hi) = (position_sub(a), position_sub(b));
+            for rev in [false, true] {
+                let got = store.range(
+                    Bound::Included(&lo[..]),
+                    Bound::Excluded(&hi[..]),
+                    rev,
+                    usize::MAX,
+                    |_| false,
+                    |k, v| (k.to_vec(), v.clone()),
+                );
+                let it = model
+                    .range::<[u8], _>((Bound::Included(&lo[..]), Bound::Excluded(&hi[..])))
+                    .map(|(k, v)| (k.clone(), v.clone()));
+                let want: Vec<_> = if rev {
+                    it.rev().collect()
+                } else {
+                    it.collect()
+                };
+                assert_eq!(got, want, "{a}..{b} rev {rev}");
             }
         }
     }

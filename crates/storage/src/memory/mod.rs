@@ -28,6 +28,7 @@
 //! Hashes, lists, sets and sorted sets keep their elements with their entry (`space.rs`), and run
 //! the same `capdb-data` family code as the disk engine.
 
+mod chunked;
 mod elements;
 mod space;
 mod watch;
