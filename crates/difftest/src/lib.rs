@@ -362,11 +362,25 @@ impl Session {
                 let (ours, theirs) = (encoding(&mut pair.capdb)?, encoding(&mut pair.redis)?);
                 if ours != theirs && !ours.is_empty() {
                     if ours == b"intset" {
-                        // A set built anew from integers is an intset.
+                        // A set built anew from integers is an intset. The rebuild keeps the
+                        // key's deadline: Redis's SPOP overwrites the value in place
+                        // (`dbOverwrite`), its TTL stays, and capdb's stays too.
+                        let deadline = pair
+                            .redis
+                            .call(&[b"PEXPIRETIME".to_vec(), key.clone()])?
+                            .int()
+                            .filter(|at| *at > 0);
                         pair.redis.call(&[b"DEL".to_vec(), key.clone()])?;
                         let mut args = vec![b"SADD".to_vec(), key.clone()];
                         args.extend(members(&mut pair.capdb)?);
                         pair.redis.call(&args)?;
+                        if let Some(at) = deadline {
+                            pair.redis.call(&[
+                                b"PEXPIREAT".to_vec(),
+                                key.clone(),
+                                at.to_string().into_bytes(),
+                            ])?;
+                        }
                     } else if theirs == b"intset" {
                         // A non-integer member converts it for good.
                         let marker = b"capdb-difftest-resync".to_vec();
@@ -633,6 +647,25 @@ fn minimize(
 /// Runs one differential test; `log` gets progress lines. `Err` only when the harness itself
 /// could not run (a server would not start, a connection broke).
 pub fn run(o: &Options, log: &mut dyn Write) -> Result<Outcome, String> {
+    run_with(o, log, |served| command_list(o, served))
+}
+
+/// Runs a given command list (each step and whether it goes over RESP3) instead of the
+/// seed's, the same way [`run`] runs the seed's: resynchronisation after random writes,
+/// minimising with `o.minimize`. `o.commands` is not used.
+pub fn run_list(
+    o: &Options,
+    list: Vec<(Step, bool)>,
+    log: &mut dyn Write,
+) -> Result<Outcome, String> {
+    run_with(o, log, |_| list)
+}
+
+fn run_with(
+    o: &Options,
+    log: &mut dyn Write,
+    make_list: impl FnOnce(&[&'static str]) -> Vec<(Step, bool)>,
+) -> Result<Outcome, String> {
     let started = Instant::now();
     let mut s = Session::start(o)?;
     let (served, not_served) = s.probe()?;
@@ -648,7 +681,7 @@ pub fn run(o: &Options, log: &mut dyn Write) -> Result<Outcome, String> {
             not_served.join(" ")
         );
     }
-    let list = command_list(o, &served);
+    let list = make_list(&served);
     let mut outcome = Outcome {
         served,
         not_served,
