@@ -605,18 +605,26 @@ fn write_list(
         .map_err(|e| format!("cannot write {}: {e}; pass --out DIR", path.display()))
 }
 
-/// Cuts `list` (whose replay shows a difference) down: drops chunks of halving sizes while a
-/// difference remains, replaying after FLUSHDB each time. At most `budget` replays.
+/// Cuts `list` (whose replay shows a difference at its last command) down: drops chunks of
+/// halving sizes while a difference at that same command remains, replaying after FLUSHDB each
+/// time. At most `budget` replays. A candidate whose first difference is at another command
+/// is not kept: a cut list can differ elsewhere for another reason (a RANDOMKEY queued in a
+/// MULTI once two keys exist), and following it would lose the difference under study.
 fn minimize(
     s: &mut Session,
     mut list: Vec<(Step, bool)>,
     budget: usize,
 ) -> Result<Vec<(Step, bool)>, String> {
+    let Some(target) = list.last().map(|(step, _)| step.args.clone()) else {
+        return Ok(list);
+    };
     let mut replays = 0;
     let mut counts = BTreeMap::new();
     let mut fails = |s: &mut Session, l: &[(Step, bool)]| -> Result<Option<usize>, String> {
         s.flush()?;
-        Ok(s.execute(l, &mut counts, &mut |_| {})?.map(|d| d.index))
+        Ok(s.execute(l, &mut counts, &mut |_| {})?
+            .map(|d| d.index)
+            .filter(|at| l.get(*at).is_some_and(|(step, _)| step.args == target)))
     };
     let mut chunk = list.len().div_ceil(2);
     while chunk >= 1 && replays < budget {
