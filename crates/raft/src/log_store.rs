@@ -216,8 +216,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // commit of its own would sit on every write's path.
         let value = committed.map(|c| encode(&c));
         self.engine
-            .meta_put_deferred(vec![(meta_key(self.group, "committed"), value)]);
-        Ok(())
+            .meta_put_deferred(vec![(meta_key(self.group, "committed"), value)])
+            .await
+            .map_err(io)
     }
 
     async fn read_committed(&mut self) -> io::Result<Option<LogId>> {
@@ -226,7 +227,21 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .meta_get(&meta_key(self.group, "committed"))
             .map_err(io)?
         {
-            Some(raw) => Ok(Some(decode(&raw, "committed log id")?)),
+            Some(raw) => {
+                let committed: LogId = decode(&raw, "committed log id")?;
+                // Past the end of the log this node kept (a storage failure let the hint land
+                // without the entries it covers): unknown, not a claim openraft would try to
+                // re-apply from missing entries. The leader says again what is committed.
+                let kept = {
+                    let mem = self.lock();
+                    mem.last_log.or(mem.last_purged)
+                };
+                if kept.is_none_or(|k| k.index < committed.index) {
+                    tracing::warn!(group = self.group, %committed, ?kept, "the saved committed index is past the log's end; ignoring it");
+                    return Ok(None);
+                }
+                Ok(Some(committed))
+            }
             None => Ok(None),
         }
     }

@@ -41,3 +41,29 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Bui
 async fn log_store_and_state_machine_pass_openraft_suite() {
     Suite::test_all(Builder).await.unwrap();
 }
+
+/// A committed index saved past the end of the log this node kept (a storage failure let the
+/// hint land without the entries it covers) reads back as unknown, not as a claim openraft
+/// would try to re-apply from entries that are not there (the group could never start).
+#[tokio::test]
+async fn a_committed_index_past_the_kept_log_reads_as_unknown() {
+    use openraft::storage::RaftLogStorage;
+    let dir = tempfile::tempdir().unwrap();
+    let engine = DiskEngine::open(dir.path(), Arc::new(Hlc::new()), 1 << 20).unwrap();
+    let mut log = LogStore::open(engine.clone(), 7).unwrap();
+    log.save_committed(Some(openraft::testing::log_id::<TypeConfig>(1, 1, 5)))
+        .await
+        .unwrap();
+    // Any later job's batch carries the deferred hint.
+    engine
+        .meta_put(vec![("unrelated".into(), Some(b"x".to_vec()))], false)
+        .await
+        .unwrap();
+    let saved = engine.meta_list("").unwrap();
+    assert!(
+        saved.iter().any(|(k, _)| k.ends_with("committed")),
+        "the hint was stored: {saved:?}"
+    );
+    let mut reopened = LogStore::open(engine, 7).unwrap();
+    assert_eq!(reopened.read_committed().await.unwrap(), None);
+}

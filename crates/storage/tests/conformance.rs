@@ -185,20 +185,28 @@ async fn disk_writes_survive_reopen_and_meta_is_listed() {
 }
 
 #[tokio::test]
-async fn a_deferred_meta_put_is_read_at_once_and_committed_with_the_next_batch() {
+async fn a_deferred_meta_put_is_committed_with_the_next_batch_never_alone() {
     let dir = tempfile::tempdir().unwrap();
     let engine = DiskEngine::open(dir.path(), Arc::new(Hlc::new()), VALUE_MAX).unwrap();
-    engine.meta_put_deferred(vec![("g/1/committed".into(), Some(b"old".to_vec()))]);
-    engine.meta_put_deferred(vec![("g/1/committed".into(), Some(b"new".to_vec()))]);
-    assert_eq!(
-        engine.meta_get("g/1/committed").unwrap(),
-        Some(b"new".to_vec())
-    );
-    assert!(
-        engine.meta_list("g/").unwrap().is_empty(),
-        "no commit of its own"
-    );
-    // Any batch carries it.
+    let commits = || {
+        engine
+            .stats()
+            .commits
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let before = commits();
+    engine
+        .meta_put_deferred(vec![("g/1/committed".into(), Some(b"old".to_vec()))])
+        .await
+        .unwrap();
+    engine
+        .meta_put_deferred(vec![("g/1/committed".into(), Some(b"new".to_vec()))])
+        .await
+        .unwrap();
+    // Whenever the writer took them, a batch of deferred puts alone is not committed.
+    assert!(engine.meta_list("g/").unwrap().is_empty());
+    assert_eq!(commits(), before, "no commit of their own");
+    // The next job's batch carries them (they were queued before it), the later value last.
     engine
         .meta_put(vec![("other".into(), Some(b"x".to_vec()))], false)
         .await
@@ -207,14 +215,14 @@ async fn a_deferred_meta_put_is_read_at_once_and_committed_with_the_next_batch()
         engine.meta_list("g/").unwrap(),
         vec![("g/1/committed".into(), b"new".to_vec())]
     );
-    // A group dropped while a put of its waits: the put goes with it.
-    engine.meta_put_deferred(vec![("g/2/committed".into(), Some(b"2".to_vec()))]);
+    assert_eq!(commits(), before + 1);
+    // A group dropped after a put of its was queued: the drop, queued later, wins.
     engine
-        .drop_group(Vec::new(), Vec::new(), Vec::new(), vec!["g/2/".into()])
+        .meta_put_deferred(vec![("g/2/committed".into(), Some(b"2".to_vec()))])
         .await
         .unwrap();
     engine
-        .meta_put(vec![("other".into(), None)], false)
+        .drop_group(Vec::new(), Vec::new(), Vec::new(), vec!["g/2/".into()])
         .await
         .unwrap();
     assert_eq!(engine.meta_get("g/2/committed").unwrap(), None);

@@ -36,25 +36,21 @@ impl DiskEngine {
             .into_done()
     }
 
-    /// Puts or deletes `_meta` entries with whatever batch the writer commits next, without a
-    /// commit (or a wait) of their own: for hints that a crash may lose and a later put
-    /// supersedes, such as a Raft group's committed index (re-learned from the leader).
-    /// [`DiskEngine::meta_get`] sees them at once (except while the batch that took them
-    /// commits); [`DiskEngine::meta_list`] only once committed. A later deferred put of the same key replaces an
-    /// earlier one still waiting, so at most one value per key waits (bounded by the keys the
-    /// callers use: one per Raft group for the committed index).
-    pub fn meta_put_deferred(&self, items: Vec<MetaItem>) {
-        let mut waiting = self.deferred_meta.lock();
-        for (k, v) in items {
-            waiting.insert(k, v);
-        }
+    /// Puts or deletes `_meta` entries without a storage commit (or a wait) of their own: for
+    /// hints that a crash may lose and a later put supersedes, such as a Raft group's committed
+    /// index (re-learned from the leader). Queued behind every earlier job like any write, so
+    /// it is never stored before what was queued before it (a committed index never lands
+    /// before the log entries it covers); the writer applies it in the batch it falls in, and
+    /// keeps a batch made only of such puts for the next batch instead of committing it alone.
+    /// A read may not see it until then.
+    pub async fn meta_put_deferred(&self, items: Vec<MetaItem>) -> Result<()> {
+        // Not awaited beyond the queue: nobody waits for a hint.
+        drop(self.enqueue(Op::MetaPutDeferred { items }).await?);
+        Ok(())
     }
 
-    /// One `_meta` entry (a deferred put still waiting included).
+    /// One `_meta` entry.
     pub fn meta_get(&self, key: &str) -> Result<Option<Vec<u8>>> {
-        if let Some(waiting) = self.deferred_meta.lock().get(key) {
-            return Ok(waiting.clone());
-        }
         let txn = self.db.begin_read().map_err(io_err)?;
         let table = txn.open_table(META_TABLE).map_err(io_err)?;
         Ok(table.get(key).map_err(io_err)?.map(|v| v.value().to_vec()))

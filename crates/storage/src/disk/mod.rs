@@ -21,7 +21,10 @@
 //! instead of being capped at one write per fsync. Read-modify-write commands (INCR, APPEND,
 //! SET NX) run inside the writer, so they are atomic without locks. A batch made only of jobs
 //! that need no fsync (replicated applies, which the durable Raft log can redo, and `_meta` puts
-//! not asked to be durable) commits without one.
+//! not asked to be durable) commits without one, and a batch made only of deferred `_meta` puts
+//! (hints such as Raft's committed index: [`DiskEngine::meta_put_deferred`]) is not committed at
+//! all: it is written first in the next batch, so it never costs a commit of its own and never
+//! lands before a job queued ahead of it.
 //!
 //! A storage error fails the whole batch (the transaction is aborted, nothing of it is applied,
 //! every caller gets [`Error::Io`]); a semantic error (INCR of a non-integer) fails its mutation
@@ -136,8 +139,6 @@ pub struct DiskEngine {
     stats: Arc<EngineStats>,
     closed: Closed,
     value_bytes_max: usize,
-    /// `_meta` puts that ride the writer's next batch ([`DiskEngine::meta_put_deferred`]).
-    deferred_meta: writer::DeferredMeta,
 }
 
 /// Signals when the writer thread has stopped and released its handle on the database. The file
@@ -183,14 +184,7 @@ impl DiskEngine {
 
         let db = Arc::new(db);
         let stats = Arc::new(EngineStats::default());
-        let deferred_meta = writer::DeferredMeta::default();
-        let (jobs, closed) = writer::start(
-            db.clone(),
-            hlc,
-            value_bytes_max,
-            stats.clone(),
-            deferred_meta.clone(),
-        )?;
+        let (jobs, closed) = writer::start(db.clone(), hlc, value_bytes_max, stats.clone())?;
         Ok(DiskEngine {
             db,
             jobs,
@@ -198,7 +192,6 @@ impl DiskEngine {
             stats,
             closed,
             value_bytes_max,
-            deferred_meta,
         })
     }
 

@@ -192,10 +192,6 @@ impl DiskEngine {
         meta_keys: Vec<String>,
         meta_prefixes: Vec<String>,
     ) -> Result<()> {
-        // A deferred put of the group's (its committed index) must not outlive the group.
-        self.deferred_meta.lock().retain(|k, _| {
-            !meta_keys.contains(k) && !meta_prefixes.iter().any(|p| k.starts_with(p.as_str()))
-        });
         self.submit(Op::DropGroup {
             tables,
             log_tables,

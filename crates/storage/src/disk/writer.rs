@@ -18,26 +18,6 @@ pub const BATCH_JOBS_MAX: usize = 4_096;
 /// Most payload bytes committed in one transaction (a batch may exceed it by one job).
 pub const BATCH_BYTES_MAX: usize = 32 * 1024 * 1024;
 
-/// `_meta` puts waiting for the writer's next batch ([`DiskEngine::meta_put_deferred`]): at
-/// most one value per key.
-#[derive(Clone, Default)]
-pub(super) struct DeferredMeta(
-    Arc<std::sync::Mutex<std::collections::BTreeMap<String, Option<Vec<u8>>>>>,
-);
-
-impl DeferredMeta {
-    pub(super) fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<String, Option<Vec<u8>>>> {
-        // Single inserts, removals and a whole take: a panic elsewhere leaves it whole.
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn take(&self) -> Vec<super::MetaItem> {
-        std::mem::take(&mut *self.lock()).into_iter().collect()
-    }
-}
-
 pub(super) struct Job {
     pub(super) op: Op,
     pub(super) done: oneshot::Sender<Result<Output>>,
@@ -50,7 +30,6 @@ pub(super) fn start(
     hlc: Arc<Hlc>,
     value_bytes_max: usize,
     stats: Arc<EngineStats>,
-    deferred: DeferredMeta,
 ) -> Result<(mpsc::Sender<Job>, Closed)> {
     let (tx, rx) = mpsc::channel(WRITE_QUEUE_JOBS_MAX);
     let closed = Closed(Arc::default());
@@ -58,7 +37,7 @@ pub(super) fn start(
     std::thread::Builder::new()
         .name("capdb-writer".into())
         .spawn(move || {
-            writer_loop(&db, rx, &hlc, value_bytes_max, &stats, &deferred);
+            writer_loop(&db, rx, &hlc, value_bytes_max, &stats);
             // Dropping the last handle closes the file cleanly.
             drop(db);
             let (lock, cvar) = &*writer_closed.0;
@@ -103,7 +82,6 @@ fn writer_loop(
     hlc: &Hlc,
     value_bytes_max: usize,
     stats: &EngineStats,
-    deferred: &DeferredMeta,
 ) {
     // Tables that exist: a write to a table dropped after the write was queued must fail, not
     // silently re-create the table (redb's open_table creates missing tables).
@@ -115,6 +93,10 @@ fn writer_loop(
         }
     };
     let mut batch: Vec<Job> = Vec::with_capacity(BATCH_JOBS_MAX);
+    // Deferred `_meta` puts of batches made only of them ([`Op::MetaPutDeferred`]), written
+    // first in the next batch that commits (they were queued before its jobs). One value per
+    // key (a later put supersedes), so at most as many as there are keys such hints use.
+    let mut held: std::collections::BTreeMap<String, Option<Vec<u8>>> = Default::default();
     while let Some(first) = rx.blocking_recv() {
         let mut bytes = first.op.payload_bytes();
         batch.push(first);
@@ -127,12 +109,25 @@ fn writer_loop(
                 Err(_) => break,
             }
         }
+        if batch
+            .iter()
+            .all(|j| matches!(j.op, Op::MetaPutDeferred { .. }))
+        {
+            for Job { op, done } in batch.drain(..) {
+                if let Op::MetaPutDeferred { items } = op {
+                    held.extend(items);
+                }
+                let _ = done.send(Ok(Output::Done));
+            }
+            continue;
+        }
+        let carried: Vec<super::MetaItem> = std::mem::take(&mut held).into_iter().collect();
         let started = Instant::now();
         let before = live_tables.clone();
         let result = commit_batch(
             db,
             &batch,
-            deferred.take(),
+            &carried,
             hlc,
             value_bytes_max,
             stats,
@@ -175,12 +170,12 @@ fn list_tables(db: &Database) -> Result<std::collections::HashSet<String>> {
     Ok(names)
 }
 
-/// Commits `batch` with the deferred `_meta` puts taken for it (written first; lost with the
-/// batch if it fails, as a deferred put may be).
+/// Commits `batch`, with `carried` deferred `_meta` puts (queued before it) written first;
+/// they are lost with the batch if it fails, as a deferred put may be.
 fn commit_batch(
     db: &Database,
     batch: &[Job],
-    deferred: Vec<super::MetaItem>,
+    carried: &[super::MetaItem],
     hlc: &Hlc,
     value_bytes_max: usize,
     stats: &EngineStats,
@@ -195,9 +190,9 @@ fn commit_batch(
         Durability::None
     };
     txn.set_durability(durability).map_err(io_err)?;
-    if !deferred.is_empty() {
+    if !carried.is_empty() {
         let mut mt = txn.open_table(super::META_TABLE).map_err(io_err)?;
-        super::meta::put_meta(&mut mt, &deferred)?;
+        super::meta::put_meta(&mut mt, carried)?;
     }
     let x = Exec {
         txn: &txn,
