@@ -96,6 +96,19 @@ struct Run {
     batches: usize,
     /// Share of batches whose fsync took ≥ 2 ms (the disk's slow mode).
     slow_share: f64,
+    /// CPU time of the whole process (user + system, every thread) per batch.
+    cpu_us_per_batch: f64,
+}
+
+/// User + system CPU time of the process so far, in µs.
+fn process_cpu_us() -> Result<f64> {
+    // SAFETY: getrusage fills the zeroed struct it is given.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } != 0 {
+        return Err(format!("getrusage: {}", std::io::Error::last_os_error()));
+    }
+    let us = |t: libc::timeval| t.tv_sec as f64 * 1e6 + t.tv_usec as f64;
+    Ok(us(ru.ru_utime) + us(ru.ru_stime))
 }
 
 fn percentile(sorted: &[u64], p: f64) -> f64 {
@@ -106,7 +119,7 @@ fn percentile(sorted: &[u64], p: f64) -> f64 {
     sorted[i] as f64 / 1000.0
 }
 
-fn summarize(mut lat_ns: Vec<u64>, entries: usize, elapsed: Duration) -> Run {
+fn summarize(mut lat_ns: Vec<u64>, entries: usize, elapsed: Duration, cpu_us: f64) -> Run {
     lat_ns.sort_unstable();
     let slow = lat_ns.iter().filter(|&&l| l >= 2_000_000).count();
     Run {
@@ -115,6 +128,7 @@ fn summarize(mut lat_ns: Vec<u64>, entries: usize, elapsed: Duration) -> Run {
         entries_per_s: entries as f64 / elapsed.as_secs_f64(),
         batches: lat_ns.len(),
         slow_share: slow as f64 / lat_ns.len().max(1) as f64,
+        cpu_us_per_batch: cpu_us / lat_ns.len().max(1) as f64,
     }
 }
 
@@ -148,6 +162,7 @@ fn drive(
     let mut p = 0usize;
     let mut batch: Vec<Entry<'_>> = Vec::with_capacity(groups as usize * per_group);
     let limit = Duration::from_secs_f64(secs);
+    let cpu0 = process_cpu_us()?;
     let start = Instant::now();
     while start.elapsed() < limit || lat.len() < 20 {
         batch.clear();
@@ -167,7 +182,8 @@ fn drive(
         lat.push(t.elapsed().as_nanos() as u64);
         entries += batch.len();
     }
-    Ok(summarize(lat, entries, start.elapsed()))
+    let elapsed = start.elapsed();
+    Ok(summarize(lat, entries, elapsed, process_cpu_us()? - cpu0))
 }
 
 #[derive(Clone, PartialEq)]
@@ -280,10 +296,10 @@ fn run() -> Result<()> {
                 } else {
                     floor::Mode::Append
                 };
-                floor::run(&a.dir.join("floor"), mode, a.secs).map(|(lat, elapsed)| {
-                    let n = lat.len();
-                    summarize(lat, n, elapsed)
-                })?
+                let cpu0 = process_cpu_us()?;
+                let (lat, elapsed) = floor::run(&a.dir.join("floor"), mode, a.secs)?;
+                let n = lat.len();
+                summarize(lat, n, elapsed, process_cpu_us()? - cpu0)
             } else {
                 let (_, engine) = opened
                     .iter_mut()
@@ -292,13 +308,14 @@ fn run() -> Result<()> {
                 drive(engine.as_mut(), c.groups, c.per_group, a.secs, &pool)?
             };
             println!(
-                "round {round} {:<28} batches {:>6} p50 {:>8.1} us p99 {:>8.1} us {:>10.0} entries/s slow(>=2ms) {:>5.1}%",
+                "round {round} {:<28} batches {:>6} p50 {:>8.1} us p99 {:>8.1} us {:>10.0} entries/s slow(>=2ms) {:>5.1}% cpu/batch {:>6.1} us",
                 c.label(),
                 run.batches,
                 run.p50_us,
                 run.p99_us,
                 run.entries_per_s,
-                run.slow_share * 100.0
+                run.slow_share * 100.0,
+                run.cpu_us_per_batch
             );
             results[i].push(run);
         }
@@ -310,17 +327,20 @@ fn run() -> Result<()> {
         a.rounds
     );
     println!();
-    println!("| configuration | p50 µs | p99 µs | entries/s | batches/s | slow-mode batches |");
-    println!("|---|---:|---:|---:|---:|---:|");
+    println!(
+        "| configuration | p50 µs | p99 µs | entries/s | batches/s | CPU µs/batch | slow-mode batches |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|");
     for (c, runs) in configs.iter().zip(&results) {
         let per = (c.groups as usize * c.per_group) as f64;
         println!(
-            "| {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0}% |",
+            "| {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0}% |",
             c.label(),
             median(runs.iter().map(|r| r.p50_us).collect()),
             median(runs.iter().map(|r| r.p99_us).collect()),
             median(runs.iter().map(|r| r.entries_per_s).collect()),
             median(runs.iter().map(|r| r.entries_per_s / per).collect()),
+            median(runs.iter().map(|r| r.cpu_us_per_batch).collect()),
             median(runs.iter().map(|r| r.slow_share * 100.0).collect()),
         );
     }
