@@ -10,11 +10,19 @@
 //!
 //! Every read and write is bounds-checked: a malformed stream is `None`, never a panic, and the
 //! output never grows past the length the caller declared (which the caller has bounded).
+//! Nothing is reserved for that declared length: the output grows as the stream produces it
+//! (from at most [`INITIAL_CAPACITY`] bytes, then doubling), so a short garbage stream that
+//! declares a long output allocates about as much as it really produces before it is refused.
+
+/// The output's first allocation, at most: small enough that a stream refused after a few
+/// instructions costs next to nothing, large enough that Redis's usual strings (a few KiB) take
+/// one allocation.
+const INITIAL_CAPACITY: usize = 4096;
 
 /// Decompresses `input` into exactly `out_len` bytes; `None` when the stream is malformed or
 /// does not produce exactly `out_len` bytes.
 pub fn decompress(input: &[u8], out_len: usize) -> Option<Vec<u8>> {
-    let mut out: Vec<u8> = Vec::with_capacity(out_len);
+    let mut out: Vec<u8> = Vec::with_capacity(out_len.min(INITIAL_CAPACITY));
     let mut ip = 0;
     while ip < input.len() {
         let ctrl = input[ip] as usize;
@@ -78,5 +86,25 @@ mod tests {
         // A back reference that would grow the output past the declared length.
         assert_eq!(decompress(&[0x00, b'a', 0xe0, 0xff, 0x00], 10), None);
         assert_eq!(decompress(&[], 0), Some(Vec::new()));
+    }
+
+    #[test]
+    fn a_garbage_stream_reserves_nothing_for_its_declared_length() {
+        // 3 MiB of garbage declaring 256 MiB of output: a back reference before the start on
+        // the first instruction. The declared length is never reserved.
+        let mut garbage = vec![0x00, b'a'];
+        garbage.resize(3 << 20, 0xff);
+        assert_eq!(decompress(&garbage, 256 << 20), None);
+        // A valid stream still grows past the first allocation: 1 literal, then back
+        // references of 264 bytes, 26,401 bytes in all.
+        let mut stream = vec![0x00, b'a'];
+        for _ in 0..100 {
+            stream.extend_from_slice(&[0xe0, 0xff, 0x00]);
+        }
+        let out = decompress(&stream, 26_401).unwrap();
+        assert!(out.len() == 26_401 && out.iter().all(|&c| c == b'a'));
+        // The first allocation is bounded whatever the declared length; a stream that stops
+        // short of it is refused.
+        assert_eq!(decompress(&stream, usize::MAX), None);
     }
 }

@@ -25,10 +25,22 @@
 //!   without their deadlines.
 //! - `IDLETIME` and `FREQ` are checked as Redis checks them and then ignored: capdb keeps no
 //!   access times or counters (`OBJECT IDLETIME` answers 0).
-//! - Every element (and a string) must fit `value_bytes_max`, like any other write; LZF may
-//!   expand a payload to at most [`rdb::DECODED_BYTES_MAX`].
+//! - Every element (and a string) must fit `value_bytes_max`, like any other write.
+//! - What a payload decodes into is bounded (see [`rdb`]'s budget), since a few bytes of a
+//!   listpack or of LZF become a whole element: at most [`rdb::ELEMENTS_MAX`] elements (a
+//!   hash's field and value, a sorted set's member and score, count two), so the command
+//!   RESTORE runs has no more arguments than a client's may
+//!   ([`capdb_types::limits::FRAME_ELEMENTS_MAX`]), and at most [`rdb::DECODED_BYTES_MAX`]
+//!   (256 MiB) of elements' bytes, [`rdb::ELEMENT_OVERHEAD`] (64) more per element, and LZF
+//!   output. Past either, RESTORE answers capdb's own error, which names the limit:
+//!   `ERR DUMP payload has more than 1048574 elements, capdb's limit` or
+//!   `ERR DUMP payload decodes into more than 256 MiB (elements' bytes plus 64 per element),
+//!   capdb's limit`. Decoding stops at the first element past the budget, so the refusal costs
+//!   no more memory than the budget.
 //! - Errors are Redis 7.0's, in Redis's order: options (`syntax error`, IDLETIME/FREQ ranges),
-//!   `BUSYKEY`, the TTL, the payload's footer, then its contents (`Bad data format`).
+//!   `BUSYKEY`, the TTL, the payload's footer, then its contents (`Bad data format`), except
+//!   that a payload over capdb's limits is refused by the node that received the command
+//!   ([`check_limits`]), before BUSYKEY, when its options and TTL are sound.
 //!
 //! # Replication
 //!
@@ -38,6 +50,11 @@
 //! is a read-modify-write that is not atomic against concurrent writers, and the restored
 //! collection merges by the `ap` rules). A relative TTL is made absolute by the node that
 //! received the command ([`absolutize`]), so replicas replaying it later agree on the deadline.
+//!
+//! That node also refuses a payload over the budget ([`check_limits`]), so it never enters a
+//! `cp` shard's log. Replaying one anyway (a log written before this check, another node's
+//! bug) is safe too: the replica's decode is under the same budget, so that entry fails alone
+//! with the same error, on every replica alike, and costs at most the budget's memory.
 
 mod crc64;
 mod lzf;
@@ -187,10 +204,38 @@ fn decode_error(e: DecodeError) -> Error {
         DecodeError::VersionOrChecksum => "ERR DUMP payload version or checksum are wrong".into(),
         DecodeError::BadData => "ERR Bad data format".into(),
         DecodeError::TooLarge => format!(
-            "ERR DUMP payload expands past {} MiB, capdb's limit",
-            rdb::DECODED_BYTES_MAX >> 20
+            "ERR DUMP payload decodes into more than {} MiB (elements' bytes plus {} per \
+             element), capdb's limit",
+            rdb::DECODED_BYTES_MAX >> 20,
+            rdb::ELEMENT_OVERHEAD
+        ),
+        DecodeError::TooManyElements => format!(
+            "ERR DUMP payload has more than {} elements, capdb's limit",
+            rdb::ELEMENTS_MAX
         ),
     })
+}
+
+/// For the node that receives a command, before it is queued or replicated: capdb's limit
+/// error for a RESTORE whose payload decodes past the budget (see the module doc), so that
+/// such a payload never enters a log. Everything else is `Ok` and left to the command, which
+/// answers it in Redis's order when it runs (a bad option, BUSYKEY, a bad TTL or footer, `Bad
+/// data format`). A payload too short to reach the budget whatever it holds
+/// ([`rdb::WITHIN_LIMITS_LEN_MAX`]) is not decoded here; a longer one is decoded once more,
+/// under the budget.
+pub fn check_limits(args: &[Bytes]) -> Result<()> {
+    if args.len() < 4
+        || !args[0].eq_ignore_ascii_case(b"restore")
+        || args[3].len() <= rdb::WITHIN_LIMITS_LEN_MAX
+        || options(args).is_err()
+        || parse_int(&args[2]).is_none_or(|t| t < 0)
+    {
+        return Ok(());
+    }
+    match rdb::decode(&args[3]) {
+        Err(e @ (DecodeError::TooLarge | DecodeError::TooManyElements)) => Err(decode_error(e)),
+        _ => Ok(()),
+    }
 }
 
 /// `RESTORE key ttl payload [REPLACE] [ABSTTL] [IDLETIME seconds] [FREQ frequency]`: creates

@@ -25,17 +25,42 @@
 //! element count must fit in the bytes that remain (each element takes at least one), a string
 //! must lie within the payload, a listpack or intset is walked entry by entry (header, each
 //! entry's back-length, the terminator, the declared count), and LZF output is bounded by the
-//! length it declares (itself at most 88 times the compressed length, LZF's largest expansion)
-//! and by [`DECODED_BYTES_MAX`] for the whole payload. Empty collections,
+//! length it declares (itself at most 88 times the compressed length, LZF's largest expansion).
+//! Empty collections,
 //! NaN scores and duplicate members or fields are refused, as Redis refuses them. Redis 7.0
 //! (`sanitize-dump-payload no`, its default) checks listpacks and intsets more shallowly and
 //! would restore a few malformed ones (duplicates inside a listpack, a score that is not a
 //! number); capdb answers those with `Bad data format` too, since its elements cannot hold
 //! duplicates. Bytes between the value's end and the footer are ignored, as Redis ignores them.
+//!
+//! # Budget
+//!
+//! What a payload decodes into is bounded, not only what it is: a listpack entry takes 2 bytes
+//! (`00 01`) yet becomes a string of its own (a [`Bytes`], a heap allocation and a slot in the
+//! command RESTORE runs), and LZF expands up to 88 times, so a 3 MiB payload could otherwise
+//! decode into a hundred million elements. One budget is charged as the value is read, whatever
+//! the encoding (plain strings, listpack, ziplist, intset, quicklist nodes, compressed or not):
+//!
+//! - each element (a list item, a set member, a hash field or value, a sorted set member or
+//!   score) counts against [`ELEMENTS_MAX`], so the command RESTORE builds (RPUSH, SADD, HSET,
+//!   ZADD with the key) never has more arguments than a client's command may
+//!   ([`FRAME_ELEMENTS_MAX`]);
+//! - each element's length plus [`ELEMENT_OVERHEAD`], and the bytes LZF produces for a
+//!   container (a listpack, ziplist or intset, parsed then dropped) or a string value, count
+//!   against [`DECODED_BYTES_MAX`] (an element LZF produced is counted once, as an element).
+//!
+//! A charge is made as soon as its size is known, before the element's bytes are copied when the
+//! encoding gives the length first, and before LZF runs; the first charge past either bound
+//! stops decoding with [`DecodeError::TooManyElements`] or [`DecodeError::TooLarge`]. So a
+//! payload's decoded value (and the decoder's working memory: at most one container's LZF
+//! output besides the elements) stays within about [`DECODED_BYTES_MAX`], and no vector is ever
+//! reserved for a declared count beyond what the budget still allows.
 
 use std::collections::HashSet;
 
 use bytes::Bytes;
+
+use capdb_types::limits::FRAME_ELEMENTS_MAX;
 
 use super::crc64::crc64;
 use super::lzf;
@@ -43,10 +68,43 @@ use super::lzf;
 /// The RDB version written, and the newest one read: Redis 7.0's.
 pub const RDB_VERSION: u16 = 10;
 
-/// The most bytes LZF may expand into over one payload. A payload arrives in one RESP argument
-/// (at most the frame limit, 16 MiB by default), but LZF can expand 88 times, so without a
-/// bound a small payload could make the server allocate gigabytes.
+/// The most bytes one payload decodes into (see the module doc's budget): every element's
+/// length plus [`ELEMENT_OVERHEAD`], and LZF's output. A payload arrives in one RESP argument
+/// (at most the frame limit, 16 MiB by default), but LZF can expand 88 times and a 2-byte
+/// listpack entry becomes a whole string, so without a bound a small payload could make the
+/// server allocate gigabytes.
 pub const DECODED_BYTES_MAX: usize = 256 << 20;
+
+/// The most elements one payload decodes into (a hash field and its value are two, as a sorted
+/// set's member and score are): RESTORE runs them as one command with its name and key, which
+/// then has at most [`FRAME_ELEMENTS_MAX`] arguments, as a client's command.
+pub const ELEMENTS_MAX: usize = FRAME_ELEMENTS_MAX - 2;
+
+/// The bytes an element costs besides its length, in [`DECODED_BYTES_MAX`]: its [`Bytes`]
+/// handle and shared header, the allocator's rounding, its slot in the command's argument list.
+pub const ELEMENT_OVERHEAD: usize = 64;
+
+/// The length a score is charged as: the longest `%.17g` (`-2.2250738585072014e-308`), the
+/// argument RESTORE gives ZADD.
+const SCORE_TEXT_MAX: usize = 24;
+
+/// The longest decimal integer an integer encoding turns into (`-9223372036854775808`).
+const INT_TEXT_MAX: usize = 20;
+
+/// Payloads up to this long cannot reach either bound, whatever they hold, so they need no
+/// decoding to be admitted (see `super::check_limits`). Every element consumes at least one
+/// byte of the payload or of LZF's output, which is at most 88 times the payload, so such a
+/// payload has at most `89 * len` elements ([`ELEMENTS_MAX`] or fewer), each charged the bytes
+/// it consumed or at most 24 bytes (an integer's or a score's text), plus the
+/// overhead; with LZF's output for containers that is well within [`DECODED_BYTES_MAX`].
+pub const WITHIN_LIMITS_LEN_MAX: usize = ELEMENTS_MAX / (1 + LZF_EXPANSION_MAX as usize);
+
+const _: () = assert!(SCORE_TEXT_MAX >= INT_TEXT_MAX);
+const _: () = {
+    let consumed = (1 + LZF_EXPANSION_MAX as usize) * WITHIN_LIMITS_LEN_MAX;
+    let lzf = LZF_EXPANSION_MAX as usize * WITHIN_LIMITS_LEN_MAX;
+    assert!(consumed * (ELEMENT_OVERHEAD + SCORE_TEXT_MAX) + consumed + lzf <= DECODED_BYTES_MAX);
+};
 
 /// The most output bytes an LZF stream makes of one input byte: a back reference of 3 bytes
 /// copies up to 264.
@@ -97,8 +155,12 @@ pub enum DecodeError {
     VersionOrChecksum,
     /// Anything wrong inside the value.
     BadData,
-    /// LZF would expand past [`DECODED_BYTES_MAX`].
+    /// A sound payload (as far as it was read) that decodes into more than
+    /// [`DECODED_BYTES_MAX`] (see the module doc's budget): capdb's limit, not Redis's.
     TooLarge,
+    /// A sound payload (as far as it was read) that decodes into more than [`ELEMENTS_MAX`]
+    /// elements: capdb's limit, not Redis's.
+    TooManyElements,
 }
 
 type Result<T> = std::result::Result<T, DecodeError>;
@@ -167,18 +229,24 @@ pub fn verify(payload: &[u8]) -> Result<&[u8]> {
     Ok(value)
 }
 
-/// The value a payload carries, fully validated (see the module doc).
+/// The value a payload carries, fully validated (see the module doc), within the budget.
 pub fn decode(payload: &[u8]) -> Result<Object> {
-    decode_within(payload, DECODED_BYTES_MAX)
+    decode_within(
+        payload,
+        Budget {
+            elements_left: ELEMENTS_MAX,
+            bytes_left: DECODED_BYTES_MAX,
+        },
+    )
 }
 
-/// [`decode`], LZF producing at most `expand_max` bytes.
-fn decode_within(payload: &[u8], expand_max: usize) -> Result<Object> {
+/// [`decode`] within `budget`.
+fn decode_within(payload: &[u8], budget: Budget) -> Result<Object> {
     let value = verify(payload)?;
     let mut r = Reader {
         buf: value,
         pos: 0,
-        expand_left: expand_max,
+        budget,
     };
     let kind = r.byte()?;
     let obj = r.object(kind)?;
@@ -254,12 +322,54 @@ fn int_string(n: i64) -> Bytes {
     Bytes::from(n.to_string())
 }
 
+/// What a payload may still decode into (see the module doc's budget).
+#[derive(Debug, Clone, Copy)]
+struct Budget {
+    elements_left: usize,
+    bytes_left: usize,
+}
+
+impl Budget {
+    /// Charges `n` bytes that are not an element (LZF's output for a container or a string).
+    fn bytes(&mut self, n: usize) -> Result<()> {
+        self.bytes_left = self
+            .bytes_left
+            .checked_sub(n)
+            .ok_or(DecodeError::TooLarge)?;
+        Ok(())
+    }
+
+    /// Charges one element of `len` bytes.
+    fn element(&mut self, len: usize) -> Result<()> {
+        self.elements_left = self
+            .elements_left
+            .checked_sub(1)
+            .ok_or(DecodeError::TooManyElements)?;
+        self.bytes(len.saturating_add(ELEMENT_OVERHEAD))
+    }
+
+    /// A capacity for a declared count of `n` elements: never more than may still be decoded,
+    /// so a count the payload does not back reserves nothing past the budget.
+    fn capacity(&self, n: usize) -> usize {
+        n.min(self.elements_left)
+    }
+}
+
 /// A position in a payload's value bytes.
 struct Reader<'a> {
     buf: &'a [u8],
     pos: usize,
-    /// Bytes LZF may still produce (see [`DECODED_BYTES_MAX`]).
-    expand_left: usize,
+    budget: Budget,
+}
+
+/// How a string read from the payload is charged to the budget.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Charge {
+    /// An element: one of [`ELEMENTS_MAX`], its length and [`ELEMENT_OVERHEAD`].
+    Element,
+    /// A container (listpack, ziplist, intset) or a string value: only what LZF produces (the
+    /// container's elements are charged as it is walked; a plain one lies in the payload).
+    Blob,
 }
 
 enum Len {
@@ -326,16 +436,47 @@ impl<'a> Reader<'a> {
         Ok(n as usize)
     }
 
-    /// `rdbGenericLoadStringObject`.
-    fn string(&mut self) -> Result<Bytes> {
+    /// An element: a string charged as one.
+    fn element(&mut self) -> Result<Bytes> {
+        self.string(Charge::Element)
+    }
+
+    /// A container or a string value (see [`Charge::Blob`]).
+    fn blob(&mut self) -> Result<Bytes> {
+        self.string(Charge::Blob)
+    }
+
+    /// `rdbGenericLoadStringObject`, charged as `charge` says before its bytes are copied or
+    /// decompressed.
+    fn string(&mut self, charge: Charge) -> Result<Bytes> {
+        let int = |r: &mut Self, n: i64| -> Result<Bytes> {
+            let s = int_string(n);
+            if charge == Charge::Element {
+                r.budget.element(s.len())?;
+            }
+            Ok(s)
+        };
         match self.len_or_encoding()? {
             Len::Plain(n) => {
                 let n = usize::try_from(n).map_err(|_| DecodeError::BadData)?;
-                Ok(Bytes::copy_from_slice(self.take(n)?))
+                let s = self.take(n)?;
+                if charge == Charge::Element {
+                    self.budget.element(n)?;
+                }
+                Ok(Bytes::copy_from_slice(s))
             }
-            Len::Encoded(ENC_INT8) => Ok(int_string(i8::from_le_bytes(self.array()?) as i64)),
-            Len::Encoded(ENC_INT16) => Ok(int_string(i16::from_le_bytes(self.array()?) as i64)),
-            Len::Encoded(ENC_INT32) => Ok(int_string(i32::from_le_bytes(self.array()?) as i64)),
+            Len::Encoded(ENC_INT8) => {
+                let n = i8::from_le_bytes(self.array()?);
+                int(self, n as i64)
+            }
+            Len::Encoded(ENC_INT16) => {
+                let n = i16::from_le_bytes(self.array()?);
+                int(self, n as i64)
+            }
+            Len::Encoded(ENC_INT32) => {
+                let n = i32::from_le_bytes(self.array()?);
+                int(self, n as i64)
+            }
             Len::Encoded(ENC_LZF) => {
                 let compressed_len = self.length()?;
                 let len = self.length()?;
@@ -349,10 +490,10 @@ impl<'a> Reader<'a> {
                     return Err(DecodeError::BadData);
                 }
                 let len = usize::try_from(len).map_err(|_| DecodeError::TooLarge)?;
-                if len > self.expand_left {
-                    return Err(DecodeError::TooLarge);
+                match charge {
+                    Charge::Element => self.budget.element(len)?,
+                    Charge::Blob => self.budget.bytes(len)?,
                 }
-                self.expand_left -= len;
                 if len == 0 {
                     // Redis compares lzf_decompress's answer (0 on failure) with the length.
                     return Ok(Bytes::new());
@@ -384,46 +525,65 @@ impl<'a> Reader<'a> {
         not_nan(f64::from_le_bytes(self.array()?))
     }
 
+    /// A sorted set member's score, charged as an element (ZADD's argument).
+    fn score(&mut self, text: bool) -> Result<f64> {
+        let score = if text {
+            self.text_score()?
+        } else {
+            self.binary_score()?
+        };
+        self.budget.element(SCORE_TEXT_MAX)?;
+        Ok(score)
+    }
+
     /// The value of RDB object type `kind` (`rdbLoadObject`).
     fn object(&mut self, kind: u8) -> Result<Object> {
         Ok(match kind {
-            TYPE_STRING => Object::String(self.string()?),
+            TYPE_STRING => Object::String(self.blob()?),
             TYPE_LIST => Object::List(self.strings()?),
             TYPE_SET => Object::Set(self.strings()?),
             TYPE_ZSET | TYPE_ZSET_2 => {
                 let n = self.count(if kind == TYPE_ZSET { 2 } else { 9 })?;
-                let mut pairs = Vec::with_capacity(n);
+                let mut pairs = Vec::with_capacity(self.budget.capacity(n));
                 for _ in 0..n {
-                    let member = self.string()?;
-                    let score = if kind == TYPE_ZSET {
-                        self.text_score()?
-                    } else {
-                        self.binary_score()?
-                    };
+                    let member = self.element()?;
+                    let score = self.score(kind == TYPE_ZSET)?;
                     pairs.push((member, score));
                 }
                 Object::ZSet(pairs)
             }
             TYPE_HASH => {
                 let n = self.count(2)?;
-                let mut pairs = Vec::with_capacity(n);
+                let mut pairs = Vec::with_capacity(self.budget.capacity(n));
                 for _ in 0..n {
-                    pairs.push((self.string()?, self.string()?));
+                    pairs.push((self.element()?, self.element()?));
                 }
                 Object::Hash(pairs)
             }
-            TYPE_SET_INTSET => Object::Set(intset(&self.string()?)?),
-            TYPE_LIST_ZIPLIST => Object::List(ziplist(&self.string()?)?),
-            TYPE_HASH_ZIPLIST => Object::Hash(pairs(ziplist(&self.string()?)?)?),
-            TYPE_HASH_LISTPACK => Object::Hash(pairs(listpack(&self.string()?)?)?),
+            TYPE_SET_INTSET => {
+                let blob = self.blob()?;
+                Object::Set(intset(&blob, &mut self.budget)?)
+            }
+            TYPE_LIST_ZIPLIST => {
+                let blob = self.blob()?;
+                Object::List(ziplist(&blob, &mut self.budget)?)
+            }
+            TYPE_HASH_ZIPLIST => {
+                let blob = self.blob()?;
+                Object::Hash(pairs(ziplist(&blob, &mut self.budget)?)?)
+            }
+            TYPE_HASH_LISTPACK => {
+                let blob = self.blob()?;
+                Object::Hash(pairs(listpack(&blob, &mut self.budget)?)?)
+            }
             TYPE_ZSET_LISTPACK | TYPE_ZSET_ZIPLIST => {
-                let blob = self.string()?;
+                let blob = self.blob()?;
                 let entries = if kind == TYPE_ZSET_LISTPACK {
-                    listpack(&blob)?
+                    listpack(&blob, &mut self.budget)?
                 } else {
-                    ziplist(&blob)?
+                    ziplist(&blob, &mut self.budget)?
                 };
-                let mut scored = Vec::new();
+                let mut scored = Vec::with_capacity(entries.len() / 2);
                 for (member, score) in pairs(entries)? {
                     // Integers are stored as integers, other scores as `%.17g` text.
                     let score = std::str::from_utf8(&score)
@@ -438,7 +598,8 @@ impl<'a> Reader<'a> {
                 let nodes = self.count(1)?;
                 let mut items = Vec::new();
                 for _ in 0..nodes {
-                    items.extend(ziplist(&self.string()?)?);
+                    let blob = self.blob()?;
+                    items.extend(ziplist(&blob, &mut self.budget)?);
                 }
                 Object::List(items)
             }
@@ -447,9 +608,12 @@ impl<'a> Reader<'a> {
                 let mut items = Vec::new();
                 for _ in 0..nodes {
                     match self.length()? {
-                        NODE_PLAIN => items.push(self.string()?),
+                        NODE_PLAIN => items.push(self.element()?),
                         // An empty node is skipped, as Redis skips it.
-                        NODE_PACKED => items.extend(listpack(&self.string()?)?),
+                        NODE_PACKED => {
+                            let blob = self.blob()?;
+                            items.extend(listpack(&blob, &mut self.budget)?);
+                        }
                         _ => return Err(DecodeError::BadData),
                     }
                 }
@@ -462,7 +626,11 @@ impl<'a> Reader<'a> {
     /// A count, then that many strings.
     fn strings(&mut self) -> Result<Vec<Bytes>> {
         let n = self.count(1)?;
-        (0..n).map(|_| self.string()).collect()
+        let mut out = Vec::with_capacity(self.budget.capacity(n));
+        for _ in 0..n {
+            out.push(self.element()?);
+        }
+        Ok(out)
     }
 }
 
@@ -489,7 +657,7 @@ fn pairs(entries: Vec<Bytes>) -> Result<Vec<(Bytes, Bytes)>> {
 
 /// An intset's members as decimal strings: a header (element width 2, 4 or 8 bytes; count),
 /// then the elements little-endian, strictly ascending.
-fn intset(blob: &[u8]) -> Result<Vec<Bytes>> {
+fn intset(blob: &[u8], budget: &mut Budget) -> Result<Vec<Bytes>> {
     let bad = DecodeError::BadData;
     let header = blob.get(..8).ok_or(bad)?;
     let width = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
@@ -497,7 +665,7 @@ fn intset(blob: &[u8]) -> Result<Vec<Bytes>> {
     if ![2, 4, 8].contains(&width) || 8 + count * width as u64 != blob.len() as u64 {
         return Err(bad);
     }
-    let mut out = Vec::with_capacity(count as usize);
+    let mut out = Vec::with_capacity(budget.capacity(count as usize));
     let mut last: Option<i64> = None;
     for raw in blob[8..].chunks_exact(width) {
         let n = match *raw {
@@ -510,7 +678,9 @@ fn intset(blob: &[u8]) -> Result<Vec<Bytes>> {
             return Err(bad);
         }
         last = Some(n);
-        out.push(int_string(n));
+        let s = int_string(n);
+        budget.element(s.len())?;
+        out.push(s);
     }
     Ok(out)
 }
@@ -518,7 +688,7 @@ fn intset(blob: &[u8]) -> Result<Vec<Bytes>> {
 /// A listpack's entries, integers as decimal strings. Layout: total bytes (u32 LE), entry count
 /// (u16 LE, 65535 when unknown), entries, the terminator `0xff`; each entry is an encoding byte,
 /// its data, and its back-length (the entry's length, written to be read backwards).
-fn listpack(blob: &[u8]) -> Result<Vec<Bytes>> {
+fn listpack(blob: &[u8], budget: &mut Budget) -> Result<Vec<Bytes>> {
     let bad = DecodeError::BadData;
     if blob.len() < 7
         || u32::from_le_bytes([blob[0], blob[1], blob[2], blob[3]]) as usize != blob.len()
@@ -541,6 +711,7 @@ fn listpack(blob: &[u8]) -> Result<Vec<Bytes>> {
         if rest.get(len..len + back_len) != Some(&back[..back_len]) {
             return Err(bad);
         }
+        budget.element(value.len())?;
         out.push(value);
         at += len + back_len;
     }
@@ -612,7 +783,7 @@ fn lp_entry(e: &[u8]) -> Result<(usize, Bytes)> {
 /// (u32 LE), offset of the last entry (u32 LE), entry count (u16 LE, 65535 when unknown),
 /// entries, the terminator `0xff`; each entry is the previous entry's length (1 byte, or `0xfe`
 /// and 4 bytes LE), an encoding, and its data.
-fn ziplist(blob: &[u8]) -> Result<Vec<Bytes>> {
+fn ziplist(blob: &[u8], budget: &mut Budget) -> Result<Vec<Bytes>> {
     let bad = DecodeError::BadData;
     let u32_at = |i: usize| -> Result<usize> {
         let b = blob.get(i..i + 4).ok_or(bad)?;
@@ -648,6 +819,7 @@ fn ziplist(blob: &[u8]) -> Result<Vec<Bytes>> {
         last_at = at;
         prev_len = header + len;
         at += prev_len;
+        budget.element(value.len())?;
         out.push(value);
     }
     if tail != last_at || (declared != u16::MAX && declared as usize != out.len()) {
@@ -965,7 +1137,13 @@ pub(crate) mod tests {
         let mut list = vec![3];
         (0..3).for_each(|_| lzf_string(&mut list));
         let payload = raw(TYPE_LIST, &list);
-        let Object::List(items) = decode_within(&payload, 3 * 99_793).unwrap() else {
+        // Each element costs its length and the overhead, once (LZF produced it).
+        let cost = 3 * (99_793 + ELEMENT_OVERHEAD);
+        let budget = |bytes_left| Budget {
+            elements_left: ELEMENTS_MAX,
+            bytes_left,
+        };
+        let Object::List(items) = decode_within(&payload, budget(cost)).unwrap() else {
             panic!("a list")
         };
         assert!(
@@ -974,7 +1152,7 @@ pub(crate) mod tests {
                 .all(|i| i.len() == 99_793 && i.iter().all(|&c| c == b'a'))
         );
         assert_eq!(
-            decode_within(&payload, 3 * 99_793 - 1),
+            decode_within(&payload, budget(cost - 1)),
             Err(DecodeError::TooLarge)
         );
     }
@@ -1296,6 +1474,230 @@ pub(crate) mod tests {
                 "cut at {cut}"
             );
         }
+    }
+
+    /// The elements `obj` counts against [`ELEMENTS_MAX`].
+    fn elements_of(obj: &Object) -> usize {
+        match obj {
+            Object::String(_) => 0,
+            Object::List(v) | Object::Set(v) => v.len(),
+            Object::Hash(v) => 2 * v.len(),
+            Object::ZSet(v) => 2 * v.len(),
+        }
+    }
+
+    /// The bytes `obj`'s elements are charged at least: their lengths and the overhead (a
+    /// score's text, as long as a listpack's or at most [`SCORE_TEXT_MAX`], is left out).
+    fn element_bytes_of(obj: &Object) -> usize {
+        let lens: usize = match obj {
+            Object::String(_) => 0,
+            Object::List(v) | Object::Set(v) => v.iter().map(Bytes::len).sum(),
+            Object::Hash(v) => v.iter().map(|(f, x)| f.len() + x.len()).sum(),
+            Object::ZSet(v) => v.iter().map(|(m, _)| m.len()).sum(),
+        };
+        lens + ELEMENT_OVERHEAD * elements_of(obj)
+    }
+
+    #[test]
+    fn every_encoding_charges_the_budget() {
+        let mut payloads: Vec<Vec<u8>> = ["l", "si", "ss", "h", "z"]
+            .iter()
+            .map(|n| redis(n))
+            .collect();
+        payloads.extend(ziplist_payloads().into_iter().map(|(p, _)| p));
+        payloads.push(encode(&Object::List(bs(&["a", "12", "-7", "long item"]))));
+        payloads.push(encode(&Object::Set(bs(&["a", "b", "300000"]))));
+        payloads.push(encode(&Object::Hash(vec![
+            (b("f"), b("v")),
+            (b("n"), b("1")),
+        ])));
+        payloads.push(encode(&Object::ZSet(vec![(b("a"), 1.5), (b("b"), 2.0)])));
+        payloads.push(raw(TYPE_ZSET, &[2, 1, b'a', 1, b'1', 1, b'b', 254]));
+        for (i, payload) in payloads.iter().enumerate() {
+            let obj = decode(payload).unwrap();
+            let n = elements_of(&obj);
+            assert!(n > 0, "case {i}");
+            let budget = |elements_left, bytes_left| Budget {
+                elements_left,
+                bytes_left,
+            };
+            // Exactly as many elements as it holds: refused with one fewer.
+            assert_eq!(
+                decode_within(payload, budget(n, DECODED_BYTES_MAX)).as_ref(),
+                Ok(&obj),
+                "case {i}"
+            );
+            assert_eq!(
+                decode_within(payload, budget(n - 1, DECODED_BYTES_MAX)),
+                Err(DecodeError::TooManyElements),
+                "case {i}"
+            );
+            // The least byte budget it decodes within covers every element and its
+            // overhead; one byte less is refused.
+            let (mut lo, mut hi) = (0, DECODED_BYTES_MAX);
+            while lo < hi {
+                let mid = lo + (hi - lo) / 2;
+                if decode_within(payload, budget(ELEMENTS_MAX, mid)).is_ok() {
+                    hi = mid;
+                } else {
+                    lo = mid + 1;
+                }
+            }
+            assert!(lo >= element_bytes_of(&obj), "case {i}: {lo}");
+            assert_eq!(
+                decode_within(payload, budget(ELEMENTS_MAX, lo - 1)),
+                Err(DecodeError::TooLarge),
+                "case {i}"
+            );
+        }
+    }
+
+    /// A listpack of `n` empty strings (`00 01` each: a 7-bit integer 0, its back-length),
+    /// declaring its count unknown (65535), LZF-compressed: the header and one entry as a
+    /// literal, then back references of 264 bytes copying the entries 2 bytes back. `n - 1`
+    /// must be a multiple of 132. Returns the stream and the listpack's length.
+    pub(crate) fn lzf_listpack_of_zeros(n: usize) -> (Vec<u8>, usize) {
+        assert_eq!((n - 1) % 132, 0);
+        let len = 6 + 2 * n + 1;
+        let mut stream = vec![0x07];
+        stream.extend_from_slice(&(len as u32).to_le_bytes());
+        stream.extend_from_slice(&[0xff, 0xff, 0x00, 0x01]);
+        for _ in 0..(n - 1) / 132 {
+            stream.extend_from_slice(&[0xe0, 0xff, 0x01]);
+        }
+        stream.extend_from_slice(&[0x00, 0xff]);
+        (stream, len)
+    }
+
+    #[test]
+    fn a_compressed_listpack_of_too_many_entries_is_refused_early() {
+        // The reviewer's trigger, at the element cap: one packed QUICKLIST_2 node whose
+        // listpack is LZF-compressed, ~24 KB on the wire for ~1M entries.
+        let small = 1 + 132 * 10;
+        let (stream, len) = lzf_listpack_of_zeros(small);
+        let node = |stream: &[u8], len: usize| {
+            let mut v = vec![1, NODE_PACKED as u8, 0xc0 | ENC_LZF];
+            put_len(&mut v, stream.len() as u64);
+            put_len(&mut v, len as u64);
+            v.extend_from_slice(stream);
+            raw(TYPE_LIST_QUICKLIST_2, &v)
+        };
+        // The construction is sound: a small one decodes.
+        let Ok(Object::List(items)) = decode(&node(&stream, len)) else {
+            panic!("a list")
+        };
+        assert!(items.len() == small && items.iter().all(|i| i.as_ref() == b"0"));
+        let many = 1 + 132 * ELEMENTS_MAX.div_ceil(132);
+        assert!(many > ELEMENTS_MAX);
+        let (stream, len) = lzf_listpack_of_zeros(many);
+        let payload = node(&stream, len);
+        assert!(payload.len() < 32 << 10, "{}", payload.len());
+        assert_eq!(decode(&payload), Err(DecodeError::TooManyElements));
+        // Decoding stops at the first element past the budget, not after the listpack.
+        let budget = Budget {
+            elements_left: 10,
+            bytes_left: DECODED_BYTES_MAX,
+        };
+        assert_eq!(
+            decode_within(&payload, budget),
+            Err(DecodeError::TooManyElements)
+        );
+        // The same entries as a hash's listpack: refused too.
+        let mut hash = vec![0xc0 | ENC_LZF];
+        put_len(&mut hash, stream.len() as u64);
+        put_len(&mut hash, len as u64);
+        hash.extend_from_slice(&stream);
+        assert_eq!(
+            decode(&raw(TYPE_HASH_LISTPACK, &hash)),
+            Err(DecodeError::TooManyElements)
+        );
+        // The reviewer's full size: ~3 MiB of LZF declaring a listpack past 256 MiB, refused
+        // before LZF runs.
+        let huge = 1 + 132 * ((DECODED_BYTES_MAX / 264) + 1);
+        let (stream, len) = lzf_listpack_of_zeros(huge);
+        assert!(len > DECODED_BYTES_MAX && stream.len() < 4 << 20);
+        assert_eq!(decode(&node(&stream, len)), Err(DecodeError::TooLarge));
+        // Within the element cap, the bytes: each empty entry costs the overhead, so a
+        // smaller byte budget refuses the small list too.
+        let (stream, len) = lzf_listpack_of_zeros(small);
+        let budget = Budget {
+            elements_left: ELEMENTS_MAX,
+            bytes_left: len + small * ELEMENT_OVERHEAD,
+        };
+        assert_eq!(
+            decode_within(&node(&stream, len), budget),
+            Err(DecodeError::TooLarge)
+        );
+    }
+
+    #[test]
+    fn a_plain_list_of_too_many_empty_strings_is_refused() {
+        // The reviewer's second trigger, uncompressed: a type 1 list of empty strings, one
+        // byte each. One past the cap is refused; the cap itself decodes.
+        let list = |n: usize| {
+            let mut v = Vec::with_capacity(n + 5);
+            put_len(&mut v, n as u64);
+            v.resize(v.len() + n, 0);
+            raw(TYPE_LIST, &v)
+        };
+        assert_eq!(
+            decode(&list(ELEMENTS_MAX + 1)),
+            Err(DecodeError::TooManyElements)
+        );
+        let Ok(Object::List(items)) = decode(&list(ELEMENTS_MAX)) else {
+            panic!("a list")
+        };
+        assert_eq!(items.len(), ELEMENTS_MAX);
+        // A 16 MiB payload (the frame limit) of them stops at the cap, well before its end.
+        assert_eq!(decode(&list(16 << 20)), Err(DecodeError::TooManyElements));
+        // A hash's field and value count two, as do a sorted set's member and score.
+        let pairs = ELEMENTS_MAX / 2 + 1;
+        let mut hash = Vec::new();
+        put_len(&mut hash, pairs as u64);
+        hash.resize(hash.len() + 2 * pairs, 0);
+        assert_eq!(
+            decode(&raw(TYPE_HASH, &hash)),
+            Err(DecodeError::TooManyElements)
+        );
+        let mut zset = Vec::new();
+        put_len(&mut zset, pairs as u64);
+        for _ in 0..pairs {
+            zset.push(0);
+            zset.extend_from_slice(&1.0f64.to_le_bytes());
+        }
+        assert_eq!(
+            decode(&raw(TYPE_ZSET_2, &zset)),
+            Err(DecodeError::TooManyElements)
+        );
+        // An intset of more members than the cap (4 bytes each).
+        let n = ELEMENTS_MAX + 1;
+        let mut blob = Vec::with_capacity(8 + 4 * n);
+        blob.extend_from_slice(&4u32.to_le_bytes());
+        blob.extend_from_slice(&(n as u32).to_le_bytes());
+        for i in 0..n as i32 {
+            blob.extend_from_slice(&i.to_le_bytes());
+        }
+        assert_eq!(
+            decode(&with_blob(TYPE_SET_INTSET, &blob)),
+            Err(DecodeError::TooManyElements)
+        );
+    }
+
+    #[test]
+    fn lzf_past_the_byte_budget_is_refused_before_decompressing() {
+        // 3 MiB of garbage declaring 260 MiB (possible for 3 MiB of LZF, 88 times): past the
+        // budget, refused before LZF runs.
+        let garbage = vec![0xffu8; 3 << 20];
+        let string = |declared: usize| {
+            let mut v = vec![0xc0 | ENC_LZF];
+            put_len(&mut v, garbage.len() as u64);
+            put_len(&mut v, declared as u64);
+            v.extend_from_slice(&garbage);
+            raw(TYPE_STRING, &v)
+        };
+        assert_eq!(decode(&string(260 << 20)), Err(DecodeError::TooLarge));
+        // Within the budget, the garbage is found at once (nothing reserved for 256 MiB).
+        assert_eq!(decode(&string(256 << 20)), Err(DecodeError::BadData));
     }
 
     #[test]

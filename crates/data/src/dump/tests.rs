@@ -452,6 +452,103 @@ fn elements_past_the_value_limit_are_refused_before_anything_changes() {
     assert_eq!(data(&mut s, "l"), b"old");
 }
 
+/// The reviewer's two triggers, past the element cap: a QUICKLIST_2 list of one packed node
+/// whose listpack is ~24 KB of LZF for ~1M entries, and a type 1 list of empty strings.
+fn over_the_element_cap() -> [Vec<u8>; 2] {
+    let n = 1 + 132 * rdb::ELEMENTS_MAX.div_ceil(132);
+    let (stream, len) = rdb::tests::lzf_listpack_of_zeros(n);
+    // Type 18, one node, packed (2), an LZF string (0xc3), its lengths (32-bit), the stream.
+    let mut node = vec![18, 1, 2, 0xc3, 0x80];
+    node.extend_from_slice(&(stream.len() as u32).to_be_bytes());
+    node.push(0x80);
+    node.extend_from_slice(&(len as u32).to_be_bytes());
+    node.extend_from_slice(&stream);
+    let mut list = vec![1, 0x80];
+    list.extend_from_slice(&(rdb::ELEMENTS_MAX as u32 + 1).to_be_bytes());
+    list.resize(list.len() + rdb::ELEMENTS_MAX + 1, 0);
+    [rdb::seal(node), rdb::seal(list)]
+}
+
+const TOO_MANY: &str = "ERR DUMP payload has more than 1048574 elements, capdb's limit";
+
+#[test]
+fn payloads_past_the_budget_are_refused_before_anything_changes() {
+    let mut s = space();
+    set(&mut s, "l", b"old", None);
+    for payload in over_the_element_cap() {
+        assert_eq!(
+            error_of(&mut s, &[b"RESTORE", b"l", b"0", &payload, b"REPLACE"]),
+            TOO_MANY
+        );
+        assert_eq!(data(&mut s, "l"), b"old");
+        assert_eq!(
+            error_of(&mut s, &[b"RESTORE", b"new", b"0", &payload]),
+            TOO_MANY
+        );
+        assert_eq!(get(&mut s, "new"), None);
+        // Redis's order still holds when the command runs: BUSYKEY first.
+        assert_eq!(
+            error_of(&mut s, &[b"RESTORE", b"l", b"0", &payload]),
+            "BUSYKEY Target key name already exists."
+        );
+    }
+    // Past the bytes: an LZF string declaring more than 256 MiB (possible for 3 MiB of LZF).
+    let mut v = vec![0x00, 0xc3, 0x80];
+    v.extend_from_slice(&(3u32 << 20).to_be_bytes());
+    v.push(0x80);
+    v.extend_from_slice(&(260u32 << 20).to_be_bytes());
+    v.resize(v.len() + (3 << 20), 0xff);
+    let payload = rdb::seal(v);
+    assert_eq!(
+        error_of(&mut s, &[b"RESTORE", b"new", b"0", &payload]),
+        "ERR DUMP payload decodes into more than 256 MiB (elements' bytes plus 64 per \
+         element), capdb's limit"
+    );
+}
+
+#[test]
+fn check_limits_refuses_only_payloads_past_the_budget() {
+    let b = |s: &[u8]| Bytes::copy_from_slice(s);
+    let restore = |ttl: &[u8], payload: &[u8], more: &[&[u8]]| -> Vec<Bytes> {
+        let mut args = vec![b(b"RESTORE"), b(b"k"), b(ttl), b(payload)];
+        args.extend(more.iter().map(|a| b(a)));
+        args
+    };
+    let line = |r: Result<()>| match r {
+        Err(Error::Command(line)) => line,
+        other => panic!("{other:?}"),
+    };
+    for payload in over_the_element_cap() {
+        assert_eq!(line(check_limits(&restore(b"0", &payload, &[]))), TOO_MANY);
+        assert_eq!(
+            line(check_limits(&restore(b"100", &payload, &[b"REPLACE"]))),
+            TOO_MANY
+        );
+        // What Redis answers first is left to the command: a bad option or TTL.
+        assert!(check_limits(&restore(b"0", &payload, &[b"bogus"])).is_ok());
+        assert!(check_limits(&restore(b"-1", &payload, &[])).is_ok());
+        assert!(check_limits(&restore(b"x", &payload, &[])).is_ok());
+        // A bad footer is the command's error too.
+        let mut bad = payload.clone();
+        let last = bad.len() - 1;
+        bad[last] ^= 1;
+        assert!(check_limits(&restore(b"0", &bad, &[])).is_ok());
+        // Not RESTORE.
+        let mut set = restore(b"0", &payload, &[]);
+        set[0] = b(b"SET");
+        assert!(check_limits(&set).is_ok());
+    }
+    // A sound payload within the budget, long enough to be decoded here.
+    let mut s = space();
+    let items: Vec<Bytes> = (0..20_000).map(|i| Bytes::from(i.to_string())).collect();
+    let payload = rdb::encode(&Object::List(items));
+    assert!(payload.len() > rdb::WITHIN_LIMITS_LEN_MAX);
+    assert!(check_limits(&restore(b"0", &payload, &[])).is_ok());
+    assert!(check_limits(&[b(b"RESTORE"), b(b"k")]).is_ok());
+    let reply = exec(&mut s, &[b"RESTORE", b"k", b"0", &payload]);
+    assert_eq!(reply.unwrap(), Reply::Ok);
+}
+
 #[test]
 fn absolutize_makes_relative_ttls_absolute_and_leaves_the_rest() {
     let w = |s: &str| -> Vec<Bytes> { s.split(' ').map(|x| Bytes::from(x.to_string())).collect() };

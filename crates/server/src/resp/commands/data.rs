@@ -33,6 +33,11 @@ pub(super) async fn execute(
     };
     match spec.run {
         Run::Write(_) => {
+            // A RESTORE payload past capdb's decode budget never enters a log.
+            if let Err(e) = capdb_data::dump::check_limits(&args) {
+                conn.flush_pending().await;
+                return conn.fail(spec.name, started, &error_line(&e));
+            }
             // Replicas replay the command later: relative times become absolute now.
             let args = capdb_data::strings::absolutize(&args, conn.now_ms)
                 .or_else(|| capdb_data::hash::absolutize(&args, conn.now_ms))

@@ -467,6 +467,16 @@ fn data_step(
     let keys: Vec<&Bytes> = indices.iter().filter_map(|&i| args.get(i)).collect();
     let at = place(conn, &keys, spec.is_write())?;
     let key = keys.first().map(|k| (*k).clone()).unwrap_or_default();
+    if spec.is_write()
+        && let Err(e) = capdb_data::dump::check_limits(&args)
+    {
+        // A RESTORE payload past capdb's decode budget never enters a log: this command
+        // fails alone, as it would when run.
+        return Ok(Step::Fixed {
+            name: spec.name,
+            error: error_line(&e),
+        });
+    }
     let args = if spec.is_write() {
         // Replicas replay the command later: relative times become absolute now.
         capdb_data::strings::absolutize(&args, conn.now_ms)
