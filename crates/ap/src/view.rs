@@ -509,19 +509,6 @@ impl Space for View {
         Ok(())
     }
 
-    fn el_insert(&mut self, c: &Coll, sub: &[u8], value: &[u8]) -> Result<bool> {
-        let present = self.el_get(c, sub)?.is_some();
-        // A set member already present: Redis's SADD (SMOVE's destination) changes nothing
-        // and signals no change, so no new add is written either. Re-adding would bump the
-        // key's version, aborting a WATCH that Redis lets through. (A hash field or score is
-        // rewritten: the command then stores the record, a change Redis signals too.)
-        if present && self.key(&c.key)?.kind == SET {
-            return Ok(false);
-        }
-        self.el_put(c, sub, value)?;
-        Ok(!present)
-    }
-
     fn el_remove(&mut self, c: &Coll, sub: &[u8]) -> Result<()> {
         let (me, t_write) = (self.me, self.t_write);
         let ks = self.key(&c.key)?;

@@ -101,19 +101,26 @@ fn expire_options_answer_as_redis_does_in_every_mode() {
     }
 }
 
-/// WATCH, a write by the same client, then MULTI/EXEC: a write Redis signals as a change
-/// aborts EXEC (an SREM that leaves members, an LTRIM that keeps every element, an HSET of the
-/// same value), a write that changes nothing does not (SADD of a present member, ZINCRBY by 0,
-/// SMOVE within one set); a key created and deleted again since WATCH counts as changed. Found by `capdb difftest` (`ap`: SADD of a present
-/// member aborted; an SREM, an LTRIM and a create-then-delete did not, nor did an LTRIM on
-/// `cp` and `cache`).
-const WATCH_SCRIPT: &str = "
+/// A SADD of a member already present changes nothing for Redis, so a WATCH of the set lets
+/// EXEC run; `cp` and `cache` agree. In `ap` the SADD writes the add again (so that it wins over
+/// a concurrent SREM on another side: add-wins) and the WATCH aborts, as the README says.
+const WATCH_PRESENT_ADD_SCRIPT: &str = "
     sadd s 4 hello 10
     watch s
     sadd s 10
     multi
     ping
     exec
+";
+
+/// WATCH, a write by the same client, then MULTI/EXEC: a write Redis signals as a change
+/// aborts EXEC (an SREM that leaves members, an LTRIM that keeps every element, an HSET of the
+/// same value), a write that changes nothing does not (ZINCRBY by 0, SMOVE within one set); a
+/// key created and deleted again since WATCH counts as changed. Found by `capdb difftest`
+/// (`ap`: an SREM, an LTRIM and a create-then-delete did not abort, nor did an LTRIM on `cp`
+/// and `cache`).
+const WATCH_SCRIPT: &str = "
+    sadd s 4 hello 10
     watch s
     srem s 4
     multi
@@ -230,6 +237,27 @@ fn watch_aborts_exactly_where_redis_signals_a_change_in_every_mode() {
         same_replies(&mut redis, &mut ours, WATCH_SCRIPT);
         if db != "0" {
             same_replies(&mut redis, &mut ours, FLUSHDB_WATCH_SCRIPT);
+        }
+        let _: () = redis::cmd("FLUSHDB").query(&mut redis).unwrap();
+        let _: () = redis::cmd("FLUSHDB").query(&mut ours).unwrap();
+        if db == "2" {
+            // ap: the re-add is a write, and the WATCH sees it (documented).
+            let _: i64 = redis::cmd("SADD")
+                .arg("s")
+                .arg("10")
+                .query(&mut ours)
+                .unwrap();
+            let _: () = redis::cmd("WATCH").arg("s").query(&mut ours).unwrap();
+            let _: i64 = redis::cmd("SADD")
+                .arg("s")
+                .arg("10")
+                .query(&mut ours)
+                .unwrap();
+            let ran: Option<Vec<String>> =
+                redis::pipe().atomic().cmd("PING").query(&mut ours).unwrap();
+            assert_eq!(ran, None, "ap: a re-add aborts the WATCH");
+        } else {
+            same_replies(&mut redis, &mut ours, WATCH_PRESENT_ADD_SCRIPT);
         }
     }
 }
