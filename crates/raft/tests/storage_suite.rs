@@ -54,11 +54,6 @@ async fn a_committed_index_past_the_kept_log_reads_as_unknown() {
     log.save_committed(Some(openraft::testing::log_id::<TypeConfig>(1, 1, 5)))
         .await
         .unwrap();
-    // Any later job's batch carries the deferred hint.
-    engine
-        .meta_put(vec![("unrelated".into(), Some(b"x".to_vec()))], false)
-        .await
-        .unwrap();
     let saved = engine.meta_list("").unwrap();
     assert!(
         saved.iter().any(|(k, _)| k.ends_with("committed")),

@@ -185,51 +185,6 @@ async fn disk_writes_survive_reopen_and_meta_is_listed() {
 }
 
 #[tokio::test]
-async fn a_deferred_meta_put_is_committed_with_the_next_batch_never_alone() {
-    let dir = tempfile::tempdir().unwrap();
-    let engine = DiskEngine::open(dir.path(), Arc::new(Hlc::new()), VALUE_MAX).unwrap();
-    let commits = || {
-        engine
-            .stats()
-            .commits
-            .load(std::sync::atomic::Ordering::Relaxed)
-    };
-    let before = commits();
-    engine
-        .meta_put_deferred(vec![("g/1/committed".into(), Some(b"old".to_vec()))])
-        .await
-        .unwrap();
-    engine
-        .meta_put_deferred(vec![("g/1/committed".into(), Some(b"new".to_vec()))])
-        .await
-        .unwrap();
-    // Whenever the writer took them, a batch of deferred puts alone is not committed.
-    assert!(engine.meta_list("g/").unwrap().is_empty());
-    assert_eq!(commits(), before, "no commit of their own");
-    // The next job's batch carries them (they were queued before it), the later value last.
-    engine
-        .meta_put(vec![("other".into(), Some(b"x".to_vec()))], false)
-        .await
-        .unwrap();
-    assert_eq!(
-        engine.meta_list("g/").unwrap(),
-        vec![("g/1/committed".into(), b"new".to_vec())]
-    );
-    assert_eq!(commits(), before + 1);
-    // A group dropped after a put of its was queued: the drop, queued later, wins.
-    engine
-        .meta_put_deferred(vec![("g/2/committed".into(), Some(b"2".to_vec()))])
-        .await
-        .unwrap();
-    engine
-        .drop_group(Vec::new(), Vec::new(), Vec::new(), vec!["g/2/".into()])
-        .await
-        .unwrap();
-    assert_eq!(engine.meta_get("g/2/committed").unwrap(), None);
-    assert_eq!(engine.meta_list("g/").unwrap().len(), 1);
-}
-
-#[tokio::test]
 async fn ap_deletes_leave_tombstones_invisible_to_readers() {
     let dir = tempfile::tempdir().unwrap();
     let engine = DiskEngine::open(dir.path(), Arc::new(Hlc::new()), VALUE_MAX).unwrap();

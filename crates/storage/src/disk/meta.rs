@@ -36,19 +36,6 @@ impl DiskEngine {
             .into_done()
     }
 
-    /// Puts or deletes `_meta` entries without a storage commit (or a wait) of their own: for
-    /// hints that a crash may lose and a later put supersedes, such as a Raft group's committed
-    /// index (re-learned from the leader). Queued behind every earlier job like any write, so
-    /// it is never stored before what was queued before it (a committed index never lands
-    /// before the log entries it covers); the writer applies it in the batch it falls in, and
-    /// keeps a batch made only of such puts for the next batch instead of committing it alone.
-    /// A read may not see it until then.
-    pub async fn meta_put_deferred(&self, items: Vec<MetaItem>) -> Result<()> {
-        // Not awaited beyond the queue: nobody waits for a hint.
-        drop(self.enqueue(Op::MetaPutDeferred { items }).await?);
-        Ok(())
-    }
-
     /// One `_meta` entry.
     pub fn meta_get(&self, key: &str) -> Result<Option<Vec<u8>>> {
         let txn = self.db.begin_read().map_err(io_err)?;

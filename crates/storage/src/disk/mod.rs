@@ -21,10 +21,7 @@
 //! instead of being capped at one write per fsync. Read-modify-write commands (INCR, APPEND,
 //! SET NX) run inside the writer, so they are atomic without locks. A batch made only of jobs
 //! that need no fsync (replicated applies, which the durable Raft log can redo, and `_meta` puts
-//! not asked to be durable) commits without one, and a batch made only of deferred `_meta` puts
-//! (hints such as Raft's committed index: [`DiskEngine::meta_put_deferred`]) is not committed at
-//! all: it is written first in the next batch, so it never costs a commit of its own and never
-//! lands before a job queued ahead of it.
+//! not asked to be durable) commits without one.
 //!
 //! A storage error fails the whole batch (the transaction is aborted, nothing of it is applied,
 //! every caller gets [`Error::Io`]); a semantic error (INCR of a non-integer) fails its mutation

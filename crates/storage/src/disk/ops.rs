@@ -116,13 +116,6 @@ pub(super) enum Op {
         items: Vec<(String, Option<Vec<u8>>)>,
         durable: bool,
     },
-    /// [`Op::MetaPut`] of hints that need no commit of their own
-    /// ([`DiskEngine::meta_put_deferred`](super::DiskEngine::meta_put_deferred)): applied in
-    /// queue order like any job, but a batch made only of these is kept for the next batch
-    /// instead of being committed alone.
-    MetaPutDeferred {
-        items: Vec<(String, Option<Vec<u8>>)>,
-    },
     /// Replaces a table's whole content (snapshot install): deletes every `_meta` entry under
     /// `clear_meta_prefix`, then sets `_meta` entries.
     ReplaceTable {
@@ -201,7 +194,6 @@ impl Op {
             | Op::LogAppend { .. }
             | Op::LogRemove { .. }
             | Op::MetaPut { .. }
-            | Op::MetaPutDeferred { .. }
             | Op::ReplaceTable { .. }
             | Op::DropGroup { .. }
             | Op::Reclaim { .. } => None,
@@ -217,8 +209,7 @@ impl Op {
             Op::ApplyReplicated { .. }
             | Op::TxnStep { .. }
             | Op::Reclaim { .. }
-            | Op::ApReclaim { .. }
-            | Op::MetaPutDeferred { .. } => false,
+            | Op::ApReclaim { .. } => false,
             Op::MetaPut { durable, .. } => *durable,
             _ => true,
         }
@@ -391,7 +382,7 @@ pub(super) fn execute(x: &Exec, op: &Op, live_tables: &mut HashSet<String>) -> R
         } => super::txn::apply_step(x, table, job, meta, remember.as_ref()),
         Op::LogAppend { table, records } => append_log(x, table, records),
         Op::LogRemove { table, from, to } => remove_log_range(x, table, *from, *to),
-        Op::MetaPut { items, .. } | Op::MetaPutDeferred { items } => update_meta(x, items),
+        Op::MetaPut { items, .. } => update_meta(x, items),
         Op::ReplaceTable {
             table,
             entries,

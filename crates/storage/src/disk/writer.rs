@@ -93,10 +93,6 @@ fn writer_loop(
         }
     };
     let mut batch: Vec<Job> = Vec::with_capacity(BATCH_JOBS_MAX);
-    // Deferred `_meta` puts of batches made only of them ([`Op::MetaPutDeferred`]), written
-    // first in the next batch that commits (they were queued before its jobs). One value per
-    // key (a later put supersedes), so at most as many as there are keys such hints use.
-    let mut held: std::collections::BTreeMap<String, Option<Vec<u8>>> = Default::default();
     while let Some(first) = rx.blocking_recv() {
         let mut bytes = first.op.payload_bytes();
         batch.push(first);
@@ -109,30 +105,9 @@ fn writer_loop(
                 Err(_) => break,
             }
         }
-        if batch
-            .iter()
-            .all(|j| matches!(j.op, Op::MetaPutDeferred { .. }))
-        {
-            for Job { op, done } in batch.drain(..) {
-                if let Op::MetaPutDeferred { items } = op {
-                    held.extend(items);
-                }
-                let _ = done.send(Ok(Output::Done));
-            }
-            continue;
-        }
-        let carried: Vec<super::MetaItem> = std::mem::take(&mut held).into_iter().collect();
         let started = Instant::now();
         let before = live_tables.clone();
-        let result = commit_batch(
-            db,
-            &batch,
-            &carried,
-            hlc,
-            value_bytes_max,
-            stats,
-            &mut live_tables,
-        );
+        let result = commit_batch(db, &batch, hlc, value_bytes_max, stats, &mut live_tables);
         if result.is_err() {
             live_tables = before;
         }
@@ -170,12 +145,9 @@ fn list_tables(db: &Database) -> Result<std::collections::HashSet<String>> {
     Ok(names)
 }
 
-/// Commits `batch`, with `carried` deferred `_meta` puts (queued before it) written first;
-/// they are lost with the batch if it fails, as a deferred put may be.
 fn commit_batch(
     db: &Database,
     batch: &[Job],
-    carried: &[super::MetaItem],
     hlc: &Hlc,
     value_bytes_max: usize,
     stats: &EngineStats,
@@ -190,10 +162,6 @@ fn commit_batch(
         Durability::None
     };
     txn.set_durability(durability).map_err(io_err)?;
-    if !carried.is_empty() {
-        let mut mt = txn.open_table(super::META_TABLE).map_err(io_err)?;
-        super::meta::put_meta(&mut mt, carried)?;
-    }
     let x = Exec {
         txn: &txn,
         hlc,
