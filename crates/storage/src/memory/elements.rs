@@ -229,10 +229,10 @@ impl ElementStore {
                 *first = pos;
                 return None;
             }
-            if (*first..end).contains(&pos) {
-                let slot = items
-                    .get_mut((pos - *first) as usize)
-                    .expect("a position within the run is an index of it");
+            // A position within the run is an index of it (`get_mut` answers it).
+            if (*first..end).contains(&pos)
+                && let Some(slot) = items.get_mut((pos - *first) as usize)
+            {
                 return Some(std::mem::replace(slot, value));
             }
             // A hole would open: fall through to a map.
