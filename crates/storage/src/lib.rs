@@ -21,6 +21,7 @@
 pub mod disk;
 pub mod layout;
 pub mod memory;
+pub mod wal;
 
 use bytes::Bytes;
 use capdb_types::{Mutation, Reply, Result, Value};

@@ -1,0 +1,404 @@
+//! The write-ahead log: every Raft group's log entries of this node, in one append-only log of
+//! recycled segment files, made durable by one `pwrite` + one `fdatasync` per batch.
+//!
+//! # Why not redb (as before) or raft-engine
+//!
+//! Measured in `bench/logbench` (docs/design/log-engine.md): a batch fsync'd through redb costs
+//! 1.6–3.8× the disk's floor, growing with every group in the batch (each group's B-tree pages
+//! are written and synced, scattered in the file); this log runs at the floor (an overwrite of
+//! pre-zeroed blocks, one sequential write however many groups). raft-engine came close but
+//! adds 29 crates, a C build and protobuf 2.
+//!
+//! # Shape
+//!
+//! - Files `<dir>/seg-NNNNNN.log`, [`WalConfig::segment_bytes`] each, zero-filled once when
+//!   created (a later write is an overwrite of initialized blocks, so the sync writes data only;
+//!   perf.md §1), then **reused** once nothing live is left in them, oldest first.
+//! - One writer thread (`capdb-wal`) takes every queued job of every group (up to
+//!   [`BATCH_JOBS_MAX`] / [`BATCH_BYTES_MAX`]), writes them as one frame and syncs once
+//!   (`writer.rs`). Jobs are applied in queue order, so a truncate never overtakes an append.
+//! - In memory: per group, index → position of its record. Readers `pread` a record under a
+//!   read lock; a segment is only reused after every position into it was dropped, which takes
+//!   the write lock, so a reader never reads a reused file.
+//! - Format and its checks: `format.rs`; what a crash leaves and how it is read back:
+//!   `recover.rs`.
+//!
+//! # What the caller (the Raft log store) must do
+//!
+//! - **Purge** ([`Wal::purge`]) only once the state machine that applied those entries is
+//!   durable: the entries are then never needed again, and the segments holding them may be
+//!   reused. A purge is forgotten by a crash; at start the caller purges again up to its durable
+//!   watermark.
+//! - Appends of one group are in index order; an append at index `i` replaces every entry of
+//!   the group from `i` on (a newer leader's entries), as openraft expects.
+//!
+//! # Bounds
+//!
+//! Queue: [`WAL_QUEUE_JOBS_MAX`] jobs (callers wait when full). Disk: segments are created only
+//! when no free one exists, up to [`WalConfig::bytes_max`] in total; past it appends fail with
+//! [`Error::Io`] (nothing acknowledged is lost; the group stops writing) and the log says which
+//! group pins the oldest segment. An idle group's few live entries never pin a segment: when
+//! the oldest segment holds little that is live, the writer copies it forward (`Moved`
+//! records) so the file can be reused.
+
+mod format;
+mod recover;
+mod writer;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, RwLock};
+
+use capdb_types::{Error, Result};
+use tokio::sync::{mpsc, oneshot};
+
+pub use writer::{BATCH_BYTES_MAX, BATCH_JOBS_MAX, WAL_QUEUE_JOBS_MAX};
+
+/// Sizes of the log.
+#[derive(Debug, Clone, Copy)]
+pub struct WalConfig {
+    /// Size of one segment file. A batch larger than a segment gets a segment of its own size.
+    pub segment_bytes: u64,
+    /// Most bytes of segment files in total.
+    pub bytes_max: u64,
+}
+
+impl Default for WalConfig {
+    fn default() -> Self {
+        WalConfig {
+            segment_bytes: 64 << 20,
+            bytes_max: 4 << 30,
+        }
+    }
+}
+
+/// Counters exposed as metrics.
+#[derive(Debug, Default)]
+pub struct WalStats {
+    /// Batches written (each is one `pwrite` and one `fdatasync`).
+    pub syncs: AtomicU64,
+    /// Jobs (appends, truncates) those batches carried.
+    pub jobs: AtomicU64,
+    /// Time spent writing and syncing batches (microseconds).
+    pub sync_micros: AtomicU64,
+    /// Bytes written, headers and copied records included.
+    pub bytes: AtomicU64,
+    /// Records copied forward to free an old segment.
+    pub moved: AtomicU64,
+    /// Segment files created (not counting reuse).
+    pub segments_created: AtomicU64,
+}
+
+/// Where a record is: its segment slot and the offset of its record header in the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Pos {
+    slot: u32,
+    off: u64,
+    len: u32,
+}
+
+/// One segment file.
+struct Slot {
+    file: Arc<File>,
+    number: u64,
+    bytes: u64,
+    /// The current use of the file (`None`: never used, or its header did not survive a crash).
+    header: Option<format::SegmentHeader>,
+    /// Index positions pointing into this file, and their payload bytes.
+    live: u64,
+    live_bytes: u64,
+}
+
+/// The in-memory index, shared by readers and the writer.
+struct State {
+    groups: HashMap<u64, BTreeMap<u64, Pos>>,
+    slots: Vec<Slot>,
+    /// Slots in use, oldest generation first; the writer writes the back one.
+    used: VecDeque<u32>,
+    /// Slots free for reuse, in the order they were freed (strictly oldest first: a free
+    /// file's stale records are replayed before every newer segment's, which supersede them).
+    free: VecDeque<u32>,
+}
+
+impl State {
+    fn forget(&mut self, pos: Pos) {
+        let s = &mut self.slots[pos.slot as usize];
+        debug_assert!(s.live > 0, "live count of slot {} underflows", pos.slot);
+        s.live -= 1;
+        s.live_bytes -= u64::from(pos.len);
+    }
+
+    fn remember(&mut self, pos: Pos) {
+        let s = &mut self.slots[pos.slot as usize];
+        s.live += 1;
+        s.live_bytes += u64::from(pos.len);
+    }
+
+    /// Drops every entry of `group` from `from` on.
+    fn truncate(&mut self, group: u64, from: u64) {
+        let Some(entries) = self.groups.get_mut(&group) else {
+            return;
+        };
+        let gone = entries.split_off(&from);
+        if entries.is_empty() {
+            self.groups.remove(&group);
+        }
+        for pos in gone.into_values() {
+            self.forget(pos);
+        }
+    }
+
+    /// Drops every entry of `group` up to and including `upto`.
+    fn purge(&mut self, group: u64, upto: u64) {
+        let Some(entries) = self.groups.get_mut(&group) else {
+            return;
+        };
+        let kept = entries.split_off(&upto.saturating_add(1));
+        let gone = std::mem::replace(entries, kept);
+        if entries.is_empty() {
+            self.groups.remove(&group);
+        }
+        for pos in gone.into_values() {
+            self.forget(pos);
+        }
+    }
+
+    /// Records entry `index` of `group` at `pos`; an `Entry` (not a move) first drops every
+    /// entry from `index` on.
+    fn put(&mut self, group: u64, index: u64, pos: Pos, replaces_later: bool) {
+        if replaces_later {
+            self.truncate(group, index);
+        }
+        let old = self.groups.entry(group).or_default().insert(index, pos);
+        if let Some(old) = old {
+            self.forget(old);
+        }
+        self.remember(pos);
+    }
+
+    /// Reads the payload of the record at `pos`, checking that it is `group`'s entry `index`.
+    fn read(&self, group: u64, index: u64, pos: Pos) -> Result<Vec<u8>> {
+        let slot = &self.slots[pos.slot as usize];
+        let mut buf = vec![0u8; format::RECORD_HEADER_BYTES + pos.len as usize];
+        slot.file.read_exact_at(&mut buf, pos.off).map_err(|e| {
+            Error::Io(format!(
+                "cannot read write-ahead log segment {}: {e}",
+                slot.number
+            ))
+        })?;
+        let (r, _) = format::decode_record(&buf)?;
+        if r.group != group
+            || r.index != index
+            || !matches!(r.kind, format::Kind::Entry | format::Kind::Moved)
+        {
+            return Err(Error::Corruption(format!(
+                "write-ahead log segment {} at {} holds group {} index {}, expected group {group} index {index}",
+                slot.number, pos.off, r.group, r.index
+            )));
+        }
+        Ok(r.payload.to_vec())
+    }
+}
+
+struct Shared {
+    state: RwLock<State>,
+    stats: WalStats,
+}
+
+impl Shared {
+    fn read_state(&self) -> std::sync::RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write_state(&self) -> std::sync::RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// What runs when a job is durable (or failed).
+pub type Done = Box<dyn FnOnce(Result<()>) + Send>;
+
+/// A queued change.
+enum Job {
+    /// Entries `(index, payload)` of a group, in index order.
+    Append {
+        group: u64,
+        records: Vec<(u64, Vec<u8>)>,
+        done: Done,
+    },
+    /// Drops the group's entries from `from` on (0: all).
+    Truncate { group: u64, from: u64, done: Done },
+}
+
+impl Job {
+    fn payload_bytes(&self) -> usize {
+        match self {
+            Job::Append { records, .. } => records
+                .iter()
+                .map(|(_, p)| p.len() + format::RECORD_HEADER_BYTES)
+                .sum(),
+            Job::Truncate { .. } => format::RECORD_HEADER_BYTES,
+        }
+    }
+
+    fn finish(self, result: Result<()>) {
+        match self {
+            Job::Append { done, .. } | Job::Truncate { done, .. } => done(result),
+        }
+    }
+}
+
+/// The node's write-ahead log. Cheap to clone; the writer thread stops when the last clone
+/// drops.
+#[derive(Clone)]
+pub struct Wal {
+    shared: Arc<Shared>,
+    jobs: mpsc::Sender<Job>,
+    dir: PathBuf,
+}
+
+impl Wal {
+    /// Opens (or creates) the log in `dir`, reading back what it holds (`recover.rs`), and starts
+    /// the writer. Fails with [`Error::Corruption`] when acknowledged records are damaged or
+    /// missing, rather than start without them.
+    pub fn open(dir: &Path, config: WalConfig) -> Result<Wal> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::Io(format!("cannot create {}: {e}", dir.display())))?;
+        let recovered = recover::recover(dir)?;
+        let shared = Arc::new(Shared {
+            state: RwLock::new(recovered.state),
+            stats: WalStats::default(),
+        });
+        let jobs = writer::start(
+            dir.to_path_buf(),
+            config,
+            shared.clone(),
+            recovered.next_generation,
+            recovered.next_seq,
+        )?;
+        Ok(Wal {
+            shared,
+            jobs,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    pub fn stats(&self) -> &WalStats {
+        &self.shared.stats
+    }
+
+    /// Bytes of segment files.
+    pub fn file_bytes(&self) -> u64 {
+        self.shared.read_state().slots.iter().map(|s| s.bytes).sum()
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Queues `records` (`(index, payload)`, consecutive indexes) of `group` behind every
+    /// earlier job and returns once queued; `done` runs on the writer thread once they are
+    /// durable (or failed): it must not block. Entry `records[0].0` replaces every entry of the
+    /// group from that index on.
+    pub async fn append(
+        &self,
+        group: u64,
+        records: Vec<(u64, Vec<u8>)>,
+        done: impl FnOnce(Result<()>) + Send + 'static,
+    ) -> Result<()> {
+        debug_assert!(
+            records.windows(2).all(|w| w[1].0 == w[0].0 + 1),
+            "appends are consecutive"
+        );
+        self.jobs
+            .send(Job::Append {
+                group,
+                records,
+                done: Box::new(done),
+            })
+            .await
+            .map_err(|_| Error::ShuttingDown)
+    }
+
+    /// Appends and waits until durable.
+    pub async fn append_durable(&self, group: u64, records: Vec<(u64, Vec<u8>)>) -> Result<()> {
+        let (tx, rx) = oneshot::channel();
+        self.append(group, records, move |r| {
+            let _ = tx.send(r);
+        })
+        .await?;
+        rx.await
+            .map_err(|_| Error::Io("write-ahead log writer stopped".into()))?
+    }
+
+    /// Drops `group`'s entries from `from` on (0: every entry, e.g. when the group leaves the
+    /// node) and waits until that is durable.
+    pub async fn truncate(&self, group: u64, from: u64) -> Result<()> {
+        let (tx, rx) = oneshot::channel();
+        self.jobs
+            .send(Job::Truncate {
+                group,
+                from,
+                done: Box::new(move |r| {
+                    let _ = tx.send(r);
+                }),
+            })
+            .await
+            .map_err(|_| Error::ShuttingDown)?;
+        rx.await
+            .map_err(|_| Error::Io("write-ahead log writer stopped".into()))?
+    }
+
+    /// Forgets `group`'s entries up to and including `upto`. The caller guarantees they are
+    /// never needed again, even after a crash (the state machine that applied them is durable);
+    /// see the module docs.
+    pub fn purge(&self, group: u64, upto: u64) {
+        self.shared.write_state().purge(group, upto);
+    }
+
+    /// `group`'s entries with index in `from..to`, in order, as `(index, payload)`.
+    pub fn read(&self, group: u64, from: u64, to: u64) -> Result<Vec<(u64, Vec<u8>)>> {
+        if from >= to {
+            return Ok(Vec::new());
+        }
+        let st = self.shared.read_state();
+        let Some(entries) = st.groups.get(&group) else {
+            return Ok(Vec::new());
+        };
+        entries
+            .range(from..to)
+            .map(|(&i, &pos)| Ok((i, st.read(group, i, pos)?)))
+            .collect()
+    }
+
+    /// `group`'s last entry.
+    pub fn last(&self, group: u64) -> Result<Option<(u64, Vec<u8>)>> {
+        let st = self.shared.read_state();
+        let Some((&i, &pos)) = st.groups.get(&group).and_then(|e| e.last_key_value()) else {
+            return Ok(None);
+        };
+        Ok(Some((i, st.read(group, i, pos)?)))
+    }
+
+    /// The first and last index of `group`'s entries, and whether they are consecutive.
+    pub fn bounds(&self, group: u64) -> Option<(u64, u64, bool)> {
+        let st = self.shared.read_state();
+        let entries = st.groups.get(&group)?;
+        let (&first, _) = entries.first_key_value()?;
+        let (&last, _) = entries.last_key_value()?;
+        Some((first, last, last - first + 1 == entries.len() as u64))
+    }
+
+    /// Groups with entries in the log.
+    pub fn groups(&self) -> Vec<u64> {
+        let mut g: Vec<u64> = self.shared.read_state().groups.keys().copied().collect();
+        g.sort_unstable();
+        g
+    }
+}
+
+#[cfg(test)]
+mod tests;
