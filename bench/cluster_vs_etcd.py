@@ -7,6 +7,12 @@ fills the 100k-key key space of both, then drives both with the same closed-loop
 throughput, p50 and p99 latency and capdb/etcd ratios for puts and linearizable gets at 1, 16 and
 64 concurrent clients.
 
+It also measures the physical floor (bench/floor.py) in the data dirs' temp dir right before the
+measurements and right after them: fdatasync of a 4 KiB overwrite and append on that disk (and
+which of its two modes, fast or slow, the disk was in) and the loopback RTT; and it reports the
+single-client put p50 of both systems as a multiple of RTT p50 + fdatasync overwrite p50 (mean of
+the two floor measurements).
+
   capdb  `default` keyspace (mode cp, Raft over 3 voters, fsync per commit group),
          RESP `SET k v` / `GET k` (GET is linearizable: ReadIndex on the shard leader)
   etcd   3 members, default durability (fsync per commit), gRPC Put / linearizable Range
@@ -36,6 +42,9 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import floor  # noqa: E402  (bench/floor.py)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOADGEN_MANIFEST = os.path.join(ROOT, "bench", "loadgen", "Cargo.toml")
@@ -291,6 +300,7 @@ def main():
         signal.signal(sig, on_signal)
 
     results = []  # every single measurement
+    floors = []  # floor.measure() right before and right after the measurements
     try:
         log(f"data under {work}")
         log("starting etcd (3 members) ...")
@@ -303,6 +313,10 @@ def main():
             r = run_loadgen(procs, args, system, eps[system], "fill", 16)
             log(f"  {r['seconds']:.1f} s ({r['keys_per_sec']:.0f} keys/s)")
         etcd_lead = etcd_leader(etcd_eps)
+
+        log("measuring the physical floor (fdatasync in the data dirs' temp dir, loopback RTT) ...")
+        floors.append(floor.measure(work, "before"))
+        log(f"  {floors[-1]['line']}")
 
         total = args.reps * len(OPS) * len(client_counts) * len(SYSTEMS)
         n = 0
@@ -320,6 +334,9 @@ def main():
                             f"p99 {r['p99_us'] / 1000:7.2f} ms  errors {r['errors']}"
                             + (f"  misses {r['misses']}" if r.get("misses") else "")
                             + (f"  ({r['first_error']})" if r.get("first_error") else ""))
+        log("measuring the physical floor again ...")
+        floors.append(floor.measure(work, "after"))
+        log(f"  {floors[-1]['line']}")
     except KeyboardInterrupt:
         log("interrupted; stopping servers")
         procs.stop_all()
@@ -368,7 +385,26 @@ def main():
           f"gRPC Put / linearizable Range")
     print(f"load:  closed loop, one connection per client, clients round-robin over the 3 nodes, "
           f"{args.value_size} B values, 8 B keys uniform over {args.key_space} keys (pre-filled)")
+    floor_lines = [m["line"] for m in floors]
+    if floor.modes_note(floors):
+        floor_lines.append(floor.modes_note(floors))
+    for line in floor_lines:
+        print(line)
     print()
+
+    # Single-client put p50 as a multiple of the physical floor (RTT + fsync, mean of before/after).
+    floor_mean = floor.mean_floor_us(floors)
+    vs_floor = {}
+    if 1 in client_counts:
+        vs_floor = {s: {"p50_us": med[(s, "put", 1)]["p50_us"],
+                        "multiple": med[(s, "put", 1)]["p50_us"] / floor_mean} for s in SYSTEMS}
+        floor_line = (f"single-client put p50 vs the physical floor (RTT p50 + fdatasync overwrite "
+                      f"p50, mean of before/after = {floor_mean:,.0f} µs): "
+                      + ", ".join(f"{s} {v['p50_us'] / 1000:.2f} ms = {v['multiple']:.1f}x"
+                                  for s, v in vs_floor.items()))
+    else:
+        floor_line = (f"single-client put vs the physical floor ({floor_mean:,.0f} µs): not measured "
+                      f"(--clients has no 1)")
 
     rows = []
     for op in OPS:
@@ -392,16 +428,26 @@ def main():
     print()
     print("capdb/etcd ratios (throughput > 1: capdb faster; latency < 1: capdb faster)")
     print(fmt_table(ratio_headers, ratio_rows, False))
+    print()
+    print(floor_line)
     if args.markdown:
+        print()
+        for line in floor_lines:
+            print(f"- {line}")
         print()
         print(fmt_table(headers, rows, True))
         print()
         print(fmt_table(ratio_headers, ratio_rows, True))
+        print()
+        print(floor_line)
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump({"runs": results,
                        "medians": [{"system": s, "op": o, "clients": c, **v}
-                                   for (s, o, c), v in med.items()]}, f, indent=1)
+                                   for (s, o, c), v in med.items()],
+                       "floor": {"before": floors[0], "after": floors[1],
+                                 "mean_rtt_plus_fsync_us": floor_mean,
+                                 "single_client_put_vs_floor": vs_floor}}, f, indent=1)
 
 
 if __name__ == "__main__":

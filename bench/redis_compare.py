@@ -19,6 +19,14 @@ With --baseline-binary OTHER, a second capdb built from OTHER runs beside the fi
 measured in the same rounds (Redis, capdb, baseline, in turn), so a change is judged against the
 build before it on the same noisy machine: the table gains its ops/s and ratio.
 
+It also measures the physical floor (bench/floor.py) in the data dirs' temp dir right before the
+measurements and right after them: fdatasync of a 4 KiB overwrite and append on that disk (and
+which of its two modes, fast or slow, the disk was in) and the loopback RTT. redis-benchmark runs
+50 clients, so there is no single-client case: the script reports the p50 of SET at -P 1 in the
+`always` pairing, a per-request latency with 50 requests in flight (it includes waiting for the
+group commit and for the other clients), as a multiple of RTT p50 + fdatasync overwrite p50 (mean
+of the two floor measurements).
+
 Needs redis-server and redis-benchmark (Debian: redis-server, redis-tools). Everything it starts
 is stopped on exit, also on Ctrl-C.
 """
@@ -37,6 +45,9 @@ import sys
 import tempfile
 import time
 import urllib.request
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import floor  # noqa: E402  (bench/floor.py)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -150,9 +161,12 @@ def main():
     servers = Servers(work)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     rows = []
+    floors = []  # floor.measure() right before and right after the measurements
     try:
         capdb, capdb_port = servers.start_capdb(args.binary)
         base_port = servers.start_capdb(args.baseline_binary, "capdb-baseline")[1] if args.baseline_binary else None
+        floors.append(floor.measure(work, "before"))
+        print(f"  {floors[-1]['line']}", file=sys.stderr)
         pairings = [p for p in (("cache", "none", 1), ("always", "always", 0), ("everysec", "everysec", 0))
                     if p[0] in args.pairings.split(",")]
         for pairing, redis_mode, capdb_db in pairings:
@@ -177,6 +191,8 @@ def main():
                     print(f"  {pairing:<8} {test.upper():<3} -P {pipeline:<2}  redis {rows[-1][3]:>10,.0f}/s"
                           f"  capdb {rows[-1][4]:>10,.0f}/s{base}", file=sys.stderr)
             servers.stop(redis)
+        floors.append(floor.measure(work, "after"))
+        print(f"  {floors[-1]['line']}", file=sys.stderr)
     finally:
         servers.stop_all()
         shutil.rmtree(work, ignore_errors=True)
@@ -190,15 +206,40 @@ def main():
         head += ["baseline ops/s", "baseline/Redis"]
     print(f"\ncapdb vs Redis, redis-benchmark -c 50 -r 100000, median of {args.reps} runs, "
           f"{os.cpu_count()} cores shared by client and server")
+    floor_lines = [m["line"] for m in floors]
+    if floor.modes_note(floors):
+        floor_lines.append(floor.modes_note(floors))
+    # redis-benchmark always runs 50 clients: no single-client case. The nearest is SET at -P 1 in
+    # the fsync-always pairing; its p50 is per request with 50 requests in flight.
+    floor_mean = floor.mean_floor_us(floors)
+    always_set = next((r for r in rows if r[0] == "always" and r[1] == "SET" and r[2] == 1), None)
+    if always_set:
+        floor_line = (f"SET -P 1 `always` p50 vs the physical floor (RTT p50 + fdatasync overwrite p50, "
+                      f"mean of before/after = {floor_mean:,.0f} µs): Redis {always_set[5]:.3f} ms = "
+                      f"{always_set[5] * 1000 / floor_mean:.1f}x, capdb {always_set[6]:.3f} ms = "
+                      f"{always_set[6] * 1000 / floor_mean:.1f}x (50 concurrent clients, not 1: this "
+                      f"per-request latency includes waiting for the group commit and behind the "
+                      f"other clients' requests)")
+    else:
+        floor_line = (f"SET -P 1 `always` vs the physical floor ({floor_mean:,.0f} µs): not measured "
+                      f"(needs the always pairing, pipeline 1 and the set test)")
     if args.markdown:
+        print()
+        for line in floor_lines:
+            print(f"- {line}")
+        print()
         print("| " + " | ".join(head) + " |")
         print("|" + "---|" * len(head))
         for l in lines:
             print("| " + " | ".join(l) + " |")
     else:
+        for line in floor_lines:
+            print(line)
         widths = [max(len(x) for x in col) for col in zip(head, *lines)]
         for l in [head] + lines:
             print("  ".join(x.rjust(w) for x, w in zip(l, widths)))
+    print()
+    print(floor_line)
 
 
 if __name__ == "__main__":
