@@ -308,13 +308,15 @@ async fn metric_sums(nodes: &[NodeProc], names: &[&str]) -> Result<Vec<f64>, Str
     Ok(sums)
 }
 
-/// The storage engines' counters (summed over the nodes) a case's cost is read from: group
-/// commits, and the seconds spent committing and, of those, in redb's commit (page writes and
-/// fsync).
-const STORAGE_METRICS: [&str; 3] = [
+/// The storage engines' counters (summed over the nodes) a case's cost is read from: redb's
+/// group commits, the seconds spent committing and, of those, in redb's commit (page writes
+/// and fsync); the write-ahead log's batches (one write + fdatasync each) and their seconds.
+const STORAGE_METRICS: [&str; 5] = [
     "capdb_storage_commits",
     "capdb_storage_commit_seconds",
     "capdb_storage_sync_seconds",
+    "capdb_wal_syncs",
+    "capdb_wal_sync_seconds",
 ];
 
 // ---- keys on shards ----
@@ -446,12 +448,16 @@ struct Measured {
     first_failure: Option<String>,
     /// Cross-shard attempts retried after a lock conflict during the run.
     retried: u64,
-    /// Storage group commits per successful request, summed over the nodes (Raft log
-    /// appends and state machine applies alike; a commit carries many requests under load).
+    /// redb group commits per successful request, summed over the nodes (state machine
+    /// applies and other writes; a commit carries many requests under load).
     commits_per_op: f64,
     /// Time in those commits per request, and of it in redb's commit (pages and fsync).
     commit_us_per_op: f64,
     sync_us_per_op: f64,
+    /// Write-ahead log batches (Raft log appends, one fdatasync each) per request, summed over
+    /// the nodes, and their time per request.
+    wal_syncs_per_op: f64,
+    wal_us_per_op: f64,
 }
 
 /// The value at quantile `q` of sorted `values` (nearest rank).
@@ -532,6 +538,8 @@ async fn measure(
         commits_per_op: per_op(0),
         commit_us_per_op: per_op(1) * 1e6,
         sync_us_per_op: per_op(2) * 1e6,
+        wal_syncs_per_op: per_op(3),
+        wal_us_per_op: per_op(4) * 1e6,
     })
 }
 
@@ -914,13 +922,13 @@ fn print_throughput(measured: &[Measured], seconds: u64) {
     );
     println!();
     println!(
-        "| case | clients | p50 ms | p99 ms | ops/s | p50 / SET | p99 / SET | ops/s / SET | failed | retried attempts | storage commits / op | commit µs / op (of it redb) |"
+        "| case | clients | p50 ms | p99 ms | ops/s | p50 / SET | p99 / SET | ops/s / SET | failed | retried attempts | storage commits / op | commit µs / op (of it redb) | WAL syncs / op | WAL µs / op |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for m in measured {
         let set = baseline(measured, m.clients);
         println!(
-            "| {} | {} | {:.2} | {:.2} | {:.0} | {:.2}x | {:.2}x | {:.2}x | {} | {} | {:.1} | {:.0} ({:.0}) |",
+            "| {} | {} | {:.2} | {:.2} | {:.0} | {:.2}x | {:.2}x | {:.2}x | {} | {} | {:.1} | {:.0} ({:.0}) | {:.1} | {:.0} |",
             m.case.name(),
             m.clients,
             m.p50_ms,
@@ -933,7 +941,9 @@ fn print_throughput(measured: &[Measured], seconds: u64) {
             m.retried,
             m.commits_per_op,
             m.commit_us_per_op,
-            m.sync_us_per_op
+            m.sync_us_per_op,
+            m.wal_syncs_per_op,
+            m.wal_us_per_op
         );
     }
     for m in measured.iter().filter(|m| m.failures > 0) {

@@ -1,18 +1,31 @@
-//! The Raft log of one group, on the node's storage engine.
+//! The Raft log of one group, in the node's write-ahead log (`capdb_storage::wal`).
 //!
-//! Records live in the table `raftlog/{group}` (index -> postcard-encoded entry); the vote, the
-//! committed id and the last purged id live in `_meta` under `raft/{group}/...`.
+//! Entries are records of the group in the write-ahead log (index -> postcard-encoded entry +
+//! CRC-32); the vote, the committed id and the last purged id live in redb's `_meta` under
+//! `raft/{group}/...`.
 //!
 //! ### To ensure correctness (openraft's contract, and how it is met)
 //!
-//! - **Durable before acknowledged**: `append` queues the records on the engine's writer and
+//! - **Durable before acknowledged**: `append` queues the records on the write-ahead log and
 //!   calls openraft's `IOFlushed` callback only after the batch holding them has been fsync'd.
 //!   `save_vote` waits for its fsync before returning (a forgotten vote can elect two leaders).
-//! - **Ordered**: every write goes through the engine's single FIFO writer, so a later write
-//!   (vote, append, truncate, purge) never lands before an earlier one.
+//! - **Ordered**: appends and truncations go through the log's single FIFO writer. The vote is
+//!   in redb, a different file; openraft takes a saved vote to mean that every log write
+//!   submitted before it is durable too (its I/O ids order by vote first), so `save_vote` waits
+//!   for a write-ahead log barrier as well as for its own fsync.
 //! - **Readable at once**: appended entries are visible to every reader before they are durable,
 //!   through the in-memory `unflushed` overlay, which drops an entry once it is on disk.
 //! - **No holes**: truncation removes from the end; purge records its watermark first.
+//! - **The state machine can always be rebuilt**: applies are not fsync'd (redb commits them
+//!   without a sync; a checkpoint makes them durable at least every
+//!   `capdb_storage::disk::CHECKPOINT_INTERVAL`), so after a crash the state machine may be
+//!   behind what it had applied. The log therefore keeps every entry the durable state machine
+//!   has not applied: `purge` first writes its watermark with a durable redb commit, which makes
+//!   every apply queued before it durable (openraft purges only entries a snapshot covers, so
+//!   applied), and only then lets the log forget the entries. At start openraft re-applies
+//!   `(applied, committed]`. The reverse, a state machine durable ahead of the local log
+//!   (openraft applies entries a quorum has even before this node's fsync), is repaired by
+//!   openraft at start: it purges the log up to the applied id (its `get_initial_state`).
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
@@ -29,6 +42,7 @@ use crate::command::{Entry, LogId, TypeConfig, Vote};
 use crate::io;
 
 pub(crate) use capdb_storage::layout::{raft_log_table as log_table, raft_meta_key as meta_key};
+use capdb_storage::wal::Wal;
 
 struct Mem {
     /// Appended entries not yet known to be durable, by index.
@@ -41,8 +55,8 @@ struct Mem {
 #[derive(Clone)]
 pub struct LogStore {
     engine: DiskEngine,
+    wal: Wal,
     group: GroupId,
-    table: String,
     mem: Arc<Mutex<Mem>>,
 }
 
@@ -57,7 +71,7 @@ fn encode<T: serde::Serialize>(v: &T) -> Vec<u8> {
 
 /// A log record: the encoded entry followed by its CRC-32, so a damaged entry is refused (the
 /// group stops with a storage error) instead of being applied or replicated to followers.
-fn encode_entry(entry: &Entry) -> Vec<u8> {
+pub fn encode_entry(entry: &Entry) -> Vec<u8> {
     let mut raw = encode(entry);
     let crc = crc32fast::hash(&raw);
     raw.extend_from_slice(&crc.to_le_bytes());
@@ -80,22 +94,40 @@ fn decode_entry(raw: &[u8]) -> io::Result<Entry> {
 }
 
 impl LogStore {
-    /// Opens the log of `group`, reading its durable state.
-    pub fn open(engine: DiskEngine, group: GroupId) -> io::Result<LogStore> {
-        let table = log_table(group);
+    /// Opens the log of `group`, reading its durable state. A log kept in redb by an earlier
+    /// version is moved into the write-ahead log first.
+    pub async fn open(engine: DiskEngine, group: GroupId) -> io::Result<LogStore> {
+        let wal = engine.wal().clone();
         let last_purged: Option<LogId> =
             match engine.meta_get(&meta_key(group, "purged")).map_err(io)? {
                 Some(raw) => Some(decode(&raw, "purged log id")?),
                 None => None,
             };
-        let last_log = match engine.log_last(&table).map_err(io)? {
+        let next = last_purged.map_or(0, |p| p.index + 1);
+        import_redb_log(&engine, &wal, group, next).await?;
+        // The log may still hold entries purged before a crash (a purge is memory-only until
+        // its segment is reused); the durable watermark says which.
+        if let Some(p) = last_purged {
+            wal.purge(group, p.index);
+        }
+        if let Some((first, last, consecutive)) = wal.bounds(group)
+            && (!consecutive || (last_purged.is_some() && first != next))
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "the log of group {group} has a hole: entries {first}..={last} (consecutive: {consecutive}) after purged {last_purged:?}"
+                ),
+            ));
+        }
+        let last_log = match wal.last(group).map_err(io)? {
             Some((_, raw)) => Some(decode_entry(&raw)?.log_id),
             None => last_purged,
         };
         Ok(LogStore {
             engine,
+            wal,
             group,
-            table,
             mem: Arc::new(Mutex::new(Mem {
                 unflushed: BTreeMap::new(),
                 last_purged,
@@ -152,7 +184,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
                 .collect()
         };
         let mut entries: BTreeMap<u64, Entry> = BTreeMap::new();
-        for (index, raw) in self.engine.log_read(&self.table, start, end).map_err(io)? {
+        for (index, raw) in self.wal.read(self.group, start, end).map_err(io)? {
             entries.insert(index, decode_entry(&raw)?);
         }
         entries.extend(overlay);
@@ -199,7 +231,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote) -> io::Result<()> {
-        // Durable before returning: a node must never forget whom it voted for.
+        // Durable before returning: a node must never forget whom it voted for. And every log
+        // write submitted before it must be durable too (module docs).
+        self.wal.barrier().await.map_err(io)?;
         self.engine
             .meta_put(
                 vec![(meta_key(self.group, "vote"), Some(encode(vote)))],
@@ -267,8 +301,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             return Ok(());
         }
         let mem = self.mem.clone();
-        self.engine
-            .log_append(&self.table, records, move |result| {
+        self.wal
+            .append(self.group, records, move |result| {
                 {
                     let mut mem = mem.lock().unwrap_or_else(|p| p.into_inner());
                     for id in &appended {
@@ -298,11 +332,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 mem.last_log = last_log_id.or(mem.last_purged);
             }
         }
-        // Waits for durability: truncation is rare, and later appends must not race it.
-        self.engine
-            .log_remove(&self.table, from, None)
-            .await
-            .map_err(io)
+        // Waits for durability: truncation is rare, and the entries it drops must not come back
+        // after a crash once a later entry was applied (openraft then refuses to start).
+        self.wal.truncate(self.group, from).await.map_err(io)
     }
 
     async fn purge(&mut self, log_id: LogId) -> io::Result<()> {
@@ -318,8 +350,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             }
             mem.unflushed.retain(|&i, _| i > log_id.index);
         }
-        // The watermark first, then the records: a crash in between leaves extra records that
-        // readers never ask for, never a hole.
+        // The watermark first, with a durable commit: it also makes durable every apply queued
+        // before it (module docs), so the log may then forget the entries. A crash in between
+        // leaves extra records that are purged again at open, never a hole.
         self.engine
             .meta_put(
                 vec![(meta_key(self.group, "purged"), Some(encode(&log_id)))],
@@ -327,9 +360,42 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             )
             .await
             .map_err(io)?;
-        self.engine
-            .log_remove(&self.table, 0, Some(log_id.index))
-            .await
-            .map_err(io)
+        self.wal.purge(self.group, log_id.index);
+        Ok(())
     }
+}
+
+/// Moves a log an earlier version kept in redb (table `raftlog/{group}`) into the write-ahead
+/// log: the entries from `next` on, in one durable append, then the table is dropped. A crash
+/// in between repeats it at the next start (an append at an index replaces what follows, so
+/// the copy is idempotent).
+async fn import_redb_log(
+    engine: &DiskEngine,
+    wal: &Wal,
+    group: GroupId,
+    next: u64,
+) -> io::Result<()> {
+    let table = log_table(group);
+    if engine.log_last(&table).map_err(io)?.is_none() {
+        return Ok(());
+    }
+    let records = engine.log_read(&table, next, u64::MAX).map_err(io)?;
+    tracing::info!(
+        group,
+        entries = records.len(),
+        "moving the Raft log from redb into the write-ahead log"
+    );
+    if records.windows(2).any(|w| w[1].0 != w[0].0 + 1) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("the redb log of group {group} has a hole"),
+        ));
+    }
+    if !records.is_empty() {
+        wal.append_durable(group, records).await.map_err(io)?;
+    }
+    engine
+        .drop_group(Vec::new(), vec![table], Vec::new(), Vec::new())
+        .await
+        .map_err(io)
 }

@@ -24,7 +24,9 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Bui
         let dir = tempfile::tempdir().map_err(|e| io(&e))?;
         let engine =
             DiskEngine::open(dir.path(), Arc::new(Hlc::new()), 1 << 20).map_err(|e| io(&e))?;
-        let log = LogStore::open(engine.clone(), 7).map_err(|e| io(&e))?;
+        let log = LogStore::open(engine.clone(), 7)
+            .await
+            .map_err(|e| io(&e))?;
         let sm = StateMachine::open(
             engine,
             7,
@@ -50,7 +52,7 @@ async fn a_committed_index_past_the_kept_log_reads_as_unknown() {
     use openraft::storage::RaftLogStorage;
     let dir = tempfile::tempdir().unwrap();
     let engine = DiskEngine::open(dir.path(), Arc::new(Hlc::new()), 1 << 20).unwrap();
-    let mut log = LogStore::open(engine.clone(), 7).unwrap();
+    let mut log = LogStore::open(engine.clone(), 7).await.unwrap();
     log.save_committed(Some(openraft::testing::log_id::<TypeConfig>(1, 1, 5)))
         .await
         .unwrap();
@@ -59,6 +61,53 @@ async fn a_committed_index_past_the_kept_log_reads_as_unknown() {
         saved.iter().any(|(k, _)| k.ends_with("committed")),
         "the hint was stored: {saved:?}"
     );
-    let mut reopened = LogStore::open(engine, 7).unwrap();
+    let mut reopened = LogStore::open(engine, 7).await.unwrap();
     assert_eq!(reopened.read_committed().await.unwrap(), None);
+}
+
+/// A log kept in redb by an earlier version (table `raftlog/{group}`) is moved into the
+/// write-ahead log when the group opens: every entry above the purged watermark reads back,
+/// the table is gone, and the entries survive a restart of the engine.
+#[tokio::test]
+async fn a_log_kept_in_redb_by_an_earlier_version_moves_into_the_write_ahead_log() {
+    use openraft::storage::{RaftLogReader, RaftLogStorage};
+    let dir = tempfile::tempdir().unwrap();
+    let table = capdb_storage::layout::raft_log_table(7);
+    let entries: Vec<_> = (1..=5)
+        .map(|i| openraft::testing::blank_ent::<TypeConfig>(1, 1, i))
+        .collect();
+    {
+        let engine = DiskEngine::open(dir.path(), Arc::new(Hlc::new()), 1 << 20).unwrap();
+        let records = entries
+            .iter()
+            .map(|e| (e.log_id.index, capdb_raft::log_store::encode_entry(e)))
+            .collect();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        engine
+            .log_append(&table, records, move |r| {
+                let _ = tx.send(r);
+            })
+            .await
+            .unwrap();
+        rx.await.unwrap().unwrap();
+        let closed = engine.closed();
+        drop(engine);
+        assert!(closed.wait(std::time::Duration::from_secs(10)));
+    }
+    for _ in 0..2 {
+        let engine = DiskEngine::open(dir.path(), Arc::new(Hlc::new()), 1 << 20).unwrap();
+        let mut log = LogStore::open(engine.clone(), 7).await.unwrap();
+        assert_eq!(log.try_get_log_entries(0..10).await.unwrap(), entries);
+        assert_eq!(
+            log.get_log_state().await.unwrap().last_log_id,
+            Some(entries[4].log_id)
+        );
+        assert!(
+            engine.log_last(&table).unwrap().is_none(),
+            "the redb table is gone"
+        );
+        let closed = engine.closed();
+        drop((log, engine));
+        assert!(closed.wait(std::time::Duration::from_secs(10)));
+    }
 }

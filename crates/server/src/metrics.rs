@@ -156,6 +156,12 @@ pub struct Metrics {
     committed_jobs: Gauge,
     commit_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
     sync_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    durable_commits: Gauge,
+    wal_syncs: Gauge,
+    wal_sync_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    wal_bytes: Gauge,
+    wal_file_bytes: Gauge,
+    wal_moved: Gauge,
     corruptions: Gauge,
     /// Cross-shard transactions: the coordinator's counters by what happened.
     cross_shard: Family<TxnLabel, Gauge>,
@@ -238,6 +244,12 @@ impl Metrics {
             committed_jobs: Gauge::default(),
             commit_seconds: Gauge::default(),
             sync_seconds: Gauge::default(),
+            durable_commits: Gauge::default(),
+            wal_syncs: Gauge::default(),
+            wal_sync_seconds: Gauge::default(),
+            wal_bytes: Gauge::default(),
+            wal_file_bytes: Gauge::default(),
+            wal_moved: Gauge::default(),
             corruptions: Gauge::default(),
             cross_shard: Family::default(),
             txn_prepared: Gauge::default(),
@@ -332,8 +344,38 @@ impl Metrics {
         );
         r.register(
             "storage_commits",
-            "Group commits (one fsync each)",
+            "Transactions committed by the storage writer (group commits)",
             self.commits.clone(),
+        );
+        r.register(
+            "storage_durable_commits",
+            "Of storage_commits, the durable ones (one fsync each): asked for, or a checkpoint",
+            self.durable_commits.clone(),
+        );
+        r.register(
+            "wal_syncs",
+            "Write-ahead log batches (one write and one fdatasync each, every Raft group's appends)",
+            self.wal_syncs.clone(),
+        );
+        r.register(
+            "wal_sync_seconds",
+            "Total time spent writing and syncing write-ahead log batches",
+            self.wal_sync_seconds.clone(),
+        );
+        r.register(
+            "wal_written_bytes",
+            "Bytes written to the write-ahead log",
+            self.wal_bytes.clone(),
+        );
+        r.register(
+            "wal_file_bytes",
+            "Size of the write-ahead log's segment files",
+            self.wal_file_bytes.clone(),
+        );
+        r.register(
+            "wal_moved_records",
+            "Live records copied forward so that an old segment can be reused",
+            self.wal_moved.clone(),
         );
         r.register(
             "storage_committed_jobs",
@@ -430,6 +472,16 @@ impl Metrics {
             .set(s.corruptions.load(Ordering::Relaxed) as i64);
         self.sync_seconds
             .set(s.sync_micros.load(Ordering::Relaxed) as f64 / 1e6);
+        self.durable_commits
+            .set(s.durable_commits.load(Ordering::Relaxed) as i64);
+        let wal = node.engine.wal();
+        let w = wal.stats();
+        self.wal_syncs.set(w.syncs.load(Ordering::Relaxed) as i64);
+        self.wal_sync_seconds
+            .set(w.sync_micros.load(Ordering::Relaxed) as f64 / 1e6);
+        self.wal_bytes.set(w.bytes.load(Ordering::Relaxed) as i64);
+        self.wal_file_bytes.set(wal.file_bytes() as i64);
+        self.wal_moved.set(w.moved.load(Ordering::Relaxed) as i64);
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");

@@ -268,7 +268,9 @@ impl Groups {
             return Ok(g);
         }
         let io = |e: std::io::Error| Error::Io(e.to_string());
-        let log = LogStore::open(self.engine.clone(), group).map_err(io)?;
+        let log = LogStore::open(self.engine.clone(), group)
+            .await
+            .map_err(io)?;
         let sm = StateMachine::open(self.engine.clone(), group, kind)
             .map_err(io)?
             .apply_duplicates(self.apply_duplicates);
@@ -299,6 +301,12 @@ impl Groups {
         if let Some(g) = g {
             tracing::info!(group, "dropping a replica this node no longer holds");
             let _ = g.raft.shutdown().await;
+            // The log first: its entries must not outlive the watermarks below, or a later
+            // replica of the same group on this node would start from them.
+            if let Err(e) = self.engine.wal().truncate(group, 0).await {
+                tracing::warn!(group, error = %e, "could not delete the dropped replica's log");
+                return;
+            }
             let metas = layout::RAFT_META_RECORDS
                 .iter()
                 .map(|w| layout::raft_meta_key(group, w))

@@ -21,7 +21,10 @@
 //! instead of being capped at one write per fsync. Read-modify-write commands (INCR, APPEND,
 //! SET NX) run inside the writer, so they are atomic without locks. A batch made only of jobs
 //! that need no fsync (replicated applies, which the durable Raft log can redo, and `_meta` puts
-//! not asked to be durable) commits without one.
+//! not asked to be durable) commits without one, unless [`CHECKPOINT_INTERVAL`] has passed since
+//! the last durable commit: then it is the checkpoint (a crash rolls the state machines back to
+//! the last durable commit, and their logs replay the rest; redb reuses freed pages only after a
+//! durable commit).
 //!
 //! A storage error fails the whole batch (the transaction is aborted, nothing of it is applied,
 //! every caller gets [`Error::Io`]); a semantic error (INCR of a non-integer) fails its mutation
@@ -45,7 +48,7 @@
 //! | customer | uses |
 //! |---|---|
 //! | the server's keyspace router | [`DiskEngine::open`], [`DiskEngine::create_table`] / [`DiskEngine::drop_table`], [`DiskEngine::table`] read and written as a [`KeyspaceStore`](crate::KeyspaceStore), [`DiskTable::sweep_expired`] (active expiry); `stats`, `file_bytes`, `flush` and `closed` for metrics and shutdown |
-//! | Raft log stores | `log_append`, `log_remove`, `log_read`, `log_last`; `meta_put` / `meta_get` for vote, committed and purged |
+//! | Raft log stores | their entries are in the write-ahead log ([`DiskEngine::wal`], `crate::wal`); here `meta_put` / `meta_get` for vote, committed and purged, and `log_last` / `log_read` / `drop_group` to import a log an earlier version kept in redb |
 //! | Raft state machines | [`DiskEngine::apply_replicated`], snapshots through [`DiskEngine::dump_table`] and [`DiskEngine::replace_table`], `meta_list` / `meta_get` / `meta_put`; [`DiskEngine::drop_group`] when a group leaves the node; shard reads through `table` |
 //! | `ap` replicas | `table(.., tombstones: true)` in the split form (`ap.rs`): [`DiskTable::ap_get`], [`DiskTable::ap_for_each_key`], [`DiskTable::ap_for_each_record`], [`DiskTable::ap_read_records`], [`DiskTable::ap_merge`], [`DiskTable::ap_reclaim_step`], [`DiskTable::counter_add`], [`DiskTable::purge_tombstones`] |
 //! | `ap` hinted handoff | log tables as queues (`log_append`, `log_first`, `log_read`, `log_last`, `log_remove`) and `_meta` markers (`meta_list`, `meta_put`) |
@@ -91,7 +94,7 @@ pub use table::SCAN_EXAMINE_MAX;
 pub use touched::{TOUCHED_MAX, WatchGuard, horizon_row};
 pub use txn::{GC_STEP_MAX, OpenTxns, Orphan, RECORD_RETAIN_MS, RememberAnswer, TxnAnswer, TxnJob};
 use writer::Job;
-pub use writer::{BATCH_BYTES_MAX, BATCH_JOBS_MAX, WRITE_QUEUE_JOBS_MAX};
+pub use writer::{BATCH_BYTES_MAX, BATCH_JOBS_MAX, CHECKPOINT_INTERVAL, WRITE_QUEUE_JOBS_MAX};
 
 const META_TABLE: TableDefinition<&str, &[u8]> = TableDefinition::new(crate::layout::META_TABLE);
 
@@ -115,8 +118,10 @@ fn io_err(e: impl std::fmt::Display) -> Error {
 /// Counters exposed as metrics.
 #[derive(Debug, Default)]
 pub struct EngineStats {
-    /// Transactions committed (each is one fsync).
+    /// Transactions committed.
     pub commits: AtomicU64,
+    /// Of which durable (each is one fsync): asked for, or a checkpoint ([`CHECKPOINT_INTERVAL`]).
+    pub durable_commits: AtomicU64,
     /// Jobs acknowledged by those commits.
     pub jobs: AtomicU64,
     /// Total time spent applying and committing batches (microseconds).
@@ -131,6 +136,8 @@ pub struct EngineStats {
 #[derive(Clone)]
 pub struct DiskEngine {
     db: Arc<Database>,
+    /// The Raft groups' logs (`crate::wal`), in `<dir>/wal`, next to the database.
+    wal: crate::wal::Wal,
     jobs: mpsc::Sender<Job>,
     path: PathBuf,
     stats: Arc<EngineStats>,
@@ -179,11 +186,13 @@ impl DiskEngine {
         txn.open_table(META_TABLE).map_err(io_err)?;
         txn.commit().map_err(io_err)?;
 
+        let wal = crate::wal::Wal::open(&dir.join("wal"), crate::wal::WalConfig::default())?;
         let db = Arc::new(db);
         let stats = Arc::new(EngineStats::default());
         let (jobs, closed) = writer::start(db.clone(), hlc, value_bytes_max, stats.clone())?;
         Ok(DiskEngine {
             db,
+            wal,
             jobs,
             path,
             stats,
@@ -199,6 +208,11 @@ impl DiskEngine {
 
     pub fn stats(&self) -> &EngineStats {
         &self.stats
+    }
+
+    /// The node's write-ahead log, where Raft groups keep their logs.
+    pub fn wal(&self) -> &crate::wal::Wal {
+        &self.wal
     }
 
     /// Size of the database file in bytes.

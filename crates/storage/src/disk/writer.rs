@@ -17,6 +17,11 @@ pub const WRITE_QUEUE_JOBS_MAX: usize = 16_384;
 pub const BATCH_JOBS_MAX: usize = 4_096;
 /// Most payload bytes committed in one transaction (a batch may exceed it by one job).
 pub const BATCH_BYTES_MAX: usize = 32 * 1024 * 1024;
+/// Longest time between durable commits while commits happen. Raft applies are not fsync'd
+/// (the write-ahead log can redo them), so without a durable commit now and then a crash would
+/// roll the state machines back further and further, and redb would not reuse the pages they
+/// freed (it reclaims them at durable commits).
+pub const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 pub(super) struct Job {
     pub(super) op: Op,
@@ -93,6 +98,7 @@ fn writer_loop(
         }
     };
     let mut batch: Vec<Job> = Vec::with_capacity(BATCH_JOBS_MAX);
+    let mut last_durable = Instant::now();
     while let Some(first) = rx.blocking_recv() {
         let mut bytes = first.op.payload_bytes();
         batch.push(first);
@@ -107,7 +113,20 @@ fn writer_loop(
         }
         let started = Instant::now();
         let before = live_tables.clone();
-        let result = commit_batch(db, &batch, hlc, value_bytes_max, stats, &mut live_tables);
+        let checkpoint = last_durable.elapsed() >= CHECKPOINT_INTERVAL;
+        let result = commit_batch(
+            db,
+            &batch,
+            hlc,
+            value_bytes_max,
+            stats,
+            &mut live_tables,
+            checkpoint,
+        );
+        if let Ok(true) = result.as_ref().map(|(_, durable)| *durable) {
+            last_durable = Instant::now();
+        }
+        let result = result.map(|(outputs, _)| outputs);
         if result.is_err() {
             live_tables = before;
         }
@@ -145,6 +164,7 @@ fn list_tables(db: &Database) -> Result<std::collections::HashSet<String>> {
     Ok(names)
 }
 
+/// Commits a batch; answers each job's output and whether the commit was durable.
 fn commit_batch(
     db: &Database,
     batch: &[Job],
@@ -152,11 +172,14 @@ fn commit_batch(
     value_bytes_max: usize,
     stats: &EngineStats,
     live_tables: &mut std::collections::HashSet<String>,
-) -> Result<Vec<Output>> {
+    checkpoint: bool,
+) -> Result<(Vec<Output>, bool)> {
     let mut txn = db.begin_write().map_err(io_err)?;
     // One fsync per batch: this is the durability point every acknowledgement waits for. A
-    // batch of only replicated applies skips it (their Raft log entries are durable already).
-    let durability = if batch.iter().any(|j| j.op.durable()) {
+    // batch of only replicated applies skips it (their Raft log entries are durable in the
+    // write-ahead log), unless it is time for a checkpoint.
+    let durable = checkpoint || batch.iter().any(|j| j.op.durable());
+    let durability = if durable {
         Durability::Immediate
     } else {
         Durability::None
@@ -177,5 +200,8 @@ fn commit_batch(
     stats
         .sync_micros
         .fetch_add(syncing.elapsed().as_micros() as u64, Ordering::Relaxed);
-    Ok(outputs)
+    if durable {
+        stats.durable_commits.fetch_add(1, Ordering::Relaxed);
+    }
+    Ok((outputs, durable))
 }

@@ -231,6 +231,8 @@ enum Job {
     },
     /// Drops the group's entries from `from` on (0: all).
     Truncate { group: u64, from: u64, done: Done },
+    /// Answered once every job queued before it is durable; writes nothing itself.
+    Barrier { done: Done },
 }
 
 impl Job {
@@ -241,12 +243,15 @@ impl Job {
                 .map(|(_, p)| p.len() + format::RECORD_HEADER_BYTES)
                 .sum(),
             Job::Truncate { .. } => format::RECORD_HEADER_BYTES,
+            Job::Barrier { .. } => 0,
         }
     }
 
     fn finish(self, result: Result<()>) {
         match self {
-            Job::Append { done, .. } | Job::Truncate { done, .. } => done(result),
+            Job::Append { done, .. } | Job::Truncate { done, .. } | Job::Barrier { done } => {
+                done(result)
+            }
         }
     }
 }
@@ -342,6 +347,21 @@ impl Wal {
             .send(Job::Truncate {
                 group,
                 from,
+                done: Box::new(move |r| {
+                    let _ = tx.send(r);
+                }),
+            })
+            .await
+            .map_err(|_| Error::ShuttingDown)?;
+        rx.await
+            .map_err(|_| Error::Io("write-ahead log writer stopped".into()))?
+    }
+
+    /// Waits until every job queued before this call is durable.
+    pub async fn barrier(&self) -> Result<()> {
+        let (tx, rx) = oneshot::channel();
+        self.jobs
+            .send(Job::Barrier {
                 done: Box::new(move |r| {
                     let _ = tx.send(r);
                 }),

@@ -146,6 +146,9 @@ impl Writer {
                         });
                     }
                 }
+                // Jobs before it in this batch are durable when the batch is; jobs in earlier
+                // batches already are.
+                Job::Barrier { .. } => {}
                 Job::Truncate { group, from, .. } => {
                     let at = format::encode_record(
                         RecordRef {
@@ -165,6 +168,9 @@ impl Writer {
                     });
                 }
             }
+        }
+        if placed.is_empty() {
+            return Ok(());
         }
         if self.body.len() > format::FRAME_BODY_MAX {
             return Err(Error::TooLarge {
