@@ -245,9 +245,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> io::Result<()> {
         // Not fsync'd on its own: losing it only means re-applying a few entries after a crash.
-        // (Written as a hint riding the next batch instead, it took the pause before each apply
-        // away: applies came in smaller batches, cross-shard EXEC at 16 clients went 3.0x ->
-        // 6.3x SET's p50; see docs/design/transactions.md.)
+        // Its commit is also what batches the applies: while openraft waits for it, more entries
+        // commit, and the apply after it carries them all. Measured twice: as a hint riding the
+        // next batch (redb log), cross-shard EXEC at 16 clients went 3.0x -> 6.3x SET's p50
+        // (docs/design/transactions.md); kept in memory only (write-ahead log), single-node SET
+        // at -P 16 went 136 k -> 56 k/s (docs/design/log-engine.md).
         let value = committed.map(|c| encode(&c));
         self.engine
             .meta_put(vec![(meta_key(self.group, "committed"), value)], false)

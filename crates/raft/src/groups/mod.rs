@@ -185,6 +185,7 @@ impl Groups {
             ids: RequestIds::new(me),
             lose_write_answers: AtomicU64::new(0),
         });
+        groups.snapshot_when_pinning();
         let meta = groups
             .start_group(META_GROUP, Kind::Meta { published: tx })
             .await?;
@@ -288,6 +289,30 @@ impl Groups {
         });
         let mut groups = self.groups.write().unwrap_or_else(|p| p.into_inner());
         Ok(groups.entry(group).or_insert(g).clone())
+    }
+
+    /// Asks a group to snapshot when the write-ahead log says its live entries keep the oldest
+    /// segment from being reused (an idle group with many unpurged entries): after the snapshot
+    /// openraft purges its log, and the segment can be reused.
+    fn snapshot_when_pinning(self: &Arc<Self>) {
+        // Bounded: a group asked while the queue is full is asked again later by the log.
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<GroupId>(64);
+        self.engine.wal().set_pinned_hook(move |group| {
+            let _ = tx.try_send(group);
+        });
+        let groups = Arc::downgrade(self);
+        tokio::spawn(async move {
+            while let Some(group) = rx.recv().await {
+                let Some(groups) = groups.upgrade() else {
+                    return;
+                };
+                if let Some(g) = groups.group(group)
+                    && let Err(e) = g.raft.trigger().snapshot().await
+                {
+                    tracing::warn!(group, error = %e, "could not snapshot a group pinning the write-ahead log");
+                }
+            }
+        });
     }
 
     /// Stops a data group this node no longer holds and deletes its data.

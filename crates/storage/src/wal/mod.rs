@@ -35,11 +35,16 @@
 //! # Bounds
 //!
 //! Queue: [`WAL_QUEUE_JOBS_MAX`] jobs (callers wait when full). Disk: segments are created only
-//! when no free one exists, up to [`WalConfig::bytes_max`] in total; past it appends fail with
-//! [`Error::Io`] (nothing acknowledged is lost; the group stops writing) and the log says which
-//! group pins the oldest segment. An idle group's few live entries never pin a segment: when
-//! the oldest segment holds little that is live, the writer copies it forward (`Moved`
-//! records) so the file can be reused.
+//! when no free one exists, up to [`WalConfig::bytes_max`] in total; at the limit writes wait
+//! (backpressure) until purges free the oldest segment, and the groups pinning it are asked to
+//! snapshot ([`Wal::set_pinned_hook`]), after which openraft purges their logs. An idle group's
+//! few live entries never pin a segment: when the oldest segment holds little that is live
+//! (at most a quarter of a segment), the writer copies it forward (`Moved` records) so the file
+//! can be reused.
+//!
+//! Known gap: a group whose replica was being dropped when the node crashed (between the Raft
+//! shutdown and the log truncate, `raft/src/groups/mod.rs`) is never opened again; its entries
+//! are copied forward at every segment switch, or pin a segment if they are many.
 
 mod format;
 mod recover;
@@ -115,6 +120,9 @@ struct Slot {
 /// The in-memory index, shared by readers and the writer.
 struct State {
     groups: HashMap<u64, BTreeMap<u64, Pos>>,
+    /// Each group's purge watermark since open: an append queued before a purge and written
+    /// after it must not bring entries at or below it back.
+    purged: HashMap<u64, u64>,
     slots: Vec<Slot>,
     /// Slots in use, oldest generation first; the writer writes the back one.
     used: VecDeque<u32>,
@@ -137,8 +145,11 @@ impl State {
         s.live_bytes += u64::from(pos.len);
     }
 
-    /// Drops every entry of `group` from `from` on.
+    /// Drops every entry of `group` from `from` on (0: the whole group, watermark included).
     fn truncate(&mut self, group: u64, from: u64) {
+        if from == 0 {
+            self.purged.remove(&group);
+        }
         let Some(entries) = self.groups.get_mut(&group) else {
             return;
         };
@@ -153,6 +164,8 @@ impl State {
 
     /// Drops every entry of `group` up to and including `upto`.
     fn purge(&mut self, group: u64, upto: u64) {
+        let mark = self.purged.entry(group).or_insert(upto);
+        *mark = (*mark).max(upto);
         let Some(entries) = self.groups.get_mut(&group) else {
             return;
         };
@@ -169,6 +182,9 @@ impl State {
     /// Records entry `index` of `group` at `pos`; an `Entry` (not a move) first drops every
     /// entry from `index` on.
     fn put(&mut self, group: u64, index: u64, pos: Pos, replaces_later: bool) {
+        if self.purged.get(&group).is_some_and(|&p| index <= p) {
+            return;
+        }
         if replaces_later {
             self.truncate(group, index);
         }
@@ -206,6 +222,8 @@ impl State {
 struct Shared {
     state: RwLock<State>,
     stats: WalStats,
+    /// Called with a group whose live entries pin the oldest segment ([`Wal::set_pinned_hook`]).
+    pinned_hook: std::sync::OnceLock<Box<dyn Fn(u64) + Send + Sync>>,
 }
 
 impl Shared {
@@ -219,7 +237,31 @@ impl Shared {
 }
 
 /// What runs when a job is durable (or failed).
-pub type Done = Box<dyn FnOnce(Result<()>) + Send>;
+type DoneFn = Box<dyn FnOnce(Result<()>) + Send>;
+
+/// A job's completion, called exactly once: with the outcome, or, if the job is dropped
+/// unanswered (the writer thread died), with an error, so no caller waits for ever.
+struct Done(Option<DoneFn>);
+
+impl Done {
+    fn new(f: impl FnOnce(Result<()>) + Send + 'static) -> Done {
+        Done(Some(Box::new(f)))
+    }
+
+    fn call(mut self, result: Result<()>) {
+        if let Some(f) = self.0.take() {
+            f(result);
+        }
+    }
+}
+
+impl Drop for Done {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            f(Err(Error::Io("write-ahead log writer stopped".into())));
+        }
+    }
+}
 
 /// A queued change.
 enum Job {
@@ -250,7 +292,7 @@ impl Job {
     fn finish(self, result: Result<()>) {
         match self {
             Job::Append { done, .. } | Job::Truncate { done, .. } | Job::Barrier { done } => {
-                done(result)
+                done.call(result)
             }
         }
     }
@@ -276,6 +318,7 @@ impl Wal {
         let shared = Arc::new(Shared {
             state: RwLock::new(recovered.state),
             stats: WalStats::default(),
+            pinned_hook: std::sync::OnceLock::new(),
         });
         let jobs = writer::start(
             dir.to_path_buf(),
@@ -293,6 +336,13 @@ impl Wal {
 
     pub fn stats(&self) -> &WalStats {
         &self.shared.stats
+    }
+
+    /// Sets what to call, on the writer thread (it must not block), with a group whose live
+    /// entries keep the oldest segment from being reused: the Raft layer asks that group to
+    /// snapshot, after which openraft purges its log. Only the first call counts.
+    pub fn set_pinned_hook(&self, hook: impl Fn(u64) + Send + Sync + 'static) {
+        let _ = self.shared.pinned_hook.set(Box::new(hook));
     }
 
     /// Bytes of segment files.
@@ -322,7 +372,7 @@ impl Wal {
             .send(Job::Append {
                 group,
                 records,
-                done: Box::new(done),
+                done: Done::new(done),
             })
             .await
             .map_err(|_| Error::ShuttingDown)
@@ -347,7 +397,7 @@ impl Wal {
             .send(Job::Truncate {
                 group,
                 from,
-                done: Box::new(move |r| {
+                done: Done::new(move |r| {
                     let _ = tx.send(r);
                 }),
             })
@@ -362,7 +412,7 @@ impl Wal {
         let (tx, rx) = oneshot::channel();
         self.jobs
             .send(Job::Barrier {
-                done: Box::new(move |r| {
+                done: Done::new(move |r| {
                     let _ = tx.send(r);
                 }),
             })

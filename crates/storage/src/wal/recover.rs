@@ -147,6 +147,7 @@ pub(super) fn recover(dir: &Path) -> Result<Recovered> {
         .map_or(1, |h| h.generation + 1);
     let mut state = State {
         groups,
+        purged: HashMap::new(),
         slots,
         used: order.into_iter().collect(),
         free,

@@ -227,25 +227,57 @@ async fn a_value_that_looks_like_a_frame_is_never_read_as_one() {
     assert_eq!(wal.read(1, 0, 10).expect("read"), vec![(1, fake)]);
 }
 
-#[tokio::test]
-async fn a_full_log_fails_appends_with_an_error_and_serves_again_once_purged() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_log_makes_appends_wait_asks_the_pinning_group_to_snapshot_and_resumes_once_purged()
+{
     let dir = tempfile::tempdir().expect("tempdir");
     let config = WalConfig {
         segment_bytes: 64 * 1024,
         bytes_max: 3 * 64 * 1024,
     };
     let wal = Wal::open(dir.path(), config).expect("open");
+    let asked = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let asked_in_hook = asked.clone();
+    wal.set_pinned_hook(move |g| asked_in_hook.lock().unwrap().push(g));
     let mut next = 1u64;
-    let err = loop {
-        let records = (next..next + 50).map(|i| (i, payload(1, i, 200))).collect();
-        match wal.append_durable(1, records).await {
-            Ok(()) => next += 50,
-            Err(e) => break e,
+    // Fill the log with group 1's entries (never purged), until an append does not finish.
+    let waiting = loop {
+        let records: Vec<_> = (next..next + 50).map(|i| (i, payload(1, i, 200))).collect();
+        let w = wal.clone();
+        let append = tokio::spawn(async move { w.append_durable(1, records).await });
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        while !append.is_finished() && std::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
+        if !append.is_finished() {
+            break append;
+        }
+        append.await.expect("join").expect("append below the limit");
+        next += 50;
         assert!(next < 10_000, "the limit was never reached");
     };
-    assert!(err.to_string().contains("write-ahead log is full"), "{err}");
+    assert!(
+        asked.lock().unwrap().contains(&1),
+        "the pinning group was asked to snapshot"
+    );
     assert_eq!(indexes(&wal, 1), (1..next).collect::<Vec<_>>());
     wal.purge(1, next - 1);
-    append(&wal, 1, next, next + 49, 200).await;
+    waiting
+        .await
+        .expect("join")
+        .expect("the waiting append finishes once purged");
+    assert_eq!(indexes(&wal, 1), (next..next + 50).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn an_append_queued_before_a_purge_past_it_does_not_come_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let wal = Wal::open(dir.path(), SMALL).expect("open");
+    append(&wal, 1, 1, 5, 30).await;
+    // A purge past the end (a snapshot installed from the leader) while 6..=8 are queued.
+    wal.purge(1, 10);
+    append(&wal, 1, 6, 8, 30).await;
+    assert!(indexes(&wal, 1).is_empty());
+    append(&wal, 1, 11, 12, 30).await;
+    assert_eq!(indexes(&wal, 1), vec![11, 12]);
 }

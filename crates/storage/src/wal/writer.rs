@@ -1,14 +1,22 @@
 //! The writer thread: every queued job of every group in one frame, one `pwrite`, one
 //! `fdatasync`; then the index is updated and the jobs are answered, in queue order.
 //!
-//! After a failed write or sync the writer answers every later job with the same error: what
-//! the disk holds after a failed `fdatasync` is unknown (the kernel may have dropped the dirty
-//! pages), so nothing more may be acknowledged until the node restarts and reads the log back.
+//! After any failed batch the writer answers every later job with the same error: what the
+//! disk holds after a failed `fdatasync` is unknown (the kernel may have dropped the dirty
+//! pages), and a later batch written after a failed one would leave a hole in a group's log (its
+//! appends are queued without waiting for each other). Nothing more is acknowledged until the
+//! node restarts and reads the log back. A full log is not a failure: the writer waits for
+//! purges (backpressure; callers wait behind the bounded queue) and asks the group pinning the
+//! oldest segment to snapshot ([`super::Wal::set_pinned_hook`]).
+//!
+//! A reused segment's new header is written and synced before any frame, so a power loss that
+//! keeps only some of the pages of a write can never mix the new header with the old frames.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use capdb_types::{Error, Result};
 use tokio::sync::mpsc;
@@ -23,6 +31,10 @@ pub const WAL_QUEUE_JOBS_MAX: usize = 16_384;
 pub const BATCH_JOBS_MAX: usize = 4_096;
 /// Most payload bytes written in one batch (a batch may exceed it by one job).
 pub const BATCH_BYTES_MAX: usize = 4 << 20;
+/// How often the writer looks again for a free segment while the log is full.
+const FULL_RETRY: Duration = Duration::from_millis(20);
+/// How often a group pinning the oldest segment is asked again to snapshot.
+const PINNED_ASK_EVERY: Duration = Duration::from_secs(10);
 
 pub(super) fn start(
     dir: PathBuf,
@@ -42,6 +54,7 @@ pub(super) fn start(
         broken: None,
         body: Vec::new(),
         buf: Vec::new(),
+        asked: HashMap::new(),
     };
     std::thread::Builder::new()
         .name("capdb-wal".into())
@@ -92,6 +105,8 @@ struct Writer {
     broken: Option<Error>,
     body: Vec<u8>,
     buf: Vec<u8>,
+    /// When each group pinning the oldest segment was last asked to snapshot.
+    asked: HashMap<u64, Instant>,
 }
 
 impl Writer {
@@ -113,6 +128,12 @@ impl Writer {
                 Some(e) => Err(e.clone()),
                 None => self.write(&batch),
             };
+            if let Err(e) = &result
+                && self.broken.is_none()
+            {
+                tracing::error!(error = %e, "write-ahead log stopped: every later write fails until the node restarts");
+                self.broken = Some(e.clone());
+            }
             for job in batch.drain(..) {
                 job.finish(result.clone());
             }
@@ -123,7 +144,7 @@ impl Writer {
     fn write(&mut self, batch: &[Job]) -> Result<()> {
         let started = Instant::now();
         self.body.clear();
-        let mut placed = Vec::new();
+        let mut placed: Vec<Placed> = Vec::new();
         for job in batch {
             match job {
                 Job::Append { group, records, .. } => {
@@ -183,17 +204,11 @@ impl Writer {
         let moves = self.make_room(need)?;
         let mut cur = self.current.expect("make_room sets the current segment");
 
-        // The bytes: [segment header] [frame of moved records] frame of the batch.
-        self.buf.clear();
-        let start = if cur.fresh {
-            format::encode_segment_header(cur.header, &mut self.buf);
-            0
-        } else {
-            cur.off
-        };
+        // Copied records go first in the same frame (one checksum for all of it, so a torn
+        // write can never keep the batch and lose the copies).
         let mut moved_at = Vec::with_capacity(moves.len());
         if !moves.is_empty() {
-            let mut mbody = Vec::new();
+            let mut body = Vec::with_capacity(self.body.len() + moves.len() * 64);
             for m in &moves {
                 let at = format::encode_record(
                     RecordRef {
@@ -202,48 +217,54 @@ impl Writer {
                         index: m.index,
                         payload: &m.payload,
                     },
-                    &mut mbody,
+                    &mut body,
                 );
                 moved_at.push(at - format::RECORD_HEADER_BYTES);
             }
-            let frame_off = start + self.buf.len() as u64;
-            format::encode_frame(cur.header, self.next_seq, &mbody, &mut self.buf);
-            self.next_seq += 1;
-            for at in &mut moved_at {
-                *at += (frame_off + format::FRAME_HEADER_BYTES as u64) as usize;
+            let shift = body.len();
+            body.extend_from_slice(&self.body);
+            self.body = body;
+            for p in &mut placed {
+                p.at += shift;
             }
         }
-        let frame_off = start + self.buf.len() as u64;
-        format::encode_frame(cur.header, self.next_seq, &self.body, &mut self.buf);
-        self.next_seq += 1;
-
         let file = self.shared.read_state().slots[cur.slot as usize]
             .file
             .clone();
-        let written = {
-            use std::os::unix::fs::FileExt;
-            file.write_all_at(&self.buf, start)
-                .and_then(|()| file.sync_data())
-        };
-        if let Err(e) = written {
-            let e = Error::Io(format!(
+        let failed = |e: std::io::Error| {
+            Error::Io(format!(
                 "write-ahead log write or sync failed (the node must restart to read its log back): {e}"
-            ));
-            tracing::error!(error = %e, "write-ahead log stopped");
-            self.broken = Some(e.clone());
-            return Err(e);
+            ))
+        };
+        use std::os::unix::fs::FileExt;
+        if cur.fresh {
+            // The header alone first, synced (module docs).
+            self.buf.clear();
+            format::encode_segment_header(cur.header, &mut self.buf);
+            file.write_all_at(&self.buf, 0)
+                .and_then(|()| file.sync_data())
+                .map_err(failed)?;
+            cur.fresh = false;
+            self.current = Some(cur);
         }
-        cur.off = start + self.buf.len() as u64;
-        cur.fresh = false;
+        self.buf.clear();
+        let frame_off = cur.off;
+        format::encode_frame(cur.header, self.next_seq, &self.body, &mut self.buf);
+        self.next_seq += 1;
+        file.write_all_at(&self.buf, frame_off)
+            .and_then(|()| file.sync_data())
+            .map_err(failed)?;
+        cur.off = frame_off + self.buf.len() as u64;
         self.current = Some(cur);
 
         // Publish, in the order replay would apply the records.
         {
             let mut st = self.shared.write_state();
+            let base = frame_off + format::FRAME_HEADER_BYTES as u64;
             for (m, at) in moves.iter().zip(moved_at) {
                 let to = Pos {
                     slot: cur.slot,
-                    off: at as u64,
+                    off: base + at as u64,
                     len: m.payload.len() as u32,
                 };
                 // Only if the entry is still the one copied (a purge may have dropped it).
@@ -251,7 +272,6 @@ impl Writer {
                     st.put(m.group, m.index, to, false);
                 }
             }
-            let base = frame_off + format::FRAME_HEADER_BYTES as u64;
             for p in &placed {
                 match p.kind {
                     Kind::Entry | Kind::Moved => st.put(
@@ -282,8 +302,9 @@ impl Writer {
     }
 
     /// Makes sure a frame of `need` bytes fits in the current segment, starting the next one if
-    /// not; after starting one, returns the live records of the oldest segment to copy forward
-    /// when they are few (so an idle group does not pin that file).
+    /// not (waiting while the log is full); after starting one, returns the live records of the
+    /// oldest segment to copy forward when they are few (so an idle group does not pin that
+    /// file), to go first in the frame.
     fn make_room(&mut self, need: u64) -> Result<Vec<Move>> {
         if let Some(cur) = self.current {
             let bytes = self.shared.read_state().slots[cur.slot as usize].bytes;
@@ -291,66 +312,121 @@ impl Writer {
                 return Ok(Vec::new());
             }
         }
-        let room = SEGMENT_HEADER_BYTES + need;
         let current_slot = self.current.map(|c| c.slot);
-        let reuse = {
-            let mut st = self.shared.write_state();
-            // Free what nothing points into, oldest first, never the segment being written.
-            while let Some(&front) = st.used.front() {
-                if Some(front) == current_slot || st.slots[front as usize].live > 0 {
-                    break;
+        // Room for the frame and for copies of up to a quarter of a segment.
+        let room = SEGMENT_HEADER_BYTES + need;
+        let mut waited_since: Option<Instant> = None;
+        let (slot, oldest) = loop {
+            let (pick, oldest) = {
+                let mut st = self.shared.write_state();
+                // Free what nothing points into, oldest first, never the segment being written.
+                while let Some(&front) = st.used.front() {
+                    if Some(front) == current_slot || st.slots[front as usize].live > 0 {
+                        break;
+                    }
+                    st.used.pop_front();
+                    st.free.push_back(front);
                 }
-                st.used.pop_front();
-                st.free.push_back(front);
+                // Reuse the oldest free segment (its stale records must go before any newer
+                // free one's, recover.rs); a file without a header holds none, so any of those
+                // that fits will do.
+                let fits = |st: &super::State, s: u32| st.slots[s as usize].bytes >= room;
+                let pick = match st.free.front() {
+                    Some(&s) if fits(&st, s) => st.free.pop_front(),
+                    _ => st
+                        .free
+                        .iter()
+                        .position(|&s| st.slots[s as usize].header.is_none() && fits(&st, s))
+                        .and_then(|i| st.free.remove(i)),
+                };
+                (
+                    pick,
+                    st.used
+                        .front()
+                        .copied()
+                        .filter(|&o| Some(o) != current_slot),
+                )
+            };
+            if let Some(s) = pick {
+                break (s, oldest);
             }
-            match st.free.front() {
-                Some(&s) if st.slots[s as usize].bytes >= room => st.free.pop_front(),
-                _ => None,
+            match self.create(room)? {
+                Some(s) => break (s, oldest),
+                None => {
+                    // Full: wait for purges, asking whoever pins the oldest segment to snapshot.
+                    let since = *waited_since.get_or_insert_with(Instant::now);
+                    if let Some(o) = oldest {
+                        self.ask_pinning(o);
+                    }
+                    if since.elapsed() >= Duration::from_secs(5) {
+                        tracing::error!(
+                            waited_s = since.elapsed().as_secs(),
+                            limit = self.config.bytes_max,
+                            "write-ahead log full: writes wait until the oldest segment is purged"
+                        );
+                        waited_since = Some(Instant::now());
+                    }
+                    std::thread::sleep(FULL_RETRY);
+                }
             }
         };
-        let slot = match reuse {
-            Some(s) => s,
-            None => self.create(room)?,
-        };
+
+        // The copies: found under the read lock, read from the files without it (only this
+        // thread changes segments; a purge meanwhile is caught when publishing).
+        let mut moves = Vec::new();
+        if let Some(oldest) = oldest {
+            let candidates = {
+                let st = self.shared.read_state();
+                let s = &st.slots[oldest as usize];
+                let move_bytes = format::frame_len(
+                    (s.live_bytes + s.live * format::RECORD_HEADER_BYTES as u64) as usize,
+                );
+                let slot_bytes = st.slots[slot as usize].bytes;
+                let candidates: Vec<(u64, u64, Pos)> = if s.live > 0
+                    && move_bytes <= self.config.segment_bytes / 4
+                    && room + move_bytes <= slot_bytes
+                {
+                    st.groups
+                        .iter()
+                        .flat_map(|(&g, e)| {
+                            e.iter()
+                                .filter(|(_, p)| p.slot == oldest)
+                                .map(move |(&i, &p)| (g, i, p))
+                        })
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                candidates
+            };
+            if candidates.is_empty() && self.shared.read_state().slots[oldest as usize].live > 0 {
+                // Too much is live there to copy: its group must snapshot and purge.
+                self.ask_pinning(oldest);
+            }
+            for (group, index, from) in candidates {
+                let payload = {
+                    let st = self.shared.read_state();
+                    st.read(group, index, from)?
+                };
+                moves.push(Move {
+                    group,
+                    index,
+                    from,
+                    payload,
+                });
+            }
+        }
+
         let header = SegmentHeader {
             generation: self.next_generation,
             salt: fastrand::u64(..),
         };
         self.next_generation += 1;
-        let moves = {
+        {
             let mut st = self.shared.write_state();
             st.slots[slot as usize].header = Some(header);
             st.used.push_back(slot);
-            let slot_bytes = st.slots[slot as usize].bytes;
-            let mut moves = Vec::new();
-            if let Some(&oldest) = st.used.front()
-                && oldest != slot
-                && Some(oldest) != current_slot
-            {
-                let s = &st.slots[oldest as usize];
-                let move_bytes = format::frame_len(
-                    (s.live_bytes + s.live * format::RECORD_HEADER_BYTES as u64) as usize,
-                );
-                if s.live > 0
-                    && move_bytes <= self.config.segment_bytes / 4
-                    && room + move_bytes <= slot_bytes
-                {
-                    for (&group, entries) in &st.groups {
-                        for (&index, &from) in entries {
-                            if from.slot == oldest {
-                                moves.push(Move {
-                                    group,
-                                    index,
-                                    from,
-                                    payload: st.read(group, index, from)?,
-                                });
-                            }
-                        }
-                    }
-                }
-            }
-            moves
-        };
+        }
         self.current = Some(Current {
             slot,
             header,
@@ -360,31 +436,48 @@ impl Writer {
         Ok(moves)
     }
 
-    /// Creates a new segment of at least `room` bytes, within [`WalConfig::bytes_max`].
-    fn create(&mut self, room: u64) -> Result<u32> {
+    /// Asks the groups with live entries in segment `slot` to snapshot (so they purge), each at
+    /// most every [`PINNED_ASK_EVERY`].
+    fn ask_pinning(&mut self, slot: u32) {
+        let Some(hook) = self.shared.pinned_hook.get() else {
+            return;
+        };
+        let groups: Vec<u64> = {
+            let st = self.shared.read_state();
+            st.groups
+                .iter()
+                .filter(|(_, e)| e.values().any(|p| p.slot == slot))
+                .map(|(&g, _)| g)
+                .collect()
+        };
+        for g in groups {
+            let due = self
+                .asked
+                .get(&g)
+                .is_none_or(|t| t.elapsed() >= PINNED_ASK_EVERY);
+            if due {
+                self.asked.insert(g, Instant::now());
+                tracing::info!(
+                    group = g,
+                    "asking a group to snapshot: its entries pin the oldest write-ahead log segment"
+                );
+                hook(g);
+            }
+        }
+    }
+
+    /// Creates a new segment of at least `room` bytes; `None` when that would pass
+    /// [`WalConfig::bytes_max`].
+    fn create(&mut self, room: u64) -> Result<Option<u32>> {
         let bytes = self.config.segment_bytes.max(room.next_multiple_of(4096));
-        let (total, number, pinned) = {
+        let (total, number) = {
             let st = self.shared.read_state();
             let total: u64 = st.slots.iter().map(|s| s.bytes).sum();
             let number = st.slots.iter().map(|s| s.number + 1).max().unwrap_or(0);
-            let pinned = st.used.front().and_then(|&oldest| {
-                st.groups
-                    .iter()
-                    .find_map(|(g, e)| e.values().any(|p| p.slot == oldest).then_some(*g))
-            });
-            (total, number, pinned)
+            (total, number)
         };
         if total + bytes > self.config.bytes_max {
-            tracing::error!(
-                total,
-                limit = self.config.bytes_max,
-                ?pinned,
-                "write-ahead log full: the oldest segment is still needed"
-            );
-            return Err(Error::Io(format!(
-                "write-ahead log is full ({total} bytes of segments, limit {}); group {pinned:?} still needs the oldest segment",
-                self.config.bytes_max
-            )));
+            return Ok(None);
         }
         let file = create_segment(&self.dir, number, bytes)?;
         self.shared
@@ -400,6 +493,6 @@ impl Writer {
             live: 0,
             live_bytes: 0,
         });
-        Ok((st.slots.len() - 1) as u32)
+        Ok(Some((st.slots.len() - 1) as u32))
     }
 }
