@@ -55,6 +55,7 @@ pub(super) fn start(
         body: Vec::new(),
         buf: Vec::new(),
         asked: HashMap::new(),
+        spare: None,
     };
     std::thread::Builder::new()
         .name("capdb-wal".into())
@@ -107,10 +108,15 @@ struct Writer {
     buf: Vec<u8>,
     /// When each group pinning the oldest segment was last asked to snapshot.
     asked: HashMap<u64, Instant>,
+    /// A segment file being created ahead of need by a helper thread: its number and size, and
+    /// where the file arrives. Zero-filling 64 MiB takes tens of milliseconds; done on the
+    /// writer when a segment is needed, every write would wait for it.
+    spare: Option<(u64, u64, std::sync::mpsc::Receiver<Result<std::fs::File>>)>,
 }
 
 impl Writer {
     fn run(mut self, mut rx: mpsc::Receiver<Job>) {
+        self.prepare_spare();
         let mut batch: Vec<Job> = Vec::with_capacity(BATCH_JOBS_MAX);
         while let Some(first) = rx.blocking_recv() {
             let mut bytes = first.payload_bytes();
@@ -433,7 +439,38 @@ impl Writer {
             off: SEGMENT_HEADER_BYTES,
             fresh: true,
         });
+        self.prepare_spare();
         Ok(moves)
+    }
+
+    /// Starts creating the next segment file in the background when no free one is left (and
+    /// the limit allows it), so the next switch finds it ready.
+    fn prepare_spare(&mut self) {
+        if self.spare.is_some() {
+            return;
+        }
+        let (free, total, number) = {
+            let st = self.shared.read_state();
+            (
+                st.free.len(),
+                st.slots.iter().map(|s| s.bytes).sum::<u64>(),
+                st.slots.iter().map(|s| s.number + 1).max().unwrap_or(0),
+            )
+        };
+        let bytes = self.config.segment_bytes;
+        if free > 0 || total + bytes > self.config.bytes_max {
+            return;
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        let dir = self.dir.clone();
+        let started = std::thread::Builder::new()
+            .name("capdb-wal-spare".into())
+            .spawn(move || {
+                let _ = tx.send(create_segment(&dir, number, bytes));
+            });
+        if started.is_ok() {
+            self.spare = Some((number, bytes, rx));
+        }
     }
 
     /// Asks the groups with live entries in segment `slot` to snapshot (so they purge), each at
@@ -470,16 +507,33 @@ impl Writer {
     /// [`WalConfig::bytes_max`].
     fn create(&mut self, room: u64) -> Result<Option<u32>> {
         let bytes = self.config.segment_bytes.max(room.next_multiple_of(4096));
+        let spare_bytes = self.spare.as_ref().map_or(0, |(_, b, _)| *b);
         let (total, number) = {
             let st = self.shared.read_state();
             let total: u64 = st.slots.iter().map(|s| s.bytes).sum();
             let number = st.slots.iter().map(|s| s.number + 1).max().unwrap_or(0);
+            let number = self
+                .spare
+                .as_ref()
+                .map_or(number, |(n, _, _)| number.max(n + 1));
             (total, number)
         };
-        if total + bytes > self.config.bytes_max {
-            return Ok(None);
-        }
-        let file = create_segment(&self.dir, number, bytes)?;
+        let (file, number, bytes) = match self.spare.take() {
+            // The spare fits: wait for it (usually ready).
+            Some((n, b, rx)) if b >= room => {
+                let file = rx.recv().map_err(|_| {
+                    Error::Io("the write-ahead log's segment creator stopped".into())
+                })??;
+                (file, n, b)
+            }
+            spare => {
+                self.spare = spare;
+                if total + spare_bytes + bytes > self.config.bytes_max {
+                    return Ok(None);
+                }
+                (create_segment(&self.dir, number, bytes)?, number, bytes)
+            }
+        };
         self.shared
             .stats
             .segments_created
