@@ -312,12 +312,30 @@ impl Groups {
         deadline: Instant,
     ) -> Result<Vec<Option<Value>>, ForwardError> {
         let table = self.readable(group, mode, deadline).await?;
-        if mode == ReadMode::Linearizable {
-            wait_for_locks(&table, keys).await?;
+        if mode != ReadMode::Linearizable {
+            return keys
+                .iter()
+                .map(|k| table.get(k, now_ms).map_err(ForwardError::Db))
+                .collect();
         }
-        keys.iter()
-            .map(|k| table.get(k, now_ms).map_err(ForwardError::Db))
-            .collect()
+        // Lock check and values from one snapshot; a locked key waits (bounded) and rereads.
+        let (since, mut tries) = (Instant::now(), 0);
+        loop {
+            match table
+                .get_unless_locked(keys, now_ms)
+                .map_err(ForwardError::Db)?
+            {
+                Ok(values) => return Ok(values),
+                Err(holder) => {
+                    if super::route::wait_for_lock(since, &mut tries)
+                        .await
+                        .is_none()
+                    {
+                        return Err(ForwardError::Db(Error::Locked(holder.to_string())));
+                    }
+                }
+            }
+        }
     }
 
     pub(crate) async fn scan_local(

@@ -184,6 +184,17 @@ pub struct DiskEngine {
 pub struct Closed(Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>);
 
 impl Closed {
+    pub(crate) fn new() -> Closed {
+        Closed(Arc::default())
+    }
+
+    /// Says the thread it stands for has stopped.
+    pub(crate) fn set(&self) {
+        let (lock, cvar) = &*self.0;
+        *lock.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        cvar.notify_all();
+    }
+
     /// Waits up to `timeout` for the writer to stop; returns whether it did.
     pub fn wait(&self, timeout: std::time::Duration) -> bool {
         let (lock, cvar) = &*self.0;
@@ -222,7 +233,13 @@ impl DiskEngine {
         let wal = crate::wal::Wal::open(&dir.join("wal"), crate::wal::WalConfig::default())?;
         let db = Arc::new(db);
         let stats = Arc::new(EngineStats::default());
-        let (jobs, closed) = writer::start(db.clone(), hlc, value_bytes_max, stats.clone())?;
+        let (jobs, closed) = writer::start(
+            db.clone(),
+            hlc,
+            value_bytes_max,
+            stats.clone(),
+            wal.closed(),
+        )?;
         start_writeback(&path, closed.clone(), stats.clone());
         Ok(DiskEngine {
             db,

@@ -210,6 +210,40 @@ impl DiskTable {
             .flatten())
     }
 
+    /// `keys`' live values, read from one snapshot (one read transaction: a linearizable GET's
+    /// whole storage cost), or the cross-shard transaction that holds a write lock on one of
+    /// them in that snapshot (the read then waits: `txn.rs`).
+    pub fn get_unless_locked(
+        &self,
+        keys: &[Bytes],
+        now_ms: u64,
+    ) -> Result<std::result::Result<Vec<Option<Value>>, capdb_types::txn::TxnId>> {
+        let txn = self.engine.db.begin_read().map_err(io_err)?;
+        match txn.open_table(table_def(&crate::layout::element_table(&self.table))) {
+            Ok(el) => {
+                if let Some(holder) = super::txn::read_blocker(&el, keys)? {
+                    return Ok(Err(holder));
+                }
+            }
+            Err(TableError::TableDoesNotExist(_)) => {}
+            Err(e) => return Err(io_err(e)),
+        }
+        let t = match txn.open_table(table_def(&self.table)) {
+            Ok(t) => t,
+            Err(TableError::TableDoesNotExist(_)) => return Ok(Ok(vec![None; keys.len()])),
+            Err(e) => return Err(io_err(e)),
+        };
+        let mut out = Vec::with_capacity(keys.len());
+        for k in keys {
+            let v = match t.get(&k[..]).map_err(io_err)? {
+                Some(raw) => Some(self.decode(raw.value())?),
+                None => None,
+            };
+            out.push(v.filter(|v| v.is_live(now_ms)));
+        }
+        Ok(Ok(out))
+    }
+
     /// The cross-shard transactions prepared on this shard and not decided yet (a
     /// linearizable scan waits for those prepared before it: `txn.rs`).
     pub fn prepared_txns(&self) -> Result<Vec<capdb_types::txn::TxnId>> {

@@ -35,9 +35,10 @@ pub(super) fn start(
     hlc: Arc<Hlc>,
     value_bytes_max: usize,
     stats: Arc<EngineStats>,
+    wal_closed: Closed,
 ) -> Result<(mpsc::Sender<Job>, Closed)> {
     let (tx, rx) = mpsc::channel(WRITE_QUEUE_JOBS_MAX);
-    let closed = Closed(Arc::default());
+    let closed = Closed::new();
     let writer_closed = closed.clone();
     std::thread::Builder::new()
         .name("capdb-writer".into())
@@ -45,9 +46,10 @@ pub(super) fn start(
             writer_loop(&db, rx, &hlc, value_bytes_max, &stats);
             // Dropping the last handle closes the file cleanly.
             drop(db);
-            let (lock, cvar) = &*writer_closed.0;
-            *lock.lock().unwrap_or_else(|p| p.into_inner()) = true;
-            cvar.notify_all();
+            // The engine is closed once its write-ahead log is too (it stops with the same
+            // handles; its files must not be touched by a thread of this engine after).
+            wal_closed.wait(std::time::Duration::from_secs(30));
+            writer_closed.set();
         })
         .map_err(|e| Error::Io(format!("cannot start writer thread: {e}")))?;
     Ok((tx, closed))

@@ -305,6 +305,7 @@ pub struct Wal {
     shared: Arc<Shared>,
     jobs: mpsc::Sender<Job>,
     dir: PathBuf,
+    closed: crate::disk::Closed,
 }
 
 impl Wal {
@@ -320,18 +321,27 @@ impl Wal {
             stats: WalStats::default(),
             pinned_hook: std::sync::OnceLock::new(),
         });
+        let closed = crate::disk::Closed::new();
         let jobs = writer::start(
             dir.to_path_buf(),
             config,
             shared.clone(),
             recovered.next_generation,
             recovered.next_seq,
+            closed.clone(),
         )?;
         Ok(Wal {
             shared,
             jobs,
             dir: dir.to_path_buf(),
+            closed,
         })
+    }
+
+    /// Signals when the writer (and any segment file it was creating) has stopped, after every
+    /// handle was dropped.
+    pub fn closed(&self) -> crate::disk::Closed {
+        self.closed.clone()
     }
 
     pub fn stats(&self) -> &WalStats {

@@ -23,6 +23,14 @@ async fn append(wal: &Wal, group: u64, from: u64, to: u64, len: usize) {
     wal.append_durable(group, records).await.expect("append");
 }
 
+/// Drops the log and waits until its threads are done with the files (a new log on the same
+/// directory must not race them).
+fn close(wal: Wal) {
+    let closed = wal.closed();
+    drop(wal);
+    assert!(closed.wait(std::time::Duration::from_secs(10)));
+}
+
 fn indexes(wal: &Wal, group: u64) -> Vec<u64> {
     wal.read(group, 0, u64::MAX)
         .expect("read")
@@ -54,7 +62,7 @@ async fn appended_entries_read_back_in_order_and_survive_a_restart() {
     assert_eq!(wal.read(1, 3, 5).expect("read").len(), 2);
     assert_eq!(wal.bounds(2), Some((5, 7, true)));
     assert_eq!(wal.last(2).expect("last").map(|(i, _)| i), Some(7));
-    drop(wal);
+    close(wal);
 
     let wal = Wal::open(dir.path(), SMALL).expect("reopen");
     assert_eq!(indexes(&wal, 1), (1..=10).collect::<Vec<_>>());
@@ -62,7 +70,7 @@ async fn appended_entries_read_back_in_order_and_survive_a_restart() {
     assert_eq!(wal.groups(), vec![1, 2]);
     // And it keeps writing after a restart.
     append(&wal, 1, 11, 11, 50).await;
-    drop(wal);
+    close(wal);
     let wal = Wal::open(dir.path(), SMALL).expect("reopen");
     assert_eq!(indexes(&wal, 1), (1..=11).collect::<Vec<_>>());
 }
@@ -80,12 +88,12 @@ async fn an_append_replaces_the_later_entries_and_a_truncate_drops_them_durably(
     wal.truncate(2, 0)
         .await
         .expect("truncate of a group with nothing");
-    drop(wal);
+    close(wal);
     let wal = Wal::open(dir.path(), SMALL).expect("reopen");
     assert_eq!(indexes(&wal, 1), vec![1, 2, 3]);
     wal.truncate(1, 0).await.expect("drop the group");
     assert!(wal.groups().is_empty());
-    drop(wal);
+    close(wal);
     let wal = Wal::open(dir.path(), SMALL).expect("reopen");
     assert!(wal.groups().is_empty(), "a dropped group stays dropped");
 }
@@ -107,7 +115,7 @@ async fn purged_segments_are_reused_so_the_files_stay_bounded() {
         segment_files(dir.path())
     );
     assert!(wal.stats().segments_created.load(Ordering::Relaxed) <= 4);
-    drop(wal);
+    close(wal);
     let wal = Wal::open(dir.path(), SMALL).expect("reopen");
     // Replay may bring back purged entries still in a segment not reused yet; the caller
     // purges to its durable watermark at start.
@@ -133,7 +141,7 @@ async fn an_idle_groups_few_entries_are_moved_forward_instead_of_pinning_a_segme
         segment_files(dir.path())
     );
     assert_eq!(indexes(&wal, 7), vec![1, 2, 3, 4, 5]);
-    drop(wal);
+    close(wal);
     let wal = Wal::open(dir.path(), SMALL).expect("reopen");
     assert_eq!(indexes(&wal, 7), vec![1, 2, 3, 4, 5]);
     wal.purge(1, 5_800);
@@ -157,7 +165,7 @@ async fn a_torn_last_batch_loses_only_that_batch_whatever_byte_the_crash_stopped
     append(&wal, 1, 1, 3, 30).await;
     append(&wal, 1, 4, 4, 30).await;
     let (file, start, end) = last_frame(&wal, 1);
-    drop(wal);
+    close(wal);
     let mut original = vec![0u8; (end - start) as usize];
     file.read_exact_at(&mut original, start).expect("read");
     for cut in start..=end {
@@ -172,7 +180,7 @@ async fn a_torn_last_batch_loses_only_that_batch_whatever_byte_the_crash_stopped
             vec![1, 2, 3]
         };
         assert_eq!(indexes(&wal, 1), want, "cut at {cut} of [{start}, {end})");
-        drop(wal);
+        close(wal);
         // Put the log back as it was for the next cut (reopening writes elsewhere).
         file.write_all_at(&original, start).expect("restore");
     }
@@ -185,7 +193,7 @@ async fn damage_to_an_acknowledged_frame_refuses_to_open() {
     append(&wal, 1, 1, 1, 30).await;
     let (file, start, _) = last_frame(&wal, 1);
     append(&wal, 1, 2, 2, 30).await;
-    drop(wal);
+    close(wal);
     let mut b = [0u8; 1];
     let at = start + format::FRAME_HEADER_BYTES as u64 + 30;
     file.read_exact_at(&mut b, at).expect("read");
@@ -222,7 +230,7 @@ async fn a_value_that_looks_like_a_frame_is_never_read_as_one() {
     wal.append_durable(1, vec![(1, fake.clone())])
         .await
         .expect("append");
-    drop(wal);
+    close(wal);
     let wal = Wal::open(dir.path(), SMALL).expect("reopen");
     assert_eq!(wal.read(1, 0, 10).expect("read"), vec![(1, fake)]);
 }

@@ -42,6 +42,7 @@ pub(super) fn start(
     shared: Arc<Shared>,
     next_generation: u64,
     next_seq: u64,
+    closed: crate::disk::Closed,
 ) -> Result<mpsc::Sender<Job>> {
     let (tx, rx) = mpsc::channel(WAL_QUEUE_JOBS_MAX);
     let writer = Writer {
@@ -59,7 +60,10 @@ pub(super) fn start(
     };
     std::thread::Builder::new()
         .name("capdb-wal".into())
-        .spawn(move || writer.run(rx))
+        .spawn(move || {
+            writer.run(rx);
+            closed.set();
+        })
         .map_err(|e| Error::Io(format!("cannot start the write-ahead log writer: {e}")))?;
     Ok(tx)
 }
@@ -143,6 +147,11 @@ impl Writer {
             for job in batch.drain(..) {
                 job.finish(result.clone());
             }
+        }
+        // A segment file still being created must be finished before this log counts as
+        // closed (a new log on the same directory would race it).
+        if let Some((_, _, spare)) = self.spare.take() {
+            let _ = spare.recv();
         }
         tracing::debug!("write-ahead log writer stopped: every handle dropped");
     }
