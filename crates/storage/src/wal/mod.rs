@@ -390,42 +390,38 @@ impl Wal {
 
     /// Appends and waits until durable.
     pub async fn append_durable(&self, group: u64, records: Vec<(u64, Vec<u8>)>) -> Result<()> {
-        let (tx, rx) = oneshot::channel();
-        self.append(group, records, move |r| {
-            let _ = tx.send(r);
+        debug_assert!(
+            records.windows(2).all(|w| w[1].0 == w[0].0 + 1),
+            "appends are consecutive"
+        );
+        self.queue_and_wait(|done| Job::Append {
+            group,
+            records,
+            done,
         })
-        .await?;
-        rx.await
-            .map_err(|_| Error::Io("write-ahead log writer stopped".into()))?
+        .await
     }
 
     /// Drops `group`'s entries from `from` on (0: every entry, e.g. when the group leaves the
     /// node) and waits until that is durable.
     pub async fn truncate(&self, group: u64, from: u64) -> Result<()> {
-        let (tx, rx) = oneshot::channel();
-        self.jobs
-            .send(Job::Truncate {
-                group,
-                from,
-                done: Done::new(move |r| {
-                    let _ = tx.send(r);
-                }),
-            })
+        self.queue_and_wait(|done| Job::Truncate { group, from, done })
             .await
-            .map_err(|_| Error::ShuttingDown)?;
-        rx.await
-            .map_err(|_| Error::Io("write-ahead log writer stopped".into()))?
     }
 
     /// Waits until every job queued before this call is durable.
     pub async fn barrier(&self) -> Result<()> {
+        self.queue_and_wait(|done| Job::Barrier { done }).await
+    }
+
+    /// Queues the job `make` builds around its completion and waits for its outcome.
+    async fn queue_and_wait(&self, make: impl FnOnce(Done) -> Job) -> Result<()> {
         let (tx, rx) = oneshot::channel();
+        let done = Done::new(move |r| {
+            let _ = tx.send(r);
+        });
         self.jobs
-            .send(Job::Barrier {
-                done: Done::new(move |r| {
-                    let _ = tx.send(r);
-                }),
-            })
+            .send(make(done))
             .await
             .map_err(|_| Error::ShuttingDown)?;
         rx.await
