@@ -125,9 +125,14 @@ pub fn decode_record(b: &[u8]) -> Result<(RecordRef<'_>, usize)> {
         return Err(bad("shorter than its header"));
     }
     let kind = Kind::from_u8(b[0]).ok_or_else(|| bad("unknown kind"))?;
-    let len = u32::from_le_bytes(b[4..8].try_into().expect("4 bytes")) as usize;
-    let group = u64::from_le_bytes(b[8..16].try_into().expect("8 bytes"));
-    let index = u64::from_le_bytes(b[16..24].try_into().expect("8 bytes"));
+    // The header is at least RECORD_HEADER_BYTES long (checked above).
+    let len = u32::from_le_bytes([b[4], b[5], b[6], b[7]]) as usize;
+    let u64_at = |i: usize| {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&b[i..i + 8]);
+        u64::from_le_bytes(w)
+    };
+    let (group, index) = (u64_at(8), u64_at(16));
     let end = RECORD_HEADER_BYTES
         .checked_add(len)
         .filter(|&e| e <= b.len())

@@ -109,7 +109,9 @@ pub(super) fn recover(dir: &Path) -> Result<Recovered> {
     let mut ends: Vec<(u32, u64)> = Vec::with_capacity(order.len());
     for &slot in &order {
         let s = &slots[slot as usize];
-        let header = s.header.expect("ordered slots have headers");
+        let Some(header) = s.header else {
+            continue; // only slots with a header are ordered
+        };
         let mut off = SEGMENT_HEADER_BYTES;
         while let Some((fh_seq, body, len)) = read_frame(s, header, off)? {
             if let Some(expected) = expected_seq
@@ -132,7 +134,9 @@ pub(super) fn recover(dir: &Path) -> Result<Recovered> {
     // frame was torn). Earlier segments ending early show as a sequence gap above.
     for &(slot, end) in ends.iter().rev().take(2) {
         let s = &slots[slot as usize];
-        let header = s.header.expect("has header");
+        let Some(header) = s.header else {
+            continue;
+        };
         if let Some(at) = find_frame_after(s, header, end)? {
             return Err(Error::Corruption(format!(
                 "write-ahead log: segment {} has a damaged frame at {end} followed by a valid one at {at}; acknowledged records are damaged",

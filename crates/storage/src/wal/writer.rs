@@ -216,8 +216,7 @@ impl Writer {
             });
         }
         let need = format::frame_len(self.body.len());
-        let moves = self.make_room(need)?;
-        let mut cur = self.current.expect("make_room sets the current segment");
+        let (mut cur, moves) = self.make_room(need)?;
 
         // Copied records go first in the same frame (one checksum for all of it, so a torn
         // write can never keep the batch and lose the copies).
@@ -320,11 +319,11 @@ impl Writer {
     /// not (waiting while the log is full); after starting one, returns the live records of the
     /// oldest segment to copy forward when they are few (so an idle group does not pin that
     /// file), to go first in the frame.
-    fn make_room(&mut self, need: u64) -> Result<Vec<Move>> {
+    fn make_room(&mut self, need: u64) -> Result<(Current, Vec<Move>)> {
         if let Some(cur) = self.current {
             let bytes = self.shared.read_state().slots[cur.slot as usize].bytes;
             if cur.off + need <= bytes {
-                return Ok(Vec::new());
+                return Ok((cur, Vec::new()));
             }
         }
         let current_slot = self.current.map(|c| c.slot);
@@ -442,14 +441,15 @@ impl Writer {
             st.slots[slot as usize].header = Some(header);
             st.used.push_back(slot);
         }
-        self.current = Some(Current {
+        let cur = Current {
             slot,
             header,
             off: SEGMENT_HEADER_BYTES,
             fresh: true,
-        });
+        };
+        self.current = Some(cur);
         self.prepare_spare();
-        Ok(moves)
+        Ok((cur, moves))
     }
 
     /// Starts creating the next segment file in the background when no free one is left (and
