@@ -198,6 +198,70 @@ fn pipelines_keep_order_and_errors_in_place() {
     assert_eq!(c.get::<_, i64>("p499").unwrap(), 500);
 }
 
+/// A pipeline's GETs of a `cp` keyspace are read together (one barrier, one storage read per
+/// shard); each must still answer as if it ran alone, in order, around the writes between them.
+#[test]
+fn gathered_gets_answer_each_in_order_around_writes() {
+    let s = Server::start();
+    let mut c = s.client();
+    let mut p = redis::pipe();
+    p.cmd("GET").arg("g-a");
+    p.cmd("SET").arg("g-a").arg("1");
+    p.cmd("GET").arg("g-a");
+    p.cmd("RPUSH").arg("g-list").arg("x");
+    p.cmd("GET").arg("g-list");
+    p.cmd("GET").arg("g-missing");
+    p.cmd("INCR").arg("g-a");
+    p.cmd("GET").arg("g-a");
+    // More GETs than one gather holds, over keys of every shard, each after its own SET.
+    for i in 0..150 {
+        p.cmd("SET").arg(format!("g{i}")).arg(i);
+    }
+    for i in 0..150 {
+        p.cmd("GET").arg(format!("g{i}"));
+    }
+    p.cmd("DEL").arg("g7");
+    p.cmd("GET").arg("g7");
+    let results: Vec<RedisResult<Value>> = p.ignore_errors().query(&mut c).unwrap();
+    let bulk = |v: &str| Value::BulkString(v.as_bytes().to_vec());
+    assert_eq!(results[0].as_ref().unwrap(), &Value::Nil);
+    assert_eq!(results[1].as_ref().unwrap(), &Value::Okay);
+    assert_eq!(results[2].as_ref().unwrap(), &bulk("1"));
+    assert_eq!(results[3].as_ref().unwrap(), &Value::Int(1));
+    let wrong = results[4].as_ref().unwrap_err().to_string();
+    assert!(wrong.contains("WRONGTYPE"), "{wrong}");
+    assert_eq!(results[5].as_ref().unwrap(), &Value::Nil);
+    assert_eq!(results[6].as_ref().unwrap(), &Value::Int(2));
+    assert_eq!(results[7].as_ref().unwrap(), &bulk("2"));
+    for i in 0..150 {
+        assert_eq!(results[8 + i].as_ref().unwrap(), &Value::Okay);
+        assert_eq!(results[158 + i].as_ref().unwrap(), &bulk(&i.to_string()));
+    }
+    assert_eq!(results[308].as_ref().unwrap(), &Value::Int(1));
+    assert_eq!(results[309].as_ref().unwrap(), &Value::Nil);
+    assert_eq!(results.len(), 310);
+    // A gathered GET after a keyspace switch reads the keyspace selected when it was sent.
+    common::http(
+        s.http,
+        "POST",
+        "/v1/keyspaces",
+        &[("content-type", "application/json")],
+        Some(br#"{"name":"9","mode":"cache"}"#),
+    )
+    .unwrap();
+    let mut p = redis::pipe();
+    p.cmd("GET").arg("g-a");
+    p.cmd("SELECT").arg(9);
+    p.cmd("GET").arg("g-a");
+    p.cmd("SELECT").arg(0);
+    p.cmd("GET").arg("g-a");
+    let results: Vec<Value> = p.query(&mut c).unwrap();
+    assert_eq!(
+        results,
+        vec![bulk("2"), Value::Okay, Value::Nil, Value::Okay, bulk("2")]
+    );
+}
+
 #[test]
 fn keyspaces_are_selected_by_name_or_number_and_isolated() {
     let s = Server::start();

@@ -480,16 +480,34 @@ impl Keyspace {
         }
     }
 
-    /// The live values of `keys`, in order.
+    /// The live values of `keys`, in order; fails whole when the read of any key failed.
     pub async fn get_many(
         &self,
         keys: &[Bytes],
         now_ms: u64,
         c: Consistency,
     ) -> Result<Vec<Option<Value>>> {
-        self.check_live()?;
+        self.get_each(keys, now_ms, c).await.into_iter().collect()
+    }
+
+    /// The live value of each of `keys`, in order, each with its own outcome: the keys of a
+    /// shard that could not be read carry that shard's error, the others their values (the
+    /// reads of a pipeline of GETs, gathered into one call, each answer as if run alone).
+    pub async fn get_each(
+        &self,
+        keys: &[Bytes],
+        now_ms: u64,
+        c: Consistency,
+    ) -> Vec<Result<Option<Value>>> {
+        let whole = |r: Result<Vec<Option<Value>>>| match r {
+            Ok(values) => values.into_iter().map(Ok).collect(),
+            Err(e) => keys.iter().map(|_| Err(e.clone())).collect(),
+        };
+        if let Err(e) = self.check_live() {
+            return whole(Err(e));
+        }
         match &self.store {
-            Store::Ap { ap, .. } => ap.get_many(self.name(), keys, c.ap_read, now_ms).await,
+            Store::Ap { ap, .. } => whole(ap.get_many(self.name(), keys, c.ap_read, now_ms).await),
             Store::Cache(m) => keys.iter().map(|k| m.get(k, now_ms)).collect(),
             Store::Cp { entry, groups, .. } => {
                 // One request per shard, in parallel; answers put back in key order.
@@ -498,8 +516,7 @@ impl Keyspace {
                     (idx, groups.read(group, keys, c.cp_read, now_ms).await)
                 });
                 let answers = futures::future::join_all(calls).await;
-                // A read fails whole when any shard failed.
-                reassemble(keys.len(), answers).into_iter().collect()
+                reassemble(keys.len(), answers)
             }
         }
     }

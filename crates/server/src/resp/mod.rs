@@ -9,7 +9,16 @@
 //!                                handler); replies go to ReplyWriter (reply.rs)
 //!   -> consecutive writes to one keyspace are gathered into one Keyspace::apply call (one group
 //!      commit for a whole pipeline), then every reply is written in order and flushed once
+//!   -> consecutive GETs of a replicated keyspace are gathered the same way into one
+//!      Keyspace::get_each call (one read barrier and one storage read per shard for a whole
+//!      pipeline, instead of one each)
 //! ```
+//!
+//! Gathering never changes an answer: the gathered commands of a connection run in its order
+//! (a write or any other command first runs every gathered command before it), each gets its
+//! own reply or error, and a gathered read is served at one point after every GET of the
+//! gather was received and before any was answered, which is within each one's interval (so
+//! still linearizable).
 //!
 //! # Rooms
 //!
@@ -27,7 +36,8 @@
 //! - A command may not exceed `frame_bytes_max` (checked on the declared length, before
 //!   buffering); anything else malformed is a protocol error that closes that connection only.
 //! - At most `pipeline_depth_max` commands run per read before replies are written, and replies
-//!   are written whenever [`OUTPUT_FLUSH_BYTES`] accumulate; the server does not read more from a
+//!   are written whenever [`OUTPUT_FLUSH_BYTES`] accumulate (GETs gathered into one read, at
+//!   most [`GATHERED_GETS_MAX`], count as one); the server does not read more from a
 //!   client until its replies are written, so a client that never reads is held by TCP
 //!   backpressure, not by server memory.
 
@@ -56,6 +66,10 @@ pub use commands::{COMMAND_NAMES, all_command_names};
 
 /// Replies are written to the socket once this many bytes are buffered, even mid-pipeline.
 pub const OUTPUT_FLUSH_BYTES: usize = 64 * 1024;
+
+/// Most GETs gathered into one read: the values of a gathered read are all in memory at once
+/// (up to this many times the value size limit), where GETs run one by one hold one.
+pub const GATHERED_GETS_MAX: usize = 64;
 
 /// Most entries a write batch's vectors are allocated for up front (see `last_batch`).
 const BATCH_HINT_MAX: usize = 1024;
@@ -159,6 +173,13 @@ struct PendingWrites {
     commands: Vec<PendingCommand>,
 }
 
+/// GETs gathered for one read: consecutive GETs of one connection to one replicated keyspace.
+struct PendingReads {
+    keyspace: Arc<Keyspace>,
+    /// Each GET's key and when its command was read, in order.
+    gets: Vec<(Bytes, Instant)>,
+}
+
 /// How the replies of a queued command's mutations become its RESP reply.
 #[derive(Debug, Clone, Copy)]
 enum Shape {
@@ -202,6 +223,8 @@ pub(crate) struct Connection {
     authenticated: bool,
     out: ReplyWriter,
     pending: Option<PendingWrites>,
+    /// Gathered GETs; never at the same time as `pending` (each flushes the other first).
+    pending_reads: Option<PendingReads>,
     /// Sizes of the last flushed batch (mutations, commands): the next batch's vectors start
     /// at that capacity instead of growing one reallocation at a time through a pipeline.
     /// Capped at [`BATCH_HINT_MAX`] (one MSET of a million keys must not make every later
@@ -296,6 +319,7 @@ impl Connection {
             lib_name: None,
             out: ReplyWriter::new(),
             pending: None,
+            pending_reads: None,
             last_batch: (0, 0),
             quit: false,
             batch_started: Instant::now(),
@@ -483,8 +507,16 @@ impl Connection {
         commands::execute(self, name, args, started).await;
     }
 
-    /// Applies gathered writes in one call and writes their replies, in order.
+    /// Runs the gathered commands (writes in one apply, or GETs in one read) and writes their
+    /// replies, in order.
     async fn flush_pending(&mut self) {
+        if let Some(r) = self.pending_reads.take() {
+            debug_assert!(
+                self.pending.is_none(),
+                "reads and writes are never gathered together"
+            );
+            return self.flush_reads(r).await;
+        }
         let Some(p) = self.pending.take() else {
             return;
         };
@@ -517,6 +549,57 @@ impl Connection {
             self.node.pubsub.publish_events(&self.node, name, events);
         }
         self.wake_blocked(&keyspace, written);
+    }
+
+    /// Gathers a GET of a replicated keyspace behind the GETs gathered before it (writes
+    /// gathered before it run first).
+    async fn queue_get(&mut self, key: Bytes, started: Instant) {
+        let same = self
+            .pending_reads
+            .as_ref()
+            .is_some_and(|r| Arc::ptr_eq(&r.keyspace, &self.keyspace));
+        if !same {
+            self.flush_pending().await;
+        }
+        if self
+            .pending_reads
+            .as_ref()
+            .is_some_and(|r| r.gets.len() >= GATHERED_GETS_MAX)
+        {
+            self.flush_pending().await;
+        }
+        self.pending_reads
+            .get_or_insert_with(|| PendingReads {
+                keyspace: self.keyspace.clone(),
+                gets: Vec::with_capacity(16),
+            })
+            .gets
+            .push((key, started));
+    }
+
+    /// Reads the gathered GETs' keys in one call and writes each GET's reply, in order.
+    async fn flush_reads(&mut self, r: PendingReads) {
+        let keys: Vec<Bytes> = r.gets.iter().map(|(k, _)| k.clone()).collect();
+        let values = r
+            .keyspace
+            .get_each(&keys, self.now_ms, self.consistency)
+            .await;
+        debug_assert_eq!(values.len(), r.gets.len());
+        for ((_, started), value) in r.gets.into_iter().zip(values) {
+            match value {
+                Ok(Some(v)) if v.is_string() => self.out.bulk(&v.data),
+                Ok(Some(_)) => {
+                    self.fail("get", started, &error_line(&Error::WrongType));
+                    continue;
+                }
+                Ok(None) => self.out.null(),
+                Err(e) => {
+                    self.fail("get", started, &error_line(&e));
+                    continue;
+                }
+            }
+            self.done("get", started, false);
+        }
     }
 
     /// Wakes clients blocked on `written` keys of `keyspace`, here and on other nodes.
@@ -560,6 +643,9 @@ impl Connection {
         started: Instant,
     ) {
         let mutations = mutations.into_iter();
+        if self.pending_reads.is_some() {
+            self.flush_pending().await;
+        }
         if let Err(e) = self.keyspace.check_live() {
             self.flush_pending().await;
             return self.fail(name, started, &error_line(&e));

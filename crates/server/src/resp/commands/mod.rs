@@ -365,6 +365,10 @@ pub(super) async fn execute(conn: &mut Connection, name: &str, args: Vec<Bytes>,
             conn.flush_pending().await;
             run(conn, args).await
         }
+        // A pipeline's GETs of a replicated keyspace are read together (see `resp/mod.rs`).
+        Handler::Read { .. } if cmd.name == "get" && !conn.keyspace.is_local() => {
+            return conn.queue_get(args[1].clone(), started).await;
+        }
         Handler::Read { local, remote } => {
             conn.flush_pending().await;
             if conn.keyspace.is_local() {
