@@ -300,6 +300,8 @@ impl Groups {
         if mode == ReadMode::Linearizable {
             self.read_barrier(group, &g, deadline).await?;
         }
+        // Applies are answered before the storage commits them: wait here, not in the read.
+        self.engine.visible().await.map_err(ForwardError::Db)?;
         Ok(self.engine.table(&shard_table(group), false))
     }
 

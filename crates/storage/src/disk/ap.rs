@@ -37,7 +37,7 @@ use std::sync::atomic::Ordering;
 use bytes::Bytes;
 use capdb_types::composite::{Composite, Conflicts, Element, Entry, expired_before, is_composite};
 use capdb_types::{Result, Timestamp, Value};
-use redb::{ReadableDatabase, ReadableTable, TableError};
+use redb::{ReadableTable, TableError};
 use serde::{Deserialize, Serialize};
 
 use super::ops::{Exec, Output};
@@ -615,7 +615,7 @@ impl DiskTable {
             Option<&redb::ReadOnlyTable<&'static [u8], &'static [u8]>>,
         ) -> Result<T>,
     ) -> Result<T> {
-        let txn = self.engine.db.begin_read().map_err(io_err)?;
+        let txn = self.engine.begin_read()?;
         let open = |name: &str| match txn.open_table(table_def(name)) {
             Ok(t) => Ok(Some(t)),
             Err(TableError::TableDoesNotExist(_)) => Ok(None),

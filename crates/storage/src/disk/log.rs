@@ -4,7 +4,7 @@
 //! `replicated.rs`.
 
 use capdb_types::Result;
-use redb::{ReadableDatabase, ReadableTable, TableError};
+use redb::{ReadableTable, TableError};
 
 use super::ops::{Op, Output};
 use super::{DiskEngine, io_err, log_def, writer};
@@ -43,7 +43,7 @@ impl DiskEngine {
 
     /// Log records with index in `from..to`, in order.
     pub fn log_read(&self, table: &str, from: u64, to: u64) -> Result<Vec<(u64, Vec<u8>)>> {
-        let txn = self.db.begin_read().map_err(io_err)?;
+        let txn = self.begin_read()?;
         let t = match txn.open_table(log_def(table)) {
             Ok(t) => t,
             Err(TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
@@ -59,7 +59,7 @@ impl DiskEngine {
 
     /// The first record of a log table.
     pub fn log_first(&self, table: &str) -> Result<Option<(u64, Vec<u8>)>> {
-        let txn = self.db.begin_read().map_err(io_err)?;
+        let txn = self.begin_read()?;
         let t = match txn.open_table(log_def(table)) {
             Ok(t) => t,
             Err(TableError::TableDoesNotExist(_)) => return Ok(None),
@@ -71,7 +71,7 @@ impl DiskEngine {
 
     /// The last record of a log table.
     pub fn log_last(&self, table: &str) -> Result<Option<(u64, Vec<u8>)>> {
-        let txn = self.db.begin_read().map_err(io_err)?;
+        let txn = self.begin_read()?;
         let t = match txn.open_table(log_def(table)) {
             Ok(t) => t,
             Err(TableError::TableDoesNotExist(_)) => return Ok(None),

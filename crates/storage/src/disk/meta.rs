@@ -1,7 +1,7 @@
 //! The `_meta` table: small per-node and per-group records (see [`crate::layout`]).
 
 use capdb_types::Result;
-use redb::{ReadableDatabase, ReadableTable};
+use redb::ReadableTable;
 
 use super::ops::Op;
 use super::{DiskEngine, META_TABLE, io_err};
@@ -12,7 +12,7 @@ pub type MetaItem = (String, Option<Vec<u8>>);
 impl DiskEngine {
     /// Every `(key, value)` of the meta table whose key starts with `prefix`.
     pub fn meta_list(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
-        let txn = self.db.begin_read().map_err(io_err)?;
+        let txn = self.begin_read()?;
         let table = txn.open_table(META_TABLE).map_err(io_err)?;
         let mut out = Vec::new();
         for entry in table.range(prefix..).map_err(io_err)? {
@@ -38,7 +38,7 @@ impl DiskEngine {
 
     /// One `_meta` entry.
     pub fn meta_get(&self, key: &str) -> Result<Option<Vec<u8>>> {
-        let txn = self.db.begin_read().map_err(io_err)?;
+        let txn = self.begin_read()?;
         let table = txn.open_table(META_TABLE).map_err(io_err)?;
         Ok(table.get(key).map_err(io_err)?.map(|v| v.value().to_vec()))
     }

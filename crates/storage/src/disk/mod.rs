@@ -19,21 +19,30 @@
 //! `Durability::Immediate` (one fsync for the whole batch) and only then answers every job. While
 //! one batch is being fsync'd the next one queues up, so throughput grows with concurrency
 //! instead of being capped at one write per fsync. Read-modify-write commands (INCR, APPEND,
-//! SET NX) run inside the writer, so they are atomic without locks. A batch made only of jobs
-//! that need no fsync (replicated applies, which the durable Raft log can redo, and `_meta` puts
-//! not asked to be durable) commits without one, unless [`CHECKPOINT_INTERVAL`] has passed since
-//! the last durable commit: then it is the checkpoint (a crash rolls the state machines back to
-//! the last durable commit, and their logs replay the rest; redb reuses freed pages only after a
-//! durable commit).
+//! SET NX) run inside the writer, so they are atomic without locks.
+//!
+//! Jobs that need no fsync (replicated applies, which the durable Raft log can redo, and
+//! `_meta` puts not asked to be durable) are answered as soon as they have run, before any
+//! commit: the writer keeps its transaction open across batches of them and commits it when a
+//! reader needs it, when a job needing an fsync arrives, or after [`COMMIT_WINDOW`] (or
+//! [`UNCOMMITTED_JOBS_MAX`] jobs, [`UNCOMMITTED_BYTES_MAX`] bytes), whichever comes first
+//! (`visible.rs` says why and how readers see them). Those commits are not synced, unless
+//! [`CHECKPOINT_INTERVAL`] has passed since the last durable commit: then it is the checkpoint (a
+//! crash rolls the state machines back to the last durable commit, and their logs replay the
+//! rest; redb reuses freed pages only after a durable commit). A batch holding a job that needs
+//! an fsync runs in a transaction of its own and is answered after its durable commit.
 //!
 //! A storage error fails the whole batch (the transaction is aborted, nothing of it is applied,
-//! every caller gets [`Error::Io`]); a semantic error (INCR of a non-integer) fails its mutation
+//! every caller gets [`Error::Io`]); if that transaction also held jobs already answered, those
+//! are lost with it, so the engine stops serving until the node restarts and its Raft logs
+//! replay them (`visible.rs`). A semantic error (INCR of a non-integer) fails its mutation
 //! only, and a job whose keyspace table was dropped after it was queued fails alone.
 //!
 //! # Read path
 //!
 //! Reads open a redb read transaction (an MVCC snapshot of the last commit) on the caller's
-//! thread; they never wait for the writer and only ever see committed, fsync'd data.
+//! thread. They never wait for the writer, except for the commit of writes answered before
+//! the read began (`visible.rs`).
 //!
 //! # Integrity
 //!
@@ -58,6 +67,7 @@
 //!
 //! - `mod.rs`: the handles ([`DiskEngine`], [`DiskTable`]), opening the file, table lifecycle.
 //! - `writer.rs`: the writer thread, the job queue, batching and the commit.
+//! - `visible.rs`: how readers see writes answered before their commit.
 //! - `ops.rs`: the ops a job carries, what each answers, and how each runs in the transaction.
 //! - `mutation.rs`: one client mutation under the writer (also for replicated applies).
 //! - `table.rs`: [`DiskTable`]'s reads, scans and `ap` operations.
@@ -76,6 +86,7 @@ mod space;
 mod table;
 mod touched;
 mod txn;
+mod visible;
 mod writer;
 
 use std::path::{Path, PathBuf};
@@ -93,8 +104,12 @@ pub use replicated::{Queued, RememberReplies, TableDump};
 pub use table::SCAN_EXAMINE_MAX;
 pub use touched::{TOUCHED_MAX, WatchGuard, horizon_row};
 pub use txn::{GC_STEP_MAX, OpenTxns, Orphan, RECORD_RETAIN_MS, RememberAnswer, TxnAnswer, TxnJob};
+pub use visible::VISIBLE_WAIT_MAX;
 use writer::Job;
-pub use writer::{BATCH_BYTES_MAX, BATCH_JOBS_MAX, CHECKPOINT_INTERVAL, WRITE_QUEUE_JOBS_MAX};
+pub use writer::{
+    BATCH_BYTES_MAX, BATCH_JOBS_MAX, CHECKPOINT_INTERVAL, COMMIT_WINDOW, UNCOMMITTED_BYTES_MAX,
+    UNCOMMITTED_JOBS_MAX, WRITE_QUEUE_JOBS_MAX,
+};
 
 const META_TABLE: TableDefinition<&str, &[u8]> = TableDefinition::new(crate::layout::META_TABLE);
 
@@ -122,7 +137,7 @@ pub struct EngineStats {
     pub commits: AtomicU64,
     /// Of which durable (each is one fsync): asked for, or a checkpoint ([`CHECKPOINT_INTERVAL`]).
     pub durable_commits: AtomicU64,
-    /// Jobs acknowledged by those commits.
+    /// Jobs those commits held.
     pub jobs: AtomicU64,
     /// Total time spent applying and committing batches (microseconds).
     pub commit_micros: AtomicU64,
@@ -176,6 +191,8 @@ pub struct DiskEngine {
     stats: Arc<EngineStats>,
     closed: Closed,
     value_bytes_max: usize,
+    /// What readers can see of what the writer answered (`visible.rs`).
+    visible: Arc<visible::Visibility>,
 }
 
 /// Signals when the writer thread has stopped and released its handle on the database. The file
@@ -233,11 +250,13 @@ impl DiskEngine {
         let wal = crate::wal::Wal::open(&dir.join("wal"), crate::wal::WalConfig::default())?;
         let db = Arc::new(db);
         let stats = Arc::new(EngineStats::default());
+        let visible = Arc::new(visible::Visibility::default());
         let (jobs, closed) = writer::start(
             db.clone(),
             hlc,
             value_bytes_max,
             stats.clone(),
+            visible.clone(),
             wal.closed(),
         )?;
         start_writeback(&path, closed.clone(), stats.clone());
@@ -249,7 +268,21 @@ impl DiskEngine {
             stats,
             closed,
             value_bytes_max,
+            visible,
         })
+    }
+
+    /// A read transaction that sees every write answered before this call (waiting, when
+    /// writes were answered but not yet committed, for the commit that holds them: `visible.rs`).
+    fn begin_read(&self) -> Result<redb::ReadTransaction> {
+        self.visible.wait_blocking()?;
+        redb::ReadableDatabase::begin_read(&*self.db).map_err(io_err)
+    }
+
+    /// Waits until every write answered before this call can be read, without blocking the
+    /// thread: async readers call it before a read so the read itself does not wait.
+    pub async fn visible(&self) -> Result<()> {
+        self.visible.wait().await
     }
 
     /// A handle to wait for the engine to close, usable after every engine handle is dropped.

@@ -4,7 +4,7 @@
 //! group this node no longer holds. Part 1, the log, is in `log.rs`.
 
 use capdb_types::{Mutation, Result, Timestamp};
-use redb::{ReadableDatabase, ReadableTable, TableError};
+use redb::{ReadableTable, TableError};
 
 use super::meta::MetaItem;
 use super::ops::Op;
@@ -143,7 +143,7 @@ impl DiskEngine {
         meta_keys: &[String],
         meta_prefix: &str,
     ) -> Result<TableDump> {
-        let txn = self.db.begin_read().map_err(io_err)?;
+        let txn = self.begin_read()?;
         let meta_table = txn.open_table(META_TABLE).map_err(io_err)?;
         let meta = meta_keys
             .iter()

@@ -1,14 +1,17 @@
-//! The writer thread: takes queued jobs in batches and commits each batch in one transaction.
+//! The writer thread: takes queued jobs in batches, runs them in its open transaction, answers
+//! them (before the commit when they need no fsync) and commits (see `mod.rs`, `visible.rs`).
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use capdb_types::{Error, Hlc, Result};
-use redb::{Database, Durability, ReadableDatabase};
+use redb::{Database, Durability, ReadableDatabase, WriteTransaction};
 use tokio::sync::{mpsc, oneshot};
 
 use super::ops::{Exec, Op, Output, execute};
+use super::visible::Visibility;
 use super::{Closed, DiskEngine, EngineStats, io_err};
 
 /// Jobs waiting for the writer. A full queue makes callers wait (backpressure), it never grows.
@@ -37,6 +40,7 @@ pub(super) fn start(
     hlc: Arc<Hlc>,
     value_bytes_max: usize,
     stats: Arc<EngineStats>,
+    visible: Arc<Visibility>,
     wal_closed: Closed,
 ) -> Result<(mpsc::Sender<Job>, Closed)> {
     let (tx, rx) = mpsc::channel(WRITE_QUEUE_JOBS_MAX);
@@ -45,7 +49,7 @@ pub(super) fn start(
     std::thread::Builder::new()
         .name("capdb-writer".into())
         .spawn(move || {
-            writer_loop(&db, rx, &hlc, value_bytes_max, &stats);
+            writer_loop(&db, rx, &hlc, value_bytes_max, &stats, &visible);
             // Dropping the last handle closes the file cleanly.
             drop(db);
             // The engine is closed once its write-ahead log is too (it stops with the same
@@ -85,25 +89,101 @@ pub(super) fn answer(
     }
 }
 
+/// Longest a transaction of answered writes stays uncommitted while nothing else asks for a
+/// commit. Readers do not wait for it (they ask for a commit, `visible.rs`); it bounds how much
+/// a commit carries, hence how long it stalls the writer.
+pub const COMMIT_WINDOW: Duration = Duration::from_millis(10);
+/// Most jobs answered before their commit: at this many the writer commits.
+pub const UNCOMMITTED_JOBS_MAX: usize = 65_536;
+/// Most payload bytes answered before their commit: at this many the writer commits.
+pub const UNCOMMITTED_BYTES_MAX: usize = 64 << 20;
+
+/// The writer's open transaction: batches executed since the last commit.
+struct Open {
+    txn: WriteTransaction,
+    since: Instant,
+    /// Jobs executed in it and already answered (non-durable jobs).
+    answered: usize,
+    jobs: usize,
+    bytes: usize,
+    /// The tables that existed when it began, restored if it aborts.
+    tables_before: HashSet<String>,
+}
+
+/// The writer's state between batches.
+struct Writer<'a> {
+    db: &'a Database,
+    hlc: &'a Hlc,
+    value_bytes_max: usize,
+    stats: &'a EngineStats,
+    visible: &'a Visibility,
+    /// Tables that exist: a write to a table dropped after the write was queued must fail, not
+    /// silently re-create the table (redb's open_table creates missing tables).
+    live_tables: HashSet<String>,
+    open: Option<Open>,
+    last_durable: Instant,
+}
+
 fn writer_loop(
     db: &Database,
     mut rx: mpsc::Receiver<Job>,
     hlc: &Hlc,
     value_bytes_max: usize,
     stats: &EngineStats,
+    visible: &Visibility,
 ) {
-    // Tables that exist: a write to a table dropped after the write was queued must fail, not
-    // silently re-create the table (redb's open_table creates missing tables).
-    let mut live_tables: std::collections::HashSet<String> = match list_tables(db) {
+    let live_tables = match list_tables(db) {
         Ok(t) => t,
         Err(e) => {
             tracing::error!(error = %e, "cannot list tables; storage writer stopping");
             return;
         }
     };
+    // Waiting for the next job with a deadline (the commit window) needs a timer.
+    let timer = match tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the writer's timer; storage writer stopping");
+            return;
+        }
+    };
+    let mut w = Writer {
+        db,
+        hlc,
+        value_bytes_max,
+        stats,
+        visible,
+        live_tables,
+        open: None,
+        last_durable: Instant::now(),
+    };
     let mut batch: Vec<Job> = Vec::with_capacity(BATCH_JOBS_MAX);
-    let mut last_durable = Instant::now();
-    while let Some(first) = rx.blocking_recv() {
+    loop {
+        let first = match &w.open {
+            None => rx.blocking_recv(),
+            Some(o) => {
+                let left = COMMIT_WINDOW.saturating_sub(o.since.elapsed());
+                let next = timer.block_on(async {
+                    tokio::select! {
+                        job = rx.recv() => Some(job),
+                        _ = visible.commit_asked() => None,
+                        _ = tokio::time::sleep(left) => None,
+                    }
+                });
+                match next {
+                    Some(job) => job,
+                    None => {
+                        // A reader asked, or the window passed with nothing queued.
+                        let _ = w.commit();
+                        continue;
+                    }
+                }
+            }
+        };
+        let Some(first) = first else { break };
         let mut bytes = first.op.payload_bytes();
         batch.push(first);
         while batch.len() < BATCH_JOBS_MAX && bytes < BATCH_BYTES_MAX {
@@ -115,46 +195,164 @@ fn writer_loop(
                 Err(_) => break,
             }
         }
+        w.run_batch(&mut batch, bytes);
+    }
+    // Every handle is gone: commit what was answered, then stop.
+    let _ = w.commit();
+    tracing::debug!("storage writer stopped: all engine handles dropped");
+}
+
+impl Writer<'_> {
+    /// Executes a batch, answers it (at once for jobs that need no fsync, after the commit for
+    /// the others) and commits when something asks for it. Leaves `batch` empty.
+    fn run_batch(&mut self, batch: &mut Vec<Job>, bytes: usize) {
+        if let Some(e) = self.visible.broken() {
+            return fail_all(batch, &e);
+        }
         let started = Instant::now();
-        let before = live_tables.clone();
-        let checkpoint = last_durable.elapsed() >= CHECKPOINT_INTERVAL;
-        let result = commit_batch(
-            db,
-            &batch,
-            hlc,
-            value_bytes_max,
-            stats,
-            &mut live_tables,
-            checkpoint,
-        );
-        if let Ok(true) = result.as_ref().map(|(_, durable)| *durable) {
-            last_durable = Instant::now();
+        let durable = batch.iter().any(|j| j.op.durable());
+        // A batch that waits for its commit runs in a transaction of its own, so that its
+        // failure (which it reports to its callers) never takes writes answered before it.
+        if durable
+            && self.open.as_ref().is_some_and(|o| o.answered > 0)
+            && let Err(e) = self.commit()
+        {
+            return fail_all(batch, &e);
         }
-        let result = result.map(|(outputs, _)| outputs);
-        if result.is_err() {
-            live_tables = before;
-        }
-        stats.commits.fetch_add(1, Ordering::Relaxed);
-        stats.jobs.fetch_add(batch.len() as u64, Ordering::Relaxed);
-        stats
-            .commit_micros
-            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-        match result {
-            Ok(outputs) => {
-                debug_assert_eq!(outputs.len(), batch.len());
-                for (job, out) in batch.drain(..).zip(outputs) {
-                    let _ = job.done.send(Ok(out));
+        let o = match self.open.take() {
+            Some(o) => o,
+            None => match self.begin() {
+                Ok(o) => o,
+                Err(e) => {
+                    tracing::error!(error = %e, jobs = batch.len(), "cannot begin a write transaction; the batch fails");
+                    return fail_all(batch, &e);
+                }
+            },
+        };
+        let x = Exec {
+            txn: &o.txn,
+            hlc: self.hlc,
+            value_bytes_max: self.value_bytes_max,
+            stats: self.stats,
+        };
+        let mut outputs = Vec::with_capacity(batch.len());
+        for job in batch.iter() {
+            match execute(&x, &job.op, &mut self.live_tables) {
+                Ok(out) => outputs.push(out),
+                Err(e) => {
+                    // The transaction aborts: this batch and every answered job before it.
+                    self.live_tables = o.tables_before;
+                    if o.answered > 0 {
+                        tracing::error!(error = %e, answered = o.answered, "a write failed after earlier writes were answered; storage stops until restart");
+                        self.visible.break_for_good(e.to_string());
+                    } else {
+                        tracing::error!(error = %e, jobs = batch.len(), "write batch failed; nothing of it was applied");
+                    }
+                    return fail_all(batch, &e);
                 }
             }
-            Err(e) => {
-                tracing::error!(error = %e, jobs = batch.len(), "write batch failed; nothing of it was applied");
-                for job in batch.drain(..) {
-                    let _ = job.done.send(Err(e.clone()));
+        }
+        debug_assert_eq!(outputs.len(), batch.len());
+        let mut o = o;
+        o.jobs += batch.len();
+        o.bytes += bytes;
+        self.visible.executed();
+        self.stats
+            .commit_micros
+            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        if durable {
+            self.open = Some(o);
+            // This commit is the durability point every job of the batch waits for.
+            match self.commit_durable(true) {
+                Ok(()) => answer_all(batch, outputs),
+                Err(e) => fail_all(batch, &e),
+            }
+            return;
+        }
+        o.answered += batch.len();
+        answer_all(batch, outputs);
+        let due = self.visible.commit_wanted()
+            || o.since.elapsed() >= COMMIT_WINDOW
+            || o.answered >= UNCOMMITTED_JOBS_MAX
+            || o.bytes >= UNCOMMITTED_BYTES_MAX
+            || self.last_durable.elapsed() >= CHECKPOINT_INTERVAL;
+        self.open = Some(o);
+        if due {
+            let _ = self.commit();
+        }
+    }
+
+    fn begin(&self) -> Result<Open> {
+        let mut txn = self.db.begin_write().map_err(io_err)?;
+        txn.set_durability(Durability::None).map_err(io_err)?;
+        Ok(Open {
+            txn,
+            since: Instant::now(),
+            answered: 0,
+            jobs: 0,
+            bytes: 0,
+            tables_before: self.live_tables.clone(),
+        })
+    }
+
+    /// Commits the open transaction, durably when a checkpoint is due
+    /// ([`CHECKPOINT_INTERVAL`]).
+    fn commit(&mut self) -> Result<()> {
+        self.commit_durable(false)
+    }
+
+    fn commit_durable(&mut self, durable: bool) -> Result<()> {
+        let Some(mut o) = self.open.take() else {
+            return Ok(());
+        };
+        let durable = durable || self.last_durable.elapsed() >= CHECKPOINT_INTERVAL;
+        let started = Instant::now();
+        let result = (|| {
+            if durable {
+                o.txn
+                    .set_durability(Durability::Immediate)
+                    .map_err(io_err)?;
+            }
+            o.txn.commit().map_err(io_err)
+        })();
+        let took = started.elapsed().as_micros() as u64;
+        self.stats.sync_micros.fetch_add(took, Ordering::Relaxed);
+        self.stats.commit_micros.fetch_add(took, Ordering::Relaxed);
+        match result {
+            Ok(()) => {
+                self.stats.commits.fetch_add(1, Ordering::Relaxed);
+                self.stats.jobs.fetch_add(o.jobs as u64, Ordering::Relaxed);
+                if durable {
+                    self.stats.durable_commits.fetch_add(1, Ordering::Relaxed);
+                    self.last_durable = Instant::now();
                 }
+                self.visible.committed();
+                Ok(())
+            }
+            Err(e) => {
+                self.live_tables = o.tables_before;
+                if o.answered > 0 {
+                    tracing::error!(error = %e, answered = o.answered, "a commit of answered writes failed; storage stops until restart");
+                    self.visible.break_for_good(e.to_string());
+                } else {
+                    tracing::error!(error = %e, "commit failed; nothing of it was applied");
+                }
+                Err(e)
             }
         }
     }
-    tracing::debug!("storage writer stopped: all engine handles dropped");
+}
+
+fn answer_all(batch: &mut Vec<Job>, outputs: Vec<Output>) {
+    for (job, out) in batch.drain(..).zip(outputs) {
+        let _ = job.done.send(Ok(out));
+    }
+}
+
+fn fail_all(batch: &mut Vec<Job>, e: &Error) {
+    for job in batch.drain(..) {
+        let _ = job.done.send(Err(e.clone()));
+    }
 }
 
 fn list_tables(db: &Database) -> Result<std::collections::HashSet<String>> {
@@ -166,46 +364,4 @@ fn list_tables(db: &Database) -> Result<std::collections::HashSet<String>> {
         .map(|t| t.name().to_string())
         .collect();
     Ok(names)
-}
-
-/// Commits a batch; answers each job's output and whether the commit was durable.
-fn commit_batch(
-    db: &Database,
-    batch: &[Job],
-    hlc: &Hlc,
-    value_bytes_max: usize,
-    stats: &EngineStats,
-    live_tables: &mut std::collections::HashSet<String>,
-    checkpoint: bool,
-) -> Result<(Vec<Output>, bool)> {
-    let mut txn = db.begin_write().map_err(io_err)?;
-    // One fsync per batch: this is the durability point every acknowledgement waits for. A
-    // batch of only replicated applies skips it (their Raft log entries are durable in the
-    // write-ahead log), unless it is time for a checkpoint.
-    let durable = checkpoint || batch.iter().any(|j| j.op.durable());
-    let durability = if durable {
-        Durability::Immediate
-    } else {
-        Durability::None
-    };
-    txn.set_durability(durability).map_err(io_err)?;
-    let x = Exec {
-        txn: &txn,
-        hlc,
-        value_bytes_max,
-        stats,
-    };
-    let mut outputs = Vec::with_capacity(batch.len());
-    for job in batch {
-        outputs.push(execute(&x, &job.op, live_tables)?);
-    }
-    let syncing = Instant::now();
-    txn.commit().map_err(io_err)?;
-    stats
-        .sync_micros
-        .fetch_add(syncing.elapsed().as_micros() as u64, Ordering::Relaxed);
-    if durable {
-        stats.durable_commits.fetch_add(1, Ordering::Relaxed);
-    }
-    Ok((outputs, durable))
 }
