@@ -300,9 +300,9 @@ impl Groups {
         if mode == ReadMode::Linearizable {
             self.read_barrier(group, &g, deadline).await?;
         }
-        // Applies are answered before the storage commits them: wait here, not in the read.
-        self.engine.visible().await.map_err(ForwardError::Db)?;
-        Ok(self.engine.table(&shard_table(group), false))
+        // Applies are answered before the storage commits them: wait here, not in the reads.
+        let seen = self.engine.visible().await.map_err(ForwardError::Db)?;
+        Ok(self.engine.table(&shard_table(group), false).seen(seen))
     }
 
     pub(crate) async fn read_local(

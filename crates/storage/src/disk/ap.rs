@@ -615,7 +615,7 @@ impl DiskTable {
             Option<&redb::ReadOnlyTable<&'static [u8], &'static [u8]>>,
         ) -> Result<T>,
     ) -> Result<T> {
-        let txn = self.engine.begin_read()?;
+        let txn = self.begin_read()?;
         let open = |name: &str| match txn.open_table(table_def(name)) {
             Ok(t) => Ok(Some(t)),
             Err(TableError::TableDoesNotExist(_)) => Ok(None),

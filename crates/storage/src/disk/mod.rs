@@ -275,13 +275,20 @@ impl DiskEngine {
     /// A read transaction that sees every write answered before this call (waiting, when
     /// writes were answered but not yet committed, for the commit that holds them: `visible.rs`).
     fn begin_read(&self) -> Result<redb::ReadTransaction> {
-        self.visible.wait_blocking()?;
+        self.begin_read_seen(None)
+    }
+
+    /// [`DiskEngine::begin_read`], or with `seen` (from [`DiskEngine::visible`]) a read
+    /// transaction that sees every write answered before that call.
+    fn begin_read_seen(&self, seen: Option<u64>) -> Result<redb::ReadTransaction> {
+        self.visible.wait_blocking(seen)?;
         redb::ReadableDatabase::begin_read(&*self.db).map_err(io_err)
     }
 
     /// Waits until every write answered before this call can be read, without blocking the
-    /// thread: async readers call it before a read so the read itself does not wait.
-    pub async fn visible(&self) -> Result<()> {
+    /// thread; returns the point reached, for [`DiskTable::seen`]: async readers call it
+    /// before their reads so the reads themselves never wait.
+    pub async fn visible(&self) -> Result<u64> {
         self.visible.wait().await
     }
 
@@ -341,6 +348,7 @@ impl DiskEngine {
             engine: self.clone(),
             table: table.to_string(),
             tombstones,
+            seen: None,
         }
     }
 }
@@ -351,4 +359,20 @@ pub struct DiskTable {
     engine: DiskEngine,
     table: String,
     tombstones: bool,
+    /// The reads need only see writes answered before this point ([`DiskEngine::visible`]),
+    /// instead of before each read.
+    seen: Option<u64>,
+}
+
+impl DiskTable {
+    /// This handle's reads need only see the writes answered before `seen`, a point
+    /// [`DiskEngine::visible`] returned (so they never wait for newer commits).
+    pub fn seen(mut self, seen: u64) -> DiskTable {
+        self.seen = Some(seen);
+        self
+    }
+
+    fn begin_read(&self) -> Result<redb::ReadTransaction> {
+        self.engine.begin_read_seen(self.seen)
+    }
 }

@@ -20,7 +20,7 @@ impl DiskTable {
         &self,
         f: impl FnOnce(&redb::ReadOnlyTable<&'static [u8], &'static [u8]>) -> Result<T>,
     ) -> Result<Option<T>> {
-        let txn = self.engine.begin_read()?;
+        let txn = self.begin_read()?;
         match txn.open_table(table_def(&self.table)) {
             Ok(t) => f(&t).map(Some),
             Err(TableError::TableDoesNotExist(_)) => Ok(None),
@@ -169,7 +169,7 @@ impl DiskTable {
     /// Deletes up to [`super::space::RECLAIM_STEP_MAX`] elements of dead collections (see
     /// `space.rs`); returns how many, 0 when nothing is queued.
     pub async fn reclaim_step(&self) -> Result<u64> {
-        let txn = self.engine.begin_read()?;
+        let txn = self.begin_read()?;
         let queued = match txn.open_table(table_def(&crate::layout::element_table(&self.table))) {
             Ok(el) => super::space::reclaim_queued(&el)?,
             Err(TableError::TableDoesNotExist(_)) => false,
@@ -194,7 +194,7 @@ impl DiskTable {
         &self,
         f: impl FnOnce(&redb::ReadOnlyTable<&'static [u8], &'static [u8]>) -> Result<T>,
     ) -> Result<Option<T>> {
-        let txn = self.engine.begin_read()?;
+        let txn = self.begin_read()?;
         match txn.open_table(table_def(&crate::layout::element_table(&self.table))) {
             Ok(el) => f(&el).map(Some),
             Err(TableError::TableDoesNotExist(_)) => Ok(None),
@@ -218,7 +218,7 @@ impl DiskTable {
         keys: &[Bytes],
         now_ms: u64,
     ) -> Result<std::result::Result<Vec<Option<Value>>, capdb_types::txn::TxnId>> {
-        let txn = self.engine.begin_read()?;
+        let txn = self.begin_read()?;
         match txn.open_table(table_def(&crate::layout::element_table(&self.table))) {
             Ok(el) => {
                 if let Some(holder) = super::txn::read_blocker(&el, keys)? {
@@ -268,7 +268,7 @@ impl DiskTable {
 
 impl KeyspaceStore for DiskTable {
     fn query(&self, args: &[Bytes], now_ms: u64, seed: u64) -> Result<Reply> {
-        let txn = self.engine.begin_read()?;
+        let txn = self.begin_read()?;
         let open = |name: &str| match txn.open_table(table_def(name)) {
             Ok(t) => Ok(Some(t)),
             Err(TableError::TableDoesNotExist(_)) => Ok(None),

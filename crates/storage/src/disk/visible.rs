@@ -19,7 +19,11 @@
 //! when it starts and, if the committed number is behind it, asks the writer to commit now and
 //! waits for it ([`Visibility::wait_blocking`], or [`Visibility::wait`] in async code). Whatever
 //! the reader learned was applied (an answer it saw, a Raft applied index it waited for) was
-//! executed before it took the number, so the read sees it.
+//! executed before it took the number, so the read sees it. An async reader waits first and
+//! hands the number it reached to its table handle (`DiskTable::seen`), so its reads need
+//! nothing newer and never block (under steady writes, each read taking a fresh number would
+//! otherwise wait for a commit of its own). Only batches answered before their commit are
+//! numbered: a batch that waits for its durable commit is visible when it is answered.
 //!
 //! # Costs and bounds
 //!
@@ -117,9 +121,14 @@ impl Visibility {
         if self.committed.load(Ordering::SeqCst) >= target {
             return Ok(None);
         }
+        self.ask();
+        Ok(Some(target))
+    }
+
+    /// Asks the writer to commit (it may be waiting for jobs with a transaction open).
+    fn ask(&self) {
         self.wanted.store(true, Ordering::SeqCst);
         self.writer_wake.notify_one();
-        Ok(Some(target))
     }
 
     fn reached(&self, target: u64) -> Result<bool> {
@@ -129,10 +138,20 @@ impl Visibility {
         Ok(self.committed.load(Ordering::SeqCst) >= target)
     }
 
-    /// Waits (blocking the thread) until everything executed before this call is committed.
-    pub(crate) fn wait_blocking(&self) -> Result<()> {
-        let Some(target) = self.pending()? else {
-            return Ok(());
+    /// Waits (blocking the thread) until everything executed before this call is committed,
+    /// or only what was executed before `seen` when given (a number [`Visibility::wait`]
+    /// returned: the caller already waited, and needs nothing newer).
+    pub(crate) fn wait_blocking(&self, seen: Option<u64>) -> Result<()> {
+        let target = match seen {
+            Some(seen) if self.reached(seen)? => return Ok(()),
+            Some(seen) => {
+                self.ask();
+                seen
+            }
+            None => match self.pending()? {
+                Some(target) => target,
+                None => return Ok(()),
+            },
         };
         let guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         let mut failed = None;
@@ -158,10 +177,12 @@ impl Visibility {
         Ok(())
     }
 
-    /// [`Visibility::wait_blocking`] for async callers.
-    pub(crate) async fn wait(&self) -> Result<()> {
-        let Some(target) = self.pending()? else {
-            return Ok(());
+    /// [`Visibility::wait_blocking`] for async callers; returns the number it waited for, for
+    /// the reads that follow to need nothing newer.
+    pub(crate) async fn wait(&self) -> Result<u64> {
+        let target = match self.pending()? {
+            Some(target) => target,
+            None => return Ok(self.committed.load(Ordering::SeqCst)),
         };
         let waited = tokio::time::timeout(VISIBLE_WAIT_MAX, async {
             loop {
@@ -169,7 +190,7 @@ impl Visibility {
                 tokio::pin!(notified);
                 notified.as_mut().enable();
                 if self.reached(target)? {
-                    return Ok(());
+                    return Ok(target);
                 }
                 notified.await;
             }

@@ -150,6 +150,8 @@ fn writer_loop(
             return;
         }
     };
+    // A panic here drops the open transaction, and with it writes already answered.
+    let _stop = BreakOnPanic(visible);
     let mut w = Writer {
         db,
         hlc,
@@ -167,10 +169,18 @@ fn writer_loop(
             Some(o) => {
                 let left = COMMIT_WINDOW.saturating_sub(o.since.elapsed());
                 let next = timer.block_on(async {
-                    tokio::select! {
-                        job = rx.recv() => Some(job),
-                        _ = visible.commit_asked() => None,
-                        _ = tokio::time::sleep(left) => None,
+                    let window = tokio::time::sleep(left);
+                    tokio::pin!(window);
+                    loop {
+                        tokio::select! {
+                            job = rx.recv() => return Some(job),
+                            // A wake-up left by a reader whose commit already happened is not
+                            // a reason to commit.
+                            _ = visible.commit_asked() => if visible.commit_wanted() {
+                                return None;
+                            },
+                            _ = &mut window => return None,
+                        }
                     }
                 });
                 match next {
@@ -256,7 +266,6 @@ impl Writer<'_> {
         let mut o = o;
         o.jobs += batch.len();
         o.bytes += bytes;
-        self.visible.executed();
         self.stats
             .commit_micros
             .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
@@ -269,6 +278,8 @@ impl Writer<'_> {
             }
             return;
         }
+        // Numbered before anyone hears of it: a reader told it happened waits for its commit.
+        self.visible.executed();
         o.answered += batch.len();
         answer_all(batch, outputs);
         let due = self.visible.commit_wanted()
@@ -339,6 +350,18 @@ impl Writer<'_> {
                 }
                 Err(e)
             }
+        }
+    }
+}
+
+/// Stops the engine from serving when the writer thread unwinds (`visible.rs`).
+struct BreakOnPanic<'a>(&'a Visibility);
+
+impl Drop for BreakOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0
+                .break_for_good("the storage writer thread panicked".into());
         }
     }
 }
