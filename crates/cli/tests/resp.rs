@@ -262,6 +262,48 @@ fn gathered_gets_answer_each_in_order_around_writes() {
     );
 }
 
+/// A cache keyspace runs a pipeline's single-key commands one at a time (each under its own
+/// key's lock): each answers alone, and a command too big for the keyspace fails alone, as in
+/// Redis; a multi-key command (MSET) still applies whole.
+#[test]
+fn a_cache_pipeline_answers_each_command_alone() {
+    let s = Server::start();
+    let (status, body) = common::http(
+        s.http,
+        "POST",
+        "/v1/keyspaces",
+        &[("content-type", "application/json")],
+        Some(br#"{"name":"5","mode":"cache","max_memory_bytes":1048576}"#),
+    )
+    .unwrap();
+    assert_eq!(status, 201, "{}", String::from_utf8_lossy(&body));
+    let mut c = s.client();
+    let _: () = redis::cmd("SELECT").arg(5).query(&mut c).unwrap();
+    let mut p = redis::pipe();
+    p.cmd("SET").arg("a").arg("1");
+    p.cmd("SET").arg("huge").arg(vec![b'x'; 2_000_000]);
+    p.cmd("INCR").arg("a");
+    p.cmd("RPUSH").arg("l").arg("x").arg("y");
+    p.cmd("INCR").arg("l");
+    p.cmd("MSET").arg("m1").arg("1").arg("m2").arg("2");
+    p.cmd("GET").arg("a");
+    let results: Vec<RedisResult<Value>> = p.ignore_errors().query(&mut c).unwrap();
+    assert_eq!(results[0].as_ref().unwrap(), &Value::Okay);
+    let oom = results[1].as_ref().unwrap_err().to_string();
+    assert!(oom.contains("OOM") || oom.contains("exceeds"), "{oom}");
+    assert_eq!(results[2].as_ref().unwrap(), &Value::Int(2));
+    assert_eq!(results[3].as_ref().unwrap(), &Value::Int(2));
+    let wrong = results[4].as_ref().unwrap_err().to_string();
+    assert!(wrong.contains("WRONGTYPE"), "{wrong}");
+    assert_eq!(results[5].as_ref().unwrap(), &Value::Okay);
+    assert_eq!(
+        results[6].as_ref().unwrap(),
+        &Value::BulkString(b"2".to_vec())
+    );
+    assert_eq!(c.get::<_, Option<String>>("huge").unwrap(), None);
+    assert_eq!(c.mget::<_, Vec<String>>(&["m1", "m2"]).unwrap(), ["1", "2"]);
+}
+
 #[test]
 fn keyspaces_are_selected_by_name_or_number_and_isolated() {
     let s = Server::start();

@@ -555,6 +555,26 @@ impl Keyspace {
         }
     }
 
+    /// [`Keyspace::apply`] for the mutations of a run of commands (`sizes`: how many each
+    /// has): the cache applies command after command, each atomic alone and under its own
+    /// keys' locks only, as Redis runs a pipeline; the replicated modes apply the run as
+    /// `apply` does (one log entry per shard).
+    pub async fn apply_commands(
+        &self,
+        mutations: Vec<Mutation>,
+        sizes: &[usize],
+        now_ms: u64,
+        c: Consistency,
+    ) -> Result<BatchReplies> {
+        match &self.store {
+            Store::Cache(m) => {
+                self.check_live()?;
+                Ok(m.apply_commands(mutations, sizes, now_ms))
+            }
+            _ => self.apply(mutations, now_ms, c).await,
+        }
+    }
+
     /// Applies mutations. Within one shard they apply atomically and in order; across shards
     /// of a replicated keyspace each shard applies its part (cross-shard atomicity is the job of
     /// transactions, a later feature).

@@ -538,7 +538,11 @@ impl Connection {
             .iter()
             .any(|c| c.notify)
             .then(|| p.mutations.clone());
-        let mut result = p.keyspace.apply(p.mutations, now, self.consistency).await;
+        let sizes: Vec<usize> = p.commands.iter().map(|c| c.count).collect();
+        let mut result = p
+            .keyspace
+            .apply_commands(p.mutations, &sizes, now, self.consistency)
+            .await;
         let events = match (&notified, &mut result) {
             (Some(mutations), Ok(replies)) => keyspace_events(&p.commands, mutations, replies, now),
             _ => Vec::new(),

@@ -669,6 +669,35 @@ impl MemStore {
         Ok(Some(replies))
     }
 
+    /// Applies the mutations of a run of commands (`sizes`: how many mutations each has, in
+    /// order) one command after another, each atomic under the locks of its own keys only, as
+    /// Redis runs a pipeline: a batch never holds many shards at once, so connections on other
+    /// cores are not made to wait for a whole pipeline, and a command that fails (one too big
+    /// for the keyspace) fails alone. Mutations past the sizes given apply as one command.
+    pub fn apply_commands(
+        &self,
+        mutations: Vec<Mutation>,
+        sizes: &[usize],
+        now_ms: u64,
+    ) -> BatchReplies {
+        debug_assert_eq!(sizes.iter().sum::<usize>(), mutations.len());
+        let mut replies = Vec::with_capacity(mutations.len());
+        let mut rest = mutations.into_iter();
+        for n in sizes.iter().copied().chain(std::iter::once(usize::MAX)) {
+            let take = n.min(rest.len());
+            if take == 0 {
+                continue;
+            }
+            let command: Vec<Mutation> = rest.by_ref().take(take).collect();
+            match self.apply_guarded(command, &[], now_ms) {
+                Ok(Some(r)) if r.len() == take => replies.extend(r),
+                Ok(_) => replies.extend((0..take).map(|_| Err(Error::Io("missing reply".into())))),
+                Err(e) => replies.extend((0..take).map(|_| Err(e.clone()))),
+            }
+        }
+        replies
+    }
+
     /// Runs a data-type command over locked shards (every shard its keys hash to).
     fn exec_locked(
         &self,
