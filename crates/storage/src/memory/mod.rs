@@ -592,24 +592,11 @@ impl MemStore {
     ) -> Result<Option<BatchReplies>> {
         // Refuse entries that could never fit before touching anything.
         for m in &mutations {
-            if let Mutation::Set { key, value, .. } = m {
-                let need = key.len() as u64 + value.len() as u64 + ENTRY_OVERHEAD_BYTES;
-                if need > self.max_bytes() {
-                    return Err(Error::OutOfMemory(format!(
-                        "entry of {need} bytes exceeds the keyspace limit of {} bytes",
-                        self.max_bytes()
-                    )));
-                }
-            }
+            self.check_fits(m)?;
         }
         let mut order = ShardList::new();
         for m in &mutations {
-            order.push(self.shard_of(m.key()));
-            // Data-type commands may touch several keys (SMOVE, SINTERSTORE, ...).
-            if let Mutation::Exec { args, .. } = m {
-                let _ =
-                    capdb_data::command::each_command_key(args, |k| order.push(self.shard_of(k)));
-            }
+            self.push_shards(m, &mut order);
         }
         for w in watches {
             order.push(self.shard_of(&w.key));
@@ -629,51 +616,21 @@ impl MemStore {
                 return Ok(None);
             }
         }
-        let mut replies = Vec::with_capacity(mutations.len());
-        for m in &mutations {
-            if let Mutation::Exec { args, .. } = m {
-                replies.push(self.exec_locked(&mut guards, args, now_ms));
-                continue;
-            }
-            let sid = self.shard_of(m.key());
-            let slot = order.binary_search(&sid).expect("shard was locked");
-            let shard = &mut *guards[slot].1;
-            let key = m.key();
-            let index = self.live_index(shard, key, now_ms);
-            let current = index.map(|i| &shard.map[i].value);
-            match m.apply(current, now_ms, self.hlc.tick(now_ms), self.value_bytes_max) {
-                Err(e) => replies.push(Err(e)),
-                Ok((effect, reply)) => {
-                    match effect {
-                        Effect::Unchanged => {}
-                        Effect::Put(v) => {
-                            self.put_locked(shard, index, key, v, now_ms);
-                        }
-                        Effect::Remove(_) => {
-                            if let Some(i) = index {
-                                self.remove_at(shard, i);
-                            }
-                        }
-                    }
-                    replies.push(Ok(reply));
-                }
-            }
-        }
+        let replies = mutations
+            .iter()
+            .map(|m| self.apply_locked(&mut guards, &order, m, now_ms))
+            .collect();
         drop(guards);
-        if self.used_bytes.load(Ordering::Relaxed) > self.max_bytes() {
-            // Keys other than each mutation's first (SMOVE's destination, ...) may be evicted
-            // by this very batch's pass: Redis would have evicted before the command instead.
-            let written: HashSet<&[u8]> = mutations.iter().map(|m| &m.key()[..]).collect();
-            self.evict_to_limit(now_ms, &written);
-        }
+        self.evict_after(&mutations, now_ms);
         Ok(Some(replies))
     }
 
     /// Applies the mutations of a run of commands (`sizes`: how many mutations each has, in
-    /// order) one command after another, each atomic under the locks of its own keys only, as
-    /// Redis runs a pipeline: a batch never holds many shards at once, so connections on other
-    /// cores are not made to wait for a whole pipeline, and a command that fails (one too big
-    /// for the keyspace) fails alone. Mutations past the sizes given apply as one command.
+    /// order) one command after another, each atomic, as Redis runs a pipeline: a command
+    /// holds the locks of its own keys' shards only (consecutive commands on the same shards
+    /// share one locking), so a pipeline never holds many shards at once and connections on
+    /// other cores do not wait for all of it; and a command that fails (one too big for the
+    /// keyspace) fails alone. Mutations past the sizes given apply as one command.
     pub fn apply_commands(
         &self,
         mutations: Vec<Mutation>,
@@ -681,21 +638,116 @@ impl MemStore {
         now_ms: u64,
     ) -> BatchReplies {
         debug_assert_eq!(sizes.iter().sum::<usize>(), mutations.len());
-        let mut replies = Vec::with_capacity(mutations.len());
-        let mut rest = mutations.into_iter();
+        // Each command's mutations and the shards they touch, in order.
+        let mut commands: Vec<(&[Mutation], ShardList)> = Vec::with_capacity(sizes.len() + 1);
+        let mut start = 0;
         for n in sizes.iter().copied().chain(std::iter::once(usize::MAX)) {
-            let take = n.min(rest.len());
-            if take == 0 {
+            let end = start + n.min(mutations.len() - start);
+            if end == start {
                 continue;
             }
-            let command: Vec<Mutation> = rest.by_ref().take(take).collect();
-            match self.apply_guarded(command, &[], now_ms) {
-                Ok(Some(r)) if r.len() == take => replies.extend(r),
-                Ok(_) => replies.extend((0..take).map(|_| Err(Error::Io("missing reply".into())))),
-                Err(e) => replies.extend((0..take).map(|_| Err(e.clone()))),
+            let mut order = ShardList::new();
+            for m in &mutations[start..end] {
+                self.push_shards(m, &mut order);
             }
+            order.sort_unstable();
+            order.dedup();
+            commands.push((&mutations[start..end], order));
+            start = end;
+        }
+        let mut replies = Vec::with_capacity(mutations.len());
+        let mut next = 0;
+        while next < commands.len() {
+            // A run of commands on the same shards: one locking for all of them.
+            let order = &commands[next].1;
+            let run = commands[next..]
+                .iter()
+                .take_while(|(_, o)| o == order)
+                .count();
+            let mut guards: Guards<'_> = order.iter().map(|&i| (i, self.lock(i))).collect();
+            for (command, _) in &commands[next..next + run] {
+                if let Err(e) = command.iter().try_for_each(|m| self.check_fits(m)) {
+                    replies.extend(command.iter().map(|_| Err(e.clone())));
+                    continue;
+                }
+                for m in command.iter() {
+                    replies.push(self.apply_locked(&mut guards, order, m, now_ms));
+                }
+            }
+            drop(guards);
+            for (command, _) in &commands[next..next + run] {
+                self.evict_after(command, now_ms);
+            }
+            next += run;
         }
         replies
+    }
+
+    /// An entry that could never fit in the keyspace is refused before anything is applied.
+    fn check_fits(&self, m: &Mutation) -> Result<()> {
+        if let Mutation::Set { key, value, .. } = m {
+            let need = key.len() as u64 + value.len() as u64 + ENTRY_OVERHEAD_BYTES;
+            if need > self.max_bytes() {
+                return Err(Error::OutOfMemory(format!(
+                    "entry of {need} bytes exceeds the keyspace limit of {} bytes",
+                    self.max_bytes()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds the shards `m` touches to `order` (unsorted).
+    fn push_shards(&self, m: &Mutation, order: &mut ShardList) {
+        order.push(self.shard_of(m.key()));
+        // Data-type commands may touch several keys (SMOVE, SINTERSTORE, ...).
+        if let Mutation::Exec { args, .. } = m {
+            let _ = capdb_data::command::each_command_key(args, |k| order.push(self.shard_of(k)));
+        }
+    }
+
+    /// Applies one mutation; the shards of every key it touches are locked (`order`: their
+    /// indexes, sorted, one guard each in `guards`).
+    fn apply_locked(
+        &self,
+        guards: &mut Guards<'_>,
+        order: &[usize],
+        m: &Mutation,
+        now_ms: u64,
+    ) -> Result<Reply> {
+        if let Mutation::Exec { args, .. } = m {
+            return self.exec_locked(guards, args, now_ms);
+        }
+        let sid = self.shard_of(m.key());
+        let slot = order.binary_search(&sid).expect("shard was locked");
+        let shard = &mut *guards[slot].1;
+        let key = m.key();
+        let index = self.live_index(shard, key, now_ms);
+        let current = index.map(|i| &shard.map[i].value);
+        let (effect, reply) =
+            m.apply(current, now_ms, self.hlc.tick(now_ms), self.value_bytes_max)?;
+        match effect {
+            Effect::Unchanged => {}
+            Effect::Put(v) => {
+                self.put_locked(shard, index, key, v, now_ms);
+            }
+            Effect::Remove(_) => {
+                if let Some(i) = index {
+                    self.remove_at(shard, i);
+                }
+            }
+        }
+        Ok(reply)
+    }
+
+    /// Evicts down to the limit after `mutations` applied, sparing the keys they wrote.
+    fn evict_after(&self, mutations: &[Mutation], now_ms: u64) {
+        if self.used_bytes.load(Ordering::Relaxed) > self.max_bytes() {
+            // Keys other than each mutation's first (SMOVE's destination, ...) may be evicted
+            // by this very batch's pass: Redis would have evicted before the command instead.
+            let written: HashSet<&[u8]> = mutations.iter().map(|m| &m.key()[..]).collect();
+            self.evict_to_limit(now_ms, &written);
+        }
     }
 
     /// Runs a data-type command over locked shards (every shard its keys hash to).
