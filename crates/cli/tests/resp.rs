@@ -5,6 +5,19 @@ mod common;
 use common::Server;
 use redis::{Commands, RedisResult, Value};
 
+/// Creates a keyspace over HTTP (`body`: its JSON spec), which must succeed.
+fn create_keyspace(s: &Server, body: &[u8]) {
+    let (status, answer) = common::http(
+        s.http,
+        "POST",
+        "/v1/keyspaces",
+        &[("content-type", "application/json")],
+        Some(body),
+    )
+    .unwrap();
+    assert_eq!(status, 201, "{}", String::from_utf8_lossy(&answer));
+}
+
 #[test]
 fn strings_counters_and_conditional_sets() {
     let s = Server::start();
@@ -241,14 +254,7 @@ fn gathered_gets_answer_each_in_order_around_writes() {
     assert_eq!(results[309].as_ref().unwrap(), &Value::Nil);
     assert_eq!(results.len(), 310);
     // A gathered GET after a keyspace switch reads the keyspace selected when it was sent.
-    common::http(
-        s.http,
-        "POST",
-        "/v1/keyspaces",
-        &[("content-type", "application/json")],
-        Some(br#"{"name":"9","mode":"cache"}"#),
-    )
-    .unwrap();
+    create_keyspace(&s, br#"{"name":"9","mode":"cache"}"#);
     let mut p = redis::pipe();
     p.cmd("GET").arg("g-a");
     p.cmd("SELECT").arg(9);
@@ -268,15 +274,10 @@ fn gathered_gets_answer_each_in_order_around_writes() {
 #[test]
 fn a_cache_pipeline_answers_each_command_alone() {
     let s = Server::start();
-    let (status, body) = common::http(
-        s.http,
-        "POST",
-        "/v1/keyspaces",
-        &[("content-type", "application/json")],
-        Some(br#"{"name":"5","mode":"cache","max_memory_bytes":1048576}"#),
-    )
-    .unwrap();
-    assert_eq!(status, 201, "{}", String::from_utf8_lossy(&body));
+    create_keyspace(
+        &s,
+        br#"{"name":"5","mode":"cache","max_memory_bytes":1048576}"#,
+    );
     let mut c = s.client();
     let _: () = redis::cmd("SELECT").arg(5).query(&mut c).unwrap();
     let mut p = redis::pipe();
@@ -307,15 +308,7 @@ fn a_cache_pipeline_answers_each_command_alone() {
 #[test]
 fn keyspaces_are_selected_by_name_or_number_and_isolated() {
     let s = Server::start();
-    let (status, body) = common::http(
-        s.http,
-        "POST",
-        "/v1/keyspaces",
-        &[("content-type", "application/json")],
-        Some(br#"{"name":"7","mode":"cache"}"#),
-    )
-    .unwrap();
-    assert_eq!(status, 201, "{}", String::from_utf8_lossy(&body));
+    create_keyspace(&s, br#"{"name":"7","mode":"cache"}"#);
     let mut c = s.client();
     let _: () = c.set("shared", "in-default").unwrap();
     let _: () = redis::cmd("SELECT").arg(7).query(&mut c).unwrap();
