@@ -268,6 +268,53 @@ fn gathered_gets_answer_each_in_order_around_writes() {
     );
 }
 
+/// A pipeline's data-type reads of a `cp` keyspace run together with its GETs; each still
+/// answers in order, after the writes before it and before the writes after it.
+#[test]
+fn gathered_data_type_reads_answer_in_order_around_writes() {
+    let s = Server::start();
+    let mut c = s.client();
+    let mut p = redis::pipe();
+    p.cmd("RPUSH").arg("dl").arg("a").arg("b").arg("c");
+    p.cmd("HSET").arg("dh").arg("f").arg("v");
+    p.cmd("SET").arg("ds").arg("x");
+    p.cmd("LRANGE").arg("dl").arg(0).arg(-1);
+    p.cmd("GET").arg("ds");
+    p.cmd("HGET").arg("dh").arg("f");
+    p.cmd("LLEN").arg("dl");
+    p.cmd("HGET").arg("dl").arg("f");
+    p.cmd("GET").arg("dl");
+    p.cmd("RPUSH").arg("dl").arg("d");
+    p.cmd("LLEN").arg("dl");
+    p.cmd("LINDEX").arg("dl").arg(-1);
+    p.cmd("HDEL").arg("dh").arg("f");
+    p.cmd("HGET").arg("dh").arg("f");
+    p.cmd("EXISTS").arg("dh");
+    let results: Vec<RedisResult<Value>> = p.ignore_errors().query(&mut c).unwrap();
+    let bulk = |v: &str| Value::BulkString(v.as_bytes().to_vec());
+    assert_eq!(results[0].as_ref().unwrap(), &Value::Int(3));
+    assert_eq!(results[1].as_ref().unwrap(), &Value::Int(1));
+    assert_eq!(results[2].as_ref().unwrap(), &Value::Okay);
+    assert_eq!(
+        results[3].as_ref().unwrap(),
+        &Value::Array(vec![bulk("a"), bulk("b"), bulk("c")])
+    );
+    assert_eq!(results[4].as_ref().unwrap(), &bulk("x"));
+    assert_eq!(results[5].as_ref().unwrap(), &bulk("v"));
+    assert_eq!(results[6].as_ref().unwrap(), &Value::Int(3));
+    for i in [7, 8] {
+        let wrong = results[i].as_ref().unwrap_err().to_string();
+        assert!(wrong.contains("WRONGTYPE"), "{i}: {wrong}");
+    }
+    assert_eq!(results[9].as_ref().unwrap(), &Value::Int(4));
+    assert_eq!(results[10].as_ref().unwrap(), &Value::Int(4));
+    assert_eq!(results[11].as_ref().unwrap(), &bulk("d"));
+    assert_eq!(results[12].as_ref().unwrap(), &Value::Int(1));
+    assert_eq!(results[13].as_ref().unwrap(), &Value::Nil);
+    assert_eq!(results[14].as_ref().unwrap(), &Value::Int(0));
+    assert_eq!(results.len(), 15);
+}
+
 /// A cache keyspace runs a pipeline's single-key commands one at a time (each under its own
 /// key's lock): each answers alone, and a command too big for the keyspace fails alone, as in
 /// Redis; a multi-key command (MSET) still applies whole.

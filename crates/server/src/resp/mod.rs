@@ -9,16 +9,18 @@
 //!                                handler); replies go to ReplyWriter (reply.rs)
 //!   -> consecutive writes to one keyspace are gathered into one Keyspace::apply call (one group
 //!      commit for a whole pipeline), then every reply is written in order and flushed once
-//!   -> consecutive GETs of a replicated keyspace are gathered the same way into one
-//!      Keyspace::get_each call (one read barrier and one storage read per shard for a whole
-//!      pipeline, instead of one each)
+//!   -> consecutive reads of a replicated keyspace (GETs, and the data types' read commands:
+//!      LRANGE, HGET, ...) are gathered the same way: the GETs into one Keyspace::get_each call
+//!      (one read barrier and one storage read per shard), the others run concurrently with it
+//!      (sharing the read barriers), instead of one after another
 //! ```
 //!
 //! Gathering never changes an answer: the gathered commands of a connection run in its order
 //! (a write or any other command first runs every gathered command before it), each gets its
-//! own reply or error, and a gathered read is served at one point after every GET of the
-//! gather was received and before any was answered, which is within each one's interval (so
-//! still linearizable).
+//! own reply or error, and each gathered read is served after every read of the gather was
+//! received and before any was answered, which is within each one's interval (so still
+//! linearizable; reads do not change what other reads see, so their order among themselves
+//! does not matter).
 //!
 //! # Rooms
 //!
@@ -36,8 +38,8 @@
 //! - A command may not exceed `frame_bytes_max` (checked on the declared length, before
 //!   buffering); anything else malformed is a protocol error that closes that connection only.
 //! - At most `pipeline_depth_max` commands run per read before replies are written, and replies
-//!   are written whenever [`OUTPUT_FLUSH_BYTES`] accumulate (GETs gathered into one read, at
-//!   most [`GATHERED_GETS_MAX`], count as one); the server does not read more from a
+//!   are written whenever [`OUTPUT_FLUSH_BYTES`] accumulate (reads gathered together, at most
+//!   [`GATHERED_READS_MAX`], count as one); the server does not read more from a
 //!   client until its replies are written, so a client that never reads is held by TCP
 //!   backpressure, not by server memory.
 
@@ -67,9 +69,9 @@ pub use commands::{COMMAND_NAMES, all_command_names};
 /// Replies are written to the socket once this many bytes are buffered, even mid-pipeline.
 pub const OUTPUT_FLUSH_BYTES: usize = 64 * 1024;
 
-/// Most GETs gathered into one read: the values of a gathered read are all in memory at once
-/// (up to this many times the value size limit), where GETs run one by one hold one.
-pub const GATHERED_GETS_MAX: usize = 64;
+/// Most reads gathered together: their answers are all in memory at once (up to this many
+/// times the largest reply), where reads run one by one hold one.
+pub const GATHERED_READS_MAX: usize = 64;
 
 /// Most entries a write batch's vectors are allocated for up front (see `last_batch`).
 const BATCH_HINT_MAX: usize = 1024;
@@ -173,11 +175,20 @@ struct PendingWrites {
     commands: Vec<PendingCommand>,
 }
 
-/// GETs gathered for one read: consecutive GETs of one connection to one replicated keyspace.
+/// Reads gathered to run together: consecutive reads of one connection to one replicated
+/// keyspace.
 struct PendingReads {
     keyspace: Arc<Keyspace>,
-    /// Each GET's key and when its command was read, in order.
-    gets: Vec<(Bytes, Instant)>,
+    /// Each read and when its command was read, in order.
+    reads: Vec<(GatheredRead, Instant)>,
+}
+
+/// A gathered read.
+enum GatheredRead {
+    /// `GET key`.
+    Get(Bytes),
+    /// A data type's read command (its name, for metrics, and its arguments).
+    Query(&'static str, Vec<Bytes>),
 }
 
 /// How the replies of a queued command's mutations become its RESP reply.
@@ -555,9 +566,9 @@ impl Connection {
         self.wake_blocked(&keyspace, written);
     }
 
-    /// Gathers a GET of a replicated keyspace behind the GETs gathered before it (writes
+    /// Gathers a read of a replicated keyspace behind the reads gathered before it (writes
     /// gathered before it run first).
-    async fn queue_get(&mut self, key: Bytes, started: Instant) {
+    async fn queue_read(&mut self, read: GatheredRead, started: Instant) {
         let same = self
             .pending_reads
             .as_ref()
@@ -568,41 +579,84 @@ impl Connection {
         if self
             .pending_reads
             .as_ref()
-            .is_some_and(|r| r.gets.len() >= GATHERED_GETS_MAX)
+            .is_some_and(|r| r.reads.len() >= GATHERED_READS_MAX)
         {
             self.flush_pending().await;
         }
         self.pending_reads
             .get_or_insert_with(|| PendingReads {
                 keyspace: self.keyspace.clone(),
-                gets: Vec::with_capacity(16),
+                reads: Vec::with_capacity(16),
             })
-            .gets
-            .push((key, started));
+            .reads
+            .push((read, started));
     }
 
-    /// Reads the gathered GETs' keys in one call and writes each GET's reply, in order.
+    /// Gathers a data type's read command (see [`Connection::queue_read`]).
+    async fn queue_query(&mut self, name: &'static str, args: Vec<Bytes>, started: Instant) {
+        self.queue_read(GatheredRead::Query(name, args), started)
+            .await
+    }
+
+    /// Gathers `GET key` (see [`Connection::queue_read`]).
+    async fn queue_get(&mut self, key: Bytes, started: Instant) {
+        self.queue_read(GatheredRead::Get(key), started).await
+    }
+
+    /// Runs the gathered reads together (the GETs in one call, the other reads concurrently
+    /// with it) and writes each one's reply, in order.
     async fn flush_reads(&mut self, r: PendingReads) {
-        let keys: Vec<Bytes> = r.gets.iter().map(|(k, _)| k.clone()).collect();
-        let values = r
-            .keyspace
-            .get_each(&keys, self.now_ms, self.consistency)
-            .await;
-        debug_assert_eq!(values.len(), r.gets.len());
-        for ((_, started), value) in r.gets.into_iter().zip(values) {
-            match value {
-                Ok(Some(v)) if v.is_string() => self.out.bulk(&v.data),
-                Ok(Some(_)) => {
-                    self.fail("get", started, &error_line(&Error::WrongType));
-                    continue;
-                }
-                Ok(None) => self.out.null(),
-                Err(e) => {
-                    self.fail("get", started, &error_line(&e));
-                    continue;
-                }
+        let (now, c) = (self.now_ms, self.consistency);
+        let keys: Vec<Bytes> = r
+            .reads
+            .iter()
+            .filter_map(|(read, _)| match read {
+                GatheredRead::Get(k) => Some(k.clone()),
+                GatheredRead::Query(..) => None,
+            })
+            .collect();
+        let queries = r.reads.iter().filter_map(|(read, _)| match read {
+            GatheredRead::Query(_, args) => Some(r.keyspace.query(args.clone(), now, c)),
+            GatheredRead::Get(_) => None,
+        });
+        let gets = async {
+            if keys.is_empty() {
+                Vec::new()
+            } else {
+                r.keyspace.get_each(&keys, now, c).await
             }
-            self.done("get", started, false);
+        };
+        let (values, replies) = futures::join!(gets, futures::future::join_all(queries));
+        debug_assert_eq!(values.len() + replies.len(), r.reads.len());
+        let (mut values, mut replies) = (values.into_iter(), replies.into_iter());
+        for (read, started) in r.reads {
+            let outcome = match read {
+                GatheredRead::Get(_) => match values.next() {
+                    Some(Ok(Some(v))) if v.is_string() => {
+                        self.out.bulk(&v.data);
+                        Ok("get")
+                    }
+                    Some(Ok(Some(_))) => Err(("get", error_line(&Error::WrongType))),
+                    Some(Ok(None)) => {
+                        self.out.null();
+                        Ok("get")
+                    }
+                    Some(Err(e)) => Err(("get", error_line(&e))),
+                    None => Err(("get", "ERR missing reply".to_string())),
+                },
+                GatheredRead::Query(name, _) => match replies.next() {
+                    Some(Ok(reply)) => {
+                        self.out.reply(&reply);
+                        Ok(name)
+                    }
+                    Some(Err(e)) => Err((name, error_line(&e))),
+                    None => Err((name, "ERR missing reply".to_string())),
+                },
+            };
+            match outcome {
+                Ok(name) => self.done(name, started, false),
+                Err((name, line)) => self.fail(name, started, &line),
+            }
         }
     }
 

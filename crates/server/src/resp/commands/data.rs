@@ -48,6 +48,10 @@ pub(super) async fn execute(
             conn.queue(spec.name, Shape::Plain, std::iter::once(m), started)
                 .await;
         }
+        // A pipeline's reads of a replicated keyspace run together (see `resp/mod.rs`).
+        Run::Read(_) if !conn.keyspace.is_local() => {
+            conn.queue_query(spec.name, args, started).await;
+        }
         Run::Read(_) => {
             conn.flush_pending().await;
             let (ks, now, c) = (conn.keyspace.clone(), conn.now_ms, conn.consistency);
