@@ -499,15 +499,26 @@ impl Keyspace {
         now_ms: u64,
         c: Consistency,
     ) -> Vec<Result<Option<Value>>> {
-        let whole = |r: Result<Vec<Option<Value>>>| match r {
-            Ok(values) => values.into_iter().map(Ok).collect(),
-            Err(e) => keys.iter().map(|_| Err(e.clone())).collect(),
-        };
         if let Err(e) = self.check_live() {
-            return whole(Err(e));
+            return keys.iter().map(|_| Err(e.clone())).collect();
         }
         match &self.store {
-            Store::Ap { ap, .. } => whole(ap.get_many(self.name(), keys, c.ap_read, now_ms).await),
+            Store::Ap { ap, .. } => {
+                match ap.get_many(self.name(), keys, c.ap_read, now_ms).await {
+                    Ok(values) => values.into_iter().map(Ok).collect(),
+                    // The coordinator answers a batch whole: when it failed, each key is read
+                    // alone so that a shard out of reach fails only its own keys.
+                    Err(_) if keys.len() > 1 => {
+                        let each = keys.iter().map(|k| async move {
+                            let one = std::slice::from_ref(k);
+                            let mut v = ap.get_many(self.name(), one, c.ap_read, now_ms).await?;
+                            v.pop().ok_or_else(|| Error::Io("missing answer".into()))
+                        });
+                        futures::future::join_all(each).await
+                    }
+                    Err(e) => keys.iter().map(|_| Err(e.clone())).collect(),
+                }
+            }
             Store::Cache(m) => keys.iter().map(|k| m.get(k, now_ms)).collect(),
             Store::Cp { entry, groups, .. } => {
                 // One request per shard, in parallel; answers put back in key order.

@@ -38,8 +38,9 @@
 //! - A command may not exceed `frame_bytes_max` (checked on the declared length, before
 //!   buffering); anything else malformed is a protocol error that closes that connection only.
 //! - At most `pipeline_depth_max` commands run per read before replies are written, and replies
-//!   are written whenever [`OUTPUT_FLUSH_BYTES`] accumulate (reads gathered together, at most
-//!   [`GATHERED_READS_MAX`], count as one); the server does not read more from a
+//!   are written whenever [`OUTPUT_FLUSH_BYTES`] accumulate (reads gathered together count as
+//!   one: at most [`GATHERED_READS_MAX`], and at most half a peer frame of values at the value
+//!   size limit, 16 with the default 8 MiB); the server does not read more from a
 //!   client until its replies are written, so a client that never reads is held by TCP
 //!   backpressure, not by server memory.
 
@@ -70,8 +71,17 @@ pub use commands::{COMMAND_NAMES, all_command_names};
 pub const OUTPUT_FLUSH_BYTES: usize = 64 * 1024;
 
 /// Most reads gathered together: their answers are all in memory at once (up to this many
-/// times the largest reply), where reads run one by one hold one.
+/// times the largest reply), where reads run one by one hold one. Fewer when values may be
+/// large ([`gathered_reads_max`]).
 pub const GATHERED_READS_MAX: usize = 64;
+
+/// How many reads a gather may hold with values of up to `value_bytes_max`: the GETs of one
+/// shard travel to a remote leader and back as one message, whose answer must fit in half a
+/// peer frame (so their values do, whatever their size), and never more than
+/// [`GATHERED_READS_MAX`]. At least 1 (a single read is what runs without gathering).
+fn gathered_reads_max(value_bytes_max: usize) -> usize {
+    (capdb_transport::FRAME_BYTES_MAX / 2 / value_bytes_max.max(1)).clamp(1, GATHERED_READS_MAX)
+}
 
 /// Most entries a write batch's vectors are allocated for up front (see `last_batch`).
 const BATCH_HINT_MAX: usize = 1024;
@@ -576,11 +586,9 @@ impl Connection {
         if !same {
             self.flush_pending().await;
         }
-        if self
-            .pending_reads
-            .as_ref()
-            .is_some_and(|r| r.reads.len() >= GATHERED_READS_MAX)
-        {
+        if self.pending_reads.as_ref().is_some_and(|r| {
+            r.reads.len() >= gathered_reads_max(self.node.config.limits.value_bytes_max)
+        }) {
             self.flush_pending().await;
         }
         self.pending_reads
@@ -826,4 +834,22 @@ fn written_keys(mutations: &[Mutation]) -> Vec<Bytes> {
         })
         .flatten()
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_gather_holds_at_most_half_a_peer_frame_of_values() {
+        assert_eq!(gathered_reads_max(1024), GATHERED_READS_MAX);
+        assert_eq!(gathered_reads_max(8 << 20), 16);
+        assert_eq!(gathered_reads_max(512 << 20), 1);
+        assert_eq!(gathered_reads_max(0), GATHERED_READS_MAX);
+        for value_max in [1, 1 << 10, 4 << 20, 8 << 20, 100 << 20, 1 << 30] {
+            let n = gathered_reads_max(value_max);
+            assert!((1..=GATHERED_READS_MAX).contains(&n));
+            assert!(n == 1 || n * value_max <= capdb_transport::FRAME_BYTES_MAX / 2);
+        }
+    }
 }

@@ -639,7 +639,8 @@ impl MemStore {
     ) -> BatchReplies {
         debug_assert_eq!(sizes.iter().sum::<usize>(), mutations.len());
         // Each command's mutations and the shards they touch, in order.
-        let mut commands: Vec<(&[Mutation], ShardList)> = Vec::with_capacity(sizes.len() + 1);
+        let mut commands: Vec<(std::ops::Range<usize>, ShardList)> =
+            Vec::with_capacity(sizes.len() + 1);
         let mut start = 0;
         for n in sizes.iter().copied().chain(std::iter::once(usize::MAX)) {
             let end = start + n.min(mutations.len() - start);
@@ -652,7 +653,7 @@ impl MemStore {
             }
             order.sort_unstable();
             order.dedup();
-            commands.push((&mutations[start..end], order));
+            commands.push((start..end, order));
             start = end;
         }
         let mut replies = Vec::with_capacity(mutations.len());
@@ -665,7 +666,8 @@ impl MemStore {
                 .take_while(|(_, o)| o == order)
                 .count();
             let mut guards: Guards<'_> = order.iter().map(|&i| (i, self.lock(i))).collect();
-            for (command, _) in &commands[next..next + run] {
+            for (range, _) in &commands[next..next + run] {
+                let command = &mutations[range.clone()];
                 if let Err(e) = command.iter().try_for_each(|m| self.check_fits(m)) {
                     replies.extend(command.iter().map(|_| Err(e.clone())));
                     continue;
@@ -675,9 +677,10 @@ impl MemStore {
                 }
             }
             drop(guards);
-            for (command, _) in &commands[next..next + run] {
-                self.evict_after(command, now_ms);
-            }
+            // One pass for the run, sparing every key it wrote: a write answered is never its
+            // own pipeline's eviction victim.
+            let written = commands[next].0.start..commands[next + run - 1].0.end;
+            self.evict_after(&mutations[written], now_ms);
             next += run;
         }
         replies
@@ -900,5 +903,68 @@ impl KeyspaceStore for MemStore {
             self.used_bytes.fetch_sub(freed, Ordering::Relaxed);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use capdb_types::mutation::{Condition, ExpiryUpdate};
+
+    fn set(key: &[u8], bytes: usize) -> Mutation {
+        Mutation::Set {
+            key: Bytes::copy_from_slice(key),
+            value: Bytes::from(vec![b'v'; bytes]),
+            condition: Condition::Always,
+            expiry: ExpiryUpdate::Clear,
+            return_old: false,
+        }
+    }
+
+    /// Two keys of one shard, written by one pipeline into a full cache, share one locking
+    /// and one eviction pass: that pass must spare both (LFU: new keys are the likeliest
+    /// victims), as Redis, which evicts before each command, never evicts what it answered.
+    #[test]
+    fn a_pipeline_never_evicts_what_it_just_wrote() {
+        let store = MemStore::new(
+            64 * 1024,
+            EvictionPolicy::Lfu,
+            std::sync::Arc::new(Hlc::new()),
+            1 << 20,
+        );
+        let now = 1_000;
+        for i in 0..200 {
+            let key = format!("old-{i}");
+            // Older keys are used often, so LFU prefers to evict new ones.
+            store.apply_commands(vec![set(key.as_bytes(), 200)], &[1], now);
+            for _ in 0..20 {
+                let _ = store.get(key.as_bytes(), now);
+            }
+        }
+        let keys: Vec<String> = (0..)
+            .map(|i| format!("new-{i}"))
+            .scan(None, |first: &mut Option<usize>, k| {
+                let shard = store.shard_of(k.as_bytes());
+                Some((*first.get_or_insert(shard) == shard).then_some(k))
+            })
+            .flatten()
+            .take(2)
+            .collect();
+        let replies = store.apply_commands(
+            vec![
+                set(keys[0].as_bytes(), 8_000),
+                set(keys[1].as_bytes(), 8_000),
+            ],
+            &[1, 1],
+            now,
+        );
+        assert!(replies.iter().all(|r| r.is_ok()), "{replies:?}");
+        assert!(store.used_bytes.load(Ordering::Relaxed) <= 64 * 1024);
+        for k in &keys {
+            assert!(
+                store.get(k.as_bytes(), now).unwrap().is_some(),
+                "{k} was evicted"
+            );
+        }
     }
 }
