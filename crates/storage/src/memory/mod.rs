@@ -722,7 +722,13 @@ impl MemStore {
             return self.exec_locked(guards, args, now_ms);
         }
         let sid = self.shard_of(m.key());
-        let slot = order.binary_search(&sid).expect("shard was locked");
+        let Ok(slot) = order.binary_search(&sid) else {
+            // The callers lock every shard a mutation touches (`push_shards`) first.
+            debug_assert!(false, "shard {sid} of a mutation was not locked");
+            return Err(Error::Io(format!(
+                "shard {sid} was not locked; nothing applied"
+            )));
+        };
         let shard = &mut *guards[slot].1;
         let key = m.key();
         let index = self.live_index(shard, key, now_ms);
