@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 use capdb_cluster::NodeId;
@@ -139,6 +140,23 @@ impl Ap {
     ) -> Result<Reply> {
         // An argument error needs no data: answer it without reading.
         let keys = capdb_data::command::command_keys(args)?;
+        if let [key] = &keys[..]
+            && let Some((kind, subs)) = capdb_data::point::elements(args)
+            && let Some(reply) = self
+                .exec_point(
+                    keyspace,
+                    entry,
+                    args,
+                    (key, kind as u8, subs),
+                    level,
+                    now_ms,
+                    value_bytes_max,
+                    write,
+                )
+                .await?
+        {
+            return Ok(reply);
+        }
         let mut values = std::collections::HashMap::new();
         for k in keys {
             if values.contains_key(&k) {
@@ -166,6 +184,91 @@ impl Ap {
                 .await?;
         }
         Ok(reply)
+    }
+
+    /// [`Ap::exec`] of a command that names the elements it reads (`capdb_data::point`): reads
+    /// only those of a big collection (plus its head and one visible element), runs the
+    /// command over them, and replicates its writes. `None` when that is not enough: the
+    /// replicas' answers do not settle what the key shows (they hold different first
+    /// elements, another kind competes, the collection is small) or the command read past
+    /// them; nothing was written then, and the caller runs the command over the whole state.
+    #[allow(clippy::too_many_arguments)]
+    async fn exec_point(
+        self: &Arc<Self>,
+        keyspace: &KeyspaceName,
+        entry: &KeyspaceEntry,
+        args: &[Bytes],
+        (key, kind, subs): (&Bytes, u8, Vec<Vec<u8>>),
+        level: Level,
+        now_ms: u64,
+        value_bytes_max: usize,
+        write: bool,
+    ) -> Result<Option<Reply>> {
+        let subs: Vec<Bytes> = subs.into_iter().map(Bytes::from).collect();
+        let shard = &entry.shards[shard_index(entry, key)];
+        let read = self
+            .read_part(keyspace, shard, key.clone(), kind, subs.clone(), level)
+            .await?;
+        if let Some(v) = &read.value {
+            self.hlc.observe(v.header.timestamp);
+        }
+        let whole = read.parts.iter().all(|(whole, _)| *whole);
+        let mut loaded = None;
+        if !whole {
+            let agree = read.parts.windows(2).all(|w| w[0].1 == w[1].1);
+            let state = match &read.value {
+                Some(v) => capdb_types::composite::Composite::of(v)?,
+                None => capdb_types::composite::Composite::default(),
+            };
+            // The replicas' common witness must still be visible once merged (removals on
+            // one side can hide what each side showed): else other elements decide whether
+            // the collection is empty.
+            let witnessed = match read.parts.first().and_then(|(_, w)| w.as_ref()) {
+                None => true,
+                Some(w) => state
+                    .colls
+                    .get(&kind)
+                    .and_then(|c| c.entries.get(w))
+                    .is_some_and(|e| e.visible(kind)),
+            };
+            if !agree || !witnessed || !capdb_storage::disk::partial_fits(&state, kind) {
+                self.point_reads.fallback.fetch_add(1, Ordering::Relaxed);
+                return Ok(None);
+            }
+            let mut known: std::collections::BTreeSet<Bytes> = subs.into_iter().collect();
+            if let Some(c) = state.colls.get(&kind) {
+                known.extend(c.entries.keys().cloned());
+            }
+            loaded = Some(known);
+        }
+        let (t_reset, t_write) = (self.hlc.now(), self.hlc.now());
+        let values = [(key.clone(), read.value)].into_iter().collect();
+        let mut view = crate::view::View::new(self.me, t_reset, t_write, now_ms, values)?;
+        if let Some(known) = loaded {
+            view.restrict(key, known);
+        }
+        let cx = capdb_data::Ctx {
+            now_ms,
+            timestamp: t_write,
+            seed: t_write.0.rotate_left(17) ^ 0x9e37_79b9_7f4a_7c15,
+            value_bytes_max,
+        };
+        let reply = capdb_data::execute(args, &mut view, &cx);
+        if view.missed() {
+            self.point_reads.fallback.fetch_add(1, Ordering::Relaxed);
+            return Ok(None);
+        }
+        if !whole {
+            self.point_reads.partial.fetch_add(1, Ordering::Relaxed);
+        }
+        let reply = reply?;
+        if write {
+            for (k, version) in view.into_writes(value_bytes_max)? {
+                self.write_versions(keyspace, shard, vec![(k, version)], level)
+                    .await?;
+            }
+        }
+        Ok(Some(reply))
     }
 
     /// The stored version of `key` read at `level` (merged across the replicas that answered),
@@ -469,6 +572,10 @@ impl Ap {
                 "reclaim_queued": queued,
             });
         }
+        json["point_reads"] = serde_json::json!({
+            "partial": self.point_reads.partial.load(Ordering::Relaxed),
+            "fallback": self.point_reads.fallback.load(Ordering::Relaxed),
+        });
         json
     }
 }

@@ -115,8 +115,19 @@ pub struct Ap {
     hints: hints::Hints,
     stats: anti_entropy::Stats,
     budget: anti_entropy::Budget,
+    point_reads: PointReads,
     /// Turns true at shutdown; the background loops end (and release the storage engine).
     stop: watch::Sender<bool>,
+}
+
+/// How commands that name their elements (`capdb_data::point`) read big collections, since
+/// start: `partial`, only the elements named; `fallback`, the whole collection after a
+/// partial read did not settle the command (replicas disagreeing on what the key shows, or
+/// the command reading past what was fetched).
+#[derive(Default)]
+struct PointReads {
+    partial: std::sync::atomic::AtomicU64,
+    fallback: std::sync::atomic::AtomicU64,
 }
 
 /// The local table of an `ap` keyspace (see [`capdb_storage::layout::ap_table`]).
@@ -143,6 +154,7 @@ impl Ap {
             detector: detector::Detector::new(me),
             stats: anti_entropy::Stats::default(),
             budget,
+            point_reads: PointReads::default(),
             stop: watch::channel(false).0,
         });
         tokio::spawn(detector::run(ap.clone()));

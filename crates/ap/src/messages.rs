@@ -69,6 +69,15 @@ pub enum ApRequest {
     /// The stored versions of these keys (tombstones included), each assembled whole from
     /// its head and element records.
     Read { keyspace: String, keys: Vec<Bytes> },
+    /// What a command naming only these elements of `key`'s collection of `kind` needs:
+    /// see `capdb_storage::disk::DiskTable::ap_get_part` (the head, those element records
+    /// and the first visible element when the collection is big, else the whole state).
+    ReadPart {
+        keyspace: String,
+        key: Bytes,
+        kind: u8,
+        subs: Vec<Bytes>,
+    },
     /// Stored records by anti-entropy id (a key's head or one element record, see
     /// `capdb_storage::disk::ApRecord`), each as (key, a version that merges it in).
     ReadRecords { keyspace: String, ids: Vec<Bytes> },
@@ -128,6 +137,7 @@ pub enum ApResponse {
     Pong,
     Count(u64),
     Values(Vec<Option<Value>>),
+    Part(capdb_storage::disk::ApPart),
     Records(Vec<Option<(Bytes, Value)>>),
     Value(Value),
     Digest(Vec<u64>),

@@ -126,6 +126,17 @@ pub(super) async fn handle(ap: &Arc<Ap>, request: ApRequest) -> Result<ApRespons
                 .collect::<Result<Vec<_>>>()?;
             Ok(ApResponse::Values(values))
         }
+        ApRequest::ReadPart {
+            keyspace,
+            key,
+            kind,
+            subs,
+        } => {
+            check_table(ap, &keyspace)?;
+            Ok(ApResponse::Part(
+                ap.table(&keyspace).ap_get_part(&key, kind, &subs)?,
+            ))
+        }
         ApRequest::ReadRecords { keyspace, ids } => {
             check_table(ap, &keyspace)?;
             Ok(ApResponse::Records(

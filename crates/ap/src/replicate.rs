@@ -160,13 +160,57 @@ impl Ap {
         keys: Vec<Bytes>,
         level: Level,
     ) -> Result<Vec<Option<Value>>> {
+        let read = ReadOf::Keys(keys.clone());
+        Ok(self
+            .read_merged(keyspace, shard, level, keys, read)
+            .await?
+            .merged)
+    }
+
+    /// Reads what a command naming only `subs` of `key`'s collection of `kind` needs, at
+    /// `level` (see `capdb_storage::disk::DiskTable::ap_get_part`), merged across the replicas
+    /// that answered, with what each said of its answer; repairs stale replicas in the
+    /// background (with what was read).
+    pub(crate) async fn read_part(
+        self: &Arc<Self>,
+        keyspace: &KeyspaceName,
+        shard: &ShardInfo,
+        key: Bytes,
+        kind: u8,
+        subs: Vec<Bytes>,
+        level: Level,
+    ) -> Result<PartRead> {
+        let read = ReadOf::Part {
+            key: key.clone(),
+            kind,
+            subs,
+        };
+        let answer = self
+            .read_merged(keyspace, shard, level, vec![key], read)
+            .await?;
+        Ok(PartRead {
+            value: answer.merged.into_iter().next().flatten(),
+            parts: answer.parts,
+        })
+    }
+
+    /// Sends `read` to the shard's replicas; answers once `level` is met (the versions merged
+    /// per key), then repairs the replicas that answered.
+    async fn read_merged(
+        self: &Arc<Self>,
+        keyspace: &KeyspaceName,
+        shard: &ShardInfo,
+        level: Level,
+        keys: Vec<Bytes>,
+        read: ReadOf,
+    ) -> Result<ReadAnswer> {
         let replicas: Vec<NodeId> = shard.replicas.clone();
         let required = level.required(replicas.len());
         let (answer_tx, answer_rx) = oneshot::channel();
         let ap = self.clone();
         let ks = keyspace.to_string();
         tokio::spawn(async move {
-            ap.read_and_repair(ks, replicas, keys, required, answer_tx)
+            ap.read_and_repair(ks, replicas, keys, read, required, answer_tx)
                 .await
         });
         match answer_rx.await {
@@ -175,13 +219,14 @@ impl Ap {
         }
     }
 
-    pub(crate) async fn read_and_repair(
+    async fn read_and_repair(
         self: Arc<Self>,
         keyspace: String,
         replicas: Vec<NodeId>,
         keys: Vec<Bytes>,
+        read: ReadOf,
         required: usize,
-        answer: oneshot::Sender<Result<Vec<Option<Value>>>>,
+        answer: oneshot::Sender<Result<ReadAnswer>>,
     ) {
         let (tx, mut rx) = mpsc::channel(replicas.len().max(1));
         let mut asked = 0;
@@ -192,13 +237,11 @@ impl Ap {
             asked += 1;
             let ap = self.clone();
             let tx = tx.clone();
-            let req = ApRequest::Read {
-                keyspace: keyspace.clone(),
-                keys: keys.clone(),
-            };
+            let req = read.request(&keyspace);
             tokio::spawn(async move {
                 let r_out = match ap.call(r, req, REPLICA_TIMEOUT).await {
-                    Ok(ApResponse::Values(v)) => Some(v),
+                    Ok(ApResponse::Values(v)) => Some((v, None)),
+                    Ok(ApResponse::Part(p)) => Some((vec![p.value], Some((p.whole, p.witness)))),
                     _ => None,
                 };
                 let _ = tx.send((r, r_out)).await;
@@ -206,15 +249,20 @@ impl Ap {
         }
         drop(tx);
         let mut replies: Vec<(NodeId, Vec<Option<Value>>)> = Vec::new();
+        let mut parts: Vec<Part> = Vec::new();
         let mut answer = Some(answer);
         while let Some((node, out)) = rx.recv().await {
-            if let Some(values) = out.filter(|v| v.len() == keys.len()) {
+            if let Some((values, part)) = out.filter(|(v, _)| v.len() == keys.len()) {
                 replies.push((node, values));
+                parts.extend(part);
             }
             if replies.len() >= required
                 && let Some(a) = answer.take()
             {
-                let _ = a.send(Ok(merge_replies(&replies, keys.len())));
+                let _ = a.send(Ok(ReadAnswer {
+                    merged: merge_replies(&replies, keys.len()),
+                    parts: std::mem::take(&mut parts),
+                }));
             }
         }
         if let Some(a) = answer.take() {
@@ -255,6 +303,49 @@ impl Ap {
             if ok {
                 self.stats.read_repaired(&keyspace, n);
             }
+        }
+    }
+}
+
+/// What one replica said of its answer to a partial read: (whether it is the whole state, its
+/// witness: the first visible element of the kind asked about).
+pub(crate) type Part = (bool, Option<Bytes>);
+
+/// A partial read merged across the replicas that made its level.
+pub(crate) struct PartRead {
+    pub value: Option<Value>,
+    /// One per replica whose answer is in `value`.
+    pub parts: Vec<Part>,
+}
+
+struct ReadAnswer {
+    merged: Vec<Option<Value>>,
+    parts: Vec<Part>,
+}
+
+/// What a read asks each replica for.
+enum ReadOf {
+    Keys(Vec<Bytes>),
+    Part {
+        key: Bytes,
+        kind: u8,
+        subs: Vec<Bytes>,
+    },
+}
+
+impl ReadOf {
+    fn request(&self, keyspace: &str) -> ApRequest {
+        match self {
+            ReadOf::Keys(keys) => ApRequest::Read {
+                keyspace: keyspace.to_string(),
+                keys: keys.clone(),
+            },
+            ReadOf::Part { key, kind, subs } => ApRequest::ReadPart {
+                keyspace: keyspace.to_string(),
+                key: key.clone(),
+                kind: *kind,
+                subs: subs.clone(),
+            },
         }
     }
 }

@@ -4,6 +4,11 @@
 //!
 //! The coordinator reads each key the command names at the request's level, builds the
 //! key's [`Composite`] (a plain version is a composite with only a base), and runs the command.
+//! A command that names its elements (`capdb_data::point`) on a big collection reads only
+//! those, the head and one visible element ([`View::restrict`]): the view then knows whether
+//! the collection exists, its kind, TTL and encoding, and the named elements, but not its
+//! size, which such commands never need; one that reaches further sets [`View::missed`] and
+//! runs again over the whole state.
 //! The view records the command's writes as element versions stamped with one timestamp
 //! (`t_write`), and deletes and overwrites with an earlier one (`t_reset`), so that a command
 //! that empties a key and fills it again keeps what it wrote. What goes to the replicas is a
@@ -42,6 +47,9 @@ pub(crate) struct View {
     now_ms: u64,
     keys: HashMap<Bytes, KeyState>,
     next_id: u64,
+    /// The command reached past what a partial read fetched (see [`View::restrict`]): its
+    /// run is void, and the coordinator runs it again over the whole collection.
+    missed: bool,
 }
 
 #[derive(Default)]
@@ -60,6 +68,9 @@ struct KeyState {
     index: Option<BTreeMap<Bytes, ()>>,
     /// Keys the command did not name are unreadable.
     read: bool,
+    /// A partial read: the only subkeys whose state is known (those fetched and those this
+    /// command wrote). `None`: the whole collection was read.
+    loaded: Option<BTreeSet<Bytes>>,
 }
 
 impl View {
@@ -97,7 +108,46 @@ impl View {
             now_ms,
             keys,
             next_id: 1 << 40,
+            missed: false,
         })
+    }
+
+    /// Marks `key` as read partially: of its collection's elements, only those at `loaded`
+    /// (present or not) are known; its registers and the witness of its non-emptiness are
+    /// (see `capdb_data::point`). A command that reads any other element, or a range, sets
+    /// [`View::missed`] and fails.
+    pub(crate) fn restrict(&mut self, key: &[u8], loaded: BTreeSet<Bytes>) {
+        if let Some(ks) = self.keys.get_mut(key) {
+            ks.loaded = Some(loaded);
+        }
+    }
+
+    /// Whether the command reached past a partial read (its reply and writes are void).
+    pub(crate) fn missed(&self) -> bool {
+        self.missed
+    }
+
+    /// Fails the command when `key` was read partially and `sub` (any element, for `None`)
+    /// was not fetched.
+    fn need(&mut self, key: &[u8], sub: Option<&[u8]>) -> Result<()> {
+        let known = match self.keys.get(key).and_then(|k| k.loaded.as_ref()) {
+            None => true,
+            Some(loaded) => sub.is_some_and(|s| loaded.contains(s)),
+        };
+        if known {
+            return Ok(());
+        }
+        self.missed = true;
+        Err(Error::Io(
+            "ap command read past its partial read (run again over the whole collection)".into(),
+        ))
+    }
+
+    /// `sub` of `key` is now known (this command wrote it).
+    fn learn(&mut self, key: &[u8], sub: &[u8]) {
+        if let Some(loaded) = self.keys.get_mut(key).and_then(|k| k.loaded.as_mut()) {
+            loaded.insert(Bytes::copy_from_slice(sub));
+        }
     }
 
     fn key(&mut self, key: &[u8]) -> Result<&mut KeyState> {
@@ -381,6 +431,9 @@ impl Space for View {
     }
 
     fn rename(&mut self, from: &[u8], to: &[u8]) -> Result<()> {
+        // Copies every visible element.
+        self.need(from, None)?;
+        self.need(to, None)?;
         let (me, t_write, now_ms) = (self.me, self.t_write, self.now_ms);
         let src = {
             let ks = self.key(from)?;
@@ -465,9 +518,11 @@ impl Space for View {
     }
 
     fn el_get(&mut self, c: &Coll, sub: &[u8]) -> Result<Option<Bytes>> {
+        let kind = self.key(&c.key)?.kind;
+        let index_sub = kind == ZSET && capdb_data::zset::is_index_sub(sub);
+        self.need(&c.key, (!index_sub).then_some(sub))?;
         let ks = self.key(&c.key)?;
-        let kind = ks.kind;
-        if kind == ZSET && capdb_data::zset::is_index_sub(sub) {
+        if index_sub {
             return Ok(ks.index()?.contains_key(sub).then(Bytes::new));
         }
         let Some(e) = ks.state.colls.get(&kind).and_then(|c| c.entries.get(sub)) else {
@@ -491,6 +546,8 @@ impl Space for View {
             ks.index()?.insert(Bytes::copy_from_slice(sub), ());
             return Ok(());
         }
+        self.learn(&c.key, sub);
+        let ks = self.key(&c.key)?;
         let e = ks
             .state
             .colls
@@ -509,6 +566,17 @@ impl Space for View {
         Ok(())
     }
 
+    fn el_insert(&mut self, c: &Coll, sub: &[u8], value: &[u8]) -> Result<bool> {
+        let was = self.el_get(c, sub)?;
+        // SADD of a member already there changes nothing in Redis (no WATCH abort): no new add
+        // tag either. (A hash field is always written: HSET of any value is a change.)
+        if was.is_some() && self.key(&c.key)?.kind == SET {
+            return Ok(false);
+        }
+        self.el_put(c, sub, value)?;
+        Ok(was.is_none())
+    }
+
     fn el_remove(&mut self, c: &Coll, sub: &[u8]) -> Result<()> {
         let (me, t_write) = (self.me, self.t_write);
         let ks = self.key(&c.key)?;
@@ -517,6 +585,10 @@ impl Space for View {
             ks.index()?.remove(sub);
             return Ok(());
         }
+        // Removing an element this command never read is a write of what it did not see
+        // (observed-remove sets need the adds it removes).
+        self.need(&c.key, Some(sub))?;
+        let ks = self.key(&c.key)?;
         let Some(coll) = ks.state.colls.get_mut(&kind) else {
             return Ok(());
         };
@@ -544,6 +616,7 @@ impl Space for View {
     }
 
     fn el_range(&mut self, c: &Coll, range: ElRange<'_>) -> Result<Vec<(Bytes, Bytes)>> {
+        self.need(&c.key, None)?;
         let ks = self.key(&c.key)?;
         let kind = ks.kind;
         let mut out: Vec<(Bytes, Bytes)> = Vec::new();

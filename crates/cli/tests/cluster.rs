@@ -968,6 +968,141 @@ fn merge_bytes_stored_on(c: &Cluster, n: u64) -> u64 {
         .unwrap_or_else(|| panic!("node {n} reports no merge bytes: {report:#}"))
 }
 
+/// (partial, fallback) point reads coordinated by node `n` since it started (see
+/// `capdb_data::point`: commands naming their elements read only those of a big collection).
+fn point_reads_on(c: &Cluster, n: u64) -> (u64, u64) {
+    let report = reconcile_report(c);
+    let p = &report["nodes"][n.to_string()]["point_reads"];
+    let get = |what: &str| {
+        p[what]
+            .as_u64()
+            .unwrap_or_else(|| panic!("node {n} reports no point reads: {report:#}"))
+    };
+    (get("partial"), get("fallback"))
+}
+
+/// Commands that name their elements (HSET, HGET, HDEL, SADD, SISMEMBER, ZADD, ZSCORE, ...) on
+/// a big `ap` collection read those elements, the collection's head and one visible element,
+/// not the collection: every one below is answered from such a partial read, with Redis's
+/// replies, through two different coordinators, and what they wrote reads back whole. A set
+/// emptied member by member that way is gone, and comes back as a new, compact set.
+#[test]
+fn ap_point_commands_on_a_big_collection_read_only_the_elements_they_name() {
+    let c = Cluster::start(3);
+    let mut q = create_events_keyspace(&c, "quorum");
+    let value = "v".repeat(100);
+    let mut hset = redis::cmd("HSET");
+    hset.arg("h");
+    let mut sadd = redis::cmd("SADD");
+    sadd.arg("s");
+    let mut zadd = redis::cmd("ZADD");
+    zadd.arg("z");
+    for i in 0..300 {
+        hset.arg(format!("f{i:03}")).arg(&value);
+        sadd.arg(format!("m{i:03}"));
+        zadd.arg(i).arg(format!("m{i:03}"));
+    }
+    let _: i64 = hset.query(&mut q).unwrap();
+    let _: i64 = sadd.query(&mut q).unwrap();
+    let _: i64 = zadd.query(&mut q).unwrap();
+    let mut emptied = redis::cmd("SADD");
+    emptied.arg("gone");
+    for i in 0..200 {
+        emptied.arg(format!("x{i:03}"));
+    }
+    let _: i64 = emptied.query(&mut q).unwrap();
+    wait_until_replicas_converge(&c);
+
+    let before = [point_reads_on(&c, 2), point_reads_on(&c, 3)];
+    let mut on_2 = ap_conn(&c, 2, "quorum");
+    let mut on_3 = ap_conn(&c, 3, "quorum");
+    type Case = (&'static str, redis::Value);
+    use redis::Value::{Array, BulkString as B, Int, Nil};
+    let b = |s: &str| B(s.as_bytes().to_vec());
+    let cases: Vec<Case> = vec![
+        ("HSET h new x", Int(1)),
+        ("HGET h new", b("x")),
+        ("HGET h f007", b(&value)),
+        ("HMGET h f001 nope", Array(vec![b(&value), Nil])),
+        ("HINCRBY h n 5", Int(5)),
+        ("HINCRBYFLOAT h n 1.5", b("6.5")),
+        ("HEXISTS h f003", Int(1)),
+        ("HSTRLEN h f003", Int(100)),
+        ("HSETNX h new y", Int(0)),
+        ("HDEL h new nope", Int(1)),
+        ("SADD s m001 extra", Int(1)),
+        ("SISMEMBER s m005", Int(1)),
+        ("SMISMEMBER s m006 zz", Array(vec![Int(1), Int(0)])),
+        ("SREM s extra m007", Int(2)),
+        ("ZADD z 5 m001 1000 newm", Int(1)),
+        ("ZADD z xx ch gt 9999 m002", Int(1)),
+        ("ZSCORE z m001", b("5")),
+        ("ZINCRBY z 2 m001", b("7")),
+        ("ZMSCORE z m002 nope", Array(vec![b("9999"), Nil])),
+        ("ZREM z newm m003", Int(2)),
+    ];
+    for (i, (line, want)) in cases.iter().enumerate() {
+        let conn = if i % 2 == 0 { &mut on_2 } else { &mut on_3 };
+        let words: Vec<&str> = line.split(' ').collect();
+        let got: redis::Value = redis::cmd(words[0]).arg(&words[1..]).query(conn).unwrap();
+        assert_eq!(&got, want, "{line}");
+    }
+    for i in 0..200 {
+        let removed: i64 = redis::cmd("SREM")
+            .arg("gone")
+            .arg(format!("x{i:03}"))
+            .query(&mut on_3)
+            .unwrap();
+        assert_eq!(removed, 1, "x{i:03}");
+    }
+    let after = [point_reads_on(&c, 2), point_reads_on(&c, 3)];
+    let partial = after[0].0 - before[0].0 + after[1].0 - before[1].0;
+    let fallback = after[0].1 - before[0].1 + after[1].1 - before[1].1;
+    assert_eq!(
+        (partial, fallback),
+        (cases.len() as u64 + 200, 0),
+        "every command read only what it names"
+    );
+
+    // What they wrote, read whole.
+    let len: i64 = redis::cmd("HLEN").arg("h").query(&mut q).unwrap();
+    assert_eq!(len, 301, "300 fields and n");
+    let n: String = redis::cmd("HGET").arg("h").arg("n").query(&mut q).unwrap();
+    assert_eq!(n, "6.5");
+    let card: i64 = redis::cmd("SCARD").arg("s").query(&mut q).unwrap();
+    assert_eq!(card, 299);
+    let top: Vec<(String, f64)> = redis::cmd("ZRANGE")
+        .arg("z")
+        .arg(-2)
+        .arg(-1)
+        .arg("WITHSCORES")
+        .query(&mut q)
+        .unwrap();
+    assert_eq!(top, vec![("m299".into(), 299.0), ("m002".into(), 9999.0)]);
+    let rank: i64 = redis::cmd("ZRANK")
+        .arg("z")
+        .arg("m001")
+        .query(&mut q)
+        .unwrap();
+    assert_eq!(
+        rank, 4,
+        "after m000, m004, m005 and m006 (m003 is gone), m001 scores 7"
+    );
+    let exists: i64 = redis::cmd("EXISTS").arg("gone").query(&mut q).unwrap();
+    assert_eq!(exists, 0, "a set emptied member by member is gone");
+    let _: i64 = redis::cmd("SADD")
+        .arg("gone")
+        .arg(1)
+        .query(&mut on_2)
+        .unwrap();
+    let encoding: String = redis::cmd("OBJECT")
+        .arg("ENCODING")
+        .arg("gone")
+        .query(&mut q)
+        .unwrap();
+    assert_eq!(encoding, "intset", "a new incarnation starts compact");
+}
+
 /// A replica partitioned away while one field of a big hash was written is repaired with that
 /// field (and the hash's small head), not the hash.
 #[test]

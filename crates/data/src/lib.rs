@@ -30,6 +30,7 @@
 //! - [`format`]: numbers as Redis parses and prints them; [`glob`]: Redis's MATCH patterns;
 //!   [`scan`]: HSCAN/SSCAN/ZSCAN cursors; [`rng`]: the seeded generator random commands use;
 //! - families: [`hash`], [`list`], [`set`], [`zset`], [`strings`], [`bits`], [`hll`], [`keys`];
+//! - [`point`]: which elements a command names (what `ap` fetches instead of a whole collection);
 //! - [`dump`]: DUMP and RESTORE in Redis's payload format (its RDB codec in [`dump::rdb`]).
 
 pub mod bits;
@@ -43,6 +44,7 @@ pub mod keys;
 pub mod list;
 pub mod meta;
 pub mod notify;
+pub mod point;
 pub mod rng;
 pub mod scan;
 pub mod set;

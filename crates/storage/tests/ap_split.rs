@@ -255,3 +255,81 @@ async fn a_hash_written_over_a_concurrent_string_counts_one_type_conflict_and_sh
         .unwrap();
     assert_eq!(more.conflicts.type_conflicts, 0);
 }
+
+/// A point read (`ap_get_part`, what HSET/HGET/SADD/ZADD of named elements read) of a big hash
+/// holds the head, the fields asked for (removed ones too: their versions matter to the
+/// merge) and the first visible field, the witness that the hash is not empty, and nothing
+/// else. A small hash is read whole, as is a key where another type competes.
+#[tokio::test]
+async fn a_point_read_of_a_big_hash_fetches_the_named_fields_and_one_visible_witness() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_engine, t) = table(&dir).await;
+    let big = |v: Value| {
+        let mut c = Composite::of(&v).unwrap();
+        c.colls.get_mut(&HASH).unwrap().big = at(1_000);
+        c.to_value()
+    };
+    t.ap_merge(vec![(
+        Bytes::from_static(b"h"),
+        big(hash_delta(&fields(1_000, 1_000), 1_000)),
+    )])
+    .await
+    .unwrap();
+    // The first ten fields removed (HDEL): the witness is the first one left.
+    let mut removed = Composite::default();
+    let c = removed.colls.entry(HASH).or_default();
+    for (f, _) in fields(10, 0) {
+        c.entries.insert(
+            Bytes::from(f),
+            Entry {
+                ts: at(2_000),
+                origin: 1,
+                value: None,
+                ..Entry::default()
+            },
+        );
+    }
+    t.ap_merge(vec![(Bytes::from_static(b"h"), removed.to_value())])
+        .await
+        .unwrap();
+
+    let asked: Vec<Bytes> = [&b"f00500"[..], b"f00003", b"nope"]
+        .into_iter()
+        .map(Bytes::from_static)
+        .collect();
+    let part = t.ap_get_part(b"h", HASH, &asked).unwrap();
+    assert!(!part.whole);
+    assert_eq!(part.witness.as_deref(), Some(&b"f00010"[..]));
+    let got = Composite::of(&part.value.unwrap()).unwrap();
+    let entries = &got.colls[&HASH].entries;
+    let subs: Vec<&[u8]> = entries.keys().map(|k| &k[..]).collect();
+    assert_eq!(subs, vec![&b"f00003"[..], b"f00010", b"f00500"]);
+    assert!(!entries[&b"f00003"[..]].visible(HASH));
+    let whole = Composite::of(&t.ap_get(b"h").unwrap().unwrap()).unwrap();
+    for (sub, e) in entries {
+        assert_eq!(Some(e), whole.colls[&HASH].entries.get(sub), "{sub:?}");
+    }
+    assert!(capdb_storage::disk::partial_fits(&got, HASH));
+
+    // A small hash: whole.
+    t.ap_merge(vec![(
+        Bytes::from_static(b"small"),
+        hash_delta(&fields(5, 1_000), 1_000),
+    )])
+    .await
+    .unwrap();
+    let part = t.ap_get_part(b"small", HASH, &asked).unwrap();
+    assert!(part.whole);
+    assert_eq!(part.witness.as_deref(), Some(&b"f00000"[..]));
+    let got = Composite::of(&part.value.unwrap()).unwrap();
+    assert_eq!(got.colls[&HASH].entries.len(), 5);
+
+    // A string written over the big hash concurrently (a type conflict): whole.
+    let mut s = Value::new(Bytes::from_static(b"str"), at(1_500), None);
+    s.header.timestamp = at(1_500);
+    t.ap_merge(vec![(Bytes::from_static(b"h"), s)])
+        .await
+        .unwrap();
+    let part = t.ap_get_part(b"h", HASH, &asked).unwrap();
+    assert!(part.whole);
+}

@@ -16,6 +16,8 @@
 //! # What stays exact, and what costs what
 //!
 //! - **Reads** ([`DiskTable::ap_get`]) assemble the head and all the key's elements: O(size).
+//!   A command that names its elements reads only those of a big collection, with the head
+//!   and the first visible element ([`DiskTable::ap_get_part`]): O(k).
 //! - **Visibility** without reading a collection (SCAN, DBSIZE, tombstone collection, type
 //!   conflicts): the head plus the first *visible* element of each kind ([`lite`]); only when
 //!   two types are candidates (a type conflict) is the key assembled whole, so the answer is
@@ -179,6 +181,41 @@ pub(super) fn lite<T: ReadableTable<&'static [u8], &'static [u8]>>(
         return assemble(el, key, head);
     }
     Ok(state)
+}
+
+/// What [`DiskTable::ap_get_part`] answers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ApPart {
+    /// The stored version: whole, or the head with the elements asked for and the witness.
+    pub value: Option<Value>,
+    /// Whether `value` is the whole state.
+    pub whole: bool,
+    /// The subkey of the first visible element of the kind asked about (the collection's
+    /// witness), if any.
+    pub witness: Option<Bytes>,
+}
+
+/// Whether a head is one a partial read may stand for: it holds a big collection of `kind`
+/// and nothing that could compete with it for what the key shows (a live plain version,
+/// another kind), so that its visibility needs only one visible element and its encoding is
+/// settled (see [`DiskTable::ap_get_part`]). Lists are one register, always read whole.
+pub fn partial_fits(head: &Composite, kind: u8) -> bool {
+    kind != LIST
+        && head.base().is_none_or(|b| b.header.tombstone)
+        && head.colls.len() == 1
+        && head.colls.get(&kind).is_some_and(|c| c.is_big())
+}
+
+/// The first visible element of `kind` in an assembled (pruned) state.
+fn first_visible(state: &Composite, kind: u8) -> Option<Bytes> {
+    if kind == LIST {
+        return None;
+    }
+    let c = state.colls.get(&kind)?;
+    c.entries
+        .iter()
+        .find(|(_, e)| e.visible(kind))
+        .map(|(sub, _)| sub.clone())
 }
 
 fn read_head<T: ReadableTable<&'static [u8], &'static [u8]>>(
@@ -639,6 +676,70 @@ impl DiskTable {
             };
             let state = assemble(el, key, &head_of(head.as_ref()))?;
             Ok(Some(state.to_value()))
+        })
+    }
+
+    /// What a command naming only `subs` of `key`'s collection of `kind` needs to read (see
+    /// `capdb_data::point`): when the key holds a *big* collection of that kind and nothing
+    /// else (no live plain version, no other kind), its head, the element records at `subs`
+    /// (tombstones included) and the first visible element of the kind, the witness that the
+    /// collection is not empty: O(|subs|) rather than O(size). Otherwise (a small collection,
+    /// anything else, nothing) the whole state, as [`DiskTable::ap_get`] reads it.
+    pub fn ap_get_part(&self, key: &[u8], kind: u8, subs: &[Bytes]) -> Result<ApPart> {
+        self.ap_read(|t, el| {
+            let head = match t {
+                Some(t) => read_head(t, key)?,
+                None => None,
+            };
+            let Some(el) = el.filter(|el| has_elements(*el, key).unwrap_or(false)) else {
+                let witness = head
+                    .as_ref()
+                    .and_then(|h| first_visible(&head_of(Some(h)), kind));
+                return Ok(ApPart {
+                    value: head,
+                    whole: true,
+                    witness,
+                });
+            };
+            let h = head_of(head.as_ref());
+            if !partial_fits(&h, kind) {
+                let state = assemble(el, key, &h)?;
+                let witness = first_visible(&state, kind);
+                return Ok(ApPart {
+                    value: Some(state.to_value()),
+                    whole: true,
+                    witness,
+                });
+            }
+            let reset = h.reset();
+            let mut found: Vec<Element> = Vec::with_capacity(subs.len() + 1);
+            let mut witness = None;
+            elements_of(el, key, Some(kind), |_, kind, sub, mut e| {
+                if e.prune(reset) && e.visible(kind) {
+                    witness = Some(Bytes::copy_from_slice(sub));
+                    found.push((kind, Bytes::copy_from_slice(sub), e));
+                    return false;
+                }
+                true
+            })?;
+            for sub in subs {
+                if witness.as_ref() == Some(sub) {
+                    continue;
+                }
+                let record = el
+                    .get(&ap_element_key(key, kind, sub)[..])
+                    .map_err(io_err)?;
+                if let Some(e) = record.and_then(|raw| decode_element(raw.value())) {
+                    found.push((kind, sub.clone(), e));
+                }
+            }
+            let mut state = h;
+            state.assemble(found);
+            Ok(ApPart {
+                value: Some(state.to_value()),
+                whole: false,
+                witness,
+            })
         })
     }
 

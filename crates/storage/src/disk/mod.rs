@@ -97,7 +97,7 @@ use capdb_types::{Error, Hlc, Result};
 use redb::{Database, TableDefinition};
 use tokio::sync::mpsc;
 
-pub use ap::{AP_RECLAIM_STEP_MAX, ApRecord, MergeOutcome};
+pub use ap::{AP_RECLAIM_STEP_MAX, ApPart, ApRecord, MergeOutcome, partial_fits};
 pub use meta::MetaItem;
 use ops::Op;
 pub use replicated::{Queued, RememberReplies, TableDump};
