@@ -235,10 +235,10 @@ impl Ap {
                 self.point_reads.fallback.fetch_add(1, Ordering::Relaxed);
                 return Ok(None);
             }
+            // What every replica sent: the named elements and the common witness (a replica
+            // that answered whole sent more, which the others' versions may not cover).
             let mut known: std::collections::BTreeSet<Bytes> = subs.into_iter().collect();
-            if let Some(c) = state.colls.get(&kind) {
-                known.extend(c.entries.keys().cloned());
-            }
+            known.extend(read.parts.first().and_then(|(_, w)| w.clone()));
             loaded = Some(known);
         }
         let (t_reset, t_write) = (self.hlc.now(), self.hlc.now());

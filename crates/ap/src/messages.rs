@@ -69,15 +69,6 @@ pub enum ApRequest {
     /// The stored versions of these keys (tombstones included), each assembled whole from
     /// its head and element records.
     Read { keyspace: String, keys: Vec<Bytes> },
-    /// What a command naming only these elements of `key`'s collection of `kind` needs:
-    /// see `capdb_storage::disk::DiskTable::ap_get_part` (the head, those element records
-    /// and the first visible element when the collection is big, else the whole state).
-    ReadPart {
-        keyspace: String,
-        key: Bytes,
-        kind: u8,
-        subs: Vec<Bytes>,
-    },
     /// Stored records by anti-entropy id (a key's head or one element record, see
     /// `capdb_storage::disk::ApRecord`), each as (key, a version that merges it in).
     ReadRecords { keyspace: String, ids: Vec<Bytes> },
@@ -130,6 +121,15 @@ pub enum ApRequest {
     },
     /// This node's reconciliation statistics (JSON).
     Stats,
+    /// What a command naming only these elements of `key`'s collection of `kind` needs:
+    /// see `capdb_storage::disk::DiskTable::ap_get_part` (the head, those element records
+    /// and the first visible element when the collection is big, else the whole state).
+    ReadPart {
+        keyspace: String,
+        key: Bytes,
+        kind: u8,
+        subs: Vec<Bytes>,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -137,13 +137,13 @@ pub enum ApResponse {
     Pong,
     Count(u64),
     Values(Vec<Option<Value>>),
-    Part(capdb_storage::disk::ApPart),
     Records(Vec<Option<(Bytes, Value)>>),
     Value(Value),
     Digest(Vec<u64>),
     Fingerprints(Vec<(Bytes, u64)>),
     Page(Vec<(Bytes, Value)>, Option<Bytes>),
     Stats(String),
+    Part(capdb_storage::disk::ApPart),
 }
 
 /// The `ap` channel: a replica answers with its response or the typed error that refused it.

@@ -228,6 +228,9 @@ impl View {
     /// `t_reset`, hiding everything older, and whatever this command wrote to the key before is
     /// dropped.
     fn reset(&mut self, key: &[u8]) -> Result<()> {
+        // `t_reset` must be later than every element it hides, and this node's clock has only
+        // seen the elements a partial read fetched.
+        self.need(key, None)?;
         let (t_reset, t_write) = (self.t_reset, self.t_write);
         let ks = self.key(key)?;
         let tomb = Value::tombstone(t_reset);
@@ -564,17 +567,6 @@ impl Space for View {
         }
         ks.touch(sub, me, t_write);
         Ok(())
-    }
-
-    fn el_insert(&mut self, c: &Coll, sub: &[u8], value: &[u8]) -> Result<bool> {
-        let was = self.el_get(c, sub)?;
-        // SADD of a member already there changes nothing in Redis (no WATCH abort): no new add
-        // tag either. (A hash field is always written: HSET of any value is a change.)
-        if was.is_some() && self.key(&c.key)?.kind == SET {
-            return Ok(false);
-        }
-        self.el_put(c, sub, value)?;
-        Ok(was.is_none())
     }
 
     fn el_remove(&mut self, c: &Coll, sub: &[u8]) -> Result<()> {

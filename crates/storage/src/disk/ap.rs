@@ -190,8 +190,9 @@ pub struct ApPart {
     pub value: Option<Value>,
     /// Whether `value` is the whole state.
     pub whole: bool,
-    /// The subkey of the first visible element of the kind asked about (the collection's
-    /// witness), if any.
+    /// The collection's witness, if it shows any element: the least of the subkeys asked for
+    /// that is visible here, else the first visible element in subkey order. Replicas holding
+    /// the same elements name the same witness (the coordinator relies on it).
     pub witness: Option<Bytes>,
 }
 
@@ -206,17 +207,26 @@ pub fn partial_fits(head: &Composite, kind: u8) -> bool {
         && head.colls.get(&kind).is_some_and(|c| c.is_big())
 }
 
-/// The first visible element of `kind` in an assembled (pruned) state.
-fn first_visible(state: &Composite, kind: u8) -> Option<Bytes> {
+/// The witness of a (pruned) state that its collection of `kind` is not empty, as
+/// [`ApPart::witness`] defines it, from the elements the state holds.
+fn witness_of(state: &Composite, kind: u8, subs: &[Bytes]) -> Option<Bytes> {
     if kind == LIST {
         return None;
     }
     let c = state.colls.get(&kind)?;
+    let visible = |sub: &Bytes| c.entries.get(sub).is_some_and(|e| e.visible(kind));
+    if let Some(named) = subs.iter().filter(|s| visible(s)).min() {
+        return Some(named.clone());
+    }
     c.entries
         .iter()
         .find(|(_, e)| e.visible(kind))
         .map(|(sub, _)| sub.clone())
 }
+
+/// Removed (or hidden) elements a partial read examines at most to find a visible one (see
+/// [`DiskTable::ap_get_part`]); past it, the collection is read whole.
+pub const AP_WITNESS_SCAN_MAX: usize = 4_096;
 
 fn read_head<T: ReadableTable<&'static [u8], &'static [u8]>>(
     t: &T,
@@ -681,10 +691,12 @@ impl DiskTable {
 
     /// What a command naming only `subs` of `key`'s collection of `kind` needs to read (see
     /// `capdb_data::point`): when the key holds a *big* collection of that kind and nothing
-    /// else (no live plain version, no other kind), its head, the element records at `subs`
-    /// (tombstones included) and the first visible element of the kind, the witness that the
-    /// collection is not empty: O(|subs|) rather than O(size). Otherwise (a small collection,
-    /// anything else, nothing) the whole state, as [`DiskTable::ap_get`] reads it.
+    /// else (no live plain version, no other kind's registers or element records), its head,
+    /// the element records at `subs` (tombstones included) and a *witness* that the collection
+    /// is not empty ([`ApPart::witness`]): O(|subs|) rather than O(size). Otherwise (a small
+    /// collection, anything else, nothing) the whole state, as [`DiskTable::ap_get`] reads it;
+    /// also when finding a witness would examine more than [`AP_WITNESS_SCAN_MAX`] removed
+    /// elements.
     pub fn ap_get_part(&self, key: &[u8], kind: u8, subs: &[Bytes]) -> Result<ApPart> {
         self.ap_read(|t, el| {
             let head = match t {
@@ -694,7 +706,7 @@ impl DiskTable {
             let Some(el) = el.filter(|el| has_elements(*el, key).unwrap_or(false)) else {
                 let witness = head
                     .as_ref()
-                    .and_then(|h| first_visible(&head_of(Some(h)), kind));
+                    .and_then(|h| witness_of(&head_of(Some(h)), kind, subs));
                 return Ok(ApPart {
                     value: head,
                     whole: true,
@@ -702,30 +714,30 @@ impl DiskTable {
                 });
             };
             let h = head_of(head.as_ref());
-            if !partial_fits(&h, kind) {
-                let state = assemble(el, key, &h)?;
-                let witness = first_visible(&state, kind);
-                return Ok(ApPart {
+            let whole = |h: &Composite| -> Result<ApPart> {
+                let state = assemble(el, key, h)?;
+                let witness = witness_of(&state, kind, subs);
+                Ok(ApPart {
                     value: Some(state.to_value()),
                     whole: true,
                     witness,
-                });
+                })
+            };
+            // Element records of another kind can outlive that kind's registers (a field
+            // written after a delete it did not see): they may compete for what the key shows.
+            let mut other_kind = false;
+            for k in ELEMENT_KINDS.into_iter().filter(|k| *k != kind) {
+                elements_of(el, key, Some(k), |_, _, _, _| {
+                    other_kind = true;
+                    false
+                })?;
+            }
+            if other_kind || !partial_fits(&h, kind) {
+                return whole(&h);
             }
             let reset = h.reset();
             let mut found: Vec<Element> = Vec::with_capacity(subs.len() + 1);
-            let mut witness = None;
-            elements_of(el, key, Some(kind), |_, kind, sub, mut e| {
-                if e.prune(reset) && e.visible(kind) {
-                    witness = Some(Bytes::copy_from_slice(sub));
-                    found.push((kind, Bytes::copy_from_slice(sub), e));
-                    return false;
-                }
-                true
-            })?;
             for sub in subs {
-                if witness.as_ref() == Some(sub) {
-                    continue;
-                }
                 let record = el
                     .get(&ap_element_key(key, kind, sub)[..])
                     .map_err(io_err)?;
@@ -733,8 +745,30 @@ impl DiskTable {
                     found.push((kind, sub.clone(), e));
                 }
             }
-            let mut state = h;
+            let mut state = h.clone();
             state.assemble(found);
+            let mut witness = witness_of(&state, kind, subs);
+            if witness.is_none() {
+                // No named element is visible here: the first visible one in order.
+                let mut examined = 0;
+                let mut first: Option<Element> = None;
+                elements_of(el, key, Some(kind), |_, kind, sub, mut e| {
+                    examined += 1;
+                    if e.prune(reset) && e.visible(kind) {
+                        first = Some((kind, Bytes::copy_from_slice(sub), e));
+                        return false;
+                    }
+                    examined < AP_WITNESS_SCAN_MAX
+                })?;
+                match first {
+                    Some(e) => {
+                        witness = Some(e.1.clone());
+                        state.assemble([e]);
+                    }
+                    None if examined >= AP_WITNESS_SCAN_MAX => return whole(&h),
+                    None => {}
+                }
+            }
             Ok(ApPart {
                 value: Some(state.to_value()),
                 whole: false,

@@ -97,7 +97,9 @@ use capdb_types::{Error, Hlc, Result};
 use redb::{Database, TableDefinition};
 use tokio::sync::mpsc;
 
-pub use ap::{AP_RECLAIM_STEP_MAX, ApPart, ApRecord, MergeOutcome, partial_fits};
+pub use ap::{
+    AP_RECLAIM_STEP_MAX, AP_WITNESS_SCAN_MAX, ApPart, ApRecord, MergeOutcome, partial_fits,
+};
 pub use meta::MetaItem;
 use ops::Op;
 pub use replicated::{Queued, RememberReplies, TableDump};
