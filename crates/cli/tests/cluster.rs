@@ -968,6 +968,146 @@ fn merge_bytes_stored_on(c: &Cluster, n: u64) -> u64 {
         .unwrap_or_else(|| panic!("node {n} reports no merge bytes: {report:#}"))
 }
 
+/// A pipeline sent to a follower (its reads are forwarded to the leader, gathered) answers
+/// each command in order: reads see the writes before them in the pipeline and every write
+/// acknowledged to another client before it was sent, and writes after them stay unseen.
+#[test]
+fn a_pipeline_of_reads_through_a_follower_answers_each_in_order() {
+    let c = Cluster::start(3);
+    let leader = c.leader();
+    let follower = (1..=3).find(|&n| n != leader).unwrap();
+    let mut on_leader = c.node(leader).client();
+    let mut on_follower = c.node(follower).client();
+    for i in 0..100 {
+        let _: () = on_leader.set(format!("p{i}"), i).unwrap();
+    }
+    let _: i64 = redis::cmd("HSET")
+        .arg("ph")
+        .arg("f")
+        .arg("v")
+        .query(&mut on_leader)
+        .unwrap();
+    let mut p = redis::pipe();
+    for i in 0..100 {
+        p.cmd("GET").arg(format!("p{i}"));
+    }
+    p.cmd("HGET").arg("ph").arg("f");
+    p.cmd("SET").arg("p5").arg("changed");
+    p.cmd("GET").arg("p5");
+    p.cmd("INCR").arg("p6");
+    p.cmd("GET").arg("p6");
+    p.cmd("GET").arg("ph");
+    p.cmd("GET").arg("p-missing");
+    let results: Vec<RedisResult<redis::Value>> =
+        p.ignore_errors().query(&mut on_follower).unwrap();
+    let bulk = |v: &str| redis::Value::BulkString(v.as_bytes().to_vec());
+    for i in 0..100 {
+        assert_eq!(results[i].as_ref().unwrap(), &bulk(&i.to_string()), "p{i}");
+    }
+    assert_eq!(results[100].as_ref().unwrap(), &bulk("v"));
+    assert_eq!(results[101].as_ref().unwrap(), &redis::Value::Okay);
+    assert_eq!(results[102].as_ref().unwrap(), &bulk("changed"));
+    assert_eq!(results[103].as_ref().unwrap(), &redis::Value::Int(7));
+    assert_eq!(results[104].as_ref().unwrap(), &bulk("7"));
+    let wrong = results[105].as_ref().unwrap_err().to_string();
+    assert!(wrong.contains("WRONGTYPE"), "{wrong}");
+    assert_eq!(results[106].as_ref().unwrap(), &redis::Value::Nil);
+    assert_eq!(results.len(), 107);
+}
+
+/// An `ap` pipeline's GETs are read together, shard by shard: when one shard cannot meet the
+/// level (a replica cut off, level `all`), only the GETs of that shard fail; the others answer.
+#[test]
+fn ap_pipelined_gets_fail_only_on_the_shard_out_of_reach() {
+    let c = Cluster::start(5);
+    let (code, body) = http(
+        c.node(1).http,
+        "POST",
+        "/v1/keyspaces",
+        &[],
+        Some(br#"{"name":"events","mode":"ap","replication_factor":3,"shards":4}"#),
+    )
+    .unwrap();
+    assert_eq!(code, 201, "{}", String::from_utf8_lossy(&body));
+    // Every shard's replicas, by slot range, once the keyspace is in the map.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let shards: Vec<((u64, u64), Vec<u64>)> = loop {
+        let st = c.status();
+        let found = st["keyspaces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["name"] == "events")
+            .map(|k| {
+                k["shards"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|s| {
+                        let slots = (
+                            s["slots"][0].as_u64().unwrap(),
+                            s["slots"][1].as_u64().unwrap(),
+                        );
+                        let replicas: Vec<u64> = s["replicas"]
+                            .as_array()
+                            .unwrap()
+                            .iter()
+                            .map(|r| r.as_u64().unwrap())
+                            .collect();
+                        (slots, replicas)
+                    })
+                    .collect::<Vec<_>>()
+            });
+        if let Some(found) = found.filter(|f| f.len() == 4 && f.iter().all(|(_, r)| r.len() == 3)) {
+            break found;
+        }
+        assert!(Instant::now() < deadline, "keyspace not placed: {st:#}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // A node (not the coordinator) holding some shards but not all.
+    let cut = (2..=5)
+        .find(|n| {
+            let holds = shards.iter().filter(|(_, r)| r.contains(n)).count();
+            holds > 0 && holds < shards.len()
+        })
+        .expect("5 nodes, 4 shards of 3 replicas: some node holds some but not all");
+    let mut q = ap_conn(&c, 1, "all");
+    let keys: Vec<String> = (0..40).map(|i| format!("k{i}")).collect();
+    for k in &keys {
+        let _: () = q.set(k, k).unwrap();
+    }
+    let held_by_cut = |k: &str| {
+        let slot: u64 = redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(k)
+            .query(&mut c.node(1).client())
+            .unwrap();
+        shards
+            .iter()
+            .find(|((lo, hi), _)| (*lo..=*hi).contains(&slot))
+            .unwrap()
+            .1
+            .contains(&cut)
+    };
+    let expect_fail: Vec<bool> = keys.iter().map(|k| held_by_cut(k)).collect();
+    assert!(expect_fail.iter().any(|f| *f) && expect_fail.iter().any(|f| !*f));
+
+    let others: Vec<u64> = (1..=5).filter(|&n| n != cut).collect();
+    partition(&c, &[&others, &[cut]]);
+    let mut p = redis::pipe();
+    for k in &keys {
+        p.cmd("GET").arg(k);
+    }
+    let results: Vec<RedisResult<Option<String>>> = p.ignore_errors().query(&mut q).unwrap();
+    for ((k, r), fail) in keys.iter().zip(&results).zip(&expect_fail) {
+        match (r, fail) {
+            (Ok(v), false) => assert_eq!(v.as_deref(), Some(k.as_str())),
+            (Err(e), true) => assert!(e.to_string().contains("replicas"), "{k}: {e}"),
+            (r, _) => panic!("{k} (shard holds node {cut}: {fail}): {r:?}"),
+        }
+    }
+}
+
 /// (partial, fallback) point reads coordinated by node `n` since it started (see
 /// `capdb_data::point`: commands naming their elements read only those of a big collection).
 fn point_reads_on(c: &Cluster, n: u64) -> (u64, u64) {
