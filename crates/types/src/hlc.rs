@@ -22,6 +22,8 @@ pub struct Timestamp(pub u64);
 
 impl Timestamp {
     pub const ZERO: Timestamp = Timestamp(0);
+    /// The largest physical part a timestamp can hold.
+    pub const PHYSICAL_MS_MAX: u64 = u64::MAX >> LOGICAL_BITS;
 
     pub fn from_parts(physical_ms: u64, logical: u16) -> Timestamp {
         Timestamp((physical_ms << LOGICAL_BITS) | logical as u64)

@@ -23,6 +23,7 @@
 //! This crate has no I/O and no async runtime: it must stay cheap to compile and trivially
 //! testable.
 
+pub mod changes;
 pub mod composite;
 pub mod consistency;
 pub mod error;
