@@ -206,39 +206,35 @@ impl Ap {
     ) -> Result<Option<Reply>> {
         let subs: Vec<Bytes> = subs.into_iter().map(Bytes::from).collect();
         let shard = &entry.shards[shard_index(entry, key)];
-        let read = self
+        // A failed part read (no level met, or a replica of an older version that does not
+        // know the request) is left to the whole read, which answers what it can.
+        let Ok(read) = self
             .read_part(keyspace, shard, key.clone(), kind, subs.clone(), level)
-            .await?;
+            .await
+        else {
+            self.point_reads.fallback.fetch_add(1, Ordering::Relaxed);
+            return Ok(None);
+        };
         if let Some(v) = &read.value {
             self.hlc.observe(v.header.timestamp);
         }
         let whole = read.parts.iter().all(|(whole, _)| *whole);
         let mut loaded = None;
         if !whole {
-            let agree = read.parts.windows(2).all(|w| w[0].1 == w[1].1);
             let state = match &read.value {
                 Some(v) => capdb_types::composite::Composite::of(v)?,
                 None => capdb_types::composite::Composite::default(),
             };
-            // The replicas' common witness must still be visible once merged (removals on
-            // one side can hide what each side showed): else other elements decide whether
-            // the collection is empty.
-            let witnessed = match read.parts.first().and_then(|(_, w)| w.as_ref()) {
-                None => true,
-                Some(w) => state
-                    .colls
-                    .get(&kind)
-                    .and_then(|c| c.entries.get(w))
-                    .is_some_and(|e| e.visible(kind)),
-            };
-            if !agree || !witnessed || !capdb_storage::disk::partial_fits(&state, kind) {
+            if !partial_settles(&state, kind, &subs, &read.parts) {
                 self.point_reads.fallback.fetch_add(1, Ordering::Relaxed);
                 return Ok(None);
             }
-            // What every replica sent: the named elements and the common witness (a replica
+            // What every replica sent: the named elements and a common witness (a replica
             // that answered whole sent more, which the others' versions may not cover).
             let mut known: std::collections::BTreeSet<Bytes> = subs.into_iter().collect();
-            known.extend(read.parts.first().and_then(|(_, w)| w.clone()));
+            if read.parts.windows(2).all(|w| w[0].1 == w[1].1) {
+                known.extend(read.parts.first().and_then(|(_, w)| w.clone()));
+            }
             loaded = Some(known);
         }
         let (t_reset, t_write) = (self.hlc.now(), self.hlc.now());
@@ -580,6 +576,149 @@ impl Ap {
     }
 }
 
+/// Whether a partial read merged into `state` settles what the key shows, so a point command
+/// can run over it (see `capdb_storage::disk::DiskTable::ap_get_part`): the head holds only
+/// a big collection of `kind`, and its emptiness is known from elements every replica sent:
+///
+/// - a named element visible once merged (every replica sent its version of it): not empty;
+/// - no replica saw any visible element: merging invisible versions shows none (LWW removals
+///   stay removed, a set's merged adds never outrun its merged removals): empty;
+/// - every replica named the same witness and it is still visible once merged: not empty.
+///
+/// Otherwise (replicas showing different first elements, removals crossing) the collection
+/// is read whole.
+fn partial_settles(
+    state: &capdb_types::composite::Composite,
+    kind: u8,
+    subs: &[Bytes],
+    parts: &[crate::replicate::Part],
+) -> bool {
+    if !capdb_storage::disk::partial_fits(state, kind) {
+        return false;
+    }
+    let visible = |sub: &Bytes| {
+        state
+            .colls
+            .get(&kind)
+            .and_then(|c| c.entries.get(sub))
+            .is_some_and(|e| e.visible(kind))
+    };
+    if subs.iter().any(visible) || parts.iter().all(|(_, w)| w.is_none()) {
+        return true;
+    }
+    let agree = parts.windows(2).all(|w| w[0].1 == w[1].1);
+    agree
+        && parts
+            .first()
+            .and_then(|(_, w)| w.as_ref())
+            .is_some_and(visible)
+}
+
 /// Blind writes waiting to go out: per shard index, the positions of their commands in the
 /// batch and the versions.
 type BlindBatches = BTreeMap<usize, (Vec<usize>, Vec<(Bytes, Value)>)>;
+
+#[cfg(test)]
+mod point_reads {
+    use bytes::Bytes;
+    use capdb_types::composite::{CollState, Composite, Entry};
+    use capdb_types::{Timestamp, ValueKind};
+
+    use super::partial_settles;
+
+    const HASH: u8 = ValueKind::Hash as u8;
+
+    /// A big hash's merged partial state holding `fields` (name, visible).
+    fn state(fields: &[(&str, bool)]) -> Composite {
+        let mut c = CollState {
+            created: Timestamp(1),
+            big: Timestamp(1),
+            ..CollState::default()
+        };
+        for (f, visible) in fields {
+            c.entries.insert(
+                Bytes::copy_from_slice(f.as_bytes()),
+                Entry {
+                    ts: Timestamp(5),
+                    origin: 1,
+                    value: visible.then(|| Bytes::from_static(b"v")),
+                    ..Entry::default()
+                },
+            );
+        }
+        let mut s = Composite::default();
+        s.colls.insert(HASH, c);
+        s
+    }
+
+    fn part(witness: Option<&str>) -> (bool, Option<Bytes>) {
+        (false, witness.map(|w| Bytes::copy_from_slice(w.as_bytes())))
+    }
+
+    fn named(n: &[&str]) -> Vec<Bytes> {
+        n.iter()
+            .map(|s| Bytes::copy_from_slice(s.as_bytes()))
+            .collect()
+    }
+
+    #[test]
+    fn a_partial_read_settles_emptiness_only_from_elements_every_replica_sent() {
+        // A named field visible once merged: not empty, whatever the witnesses say.
+        let s = state(&[("a", true), ("w1", true)]);
+        assert!(partial_settles(
+            &s,
+            HASH,
+            &named(&["a"]),
+            &[part(Some("a")), part(Some("w1"))]
+        ));
+        // No replica saw anything visible: empty.
+        let s = state(&[("a", false)]);
+        assert!(partial_settles(
+            &s,
+            HASH,
+            &named(&["a"]),
+            &[part(None), part(None)]
+        ));
+        // One common witness, still visible merged: not empty.
+        let s = state(&[("a", false), ("w", true)]);
+        assert!(partial_settles(
+            &s,
+            HASH,
+            &named(&["a"]),
+            &[part(Some("w")), part(Some("w"))]
+        ));
+        // Different witnesses: each was read on one replica only.
+        let s = state(&[("a", false), ("w1", true), ("w2", true)]);
+        assert!(!partial_settles(
+            &s,
+            HASH,
+            &named(&["a"]),
+            &[part(Some("w1")), part(Some("w2"))]
+        ));
+        // A witness on one side, none on the other.
+        let s = state(&[("a", false), ("w", true)]);
+        assert!(!partial_settles(
+            &s,
+            HASH,
+            &named(&["a"]),
+            &[part(Some("w")), part(None)]
+        ));
+        // The common witness hidden once merged (removals crossing): unknown.
+        let s = state(&[("a", false), ("w", false)]);
+        assert!(!partial_settles(
+            &s,
+            HASH,
+            &named(&["a"]),
+            &[part(Some("w")), part(Some("w"))]
+        ));
+        // A small hash (not big): whole.
+        let mut s = state(&[("a", true)]);
+        s.colls.get_mut(&HASH).unwrap().big = Timestamp::ZERO;
+        assert!(!partial_settles(
+            &s,
+            HASH,
+            &named(&["a"]),
+            &[part(Some("a"))]
+        ));
+    }
+}

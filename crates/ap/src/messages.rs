@@ -123,7 +123,7 @@ pub enum ApRequest {
     Stats,
     /// What a command naming only these elements of `key`'s collection of `kind` needs:
     /// see `capdb_storage::disk::DiskTable::ap_get_part` (the head, those element records
-    /// and the first visible element when the collection is big, else the whole state).
+    /// and a visible element, its witness, when the collection is big; else the whole state).
     ReadPart {
         keyspace: String,
         key: Bytes,

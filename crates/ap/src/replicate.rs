@@ -250,10 +250,19 @@ impl Ap {
         drop(tx);
         let mut replies: Vec<(NodeId, Vec<Option<Value>>)> = Vec::new();
         let mut parts: Vec<Part> = Vec::new();
+        // Part reads: the elements every replica was asked for or named as its witness (read
+        // repair sends only those: a whole reply's other elements were not read elsewhere).
+        let mut repairable: Option<std::collections::BTreeSet<Bytes>> = match &read {
+            ReadOf::Part { subs, .. } => Some(subs.iter().cloned().collect()),
+            ReadOf::Keys(_) => None,
+        };
         let mut answer = Some(answer);
         while let Some((node, out)) = rx.recv().await {
             if let Some((values, part)) = out.filter(|(v, _)| v.len() == keys.len()) {
                 replies.push((node, values));
+                if let (Some(keep), Some((_, Some(w)))) = (repairable.as_mut(), &part) {
+                    keep.insert(w.clone());
+                }
                 parts.extend(part);
             }
             if replies.len() >= required
@@ -280,7 +289,7 @@ impl Ap {
                 .zip(values.iter().zip(&merged))
                 .filter_map(|(k, (mine, best))| match (mine, best) {
                     (m, Some(b)) if m.as_ref() != Some(b) => {
-                        Some((k.clone(), repair_delta(m.as_ref(), b)))
+                        Some((k.clone(), repair_delta(m.as_ref(), b, repairable.as_ref())))
                     }
                     _ => None,
                 })
@@ -308,7 +317,7 @@ impl Ap {
 }
 
 /// What one replica said of its answer to a partial read: (whether it is the whole state, its
-/// witness: the first visible element of the kind asked about).
+/// witness: see `capdb_storage::disk::ApPart::witness`).
 pub(crate) type Part = (bool, Option<Bytes>);
 
 /// A partial read merged across the replicas that made its level.
@@ -351,15 +360,31 @@ impl ReadOf {
 }
 
 /// What a replica that answered `mine` needs of `best`: for a collection, its head and the
-/// elements whose versions differ (not the whole collection); else `best`.
-fn repair_delta(mine: Option<&Value>, best: &Value) -> Value {
+/// elements whose versions differ (not the whole collection), only those in `only` when
+/// given; else `best`.
+fn repair_delta(
+    mine: Option<&Value>,
+    best: &Value,
+    only: Option<&std::collections::BTreeSet<Bytes>>,
+) -> Value {
     use capdb_types::composite::{Composite, is_composite};
-    let (Some(mine), true) = (mine, is_composite(best)) else {
+    if !is_composite(best) || (mine.is_none() && only.is_none()) {
+        return best.clone();
+    }
+    let Ok(mut b) = Composite::of(best) else {
         return best.clone();
     };
-    match (Composite::of(best), Composite::of(mine)) {
-        (Ok(b), Ok(m)) => b.delta_from(&m).to_value(),
-        _ => best.clone(),
+    if let Some(only) = only {
+        for (kind, c) in b.colls.iter_mut() {
+            if *kind != capdb_types::ValueKind::List as u8 {
+                c.entries.retain(|sub, _| only.contains(sub));
+            }
+        }
+    }
+    match mine.map(Composite::of) {
+        Some(Ok(m)) => b.delta_from(&m).to_value(),
+        Some(Err(_)) => best.clone(),
+        None => b.to_value(),
     }
 }
 

@@ -118,6 +118,13 @@ impl View {
     /// [`View::missed`] and fails.
     pub(crate) fn restrict(&mut self, key: &[u8], loaded: BTreeSet<Bytes>) {
         if let Some(ks) = self.keys.get_mut(key) {
+            // Elements only some replicas sent (a witness they did not share) are not known:
+            // their versions on the other replicas were not read.
+            for (kind, c) in ks.state.colls.iter_mut() {
+                if *kind != LIST {
+                    c.entries.retain(|sub, _| loaded.contains(sub));
+                }
+            }
             ks.loaded = Some(loaded);
         }
     }

@@ -319,6 +319,12 @@ async fn a_point_read_of_a_big_hash_fetches_the_named_fields_and_one_visible_wit
     let subs: Vec<&[u8]> = got.colls[&HASH].entries.keys().map(|k| &k[..]).collect();
     assert_eq!(subs, vec![&b"f00003"[..], b"f00010"]);
 
+    // Two named fields visible: the least is the witness (replicas holding the same fields
+    // name the same one, whatever order a command names them in).
+    let two = [Bytes::from_static(b"f00700"), Bytes::from_static(b"f00600")];
+    let part = t.ap_get_part(b"h", HASH, &two).unwrap();
+    assert_eq!(part.witness.as_deref(), Some(&b"f00600"[..]));
+
     // A small hash: whole.
     t.ap_merge(vec![(
         Bytes::from_static(b"small"),
@@ -389,4 +395,48 @@ async fn a_point_read_is_whole_when_another_kinds_elements_outlive_its_registers
         .ap_get_part(b"k", SET, &[Bytes::from_static(b"m")])
         .unwrap();
     assert!(part.whole, "the hash field competes with the set");
+}
+
+/// Finding a witness past removed fields is bounded: with more than `AP_WITNESS_SCAN_MAX`
+/// removed fields before the first visible one, the point read is whole; with fewer, it finds
+/// it.
+#[tokio::test]
+async fn the_witness_scan_past_removed_fields_is_bounded() {
+    use capdb_storage::disk::AP_WITNESS_SCAN_MAX;
+    let dir = tempfile::tempdir().unwrap();
+    let (_engine, t) = table(&dir).await;
+    let n = AP_WITNESS_SCAN_MAX + 10;
+    for (key, removed) in [
+        (&b"over"[..], AP_WITNESS_SCAN_MAX + 1),
+        (b"under", AP_WITNESS_SCAN_MAX - 1),
+    ] {
+        let mut v = Composite::of(&hash_delta(&fields(n, 1_000), 1_000)).unwrap();
+        v.colls.get_mut(&HASH).unwrap().big = at(1_000);
+        t.ap_merge(vec![(Bytes::copy_from_slice(key), v.to_value())])
+            .await
+            .unwrap();
+        let mut gone = Composite::default();
+        let c = gone.colls.entry(HASH).or_default();
+        for (f, _) in fields(removed, 0) {
+            c.entries.insert(
+                Bytes::from(f),
+                Entry {
+                    ts: at(2_000),
+                    origin: 1,
+                    value: None,
+                    ..Entry::default()
+                },
+            );
+        }
+        t.ap_merge(vec![(Bytes::copy_from_slice(key), gone.to_value())])
+            .await
+            .unwrap();
+    }
+    let asked = [Bytes::from_static(b"nope")];
+    let over = t.ap_get_part(b"over", HASH, &asked).unwrap();
+    assert!(over.whole, "past the bound: whole");
+    let under = t.ap_get_part(b"under", HASH, &asked).unwrap();
+    assert!(!under.whole);
+    let first = format!("f{:05}", AP_WITNESS_SCAN_MAX - 1);
+    assert_eq!(under.witness.as_deref(), Some(first.as_bytes()));
 }

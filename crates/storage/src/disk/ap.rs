@@ -137,6 +137,22 @@ fn has_elements<T: ReadableTable<&'static [u8], &'static [u8]>>(
         .is_some())
 }
 
+/// Whether `key` has any element record of `kind` (one probe).
+fn has_kind_records<T: ReadableTable<&'static [u8], &'static [u8]>>(
+    el: &T,
+    key: &[u8],
+    kind: u8,
+) -> Result<bool> {
+    let mut prefix = ap_element_prefix(key);
+    prefix.push(kind);
+    let end = prefix_end(&prefix);
+    Ok(el
+        .range::<&[u8]>(&prefix[..]..&end[..])
+        .map_err(io_err)?
+        .next()
+        .is_some())
+}
+
 /// The whole state of `key`: its head and every element.
 fn assemble<T: ReadableTable<&'static [u8], &'static [u8]>>(
     el: &T,
@@ -727,10 +743,7 @@ impl DiskTable {
             // written after a delete it did not see): they may compete for what the key shows.
             let mut other_kind = false;
             for k in ELEMENT_KINDS.into_iter().filter(|k| *k != kind) {
-                elements_of(el, key, Some(k), |_, _, _, _| {
-                    other_kind = true;
-                    false
-                })?;
+                other_kind |= has_kind_records(el, key, k)?;
             }
             if other_kind || !partial_fits(&h, kind) {
                 return whole(&h);
@@ -750,22 +763,34 @@ impl DiskTable {
             let mut witness = witness_of(&state, kind, subs);
             if witness.is_none() {
                 // No named element is visible here: the first visible one in order.
+                // Every record counts toward the bound, corrupt ones (skipped) included.
                 let mut examined = 0;
                 let mut first: Option<Element> = None;
-                elements_of(el, key, Some(kind), |_, kind, sub, mut e| {
+                let mut prefix = ap_element_prefix(key);
+                prefix.push(kind);
+                let end = prefix_end(&prefix);
+                for item in el.range::<&[u8]>(&prefix[..]..&end[..]).map_err(io_err)? {
                     examined += 1;
+                    if examined > AP_WITNESS_SCAN_MAX {
+                        break;
+                    }
+                    let (k, v) = item.map_err(io_err)?;
+                    let (Some((_, _, sub)), Some(mut e)) =
+                        (ap_element_parse(k.value()), decode_element(v.value()))
+                    else {
+                        continue;
+                    };
                     if e.prune(reset) && e.visible(kind) {
                         first = Some((kind, Bytes::copy_from_slice(sub), e));
-                        return false;
+                        break;
                     }
-                    examined < AP_WITNESS_SCAN_MAX
-                })?;
+                }
                 match first {
                     Some(e) => {
                         witness = Some(e.1.clone());
                         state.assemble([e]);
                     }
-                    None if examined >= AP_WITNESS_SCAN_MAX => return whole(&h),
+                    None if examined > AP_WITNESS_SCAN_MAX => return whole(&h),
                     None => {}
                 }
             }
