@@ -301,13 +301,14 @@ const ROW_FORMAT: u8 = 1;
 
 impl ChangeRow {
     /// `[format u8] [crc32 u32 LE over what follows] postcard(row)`.
-    pub fn encode(&self) -> Vec<u8> {
-        let body = postcard::to_stdvec(self).expect("a change row always encodes");
+    pub fn encode(&self) -> Result<Vec<u8>> {
+        let body = postcard::to_stdvec(self)
+            .map_err(|e| Error::Io(format!("change-log row does not encode: {e}")))?;
         let mut out = Vec::with_capacity(5 + body.len());
         out.push(ROW_FORMAT);
         out.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
         out.extend_from_slice(&body);
-        out
+        Ok(out)
     }
 
     /// The row `raw` holds; `Corruption` when its checksum, format or shape is wrong (a row is
@@ -520,7 +521,7 @@ mod tests {
     proptest! {
         #[test]
         fn a_row_decodes_to_itself_and_any_flipped_bit_is_caught(row in arb_row(), at in any::<usize>(), bit in 0u8..8) {
-            let raw = row.encode();
+            let raw = row.encode().unwrap();
             prop_assert_eq!(ChangeRow::decode(&raw).unwrap(), row);
             let mut bad = raw.clone();
             let i = at % bad.len();
