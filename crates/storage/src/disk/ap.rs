@@ -128,23 +128,17 @@ fn has_elements<T: ReadableTable<&'static [u8], &'static [u8]>>(
     el: &T,
     key: &[u8],
 ) -> Result<bool> {
-    let prefix = ap_element_prefix(key);
-    let end = prefix_end(&prefix);
-    Ok(el
-        .range::<&[u8]>(&prefix[..]..&end[..])
-        .map_err(io_err)?
-        .next()
-        .is_some())
+    has_records(el, key, None)
 }
 
-/// Whether `key` has any element record of `kind` (one probe).
-fn has_kind_records<T: ReadableTable<&'static [u8], &'static [u8]>>(
+/// Whether `key` has any element record (of `kind`, or of any kind): one probe.
+fn has_records<T: ReadableTable<&'static [u8], &'static [u8]>>(
     el: &T,
     key: &[u8],
-    kind: u8,
+    kind: Option<u8>,
 ) -> Result<bool> {
     let mut prefix = ap_element_prefix(key);
-    prefix.push(kind);
+    prefix.extend(kind);
     let end = prefix_end(&prefix);
     Ok(el
         .range::<&[u8]>(&prefix[..]..&end[..])
@@ -743,7 +737,7 @@ impl DiskTable {
             // written after a delete it did not see): they may compete for what the key shows.
             let mut other_kind = false;
             for k in ELEMENT_KINDS.into_iter().filter(|k| *k != kind) {
-                other_kind |= has_kind_records(el, key, k)?;
+                other_kind |= has_records(el, key, Some(k))?;
             }
             if other_kind || !partial_fits(&h, kind) {
                 return whole(&h);
