@@ -293,7 +293,8 @@ impl Metrics {
             "Cross-shard transactions coordinated by this node, by outcome: committed, \
              watch_aborted, conflict (-TRYAGAIN after every retry met locks), unknown \
              (-UNCERTAIN), retried (attempts after the first), recovered (orphans finished \
-             here)",
+             here); and per shard whose commit followed the answer: commits_rode (carried by \
+             the next prepare to the shard) or commits_alone (an entry of its own)",
             self.cross_shard.clone(),
         );
         r.register(
@@ -456,6 +457,8 @@ impl Metrics {
             ("unknown", &t.unknown),
             ("retried", &t.retried),
             ("recovered", &t.recovered),
+            ("commits_rode", &t.commits_rode),
+            ("commits_alone", &t.commits_alone),
         ] {
             self.cross_shard
                 .get_or_create(&TxnLabel { outcome })

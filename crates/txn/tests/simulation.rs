@@ -66,6 +66,21 @@ impl Sim {
     fn apply(&self, group: GroupId, txn: TxnId, s: SimStep) -> Answer<i64> {
         let mut shard = self.shards[group as usize].lock().unwrap();
         let shard = &mut *shard;
+        // As a real participant: the commits a prepare carries first, each if still prepared.
+        if let ShardStep::Prepare(p) = &s {
+            for (earlier, ts) in &p.committed_first {
+                if matches!(
+                    shard.txns.get(earlier),
+                    Some(Participation::Prepared { .. })
+                ) {
+                    self.apply_to(shard, group, *earlier, ShardStep::Commit { ts: *ts });
+                }
+            }
+        }
+        self.apply_to(shard, group, txn, s)
+    }
+
+    fn apply_to(&self, shard: &mut Shard, group: GroupId, txn: TxnId, s: SimStep) -> Answer<i64> {
         let current = shard.txns.get(&txn).cloned();
         let pure = match &s {
             ShardStep::Prepare(p) => {
@@ -277,6 +292,28 @@ async fn run_with(
     }
     // Let background commits and aborts land.
     tokio::time::sleep(Duration::from_millis(100)).await;
+    if lose_request == 0 && lose_reply == 0 {
+        // Nothing lost: every commit arrived, by a later prepare or alone; none is left to
+        // the recovery (a commit that rode a prepare and was dropped would be).
+        for s in &sim.shards {
+            let s = s.lock().unwrap();
+            let prepared: Vec<&TxnId> = s
+                .txns
+                .iter()
+                .filter(|(_, p)| matches!(p, Participation::Prepared { .. }))
+                .map(|(id, _)| id)
+                .collect();
+            assert!(
+                prepared.is_empty(),
+                "seed {seed}: commits never sent: {prepared:?}"
+            );
+        }
+        let rode = coordinator
+            .metrics
+            .commits_rode
+            .load(std::sync::atomic::Ordering::Relaxed);
+        assert!(rode > 0, "seed {seed}: no commit rode a later prepare");
+    }
 
     // The anchors' recovery: finish every transaction still prepared somewhere.
     for round in 0.. {
@@ -389,4 +426,75 @@ async fn shards_that_reply_only_when_they_commit_are_waited_for() {
     for seed in 30..=33 {
         run_with(seed, 100, 100, 12, true).await;
     }
+}
+
+/// The shards (of `groups`) where `id` is still prepared.
+fn prepared_on(sim: &Sim, id: TxnId) -> Vec<GroupId> {
+    (0..SHARDS)
+        .filter(|g| {
+            matches!(
+                sim.shards[*g as usize].lock().unwrap().txns.get(&id),
+                Some(Participation::Prepared { .. })
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_waits_to_ride_the_next_prepare_unless_someone_meets_its_lock() {
+    let sim = Arc::new(Sim {
+        shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
+        rng: Mutex::new(fastrand::Rng::with_seed(1)),
+        lose_request: 0,
+        lose_reply: 0,
+        violations: Mutex::new(Vec::new()),
+        replies_at_commit: false,
+    });
+    // A window long enough that no timer sends a commit during the test.
+    let config = Config {
+        lock_hold_ms: 600_000,
+        commit_ride_for: Duration::from_secs(60),
+        ..Config::default()
+    };
+    let coordinator = Coordinator::new(sim.clone(), 1, 1, config);
+    let first = TxnId {
+        origin: 1,
+        epoch: 1,
+        seq: 1,
+    };
+    // Accounts 0 and 1 are on shards 0 and 1.
+    let answer = coordinator.execute(&transfer(0, 1, 5)).await;
+    assert!(matches!(answer, Finished::Committed(_)), "{answer:?}");
+    assert_eq!(
+        prepared_on(&sim, first),
+        vec![0, 1],
+        "both commits wait for a ride"
+    );
+
+    // The next transaction's prepare to shard 1 carries the commit there; shard 0 still waits.
+    let answer = coordinator.execute(&transfer(4, 2, 5)).await;
+    assert!(matches!(answer, Finished::Committed(_)), "{answer:?}");
+    assert_eq!(
+        prepared_on(&sim, first),
+        vec![0],
+        "shard 1's commit rode a prepare"
+    );
+    let m = &coordinator.metrics;
+    assert_eq!(m.commits_rode.load(std::sync::atomic::Ordering::Relaxed), 1);
+
+    // A command meeting the lock on shard 0 flushes what waits there, alone.
+    coordinator.flush_rides(0);
+    let until = std::time::Instant::now() + Duration::from_secs(20);
+    while !prepared_on(&sim, first).is_empty() {
+        assert!(
+            std::time::Instant::now() < until,
+            "the flushed commit never landed"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(
+        m.commits_alone.load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    assert!(sim.violations.lock().unwrap().is_empty());
 }

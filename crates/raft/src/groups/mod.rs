@@ -135,6 +135,8 @@ pub struct Groups {
     /// forwarded to another node's leader are dropped as if the connection broke after the
     /// leader applied them.
     lose_write_answers: AtomicU64,
+    /// See [`Groups::on_lock_wait`].
+    lock_wait_hook: std::sync::OnceLock<route::LockWaitHook>,
 }
 
 fn unavailable(msg: impl Into<String>) -> Error {
@@ -184,6 +186,7 @@ impl Groups {
             unsafe_txn: config.unsafe_txn,
             ids: RequestIds::new(me),
             lose_write_answers: AtomicU64::new(0),
+            lock_wait_hook: std::sync::OnceLock::new(),
         });
         groups.snapshot_when_pinning();
         let meta = groups

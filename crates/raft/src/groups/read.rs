@@ -329,10 +329,7 @@ impl Groups {
             {
                 Ok(values) => return Ok(values),
                 Err(holder) => {
-                    if super::route::wait_for_lock(since, &mut tries)
-                        .await
-                        .is_none()
-                    {
+                    if self.wait_for_lock(group, since, &mut tries).await.is_none() {
                         return Err(ForwardError::Db(Error::Locked(holder.to_string())));
                     }
                 }
@@ -351,7 +348,7 @@ impl Groups {
     ) -> Result<ScanPage, ForwardError> {
         let table = self.readable(group, mode, deadline).await?;
         if mode == ReadMode::Linearizable {
-            wait_for_prepared(&table).await?;
+            self.wait_for_prepared(group, &table).await?;
         }
         let page = table
             .scan(&range, limit as usize, now_ms)
@@ -370,7 +367,8 @@ impl Groups {
     ) -> Result<Reply, ForwardError> {
         let table = self.readable(group, mode, deadline).await?;
         if mode == ReadMode::Linearizable {
-            wait_for_locks(&table, &table.command_keys(args)).await?;
+            self.wait_for_locks(group, &table, &table.command_keys(args))
+                .await?;
         }
         table.query(args, now_ms, seed).map_err(ForwardError::Db)
     }
@@ -383,51 +381,53 @@ impl Groups {
     ) -> Result<u64, ForwardError> {
         let table = self.readable(group, mode, deadline).await?;
         if mode == ReadMode::Linearizable {
-            wait_for_prepared(&table).await?;
+            self.wait_for_prepared(group, &table).await?;
         }
         table.len().map_err(ForwardError::Db)
     }
 }
 
-/// Waits until no cross-shard transaction holds a write lock on `keys` here: a transaction
-/// may be committed (every shard voted yes) before this shard has applied its commit, and a
-/// linearizable read must not return what it is about to replace. Bounded by
-/// [`super::route::LOCK_WAIT_MAX`], then `-TRYAGAIN` (nothing was read).
-async fn wait_for_locks(
-    table: &capdb_storage::disk::DiskTable,
-    keys: &[Bytes],
-) -> Result<(), ForwardError> {
-    let (since, mut tries) = (Instant::now(), 0);
-    while let Some(holder) = table.write_locked(keys).map_err(ForwardError::Db)? {
-        if super::route::wait_for_lock(since, &mut tries)
-            .await
-            .is_none()
-        {
-            return Err(ForwardError::Db(Error::Locked(holder.to_string())));
+impl Groups {
+    /// Waits until no cross-shard transaction holds a write lock on `keys` here: a transaction
+    /// may be committed (every shard voted yes) before this shard has applied its commit, and a
+    /// linearizable read must not return what it is about to replace. Bounded by
+    /// [`super::route::LOCK_WAIT_MAX`], then `-TRYAGAIN` (nothing was read).
+    async fn wait_for_locks(
+        &self,
+        group: GroupId,
+        table: &capdb_storage::disk::DiskTable,
+        keys: &[Bytes],
+    ) -> Result<(), ForwardError> {
+        let (since, mut tries) = (Instant::now(), 0);
+        while let Some(holder) = table.write_locked(keys).map_err(ForwardError::Db)? {
+            if self.wait_for_lock(group, since, &mut tries).await.is_none() {
+                return Err(ForwardError::Db(Error::Locked(holder.to_string())));
+            }
         }
+        Ok(())
     }
-    Ok(())
-}
 
-/// Waits until every cross-shard transaction prepared here when the read began is decided
-/// and applied: a scan or count of the shard (KEYS, SCAN, DBSIZE) must not miss what a
-/// transaction that already answered its client is about to write. Transactions prepared
-/// later are concurrent with the read and not waited for, so a steady stream of them cannot
-/// starve it. Bounded by [`super::route::LOCK_WAIT_MAX`], then `-TRYAGAIN` (nothing was read).
-async fn wait_for_prepared(table: &capdb_storage::disk::DiskTable) -> Result<(), ForwardError> {
-    let mut waiting = table.prepared_txns().map_err(ForwardError::Db)?;
-    let (since, mut tries) = (Instant::now(), 0);
-    while let Some(first) = waiting.first() {
-        if super::route::wait_for_lock(since, &mut tries)
-            .await
-            .is_none()
-        {
-            return Err(ForwardError::Db(Error::Locked(first.to_string())));
+    /// Waits until every cross-shard transaction prepared here when the read began is decided
+    /// and applied: a scan or count of the shard (KEYS, SCAN, DBSIZE) must not miss what a
+    /// transaction that already answered its client is about to write. Transactions prepared
+    /// later are concurrent with the read and not waited for, so a steady stream of them cannot
+    /// starve it. Bounded by [`super::route::LOCK_WAIT_MAX`], then `-TRYAGAIN` (nothing was read).
+    async fn wait_for_prepared(
+        &self,
+        group: GroupId,
+        table: &capdb_storage::disk::DiskTable,
+    ) -> Result<(), ForwardError> {
+        let mut waiting = table.prepared_txns().map_err(ForwardError::Db)?;
+        let (since, mut tries) = (Instant::now(), 0);
+        while let Some(first) = waiting.first() {
+            if self.wait_for_lock(group, since, &mut tries).await.is_none() {
+                return Err(ForwardError::Db(Error::Locked(first.to_string())));
+            }
+            let open = table.prepared_txns().map_err(ForwardError::Db)?;
+            waiting.retain(|t| open.contains(t));
         }
-        let open = table.prepared_txns().map_err(ForwardError::Db)?;
-        waiting.retain(|t| open.contains(t));
+        Ok(())
     }
-    Ok(())
 }
 
 fn unexpected(node: NodeId, answer: ForwardResponse) -> ForwardError {

@@ -40,16 +40,37 @@ use crate::messages::{ForwardError, ForwardRequest, ForwardResponse};
 /// recovery releases it (its deadline, 1.2 s, plus a recovery round).
 pub const LOCK_WAIT_MAX: Duration = Duration::from_secs(5);
 
-/// Waits before the next try of something a transaction's lock refused; `None` once
-/// [`LOCK_WAIT_MAX`] has passed since `since`. Backs off from 1 ms to 50 ms.
-pub(crate) async fn wait_for_lock(since: Instant, tries: &mut u32) -> Option<()> {
-    if since.elapsed() >= LOCK_WAIT_MAX {
-        return None;
+/// What a node runs when one of its commands waits for a cross-shard transaction's lock on a
+/// group ([`Groups::on_lock_wait`]).
+pub type LockWaitHook = Box<dyn Fn(GroupId) + Send + Sync>;
+
+impl Groups {
+    /// Has `hook` run whenever a command on this node is about to wait for a transaction's
+    /// lock on a group: the node's coordinator sends the commits it holds back for that group
+    /// at once, so nobody waits out its ride window. Set once; later calls are ignored.
+    pub fn on_lock_wait(&self, hook: LockWaitHook) {
+        let _ = self.lock_wait_hook.set(hook);
     }
-    let pause = Duration::from_millis(1u64 << (*tries).min(6)).min(Duration::from_millis(50));
-    *tries += 1;
-    tokio::time::sleep(pause).await;
-    Some(())
+
+    /// Waits before the next try of something a transaction's lock on `group` refused; `None`
+    /// once [`LOCK_WAIT_MAX`] has passed since `since`. Backs off from 1 ms to 50 ms.
+    pub(crate) async fn wait_for_lock(
+        &self,
+        group: GroupId,
+        since: Instant,
+        tries: &mut u32,
+    ) -> Option<()> {
+        if since.elapsed() >= LOCK_WAIT_MAX {
+            return None;
+        }
+        if let Some(hook) = self.lock_wait_hook.get() {
+            hook(group);
+        }
+        let pause = Duration::from_millis(1u64 << (*tries).min(6)).min(Duration::from_millis(50));
+        *tries += 1;
+        tokio::time::sleep(pause).await;
+        Some(())
+    }
 }
 
 /// Time one forwarded hop may take.
@@ -482,7 +503,7 @@ impl Groups {
             // A lock refuses the whole entry (nothing applied): try again as a new request
             // (the same one would get the remembered refusal).
             let locked = matches!(replies.first(), Some(Err(Error::Locked(_))));
-            if !locked || wait_for_lock(since, &mut tries).await.is_none() {
+            if !locked || self.wait_for_lock(group, since, &mut tries).await.is_none() {
                 return Ok(replies);
             }
         }
@@ -527,7 +548,7 @@ impl Groups {
             // Refused whole by a cross-shard transaction's lock: nothing ran; try again.
             match replies.first() {
                 Some(Err(e @ Error::Locked(_))) => {
-                    if wait_for_lock(since, &mut tries).await.is_none() {
+                    if self.wait_for_lock(group, since, &mut tries).await.is_none() {
                         return Err(e.clone());
                     }
                 }
@@ -611,7 +632,7 @@ impl Groups {
             match self.write(group, Request::Clear).await? {
                 Response::Replies(r) => match r.first() {
                     Some(Err(e @ Error::Locked(_))) => {
-                        if wait_for_lock(since, &mut tries).await.is_none() {
+                        if self.wait_for_lock(group, since, &mut tries).await.is_none() {
                             return Err(e.clone());
                         }
                     }

@@ -87,15 +87,26 @@ pub fn coordinator(
 ) -> Arc<TxnCoordinator> {
     let origin = groups.id();
     let epoch = fastrand::u64(1..);
-    Arc::new(Coordinator::new(
-        Arc::new(ShardSteps { groups }),
+    let coordinator = Arc::new(Coordinator::new(
+        Arc::new(ShardSteps {
+            groups: groups.clone(),
+        }),
         origin,
         epoch,
         capdb_txn::Config {
             debug_crash: crash,
             ..capdb_txn::Config::default()
         },
-    ))
+    ));
+    // A command here that meets a lock sends this node's commits for that shard at once
+    // (weak: the groups must not keep the coordinator, which keeps the groups, alive).
+    let weak = Arc::downgrade(&coordinator);
+    groups.on_lock_wait(Box::new(move |group| {
+        if let Some(c) = weak.upgrade() {
+            c.flush_rides(group);
+        }
+    }));
+    coordinator
 }
 
 /// Runs a cross-shard transaction's plan: what EXEC answers (see [`answer`]). With
