@@ -68,6 +68,23 @@ def arg(name, type_, token=None, flags=(), arguments=None):
 # capdb's own commands and subcommands ("since" is the capdb version that added them), and
 # commands newer than the Redis that generates the file ("since" is Redis's).
 CAPDB_ONLY = {
+    "changes": doc(
+        "Turns a cp keyspace's change streams on or off, or lists its shard stream keys (capdb)",
+        "0.1.0", "stream", "O(shards)",
+        [arg("subcommand", "oneof", arguments=[
+            arg("config", "block", arguments=[
+                arg("config", "pure-token", "CONFIG"),
+                arg("keyspace", "string"),
+                arg("state", "oneof", arguments=[
+                    arg("on", "pure-token", "ON"),
+                    arg("off", "pure-token", "OFF"),
+                ]),
+            ]),
+            arg("shards", "block", arguments=[
+                arg("shards", "pure-token", "SHARDS"),
+                arg("keyspace", "string"),
+            ]),
+        ])]),
     "consistency": doc(
         "Shows or sets the consistency level of ap reads and writes on the connection (capdb)",
         "0.1.0", "connection", "O(1)",

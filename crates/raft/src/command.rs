@@ -77,6 +77,9 @@ pub enum Request {
         timestamp: Timestamp,
         now_ms: u64,
     },
+    /// Data shard: turns its change log on or off from this entry on
+    /// (`capdb_storage::disk` `changes.rs`); answers OK.
+    ChangesConfig { on: bool },
 }
 
 /// A watched key's guard in a [`Request::Txn`]: the key has not changed after log index
@@ -116,6 +119,9 @@ impl fmt::Display for Request {
                 guards.len()
             ),
             Request::WatchPoint => f.write_str("watch point"),
+            Request::ChangesConfig { on } => {
+                write!(f, "changes {}", if *on { "on" } else { "off" })
+            }
             Request::TxnStep { txn, step, .. } => write!(f, "txn {} of {txn}", step.name()),
             Request::Identified { id, request } => {
                 write!(f, "{request} as {}.{}#{}", id.origin, id.epoch, id.seq)

@@ -333,7 +333,11 @@ impl StateMachine {
         let (id, request) = unwrap_identified(request);
         let index = b.applied.last_applied.map_or(0, |l| l.index);
         let guarded = matches!(&request, Request::Txn { guards, .. } if !guards.is_empty());
-        let alone = guarded || matches!(request, Request::Clear | Request::TxnStep { .. });
+        let alone = guarded
+            || matches!(
+                request,
+                Request::Clear | Request::TxnStep { .. } | Request::ChangesConfig { .. }
+            );
         let pending =
             !(b.writes.is_empty() && b.watch_points.is_empty() && b.remembered.is_empty());
         if alone && pending {
@@ -456,6 +460,21 @@ impl StateMachine {
                 b.watch_points.push(index);
                 b.responses[slot] = Some(Response::Replies(reply));
             }
+            Request::ChangesConfig { on } => {
+                // Alone, after everything before it: the log starts (or stops) exactly here.
+                let reply = vec![Ok(capdb_types::Reply::Ok)];
+                if let Some((key, sent_ms)) = remember {
+                    let mut value = row::prefix(sent_ms, row::REPLIES);
+                    value.extend(encode(&reply));
+                    b.remembered.push((key, Some(value)));
+                }
+                let meta = self.alone_meta(b, sessions);
+                self.engine
+                    .changes_config(table, on, index, meta)
+                    .await
+                    .map_err(io)?;
+                b.responses[slot] = Some(Response::Replies(reply));
+            }
             Request::Clear => {
                 // Not while a cross-shard transaction is prepared here: it may have answered
                 // its client already, and a recovery that then found no prepare here would
@@ -500,7 +519,7 @@ impl StateMachine {
                 // Every WATCH older than the FLUSHDB aborts (`touched.rs`).
                 let elements = vec![capdb_storage::disk::horizon_row(index)];
                 self.engine
-                    .replace_table(table, Vec::new(), elements, None, meta)
+                    .replace_table(table, Vec::new(), elements, None, meta, true)
                     .await
                     .map_err(io)?;
                 b.responses[slot] = Some(Response::Replies(reply));
@@ -819,7 +838,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         match (&self.kind, payload) {
             (Kind::Data { table }, SnapshotPayload::Data { entries }) => {
                 self.engine
-                    .replace_table(table, entries, elements, Some(prefix), meta_items)
+                    .replace_table(table, entries, elements, Some(prefix), meta_items, false)
                     .await
                     .map_err(io)?;
             }

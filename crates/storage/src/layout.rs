@@ -9,6 +9,7 @@
 //! |---|---|---|
 //! | `shard/{group}` | keys of a `cp` shard | its Raft state machine |
 //! | `shard/{group}/el` | elements of that shard's hashes, lists, sets and sorted sets, its collection-id counter and reclaim queue, and WATCH's touched rows (`disk/touched.rs`) | its Raft state machine; the reclaimer |
+//! | `shard/{group}/chg` | that shard's change log, while its keyspace's changes are on (`disk/changes.rs`) | its Raft state machine |
 //! | `raftlog/{group}` | the Raft log of a group | its log store |
 //! | `_meta raft/{group}/{vote,committed,purged,applied,state}` | Raft records of a group | log store, state machine |
 //! | `_meta raft/{group}/session/…` | exactly-once sessions of a group | its state machine |
@@ -36,6 +37,11 @@ pub fn element_table(table: &str) -> String {
 }
 
 const ELEMENTS_SUFFIX: &str = "/el";
+
+/// The change log of a `cp` shard table (`disk/changes.rs`): stream clock -> row.
+pub fn change_table(table: &str) -> String {
+    format!("{table}/chg")
+}
 
 /// The table holding a Raft group's log.
 pub fn raft_log_table(group: GroupId) -> String {

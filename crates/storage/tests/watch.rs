@@ -177,7 +177,7 @@ async fn replicas_and_snapshots_judge_guards_alike_and_flushdb_aborts_older_watc
     // A third replica installs a snapshot of the first.
     let (_c, c) = open();
     let dump = a.dump_table(TABLE, &[], "none/").unwrap();
-    c.replace_table(TABLE, dump.entries, dump.elements, None, Vec::new())
+    c.replace_table(TABLE, dump.entries, dump.elements, None, Vec::new(), false)
         .await
         .unwrap();
     for (name, e) in [("a", &a), ("b", &b_engine), ("c", &c)] {
@@ -187,9 +187,16 @@ async fn replicas_and_snapshots_judge_guards_alike_and_flushdb_aborts_older_watc
     }
     // FLUSHDB at 7 leaves the horizon: every watch from before it aborts, and recording
     // stays off until the next watch point.
-    a.replace_table(TABLE, Vec::new(), vec![horizon_row(7)], None, Vec::new())
-        .await
-        .unwrap();
+    a.replace_table(
+        TABLE,
+        Vec::new(),
+        vec![horizon_row(7)],
+        None,
+        Vec::new(),
+        true,
+    )
+    .await
+    .unwrap();
     assert!(!commits(&a, 8, vec![guard("untouched", 6)]).await);
     assert!(
         !commits(&a, 9, vec![guard("untouched", 7)]).await,

@@ -260,6 +260,105 @@ pub struct Event {
     pub op: ChangeOp,
 }
 
+/// One event as a reader gets it: its ID, the log index and stream clock of its entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    pub id: StreamId,
+    pub index: u64,
+    pub clock: Timestamp,
+    pub event: Event,
+}
+
+impl Change {
+    /// The event as a Redis stream entry's fields (design §3), in order: `op`, `key`, then what
+    /// the op carries, then `ts`, `shard`, `index`.
+    pub fn fields(&self, shard: u32) -> Vec<(&'static str, Bytes)> {
+        let text = |s: String| Bytes::from(s);
+        let mut f: Vec<(&'static str, Bytes)> = Vec::with_capacity(8);
+        let op = match &self.event.op {
+            ChangeOp::Set { .. } => "set",
+            ChangeOp::Del { .. } => "del",
+            ChangeOp::Expire { .. } => "expire",
+            ChangeOp::Ttl { .. } => "ttl",
+            ChangeOp::Incr { .. } => "incr",
+            ChangeOp::Cmd { .. } => "cmd",
+        };
+        f.push(("op", Bytes::from_static(op.as_bytes())));
+        f.push(("key", self.event.key.clone()));
+        match &self.event.op {
+            ChangeOp::Set {
+                value,
+                expire_at_ms,
+                prev,
+            } => {
+                f.push(("value", value.clone()));
+                if let Some(p) = prev {
+                    f.push(("prev", p.clone()));
+                }
+                if let Some(at) = expire_at_ms {
+                    f.push(("expire_at_ms", text(at.to_string())));
+                }
+            }
+            ChangeOp::Del { prev } | ChangeOp::Expire { prev } => {
+                if let Some(p) = prev {
+                    f.push(("prev", p.clone()));
+                }
+            }
+            ChangeOp::Ttl { expire_at_ms } => {
+                if let Some(at) = expire_at_ms {
+                    f.push(("expire_at_ms", text(at.to_string())));
+                }
+            }
+            ChangeOp::Incr { value, delta, prev } => {
+                f.push(("value", text(value.to_string())));
+                if let Some(p) = prev {
+                    f.push(("prev", p.clone()));
+                }
+                f.push(("delta", text(delta.to_string())));
+            }
+            ChangeOp::Cmd { kind, args, also } => {
+                let kind = crate::ValueKind::from_bits(*kind).map_or("unknown", |k| k.type_name());
+                f.push(("type", Bytes::from_static(kind.as_bytes())));
+                if let Some((name, rest)) = args.split_first() {
+                    f.push(("cmd", Bytes::from(name.to_ascii_lowercase())));
+                    f.extend(rest.iter().map(|a| ("arg", a.clone())));
+                }
+                f.extend(also.iter().map(|k| ("also", k.clone())));
+            }
+        }
+        f.push((
+            "ts",
+            text(format!(
+                "{}.{}",
+                self.clock.physical_ms(),
+                self.clock.logical()
+            )),
+        ));
+        f.push(("shard", text(shard.to_string())));
+        f.push(("index", text(self.index.to_string())));
+        f
+    }
+
+    /// The entry as XRANGE answers it: `[id, [field, value, ...]]`.
+    pub fn to_reply(&self, shard: u32) -> crate::Reply {
+        use crate::Reply;
+        let fields = self
+            .fields(shard)
+            .into_iter()
+            .flat_map(|(k, v)| {
+                [
+                    Reply::Bulk(Bytes::from_static(k.as_bytes())),
+                    Reply::Bulk(v),
+                ]
+            })
+            .collect();
+        Reply::Array(vec![
+            Reply::Bulk(Bytes::from(self.id.to_string())),
+            Reply::Array(fields),
+        ])
+    }
+}
+
 /// What kind of log entry a row's events came from. Variants are only ever appended.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RowKind {

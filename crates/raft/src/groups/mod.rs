@@ -343,7 +343,10 @@ impl Groups {
                 .engine
                 .drop_group(
                     vec![layout::shard_table(group)],
-                    vec![layout::raft_log_table(group)],
+                    vec![
+                        layout::raft_log_table(group),
+                        layout::change_table(&layout::shard_table(group)),
+                    ],
                     metas,
                     vec![layout::raft_sessions_prefix(group)],
                 )

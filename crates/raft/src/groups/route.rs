@@ -607,6 +607,17 @@ impl Groups {
         }
     }
 
+    /// Turns a data group's change log on or off, through its log (every replica switches at
+    /// the same entry).
+    pub async fn changes_config(&self, group: GroupId, on: bool) -> Result<(), Error> {
+        match self.write(group, Request::ChangesConfig { on }).await? {
+            Response::Replies(r) if matches!(r.first(), Some(Ok(Reply::Ok))) => Ok(()),
+            other => Err(Error::Io(format!(
+                "unexpected response to a change-log switch: {other:?}"
+            ))),
+        }
+    }
+
     /// A point in a data group's log for WATCH: the log index of an entry proposed now, so
     /// every change linearized before this call is at or below it.
     pub async fn watch_point(&self, group: GroupId) -> Result<u64, Error> {

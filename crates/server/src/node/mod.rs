@@ -35,7 +35,7 @@ use capdb_types::{Error, Hlc, KeyspaceName, KeyspaceSpec, Result};
 use crate::config::Config;
 pub use crate::keyscan::{SCAN_CURSORS_MAX, ScanCursor, ScanCursors, ScanPosition, ShardScope};
 use crate::metrics::Metrics;
-pub use router::{Consistency, Keyspace, MemoryUse, Watched};
+pub use router::{ChangesPage, Consistency, Keyspace, MemoryUse, Watched};
 
 /// Everything one running node shares between its front ends.
 pub struct Node {

@@ -24,6 +24,7 @@ use capdb_raft::Groups;
 use capdb_storage::disk::DiskEngine;
 use capdb_storage::memory::MemStore;
 use capdb_storage::{BatchReplies, KeyspaceStore, ScanRange, layout};
+use capdb_types::changes::StreamId;
 use capdb_types::{
     Error, Hlc, KeyspaceName, KeyspaceSpec, Mode, Mutation, NodeId, ReadMode, Reply, Result, Value,
 };
@@ -87,6 +88,49 @@ enum Store {
         value_bytes_max: usize,
     },
     Cache(Arc<MemStore>),
+}
+
+/// A page of one shard's change log (`Keyspace::changes_read`).
+#[derive(Debug, Clone)]
+pub struct ChangesPage {
+    /// Whether the shard logs its changes now.
+    pub on: bool,
+    /// Events the shard's log holds.
+    pub events: u64,
+    /// The last event's ID (`0-0`: none).
+    pub last: Bytes,
+    /// The entries, each `[id, [field, value, ...]]` as XRANGE answers them.
+    pub entries: Vec<Reply>,
+}
+
+impl ChangesPage {
+    fn from_reply(reply: Reply) -> Result<ChangesPage> {
+        let bad = || Error::Io("unexpected answer to a change-log read".into());
+        let Reply::Array(parts) = reply else {
+            return Err(bad());
+        };
+        let [
+            Reply::Integer(on),
+            Reply::Integer(events),
+            Reply::Bulk(last),
+            Reply::Array(entries),
+        ] = <[Reply; 4]>::try_from(parts).map_err(|_| bad())?
+        else {
+            return Err(bad());
+        };
+        Ok(ChangesPage {
+            on: on == 1,
+            events: u64::try_from(events).unwrap_or(0),
+            last,
+            entries,
+        })
+    }
+}
+
+fn not_streamed(name: &KeyspaceName) -> Error {
+    Error::Command(format!(
+        "ERR change streams are built for cp keyspaces only so far; '{name}' is not one"
+    ))
 }
 
 /// Memory a keyspace uses on this node, and what its limit made it do.
@@ -269,6 +313,63 @@ impl Keyspace {
             Store::Cp { entry, .. } => Some(entry.shard_for_key(key)),
             Store::Ap { .. } | Store::Cache(_) => None,
         }
+    }
+
+    /// Turns the change log of every shard of this (`cp`) keyspace on or off, shard after
+    /// shard, each through its log. An error part-way leaves the shards before it switched:
+    /// the command is safe to repeat.
+    pub async fn changes_config(&self, on: bool) -> Result<()> {
+        self.check_live()?;
+        match &self.store {
+            Store::Cp { entry, groups, .. } => {
+                for shard in &entry.shards {
+                    groups.changes_config(shard.group, on).await?;
+                }
+                Ok(())
+            }
+            Store::Ap { .. } | Store::Cache(_) => Err(not_streamed(self.name())),
+        }
+    }
+
+    /// Reads shard `shard`'s change log (`cp` only) through the shard's read path (routed and
+    /// fenced like any read at consistency `c`).
+    pub async fn changes_read(
+        &self,
+        shard: u32,
+        range: (StreamId, StreamId),
+        count: usize,
+        rev: bool,
+        now_ms: u64,
+        c: Consistency,
+    ) -> Result<ChangesPage> {
+        self.check_live()?;
+        let Store::Cp { entry, groups, .. } = &self.store else {
+            return Err(not_streamed(self.name()));
+        };
+        let Some(info) = entry.shards.get(shard as usize) else {
+            return Err(Error::Command(format!(
+                "ERR keyspace '{}' has {} shards (0 to {}); there is no shard {shard}",
+                self.name(),
+                entry.shards.len(),
+                entry.shards.len().saturating_sub(1)
+            )));
+        };
+        let text = |s: String| Bytes::from(s);
+        let args = vec![
+            Bytes::from_static(capdb_storage::disk::CHANGES_QUERY.as_bytes()),
+            text(shard.to_string()),
+            text(range.0.to_string()),
+            text(range.1.to_string()),
+            text(count.to_string()),
+            text(u8::from(rev).to_string()),
+        ];
+        let reply = groups.query(info.group, args, c.cp_read, now_ms, 0).await?;
+        ChangesPage::from_reply(reply)
+    }
+
+    /// The number of shards of a `cp` keyspace (`None` for other modes).
+    pub fn shard_count(&self) -> Option<usize> {
+        self.led_shards().map(<[ShardInfo]>::len)
     }
 
     /// Memory this keyspace uses on this node (in-memory keyspaces only).

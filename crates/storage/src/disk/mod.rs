@@ -76,6 +76,7 @@
 //! - `touched.rs`, `txn.rs`: WATCH's touched rows; cross-shard transactions' locks and records.
 
 mod ap;
+mod changes;
 mod log;
 mod meta;
 mod mutation;
@@ -100,6 +101,7 @@ use tokio::sync::mpsc;
 pub use ap::{
     AP_RECLAIM_STEP_MAX, AP_WITNESS_SCAN_MAX, ApPart, ApRecord, MergeOutcome, partial_fits,
 };
+pub use changes::{CHANGES_QUERY, CHANGES_READ_BYTES_MAX, CHANGES_READ_MAX, ChangeInfo};
 pub use meta::MetaItem;
 use ops::Op;
 pub use replicated::{Queued, RememberReplies, TableDump};

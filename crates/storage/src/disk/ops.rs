@@ -100,6 +100,14 @@ pub(super) enum Op {
         /// The `_meta` key remembering the answer, and how to encode it.
         remember: Option<(String, super::txn::RememberAnswer)>,
     },
+    /// Turns a shard's change log on or off at log index `index` (`changes.rs`), with the
+    /// applied state in `meta`.
+    ChangesConfig {
+        table: String,
+        on: bool,
+        index: u64,
+        meta: Vec<MetaItem>,
+    },
     /// Appends records to a log table (u64 index -> bytes).
     LogAppend {
         table: String,
@@ -119,6 +127,9 @@ pub(super) enum Op {
     /// Replaces a table's whole content (snapshot install): deletes every `_meta` entry under
     /// `clear_meta_prefix`, then sets `_meta` entries.
     ReplaceTable {
+        /// FLUSHDB: the change log and its state stay (`changes.rs`); a snapshot install
+        /// drops the log.
+        keep_changes: bool,
         table: String,
         entries: Vec<(Vec<u8>, Vec<u8>)>,
         /// The element table's rows (see `space.rs`), replaced with the table.
@@ -191,6 +202,7 @@ impl Op {
             | Op::Barrier
             | Op::ApplyReplicated { .. }
             | Op::TxnStep { .. }
+            | Op::ChangesConfig { .. }
             | Op::LogAppend { .. }
             | Op::LogRemove { .. }
             | Op::MetaPut { .. }
@@ -208,6 +220,7 @@ impl Op {
             // Reclaiming unreachable elements again after a crash is harmless.
             Op::ApplyReplicated { .. }
             | Op::TxnStep { .. }
+            | Op::ChangesConfig { .. }
             | Op::Reclaim { .. }
             | Op::ApReclaim { .. } => false,
             Op::MetaPut { durable, .. } => *durable,
@@ -380,6 +393,17 @@ pub(super) fn execute(x: &Exec, op: &Op, live_tables: &mut HashSet<String>) -> R
             meta,
             remember,
         } => super::txn::apply_step(x, table, job, meta, remember.as_ref()),
+        Op::ChangesConfig {
+            table,
+            on,
+            index,
+            meta,
+        } => {
+            super::changes::configure(x, table, *on, *index)?;
+            let mut mt = x.txn.open_table(META_TABLE).map_err(io_err)?;
+            put_meta(&mut mt, meta)?;
+            Ok(Output::Done)
+        }
         Op::LogAppend { table, records } => append_log(x, table, records),
         Op::LogRemove { table, from, to } => remove_log_range(x, table, *from, *to),
         Op::MetaPut { items, .. } => update_meta(x, items),
@@ -389,6 +413,7 @@ pub(super) fn execute(x: &Exec, op: &Op, live_tables: &mut HashSet<String>) -> R
             elements,
             clear_meta_prefix,
             meta,
+            keep_changes,
         } => replace_table(
             x,
             table,
@@ -396,6 +421,7 @@ pub(super) fn execute(x: &Exec, op: &Op, live_tables: &mut HashSet<String>) -> R
             elements,
             clear_meta_prefix.as_deref(),
             meta,
+            *keep_changes,
         ),
         Op::Reclaim { table } => reclaim(x, table),
         Op::DropGroup {
@@ -525,7 +551,7 @@ pub(super) fn apply_replicated(
     // EXEC's guard, or `/v1/txn`'s) may already have answered its client: it changed the key
     // at its prepare, before this entry, though its commit is not applied yet.
     let mut guard_blocker = None;
-    let mut recording = {
+    let recording = {
         let el = x.txn.open_table(table_def(&el_name)).map_err(io_err)?;
         if respect_locks && !guards.is_empty() && super::txn::any_locks(&el)? {
             for g in guards {
@@ -549,8 +575,12 @@ pub(super) fn apply_replicated(
                 }
             }
         }
-        super::touched::Recording::load(&el)?
+        (
+            super::touched::Recording::load(&el)?,
+            super::changes::ChangeLog::load(&el)?,
+        )
     };
+    let (mut recording, mut changes) = recording;
     let refusal = |index: u64| {
         refused
             .iter()
@@ -573,8 +603,10 @@ pub(super) fn apply_replicated(
         }
     }
     // Keys each entry changed, for the touched rows (`touched.rs`), while anyone may watch.
-    let track = recording.is_on() || !watch_points.is_empty();
+    let track = recording.is_on() || !watch_points.is_empty() || changes.is_on();
     let mut touched: Vec<(u64, Vec<Bytes>)> = Vec::new();
+    // The change log's events per entry (`changes.rs`), while it is on.
+    let mut logged: Vec<(u64, Timestamp, Vec<capdb_types::changes::Event>)> = Vec::new();
     for (m, ts, now_ms, index) in mutations.iter().filter(|_| run) {
         if let Some(e) = refusal(*index) {
             replies.push(Err(e));
@@ -592,6 +624,19 @@ pub(super) fn apply_replicated(
             Some(*ts),
             track.then_some(&mut changed),
         )?);
+        if changes.is_on() && !changed.is_empty() {
+            let mut seen: HashSet<&Bytes> = HashSet::with_capacity(changed.len());
+            let mut events = Vec::with_capacity(changed.len());
+            for k in &changed {
+                if seen.insert(k) {
+                    events.push(super::changes::event_of(&t, Some(m), k, *now_ms)?);
+                }
+            }
+            match logged.last_mut() {
+                Some((at, _, all)) if at == index => all.extend(events),
+                _ => logged.push((*index, *ts, events)),
+            }
+        }
         if !changed.is_empty() {
             match touched.last_mut() {
                 Some((at, keys)) if at == index => keys.extend(changed),
@@ -600,6 +645,9 @@ pub(super) fn apply_replicated(
         }
     }
     drop(t);
+    if !logged.is_empty() {
+        super::changes::append(x, table, &mut changes, logged)?;
+    }
     if !touched.is_empty() || !watch_points.is_empty() {
         let mut el = x.txn.open_table(table_def(&el_name)).map_err(io_err)?;
         // In log order: a watch point turns recording on for the entries after it.
@@ -679,7 +727,26 @@ fn replace_table(
     elements: &[(Vec<u8>, Vec<u8>)],
     clear_meta_prefix: Option<&str>,
     meta: &[MetaItem],
+    keep_changes: bool,
 ) -> Result<Output> {
+    // FLUSHDB keeps the change log on, at its clock; a snapshot brings its own state and no
+    // log rows, so a replica's rows from before it (with a gap to it) go.
+    let carried = if keep_changes {
+        let el = x
+            .txn
+            .open_table(table_def(&element_table(table)))
+            .map_err(io_err)?;
+        super::changes::carried_rows(&el)?
+    } else {
+        x.txn
+            .delete_table(log_def(&crate::layout::change_table(table)))
+            .map_err(io_err)?;
+        Vec::new()
+    };
+    let carried: Vec<(Vec<u8>, Vec<u8>)> = carried
+        .into_iter()
+        .filter(|(k, _)| !elements.iter().any(|(e, _)| e == k))
+        .collect();
     for (name, rows) in [
         (table.to_string(), entries),
         (element_table(table), elements),
@@ -688,6 +755,19 @@ fn replace_table(
         let mut t = x.txn.open_table(table_def(&name)).map_err(io_err)?;
         for (k, v) in rows {
             t.insert(&k[..], &v[..]).map_err(io_err)?;
+        }
+    }
+    {
+        let mut el = x
+            .txn
+            .open_table(table_def(&element_table(table)))
+            .map_err(io_err)?;
+        for (k, v) in &carried {
+            el.insert(&k[..], &v[..]).map_err(io_err)?;
+        }
+        if !keep_changes {
+            // The rows before the snapshot are not here: reads below it say so.
+            super::changes::mark_snapshot(&mut el)?;
         }
     }
     let mut mt = x.txn.open_table(META_TABLE).map_err(io_err)?;

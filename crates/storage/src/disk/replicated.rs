@@ -115,7 +115,8 @@ impl DiskEngine {
     }
 
     /// Replaces a table's content, deletes the `_meta` entries under `clear_meta_prefix` and
-    /// sets `meta`, durably and atomically (snapshot install, FLUSHDB).
+    /// sets `meta`, durably and atomically (snapshot install, FLUSHDB). `keep_changes`
+    /// (FLUSHDB): the shard's change log stays on with its rows; else (a snapshot) its rows go.
     pub async fn replace_table(
         &self,
         table: &str,
@@ -123,12 +124,33 @@ impl DiskEngine {
         elements: Vec<(Vec<u8>, Vec<u8>)>,
         clear_meta_prefix: Option<String>,
         meta: Vec<MetaItem>,
+        keep_changes: bool,
     ) -> Result<()> {
         self.submit(Op::ReplaceTable {
+            keep_changes,
             table: table.to_string(),
             entries,
             elements,
             clear_meta_prefix,
+            meta,
+        })
+        .await?
+        .into_done()
+    }
+
+    /// Turns a shard's change log on or off at log index `index`, with the applied state
+    /// `meta`, in one storage transaction (not durable by itself, like an apply).
+    pub async fn changes_config(
+        &self,
+        table: &str,
+        on: bool,
+        index: u64,
+        meta: Vec<MetaItem>,
+    ) -> Result<()> {
+        self.submit(Op::ChangesConfig {
+            table: table.to_string(),
+            on,
+            index,
             meta,
         })
         .await?

@@ -3,7 +3,7 @@
 use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
-use capdb_types::{Mutation, Reply, Result, Value};
+use capdb_types::{Error, Mutation, Reply, Result, Value};
 use redb::{ReadableTable, ReadableTableMetadata, TableError};
 
 use super::ops::Op;
@@ -244,6 +244,59 @@ impl DiskTable {
         Ok(Ok(out))
     }
 
+    /// The change-log events with IDs in `from..=to`, ascending (descending when `rev`), at
+    /// most `count` (and [`super::CHANGES_READ_MAX`]), from one snapshot (`changes.rs`).
+    pub fn changes(
+        &self,
+        from: capdb_types::changes::StreamId,
+        to: capdb_types::changes::StreamId,
+        count: usize,
+        rev: bool,
+    ) -> Result<Vec<capdb_types::changes::Change>> {
+        let txn = self.begin_read()?;
+        super::changes::read(&txn, &self.table, from, to, count, rev)
+    }
+
+    /// [`super::CHANGES_QUERY`] `shard from to count rev`: the change log read as a query, so
+    /// that it is routed, fenced and forwarded like any read of the shard. Answers `[on (0|1),
+    /// events held, last ID, [[id, [field, value, ...]], ...]]`.
+    fn changes_query(&self, args: &[Bytes]) -> Result<Reply> {
+        let bad = || Error::InvalidInput("malformed change-log query".into());
+        let [_, shard, from, to, count, rev] = args else {
+            return Err(bad());
+        };
+        let number = |b: &Bytes| -> Result<u64> {
+            std::str::from_utf8(b)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(bad)
+        };
+        let id = |b: &Bytes| capdb_types::changes::StreamId::parse_with(b, 0);
+        let shard = u32::try_from(number(shard)?).map_err(|_| bad())?;
+        let txn = self.begin_read()?;
+        let info = super::changes::info(&txn, &self.table)?;
+        let changes = super::changes::read(
+            &txn,
+            &self.table,
+            id(from)?,
+            id(to)?,
+            usize::try_from(number(count)?).unwrap_or(usize::MAX),
+            number(rev)? == 1,
+        )?;
+        Ok(Reply::Array(vec![
+            Reply::Integer(i64::from(info.on)),
+            Reply::Integer(i64::try_from(info.events).unwrap_or(i64::MAX)),
+            Reply::Bulk(Bytes::from(info.last.to_string())),
+            Reply::Array(changes.iter().map(|c| c.to_reply(shard)).collect()),
+        ]))
+    }
+
+    /// Whether this shard logs its changes, how many it holds and the last one's ID.
+    pub fn changes_info(&self) -> Result<super::ChangeInfo> {
+        let txn = self.begin_read()?;
+        super::changes::info(&txn, &self.table)
+    }
+
     /// The cross-shard transactions prepared on this shard and not decided yet (a
     /// linearizable scan waits for those prepared before it: `txn.rs`).
     pub fn prepared_txns(&self) -> Result<Vec<capdb_types::txn::TxnId>> {
@@ -268,6 +321,12 @@ impl DiskTable {
 
 impl KeyspaceStore for DiskTable {
     fn query(&self, args: &[Bytes], now_ms: u64, seed: u64) -> Result<Reply> {
+        if args
+            .first()
+            .is_some_and(|n| n.as_ref() == super::CHANGES_QUERY.as_bytes())
+        {
+            return self.changes_query(args);
+        }
         let txn = self.begin_read()?;
         let open = |name: &str| match txn.open_table(table_def(name)) {
             Ok(t) => Ok(Some(t)),

@@ -458,6 +458,24 @@ fn step_inner(x: &Exec, table: &str, job: &TxnJob) -> Result<Result<TxnAnswer>> 
         // The locks are released above, in this same storage transaction.
         let mut t = x.txn.open_table(table_def(table)).map_err(io_err)?;
         TxnSpace::new(x, table, &mut t, job.now_ms).apply_redo(&redo)?;
+        // The change log gets the commit's effects as this entry's events (`changes.rs`).
+        let mut log = {
+            let el = x
+                .txn
+                .open_table(table_def(&element_table(table)))
+                .map_err(io_err)?;
+            super::changes::ChangeLog::load(&el)?
+        };
+        if log.is_on() {
+            let mut seen = std::collections::HashSet::with_capacity(touched.len());
+            let events = touched
+                .iter()
+                .filter(|k| seen.insert(*k))
+                .map(|k| super::changes::event_of(&t, None, k, job.now_ms))
+                .collect::<Result<Vec<_>>>()?;
+            drop(t);
+            super::changes::append(x, table, &mut log, vec![(job.index, job.timestamp, events)])?;
+        }
         applied = Some(touched);
     }
     let mut el = x

@@ -310,10 +310,10 @@ fn wake(conn: &Connection, keys: &[Bytes]) {
 }
 
 /// Notices a client that disconnects while blocked, through a second handle on its socket.
-struct ClosedProbe(Option<tokio::net::TcpStream>);
+pub(super) struct ClosedProbe(Option<tokio::net::TcpStream>);
 
 impl ClosedProbe {
-    fn new(fd: Option<RawFd>) -> ClosedProbe {
+    pub(super) fn new(fd: Option<RawFd>) -> ClosedProbe {
         let probe = fd.and_then(|fd| {
             // SAFETY: `fd` is the connection's socket, open for as long as the connection runs,
             // which outlives this blocking command; the clone is a new descriptor we own.
@@ -325,7 +325,7 @@ impl ClosedProbe {
     }
 
     /// Completes when the client closed its side; never when it cannot tell.
-    async fn closed(&mut self) {
+    pub(super) async fn closed(&mut self) {
         let Some(s) = &self.0 else {
             return std::future::pending().await;
         };

@@ -44,6 +44,7 @@ mod keys;
 mod pubsub;
 mod scan;
 mod server;
+mod streams;
 mod strings;
 pub(super) mod txn;
 
@@ -152,6 +153,7 @@ const COMMANDS: &[Command] = &[
     row("bzmpop",      -5, &["write", "blocking", "movablekeys"], NO_KEYS, wait!(blocking::run)),
     row("bzpopmax",    -3, &["write", "noscript", "blocking", "fast"], (1, -2, 1), wait!(blocking::run)),
     row("bzpopmin",    -3, &["write", "noscript", "blocking", "fast"], (1, -2, 1), wait!(blocking::run)),
+    row("changes",     -3, &["admin"], NO_KEYS, wait!(streams::changes)),
     row("client",      -2, &["admin", "noscript", "loading", "stale"], NO_KEYS, Now(connection::client)),
     row("cluster",     -2, &["admin", "stale"], NO_KEYS, Now(cluster::command)),
     row("command",     -1, &["loading", "stale"], NO_KEYS, Now(server::command)),
@@ -209,6 +211,14 @@ const COMMANDS: &[Command] = &[
     row("unsubscribe", -1, &["pubsub", "noscript", "loading", "stale"], NO_KEYS, Now(pubsub::unsubscribe)),
     row("unwatch",     1,  &["noscript", "loading", "stale", "fast"], NO_KEYS, Now(txn::unwatch)),
     row("watch",       -2, &["noscript", "loading", "stale", "fast"], EVERY_KEY, wait!(txn::watch)),
+    row("xadd",        -5, &["write", "denyoom", "fast"], KEY, Now(streams::read_only)),
+    row("xdel",        -3, &["write", "fast"], KEY, Now(streams::read_only)),
+    row("xlen",        2,  &["readonly", "fast"], KEY, wait!(streams::xlen)),
+    row("xrange",      -4, &["readonly"], KEY, wait!(streams::xrange)),
+    row("xread",       -4, &["readonly", "blocking", "movablekeys"], NO_KEYS, wait!(streams::xread)),
+    row("xrevrange",   -4, &["readonly"], KEY, wait!(streams::xrevrange)),
+    row("xsetid",      -3, &["write", "denyoom", "fast"], KEY, Now(streams::read_only)),
+    row("xtrim",       -4, &["write"], KEY, Now(streams::read_only)),
 ];
 
 /// Every command name the server knows, lowercase, sorted (aliases resolve to their canonical
@@ -405,6 +415,7 @@ fn admit(conn: &Connection, cmd: &Command, args: &[Bytes]) -> Outcome {
     let first_key = cmd.keys.0;
     if first_key >= 1
         && let Some(key) = args.get(first_key as usize)
+        && !streams::reads_a_stream(cmd.name, key)
         && let Some(line) = cluster::moved(conn, key, cmd.flags.contains(&"readonly"))
     {
         return Err(line);

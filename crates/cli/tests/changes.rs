@@ -1,0 +1,317 @@
+//! Change streams (issue 14) against the real binary with the `redis` crate: a `cp` shard's
+//! change log read as the stream key `__changes:<keyspace>#<shard>` with Redis's stream
+//! commands. Every change in log order with its value, IDs that increase and are the same
+//! through every node, Redis's reply shapes for XRANGE/XREVRANGE/XLEN/XREAD (blocking too),
+//! and clear errors for what is off, read-only or not built yet.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::Server;
+use redis::Value;
+
+/// Cluster tests run one at a time (a 2-core machine).
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn cmd(c: &mut redis::Connection, line: &str) -> redis::RedisResult<Value> {
+    let mut parts = line.split(' ');
+    let mut command = redis::cmd(parts.next().unwrap());
+    for p in parts {
+        command.arg(p);
+    }
+    command.query(c)
+}
+
+fn ok(c: &mut redis::Connection, line: &str) -> Value {
+    cmd(c, line).unwrap_or_else(|e| panic!("{line}: {e}"))
+}
+
+fn err(c: &mut redis::Connection, line: &str) -> String {
+    match cmd(c, line) {
+        Ok(v) => panic!("{line} answered {v:?}, not an error"),
+        Err(e) => e.to_string(),
+    }
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+        Value::SimpleString(s) => s.clone(),
+        Value::Int(n) => n.to_string(),
+        other => panic!("not a string: {other:?}"),
+    }
+}
+
+/// One stream entry: its ID and fields.
+#[derive(Debug, Clone, PartialEq)]
+struct Entry {
+    id: (u64, u64),
+    fields: Vec<(String, String)>,
+}
+
+impl Entry {
+    fn field(&self, name: &str) -> Option<&str> {
+        self.fields
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// `op key [value]`, what the tests compare.
+    fn short(&self) -> String {
+        let mut s = format!(
+            "{} {}",
+            self.field("op").unwrap(),
+            self.field("key").unwrap()
+        );
+        if let Some(v) = self.field("value") {
+            s.push(' ');
+            s.push_str(v);
+        }
+        if let Some(c) = self.field("cmd") {
+            s.push(' ');
+            s.push_str(c);
+        }
+        s
+    }
+}
+
+fn parse_id(s: &str) -> (u64, u64) {
+    let (ms, seq) = s.split_once('-').unwrap();
+    (ms.parse().unwrap(), seq.parse().unwrap())
+}
+
+fn entries(v: &Value) -> Vec<Entry> {
+    let Value::Array(items) = v else {
+        panic!("not an array: {v:?}")
+    };
+    items
+        .iter()
+        .map(|e| {
+            let Value::Array(pair) = e else {
+                panic!("not an entry: {e:?}")
+            };
+            let Value::Array(fv) = &pair[1] else {
+                panic!("no fields: {e:?}")
+            };
+            Entry {
+                id: parse_id(&text(&pair[0])),
+                fields: fv.chunks(2).map(|p| (text(&p[0]), text(&p[1]))).collect(),
+            }
+        })
+        .collect()
+}
+
+/// The stream key of the shard of `default` holding `key` (the one whose log has events on it).
+fn stream_of(c: &mut redis::Connection, key: &str) -> String {
+    let Value::Array(keys) = ok(c, "CHANGES SHARDS default") else {
+        panic!("CHANGES SHARDS answered no array")
+    };
+    for k in keys.iter().map(text) {
+        let found = entries(&ok(c, &format!("XRANGE {k} - +")));
+        if found.iter().any(|e| e.field("key") == Some(key)) {
+            return k;
+        }
+    }
+    panic!("no shard logged {key}")
+}
+
+#[test]
+fn a_shards_change_log_lists_every_change_in_order_as_a_redis_stream() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let s = Server::start();
+    let mut c = s.client();
+    let off = err(&mut c, "XRANGE __changes:default#0 - +");
+    assert!(off.contains("are off"), "{off}");
+    ok(&mut c, "SET {t}before 1");
+    assert_eq!(ok(&mut c, "CHANGES CONFIG default on"), Value::Okay);
+
+    ok(&mut c, "SET {t}a 1");
+    ok(&mut c, "INCR {t}a");
+    ok(&mut c, "SET {t}b x EX 100");
+    ok(&mut c, "DEL {t}b");
+    ok(&mut c, "DEL {t}nosuch");
+    ok(&mut c, "HSET {t}h f v");
+    ok(&mut c, "RPUSH {t}l x y");
+    ok(&mut c, "MULTI");
+    ok(&mut c, "SET {t}a 5");
+    ok(&mut c, "DEL {t}a");
+    ok(&mut c, "EXEC");
+
+    let key = stream_of(&mut c, "{t}a");
+    let all = entries(&ok(&mut c, &format!("XRANGE {key} - +")));
+    let shorts: Vec<String> = all.iter().map(Entry::short).collect();
+    assert_eq!(
+        shorts,
+        [
+            "set {t}a 1",
+            "set {t}a 2",
+            "set {t}b x",
+            "del {t}b",
+            "cmd {t}h hset",
+            "cmd {t}l rpush",
+            "set {t}a 5",
+            "del {t}a",
+        ],
+        "what changed before the log was on, and what changed nothing, is not there"
+    );
+    assert!(all[2].field("expire_at_ms").is_some(), "{:?}", all[2]);
+    assert_eq!(all[4].field("type"), Some("hash"));
+    let args: Vec<&str> = all[5]
+        .fields
+        .iter()
+        .filter(|(k, _)| k == "arg")
+        .map(|(_, v)| v.as_str())
+        .collect();
+    assert_eq!(args, ["{t}l", "x", "y"]);
+    for pair in all.windows(2) {
+        assert!(pair[0].id < pair[1].id, "IDs increase: {pair:?}");
+        let index = |e: &Entry| e.field("index").unwrap().parse::<u64>().unwrap();
+        assert!(index(&pair[0]) <= index(&pair[1]), "log order: {pair:?}");
+    }
+    // The transaction's two events are one entry's: the same log index.
+    assert_eq!(all[6].field("index"), all[7].field("index"));
+
+    // XREVRANGE, COUNT, exclusive starts, XLEN.
+    let rev = entries(&ok(&mut c, &format!("XREVRANGE {key} + -")));
+    let mut back = all.clone();
+    back.reverse();
+    assert_eq!(rev, back);
+    let two = entries(&ok(&mut c, &format!("XRANGE {key} - + COUNT 2")));
+    assert_eq!(two, all[..2]);
+    // Redis's edges: COUNT 0 (or less) is the null reply for XRANGE, no limit for XREAD.
+    assert_eq!(ok(&mut c, &format!("XRANGE {key} - + COUNT 0")), Value::Nil);
+    let Value::Array(unlimited) = ok(&mut c, &format!("XREAD COUNT 0 STREAMS {key} 0")) else {
+        panic!("XREAD COUNT 0 answered no array")
+    };
+    let Value::Array(kv) = &unlimited[0] else {
+        panic!("{unlimited:?}")
+    };
+    assert_eq!(entries(&kv[1]), all);
+    let (ms, seq) = all[1].id;
+    let after = entries(&ok(&mut c, &format!("XRANGE {key} ({ms}-{seq} +")));
+    assert_eq!(after, all[2..]);
+    assert_eq!(
+        ok(&mut c, &format!("XLEN {key}")),
+        Value::Int(all.len() as i64)
+    );
+
+    // XREAD from an ID (exclusive), and XREAD BLOCK woken by a write through another
+    // connection.
+    let read = ok(&mut c, &format!("XREAD COUNT 3 STREAMS {key} {ms}-{seq}"));
+    let Value::Array(per_key) = read else {
+        panic!("XREAD answered {read:?}")
+    };
+    let Value::Array(kv) = &per_key[0] else {
+        panic!("{per_key:?}")
+    };
+    assert_eq!(text(&kv[0]), key);
+    assert_eq!(entries(&kv[1]), all[2..5]);
+    assert_eq!(
+        ok(&mut c, &format!("XREAD STREAMS {key} $")),
+        Value::Nil,
+        "nothing after the last ID"
+    );
+    let url = s.redis_url();
+    let writer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        let mut w = redis::Client::open(url).unwrap().get_connection().unwrap();
+        ok(&mut w, "SET {t}late now");
+    });
+    let started = Instant::now();
+    let woke = ok(&mut c, &format!("XREAD BLOCK 20000 STREAMS {key} $"));
+    writer.join().unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "woken by the write"
+    );
+    let Value::Array(per_key) = woke else {
+        panic!("XREAD BLOCK answered {woke:?}")
+    };
+    let Value::Array(kv) = &per_key[0] else {
+        panic!("{per_key:?}")
+    };
+    assert_eq!(
+        entries(&kv[1]).iter().map(Entry::short).collect::<Vec<_>>(),
+        ["set {t}late now"]
+    );
+    assert_eq!(
+        ok(&mut c, &format!("XREAD BLOCK 50 STREAMS {key} $")),
+        Value::Nil,
+        "a block that runs out answers the null reply"
+    );
+
+    // FLUSHDB keeps the log on; later changes keep coming with larger IDs.
+    let last = entries(&ok(&mut c, &format!("XREVRANGE {key} + - COUNT 1")))[0].id;
+    ok(&mut c, "FLUSHDB");
+    ok(&mut c, "SET {t}after 1");
+    let tail = entries(&ok(
+        &mut c,
+        &format!("XRANGE {key} ({}-{} +", last.0, last.1),
+    ));
+    assert_eq!(
+        tail.iter().map(Entry::short).collect::<Vec<_>>(),
+        ["set {t}after 1"]
+    );
+
+    // A transaction over two keys of different hash tags (two shards when they land apart:
+    // then each shard logs its part at the commit).
+    ok(&mut c, "MULTI");
+    ok(&mut c, "SET {p}x 1");
+    ok(&mut c, "SET {q}y 2");
+    ok(&mut c, "EXEC");
+    for (k, v) in [("{p}x", "1"), ("{q}y", "2")] {
+        let stream = stream_of(&mut c, k);
+        let found = entries(&ok(&mut c, &format!("XRANGE {stream} - +")));
+        let e = found.iter().find(|e| e.field("key") == Some(k)).unwrap();
+        assert_eq!(e.short(), format!("set {k} {v}"));
+    }
+
+    // Read-only, not built yet, unknown: clear errors.
+    assert!(err(&mut c, &format!("XADD {key} * f v")).contains("read-only"));
+    assert!(err(&mut c, "XRANGE __changes:default - +").contains("not built yet"));
+    assert!(err(&mut c, "XRANGE __changes:nosuch#0 - +").contains("nosuch"));
+    assert!(err(&mut c, "XRANGE __changes:default#99 - +").contains("no shard 99"));
+    assert!(err(&mut c, "XRANGE plainkey - +").contains("no stream type"));
+
+    // Off deletes the log.
+    ok(&mut c, "CHANGES CONFIG default off");
+    assert!(err(&mut c, &format!("XRANGE {key} - +")).contains("are off"));
+}
+
+#[test]
+fn every_node_serves_the_same_ids_for_a_shards_changes() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let nodes = common::start_founders(3, |_| Vec::new());
+    let mut c1 = nodes[0].client();
+    ok(&mut c1, "CHANGES CONFIG default on");
+    for i in 0..20 {
+        // Through every node in turn: followers forward, the log is one.
+        let mut c = nodes[i % 3].client();
+        ok(&mut c, &format!("SET {{s}}k{i} v{i}"));
+    }
+    let key = stream_of(&mut c1, "{s}k0");
+    let first = ok(&mut c1, &format!("XRANGE {key} - +"));
+    let events = entries(&first);
+    assert_eq!(events.len(), 20, "{events:?}");
+    for (i, e) in events.iter().enumerate() {
+        assert_eq!(e.short(), format!("set {{s}}k{i} v{i}"));
+    }
+    for n in &nodes[1..] {
+        let mut c = n.client();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let got = ok(&mut c, &format!("XRANGE {key} - +"));
+            if got == first {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {:?} answered {got:?}",
+                n.resp
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}

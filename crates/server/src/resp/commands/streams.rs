@@ -1,0 +1,299 @@
+//! Change streams over Redis's stream commands (issue 14, `docs/design/streams.md` §4): a
+//! `cp` shard's change log read as a read-only stream key `__changes:<keyspace>#<shard>`.
+//!
+//! - `CHANGES CONFIG <ks> on|off` turns a keyspace's logs on or off (every shard, through its
+//!   Raft log); `CHANGES SHARDS <ks>` lists its stream keys.
+//! - `XRANGE`, `XREVRANGE`, `XLEN` and `XREAD [COUNT] [BLOCK] STREAMS` read them with Redis's
+//!   replies. Any node answers (no `-MOVED`): the read goes through the shard's read path at
+//!   the connection's consistency, so IDs are the same whichever node serves.
+//! - Writes to stream keys (`XADD`, `XTRIM`, `XDEL`, `XSETID`) answer an error: capdb has no
+//!   stream type of its own.
+//!
+//! Not built yet (each answers a clear error): the merged stream of a keyspace
+//! (`__changes:<ks>`), key prefixes (`...:<prefix>`), consumer groups, `ap` and `cache`
+//! keyspaces. Differences from Redis: a call returns at most
+//! [`capdb_storage::disk::CHANGES_READ_MAX`] entries and about
+//! [`capdb_storage::disk::CHANGES_READ_BYTES_MAX`] per key (XREAD without COUNT:
+//! [`XREAD_DEFAULT_COUNT`]); a blocked XREAD looks again every [`XREAD_POLL`] instead of being
+//! woken (it stops when the client leaves or the server shuts down).
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use capdb_types::Reply;
+use capdb_types::changes::{StreamId, StreamKey, range_bounds};
+
+use super::{Outcome, error_line, parse_int, syntax};
+use crate::node::ChangesPage;
+use crate::resp::Connection;
+
+/// Entries per key an XREAD without COUNT returns at most.
+pub const XREAD_DEFAULT_COUNT: usize = 1_000;
+/// How often a blocked XREAD reads again.
+pub const XREAD_POLL: Duration = Duration::from_millis(10);
+
+/// Whether a stream command (`name`) on `key` reads a change stream: any node serves it (no
+/// `-MOVED`); a key that only starts like one answers its parse error on any node too.
+pub(super) fn reads_a_stream(name: &str, key: &[u8]) -> bool {
+    matches!(name, "xlen" | "xrange" | "xrevrange")
+        && matches!(StreamKey::parse(key), Ok(Some(_)) | Err(_))
+}
+
+/// `CHANGES CONFIG <keyspace> on|off` | `CHANGES SHARDS <keyspace>`.
+pub(super) async fn changes(conn: &mut Connection, args: &[Bytes]) -> Outcome {
+    let sub = args[1].to_ascii_lowercase();
+    match (sub.as_slice(), args.len()) {
+        (b"config", 4) => {
+            let on = match args[3].to_ascii_lowercase().as_slice() {
+                b"on" | b"values" => true,
+                b"off" => false,
+                _ => return Err("ERR CHANGES CONFIG takes on or off".into()),
+            };
+            let ks = keyspace_named(conn, &args[2])?;
+            ks.changes_config(on).await.map_err(|e| error_line(&e))?;
+            conn.out.simple("OK");
+            Ok(())
+        }
+        (b"shards", 3) => {
+            let ks = keyspace_named(conn, &args[2])?;
+            let n = ks.shard_count().ok_or_else(|| {
+                "ERR change streams are built for cp keyspaces only so far".to_string()
+            })?;
+            let name = String::from_utf8_lossy(&args[2]).into_owned();
+            let keys: Vec<Reply> = (0..n)
+                .map(|i| Reply::Bulk(Bytes::from(format!("__changes:{name}#{i}"))))
+                .collect();
+            conn.out.reply(&Reply::Array(keys));
+            Ok(())
+        }
+        _ => Err(format!(
+            "ERR unknown CHANGES subcommand or wrong number of arguments for '{}' (CHANGES CONFIG <keyspace> on|off, CHANGES SHARDS <keyspace>)",
+            String::from_utf8_lossy(&args[1])
+        )),
+    }
+}
+
+fn keyspace_named(
+    conn: &Connection,
+    name: &[u8],
+) -> Result<std::sync::Arc<crate::node::Keyspace>, String> {
+    let name = std::str::from_utf8(name).map_err(|_| "ERR keyspace names are UTF-8".to_string())?;
+    conn.node.keyspace(name).map_err(|e| error_line(&e))
+}
+
+/// The keyspace and shard a stream key names (errors for what is not built yet).
+fn resolve(
+    conn: &Connection,
+    key: &[u8],
+) -> Result<(std::sync::Arc<crate::node::Keyspace>, u32), String> {
+    let parsed = StreamKey::parse(key).map_err(|e| error_line(&e))?;
+    let Some(sk) = parsed else {
+        return Err(format!(
+            "ERR capdb has no stream type: '{}' is not a change stream (read __changes:<keyspace>#<shard>; CHANGES SHARDS <keyspace> lists them)",
+            String::from_utf8_lossy(key)
+        ));
+    };
+    let ks = match &sk.keyspace {
+        Some(name) => keyspace_named(conn, name.as_bytes())?,
+        None => conn.keyspace.clone(),
+    };
+    if sk.prefix.is_some() {
+        return Err("ERR change streams filtered by a key prefix are not built yet; read the whole shard's stream".into());
+    }
+    let Some(shard) = sk.shard else {
+        return Err(format!(
+            "ERR the merged change stream of a keyspace is not built yet; read each shard's: CHANGES SHARDS {}",
+            ks.spec.name
+        ));
+    };
+    Ok((ks, shard))
+}
+
+/// Reads a page of the stream `key` names; an error when its keyspace's changes are off
+/// (and it holds none).
+async fn read_page(
+    conn: &Connection,
+    key: &[u8],
+    range: (StreamId, StreamId),
+    count: usize,
+    rev: bool,
+) -> Result<ChangesPage, String> {
+    let (ks, shard) = resolve(conn, key)?;
+    let page = ks
+        .changes_read(shard, range, count, rev, conn.now_ms, conn.consistency)
+        .await
+        .map_err(|e| error_line(&e))?;
+    if !page.on && page.events == 0 {
+        return Err(format!(
+            "ERR changes of keyspace '{}' are off (CHANGES CONFIG {} on)",
+            ks.spec.name, ks.spec.name
+        ));
+    }
+    Ok(page)
+}
+
+/// `COUNT n` at `args[at..]` (XRANGE's optional tail); `None` without it.
+fn range_count(args: &[Bytes], at: usize) -> Result<Option<usize>, String> {
+    match &args[at..] {
+        [] => Ok(None),
+        [word, n] if word.eq_ignore_ascii_case(b"count") => {
+            let n = parse_int(n)?;
+            Ok(Some(usize::try_from(n).unwrap_or(0)))
+        }
+        _ => Err(syntax()),
+    }
+}
+
+/// `XRANGE key start end [COUNT count]`.
+pub(super) async fn xrange(conn: &mut Connection, args: &[Bytes]) -> Outcome {
+    range_command(conn, args, false).await
+}
+
+/// `XREVRANGE key end start [COUNT count]`.
+pub(super) async fn xrevrange(conn: &mut Connection, args: &[Bytes]) -> Outcome {
+    range_command(conn, args, true).await
+}
+
+async fn range_command(conn: &mut Connection, args: &[Bytes], rev: bool) -> Outcome {
+    let count = range_count(args, 4)?;
+    let (start, end) = if rev {
+        (&args[3], &args[2])
+    } else {
+        (&args[2], &args[3])
+    };
+    let range = range_bounds(start, end).map_err(|e| error_line(&e))?;
+    let entries = match (range, count) {
+        // COUNT 0 or less: the null reply, as Redis answers it.
+        (_, Some(0)) => {
+            read_page(conn, &args[1], (StreamId::MAX, StreamId::MAX), 0, rev).await?;
+            conn.out.reply(&Reply::NilArray);
+            return Ok(());
+        }
+        (Some(range), count) => {
+            read_page(conn, &args[1], range, count.unwrap_or(usize::MAX), rev)
+                .await?
+                .entries
+        }
+        // An empty range: nothing, once the key is known to be a stream.
+        (None, _) => {
+            read_page(conn, &args[1], (StreamId::MAX, StreamId::MAX), 0, rev).await?;
+            Vec::new()
+        }
+    };
+    conn.out.reply(&Reply::Array(entries));
+    Ok(())
+}
+
+/// `XLEN key`.
+pub(super) async fn xlen(conn: &mut Connection, args: &[Bytes]) -> Outcome {
+    let page = read_page(conn, &args[1], (StreamId::MAX, StreamId::MAX), 0, false).await?;
+    conn.out.int(i64::try_from(page.events).unwrap_or(i64::MAX));
+    Ok(())
+}
+
+/// `XREAD [COUNT count] [BLOCK milliseconds] STREAMS key [key ...] id [id ...]`.
+pub(super) async fn xread(conn: &mut Connection, args: &[Bytes]) -> Outcome {
+    let mut count = XREAD_DEFAULT_COUNT;
+    let mut block: Option<u64> = None;
+    let mut i = 1;
+    let streams_at = loop {
+        let Some(word) = args.get(i) else {
+            return Err(syntax());
+        };
+        match word.to_ascii_lowercase().as_slice() {
+            b"count" => {
+                let n = parse_int(args.get(i + 1).ok_or_else(syntax)?)?;
+                // As in Redis, zero or less is no limit (here: the read bound).
+                count = usize::try_from(n)
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .unwrap_or(capdb_storage::disk::CHANGES_READ_MAX);
+                i += 2;
+            }
+            b"block" => {
+                let n = parse_int(args.get(i + 1).ok_or_else(syntax)?)?;
+                if n < 0 {
+                    return Err("ERR timeout is negative".into());
+                }
+                block = Some(n as u64);
+                i += 2;
+            }
+            b"streams" => break i + 1,
+            _ => return Err(syntax()),
+        }
+    };
+    let rest = &args[streams_at..];
+    if rest.is_empty() || !rest.len().is_multiple_of(2) {
+        return Err("ERR Unbalanced 'xread' list of streams: for each stream key an ID or '$' must be specified.".into());
+    }
+    let (keys, ids) = rest.split_at(rest.len() / 2);
+    // Where each key's reading starts (exclusive): `$` is the stream's last ID now.
+    let mut after: Vec<StreamId> = Vec::with_capacity(keys.len());
+    for (k, id) in keys.iter().zip(ids) {
+        let start = if id.as_ref() == b"$" {
+            let page = read_page(conn, k, (StreamId::MAX, StreamId::MAX), 0, false).await?;
+            parse_id(&page.last)?
+        } else {
+            parse_id(id)?
+        };
+        after.push(start);
+    }
+    let deadline =
+        block.map(|ms| (ms > 0).then(|| tokio::time::Instant::now() + Duration::from_millis(ms)));
+    let mut probe = super::blocking::ClosedProbe::new(conn.socket_fd);
+    let mut shutdown = conn.shutdown.clone();
+    loop {
+        let mut found: Vec<(Bytes, Vec<Reply>)> = Vec::new();
+        for (k, from) in keys.iter().zip(&after) {
+            if *from == StreamId::MAX {
+                continue;
+            }
+            let page = read_page(conn, k, (from.successor(), StreamId::MAX), count, false).await?;
+            if !page.entries.is_empty() {
+                found.push((k.clone(), page.entries));
+            }
+        }
+        if !found.is_empty() {
+            let reply = if conn.out.resp3 {
+                Reply::Map(
+                    found
+                        .into_iter()
+                        .map(|(k, e)| (Reply::Bulk(k), Reply::Array(e)))
+                        .collect(),
+                )
+            } else {
+                Reply::Array(
+                    found
+                        .into_iter()
+                        .map(|(k, e)| Reply::Array(vec![Reply::Bulk(k), Reply::Array(e)]))
+                        .collect(),
+                )
+            };
+            conn.out.reply(&reply);
+            return Ok(());
+        }
+        match deadline {
+            // Not blocking, or the block ran out: the null reply.
+            None => break,
+            Some(Some(at)) if tokio::time::Instant::now() >= at => break,
+            // BLOCK 0 waits for as long as it takes, as in Redis.
+            // (until the client leaves: nothing is written to it then; or the server stops).
+            Some(_) => tokio::select! {
+                _ = tokio::time::sleep(XREAD_POLL) => {}
+                _ = probe.closed() => return Ok(()),
+                _ = shutdown.changed() => return Err("TRYAGAIN server is shutting down".into()),
+            },
+        }
+    }
+    conn.out.reply(&Reply::NilArray);
+    Ok(())
+}
+
+fn parse_id(text: &[u8]) -> Result<StreamId, String> {
+    StreamId::parse_with(text, 0).map_err(|e| error_line(&e))
+}
+
+/// `XADD`, `XTRIM`, `XDEL`, `XSETID`: change streams are read-only.
+pub(super) fn read_only(_conn: &mut Connection, _args: &[Bytes]) -> Outcome {
+    Err("ERR change streams are read-only; capdb has no stream type".into())
+}

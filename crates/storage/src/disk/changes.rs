@@ -1,0 +1,418 @@
+//! A `cp` shard's change log (issue 14, `docs/design/streams.md` §2): every change the apply
+//! makes, in log order, written in the same storage transaction as the change itself.
+//!
+//! # Why in the apply's transaction
+//!
+//! The log is a function of the Raft log, written by the job that applies the entries, so it
+//! can never disagree with the data (no change without its event, no event without its change),
+//! and every replica writes the same rows under the same positions from the same entries (a
+//! replica that installed a snapshot lacks those before it, and says so). A crash loses
+//! nothing the WAL does not replay.
+//!
+//! # Rows
+//!
+//! - `{shard}/chg` (u64 -> bytes): one [`ChangeRow`] per storage job that changed something,
+//!   keyed by the stream clock of its first entry ([`capdb_types::changes::next_clock`]: the
+//!   entry's leader timestamp raised just above the previous logged entry's clock, so keys
+//!   strictly increase in log order and an ID maps to its row with one seek).
+//! - In the element table under the reserved id 0 (replicated state, carried by snapshots and
+//!   across FLUSHDB): `chg-on` (present while the log is on; its value is the index that turned
+//!   it on), `chg-clock` (u64 LE each: the last logged entry's clock, the events logged since
+//!   the log was turned on, the last entry's event count, so the last ID is known without
+//!   reading a row) and `chg-floor` (a replica that installed a snapshot: the clock up to which
+//!   it holds no rows; a read reaching below it is an error, never a silent gap).
+//!
+//! # What is logged (this version)
+//!
+//! Effects, read back after each mutation: a string key that holds a value afterwards logs
+//! `Set` with its value and deadline; a key that is gone logs `Del` (`Expire` when the leader's
+//! expiry sweep removed it); a collection logs `Cmd` with the command's arguments (a collection
+//! can be too big to copy on every write). Single-shard transactions log their events under
+//! the entry like any write; a cross-shard transaction's commit logs its effects on this shard
+//! under the commit's entry (a collection it changed as `Cmd` without arguments). Not yet
+//! logged: FLUSHDB (the log survives it, with no event). A replica that installs a snapshot
+//! has no rows from before it (the log is not in snapshots): it marks the floor, and a read
+//! reaching below it answers `HISTORYLOST` naming the oldest position it holds.
+//!
+//! # Bounds
+//!
+//! A row holds one storage job's events (the writer's job bound); [`CHANGES_READ_MAX`] events
+//! per read. Retention is not built yet: the log grows until the keyspace's changes are turned
+//! off, which deletes it.
+
+use bytes::Bytes;
+use capdb_types::changes::{
+    Change, ChangeOp, ChangeRow, EntryHead, Event, RowKind, StreamId, next_clock,
+};
+use capdb_types::{Error, Mutation, Result, Timestamp, Value, ValueKind};
+use redb::ReadableTable;
+
+use super::{io_err, log_def, table_def};
+use crate::layout::change_table;
+
+type RawTable<'txn> = redb::Table<'txn, &'static [u8], &'static [u8]>;
+
+/// Most events one read returns (a reader asks again from where it stopped).
+pub const CHANGES_READ_MAX: usize = 10_000;
+
+/// The internal read command that reads a shard's change log through the query path
+/// (`DiskTable::changes_query`); not a client command.
+pub const CHANGES_QUERY: &str = "capdb.changes";
+
+const RESERVED: [u8; 8] = [0; 8];
+const ON: &[u8] = b"chg-on";
+const CLOCK: &[u8] = b"chg-clock";
+const FLOOR: &[u8] = b"chg-floor";
+
+/// Bytes of keys and values one read gathers at most (past it the read stops, after at least
+/// one event): a consumer's page stays well under the transport's frame bound even when every
+/// event carries a large value.
+pub const CHANGES_READ_BYTES_MAX: usize = 16 * 1024 * 1024;
+
+fn reserved(name: &[u8]) -> Vec<u8> {
+    let mut k = RESERVED.to_vec();
+    k.extend_from_slice(name);
+    k
+}
+
+/// Whether a shard logs its changes, and where its clock stands.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct ChangeLog {
+    on: bool,
+    clock: Timestamp,
+    events: u64,
+    /// Events of the last logged entry (its last event's ID is `(clock, last_events - 1)`).
+    last_events: u64,
+}
+
+impl ChangeLog {
+    pub(super) fn load(el: &impl ReadableTable<&'static [u8], &'static [u8]>) -> Result<ChangeLog> {
+        let on = el.get(&reserved(ON)[..]).map_err(io_err)?.is_some();
+        if !on {
+            // The common case costs one lookup per storage job.
+            return Ok(ChangeLog::default());
+        }
+        let (clock, events, last_events) = match el.get(&reserved(CLOCK)[..]).map_err(io_err)? {
+            Some(raw) => decode_clock(raw.value())?,
+            None => (Timestamp(0), 0, 0),
+        };
+        Ok(ChangeLog {
+            on,
+            clock,
+            events,
+            last_events,
+        })
+    }
+
+    pub(super) fn is_on(&self) -> bool {
+        self.on
+    }
+}
+
+/// `chg-clock`: (clock, events logged, events of the last logged entry).
+fn decode_clock(raw: &[u8]) -> Result<(Timestamp, u64, u64)> {
+    let bad = || Error::Corruption(format!("change-log clock row of {} bytes", raw.len()));
+    let word = |at: usize| -> Result<u64> {
+        raw.get(at..at + 8)
+            .and_then(|s| s.try_into().ok())
+            .map(u64::from_le_bytes)
+            .ok_or_else(bad)
+    };
+    if raw.len() != 24 {
+        return Err(bad());
+    }
+    Ok((Timestamp(word(0)?), word(8)?, word(16)?))
+}
+
+fn encode_clock(clock: Timestamp, events: u64, last_events: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(24);
+    for w in [clock.0, events, last_events] {
+        out.extend_from_slice(&w.to_le_bytes());
+    }
+    out
+}
+
+fn read_floor(el: &impl ReadableTable<&'static [u8], &'static [u8]>) -> Result<Timestamp> {
+    Ok(match el.get(&reserved(FLOOR)[..]).map_err(io_err)? {
+        Some(raw) => Timestamp(
+            raw.value()
+                .try_into()
+                .map(u64::from_le_bytes)
+                .map_err(|_| Error::Corruption("change-log floor row".into()))?,
+        ),
+        None => Timestamp(0),
+    })
+}
+
+/// After a snapshot install into `el`: the replica holds no rows up to the snapshot's clock.
+pub(super) fn mark_snapshot(el: &mut RawTable<'_>) -> Result<()> {
+    let clock = match el.get(&reserved(CLOCK)[..]).map_err(io_err)? {
+        Some(raw) => decode_clock(raw.value())?.0,
+        None => return Ok(()),
+    };
+    el.insert(&reserved(FLOOR)[..], &clock.0.to_le_bytes()[..])
+        .map_err(io_err)?;
+    Ok(())
+}
+
+/// The element-table rows a FLUSHDB must carry over so the log stays on with its clock.
+pub fn carried_rows(
+    el: &impl ReadableTable<&'static [u8], &'static [u8]>,
+) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    let mut out = Vec::new();
+    for name in [ON, CLOCK, FLOOR] {
+        let k = reserved(name);
+        if let Some(v) = el.get(&k[..]).map_err(io_err)? {
+            out.push((k, v.value().to_vec()));
+        }
+    }
+    Ok(out)
+}
+
+/// Turns the log on (from log index `index`) or off (deleting every row) in the job of `x`.
+pub(super) fn configure(x: &super::ops::Exec, table: &str, on: bool, index: u64) -> Result<()> {
+    let mut el = x
+        .txn
+        .open_table(table_def(&crate::layout::element_table(table)))
+        .map_err(io_err)?;
+    let was_on = el.get(&reserved(ON)[..]).map_err(io_err)?.is_some();
+    if on && !was_on {
+        el.insert(&reserved(ON)[..], &index.to_le_bytes()[..])
+            .map_err(io_err)?;
+    } else if !on && was_on {
+        el.remove(&reserved(ON)[..]).map_err(io_err)?;
+        // The clock stays (IDs never go back, even across off and on); the count restarts.
+        let clock = match el.get(&reserved(CLOCK)[..]).map_err(io_err)? {
+            Some(raw) => decode_clock(raw.value())?.0,
+            None => Timestamp(0),
+        };
+        el.insert(&reserved(CLOCK)[..], &encode_clock(clock, 0, 0)[..])
+            .map_err(io_err)?;
+        // Every row is gone: no replica holds any, so no floor either.
+        el.remove(&reserved(FLOOR)[..]).map_err(io_err)?;
+        drop(el);
+        x.txn
+            .delete_table(log_def(&change_table(table)))
+            .map_err(io_err)?;
+    }
+    Ok(())
+}
+
+/// The event `m` (`None`: a cross-shard transaction's commit) left on `key`, read back from
+/// the table after it was applied.
+pub(super) fn event_of(
+    t: &RawTable<'_>,
+    m: Option<&Mutation>,
+    key: &Bytes,
+    now_ms: u64,
+) -> Result<Event> {
+    let stored = match t.get(&key[..]).map_err(io_err)? {
+        Some(raw) => Some(Value::decode(raw.value())?),
+        None => None,
+    };
+    let expired_sweep = matches!(m, Some(Mutation::Exec { args, .. }) if args.first().is_some_and(|n| {
+        n.eq_ignore_ascii_case(capdb_data::command::EXPIRED_COMMAND.as_bytes())
+    }));
+    let op = match stored.filter(|v| v.is_live(now_ms) && !v.header.tombstone) {
+        None if expired_sweep => ChangeOp::Expire { prev: None },
+        None => ChangeOp::Del { prev: None },
+        Some(v) if v.header.kind == ValueKind::String => ChangeOp::Set {
+            value: v.data,
+            expire_at_ms: v.header.expire_at_ms,
+            prev: None,
+        },
+        Some(v) => ChangeOp::Cmd {
+            kind: v.header.kind as u8,
+            args: match m {
+                Some(Mutation::Exec { args, .. }) => args.clone(),
+                // A collection changed by a key command (EXPIRE, PERSIST, RENAME's target), or
+                // by a cross-shard transaction (its commit applies effects, not commands):
+                // no arguments to give.
+                _ => Vec::new(),
+            },
+            also: Vec::new(),
+        },
+    };
+    Ok(Event {
+        key: key.clone(),
+        op,
+    })
+}
+
+/// Appends one row holding `entries` (log index, leader timestamp, events) in the job of `x`,
+/// and advances the clock.
+pub(super) fn append(
+    x: &super::ops::Exec,
+    table: &str,
+    log: &mut ChangeLog,
+    entries: Vec<(u64, Timestamp, Vec<Event>)>,
+) -> Result<()> {
+    let mut row = ChangeRow::default();
+    let mut first = None;
+    for (index, ts, events) in entries {
+        if events.is_empty() {
+            continue;
+        }
+        log.clock = next_clock(log.clock, ts);
+        first.get_or_insert(log.clock);
+        log.events += events.len() as u64;
+        log.last_events = events.len() as u64;
+        row.entries.push(EntryHead {
+            index,
+            clock: log.clock,
+            kind: RowKind::Plain,
+            events: u32::try_from(events.len())
+                .map_err(|_| Error::InvalidInput("an entry of over 2^32 changes".into()))?,
+        });
+        row.events.extend(events);
+    }
+    let Some(first) = first else {
+        return Ok(());
+    };
+    let mut chg = x
+        .txn
+        .open_table(log_def(&change_table(table)))
+        .map_err(io_err)?;
+    chg.insert(first.0, &row.encode()?[..]).map_err(io_err)?;
+    let mut el = x
+        .txn
+        .open_table(table_def(&crate::layout::element_table(table)))
+        .map_err(io_err)?;
+    el.insert(
+        &reserved(CLOCK)[..],
+        &encode_clock(log.clock, log.events, log.last_events)[..],
+    )
+    .map_err(io_err)?;
+    Ok(())
+}
+
+/// What a shard's change log holds, for `XLEN` and `XINFO`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChangeInfo {
+    pub on: bool,
+    /// Events logged since the log was last turned on.
+    pub events: u64,
+    /// The ID of the last event logged (`0-0` when none).
+    pub last: StreamId,
+}
+
+/// The events with IDs in `from..=to`, ascending (descending when `rev`), at most `count`
+/// (and [`CHANGES_READ_MAX`]), read from one snapshot (`txn`).
+pub(super) fn read(
+    txn: &redb::ReadTransaction,
+    table: &str,
+    from: StreamId,
+    to: StreamId,
+    count: usize,
+    rev: bool,
+) -> Result<Vec<Change>> {
+    let count = count.min(CHANGES_READ_MAX);
+    let mut out = Vec::new();
+    if from > to || count == 0 {
+        return Ok(out);
+    }
+    let floor = match txn.open_table(table_def(&crate::layout::element_table(table))) {
+        Ok(el) => read_floor(&el)?,
+        Err(redb::TableError::TableDoesNotExist(_)) => Timestamp(0),
+        Err(e) => return Err(io_err(e)),
+    };
+    if floor.0 > 0 && from.clock() <= floor {
+        let oldest = StreamId::of_event(Timestamp(floor.0 + 1), 0);
+        return Err(Error::Command(format!(
+            "HISTORYLOST this replica holds the shard's changes from {oldest} on (it installed a snapshot of the shard); read from {oldest}"
+        )));
+    }
+    let mut bytes = 0usize;
+    let chg = match txn.open_table(log_def(&change_table(table))) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(out),
+        Err(e) => return Err(io_err(e)),
+    };
+    // A row's key is its first event's clock; the row holding `from` may start before it.
+    let lo = from.clock().0;
+    let hi = to.clock().0;
+    let start = chg
+        .range(..=lo)
+        .map_err(io_err)?
+        .next_back()
+        .transpose()
+        .map_err(io_err)?
+        .map_or(lo, |(k, _)| k.value());
+    let mut take = |raw: &[u8], out: &mut Vec<Change>| -> Result<bool> {
+        let row = ChangeRow::decode(raw)?;
+        let mut events: Vec<Change> = row
+            .events_with_ids()
+            .into_iter()
+            .filter(|(_, id, _)| *id >= from && *id <= to)
+            .map(|(head, id, e)| Change {
+                id,
+                index: head.index,
+                clock: head.clock,
+                event: e.clone(),
+            })
+            .collect();
+        if rev {
+            events.reverse();
+        }
+        for e in events {
+            if out.len() == count || (bytes >= CHANGES_READ_BYTES_MAX && !out.is_empty()) {
+                return Ok(false);
+            }
+            bytes += event_bytes(&e.event);
+            out.push(e);
+        }
+        Ok(true)
+    };
+    let rows = chg.range(start..=hi).map_err(io_err)?;
+    if rev {
+        for r in rows.rev() {
+            let (_, v) = r.map_err(io_err)?;
+            if !take(v.value(), &mut out)? {
+                break;
+            }
+        }
+    } else {
+        for r in rows {
+            let (_, v) = r.map_err(io_err)?;
+            if !take(v.value(), &mut out)? {
+                break;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The bytes an event brings to a reply (key, value, arguments).
+fn event_bytes(e: &Event) -> usize {
+    e.key.len()
+        + match &e.op {
+            ChangeOp::Set { value, prev, .. } => value.len() + prev.as_ref().map_or(0, Bytes::len),
+            ChangeOp::Del { prev } | ChangeOp::Expire { prev } | ChangeOp::Incr { prev, .. } => {
+                prev.as_ref().map_or(0, Bytes::len)
+            }
+            ChangeOp::Ttl { .. } => 0,
+            ChangeOp::Cmd { args, also, .. } => {
+                args.iter().chain(also).map(Bytes::len).sum::<usize>()
+            }
+        }
+}
+
+/// Whether the log is on, its event count and last ID, from one snapshot.
+pub(super) fn info(txn: &redb::ReadTransaction, table: &str) -> Result<ChangeInfo> {
+    let log = match txn.open_table(table_def(&crate::layout::element_table(table))) {
+        Ok(el) => ChangeLog::load(&el)?,
+        Err(redb::TableError::TableDoesNotExist(_)) => ChangeLog::default(),
+        Err(e) => return Err(io_err(e)),
+    };
+    let last = match log.last_events.checked_sub(1) {
+        Some(n) if log.events > 0 => {
+            StreamId::of_event(log.clock, u32::try_from(n).unwrap_or(u32::MAX))
+        }
+        _ => StreamId::MIN,
+    };
+    Ok(ChangeInfo {
+        on: log.on,
+        events: log.events,
+        last,
+    })
+}

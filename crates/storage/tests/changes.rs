@@ -1,0 +1,150 @@
+//! A `cp` shard's change log in the engine (`disk/changes.rs`): written with the apply, the
+//! same rows on replicas that apply the same entries, kept through FLUSHDB, and a replica that
+//! installed a snapshot refusing reads below it (`HISTORYLOST`) instead of answering a gap.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use capdb_storage::disk::{DiskEngine, horizon_row};
+use capdb_types::changes::{ChangeOp, StreamId};
+use capdb_types::mutation::{Condition, ExpiryUpdate};
+use capdb_types::{Hlc, Mutation, Timestamp};
+
+const VALUE_MAX: usize = 1 << 20;
+const TABLE: &str = "shard/3";
+
+fn set(k: &str, v: &str) -> Mutation {
+    Mutation::Set {
+        key: Bytes::from(k.to_string()),
+        value: Bytes::from(v.to_string()),
+        condition: Condition::Always,
+        expiry: ExpiryUpdate::Clear,
+        return_old: false,
+    }
+}
+
+fn open() -> (tempfile::TempDir, DiskEngine) {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = DiskEngine::open(dir.path(), Arc::new(Hlc::new()), VALUE_MAX).unwrap();
+    (dir, engine)
+}
+
+/// Applies `mutations` as the entry at log `index`, stamped with timestamp `index`.
+async fn write(e: &DiskEngine, index: u64, mutations: Vec<Mutation>) {
+    let m = mutations
+        .into_iter()
+        .map(|m| (m, Timestamp(index << 16), 1_000, index))
+        .collect();
+    e.apply_replicated(TABLE, m, Vec::new(), Vec::new(), Vec::new(), Vec::new())
+        .await
+        .unwrap();
+}
+
+/// Every event the replica holds: (id, key, value of a set).
+fn log(e: &DiskEngine) -> capdb_types::Result<Vec<(StreamId, String, Option<String>)>> {
+    Ok(e.table(TABLE, false)
+        .changes(StreamId::MIN, StreamId::MAX, usize::MAX, false)?
+        .into_iter()
+        .map(|c| {
+            let value = match &c.event.op {
+                ChangeOp::Set { value, .. } => Some(String::from_utf8_lossy(value).into_owned()),
+                _ => None,
+            };
+            (
+                c.id,
+                String::from_utf8_lossy(&c.event.key).into_owned(),
+                value,
+            )
+        })
+        .collect())
+}
+
+#[tokio::test]
+async fn replicas_applying_the_same_entries_write_the_same_log() {
+    let ((_a, a), (_b, b)) = (open(), open());
+    for e in [&a, &b] {
+        write(e, 1, vec![set("before", "x")]).await;
+        e.changes_config(TABLE, true, 2, Vec::new()).await.unwrap();
+        write(e, 3, vec![set("k", "1"), set("j", "2")]).await;
+        write(
+            e,
+            4,
+            vec![Mutation::Delete {
+                key: Bytes::from_static(b"k"),
+            }],
+        )
+        .await;
+        // Changes nothing: logs nothing.
+        write(
+            e,
+            5,
+            vec![Mutation::Delete {
+                key: Bytes::from_static(b"nosuch"),
+            }],
+        )
+        .await;
+    }
+    let got = log(&a).unwrap();
+    assert_eq!(got, log(&b).unwrap(), "same entries, same rows and IDs");
+    let keys: Vec<(&str, Option<&str>)> = got
+        .iter()
+        .map(|(_, k, v)| (k.as_str(), v.as_deref()))
+        .collect();
+    assert_eq!(keys, [("k", Some("1")), ("j", Some("2")), ("k", None)]);
+    assert!(
+        got.windows(2).all(|w| w[0].0 < w[1].0),
+        "IDs increase: {got:?}"
+    );
+    let info = a.table(TABLE, false).changes_info().unwrap();
+    assert_eq!((info.on, info.events, info.last), (true, 3, got[2].0));
+
+    // FLUSHDB keeps the log on at its clock: the next event's ID is larger.
+    a.replace_table(
+        TABLE,
+        Vec::new(),
+        vec![horizon_row(6)],
+        None,
+        Vec::new(),
+        true,
+    )
+    .await
+    .unwrap();
+    write(&a, 7, vec![set("after", "1")]).await;
+    let after = log(&a).unwrap();
+    assert_eq!(after.len(), 4);
+    assert!(after[3].0 > got[2].0);
+
+    // Off deletes the rows; on again keeps IDs growing.
+    a.changes_config(TABLE, false, 8, Vec::new()).await.unwrap();
+    assert!(log(&a).unwrap().is_empty());
+    a.changes_config(TABLE, true, 9, Vec::new()).await.unwrap();
+    write(&a, 10, vec![set("again", "1")]).await;
+    let again = log(&a).unwrap();
+    assert_eq!(again.len(), 1);
+    assert!(again[0].0 > after[3].0, "IDs never go back");
+}
+
+#[tokio::test]
+async fn a_replica_that_installed_a_snapshot_refuses_reads_below_it() {
+    let ((_a, a), (_c, c)) = (open(), open());
+    a.changes_config(TABLE, true, 1, Vec::new()).await.unwrap();
+    write(&a, 2, vec![set("k", "1")]).await;
+    write(&a, 3, vec![set("k", "2")]).await;
+    let dump = a.dump_table(TABLE, &[], "none/").unwrap();
+    c.replace_table(TABLE, dump.entries, dump.elements, None, Vec::new(), false)
+        .await
+        .unwrap();
+    write(&a, 4, vec![set("k", "3")]).await;
+    write(&c, 4, vec![set("k", "3")]).await;
+    let lost = log(&c).unwrap_err().to_string();
+    assert!(lost.contains("HISTORYLOST"), "{lost}");
+    // From the position after the snapshot on, it serves what the others serve.
+    let theirs = log(&a).unwrap();
+    let from = theirs[2].0;
+    let mine = c
+        .table(TABLE, false)
+        .changes(from, StreamId::MAX, usize::MAX, false)
+        .unwrap();
+    assert_eq!(mine.len(), 1);
+    assert_eq!(mine[0].id, from);
+}
