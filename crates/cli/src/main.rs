@@ -2,7 +2,9 @@
 
 mod bench;
 mod bench_ap;
+mod bench_changes;
 mod bench_txn;
+mod changes;
 mod chaos;
 mod client;
 mod difftest;
@@ -89,6 +91,13 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// Follow a keyspace's change streams (over RESP).
+    Changes {
+        #[command(subcommand)]
+        op: changes::ChangesOp,
+        #[command(flatten)]
+        target: changes::RespTarget,
+    },
     /// Measurements against a cluster this command starts itself.
     Bench {
         #[command(subcommand)]
@@ -120,6 +129,9 @@ enum BenchOp {
     /// hot-key case, and how long a killed coordinator's locks outlive it.
     /// Example: capdb bench txn --seconds 5 --kill-rounds 5
     Txn(bench_txn::TxnArgs),
+    /// Change streams: write throughput off vs on, commit-to-XREAD latency, catch-up rate.
+    /// Example: capdb bench changes --seconds 5
+    Changes(bench_changes::ChangesArgs),
 }
 
 #[derive(Subcommand)]
@@ -247,6 +259,7 @@ fn main() -> ExitCode {
             Command::Kv { op, target } => kv(op, &target).await,
             Command::Keyspace { op, target } => keyspace(op, &target).await,
             Command::Cluster { op, target } => cluster(op, &target).await,
+            Command::Changes { op, target } => changes::changes(op, &target).await,
             Command::Bench {
                 op: BenchOp::Failover(args),
             } => bench::failover(args).await,
@@ -256,6 +269,9 @@ fn main() -> ExitCode {
             Command::Bench {
                 op: BenchOp::Txn(args),
             } => bench_txn::txn(args).await,
+            Command::Bench {
+                op: BenchOp::Changes(args),
+            } => bench_changes::changes(args).await,
             Command::Version => {
                 println!("capdb {}", env!("CARGO_PKG_VERSION"));
                 Ok(())

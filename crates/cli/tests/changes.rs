@@ -275,6 +275,25 @@ fn a_shards_change_log_lists_every_change_in_order_as_a_redis_stream() {
     assert!(err(&mut c, "XRANGE __changes:default#99 - +").contains("no shard 99"));
     assert!(err(&mut c, "XRANGE plainkey - +").contains("no stream type"));
 
+    // The CLI follows the same streams.
+    let tail = std::process::Command::new(env!("CARGO_BIN_EXE_capdb"))
+        .args(["changes", "tail", "default", "--from", "0", "--count", "2"])
+        .args(["--prefix", "{t}a", "--resp", &s.resp.to_string()])
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&tail.stdout);
+    assert!(
+        tail.status.success(),
+        "{printed} {}",
+        String::from_utf8_lossy(&tail.stderr)
+    );
+    let lines: Vec<&str> = printed
+        .lines()
+        .map(|l| l.split_once(' ').unwrap().1)
+        .map(|rest| rest.split_once(' ').unwrap().1)
+        .collect();
+    assert_eq!(lines, ["set {t}a 1", "set {t}a 2"], "{printed}");
+
     // Off deletes the log.
     ok(&mut c, "CHANGES CONFIG default off");
     assert!(err(&mut c, &format!("XRANGE {key} - +")).contains("are off"));
@@ -298,6 +317,31 @@ fn every_node_serves_the_same_ids_for_a_shards_changes() {
     for (i, e) in events.iter().enumerate() {
         assert_eq!(e.short(), format!("set {{s}}k{i} v{i}"));
     }
+    // A reader blocked on node 2 wakes on a write through node 3.
+    let last = events.last().unwrap().id;
+    let url = nodes[2].redis_url();
+    let writer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        let mut w = redis::Client::open(url).unwrap().get_connection().unwrap();
+        ok(&mut w, "SET {s}late now");
+    });
+    let mut c2 = nodes[1].client();
+    let woke = ok(
+        &mut c2,
+        &format!("XREAD BLOCK 20000 STREAMS {key} {}-{}", last.0, last.1),
+    );
+    writer.join().unwrap();
+    let Value::Array(per_key) = woke else {
+        panic!("XREAD BLOCK answered {woke:?}")
+    };
+    let Value::Array(kv) = &per_key[0] else {
+        panic!("{per_key:?}")
+    };
+    assert_eq!(
+        entries(&kv[1]).iter().map(Entry::short).collect::<Vec<_>>(),
+        ["set {s}late now"]
+    );
+    let first = ok(&mut c1, &format!("XRANGE {key} - +"));
     for n in &nodes[1..] {
         let mut c = n.client();
         let deadline = Instant::now() + Duration::from_secs(20);

@@ -15,6 +15,7 @@ use capdb_storage::layout::shard_table;
 use capdb_storage::{KeyspaceStore, ScanRange};
 use capdb_types::{Error, ReadMode, Reply, Value};
 use openraft::ReadPolicy;
+use openraft::async_runtime::WatchReceiver;
 use openraft::errors::{LinearizableReadError, RaftError};
 
 use super::route::{HOP_TIMEOUT, Pick, RouteError};
@@ -248,6 +249,42 @@ impl Groups {
             },
         )
         .await
+    }
+
+    /// The last log index this node's replica of `group` applied (`None`: no replica here):
+    /// taken before a read, then handed to [`Groups::wait_applied_past`] to wait for what
+    /// comes after it without missing an apply in between.
+    pub fn applied_mark(&self, group: GroupId) -> Option<u64> {
+        let g = self.group(group)?;
+        let applied = g.raft.data_metrics().borrow_watched().last_applied;
+        Some(applied.map_or(0, |l| l.index))
+    }
+
+    /// Waits until this node's replica of `group` has applied past `mark`, or `max` passed
+    /// (at once past `max` when this node holds no replica): what a blocked change-stream
+    /// reader waits on instead of polling.
+    pub async fn wait_applied_past(&self, group: GroupId, mark: Option<u64>, max: Duration) {
+        let (Some(g), Some(mark)) = (self.group(group), mark) else {
+            tokio::time::sleep(max).await;
+            return;
+        };
+        let mut rx = g.raft.data_metrics();
+        let past = async {
+            loop {
+                if rx
+                    .borrow_watched()
+                    .last_applied
+                    .is_some_and(|l| l.index > mark)
+                {
+                    return;
+                }
+                if rx.changed().await.is_err() {
+                    // The group stopped: nothing more will be applied here.
+                    return std::future::pending().await;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(max, past).await;
     }
 
     /// Confirms this node may serve a linearizable read of `group` now (ReadIndex).

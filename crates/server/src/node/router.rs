@@ -367,6 +367,30 @@ impl Keyspace {
         ChangesPage::from_reply(reply)
     }
 
+    /// Where this node's replica of shard `shard` stands (see `Groups::applied_mark`); `None`
+    /// when it holds none (or the keyspace is not `cp`).
+    pub fn changes_mark(&self, shard: u32) -> Option<u64> {
+        let Store::Cp { entry, groups, .. } = &self.store else {
+            return None;
+        };
+        groups.applied_mark(entry.shards.get(shard as usize)?.group)
+    }
+
+    /// Waits until shard `shard` applied past `mark` here, or `max` passed.
+    pub async fn wait_changes(&self, shard: u32, mark: Option<u64>, max: std::time::Duration) {
+        let group = match &self.store {
+            Store::Cp { entry, groups, .. } => entry
+                .shards
+                .get(shard as usize)
+                .map(|s| (groups.clone(), s.group)),
+            _ => None,
+        };
+        match group {
+            Some((groups, g)) => groups.wait_applied_past(g, mark, max).await,
+            None => tokio::time::sleep(max).await,
+        }
+    }
+
     /// The number of shards of a `cp` keyspace (`None` for other modes).
     pub fn shard_count(&self) -> Option<usize> {
         self.led_shards().map(<[ShardInfo]>::len)

@@ -14,8 +14,9 @@
 //! keyspaces. Differences from Redis: a call returns at most
 //! [`capdb_storage::disk::CHANGES_READ_MAX`] entries and about
 //! [`capdb_storage::disk::CHANGES_READ_BYTES_MAX`] per key (XREAD without COUNT:
-//! [`XREAD_DEFAULT_COUNT`]); a blocked XREAD looks again every [`XREAD_POLL`] instead of being
-//! woken (it stops when the client leaves or the server shuts down).
+//! [`XREAD_DEFAULT_COUNT`]). A blocked XREAD reads again when this node's replica of one of its
+//! shards applies an entry, and at least every [`XREAD_POLL`]; it stops when the client leaves
+//! or the server shuts down.
 
 use std::time::Duration;
 
@@ -29,8 +30,9 @@ use crate::resp::Connection;
 
 /// Entries per key an XREAD without COUNT returns at most.
 pub const XREAD_DEFAULT_COUNT: usize = 1_000;
-/// How often a blocked XREAD reads again.
-pub const XREAD_POLL: Duration = Duration::from_millis(10);
+/// How long a blocked XREAD waits for its shards' replicas on this node to apply something
+/// before it reads again anyway (a node with no replica of a shard reads that often).
+pub const XREAD_POLL: Duration = Duration::from_millis(100);
 
 /// Whether a stream command (`name`) on `key` reads a change stream: any node serves it (no
 /// `-MOVED`); a key that only starts like one answers its parse error on any node too.
@@ -242,7 +244,14 @@ pub(super) async fn xread(conn: &mut Connection, args: &[Bytes]) -> Outcome {
         block.map(|ms| (ms > 0).then(|| tokio::time::Instant::now() + Duration::from_millis(ms)));
     let mut probe = super::blocking::ClosedProbe::new(conn.socket_fd);
     let mut shutdown = conn.shutdown.clone();
+    let shards: Vec<(std::sync::Arc<crate::node::Keyspace>, u32)> = keys
+        .iter()
+        .map(|k| resolve(conn, k))
+        .collect::<Result<_, String>>()?;
     loop {
+        // Where each shard's replica here stands, before reading: an apply after the read
+        // moves it, so the wait below cannot miss it.
+        let marks: Vec<Option<u64>> = shards.iter().map(|(ks, n)| ks.changes_mark(*n)).collect();
         let mut found: Vec<(Bytes, Vec<Reply>)> = Vec::new();
         for (k, from) in keys.iter().zip(&after) {
             if *from == StreamId::MAX {
@@ -278,11 +287,23 @@ pub(super) async fn xread(conn: &mut Connection, args: &[Bytes]) -> Outcome {
             Some(Some(at)) if tokio::time::Instant::now() >= at => break,
             // BLOCK 0 waits for as long as it takes, as in Redis.
             // (until the client leaves: nothing is written to it then; or the server stops).
-            Some(_) => tokio::select! {
-                _ = tokio::time::sleep(XREAD_POLL) => {}
-                _ = probe.closed() => return Ok(()),
-                _ = shutdown.changed() => return Err("TRYAGAIN server is shutting down".into()),
-            },
+            Some(at) => {
+                let wait = at.map_or(XREAD_POLL, |at| {
+                    at.saturating_duration_since(tokio::time::Instant::now())
+                        .min(XREAD_POLL)
+                });
+                let applied = futures::future::select_all(
+                    shards
+                        .iter()
+                        .zip(&marks)
+                        .map(|((ks, n), mark)| Box::pin(ks.wait_changes(*n, *mark, wait))),
+                );
+                tokio::select! {
+                    _ = applied => {}
+                    _ = probe.closed() => return Ok(()),
+                    _ = shutdown.changed() => return Err("TRYAGAIN server is shutting down".into()),
+                }
+            }
         }
     }
     conn.out.reply(&Reply::NilArray);

@@ -1,0 +1,420 @@
+//! `capdb bench changes`: what change streams cost and how fast they deliver (issue 14), on a
+//! 3-node local cluster and a `cp` keyspace of 2 shards, in one run:
+//!
+//! 1. **Write throughput, changes off vs on**: `--clients` connections (spread over the nodes)
+//!    send pipelines of 16 SETs for `--seconds`, alternating off, on, off, on; the medians and
+//!    their ratio (the issue's target: on costs at most 10 %).
+//! 2. **Commit-to-XREAD latency**: one writer sends SETs through node 1 at `--rate` per second;
+//!    a consumer per shard on node 2 follows with `XREAD BLOCK`. Latency = when the consumer
+//!    got the event minus when the writer got the write's `+OK` (0 when the event came first),
+//!    p50 and p99 (targets: 2 ms and 20 ms on loopback).
+//! 3. **Catch-up**: `--catchup-events` SETs written first, then one consumer reads every shard's
+//!    stream from the start with `XREAD COUNT 1000`: events per second.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use redis::aio::MultiplexedConnection;
+
+use crate::bench::{NodeProc, spawn_local_cluster};
+use crate::client::HttpClient;
+
+/// Options of `capdb bench changes`.
+#[derive(clap::Args)]
+pub struct ChangesArgs {
+    /// Seconds per throughput run (4 runs: off, on, off, on) and of the latency run.
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+    /// Connections of the throughput runs.
+    #[arg(long, default_value_t = 16)]
+    clients: usize,
+    /// Writes per second of the latency run.
+    #[arg(long, default_value_t = 200)]
+    rate: u64,
+    /// Events the catch-up reader reads from the start.
+    #[arg(long, default_value_t = 50_000)]
+    catchup_events: usize,
+    /// Keep the cluster's data and logs in this directory (default: a temporary one).
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+}
+
+const KEYSPACE: &str = "streams";
+const SHARDS: usize = 2;
+const PIPELINE: usize = 16;
+const SETUP_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Runs `capdb bench changes` (see the module doc).
+pub async fn changes(args: ChangesArgs) -> Result<(), String> {
+    if args.seconds == 0 || args.clients == 0 || args.rate == 0 {
+        return Err("--seconds, --clients and --rate must be at least 1".into());
+    }
+    let binary = std::env::current_exe().map_err(|e| format!("cannot find this binary: {e}"))?;
+    let temp = args.work_dir.is_none();
+    let work = args.work_dir.clone().unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("capdb-bench-changes-{}", std::process::id()))
+    });
+    std::fs::create_dir_all(&work).map_err(|e| format!("cannot create {}: {e}", work.display()))?;
+    eprintln!("starting a 3-node cluster in {}", work.display());
+    let mut nodes = spawn_local_cluster(&binary, &work, 3)?;
+    let result = run(&args, &nodes).await;
+    for n in &mut nodes {
+        n.kill9();
+    }
+    if temp && result.is_ok() {
+        let _ = std::fs::remove_dir_all(&work);
+    } else if result.is_err() {
+        eprintln!("node logs kept in {}", work.display());
+    }
+    result
+}
+
+async fn connect(addr: &str) -> Result<MultiplexedConnection, String> {
+    let client =
+        redis::Client::open(format!("redis://{addr}/")).map_err(|e| format!("{addr}: {e}"))?;
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .map_err(|e| format!("{addr}: {e}"))?;
+    redis::cmd("SELECT")
+        .arg(KEYSPACE)
+        .query_async::<()>(&mut conn)
+        .await
+        .map_err(|e| format!("{addr}: SELECT {KEYSPACE}: {e}"))?;
+    Ok(conn)
+}
+
+async fn setup(nodes: &[NodeProc]) -> Result<Vec<String>, String> {
+    let http = HttpClient::new(&nodes[0].http, None)?;
+    let until = Instant::now() + SETUP_DEADLINE;
+    while http.request("GET", "/readyz", None).await.is_err() {
+        if Instant::now() > until {
+            return Err(format!("node 1 not ready within {SETUP_DEADLINE:?}"));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let spec =
+        format!(r#"{{"name":"{KEYSPACE}","mode":"cp","shards":{SHARDS},"replication_factor":3}}"#);
+    http.request("POST", "/v1/keyspaces", Some(spec.into_bytes()))
+        .await?;
+    // Every node can write to every shard before anything is timed.
+    for n in nodes {
+        let mut conn = loop {
+            match connect(&n.resp).await {
+                Ok(c) => break c,
+                Err(e) if Instant::now() > until => return Err(format!("node {}: {e}", n.id)),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        };
+        for i in 0..64 {
+            loop {
+                let done: redis::RedisResult<()> = redis::cmd("SET")
+                    .arg(format!("warm:{i}"))
+                    .arg("x")
+                    .query_async(&mut conn)
+                    .await;
+                match done {
+                    Ok(()) => break,
+                    Err(e) if Instant::now() > until => {
+                        return Err(format!("node {}: warm-up write: {e}", n.id));
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        }
+    }
+    let mut conn = connect(&nodes[0].resp).await?;
+    let keys: Vec<String> = redis::cmd("CHANGES")
+        .arg("SHARDS")
+        .arg(KEYSPACE)
+        .query_async(&mut conn)
+        .await
+        .map_err(|e| format!("CHANGES SHARDS: {e}"))?;
+    Ok(keys)
+}
+
+async fn switch(nodes: &[NodeProc], on: bool) -> Result<(), String> {
+    let mut conn = connect(&nodes[0].resp).await?;
+    redis::cmd("CHANGES")
+        .arg("CONFIG")
+        .arg(KEYSPACE)
+        .arg(if on { "on" } else { "off" })
+        .query_async::<()>(&mut conn)
+        .await
+        .map_err(|e| format!("CHANGES CONFIG: {e}"))
+}
+
+/// SET pipelines from `clients` connections for `seconds`: writes per second.
+async fn throughput(nodes: &[NodeProc], clients: usize, seconds: u64) -> Result<f64, String> {
+    let until = Instant::now() + Duration::from_secs(seconds);
+    let started = Instant::now();
+    let mut tasks = Vec::with_capacity(clients);
+    for c in 0..clients {
+        let mut conn = connect(&nodes[c % nodes.len()].resp).await?;
+        tasks.push(tokio::spawn(async move {
+            let mut done = 0u64;
+            let mut n = 0u64;
+            while Instant::now() < until {
+                let mut pipe = redis::pipe();
+                for _ in 0..PIPELINE {
+                    pipe.cmd("SET")
+                        .arg(format!("t:{c}:{n}"))
+                        .arg("0123456789abcdef");
+                    n += 1;
+                }
+                pipe.query_async::<()>(&mut conn)
+                    .await
+                    .map_err(|e| format!("SET pipeline: {e}"))?;
+                done += PIPELINE as u64;
+            }
+            Ok::<u64, String>(done)
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.map_err(|e| e.to_string())??;
+    }
+    Ok(total as f64 / started.elapsed().as_secs_f64())
+}
+
+/// The entries of an XREAD reply, every key's in turn: (ID, the `key` field).
+fn xread_entries(reply: &redis::Value) -> Vec<(String, Option<String>)> {
+    use redis::Value;
+    let text = |v: &Value| match v {
+        Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+        Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    };
+    let per_key: Vec<&Value> = match reply {
+        Value::Array(items) => items.iter().collect(),
+        Value::Map(pairs) => pairs.iter().map(|(_, v)| v).collect(),
+        _ => Vec::new(),
+    };
+    let mut out = Vec::new();
+    for item in per_key {
+        let entries = match item {
+            Value::Array(kv) if kv.len() == 2 => &kv[1],
+            other => other,
+        };
+        let Value::Array(entries) = entries else {
+            continue;
+        };
+        for e in entries {
+            let Value::Array(pair) = e else { continue };
+            let (Some(id), Some(Value::Array(fields))) = (pair.first().and_then(text), pair.get(1))
+            else {
+                continue;
+            };
+            let key = fields
+                .chunks(2)
+                .find(|f| text(&f[0]).as_deref() == Some("key"))
+                .and_then(|f| f.get(1).and_then(text));
+            out.push((id, key));
+        }
+    }
+    out
+}
+
+/// Commit-to-XREAD latencies (µs) of writes at `rate` per second for `seconds`.
+async fn latency(
+    nodes: &[NodeProc],
+    streams: &[String],
+    rate: u64,
+    seconds: u64,
+) -> Result<Vec<u64>, String> {
+    let acked: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let seen: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut consumers = Vec::new();
+    for key in streams {
+        let mut conn = connect(&nodes[1 % nodes.len()].resp).await?;
+        let (key, seen, stop) = (key.clone(), seen.clone(), stop.clone());
+        consumers.push(tokio::spawn(async move {
+            let mut from = "$".to_string();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let got: redis::Value = redis::cmd("XREAD")
+                    .arg("COUNT")
+                    .arg(1000)
+                    .arg("BLOCK")
+                    .arg(200)
+                    .arg("STREAMS")
+                    .arg(&key)
+                    .arg(&from)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(|e| format!("XREAD {key}: {e}"))?;
+                let now = Instant::now();
+                for (id, key) in xread_entries(&got) {
+                    if let Some(k) = key {
+                        seen.lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .entry(k)
+                            .or_insert(now);
+                    }
+                    from = id;
+                }
+            }
+            Ok::<(), String>(())
+        }));
+    }
+    // Let every consumer resolve `$` before the first write.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut writer = connect(&nodes[0].resp).await?;
+    let interval = Duration::from_micros(1_000_000 / rate);
+    let until = Instant::now() + Duration::from_secs(seconds);
+    let mut next = Instant::now();
+    let mut i = 0u64;
+    while Instant::now() < until {
+        let key = format!("lat:{i}");
+        redis::cmd("SET")
+            .arg(&key)
+            .arg("x")
+            .query_async::<()>(&mut writer)
+            .await
+            .map_err(|e| format!("SET: {e}"))?;
+        acked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, Instant::now());
+        i += 1;
+        next += interval;
+        tokio::time::sleep_until(next.into()).await;
+    }
+    // Give the last events time to arrive, then stop the consumers.
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for c in consumers {
+        c.await.map_err(|e| e.to_string())??;
+    }
+    let acked = acked.lock().unwrap_or_else(|p| p.into_inner());
+    let seen = seen.lock().unwrap_or_else(|p| p.into_inner());
+    let missing = acked.keys().filter(|k| !seen.contains_key(*k)).count();
+    if missing > 0 {
+        return Err(format!(
+            "{missing} of {} acknowledged writes never reached a consumer",
+            acked.len()
+        ));
+    }
+    let mut out: Vec<u64> = acked
+        .iter()
+        .map(|(k, at)| seen[k].saturating_duration_since(*at).as_micros() as u64)
+        .collect();
+    out.sort_unstable();
+    Ok(out)
+}
+
+/// Writes `events` SETs, then reads every shard's stream from the start: events per second.
+async fn catch_up(
+    nodes: &[NodeProc],
+    streams: &[String],
+    events: usize,
+) -> Result<(usize, f64), String> {
+    let mut conn = connect(&nodes[0].resp).await?;
+    for chunk in (0..events).collect::<Vec<_>>().chunks(256) {
+        let mut pipe = redis::pipe();
+        for i in chunk {
+            pipe.cmd("SET")
+                .arg(format!("c:{i}"))
+                .arg("0123456789abcdef");
+        }
+        pipe.query_async::<()>(&mut conn)
+            .await
+            .map_err(|e| format!("SET pipeline: {e}"))?;
+    }
+    let mut reader = connect(&nodes[1 % nodes.len()].resp).await?;
+    let started = Instant::now();
+    let mut read = 0usize;
+    for key in streams {
+        let mut from = "0".to_string();
+        loop {
+            let got: redis::Value = redis::cmd("XREAD")
+                .arg("COUNT")
+                .arg(1000)
+                .arg("STREAMS")
+                .arg(key)
+                .arg(&from)
+                .query_async(&mut reader)
+                .await
+                .map_err(|e| format!("XREAD {key}: {e}"))?;
+            let entries = xread_entries(&got);
+            let Some((last, _)) = entries.last() else {
+                break;
+            };
+            from = last.clone();
+            read += entries.len();
+        }
+    }
+    Ok((read, read as f64 / started.elapsed().as_secs_f64()))
+}
+
+fn quantile(sorted: &[u64], q: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
+}
+
+async fn run(args: &ChangesArgs, nodes: &[NodeProc]) -> Result<(), String> {
+    let streams = setup(nodes).await?;
+    let (mut off, mut on) = (Vec::new(), Vec::new());
+    for state in [false, true, false, true] {
+        switch(nodes, state).await?;
+        let ops = throughput(nodes, args.clients, args.seconds).await?;
+        eprintln!(
+            "  SET pipelines, changes {}: {ops:.0} writes/s",
+            if state { "on" } else { "off" }
+        );
+        if state { on.push(ops) } else { off.push(ops) }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        (v[0] + v[v.len() - 1]) / 2.0
+    };
+    let (off_ops, on_ops) = (median(&mut off), median(&mut on));
+    switch(nodes, true).await?;
+    let lat = latency(nodes, &streams, args.rate, args.seconds).await?;
+    eprintln!("  latency: {} writes followed", lat.len());
+    switch(nodes, false).await?;
+    switch(nodes, true).await?;
+    let (read, rate) = catch_up(nodes, &streams, args.catchup_events).await?;
+
+    println!();
+    println!(
+        "### Change streams (3 nodes, cp keyspace of {SHARDS} shards x 3 replicas, {} s per run)",
+        args.seconds
+    );
+    println!();
+    println!("| measure | value | target | met |");
+    println!("|---|---:|---:|---|");
+    let cost = 1.0 - on_ops / off_ops;
+    println!(
+        "| SET writes/s, changes off ({} clients x pipelines of {PIPELINE}, mean of 2 runs) | {off_ops:.0} | | |",
+        args.clients
+    );
+    println!("| SET writes/s, changes on (same) | {on_ops:.0} | | |");
+    println!(
+        "| cost of changes on | {:.1} % | <= 10 % | {} |",
+        cost * 100.0,
+        if cost <= 0.10 { "yes" } else { "**no**" }
+    );
+    let (p50, p99) = (
+        quantile(&lat, 0.50) as f64 / 1000.0,
+        quantile(&lat, 0.99) as f64 / 1000.0,
+    );
+    println!(
+        "| commit-to-XREAD p50 ({} writes at {}/s through node 1, consumers on node 2) | {p50:.2} ms | <= 2 ms | {} |",
+        lat.len(),
+        args.rate,
+        if p50 <= 2.0 { "yes" } else { "**no**" }
+    );
+    println!(
+        "| commit-to-XREAD p99 | {p99:.2} ms | <= 20 ms | {} |",
+        if p99 <= 20.0 { "yes" } else { "**no**" }
+    );
+    println!(
+        "| catch-up read from the start ({read} events, XREAD COUNT 1000) | {rate:.0} events/s | | |"
+    );
+    Ok(())
+}

@@ -1,0 +1,196 @@
+//! `capdb changes tail KEYSPACE`: follows a keyspace's change streams over RESP, as any Redis
+//! client would (`CHANGES SHARDS`, then one `XREAD BLOCK` over every shard's stream), and prints
+//! one line per event: `<id> #<shard> <op> <key> [<value>]`, or with `--json` one JSON object
+//! per line with every field.
+//!
+//! Shards' events come as each shard's stream delivers them (each in its own order; there is
+//! no merged order across shards yet). `--prefix` filters here, in the client.
+
+use std::io::Write;
+
+use redis::Value;
+
+/// `capdb changes ...`.
+#[derive(clap::Subcommand)]
+pub enum ChangesOp {
+    /// Follow a keyspace's changes, every shard's, one line per event (Ctrl-C stops).
+    /// Example: capdb changes tail default --from 0 --prefix user:
+    Tail {
+        keyspace: String,
+        /// Only events on keys starting with this.
+        #[arg(long)]
+        prefix: Option<String>,
+        /// Start after this stream ID on every shard (`0`: from the oldest held; default: only
+        /// what comes from now on).
+        #[arg(long, default_value = "$")]
+        from: String,
+        /// One JSON object per event instead of a line of text.
+        #[arg(long)]
+        json: bool,
+        /// Stop after this many events (default: follow until interrupted).
+        #[arg(long)]
+        count: Option<u64>,
+    },
+}
+
+/// Where `capdb changes` connects.
+#[derive(clap::Args, Clone)]
+pub struct RespTarget {
+    /// RESP address of any capdb node.
+    #[arg(
+        long,
+        global = true,
+        env = "CAPDB_RESP",
+        default_value = "127.0.0.1:6380",
+        value_name = "HOST:PORT"
+    )]
+    resp: String,
+    /// Password, if the server requires one.
+    #[arg(long, global = true, env = "CAPDB_PASSWORD", hide_env_values = true)]
+    password: Option<String>,
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+        Value::SimpleString(s) => s.clone(),
+        Value::Int(n) => n.to_string(),
+        other => format!("{other:?}"),
+    }
+}
+
+/// Runs `capdb changes`.
+pub async fn changes(op: ChangesOp, target: &RespTarget) -> Result<(), String> {
+    let ChangesOp::Tail {
+        keyspace,
+        prefix,
+        from,
+        json,
+        count,
+    } = op;
+    let url = match &target.password {
+        Some(p) => format!("redis://:{p}@{}/", target.resp),
+        None => format!("redis://{}/", target.resp),
+    };
+    let client = redis::Client::open(url).map_err(|e| format!("{}: {e}", target.resp))?;
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .map_err(|e| format!("{}: {e}", target.resp))?;
+    let keys: Vec<String> = redis::cmd("CHANGES")
+        .arg("SHARDS")
+        .arg(&keyspace)
+        .query_async(&mut conn)
+        .await
+        .map_err(|e| e.to_string())?;
+    if keys.is_empty() {
+        return Err(format!("keyspace {keyspace} has no shards"));
+    }
+    // Each shard's position, resolved once: `$` means "from now" for every shard.
+    let mut positions: Vec<String> = Vec::with_capacity(keys.len());
+    for k in &keys {
+        if from == "$" {
+            let last: Value = redis::cmd("XREVRANGE")
+                .arg(k)
+                .arg("+")
+                .arg("-")
+                .arg("COUNT")
+                .arg(1)
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| e.to_string())?;
+            let id = match &last {
+                Value::Array(items) => match items.first() {
+                    Some(Value::Array(entry)) => entry.first().map(text),
+                    _ => None,
+                },
+                _ => None,
+            };
+            positions.push(id.unwrap_or_else(|| "0".to_string()));
+        } else {
+            positions.push(from.clone());
+        }
+    }
+    let mut printed = 0u64;
+    let mut out = std::io::stdout().lock();
+    loop {
+        let mut cmd = redis::cmd("XREAD");
+        cmd.arg("COUNT")
+            .arg(1000)
+            .arg("BLOCK")
+            .arg(1000)
+            .arg("STREAMS");
+        for k in &keys {
+            cmd.arg(k);
+        }
+        for p in &positions {
+            cmd.arg(p);
+        }
+        let reply: Value = cmd
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| e.to_string())?;
+        let Value::Array(per_key) = reply else {
+            continue;
+        };
+        for item in per_key {
+            let Value::Array(kv) = item else { continue };
+            let [stream, Value::Array(entries)] = kv.as_slice() else {
+                continue;
+            };
+            let stream = text(stream);
+            let Some(at) = keys.iter().position(|k| *k == stream) else {
+                continue;
+            };
+            for e in entries {
+                let Value::Array(pair) = e else { continue };
+                let [id, Value::Array(fields)] = pair.as_slice() else {
+                    continue;
+                };
+                let id = text(id);
+                positions[at] = id.clone();
+                let fields: Vec<(String, String)> = fields
+                    .chunks(2)
+                    .filter_map(|f| Some((text(f.first()?), text(f.get(1)?))))
+                    .collect();
+                let field = |name: &str| {
+                    fields
+                        .iter()
+                        .find(|(k, _)| k == name)
+                        .map(|(_, v)| v.as_str())
+                };
+                let key = field("key").unwrap_or_default();
+                if prefix.as_deref().is_some_and(|p| !key.starts_with(p)) {
+                    continue;
+                }
+                let line = if json {
+                    let mut obj = serde_json::Map::new();
+                    obj.insert("id".into(), id.clone().into());
+                    for (k, v) in &fields {
+                        obj.insert(k.clone(), v.clone().into());
+                    }
+                    serde_json::Value::Object(obj).to_string()
+                } else {
+                    let mut line = format!(
+                        "{id} #{} {} {key}",
+                        field("shard").unwrap_or("?"),
+                        field("op").unwrap_or("?")
+                    );
+                    for extra in ["value", "cmd"] {
+                        if let Some(v) = field(extra) {
+                            line.push(' ');
+                            line.push_str(v);
+                        }
+                    }
+                    line
+                };
+                writeln!(out, "{line}").map_err(|e| e.to_string())?;
+                printed += 1;
+                if count.is_some_and(|c| printed >= c) {
+                    return out.flush().map_err(|e| e.to_string());
+                }
+            }
+        }
+        out.flush().map_err(|e| e.to_string())?;
+    }
+}
