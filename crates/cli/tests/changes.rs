@@ -359,3 +359,121 @@ fn every_node_serves_the_same_ids_for_a_shards_changes() {
         }
     }
 }
+
+/// Reads an SSE response from a raw socket until `want` events arrived: their (id, data).
+fn sse_events(
+    addr: std::net::SocketAddr,
+    path: &str,
+    last_id: Option<&str>,
+    want: usize,
+) -> Vec<(String, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n");
+    if let Some(id) = last_id {
+        req.push_str(&format!("Last-Event-ID: {id}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).unwrap();
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        let events: Vec<(String, String)> = text
+            .split("\n\n")
+            .filter_map(|block| {
+                let id = block.lines().find_map(|l| l.strip_prefix("id: "))?;
+                let data = block.lines().find_map(|l| l.strip_prefix("data: "))?;
+                Some((id.trim().to_string(), data.trim().to_string()))
+            })
+            .collect();
+        if events.len() >= want {
+            return events;
+        }
+        let n = s
+            .read(&mut buf)
+            .expect("the stream stayed open and delivered");
+        assert!(n > 0, "the stream ended early: {text}");
+        raw.extend_from_slice(&buf[..n]);
+    }
+}
+
+#[test]
+fn a_shards_changes_over_http_as_ndjson_and_server_sent_events() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let s = Server::start();
+    let mut c = s.client();
+    let (code, body) = common::http(s.http, "GET", "/v1/changes/default/0", &[], None).unwrap();
+    assert_eq!(code, 400, "changes off: {}", String::from_utf8_lossy(&body));
+    ok(&mut c, "CHANGES CONFIG default on");
+    ok(&mut c, "SET {h}a 1");
+    ok(&mut c, "SET {h}b 2");
+    ok(&mut c, "HSET {h}h f v");
+    let key = stream_of(&mut c, "{h}a");
+    let shard: u32 = key.rsplit('#').next().unwrap().parse().unwrap();
+    let path = format!("/v1/changes/default/{shard}");
+
+    let (code, body) = common::http(s.http, "GET", &path, &[], None).unwrap();
+    assert_eq!(code, 200);
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&body)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let ours: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|l| l["key"].as_str().is_some_and(|k| k.starts_with("{h}")))
+        .collect();
+    assert_eq!(ours.len(), 3, "{lines:?}");
+    assert_eq!(
+        (ours[0]["op"].as_str(), ours[0]["value"].as_str()),
+        (Some("set"), Some("1"))
+    );
+    assert_eq!(ours[2]["cmd"], "hset");
+    assert_eq!(ours[2]["args"], serde_json::json!(["{h}h", "f", "v"]));
+    // The same IDs as XRANGE.
+    let xrange = entries(&ok(&mut c, &format!("XRANGE {key} - +")));
+    let ids: Vec<String> = lines
+        .iter()
+        .map(|l| l["id"].as_str().unwrap().to_string())
+        .collect();
+    let xids: Vec<String> = xrange
+        .iter()
+        .map(|e| format!("{}-{}", e.id.0, e.id.1))
+        .collect();
+    assert_eq!(ids, xids);
+    // After an ID, with a limit.
+    let (_, body) = common::http(
+        s.http,
+        "GET",
+        &format!("{path}?after={}&limit=1", ids[0]),
+        &[],
+        None,
+    )
+    .unwrap();
+    let next: serde_json::Value =
+        serde_json::from_slice(body.split(|b| *b == b'\n').next().unwrap()).unwrap();
+    assert_eq!(next["id"].as_str(), Some(ids[1].as_str()));
+
+    // SSE: everything from the start, then what comes while it is open.
+    let url = s.redis_url();
+    let writer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(500));
+        let mut w = redis::Client::open(url).unwrap().get_connection().unwrap();
+        ok(&mut w, "SET {h}live yes");
+    });
+    let events = sse_events(s.http, &path, None, ids.len() + 1);
+    writer.join().unwrap();
+    assert_eq!(
+        events[..ids.len()]
+            .iter()
+            .map(|(id, _)| id.clone())
+            .collect::<Vec<_>>(),
+        ids
+    );
+    let live: serde_json::Value = serde_json::from_str(&events[ids.len()].1).unwrap();
+    assert_eq!(live["key"], "{h}live");
+    // Resuming with Last-Event-ID starts right after it.
+    let resumed = sse_events(s.http, &path, Some(&ids[1]), 1);
+    assert_eq!(resumed[0].0, ids[2]);
+}
