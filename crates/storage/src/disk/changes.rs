@@ -198,6 +198,33 @@ pub(super) fn configure(x: &super::ops::Exec, table: &str, on: bool, index: u64)
     Ok(())
 }
 
+/// The event a key-level mutation left on `key`, from what it wrote (as [`event_of`] reads it).
+pub(super) fn event_written(key: &Bytes, written: super::mutation::Written, now_ms: u64) -> Event {
+    let op = match written {
+        super::mutation::Written::Put(v)
+            if v.is_live(now_ms) && !v.header.tombstone && v.header.kind == ValueKind::String =>
+        {
+            ChangeOp::Set {
+                value: v.data,
+                expire_at_ms: v.header.expire_at_ms,
+                prev: None,
+            }
+        }
+        super::mutation::Written::Put(v) if v.is_live(now_ms) && !v.header.tombstone => {
+            ChangeOp::Cmd {
+                kind: v.header.kind as u8,
+                args: Vec::new(),
+                also: Vec::new(),
+            }
+        }
+        _ => ChangeOp::Del { prev: None },
+    };
+    Event {
+        key: key.clone(),
+        op,
+    }
+}
+
 /// The event `m` (`None`: a cross-shard transaction's commit) left on `key`, read back from
 /// the table after it was applied.
 pub(super) fn event_of(

@@ -36,9 +36,17 @@ pub(super) fn overwrites_blindly(m: &Mutation) -> bool {
     )
 }
 
+/// What a key-level mutation (not a data-type command) left on its key, for the change log
+/// (`changes.rs`), so it need not read the key back.
+pub(super) enum Written {
+    Put(Value),
+    Removed,
+}
+
 /// Applies one mutation inside the writer's transaction. `Err` only for storage failures
 /// (which abort the batch); semantic failures come back as `Ok(Err(..))`. `changed`, when
-/// given, receives the keys the mutation changed (WATCH's touched rows).
+/// given, receives the keys the mutation changed (WATCH's touched rows); `written`, when
+/// given, what a key-level mutation that changed its key left there.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn apply_one<'txn>(
     x: &Exec<'txn>,
@@ -49,6 +57,7 @@ pub(super) fn apply_one<'txn>(
     now_ms: u64,
     timestamp: Option<Timestamp>,
     changed: Option<&mut Vec<bytes::Bytes>>,
+    written: Option<&mut Option<Written>>,
 ) -> Result<Result<Reply>> {
     let stamp = || timestamp.unwrap_or_else(|| x.hlc.now());
     let key = &m.key()[..];
@@ -144,8 +153,16 @@ pub(super) fn apply_one<'txn>(
         Effect::Unchanged => {}
         Effect::Put(v) => {
             t.insert(key, &v.encode()[..]).map_err(io_err)?;
+            if let Some(w) = written {
+                *w = Some(Written::Put(v));
+            }
         }
-        Effect::Remove(ts) => remove(t, key, tombstones, ts)?,
+        Effect::Remove(ts) => {
+            remove(t, key, tombstones, ts)?;
+            if let Some(w) = written {
+                *w = Some(Written::Removed);
+            }
+        }
     }
     Ok(Ok(reply))
 }

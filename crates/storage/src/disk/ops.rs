@@ -445,7 +445,7 @@ fn apply_mutations(
     let mut replies = Vec::with_capacity(mutations.len());
     for m in mutations {
         replies.push(apply_one(
-            x, table, &mut t, m, tombstones, now_ms, None, None,
+            x, table, &mut t, m, tombstones, now_ms, None, None, None,
         )?);
     }
     Ok(Output::Replies(replies))
@@ -614,6 +614,7 @@ pub(super) fn apply_replicated(
         }
         x.hlc.observe(*ts);
         let mut changed = Vec::new();
+        let mut written = None;
         replies.push(apply_one(
             x,
             table,
@@ -623,13 +624,20 @@ pub(super) fn apply_replicated(
             *now_ms,
             Some(*ts),
             track.then_some(&mut changed),
+            changes.is_on().then_some(&mut written),
         )?);
         if changes.is_on() && !changed.is_empty() {
-            let mut seen: HashSet<&Bytes> = HashSet::with_capacity(changed.len());
             let mut events = Vec::with_capacity(changed.len());
-            for k in &changed {
-                if seen.insert(k) {
-                    events.push(super::changes::event_of(&t, Some(m), k, *now_ms)?);
+            match (written.take(), changed.as_slice()) {
+                // A key-level mutation: its effect is known, no need to read it back.
+                (Some(w), [key]) => events.push(super::changes::event_written(key, w, *now_ms)),
+                _ => {
+                    let mut seen: HashSet<&Bytes> = HashSet::with_capacity(changed.len());
+                    for k in &changed {
+                        if seen.insert(k) {
+                            events.push(super::changes::event_of(&t, Some(m), k, *now_ms)?);
+                        }
+                    }
                 }
             }
             match logged.last_mut() {
