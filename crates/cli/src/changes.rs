@@ -73,8 +73,11 @@ pub async fn changes(op: ChangesOp, target: &RespTarget) -> Result<(), String> {
         None => format!("redis://{}/", target.resp),
     };
     let client = redis::Client::open(url).map_err(|e| format!("{}: {e}", target.resp))?;
+    // No response timeout: a blocked XREAD answers only when something comes (or after its
+    // BLOCK), which the client's default 500 ms would cut short.
+    let config = redis::AsyncConnectionConfig::new().set_response_timeout(None);
     let mut conn = client
-        .get_multiplexed_async_connection()
+        .get_multiplexed_async_connection_with_config(&config)
         .await
         .map_err(|e| format!("{}: {e}", target.resp))?;
     let keys: Vec<String> = redis::cmd("CHANGES")
@@ -166,8 +169,20 @@ pub async fn changes(op: ChangesOp, target: &RespTarget) -> Result<(), String> {
                 let line = if json {
                     let mut obj = serde_json::Map::new();
                     obj.insert("id".into(), id.clone().into());
+                    let mut repeated: std::collections::BTreeMap<&str, Vec<serde_json::Value>> =
+                        Default::default();
                     for (k, v) in &fields {
-                        obj.insert(k.clone(), v.clone().into());
+                        match k.as_str() {
+                            // Repeated fields (a command's arguments) as arrays.
+                            "arg" => repeated.entry("args").or_default().push(v.clone().into()),
+                            "also" => repeated.entry("also").or_default().push(v.clone().into()),
+                            _ => {
+                                obj.insert(k.clone(), v.clone().into());
+                            }
+                        }
+                    }
+                    for (k, v) in repeated {
+                        obj.insert(k.into(), serde_json::Value::Array(v));
                     }
                     serde_json::Value::Object(obj).to_string()
                 } else {

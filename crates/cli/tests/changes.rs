@@ -293,6 +293,21 @@ fn a_shards_change_log_lists_every_change_in_order_as_a_redis_stream() {
         .map(|rest| rest.split_once(' ').unwrap().1)
         .collect();
     assert_eq!(lines, ["set {t}a 1", "set {t}a 2"], "{printed}");
+    // From now on (`$`), idle for longer than a client's default timeout, then woken.
+    let tail = std::process::Command::new(env!("CARGO_BIN_EXE_capdb"))
+        .args(["changes", "tail", "default", "--count", "1", "--json"])
+        .args(["--resp", &s.resp.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(2_000));
+    ok(&mut c, "RPUSH {t}tail x y");
+    let out = tail.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let event: serde_json::Value =
+        serde_json::from_slice(out.stdout.split(|b| *b == b'\n').next().unwrap()).unwrap();
+    assert_eq!(event["key"], "{t}tail");
+    assert_eq!(event["args"], serde_json::json!(["{t}tail", "x", "y"]));
 
     // Off deletes the log.
     ok(&mut c, "CHANGES CONFIG default off");
@@ -476,4 +491,39 @@ fn a_shards_changes_over_http_as_ndjson_and_server_sent_events() {
     // Resuming with Last-Event-ID starts right after it.
     let resumed = sse_events(s.http, &path, Some(&ids[1]), 1);
     assert_eq!(resumed[0].0, ids[2]);
+}
+
+#[test]
+fn retention_trims_the_log_and_a_reader_below_it_is_told_where_it_begins() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let s = Server::start();
+    let mut c = s.client();
+    assert!(err(&mut c, "CHANGES CONFIG default on RETENTION-MS 0").contains("at least 1"));
+    ok(&mut c, "CHANGES CONFIG default on RETENTION-MS 1000");
+    ok(&mut c, "SET {r}a 1");
+    let key = stream_of(&mut c, "{r}a");
+    // The shard's leader trims rows past the retention (looked for every second).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let lost = loop {
+        match cmd(&mut c, &format!("XRANGE {key} - +")) {
+            Err(e) if e.to_string().contains("HISTORYLOST") => break e.to_string(),
+            Ok(v) => assert!(Instant::now() < deadline, "never trimmed: {v:?}"),
+            Err(e) => panic!("XRANGE: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(ok(&mut c, &format!("XLEN {key}")), Value::Int(0));
+    // Reading backwards asks for the newest: it ends where the log begins, no error.
+    assert_eq!(
+        ok(&mut c, &format!("XREVRANGE {key} + - COUNT 1")),
+        Value::Array(Vec::new())
+    );
+    let oldest = lost.rsplit("read from ").next().unwrap().trim().to_string();
+    ok(&mut c, "SET {r}b 2");
+    let after = entries(&ok(&mut c, &format!("XRANGE {key} {oldest} +")));
+    assert_eq!(
+        after.iter().map(Entry::short).collect::<Vec<_>>(),
+        ["set {r}b 2"],
+        "{lost}"
+    );
 }

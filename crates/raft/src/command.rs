@@ -80,6 +80,11 @@ pub enum Request {
     /// Data shard: turns its change log on or off from this entry on
     /// (`capdb_storage::disk` `changes.rs`); answers OK.
     ChangesConfig { on: bool },
+    /// Data shard: keep change-log rows this long (ms); answers OK.
+    ChangesRetention { retention_ms: u64 },
+    /// Data shard: delete the change-log rows past the retention at `now_ms` (the proposing
+    /// leader's clock, the same for every replica), a bounded number per entry; answers OK.
+    ChangesTrim { now_ms: u64 },
 }
 
 /// A watched key's guard in a [`Request::Txn`]: the key has not changed after log index
@@ -122,6 +127,10 @@ impl fmt::Display for Request {
             Request::ChangesConfig { on } => {
                 write!(f, "changes {}", if *on { "on" } else { "off" })
             }
+            Request::ChangesRetention { retention_ms } => {
+                write!(f, "changes retention {retention_ms} ms")
+            }
+            Request::ChangesTrim { now_ms } => write!(f, "changes trim at {now_ms}"),
             Request::TxnStep { txn, step, .. } => write!(f, "txn {} of {txn}", step.name()),
             Request::Identified { id, request } => {
                 write!(f, "{request} as {}.{}#{}", id.origin, id.epoch, id.seq)

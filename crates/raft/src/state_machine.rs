@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex};
 use capdb_cluster::{ClusterState, GroupId, MetaResponse};
 use std::collections::HashMap;
 
-use capdb_storage::disk::{DiskEngine, MetaItem, RememberReplies};
+use capdb_storage::disk::{ChangesStep, DiskEngine, MetaItem, RememberReplies};
 use futures::TryStreamExt;
 use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine};
 use openraft::{EntryPayload, OptionalSend};
@@ -321,6 +321,34 @@ impl StateMachine {
         Ok(())
     }
 
+    /// Applies a change-log step (`Request::ChangesConfig` and friends) alone, after
+    /// everything before it: the log starts, stops or is trimmed exactly at this entry.
+    #[allow(clippy::too_many_arguments)]
+    async fn apply_changes_step(
+        &self,
+        table: &str,
+        b: &mut ApplyBatch,
+        sessions: &mut SessionTable,
+        slot: usize,
+        remember: Option<(String, u64)>,
+        index: u64,
+        step: ChangesStep,
+    ) -> io::Result<()> {
+        let reply = vec![Ok(capdb_types::Reply::Ok)];
+        if let Some((key, sent_ms)) = remember {
+            let mut value = row::prefix(sent_ms, row::REPLIES);
+            value.extend(encode(&reply));
+            b.remembered.push((key, Some(value)));
+        }
+        let meta = self.alone_meta(b, sessions);
+        self.engine
+            .changes_config(table, step, index, meta)
+            .await
+            .map_err(io)?;
+        b.responses[slot] = Some(Response::Replies(reply));
+        Ok(())
+    }
+
     /// Applies one normal entry of a data shard (queued, or at once for FLUSHDB).
     async fn apply_data_entry(
         &self,
@@ -336,7 +364,11 @@ impl StateMachine {
         let alone = guarded
             || matches!(
                 request,
-                Request::Clear | Request::TxnStep { .. } | Request::ChangesConfig { .. }
+                Request::Clear
+                    | Request::TxnStep { .. }
+                    | Request::ChangesConfig { .. }
+                    | Request::ChangesRetention { .. }
+                    | Request::ChangesTrim { .. }
             );
         let pending =
             !(b.writes.is_empty() && b.watch_points.is_empty() && b.remembered.is_empty());
@@ -461,19 +493,26 @@ impl StateMachine {
                 b.responses[slot] = Some(Response::Replies(reply));
             }
             Request::ChangesConfig { on } => {
-                // Alone, after everything before it: the log starts (or stops) exactly here.
-                let reply = vec![Ok(capdb_types::Reply::Ok)];
-                if let Some((key, sent_ms)) = remember {
-                    let mut value = row::prefix(sent_ms, row::REPLIES);
-                    value.extend(encode(&reply));
-                    b.remembered.push((key, Some(value)));
-                }
-                let meta = self.alone_meta(b, sessions);
-                self.engine
-                    .changes_config(table, on, index, meta)
-                    .await
-                    .map_err(io)?;
-                b.responses[slot] = Some(Response::Replies(reply));
+                self.apply_changes_step(
+                    table,
+                    b,
+                    sessions,
+                    slot,
+                    remember,
+                    index,
+                    ChangesStep::Switch(on),
+                )
+                .await?;
+            }
+            Request::ChangesRetention { retention_ms } => {
+                let step = ChangesStep::Retention(retention_ms);
+                self.apply_changes_step(table, b, sessions, slot, remember, index, step)
+                    .await?;
+            }
+            Request::ChangesTrim { now_ms } => {
+                let step = ChangesStep::Trim { now_ms };
+                self.apply_changes_step(table, b, sessions, slot, remember, index, step)
+                    .await?;
             }
             Request::Clear => {
                 // Not while a cross-shard transaction is prepared here: it may have answered

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use capdb_storage::disk::{DiskEngine, horizon_row};
+use capdb_storage::disk::{ChangesStep, DiskEngine, horizon_row};
 use capdb_types::changes::{ChangeOp, StreamId};
 use capdb_types::mutation::{Condition, ExpiryUpdate};
 use capdb_types::{Hlc, Mutation, Timestamp};
@@ -64,7 +64,9 @@ async fn replicas_applying_the_same_entries_write_the_same_log() {
     let ((_a, a), (_b, b)) = (open(), open());
     for e in [&a, &b] {
         write(e, 1, vec![set("before", "x")]).await;
-        e.changes_config(TABLE, true, 2, Vec::new()).await.unwrap();
+        e.changes_config(TABLE, ChangesStep::Switch(true), 2, Vec::new())
+            .await
+            .unwrap();
         write(e, 3, vec![set("k", "1"), set("j", "2")]).await;
         write(
             e,
@@ -115,9 +117,13 @@ async fn replicas_applying_the_same_entries_write_the_same_log() {
     assert!(after[3].0 > got[2].0);
 
     // Off deletes the rows; on again keeps IDs growing.
-    a.changes_config(TABLE, false, 8, Vec::new()).await.unwrap();
+    a.changes_config(TABLE, ChangesStep::Switch(false), 8, Vec::new())
+        .await
+        .unwrap();
     assert!(log(&a).unwrap().is_empty());
-    a.changes_config(TABLE, true, 9, Vec::new()).await.unwrap();
+    a.changes_config(TABLE, ChangesStep::Switch(true), 9, Vec::new())
+        .await
+        .unwrap();
     write(&a, 10, vec![set("again", "1")]).await;
     let again = log(&a).unwrap();
     assert_eq!(again.len(), 1);
@@ -127,7 +133,9 @@ async fn replicas_applying_the_same_entries_write_the_same_log() {
 #[tokio::test]
 async fn a_replica_that_installed_a_snapshot_refuses_reads_below_it() {
     let ((_a, a), (_c, c)) = (open(), open());
-    a.changes_config(TABLE, true, 1, Vec::new()).await.unwrap();
+    a.changes_config(TABLE, ChangesStep::Switch(true), 1, Vec::new())
+        .await
+        .unwrap();
     write(&a, 2, vec![set("k", "1")]).await;
     write(&a, 3, vec![set("k", "2")]).await;
     let dump = a.dump_table(TABLE, &[], "none/").unwrap();
@@ -147,4 +155,38 @@ async fn a_replica_that_installed_a_snapshot_refuses_reads_below_it() {
         .unwrap();
     assert_eq!(mine.len(), 1);
     assert_eq!(mine[0].id, from);
+}
+
+#[tokio::test]
+async fn a_trim_drops_what_is_past_the_retention_and_reads_below_it_say_so() {
+    let (_a, a) = open();
+    a.changes_config(TABLE, ChangesStep::Switch(true), 1, Vec::new())
+        .await
+        .unwrap();
+    a.changes_config(TABLE, ChangesStep::Retention(60_000), 2, Vec::new())
+        .await
+        .unwrap();
+    // Timestamps of entry i are (i << 16): physical ms 0 to 5, long past.
+    write(&a, 3, vec![set("k", "1")]).await;
+    write(&a, 4, vec![set("k", "2")]).await;
+    let before = log(&a).unwrap();
+    assert_eq!(before.len(), 2);
+    // A trim at a clock before the retention ran out removes nothing.
+    a.changes_config(TABLE, ChangesStep::Trim { now_ms: 30_000 }, 5, Vec::new())
+        .await
+        .unwrap();
+    assert_eq!(log(&a).unwrap(), before);
+    // Past it, everything goes; a read from the start names where the log now begins.
+    a.changes_config(TABLE, ChangesStep::Trim { now_ms: 120_000 }, 6, Vec::new())
+        .await
+        .unwrap();
+    let lost = log(&a).unwrap_err().to_string();
+    assert!(lost.contains("HISTORYLOST"), "{lost}");
+    assert_eq!(a.table(TABLE, false).changes_info().unwrap().events, 0);
+    write(&a, 7, vec![set("k", "3")]).await;
+    let after = a
+        .table(TABLE, false)
+        .changes(before[1].0.successor(), StreamId::MAX, usize::MAX, false)
+        .unwrap();
+    assert_eq!(after.len(), 1, "what came after the trimmed rows is there");
 }

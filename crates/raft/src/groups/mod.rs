@@ -436,6 +436,25 @@ impl Groups {
             .collect()
     }
 
+    /// The data groups this node leads whose change logs hold rows past their retention at
+    /// `now_ms` (each is trimmed by an entry its leader proposes).
+    pub fn changes_trim_due_led(&self, now_ms: u64) -> Vec<GroupId> {
+        self.all()
+            .into_iter()
+            .filter(|(g, _)| *g != META_GROUP && self.leads(*g))
+            .filter(|(g, _)| {
+                self.engine
+                    .table(&layout::shard_table(*g), false)
+                    .changes_trim_due(now_ms)
+                    .unwrap_or_else(|e| {
+                        tracing::warn!(group = g, error = %e, "cannot read the change log");
+                        false
+                    })
+            })
+            .map(|(g, _)| g)
+            .collect()
+    }
+
     /// This node's view of its groups, in group order.
     pub fn status(&self) -> Vec<GroupStatus> {
         let mut out: Vec<GroupStatus> = self

@@ -618,6 +618,28 @@ impl Groups {
         }
     }
 
+    /// Sets how long a data group keeps its change-log rows, through its log.
+    pub async fn changes_retention(&self, group: GroupId, retention_ms: u64) -> Result<(), Error> {
+        self.changes_step(group, Request::ChangesRetention { retention_ms })
+            .await
+    }
+
+    /// Trims a data group's change log at this node's clock (the leader's), through its log.
+    pub async fn changes_trim(&self, group: GroupId) -> Result<(), Error> {
+        let now_ms = capdb_types::unix_now_ms();
+        self.changes_step(group, Request::ChangesTrim { now_ms })
+            .await
+    }
+
+    async fn changes_step(&self, group: GroupId, request: Request) -> Result<(), Error> {
+        match self.write(group, request).await? {
+            Response::Replies(r) if matches!(r.first(), Some(Ok(Reply::Ok))) => Ok(()),
+            other => Err(Error::Io(format!(
+                "unexpected response to a change-log step: {other:?}"
+            ))),
+        }
+    }
+
     /// A point in a data group's log for WATCH: the log index of an entry proposed now, so
     /// every change linearized before this call is at or below it.
     pub async fn watch_point(&self, group: GroupId) -> Result<u64, Error> {

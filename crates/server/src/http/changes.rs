@@ -8,8 +8,9 @@
 //! - Otherwise NDJSON: one JSON object per line, at most `limit` (default 1,000) events after
 //!   `after` (default: from the start); `wait_ms` (≤ 30,000) long-polls when there are none.
 //!
-//! Pull only: each step reads one bounded page from storage (`Keyspace::changes_read`), so a
-//! slow client costs the server its position and nothing else; nothing is buffered for it.
+//! Pull only: each step reads one bounded page from storage (`Keyspace::changes_read`: at most
+//! 1,000 events and about 16 MiB), so a slow client costs the server its position and one page
+//! at most. Streams and long-polls end when the node shuts down.
 //! Keys and values are JSON strings when UTF-8, else `<field>_hex`.
 
 use std::sync::Arc;
@@ -156,7 +157,7 @@ pub(super) async fn changes(
         // The first page now, so that a bad request (changes off, no such shard) is an HTTP
         // error rather than an empty stream.
         let first = page(&ks, shard, after, CHANGES_PAGE_MAX).await?;
-        return Ok(sse_stream(ks, shard, after, first).into_response());
+        return Ok(sse_stream(node.clone(), ks, shard, after, first).into_response());
     }
     let after = parse_after(query.after.as_deref())?;
     let wait = Duration::from_millis(query.wait_ms.unwrap_or(0)).min(CHANGES_WAIT_MAX);
@@ -165,7 +166,7 @@ pub(super) async fn changes(
         let mark = ks.changes_mark(shard);
         let entries = page(&ks, shard, after, limit).await?;
         let left = until.saturating_duration_since(tokio::time::Instant::now());
-        if !entries.is_empty() || left.is_zero() {
+        if !entries.is_empty() || left.is_zero() || node.is_shutting_down() {
             break entries;
         }
         ks.wait_changes(shard, mark, left.min(SSE_WAIT)).await;
@@ -181,8 +182,15 @@ pub(super) async fn changes(
 }
 
 /// An SSE stream from `after`, starting with `first` (already read).
-fn sse_stream(ks: Arc<Keyspace>, shard: u32, after: StreamId, first: Vec<Reply>) -> Response {
+fn sse_stream(
+    node: Arc<Node>,
+    ks: Arc<Keyspace>,
+    shard: u32,
+    after: StreamId,
+    first: Vec<Reply>,
+) -> Response {
     struct State {
+        node: Arc<Node>,
         ks: Arc<Keyspace>,
         shard: u32,
         after: StreamId,
@@ -190,6 +198,7 @@ fn sse_stream(ks: Arc<Keyspace>, shard: u32, after: StreamId, first: Vec<Reply>)
         failed: bool,
     }
     let state = State {
+        node,
         ks,
         shard,
         after,
@@ -197,7 +206,9 @@ fn sse_stream(ks: Arc<Keyspace>, shard: u32, after: StreamId, first: Vec<Reply>)
         failed: false,
     };
     let stream = futures::stream::unfold(state, |mut st| async move {
-        if st.failed {
+        // A node shutting down ends its streams (clients reconnect elsewhere with their
+        // last ID) rather than holding the shutdown up.
+        if st.failed || st.node.is_shutting_down() {
             return None;
         }
         loop {
@@ -214,7 +225,12 @@ fn sse_stream(ks: Arc<Keyspace>, shard: u32, after: StreamId, first: Vec<Reply>)
             let mark = st.ks.changes_mark(st.shard);
             match page(&st.ks, st.shard, st.after, CHANGES_PAGE_MAX).await {
                 Ok(entries) if !entries.is_empty() => st.pending = entries.into(),
-                Ok(_) => st.ks.wait_changes(st.shard, mark, SSE_WAIT).await,
+                Ok(_) => {
+                    st.ks.wait_changes(st.shard, mark, SSE_WAIT).await;
+                    if st.node.is_shutting_down() {
+                        return None;
+                    }
+                }
                 Err(e) => {
                     // Told once, as an `error` event; the client reconnects from its last ID.
                     st.failed = true;

@@ -13,6 +13,7 @@
 
 pub mod admin;
 pub mod blocking;
+pub mod changes;
 pub mod control;
 pub mod pubsub;
 pub mod router;
@@ -109,6 +110,7 @@ impl Node {
         tokio::spawn(async move { n.follow_map().await });
         tokio::spawn(control::run(node.clone()));
         tokio::spawn(txns::recover_orphans(node.clone()));
+        tokio::spawn(changes::trim_changes(node.clone()));
         node
     }
 

@@ -318,12 +318,15 @@ impl Keyspace {
     /// Turns the change log of every shard of this (`cp`) keyspace on or off, shard after
     /// shard, each through its log. An error part-way leaves the shards before it switched:
     /// the command is safe to repeat.
-    pub async fn changes_config(&self, on: bool) -> Result<()> {
+    pub async fn changes_config(&self, on: bool, retention_ms: Option<u64>) -> Result<()> {
         self.check_live()?;
         match &self.store {
             Store::Cp { entry, groups, .. } => {
                 for shard in &entry.shards {
                     groups.changes_config(shard.group, on).await?;
+                    if let Some(ms) = retention_ms {
+                        groups.changes_retention(shard.group, ms).await?;
+                    }
                 }
                 Ok(())
             }
@@ -387,7 +390,7 @@ impl Keyspace {
         };
         match group {
             Some((groups, g)) => groups.wait_applied_past(g, mark, max).await,
-            None => tokio::time::sleep(max).await,
+            None => tokio::time::sleep(max.min(std::time::Duration::from_millis(10))).await,
         }
     }
 

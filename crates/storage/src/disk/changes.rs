@@ -19,12 +19,14 @@
 //!   across FLUSHDB): `chg-on` (present while the log is on; its value is the index that turned
 //!   it on), `chg-clock` (u64 LE each: the last logged entry's clock, the events logged since
 //!   the log was turned on, the last entry's event count, so the last ID is known without
-//!   reading a row) and `chg-floor` (a replica that installed a snapshot: the clock up to which
-//!   it holds no rows; a read reaching below it is an error, never a silent gap).
+//!   reading a row), `chg-retention` (ms; default [`RETENTION_MS_DEFAULT`]) and `chg-floor`
+//!   (the ID of the last event this replica no longer holds: trimmed by the retention, or
+//!   before a snapshot it installed; a read reaching it is an error, never a silent gap).
 //!
 //! # What is logged (this version)
 //!
-//! Effects, read back after each mutation: a string key that holds a value afterwards logs
+//! Effects (what a key-level write wrote, or read back after a data-type command): a string
+//! key that holds a value afterwards logs
 //! `Set` with its value and deadline; a key that is gone logs `Del` (`Expire` when the leader's
 //! expiry sweep removed it); a collection logs `Cmd` with the command's arguments (a collection
 //! can be too big to copy on every write). Single-shard transactions log their events under
@@ -63,6 +65,24 @@ const RESERVED: [u8; 8] = [0; 8];
 const ON: &[u8] = b"chg-on";
 const CLOCK: &[u8] = b"chg-clock";
 const FLOOR: &[u8] = b"chg-floor";
+const RETENTION: &[u8] = b"chg-retention";
+
+/// How long a shard keeps its change-log rows unless configured (`CHANGES CONFIG ... RETENTION-MS`).
+pub const RETENTION_MS_DEFAULT: u64 = 24 * 60 * 60 * 1000;
+/// Rows one trim entry deletes at most (the next one continues).
+pub const CHANGES_TRIM_ROWS_MAX: usize = 4_096;
+
+/// A change-log step applied through the shard's log (`Request::ChangesConfig` and friends).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangesStep {
+    /// On (from this entry) or off (every row deleted).
+    Switch(bool),
+    /// Keep rows this long (ms).
+    Retention(u64),
+    /// Delete the rows wholly older than the retention before `now_ms` (the entry's clock),
+    /// at most [`CHANGES_TRIM_ROWS_MAX`]; reads below what went answer `HISTORYLOST`.
+    Trim { now_ms: u64 },
+}
 
 /// Bytes of keys and values one read gathers at most (past it the read stops, after at least
 /// one event): a consumer's page stays well under the transport's frame bound even when every
@@ -132,27 +152,51 @@ fn encode_clock(clock: Timestamp, events: u64, last_events: u64) -> Vec<u8> {
     out
 }
 
-fn read_floor(el: &impl ReadableTable<&'static [u8], &'static [u8]>) -> Result<Timestamp> {
-    Ok(match el.get(&reserved(FLOOR)[..]).map_err(io_err)? {
-        Some(raw) => Timestamp(
-            raw.value()
-                .try_into()
-                .map(u64::from_le_bytes)
-                .map_err(|_| Error::Corruption("change-log floor row".into()))?,
-        ),
-        None => Timestamp(0),
-    })
+/// `chg-floor`: the ID of the last event this replica no longer holds (`None`: it holds
+/// every event since the log was turned on).
+fn read_floor(el: &impl ReadableTable<&'static [u8], &'static [u8]>) -> Result<Option<StreamId>> {
+    let Some(raw) = el.get(&reserved(FLOOR)[..]).map_err(io_err)? else {
+        return Ok(None);
+    };
+    let raw = raw.value();
+    let word = |at: usize| -> Result<u64> {
+        raw.get(at..at + 8)
+            .and_then(|s| s.try_into().ok())
+            .map(u64::from_le_bytes)
+            .ok_or_else(|| Error::Corruption("change-log floor row".into()))
+    };
+    if raw.len() != 16 {
+        return Err(Error::Corruption("change-log floor row".into()));
+    }
+    Ok(Some(StreamId {
+        ms: word(0)?,
+        seq: word(8)?,
+    }))
 }
 
-/// After a snapshot install into `el`: the replica holds no rows up to the snapshot's clock.
+/// Raises the floor to `id` (never lowers it).
+fn raise_floor(el: &mut RawTable<'_>, id: StreamId) -> Result<()> {
+    if read_floor(el)?.is_some_and(|f| f >= id) {
+        return Ok(());
+    }
+    let mut v = id.ms.to_le_bytes().to_vec();
+    v.extend_from_slice(&id.seq.to_le_bytes());
+    el.insert(&reserved(FLOOR)[..], &v[..]).map_err(io_err)?;
+    Ok(())
+}
+
+/// After a snapshot install into `el`: the replica holds no rows up to the snapshot's last
+/// event.
 pub(super) fn mark_snapshot(el: &mut RawTable<'_>) -> Result<()> {
-    let clock = match el.get(&reserved(CLOCK)[..]).map_err(io_err)? {
-        Some(raw) => decode_clock(raw.value())?.0,
+    let (clock, _, last_events) = match el.get(&reserved(CLOCK)[..]).map_err(io_err)? {
+        Some(raw) => decode_clock(raw.value())?,
         None => return Ok(()),
     };
-    el.insert(&reserved(FLOOR)[..], &clock.0.to_le_bytes()[..])
-        .map_err(io_err)?;
-    Ok(())
+    let last = StreamId::of_event(
+        clock,
+        u32::try_from(last_events.saturating_sub(1)).unwrap_or(u32::MAX),
+    );
+    raise_floor(el, last)
 }
 
 /// The element-table rows a FLUSHDB must carry over so the log stays on with its clock.
@@ -160,7 +204,7 @@ pub fn carried_rows(
     el: &impl ReadableTable<&'static [u8], &'static [u8]>,
 ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
     let mut out = Vec::new();
-    for name in [ON, CLOCK, FLOOR] {
+    for name in [ON, CLOCK, FLOOR, RETENTION] {
         let k = reserved(name);
         if let Some(v) = el.get(&k[..]).map_err(io_err)? {
             out.push((k, v.value().to_vec()));
@@ -194,6 +238,116 @@ pub(super) fn configure(x: &super::ops::Exec, table: &str, on: bool, index: u64)
         x.txn
             .delete_table(log_def(&change_table(table)))
             .map_err(io_err)?;
+    }
+    Ok(())
+}
+
+fn read_u64_row(
+    el: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    name: &[u8],
+) -> Result<Option<u64>> {
+    match el.get(&reserved(name)[..]).map_err(io_err)? {
+        Some(raw) => raw
+            .value()
+            .try_into()
+            .map(u64::from_le_bytes)
+            .map(Some)
+            .map_err(|_| Error::Corruption("change-log row of the wrong size".into())),
+        None => Ok(None),
+    }
+}
+
+/// Sets how long the shard keeps its rows.
+pub(super) fn set_retention(x: &super::ops::Exec, table: &str, ms: u64) -> Result<()> {
+    let mut el = x
+        .txn
+        .open_table(table_def(&crate::layout::element_table(table)))
+        .map_err(io_err)?;
+    el.insert(&reserved(RETENTION)[..], &ms.to_le_bytes()[..])
+        .map_err(io_err)?;
+    Ok(())
+}
+
+/// The clock below which rows are past the retention at `now_ms`, from one snapshot: `Some`
+/// when the oldest row is (a trim is due).
+pub(super) fn trim_due(txn: &redb::ReadTransaction, table: &str, now_ms: u64) -> Result<bool> {
+    let retention = match txn.open_table(table_def(&crate::layout::element_table(table))) {
+        Ok(el) => {
+            if el.get(&reserved(ON)[..]).map_err(io_err)?.is_none() {
+                return Ok(false);
+            }
+            read_u64_row(&el, RETENTION)?.unwrap_or(RETENTION_MS_DEFAULT)
+        }
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(false),
+        Err(e) => return Err(io_err(e)),
+    };
+    let cutoff = Timestamp::from_parts(now_ms.saturating_sub(retention), 0);
+    match txn.open_table(log_def(&change_table(table))) {
+        Ok(chg) => Ok(chg
+            .first()
+            .map_err(io_err)?
+            .is_some_and(|(k, _)| k.value() < cutoff.0)),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(false),
+        Err(e) => Err(io_err(e)),
+    }
+}
+
+/// [`ChangesStep::Trim`]: deletes the oldest rows whose every event is older than the
+/// retention before `now_ms`, at most [`CHANGES_TRIM_ROWS_MAX`], and raises the floor.
+pub(super) fn trim(x: &super::ops::Exec, table: &str, now_ms: u64) -> Result<()> {
+    let mut el = x
+        .txn
+        .open_table(table_def(&crate::layout::element_table(table)))
+        .map_err(io_err)?;
+    if el.get(&reserved(ON)[..]).map_err(io_err)?.is_none() {
+        return Ok(());
+    }
+    let retention = read_u64_row(&el, RETENTION)?.unwrap_or(RETENTION_MS_DEFAULT);
+    let cutoff = Timestamp::from_parts(now_ms.saturating_sub(retention), 0);
+    let mut chg = x
+        .txn
+        .open_table(log_def(&change_table(table)))
+        .map_err(io_err)?;
+    let mut gone: Vec<u64> = Vec::new();
+    let (mut events, mut last_id) = (0u64, None);
+    for r in chg.iter().map_err(io_err)?.take(CHANGES_TRIM_ROWS_MAX) {
+        let (k, v) = r.map_err(io_err)?;
+        let row = ChangeRow::decode(v.value())?;
+        let Some(last) = row.entries.last().map(|h| h.clock) else {
+            gone.push(k.value());
+            continue;
+        };
+        if last >= cutoff {
+            break;
+        }
+        gone.push(k.value());
+        events += row.events.len() as u64;
+        last_id = row
+            .events_with_ids()
+            .last()
+            .map(|(_, id, _)| *id)
+            .or(last_id);
+    }
+    if gone.is_empty() {
+        return Ok(());
+    }
+    for k in &gone {
+        chg.remove(*k).map_err(io_err)?;
+    }
+    if let Some(id) = last_id {
+        raise_floor(&mut el, id)?;
+    }
+    let clock_row = el
+        .get(&reserved(CLOCK)[..])
+        .map_err(io_err)?
+        .map(|v| v.value().to_vec());
+    if let Some(raw) = clock_row {
+        let (clock, held, last_events) = decode_clock(&raw)?;
+        el.insert(
+            &reserved(CLOCK)[..],
+            &encode_clock(clock, held.saturating_sub(events), last_events)[..],
+        )
+        .map_err(io_err)?;
     }
     Ok(())
 }
@@ -340,13 +494,24 @@ pub(super) fn read(
     }
     let floor = match txn.open_table(table_def(&crate::layout::element_table(table))) {
         Ok(el) => read_floor(&el)?,
-        Err(redb::TableError::TableDoesNotExist(_)) => Timestamp(0),
+        Err(redb::TableError::TableDoesNotExist(_)) => None,
         Err(e) => return Err(io_err(e)),
     };
-    if floor.0 > 0 && from.clock() <= floor {
-        let oldest = StreamId::of_event(Timestamp(floor.0 + 1), 0);
+    // A forward read continues from a position: reaching below what is held would skip
+    // events, so it is an error. A reverse read asks for the newest ones: it ends at the floor.
+    let from = match floor {
+        Some(floor) if rev && from <= floor => floor.successor(),
+        _ => from,
+    };
+    if from > to {
+        return Ok(out);
+    }
+    if let Some(floor) = floor
+        && from <= floor
+    {
+        let oldest = floor.successor();
         return Err(Error::Command(format!(
-            "HISTORYLOST this replica holds the shard's changes from {oldest} on (it installed a snapshot of the shard); read from {oldest}"
+            "HISTORYLOST the shard's changes are held from {oldest} on (older ones went with the retention, or came before a snapshot this replica installed); read from {oldest}"
         )));
     }
     let mut bytes = 0usize;

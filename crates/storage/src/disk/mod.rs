@@ -101,7 +101,10 @@ use tokio::sync::mpsc;
 pub use ap::{
     AP_RECLAIM_STEP_MAX, AP_WITNESS_SCAN_MAX, ApPart, ApRecord, MergeOutcome, partial_fits,
 };
-pub use changes::{CHANGES_QUERY, CHANGES_READ_BYTES_MAX, CHANGES_READ_MAX, ChangeInfo};
+pub use changes::{
+    CHANGES_QUERY, CHANGES_READ_BYTES_MAX, CHANGES_READ_MAX, CHANGES_TRIM_ROWS_MAX, ChangeInfo,
+    ChangesStep, RETENTION_MS_DEFAULT,
+};
 pub use meta::MetaItem;
 use ops::Op;
 pub use replicated::{Queued, RememberReplies, TableDump};

@@ -100,11 +100,11 @@ pub(super) enum Op {
         /// The `_meta` key remembering the answer, and how to encode it.
         remember: Option<(String, super::txn::RememberAnswer)>,
     },
-    /// Turns a shard's change log on or off at log index `index` (`changes.rs`), with the
-    /// applied state in `meta`.
+    /// Turns a shard's change log on or off, sets its retention or trims it, at log index
+    /// `index` (`changes.rs`), with the applied state in `meta`.
     ChangesConfig {
         table: String,
-        on: bool,
+        step: super::ChangesStep,
         index: u64,
         meta: Vec<MetaItem>,
     },
@@ -395,11 +395,15 @@ pub(super) fn execute(x: &Exec, op: &Op, live_tables: &mut HashSet<String>) -> R
         } => super::txn::apply_step(x, table, job, meta, remember.as_ref()),
         Op::ChangesConfig {
             table,
-            on,
+            step,
             index,
             meta,
         } => {
-            super::changes::configure(x, table, *on, *index)?;
+            match step {
+                super::ChangesStep::Switch(on) => super::changes::configure(x, table, *on, *index)?,
+                super::ChangesStep::Retention(ms) => super::changes::set_retention(x, table, *ms)?,
+                super::ChangesStep::Trim { now_ms } => super::changes::trim(x, table, *now_ms)?,
+            }
             let mut mt = x.txn.open_table(META_TABLE).map_err(io_err)?;
             put_meta(&mut mt, meta)?;
             Ok(Output::Done)

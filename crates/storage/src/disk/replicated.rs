@@ -138,18 +138,19 @@ impl DiskEngine {
         .into_done()
     }
 
-    /// Turns a shard's change log on or off at log index `index`, with the applied state
+    /// Turns a shard's change log on or off, sets its retention or trims it (`step`) at log
+    /// index `index`, with the applied state
     /// `meta`, in one storage transaction (not durable by itself, like an apply).
     pub async fn changes_config(
         &self,
         table: &str,
-        on: bool,
+        step: super::ChangesStep,
         index: u64,
         meta: Vec<MetaItem>,
     ) -> Result<()> {
         self.submit(Op::ChangesConfig {
             table: table.to_string(),
-            on,
+            step,
             index,
             meta,
         })

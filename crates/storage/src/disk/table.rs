@@ -291,6 +291,13 @@ impl DiskTable {
         ]))
     }
 
+    /// Whether rows of this shard's change log are past its retention at `now_ms` (its
+    /// leader then proposes a trim).
+    pub fn changes_trim_due(&self, now_ms: u64) -> Result<bool> {
+        let txn = self.begin_read()?;
+        super::changes::trim_due(&txn, &self.table, now_ms)
+    }
+
     /// Whether this shard logs its changes, how many it holds and the last one's ID.
     pub fn changes_info(&self) -> Result<super::ChangeInfo> {
         let txn = self.begin_read()?;

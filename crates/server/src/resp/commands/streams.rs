@@ -45,14 +45,27 @@ pub(super) fn reads_a_stream(name: &str, key: &[u8]) -> bool {
 pub(super) async fn changes(conn: &mut Connection, args: &[Bytes]) -> Outcome {
     let sub = args[1].to_ascii_lowercase();
     match (sub.as_slice(), args.len()) {
-        (b"config", 4) => {
+        (b"config", 4 | 6) => {
             let on = match args[3].to_ascii_lowercase().as_slice() {
-                b"on" | b"values" => true,
+                b"on" => true,
                 b"off" => false,
                 _ => return Err("ERR CHANGES CONFIG takes on or off".into()),
             };
+            let retention_ms = match &args[4..] {
+                [] => None,
+                [word, ms] if word.eq_ignore_ascii_case(b"retention-ms") => {
+                    let ms = parse_int(ms)?;
+                    if ms < 1 {
+                        return Err("ERR RETENTION-MS must be at least 1".into());
+                    }
+                    Some(ms as u64)
+                }
+                _ => return Err(syntax()),
+            };
             let ks = keyspace_named(conn, &args[2])?;
-            ks.changes_config(on).await.map_err(|e| error_line(&e))?;
+            ks.changes_config(on, retention_ms)
+                .await
+                .map_err(|e| error_line(&e))?;
             conn.out.simple("OK");
             Ok(())
         }
@@ -69,7 +82,7 @@ pub(super) async fn changes(conn: &mut Connection, args: &[Bytes]) -> Outcome {
             Ok(())
         }
         _ => Err(format!(
-            "ERR unknown CHANGES subcommand or wrong number of arguments for '{}' (CHANGES CONFIG <keyspace> on|off, CHANGES SHARDS <keyspace>)",
+            "ERR unknown CHANGES subcommand or wrong number of arguments for '{}' (CHANGES CONFIG <keyspace> on|off [RETENTION-MS ms], CHANGES SHARDS <keyspace>)",
             String::from_utf8_lossy(&args[1])
         )),
     }
