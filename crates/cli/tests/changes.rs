@@ -513,6 +513,17 @@ fn retention_trims_the_log_and_a_reader_below_it_is_told_where_it_begins() {
         std::thread::sleep(Duration::from_millis(200));
     };
     assert_eq!(ok(&mut c, &format!("XLEN {key}")), Value::Int(0));
+    let shard = key.rsplit('#').next().unwrap();
+    let (code, body) = common::http(
+        s.http,
+        "GET",
+        &format!("/v1/changes/default/{shard}"),
+        &[],
+        None,
+    )
+    .unwrap();
+    assert_eq!(code, 410, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(common::json(&body)["error"]["code"], "history_lost");
     // Reading backwards asks for the newest: it ends where the log begins, no error.
     assert_eq!(
         ok(&mut c, &format!("XREVRANGE {key} + - COUNT 1")),

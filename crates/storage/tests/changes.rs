@@ -116,18 +116,23 @@ async fn replicas_applying_the_same_entries_write_the_same_log() {
     assert_eq!(after.len(), 4);
     assert!(after[3].0 > got[2].0);
 
-    // Off deletes the rows; on again keeps IDs growing.
+    // Off deletes the rows: a reader at an older position is told so once the log is back,
+    // and what follows has larger IDs.
     a.changes_config(TABLE, ChangesStep::Switch(false), 8, Vec::new())
         .await
         .unwrap();
-    assert!(log(&a).unwrap().is_empty());
     a.changes_config(TABLE, ChangesStep::Switch(true), 9, Vec::new())
         .await
         .unwrap();
     write(&a, 10, vec![set("again", "1")]).await;
-    let again = log(&a).unwrap();
+    let lost = log(&a).unwrap_err().to_string();
+    assert!(lost.contains("HISTORYLOST"), "{lost}");
+    let again = a
+        .table(TABLE, false)
+        .changes(after[3].0.successor(), StreamId::MAX, usize::MAX, false)
+        .unwrap();
     assert_eq!(again.len(), 1);
-    assert!(again[0].0 > after[3].0, "IDs never go back");
+    assert!(again[0].id > after[3].0, "IDs never go back");
 }
 
 #[tokio::test]
@@ -189,4 +194,78 @@ async fn a_trim_drops_what_is_past_the_retention_and_reads_below_it_say_so() {
         .changes(before[1].0.successor(), StreamId::MAX, usize::MAX, false)
         .unwrap();
     assert_eq!(after.len(), 1, "what came after the trimmed rows is there");
+}
+
+#[tokio::test]
+async fn replicas_that_batched_entries_differently_trim_the_same_events() {
+    let ((_a, a), (_b, b)) = (open(), open());
+    for e in [&a, &b] {
+        e.changes_config(TABLE, ChangesStep::Switch(true), 1, Vec::new())
+            .await
+            .unwrap();
+        e.changes_config(TABLE, ChangesStep::Retention(1_000), 2, Vec::new())
+            .await
+            .unwrap();
+    }
+    // Entries 3 and 4 (physical ms 3 and 4): one storage job on `a`, two on `b`.
+    let entry = |i: u64, v: &str| (set("k", v), Timestamp::from_parts(i, 0), 1_000, i);
+    a.apply_replicated(
+        TABLE,
+        vec![entry(3, "x"), entry(4, "y")],
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+    )
+    .await
+    .unwrap();
+    for (i, v) in [(3, "x"), (4, "y")] {
+        b.apply_replicated(
+            TABLE,
+            vec![entry(i, v)],
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+        )
+        .await
+        .unwrap();
+    }
+    assert_eq!(log(&a).unwrap(), log(&b).unwrap());
+    let all = log(&a).unwrap();
+    // The cutoff falls between the two entries: physical ms 4 at now 1,004.
+    for e in [&a, &b] {
+        e.changes_config(TABLE, ChangesStep::Trim { now_ms: 1_004 }, 5, Vec::new())
+            .await
+            .unwrap();
+    }
+    for e in [&a, &b] {
+        let t = e.table(TABLE, false);
+        let kept = t
+            .changes(all[0].0.successor(), StreamId::MAX, usize::MAX, false)
+            .unwrap();
+        assert_eq!(kept.len(), 1, "the second entry stays on every replica");
+        assert_eq!(kept[0].id, all[1].0);
+        assert_eq!(t.changes_info().unwrap().events, 1);
+        let lost = t
+            .changes(StreamId::MIN, StreamId::MAX, usize::MAX, false)
+            .unwrap_err()
+            .to_string();
+        // Named: the position right after the last event that went.
+        assert!(lost.contains(&all[0].0.successor().to_string()), "{lost}");
+    }
+    // Everything trimmed: `$` (the last ID) stays where it was, and reading after it is fine.
+    for e in [&a, &b] {
+        e.changes_config(TABLE, ChangesStep::Trim { now_ms: 100_000 }, 6, Vec::new())
+            .await
+            .unwrap();
+        let t = e.table(TABLE, false);
+        let info = t.changes_info().unwrap();
+        assert_eq!((info.events, info.last), (0, all[1].0));
+        assert!(
+            t.changes(info.last.successor(), StreamId::MAX, usize::MAX, false)
+                .unwrap()
+                .is_empty()
+        );
+    }
 }

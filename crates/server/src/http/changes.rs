@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use capdb_types::changes::StreamId;
@@ -138,6 +138,30 @@ pub(super) async fn changes(
     let Query(query) = query.map_err(|e| ApiError::from(Error::InvalidInput(e.body_text())))?;
     let ks = node.keyspace(&keyspace)?;
     ks.check_live()?;
+    answer(node, ks, shard, headers, query)
+        .await
+        .map_err(history_lost)
+}
+
+/// `HISTORYLOST` (the position went with the retention) is HTTP 410 Gone.
+fn history_lost(e: ApiError) -> ApiError {
+    match e {
+        ApiError::Db(Error::Command(line)) if line.starts_with("HISTORYLOST ") => ApiError::Http(
+            StatusCode::GONE,
+            "history_lost",
+            line["HISTORYLOST ".len()..].to_string(),
+        ),
+        other => other,
+    }
+}
+
+async fn answer(
+    node: Arc<Node>,
+    ks: Arc<Keyspace>,
+    shard: u32,
+    headers: HeaderMap,
+    query: ChangesQuery,
+) -> ApiResult {
     let limit = query.limit.unwrap_or(CHANGES_PAGE_MAX);
     if !(1..=CHANGES_PAGE_MAX).contains(&limit) {
         return Err(ApiError::from(Error::InvalidInput(format!(

@@ -69,8 +69,10 @@ const RETENTION: &[u8] = b"chg-retention";
 
 /// How long a shard keeps its change-log rows unless configured (`CHANGES CONFIG ... RETENTION-MS`).
 pub const RETENTION_MS_DEFAULT: u64 = 24 * 60 * 60 * 1000;
-/// Rows one trim entry deletes at most (the next one continues).
-pub const CHANGES_TRIM_ROWS_MAX: usize = 4_096;
+/// Events one trim entry deletes at most, and bytes of them (whole entries; the first
+/// always): the next trim continues.
+pub const CHANGES_TRIM_EVENTS_MAX: usize = 65_536;
+pub const CHANGES_TRIM_BYTES_MAX: usize = 64 * 1024 * 1024;
 
 /// A change-log step applied through the shard's log (`Request::ChangesConfig` and friends).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,8 +81,8 @@ pub enum ChangesStep {
     Switch(bool),
     /// Keep rows this long (ms).
     Retention(u64),
-    /// Delete the rows wholly older than the retention before `now_ms` (the entry's clock),
-    /// at most [`CHANGES_TRIM_ROWS_MAX`]; reads below what went answer `HISTORYLOST`.
+    /// Delete the entries older than the retention before `now_ms` (the proposer's clock,
+    /// carried by the entry), a bounded number; reads below what went answer `HISTORYLOST`.
     Trim { now_ms: u64 },
 }
 
@@ -192,6 +194,12 @@ pub(super) fn mark_snapshot(el: &mut RawTable<'_>) -> Result<()> {
         Some(raw) => decode_clock(raw.value())?,
         None => return Ok(()),
     };
+    // It holds none of the events counted so far.
+    el.insert(
+        &reserved(CLOCK)[..],
+        &encode_clock(clock, 0, last_events)[..],
+    )
+    .map_err(io_err)?;
     let last = StreamId::of_event(
         clock,
         u32::try_from(last_events.saturating_sub(1)).unwrap_or(u32::MAX),
@@ -226,14 +234,21 @@ pub(super) fn configure(x: &super::ops::Exec, table: &str, on: bool, index: u64)
     } else if !on && was_on {
         el.remove(&reserved(ON)[..]).map_err(io_err)?;
         // The clock stays (IDs never go back, even across off and on); the count restarts.
-        let clock = match el.get(&reserved(CLOCK)[..]).map_err(io_err)? {
-            Some(raw) => decode_clock(raw.value())?.0,
-            None => Timestamp(0),
+        let (clock, _, last_events) = match el.get(&reserved(CLOCK)[..]).map_err(io_err)? {
+            Some(raw) => decode_clock(raw.value())?,
+            None => (Timestamp(0), 0, 0),
         };
-        el.insert(&reserved(CLOCK)[..], &encode_clock(clock, 0, 0)[..])
-            .map_err(io_err)?;
-        // Every row is gone: no replica holds any, so no floor either.
-        el.remove(&reserved(FLOOR)[..]).map_err(io_err)?;
+        el.insert(
+            &reserved(CLOCK)[..],
+            &encode_clock(clock, 0, last_events)[..],
+        )
+        .map_err(io_err)?;
+        // Every row goes: a consumer at an older position is told so if the log comes back,
+        // rather than served what follows as if nothing were missing.
+        if let Some(n) = last_events.checked_sub(1) {
+            let last = StreamId::of_event(clock, u32::try_from(n).unwrap_or(u32::MAX));
+            raise_floor(&mut el, last)?;
+        }
         drop(el);
         x.txn
             .delete_table(log_def(&change_table(table)))
@@ -292,8 +307,14 @@ pub(super) fn trim_due(txn: &redb::ReadTransaction, table: &str, now_ms: u64) ->
     }
 }
 
-/// [`ChangesStep::Trim`]: deletes the oldest rows whose every event is older than the
-/// retention before `now_ms`, at most [`CHANGES_TRIM_ROWS_MAX`], and raises the floor.
+/// [`ChangesStep::Trim`]: deletes the oldest entries' events that are older than the
+/// retention before `now_ms`, at most [`CHANGES_TRIM_EVENTS_MAX`] events and
+/// [`CHANGES_TRIM_BYTES_MAX`] bytes of them, and raises the floor to the last one deleted.
+///
+/// By whole log entries, never by rows: replicas group entries into rows as their apply
+/// batches fell, which differs between them, while the entries and their events are the same
+/// everywhere. So every replica deletes exactly the same events and sets the same floor. A row
+/// left holding later entries is rewritten and keyed by its new first clock.
 pub(super) fn trim(x: &super::ops::Exec, table: &str, now_ms: u64) -> Result<()> {
     let mut el = x
         .txn
@@ -309,30 +330,58 @@ pub(super) fn trim(x: &super::ops::Exec, table: &str, now_ms: u64) -> Result<()>
         .open_table(log_def(&change_table(table)))
         .map_err(io_err)?;
     let mut gone: Vec<u64> = Vec::new();
-    let (mut events, mut last_id) = (0u64, None);
-    for r in chg.iter().map_err(io_err)?.take(CHANGES_TRIM_ROWS_MAX) {
+    // A row of which only the first entries go: its key and what stays.
+    let mut rewrite: Option<(u64, ChangeRow)> = None;
+    let (mut events, mut bytes, mut last_id) = (0u64, 0usize, None);
+    'rows: for r in chg.iter().map_err(io_err)? {
         let (k, v) = r.map_err(io_err)?;
         let row = ChangeRow::decode(v.value())?;
-        let Some(last) = row.entries.last().map(|h| h.clock) else {
-            gone.push(k.value());
-            continue;
-        };
-        if last >= cutoff {
-            break;
+        // Events of the entries before `taken` (their heads' counts; `decode` checked they add
+        // up to the row's events).
+        let mut taken_events = 0usize;
+        for (taken, head) in row.entries.iter().enumerate() {
+            let n = head.events as usize;
+            let entry_bytes: usize = row
+                .events
+                .get(taken_events..taken_events + n)
+                .unwrap_or_default()
+                .iter()
+                .map(event_bytes)
+                .sum();
+            let full = events as usize + n > CHANGES_TRIM_EVENTS_MAX
+                || bytes + entry_bytes > CHANGES_TRIM_BYTES_MAX;
+            // The first entry always goes if it is due (however big), so a trim progresses.
+            if head.clock >= cutoff || (full && events > 0) {
+                if taken > 0 {
+                    let rest = ChangeRow {
+                        entries: row.entries[taken..].to_vec(),
+                        events: row.events.get(taken_events..).unwrap_or_default().to_vec(),
+                    };
+                    rewrite = Some((k.value(), rest));
+                }
+                break 'rows;
+            }
+            taken_events += n;
+            events += n as u64;
+            bytes += entry_bytes;
+            if n > 0 {
+                last_id = Some(StreamId::of_event(head.clock, head.events - 1));
+            }
         }
         gone.push(k.value());
-        events += row.events.len() as u64;
-        last_id = row
-            .events_with_ids()
-            .last()
-            .map(|(_, id, _)| *id)
-            .or(last_id);
-    }
-    if gone.is_empty() {
-        return Ok(());
     }
     for k in &gone {
         chg.remove(*k).map_err(io_err)?;
+    }
+    if let Some((old_key, rest)) = rewrite {
+        chg.remove(old_key).map_err(io_err)?;
+        if let Some(first) = rest.entries.first() {
+            chg.insert(first.clock.0, &rest.encode()?[..])
+                .map_err(io_err)?;
+        }
+    }
+    if events == 0 {
+        return Ok(());
     }
     if let Some(id) = last_id {
         raise_floor(&mut el, id)?;
@@ -471,7 +520,7 @@ pub(super) fn append(
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ChangeInfo {
     pub on: bool,
-    /// Events logged since the log was last turned on.
+    /// Events this replica holds.
     pub events: u64,
     /// The ID of the last event logged (`0-0` when none).
     pub last: StreamId,
@@ -596,11 +645,10 @@ pub(super) fn info(txn: &redb::ReadTransaction, table: &str) -> Result<ChangeInf
         Err(redb::TableError::TableDoesNotExist(_)) => ChangeLog::default(),
         Err(e) => return Err(io_err(e)),
     };
+    // The last event ever logged, held or trimmed since: where `$` reads from.
     let last = match log.last_events.checked_sub(1) {
-        Some(n) if log.events > 0 => {
-            StreamId::of_event(log.clock, u32::try_from(n).unwrap_or(u32::MAX))
-        }
-        _ => StreamId::MIN,
+        Some(n) => StreamId::of_event(log.clock, u32::try_from(n).unwrap_or(u32::MAX)),
+        None => StreamId::MIN,
     };
     Ok(ChangeInfo {
         on: log.on,

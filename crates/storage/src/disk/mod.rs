@@ -102,8 +102,8 @@ pub use ap::{
     AP_RECLAIM_STEP_MAX, AP_WITNESS_SCAN_MAX, ApPart, ApRecord, MergeOutcome, partial_fits,
 };
 pub use changes::{
-    CHANGES_QUERY, CHANGES_READ_BYTES_MAX, CHANGES_READ_MAX, CHANGES_TRIM_ROWS_MAX, ChangeInfo,
-    ChangesStep, RETENTION_MS_DEFAULT,
+    CHANGES_QUERY, CHANGES_READ_BYTES_MAX, CHANGES_READ_MAX, CHANGES_TRIM_BYTES_MAX,
+    CHANGES_TRIM_EVENTS_MAX, ChangeInfo, ChangesStep, RETENTION_MS_DEFAULT,
 };
 pub use meta::MetaItem;
 use ops::Op;

@@ -275,14 +275,19 @@ impl DiskTable {
         let shard = u32::try_from(number(shard)?).map_err(|_| bad())?;
         let txn = self.begin_read()?;
         let info = super::changes::info(&txn, &self.table)?;
-        let changes = super::changes::read(
-            &txn,
-            &self.table,
-            id(from)?,
-            id(to)?,
-            usize::try_from(number(count)?).unwrap_or(usize::MAX),
-            number(rev)? == 1,
-        )?;
+        // Off: no rows to read (the caller says the changes are off).
+        let changes = if info.on {
+            super::changes::read(
+                &txn,
+                &self.table,
+                id(from)?,
+                id(to)?,
+                usize::try_from(number(count)?).unwrap_or(usize::MAX),
+                number(rev)? == 1,
+            )?
+        } else {
+            Vec::new()
+        };
         Ok(Reply::Array(vec![
             Reply::Integer(i64::from(info.on)),
             Reply::Integer(i64::try_from(info.events).unwrap_or(i64::MAX)),

@@ -47,7 +47,7 @@ pub(super) async fn changes(conn: &mut Connection, args: &[Bytes]) -> Outcome {
     match (sub.as_slice(), args.len()) {
         (b"config", 4 | 6) => {
             let on = match args[3].to_ascii_lowercase().as_slice() {
-                b"on" => true,
+                b"on" | b"values" => true,
                 b"off" => false,
                 _ => return Err("ERR CHANGES CONFIG takes on or off".into()),
             };
