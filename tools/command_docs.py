@@ -69,7 +69,7 @@ def arg(name, type_, token=None, flags=(), arguments=None):
 # commands newer than the Redis that generates the file ("since" is Redis's).
 CAPDB_ONLY = {
     "changes": doc(
-        "Turns a cp keyspace's change streams on or off, or lists its shard stream keys (capdb)",
+        "Turns a cp keyspace's change streams on or off (with their retention), lists its shard stream keys or their last IDs (capdb)",
         "0.1.0", "stream", "O(shards)",
         [arg("subcommand", "oneof", arguments=[
             arg("config", "block", arguments=[
@@ -79,9 +79,14 @@ CAPDB_ONLY = {
                     arg("on", "pure-token", "ON"),
                     arg("off", "pure-token", "OFF"),
                 ]),
+                arg("retention", "integer", "RETENTION-MS", flags=["optional"]),
             ]),
             arg("shards", "block", arguments=[
                 arg("shards", "pure-token", "SHARDS"),
+                arg("keyspace", "string"),
+            ]),
+            arg("last", "block", arguments=[
+                arg("last", "pure-token", "LAST"),
                 arg("keyspace", "string"),
             ]),
         ])]),

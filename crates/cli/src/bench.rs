@@ -320,3 +320,24 @@ fn print_summary(mut windows: Vec<Duration>, args: &FailoverArgs) {
         windows.last().map(|w| w.as_millis()).unwrap_or(0)
     );
 }
+
+/// Waits (until `until`) for node 1 behind `http` to be ready, then creates a `cp` keyspace
+/// of `shards` shards with 3 replicas each.
+pub(crate) async fn create_cp_keyspace(
+    http: &crate::client::HttpClient,
+    name: &str,
+    shards: usize,
+    until: std::time::Instant,
+) -> Result<(), String> {
+    while http.request("GET", "/readyz", None).await.is_err() {
+        if std::time::Instant::now() > until {
+            return Err("node 1 not ready in time".into());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let spec =
+        format!(r#"{{"name":"{name}","mode":"cp","shards":{shards},"replication_factor":3}}"#);
+    http.request("POST", "/v1/keyspaces", Some(spec.into_bytes()))
+        .await
+        .map(|_| ())
+}

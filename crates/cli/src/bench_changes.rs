@@ -9,8 +9,8 @@
 //!    got the event minus when the writer got the write's `+OK` (0 when the event came first,
 //!    which pulls the p50 down), p50 and p99 (targets: 2 ms and 20 ms on loopback). Every
 //!    node holds a replica of both shards here; a node without one looks every 10 ms.
-//! 3. **Catch-up**: `--catchup-events` SETs written first, then one consumer reads every shard's
-//!    stream from the start with `XREAD COUNT 1000`: events per second.
+//! 3. **Catch-up**: `--catchup-events` SETs written first, then one consumer reads them all
+//!    from every shard's stream with `XREAD COUNT 1000`: events per second.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -91,16 +91,7 @@ async fn connect(addr: &str) -> Result<MultiplexedConnection, String> {
 async fn setup(nodes: &[NodeProc]) -> Result<Vec<String>, String> {
     let http = HttpClient::new(&nodes[0].http, None)?;
     let until = Instant::now() + SETUP_DEADLINE;
-    while http.request("GET", "/readyz", None).await.is_err() {
-        if Instant::now() > until {
-            return Err(format!("node 1 not ready within {SETUP_DEADLINE:?}"));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let spec =
-        format!(r#"{{"name":"{KEYSPACE}","mode":"cp","shards":{SHARDS},"replication_factor":3}}"#);
-    http.request("POST", "/v1/keyspaces", Some(spec.into_bytes()))
-        .await?;
+    crate::bench::create_cp_keyspace(&http, KEYSPACE, SHARDS, until).await?;
     // Every node can write to every shard before anything is timed.
     for n in nodes {
         let mut conn = loop {
@@ -230,26 +221,16 @@ async fn latency(
     let seen: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut consumers = Vec::new();
-    for key in streams {
+    for (shard, key) in streams.iter().enumerate() {
         let mut conn = connect(&nodes[1 % nodes.len()].resp).await?;
         let (key, seen, stop) = (key.clone(), seen.clone(), stop.clone());
         // Each consumer starts after its stream's last ID now (not `$` again on every call,
         // which would skip what lands between two calls).
-        let last: redis::Value = redis::cmd("XREVRANGE")
-            .arg(&key)
-            .arg("+")
-            .arg("-")
-            .arg("COUNT")
-            .arg(1)
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| format!("XREVRANGE {key}: {e}"))?;
-        let start = xread_entries(&redis::Value::Array(vec![redis::Value::Array(vec![
-            redis::Value::Nil,
-            last,
-        ])]))
-        .pop()
-        .map_or_else(|| "0".to_string(), |(id, _)| id);
+        let start = crate::changes::last_ids(&mut conn, KEYSPACE)
+            .await?
+            .get(shard)
+            .cloned()
+            .ok_or("CHANGES LAST answered fewer shards than CHANGES SHARDS")?;
         consumers.push(tokio::spawn(async move {
             let mut from = start;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
@@ -331,6 +312,8 @@ async fn catch_up(
     events: usize,
 ) -> Result<(usize, f64), String> {
     let mut conn = connect(&nodes[0].resp).await?;
+    // Where each stream stands before the writes: the reader reads everything after it.
+    let starts = crate::changes::last_ids(&mut conn, KEYSPACE).await?;
     for chunk in (0..events).collect::<Vec<_>>().chunks(256) {
         let mut pipe = redis::pipe();
         for i in chunk {
@@ -345,8 +328,8 @@ async fn catch_up(
     let mut reader = connect(&nodes[1 % nodes.len()].resp).await?;
     let started = Instant::now();
     let mut read = 0usize;
-    for key in streams {
-        let mut from = "0".to_string();
+    for (key, start) in streams.iter().zip(starts) {
+        let mut from = start;
         loop {
             let got: redis::Value = redis::cmd("XREAD")
                 .arg("COUNT")

@@ -877,16 +877,7 @@ async fn run(args: &TxnArgs, nodes: &mut [NodeProc]) -> Result<(), String> {
 /// Waits for every node to be ready, creates the keyspace and waits until every node knows it.
 async fn create_keyspace(http: &HttpClient, nodes: &[NodeProc]) -> Result<(), String> {
     let until = Instant::now() + SETUP_DEADLINE;
-    while http.request("GET", "/readyz", None).await.is_err() {
-        if Instant::now() > until {
-            return Err(format!("node 1 not ready within {SETUP_DEADLINE:?}"));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let spec =
-        format!(r#"{{"name":"{KEYSPACE}","mode":"cp","shards":{SHARDS},"replication_factor":3}}"#);
-    http.request("POST", "/v1/keyspaces", Some(spec.into_bytes()))
-        .await?;
+    crate::bench::create_cp_keyspace(http, KEYSPACE, SHARDS, until).await?;
     for n in nodes {
         loop {
             match Conn::open(&n.resp).await {

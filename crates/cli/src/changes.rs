@@ -59,6 +59,21 @@ fn text(v: &Value) -> String {
     }
 }
 
+/// The last ID of each shard's stream of `keyspace` now (`CHANGES LAST`), in shard order:
+/// where a reader that wants only what comes next starts, as explicit IDs (asking `$` on
+/// every call would skip what lands between two calls).
+pub(crate) async fn last_ids(
+    conn: &mut redis::aio::MultiplexedConnection,
+    keyspace: &str,
+) -> Result<Vec<String>, String> {
+    redis::cmd("CHANGES")
+        .arg("LAST")
+        .arg(keyspace)
+        .query_async(conn)
+        .await
+        .map_err(|e| format!("CHANGES LAST {keyspace}: {e}"))
+}
+
 /// Runs `capdb changes`.
 pub async fn changes(op: ChangesOp, target: &RespTarget) -> Result<(), String> {
     let ChangesOp::Tail {
@@ -90,30 +105,15 @@ pub async fn changes(op: ChangesOp, target: &RespTarget) -> Result<(), String> {
         return Err(format!("keyspace {keyspace} has no shards"));
     }
     // Each shard's position, resolved once: `$` means "from now" for every shard.
-    let mut positions: Vec<String> = Vec::with_capacity(keys.len());
-    for k in &keys {
-        if from == "$" {
-            let last: Value = redis::cmd("XREVRANGE")
-                .arg(k)
-                .arg("+")
-                .arg("-")
-                .arg("COUNT")
-                .arg(1)
-                .query_async(&mut conn)
-                .await
-                .map_err(|e| e.to_string())?;
-            let id = match &last {
-                Value::Array(items) => match items.first() {
-                    Some(Value::Array(entry)) => entry.first().map(text),
-                    _ => None,
-                },
-                _ => None,
-            };
-            positions.push(id.unwrap_or_else(|| "0".to_string()));
-        } else {
-            positions.push(from.clone());
-        }
+    let positions: Vec<String> = if from == "$" {
+        last_ids(&mut conn, &keyspace).await?
+    } else {
+        vec![from.clone(); keys.len()]
+    };
+    if positions.len() != keys.len() {
+        return Err(format!("keyspace {keyspace} changed its shards; run again"));
     }
+    let mut positions = positions;
     let mut printed = 0u64;
     let mut out = std::io::stdout().lock();
     loop {

@@ -103,6 +103,17 @@ fn entries(v: &Value) -> Vec<Entry> {
         .collect()
 }
 
+/// The entries of the first stream in an XREAD reply (RESP2: `[[key, entries], ...]`).
+fn first_stream(reply: &Value) -> Vec<Entry> {
+    let Value::Array(per_key) = reply else {
+        panic!("XREAD answered {reply:?}")
+    };
+    let Value::Array(kv) = &per_key[0] else {
+        panic!("{per_key:?}")
+    };
+    entries(&kv[1])
+}
+
 /// The stream key of the shard of `default` holding `key` (the one whose log has events on it).
 fn stream_of(c: &mut redis::Connection, key: &str) -> String {
     let Value::Array(keys) = ok(c, "CHANGES SHARDS default") else {
@@ -182,13 +193,8 @@ fn a_shards_change_log_lists_every_change_in_order_as_a_redis_stream() {
     assert_eq!(two, all[..2]);
     // Redis's edges: COUNT 0 (or less) is the null reply for XRANGE, no limit for XREAD.
     assert_eq!(ok(&mut c, &format!("XRANGE {key} - + COUNT 0")), Value::Nil);
-    let Value::Array(unlimited) = ok(&mut c, &format!("XREAD COUNT 0 STREAMS {key} 0")) else {
-        panic!("XREAD COUNT 0 answered no array")
-    };
-    let Value::Array(kv) = &unlimited[0] else {
-        panic!("{unlimited:?}")
-    };
-    assert_eq!(entries(&kv[1]), all);
+    let unlimited = ok(&mut c, &format!("XREAD COUNT 0 STREAMS {key} 0"));
+    assert_eq!(first_stream(&unlimited), all);
     let (ms, seq) = all[1].id;
     let after = entries(&ok(&mut c, &format!("XRANGE {key} ({ms}-{seq} +")));
     assert_eq!(after, all[2..]);
@@ -200,14 +206,11 @@ fn a_shards_change_log_lists_every_change_in_order_as_a_redis_stream() {
     // XREAD from an ID (exclusive), and XREAD BLOCK woken by a write through another
     // connection.
     let read = ok(&mut c, &format!("XREAD COUNT 3 STREAMS {key} {ms}-{seq}"));
-    let Value::Array(per_key) = read else {
+    let Value::Array(per_key) = &read else {
         panic!("XREAD answered {read:?}")
     };
-    let Value::Array(kv) = &per_key[0] else {
-        panic!("{per_key:?}")
-    };
-    assert_eq!(text(&kv[0]), key);
-    assert_eq!(entries(&kv[1]), all[2..5]);
+    assert!(matches!(&per_key[0], Value::Array(kv) if text(&kv[0]) == key));
+    assert_eq!(first_stream(&read), all[2..5]);
     assert_eq!(
         ok(&mut c, &format!("XREAD STREAMS {key} $")),
         Value::Nil,
@@ -226,14 +229,11 @@ fn a_shards_change_log_lists_every_change_in_order_as_a_redis_stream() {
         started.elapsed() < Duration::from_secs(20),
         "woken by the write"
     );
-    let Value::Array(per_key) = woke else {
-        panic!("XREAD BLOCK answered {woke:?}")
-    };
-    let Value::Array(kv) = &per_key[0] else {
-        panic!("{per_key:?}")
-    };
     assert_eq!(
-        entries(&kv[1]).iter().map(Entry::short).collect::<Vec<_>>(),
+        first_stream(&woke)
+            .iter()
+            .map(Entry::short)
+            .collect::<Vec<_>>(),
         ["set {t}late now"]
     );
     assert_eq!(
@@ -346,14 +346,11 @@ fn every_node_serves_the_same_ids_for_a_shards_changes() {
         &format!("XREAD BLOCK 20000 STREAMS {key} {}-{}", last.0, last.1),
     );
     writer.join().unwrap();
-    let Value::Array(per_key) = woke else {
-        panic!("XREAD BLOCK answered {woke:?}")
-    };
-    let Value::Array(kv) = &per_key[0] else {
-        panic!("{per_key:?}")
-    };
     assert_eq!(
-        entries(&kv[1]).iter().map(Entry::short).collect::<Vec<_>>(),
+        first_stream(&woke)
+            .iter()
+            .map(Entry::short)
+            .collect::<Vec<_>>(),
         ["set {s}late now"]
     );
     let first = ok(&mut c1, &format!("XRANGE {key} - +"));
@@ -524,6 +521,17 @@ fn retention_trims_the_log_and_a_reader_below_it_is_told_where_it_begins() {
     .unwrap();
     assert_eq!(code, 410, "{}", String::from_utf8_lossy(&body));
     assert_eq!(common::json(&body)["error"]["code"], "history_lost");
+    // `CHANGES LAST` still knows the last ID (what `$` means): reading after it is fine.
+    let Value::Array(lasts) = ok(&mut c, "CHANGES LAST default") else {
+        panic!("CHANGES LAST answered no array")
+    };
+    let shard_no: usize = shard.parse().unwrap();
+    let last = text(&lasts[shard_no]);
+    assert_ne!(last, "0-0");
+    assert_eq!(
+        ok(&mut c, &format!("XREAD STREAMS {key} {last}")),
+        Value::Nil
+    );
     // Reading backwards asks for the newest: it ends where the log begins, no error.
     assert_eq!(
         ok(&mut c, &format!("XREVRANGE {key} + - COUNT 1")),

@@ -1,8 +1,9 @@
 //! Change streams over Redis's stream commands (issue 14, `docs/design/streams.md` §4): a
 //! `cp` shard's change log read as a read-only stream key `__changes:<keyspace>#<shard>`.
 //!
-//! - `CHANGES CONFIG <ks> on|off` turns a keyspace's logs on or off (every shard, through its
-//!   Raft log); `CHANGES SHARDS <ks>` lists its stream keys.
+//! - `CHANGES CONFIG <ks> on|off [RETENTION-MS ms]` turns a keyspace's logs on or off (every
+//!   shard, through its Raft log); `CHANGES SHARDS <ks>` lists its stream keys and
+//!   `CHANGES LAST <ks>` each one's last ID (what `$` means now).
 //! - `XRANGE`, `XREVRANGE`, `XLEN` and `XREAD [COUNT] [BLOCK] STREAMS` read them with Redis's
 //!   replies. Any node answers (no `-MOVED`): the read goes through the shard's read path at
 //!   the connection's consistency, so IDs are the same whichever node serves.
@@ -81,8 +82,33 @@ pub(super) async fn changes(conn: &mut Connection, args: &[Bytes]) -> Outcome {
             conn.out.reply(&Reply::Array(keys));
             Ok(())
         }
+        // The last ID of each shard's stream, in shard order (what `$` means now): where a
+        // reader that wants only what comes next starts, as an explicit position.
+        (b"last", 3) => {
+            let ks = keyspace_named(conn, &args[2])?;
+            let n = ks.shard_count().ok_or_else(|| {
+                "ERR change streams are built for cp keyspaces only so far".to_string()
+            })?;
+            let mut last = Vec::with_capacity(n);
+            for shard in 0..n as u32 {
+                let page = ks
+                    .changes_read(
+                        shard,
+                        (StreamId::MAX, StreamId::MAX),
+                        0,
+                        false,
+                        conn.now_ms,
+                        conn.consistency,
+                    )
+                    .await
+                    .map_err(|e| error_line(&e))?;
+                last.push(Reply::Bulk(page.last));
+            }
+            conn.out.reply(&Reply::Array(last));
+            Ok(())
+        }
         _ => Err(format!(
-            "ERR unknown CHANGES subcommand or wrong number of arguments for '{}' (CHANGES CONFIG <keyspace> on|off [RETENTION-MS ms], CHANGES SHARDS <keyspace>)",
+            "ERR unknown CHANGES subcommand or wrong number of arguments for '{}' (CHANGES CONFIG <keyspace> on|off [RETENTION-MS ms], CHANGES SHARDS <keyspace>, CHANGES LAST <keyspace>)",
             String::from_utf8_lossy(&args[1])
         )),
     }
