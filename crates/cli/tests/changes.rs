@@ -546,3 +546,121 @@ fn retention_trims_the_log_and_a_reader_below_it_is_told_where_it_begins() {
         "{lost}"
     );
 }
+
+/// The leader of the shard of `default` holding `key`, per node `via`'s cluster view.
+fn leader_of(via: &Server, key: &str) -> u64 {
+    let mut c = via.client();
+    let slot: u64 = redis::cmd("CLUSTER")
+        .arg("KEYSLOT")
+        .arg(key)
+        .query(&mut c)
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, body) = common::http(via.http, "GET", "/v1/cluster", &[], None).unwrap();
+        let st = common::json(&body);
+        let leader = st["keyspaces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|k| k["name"] == "default")
+            .flat_map(|ks| ks["shards"].as_array().unwrap().iter())
+            .find(|s| s["slots"][0].as_u64() <= Some(slot) && Some(slot) <= s["slots"][1].as_u64())
+            .and_then(|s| s["leader"].as_u64());
+        if let Some(l) = leader {
+            return l;
+        }
+        assert!(Instant::now() < deadline, "no leader for {key}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_consumer_sees_every_acknowledged_write_once_across_a_leader_kill() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let mut nodes = common::start_founders(3, |_| Vec::new());
+    let leader = leader_of(&nodes[0], "{f}k") as usize;
+    let followers: Vec<usize> = (1..=3).filter(|n| *n != leader).collect();
+    let (writer_node, reader_node) = (followers[0], followers[1]);
+    let mut w = nodes[writer_node - 1].client();
+    ok(&mut w, "CHANGES CONFIG default on");
+    ok(&mut w, "SET {f}probe 0");
+    let key = stream_of(&mut w, "{f}probe");
+    let shard: usize = key.rsplit('#').next().unwrap().parse().unwrap();
+    let Value::Array(lasts) = ok(&mut w, "CHANGES LAST default") else {
+        panic!("CHANGES LAST answered no array")
+    };
+    let start = text(&lasts[shard]);
+
+    // The consumer: follows the shard's stream through the other follower, retrying a read
+    // that fails (an election) from the same position, until it sees the end marker.
+    let url = nodes[reader_node - 1].redis_url();
+    let stream = key.clone();
+    let consumer = std::thread::spawn(move || {
+        let mut c = redis::Client::open(url).unwrap().get_connection().unwrap();
+        let mut from = start;
+        let mut seen: Vec<Entry> = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while Instant::now() < deadline {
+            match cmd(
+                &mut c,
+                &format!("XREAD COUNT 500 BLOCK 1000 STREAMS {stream} {from}"),
+            ) {
+                Ok(Value::Nil) => {}
+                Ok(reply) => {
+                    for e in first_stream(&reply) {
+                        from = format!("{}-{}", e.id.0, e.id.1);
+                        let end = e.field("key") == Some("{f}end");
+                        seen.push(e);
+                        if end {
+                            return seen;
+                        }
+                    }
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+        panic!("the end marker never arrived; saw {} events", seen.len());
+    });
+
+    // The writer: each value once; an error leaves that write uncertain (never retried with
+    // the same value, so a second copy in the stream would be the log's doing).
+    let (mut acked, mut uncertain) = (Vec::new(), Vec::new());
+    for i in 0..300 {
+        if i == 100 {
+            nodes[leader - 1].kill9();
+        }
+        let v = format!("v{i}");
+        match cmd(&mut w, &format!("SET {{f}}k{i} {v}")) {
+            Ok(_) => acked.push(v),
+            Err(_) => {
+                uncertain.push(v);
+                std::thread::sleep(Duration::from_millis(50));
+                w = nodes[writer_node - 1].client();
+            }
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while cmd(&mut w, "SET {f}end 1").is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the end marker was never written"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let seen = consumer.join().unwrap();
+
+    assert!(seen.windows(2).all(|p| p[0].id < p[1].id), "IDs increase");
+    let count = |v: &str| {
+        seen.iter()
+            .filter(|e| e.field("op") == Some("set") && e.field("value") == Some(v))
+            .count()
+    };
+    for v in &acked {
+        assert_eq!(count(v), 1, "acknowledged {v} appears exactly once");
+    }
+    for v in &uncertain {
+        assert!(count(v) <= 1, "uncertain {v} appears at most once");
+    }
+    assert!(acked.len() >= 200, "most writes succeeded: {}", acked.len());
+}
