@@ -1,7 +1,8 @@
 //! `capdb changes tail KEYSPACE`: follows a keyspace's change streams over RESP, as any Redis
-//! client would (`CHANGES SHARDS`, then one `XREAD BLOCK` over every shard's stream), and prints
-//! one line per event: `<id> #<shard> <op> <key> [<value>]`, or with `--json` one JSON object
-//! per line with every field.
+//! client would (`CHANGES SHARDS`, `CHANGES LAST` for the default `--from $`, then one
+//! `XREAD BLOCK` over every shard's stream), and prints one line per event:
+//! `<id> #<shard> <op> <key> [<value>] [<cmd>]`, or with `--json` one JSON object per line
+//! with every field (a command's arguments as an `args` array).
 //!
 //! Shards' events come as each shard's stream delivers them (each in its own order; there is
 //! no merged order across shards yet). `--prefix` filters here, in the client.

@@ -8,11 +8,11 @@
 //!   commands only when it commits (it voted without replies) is committed first and its
 //!   commit's answer carries them.
 //! - a commit *rides* this node's next prepare to the same shard (`Prepare::committed_first`)
-//!   when one is sent within [`Config::commit_ride_for`]; only then is it sent as an entry of
+//!   when one is sent within [`Config::commit_ride_for`]; otherwise it is sent as an entry of
 //!   its own. Each commit entry costs every replica of the shard an fsync, and a commit sent
 //!   right after the answer meets the client's next transaction at the disks: measured with
 //!   `capdb bench txn` at one client, the 2-shard EXEC's p50 went from 1.06–1.22 ms to
-//!   0.79–0.80 ms (`docs/design/transactions.md`). The price: the keys stay locked up to that
+//!   0.79–0.87 ms (`docs/design/transactions.md`). The price: the keys stay locked up to that
 //!   window longer for transactions coordinated elsewhere. A command on this node that meets
 //!   the lock sends the shard's waiting commits at once ([`Coordinator::flush_rides`]), and
 //!   this node's next prepare on the same keys carries them.

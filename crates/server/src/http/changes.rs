@@ -11,7 +11,8 @@
 //! Pull only: each step reads one bounded page from storage (`Keyspace::changes_read`: at most
 //! 1,000 events and about 16 MiB), so a slow client costs the server its position and one page
 //! at most. Streams and long-polls end when the node shuts down.
-//! Keys and values are JSON strings when UTF-8, else `<field>_hex`.
+//! Keys and values are JSON strings when UTF-8, else `<field>_hex`; a command's arguments are
+//! an `args` array (and other changed keys `also`), each a string or `{"hex": ...}`.
 
 use std::sync::Arc;
 use std::time::Duration;

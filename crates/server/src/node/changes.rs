@@ -3,7 +3,8 @@
 //! Every [`TRIM_PERIOD`] the node looks, on each shard it leads, whether the oldest change-log
 //! row is past the shard's retention (a local read), and only then proposes a trim entry
 //! (`Request::ChangesTrim`, stamped with its clock): a bounded delete that every replica applies
-//! the same way, so all of them keep the same rows and answer `HISTORYLOST` below the same ID.
+//! the same way (by whole log entries), so all of them keep the same events and answer
+//! `HISTORYLOST` below the same ID.
 //! A shard with nothing to trim costs no entry.
 
 use std::sync::Arc;

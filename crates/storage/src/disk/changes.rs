@@ -17,9 +17,8 @@
 //!   strictly increase in log order and an ID maps to its row with one seek).
 //! - In the element table under the reserved id 0 (replicated state, carried by snapshots and
 //!   across FLUSHDB): `chg-on` (present while the log is on; its value is the index that turned
-//!   it on), `chg-clock` (u64 LE each: the last logged entry's clock, the events logged since
-//!   the log was turned on, the last entry's event count, so the last ID is known without
-//!   reading a row), `chg-retention` (ms; default [`RETENTION_MS_DEFAULT`]) and `chg-floor`
+//!   it on), `chg-clock` (u64 LE each: the last logged entry's clock, the events this replica
+//!   holds, the last entry's event count, so the last ID is known without reading a row), `chg-retention` (ms; default [`RETENTION_MS_DEFAULT`]) and `chg-floor`
 //!   (the ID of the last event this replica no longer holds: trimmed by the retention, or
 //!   before a snapshot it installed; a read reaching it is an error, never a silent gap).
 //!
@@ -39,8 +38,9 @@
 //! # Bounds
 //!
 //! A row holds one storage job's events (the writer's job bound); [`CHANGES_READ_MAX`] events
-//! per read. Retention is not built yet: the log grows until the keyspace's changes are turned
-//! off, which deletes it.
+//! per read. Rows past the shard's retention go by its leader's trim entries ([`trim`]: at
+//! most [`CHANGES_TRIM_EVENTS_MAX`] events or [`CHANGES_TRIM_BYTES_MAX`] bytes each); turning
+//! the log off deletes it.
 
 use bytes::Bytes;
 use capdb_types::changes::{
@@ -283,8 +283,8 @@ pub(super) fn set_retention(x: &super::ops::Exec, table: &str, ms: u64) -> Resul
     Ok(())
 }
 
-/// The clock below which rows are past the retention at `now_ms`, from one snapshot: `Some`
-/// when the oldest row is (a trim is due).
+/// Whether the oldest row is past the retention at `now_ms` (a trim is due), from one
+/// snapshot.
 pub(super) fn trim_due(txn: &redb::ReadTransaction, table: &str, now_ms: u64) -> Result<bool> {
     let retention = match txn.open_table(table_def(&crate::layout::element_table(table))) {
         Ok(el) => {
@@ -516,7 +516,7 @@ pub(super) fn append(
     Ok(())
 }
 
-/// What a shard's change log holds, for `XLEN` and `XINFO`.
+/// What a shard's change log holds, for `XLEN` and `CHANGES LAST`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ChangeInfo {
     pub on: bool,

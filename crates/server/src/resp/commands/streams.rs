@@ -10,8 +10,9 @@
 //! - Writes to stream keys (`XADD`, `XTRIM`, `XDEL`, `XSETID`) answer an error: capdb has no
 //!   stream type of its own.
 //!
-//! Not built yet (each answers a clear error): the merged stream of a keyspace
-//! (`__changes:<ks>`), key prefixes (`...:<prefix>`), consumer groups, `ap` and `cache`
+//! Not built yet: the merged stream of a keyspace (`__changes:<ks>`), key prefixes
+//! (`...:<prefix>`), `ap` and `cache` keyspaces (each answers a clear error), and consumer
+//! groups (XGROUP and friends are unknown commands)
 //! keyspaces. Differences from Redis: a call returns at most
 //! [`capdb_storage::disk::CHANGES_READ_MAX`] entries and about
 //! [`capdb_storage::disk::CHANGES_READ_BYTES_MAX`] per key (XREAD without COUNT:
@@ -32,7 +33,7 @@ use crate::resp::Connection;
 /// Entries per key an XREAD without COUNT returns at most.
 pub const XREAD_DEFAULT_COUNT: usize = 1_000;
 /// How long a blocked XREAD waits for its shards' replicas on this node to apply something
-/// before it reads again anyway (a node with no replica of a shard reads that often).
+/// before it reads again anyway (a node with no replica of a shard reads every 10 ms).
 pub const XREAD_POLL: Duration = Duration::from_millis(100);
 
 /// Whether a stream command (`name`) on `key` reads a change stream: any node serves it (no
@@ -42,7 +43,8 @@ pub(super) fn reads_a_stream(name: &str, key: &[u8]) -> bool {
         && matches!(StreamKey::parse(key), Ok(Some(_)) | Err(_))
 }
 
-/// `CHANGES CONFIG <keyspace> on|off` | `CHANGES SHARDS <keyspace>`.
+/// `CHANGES CONFIG <keyspace> on|off [RETENTION-MS ms]` | `CHANGES SHARDS <keyspace>` |
+/// `CHANGES LAST <keyspace>`.
 pub(super) async fn changes(conn: &mut Connection, args: &[Bytes]) -> Outcome {
     let sub = args[1].to_ascii_lowercase();
     match (sub.as_slice(), args.len()) {
