@@ -1,11 +1,13 @@
-//! `capdb changes tail KEYSPACE`: follows a keyspace's change streams over RESP, as any Redis
-//! client would (`CHANGES SHARDS`, `CHANGES LAST` for the default `--from $`, then one
-//! `XREAD BLOCK` over every shard's stream), and prints one line per event:
+//! `capdb changes tail KEYSPACE`: follows a keyspace's merged change stream over RESP, as any
+//! Redis client would (`CHANGES RESOLVED` for the default `--from $`, then `XREAD BLOCK` on
+//! `__changes:<keyspace>`), and prints one line per event:
 //! `<id> #<shard> <op> <key> [<value>] [<cmd>]`, or with `--json` one JSON object per line
 //! with every field (a command's arguments as an `args` array).
 //!
-//! Shards' events come as each shard's stream delivers them (each in its own order; there is
-//! no merged order across shards yet). `--prefix` filters here, in the client.
+//! Events come in the merged order (stream clock, then shard; a cross-shard transaction's
+//! together). `--shards` reads each shard's stream instead (`CHANGES SHARDS`, `CHANGES LAST`),
+//! each in its own order, without waiting on idle shards. `--prefix` filters here, in the
+//! client.
 
 use std::io::Write;
 
@@ -31,6 +33,9 @@ pub enum ChangesOp {
         /// Stop after this many events (default: follow until interrupted).
         #[arg(long)]
         count: Option<u64>,
+        /// Read each shard's stream (its own order) instead of the merged one.
+        #[arg(long)]
+        shards: bool,
     },
 }
 
@@ -83,6 +88,7 @@ pub async fn changes(op: ChangesOp, target: &RespTarget) -> Result<(), String> {
         from,
         json,
         count,
+        shards,
     } = op;
     let url = match &target.password {
         Some(p) => format!("redis://:{p}@{}/", target.resp),
@@ -96,20 +102,32 @@ pub async fn changes(op: ChangesOp, target: &RespTarget) -> Result<(), String> {
         .get_multiplexed_async_connection_with_config(&config)
         .await
         .map_err(|e| format!("{}: {e}", target.resp))?;
-    let keys: Vec<String> = redis::cmd("CHANGES")
-        .arg("SHARDS")
-        .arg(&keyspace)
-        .query_async(&mut conn)
-        .await
-        .map_err(|e| e.to_string())?;
+    let keys: Vec<String> = if shards {
+        redis::cmd("CHANGES")
+            .arg("SHARDS")
+            .arg(&keyspace)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| e.to_string())?
+    } else {
+        vec![format!("__changes:{keyspace}")]
+    };
     if keys.is_empty() {
         return Err(format!("keyspace {keyspace} has no shards"));
     }
-    // Each shard's position, resolved once: `$` means "from now" for every shard.
-    let positions: Vec<String> = if from == "$" {
-        last_ids(&mut conn, &keyspace).await?
-    } else {
-        vec![from.clone(); keys.len()]
+    // Each position, resolved once: `$` means "from now" (asked again on every call, it
+    // would skip what lands between two calls).
+    let positions: Vec<String> = match (from.as_str(), shards) {
+        ("$", true) => last_ids(&mut conn, &keyspace).await?,
+        ("$", false) => vec![
+            redis::cmd("CHANGES")
+                .arg("RESOLVED")
+                .arg(&keyspace)
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| format!("CHANGES RESOLVED {keyspace}: {e}"))?,
+        ],
+        _ => vec![from.clone(); keys.len()],
     };
     if positions.len() != keys.len() {
         return Err(format!("keyspace {keyspace} changed its shards; run again"));

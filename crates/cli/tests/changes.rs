@@ -1,6 +1,6 @@
 //! Change streams (issue 14) against the real binary with the `redis` crate: a `cp` shard's
-//! change log read as the stream key `__changes:<keyspace>#<shard>` with Redis's stream
-//! commands. Every change in log order with its value, IDs that increase and are the same
+//! change log read as the stream key `__changes:<keyspace>#<shard>`, and a keyspace's merged
+//! stream `__changes:<keyspace>`, with Redis's stream commands. Every change in log order with its value, IDs that increase and are the same
 //! through every node, Redis's reply shapes for XRANGE/XREVRANGE/XLEN/XREAD (blocking too),
 //! and clear errors for what is off, read-only or not built yet.
 
@@ -270,7 +270,7 @@ fn a_shards_change_log_lists_every_change_in_order_as_a_redis_stream() {
 
     // Read-only, not built yet, unknown: clear errors.
     assert!(err(&mut c, &format!("XADD {key} * f v")).contains("read-only"));
-    assert!(err(&mut c, "XRANGE __changes:default - +").contains("not built yet"));
+    assert!(err(&mut c, "XREVRANGE __changes:default + -").contains("not built yet"));
     assert!(err(&mut c, "XRANGE __changes:nosuch#0 - +").contains("nosuch"));
     assert!(err(&mut c, "XRANGE __changes:default#99 - +").contains("no shard 99"));
     assert!(err(&mut c, "XRANGE plainkey - +").contains("no stream type"));
@@ -663,4 +663,175 @@ fn a_consumer_sees_every_acknowledged_write_once_across_a_leader_kill() {
         assert!(count(v) <= 1, "uncertain {v} appears at most once");
     }
     assert!(acked.len() >= 200, "most writes succeeded: {}", acked.len());
+}
+
+/// The merged stream of a 4-shard keyspace, followed while writers on every shard and
+/// cross-shard transactions run: every acknowledged write once, each key's writes in order,
+/// each transaction's events together and complete, the same entries as XRANGE and the HTTP
+/// stream give afterwards, and a resolved ID that never goes back. The last write lands on
+/// one shard while the others are idle: only their progress entries release it.
+#[test]
+fn the_merged_stream_orders_every_shard_with_transactions_together() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let s = Server::start_with(&["--default-shards", "4"]);
+    let mut c = s.client();
+    ok(&mut c, "CHANGES CONFIG default on");
+    let start = text(&ok(&mut c, "CHANGES RESOLVED default"));
+    assert_eq!(
+        ok(&mut c, &format!("XRANGE __changes:default ({start} +")),
+        Value::Array(Vec::new()),
+        "nothing after the resolved ID yet"
+    );
+
+    let url = s.redis_url();
+    let from = start.clone();
+    let consumer = std::thread::spawn(move || {
+        let mut c = redis::Client::open(url).unwrap().get_connection().unwrap();
+        let (mut from, mut seen) = (from, Vec::<Entry>::new());
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while Instant::now() < deadline {
+            let reply = ok(
+                &mut c,
+                &format!("XREAD COUNT 50 BLOCK 2000 STREAMS __changes:default {from}"),
+            );
+            if reply == Value::Nil {
+                continue;
+            }
+            for e in first_stream(&reply) {
+                from = format!("{}-{}", e.id.0, e.id.1);
+                let end = e.field("key") == Some("end");
+                seen.push(e);
+                if end {
+                    return seen;
+                }
+            }
+        }
+        panic!("the end marker never arrived; saw {} events", seen.len());
+    });
+
+    // Writers: each owns its keys (so a key's order is its writer's), spread over shards.
+    let writers: Vec<_> = (0..3)
+        .map(|w| {
+            let url = s.redis_url();
+            std::thread::spawn(move || {
+                let mut c = redis::Client::open(url).unwrap().get_connection().unwrap();
+                for i in 0..40 {
+                    if i % 5 == 0 {
+                        // A transaction over keys of (most likely) two shards, one of them
+                        // a key the plain writes also change.
+                        let _: () = redis::pipe()
+                            .atomic()
+                            .set(format!("w{w}k{}", i % 8), i)
+                            .ignore()
+                            .set(format!("tx{w}_{i}"), i)
+                            .ignore()
+                            .query(&mut c)
+                            .unwrap();
+                    } else {
+                        ok(&mut c, &format!("SET w{w}k{} {i}", i % 8));
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut resolved = Vec::new();
+    for w in writers {
+        resolved.push(text(&ok(&mut c, "CHANGES RESOLVED default")));
+        w.join().unwrap();
+    }
+    // Everything idle, then one write to one shard.
+    std::thread::sleep(Duration::from_millis(300));
+    ok(&mut c, "SET end 1");
+    let seen = consumer.join().unwrap();
+    resolved.push(text(&ok(&mut c, "CHANGES RESOLVED default")));
+
+    assert!(seen.windows(2).all(|p| p[0].id < p[1].id), "IDs increase");
+    let resolved: Vec<(u64, u64)> = resolved.iter().map(|r| parse_id(r)).collect();
+    assert!(
+        resolved.windows(2).all(|p| p[0] <= p[1]),
+        "the resolved ID never goes back: {resolved:?}"
+    );
+    assert!(
+        seen.iter().all(|e| e.id <= *resolved.last().unwrap()),
+        "everything seen is at or below what is resolved afterwards"
+    );
+    // Every write once, each key's in its writer's order.
+    for w in 0..3 {
+        for k in 0..8 {
+            let key = format!("w{w}k{k}");
+            let values: Vec<u32> = seen
+                .iter()
+                .filter(|e| e.field("key") == Some(&key))
+                .map(|e| e.field("value").unwrap().parse().unwrap())
+                .collect();
+            let written: Vec<u32> = (0..40).filter(|i| i % 8 == k).collect();
+            assert_eq!(values, written, "{key}'s writes, once each, in order");
+        }
+    }
+    // Transactions: both keys there once, and a cross-shard one's events side by side.
+    let mut cross = 0;
+    for w in 0..3 {
+        for i in (0..40).step_by(5) {
+            let (a, b) = (format!("w{w}k{}", i % 8), format!("tx{w}_{i}"));
+            let value = i.to_string();
+            let at: Vec<usize> = seen
+                .iter()
+                .enumerate()
+                .filter(|(_, e)| {
+                    (e.field("key") == Some(&a) || e.field("key") == Some(&b))
+                        && e.field("value") == Some(&value)
+                })
+                .map(|(n, _)| n)
+                .collect();
+            assert_eq!(at.len(), 2, "{a} and {b} once each");
+            if let Some(txn) = seen[at[0]].field("txn") {
+                cross += 1;
+                assert_eq!(seen[at[1]].field("txn"), Some(txn), "one transaction");
+                assert_eq!(at[1], at[0] + 1, "{a} and {b} arrive together");
+                assert_eq!(seen[at[0]].id.0, seen[at[1]].id.0, "placed at one position");
+            }
+        }
+    }
+    assert!(cross > 0, "some transactions spanned two shards");
+    assert!(
+        seen.iter().all(|e| e.field("txn-groups").is_none()),
+        "the merged stream keeps its internals to itself"
+    );
+
+    // The same entries again, by XRANGE and over HTTP.
+    let last = format!(
+        "{}-{}",
+        seen.last().unwrap().id.0,
+        seen.last().unwrap().id.1
+    );
+    let again = entries(&ok(
+        &mut c,
+        &format!("XRANGE __changes:default ({start} {last} COUNT 10000"),
+    ));
+    assert_eq!(again, seen, "XRANGE gives what XREAD gave");
+    let (status, body) = common::http(
+        s.http,
+        "GET",
+        &format!("/v1/changes/default?after={start}&limit=1000"),
+        &[],
+        None,
+    )
+    .unwrap();
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let lines: Vec<serde_json::Value> = body
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(common::json)
+        .collect();
+    let http_ids: Vec<String> = lines
+        .iter()
+        .filter_map(|l| l["id"].as_str().map(str::to_string))
+        .collect();
+    let ids: Vec<String> = seen
+        .iter()
+        .map(|e| format!("{}-{}", e.id.0, e.id.1))
+        .collect();
+    assert_eq!(http_ids, ids, "HTTP gives the same events");
+    let progress = lines.last().unwrap()["progress"].as_str().unwrap();
+    assert!(parse_id(progress) >= seen.last().unwrap().id, "{progress}");
 }

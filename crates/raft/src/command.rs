@@ -85,6 +85,10 @@ pub enum Request {
     /// Data shard: delete the change-log rows past the retention at `now_ms` (the proposing
     /// leader's clock, the same for every replica), a bounded number per entry; answers OK.
     ChangesTrim { now_ms: u64 },
+    /// Data shard: close its change stream up to `ts` (the proposing node's clock): every
+    /// later event gets a larger stream clock, so a merged reader may release everything at
+    /// or below it while the shard is idle. Answers OK.
+    ChangesProgress { ts: Timestamp },
 }
 
 /// A watched key's guard in a [`Request::Txn`]: the key has not changed after log index
@@ -131,6 +135,7 @@ impl fmt::Display for Request {
                 write!(f, "changes retention {retention_ms} ms")
             }
             Request::ChangesTrim { now_ms } => write!(f, "changes trim at {now_ms}"),
+            Request::ChangesProgress { ts } => write!(f, "changes progress to {ts:?}"),
             Request::TxnStep { txn, step, .. } => write!(f, "txn {} of {txn}", step.name()),
             Request::Identified { id, request } => {
                 write!(f, "{request} as {}.{}#{}", id.origin, id.epoch, id.seq)

@@ -369,6 +369,7 @@ impl StateMachine {
                     | Request::ChangesConfig { .. }
                     | Request::ChangesRetention { .. }
                     | Request::ChangesTrim { .. }
+                    | Request::ChangesProgress { .. }
             );
         let pending =
             !(b.writes.is_empty() && b.watch_points.is_empty() && b.remembered.is_empty());
@@ -511,6 +512,11 @@ impl StateMachine {
             }
             Request::ChangesTrim { now_ms } => {
                 let step = ChangesStep::Trim { now_ms };
+                self.apply_changes_step(table, b, sessions, slot, remember, index, step)
+                    .await?;
+            }
+            Request::ChangesProgress { ts } => {
+                let step = ChangesStep::Progress { ts };
                 self.apply_changes_step(table, b, sessions, slot, remember, index, step)
                     .await?;
             }

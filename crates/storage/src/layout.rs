@@ -43,6 +43,12 @@ pub fn change_table(table: &str) -> String {
     format!("{table}/chg")
 }
 
+/// A `cp` shard's index of the cross-shard transactions its change log holds
+/// (`disk/changes.rs`): transaction id -> the stream clock of its commit here.
+pub fn change_txn_table(table: &str) -> String {
+    format!("{table}/chg-txn")
+}
+
 /// The table holding a Raft group's log.
 pub fn raft_log_table(group: GroupId) -> String {
     format!("raftlog/{group}")

@@ -267,7 +267,93 @@ pub struct Change {
     pub index: u64,
     pub clock: Timestamp,
     pub event: Event,
+    /// Set when the event is part of a cross-shard transaction's commit on this shard.
+    pub txn: Option<TxnPart>,
 }
+
+/// Which cross-shard transaction an event belongs to: its id (24 bytes: coordinator,
+/// session, number, big-endian) and the Raft groups of every participant, so that a merged
+/// reader can gather the other shards' parts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TxnPart {
+    pub id: Bytes,
+    pub groups: Vec<u64>,
+}
+
+/// A transaction id's 24 stored bytes as `TxnId` prints it (`origin.epoch.seq`), or hex.
+pub fn txn_id_text(id: &[u8]) -> String {
+    match <&[u8; 24]>::try_from(id) {
+        Ok(b) => {
+            let n = |i: usize| {
+                let mut w = [0u8; 8];
+                w.copy_from_slice(&b[i..i + 8]);
+                u64::from_be_bytes(w)
+            };
+            crate::txn::TxnId {
+                origin: n(0),
+                epoch: n(8),
+                seq: n(16),
+            }
+            .to_string()
+        }
+        Err(_) => id.iter().map(|b| format!("{b:02x}")).collect(),
+    }
+}
+
+/// The 24 stored bytes of a transaction id printed by [`txn_id_text`] (`None`: not one).
+pub fn txn_id_bytes(text: &[u8]) -> Option<[u8; 24]> {
+    let text = std::str::from_utf8(text).ok()?;
+    let mut parts = text.split('.');
+    let origin: u64 = parts.next()?.parse().ok()?;
+    let epoch = u64::from_str_radix(parts.next()?, 16).ok()?;
+    let seq: u64 = parts.next()?.parse().ok()?;
+    if parts.next().is_some() {
+        return None;
+    }
+    let mut out = [0u8; 24];
+    out[..8].copy_from_slice(&origin.to_be_bytes());
+    out[8..16].copy_from_slice(&epoch.to_be_bytes());
+    out[16..].copy_from_slice(&seq.to_be_bytes());
+    Some(out)
+}
+
+/// Positions in a keyspace's merged stream (design §3.3): events of every shard ordered by
+/// stream clock, then shard, then place. `seq` = the clock's logical part in the top 16 bits,
+/// the shard in the next 16, the event's place (in its entry, or in its transaction) in the
+/// low 32. Deterministic, so any node gives the same IDs.
+pub mod merged {
+    use super::StreamId;
+    use crate::Timestamp;
+
+    /// The ID of the `n`th event placed at (`clock`, `shard`).
+    pub fn id(clock: Timestamp, shard: u32, n: u32) -> StreamId {
+        StreamId {
+            ms: clock.physical_ms(),
+            seq: (clock.logical() as u64) << 48 | ((shard as u64) & 0xFFFF) << 32 | n as u64,
+        }
+    }
+
+    /// The clock, shard and place an ID names (any ID maps to the place at or below it).
+    pub fn parts(id: StreamId) -> (Timestamp, u32, u32) {
+        let clock =
+            Timestamp::from_parts(id.ms.min(Timestamp::PHYSICAL_MS_MAX), (id.seq >> 48) as u16);
+        (clock, ((id.seq >> 32) & 0xFFFF) as u32, id.seq as u32)
+    }
+
+    /// The last ID at `clock` (every shard's events at it are at or below it).
+    pub fn clock_end(clock: Timestamp) -> StreamId {
+        StreamId {
+            ms: clock.physical_ms(),
+            seq: (clock.logical() as u64) << 48 | 0xFFFF_FFFF_FFFF,
+        }
+    }
+}
+
+/// Field names of a transaction's events (see [`Change::fields`]).
+pub const TXN_FIELD: &str = "txn";
+/// The participants' Raft groups, comma-separated (shard streams only; a merged stream
+/// drops it).
+pub const TXN_GROUPS_FIELD: &str = "txn-groups";
 
 impl Change {
     /// The event as a Redis stream entry's fields (design §3), in order: `op`, `key`, then what
@@ -336,6 +422,11 @@ impl Change {
         ));
         f.push(("shard", text(shard.to_string())));
         f.push(("index", text(self.index.to_string())));
+        if let Some(t) = &self.txn {
+            f.push((TXN_FIELD, text(txn_id_text(&t.id))));
+            let groups: Vec<String> = t.groups.iter().map(u64::to_string).collect();
+            f.push((TXN_GROUPS_FIELD, text(groups.join(","))));
+        }
         f
     }
 
@@ -458,6 +549,37 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    #[test]
+    fn merged_ids_order_by_clock_then_shard_then_place_and_round_trip() {
+        let c = |ms, l| Timestamp::from_parts(ms, l);
+        let ids = [
+            merged::id(c(5, 0), 3, 9),
+            merged::id(c(5, 1), 0, 0),
+            merged::id(c(5, 1), 0, 1),
+            merged::id(c(5, 1), 2, 0),
+            merged::id(c(6, 0), 0, 0),
+        ];
+        assert!(ids.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(merged::parts(ids[3]), (c(5, 1), 2, 0));
+        assert!(merged::clock_end(c(5, 1)) > ids[3] && merged::clock_end(c(5, 1)) < ids[4]);
+    }
+
+    #[test]
+    fn transaction_ids_print_and_parse_back() {
+        let id = crate::txn::TxnId {
+            origin: 3,
+            epoch: 0xdead_beef,
+            seq: 42,
+        };
+        let mut raw = [0u8; 24];
+        raw[..8].copy_from_slice(&3u64.to_be_bytes());
+        raw[8..16].copy_from_slice(&0xdead_beefu64.to_be_bytes());
+        raw[16..].copy_from_slice(&42u64.to_be_bytes());
+        assert_eq!(txn_id_text(&raw), id.to_string());
+        assert_eq!(txn_id_bytes(id.to_string().as_bytes()), Some(raw));
+        assert_eq!(txn_id_bytes(b"1.2"), None);
+    }
     use crate::ValueKind;
 
     fn id(ms: u64, seq: u64) -> StreamId {

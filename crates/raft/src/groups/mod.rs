@@ -137,6 +137,9 @@ pub struct Groups {
     lose_write_answers: AtomicU64,
     /// See [`Groups::on_lock_wait`].
     lock_wait_hook: std::sync::OnceLock<route::LockWaitHook>,
+    /// When this node last proposed a progress entry to each group
+    /// ([`Groups::changes_progress`]), for coalescing.
+    progress_sent: Mutex<HashMap<GroupId, std::time::Instant>>,
 }
 
 fn unavailable(msg: impl Into<String>) -> Error {
@@ -187,6 +190,7 @@ impl Groups {
             ids: RequestIds::new(me),
             lose_write_answers: AtomicU64::new(0),
             lock_wait_hook: std::sync::OnceLock::new(),
+            progress_sent: Mutex::new(HashMap::new()),
         });
         groups.snapshot_when_pinning();
         let meta = groups
@@ -342,7 +346,10 @@ impl Groups {
             if let Err(e) = self
                 .engine
                 .drop_group(
-                    vec![layout::shard_table(group)],
+                    vec![
+                        layout::shard_table(group),
+                        layout::change_txn_table(&layout::shard_table(group)),
+                    ],
                     vec![
                         layout::raft_log_table(group),
                         layout::change_table(&layout::shard_table(group)),

@@ -631,6 +631,29 @@ impl Groups {
             .await
     }
 
+    /// Closes a data group's change stream up to this node's clock now, through its log
+    /// ([`Request::ChangesProgress`]), so that a merged reader can release events of other
+    /// shards while this one is idle. Coalesced per group on this node: when one was proposed
+    /// less than `min_gap` ago, nothing is proposed and `Ok(false)` answers.
+    pub async fn changes_progress(&self, group: GroupId, min_gap: Duration) -> Result<bool, Error> {
+        {
+            let mut sent = self.progress_sent.lock().unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            if sent
+                .get(&group)
+                .is_some_and(|at| now.saturating_duration_since(*at) < min_gap)
+            {
+                return Ok(false);
+            }
+            // Bounded by the groups of this cluster (one entry each).
+            sent.insert(group, now);
+        }
+        let ts = self.hlc.now();
+        self.changes_step(group, Request::ChangesProgress { ts })
+            .await
+            .map(|()| true)
+    }
+
     async fn changes_step(&self, group: GroupId, request: Request) -> Result<(), Error> {
         match self.write(group, request).await? {
             Response::Replies(r) if matches!(r.first(), Some(Ok(Reply::Ok))) => Ok(()),

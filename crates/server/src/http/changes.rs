@@ -1,5 +1,10 @@
 //! `GET /v1/changes/{keyspace}/{shard}`: a shard's change stream over HTTP (issue 14), the same
-//! events and IDs as `XRANGE __changes:<keyspace>#<shard>`.
+//! events and IDs as `XRANGE __changes:<keyspace>#<shard>`; `GET /v1/changes/{keyspace}`: the
+//! keyspace's merged stream (`XRANGE __changes:<keyspace>`, `node/merged.rs`), which also
+//! tells where it is resolved: SSE `event: progress` (its `id:` is the resolved ID, so a
+//! client resuming from it skips nothing) and an NDJSON `{"progress": id}` line that ends
+//! every answer. While idle, a merged stream closes its shards about every second, so the
+//! resolved ID advances.
 //!
 //! - `Accept: text/event-stream`: Server-Sent Events, one event per change (`id:` its stream
 //!   ID, `data:` its JSON), kept open and fed as the shard applies changes; a client that
@@ -28,7 +33,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value as Json};
 
 use super::{ApiError, ApiResult};
-use crate::node::{Consistency, Keyspace, Node};
+use crate::node::{Consistency, Keyspace, Node, merged};
 
 /// Events one NDJSON answer holds at most, and one SSE step reads.
 pub const CHANGES_PAGE_MAX: usize = 1_000;
@@ -99,35 +104,96 @@ fn parse_after(text: Option<&str>) -> Result<StreamId, ApiError> {
     }
 }
 
-/// Reads the events after `after` (exclusive); an error when the keyspace's changes are off.
+/// What a page read found: entries, and for a merged stream its resolved ID and the shards
+/// holding it back.
+struct Found {
+    entries: Vec<Reply>,
+    resolved: Option<StreamId>,
+    lagging: Vec<u32>,
+}
+
+/// Reads the events after `after` (exclusive) of one shard (`Some`) or the merged stream
+/// (`None`; `closing`: close idle shards holding events back first); an error when the
+/// keyspace's changes are off.
 async fn page(
     ks: &Keyspace,
-    shard: u32,
+    shard: Option<u32>,
     after: StreamId,
     limit: usize,
-) -> Result<Vec<Reply>, Error> {
+    closing: bool,
+) -> Result<Found, Error> {
     let from = if after == StreamId::MIN {
         StreamId::MIN
     } else {
         after.successor()
     };
-    let page = ks
-        .changes_read(
-            shard,
-            (from, StreamId::MAX),
-            limit,
-            false,
-            capdb_types::unix_now_ms(),
-            Consistency::default(),
-        )
-        .await?;
-    if !page.on && page.events == 0 {
+    let (now_ms, c) = (capdb_types::unix_now_ms(), Consistency::default());
+    let (on, events, found) = match shard {
+        Some(shard) => {
+            let page = ks
+                .changes_read(shard, (from, StreamId::MAX), limit, false, now_ms, c)
+                .await?;
+            let found = Found {
+                entries: page.entries,
+                resolved: None,
+                lagging: Vec::new(),
+            };
+            (page.on, page.events, found)
+        }
+        None => {
+            let page = if closing {
+                merged::read_closing(ks, from, StreamId::MAX, limit, now_ms, c).await?
+            } else {
+                merged::read(ks, from, StreamId::MAX, limit, now_ms, c).await?
+            };
+            let found = Found {
+                entries: page.entries,
+                resolved: Some(page.resolved),
+                lagging: page.lagging,
+            };
+            (page.on, page.events, found)
+        }
+    };
+    if !on && events == 0 {
         return Err(Error::InvalidInput(format!(
             "changes of keyspace '{}' are off (CHANGES CONFIG {} on)",
             ks.spec.name, ks.spec.name
         )));
     }
-    Ok(page.entries)
+    Ok(found)
+}
+
+/// Where the shards a reader waits on stand here (see [`wait`]).
+fn marks(ks: &Keyspace, shard: Option<u32>) -> Vec<(u32, Option<u64>)> {
+    let shards: Vec<u32> = match shard {
+        Some(s) => vec![s],
+        None => (0..ks.shard_count().unwrap_or(0) as u32).collect(),
+    };
+    shards
+        .into_iter()
+        .map(|s| (s, ks.changes_mark(s)))
+        .collect()
+}
+
+/// Waits until one of the shards applied past its mark, or `max`; when events wait on
+/// lagging shards of a merged stream, closes those first and waits briefly.
+async fn wait(ks: &Keyspace, marks: &[(u32, Option<u64>)], lagging: &[u32], max: Duration) {
+    let max = if lagging.is_empty() {
+        max
+    } else {
+        merged::close_shards(ks, lagging, Duration::from_secs(1)).await;
+        max.min(merged::PROGRESS_GAP)
+    };
+    if marks.is_empty() {
+        tokio::time::sleep(max).await;
+        return;
+    }
+    futures::future::select_all(
+        marks
+            .iter()
+            .map(|(s, mark)| Box::pin(ks.wait_changes(*s, *mark, max))),
+    )
+    .await;
 }
 
 pub(super) async fn changes(
@@ -139,7 +205,27 @@ pub(super) async fn changes(
     let Query(query) = query.map_err(|e| ApiError::from(Error::InvalidInput(e.body_text())))?;
     let ks = node.keyspace(&keyspace)?;
     ks.check_live()?;
-    answer(node, ks, shard, headers, query)
+    answer(node, ks, Some(shard), headers, query)
+        .await
+        .map_err(history_lost)
+}
+
+/// `GET /v1/changes/{keyspace}`: the merged stream.
+pub(super) async fn merged_changes(
+    State(node): State<Arc<Node>>,
+    Path(keyspace): Path<String>,
+    headers: HeaderMap,
+    query: Result<Query<ChangesQuery>, QueryRejection>,
+) -> ApiResult {
+    let Query(query) = query.map_err(|e| ApiError::from(Error::InvalidInput(e.body_text())))?;
+    let ks = node.keyspace(&keyspace)?;
+    ks.check_live()?;
+    if ks.shard_count().is_none() {
+        return Err(ApiError::from(Error::InvalidInput(format!(
+            "change streams are built for cp keyspaces only so far; '{keyspace}' is not one"
+        ))));
+    }
+    answer(node, ks, None, headers, query)
         .await
         .map_err(history_lost)
 }
@@ -159,7 +245,7 @@ fn history_lost(e: ApiError) -> ApiError {
 async fn answer(
     node: Arc<Node>,
     ks: Arc<Keyspace>,
-    shard: u32,
+    shard: Option<u32>,
     headers: HeaderMap,
     query: ChangesQuery,
 ) -> ApiResult {
@@ -181,27 +267,37 @@ async fn answer(
         let after = parse_after(resume)?;
         // The first page now, so that a bad request (changes off, no such shard) is an HTTP
         // error rather than an empty stream.
-        let first = page(&ks, shard, after, CHANGES_PAGE_MAX).await?;
+        let first = page(&ks, shard, after, CHANGES_PAGE_MAX, true).await?;
         return Ok(sse_stream(node.clone(), ks, shard, after, first).into_response());
     }
-    let after = parse_after(query.after.as_deref())?;
-    let wait = Duration::from_millis(query.wait_ms.unwrap_or(0)).min(CHANGES_WAIT_MAX);
-    let until = tokio::time::Instant::now() + wait;
-    let entries = loop {
-        let mark = ks.changes_mark(shard);
-        let entries = page(&ks, shard, after, limit).await?;
+    let mut after = parse_after(query.after.as_deref())?;
+    let longest = Duration::from_millis(query.wait_ms.unwrap_or(0)).min(CHANGES_WAIT_MAX);
+    let until = tokio::time::Instant::now() + longest;
+    let mut closing = true;
+    let found = loop {
+        let marks = marks(&ks, shard);
+        let found = page(&ks, shard, after, limit, closing).await?;
+        closing = false;
         let left = until.saturating_duration_since(tokio::time::Instant::now());
-        if !entries.is_empty() || left.is_zero() || node.is_shutting_down() {
-            break entries;
+        if !found.entries.is_empty() || left.is_zero() || node.is_shutting_down() {
+            break found;
         }
-        ks.wait_changes(shard, mark, left.min(SSE_WAIT)).await;
+        if let Some(r) = found.resolved {
+            after = after.max(r);
+        }
+        wait(&ks, &marks, &found.lagging, left.min(SSE_WAIT)).await;
     };
     let mut body = String::new();
-    for e in &entries {
+    for e in &found.entries {
         if let Some((_, json)) = entry_json(e) {
             body.push_str(&json.to_string());
             body.push('\n');
         }
+    }
+    if let Some(resolved) = found.resolved {
+        let resolved = after.max(resolved);
+        body.push_str(&serde_json::json!({ "progress": resolved.to_string() }).to_string());
+        body.push('\n');
     }
     Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response())
 }
@@ -210,25 +306,35 @@ async fn answer(
 fn sse_stream(
     node: Arc<Node>,
     ks: Arc<Keyspace>,
-    shard: u32,
+    shard: Option<u32>,
     after: StreamId,
-    first: Vec<Reply>,
+    first: Found,
 ) -> Response {
     struct State {
         node: Arc<Node>,
         ks: Arc<Keyspace>,
-        shard: u32,
+        shard: Option<u32>,
         after: StreamId,
         pending: std::collections::VecDeque<Reply>,
         failed: bool,
+        /// Merged stream: the resolved ID last announced, and when idle reads last closed
+        /// every shard.
+        announced: StreamId,
+        closed_at: tokio::time::Instant,
+        lagging: Vec<u32>,
+        resolved: Option<StreamId>,
     }
     let state = State {
         node,
         ks,
         shard,
         after,
-        pending: first.into(),
+        pending: first.entries.into(),
         failed: false,
+        announced: after,
+        closed_at: tokio::time::Instant::now(),
+        lagging: first.lagging,
+        resolved: first.resolved,
     };
     let stream = futures::stream::unfold(state, |mut st| async move {
         // A node shutting down ends its streams (clients reconnect elsewhere with their
@@ -247,14 +353,37 @@ fn sse_stream(
                 let event = Event::default().id(id).data(json.to_string());
                 return Some((Ok::<Event, std::convert::Infallible>(event), st));
             }
-            let mark = st.ks.changes_mark(st.shard);
-            match page(&st.ks, st.shard, st.after, CHANGES_PAGE_MAX).await {
-                Ok(entries) if !entries.is_empty() => st.pending = entries.into(),
-                Ok(_) => {
-                    st.ks.wait_changes(st.shard, mark, SSE_WAIT).await;
-                    if st.node.is_shutting_down() {
-                        return None;
-                    }
+            // A merged stream announces how far it is resolved, when that moved.
+            if let Some(r) = st.resolved.take()
+                && r > st.announced
+                && r > st.after
+            {
+                st.announced = r;
+                st.after = r;
+                let event = Event::default()
+                    .event("progress")
+                    .id(r.to_string())
+                    .data(serde_json::json!({ "progress": r.to_string() }).to_string());
+                return Some((Ok::<Event, std::convert::Infallible>(event), st));
+            }
+            let marks = marks(&st.ks, st.shard);
+            let lagging = std::mem::take(&mut st.lagging);
+            wait(&st.ks, &marks, &lagging, SSE_WAIT).await;
+            if st.node.is_shutting_down() {
+                return None;
+            }
+            // Idle: close every shard now and then, so the resolved ID advances.
+            let idle_close = st.shard.is_none() && st.closed_at.elapsed() >= SSE_WAIT;
+            if idle_close {
+                st.closed_at = tokio::time::Instant::now();
+                let all: Vec<u32> = (0..st.ks.shard_count().unwrap_or(0) as u32).collect();
+                merged::close_shards(&st.ks, &all, SSE_WAIT).await;
+            }
+            match page(&st.ks, st.shard, st.after, CHANGES_PAGE_MAX, false).await {
+                Ok(found) => {
+                    st.pending = found.entries.into();
+                    st.lagging = found.lagging;
+                    st.resolved = found.resolved;
                 }
                 Err(e) => {
                     // Told once, as an `error` event; the client reconnects from its last ID.

@@ -123,6 +123,7 @@ pub fn router(node: Arc<Node>) -> Router {
         )
         .route("/v1/kv/{keyspace}", get(scan))
         .route("/v1/txn", post(txn::txn))
+        .route("/v1/changes/{keyspace}", get(changes::merged_changes))
         .route("/v1/changes/{keyspace}/{shard}", get(changes::changes))
         .route("/v1/cluster", get(cluster_status))
         .route("/v1/cluster/partition", post(set_partition))
@@ -165,6 +166,7 @@ async fn observe(State(node): State<Arc<Node>>, req: Request, next: Next) -> Res
         Some("/v1/keyspaces/{name}") => "/v1/keyspaces/{name}",
         Some("/v1/kv/{keyspace}") => "/v1/kv/{keyspace}",
         Some("/v1/kv/{keyspace}/{*key}") => "/v1/kv/{keyspace}/{key}",
+        Some("/v1/changes/{keyspace}") => "/v1/changes/{keyspace}",
         Some("/v1/changes/{keyspace}/{shard}") => "/v1/changes/{keyspace}/{shard}",
         Some("/v1/cluster") => "/v1/cluster",
         Some("/v1/cluster/partition") => "/v1/cluster/partition",

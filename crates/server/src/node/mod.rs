@@ -15,6 +15,7 @@ pub mod admin;
 pub mod blocking;
 pub mod changes;
 pub mod control;
+pub mod merged;
 pub mod pubsub;
 pub mod router;
 pub mod settings;
@@ -36,7 +37,7 @@ use capdb_types::{Error, Hlc, KeyspaceName, KeyspaceSpec, Result};
 use crate::config::Config;
 pub use crate::keyscan::{SCAN_CURSORS_MAX, ScanCursor, ScanCursors, ScanPosition, ShardScope};
 use crate::metrics::Metrics;
-pub use router::{ChangesPage, Consistency, Keyspace, MemoryUse, Watched};
+pub use router::{ChangesPage, Consistency, Keyspace, MemoryUse, TxnPartPage, Watched};
 
 /// Everything one running node shares between its front ends.
 pub struct Node {

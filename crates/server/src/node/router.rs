@@ -101,6 +101,21 @@ pub struct ChangesPage {
     pub last: Bytes,
     /// The entries, each `[id, [field, value, ...]]` as XRANGE answers them.
     pub entries: Vec<Reply>,
+    /// Every event the shard logs after this read gets a stream clock above this.
+    pub closed: capdb_types::Timestamp,
+    /// The read stopped at a bound (count or bytes) before the end of its range.
+    pub more: bool,
+}
+
+/// Where a cross-shard transaction's part on one shard stands (`Keyspace::changes_txn`).
+#[derive(Debug, Clone)]
+pub enum TxnPartPage {
+    /// Logged at this stream clock, with these entries (as XRANGE answers them).
+    Logged(capdb_types::Timestamp, Vec<Reply>),
+    /// Not logged yet: still prepared on the shard.
+    Pending,
+    /// Trimmed, or never logged.
+    Gone,
 }
 
 impl ChangesPage {
@@ -114,15 +129,23 @@ impl ChangesPage {
             Reply::Integer(events),
             Reply::Bulk(last),
             Reply::Array(entries),
-        ] = <[Reply; 4]>::try_from(parts).map_err(|_| bad())?
+            Reply::Bulk(closed),
+            Reply::Integer(more),
+        ] = <[Reply; 6]>::try_from(parts).map_err(|_| bad())?
         else {
             return Err(bad());
         };
+        let closed = std::str::from_utf8(&closed)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(bad)?;
         Ok(ChangesPage {
             on: on == 1,
             events: u64::try_from(events).unwrap_or(0),
             last,
             entries,
+            closed: capdb_types::Timestamp(closed),
+            more: more == 1,
         })
     }
 }
@@ -345,6 +368,23 @@ impl Keyspace {
         now_ms: u64,
         c: Consistency,
     ) -> Result<ChangesPage> {
+        self.changes_read_page(shard, range, count, rev, false, now_ms, c)
+            .await
+    }
+
+    /// [`Keyspace::changes_read`]; `whole`: never stop inside a log entry (a merged
+    /// reader's page: every event up to the last one's clock is in it).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn changes_read_page(
+        &self,
+        shard: u32,
+        range: (StreamId, StreamId),
+        count: usize,
+        rev: bool,
+        whole: bool,
+        now_ms: u64,
+        c: Consistency,
+    ) -> Result<ChangesPage> {
         self.check_live()?;
         let Store::Cp { entry, groups, .. } = &self.store else {
             return Err(not_streamed(self.name()));
@@ -365,9 +405,78 @@ impl Keyspace {
             text(range.1.to_string()),
             text(count.to_string()),
             text(u8::from(rev).to_string()),
+            text(u8::from(whole).to_string()),
         ];
         let reply = groups.query(info.group, args, c.cp_read, now_ms, 0).await?;
         ChangesPage::from_reply(reply)
+    }
+
+    /// The Raft group of each shard, in shard order (`cp` only).
+    pub fn shard_groups(&self) -> Vec<capdb_cluster::GroupId> {
+        match &self.store {
+            Store::Cp { entry, .. } => entry.shards.iter().map(|s| s.group).collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Cross-shard transaction `id`'s (24 stored bytes) part in shard `shard`'s change log,
+    /// read through the shard's read path like [`Keyspace::changes_read`].
+    pub async fn changes_txn(
+        &self,
+        shard: u32,
+        id: &[u8],
+        now_ms: u64,
+        c: Consistency,
+    ) -> Result<TxnPartPage> {
+        self.check_live()?;
+        let Store::Cp { entry, groups, .. } = &self.store else {
+            return Err(not_streamed(self.name()));
+        };
+        let Some(info) = entry.shards.get(shard as usize) else {
+            return Err(Error::Io(format!("no shard {shard}")));
+        };
+        let args = vec![
+            Bytes::from_static(capdb_storage::disk::CHANGES_TXN_QUERY.as_bytes()),
+            Bytes::from(shard.to_string()),
+            Bytes::copy_from_slice(id),
+        ];
+        let reply = groups.query(info.group, args, c.cp_read, now_ms, 0).await?;
+        let bad = || Error::Io("unexpected answer to a change-log transaction query".into());
+        let Reply::Array(parts) = reply else {
+            return Err(bad());
+        };
+        let [
+            Reply::Integer(state),
+            Reply::Bulk(clock),
+            Reply::Array(entries),
+        ] = <[Reply; 3]>::try_from(parts).map_err(|_| bad())?
+        else {
+            return Err(bad());
+        };
+        Ok(match state {
+            1 => {
+                let clock = std::str::from_utf8(&clock)
+                    .ok()
+                    .and_then(|s| s.parse().ok())
+                    .ok_or_else(bad)?;
+                TxnPartPage::Logged(capdb_types::Timestamp(clock), entries)
+            }
+            0 => TxnPartPage::Pending,
+            _ => TxnPartPage::Gone,
+        })
+    }
+
+    /// Closes shard `shard`'s change stream up to this node's clock, through its log
+    /// (coalesced: at most one proposal per `min_gap` per shard from this node).
+    pub async fn changes_progress(&self, shard: u32, min_gap: std::time::Duration) -> Result<()> {
+        let Store::Cp { entry, groups, .. } = &self.store else {
+            return Err(not_streamed(self.name()));
+        };
+        let Some(info) = entry.shards.get(shard as usize) else {
+            return Err(Error::Io(format!("no shard {shard}")));
+        };
+        groups.changes_progress(info.group, min_gap).await?;
+        Ok(())
     }
 
     /// Where this node's replica of shard `shard` stands (see `Groups::applied_mark`); `None`

@@ -44,13 +44,13 @@
 
 use bytes::Bytes;
 use capdb_types::changes::{
-    Change, ChangeOp, ChangeRow, EntryHead, Event, RowKind, StreamId, next_clock,
+    Change, ChangeOp, ChangeRow, EntryHead, Event, RowKind, StreamId, TxnPart, next_clock,
 };
 use capdb_types::{Error, Mutation, Result, Timestamp, Value, ValueKind};
 use redb::ReadableTable;
 
 use super::{io_err, log_def, table_def};
-use crate::layout::change_table;
+use crate::layout::{change_table, change_txn_table};
 
 type RawTable<'txn> = redb::Table<'txn, &'static [u8], &'static [u8]>;
 
@@ -60,6 +60,10 @@ pub const CHANGES_READ_MAX: usize = 10_000;
 /// The internal read command that reads a shard's change log through the query path
 /// (`DiskTable::changes_query`); not a client command.
 pub const CHANGES_QUERY: &str = "capdb.changes";
+
+/// The internal read command that finds a cross-shard transaction's part in a shard's
+/// change log (`DiskTable::changes_txn_query`); not a client command.
+pub const CHANGES_TXN_QUERY: &str = "capdb.changes-txn";
 
 const RESERVED: [u8; 8] = [0; 8];
 const ON: &[u8] = b"chg-on";
@@ -84,6 +88,9 @@ pub enum ChangesStep {
     /// Delete the entries older than the retention before `now_ms` (the proposer's clock,
     /// carried by the entry), a bounded number; reads below what went answer `HISTORYLOST`.
     Trim { now_ms: u64 },
+    /// Close the shard's stream up to `ts` (the proposer's clock): every later event gets a
+    /// larger clock, so a merged reader may release everything at or below it.
+    Progress { ts: Timestamp },
 }
 
 /// Bytes of keys and values one read gathers at most (past it the read stops, after at least
@@ -105,6 +112,8 @@ pub(super) struct ChangeLog {
     events: u64,
     /// Events of the last logged entry (its last event's ID is `(clock, last_events - 1)`).
     last_events: u64,
+    /// How far a progress entry closed the stream (may be past `clock`).
+    closed: Timestamp,
 }
 
 impl ChangeLog {
@@ -114,25 +123,65 @@ impl ChangeLog {
             // The common case costs one lookup per storage job.
             return Ok(ChangeLog::default());
         }
-        let (clock, events, last_events) = match el.get(&reserved(CLOCK)[..]).map_err(io_err)? {
+        let c = match el.get(&reserved(CLOCK)[..]).map_err(io_err)? {
             Some(raw) => decode_clock(raw.value())?,
-            None => (Timestamp(0), 0, 0),
+            None => ClockRow::default(),
         };
         Ok(ChangeLog {
             on,
-            clock,
-            events,
-            last_events,
+            clock: c.clock,
+            events: c.events,
+            last_events: c.last_events,
+            closed: c.closed,
         })
     }
 
     pub(super) fn is_on(&self) -> bool {
         self.on
     }
+
+    /// Every event logged from now on gets a clock above this (the closed timestamp of the
+    /// shard's stream, design §3.2).
+    pub(super) fn horizon(&self) -> Timestamp {
+        self.clock.max(self.closed)
+    }
+
+    /// The timestamp a cross-shard transaction's YES vote carries when the entry stamped
+    /// `ts` prepares it here: above every event this shard logged before it. The commit
+    /// timestamp is the largest vote and every part of the commit is logged at or above it
+    /// (`txn.rs`), so each part comes after every earlier write to the transaction's keys on
+    /// every participant: what lets a merged reader place the whole transaction at its first
+    /// part and keep per-key order.
+    pub(super) fn vote_at(&self, ts: Timestamp) -> Timestamp {
+        if self.on {
+            next_clock(self.horizon(), ts)
+        } else {
+            ts
+        }
+    }
+
+    fn clock_row(&self) -> Vec<u8> {
+        encode_clock(ClockRow {
+            clock: self.clock,
+            events: self.events,
+            last_events: self.last_events,
+            closed: self.closed,
+        })
+    }
 }
 
-/// `chg-clock`: (clock, events logged, events of the last logged entry).
-fn decode_clock(raw: &[u8]) -> Result<(Timestamp, u64, u64)> {
+/// `chg-clock`: the last logged entry's clock, events held, events of the last logged entry,
+/// and how far progress entries closed the stream (a row of 24 bytes, from before progress
+/// entries, has none).
+#[derive(Debug, Clone, Copy, Default)]
+struct ClockRow {
+    clock: Timestamp,
+    events: u64,
+    last_events: u64,
+    closed: Timestamp,
+}
+
+fn decode_clock(raw: &[u8]) -> Result<ClockRow> {
     let bad = || Error::Corruption(format!("change-log clock row of {} bytes", raw.len()));
     let word = |at: usize| -> Result<u64> {
         raw.get(at..at + 8)
@@ -140,18 +189,39 @@ fn decode_clock(raw: &[u8]) -> Result<(Timestamp, u64, u64)> {
             .map(u64::from_le_bytes)
             .ok_or_else(bad)
     };
-    if raw.len() != 24 {
+    if raw.len() != 24 && raw.len() != 32 {
         return Err(bad());
     }
-    Ok((Timestamp(word(0)?), word(8)?, word(16)?))
+    Ok(ClockRow {
+        clock: Timestamp(word(0)?),
+        events: word(8)?,
+        last_events: word(16)?,
+        closed: Timestamp(if raw.len() == 32 { word(24)? } else { 0 }),
+    })
 }
 
-fn encode_clock(clock: Timestamp, events: u64, last_events: u64) -> Vec<u8> {
-    let mut out = Vec::with_capacity(24);
-    for w in [clock.0, events, last_events] {
+fn encode_clock(c: ClockRow) -> Vec<u8> {
+    let mut out = Vec::with_capacity(32);
+    for w in [c.clock.0, c.events, c.last_events, c.closed.0] {
         out.extend_from_slice(&w.to_le_bytes());
     }
     out
+}
+
+/// Rewrites the `chg-clock` row of `el` through `change` (nothing when there is none).
+fn update_clock(el: &mut RawTable<'_>, change: impl FnOnce(&mut ClockRow)) -> Result<()> {
+    let Some(raw) = el
+        .get(&reserved(CLOCK)[..])
+        .map_err(io_err)?
+        .map(|v| v.value().to_vec())
+    else {
+        return Ok(());
+    };
+    let mut c = decode_clock(&raw)?;
+    change(&mut c);
+    el.insert(&reserved(CLOCK)[..], &encode_clock(c)[..])
+        .map_err(io_err)?;
+    Ok(())
 }
 
 /// `chg-floor`: the ID of the last event this replica no longer holds (`None`: it holds
@@ -190,19 +260,15 @@ fn raise_floor(el: &mut RawTable<'_>, id: StreamId) -> Result<()> {
 /// After a snapshot install into `el`: the replica holds no rows up to the snapshot's last
 /// event.
 pub(super) fn mark_snapshot(el: &mut RawTable<'_>) -> Result<()> {
-    let (clock, _, last_events) = match el.get(&reserved(CLOCK)[..]).map_err(io_err)? {
+    let c = match el.get(&reserved(CLOCK)[..]).map_err(io_err)? {
         Some(raw) => decode_clock(raw.value())?,
         None => return Ok(()),
     };
     // It holds none of the events counted so far.
-    el.insert(
-        &reserved(CLOCK)[..],
-        &encode_clock(clock, 0, last_events)[..],
-    )
-    .map_err(io_err)?;
+    update_clock(el, |c| c.events = 0)?;
     let last = StreamId::of_event(
-        clock,
-        u32::try_from(last_events.saturating_sub(1)).unwrap_or(u32::MAX),
+        c.clock,
+        u32::try_from(c.last_events.saturating_sub(1)).unwrap_or(u32::MAX),
     );
     raise_floor(el, last)
 }
@@ -234,24 +300,27 @@ pub(super) fn configure(x: &super::ops::Exec, table: &str, on: bool, index: u64)
     } else if !on && was_on {
         el.remove(&reserved(ON)[..]).map_err(io_err)?;
         // The clock stays (IDs never go back, even across off and on); the count restarts.
-        let (clock, _, last_events) = match el.get(&reserved(CLOCK)[..]).map_err(io_err)? {
+        let c = match el.get(&reserved(CLOCK)[..]).map_err(io_err)? {
             Some(raw) => decode_clock(raw.value())?,
-            None => (Timestamp(0), 0, 0),
+            None => ClockRow::default(),
         };
         el.insert(
             &reserved(CLOCK)[..],
-            &encode_clock(clock, 0, last_events)[..],
+            &encode_clock(ClockRow { events: 0, ..c })[..],
         )
         .map_err(io_err)?;
         // Every row goes: a consumer at an older position is told so if the log comes back,
         // rather than served what follows as if nothing were missing.
-        if let Some(n) = last_events.checked_sub(1) {
-            let last = StreamId::of_event(clock, u32::try_from(n).unwrap_or(u32::MAX));
+        if let Some(n) = c.last_events.checked_sub(1) {
+            let last = StreamId::of_event(c.clock, u32::try_from(n).unwrap_or(u32::MAX));
             raise_floor(&mut el, last)?;
         }
         drop(el);
         x.txn
             .delete_table(log_def(&change_table(table)))
+            .map_err(io_err)?;
+        x.txn
+            .delete_table(table_def(&change_txn_table(table)))
             .map_err(io_err)?;
     }
     Ok(())
@@ -330,6 +399,8 @@ pub(super) fn trim(x: &super::ops::Exec, table: &str, now_ms: u64) -> Result<()>
         .open_table(log_def(&change_table(table)))
         .map_err(io_err)?;
     let mut gone: Vec<u64> = Vec::new();
+    // Transactions whose part here goes: their index rows go too.
+    let mut gone_txns: Vec<Bytes> = Vec::new();
     // A row of which only the first entries go: its key and what stays.
     let mut rewrite: Option<(u64, ChangeRow)> = None;
     let (mut events, mut bytes, mut last_id) = (0u64, 0usize, None);
@@ -364,6 +435,9 @@ pub(super) fn trim(x: &super::ops::Exec, table: &str, now_ms: u64) -> Result<()>
             taken_events += n;
             events += n as u64;
             bytes += entry_bytes;
+            if let RowKind::Commit { id, .. } = &head.kind {
+                gone_txns.push(id.clone());
+            }
             if n > 0 {
                 last_id = Some(StreamId::of_event(head.clock, head.events - 1));
             }
@@ -380,24 +454,38 @@ pub(super) fn trim(x: &super::ops::Exec, table: &str, now_ms: u64) -> Result<()>
                 .map_err(io_err)?;
         }
     }
+    if !gone_txns.is_empty() {
+        let mut index = x
+            .txn
+            .open_table(table_def(&change_txn_table(table)))
+            .map_err(io_err)?;
+        for id in &gone_txns {
+            index.remove(&id[..]).map_err(io_err)?;
+        }
+    }
     if events == 0 {
         return Ok(());
     }
     if let Some(id) = last_id {
         raise_floor(&mut el, id)?;
     }
-    let clock_row = el
-        .get(&reserved(CLOCK)[..])
-        .map_err(io_err)?
-        .map(|v| v.value().to_vec());
-    if let Some(raw) = clock_row {
-        let (clock, held, last_events) = decode_clock(&raw)?;
-        el.insert(
-            &reserved(CLOCK)[..],
-            &encode_clock(clock, held.saturating_sub(events), last_events)[..],
-        )
+    update_clock(&mut el, |c| c.events = c.events.saturating_sub(events))
+}
+
+/// [`ChangesStep::Progress`]: closes the stream up to `ts` (no event is ever logged at or
+/// below it from now on).
+pub(super) fn progress(x: &super::ops::Exec, table: &str, ts: Timestamp) -> Result<()> {
+    let mut el = x
+        .txn
+        .open_table(table_def(&crate::layout::element_table(table)))
         .map_err(io_err)?;
+    let log = ChangeLog::load(&el)?;
+    if !log.on || ts <= log.horizon() {
+        return Ok(());
     }
+    let closed = ChangeLog { closed: ts, ..log };
+    el.insert(&reserved(CLOCK)[..], &closed.clock_row()[..])
+        .map_err(io_err)?;
     Ok(())
 }
 
@@ -469,28 +557,57 @@ pub(super) fn event_of(
     })
 }
 
-/// Appends one row holding `entries` (log index, leader timestamp, events) in the job of `x`,
-/// and advances the clock.
+/// One log entry's events for [`append`].
+pub(super) struct Logged {
+    pub index: u64,
+    /// The entry's timestamp (for a transaction's commit: at least its commit timestamp).
+    pub ts: Timestamp,
+    pub kind: RowKind,
+    pub events: Vec<Event>,
+}
+
+/// Appends one row holding `entries` in the job of `x`, and advances the clock. A
+/// cross-shard transaction's commit also gets its index row (`{shard}/chg-txn`: id -> clock),
+/// by which a merged reader finds this part from another shard's.
 pub(super) fn append(
     x: &super::ops::Exec,
     table: &str,
     log: &mut ChangeLog,
-    entries: Vec<(u64, Timestamp, Vec<Event>)>,
+    entries: Vec<Logged>,
 ) -> Result<()> {
     let mut row = ChangeRow::default();
     let mut first = None;
-    for (index, ts, events) in entries {
-        if events.is_empty() {
+    let mut txns: Vec<(Bytes, Timestamp)> = Vec::new();
+    for Logged {
+        index,
+        ts,
+        kind,
+        events,
+    } in entries
+    {
+        let commit = matches!(kind, RowKind::Commit { .. });
+        if events.is_empty() && !commit {
             continue;
         }
-        log.clock = next_clock(log.clock, ts);
-        first.get_or_insert(log.clock);
-        log.events += events.len() as u64;
-        log.last_events = events.len() as u64;
+        let clock = next_clock(log.horizon(), ts);
+        if events.is_empty() {
+            // A transaction's part that changed nothing here (its keys were only read): a
+            // head without events, so that other shards' readers find where it stands. The
+            // last event stays what it was.
+            log.closed = clock;
+        } else {
+            log.clock = clock;
+            log.events += events.len() as u64;
+            log.last_events = events.len() as u64;
+        }
+        first.get_or_insert(clock);
+        if let RowKind::Commit { id, .. } = &kind {
+            txns.push((id.clone(), clock));
+        }
         row.entries.push(EntryHead {
             index,
-            clock: log.clock,
-            kind: RowKind::Plain,
+            clock,
+            kind,
             events: u32::try_from(events.len())
                 .map_err(|_| Error::InvalidInput("an entry of over 2^32 changes".into()))?,
         });
@@ -504,15 +621,23 @@ pub(super) fn append(
         .open_table(log_def(&change_table(table)))
         .map_err(io_err)?;
     chg.insert(first.0, &row.encode()?[..]).map_err(io_err)?;
+    if !txns.is_empty() {
+        let mut index = x
+            .txn
+            .open_table(table_def(&change_txn_table(table)))
+            .map_err(io_err)?;
+        for (id, clock) in &txns {
+            index
+                .insert(&id[..], &clock.0.to_le_bytes()[..])
+                .map_err(io_err)?;
+        }
+    }
     let mut el = x
         .txn
         .open_table(table_def(&crate::layout::element_table(table)))
         .map_err(io_err)?;
-    el.insert(
-        &reserved(CLOCK)[..],
-        &encode_clock(log.clock, log.events, log.last_events)[..],
-    )
-    .map_err(io_err)?;
+    el.insert(&reserved(CLOCK)[..], &log.clock_row()[..])
+        .map_err(io_err)?;
     Ok(())
 }
 
@@ -524,6 +649,20 @@ pub struct ChangeInfo {
     pub events: u64,
     /// The ID of the last event logged (`0-0` when none).
     pub last: StreamId,
+    /// Every event logged after this snapshot gets a clock above this (design §3.2).
+    pub closed: Timestamp,
+}
+
+/// Where a cross-shard transaction's part on one shard stands ([`txn_part`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TxnPartAt {
+    /// Logged at this clock, with these events.
+    Logged(Timestamp, Vec<Change>),
+    /// Not logged yet: the transaction is still prepared here (its commit will come).
+    Pending,
+    /// Not held: trimmed, or never logged (the log was off, or the transaction unknown).
+    /// Either way it lies at or below the floor of a replica that holds no such part.
+    Gone,
 }
 
 /// The events with IDs in `from..=to`, ascending (descending when `rev`), at most `count`
@@ -536,10 +675,27 @@ pub(super) fn read(
     count: usize,
     rev: bool,
 ) -> Result<Vec<Change>> {
+    read_page(txn, table, from, to, count, rev, false).map(|(events, _)| events)
+}
+
+/// [`read`], also saying whether it stopped at a bound before the end of the range (`true`:
+/// read on from after the last event). `whole`: never stop inside an entry (a bound reached
+/// mid-entry takes the rest of its events), so that a merged reader knows every event up to
+/// the last one's clock.
+pub(super) fn read_page(
+    txn: &redb::ReadTransaction,
+    table: &str,
+    from: StreamId,
+    to: StreamId,
+    count: usize,
+    rev: bool,
+    whole: bool,
+) -> Result<(Vec<Change>, bool)> {
     let count = count.min(CHANGES_READ_MAX);
     let mut out = Vec::new();
+    let mut more = false;
     if from > to || count == 0 {
-        return Ok(out);
+        return Ok((out, from <= to));
     }
     let floor = match txn.open_table(table_def(&crate::layout::element_table(table))) {
         Ok(el) => read_floor(&el)?,
@@ -553,7 +709,7 @@ pub(super) fn read(
         _ => from,
     };
     if from > to {
-        return Ok(out);
+        return Ok((out, false));
     }
     if let Some(floor) = floor
         && from <= floor
@@ -566,7 +722,7 @@ pub(super) fn read(
     let mut bytes = 0usize;
     let chg = match txn.open_table(log_def(&change_table(table))) {
         Ok(t) => t,
-        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(out),
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok((out, false)),
         Err(e) => return Err(io_err(e)),
     };
     // A row's key is its first event's clock; the row holding `from` may start before it.
@@ -585,18 +741,16 @@ pub(super) fn read(
             .events_with_ids()
             .into_iter()
             .filter(|(_, id, _)| *id >= from && *id <= to)
-            .map(|(head, id, e)| Change {
-                id,
-                index: head.index,
-                clock: head.clock,
-                event: e.clone(),
-            })
+            .map(|(head, id, e)| change_of(head, id, e))
             .collect();
         if rev {
             events.reverse();
         }
         for e in events {
-            if out.len() == count || (bytes >= CHANGES_READ_BYTES_MAX && !out.is_empty()) {
+            let full = out.len() >= count || (bytes >= CHANGES_READ_BYTES_MAX && !out.is_empty());
+            let same_entry = whole && out.last().is_some_and(|l: &Change| l.clock == e.clock);
+            if full && !same_entry {
+                more = true;
                 return Ok(false);
             }
             bytes += event_bytes(&e.event);
@@ -620,7 +774,68 @@ pub(super) fn read(
             }
         }
     }
-    Ok(out)
+    Ok((out, more))
+}
+
+fn change_of(head: &EntryHead, id: StreamId, e: &Event) -> Change {
+    Change {
+        id,
+        index: head.index,
+        clock: head.clock,
+        event: e.clone(),
+        txn: match &head.kind {
+            RowKind::Commit {
+                id, participants, ..
+            } => Some(TxnPart {
+                id: id.clone(),
+                groups: participants.clone(),
+            }),
+            _ => None,
+        },
+    }
+}
+
+/// Transaction `id`'s part in this shard's log, from one snapshot: its clock and events, or
+/// why there are none. `prepared`: whether the transaction is prepared here (read from the
+/// same snapshot by the caller).
+pub(super) fn txn_part(
+    txn: &redb::ReadTransaction,
+    table: &str,
+    id: &[u8],
+    prepared: bool,
+) -> Result<TxnPartAt> {
+    let clock = match txn.open_table(table_def(&change_txn_table(table))) {
+        Ok(index) => match index.get(id).map_err(io_err)? {
+            Some(raw) => Some(Timestamp(u64::from_le_bytes(
+                raw.value()
+                    .try_into()
+                    .map_err(|_| Error::Corruption("change-log transaction index row".into()))?,
+            ))),
+            None => None,
+        },
+        Err(redb::TableError::TableDoesNotExist(_)) => None,
+        Err(e) => return Err(io_err(e)),
+    };
+    let Some(clock) = clock else {
+        return Ok(if prepared {
+            TxnPartAt::Pending
+        } else {
+            TxnPartAt::Gone
+        });
+    };
+    let from = StreamId::of_event(clock, 0);
+    let to = StreamId::of_event(clock, u32::MAX);
+    let mut events = Vec::new();
+    loop {
+        let start = events.last().map_or(from, |c: &Change| c.id.successor());
+        // One entry's events: bounded by the transaction's own size.
+        let page = read(txn, table, start, to, CHANGES_READ_MAX, false)?;
+        if page.is_empty() {
+            break;
+        }
+        events.extend(page);
+    }
+    Ok(TxnPartAt::Logged(clock, events))
 }
 
 /// The bytes an event brings to a reply (key, value, arguments).
@@ -654,5 +869,6 @@ pub(super) fn info(txn: &redb::ReadTransaction, table: &str) -> Result<ChangeInf
         on: log.on,
         events: log.events,
         last,
+        closed: log.horizon(),
     })
 }

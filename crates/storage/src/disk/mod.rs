@@ -103,7 +103,8 @@ pub use ap::{
 };
 pub use changes::{
     CHANGES_QUERY, CHANGES_READ_BYTES_MAX, CHANGES_READ_MAX, CHANGES_TRIM_BYTES_MAX,
-    CHANGES_TRIM_EVENTS_MAX, ChangeInfo, ChangesStep, RETENTION_MS_DEFAULT,
+    CHANGES_TRIM_EVENTS_MAX, CHANGES_TXN_QUERY, ChangeInfo, ChangesStep, RETENTION_MS_DEFAULT,
+    TxnPartAt,
 };
 pub use meta::MetaItem;
 use ops::Op;

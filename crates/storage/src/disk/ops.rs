@@ -403,6 +403,7 @@ pub(super) fn execute(x: &Exec, op: &Op, live_tables: &mut HashSet<String>) -> R
                 super::ChangesStep::Switch(on) => super::changes::configure(x, table, *on, *index)?,
                 super::ChangesStep::Retention(ms) => super::changes::set_retention(x, table, *ms)?,
                 super::ChangesStep::Trim { now_ms } => super::changes::trim(x, table, *now_ms)?,
+                super::ChangesStep::Progress { ts } => super::changes::progress(x, table, *ts)?,
             }
             let mut mt = x.txn.open_table(META_TABLE).map_err(io_err)?;
             put_meta(&mut mt, meta)?;
@@ -610,7 +611,7 @@ pub(super) fn apply_replicated(
     let track = recording.is_on() || !watch_points.is_empty() || changes.is_on();
     let mut touched: Vec<(u64, Vec<Bytes>)> = Vec::new();
     // The change log's events per entry (`changes.rs`), while it is on.
-    let mut logged: Vec<(u64, Timestamp, Vec<capdb_types::changes::Event>)> = Vec::new();
+    let mut logged: Vec<super::changes::Logged> = Vec::new();
     for (m, ts, now_ms, index) in mutations.iter().filter(|_| run) {
         if let Some(e) = refusal(*index) {
             replies.push(Err(e));
@@ -645,8 +646,13 @@ pub(super) fn apply_replicated(
                 }
             }
             match logged.last_mut() {
-                Some((at, _, all)) if at == index => all.extend(events),
-                _ => logged.push((*index, *ts, events)),
+                Some(l) if l.index == *index => l.events.extend(events),
+                _ => logged.push(super::changes::Logged {
+                    index: *index,
+                    ts: *ts,
+                    kind: capdb_types::changes::RowKind::Plain,
+                    events,
+                }),
             }
         }
         if !changed.is_empty() {
@@ -752,6 +758,9 @@ fn replace_table(
     } else {
         x.txn
             .delete_table(log_def(&crate::layout::change_table(table)))
+            .map_err(io_err)?;
+        x.txn
+            .delete_table(table_def(&crate::layout::change_txn_table(table)))
             .map_err(io_err)?;
         Vec::new()
     };

@@ -257,13 +257,20 @@ impl DiskTable {
         super::changes::read(&txn, &self.table, from, to, count, rev)
     }
 
-    /// [`super::CHANGES_QUERY`] `shard from to count rev`: the change log read as a query, so
-    /// that it is routed, fenced and forwarded like any read of the shard. Answers `[on (0|1),
-    /// events held, last ID, [[id, [field, value, ...]], ...]]`.
+    /// [`super::CHANGES_QUERY`] `shard from to count rev [whole]`: the change log read as a
+    /// query, so that it is routed, fenced and forwarded like any read of the shard. Answers
+    /// `[on (0|1), events held, last ID, [[id, [field, value, ...]], ...], closed clock,
+    /// more (0|1)]` (`more`: it stopped at a bound; `closed`: every event logged later gets a
+    /// clock above it).
     fn changes_query(&self, args: &[Bytes]) -> Result<Reply> {
         let bad = || Error::InvalidInput("malformed change-log query".into());
-        let [_, shard, from, to, count, rev] = args else {
-            return Err(bad());
+        // `whole` (optional): never stop inside an entry (a merged reader's page).
+        let (shard, from, to, count, rev, whole) = match args {
+            [_, shard, from, to, count, rev] => (shard, from, to, count, rev, false),
+            [_, shard, from, to, count, rev, whole] => {
+                (shard, from, to, count, rev, whole.as_ref() == b"1")
+            }
+            _ => return Err(bad()),
         };
         let number = |b: &Bytes| -> Result<u64> {
             std::str::from_utf8(b)
@@ -276,23 +283,62 @@ impl DiskTable {
         let txn = self.begin_read()?;
         let info = super::changes::info(&txn, &self.table)?;
         // Off: no rows to read (the caller says the changes are off).
-        let changes = if info.on {
-            super::changes::read(
+        let (changes, more) = if info.on {
+            super::changes::read_page(
                 &txn,
                 &self.table,
                 id(from)?,
                 id(to)?,
                 usize::try_from(number(count)?).unwrap_or(usize::MAX),
                 number(rev)? == 1,
+                whole,
             )?
         } else {
-            Vec::new()
+            (Vec::new(), false)
         };
         Ok(Reply::Array(vec![
             Reply::Integer(i64::from(info.on)),
             Reply::Integer(i64::try_from(info.events).unwrap_or(i64::MAX)),
             Reply::Bulk(Bytes::from(info.last.to_string())),
             Reply::Array(changes.iter().map(|c| c.to_reply(shard)).collect()),
+            Reply::Bulk(Bytes::from(info.closed.0.to_string())),
+            Reply::Integer(i64::from(more)),
+        ]))
+    }
+
+    /// [`super::CHANGES_TXN_QUERY`] `shard id`: a cross-shard transaction's part in this
+    /// shard's change log (`id`: its 24 stored bytes). Answers `[state, clock, entries]`:
+    /// state 1 logged (at `clock`, the stream clock, with its entries), 0 pending (still
+    /// prepared here), 2 gone (trimmed or never logged).
+    fn changes_txn_query(&self, args: &[Bytes]) -> Result<Reply> {
+        let bad = || Error::InvalidInput("malformed change-log transaction query".into());
+        let [_, shard, id] = args else {
+            return Err(bad());
+        };
+        let shard = std::str::from_utf8(shard)
+            .ok()
+            .and_then(|s| s.parse::<u32>().ok())
+            .ok_or_else(bad)?;
+        let txn = self.begin_read()?;
+        let prepared = match txn.open_table(table_def(&crate::layout::element_table(&self.table))) {
+            Ok(el) => super::txn::is_open(&el, id)?,
+            Err(TableError::TableDoesNotExist(_)) => false,
+            Err(e) => return Err(io_err(e)),
+        };
+        let (state, clock, entries) =
+            match super::changes::txn_part(&txn, &self.table, id, prepared)? {
+                super::TxnPartAt::Logged(clock, events) => (
+                    1,
+                    clock.0,
+                    events.iter().map(|c| c.to_reply(shard)).collect(),
+                ),
+                super::TxnPartAt::Pending => (0, 0, Vec::new()),
+                super::TxnPartAt::Gone => (2, 0, Vec::new()),
+            };
+        Ok(Reply::Array(vec![
+            Reply::Integer(state),
+            Reply::Bulk(Bytes::from(clock.to_string())),
+            Reply::Array(entries),
         ]))
     }
 
@@ -338,6 +384,12 @@ impl KeyspaceStore for DiskTable {
             .is_some_and(|n| n.as_ref() == super::CHANGES_QUERY.as_bytes())
         {
             return self.changes_query(args);
+        }
+        if args
+            .first()
+            .is_some_and(|n| n.as_ref() == super::CHANGES_TXN_QUERY.as_bytes())
+        {
+            return self.changes_txn_query(args);
         }
         let txn = self.begin_read()?;
         let open = |name: &str| match txn.open_table(table_def(name)) {

@@ -316,7 +316,9 @@ fn vote(
             }));
         }
     }
-    Ok(Ok(job.timestamp))
+    Ok(Ok(
+        super::changes::ChangeLog::load(el)?.vote_at(job.timestamp)
+    ))
 }
 
 /// [`super::ops::Op::TxnStep`]: applies one step of a transaction and records `meta` (the
@@ -474,7 +476,23 @@ fn step_inner(x: &Exec, table: &str, job: &TxnJob) -> Result<Result<TxnAnswer>> 
                 .map(|k| super::changes::event_of(&t, None, k, job.now_ms))
                 .collect::<Result<Vec<_>>>()?;
             drop(t);
-            super::changes::append(x, table, &mut log, vec![(job.index, job.timestamp, events)])?;
+            // Logged at or above the commit timestamp, the largest vote, so above every write
+            // before the transaction on every participant (`ChangeLog::vote_at`).
+            let commit_ts = match &job.step {
+                ShardStep::Commit { ts } => *ts,
+                _ => job.timestamp,
+            };
+            let logged = super::changes::Logged {
+                index: job.index,
+                ts: job.timestamp.max(commit_ts),
+                kind: capdb_types::changes::RowKind::Commit {
+                    id: Bytes::copy_from_slice(&id_bytes(job.txn)),
+                    commit_ts,
+                    participants: record.participants.clone(),
+                },
+                events,
+            };
+            super::changes::append(x, table, &mut log, vec![logged])?;
         }
         applied = Some(touched);
     }
@@ -643,6 +661,14 @@ pub(super) fn prepared_ids(
         out.extend(id_of(id));
     }
     Ok(out)
+}
+
+/// Whether transaction `id` (its 24 stored bytes) is prepared here and not decided.
+pub(super) fn is_open(
+    el: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    id: &[u8],
+) -> Result<bool> {
+    Ok(el.get(&row(OPEN, &[id])[..]).map_err(io_err)?.is_some())
 }
 
 /// The first transaction that keeps a linearizable read of `keys` waiting (a write lock).

@@ -2,18 +2,21 @@
 //! `cp` shard's change log read as a read-only stream key `__changes:<keyspace>#<shard>`.
 //!
 //! - `CHANGES CONFIG <ks> on|off [RETENTION-MS ms]` turns a keyspace's logs on or off (every
-//!   shard, through its Raft log); `CHANGES SHARDS <ks>` lists its stream keys and
-//!   `CHANGES LAST <ks>` each one's last ID (what `$` means now).
+//!   shard, through its Raft log); `CHANGES SHARDS <ks>` lists its stream keys,
+//!   `CHANGES LAST <ks>` each one's last ID (what `$` means now) and `CHANGES RESOLVED <ks>`
+//!   how far the merged stream is resolved (after closing every shard).
+//! - `__changes:<ks>` is the keyspace's merged stream (`node/merged.rs`): every shard's
+//!   events by stream clock, a cross-shard transaction's together, released up to the
+//!   resolved clock (a read closes idle shards that hold events back).
 //! - `XRANGE`, `XREVRANGE`, `XLEN` and `XREAD [COUNT] [BLOCK] STREAMS` read them with Redis's
 //!   replies. Any node answers (no `-MOVED`): the read goes through the shard's read path at
 //!   the connection's consistency, so IDs are the same whichever node serves.
 //! - Writes to stream keys (`XADD`, `XTRIM`, `XDEL`, `XSETID`) answer an error: capdb has no
 //!   stream type of its own.
 //!
-//! Not built yet: the merged stream of a keyspace (`__changes:<ks>`), key prefixes
-//! (`...:<prefix>`), `ap` and `cache` keyspaces (each answers a clear error), and consumer
-//! groups (XGROUP and friends are unknown commands)
-//! keyspaces. Differences from Redis: a call returns at most
+//! Not built yet: XREVRANGE on a merged stream, key prefixes (`...:<prefix>`), `ap` and
+//! `cache` keyspaces (each answers a clear error), and consumer groups (XGROUP and friends
+//! are unknown commands). Differences from Redis: a call returns at most
 //! [`capdb_storage::disk::CHANGES_READ_MAX`] entries and about
 //! [`capdb_storage::disk::CHANGES_READ_BYTES_MAX`] per key (XREAD without COUNT:
 //! [`XREAD_DEFAULT_COUNT`]). A blocked XREAD reads again when this node's replica of one of its
@@ -109,8 +112,34 @@ pub(super) async fn changes(conn: &mut Connection, args: &[Bytes]) -> Outcome {
             conn.out.reply(&Reply::Array(last));
             Ok(())
         }
+        // How far the keyspace's merged stream is resolved, after closing every shard now:
+        // no event at or below this ID will ever appear in it.
+        (b"resolved", 3) => {
+            let ks = keyspace_named(conn, &args[2])?;
+            let n = ks.shard_count().ok_or_else(|| {
+                "ERR change streams are built for cp keyspaces only so far".to_string()
+            })?;
+            let all: Vec<u32> = (0..n as u32).collect();
+            crate::node::merged::close_shards(&ks, &all, Duration::from_secs(1)).await;
+            let page = crate::node::merged::read(
+                &ks,
+                StreamId::MAX,
+                StreamId::MAX,
+                1,
+                conn.now_ms,
+                conn.consistency,
+            )
+            .await
+            .map_err(|e| error_line(&e))?;
+            if !page.on && page.events == 0 {
+                return Err(changes_off(&ks));
+            }
+            conn.out
+                .reply(&Reply::Bulk(Bytes::from(page.resolved.to_string())));
+            Ok(())
+        }
         _ => Err(format!(
-            "ERR unknown CHANGES subcommand or wrong number of arguments for '{}' (CHANGES CONFIG <keyspace> on|off [RETENTION-MS ms], CHANGES SHARDS <keyspace>, CHANGES LAST <keyspace>)",
+            "ERR unknown CHANGES subcommand or wrong number of arguments for '{}' (CHANGES CONFIG <keyspace> on|off [RETENTION-MS ms], CHANGES SHARDS <keyspace>, CHANGES LAST <keyspace>, CHANGES RESOLVED <keyspace>)",
             String::from_utf8_lossy(&args[1])
         )),
     }
@@ -124,11 +153,19 @@ fn keyspace_named(
     conn.node.keyspace(name).map_err(|e| error_line(&e))
 }
 
-/// The keyspace and shard a stream key names (errors for what is not built yet).
+/// Which stream of a keyspace a key names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    Shard(u32),
+    /// Every shard's, merged (`node/merged.rs`).
+    Merged,
+}
+
+/// The keyspace and stream a stream key names (errors for what is not built yet).
 fn resolve(
     conn: &Connection,
     key: &[u8],
-) -> Result<(std::sync::Arc<crate::node::Keyspace>, u32), String> {
+) -> Result<(std::sync::Arc<crate::node::Keyspace>, Target), String> {
     let parsed = StreamKey::parse(key).map_err(|e| error_line(&e))?;
     let Some(sk) = parsed else {
         return Err(format!(
@@ -143,36 +180,92 @@ fn resolve(
     if sk.prefix.is_some() {
         return Err("ERR change streams filtered by a key prefix are not built yet; read the whole shard's stream".into());
     }
-    let Some(shard) = sk.shard else {
+    if ks.shard_count().is_none() {
         return Err(format!(
-            "ERR the merged change stream of a keyspace is not built yet; read each shard's: CHANGES SHARDS {}",
+            "ERR change streams are built for cp keyspaces only so far; '{}' is not one",
             ks.spec.name
         ));
-    };
-    Ok((ks, shard))
+    }
+    Ok((ks, sk.shard.map_or(Target::Merged, Target::Shard)))
+}
+
+fn changes_off(ks: &crate::node::Keyspace) -> String {
+    format!(
+        "ERR changes of keyspace '{}' are off (CHANGES CONFIG {} on)",
+        ks.spec.name, ks.spec.name
+    )
+}
+
+/// What a read of a stream key found: its entries, events held, last ID (for `$`), and
+/// for a merged stream the resolved ID and the shards holding it back.
+struct Page {
+    entries: Vec<Reply>,
+    events: u64,
+    last: StreamId,
+    resolved: Option<StreamId>,
+    lagging: Vec<u32>,
 }
 
 /// Reads a page of the stream `key` names; an error when its keyspace's changes are off
-/// (and it holds none).
+/// (and it holds none). `closing`: on a merged stream, close idle shards that hold events
+/// back first (a non-blocking read answers everything logged before it).
 async fn read_page(
     conn: &Connection,
     key: &[u8],
     range: (StreamId, StreamId),
     count: usize,
     rev: bool,
-) -> Result<ChangesPage, String> {
-    let (ks, shard) = resolve(conn, key)?;
-    let page = ks
-        .changes_read(shard, range, count, rev, conn.now_ms, conn.consistency)
-        .await
-        .map_err(|e| error_line(&e))?;
-    if !page.on && page.events == 0 {
-        return Err(format!(
-            "ERR changes of keyspace '{}' are off (CHANGES CONFIG {} on)",
-            ks.spec.name, ks.spec.name
-        ));
+    closing: bool,
+) -> Result<Page, String> {
+    let (ks, target) = resolve(conn, key)?;
+    match target {
+        Target::Shard(shard) => {
+            let page: ChangesPage = ks
+                .changes_read(shard, range, count, rev, conn.now_ms, conn.consistency)
+                .await
+                .map_err(|e| error_line(&e))?;
+            if !page.on && page.events == 0 {
+                return Err(changes_off(&ks));
+            }
+            Ok(Page {
+                entries: page.entries,
+                events: page.events,
+                last: parse_id(&page.last)?,
+                resolved: None,
+                lagging: Vec::new(),
+            })
+        }
+        Target::Merged => {
+            if rev && count > 0 && range.0 <= range.1 {
+                return Err("ERR XREVRANGE on a keyspace's merged change stream is not built yet; read a shard's (__changes:<keyspace>#<shard>) or XRANGE forward".into());
+            }
+            let (from, to) = range;
+            let read = if closing {
+                crate::node::merged::read_closing(
+                    &ks,
+                    from,
+                    to,
+                    count,
+                    conn.now_ms,
+                    conn.consistency,
+                )
+                .await
+            } else {
+                crate::node::merged::read(&ks, from, to, count, conn.now_ms, conn.consistency).await
+            };
+            let page = read.map_err(|e| error_line(&e))?;
+            if !page.on && page.events == 0 {
+                return Err(changes_off(&ks));
+            }
+            Ok(Page {
+                entries: page.entries,
+                events: page.events,
+                last: capdb_types::changes::merged::clock_end(page.last_clock),
+                resolved: Some(page.resolved),
+                lagging: page.lagging,
+            })
+        }
     }
-    Ok(page)
 }
 
 /// `COUNT n` at `args[at..]` (XRANGE's optional tail); `None` without it.
@@ -208,18 +301,41 @@ async fn range_command(conn: &mut Connection, args: &[Bytes], rev: bool) -> Outc
     let entries = match (range, count) {
         // COUNT 0 or less: the null reply, as Redis answers it.
         (_, Some(0)) => {
-            read_page(conn, &args[1], (StreamId::MAX, StreamId::MAX), 0, rev).await?;
+            read_page(
+                conn,
+                &args[1],
+                (StreamId::MAX, StreamId::MAX),
+                0,
+                rev,
+                false,
+            )
+            .await?;
             conn.out.reply(&Reply::NilArray);
             return Ok(());
         }
         (Some(range), count) => {
-            read_page(conn, &args[1], range, count.unwrap_or(usize::MAX), rev)
-                .await?
-                .entries
+            read_page(
+                conn,
+                &args[1],
+                range,
+                count.unwrap_or(usize::MAX),
+                rev,
+                true,
+            )
+            .await?
+            .entries
         }
         // An empty range: nothing, once the key is known to be a stream.
         (None, _) => {
-            read_page(conn, &args[1], (StreamId::MAX, StreamId::MAX), 0, rev).await?;
+            read_page(
+                conn,
+                &args[1],
+                (StreamId::MAX, StreamId::MAX),
+                0,
+                rev,
+                false,
+            )
+            .await?;
             Vec::new()
         }
     };
@@ -229,7 +345,15 @@ async fn range_command(conn: &mut Connection, args: &[Bytes], rev: bool) -> Outc
 
 /// `XLEN key`.
 pub(super) async fn xlen(conn: &mut Connection, args: &[Bytes]) -> Outcome {
-    let page = read_page(conn, &args[1], (StreamId::MAX, StreamId::MAX), 0, false).await?;
+    let page = read_page(
+        conn,
+        &args[1],
+        (StreamId::MAX, StreamId::MAX),
+        0,
+        false,
+        false,
+    )
+    .await?;
     conn.out.int(i64::try_from(page.events).unwrap_or(i64::MAX));
     Ok(())
 }
@@ -274,8 +398,9 @@ pub(super) async fn xread(conn: &mut Connection, args: &[Bytes]) -> Outcome {
     let mut after: Vec<StreamId> = Vec::with_capacity(keys.len());
     for (k, id) in keys.iter().zip(ids) {
         let start = if id.as_ref() == b"$" {
-            let page = read_page(conn, k, (StreamId::MAX, StreamId::MAX), 0, false).await?;
-            parse_id(&page.last)?
+            read_page(conn, k, (StreamId::MAX, StreamId::MAX), 0, false, false)
+                .await?
+                .last
         } else {
             parse_id(id)?
         };
@@ -285,24 +410,52 @@ pub(super) async fn xread(conn: &mut Connection, args: &[Bytes]) -> Outcome {
         block.map(|ms| (ms > 0).then(|| tokio::time::Instant::now() + Duration::from_millis(ms)));
     let mut probe = super::blocking::ClosedProbe::new(conn.socket_fd);
     let mut shutdown = conn.shutdown.clone();
-    let shards: Vec<(std::sync::Arc<crate::node::Keyspace>, u32)> = keys
+    let targets: Vec<(std::sync::Arc<crate::node::Keyspace>, Target)> = keys
         .iter()
         .map(|k| resolve(conn, k))
         .collect::<Result<_, String>>()?;
+    // The shards whose applies wake this read: each merged stream's all.
+    let shards: Vec<(std::sync::Arc<crate::node::Keyspace>, u32)> = targets
+        .iter()
+        .flat_map(|(ks, t)| match t {
+            Target::Shard(n) => vec![(ks.clone(), *n)],
+            Target::Merged => (0..ks.shard_count().unwrap_or(0) as u32)
+                .map(|n| (ks.clone(), n))
+                .collect(),
+        })
+        .collect();
+    // A merged stream read past what it resolved does not read that part again.
+    let mut cursors = after.clone();
+    let mut first = true;
     loop {
         // Where each shard's replica here stands, before reading: an apply after the read
         // moves it, so the wait below cannot miss it.
         let marks: Vec<Option<u64>> = shards.iter().map(|(ks, n)| ks.changes_mark(*n)).collect();
         let mut found: Vec<(Bytes, Vec<Reply>)> = Vec::new();
-        for (k, from) in keys.iter().zip(&after) {
+        let mut lagging: Vec<(std::sync::Arc<crate::node::Keyspace>, Vec<u32>)> = Vec::new();
+        for ((k, from), (ks, _)) in keys.iter().zip(cursors.iter_mut()).zip(&targets) {
             if *from == StreamId::MAX {
                 continue;
             }
-            let page = read_page(conn, k, (from.successor(), StreamId::MAX), count, false).await?;
+            let page = read_page(
+                conn,
+                k,
+                (from.successor(), StreamId::MAX),
+                count,
+                false,
+                first,
+            )
+            .await?;
             if !page.entries.is_empty() {
                 found.push((k.clone(), page.entries));
+            } else if let Some(resolved) = page.resolved {
+                *from = (*from).max(resolved);
+            }
+            if !page.lagging.is_empty() {
+                lagging.push((ks.clone(), page.lagging));
             }
         }
+        first = false;
         if !found.is_empty() {
             let reply = if conn.out.resp3 {
                 Reply::Map(
@@ -329,9 +482,19 @@ pub(super) async fn xread(conn: &mut Connection, args: &[Bytes]) -> Outcome {
             // BLOCK 0 waits for as long as it takes, as in Redis.
             // (until the client leaves: nothing is written to it then; or the server stops).
             Some(at) => {
-                let wait = at.map_or(XREAD_POLL, |at| {
+                // Events wait on idle shards of a merged stream: close those, then look
+                // again soon (their progress entries wake the wait below).
+                let poll = if lagging.is_empty() {
+                    XREAD_POLL
+                } else {
+                    for (ks, shards) in &lagging {
+                        crate::node::merged::close_shards(ks, shards, Duration::from_secs(1)).await;
+                    }
+                    crate::node::merged::PROGRESS_GAP
+                };
+                let wait = at.map_or(poll, |at| {
                     at.saturating_duration_since(tokio::time::Instant::now())
-                        .min(XREAD_POLL)
+                        .min(poll)
                 });
                 let applied = futures::future::select_all(
                     shards
