@@ -36,6 +36,8 @@ SUBCOMMANDS = {
     "config": {"get", "set", "resetstat", "rewrite", "help"},
     "object": {"encoding", "freq", "idletime", "refcount", "help"},
     "pubsub": {"channels", "shardchannels", "numsub", "shardnumsub", "numpat"},
+    "xgroup": {"create", "setid", "destroy", "createconsumer", "delconsumer"},
+    "xinfo": {"groups", "consumers"},
 }
 
 

@@ -835,3 +835,145 @@ fn the_merged_stream_orders_every_shard_with_transactions_together() {
     let progress = lines.last().unwrap()["progress"].as_str().unwrap();
     assert!(parse_id(progress) >= seen.last().unwrap().id, "{progress}");
 }
+
+/// The IDs of an XREADGROUP/XREAD reply's first stream (none for the null reply).
+fn ids_of(reply: &Value) -> Vec<String> {
+    if *reply == Value::Nil {
+        return Vec::new();
+    }
+    first_stream(reply)
+        .iter()
+        .map(|e| format!("{}-{}", e.id.0, e.id.1))
+        .collect()
+}
+
+/// Consumer groups: two consumers of one group through different nodes share the entries
+/// (each once), acknowledgements and pending entries survive a kill -9 of the leader that
+/// keeps them, a new consumer claims what a dead one held, and a blocked XREADGROUP wakes on
+/// a write.
+#[test]
+fn consumer_groups_deliver_each_entry_once_and_survive_a_leader_kill() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let mut nodes = common::start_founders(3, |_| Vec::new());
+    let leader = leader_of(&nodes[0], "{g}k") as usize;
+    let others: Vec<usize> = (1..=3).filter(|n| *n != leader).collect();
+    let mut a = nodes[others[0] - 1].client();
+    let mut b = nodes[others[1] - 1].client();
+    let key = "__changes:default";
+    ok(&mut a, "CHANGES CONFIG default on");
+    assert_eq!(ok(&mut a, &format!("XGROUP CREATE {key} g $")), Value::Okay);
+    assert!(err(&mut a, &format!("XGROUP CREATE {key} g $")).contains("BUSYGROUP"));
+    let e = err(&mut a, &format!("XREADGROUP GROUP nosuch c STREAMS {key} >"));
+    assert!(
+        e.contains("NOGROUP")
+            && e.contains(
+                "No such key '__changes:default' or consumer group 'nosuch' in XREADGROUP with GROUP option"
+            ),
+        "{e}"
+    );
+    for i in 0..20 {
+        ok(&mut a, &format!("SET {{g}}k{i} {i}"));
+    }
+
+    // Two consumers through two nodes, in turns: every entry to exactly one of them.
+    let (mut got_a, mut got_b) = (Vec::new(), Vec::new());
+    loop {
+        let ra = ids_of(&ok(
+            &mut a,
+            &format!("XREADGROUP GROUP g ca COUNT 3 STREAMS {key} >"),
+        ));
+        let rb = ids_of(&ok(
+            &mut b,
+            &format!("XREADGROUP GROUP g cb COUNT 3 STREAMS {key} >"),
+        ));
+        if ra.is_empty() && rb.is_empty() {
+            break;
+        }
+        got_a.extend(ra);
+        got_b.extend(rb);
+    }
+    let mut all: Vec<String> = got_a.iter().chain(&got_b).cloned().collect();
+    all.sort_by_key(|id| parse_id(id));
+    all.dedup();
+    assert_eq!(all.len(), got_a.len() + got_b.len(), "no entry twice");
+    assert_eq!(all.len(), 20, "every entry once");
+    assert!(
+        !got_a.is_empty() && !got_b.is_empty(),
+        "both consumers got some"
+    );
+    let acked = ok(&mut a, &format!("XACK {key} g {}", got_a.join(" ")));
+    assert_eq!(acked, Value::Int(got_a.len() as i64));
+    let Value::Array(summary) = ok(&mut a, &format!("XPENDING {key} g")) else {
+        panic!("XPENDING answered no array")
+    };
+    assert_eq!(summary[0], Value::Int(got_b.len() as i64));
+
+    // The leader keeping the group dies; its state is still there on the others.
+    nodes[leader - 1].kill9();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let pending = loop {
+        match cmd(&mut a, &format!("XPENDING {key} g - + 100")) {
+            Ok(Value::Array(rows)) => break rows,
+            _ if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(200));
+                a = nodes[others[0] - 1].client();
+            }
+            other => panic!("XPENDING after the leader's death: {other:?}"),
+        }
+    };
+    let pending_ids: Vec<String> = pending
+        .iter()
+        .map(|r| match r {
+            Value::Array(f) => text(&f[0]),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        pending_ids, got_b,
+        "cb's entries are still pending, in order"
+    );
+    // A new consumer claims what cb held (cb "died"), with the entries.
+    let claimed = ok(&mut a, &format!("XAUTOCLAIM {key} g cc 0 0-0 COUNT 100"));
+    let Value::Array(parts) = claimed else {
+        panic!("XAUTOCLAIM answered {claimed:?}")
+    };
+    let claimed_ids: Vec<String> = entries(&parts[1])
+        .iter()
+        .map(|e| format!("{}-{}", e.id.0, e.id.1))
+        .collect();
+    assert_eq!(claimed_ids, got_b, "cc claims every entry cb held");
+    assert_eq!(text(&parts[0]), "0-0", "nothing left to scan");
+    // Its history shows them; acknowledging empties the list.
+    let history = ids_of(&ok(
+        &mut a,
+        &format!("XREADGROUP GROUP g cc STREAMS {key} 0"),
+    ));
+    assert_eq!(history, got_b);
+    let acked = ok(&mut a, &format!("XACK {key} g {}", got_b.join(" ")));
+    assert_eq!(acked, Value::Int(got_b.len() as i64));
+    let Value::Array(summary) = ok(&mut a, &format!("XPENDING {key} g")) else {
+        panic!("XPENDING answered no array")
+    };
+    assert_eq!(summary[0], Value::Int(0));
+
+    // Nothing old is delivered again; a blocked reader wakes on the next write.
+    let url = nodes[others[1] - 1].redis_url();
+    let reader = std::thread::spawn(move || {
+        let mut c = redis::Client::open(url).unwrap().get_connection().unwrap();
+        ok(
+            &mut c,
+            "XREADGROUP GROUP g ca COUNT 10 BLOCK 20000 STREAMS __changes:default >",
+        )
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    ok(&mut a, "SET {g}after 1");
+    let woke = first_stream(&reader.join().unwrap());
+    assert_eq!(
+        woke.iter().map(Entry::short).collect::<Vec<_>>(),
+        ["set {g}after 1"]
+    );
+    let Value::Array(groups) = ok(&mut a, &format!("XINFO GROUPS {key}")) else {
+        panic!("XINFO GROUPS answered no array")
+    };
+    assert_eq!(groups.len(), 1);
+}

@@ -89,6 +89,9 @@ pub enum Request {
     /// later event gets a larger stream clock, so a merged reader may release everything at
     /// or below it while the shard is idle. Answers OK.
     ChangesProgress { ts: Timestamp },
+    /// Data shard (a keyspace's first): a consumer-group command on one of its change
+    /// streams (`capdb_storage::disk` `groups.rs`); answers what it answers.
+    ChangesGroup(capdb_types::changes::groups::GroupCommand),
 }
 
 /// A watched key's guard in a [`Request::Txn`]: the key has not changed after log index
@@ -136,6 +139,7 @@ impl fmt::Display for Request {
             }
             Request::ChangesTrim { now_ms } => write!(f, "changes trim at {now_ms}"),
             Request::ChangesProgress { ts } => write!(f, "changes progress to {ts:?}"),
+            Request::ChangesGroup(c) => write!(f, "changes group {:?}", c.op),
             Request::TxnStep { txn, step, .. } => write!(f, "txn {} of {txn}", step.name()),
             Request::Identified { id, request } => {
                 write!(f, "{request} as {}.{}#{}", id.origin, id.epoch, id.seq)

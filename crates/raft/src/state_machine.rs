@@ -334,18 +334,22 @@ impl StateMachine {
         index: u64,
         step: ChangesStep,
     ) -> io::Result<()> {
-        let reply = vec![Ok(capdb_types::Reply::Ok)];
-        if let Some((key, sent_ms)) = remember {
-            let mut value = row::prefix(sent_ms, row::REPLIES);
-            value.extend(encode(&reply));
-            b.remembered.push((key, Some(value)));
-        }
+        // The answer is remembered in the step's own storage transaction.
+        let remember = remember.map(|(key, sent_ms)| {
+            let encode_answer: capdb_storage::disk::RememberReply = Box::new(move |answer| {
+                let mut value = row::prefix(sent_ms, row::REPLIES);
+                value.extend(encode(&vec![answer.clone()]));
+                value
+            });
+            (key, encode_answer)
+        });
         let meta = self.alone_meta(b, sessions);
-        self.engine
-            .changes_config(table, step, index, meta)
+        let answer = self
+            .engine
+            .changes_config(table, step, index, meta, remember)
             .await
             .map_err(io)?;
-        b.responses[slot] = Some(Response::Replies(reply));
+        b.responses[slot] = Some(Response::Replies(vec![answer]));
         Ok(())
     }
 
@@ -370,6 +374,7 @@ impl StateMachine {
                     | Request::ChangesRetention { .. }
                     | Request::ChangesTrim { .. }
                     | Request::ChangesProgress { .. }
+                    | Request::ChangesGroup(_)
             );
         let pending =
             !(b.writes.is_empty() && b.watch_points.is_empty() && b.remembered.is_empty());
@@ -517,6 +522,11 @@ impl StateMachine {
             }
             Request::ChangesProgress { ts } => {
                 let step = ChangesStep::Progress { ts };
+                self.apply_changes_step(table, b, sessions, slot, remember, index, step)
+                    .await?;
+            }
+            Request::ChangesGroup(cmd) => {
+                let step = ChangesStep::Group(cmd);
                 self.apply_changes_step(table, b, sessions, slot, remember, index, step)
                     .await?;
             }

@@ -64,8 +64,9 @@ async fn replicas_applying_the_same_entries_write_the_same_log() {
     let ((_a, a), (_b, b)) = (open(), open());
     for e in [&a, &b] {
         write(e, 1, vec![set("before", "x")]).await;
-        e.changes_config(TABLE, ChangesStep::Switch(true), 2, Vec::new())
+        e.changes_config(TABLE, ChangesStep::Switch(true), 2, Vec::new(), None)
             .await
+            .unwrap()
             .unwrap();
         write(e, 3, vec![set("k", "1"), set("j", "2")]).await;
         write(
@@ -118,11 +119,13 @@ async fn replicas_applying_the_same_entries_write_the_same_log() {
 
     // Off deletes the rows: a reader at an older position is told so once the log is back,
     // and what follows has larger IDs.
-    a.changes_config(TABLE, ChangesStep::Switch(false), 8, Vec::new())
+    a.changes_config(TABLE, ChangesStep::Switch(false), 8, Vec::new(), None)
         .await
+        .unwrap()
         .unwrap();
-    a.changes_config(TABLE, ChangesStep::Switch(true), 9, Vec::new())
+    a.changes_config(TABLE, ChangesStep::Switch(true), 9, Vec::new(), None)
         .await
+        .unwrap()
         .unwrap();
     write(&a, 10, vec![set("again", "1")]).await;
     let lost = log(&a).unwrap_err().to_string();
@@ -138,8 +141,9 @@ async fn replicas_applying_the_same_entries_write_the_same_log() {
 #[tokio::test]
 async fn a_replica_that_installed_a_snapshot_refuses_reads_below_it() {
     let ((_a, a), (_c, c)) = (open(), open());
-    a.changes_config(TABLE, ChangesStep::Switch(true), 1, Vec::new())
+    a.changes_config(TABLE, ChangesStep::Switch(true), 1, Vec::new(), None)
         .await
+        .unwrap()
         .unwrap();
     write(&a, 2, vec![set("k", "1")]).await;
     write(&a, 3, vec![set("k", "2")]).await;
@@ -165,11 +169,13 @@ async fn a_replica_that_installed_a_snapshot_refuses_reads_below_it() {
 #[tokio::test]
 async fn a_trim_drops_what_is_past_the_retention_and_reads_below_it_say_so() {
     let (_a, a) = open();
-    a.changes_config(TABLE, ChangesStep::Switch(true), 1, Vec::new())
+    a.changes_config(TABLE, ChangesStep::Switch(true), 1, Vec::new(), None)
         .await
+        .unwrap()
         .unwrap();
-    a.changes_config(TABLE, ChangesStep::Retention(60_000), 2, Vec::new())
+    a.changes_config(TABLE, ChangesStep::Retention(60_000), 2, Vec::new(), None)
         .await
+        .unwrap()
         .unwrap();
     // Timestamps of entry i are (i << 16): physical ms 0 to 5, long past.
     write(&a, 3, vec![set("k", "1")]).await;
@@ -177,14 +183,28 @@ async fn a_trim_drops_what_is_past_the_retention_and_reads_below_it_say_so() {
     let before = log(&a).unwrap();
     assert_eq!(before.len(), 2);
     // A trim at a clock before the retention ran out removes nothing.
-    a.changes_config(TABLE, ChangesStep::Trim { now_ms: 30_000 }, 5, Vec::new())
-        .await
-        .unwrap();
+    a.changes_config(
+        TABLE,
+        ChangesStep::Trim { now_ms: 30_000 },
+        5,
+        Vec::new(),
+        None,
+    )
+    .await
+    .unwrap()
+    .unwrap();
     assert_eq!(log(&a).unwrap(), before);
     // Past it, everything goes; a read from the start names where the log now begins.
-    a.changes_config(TABLE, ChangesStep::Trim { now_ms: 120_000 }, 6, Vec::new())
-        .await
-        .unwrap();
+    a.changes_config(
+        TABLE,
+        ChangesStep::Trim { now_ms: 120_000 },
+        6,
+        Vec::new(),
+        None,
+    )
+    .await
+    .unwrap()
+    .unwrap();
     let lost = log(&a).unwrap_err().to_string();
     assert!(lost.contains("HISTORYLOST"), "{lost}");
     assert_eq!(a.table(TABLE, false).changes_info().unwrap().events, 0);
@@ -200,11 +220,13 @@ async fn a_trim_drops_what_is_past_the_retention_and_reads_below_it_say_so() {
 async fn replicas_that_batched_entries_differently_trim_the_same_events() {
     let ((_a, a), (_b, b)) = (open(), open());
     for e in [&a, &b] {
-        e.changes_config(TABLE, ChangesStep::Switch(true), 1, Vec::new())
+        e.changes_config(TABLE, ChangesStep::Switch(true), 1, Vec::new(), None)
             .await
+            .unwrap()
             .unwrap();
-        e.changes_config(TABLE, ChangesStep::Retention(1_000), 2, Vec::new())
+        e.changes_config(TABLE, ChangesStep::Retention(1_000), 2, Vec::new(), None)
             .await
+            .unwrap()
             .unwrap();
     }
     // Entries 3 and 4 (physical ms 3 and 4): one storage job on `a`, two on `b`.
@@ -235,9 +257,16 @@ async fn replicas_that_batched_entries_differently_trim_the_same_events() {
     let all = log(&a).unwrap();
     // The cutoff falls between the two entries: physical ms 4 at now 1,004.
     for e in [&a, &b] {
-        e.changes_config(TABLE, ChangesStep::Trim { now_ms: 1_004 }, 5, Vec::new())
-            .await
-            .unwrap();
+        e.changes_config(
+            TABLE,
+            ChangesStep::Trim { now_ms: 1_004 },
+            5,
+            Vec::new(),
+            None,
+        )
+        .await
+        .unwrap()
+        .unwrap();
     }
     for e in [&a, &b] {
         let t = e.table(TABLE, false);
@@ -256,9 +285,16 @@ async fn replicas_that_batched_entries_differently_trim_the_same_events() {
     }
     // Everything trimmed: `$` (the last ID) stays where it was, and reading after it is fine.
     for e in [&a, &b] {
-        e.changes_config(TABLE, ChangesStep::Trim { now_ms: 100_000 }, 6, Vec::new())
-            .await
-            .unwrap();
+        e.changes_config(
+            TABLE,
+            ChangesStep::Trim { now_ms: 100_000 },
+            6,
+            Vec::new(),
+            None,
+        )
+        .await
+        .unwrap()
+        .unwrap();
         let t = e.table(TABLE, false);
         let info = t.changes_info().unwrap();
         assert_eq!((info.events, info.last), (0, all[1].0));

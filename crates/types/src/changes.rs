@@ -349,6 +349,112 @@ pub mod merged {
     }
 }
 
+/// Consumer groups on change streams (design §5): what a group keeps and the changes made to
+/// it through the Raft log of the keyspace's first shard, so that a delivery or an
+/// acknowledgement survives a failover and a retried one is applied once.
+pub mod groups {
+    use std::collections::BTreeMap;
+
+    use bytes::Bytes;
+    use serde::{Deserialize, Serialize};
+
+    use super::StreamId;
+
+    /// Entries a group's pending list holds at most (a delivery past it is refused: XACK
+    /// first).
+    pub const PEL_MAX: usize = 100_000;
+    /// Consumers a group holds at most.
+    pub const CONSUMERS_MAX: usize = 10_000;
+    /// Groups one stream holds at most.
+    pub const GROUPS_MAX: usize = 1_000;
+
+    /// A group: where `>` reads on from, and its consumers.
+    #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+    pub struct GroupRecord {
+        pub last: StreamId,
+        /// Entries delivered to the group by `>` (XINFO's `entries-read`).
+        pub entries_read: u64,
+        /// Consumer name -> (last seen ms, last successful read ms).
+        pub consumers: BTreeMap<Bytes, (u64, u64)>,
+        /// Entries in the pending list.
+        pub pending: u64,
+    }
+
+    /// One delivered, unacknowledged entry.
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct Pending {
+        pub consumer: Bytes,
+        pub delivered_ms: u64,
+        pub deliveries: u64,
+    }
+
+    /// A change to the groups of one stream (`stream`: `<keyspace>` for the merged stream,
+    /// `<keyspace>#<n>` for a shard's). Variants are only ever appended.
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub enum GroupOp {
+        Create {
+            last: StreamId,
+            entries_read: Option<u64>,
+        },
+        Destroy,
+        SetId {
+            last: StreamId,
+            entries_read: Option<u64>,
+        },
+        CreateConsumer {
+            consumer: Bytes,
+            now_ms: u64,
+        },
+        DelConsumer {
+            consumer: Bytes,
+        },
+        /// `>`: entries `ids` (in order) delivered to `consumer`, if the group's last ID is
+        /// still `expect` (else nothing changes and 0 answers: read again).
+        Deliver {
+            consumer: Bytes,
+            expect: StreamId,
+            ids: Vec<StreamId>,
+            noack: bool,
+            now_ms: u64,
+        },
+        /// The consumer read its history or came back (XREADGROUP with an ID): seen now.
+        Seen {
+            consumer: Bytes,
+            now_ms: u64,
+        },
+        Ack {
+            ids: Vec<StreamId>,
+        },
+        Claim {
+            consumer: Bytes,
+            min_idle_ms: u64,
+            ids: Vec<StreamId>,
+            /// The new delivery time (IDLE / TIME), else now.
+            delivered_ms: Option<u64>,
+            retry_count: Option<u64>,
+            force: bool,
+            justid: bool,
+            now_ms: u64,
+        },
+        AutoClaim {
+            consumer: Bytes,
+            min_idle_ms: u64,
+            start: StreamId,
+            count: usize,
+            justid: bool,
+            now_ms: u64,
+        },
+    }
+
+    /// A [`GroupOp`] on one stream's group.
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct GroupCommand {
+        pub stream: Bytes,
+        pub group: Bytes,
+        pub op: GroupOp,
+    }
+}
+
 /// Field names of a transaction's events (see [`Change::fields`]).
 pub const TXN_FIELD: &str = "txn";
 /// The participants' Raft groups, comma-separated (shard streams only; a merged stream

@@ -139,7 +139,7 @@ pub struct Groups {
     lock_wait_hook: std::sync::OnceLock<route::LockWaitHook>,
     /// When this node last proposed a progress entry to each group
     /// ([`Groups::changes_progress`]), for coalescing.
-    progress_sent: Mutex<HashMap<GroupId, std::time::Instant>>,
+    progress_sent: Mutex<HashMap<GroupId, (std::time::Instant, capdb_types::Timestamp)>>,
 }
 
 fn unavailable(msg: impl Into<String>) -> Error {

@@ -631,27 +631,48 @@ impl Groups {
             .await
     }
 
-    /// Closes a data group's change stream up to this node's clock now, through its log
-    /// ([`Request::ChangesProgress`]), so that a merged reader can release events of other
-    /// shards while this one is idle. Coalesced per group on this node: when one was proposed
-    /// less than `min_gap` ago, nothing is proposed and `Ok(false)` answers.
-    pub async fn changes_progress(&self, group: GroupId, min_gap: Duration) -> Result<bool, Error> {
+    /// Closes a data group's change stream up to this node's clock now, and at least to
+    /// `at_least` (another shard's clock, which a clock running behind would not reach),
+    /// through its log ([`Request::ChangesProgress`]), so that a merged reader can release
+    /// events of other shards while this one is idle. Coalesced per group on this node: when
+    /// one reaching `at_least` was proposed less than `min_gap` ago, nothing is proposed and
+    /// `Ok(false)` answers.
+    pub async fn changes_progress(
+        &self,
+        group: GroupId,
+        min_gap: Duration,
+        at_least: capdb_types::Timestamp,
+    ) -> Result<bool, Error> {
+        let ts = self.hlc.now().max(at_least);
         {
             let mut sent = self.progress_sent.lock().unwrap_or_else(|p| p.into_inner());
             let now = Instant::now();
-            if sent
-                .get(&group)
-                .is_some_and(|at| now.saturating_duration_since(*at) < min_gap)
-            {
+            if sent.get(&group).is_some_and(|(at, reached)| {
+                now.saturating_duration_since(*at) < min_gap && *reached >= at_least
+            }) {
                 return Ok(false);
             }
             // Bounded by the groups of this cluster (one entry each).
-            sent.insert(group, now);
+            sent.insert(group, (now, ts));
         }
-        let ts = self.hlc.now();
         self.changes_step(group, Request::ChangesProgress { ts })
             .await
             .map(|()| true)
+    }
+
+    /// Applies a consumer-group command through a data group's log; its answer (an error
+    /// inside: refused, nothing changed).
+    pub async fn changes_group(
+        &self,
+        group: GroupId,
+        cmd: capdb_types::changes::groups::GroupCommand,
+    ) -> Result<Result<Reply, Error>, Error> {
+        match self.write(group, Request::ChangesGroup(cmd)).await? {
+            Response::Replies(mut r) if r.len() == 1 => Ok(r.remove(0)),
+            other => Err(Error::Io(format!(
+                "unexpected response to a consumer-group command: {other:?}"
+            ))),
+        }
     }
 
     async fn changes_step(&self, group: GroupId, request: Request) -> Result<(), Error> {

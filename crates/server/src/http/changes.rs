@@ -110,6 +110,8 @@ struct Found {
     entries: Vec<Reply>,
     resolved: Option<StreamId>,
     lagging: Vec<u32>,
+    /// What the lagging shards must be closed at.
+    newest: capdb_types::Timestamp,
 }
 
 /// Reads the events after `after` (exclusive) of one shard (`Some`) or the merged stream
@@ -137,6 +139,7 @@ async fn page(
                 entries: page.entries,
                 resolved: None,
                 lagging: Vec::new(),
+                newest: capdb_types::Timestamp::ZERO,
             };
             (page.on, page.events, found)
         }
@@ -150,6 +153,7 @@ async fn page(
                 entries: page.entries,
                 resolved: Some(page.resolved),
                 lagging: page.lagging,
+                newest: page.newest,
             };
             (page.on, page.events, found)
         }
@@ -177,12 +181,19 @@ fn marks(ks: &Keyspace, shard: Option<u32>) -> Vec<(u32, Option<u64>)> {
 
 /// Waits until one of the shards applied past its mark, or `max`; when events wait on
 /// lagging shards of a merged stream, closes those first and waits briefly.
-async fn wait(ks: &Keyspace, marks: &[(u32, Option<u64>)], lagging: &[u32], max: Duration) {
+async fn wait(
+    ks: &Keyspace,
+    marks: &[(u32, Option<u64>)],
+    lagging: &[u32],
+    newest: capdb_types::Timestamp,
+    max: Duration,
+) {
     let max = if lagging.is_empty() {
         max
     } else {
-        merged::close_shards(ks, lagging, Duration::from_secs(1)).await;
-        max.min(merged::PROGRESS_GAP)
+        merged::close_shards(ks, lagging, newest, Duration::from_secs(1)).await;
+        // Not faster than this while they do not close (a shard without a leader).
+        max.min(merged::PROGRESS_GAP * 4)
     };
     if marks.is_empty() {
         tokio::time::sleep(max).await;
@@ -285,7 +296,14 @@ async fn answer(
         if let Some(r) = found.resolved {
             after = after.max(r);
         }
-        wait(&ks, &marks, &found.lagging, left.min(SSE_WAIT)).await;
+        wait(
+            &ks,
+            &marks,
+            &found.lagging,
+            found.newest,
+            left.min(SSE_WAIT),
+        )
+        .await;
     };
     let mut body = String::new();
     for e in &found.entries {
@@ -322,8 +340,16 @@ fn sse_stream(
         announced: StreamId,
         closed_at: tokio::time::Instant,
         lagging: Vec<u32>,
+        newest: capdb_types::Timestamp,
         resolved: Option<StreamId>,
+        /// Where the shards stood before the last page was read, and whether it was empty
+        /// (only then does the stream wait before reading again).
+        marks: Vec<(u32, Option<u64>)>,
+        idle: bool,
     }
+    let idle = first.entries.is_empty();
+    // After the first read (an apply in between waits out at most one `SSE_WAIT`).
+    let first_marks = marks(&ks, shard);
     let state = State {
         node,
         ks,
@@ -333,8 +359,11 @@ fn sse_stream(
         failed: false,
         announced: after,
         closed_at: tokio::time::Instant::now(),
+        idle,
         lagging: first.lagging,
+        newest: first.newest,
         resolved: first.resolved,
+        marks: first_marks,
     };
     let stream = futures::stream::unfold(state, |mut st| async move {
         // A node shutting down ends its streams (clients reconnect elsewhere with their
@@ -366,23 +395,30 @@ fn sse_stream(
                     .data(serde_json::json!({ "progress": r.to_string() }).to_string());
                 return Some((Ok::<Event, std::convert::Infallible>(event), st));
             }
-            let marks = marks(&st.ks, st.shard);
-            let lagging = std::mem::take(&mut st.lagging);
-            wait(&st.ks, &marks, &lagging, SSE_WAIT).await;
-            if st.node.is_shutting_down() {
-                return None;
+            if st.idle {
+                let lagging = std::mem::take(&mut st.lagging);
+                wait(&st.ks, &st.marks, &lagging, st.newest, SSE_WAIT).await;
+                if st.node.is_shutting_down() {
+                    return None;
+                }
+                // Idle: close every shard now and then, so the resolved ID advances.
+                let idle_close = st.shard.is_none() && st.closed_at.elapsed() >= SSE_WAIT;
+                if idle_close {
+                    st.closed_at = tokio::time::Instant::now();
+                    let all: Vec<u32> = (0..st.ks.shard_count().unwrap_or(0) as u32).collect();
+                    merged::close_shards(&st.ks, &all, capdb_types::Timestamp::ZERO, SSE_WAIT)
+                        .await;
+                }
             }
-            // Idle: close every shard now and then, so the resolved ID advances.
-            let idle_close = st.shard.is_none() && st.closed_at.elapsed() >= SSE_WAIT;
-            if idle_close {
-                st.closed_at = tokio::time::Instant::now();
-                let all: Vec<u32> = (0..st.ks.shard_count().unwrap_or(0) as u32).collect();
-                merged::close_shards(&st.ks, &all, SSE_WAIT).await;
-            }
+            // Taken before the read: an apply after it moves them, so the next wait cannot
+            // miss it.
+            st.marks = marks(&st.ks, st.shard);
             match page(&st.ks, st.shard, st.after, CHANGES_PAGE_MAX, false).await {
                 Ok(found) => {
+                    st.idle = found.entries.is_empty();
                     st.pending = found.entries.into();
                     st.lagging = found.lagging;
+                    st.newest = found.newest;
                     st.resolved = found.resolved;
                 }
                 Err(e) => {

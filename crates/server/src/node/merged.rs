@@ -5,24 +5,30 @@
 //! # The order and why it is safe to release
 //!
 //! Each shard's log gives its events strictly increasing stream clocks, and a shard's
-//! *closed* clock says that every event it logs later gets a larger one (`changes.rs`). So
+//! *closed* clock says that every event it logs later gets a larger one (`changes.rs`: its
+//! horizon, kept just below the smallest vote of a transaction prepared there, since that
+//! transaction's commit is placed at or above it). So
 //! once every shard is closed at R (the *resolved* clock, the smallest of them), no event at
 //! or below R can still appear anywhere: a reader may release them all, in order, and never
 //! has to go back. A shard with nothing to log holds R back; a reader that sees events
 //! waiting above R proposes a progress entry there ([`Keyspace::changes_progress`],
-//! coalesced), which closes it at the proposer's clock.
+//! coalesced), which closes it at the proposer's clock, and at least at the waiting events'
+//! (so a proposer whose clock runs behind still releases them with one entry).
 //!
 //! # Transactions arrive together
 //!
 //! A cross-shard transaction logs one part per participant, at different clocks. The merged
-//! stream places all of them at its first part (the smallest clock, then shard), numbered in
-//! shard order. Per-key order still holds: every part is logged at or above the commit
-//! timestamp, which is above every event logged on any participant before its prepare
+//! stream places all of them at its first part with events (the smallest clock, then shard),
+//! numbered in shard order; a part without events (its keys were only read) has no say.
+//! Per-key order still holds: every part is logged at or above the commit timestamp, which
+//! is above every event logged on any participant before its prepare
 //! (`ChangeLog::vote_at`), and the transaction's keys stay locked until its part is logged.
-//! Parts not in a page are found by the transaction's id (`Keyspace::changes_txn`); a part
-//! still pending (prepared, not committed) stops the page just before the transaction; a part
-//! gone (trimmed) means the transaction lies before the reader's start (a replica that holds
-//! a later position of that shard holds the part, or has trimmed past it).
+//! Parts not in a page are found by the transaction's id (`Keyspace::changes_txn`, read
+//! linearizably, so a lagging replica never answers for it); a part still pending (prepared,
+//! not committed) stops the page just before the transaction (rare: the prepared shard's
+//! closed clock is below it); a part gone (trimmed, or logged while that shard's log was
+//! off) is left out. Known limit: a reader whose position falls between a transaction's
+//! parts while the retention trims the earlier one gets the later parts again.
 //!
 //! # Bounds
 //!
@@ -59,8 +65,10 @@ pub struct MergedPage {
     pub on: bool,
     /// Events the shards hold, summed.
     pub events: u64,
-    /// The largest last ID's clock of the shards (what `$` means: [`merged::clock_end`]).
+    /// The largest last ID's clock of the shards.
     pub last_clock: Timestamp,
+    /// The newest clock read: what the lagging shards must be closed at to release it.
+    pub newest: Timestamp,
 }
 
 /// One event of a shard's page, as read.
@@ -159,6 +167,15 @@ pub async fn read(
     .await?;
     let on = pages.iter().all(|p| p.on);
     let events = pages.iter().map(|p| p.events).sum();
+    if let Some(off) = pages.iter().position(|p| !p.on)
+        && pages.iter().any(|p| p.on)
+    {
+        // Part-way through a switch: the merged order needs every shard's log.
+        return Err(Error::Command(format!(
+            "ERR changes of keyspace '{}' are off on shard {off} (CHANGES CONFIG {} on)",
+            ks.spec.name, ks.spec.name
+        )));
+    }
     let last_clock = pages
         .iter()
         .filter_map(|p| StreamId::parse_with(&p.last, 0).ok())
@@ -244,10 +261,13 @@ pub async fn read(
             }
         }
     }
+    // Linearizable, whatever the reader's consistency: a lagging replica would not know a
+    // part that the page's replica already counted as closed.
     let found = futures::future::try_join_all(lookups.iter().map(|(id, s)| async move {
         let raw = txn_id_bytes(id)
             .ok_or_else(|| Error::Io("a change-log transaction id does not parse".into()))?;
-        ks.changes_txn(*s, &raw, now_ms, c).await
+        ks.changes_txn(*s, &raw, now_ms, Consistency::default())
+            .await
     }))
     .await?;
     for ((id, s), part) in lookups.into_iter().zip(found) {
@@ -268,13 +288,11 @@ pub async fn read(
     }
     let mut blocked: Option<StreamId> = None;
     for g in txns.into_values() {
-        if g.gone {
-            // Before this reader's start (see the module docs).
-            continue;
-        }
+        // Placed at its first part with events (parts gone or empty have no say).
         let Some((first_shard, first_clock)) = g
             .parts
             .iter()
+            .filter(|(_, (_, reads))| !reads.is_empty())
             .map(|(s, (clock, _))| (*clock, *s))
             .min()
             .map(|(clock, s)| (s, clock))
@@ -283,7 +301,9 @@ pub async fn read(
         };
         let first = merged::id(first_clock, first_shard, 0);
         if g.pending {
-            blocked = Some(blocked.map_or(first, |b| b.min(first)));
+            if first >= from {
+                blocked = Some(blocked.map_or(first, |b| b.min(first)));
+            }
             continue;
         }
         let mut n: u32 = 0;
@@ -338,15 +358,27 @@ pub async fn read(
         on,
         events,
         last_clock,
+        newest,
     })
 }
 
-/// Proposes progress entries on `shards` (coalesced per [`PROGRESS_GAP`]), each bounded by
-/// `max`; errors are left to the next read (a shard without a leader holds the stream back,
-/// as it must).
-pub async fn close_shards(ks: &Keyspace, shards: &[u32], max: Duration) {
+/// Where the merged stream stands now: every shard closed at least at the newest clock any
+/// of them logged, then read. Its `resolved` is what `$` means (everything logged before
+/// this call is at or below it) and what `CHANGES RESOLVED` answers.
+pub async fn resolve_now(ks: &Keyspace, now_ms: u64, c: Consistency) -> Result<MergedPage> {
+    let page = read(ks, StreamId::MAX, StreamId::MAX, 1, now_ms, c).await?;
+    let all: Vec<u32> = (0..ks.shard_count().unwrap_or(0) as u32).collect();
+    close_shards(ks, &all, page.last_clock, Duration::from_secs(1)).await;
+    read(ks, StreamId::MAX, StreamId::MAX, 1, now_ms, c).await
+}
+
+/// Proposes progress entries on `shards`, at least to `at_least` (coalesced per
+/// [`PROGRESS_GAP`]), each bounded by `max`; errors are left to the next read (a shard
+/// without a leader holds the stream back, as it must).
+pub async fn close_shards(ks: &Keyspace, shards: &[u32], at_least: Timestamp, max: Duration) {
     let proposals = shards.iter().map(|s| async move {
-        if let Ok(Err(e)) = tokio::time::timeout(max, ks.changes_progress(*s, PROGRESS_GAP)).await {
+        let close = ks.changes_progress(*s, PROGRESS_GAP, at_least);
+        if let Ok(Err(e)) = tokio::time::timeout(max, close).await {
             tracing::debug!(keyspace = %ks.spec.name, shard = s, error = %e, "progress entry failed");
         }
     });
@@ -367,6 +399,6 @@ pub async fn read_closing(
     if page.lagging.is_empty() || page.resolved >= to {
         return Ok(page);
     }
-    close_shards(ks, &page.lagging, Duration::from_secs(1)).await;
+    close_shards(ks, &page.lagging, page.newest, Duration::from_secs(1)).await;
     read(ks, from, to, count, now_ms, c).await
 }

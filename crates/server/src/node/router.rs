@@ -466,16 +466,64 @@ impl Keyspace {
         })
     }
 
-    /// Closes shard `shard`'s change stream up to this node's clock, through its log
-    /// (coalesced: at most one proposal per `min_gap` per shard from this node).
-    pub async fn changes_progress(&self, shard: u32, min_gap: std::time::Duration) -> Result<()> {
+    /// Applies a consumer-group command through the Raft log of this keyspace's first shard,
+    /// which keeps every group of its change streams; its answer (an error inside: refused).
+    pub async fn changes_group(
+        &self,
+        cmd: capdb_types::changes::groups::GroupCommand,
+    ) -> Result<Result<Reply>> {
+        self.check_live()?;
+        let Store::Cp { entry, groups, .. } = &self.store else {
+            return Err(not_streamed(self.name()));
+        };
+        let Some(first) = entry.shards.first() else {
+            return Err(Error::Io("a keyspace without shards".into()));
+        };
+        groups.changes_group(first.group, cmd).await
+    }
+
+    /// The consumer groups of change stream `stream` (see `capdb_storage::disk`'s
+    /// `groups::query`), read through the first shard's read path at consistency `c`.
+    pub async fn changes_group_query(
+        &self,
+        stream: &[u8],
+        group: Option<&[u8]>,
+        now_ms: u64,
+        c: Consistency,
+    ) -> Result<Reply> {
+        self.check_live()?;
+        let Store::Cp { entry, groups, .. } = &self.store else {
+            return Err(not_streamed(self.name()));
+        };
+        let Some(first) = entry.shards.first() else {
+            return Err(Error::Io("a keyspace without shards".into()));
+        };
+        let mut args = vec![
+            Bytes::from_static(capdb_storage::disk::CHANGES_GROUP_QUERY.as_bytes()),
+            Bytes::copy_from_slice(stream),
+        ];
+        args.extend(group.map(Bytes::copy_from_slice));
+        groups.query(first.group, args, c.cp_read, now_ms, 0).await
+    }
+
+    /// Closes shard `shard`'s change stream up to this node's clock and at least `at_least`,
+    /// through its log (coalesced: at most one proposal per `min_gap` per shard from this
+    /// node, unless it must reach further).
+    pub async fn changes_progress(
+        &self,
+        shard: u32,
+        min_gap: std::time::Duration,
+        at_least: capdb_types::Timestamp,
+    ) -> Result<()> {
         let Store::Cp { entry, groups, .. } = &self.store else {
             return Err(not_streamed(self.name()));
         };
         let Some(info) = entry.shards.get(shard as usize) else {
             return Err(Error::Io(format!("no shard {shard}")));
         };
-        groups.changes_progress(info.group, min_gap).await?;
+        groups
+            .changes_progress(info.group, min_gap, at_least)
+            .await?;
         Ok(())
     }
 

@@ -79,7 +79,7 @@ pub const CHANGES_TRIM_EVENTS_MAX: usize = 65_536;
 pub const CHANGES_TRIM_BYTES_MAX: usize = 64 * 1024 * 1024;
 
 /// A change-log step applied through the shard's log (`Request::ChangesConfig` and friends).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ChangesStep {
     /// On (from this entry) or off (every row deleted).
     Switch(bool),
@@ -91,6 +91,8 @@ pub enum ChangesStep {
     /// Close the shard's stream up to `ts` (the proposer's clock): every later event gets a
     /// larger clock, so a merged reader may release everything at or below it.
     Progress { ts: Timestamp },
+    /// A consumer-group command on this (first) shard's element table (`groups.rs`).
+    Group(capdb_types::changes::groups::GroupCommand),
 }
 
 /// Bytes of keys and values one read gathers at most (past it the read stops, after at least
@@ -282,6 +284,16 @@ pub fn carried_rows(
         let k = reserved(name);
         if let Some(v) = el.get(&k[..]).map_err(io_err)? {
             out.push((k, v.value().to_vec()));
+        }
+    }
+    // Consumer groups and their pending entries (bounded by their limits, `groups.rs`).
+    for prefix in super::groups::all_rows_prefixes() {
+        for r in el.range(&prefix[..]..).map_err(io_err)? {
+            let (k, v) = r.map_err(io_err)?;
+            if !k.value().starts_with(&prefix) {
+                break;
+            }
+            out.push((k.value().to_vec(), v.value().to_vec()));
         }
     }
     Ok(out)
@@ -649,7 +661,8 @@ pub struct ChangeInfo {
     pub events: u64,
     /// The ID of the last event logged (`0-0` when none).
     pub last: StreamId,
-    /// Every event logged after this snapshot gets a clock above this (design §3.2).
+    /// Every event logged after this snapshot gets a clock above this (design §3.2): the
+    /// horizon, or just below the smallest vote of a transaction prepared here.
     pub closed: Timestamp,
 }
 
@@ -865,10 +878,20 @@ pub(super) fn info(txn: &redb::ReadTransaction, table: &str) -> Result<ChangeInf
         Some(n) => StreamId::of_event(log.clock, u32::try_from(n).unwrap_or(u32::MAX)),
         None => StreamId::MIN,
     };
+    // A prepared transaction's commit will be logged at or above its vote: closed below it.
+    let open_vote = match txn.open_table(table_def(&crate::layout::element_table(table))) {
+        Ok(el) => super::txn::min_open_vote(&el)?,
+        Err(redb::TableError::TableDoesNotExist(_)) => None,
+        Err(e) => return Err(io_err(e)),
+    };
+    let closed = match open_vote {
+        Some(v) => log.horizon().min(Timestamp(v.0.saturating_sub(1))),
+        None => log.horizon(),
+    };
     Ok(ChangeInfo {
         on: log.on,
         events: log.events,
         last,
-        closed: log.horizon(),
+        closed,
     })
 }

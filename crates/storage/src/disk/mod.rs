@@ -77,6 +77,7 @@
 
 mod ap;
 mod changes;
+mod groups;
 mod log;
 mod meta;
 mod mutation;
@@ -106,6 +107,10 @@ pub use changes::{
     CHANGES_TRIM_EVENTS_MAX, CHANGES_TXN_QUERY, ChangeInfo, ChangesStep, RETENTION_MS_DEFAULT,
     TxnPartAt,
 };
+pub use groups::CHANGES_GROUP_QUERY;
+
+/// Encodes a step's answer for the `_meta` row that remembers it (exactly-once retries).
+pub type RememberReply = Box<dyn Fn(&Result<capdb_types::Reply>) -> Vec<u8> + Send + Sync>;
 pub use meta::MetaItem;
 use ops::Op;
 pub use replicated::{Queued, RememberReplies, TableDump};

@@ -107,6 +107,8 @@ pub(super) enum Op {
         step: super::ChangesStep,
         index: u64,
         meta: Vec<MetaItem>,
+        /// The `_meta` key remembering the answer, and how to encode it.
+        remember: Option<(String, super::RememberReply)>,
     },
     /// Appends records to a log table (u64 index -> bytes).
     LogAppend {
@@ -251,6 +253,8 @@ pub(super) enum Output {
     Merged(super::ap::MergeOutcome),
     /// What a `TxnStep` answered (an error: the step broke the protocol, nothing changed).
     Txn(Result<super::txn::TxnAnswer>),
+    /// What a `ChangesConfig` answered (an error inside: refused, nothing changed).
+    Answer(Result<capdb_types::Reply>),
     /// Every other op, done.
     Done,
     /// The job failed alone (e.g. its table was dropped); the rest of the batch committed.
@@ -289,6 +293,13 @@ impl Output {
         }
     }
 
+    pub(super) fn into_answer(self) -> Result<Result<capdb_types::Reply>> {
+        match self {
+            Output::Answer(a) => Ok(a),
+            other => Err(other.unexpected("an answer")),
+        }
+    }
+
     pub(super) fn into_done(self) -> Result<()> {
         match self {
             Output::Done => Ok(()),
@@ -306,6 +317,7 @@ impl Output {
             Output::Count(_) => "a count",
             Output::Merged(_) => "a merge outcome",
             Output::Txn(_) => "a transaction answer",
+            Output::Answer(_) => "an answer",
             Output::Done => "done",
         };
         Error::Io(format!(
@@ -398,16 +410,34 @@ pub(super) fn execute(x: &Exec, op: &Op, live_tables: &mut HashSet<String>) -> R
             step,
             index,
             meta,
+            remember,
         } => {
-            match step {
-                super::ChangesStep::Switch(on) => super::changes::configure(x, table, *on, *index)?,
-                super::ChangesStep::Retention(ms) => super::changes::set_retention(x, table, *ms)?,
-                super::ChangesStep::Trim { now_ms } => super::changes::trim(x, table, *now_ms)?,
-                super::ChangesStep::Progress { ts } => super::changes::progress(x, table, *ts)?,
-            }
+            let ok = || Ok(capdb_types::Reply::Ok);
+            let answer = match step {
+                super::ChangesStep::Switch(on) => {
+                    super::changes::configure(x, table, *on, *index).map(|()| ok())?
+                }
+                super::ChangesStep::Retention(ms) => {
+                    super::changes::set_retention(x, table, *ms).map(|()| ok())?
+                }
+                super::ChangesStep::Trim { now_ms } => {
+                    super::changes::trim(x, table, *now_ms).map(|()| ok())?
+                }
+                super::ChangesStep::Progress { ts } => {
+                    super::changes::progress(x, table, *ts).map(|()| ok())?
+                }
+                super::ChangesStep::Group(cmd) => {
+                    super::groups::apply(x, &element_table(table), cmd)?
+                }
+            };
             let mut mt = x.txn.open_table(META_TABLE).map_err(io_err)?;
+            if let Some((key, encode_answer)) = remember {
+                mt.insert(key.as_str(), &encode_answer(&answer)[..])
+                    .map_err(io_err)?;
+            }
+            // The applied state after the remembered answer (a later forget in `meta` wins).
             put_meta(&mut mt, meta)?;
-            Ok(Output::Done)
+            Ok(Output::Answer(answer))
         }
         Op::LogAppend { table, records } => append_log(x, table, records),
         Op::LogRemove { table, from, to } => remove_log_range(x, table, *from, *to),

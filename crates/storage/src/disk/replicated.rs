@@ -141,21 +141,25 @@ impl DiskEngine {
     /// Turns a shard's change log on or off, sets its retention or trims it (`step`) at log
     /// index `index`, with the applied state
     /// `meta`, in one storage transaction (not durable by itself, like an apply).
+    /// Answers what the step answers (an error inside: refused, nothing changed), remembered
+    /// under `remember` in the same transaction.
     pub async fn changes_config(
         &self,
         table: &str,
         step: super::ChangesStep,
         index: u64,
         meta: Vec<MetaItem>,
-    ) -> Result<()> {
+        remember: Option<(String, super::RememberReply)>,
+    ) -> Result<Result<capdb_types::Reply>> {
         self.submit(Op::ChangesConfig {
             table: table.to_string(),
             step,
             index,
             meta,
+            remember,
         })
         .await?
-        .into_done()
+        .into_answer()
     }
 
     /// Every `(key, encoded value)` of a table plus the given `_meta` entries and those under

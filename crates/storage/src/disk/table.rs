@@ -391,6 +391,25 @@ impl KeyspaceStore for DiskTable {
         {
             return self.changes_txn_query(args);
         }
+        if args
+            .first()
+            .is_some_and(|n| n.as_ref() == super::CHANGES_GROUP_QUERY.as_bytes())
+        {
+            // `stream [group]`: see `groups::query`.
+            let (stream, group) = match args {
+                [_, stream] => (stream, None),
+                [_, stream, group] => (stream, Some(&group[..])),
+                _ => {
+                    return Err(Error::InvalidInput("malformed consumer-group query".into()));
+                }
+            };
+            return Ok(self
+                .read_elements(|el| super::groups::query(el, stream, group))?
+                .unwrap_or(match group {
+                    Some(_) => Reply::Array(vec![Reply::Nil, Reply::Array(Vec::new())]),
+                    None => Reply::Array(Vec::new()),
+                }));
+        }
         let txn = self.begin_read()?;
         let open = |name: &str| match txn.open_table(table_def(name)) {
             Ok(t) => Ok(Some(t)),

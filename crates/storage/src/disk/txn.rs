@@ -663,6 +663,31 @@ pub(super) fn prepared_ids(
     Ok(out)
 }
 
+/// The smallest YES vote among the transactions prepared here and not decided: their
+/// commits will be logged at or above it (the commit timestamp is the largest vote), so the
+/// shard's change stream is closed only below it (`changes.rs`).
+pub(super) fn min_open_vote(
+    el: &impl ReadableTable<&'static [u8], &'static [u8]>,
+) -> Result<Option<Timestamp>> {
+    let mut min: Option<Timestamp> = None;
+    for id in prepared_ids(el)? {
+        let Some(raw) = el.get(&row(RECORD, &[&id_bytes(id)])[..]).map_err(io_err)? else {
+            continue;
+        };
+        if let Ok((
+            RecordHead {
+                participation: Participation::Prepared { ts, .. },
+                ..
+            },
+            _,
+        )) = postcard::take_from_bytes::<RecordHead>(raw.value())
+        {
+            min = Some(min.map_or(ts, |m| m.min(ts)));
+        }
+    }
+    Ok(min)
+}
+
 /// Whether transaction `id` (its 24 stored bytes) is prepared here and not decided.
 pub(super) fn is_open(
     el: &impl ReadableTable<&'static [u8], &'static [u8]>,

@@ -44,6 +44,7 @@ mod keys;
 mod pubsub;
 mod scan;
 mod server;
+mod stream_groups;
 mod streams;
 mod strings;
 pub(super) mod txn;
@@ -211,11 +212,18 @@ const COMMANDS: &[Command] = &[
     row("unsubscribe", -1, &["pubsub", "noscript", "loading", "stale"], NO_KEYS, Now(pubsub::unsubscribe)),
     row("unwatch",     1,  &["noscript", "loading", "stale", "fast"], NO_KEYS, Now(txn::unwatch)),
     row("watch",       -2, &["noscript", "loading", "stale", "fast"], EVERY_KEY, wait!(txn::watch)),
+    row("xack",        -4, &["write", "fast"], KEY, wait!(stream_groups::xack)),
     row("xadd",        -5, &["write", "denyoom", "fast"], KEY, Now(streams::read_only)),
+    row("xautoclaim",  -6, &["write", "fast"], KEY, wait!(stream_groups::xautoclaim)),
+    row("xclaim",      -6, &["write", "fast"], KEY, wait!(stream_groups::xclaim)),
     row("xdel",        -3, &["write", "fast"], KEY, Now(streams::read_only)),
+    row("xgroup",      -2, &["write"], (2, 2, 1), wait!(stream_groups::xgroup)),
+    row("xinfo",       -2, &["readonly"], (2, 2, 1), wait!(stream_groups::xinfo)),
     row("xlen",        2,  &["readonly", "fast"], KEY, wait!(streams::xlen)),
+    row("xpending",    -3, &["readonly"], KEY, wait!(stream_groups::xpending)),
     row("xrange",      -4, &["readonly"], KEY, wait!(streams::xrange)),
     row("xread",       -4, &["readonly", "blocking", "movablekeys"], NO_KEYS, wait!(streams::xread)),
+    row("xreadgroup",  -7, &["write", "blocking", "movablekeys"], NO_KEYS, wait!(stream_groups::xreadgroup)),
     row("xrevrange",   -4, &["readonly"], KEY, wait!(streams::xrevrange)),
     row("xsetid",      -3, &["write", "denyoom", "fast"], KEY, Now(streams::read_only)),
     row("xtrim",       -4, &["write"], KEY, Now(streams::read_only)),

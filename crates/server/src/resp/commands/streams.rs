@@ -42,8 +42,18 @@ pub const XREAD_POLL: Duration = Duration::from_millis(100);
 /// Whether a stream command (`name`) on `key` reads a change stream: any node serves it (no
 /// `-MOVED`); a key that only starts like one answers its parse error on any node too.
 pub(super) fn reads_a_stream(name: &str, key: &[u8]) -> bool {
-    matches!(name, "xlen" | "xrange" | "xrevrange")
-        && matches!(StreamKey::parse(key), Ok(Some(_)) | Err(_))
+    matches!(
+        name,
+        "xlen"
+            | "xrange"
+            | "xrevrange"
+            | "xack"
+            | "xpending"
+            | "xclaim"
+            | "xautoclaim"
+            | "xgroup"
+            | "xinfo"
+    ) && matches!(StreamKey::parse(key), Ok(Some(_)) | Err(_))
 }
 
 /// `CHANGES CONFIG <keyspace> on|off [RETENTION-MS ms]` | `CHANGES SHARDS <keyspace>` |
@@ -116,21 +126,12 @@ pub(super) async fn changes(conn: &mut Connection, args: &[Bytes]) -> Outcome {
         // no event at or below this ID will ever appear in it.
         (b"resolved", 3) => {
             let ks = keyspace_named(conn, &args[2])?;
-            let n = ks.shard_count().ok_or_else(|| {
+            ks.shard_count().ok_or_else(|| {
                 "ERR change streams are built for cp keyspaces only so far".to_string()
             })?;
-            let all: Vec<u32> = (0..n as u32).collect();
-            crate::node::merged::close_shards(&ks, &all, Duration::from_secs(1)).await;
-            let page = crate::node::merged::read(
-                &ks,
-                StreamId::MAX,
-                StreamId::MAX,
-                1,
-                conn.now_ms,
-                conn.consistency,
-            )
-            .await
-            .map_err(|e| error_line(&e))?;
+            let page = crate::node::merged::resolve_now(&ks, conn.now_ms, conn.consistency)
+                .await
+                .map_err(|e| error_line(&e))?;
             if !page.on && page.events == 0 {
                 return Err(changes_off(&ks));
             }
@@ -155,14 +156,14 @@ fn keyspace_named(
 
 /// Which stream of a keyspace a key names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Target {
+pub(super) enum Target {
     Shard(u32),
     /// Every shard's, merged (`node/merged.rs`).
     Merged,
 }
 
 /// The keyspace and stream a stream key names (errors for what is not built yet).
-fn resolve(
+pub(super) fn resolve(
     conn: &Connection,
     key: &[u8],
 ) -> Result<(std::sync::Arc<crate::node::Keyspace>, Target), String> {
@@ -198,18 +199,20 @@ fn changes_off(ks: &crate::node::Keyspace) -> String {
 
 /// What a read of a stream key found: its entries, events held, last ID (for `$`), and
 /// for a merged stream the resolved ID and the shards holding it back.
-struct Page {
-    entries: Vec<Reply>,
-    events: u64,
-    last: StreamId,
-    resolved: Option<StreamId>,
-    lagging: Vec<u32>,
+pub(super) struct Page {
+    pub(super) entries: Vec<Reply>,
+    pub(super) events: u64,
+    pub(super) last: StreamId,
+    pub(super) resolved: Option<StreamId>,
+    pub(super) lagging: Vec<u32>,
+    /// What the lagging shards must be closed at.
+    pub(super) newest: capdb_types::Timestamp,
 }
 
 /// Reads a page of the stream `key` names; an error when its keyspace's changes are off
 /// (and it holds none). `closing`: on a merged stream, close idle shards that hold events
 /// back first (a non-blocking read answers everything logged before it).
-async fn read_page(
+pub(super) async fn read_page(
     conn: &Connection,
     key: &[u8],
     range: (StreamId, StreamId),
@@ -233,6 +236,7 @@ async fn read_page(
                 last: parse_id(&page.last)?,
                 resolved: None,
                 lagging: Vec::new(),
+                newest: capdb_types::Timestamp::ZERO,
             })
         }
         Target::Merged => {
@@ -240,7 +244,11 @@ async fn read_page(
                 return Err("ERR XREVRANGE on a keyspace's merged change stream is not built yet; read a shard's (__changes:<keyspace>#<shard>) or XRANGE forward".into());
             }
             let (from, to) = range;
-            let read = if closing {
+            let read = if from == StreamId::MAX {
+                // Where the stream stands (`$`, XLEN): everything logged before this call is
+                // at or below the answer's resolved ID.
+                crate::node::merged::resolve_now(&ks, conn.now_ms, conn.consistency).await
+            } else if closing {
                 crate::node::merged::read_closing(
                     &ks,
                     from,
@@ -260,9 +268,10 @@ async fn read_page(
             Ok(Page {
                 entries: page.entries,
                 events: page.events,
-                last: capdb_types::changes::merged::clock_end(page.last_clock),
+                last: page.resolved,
                 resolved: Some(page.resolved),
                 lagging: page.lagging,
+                newest: page.newest,
             })
         }
     }
@@ -427,12 +436,19 @@ pub(super) async fn xread(conn: &mut Connection, args: &[Bytes]) -> Outcome {
     // A merged stream read past what it resolved does not read that part again.
     let mut cursors = after.clone();
     let mut first = true;
+    // Rounds in a row with events held back by idle shards: the look-again backs off, so a
+    // shard that cannot close (no leader) costs a few reads a second, not hundreds.
+    let mut lag_rounds: u32 = 0;
     loop {
         // Where each shard's replica here stands, before reading: an apply after the read
         // moves it, so the wait below cannot miss it.
         let marks: Vec<Option<u64>> = shards.iter().map(|(ks, n)| ks.changes_mark(*n)).collect();
         let mut found: Vec<(Bytes, Vec<Reply>)> = Vec::new();
-        let mut lagging: Vec<(std::sync::Arc<crate::node::Keyspace>, Vec<u32>)> = Vec::new();
+        let mut lagging: Vec<(
+            std::sync::Arc<crate::node::Keyspace>,
+            Vec<u32>,
+            capdb_types::Timestamp,
+        )> = Vec::new();
         for ((k, from), (ks, _)) in keys.iter().zip(cursors.iter_mut()).zip(&targets) {
             if *from == StreamId::MAX {
                 continue;
@@ -452,7 +468,7 @@ pub(super) async fn xread(conn: &mut Connection, args: &[Bytes]) -> Outcome {
                 *from = (*from).max(resolved);
             }
             if !page.lagging.is_empty() {
-                lagging.push((ks.clone(), page.lagging));
+                lagging.push((ks.clone(), page.lagging, page.newest));
             }
         }
         first = false;
@@ -484,13 +500,24 @@ pub(super) async fn xread(conn: &mut Connection, args: &[Bytes]) -> Outcome {
             Some(at) => {
                 // Events wait on idle shards of a merged stream: close those, then look
                 // again soon (their progress entries wake the wait below).
+                lag_rounds = if lagging.is_empty() {
+                    0
+                } else {
+                    lag_rounds + 1
+                };
                 let poll = if lagging.is_empty() {
                     XREAD_POLL
                 } else {
-                    for (ks, shards) in &lagging {
-                        crate::node::merged::close_shards(ks, shards, Duration::from_secs(1)).await;
+                    for (ks, shards, newest) in &lagging {
+                        crate::node::merged::close_shards(
+                            ks,
+                            shards,
+                            *newest,
+                            Duration::from_secs(1),
+                        )
+                        .await;
                     }
-                    crate::node::merged::PROGRESS_GAP
+                    (crate::node::merged::PROGRESS_GAP * (1 << lag_rounds.min(5))).min(XREAD_POLL)
                 };
                 let wait = at.map_or(poll, |at| {
                     at.saturating_duration_since(tokio::time::Instant::now())
@@ -514,7 +541,7 @@ pub(super) async fn xread(conn: &mut Connection, args: &[Bytes]) -> Outcome {
     Ok(())
 }
 
-fn parse_id(text: &[u8]) -> Result<StreamId, String> {
+pub(super) fn parse_id(text: &[u8]) -> Result<StreamId, String> {
     StreamId::parse_with(text, 0).map_err(|e| error_line(&e))
 }
 
