@@ -863,7 +863,10 @@ fn consumer_groups_deliver_each_entry_once_and_survive_a_leader_kill() {
     ok(&mut a, "CHANGES CONFIG default on");
     assert_eq!(ok(&mut a, &format!("XGROUP CREATE {key} g $")), Value::Okay);
     assert!(err(&mut a, &format!("XGROUP CREATE {key} g $")).contains("BUSYGROUP"));
-    let e = err(&mut a, &format!("XREADGROUP GROUP nosuch c STREAMS {key} >"));
+    let e = err(
+        &mut a,
+        &format!("XREADGROUP GROUP nosuch c STREAMS {key} >"),
+    );
     assert!(
         e.contains("NOGROUP")
             && e.contains(
