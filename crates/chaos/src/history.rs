@@ -46,11 +46,15 @@ pub enum Workload {
     /// `check::bank`: every read sums to the total and no balance is negative. Every operation
     /// has the key `bank`.
     Bank,
+    /// Writes of unique values to `stream:N` keys (spread over the shards), followed through
+    /// the keyspace's merged change stream by consumer groups that crash and resume, a plain
+    /// reader, and watchers of the resolved ID (`crate::stream`), checked by `check::stream`.
+    Stream,
 }
 
 impl Workload {
     /// Every workload, in the order reports list them.
-    pub const ALL: [Workload; 8] = [
+    pub const ALL: [Workload; 9] = [
         Workload::Register,
         Workload::Cas,
         Workload::Counter,
@@ -59,6 +63,7 @@ impl Workload {
         Workload::Hset,
         Workload::Append,
         Workload::Bank,
+        Workload::Stream,
     ];
 
     /// Whether the register (linearizability) checker owns this workload's keys.

@@ -22,6 +22,7 @@ pub mod net;
 pub mod report;
 pub mod route;
 pub mod run;
+pub mod stream;
 pub mod workload;
 
 /// The harness itself failed (could not build namespaces, start nodes, write files): the

@@ -269,7 +269,15 @@ async fn drive(
 ) -> Result<Driven, HarnessError> {
     start_cluster(opts, topo, nodes).await?;
     let mut interrupt = watch_interrupts();
+    // The stream workload's log and groups exist before the first write.
+    let stream_start = if opts.workloads.contains(&Workload::Stream) {
+        Some(crate::stream::set_up(nodes).await?)
+    } else {
+        None
+    };
     let (shared, clients) = start_clients(opts, nodes, writer).await?;
+    let readers = stream_start
+        .map(|start| crate::stream::start(shared.clone(), nodes.clone(), start, opts.seed));
     let plan = nemesis::plan(
         opts.seed,
         opts.duration,
@@ -301,6 +309,10 @@ async fn drive(
         }
     }
     clients.stop().await;
+    let stream_log = match readers {
+        Some(r) if !interrupted => Some(crate::stream::finish(r, nodes).await),
+        _ => None,
+    };
     let convergence = if opts.ap && !interrupted {
         let c = wait_converged(nodes).await;
         match c {
@@ -334,8 +346,18 @@ async fn drive(
     }
     check_crashes(nodes, &shared, &mut crashes);
     problems.extend(crashes.iter().cloned());
+    let records = shared.recorder.finish();
+    if let Some(log) = stream_log {
+        let ops = crate::history::pair(&records).map_err(HarnessError)?;
+        let (found, details) = check::stream::check(&ops, &log);
+        eprintln!("chaos: stream workload: {details}");
+        for p in &found {
+            eprintln!("chaos: stream: {p}");
+        }
+        problems.extend(found.into_iter().map(|p| format!("stream: {p}")));
+    }
     Ok((
-        shared.recorder.finish(),
+        records,
         problems,
         interrupted,
         crashes,
@@ -587,6 +609,8 @@ async fn final_reads(shared: &Shared, nodes: &Nodes, clients: u64, ap: bool) -> 
         .unwrap_or_else(|p| p.into_inner())
         .used
         .iter()
+        // The stream workload's writes are checked through the change stream.
+        .filter(|(w, _)| *w != Workload::Stream)
         .cloned()
         .collect();
     let elements = shared

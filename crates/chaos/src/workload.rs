@@ -383,6 +383,20 @@ impl Keys {
             Workload::Sadd | Workload::Hset => self.next_collection(w, rng),
             Workload::Append => self.next_append(rng),
             Workload::Bank => next_bank(rng),
+            Workload::Stream => {
+                let e = self.next_element;
+                self.next_element += 1;
+                let n = crate::stream::STREAM_KEYS;
+                let a = rng.usize(0..n);
+                // One write in four is a MULTI/EXEC over two keys (most often two shards):
+                // its key names both, comma-separated.
+                let key = if rng.u8(0..4) == 0 {
+                    format!("stream:{a},stream:{}", (a + 1 + rng.usize(0..n - 1)) % n)
+                } else {
+                    format!("stream:{a}")
+                };
+                (F::Write, key, json!(e))
+            }
         };
         self.used.insert((w, key.clone()));
         (f, key, value)
@@ -759,7 +773,7 @@ async fn request(
             let fields: Vec<String> = conn.hkeys(key).await?;
             Ok(collection_elements(fields))
         }
-        (Workload::Register | Workload::Cas | Workload::Counter, F::Read) => {
+        (Workload::Register | Workload::Cas | Workload::Counter | Workload::Stream, F::Read) => {
             let v: Option<i64> = conn.get(key).await?;
             Ok(json!(v))
         }
@@ -771,6 +785,15 @@ async fn request(
                 .filter_map(|e| e.parse().ok())
                 .collect();
             Ok(json!(els))
+        }
+        (Workload::Stream, F::Write) if key.contains(',') => {
+            let mut tx = redis::pipe();
+            tx.atomic();
+            for k in key.split(',') {
+                tx.set(k, value.as_i64().unwrap_or(0)).ignore();
+            }
+            let () = tx.query_async(conn).await?;
+            Ok(Json::Null)
         }
         (_, F::Write) => {
             let () = conn.set(key, value.as_i64().unwrap_or(0)).await?;

@@ -140,9 +140,10 @@ fn parse_workloads(names: &[String]) -> Result<Vec<Workload>, String> {
             "hset" => out.push(Workload::Hset),
             "append" => out.push(Workload::Append),
             "bank" => out.push(Workload::Bank),
+            "stream" => out.push(Workload::Stream),
             other => {
                 return Err(format!(
-                    "unknown workload '{other}': expected register, cas, counter, set, sadd, hset, append, bank or all"
+                    "unknown workload '{other}': expected register, cas, counter, set, sadd, hset, append, bank, stream or all"
                 ));
             }
         }

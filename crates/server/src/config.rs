@@ -86,6 +86,9 @@ pub struct DebugConfig {
     /// Run a `cp` MULTI/EXEC as one log entry per command (not atomic, WATCH ignored): a
     /// deliberately broken mode that the chaos `append` checker must catch.
     pub unsafe_txn: bool,
+    /// Merged change streams release events up to the *largest* closed clock of the shards,
+    /// not the smallest: a premature watermark the chaos `stream` checker must catch.
+    pub unsafe_resolved: bool,
     /// HLEN answers one too many for a hash of exactly 3 fields: a deliberately wrong reply
     /// `capdb difftest` must catch (`capdb_data::hash::PLANT_DIFFERENCE`).
     pub plant_difference: bool,
@@ -289,6 +292,11 @@ pub struct ServerArgs {
     /// ignored). This breaks transactions on purpose so `capdb chaos` can prove it detects it.
     #[arg(long, hide = true)]
     pub debug_unsafe_txn: bool,
+    /// TESTING ONLY: merged change streams release events past the resolved timestamp (up
+    /// to the most advanced shard's). Breaks the merged order on purpose so `capdb chaos`
+    /// can prove it detects a premature watermark.
+    #[arg(long, hide = true)]
+    pub debug_unsafe_resolved: bool,
     /// TESTING ONLY: HLEN answers one more than the truth when the hash has exactly 3 fields.
     /// A planted difference so `capdb difftest` can prove it detects one.
     #[arg(long, hide = true)]
@@ -537,6 +545,7 @@ fn resolve_cluster(args: &ServerArgs, file: &FileConfig) -> Result<ClusterConfig
             fault_injection: args.debug_fault_injection,
             apply_duplicates: args.debug_apply_duplicates,
             unsafe_txn: args.debug_unsafe_txn,
+            unsafe_resolved: args.debug_unsafe_resolved,
             plant_difference: args.debug_plant_difference,
             txn_crash: args.debug_txn_crash,
         },

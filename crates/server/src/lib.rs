@@ -62,6 +62,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         tracing::warn!("--debug-plant-difference: HLEN answers wrong on purpose (testing only)");
         capdb_data::hash::PLANT_DIFFERENCE.store(true, std::sync::atomic::Ordering::Relaxed);
     }
+    if config.cluster.debug.unsafe_resolved {
+        tracing::warn!(
+            "--debug-unsafe-resolved: merged change streams release events too early on purpose (testing only)"
+        );
+        node::merged::UNSAFE_RESOLVED.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
     let listeners = Listeners::bind(&config).await?;
     let hlc = Arc::new(capdb_types::Hlc::new());
     let engine = capdb_storage::disk::DiskEngine::open(

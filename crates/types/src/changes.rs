@@ -366,7 +366,11 @@ pub mod groups {
     /// Consumers a group holds at most.
     pub const CONSUMERS_MAX: usize = 10_000;
     /// Groups one stream holds at most.
-    pub const GROUPS_MAX: usize = 1_000;
+    pub const GROUPS_MAX: usize = 100;
+    /// Bytes a group or consumer name holds at most (each pending entry names its consumer).
+    pub const NAME_MAX: usize = 128;
+    /// Pending entries one read of a group's list returns at most.
+    pub const PEL_PAGE_MAX: usize = 10_000;
 
     /// A group: where `>` reads on from, and its consumers.
     #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -409,7 +413,8 @@ pub mod groups {
             consumer: Bytes,
         },
         /// `>`: entries `ids` (in order) delivered to `consumer`, if the group's last ID is
-        /// still `expect` (else nothing changes and 0 answers: read again).
+        /// still `expect` (answers 1); else nothing changes and the group's last ID answers
+        /// (read again from there).
         Deliver {
             consumer: Bytes,
             expect: StreamId,
@@ -443,6 +448,12 @@ pub mod groups {
             count: usize,
             justid: bool,
             now_ms: u64,
+        },
+        /// The group's next entries went with the retention: its last ID moves to `to` if
+        /// it is still `expect`. Answers the group's last ID.
+        Skip {
+            expect: StreamId,
+            to: StreamId,
         },
     }
 

@@ -6,6 +6,7 @@ pub mod bank;
 pub mod counter;
 pub mod register;
 pub mod set;
+pub mod stream;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};

@@ -50,6 +50,11 @@ use super::{ChangesPage, Consistency, Keyspace, TxnPartPage};
 /// on an idle shard releases other shards' events within about this plus one commit).
 pub const PROGRESS_GAP: Duration = Duration::from_millis(5);
 
+/// TESTING ONLY (`--debug-unsafe-resolved`): release events up to the largest horizon of
+/// the shards, not the smallest (a premature watermark, for the chaos checker to catch).
+pub static UNSAFE_RESOLVED: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
 /// A page of a merged stream.
 #[derive(Debug, Clone)]
 pub struct MergedPage {
@@ -200,7 +205,12 @@ pub async fn read(
         more.push(p.more);
         reads.push(r);
     }
-    let resolved_clock = horizon.iter().copied().min().unwrap_or(Timestamp::ZERO);
+    let resolved_clock = if UNSAFE_RESOLVED.load(std::sync::atomic::Ordering::Relaxed) {
+        horizon.iter().copied().max()
+    } else {
+        horizon.iter().copied().min()
+    }
+    .unwrap_or(Timestamp::ZERO);
     let newest = reads
         .iter()
         .filter_map(|r| r.last().map(|e| e.id.clock()))

@@ -488,6 +488,7 @@ impl Keyspace {
         &self,
         stream: &[u8],
         group: Option<&[u8]>,
+        page: Option<(StreamId, usize)>,
         now_ms: u64,
         c: Consistency,
     ) -> Result<Reply> {
@@ -503,6 +504,10 @@ impl Keyspace {
             Bytes::copy_from_slice(stream),
         ];
         args.extend(group.map(Bytes::copy_from_slice));
+        if let Some((from, count)) = page {
+            args.push(Bytes::from(from.to_string()));
+            args.push(Bytes::from(count.to_string()));
+        }
         groups.query(first.group, args, c.cp_read, now_ms, 0).await
     }
 

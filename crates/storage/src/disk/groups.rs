@@ -20,7 +20,8 @@
 use bytes::Bytes;
 use capdb_types::changes::StreamId;
 use capdb_types::changes::groups::{
-    CONSUMERS_MAX, GROUPS_MAX, GroupCommand, GroupOp, GroupRecord, PEL_MAX, Pending,
+    CONSUMERS_MAX, GROUPS_MAX, GroupCommand, GroupOp, GroupRecord, NAME_MAX, PEL_MAX, PEL_PAGE_MAX,
+    Pending,
 };
 use capdb_types::{Error, Reply, Result};
 use redb::ReadableTable;
@@ -146,6 +147,19 @@ pub(super) fn apply(
     el_table: &str,
     cmd: &GroupCommand,
 ) -> Result<Result<Reply>> {
+    let named_too_long = match &cmd.op {
+        GroupOp::CreateConsumer { consumer, .. }
+        | GroupOp::Deliver { consumer, .. }
+        | GroupOp::Seen { consumer, .. }
+        | GroupOp::Claim { consumer, .. }
+        | GroupOp::AutoClaim { consumer, .. } => consumer.len() > NAME_MAX,
+        _ => false,
+    };
+    if named_too_long || cmd.group.len() > NAME_MAX {
+        return refuse(format!(
+            "ERR consumer group and consumer names are at most {NAME_MAX} bytes"
+        ));
+    }
     let mut el: RawTable<'_> = x.txn.open_table(table_def(el_table)).map_err(io_err)?;
     let gkey = group_key(&cmd.stream, &cmd.group);
     let rec: Option<GroupRecord> = match el.get(&gkey[..]).map_err(io_err)? {
@@ -241,7 +255,7 @@ pub(super) fn apply(
             };
             if rec.last != *expect {
                 // Another consumer took these: the reader reads again from the new last ID.
-                return Ok(Ok(Reply::Integer(0)));
+                return Ok(Ok(id_reply(rec.last)));
             }
             if !touch_consumer(&mut rec, consumer, *now_ms, !ids.is_empty()) {
                 return consumers_full();
@@ -274,6 +288,16 @@ pub(super) fn apply(
             }
             put(&mut el, &rec)?;
             Ok(Ok(Reply::Integer(1)))
+        }
+        GroupOp::Skip { expect, to } => {
+            let Some(mut rec) = rec else {
+                return nogroup();
+            };
+            if rec.last == *expect && *to > rec.last {
+                rec.last = *to;
+                put(&mut el, &rec)?;
+            }
+            Ok(Ok(id_reply(rec.last)))
         }
         GroupOp::Seen { consumer, now_ms } => {
             let Some(mut rec) = rec else {
@@ -418,13 +442,15 @@ pub(super) fn apply(
     }
 }
 
-/// [`CHANGES_GROUP_QUERY`] `stream [group]`, from one snapshot of the element table: with a
-/// group, `[record (postcard) | nil, [[id, pending (postcard)], ...]]`; without, every group
-/// of the stream as `[[name, record (postcard)], ...]`.
+/// [`CHANGES_GROUP_QUERY`] `stream [group [from count]]`, from one snapshot of the element
+/// table: with a group, `[record (postcard) | nil, [[id, pending (postcard)], ...]]`, the
+/// pending entries from ID `from` on, at most `count` (and [`PEL_PAGE_MAX`]; none without
+/// `from`); without, every group of the stream as `[[name, record (postcard)], ...]`.
 pub(super) fn query(
     el: &impl ReadableTable<&'static [u8], &'static [u8]>,
     stream: &[u8],
     group: Option<&[u8]>,
+    page: Option<(StreamId, usize)>,
 ) -> Result<Reply> {
     match group {
         Some(group) => {
@@ -433,7 +459,8 @@ pub(super) fn query(
                 None => Reply::Nil,
             };
             let pel = pel_prefix(stream, group);
-            let rows = scan(el, &pel, &pel, PEL_MAX)?
+            let (from, count) = page.unwrap_or((StreamId::MAX, 0));
+            let rows = scan(el, &pel, &pel_key(&pel, from), count.min(PEL_PAGE_MAX))?
                 .into_iter()
                 .filter_map(|(k, v)| {
                     let id = id_of_pel_key(&pel, &k)?;

@@ -395,16 +395,23 @@ impl KeyspaceStore for DiskTable {
             .first()
             .is_some_and(|n| n.as_ref() == super::CHANGES_GROUP_QUERY.as_bytes())
         {
-            // `stream [group]`: see `groups::query`.
-            let (stream, group) = match args {
-                [_, stream] => (stream, None),
-                [_, stream, group] => (stream, Some(&group[..])),
-                _ => {
-                    return Err(Error::InvalidInput("malformed consumer-group query".into()));
+            // `stream [group [from count]]`: see `groups::query`.
+            let bad = || Error::InvalidInput("malformed consumer-group query".into());
+            let (stream, group, page) = match args {
+                [_, stream] => (stream, None, None),
+                [_, stream, group] => (stream, Some(&group[..]), None),
+                [_, stream, group, from, count] => {
+                    let from = capdb_types::changes::StreamId::parse_with(from, 0)?;
+                    let count = std::str::from_utf8(count)
+                        .ok()
+                        .and_then(|c| c.parse::<usize>().ok())
+                        .ok_or_else(bad)?;
+                    (stream, Some(&group[..]), Some((from, count)))
                 }
+                _ => return Err(bad()),
             };
             return Ok(self
-                .read_elements(|el| super::groups::query(el, stream, group))?
+                .read_elements(|el| super::groups::query(el, stream, group, page))?
                 .unwrap_or(match group {
                     Some(_) => Reply::Array(vec![Reply::Nil, Reply::Array(Vec::new())]),
                     None => Reply::Array(Vec::new()),

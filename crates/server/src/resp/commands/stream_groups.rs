@@ -21,7 +21,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use capdb_types::Reply;
 use capdb_types::changes::StreamId;
-use capdb_types::changes::groups::{GroupCommand, GroupOp, GroupRecord, Pending};
+use capdb_types::changes::groups::{
+    GroupCommand, GroupOp, GroupRecord, NAME_MAX, PEL_MAX, PEL_PAGE_MAX, Pending,
+};
 
 use super::streams::{Page, Target, parse_id, read_page, resolve};
 use super::{Outcome, error_line, parse_int, syntax};
@@ -61,20 +63,66 @@ async fn apply(
     }
 }
 
-/// The group's record and pending entries (`None`: no such group).
+/// The group's record (`None`: no such group); `fresh`: read linearizably whatever the
+/// connection's consistency (a delivery's compare-and-set starts from it).
 async fn load(
     conn: &Connection,
     key: &[u8],
     group: &[u8],
-) -> Result<Option<(GroupRecord, Vec<(StreamId, Pending)>)>, String> {
+    fresh: bool,
+) -> Result<Option<GroupRecord>, String> {
+    Ok(query_group(conn, key, group, None, fresh).await?.0)
+}
+
+/// Every pending entry from `from` on, page by page, to `visit` until it answers false
+/// (`None`: no such group). At most [`PEL_MAX`] entries in all.
+async fn each_pending(
+    conn: &Connection,
+    key: &[u8],
+    group: &[u8],
+    from: StreamId,
+    mut visit: impl FnMut(StreamId, Pending) -> bool,
+) -> Result<Option<()>, String> {
+    let mut from = from;
+    for _ in 0..=PEL_MAX / PEL_PAGE_MAX {
+        let (rec, rows) = query_group(conn, key, group, Some((from, PEL_PAGE_MAX)), false).await?;
+        if rec.is_none() {
+            return Ok(None);
+        }
+        let full = rows.len() == PEL_PAGE_MAX;
+        let mut next = None;
+        for (id, p) in rows {
+            next = Some(id.successor());
+            if !visit(id, p) {
+                return Ok(Some(()));
+            }
+        }
+        match next {
+            Some(n) if full => from = n,
+            _ => break,
+        }
+    }
+    Ok(Some(()))
+}
+
+type GroupState = (Option<GroupRecord>, Vec<(StreamId, Pending)>);
+
+/// The group's record and a page of its pending entries (`page`: from, count).
+async fn query_group(
+    conn: &Connection,
+    key: &[u8],
+    group: &[u8],
+    page: Option<(StreamId, usize)>,
+    fresh: bool,
+) -> Result<GroupState, String> {
     let (ks, target) = resolve(conn, key)?;
+    let c = if fresh {
+        crate::node::Consistency::default()
+    } else {
+        conn.consistency
+    };
     let reply = ks
-        .changes_group_query(
-            &stream_name(&ks, target),
-            Some(group),
-            conn.now_ms,
-            conn.consistency,
-        )
+        .changes_group_query(&stream_name(&ks, target), Some(group), page, conn.now_ms, c)
         .await
         .map_err(|e| error_line(&e))?;
     let bad = || "ERR unexpected consumer-group state".to_string();
@@ -85,7 +133,7 @@ async fn load(
         return Err(bad());
     };
     let Reply::Bulk(rec) = rec else {
-        return Ok(None);
+        return Ok((None, Vec::new()));
     };
     let rec: GroupRecord = postcard::from_bytes(&rec).map_err(|_| bad())?;
     let mut pel = Vec::with_capacity(rows.len());
@@ -99,7 +147,17 @@ async fn load(
         };
         pel.push((parse_id(&id)?, postcard::from_bytes(&p).map_err(|_| bad())?));
     }
-    Ok(Some((rec, pel)))
+    Ok((Some(rec), pel))
+}
+
+/// A name a group or consumer may have (the storage refuses longer ones too).
+fn check_name(name: &[u8]) -> Result<(), String> {
+    if name.len() > NAME_MAX {
+        return Err(format!(
+            "ERR consumer group and consumer names are at most {NAME_MAX} bytes"
+        ));
+    }
+    Ok(())
 }
 
 /// The entry with ID `id` of the stream `key` names (`[id, nil]` when it is gone).
@@ -119,6 +177,11 @@ async fn entry_by_id(conn: &Connection, key: &[u8], id: StreamId) -> Result<Repl
     Ok(page.entries.into_iter().next().unwrap_or_else(|| {
         Reply::Array(vec![Reply::Bulk(Bytes::from(id.to_string())), Reply::Nil])
     }))
+}
+
+/// Whether an entry [`entry_by_id`] answered is gone (trimmed by the retention).
+fn is_gone(entry: &Reply) -> bool {
+    matches!(entry, Reply::Array(p) if matches!(p.get(1), Some(Reply::Nil)))
 }
 
 fn id_arg(text: &[u8]) -> Result<StreamId, String> {
@@ -163,6 +226,7 @@ pub(super) async fn xgroup(conn: &mut Connection, args: &[Bytes]) -> Outcome {
     let reply = match (sub.as_slice(), args.len()) {
         (b"create", 5..) => {
             let (key, group) = (&args[2], &args[3]);
+            check_name(group)?;
             // MKSTREAM: change streams always exist while on.
             let mut rest: Vec<Bytes> = args[5..].to_vec();
             rest.retain(|a| !a.eq_ignore_ascii_case(b"mkstream"));
@@ -207,9 +271,10 @@ pub(super) async fn xgroup(conn: &mut Connection, args: &[Bytes]) -> Outcome {
             .await?
         }
         (b"createconsumer", 5) => {
+            check_name(&args[4])?;
             let op = GroupOp::CreateConsumer {
                 consumer: args[4].clone(),
-                now_ms: conn.now_ms,
+                now_ms: capdb_types::unix_now_ms(),
             };
             apply(conn, &args[2], &args[3], op, no_such(&args[2], &args[3])).await?
         }
@@ -268,12 +333,26 @@ pub(super) async fn xpending(conn: &mut Connection, args: &[Bytes]) -> Outcome {
         [start, end, count, consumer] => Some((start, end, count, Some(consumer))),
         _ => return Err(syntax()),
     };
-    let Some((_, pel)) = load(conn, key, group).await? else {
-        return Err(no_key_or_group(key, group));
-    };
+    let now_ms = capdb_types::unix_now_ms();
     let reply = match extended {
         None => {
-            if pel.is_empty() {
+            let (mut total, mut min, mut max) = (0i64, None, None);
+            let mut per: std::collections::BTreeMap<Bytes, u64> = Default::default();
+            let found = each_pending(conn, key, group, StreamId::MIN, |id, p| {
+                total += 1;
+                min = min.or(Some(id));
+                max = Some(id);
+                *per.entry(p.consumer).or_default() += 1;
+                true
+            })
+            .await?;
+            if found.is_none() {
+                return Err(no_key_or_group(key, group));
+            }
+            let id = |i: Option<StreamId>| {
+                i.map_or(Reply::Nil, |i| Reply::Bulk(Bytes::from(i.to_string())))
+            };
+            if total == 0 {
                 Reply::Array(vec![
                     Reply::Integer(0),
                     Reply::Nil,
@@ -281,20 +360,15 @@ pub(super) async fn xpending(conn: &mut Connection, args: &[Bytes]) -> Outcome {
                     Reply::NilArray,
                 ])
             } else {
-                let mut per: std::collections::BTreeMap<&Bytes, u64> = Default::default();
-                for (_, p) in &pel {
-                    *per.entry(&p.consumer).or_default() += 1;
-                }
-                let id = |i: StreamId| Reply::Bulk(Bytes::from(i.to_string()));
                 Reply::Array(vec![
-                    Reply::Integer(pel.len() as i64),
-                    id(pel[0].0),
-                    id(pel[pel.len() - 1].0),
+                    Reply::Integer(total),
+                    id(min),
+                    id(max),
                     Reply::Array(
                         per.into_iter()
                             .map(|(c, n)| {
                                 Reply::Array(vec![
-                                    Reply::Bulk(c.clone()),
+                                    Reply::Bulk(c),
                                     Reply::Bulk(Bytes::from(n.to_string())),
                                 ])
                             })
@@ -308,26 +382,27 @@ pub(super) async fn xpending(conn: &mut Connection, args: &[Bytes]) -> Outcome {
             let range =
                 capdb_types::changes::range_bounds(start, end).map_err(|e| error_line(&e))?;
             let mut out = Vec::new();
-            if let Some((lo, hi)) = range {
-                for (id, p) in &pel {
-                    if out.len() as i64 >= count {
-                        break;
-                    }
-                    let idle = conn.now_ms.saturating_sub(p.delivered_ms);
-                    if *id < lo
-                        || *id > hi
-                        || min_idle.is_some_and(|m| idle < m)
-                        || consumer.is_some_and(|c| *c != p.consumer)
-                    {
-                        continue;
-                    }
-                    out.push(Reply::Array(vec![
-                        Reply::Bulk(Bytes::from(id.to_string())),
-                        Reply::Bulk(p.consumer.clone()),
-                        Reply::Integer(idle as i64),
-                        Reply::Integer(p.deliveries as i64),
-                    ]));
+            let (lo, hi) = range.unwrap_or((StreamId::MAX, StreamId::MIN));
+            let found = each_pending(conn, key, group, lo, |id, p| {
+                if out.len() as i64 >= count || id > hi {
+                    return false;
                 }
+                let idle = now_ms.saturating_sub(p.delivered_ms);
+                if min_idle.is_some_and(|m| idle < m) || consumer.is_some_and(|c| *c != p.consumer)
+                {
+                    return true;
+                }
+                out.push(Reply::Array(vec![
+                    Reply::Bulk(Bytes::from(id.to_string())),
+                    Reply::Bulk(p.consumer),
+                    Reply::Integer(idle as i64),
+                    Reply::Integer(p.deliveries as i64),
+                ]));
+                true
+            })
+            .await?;
+            if found.is_none() {
+                return Err(no_key_or_group(key, group));
             }
             Reply::Array(out)
         }
@@ -336,30 +411,48 @@ pub(super) async fn xpending(conn: &mut Connection, args: &[Bytes]) -> Outcome {
     Ok(())
 }
 
-/// Entries for claimed IDs (or the IDs alone with `justid`).
+/// Entries for claimed IDs (or the IDs alone with `justid`), and the IDs of those gone with
+/// the retention, which leave the pending list (as Redis 7 drops deleted entries).
 async fn claimed_entries(
     conn: &Connection,
     key: &[u8],
+    group: &[u8],
     ids: Vec<Reply>,
     justid: bool,
-) -> Result<Vec<Reply>, String> {
+) -> Result<(Vec<Reply>, Vec<Reply>), String> {
     if justid {
-        return Ok(ids);
+        return Ok((ids, Vec::new()));
     }
-    let mut out = Vec::with_capacity(ids.len());
+    let (mut out, mut gone) = (Vec::with_capacity(ids.len()), Vec::new());
     for r in ids {
         let Reply::Bulk(id) = r else { continue };
-        out.push(entry_by_id(conn, key, parse_id(&id)?).await?);
+        let id = parse_id(&id)?;
+        let entry = entry_by_id(conn, key, id).await?;
+        if is_gone(&entry) {
+            gone.push(id);
+        } else {
+            out.push(entry);
+        }
     }
-    Ok(out)
+    if !gone.is_empty() {
+        let op = GroupOp::Ack { ids: gone.clone() };
+        apply(conn, key, group, op, String::new).await?;
+    }
+    let gone = gone
+        .into_iter()
+        .map(|id| Reply::Bulk(Bytes::from(id.to_string())))
+        .collect();
+    Ok((out, gone))
 }
 
 /// `XCLAIM key group consumer min-idle-time id [id ...] [IDLE ms] [TIME unix-time-ms]
 /// [RETRYCOUNT count] [FORCE] [JUSTID] [LASTID lastid]`.
 pub(super) async fn xclaim(conn: &mut Connection, args: &[Bytes]) -> Outcome {
     let (key, group, consumer) = (&args[1], &args[2], &args[3]);
+    check_name(consumer)?;
     let min_idle = parse_int(&args[4])
         .map_err(|_| "ERR Invalid min-idle-time argument for XCLAIM".to_string())?;
+    let now_ms = capdb_types::unix_now_ms();
     let mut ids = Vec::new();
     let mut i = 5;
     while let Some(a) = args.get(i) {
@@ -377,7 +470,7 @@ pub(super) async fn xclaim(conn: &mut Connection, args: &[Bytes]) -> Outcome {
         match a.to_ascii_lowercase().as_slice() {
             b"idle" => {
                 let n = parse_int(args.get(i + 1).ok_or_else(syntax)?)?;
-                delivered_ms = Some(conn.now_ms.saturating_sub(n.max(0) as u64));
+                delivered_ms = Some(now_ms.saturating_sub(n.max(0) as u64));
                 i += 2;
             }
             b"time" => {
@@ -415,13 +508,13 @@ pub(super) async fn xclaim(conn: &mut Connection, args: &[Bytes]) -> Outcome {
         retry_count,
         force,
         justid,
-        now_ms: conn.now_ms,
+        now_ms,
     };
     let reply = apply(conn, key, group, op, || no_key_or_group(key, group)).await?;
     let Reply::Array(ids) = reply else {
         return Err("ERR unexpected answer to XCLAIM".into());
     };
-    let entries = claimed_entries(conn, key, ids, justid).await?;
+    let (entries, _gone) = claimed_entries(conn, key, group, ids, justid).await?;
     conn.out.reply(&Reply::Array(entries));
     Ok(())
 }
@@ -429,6 +522,7 @@ pub(super) async fn xclaim(conn: &mut Connection, args: &[Bytes]) -> Outcome {
 /// `XAUTOCLAIM key group consumer min-idle-time start [COUNT count] [JUSTID]`.
 pub(super) async fn xautoclaim(conn: &mut Connection, args: &[Bytes]) -> Outcome {
     let (key, group, consumer) = (&args[1], &args[2], &args[3]);
+    check_name(consumer)?;
     let min_idle = parse_int(&args[4])
         .map_err(|_| "ERR Invalid min-idle-time argument for XAUTOCLAIM".to_string())?;
     let start = capdb_types::changes::range_bound(&args[5], true).map_err(|e| error_line(&e))?;
@@ -458,7 +552,7 @@ pub(super) async fn xautoclaim(conn: &mut Connection, args: &[Bytes]) -> Outcome
         start,
         count,
         justid,
-        now_ms: conn.now_ms,
+        now_ms: capdb_types::unix_now_ms(),
     };
     let reply = apply(conn, key, group, op, || no_key_or_group(key, group)).await?;
     let Reply::Array(parts) = reply else {
@@ -469,13 +563,34 @@ pub(super) async fn xautoclaim(conn: &mut Connection, args: &[Bytes]) -> Outcome
     else {
         return Err("ERR unexpected answer to XAUTOCLAIM".into());
     };
-    let entries = claimed_entries(conn, key, ids, justid).await?;
+    let (entries, gone) = claimed_entries(conn, key, group, ids, justid).await?;
     conn.out.reply(&Reply::Array(vec![
         next,
         Reply::Array(entries),
-        Reply::Array(Vec::new()),
+        Reply::Array(gone),
     ]));
     Ok(())
+}
+
+/// How many times one XREADGROUP tries to deliver when other consumers keep winning.
+const DELIVER_TRIES: u32 = 100;
+
+/// Where a group whose next entries went with the retention moves to, from the
+/// `HISTORYLOST` line (which names the oldest entry of a shard): just before it, in the
+/// stream `key` names.
+fn skip_target(line: &str, key: &[u8]) -> Option<StreamId> {
+    let oldest = line
+        .split_whitespace()
+        .find_map(|w| StreamId::parse_with(w.trim_end_matches([';', ',']).as_bytes(), 0).ok())?;
+    let merged = matches!(
+        capdb_types::changes::StreamKey::parse(key),
+        Ok(Some(capdb_types::changes::StreamKey { shard: None, .. }))
+    );
+    Some(if merged {
+        capdb_types::changes::merged::id(oldest.clock(), 0, 0).predecessor()
+    } else {
+        oldest.predecessor()
+    })
 }
 
 /// `XREADGROUP GROUP group consumer [COUNT count] [BLOCK ms] [NOACK] STREAMS key [key ...] id
@@ -530,31 +645,42 @@ pub(super) async fn xreadgroup(conn: &mut Connection, args: &[Bytes]) -> Outcome
             lossy(&group)
         )
     };
+    check_name(&consumer)?;
+    // Every group first (as Redis checks them before serving any), read linearizably: the
+    // `>` reads start from their last IDs.
+    let mut last: Vec<Option<StreamId>> = Vec::with_capacity(keys.len());
+    for (key, id) in keys.iter().zip(ids) {
+        let Some(rec) = load(conn, key, &group, true).await? else {
+            return Err(nogroup(key));
+        };
+        last.push((id.as_ref() == b">").then_some(rec.last));
+    }
     let mut found: Vec<(Bytes, Vec<Reply>)> = Vec::new();
-    let mut fresh: Vec<usize> = Vec::new();
     // History reads (an ID): the consumer's pending entries after it, never blocking.
-    for (n, (key, id)) in keys.iter().zip(ids).enumerate() {
+    for (key, id) in keys.iter().zip(ids) {
         if id.as_ref() == b">" {
-            fresh.push(n);
             continue;
         }
         let after = id_arg(id)?;
-        let Some((_, pel)) = load(conn, key, &group).await? else {
-            return Err(nogroup(key));
-        };
         let op = GroupOp::Seen {
             consumer: consumer.clone(),
-            now_ms: conn.now_ms,
+            now_ms: capdb_types::unix_now_ms(),
         };
         apply(conn, key, &group, op, || nogroup(key)).await?;
-        let mut entries = Vec::new();
-        for (pid, p) in pel.iter().filter(|(pid, _)| *pid > after) {
-            if entries.len() >= count {
-                break;
-            }
+        let mut mine = Vec::new();
+        let visited = each_pending(conn, key, &group, after.successor(), |pid, p| {
             if p.consumer == consumer {
-                entries.push(entry_by_id(conn, key, *pid).await?);
+                mine.push(pid);
             }
+            mine.len() < count
+        })
+        .await?;
+        if visited.is_none() {
+            return Err(nogroup(key));
+        }
+        let mut entries = Vec::with_capacity(mine.len());
+        for pid in mine {
+            entries.push(entry_by_id(conn, key, pid).await?);
         }
         found.push((key.clone(), entries));
     }
@@ -564,22 +690,53 @@ pub(super) async fn xreadgroup(conn: &mut Connection, args: &[Bytes]) -> Outcome
     let mut probe = super::blocking::ClosedProbe::new(conn.socket_fd);
     let mut shutdown = conn.shutdown.clone();
     'read: loop {
-        for &n in &fresh {
-            let key = &keys[n];
-            // Read after the group's last ID, then deliver if nobody moved it meanwhile.
+        for (n, key) in keys.iter().enumerate() {
+            let Some(mut after) = last[n] else { continue };
+            // Read after the group's last ID, then deliver if nobody moved it meanwhile; a
+            // consumer that lost the race reads on from the winner's last ID.
+            let mut tries = 0;
             let delivered = loop {
-                let Some((rec, _)) = load(conn, key, &group).await? else {
-                    return Err(nogroup(key));
-                };
-                let page = read_page(
+                tries += 1;
+                if tries > DELIVER_TRIES {
+                    let e = format!(
+                        "ERR consumer group '{}' kept moving: {DELIVER_TRIES} deliveries lost the race; try again",
+                        lossy(&group)
+                    );
+                    if found.is_empty() {
+                        return Err(e);
+                    }
+                    // Deliveries already recorded are answered, never dropped.
+                    break Vec::new();
+                }
+                let page = match read_page(
                     conn,
                     key,
-                    (rec.last.successor(), StreamId::MAX),
+                    (after.successor(), StreamId::MAX),
                     count,
                     false,
                     true,
                 )
-                .await?;
+                .await
+                {
+                    Ok(p) => p,
+                    Err(e) if e.starts_with("HISTORYLOST") => {
+                        // What the group would read next went with the retention: it
+                        // reads on from the oldest entry held, as Redis does.
+                        let Some(to) = skip_target(&e, key) else {
+                            return Err(e);
+                        };
+                        let op = GroupOp::Skip { expect: after, to };
+                        match apply(conn, key, &group, op, || nogroup(key)).await {
+                            Ok(Reply::Bulk(id)) => after = parse_id(&id)?,
+                            Ok(_) => return Err("ERR unexpected answer to a skip".into()),
+                            Err(e) if found.is_empty() => return Err(e),
+                            Err(_) => break Vec::new(),
+                        }
+                        continue;
+                    }
+                    Err(e) if found.is_empty() => return Err(e),
+                    Err(_) => break Vec::new(),
+                };
                 if page.entries.is_empty() {
                     break Vec::new();
                 }
@@ -596,17 +753,22 @@ pub(super) async fn xreadgroup(conn: &mut Connection, args: &[Bytes]) -> Outcome
                     .collect();
                 let op = GroupOp::Deliver {
                     consumer: consumer.clone(),
-                    expect: rec.last,
+                    expect: after,
                     ids,
                     noack,
-                    now_ms: conn.now_ms,
+                    // When the entries are handed out (a blocked read may have waited long).
+                    now_ms: capdb_types::unix_now_ms(),
                 };
-                match apply(conn, key, &group, op, || nogroup(key)).await? {
-                    Reply::Integer(1) => break page.entries,
+                match apply(conn, key, &group, op, || nogroup(key)).await {
+                    Ok(Reply::Integer(1)) => break page.entries,
                     // Another consumer of the group took them: read on from where it left.
-                    _ => continue,
+                    Ok(Reply::Bulk(id)) => after = parse_id(&id)?,
+                    Ok(_) => return Err("ERR unexpected answer to a delivery".into()),
+                    Err(e) if found.is_empty() => return Err(e),
+                    Err(_) => break Vec::new(),
                 }
             };
+            last[n] = Some(after);
             if !delivered.is_empty() {
                 found.push((key.clone(), delivered));
             }
@@ -624,9 +786,11 @@ pub(super) async fn xreadgroup(conn: &mut Connection, args: &[Bytes]) -> Outcome
                 });
                 // Woken by an apply on any shard of the streams read (a merged stream's
                 // idle shards are closed by the next read), or the poll.
-                let shards: Vec<(std::sync::Arc<crate::node::Keyspace>, u32)> = fresh
+                let shards: Vec<(std::sync::Arc<crate::node::Keyspace>, u32)> = keys
                     .iter()
-                    .filter_map(|n| resolve(conn, &keys[*n]).ok())
+                    .zip(&last)
+                    .filter(|(_, l)| l.is_some())
+                    .filter_map(|(k, _)| resolve(conn, k).ok())
                     .flat_map(|(ks, t)| match t {
                         Target::Shard(s) => vec![(ks, s)],
                         Target::Merged => (0..ks.shard_count().unwrap_or(0) as u32)
@@ -706,6 +870,7 @@ pub(super) async fn xinfo(conn: &mut Connection, args: &[Bytes]) -> Outcome {
                 .changes_group_query(
                     &stream_name(&ks, target),
                     None,
+                    None,
                     conn.now_ms,
                     conn.consistency,
                 )
@@ -742,28 +907,40 @@ pub(super) async fn xinfo(conn: &mut Connection, args: &[Bytes]) -> Outcome {
         }
         (b"consumers", 4) => {
             let (key, group) = (&args[2], &args[3]);
-            let Some((rec, pel)) = load(conn, key, group).await? else {
-                return Err(no_key_or_group(key, group));
+            let no_group = || {
+                format!(
+                    "NOGROUP No such consumer group '{}' for key name '{}'",
+                    lossy(group),
+                    lossy(key)
+                )
             };
+            let Some(rec) = load(conn, key, group, false).await? else {
+                return Err(no_group());
+            };
+            let mut per: std::collections::HashMap<Bytes, i64> = Default::default();
+            each_pending(conn, key, group, StreamId::MIN, |_, p| {
+                *per.entry(p.consumer).or_default() += 1;
+                true
+            })
+            .await?
+            .ok_or_else(no_group)?;
+            let now_ms = capdb_types::unix_now_ms();
             let out = rec
                 .consumers
                 .iter()
                 .map(|(name, (seen, active))| {
-                    let pending = pel.iter().filter(|(_, p)| p.consumer == *name).count();
+                    let pending = per.get(name).copied().unwrap_or(0);
                     let inactive = if *active == 0 {
                         -1
                     } else {
-                        conn.now_ms.saturating_sub(*active) as i64
+                        now_ms.saturating_sub(*active) as i64
                     };
                     pairs(
                         conn,
                         vec![
                             ("name", Reply::Bulk(name.clone())),
-                            ("pending", Reply::Integer(pending as i64)),
-                            (
-                                "idle",
-                                Reply::Integer(conn.now_ms.saturating_sub(*seen) as i64),
-                            ),
+                            ("pending", Reply::Integer(pending)),
+                            ("idle", Reply::Integer(now_ms.saturating_sub(*seen) as i64)),
                             ("inactive", Reply::Integer(inactive)),
                         ],
                     )

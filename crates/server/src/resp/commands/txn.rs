@@ -414,12 +414,26 @@ fn server_step(
         }
         // A change stream is no part of a transaction's state: reading it inside MULTI would
         // not be atomic with the rest (and BLOCK could hold EXEC up).
-        _ if cmd.name == "xread" => Ok(Step::Fixed {
-            name: cmd.name,
-            error:
-                "ERR XREAD cannot be queued in MULTI: change streams are read outside transactions"
-                    .into(),
-        }),
+        _ if matches!(
+            cmd.name,
+            "xread"
+                | "xreadgroup"
+                | "xack"
+                | "xgroup"
+                | "xpending"
+                | "xclaim"
+                | "xautoclaim"
+                | "xinfo"
+        ) =>
+        {
+            Ok(Step::Fixed {
+                name: cmd.name,
+                error: format!(
+                    "ERR {} cannot be queued in MULTI: change streams are read outside transactions",
+                    cmd.name.to_ascii_uppercase()
+                ),
+            })
+        }
         _ if cmd.flags.contains(&"blocking") => match blocking::in_transaction(cmd.name, &args) {
             Ok((attempt, keys, shape)) => {
                 let at = place(conn, &keys.iter().collect::<Vec<_>>(), true)?;
