@@ -210,7 +210,26 @@ fn xread_entries(reply: &redis::Value) -> Vec<(String, Option<String>)> {
     out
 }
 
-/// Commit-to-XREAD latencies (µs) of writes at `rate` per second for `seconds`.
+/// Where each of `streams` stands now (exclusive starts): each shard's last ID, or for the
+/// merged stream (a single `__changes:<ks>` key) its resolved ID.
+async fn starts(
+    conn: &mut MultiplexedConnection,
+    streams: &[String],
+) -> Result<Vec<String>, String> {
+    if streams.len() == 1 && !streams[0].contains('#') {
+        let resolved: String = redis::cmd("CHANGES")
+            .arg("RESOLVED")
+            .arg(KEYSPACE)
+            .query_async(conn)
+            .await
+            .map_err(|e| format!("CHANGES RESOLVED: {e}"))?;
+        return Ok(vec![resolved]);
+    }
+    crate::changes::last_ids(conn, KEYSPACE).await
+}
+
+/// Commit-to-XREAD latencies (µs) of writes at `rate` per second for `seconds`, read from
+/// each shard's stream or (`streams` = the merged key alone) the merged stream.
 async fn latency(
     nodes: &[NodeProc],
     streams: &[String],
@@ -224,9 +243,9 @@ async fn latency(
     for (shard, key) in streams.iter().enumerate() {
         let mut conn = connect(&nodes[1 % nodes.len()].resp).await?;
         let (key, seen, stop) = (key.clone(), seen.clone(), stop.clone());
-        // Each consumer starts after its stream's last ID now (not `$` again on every call,
+        // Each consumer starts after its stream's position now (not `$` again on every call,
         // which would skip what lands between two calls).
-        let start = crate::changes::last_ids(&mut conn, KEYSPACE)
+        let start = starts(&mut conn, streams)
             .await?
             .get(shard)
             .cloned()
@@ -313,7 +332,7 @@ async fn catch_up(
 ) -> Result<(usize, f64), String> {
     let mut conn = connect(&nodes[0].resp).await?;
     // Where each stream stands before the writes: the reader reads everything after it.
-    let starts = crate::changes::last_ids(&mut conn, KEYSPACE).await?;
+    let starts = starts(&mut conn, streams).await?;
     for chunk in (0..events).collect::<Vec<_>>().chunks(256) {
         let mut pipe = redis::pipe();
         for i in chunk {
@@ -383,9 +402,13 @@ async fn run(args: &ChangesArgs, nodes: &[NodeProc]) -> Result<(), String> {
     switch(nodes, true).await?;
     let lat = latency(nodes, &streams, args.rate, args.seconds).await?;
     eprintln!("  latency: {} writes followed", lat.len());
+    let merged = vec![format!("__changes:{KEYSPACE}")];
+    let merged_lat = latency(nodes, &merged, args.rate, args.seconds).await?;
+    eprintln!("  merged latency: {} writes followed", merged_lat.len());
     switch(nodes, false).await?;
     switch(nodes, true).await?;
     let (read, rate) = catch_up(nodes, &streams, args.catchup_events).await?;
+    let (merged_read, merged_rate) = catch_up(nodes, &merged, args.catchup_events).await?;
 
     println!();
     println!(
@@ -420,8 +443,18 @@ async fn run(args: &ChangesArgs, nodes: &[NodeProc]) -> Result<(), String> {
         "| commit-to-XREAD p99 | {p99:.2} ms | <= 20 ms | {} |",
         if p99 <= 20.0 { "yes" } else { "**no**" }
     );
+    let (m50, m99) = (
+        quantile(&merged_lat, 0.50) as f64 / 1000.0,
+        quantile(&merged_lat, 0.99) as f64 / 1000.0,
+    );
     println!(
-        "| catch-up read from the start ({read} events, XREAD COUNT 1000) | {rate:.0} events/s | | |"
+        "| merged stream (`__changes:{KEYSPACE}`, {SHARDS} shards): commit-to-XREAD p50 / p99 | {m50:.2} / {m99:.2} ms | (per-shard + one commit) | |"
+    );
+    println!(
+        "| catch-up read from the start ({read} events, XREAD COUNT 1000), shard streams | {rate:.0} events/s | | |"
+    );
+    println!(
+        "| catch-up read, merged stream ({merged_read} events) | {merged_rate:.0} events/s | | |"
     );
     Ok(())
 }

@@ -92,6 +92,8 @@ pub enum Request {
     /// Data shard (a keyspace's first): a consumer-group command on one of its change
     /// streams (`capdb_storage::disk` `groups.rs`); answers what it answers.
     ChangesGroup(capdb_types::changes::groups::GroupCommand),
+    /// Data shard: keep at most this many bytes of change-log events; answers OK.
+    ChangesRetentionBytes { bytes: u64 },
 }
 
 /// A watched key's guard in a [`Request::Txn`]: the key has not changed after log index
@@ -140,6 +142,9 @@ impl fmt::Display for Request {
             Request::ChangesTrim { now_ms } => write!(f, "changes trim at {now_ms}"),
             Request::ChangesProgress { ts } => write!(f, "changes progress to {ts:?}"),
             Request::ChangesGroup(c) => write!(f, "changes group {:?}", c.op),
+            Request::ChangesRetentionBytes { bytes } => {
+                write!(f, "changes retention {bytes} bytes")
+            }
             Request::TxnStep { txn, step, .. } => write!(f, "txn {} of {txn}", step.name()),
             Request::Identified { id, request } => {
                 write!(f, "{request} as {}.{}#{}", id.origin, id.epoch, id.seq)

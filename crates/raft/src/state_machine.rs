@@ -375,6 +375,7 @@ impl StateMachine {
                     | Request::ChangesTrim { .. }
                     | Request::ChangesProgress { .. }
                     | Request::ChangesGroup(_)
+                    | Request::ChangesRetentionBytes { .. }
             );
         let pending =
             !(b.writes.is_empty() && b.watch_points.is_empty() && b.remembered.is_empty());
@@ -522,6 +523,11 @@ impl StateMachine {
             }
             Request::ChangesProgress { ts } => {
                 let step = ChangesStep::Progress { ts };
+                self.apply_changes_step(table, b, sessions, slot, remember, index, step)
+                    .await?;
+            }
+            Request::ChangesRetentionBytes { bytes } => {
+                let step = ChangesStep::RetentionBytes(bytes);
                 self.apply_changes_step(table, b, sessions, slot, remember, index, step)
                     .await?;
             }

@@ -305,3 +305,42 @@ async fn replicas_that_batched_entries_differently_trim_the_same_events() {
         );
     }
 }
+
+#[tokio::test]
+async fn retention_by_size_drops_the_oldest_entries_until_the_rest_fits() {
+    let (_a, a) = open();
+    let step = |s| a.changes_config(TABLE, s, 1, Vec::new(), None);
+    step(ChangesStep::Switch(true)).await.unwrap().unwrap();
+    // Each event is a 1-byte key and a 10-byte value: 11 bytes. Keep 25: the last two.
+    step(ChangesStep::RetentionBytes(25))
+        .await
+        .unwrap()
+        .unwrap();
+    for (i, v) in ["aaaaaaaaaa", "bbbbbbbbbb", "cccccccccc", "dddddddddd"]
+        .into_iter()
+        .enumerate()
+    {
+        write(&a, 3 + i as u64, vec![set("k", v)]).await;
+    }
+    let table = a.table(TABLE, false);
+    assert!(table.changes_trim_due(0).unwrap(), "44 bytes held, 25 kept");
+    // Not old at all (now_ms 0): only the size is past its bound.
+    a.changes_config(TABLE, ChangesStep::Trim { now_ms: 0 }, 8, Vec::new(), None)
+        .await
+        .unwrap()
+        .unwrap();
+    // A reverse read stops where the log now begins.
+    let left: Vec<String> = table
+        .changes(StreamId::MIN, StreamId::MAX, usize::MAX, true)
+        .unwrap()
+        .into_iter()
+        .rev()
+        .map(|c| match c.event.op {
+            ChangeOp::Set { value, .. } => String::from_utf8_lossy(&value).into_owned(),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(left, ["cccccccccc", "dddddddddd"]);
+    assert!(!table.changes_trim_due(0).unwrap(), "22 bytes fit");
+    assert_eq!(table.changes_info().unwrap().events, 2);
+}

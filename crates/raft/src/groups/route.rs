@@ -624,6 +624,12 @@ impl Groups {
             .await
     }
 
+    /// Sets how many bytes of change-log events a data group keeps, through its log.
+    pub async fn changes_retention_bytes(&self, group: GroupId, bytes: u64) -> Result<(), Error> {
+        self.changes_step(group, Request::ChangesRetentionBytes { bytes })
+            .await
+    }
+
     /// Trims a data group's change log at this node's clock (the leader's), through its log.
     pub async fn changes_trim(&self, group: GroupId) -> Result<(), Error> {
         let now_ms = capdb_types::unix_now_ms();

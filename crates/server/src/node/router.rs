@@ -341,7 +341,12 @@ impl Keyspace {
     /// Turns the change log of every shard of this (`cp`) keyspace on or off, shard after
     /// shard, each through its log. An error part-way leaves the shards before it switched:
     /// the command is safe to repeat.
-    pub async fn changes_config(&self, on: bool, retention_ms: Option<u64>) -> Result<()> {
+    pub async fn changes_config(
+        &self,
+        on: bool,
+        retention_ms: Option<u64>,
+        retention_bytes: Option<u64>,
+    ) -> Result<()> {
         self.check_live()?;
         match &self.store {
             Store::Cp { entry, groups, .. } => {
@@ -349,6 +354,9 @@ impl Keyspace {
                     groups.changes_config(shard.group, on).await?;
                     if let Some(ms) = retention_ms {
                         groups.changes_retention(shard.group, ms).await?;
+                    }
+                    if let Some(bytes) = retention_bytes {
+                        groups.changes_retention_bytes(shard.group, bytes).await?;
                     }
                 }
                 Ok(())

@@ -70,9 +70,13 @@ const ON: &[u8] = b"chg-on";
 const CLOCK: &[u8] = b"chg-clock";
 const FLOOR: &[u8] = b"chg-floor";
 const RETENTION: &[u8] = b"chg-retention";
+const RETENTION_BYTES: &[u8] = b"chg-retention-bytes";
 
 /// How long a shard keeps its change-log rows unless configured (`CHANGES CONFIG ... RETENTION-MS`).
 pub const RETENTION_MS_DEFAULT: u64 = 24 * 60 * 60 * 1000;
+/// How many bytes of events (keys, values, arguments) a shard keeps unless configured
+/// (`CHANGES CONFIG ... RETENTION-BYTES`): past it, the oldest go whatever their age.
+pub const RETENTION_BYTES_DEFAULT: u64 = 1 << 30;
 /// Events one trim entry deletes at most, and bytes of them (whole entries; the first
 /// always): the next trim continues.
 pub const CHANGES_TRIM_EVENTS_MAX: usize = 65_536;
@@ -85,6 +89,8 @@ pub enum ChangesStep {
     Switch(bool),
     /// Keep rows this long (ms).
     Retention(u64),
+    /// Keep at most this many bytes of events.
+    RetentionBytes(u64),
     /// Delete the entries older than the retention before `now_ms` (the proposer's clock,
     /// carried by the entry), a bounded number; reads below what went answer `HISTORYLOST`.
     Trim { now_ms: u64 },
@@ -116,6 +122,8 @@ pub(super) struct ChangeLog {
     last_events: u64,
     /// How far a progress entry closed the stream (may be past `clock`).
     closed: Timestamp,
+    /// Bytes of the events held (keys, values, arguments: what retention by size counts).
+    bytes: u64,
 }
 
 impl ChangeLog {
@@ -135,6 +143,7 @@ impl ChangeLog {
             events: c.events,
             last_events: c.last_events,
             closed: c.closed,
+            bytes: c.bytes,
         })
     }
 
@@ -168,6 +177,7 @@ impl ChangeLog {
             events: self.events,
             last_events: self.last_events,
             closed: self.closed,
+            bytes: self.bytes,
         })
     }
 }
@@ -181,6 +191,7 @@ struct ClockRow {
     events: u64,
     last_events: u64,
     closed: Timestamp,
+    bytes: u64,
 }
 
 fn decode_clock(raw: &[u8]) -> Result<ClockRow> {
@@ -191,20 +202,23 @@ fn decode_clock(raw: &[u8]) -> Result<ClockRow> {
             .map(u64::from_le_bytes)
             .ok_or_else(bad)
     };
-    if raw.len() != 24 && raw.len() != 32 {
+    // 24 bytes before progress entries, 32 before retention by size.
+    if ![24, 32, 40].contains(&raw.len()) {
         return Err(bad());
     }
+    let optional = |at: usize| -> Result<u64> { if raw.len() > at { word(at) } else { Ok(0) } };
     Ok(ClockRow {
         clock: Timestamp(word(0)?),
         events: word(8)?,
         last_events: word(16)?,
-        closed: Timestamp(if raw.len() == 32 { word(24)? } else { 0 }),
+        closed: Timestamp(optional(24)?),
+        bytes: optional(32)?,
     })
 }
 
 fn encode_clock(c: ClockRow) -> Vec<u8> {
-    let mut out = Vec::with_capacity(32);
-    for w in [c.clock.0, c.events, c.last_events, c.closed.0] {
+    let mut out = Vec::with_capacity(40);
+    for w in [c.clock.0, c.events, c.last_events, c.closed.0, c.bytes] {
         out.extend_from_slice(&w.to_le_bytes());
     }
     out
@@ -267,7 +281,10 @@ pub(super) fn mark_snapshot(el: &mut RawTable<'_>) -> Result<()> {
         None => return Ok(()),
     };
     // It holds none of the events counted so far.
-    update_clock(el, |c| c.events = 0)?;
+    update_clock(el, |c| {
+        c.events = 0;
+        c.bytes = 0;
+    })?;
     let last = StreamId::of_event(
         c.clock,
         u32::try_from(c.last_events.saturating_sub(1)).unwrap_or(u32::MAX),
@@ -280,7 +297,7 @@ pub fn carried_rows(
     el: &impl ReadableTable<&'static [u8], &'static [u8]>,
 ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
     let mut out = Vec::new();
-    for name in [ON, CLOCK, FLOOR, RETENTION] {
+    for name in [ON, CLOCK, FLOOR, RETENTION, RETENTION_BYTES] {
         let k = reserved(name);
         if let Some(v) = el.get(&k[..]).map_err(io_err)? {
             out.push((k, v.value().to_vec()));
@@ -318,7 +335,11 @@ pub(super) fn configure(x: &super::ops::Exec, table: &str, on: bool, index: u64)
         };
         el.insert(
             &reserved(CLOCK)[..],
-            &encode_clock(ClockRow { events: 0, ..c })[..],
+            &encode_clock(ClockRow {
+                events: 0,
+                bytes: 0,
+                ..c
+            })[..],
         )
         .map_err(io_err)?;
         // Every row goes: a consumer at an older position is told so if the log comes back,
@@ -364,13 +385,29 @@ pub(super) fn set_retention(x: &super::ops::Exec, table: &str, ms: u64) -> Resul
     Ok(())
 }
 
-/// Whether the oldest row is past the retention at `now_ms` (a trim is due), from one
-/// snapshot.
+/// Sets how many bytes of events the shard keeps.
+pub(super) fn set_retention_bytes(x: &super::ops::Exec, table: &str, bytes: u64) -> Result<()> {
+    let mut el = x
+        .txn
+        .open_table(table_def(&crate::layout::element_table(table)))
+        .map_err(io_err)?;
+    el.insert(&reserved(RETENTION_BYTES)[..], &bytes.to_le_bytes()[..])
+        .map_err(io_err)?;
+    Ok(())
+}
+
+/// Whether the oldest row is past the retention at `now_ms`, or the events held are more
+/// than the retention by size (a trim is due), from one snapshot.
 pub(super) fn trim_due(txn: &redb::ReadTransaction, table: &str, now_ms: u64) -> Result<bool> {
     let retention = match txn.open_table(table_def(&crate::layout::element_table(table))) {
         Ok(el) => {
-            if el.get(&reserved(ON)[..]).map_err(io_err)?.is_none() {
+            let log = ChangeLog::load(&el)?;
+            if !log.on {
                 return Ok(false);
+            }
+            let max_bytes = read_u64_row(&el, RETENTION_BYTES)?.unwrap_or(RETENTION_BYTES_DEFAULT);
+            if log.bytes > max_bytes {
+                return Ok(true);
             }
             read_u64_row(&el, RETENTION)?.unwrap_or(RETENTION_MS_DEFAULT)
         }
@@ -406,6 +443,8 @@ pub(super) fn trim(x: &super::ops::Exec, table: &str, now_ms: u64) -> Result<()>
     }
     let retention = read_u64_row(&el, RETENTION)?.unwrap_or(RETENTION_MS_DEFAULT);
     let cutoff = Timestamp::from_parts(now_ms.saturating_sub(retention), 0);
+    let max_bytes = read_u64_row(&el, RETENTION_BYTES)?.unwrap_or(RETENTION_BYTES_DEFAULT);
+    let held_bytes = ChangeLog::load(&el)?.bytes;
     let mut chg = x
         .txn
         .open_table(log_def(&change_table(table)))
@@ -433,8 +472,10 @@ pub(super) fn trim(x: &super::ops::Exec, table: &str, now_ms: u64) -> Result<()>
                 .sum();
             let full = events as usize + n > CHANGES_TRIM_EVENTS_MAX
                 || bytes + entry_bytes > CHANGES_TRIM_BYTES_MAX;
-            // The first entry always goes if it is due (however big), so a trim progresses.
-            if head.clock >= cutoff || (full && events > 0) {
+            // Due: older than the retention, or the log holds more than its size allows
+            // without it. The first due entry always goes (however big), so a trim progresses.
+            let due = head.clock < cutoff || held_bytes.saturating_sub(bytes as u64) > max_bytes;
+            if !due || (full && events > 0) {
                 if taken > 0 {
                     let rest = ChangeRow {
                         entries: row.entries[taken..].to_vec(),
@@ -481,7 +522,10 @@ pub(super) fn trim(x: &super::ops::Exec, table: &str, now_ms: u64) -> Result<()>
     if let Some(id) = last_id {
         raise_floor(&mut el, id)?;
     }
-    update_clock(&mut el, |c| c.events = c.events.saturating_sub(events))
+    update_clock(&mut el, |c| {
+        c.events = c.events.saturating_sub(events);
+        c.bytes = c.bytes.saturating_sub(bytes as u64);
+    })
 }
 
 /// [`ChangesStep::Progress`]: closes the stream up to `ts` (no event is ever logged at or
@@ -611,6 +655,7 @@ pub(super) fn append(
             log.clock = clock;
             log.events += events.len() as u64;
             log.last_events = events.len() as u64;
+            log.bytes += events.iter().map(|e| event_bytes(e) as u64).sum::<u64>();
         }
         first.get_or_insert(clock);
         if let RowKind::Commit { id, .. } = &kind {

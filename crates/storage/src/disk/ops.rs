@@ -417,6 +417,9 @@ pub(super) fn execute(x: &Exec, op: &Op, live_tables: &mut HashSet<String>) -> R
                 super::ChangesStep::Switch(on) => {
                     super::changes::configure(x, table, *on, *index).map(|()| ok())?
                 }
+                super::ChangesStep::RetentionBytes(n) => {
+                    super::changes::set_retention_bytes(x, table, *n).map(|()| ok())?
+                }
                 super::ChangesStep::Retention(ms) => {
                     super::changes::set_retention(x, table, *ms).map(|()| ok())?
                 }

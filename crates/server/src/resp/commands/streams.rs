@@ -56,30 +56,38 @@ pub(super) fn reads_a_stream(name: &str, key: &[u8]) -> bool {
     ) && matches!(StreamKey::parse(key), Ok(Some(_)) | Err(_))
 }
 
-/// `CHANGES CONFIG <keyspace> on|off [RETENTION-MS ms]` | `CHANGES SHARDS <keyspace>` |
-/// `CHANGES LAST <keyspace>`.
+/// `CHANGES CONFIG <keyspace> on|off [RETENTION-MS ms] [RETENTION-BYTES n]` |
+/// `CHANGES SHARDS <keyspace>` | `CHANGES LAST <keyspace>` | `CHANGES RESOLVED <keyspace>`.
 pub(super) async fn changes(conn: &mut Connection, args: &[Bytes]) -> Outcome {
     let sub = args[1].to_ascii_lowercase();
     match (sub.as_slice(), args.len()) {
-        (b"config", 4 | 6) => {
+        (b"config", 4 | 6 | 8) => {
             let on = match args[3].to_ascii_lowercase().as_slice() {
                 b"on" | b"values" => true,
                 b"off" => false,
                 _ => return Err("ERR CHANGES CONFIG takes on or off".into()),
             };
-            let retention_ms = match &args[4..] {
-                [] => None,
-                [word, ms] if word.eq_ignore_ascii_case(b"retention-ms") => {
-                    let ms = parse_int(ms)?;
-                    if ms < 1 {
+            let (mut retention_ms, mut retention_bytes) = (None, None);
+            for pair in args[4..].chunks(2) {
+                let [word, n] = pair else {
+                    return Err(syntax());
+                };
+                let n = parse_int(n)?;
+                match word.to_ascii_lowercase().as_slice() {
+                    b"retention-ms" if n >= 1 => retention_ms = Some(n as u64),
+                    b"retention-ms" => {
                         return Err("ERR RETENTION-MS must be at least 1".into());
                     }
-                    Some(ms as u64)
+                    // At least one event's worth, so the newest always stays.
+                    b"retention-bytes" if n >= 1 => retention_bytes = Some(n as u64),
+                    b"retention-bytes" => {
+                        return Err("ERR RETENTION-BYTES must be at least 1".into());
+                    }
+                    _ => return Err(syntax()),
                 }
-                _ => return Err(syntax()),
-            };
+            }
             let ks = keyspace_named(conn, &args[2])?;
-            ks.changes_config(on, retention_ms)
+            ks.changes_config(on, retention_ms, retention_bytes)
                 .await
                 .map_err(|e| error_line(&e))?;
             conn.out.simple("OK");
@@ -140,7 +148,7 @@ pub(super) async fn changes(conn: &mut Connection, args: &[Bytes]) -> Outcome {
             Ok(())
         }
         _ => Err(format!(
-            "ERR unknown CHANGES subcommand or wrong number of arguments for '{}' (CHANGES CONFIG <keyspace> on|off [RETENTION-MS ms], CHANGES SHARDS <keyspace>, CHANGES LAST <keyspace>, CHANGES RESOLVED <keyspace>)",
+            "ERR unknown CHANGES subcommand or wrong number of arguments for '{}' (CHANGES CONFIG <keyspace> on|off [RETENTION-MS ms] [RETENTION-BYTES n], CHANGES SHARDS <keyspace>, CHANGES LAST <keyspace>, CHANGES RESOLVED <keyspace>)",
             String::from_utf8_lossy(&args[1])
         )),
     }
