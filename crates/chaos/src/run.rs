@@ -99,6 +99,12 @@ pub async fn run(opts: Options) -> Result<Outcome, HarnessError> {
     if opts.workloads.is_empty() {
         return Err(HarnessError("no workload selected".into()));
     }
+    if opts.ap && opts.workloads.contains(&Workload::Stream) {
+        return Err(HarnessError(
+            "the stream workload follows a cp keyspace's change stream; ap keyspaces have none yet"
+                .into(),
+        ));
+    }
     if opts.ap && opts.workloads.iter().any(|w| w.is_register()) {
         return Err(HarnessError(
             "the register and cas workloads check linearizability, which ap keyspaces do not promise; use --workload counter,set,sadd,hset with --mode ap".into(),

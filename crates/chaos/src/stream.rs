@@ -69,7 +69,10 @@ pub struct StreamLog {
     pub plain: Vec<Seen>,
     /// Whether the plain reader and the drains reached the end.
     pub drained: bool,
-    /// The whole stream after `start`, read once at the end.
+    /// Resolved after the workload stopped and late commits landed: every reader is
+    /// compared with the stream up to here.
+    pub end: Pos,
+    /// The whole stream after `start`, read once at the end (past `end` too).
     pub full: Vec<Seen>,
     /// Resolved IDs announced: (invoked ns, completed ns, id).
     pub resolved: Vec<Announced>,
@@ -260,7 +263,7 @@ async fn consume(
     group: usize,
     consumer: usize,
     seed: u64,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) -> GroupLog {
     let mut rng = fastrand::Rng::with_seed(seed);
     let mut log = GroupLog::default();
@@ -338,15 +341,14 @@ async fn consume(
                 ">",
             ];
             let read = query(&mut conn, &args);
-            batch = tokio::select! {
-                r = read => match r {
-                    Ok(v) => first_stream(&v),
-                    Err(_) => {
-                        log.errors += 1;
-                        break;
-                    }
-                },
-                _ = stop.changed() => break,
+            // Never cancelled half-way (a delivery the server recorded would go unseen):
+            // the block is short, and `stop` is looked at between reads.
+            batch = match read.await {
+                Ok(v) => first_stream(&v),
+                Err(_) => {
+                    log.errors += 1;
+                    break;
+                }
             };
         }
     }
@@ -358,7 +360,7 @@ async fn read_plain(
     nodes: Arc<Nodes>,
     start: (u64, u64),
     seed: u64,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) -> (Vec<Seen>, u64) {
     let mut rng = fastrand::Rng::with_seed(seed ^ 0x5eed);
     let (mut processed, mut checkpoint, mut errors) = (Vec::<Seen>::new(), 0usize, 0u64);
@@ -375,11 +377,10 @@ async fn read_plain(
                 "XREAD", "COUNT", "100", "BLOCK", "300", "STREAMS", STREAM_KEY, &from,
             ];
             let read = query(&mut conn, &args);
-            let got = tokio::select! {
-                r = read => r,
-                _ = stop.changed() => break,
-            };
-            match got {
+            if *stop.borrow() {
+                break;
+            }
+            match read.await {
                 Ok(v) => processed.extend(first_stream(&v)),
                 Err(_) => {
                     errors += 1;
@@ -466,89 +467,103 @@ pub async fn finish(readers: Readers, nodes: &Nodes) -> StreamLog {
 /// end; reads the whole stream.
 async fn drain(nodes: &Nodes, log: &mut StreamLog) -> Result<(), String> {
     let within = Duration::from_secs(60);
+    // Commits still on their way (riding the next prepare, or an orphan's recovery after the
+    // lock deadline) land within a few seconds of the last write.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let end = anywhere(nodes, &["CHANGES", "RESOLVED", "default"], within).await?;
+    log.end = text(&end)
+        .and_then(|t| parse_id(&t))
+        .ok_or_else(|| format!("CHANGES RESOLVED answered {end:?}"))?;
     for g in 0..GROUPS {
         let group = format!("g{g}");
         let incarnation = u64::MAX - g as u64;
-        let mut claimed: Vec<(Seen, bool)> = Vec::new();
-        let mut cursor = "0-0".to_string();
+        let deadline = Instant::now() + within;
+        // Until nothing is pending: a delivery or an ack whose answer was lost shows up as
+        // pending again, and the next round claims it.
         loop {
-            let v = anywhere(
-                nodes,
-                &[
-                    "XAUTOCLAIM",
-                    STREAM_KEY,
-                    &group,
-                    "drain",
-                    "0",
-                    &cursor,
-                    "COUNT",
-                    "1000",
-                ],
-                within,
-            )
-            .await?;
-            let Value::Array(parts) = v else {
-                return Err("XAUTOCLAIM answered no array".into());
+            let mut got: Vec<(Seen, bool)> = Vec::new();
+            let mut cursor = "0-0".to_string();
+            loop {
+                let v = anywhere(
+                    nodes,
+                    &[
+                        "XAUTOCLAIM",
+                        STREAM_KEY,
+                        &group,
+                        "drain",
+                        "0",
+                        &cursor,
+                        "COUNT",
+                        "1000",
+                    ],
+                    within,
+                )
+                .await?;
+                let Value::Array(parts) = v else {
+                    return Err("XAUTOCLAIM answered no array".into());
+                };
+                got.extend(
+                    parts
+                        .get(1)
+                        .map(entries)
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|e| (e, true)),
+                );
+                cursor = parts.first().and_then(text).unwrap_or_default();
+                if cursor == "0-0" {
+                    break;
+                }
+            }
+            let mut empty_reads = 0;
+            while empty_reads < 2 {
+                let v = anywhere(
+                    nodes,
+                    &[
+                        "XREADGROUP",
+                        "GROUP",
+                        &group,
+                        "drain",
+                        "COUNT",
+                        "1000",
+                        "BLOCK",
+                        "500",
+                        "STREAMS",
+                        STREAM_KEY,
+                        ">",
+                    ],
+                    within,
+                )
+                .await?;
+                let read = first_stream(&v);
+                if read.is_empty() {
+                    empty_reads += 1;
+                }
+                got.extend(read.into_iter().map(|e| (e, false)));
+            }
+            for (e, by_claim) in got {
+                let id = id_text(e.id);
+                log.acks[g].extend(
+                    ack(nodes, &group, &id, within)
+                        .await
+                        .into_iter()
+                        .map(|a| (e.id, a)),
+                );
+                log.deliveries[g].push((e, incarnation, by_claim));
+            }
+            let pending = anywhere(nodes, &["XPENDING", STREAM_KEY, &group], within).await?;
+            let n = match pending {
+                Value::Array(p) => match p.first() {
+                    Some(Value::Int(n)) => Some(*n),
+                    _ => None,
+                },
+                _ => None,
             };
-            claimed.extend(
-                parts
-                    .get(1)
-                    .map(entries)
-                    .unwrap_or_default()
-                    .into_iter()
-                    .map(|e| (e, true)),
-            );
-            cursor = parts.first().and_then(text).unwrap_or_default();
-            if cursor == "0-0" {
+            log.pending_after[g] = n;
+            if n == Some(0) || Instant::now() > deadline {
                 break;
             }
         }
-        let mut empty_reads = 0;
-        while empty_reads < 2 {
-            let v = anywhere(
-                nodes,
-                &[
-                    "XREADGROUP",
-                    "GROUP",
-                    &group,
-                    "drain",
-                    "COUNT",
-                    "1000",
-                    "BLOCK",
-                    "500",
-                    "STREAMS",
-                    STREAM_KEY,
-                    ">",
-                ],
-                within,
-            )
-            .await?;
-            let got = first_stream(&v);
-            if got.is_empty() {
-                empty_reads += 1;
-            }
-            claimed.extend(got.into_iter().map(|e| (e, false)));
-        }
-        for (e, by_claim) in claimed {
-            let id = id_text(e.id);
-            let ack = anywhere(nodes, &["XACK", STREAM_KEY, &group, &id], within).await;
-            log.acks[g].push((
-                e.id,
-                match ack {
-                    Ok(Value::Int(n)) => Some(n),
-                    _ => None,
-                },
-            ));
-            log.deliveries[g].push((e, incarnation, by_claim));
-        }
-        let pending = anywhere(nodes, &["XPENDING", STREAM_KEY, &group], within).await?;
-        log.pending_after[g] = match pending {
-            Value::Array(p) => match p.first() {
-                Some(Value::Int(n)) => Some(*n),
-                _ => None,
-            },
-            _ => None,
-        };
     }
     // The plain reader, then everything once more.
     let mut empty_reads = 0;
@@ -582,4 +597,29 @@ async fn drain(nodes: &Nodes, log: &mut StreamLog) -> Result<(), String> {
         log.full.extend(got);
     }
     Ok(())
+}
+
+/// XACK of one ID until some node answers: every attempt's answer (`None`: an error, whose
+/// outcome is unknown).
+async fn ack(nodes: &Nodes, group: &str, id: &str, within: Duration) -> Vec<Option<i64>> {
+    let deadline = Instant::now() + within;
+    let mut answers = Vec::new();
+    let mut i = fastrand::u32(1..=nodes.count());
+    while Instant::now() < deadline {
+        i = i % nodes.count() + 1;
+        let answer = match connect(&nodes.resp_addr(i)).await {
+            Ok(mut c) => query(&mut c, &["XACK", STREAM_KEY, group, id]).await,
+            // Nothing was sent: nothing to record.
+            Err(_) => continue,
+        };
+        match answer {
+            Ok(Value::Int(n)) => {
+                answers.push(Some(n));
+                return answers;
+            }
+            _ => answers.push(None),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    answers
 }

@@ -834,6 +834,17 @@ fn the_merged_stream_orders_every_shard_with_transactions_together() {
     assert_eq!(http_ids, ids, "HTTP gives the same events");
     let progress = lines.last().unwrap()["progress"].as_str().unwrap();
     assert!(parse_id(progress) >= seen.last().unwrap().id, "{progress}");
+    // Server-Sent Events resume after Last-Event-ID; once idle, they announce progress.
+    let resume = &ids[9];
+    let sse = sse_events(s.http, "/v1/changes/default", Some(resume), 5);
+    let sse_ids: Vec<&str> = sse.iter().take(5).map(|(id, _)| id.as_str()).collect();
+    assert_eq!(
+        sse_ids,
+        ids[10..15].iter().map(String::as_str).collect::<Vec<_>>()
+    );
+    let idle = sse_events(s.http, "/v1/changes/default", Some(ids.last().unwrap()), 1);
+    assert!(idle[0].1.contains("progress"), "{idle:?}");
+    assert!(parse_id(&idle[0].0) >= seen.last().unwrap().id);
 }
 
 /// The IDs of an XREADGROUP/XREAD reply's first stream (none for the null reply).

@@ -94,6 +94,9 @@ pub enum Request {
     ChangesGroup(capdb_types::changes::groups::GroupCommand),
     /// Data shard: keep at most this many bytes of change-log events; answers OK.
     ChangesRetentionBytes { bytes: u64 },
+    /// Data shard: [`Request::ChangesTrim`], and also every change-log entry below clock
+    /// `keep_from` (the proposing leader's retention-by-size decision); answers OK.
+    ChangesTrimTo { now_ms: u64, keep_from: Timestamp },
 }
 
 /// A watched key's guard in a [`Request::Txn`]: the key has not changed after log index
@@ -142,6 +145,9 @@ impl fmt::Display for Request {
             Request::ChangesTrim { now_ms } => write!(f, "changes trim at {now_ms}"),
             Request::ChangesProgress { ts } => write!(f, "changes progress to {ts:?}"),
             Request::ChangesGroup(c) => write!(f, "changes group {:?}", c.op),
+            Request::ChangesTrimTo { now_ms, keep_from } => {
+                write!(f, "changes trim at {now_ms} and below {keep_from:?}")
+            }
             Request::ChangesRetentionBytes { bytes } => {
                 write!(f, "changes retention {bytes} bytes")
             }

@@ -376,6 +376,7 @@ impl StateMachine {
                     | Request::ChangesProgress { .. }
                     | Request::ChangesGroup(_)
                     | Request::ChangesRetentionBytes { .. }
+                    | Request::ChangesTrimTo { .. }
             );
         let pending =
             !(b.writes.is_empty() && b.watch_points.is_empty() && b.remembered.is_empty());
@@ -523,6 +524,11 @@ impl StateMachine {
             }
             Request::ChangesProgress { ts } => {
                 let step = ChangesStep::Progress { ts };
+                self.apply_changes_step(table, b, sessions, slot, remember, index, step)
+                    .await?;
+            }
+            Request::ChangesTrimTo { now_ms, keep_from } => {
+                let step = ChangesStep::TrimTo { now_ms, keep_from };
                 self.apply_changes_step(table, b, sessions, slot, remember, index, step)
                     .await?;
             }

@@ -324,8 +324,17 @@ async fn retention_by_size_drops_the_oldest_entries_until_the_rest_fits() {
     }
     let table = a.table(TABLE, false);
     assert!(table.changes_trim_due(0).unwrap(), "44 bytes held, 25 kept");
-    // Not old at all (now_ms 0): only the size is past its bound.
-    a.changes_config(TABLE, ChangesStep::Trim { now_ms: 0 }, 8, Vec::new(), None)
+    // Not old at all (now_ms 0): only the size is past its bound. The leader decides where
+    // the kept part begins, and the entry carries it.
+    let keep_from = table
+        .changes_size_keep_from()
+        .unwrap()
+        .expect("over the bound");
+    let trim = ChangesStep::TrimTo {
+        now_ms: 0,
+        keep_from,
+    };
+    a.changes_config(TABLE, trim, 8, Vec::new(), None)
         .await
         .unwrap()
         .unwrap();
@@ -343,4 +352,20 @@ async fn retention_by_size_drops_the_oldest_entries_until_the_rest_fits() {
     assert_eq!(left, ["cccccccccc", "dddddddddd"]);
     assert!(!table.changes_trim_due(0).unwrap(), "22 bytes fit");
     assert_eq!(table.changes_info().unwrap().events, 2);
+    // A bound smaller than the newest entry still keeps it.
+    step(ChangesStep::RetentionBytes(1)).await.unwrap().unwrap();
+    let keep_from = table
+        .changes_size_keep_from()
+        .unwrap()
+        .expect("over the bound");
+    let trim = ChangesStep::TrimTo {
+        now_ms: 0,
+        keep_from,
+    };
+    a.changes_config(TABLE, trim, 9, Vec::new(), None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(table.changes_info().unwrap().events, 1, "the newest stays");
+    assert!(!table.changes_trim_due(0).unwrap(), "nothing more can go");
 }

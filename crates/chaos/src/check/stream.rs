@@ -162,31 +162,44 @@ pub fn check(ops: &[Op], log: &StreamLog) -> (Vec<String>, Json) {
         }
     }
 
-    // 2. The plain reader saw exactly the stream.
-    let plain_ids: Vec<Id> = log.plain.iter().map(|s| s.id).collect();
-    let full_ids: Vec<Id> = log.full.iter().map(|s| s.id).collect();
-    if plain_ids != full_ids {
-        let at = plain_ids
+    // 2. The plain reader saw exactly the stream, event for event, up to the end point
+    // (everything past it may still have been arriving).
+    let upto_end = |s: &&Seen| s.id <= log.end;
+    let plain: Vec<&Seen> = log.plain.iter().filter(upto_end).collect();
+    let until_end: Vec<&Seen> = log.full.iter().filter(upto_end).collect();
+    if plain != until_end {
+        let at = plain
             .iter()
-            .zip(&full_ids)
+            .zip(&until_end)
             .position(|(a, b)| a != b)
-            .unwrap_or(plain_ids.len().min(full_ids.len()));
+            .unwrap_or(plain.len().min(until_end.len()));
         say(format!(
-            "the plain reader's sequence ({} events) differs from the final read ({} events) at position {at}: {:?} vs {:?}",
-            plain_ids.len(),
-            full_ids.len(),
-            plain_ids.get(at).map(|i| show(*i)),
-            full_ids.get(at).map(|i| show(*i)),
+            "the plain reader's sequence ({} events) differs from the final read ({} events up to {}) at position {at}: {:?} vs {:?}",
+            plain.len(),
+            until_end.len(),
+            show(log.end),
+            plain.get(at),
+            until_end.get(at),
         ));
     }
 
-    // 3. Exactly once per group.
-    let in_stream: std::collections::HashSet<Id> = log.full.iter().map(|s| s.id).collect();
+    // 3. Exactly once per group (up to the end point), each delivery the stream's event.
+    let in_stream: HashMap<Id, &Seen> = log.full.iter().map(|s| (s.id, s)).collect();
     let mut group_details = Vec::new();
     for (g, deliveries) in log.deliveries.iter().enumerate() {
         let mut fresh: HashMap<Id, u32> = HashMap::new();
         let mut delivered: std::collections::HashSet<Id> = Default::default();
         for (s, _, by_claim) in deliveries {
+            if s.id > log.end {
+                continue;
+            }
+            if in_stream.get(&s.id).is_some_and(|f| *f != s) {
+                say(format!(
+                    "group g{g} got {:?} where the stream holds {:?}",
+                    s,
+                    in_stream.get(&s.id)
+                ));
+            }
             delivered.insert(s.id);
             if !by_claim {
                 *fresh.entry(s.id).or_default() += 1;
@@ -218,7 +231,7 @@ pub fn check(ops: &[Op], log: &StreamLog) -> (Vec<String>, Json) {
             }
         }
         let mut never = 0;
-        for s in &full {
+        for s in full.iter().filter(|s| s.id <= log.end) {
             if !delivered.contains(&s.id) {
                 never += 1;
                 say(format!(
@@ -238,7 +251,7 @@ pub fn check(ops: &[Op], log: &StreamLog) -> (Vec<String>, Json) {
             }
         }
         for id in &delivered {
-            if !in_stream.contains(id) {
+            if !in_stream.contains_key(id) {
                 say(format!(
                     "group g{g} got {}, which is not in the stream",
                     show(*id)

@@ -630,11 +630,19 @@ impl Groups {
             .await
     }
 
-    /// Trims a data group's change log at this node's clock (the leader's), through its log.
+    /// Trims a data group's change log at this node's clock (the leader's), and to its size
+    /// bound as this node's replica counts it, through its log.
     pub async fn changes_trim(&self, group: GroupId) -> Result<(), Error> {
         let now_ms = capdb_types::unix_now_ms();
-        self.changes_step(group, Request::ChangesTrim { now_ms })
-            .await
+        let keep_from = self
+            .engine
+            .table(&capdb_storage::layout::shard_table(group), false)
+            .changes_size_keep_from()?;
+        let request = match keep_from {
+            Some(keep_from) => Request::ChangesTrimTo { now_ms, keep_from },
+            None => Request::ChangesTrim { now_ms },
+        };
+        self.changes_step(group, request).await
     }
 
     /// Closes a data group's change stream up to this node's clock now, and at least to

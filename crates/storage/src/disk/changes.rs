@@ -47,7 +47,7 @@ use capdb_types::changes::{
     Change, ChangeOp, ChangeRow, EntryHead, Event, RowKind, StreamId, TxnPart, next_clock,
 };
 use capdb_types::{Error, Mutation, Result, Timestamp, Value, ValueKind};
-use redb::ReadableTable;
+use redb::{ReadableTable, ReadableTableMetadata};
 
 use super::{io_err, log_def, table_def};
 use crate::layout::{change_table, change_txn_table};
@@ -94,6 +94,10 @@ pub enum ChangesStep {
     /// Delete the entries older than the retention before `now_ms` (the proposer's clock,
     /// carried by the entry), a bounded number; reads below what went answer `HISTORYLOST`.
     Trim { now_ms: u64 },
+    /// [`ChangesStep::Trim`], and also every entry below clock `keep_from` (the leader's
+    /// retention-by-size decision, [`size_keep_from`], carried in the entry so that every
+    /// replica deletes the same events whatever its own byte count).
+    TrimTo { now_ms: u64, keep_from: Timestamp },
     /// Close the shard's stream up to `ts` (the proposer's clock): every later event gets a
     /// larger clock, so a merged reader may release everything at or below it.
     Progress { ts: Timestamp },
@@ -406,7 +410,7 @@ pub(super) fn trim_due(txn: &redb::ReadTransaction, table: &str, now_ms: u64) ->
                 return Ok(false);
             }
             let max_bytes = read_u64_row(&el, RETENTION_BYTES)?.unwrap_or(RETENTION_BYTES_DEFAULT);
-            if log.bytes > max_bytes {
+            if log.bytes > max_bytes && size_keep_from(txn, table)?.is_some() {
                 return Ok(true);
             }
             read_u64_row(&el, RETENTION)?.unwrap_or(RETENTION_MS_DEFAULT)
@@ -433,7 +437,12 @@ pub(super) fn trim_due(txn: &redb::ReadTransaction, table: &str, now_ms: u64) ->
 /// batches fell, which differs between them, while the entries and their events are the same
 /// everywhere. So every replica deletes exactly the same events and sets the same floor. A row
 /// left holding later entries is rewritten and keyed by its new first clock.
-pub(super) fn trim(x: &super::ops::Exec, table: &str, now_ms: u64) -> Result<()> {
+pub(super) fn trim(
+    x: &super::ops::Exec,
+    table: &str,
+    now_ms: u64,
+    keep_from: Option<Timestamp>,
+) -> Result<()> {
     let mut el = x
         .txn
         .open_table(table_def(&crate::layout::element_table(table)))
@@ -443,8 +452,6 @@ pub(super) fn trim(x: &super::ops::Exec, table: &str, now_ms: u64) -> Result<()>
     }
     let retention = read_u64_row(&el, RETENTION)?.unwrap_or(RETENTION_MS_DEFAULT);
     let cutoff = Timestamp::from_parts(now_ms.saturating_sub(retention), 0);
-    let max_bytes = read_u64_row(&el, RETENTION_BYTES)?.unwrap_or(RETENTION_BYTES_DEFAULT);
-    let held_bytes = ChangeLog::load(&el)?.bytes;
     let mut chg = x
         .txn
         .open_table(log_def(&change_table(table)))
@@ -472,9 +479,9 @@ pub(super) fn trim(x: &super::ops::Exec, table: &str, now_ms: u64) -> Result<()>
                 .sum();
             let full = events as usize + n > CHANGES_TRIM_EVENTS_MAX
                 || bytes + entry_bytes > CHANGES_TRIM_BYTES_MAX;
-            // Due: older than the retention, or the log holds more than its size allows
-            // without it. The first due entry always goes (however big), so a trim progresses.
-            let due = head.clock < cutoff || held_bytes.saturating_sub(bytes as u64) > max_bytes;
+            // Due: older than the retention, or below what the size allows (decided by the
+            // proposer). The first due entry always goes (however big), so a trim progresses.
+            let due = head.clock < cutoff || keep_from.is_some_and(|k| head.clock < k);
             if !due || (full && events > 0) {
                 if taken > 0 {
                     let rest = ChangeRow {
@@ -522,10 +529,67 @@ pub(super) fn trim(x: &super::ops::Exec, table: &str, now_ms: u64) -> Result<()>
     if let Some(id) = last_id {
         raise_floor(&mut el, id)?;
     }
+    let emptied = chg.is_empty().map_err(io_err)?;
     update_clock(&mut el, |c| {
         c.events = c.events.saturating_sub(events);
-        c.bytes = c.bytes.saturating_sub(bytes as u64);
+        // An empty log holds nothing, whatever an older count said.
+        c.bytes = if emptied {
+            0
+        } else {
+            c.bytes.saturating_sub(bytes as u64)
+        };
     })
+}
+
+/// Retention by size, from one snapshot: the clock of the first entry to keep so that the
+/// events from it on fit the shard's bound (`None`: they all fit). Never past the newest
+/// entry with events, which always stays. Reads only the entries that go (at most one trim's
+/// worth, [`CHANGES_TRIM_EVENTS_MAX`]).
+pub(super) fn size_keep_from(
+    txn: &redb::ReadTransaction,
+    table: &str,
+) -> Result<Option<Timestamp>> {
+    let (log, max_bytes) = match txn.open_table(table_def(&crate::layout::element_table(table))) {
+        Ok(el) => (
+            ChangeLog::load(&el)?,
+            read_u64_row(&el, RETENTION_BYTES)?.unwrap_or(RETENTION_BYTES_DEFAULT),
+        ),
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+        Err(e) => return Err(io_err(e)),
+    };
+    if !log.on || log.bytes <= max_bytes {
+        return Ok(None);
+    }
+    let chg = match txn.open_table(log_def(&change_table(table))) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+        Err(e) => return Err(io_err(e)),
+    };
+    let (mut held, mut seen, mut going) = (log.bytes, 0usize, 0usize);
+    for r in chg.iter().map_err(io_err)? {
+        let (_, v) = r.map_err(io_err)?;
+        let row = ChangeRow::decode(v.value())?;
+        let mut at = 0usize;
+        for head in &row.entries {
+            let n = head.events as usize;
+            if held <= max_bytes || head.clock >= log.clock || seen >= CHANGES_TRIM_EVENTS_MAX {
+                // Nothing before it: nothing to trim.
+                return Ok((going > 0).then_some(head.clock));
+            }
+            going += 1;
+            let entry_bytes: u64 = row
+                .events
+                .get(at..at + n)
+                .unwrap_or_default()
+                .iter()
+                .map(|e| event_bytes(e) as u64)
+                .sum();
+            held = held.saturating_sub(entry_bytes);
+            at += n;
+            seen += n;
+        }
+    }
+    Ok(None)
 }
 
 /// [`ChangesStep::Progress`]: closes the stream up to `ts` (no event is ever logged at or

@@ -424,7 +424,10 @@ pub(super) fn execute(x: &Exec, op: &Op, live_tables: &mut HashSet<String>) -> R
                     super::changes::set_retention(x, table, *ms).map(|()| ok())?
                 }
                 super::ChangesStep::Trim { now_ms } => {
-                    super::changes::trim(x, table, *now_ms).map(|()| ok())?
+                    super::changes::trim(x, table, *now_ms, None).map(|()| ok())?
+                }
+                super::ChangesStep::TrimTo { now_ms, keep_from } => {
+                    super::changes::trim(x, table, *now_ms, Some(*keep_from)).map(|()| ok())?
                 }
                 super::ChangesStep::Progress { ts } => {
                     super::changes::progress(x, table, *ts).map(|()| ok())?

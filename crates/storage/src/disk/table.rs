@@ -349,6 +349,12 @@ impl DiskTable {
         super::changes::trim_due(&txn, &self.table, now_ms)
     }
 
+    /// Retention by size: the clock of the first entry to keep (`None`: everything fits).
+    pub fn changes_size_keep_from(&self) -> Result<Option<capdb_types::Timestamp>> {
+        let txn = self.begin_read()?;
+        super::changes::size_keep_from(&txn, &self.table)
+    }
+
     /// Whether this shard logs its changes, how many it holds and the last one's ID.
     pub fn changes_info(&self) -> Result<super::ChangeInfo> {
         let txn = self.begin_read()?;
