@@ -451,12 +451,22 @@ fn a_scan_cursor_finishes_the_slots_it_began_with_after_a_leadership_change() {
     for k in &expected {
         let _: () = w.set(k, 1).unwrap();
     }
-    let text: String = redis::cmd("CLUSTER").arg("NODES").query(&mut w).unwrap();
-    let nodes = listing(&text);
+    // Several masters, as the cluster started; an election on a loaded machine can gather
+    // every leadership on one node for a while (then that node's slots are all of them,
+    // and the scan must finish them just the same).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (text, nodes) = loop {
+        let text: String = redis::cmd("CLUSTER").arg("NODES").query(&mut w).unwrap();
+        let nodes = listing(&text);
+        if nodes.iter().filter(|l| l.master).count() >= 2 || Instant::now() > deadline {
+            break (text, nodes);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
     let first = nodes.iter().find(|l| l.master).unwrap();
     let master = c.by_port(first.port);
     let mine = keys_in(&mut w, &expected, &first.ranges);
-    assert!(!mine.is_empty() && mine.len() < expected.len(), "{text}");
+    assert!(!mine.is_empty(), "{text}");
 
     // First page while it leads, then it hands every leadership away.
     let mut m = conn(master);

@@ -25,7 +25,9 @@ use capdb_types::changes::groups::{
     GroupCommand, GroupOp, GroupRecord, NAME_MAX, PEL_MAX, PEL_PAGE_MAX, Pending,
 };
 
-use super::streams::{Page, Target, parse_id, read_page, resolve};
+use super::streams::{
+    Page, Target, parse_id, per_key_reply, read_page, resolve, wait_applied, wake_shards,
+};
 use super::{Outcome, error_line, parse_int, syntax};
 use crate::resp::Connection;
 
@@ -689,7 +691,18 @@ pub(super) async fn xreadgroup(conn: &mut Connection, args: &[Bytes]) -> Outcome
         .map(|ms| (ms > 0).then(|| tokio::time::Instant::now() + Duration::from_millis(ms)));
     let mut probe = super::blocking::ClosedProbe::new(conn.socket_fd);
     let mut shutdown = conn.shutdown.clone();
+    // The shards whose applies wake a blocked read (a merged stream's: all).
+    let targets: Vec<_> = keys
+        .iter()
+        .zip(&last)
+        .filter(|(_, l)| l.is_some())
+        .filter_map(|(k, _)| resolve(conn, k).ok())
+        .collect();
+    let shards = wake_shards(&targets);
     'read: loop {
+        // Taken before the reads: an apply after them moves the marks, so the wait below
+        // cannot miss it.
+        let marks: Vec<Option<u64>> = shards.iter().map(|(ks, s)| ks.changes_mark(*s)).collect();
         for (n, key) in keys.iter().enumerate() {
             let Some(mut after) = last[n] else { continue };
             // Read after the group's last ID, then deliver if nobody moved it meanwhile; a
@@ -786,33 +799,7 @@ pub(super) async fn xreadgroup(conn: &mut Connection, args: &[Bytes]) -> Outcome
                 });
                 // Woken by an apply on any shard of the streams read (a merged stream's
                 // idle shards are closed by the next read), or the poll.
-                let shards: Vec<(std::sync::Arc<crate::node::Keyspace>, u32)> = keys
-                    .iter()
-                    .zip(&last)
-                    .filter(|(_, l)| l.is_some())
-                    .filter_map(|(k, _)| resolve(conn, k).ok())
-                    .flat_map(|(ks, t)| match t {
-                        Target::Shard(s) => vec![(ks, s)],
-                        Target::Merged => (0..ks.shard_count().unwrap_or(0) as u32)
-                            .map(|s| (ks.clone(), s))
-                            .collect(),
-                    })
-                    .collect();
-                let marks: Vec<Option<u64>> =
-                    shards.iter().map(|(ks, s)| ks.changes_mark(*s)).collect();
-                let applied = async {
-                    if shards.is_empty() {
-                        tokio::time::sleep(wait).await;
-                    } else {
-                        futures::future::select_all(
-                            shards
-                                .iter()
-                                .zip(&marks)
-                                .map(|((ks, s), mark)| Box::pin(ks.wait_changes(*s, *mark, wait))),
-                        )
-                        .await;
-                    }
-                };
+                let applied = wait_applied(&shards, &marks, wait);
                 tokio::select! {
                     _ = applied => {}
                     _ = probe.closed() => return Ok(()),
@@ -825,22 +812,7 @@ pub(super) async fn xreadgroup(conn: &mut Connection, args: &[Bytes]) -> Outcome
         conn.out.reply(&Reply::NilArray);
         return Ok(());
     }
-    let reply = if conn.out.resp3 {
-        Reply::Map(
-            found
-                .into_iter()
-                .map(|(k, e)| (Reply::Bulk(k), Reply::Array(e)))
-                .collect(),
-        )
-    } else {
-        Reply::Array(
-            found
-                .into_iter()
-                .map(|(k, e)| Reply::Array(vec![Reply::Bulk(k), Reply::Array(e)]))
-                .collect(),
-        )
-    };
-    conn.out.reply(&reply);
+    conn.out.reply(&per_key_reply(conn.out.resp3, found));
     Ok(())
 }
 

@@ -432,15 +432,7 @@ pub(super) async fn xread(conn: &mut Connection, args: &[Bytes]) -> Outcome {
         .map(|k| resolve(conn, k))
         .collect::<Result<_, String>>()?;
     // The shards whose applies wake this read: each merged stream's all.
-    let shards: Vec<(std::sync::Arc<crate::node::Keyspace>, u32)> = targets
-        .iter()
-        .flat_map(|(ks, t)| match t {
-            Target::Shard(n) => vec![(ks.clone(), *n)],
-            Target::Merged => (0..ks.shard_count().unwrap_or(0) as u32)
-                .map(|n| (ks.clone(), n))
-                .collect(),
-        })
-        .collect();
+    let shards = wake_shards(&targets);
     // A merged stream read past what it resolved does not read that part again.
     let mut cursors = after.clone();
     let mut first = true;
@@ -481,22 +473,7 @@ pub(super) async fn xread(conn: &mut Connection, args: &[Bytes]) -> Outcome {
         }
         first = false;
         if !found.is_empty() {
-            let reply = if conn.out.resp3 {
-                Reply::Map(
-                    found
-                        .into_iter()
-                        .map(|(k, e)| (Reply::Bulk(k), Reply::Array(e)))
-                        .collect(),
-                )
-            } else {
-                Reply::Array(
-                    found
-                        .into_iter()
-                        .map(|(k, e)| Reply::Array(vec![Reply::Bulk(k), Reply::Array(e)]))
-                        .collect(),
-                )
-            };
-            conn.out.reply(&reply);
+            conn.out.reply(&per_key_reply(conn.out.resp3, found));
             return Ok(());
         }
         match deadline {
@@ -531,12 +508,7 @@ pub(super) async fn xread(conn: &mut Connection, args: &[Bytes]) -> Outcome {
                     at.saturating_duration_since(tokio::time::Instant::now())
                         .min(poll)
                 });
-                let applied = futures::future::select_all(
-                    shards
-                        .iter()
-                        .zip(&marks)
-                        .map(|((ks, n), mark)| Box::pin(ks.wait_changes(*n, *mark, wait))),
-                );
+                let applied = wait_applied(&shards, &marks, wait);
                 tokio::select! {
                     _ = applied => {}
                     _ = probe.closed() => return Ok(()),
@@ -547,6 +519,60 @@ pub(super) async fn xread(conn: &mut Connection, args: &[Bytes]) -> Outcome {
     }
     conn.out.reply(&Reply::NilArray);
     Ok(())
+}
+
+/// Every shard whose applies can wake a reader of these streams (a merged stream's: all).
+pub(super) fn wake_shards(
+    targets: &[(std::sync::Arc<crate::node::Keyspace>, Target)],
+) -> Vec<(std::sync::Arc<crate::node::Keyspace>, u32)> {
+    targets
+        .iter()
+        .flat_map(|(ks, t)| match t {
+            Target::Shard(n) => vec![(ks.clone(), *n)],
+            Target::Merged => (0..ks.shard_count().unwrap_or(0) as u32)
+                .map(|n| (ks.clone(), n))
+                .collect(),
+        })
+        .collect()
+}
+
+/// Waits until one of `shards` applied past its mark here (taken before the read), or
+/// `wait` passed.
+pub(super) async fn wait_applied(
+    shards: &[(std::sync::Arc<crate::node::Keyspace>, u32)],
+    marks: &[Option<u64>],
+    wait: Duration,
+) {
+    if shards.is_empty() {
+        tokio::time::sleep(wait).await;
+        return;
+    }
+    futures::future::select_all(
+        shards
+            .iter()
+            .zip(marks)
+            .map(|((ks, n), mark)| Box::pin(ks.wait_changes(*n, *mark, wait))),
+    )
+    .await;
+}
+
+/// XREAD's and XREADGROUP's reply: each key with its entries (RESP3: a map).
+pub(super) fn per_key_reply(resp3: bool, found: Vec<(Bytes, Vec<Reply>)>) -> Reply {
+    if resp3 {
+        Reply::Map(
+            found
+                .into_iter()
+                .map(|(k, e)| (Reply::Bulk(k), Reply::Array(e)))
+                .collect(),
+        )
+    } else {
+        Reply::Array(
+            found
+                .into_iter()
+                .map(|(k, e)| Reply::Array(vec![Reply::Bulk(k), Reply::Array(e)]))
+                .collect(),
+        )
+    }
 }
 
 pub(super) fn parse_id(text: &[u8]) -> Result<StreamId, String> {
