@@ -270,7 +270,7 @@ fn a_shards_change_log_lists_every_change_in_order_as_a_redis_stream() {
 
     // Read-only, not built yet, unknown: clear errors.
     assert!(err(&mut c, &format!("XADD {key} * f v")).contains("read-only"));
-    assert!(err(&mut c, "XREVRANGE __changes:default + -").contains("not built yet"));
+    assert!(err(&mut c, "XRANGE __changes:default:user: - +").contains("not built yet"));
     assert!(err(&mut c, "XRANGE __changes:nosuch#0 - +").contains("nosuch"));
     assert!(err(&mut c, "XRANGE __changes:default#99 - +").contains("no shard 99"));
     assert!(err(&mut c, "XRANGE plainkey - +").contains("no stream type"));
@@ -809,6 +809,17 @@ fn the_merged_stream_orders_every_shard_with_transactions_together() {
         &format!("XRANGE __changes:default ({start} {last} COUNT 10000"),
     ));
     assert_eq!(again, seen, "XRANGE gives what XREAD gave");
+    let newest = entries(&ok(
+        &mut c,
+        &format!("XREVRANGE __changes:default {last} ({start} COUNT 7"),
+    ));
+    let expect: Vec<Entry> = seen.iter().rev().take(7).cloned().collect();
+    assert_eq!(newest, expect, "XREVRANGE gives the newest, newest first");
+    let all_rev = entries(&ok(
+        &mut c,
+        &format!("XREVRANGE __changes:default {last} ({start}"),
+    ));
+    assert_eq!(all_rev.len(), seen.len());
     let (status, body) = common::http(
         s.http,
         "GET",

@@ -8,11 +8,12 @@
 //!    of two keys in one MULTI/EXEC) are adjacent, and when they carry a `txn` id it is one.
 //! 2. **No loss, no duplicate, no premature watermark for a position-holding reader**: the
 //!    plain reader's processed sequence (crashes rolled back to checkpoints) is exactly the
-//!    final stream. An event logged below a point the reader had already passed would be in
+//!    final stream, event for event, up to a resolved end point taken after the writes. An event logged below a point the reader had already passed would be in
 //!    the final read and not in the reader's.
-//! 3. **Exactly once per consumer group**: no entry is handed out by `>` twice, no entry's
-//!    XACK answers 1 twice, every entry of the stream was delivered to the group, nothing
-//!    else was, and after the drain nothing is pending.
+//! 3. **Exactly once per consumer group** (up to the same end point): no entry is handed
+//!    out by `>` twice, no entry's XACK answers 1 twice, every entry of the stream was
+//!    delivered to the group (by `>` or a claim) and acknowledged, nothing else was, and
+//!    after the drain nothing is pending.
 //! 4. **Per-key order**: a write acknowledged before another on the same key was invoked
 //!    has the smaller ID.
 //! 5. **Resolved IDs**: never go back (between announcements that do not overlap in time),

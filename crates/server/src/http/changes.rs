@@ -3,8 +3,8 @@
 //! keyspace's merged stream (`XRANGE __changes:<keyspace>`, `node/merged.rs`), which also
 //! tells where it is resolved: SSE `event: progress` (its `id:` is the resolved ID, so a
 //! client resuming from it skips nothing) and an NDJSON `{"progress": id}` line that ends
-//! every answer. While idle, a merged stream closes its shards about every second, so the
-//! resolved ID advances.
+//! every answer. While idle, an SSE merged stream closes its shards about every second, so
+//! the resolved ID advances (an NDJSON long-poll closes only shards that hold events back).
 //!
 //! - `Accept: text/event-stream`: Server-Sent Events, one event per change (`id:` its stream
 //!   ID, `data:` its JSON), kept open and fed as the shard applies changes; a client that

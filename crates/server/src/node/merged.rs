@@ -412,3 +412,63 @@ pub async fn read_closing(
     close_shards(ks, &page.lagging, page.newest, Duration::from_secs(1)).await;
     read(ks, from, to, count, now_ms, c).await
 }
+
+/// The newest `count` entries with IDs in `from..=to`, newest first (XREVRANGE): a forward
+/// read of a window that holds them, keeping only the last `count` (at most `count` entries
+/// in memory). The window starts where each shard's own `count` newest events begin; when
+/// transactions placed before it leave it short, the window grows to `from`.
+pub async fn read_rev(
+    ks: &Keyspace,
+    from: StreamId,
+    to: StreamId,
+    count: usize,
+    now_ms: u64,
+    c: Consistency,
+) -> Result<MergedPage> {
+    let count = count.clamp(1, CHANGES_READ_MAX);
+    let shards = ks.shard_count().unwrap_or(0) as u32;
+    let (to_clock, _, _) = merged::parts(to);
+    let (from_clock, _, _) = merged::parts(from);
+    let shard_range = (
+        StreamId::of_event(from_clock, 0),
+        StreamId::of_event(to_clock, u32::MAX),
+    );
+    let newest = futures::future::try_join_all(
+        (0..shards).map(|s| ks.changes_read(s, shard_range, count, true, now_ms, c)),
+    )
+    .await?;
+    // Each shard's `count` newest events begin at or after the window's start.
+    let mut window = from;
+    for page in &newest {
+        if page.entries.len() >= count
+            && let Some(oldest) = page.entries.last().map(|e| parse_entry(e.clone()))
+        {
+            let start = merged::id(oldest?.id.clock(), 0, 0);
+            window = window.max(start.min(to));
+        }
+    }
+    for start in [window, from] {
+        let mut kept: std::collections::VecDeque<Reply> = std::collections::VecDeque::new();
+        let mut at = start;
+        let mut page = loop {
+            let page = read_closing(ks, at, to, CHANGES_READ_MAX, now_ms, c).await?;
+            let next = page.resolved.successor();
+            let done = page.entries.is_empty() || page.resolved >= to || next <= at;
+            for e in page.entries.iter().cloned() {
+                if kept.len() == count {
+                    kept.pop_front();
+                }
+                kept.push_back(e);
+            }
+            if done {
+                break page;
+            }
+            at = next;
+        };
+        if kept.len() >= count || start == from {
+            page.entries = kept.into_iter().rev().collect();
+            return Ok(page);
+        }
+    }
+    Err(Error::Io("the reverse read found no window".into()))
+}

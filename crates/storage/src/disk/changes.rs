@@ -18,9 +18,14 @@
 //! - In the element table under the reserved id 0 (replicated state, carried by snapshots and
 //!   across FLUSHDB): `chg-on` (present while the log is on; its value is the index that turned
 //!   it on), `chg-clock` (u64 LE each: the last logged entry's clock, the events this replica
-//!   holds, the last entry's event count, so the last ID is known without reading a row), `chg-retention` (ms; default [`RETENTION_MS_DEFAULT`]) and `chg-floor`
-//!   (the ID of the last event this replica no longer holds: trimmed by the retention, or
-//!   before a snapshot it installed; a read reaching it is an error, never a silent gap).
+//!   holds, the last entry's event count, so the last ID is known without reading a row, the
+//!   closed clock progress entries reached, and the event bytes held), `chg-retention` (ms;
+//!   default [`RETENTION_MS_DEFAULT`]), `chg-retention-bytes` (default
+//!   [`RETENTION_BYTES_DEFAULT`]) and `chg-floor` (the ID of the last event this replica no
+//!   longer holds: trimmed by the retention, or before a snapshot it installed; a read
+//!   reaching it is an error, never a silent gap).
+//! - `{shard}/chg-txn`: a cross-shard transaction's id -> the stream clock of its part here
+//!   (how a merged reader finds the other parts).
 //!
 //! # What is logged (this version)
 //!

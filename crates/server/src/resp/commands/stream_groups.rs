@@ -12,9 +12,10 @@
 //! them pending (XAUTOCLAIM, or its own history with an ID).
 //!
 //! Differences from Redis: `lag` in XINFO GROUPS is nil (the merged stream's length up to the
-//! group's position is not counted); XAUTOCLAIM's third element (deleted IDs) is always
-//! empty, and a claimed entry gone with the retention is answered as `[id, nil]`; LASTID in
-//! XCLAIM is accepted and ignored; groups do not pin the retention yet.
+//! group's position is not counted); LASTID in XCLAIM is accepted and ignored; the commands
+//! are refused inside MULTI; groups do not pin the retention yet. As in Redis 7, claimed
+//! entries gone with the retention leave the pending list (XAUTOCLAIM lists them as
+//! deleted); a history read answers them as `[id, nil]`.
 
 use std::time::Duration;
 

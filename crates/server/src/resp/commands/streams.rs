@@ -1,7 +1,8 @@
 //! Change streams over Redis's stream commands (issue 14, `docs/design/streams.md` §4): a
 //! `cp` shard's change log read as a read-only stream key `__changes:<keyspace>#<shard>`.
 //!
-//! - `CHANGES CONFIG <ks> on|off [RETENTION-MS ms]` turns a keyspace's logs on or off (every
+//! - `CHANGES CONFIG <ks> on|off [RETENTION-MS ms] [RETENTION-BYTES n]` turns a keyspace's
+//!   logs on or off (every
 //!   shard, through its Raft log); `CHANGES SHARDS <ks>` lists its stream keys,
 //!   `CHANGES LAST <ks>` each one's last ID (what `$` means now) and `CHANGES RESOLVED <ks>`
 //!   how far the merged stream is resolved (after closing every shard).
@@ -14,11 +15,11 @@
 //! - Writes to stream keys (`XADD`, `XTRIM`, `XDEL`, `XSETID`) answer an error: capdb has no
 //!   stream type of its own.
 //!
-//! Not built yet: XREVRANGE on a merged stream, key prefixes (`...:<prefix>`), `ap` and
-//! `cache` keyspaces (each answers a clear error), and consumer groups (XGROUP and friends
-//! are unknown commands). Differences from Redis: a call returns at most
-//! [`capdb_storage::disk::CHANGES_READ_MAX`] entries and about
-//! [`capdb_storage::disk::CHANGES_READ_BYTES_MAX`] per key (XREAD without COUNT:
+//! Not built yet: key prefixes (`...:<prefix>`) and `ap` and `cache` keyspaces (each
+//! answers a clear error); consumer groups are in `stream_groups.rs`. Differences from Redis:
+//! a read of a shard's stream returns at most [`capdb_storage::disk::CHANGES_READ_MAX`]
+//! entries and about [`capdb_storage::disk::CHANGES_READ_BYTES_MAX`] (a merged read takes up
+//! to that from every shard, plus whole transactions; XREAD without COUNT:
 //! [`XREAD_DEFAULT_COUNT`]). A blocked XREAD reads again when this node's replica of one of its
 //! shards applies an entry, and at least every [`XREAD_POLL`]; it stops when the client leaves
 //! or the server shuts down.
@@ -248,11 +249,11 @@ pub(super) async fn read_page(
             })
         }
         Target::Merged => {
-            if rev && count > 0 && range.0 <= range.1 {
-                return Err("ERR XREVRANGE on a keyspace's merged change stream is not built yet; read a shard's (__changes:<keyspace>#<shard>) or XRANGE forward".into());
-            }
             let (from, to) = range;
-            let read = if from == StreamId::MAX {
+            let read = if rev && count > 0 && from <= to {
+                crate::node::merged::read_rev(&ks, from, to, count, conn.now_ms, conn.consistency)
+                    .await
+            } else if from == StreamId::MAX {
                 // Where the stream stands (`$`, XLEN): everything logged before this call is
                 // at or below the answer's resolved ID.
                 crate::node::merged::resolve_now(&ks, conn.now_ms, conn.consistency).await
