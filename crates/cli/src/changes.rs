@@ -6,8 +6,9 @@
 //!
 //! Events come in the merged order (stream clock, then shard; a cross-shard transaction's
 //! together). `--shards` reads each shard's stream instead (`CHANGES SHARDS`, `CHANGES LAST`),
-//! each in its own order, without waiting on idle shards. `--prefix` filters here, in the
-//! client.
+//! each in its own order, without waiting on idle shards. `--prefix` reads the filtered
+//! streams (`__changes:<keyspace>[#<shard>]:<prefix>`): the server keeps only the events on
+//! keys starting with it, with the IDs they have in the whole stream.
 
 use std::io::Write;
 
@@ -115,6 +116,10 @@ pub async fn changes(op: ChangesOp, target: &RespTarget) -> Result<(), String> {
     if keys.is_empty() {
         return Err(format!("keyspace {keyspace} has no shards"));
     }
+    let keys: Vec<String> = match &prefix {
+        Some(p) => keys.into_iter().map(|k| format!("{k}:{p}")).collect(),
+        None => keys,
+    };
     // Each position, resolved once: `$` means "from now" (asked again on every call, it
     // would skip what lands between two calls).
     let positions: Vec<String> = match (from.as_str(), shards) {
@@ -182,9 +187,6 @@ pub async fn changes(op: ChangesOp, target: &RespTarget) -> Result<(), String> {
                         .map(|(_, v)| v.as_str())
                 };
                 let key = field("key").unwrap_or_default();
-                if prefix.as_deref().is_some_and(|p| !key.starts_with(p)) {
-                    continue;
-                }
                 let line = if json {
                     let mut obj = serde_json::Map::new();
                     obj.insert("id".into(), id.clone().into());

@@ -2,7 +2,7 @@
 //! change log read as the stream key `__changes:<keyspace>#<shard>`, and a keyspace's merged
 //! stream `__changes:<keyspace>`, with Redis's stream commands. Every change in log order with its value, IDs that increase and are the same
 //! through every node, Redis's reply shapes for XRANGE/XREVRANGE/XLEN/XREAD (blocking too),
-//! and clear errors for what is off, read-only or not built yet.
+//! key-prefix streams, and clear errors for what is off, read-only or not built yet.
 
 mod common;
 
@@ -270,7 +270,6 @@ fn a_shards_change_log_lists_every_change_in_order_as_a_redis_stream() {
 
     // Read-only, not built yet, unknown: clear errors.
     assert!(err(&mut c, &format!("XADD {key} * f v")).contains("read-only"));
-    assert!(err(&mut c, "XRANGE __changes:default:user: - +").contains("not built yet"));
     assert!(err(&mut c, "XRANGE __changes:nosuch#0 - +").contains("nosuch"));
     assert!(err(&mut c, "XRANGE __changes:default#99 - +").contains("no shard 99"));
     assert!(err(&mut c, "XRANGE plainkey - +").contains("no stream type"));
@@ -1001,4 +1000,126 @@ fn consumer_groups_deliver_each_entry_once_and_survive_a_leader_kill() {
         panic!("XINFO GROUPS answered no array")
     };
     assert_eq!(groups.len(), 1);
+}
+
+fn id_text(e: &Entry) -> String {
+    format!("{}-{}", e.id.0, e.id.1)
+}
+
+#[test]
+fn a_key_prefix_stream_keeps_only_the_events_on_its_keys_with_the_whole_streams_ids() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let s = Server::start_with(&["--default-shards", "4"]);
+    let mut c = s.client();
+    ok(&mut c, "CHANGES CONFIG default on");
+    let start = text(&ok(&mut c, "CHANGES RESOLVED default"));
+    for i in 0..12 {
+        ok(&mut c, &format!("SET user:{i} u{i}"));
+        ok(&mut c, &format!("SET order:{i} o{i}"));
+    }
+    // A collection command on another key, and a transaction over both kinds of keys.
+    ok(&mut c, "RPUSH order:list a b");
+    ok(&mut c, "MULTI");
+    ok(&mut c, "SET user:tx 1");
+    ok(&mut c, "SET order:tx 2");
+    ok(&mut c, "EXEC");
+    let matching = |all: &[Entry]| -> Vec<Entry> {
+        all.iter()
+            .filter(|e| {
+                e.fields
+                    .iter()
+                    .any(|(k, v)| (k == "key" || k == "also") && v.starts_with("user:"))
+            })
+            .cloned()
+            .collect()
+    };
+
+    // The merged stream: the whole stream's entries on `user:` keys, same IDs, same fields.
+    // The transaction's commit reaches its shards after EXEC answers: the merged stream
+    // shows it once every part is logged.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let want = loop {
+        let whole = entries(&ok(&mut c, &format!("XRANGE __changes:default ({start} +")));
+        let want = matching(&whole);
+        if want.len() == 13 {
+            break want;
+        }
+        assert!(Instant::now() < deadline, "{whole:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let got = entries(&ok(
+        &mut c,
+        &format!("XRANGE __changes:default:user: ({start} +"),
+    ));
+    assert_eq!(got, want);
+    // Paged with COUNT, each page continuing after the last: the same entries.
+    let mut paged: Vec<Entry> = Vec::new();
+    let mut from = format!("({start}");
+    loop {
+        let page = entries(&ok(
+            &mut c,
+            &format!("XRANGE __changes:default:user: {from} + COUNT 5"),
+        ));
+        let Some(last) = page.last() else { break };
+        from = format!("({}", id_text(last));
+        paged.extend(page);
+    }
+    assert_eq!(paged, want);
+    let newest = entries(&ok(&mut c, "XREVRANGE __changes:default:user: + - COUNT 3"));
+    let mut expect: Vec<Entry> = want[want.len() - 3..].to_vec();
+    expect.reverse();
+    assert_eq!(newest, expect);
+    let len = ok(&mut c, "XLEN __changes:default:user:");
+    let all_user = matching(&entries(&ok(&mut c, "XRANGE __changes:default - +")));
+    assert_eq!(len, Value::Int(all_user.len() as i64));
+
+    // Each shard's stream filters the same way.
+    let Value::Array(shards) = ok(&mut c, "CHANGES SHARDS default") else {
+        panic!("CHANGES SHARDS answered no array")
+    };
+    let mut per_shard = 0;
+    for k in shards.iter().map(text) {
+        let whole = entries(&ok(&mut c, &format!("XRANGE {k} - +")));
+        let got = entries(&ok(&mut c, &format!("XRANGE {k}:user: - +")));
+        assert_eq!(got, matching(&whole), "{k}");
+        assert_eq!(
+            ok(&mut c, &format!("XLEN {k}:user:")),
+            Value::Int(got.len() as i64)
+        );
+        per_shard += got.len();
+    }
+    assert_eq!(per_shard, all_user.len());
+
+    // A blocked XREAD on the filtered stream sleeps through other keys' writes and wakes on
+    // a matching one.
+    let resolved = text(&ok(&mut c, "CHANGES RESOLVED default"));
+    let url = s.redis_url();
+    let reader = std::thread::spawn(move || {
+        let mut c = redis::Client::open(url).unwrap().get_connection().unwrap();
+        ok(
+            &mut c,
+            &format!("XREAD BLOCK 60000 STREAMS __changes:default:user: {resolved}"),
+        )
+    });
+    for i in 0..20 {
+        ok(&mut c, &format!("SET order:late{i} x"));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    ok(&mut c, "SET user:late 1");
+    let woke = first_stream(&reader.join().unwrap());
+    let keys: Vec<&str> = woke.iter().filter_map(|e| e.field("key")).collect();
+    assert_eq!(keys, ["user:late"], "{woke:?}");
+
+    // HTTP takes the prefix as a parameter: the same entries as NDJSON.
+    let path = format!("/v1/changes/default?prefix=user:&after={start}");
+    let (code, body) = common::http(s.http, "GET", &path, &[], None).unwrap();
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+    let ids: Vec<String> = String::from_utf8_lossy(&body)
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter_map(|l| l["id"].as_str().map(str::to_string))
+        .collect();
+    let mut expect: Vec<String> = want.iter().map(id_text).collect();
+    expect.push(id_text(&woke[0]));
+    assert_eq!(ids, expect);
 }

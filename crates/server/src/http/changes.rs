@@ -13,6 +13,9 @@
 //! - Otherwise NDJSON: one JSON object per line, at most `limit` (default 1,000) events after
 //!   `after` (default: from the start); `wait_ms` (≤ 30,000) long-polls when there are none.
 //!
+//! - `prefix=P`: only the events on keys starting with `P`, with the same IDs
+//!   (`node/prefixed.rs`, like the stream key `__changes:<keyspace>[#<shard>]:P`).
+//!
 //! Pull only: each step reads one bounded page from storage (`Keyspace::changes_read`: at most
 //! 1,000 events and about 16 MiB), so a slow client costs the server its position and one page
 //! at most. Streams and long-polls end when the node shuts down.
@@ -33,7 +36,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value as Json};
 
 use super::{ApiError, ApiResult};
-use crate::node::{Consistency, Keyspace, Node, merged};
+use crate::node::{Consistency, Keyspace, Node, merged, prefixed};
 
 /// Events one NDJSON answer holds at most, and one SSE step reads.
 pub const CHANGES_PAGE_MAX: usize = 1_000;
@@ -47,6 +50,8 @@ pub(super) struct ChangesQuery {
     after: Option<String>,
     limit: Option<usize>,
     wait_ms: Option<u64>,
+    /// Only events on keys starting with this (`node/prefixed.rs`).
+    prefix: Option<String>,
 }
 
 /// One stream entry (`[id, [field, value, ...]]`) as a JSON object; repeated fields (`arg`,
@@ -112,6 +117,8 @@ struct Found {
     lagging: Vec<u32>,
     /// What the lagging shards must be closed at.
     newest: capdb_types::Timestamp,
+    /// A prefix-filtered shard read: the last ID it looked at.
+    scanned: Option<StreamId>,
 }
 
 /// Reads the events after `after` (exclusive) of one shard (`Some`) or the merged stream
@@ -120,6 +127,7 @@ struct Found {
 async fn page(
     ks: &Keyspace,
     shard: Option<u32>,
+    prefix: Option<&[u8]>,
     after: StreamId,
     limit: usize,
     closing: bool,
@@ -130,8 +138,8 @@ async fn page(
         after.successor()
     };
     let (now_ms, c) = (capdb_types::unix_now_ms(), Consistency::default());
-    let (on, events, found) = match shard {
-        Some(shard) => {
+    let (on, events, found) = match (shard, prefix) {
+        (Some(shard), None) => {
             let page = ks
                 .changes_read(shard, (from, StreamId::MAX), limit, false, now_ms, c)
                 .await?;
@@ -140,10 +148,37 @@ async fn page(
                 resolved: None,
                 lagging: Vec::new(),
                 newest: capdb_types::Timestamp::ZERO,
+                scanned: None,
             };
             (page.on, page.events, found)
         }
-        None => {
+        (Some(shard), Some(prefix)) => {
+            let range = (from, StreamId::MAX);
+            let (page, scanned) =
+                prefixed::read_shard(ks, shard, prefix, range, limit, false, now_ms, c).await?;
+            let found = Found {
+                entries: page.entries,
+                resolved: None,
+                lagging: Vec::new(),
+                newest: capdb_types::Timestamp::ZERO,
+                scanned,
+            };
+            (page.on, page.events, found)
+        }
+        (None, Some(prefix)) => {
+            let page =
+                prefixed::read_merged(ks, prefix, from, StreamId::MAX, limit, closing, now_ms, c)
+                    .await?;
+            let found = Found {
+                entries: page.entries,
+                resolved: Some(page.resolved),
+                lagging: page.lagging,
+                newest: page.newest,
+                scanned: None,
+            };
+            (page.on, page.events, found)
+        }
+        (None, None) => {
             let page = if closing {
                 merged::read_closing(ks, from, StreamId::MAX, limit, now_ms, c).await?
             } else {
@@ -154,6 +189,7 @@ async fn page(
                 resolved: Some(page.resolved),
                 lagging: page.lagging,
                 newest: page.newest,
+                scanned: None,
             };
             (page.on, page.events, found)
         }
@@ -261,6 +297,7 @@ async fn answer(
     query: ChangesQuery,
 ) -> ApiResult {
     let limit = query.limit.unwrap_or(CHANGES_PAGE_MAX);
+    let prefix: Option<bytes::Bytes> = query.prefix.map(bytes::Bytes::from);
     if !(1..=CHANGES_PAGE_MAX).contains(&limit) {
         return Err(ApiError::from(Error::InvalidInput(format!(
             "limit must be 1 to {CHANGES_PAGE_MAX}"
@@ -278,8 +315,8 @@ async fn answer(
         let after = parse_after(resume)?;
         // The first page now, so that a bad request (changes off, no such shard) is an HTTP
         // error rather than an empty stream.
-        let first = page(&ks, shard, after, CHANGES_PAGE_MAX, true).await?;
-        return Ok(sse_stream(node.clone(), ks, shard, after, first).into_response());
+        let first = page(&ks, shard, prefix.as_deref(), after, CHANGES_PAGE_MAX, true).await?;
+        return Ok(sse_stream(node.clone(), ks, shard, prefix, after, first).into_response());
     }
     let mut after = parse_after(query.after.as_deref())?;
     let longest = Duration::from_millis(query.wait_ms.unwrap_or(0)).min(CHANGES_WAIT_MAX);
@@ -287,13 +324,13 @@ async fn answer(
     let mut closing = true;
     let found = loop {
         let marks = marks(&ks, shard);
-        let found = page(&ks, shard, after, limit, closing).await?;
+        let found = page(&ks, shard, prefix.as_deref(), after, limit, closing).await?;
         closing = false;
         let left = until.saturating_duration_since(tokio::time::Instant::now());
         if !found.entries.is_empty() || left.is_zero() || node.is_shutting_down() {
             break found;
         }
-        if let Some(r) = found.resolved {
+        if let Some(r) = found.resolved.or(found.scanned) {
             after = after.max(r);
         }
         wait(
@@ -325,6 +362,7 @@ fn sse_stream(
     node: Arc<Node>,
     ks: Arc<Keyspace>,
     shard: Option<u32>,
+    prefix: Option<bytes::Bytes>,
     after: StreamId,
     first: Found,
 ) -> Response {
@@ -332,6 +370,7 @@ fn sse_stream(
         node: Arc<Node>,
         ks: Arc<Keyspace>,
         shard: Option<u32>,
+        prefix: Option<bytes::Bytes>,
         after: StreamId,
         pending: std::collections::VecDeque<Reply>,
         failed: bool,
@@ -354,7 +393,8 @@ fn sse_stream(
         node,
         ks,
         shard,
-        after,
+        prefix,
+        after: first.scanned.map_or(after, |s| after.max(s)),
         pending: first.entries.into(),
         failed: false,
         announced: after,
@@ -413,8 +453,21 @@ fn sse_stream(
             // Taken before the read: an apply after it moves them, so the next wait cannot
             // miss it.
             st.marks = marks(&st.ks, st.shard);
-            match page(&st.ks, st.shard, st.after, CHANGES_PAGE_MAX, false).await {
+            let prefix = st.prefix.clone();
+            match page(
+                &st.ks,
+                st.shard,
+                prefix.as_deref(),
+                st.after,
+                CHANGES_PAGE_MAX,
+                false,
+            )
+            .await
+            {
                 Ok(found) => {
+                    if let Some(s) = found.scanned {
+                        st.after = st.after.max(s);
+                    }
                     st.idle = found.entries.is_empty();
                     st.pending = found.entries.into();
                     st.lagging = found.lagging;

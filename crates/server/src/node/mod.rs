@@ -16,6 +16,7 @@ pub mod blocking;
 pub mod changes;
 pub mod control;
 pub mod merged;
+pub mod prefixed;
 pub mod pubsub;
 pub mod router;
 pub mod settings;

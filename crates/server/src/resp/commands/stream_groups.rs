@@ -174,6 +174,7 @@ async fn entry_by_id(conn: &Connection, key: &[u8], id: StreamId) -> Result<Repl
             resolved: None,
             lagging: Vec::new(),
             newest: capdb_types::Timestamp::ZERO,
+            scanned: None,
         },
         Err(e) => return Err(e),
     };

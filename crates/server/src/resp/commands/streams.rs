@@ -15,8 +15,11 @@
 //! - Writes to stream keys (`XADD`, `XTRIM`, `XDEL`, `XSETID`) answer an error: capdb has no
 //!   stream type of its own.
 //!
-//! Not built yet: key prefixes (`...:<prefix>`) and `ap` and `cache` keyspaces (each
-//! answers a clear error); consumer groups are in `stream_groups.rs`. Differences from Redis:
+//! - A key with a prefix (`__changes:<ks>[#<shard>]:<prefix>`) is the same stream keeping
+//!   only the events on keys starting with it, with the same IDs (`node/prefixed.rs`).
+//!
+//! Not built yet: `ap` and `cache` keyspaces (each answers a clear error); consumer groups
+//! are in `stream_groups.rs`. Differences from Redis:
 //! a read of a shard's stream returns at most [`capdb_storage::disk::CHANGES_READ_MAX`]
 //! entries and about [`capdb_storage::disk::CHANGES_READ_BYTES_MAX`] (a merged read takes up
 //! to that from every shard, plus whole transactions; XREAD without COUNT:
@@ -187,9 +190,6 @@ pub(super) fn resolve(
         Some(name) => keyspace_named(conn, name.as_bytes())?,
         None => conn.keyspace.clone(),
     };
-    if sk.prefix.is_some() {
-        return Err("ERR change streams filtered by a key prefix are not built yet; read the whole shard's stream".into());
-    }
     if ks.shard_count().is_none() {
         return Err(format!(
             "ERR change streams are built for cp keyspaces only so far; '{}' is not one",
@@ -216,6 +216,9 @@ pub(super) struct Page {
     pub(super) lagging: Vec<u32>,
     /// What the lagging shards must be closed at.
     pub(super) newest: capdb_types::Timestamp,
+    /// A key-prefix stream's forward read: the last ID it looked at (nothing else at or
+    /// below it matches), so a reader that found nothing moves on from there.
+    pub(super) scanned: Option<StreamId>,
 }
 
 /// Reads a page of the stream `key` names; an error when its keyspace's changes are off
@@ -230,6 +233,10 @@ pub(super) async fn read_page(
     closing: bool,
 ) -> Result<Page, String> {
     let (ks, target) = resolve(conn, key)?;
+    let prefix = StreamKey::parse(key).ok().flatten().and_then(|k| k.prefix);
+    if let Some(prefix) = prefix {
+        return read_prefixed(conn, &ks, target, &prefix, range, count, rev, closing).await;
+    }
     match target {
         Target::Shard(shard) => {
             let page: ChangesPage = ks
@@ -246,6 +253,7 @@ pub(super) async fn read_page(
                 resolved: None,
                 lagging: Vec::new(),
                 newest: capdb_types::Timestamp::ZERO,
+                scanned: None,
             })
         }
         Target::Merged => {
@@ -281,6 +289,77 @@ pub(super) async fn read_page(
                 resolved: Some(page.resolved),
                 lagging: page.lagging,
                 newest: page.newest,
+                scanned: None,
+            })
+        }
+    }
+}
+
+/// [`read_page`] of a key-prefix stream (`node/prefixed.rs`): the same reads, filtered.
+#[allow(clippy::too_many_arguments)]
+async fn read_prefixed(
+    conn: &Connection,
+    ks: &crate::node::Keyspace,
+    target: Target,
+    prefix: &[u8],
+    range: (StreamId, StreamId),
+    count: usize,
+    rev: bool,
+    closing: bool,
+) -> Result<Page, String> {
+    use crate::node::prefixed;
+    let (now_ms, c) = (conn.now_ms, conn.consistency);
+    let fail = |e: capdb_types::Error| error_line(&e);
+    // XLEN and `$` ask where the stream stands (no entries): the unfiltered answers.
+    let counting = range == (StreamId::MAX, StreamId::MAX);
+    match target {
+        Target::Shard(shard) => {
+            let (page, scanned) = if counting {
+                let page = ks
+                    .changes_read(shard, range, 0, false, now_ms, c)
+                    .await
+                    .map_err(fail)?;
+                (page, None)
+            } else {
+                prefixed::read_shard(ks, shard, prefix, range, count, rev, now_ms, c)
+                    .await
+                    .map_err(fail)?
+            };
+            if !page.on && page.events == 0 {
+                return Err(changes_off(ks));
+            }
+            Ok(Page {
+                entries: page.entries,
+                // Counted by XLEN only (`prefixed::count`, a scan).
+                events: 0,
+                last: parse_id(&page.last)?,
+                resolved: None,
+                lagging: Vec::new(),
+                newest: capdb_types::Timestamp::ZERO,
+                scanned,
+            })
+        }
+        Target::Merged => {
+            let (from, to) = range;
+            let page = if counting {
+                crate::node::merged::resolve_now(ks, now_ms, c).await
+            } else if rev {
+                prefixed::read_merged_rev(ks, prefix, from, to, count, now_ms, c).await
+            } else {
+                prefixed::read_merged(ks, prefix, from, to, count, closing, now_ms, c).await
+            }
+            .map_err(fail)?;
+            if !page.on && page.events == 0 {
+                return Err(changes_off(ks));
+            }
+            Ok(Page {
+                entries: page.entries,
+                events: 0,
+                last: page.resolved,
+                resolved: Some(page.resolved),
+                lagging: page.lagging,
+                newest: page.newest,
+                scanned: None,
             })
         }
     }
@@ -372,7 +451,25 @@ pub(super) async fn xlen(conn: &mut Connection, args: &[Bytes]) -> Outcome {
         false,
     )
     .await?;
-    conn.out.int(i64::try_from(page.events).unwrap_or(i64::MAX));
+    // A key-prefix stream's length is counted by a scan of what is held.
+    let events = match StreamKey::parse(&args[1])
+        .ok()
+        .flatten()
+        .and_then(|k| k.prefix)
+    {
+        Some(prefix) => {
+            let (ks, target) = resolve(conn, &args[1])?;
+            let shard = match target {
+                Target::Shard(n) => Some(n),
+                Target::Merged => None,
+            };
+            crate::node::prefixed::count(&ks, shard, &prefix, conn.now_ms, conn.consistency)
+                .await
+                .map_err(|e| error_line(&e))?
+        }
+        None => page.events,
+    };
+    conn.out.int(i64::try_from(events).unwrap_or(i64::MAX));
     Ok(())
 }
 
@@ -465,8 +562,8 @@ pub(super) async fn xread(conn: &mut Connection, args: &[Bytes]) -> Outcome {
             .await?;
             if !page.entries.is_empty() {
                 found.push((k.clone(), page.entries));
-            } else if let Some(resolved) = page.resolved {
-                *from = (*from).max(resolved);
+            } else if let Some(seen) = page.resolved.or(page.scanned) {
+                *from = (*from).max(seen);
             }
             if !page.lagging.is_empty() {
                 lagging.push((ks.clone(), page.lagging, page.newest));
