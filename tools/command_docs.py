@@ -37,7 +37,7 @@ SUBCOMMANDS = {
     "object": {"encoding", "freq", "idletime", "refcount", "help"},
     "pubsub": {"channels", "shardchannels", "numsub", "shardnumsub", "numpat"},
     "xgroup": {"create", "setid", "destroy", "createconsumer", "delconsumer"},
-    "xinfo": {"groups", "consumers"},
+    "xinfo": {"stream", "groups", "consumers"},
 }
 
 
@@ -289,6 +289,10 @@ def main():
     missing = [n for n in names if n not in docs]
     if missing:
         sys.exit(f"no documentation for {missing}: add them to CAPDB_ONLY")
+    # Sorted, so that the file changes only when the docs do (Redis's own order varies).
+    for d in docs.values():
+        if "subcommands" in d:
+            d["subcommands"] = {k: d["subcommands"][k] for k in sorted(d["subcommands"])}
     out = {n: docs[n] for n in sorted(docs)}
     with open(a.out, "wb") as f:
         f.write(encode(out))

@@ -496,6 +496,8 @@ fn retention_trims_the_log_and_a_reader_below_it_is_told_where_it_begins() {
     let mut c = s.client();
     assert!(err(&mut c, "CHANGES CONFIG default on RETENTION-MS 0").contains("at least 1"));
     ok(&mut c, "CHANGES CONFIG default on RETENTION-MS 1000");
+    // A group on the merged stream that will not read before the retention trims.
+    ok(&mut c, "XGROUP CREATE __changes:default late 0");
     ok(&mut c, "SET {r}a 1");
     let key = stream_of(&mut c, "{r}a");
     // The shard's leader trims rows past the retention (looked for every second).
@@ -544,6 +546,60 @@ fn retention_trims_the_log_and_a_reader_below_it_is_told_where_it_begins() {
         ["set {r}b 2"],
         "{lost}"
     );
+
+    // The group's next entries went: it reads on from the oldest held, as in Redis.
+    let read = first_stream(&ok(
+        &mut c,
+        "XREADGROUP GROUP late c1 STREAMS __changes:default >",
+    ));
+    assert_eq!(
+        read.iter().map(Entry::short).collect::<Vec<_>>(),
+        ["set {r}b 2"]
+    );
+
+    // XINFO STREAM says what is held and where the retention cut, with Redis's fields.
+    let info = xinfo_stream(&mut c, &key);
+    let held = format!("{}-{}", after[0].id.0, after[0].id.1);
+    assert_eq!(info["length"], Value::Int(1), "{info:?}");
+    assert_eq!(text(&info["last-generated-id"]), held);
+    assert_eq!(text(&info["recorded-first-entry-id"]), held);
+    assert_eq!(
+        entries(&Value::Array(vec![info["first-entry"].clone()]))[0],
+        after[0]
+    );
+    assert_eq!(
+        entries(&Value::Array(vec![info["last-entry"].clone()]))[0],
+        after[0]
+    );
+    let cut = parse_id(&text(&info["max-deleted-entry-id"]));
+    assert!(cut > (0, 0) && cut < parse_id(&oldest), "{info:?}");
+    assert_eq!(info["groups"], Value::Int(0));
+    let merged = xinfo_stream(&mut c, "__changes:default");
+    assert_eq!(merged["groups"], Value::Int(1));
+    assert_eq!(merged["length"], Value::Int(1), "{merged:?}");
+    assert_eq!(
+        entries(&Value::Array(vec![merged["first-entry"].clone()]))[0].short(),
+        "set {r}b 2"
+    );
+    assert!(merged.contains_key("resolved-id"));
+    assert!(err(&mut c, "XINFO STREAM __changes:default FULL").contains("not supported"));
+    // A prefix stream over a trimmed log counts and reads back what is held.
+    assert_eq!(ok(&mut c, "XLEN __changes:default:{r}"), Value::Int(1));
+    let newest = entries(&ok(&mut c, "XREVRANGE __changes:default:{r} + - COUNT 5"));
+    assert_eq!(
+        newest.iter().map(Entry::short).collect::<Vec<_>>(),
+        ["set {r}b 2"]
+    );
+}
+
+/// `XINFO STREAM key` (RESP2: field, value, ...) as a map.
+fn xinfo_stream(c: &mut redis::Connection, key: &str) -> std::collections::HashMap<String, Value> {
+    let Value::Array(flat) = ok(c, &format!("XINFO STREAM {key}")) else {
+        panic!("XINFO STREAM answered no array")
+    };
+    flat.chunks(2)
+        .map(|p| (text(&p[0]), p[1].clone()))
+        .collect()
 }
 
 /// The leader of the shard of `default` holding `key`, per node `via`'s cluster view.
@@ -1072,6 +1128,12 @@ fn a_key_prefix_stream_keeps_only_the_events_on_its_keys_with_the_whole_streams_
     let len = ok(&mut c, "XLEN __changes:default:user:");
     let all_user = matching(&entries(&ok(&mut c, "XRANGE __changes:default - +")));
     assert_eq!(len, Value::Int(all_user.len() as i64));
+    let info = xinfo_stream(&mut c, "__changes:default:user:");
+    assert_eq!(info["length"], len);
+    assert_eq!(
+        entries(&Value::Array(vec![info["last-entry"].clone()]))[0],
+        want[want.len() - 1]
+    );
 
     // Each shard's stream filters the same way.
     let Value::Array(shards) = ok(&mut c, "CHANGES SHARDS default") else {
@@ -1089,6 +1151,29 @@ fn a_key_prefix_stream_keeps_only_the_events_on_its_keys_with_the_whole_streams_
         per_shard += got.len();
     }
     assert_eq!(per_shard, all_user.len());
+
+    // A prefix stream's consumer groups are its own: the whole stream's group of the same
+    // name is another one, and each delivers what its stream holds.
+    ok(
+        &mut c,
+        &format!("XGROUP CREATE __changes:default:user: g {start}"),
+    );
+    ok(
+        &mut c,
+        &format!("XGROUP CREATE __changes:default g {start}"),
+    );
+    let users = first_stream(&ok(
+        &mut c,
+        "XREADGROUP GROUP g c1 COUNT 1000 STREAMS __changes:default:user: >",
+    ));
+    assert_eq!(users, want);
+    let everything = first_stream(&ok(
+        &mut c,
+        "XREADGROUP GROUP g c1 COUNT 1000 STREAMS __changes:default >",
+    ));
+    assert_eq!(matching(&everything), want);
+    assert!(everything.len() > want.len());
+    assert!(err(&mut c, "XGROUP CREATE __changes:default:user: g 0").contains("BUSYGROUP"));
 
     // A blocked XREAD on the filtered stream sleeps through other keys' writes and wakes on
     // a matching one.
@@ -1122,4 +1207,20 @@ fn a_key_prefix_stream_keeps_only_the_events_on_its_keys_with_the_whole_streams_
     let mut expect: Vec<String> = want.iter().map(id_text).collect();
     expect.push(id_text(&woke[0]));
     assert_eq!(ids, expect);
+    // A shard's filtered stream with nothing matching after a position says how far it
+    // looked, so a client resuming there skips nothing and scans nothing again.
+    let shard_key = stream_of(&mut c, "order:late0");
+    let shard: u32 = shard_key.rsplit('#').next().unwrap().parse().unwrap();
+    let newest = entries(&ok(&mut c, &format!("XREVRANGE {shard_key} + - COUNT 1")));
+    let path = format!("/v1/changes/default/{shard}?prefix=nothing:&after={start}");
+    let (code, body) = common::http(s.http, "GET", &path, &[], None).unwrap();
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&body)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(
+        lines,
+        [serde_json::json!({ "progress": id_text(&newest[0]) })]
+    );
 }

@@ -14,7 +14,9 @@
 //!   `after` (default: from the start); `wait_ms` (≤ 30,000) long-polls when there are none.
 //!
 //! - `prefix=P`: only the events on keys starting with `P`, with the same IDs
-//!   (`node/prefixed.rs`, like the stream key `__changes:<keyspace>[#<shard>]:P`).
+//!   (`node/prefixed.rs`, like the stream key `__changes:<keyspace>[#<shard>]:P`). A shard's
+//!   filtered stream also tells how far it looked (the same progress line and event: nothing
+//!   else up to there matches), so a client resuming from it does not scan it again.
 //!
 //! Pull only: each step reads one bounded page from storage (`Keyspace::changes_read`: at most
 //! 1,000 events and about 16 MiB), so a slow client costs the server its position and one page
@@ -349,7 +351,9 @@ async fn answer(
             body.push('\n');
         }
     }
-    if let Some(resolved) = found.resolved {
+    // A merged stream says where it is resolved; a prefix-filtered one how far it looked
+    // (nothing else up to there matches): resuming from either skips nothing.
+    if let Some(resolved) = found.resolved.or(found.scanned) {
         let resolved = after.max(resolved);
         body.push_str(&serde_json::json!({ "progress": resolved.to_string() }).to_string());
         body.push('\n');
@@ -394,7 +398,7 @@ fn sse_stream(
         ks,
         shard,
         prefix,
-        after: first.scanned.map_or(after, |s| after.max(s)),
+        after,
         pending: first.entries.into(),
         failed: false,
         announced: after,
@@ -402,7 +406,8 @@ fn sse_stream(
         idle,
         lagging: first.lagging,
         newest: first.newest,
-        resolved: first.resolved,
+        // A prefix-filtered shard stream announces how far it looked, like a merged one.
+        resolved: first.resolved.or(first.scanned),
         marks: first_marks,
     };
     let stream = futures::stream::unfold(state, |mut st| async move {
@@ -465,14 +470,11 @@ fn sse_stream(
             .await
             {
                 Ok(found) => {
-                    if let Some(s) = found.scanned {
-                        st.after = st.after.max(s);
-                    }
                     st.idle = found.entries.is_empty();
                     st.pending = found.entries.into();
                     st.lagging = found.lagging;
                     st.newest = found.newest;
-                    st.resolved = found.resolved;
+                    st.resolved = found.resolved.or(found.scanned);
                 }
                 Err(e) => {
                     // Told once, as an `error` event; the client reconnects from its last ID.

@@ -13,14 +13,14 @@
 //!
 //! # Bounds
 //!
-//! A read holds at most `count` matching entries plus one page (at most
-//! [`CHANGES_READ_MAX`] events, about [`capdb_storage::disk::CHANGES_READ_BYTES_MAX`]);
+//! A read holds at most `count` (at most [`CHANGES_READ_MAX`]) matching entries of about
+//! [`CHANGES_READ_BYTES_MAX`] at most, plus one page (the same bounds);
 //! it scans at most the retained part of the range (bounded by the retention), one page per
 //! step. A read that found nothing still says how far it looked (`scanned`, or a merged
 //! page's `resolved`), so a blocked reader does not scan the same events again.
 
 use bytes::Bytes;
-use capdb_storage::disk::CHANGES_READ_MAX;
+use capdb_storage::disk::{CHANGES_READ_BYTES_MAX, CHANGES_READ_MAX};
 use capdb_types::changes::{StreamId, TXN_FIELD};
 use capdb_types::{Reply, Result};
 
@@ -47,6 +47,25 @@ fn fields(entry: &Reply) -> Option<&[Reply]> {
         },
         _ => None,
     }
+}
+
+/// The bytes an entry's fields bring to a reply (for the read's byte bound).
+fn entry_bytes(entry: &Reply) -> usize {
+    fields(entry).map_or(0, |f| {
+        f.iter()
+            .map(|r| match r {
+                Reply::Bulk(b) => b.len(),
+                _ => 0,
+            })
+            .sum()
+    })
+}
+
+/// Where a merged read goes on after a shard's `HISTORYLOST` (it names the oldest event
+/// that shard holds; every event at the clock before it went): the first merged ID past it.
+fn past_lost(e: &capdb_types::Error) -> Option<StreamId> {
+    let oldest = oldest_in(&e.to_string())?;
+    Some(capdb_types::changes::merged::clock_end(oldest.clock()).successor())
 }
 
 /// An entry's ID.
@@ -82,7 +101,9 @@ pub async fn read_shard(
     now_ms: u64,
     c: Consistency,
 ) -> Result<(ChangesPage, Option<StreamId>)> {
+    let count = count.min(CHANGES_READ_MAX);
     let mut kept: Vec<Reply> = Vec::new();
+    let mut bytes = 0usize;
     let (mut lo, mut hi) = (from, to);
     let mut scanned = None;
     loop {
@@ -91,16 +112,19 @@ pub async fn read_shard(
             .await?;
         let last_seen = page.entries.last().and_then(entry_id);
         let more = page.more;
+        let mut full = false;
         for e in std::mem::take(&mut page.entries) {
-            if kept.len() >= count {
+            if kept.len() >= count || (bytes >= CHANGES_READ_BYTES_MAX && !kept.is_empty()) {
+                full = true;
                 break;
             }
             if matches(&e, prefix) {
                 scanned = entry_id(&e);
+                bytes += entry_bytes(&e);
                 kept.push(e);
             }
         }
-        let full = kept.len() >= count;
+        let full = full || kept.len() >= count;
         if !full && !rev {
             scanned = last_seen.or(scanned);
         }
@@ -135,7 +159,9 @@ pub async fn read_merged(
     now_ms: u64,
     c: Consistency,
 ) -> Result<MergedPage> {
+    let count = count.min(CHANGES_READ_MAX);
     let mut kept: Vec<Reply> = Vec::new();
+    let mut bytes = 0usize;
     let mut at = from;
     loop {
         let mut page = if closing {
@@ -149,10 +175,12 @@ pub async fn read_merged(
                 continue;
             }
             let same_txn = txn_of(&e).is_some() && kept.last().and_then(txn_of) == txn_of(&e);
-            if kept.len() >= count && !same_txn {
+            let full = kept.len() >= count || bytes >= CHANGES_READ_BYTES_MAX;
+            if full && !kept.is_empty() && !same_txn {
                 stopped_at = kept.last().and_then(entry_id);
                 break;
             }
+            bytes += entry_bytes(&e);
             kept.push(e);
         }
         if let Some(last) = stopped_at {
@@ -185,7 +213,19 @@ pub async fn read_merged_rev(
     let mut kept: std::collections::VecDeque<Reply> = std::collections::VecDeque::new();
     let mut at = from;
     loop {
-        let mut page = merged::read_closing(ks, at, to, CHANGES_READ_MAX, now_ms, c).await?;
+        let page = merged::read_closing(ks, at, to, CHANGES_READ_MAX, now_ms, c).await;
+        // A reverse read asks for the newest: it ends where the logs begin, no error (a
+        // shard's floor only rises, so this moves forward and ends).
+        let mut page = match page {
+            Err(e) if e.to_string().starts_with("HISTORYLOST") => match past_lost(&e) {
+                Some(next) if next > at => {
+                    at = next;
+                    continue;
+                }
+                _ => return Err(e),
+            },
+            other => other?,
+        };
         for e in std::mem::take(&mut page.entries) {
             if matches(&e, prefix) {
                 if kept.len() == count {
@@ -204,7 +244,8 @@ pub async fn read_merged_rev(
 }
 
 /// How many retained events of a stream match `prefix` (XLEN of a filtered stream): a scan
-/// of the shard's log, or of the merged stream up to where it is resolved now.
+/// of each shard's log (of every shard for a merged stream, as an unfiltered XLEN sums what
+/// the shards hold).
 pub async fn count(
     ks: &Keyspace,
     shard: Option<u32>,
@@ -212,51 +253,47 @@ pub async fn count(
     now_ms: u64,
     c: Consistency,
 ) -> Result<u64> {
+    let shards: Vec<u32> = match shard {
+        Some(s) => vec![s],
+        None => (0..ks.shard_count().unwrap_or(0) as u32).collect(),
+    };
     let mut n = 0u64;
-    match shard {
-        Some(shard) => {
-            let mut lo = StreamId::MIN;
-            loop {
-                let page = ks
-                    .changes_read(
-                        shard,
-                        (lo, StreamId::MAX),
-                        CHANGES_READ_MAX,
-                        false,
-                        now_ms,
-                        c,
-                    )
-                    .await;
-                let page = match page {
-                    Ok(p) => p,
-                    // The oldest events went with the retention meanwhile: count from there.
-                    Err(e) if e.to_string().contains("HISTORYLOST") && lo == StreamId::MIN => {
-                        lo = oldest_in(&e.to_string()).unwrap_or(StreamId::MAX);
-                        continue;
+    for shard in shards {
+        let mut lo = StreamId::MIN;
+        loop {
+            let page = match ks
+                .changes_read(
+                    shard,
+                    (lo, StreamId::MAX),
+                    CHANGES_READ_MAX,
+                    false,
+                    now_ms,
+                    c,
+                )
+                .await
+            {
+                Ok(p) => p,
+                // Events below `lo` went with the retention meanwhile: count from the oldest
+                // held (the floor only rises, so this ends).
+                Err(e) if e.to_string().starts_with("HISTORYLOST") => {
+                    match oldest_in(&e.to_string()) {
+                        Some(oldest) if oldest > lo => {
+                            lo = oldest;
+                            continue;
+                        }
+                        _ => return Err(e),
                     }
-                    Err(e) => return Err(e),
-                };
-                n += page.entries.iter().filter(|e| matches(e, prefix)).count() as u64;
-                match page.entries.last().and_then(entry_id) {
-                    Some(id) if page.more => lo = id.successor(),
-                    _ => return Ok(n),
                 }
-            }
-        }
-        None => {
-            let end = merged::resolve_now(ks, now_ms, c).await?.resolved;
-            let mut at = StreamId::MIN;
-            loop {
-                let page = merged::read(ks, at, end, CHANGES_READ_MAX, now_ms, c).await?;
-                n += page.entries.iter().filter(|e| matches(e, prefix)).count() as u64;
-                let next = page.resolved.successor();
-                if page.resolved >= end || next <= at || page.resolved < at {
-                    return Ok(n);
-                }
-                at = next;
+                Err(e) => return Err(e),
+            };
+            n += page.entries.iter().filter(|e| matches(e, prefix)).count() as u64;
+            match page.entries.last().and_then(entry_id) {
+                Some(id) if page.more => lo = id.successor(),
+                _ => break,
             }
         }
     }
+    Ok(n)
 }
 
 /// The oldest ID a `HISTORYLOST` error names (`... held from <id> on ...`).

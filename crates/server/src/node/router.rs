@@ -105,6 +105,8 @@ pub struct ChangesPage {
     pub closed: capdb_types::Timestamp,
     /// The read stopped at a bound (count or bytes) before the end of its range.
     pub more: bool,
+    /// The last ID trimmed by the retention or never held here (`0-0`: none).
+    pub floor: StreamId,
 }
 
 /// Where a cross-shard transaction's part on one shard stands (`Keyspace::changes_txn`).
@@ -131,10 +133,12 @@ impl ChangesPage {
             Reply::Array(entries),
             Reply::Bulk(closed),
             Reply::Integer(more),
-        ] = <[Reply; 6]>::try_from(parts).map_err(|_| bad())?
+            Reply::Bulk(floor),
+        ] = <[Reply; 7]>::try_from(parts).map_err(|_| bad())?
         else {
             return Err(bad());
         };
+        let floor = StreamId::parse_with(&floor, 0).map_err(|_| bad())?;
         let closed = std::str::from_utf8(&closed)
             .ok()
             .and_then(|s| s.parse().ok())
@@ -146,6 +150,7 @@ impl ChangesPage {
             entries,
             closed: capdb_types::Timestamp(closed),
             more: more == 1,
+            floor,
         })
     }
 }

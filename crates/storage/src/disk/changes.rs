@@ -778,6 +778,9 @@ pub struct ChangeInfo {
     /// Every event logged after this snapshot gets a clock above this (design §3.2): the
     /// horizon, or just below the smallest vote of a transaction prepared here.
     pub closed: Timestamp,
+    /// The last ID trimmed or never held (retention, a snapshot installed); `None`: the log
+    /// holds everything since it was turned on.
+    pub floor: Option<StreamId>,
 }
 
 /// Where a cross-shard transaction's part on one shard stands ([`txn_part`]).
@@ -1002,10 +1005,16 @@ pub(super) fn info(txn: &redb::ReadTransaction, table: &str) -> Result<ChangeInf
         Some(v) => log.horizon().min(Timestamp(v.0.saturating_sub(1))),
         None => log.horizon(),
     };
+    let floor = match txn.open_table(table_def(&crate::layout::element_table(table))) {
+        Ok(el) => read_floor(&el)?,
+        Err(redb::TableError::TableDoesNotExist(_)) => None,
+        Err(e) => return Err(io_err(e)),
+    };
     Ok(ChangeInfo {
         on: log.on,
         events: log.events,
         last,
         closed,
+        floor,
     })
 }

@@ -260,7 +260,7 @@ impl DiskTable {
     /// [`super::CHANGES_QUERY`] `shard from to count rev [whole]`: the change log read as a
     /// query, so that it is routed, fenced and forwarded like any read of the shard. Answers
     /// `[on (0|1), events held, last ID, [[id, [field, value, ...]], ...], closed clock,
-    /// more (0|1)]` (`more`: it stopped at a bound; `closed`: every event logged later gets a
+    /// more (0|1), floor ID]` (`more`: it stopped at a bound; `closed`: every event logged later gets a
     /// clock above it).
     fn changes_query(&self, args: &[Bytes]) -> Result<Reply> {
         let bad = || Error::InvalidInput("malformed change-log query".into());
@@ -303,6 +303,7 @@ impl DiskTable {
             Reply::Array(changes.iter().map(|c| c.to_reply(shard)).collect()),
             Reply::Bulk(Bytes::from(info.closed.0.to_string())),
             Reply::Integer(i64::from(more)),
+            Reply::Bulk(Bytes::from(info.floor.unwrap_or_default().to_string())),
         ]))
     }
 

@@ -21,10 +21,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use capdb_types::Reply;
-use capdb_types::changes::StreamId;
 use capdb_types::changes::groups::{
     GroupCommand, GroupOp, GroupRecord, NAME_MAX, PEL_MAX, PEL_PAGE_MAX, Pending,
 };
+use capdb_types::changes::{StreamId, StreamKey};
 
 use super::streams::{
     Page, Target, parse_id, per_key_reply, read_page, resolve, wait_applied, wake_shards,
@@ -33,11 +33,17 @@ use super::{Outcome, error_line, parse_int, syntax};
 use crate::resp::Connection;
 
 /// The name a stream's groups are kept under: the keyspace (merged) or `<keyspace>#<n>`.
-fn stream_name(ks: &crate::node::Keyspace, target: Target) -> Bytes {
-    match target {
-        Target::Merged => Bytes::from(ks.spec.name.to_string()),
-        Target::Shard(n) => Bytes::from(format!("{}#{n}", ks.spec.name)),
+fn stream_name(ks: &crate::node::Keyspace, target: Target, key: &[u8]) -> Bytes {
+    let mut name = match target {
+        Target::Merged => ks.spec.name.to_string().into_bytes(),
+        Target::Shard(n) => format!("{}#{n}", ks.spec.name).into_bytes(),
+    };
+    // A key-prefix stream is a stream of its own: its groups are not the whole stream's.
+    if let Some(prefix) = StreamKey::parse(key).ok().flatten().and_then(|k| k.prefix) {
+        name.push(b':');
+        name.extend_from_slice(&prefix);
     }
+    Bytes::from(name)
 }
 
 fn lossy(b: &[u8]) -> String {
@@ -55,7 +61,7 @@ async fn apply(
 ) -> Result<Reply, String> {
     let (ks, target) = resolve(conn, key)?;
     let cmd = GroupCommand {
-        stream: stream_name(&ks, target),
+        stream: stream_name(&ks, target, key),
         group: Bytes::copy_from_slice(group),
         op,
     };
@@ -125,7 +131,13 @@ async fn query_group(
         conn.consistency
     };
     let reply = ks
-        .changes_group_query(&stream_name(&ks, target), Some(group), page, conn.now_ms, c)
+        .changes_group_query(
+            &stream_name(&ks, target, key),
+            Some(group),
+            page,
+            conn.now_ms,
+            c,
+        )
         .await
         .map_err(|e| error_line(&e))?;
     let bad = || "ERR unexpected consumer-group state".to_string();
@@ -590,8 +602,10 @@ fn skip_target(line: &str, key: &[u8]) -> Option<StreamId> {
         capdb_types::changes::StreamKey::parse(key),
         Ok(Some(capdb_types::changes::StreamKey { shard: None, .. }))
     );
+    // The retention trims whole log entries: every event at the oldest's clock on that
+    // shard went (the line names the floor's successor), so a merged reader moves past it.
     Some(if merged {
-        capdb_types::changes::merged::id(oldest.clock(), 0, 0).predecessor()
+        capdb_types::changes::merged::clock_end(oldest.clock())
     } else {
         oldest.predecessor()
     })
@@ -701,6 +715,9 @@ pub(super) async fn xreadgroup(conn: &mut Connection, args: &[Bytes]) -> Outcome
         .filter_map(|(k, _)| resolve(conn, k).ok())
         .collect();
     let shards = wake_shards(&targets);
+    // Per key, how far a read found nothing after the group's last ID (a merged stream's
+    // resolved ID, a prefix stream's scanned one): the next round reads on from there.
+    let mut seen: Vec<Option<StreamId>> = vec![None; keys.len()];
     'read: loop {
         // Taken before the reads: an apply after them moves the marks, so the wait below
         // cannot miss it.
@@ -723,10 +740,11 @@ pub(super) async fn xreadgroup(conn: &mut Connection, args: &[Bytes]) -> Outcome
                     // Deliveries already recorded are answered, never dropped.
                     break Vec::new();
                 }
+                let start = seen[n].filter(|s| *s > after).unwrap_or(after);
                 let page = match read_page(
                     conn,
                     key,
-                    (after.successor(), StreamId::MAX),
+                    (start.successor(), StreamId::MAX),
                     count,
                     false,
                     true,
@@ -742,7 +760,10 @@ pub(super) async fn xreadgroup(conn: &mut Connection, args: &[Bytes]) -> Outcome
                         };
                         let op = GroupOp::Skip { expect: after, to };
                         match apply(conn, key, &group, op, || nogroup(key)).await {
-                            Ok(Reply::Bulk(id)) => after = parse_id(&id)?,
+                            Ok(Reply::Bulk(id)) => {
+                                after = parse_id(&id)?;
+                                seen[n] = None;
+                            }
                             Ok(_) => return Err("ERR unexpected answer to a skip".into()),
                             Err(e) if found.is_empty() => return Err(e),
                             Err(_) => break Vec::new(),
@@ -753,6 +774,7 @@ pub(super) async fn xreadgroup(conn: &mut Connection, args: &[Bytes]) -> Outcome
                     Err(_) => break Vec::new(),
                 };
                 if page.entries.is_empty() {
+                    seen[n] = page.resolved.or(page.scanned).max(Some(start));
                     break Vec::new();
                 }
                 let ids = page
@@ -777,7 +799,10 @@ pub(super) async fn xreadgroup(conn: &mut Connection, args: &[Bytes]) -> Outcome
                 match apply(conn, key, &group, op, || nogroup(key)).await {
                     Ok(Reply::Integer(1)) => break page.entries,
                     // Another consumer of the group took them: read on from where it left.
-                    Ok(Reply::Bulk(id)) => after = parse_id(&id)?,
+                    Ok(Reply::Bulk(id)) => {
+                        after = parse_id(&id)?;
+                        seen[n] = None;
+                    }
                     Ok(_) => return Err("ERR unexpected answer to a delivery".into()),
                     Err(e) if found.is_empty() => return Err(e),
                     Err(_) => break Vec::new(),
@@ -818,7 +843,118 @@ pub(super) async fn xreadgroup(conn: &mut Connection, args: &[Bytes]) -> Outcome
     Ok(())
 }
 
-/// `XINFO GROUPS key` | `XINFO CONSUMERS key group`.
+/// The first entry of the stream `key` names at or after `from` (`None`: none), reading on
+/// from where the retention left the log when `from` went with it (a few tries: each shard's
+/// floor at most once).
+async fn first_entry(
+    conn: &Connection,
+    key: &[u8],
+    shards: usize,
+) -> Result<Option<Reply>, String> {
+    let mut from = StreamId::MIN;
+    for _ in 0..=shards {
+        match read_page(conn, key, (from, StreamId::MAX), 1, false, true).await {
+            Ok(page) => return Ok(page.entries.into_iter().next()),
+            Err(e) if e.starts_with("HISTORYLOST") => match skip_target(&e, key) {
+                Some(to) if to.successor() > from => from = to.successor(),
+                _ => return Err(e),
+            },
+            Err(e) => return Err(e),
+        }
+    }
+    Err("TRYAGAIN the change log kept being trimmed under the read; try again".into())
+}
+
+/// `XINFO STREAM key`: Redis 7's fields, then capdb's. Differences: `entries-added` counts
+/// the events held (not every one ever logged); `max-deleted-entry-id` is where the
+/// retention trimmed (on a merged stream: the end of the newest clock any shard trimmed);
+/// the radix-tree fields are 0.
+async fn stream_info(conn: &Connection, key: &[u8]) -> Result<Vec<(&'static str, Reply)>, String> {
+    let (ks, target) = resolve(conn, key)?;
+    let now = read_page(conn, key, (StreamId::MAX, StreamId::MAX), 0, false, false).await?;
+    let prefix = StreamKey::parse(key).ok().flatten().and_then(|k| k.prefix);
+    let (shard, shards): (Option<u32>, Vec<u32>) = match target {
+        Target::Shard(n) => (Some(n), vec![n]),
+        Target::Merged => (None, (0..ks.shard_count().unwrap_or(0) as u32).collect()),
+    };
+    let length = match &prefix {
+        Some(p) => crate::node::prefixed::count(&ks, shard, p, conn.now_ms, conn.consistency)
+            .await
+            .map_err(|e| error_line(&e))?,
+        None => now.events,
+    };
+    let mut trimmed = StreamId::MIN;
+    for s in &shards {
+        let page = ks
+            .changes_read(
+                *s,
+                (StreamId::MAX, StreamId::MAX),
+                0,
+                false,
+                conn.now_ms,
+                conn.consistency,
+            )
+            .await
+            .map_err(|e| error_line(&e))?;
+        trimmed = trimmed.max(page.floor);
+    }
+    if shard.is_none() && trimmed != StreamId::MIN {
+        trimmed = capdb_types::changes::merged::clock_end(trimmed.clock());
+    }
+    let first = first_entry(conn, key, shards.len()).await?;
+    let last = match first.as_ref().and_then(crate::node::prefixed::entry_id) {
+        Some(oldest) => read_page(conn, key, (oldest, StreamId::MAX), 1, true, true)
+            .await?
+            .entries
+            .into_iter()
+            .next(),
+        None => None,
+    };
+    let groups = match ks
+        .changes_group_query(
+            &stream_name(&ks, target, key),
+            None,
+            None,
+            conn.now_ms,
+            conn.consistency,
+        )
+        .await
+        .map_err(|e| error_line(&e))?
+    {
+        Reply::Array(rows) => rows.len() as i64,
+        _ => 0,
+    };
+    let id = |id: StreamId| Reply::Bulk(Bytes::from(id.to_string()));
+    let recorded_first = first
+        .as_ref()
+        .and_then(crate::node::prefixed::entry_id)
+        .unwrap_or(StreamId::MIN);
+    let mut fields = vec![
+        (
+            "length",
+            Reply::Integer(i64::try_from(length).unwrap_or(i64::MAX)),
+        ),
+        ("radix-tree-keys", Reply::Integer(0)),
+        ("radix-tree-nodes", Reply::Integer(0)),
+        ("last-generated-id", id(now.last)),
+        ("max-deleted-entry-id", id(trimmed)),
+        (
+            "entries-added",
+            Reply::Integer(i64::try_from(length).unwrap_or(i64::MAX)),
+        ),
+        ("recorded-first-entry-id", id(recorded_first)),
+        ("groups", Reply::Integer(groups)),
+        ("first-entry", first.unwrap_or(Reply::Nil)),
+        ("last-entry", last.unwrap_or(Reply::Nil)),
+    ];
+    if let Some(resolved) = now.resolved {
+        fields.push(("resolved-id", id(resolved)));
+    }
+    fields.push(("shards", Reply::Integer(shards.len() as i64)));
+    Ok(fields)
+}
+
+/// `XINFO STREAM key` | `XINFO GROUPS key` | `XINFO CONSUMERS key group`.
 pub(super) async fn xinfo(conn: &mut Connection, args: &[Bytes]) -> Outcome {
     let sub = args[1].to_ascii_lowercase();
     let pairs = |conn: &Connection, kv: Vec<(&'static str, Reply)>| {
@@ -837,12 +973,21 @@ pub(super) async fn xinfo(conn: &mut Connection, args: &[Bytes]) -> Outcome {
         }
     };
     match (sub.as_slice(), args.len()) {
+        (b"stream", 3) => {
+            let fields = stream_info(conn, &args[2]).await?;
+            let reply = pairs(conn, fields);
+            conn.out.reply(&reply);
+            Ok(())
+        }
+        (b"stream", _) if args.len() > 3 && args[3].eq_ignore_ascii_case(b"full") => Err(
+            "ERR XINFO STREAM FULL is not supported on change streams; use XINFO STREAM, XINFO GROUPS and XPENDING".into(),
+        ),
         (b"groups", 3) => {
             let key = &args[2];
             let (ks, target) = resolve(conn, key)?;
             let reply = ks
                 .changes_group_query(
-                    &stream_name(&ks, target),
+                    &stream_name(&ks, target, key),
                     None,
                     None,
                     conn.now_ms,
