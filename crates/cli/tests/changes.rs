@@ -1224,3 +1224,63 @@ fn a_key_prefix_stream_keeps_only_the_events_on_its_keys_with_the_whole_streams_
         [serde_json::json!({ "progress": id_text(&newest[0]) })]
     );
 }
+
+#[test]
+fn with_prev_on_each_event_carries_the_value_its_key_held_before() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let s = Server::start_with(&["--default-shards", "2"]);
+    let mut c = s.client();
+    assert!(err(&mut c, "CHANGES CONFIG default on PREV maybe").contains("yes or no"));
+    ok(&mut c, "CHANGES CONFIG default on PREV yes");
+    let start = text(&ok(&mut c, "CHANGES RESOLVED default"));
+    ok(&mut c, "SET {a}k v1");
+    ok(&mut c, "SET {a}k v2");
+    ok(&mut c, "APPEND {a}k +");
+    ok(&mut c, "SET {a}n 5");
+    ok(&mut c, "INCR {a}n");
+    ok(&mut c, "RPUSH {a}list x");
+    ok(&mut c, "DEL {a}k");
+    // A transaction over both shards: its commit's events carry what the keys held.
+    ok(&mut c, "SET {b}t old");
+    ok(&mut c, "MULTI");
+    ok(&mut c, "SET {a}t new-a");
+    ok(&mut c, "SET {b}t new-b");
+    ok(&mut c, "EXEC");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let seen = loop {
+        let seen = entries(&ok(&mut c, &format!("XRANGE __changes:default ({start} +")));
+        if seen.len() >= 10 {
+            break seen;
+        }
+        assert!(Instant::now() < deadline, "{seen:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let described: Vec<String> = seen
+        .iter()
+        .map(|e| format!("{} prev={}", e.short(), e.field("prev").unwrap_or("-")))
+        .collect();
+    assert_eq!(
+        described[..8],
+        [
+            "set {a}k v1 prev=-",
+            "set {a}k v2 prev=v1",
+            "set {a}k v2+ prev=v2",
+            "set {a}n 5 prev=-",
+            "set {a}n 6 prev=5",
+            "cmd {a}list rpush prev=-",
+            "del {a}k prev=v2+",
+            "set {b}t old prev=-",
+        ]
+    );
+    let mut txn: Vec<String> = described[8..].to_vec();
+    txn.sort();
+    assert_eq!(txn, ["set {a}t new-a prev=-", "set {b}t new-b prev=old"]);
+
+    // PREV no: the next events carry none.
+    ok(&mut c, "CHANGES CONFIG default on PREV no");
+    ok(&mut c, "SET {a}n 7");
+    let key = stream_of(&mut c, "{a}n");
+    let last = entries(&ok(&mut c, &format!("XREVRANGE {key} + - COUNT 1")));
+    assert_eq!(last[0].short(), "set {a}n 7");
+    assert_eq!(last[0].field("prev"), None);
+}

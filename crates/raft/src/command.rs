@@ -97,6 +97,9 @@ pub enum Request {
     /// Data shard: [`Request::ChangesTrim`], and also every change-log entry below clock
     /// `keep_from` (the proposing leader's retention-by-size decision); answers OK.
     ChangesTrimTo { now_ms: u64, keep_from: Timestamp },
+    /// Data shard: whether change events carry their key's previous string value from
+    /// this entry on; answers OK.
+    ChangesPrev { on: bool },
 }
 
 /// A watched key's guard in a [`Request::Txn`]: the key has not changed after log index
@@ -150,6 +153,9 @@ impl fmt::Display for Request {
             }
             Request::ChangesRetentionBytes { bytes } => {
                 write!(f, "changes retention {bytes} bytes")
+            }
+            Request::ChangesPrev { on } => {
+                write!(f, "changes prev {}", if *on { "on" } else { "off" })
             }
             Request::TxnStep { txn, step, .. } => write!(f, "txn {} of {txn}", step.name()),
             Request::Identified { id, request } => {

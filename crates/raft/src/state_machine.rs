@@ -377,6 +377,7 @@ impl StateMachine {
                     | Request::ChangesGroup(_)
                     | Request::ChangesRetentionBytes { .. }
                     | Request::ChangesTrimTo { .. }
+                    | Request::ChangesPrev { .. }
             );
         let pending =
             !(b.writes.is_empty() && b.watch_points.is_empty() && b.remembered.is_empty());
@@ -534,6 +535,11 @@ impl StateMachine {
             }
             Request::ChangesRetentionBytes { bytes } => {
                 let step = ChangesStep::RetentionBytes(bytes);
+                self.apply_changes_step(table, b, sessions, slot, remember, index, step)
+                    .await?;
+            }
+            Request::ChangesPrev { on } => {
+                let step = ChangesStep::Prev(on);
                 self.apply_changes_step(table, b, sessions, slot, remember, index, step)
                     .await?;
             }

@@ -624,6 +624,12 @@ impl Groups {
             .await
     }
 
+    /// Sets whether a data group's change events carry their key's previous string value,
+    /// through its log.
+    pub async fn changes_prev(&self, group: GroupId, on: bool) -> Result<(), Error> {
+        self.changes_step(group, Request::ChangesPrev { on }).await
+    }
+
     /// Sets how many bytes of change-log events a data group keeps, through its log.
     pub async fn changes_retention_bytes(&self, group: GroupId, bytes: u64) -> Result<(), Error> {
         self.changes_step(group, Request::ChangesRetentionBytes { bytes })

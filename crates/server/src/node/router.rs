@@ -351,11 +351,16 @@ impl Keyspace {
         on: bool,
         retention_ms: Option<u64>,
         retention_bytes: Option<u64>,
+        prev: Option<bool>,
     ) -> Result<()> {
         self.check_live()?;
         match &self.store {
             Store::Cp { entry, groups, .. } => {
                 for shard in &entry.shards {
+                    // `prev` first: the first events logged after the switch carry it.
+                    if let Some(prev) = prev {
+                        groups.changes_prev(shard.group, prev).await?;
+                    }
                     groups.changes_config(shard.group, on).await?;
                     if let Some(ms) = retention_ms {
                         groups.changes_retention(shard.group, ms).await?;

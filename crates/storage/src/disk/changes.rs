@@ -76,6 +76,8 @@ const CLOCK: &[u8] = b"chg-clock";
 const FLOOR: &[u8] = b"chg-floor";
 const RETENTION: &[u8] = b"chg-retention";
 const RETENTION_BYTES: &[u8] = b"chg-retention-bytes";
+/// Present: events carry the key's previous string value (`prev`).
+const PREV: &[u8] = b"chg-prev";
 
 /// How long a shard keeps its change-log rows unless configured (`CHANGES CONFIG ... RETENTION-MS`).
 pub const RETENTION_MS_DEFAULT: u64 = 24 * 60 * 60 * 1000;
@@ -96,6 +98,8 @@ pub enum ChangesStep {
     Retention(u64),
     /// Keep at most this many bytes of events.
     RetentionBytes(u64),
+    /// Whether events carry the key's previous string value (`prev`).
+    Prev(bool),
     /// Delete the entries older than the retention before `now_ms` (the proposer's clock,
     /// carried by the entry), a bounded number; reads below what went answer `HISTORYLOST`.
     Trim { now_ms: u64 },
@@ -133,6 +137,8 @@ pub(super) struct ChangeLog {
     closed: Timestamp,
     /// Bytes of the events held (keys, values, arguments: what retention by size counts).
     bytes: u64,
+    /// Events carry the previous string value of their key.
+    prev: bool,
 }
 
 impl ChangeLog {
@@ -146,6 +152,7 @@ impl ChangeLog {
             Some(raw) => decode_clock(raw.value())?,
             None => ClockRow::default(),
         };
+        let prev = el.get(&reserved(PREV)[..]).map_err(io_err)?.is_some();
         Ok(ChangeLog {
             on,
             clock: c.clock,
@@ -153,11 +160,17 @@ impl ChangeLog {
             last_events: c.last_events,
             closed: c.closed,
             bytes: c.bytes,
+            prev,
         })
     }
 
     pub(super) fn is_on(&self) -> bool {
         self.on
+    }
+
+    /// Whether events carry their key's previous string value (read before the apply).
+    pub(super) fn wants_prev(&self) -> bool {
+        self.on && self.prev
     }
 
     /// Every event logged from now on gets a clock above this (the closed timestamp of the
@@ -392,6 +405,61 @@ pub(super) fn set_retention(x: &super::ops::Exec, table: &str, ms: u64) -> Resul
     el.insert(&reserved(RETENTION)[..], &ms.to_le_bytes()[..])
         .map_err(io_err)?;
     Ok(())
+}
+
+/// Sets whether events carry the key's previous string value.
+pub(super) fn set_prev(x: &super::ops::Exec, table: &str, on: bool) -> Result<()> {
+    let mut el = x
+        .txn
+        .open_table(table_def(&crate::layout::element_table(table)))
+        .map_err(io_err)?;
+    if on {
+        el.insert(&reserved(PREV)[..], &[1u8][..]).map_err(io_err)?;
+    } else {
+        el.remove(&reserved(PREV)[..]).map_err(io_err)?;
+    }
+    Ok(())
+}
+
+/// The string values `keys` hold before a change (`None`: absent, expired, or not a
+/// string), for the events' `prev` (design §2.3: collections never carry it).
+pub(super) fn values_before<'k>(
+    t: &RawTable<'_>,
+    keys: impl IntoIterator<Item = &'k Bytes>,
+    now_ms: u64,
+) -> Result<Vec<(Bytes, Option<Bytes>)>> {
+    let mut out: Vec<(Bytes, Option<Bytes>)> = Vec::new();
+    for k in keys {
+        if out.iter().any(|(seen, _)| seen == k) {
+            continue;
+        }
+        let v = match t.get(&k[..]).map_err(io_err)? {
+            Some(raw) => Some(Value::decode(raw.value())?),
+            None => None,
+        };
+        let v = v
+            .filter(|v| v.is_live(now_ms) && !v.header.tombstone)
+            .filter(|v| v.header.kind == ValueKind::String)
+            .map(|v| v.data);
+        out.push((k.clone(), v));
+    }
+    Ok(out)
+}
+
+/// Gives each event the previous value its key held (from [`values_before`]).
+pub(super) fn fill_prev(events: &mut [Event], before: &[(Bytes, Option<Bytes>)]) {
+    for e in events {
+        let Some((_, Some(old))) = before.iter().find(|(k, _)| *k == e.key) else {
+            continue;
+        };
+        match &mut e.op {
+            ChangeOp::Set { prev, .. }
+            | ChangeOp::Del { prev }
+            | ChangeOp::Expire { prev }
+            | ChangeOp::Incr { prev, .. } => *prev = Some(old.clone()),
+            ChangeOp::Ttl { .. } | ChangeOp::Cmd { .. } => {}
+        }
+    }
 }
 
 /// Sets how many bytes of events the shard keeps.

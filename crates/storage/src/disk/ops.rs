@@ -420,6 +420,9 @@ pub(super) fn execute(x: &Exec, op: &Op, live_tables: &mut HashSet<String>) -> R
                 super::ChangesStep::RetentionBytes(n) => {
                     super::changes::set_retention_bytes(x, table, *n).map(|()| ok())?
                 }
+                super::ChangesStep::Prev(on) => {
+                    super::changes::set_prev(x, table, *on).map(|()| ok())?
+                }
                 super::ChangesStep::Retention(ms) => {
                     super::changes::set_retention(x, table, *ms).map(|()| ok())?
                 }
@@ -656,6 +659,12 @@ pub(super) fn apply_replicated(
         x.hlc.observe(*ts);
         let mut changed = Vec::new();
         let mut written = None;
+        // With `prev` on: the string values the keys held before (one read per key).
+        let before = if changes.wants_prev() {
+            super::changes::values_before(&t, &super::txn::mutation_keys(m).0, *now_ms)?
+        } else {
+            Vec::new()
+        };
         replies.push(apply_one(
             x,
             table,
@@ -681,6 +690,7 @@ pub(super) fn apply_replicated(
                     }
                 }
             }
+            super::changes::fill_prev(&mut events, &before);
             match logged.last_mut() {
                 Some(l) if l.index == *index => l.events.extend(events),
                 _ => logged.push(super::changes::Logged {

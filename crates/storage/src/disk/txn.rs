@@ -459,7 +459,6 @@ fn step_inner(x: &Exec, table: &str, job: &TxnJob) -> Result<Result<TxnAnswer>> 
     if let Some((redo, touched)) = to_apply {
         // The locks are released above, in this same storage transaction.
         let mut t = x.txn.open_table(table_def(table)).map_err(io_err)?;
-        TxnSpace::new(x, table, &mut t, job.now_ms).apply_redo(&redo)?;
         // The change log gets the commit's effects as this entry's events (`changes.rs`).
         let mut log = {
             let el = x
@@ -468,13 +467,20 @@ fn step_inner(x: &Exec, table: &str, job: &TxnJob) -> Result<Result<TxnAnswer>> 
                 .map_err(io_err)?;
             super::changes::ChangeLog::load(&el)?
         };
+        let before = if log.wants_prev() {
+            super::changes::values_before(&t, &touched, job.now_ms)?
+        } else {
+            Vec::new()
+        };
+        TxnSpace::new(x, table, &mut t, job.now_ms).apply_redo(&redo)?;
         if log.is_on() {
             let mut seen = std::collections::HashSet::with_capacity(touched.len());
-            let events = touched
+            let mut events = touched
                 .iter()
                 .filter(|k| seen.insert(*k))
                 .map(|k| super::changes::event_of(&t, None, k, job.now_ms))
                 .collect::<Result<Vec<_>>>()?;
+            super::changes::fill_prev(&mut events, &before);
             drop(t);
             // Logged at or above the commit timestamp, the largest vote, so above every write
             // before the transaction on every participant (`ChangeLog::vote_at`).

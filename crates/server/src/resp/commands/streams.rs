@@ -1,8 +1,8 @@
 //! Change streams over Redis's stream commands (issue 14, `docs/design/streams.md` §4): a
 //! `cp` shard's change log read as a read-only stream key `__changes:<keyspace>#<shard>`.
 //!
-//! - `CHANGES CONFIG <ks> on|off [RETENTION-MS ms] [RETENTION-BYTES n]` turns a keyspace's
-//!   logs on or off (every
+//! - `CHANGES CONFIG <ks> on|off [RETENTION-MS ms] [RETENTION-BYTES n] [PREV yes|no]` turns
+//!   a keyspace's logs on or off (every
 //!   shard, through its Raft log); `CHANGES SHARDS <ks>` lists its stream keys,
 //!   `CHANGES LAST <ks>` each one's last ID (what `$` means now) and `CHANGES RESOLVED <ks>`
 //!   how far the merged stream is resolved (after closing every shard).
@@ -60,22 +60,30 @@ pub(super) fn reads_a_stream(name: &str, key: &[u8]) -> bool {
     ) && matches!(StreamKey::parse(key), Ok(Some(_)) | Err(_))
 }
 
-/// `CHANGES CONFIG <keyspace> on|off [RETENTION-MS ms] [RETENTION-BYTES n]` |
+/// `CHANGES CONFIG <keyspace> on|off [RETENTION-MS ms] [RETENTION-BYTES n] [PREV yes|no]` |
 /// `CHANGES SHARDS <keyspace>` | `CHANGES LAST <keyspace>` | `CHANGES RESOLVED <keyspace>`.
 pub(super) async fn changes(conn: &mut Connection, args: &[Bytes]) -> Outcome {
     let sub = args[1].to_ascii_lowercase();
     match (sub.as_slice(), args.len()) {
-        (b"config", 4 | 6 | 8) => {
+        (b"config", 4 | 6 | 8 | 10) => {
             let on = match args[3].to_ascii_lowercase().as_slice() {
                 b"on" | b"values" => true,
                 b"off" => false,
                 _ => return Err("ERR CHANGES CONFIG takes on or off".into()),
             };
-            let (mut retention_ms, mut retention_bytes) = (None, None);
+            let (mut retention_ms, mut retention_bytes, mut prev) = (None, None, None);
             for pair in args[4..].chunks(2) {
                 let [word, n] = pair else {
                     return Err(syntax());
                 };
+                if word.eq_ignore_ascii_case(b"prev") {
+                    prev = Some(match n.to_ascii_lowercase().as_slice() {
+                        b"yes" => true,
+                        b"no" => false,
+                        _ => return Err("ERR PREV takes yes or no".into()),
+                    });
+                    continue;
+                }
                 let n = parse_int(n)?;
                 match word.to_ascii_lowercase().as_slice() {
                     b"retention-ms" if n >= 1 => retention_ms = Some(n as u64),
@@ -91,7 +99,7 @@ pub(super) async fn changes(conn: &mut Connection, args: &[Bytes]) -> Outcome {
                 }
             }
             let ks = keyspace_named(conn, &args[2])?;
-            ks.changes_config(on, retention_ms, retention_bytes)
+            ks.changes_config(on, retention_ms, retention_bytes, prev)
                 .await
                 .map_err(|e| error_line(&e))?;
             conn.out.simple("OK");
@@ -152,7 +160,7 @@ pub(super) async fn changes(conn: &mut Connection, args: &[Bytes]) -> Outcome {
             Ok(())
         }
         _ => Err(format!(
-            "ERR unknown CHANGES subcommand or wrong number of arguments for '{}' (CHANGES CONFIG <keyspace> on|off [RETENTION-MS ms] [RETENTION-BYTES n], CHANGES SHARDS <keyspace>, CHANGES LAST <keyspace>, CHANGES RESOLVED <keyspace>)",
+            "ERR unknown CHANGES subcommand or wrong number of arguments for '{}' (CHANGES CONFIG <keyspace> on|off [RETENTION-MS ms] [RETENTION-BYTES n] [PREV yes|no], CHANGES SHARDS <keyspace>, CHANGES LAST <keyspace>, CHANGES RESOLVED <keyspace>)",
             String::from_utf8_lossy(&args[1])
         )),
     }
