@@ -496,8 +496,6 @@ fn retention_trims_the_log_and_a_reader_below_it_is_told_where_it_begins() {
     let mut c = s.client();
     assert!(err(&mut c, "CHANGES CONFIG default on RETENTION-MS 0").contains("at least 1"));
     ok(&mut c, "CHANGES CONFIG default on RETENTION-MS 1000");
-    // A group on the merged stream that will not read before the retention trims.
-    ok(&mut c, "XGROUP CREATE __changes:default late 0");
     ok(&mut c, "SET {r}a 1");
     let key = stream_of(&mut c, "{r}a");
     // The shard's leader trims rows past the retention (looked for every second).
@@ -547,7 +545,9 @@ fn retention_trims_the_log_and_a_reader_below_it_is_told_where_it_begins() {
         "{lost}"
     );
 
-    // The group's next entries went: it reads on from the oldest held, as in Redis.
+    // A group created at a position that went: it reads on from the oldest held, as in
+    // Redis.
+    ok(&mut c, "XGROUP CREATE __changes:default late 0");
     let read = first_stream(&ok(
         &mut c,
         "XREADGROUP GROUP late c1 STREAMS __changes:default >",
@@ -1276,6 +1276,22 @@ fn with_prev_on_each_event_carries_the_value_its_key_held_before() {
     txn.sort();
     assert_eq!(txn, ["set {a}t new-a prev=-", "set {b}t new-b prev=old"]);
 
+    // An expiry's event carries the value that expired.
+    ok(&mut c, "SET {a}e gone PX 50");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let expired = loop {
+        let all = entries(&ok(&mut c, &format!("XRANGE __changes:default ({start} +")));
+        if let Some(e) = all
+            .iter()
+            .find(|e| e.field("op") == Some("expire") && e.field("key") == Some("{a}e"))
+        {
+            break e.clone();
+        }
+        assert!(Instant::now() < deadline, "{all:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(expired.field("prev"), Some("gone"));
+
     // PREV no: the next events carry none.
     ok(&mut c, "CHANGES CONFIG default on PREV no");
     ok(&mut c, "SET {a}n 7");
@@ -1283,4 +1299,77 @@ fn with_prev_on_each_event_carries_the_value_its_key_held_before() {
     let last = entries(&ok(&mut c, &format!("XREVRANGE {key} + - COUNT 1")));
     assert_eq!(last[0].short(), "set {a}n 7");
     assert_eq!(last[0].field("prev"), None);
+}
+
+#[test]
+fn a_consumer_groups_position_holds_the_retention_back() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let s = Server::start_with(&["--default-shards", "2"]);
+    let mut c = s.client();
+    // A keyspace without groups, to see the retention at work.
+    let (code, body) = common::http(
+        s.http,
+        "POST",
+        "/v1/keyspaces",
+        &[],
+        Some(br#"{"name":"plain","mode":"cp","shards":1}"#),
+    )
+    .unwrap();
+    assert!(code < 300, "{}", String::from_utf8_lossy(&body));
+    for ks in ["default", "plain"] {
+        ok(&mut c, &format!("CHANGES CONFIG {ks} on RETENTION-MS 1000"));
+    }
+    let start = text(&ok(&mut c, "CHANGES RESOLVED default"));
+    ok(
+        &mut c,
+        &format!("XGROUP CREATE __changes:default g {start}"),
+    );
+    ok(&mut c, "SET {p}a 1");
+    ok(&mut c, "SET {q}b 2");
+    let mut plain = s.client();
+    ok(&mut plain, "SELECT plain");
+    // The other keyspace's log is trimmed, entry after entry: the leaders looked, several
+    // times, past the retention of the group's entries.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for _ in 0..3 {
+        ok(&mut plain, "SET x 1");
+        let newest = entries(&ok(&mut c, "XREVRANGE __changes:plain#0 + - COUNT 1"));
+        loop {
+            let info = xinfo_stream(&mut c, "__changes:plain#0");
+            if parse_id(&text(&info["max-deleted-entry-id"])) >= newest[0].id {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the plain keyspace's log was never trimmed"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    // Meanwhile the group's entries stayed, on both shards.
+    let got = first_stream(&ok(
+        &mut c,
+        "XREADGROUP GROUP g c1 COUNT 10 STREAMS __changes:default >",
+    ));
+    assert_eq!(
+        got.iter().map(Entry::short).collect::<Vec<_>>(),
+        ["set {p}a 1", "set {q}b 2"]
+    );
+    // Acknowledged and moved on, the group lets them go.
+    for e in &got {
+        ok(&mut c, &format!("XACK __changes:default g {}", id_text(e)));
+    }
+    ok(&mut c, "SET {p}later 3");
+    let lost = |c: &mut redis::Connection, key: &str| match cmd(c, &format!("XRANGE {key} - +")) {
+        Err(e) => e.to_string().contains("HISTORYLOST"),
+        Ok(_) => false,
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !lost(&mut c, "__changes:default") {
+        assert!(
+            Instant::now() < deadline,
+            "never trimmed after the group moved on"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }

@@ -100,6 +100,14 @@ pub enum Request {
     /// Data shard: whether change events carry their key's previous string value from
     /// this entry on; answers OK.
     ChangesPrev { on: bool },
+    /// Data shard: [`Request::ChangesTrimTo`] (`keep_from` optional) that keeps every entry
+    /// at or above clock `pinned`: the oldest consumer-group position on the shard, as the
+    /// proposing leader read it (within `capdb_storage::disk::PIN_BYTES_MAX`); answers OK.
+    ChangesTrimPinned {
+        now_ms: u64,
+        keep_from: Option<Timestamp>,
+        pinned: Timestamp,
+    },
 }
 
 /// A watched key's guard in a [`Request::Txn`]: the key has not changed after log index
@@ -157,6 +165,14 @@ impl fmt::Display for Request {
             Request::ChangesPrev { on } => {
                 write!(f, "changes prev {}", if *on { "on" } else { "off" })
             }
+            Request::ChangesTrimPinned {
+                now_ms,
+                keep_from,
+                pinned,
+            } => write!(
+                f,
+                "changes trim at {now_ms}, below {keep_from:?}, pinned at {pinned:?}"
+            ),
             Request::TxnStep { txn, step, .. } => write!(f, "txn {} of {txn}", step.name()),
             Request::Identified { id, request } => {
                 write!(f, "{request} as {}.{}#{}", id.origin, id.epoch, id.seq)

@@ -378,6 +378,7 @@ impl StateMachine {
                     | Request::ChangesRetentionBytes { .. }
                     | Request::ChangesTrimTo { .. }
                     | Request::ChangesPrev { .. }
+                    | Request::ChangesTrimPinned { .. }
             );
         let pending =
             !(b.writes.is_empty() && b.watch_points.is_empty() && b.remembered.is_empty());
@@ -535,6 +536,19 @@ impl StateMachine {
             }
             Request::ChangesRetentionBytes { bytes } => {
                 let step = ChangesStep::RetentionBytes(bytes);
+                self.apply_changes_step(table, b, sessions, slot, remember, index, step)
+                    .await?;
+            }
+            Request::ChangesTrimPinned {
+                now_ms,
+                keep_from,
+                pinned,
+            } => {
+                let step = ChangesStep::TrimPinned {
+                    now_ms,
+                    keep_from,
+                    pinned,
+                };
                 self.apply_changes_step(table, b, sessions, slot, remember, index, step)
                     .await?;
             }

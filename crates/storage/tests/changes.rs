@@ -323,7 +323,10 @@ async fn retention_by_size_drops_the_oldest_entries_until_the_rest_fits() {
         write(&a, 3 + i as u64, vec![set("k", v)]).await;
     }
     let table = a.table(TABLE, false);
-    assert!(table.changes_trim_due(0).unwrap(), "44 bytes held, 25 kept");
+    assert!(
+        table.changes_trim_due(0, None).unwrap(),
+        "44 bytes held, 25 kept"
+    );
     // Not old at all (now_ms 0): only the size is past its bound. The leader decides where
     // the kept part begins, and the entry carries it.
     let keep_from = table
@@ -350,7 +353,7 @@ async fn retention_by_size_drops_the_oldest_entries_until_the_rest_fits() {
         })
         .collect();
     assert_eq!(left, ["cccccccccc", "dddddddddd"]);
-    assert!(!table.changes_trim_due(0).unwrap(), "22 bytes fit");
+    assert!(!table.changes_trim_due(0, None).unwrap(), "22 bytes fit");
     assert_eq!(table.changes_info().unwrap().events, 2);
     // A bound smaller than the newest entry still keeps it.
     step(ChangesStep::RetentionBytes(1)).await.unwrap().unwrap();
@@ -367,5 +370,8 @@ async fn retention_by_size_drops_the_oldest_entries_until_the_rest_fits() {
         .unwrap()
         .unwrap();
     assert_eq!(table.changes_info().unwrap().events, 1, "the newest stays");
-    assert!(!table.changes_trim_due(0).unwrap(), "nothing more can go");
+    assert!(
+        !table.changes_trim_due(0, None).unwrap(),
+        "nothing more can go"
+    );
 }

@@ -452,7 +452,7 @@ impl Groups {
             .filter(|(g, _)| {
                 self.engine
                     .table(&layout::shard_table(*g), false)
-                    .changes_trim_due(now_ms)
+                    .changes_trim_due(now_ms, None)
                     .unwrap_or_else(|e| {
                         tracing::warn!(group = g, error = %e, "cannot read the change log");
                         false

@@ -638,15 +638,32 @@ impl Groups {
 
     /// Trims a data group's change log at this node's clock (the leader's), and to its size
     /// bound as this node's replica counts it, through its log.
-    pub async fn changes_trim(&self, group: GroupId) -> Result<(), Error> {
+    /// `pinned`: the oldest consumer-group position's clock on this shard (entries at or
+    /// above it stay, within `capdb_storage::disk::PIN_BYTES_MAX`); with it, nothing is
+    /// proposed when nothing below it is due.
+    pub async fn changes_trim(
+        &self,
+        group: GroupId,
+        pinned: Option<capdb_types::Timestamp>,
+    ) -> Result<(), Error> {
         let now_ms = capdb_types::unix_now_ms();
-        let keep_from = self
+        let table = self
             .engine
-            .table(&capdb_storage::layout::shard_table(group), false)
-            .changes_size_keep_from()?;
-        let request = match keep_from {
-            Some(keep_from) => Request::ChangesTrimTo { now_ms, keep_from },
-            None => Request::ChangesTrim { now_ms },
+            .table(&capdb_storage::layout::shard_table(group), false);
+        let keep_from = table.changes_size_keep_from()?;
+        let request = match (pinned, keep_from) {
+            (Some(pinned), keep_from) => {
+                if !table.changes_trim_due(now_ms, Some(pinned))? {
+                    return Ok(());
+                }
+                Request::ChangesTrimPinned {
+                    now_ms,
+                    keep_from,
+                    pinned,
+                }
+            }
+            (None, Some(keep_from)) => Request::ChangesTrimTo { now_ms, keep_from },
+            (None, None) => Request::ChangesTrim { now_ms },
         };
         self.changes_step(group, request).await
     }

@@ -6,12 +6,37 @@
 //! the same way (by whole log entries), so all of them keep the same events and answer
 //! `HISTORYLOST` below the same ID.
 //! A shard with nothing to trim costs no entry.
+//!
+//! # Consumer groups pin the history they still need
+//!
+//! Before trimming, the leader reads every consumer group's position of the keyspace (its
+//! last delivered ID, or just before its oldest pending entry), from the first shard where
+//! groups live, and carries the oldest one's clock in the trim entry
+//! (`Request::ChangesTrimPinned`): entries at or above it stay. A pin is bounded: it lapses
+//! once its position is older than [`PIN_AGE_MAX_MS`] or the shard holds more than
+//! `capdb_storage::disk::PIN_BYTES_MAX` bytes of events; the group's next read then reads on
+//! from the oldest entry held, as in Redis. When the positions cannot be read (no leader for
+//! the first shard), nothing is trimmed that period. A group created or moved back at an old
+//! ID between the leader's read and the trim's apply is not protected by that trim (its next
+//! read is told, as above).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use capdb_cluster::GroupId;
+use capdb_types::Timestamp;
+use capdb_types::changes::{StreamId, merged};
+
+use super::{Consistency, Keyspace};
+
 /// How often a node looks for change logs to trim.
 pub const TRIM_PERIOD: Duration = Duration::from_secs(1);
+
+/// A consumer group's position holds the retention back for at most this long (by its
+/// position's clock): an abandoned group does not keep a log forever. Bytes are bounded too
+/// (`capdb_storage::disk::PIN_BYTES_MAX`).
+pub const PIN_AGE_MAX_MS: u64 = 7 * 24 * 60 * 60 * 1000;
 
 /// Trims the change logs of the shards this node leads, forever (see the module doc).
 pub async fn trim_changes(node: Arc<super::Node>) {
@@ -20,11 +45,133 @@ pub async fn trim_changes(node: Arc<super::Node>) {
         if node.is_shutting_down() {
             return;
         }
-        for group in node.groups.changes_trim_due_led(capdb_types::unix_now_ms()) {
-            if let Err(e) = node.groups.changes_trim(group).await {
+        let now_ms = capdb_types::unix_now_ms();
+        let due = node.groups.changes_trim_due_led(now_ms);
+        if due.is_empty() {
+            continue;
+        }
+        let pins = pins_of(&node.keyspaces(), &due, now_ms).await;
+        for group in due {
+            let pinned = match pins.get(&group) {
+                Some(Ok(p)) => *p,
+                // The groups' positions could not be read (no leader for the first shard):
+                // nothing is trimmed rather than what a group still needs.
+                Some(Err(e)) => {
+                    tracing::debug!(group, error = %e, "change-log trim waits for group positions");
+                    continue;
+                }
+                None => None,
+            };
+            if let Err(e) = node.groups.changes_trim(group, pinned).await {
                 // Tried again next period.
                 tracing::debug!(group, error = %e, "change-log trim not applied");
             }
         }
+    }
+}
+
+/// For each Raft group in `due`: the clock below which its consumer groups let the retention
+/// trim (`None`: no group holds it back), read from its keyspace's first shard.
+async fn pins_of(
+    keyspaces: &[Arc<Keyspace>],
+    due: &[GroupId],
+    now_ms: u64,
+) -> HashMap<GroupId, capdb_types::Result<Option<Timestamp>>> {
+    let mut out = HashMap::new();
+    for ks in keyspaces {
+        let shards = ks.shard_groups();
+        if !shards.iter().any(|g| due.contains(g)) {
+            continue;
+        }
+        match ks.changes_positions(now_ms, Consistency::default()).await {
+            Ok(positions) => {
+                let name = ks.spec.name.to_string();
+                let per_shard = pins_by_shard(&name, shards.len(), &positions, now_ms);
+                for (s, g) in shards.iter().enumerate() {
+                    out.insert(*g, Ok(per_shard[s]));
+                }
+            }
+            Err(e) => {
+                for g in shards {
+                    out.insert(g, Err(e.clone()));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Each shard's pin from the groups' positions (`stream` names as `groups.rs` keeps them:
+/// `<ks>` or `<ks>#<n>`, either with `:<prefix>`): the smallest clock of a position on a
+/// stream that reads the shard (a merged stream reads every shard), ignoring positions
+/// older than [`PIN_AGE_MAX_MS`]. Entries at or above it stay.
+fn pins_by_shard(
+    keyspace: &str,
+    shards: usize,
+    positions: &[(bytes::Bytes, StreamId)],
+    now_ms: u64,
+) -> Vec<Option<Timestamp>> {
+    let mut pins: Vec<Option<Timestamp>> = vec![None; shards];
+    for (stream, pos) in positions {
+        let Some(rest) = stream.strip_prefix(keyspace.as_bytes()) else {
+            continue;
+        };
+        let (targets, clock): (Vec<usize>, Timestamp) = match rest {
+            [] | [b':', ..] => ((0..shards).collect(), merged::parts(*pos).0),
+            [b'#', after @ ..] => {
+                let digits: Vec<u8> = after
+                    .iter()
+                    .copied()
+                    .take_while(u8::is_ascii_digit)
+                    .collect();
+                let Some(n) = std::str::from_utf8(&digits)
+                    .ok()
+                    .and_then(|d| d.parse::<usize>().ok())
+                    .filter(|n| *n < shards)
+                else {
+                    continue;
+                };
+                (vec![n], pos.clock())
+            }
+            // Another keyspace whose name starts with this one's.
+            _ => continue,
+        };
+        if clock.physical_ms() + PIN_AGE_MAX_MS < now_ms {
+            continue;
+        }
+        for s in targets {
+            pins[s] = Some(pins[s].map_or(clock, |p| p.min(clock)));
+        }
+    }
+    pins
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(ms: u64) -> StreamId {
+        StreamId::of_event(Timestamp::from_parts(ms, 0), 0)
+    }
+
+    #[test]
+    fn a_merged_streams_group_pins_every_shard_and_a_shards_group_its_own() {
+        let now = 10 * PIN_AGE_MAX_MS;
+        let positions = vec![
+            (
+                bytes::Bytes::from("users"),
+                merged::id(Timestamp::from_parts(now - 50, 0), 1, 0),
+            ),
+            (bytes::Bytes::from("users#2"), id(now - 90)),
+            (bytes::Bytes::from("users#1:u:"), id(now - 10)),
+            // Another keyspace, an abandoned group, a shard that is not there.
+            (bytes::Bytes::from("users2"), id(now - 900)),
+            (bytes::Bytes::from("users#0"), id(now - PIN_AGE_MAX_MS - 1)),
+            (bytes::Bytes::from("users#7"), id(now - 900)),
+        ];
+        let pins = pins_by_shard("users", 3, &positions, now);
+        let at = |ms| Some(Timestamp::from_parts(ms, 0));
+        assert_eq!(pins, vec![at(now - 50), at(now - 50), at(now - 90)]);
+        assert_eq!(pins_by_shard("users", 2, &[], now), vec![None, None]);
     }
 }

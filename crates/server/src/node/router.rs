@@ -133,9 +133,19 @@ impl ChangesPage {
             Reply::Array(entries),
             Reply::Bulk(closed),
             Reply::Integer(more),
-            Reply::Bulk(floor),
-        ] = <[Reply; 7]>::try_from(parts).map_err(|_| bad())?
+            floor,
+        ] = <[Reply; 7]>::try_from(parts)
+            // A node from before the floor was answered: none known.
+            .or_else(|parts| {
+                <[Reply; 6]>::try_from(parts).map(|[a, b, c, d, e, f]| {
+                    [a, b, c, d, e, f, Reply::Bulk(Bytes::from_static(b"0-0"))]
+                })
+            })
+            .map_err(|_| bad())?
         else {
+            return Err(bad());
+        };
+        let Reply::Bulk(floor) = floor else {
             return Err(bad());
         };
         let floor = StreamId::parse_with(&floor, 0).map_err(|_| bad())?;
@@ -498,6 +508,44 @@ impl Keyspace {
             return Err(Error::Io("a keyspace without shards".into()));
         };
         groups.changes_group(first.group, cmd).await
+    }
+
+    /// Every consumer group's position that holds history back (`groups::positions` in
+    /// `capdb_storage::disk`): `(stream name, position)`, read through the first shard's read
+    /// path at consistency `c`.
+    pub async fn changes_positions(
+        &self,
+        now_ms: u64,
+        c: Consistency,
+    ) -> Result<Vec<(Bytes, StreamId)>> {
+        self.check_live()?;
+        let Store::Cp { entry, groups, .. } = &self.store else {
+            return Err(not_streamed(self.name()));
+        };
+        let Some(first) = entry.shards.first() else {
+            return Err(Error::Io("a keyspace without shards".into()));
+        };
+        let args = vec![Bytes::from_static(
+            capdb_storage::disk::CHANGES_PINS_QUERY.as_bytes(),
+        )];
+        let reply = groups
+            .query(first.group, args, c.cp_read, now_ms, 0)
+            .await?;
+        let bad = || Error::Io("unexpected answer to a consumer-group positions query".into());
+        let Reply::Array(rows) = reply else {
+            return Err(bad());
+        };
+        rows.into_iter()
+            .map(|r| match r {
+                Reply::Array(pair) => match <[Reply; 2]>::try_from(pair) {
+                    Ok([Reply::Bulk(stream), Reply::Bulk(pos)]) => {
+                        Ok((stream, StreamId::parse_with(&pos, 0).map_err(|_| bad())?))
+                    }
+                    _ => Err(bad()),
+                },
+                _ => Err(bad()),
+            })
+            .collect()
     }
 
     /// The consumer groups of change stream `stream` (see `capdb_storage::disk`'s

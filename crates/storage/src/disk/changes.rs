@@ -87,6 +87,10 @@ pub const RETENTION_BYTES_DEFAULT: u64 = 1 << 30;
 /// Events one trim entry deletes at most, and bytes of them (whole entries; the first
 /// always): the next trim continues.
 pub const CHANGES_TRIM_EVENTS_MAX: usize = 65_536;
+/// A consumer group's position holds the retention back (a *pin*) only while the shard holds
+/// at most this many bytes of events: past it the pin lapses, the trim goes on, and the
+/// group's next read is told its entries went (disk stays bounded whatever a group does).
+pub const PIN_BYTES_MAX: u64 = 4 << 30;
 pub const CHANGES_TRIM_BYTES_MAX: usize = 64 * 1024 * 1024;
 
 /// A change-log step applied through the shard's log (`Request::ChangesConfig` and friends).
@@ -107,6 +111,14 @@ pub enum ChangesStep {
     /// retention-by-size decision, [`size_keep_from`], carried in the entry so that every
     /// replica deletes the same events whatever its own byte count).
     TrimTo { now_ms: u64, keep_from: Timestamp },
+    /// [`ChangesStep::TrimTo`] (`keep_from` optional) that keeps every entry at or above
+    /// clock `pinned` (the oldest consumer-group position on this shard, as the leader read
+    /// it) while the shard holds at most [`PIN_BYTES_MAX`].
+    TrimPinned {
+        now_ms: u64,
+        keep_from: Option<Timestamp>,
+        pinned: Timestamp,
+    },
     /// Close the shard's stream up to `ts` (the proposer's clock): every later event gets a
     /// larger clock, so a merged reader may release everything at or below it.
     Progress { ts: Timestamp },
@@ -319,7 +331,7 @@ pub fn carried_rows(
     el: &impl ReadableTable<&'static [u8], &'static [u8]>,
 ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
     let mut out = Vec::new();
-    for name in [ON, CLOCK, FLOOR, RETENTION, RETENTION_BYTES] {
+    for name in [ON, CLOCK, FLOOR, RETENTION, RETENTION_BYTES, PREV] {
         let k = reserved(name);
         if let Some(v) = el.get(&k[..]).map_err(io_err)? {
             out.push((k, v.value().to_vec()));
@@ -421,43 +433,63 @@ pub(super) fn set_prev(x: &super::ops::Exec, table: &str, on: bool) -> Result<()
     Ok(())
 }
 
-/// The string values `keys` hold before a change (`None`: absent, expired, or not a
-/// string), for the events' `prev` (design §2.3: collections never carry it).
+/// What a key held before a change, for its event's `prev` (design §2.3: collections never
+/// carry it).
+pub(super) struct Before {
+    /// The stored string (`None`: absent, removed, or a collection).
+    value: Option<Bytes>,
+    /// Whether it was live then: an expired string is the `prev` of its `expire` event only.
+    live: bool,
+}
+
+/// [`Before`] for each of `keys`, read before the change (one lookup per distinct key).
 pub(super) fn values_before<'k>(
     t: &RawTable<'_>,
     keys: impl IntoIterator<Item = &'k Bytes>,
     now_ms: u64,
-) -> Result<Vec<(Bytes, Option<Bytes>)>> {
-    let mut out: Vec<(Bytes, Option<Bytes>)> = Vec::new();
+) -> Result<std::collections::HashMap<Bytes, Before>> {
+    let mut out = std::collections::HashMap::new();
     for k in keys {
-        if out.iter().any(|(seen, _)| seen == k) {
+        if out.contains_key(k) {
             continue;
         }
         let v = match t.get(&k[..]).map_err(io_err)? {
             Some(raw) => Some(Value::decode(raw.value())?),
             None => None,
         };
-        let v = v
-            .filter(|v| v.is_live(now_ms) && !v.header.tombstone)
-            .filter(|v| v.header.kind == ValueKind::String)
-            .map(|v| v.data);
-        out.push((k.clone(), v));
+        let before = match v.filter(|v| !v.header.tombstone && v.header.kind == ValueKind::String) {
+            Some(v) => Before {
+                live: v.is_live(now_ms),
+                value: Some(v.data),
+            },
+            None => Before {
+                value: None,
+                live: false,
+            },
+        };
+        out.insert(k.clone(), before);
     }
     Ok(out)
 }
 
 /// Gives each event the previous value its key held (from [`values_before`]).
-pub(super) fn fill_prev(events: &mut [Event], before: &[(Bytes, Option<Bytes>)]) {
+pub(super) fn fill_prev(events: &mut [Event], before: &std::collections::HashMap<Bytes, Before>) {
     for e in events {
-        let Some((_, Some(old))) = before.iter().find(|(k, _)| *k == e.key) else {
+        let Some(Before {
+            value: Some(old),
+            live,
+        }) = before.get(&e.key)
+        else {
             continue;
         };
         match &mut e.op {
-            ChangeOp::Set { prev, .. }
-            | ChangeOp::Del { prev }
-            | ChangeOp::Expire { prev }
-            | ChangeOp::Incr { prev, .. } => *prev = Some(old.clone()),
-            ChangeOp::Ttl { .. } | ChangeOp::Cmd { .. } => {}
+            ChangeOp::Expire { prev } => *prev = Some(old.clone()),
+            ChangeOp::Set { prev, .. } | ChangeOp::Del { prev } | ChangeOp::Incr { prev, .. }
+                if *live =>
+            {
+                *prev = Some(old.clone())
+            }
+            _ => {}
         }
     }
 }
@@ -475,28 +507,45 @@ pub(super) fn set_retention_bytes(x: &super::ops::Exec, table: &str, bytes: u64)
 
 /// Whether the oldest row is past the retention at `now_ms`, or the events held are more
 /// than the retention by size (a trim is due), from one snapshot.
-pub(super) fn trim_due(txn: &redb::ReadTransaction, table: &str, now_ms: u64) -> Result<bool> {
-    let retention = match txn.open_table(table_def(&crate::layout::element_table(table))) {
+/// `pinned`: the oldest consumer-group position's clock on this shard (kept while the shard
+/// holds at most [`PIN_BYTES_MAX`]), so that a pinned log costs no trim entry.
+pub(super) fn trim_due(
+    txn: &redb::ReadTransaction,
+    table: &str,
+    now_ms: u64,
+    pinned: Option<Timestamp>,
+) -> Result<bool> {
+    let (retention, keep_from, bytes) = match txn
+        .open_table(table_def(&crate::layout::element_table(table)))
+    {
         Ok(el) => {
             let log = ChangeLog::load(&el)?;
             if !log.on {
                 return Ok(false);
             }
             let max_bytes = read_u64_row(&el, RETENTION_BYTES)?.unwrap_or(RETENTION_BYTES_DEFAULT);
-            if log.bytes > max_bytes && size_keep_from(txn, table)?.is_some() {
-                return Ok(true);
-            }
-            read_u64_row(&el, RETENTION)?.unwrap_or(RETENTION_MS_DEFAULT)
+            let keep_from = if log.bytes > max_bytes {
+                size_keep_from(txn, table)?
+            } else {
+                None
+            };
+            let retention = read_u64_row(&el, RETENTION)?.unwrap_or(RETENTION_MS_DEFAULT);
+            (retention, keep_from, log.bytes)
         }
         Err(redb::TableError::TableDoesNotExist(_)) => return Ok(false),
         Err(e) => return Err(io_err(e)),
     };
     let cutoff = Timestamp::from_parts(now_ms.saturating_sub(retention), 0);
+    // Entries below this clock are due.
+    let mut below = cutoff.max(keep_from.unwrap_or(Timestamp::ZERO));
+    if let Some(pin) = pinned.filter(|_| bytes <= PIN_BYTES_MAX) {
+        below = below.min(pin);
+    }
     match txn.open_table(log_def(&change_table(table))) {
         Ok(chg) => Ok(chg
             .first()
             .map_err(io_err)?
-            .is_some_and(|(k, _)| k.value() < cutoff.0)),
+            .is_some_and(|(k, _)| k.value() < below.0)),
         Err(redb::TableError::TableDoesNotExist(_)) => Ok(false),
         Err(e) => Err(io_err(e)),
     }
@@ -510,19 +559,34 @@ pub(super) fn trim_due(txn: &redb::ReadTransaction, table: &str, now_ms: u64) ->
 /// batches fell, which differs between them, while the entries and their events are the same
 /// everywhere. So every replica deletes exactly the same events and sets the same floor. A row
 /// left holding later entries is rewritten and keyed by its new first clock.
+/// `pinned`: entries at or above this clock stay (a consumer group's position), unless the
+/// shard holds more than [`PIN_BYTES_MAX`] (the pin lapses; logged).
 pub(super) fn trim(
     x: &super::ops::Exec,
     table: &str,
     now_ms: u64,
     keep_from: Option<Timestamp>,
+    pinned: Option<Timestamp>,
 ) -> Result<()> {
     let mut el = x
         .txn
         .open_table(table_def(&crate::layout::element_table(table)))
         .map_err(io_err)?;
-    if el.get(&reserved(ON)[..]).map_err(io_err)?.is_none() {
+    let log = ChangeLog::load(&el)?;
+    if !log.on {
         return Ok(());
     }
+    let pinned = match pinned {
+        Some(_) if log.bytes > PIN_BYTES_MAX => {
+            tracing::warn!(
+                table,
+                bytes = log.bytes,
+                "a consumer group's position no longer holds the change log back: the shard holds more than {PIN_BYTES_MAX} bytes of events"
+            );
+            None
+        }
+        p => p,
+    };
     let retention = read_u64_row(&el, RETENTION)?.unwrap_or(RETENTION_MS_DEFAULT);
     let cutoff = Timestamp::from_parts(now_ms.saturating_sub(retention), 0);
     let mut chg = x
@@ -554,7 +618,8 @@ pub(super) fn trim(
                 || bytes + entry_bytes > CHANGES_TRIM_BYTES_MAX;
             // Due: older than the retention, or below what the size allows (decided by the
             // proposer). The first due entry always goes (however big), so a trim progresses.
-            let due = head.clock < cutoff || keep_from.is_some_and(|k| head.clock < k);
+            let due = (head.clock < cutoff || keep_from.is_some_and(|k| head.clock < k))
+                && pinned.is_none_or(|p| head.clock < p);
             if !due || (full && events > 0) {
                 if taken > 0 {
                     let rest = ChangeRow {

@@ -32,6 +32,11 @@ type RawTable<'txn> = redb::Table<'txn, &'static [u8], &'static [u8]>;
 
 /// The internal read command that answers a stream's groups (`DiskTable::groups_query`).
 pub const CHANGES_GROUP_QUERY: &str = "capdb.changes-group";
+/// The internal read command that answers every group's position ([`positions`]).
+pub const CHANGES_PINS_QUERY: &str = "capdb.changes-pins";
+/// Groups [`positions`] looks at, at most (the ones past it hold no history back; with
+/// [`GROUPS_MAX`] per stream, that is many streams' worth).
+pub const PINS_GROUPS_MAX: usize = 10_000;
 
 const RESERVED: [u8; 8] = [0; 8];
 pub(super) const GROUP_ROWS: &[u8] = b"chg-grp/";
@@ -446,6 +451,41 @@ pub(super) fn apply(
 /// table: with a group, `[record (postcard) | nil, [[id, pending (postcard)], ...]]`, the
 /// pending entries from ID `from` on, at most `count` (and [`PEL_PAGE_MAX`]; none without
 /// `from`); without, every group of the stream as `[[name, record (postcard)], ...]`.
+/// Every group's position that holds history back, with its stream's name: the last ID it
+/// delivered, or just before its oldest pending entry when that is older (XCLAIM may still
+/// want it). At most [`PINS_GROUPS_MAX`] groups.
+pub(super) fn positions(
+    el: &impl ReadableTable<&'static [u8], &'static [u8]>,
+) -> Result<Vec<(Bytes, StreamId)>> {
+    let prefix = named(GROUP_ROWS, &[]);
+    let mut out = Vec::new();
+    for (k, v) in scan(el, &prefix, &prefix, PINS_GROUPS_MAX)? {
+        let bad = || Error::Corruption("consumer-group row key".into());
+        let rest = k.get(prefix.len()..).ok_or_else(bad)?;
+        let part = |at: usize| -> Result<(&[u8], usize)> {
+            let len = rest.get(at..at + 4).ok_or_else(bad)?;
+            let len = u32::from_be_bytes(len.try_into().map_err(|_| bad())?) as usize;
+            Ok((
+                rest.get(at + 4..at + 4 + len).ok_or_else(bad)?,
+                at + 4 + len,
+            ))
+        };
+        let (stream, next) = part(0)?;
+        let (group, _) = part(next)?;
+        let rec: GroupRecord = decode(&v, "consumer group")?;
+        let pel = pel_prefix(stream, group);
+        let oldest = scan(el, &pel, &pel, 1)?
+            .first()
+            .and_then(|(k, _)| id_of_pel_key(&pel, k));
+        let pos = match oldest {
+            Some(o) if o <= rec.last => o.predecessor(),
+            _ => rec.last,
+        };
+        out.push((Bytes::copy_from_slice(stream), pos));
+    }
+    Ok(out)
+}
+
 pub(super) fn query(
     el: &impl ReadableTable<&'static [u8], &'static [u8]>,
     stream: &[u8],

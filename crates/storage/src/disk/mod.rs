@@ -104,10 +104,10 @@ pub use ap::{
 };
 pub use changes::{
     CHANGES_QUERY, CHANGES_READ_BYTES_MAX, CHANGES_READ_MAX, CHANGES_TRIM_BYTES_MAX,
-    CHANGES_TRIM_EVENTS_MAX, CHANGES_TXN_QUERY, ChangeInfo, ChangesStep, RETENTION_BYTES_DEFAULT,
-    RETENTION_MS_DEFAULT, TxnPartAt,
+    CHANGES_TRIM_EVENTS_MAX, CHANGES_TXN_QUERY, ChangeInfo, ChangesStep, PIN_BYTES_MAX,
+    RETENTION_BYTES_DEFAULT, RETENTION_MS_DEFAULT, TxnPartAt,
 };
-pub use groups::CHANGES_GROUP_QUERY;
+pub use groups::{CHANGES_GROUP_QUERY, CHANGES_PINS_QUERY, PINS_GROUPS_MAX};
 
 /// Encodes a step's answer for the `_meta` row that remembers it (exactly-once retries).
 pub type RememberReply = Box<dyn Fn(&Result<capdb_types::Reply>) -> Vec<u8> + Send + Sync>;

@@ -427,11 +427,18 @@ pub(super) fn execute(x: &Exec, op: &Op, live_tables: &mut HashSet<String>) -> R
                     super::changes::set_retention(x, table, *ms).map(|()| ok())?
                 }
                 super::ChangesStep::Trim { now_ms } => {
-                    super::changes::trim(x, table, *now_ms, None).map(|()| ok())?
+                    super::changes::trim(x, table, *now_ms, None, None).map(|()| ok())?
                 }
                 super::ChangesStep::TrimTo { now_ms, keep_from } => {
-                    super::changes::trim(x, table, *now_ms, Some(*keep_from)).map(|()| ok())?
+                    super::changes::trim(x, table, *now_ms, Some(*keep_from), None)
+                        .map(|()| ok())?
                 }
+                super::ChangesStep::TrimPinned {
+                    now_ms,
+                    keep_from,
+                    pinned,
+                } => super::changes::trim(x, table, *now_ms, *keep_from, Some(*pinned))
+                    .map(|()| ok())?,
                 super::ChangesStep::Progress { ts } => {
                     super::changes::progress(x, table, *ts).map(|()| ok())?
                 }
@@ -663,7 +670,7 @@ pub(super) fn apply_replicated(
         let before = if changes.wants_prev() {
             super::changes::values_before(&t, &super::txn::mutation_keys(m).0, *now_ms)?
         } else {
-            Vec::new()
+            Default::default()
         };
         replies.push(apply_one(
             x,

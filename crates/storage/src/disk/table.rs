@@ -345,9 +345,13 @@ impl DiskTable {
 
     /// Whether rows of this shard's change log are past its retention at `now_ms` (its
     /// leader then proposes a trim).
-    pub fn changes_trim_due(&self, now_ms: u64) -> Result<bool> {
+    pub fn changes_trim_due(
+        &self,
+        now_ms: u64,
+        pinned: Option<capdb_types::Timestamp>,
+    ) -> Result<bool> {
         let txn = self.begin_read()?;
-        super::changes::trim_due(&txn, &self.table, now_ms)
+        super::changes::trim_due(&txn, &self.table, now_ms, pinned)
     }
 
     /// Retention by size: the clock of the first entry to keep (`None`: everything fits).
@@ -397,6 +401,25 @@ impl KeyspaceStore for DiskTable {
             .is_some_and(|n| n.as_ref() == super::CHANGES_TXN_QUERY.as_bytes())
         {
             return self.changes_txn_query(args);
+        }
+        if args
+            .first()
+            .is_some_and(|n| n.as_ref() == super::groups::CHANGES_PINS_QUERY.as_bytes())
+        {
+            // `[[stream, position], ...]`: see `groups::positions`.
+            let rows = self
+                .read_elements(super::groups::positions)?
+                .unwrap_or_default();
+            return Ok(Reply::Array(
+                rows.into_iter()
+                    .map(|(stream, pos)| {
+                        Reply::Array(vec![
+                            Reply::Bulk(stream),
+                            Reply::Bulk(Bytes::from(pos.to_string())),
+                        ])
+                    })
+                    .collect(),
+            ));
         }
         if args
             .first()

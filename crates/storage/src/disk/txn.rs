@@ -470,7 +470,7 @@ fn step_inner(x: &Exec, table: &str, job: &TxnJob) -> Result<Result<TxnAnswer>> 
         let before = if log.wants_prev() {
             super::changes::values_before(&t, &touched, job.now_ms)?
         } else {
-            Vec::new()
+            Default::default()
         };
         TxnSpace::new(x, table, &mut t, job.now_ms).apply_redo(&redo)?;
         if log.is_on() {
