@@ -1373,3 +1373,283 @@ fn a_consumer_groups_position_holds_the_retention_back() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+#[test]
+fn a_snapshot_then_its_events_then_the_stream_rebuild_the_keyspace_exactly() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let s = Server::start_with(&["--default-shards", "2"]);
+    let mut c = s.client();
+    let (code, _) = common::http(s.http, "GET", "/v1/changes/default/snapshot", &[], None).unwrap();
+    assert_eq!(code, 400, "changes off");
+    ok(&mut c, "CHANGES CONFIG default on");
+    // Enough keys for several pages per shard, a collection and a deadline.
+    for chunk in 0..6 {
+        let mut pipe = redis::pipe();
+        for i in 0..500 {
+            pipe.set(format!("k{}", chunk * 500 + i), format!("v{i}"))
+                .ignore();
+        }
+        let _: () = pipe.query(&mut c).unwrap();
+    }
+    ok(&mut c, "HSET h f1 a f2 b");
+    ok(&mut c, "SET ttl x PX 600000");
+    // Writes go on while the snapshot is read: single keys, counters, transactions.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let url = s.redis_url();
+    let writing = stop.clone();
+    let writer = std::thread::spawn(move || {
+        let mut c = redis::Client::open(url).unwrap().get_connection().unwrap();
+        let mut n = 0u64;
+        while !writing.load(std::sync::atomic::Ordering::Relaxed) || n < 200 {
+            let k = (n * 7919) % 3000;
+            match n % 4 {
+                0 => {
+                    ok(&mut c, &format!("SET k{k} w{n}"));
+                }
+                1 => {
+                    ok(&mut c, &format!("INCR n{}", n % 5));
+                }
+                2 => {
+                    ok(&mut c, &format!("DEL k{k}"));
+                }
+                _ => {
+                    let _: () = redis::pipe()
+                        .atomic()
+                        .set(format!("k{k}"), format!("t{n}"))
+                        .ignore()
+                        .set(format!("k{}", (k + 1) % 3000), format!("t{n}"))
+                        .ignore()
+                        .query(&mut c)
+                        .unwrap();
+                }
+            }
+            n += 1;
+        }
+        ok(&mut c, "SET end 1");
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let (code, body) =
+        common::http(s.http, "GET", "/v1/changes/default/snapshot", &[], None).unwrap();
+    assert_eq!(code, 200);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&body)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let mut state: std::collections::BTreeMap<String, String> = Default::default();
+    let apply = |state: &mut std::collections::BTreeMap<String, String>, e: &serde_json::Value| {
+        let key = e["key"].as_str().unwrap().to_string();
+        match e["op"].as_str().unwrap() {
+            "set" => {
+                state.insert(key, e["value"].as_str().unwrap().to_string());
+            }
+            "del" | "expire" => {
+                state.remove(&key);
+            }
+            other => panic!("unexpected {other}: {e}"),
+        }
+    };
+    let (mut rows, mut replayed) = (0, 0);
+    let mut resume = None;
+    for l in &lines {
+        assert!(l.get("error").is_none(), "{l}");
+        if let Some(r) = l["resume"].as_str() {
+            resume = Some(r.to_string());
+        } else if l.get("op").is_some() {
+            replayed += 1;
+            if l["key"] != "h" {
+                apply(&mut state, l);
+            }
+        } else {
+            rows += 1;
+            let key = l["key"].as_str().unwrap().to_string();
+            match l["type"].as_str().unwrap() {
+                "string" => {
+                    state.insert(key, l["value"].as_str().unwrap().to_string());
+                }
+                "hash" => {
+                    // Redis's DUMP payload: RESTORE gives the same hash back.
+                    let payload: Vec<u8> = (0..l["dump_hex"].as_str().unwrap().len())
+                        .step_by(2)
+                        .map(|i| {
+                            u8::from_str_radix(&l["dump_hex"].as_str().unwrap()[i..i + 2], 16)
+                                .unwrap()
+                        })
+                        .collect();
+                    let _: () = redis::cmd("RESTORE")
+                        .arg("h2")
+                        .arg(0)
+                        .arg(payload)
+                        .query(&mut c)
+                        .unwrap();
+                    assert_eq!(ok(&mut c, "HGETALL h2"), ok(&mut c, "HGETALL h"), "{l}");
+                }
+                other => panic!("unexpected type {other}"),
+            }
+            if l["key"] == "ttl" {
+                assert!(l["expire_at_ms"].as_u64().is_some(), "{l}");
+            }
+        }
+    }
+    assert!(rows >= 2000, "{rows} rows");
+    eprintln!("snapshot: {rows} rows, {replayed} events replayed");
+    let mut from = resume.expect("no resume line");
+    writer.join().unwrap();
+    // Every string key as the keyspace holds it, once the writer is done.
+    let held = |c: &mut redis::Connection| {
+        let Value::Array(keys) = ok(c, "KEYS *") else {
+            panic!("KEYS answered no array")
+        };
+        let mut actual: std::collections::BTreeMap<String, String> = Default::default();
+        for k in keys.iter().map(text) {
+            if k != "h" && k != "h2" {
+                actual.insert(k.clone(), text(&ok(c, &format!("GET {k}"))));
+            }
+        }
+        actual
+    };
+    // The stream after the resume position, until the rebuilt keyspace is the one held (a
+    // transaction's commit may be logged after the writer's last answer).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let actual = loop {
+        let reply = ok(
+            &mut c,
+            &format!("XREAD COUNT 1000 BLOCK 500 STREAMS __changes:default {from}"),
+        );
+        if reply != Value::Nil {
+            for e in first_stream(&reply) {
+                from = id_text(&e);
+                let json: serde_json::Value = serde_json::Value::Object(
+                    e.fields
+                        .iter()
+                        .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+                        .collect(),
+                );
+                if e.field("key") != Some("h2") {
+                    apply(&mut state, &json);
+                }
+            }
+            continue;
+        }
+        let actual = held(&mut c);
+        if actual == state || Instant::now() > deadline {
+            break actual;
+        }
+    };
+    let differ: Vec<String> = state
+        .keys()
+        .chain(actual.keys())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .filter(|k| state.get(*k) != actual.get(*k))
+        .map(|k| format!("{k}: rebuilt {:?}, held {:?}", state.get(k), actual.get(k)))
+        .collect();
+    assert!(
+        differ.is_empty(),
+        "{replayed} events replayed; {} keys differ: {differ:?}",
+        differ.len()
+    );
+}
+
+#[test]
+fn a_cache_keyspaces_changes_are_a_bounded_ring_on_each_node_with_explicit_gaps() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let s = Server::start();
+    let mut c = s.client();
+    let (code, body) = common::http(
+        s.http,
+        "POST",
+        "/v1/keyspaces",
+        &[],
+        Some(br#"{"name":"hot","mode":"cache","max_memory_bytes":1048576}"#),
+    )
+    .unwrap();
+    assert!(code < 300, "{}", String::from_utf8_lossy(&body));
+    assert!(err(&mut c, "XRANGE __changes:hot - +").contains("are off"));
+    assert!(
+        err(&mut c, "CHANGES CONFIG hot on RETENTION-MS 1000").contains("RETENTION-BYTES only")
+    );
+    ok(&mut c, "CHANGES CONFIG hot on");
+    ok(&mut c, "SELECT hot");
+    ok(&mut c, "SET a 1");
+    ok(&mut c, "SET b 2");
+    ok(&mut c, "HSET h f v");
+    ok(&mut c, "INCR n");
+    ok(&mut c, "DEL a");
+    ok(&mut c, "SET t x PX 30");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let seen = loop {
+        let seen = entries(&ok(&mut c, "XRANGE __changes:hot - +"));
+        if seen.iter().any(|e| e.field("op") == Some("expire")) {
+            break seen;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the expiry never showed: {seen:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(
+        seen.iter().map(Entry::short).collect::<Vec<_>>(),
+        [
+            "set a 1",
+            "set b 2",
+            "cmd h hset",
+            "set n 1",
+            "del a",
+            "set t x",
+            "expire t"
+        ]
+    );
+    assert!(seen.windows(2).all(|p| p[0].id < p[1].id));
+    assert_eq!(ok(&mut c, "XLEN __changes:hot"), Value::Int(7));
+    let last = text(&ok(&mut c, "CHANGES RESOLVED hot"));
+    assert_eq!(parse_id(&last), seen[6].id);
+
+    // XREAD BLOCK wakes on the next write.
+    let url = s.redis_url();
+    let reader = std::thread::spawn(move || {
+        let mut c = redis::Client::open(url).unwrap().get_connection().unwrap();
+        ok(
+            &mut c,
+            &format!("XREAD BLOCK 60000 STREAMS __changes:hot {last}"),
+        )
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    ok(&mut c, "SET woke 1");
+    let woke = first_stream(&reader.join().unwrap());
+    assert_eq!(woke[0].short(), "set woke 1");
+
+    // A small ring: the oldest go, and a reader from before them is told.
+    ok(&mut c, "CHANGES CONFIG hot on RETENTION-BYTES 100");
+    for i in 0..20 {
+        ok(&mut c, &format!("SET k{i} 0123456789"));
+    }
+    let held = entries(&ok(&mut c, "XRANGE __changes:hot - +"));
+    assert_eq!(held[0].field("op"), Some("gap"), "{held:?}");
+    let gone = held[0].field("to").unwrap().to_string();
+    assert_eq!(held[0].id, parse_id(&gone));
+    assert!(held[1].id > held[0].id);
+    assert_eq!(held.last().unwrap().short(), "set k19 0123456789");
+    let from_start = first_stream(&ok(&mut c, "XREAD STREAMS __changes:hot 0"));
+    assert_eq!(from_start[0].field("op"), Some("gap"));
+    let after_gap = first_stream(&ok(&mut c, &format!("XREAD STREAMS __changes:hot {gone}")));
+    assert_ne!(after_gap[0].field("op"), Some("gap"));
+
+    // Eviction is an event too; consumer groups need a cp keyspace.
+    ok(&mut c, "CONFIG SET maxmemory 2000");
+    for i in 0..40 {
+        ok(&mut c, &format!("SET big{i} {}", "x".repeat(100)));
+    }
+    let newest = entries(&ok(&mut c, "XREVRANGE __changes:hot + - COUNT 20"));
+    assert!(
+        newest.iter().any(|e| e.field("op") == Some("evict")),
+        "{newest:?}"
+    );
+    assert!(err(&mut c, "XGROUP CREATE __changes:hot g 0").contains("need a cp keyspace"));
+
+    // HTTP serves the same ring.
+    let (code, body) = common::http(s.http, "GET", "/v1/changes/hot?limit=5", &[], None).unwrap();
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+    assert!(String::from_utf8_lossy(&body).contains("\"op\":"));
+}

@@ -251,6 +251,8 @@ pub enum ChangeOp {
         args: Vec<Bytes>,
         also: Vec<Bytes>,
     },
+    /// The key evicted by a `cache` keyspace's memory limit.
+    Evict,
 }
 
 /// One change event: a key and what happened to it.
@@ -485,6 +487,7 @@ impl Change {
             ChangeOp::Ttl { .. } => "ttl",
             ChangeOp::Incr { .. } => "incr",
             ChangeOp::Cmd { .. } => "cmd",
+            ChangeOp::Evict => "evict",
         };
         f.push(("op", Bytes::from_static(op.as_bytes())));
         f.push(("key", self.event.key.clone()));
@@ -528,6 +531,7 @@ impl Change {
                 }
                 f.extend(also.iter().map(|k| ("also", k.clone())));
             }
+            ChangeOp::Evict => {}
         }
         f.push((
             "ts",

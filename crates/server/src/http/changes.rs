@@ -269,9 +269,15 @@ pub(super) async fn merged_changes(
     let Query(query) = query.map_err(|e| ApiError::from(Error::InvalidInput(e.body_text())))?;
     let ks = node.keyspace(&keyspace)?;
     ks.check_live()?;
+    if ks.is_cache() {
+        // This node's ring, read as the keyspace's one shard.
+        return answer(node, ks, Some(0), headers, query)
+            .await
+            .map_err(history_lost);
+    }
     if ks.shard_count().is_none() {
         return Err(ApiError::from(Error::InvalidInput(format!(
-            "change streams are built for cp keyspaces only so far; '{keyspace}' is not one"
+            "change streams are built for cp and cache keyspaces only so far; '{keyspace}' is not one"
         ))));
     }
     answer(node, ks, None, headers, query)
@@ -490,4 +496,229 @@ fn sse_stream(
     Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
         .into_response()
+}
+
+#[derive(Deserialize)]
+pub(super) struct SnapshotQuery {
+    prefix: Option<String>,
+}
+
+/// `GET /v1/changes/{keyspace}/snapshot[?prefix=P]`: the way back for a reader whose position
+/// went with the retention (`node/snapshot.rs`). NDJSON, streamed: one line per live key
+/// (`{"key", "type": "string", "value", "expire_at_ms"?}`, or for a collection
+/// `{"key", "type", "dump_hex"}`: Redis's DUMP payload, for RESTORE), then the events that
+/// came while it was read (as `/v1/changes/{keyspace}` gives them), then
+/// `{"resume": "<id>"}`: applying the rows and then the events gives the keyspace as it was
+/// at that merged-stream ID; read the stream after it. A failure mid-way ends the body with
+/// an `{"error": ...}` line (start over).
+pub(super) async fn snapshot(
+    State(node): State<Arc<Node>>,
+    Path(keyspace): Path<String>,
+    query: Result<Query<SnapshotQuery>, QueryRejection>,
+) -> ApiResult {
+    use crate::node::snapshot::{Mark, replay_from, replay_to_at_least, replays, still_held};
+    let Query(query) = query.map_err(|e| ApiError::from(Error::InvalidInput(e.body_text())))?;
+    let ks = node.keyspace(&keyspace)?;
+    ks.check_live()?;
+    let Some(shards) = ks.shard_count() else {
+        return Err(ApiError::from(Error::InvalidInput(format!(
+            "change streams are built for cp keyspaces only so far; '{keyspace}' is not one"
+        ))));
+    };
+    let (now_ms, c) = (capdb_types::unix_now_ms(), Consistency::default());
+    let first = merged::read(&ks, StreamId::MAX, StreamId::MAX, 1, now_ms, c).await?;
+    if !first.on {
+        return Err(ApiError::from(Error::InvalidInput(format!(
+            "changes of keyspace '{keyspace}' are off (CHANGES CONFIG {keyspace} on)"
+        ))));
+    }
+    enum Phase {
+        Rows {
+            shard: u32,
+            after: Option<bytes::Bytes>,
+        },
+        Replay {
+            at: StreamId,
+            end: StreamId,
+        },
+        /// Every shard's log still holds what the replay read (checked after it).
+        Check(StreamId),
+        Resume(StreamId),
+        Done,
+    }
+    struct Snap {
+        ks: Arc<Keyspace>,
+        node: Arc<Node>,
+        prefix: bytes::Bytes,
+        shards: u32,
+        marks: Vec<Mark>,
+        phase: Phase,
+    }
+    let state = Snap {
+        ks,
+        node,
+        prefix: bytes::Bytes::from(query.prefix.unwrap_or_default()),
+        shards: shards as u32,
+        marks: Vec::new(),
+        phase: Phase::Rows {
+            shard: 0,
+            after: None,
+        },
+    };
+    let line = |json: Json| {
+        let mut s = json.to_string();
+        s.push('\n');
+        s
+    };
+    let stream = futures::stream::unfold(state, move |mut st| async move {
+        let (now_ms, c) = (capdb_types::unix_now_ms(), Consistency::default());
+        loop {
+            if st.node.is_shutting_down() && !matches!(st.phase, Phase::Done) {
+                st.phase = Phase::Done;
+                let e =
+                    line(serde_json::json!({ "error": "the node is shutting down; start over" }));
+                return Some((Ok(e), st));
+            }
+            let step: Result<String, Error> = match std::mem::replace(&mut st.phase, Phase::Done) {
+                Phase::Done => return None,
+                Phase::Resume(r) => Ok(line(serde_json::json!({ "resume": r.to_string() }))),
+                Phase::Check(end) => {
+                    let mut lost = None;
+                    for s in 0..st.shards {
+                        let range = (StreamId::MAX, StreamId::MAX);
+                        match st.ks.changes_read(s, range, 0, false, now_ms, c).await {
+                            Ok(p) if p.on && still_held(&st.marks, s, p.floor) => {}
+                            Ok(_) => {
+                                lost = Some(Error::Command(format!(
+                                    "ERR shard {s}'s change log lost events the snapshot needed while it was read (the retention trimmed them, or the log was turned off); start over"
+                                )));
+                                break;
+                            }
+                            Err(e) => {
+                                lost = Some(e);
+                                break;
+                            }
+                        }
+                    }
+                    match lost {
+                        None => {
+                            st.phase = Phase::Resume(end);
+                            continue;
+                        }
+                        Some(e) => Err(e),
+                    }
+                }
+                Phase::Rows { shard, .. } if shard >= st.shards => {
+                    // Resolved past every page's clock: nothing in the pages' data lies
+                    // after the resume position (bounded: a shard without a leader fails it).
+                    let needed = replay_to_at_least(&st.marks);
+                    let high = needed.clock();
+                    let all: Vec<u32> = (0..st.shards).collect();
+                    let started = tokio::time::Instant::now();
+                    let resolved = loop {
+                        match merged::read(&st.ks, StreamId::MAX, StreamId::MAX, 1, now_ms, c).await
+                        {
+                            Ok(page) if page.resolved >= needed => break Ok(page.resolved),
+                            Ok(_) if started.elapsed() > CHANGES_WAIT_MAX => {
+                                break Err(Error::Command(
+                                    "TRYAGAIN the keyspace's shards did not close past the snapshot; start over".into(),
+                                ));
+                            }
+                            Ok(_) => {
+                                merged::close_shards(&st.ks, &all, high, SSE_WAIT).await;
+                                tokio::time::sleep(merged::PROGRESS_GAP).await;
+                            }
+                            Err(e) => break Err(e),
+                        }
+                    };
+                    match resolved {
+                        Ok(end) => {
+                            st.phase = Phase::Replay {
+                                at: replay_from(&st.marks),
+                                end,
+                            };
+                            continue;
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
+                Phase::Rows { shard, after } => {
+                    let page = st
+                        .ks
+                        .changes_snapshot_page(shard, after.as_ref(), &st.prefix, now_ms, c)
+                        .await;
+                    page.map(|page| {
+                        let mut out = String::new();
+                        for row in &page.rows {
+                            let mut obj = Map::new();
+                            super::kv::bytes_field(&mut obj, "key", &row.key);
+                            obj.insert("type".into(), Json::String(row.kind.clone()));
+                            if row.kind == "string" {
+                                super::kv::bytes_field(&mut obj, "value", &row.data);
+                            } else {
+                                let hex: String =
+                                    row.data.iter().map(|b| format!("{b:02x}")).collect();
+                                obj.insert("dump_hex".into(), Json::String(hex));
+                            }
+                            if let Some(at) = row.expire_at_ms {
+                                obj.insert("expire_at_ms".into(), Json::from(at));
+                            }
+                            out.push_str(&line(Json::Object(obj)));
+                        }
+                        st.phase = match &page.mark.next {
+                            Some(next) => Phase::Rows {
+                                shard,
+                                after: Some(next.clone()),
+                            },
+                            None => Phase::Rows {
+                                shard: shard + 1,
+                                after: None,
+                            },
+                        };
+                        st.marks.push(page.mark);
+                        out
+                    })
+                }
+                Phase::Replay { at, end } => {
+                    match merged::read(&st.ks, at, end, CHANGES_PAGE_MAX, now_ms, c).await {
+                        Ok(page) => {
+                            let mut out = String::new();
+                            for e in &page.entries {
+                                let wanted = st.prefix.is_empty()
+                                    || crate::node::prefixed::matches(e, &st.prefix);
+                                if wanted
+                                    && replays(e, &st.marks)
+                                    && let Some((_, json)) = entry_json(e)
+                                {
+                                    out.push_str(&line(json));
+                                }
+                            }
+                            let next = page.resolved.successor();
+                            if page.resolved >= end {
+                                st.phase = Phase::Check(end);
+                                Ok(out)
+                            } else if next <= at {
+                                Err(Error::Io(
+                                    "the merged stream did not move during a snapshot's replay"
+                                        .into(),
+                                ))
+                            } else {
+                                st.phase = Phase::Replay { at: next, end };
+                                Ok(out)
+                            }
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
+            };
+            let chunk =
+                step.unwrap_or_else(|e| line(serde_json::json!({ "error": e.to_string() })));
+            return Some((Ok::<String, std::convert::Infallible>(chunk), st));
+        }
+    });
+    Ok((
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        axum::body::Body::from_stream(stream),
+    )
+        .into_response())
 }

@@ -19,7 +19,7 @@ use super::{ApiError, ApiResult, api_error, bytes_rejection};
 use crate::node::{Consistency, Node, ScanPosition};
 
 /// `"key": "..."` when UTF-8, else `"key_hex": "..."`.
-fn bytes_field(obj: &mut serde_json::Map<String, Json_>, name: &str, data: &[u8]) {
+pub(super) fn bytes_field(obj: &mut serde_json::Map<String, Json_>, name: &str, data: &[u8]) {
     match std::str::from_utf8(data) {
         Ok(s) => {
             obj.insert(name.into(), json!(s));

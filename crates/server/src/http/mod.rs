@@ -124,6 +124,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/kv/{keyspace}", get(scan))
         .route("/v1/txn", post(txn::txn))
         .route("/v1/changes/{keyspace}", get(changes::merged_changes))
+        .route("/v1/changes/{keyspace}/snapshot", get(changes::snapshot))
         .route("/v1/changes/{keyspace}/{shard}", get(changes::changes))
         .route("/v1/cluster", get(cluster_status))
         .route("/v1/cluster/partition", post(set_partition))

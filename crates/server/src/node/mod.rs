@@ -20,6 +20,7 @@ pub mod prefixed;
 pub mod pubsub;
 pub mod router;
 pub mod settings;
+pub mod snapshot;
 pub mod txns;
 
 use std::collections::BTreeMap;

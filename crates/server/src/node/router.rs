@@ -165,6 +165,55 @@ impl ChangesPage {
     }
 }
 
+/// A read of a `cache` keyspace's change ring on this node, as a shard's page: a `gap` entry
+/// first when the read began at or below what went (its ID: the last that went).
+fn ring_page(
+    ring: &capdb_storage::memory::ring::ChangeRing,
+    (from, to): (StreamId, StreamId),
+    count: usize,
+    rev: bool,
+) -> ChangesPage {
+    let count = count.min(capdb_storage::disk::CHANGES_READ_MAX);
+    let page = ring.read(
+        from,
+        to,
+        count,
+        capdb_storage::disk::CHANGES_READ_BYTES_MAX,
+        rev,
+    );
+    let mut entries = Vec::with_capacity(page.changes.len() + 1);
+    if let Some(gone) = page.gap.filter(|g| *g <= to) {
+        let text = |s: String| Reply::Bulk(Bytes::from(s));
+        entries.push(Reply::Array(vec![
+            text(gone.to_string()),
+            Reply::Array(vec![
+                text("op".into()),
+                text("gap".into()),
+                text("from".into()),
+                text(from.to_string()),
+                text("to".into()),
+                text(gone.to_string()),
+            ]),
+        ]));
+    }
+    entries.extend(page.changes.iter().map(|c| c.to_reply(0)));
+    ChangesPage {
+        on: page.on,
+        events: page.events,
+        last: Bytes::from(page.last.to_string()),
+        entries,
+        closed: capdb_types::Timestamp::ZERO,
+        more: page.more,
+        floor: page.floor,
+    }
+}
+
+fn no_cache_groups(name: &KeyspaceName) -> Error {
+    Error::Command(format!(
+        "ERR consumer groups need a cp keyspace: '{name}' is a cache keyspace, whose change stream is each node's own ring (read it with XREAD)"
+    ))
+}
+
 fn not_streamed(name: &KeyspaceName) -> Error {
     Error::Command(format!(
         "ERR change streams are built for cp keyspaces only so far; '{name}' is not one"
@@ -381,7 +430,17 @@ impl Keyspace {
                 }
                 Ok(())
             }
-            Store::Ap { .. } | Store::Cache(_) => Err(not_streamed(self.name())),
+            Store::Cache(m) => {
+                if retention_ms.is_some() || prev.is_some() {
+                    return Err(Error::Command(format!(
+                        "ERR cache keyspace '{}' keeps its changes in a ring on each node, bounded by RETENTION-BYTES only (no RETENTION-MS, no PREV)",
+                        self.name()
+                    )));
+                }
+                m.changes_ring().configure(on, retention_bytes);
+                Ok(())
+            }
+            Store::Ap { .. } => Err(not_streamed(self.name())),
         }
     }
 
@@ -414,6 +473,16 @@ impl Keyspace {
         c: Consistency,
     ) -> Result<ChangesPage> {
         self.check_live()?;
+        if let Store::Cache(m) = &self.store {
+            if shard != 0 {
+                return Err(Error::Command(format!(
+                    "ERR cache keyspace '{}' has one change stream per node (__changes:{}); there is no shard {shard}",
+                    self.name(),
+                    self.name()
+                )));
+            }
+            return Ok(ring_page(m.changes_ring(), range, count, rev));
+        }
         let Store::Cp { entry, groups, .. } = &self.store else {
             return Err(not_streamed(self.name()));
         };
@@ -501,6 +570,9 @@ impl Keyspace {
         cmd: capdb_types::changes::groups::GroupCommand,
     ) -> Result<Result<Reply>> {
         self.check_live()?;
+        if let Store::Cache(_) = &self.store {
+            return Err(no_cache_groups(self.name()));
+        }
         let Store::Cp { entry, groups, .. } = &self.store else {
             return Err(not_streamed(self.name()));
         };
@@ -508,6 +580,35 @@ impl Keyspace {
             return Err(Error::Io("a keyspace without shards".into()));
         };
         groups.changes_group(first.group, cmd).await
+    }
+
+    /// A page of shard `shard`'s data for a change-stream snapshot (`node/snapshot.rs`): the
+    /// live keys after `after` starting with `prefix`, read from one storage snapshot with
+    /// where the shard's change log stood in it.
+    pub async fn changes_snapshot_page(
+        &self,
+        shard: u32,
+        after: Option<&Bytes>,
+        prefix: &[u8],
+        now_ms: u64,
+        c: Consistency,
+    ) -> Result<super::snapshot::Page> {
+        self.check_live()?;
+        let Store::Cp { entry, groups, .. } = &self.store else {
+            return Err(not_streamed(self.name()));
+        };
+        let Some(info) = entry.shards.get(shard as usize) else {
+            return Err(Error::Io(format!("no shard {shard}")));
+        };
+        let args = vec![
+            Bytes::from_static(capdb_storage::disk::CHANGES_SNAPSHOT_QUERY.as_bytes()),
+            Bytes::from_static(if after.is_some() { b"after" } else { b"from" }),
+            after.cloned().unwrap_or_default(),
+            Bytes::copy_from_slice(prefix),
+            Bytes::from(capdb_storage::disk::SNAPSHOT_PAGE_MAX.to_string()),
+        ];
+        let reply = groups.query(info.group, args, c.cp_read, now_ms, 0).await?;
+        super::snapshot::Page::from_reply(shard, after.cloned(), reply)
     }
 
     /// Every consumer group's position that holds history back (`groups::positions` in
@@ -559,6 +660,13 @@ impl Keyspace {
         c: Consistency,
     ) -> Result<Reply> {
         self.check_live()?;
+        if let Store::Cache(_) = &self.store {
+            // A cache keyspace's stream has no groups.
+            return Ok(match group {
+                Some(_) => Reply::Array(vec![Reply::Nil, Reply::Array(Vec::new())]),
+                None => Reply::Array(Vec::new()),
+            });
+        }
         let Store::Cp { entry, groups, .. } = &self.store else {
             return Err(not_streamed(self.name()));
         };
@@ -601,6 +709,9 @@ impl Keyspace {
     /// Where this node's replica of shard `shard` stands (see `Groups::applied_mark`); `None`
     /// when it holds none (or the keyspace is not `cp`).
     pub fn changes_mark(&self, shard: u32) -> Option<u64> {
+        if let Store::Cache(m) = &self.store {
+            return Some(m.changes_ring().mark());
+        }
         let Store::Cp { entry, groups, .. } = &self.store else {
             return None;
         };
@@ -609,6 +720,10 @@ impl Keyspace {
 
     /// Waits until shard `shard` applied past `mark` here, or `max` passed.
     pub async fn wait_changes(&self, shard: u32, mark: Option<u64>, max: std::time::Duration) {
+        if let Store::Cache(m) = &self.store {
+            m.changes_ring().wait_past(mark.unwrap_or(0), max).await;
+            return;
+        }
         let group = match &self.store {
             Store::Cp { entry, groups, .. } => entry
                 .shards
@@ -620,6 +735,11 @@ impl Keyspace {
             Some((groups, g)) => groups.wait_applied_past(g, mark, max).await,
             None => tokio::time::sleep(max.min(std::time::Duration::from_millis(10))).await,
         }
+    }
+
+    /// Whether this is a `cache` keyspace (in memory, per node).
+    pub fn is_cache(&self) -> bool {
+        matches!(self.store, Store::Cache(_))
     }
 
     /// The number of shards of a `cp` keyspace (`None` for other modes).

@@ -69,6 +69,15 @@ pub const CHANGES_QUERY: &str = "capdb.changes";
 /// The internal read command that finds a cross-shard transaction's part in a shard's
 /// change log (`DiskTable::changes_txn_query`); not a client command.
 pub const CHANGES_TXN_QUERY: &str = "capdb.changes-txn";
+/// The internal read command that answers a page of a shard's data with where its change
+/// log stood, from one snapshot (`DiskTable::changes_snapshot_query`): the way back for a
+/// reader whose position went with the retention.
+pub const CHANGES_SNAPSHOT_QUERY: &str = "capdb.changes-snapshot";
+/// Keys one snapshot page holds at most (and about [`CHANGES_READ_BYTES_MAX`] of keys and
+/// values, after at least one key).
+pub const SNAPSHOT_PAGE_MAX: usize = 1_000;
+/// Rows one snapshot page examines at most (deleted and expired ones too).
+pub const SNAPSHOT_EXAMINE_MAX: usize = 10_000;
 
 const RESERVED: [u8; 8] = [0; 8];
 const ON: &[u8] = b"chg-on";
@@ -1109,7 +1118,7 @@ fn event_bytes(e: &Event) -> usize {
             ChangeOp::Del { prev } | ChangeOp::Expire { prev } | ChangeOp::Incr { prev, .. } => {
                 prev.as_ref().map_or(0, Bytes::len)
             }
-            ChangeOp::Ttl { .. } => 0,
+            ChangeOp::Ttl { .. } | ChangeOp::Evict => 0,
             ChangeOp::Cmd { args, also, .. } => {
                 args.iter().chain(also).map(Bytes::len).sum::<usize>()
             }

@@ -307,6 +307,117 @@ impl DiskTable {
         ]))
     }
 
+    /// [`super::CHANGES_SNAPSHOT_QUERY`] `from|after key prefix count`: the live keys from
+    /// the first (`from`, `key` ignored) or after `key` that start with `prefix`, at most
+    /// `count` (and [`super::SNAPSHOT_PAGE_MAX`], about [`super::CHANGES_READ_BYTES_MAX`],
+    /// examining at most [`super::SNAPSHOT_EXAMINE_MAX`] rows), read from one snapshot
+    /// together with where the change log stood in it. Answers `[on, clock, closed, [[key,
+    /// type, data, expire_at_ms|""], ...], next]`: `on` whether the log is on, `clock` the
+    /// last logged entry's stream clock (every later change logs above it), `closed` the
+    /// shard's closed clock, `data` a string's value or a collection's DUMP payload (Redis's
+    /// format, RESTORE-able), `next` the last key examined when more may follow (else nil).
+    fn changes_snapshot_query(&self, args: &[Bytes], now_ms: u64) -> Result<Reply> {
+        use std::ops::Bound;
+        let bad = || Error::InvalidInput("malformed change-log snapshot query".into());
+        let [_, mode, after, prefix, count] = args else {
+            return Err(bad());
+        };
+        let after: Option<&Bytes> = match mode.as_ref() {
+            b"from" => None,
+            b"after" => Some(after),
+            _ => return Err(bad()),
+        };
+        let count = std::str::from_utf8(count)
+            .ok()
+            .and_then(|c| c.parse::<usize>().ok())
+            .ok_or_else(bad)?
+            .clamp(1, super::SNAPSHOT_PAGE_MAX);
+        let txn = self.begin_read()?;
+        let info = super::changes::info(&txn, &self.table)?;
+        let open = |name: &str| match txn.open_table(table_def(name)) {
+            Ok(t) => Ok(Some(t)),
+            Err(TableError::TableDoesNotExist(_)) => Ok(None),
+            Err(e) => Err(io_err(e)),
+        };
+        let keys = open(&self.table)?;
+        let mut space = ReadSpace {
+            top: open(&self.table)?,
+            el: open(&crate::layout::element_table(&self.table))?,
+            now_ms,
+            stats: &self.engine.stats,
+        };
+        let cx = capdb_data::Ctx {
+            now_ms,
+            timestamp: capdb_types::Timestamp::ZERO,
+            seed: 0,
+            value_bytes_max: self.engine.value_bytes_max,
+        };
+        let lower = match after {
+            Some(a) if a[..] >= prefix[..] => Bound::Excluded(&a[..]),
+            _ => Bound::Included(&prefix[..]),
+        };
+        let mut rows = Vec::new();
+        let (mut bytes, mut examined, mut next) = (0usize, 0usize, None);
+        if let Some(t) = keys {
+            for entry in t
+                .range::<&[u8]>((lower, Bound::Unbounded))
+                .map_err(io_err)?
+            {
+                let (k, v) = entry.map_err(io_err)?;
+                let key = k.value();
+                if !key.starts_with(prefix) {
+                    break;
+                }
+                examined += 1;
+                let value = self.decode(v.value())?;
+                if value.header.tombstone || !value.is_live(now_ms) {
+                    if examined >= super::SNAPSHOT_EXAMINE_MAX {
+                        next = Some(Bytes::copy_from_slice(key));
+                        break;
+                    }
+                    continue;
+                }
+                let key = Bytes::copy_from_slice(key);
+                let data = if value.header.kind == capdb_types::ValueKind::String {
+                    value.data.clone()
+                } else {
+                    let dump = [Bytes::from_static(b"dump"), key.clone()];
+                    match capdb_data::execute(&dump, &mut space, &cx)? {
+                        Reply::Bulk(payload) => payload,
+                        // A collection its commands see as empty.
+                        _ => continue,
+                    }
+                };
+                bytes += key.len() + data.len();
+                rows.push(Reply::Array(vec![
+                    Reply::Bulk(key.clone()),
+                    Reply::Bulk(Bytes::from_static(value.header.kind.type_name().as_bytes())),
+                    Reply::Bulk(data),
+                    Reply::Bulk(Bytes::from(
+                        value
+                            .header
+                            .expire_at_ms
+                            .map_or(String::new(), |at| at.to_string()),
+                    )),
+                ]));
+                if rows.len() >= count
+                    || bytes >= super::CHANGES_READ_BYTES_MAX
+                    || examined >= super::SNAPSHOT_EXAMINE_MAX
+                {
+                    next = Some(key);
+                    break;
+                }
+            }
+        }
+        Ok(Reply::Array(vec![
+            Reply::Integer(i64::from(info.on)),
+            Reply::Bulk(Bytes::from(info.last.clock().0.to_string())),
+            Reply::Bulk(Bytes::from(info.closed.0.to_string())),
+            Reply::Array(rows),
+            next.map_or(Reply::Nil, Reply::Bulk),
+        ]))
+    }
+
     /// [`super::CHANGES_TXN_QUERY`] `shard id`: a cross-shard transaction's part in this
     /// shard's change log (`id`: its 24 stored bytes). Answers `[state, clock, entries]`:
     /// state 1 logged (at `clock`, the stream clock, with its entries), 0 pending (still
@@ -401,6 +512,12 @@ impl KeyspaceStore for DiskTable {
             .is_some_and(|n| n.as_ref() == super::CHANGES_TXN_QUERY.as_bytes())
         {
             return self.changes_txn_query(args);
+        }
+        if args
+            .first()
+            .is_some_and(|n| n.as_ref() == super::CHANGES_SNAPSHOT_QUERY.as_bytes())
+        {
+            return self.changes_snapshot_query(args, now_ms);
         }
         if args
             .first()

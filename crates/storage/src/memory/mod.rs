@@ -30,6 +30,7 @@
 
 mod chunked;
 mod elements;
+pub mod ring;
 mod space;
 mod watch;
 
@@ -97,6 +98,9 @@ struct Shard {
     expiring: IndexSet<Key, Hasher>,
     /// Which keys changed when, while anyone watches (`watch.rs`).
     changes: watch::ChangeLog,
+    /// The keys changed by the mutation being applied, while the change ring is on (taken
+    /// by `apply_locked` to make the ring's events).
+    ring_touched: Option<Vec<Key>>,
 }
 
 /// Keys removed by expiry or eviction, kept for the server to drain (its `expired` and
@@ -145,6 +149,8 @@ pub struct MemStore {
     removals: RemovalNotices,
     /// Watches alive ([`WatchTicket`]s): changes are recorded only while there are any.
     watchers: std::sync::atomic::AtomicUsize,
+    /// The keyspace's change stream on this node, while on (`ring.rs`).
+    ring: ring::ChangeRing,
 }
 
 /// A key watched on a cache keyspace (WATCH): where its shard's change count stood. Changes
@@ -198,7 +204,13 @@ impl MemStore {
             next_collection_id: AtomicU64::new(1),
             removals: RemovalNotices::default(),
             watchers: std::sync::atomic::AtomicUsize::new(0),
+            ring: ring::ChangeRing::default(),
         }
+    }
+
+    /// This node's change stream of the keyspace (`ring.rs`).
+    pub fn changes_ring(&self) -> &ring::ChangeRing {
+        &self.ring
     }
 
     pub fn used_bytes(&self) -> u64 {
@@ -253,6 +265,9 @@ impl MemStore {
     fn changed(&self, shard: &mut Shard, key: &[u8]) {
         if self.watchers.load(Ordering::Acquire) > 0 {
             shard.changes.record(key);
+        }
+        if let Some(touched) = shard.ring_touched.as_mut() {
+            touched.push(Key::from_slice(key));
         }
     }
 
@@ -311,6 +326,18 @@ impl MemStore {
     }
 
     fn notice(&self, key: &[u8], why: Removal) {
+        // The key's shard is locked: its event takes its place among the key's others.
+        if self.ring.is_on() {
+            let op = match why {
+                Removal::Expired => capdb_types::changes::ChangeOp::Expire { prev: None },
+                Removal::Evicted => capdb_types::changes::ChangeOp::Evict,
+            };
+            let event = capdb_types::changes::Event {
+                key: Bytes::copy_from_slice(key),
+                op,
+            };
+            self.ring.append(capdb_types::unix_now_ms(), [event]);
+        }
         if !self.removals.on.load(Ordering::Relaxed) {
             return;
         }
@@ -712,6 +739,58 @@ impl MemStore {
     /// Applies one mutation; the shards of every key it touches are locked (`order`: their
     /// indexes, sorted, one guard each in `guards`).
     fn apply_locked(
+        &self,
+        guards: &mut Guards<'_>,
+        order: &[usize],
+        m: &Mutation,
+        now_ms: u64,
+    ) -> Result<Reply> {
+        if !self.ring.is_on() {
+            return self.apply_locked_unrecorded(guards, order, m, now_ms);
+        }
+        for (_, shard) in guards.iter_mut() {
+            shard.ring_touched = Some(Vec::new());
+        }
+        let reply = self.apply_locked_unrecorded(guards, order, m, now_ms);
+        // The keys it changed, in the order they first changed, as they are now.
+        let mut events = Vec::new();
+        let mut seen: HashSet<Key> = HashSet::new();
+        for (_, shard) in guards.iter_mut() {
+            let touched = shard.ring_touched.take().unwrap_or_default();
+            for key in touched {
+                if !seen.insert(key.clone()) {
+                    continue;
+                }
+                let op = match shard.map.get(&key[..]).map(|e| &e.value) {
+                    Some(v) if v.header.kind == capdb_types::ValueKind::String => {
+                        capdb_types::changes::ChangeOp::Set {
+                            value: v.data.clone(),
+                            expire_at_ms: v.header.expire_at_ms,
+                            prev: None,
+                        }
+                    }
+                    Some(v) => capdb_types::changes::ChangeOp::Cmd {
+                        kind: v.header.kind as u8,
+                        args: match m {
+                            Mutation::Exec { args, .. } => args.clone(),
+                            _ => Vec::new(),
+                        },
+                        also: Vec::new(),
+                    },
+                    None => capdb_types::changes::ChangeOp::Del { prev: None },
+                };
+                events.push(capdb_types::changes::Event {
+                    key: Bytes::copy_from_slice(&key),
+                    op,
+                });
+            }
+        }
+        self.ring.append(now_ms, events);
+        reply
+    }
+
+    /// [`Self::apply_locked`] without the change ring's events.
+    fn apply_locked_unrecorded(
         &self,
         guards: &mut Guards<'_>,
         order: &[usize],

@@ -105,6 +105,38 @@ pub(super) async fn changes(conn: &mut Connection, args: &[Bytes]) -> Outcome {
             conn.out.simple("OK");
             Ok(())
         }
+        (b"shards", 3) if keyspace_named(conn, &args[2])?.is_cache() => {
+            let name = String::from_utf8_lossy(&args[2]).into_owned();
+            conn.out
+                .reply(&Reply::Array(vec![Reply::Bulk(Bytes::from(format!(
+                    "__changes:{name}"
+                )))]));
+            Ok(())
+        }
+        // A cache keyspace's one stream (this node's ring): where it stands.
+        (b"last" | b"resolved", 3) if keyspace_named(conn, &args[2])?.is_cache() => {
+            let ks = keyspace_named(conn, &args[2])?;
+            let page = ks
+                .changes_read(
+                    0,
+                    (StreamId::MAX, StreamId::MAX),
+                    0,
+                    false,
+                    conn.now_ms,
+                    conn.consistency,
+                )
+                .await
+                .map_err(|e| error_line(&e))?;
+            if !page.on && page.events == 0 {
+                return Err(changes_off(&ks));
+            }
+            if sub.as_slice() == b"last" {
+                conn.out.reply(&Reply::Array(vec![Reply::Bulk(page.last)]));
+            } else {
+                conn.out.reply(&Reply::Bulk(page.last));
+            }
+            Ok(())
+        }
         (b"shards", 3) => {
             let ks = keyspace_named(conn, &args[2])?;
             let n = ks.shard_count().ok_or_else(|| {
@@ -198,9 +230,13 @@ pub(super) fn resolve(
         Some(name) => keyspace_named(conn, name.as_bytes())?,
         None => conn.keyspace.clone(),
     };
+    if ks.is_cache() {
+        // One stream per node: the ring (`storage/src/memory/ring.rs`), read as shard 0.
+        return Ok((ks, Target::Shard(sk.shard.unwrap_or(0))));
+    }
     if ks.shard_count().is_none() {
         return Err(format!(
-            "ERR change streams are built for cp keyspaces only so far; '{}' is not one",
+            "ERR change streams are built for cp and cache keyspaces only so far; '{}' is not one",
             ks.spec.name
         ));
     }
