@@ -1653,3 +1653,79 @@ fn a_cache_keyspaces_changes_are_a_bounded_ring_on_each_node_with_explicit_gaps(
     assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
     assert!(String::from_utf8_lossy(&body).contains("\"op\":"));
 }
+
+#[test]
+fn each_ap_replica_logs_the_merges_that_changed_it_in_per_key_order() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let nodes = common::start_founders(3, |_| Vec::new());
+    let (code, body) = common::http(
+        nodes[0].http,
+        "POST",
+        "/v1/keyspaces",
+        &[],
+        Some(br#"{"name":"events","mode":"ap","replication_factor":3}"#),
+    )
+    .unwrap();
+    assert_eq!(code, 201, "{}", String::from_utf8_lossy(&body));
+    // Each node's replica logs its own changes: switched on node by node.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    for n in &nodes {
+        let mut c = n.client();
+        while cmd(&mut c, "CHANGES CONFIG events on").is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the keyspace never reached a node"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    assert!(err(&mut nodes[0].client(), "CHANGES CONFIG events on PREV yes").contains("PREV"));
+    let mut w = nodes[0].client();
+    ok(&mut w, "SELECT events");
+    ok(&mut w, "CONSISTENCY all");
+    ok(&mut w, "SET k v1");
+    ok(&mut w, "SET k v2");
+    ok(&mut w, "INCR n");
+    ok(&mut w, "INCR n");
+    ok(&mut w, "SADD s a");
+    ok(&mut w, "DEL k");
+    // Every replica's stream holds every change, each key's in order.
+    for n in &nodes {
+        let mut c = n.client();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let seen = loop {
+            let seen = entries(&ok(&mut c, "XRANGE __changes:events - +"));
+            if seen.iter().any(|e| e.short() == "del k") {
+                break seen;
+            }
+            assert!(Instant::now() < deadline, "{seen:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let of = |key: &str| -> Vec<String> {
+            seen.iter()
+                .filter(|e| e.field("key") == Some(key))
+                .map(Entry::short)
+                .collect()
+        };
+        assert_eq!(of("k"), ["set k v1", "set k v2", "del k"], "{seen:?}");
+        assert_eq!(of("n"), ["set n 1", "set n 2"], "{seen:?}");
+        assert_eq!(of("s").len(), 1, "{seen:?}");
+        assert!(seen.windows(2).all(|p| p[0].id < p[1].id));
+    }
+    // XREAD BLOCK on a replica wakes on a write through another node.
+    let mut r = nodes[2].client();
+    let last = text(&ok(&mut r, "CHANGES RESOLVED events"));
+    let url = nodes[2].redis_url();
+    let reader = std::thread::spawn(move || {
+        let mut c = redis::Client::open(url).unwrap().get_connection().unwrap();
+        ok(
+            &mut c,
+            &format!("XREAD BLOCK 60000 STREAMS __changes:events {last}"),
+        )
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    ok(&mut w, "SET later 1");
+    let woke = first_stream(&reader.join().unwrap());
+    assert_eq!(woke[0].short(), "set later 1");
+    assert!(err(&mut r, "XGROUP CREATE __changes:events g 0").contains("need a cp keyspace"));
+}

@@ -269,8 +269,8 @@ pub(super) async fn merged_changes(
     let Query(query) = query.map_err(|e| ApiError::from(Error::InvalidInput(e.body_text())))?;
     let ks = node.keyspace(&keyspace)?;
     ks.check_live()?;
-    if ks.is_cache() {
-        // This node's ring, read as the keyspace's one shard.
+    if ks.streams_per_node() {
+        // This node's own stream (a cache's ring, an ap replica's log), as one shard.
         return answer(node, ks, Some(0), headers, query)
             .await
             .map_err(history_lost);
@@ -522,7 +522,7 @@ pub(super) async fn snapshot(
     ks.check_live()?;
     let Some(shards) = ks.shard_count() else {
         return Err(ApiError::from(Error::InvalidInput(format!(
-            "change streams are built for cp keyspaces only so far; '{keyspace}' is not one"
+            "the snapshot way back is built for cp keyspaces; '{keyspace}' streams each node's own changes"
         ))));
     };
     let (now_ms, c) = (capdb_types::unix_now_ms(), Consistency::default());

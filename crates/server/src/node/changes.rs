@@ -5,7 +5,8 @@
 //! (`Request::ChangesTrim`, stamped with its clock): a bounded delete that every replica applies
 //! the same way (by whole log entries), so all of them keep the same events and answer
 //! `HISTORYLOST` below the same ID.
-//! A shard with nothing to trim costs no entry.
+//! A shard with nothing to trim costs no entry. An `ap` keyspace's replica logs are each
+//! node's own: the node trims them itself, in its storage, by the same retention rules.
 //!
 //! # Consumer groups pin the history they still need
 //!
@@ -46,6 +47,7 @@ pub async fn trim_changes(node: Arc<super::Node>) {
             return;
         }
         let now_ms = capdb_types::unix_now_ms();
+        trim_ap_logs(&node.keyspaces(), now_ms).await;
         let due = node.groups.changes_trim_due_led(now_ms);
         if due.is_empty() {
             continue;
@@ -66,6 +68,39 @@ pub async fn trim_changes(node: Arc<super::Node>) {
                 // Tried again next period.
                 tracing::debug!(group, error = %e, "change-log trim not applied");
             }
+        }
+    }
+}
+
+/// Trims this node's `ap` replicas' change logs past their retention, here (each replica's
+/// log is its own: no entry goes through a Raft log).
+async fn trim_ap_logs(keyspaces: &[Arc<Keyspace>], now_ms: u64) {
+    use capdb_storage::disk::ChangesStep;
+    for ks in keyspaces {
+        let Some((engine, table)) = ks.ap_changes_table() else {
+            continue;
+        };
+        let t = engine.table(&table, true);
+        let step = match t.changes_trim_due(now_ms, None) {
+            Ok(true) => match t.changes_size_keep_from() {
+                Ok(Some(keep_from)) => ChangesStep::TrimTo { now_ms, keep_from },
+                Ok(None) => ChangesStep::Trim { now_ms },
+                Err(e) => {
+                    tracing::warn!(keyspace = %ks.spec.name, error = %e, "cannot read the change log");
+                    continue;
+                }
+            },
+            Ok(false) => continue,
+            Err(e) => {
+                tracing::warn!(keyspace = %ks.spec.name, error = %e, "cannot read the change log");
+                continue;
+            }
+        };
+        if let Err(e) = engine
+            .changes_config(&table, step, 0, Vec::new(), None)
+            .await
+        {
+            tracing::debug!(keyspace = %ks.spec.name, error = %e, "change-log trim not applied");
         }
     }
 }

@@ -210,13 +210,13 @@ fn ring_page(
 
 fn no_cache_groups(name: &KeyspaceName) -> Error {
     Error::Command(format!(
-        "ERR consumer groups need a cp keyspace: '{name}' is a cache keyspace, whose change stream is each node's own ring (read it with XREAD)"
+        "ERR consumer groups need a cp keyspace: '{name}' streams each node's own changes (read them with XREAD)"
     ))
 }
 
 fn not_streamed(name: &KeyspaceName) -> Error {
     Error::Command(format!(
-        "ERR change streams are built for cp keyspaces only so far; '{name}' is not one"
+        "ERR this needs a cp keyspace's change logs (sharded, through Raft); '{name}' is not one"
     ))
 }
 
@@ -440,7 +440,27 @@ impl Keyspace {
                 m.changes_ring().configure(on, retention_bytes);
                 Ok(())
             }
-            Store::Ap { .. } => Err(not_streamed(self.name())),
+            Store::Ap { engine, .. } => {
+                // This node's replica only: each replica logs the merges that changed it.
+                if prev.is_some() {
+                    return Err(Error::Command(format!(
+                        "ERR ap keyspace '{}' logs each replica's merges; PREV is not kept",
+                        self.name()
+                    )));
+                }
+                let table = capdb_storage::layout::ap_table(&self.name().to_string());
+                let steps = [
+                    Some(capdb_storage::disk::ChangesStep::Switch(on)),
+                    retention_ms.map(capdb_storage::disk::ChangesStep::Retention),
+                    retention_bytes.map(capdb_storage::disk::ChangesStep::RetentionBytes),
+                ];
+                for step in steps.into_iter().flatten() {
+                    engine
+                        .changes_config(&table, step, 0, Vec::new(), None)
+                        .await??;
+                }
+                Ok(())
+            }
         }
     }
 
@@ -473,15 +493,30 @@ impl Keyspace {
         c: Consistency,
     ) -> Result<ChangesPage> {
         self.check_live()?;
+        if self.streams_per_node() && shard != 0 {
+            return Err(Error::Command(format!(
+                "ERR keyspace '{}' has one change stream per node (__changes:{}); there is no shard {shard}",
+                self.name(),
+                self.name()
+            )));
+        }
         if let Store::Cache(m) = &self.store {
-            if shard != 0 {
-                return Err(Error::Command(format!(
-                    "ERR cache keyspace '{}' has one change stream per node (__changes:{}); there is no shard {shard}",
-                    self.name(),
-                    self.name()
-                )));
-            }
             return Ok(ring_page(m.changes_ring(), range, count, rev));
+        }
+        if let Store::Ap { engine, .. } = &self.store {
+            // This node's replica's log, read here (no routing: each replica has its own).
+            let table = capdb_storage::layout::ap_table(&self.name().to_string());
+            let args = vec![
+                Bytes::from_static(capdb_storage::disk::CHANGES_QUERY.as_bytes()),
+                Bytes::from_static(b"0"),
+                Bytes::from(range.0.to_string()),
+                Bytes::from(range.1.to_string()),
+                Bytes::from(count.to_string()),
+                Bytes::from_static(if rev { b"1" } else { b"0" }),
+                Bytes::from_static(if whole { b"1" } else { b"0" }),
+            ];
+            let reply = engine.table(&table, true).query(&args, now_ms, 0)?;
+            return ChangesPage::from_reply(reply);
         }
         let Store::Cp { entry, groups, .. } = &self.store else {
             return Err(not_streamed(self.name()));
@@ -570,7 +605,7 @@ impl Keyspace {
         cmd: capdb_types::changes::groups::GroupCommand,
     ) -> Result<Result<Reply>> {
         self.check_live()?;
-        if let Store::Cache(_) = &self.store {
+        if self.streams_per_node() {
             return Err(no_cache_groups(self.name()));
         }
         let Store::Cp { entry, groups, .. } = &self.store else {
@@ -660,8 +695,8 @@ impl Keyspace {
         c: Consistency,
     ) -> Result<Reply> {
         self.check_live()?;
-        if let Store::Cache(_) = &self.store {
-            // A cache keyspace's stream has no groups.
+        if self.streams_per_node() {
+            // A cache or ap keyspace's stream (one per node) has no groups.
             return Ok(match group {
                 Some(_) => Reply::Array(vec![Reply::Nil, Reply::Array(Vec::new())]),
                 None => Reply::Array(Vec::new()),
@@ -737,9 +772,21 @@ impl Keyspace {
         }
     }
 
-    /// Whether this is a `cache` keyspace (in memory, per node).
-    pub fn is_cache(&self) -> bool {
-        matches!(self.store, Store::Cache(_))
+    /// Whether this keyspace's change stream is each node's own (`cache`: its ring; `ap`:
+    /// its replica's log of the merges that changed it), read as shard 0 of the node asked.
+    pub fn streams_per_node(&self) -> bool {
+        matches!(self.store, Store::Cache(_) | Store::Ap { .. })
+    }
+
+    /// An `ap` keyspace's replica table here, for its change log's retention.
+    pub fn ap_changes_table(&self) -> Option<(capdb_storage::disk::DiskEngine, String)> {
+        match &self.store {
+            Store::Ap { engine, .. } => Some((
+                engine.clone(),
+                capdb_storage::layout::ap_table(&self.name().to_string()),
+            )),
+            _ => None,
+        }
     }
 
     /// The number of shards of a `cp` keyspace (`None` for other modes).

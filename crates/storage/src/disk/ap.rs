@@ -311,8 +311,12 @@ pub(super) fn merge(x: &Exec, table: &str, entries: &[(Bytes, Value)]) -> Result
         .open_table(table_def(&element_table(table)))
         .map_err(io_err)?;
     let mut out = MergeOutcome::default();
+    // Each key with the count of changed records before it: its merge changed the state when
+    // the count moved (for this replica's change log).
+    let mut marks: Vec<(&Bytes, u64, Timestamp)> = Vec::with_capacity(entries.len());
     for (key, incoming) in entries {
         x.hlc.observe(incoming.header.timestamp);
+        marks.push((key, out.changed, incoming.header.timestamp));
         let current = read_head(&t, key)?;
         if !is_composite(incoming) && current.as_ref().is_none_or(|c| !is_composite(c)) {
             // Plain versions (SET, DEL, counters): merged as they are.
@@ -417,7 +421,75 @@ pub(super) fn merge(x: &Exec, table: &str, entries: &[(Bytes, Value)]) -> Result
             }
         }
     }
+    let mut log = super::changes::ChangeLog::load(&el)?;
+    if log.is_on() {
+        let ends = marks
+            .iter()
+            .skip(1)
+            .map(|(_, m, _)| *m)
+            .chain([out.changed]);
+        let changed: Vec<(&Bytes, Timestamp)> = marks
+            .iter()
+            .zip(ends)
+            .filter(|((_, before, _), after)| after > before)
+            .map(|((key, _, ts), _)| (*key, *ts))
+            .collect();
+        if !changed.is_empty() {
+            let now_ms = capdb_types::unix_now_ms();
+            let mut seen = std::collections::HashSet::new();
+            let mut events = Vec::with_capacity(changed.len());
+            for (key, _) in &changed {
+                if seen.insert(*key) {
+                    events.push(state_event(&t, &el, key, now_ms)?);
+                }
+            }
+            let ts = changed
+                .iter()
+                .map(|(_, ts)| *ts)
+                .max()
+                .unwrap_or(Timestamp::ZERO);
+            drop((t, el));
+            let logged = super::changes::Logged {
+                index: 0,
+                ts,
+                kind: capdb_types::changes::RowKind::Plain,
+                events,
+            };
+            super::changes::append(x, table, &mut log, vec![logged])?;
+        }
+    }
     Ok(Output::Merged(out))
+}
+
+/// The event a merge or a counter change left on `key` of an `ap` table: what a read shows
+/// now (a string or a counter's total, gone, or a collection of some type).
+fn state_event<T, E>(t: &T, el: &E, key: &Bytes, now_ms: u64) -> Result<capdb_types::changes::Event>
+where
+    T: ReadableTable<&'static [u8], &'static [u8]>,
+    E: ReadableTable<&'static [u8], &'static [u8]>,
+{
+    use capdb_types::changes::ChangeOp;
+    let head = read_head(t, key)?;
+    let op = match lite(el, key, &head_of(head.as_ref()))?.visible(now_ms) {
+        capdb_types::composite::Visible::Coll(kind) => ChangeOp::Cmd {
+            kind: kind as u8,
+            args: Vec::new(),
+            also: Vec::new(),
+        },
+        capdb_types::composite::Visible::Base(v) => match capdb_types::merge::render(v) {
+            Ok(v) if !v.header.tombstone && v.is_live(now_ms) => ChangeOp::Set {
+                value: v.data,
+                expire_at_ms: v.header.expire_at_ms,
+                prev: None,
+            },
+            _ => ChangeOp::Del { prev: None },
+        },
+        capdb_types::composite::Visible::Absent => ChangeOp::Del { prev: None },
+    };
+    Ok(capdb_types::changes::Event {
+        key: key.clone(),
+        op,
+    })
 }
 
 /// [`super::ops::Op::CounterAdd`] on an `ap` table: a key that holds (or held) a collection
@@ -470,6 +542,18 @@ pub(super) fn counter_add(
                         expired_before: None,
                     },
                 )?;
+            }
+            let mut log = super::changes::ChangeLog::load(&el)?;
+            if log.is_on() {
+                let event = state_event(&t, &el, &Bytes::copy_from_slice(key), now_ms)?;
+                drop((t, el));
+                let logged = super::changes::Logged {
+                    index: 0,
+                    ts: timestamp,
+                    kind: capdb_types::changes::RowKind::Plain,
+                    events: vec![event],
+                };
+                super::changes::append(x, table, &mut log, vec![logged])?;
             }
             Ok(Output::Value(stored))
         }

@@ -18,8 +18,10 @@
 //! - A key with a prefix (`__changes:<ks>[#<shard>]:<prefix>`) is the same stream keeping
 //!   only the events on keys starting with it, with the same IDs (`node/prefixed.rs`).
 //!
-//! Not built yet: `ap` and `cache` keyspaces (each answers a clear error); consumer groups
-//! are in `stream_groups.rs`. Differences from Redis:
+//! - A `cache` or `ap` keyspace's `__changes:<ks>` is the node's own stream (a cache's ring,
+//!   an `ap` replica's log), read as shard 0 of the node asked.
+//!
+//! Consumer groups are in `stream_groups.rs`. Differences from Redis:
 //! a read of a shard's stream returns at most [`capdb_storage::disk::CHANGES_READ_MAX`]
 //! entries and about [`capdb_storage::disk::CHANGES_READ_BYTES_MAX`] (a merged read takes up
 //! to that from every shard, plus whole transactions; XREAD without COUNT:
@@ -105,7 +107,7 @@ pub(super) async fn changes(conn: &mut Connection, args: &[Bytes]) -> Outcome {
             conn.out.simple("OK");
             Ok(())
         }
-        (b"shards", 3) if keyspace_named(conn, &args[2])?.is_cache() => {
+        (b"shards", 3) if keyspace_named(conn, &args[2])?.streams_per_node() => {
             let name = String::from_utf8_lossy(&args[2]).into_owned();
             conn.out
                 .reply(&Reply::Array(vec![Reply::Bulk(Bytes::from(format!(
@@ -114,7 +116,7 @@ pub(super) async fn changes(conn: &mut Connection, args: &[Bytes]) -> Outcome {
             Ok(())
         }
         // A cache keyspace's one stream (this node's ring): where it stands.
-        (b"last" | b"resolved", 3) if keyspace_named(conn, &args[2])?.is_cache() => {
+        (b"last" | b"resolved", 3) if keyspace_named(conn, &args[2])?.streams_per_node() => {
             let ks = keyspace_named(conn, &args[2])?;
             let page = ks
                 .changes_read(
@@ -230,8 +232,8 @@ pub(super) fn resolve(
         Some(name) => keyspace_named(conn, name.as_bytes())?,
         None => conn.keyspace.clone(),
     };
-    if ks.is_cache() {
-        // One stream per node: the ring (`storage/src/memory/ring.rs`), read as shard 0.
+    if ks.streams_per_node() {
+        // One stream per node (a cache's ring, an ap replica's log), read as shard 0.
         return Ok((ks, Target::Shard(sk.shard.unwrap_or(0))));
     }
     if ks.shard_count().is_none() {
