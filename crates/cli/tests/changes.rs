@@ -63,7 +63,7 @@ impl Entry {
         let mut s = format!(
             "{} {}",
             self.field("op").unwrap(),
-            self.field("key").unwrap()
+            self.field("key").unwrap_or_default()
         );
         if let Some(v) = self.field("value") {
             s.push(' ');
@@ -242,7 +242,8 @@ fn a_shards_change_log_lists_every_change_in_order_as_a_redis_stream() {
         "a block that runs out answers the null reply"
     );
 
-    // FLUSHDB keeps the log on; later changes keep coming with larger IDs.
+    // FLUSHDB keeps the log on and says so with a `flush` event (no key); later changes keep
+    // coming with larger IDs.
     let last = entries(&ok(&mut c, &format!("XREVRANGE {key} + - COUNT 1")))[0].id;
     ok(&mut c, "FLUSHDB");
     ok(&mut c, "SET {t}after 1");
@@ -252,8 +253,9 @@ fn a_shards_change_log_lists_every_change_in_order_as_a_redis_stream() {
     ));
     assert_eq!(
         tail.iter().map(Entry::short).collect::<Vec<_>>(),
-        ["set {t}after 1"]
+        ["flush ", "set {t}after 1"]
     );
+    assert_eq!(tail[0].field("key"), None);
 
     // A transaction over two keys of different hash tags (two shards when they land apart:
     // then each shard logs its part at the commit).
@@ -1223,6 +1225,27 @@ fn a_key_prefix_stream_keeps_only_the_events_on_its_keys_with_the_whole_streams_
         lines,
         [serde_json::json!({ "progress": id_text(&newest[0]) })]
     );
+
+    // FLUSHDB: every shard logs a `flush` event (no key), which every prefix stream shows.
+    ok(&mut c, "FLUSHDB");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let after = entries(&ok(
+            &mut c,
+            &format!("XRANGE __changes:default:user: ({} +", id_text(&woke[0])),
+        ));
+        let flushes: Vec<&str> = after
+            .iter()
+            .filter(|e| e.field("op") == Some("flush"))
+            .filter_map(|e| e.field("shard"))
+            .collect();
+        if flushes.len() == 4 {
+            assert!(after.iter().all(|e| e.field("key").is_none()), "{after:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{after:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 #[test]
@@ -1647,6 +1670,22 @@ fn a_cache_keyspaces_changes_are_a_bounded_ring_on_each_node_with_explicit_gaps(
         "{newest:?}"
     );
     assert!(err(&mut c, "XGROUP CREATE __changes:hot g 0").contains("need a cp keyspace"));
+    // FLUSHDB empties the cache: one `flush` event says so.
+    ok(&mut c, "FLUSHDB");
+    let newest = entries(&ok(&mut c, "XREVRANGE __changes:hot + - COUNT 1"));
+    assert_eq!(newest[0].field("op"), Some("flush"));
+    // Off and on again: a reader from before is told changes went unrecorded.
+    let before = id_text(&newest[0]);
+    ok(&mut c, "CHANGES CONFIG hot off");
+    ok(&mut c, "SET unseen 1");
+    ok(&mut c, "CHANGES CONFIG hot on");
+    ok(&mut c, "SET seen 1");
+    let read = first_stream(&ok(
+        &mut c,
+        &format!("XREAD COUNT 1 STREAMS __changes:hot {before}"),
+    ));
+    assert_eq!(read.len(), 1, "COUNT counts the gap entry: {read:?}");
+    assert_eq!(read[0].field("op"), Some("gap"));
 
     // HTTP serves the same ring.
     let (code, body) = common::http(s.http, "GET", "/v1/changes/hot?limit=5", &[], None).unwrap();

@@ -606,7 +606,7 @@ impl StateMachine {
                 // Every WATCH older than the FLUSHDB aborts (`touched.rs`).
                 let elements = vec![capdb_storage::disk::horizon_row(index)];
                 self.engine
-                    .replace_table(table, Vec::new(), elements, None, meta, true)
+                    .replace_table(table, Vec::new(), elements, None, meta, Some(index))
                     .await
                     .map_err(io)?;
                 b.responses[slot] = Some(Response::Replies(reply));
@@ -925,7 +925,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         match (&self.kind, payload) {
             (Kind::Data { table }, SnapshotPayload::Data { entries }) => {
                 self.engine
-                    .replace_table(table, entries, elements, Some(prefix), meta_items, false)
+                    .replace_table(table, entries, elements, Some(prefix), meta_items, None)
                     .await
                     .map_err(io)?;
             }

@@ -177,7 +177,7 @@ async fn replicas_and_snapshots_judge_guards_alike_and_flushdb_aborts_older_watc
     // A third replica installs a snapshot of the first.
     let (_c, c) = open();
     let dump = a.dump_table(TABLE, &[], "none/").unwrap();
-    c.replace_table(TABLE, dump.entries, dump.elements, None, Vec::new(), false)
+    c.replace_table(TABLE, dump.entries, dump.elements, None, Vec::new(), None)
         .await
         .unwrap();
     for (name, e) in [("a", &a), ("b", &b_engine), ("c", &c)] {
@@ -193,7 +193,7 @@ async fn replicas_and_snapshots_judge_guards_alike_and_flushdb_aborts_older_watc
         vec![horizon_row(7)],
         None,
         Vec::new(),
-        true,
+        Some(7),
     )
     .await
     .unwrap();

@@ -253,6 +253,8 @@ pub enum ChangeOp {
     },
     /// The key evicted by a `cache` keyspace's memory limit.
     Evict,
+    /// Every key of the stream's shard removed (FLUSHDB); the event's key is empty.
+    Flush,
 }
 
 /// One change event: a key and what happened to it.
@@ -488,9 +490,12 @@ impl Change {
             ChangeOp::Incr { .. } => "incr",
             ChangeOp::Cmd { .. } => "cmd",
             ChangeOp::Evict => "evict",
+            ChangeOp::Flush => "flush",
         };
         f.push(("op", Bytes::from_static(op.as_bytes())));
-        f.push(("key", self.event.key.clone()));
+        if !matches!(self.event.op, ChangeOp::Flush) {
+            f.push(("key", self.event.key.clone()));
+        }
         match &self.event.op {
             ChangeOp::Set {
                 value,
@@ -531,7 +536,7 @@ impl Change {
                 }
                 f.extend(also.iter().map(|k| ("also", k.clone())));
             }
-            ChangeOp::Evict => {}
+            ChangeOp::Evict | ChangeOp::Flush => {}
         }
         f.push((
             "ts",

@@ -516,7 +516,9 @@ pub(super) async fn snapshot(
     Path(keyspace): Path<String>,
     query: Result<Query<SnapshotQuery>, QueryRejection>,
 ) -> ApiResult {
-    use crate::node::snapshot::{Mark, replay_from, replay_to_at_least, replays, still_held};
+    use crate::node::snapshot::{
+        Mark, Replay, replay_from, replay_of, replay_to_at_least, still_held,
+    };
     let Query(query) = query.map_err(|e| ApiError::from(Error::InvalidInput(e.body_text())))?;
     let ks = node.keyspace(&keyspace)?;
     ks.check_live()?;
@@ -683,15 +685,24 @@ pub(super) async fn snapshot(
                     match merged::read(&st.ks, at, end, CHANGES_PAGE_MAX, now_ms, c).await {
                         Ok(page) => {
                             let mut out = String::new();
+                            let mut split = false;
                             for e in &page.entries {
                                 let wanted = st.prefix.is_empty()
                                     || crate::node::prefixed::matches(e, &st.prefix);
-                                if wanted
-                                    && replays(e, &st.marks)
-                                    && let Some((_, json)) = entry_json(e)
-                                {
-                                    out.push_str(&line(json));
+                                match replay_of(e, &st.marks) {
+                                    Replay::Apply if wanted => {
+                                        if let Some((_, json)) = entry_json(e) {
+                                            out.push_str(&line(json));
+                                        }
+                                    }
+                                    Replay::Split => split = true,
+                                    _ => {}
                                 }
+                            }
+                            if split {
+                                let e = "a FLUSHDB ran while the snapshot was read; start over";
+                                out.push_str(&line(serde_json::json!({ "error": e })));
+                                return Some((Ok(out), st));
                             }
                             let next = page.resolved.successor();
                             if page.resolved >= end {

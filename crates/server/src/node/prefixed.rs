@@ -27,12 +27,14 @@ use capdb_types::{Reply, Result};
 use super::merged::{self, MergedPage};
 use super::{ChangesPage, Consistency, Keyspace};
 
-/// Whether a stream entry (`[id, [field, value, ...]]`) changed a key starting with `prefix`.
+/// Whether a stream entry (`[id, [field, value, ...]]`) changed a key starting with `prefix`;
+/// a `flush` (every key) and a `gap` (changes went unrecorded) concern every prefix.
 pub fn matches(entry: &Reply, prefix: &[u8]) -> bool {
     fields(entry).is_some_and(|f| {
         f.chunks(2).any(|pair| match pair {
-            [Reply::Bulk(name), Reply::Bulk(key)] => {
-                (name.as_ref() == b"key" || name.as_ref() == b"also") && key.starts_with(prefix)
+            [Reply::Bulk(name), Reply::Bulk(v)] => {
+                ((name.as_ref() == b"key" || name.as_ref() == b"also") && v.starts_with(prefix))
+                    || (name.as_ref() == b"op" && (v.as_ref() == b"flush" || v.as_ref() == b"gap"))
             }
             _ => false,
         })
@@ -344,6 +346,11 @@ mod tests {
         );
         assert!(matches(&moved, b"user:"));
         assert!(!matches(&moved, b"b"));
+        assert!(matches(&entry("3-0", &[("op", "flush")]), b"user:"));
+        assert!(matches(
+            &entry("4-0", &[("op", "gap"), ("to", "3-0")]),
+            b"user:"
+        ));
         assert_eq!(entry_id(&moved), Some(StreamId { ms: 2, seq: 0 }));
     }
 

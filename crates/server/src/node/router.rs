@@ -174,6 +174,13 @@ fn ring_page(
     rev: bool,
 ) -> ChangesPage {
     let count = count.min(capdb_storage::disk::CHANGES_READ_MAX);
+    // A `gap` entry counts toward the count (XREAD COUNT 1 answers one entry).
+    let gap_first = !rev && from <= to && ring.gap_before(from);
+    let count = if gap_first {
+        count.saturating_sub(1)
+    } else {
+        count
+    };
     let page = ring.read(
         from,
         to,
@@ -697,10 +704,10 @@ impl Keyspace {
         self.check_live()?;
         if self.streams_per_node() {
             // A cache or ap keyspace's stream (one per node) has no groups.
-            return Ok(match group {
-                Some(_) => Reply::Array(vec![Reply::Nil, Reply::Array(Vec::new())]),
-                None => Reply::Array(Vec::new()),
-            });
+            return match group {
+                Some(_) => Err(no_cache_groups(self.name())),
+                None => Ok(Reply::Array(Vec::new())),
+            };
         }
         let Store::Cp { entry, groups, .. } = &self.store else {
             return Err(not_streamed(self.name()));

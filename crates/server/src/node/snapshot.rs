@@ -181,6 +181,52 @@ pub fn still_held(marks: &[Mark], shard: u32, floor: StreamId) -> bool {
     low.is_none_or(|low| floor.clock() <= low)
 }
 
+/// What a replay does with an entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Replay {
+    /// Already in the pages' data.
+    Skip,
+    /// Came after its page was read: the consumer applies it.
+    Apply,
+    /// A `flush` that came while its shard's pages were being read (some before it, some
+    /// after): the pages are not one state; the snapshot must start over.
+    Split,
+}
+
+/// [`replays`], telling a flush between a shard's pages apart.
+pub fn replay_of(entry: &Reply, marks: &[Mark]) -> Replay {
+    if !replays(entry, marks) {
+        return Replay::Skip;
+    }
+    let Reply::Array(pair) = entry else {
+        return Replay::Apply;
+    };
+    let Some(Reply::Array(fields)) = pair.get(1) else {
+        return Replay::Apply;
+    };
+    let field = |name: &[u8]| {
+        fields.chunks(2).find_map(|p| match p {
+            [Reply::Bulk(k), Reply::Bulk(v)] if k.as_ref() == name => Some(v.clone()),
+            _ => None,
+        })
+    };
+    if field(b"op").is_none_or(|op| op.as_ref() != b"flush") {
+        return Replay::Apply;
+    }
+    let shard = field(b"shard").and_then(|s| std::str::from_utf8(&s).ok()?.parse::<u32>().ok());
+    let clock = field(b"ts").and_then(|t| {
+        let (ms, logical) = std::str::from_utf8(&t).ok()?.split_once('.')?;
+        Some(Timestamp::from_parts(
+            ms.parse().ok()?,
+            logical.parse().ok()?,
+        ))
+    });
+    match (shard, clock) {
+        (Some(s), Some(c)) if marks.iter().any(|m| m.shard == s && c <= m.clock) => Replay::Split,
+        _ => Replay::Apply,
+    }
+}
+
 /// Whether a merged-stream entry (`[id, [field, value, ...]]`) must be replayed after the
 /// pages `marks`: its change came after the page its key fell in was read.
 pub fn replays(entry: &Reply, marks: &[Mark]) -> bool {
@@ -196,7 +242,8 @@ pub fn replays(entry: &Reply, marks: &[Mark]) -> bool {
             _ => None,
         })
     };
-    let (Some(key), Some(shard), Some(ts)) = (field(b"key"), field(b"shard"), field(b"ts")) else {
+    let flush = field(b"op").is_some_and(|op| op.as_ref() == b"flush");
+    let (Some(shard), Some(ts)) = (field(b"shard"), field(b"ts")) else {
         return false;
     };
     let shard = std::str::from_utf8(shard)
@@ -210,6 +257,14 @@ pub fn replays(entry: &Reply, marks: &[Mark]) -> bool {
         ))
     });
     let (Some(shard), Some(clock)) = (shard, clock) else {
+        return false;
+    };
+    if flush {
+        // Every key of the shard went: replayed when it came after all its pages (one
+        // between them is refused by the reader, [`Replay::Split`]).
+        return marks.iter().any(|m| m.shard == shard && clock > m.clock);
+    }
+    let Some(key) = field(b"key") else {
         return false;
     };
     marks

@@ -1118,7 +1118,7 @@ fn event_bytes(e: &Event) -> usize {
             ChangeOp::Del { prev } | ChangeOp::Expire { prev } | ChangeOp::Incr { prev, .. } => {
                 prev.as_ref().map_or(0, Bytes::len)
             }
-            ChangeOp::Ttl { .. } | ChangeOp::Evict => 0,
+            ChangeOp::Ttl { .. } | ChangeOp::Evict | ChangeOp::Flush => 0,
             ChangeOp::Cmd { args, also, .. } => {
                 args.iter().chain(also).map(Bytes::len).sum::<usize>()
             }

@@ -129,9 +129,9 @@ pub(super) enum Op {
     /// Replaces a table's whole content (snapshot install): deletes every `_meta` entry under
     /// `clear_meta_prefix`, then sets `_meta` entries.
     ReplaceTable {
-        /// FLUSHDB: the change log and its state stay (`changes.rs`); a snapshot install
-        /// drops the log.
-        keep_changes: bool,
+        /// FLUSHDB (its log index): the change log and its state stay (`changes.rs`), and
+        /// it logs a `flush` event; a snapshot install drops the log.
+        keep_changes: Option<u64>,
         table: String,
         entries: Vec<(Vec<u8>, Vec<u8>)>,
         /// The element table's rows (see `space.rs`), replaced with the table.
@@ -798,11 +798,11 @@ fn replace_table(
     elements: &[(Vec<u8>, Vec<u8>)],
     clear_meta_prefix: Option<&str>,
     meta: &[MetaItem],
-    keep_changes: bool,
+    keep_changes: Option<u64>,
 ) -> Result<Output> {
     // FLUSHDB keeps the change log on, at its clock; a snapshot brings its own state and no
     // log rows, so a replica's rows from before it (with a gap to it) go.
-    let carried = if keep_changes {
+    let carried = if keep_changes.is_some() {
         let el = x
             .txn
             .open_table(table_def(&element_table(table)))
@@ -839,9 +839,32 @@ fn replace_table(
         for (k, v) in &carried {
             el.insert(&k[..], &v[..]).map_err(io_err)?;
         }
-        if !keep_changes {
+        if keep_changes.is_none() {
             // The rows before the snapshot are not here: reads below it say so.
             super::changes::mark_snapshot(&mut el)?;
+        }
+    }
+    if let Some(index) = keep_changes {
+        // Every key of the shard went: one `flush` event says so (a reader clears what it
+        // holds of this shard; the merged stream carries it like any event).
+        let mut log = {
+            let el = x
+                .txn
+                .open_table(table_def(&element_table(table)))
+                .map_err(io_err)?;
+            super::changes::ChangeLog::load(&el)?
+        };
+        if log.is_on() {
+            let flush = super::changes::Logged {
+                index,
+                ts: Timestamp::ZERO,
+                kind: capdb_types::changes::RowKind::Plain,
+                events: vec![capdb_types::changes::Event {
+                    key: Bytes::new(),
+                    op: capdb_types::changes::ChangeOp::Flush,
+                }],
+            };
+            super::changes::append(x, table, &mut log, vec![flush])?;
         }
     }
     let mut mt = x.txn.open_table(META_TABLE).map_err(io_err)?;

@@ -116,7 +116,8 @@ impl DiskEngine {
 
     /// Replaces a table's content, deletes the `_meta` entries under `clear_meta_prefix` and
     /// sets `meta`, durably and atomically (snapshot install, FLUSHDB). `keep_changes`
-    /// (FLUSHDB): the shard's change log stays on with its rows; else (a snapshot) its rows go.
+    /// (FLUSHDB, the entry's log index): the shard's change log stays on with its rows and
+    /// logs a `flush` event; else (a snapshot) its rows go.
     pub async fn replace_table(
         &self,
         table: &str,
@@ -124,7 +125,7 @@ impl DiskEngine {
         elements: Vec<(Vec<u8>, Vec<u8>)>,
         clear_meta_prefix: Option<String>,
         meta: Vec<MetaItem>,
-        keep_changes: bool,
+        keep_changes: Option<u64>,
     ) -> Result<()> {
         self.submit(Op::ReplaceTable {
             keep_changes,

@@ -266,7 +266,9 @@ impl MemStore {
         if self.watchers.load(Ordering::Acquire) > 0 {
             shard.changes.record(key);
         }
-        if let Some(touched) = shard.ring_touched.as_mut() {
+        if let Some(touched) = shard.ring_touched.as_mut()
+            && touched.last().is_none_or(|last| last[..] != *key)
+        {
             touched.push(Key::from_slice(key));
         }
     }
@@ -355,7 +357,10 @@ impl MemStore {
         let index = shard.map.get_index_of(key)?;
         if shard.map[index].value.is_expired(now_ms) {
             self.notice(key, Removal::Expired);
+            // Its `expire` event is the removal's; the mutation did not change it (yet).
+            let touched = shard.ring_touched.take();
             self.remove_at(shard, index);
+            shard.ring_touched = touched;
             self.stats.expired_keys.fetch_add(1, Ordering::Relaxed);
             return None;
         }
@@ -771,8 +776,12 @@ impl MemStore {
                     }
                     Some(v) => capdb_types::changes::ChangeOp::Cmd {
                         kind: v.header.kind as u8,
+                        // Copied: the arguments may be slices of a connection's read buffer,
+                        // which the ring must not keep alive.
                         args: match m {
-                            Mutation::Exec { args, .. } => args.clone(),
+                            Mutation::Exec { args, .. } => {
+                                args.iter().map(|a| Bytes::copy_from_slice(a)).collect()
+                            }
                             _ => Vec::new(),
                         },
                         also: Vec::new(),
@@ -961,6 +970,10 @@ impl KeyspaceStore for MemStore {
     }
 
     async fn clear(&self) -> Result<()> {
+        // With the change ring on, every shard stays locked until the `flush` event is in
+        // the ring: no write lands between the shards' clearing and it.
+        let recording = self.ring.is_on();
+        let mut held = Vec::new();
         for i in 0..SHARDS {
             let mut shard = self.lock(i);
             let freed: u64 = shard.map.iter().map(|(k, e)| self.entry_total(k, e)).sum();
@@ -986,7 +999,18 @@ impl KeyspaceStore for MemStore {
             }
             shard.expiring = IndexSet::default();
             self.used_bytes.fetch_sub(freed, Ordering::Relaxed);
+            if recording {
+                held.push(shard);
+            }
         }
+        if recording {
+            let flush = capdb_types::changes::Event {
+                key: Bytes::new(),
+                op: capdb_types::changes::ChangeOp::Flush,
+            };
+            self.ring.append(capdb_types::unix_now_ms(), [flush]);
+        }
+        drop(held);
         Ok(())
     }
 }

@@ -53,7 +53,11 @@ struct Inner {
     bytes: u64,
     bytes_max: u64,
     last: StreamId,
+    /// The last event that went (trimmed by the bounds, or dropped by a switch off).
     floor: StreamId,
+    /// Where the ring began recording, the last time it was switched on: changes before it
+    /// (while off, or before this process started) went unrecorded.
+    began: StreamId,
     /// Events ever appended (the `index` field of each).
     appended: u64,
 }
@@ -79,13 +83,16 @@ impl Default for ChangeRing {
     }
 }
 
+/// What an event costs the ring besides its key and values (the entry, its vectors).
+pub const EVENT_OVERHEAD_BYTES: u64 = 96;
+
 fn event_bytes(e: &Event) -> u64 {
     let value = match &e.op {
         ChangeOp::Set { value, prev, .. } => value.len() + prev.as_ref().map_or(0, Bytes::len),
         ChangeOp::Cmd { args, also, .. } => args.iter().chain(also).map(Bytes::len).sum(),
         _ => 0,
     };
-    (e.key.len() + value) as u64
+    (e.key.len() + value) as u64 + EVENT_OVERHEAD_BYTES
 }
 
 impl ChangeRing {
@@ -99,18 +106,35 @@ impl ChangeRing {
 
     /// Turns the ring on (keeping `bytes_max` bytes, clamped to [`RING_BYTES_MAX`]) or off
     /// (everything held goes; IDs never go back).
+    /// Turned on after being off (or first, after a start), the ring marks a new beginning:
+    /// its floor moves past everything before, so a reader from before is told (`gap`) that
+    /// changes went unrecorded.
     pub fn configure(&self, on: bool, bytes_max: Option<u64>) {
-        let mut r = self.lock();
-        if let Some(b) = bytes_max {
-            r.bytes_max = b.clamp(1, RING_BYTES_MAX);
+        let mut dropped = VecDeque::new();
+        {
+            let mut r = self.lock();
+            if let Some(b) = bytes_max {
+                r.bytes_max = b.clamp(1, RING_BYTES_MAX);
+            }
+            let was_on = self.is_on();
+            if was_on && !on {
+                dropped = std::mem::take(&mut r.events);
+                r.bytes = 0;
+                r.floor = r.last;
+            } else if on && !was_on {
+                let start = StreamId {
+                    ms: capdb_types::unix_now_ms(),
+                    seq: 0,
+                };
+                let mark = r.last.successor().max(start);
+                r.last = mark;
+                r.began = mark;
+            }
+            self.trim(&mut r);
+            self.on.store(on, Ordering::Relaxed);
         }
-        if !on {
-            r.events.clear();
-            r.bytes = 0;
-            r.floor = r.last;
-        }
-        self.trim(&mut r);
-        self.on.store(on, Ordering::Relaxed);
+        // Freed outside the lock: writers do not wait for a million events to drop.
+        drop(dropped);
     }
 
     /// Appends one event per change, at `now_ms` (the caller holds the key's shard lock).
@@ -119,6 +143,10 @@ impl ChangeRing {
             return;
         }
         let mut r = self.lock();
+        // Switched off meanwhile: nothing is recorded (the switch moved the floor).
+        if !self.is_on() {
+            return;
+        }
         let before = r.appended;
         for event in events {
             let id = if now_ms > r.last.ms {
@@ -174,11 +202,19 @@ impl ChangeRing {
             floor: r.floor,
             ..RingPage::default()
         };
-        if from > to || count == 0 {
+        if from > to {
             return page;
         }
-        if !rev && r.floor != StreamId::MIN && from <= r.floor {
-            page.gap = Some(r.floor);
+        // Changes a reader from `from` would have read went: trimmed ones, or (for a reader
+        // with a position, not one from the start) those before the ring began recording.
+        let from_start = from <= StreamId { ms: 0, seq: 1 };
+        let trimmed = r.floor != StreamId::MIN && from <= r.floor;
+        let unrecorded = !from_start && from <= r.began;
+        if !rev && (trimmed || unrecorded) {
+            page.gap = Some(r.floor.max(r.began));
+        }
+        if count == 0 {
+            return page;
         }
         let start = r.events.partition_point(|c| c.id < from);
         let end = r.events.partition_point(|c| c.id <= to);
@@ -197,6 +233,13 @@ impl ChangeRing {
             page.changes.push(c.clone());
         }
         page
+    }
+
+    /// Whether a forward read from `from` starts with a `gap` (see [`ChangeRing::read`]).
+    pub fn gap_before(&self, from: StreamId) -> bool {
+        let r = self.lock();
+        let from_start = from <= StreamId { ms: 0, seq: 1 };
+        (r.floor != StreamId::MIN && from <= r.floor) || (!from_start && from <= r.began)
     }
 
     /// Events ever appended (a reader's mark before it reads).
@@ -229,18 +272,28 @@ mod tests {
     #[test]
     fn ids_increase_and_a_reader_that_fell_off_is_told_where_it_lands() {
         let ring = ChangeRing::default();
-        ring.append(5, [set("off")]);
+        let t = capdb_types::unix_now_ms() + 60_000;
+        ring.append(t, [set("off")]);
         assert_eq!(
             ring.read(StreamId::MIN, StreamId::MAX, 10, 1 << 20, false)
                 .changes
                 .len(),
             0
         );
-        // 11 bytes per event; room for three.
-        ring.configure(true, Some(33));
-        ring.append(5, [set("a"), set("b")]);
-        ring.append(4, [set("c")]);
-        ring.append(9, [set("d")]);
+        // 11 bytes of key and value per event, plus the overhead; room for three.
+        ring.configure(true, Some(3 * (11 + EVENT_OVERHEAD_BYTES)));
+        assert!(
+            ring.gap_before(StreamId { ms: 5, seq: 0 }),
+            "a reader from before the ring began is told"
+        );
+        assert!(
+            !ring.gap_before(StreamId::MIN),
+            "a reader from the start is not"
+        );
+        ring.append(t, [set("a"), set("b")]);
+        ring.append(t - 1, [set("c")]);
+        ring.append(t + 4, [set("d")]);
+        let id = |ms: u64, seq: u64| StreamId { ms, seq }.to_string();
         let ids: Vec<String> = ring
             .read(StreamId::MIN, StreamId::MAX, 10, 1 << 20, false)
             .changes
@@ -249,13 +302,13 @@ mod tests {
             .collect();
         assert_eq!(
             ids,
-            ["5-1", "5-2", "9-0"],
+            [id(t, 1), id(t, 2), id(t + 4, 0)],
             "the oldest went, a clock going back did not"
         );
         let page = ring.read(StreamId::MIN, StreamId::MAX, 10, 1 << 20, false);
-        assert_eq!(page.gap, Some(StreamId { ms: 5, seq: 0 }));
+        assert_eq!(page.gap, Some(StreamId { ms: t, seq: 0 }));
         let after_gap = ring.read(
-            StreamId { ms: 5, seq: 1 },
+            StreamId { ms: t, seq: 1 },
             StreamId::MAX,
             10,
             1 << 20,
@@ -264,14 +317,25 @@ mod tests {
         assert_eq!(after_gap.gap, None);
         assert_eq!(after_gap.changes.len(), 3);
         let newest = ring.read(StreamId::MIN, StreamId::MAX, 1, 1 << 20, true);
-        assert_eq!(newest.changes[0].id.to_string(), "9-0");
+        assert_eq!(newest.changes[0].id.to_string(), id(t + 4, 0));
         assert!(newest.more);
         assert_eq!(ring.mark(), 4);
+        // Off and on again: a reader from before is told what went unrecorded.
         ring.configure(false, None);
         assert_eq!(
             ring.read(StreamId::MIN, StreamId::MAX, 10, 1 << 20, false)
                 .events,
             0
         );
+        ring.append(t + 5, [set("lost")]);
+        ring.configure(true, None);
+        let page = ring.read(
+            StreamId { ms: t + 4, seq: 1 },
+            StreamId::MAX,
+            10,
+            1 << 20,
+            false,
+        );
+        assert!(page.gap.is_some_and(|g| g > StreamId { ms: t + 4, seq: 0 }));
     }
 }

@@ -849,10 +849,11 @@ pub(super) async fn xreadgroup(conn: &mut Connection, args: &[Bytes]) -> Outcome
 async fn first_entry(
     conn: &Connection,
     key: &[u8],
+    start: StreamId,
     shards: usize,
 ) -> Result<Option<Reply>, String> {
-    let mut from = StreamId::MIN;
-    for _ in 0..=shards {
+    let mut from = start;
+    for _ in 0..shards + FIRST_ENTRY_TRIES {
         match read_page(conn, key, (from, StreamId::MAX), 1, false, true).await {
             Ok(page) => return Ok(page.entries.into_iter().next()),
             Err(e) if e.starts_with("HISTORYLOST") => match skip_target(&e, key) {
@@ -864,6 +865,10 @@ async fn first_entry(
     }
     Err("TRYAGAIN the change log kept being trimmed under the read; try again".into())
 }
+
+/// Reads of the first entry tried past the shards' count, when the retention keeps trimming
+/// under them.
+const FIRST_ENTRY_TRIES: usize = 5;
 
 /// `XINFO STREAM key`: Redis 7's fields, then capdb's. Differences: `entries-added` counts
 /// the events held (not every one ever logged); `max-deleted-entry-id` is where the
@@ -901,7 +906,13 @@ async fn stream_info(conn: &Connection, key: &[u8]) -> Result<Vec<(&'static str,
     if shard.is_none() && trimmed != StreamId::MIN {
         trimmed = capdb_types::changes::merged::clock_end(trimmed.clock());
     }
-    let first = first_entry(conn, key, shards.len()).await?;
+    // From just past what the retention cut (a read below it is refused).
+    let start = if trimmed == StreamId::MIN {
+        StreamId::MIN
+    } else {
+        trimmed.successor()
+    };
+    let first = first_entry(conn, key, start, shards.len()).await?;
     let last = match first.as_ref().and_then(crate::node::prefixed::entry_id) {
         Some(oldest) => read_page(conn, key, (oldest, StreamId::MAX), 1, true, true)
             .await?
