@@ -172,3 +172,43 @@ fn redis_cli_shows_every_type_as_it_does_against_redis() {
         }
     }
 }
+
+#[test]
+fn redis_cli_follows_a_keyspaces_change_stream() {
+    let s = Server::start_with(&["--default-shards", "2"]);
+    assert_eq!(cli(&s, &["CHANGES", "CONFIG", "default", "on"]), "OK\n");
+    // A blocked XREAD, as a user types it, wakes on the next write.
+    let reader = Command::new(need_tool("redis-cli"))
+        .args(["-p", &s.resp.port().to_string()])
+        .args([
+            "XREAD",
+            "BLOCK",
+            "30000",
+            "STREAMS",
+            "__changes:default",
+            "$",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert_eq!(cli(&s, &["SET", "watched", "v1"]), "OK\n");
+    let out = reader.wait_with_output().unwrap();
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    let lines: Vec<&str> = printed.lines().collect();
+    assert_eq!(lines[0], "__changes:default", "{printed}");
+    for expected in ["op", "set", "key", "watched", "value", "v1"] {
+        assert!(lines.contains(&expected), "{expected} in {printed}");
+    }
+    // XRANGE, XLEN and XINFO STREAM read the same stream.
+    let range = cli(&s, &["XRANGE", "__changes:default", "-", "+"]);
+    assert!(range.lines().any(|l| l == "watched"), "{range}");
+    assert_eq!(cli(&s, &["XLEN", "__changes:default"]), "1\n");
+    let info = cli(&s, &["XINFO", "STREAM", "__changes:default"]);
+    assert!(info.lines().any(|l| l == "resolved-id"), "{info}");
+    assert!(
+        cli(&s, &["XADD", "__changes:default", "*", "f", "v"]).contains("read-only"),
+        "writes are refused"
+    );
+}
