@@ -157,7 +157,7 @@ fn a_shards_change_log_lists_every_change_in_order_as_a_redis_stream() {
         shorts,
         [
             "set {t}a 1",
-            "set {t}a 2",
+            "incr {t}a 2",
             "set {t}b x",
             "del {t}b",
             "cmd {t}h hset",
@@ -167,6 +167,7 @@ fn a_shards_change_log_lists_every_change_in_order_as_a_redis_stream() {
         ],
         "what changed before the log was on, and what changed nothing, is not there"
     );
+    assert_eq!(all[1].field("delta"), Some("1"), "{:?}", all[1]);
     assert!(all[2].field("expire_at_ms").is_some(), "{:?}", all[2]);
     assert_eq!(all[4].field("type"), Some("hash"));
     let args: Vec<&str> = all[5]
@@ -293,7 +294,7 @@ fn a_shards_change_log_lists_every_change_in_order_as_a_redis_stream() {
         .map(|l| l.split_once(' ').unwrap().1)
         .map(|rest| rest.split_once(' ').unwrap().1)
         .collect();
-    assert_eq!(lines, ["set {t}a 1", "set {t}a 2"], "{printed}");
+    assert_eq!(lines, ["set {t}a 1", "incr {t}a 2"], "{printed}");
     // From now on (`$`), idle for longer than a client's default timeout, then woken.
     let tail = std::process::Command::new(env!("CARGO_BIN_EXE_capdb"))
         .args(["changes", "tail", "default", "--count", "1", "--json"])
@@ -1289,7 +1290,7 @@ fn with_prev_on_each_event_carries_the_value_its_key_held_before() {
             "set {a}k v2 prev=v1",
             "set {a}k v2+ prev=v2",
             "set {a}n 5 prev=-",
-            "set {a}n 6 prev=5",
+            "incr {a}n 6 prev=5",
             "cmd {a}list rpush prev=-",
             "del {a}k prev=v2+",
             "set {b}t old prev=-",
@@ -1463,7 +1464,7 @@ fn a_snapshot_then_its_events_then_the_stream_rebuild_the_keyspace_exactly() {
     let apply = |state: &mut std::collections::BTreeMap<String, String>, e: &serde_json::Value| {
         let key = e["key"].as_str().unwrap().to_string();
         match e["op"].as_str().unwrap() {
-            "set" => {
+            "set" | "incr" => {
                 state.insert(key, e["value"].as_str().unwrap().to_string());
             }
             "del" | "expire" => {
@@ -1618,7 +1619,7 @@ fn a_cache_keyspaces_changes_are_a_bounded_ring_on_each_node_with_explicit_gaps(
             "set a 1",
             "set b 2",
             "cmd h hset",
-            "set n 1",
+            "incr n 1",
             "del a",
             "set t x",
             "expire t"

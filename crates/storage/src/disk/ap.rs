@@ -443,11 +443,14 @@ pub(super) fn merge(x: &Exec, table: &str, entries: &[(Bytes, Value)]) -> Result
                     events.push(state_event(&t, &el, key, now_ms)?);
                 }
             }
+            // This replica's clock now at least: an old version arriving late (a hint,
+            // anti-entropy) is logged now, not where the retention would trim it at once.
             let ts = changed
                 .iter()
                 .map(|(_, ts)| *ts)
                 .max()
-                .unwrap_or(Timestamp::ZERO);
+                .unwrap_or(Timestamp::ZERO)
+                .max(x.hlc.now());
             drop((t, el));
             let logged = super::changes::Logged {
                 index: 0,
@@ -549,7 +552,7 @@ pub(super) fn counter_add(
                 drop((t, el));
                 let logged = super::changes::Logged {
                     index: 0,
-                    ts: timestamp,
+                    ts: timestamp.max(x.hlc.now()),
                     kind: capdb_types::changes::RowKind::Plain,
                     events: vec![event],
                 };

@@ -4,6 +4,7 @@
 use std::collections::HashSet;
 
 use bytes::Bytes;
+use capdb_types::changes::ChangeOp;
 use capdb_types::{Error, Hlc, Mutation, Result, Timestamp, Value};
 use redb::{ReadableTable, WriteTransaction};
 
@@ -572,6 +573,13 @@ fn drop_table(
     x.txn
         .delete_table(table_def(&element_table(table)))
         .map_err(io_err)?;
+    // Its change log goes with it: a keyspace created again under the name starts afresh.
+    x.txn
+        .delete_table(log_def(&crate::layout::change_table(table)))
+        .map_err(io_err)?;
+    x.txn
+        .delete_table(table_def(&crate::layout::change_txn_table(table)))
+        .map_err(io_err)?;
     let mut meta = x.txn.open_table(META_TABLE).map_err(io_err)?;
     meta.remove(meta_key).map_err(io_err)?;
     live_tables.remove(table);
@@ -687,7 +695,23 @@ pub(super) fn apply_replicated(
             let mut events = Vec::with_capacity(changed.len());
             match (written.take(), changed.as_slice()) {
                 // A key-level mutation: its effect is known, no need to read it back.
-                (Some(w), [key]) => events.push(super::changes::event_written(key, w, *now_ms)),
+                (Some(w), [key]) => {
+                    let mut event = super::changes::event_written(key, w, *now_ms);
+                    // A counter's change says so: its delta and the new value.
+                    if let (Mutation::IncrBy { delta, .. }, ChangeOp::Set { value, .. }) =
+                        (m, &event.op)
+                        && let Some(n) = std::str::from_utf8(value)
+                            .ok()
+                            .and_then(|v| v.parse::<i64>().ok())
+                    {
+                        event.op = ChangeOp::Incr {
+                            value: n,
+                            delta: *delta,
+                            prev: None,
+                        };
+                    }
+                    events.push(event);
+                }
                 _ => {
                     let mut seen: HashSet<&Bytes> = HashSet::with_capacity(changed.len());
                     for k in &changed {

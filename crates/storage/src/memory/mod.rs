@@ -766,7 +766,24 @@ impl MemStore {
                 if !seen.insert(key.clone()) {
                     continue;
                 }
+                let counter = match m {
+                    Mutation::IncrBy { delta, .. } => Some(*delta),
+                    _ => None,
+                };
                 let op = match shard.map.get(&key[..]).map(|e| &e.value) {
+                    // A counter's change says so: its delta and the new value.
+                    Some(v)
+                        if let Some(delta) = counter
+                            && let Some(n) = std::str::from_utf8(&v.data)
+                                .ok()
+                                .and_then(|t| t.parse::<i64>().ok()) =>
+                    {
+                        capdb_types::changes::ChangeOp::Incr {
+                            value: n,
+                            delta,
+                            prev: None,
+                        }
+                    }
                     Some(v) if v.header.kind == capdb_types::ValueKind::String => {
                         capdb_types::changes::ChangeOp::Set {
                             value: v.data.clone(),
