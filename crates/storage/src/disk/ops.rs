@@ -220,6 +220,9 @@ impl Op {
     /// earlier non-durable commit) durable.
     pub(super) fn durable(&self) -> bool {
         match self {
+            // Not through a Raft log (an `ap` replica's own change log, index 0): nothing
+            // would replay it after a crash.
+            Op::ChangesConfig { index: 0, .. } => true,
             // Reclaiming unreachable elements again after a crash is harmless.
             Op::ApplyReplicated { .. }
             | Op::TxnStep { .. }
