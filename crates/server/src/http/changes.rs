@@ -140,24 +140,19 @@ async fn page(
         after.successor()
     };
     let (now_ms, c) = (capdb_types::unix_now_ms(), Consistency::default());
-    let (on, events, found) = match (shard, prefix) {
-        (Some(shard), None) => {
-            let page = ks
-                .changes_read(shard, (from, StreamId::MAX), limit, false, now_ms, c)
-                .await?;
-            let found = Found {
-                entries: page.entries,
-                resolved: None,
-                lagging: Vec::new(),
-                newest: capdb_types::Timestamp::ZERO,
-                scanned: None,
-            };
-            (page.on, page.events, found)
-        }
-        (Some(shard), Some(prefix)) => {
+    let (on, events, found) = match shard {
+        Some(shard) => {
             let range = (from, StreamId::MAX);
-            let (page, scanned) =
-                prefixed::read_shard(ks, shard, prefix, range, limit, false, now_ms, c).await?;
+            let (page, scanned) = match prefix {
+                Some(p) => {
+                    prefixed::read_shard(ks, shard, p, range, limit, false, now_ms, c).await?
+                }
+                None => (
+                    ks.changes_read(shard, range, limit, false, now_ms, c)
+                        .await?,
+                    None,
+                ),
+            };
             let found = Found {
                 entries: page.entries,
                 resolved: None,
@@ -167,24 +162,14 @@ async fn page(
             };
             (page.on, page.events, found)
         }
-        (None, Some(prefix)) => {
-            let page =
-                prefixed::read_merged(ks, prefix, from, StreamId::MAX, limit, closing, now_ms, c)
-                    .await?;
-            let found = Found {
-                entries: page.entries,
-                resolved: Some(page.resolved),
-                lagging: page.lagging,
-                newest: page.newest,
-                scanned: None,
-            };
-            (page.on, page.events, found)
-        }
-        (None, None) => {
-            let page = if closing {
-                merged::read_closing(ks, from, StreamId::MAX, limit, now_ms, c).await?
-            } else {
-                merged::read(ks, from, StreamId::MAX, limit, now_ms, c).await?
+        None => {
+            let to = StreamId::MAX;
+            let page = match prefix {
+                Some(p) => {
+                    prefixed::read_merged(ks, p, from, to, limit, closing, now_ms, c).await?
+                }
+                None if closing => merged::read_closing(ks, from, to, limit, now_ms, c).await?,
+                None => merged::read(ks, from, to, limit, now_ms, c).await?,
             };
             let found = Found {
                 entries: page.entries,

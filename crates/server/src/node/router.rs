@@ -558,6 +558,25 @@ impl Keyspace {
         }
     }
 
+    /// Runs an internal read query (`capdb.changes-*`) on shard `shard` of this `cp`
+    /// keyspace, routed and fenced like any read of the shard at consistency `c`.
+    async fn shard_query(
+        &self,
+        shard: u32,
+        args: Vec<Bytes>,
+        now_ms: u64,
+        c: Consistency,
+    ) -> Result<Reply> {
+        self.check_live()?;
+        let Store::Cp { entry, groups, .. } = &self.store else {
+            return Err(not_streamed(self.name()));
+        };
+        let Some(info) = entry.shards.get(shard as usize) else {
+            return Err(Error::Io(format!("no shard {shard}")));
+        };
+        groups.query(info.group, args, c.cp_read, now_ms, 0).await
+    }
+
     /// Cross-shard transaction `id`'s (24 stored bytes) part in shard `shard`'s change log,
     /// read through the shard's read path like [`Keyspace::changes_read`].
     pub async fn changes_txn(
@@ -567,19 +586,12 @@ impl Keyspace {
         now_ms: u64,
         c: Consistency,
     ) -> Result<TxnPartPage> {
-        self.check_live()?;
-        let Store::Cp { entry, groups, .. } = &self.store else {
-            return Err(not_streamed(self.name()));
-        };
-        let Some(info) = entry.shards.get(shard as usize) else {
-            return Err(Error::Io(format!("no shard {shard}")));
-        };
         let args = vec![
             Bytes::from_static(capdb_storage::disk::CHANGES_TXN_QUERY.as_bytes()),
             Bytes::from(shard.to_string()),
             Bytes::copy_from_slice(id),
         ];
-        let reply = groups.query(info.group, args, c.cp_read, now_ms, 0).await?;
+        let reply = self.shard_query(shard, args, now_ms, c).await?;
         let bad = || Error::Io("unexpected answer to a change-log transaction query".into());
         let Reply::Array(parts) = reply else {
             return Err(bad());
@@ -635,13 +647,6 @@ impl Keyspace {
         now_ms: u64,
         c: Consistency,
     ) -> Result<super::snapshot::Page> {
-        self.check_live()?;
-        let Store::Cp { entry, groups, .. } = &self.store else {
-            return Err(not_streamed(self.name()));
-        };
-        let Some(info) = entry.shards.get(shard as usize) else {
-            return Err(Error::Io(format!("no shard {shard}")));
-        };
         let args = vec![
             Bytes::from_static(capdb_storage::disk::CHANGES_SNAPSHOT_QUERY.as_bytes()),
             Bytes::from_static(if after.is_some() { b"after" } else { b"from" }),
@@ -649,7 +654,7 @@ impl Keyspace {
             Bytes::copy_from_slice(prefix),
             Bytes::from(capdb_storage::disk::SNAPSHOT_PAGE_MAX.to_string()),
         ];
-        let reply = groups.query(info.group, args, c.cp_read, now_ms, 0).await?;
+        let reply = self.shard_query(shard, args, now_ms, c).await?;
         super::snapshot::Page::from_reply(shard, after.cloned(), reply)
     }
 
@@ -661,19 +666,11 @@ impl Keyspace {
         now_ms: u64,
         c: Consistency,
     ) -> Result<Vec<(Bytes, StreamId)>> {
-        self.check_live()?;
-        let Store::Cp { entry, groups, .. } = &self.store else {
-            return Err(not_streamed(self.name()));
-        };
-        let Some(first) = entry.shards.first() else {
-            return Err(Error::Io("a keyspace without shards".into()));
-        };
         let args = vec![Bytes::from_static(
             capdb_storage::disk::CHANGES_PINS_QUERY.as_bytes(),
         )];
-        let reply = groups
-            .query(first.group, args, c.cp_read, now_ms, 0)
-            .await?;
+        // Groups live in the first shard.
+        let reply = self.shard_query(0, args, now_ms, c).await?;
         let bad = || Error::Io("unexpected answer to a consumer-group positions query".into());
         let Reply::Array(rows) = reply else {
             return Err(bad());
