@@ -1061,6 +1061,12 @@ fn consumer_groups_deliver_each_entry_once_and_survive_a_leader_kill() {
     assert_eq!(groups.len(), 1);
 }
 
+/// Creates a keyspace over HTTP (`spec`: its JSON).
+fn create_keyspace(http: std::net::SocketAddr, spec: &[u8]) {
+    let (code, body) = common::http(http, "POST", "/v1/keyspaces", &[], Some(spec)).unwrap();
+    assert_eq!(code, 201, "{}", String::from_utf8_lossy(&body));
+}
+
 fn id_text(e: &Entry) -> String {
     format!("{}-{}", e.id.0, e.id.1)
 }
@@ -1331,15 +1337,7 @@ fn a_consumer_groups_position_holds_the_retention_back() {
     let s = Server::start_with(&["--default-shards", "2"]);
     let mut c = s.client();
     // A keyspace without groups, to see the retention at work.
-    let (code, body) = common::http(
-        s.http,
-        "POST",
-        "/v1/keyspaces",
-        &[],
-        Some(br#"{"name":"plain","mode":"cp","shards":1}"#),
-    )
-    .unwrap();
-    assert!(code < 300, "{}", String::from_utf8_lossy(&body));
+    create_keyspace(s.http, br#"{"name":"plain","mode":"cp","shards":1}"#);
     for ks in ["default", "plain"] {
         ok(&mut c, &format!("CHANGES CONFIG {ks} on RETENTION-MS 1000"));
     }
@@ -1580,15 +1578,10 @@ fn a_cache_keyspaces_changes_are_a_bounded_ring_on_each_node_with_explicit_gaps(
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let s = Server::start();
     let mut c = s.client();
-    let (code, body) = common::http(
+    create_keyspace(
         s.http,
-        "POST",
-        "/v1/keyspaces",
-        &[],
-        Some(br#"{"name":"hot","mode":"cache","max_memory_bytes":1048576}"#),
-    )
-    .unwrap();
-    assert!(code < 300, "{}", String::from_utf8_lossy(&body));
+        br#"{"name":"hot","mode":"cache","max_memory_bytes":1048576}"#,
+    );
     assert!(err(&mut c, "XRANGE __changes:hot - +").contains("are off"));
     assert!(
         err(&mut c, "CHANGES CONFIG hot on RETENTION-MS 1000").contains("RETENTION-BYTES only")
@@ -1698,15 +1691,10 @@ fn a_cache_keyspaces_changes_are_a_bounded_ring_on_each_node_with_explicit_gaps(
 fn each_ap_replica_logs_the_merges_that_changed_it_in_per_key_order() {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let nodes = common::start_founders(3, |_| Vec::new());
-    let (code, body) = common::http(
+    create_keyspace(
         nodes[0].http,
-        "POST",
-        "/v1/keyspaces",
-        &[],
-        Some(br#"{"name":"events","mode":"ap","replication_factor":3}"#),
-    )
-    .unwrap();
-    assert_eq!(code, 201, "{}", String::from_utf8_lossy(&body));
+        br#"{"name":"events","mode":"ap","replication_factor":3}"#,
+    );
     // Each node's replica logs its own changes: switched on node by node.
     let deadline = Instant::now() + Duration::from_secs(15);
     for n in &nodes {
