@@ -504,7 +504,8 @@ fn retention_trims_the_log_and_a_reader_below_it_is_told_where_it_begins() {
     // The shard's leader trims rows past the retention (looked for every second).
     let deadline = Instant::now() + Duration::from_secs(30);
     let lost = loop {
-        match cmd(&mut c, &format!("XRANGE {key} - +")) {
+        // From a position (`-` would begin at whatever is held).
+        match cmd(&mut c, &format!("XRANGE {key} 1 +")) {
             Err(e) if e.to_string().contains("HISTORYLOST") => break e.to_string(),
             Ok(v) => assert!(Instant::now() < deadline, "never trimmed: {v:?}"),
             Err(e) => panic!("XRANGE: {e}"),
@@ -516,12 +517,17 @@ fn retention_trims_the_log_and_a_reader_below_it_is_told_where_it_begins() {
     let (code, body) = common::http(
         s.http,
         "GET",
-        &format!("/v1/changes/default/{shard}"),
+        &format!("/v1/changes/default/{shard}?after=1-0"),
         &[],
         None,
     )
     .unwrap();
     assert_eq!(code, 410, "{}", String::from_utf8_lossy(&body));
+    // A reader from the start gets whatever is held (nothing yet).
+    assert_eq!(
+        ok(&mut c, &format!("XRANGE {key} - +")),
+        Value::Array(Vec::new())
+    );
     assert_eq!(common::json(&body)["error"]["code"], "history_lost");
     // `CHANGES LAST` still knows the last ID (what `$` means): reading after it is fine.
     let Value::Array(lasts) = ok(&mut c, "CHANGES LAST default") else {
@@ -1342,10 +1348,8 @@ fn a_consumer_groups_position_holds_the_retention_back() {
         ok(&mut c, &format!("CHANGES CONFIG {ks} on RETENTION-MS 1000"));
     }
     let start = text(&ok(&mut c, "CHANGES RESOLVED default"));
-    ok(
-        &mut c,
-        &format!("XGROUP CREATE __changes:default g {start}"),
-    );
+    // A group from the start holds everything held.
+    ok(&mut c, "XGROUP CREATE __changes:default g0 0");
     ok(&mut c, "SET {p}a 1");
     ok(&mut c, "SET {q}b 2");
     let mut plain = s.client();
@@ -1369,20 +1373,31 @@ fn a_consumer_groups_position_holds_the_retention_back() {
         }
     }
     // Meanwhile the group's entries stayed, on both shards.
+    let from_start = first_stream(&ok(
+        &mut c,
+        "XREADGROUP GROUP g0 c1 COUNT 10 STREAMS __changes:default >",
+    ));
+    assert_eq!(
+        from_start.iter().map(Entry::short).collect::<Vec<_>>(),
+        ["set {p}a 1", "set {q}b 2"]
+    );
+    // A group at a position holds what follows it.
+    ok(
+        &mut c,
+        &format!("XGROUP CREATE __changes:default g {start}"),
+    );
+    ok(&mut c, "XGROUP DESTROY __changes:default g0");
     let got = first_stream(&ok(
         &mut c,
         "XREADGROUP GROUP g c1 COUNT 10 STREAMS __changes:default >",
     ));
-    assert_eq!(
-        got.iter().map(Entry::short).collect::<Vec<_>>(),
-        ["set {p}a 1", "set {q}b 2"]
-    );
+    assert_eq!(got, from_start);
     // Acknowledged and moved on, the group lets them go.
     for e in &got {
         ok(&mut c, &format!("XACK __changes:default g {}", id_text(e)));
     }
     ok(&mut c, "SET {p}later 3");
-    let lost = |c: &mut redis::Connection, key: &str| match cmd(c, &format!("XRANGE {key} - +")) {
+    let lost = |c: &mut redis::Connection, key: &str| match cmd(c, &format!("XRANGE {key} 1 +")) {
         Err(e) => e.to_string().contains("HISTORYLOST"),
         Ok(_) => false,
     };

@@ -118,10 +118,15 @@ async fn pins_of(
         if !shards.iter().any(|g| due.contains(g)) {
             continue;
         }
-        match ks.changes_positions(now_ms, Consistency::default()).await {
-            Ok(positions) => {
+        let positions = ks.changes_positions(now_ms, Consistency::default()).await;
+        let oldest = match &positions {
+            Ok(p) if !p.is_empty() => oldest_held(ks, shards.len(), now_ms).await,
+            _ => Ok(Vec::new()),
+        };
+        match positions.and_then(|p| oldest.map(|o| (p, o))) {
+            Ok((positions, oldest)) => {
                 let name = ks.spec.name.to_string();
-                let per_shard = pins_by_shard(&name, shards.len(), &positions, now_ms);
+                let per_shard = pins_by_shard(&name, shards.len(), &positions, &oldest, now_ms);
                 for (s, g) in shards.iter().enumerate() {
                     out.insert(*g, Ok(per_shard[s]));
                 }
@@ -136,14 +141,48 @@ async fn pins_of(
     out
 }
 
+/// The clock of each shard's oldest held event (`None`: it holds none).
+async fn oldest_held(
+    ks: &Keyspace,
+    shards: usize,
+    now_ms: u64,
+) -> capdb_types::Result<Vec<Option<Timestamp>>> {
+    let c = Consistency::default();
+    let mut out = Vec::with_capacity(shards);
+    for s in 0..shards as u32 {
+        let at = ks
+            .changes_read(s, (StreamId::MAX, StreamId::MAX), 0, false, now_ms, c)
+            .await?;
+        let from = if at.floor == StreamId::MIN {
+            StreamId::MIN
+        } else {
+            at.floor.successor()
+        };
+        let first = ks
+            .changes_read(s, (from, StreamId::MAX), 1, false, now_ms, c)
+            .await?;
+        out.push(
+            first
+                .entries
+                .first()
+                .and_then(super::prefixed::entry_id)
+                .map(StreamId::clock),
+        );
+    }
+    Ok(out)
+}
+
 /// Each shard's pin from the groups' positions (`stream` names as `groups.rs` keeps them:
 /// `<ks>` or `<ks>#<n>`, either with `:<prefix>`): the smallest clock of a position on a
-/// stream that reads the shard (a merged stream reads every shard), ignoring positions
-/// older than [`PIN_AGE_MAX_MS`]. Entries at or above it stay.
+/// stream that reads the shard (a merged stream reads every shard). A pin lapses once what
+/// it holds is older than [`PIN_AGE_MAX_MS`]: its position's clock, or the shard's oldest
+/// held event's (`oldest`) when the position is older (a group created at `0`). Entries at
+/// or above it stay.
 fn pins_by_shard(
     keyspace: &str,
     shards: usize,
     positions: &[(bytes::Bytes, StreamId)],
+    oldest: &[Option<Timestamp>],
     now_ms: u64,
 ) -> Vec<Option<Timestamp>> {
     let mut pins: Vec<Option<Timestamp>> = vec![None; shards];
@@ -171,10 +210,11 @@ fn pins_by_shard(
             // Another keyspace whose name starts with this one's.
             _ => continue,
         };
-        if clock.physical_ms() + PIN_AGE_MAX_MS < now_ms {
-            continue;
-        }
         for s in targets {
+            let held_from = clock.max(oldest.get(s).copied().flatten().unwrap_or(clock));
+            if held_from.physical_ms() + PIN_AGE_MAX_MS < now_ms {
+                continue;
+            }
             pins[s] = Some(pins[s].map_or(clock, |p| p.min(clock)));
         }
     }
@@ -204,9 +244,16 @@ mod tests {
             (bytes::Bytes::from("users#0"), id(now - PIN_AGE_MAX_MS - 1)),
             (bytes::Bytes::from("users#7"), id(now - 900)),
         ];
-        let pins = pins_by_shard("users", 3, &positions, now);
+        let pins = pins_by_shard("users", 3, &positions, &[], now);
         let at = |ms| Some(Timestamp::from_parts(ms, 0));
         assert_eq!(pins, vec![at(now - 50), at(now - 50), at(now - 90)]);
-        assert_eq!(pins_by_shard("users", 2, &[], now), vec![None, None]);
+        assert_eq!(pins_by_shard("users", 2, &[], &[], now), vec![None, None]);
+        // A group at `0` holds what the shard holds, for as long as that is recent.
+        let from_start = vec![(bytes::Bytes::from("users"), StreamId::MIN)];
+        let recent = vec![at(now - 10), None];
+        assert_eq!(
+            pins_by_shard("users", 2, &from_start, &recent, now),
+            vec![Some(Timestamp::ZERO), None]
+        );
     }
 }

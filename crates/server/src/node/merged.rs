@@ -169,7 +169,8 @@ pub async fn read(
             c,
         )
     }))
-    .await?;
+    .await
+    .map_err(in_merged_terms)?;
     let on = pages.iter().all(|p| p.on);
     let events = pages.iter().map(|p| p.events).sum();
     if let Some(off) = pages.iter().position(|p| !p.on)
@@ -370,6 +371,29 @@ pub async fn read(
         last_clock,
         newest,
     })
+}
+
+/// A shard's `HISTORYLOST` (naming the oldest event it holds, whose clock's earlier events
+/// all went) said in the merged stream's IDs: where a merged reader can read from.
+fn in_merged_terms(e: Error) -> Error {
+    let text = e.to_string();
+    let Some(rest) = text.strip_prefix("HISTORYLOST ") else {
+        return e;
+    };
+    let oldest = rest
+        .split("held from ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|id| StreamId::parse_with(id.as_bytes(), 0).ok());
+    match oldest {
+        Some(oldest) => {
+            let from = merged::clock_end(oldest.clock()).successor();
+            Error::Command(format!(
+                "HISTORYLOST the keyspace's changes are held from {from} on (older ones went with the retention, or came before a snapshot a replica installed); read from {from}"
+            ))
+        }
+        None => e,
+    }
 }
 
 /// Where the merged stream stands now: every shard closed at least at the newest clock any

@@ -63,11 +63,10 @@ fn entry_bytes(entry: &Reply) -> usize {
     })
 }
 
-/// Where a merged read goes on after a shard's `HISTORYLOST` (it names the oldest event
-/// that shard holds; every event at the clock before it went): the first merged ID past it.
+/// Where a merged read goes on after its `HISTORYLOST` (which names, in merged IDs, the
+/// oldest position held).
 fn past_lost(e: &capdb_types::Error) -> Option<StreamId> {
-    let oldest = oldest_in(&e.to_string())?;
-    Some(capdb_types::changes::merged::clock_end(oldest.clock()).successor())
+    oldest_in(&e.to_string())
 }
 
 /// An entry's ID.

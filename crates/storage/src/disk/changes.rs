@@ -975,9 +975,11 @@ pub(super) fn read_page(
         Err(e) => return Err(io_err(e)),
     };
     // A forward read continues from a position: reaching below what is held would skip
-    // events, so it is an error. A reverse read asks for the newest ones: it ends at the floor.
+    // events, so it is an error. A reverse read asks for the newest ones, and a read from the
+    // very start (`-`, `0`) for whatever is held: both begin at the floor.
+    let from_start = from <= StreamId { ms: 0, seq: 1 };
     let from = match floor {
-        Some(floor) if rev && from <= floor => floor.successor(),
+        Some(floor) if (rev || from_start) && from <= floor => floor.successor(),
         _ => from,
     };
     if from > to {

@@ -595,20 +595,13 @@ const DELIVER_TRIES: u32 = 100;
 /// `HISTORYLOST` line (which names the oldest entry of a shard): just before it, in the
 /// stream `key` names.
 fn skip_target(line: &str, key: &[u8]) -> Option<StreamId> {
+    let _ = key;
+    // The line names, in the stream's own IDs, the oldest position held (a merged stream's
+    // is past every event at the trimmed clock: `merged::in_merged_terms`).
     let oldest = line
         .split_whitespace()
         .find_map(|w| StreamId::parse_with(w.trim_end_matches([';', ',']).as_bytes(), 0).ok())?;
-    let merged = matches!(
-        capdb_types::changes::StreamKey::parse(key),
-        Ok(Some(capdb_types::changes::StreamKey { shard: None, .. }))
-    );
-    // The retention trims whole log entries: every event at the oldest's clock on that
-    // shard went (the line names the floor's successor), so a merged reader moves past it.
-    Some(if merged {
-        capdb_types::changes::merged::clock_end(oldest.clock())
-    } else {
-        oldest.predecessor()
-    })
+    Some(oldest.predecessor())
 }
 
 /// `XREADGROUP GROUP group consumer [COUNT count] [BLOCK ms] [NOACK] STREAMS key [key ...] id
