@@ -145,7 +145,8 @@ async fn page(
             let range = (from, StreamId::MAX);
             let (page, scanned) = match prefix {
                 Some(p) => {
-                    prefixed::read_shard(ks, shard, p, range, limit, false, now_ms, c).await?
+                    let all = usize::MAX;
+                    prefixed::read_shard(ks, shard, p, range, limit, false, all, now_ms, c).await?
                 }
                 None => (
                     ks.changes_read(shard, range, limit, false, now_ms, c)
@@ -166,7 +167,10 @@ async fn page(
             let to = StreamId::MAX;
             let page = match prefix {
                 Some(p) => {
-                    prefixed::read_merged(ks, p, from, to, limit, closing, now_ms, c).await?
+                    let all = usize::MAX;
+                    prefixed::read_merged(ks, p, from, to, limit, closing, all, now_ms, c)
+                        .await?
+                        .0
                 }
                 None if closing => merged::read_closing(ks, from, to, limit, now_ms, c).await?,
                 None => merged::read(ks, from, to, limit, now_ms, c).await?,

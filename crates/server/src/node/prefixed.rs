@@ -99,6 +99,7 @@ pub async fn read_shard(
     (from, to): (StreamId, StreamId),
     count: usize,
     rev: bool,
+    pages_max: usize,
     now_ms: u64,
     c: Consistency,
 ) -> Result<(ChangesPage, Option<StreamId>)> {
@@ -107,7 +108,9 @@ pub async fn read_shard(
     let mut bytes = 0usize;
     let (mut lo, mut hi) = (from, to);
     let mut scanned = None;
+    let mut pages = 0usize;
     loop {
+        pages += 1;
         let mut page = ks
             .changes_read(shard, (lo, hi), CHANGES_READ_MAX, rev, now_ms, c)
             .await?;
@@ -137,6 +140,12 @@ pub async fn read_shard(
             page.entries = kept;
             return Ok((page, scanned));
         };
+        if pages >= pages_max {
+            // The budget of this call: `more` and `scanned` tell the caller to read on.
+            page.entries = kept;
+            page.more = true;
+            return Ok((page, scanned));
+        }
         if rev {
             hi = id.predecessor();
         } else {
@@ -148,7 +157,9 @@ pub async fn read_shard(
 /// A filtered forward read of a keyspace's merged stream from `from` to `to` (inclusive):
 /// at most about `count` matching entries (a transaction's are kept together); `resolved`
 /// is where the unfiltered read got to (or the last entry kept, when the count stopped it).
-/// `closing`: close idle shards that hold events back (a non-blocking read).
+/// `closing`: close idle shards that hold events back (a non-blocking read). At most
+/// `pages_max` unfiltered pages: the answer's `bool` says the budget stopped it before `to`
+/// (read on after `resolved`).
 #[allow(clippy::too_many_arguments)]
 pub async fn read_merged(
     ks: &Keyspace,
@@ -157,14 +168,17 @@ pub async fn read_merged(
     to: StreamId,
     count: usize,
     closing: bool,
+    pages_max: usize,
     now_ms: u64,
     c: Consistency,
-) -> Result<MergedPage> {
+) -> Result<(MergedPage, bool)> {
     let count = count.min(CHANGES_READ_MAX);
     let mut kept: Vec<Reply> = Vec::new();
     let mut bytes = 0usize;
     let mut at = from;
+    let mut pages = 0usize;
     loop {
+        pages += 1;
         let mut page = if closing {
             merged::read_closing(ks, at, to, CHANGES_READ_MAX, now_ms, c).await?
         } else {
@@ -187,16 +201,25 @@ pub async fn read_merged(
         if let Some(last) = stopped_at {
             page.resolved = last;
             page.entries = kept;
-            return Ok(page);
+            return Ok((page, false));
         }
         let next = page.resolved.successor();
         if page.resolved >= to || next <= at || page.resolved < at {
             page.entries = kept;
-            return Ok(page);
+            return Ok((page, false));
+        }
+        if pages >= pages_max {
+            page.entries = kept;
+            return Ok((page, true));
         }
         at = next;
     }
 }
+
+/// Unfiltered pages one blocking read's step of a key-prefix stream scans at most (up to
+/// 10,000 events each), so that a read over many rarely matching prefixes answers within
+/// its BLOCK and shares the server; it reads on at its next step.
+pub const PAGES_PER_STEP: usize = 4;
 
 /// A filtered XREVRANGE of a merged stream: the newest `count` matching entries in
 /// `from..=to`, newest first, found by a forward scan of the range that keeps the last

@@ -187,6 +187,7 @@ async fn entry_by_id(conn: &Connection, key: &[u8], id: StreamId) -> Result<Repl
             lagging: Vec::new(),
             newest: capdb_types::Timestamp::ZERO,
             scanned: None,
+            partial: false,
         },
         Err(e) => return Err(e),
     };

@@ -265,6 +265,17 @@ pub(super) struct Page {
     /// A key-prefix stream's forward read: the last ID it looked at (nothing else at or
     /// below it matches), so a reader that found nothing moves on from there.
     pub(super) scanned: Option<StreamId>,
+    /// A key-prefix stream's read stopped at its page budget before the end of its range.
+    pub(super) partial: bool,
+}
+
+/// What a key-prefix stream's read asks for.
+struct Prefixed {
+    range: (StreamId, StreamId),
+    count: usize,
+    rev: bool,
+    closing: bool,
+    pages_max: usize,
 }
 
 /// Reads a page of the stream `key` names; an error when its keyspace's changes are off
@@ -278,10 +289,31 @@ pub(super) async fn read_page(
     rev: bool,
     closing: bool,
 ) -> Result<Page, String> {
+    read_page_bounded(conn, key, range, count, rev, closing, usize::MAX).await
+}
+
+/// [`read_page`]; a key-prefix stream scans at most `pages_max` unfiltered pages (a blocking
+/// reader's step: `Page::partial` says it stopped there and reads on without waiting).
+pub(super) async fn read_page_bounded(
+    conn: &Connection,
+    key: &[u8],
+    range: (StreamId, StreamId),
+    count: usize,
+    rev: bool,
+    closing: bool,
+    pages_max: usize,
+) -> Result<Page, String> {
     let (ks, target) = resolve(conn, key)?;
     let prefix = StreamKey::parse(key).ok().flatten().and_then(|k| k.prefix);
     if let Some(prefix) = prefix {
-        return read_prefixed(conn, &ks, target, &prefix, range, count, rev, closing).await;
+        let read = Prefixed {
+            range,
+            count,
+            rev,
+            closing,
+            pages_max,
+        };
+        return read_prefixed(conn, &ks, target, &prefix, read).await;
     }
     match target {
         Target::Shard(shard) => {
@@ -300,6 +332,7 @@ pub(super) async fn read_page(
                 lagging: Vec::new(),
                 newest: capdb_types::Timestamp::ZERO,
                 scanned: None,
+                partial: false,
             })
         }
         Target::Merged => {
@@ -336,24 +369,29 @@ pub(super) async fn read_page(
                 lagging: page.lagging,
                 newest: page.newest,
                 scanned: None,
+                partial: false,
             })
         }
     }
 }
 
 /// [`read_page`] of a key-prefix stream (`node/prefixed.rs`): the same reads, filtered.
-#[allow(clippy::too_many_arguments)]
 async fn read_prefixed(
     conn: &Connection,
     ks: &crate::node::Keyspace,
     target: Target,
     prefix: &[u8],
-    range: (StreamId, StreamId),
-    count: usize,
-    rev: bool,
-    closing: bool,
+    read: Prefixed,
 ) -> Result<Page, String> {
     use crate::node::prefixed;
+    let Prefixed {
+        range,
+        count,
+        rev,
+        closing,
+        pages_max,
+    } = read;
+    let mut partial = false;
     let (now_ms, c) = (conn.now_ms, conn.consistency);
     let fail = |e: capdb_types::Error| error_line(&e);
     // XLEN and `$` ask where the stream stands (no entries): the unfiltered answers.
@@ -367,9 +405,14 @@ async fn read_prefixed(
                     .map_err(fail)?;
                 (page, None)
             } else {
-                prefixed::read_shard(ks, shard, prefix, range, count, rev, now_ms, c)
-                    .await
-                    .map_err(fail)?
+                let read = prefixed::read_shard(
+                    ks, shard, prefix, range, count, rev, pages_max, now_ms, c,
+                )
+                .await
+                .map_err(fail)?;
+                // Stopped by the budget, not by the count: read on.
+                partial = read.0.more && read.0.entries.len() < count;
+                read
             };
             if !page.on && page.events == 0 {
                 return Err(changes_off(ks));
@@ -383,6 +426,7 @@ async fn read_prefixed(
                 lagging: Vec::new(),
                 newest: capdb_types::Timestamp::ZERO,
                 scanned,
+                partial,
             })
         }
         Target::Merged => {
@@ -392,7 +436,12 @@ async fn read_prefixed(
             } else if rev {
                 prefixed::read_merged_rev(ks, prefix, from, to, count, now_ms, c).await
             } else {
-                prefixed::read_merged(ks, prefix, from, to, count, closing, now_ms, c).await
+                prefixed::read_merged(ks, prefix, from, to, count, closing, pages_max, now_ms, c)
+                    .await
+                    .map(|(page, stopped)| {
+                        partial = stopped;
+                        page
+                    })
             }
             .map_err(fail)?;
             if !page.on && page.events == 0 {
@@ -406,6 +455,7 @@ async fn read_prefixed(
                 lagging: page.lagging,
                 newest: page.newest,
                 scanned: None,
+                partial,
             })
         }
     }
@@ -557,11 +607,27 @@ pub(super) async fn xread(conn: &mut Connection, args: &[Bytes]) -> Outcome {
     let (keys, ids) = rest.split_at(rest.len() / 2);
     // Where each key's reading starts (exclusive): `$` is the stream's last ID now.
     let mut after: Vec<StreamId> = Vec::with_capacity(keys.len());
+    // `$` once per stream: key-prefix keys of one stream share its last ID.
+    let mut last_of: std::collections::HashMap<(Option<String>, Option<u32>), StreamId> =
+        std::collections::HashMap::new();
     for (k, id) in keys.iter().zip(ids) {
         let start = if id.as_ref() == b"$" {
-            read_page(conn, k, (StreamId::MAX, StreamId::MAX), 0, false, false)
-                .await?
-                .last
+            let stream = StreamKey::parse(k)
+                .ok()
+                .flatten()
+                .map(|sk| (sk.keyspace, sk.shard));
+            match stream.as_ref().and_then(|s| last_of.get(s)) {
+                Some(last) => *last,
+                None => {
+                    let last = read_page(conn, k, (StreamId::MAX, StreamId::MAX), 0, false, false)
+                        .await?
+                        .last;
+                    if let Some(stream) = stream {
+                        last_of.insert(stream, last);
+                    }
+                    last
+                }
+            }
         } else {
             parse_id(id)?
         };
@@ -593,19 +659,23 @@ pub(super) async fn xread(conn: &mut Connection, args: &[Bytes]) -> Outcome {
             Vec<u32>,
             capdb_types::Timestamp,
         )> = Vec::new();
+        // A key-prefix stream read stopped at its budget: look again at once.
+        let mut partial = false;
         for ((k, from), (ks, _)) in keys.iter().zip(cursors.iter_mut()).zip(&targets) {
             if *from == StreamId::MAX {
                 continue;
             }
-            let page = read_page(
+            let page = read_page_bounded(
                 conn,
                 k,
                 (from.successor(), StreamId::MAX),
                 count,
                 false,
                 first,
+                crate::node::prefixed::PAGES_PER_STEP,
             )
             .await?;
+            partial |= page.partial;
             if !page.entries.is_empty() {
                 found.push((k.clone(), page.entries));
             } else if let Some(seen) = page.resolved.or(page.scanned) {
@@ -619,6 +689,10 @@ pub(super) async fn xread(conn: &mut Connection, args: &[Bytes]) -> Outcome {
         if !found.is_empty() {
             conn.out.reply(&per_key_reply(conn.out.resp3, found));
             return Ok(());
+        }
+        // More history to look through: read on (a blocking read within its deadline).
+        if partial && !matches!(deadline, Some(Some(at)) if tokio::time::Instant::now() >= at) {
+            continue;
         }
         match deadline {
             // Not blocking, or the block ran out: the null reply.
