@@ -1222,6 +1222,18 @@ fn a_key_prefix_stream_keeps_only_the_events_on_its_keys_with_the_whole_streams_
     let mut expect: Vec<String> = want.iter().map(id_text).collect();
     expect.push(id_text(&woke[0]));
     assert_eq!(ids, expect);
+    // Any bytes as hex ("user:"), the same entries; not both forms at once.
+    let path = format!("/v1/changes/default?prefix_hex=757365723a&after={start}");
+    let (code, hex_body) = common::http(s.http, "GET", &path, &[], None).unwrap();
+    assert_eq!(code, 200);
+    let hex_ids: Vec<String> = String::from_utf8_lossy(&hex_body)
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter_map(|l| l["id"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(hex_ids, expect);
+    let path = "/v1/changes/default?prefix=user:&prefix_hex=75";
+    assert_eq!(common::http(s.http, "GET", path, &[], None).unwrap().0, 400);
     // A shard's filtered stream with nothing matching after a position says how far it
     // looked, so a client resuming there skips nothing and scans nothing again.
     let shard_key = stream_of(&mut c, "order:late0");

@@ -13,7 +13,8 @@
 //! - Otherwise NDJSON: one JSON object per line, at most `limit` (default 1,000) events after
 //!   `after` (default: from the start); `wait_ms` (≤ 30,000) long-polls when there are none.
 //!
-//! - `prefix=P`: only the events on keys starting with `P`, with the same IDs
+//! - `prefix=P` (or `prefix_hex=` for any bytes): only the events on keys starting with `P`,
+//!   with the same IDs
 //!   (`node/prefixed.rs`, like the stream key `__changes:<keyspace>[#<shard>]:P`). A shard's
 //!   filtered stream also tells how far it looked (the same progress line and event: nothing
 //!   else up to there matches), so a client resuming from it does not scan it again.
@@ -54,6 +55,27 @@ pub(super) struct ChangesQuery {
     wait_ms: Option<u64>,
     /// Only events on keys starting with this (`node/prefixed.rs`).
     prefix: Option<String>,
+    /// The same, as hex (a prefix that is not UTF-8).
+    prefix_hex: Option<String>,
+}
+
+/// The key prefix a request names: `prefix` (UTF-8 text) or `prefix_hex` (any bytes), not
+/// both.
+fn prefix_of(text: Option<String>, hex: Option<String>) -> Result<Option<bytes::Bytes>, ApiError> {
+    match (text, hex) {
+        (Some(_), Some(_)) => Err(ApiError::from(Error::InvalidInput(
+            "give prefix or prefix_hex, not both".into(),
+        ))),
+        (Some(t), None) => Ok(Some(bytes::Bytes::from(t))),
+        (None, Some(h)) => super::kv::unhex(&h)
+            .map(|b| Some(bytes::Bytes::from(b)))
+            .ok_or_else(|| {
+                ApiError::from(Error::InvalidInput(
+                    "prefix_hex is not hex (two digits per byte)".into(),
+                ))
+            }),
+        (None, None) => Ok(None),
+    }
 }
 
 /// One stream entry (`[id, [field, value, ...]]`) as a JSON object; repeated fields (`arg`,
@@ -294,7 +316,7 @@ async fn answer(
     query: ChangesQuery,
 ) -> ApiResult {
     let limit = query.limit.unwrap_or(CHANGES_PAGE_MAX);
-    let prefix: Option<bytes::Bytes> = query.prefix.map(bytes::Bytes::from);
+    let prefix = prefix_of(query.prefix, query.prefix_hex)?;
     if !(1..=CHANGES_PAGE_MAX).contains(&limit) {
         return Err(ApiError::from(Error::InvalidInput(format!(
             "limit must be 1 to {CHANGES_PAGE_MAX}"
@@ -490,6 +512,7 @@ fn sse_stream(
 #[derive(Deserialize)]
 pub(super) struct SnapshotQuery {
     prefix: Option<String>,
+    prefix_hex: Option<String>,
 }
 
 /// `GET /v1/changes/{keyspace}/snapshot[?prefix=P]`: the way back for a reader whose position
@@ -548,7 +571,7 @@ pub(super) async fn snapshot(
     let state = Snap {
         ks,
         node,
-        prefix: bytes::Bytes::from(query.prefix.unwrap_or_default()),
+        prefix: prefix_of(query.prefix, query.prefix_hex)?.unwrap_or_default(),
         shards: shards as u32,
         marks: Vec::new(),
         phase: Phase::Rows {
