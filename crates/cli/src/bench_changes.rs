@@ -2,10 +2,14 @@
 //! 3-node local cluster and a `cp` keyspace of 2 shards, in one run:
 //!
 //! 1. **Write throughput, changes off vs on**: `--clients` connections (spread over the nodes)
-//!    send pipelines of 16 SETs for `--seconds`, alternating off and on for `--rounds` rounds;
+//!    send pipelines of 16 SETs for `--seconds`, for `--rounds` rounds of one run each way;
 //!    the medians and their ratio (the target: on costs at most 10 %), and each
 //!    round's own cost (runs of the same setting differ by up to ±10 % on a loaded 2-core
-//!    machine: more rounds, a steadier median).
+//!    machine: more rounds, a steadier median). Rounds alternate their order (off then on,
+//!    on then off, ...), because throughput drifts down over a run as the files grow, which
+//!    would otherwise count against whichever setting always runs second. Also the nodes' CPU
+//!    time per write (user + system, from `/proc/<pid>/stat`), which the machine's noise moves
+//!    less than throughput.
 //! 2. **Commit-to-XREAD latency**: one writer sends SETs through node 1 at `--rate` per second;
 //!    a consumer per shard on node 2 follows with `XREAD BLOCK`. Latency = when the consumer
 //!    got the event minus when the writer got the write's `+OK` (0 when the event came first,
@@ -27,10 +31,10 @@ use crate::client::HttpClient;
 /// Options of `capdb bench changes`.
 #[derive(clap::Args)]
 pub struct ChangesArgs {
-    /// Seconds per throughput run (`--rounds` of off then on) and of the latency run.
+    /// Seconds per throughput run (`--rounds` of one off and one on) and of the latency run.
     #[arg(long, default_value_t = 5)]
     seconds: u64,
-    /// Rounds of throughput runs (each: changes off, then on).
+    /// Rounds of throughput runs (each: changes off and on, the order alternating).
     #[arg(long, default_value_t = 3)]
     rounds: usize,
     /// Connections of the throughput runs.
@@ -387,18 +391,64 @@ fn quantile(sorted: &[u64], q: f64) -> u64 {
     sorted[((sorted.len() - 1) as f64 * q).round() as usize]
 }
 
+/// Clock ticks per second of `/proc/<pid>/stat`'s times (`USER_HZ`, fixed at 100 in Linux's
+/// user-space ABI).
+const USER_HZ: f64 = 100.0;
+
+/// CPU seconds (user + system, every thread) the node processes have used so far; `None`
+/// when a node's `/proc` entry cannot be read (not Linux, or the node is gone).
+fn nodes_cpu_seconds(nodes: &[NodeProc]) -> Option<f64> {
+    let mut total = 0.0;
+    for n in nodes {
+        let pid = n.child.as_ref()?.id();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // Fields after the command name (which may hold spaces, inside parentheses):
+        // state is field 3, utime field 14, stime field 15.
+        let rest = &stat[stat.rfind(')')? + 2..];
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let utime: f64 = fields.get(11)?.parse().ok()?;
+        let stime: f64 = fields.get(12)?.parse().ok()?;
+        total += (utime + stime) / USER_HZ;
+    }
+    Some(total)
+}
+
 async fn run(args: &ChangesArgs, nodes: &[NodeProc]) -> Result<(), String> {
     let streams = setup(nodes).await?;
     let (mut off, mut on) = (Vec::new(), Vec::new());
-    for _ in 0..args.rounds {
-        for state in [false, true] {
+    // CPU microseconds of the nodes per write, per run.
+    let (mut off_cpu, mut on_cpu) = (Vec::new(), Vec::new());
+    for round in 0..args.rounds {
+        let order = if round % 2 == 0 {
+            [false, true]
+        } else {
+            [true, false]
+        };
+        for state in order {
             switch(nodes, state).await?;
+            let cpu_before = nodes_cpu_seconds(nodes);
             let ops = throughput(nodes, args.clients, args.seconds).await?;
+            let cpu = cpu_before
+                .zip(nodes_cpu_seconds(nodes))
+                .map(|(b, a)| (a - b) * 1e6 / (ops * args.seconds as f64));
             eprintln!(
-                "  SET pipelines, changes {}: {ops:.0} writes/s",
-                if state { "on" } else { "off" }
+                "  SET pipelines, changes {}: {ops:.0} writes/s{}",
+                if state { "on" } else { "off" },
+                cpu.map(|c| format!(", {c:.0} µs of node CPU per write"))
+                    .unwrap_or_default()
             );
-            if state { on.push(ops) } else { off.push(ops) }
+            if state {
+                on.push(ops)
+            } else {
+                off.push(ops)
+            }
+            if let Some(c) = cpu {
+                if state {
+                    on_cpu.push(c)
+                } else {
+                    off_cpu.push(c)
+                }
+            }
         }
     }
     // Each round's cost (its off run against its on run), before the medians sort them.
@@ -417,6 +467,8 @@ async fn run(args: &ChangesArgs, nodes: &[NodeProc]) -> Result<(), String> {
         }
     };
     let (off_ops, on_ops) = (median(&mut off), median(&mut on));
+    let cpu_per_write = (off_cpu.len() == args.rounds && on_cpu.len() == args.rounds)
+        .then(|| (median(&mut off_cpu), median(&mut on_cpu)));
     switch(nodes, true).await?;
     let lat = latency(nodes, &streams, args.rate, args.seconds).await?;
     eprintln!("  latency: {} writes followed", lat.len());
@@ -442,6 +494,12 @@ async fn run(args: &ChangesArgs, nodes: &[NodeProc]) -> Result<(), String> {
         args.clients, args.rounds
     );
     println!("| SET writes/s, changes on (same) | {on_ops:.0} | | |");
+    if let Some((off_cpu, on_cpu)) = cpu_per_write {
+        println!(
+            "| nodes' CPU per write, off / on (user + system of the 3 processes, medians) | {off_cpu:.0} / {on_cpu:.0} µs ({:+.1} %) | | |",
+            (on_cpu / off_cpu - 1.0) * 100.0
+        );
+    }
     println!(
         "| cost of changes on (medians; each round: {}) | {:.1} % | <= 10 % | {} |",
         per_round.join(", "),
