@@ -25,6 +25,15 @@ use client::HttpClient;
 /// it. glibc's arenas made `free` and `malloc` a fifth of HSET's profile on a 100,000-field
 /// hash, and HSET ran 65% faster under a thread-caching allocator (Redis links jemalloc for
 /// the same reason). mimalloc builds from the C source its crate ships (no system library).
+///
+/// Built with `no_thp`: mimalloc otherwise asks for transparent huge pages on its arenas, and
+/// every time it gives freed memory back and takes it again the kernel zeroes a whole 2 MiB
+/// page. redb allocates a fresh buffer for each page it writes, so on the write path this was
+/// the storage writer thread's top symbol (`clear_page_erms` under
+/// `do_huge_pmd_anonymous_page`, 4–8 % of its samples under `capdb bench changes`); without
+/// huge pages it is gone from the profile. Throughput moved within this machine's noise
+/// (3-node SETs +4 %; single-node `bench/redis_compare.py --baseline-binary`: -7 % to +6 %
+/// per case), and a process no longer holds whole huge pages for small live allocations.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
