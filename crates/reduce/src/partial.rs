@@ -1,0 +1,428 @@
+//! A task's partial result: group → accumulators, with what it scanned; how a task adds keys
+//! to one, how partials merge, their wire and storage form, and the final rows.
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::acc::{Acc, AccError, Contribution, Reducer};
+use crate::extract::{Extractor, Notes, Scalar};
+use crate::sketch::VALUE_BYTES_MAX;
+use crate::spec::JobSpec;
+
+/// Why a job cannot go on (each ends it; the message names what to change).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobError {
+    /// More groups than `limits.groups_max`.
+    GroupsMax { max: u64 },
+    /// A reducer's sum left the range of exact numbers, in this group.
+    Overflow { group: String, reducer: String },
+    /// A partial that does not decode or whose accumulators do not fit the spec.
+    Corrupt(String),
+    /// A spec a plan cannot be made of (built by hand, not by [`JobSpec::parse`]).
+    Spec(String),
+}
+
+impl std::fmt::Display for JobError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            JobError::GroupsMax { max } => {
+                write!(
+                    f,
+                    "more than {max} groups (raise limits.groups_max, up to 4000000)"
+                )
+            }
+            JobError::Overflow { group, reducer } => {
+                write!(
+                    f,
+                    "reducer {reducer:?} of group {group}: a sum out of range (about ±1.7e29)"
+                )
+            }
+            JobError::Corrupt(why) => write!(f, "corrupt partial result: {why}"),
+            JobError::Spec(why) => write!(f, "spec: {why}"),
+        }
+    }
+}
+
+/// What a reducer takes from a key.
+#[derive(Debug, Clone)]
+enum Feed {
+    One,
+    /// The number in this value slot.
+    Value(usize),
+    /// The elements this extractor finds: for a top-k, canonical scalar bytes (strings cut
+    /// to [`VALUE_BYTES_MAX`]); for a distinct count, a string's own bytes (so the HLL
+    /// agrees with one PFADD built from the same strings) and other scalars' canonical bytes.
+    Elements {
+        of: Extractor,
+        raw_strings: bool,
+    },
+}
+
+/// A spec compiled for scanning: value slots resolved, reducers in a fixed order.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    spec: JobSpec,
+    values: Vec<Extractor>,
+    reducers: Vec<(String, Reducer, Feed)>,
+}
+
+/// A partial result.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Partial {
+    /// Canonical group bytes ([`Scalar::encode`] of each part) → one accumulator per reducer,
+    /// in the plan's order.
+    groups: HashMap<Vec<u8>, Vec<Acc>, foldhash::fast::FixedState>,
+    /// Keys read (under the scan prefix, matching the pattern).
+    pub keys: u64,
+    /// Keys some extractor found nothing in.
+    pub skipped: u64,
+    /// Keys with a number past 9 decimals (rounded half to even).
+    pub rounded: u64,
+    /// Bytes of keys and values read.
+    pub bytes: u64,
+}
+
+/// The stored form's version.
+const FORMAT: u8 = 1;
+
+#[derive(Serialize, Deserialize)]
+struct Wire {
+    keys: u64,
+    skipped: u64,
+    rounded: u64,
+    bytes: u64,
+    groups: Vec<(Vec<u8>, Vec<Acc>)>,
+}
+
+impl Plan {
+    pub fn new(spec: JobSpec) -> Result<Plan, JobError> {
+        let names: Vec<String> = spec.values.keys().cloned().collect();
+        let values: Vec<Extractor> = spec.values.values().cloned().collect();
+        let slot = |n: &String| {
+            names
+                .iter()
+                .position(|x| x == n)
+                .ok_or_else(|| JobError::Spec(format!("{n:?} is not a name in map.values")))
+        };
+        let mut reducers = Vec::with_capacity(spec.reduce.len());
+        for (name, r) in &spec.reduce {
+            let feed = match r {
+                Reducer::Count => Feed::One,
+                Reducer::Sum(v)
+                | Reducer::Min(v)
+                | Reducer::Max(v)
+                | Reducer::Avg(v)
+                | Reducer::Stats(v) => Feed::Value(slot(v)?),
+                Reducer::TopK { of, .. } => Feed::Elements {
+                    of: of.clone(),
+                    raw_strings: false,
+                },
+                Reducer::Distinct { of } => Feed::Elements {
+                    of: of.clone(),
+                    raw_strings: true,
+                },
+            };
+            reducers.push((name.clone(), r.clone(), feed));
+        }
+        Ok(Plan {
+            spec,
+            values,
+            reducers,
+        })
+    }
+
+    pub fn spec(&self) -> &JobSpec {
+        &self.spec
+    }
+
+    /// An empty partial of this plan.
+    pub fn partial(&self) -> Partial {
+        Partial::default()
+    }
+
+    /// Adds one key and its (string) value to `p`. The caller has checked that the key is
+    /// under the scan prefix; keys the pattern rejects are ignored here.
+    pub fn add(&self, p: &mut Partial, key: &[u8], value: &[u8]) -> Result<(), JobError> {
+        if !self.spec.input.wants(key) {
+            return Ok(());
+        }
+        p.keys += 1;
+        p.bytes += (key.len() + value.len()) as u64;
+        let mut notes = Notes::default();
+        // The group's parts; one of them may give several scalars (words).
+        let mut parts: Vec<Vec<Scalar>> = Vec::with_capacity(self.spec.group.len());
+        for e in &self.spec.group {
+            let mut found = Vec::new();
+            if !e.extract(key, value, &mut found, &mut notes) || found.is_empty() {
+                p.skipped += 1;
+                return Ok(());
+            }
+            parts.push(found);
+        }
+        let mut numbers = Vec::with_capacity(self.values.len());
+        for e in &self.values {
+            let mut found = Vec::new();
+            let number = e
+                .extract(key, value, &mut found, &mut notes)
+                .then(|| found.first().and_then(Scalar::to_number))
+                .flatten();
+            match number {
+                Some((n, rounded)) => {
+                    notes.rounded |= rounded;
+                    numbers.push(n);
+                }
+                None => {
+                    p.skipped += 1;
+                    return Ok(());
+                }
+            }
+        }
+        let mut elements: Vec<Vec<Vec<u8>>> = Vec::new();
+        for (_, _, feed) in &self.reducers {
+            if let Feed::Elements { of, raw_strings } = feed {
+                let mut found = Vec::new();
+                if !of.extract(key, value, &mut found, &mut notes) {
+                    p.skipped += 1;
+                    return Ok(());
+                }
+                elements.push(
+                    found
+                        .into_iter()
+                        .map(|s| match s {
+                            Scalar::Str(raw) if *raw_strings => raw,
+                            Scalar::Str(mut text) => {
+                                text.truncate(VALUE_BYTES_MAX);
+                                let mut b = Vec::with_capacity(text.len() + 5);
+                                Scalar::Str(text).encode(&mut b);
+                                b
+                            }
+                            other => {
+                                let mut b = Vec::new();
+                                other.encode(&mut b);
+                                b
+                            }
+                        })
+                        .collect(),
+                );
+            }
+        }
+        if notes.rounded {
+            p.rounded += 1;
+        }
+        // One group per scalar of the multi-valued part (the others have one each).
+        let fan = parts.iter().map(Vec::len).max().unwrap_or(1);
+        for i in 0..fan {
+            let mut group = Vec::new();
+            for part in &parts {
+                part[i.min(part.len() - 1)].encode(&mut group);
+            }
+            self.add_to_group(p, group, &numbers, &elements)?;
+        }
+        Ok(())
+    }
+
+    fn add_to_group(
+        &self,
+        p: &mut Partial,
+        group: Vec<u8>,
+        numbers: &[crate::num::Fixed],
+        elements: &[Vec<Vec<u8>>],
+    ) -> Result<(), JobError> {
+        let accs = match p.groups.get_mut(&group) {
+            Some(accs) => accs,
+            None => {
+                if p.groups.len() as u64 >= self.spec.limits.groups_max {
+                    return Err(JobError::GroupsMax {
+                        max: self.spec.limits.groups_max,
+                    });
+                }
+                let fresh = self.reducers.iter().map(|(_, r, _)| Acc::new(r)).collect();
+                p.groups.entry(group).or_insert(fresh)
+            }
+        };
+        let mut next_elements = elements.iter();
+        for ((_, _, feed), acc) in self.reducers.iter().zip(accs.iter_mut()) {
+            let c = match feed {
+                Feed::One => Contribution::One,
+                Feed::Value(slot) => Contribution::Number(numbers[*slot]),
+                Feed::Elements { .. } => {
+                    Contribution::Elements(next_elements.next().map_or(&[][..], |v| &v[..]))
+                }
+            };
+            acc.add(c).map_err(|e| JobError::Corrupt(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// Whether `p` has this plan's shape: one accumulator of each reducer's kind per group.
+    pub fn check(&self, p: &Partial) -> Result<(), JobError> {
+        let empty: Vec<Acc> = self.reducers.iter().map(|(_, r, _)| Acc::new(r)).collect();
+        for accs in p.groups.values() {
+            if accs.len() != empty.len() || accs.iter().zip(&empty).any(|(a, e)| !a.same_kind(e)) {
+                return Err(JobError::Corrupt("a partial of another spec".into()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds `other` into `into`. Checked first (shape, the group limit), so an error leaves
+    /// `into` as it was; only a corrupt accumulator found while merging (a sketch that does
+    /// not read) leaves it half merged, and that ends the job.
+    pub fn merge(&self, into: &mut Partial, other: &Partial) -> Result<(), JobError> {
+        self.check(other)?;
+        let new_groups = other
+            .groups
+            .keys()
+            .filter(|g| !into.groups.contains_key(*g))
+            .count();
+        if (into.groups.len() + new_groups) as u64 > self.spec.limits.groups_max {
+            return Err(JobError::GroupsMax {
+                max: self.spec.limits.groups_max,
+            });
+        }
+        into.keys += other.keys;
+        into.skipped += other.skipped;
+        into.rounded += other.rounded;
+        into.bytes += other.bytes;
+        for (group, accs) in &other.groups {
+            match into.groups.get_mut(group) {
+                Some(mine) => {
+                    for (a, b) in mine.iter_mut().zip(accs) {
+                        a.merge(b).map_err(|e| JobError::Corrupt(e.to_string()))?;
+                    }
+                }
+                None => {
+                    into.groups.insert(group.clone(), accs.clone());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The result rows, ordered and limited as the spec's output says: each
+    /// `{"group": …, "<reducer>": …}`, the group a scalar (one part), an array (several) or
+    /// `null` (none). Groups order by their values (numbers as numbers, strings by bytes;
+    /// null, then booleans, numbers, strings), ascending also as the tie-break of `order_by`
+    /// and of `desc`. A sum
+    /// out of range ends the job here, naming its group and reducer.
+    pub fn rows(&self, p: &Partial) -> Result<Vec<Value>, JobError> {
+        self.check(p)?;
+        let by = self
+            .spec
+            .output
+            .order_by
+            .as_ref()
+            .and_then(|name| self.reducers.iter().position(|(n, _, _)| n == name));
+        let mut order: Vec<(Option<crate::num::Fixed>, Vec<Scalar>, &Vec<Acc>)> = p
+            .groups
+            .iter()
+            .map(|(g, accs)| {
+                let key = by.and_then(|i| accs.get(i)).and_then(Acc::sort_key);
+                (key, Scalar::decode_all(g).unwrap_or_default(), accs)
+            })
+            .collect();
+        // By the reducer (descending when asked), then by group, ascending.
+        order.sort_by(|a, b| {
+            let primary = a.0.cmp(&b.0);
+            let primary = if self.spec.output.desc {
+                primary.reverse()
+            } else {
+                primary
+            };
+            primary.then_with(|| a.1.cmp(&b.1))
+        });
+        let limit = self.spec.output.limit.map_or(usize::MAX, |l| l as usize);
+        let mut rows = Vec::with_capacity(order.len().min(limit));
+        for (_, parts, accs) in order.into_iter().take(limit) {
+            let mut row = Map::new();
+            let group = match parts.len() {
+                0 => Value::Null,
+                1 => parts[0].to_json(),
+                _ => Value::Array(parts.iter().map(Scalar::to_json).collect()),
+            };
+            row.insert("group".into(), group);
+            for ((name, _, _), acc) in self.reducers.iter().zip(accs) {
+                let value = acc.to_json().map_err(|e| match e {
+                    AccError::Overflow => JobError::Overflow {
+                        group: Value::Array(parts.iter().map(Scalar::to_json).collect())
+                            .to_string(),
+                        reducer: name.clone(),
+                    },
+                    other => JobError::Corrupt(other.to_string()),
+                })?;
+                row.insert(name.clone(), value);
+            }
+            rows.push(Value::Object(row));
+        }
+        Ok(rows)
+    }
+}
+
+impl Partial {
+    pub fn groups(&self) -> usize {
+        self.groups.len()
+    }
+
+    /// About how many bytes it holds in memory.
+    pub fn size_estimate(&self) -> usize {
+        self.groups
+            .iter()
+            .map(|(g, accs)| 48 + g.len() + accs.iter().map(Acc::size_estimate).sum::<usize>())
+            .sum()
+    }
+
+    /// `[format u8] [crc32 LE of what follows] postcard(...)`, groups in key order.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut groups: Vec<(Vec<u8>, Vec<Acc>)> = self
+            .groups
+            .iter()
+            .map(|(g, a)| (g.clone(), a.clone()))
+            .collect();
+        groups.sort_by(|a, b| a.0.cmp(&b.0));
+        let wire = Wire {
+            keys: self.keys,
+            skipped: self.skipped,
+            rounded: self.rounded,
+            bytes: self.bytes,
+            groups,
+        };
+        // Encoding plain data into a Vec cannot fail.
+        let body = postcard::to_stdvec(&wire).unwrap_or_default();
+        let mut out = Vec::with_capacity(5 + body.len());
+        out.push(FORMAT);
+        out.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+        out.extend_from_slice(&body);
+        out
+    }
+
+    /// The partial `raw` holds, checked (format, checksum, shape).
+    pub fn decode(raw: &[u8]) -> Result<Partial, JobError> {
+        let [format, c0, c1, c2, c3, body @ ..] = raw else {
+            return Err(JobError::Corrupt(format!("{} bytes", raw.len())));
+        };
+        if *format != FORMAT {
+            return Err(JobError::Corrupt(format!("unknown format {format}")));
+        }
+        if crc32fast::hash(body) != u32::from_le_bytes([*c0, *c1, *c2, *c3]) {
+            return Err(JobError::Corrupt("checksum mismatch".into()));
+        }
+        let wire: Wire =
+            postcard::from_bytes(body).map_err(|e| JobError::Corrupt(e.to_string()))?;
+        let mut groups = HashMap::default();
+        for (g, accs) in wire.groups {
+            if Scalar::decode_all(&g).is_none() {
+                return Err(JobError::Corrupt("a group key that does not decode".into()));
+            }
+            groups.insert(g, accs);
+        }
+        Ok(Partial {
+            groups,
+            keys: wire.keys,
+            skipped: wire.skipped,
+            rounded: wire.rounded,
+            bytes: wire.bytes,
+        })
+    }
+}
