@@ -108,6 +108,13 @@ pub enum Request {
         keep_from: Option<Timestamp>,
         pinned: Timestamp,
     },
+    /// Data shard: every replica holds a read transaction at exactly this entry for `owner`
+    /// (a job, issue 15: `capdb_storage::disk` `pins.rs`), replacing its earlier pin. Answers
+    /// `[index, keys, first key or nil, last key or nil, held 1|0]` (`held` is the answering
+    /// replica's: it may hold the most pins it may).
+    JobPin { owner: bytes::Bytes },
+    /// Data shard: every replica releases the pin of `owner`; answers OK.
+    JobUnpin { owner: bytes::Bytes },
 }
 
 /// A watched key's guard in a [`Request::Txn`]: the key has not changed after log index
@@ -174,6 +181,10 @@ impl fmt::Display for Request {
                 "changes trim at {now_ms}, below {keep_from:?}, pinned at {pinned:?}"
             ),
             Request::TxnStep { txn, step, .. } => write!(f, "txn {} of {txn}", step.name()),
+            Request::JobPin { owner } => write!(f, "pin for {}", String::from_utf8_lossy(owner)),
+            Request::JobUnpin { owner } => {
+                write!(f, "unpin for {}", String::from_utf8_lossy(owner))
+            }
             Request::Identified { id, request } => {
                 write!(f, "{request} as {}.{}#{}", id.origin, id.epoch, id.seq)
             }

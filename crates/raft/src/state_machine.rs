@@ -353,6 +353,68 @@ impl StateMachine {
         Ok(())
     }
 
+    /// Writes `meta` rows (applied state, sessions, remembered replies) in a storage job of
+    /// their own on `table`'s shard, changing no data.
+    async fn record_meta(&self, table: &str, meta: Vec<MetaItem>) -> io::Result<()> {
+        self.engine
+            .apply_replicated(table, Vec::new(), meta, Vec::new(), Vec::new(), Vec::new())
+            .await
+            .map_err(io)?;
+        Ok(())
+    }
+
+    /// Applies a [`Request::JobPin`] alone (`capdb_storage::disk` `pins.rs`): its storage job
+    /// records the applied state, then the replica holds a read transaction of exactly that,
+    /// before anything after it is applied. Its answer is remembered by a second job right
+    /// after (it is known only once the pin is held); a crash in between leaves a duplicate
+    /// of the request unanswered, and no pin survives a crash anyway: the job re-pins.
+    #[allow(clippy::too_many_arguments)]
+    async fn apply_pin(
+        &self,
+        table: &str,
+        b: &mut ApplyBatch,
+        sessions: &mut SessionTable,
+        slot: usize,
+        remember: Option<(String, u64)>,
+        index: u64,
+        owner: bytes::Bytes,
+    ) -> io::Result<()> {
+        use capdb_types::Reply;
+        let meta = self.alone_meta(b, sessions);
+        let applied_key = meta_key(self.group, "applied");
+        let pinned = self
+            .engine
+            .table(table, false)
+            .pin(&owner, index, meta, &applied_key)
+            .await;
+        let reply = match pinned {
+            Ok(info) => {
+                let key = |k: Option<bytes::Bytes>| k.map_or(Reply::Nil, Reply::Bulk);
+                Ok(Reply::Array(vec![
+                    Reply::Integer(i64::try_from(info.index).unwrap_or(i64::MAX)),
+                    Reply::Integer(i64::try_from(info.keys).unwrap_or(i64::MAX)),
+                    key(info.first_key),
+                    key(info.last_key),
+                    Reply::Integer(i64::from(info.held)),
+                ]))
+            }
+            // The pin's own invariant failed: answered, never a silent pin of other data.
+            Err(e @ (capdb_types::Error::InvalidInput(_) | capdb_types::Error::Corruption(_))) => {
+                tracing::error!(table, error = %e, "a job pin was refused");
+                Err(e)
+            }
+            Err(e) => return Err(io(e)),
+        };
+        let reply = vec![reply];
+        if let Some((key, sent_ms)) = remember {
+            let mut value = row::prefix(sent_ms, row::REPLIES);
+            value.extend(encode(&reply));
+            self.record_meta(table, vec![(key, Some(value))]).await?;
+        }
+        b.responses[slot] = Some(Response::Replies(reply));
+        Ok(())
+    }
+
     /// Applies one normal entry of a data shard (queued, or at once for FLUSHDB).
     async fn apply_data_entry(
         &self,
@@ -379,6 +441,8 @@ impl StateMachine {
                     | Request::ChangesTrimTo { .. }
                     | Request::ChangesPrev { .. }
                     | Request::ChangesTrimPinned { .. }
+                    | Request::JobPin { .. }
+                    | Request::JobUnpin { .. }
             );
         let pending =
             !(b.writes.is_empty() && b.watch_points.is_empty() && b.remembered.is_empty());
@@ -562,6 +626,24 @@ impl StateMachine {
                 self.apply_changes_step(table, b, sessions, slot, remember, index, step)
                     .await?;
             }
+            Request::JobPin { owner } => {
+                self.apply_pin(table, b, sessions, slot, remember, index, owner)
+                    .await?;
+            }
+            Request::JobUnpin { owner } => {
+                // Alone like the pin, so that it never releases a pin taken after it.
+                let released = self.engine.table(table, false).unpin(&owner);
+                tracing::debug!(table, released, "job pin released");
+                let reply = vec![Ok(capdb_types::Reply::Ok)];
+                let mut meta = self.alone_meta(b, sessions);
+                if let Some((key, sent_ms)) = remember {
+                    let mut value = row::prefix(sent_ms, row::REPLIES);
+                    value.extend(encode(&reply));
+                    meta.push((key, Some(value)));
+                }
+                self.record_meta(table, meta).await?;
+                b.responses[slot] = Some(Response::Replies(reply));
+            }
             Request::Clear => {
                 // Not while a cross-shard transaction is prepared here: it may have answered
                 // its client already, and a recovery that then found no prepare here would
@@ -589,17 +671,7 @@ impl StateMachine {
                 }
                 meta.append(&mut b.remembered);
                 if !prepared.is_empty() {
-                    self.engine
-                        .apply_replicated(
-                            table,
-                            Vec::new(),
-                            meta,
-                            Vec::new(),
-                            Vec::new(),
-                            Vec::new(),
-                        )
-                        .await
-                        .map_err(io)?;
+                    self.record_meta(table, meta).await?;
                     b.responses[slot] = Some(Response::Replies(reply));
                     return Ok(());
                 }

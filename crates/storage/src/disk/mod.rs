@@ -59,6 +59,7 @@
 //! | the server's keyspace router | [`DiskEngine::open`], [`DiskEngine::create_table`] / [`DiskEngine::drop_table`], [`DiskEngine::table`] read and written as a [`KeyspaceStore`](crate::KeyspaceStore), [`DiskTable::sweep_expired`] (active expiry); `stats`, `file_bytes`, `flush` and `closed` for metrics and shutdown |
 //! | Raft log stores | their entries are in the write-ahead log ([`DiskEngine::wal`], `crate::wal`); here `meta_put` / `meta_get` for vote, committed and purged, and `log_last` / `log_read` / `drop_group` to import a log an earlier version kept in redb |
 //! | Raft state machines | [`DiskEngine::apply_replicated`], snapshots through [`DiskEngine::dump_table`] and [`DiskEngine::replace_table`], `meta_list` / `meta_get` / `meta_put`; [`DiskEngine::drop_group`] when a group leaves the node; shard reads through `table` |
+//! | jobs (issue 15) | [`DiskTable::pin`] when a shard applies a pin entry, [`DiskTable::pinned_scan`] for tasks, [`DiskTable::unpin`] (`pins.rs`) |
 //! | `ap` replicas | `table(.., tombstones: true)` in the split form (`ap.rs`): [`DiskTable::ap_get`], [`DiskTable::ap_for_each_key`], [`DiskTable::ap_for_each_record`], [`DiskTable::ap_read_records`], [`DiskTable::ap_merge`], [`DiskTable::ap_reclaim_step`], [`DiskTable::counter_add`], [`DiskTable::purge_tombstones`] |
 //! | `ap` hinted handoff | log tables as queues (`log_append`, `log_first`, `log_read`, `log_last`, `log_remove`) and `_meta` markers (`meta_list`, `meta_put`) |
 //! | the control loop | `meta_get` / `meta_put` (the node-removed record) |
@@ -83,6 +84,7 @@ mod meta;
 mod mutation;
 mod ops;
 mod overlay;
+mod pins;
 mod replicated;
 mod space;
 mod table;
@@ -114,6 +116,9 @@ pub use groups::{CHANGES_GROUP_QUERY, CHANGES_PINS_QUERY, PINS_GROUPS_MAX};
 pub type RememberReply = Box<dyn Fn(&Result<capdb_types::Reply>) -> Vec<u8> + Send + Sync>;
 pub use meta::MetaItem;
 use ops::Op;
+pub use pins::{
+    PIN_HOLD_MAX, PINNED_PAGE_EXAMINE_MAX, PINNED_PAGE_KEYS_MAX, PINS_MAX, PinInfo, PinnedPage,
+};
 pub use replicated::{Queued, RememberReplies, TableDump};
 pub use table::SCAN_EXAMINE_MAX;
 pub use touched::{TOUCHED_MAX, WatchGuard, horizon_row};
@@ -207,6 +212,8 @@ pub struct DiskEngine {
     value_bytes_max: usize,
     /// What readers can see of what the writer answered (`visible.rs`).
     visible: Arc<visible::Visibility>,
+    /// Read transactions held at a shard's log index for jobs (`pins.rs`).
+    pins: Arc<pins::Pins>,
 }
 
 /// Signals when the writer thread has stopped and released its handle on the database. The file
@@ -283,6 +290,7 @@ impl DiskEngine {
             closed,
             value_bytes_max,
             visible,
+            pins: Arc::default(),
         })
     }
 
@@ -313,6 +321,12 @@ impl DiskEngine {
 
     pub fn stats(&self) -> &EngineStats {
         &self.stats
+    }
+
+    /// Pins this node holds (`pins.rs`), after dropping those held too long.
+    pub fn pins_held(&self) -> usize {
+        self.pins.expire();
+        self.pins.count()
     }
 
     /// The node's write-ahead log, where Raft groups keep their logs.
