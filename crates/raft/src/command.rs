@@ -115,6 +115,9 @@ pub enum Request {
     JobPin { owner: bytes::Bytes },
     /// Data shard: every replica releases the pin of `owner`; answers OK.
     JobUnpin { owner: bytes::Bytes },
+    /// A `_jobs` shard: a change to jobs' state (`capdb_storage::disk` `jobs.rs`); answers
+    /// what it answers.
+    Job(capdb_types::jobs::JobCommand),
 }
 
 /// A watched key's guard in a [`Request::Txn`]: the key has not changed after log index
@@ -185,6 +188,7 @@ impl fmt::Display for Request {
             Request::JobUnpin { owner } => {
                 write!(f, "unpin for {}", String::from_utf8_lossy(owner))
             }
+            Request::Job(c) => write!(f, "job {} of {}", c.name(), String::from_utf8_lossy(c.id())),
             Request::Identified { id, request } => {
                 write!(f, "{request} as {}.{}#{}", id.origin, id.epoch, id.seq)
             }

@@ -443,6 +443,7 @@ impl StateMachine {
                     | Request::ChangesTrimPinned { .. }
                     | Request::JobPin { .. }
                     | Request::JobUnpin { .. }
+                    | Request::Job(_)
             );
         let pending =
             !(b.writes.is_empty() && b.watch_points.is_empty() && b.remembered.is_empty());
@@ -623,6 +624,11 @@ impl StateMachine {
             }
             Request::ChangesGroup(cmd) => {
                 let step = ChangesStep::Group(cmd);
+                self.apply_changes_step(table, b, sessions, slot, remember, index, step)
+                    .await?;
+            }
+            Request::Job(cmd) => {
+                let step = ChangesStep::Job(cmd);
                 self.apply_changes_step(table, b, sessions, slot, remember, index, step)
                     .await?;
             }

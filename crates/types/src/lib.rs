@@ -29,6 +29,7 @@ pub mod consistency;
 pub mod error;
 pub mod hlc;
 pub mod ids;
+pub mod jobs;
 pub mod keyspace;
 pub mod limits;
 pub mod merge;

@@ -133,6 +133,9 @@ pub enum ChangesStep {
     Progress { ts: Timestamp },
     /// A consumer-group command on this (first) shard's element table (`groups.rs`).
     Group(capdb_types::changes::groups::GroupCommand),
+    /// A job command on a `_jobs` shard's element table (`jobs.rs`): not a change-log step,
+    /// but the same kind of entry (applied alone, its answer remembered with it).
+    Job(capdb_types::jobs::JobCommand),
 }
 
 /// Bytes of keys and values one read gathers at most (past it the read stops, after at least

@@ -79,6 +79,7 @@
 mod ap;
 mod changes;
 mod groups;
+mod jobs;
 mod log;
 mod meta;
 mod mutation;
@@ -111,6 +112,7 @@ pub use changes::{
     SNAPSHOT_PAGE_MAX, TxnPartAt,
 };
 pub use groups::{CHANGES_GROUP_QUERY, CHANGES_PINS_QUERY, PINS_GROUPS_MAX};
+pub use jobs::{JOBS_QUERY, LIST_PAGE_MAX, QUERY_BYTES_MAX, STREAM_PAGE_MAX, TASKS_PAGE_MAX};
 
 /// Encodes a step's answer for the `_meta` row that remembers it (exactly-once retries).
 pub type RememberReply = Box<dyn Fn(&Result<capdb_types::Reply>) -> Vec<u8> + Send + Sync>;

@@ -449,6 +449,7 @@ pub(super) fn execute(x: &Exec, op: &Op, live_tables: &mut HashSet<String>) -> R
                 super::ChangesStep::Group(cmd) => {
                     super::groups::apply(x, &element_table(table), cmd)?
                 }
+                super::ChangesStep::Job(cmd) => super::jobs::apply(x, &element_table(table), cmd)?,
             };
             let mut mt = x.txn.open_table(META_TABLE).map_err(io_err)?;
             if let Some((key, encode_answer)) = remember {

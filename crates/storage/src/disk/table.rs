@@ -540,6 +540,18 @@ impl KeyspaceStore for DiskTable {
         }
         if args
             .first()
+            .is_some_and(|n| n.as_ref() == super::JOBS_QUERY.as_bytes())
+        {
+            // See `jobs::query`; a shard that never held a job answers as an empty one.
+            return Ok(self
+                .read_elements(|el| super::jobs::query(el, args))?
+                .unwrap_or(match args.get(1).map(|s| &s[..]) {
+                    Some(b"record" | b"result") => Reply::Nil,
+                    _ => Reply::Array(Vec::new()),
+                }));
+        }
+        if args
+            .first()
             .is_some_and(|n| n.as_ref() == super::CHANGES_GROUP_QUERY.as_bytes())
         {
             // `stream [group [from count]]`: see `groups::query`.

@@ -1,0 +1,633 @@
+//! Jobs' replicated state (issue 15, `docs/design/mapreduce.md` §4): each job's record, its
+//! tasks, its stream and its result, kept in the element table of the `_jobs` shard its id
+//! hashes to, under the reserved id 0, and changed only by that shard's log
+//! (`Request::Job`, applied alone: [`apply`]). The rules that make a job end the same however
+//! its coordinators and workers die are here, in log order: epoch fencing, the first
+//! success of a task wins, bounded everything. Types and bounds: `capdb_types::jobs`.
+//!
+//! # Rows
+//!
+//! - `0‖job/‖len‖id` -> [`JobRecord`] (postcard)
+//! - `0‖job-task/‖len‖id‖task u32` -> [`TaskRecord`]
+//! - `0‖job-log/‖len‖id‖ms u64‖seq u64` (big-endian) -> the entry's fields (postcard
+//!   `Vec<(Bytes, Bytes)>`): the job's stream, IDs given at apply, rising
+//! - `0‖job-res/‖len‖id‖chunk u32` -> a chunk of the final result
+//! - `0‖job-active` -> u64 LE: jobs that have not ended ([`ACTIVE_JOBS_MAX`])
+//!
+//! The rows are replicated state: snapshots carry the element table (FLUSHDB is refused on
+//! `_jobs` by the server).
+
+use bytes::Bytes;
+use capdb_types::changes::StreamId;
+use capdb_types::jobs::{
+    ACTIVE_JOBS_MAX, ATTEMPTS_MAX, Attempt, AttemptEnd, AttemptOutcome, FORGET_ROWS_MAX,
+    JOB_STREAM_ENTRY_MAX, JOB_STREAM_MAX, JOB_STREAM_RESERVE, JobCommand, JobOutcome, JobRecord,
+    JobState, PARTIAL_INLINE_MAX, RESULT_CHUNK_MAX, RESULT_CHUNKS_MAX, TASKS_MAX, TaskRecord,
+    TaskState, id_is_valid,
+};
+use capdb_types::{Error, Reply, Result};
+use redb::ReadableTable;
+
+use super::{io_err, table_def};
+
+type RawTable<'txn> = redb::Table<'txn, &'static [u8], &'static [u8]>;
+
+/// The internal read command that reads jobs' rows (`DiskTable::read_query`): `record id`,
+/// `tasks id from count`, `stream id after-ms after-seq count`, `result id chunk`,
+/// `list after count`.
+pub const JOBS_QUERY: &str = "capdb.jobs";
+/// Most task records one `tasks` query answers, and most bytes of them (after one).
+pub const TASKS_PAGE_MAX: usize = 1_024;
+pub const QUERY_BYTES_MAX: usize = 16 << 20;
+/// Most stream entries one `stream` query answers; most ids one `list` query answers.
+pub const STREAM_PAGE_MAX: usize = 1_000;
+pub const LIST_PAGE_MAX: usize = 1_000;
+
+const RESERVED: [u8; 8] = [0; 8];
+const JOB: &[u8] = b"job/";
+const TASK: &[u8] = b"job-task/";
+const LOG: &[u8] = b"job-log/";
+const RES: &[u8] = b"job-res/";
+const ACTIVE: &[u8] = b"job-active";
+
+fn named(kind: &[u8], id: &[u8]) -> Vec<u8> {
+    let mut k = RESERVED.to_vec();
+    k.extend_from_slice(kind);
+    k.extend_from_slice(&(id.len() as u32).to_be_bytes());
+    k.extend_from_slice(id);
+    k
+}
+
+fn numbered(prefix: &[u8], n: &[u64]) -> Vec<u8> {
+    let mut k = prefix.to_vec();
+    for x in n {
+        k.extend_from_slice(&x.to_be_bytes());
+    }
+    k
+}
+
+fn task_key(id: &[u8], task: u32) -> Vec<u8> {
+    let mut k = named(TASK, id);
+    k.extend_from_slice(&task.to_be_bytes());
+    k
+}
+
+fn chunk_key(id: &[u8], n: u32) -> Vec<u8> {
+    let mut k = named(RES, id);
+    k.extend_from_slice(&n.to_be_bytes());
+    k
+}
+
+fn active_key() -> Vec<u8> {
+    let mut k = RESERVED.to_vec();
+    k.extend_from_slice(ACTIVE);
+    k
+}
+
+fn decode<T: serde::de::DeserializeOwned>(raw: &[u8], what: &str) -> Result<T> {
+    postcard::from_bytes(raw).map_err(|e| Error::Corruption(format!("{what}: {e}")))
+}
+
+fn encode<T: serde::Serialize>(v: &T) -> Result<Vec<u8>> {
+    postcard::to_stdvec(v).map_err(|e| Error::Io(format!("a job row does not encode: {e}")))
+}
+
+fn refuse(line: impl Into<String>) -> Result<Result<Reply>> {
+    Ok(Err(Error::Command(line.into())))
+}
+
+fn status(s: &str) -> Reply {
+    Reply::Status(s.to_string())
+}
+
+fn get<T: serde::de::DeserializeOwned>(
+    el: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    key: &[u8],
+    what: &str,
+) -> Result<Option<T>> {
+    match el.get(key).map_err(io_err)? {
+        Some(raw) => decode(raw.value(), what).map(Some),
+        None => Ok(None),
+    }
+}
+
+fn put<T: serde::Serialize>(el: &mut RawTable<'_>, key: &[u8], v: &T) -> Result<()> {
+    el.insert(key, &encode(v)?[..]).map_err(io_err)?;
+    Ok(())
+}
+
+fn active(el: &impl ReadableTable<&'static [u8], &'static [u8]>) -> Result<u64> {
+    Ok(match el.get(&active_key()[..]).map_err(io_err)? {
+        Some(raw) => u64::from_le_bytes(
+            raw.value()
+                .try_into()
+                .map_err(|_| Error::Corruption("the active-jobs row".into()))?,
+        ),
+        None => 0,
+    })
+}
+
+fn set_active(el: &mut RawTable<'_>, n: u64) -> Result<()> {
+    el.insert(&active_key()[..], &n.to_le_bytes()[..])
+        .map_err(io_err)?;
+    Ok(())
+}
+
+/// Ends `rec` in `state` at `now_ms` (one fewer active job).
+fn end(el: &mut RawTable<'_>, rec: &mut JobRecord, state: JobState, now_ms: u64) -> Result<()> {
+    debug_assert!(!rec.state.has_ended(), "a job ends once");
+    rec.state = state;
+    rec.ended_ms = Some(now_ms);
+    let n = active(el)?;
+    set_active(el, n.saturating_sub(1))
+}
+
+/// Appends `fields` to the job's stream at `now_ms`: the entry's ID, rising across
+/// coordinators (`max(now_ms, last ms)` and a sequence).
+fn append_entry(
+    el: &mut RawTable<'_>,
+    id: &[u8],
+    rec: &mut JobRecord,
+    now_ms: u64,
+    fields: &[(Bytes, Bytes)],
+) -> Result<StreamId> {
+    let at = if now_ms > rec.stream_last.ms {
+        StreamId { ms: now_ms, seq: 0 }
+    } else {
+        StreamId {
+            ms: rec.stream_last.ms,
+            seq: rec.stream_last.seq + 1,
+        }
+    };
+    let key = numbered(&named(LOG, id), &[at.ms, at.seq]);
+    put(el, &key, &fields)?;
+    rec.stream_last = at;
+    rec.stream_entries += 1;
+    Ok(at)
+}
+
+fn field(name: &str, value: impl Into<Bytes>) -> (Bytes, Bytes) {
+    (Bytes::copy_from_slice(name.as_bytes()), value.into())
+}
+
+/// Applies one job command in the job of `x` (element table `el_table` of a `_jobs` shard):
+/// its answer (an error inside: refused, nothing changed).
+pub(super) fn apply(
+    x: &super::ops::Exec,
+    el_table: &str,
+    cmd: &JobCommand,
+) -> Result<Result<Reply>> {
+    let id = cmd.id();
+    if !id_is_valid(id) {
+        return refuse("ERR a job id is 1 to 64 of A-Z a-z 0-9 _ -");
+    }
+    let mut el: RawTable<'_> = x.txn.open_table(table_def(el_table)).map_err(io_err)?;
+    let jkey = named(JOB, id);
+    let rec: Option<JobRecord> = get(&el, &jkey, "a job record")?;
+    let Some(mut rec) = rec else {
+        return match cmd {
+            JobCommand::Submit { spec, now_ms, .. } => {
+                let n = active(&el)?;
+                if n >= ACTIVE_JOBS_MAX {
+                    return refuse(format!(
+                        "JOBSFULL {ACTIVE_JOBS_MAX} jobs are running on this shard of _jobs: wait for one to end, or cancel one"
+                    ));
+                }
+                let mut rec = JobRecord {
+                    spec: spec.clone(),
+                    submitted_ms: *now_ms,
+                    epoch: 0,
+                    state: JobState::Queued,
+                    pins: Vec::new(),
+                    tasks_total: 0,
+                    tasks_done: 0,
+                    keys_scanned: 0,
+                    ended_ms: None,
+                    stream_last: StreamId::MIN,
+                    stream_entries: 0,
+                    result_chunks: 0,
+                };
+                append_entry(
+                    &mut el,
+                    id,
+                    &mut rec,
+                    *now_ms,
+                    &[field("type", "submitted")],
+                )?;
+                put(&mut el, &jkey, &rec)?;
+                set_active(&mut el, n + 1)?;
+                Ok(Ok(Reply::Array(vec![
+                    Reply::Bulk(id.clone()),
+                    status("created"),
+                ])))
+            }
+            // Forgetting what is not there is done.
+            JobCommand::Forget { .. } => Ok(Ok(Reply::Integer(0))),
+            _ => refuse("NOJOB no such job"),
+        };
+    };
+    // Fencing: a command of a coordinator older than the record's changes nothing.
+    let fenced = match cmd {
+        JobCommand::Claim { epoch, .. }
+        | JobCommand::Plan { epoch, .. }
+        | JobCommand::AttemptStart { epoch, .. }
+        | JobCommand::Publish { epoch, .. }
+        | JobCommand::ResultChunk { epoch, .. }
+        | JobCommand::Finish { epoch, .. } => Some(*epoch),
+        _ => None,
+    };
+    if let Some(epoch) = fenced
+        && epoch < rec.epoch
+    {
+        return refuse(format!(
+            "STALE the job was claimed at epoch {} (this command's: {epoch})",
+            rec.epoch
+        ));
+    }
+    let changes_a_running_job = matches!(
+        cmd,
+        JobCommand::Plan { .. }
+            | JobCommand::AttemptStart { .. }
+            | JobCommand::ResultChunk { .. }
+            | JobCommand::Finish { .. }
+    );
+    if changes_a_running_job && rec.state.has_ended() {
+        return refuse(format!("ENDED the job has ended ({})", rec.state.name()));
+    }
+    match cmd {
+        JobCommand::Submit { spec, .. } => {
+            if *spec == rec.spec {
+                Ok(Ok(Reply::Array(vec![
+                    Reply::Bulk(id.clone()),
+                    status("exists"),
+                ])))
+            } else {
+                refuse("ERR a job with this id exists with another spec")
+            }
+        }
+        JobCommand::Claim { epoch, .. } => {
+            if *epoch > rec.epoch {
+                rec.epoch = *epoch;
+                put(&mut el, &jkey, &rec)?;
+            }
+            Ok(Ok(Reply::Bulk(Bytes::from(encode(&rec)?))))
+        }
+        JobCommand::Plan { pins, tasks, .. } => {
+            if rec.state != JobState::Queued {
+                return refuse(format!("ERR the job is already {}", rec.state.name()));
+            }
+            if tasks.is_empty() || tasks.len() > TASKS_MAX {
+                return refuse(format!("ERR a job has 1 to {TASKS_MAX} tasks"));
+            }
+            for (n, plan) in tasks.iter().enumerate() {
+                let task = TaskRecord {
+                    plan: plan.clone(),
+                    state: TaskState::Pending,
+                    attempts: Vec::new(),
+                };
+                put(&mut el, &task_key(id, n as u32), &task)?;
+            }
+            rec.pins = pins.clone();
+            rec.tasks_total = tasks.len() as u32;
+            rec.state = JobState::Running;
+            put(&mut el, &jkey, &rec)?;
+            Ok(Ok(Reply::Ok))
+        }
+        JobCommand::AttemptStart {
+            task,
+            attempt,
+            node,
+            speculative,
+            now_ms,
+            ..
+        } => {
+            let tkey = task_key(id, *task);
+            let Some(mut t): Option<TaskRecord> = get(&el, &tkey, "a task record")? else {
+                return refuse("ERR no such task");
+            };
+            if matches!(t.state, TaskState::Done { .. }) {
+                return refuse("DONE the task is done");
+            }
+            if t.attempts.len() >= ATTEMPTS_MAX {
+                return refuse(format!(
+                    "ERR the task has had {ATTEMPTS_MAX} attempts, its most"
+                ));
+            }
+            if t.attempts.iter().any(|a| a.n == *attempt) {
+                return refuse("ERR this attempt was started already");
+            }
+            t.attempts.push(Attempt {
+                n: *attempt,
+                node: *node,
+                started_ms: *now_ms,
+                speculative: *speculative,
+                end: AttemptEnd::Running,
+            });
+            t.state = TaskState::Running;
+            put(&mut el, &tkey, &t)?;
+            Ok(Ok(Reply::Ok))
+        }
+        JobCommand::AttemptEnd {
+            task,
+            attempt,
+            outcome,
+            ..
+        } => {
+            let tkey = task_key(id, *task);
+            let Some(mut t): Option<TaskRecord> = get(&el, &tkey, "a task record")? else {
+                return refuse("ERR no such task");
+            };
+            let done = matches!(t.state, TaskState::Done { .. });
+            let Some(a) = t.attempts.iter_mut().find(|a| a.n == *attempt) else {
+                return refuse("ERR no such attempt");
+            };
+            if a.end != AttemptEnd::Running {
+                // Reported already (a retried report): what it was recorded as.
+                return Ok(Ok(status(match a.end {
+                    AttemptEnd::Done => "accepted",
+                    AttemptEnd::Superseded => "superseded",
+                    _ => "recorded",
+                })));
+            }
+            let answer = match outcome {
+                AttemptOutcome::Done { keys, partial } => {
+                    if partial.len() > PARTIAL_INLINE_MAX {
+                        return refuse(format!(
+                            "ERR a task's partial result is at most {PARTIAL_INLINE_MAX} bytes (it has {})",
+                            partial.len()
+                        ));
+                    }
+                    if done || rec.state.has_ended() {
+                        a.end = AttemptEnd::Superseded;
+                        "superseded"
+                    } else {
+                        a.end = AttemptEnd::Done;
+                        t.state = TaskState::Done {
+                            attempt: *attempt,
+                            keys: *keys,
+                            partial: partial.clone(),
+                        };
+                        rec.tasks_done += 1;
+                        rec.keys_scanned += keys;
+                        put(&mut el, &jkey, &rec)?;
+                        "accepted"
+                    }
+                }
+                AttemptOutcome::Failed { error, user } => {
+                    a.end = AttemptEnd::Failed {
+                        error: error.clone(),
+                        user: *user,
+                    };
+                    "recorded"
+                }
+                AttemptOutcome::Lost { reason } => {
+                    a.end = AttemptEnd::Lost {
+                        reason: reason.clone(),
+                    };
+                    "recorded"
+                }
+            };
+            // No attempt runs any more and none succeeded: the task waits for another.
+            if t.state == TaskState::Running
+                && !t.attempts.iter().any(|a| a.end == AttemptEnd::Running)
+            {
+                t.state = TaskState::Pending;
+            }
+            put(&mut el, &tkey, &t)?;
+            Ok(Ok(status(answer)))
+        }
+        JobCommand::Publish {
+            now_ms, entries, ..
+        } => {
+            let mut ids = Vec::with_capacity(entries.len());
+            for fields in entries {
+                let bytes: usize = fields.iter().map(|(k, v)| k.len() + v.len()).sum();
+                if bytes > JOB_STREAM_ENTRY_MAX {
+                    return refuse(format!(
+                        "ERR a job stream entry is at most {JOB_STREAM_ENTRY_MAX} bytes"
+                    ));
+                }
+                let kind = fields
+                    .iter()
+                    .find(|(k, _)| k.as_ref() == b"type")
+                    .map(|(_, v)| v.clone());
+                let closing = matches!(kind.as_deref(), Some(b"final" | b"error" | b"cancelled"));
+                let room = if closing {
+                    JOB_STREAM_MAX + JOB_STREAM_RESERVE
+                } else {
+                    JOB_STREAM_MAX
+                };
+                if rec.stream_entries >= room {
+                    ids.push(Reply::Nil);
+                    continue;
+                }
+                let at = append_entry(&mut el, id, &mut rec, *now_ms, fields)?;
+                ids.push(Reply::Bulk(Bytes::from(at.to_string())));
+            }
+            put(&mut el, &jkey, &rec)?;
+            Ok(Ok(Reply::Array(ids)))
+        }
+        JobCommand::ResultChunk { n, bytes, .. } => {
+            if bytes.len() > RESULT_CHUNK_MAX || *n >= RESULT_CHUNKS_MAX {
+                return refuse(format!(
+                    "ERR a result is at most {RESULT_CHUNKS_MAX} chunks of {RESULT_CHUNK_MAX} bytes"
+                ));
+            }
+            el.insert(&chunk_key(id, *n)[..], &bytes[..])
+                .map_err(io_err)?;
+            rec.result_chunks = rec.result_chunks.max(n + 1);
+            put(&mut el, &jkey, &rec)?;
+            Ok(Ok(Reply::Ok))
+        }
+        JobCommand::Finish {
+            now_ms, outcome, ..
+        } => {
+            let state = match outcome {
+                JobOutcome::Done => {
+                    if rec.tasks_done < rec.tasks_total || rec.state != JobState::Running {
+                        return refuse(format!(
+                            "ERR {} of {} tasks are done: the job cannot be done",
+                            rec.tasks_done, rec.tasks_total
+                        ));
+                    }
+                    JobState::Done
+                }
+                JobOutcome::Failed { reason } => JobState::Failed {
+                    reason: reason.clone(),
+                },
+            };
+            end(&mut el, &mut rec, state, *now_ms)?;
+            put(&mut el, &jkey, &rec)?;
+            Ok(Ok(Reply::Ok))
+        }
+        JobCommand::Cancel { now_ms, .. } => {
+            if rec.state.has_ended() {
+                return Ok(Ok(Reply::Integer(0)));
+            }
+            end(&mut el, &mut rec, JobState::Cancelled, *now_ms)?;
+            append_entry(
+                &mut el,
+                id,
+                &mut rec,
+                *now_ms,
+                &[field("type", "cancelled")],
+            )?;
+            put(&mut el, &jkey, &rec)?;
+            Ok(Ok(Reply::Integer(1)))
+        }
+        JobCommand::Forget { .. } => {
+            if !rec.state.has_ended() {
+                return refuse("ERR a job is forgotten only once it has ended");
+            }
+            let mut left = FORGET_ROWS_MAX;
+            for kind in [LOG, TASK, RES] {
+                let prefix = named(kind, id);
+                let keys: Vec<Vec<u8>> = {
+                    let mut keys = Vec::new();
+                    for r in el.range(&prefix[..]..).map_err(io_err)? {
+                        let (k, _) = r.map_err(io_err)?;
+                        if !k.value().starts_with(&prefix) || keys.len() >= left {
+                            break;
+                        }
+                        keys.push(k.value().to_vec());
+                    }
+                    keys
+                };
+                for k in &keys {
+                    el.remove(&k[..]).map_err(io_err)?;
+                }
+                left -= keys.len();
+                if left == 0 {
+                    // More rows remain: the record stays, so the next Forget finds them.
+                    return Ok(Ok(Reply::Integer(1)));
+                }
+            }
+            el.remove(&jkey[..]).map_err(io_err)?;
+            Ok(Ok(Reply::Integer(0)))
+        }
+    }
+}
+
+/// [`JOBS_QUERY`], from one snapshot of the element table.
+pub(super) fn query(
+    el: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    args: &[Bytes],
+) -> Result<Reply> {
+    let bad = || Error::InvalidInput("malformed jobs query".into());
+    let num = |b: &Bytes| -> Result<u64> {
+        std::str::from_utf8(b)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(bad)
+    };
+    let sub = args.get(1).ok_or_else(bad)?;
+    match (&sub[..], args.get(2..).unwrap_or_default()) {
+        (b"record", [id]) => Ok(match el.get(&named(JOB, id)[..]).map_err(io_err)? {
+            Some(raw) => Reply::Bulk(Bytes::copy_from_slice(raw.value())),
+            None => Reply::Nil,
+        }),
+        (b"tasks", [id, from, count]) => {
+            let from = u32::try_from(num(from)?).map_err(|_| bad())?;
+            let count = usize::try_from(num(count)?)
+                .map_err(|_| bad())?
+                .min(TASKS_PAGE_MAX);
+            let prefix = named(TASK, id);
+            let mut out = Vec::new();
+            let mut bytes = 0;
+            for r in el.range(&task_key(id, from)[..]..).map_err(io_err)? {
+                let (k, v) = r.map_err(io_err)?;
+                if !k.value().starts_with(&prefix)
+                    || out.len() >= count
+                    || (bytes >= QUERY_BYTES_MAX)
+                {
+                    break;
+                }
+                bytes += v.value().len();
+                out.push(Reply::Bulk(Bytes::copy_from_slice(v.value())));
+            }
+            Ok(Reply::Array(out))
+        }
+        (b"stream", [id, ms, seq, count]) => {
+            let after = StreamId {
+                ms: num(ms)?,
+                seq: num(seq)?,
+            };
+            let count = usize::try_from(num(count)?)
+                .map_err(|_| bad())?
+                .min(STREAM_PAGE_MAX);
+            let prefix = named(LOG, id);
+            let start = numbered(&prefix, &[after.ms, after.seq]);
+            let mut out = Vec::new();
+            for r in el.range(&start[..]..).map_err(io_err)? {
+                let (k, v) = r.map_err(io_err)?;
+                let key = k.value();
+                if !key.starts_with(&prefix) || out.len() >= count {
+                    break;
+                }
+                let rest = &key[prefix.len()..];
+                let word = |at: usize| -> Result<u64> {
+                    Ok(u64::from_be_bytes(
+                        rest.get(at..at + 8)
+                            .and_then(|s| s.try_into().ok())
+                            .ok_or_else(|| Error::Corruption("a job stream row key".into()))?,
+                    ))
+                };
+                let at = StreamId {
+                    ms: word(0)?,
+                    seq: word(8)?,
+                };
+                if at <= after {
+                    continue;
+                }
+                let fields: Vec<(Bytes, Bytes)> = decode(v.value(), "a job stream entry")?;
+                let mut flat = Vec::with_capacity(fields.len() * 2);
+                for (f, v) in fields {
+                    flat.push(Reply::Bulk(f));
+                    flat.push(Reply::Bulk(v));
+                }
+                out.push(Reply::Array(vec![
+                    Reply::Bulk(Bytes::from(at.to_string())),
+                    Reply::Array(flat),
+                ]));
+            }
+            Ok(Reply::Array(out))
+        }
+        (b"result", [id, n]) => {
+            let n = u32::try_from(num(n)?).map_err(|_| bad())?;
+            Ok(match el.get(&chunk_key(id, n)[..]).map_err(io_err)? {
+                Some(raw) => Reply::Bulk(Bytes::copy_from_slice(raw.value())),
+                None => Reply::Nil,
+            })
+        }
+        (b"list", [after, count]) => {
+            let count = usize::try_from(num(count)?)
+                .map_err(|_| bad())?
+                .min(LIST_PAGE_MAX);
+            let prefix = {
+                let mut p = RESERVED.to_vec();
+                p.extend_from_slice(JOB);
+                p
+            };
+            let start = if after.is_empty() {
+                prefix.clone()
+            } else {
+                let mut s = named(JOB, after);
+                s.push(0);
+                s
+            };
+            let mut out = Vec::new();
+            for r in el.range(&start[..]..).map_err(io_err)? {
+                let (k, _) = r.map_err(io_err)?;
+                let key = k.value();
+                if !key.starts_with(&prefix) || out.len() >= count {
+                    break;
+                }
+                if let Some(id) = key.get(prefix.len() + 4..) {
+                    out.push(Reply::Bulk(Bytes::copy_from_slice(id)));
+                }
+            }
+            Ok(Reply::Array(out))
+        }
+        _ => Err(bad()),
+    }
+}

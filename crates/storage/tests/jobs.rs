@@ -1,0 +1,466 @@
+//! Jobs' replicated state (`disk/jobs.rs`): the rules a `_jobs` shard applies in log order so
+//! that a job ends the same whoever coordinates it and whoever dies.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use capdb_storage::KeyspaceStore;
+use capdb_storage::disk::{ChangesStep, DiskEngine, JOBS_QUERY};
+use capdb_types::jobs::{
+    ACTIVE_JOBS_MAX, AttemptEnd, AttemptOutcome, JobCommand, JobOutcome, JobRecord, JobState,
+    TaskPlan, TaskRecord, TaskState,
+};
+use capdb_types::{Error, Hlc, Reply};
+
+const TABLE: &str = "shard/9";
+
+struct Shard {
+    e: DiskEngine,
+    index: u64,
+}
+
+impl Shard {
+    fn open(dir: &std::path::Path) -> Shard {
+        Shard {
+            e: DiskEngine::open(dir, Arc::new(Hlc::new()), 1 << 20).unwrap(),
+            index: 0,
+        }
+    }
+
+    /// Applies `cmd` as the next entry: its answer.
+    async fn apply(&mut self, cmd: JobCommand) -> Result<Reply, Error> {
+        self.index += 1;
+        self.e
+            .changes_config(TABLE, ChangesStep::Job(cmd), self.index, Vec::new(), None)
+            .await
+            .unwrap()
+    }
+
+    fn query(&self, args: &[&str]) -> Reply {
+        let mut a = vec![Bytes::from_static(JOBS_QUERY.as_bytes())];
+        a.extend(args.iter().map(|s| Bytes::from(s.to_string())));
+        self.e.table(TABLE, false).query(&a, 0, 0).unwrap()
+    }
+
+    fn record(&self, id: &str) -> JobRecord {
+        match self.query(&["record", id]) {
+            Reply::Bulk(b) => postcard::from_bytes(&b).unwrap(),
+            other => panic!("no record: {other:?}"),
+        }
+    }
+
+    fn task(&self, id: &str, n: u32) -> TaskRecord {
+        match self.query(&["tasks", id, &n.to_string(), "1"]) {
+            Reply::Array(mut v) if v.len() == 1 => match v.remove(0) {
+                Reply::Bulk(b) => postcard::from_bytes(&b).unwrap(),
+                other => panic!("{other:?}"),
+            },
+            other => panic!("no task: {other:?}"),
+        }
+    }
+
+    fn stream(&self, id: &str) -> Vec<(String, Vec<String>)> {
+        let Reply::Array(entries) = self.query(&["stream", id, "0", "0", "1000"]) else {
+            panic!()
+        };
+        entries
+            .into_iter()
+            .map(|e| match e {
+                Reply::Array(mut v) => {
+                    let fields = match v.remove(1) {
+                        Reply::Array(f) => f
+                            .into_iter()
+                            .map(|f| match f {
+                                Reply::Bulk(b) => String::from_utf8(b.to_vec()).unwrap(),
+                                other => panic!("{other:?}"),
+                            })
+                            .collect(),
+                        other => panic!("{other:?}"),
+                    };
+                    let id = match v.remove(0) {
+                        Reply::Bulk(b) => String::from_utf8(b.to_vec()).unwrap(),
+                        other => panic!("{other:?}"),
+                    };
+                    (id, fields)
+                }
+                other => panic!("{other:?}"),
+            })
+            .collect()
+    }
+}
+
+fn id(s: &str) -> Bytes {
+    Bytes::from(s.to_string())
+}
+
+fn refused(r: Result<Reply, Error>, code: &str) {
+    match r {
+        Err(Error::Command(line)) => assert!(line.starts_with(code), "{line}"),
+        other => panic!("expected {code}, got {other:?}"),
+    }
+}
+
+fn plan(n: usize) -> Vec<TaskPlan> {
+    (0..n)
+        .map(|i| TaskPlan {
+            shard: i as u64,
+            from: None,
+            to: None,
+            pin_index: 7,
+        })
+        .collect()
+}
+
+fn done(keys: u64, partial: &str) -> AttemptOutcome {
+    AttemptOutcome::Done {
+        keys,
+        partial: Bytes::from(partial.to_string()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submission_is_idempotent_by_id_and_spec() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Shard::open(dir.path());
+    let submit = |spec: &str| JobCommand::Submit {
+        id: id("j1"),
+        spec: spec.to_string(),
+        now_ms: 1_000,
+    };
+    assert_eq!(
+        s.apply(submit("{a}")).await.unwrap(),
+        Reply::Array(vec![Reply::Bulk(id("j1")), Reply::Status("created".into())])
+    );
+    assert_eq!(
+        s.apply(submit("{a}")).await.unwrap(),
+        Reply::Array(vec![Reply::Bulk(id("j1")), Reply::Status("exists".into())])
+    );
+    refused(
+        s.apply(submit("{b}")).await,
+        "ERR a job with this id exists with another spec",
+    );
+    let rec = s.record("j1");
+    assert_eq!(
+        (rec.state, rec.spec.as_str(), rec.epoch),
+        (JobState::Queued, "{a}", 0)
+    );
+    refused(
+        s.apply(JobCommand::Submit {
+            id: id("bad id"),
+            spec: "x".into(),
+            now_ms: 1,
+        })
+        .await,
+        "ERR a job id",
+    );
+    refused(
+        s.apply(JobCommand::Cancel {
+            id: id("nope"),
+            now_ms: 1,
+        })
+        .await,
+        "NOJOB",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deposed_coordinator_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Shard::open(dir.path());
+    s.apply(JobCommand::Submit {
+        id: id("j"),
+        spec: "s".into(),
+        now_ms: 1,
+    })
+    .await
+    .unwrap();
+    s.apply(JobCommand::Claim {
+        id: id("j"),
+        epoch: 3,
+    })
+    .await
+    .unwrap();
+    // A newer coordinator claims it; the older one's commands are refused from then on.
+    s.apply(JobCommand::Claim {
+        id: id("j"),
+        epoch: 5,
+    })
+    .await
+    .unwrap();
+    refused(
+        s.apply(JobCommand::Claim {
+            id: id("j"),
+            epoch: 4,
+        })
+        .await,
+        "STALE",
+    );
+    refused(
+        s.apply(JobCommand::Plan {
+            id: id("j"),
+            epoch: 3,
+            pins: vec![],
+            tasks: plan(2),
+        })
+        .await,
+        "STALE",
+    );
+    refused(
+        s.apply(JobCommand::Finish {
+            id: id("j"),
+            epoch: 4,
+            now_ms: 2,
+            outcome: JobOutcome::Failed { reason: "x".into() },
+        })
+        .await,
+        "STALE",
+    );
+    assert_eq!(s.record("j").state, JobState::Queued);
+    s.apply(JobCommand::Plan {
+        id: id("j"),
+        epoch: 5,
+        pins: vec![],
+        tasks: plan(2),
+    })
+    .await
+    .unwrap();
+    let rec = s.record("j");
+    assert_eq!(
+        (rec.state, rec.tasks_total, rec.epoch),
+        (JobState::Running, 2, 5)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_success_of_a_task_wins_and_a_job_is_done_only_when_all_are() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Shard::open(dir.path());
+    s.apply(JobCommand::Submit {
+        id: id("j"),
+        spec: "s".into(),
+        now_ms: 1,
+    })
+    .await
+    .unwrap();
+    s.apply(JobCommand::Claim {
+        id: id("j"),
+        epoch: 1,
+    })
+    .await
+    .unwrap();
+    s.apply(JobCommand::Plan {
+        id: id("j"),
+        epoch: 1,
+        pins: vec![],
+        tasks: plan(2),
+    })
+    .await
+    .unwrap();
+    let start = |task, attempt, node| JobCommand::AttemptStart {
+        id: id("j"),
+        epoch: 1,
+        task,
+        attempt,
+        node,
+        speculative: attempt > 1,
+        now_ms: 10,
+    };
+    let end = |task, attempt, outcome| JobCommand::AttemptEnd {
+        id: id("j"),
+        task,
+        attempt,
+        outcome,
+    };
+    s.apply(start(0, 1, 2)).await.unwrap();
+    s.apply(start(0, 2, 3)).await.unwrap();
+    refused(
+        s.apply(start(0, 2, 3)).await,
+        "ERR this attempt was started already",
+    );
+    assert_eq!(
+        s.apply(end(0, 2, done(5, "second"))).await.unwrap(),
+        Reply::Status("accepted".into())
+    );
+    // The first attempt finishes later: its output is dropped.
+    assert_eq!(
+        s.apply(end(0, 1, done(5, "first"))).await.unwrap(),
+        Reply::Status("superseded".into())
+    );
+    // A retried report answers what was recorded.
+    assert_eq!(
+        s.apply(end(0, 2, done(5, "second"))).await.unwrap(),
+        Reply::Status("accepted".into())
+    );
+    let t = s.task("j", 0);
+    assert_eq!(
+        t.state,
+        TaskState::Done {
+            attempt: 2,
+            keys: 5,
+            partial: id("second")
+        }
+    );
+    assert_eq!(t.attempts[0].end, AttemptEnd::Superseded);
+    refused(s.apply(start(0, 3, 4)).await, "DONE");
+    // Not done while a task is not.
+    refused(
+        s.apply(JobCommand::Finish {
+            id: id("j"),
+            epoch: 1,
+            now_ms: 20,
+            outcome: JobOutcome::Done,
+        })
+        .await,
+        "ERR 1 of 2 tasks are done",
+    );
+    // A lost attempt leaves its task to run again.
+    s.apply(start(1, 1, 2)).await.unwrap();
+    s.apply(end(
+        1,
+        1,
+        AttemptOutcome::Lost {
+            reason: "node 2 missed 3 heartbeats".into(),
+        },
+    ))
+    .await
+    .unwrap();
+    assert_eq!(s.task("j", 1).state, TaskState::Pending);
+    s.apply(start(1, 2, 3)).await.unwrap();
+    s.apply(end(1, 2, done(7, "p"))).await.unwrap();
+    s.apply(JobCommand::Finish {
+        id: id("j"),
+        epoch: 1,
+        now_ms: 30,
+        outcome: JobOutcome::Done,
+    })
+    .await
+    .unwrap();
+    let rec = s.record("j");
+    assert_eq!(
+        (rec.state, rec.tasks_done, rec.keys_scanned, rec.ended_ms),
+        (JobState::Done, 2, 12, Some(30))
+    );
+    refused(s.apply(start(1, 3, 2)).await, "ENDED");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_ids_rise_across_coordinators_and_the_stream_is_bounded_per_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Shard::open(dir.path());
+    s.apply(JobCommand::Submit {
+        id: id("j"),
+        spec: "s".into(),
+        now_ms: 5_000,
+    })
+    .await
+    .unwrap();
+    let publish = |epoch, now_ms, kind: &str| JobCommand::Publish {
+        id: id("j"),
+        epoch,
+        now_ms,
+        entries: vec![vec![(id("type"), id(kind))]],
+    };
+    s.apply(publish(1, 6_000, "partial")).await.unwrap();
+    // A new coordinator whose clock is behind: the IDs still rise.
+    s.apply(JobCommand::Claim {
+        id: id("j"),
+        epoch: 2,
+    })
+    .await
+    .unwrap();
+    s.apply(publish(2, 5_500, "partial")).await.unwrap();
+    s.apply(publish(2, 5_500, "final")).await.unwrap();
+    let ids: Vec<String> = s.stream("j").into_iter().map(|(i, _)| i).collect();
+    assert_eq!(ids, vec!["5000-0", "6000-0", "6000-1", "6000-2"]);
+    assert_eq!(s.stream("j")[0].1, vec!["type", "submitted"]);
+    let big = JobCommand::Publish {
+        id: id("j"),
+        epoch: 2,
+        now_ms: 7_000,
+        entries: vec![vec![(id("result"), Bytes::from(vec![b'x'; 300 * 1024]))]],
+    };
+    refused(s.apply(big).await, "ERR a job stream entry is at most");
+    // Reading after a position.
+    let Reply::Array(after) = s.query(&["stream", "j", "6000", "0", "10"]) else {
+        panic!()
+    };
+    assert_eq!(after.len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn active_jobs_are_bounded_and_ended_jobs_can_be_forgotten() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Shard::open(dir.path());
+    for n in 0..ACTIVE_JOBS_MAX {
+        s.apply(JobCommand::Submit {
+            id: id(&format!("j{n}")),
+            spec: "s".into(),
+            now_ms: 1,
+        })
+        .await
+        .unwrap();
+    }
+    refused(
+        s.apply(JobCommand::Submit {
+            id: id("one-more"),
+            spec: "s".into(),
+            now_ms: 1,
+        })
+        .await,
+        "JOBSFULL",
+    );
+    refused(
+        s.apply(JobCommand::Forget { id: id("j0") }).await,
+        "ERR a job is forgotten only once it has ended",
+    );
+    assert_eq!(
+        s.apply(JobCommand::Cancel {
+            id: id("j0"),
+            now_ms: 2
+        })
+        .await
+        .unwrap(),
+        Reply::Integer(1)
+    );
+    assert_eq!(
+        s.apply(JobCommand::Cancel {
+            id: id("j0"),
+            now_ms: 3
+        })
+        .await
+        .unwrap(),
+        Reply::Integer(0)
+    );
+    assert_eq!(s.record("j0").state, JobState::Cancelled);
+    // Its slot is free again.
+    s.apply(JobCommand::Submit {
+        id: id("one-more"),
+        spec: "s".into(),
+        now_ms: 4,
+    })
+    .await
+    .unwrap();
+    s.apply(JobCommand::ResultChunk {
+        id: id("j1"),
+        epoch: 0,
+        n: 0,
+        bytes: id("[]"),
+    })
+    .await
+    .unwrap();
+    assert_eq!(s.query(&["result", "j1", "0"]), Reply::Bulk(id("[]")));
+    assert_eq!(
+        s.apply(JobCommand::Forget { id: id("j0") }).await.unwrap(),
+        Reply::Integer(0)
+    );
+    assert_eq!(s.query(&["record", "j0"]), Reply::Nil);
+    assert_eq!(s.stream("j0"), vec![]);
+    assert_eq!(
+        s.apply(JobCommand::Forget { id: id("j0") }).await.unwrap(),
+        Reply::Integer(0)
+    );
+    let Reply::Array(list) = s.query(&["list", "", "100"]) else {
+        panic!()
+    };
+    assert_eq!(list.len(), ACTIVE_JOBS_MAX as usize);
+}
