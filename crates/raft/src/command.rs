@@ -109,12 +109,14 @@ pub enum Request {
         pinned: Timestamp,
     },
     /// Data shard: every replica holds a read transaction at exactly this entry for `owner`
-    /// (a job, issue 15: `capdb_storage::disk` `pins.rs`), replacing its earlier pin. Answers
-    /// `[index, keys, first key or nil, last key or nil, held 1|0]` (`held` is the answering
-    /// replica's: it may hold the most pins it may).
-    JobPin { owner: bytes::Bytes },
-    /// Data shard: every replica releases the pin of `owner`; answers OK.
-    JobUnpin { owner: bytes::Bytes },
+    /// (a job, issue 15: `capdb_storage::disk` `pins.rs`), replacing its earlier pin, and
+    /// judges expiry in it at `now_ms` (the proposer's clock). Answers `[index, keys, first
+    /// key or nil, last key or nil]`, the same from every replica (whether a replica holds the
+    /// pin shows when a task scans it).
+    JobPin { owner: bytes::Bytes, now_ms: u64 },
+    /// Data shard: every replica releases the pin of `owner` taken at `index` (not a later
+    /// one); answers OK.
+    JobUnpin { owner: bytes::Bytes, index: u64 },
     /// A `_jobs` shard: a change to jobs' state (`capdb_storage::disk` `jobs.rs`); answers
     /// what it answers.
     Job(capdb_types::jobs::JobCommand),
@@ -184,9 +186,11 @@ impl fmt::Display for Request {
                 "changes trim at {now_ms}, below {keep_from:?}, pinned at {pinned:?}"
             ),
             Request::TxnStep { txn, step, .. } => write!(f, "txn {} of {txn}", step.name()),
-            Request::JobPin { owner } => write!(f, "pin for {}", String::from_utf8_lossy(owner)),
-            Request::JobUnpin { owner } => {
-                write!(f, "unpin for {}", String::from_utf8_lossy(owner))
+            Request::JobPin { owner, .. } => {
+                write!(f, "pin for {}", String::from_utf8_lossy(owner))
+            }
+            Request::JobUnpin { owner, index } => {
+                write!(f, "unpin for {} at {index}", String::from_utf8_lossy(owner))
             }
             Request::Job(c) => write!(f, "job {} of {}", c.name(), String::from_utf8_lossy(c.id())),
             Request::Identified { id, request } => {

@@ -365,9 +365,10 @@ impl StateMachine {
 
     /// Applies a [`Request::JobPin`] alone (`capdb_storage::disk` `pins.rs`): its storage job
     /// records the applied state, then the replica holds a read transaction of exactly that,
-    /// before anything after it is applied. Its answer is remembered by a second job right
-    /// after (it is known only once the pin is held); a crash in between leaves a duplicate
-    /// of the request unanswered, and no pin survives a crash anyway: the job re-pins.
+    /// before anything after it is applied. Its answer, the same on every replica, is
+    /// remembered by a second job right after (it is known only once the pin is held); a
+    /// snapshot built or a crash in between leaves a duplicate of the request answered as
+    /// expired, and no pin survives a crash anyway: the job pins again.
     #[allow(clippy::too_many_arguments)]
     async fn apply_pin(
         &self,
@@ -378,33 +379,33 @@ impl StateMachine {
         remember: Option<(String, u64)>,
         index: u64,
         owner: bytes::Bytes,
+        now_ms: u64,
     ) -> io::Result<()> {
         use capdb_types::Reply;
         let meta = self.alone_meta(b, sessions);
         let applied_key = meta_key(self.group, "applied");
+        // A storage failure stops the apply here, as for any entry.
         let pinned = self
             .engine
             .table(table, false)
-            .pin(&owner, index, meta, &applied_key)
-            .await;
-        let reply = match pinned {
-            Ok(info) => {
-                let key = |k: Option<bytes::Bytes>| k.map_or(Reply::Nil, Reply::Bulk);
-                Ok(Reply::Array(vec![
-                    Reply::Integer(i64::try_from(info.index).unwrap_or(i64::MAX)),
-                    Reply::Integer(i64::try_from(info.keys).unwrap_or(i64::MAX)),
-                    key(info.first_key),
-                    key(info.last_key),
-                    Reply::Integer(i64::from(info.held)),
-                ]))
+            .pin(&owner, index, now_ms, meta, &applied_key)
+            .await
+            .map_err(io)?;
+        let reply = pinned.map(|info| {
+            let key = |k: Option<bytes::Bytes>| k.map_or(Reply::Nil, Reply::Bulk);
+            if !info.held {
+                tracing::warn!(
+                    table,
+                    "this replica holds the most pins it may: it holds none for this job"
+                );
             }
-            // The pin's own invariant failed: answered, never a silent pin of other data.
-            Err(e @ (capdb_types::Error::InvalidInput(_) | capdb_types::Error::Corruption(_))) => {
-                tracing::error!(table, error = %e, "a job pin was refused");
-                Err(e)
-            }
-            Err(e) => return Err(io(e)),
-        };
+            Reply::Array(vec![
+                Reply::Integer(i64::try_from(info.index).unwrap_or(i64::MAX)),
+                Reply::Integer(i64::try_from(info.keys).unwrap_or(i64::MAX)),
+                key(info.first_key),
+                key(info.last_key),
+            ])
+        });
         let reply = vec![reply];
         if let Some((key, sent_ms)) = remember {
             let mut value = row::prefix(sent_ms, row::REPLIES);
@@ -632,13 +633,13 @@ impl StateMachine {
                 self.apply_changes_step(table, b, sessions, slot, remember, index, step)
                     .await?;
             }
-            Request::JobPin { owner } => {
-                self.apply_pin(table, b, sessions, slot, remember, index, owner)
+            Request::JobPin { owner, now_ms } => {
+                self.apply_pin(table, b, sessions, slot, remember, index, owner, now_ms)
                     .await?;
             }
-            Request::JobUnpin { owner } => {
-                // Alone like the pin, so that it never releases a pin taken after it.
-                let released = self.engine.table(table, false).unpin(&owner);
+            Request::JobUnpin { owner, index } => {
+                // Alone like the pin (a release between two pins of a batch is in order).
+                let released = self.engine.table(table, false).unpin(&owner, index);
                 tracing::debug!(table, released, "job pin released");
                 let reply = vec![Ok(capdb_types::Reply::Ok)];
                 let mut meta = self.alone_meta(b, sessions);

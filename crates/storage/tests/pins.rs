@@ -58,7 +58,11 @@ async fn a_pin_holds_the_shard_as_of_its_entry_while_writes_go_on() {
         .await;
     }
     let t = e.table(TABLE, false);
-    let info = t.pin(b"job-a", 101, applied(101), APPLIED).await.unwrap();
+    let info = t
+        .pin(b"job-a", 101, 1_000, applied(101), APPLIED)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(info.index, 101);
     assert_eq!(info.keys, 100);
     assert_eq!(info.first_key.as_deref(), Some(&b"k001"[..]));
@@ -66,13 +70,11 @@ async fn a_pin_holds_the_shard_as_of_its_entry_while_writes_go_on() {
     assert!(info.held);
     // Applied after the pin: overwrites, deletes, new keys. The pin sees none of them.
     for i in 102..=150u64 {
+        let late = format!("late{i}");
         apply(
             &e,
             i,
-            vec![
-                set("k001", &format!("late{i}"), None),
-                set(&format!("n{i}"), "x", None),
-            ],
+            vec![set("k001", &late, None), set(&format!("n{i}"), "x", None)],
         )
         .await;
     }
@@ -85,12 +87,17 @@ async fn a_pin_holds_the_shard_as_of_its_entry_while_writes_go_on() {
     )
     .await;
     let page = t
-        .pinned_scan(b"job-a", None, None, None, 1_000, 1_000, false)
+        .pinned_scan(b"job-a", 101, None, None, None, 1_000, false)
         .unwrap();
     assert_eq!(page.entries.len(), 100);
     assert_eq!(page.next, None);
     assert_eq!(&page.entries[0].1.data[..], b"v1");
     assert_eq!(keys(&page)[1], "k002");
+    // Another index of the same owner (a replica that missed a re-pin) is refused.
+    assert!(matches!(
+        t.pinned_scan(b"job-a", 100, None, None, None, 1_000, false),
+        Err(Error::Unavailable(_))
+    ));
     // The live table has moved on.
     assert_eq!(
         &t.get(b"k001", 1_000).unwrap().unwrap().data[..],
@@ -104,11 +111,11 @@ async fn a_pin_holds_the_shard_as_of_its_entry_while_writes_go_on() {
         let page = t
             .pinned_scan(
                 b"job-a",
+                101,
                 Some(b"k010"),
                 Some(b"k020"),
                 after.as_deref(),
                 4,
-                1_000,
                 false,
             )
             .unwrap();
@@ -123,32 +130,40 @@ async fn a_pin_holds_the_shard_as_of_its_entry_while_writes_go_on() {
         (10..20).map(|i| format!("k{i:03}")).collect::<Vec<_>>()
     );
     // Released: a scan is refused as retryable elsewhere, never answered from live data.
-    assert!(t.unpin(b"job-a"));
+    assert!(!t.unpin(b"job-a", 100), "a release names the pin's index");
+    assert!(t.unpin(b"job-a", 101));
     assert!(matches!(
-        t.pinned_scan(b"job-a", None, None, None, 10, 1_000, false),
+        t.pinned_scan(b"job-a", 101, None, None, None, 10, false),
         Err(Error::Unavailable(_))
     ));
-    assert!(!t.unpin(b"job-a"));
+    assert!(!t.unpin(b"job-a", 101));
     assert_eq!(e.pins_held(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn expired_keys_are_left_out_unless_asked_for() {
+async fn expiry_is_judged_at_the_pins_clock() {
     let dir = tempfile::tempdir().unwrap();
     let e = DiskEngine::open(dir.path(), Arc::new(Hlc::new()), VALUE_MAX).unwrap();
     apply(&e, 1, vec![set("a", "1", Some(5_000)), set("b", "2", None)]).await;
     let t = e.table(TABLE, false);
-    t.pin(b"j", 2, applied(2), APPLIED).await.unwrap();
+    t.pin(b"late", 2, 6_000, applied(2), APPLIED)
+        .await
+        .unwrap()
+        .unwrap();
     let skip = t
-        .pinned_scan(b"j", None, None, None, 10, 6_000, false)
+        .pinned_scan(b"late", 2, None, None, None, 10, false)
         .unwrap();
     assert_eq!((keys(&skip), skip.passed), (vec!["b".to_string()], 1));
     let include = t
-        .pinned_scan(b"j", None, None, None, 10, 6_000, true)
+        .pinned_scan(b"late", 2, None, None, None, 10, true)
         .unwrap();
     assert_eq!(keys(&include), vec!["a".to_string(), "b".to_string()]);
+    t.pin(b"early", 3, 4_000, applied(3), APPLIED)
+        .await
+        .unwrap()
+        .unwrap();
     let before = t
-        .pinned_scan(b"j", None, None, None, 10, 4_000, false)
+        .pinned_scan(b"early", 3, None, None, None, 10, false)
         .unwrap();
     assert_eq!(keys(&before).len(), 2, "not yet expired at 4 s");
 }
@@ -161,26 +176,23 @@ async fn a_node_holds_a_bounded_number_of_pins() {
     let t = e.table(TABLE, false);
     let mut index = 2;
     for n in 0..PINS_MAX {
-        assert!(
-            t.pin(format!("job{n}").as_bytes(), index, applied(index), APPLIED)
-                .await
-                .unwrap()
-                .held
-        );
+        let owner = format!("job{n}");
+        let info = t
+            .pin(owner.as_bytes(), index, 0, applied(index), APPLIED)
+            .await;
+        assert!(info.unwrap().unwrap().held);
         index += 1;
     }
     let refused = t
-        .pin(b"one-too-many", index, applied(index), APPLIED)
-        .await
-        .unwrap();
+        .pin(b"one-too-many", index, 0, applied(index), APPLIED)
+        .await;
+    let refused = refused.unwrap().unwrap();
     assert!(!refused.held, "a full node says it holds no pin");
     assert_eq!(refused.index, index, "the entry still applied");
     index += 1;
     // Re-pinning an owner replaces its pin (at the new index) rather than taking a slot.
-    let again = t
-        .pin(b"job0", index, applied(index), APPLIED)
-        .await
-        .unwrap();
+    let again = t.pin(b"job0", index, 0, applied(index), APPLIED).await;
+    let again = again.unwrap().unwrap();
     assert!(again.held && again.index == index);
     assert_eq!(t.pinned(b"job0").unwrap().index, index);
     assert_eq!(e.pins_held(), PINS_MAX);
@@ -192,8 +204,39 @@ async fn a_pin_without_its_applied_state_is_refused() {
     let e = DiskEngine::open(dir.path(), Arc::new(Hlc::new()), VALUE_MAX).unwrap();
     let t = e.table(TABLE, false);
     assert!(matches!(
-        t.pin(b"j", 1, Vec::new(), APPLIED).await,
-        Err(Error::InvalidInput(_))
+        t.pin(b"j", 1, 0, Vec::new(), APPLIED).await,
+        Ok(Err(Error::InvalidInput(_)))
     ));
+    assert_eq!(e.pins_held(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_installed_or_a_table_dropped_releases_its_pins_but_flushdb_does_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = DiskEngine::open(dir.path(), Arc::new(Hlc::new()), VALUE_MAX).unwrap();
+    apply(&e, 1, vec![set("a", "1", None)]).await;
+    let t = e.table(TABLE, false);
+    t.pin(b"j", 2, 0, applied(2), APPLIED)
+        .await
+        .unwrap()
+        .unwrap();
+    // FLUSHDB (the shard's own entry): the pin still holds the state before it.
+    e.replace_table(TABLE, Vec::new(), Vec::new(), None, applied(3), Some(3))
+        .await
+        .unwrap();
+    let page = t.pinned_scan(b"j", 2, None, None, None, 10, false).unwrap();
+    assert_eq!(keys(&page), vec!["a".to_string()]);
+    // A snapshot installed: this replica no longer holds the shard as of the pin.
+    e.replace_table(TABLE, Vec::new(), Vec::new(), None, applied(9), None)
+        .await
+        .unwrap();
+    assert!(t.pinned_scan(b"j", 2, None, None, None, 10, false).is_err());
+    t.pin(b"k", 10, 0, applied(10), APPLIED)
+        .await
+        .unwrap()
+        .unwrap();
+    e.drop_group(vec![TABLE.to_string()], Vec::new(), Vec::new(), Vec::new())
+        .await
+        .unwrap();
     assert_eq!(e.pins_held(), 0);
 }

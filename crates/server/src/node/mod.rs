@@ -295,6 +295,11 @@ impl Node {
             tick.tick().await;
             round += 1;
             let now = capdb_types::unix_now_ms();
+            if round.is_multiple_of(10) {
+                // Pins held past their time (`storage/src/disk/pins.rs`) are let go here, so an
+                // idle node does not keep their read transactions (and redb's pages) alive.
+                self.engine.pins_held();
+            }
             for ks in self.keyspaces() {
                 let cursor = cursors.remove(&ks.spec.name).flatten();
                 let mut removed = Vec::new();

@@ -204,6 +204,9 @@ fn start_writeback(path: &Path, closed: Closed, stats: Arc<EngineStats>) {
 /// The node's durable engine. Cheap to clone; the writer thread stops when the last clone drops.
 #[derive(Clone)]
 pub struct DiskEngine {
+    /// Read transactions held at a shard's log index for jobs (`pins.rs`). First, so that it
+    /// is dropped before the database when the last handle goes.
+    pins: Arc<pins::Pins>,
     db: Arc<Database>,
     /// The Raft groups' logs (`crate::wal`), in `<dir>/wal`, next to the database.
     wal: crate::wal::Wal,
@@ -214,8 +217,6 @@ pub struct DiskEngine {
     value_bytes_max: usize,
     /// What readers can see of what the writer answered (`visible.rs`).
     visible: Arc<visible::Visibility>,
-    /// Read transactions held at a shard's log index for jobs (`pins.rs`).
-    pins: Arc<pins::Pins>,
 }
 
 /// Signals when the writer thread has stopped and released its handle on the database. The file
@@ -325,12 +326,6 @@ impl DiskEngine {
         &self.stats
     }
 
-    /// Pins this node holds (`pins.rs`), after dropping those held too long.
-    pub fn pins_held(&self) -> usize {
-        self.pins.expire();
-        self.pins.count()
-    }
-
     /// The node's write-ahead log, where Raft groups keep their logs.
     pub fn wal(&self) -> &crate::wal::Wal {
         &self.wal
@@ -364,6 +359,7 @@ impl DiskEngine {
 
     /// Drops a table and its metadata, atomically.
     pub async fn drop_table(&self, table: &str, meta_key: &str) -> Result<()> {
+        self.pins.release_tables(&[table]);
         self.submit(Op::DropTable {
             table: table.to_string(),
             meta_key: meta_key.to_string(),

@@ -17,9 +17,18 @@
 //!
 //! redb cannot reuse pages freed after a read transaction began until it ends, so a pin held
 //! under heavy writes grows the file by what is written meanwhile. Hence: at most [`PINS_MAX`]
-//! per node (a replica that is full answers that it holds none, and the job places its tasks on
-//! another or re-pins), each released by its owner (`Request::JobUnpin`) or after
-//! [`PIN_HOLD_MAX`], and none survives a restart (pins live in memory only).
+//! per node (a replica that is full holds none, and the job places its tasks on another or
+//! re-pins), each released by its owner (`Request::JobUnpin`) or after [`PIN_HOLD_MAX`] (the
+//! node's expiry loop drops expired ones: [`DiskEngine::pins_held`]), none survives a restart
+//! (pins live in memory only), and a table's pins go with the table (dropped, or replaced by
+//! an installed snapshot: the replica then no longer holds the shard as of the pin).
+//!
+//! # The same data on every replica
+//!
+//! A pin also fixes the clock expiry is judged at (`now_ms`, stamped by the proposer in the
+//! entry), so a retry or a speculative copy on another replica sees the same keys; and a scan
+//! names the index it expects, so a replica holding an older pin of the same owner (it missed
+//! a re-pin) refuses rather than answers from other data.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -29,7 +38,7 @@ use bytes::Bytes;
 use capdb_types::{Error, Result, Value};
 use redb::{ReadableTable, ReadableTableMetadata};
 
-use super::{DiskTable, META_TABLE, MetaItem, io_err, table_def};
+use super::{DiskEngine, DiskTable, META_TABLE, MetaItem, io_err, table_def};
 
 /// Most pins one node holds.
 pub const PINS_MAX: usize = 16;
@@ -45,11 +54,14 @@ pub const PINNED_PAGE_EXAMINE_MAX: usize = 16_384;
 pub struct PinInfo {
     /// The log index the pin holds the shard at.
     pub index: u64,
+    /// The clock a scan judges expiry at (the proposer's, carried by the entry).
+    pub now_ms: u64,
     /// Rows of the shard's table (expired, not yet swept, keys included).
     pub keys: u64,
     pub first_key: Option<Bytes>,
     pub last_key: Option<Bytes>,
-    /// Whether this replica holds it (`false`: it holds [`PINS_MAX`] others).
+    /// Whether this replica holds it (`false`: it holds [`PINS_MAX`] others). The only part
+    /// that may differ between replicas.
     pub held: bool,
 }
 
@@ -68,6 +80,12 @@ pub(crate) struct Pins {
 impl Pins {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, Bytes), Pin>> {
         self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Releases every pin of these tables (dropped, or replaced by a snapshot).
+    pub(crate) fn release_tables(&self, tables: &[&str]) {
+        self.lock()
+            .retain(|(t, _), _| !tables.contains(&t.as_str()));
     }
 
     /// Drops the pins older than [`PIN_HOLD_MAX`]; how many went.
@@ -96,27 +114,40 @@ pub struct PinnedPage {
     pub next: Option<Bytes>,
 }
 
+impl DiskEngine {
+    /// Pins this node holds (`pins.rs`), after dropping those held past [`PIN_HOLD_MAX`]:
+    /// the node's expiry loop calls it, so an idle node lets go of them too.
+    pub fn pins_held(&self) -> usize {
+        self.pins.expire();
+        self.pins.count()
+    }
+}
+
 impl DiskTable {
     /// Takes the pin of `owner` on this table (see the module doc): records `meta` (the
     /// applied state of the pin's entry, and whatever else the entry must record) in a storage
     /// job, then holds a read transaction that holds exactly that. `applied_key`: the `_meta`
     /// row of `meta` that names the applied index, checked in the pinned transaction. A pin of
-    /// the same owner is replaced.
+    /// the same owner is replaced. `now_ms`: the entry's clock, that scans judge expiry at.
+    ///
+    /// Outer error: storage failed (the apply must stop, as for any entry). Inner: the pin is
+    /// refused and nothing is held (its entry was applied: `meta` is recorded).
     pub async fn pin(
         &self,
         owner: &[u8],
         index: u64,
+        now_ms: u64,
         meta: Vec<MetaItem>,
         applied_key: &str,
-    ) -> Result<PinInfo> {
+    ) -> Result<Result<PinInfo>> {
         let Some(expected) = meta
             .iter()
             .find(|(k, _)| k == applied_key)
             .and_then(|(_, v)| v.clone())
         else {
-            return Err(Error::InvalidInput(format!(
+            return Ok(Err(Error::InvalidInput(format!(
                 "a pin must record its applied state ({applied_key})"
-            )));
+            ))));
         };
         self.engine
             .apply_replicated(
@@ -128,7 +159,17 @@ impl DiskTable {
                 Vec::new(),
             )
             .await?;
-        let seen = self.engine.visible().await?;
+        // A slow commit is waited out (the apply cannot go on without the pin's answer); a
+        // broken writer is an error.
+        let seen = loop {
+            match self.engine.visible().await {
+                Ok(seen) => break seen,
+                Err(Error::Unavailable(_)) if self.engine.visible.broken().is_none() => {
+                    tracing::warn!(table = %self.table, "a pin waits for a slow commit");
+                }
+                Err(e) => return Err(e),
+            }
+        };
         let txn = self.engine.begin_read_seen(Some(seen))?;
         let applied = txn
             .open_table(META_TABLE)
@@ -137,10 +178,11 @@ impl DiskTable {
             .map_err(io_err)?
             .map(|v| v.value().to_vec());
         if applied.as_deref() != Some(&expected[..]) {
-            return Err(Error::Corruption(format!(
+            tracing::error!(table = %self.table, "a pin's snapshot does not hold its applied state; refused");
+            return Ok(Err(Error::Corruption(format!(
                 "the pinned snapshot of {} does not hold the pin's applied state",
                 self.table
-            )));
+            ))));
         }
         let (keys, first_key, last_key) = match txn.open_table(table_def(&self.table)) {
             Ok(t) => {
@@ -164,6 +206,7 @@ impl DiskTable {
         let room = held.len() < PINS_MAX || held.contains_key(&key);
         let info = PinInfo {
             index,
+            now_ms,
             keys,
             first_key,
             last_key,
@@ -181,16 +224,20 @@ impl DiskTable {
         } else {
             tracing::warn!(table = %self.table, pins = held.len(), "a pin is refused: this node holds the most it may");
         }
-        Ok(info)
+        Ok(Ok(info))
     }
 
-    /// Releases the pin of `owner` on this table; whether there was one.
-    pub fn unpin(&self, owner: &[u8]) -> bool {
-        self.engine
-            .pins
-            .lock()
-            .remove(&(self.table.clone(), Bytes::copy_from_slice(owner)))
-            .is_some()
+    /// Releases the pin of `owner` on this table taken at `index` (a later re-pin of the same
+    /// owner stays); whether there was one.
+    pub fn unpin(&self, owner: &[u8], index: u64) -> bool {
+        let key = (self.table.clone(), Bytes::copy_from_slice(owner));
+        let mut held = self.engine.pins.lock();
+        if held.get(&key).is_some_and(|p| p.info.index == index) {
+            held.remove(&key);
+            true
+        } else {
+            false
+        }
     }
 
     /// What the pin of `owner` holds, if this node holds it.
@@ -204,30 +251,38 @@ impl DiskTable {
     }
 
     /// A page of the string keys in `[from, to)` (`None`: unbounded) after `after`, read from
-    /// the pin of `owner`: at most `limit` (and [`PINNED_PAGE_KEYS_MAX`]) keys, at most
-    /// [`PINNED_PAGE_EXAMINE_MAX`] rows examined. Expired keys (at `now_ms`) are included only
-    /// when `include_expired`. Refused when this node holds no such pin (never held, expired,
-    /// released, or the node restarted; `Unavailable`): the caller reads another replica or
-    /// re-pins.
+    /// the pin of `owner` taken at `index`: at most `limit` (and [`PINNED_PAGE_KEYS_MAX`])
+    /// keys, at most [`PINNED_PAGE_EXAMINE_MAX`] rows examined (a page may hold no key and
+    /// still have a `next`). Expired keys (at the pin's clock) are included only when
+    /// `include_expired`. Refused (`Unavailable`) when this node holds no such pin (never held,
+    /// expired, released, another index, the node restarted, or the shard's table was
+    /// replaced): the caller reads another replica or re-pins. Blocking: run it on a thread
+    /// that may block.
     #[allow(clippy::too_many_arguments)]
     pub fn pinned_scan(
         &self,
         owner: &[u8],
+        index: u64,
         from: Option<&[u8]>,
         to: Option<&[u8]>,
         after: Option<&[u8]>,
         limit: usize,
-        now_ms: u64,
         include_expired: bool,
     ) -> Result<PinnedPage> {
         use std::ops::Bound;
-        let txn = {
-            let held = self.engine.pins.lock();
-            match held.get(&(self.table.clone(), Bytes::copy_from_slice(owner))) {
-                Some(p) if p.taken.elapsed() < PIN_HOLD_MAX => p.txn.clone(),
-                _ => {
+        let (txn, now_ms) = {
+            let key = (self.table.clone(), Bytes::copy_from_slice(owner));
+            let mut held = self.engine.pins.lock();
+            match held.get(&key) {
+                Some(p) if p.taken.elapsed() < PIN_HOLD_MAX && p.info.index == index => {
+                    (p.txn.clone(), p.info.now_ms)
+                }
+                found => {
+                    if found.is_some_and(|p| p.taken.elapsed() >= PIN_HOLD_MAX) {
+                        held.remove(&key);
+                    }
                     return Err(Error::Unavailable(format!(
-                        "no pin of {} for this owner on this node",
+                        "no pin of {} at index {index} for this owner on this node",
                         self.table
                     )));
                 }
@@ -269,7 +324,7 @@ impl DiskTable {
             page.examined += 1;
             let key = Bytes::copy_from_slice(k.value());
             // A corrupt record fails the page: a job's answer never silently leaves it out.
-            let value = Value::decode(v.value()).map_err(|e| match e {
+            let value = self.decode(v.value()).map_err(|e| match e {
                 Error::Corruption(why) => {
                     Error::Corruption(format!("{} key {:?}: {why}", self.table, key))
                 }

@@ -127,6 +127,11 @@ impl DiskEngine {
         meta: Vec<MetaItem>,
         keep_changes: Option<u64>,
     ) -> Result<()> {
+        // A snapshot installed (not a FLUSHDB, which keeps the shard's log): the replica no
+        // longer holds the shard as of its pins.
+        if keep_changes.is_none() {
+            self.pins.release_tables(&[table]);
+        }
         self.submit(Op::ReplaceTable {
             keep_changes,
             table: table.to_string(),
@@ -220,6 +225,8 @@ impl DiskEngine {
         meta_keys: Vec<String>,
         meta_prefixes: Vec<String>,
     ) -> Result<()> {
+        let names: Vec<&str> = tables.iter().map(String::as_str).collect();
+        self.pins.release_tables(&names);
         self.submit(Op::DropGroup {
             tables,
             log_tables,

@@ -28,7 +28,7 @@ impl DiskTable {
         }
     }
 
-    fn decode(&self, raw: &[u8]) -> Result<Value> {
+    pub(super) fn decode(&self, raw: &[u8]) -> Result<Value> {
         Value::decode(raw).inspect_err(|e| {
             self.engine
                 .stats
