@@ -267,8 +267,11 @@ async fn the_first_success_of_a_task_wins_and_a_job_is_done_only_when_all_are() 
     };
     let end = |task, attempt, outcome| JobCommand::AttemptEnd {
         id: id("j"),
+        epoch: 1,
         task,
         attempt,
+        // Attempt n of these tasks runs on node n + 1.
+        node: u64::from(attempt) + 1,
         outcome,
     };
     s.apply(start(0, 1, 2)).await.unwrap();
@@ -301,7 +304,7 @@ async fn the_first_success_of_a_task_wins_and_a_job_is_done_only_when_all_are() 
         }
     );
     assert_eq!(t.attempts[0].end, AttemptEnd::Superseded);
-    refused(s.apply(start(0, 3, 4)).await, "DONE");
+    refused(s.apply(start(0, 3, 4)).await, "TASKDONE");
     // Not done while a task is not.
     refused(
         s.apply(JobCommand::Finish {
@@ -315,6 +318,20 @@ async fn the_first_success_of_a_task_wins_and_a_job_is_done_only_when_all_are() 
     );
     // A lost attempt leaves its task to run again.
     s.apply(start(1, 1, 2)).await.unwrap();
+    // Only where it was started, and a loss only by the coordinator of the record's epoch.
+    let lost = |epoch, node| JobCommand::AttemptEnd {
+        id: id("j"),
+        epoch,
+        task: 1,
+        attempt: 1,
+        node,
+        outcome: AttemptOutcome::Lost { reason: "x".into() },
+    };
+    refused(
+        s.apply(lost(1, 3)).await,
+        "ERR attempt 1 of task 1 was started on node 2, not 3",
+    );
+    refused(s.apply(lost(0, 2)).await, "STALE");
     s.apply(end(
         1,
         1,
@@ -360,6 +377,12 @@ async fn stream_ids_rise_across_coordinators_and_the_stream_is_bounded_per_entry
         now_ms,
         entries: vec![vec![(id("type"), id(kind))]],
     };
+    s.apply(JobCommand::Claim {
+        id: id("j"),
+        epoch: 1,
+    })
+    .await
+    .unwrap();
     s.apply(publish(1, 6_000, "partial")).await.unwrap();
     // A new coordinator whose clock is behind: the IDs still rise.
     s.apply(JobCommand::Claim {
@@ -380,6 +403,25 @@ async fn stream_ids_rise_across_coordinators_and_the_stream_is_bounded_per_entry
         entries: vec![vec![(id("result"), Bytes::from(vec![b'x'; 300 * 1024]))]],
     };
     refused(s.apply(big).await, "ERR a job stream entry is at most");
+    // A refusal changes nothing, even after an entry of the same command that would fit.
+    let mixed = JobCommand::Publish {
+        id: id("j"),
+        epoch: 2,
+        now_ms: 9_000,
+        entries: vec![
+            vec![(id("type"), id("partial"))],
+            vec![(id("result"), Bytes::from(vec![b'x'; 300 * 1024]))],
+        ],
+    };
+    refused(s.apply(mixed).await, "ERR a job stream entry is at most");
+    assert_eq!(s.stream("j").len(), 4);
+    assert_eq!(s.record("j").stream_last.to_string(), "6000-2");
+    // The deposed coordinator (epoch 1) changes nothing; a command ahead of its claim neither.
+    refused(s.apply(publish(1, 9_000, "partial")).await, "STALE");
+    refused(
+        s.apply(publish(3, 9_000, "partial")).await,
+        "ERR claim the job first",
+    );
     // Reading after a position.
     let Reply::Array(after) = s.query(&["stream", "j", "6000", "0", "10"]) else {
         panic!()
@@ -440,15 +482,23 @@ async fn active_jobs_are_bounded_and_ended_jobs_can_be_forgotten() {
     })
     .await
     .unwrap();
-    s.apply(JobCommand::ResultChunk {
+    // A result is written only once every task is done.
+    s.apply(JobCommand::Claim {
         id: id("j1"),
-        epoch: 0,
-        n: 0,
-        bytes: id("[]"),
+        epoch: 1,
     })
     .await
     .unwrap();
-    assert_eq!(s.query(&["result", "j1", "0"]), Reply::Bulk(id("[]")));
+    refused(
+        s.apply(JobCommand::ResultChunk {
+            id: id("j1"),
+            epoch: 1,
+            n: 0,
+            bytes: id("[]"),
+        })
+        .await,
+        "ERR a result is written once every task is done",
+    );
     assert_eq!(
         s.apply(JobCommand::Forget { id: id("j0") }).await.unwrap(),
         Reply::Integer(0)

@@ -33,8 +33,18 @@ pub const PARTIAL_INLINE_MAX: usize = 1 << 20;
 /// entries still land (up to [`JOB_STREAM_RESERVE`] more).
 pub const JOB_STREAM_MAX: u64 = 100_000;
 pub const JOB_STREAM_RESERVE: u64 = 64;
-/// Bytes of one stream entry.
+/// Bytes of one stream entry (each field also counts [`FIELD_OVERHEAD`]), and fields of one.
 pub const JOB_STREAM_ENTRY_MAX: usize = 256 * 1024;
+pub const JOB_STREAM_FIELDS_MAX: usize = 64;
+pub const FIELD_OVERHEAD: usize = 16;
+/// Bytes of a job's whole stream (as [`JOB_STREAM_ENTRY_MAX`] counts them): past it, as past
+/// [`JOB_STREAM_MAX`] entries, only closing entries land.
+pub const JOB_STREAM_BYTES_MAX: u64 = 64 << 20;
+/// Bytes of the accepted partial results a job's tasks hold in `_jobs` together.
+pub const JOB_PARTIALS_BYTES_MAX: u64 = 256 << 20;
+/// Longest spec (canonical JSON) and longest error or reason text kept (longer is cut).
+pub const SPEC_BYTES_MAX: usize = 64 * 1024;
+pub const MESSAGE_BYTES_MAX: usize = 1024;
 /// Bytes of one result chunk; a result has at most [`RESULT_CHUNKS_MAX`].
 pub const RESULT_CHUNK_MAX: usize = 1 << 20;
 pub const RESULT_CHUNKS_MAX: u32 = 256;
@@ -104,6 +114,22 @@ pub struct JobRecord {
     pub stream_entries: u64,
     /// Result chunks written.
     pub result_chunks: u32,
+    /// The epoch of the coordinator whose plan runs (its pins are owned by
+    /// [`pin_owner`]`(id, planned_epoch)`).
+    pub planned_epoch: u64,
+    /// Bytes of its stream (as [`JOB_STREAM_ENTRY_MAX`] counts them) and of its tasks'
+    /// accepted partial results.
+    pub stream_bytes: u64,
+    pub partial_bytes: u64,
+}
+
+/// The owner of a job's pins taken by the coordinator of `epoch`: a coordinator that lost a
+/// race to plan releases its own pins without touching the winner's.
+pub fn pin_owner(id: &[u8], epoch: u64) -> Bytes {
+    let mut o = id.to_vec();
+    o.push(b'@');
+    o.extend_from_slice(epoch.to_string().as_bytes());
+    Bytes::from(o)
 }
 
 /// What one task covers.
@@ -208,12 +234,16 @@ pub enum JobCommand {
         speculative: bool,
         now_ms: u64,
     },
-    /// Not fenced by epoch: the first success wins, whoever reports it. Answers `accepted`
-    /// (this attempt's output is the task's), `superseded` (another's was), or `recorded`.
+    /// A `Done` is not fenced by epoch: the first success wins, whoever reports it (`node`:
+    /// where it ran, which must be where the attempt was started). A `Failed` or `Lost` is the
+    /// coordinator's judgement, fenced. Answers `accepted` (this attempt's output is the
+    /// task's), `superseded` (another's was), or `recorded`.
     AttemptEnd {
         id: Bytes,
+        epoch: u64,
         task: u32,
         attempt: u16,
+        node: u64,
         outcome: AttemptOutcome,
     },
     /// Entries for the job's stream (each its fields), IDs given at apply.

@@ -16,14 +16,21 @@
 //!
 //! The rows are replicated state: snapshots carry the element table (FLUSHDB is refused on
 //! `_jobs` by the server).
+//!
+//! # Refusals (code first, as Redis errors)
+//!
+//! `NOJOB` (no such job), `STALE` (a deposed coordinator), `ENDED` (the job has ended),
+//! `TASKDONE` (an attempt of a task already done), `JOBSFULL` (16 jobs not ended on this
+//! shard), `LIMIT` (a partial result past its bound: the job's own limit), `ERR` otherwise.
 
 use bytes::Bytes;
 use capdb_types::changes::StreamId;
 use capdb_types::jobs::{
-    ACTIVE_JOBS_MAX, ATTEMPTS_MAX, Attempt, AttemptEnd, AttemptOutcome, FORGET_ROWS_MAX,
-    JOB_STREAM_ENTRY_MAX, JOB_STREAM_MAX, JOB_STREAM_RESERVE, JobCommand, JobOutcome, JobRecord,
-    JobState, PARTIAL_INLINE_MAX, RESULT_CHUNK_MAX, RESULT_CHUNKS_MAX, TASKS_MAX, TaskRecord,
-    TaskState, id_is_valid,
+    ACTIVE_JOBS_MAX, ATTEMPTS_MAX, Attempt, AttemptEnd, AttemptOutcome, FIELD_OVERHEAD,
+    FORGET_ROWS_MAX, JOB_PARTIALS_BYTES_MAX, JOB_STREAM_BYTES_MAX, JOB_STREAM_ENTRY_MAX,
+    JOB_STREAM_FIELDS_MAX, JOB_STREAM_MAX, JOB_STREAM_RESERVE, JobCommand, JobOutcome, JobRecord,
+    JobState, MESSAGE_BYTES_MAX, PARTIAL_INLINE_MAX, RESULT_CHUNK_MAX, RESULT_CHUNKS_MAX,
+    SPEC_BYTES_MAX, TASKS_MAX, TaskRecord, TaskState, id_is_valid,
 };
 use capdb_types::{Error, Reply, Result};
 use redb::ReadableTable;
@@ -142,6 +149,23 @@ fn end(el: &mut RawTable<'_>, rec: &mut JobRecord, state: JobState, now_ms: u64)
     set_active(el, n.saturating_sub(1))
 }
 
+/// A text cut to [`MESSAGE_BYTES_MAX`] bytes (at a character boundary).
+fn cut(text: &str) -> String {
+    let mut end = text.len().min(MESSAGE_BYTES_MAX);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_string()
+}
+
+/// Bytes an entry counts for (its fields' names and values, and [`FIELD_OVERHEAD`] each).
+fn entry_bytes(fields: &[(Bytes, Bytes)]) -> usize {
+    fields
+        .iter()
+        .map(|(k, v)| k.len() + v.len() + FIELD_OVERHEAD)
+        .sum()
+}
+
 /// Appends `fields` to the job's stream at `now_ms`: the entry's ID, rising across
 /// coordinators (`max(now_ms, last ms)` and a sequence).
 fn append_entry(
@@ -163,6 +187,7 @@ fn append_entry(
     put(el, &key, &fields)?;
     rec.stream_last = at;
     rec.stream_entries += 1;
+    rec.stream_bytes = rec.stream_bytes.saturating_add(entry_bytes(fields) as u64);
     Ok(at)
 }
 
@@ -187,6 +212,11 @@ pub(super) fn apply(
     let Some(mut rec) = rec else {
         return match cmd {
             JobCommand::Submit { spec, now_ms, .. } => {
+                if spec.len() > SPEC_BYTES_MAX {
+                    return refuse(format!(
+                        "ERR a job's spec is at most {SPEC_BYTES_MAX} bytes"
+                    ));
+                }
                 let n = active(&el)?;
                 if n >= ACTIVE_JOBS_MAX {
                     return refuse(format!(
@@ -206,6 +236,9 @@ pub(super) fn apply(
                     stream_last: StreamId::MIN,
                     stream_entries: 0,
                     result_chunks: 0,
+                    planned_epoch: 0,
+                    stream_bytes: 0,
+                    partial_bytes: 0,
                 };
                 append_entry(
                     &mut el,
@@ -226,21 +259,42 @@ pub(super) fn apply(
             _ => refuse("NOJOB no such job"),
         };
     };
-    // Fencing: a command of a coordinator older than the record's changes nothing.
+    // Fencing: a coordinator claims the job at its epoch (a Raft term, so at least 1) and
+    // then speaks at exactly that epoch: an older one changes nothing, and a command ahead of
+    // its own claim is refused too.
     let fenced = match cmd {
-        JobCommand::Claim { epoch, .. }
-        | JobCommand::Plan { epoch, .. }
+        JobCommand::Plan { epoch, .. }
         | JobCommand::AttemptStart { epoch, .. }
         | JobCommand::Publish { epoch, .. }
         | JobCommand::ResultChunk { epoch, .. }
         | JobCommand::Finish { epoch, .. } => Some(*epoch),
+        JobCommand::AttemptEnd { epoch, outcome, .. }
+            if !matches!(outcome, AttemptOutcome::Done { .. }) =>
+        {
+            Some(*epoch)
+        }
         _ => None,
     };
-    if let Some(epoch) = fenced
+    let claim_epoch = match cmd {
+        JobCommand::Claim { epoch, .. } => Some(*epoch),
+        _ => None,
+    };
+    if claim_epoch == Some(0) {
+        return refuse("ERR a claim's epoch is at least 1");
+    }
+    if let Some(epoch) = fenced.or(claim_epoch)
         && epoch < rec.epoch
     {
         return refuse(format!(
             "STALE the job was claimed at epoch {} (this command's: {epoch})",
+            rec.epoch
+        ));
+    }
+    if let Some(epoch) = fenced
+        && epoch > rec.epoch
+    {
+        return refuse(format!(
+            "ERR claim the job first (it is claimed at epoch {}, this command's: {epoch})",
             rec.epoch
         ));
     }
@@ -272,7 +326,9 @@ pub(super) fn apply(
             }
             Ok(Ok(Reply::Bulk(Bytes::from(encode(&rec)?))))
         }
-        JobCommand::Plan { pins, tasks, .. } => {
+        JobCommand::Plan {
+            pins, tasks, epoch, ..
+        } => {
             if rec.state != JobState::Queued {
                 return refuse(format!("ERR the job is already {}", rec.state.name()));
             }
@@ -288,6 +344,7 @@ pub(super) fn apply(
                 put(&mut el, &task_key(id, n as u32), &task)?;
             }
             rec.pins = pins.clone();
+            rec.planned_epoch = *epoch;
             rec.tasks_total = tasks.len() as u32;
             rec.state = JobState::Running;
             put(&mut el, &jkey, &rec)?;
@@ -306,7 +363,7 @@ pub(super) fn apply(
                 return refuse("ERR no such task");
             };
             if matches!(t.state, TaskState::Done { .. }) {
-                return refuse("DONE the task is done");
+                return refuse("TASKDONE the task is done");
             }
             if t.attempts.len() >= ATTEMPTS_MAX {
                 return refuse(format!(
@@ -330,6 +387,7 @@ pub(super) fn apply(
         JobCommand::AttemptEnd {
             task,
             attempt,
+            node,
             outcome,
             ..
         } => {
@@ -341,6 +399,12 @@ pub(super) fn apply(
             let Some(a) = t.attempts.iter_mut().find(|a| a.n == *attempt) else {
                 return refuse("ERR no such attempt");
             };
+            if a.node != *node {
+                return refuse(format!(
+                    "ERR attempt {attempt} of task {task} was started on node {}, not {node}",
+                    a.node
+                ));
+            }
             if a.end != AttemptEnd::Running {
                 // Reported already (a retried report): what it was recorded as.
                 return Ok(Ok(status(match a.end {
@@ -351,15 +415,17 @@ pub(super) fn apply(
             }
             let answer = match outcome {
                 AttemptOutcome::Done { keys, partial } => {
-                    if partial.len() > PARTIAL_INLINE_MAX {
-                        return refuse(format!(
-                            "ERR a task's partial result is at most {PARTIAL_INLINE_MAX} bytes (it has {})",
-                            partial.len()
-                        ));
-                    }
                     if done || rec.state.has_ended() {
                         a.end = AttemptEnd::Superseded;
                         "superseded"
+                    } else if partial.len() > PARTIAL_INLINE_MAX
+                        || rec.partial_bytes.saturating_add(partial.len() as u64)
+                            > JOB_PARTIALS_BYTES_MAX
+                    {
+                        return refuse(format!(
+                            "LIMIT a task's partial result is at most {PARTIAL_INLINE_MAX} bytes, and a job's together {JOB_PARTIALS_BYTES_MAX} (this one: {})",
+                            partial.len()
+                        ));
                     } else {
                         a.end = AttemptEnd::Done;
                         t.state = TaskState::Done {
@@ -368,21 +434,22 @@ pub(super) fn apply(
                             partial: partial.clone(),
                         };
                         rec.tasks_done += 1;
-                        rec.keys_scanned += keys;
+                        rec.keys_scanned = rec.keys_scanned.saturating_add(*keys);
+                        rec.partial_bytes = rec.partial_bytes.saturating_add(partial.len() as u64);
                         put(&mut el, &jkey, &rec)?;
                         "accepted"
                     }
                 }
                 AttemptOutcome::Failed { error, user } => {
                     a.end = AttemptEnd::Failed {
-                        error: error.clone(),
+                        error: cut(error),
                         user: *user,
                     };
                     "recorded"
                 }
                 AttemptOutcome::Lost { reason } => {
                     a.end = AttemptEnd::Lost {
-                        reason: reason.clone(),
+                        reason: cut(reason),
                     };
                     "recorded"
                 }
@@ -399,25 +466,30 @@ pub(super) fn apply(
         JobCommand::Publish {
             now_ms, entries, ..
         } => {
-            let mut ids = Vec::with_capacity(entries.len());
+            // Every entry is checked before any is written: a refusal changes nothing.
             for fields in entries {
-                let bytes: usize = fields.iter().map(|(k, v)| k.len() + v.len()).sum();
-                if bytes > JOB_STREAM_ENTRY_MAX {
+                if fields.len() > JOB_STREAM_FIELDS_MAX
+                    || entry_bytes(fields) > JOB_STREAM_ENTRY_MAX
+                {
                     return refuse(format!(
-                        "ERR a job stream entry is at most {JOB_STREAM_ENTRY_MAX} bytes"
+                        "ERR a job stream entry is at most {JOB_STREAM_FIELDS_MAX} fields and {JOB_STREAM_ENTRY_MAX} bytes"
                     ));
                 }
+            }
+            let mut ids = Vec::with_capacity(entries.len());
+            for fields in entries {
                 let kind = fields
                     .iter()
                     .find(|(k, _)| k.as_ref() == b"type")
                     .map(|(_, v)| v.clone());
                 let closing = matches!(kind.as_deref(), Some(b"final" | b"error" | b"cancelled"));
-                let room = if closing {
-                    JOB_STREAM_MAX + JOB_STREAM_RESERVE
-                } else {
-                    JOB_STREAM_MAX
-                };
-                if rec.stream_entries >= room {
+                // Past the bounds only closing entries land (within a reserve); others are
+                // dropped (answered nil), and the stream stays readable.
+                let reserve = if closing { JOB_STREAM_RESERVE } else { 0 };
+                let room = rec.stream_entries < JOB_STREAM_MAX + reserve
+                    && rec.stream_bytes
+                        < JOB_STREAM_BYTES_MAX + reserve * JOB_STREAM_ENTRY_MAX as u64;
+                if !room {
                     ids.push(Reply::Nil);
                     continue;
                 }
@@ -433,9 +505,14 @@ pub(super) fn apply(
                     "ERR a result is at most {RESULT_CHUNKS_MAX} chunks of {RESULT_CHUNK_MAX} bytes"
                 ));
             }
+            if rec.state != JobState::Running || rec.tasks_done < rec.tasks_total {
+                return refuse("ERR a result is written once every task is done");
+            }
             el.insert(&chunk_key(id, *n)[..], &bytes[..])
                 .map_err(io_err)?;
-            rec.result_chunks = rec.result_chunks.max(n + 1);
+            // Chunks are written from 0 on: a rewrite (a new coordinator) may have fewer, and
+            // readers read up to this count.
+            rec.result_chunks = n + 1;
             put(&mut el, &jkey, &rec)?;
             Ok(Ok(Reply::Ok))
         }
@@ -453,7 +530,7 @@ pub(super) fn apply(
                     JobState::Done
                 }
                 JobOutcome::Failed { reason } => JobState::Failed {
-                    reason: reason.clone(),
+                    reason: cut(reason),
                 },
             };
             end(&mut el, &mut rec, state, *now_ms)?;
@@ -558,12 +635,14 @@ pub(super) fn query(
             let prefix = named(LOG, id);
             let start = numbered(&prefix, &[after.ms, after.seq]);
             let mut out = Vec::new();
+            let mut bytes = 0;
             for r in el.range(&start[..]..).map_err(io_err)? {
                 let (k, v) = r.map_err(io_err)?;
                 let key = k.value();
-                if !key.starts_with(&prefix) || out.len() >= count {
+                if !key.starts_with(&prefix) || out.len() >= count || bytes >= QUERY_BYTES_MAX {
                     break;
                 }
+                bytes += v.value().len();
                 let rest = &key[prefix.len()..];
                 let word = |at: usize| -> Result<u64> {
                     Ok(u64::from_be_bytes(
