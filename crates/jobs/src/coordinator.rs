@@ -1,0 +1,767 @@
+//! Driving one job to its end (`docs/design/mapreduce.md` §5–§7).
+//!
+//! The coordinator is the node that leads the job's `_jobs` shard; its epoch is that shard's
+//! Raft term. It keeps nothing it cannot rebuild: whatever must survive it is a job command
+//! in the shard's log (claimed, planned, each attempt started and ended, each partial result
+//! published), so the next coordinator [`run`]s the same job from the records: it merges the
+//! outputs of the tasks already done and runs only the rest.
+//!
+//! # Failures cost one task
+//!
+//! An attempt that fails where it ran (no pin on that replica, a storage error) or whose node
+//! does not answer is recorded and its task alone runs again on another replica, up to
+//! [`Config::failed_attempts_max`] times; then the job fails naming the task and its last
+//! error. An error of the job itself (its spec, its data, a limit) fails the job at once with
+//! that error: running it elsewhere would fail the same way. The first accepted output of a
+//! task is the one merged (decided by the log: `superseded` for any later one).
+//!
+//! # Not yet (design §6, step 5)
+//!
+//! Heartbeats and checkpoints (an attempt that hangs without its node failing is only noticed
+//! when its call times out), speculative copies of stragglers, adopting a dead coordinator's
+//! running attempts (they are recorded lost and run again), partials larger than 1 MiB held
+//! on the worker, output to a keyspace.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use capdb_reduce::spec::Destination;
+use capdb_reduce::{JobSpec, Partial, Plan};
+use capdb_types::jobs::{
+    AttemptEnd, AttemptOutcome, JobCommand, JobOutcome, JobRecord, JobState, RESULT_CHUNK_MAX,
+    RESULT_CHUNKS_MAX, ShardPin, TaskRecord, TaskState, pin_owner,
+};
+use capdb_types::{Error, Reply};
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+
+use crate::{Cluster, ShardReplicas, TaskError, TaskOrder, TaskOutput};
+
+/// A coordinator's bounds.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Attempts of one task a node runs at once.
+    pub slots_per_node: usize,
+    /// Failed or lost attempts of one task before the job fails.
+    pub failed_attempts_max: usize,
+    /// How often a partial result is published while tasks run (and at once after the first).
+    pub publish_every: Duration,
+    /// How long a job command is retried while the `_jobs` shard does not answer; then the
+    /// coordinator gives up (the next one resumes the job).
+    pub retry_for: Duration,
+    /// Groups a partial result or the final entry shows (the whole result: `JOB RESULT`).
+    pub groups_shown: usize,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            slots_per_node: 1,
+            failed_attempts_max: 4,
+            publish_every: Duration::from_secs(1),
+            retry_for: Duration::from_secs(60),
+            groups_shown: 1_000,
+        }
+    }
+}
+
+/// Bytes of groups a stream entry shows at most (its bound is 256 KiB).
+const SHOWN_BYTES_MAX: usize = 200 * 1024;
+/// Groups past which partial results show only their coverage (sorting them every second
+/// would cost more than the job).
+const PARTIAL_GROUPS_SORTED_MAX: usize = 100_000;
+
+/// How a coordinator's run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ended {
+    Done,
+    Failed(String),
+    Cancelled,
+    /// Another coordinator claimed the job (a newer epoch): this one stopped.
+    Deposed,
+}
+
+/// Why a command's answer stops the run.
+enum Stop {
+    Ended(Ended),
+    Error(Error),
+}
+
+impl From<Error> for Stop {
+    fn from(e: Error) -> Stop {
+        Stop::Error(e)
+    }
+}
+
+/// Proposes `cmd`, retrying while the `_jobs` shard does not answer (bounded).
+async fn propose<C: Cluster>(
+    c: &C,
+    cfg: &Config,
+    cmd: JobCommand,
+) -> Result<Result<Reply, Error>, Error> {
+    let until = Instant::now() + cfg.retry_for;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match c.job(cmd.clone()).await {
+            Ok(answer) => return Ok(answer),
+            Err(e) if Instant::now() < until => {
+                tracing::debug!(error = %e, command = cmd.name(), "a job command is retried");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Proposes `cmd`; a refusal that ends the run (`STALE`, `ENDED`) becomes a [`Stop`].
+async fn command<C: Cluster>(
+    c: &C,
+    cfg: &Config,
+    cmd: JobCommand,
+) -> Result<Result<Reply, String>, Stop> {
+    match propose(c, cfg, cmd).await? {
+        Ok(reply) => Ok(Ok(reply)),
+        Err(Error::Command(line)) if line.starts_with("STALE") => Err(Stop::Ended(Ended::Deposed)),
+        Err(Error::Command(line)) if line.starts_with("ENDED") => {
+            Err(Stop::Ended(Ended::Cancelled))
+        }
+        Err(Error::Command(line)) => Ok(Err(line)),
+        Err(e) => Err(Stop::Error(e)),
+    }
+}
+
+fn field(name: &str, value: impl Into<Bytes>) -> (Bytes, Bytes) {
+    (Bytes::copy_from_slice(name.as_bytes()), value.into())
+}
+
+fn text(v: impl ToString) -> Bytes {
+    Bytes::from(v.to_string())
+}
+
+/// Claims job `id` at `epoch`: its record.
+async fn claim<C: Cluster>(c: &C, cfg: &Config, id: &Bytes, epoch: u64) -> Result<JobRecord, Stop> {
+    match command(
+        c,
+        cfg,
+        JobCommand::Claim {
+            id: id.clone(),
+            epoch,
+        },
+    )
+    .await?
+    {
+        Ok(Reply::Bulk(raw)) => postcard::from_bytes(&raw)
+            .map_err(|e| Stop::Error(Error::Corruption(format!("a job record: {e}")))),
+        Ok(other) => Err(Stop::Error(Error::Io(format!(
+            "a claim answered {other:?}"
+        )))),
+        Err(line) => Err(Stop::Error(Error::Command(line))),
+    }
+}
+
+/// Runs job `id` as the coordinator of `epoch` until it ends or another coordinator takes it.
+/// `Err`: the run stopped without an end (the `_jobs` shard did not answer for
+/// [`Config::retry_for`], or storage failed); the job is intact and the next run resumes it.
+pub async fn run<C: Cluster>(c: &C, id: Bytes, epoch: u64, cfg: &Config) -> Result<Ended, Error> {
+    let mut job = Job {
+        c,
+        cfg,
+        id: id.clone(),
+        epoch,
+        pins: Vec::new(),
+        owner: Bytes::new(),
+    };
+    let outcome = job.run().await;
+    // Pins are released whatever happened to the job once it ended (a deposed coordinator
+    // leaves them to the winner, whose own release frees them: the owner is shared).
+    let ended = matches!(
+        &outcome,
+        Ok(Ended::Done | Ended::Failed(_) | Ended::Cancelled)
+            | Err(Stop::Ended(
+                Ended::Done | Ended::Failed(_) | Ended::Cancelled
+            ))
+    );
+    if ended {
+        job.unpin_all().await;
+    }
+    match outcome {
+        Ok(e) | Err(Stop::Ended(e)) => Ok(e),
+        Err(Stop::Error(e)) => Err(e),
+    }
+}
+
+struct Job<'a, C: Cluster> {
+    c: &'a C,
+    cfg: &'a Config,
+    id: Bytes,
+    epoch: u64,
+    pins: Vec<ShardPin>,
+    owner: Bytes,
+}
+
+/// The running state of the tasks.
+struct Tasks {
+    records: Vec<TaskRecord>,
+    merged: Partial,
+    done: Vec<bool>,
+    /// Failed or lost attempts per task, and the nodes they ran on.
+    failures: Vec<usize>,
+    tried: Vec<HashSet<u64>>,
+    last_error: Vec<String>,
+}
+
+impl<C: Cluster> Job<'_, C> {
+    async fn finish_failed(&self, reason: String) -> Result<Ended, Stop> {
+        tracing::warn!(job = %String::from_utf8_lossy(&self.id), %reason, "job failed");
+        let now = self.c.now_ms();
+        let entry = vec![field("type", "error"), field("message", text(&reason))];
+        command(
+            self.c,
+            self.cfg,
+            JobCommand::Publish {
+                id: self.id.clone(),
+                epoch: self.epoch,
+                now_ms: now,
+                entries: vec![entry],
+            },
+        )
+        .await?
+        .ok();
+        match command(
+            self.c,
+            self.cfg,
+            JobCommand::Finish {
+                id: self.id.clone(),
+                epoch: self.epoch,
+                now_ms: now,
+                outcome: JobOutcome::Failed {
+                    reason: reason.clone(),
+                },
+            },
+        )
+        .await?
+        {
+            Ok(_) => Ok(Ended::Failed(reason)),
+            Err(line) => Err(Stop::Error(Error::Command(line))),
+        }
+    }
+
+    async fn unpin_all(&self) {
+        for p in &self.pins {
+            if let Err(e) = self.c.unpin(p.shard, self.owner.clone(), p.index).await {
+                tracing::debug!(shard = p.shard, error = %e, "a job's pin was not released (it expires)");
+            }
+        }
+    }
+
+    async fn run(&mut self) -> Result<Ended, Stop> {
+        let mut rec = claim(self.c, self.cfg, &self.id, self.epoch).await?;
+        match &rec.state {
+            JobState::Done => return Ok(Ended::Done),
+            JobState::Failed { reason } => return Ok(Ended::Failed(reason.clone())),
+            JobState::Cancelled => return Ok(Ended::Cancelled),
+            JobState::Queued | JobState::Running => {}
+        }
+        let spec = match JobSpec::parse(rec.spec.as_bytes()) {
+            Ok(s) => s,
+            Err(e) => return self.finish_failed(format!("the job's spec: {e}")).await,
+        };
+        if spec.output.to != Destination::Result {
+            return self
+                .finish_failed(
+                    "output to a keyspace is not available in this version: use \"to\": \"result\""
+                        .into(),
+                )
+                .await;
+        }
+        let keyspace = spec.input.keyspace.clone();
+        let plan = match Plan::new(spec) {
+            Ok(p) => p,
+            Err(e) => return self.finish_failed(e.to_string()).await,
+        };
+        if rec.state == JobState::Queued {
+            self.plan(&keyspace).await?;
+            rec = claim(self.c, self.cfg, &self.id, self.epoch).await?;
+        }
+        self.pins = rec.pins.clone();
+        self.owner = pin_owner(&self.id, rec.planned_epoch);
+        let replicas: HashMap<u64, ShardReplicas> = self
+            .c
+            .shards(&keyspace)
+            .await?
+            .into_iter()
+            .map(|s| (s.shard, s))
+            .collect();
+        let records = self.c.tasks(&self.id).await?;
+        let mut t = Tasks {
+            merged: plan.partial(),
+            done: vec![false; records.len()],
+            failures: vec![0; records.len()],
+            tried: vec![HashSet::new(); records.len()],
+            last_error: vec![String::new(); records.len()],
+            records,
+        };
+        // What earlier coordinators left: outputs to merge, attempts nobody will hear of.
+        for n in 0..t.records.len() {
+            self.absorb(&plan, &mut t, n).await?;
+        }
+        self.run_tasks(&plan, &mut t, &replicas).await?;
+        self.finish(&plan, &t).await
+    }
+
+    /// Pins every shard of `keyspace` and records the tasks (the job runs from then on).
+    async fn plan(&mut self, keyspace: &str) -> Result<(), Stop> {
+        let shards = self.c.shards(keyspace).await?;
+        let owner = pin_owner(&self.id, self.epoch);
+        let now = self.c.now_ms();
+        let mut pins = Vec::with_capacity(shards.len());
+        for s in &shards {
+            let pin = {
+                let until = Instant::now() + self.cfg.retry_for;
+                loop {
+                    match self.c.pin(s.shard, owner.clone(), now).await {
+                        Ok(p) => break p,
+                        Err(e) if Instant::now() < until => {
+                            tracing::debug!(shard = s.shard, error = %e, "pinning a shard is retried");
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                        Err(e) => return Err(Stop::Error(e)),
+                    }
+                }
+            };
+            pins.push(pin);
+        }
+        let tasks = crate::plan::tasks(&pins);
+        let planned = command(
+            self.c,
+            self.cfg,
+            JobCommand::Plan {
+                id: self.id.clone(),
+                epoch: self.epoch,
+                pins: pins.clone(),
+                tasks,
+            },
+        )
+        .await?;
+        if let Err(line) = planned {
+            // Another coordinator planned first: its plan runs, these pins go.
+            tracing::info!(%line, "a job was planned by another coordinator");
+            for p in &pins {
+                let _ = self.c.unpin(p.shard, owner.clone(), p.index).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes in task `n`'s record: merges its output if done, records its running attempts
+    /// as lost (their coordinator is gone; a late success of one is superseded), and counts
+    /// its failures.
+    async fn absorb(&self, plan: &Plan, t: &mut Tasks, n: usize) -> Result<(), Stop> {
+        let rec = t.records[n].clone();
+        for a in &rec.attempts {
+            match &a.end {
+                AttemptEnd::Running => {
+                    command(
+                        self.c,
+                        self.cfg,
+                        JobCommand::AttemptEnd {
+                            id: self.id.clone(),
+                            epoch: self.epoch,
+                            task: n as u32,
+                            attempt: a.n,
+                            node: a.node,
+                            outcome: AttemptOutcome::Lost {
+                                reason: "its coordinator changed".into(),
+                            },
+                        },
+                    )
+                    .await?
+                    .ok();
+                }
+                AttemptEnd::Failed { error, .. } => {
+                    t.failures[n] += 1;
+                    t.tried[n].insert(a.node);
+                    t.last_error[n] = error.clone();
+                }
+                AttemptEnd::Lost { reason } => {
+                    t.failures[n] += 1;
+                    t.tried[n].insert(a.node);
+                    t.last_error[n] = reason.clone();
+                }
+                AttemptEnd::Done | AttemptEnd::Superseded => {}
+            }
+        }
+        if let TaskState::Done { partial, .. } = &rec.state
+            && !t.done[n]
+        {
+            let p = Partial::decode(partial)
+                .map_err(|e| Stop::Error(Error::Corruption(e.to_string())))?;
+            plan.merge(&mut t.merged, &p)
+                .map_err(|e| Stop::Error(Error::Corruption(e.to_string())))?;
+            t.done[n] = true;
+        }
+        Ok(())
+    }
+
+    /// The node to run task `n` on: a follower of its shard with a free slot and not one it
+    /// failed on, the least busy first (ties: the lowest id); the leader only when every
+    /// follower has failed it (so leaders keep serving); and when every replica has, any
+    /// replica again. `None`: wait for a slot.
+    fn place(
+        &self,
+        t: &Tasks,
+        n: usize,
+        replicas: &HashMap<u64, ShardReplicas>,
+        load: &HashMap<u64, usize>,
+    ) -> Option<u64> {
+        let shard = replicas.get(&t.records[n].plan.shard)?;
+        let busy = |node: &u64| load.get(node).copied().unwrap_or(0);
+        let untried = |node: &&u64| !t.tried[n].contains(*node);
+        let followers: Vec<u64> = shard
+            .replicas
+            .iter()
+            .filter(|r| shard.leader != Some(**r))
+            .filter(untried)
+            .copied()
+            .collect();
+        let pool = if !followers.is_empty() {
+            followers
+        } else {
+            let others: Vec<u64> = shard.replicas.iter().filter(untried).copied().collect();
+            if others.is_empty() {
+                shard.replicas.clone()
+            } else {
+                others
+            }
+        };
+        pool.into_iter()
+            .filter(|node| busy(node) < self.cfg.slots_per_node)
+            .min_by_key(|node| (busy(node), *node))
+    }
+
+    async fn run_tasks(
+        &self,
+        plan: &Plan,
+        t: &mut Tasks,
+        replicas: &HashMap<u64, ShardReplicas>,
+    ) -> Result<(), Stop> {
+        type Running<'f> = FuturesUnordered<
+            futures::future::BoxFuture<'f, (usize, u16, u64, Result<TaskOutput, TaskError>)>,
+        >;
+        let mut pending: VecDeque<usize> = (0..t.records.len()).filter(|n| !t.done[*n]).collect();
+        let mut running: Running<'_> = FuturesUnordered::new();
+        let mut load: HashMap<u64, usize> = HashMap::new();
+        let mut next_attempt: Vec<u16> = t
+            .records
+            .iter()
+            .map(|r| r.attempts.iter().map(|a| a.n).max().unwrap_or(0) + 1)
+            .collect();
+        let mut published_at: Option<Instant> = None;
+        let spec = self.claim_spec().await?;
+        let mut tick = tokio::time::interval(self.cfg.publish_every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            // Start what can start.
+            let mut waiting = VecDeque::new();
+            while let Some(n) = pending.pop_front() {
+                let Some(node) = self.place(t, n, replicas, &load) else {
+                    waiting.push_back(n);
+                    continue;
+                };
+                let attempt = next_attempt[n];
+                next_attempt[n] += 1;
+                let started = command(
+                    self.c,
+                    self.cfg,
+                    JobCommand::AttemptStart {
+                        id: self.id.clone(),
+                        epoch: self.epoch,
+                        task: n as u32,
+                        attempt,
+                        node,
+                        speculative: false,
+                        now_ms: self.c.now_ms(),
+                    },
+                )
+                .await?;
+                match started {
+                    Ok(_) => {}
+                    Err(line) if line.starts_with("TASKDONE") => {
+                        // Done meanwhile by an attempt this coordinator did not start.
+                        t.records = self.c.tasks(&self.id).await?;
+                        self.absorb(plan, t, n).await?;
+                        continue;
+                    }
+                    Err(line) => {
+                        return Err(Stop::Ended(
+                            self.finish_failed(format!("task {n} could not start: {line}"))
+                                .await?,
+                        ));
+                    }
+                }
+                *load.entry(node).or_insert(0) += 1;
+                let p = &t.records[n].plan;
+                let order = TaskOrder {
+                    job: self.owner.clone(),
+                    task: n as u32,
+                    attempt,
+                    spec: spec.clone(),
+                    shard: p.shard,
+                    pin_index: p.pin_index,
+                    from: p.from.clone(),
+                    to: p.to.clone(),
+                };
+                let c = self.c;
+                running.push(Box::pin(async move {
+                    (n, attempt, node, c.run_task(node, order).await)
+                }));
+            }
+            pending = waiting;
+            if running.is_empty() {
+                if pending.is_empty() {
+                    return Ok(());
+                }
+                // Nothing runs and nothing can start: no replica of these shards is known.
+                let n = pending[0];
+                return Err(Stop::Ended(
+                    self.finish_failed(format!(
+                        "task {n}: no node holds a replica of shard {}",
+                        t.records[n].plan.shard
+                    ))
+                    .await?,
+                ));
+            }
+            tokio::select! {
+                Some((n, attempt, node, result)) = running.next() => {
+                    if let Some(l) = load.get_mut(&node) {
+                        *l = l.saturating_sub(1);
+                    }
+                    match result {
+                        Ok(out) => {
+                            let answer = command(self.c, self.cfg, JobCommand::AttemptEnd {
+                                id: self.id.clone(),
+                                epoch: self.epoch,
+                                task: n as u32,
+                                attempt,
+                                node,
+                                outcome: AttemptOutcome::Done { keys: out.keys, partial: out.partial.clone() },
+                            }).await?;
+                            match answer {
+                                Ok(Reply::Status(s)) if s == "accepted" && !t.done[n] => {
+                                    let p = Partial::decode(&out.partial)
+                                        .map_err(|e| Stop::Error(Error::Corruption(e.to_string())))?;
+                                    if let Err(e) = plan.merge(&mut t.merged, &p) {
+                                        return Err(Stop::Ended(self.finish_failed(e.to_string()).await?));
+                                    }
+                                    t.done[n] = true;
+                                    if published_at.is_none() {
+                                        self.publish_partial(plan, t).await?;
+                                        published_at = Some(Instant::now());
+                                    }
+                                }
+                                Ok(_) => {}
+                                Err(line) => {
+                                    // A partial the log refuses (over its bound): the job's own limit.
+                                    return Err(Stop::Ended(self.finish_failed(format!("task {n}: {line}")).await?));
+                                }
+                            }
+                        }
+                        Err(TaskError::User(message)) => {
+                            command(self.c, self.cfg, JobCommand::AttemptEnd {
+                                id: self.id.clone(),
+                                epoch: self.epoch,
+                                task: n as u32,
+                                attempt,
+                                node,
+                                outcome: AttemptOutcome::Failed { error: message.clone(), user: true },
+                            }).await?.ok();
+                            return Err(Stop::Ended(self.finish_failed(format!("task {n}: {message}")).await?));
+                        }
+                        Err(e) => {
+                            let outcome = match &e {
+                                TaskError::Unreachable(m) => AttemptOutcome::Lost { reason: m.clone() },
+                                other => AttemptOutcome::Failed { error: other.to_string(), user: false },
+                            };
+                            command(self.c, self.cfg, JobCommand::AttemptEnd {
+                                id: self.id.clone(),
+                                epoch: self.epoch,
+                                task: n as u32,
+                                attempt,
+                                node,
+                                outcome,
+                            }).await?.ok();
+                            t.failures[n] += 1;
+                            t.tried[n].insert(node);
+                            t.last_error[n] = e.to_string();
+                            tracing::info!(task = n, node, error = %e, "a task attempt failed; the task runs again");
+                            if t.failures[n] >= self.cfg.failed_attempts_max {
+                                let reason = format!(
+                                    "task {n} failed {} times; the last: {}",
+                                    t.failures[n], t.last_error[n]
+                                );
+                                return Err(Stop::Ended(self.finish_failed(reason).await?));
+                            }
+                            pending.push_back(n);
+                        }
+                    }
+                }
+                _ = tick.tick() => {
+                    if published_at.is_some() {
+                        self.publish_partial(plan, t).await?;
+                        published_at = Some(Instant::now());
+                    }
+                }
+            }
+        }
+    }
+
+    /// The job's canonical spec, as recorded.
+    async fn claim_spec(&self) -> Result<String, Stop> {
+        Ok(claim(self.c, self.cfg, &self.id, self.epoch).await?.spec)
+    }
+
+    /// Coverage fields of an entry.
+    fn coverage(&self, t: &Tasks) -> Vec<(Bytes, Bytes)> {
+        let tasks_done = t.done.iter().filter(|d| **d).count();
+        let mut shard_done: HashMap<u64, bool> = HashMap::new();
+        for (r, d) in t.records.iter().zip(&t.done) {
+            let e = shard_done.entry(r.plan.shard).or_insert(true);
+            *e &= *d;
+        }
+        vec![
+            field("tasks_done", text(tasks_done)),
+            field("tasks_total", text(t.records.len())),
+            field(
+                "shards_done",
+                text(shard_done.values().filter(|d| **d).count()),
+            ),
+            field("shards_total", text(shard_done.len())),
+            field("keys_scanned", text(t.merged.keys)),
+            field("keys_skipped", text(t.merged.skipped)),
+        ]
+    }
+
+    /// The first groups of `merged` in output order, as JSON that fits an entry.
+    fn shown(&self, plan: &Plan, merged: &Partial) -> Result<serde_json::Value, String> {
+        let total = merged.groups();
+        if total > PARTIAL_GROUPS_SORTED_MAX {
+            return Ok(serde_json::json!({"groups_total": total, "groups": [], "truncated": true}));
+        }
+        let rows = plan.rows(merged).map_err(|e| e.to_string())?;
+        let mut shown = Vec::new();
+        let mut bytes = 0;
+        for r in rows.iter().take(self.cfg.groups_shown) {
+            let len = r.to_string().len();
+            if bytes + len > SHOWN_BYTES_MAX {
+                break;
+            }
+            bytes += len;
+            shown.push(r.clone());
+        }
+        let truncated = shown.len() < rows.len();
+        Ok(serde_json::json!({"groups": shown, "groups_total": rows.len(), "truncated": truncated}))
+    }
+
+    async fn publish(&self, entry: Vec<(Bytes, Bytes)>) -> Result<(), Stop> {
+        command(
+            self.c,
+            self.cfg,
+            JobCommand::Publish {
+                id: self.id.clone(),
+                epoch: self.epoch,
+                now_ms: self.c.now_ms(),
+                entries: vec![entry],
+            },
+        )
+        .await?
+        .ok();
+        Ok(())
+    }
+
+    /// Publishes the merged result so far, marked incomplete, with its coverage.
+    async fn publish_partial(&self, plan: &Plan, t: &Tasks) -> Result<(), Stop> {
+        let mut entry = vec![field("type", "partial"), field("complete", "0")];
+        entry.extend(self.coverage(t));
+        // A sum out of range so far may come back in range: nothing is shown then.
+        if let Ok(result) = self.shown(plan, &t.merged) {
+            entry.push(field("result", text(result)));
+        }
+        self.publish(entry).await
+    }
+
+    /// Writes the result, publishes the final entry and ends the job.
+    async fn finish(&self, plan: &Plan, t: &Tasks) -> Result<Ended, Stop> {
+        let rows = match plan.rows(&t.merged) {
+            Ok(r) => r,
+            Err(e) => return self.finish_failed(e.to_string()).await,
+        };
+        // Chunks of whole rows, each a JSON array of at most RESULT_CHUNK_MAX bytes.
+        let mut chunks: Vec<Vec<u8>> = Vec::new();
+        let mut chunk = b"[".to_vec();
+        for r in &rows {
+            let row = r.to_string().into_bytes();
+            if row.len() + 2 > RESULT_CHUNK_MAX {
+                return self
+                    .finish_failed(format!("a result row is over {RESULT_CHUNK_MAX} bytes"))
+                    .await;
+            }
+            if chunk.len() + row.len() + 2 > RESULT_CHUNK_MAX {
+                chunk.push(b']');
+                chunks.push(std::mem::replace(&mut chunk, b"[".to_vec()));
+            }
+            if chunk.len() > 1 {
+                chunk.push(b',');
+            }
+            chunk.extend_from_slice(&row);
+        }
+        chunk.push(b']');
+        chunks.push(chunk);
+        if chunks.len() > RESULT_CHUNKS_MAX as usize {
+            return self
+                .finish_failed(format!(
+                    "the result is over {RESULT_CHUNKS_MAX} chunks of {RESULT_CHUNK_MAX} bytes: set output.limit"
+                ))
+                .await;
+        }
+        for (n, bytes) in chunks.into_iter().enumerate() {
+            let written = command(
+                self.c,
+                self.cfg,
+                JobCommand::ResultChunk {
+                    id: self.id.clone(),
+                    epoch: self.epoch,
+                    n: n as u32,
+                    bytes: Bytes::from(bytes),
+                },
+            )
+            .await?;
+            if let Err(line) = written {
+                return Err(Stop::Error(Error::Command(line)));
+            }
+        }
+        let mut entry = vec![field("type", "final"), field("complete", "1")];
+        entry.extend(self.coverage(t));
+        entry.push(field("rounded", text(t.merged.rounded)));
+        if let Ok(result) = self.shown(plan, &t.merged) {
+            entry.push(field("result", text(result)));
+        }
+        self.publish(entry).await?;
+        match command(
+            self.c,
+            self.cfg,
+            JobCommand::Finish {
+                id: self.id.clone(),
+                epoch: self.epoch,
+                now_ms: self.c.now_ms(),
+                outcome: JobOutcome::Done,
+            },
+        )
+        .await?
+        {
+            Ok(_) => Ok(Ended::Done),
+            Err(line) => Err(Stop::Error(Error::Command(line))),
+        }
+    }
+}

@@ -1,0 +1,136 @@
+//! Splitting pinned shards into tasks: one per shard, or several when a shard holds more than
+//! [`TASK_KEYS_MAX`] keys, bounded by keys interpolated between the shard's first and last
+//! key (the 16 bytes after their common prefix, read as a big-endian number). Interpolation
+//! is a guess of where keys lie: on skewed keys some tasks get more than their share (the
+//! design's speculation covers stragglers, not skew).
+
+use bytes::Bytes;
+use capdb_types::jobs::{ShardPin, TASKS_MAX, TaskPlan};
+
+/// Keys a task covers at most (by the shard's count, evenly split).
+pub const TASK_KEYS_MAX: u64 = 1_000_000;
+
+/// The tasks of `pins` (input shards pinned for the job), in shard order; at most
+/// [`TASKS_MAX`] (past it, tasks cover more keys each).
+pub fn tasks(pins: &[ShardPin]) -> Vec<TaskPlan> {
+    let wanted: u64 = pins
+        .iter()
+        .map(|p| p.keys.div_ceil(TASK_KEYS_MAX).max(1))
+        .sum();
+    // Past the bound every shard gets fewer tasks, in proportion.
+    let scale = (wanted as f64 / TASKS_MAX as f64).max(1.0);
+    let mut out = Vec::new();
+    for p in pins {
+        let n = ((p.keys.div_ceil(TASK_KEYS_MAX).max(1) as f64 / scale).floor() as u64).max(1);
+        let bounds = match (&p.first_key, &p.last_key) {
+            (Some(first), Some(last)) if n > 1 => split_keys(first, last, n),
+            _ => Vec::new(),
+        };
+        let mut from: Option<Bytes> = None;
+        for b in bounds {
+            out.push(TaskPlan {
+                shard: p.shard,
+                from: from.clone(),
+                to: Some(b.clone()),
+                pin_index: p.index,
+            });
+            from = Some(b);
+        }
+        out.push(TaskPlan {
+            shard: p.shard,
+            from,
+            to: None,
+            pin_index: p.index,
+        });
+    }
+    out
+}
+
+/// Up to `n - 1` keys strictly between `first` and `last`, rising, that cut the range into
+/// `n` parts of about equal width (fewer when the keys are too close to cut).
+pub fn split_keys(first: &[u8], last: &[u8], n: u64) -> Vec<Bytes> {
+    if first >= last || n < 2 {
+        return Vec::new();
+    }
+    let common = first.iter().zip(last).take_while(|(a, b)| a == b).count();
+    let num = |k: &[u8]| -> u128 {
+        let mut b = [0u8; 16];
+        for (i, x) in k.iter().skip(common).take(16).enumerate() {
+            b[i] = *x;
+        }
+        u128::from_be_bytes(b)
+    };
+    let (lo, hi) = (num(first), num(last));
+    let step = (hi - lo) / u128::from(n);
+    let mut out: Vec<Bytes> = Vec::new();
+    for i in 1..n {
+        let at = lo + step * u128::from(i);
+        let mut key = first[..common].to_vec();
+        let bytes = at.to_be_bytes();
+        // Trailing zero bytes add nothing to a bound.
+        let len = bytes.iter().rposition(|b| *b != 0).map_or(0, |p| p + 1);
+        key.extend_from_slice(&bytes[..len]);
+        let key = Bytes::from(key);
+        if key.as_ref() > first && key.as_ref() < last && out.last().is_none_or(|prev| prev < &key)
+        {
+            out.push(key);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pin(shard: u64, keys: u64, first: &str, last: &str) -> ShardPin {
+        ShardPin {
+            shard,
+            index: 9,
+            keys,
+            first_key: Some(Bytes::from(first.to_string())),
+            last_key: Some(Bytes::from(last.to_string())),
+        }
+    }
+
+    #[test]
+    fn a_small_shard_is_one_task_and_a_big_one_is_cut_into_rising_ranges() {
+        let t = tasks(&[
+            pin(1, 10, "a", "z"),
+            pin(2, 2_500_000, "u:00000000", "u:99999999"),
+        ]);
+        assert_eq!(t.len(), 4);
+        assert_eq!(
+            (t[0].shard, t[0].from.clone(), t[0].to.clone()),
+            (1, None, None)
+        );
+        let big: Vec<&TaskPlan> = t.iter().filter(|p| p.shard == 2).collect();
+        assert_eq!(big[0].from, None);
+        assert_eq!(big[2].to, None);
+        assert_eq!(big[0].to, big[1].from);
+        assert_eq!(big[1].to, big[2].from);
+        assert!(big[0].to < big[1].to);
+        assert!(big.iter().all(|p| p.pin_index == 9));
+    }
+
+    #[test]
+    fn keys_too_close_to_cut_give_fewer_tasks() {
+        assert_eq!(split_keys(b"a", b"a\x00", 10), Vec::<Bytes>::new());
+        assert_eq!(split_keys(b"b", b"a", 4), Vec::<Bytes>::new());
+        let cuts = split_keys(b"k000", b"k999", 4);
+        assert_eq!(cuts.len(), 3);
+        assert!(cuts.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    #[test]
+    fn an_empty_shard_is_one_task() {
+        let empty = ShardPin {
+            shard: 3,
+            index: 1,
+            keys: 0,
+            first_key: None,
+            last_key: None,
+        };
+        assert_eq!(tasks(&[empty]).len(), 1);
+    }
+}

@@ -1,0 +1,66 @@
+//! Running one task: the keys of its range, a page at a time from the pinned snapshot,
+//! through the job's plan into one partial result, which alone leaves the node.
+//!
+//! Blocking (it reads storage and computes): the node runs it on a thread that may block,
+//! never on the async runtime's workers.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use bytes::Bytes;
+use capdb_reduce::{JobSpec, Plan};
+use capdb_types::jobs::PARTIAL_INLINE_MAX;
+
+use crate::{TaskError, TaskOrder, TaskOutput};
+
+/// Keys a worker asks for per page.
+pub const PAGE_KEYS: usize = 4_096;
+
+/// One page of a task's range: string keys and their values, and where the next page starts
+/// (`None`: the range is done).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Page {
+    pub entries: Vec<(Bytes, Bytes)>,
+    pub next: Option<Bytes>,
+}
+
+/// Runs `order`: `page(after)` reads the page after `after` (`None`: from the range's start)
+/// from the pin; `cancelled` is checked between pages. A page that cannot be read fails the
+/// attempt (another replica may hold the pin); a limit of the spec fails the job.
+pub fn run(
+    order: &TaskOrder,
+    mut page: impl FnMut(Option<&[u8]>) -> Result<Page, String>,
+    cancelled: &AtomicBool,
+) -> Result<TaskOutput, TaskError> {
+    let spec = JobSpec::parse(order.spec.as_bytes())
+        .map_err(|e| TaskError::User(format!("the job's spec: {e}")))?;
+    let plan = Plan::new(spec).map_err(|e| TaskError::User(e.to_string()))?;
+    let mut partial = plan.partial();
+    let mut after: Option<Bytes> = None;
+    loop {
+        if cancelled.load(Ordering::Relaxed) {
+            return Err(TaskError::Failed("the attempt was cancelled".into()));
+        }
+        let p = page(after.as_deref()).map_err(TaskError::Failed)?;
+        for (key, value) in &p.entries {
+            plan.add(&mut partial, key, value).map_err(|e| {
+                TaskError::User(format!("key {:?}: {e}", String::from_utf8_lossy(key)))
+            })?;
+        }
+        match p.next {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+    }
+    let keys = partial.keys;
+    let bytes = partial.encode();
+    if bytes.len() > PARTIAL_INLINE_MAX {
+        return Err(TaskError::User(format!(
+            "a task's partial result is {} bytes, over the {PARTIAL_INLINE_MAX} a task may send in this version: fewer groups (limits.groups_max) or a narrower input",
+            bytes.len()
+        )));
+    }
+    Ok(TaskOutput {
+        keys,
+        partial: Bytes::from(bytes),
+    })
+}

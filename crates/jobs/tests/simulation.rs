@@ -1,0 +1,586 @@
+//! The coordinator against a simulated cluster: real storage engines (one per node, holding
+//! replicas of the input shards, and one for the `_jobs` shard, applying the real job state
+//! machine), real pins and pinned scans, and nodes that die or fail. Whatever fails, the
+//! result equals one pass over the data, and only the tasks that met a failure ran again.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use capdb_jobs::coordinator::{Config, Ended, run};
+use capdb_jobs::worker::{PAGE_KEYS, Page};
+use capdb_jobs::{Cluster, ShardReplicas, TaskError, TaskOrder, TaskOutput};
+use capdb_reduce::{JobSpec, Plan};
+use capdb_storage::KeyspaceStore;
+use capdb_storage::disk::{ChangesStep, DiskEngine, JOBS_QUERY};
+use capdb_types::jobs::{AttemptEnd, JobCommand, JobRecord, JobState, ShardPin, TaskRecord};
+use capdb_types::mutation::{Condition, ExpiryUpdate};
+use capdb_types::{Error, Hlc, Mutation, Reply, Timestamp};
+use serde_json::json;
+
+const JOBS_TABLE: &str = "shard/1000";
+
+struct Node {
+    engine: DiskEngine,
+    alive: AtomicBool,
+    /// Attempts to fail before running one (a replica that lost its pin, say).
+    fail_next: AtomicU32,
+    /// Attempts it runs before it dies (`u32::MAX`: it does not).
+    runs_left: AtomicU32,
+    ran: AtomicU32,
+}
+
+struct Sim {
+    nodes: HashMap<u64, Node>,
+    shards: Vec<ShardReplicas>,
+    jobs: DiskEngine,
+    jobs_index: Mutex<u64>,
+    /// Each shard's last log index.
+    index: Mutex<HashMap<u64, u64>>,
+    _dirs: Vec<tempfile::TempDir>,
+}
+
+fn applied(table: &str, index: u64) -> Vec<(String, Option<Vec<u8>>)> {
+    vec![(
+        format!("applied/{table}"),
+        Some(index.to_le_bytes().to_vec()),
+    )]
+}
+
+impl Sim {
+    /// `nodes` nodes; shard `g` (1..=shards) on the replicas `placement(g)`, leader the first.
+    fn new(nodes: u64, shards: u64, placement: impl Fn(u64) -> Vec<u64>) -> Sim {
+        let mut dirs = Vec::new();
+        let mut open = || {
+            let d = tempfile::tempdir().unwrap();
+            let e = DiskEngine::open(d.path(), Arc::new(Hlc::new()), 1 << 20).unwrap();
+            dirs.push(d);
+            e
+        };
+        let node_map = (1..=nodes)
+            .map(|id| {
+                (
+                    id,
+                    Node {
+                        engine: open(),
+                        alive: AtomicBool::new(true),
+                        fail_next: AtomicU32::new(0),
+                        runs_left: AtomicU32::new(u32::MAX),
+                        ran: AtomicU32::new(0),
+                    },
+                )
+            })
+            .collect();
+        let jobs = open();
+        let shards = (1..=shards)
+            .map(|g| {
+                let replicas = placement(g);
+                ShardReplicas {
+                    shard: g,
+                    leader: replicas.first().copied(),
+                    replicas,
+                }
+            })
+            .collect();
+        Sim {
+            nodes: node_map,
+            shards,
+            jobs,
+            jobs_index: Mutex::new(0),
+            index: Mutex::default(),
+            _dirs: dirs,
+        }
+    }
+
+    fn replicas(&self, shard: u64) -> &[u64] {
+        &self.shards[(shard - 1) as usize].replicas
+    }
+
+    /// Writes `records` through each shard's "log": every replica applies the same entries.
+    async fn load(&self, records: &[(String, String)]) {
+        let shards = self.shards.len() as u64;
+        for (i, (k, v)) in records.iter().enumerate() {
+            let shard = 1 + (i as u64 % shards);
+            let index = {
+                let mut idx = self.index.lock().unwrap();
+                let e = idx.entry(shard).or_insert(0);
+                *e += 1;
+                *e
+            };
+            let table = format!("shard/{shard}");
+            for node in self.replicas(shard) {
+                let m = Mutation::Set {
+                    key: Bytes::from(k.clone()),
+                    value: Bytes::from(v.clone()),
+                    condition: Condition::Always,
+                    expiry: ExpiryUpdate::Clear,
+                    return_old: false,
+                };
+                self.nodes[node]
+                    .engine
+                    .apply_replicated(
+                        &table,
+                        vec![(m, Timestamp(index), 1, index)],
+                        applied(&table, index),
+                        Vec::new(),
+                        Vec::new(),
+                        Vec::new(),
+                    )
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+
+    fn record(&self, id: &str) -> JobRecord {
+        let args = [
+            Bytes::from_static(JOBS_QUERY.as_bytes()),
+            Bytes::from("record"),
+            Bytes::from(id.to_string()),
+        ];
+        match self
+            .jobs
+            .table(JOBS_TABLE, false)
+            .query(&args, 0, 0)
+            .unwrap()
+        {
+            Reply::Bulk(b) => postcard::from_bytes(&b).unwrap(),
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+impl Cluster for Sim {
+    async fn job(&self, cmd: JobCommand) -> Result<Result<Reply, Error>, Error> {
+        let index = {
+            let mut i = self.jobs_index.lock().unwrap();
+            *i += 1;
+            *i
+        };
+        self.jobs
+            .changes_config(JOBS_TABLE, ChangesStep::Job(cmd), index, Vec::new(), None)
+            .await
+    }
+
+    async fn tasks(&self, id: &Bytes) -> Result<Vec<TaskRecord>, Error> {
+        let args = [
+            Bytes::from_static(JOBS_QUERY.as_bytes()),
+            Bytes::from("tasks"),
+            id.clone(),
+            Bytes::from("0"),
+            Bytes::from("1024"),
+        ];
+        match self.jobs.table(JOBS_TABLE, false).query(&args, 0, 0)? {
+            Reply::Array(v) => Ok(v
+                .into_iter()
+                .map(|r| match r {
+                    Reply::Bulk(b) => postcard::from_bytes(&b).unwrap(),
+                    other => panic!("{other:?}"),
+                })
+                .collect()),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    async fn shards(&self, _keyspace: &str) -> Result<Vec<ShardReplicas>, Error> {
+        Ok(self.shards.clone())
+    }
+
+    async fn pin(&self, shard: u64, owner: Bytes, now_ms: u64) -> Result<ShardPin, Error> {
+        let index = {
+            let mut idx = self.index.lock().unwrap();
+            let e = idx.entry(shard).or_insert(0);
+            *e += 1;
+            *e
+        };
+        let table = format!("shard/{shard}");
+        let mut answer = None;
+        // Every live replica applies the pin entry; a dead one misses it.
+        for node in self.replicas(shard) {
+            let n = &self.nodes[node];
+            if !n.alive.load(Ordering::SeqCst) {
+                continue;
+            }
+            let info = n
+                .engine
+                .table(&table, false)
+                .pin(
+                    &owner,
+                    index,
+                    now_ms,
+                    applied(&table, index),
+                    &format!("applied/{table}"),
+                )
+                .await??;
+            answer.get_or_insert(ShardPin {
+                shard,
+                index: info.index,
+                keys: info.keys,
+                first_key: info.first_key,
+                last_key: info.last_key,
+            });
+        }
+        answer.ok_or_else(|| Error::Unavailable("no live replica".into()))
+    }
+
+    async fn unpin(&self, shard: u64, owner: Bytes, index: u64) -> Result<(), Error> {
+        for node in self.replicas(shard) {
+            self.nodes[node]
+                .engine
+                .table(&format!("shard/{shard}"), false)
+                .unpin(&owner, index);
+        }
+        Ok(())
+    }
+
+    async fn run_task(&self, node: u64, order: TaskOrder) -> Result<TaskOutput, TaskError> {
+        let n = &self.nodes[&node];
+        match n.runs_left.load(Ordering::SeqCst) {
+            0 => n.alive.store(false, Ordering::SeqCst),
+            u32::MAX => {}
+            left => n.runs_left.store(left - 1, Ordering::SeqCst),
+        }
+        if !n.alive.load(Ordering::SeqCst) {
+            // A dead node: the call times out.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            return Err(TaskError::Unreachable(format!(
+                "node {node} did not answer"
+            )));
+        }
+        n.ran.fetch_add(1, Ordering::SeqCst);
+        if n.fail_next.load(Ordering::SeqCst) > 0 {
+            n.fail_next.fetch_sub(1, Ordering::SeqCst);
+            return Err(TaskError::Failed(format!(
+                "node {node}: no pin of this job here"
+            )));
+        }
+        let table = n.engine.table(&format!("shard/{}", order.shard), false);
+        tokio::task::spawn_blocking(move || {
+            let spec = JobSpec::parse(order.spec.as_bytes()).unwrap();
+            let include = spec.input.expired == capdb_reduce::spec::Expired::Include;
+            let cancelled = AtomicBool::new(false);
+            capdb_jobs::worker::run(
+                &order,
+                |after| {
+                    table
+                        .pinned_scan(
+                            &order.job,
+                            order.pin_index,
+                            order.from.as_deref(),
+                            order.to.as_deref(),
+                            after,
+                            PAGE_KEYS,
+                            include,
+                        )
+                        .map(|p| Page {
+                            entries: p.entries.into_iter().map(|(k, v)| (k, v.data)).collect(),
+                            next: p.next,
+                        })
+                        .map_err(|e| e.to_string())
+                },
+                &cancelled,
+            )
+        })
+        .await
+        .map_err(|e| TaskError::Failed(e.to_string()))?
+    }
+
+    fn now_ms(&self) -> u64 {
+        1_000
+    }
+}
+
+fn orders(n: usize) -> Vec<(String, String)> {
+    (0..n)
+        .map(|i| {
+            (
+                format!("o:{i:06}"),
+                json!({"c": format!("c{}", i % 7), "a": i % 100}).to_string(),
+            )
+        })
+        .collect()
+}
+
+fn spec() -> String {
+    json!({"input": {"keyspace": "orders", "prefix": "o:"},
+           "map": {"group": {"json": "$.c"}, "values": {"a": {"json": "$.a"}}},
+           "reduce": {"n": "count", "total": {"sum": "a"}},
+           "output": {"order_by": "total", "desc": true}})
+    .to_string()
+}
+
+/// The answer of one pass over `records`.
+fn expected(records: &[(String, String)]) -> serde_json::Value {
+    let plan = Plan::new(JobSpec::parse(spec().as_bytes()).unwrap()).unwrap();
+    let mut p = plan.partial();
+    for (k, v) in records {
+        plan.add(&mut p, k.as_bytes(), v.as_bytes()).unwrap();
+    }
+    serde_json::Value::Array(plan.rows(&p).unwrap())
+}
+
+async fn submit(sim: &Sim, id: &str) {
+    let canonical = JobSpec::parse(spec().as_bytes())
+        .unwrap()
+        .canonical()
+        .to_string();
+    sim.job(JobCommand::Submit {
+        id: Bytes::from(id.to_string()),
+        spec: canonical,
+        now_ms: 1,
+    })
+    .await
+    .unwrap()
+    .unwrap();
+}
+
+fn result(sim: &Sim, id: &str) -> serde_json::Value {
+    let args = [
+        Bytes::from_static(JOBS_QUERY.as_bytes()),
+        Bytes::from("result"),
+        Bytes::from(id.to_string()),
+        Bytes::from("0"),
+    ];
+    match sim
+        .jobs
+        .table(JOBS_TABLE, false)
+        .query(&args, 0, 0)
+        .unwrap()
+    {
+        Reply::Bulk(b) => serde_json::from_slice(&b).unwrap(),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_over_four_shards_gives_the_one_pass_answer_and_runs_on_followers() {
+    // 3 nodes, each shard on all of them, leaders spread.
+    let sim = Sim::new(3, 4, |g| {
+        let leader = 1 + (g % 3);
+        let mut r = vec![leader];
+        r.extend((1..=3).filter(|n| *n != leader));
+        r
+    });
+    let data = orders(2_000);
+    sim.load(&data).await;
+    submit(&sim, "j1").await;
+    let ended = run(&sim, Bytes::from("j1"), 1, &Config::default())
+        .await
+        .unwrap();
+    assert_eq!(ended, Ended::Done);
+    assert_eq!(result(&sim, "j1"), expected(&data));
+    let rec = sim.record("j1");
+    assert_eq!(
+        (rec.state, rec.tasks_done, rec.keys_scanned),
+        (JobState::Done, 4, 2_000)
+    );
+    // Followers first: no task ran on its shard's leader.
+    for (n, t) in sim
+        .tasks(&Bytes::from("j1"))
+        .await
+        .unwrap()
+        .iter()
+        .enumerate()
+    {
+        let leader = sim.shards[(t.plan.shard - 1) as usize].leader;
+        assert!(
+            t.attempts.iter().all(|a| Some(a.node) != leader),
+            "task {n} ran on its leader"
+        );
+        assert_eq!(t.attempts.len(), 1);
+    }
+    // Pins are released.
+    for node in sim.nodes.values() {
+        assert_eq!(node.engine.pins_held(), 0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_node_costs_only_its_tasks() {
+    // 3 nodes; node 3 dies after the pins (it holds them but never answers).
+    let sim = Sim::new(3, 6, |g| {
+        let leader = 1 + (g % 3);
+        let mut r = vec![leader];
+        r.extend((1..=3).filter(|n| *n != leader));
+        r
+    });
+    let data = orders(3_000);
+    sim.load(&data).await;
+    submit(&sim, "j2").await;
+    // Node 2 fails its first attempt (as a replica that lost its pin would); node 3 dies once
+    // the job has pinned (it holds its pins): every call to it goes unanswered. Both get a
+    // task at the start (followers first, the least busy, three slots for six tasks).
+    sim.nodes[&2].fail_next.store(1, Ordering::SeqCst);
+    let dead = 3;
+    sim.nodes[&dead].runs_left.store(0, Ordering::SeqCst);
+    let ended = run(&sim, Bytes::from("j2"), 1, &Config::default())
+        .await
+        .unwrap();
+    assert_eq!(ended, Ended::Done);
+    assert_eq!(result(&sim, "j2"), expected(&data));
+    let tasks = sim.tasks(&Bytes::from("j2")).await.unwrap();
+    // The faults happened: node 2 failed one attempt, node 3 lost at least one.
+    let all: Vec<&capdb_types::jobs::Attempt> = tasks.iter().flat_map(|t| &t.attempts).collect();
+    assert!(
+        all.iter()
+            .any(|a| a.node == 2 && matches!(a.end, AttemptEnd::Failed { .. }))
+    );
+    assert!(
+        all.iter()
+            .any(|a| a.node == dead && matches!(a.end, AttemptEnd::Lost { .. }))
+    );
+    // Only tasks whose attempt met a failure ran again, and never twice on the same node.
+    for (n, t) in tasks.iter().enumerate() {
+        let failed: Vec<&capdb_types::jobs::Attempt> = t
+            .attempts
+            .iter()
+            .filter(|a| !matches!(a.end, AttemptEnd::Done))
+            .collect();
+        for a in &failed {
+            assert!(a.node == dead || a.node == 2, "task {n} attempt {a:?}");
+        }
+        assert_eq!(
+            t.attempts.len(),
+            failed.len() + 1,
+            "task {n}: one success, after its failures"
+        );
+        let mut nodes: Vec<u64> = t.attempts.iter().map(|a| a.node).collect();
+        nodes.dedup();
+        assert_eq!(
+            nodes.len(),
+            t.attempts.len(),
+            "task {n} ran twice on one node: {:?}",
+            t.attempts
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_coordinator_resumes_and_merges_what_was_done() {
+    let sim = Sim::new(3, 3, |_| vec![1, 2, 3]);
+    let data = orders(1_000);
+    sim.load(&data).await;
+    submit(&sim, "j3").await;
+    // A first coordinator (epoch 1) claims and plans, and one task is done, then it dies.
+    run_partly(&sim, "j3").await;
+    // The next one (epoch 2) resumes: the done task is not run again.
+    let ended = run(&sim, Bytes::from("j3"), 2, &Config::default())
+        .await
+        .unwrap();
+    assert_eq!(ended, Ended::Done);
+    assert_eq!(result(&sim, "j3"), expected(&data));
+    let tasks = sim.tasks(&Bytes::from("j3")).await.unwrap();
+    assert_eq!(
+        tasks[0].attempts.len(),
+        1,
+        "the task done before the takeover ran once"
+    );
+    assert!(
+        matches!(tasks[1].attempts[0].end, AttemptEnd::Lost { .. }),
+        "{:?}",
+        tasks[1].attempts
+    );
+    // The deposed coordinator can change nothing any more.
+    let stale = sim
+        .job(JobCommand::Cancel {
+            id: Bytes::from("j3"),
+            now_ms: 5,
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stale, Reply::Integer(0), "ended jobs stay ended");
+}
+
+/// Epoch 1: claim, pin, plan, run task 0 to completion and start task 1, then stop.
+async fn run_partly(sim: &Sim, id: &str) {
+    let id = Bytes::from(id.to_string());
+    sim.job(JobCommand::Claim {
+        id: id.clone(),
+        epoch: 1,
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let owner = capdb_types::jobs::pin_owner(&id, 1);
+    let mut pins = Vec::new();
+    for s in 1..=3 {
+        pins.push(sim.pin(s, owner.clone(), 1_000).await.unwrap());
+    }
+    let tasks = capdb_jobs::plan::tasks(&pins);
+    sim.job(JobCommand::Plan {
+        id: id.clone(),
+        epoch: 1,
+        pins,
+        tasks: tasks.clone(),
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let spec = sim.record(std::str::from_utf8(&id).unwrap()).spec;
+    for (n, node) in [(0u32, 2u64), (1, 3)] {
+        sim.job(JobCommand::AttemptStart {
+            id: id.clone(),
+            epoch: 1,
+            task: n,
+            attempt: 1,
+            node,
+            speculative: false,
+            now_ms: 1,
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    }
+    let p = &tasks[0];
+    let order = TaskOrder {
+        job: owner,
+        task: 0,
+        attempt: 1,
+        spec,
+        shard: p.shard,
+        pin_index: p.pin_index,
+        from: p.from.clone(),
+        to: p.to.clone(),
+    };
+    let out = sim.run_task(2, order).await.unwrap();
+    sim.job(JobCommand::AttemptEnd {
+        id: id.clone(),
+        epoch: 1,
+        task: 0,
+        attempt: 1,
+        node: 2,
+        outcome: capdb_types::jobs::AttemptOutcome::Done {
+            keys: out.keys,
+            partial: out.partial,
+        },
+    })
+    .await
+    .unwrap()
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sum_out_of_range_fails_the_job_naming_its_group() {
+    let sim = Sim::new(2, 1, |_| vec![1, 2]);
+    // Two sums that overflow the exact range together: the job's own data fails it.
+    sim.load(&[
+        ("o:1".into(), json!({"c": "x", "a": 1e29}).to_string()),
+        ("o:2".into(), json!({"c": "x", "a": 1e29}).to_string()),
+    ])
+    .await;
+    submit(&sim, "j4").await;
+    let ended = run(&sim, Bytes::from("j4"), 1, &Config::default())
+        .await
+        .unwrap();
+    match ended {
+        Ended::Failed(reason) => assert!(
+            reason.contains("out of range") && reason.contains(r#"["x"]"#),
+            "{reason}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(sim.record("j4").state, JobState::Failed { .. }));
+}
