@@ -85,8 +85,15 @@ pub enum Ended {
 /// Why a command's answer stops the run.
 enum Stop {
     Ended(Ended),
+    /// The job has ended, and this run did not end it (a cancel; or its own `Finish` whose
+    /// answer was lost): the record says how.
+    EndedElsewhere,
     Error(Error),
 }
+
+/// The reason recorded for attempts a new coordinator finds running: not a failure of the
+/// task (it does not count toward [`Config::failed_attempts_max`]).
+const COORDINATOR_CHANGED: &str = "its coordinator changed";
 
 impl From<Error> for Stop {
     fn from(e: Error) -> Stop {
@@ -124,9 +131,7 @@ async fn command<C: Cluster>(
     match propose(c, cfg, cmd).await? {
         Ok(reply) => Ok(Ok(reply)),
         Err(Error::Command(line)) if line.starts_with("STALE") => Err(Stop::Ended(Ended::Deposed)),
-        Err(Error::Command(line)) if line.starts_with("ENDED") => {
-            Err(Stop::Ended(Ended::Cancelled))
-        }
+        Err(Error::Command(line)) if line.starts_with("ENDED") => Err(Stop::EndedElsewhere),
         Err(Error::Command(line)) => Ok(Err(line)),
         Err(e) => Err(Stop::Error(e)),
     }
@@ -165,6 +170,12 @@ async fn claim<C: Cluster>(c: &C, cfg: &Config, id: &Bytes, epoch: u64) -> Resul
 /// `Err`: the run stopped without an end (the `_jobs` shard did not answer for
 /// [`Config::retry_for`], or storage failed); the job is intact and the next run resumes it.
 pub async fn run<C: Cluster>(c: &C, id: Bytes, epoch: u64, cfg: &Config) -> Result<Ended, Error> {
+    let cfg = &Config {
+        slots_per_node: cfg.slots_per_node.max(1),
+        failed_attempts_max: cfg.failed_attempts_max.max(1),
+        publish_every: cfg.publish_every.max(Duration::from_millis(10)),
+        ..cfg.clone()
+    };
     let mut job = Job {
         c,
         cfg,
@@ -173,7 +184,21 @@ pub async fn run<C: Cluster>(c: &C, id: Bytes, epoch: u64, cfg: &Config) -> Resu
         pins: Vec::new(),
         owner: Bytes::new(),
     };
-    let outcome = job.run().await;
+    let outcome = match job.run().await {
+        // Ended by someone else, or by this run with its answer lost: as the record says.
+        Err(Stop::EndedElsewhere) => match claim(c, cfg, &id, epoch).await {
+            Ok(rec) => match rec.state {
+                JobState::Done => Ok(Ended::Done),
+                JobState::Failed { reason } => Ok(Ended::Failed(reason)),
+                JobState::Cancelled => Ok(Ended::Cancelled),
+                JobState::Queued | JobState::Running => Err(Stop::Error(Error::Io(
+                    "the job was said to have ended but has not".into(),
+                ))),
+            },
+            Err(e) => Err(e),
+        },
+        other => other,
+    };
     // Pins are released whatever happened to the job once it ended (a deposed coordinator
     // leaves them to the winner, whose own release frees them: the owner is shared).
     let ended = matches!(
@@ -189,6 +214,7 @@ pub async fn run<C: Cluster>(c: &C, id: Bytes, epoch: u64, cfg: &Config) -> Resu
     match outcome {
         Ok(e) | Err(Stop::Ended(e)) => Ok(e),
         Err(Stop::Error(e)) => Err(e),
+        Err(Stop::EndedElsewhere) => Err(Error::Io("the job's end could not be read".into())),
     }
 }
 
@@ -258,6 +284,9 @@ impl<C: Cluster> Job<'_, C> {
 
     async fn run(&mut self) -> Result<Ended, Stop> {
         let mut rec = claim(self.c, self.cfg, &self.id, self.epoch).await?;
+        // Known before anything can end the run, so that an ended job's pins are released.
+        self.pins = rec.pins.clone();
+        self.owner = pin_owner(&self.id, rec.planned_epoch);
         match &rec.state {
             JobState::Done => return Ok(Ended::Done),
             JobState::Failed { reason } => return Ok(Ended::Failed(reason.clone())),
@@ -282,19 +311,28 @@ impl<C: Cluster> Job<'_, C> {
             Err(e) => return self.finish_failed(e.to_string()).await,
         };
         if rec.state == JobState::Queued {
-            self.plan(&keyspace).await?;
+            if let Err(reason) = self.plan(&keyspace).await? {
+                return self.finish_failed(reason).await;
+            }
             rec = claim(self.c, self.cfg, &self.id, self.epoch).await?;
         }
         self.pins = rec.pins.clone();
         self.owner = pin_owner(&self.id, rec.planned_epoch);
-        let replicas: HashMap<u64, ShardReplicas> = self
-            .c
-            .shards(&keyspace)
-            .await?
-            .into_iter()
-            .map(|s| (s.shard, s))
-            .collect();
+        let replicas: HashMap<u64, ShardReplicas> = match self.c.shards(&keyspace).await {
+            Ok(s) => s.into_iter().map(|s| (s.shard, s)).collect(),
+            Err(e @ (Error::KeyspaceNotFound(_) | Error::InvalidInput(_))) => {
+                return self.finish_failed(format!("the input keyspace: {e}")).await;
+            }
+            Err(e) => return Err(Stop::Error(e)),
+        };
         let records = self.c.tasks(&self.id).await?;
+        if records.len() != rec.tasks_total as usize {
+            return Err(Stop::Error(Error::Io(format!(
+                "read {} task records of {}",
+                records.len(),
+                rec.tasks_total
+            ))));
+        }
         let mut t = Tasks {
             merged: plan.partial(),
             done: vec![false; records.len()],
@@ -312,28 +350,64 @@ impl<C: Cluster> Job<'_, C> {
     }
 
     /// Pins every shard of `keyspace` and records the tasks (the job runs from then on).
-    async fn plan(&mut self, keyspace: &str) -> Result<(), Stop> {
-        let shards = self.c.shards(keyspace).await?;
+    /// `Ok(Err(reason))`: it cannot be planned (the job fails). Pins taken are released on
+    /// every way out but the one where this plan is the job's.
+    async fn plan(&mut self, keyspace: &str) -> Result<Result<(), String>, Stop> {
+        let shards = match self.c.shards(keyspace).await {
+            Ok(s) if s.is_empty() => {
+                return Ok(Err(format!("keyspace '{keyspace}' has no shards")));
+            }
+            Ok(s) => s,
+            Err(e @ (Error::KeyspaceNotFound(_) | Error::InvalidInput(_))) => {
+                return Ok(Err(format!("the input keyspace: {e}")));
+            }
+            Err(e) => return Err(Stop::Error(e)),
+        };
         let owner = pin_owner(&self.id, self.epoch);
         let now = self.c.now_ms();
-        let mut pins = Vec::with_capacity(shards.len());
-        for s in &shards {
-            let pin = {
-                let until = Instant::now() + self.cfg.retry_for;
-                loop {
-                    match self.c.pin(s.shard, owner.clone(), now).await {
-                        Ok(p) => break p,
-                        Err(e) if Instant::now() < until => {
-                            tracing::debug!(shard = s.shard, error = %e, "pinning a shard is retried");
-                            tokio::time::sleep(Duration::from_millis(200)).await;
-                        }
-                        Err(e) => return Err(Stop::Error(e)),
+        let mut pins: Vec<ShardPin> = Vec::with_capacity(shards.len());
+        let outcome = self.pin_and_plan(&shards, &owner, now, &mut pins).await;
+        let ours = match &outcome {
+            Ok(Ok(())) => {
+                // Planned: by this run (a retried Plan whose answer was lost is refused, so
+                // the record decides), or by another coordinator.
+                let rec = claim(self.c, self.cfg, &self.id, self.epoch).await;
+                matches!(&rec, Ok(r) if r.state != JobState::Queued && r.planned_epoch == self.epoch)
+            }
+            _ => false,
+        };
+        if !ours {
+            for p in &pins {
+                if let Err(e) = self.c.unpin(p.shard, owner.clone(), p.index).await {
+                    tracing::debug!(shard = p.shard, error = %e, "a pin was not released (it expires)");
+                }
+            }
+        }
+        outcome
+    }
+
+    async fn pin_and_plan(
+        &self,
+        shards: &[ShardReplicas],
+        owner: &Bytes,
+        now: u64,
+        pins: &mut Vec<ShardPin>,
+    ) -> Result<Result<(), String>, Stop> {
+        for s in shards {
+            let until = Instant::now() + self.cfg.retry_for;
+            let pin = loop {
+                match self.c.pin(s.shard, owner.clone(), now).await {
+                    Ok(p) => break p,
+                    Err(e) if Instant::now() < until => {
+                        tracing::debug!(shard = s.shard, error = %e, "pinning a shard is retried");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
                     }
+                    Err(e) => return Err(Stop::Error(e)),
                 }
             };
             pins.push(pin);
         }
-        let tasks = crate::plan::tasks(&pins);
+        let tasks = crate::plan::tasks(pins);
         let planned = command(
             self.c,
             self.cfg,
@@ -345,14 +419,12 @@ impl<C: Cluster> Job<'_, C> {
             },
         )
         .await?;
-        if let Err(line) = planned {
-            // Another coordinator planned first: its plan runs, these pins go.
-            tracing::info!(%line, "a job was planned by another coordinator");
-            for p in &pins {
-                let _ = self.c.unpin(p.shard, owner.clone(), p.index).await;
-            }
+        match planned {
+            Ok(_) => Ok(Ok(())),
+            // Planned already (by this run, its answer lost, or by another): the record says.
+            Err(line) if line.contains("already") => Ok(Ok(())),
+            Err(line) => Ok(Err(line)),
         }
-        Ok(())
     }
 
     /// Takes in task `n`'s record: merges its output if done, records its running attempts
@@ -360,6 +432,9 @@ impl<C: Cluster> Job<'_, C> {
     /// its failures.
     async fn absorb(&self, plan: &Plan, t: &mut Tasks, n: usize) -> Result<(), Stop> {
         let rec = t.records[n].clone();
+        // Counted from the record, which holds every attempt (this run's too).
+        t.failures[n] = 0;
+        t.tried[n].clear();
         for a in &rec.attempts {
             match &a.end {
                 AttemptEnd::Running => {
@@ -373,7 +448,7 @@ impl<C: Cluster> Job<'_, C> {
                             attempt: a.n,
                             node: a.node,
                             outcome: AttemptOutcome::Lost {
-                                reason: "its coordinator changed".into(),
+                                reason: COORDINATOR_CHANGED.into(),
                             },
                         },
                     )
@@ -385,6 +460,7 @@ impl<C: Cluster> Job<'_, C> {
                     t.tried[n].insert(a.node);
                     t.last_error[n] = error.clone();
                 }
+                AttemptEnd::Lost { reason } if reason == COORDINATOR_CHANGED => {}
                 AttemptEnd::Lost { reason } => {
                     t.failures[n] += 1;
                     t.tried[n].insert(a.node);
@@ -396,13 +472,29 @@ impl<C: Cluster> Job<'_, C> {
         if let TaskState::Done { partial, .. } = &rec.state
             && !t.done[n]
         {
-            let p = Partial::decode(partial)
-                .map_err(|e| Stop::Error(Error::Corruption(e.to_string())))?;
-            plan.merge(&mut t.merged, &p)
-                .map_err(|e| Stop::Error(Error::Corruption(e.to_string())))?;
+            // An accepted output that does not merge (the job's own group limit, or a
+            // corrupt partial) would stop every coordinator the same way: the job fails.
+            let merged = Partial::decode(partial).and_then(|p| plan.merge(&mut t.merged, &p));
+            if let Err(e) = merged {
+                return Err(Stop::Ended(
+                    self.finish_failed(format!("task {n}: {e}")).await?,
+                ));
+            }
             t.done[n] = true;
         }
         Ok(())
+    }
+
+    /// Reads task `n`'s record again and takes it in.
+    async fn reread(&self, plan: &Plan, t: &mut Tasks, n: usize) -> Result<(), Stop> {
+        let records = self.c.tasks(&self.id).await?;
+        let Some(rec) = records.get(n) else {
+            return Err(Stop::Error(Error::Io(format!(
+                "task {n}'s record was not read"
+            ))));
+        };
+        t.records[n] = rec.clone();
+        self.absorb(plan, t, n).await
     }
 
     /// The node to run task `n` on: a follower of its shard with a free slot and not one it
@@ -458,7 +550,8 @@ impl<C: Cluster> Job<'_, C> {
             .iter()
             .map(|r| r.attempts.iter().map(|a| a.n).max().unwrap_or(0) + 1)
             .collect();
-        let mut published_at: Option<Instant> = None;
+        // Tasks done when a partial result was last published (`None`: not yet).
+        let mut published_done: Option<usize> = None;
         let spec = self.claim_spec().await?;
         let mut tick = tokio::time::interval(self.cfg.publish_every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -490,8 +583,10 @@ impl<C: Cluster> Job<'_, C> {
                     Ok(_) => {}
                     Err(line) if line.starts_with("TASKDONE") => {
                         // Done meanwhile by an attempt this coordinator did not start.
-                        t.records = self.c.tasks(&self.id).await?;
-                        self.absorb(plan, t, n).await?;
+                        self.reread(plan, t, n).await?;
+                        if !t.done[n] {
+                            waiting.push_back(n);
+                        }
                         continue;
                     }
                     Err(line) => {
@@ -523,15 +618,14 @@ impl<C: Cluster> Job<'_, C> {
                 if pending.is_empty() {
                     return Ok(());
                 }
-                // Nothing runs and nothing can start: no replica of these shards is known.
+                // Nothing runs and nothing can start: no replica of this shard is known in
+                // the map read at the start. The next coordinator reads it again (and fails
+                // the job if the keyspace is gone).
                 let n = pending[0];
-                return Err(Stop::Ended(
-                    self.finish_failed(format!(
-                        "task {n}: no node holds a replica of shard {}",
-                        t.records[n].plan.shard
-                    ))
-                    .await?,
-                ));
+                return Err(Stop::Error(Error::Unavailable(format!(
+                    "task {n}: no node is known to hold a replica of shard {}",
+                    t.records[n].plan.shard
+                ))));
             }
             tokio::select! {
                 Some((n, attempt, node, result)) = running.next() => {
@@ -539,6 +633,25 @@ impl<C: Cluster> Job<'_, C> {
                         *l = l.saturating_sub(1);
                     }
                     match result {
+                        // An output that does not read as this job's partial is the replica's
+                        // fault, not the task's: it runs again elsewhere.
+                        Ok(out) if Partial::decode(&out.partial).and_then(|p| plan.check(&p)).is_err() => {
+                            command(self.c, self.cfg, JobCommand::AttemptEnd {
+                                id: self.id.clone(),
+                                epoch: self.epoch,
+                                task: n as u32,
+                                attempt,
+                                node,
+                                outcome: AttemptOutcome::Failed { error: "its output did not decode".into(), user: false },
+                            }).await?.ok();
+                            t.failures[n] += 1;
+                            t.tried[n].insert(node);
+                            t.last_error[n] = "its output did not decode".into();
+                            if t.failures[n] >= self.cfg.failed_attempts_max {
+                                return Err(Stop::Ended(self.finish_failed(format!("task {n}: outputs did not decode")).await?));
+                            }
+                            pending.push_back(n);
+                        }
                         Ok(out) => {
                             let answer = command(self.c, self.cfg, JobCommand::AttemptEnd {
                                 id: self.id.clone(),
@@ -556,12 +669,19 @@ impl<C: Cluster> Job<'_, C> {
                                         return Err(Stop::Ended(self.finish_failed(e.to_string()).await?));
                                     }
                                     t.done[n] = true;
-                                    if published_at.is_none() {
+                                    if published_done.is_none() {
                                         self.publish_partial(plan, t).await?;
-                                        published_at = Some(Instant::now());
+                                        published_done = Some(t.done.iter().filter(|d| **d).count());
                                     }
                                 }
-                                Ok(_) => {}
+                                Ok(_) => {
+                                    // Superseded or recorded: another attempt's output is the
+                                    // task's, or none is yet (then it runs again).
+                                    self.reread(plan, t, n).await?;
+                                    if !t.done[n] {
+                                        pending.push_back(n);
+                                    }
+                                }
                                 Err(line) => {
                                     // A partial the log refuses (over its bound): the job's own limit.
                                     return Err(Stop::Ended(self.finish_failed(format!("task {n}: {line}")).await?));
@@ -608,9 +728,11 @@ impl<C: Cluster> Job<'_, C> {
                     }
                 }
                 _ = tick.tick() => {
-                    if published_at.is_some() {
+                    // Only when something changed since the last one.
+                    let done = t.done.iter().filter(|d| **d).count();
+                    if published_done.is_some_and(|p| p != done) {
                         self.publish_partial(plan, t).await?;
-                        published_at = Some(Instant::now());
+                        published_done = Some(done);
                     }
                 }
             }
@@ -693,6 +815,11 @@ impl<C: Cluster> Job<'_, C> {
 
     /// Writes the result, publishes the final entry and ends the job.
     async fn finish(&self, plan: &Plan, t: &Tasks) -> Result<Ended, Stop> {
+        if let Some(n) = t.done.iter().position(|d| !d) {
+            return Err(Stop::Error(Error::Io(format!(
+                "the result would miss task {n}'s output"
+            ))));
+        }
         let rows = match plan.rows(&t.merged) {
             Ok(r) => r,
             Err(e) => return self.finish_failed(e.to_string()).await,

@@ -29,6 +29,7 @@ use std::future::Future;
 use bytes::Bytes;
 use capdb_types::jobs::{JobCommand, ShardPin, TaskRecord};
 use capdb_types::{Error, Reply};
+use serde::{Deserialize, Serialize};
 
 /// An input shard and where its replicas are.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,7 +43,7 @@ pub struct ShardReplicas {
 }
 
 /// What a worker is asked to run.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TaskOrder {
     pub job: Bytes,
     pub task: u32,
@@ -56,7 +57,7 @@ pub struct TaskOrder {
 }
 
 /// A task's output.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TaskOutput {
     pub keys: u64,
     /// `capdb_reduce::Partial`'s stored form.
@@ -64,7 +65,7 @@ pub struct TaskOutput {
 }
 
 /// Why a task attempt did not give an output.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum TaskError {
     /// The job's spec or data caused it (a limit, a sum out of range): the job fails at once
     /// with this message; running the task elsewhere would fail the same way.

@@ -37,6 +37,10 @@ struct Sim {
     shards: Vec<ShardReplicas>,
     jobs: DiskEngine,
     jobs_index: Mutex<u64>,
+    /// Every how many job commands one's answer is lost after it applied (0: none is).
+    lose_every: AtomicU32,
+    /// Cancel the job once this many tasks have run (0: never).
+    cancel_after: AtomicU32,
     /// Each shard's last log index.
     index: Mutex<HashMap<u64, u64>>,
     _dirs: Vec<tempfile::TempDir>,
@@ -89,6 +93,8 @@ impl Sim {
             shards,
             jobs,
             jobs_index: Mutex::new(0),
+            lose_every: AtomicU32::new(0),
+            cancel_after: AtomicU32::new(0),
             index: Mutex::default(),
             _dirs: dirs,
         }
@@ -159,9 +165,16 @@ impl Cluster for Sim {
             *i += 1;
             *i
         };
-        self.jobs
+        let answer = self
+            .jobs
             .changes_config(JOBS_TABLE, ChangesStep::Job(cmd), index, Vec::new(), None)
-            .await
+            .await;
+        let every = u64::from(self.lose_every.load(Ordering::SeqCst));
+        if every > 0 && index % every == 0 {
+            // Applied, but the answer never reaches the coordinator.
+            return Err(Error::OutcomeUnknown("the answer was lost".into()));
+        }
+        answer
     }
 
     async fn tasks(&self, id: &Bytes) -> Result<Vec<TaskRecord>, Error> {
@@ -249,7 +262,22 @@ impl Cluster for Sim {
                 "node {node} did not answer"
             )));
         }
+        let ran: u32 = self
+            .nodes
+            .values()
+            .map(|n| n.ran.load(Ordering::SeqCst))
+            .sum();
         n.ran.fetch_add(1, Ordering::SeqCst);
+        let cancel_after = self.cancel_after.load(Ordering::SeqCst);
+        if cancel_after > 0 && ran + 1 == cancel_after {
+            let id = order.job.split(|b| *b == b'@').next().unwrap_or_default();
+            self.job(JobCommand::Cancel {
+                id: Bytes::copy_from_slice(id),
+                now_ms: 2,
+            })
+            .await
+            .ok();
+        }
         if n.fail_next.load(Ordering::SeqCst) > 0 {
             n.fail_next.fetch_sub(1, Ordering::SeqCst);
             return Err(TaskError::Failed(format!(
@@ -446,8 +474,7 @@ async fn a_dead_node_costs_only_its_tasks() {
             failed.len() + 1,
             "task {n}: one success, after its failures"
         );
-        let mut nodes: Vec<u64> = t.attempts.iter().map(|a| a.node).collect();
-        nodes.dedup();
+        let nodes: std::collections::HashSet<u64> = t.attempts.iter().map(|a| a.node).collect();
         assert_eq!(
             nodes.len(),
             t.attempts.len(),
@@ -482,16 +509,73 @@ async fn a_new_coordinator_resumes_and_merges_what_was_done() {
         "{:?}",
         tasks[1].attempts
     );
-    // The deposed coordinator can change nothing any more.
+    // The deposed coordinator (epoch 1) can change nothing any more.
     let stale = sim
-        .job(JobCommand::Cancel {
+        .job(JobCommand::Publish {
             id: Bytes::from("j3"),
+            epoch: 1,
             now_ms: 5,
+            entries: vec![vec![(Bytes::from("type"), Bytes::from("partial"))]],
         })
         .await
-        .unwrap()
         .unwrap();
-    assert_eq!(stale, Reply::Integer(0), "ended jobs stay ended");
+    assert!(
+        matches!(stale, Err(Error::Command(ref l)) if l.starts_with("STALE")),
+        "{stale:?}"
+    );
+    // Both coordinators' pins are gone (the job's owner is the first's: it planned).
+    for node in sim.nodes.values() {
+        assert_eq!(node.engine.pins_held(), 0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_lost_after_their_commands_applied_change_nothing() {
+    let sim = Sim::new(3, 4, |g| {
+        let leader = 1 + (g % 3);
+        let mut r = vec![leader];
+        r.extend((1..=3).filter(|n| *n != leader));
+        r
+    });
+    let data = orders(1_500);
+    sim.load(&data).await;
+    submit(&sim, "j5").await;
+    // Every third job command applies and its answer is lost: claims, the plan, attempt
+    // starts and ends, publications, the result, the finish; each is retried.
+    sim.lose_every.store(3, Ordering::SeqCst);
+    let ended = run(&sim, Bytes::from("j5"), 1, &Config::default())
+        .await
+        .unwrap();
+    sim.lose_every.store(0, Ordering::SeqCst);
+    assert_eq!(ended, Ended::Done);
+    assert_eq!(result(&sim, "j5"), expected(&data));
+    for t in sim.tasks(&Bytes::from("j5")).await.unwrap() {
+        assert_eq!(
+            t.attempts.len(),
+            1,
+            "no attempt failed, none ran twice: {:?}",
+            t.attempts
+        );
+    }
+    for node in sim.nodes.values() {
+        assert_eq!(node.engine.pins_held(), 0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_job_stops_and_lets_go_of_its_pins() {
+    let sim = Sim::new(3, 6, |_| vec![1, 2, 3]);
+    sim.load(&orders(600)).await;
+    submit(&sim, "j6").await;
+    sim.cancel_after.store(2, Ordering::SeqCst);
+    let ended = run(&sim, Bytes::from("j6"), 1, &Config::default())
+        .await
+        .unwrap();
+    assert_eq!(ended, Ended::Cancelled);
+    assert_eq!(sim.record("j6").state, JobState::Cancelled);
+    for node in sim.nodes.values() {
+        assert_eq!(node.engine.pins_held(), 0);
+    }
 }
 
 /// Epoch 1: claim, pin, plan, run task 0 to completion and start task 1, then stop.

@@ -370,8 +370,13 @@ pub(super) fn apply(
                     "ERR the task has had {ATTEMPTS_MAX} attempts, its most"
                 ));
             }
-            if t.attempts.iter().any(|a| a.n == *attempt) {
-                return refuse("ERR this attempt was started already");
+            if let Some(a) = t.attempts.iter().find(|a| a.n == *attempt) {
+                // A retried start (its answer was lost) is answered as the first was.
+                return if a.node == *node {
+                    Ok(Ok(Reply::Ok))
+                } else {
+                    refuse("ERR this attempt was started already on another node")
+                };
             }
             t.attempts.push(Attempt {
                 n: *attempt,
@@ -489,7 +494,9 @@ pub(super) fn apply(
                 let room = rec.stream_entries < JOB_STREAM_MAX + reserve
                     && rec.stream_bytes
                         < JOB_STREAM_BYTES_MAX + reserve * JOB_STREAM_ENTRY_MAX as u64;
-                if !room {
+                // An ended job's stream takes only closing entries (a cancelled job's
+                // coordinator may still publish a partial before it hears).
+                if !room || (rec.state.has_ended() && !closing) {
                     ids.push(Reply::Nil);
                     continue;
                 }
