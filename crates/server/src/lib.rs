@@ -246,9 +246,8 @@ fn serve_peers(
         .with::<capdb_raft::messages::ForwardService, _>(raft_handler)
         .with::<capdb_ap::ApService, _>(Arc::new(capdb_ap::ApHandler(ap.clone())))
         .with::<node::admin::AdminService, _>(Arc::new(node::admin::AdminHandler(node.clone())))
-        .with::<node::pubsub::PubSubService, _>(Arc::new(node::pubsub::PubSubHandler(
-            node.clone(),
-        )));
+        .with::<node::pubsub::PubSubService, _>(Arc::new(node::pubsub::PubSubHandler(node.clone())))
+        .with::<node::jobs::JobsService, _>(Arc::new(node::jobs::JobsHandler(node.clone())));
     tokio::spawn(capdb_transport::serve(
         listener,
         Arc::new(services),

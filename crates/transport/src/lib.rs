@@ -82,6 +82,9 @@ pub enum Channel {
     Admin = 5,
     /// Pub/sub messages published through another node.
     PubSub = 6,
+    /// Job tasks run on another node's replica (issue 15), kept off the other channels: a
+    /// task's answer waits for its whole scan.
+    Jobs = 7,
 }
 
 impl Channel {
@@ -93,6 +96,7 @@ impl Channel {
             Channel::Ap,
             Channel::Admin,
             Channel::PubSub,
+            Channel::Jobs,
         ]
         .into_iter()
         .find(|c| *c as u8 == b)

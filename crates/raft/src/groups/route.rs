@@ -778,6 +778,14 @@ impl Groups {
         self.group(group)
             .is_some_and(|g| g.raft.metrics().borrow_watched().state == ServerState::Leader)
     }
+
+    /// The term this node leads `group` in, if it leads it (a job coordinator's epoch).
+    pub fn led_term(&self, group: GroupId) -> Option<u64> {
+        self.group(group).and_then(|g| {
+            let m = g.raft.metrics().borrow_watched().clone();
+            (m.state == ServerState::Leader).then_some(m.current_term)
+        })
+    }
 }
 
 #[cfg(test)]

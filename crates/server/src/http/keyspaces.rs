@@ -59,6 +59,13 @@ pub(super) async fn create_keyspace(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
     let req: CreateKeyspace = json_body(body)?;
+    if crate::node::jobs::is_system_keyspace(&req.name) {
+        return Err(Error::InvalidInput(format!(
+            "keyspace names starting with '_' are reserved for the system ('{}')",
+            req.name
+        ))
+        .into());
+    }
     let eviction = req
         .eviction
         .as_deref()

@@ -32,6 +32,7 @@
 mod changes;
 mod cluster;
 mod debug;
+mod jobs;
 mod keyspaces;
 mod kv;
 mod txn;
@@ -123,6 +124,9 @@ pub fn router(node: Arc<Node>) -> Router {
         )
         .route("/v1/kv/{keyspace}", get(scan))
         .route("/v1/txn", post(txn::txn))
+        .route("/v1/jobs", get(jobs::list).post(jobs::submit))
+        .route("/v1/jobs/{id}", get(jobs::status).delete(jobs::cancel))
+        .route("/v1/jobs/{id}/result", get(jobs::result))
         .route("/v1/changes/{keyspace}", get(changes::merged_changes))
         .route("/v1/changes/{keyspace}/snapshot", get(changes::snapshot))
         .route("/v1/changes/{keyspace}/{shard}", get(changes::changes))
@@ -169,6 +173,9 @@ async fn observe(State(node): State<Arc<Node>>, req: Request, next: Next) -> Res
         Some("/v1/kv/{keyspace}/{*key}") => "/v1/kv/{keyspace}/{key}",
         Some("/v1/changes/{keyspace}") => "/v1/changes/{keyspace}",
         Some("/v1/changes/{keyspace}/{shard}") => "/v1/changes/{keyspace}/{shard}",
+        Some("/v1/jobs") => "/v1/jobs",
+        Some("/v1/jobs/{id}") => "/v1/jobs/{id}",
+        Some("/v1/jobs/{id}/result") => "/v1/jobs/{id}/result",
         Some("/v1/cluster") => "/v1/cluster",
         Some("/v1/cluster/partition") => "/v1/cluster/partition",
         Some("/v1/cluster/nodes/{id}/remove") => "/v1/cluster/nodes/{id}/remove",

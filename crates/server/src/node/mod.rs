@@ -15,6 +15,7 @@ pub mod admin;
 pub mod blocking;
 pub mod changes;
 pub mod control;
+pub mod jobs;
 pub mod merged;
 pub mod prefixed;
 pub mod pubsub;
@@ -59,6 +60,8 @@ pub struct Node {
     pub pubsub: Arc<pubsub::PubSub>,
     /// Clients blocked on keys here, and other nodes' interest in keys.
     pub blocking: blocking::Blocking,
+    /// Jobs: the task channel to other nodes, the jobs coordinated here (`jobs.rs`).
+    pub jobs: jobs::Jobs,
     pub metrics: Metrics,
     catalog: RwLock<BTreeMap<KeyspaceName, Arc<Keyspace>>>,
     shutting_down: AtomicBool,
@@ -96,6 +99,10 @@ impl Node {
                 metrics.pubsub_dropped.clone(),
             )),
             blocking: blocking::Blocking::default(),
+            jobs: jobs::Jobs::new(capdb_transport::Peers::new(
+                info.id,
+                groups.filter().clone(),
+            )),
             info,
             txns: txns::coordinator(groups.clone(), crash),
             groups,
@@ -114,6 +121,7 @@ impl Node {
         tokio::spawn(control::run(node.clone()));
         tokio::spawn(txns::recover_orphans(node.clone()));
         tokio::spawn(changes::trim_changes(node.clone()));
+        tokio::spawn(jobs::run_coordinators(node.clone()));
         node
     }
 
@@ -179,7 +187,14 @@ impl Node {
     }
 
     /// The keyspace with this name.
+    /// A keyspace users may address (system keyspaces, named with a leading `_`, are not:
+    /// only their own code reads and writes them).
     pub fn keyspace(&self, name: &str) -> Result<Arc<Keyspace>> {
+        if jobs::is_system_keyspace(name) {
+            return Err(Error::InvalidInput(format!(
+                "'{name}' is a system keyspace: it cannot be selected, read, written or dropped"
+            )));
+        }
         let name = KeyspaceName::new(name)?;
         self.read_catalog()
             .get(&name)
@@ -210,9 +225,14 @@ impl Node {
         })
     }
 
-    /// Every keyspace, by name.
+    /// Every keyspace users may address, by name (system keyspaces are left out: FLUSHALL,
+    /// INFO and listings never touch them).
     pub fn keyspaces(&self) -> Vec<Arc<Keyspace>> {
-        self.read_catalog().values().cloned().collect()
+        self.read_catalog()
+            .values()
+            .filter(|k| !jobs::is_system_keyspace(k.spec.name.as_str()))
+            .cloned()
+            .collect()
     }
 
     /// Whether this node can serve: registered, the catalog built, and caught up (every Raft

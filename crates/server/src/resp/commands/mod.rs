@@ -40,6 +40,7 @@ mod config;
 mod connection;
 mod data;
 mod docs;
+mod jobs;
 mod keys;
 mod pubsub;
 mod scan;
@@ -178,6 +179,7 @@ const COMMANDS: &[Command] = &[
     row("incr",        2,  &["write", "denyoom", "fast"], KEY, Write(strings::incr)),
     row("incrby",      3,  &["write", "denyoom", "fast"], KEY, Write(strings::incrby)),
     row("info",        -1, &["loading", "stale"], NO_KEYS, wait!(server::info)),
+    row("job",         -2, &["admin"], NO_KEYS, wait!(jobs::job)),
     row("keys",        2,  &["readonly"], NO_KEYS, wait!(scan::keys)),
     row("mget",        -2, &["readonly", "fast"], EVERY_KEY, wait!(strings::mget)),
     row("mset",        -3, &["write", "denyoom"], (1, -1, 2), Write(strings::mset)),

@@ -1,0 +1,252 @@
+//! Jobs on a real 3-node cluster (issue 15): submitted over RESP and HTTP, run where the data
+//! is, and answered exactly as one pass over the data would; the `_jobs` keyspace that holds
+//! their state is the system's.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use common::Server;
+use redis::Value;
+use serde_json::json;
+
+fn create_keyspace(http: std::net::SocketAddr, spec: &[u8]) {
+    let (code, body) = common::http(http, "POST", "/v1/keyspaces", &[], Some(spec)).unwrap();
+    assert_eq!(code, 201, "{}", String::from_utf8_lossy(&body));
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+        Value::SimpleString(s) => s.clone(),
+        other => format!("{other:?}"),
+    }
+}
+
+/// `JOB STATUS id` as field -> value.
+fn status(c: &mut redis::Connection, id: &str) -> BTreeMap<String, String> {
+    let v: Value = redis::cmd("JOB").arg("STATUS").arg(id).query(c).unwrap();
+    let pairs: Vec<(Value, Value)> = match v {
+        Value::Map(m) => m,
+        Value::Array(flat) => flat
+            .chunks(2)
+            .map(|p| (p[0].clone(), p[1].clone()))
+            .collect(),
+        other => panic!("{other:?}"),
+    };
+    pairs
+        .into_iter()
+        .map(|(k, v)| {
+            let v = match v {
+                Value::Int(n) => n.to_string(),
+                Value::Nil => "nil".into(),
+                other => text(&other),
+            };
+            (text(&k), v)
+        })
+        .collect()
+}
+
+/// Waits (bounded) until job `id` has ended; its status.
+fn wait_ended(c: &mut redis::Connection, id: &str) -> BTreeMap<String, String> {
+    let until = Instant::now() + Duration::from_secs(120);
+    loop {
+        let s = status(c, id);
+        if ["done", "failed", "cancelled"].contains(&s["state"].as_str()) {
+            return s;
+        }
+        assert!(Instant::now() < until, "job {id} did not end: {s:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_job_over_four_shards_answers_as_one_pass_over_the_data() {
+    let nodes = common::start_founders(3, |_| Vec::new());
+    create_keyspace(
+        nodes[0].http,
+        br#"{"name": "orders", "mode": "cp", "shards": 4}"#,
+    );
+    let mut c = nodes[1].client();
+    redis::cmd("SELECT")
+        .arg("orders")
+        .query::<()>(&mut c)
+        .unwrap();
+    // What one pass gives: per country, the count and the sum of totals.
+    let mut expected: BTreeMap<String, (i64, i64)> = BTreeMap::new();
+    let mut pipe = redis::pipe();
+    for i in 0..2_000i64 {
+        let country = format!("c{}", i % 7);
+        let total = (i * 37) % 1_000;
+        let e = expected.entry(country.clone()).or_default();
+        e.0 += 1;
+        e.1 += total;
+        pipe.cmd("SET")
+            .arg(format!("o:{i:05}"))
+            .arg(json!({"country": country, "total": total}).to_string())
+            .ignore();
+    }
+    // Keys the job's prefix leaves out, and a value that is not JSON (skipped, counted).
+    pipe.cmd("SET")
+        .arg("x:1")
+        .arg(r#"{"country":"zz","total":1}"#)
+        .ignore();
+    pipe.cmd("SET").arg("o:bad").arg("not json").ignore();
+    pipe.query::<()>(&mut c).unwrap();
+
+    let spec = json!({
+        "id": "sales",
+        "input": {"keyspace": "orders", "prefix": "o:"},
+        "map": {"group": {"json": "$.country"}, "values": {"t": {"json": "$.total"}}},
+        "reduce": {"n": "count", "revenue": {"sum": "t"}},
+        "output": {"order_by": "revenue", "desc": true}
+    })
+    .to_string();
+    // Submitted through a node that leads nothing in particular.
+    let mut other = nodes[2].client();
+    let v: Vec<Value> = redis::cmd("JOB")
+        .arg("SUBMIT")
+        .arg(&spec)
+        .query(&mut other)
+        .unwrap();
+    assert_eq!(
+        (text(&v[0]), text(&v[1])),
+        ("sales".into(), "created".into())
+    );
+    // The same spec again (a client that lost the answer): the same job.
+    let v: Vec<Value> = redis::cmd("JOB")
+        .arg("SUBMIT")
+        .arg(&spec)
+        .query(&mut c)
+        .unwrap();
+    assert_eq!(text(&v[1]), "exists");
+    // Another spec under that id is refused.
+    let other_spec = spec.replace("\"desc\":true", "\"desc\":false");
+    let e = redis::cmd("JOB")
+        .arg("SUBMIT")
+        .arg(&other_spec)
+        .query::<Value>(&mut c)
+        .unwrap_err();
+    assert!(e.to_string().contains("exists with another spec"), "{e}");
+
+    let s = wait_ended(&mut c, "sales");
+    assert_eq!(s["state"], "done", "{s:?}");
+    assert_eq!(s["tasks_done"], s["tasks_total"]);
+    assert_eq!(s["shards"], "4");
+    // Every key under the prefix was read once (2,000 orders and the bad value).
+    assert_eq!(s["keys_scanned"], "2001");
+
+    let raw: String = redis::cmd("JOB")
+        .arg("RESULT")
+        .arg("sales")
+        .query(&mut c)
+        .unwrap();
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&raw).unwrap();
+    let mut want: Vec<(String, i64, i64)> =
+        expected.into_iter().map(|(k, (n, t))| (k, n, t)).collect();
+    want.sort_by(|a, b| b.2.cmp(&a.2).then(a.0.cmp(&b.0)));
+    let got: Vec<(String, i64, i64)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["group"].as_str().unwrap().to_string(),
+                r["n"].as_i64().unwrap(),
+                r["revenue"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(got, want);
+
+    // The same over HTTP, from another node.
+    let (code, body) =
+        common::http(nodes[0].http, "GET", "/v1/jobs/sales/result", &[], None).unwrap();
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(common::json(&body)["rows"], serde_json::Value::Array(rows));
+    let (code, body) = common::http(nodes[0].http, "GET", "/v1/jobs/sales", &[], None).unwrap();
+    assert_eq!(code, 200);
+    assert_eq!(common::json(&body)["state"], "done");
+    // Cancelling an ended job changes nothing.
+    let cancelled: i64 = redis::cmd("JOB")
+        .arg("CANCEL")
+        .arg("sales")
+        .query(&mut c)
+        .unwrap();
+    assert_eq!(cancelled, 0);
+    let ids: Vec<String> = redis::cmd("JOB").arg("LIST").query(&mut c).unwrap();
+    assert!(ids.contains(&"sales".to_string()));
+    // Pins are released once the job has ended (each node's metrics would say; here: a
+    // second job pins again and answers the same).
+    drop(nodes);
+}
+
+#[test]
+fn bad_specs_and_the_system_keyspace_are_refused_with_clear_errors() {
+    let s = Server::start();
+    let mut c = s.client();
+    let err = |c: &mut redis::Connection, args: &[&str]| -> String {
+        let mut cmd = redis::cmd(args[0]);
+        for a in &args[1..] {
+            cmd.arg(*a);
+        }
+        cmd.query::<Value>(c).unwrap_err().to_string()
+    };
+    let e = err(
+        &mut c,
+        &[
+            "JOB",
+            "SUBMIT",
+            r#"{"input": {"keyspace": "default"}, "reduce": {"x": {"sum": "v"}}}"#,
+        ],
+    );
+    assert!(
+        e.contains(r#"reduce.x.sum: "v" is not a name in map.values"#),
+        "{e}"
+    );
+    let e = err(
+        &mut c,
+        &[
+            "JOB",
+            "SUBMIT",
+            r#"{"input": {"keyspace": "nope"}, "reduce": {"n": "count"}}"#,
+        ],
+    );
+    assert!(e.contains("nope"), "{e}");
+    let e = err(&mut c, &["JOB", "SUBMIT", "{"]);
+    assert!(e.contains("not JSON"), "{e}");
+    let e = err(&mut c, &["JOB", "STATUS", "missing"]);
+    assert!(e.contains("NOJOB"), "{e}");
+    // A job on the default keyspace creates `_jobs`; users cannot touch it.
+    let v: Vec<Value> = redis::cmd("JOB")
+        .arg("SUBMIT")
+        .arg(r#"{"id": "empty", "input": {"keyspace": "default"}, "reduce": {"n": "count"}}"#)
+        .query(&mut c)
+        .unwrap();
+    assert_eq!(text(&v[0]), "empty");
+    let done = wait_ended(&mut c, "empty");
+    assert_eq!(done["state"], "done", "{done:?}");
+    let raw: String = redis::cmd("JOB")
+        .arg("RESULT")
+        .arg("empty")
+        .query(&mut c)
+        .unwrap();
+    assert_eq!(raw, "[]", "no keys, no groups");
+    let e = err(&mut c, &["SELECT", "_jobs"]);
+    assert!(e.contains("system keyspace"), "{e}");
+    let (code, body) = common::http(
+        s.http,
+        "POST",
+        "/v1/keyspaces",
+        &[],
+        Some(br#"{"name": "_mine", "mode": "cp"}"#),
+    )
+    .unwrap();
+    assert_eq!(code, 400, "{}", String::from_utf8_lossy(&body));
+    let (code, _) = common::http(s.http, "DELETE", "/v1/keyspaces/_jobs", &[], None).unwrap();
+    assert_eq!(code, 400);
+    // FLUSHALL leaves jobs alone.
+    redis::cmd("FLUSHALL").query::<()>(&mut c).unwrap();
+    assert_eq!(status(&mut c, "empty")["state"], "done");
+    let (code, body) = common::http(s.http, "GET", "/v1/jobs/nope/result", &[], None).unwrap();
+    assert_eq!(code, 404, "{}", String::from_utf8_lossy(&body));
+}

@@ -1,0 +1,517 @@
+//! Jobs on a node (issue 15, `docs/design/mapreduce.md`): the system keyspace `_jobs` that
+//! holds their state, the node's side of `capdb_jobs::Cluster` (job commands and pins through
+//! the shards' logs, tasks on this node or on another over [`JobsService`]), the coordinators
+//! of the jobs whose `_jobs` shard this node leads, and what the front ends call.
+//!
+//! # Who coordinates
+//!
+//! The leader of a job's `_jobs` shard, at its Raft term (the job's *epoch*): every second
+//! each node looks at the `_jobs` shards it leads and starts a coordinator for every job that
+//! has not ended and has none here. A new leader's coordinator claims the job at its newer
+//! term and resumes it from its records; the old one's commands are refused from then on.
+
+use std::collections::HashSet;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use capdb_cluster::{GroupId, NodeId};
+use capdb_jobs::worker::{PAGE_KEYS, Page};
+use capdb_jobs::{Cluster, ShardReplicas, TaskError, TaskOrder, TaskOutput};
+use capdb_raft::command::{Request, Response};
+use capdb_reduce::JobSpec;
+use capdb_storage::disk::JOBS_QUERY;
+use capdb_transport::{Channel, Handler, Peers, Service};
+use capdb_types::jobs::{JobCommand, JobRecord, JobState, ShardPin, TaskRecord};
+use capdb_types::keyspace::{KeyspaceName, KeyspaceSpec, Mode};
+use capdb_types::{Error, ReadMode, Reply, Result};
+use serde::{Deserialize, Serialize};
+
+use super::Node;
+
+/// The system keyspace of jobs' state (users cannot create, select, flush or drop it).
+pub const JOBS_KEYSPACE: &str = "_jobs";
+/// Longest a task may run on another node before its call gives up (a pin's own bound).
+pub const TASK_DEADLINE: Duration = capdb_storage::disk::PIN_HOLD_MAX;
+/// How often a node looks for jobs to coordinate.
+const COORDINATE_EVERY: Duration = Duration::from_secs(1);
+/// Ids one listing of a `_jobs` shard reads (its bound on active jobs is 16; the rest ended).
+const LIST_MAX: usize = capdb_storage::disk::LIST_PAGE_MAX;
+
+/// Whether `name` is a system keyspace's (reserved: a leading `_`).
+pub fn is_system_keyspace(name: &str) -> bool {
+    name.starts_with('_')
+}
+
+/// A request on the jobs channel.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum JobsRequest {
+    /// Run this task attempt on your replica (which holds the pin) and answer its output.
+    RunTask(TaskOrder),
+}
+
+/// The jobs channel between nodes.
+pub struct JobsService;
+
+impl Service for JobsService {
+    const CHANNEL: Channel = Channel::Jobs;
+    type Request = JobsRequest;
+    type Response = std::result::Result<TaskOutput, TaskError>;
+}
+
+/// Serves the jobs channel: runs tasks here.
+pub struct JobsHandler(pub Arc<Node>);
+
+impl Handler<JobsService> for JobsHandler {
+    async fn handle(
+        &self,
+        _from: NodeId,
+        request: JobsRequest,
+    ) -> std::result::Result<TaskOutput, TaskError> {
+        let JobsRequest::RunTask(order) = request;
+        run_task_here(&self.0, order).await
+    }
+}
+
+/// This node's jobs: its peers on the jobs channel and the jobs it coordinates.
+pub struct Jobs {
+    pub peers: Peers<JobsService>,
+    coordinating: Mutex<HashSet<Bytes>>,
+}
+
+impl Jobs {
+    pub fn new(peers: Peers<JobsService>) -> Jobs {
+        Jobs {
+            peers,
+            coordinating: Mutex::default(),
+        }
+    }
+
+    fn coordinating(&self) -> std::sync::MutexGuard<'_, HashSet<Bytes>> {
+        self.coordinating.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Runs a task attempt on this node's replica of its shard (on a thread that may block).
+async fn run_task_here(
+    node: &Node,
+    order: TaskOrder,
+) -> std::result::Result<TaskOutput, TaskError> {
+    if !node.groups.holds(order.shard) {
+        return Err(TaskError::Failed(format!(
+            "node {} holds no replica of shard {}",
+            node.id(),
+            order.shard
+        )));
+    }
+    let include_expired = JobSpec::parse(order.spec.as_bytes())
+        .map(|s| s.input.expired == capdb_reduce::spec::Expired::Include)
+        .map_err(|e| TaskError::User(format!("the job's spec: {e}")))?;
+    let table = node
+        .engine
+        .table(&capdb_storage::layout::shard_table(order.shard), false);
+    tokio::task::spawn_blocking(move || {
+        let cancelled = AtomicBool::new(false);
+        capdb_jobs::worker::run(
+            &order,
+            |after| {
+                table
+                    .pinned_scan(
+                        &order.job,
+                        order.pin_index,
+                        order.from.as_deref(),
+                        order.to.as_deref(),
+                        after,
+                        PAGE_KEYS,
+                        include_expired,
+                    )
+                    .map(|p| Page {
+                        entries: p.entries.into_iter().map(|(k, v)| (k, v.data)).collect(),
+                        next: p.next,
+                    })
+                    .map_err(|e| e.to_string())
+            },
+            &cancelled,
+        )
+    })
+    .await
+    .map_err(|e| TaskError::Failed(format!("the task's thread failed: {e}")))?
+}
+
+/// The node as the job coordinator sees the cluster.
+#[derive(Clone)]
+pub struct NodeCluster(pub Arc<Node>);
+
+fn bulk(s: &str) -> Bytes {
+    Bytes::copy_from_slice(s.as_bytes())
+}
+
+impl NodeCluster {
+    /// The `_jobs` shard job `id` lives on.
+    fn jobs_group(&self, id: &[u8]) -> Result<GroupId> {
+        let state = self.0.cluster();
+        let name = KeyspaceName::new(JOBS_KEYSPACE)?;
+        let ks = state.keyspaces.get(&name).ok_or_else(|| {
+            Error::Unavailable("the _jobs keyspace does not exist yet: submit a job".into())
+        })?;
+        Ok(ks.shard_for_key(id).group)
+    }
+
+    /// A read of `_jobs` rows (`capdb.jobs ...`) on the shard of `id`.
+    async fn jobs_query(&self, group: GroupId, args: &[&[u8]]) -> Result<Reply> {
+        let mut a = vec![bulk(JOBS_QUERY)];
+        a.extend(args.iter().map(|x| Bytes::copy_from_slice(x)));
+        self.0
+            .groups
+            .query(
+                group,
+                a,
+                ReadMode::Linearizable,
+                capdb_types::unix_now_ms(),
+                0,
+            )
+            .await
+    }
+
+    /// A data shard's single answer to `request` (proposed through its log).
+    async fn write_one(
+        &self,
+        group: GroupId,
+        request: Request,
+    ) -> Result<std::result::Result<Reply, Error>> {
+        match self.0.groups.write(group, request).await? {
+            Response::Replies(mut v) if v.len() == 1 => Ok(v.remove(0)),
+            Response::Expired => Err(Error::OutcomeUnknown(
+                "the request was retried after its session was forgotten".into(),
+            )),
+            other => Err(Error::Io(format!("unexpected answer {other:?}"))),
+        }
+    }
+
+    /// Job `id`'s record (`None`: no such job).
+    pub async fn record(&self, id: &[u8]) -> Result<Option<JobRecord>> {
+        let group = self.jobs_group(id)?;
+        match self.jobs_query(group, &[b"record", id]).await? {
+            Reply::Bulk(raw) => postcard::from_bytes(&raw)
+                .map(Some)
+                .map_err(|e| Error::Corruption(format!("a job record: {e}"))),
+            _ => Ok(None),
+        }
+    }
+
+    /// The final result of job `id`: its rows (the job must be done).
+    pub async fn result(&self, id: &[u8], rec: &JobRecord) -> Result<Vec<serde_json::Value>> {
+        let group = self.jobs_group(id)?;
+        let mut rows = Vec::new();
+        for n in 0..rec.result_chunks {
+            let chunk = self
+                .jobs_query(group, &[b"result", id, n.to_string().as_bytes()])
+                .await?;
+            let Reply::Bulk(raw) = chunk else {
+                return Err(Error::Corruption(format!(
+                    "result chunk {n} of a done job is missing"
+                )));
+            };
+            let part: Vec<serde_json::Value> = serde_json::from_slice(&raw)
+                .map_err(|e| Error::Corruption(format!("result chunk {n}: {e}")))?;
+            rows.extend(part);
+        }
+        Ok(rows)
+    }
+
+    /// Job ids on every `_jobs` shard (at most [`LIST_MAX`] per shard).
+    pub async fn list(&self) -> Result<Vec<Bytes>> {
+        let state = self.0.cluster();
+        let Some(ks) = state.keyspaces.get(&KeyspaceName::new(JOBS_KEYSPACE)?) else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        for s in &ks.shards {
+            if let Reply::Array(ids) = self
+                .jobs_query(s.group, &[b"list", b"", LIST_MAX.to_string().as_bytes()])
+                .await?
+            {
+                out.extend(ids.into_iter().filter_map(|r| match r {
+                    Reply::Bulk(b) => Some(b),
+                    _ => None,
+                }));
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Cluster for NodeCluster {
+    async fn job(&self, cmd: JobCommand) -> Result<std::result::Result<Reply, Error>> {
+        let group = self.jobs_group(cmd.id())?;
+        self.write_one(group, Request::Job(cmd)).await
+    }
+
+    async fn tasks(&self, id: &Bytes) -> Result<Vec<TaskRecord>> {
+        let group = self.jobs_group(id)?;
+        let mut out: Vec<TaskRecord> = Vec::new();
+        loop {
+            let from = out.len().to_string();
+            let page = self
+                .jobs_query(group, &[b"tasks", id, from.as_bytes(), b"1024"])
+                .await?;
+            let Reply::Array(rows) = page else {
+                return Err(Error::Io("a tasks query answered no array".into()));
+            };
+            if rows.is_empty() {
+                return Ok(out);
+            }
+            for r in rows {
+                let Reply::Bulk(raw) = r else {
+                    return Err(Error::Io("a task row is not bytes".into()));
+                };
+                out.push(
+                    postcard::from_bytes(&raw)
+                        .map_err(|e| Error::Corruption(format!("a task record: {e}")))?,
+                );
+            }
+        }
+    }
+
+    async fn shards(&self, keyspace: &str) -> Result<Vec<ShardReplicas>> {
+        let state = self.0.cluster();
+        let name = KeyspaceName::new(keyspace)?;
+        let ks = state
+            .keyspaces
+            .get(&name)
+            .ok_or_else(|| Error::KeyspaceNotFound(keyspace.to_string()))?;
+        if ks.spec.mode != Mode::Cp {
+            return Err(Error::InvalidInput(format!(
+                "jobs run over cp keyspaces; '{keyspace}' is {}",
+                ks.spec.mode.as_str()
+            )));
+        }
+        Ok(ks
+            .shards
+            .iter()
+            .map(|s| ShardReplicas {
+                shard: s.group,
+                replicas: s.replicas.clone(),
+                leader: self.0.groups.leader_of(s.group),
+            })
+            .collect())
+    }
+
+    async fn pin(&self, shard: u64, owner: Bytes, now_ms: u64) -> Result<ShardPin> {
+        let answer = self
+            .write_one(shard, Request::JobPin { owner, now_ms })
+            .await??;
+        let Reply::Array(v) = answer else {
+            return Err(Error::Io(format!("a pin answered {answer:?}")));
+        };
+        let int = |r: Option<&Reply>| match r {
+            Some(Reply::Integer(n)) => u64::try_from(*n).ok(),
+            _ => None,
+        };
+        let key = |r: Option<&Reply>| match r {
+            Some(Reply::Bulk(b)) => Some(b.clone()),
+            _ => None,
+        };
+        match (int(v.first()), int(v.get(1))) {
+            (Some(index), Some(keys)) => Ok(ShardPin {
+                shard,
+                index,
+                keys,
+                first_key: key(v.get(2)),
+                last_key: key(v.get(3)),
+            }),
+            _ => Err(Error::Io(format!("a pin answered {v:?}"))),
+        }
+    }
+
+    async fn unpin(&self, shard: u64, owner: Bytes, index: u64) -> Result<()> {
+        self.write_one(shard, Request::JobUnpin { owner, index })
+            .await??;
+        Ok(())
+    }
+
+    async fn run_task(
+        &self,
+        node: u64,
+        order: TaskOrder,
+    ) -> std::result::Result<TaskOutput, TaskError> {
+        if node == self.0.id() {
+            return run_task_here(&self.0, order).await;
+        }
+        let Some(addr) = self
+            .0
+            .cluster()
+            .nodes
+            .get(&node)
+            .map(|n| n.peer_addr.clone())
+        else {
+            return Err(TaskError::Unreachable(format!(
+                "no address for node {node}"
+            )));
+        };
+        self.0
+            .jobs
+            .peers
+            .get(node, &addr)
+            .call(JobsRequest::RunTask(order), TASK_DEADLINE)
+            .await
+            .map_err(|e| TaskError::Unreachable(e.to_string()))?
+    }
+
+    fn now_ms(&self) -> u64 {
+        capdb_types::unix_now_ms()
+    }
+}
+
+impl Node {
+    /// Makes sure the `_jobs` keyspace exists (`cp`, one shard, up to 3 replicas).
+    async fn ensure_jobs_keyspace(&self) -> Result<()> {
+        let name = KeyspaceName::new(JOBS_KEYSPACE)?;
+        if self.cluster().keyspaces.contains_key(&name) {
+            return Ok(());
+        }
+        let nodes = self.cluster().nodes.len().max(1) as u32;
+        let spec = KeyspaceSpec::new(name, Mode::Cp, Some(nodes.min(3)), Some(1), None, None)?;
+        match self.create_keyspace(spec).await {
+            Ok(_) | Err(Error::KeyspaceExists(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Submits a job (`spec`: its JSON): its id and whether it was created (`false`: the same
+    /// spec was already submitted under this id). A spec that does not parse, or names a
+    /// keyspace that is not `cp`, is refused before anything is recorded.
+    pub async fn job_submit(self: &Arc<Self>, spec: &[u8]) -> Result<(Bytes, bool)> {
+        let parsed = JobSpec::parse(spec).map_err(|e| Error::InvalidInput(e.to_string()))?;
+        let cluster = NodeCluster(self.clone());
+        cluster.shards(&parsed.input.keyspace).await?;
+        let id = match &parsed.id {
+            Some(id) => Bytes::from(id.clone()),
+            None => Bytes::from(format!(
+                "{}-{}-{:04x}",
+                self.id(),
+                capdb_types::unix_now_ms(),
+                fastrand::u16(..)
+            )),
+        };
+        let mut canonical = parsed.canonical();
+        canonical["id"] = serde_json::Value::String(String::from_utf8_lossy(&id).into_owned());
+        self.ensure_jobs_keyspace().await?;
+        let answer = cluster
+            .job(JobCommand::Submit {
+                id: id.clone(),
+                spec: canonical.to_string(),
+                now_ms: capdb_types::unix_now_ms(),
+            })
+            .await??;
+        let created = matches!(&answer, Reply::Array(v) if matches!(v.get(1), Some(Reply::Status(s)) if s == "created"));
+        Ok((id, created))
+    }
+
+    /// Job `id`'s record.
+    pub async fn job_record(self: &Arc<Self>, id: &[u8]) -> Result<Option<JobRecord>> {
+        if !self
+            .cluster()
+            .keyspaces
+            .contains_key(&KeyspaceName::new(JOBS_KEYSPACE)?)
+        {
+            return Ok(None);
+        }
+        NodeCluster(self.clone()).record(id).await
+    }
+
+    /// Job `id`'s result rows; `Ok(Err(state))` while it has not ended done.
+    pub async fn job_result(
+        self: &Arc<Self>,
+        id: &[u8],
+    ) -> Result<Option<std::result::Result<Vec<serde_json::Value>, JobState>>> {
+        let cluster = NodeCluster(self.clone());
+        let Some(rec) = self.job_record(id).await? else {
+            return Ok(None);
+        };
+        if rec.state != JobState::Done {
+            return Ok(Some(Err(rec.state)));
+        }
+        Ok(Some(Ok(cluster.result(id, &rec).await?)))
+    }
+
+    /// Cancels job `id`: whether it was running (`None`: no such job).
+    pub async fn job_cancel(self: &Arc<Self>, id: &[u8]) -> Result<Option<bool>> {
+        if self.job_record(id).await?.is_none() {
+            return Ok(None);
+        }
+        let answer = NodeCluster(self.clone())
+            .job(JobCommand::Cancel {
+                id: Bytes::copy_from_slice(id),
+                now_ms: capdb_types::unix_now_ms(),
+            })
+            .await??;
+        Ok(Some(answer == Reply::Integer(1)))
+    }
+
+    /// Every job's id.
+    pub async fn job_list(self: &Arc<Self>) -> Result<Vec<Bytes>> {
+        NodeCluster(self.clone()).list().await
+    }
+}
+
+/// Starts a coordinator for every job not ended on the `_jobs` shards this node leads, every
+/// [`COORDINATE_EVERY`], until shutdown.
+pub async fn run_coordinators(node: Arc<Node>) {
+    let cfg = capdb_jobs::coordinator::Config::default();
+    while !node.is_shutting_down() {
+        tokio::time::sleep(COORDINATE_EVERY).await;
+        let state = node.cluster();
+        let Ok(name) = KeyspaceName::new(JOBS_KEYSPACE) else {
+            return;
+        };
+        let Some(ks) = state.keyspaces.get(&name) else {
+            continue;
+        };
+        let cluster = NodeCluster(node.clone());
+        for shard in &ks.shards {
+            let Some(epoch) = node.groups.led_term(shard.group) else {
+                continue;
+            };
+            let ids = match cluster
+                .jobs_query(
+                    shard.group,
+                    &[b"list", b"", LIST_MAX.to_string().as_bytes()],
+                )
+                .await
+            {
+                Ok(Reply::Array(ids)) => ids,
+                Ok(_) => continue,
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot list jobs");
+                    continue;
+                }
+            };
+            for id in ids {
+                let Reply::Bulk(id) = id else { continue };
+                if node.jobs.coordinating().contains(&id) {
+                    continue;
+                }
+                match cluster.record(&id).await {
+                    Ok(Some(rec)) if !rec.state.has_ended() => {}
+                    _ => continue,
+                }
+                node.jobs.coordinating().insert(id.clone());
+                let (node, cluster, cfg) = (node.clone(), cluster.clone(), cfg.clone());
+                tokio::spawn(async move {
+                    let ended =
+                        capdb_jobs::coordinator::run(&cluster, id.clone(), epoch, &cfg).await;
+                    let job = String::from_utf8_lossy(&id);
+                    match ended {
+                        Ok(e) => tracing::info!(%job, epoch, ended = ?e, "job coordinator stopped"),
+                        Err(e) => {
+                            tracing::warn!(%job, epoch, error = %e, "job coordinator stopped; the job resumes later")
+                        }
+                    }
+                    node.jobs.coordinating().remove(&id);
+                });
+            }
+        }
+    }
+}

@@ -1,0 +1,105 @@
+//! `JOB`: MapReduce jobs over a keyspace (issue 15, `node/jobs.rs`).
+//!
+//! - `JOB SUBMIT <spec json>` → `[id, created|exists]`: the job is recorded in `_jobs` and
+//!   runs on its own; a resubmission with the same id and spec answers `exists` (so a client
+//!   that lost the answer can resubmit safely), another spec under that id is refused.
+//! - `JOB STATUS <id>` → a map: state, tasks done and total, keys scanned, when, and the
+//!   reason of a failure.
+//! - `JOB RESULT <id>` → the result rows as one JSON array (bulk); `NOTREADY` until it is done.
+//! - `JOB CANCEL <id>` → 1 when it was running, 0 when it had ended.
+//! - `JOB LIST` → every job id.
+
+use bytes::Bytes;
+use capdb_types::Reply;
+use capdb_types::jobs::JobState;
+
+use super::{Outcome, error_line, syntax};
+use crate::resp::Connection;
+
+fn bulk(s: impl Into<String>) -> Reply {
+    Reply::Bulk(Bytes::from(s.into()))
+}
+
+fn nojob(id: &Bytes) -> String {
+    format!("NOJOB no job '{}'", String::from_utf8_lossy(id))
+}
+
+pub(super) async fn job(conn: &mut Connection, args: &[Bytes]) -> Outcome {
+    let sub = args[1].to_ascii_lowercase();
+    let node = conn.node.clone();
+    match (sub.as_slice(), args.len()) {
+        (b"submit", 3) => {
+            let (id, created) = node
+                .job_submit(&args[2])
+                .await
+                .map_err(|e| error_line(&e))?;
+            conn.out.reply(&Reply::Array(vec![
+                Reply::Bulk(id),
+                bulk(if created { "created" } else { "exists" }),
+            ]));
+        }
+        (b"status", 3) => {
+            let rec = node
+                .job_record(&args[2])
+                .await
+                .map_err(|e| error_line(&e))?
+                .ok_or_else(|| nojob(&args[2]))?;
+            let int = |n: u64| Reply::Integer(i64::try_from(n).unwrap_or(i64::MAX));
+            let mut fields = vec![
+                (bulk("state"), bulk(rec.state.name())),
+                (bulk("tasks_done"), int(u64::from(rec.tasks_done))),
+                (bulk("tasks_total"), int(u64::from(rec.tasks_total))),
+                (bulk("shards"), int(rec.pins.len() as u64)),
+                (bulk("keys_scanned"), int(rec.keys_scanned)),
+                (bulk("submitted_ms"), int(rec.submitted_ms)),
+                (bulk("ended_ms"), rec.ended_ms.map_or(Reply::Nil, int)),
+                (bulk("epoch"), int(rec.epoch)),
+                (bulk("stream_last"), bulk(rec.stream_last.to_string())),
+            ];
+            if let JobState::Failed { reason } = &rec.state {
+                fields.push((bulk("reason"), bulk(reason.clone())));
+            }
+            conn.out.reply(&Reply::Map(fields));
+        }
+        (b"result", 3) => {
+            match node
+                .job_result(&args[2])
+                .await
+                .map_err(|e| error_line(&e))?
+            {
+                None => return Err(nojob(&args[2])),
+                Some(Err(state)) => {
+                    return Err(format!(
+                        "NOTREADY the job is {}: its result is read once it is done",
+                        state.name()
+                    ));
+                }
+                Some(Ok(rows)) => {
+                    conn.out
+                        .reply(&bulk(serde_json::Value::Array(rows).to_string()));
+                }
+            }
+        }
+        (b"cancel", 3) => match node
+            .job_cancel(&args[2])
+            .await
+            .map_err(|e| error_line(&e))?
+        {
+            None => return Err(nojob(&args[2])),
+            Some(was_running) => conn.out.reply(&Reply::Integer(i64::from(was_running))),
+        },
+        (b"list", 2) => {
+            let ids = node.job_list().await.map_err(|e| error_line(&e))?;
+            conn.out
+                .reply(&Reply::Array(ids.into_iter().map(Reply::Bulk).collect()));
+        }
+        (b"submit" | b"status" | b"result" | b"cancel" | b"list", _) => {
+            return Err(format!(
+                "ERR wrong number of arguments for 'job|{}' command",
+                String::from_utf8_lossy(&sub)
+            ));
+        }
+        _ => return Err(syntax()),
+    }
+    Ok(())
+}
