@@ -92,6 +92,28 @@ CAPDB_ONLY = {
                 arg("keyspace", "string"),
             ]),
         ])]),
+    "job": doc(
+        "Submits a MapReduce job over a cp keyspace (its spec as JSON), shows its status, reads its result, cancels it or lists jobs (capdb)",
+        "0.1.0", "server", "O(1) to submit; the job runs where the data is",
+        [arg("subcommand", "oneof", arguments=[
+            arg("submit", "block", arguments=[
+                arg("submit", "pure-token", "SUBMIT"),
+                arg("spec", "string"),
+            ]),
+            arg("status", "block", arguments=[
+                arg("status", "pure-token", "STATUS"),
+                arg("id", "string"),
+            ]),
+            arg("result", "block", arguments=[
+                arg("result", "pure-token", "RESULT"),
+                arg("id", "string"),
+            ]),
+            arg("cancel", "block", arguments=[
+                arg("cancel", "pure-token", "CANCEL"),
+                arg("id", "string"),
+            ]),
+            arg("list", "pure-token", "LIST"),
+        ])]),
     "consistency": doc(
         "Shows or sets the consistency level of ap reads and writes on the connection (capdb)",
         "0.1.0", "connection", "O(1)",
