@@ -333,6 +333,19 @@ impl<C: Cluster> Job<'_, C> {
                 rec.tasks_total
             ))));
         }
+        // A keyspace dropped and created again under its name has other shards: the pins
+        // and tasks are of data that is gone.
+        if let Some(r) = records
+            .iter()
+            .find(|r| !replicas.contains_key(&r.plan.shard))
+        {
+            return self
+                .finish_failed(format!(
+                    "the input keyspace changed: shard {} is no longer one of its shards",
+                    r.plan.shard
+                ))
+                .await;
+        }
         let mut t = Tasks {
             merged: plan.partial(),
             done: vec![false; records.len()],

@@ -511,6 +511,13 @@ async fn active_jobs_are_bounded_and_ended_jobs_can_be_forgotten() {
         s.apply(JobCommand::Forget { id: id("j0") }).await.unwrap(),
         Reply::Integer(0)
     );
+    // The active index holds exactly the jobs not ended.
+    let Reply::Array(active) = s.query(&["active"]) else {
+        panic!()
+    };
+    assert_eq!(active.len(), ACTIVE_JOBS_MAX as usize);
+    assert!(!active.contains(&Reply::Bulk(id("j0"))), "j0 was cancelled");
+    assert!(active.contains(&Reply::Bulk(id("one-more"))));
     let Reply::Array(list) = s.query(&["list", "", "100"]) else {
         panic!()
     };

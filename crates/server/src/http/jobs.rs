@@ -24,6 +24,23 @@ fn not_found(id: &str) -> ApiError {
     )
 }
 
+/// What a refusal of the `_jobs` state machine means over HTTP: 429 (retry later) for
+/// `JOBSFULL`, 409 for an id taken by another spec, 404 for `NOJOB`; else as any error.
+fn refusal(e: Error) -> ApiError {
+    match &e {
+        Error::Command(line) if line.starts_with("JOBSFULL") => {
+            ApiError::Http(StatusCode::TOO_MANY_REQUESTS, "jobs_full", line.clone())
+        }
+        Error::Command(line) if line.contains("exists with another spec") => {
+            ApiError::Http(StatusCode::CONFLICT, "job_exists", line.clone())
+        }
+        Error::Command(line) if line.starts_with("NOJOB") => {
+            ApiError::Http(StatusCode::NOT_FOUND, "job_not_found", line.clone())
+        }
+        _ => ApiError::from(e),
+    }
+}
+
 /// `POST /v1/jobs`: 201 `{"id", "created": true}`, or 200 with `created: false` when the same
 /// spec was submitted under this id before.
 pub(super) async fn submit(
@@ -31,7 +48,7 @@ pub(super) async fn submit(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
     let body = body.map_err(|e| ApiError::from(Error::InvalidInput(e.to_string())))?;
-    let (id, created) = node.job_submit(&body).await?;
+    let (id, created) = node.job_submit(&body).await.map_err(refusal)?;
     let id = String::from_utf8_lossy(&id).into_owned();
     let status = if created {
         StatusCode::CREATED
@@ -91,14 +108,24 @@ pub(super) async fn result(State(node): State<Arc<Node>>, Path(id): Path<String>
             ),
         )),
         Some(Ok(rows)) => {
-            Ok(Json(json!({"id": id, "complete": true, "rows": rows})).into_response())
+            // The rows as stored (already JSON), in a body built around them.
+            let mut body = json!({"id": id, "complete": true}).to_string().into_bytes();
+            body.pop();
+            body.extend_from_slice(b",\"rows\":");
+            body.extend_from_slice(&rows);
+            body.push(b'}');
+            Ok((
+                [(axum::http::header::CONTENT_TYPE, "application/json")],
+                body,
+            )
+                .into_response())
         }
     }
 }
 
 /// `DELETE /v1/jobs/{id}`: cancels it (`cancelled`: whether it was running).
 pub(super) async fn cancel(State(node): State<Arc<Node>>, Path(id): Path<String>) -> ApiResult {
-    match node.job_cancel(id.as_bytes()).await? {
+    match node.job_cancel(id.as_bytes()).await.map_err(refusal)? {
         None => Err(not_found(&id)),
         Some(was_running) => Ok(Json(json!({"id": id, "cancelled": was_running})).into_response()),
     }

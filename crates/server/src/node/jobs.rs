@@ -10,10 +10,10 @@
 //! has not ended and has none here. A new leader's coordinator claims the job at its newer
 //! term and resumes it from its records; the old one's commands are refused from then on.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use capdb_cluster::{GroupId, NodeId};
@@ -36,7 +36,11 @@ pub const JOBS_KEYSPACE: &str = "_jobs";
 pub const TASK_DEADLINE: Duration = capdb_storage::disk::PIN_HOLD_MAX;
 /// How often a node looks for jobs to coordinate.
 const COORDINATE_EVERY: Duration = Duration::from_secs(1);
-/// Ids one listing of a `_jobs` shard reads (its bound on active jobs is 16; the rest ended).
+/// Longest a job whose coordinator stopped with an error waits before the next one (the wait
+/// doubles from [`COORDINATE_EVERY`] after each error in a row).
+const RETRY_WAIT_MAX: Duration = Duration::from_secs(60);
+/// Ids one listing of a `_jobs` shard reads (`JOB LIST`; the jobs that have not ended are
+/// read from their own index, at most 16 per shard).
 const LIST_MAX: usize = capdb_storage::disk::LIST_PAGE_MAX;
 
 /// Whether `name` is a system keyspace's (reserved: a leading `_`).
@@ -77,7 +81,10 @@ impl Handler<JobsService> for JobsHandler {
 /// This node's jobs: its peers on the jobs channel and the jobs it coordinates.
 pub struct Jobs {
     pub peers: Peers<JobsService>,
-    coordinating: Mutex<HashSet<Bytes>>,
+    /// Job id -> the epoch of the coordinator running it here.
+    coordinating: Mutex<HashMap<Bytes, u64>>,
+    /// Job id -> errors in a row of its coordinators here, and when the next may start.
+    retry: Mutex<HashMap<Bytes, (u32, Instant)>>,
 }
 
 impl Jobs {
@@ -85,11 +92,33 @@ impl Jobs {
         Jobs {
             peers,
             coordinating: Mutex::default(),
+            retry: Mutex::default(),
         }
     }
 
-    fn coordinating(&self) -> std::sync::MutexGuard<'_, HashSet<Bytes>> {
+    fn coordinating(&self) -> std::sync::MutexGuard<'_, HashMap<Bytes, u64>> {
         self.coordinating.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn retry(&self) -> std::sync::MutexGuard<'_, HashMap<Bytes, (u32, Instant)>> {
+        self.retry.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Takes a job off the coordinating set when its coordinator's task ends, even by a panic.
+struct Coordinating {
+    node: Arc<Node>,
+    id: Bytes,
+    epoch: u64,
+}
+
+impl Drop for Coordinating {
+    fn drop(&mut self) {
+        let mut c = self.node.jobs.coordinating();
+        // A newer coordinator of the same job (a later term) keeps its entry.
+        if c.get(&self.id) == Some(&self.epoch) {
+            c.remove(&self.id);
+        }
     }
 }
 
@@ -200,10 +229,11 @@ impl NodeCluster {
         }
     }
 
-    /// The final result of job `id`: its rows (the job must be done).
-    pub async fn result(&self, id: &[u8], rec: &JobRecord) -> Result<Vec<serde_json::Value>> {
+    /// The final result of job `id` (the job must be done): its rows as one JSON array,
+    /// joined from its chunks (each a JSON array) without parsing them.
+    pub async fn result(&self, id: &[u8], rec: &JobRecord) -> Result<Bytes> {
         let group = self.jobs_group(id)?;
-        let mut rows = Vec::new();
+        let mut out = Vec::from(&b"["[..]);
         for n in 0..rec.result_chunks {
             let chunk = self
                 .jobs_query(group, &[b"result", id, n.to_string().as_bytes()])
@@ -213,11 +243,19 @@ impl NodeCluster {
                     "result chunk {n} of a done job is missing"
                 )));
             };
-            let part: Vec<serde_json::Value> = serde_json::from_slice(&raw)
-                .map_err(|e| Error::Corruption(format!("result chunk {n}: {e}")))?;
-            rows.extend(part);
+            let inner = raw
+                .strip_prefix(b"[")
+                .and_then(|r| r.strip_suffix(b"]"))
+                .ok_or_else(|| Error::Corruption(format!("result chunk {n} is not an array")))?;
+            if !inner.is_empty() {
+                if out.len() > 1 {
+                    out.push(b',');
+                }
+                out.extend_from_slice(inner);
+            }
         }
-        Ok(rows)
+        out.push(b']');
+        Ok(Bytes::from(out))
     }
 
     /// Job ids on every `_jobs` shard (at most [`LIST_MAX`] per shard).
@@ -277,6 +315,11 @@ impl Cluster for NodeCluster {
     async fn shards(&self, keyspace: &str) -> Result<Vec<ShardReplicas>> {
         let state = self.0.cluster();
         let name = KeyspaceName::new(keyspace)?;
+        if is_system_keyspace(keyspace) {
+            return Err(Error::InvalidInput(format!(
+                "'{keyspace}' is a system keyspace: jobs cannot read it"
+            )));
+        }
         let ks = state
             .keyspaces
             .get(&name)
@@ -389,10 +432,10 @@ impl Node {
         let id = match &parsed.id {
             Some(id) => Bytes::from(id.clone()),
             None => Bytes::from(format!(
-                "{}-{}-{:04x}",
+                "{}-{}-{:016x}",
                 self.id(),
                 capdb_types::unix_now_ms(),
-                fastrand::u16(..)
+                fastrand::u64(..)
             )),
         };
         let mut canonical = parsed.canonical();
@@ -421,11 +464,11 @@ impl Node {
         NodeCluster(self.clone()).record(id).await
     }
 
-    /// Job `id`'s result rows; `Ok(Err(state))` while it has not ended done.
+    /// Job `id`'s result rows (a JSON array); `Ok(Err(state))` while it has not ended done.
     pub async fn job_result(
         self: &Arc<Self>,
         id: &[u8],
-    ) -> Result<Option<std::result::Result<Vec<serde_json::Value>, JobState>>> {
+    ) -> Result<Option<std::result::Result<Bytes, JobState>>> {
         let cluster = NodeCluster(self.clone());
         let Some(rec) = self.job_record(id).await? else {
             return Ok(None);
@@ -457,7 +500,8 @@ impl Node {
 }
 
 /// Starts a coordinator for every job not ended on the `_jobs` shards this node leads, every
-/// [`COORDINATE_EVERY`], until shutdown.
+/// [`COORDINATE_EVERY`], until shutdown: one per job and term (a coordinator of an older term
+/// here is fenced by the newer one's claim), and after errors in a row, later and later.
 pub async fn run_coordinators(node: Arc<Node>) {
     let cfg = capdb_jobs::coordinator::Config::default();
     while !node.is_shutting_down() {
@@ -474,42 +518,60 @@ pub async fn run_coordinators(node: Arc<Node>) {
             let Some(epoch) = node.groups.led_term(shard.group) else {
                 continue;
             };
-            let ids = match cluster
-                .jobs_query(
-                    shard.group,
-                    &[b"list", b"", LIST_MAX.to_string().as_bytes()],
-                )
-                .await
-            {
+            let ids = match cluster.jobs_query(shard.group, &[b"active"]).await {
                 Ok(Reply::Array(ids)) => ids,
                 Ok(_) => continue,
                 Err(e) => {
-                    tracing::debug!(error = %e, "cannot list jobs");
+                    tracing::debug!(error = %e, "cannot read the active jobs");
                     continue;
                 }
             };
             for id in ids {
                 let Reply::Bulk(id) = id else { continue };
-                if node.jobs.coordinating().contains(&id) {
+                if node
+                    .jobs
+                    .coordinating()
+                    .get(&id)
+                    .is_some_and(|e| *e >= epoch)
+                {
                     continue;
                 }
-                match cluster.record(&id).await {
-                    Ok(Some(rec)) if !rec.state.has_ended() => {}
-                    _ => continue,
+                if node
+                    .jobs
+                    .retry()
+                    .get(&id)
+                    .is_some_and(|(_, at)| Instant::now() < *at)
+                {
+                    continue;
                 }
-                node.jobs.coordinating().insert(id.clone());
+                node.jobs.coordinating().insert(id.clone(), epoch);
+                let guard = Coordinating {
+                    node: node.clone(),
+                    id: id.clone(),
+                    epoch,
+                };
                 let (node, cluster, cfg) = (node.clone(), cluster.clone(), cfg.clone());
                 tokio::spawn(async move {
+                    let _guard = guard;
                     let ended =
                         capdb_jobs::coordinator::run(&cluster, id.clone(), epoch, &cfg).await;
                     let job = String::from_utf8_lossy(&id);
                     match ended {
-                        Ok(e) => tracing::info!(%job, epoch, ended = ?e, "job coordinator stopped"),
+                        Ok(e) => {
+                            node.jobs.retry().remove(&id);
+                            tracing::info!(%job, epoch, ended = ?e, "job coordinator stopped");
+                        }
                         Err(e) => {
-                            tracing::warn!(%job, epoch, error = %e, "job coordinator stopped; the job resumes later")
+                            let mut retry = node.jobs.retry();
+                            let entry = retry.entry(id.clone()).or_insert((0, Instant::now()));
+                            entry.0 = entry.0.saturating_add(1);
+                            let wait = COORDINATE_EVERY
+                                .saturating_mul(1u32 << entry.0.min(6))
+                                .min(RETRY_WAIT_MAX);
+                            entry.1 = Instant::now() + wait;
+                            tracing::warn!(%job, epoch, error = %e, retry_in_ms = wait.as_millis() as u64, "job coordinator stopped; the job resumes later");
                         }
                     }
-                    node.jobs.coordinating().remove(&id);
                 });
             }
         }

@@ -13,6 +13,8 @@
 //!   `Vec<(Bytes, Bytes)>`): the job's stream, IDs given at apply, rising
 //! - `0‖job-res/‖len‖id‖chunk u32` -> a chunk of the final result
 //! - `0‖job-active` -> u64 LE: jobs that have not ended ([`ACTIVE_JOBS_MAX`])
+//! - `0‖job-act/‖len‖id` -> empty: one per job that has not ended (what coordinators look
+//!   for, without reading every retained job)
 //!
 //! The rows are replicated state: snapshots carry the element table (FLUSHDB is refused on
 //! `_jobs` by the server).
@@ -41,7 +43,7 @@ type RawTable<'txn> = redb::Table<'txn, &'static [u8], &'static [u8]>;
 
 /// The internal read command that reads jobs' rows (`DiskTable::read_query`): `record id`,
 /// `tasks id from count`, `stream id after-ms after-seq count`, `result id chunk`,
-/// `list after count`.
+/// `list after count`, `active` (the ids of the jobs that have not ended).
 pub const JOBS_QUERY: &str = "capdb.jobs";
 /// Most task records one `tasks` query answers, and most bytes of them (after one).
 pub const TASKS_PAGE_MAX: usize = 1_024;
@@ -56,6 +58,7 @@ const TASK: &[u8] = b"job-task/";
 const LOG: &[u8] = b"job-log/";
 const RES: &[u8] = b"job-res/";
 const ACTIVE: &[u8] = b"job-active";
+const ACTIVE_ROWS: &[u8] = b"job-act/";
 
 fn named(kind: &[u8], id: &[u8]) -> Vec<u8> {
     let mut k = RESERVED.to_vec();
@@ -140,11 +143,18 @@ fn set_active(el: &mut RawTable<'_>, n: u64) -> Result<()> {
     Ok(())
 }
 
-/// Ends `rec` in `state` at `now_ms` (one fewer active job).
-fn end(el: &mut RawTable<'_>, rec: &mut JobRecord, state: JobState, now_ms: u64) -> Result<()> {
+/// Ends job `id` (`rec`) in `state` at `now_ms` (one fewer active job).
+fn end(
+    el: &mut RawTable<'_>,
+    id: &[u8],
+    rec: &mut JobRecord,
+    state: JobState,
+    now_ms: u64,
+) -> Result<()> {
     debug_assert!(!rec.state.has_ended(), "a job ends once");
     rec.state = state;
     rec.ended_ms = Some(now_ms);
+    el.remove(&named(ACTIVE_ROWS, id)[..]).map_err(io_err)?;
     let n = active(el)?;
     set_active(el, n.saturating_sub(1))
 }
@@ -248,6 +258,8 @@ pub(super) fn apply(
                     &[field("type", "submitted")],
                 )?;
                 put(&mut el, &jkey, &rec)?;
+                el.insert(&named(ACTIVE_ROWS, id)[..], &[][..])
+                    .map_err(io_err)?;
                 set_active(&mut el, n + 1)?;
                 Ok(Ok(Reply::Array(vec![
                     Reply::Bulk(id.clone()),
@@ -540,7 +552,7 @@ pub(super) fn apply(
                     reason: cut(reason),
                 },
             };
-            end(&mut el, &mut rec, state, *now_ms)?;
+            end(&mut el, id, &mut rec, state, *now_ms)?;
             put(&mut el, &jkey, &rec)?;
             Ok(Ok(Reply::Ok))
         }
@@ -548,7 +560,7 @@ pub(super) fn apply(
             if rec.state.has_ended() {
                 return Ok(Ok(Reply::Integer(0)));
             }
-            end(&mut el, &mut rec, JobState::Cancelled, *now_ms)?;
+            end(&mut el, id, &mut rec, JobState::Cancelled, *now_ms)?;
             append_entry(
                 &mut el,
                 id,
@@ -684,6 +696,26 @@ pub(super) fn query(
                 Some(raw) => Reply::Bulk(Bytes::copy_from_slice(raw.value())),
                 None => Reply::Nil,
             })
+        }
+        (b"active", []) => {
+            // At most ACTIVE_JOBS_MAX rows.
+            let prefix = {
+                let mut p = RESERVED.to_vec();
+                p.extend_from_slice(ACTIVE_ROWS);
+                p
+            };
+            let mut out = Vec::new();
+            for r in el.range(&prefix[..]..).map_err(io_err)? {
+                let (k, _) = r.map_err(io_err)?;
+                let key = k.value();
+                if !key.starts_with(&prefix) || out.len() as u64 > ACTIVE_JOBS_MAX {
+                    break;
+                }
+                if let Some(id) = key.get(prefix.len() + 4..) {
+                    out.push(Reply::Bulk(Bytes::copy_from_slice(id)));
+                }
+            }
+            Ok(Reply::Array(out))
         }
         (b"list", [after, count]) => {
             let count = usize::try_from(num(count)?)

@@ -74,10 +74,7 @@ pub(super) async fn job(conn: &mut Connection, args: &[Bytes]) -> Outcome {
                         state.name()
                     ));
                 }
-                Some(Ok(rows)) => {
-                    conn.out
-                        .reply(&bulk(serde_json::Value::Array(rows).to_string()));
-                }
+                Some(Ok(rows)) => conn.out.reply(&Reply::Bulk(rows)),
             }
         }
         (b"cancel", 3) => match node
