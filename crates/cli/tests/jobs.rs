@@ -61,6 +61,38 @@ fn wait_ended(c: &mut redis::Connection, id: &str) -> BTreeMap<String, String> {
     }
 }
 
+fn parse_id(id: &str) -> (u64, u64) {
+    let (ms, seq) = id.split_once('-').unwrap();
+    (ms.parse().unwrap(), seq.parse().unwrap())
+}
+
+/// Every entry of a stream key: (ID, fields).
+fn stream(c: &mut redis::Connection, key: &str) -> Vec<(String, BTreeMap<String, String>)> {
+    let v: Value = redis::cmd("XRANGE")
+        .arg(key)
+        .arg("-")
+        .arg("+")
+        .query(c)
+        .unwrap();
+    let Value::Array(entries) = v else {
+        panic!("{v:?}")
+    };
+    entries
+        .into_iter()
+        .map(|e| {
+            let Value::Array(mut parts) = e else { panic!() };
+            let Value::Array(fields) = parts.remove(1) else {
+                panic!()
+            };
+            let fields = fields
+                .chunks(2)
+                .map(|p| (text(&p[0]), text(&p[1])))
+                .collect();
+            (text(&parts[0]), fields)
+        })
+        .collect()
+}
+
 #[test]
 fn a_job_over_four_shards_answers_as_one_pass_over_the_data() {
     let nodes = common::start_founders(3, |_| Vec::new());
@@ -166,6 +198,62 @@ fn a_job_over_four_shards_answers_as_one_pass_over_the_data() {
     let (code, body) = common::http(nodes[0].http, "GET", "/v1/jobs/sales", &[], None).unwrap();
     assert_eq!(code, 200);
     assert_eq!(common::json(&body)["state"], "done");
+    // Its stream: submitted, partial results with their coverage (never complete), then the
+    // final entry; readable with XRANGE and XREAD from any node.
+    let entries: Vec<(String, BTreeMap<String, String>)> = stream(&mut other, "__job:sales");
+    assert_eq!(entries[0].1["type"], "submitted");
+    let last = entries.last().unwrap();
+    assert_eq!(
+        (last.1["type"].as_str(), last.1["complete"].as_str()),
+        ("final", "1")
+    );
+    assert_eq!(last.1["tasks_done"], "4");
+    let final_result: serde_json::Value = serde_json::from_str(&last.1["result"]).unwrap();
+    assert_eq!(final_result["groups_total"], 7);
+    let partials: Vec<&BTreeMap<String, String>> = entries
+        .iter()
+        .filter(|(_, f)| f["type"] == "partial")
+        .map(|(_, f)| f)
+        .collect();
+    assert!(
+        !partials.is_empty(),
+        "a partial result before the end: {entries:?}"
+    );
+    let mut seen = 0;
+    for p in &partials {
+        assert_eq!(p["complete"], "0");
+        let done: u64 = p["tasks_done"].parse().unwrap();
+        assert!(
+            done >= seen && done < 4,
+            "coverage rises and is never complete: {p:?}"
+        );
+        seen = done;
+    }
+    let ids: Vec<&String> = entries.iter().map(|(id, _)| id).collect();
+    let mut sorted = ids.clone();
+    sorted.sort_by_key(|id| parse_id(id));
+    assert_eq!(ids, sorted, "IDs rise");
+    let len: i64 = redis::cmd("XLEN").arg("__job:sales").query(&mut c).unwrap();
+    assert_eq!(len as usize, entries.len());
+    // XREAD after the submitted entry gets the rest; after the last one, BLOCK times out.
+    let v: Value = redis::cmd("XREAD")
+        .arg("COUNT")
+        .arg(1)
+        .arg("STREAMS")
+        .arg("__job:sales")
+        .arg(&entries[0].0)
+        .query(&mut c)
+        .unwrap();
+    assert!(format!("{v:?}").contains(&entries[1].0), "{v:?}");
+    let v: Value = redis::cmd("XREAD")
+        .arg("BLOCK")
+        .arg(200)
+        .arg("STREAMS")
+        .arg("__job:sales")
+        .arg("$")
+        .query(&mut c)
+        .unwrap();
+    assert_eq!(v, Value::Nil);
     // Cancelling an ended job changes nothing.
     let cancelled: i64 = redis::cmd("JOB")
         .arg("CANCEL")
@@ -215,6 +303,8 @@ fn bad_specs_and_the_system_keyspace_are_refused_with_clear_errors() {
     let e = err(&mut c, &["JOB", "SUBMIT", "{"]);
     assert!(e.contains("not JSON"), "{e}");
     let e = err(&mut c, &["JOB", "STATUS", "missing"]);
+    assert!(e.contains("NOJOB"), "{e}");
+    let e = err(&mut c, &["XRANGE", "__job:missing", "-", "+"]);
     assert!(e.contains("NOJOB"), "{e}");
     // A job on the default keyspace creates `_jobs`; users cannot touch it.
     let v: Vec<Value> = redis::cmd("JOB")

@@ -497,6 +497,38 @@ impl Node {
     pub async fn job_list(self: &Arc<Self>) -> Result<Vec<Bytes>> {
         NodeCluster(self.clone()).list().await
     }
+
+    /// Entries of job `id`'s stream after `after` (exclusive), at most `count` (and a page's
+    /// bound), each `[id, [field, value, ...]]` as Redis streams answer them; `None`: no such
+    /// job.
+    pub async fn job_stream(
+        self: &Arc<Self>,
+        id: &[u8],
+        after: capdb_types::changes::StreamId,
+        count: usize,
+    ) -> Result<Option<Vec<Reply>>> {
+        if self.job_record(id).await?.is_none() {
+            return Ok(None);
+        }
+        let cluster = NodeCluster(self.clone());
+        let group = cluster.jobs_group(id)?;
+        let page = cluster
+            .jobs_query(
+                group,
+                &[
+                    b"stream",
+                    id,
+                    after.ms.to_string().as_bytes(),
+                    after.seq.to_string().as_bytes(),
+                    count.to_string().as_bytes(),
+                ],
+            )
+            .await?;
+        match page {
+            Reply::Array(entries) => Ok(Some(entries)),
+            other => Err(Error::Io(format!("a job stream read answered {other:?}"))),
+        }
+    }
 }
 
 /// Starts a coordinator for every job not ended on the `_jobs` shards this node leads, every

@@ -40,6 +40,7 @@ mod config;
 mod connection;
 mod data;
 mod docs;
+mod job_streams;
 mod jobs;
 mod keys;
 mod pubsub;

@@ -59,7 +59,8 @@ pub(super) fn reads_a_stream(name: &str, key: &[u8]) -> bool {
             | "xautoclaim"
             | "xgroup"
             | "xinfo"
-    ) && matches!(StreamKey::parse(key), Ok(Some(_)) | Err(_))
+    ) && (matches!(StreamKey::parse(key), Ok(Some(_)) | Err(_))
+        || super::job_streams::job_of(key).is_some())
 }
 
 /// `CHANGES CONFIG <keyspace> on|off [RETENTION-MS ms] [RETENTION-BYTES n] [PREV yes|no]` |
@@ -485,6 +486,12 @@ pub(super) async fn xrevrange(conn: &mut Connection, args: &[Bytes]) -> Outcome 
 
 async fn range_command(conn: &mut Connection, args: &[Bytes], rev: bool) -> Outcome {
     let count = range_count(args, 4)?;
+    if super::job_streams::job_of(&args[1]).is_some() {
+        if rev {
+            return Err("ERR XREVRANGE is not served on job streams: read them with XRANGE".into());
+        }
+        return super::job_streams::xrange(conn, args, count).await;
+    }
     let (start, end) = if rev {
         (&args[3], &args[2])
     } else {
@@ -538,6 +545,9 @@ async fn range_command(conn: &mut Connection, args: &[Bytes], rev: bool) -> Outc
 
 /// `XLEN key`.
 pub(super) async fn xlen(conn: &mut Connection, args: &[Bytes]) -> Outcome {
+    if super::job_streams::job_of(&args[1]).is_some() {
+        return super::job_streams::xlen(conn, args).await;
+    }
     let page = read_page(
         conn,
         &args[1],
@@ -605,6 +615,9 @@ pub(super) async fn xread(conn: &mut Connection, args: &[Bytes]) -> Outcome {
         return Err("ERR Unbalanced 'xread' list of streams: for each stream key an ID or '$' must be specified.".into());
     }
     let (keys, ids) = rest.split_at(rest.len() / 2);
+    if keys.iter().any(|k| super::job_streams::job_of(k).is_some()) {
+        return super::job_streams::xread(conn, keys, ids, count, block).await;
+    }
     // Where each key's reading starts (exclusive): `$` is the stream's last ID now.
     let mut after: Vec<StreamId> = Vec::with_capacity(keys.len());
     // `$` once per stream: key-prefix keys of one stream share its last ID.
