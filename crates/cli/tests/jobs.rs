@@ -263,8 +263,29 @@ fn a_job_over_four_shards_answers_as_one_pass_over_the_data() {
     assert_eq!(cancelled, 0);
     let ids: Vec<String> = redis::cmd("JOB").arg("LIST").query(&mut c).unwrap();
     assert!(ids.contains(&"sales".to_string()));
-    // Pins are released once the job has ended (each node's metrics would say; here: a
-    // second job pins again and answers the same).
+    // Jobs at once: each pins every shard on every replica; all of them end done.
+    for n in 0..6 {
+        let spec =
+            json!({"id": format!("many{n}"), "input": {"keyspace": "orders", "prefix": "o:"},
+                          "reduce": {"n": "count"}})
+            .to_string();
+        redis::cmd("JOB")
+            .arg("SUBMIT")
+            .arg(spec)
+            .query::<Value>(&mut c)
+            .unwrap();
+    }
+    for n in 0..6 {
+        let id = format!("many{n}");
+        let s = wait_ended(&mut c, &id);
+        assert_eq!(s["state"], "done", "{id}: {s:?}");
+        let raw: String = redis::cmd("JOB")
+            .arg("RESULT")
+            .arg(&id)
+            .query(&mut c)
+            .unwrap();
+        assert_eq!(raw, r#"[{"group":null,"n":2001}]"#);
+    }
     drop(nodes);
 }
 

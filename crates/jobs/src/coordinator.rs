@@ -358,7 +358,8 @@ impl<C: Cluster> Job<'_, C> {
         for n in 0..t.records.len() {
             self.absorb(&plan, &mut t, n).await?;
         }
-        self.run_tasks(&plan, &mut t, &replicas).await?;
+        self.run_tasks(&plan, &mut t, &replicas, rec.submitted_ms)
+            .await?;
         self.finish(&plan, &t).await
     }
 
@@ -551,6 +552,7 @@ impl<C: Cluster> Job<'_, C> {
         plan: &Plan,
         t: &mut Tasks,
         replicas: &HashMap<u64, ShardReplicas>,
+        submitted_ms: u64,
     ) -> Result<(), Stop> {
         type Running<'f> = FuturesUnordered<
             futures::future::BoxFuture<'f, (usize, u16, u64, Result<TaskOutput, TaskError>)>,
@@ -568,7 +570,18 @@ impl<C: Cluster> Job<'_, C> {
         let spec = self.claim_spec().await?;
         let mut tick = tokio::time::interval(self.cfg.publish_every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let max_ms = plan.spec().limits.max_s.saturating_mul(1_000);
         loop {
+            // `limits.max_s`, from the submission: past it the job fails, whatever runs.
+            if self.c.now_ms().saturating_sub(submitted_ms) > max_ms {
+                return Err(Stop::Ended(
+                    self.finish_failed(format!(
+                        "limit: the job ran past limits.max_s ({} s)",
+                        plan.spec().limits.max_s
+                    ))
+                    .await?,
+                ));
+            }
             // Start what can start.
             let mut waiting = VecDeque::new();
             while let Some(n) = pending.pop_front() {

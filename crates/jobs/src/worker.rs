@@ -33,14 +33,26 @@ pub fn run(
 ) -> Result<TaskOutput, TaskError> {
     let spec = JobSpec::parse(order.spec.as_bytes())
         .map_err(|e| TaskError::User(format!("the job's spec: {e}")))?;
+    // `limits.scan_keys_per_s`, per task (a node-wide limit driven by foreground latency is
+    // the design's next step): after each page the task sleeps until it is within the rate.
+    let rate = spec.limits.scan_keys_per_s;
     let plan = Plan::new(spec).map_err(|e| TaskError::User(e.to_string()))?;
     let mut partial = plan.partial();
     let mut after: Option<Bytes> = None;
+    let started = std::time::Instant::now();
+    let mut read: u64 = 0;
     loop {
         if cancelled.load(Ordering::Relaxed) {
             return Err(TaskError::Failed("the attempt was cancelled".into()));
         }
         let p = page(after.as_deref()).map_err(TaskError::Failed)?;
+        read += p.entries.len() as u64;
+        if let Some(rate) = rate {
+            let due = std::time::Duration::from_secs_f64(read as f64 / rate as f64);
+            if let Some(ahead) = due.checked_sub(started.elapsed()) {
+                std::thread::sleep(ahead);
+            }
+        }
         for (key, value) in &p.entries {
             plan.add(&mut partial, key, value).map_err(|e| {
                 TaskError::User(format!("key {:?}: {e}", String::from_utf8_lossy(key)))

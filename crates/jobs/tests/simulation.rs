@@ -316,7 +316,7 @@ impl Cluster for Sim {
     }
 
     fn now_ms(&self) -> u64 {
-        1_000
+        capdb_types::unix_now_ms()
     }
 }
 
@@ -350,14 +350,18 @@ fn expected(records: &[(String, String)]) -> serde_json::Value {
 }
 
 async fn submit(sim: &Sim, id: &str) {
-    let canonical = JobSpec::parse(spec().as_bytes())
+    submit_spec(sim, id, &spec()).await;
+}
+
+async fn submit_spec(sim: &Sim, id: &str, spec: &str) {
+    let canonical = JobSpec::parse(spec.as_bytes())
         .unwrap()
         .canonical()
         .to_string();
     sim.job(JobCommand::Submit {
         id: Bytes::from(id.to_string()),
         spec: canonical,
-        now_ms: 1,
+        now_ms: capdb_types::unix_now_ms(),
     })
     .await
     .unwrap()
@@ -667,4 +671,39 @@ async fn a_sum_out_of_range_fails_the_job_naming_its_group() {
         other => panic!("{other:?}"),
     }
     assert!(matches!(sim.record("j4").state, JobState::Failed { .. }));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scan_rate_limit_slows_tasks_and_max_s_ends_a_job_that_runs_past_it() {
+    let sim = Sim::new(3, 3, |_| vec![1, 2, 3]);
+    sim.load(&orders(600)).await;
+    // 200 keys per task at 1,000 keys/s: at least 0.2 s each.
+    let limited = json!({"input": {"keyspace": "orders"}, "reduce": {"n": "count"},
+                         "limits": {"scan_keys_per_s": 1000}})
+    .to_string();
+    submit_spec(&sim, "slow", &limited).await;
+    let started = std::time::Instant::now();
+    assert_eq!(
+        run(&sim, Bytes::from("slow"), 1, &Config::default())
+            .await
+            .unwrap(),
+        Ended::Done
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(200),
+        "{:?}",
+        started.elapsed()
+    );
+    // 200 keys per task at 50 keys/s take 4 s; the job may run 1 s.
+    let too_long = json!({"input": {"keyspace": "orders"}, "reduce": {"n": "count"},
+                          "limits": {"scan_keys_per_s": 50, "max_s": 1}})
+    .to_string();
+    submit_spec(&sim, "late", &too_long).await;
+    match run(&sim, Bytes::from("late"), 1, &Config::default())
+        .await
+        .unwrap()
+    {
+        Ended::Failed(reason) => assert!(reason.contains("limits.max_s"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
 }

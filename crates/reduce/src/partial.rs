@@ -323,8 +323,17 @@ impl Plan {
                 (key, Scalar::decode_all(g).unwrap_or_default(), accs)
             })
             .collect();
-        // By the reducer (descending when asked), then by group, ascending.
+        // By the reducer (descending when asked), then by group, ascending; ordered by group
+        // alone, `desc` reverses the groups.
         order.sort_by(|a, b| {
+            if by.is_none() {
+                let groups = a.1.cmp(&b.1);
+                return if self.spec.output.desc {
+                    groups.reverse()
+                } else {
+                    groups
+                };
+            }
             let primary = a.0.cmp(&b.0);
             let primary = if self.spec.output.desc {
                 primary.reverse()

@@ -332,6 +332,22 @@ fn groups_order_by_their_values_and_ties_by_group() {
         groups,
         vec![json!("b"), json!(-1), json!(2), json!(10), json!("aa")]
     );
+    // Ordered by group alone, `desc` reverses the groups.
+    let by_group = json!({"input": {"keyspace": "k"}, "map": {"group": {"json": "$.g"}},
+                          "reduce": {"n": "count"}, "output": {"order_by": "group", "desc": true}});
+    let plan = Plan::new(JobSpec::from_json(&by_group).unwrap()).unwrap();
+    let mut p = plan.partial();
+    for (k, g) in [("1", "3"), ("2", "-1"), ("3", r#""x""#)] {
+        plan.add(&mut p, k.as_bytes(), format!(r#"{{"g":{g}}}"#).as_bytes())
+            .unwrap();
+    }
+    let groups: Vec<Value> = plan
+        .rows(&p)
+        .unwrap()
+        .iter()
+        .map(|r| r["group"].clone())
+        .collect();
+    assert_eq!(groups, vec![json!("x"), json!(3), json!(-1)]);
 }
 
 #[test]

@@ -427,6 +427,11 @@ impl Node {
     /// keyspace that is not `cp`, is refused before anything is recorded.
     pub async fn job_submit(self: &Arc<Self>, spec: &[u8]) -> Result<(Bytes, bool)> {
         let parsed = JobSpec::parse(spec).map_err(|e| Error::InvalidInput(e.to_string()))?;
+        if parsed.output.to != capdb_reduce::spec::Destination::Result {
+            return Err(Error::InvalidInput(
+                "output.to: \"keyspace\" is not available in this version: use \"result\"".into(),
+            ));
+        }
         let cluster = NodeCluster(self.clone());
         cluster.shards(&parsed.input.keyspace).await?;
         let id = match &parsed.id {

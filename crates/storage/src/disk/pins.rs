@@ -40,8 +40,11 @@ use redb::{ReadableTable, ReadableTableMetadata};
 
 use super::{DiskEngine, DiskTable, META_TABLE, MetaItem, io_err, table_def};
 
-/// Most pins one node holds.
-pub const PINS_MAX: usize = 16;
+/// Most pins one node holds: room for every job a `_jobs` shard runs at once (16) over
+/// keyspaces of 16 shards a node holds replicas of. A pin costs a read transaction (the pages
+/// it keeps from reuse are those written while it is held, shared by pins taken close
+/// together); the 16 of an earlier version starved concurrent jobs of pins.
+pub const PINS_MAX: usize = 256;
 /// Longest a pin is held without being released.
 pub const PIN_HOLD_MAX: Duration = Duration::from_secs(10 * 60);
 /// Most keys one page of a pinned scan returns, and most rows it examines (expired,

@@ -68,6 +68,12 @@ pub(super) async fn job(conn: &mut Connection, args: &[Bytes]) -> Outcome {
                 .map_err(|e| error_line(&e))?
             {
                 None => return Err(nojob(&args[2])),
+                Some(Err(JobState::Failed { reason })) => {
+                    return Err(format!("ERR the job failed, it has no result: {reason}"));
+                }
+                Some(Err(JobState::Cancelled)) => {
+                    return Err("ERR the job was cancelled, it has no result".into());
+                }
                 Some(Err(state)) => {
                     return Err(format!(
                         "NOTREADY the job is {}: its result is read once it is done",
