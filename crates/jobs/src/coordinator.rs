@@ -243,18 +243,7 @@ impl<C: Cluster> Job<'_, C> {
         tracing::warn!(job = %String::from_utf8_lossy(&self.id), %reason, "job failed");
         let now = self.c.now_ms();
         let entry = vec![field("type", "error"), field("message", text(&reason))];
-        command(
-            self.c,
-            self.cfg,
-            JobCommand::Publish {
-                id: self.id.clone(),
-                epoch: self.epoch,
-                now_ms: now,
-                entries: vec![entry],
-            },
-        )
-        .await?
-        .ok();
+        self.publish(entry).await?;
         match command(
             self.c,
             self.cfg,
