@@ -108,6 +108,10 @@ CAPDB_ONLY = {
                 arg("result", "pure-token", "RESULT"),
                 arg("id", "string"),
             ]),
+            arg("tasks", "block", arguments=[
+                arg("tasks", "pure-token", "TASKS"),
+                arg("id", "string"),
+            ]),
             arg("cancel", "block", arguments=[
                 arg("cancel", "pure-token", "CANCEL"),
                 arg("id", "string"),

@@ -361,3 +361,200 @@ fn bad_specs_and_the_system_keyspace_are_refused_with_clear_errors() {
     let (code, body) = common::http(s.http, "GET", "/v1/jobs/nope/result", &[], None).unwrap();
     assert_eq!(code, 404, "{}", String::from_utf8_lossy(&body));
 }
+
+/// `JOB TASKS id`: per task, its attempts as (node, outcome).
+fn tasks(c: &mut redis::Connection, id: &str) -> Vec<Vec<(u64, String)>> {
+    let v: Value = redis::cmd("JOB").arg("TASKS").arg(id).query(c).unwrap();
+    let Value::Array(rows) = v else {
+        panic!("{v:?}")
+    };
+    rows.into_iter()
+        .map(|row| {
+            let Value::Array(parts) = row else { panic!() };
+            let Value::Array(attempts) = &parts[3] else {
+                panic!()
+            };
+            attempts
+                .iter()
+                .map(|a| {
+                    let Value::Array(a) = a else { panic!() };
+                    let Value::Int(node) = a[1] else { panic!() };
+                    (node as u64, text(&a[2]))
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// A 3-node cluster holding `orders` (4 shards, every node a replica of each) with 16,000
+/// orders, and the rows one pass over them gives for [`slow_spec`].
+fn loaded_cluster() -> (Vec<Server>, Vec<(String, i64, i64)>) {
+    let nodes = common::start_founders(3, |_| Vec::new());
+    create_keyspace(
+        nodes[0].http,
+        br#"{"name": "orders", "mode": "cp", "shards": 4}"#,
+    );
+    let mut c = nodes[0].client();
+    redis::cmd("SELECT")
+        .arg("orders")
+        .query::<()>(&mut c)
+        .unwrap();
+    let mut expected: BTreeMap<String, (i64, i64)> = BTreeMap::new();
+    let mut pipe = redis::pipe();
+    for i in 0..16_000i64 {
+        let country = format!("c{}", i % 5);
+        let total = i % 100;
+        let e = expected.entry(country.clone()).or_default();
+        e.0 += 1;
+        e.1 += total;
+        pipe.cmd("SET")
+            .arg(format!("o:{i:06}"))
+            .arg(json!({"country": country, "total": total}).to_string())
+            .ignore();
+    }
+    pipe.query::<()>(&mut c).unwrap();
+    let rows = expected.into_iter().map(|(k, (n, t))| (k, n, t)).collect();
+    (nodes, rows)
+}
+
+/// A job over every order, grouped by country, slowed so that each task (about 4,000 keys)
+/// takes about 2.5 s: long enough to kill a node while it runs.
+fn slow_spec(id: &str) -> String {
+    json!({"id": id, "input": {"keyspace": "orders", "prefix": "o:"},
+           "map": {"group": {"json": "$.country"}, "values": {"t": {"json": "$.total"}}},
+           "reduce": {"n": "count", "revenue": {"sum": "t"}},
+           "limits": {"scan_keys_per_s": 1_600}})
+    .to_string()
+}
+
+fn result_rows(c: &mut redis::Connection, id: &str) -> Vec<(String, i64, i64)> {
+    let raw: String = redis::cmd("JOB").arg("RESULT").arg(id).query(c).unwrap();
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&raw).unwrap();
+    rows.iter()
+        .map(|r| {
+            (
+                r["group"].as_str().unwrap().to_string(),
+                r["n"].as_i64().unwrap(),
+                r["revenue"].as_i64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Waits (bounded) until `check` holds for job `id`'s tasks; them.
+fn wait_tasks(
+    c: &mut redis::Connection,
+    id: &str,
+    what: &str,
+    check: impl Fn(&[Vec<(u64, String)>]) -> bool,
+) -> Vec<Vec<(u64, String)>> {
+    let until = Instant::now() + Duration::from_secs(60);
+    loop {
+        let t = tasks(c, id);
+        if check(&t) {
+            return t;
+        }
+        assert!(Instant::now() < until, "{what}: {t:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_job_survives_the_kill_of_a_node_running_its_tasks_and_only_its_tasks_run_again() {
+    let (mut nodes, expected) = loaded_cluster();
+    let mut c = nodes[0].client();
+    redis::cmd("JOB")
+        .arg("SUBMIT")
+        .arg(slow_spec("k1"))
+        .query::<Value>(&mut c)
+        .unwrap();
+    let coordinator: u64 = status(&mut c, "k1")["coordinator"].parse().unwrap_or(1);
+    // A node running an attempt that does not coordinate: it dies mid-task.
+    let running = wait_tasks(
+        &mut c,
+        "k1",
+        "an attempt running off the coordinator",
+        |t| {
+            t.iter()
+                .flatten()
+                .any(|(n, e)| e == "running" && *n != coordinator)
+        },
+    );
+    let victim = running
+        .iter()
+        .flatten()
+        .find(|(n, e)| e == "running" && *n != coordinator)
+        .map(|(n, _)| *n)
+        .unwrap();
+    nodes[(victim - 1) as usize].kill9();
+    let survivor = if victim == 1 { 2 } else { 1 };
+    let mut c = nodes[survivor - 1].client();
+    let s = wait_ended(&mut c, "k1");
+    assert_eq!(s["state"], "done", "{s:?}");
+    let mut got = result_rows(&mut c, "k1");
+    got.sort();
+    assert_eq!(got, expected);
+    // The task log: what ran again is what ran on the killed node, and nothing else.
+    let log = tasks(&mut c, "k1");
+    assert!(
+        log.iter()
+            .flatten()
+            .any(|(n, e)| *n == victim && e.starts_with("lost")),
+        "the killed node's attempt is recorded lost: {log:?}"
+    );
+    for (task, attempts) in log.iter().enumerate() {
+        let dones = attempts.iter().filter(|(_, e)| e == "done").count();
+        assert_eq!(dones, 1, "task {task}: one output: {attempts:?}");
+        for (n, e) in attempts {
+            if e != "done" && e != "superseded" {
+                assert_eq!(
+                    *n, victim,
+                    "task {task} re-ran for another reason: {attempts:?}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn a_job_survives_the_kill_of_its_coordinator_and_redoes_only_what_was_in_flight() {
+    let (mut nodes, expected) = loaded_cluster();
+    let mut c = nodes[0].client();
+    redis::cmd("JOB")
+        .arg("SUBMIT")
+        .arg(slow_spec("k2"))
+        .query::<Value>(&mut c)
+        .unwrap();
+    // Once a task is done and others still run, the coordinator dies.
+    let before = wait_tasks(&mut c, "k2", "one task done, one running", |t| {
+        t.iter().flatten().any(|(_, e)| e == "done")
+            && t.iter().flatten().any(|(_, e)| e == "running")
+    });
+    let s = status(&mut c, "k2");
+    let coordinator: usize = s["coordinator"].parse().unwrap();
+    let epoch_before: u64 = s["epoch"].parse().unwrap();
+    nodes[coordinator - 1].kill9();
+    let survivor = if coordinator == 1 { 2 } else { 1 };
+    let mut c = nodes[survivor - 1].client();
+    let s = wait_ended(&mut c, "k2");
+    assert_eq!(s["state"], "done", "{s:?}");
+    assert!(
+        s["epoch"].parse::<u64>().unwrap() > epoch_before,
+        "another coordinator: {s:?}"
+    );
+    let mut got = result_rows(&mut c, "k2");
+    got.sort();
+    assert_eq!(got, expected);
+    // Tasks done before the kill were not run again.
+    let after = tasks(&mut c, "k2");
+    for (task, attempts) in before.iter().enumerate() {
+        if attempts.iter().any(|(_, e)| e == "done") {
+            assert_eq!(
+                after[task].len(),
+                attempts.len(),
+                "task {task} was done before the kill and ran again: {:?}",
+                after[task]
+            );
+        }
+    }
+}

@@ -498,6 +498,23 @@ impl Node {
         Ok(Some(answer == Reply::Integer(1)))
     }
 
+    /// Job `id`'s task records, in task order (`None`: no such job).
+    pub async fn job_tasks(self: &Arc<Self>, id: &[u8]) -> Result<Option<Vec<TaskRecord>>> {
+        if self.job_record(id).await?.is_none() {
+            return Ok(None);
+        }
+        NodeCluster(self.clone())
+            .tasks(&Bytes::copy_from_slice(id))
+            .await
+            .map(Some)
+    }
+
+    /// The node coordinating job `id` (the leader of its `_jobs` shard), as this node knows.
+    pub fn job_coordinator(self: &Arc<Self>, id: &[u8]) -> Option<NodeId> {
+        let group = NodeCluster(self.clone()).jobs_group(id).ok()?;
+        self.groups.leader_of(group)
+    }
+
     /// Every job's id.
     pub async fn job_list(self: &Arc<Self>) -> Result<Vec<Bytes>> {
         NodeCluster(self.clone()).list().await

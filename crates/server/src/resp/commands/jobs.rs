@@ -6,6 +6,8 @@
 //! - `JOB STATUS <id>` → a map: state, tasks done and total, keys scanned, when, and the
 //!   reason of a failure.
 //! - `JOB RESULT <id>` → the result rows as one JSON array (bulk); `NOTREADY` until it is done.
+//! - `JOB TASKS <id>` → per task: `[task, shard, state, [[attempt, node, outcome], ...]]`,
+//!   the job's task log (which attempts ran where, and how each ended).
 //! - `JOB CANCEL <id>` → 1 when it was running, 0 when it had ended.
 //! - `JOB LIST` → every job id.
 
@@ -54,6 +56,10 @@ pub(super) async fn job(conn: &mut Connection, args: &[Bytes]) -> Outcome {
                 (bulk("submitted_ms"), int(rec.submitted_ms)),
                 (bulk("ended_ms"), rec.ended_ms.map_or(Reply::Nil, int)),
                 (bulk("epoch"), int(rec.epoch)),
+                (
+                    bulk("coordinator"),
+                    node.job_coordinator(&args[2]).map_or(Reply::Nil, int),
+                ),
                 (bulk("stream_last"), bulk(rec.stream_last.to_string())),
             ];
             if let JobState::Failed { reason } = &rec.state {
@@ -83,6 +89,50 @@ pub(super) async fn job(conn: &mut Connection, args: &[Bytes]) -> Outcome {
                 Some(Ok(rows)) => conn.out.reply(&Reply::Bulk(rows)),
             }
         }
+        (b"tasks", 3) => {
+            use capdb_types::jobs::{AttemptEnd, TaskState};
+            let tasks = node
+                .job_tasks(&args[2])
+                .await
+                .map_err(|e| error_line(&e))?
+                .ok_or_else(|| nojob(&args[2]))?;
+            let rows = tasks
+                .iter()
+                .enumerate()
+                .map(|(n, t)| {
+                    let state = match t.state {
+                        TaskState::Pending => "pending",
+                        TaskState::Running => "running",
+                        TaskState::Done { .. } => "done",
+                    };
+                    let attempts = t
+                        .attempts
+                        .iter()
+                        .map(|a| {
+                            let end = match &a.end {
+                                AttemptEnd::Running => "running".to_string(),
+                                AttemptEnd::Done => "done".to_string(),
+                                AttemptEnd::Superseded => "superseded".to_string(),
+                                AttemptEnd::Lost { reason } => format!("lost: {reason}"),
+                                AttemptEnd::Failed { error, .. } => format!("failed: {error}"),
+                            };
+                            Reply::Array(vec![
+                                Reply::Integer(i64::from(a.n)),
+                                Reply::Integer(i64::try_from(a.node).unwrap_or(i64::MAX)),
+                                bulk(end),
+                            ])
+                        })
+                        .collect();
+                    Reply::Array(vec![
+                        Reply::Integer(n as i64),
+                        Reply::Integer(i64::try_from(t.plan.shard).unwrap_or(i64::MAX)),
+                        bulk(state),
+                        Reply::Array(attempts),
+                    ])
+                })
+                .collect();
+            conn.out.reply(&Reply::Array(rows));
+        }
         (b"cancel", 3) => match node
             .job_cancel(&args[2])
             .await
@@ -96,7 +146,7 @@ pub(super) async fn job(conn: &mut Connection, args: &[Bytes]) -> Outcome {
             conn.out
                 .reply(&Reply::Array(ids.into_iter().map(Reply::Bulk).collect()));
         }
-        (b"submit" | b"status" | b"result" | b"cancel" | b"list", _) => {
+        (b"submit" | b"status" | b"result" | b"tasks" | b"cancel" | b"list", _) => {
             return Err(format!(
                 "ERR wrong number of arguments for 'job|{}' command",
                 String::from_utf8_lossy(&sub)
