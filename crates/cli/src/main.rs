@@ -8,6 +8,7 @@ mod changes;
 mod chaos;
 mod client;
 mod difftest;
+mod job;
 mod log_limit;
 mod playground;
 
@@ -97,6 +98,13 @@ enum Command {
     Cluster {
         #[command(subcommand)]
         op: ClusterOp,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// MapReduce jobs: run one and follow it, or look at jobs.
+    Job {
+        #[command(subcommand)]
+        op: job::JobOp,
         #[command(flatten)]
         target: Target,
     },
@@ -260,9 +268,27 @@ fn main() -> ExitCode {
     if let Command::Chaos { op } = cli.command {
         return runtime.block_on(chaos::main(op));
     }
+    // A job's end chooses the exit code (0 done, 1 failed, 2 bad spec, 3 contact lost).
+    if let Command::Job { op, target } = cli.command {
+        let exit = runtime.block_on(async move {
+            match crate::client::HttpClient::new(&target.addr, target.password.clone()) {
+                Ok(client) => job::job(op, &client).await,
+                Err(e) => job::JobExit::Failed(e),
+            }
+        });
+        match &exit {
+            job::JobExit::Done => {}
+            job::JobExit::Failed(e) | job::JobExit::BadSpec(e) | job::JobExit::ContactLost(e) => {
+                eprintln!("error: {e}");
+            }
+        }
+        return ExitCode::from(exit.code() as u8);
+    }
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Chaos { .. } | Command::Difftest(_) => unreachable!("handled above"),
+            Command::Chaos { .. } | Command::Difftest(_) | Command::Job { .. } => {
+                unreachable!("handled above")
+            }
             Command::Playground(args) => playground::main(args).await,
             Command::Server(args) => server(*args).await,
             Command::Kv { op, target } => kv(op, &target).await,

@@ -254,6 +254,36 @@ fn a_job_over_four_shards_answers_as_one_pass_over_the_data() {
         .query(&mut c)
         .unwrap();
     assert_eq!(v, Value::Nil);
+    // Over HTTP: NDJSON, and SSE that ends after the closing entry (resumable by ID).
+    let (code, body) =
+        common::http(nodes[2].http, "GET", "/v1/jobs/sales/events", &[], None).unwrap();
+    assert_eq!(code, 200);
+    let lines: Vec<serde_json::Value> = String::from_utf8(body)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), entries.len());
+    assert_eq!(lines.last().unwrap()["type"], "final");
+    assert_eq!(lines.last().unwrap()["result"]["groups_total"], 7);
+    let (code, body) = common::http(
+        nodes[2].http,
+        "GET",
+        "/v1/jobs/sales/events",
+        &[
+            ("Accept", "text/event-stream"),
+            ("Last-Event-ID", &entries[0].0),
+        ],
+        None,
+    )
+    .unwrap();
+    assert_eq!(code, 200);
+    let sse = String::from_utf8(body).unwrap();
+    assert!(!sse.contains("event: submitted"), "resumed after it: {sse}");
+    assert!(
+        sse.contains("event: partial") && sse.contains("event: final"),
+        "{sse}"
+    );
     // Cancelling an ended job changes nothing.
     let cancelled: i64 = redis::cmd("JOB")
         .arg("CANCEL")
@@ -557,4 +587,68 @@ fn a_job_survives_the_kill_of_its_coordinator_and_redoes_only_what_was_in_flight
             );
         }
     }
+}
+
+#[test]
+fn capdb_job_run_follows_a_job_to_its_result_and_says_how_it_ended_in_its_exit_code() {
+    let s = Server::start();
+    let mut c = s.client();
+    for i in 0..300 {
+        redis::cmd("SET")
+            .arg(format!("u:{i}"))
+            .arg(json!({"plan": if i % 3 == 0 { "pro" } else { "free" }}).to_string())
+            .query::<()>(&mut c)
+            .unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("spec.json");
+    std::fs::write(
+        &spec,
+        json!({"input": {"keyspace": "default", "prefix": "u:"},
+               "map": {"group": {"json": "$.plan"}}, "reduce": {"users": "count"}})
+        .to_string(),
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_capdb"))
+            .args(args)
+            .args(["--addr", &s.http.to_string()])
+            .output()
+            .unwrap()
+    };
+    let out = run(&["job", "run", spec.to_str().unwrap(), "--json"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        rows,
+        json!([{"group": "free", "users": 200}, {"group": "pro", "users": 100}])
+    );
+    // The progress went to standard error, one line a second at most off a terminal.
+    assert!(String::from_utf8_lossy(&out.stderr).contains("submitted"));
+    // As a table.
+    let out = run(&["job", "run", spec.to_str().unwrap()]);
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        table.contains("group") && table.contains("free") && table.contains("(2 rows)"),
+        "{table}"
+    );
+    // A bad spec: exit code 2 and the field named.
+    std::fs::write(
+        &spec,
+        r#"{"input": {"keyspace": "default"}, "reduce": {"x": "median"}}"#,
+    )
+    .unwrap();
+    let out = run(&["job", "run", spec.to_str().unwrap()]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("reduce.x"));
 }

@@ -1,5 +1,6 @@
 //! Jobs over HTTP (issue 15, `node/jobs.rs`): `POST /v1/jobs` (the spec as the body),
-//! `GET /v1/jobs`, `GET /v1/jobs/{id}`, `GET /v1/jobs/{id}/result`, `DELETE /v1/jobs/{id}`.
+//! `GET /v1/jobs`, `GET /v1/jobs/{id}`, `GET /v1/jobs/{id}/result`,
+//! `GET /v1/jobs/{id}/events` (its stream as SSE or NDJSON), `DELETE /v1/jobs/{id}`.
 
 use std::sync::Arc;
 
@@ -78,6 +79,12 @@ pub(super) async fn status(State(node): State<Arc<Node>>, Path(id): Path<String>
         JobState::Failed { reason } => json!(reason),
         _ => json!(null),
     };
+    // The newest entry of its stream (progress, a partial result, the final one).
+    let latest = node
+        .job_stream(id.as_bytes(), rec.stream_last.predecessor(), 1)
+        .await?
+        .and_then(|page| page.first().and_then(event_json))
+        .map_or(json!(null), |(_, _, v)| v);
     Ok(Json(json!({
         "id": id,
         "state": rec.state.name(),
@@ -91,6 +98,7 @@ pub(super) async fn status(State(node): State<Arc<Node>>, Path(id): Path<String>
         "epoch": rec.epoch,
         "stream_last": rec.stream_last.to_string(),
         "spec": spec,
+        "latest": latest,
     }))
     .into_response())
 }
@@ -129,4 +137,169 @@ pub(super) async fn cancel(State(node): State<Arc<Node>>, Path(id): Path<String>
         None => Err(not_found(&id)),
         Some(was_running) => Ok(Json(json!({"id": id, "cancelled": was_running})).into_response()),
     }
+}
+
+/// Query of `GET /v1/jobs/{id}/events`.
+#[derive(serde::Deserialize)]
+pub(super) struct EventsQuery {
+    after: Option<String>,
+    limit: Option<usize>,
+    wait_ms: Option<u64>,
+}
+
+/// Entries one page reads, and the longest NDJSON long-poll.
+const EVENTS_PAGE_MAX: usize = 1_000;
+const EVENTS_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(30);
+/// How often a stream of a running job looks for new entries.
+const EVENTS_POLL: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// A job stream entry as (its ID, its type, JSON): fields as strings, `result` as the JSON it
+/// holds.
+fn event_json(entry: &capdb_types::Reply) -> Option<(String, String, serde_json::Value)> {
+    use capdb_types::Reply;
+    let Reply::Array(pair) = entry else {
+        return None;
+    };
+    let [Reply::Bulk(id), Reply::Array(fields)] = pair.as_slice() else {
+        return None;
+    };
+    let id = String::from_utf8_lossy(id).into_owned();
+    let mut obj = serde_json::Map::new();
+    obj.insert("id".into(), json!(id));
+    let mut kind = String::from("message");
+    for f in fields.chunks(2) {
+        let [Reply::Bulk(name), Reply::Bulk(value)] = f else {
+            continue;
+        };
+        let name = String::from_utf8_lossy(name).into_owned();
+        let text = String::from_utf8_lossy(value).into_owned();
+        if name == "type" {
+            kind = text.clone();
+        }
+        let v = if name == "result" {
+            serde_json::from_str(&text).unwrap_or(json!(text))
+        } else {
+            json!(text)
+        };
+        obj.insert(name, v);
+    }
+    Some((id, kind, serde_json::Value::Object(obj)))
+}
+
+fn parse_after(text: Option<&str>) -> Result<capdb_types::changes::StreamId, ApiError> {
+    use capdb_types::changes::StreamId;
+    match text {
+        None | Some("0") | Some("-") => Ok(StreamId::MIN),
+        Some(t) => StreamId::parse_with(t.as_bytes(), 0).map_err(ApiError::from),
+    }
+}
+
+/// `GET /v1/jobs/{id}/events`: the job's stream (`__job:<id>`). With `Accept:
+/// text/event-stream`, Server-Sent Events (`event:` the entry's type, `id:` its stream ID,
+/// `Last-Event-ID` resumes), ending after the job's closing entry; otherwise NDJSON after
+/// `after`, at most `limit`, long-polling up to `wait_ms` when there is none.
+pub(super) async fn events(
+    State(node): State<Arc<Node>>,
+    Path(id): Path<String>,
+    headers: axum::http::HeaderMap,
+    query: Result<axum::extract::Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    let axum::extract::Query(query) =
+        query.map_err(|e| ApiError::from(Error::InvalidInput(e.to_string())))?;
+    let limit = query.limit.unwrap_or(EVENTS_PAGE_MAX);
+    if !(1..=EVENTS_PAGE_MAX).contains(&limit) {
+        return Err(ApiError::from(Error::InvalidInput(format!(
+            "limit must be 1 to {EVENTS_PAGE_MAX}"
+        ))));
+    }
+    let sse = headers
+        .get(axum::http::header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("text/event-stream"));
+    let resume = if sse {
+        headers
+            .get("last-event-id")
+            .and_then(|v| v.to_str().ok())
+            .or(query.after.as_deref())
+    } else {
+        query.after.as_deref()
+    };
+    let after = parse_after(resume)?;
+    // The first page now: an unknown job is a 404, not an empty stream.
+    let first = node
+        .job_stream(id.as_bytes(), after, limit)
+        .await?
+        .ok_or_else(|| not_found(&id))?;
+    if sse {
+        struct St {
+            node: Arc<Node>,
+            id: String,
+            after: capdb_types::changes::StreamId,
+            pending: std::collections::VecDeque<capdb_types::Reply>,
+            closed: bool,
+        }
+        let st = St {
+            node,
+            id,
+            after,
+            pending: first.into(),
+            closed: false,
+        };
+        let stream = futures::stream::unfold(st, |mut st| async move {
+            loop {
+                if let Some(entry) = st.pending.pop_front() {
+                    let Some((eid, kind, data)) = event_json(&entry) else {
+                        continue;
+                    };
+                    if let Ok(p) = capdb_types::changes::StreamId::parse_with(eid.as_bytes(), 0) {
+                        st.after = p;
+                    }
+                    st.closed = matches!(kind.as_str(), "final" | "error" | "cancelled");
+                    let event = Event::default().id(eid).event(kind).data(data.to_string());
+                    return Some((Ok::<Event, std::convert::Infallible>(event), st));
+                }
+                // After the closing entry, and when the node stops, the stream ends.
+                if st.closed || st.node.is_shutting_down() {
+                    return None;
+                }
+                tokio::time::sleep(EVENTS_POLL).await;
+                match st
+                    .node
+                    .job_stream(st.id.as_bytes(), st.after, EVENTS_PAGE_MAX)
+                    .await
+                {
+                    Ok(Some(page)) => st.pending.extend(page),
+                    // The job was forgotten, or the read failed: the client resumes with its
+                    // last ID.
+                    Ok(None) | Err(_) => return None,
+                }
+            }
+        });
+        return Ok(Sse::new(stream)
+            .keep_alive(KeepAlive::new().interval(std::time::Duration::from_secs(15)))
+            .into_response());
+    }
+    let until = tokio::time::Instant::now()
+        + std::time::Duration::from_millis(query.wait_ms.unwrap_or(0)).min(EVENTS_WAIT_MAX);
+    let mut entries = first;
+    while entries.is_empty() && tokio::time::Instant::now() < until && !node.is_shutting_down() {
+        tokio::time::sleep(EVENTS_POLL).await;
+        entries = node
+            .job_stream(id.as_bytes(), after, limit)
+            .await?
+            .ok_or_else(|| not_found(&id))?;
+    }
+    let mut body = String::new();
+    for e in &entries {
+        if let Some((_, _, json)) = event_json(e) {
+            body.push_str(&json.to_string());
+            body.push('\n');
+        }
+    }
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")],
+        body,
+    )
+        .into_response())
 }

@@ -127,6 +127,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/jobs", get(jobs::list).post(jobs::submit))
         .route("/v1/jobs/{id}", get(jobs::status).delete(jobs::cancel))
         .route("/v1/jobs/{id}/result", get(jobs::result))
+        .route("/v1/jobs/{id}/events", get(jobs::events))
         .route("/v1/changes/{keyspace}", get(changes::merged_changes))
         .route("/v1/changes/{keyspace}/snapshot", get(changes::snapshot))
         .route("/v1/changes/{keyspace}/{shard}", get(changes::changes))
@@ -176,6 +177,7 @@ async fn observe(State(node): State<Arc<Node>>, req: Request, next: Next) -> Res
         Some("/v1/jobs") => "/v1/jobs",
         Some("/v1/jobs/{id}") => "/v1/jobs/{id}",
         Some("/v1/jobs/{id}/result") => "/v1/jobs/{id}/result",
+        Some("/v1/jobs/{id}/events") => "/v1/jobs/{id}/events",
         Some("/v1/cluster") => "/v1/cluster",
         Some("/v1/cluster/partition") => "/v1/cluster/partition",
         Some("/v1/cluster/nodes/{id}/remove") => "/v1/cluster/nodes/{id}/remove",
