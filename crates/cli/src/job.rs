@@ -141,13 +141,18 @@ async fn run_job(
     let body = spec.to_string().into_bytes();
     let submitted = match client.request("POST", "/v1/jobs", Some(body.clone())).await {
         Ok(v) => v,
-        // A refused spec says why.
-        Err(e) if e.ends_with("HTTP 400)") => return Ok(JobExit::BadSpec(e)),
+        // Refused (a bad spec, no such keyspace, the id taken by another spec) says why.
+        Err(e) if refused(&e) => return Ok(JobExit::BadSpec(e)),
         // Anything else may be a lost answer: the same id again is the same job.
-        Err(_) => client
-            .request("POST", "/v1/jobs", Some(body))
-            .await
-            .map_err(|e| format!("submit: {e}"))?,
+        Err(_) => match client.request("POST", "/v1/jobs", Some(body)).await {
+            Ok(v) => v,
+            Err(e) if refused(&e) => return Ok(JobExit::BadSpec(e)),
+            Err(e) => {
+                return Ok(JobExit::ContactLost(format!(
+                    "submit: {e} (the job may exist)"
+                )));
+            }
+        },
     };
     let id = submitted["id"].as_str().unwrap_or_default().to_string();
     if detach {
@@ -218,6 +223,13 @@ async fn run_job(
     }
 }
 
+/// Whether an HTTP error is a refusal of the request itself (a 4xx other than 429).
+fn refused(e: &str) -> bool {
+    e.rsplit_once("HTTP ")
+        .and_then(|(_, code)| code.trim_end_matches(')').parse::<u16>().ok())
+        .is_some_and(|code| (400..500).contains(&code) && code != 429)
+}
+
 /// `[######....] 5/8 tasks  3/4 shards  6.2M keys  1.1M keys/s  ETA 4s  top c17=51234 (partial)`.
 fn progress_line(status: &Value, elapsed: Duration) -> String {
     let done = status["tasks_done"].as_u64().unwrap_or(0);
@@ -226,8 +238,8 @@ fn progress_line(status: &Value, elapsed: Duration) -> String {
     let latest = &status["latest"];
     let keys = latest["keys_scanned"]
         .as_str()
-        .and_then(|k| k.parse().ok())
-        .unwrap_or(keys);
+        .and_then(|k| k.parse::<u64>().ok())
+        .map_or(keys, |k| k.max(keys));
     let width = 10usize;
     let filled = (done * width as u64)
         .checked_div(total)

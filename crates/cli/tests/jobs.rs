@@ -498,7 +498,16 @@ fn a_job_survives_the_kill_of_a_node_running_its_tasks_and_only_its_tasks_run_ag
         .arg(slow_spec("k1"))
         .query::<Value>(&mut c)
         .unwrap();
-    let coordinator: u64 = status(&mut c, "k1")["coordinator"].parse().unwrap_or(1);
+    let coordinator: u64 = {
+        let until = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(n) = status(&mut c, "k1")["coordinator"].parse() {
+                break n;
+            }
+            assert!(Instant::now() < until, "the coordinator is known");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
     // A node running an attempt that does not coordinate: it dies mid-task.
     let running = wait_tasks(
         &mut c,

@@ -295,6 +295,15 @@ impl<C: Cluster> Job<'_, C> {
                 .await;
         }
         let keyspace = spec.input.keyspace.clone();
+        // `limits.max_s` holds from the submission, queued or running.
+        let max_ms = spec.limits.max_s.saturating_mul(1_000);
+        if self.c.now_ms().saturating_sub(rec.submitted_ms) > max_ms {
+            let reason = format!(
+                "limit: the job ran past limits.max_s ({} s)",
+                spec.limits.max_s
+            );
+            return self.finish_failed(reason).await;
+        }
         let plan = match Plan::new(spec) {
             Ok(p) => p,
             Err(e) => return self.finish_failed(e.to_string()).await,

@@ -49,8 +49,12 @@ pub fn run(
         read += p.entries.len() as u64;
         if let Some(rate) = rate {
             let due = std::time::Duration::from_secs_f64(read as f64 / rate as f64);
-            if let Some(ahead) = due.checked_sub(started.elapsed()) {
-                std::thread::sleep(ahead);
+            // In slices, so that a cancel is heard within one.
+            while let Some(ahead) = due.checked_sub(started.elapsed()) {
+                if cancelled.load(Ordering::Relaxed) {
+                    return Err(TaskError::Failed("the attempt was cancelled".into()));
+                }
+                std::thread::sleep(ahead.min(std::time::Duration::from_millis(100)));
             }
         }
         for (key, value) in &p.entries {

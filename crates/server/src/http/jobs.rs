@@ -107,6 +107,16 @@ pub(super) async fn status(State(node): State<Arc<Node>>, Path(id): Path<String>
 pub(super) async fn result(State(node): State<Arc<Node>>, Path(id): Path<String>) -> ApiResult {
     match node.job_result(id.as_bytes()).await? {
         None => Err(not_found(&id)),
+        Some(Err(JobState::Failed { reason })) => Err(ApiError::Http(
+            StatusCode::GONE,
+            "job_failed",
+            format!("the job failed, it has no result: {reason}"),
+        )),
+        Some(Err(JobState::Cancelled)) => Err(ApiError::Http(
+            StatusCode::GONE,
+            "job_cancelled",
+            "the job was cancelled, it has no result".into(),
+        )),
         Some(Err(state)) => Err(ApiError::Http(
             StatusCode::CONFLICT,
             "not_ready",
@@ -259,8 +269,15 @@ pub(super) async fn events(
                     let event = Event::default().id(eid).event(kind).data(data.to_string());
                     return Some((Ok::<Event, std::convert::Infallible>(event), st));
                 }
-                // After the closing entry, and when the node stops, the stream ends.
+                // After the closing entry, and when the node stops, the stream ends; so does a
+                // stream resumed at or past the end of an ended job.
                 if st.closed || st.node.is_shutting_down() {
+                    return None;
+                }
+                if let Ok(Some(rec)) = st.node.job_record(st.id.as_bytes()).await
+                    && rec.state.has_ended()
+                    && st.after >= rec.stream_last
+                {
                     return None;
                 }
                 tokio::time::sleep(EVENTS_POLL).await;

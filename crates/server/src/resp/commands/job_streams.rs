@@ -80,13 +80,13 @@ async fn range(
         let Some(last) = page.last().and_then(entry_id) else {
             break;
         };
-        let full = page.len() >= PAGE.min(count - out.len());
         for e in page {
             if entry_id(&e).is_some_and(|i| i <= end) && out.len() < count {
                 out.push(e);
             }
         }
-        if last >= end || !full {
+        // A page may be cut short by its byte bound: only an empty one ends the stream.
+        if last >= end {
             break;
         }
         after = last;
@@ -100,7 +100,12 @@ pub(super) async fn xrange(conn: &mut Connection, args: &[Bytes], count: Option<
     let entries = match (bounds, count) {
         (_, Some(0)) | (None, _) => {
             // The key must still name a job.
-            range(conn, &args[1], StreamId::MAX, StreamId::MAX, 0).await?;
+            let id = job_of(&args[1]).unwrap_or_default();
+            conn.node
+                .job_record(id)
+                .await
+                .map_err(|e| error_line(&e))?
+                .ok_or_else(|| no_job(&args[1]))?;
             if count == Some(0) {
                 conn.out.reply(&Reply::NilArray);
                 return Ok(());
