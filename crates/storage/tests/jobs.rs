@@ -501,10 +501,21 @@ async fn active_jobs_are_bounded_and_ended_jobs_can_be_forgotten() {
         .await,
         "ERR a result is written once every task is done",
     );
+    // j0 ended (cancelled at 2): it is listed for the retention until it is forgotten.
+    assert_eq!(
+        s.query(&["ended", "3", "10"]),
+        Reply::Array(vec![Reply::Bulk(id("j0"))])
+    );
+    assert_eq!(
+        s.query(&["ended", "2", "10"]),
+        Reply::Array(vec![]),
+        "ended at 2, not before"
+    );
     assert_eq!(
         s.apply(JobCommand::Forget { id: id("j0") }).await.unwrap(),
         Reply::Integer(0)
     );
+    assert_eq!(s.query(&["ended", "3", "10"]), Reply::Array(vec![]));
     assert_eq!(s.query(&["record", "j0"]), Reply::Nil);
     assert_eq!(s.stream("j0"), vec![]);
     assert_eq!(

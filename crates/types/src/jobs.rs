@@ -50,6 +50,9 @@ pub const RESULT_CHUNK_MAX: usize = 1 << 20;
 pub const RESULT_CHUNKS_MAX: u32 = 256;
 /// Rows one `Forget` deletes at most (it answers whether rows remain).
 pub const FORGET_ROWS_MAX: usize = 4_096;
+/// How long an ended job (its record, stream and result) is kept before its `_jobs` shard's
+/// leader forgets it.
+pub const JOB_RETENTION_MS: u64 = 24 * 60 * 60 * 1000;
 
 /// Where a job stands.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -553,11 +553,51 @@ impl Node {
     }
 }
 
+/// Rounds of [`run_coordinators`] between two passes of the retention (about a minute).
+const FORGET_EVERY_ROUNDS: u64 = 60;
+/// Jobs one retention pass forgets at most per `_jobs` shard.
+const FORGET_PER_PASS: usize = 64;
+
+/// Forgets the jobs of `_jobs` shard `group` (led here) that ended more than
+/// [`capdb_types::jobs::JOB_RETENTION_MS`] ago, a bounded number, each in bounded steps.
+async fn forget_ended(cluster: &NodeCluster, group: GroupId) {
+    let before = capdb_types::unix_now_ms().saturating_sub(capdb_types::jobs::JOB_RETENTION_MS);
+    let ids = match cluster
+        .jobs_query(
+            group,
+            &[
+                b"ended",
+                before.to_string().as_bytes(),
+                FORGET_PER_PASS.to_string().as_bytes(),
+            ],
+        )
+        .await
+    {
+        Ok(Reply::Array(ids)) => ids,
+        _ => return,
+    };
+    for id in ids {
+        let Reply::Bulk(id) = id else { continue };
+        // Each step deletes at most FORGET_ROWS_MAX rows and says whether more remain.
+        for _ in 0..1_000 {
+            match cluster.job(JobCommand::Forget { id: id.clone() }).await {
+                Ok(Ok(Reply::Integer(1))) => continue,
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::debug!(job = %String::from_utf8_lossy(&id), error = %e, "forgetting a job is left for the next pass");
+                    return;
+                }
+            }
+        }
+    }
+}
+
 /// Starts a coordinator for every job not ended on the `_jobs` shards this node leads, every
 /// [`COORDINATE_EVERY`], until shutdown: one per job and term (a coordinator of an older term
 /// here is fenced by the newer one's claim), and after errors in a row, later and later.
 pub async fn run_coordinators(node: Arc<Node>) {
     let cfg = capdb_jobs::coordinator::Config::default();
+    let mut round: u64 = 0;
     while !node.is_shutting_down() {
         tokio::time::sleep(COORDINATE_EVERY).await;
         let state = node.cluster();
@@ -568,10 +608,14 @@ pub async fn run_coordinators(node: Arc<Node>) {
             continue;
         };
         let cluster = NodeCluster(node.clone());
+        round += 1;
         for shard in &ks.shards {
             let Some(epoch) = node.groups.led_term(shard.group) else {
                 continue;
             };
+            if round.is_multiple_of(FORGET_EVERY_ROUNDS) {
+                forget_ended(&cluster, shard.group).await;
+            }
             let ids = match cluster.jobs_query(shard.group, &[b"active"]).await {
                 Ok(Reply::Array(ids)) => ids,
                 Ok(_) => continue,

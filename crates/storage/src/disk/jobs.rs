@@ -15,6 +15,8 @@
 //! - `0‖job-active` -> u64 LE: jobs that have not ended ([`ACTIVE_JOBS_MAX`])
 //! - `0‖job-act/‖len‖id` -> empty: one per job that has not ended (what coordinators look
 //!   for, without reading every retained job)
+//! - `0‖job-end/‖ended ms u64‖id` -> empty: one per ended job not yet forgotten, oldest first
+//!   (what the retention forgets)
 //!
 //! The rows are replicated state: snapshots carry the element table (FLUSHDB is refused on
 //! `_jobs` by the server).
@@ -43,7 +45,8 @@ type RawTable<'txn> = redb::Table<'txn, &'static [u8], &'static [u8]>;
 
 /// The internal read command that reads jobs' rows (`DiskTable::read_query`): `record id`,
 /// `tasks id from count`, `stream id after-ms after-seq count`, `result id chunk`,
-/// `list after count`, `active` (the ids of the jobs that have not ended).
+/// `list after count`, `active` (the ids of the jobs that have not ended), `ended before-ms
+/// count` (jobs that ended before then, oldest first).
 pub const JOBS_QUERY: &str = "capdb.jobs";
 /// Most task records one `tasks` query answers, and most bytes of them (after one).
 pub const TASKS_PAGE_MAX: usize = 1_024;
@@ -59,6 +62,15 @@ const LOG: &[u8] = b"job-log/";
 const RES: &[u8] = b"job-res/";
 const ACTIVE: &[u8] = b"job-active";
 const ACTIVE_ROWS: &[u8] = b"job-act/";
+const ENDED_ROWS: &[u8] = b"job-end/";
+
+fn ended_key(ended_ms: u64, id: &[u8]) -> Vec<u8> {
+    let mut k = RESERVED.to_vec();
+    k.extend_from_slice(ENDED_ROWS);
+    k.extend_from_slice(&ended_ms.to_be_bytes());
+    k.extend_from_slice(id);
+    k
+}
 
 fn named(kind: &[u8], id: &[u8]) -> Vec<u8> {
     let mut k = RESERVED.to_vec();
@@ -155,6 +167,8 @@ fn end(
     rec.state = state;
     rec.ended_ms = Some(now_ms);
     el.remove(&named(ACTIVE_ROWS, id)[..]).map_err(io_err)?;
+    el.insert(&ended_key(now_ms, id)[..], &[][..])
+        .map_err(io_err)?;
     let n = active(el)?;
     set_active(el, n.saturating_sub(1))
 }
@@ -599,6 +613,9 @@ pub(super) fn apply(
                 }
             }
             el.remove(&jkey[..]).map_err(io_err)?;
+            if let Some(ended_ms) = rec.ended_ms {
+                el.remove(&ended_key(ended_ms, id)[..]).map_err(io_err)?;
+            }
             Ok(Ok(Reply::Integer(0)))
         }
     }
@@ -714,6 +731,36 @@ pub(super) fn query(
                 if let Some(id) = key.get(prefix.len() + 4..) {
                     out.push(Reply::Bulk(Bytes::copy_from_slice(id)));
                 }
+            }
+            Ok(Reply::Array(out))
+        }
+        (b"ended", [before_ms, count]) => {
+            // The ended jobs ended before `before_ms`, oldest first.
+            let before = num(before_ms)?;
+            let count = usize::try_from(num(count)?)
+                .map_err(|_| bad())?
+                .min(LIST_PAGE_MAX);
+            let prefix = {
+                let mut p = RESERVED.to_vec();
+                p.extend_from_slice(ENDED_ROWS);
+                p
+            };
+            let mut out = Vec::new();
+            for r in el.range(&prefix[..]..).map_err(io_err)? {
+                let (k, _) = r.map_err(io_err)?;
+                let key = k.value();
+                let Some(rest) = key.strip_prefix(&prefix[..]) else {
+                    break;
+                };
+                let ms = rest
+                    .get(..8)
+                    .and_then(|b| b.try_into().ok())
+                    .map(u64::from_be_bytes)
+                    .ok_or_else(|| Error::Corruption("an ended-job row key".into()))?;
+                if ms >= before || out.len() >= count {
+                    break;
+                }
+                out.push(Reply::Bulk(Bytes::copy_from_slice(&rest[8..])));
             }
             Ok(Reply::Array(out))
         }
