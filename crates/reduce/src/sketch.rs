@@ -161,7 +161,15 @@ impl TopK {
                 error: *e,
             })
             .collect();
-        all.sort_by(|a, b| b.count.cmp(&a.count).then_with(|| a.value.cmp(&b.value)));
+        // Ties by value as values order (numbers by number, then strings by bytes), as groups
+        // do; a value that is not a scalar's canonical bytes sorts by its bytes, after them.
+        all.sort_by_cached_key(|r| {
+            (
+                std::cmp::Reverse(r.count),
+                crate::extract::Scalar::decode_all(&r.value),
+                r.value.clone(),
+            )
+        });
         all.truncate(self.k as usize);
         all
     }
@@ -190,6 +198,40 @@ mod tests {
             .into_iter()
             .map(|r| (String::from_utf8(r.value).unwrap(), r.count))
             .collect()
+    }
+
+    #[test]
+    fn ties_are_ordered_as_values_not_as_bytes() {
+        use crate::extract::Scalar;
+        use crate::num::Fixed;
+        let mut t = TopK::new(10);
+        let enc = |s: Scalar| {
+            let mut b = Vec::new();
+            s.encode(&mut b);
+            b
+        };
+        for v in [
+            Scalar::Str(b"zz".to_vec()),
+            Scalar::Str(b"aaa".to_vec()),
+            Scalar::Num(Fixed::from_int(5)),
+            Scalar::Num(Fixed::from_int(-1)),
+        ] {
+            t.add(&enc(v));
+        }
+        let order: Vec<Scalar> = t
+            .top()
+            .into_iter()
+            .map(|r| Scalar::decode_all(&r.value).unwrap().remove(0))
+            .collect();
+        assert_eq!(
+            order,
+            vec![
+                Scalar::Num(Fixed::from_int(-1)),
+                Scalar::Num(Fixed::from_int(5)),
+                Scalar::Str(b"aaa".to_vec()),
+                Scalar::Str(b"zz".to_vec()),
+            ]
+        );
     }
 
     #[test]
