@@ -120,6 +120,9 @@ pub enum Request {
     /// A `_jobs` shard: a change to jobs' state (`capdb_storage::disk` `jobs.rs`); answers
     /// what it answers.
     Job(capdb_types::jobs::JobCommand),
+    /// Data shard (`cp`): a change to its views (`capdb_storage::disk` `views.rs`): define,
+    /// backfill, drop, purge; answers what it answers.
+    View(capdb_types::views::ViewCommand),
 }
 
 /// A watched key's guard in a [`Request::Txn`]: the key has not changed after log index
@@ -193,6 +196,14 @@ impl fmt::Display for Request {
                 write!(f, "unpin for {} at {index}", String::from_utf8_lossy(owner))
             }
             Request::Job(c) => write!(f, "job {} of {}", c.name(), String::from_utf8_lossy(c.id())),
+            Request::View(c) => {
+                write!(
+                    f,
+                    "view {} of {}",
+                    c.kind(),
+                    String::from_utf8_lossy(c.name())
+                )
+            }
             Request::Identified { id, request } => {
                 write!(f, "{request} as {}.{}#{}", id.origin, id.epoch, id.seq)
             }

@@ -445,6 +445,7 @@ impl StateMachine {
                     | Request::JobPin { .. }
                     | Request::JobUnpin { .. }
                     | Request::Job(_)
+                    | Request::View(_)
             );
         let pending =
             !(b.writes.is_empty() && b.watch_points.is_empty() && b.remembered.is_empty());
@@ -630,6 +631,11 @@ impl StateMachine {
             }
             Request::Job(cmd) => {
                 let step = ChangesStep::Job(cmd);
+                self.apply_changes_step(table, b, sessions, slot, remember, index, step)
+                    .await?;
+            }
+            Request::View(cmd) => {
+                let step = ChangesStep::View(cmd);
                 self.apply_changes_step(table, b, sessions, slot, remember, index, step)
                     .await?;
             }

@@ -18,5 +18,5 @@ pub mod partial;
 pub mod sketch;
 pub mod spec;
 
-pub use partial::{JobError, Partial, Plan};
+pub use partial::{JobError, Mapped, Partial, Plan};
 pub use spec::{JobSpec, SpecError};

@@ -84,6 +84,17 @@ pub struct Partial {
     pub bytes: u64,
 }
 
+/// What one key gives a view ([`Plan::map_key`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mapped {
+    /// Canonical group bytes: one, or one per word when the group has words in it.
+    pub groups: Vec<Vec<u8>>,
+    /// One number per value slot, in the plan's order.
+    pub numbers: Vec<crate::num::Fixed>,
+    /// Some number had more than 9 decimals (rounded half to even).
+    pub rounded: bool,
+}
+
 /// The stored form's version.
 const FORMAT: u8 = 1;
 
@@ -150,35 +161,13 @@ impl Plan {
         }
         p.keys += 1;
         p.bytes += (key.len() + value.len()) as u64;
-        let mut notes = Notes::default();
-        // The group's parts; one of them may give several scalars (words).
-        let mut parts: Vec<Vec<Scalar>> = Vec::with_capacity(self.spec.group.len());
-        for e in &self.spec.group {
-            let mut found = Vec::new();
-            if !e.extract(key, value, &mut found, &mut notes) || found.is_empty() {
-                p.skipped += 1;
-                return Ok(());
-            }
-            parts.push(found);
-        }
-        let mut numbers = Vec::with_capacity(self.values.len());
-        for e in &self.values {
-            let mut found = Vec::new();
-            let number = e
-                .extract(key, value, &mut found, &mut notes)
-                .then(|| found.first().and_then(Scalar::to_number))
-                .flatten();
-            match number {
-                Some((n, rounded)) => {
-                    notes.rounded |= rounded;
-                    numbers.push(n);
-                }
-                None => {
-                    p.skipped += 1;
-                    return Ok(());
-                }
-            }
-        }
+        let Some(mapped) = self.map_key(key, value) else {
+            p.skipped += 1;
+            return Ok(());
+        };
+        let mut notes = Notes {
+            rounded: mapped.rounded,
+        };
         let mut elements: Vec<Vec<Vec<u8>>> = Vec::new();
         for (_, _, feed) in &self.reducers {
             if let Feed::Elements { of, raw_strings } = feed {
@@ -211,16 +200,68 @@ impl Plan {
         if notes.rounded {
             p.rounded += 1;
         }
+        for group in mapped.groups {
+            self.add_to_group(p, group, &mapped.numbers, &elements)?;
+        }
+        Ok(())
+    }
+
+    /// The groups and numbers one key gives (what a view keeps; top-k and distinct elements
+    /// aside), or `None` when an extractor of the group or of a value finds nothing (the key
+    /// is skipped). The caller has checked [`crate::spec::Input::wants`].
+    pub fn map_key(&self, key: &[u8], value: &[u8]) -> Option<Mapped> {
+        let mut notes = Notes::default();
+        // The group's parts; one of them may give several scalars (words).
+        let mut parts: Vec<Vec<Scalar>> = Vec::with_capacity(self.spec.group.len());
+        for e in &self.spec.group {
+            let mut found = Vec::new();
+            if !e.extract(key, value, &mut found, &mut notes) || found.is_empty() {
+                return None;
+            }
+            parts.push(found);
+        }
+        let mut numbers = Vec::with_capacity(self.values.len());
+        for e in &self.values {
+            let mut found = Vec::new();
+            let (n, rounded) = e
+                .extract(key, value, &mut found, &mut notes)
+                .then(|| found.first().and_then(Scalar::to_number))
+                .flatten()?;
+            notes.rounded |= rounded;
+            numbers.push(n);
+        }
         // One group per scalar of the multi-valued part (the others have one each).
         let fan = parts.iter().map(Vec::len).max().unwrap_or(1);
+        let mut groups = Vec::with_capacity(fan);
         for i in 0..fan {
             let mut group = Vec::new();
             for part in &parts {
                 part[i.min(part.len() - 1)].encode(&mut group);
             }
-            self.add_to_group(p, group, &numbers, &elements)?;
+            groups.push(group);
         }
-        Ok(())
+        Some(Mapped {
+            groups,
+            numbers,
+            rounded: notes.rounded,
+        })
+    }
+
+    /// Each reducer in the plan's order: its name, and the value slot it reads (`None`: a
+    /// count, or a top-k or distinct, which read elements).
+    pub fn reducers(&self) -> impl Iterator<Item = (&str, &Reducer, Option<usize>)> {
+        self.reducers.iter().map(|(name, r, feed)| {
+            let slot = match feed {
+                Feed::Value(slot) => Some(*slot),
+                Feed::One | Feed::Elements { .. } => None,
+            };
+            (name.as_str(), r, slot)
+        })
+    }
+
+    /// One empty accumulator per reducer, in the plan's order.
+    pub fn empty_accs(&self) -> Vec<Acc> {
+        self.reducers.iter().map(|(_, r, _)| Acc::new(r)).collect()
     }
 
     fn add_to_group(
@@ -372,6 +413,16 @@ impl Plan {
 impl Partial {
     pub fn groups(&self) -> usize {
         self.groups.len()
+    }
+
+    /// Sets one group's accumulators (a view's merged row; [`Plan::check`] judges the shape).
+    pub fn insert_group(&mut self, group: Vec<u8>, accs: Vec<Acc>) {
+        self.groups.insert(group, accs);
+    }
+
+    /// The accumulators of one group.
+    pub fn group(&self, group: &[u8]) -> Option<&[Acc]> {
+        self.groups.get(group).map(Vec::as_slice)
     }
 
     /// About how many bytes it holds in memory.

@@ -302,6 +302,56 @@ impl JobSpec {
         })
     }
 
+    /// Whether a synchronous view can keep this spec current (`docs/design/mapreduce.md`
+    /// §10): reducers `count`, `sum`, `avg`, `min`, `max` (retractable, or kept as multisets);
+    /// no `words` (a key's groups are bounded by one); no job-only fields (`id`, `output`,
+    /// `limits`). A view counts every key its shard holds until the log removes it, so it is
+    /// checked with `expired: include` (a job with that input recomputes it).
+    pub fn check_view(&self) -> Result<(), SpecError> {
+        if self.id.is_some() {
+            return err("id", "a view is named by VIEW CREATE, not by its spec");
+        }
+        if self.input.expired != Expired::Include {
+            return err(
+                "input.expired",
+                "a view counts every key until it is removed: \"include\"",
+            );
+        }
+        if self
+            .group
+            .iter()
+            .chain(self.values.values())
+            .any(Extractor::is_multi)
+        {
+            return err("map", "a view cannot group by words (a job can)");
+        }
+        if let Some((name, _)) = self.reduce.iter().find(|(_, r)| {
+            !matches!(
+                r,
+                Reducer::Count
+                    | Reducer::Sum(_)
+                    | Reducer::Avg(_)
+                    | Reducer::Min(_)
+                    | Reducer::Max(_)
+            )
+        }) {
+            return err(
+                &format!("reduce.{name}"),
+                "a view keeps count, sum, avg, min and max (stats, topk and distinct: a job)",
+            );
+        }
+        let plain = Output {
+            to: Destination::Result,
+            order_by: None,
+            desc: false,
+            limit: None,
+        };
+        if self.output != plain {
+            return err("output", "a view is read with VIEW GET; it has no output");
+        }
+        Ok(())
+    }
+
     /// Whether every reducer can retract (what a synchronous view needs).
     pub fn is_retractable(&self) -> bool {
         self.reduce

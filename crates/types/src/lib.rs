@@ -36,6 +36,7 @@ pub mod merge;
 pub mod mutation;
 pub mod txn;
 pub mod value;
+pub mod views;
 
 pub use consistency::ReadMode;
 pub use error::{Error, Result};

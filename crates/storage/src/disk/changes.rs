@@ -136,6 +136,8 @@ pub enum ChangesStep {
     /// A job command on a `_jobs` shard's element table (`jobs.rs`): not a change-log step,
     /// but the same kind of entry (applied alone, its answer remembered with it).
     Job(capdb_types::jobs::JobCommand),
+    /// A view command on a `cp` shard (`views.rs`): its definitions, backfill and purge.
+    View(capdb_types::views::ViewCommand),
 }
 
 /// Bytes of keys and values one read gathers at most (past it the read stops, after at least
@@ -349,6 +351,8 @@ pub fn carried_rows(
             out.push((k, v.value().to_vec()));
         }
     }
+    // Views' definitions (their rows go: nothing is left to count).
+    out.extend(super::views::carried_rows(el)?);
     // Consumer groups and their pending entries (bounded by their limits, `groups.rs`).
     for prefix in super::groups::all_rows_prefixes() {
         for r in el.range(&prefix[..]..).map_err(io_err)? {

@@ -91,6 +91,7 @@ mod space;
 mod table;
 mod touched;
 mod txn;
+mod views;
 mod visible;
 mod writer;
 
@@ -125,6 +126,9 @@ pub use replicated::{Queued, RememberReplies, TableDump};
 pub use table::SCAN_EXAMINE_MAX;
 pub use touched::{TOUCHED_MAX, WatchGuard, horizon_row};
 pub use txn::{GC_STEP_MAX, OpenTxns, Orphan, RECORD_RETAIN_MS, RememberAnswer, TxnAnswer, TxnJob};
+pub use views::{
+    Counts as ViewCounts, ROWS_PAGE_MAX as VIEW_ROWS_PAGE_MAX, Row as ViewRow, VIEWS_QUERY,
+};
 pub use visible::VISIBLE_WAIT_MAX;
 use writer::Job;
 pub use writer::{

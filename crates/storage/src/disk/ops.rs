@@ -450,6 +450,9 @@ pub(super) fn execute(x: &Exec, op: &Op, live_tables: &mut HashSet<String>) -> R
                     super::groups::apply(x, &element_table(table), cmd)?
                 }
                 super::ChangesStep::Job(cmd) => super::jobs::apply(x, &element_table(table), cmd)?,
+                super::ChangesStep::View(cmd) => {
+                    super::views::apply(x, table, &element_table(table), cmd)?
+                }
             };
             let mut mt = x.txn.open_table(META_TABLE).map_err(io_err)?;
             if let Some((key, encode_answer)) = remember {
@@ -641,9 +644,10 @@ pub(super) fn apply_replicated(
         (
             super::touched::Recording::load(&el)?,
             super::changes::ChangeLog::load(&el)?,
+            super::views::ViewSet::load(&el)?,
         )
     };
-    let (mut recording, mut changes) = recording;
+    let (mut recording, mut changes, mut views) = recording;
     let refusal = |index: u64| {
         refused
             .iter()
@@ -684,6 +688,13 @@ pub(super) fn apply_replicated(
         } else {
             Default::default()
         };
+        // Views (`views.rs`): the values their keys held before, counted against after.
+        let view_keys = if views.is_empty() {
+            Vec::new()
+        } else {
+            views.keys_of(&super::txn::mutation_keys(m).0)
+        };
+        let view_before = views.read(&t, &view_keys)?;
         replies.push(apply_one(
             x,
             table,
@@ -695,6 +706,9 @@ pub(super) fn apply_replicated(
             track.then_some(&mut changed),
             changes.is_on().then_some(&mut written),
         )?);
+        if !view_keys.is_empty() {
+            views.account(&t, &view_keys, view_before)?;
+        }
         if changes.is_on() && !changed.is_empty() {
             let mut events = Vec::with_capacity(changed.len());
             match (written.take(), changed.as_slice()) {
@@ -744,6 +758,10 @@ pub(super) fn apply_replicated(
         }
     }
     drop(t);
+    if views.has_pending() {
+        let mut el = x.txn.open_table(table_def(&el_name)).map_err(io_err)?;
+        views.write(&mut el)?;
+    }
     if !logged.is_empty() {
         super::changes::append(x, table, &mut changes, logged)?;
     }

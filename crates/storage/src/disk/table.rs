@@ -540,6 +540,40 @@ impl KeyspaceStore for DiskTable {
         }
         if args
             .first()
+            .is_some_and(|n| n.as_ref() == super::VIEWS_QUERY.as_bytes())
+        {
+            // See `views::query`; `verify name` reads the data and the rows in one snapshot.
+            if let [_, sub, name] = args
+                && sub.as_ref() == b"verify"
+            {
+                let txn = self.begin_read()?;
+                let el = match txn.open_table(table_def(&crate::layout::element_table(&self.table)))
+                {
+                    Ok(el) => el,
+                    Err(TableError::TableDoesNotExist(_)) => {
+                        return Err(Error::Command(format!(
+                            "NOVIEW no view '{}'",
+                            String::from_utf8_lossy(name)
+                        )));
+                    }
+                    Err(e) => return Err(io_err(e)),
+                };
+                let t = match txn.open_table(table_def(&self.table)) {
+                    Ok(t) => Some(t),
+                    Err(TableError::TableDoesNotExist(_)) => None,
+                    Err(e) => return Err(io_err(e)),
+                };
+                return super::views::verify(t.as_ref(), &el, name);
+            }
+            return Ok(self
+                .read_elements(|el| super::views::query(el, args))?
+                .unwrap_or(match args.get(1).map(|s| &s[..]) {
+                    Some(b"rows" | b"groups") => Reply::Array(vec![Reply::Nil]),
+                    _ => Reply::Array(Vec::new()),
+                }));
+        }
+        if args
+            .first()
             .is_some_and(|n| n.as_ref() == super::JOBS_QUERY.as_bytes())
         {
             // See `jobs::query`; a shard that never held a job answers as an empty one.

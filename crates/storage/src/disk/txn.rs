@@ -472,7 +472,25 @@ fn step_inner(x: &Exec, table: &str, job: &TxnJob) -> Result<Result<TxnAnswer>> 
         } else {
             Default::default()
         };
+        // Views (`views.rs`) count the commit's effects like a write's.
+        let mut views = {
+            let el = x
+                .txn
+                .open_table(table_def(&element_table(table)))
+                .map_err(io_err)?;
+            super::views::ViewSet::load(&el)?
+        };
+        let view_keys = views.keys_of(&touched);
+        let view_before = views.read(&t, &view_keys)?;
         TxnSpace::new(x, table, &mut t, job.now_ms).apply_redo(&redo)?;
+        if !view_keys.is_empty() {
+            views.account(&t, &view_keys, view_before)?;
+            let mut el = x
+                .txn
+                .open_table(table_def(&element_table(table)))
+                .map_err(io_err)?;
+            views.write(&mut el)?;
+        }
         if log.is_on() {
             let mut seen = std::collections::HashSet::with_capacity(touched.len());
             let mut events = touched

@@ -1,0 +1,958 @@
+//! Synchronous views inside the apply (issue 15, `docs/design/mapreduce.md` §10; the types
+//! and why: `capdb_types::views`). Each shard of a `cp` keyspace keeps, per view, one row per
+//! group and multisets for min and max, updated in the storage transaction of every write
+//! that changes a key the view reads ([`ViewSet`], called from `ops.rs` and `txn.rs`), and
+//! built by [`ViewCommand::Backfill`] entries behind a cursor.
+//!
+//! # Rows (element table, reserved id 0; `‖name` is `len u16 BE‖name`, numbers big-endian)
+//!
+//! - `0‖view-def/‖name` -> [`ViewDef`] (postcard)
+//! - `0‖view-row/‖name‖generation u64‖group` -> [`Row`]: contributions and one accumulator per
+//!   reducer (min and max ones stay empty: their multisets hold them)
+//! - `0‖view-mm/‖name‖generation‖reducer u8‖len u32‖group‖number` -> i64 LE: how many keys give
+//!   the group this number, for a min or max reducer (the number is [`Fixed`] made
+//!   sortable: first row = min, last = max)
+//! - `0‖view-cnt/‖name‖generation` -> [`Counts`]
+//! - `0‖view-gone/‖name‖generation` -> empty: a dropped generation whose rows are still being
+//!   deleted ([`ViewCommand::Purge`])
+//!
+//! The rows are replicated state: snapshots carry the element table; FLUSHDB keeps the
+//! definitions (as ready: nothing is left to count) and drops the rest ([`carried_rows`]).
+//!
+//! # What a view counts
+//!
+//! Exactly what a job with its spec (`expired: include`) reads from the same state: string
+//! values, not tombstones, expired or not (a key counts until the log removes it; the
+//! apply cannot see time pass), under the prefix and matching the pattern.
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+use capdb_reduce::acc::{Acc, Contribution, Reducer};
+use capdb_reduce::num::Fixed;
+use capdb_reduce::{JobSpec, Plan};
+use capdb_types::views::{
+    BACKFILL_BYTES_MAX, BACKFILL_KEYS_MAX, PURGE_ROWS_MAX, VIEW_GROUPS_MAX, VIEW_MINMAX_ROWS_MAX,
+    VIEWS_MAX, ViewCommand, ViewDef, ViewState, name_is_valid,
+};
+use capdb_types::{Error, Reply, Result};
+use redb::ReadableTable;
+use serde::{Deserialize, Serialize};
+
+use super::{io_err, table_def};
+
+type RawTable<'txn> = redb::Table<'txn, &'static [u8], &'static [u8]>;
+
+/// The internal read command that reads views' rows ([`query`]): `defs`, `gone`,
+/// `rows name generation after count`, `groups name generation group...`.
+pub const VIEWS_QUERY: &str = "capdb.views";
+/// Most groups one `rows` query answers.
+pub const ROWS_PAGE_MAX: usize = 10_000;
+
+const RESERVED: [u8; 8] = [0; 8];
+const DEF: &[u8] = b"view-def/";
+const ROW: &[u8] = b"view-row/";
+const MM: &[u8] = b"view-mm/";
+const CNT: &[u8] = b"view-cnt/";
+const GONE: &[u8] = b"view-gone/";
+
+fn def_key(name: &[u8]) -> Vec<u8> {
+    let mut k = RESERVED.to_vec();
+    k.extend_from_slice(DEF);
+    k.extend_from_slice(name);
+    k
+}
+
+fn def_prefix() -> Vec<u8> {
+    def_key(b"")
+}
+
+/// `0‖kind‖len‖name‖generation`: what every row of one generation of a view starts with.
+fn gen_prefix(kind: &[u8], name: &[u8], generation: u64) -> Vec<u8> {
+    let mut k = RESERVED.to_vec();
+    k.extend_from_slice(kind);
+    k.extend_from_slice(&(name.len() as u16).to_be_bytes());
+    k.extend_from_slice(name);
+    k.extend_from_slice(&generation.to_be_bytes());
+    k
+}
+
+fn row_key(name: &[u8], generation: u64, group: &[u8]) -> Vec<u8> {
+    let mut k = gen_prefix(ROW, name, generation);
+    k.extend_from_slice(group);
+    k
+}
+
+/// `i128` as bytes that sort as the numbers do.
+fn sortable(n: Fixed) -> [u8; 16] {
+    ((n.0 as u128) ^ (1 << 127)).to_be_bytes()
+}
+
+fn unsortable(b: &[u8]) -> Option<Fixed> {
+    let raw: [u8; 16] = b.try_into().ok()?;
+    Some(Fixed((u128::from_be_bytes(raw) ^ (1 << 127)) as i128))
+}
+
+fn mm_group_prefix(name: &[u8], generation: u64, reducer: u8, group: &[u8]) -> Vec<u8> {
+    let mut k = gen_prefix(MM, name, generation);
+    k.push(reducer);
+    k.extend_from_slice(&(group.len() as u32).to_be_bytes());
+    k.extend_from_slice(group);
+    k
+}
+
+fn decode<T: serde::de::DeserializeOwned>(raw: &[u8], what: &str) -> Result<T> {
+    postcard::from_bytes(raw).map_err(|e| Error::Corruption(format!("{what}: {e}")))
+}
+
+fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>> {
+    postcard::to_stdvec(v).map_err(|e| Error::Io(format!("cannot encode a view row: {e}")))
+}
+
+fn get<T: serde::de::DeserializeOwned>(
+    el: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    key: &[u8],
+    what: &str,
+) -> Result<Option<T>> {
+    match el.get(key).map_err(io_err)? {
+        Some(raw) => decode(raw.value(), what).map(Some),
+        None => Ok(None),
+    }
+}
+
+fn int(raw: &[u8]) -> Result<i64> {
+    raw.try_into()
+        .map(i64::from_le_bytes)
+        .map_err(|_| Error::Corruption("a view's min/max row".into()))
+}
+
+/// One group's row on one shard.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Row {
+    /// Contributions (keys giving this group): the row goes when it reaches 0.
+    pub n: i64,
+    /// One per reducer, in the plan's order; min and max stay empty here.
+    pub accs: Vec<Acc>,
+}
+
+/// What a view has counted on one shard (as a job's partial counts them).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counts {
+    pub keys: i64,
+    pub skipped: i64,
+    pub rounded: i64,
+    pub groups: i64,
+    pub minmax_rows: i64,
+}
+
+/// A view as the apply uses it.
+struct Loaded {
+    name: Bytes,
+    def: ViewDef,
+    plan: Plan,
+    /// Reducer index and value slot of each min and max.
+    minmax: Vec<(u8, usize)>,
+    /// Value slot of each reducer that takes a number (sum, avg), by reducer index.
+    slots: Vec<Option<usize>>,
+}
+
+impl Loaded {
+    fn new(name: Bytes, def: ViewDef) -> Result<Loaded> {
+        let spec = JobSpec::parse(def.spec.as_bytes())
+            .map_err(|e| Error::Corruption(format!("view {name:?}'s spec: {e}")))?;
+        let plan =
+            Plan::new(spec).map_err(|e| Error::Corruption(format!("view {name:?}'s spec: {e}")))?;
+        let mut minmax = Vec::new();
+        let mut slots = Vec::new();
+        for (i, (_, r, slot)) in plan.reducers().enumerate() {
+            match (r, slot) {
+                (Reducer::Min(_) | Reducer::Max(_), Some(s)) => {
+                    minmax.push((i as u8, s));
+                    slots.push(None);
+                }
+                (_, slot) => slots.push(slot),
+            }
+        }
+        Ok(Loaded {
+            name,
+            def,
+            plan,
+            minmax,
+            slots,
+        })
+    }
+
+    /// Whether a change of `key` counts now: the view is kept and its cursor has passed
+    /// the key, and the key is the view's.
+    fn live_for(&self, key: &[u8]) -> bool {
+        let passed = match &self.def.state {
+            ViewState::Ready => true,
+            ViewState::Building { cursor, .. } => cursor.as_deref().is_some_and(|c| key <= c),
+            ViewState::Overflow { .. } => false,
+        };
+        passed && self.plan.spec().input.wants(key)
+    }
+}
+
+/// Pending changes to one view's rows, written at the end of the storage job.
+#[derive(Default)]
+struct Pending {
+    rows: HashMap<Vec<u8>, Row>,
+    minmax: HashMap<(u8, Vec<u8>, Fixed), i64>,
+    counts: Counts,
+    touched: bool,
+}
+
+/// The views of one shard, loaded once per storage job, with what the job's writes change.
+pub(super) struct ViewSet {
+    views: Vec<Loaded>,
+    pending: Vec<Pending>,
+}
+
+impl ViewSet {
+    /// The shard's views (one range lookup when it has none).
+    pub(super) fn load(el: &impl ReadableTable<&'static [u8], &'static [u8]>) -> Result<ViewSet> {
+        let mut views = Vec::new();
+        for (name, def) in defs(el)? {
+            if matches!(def.state, ViewState::Overflow { .. }) {
+                continue;
+            }
+            views.push(Loaded::new(name, def)?);
+        }
+        let pending = views.iter().map(|_| Pending::default()).collect();
+        Ok(ViewSet { views, pending })
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.views.is_empty()
+    }
+
+    /// Whether writes changed some view's rows.
+    pub(super) fn has_pending(&self) -> bool {
+        self.pending.iter().any(|p| p.touched)
+    }
+
+    /// Of `keys`, those some view counts a change of now (each once).
+    pub(super) fn keys_of<'k>(&self, keys: impl IntoIterator<Item = &'k Bytes>) -> Vec<Bytes> {
+        if self.views.is_empty() {
+            return Vec::new();
+        }
+        let mut out: Vec<Bytes> = Vec::new();
+        for k in keys {
+            if !out.contains(k) && self.views.iter().any(|v| v.live_for(k)) {
+                out.push(k.clone());
+            }
+        }
+        out
+    }
+
+    /// The string values `keys` hold now (what a view counts of them), in `keys`' order.
+    pub(super) fn read(
+        &self,
+        t: &impl ReadableTable<&'static [u8], &'static [u8]>,
+        keys: &[Bytes],
+    ) -> Result<Vec<Option<Bytes>>> {
+        keys.iter().map(|k| counted_value(t, k)).collect()
+    }
+
+    /// Counts the change of `keys` from `before` to what they hold now in `t`.
+    pub(super) fn account(
+        &mut self,
+        t: &impl ReadableTable<&'static [u8], &'static [u8]>,
+        keys: &[Bytes],
+        before: Vec<Option<Bytes>>,
+    ) -> Result<()> {
+        for (key, before) in keys.iter().zip(before) {
+            let after = counted_value(t, key)?;
+            if before == after {
+                continue;
+            }
+            for vi in 0..self.views.len() {
+                if !self.views[vi].live_for(key) {
+                    continue;
+                }
+                if let Some(v) = &before {
+                    self.contribute(vi, key, v, -1)?;
+                }
+                if let Some(v) = &after {
+                    self.contribute(vi, key, v, 1)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds (`sign` 1) or takes back (-1) what `key` holding `value` gives view `vi`.
+    fn contribute(&mut self, vi: usize, key: &[u8], value: &[u8], sign: i64) -> Result<()> {
+        let v = &self.views[vi];
+        let p = &mut self.pending[vi];
+        p.touched = true;
+        p.counts.keys += sign;
+        let Some(mapped) = v.plan.map_key(key, value) else {
+            p.counts.skipped += sign;
+            return Ok(());
+        };
+        if mapped.rounded {
+            p.counts.rounded += sign;
+        }
+        for group in mapped.groups {
+            for &(r, slot) in &v.minmax {
+                *p.minmax
+                    .entry((r, group.clone(), mapped.numbers[slot]))
+                    .or_default() += sign;
+            }
+            let row = p.rows.entry(group).or_insert_with(|| Row {
+                n: 0,
+                accs: v.plan.empty_accs(),
+            });
+            row.n += sign;
+            for (i, slot) in v.slots.iter().enumerate() {
+                let acc = &mut row.accs[i];
+                let c = match (&*acc, slot) {
+                    (Acc::Count(_), _) => Contribution::One,
+                    (Acc::Sum(_) | Acc::Avg { .. }, Some(s)) => {
+                        Contribution::Number(mapped.numbers[*s])
+                    }
+                    _ => continue,
+                };
+                let done = if sign > 0 { acc.add(c) } else { acc.retract(c) };
+                done.map_err(|e| Error::Corruption(format!("view accumulator: {e}")))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes what the job's writes changed into the views' rows.
+    pub(super) fn write(self, el: &mut RawTable<'_>) -> Result<()> {
+        for (v, p) in self.views.into_iter().zip(self.pending) {
+            if p.touched {
+                write_pending(el, &v, p)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The value of `key` a view counts: a string, not a tombstone, expired or not.
+fn counted_value(
+    t: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    key: &[u8],
+) -> Result<Option<Bytes>> {
+    let Some(raw) = t.get(key).map_err(io_err)? else {
+        return Ok(None);
+    };
+    let v = capdb_types::value::Value::decode(raw.value())?;
+    Ok((!v.header.tombstone && v.is_string()).then_some(v.data))
+}
+
+fn write_pending(el: &mut RawTable<'_>, v: &Loaded, p: Pending) -> Result<()> {
+    let (name, generation) = (&v.name[..], v.def.generation);
+    let cnt_key = gen_prefix(CNT, name, generation);
+    let mut counts: Counts = get(el, &cnt_key, "a view's counts")?.unwrap_or_default();
+    counts.keys += p.counts.keys;
+    counts.skipped += p.counts.skipped;
+    counts.rounded += p.counts.rounded;
+    for (group, delta) in p.rows {
+        let key = row_key(name, generation, &group);
+        let stored: Option<Row> = get(el, &key, "a view row")?;
+        let existed = stored.is_some();
+        let mut row = stored.unwrap_or_else(|| Row {
+            n: 0,
+            accs: v.plan.empty_accs(),
+        });
+        row.n += delta.n;
+        for (a, d) in row.accs.iter_mut().zip(&delta.accs) {
+            a.merge(d)
+                .map_err(|e| Error::Corruption(format!("view accumulator: {e}")))?;
+        }
+        if row.n <= 0 {
+            if row.n < 0 {
+                tracing::error!(view = ?v.name, n = row.n, "a view group counted below zero");
+            }
+            if existed {
+                el.remove(&key[..]).map_err(io_err)?;
+                counts.groups -= 1;
+            }
+        } else {
+            el.insert(&key[..], &encode(&row)?[..]).map_err(io_err)?;
+            if !existed {
+                counts.groups += 1;
+            }
+        }
+    }
+    for ((r, group, number), delta) in p.minmax {
+        if delta == 0 {
+            continue;
+        }
+        let mut key = mm_group_prefix(name, generation, r, &group);
+        key.extend_from_slice(&sortable(number));
+        let stored = match el.get(&key[..]).map_err(io_err)? {
+            Some(raw) => Some(int(raw.value())?),
+            None => None,
+        };
+        let n = stored.unwrap_or(0) + delta;
+        if n == 0 {
+            el.remove(&key[..]).map_err(io_err)?;
+            counts.minmax_rows -= 1;
+        } else {
+            el.insert(&key[..], &n.to_le_bytes()[..]).map_err(io_err)?;
+            if stored.is_none() {
+                counts.minmax_rows += 1;
+            }
+        }
+    }
+    el.insert(&cnt_key[..], &encode(&counts)?[..])
+        .map_err(io_err)?;
+    let over = if counts.groups > VIEW_GROUPS_MAX {
+        Some(format!("more than {VIEW_GROUPS_MAX} groups on a shard"))
+    } else if counts.minmax_rows > VIEW_MINMAX_ROWS_MAX {
+        Some(format!(
+            "more than {VIEW_MINMAX_ROWS_MAX} distinct min/max values on a shard"
+        ))
+    } else {
+        None
+    };
+    if let Some(why) = over {
+        tracing::warn!(view = ?v.name, why, "view overflow: no longer kept");
+        let mut def = v.def.clone();
+        def.state = ViewState::Overflow { why };
+        el.insert(&def_key(name)[..], &encode(&def)?[..])
+            .map_err(io_err)?;
+    }
+    Ok(())
+}
+
+/// Every view definition of the shard, by name.
+pub(super) fn defs(
+    el: &impl ReadableTable<&'static [u8], &'static [u8]>,
+) -> Result<Vec<(Bytes, ViewDef)>> {
+    let prefix = def_prefix();
+    let mut out = Vec::new();
+    for r in el.range(&prefix[..]..).map_err(io_err)? {
+        let (k, v) = r.map_err(io_err)?;
+        let Some(name) = k.value().strip_prefix(&prefix[..]) else {
+            break;
+        };
+        out.push((
+            Bytes::copy_from_slice(name),
+            decode(v.value(), "a view definition")?,
+        ));
+    }
+    Ok(out)
+}
+
+/// The element-table rows a FLUSHDB carries over: the definitions, ready (an empty
+/// keyspace has nothing left to count). Their rows and the purges go with the table.
+pub(super) fn carried_rows(
+    el: &impl ReadableTable<&'static [u8], &'static [u8]>,
+) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    let mut out = Vec::new();
+    for (name, mut def) in defs(el)? {
+        def.state = ViewState::Ready;
+        out.push((def_key(&name), encode(&def)?));
+    }
+    Ok(out)
+}
+
+fn refuse(line: impl Into<String>) -> Result<Result<Reply>> {
+    Ok(Err(Error::Command(line.into())))
+}
+
+/// Applies one view command to shard `table` (data in `table`, rows in `el_table`).
+pub(super) fn apply(
+    x: &super::ops::Exec,
+    table: &str,
+    el_table: &str,
+    cmd: &ViewCommand,
+) -> Result<Result<Reply>> {
+    let name = cmd.name();
+    if !name_is_valid(name) {
+        return refuse("ERR a view name is 1 to 64 of A-Z a-z 0-9 _ -");
+    }
+    let mut el: RawTable<'_> = x.txn.open_table(table_def(el_table)).map_err(io_err)?;
+    let dkey = def_key(name);
+    let current: Option<ViewDef> = get(&el, &dkey, "a view definition")?;
+    match cmd {
+        ViewCommand::Define {
+            generation, spec, ..
+        } => {
+            if let Some(def) = current {
+                if &def.spec == spec {
+                    return Ok(Ok(Reply::Array(vec![
+                        Reply::Integer(def.generation as i64),
+                        Reply::Bulk(Bytes::from_static(b"exists")),
+                    ])));
+                }
+                return refuse(format!(
+                    "ERR view '{}' exists with another spec (VIEW DROP it first)",
+                    String::from_utf8_lossy(name)
+                ));
+            }
+            if let Err(e) = JobSpec::parse(spec.as_bytes()).and_then(|s| s.check_view()) {
+                return refuse(format!("ERR view spec: {e}"));
+            }
+            if defs(&el)?.len() >= VIEWS_MAX {
+                return refuse(format!(
+                    "ERR at most {VIEWS_MAX} views per keyspace (VIEW DROP one)"
+                ));
+            }
+            if el
+                .get(&gen_prefix(GONE, name, *generation)[..])
+                .map_err(io_err)?
+                .is_some()
+            {
+                return refuse("ERR that generation of the view is still being dropped");
+            }
+            let def = ViewDef {
+                generation: *generation,
+                spec: spec.clone(),
+                state: ViewState::Building {
+                    cursor: None,
+                    keys_done: 0,
+                },
+            };
+            el.insert(&dkey[..], &encode(&def)?[..]).map_err(io_err)?;
+            Ok(Ok(Reply::Array(vec![
+                Reply::Integer(*generation as i64),
+                Reply::Bulk(Bytes::from_static(b"created")),
+            ])))
+        }
+        ViewCommand::Drop { .. } => {
+            let Some(def) = current else {
+                return Ok(Ok(Reply::Integer(0)));
+            };
+            el.remove(&dkey[..]).map_err(io_err)?;
+            el.insert(&gen_prefix(GONE, name, def.generation)[..], &[][..])
+                .map_err(io_err)?;
+            Ok(Ok(Reply::Integer(1)))
+        }
+        ViewCommand::Purge { generation, .. } => {
+            if current
+                .as_ref()
+                .is_some_and(|d| d.generation == *generation)
+            {
+                return refuse("ERR that generation of the view is defined: VIEW DROP first");
+            }
+            let mut deleted = 0;
+            for kind in [ROW, MM, CNT] {
+                let prefix = gen_prefix(kind, name, *generation);
+                let keys: Vec<Vec<u8>> = el
+                    .range(&prefix[..]..)
+                    .map_err(io_err)?
+                    .map(|r| r.map(|(k, _)| k.value().to_vec()).map_err(io_err))
+                    .take_while(|k| k.as_ref().map_or(true, |k| k.starts_with(&prefix)))
+                    .take(PURGE_ROWS_MAX - deleted)
+                    .collect::<Result<_>>()?;
+                for k in &keys {
+                    el.remove(&k[..]).map_err(io_err)?;
+                }
+                deleted += keys.len();
+                if deleted >= PURGE_ROWS_MAX {
+                    break;
+                }
+            }
+            if deleted == 0 {
+                el.remove(&gen_prefix(GONE, name, *generation)[..])
+                    .map_err(io_err)?;
+            }
+            Ok(Ok(Reply::Integer(deleted as i64)))
+        }
+        ViewCommand::Backfill {
+            generation, after, ..
+        } => {
+            let Some(mut def) = current.filter(|d| d.generation == *generation) else {
+                return refuse("ERR no such view generation here");
+            };
+            let ViewState::Building { cursor, keys_done } = &def.state else {
+                return Ok(Ok(state_reply(&def)));
+            };
+            if cursor != after {
+                // A repeated or stale proposal: the cursor already moved.
+                return Ok(Ok(state_reply(&def)));
+            }
+            let (cursor, keys_done) = (cursor.clone(), *keys_done);
+            let loaded = Loaded::new(name.clone(), def.clone())?;
+            let mut set = ViewSet {
+                views: vec![loaded],
+                pending: vec![Pending::default()],
+            };
+            let t = x.txn.open_table(table_def(table)).map_err(io_err)?;
+            let prefix = set.views[0].plan.spec().input.scan_prefix().to_vec();
+            let lower = match &cursor {
+                Some(c) if c[..] >= prefix[..] => std::ops::Bound::Excluded(&c[..]),
+                _ => std::ops::Bound::Included(&prefix[..]),
+            };
+            let mut scanned = 0;
+            let mut bytes = 0;
+            let mut last: Option<Bytes> = None;
+            let mut exhausted = true;
+            for r in t
+                .range::<&[u8]>((lower, std::ops::Bound::Unbounded))
+                .map_err(io_err)?
+            {
+                if scanned >= BACKFILL_KEYS_MAX || bytes >= BACKFILL_BYTES_MAX {
+                    exhausted = false;
+                    break;
+                }
+                let (k, v) = r.map_err(io_err)?;
+                let key = k.value();
+                if !key.starts_with(&prefix) {
+                    break;
+                }
+                scanned += 1;
+                bytes += key.len() + v.value().len();
+                let value = capdb_types::value::Value::decode(v.value())?;
+                if !value.header.tombstone
+                    && value.is_string()
+                    && set.views[0].plan.spec().input.wants(key)
+                {
+                    set.contribute(0, key, &value.data, 1)?;
+                }
+                last = Some(Bytes::copy_from_slice(key));
+            }
+            drop(t);
+            def.state = if exhausted {
+                ViewState::Ready
+            } else {
+                ViewState::Building {
+                    cursor: last.or(cursor),
+                    keys_done: keys_done + scanned as u64,
+                }
+            };
+            set.views[0].def = def.clone();
+            el.insert(&dkey[..], &encode(&def)?[..]).map_err(io_err)?;
+            set.write(&mut el)?;
+            // `write` may have turned it `overflow`: answer what is stored.
+            let stored: Option<ViewDef> = get(&el, &dkey, "a view definition")?;
+            Ok(Ok(state_reply(&stored.unwrap_or(def))))
+        }
+    }
+}
+
+/// `[state, cursor or nil]`.
+fn state_reply(def: &ViewDef) -> Reply {
+    let cursor = match &def.state {
+        ViewState::Building {
+            cursor: Some(c), ..
+        } => Reply::Bulk(c.clone()),
+        _ => Reply::Nil,
+    };
+    Reply::Array(vec![
+        Reply::Bulk(Bytes::from_static(def.state.name().as_bytes())),
+        cursor,
+    ])
+}
+
+/// The accumulators of `group`'s row with its min and max filled from their multisets.
+fn read_group(
+    el: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    v: &Loaded,
+    group: &[u8],
+    mut row: Row,
+) -> Result<Row> {
+    for &(r, _) in &v.minmax {
+        let prefix = mm_group_prefix(&v.name, v.def.generation, r, group);
+        // Every row of the group is `prefix‖16 bytes`: below `prefix‖ff×17`.
+        let mut upper = prefix.clone();
+        upper.extend_from_slice(&[0xff; 17]);
+        let is_max = matches!(row.accs.get(r as usize), Some(Acc::Max(_)));
+        let range = el.range(&prefix[..]..&upper[..]).map_err(io_err)?;
+        let rows: Box<dyn Iterator<Item = _> + '_> = if is_max {
+            Box::new(range.rev())
+        } else {
+            Box::new(range)
+        };
+        let mut found = None;
+        for e in rows {
+            let (k, val) = e.map_err(io_err)?;
+            // A multiplicity below 1 (never, once built) does not hold the value.
+            if int(val.value())? > 0 {
+                found = unsortable(&k.value()[prefix.len()..]);
+                break;
+            }
+        }
+        match row.accs.get_mut(r as usize) {
+            Some(Acc::Min(m) | Acc::Max(m)) => *m = found,
+            _ => return Err(Error::Corruption("a view's min/max reducer".into())),
+        }
+    }
+    Ok(row)
+}
+
+fn bulk(b: impl Into<Bytes>) -> Reply {
+    Reply::Bulk(b.into())
+}
+
+/// [`VIEWS_QUERY`], from one snapshot of the element table.
+///
+/// - `defs` → `[[name, def], ...]` (postcard [`ViewDef`]s)
+/// - `gone` → `[[name, generation], ...]`: dropped generations with rows left
+/// - `rows name generation after count` → `[def, counts, [[group, row], ...]]`, groups after
+///   `after` (empty: from the first) in byte order, rows postcard [`Row`]s with min and
+///   max filled; `def` nil when the view (that generation) is not here
+/// - `groups name generation group...` → the same, for the given groups (missing ones left out)
+pub(super) fn query(
+    el: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    args: &[Bytes],
+) -> Result<Reply> {
+    let bad = || Error::InvalidInput("malformed views query".into());
+    let num = |b: &Bytes| -> Result<u64> {
+        std::str::from_utf8(b)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(bad)
+    };
+    let sub = args.get(1).ok_or_else(bad)?;
+    match (&sub[..], args.get(2..).unwrap_or_default()) {
+        (b"defs", []) => Ok(Reply::Array(
+            defs(el)?
+                .into_iter()
+                .map(|(name, def)| Ok(Reply::Array(vec![bulk(name), bulk(encode(&def)?)])))
+                .collect::<Result<_>>()?,
+        )),
+        (b"gone", []) => {
+            let mut prefix = RESERVED.to_vec();
+            prefix.extend_from_slice(GONE);
+            let mut out = Vec::new();
+            for r in el.range(&prefix[..]..).map_err(io_err)? {
+                let (k, _) = r.map_err(io_err)?;
+                let Some(rest) = k.value().strip_prefix(&prefix[..]) else {
+                    break;
+                };
+                let [l0, l1, rest @ ..] = rest else {
+                    return Err(Error::Corruption("a dropped view's row".into()));
+                };
+                let len = u16::from_be_bytes([*l0, *l1]) as usize;
+                let (name, generation) = rest.split_at_checked(len).ok_or_else(bad)?;
+                let generation: [u8; 8] = generation
+                    .try_into()
+                    .map_err(|_| Error::Corruption("a dropped view's row".into()))?;
+                out.push(Reply::Array(vec![
+                    bulk(Bytes::copy_from_slice(name)),
+                    Reply::Integer(u64::from_be_bytes(generation) as i64),
+                ]));
+            }
+            Ok(Reply::Array(out))
+        }
+        (b"rows", [name, generation, after, count]) => {
+            let generation = num(generation)?;
+            let count = usize::try_from(num(count)?)
+                .map_err(|_| bad())?
+                .clamp(1, ROWS_PAGE_MAX);
+            let Some(v) = loaded(el, name, generation)? else {
+                return Ok(Reply::Array(vec![Reply::Nil]));
+            };
+            let prefix = gen_prefix(ROW, name, generation);
+            let mut start = prefix.clone();
+            start.extend_from_slice(after);
+            let lower = if after.is_empty() {
+                std::ops::Bound::Included(&start[..])
+            } else {
+                std::ops::Bound::Excluded(&start[..])
+            };
+            let mut rows = Vec::new();
+            for r in el
+                .range::<&[u8]>((lower, std::ops::Bound::Unbounded))
+                .map_err(io_err)?
+            {
+                let (k, raw) = r.map_err(io_err)?;
+                let Some(group) = k.value().strip_prefix(&prefix[..]) else {
+                    break;
+                };
+                if rows.len() >= count {
+                    break;
+                }
+                let row = read_group(el, &v, group, decode(raw.value(), "a view row")?)?;
+                rows.push(Reply::Array(vec![
+                    bulk(Bytes::copy_from_slice(group)),
+                    bulk(encode(&row)?),
+                ]));
+            }
+            header(el, &v, rows)
+        }
+        (b"groups", [name, generation, groups @ ..]) => {
+            let generation = num(generation)?;
+            let Some(v) = loaded(el, name, generation)? else {
+                return Ok(Reply::Array(vec![Reply::Nil]));
+            };
+            let mut rows = Vec::new();
+            for group in groups.iter().take(ROWS_PAGE_MAX) {
+                if let Some(row) = get::<Row>(el, &row_key(name, generation, group), "a view row")?
+                {
+                    let row = read_group(el, &v, group, row)?;
+                    rows.push(Reply::Array(vec![bulk(group.clone()), bulk(encode(&row)?)]));
+                }
+            }
+            header(el, &v, rows)
+        }
+        _ => Err(bad()),
+    }
+}
+
+fn loaded(
+    el: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    name: &[u8],
+    generation: u64,
+) -> Result<Option<Loaded>> {
+    let def: Option<ViewDef> = get(el, &def_key(name), "a view definition")?;
+    match def.filter(|d| d.generation == generation) {
+        Some(def) => Loaded::new(Bytes::copy_from_slice(name), def).map(Some),
+        None => Ok(None),
+    }
+}
+
+fn header(
+    el: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    v: &Loaded,
+    rows: Vec<Reply>,
+) -> Result<Reply> {
+    let counts: Counts = get(
+        el,
+        &gen_prefix(CNT, &v.name, v.def.generation),
+        "a view's counts",
+    )?
+    .unwrap_or_default();
+    Ok(Reply::Array(vec![
+        bulk(encode(&v.def)?),
+        bulk(encode(&counts)?),
+        Reply::Array(rows),
+    ]))
+}
+
+/// `VIEW VERIFY` on one shard: the view's rows against a recomputation from the data of
+/// the same snapshot (`t` and `el` from one read transaction). Answers
+/// `[drift, groups_checked, [[group, view row or nil, recomputed or nil], ...≤ 100]]`,
+/// counting the shard's counts as one more group.
+pub(super) fn verify(
+    t: Option<&impl ReadableTable<&'static [u8], &'static [u8]>>,
+    el: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    name: &[u8],
+) -> Result<Reply> {
+    let Some(def) = get::<ViewDef>(el, &def_key(name), "a view definition")? else {
+        return Err(Error::Command(format!(
+            "NOVIEW no view '{}'",
+            String::from_utf8_lossy(name)
+        )));
+    };
+    if def.state != ViewState::Ready {
+        return Err(Error::Command(format!(
+            "NOTREADY view '{}' is {} on this shard",
+            String::from_utf8_lossy(name),
+            def.state.name()
+        )));
+    }
+    let v = Loaded::new(Bytes::copy_from_slice(name), def)?;
+    // The recomputation, as a backfill from nothing would make it.
+    let mut set = ViewSet {
+        views: vec![Loaded::new(v.name.clone(), v.def.clone())?],
+        pending: vec![Pending::default()],
+    };
+    if let Some(t) = t {
+        let prefix = v.plan.spec().input.scan_prefix().to_vec();
+        for r in t.range(&prefix[..]..).map_err(io_err)? {
+            let (k, val) = r.map_err(io_err)?;
+            if !k.value().starts_with(&prefix) {
+                break;
+            }
+            let value = capdb_types::value::Value::decode(val.value())?;
+            if !value.header.tombstone && value.is_string() && v.plan.spec().input.wants(k.value())
+            {
+                set.contribute(0, k.value(), &value.data, 1)?;
+            }
+        }
+    }
+    let fresh = set.pending.pop().unwrap_or_default();
+    let mut recomputed: HashMap<Vec<u8>, Row> = HashMap::new();
+    for (group, mut row) in fresh.rows {
+        for (i, acc) in row.accs.iter_mut().enumerate() {
+            let Some(&(r, _)) = v.minmax.iter().find(|(r, _)| *r as usize == i) else {
+                continue;
+            };
+            let values = fresh
+                .minmax
+                .iter()
+                .filter(|((rr, g, _), n)| *rr == r && *g == group && **n > 0)
+                .map(|((_, _, x), _)| *x);
+            match acc {
+                Acc::Min(m) => *m = values.min(),
+                Acc::Max(m) => *m = values.max(),
+                _ => {}
+            }
+        }
+        recomputed.insert(group, row);
+    }
+    let mut drift = 0u64;
+    let mut checked = 0u64;
+    let mut examples = Vec::new();
+    let mut note = |group: &[u8], view: Option<&Row>, fresh: Option<&Row>| -> Result<()> {
+        if examples.len() < 100 {
+            examples.push(Reply::Array(vec![
+                bulk(Bytes::copy_from_slice(group)),
+                view.map(encode).transpose()?.map_or(Reply::Nil, bulk),
+                fresh.map(encode).transpose()?.map_or(Reply::Nil, bulk),
+            ]));
+        }
+        Ok(())
+    };
+    let prefix = gen_prefix(ROW, &v.name, v.def.generation);
+    let mut seen = 0usize;
+    for r in el.range(&prefix[..]..).map_err(io_err)? {
+        let (k, raw) = r.map_err(io_err)?;
+        let Some(group) = k.value().strip_prefix(&prefix[..]) else {
+            break;
+        };
+        checked += 1;
+        let row = read_group(el, &v, group, decode(raw.value(), "a view row")?)?;
+        match recomputed.get(group) {
+            Some(f) => {
+                seen += 1;
+                if *f != row {
+                    drift += 1;
+                    note(group, Some(&row), Some(f))?;
+                }
+            }
+            None => {
+                drift += 1;
+                note(group, Some(&row), None)?;
+            }
+        }
+    }
+    if seen < recomputed.len() {
+        for (group, f) in &recomputed {
+            if get::<Row>(el, &row_key(&v.name, v.def.generation, group), "a view row")?.is_none() {
+                checked += 1;
+                drift += 1;
+                note(group, None, Some(f))?;
+            }
+        }
+    }
+    let counts: Counts = get(
+        el,
+        &gen_prefix(CNT, &v.name, v.def.generation),
+        "a view's counts",
+    )?
+    .unwrap_or_default();
+    let want = fresh.counts;
+    checked += 1;
+    if (counts.keys, counts.skipped, counts.rounded) != (want.keys, want.skipped, want.rounded) {
+        drift += 1;
+        if examples.len() < 100 {
+            examples.push(Reply::Array(vec![
+                bulk(Bytes::from_static(b"(counts)")),
+                bulk(format!(
+                    "keys {} skipped {} rounded {}",
+                    counts.keys, counts.skipped, counts.rounded
+                )),
+                bulk(format!(
+                    "keys {} skipped {} rounded {}",
+                    want.keys, want.skipped, want.rounded
+                )),
+            ]));
+        }
+    }
+    Ok(Reply::Array(vec![
+        Reply::Integer(drift as i64),
+        Reply::Integer(checked as i64),
+        Reply::Array(examples),
+    ]))
+}

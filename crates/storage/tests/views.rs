@@ -1,0 +1,404 @@
+//! Synchronous views (`disk/views.rs`): rows kept inside the apply, built behind a cursor
+//! while writes go on, equal to a recomputation from the data, identical on every replica.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use capdb_reduce::{JobSpec, Plan};
+use capdb_storage::KeyspaceStore;
+use capdb_storage::disk::{ChangesStep, DiskEngine, VIEWS_QUERY, ViewCounts, ViewRow};
+use capdb_types::mutation::{Condition, ExpiryUpdate};
+use capdb_types::views::{ViewCommand, ViewDef, ViewState};
+use capdb_types::{Error, Hlc, Mutation, Reply, Timestamp};
+
+const TABLE: &str = "shard/4";
+const APPLIED: &str = "applied/4";
+
+const SPEC: &str = r#"{"input": {"keyspace": "orders", "prefix": "o:", "expired": "include"},
+  "map": {"group": [{"json": "$.c"}], "values": {"a": {"json": "$.a"}}},
+  "reduce": {"n": "count", "total": {"sum": "a"}, "mean": {"avg": "a"},
+             "low": {"min": "a"}, "high": {"max": "a"}}}"#;
+
+fn canonical_spec() -> String {
+    JobSpec::parse(SPEC.as_bytes())
+        .unwrap()
+        .canonical()
+        .to_string()
+}
+
+/// One replica of a shard, fed entries in log order.
+struct Replica {
+    e: DiskEngine,
+    index: u64,
+}
+
+impl Replica {
+    fn open(dir: &std::path::Path) -> Replica {
+        Replica {
+            e: DiskEngine::open(dir, Arc::new(Hlc::new()), 1 << 20).unwrap(),
+            index: 0,
+        }
+    }
+
+    async fn write(&mut self, ms: Vec<Mutation>) {
+        self.index += 1;
+        let index = self.index;
+        let m = ms
+            .into_iter()
+            .map(|m| (m, Timestamp(index), 1_000, index))
+            .collect();
+        let applied = vec![(APPLIED.to_string(), Some(index.to_le_bytes().to_vec()))];
+        self.e
+            .apply_replicated(TABLE, m, applied, Vec::new(), Vec::new(), Vec::new())
+            .await
+            .unwrap();
+    }
+
+    async fn view(&mut self, cmd: ViewCommand) -> Result<Reply, Error> {
+        self.index += 1;
+        self.e
+            .changes_config(TABLE, ChangesStep::View(cmd), self.index, Vec::new(), None)
+            .await
+            .unwrap()
+    }
+
+    fn query(&self, args: &[&[u8]]) -> Result<Reply, Error> {
+        let mut a = vec![Bytes::from_static(VIEWS_QUERY.as_bytes())];
+        a.extend(args.iter().map(|s| Bytes::copy_from_slice(s)));
+        self.e.table(TABLE, false).query(&a, 0, 0)
+    }
+
+    fn def(&self, name: &str) -> Option<ViewDef> {
+        let Reply::Array(defs) = self.query(&[b"defs"]).unwrap() else {
+            panic!()
+        };
+        defs.into_iter().find_map(|d| match d {
+            Reply::Array(v) if v[0] == Reply::Bulk(Bytes::from(name.to_string())) => match &v[1] {
+                Reply::Bulk(b) => Some(postcard::from_bytes(b).unwrap()),
+                _ => None,
+            },
+            _ => None,
+        })
+    }
+
+    /// Backfills view `name` until it is ready, running `between` before each step.
+    async fn build(&mut self, name: &str, mut between: impl AsyncFnMut(&mut Replica)) {
+        for _ in 0..10_000 {
+            let def = self.def(name).expect("defined");
+            let ViewState::Building { cursor, .. } = def.state else {
+                return;
+            };
+            between(self).await;
+            self.view(ViewCommand::Backfill {
+                name: Bytes::from(name.to_string()),
+                generation: def.generation,
+                after: cursor,
+            })
+            .await
+            .unwrap();
+        }
+        panic!("the build never ended");
+    }
+
+    /// The view's rows as a job's result rows (the same JSON a job gives), and its counts.
+    fn rows(&self, name: &str, generation: u64) -> (Vec<serde_json::Value>, ViewCounts) {
+        let plan = Plan::new(JobSpec::parse(SPEC.as_bytes()).unwrap()).unwrap();
+        let mut partial = plan.partial();
+        let mut after = Vec::new();
+        let mut counts;
+        loop {
+            let reply = self
+                .query(&[
+                    b"rows",
+                    name.as_bytes(),
+                    generation.to_string().as_bytes(),
+                    &after,
+                    b"100",
+                ])
+                .unwrap();
+            let Reply::Array(mut parts) = reply else {
+                panic!()
+            };
+            let Reply::Array(rows) = parts.remove(2) else {
+                panic!()
+            };
+            let Reply::Bulk(c) = &parts[1] else { panic!() };
+            counts = Some(postcard::from_bytes::<ViewCounts>(c).unwrap());
+            if rows.is_empty() {
+                break;
+            }
+            for r in rows {
+                let Reply::Array(gr) = r else { panic!() };
+                let (Reply::Bulk(g), Reply::Bulk(row)) = (&gr[0], &gr[1]) else {
+                    panic!()
+                };
+                let row: ViewRow = postcard::from_bytes(row).unwrap();
+                partial.insert_group(g.to_vec(), row.accs);
+                after = g.to_vec();
+            }
+        }
+        (plan.rows(&partial).unwrap(), counts.unwrap())
+    }
+
+    /// What a job over the shard's current data answers (expired keys included).
+    fn recomputed(&self) -> (Vec<serde_json::Value>, u64, u64) {
+        let plan = Plan::new(JobSpec::parse(SPEC.as_bytes()).unwrap()).unwrap();
+        let mut partial = plan.partial();
+        let dump = self.e.dump_table(TABLE, &[], "none/").unwrap();
+        for (k, raw) in &dump.entries {
+            let v = capdb_types::value::Value::decode(raw).unwrap();
+            if k.starts_with(b"o:") && v.is_string() && !v.header.tombstone {
+                plan.add(&mut partial, k, &v.data).unwrap();
+            }
+        }
+        (plan.rows(&partial).unwrap(), partial.keys, partial.skipped)
+    }
+
+    fn verify(&self, name: &str) -> (i64, i64) {
+        match self.query(&[b"verify", name.as_bytes()]).unwrap() {
+            Reply::Array(v) => match (&v[0], &v[1]) {
+                (Reply::Integer(d), Reply::Integer(c)) => {
+                    assert_eq!(*d, 0, "drift: {:?}", v[2]);
+                    (*d, *c)
+                }
+                other => panic!("{other:?}"),
+            },
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+fn set(k: &str, v: &str) -> Mutation {
+    Mutation::Set {
+        key: Bytes::from(k.to_string()),
+        value: Bytes::from(v.to_string()),
+        condition: Condition::Always,
+        expiry: ExpiryUpdate::Clear,
+        return_old: false,
+    }
+}
+
+fn del(k: &str) -> Mutation {
+    Mutation::Delete {
+        key: Bytes::from(k.to_string()),
+    }
+}
+
+/// A random write among the view's keys and others: JSON orders in 7 countries, amounts with
+/// decimals and negatives, non-JSON values, deletions, counters, appends.
+fn random_write(rng: &mut fastrand::Rng) -> Mutation {
+    let k = format!("o:{:05}", rng.u32(0..20_000));
+    match rng.u8(0..10) {
+        0 => del(&k),
+        1 => set(&k, "not json"),
+        2 => set(&format!("p:{}", rng.u32(0..100)), r#"{"c":"x","a":1}"#),
+        3 => Mutation::Append {
+            key: Bytes::from(k),
+            data: Bytes::from_static(b" "),
+        },
+        4 => set(&k, &format!(r#"{{"c":"c{}"}}"#, rng.u8(0..7))),
+        _ => set(
+            &k,
+            &format!(
+                r#"{{"c":"c{}","a":{}.{}}}"#,
+                rng.u8(0..7),
+                rng.i32(-1_000..100_000),
+                rng.u8(0..100)
+            ),
+        ),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_view_built_while_writes_go_on_equals_a_recomputation_on_every_replica() {
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut a = Replica::open(da.path());
+    let mut b = Replica::open(db.path());
+    let mut rng = fastrand::Rng::with_seed(7);
+    // The same log for both replicas: 20,000 writes before the view, the definition, a build
+    // with writes between its steps (keys before and after the cursor), writes after.
+    let mut log: Vec<Vec<Mutation>> = Vec::new();
+    for _ in 0..2_000 {
+        log.push((0..10).map(|_| random_write(&mut rng)).collect());
+    }
+    for r in [&mut a, &mut b] {
+        for ms in &log {
+            r.write(ms.clone()).await;
+        }
+    }
+    let define = ViewCommand::Define {
+        name: Bytes::from_static(b"sales"),
+        generation: 1,
+        spec: canonical_spec(),
+    };
+    for r in [&mut a, &mut b] {
+        let created = r.view(define.clone()).await.unwrap();
+        assert_eq!(
+            created,
+            Reply::Array(vec![
+                Reply::Integer(1),
+                Reply::Bulk(Bytes::from_static(b"created"))
+            ])
+        );
+    }
+    // Building: writes between the steps, recorded so the second replica gets the same.
+    let mut between: Vec<Vec<Mutation>> = Vec::new();
+    let mut rng2 = fastrand::Rng::with_seed(8);
+    a.build("sales", async |r: &mut Replica| {
+        let ms: Vec<Mutation> = (0..50).map(|_| random_write(&mut rng2)).collect();
+        between.push(ms.clone());
+        r.write(ms).await;
+    })
+    .await;
+    let mut steps = between.into_iter();
+    b.build("sales", async |r: &mut Replica| {
+        r.write(steps.next().expect("the same number of steps"))
+            .await;
+    })
+    .await;
+    for _ in 0..200 {
+        let ms: Vec<Mutation> = (0..10).map(|_| random_write(&mut rng)).collect();
+        a.write(ms.clone()).await;
+        b.write(ms).await;
+    }
+    assert_eq!(a.def("sales").unwrap().state, ViewState::Ready);
+    let (rows, counts) = a.rows("sales", 1);
+    let (want, keys, skipped) = a.recomputed();
+    assert_eq!(rows, want, "the view against a job over the same data");
+    assert_eq!((counts.keys as u64, counts.skipped as u64), (keys, skipped));
+    assert!(
+        rows.len() == 7 && keys > 1_000 && skipped > 100,
+        "{rows:?} {keys} {skipped}"
+    );
+    a.verify("sales");
+    // Identical rows on both replicas, byte for byte.
+    let dump = |r: &Replica| r.e.dump_table(TABLE, &[], "none/").unwrap().elements;
+    assert_eq!(dump(&a), dump(&b));
+    // The same definition again is found, another refused.
+    assert_eq!(
+        a.view(define).await.unwrap(),
+        Reply::Array(vec![
+            Reply::Integer(1),
+            Reply::Bulk(Bytes::from_static(b"exists"))
+        ])
+    );
+    let other = ViewCommand::Define {
+        name: Bytes::from_static(b"sales"),
+        generation: 2,
+        spec: canonical_spec().replace("\"a\"", "\"b\""),
+    };
+    assert!(a.view(other).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flushdb_snapshots_and_drop_keep_a_view_whole() {
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut a = Replica::open(da.path());
+    let mut rng = fastrand::Rng::with_seed(9);
+    for _ in 0..300 {
+        a.write((0..10).map(|_| random_write(&mut rng)).collect())
+            .await;
+    }
+    a.view(ViewCommand::Define {
+        name: Bytes::from_static(b"sales"),
+        generation: 5,
+        spec: canonical_spec(),
+    })
+    .await
+    .unwrap();
+    a.build("sales", async |_: &mut Replica| {}).await;
+    a.verify("sales");
+    // A snapshot carries the view: the installed replica answers the same.
+    let b = Replica::open(db.path());
+    let dump = a.e.dump_table(TABLE, &[], "none/").unwrap();
+    b.e.replace_table(TABLE, dump.entries, dump.elements, None, Vec::new(), None)
+        .await
+        .unwrap();
+    assert_eq!(b.rows("sales", 5), a.rows("sales", 5));
+    b.verify("sales");
+    // FLUSHDB: the view stays, ready and empty, and counts what comes next.
+    a.index += 1;
+    a.e.replace_table(
+        TABLE,
+        Vec::new(),
+        Vec::new(),
+        None,
+        Vec::new(),
+        Some(a.index),
+    )
+    .await
+    .unwrap();
+    assert_eq!(a.def("sales").unwrap().state, ViewState::Ready);
+    assert_eq!(a.rows("sales", 5).0, Vec::<serde_json::Value>::new());
+    a.write(vec![set("o:1", r#"{"c":"de","a":2.5}"#)]).await;
+    let (rows, _) = a.rows("sales", 5);
+    assert_eq!(
+        rows,
+        vec![
+            serde_json::json!({"group": "de", "n": 1, "total": 2.5, "mean": 2.5, "low": 2.5, "high": 2.5})
+        ]
+    );
+    a.verify("sales");
+    // Drop: the definition goes at once, the rows by purges.
+    assert_eq!(
+        a.view(ViewCommand::Drop {
+            name: Bytes::from_static(b"sales")
+        })
+        .await
+        .unwrap(),
+        Reply::Integer(1)
+    );
+    assert!(a.def("sales").is_none());
+    let gone = a.query(&[b"gone"]).unwrap();
+    assert_eq!(
+        gone,
+        Reply::Array(vec![Reply::Array(vec![
+            Reply::Bulk(Bytes::from_static(b"sales")),
+            Reply::Integer(5)
+        ])])
+    );
+    loop {
+        let purge = ViewCommand::Purge {
+            name: Bytes::from_static(b"sales"),
+            generation: 5,
+        };
+        if a.view(purge).await.unwrap() == Reply::Integer(0) {
+            break;
+        }
+    }
+    assert_eq!(a.query(&[b"gone"]).unwrap(), Reply::Array(Vec::new()));
+    let left = a.e.dump_table(TABLE, &[], "none/").unwrap().elements;
+    assert!(left.is_empty(), "rows left after the purge: {}", left.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spec_a_view_cannot_keep_is_refused_with_the_reason() {
+    let d = tempfile::tempdir().unwrap();
+    let mut a = Replica::open(d.path());
+    let topk =
+        canonical_spec().replace(r#"{"max":"a"}"#, r#"{"topk":{"of":{"json":"$.c"},"k":3}}"#);
+    assert_ne!(topk, canonical_spec());
+    let e = a
+        .view(ViewCommand::Define {
+            name: Bytes::from_static(b"v"),
+            generation: 1,
+            spec: topk,
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("a view keeps count, sum, avg, min and max"),
+        "{e}"
+    );
+    let e = a
+        .view(ViewCommand::Define {
+            name: Bytes::from_static(b"no spaces"),
+            generation: 1,
+            spec: canonical_spec(),
+        })
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("view name"), "{e}");
+    assert!(a.def("v").is_none());
+}

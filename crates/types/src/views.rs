@@ -1,0 +1,128 @@
+//! Incremental views' replicated state (issue 15, `docs/design/mapreduce.md` §10): a view's
+//! definition on each shard of its keyspace and the commands that change it, applied in log
+//! order by that shard (`capdb_storage::disk` `views.rs`).
+//!
+//! # Why inside the apply
+//!
+//! A synchronous view keeps, per shard, one row per group with accumulators that can take a
+//! contribution back (count, sum, avg) and multisets for min and max. Every write that
+//! changes a key the view reads updates them in the same storage transaction as the write,
+//! from the state before and after it: the log decides the order, the functions are pure, so
+//! every replica holds the same rows and a write is counted exactly once, whoever leads.
+//!
+//! # How a view is built without a pause
+//!
+//! A new view starts `Building` with a cursor before every key. Each [`ViewCommand::Backfill`]
+//! entry adds the next keys (at most [`BACKFILL_KEYS_MAX`]) as they are at that entry, and
+//! moves the cursor past them; a write counts at once for a key at or before the cursor and
+//! waits for the cursor otherwise. So each key is counted once, at its state when the cursor
+//! passed it, plus every change after: the current state, whatever the interleaving. The
+//! entry carries the cursor it expects, so a repeated or stale proposal changes nothing.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+/// Views per keyspace.
+pub const VIEWS_MAX: usize = 16;
+/// Longest view name, in bytes (`[A-Za-z0-9_-]`, as a job id).
+pub const VIEW_NAME_MAX: usize = 64;
+/// Keys one backfill entry adds, and bytes of them (after one key).
+pub const BACKFILL_KEYS_MAX: usize = 4_096;
+pub const BACKFILL_BYTES_MAX: usize = 4 << 20;
+/// Groups a view keeps per shard, and min/max multiset rows: past either the view turns
+/// `overflow` (reads refuse it; VIEW DROP and a narrower spec are the way out).
+pub const VIEW_GROUPS_MAX: i64 = 1_000_000;
+pub const VIEW_MINMAX_ROWS_MAX: i64 = 1_000_000;
+/// Rows one [`ViewCommand::Purge`] entry deletes.
+pub const PURGE_ROWS_MAX: usize = 4_096;
+
+/// Whether `name` is a valid view name.
+pub fn name_is_valid(name: &[u8]) -> bool {
+    !name.is_empty()
+        && name.len() <= VIEW_NAME_MAX
+        && name
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || *b == b'_' || *b == b'-')
+}
+
+/// Where a view stands on one shard.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ViewState {
+    /// Keys up to and including `cursor` are counted (`None`: none yet); `keys_done` of them.
+    Building {
+        cursor: Option<Bytes>,
+        keys_done: u64,
+    },
+    /// Every key is counted; writes keep it current.
+    Ready,
+    /// A bound passed ([`VIEW_GROUPS_MAX`], [`VIEW_MINMAX_ROWS_MAX`]): no longer kept.
+    Overflow { why: String },
+}
+
+impl ViewState {
+    pub fn name(&self) -> &'static str {
+        match self {
+            ViewState::Building { .. } => "building",
+            ViewState::Ready => "ready",
+            ViewState::Overflow { .. } => "overflow",
+        }
+    }
+}
+
+/// A view's definition on one shard.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ViewDef {
+    /// Which definition of the name this is: rows are keyed by it, so a view dropped and
+    /// created again never meets the old one's rows (deleted in the background).
+    pub generation: u64,
+    /// The spec in canonical JSON (`capdb_reduce::JobSpec::canonical`): a job with it
+    /// recomputes the view.
+    pub spec: String,
+    pub state: ViewState,
+}
+
+/// A change to a shard's views, applied alone in log order. Append-only: new variants go at
+/// the end (logs hold the old ones).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ViewCommand {
+    /// Defines view `name` (answers `[generation, "created"]`), or finds it defined with the same
+    /// spec (answers `[its generation, "exists"]`); another spec under the name is refused.
+    Define {
+        name: Bytes,
+        generation: u64,
+        spec: String,
+    },
+    /// Adds the next keys after `after` to a building view of generation `generation` (answers its
+    /// state: `[state, cursor]`); changes nothing unless the view is building at `after`.
+    Backfill {
+        name: Bytes,
+        generation: u64,
+        after: Option<Bytes>,
+    },
+    /// Removes the view's definition (answers 1, or 0 when there was none); its rows go in
+    /// the background ([`ViewCommand::Purge`]).
+    Drop { name: Bytes },
+    /// Deletes up to [`PURGE_ROWS_MAX`] rows of a dropped generation (answers how many
+    /// rows it deleted; 0: none were left).
+    Purge { name: Bytes, generation: u64 },
+}
+
+impl ViewCommand {
+    pub fn name(&self) -> &Bytes {
+        match self {
+            ViewCommand::Define { name, .. }
+            | ViewCommand::Backfill { name, .. }
+            | ViewCommand::Drop { name }
+            | ViewCommand::Purge { name, .. } => name,
+        }
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ViewCommand::Define { .. } => "define",
+            ViewCommand::Backfill { .. } => "backfill",
+            ViewCommand::Drop { .. } => "drop",
+            ViewCommand::Purge { .. } => "purge",
+        }
+    }
+}
