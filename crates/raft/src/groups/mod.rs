@@ -462,6 +462,68 @@ impl Groups {
             .collect()
     }
 
+    /// For each data group this node leads, the next step of its views' background work
+    /// (`capdb_storage::disk` `views.rs`): a backfill per building view, a purge per dropped
+    /// generation with rows left. Local reads; a group without views costs one lookup.
+    pub fn views_work_led(&self) -> Vec<(GroupId, capdb_types::views::ViewCommand)> {
+        use capdb_storage::KeyspaceStore;
+        use capdb_types::Reply;
+        use capdb_types::views::{ViewCommand, ViewDef, ViewState};
+        let mut out = Vec::new();
+        let query = |t: &capdb_storage::disk::DiskTable, sub: &'static [u8]| {
+            let args = [
+                bytes::Bytes::from_static(capdb_storage::disk::VIEWS_QUERY.as_bytes()),
+                bytes::Bytes::from_static(sub),
+            ];
+            match t.query(&args, 0, 0) {
+                Ok(Reply::Array(rows)) => rows,
+                Ok(_) => Vec::new(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the views");
+                    Vec::new()
+                }
+            }
+        };
+        for (g, _) in self.all() {
+            if g == META_GROUP || !self.leads(g) {
+                continue;
+            }
+            let t = self.engine.table(&layout::shard_table(g), false);
+            for row in query(&t, b"defs") {
+                let Reply::Array(v) = row else { continue };
+                let [Reply::Bulk(name), Reply::Bulk(def)] = &v[..] else {
+                    continue;
+                };
+                let Ok(def) = postcard::from_bytes::<ViewDef>(def) else {
+                    continue;
+                };
+                if let ViewState::Building { cursor, .. } = def.state {
+                    out.push((
+                        g,
+                        ViewCommand::Backfill {
+                            name: name.clone(),
+                            generation: def.generation,
+                            after: cursor,
+                        },
+                    ));
+                }
+            }
+            for row in query(&t, b"gone") {
+                let Reply::Array(v) = row else { continue };
+                if let [Reply::Bulk(name), Reply::Integer(generation)] = &v[..] {
+                    out.push((
+                        g,
+                        ViewCommand::Purge {
+                            name: name.clone(),
+                            generation: *generation as u64,
+                        },
+                    ));
+                }
+            }
+        }
+        out
+    }
+
     /// This node's view of its groups, in group order.
     pub fn status(&self) -> Vec<GroupStatus> {
         let mut out: Vec<GroupStatus> = self

@@ -712,6 +712,21 @@ impl Groups {
         }
     }
 
+    /// Applies a view command through a data group's log (`capdb_storage::disk` `views.rs`);
+    /// its answer (an error inside: refused, nothing changed).
+    pub async fn view(
+        &self,
+        group: GroupId,
+        cmd: capdb_types::views::ViewCommand,
+    ) -> Result<Result<Reply, Error>, Error> {
+        match self.write(group, Request::View(cmd)).await? {
+            Response::Replies(mut r) if r.len() == 1 => Ok(r.remove(0)),
+            other => Err(Error::Io(format!(
+                "unexpected response to a view command: {other:?}"
+            ))),
+        }
+    }
+
     async fn changes_step(&self, group: GroupId, request: Request) -> Result<(), Error> {
         match self.write(group, request).await? {
             Response::Replies(r) if matches!(r.first(), Some(Ok(Reply::Ok))) => Ok(()),

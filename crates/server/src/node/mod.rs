@@ -23,6 +23,7 @@ pub mod router;
 pub mod settings;
 pub mod snapshot;
 pub mod txns;
+pub mod views;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -122,6 +123,7 @@ impl Node {
         tokio::spawn(txns::recover_orphans(node.clone()));
         tokio::spawn(changes::trim_changes(node.clone()));
         tokio::spawn(jobs::run_coordinators(node.clone()));
+        tokio::spawn(views::view_work(node.clone()));
         node
     }
 

@@ -742,7 +742,7 @@ pub(super) fn query(
             let Some(v) = loaded(el, name, generation)? else {
                 return Ok(Reply::Array(vec![Reply::Nil]));
             };
-            let prefix = gen_prefix(ROW, name, generation);
+            let prefix = gen_prefix(ROW, name, v.def.generation);
             let mut start = prefix.clone();
             start.extend_from_slice(after);
             let lower = if after.is_empty() {
@@ -777,8 +777,8 @@ pub(super) fn query(
             };
             let mut rows = Vec::new();
             for group in groups.iter().take(ROWS_PAGE_MAX) {
-                if let Some(row) = get::<Row>(el, &row_key(name, generation, group), "a view row")?
-                {
+                let key = row_key(name, v.def.generation, group);
+                if let Some(row) = get::<Row>(el, &key, "a view row")? {
                     let row = read_group(el, &v, group, row)?;
                     rows.push(Reply::Array(vec![bulk(group.clone()), bulk(encode(&row)?)]));
                 }
@@ -795,7 +795,8 @@ fn loaded(
     generation: u64,
 ) -> Result<Option<Loaded>> {
     let def: Option<ViewDef> = get(el, &def_key(name), "a view definition")?;
-    match def.filter(|d| d.generation == generation) {
+    // Generation 0: whichever is defined.
+    match def.filter(|d| generation == 0 || d.generation == generation) {
         Some(def) => Loaded::new(Bytes::copy_from_slice(name), def).map(Some),
         None => Ok(None),
     }

@@ -50,6 +50,7 @@ mod stream_groups;
 mod streams;
 mod strings;
 pub(super) mod txn;
+mod views;
 
 use std::time::Instant;
 
@@ -214,6 +215,7 @@ const COMMANDS: &[Command] = &[
     row("type",        2,  &["readonly", "fast"], KEY, wait!(keys::key_type)),
     row("unsubscribe", -1, &["pubsub", "noscript", "loading", "stale"], NO_KEYS, Now(pubsub::unsubscribe)),
     row("unwatch",     1,  &["noscript", "loading", "stale", "fast"], NO_KEYS, Now(txn::unwatch)),
+    row("view",        -2, &["admin"], NO_KEYS, wait!(views::view)),
     row("watch",       -2, &["noscript", "loading", "stale", "fast"], EVERY_KEY, wait!(txn::watch)),
     row("xack",        -4, &["write", "fast"], KEY, wait!(stream_groups::xack)),
     row("xadd",        -5, &["write", "denyoom", "fast"], KEY, Now(streams::read_only)),

@@ -1,0 +1,510 @@
+//! Incremental views (issue 15, `docs/design/mapreduce.md` §10): creating, reading,
+//! dropping and verifying them across a keyspace's shards, and the background work that
+//! builds and purges them. The rows themselves are kept by each shard's apply
+//! (`capdb_storage::disk` `views.rs`; why and how: `capdb_types::views`).
+//!
+//! # The catalog is the shards' own definitions
+//!
+//! `VIEW CREATE` proposes the definition to every shard of the keyspace, one after another;
+//! each shard's log decides (the same spec again is found, another refused), so a create
+//! interrupted part-way is completed by repeating it, and there is no second place whose
+//! state could disagree with the shards'. A read asks every shard and refuses to answer
+//! (`-VIEWINCOMPLETE`) when a shard lacks the view or holds another spec under its name:
+//! never a silently partial answer. A shard still building answers `complete: false`.
+//!
+//! # Background work
+//!
+//! Every [`VIEW_WORK_PERIOD`] each node looks, on the shards it leads (a local read), for
+//! views being built and dropped generations with rows left, and proposes the next
+//! `Backfill` (≤ 4,096 keys each, applied on every replica) or `Purge` step. A step carries
+//! the cursor it continues from, so a leader change or a repeated proposal changes nothing.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use capdb_reduce::extract::Scalar;
+use capdb_reduce::num::Fixed;
+use capdb_reduce::{JobSpec, Plan};
+use capdb_storage::disk::{VIEWS_QUERY, ViewCounts, ViewRow};
+use capdb_types::keyspace::Mode;
+use capdb_types::views::{ViewCommand, ViewDef, ViewState, name_is_valid};
+use capdb_types::{Error, ReadMode, Reply, Result};
+use serde_json::{Map, Value};
+
+use super::Node;
+
+/// How often a node looks for views to build or purge on the shards it leads.
+pub const VIEW_WORK_PERIOD: Duration = Duration::from_millis(500);
+/// Steps one view gets per period before the others get theirs (a round is bounded; the
+/// next round goes on at once while work is left).
+pub const STEPS_PER_ROUND: usize = 16;
+/// Groups one `VIEW GET` answers at most (a page; `AFTER` reads on).
+pub const GET_COUNT_MAX: usize = 10_000;
+
+/// What `VIEW GET` answers.
+#[derive(Debug, Clone)]
+pub struct ViewRead {
+    /// Rows as a job's result rows: `{"group": …, "<reducer>": …}`, ordered by group.
+    pub rows: Vec<Value>,
+    /// Every shard is ready (the rows count every key).
+    pub complete: bool,
+    pub shards_ready: usize,
+    pub shards_total: usize,
+    pub keys: i64,
+    pub skipped: i64,
+    pub rounded: i64,
+    /// Where the next page starts (`AFTER`); `None`: this was the last.
+    pub next: Option<Bytes>,
+}
+
+/// One shard's `VIEW VERIFY` answer, summed.
+#[derive(Debug, Clone, Default)]
+pub struct Verified {
+    pub drift: i64,
+    pub groups_checked: i64,
+    /// `shard group: view … recomputed …`, at most 100 per shard.
+    pub examples: Vec<String>,
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn incomplete(name: &[u8], why: impl std::fmt::Display) -> Error {
+    Error::Command(format!(
+        "VIEWINCOMPLETE view '{}' {why} (VIEW CREATE it again with the same spec, or VIEW DROP it)",
+        text(name)
+    ))
+}
+
+/// The canonical spec of a view of keyspace `ks` from what a client gave: `input.keyspace`
+/// defaults to `ks` and `input.expired` to `include` (what a view counts).
+pub fn view_spec(ks: &str, json: &[u8]) -> Result<String> {
+    let bad = |why: String| Error::Command(format!("ERR view spec: {why}"));
+    let mut v: Value =
+        serde_json::from_slice(json).map_err(|e| bad(format!("spec: not JSON: {e}")))?;
+    let top = v
+        .as_object_mut()
+        .ok_or_else(|| bad("spec: must be an object".into()))?;
+    let input = top
+        .entry("input")
+        .or_insert_with(|| Value::Object(Map::new()))
+        .as_object_mut()
+        .ok_or_else(|| bad("input: must be an object".into()))?;
+    match input.get("keyspace") {
+        None | Some(Value::Null) => {
+            input.insert("keyspace".into(), Value::String(ks.to_string()));
+        }
+        Some(Value::String(k)) if k == ks => {}
+        Some(other) => {
+            return Err(bad(format!(
+                "input.keyspace: {other} is not '{ks}', the keyspace the view is created in"
+            )));
+        }
+    }
+    input
+        .entry("expired")
+        .or_insert_with(|| Value::String("include".into()));
+    let spec = JobSpec::from_json(&v).map_err(|e| bad(e.to_string()))?;
+    spec.check_view().map_err(|e| bad(e.to_string()))?;
+    Ok(spec.canonical().to_string())
+}
+
+/// A group as `VIEW GET … GROUP` names it: JSON (a string needs no quotes unless it would
+/// read as something else), an array for a group of several parts.
+pub fn group_bytes(plan: &Plan, arg: &[u8]) -> Result<Vec<u8>> {
+    let parts = plan.spec().group.len();
+    let value: Value = serde_json::from_slice(arg).unwrap_or_else(|_| Value::String(text(arg)));
+    let values = match (parts, value) {
+        (0, _) => Vec::new(),
+        (1, v) => vec![v],
+        (n, Value::Array(vs)) if vs.len() == n => vs,
+        (n, _) => {
+            return Err(Error::Command(format!(
+                "ERR the view's group has {n} parts: name one as a JSON array of {n}"
+            )));
+        }
+    };
+    let mut out = Vec::new();
+    for v in values {
+        let s = match v {
+            Value::Null => Scalar::Null,
+            Value::Bool(b) => Scalar::Bool(b),
+            Value::Number(n) => Scalar::Num(
+                Fixed::parse(n.to_string().as_bytes())
+                    .map_err(|e| Error::Command(format!("ERR group {n}: {e}")))?
+                    .value,
+            ),
+            Value::String(s) => Scalar::Str(s.into_bytes()),
+            other => {
+                return Err(Error::Command(format!(
+                    "ERR a group part is a string, number, boolean or null, not {other}"
+                )));
+            }
+        };
+        s.encode(&mut out);
+    }
+    Ok(out)
+}
+
+impl Node {
+    /// The `cp` keyspace a view lives in, and its shards' Raft groups.
+    fn view_keyspace(&self, ks: &str) -> Result<Vec<capdb_cluster::GroupId>> {
+        let keyspace = self.keyspace(ks)?;
+        if keyspace.spec.mode != Mode::Cp {
+            return Err(Error::Command(format!(
+                "ERR views are kept in cp keyspaces; '{ks}' is {}",
+                keyspace.spec.mode.as_str()
+            )));
+        }
+        Ok(keyspace.shard_groups())
+    }
+
+    async fn view_command(&self, group: capdb_cluster::GroupId, cmd: ViewCommand) -> Result<Reply> {
+        self.groups.view(group, cmd).await?
+    }
+
+    async fn views_query(&self, group: capdb_cluster::GroupId, args: &[&[u8]]) -> Result<Reply> {
+        let mut a = vec![Bytes::from_static(VIEWS_QUERY.as_bytes())];
+        a.extend(args.iter().map(|x| Bytes::copy_from_slice(x)));
+        self.groups
+            .query(
+                group,
+                a,
+                ReadMode::Linearizable,
+                capdb_types::unix_now_ms(),
+                0,
+            )
+            .await
+    }
+
+    /// Defines view `name` on every shard of `ks`: `(generation, created)`; `created` is
+    /// false when every shard already had it with this spec. Safe to repeat after any error.
+    pub async fn view_create(&self, ks: &str, name: &[u8], json: &[u8]) -> Result<(u64, bool)> {
+        if !name_is_valid(name) {
+            return Err(Error::Command(
+                "ERR a view name is 1 to 64 of A-Z a-z 0-9 _ -".into(),
+            ));
+        }
+        let spec = view_spec(ks, json)?;
+        let groups = self.view_keyspace(ks)?;
+        // The first shard's generation is every shard's (a new one: this node's clock).
+        let mut generation = capdb_types::unix_now_ms();
+        let mut created = false;
+        for g in groups {
+            let reply = self
+                .view_command(
+                    g,
+                    ViewCommand::Define {
+                        name: Bytes::copy_from_slice(name),
+                        generation,
+                        spec: spec.clone(),
+                    },
+                )
+                .await?;
+            match reply {
+                Reply::Array(v) => match &v[..] {
+                    [Reply::Integer(gen_here), Reply::Bulk(what)] => {
+                        generation = *gen_here as u64;
+                        created |= &what[..] == b"created";
+                    }
+                    _ => return Err(Error::Io(format!("unexpected view answer {v:?}"))),
+                },
+                other => return Err(Error::Io(format!("unexpected view answer {other:?}"))),
+            }
+        }
+        Ok((generation, created))
+    }
+
+    /// Drops view `name` from every shard of `ks` (its rows go in the background): whether
+    /// some shard had it.
+    pub async fn view_drop(&self, ks: &str, name: &[u8]) -> Result<bool> {
+        let mut had = false;
+        for g in self.view_keyspace(ks)? {
+            let reply = self
+                .view_command(
+                    g,
+                    ViewCommand::Drop {
+                        name: Bytes::copy_from_slice(name),
+                    },
+                )
+                .await?;
+            had |= reply == Reply::Integer(1);
+        }
+        Ok(had)
+    }
+
+    /// Every shard's definition of each view of `ks`: `name → [(shard, def)]`.
+    pub async fn view_defs(&self, ks: &str) -> Result<Vec<(Bytes, Vec<(usize, ViewDef)>)>> {
+        let mut out: Vec<(Bytes, Vec<(usize, ViewDef)>)> = Vec::new();
+        for (shard, g) in self.view_keyspace(ks)?.into_iter().enumerate() {
+            let Reply::Array(rows) = self.views_query(g, &[b"defs"]).await? else {
+                return Err(Error::Io("a views query answered no array".into()));
+            };
+            for r in rows {
+                let Reply::Array(v) = r else { continue };
+                let [Reply::Bulk(name), Reply::Bulk(def)] = &v[..] else {
+                    continue;
+                };
+                let def: ViewDef = postcard::from_bytes(def)
+                    .map_err(|e| Error::Corruption(format!("a view definition: {e}")))?;
+                match out.iter_mut().find(|(n, _)| n == name) {
+                    Some((_, defs)) => defs.push((shard, def)),
+                    None => out.push((name.clone(), vec![(shard, def)])),
+                }
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+
+    /// Reads view `name` of `ks`: the given `groups`, or a page of `count` groups after
+    /// `after` (empty: from the first), merged across shards.
+    pub async fn view_get(
+        &self,
+        ks: &str,
+        name: &[u8],
+        groups: &[Bytes],
+        after: &[u8],
+        count: usize,
+    ) -> Result<ViewRead> {
+        let shards = self.view_keyspace(ks)?;
+        let count = count.clamp(1, GET_COUNT_MAX);
+        let mut plan: Option<(String, Plan)> = None;
+        let mut merged = None;
+        let mut read = ViewRead {
+            rows: Vec::new(),
+            complete: true,
+            shards_ready: 0,
+            shards_total: shards.len(),
+            keys: 0,
+            skipped: 0,
+            rounded: 0,
+            next: None,
+        };
+        // The smallest last group of a shard that filled its page: groups past it may be
+        // on that shard's next page, so the merged page ends there.
+        let mut cut: Option<Vec<u8>> = None;
+        // Groups asked for are encoded as the view's spec says (read from the first shard).
+        let encoded: Option<Vec<Bytes>> = if groups.is_empty() {
+            None
+        } else {
+            let Reply::Array(parts) = self
+                .views_query(shards[0], &[b"groups", name, b"0"])
+                .await?
+            else {
+                return Err(Error::Io("a views query answered no array".into()));
+            };
+            let Some(Reply::Bulk(def)) = parts.first() else {
+                return Err(Error::Command(format!(
+                    "NOVIEW no view '{}' in '{ks}'",
+                    text(name)
+                )));
+            };
+            let def: ViewDef = postcard::from_bytes(def)
+                .map_err(|e| Error::Corruption(format!("a view definition: {e}")))?;
+            let p = Plan::new(
+                JobSpec::parse(def.spec.as_bytes())
+                    .map_err(|e| Error::Corruption(format!("a view spec: {e}")))?,
+            )
+            .map_err(|e| Error::Corruption(format!("a view spec: {e}")))?;
+            Some(
+                groups
+                    .iter()
+                    .map(|a| group_bytes(&p, a).map(Bytes::from))
+                    .collect::<Result<Vec<_>>>()?,
+            )
+        };
+        let mut shard_rows = Vec::with_capacity(shards.len());
+        for g in &shards {
+            let reply = match &encoded {
+                Some(gs) => {
+                    let mut args: Vec<&[u8]> = vec![b"groups", name, b"0"];
+                    args.extend(gs.iter().map(|b| &b[..]));
+                    self.views_query(*g, &args).await?
+                }
+                None => {
+                    let count = count.to_string();
+                    self.views_query(*g, &[b"rows", name, b"0", after, count.as_bytes()])
+                        .await?
+                }
+            };
+            let Reply::Array(parts) = reply else {
+                return Err(Error::Io("a views query answered no array".into()));
+            };
+            let def: ViewDef = match parts.first() {
+                Some(Reply::Bulk(def)) => postcard::from_bytes(def)
+                    .map_err(|e| Error::Corruption(format!("a view definition: {e}")))?,
+                _ => {
+                    return Err(if g == &shards[0] {
+                        Error::Command(format!("NOVIEW no view '{}' in '{ks}'", text(name)))
+                    } else {
+                        incomplete(name, "is missing on a shard")
+                    });
+                }
+            };
+            match &plan {
+                Some((spec, _)) if *spec != def.spec => {
+                    return Err(incomplete(name, "has another spec on a shard"));
+                }
+                Some(_) => {}
+                None => {
+                    let spec = JobSpec::parse(def.spec.as_bytes())
+                        .map_err(|e| Error::Corruption(format!("a view spec: {e}")))?;
+                    let p = Plan::new(spec)
+                        .map_err(|e| Error::Corruption(format!("a view spec: {e}")))?;
+                    merged = Some(p.partial());
+                    plan = Some((def.spec.clone(), p));
+                }
+            }
+            match &def.state {
+                ViewState::Ready => read.shards_ready += 1,
+                ViewState::Building { .. } => read.complete = false,
+                ViewState::Overflow { why } => {
+                    return Err(Error::Command(format!(
+                        "VIEWOVERFLOW view '{}' is no longer kept: {why} (VIEW DROP it)",
+                        text(name)
+                    )));
+                }
+            }
+            if let Some(Reply::Bulk(c)) = parts.get(1) {
+                let c: ViewCounts = postcard::from_bytes(c)
+                    .map_err(|e| Error::Corruption(format!("a view's counts: {e}")))?;
+                read.keys += c.keys;
+                read.skipped += c.skipped;
+                read.rounded += c.rounded;
+            }
+            let Some(Reply::Array(rows)) = parts.get(2) else {
+                return Err(Error::Io("a views query answered no rows".into()));
+            };
+            if groups.is_empty()
+                && rows.len() >= count
+                && let Some(Reply::Array(last)) = rows.last()
+                && let Some(Reply::Bulk(gb)) = last.first()
+                && cut.as_ref().is_none_or(|c| gb[..] < c[..])
+            {
+                cut = Some(gb.to_vec());
+            }
+            shard_rows.push(rows.clone());
+        }
+        let (_, plan) = plan.expect("at least one shard");
+        let mut merged = merged.expect("with the plan");
+        for rows in shard_rows {
+            for r in rows {
+                let Reply::Array(gr) = r else { continue };
+                let [Reply::Bulk(group), Reply::Bulk(row)] = &gr[..] else {
+                    continue;
+                };
+                if cut.as_ref().is_some_and(|c| group[..] > c[..]) {
+                    continue;
+                }
+                let row: ViewRow = postcard::from_bytes(row)
+                    .map_err(|e| Error::Corruption(format!("a view row: {e}")))?;
+                let mut one = plan.partial();
+                one.insert_group(group.to_vec(), row.accs);
+                plan.merge(&mut merged, &one)
+                    .map_err(|e| Error::Corruption(e.to_string()))?;
+            }
+        }
+        read.next = cut.map(Bytes::from);
+        read.rows = plan
+            .rows(&merged)
+            .map_err(|e| Error::Command(format!("ERR {e}")))?;
+        Ok(read)
+    }
+
+    /// Recomputes view `name` on every shard from the same snapshot as its rows.
+    pub async fn view_verify(&self, ks: &str, name: &[u8]) -> Result<Verified> {
+        let mut out = Verified::default();
+        for (shard, g) in self.view_keyspace(ks)?.into_iter().enumerate() {
+            let Reply::Array(v) = self.views_query(g, &[b"verify", name]).await? else {
+                return Err(Error::Io("a verify query answered no array".into()));
+            };
+            let [
+                Reply::Integer(drift),
+                Reply::Integer(checked),
+                Reply::Array(examples),
+            ] = &v[..]
+            else {
+                return Err(Error::Io("a verify query answered no drift".into()));
+            };
+            out.drift += drift;
+            out.groups_checked += checked;
+            for e in examples {
+                out.examples.push(format!("shard {shard}: {e:?}"));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Builds and purges the views of the shards this node leads, forever (see the module doc).
+pub async fn view_work(node: Arc<Node>) {
+    loop {
+        tokio::time::sleep(VIEW_WORK_PERIOD).await;
+        loop {
+            if node.is_shutting_down() {
+                return;
+            }
+            let work = node.groups.views_work_led();
+            if work.is_empty() {
+                break;
+            }
+            let mut progressed = false;
+            for (group, cmd) in work {
+                let mut cmd = cmd;
+                for _ in 0..STEPS_PER_ROUND {
+                    let next = match node.groups.view(group, cmd.clone()).await {
+                        Ok(Ok(reply)) => next_step(&cmd, &reply),
+                        Ok(Err(e)) => {
+                            tracing::debug!(group, error = %e, "view step refused");
+                            None
+                        }
+                        Err(e) => {
+                            // Tried again next period (by whoever leads then).
+                            tracing::debug!(group, error = %e, "view step not applied");
+                            None
+                        }
+                    };
+                    match next {
+                        Some(n) => {
+                            progressed = true;
+                            cmd = n;
+                        }
+                        None => break,
+                    }
+                }
+            }
+            if !progressed {
+                break;
+            }
+        }
+    }
+}
+
+/// The step after `cmd` answered `reply`, while there is one.
+fn next_step(cmd: &ViewCommand, reply: &Reply) -> Option<ViewCommand> {
+    match (cmd, reply) {
+        (
+            ViewCommand::Backfill {
+                name, generation, ..
+            },
+            Reply::Array(v),
+        ) => match &v[..] {
+            [Reply::Bulk(state), cursor] if &state[..] == b"building" => {
+                Some(ViewCommand::Backfill {
+                    name: name.clone(),
+                    generation: *generation,
+                    after: match cursor {
+                        Reply::Bulk(c) => Some(c.clone()),
+                        _ => None,
+                    },
+                })
+            }
+            _ => None,
+        },
+        (ViewCommand::Purge { .. }, Reply::Integer(n)) if *n > 0 => Some(cmd.clone()),
+        _ => None,
+    }
+}
