@@ -118,6 +118,36 @@ CAPDB_ONLY = {
             ]),
             arg("list", "pure-token", "LIST"),
         ])]),
+    "view": doc(
+        "Creates, reads, verifies, lists or drops an incremental view of the connection's cp keyspace, kept current by every write (capdb)",
+        "0.1.0", "server", "O(shards) to create; O(groups read) to get; O(keys) to verify",
+        [arg("subcommand", "oneof", arguments=[
+            arg("create", "block", arguments=[
+                arg("create", "pure-token", "CREATE"),
+                arg("name", "string"),
+                arg("spec", "string"),
+            ]),
+            arg("get", "block", arguments=[
+                arg("get", "pure-token", "GET"),
+                arg("name", "string"),
+                arg("group", "string", "GROUP", flags=["optional", "multiple", "multiple_token"]),
+                arg("cursor", "string", "AFTER", flags=["optional"]),
+                arg("count", "integer", "COUNT", flags=["optional"]),
+            ]),
+            arg("info", "block", arguments=[
+                arg("info", "pure-token", "INFO"),
+                arg("name", "string"),
+            ]),
+            arg("verify", "block", arguments=[
+                arg("verify", "pure-token", "VERIFY"),
+                arg("name", "string"),
+            ]),
+            arg("drop", "block", arguments=[
+                arg("drop", "pure-token", "DROP"),
+                arg("name", "string"),
+            ]),
+            arg("list", "pure-token", "LIST"),
+        ])]),
     "consistency": doc(
         "Shows or sets the consistency level of ap reads and writes on the connection (capdb)",
         "0.1.0", "connection", "O(1)",
