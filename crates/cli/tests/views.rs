@@ -415,6 +415,63 @@ fn views_are_paged_dropped_and_refuse_what_they_cannot_keep() {
         .query::<Value>(&mut c)
         .unwrap_err();
     assert!(e.to_string().contains("no view"), "{e}");
+    // The same over HTTP.
+    let h = nodes[2].http;
+    let (code, body) = common::http(
+        h,
+        "PUT",
+        "/v1/views/orders/by_g2",
+        &[],
+        Some(spec.as_bytes()),
+    )
+    .unwrap();
+    assert_eq!(code, 201, "{}", String::from_utf8_lossy(&body));
+    let (code, _) = common::http(
+        h,
+        "PUT",
+        "/v1/views/orders/by_g2",
+        &[],
+        Some(spec.as_bytes()),
+    )
+    .unwrap();
+    assert_eq!(code, 200, "the same spec again");
+    let (code, _) = common::http(
+        h,
+        "PUT",
+        "/v1/views/orders/by_g2",
+        &[],
+        Some(spec.replace("u:", "w:").as_bytes()),
+    )
+    .unwrap();
+    assert_eq!(code, 409, "another spec");
+    let until = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (code, body) =
+            common::http(h, "GET", "/v1/views/orders/by_g2?group=7", &[], None).unwrap();
+        assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+        let v = common::json(&body);
+        if v["complete"] == json!(true) {
+            assert_eq!(v["rows"], json!([{"group": 7, "n": 12}]), "{v}");
+            assert_eq!(v["keys"], json!(3_000));
+            break;
+        }
+        assert!(Instant::now() < until, "not built: {v}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (code, body) = common::http(h, "POST", "/v1/views/orders/by_g2/verify", &[], None).unwrap();
+    assert_eq!(code, 200);
+    assert_eq!(common::json(&body)["drift"], json!(0));
+    let (code, body) = common::http(h, "GET", "/v1/views/orders", &[], None).unwrap();
+    assert_eq!(code, 200);
+    assert_eq!(
+        common::json(&body)["views"][0]["name"],
+        json!("by_g2"),
+        "by_g was dropped"
+    );
+    let (code, _) = common::http(h, "DELETE", "/v1/views/orders/by_g2", &[], None).unwrap();
+    assert_eq!(code, 204);
+    let (code, _) = common::http(h, "GET", "/v1/views/orders/by_g2", &[], None).unwrap();
+    assert_eq!(code, 404);
     // Views are for cp keyspaces.
     let (code, _) = common::http(
         nodes[0].http,

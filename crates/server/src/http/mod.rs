@@ -36,6 +36,7 @@ mod jobs;
 mod keyspaces;
 mod kv;
 mod txn;
+mod views;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -128,6 +129,12 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/jobs/{id}", get(jobs::status).delete(jobs::cancel))
         .route("/v1/jobs/{id}/result", get(jobs::result))
         .route("/v1/jobs/{id}/events", get(jobs::events))
+        .route("/v1/views/{keyspace}", get(views::list))
+        .route(
+            "/v1/views/{keyspace}/{name}",
+            get(views::get).put(views::create).delete(views::drop),
+        )
+        .route("/v1/views/{keyspace}/{name}/verify", post(views::verify))
         .route("/v1/changes/{keyspace}", get(changes::merged_changes))
         .route("/v1/changes/{keyspace}/snapshot", get(changes::snapshot))
         .route("/v1/changes/{keyspace}/{shard}", get(changes::changes))
@@ -178,6 +185,9 @@ async fn observe(State(node): State<Arc<Node>>, req: Request, next: Next) -> Res
         Some("/v1/jobs/{id}") => "/v1/jobs/{id}",
         Some("/v1/jobs/{id}/result") => "/v1/jobs/{id}/result",
         Some("/v1/jobs/{id}/events") => "/v1/jobs/{id}/events",
+        Some("/v1/views/{keyspace}") => "/v1/views/{keyspace}",
+        Some("/v1/views/{keyspace}/{name}") => "/v1/views/{keyspace}/{name}",
+        Some("/v1/views/{keyspace}/{name}/verify") => "/v1/views/{keyspace}/{name}/verify",
         Some("/v1/cluster") => "/v1/cluster",
         Some("/v1/cluster/partition") => "/v1/cluster/partition",
         Some("/v1/cluster/nodes/{id}/remove") => "/v1/cluster/nodes/{id}/remove",
