@@ -290,7 +290,7 @@ fn human(n: f64) -> String {
 }
 
 /// The result rows as a table (columns: group, then each reducer), or as JSON.
-fn print_result(rows: &Value, json: bool) {
+pub(crate) fn print_result(rows: &Value, json: bool) {
     let rows = rows.as_array().cloned().unwrap_or_default();
     if json {
         println!("{}", Value::Array(rows));

@@ -11,6 +11,7 @@ mod difftest;
 mod job;
 mod log_limit;
 mod playground;
+mod view;
 
 use std::process::ExitCode;
 
@@ -105,6 +106,13 @@ enum Command {
     Job {
         #[command(subcommand)]
         op: job::JobOp,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Incremental views of a cp keyspace: define, read, verify, drop.
+    View {
+        #[command(subcommand)]
+        op: view::ViewOp,
         #[command(flatten)]
         target: Target,
     },
@@ -294,6 +302,10 @@ fn main() -> ExitCode {
             Command::Kv { op, target } => kv(op, &target).await,
             Command::Keyspace { op, target } => keyspace(op, &target).await,
             Command::Cluster { op, target } => cluster(op, &target).await,
+            Command::View { op, target } => {
+                let client = HttpClient::new(&target.addr, target.password.clone())?;
+                view::view(op, &client).await
+            }
             Command::Changes { op, target } => changes::changes(op, &target).await,
             Command::Bench {
                 op: BenchOp::Failover(args),

@@ -468,6 +468,29 @@ fn views_are_paged_dropped_and_refuse_what_they_cannot_keep() {
         json!("by_g2"),
         "by_g was dropped"
     );
+    // And from the CLI.
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_capdb"))
+            .args(args)
+            .args(["--addr", &h.to_string()])
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, out, err) = cli(&["view", "get", "orders", "by_g2", "--group", "7", "--json"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out.trim(), r#"[{"group":7,"n":12}]"#);
+    assert!(err.contains("complete"), "{err}");
+    let (code, out, _) = cli(&["view", "get", "orders", "by_g2"]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("(250 rows)"), "{out}");
+    let (code, out, err) = cli(&["view", "verify", "orders", "by_g2"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.starts_with("drift 0"), "{out}");
     let (code, _) = common::http(h, "DELETE", "/v1/views/orders/by_g2", &[], None).unwrap();
     assert_eq!(code, 204);
     let (code, _) = common::http(h, "GET", "/v1/views/orders/by_g2", &[], None).unwrap();
