@@ -122,7 +122,7 @@ pub async fn view(op: ViewOp, client: &HttpClient) -> Result<(), String> {
             for e in v["examples"].as_array().into_iter().flatten() {
                 println!("  {}", e.as_str().unwrap_or_default());
             }
-            if v["drift"] != Value::from(0) {
+            if v["drift"] != 0 {
                 return Err(format!("view {name} drifted from its data"));
             }
         }
