@@ -50,11 +50,15 @@ pub enum Workload {
     /// the keyspace's merged change stream by consumer groups that crash and resume, a plain
     /// reader, and watchers of the resolved ID (`crate::stream`), checked by `check::stream`.
     Stream,
+    /// Sets, deletes and short-lived sets of JSON values under `view:` (some in MULTI/EXEC
+    /// across shards) while a synchronous view of them is kept (`crate::view`); checked after
+    /// the final heal: the view equals a job's recomputation and `VIEW VERIFY` finds no drift.
+    View,
 }
 
 impl Workload {
     /// Every workload, in the order reports list them.
-    pub const ALL: [Workload; 9] = [
+    pub const ALL: [Workload; 10] = [
         Workload::Register,
         Workload::Cas,
         Workload::Counter,
@@ -64,6 +68,7 @@ impl Workload {
         Workload::Append,
         Workload::Bank,
         Workload::Stream,
+        Workload::View,
     ];
 
     /// Whether the register (linearizability) checker owns this workload's keys.

@@ -23,6 +23,7 @@ pub mod report;
 pub mod route;
 pub mod run;
 pub mod stream;
+pub mod view;
 pub mod workload;
 
 /// The harness itself failed (could not build namespaces, start nodes, write files): the

@@ -281,6 +281,10 @@ async fn drive(
     } else {
         None
     };
+    // The view workload's view exists before the first write (it builds under the nemeses).
+    if opts.workloads.contains(&Workload::View) {
+        crate::view::set_up(nodes).await?;
+    }
     let (shared, clients) = start_clients(opts, nodes, writer).await?;
     let readers = stream_start
         .map(|start| crate::stream::start(shared.clone(), nodes.clone(), start, opts.seed));
@@ -349,6 +353,14 @@ async fn drive(
         problems.push(
             "the cluster did not recover: some final read failed for 60 s after the heal".into(),
         );
+    }
+    if opts.workloads.contains(&Workload::View) && !interrupted {
+        let (found, details) = crate::view::check(nodes).await;
+        eprintln!("chaos: view workload: {details}");
+        for p in &found {
+            eprintln!("chaos: view: {p}");
+        }
+        problems.extend(found.into_iter().map(|p| format!("view: {p}")));
     }
     check_crashes(nodes, &shared, &mut crashes);
     problems.extend(crashes.iter().cloned());
@@ -616,7 +628,8 @@ async fn final_reads(shared: &Shared, nodes: &Nodes, clients: u64, ap: bool) -> 
         .used
         .iter()
         // The stream workload's writes are checked through the change stream.
-        .filter(|(w, _)| *w != Workload::Stream)
+        // The view workload's, through the view (`crate::view::check`).
+        .filter(|(w, _)| *w != Workload::Stream && *w != Workload::View)
         .cloned()
         .collect();
     let elements = shared

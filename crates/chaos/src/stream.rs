@@ -89,7 +89,7 @@ fn id_text(id: (u64, u64)) -> String {
     format!("{}-{}", id.0, id.1)
 }
 
-fn text(v: &Value) -> Option<String> {
+pub(crate) fn text(v: &Value) -> Option<String> {
     match v {
         Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
         Value::SimpleString(s) => Some(s.clone()),
@@ -174,7 +174,11 @@ async fn query(
 }
 
 /// Runs `args` on the first node (from a random start) that answers, for up to `within`.
-async fn anywhere(nodes: &Nodes, args: &[&str], within: Duration) -> Result<Value, String> {
+pub(crate) async fn anywhere(
+    nodes: &Nodes,
+    args: &[&str],
+    within: Duration,
+) -> Result<Value, String> {
     let deadline = Instant::now() + within;
     let mut last = String::new();
     let mut i = fastrand::u32(1..=nodes.count());

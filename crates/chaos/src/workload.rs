@@ -397,6 +397,19 @@ impl Keys {
                 };
                 (F::Write, key, json!(e))
             }
+            Workload::View => {
+                let e = self.next_element;
+                self.next_element += 1;
+                let n = crate::view::VIEW_KEYS;
+                let a = rng.usize(0..n);
+                // One write in four is a MULTI/EXEC over two keys (most often two shards).
+                let key = if rng.u8(0..4) == 0 {
+                    format!("view:{a},view:{}", (a + 1 + rng.usize(0..n - 1)) % n)
+                } else {
+                    format!("view:{a}")
+                };
+                (F::Write, key, crate::view::next_value(rng, e))
+            }
         };
         self.used.insert((w, key.clone()));
         (f, key, value)
@@ -773,7 +786,14 @@ async fn request(
             let fields: Vec<String> = conn.hkeys(key).await?;
             Ok(collection_elements(fields))
         }
-        (Workload::Register | Workload::Cas | Workload::Counter | Workload::Stream, F::Read) => {
+        (
+            Workload::Register
+            | Workload::Cas
+            | Workload::Counter
+            | Workload::Stream
+            | Workload::View,
+            F::Read,
+        ) => {
             let v: Option<i64> = conn.get(key).await?;
             Ok(json!(v))
         }
@@ -785,6 +805,30 @@ async fn request(
                 .filter_map(|e| e.parse().ok())
                 .collect();
             Ok(json!(els))
+        }
+        (Workload::View, F::Write) => {
+            let mut tx = redis::pipe();
+            if key.contains(',') {
+                tx.atomic();
+            }
+            for k in key.split(',') {
+                match (&value["set"], value["px"].as_u64()) {
+                    (serde_json::Value::Null, _) => tx.del(k).ignore(),
+                    (v, px) => {
+                        let text = match v {
+                            serde_json::Value::String(s) => s.clone(),
+                            other => other.to_string(),
+                        };
+                        let c = tx.cmd("SET").arg(k).arg(text);
+                        if let Some(ms) = px {
+                            c.arg("PX").arg(ms);
+                        }
+                        c.ignore()
+                    }
+                };
+            }
+            let () = tx.query_async(conn).await?;
+            Ok(Json::Null)
         }
         (Workload::Stream, F::Write) if key.contains(',') => {
             let mut tx = redis::pipe();

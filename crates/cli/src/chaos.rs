@@ -141,9 +141,10 @@ fn parse_workloads(names: &[String]) -> Result<Vec<Workload>, String> {
             "append" => out.push(Workload::Append),
             "bank" => out.push(Workload::Bank),
             "stream" => out.push(Workload::Stream),
+            "view" => out.push(Workload::View),
             other => {
                 return Err(format!(
-                    "unknown workload '{other}': expected register, cas, counter, set, sadd, hset, append, bank, stream or all"
+                    "unknown workload '{other}': expected register, cas, counter, set, sadd, hset, append, bank, stream, view or all"
                 ));
             }
         }
@@ -261,6 +262,9 @@ fn run_options(a: RunArgs) -> Result<capdb_chaos::run::Options, String> {
             "--workload append checks strict serializability, which ap keyspaces do not promise"
                 .into(),
         );
+    }
+    if ap && workloads.contains(&Workload::View) {
+        return Err("--workload view keeps a view of a cp keyspace; ap keyspaces have none".into());
     }
     if ap && workloads.contains(&Workload::Bank) {
         return Err(

@@ -89,6 +89,8 @@ pub struct DebugConfig {
     /// Merged change streams release events up to the *largest* closed clock of the shards,
     /// not the smallest: a premature watermark the chaos `stream` checker must catch.
     pub unsafe_resolved: bool,
+    /// `--debug-view-skip-txn`.
+    pub view_skip_txn: bool,
     /// HLEN answers one too many for a hash of exactly 3 fields: a deliberately wrong reply
     /// `capdb difftest` must catch (`capdb_data::hash::PLANT_DIFFERENCE`).
     pub plant_difference: bool,
@@ -297,6 +299,10 @@ pub struct ServerArgs {
     /// can prove it detects a premature watermark.
     #[arg(long, hide = true)]
     pub debug_unsafe_resolved: bool,
+    /// TESTING ONLY: commits of cross-shard transactions skip incremental views. Breaks the
+    /// views on purpose so `capdb chaos --workload view` can prove it detects drift.
+    #[arg(long, hide = true)]
+    pub debug_view_skip_txn: bool,
     /// TESTING ONLY: HLEN answers one more than the truth when the hash has exactly 3 fields.
     /// A planted difference so `capdb difftest` can prove it detects one.
     #[arg(long, hide = true)]
@@ -546,6 +552,7 @@ fn resolve_cluster(args: &ServerArgs, file: &FileConfig) -> Result<ClusterConfig
             apply_duplicates: args.debug_apply_duplicates,
             unsafe_txn: args.debug_unsafe_txn,
             unsafe_resolved: args.debug_unsafe_resolved,
+            view_skip_txn: args.debug_view_skip_txn,
             plant_difference: args.debug_plant_difference,
             txn_crash: args.debug_txn_crash,
         },

@@ -68,6 +68,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         );
         node::merged::UNSAFE_RESOLVED.store(true, std::sync::atomic::Ordering::Relaxed);
     }
+    if config.cluster.debug.view_skip_txn {
+        tracing::warn!(
+            "--debug-view-skip-txn: cross-shard commits skip incremental views on purpose (testing only)"
+        );
+        capdb_storage::disk::DEBUG_VIEW_SKIP_TXN.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
     let listeners = Listeners::bind(&config).await?;
     let hlc = Arc::new(capdb_types::Hlc::new());
     let engine = capdb_storage::disk::DiskEngine::open(

@@ -28,7 +28,7 @@ use capdb_reduce::num::Fixed;
 use capdb_reduce::{JobSpec, Plan};
 use capdb_storage::disk::{VIEWS_QUERY, ViewCounts, ViewRow};
 use capdb_types::keyspace::Mode;
-use capdb_types::views::{ViewCommand, ViewDef, ViewState, name_is_valid};
+use capdb_types::views::{VIEWS_MAX, ViewCommand, ViewDef, ViewState, name_is_valid};
 use capdb_types::{Error, ReadMode, Reply, Result};
 use serde_json::{Map, Value};
 
@@ -45,7 +45,9 @@ pub const GET_COUNT_MAX: usize = 10_000;
 /// What `VIEW GET` answers.
 #[derive(Debug, Clone)]
 pub struct ViewRead {
-    /// Rows as a job's result rows: `{"group": …, "<reducer>": …}`, ordered by group.
+    /// Rows as a job's result rows: `{"group": …, "<reducer>": …}`, ordered by group within
+    /// the page; pages follow the byte order of the groups' encoding (`next`), so each group
+    /// is on exactly one page, but a later page may hold a smaller number.
     pub rows: Vec<Value>,
     /// Every shard is ready (the rows count every key).
     pub complete: bool,
@@ -180,7 +182,9 @@ impl Node {
     }
 
     /// Defines view `name` on every shard of `ks`: `(generation, created)`; `created` is
-    /// false when every shard already had it with this spec. Safe to repeat after any error.
+    /// false when every shard already had it with this spec. Safe to repeat after `TRYAGAIN` or `UNCERTAIN` (it
+    /// completes what was done); a refusal changes no shard (checked on all first) unless a
+    /// concurrent create or drop raced it (`VIEWINCOMPLETE` says which shards took it).
     pub async fn view_create(&self, ks: &str, name: &[u8], json: &[u8]) -> Result<(u64, bool)> {
         if !name_is_valid(name) {
             return Err(Error::Command(
@@ -189,20 +193,49 @@ impl Node {
         }
         let spec = view_spec(ks, json)?;
         let groups = self.view_keyspace(ks)?;
+        // What every shard would refuse, refused before any shard is changed.
+        let defs = self.view_defs(ks).await?;
+        if let Some((_, shards)) = defs.iter().find(|(n, _)| n == name)
+            && shards.iter().any(|(_, d)| d.spec != spec)
+        {
+            return Err(Error::Command(format!(
+                "ERR view '{}' exists with another spec (VIEW DROP it first)",
+                text(name)
+            )));
+        }
+        if !defs.iter().any(|(n, _)| n == name) && defs.len() >= VIEWS_MAX {
+            return Err(Error::Command(format!(
+                "ERR at most {VIEWS_MAX} views per keyspace (VIEW DROP one)"
+            )));
+        }
         // The first shard's generation is every shard's (a new one: this node's clock).
         let mut generation = capdb_types::unix_now_ms();
         let mut created = false;
-        for g in groups {
-            let reply = self
-                .view_command(
-                    g,
-                    ViewCommand::Define {
-                        name: Bytes::copy_from_slice(name),
-                        generation,
-                        spec: spec.clone(),
-                    },
-                )
-                .await?;
+        for (i, g) in groups.iter().enumerate() {
+            let define = ViewCommand::Define {
+                name: Bytes::copy_from_slice(name),
+                generation,
+                spec: spec.clone(),
+            };
+            let reply = match self.groups.view(*g, define).await? {
+                Ok(r) => r,
+                // Refused here after earlier shards took it (a race with another create or
+                // a drop): say what holds now, not a plain error that means "nothing".
+                Err(e) if i > 0 => {
+                    let why = match &e {
+                        Error::Command(line) => line.clone(),
+                        other => other.to_string(),
+                    };
+                    return Err(incomplete(
+                        name,
+                        format!(
+                            "was defined on shards 0 to {} but shard {i} refused: {why}",
+                            i - 1
+                        ),
+                    ));
+                }
+                Err(e) => return Err(e),
+            };
             match reply {
                 Reply::Array(v) => match &v[..] {
                     [Reply::Integer(gen_here), Reply::Bulk(what)] => {
@@ -271,6 +304,14 @@ impl Node {
     ) -> Result<ViewRead> {
         let shards = self.view_keyspace(ks)?;
         let count = count.clamp(1, GET_COUNT_MAX);
+        if groups.len() > GET_COUNT_MAX {
+            return Err(Error::Command(format!(
+                "ERR at most {GET_COUNT_MAX} groups per VIEW GET"
+            )));
+        }
+        if shards.is_empty() {
+            return Err(Error::Command(format!("ERR keyspace '{ks}' has no shards")));
+        }
         let mut plan: Option<(String, Plan)> = None;
         let mut merged = None;
         let mut read = ViewRead {
@@ -388,15 +429,35 @@ impl Node {
             }
             shard_rows.push(rows.clone());
         }
-        let (_, plan) = plan.expect("at least one shard");
-        let mut merged = merged.expect("with the plan");
+        let (Some((_, plan)), Some(mut merged)) = (plan, merged) else {
+            return Err(Error::Io("no shard answered the view".into()));
+        };
+        // The page: the first `count` groups (in the byte order of their encoding, the
+        // order shards page in) of those no shard's next page can come before.
+        let mut page: Vec<Vec<u8>> = shard_rows
+            .iter()
+            .flatten()
+            .filter_map(|r| match r {
+                Reply::Array(gr) => match gr.first() {
+                    Some(Reply::Bulk(g)) => Some(g.to_vec()),
+                    _ => None,
+                },
+                _ => None,
+            })
+            .filter(|g| cut.as_ref().is_none_or(|c| g <= c))
+            .collect();
+        page.sort();
+        page.dedup();
+        let more = cut.is_some() || page.len() > count;
+        page.truncate(count);
+        let last = page.last().cloned();
         for rows in shard_rows {
             for r in rows {
                 let Reply::Array(gr) = r else { continue };
                 let [Reply::Bulk(group), Reply::Bulk(row)] = &gr[..] else {
                     continue;
                 };
-                if cut.as_ref().is_some_and(|c| group[..] > c[..]) {
+                if last.as_ref().is_some_and(|l| group[..] > l[..]) {
                     continue;
                 }
                 let row: ViewRow = postcard::from_bytes(row)
@@ -407,7 +468,7 @@ impl Node {
                     .map_err(|e| Error::Corruption(e.to_string()))?;
             }
         }
-        read.next = cut.map(Bytes::from);
+        read.next = if more { last.map(Bytes::from) } else { None };
         read.rows = plan
             .rows(&merged)
             .map_err(|e| Error::Command(format!("ERR {e}")))?;
@@ -432,7 +493,11 @@ impl Node {
             out.drift += drift;
             out.groups_checked += checked;
             for e in examples {
-                out.examples.push(format!("shard {shard}: {e:?}"));
+                let line = match e {
+                    Reply::Bulk(b) => String::from_utf8_lossy(b).into_owned(),
+                    other => format!("{other:?}"),
+                };
+                out.examples.push(format!("shard {shard}: {line}"));
             }
         }
         Ok(out)

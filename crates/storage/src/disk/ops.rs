@@ -689,10 +689,13 @@ pub(super) fn apply_replicated(
             Default::default()
         };
         // Views (`views.rs`): the values their keys held before, counted against after.
-        let view_keys = if views.is_empty() {
-            Vec::new()
-        } else {
-            views.keys_of(&super::txn::mutation_keys(m).0)
+        let view_keys = match views.is_empty() {
+            true => Vec::new(),
+            false => match super::txn::mutation_keys(m) {
+                (keys, true) => views.keys_of(&keys),
+                // A read inside EXEC changes nothing.
+                (_, false) => Vec::new(),
+            },
         };
         let view_before = views.read(&t, &view_keys)?;
         replies.push(apply_one(
