@@ -397,7 +397,7 @@ const USER_HZ: f64 = 100.0;
 
 /// CPU seconds (user + system, every thread) the node processes have used so far; `None`
 /// when a node's `/proc` entry cannot be read (not Linux, or the node is gone).
-fn nodes_cpu_seconds(nodes: &[NodeProc]) -> Option<f64> {
+pub(crate) fn nodes_cpu_seconds(nodes: &[NodeProc]) -> Option<f64> {
     let mut total = 0.0;
     for n in nodes {
         let pid = n.child.as_ref()?.id();

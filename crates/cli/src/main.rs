@@ -4,6 +4,7 @@ mod bench;
 mod bench_ap;
 mod bench_changes;
 mod bench_txn;
+mod bench_views;
 mod changes;
 mod chaos;
 mod client;
@@ -157,6 +158,9 @@ enum BenchOp {
     /// Change streams: write throughput off vs on, commit-to-XREAD latency, catch-up rate.
     /// Example: capdb bench changes --seconds 5
     Changes(bench_changes::ChangesArgs),
+    /// Incremental views: SET throughput with 0, 1 and 4 views kept, and their cost.
+    /// Example: capdb bench views --seconds 5 --rounds 3
+    Views(bench_views::ViewsArgs),
 }
 
 #[derive(Subcommand)]
@@ -319,6 +323,9 @@ fn main() -> ExitCode {
             Command::Bench {
                 op: BenchOp::Changes(args),
             } => bench_changes::changes(args).await,
+            Command::Bench {
+                op: BenchOp::Views(args),
+            } => bench_views::views(args).await,
             Command::Version => {
                 println!("capdb {}", env!("CARGO_PKG_VERSION"));
                 Ok(())

@@ -1,0 +1,321 @@
+//! `capdb bench views`: what incremental views cost writes (issue 15: one synchronous view
+//! costs at most 10 % of write throughput), on a 3-node local cluster and a `cp` keyspace of
+//! 2 shards, in one run.
+//!
+//! `--clients` connections (spread over the nodes) send pipelines of 16 SETs of ~100-byte
+//! JSON orders (`{"c": country, "a": amount, ...}` under `o:`) for `--seconds`, with 0, 1 and
+//! 4 views of the keyspace kept (the 1: count, sum, min, max by country; the 4 add other
+//! groupings of the same keys), for `--rounds` rounds, the order of the settings alternating
+//! (throughput drifts down over a run as the files grow). Before a run with views they are
+//! created and waited for until built; after it they are dropped. Reported: the medians, each
+//! setting's cost against none, and the nodes' CPU time per write (user + system).
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use redis::aio::MultiplexedConnection;
+
+use crate::bench::{NodeProc, spawn_local_cluster};
+use crate::client::HttpClient;
+
+/// Options of `capdb bench views`.
+#[derive(clap::Args)]
+pub struct ViewsArgs {
+    /// Seconds per throughput run.
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+    /// Rounds (each: a run with 0, 1 and 4 views, the order alternating).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Connections of the throughput runs.
+    #[arg(long, default_value_t = 16)]
+    clients: usize,
+    /// Keep the cluster's data and logs in this directory (default: a temporary one).
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+}
+
+const KEYSPACE: &str = "orders";
+const SHARDS: usize = 2;
+const PIPELINE: usize = 16;
+const SETUP_DEADLINE: Duration = Duration::from_secs(60);
+/// The views of a run with 1 (the first) or 4.
+const VIEWS: [(&str, &str); 4] = [
+    (
+        "by_country",
+        r#"{"input": {"prefix": "o:"}, "map": {"group": [{"json": "$.c"}], "values": {"a": {"json": "$.a"}}},
+            "reduce": {"n": "count", "total": {"sum": "a"}, "low": {"min": "a"}, "high": {"max": "a"}}}"#,
+    ),
+    (
+        "by_client",
+        r#"{"input": {"prefix": "o:"}, "map": {"group": [{"key_part": {"sep": ":", "index": 1}}]},
+            "reduce": {"n": "count"}}"#,
+    ),
+    (
+        "by_sku",
+        r#"{"input": {"prefix": "o:"}, "map": {"group": [{"json": "$.sku"}], "values": {"a": {"json": "$.a"}}},
+            "reduce": {"mean": {"avg": "a"}}}"#,
+    ),
+    (
+        "all",
+        r#"{"input": {"prefix": "o:"}, "map": {"values": {"a": {"json": "$.a"}}},
+            "reduce": {"n": "count", "total": {"sum": "a"}}}"#,
+    ),
+];
+
+/// Runs `capdb bench views` (see the module doc).
+pub async fn views(args: ViewsArgs) -> Result<(), String> {
+    if args.seconds == 0 || args.clients == 0 || args.rounds == 0 {
+        return Err("--seconds, --clients and --rounds must be at least 1".into());
+    }
+    let binary = std::env::current_exe().map_err(|e| format!("cannot find this binary: {e}"))?;
+    let temp = args.work_dir.is_none();
+    let work = args.work_dir.clone().unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("capdb-bench-views-{}", std::process::id()))
+    });
+    std::fs::create_dir_all(&work).map_err(|e| format!("cannot create {}: {e}", work.display()))?;
+    eprintln!("starting a 3-node cluster in {}", work.display());
+    let mut nodes = spawn_local_cluster(&binary, &work, 3)?;
+    let result = run(&args, &nodes).await;
+    for n in &mut nodes {
+        n.kill9();
+    }
+    if temp && result.is_ok() {
+        let _ = std::fs::remove_dir_all(&work);
+    } else if result.is_err() {
+        eprintln!("node logs kept in {}", work.display());
+    }
+    result
+}
+
+async fn connect(addr: &str) -> Result<MultiplexedConnection, String> {
+    let client =
+        redis::Client::open(format!("redis://{addr}/")).map_err(|e| format!("{addr}: {e}"))?;
+    let config = redis::AsyncConnectionConfig::new().set_response_timeout(None);
+    let mut conn = client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+        .map_err(|e| format!("{addr}: {e}"))?;
+    redis::cmd("SELECT")
+        .arg(KEYSPACE)
+        .query_async::<()>(&mut conn)
+        .await
+        .map_err(|e| format!("{addr}: SELECT {KEYSPACE}: {e}"))?;
+    Ok(conn)
+}
+
+async fn setup(nodes: &[NodeProc]) -> Result<(), String> {
+    let http = HttpClient::new(&nodes[0].http, None)?;
+    let until = Instant::now() + SETUP_DEADLINE;
+    crate::bench::create_cp_keyspace(&http, KEYSPACE, SHARDS, until).await?;
+    // Every node can write to every shard before anything is timed.
+    for n in nodes {
+        let mut conn = loop {
+            match connect(&n.resp).await {
+                Ok(c) => break c,
+                Err(e) if Instant::now() > until => return Err(format!("node {}: {e}", n.id)),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        };
+        for i in 0..64 {
+            loop {
+                let done: redis::RedisResult<()> = redis::cmd("SET")
+                    .arg(format!("warm:{i}"))
+                    .arg("x")
+                    .query_async(&mut conn)
+                    .await;
+                match done {
+                    Ok(()) => break,
+                    Err(e) if Instant::now() > until => {
+                        return Err(format!("node {}: warm-up write: {e}", n.id));
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Creates the first `n` views and waits until they are built; drops the others.
+async fn keep_views(nodes: &[NodeProc], n: usize) -> Result<(), String> {
+    let mut conn = connect(&nodes[0].resp).await?;
+    for (i, (name, spec)) in VIEWS.iter().enumerate() {
+        if i < n {
+            redis::cmd("VIEW")
+                .arg("CREATE")
+                .arg(name)
+                .arg(spec)
+                .query_async::<redis::Value>(&mut conn)
+                .await
+                .map_err(|e| format!("VIEW CREATE {name}: {e}"))?;
+        } else {
+            redis::cmd("VIEW")
+                .arg("DROP")
+                .arg(name)
+                .query_async::<i64>(&mut conn)
+                .await
+                .map_err(|e| format!("VIEW DROP {name}: {e}"))?;
+        }
+    }
+    let until = Instant::now() + Duration::from_secs(600);
+    for (name, _) in VIEWS.iter().take(n) {
+        loop {
+            let info: redis::Value = redis::cmd("VIEW")
+                .arg("INFO")
+                .arg(name)
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| format!("VIEW INFO {name}: {e}"))?;
+            if format!("{info:?}").contains("\"ready\"") {
+                break;
+            }
+            if Instant::now() > until {
+                return Err(format!("view {name} not built in 10 min: {info:?}"));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    Ok(())
+}
+
+/// SET pipelines of JSON orders from `clients` connections for `seconds`: writes per second.
+async fn throughput(
+    nodes: &[NodeProc],
+    clients: usize,
+    seconds: u64,
+    round: usize,
+) -> Result<f64, String> {
+    let until = Instant::now() + Duration::from_secs(seconds);
+    let started = Instant::now();
+    let mut tasks = Vec::with_capacity(clients);
+    for c in 0..clients {
+        let mut conn = connect(&nodes[c % nodes.len()].resp).await?;
+        tasks.push(tokio::spawn(async move {
+            let mut done = 0u64;
+            let mut n = 0u64;
+            let mut rng = fastrand::Rng::with_seed((round * 1_000 + c) as u64);
+            while Instant::now() < until {
+                let mut pipe = redis::pipe();
+                for _ in 0..PIPELINE {
+                    let value = format!(
+                        r#"{{"c":"c{}","a":{}.{:02},"sku":"s{}","note":"bench order padding"}}"#,
+                        rng.u8(0..100),
+                        rng.u32(0..10_000),
+                        rng.u8(0..100),
+                        rng.u16(0..1_000)
+                    );
+                    pipe.cmd("SET").arg(format!("o:{c}:{round}:{n}")).arg(value);
+                    n += 1;
+                }
+                pipe.query_async::<()>(&mut conn)
+                    .await
+                    .map_err(|e| format!("SET pipeline: {e}"))?;
+                done += PIPELINE as u64;
+            }
+            Ok::<u64, String>(done)
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.map_err(|e| e.to_string())??;
+    }
+    Ok(total as f64 / started.elapsed().as_secs_f64())
+}
+
+async fn run(args: &ViewsArgs, nodes: &[NodeProc]) -> Result<(), String> {
+    setup(nodes).await?;
+    let settings = [0usize, 1, 4];
+    let mut ops: Vec<Vec<f64>> = vec![Vec::new(); settings.len()];
+    let mut cpu: Vec<Vec<f64>> = vec![Vec::new(); settings.len()];
+    for round in 0..args.rounds {
+        let mut order: Vec<usize> = (0..settings.len()).collect();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for s in order {
+            keep_views(nodes, settings[s]).await?;
+            let cpu_before = crate::bench_changes::nodes_cpu_seconds(nodes);
+            let w = throughput(nodes, args.clients, args.seconds, round).await?;
+            let c = cpu_before
+                .zip(crate::bench_changes::nodes_cpu_seconds(nodes))
+                .map(|(b, a)| (a - b) * 1e6 / (w * args.seconds as f64));
+            eprintln!(
+                "  SET pipelines, {} views: {w:.0} writes/s{}",
+                settings[s],
+                c.map(|c| format!(", {c:.0} µs of node CPU per write"))
+                    .unwrap_or_default()
+            );
+            ops[s].push(w);
+            if let Some(c) = c {
+                cpu[s].push(c);
+            }
+        }
+    }
+    let median = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        let mid = v.len() / 2;
+        match v.len() {
+            0 => f64::NAN,
+            n if n.is_multiple_of(2) => (v[mid - 1] + v[mid]) / 2.0,
+            _ => v[mid],
+        }
+    };
+    // The check the views were right all along: each equals what VERIFY recomputes.
+    keep_views(nodes, 4).await?;
+    let mut conn = connect(&nodes[1].resp).await?;
+    let mut drift = 0i64;
+    for (name, _) in VIEWS {
+        let v: redis::Value = redis::cmd("VIEW")
+            .arg("VERIFY")
+            .arg(name)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| format!("VIEW VERIFY {name}: {e}"))?;
+        let text = format!("{v:?}");
+        if !text.contains("int(0)") && !text.contains("Int(0)") {
+            drift += 1;
+            eprintln!("  VIEW VERIFY {name}: {text}");
+        }
+    }
+    println!();
+    println!(
+        "### Incremental views: write cost (3 nodes, cp keyspace of {SHARDS} shards x 3 replicas, {} clients x pipelines of {PIPELINE} SETs of ~100-byte JSON, {} s per run, {} rounds)",
+        args.clients, args.seconds, args.rounds
+    );
+    println!();
+    println!(
+        "| views kept | SET writes/s (median) | cost vs none | nodes' CPU per write | target | met |"
+    );
+    println!("|---|---:|---:|---:|---:|---|");
+    let base = median(&ops[0]);
+    let base_cpu = median(&cpu[0]);
+    for (i, n) in settings.iter().enumerate() {
+        let w = median(&ops[i]);
+        let cost = 1.0 - w / base;
+        let c = median(&cpu[i]);
+        let (target, met) = match n {
+            1 => ("<= 10 %", if cost <= 0.10 { "yes" } else { "**no**" }),
+            _ => ("", ""),
+        };
+        println!(
+            "| {n} | {w:.0} | {:.1} % | {c:.0} µs ({:+.1} %) | {target} | {met} |",
+            cost * 100.0,
+            (c / base_cpu - 1.0) * 100.0
+        );
+    }
+    println!();
+    println!(
+        "VIEW VERIFY after the runs: {}",
+        if drift == 0 {
+            "every view equals its recomputation".to_string()
+        } else {
+            format!("**{drift} views drifted**")
+        }
+    );
+    if drift > 0 {
+        return Err("a view drifted from its data".into());
+    }
+    Ok(())
+}
