@@ -661,3 +661,115 @@ fn capdb_job_run_follows_a_job_to_its_result_and_says_how_it_ended_in_its_exit_c
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("reduce.x"));
 }
+
+/// Submits `spec` as job `id` and waits for it to end: its status.
+fn run_job(
+    c: &mut redis::Connection,
+    id: &str,
+    spec: serde_json::Value,
+) -> BTreeMap<String, String> {
+    let mut spec = spec;
+    spec["id"] = json!(id);
+    let _: Value = redis::cmd("JOB")
+        .arg("SUBMIT")
+        .arg(spec.to_string())
+        .query(c)
+        .unwrap();
+    wait_ended(c, id)
+}
+
+#[test]
+fn a_lua_map_answers_as_the_built_ins_and_user_code_that_fails_fails_the_job_cleanly() {
+    let nodes = common::start_founders(3, |_| Vec::new());
+    create_keyspace(
+        nodes[0].http,
+        br#"{"name": "orders", "mode": "cp", "shards": 2}"#,
+    );
+    let mut c = nodes[0].client();
+    redis::cmd("SELECT")
+        .arg("orders")
+        .query::<()>(&mut c)
+        .unwrap();
+    let mut pipe = redis::pipe();
+    for i in 0..3_000i64 {
+        pipe.cmd("SET")
+            .arg(format!("o:{i:05}"))
+            .arg(json!({"country": format!("c{}", i % 5), "total": (i * 37) % 1_000}).to_string())
+            .ignore();
+    }
+    pipe.cmd("SET").arg("o:bad").arg("not json").ignore();
+    pipe.query::<()>(&mut c).unwrap();
+    let input = json!({"keyspace": "orders", "prefix": "o:"});
+    let reduce = json!({"n": "count", "revenue": {"sum": "t"}, "top": {"max": "t"}});
+    // The same job with built-in extractors and with a Lua map: the same rows.
+    let built_in = run_job(
+        &mut c,
+        "builtin",
+        json!({"input": input, "map": {"group": {"json": "$.country"}, "values": {"t": {"json": "$.total"}}}, "reduce": reduce}),
+    );
+    assert_eq!(built_in["state"], "done", "{built_in:?}");
+    let lua = r#"
+        function map(key, value)
+          local order = capdb.json_decode(value)
+          if order then emit(order.country, {t = order.total}) end
+        end"#;
+    let with_lua = run_job(
+        &mut c,
+        "lua",
+        json!({"input": input, "map": {"lua": {"source": lua}, "values": ["t"]}, "reduce": reduce}),
+    );
+    assert_eq!(with_lua["state"], "done", "{with_lua:?}");
+    let rows = |c: &mut redis::Connection, id: &str| -> serde_json::Value {
+        let raw: String = redis::cmd("JOB").arg("RESULT").arg(id).query(c).unwrap();
+        serde_json::from_str(&raw).unwrap()
+    };
+    let (a, b) = (rows(&mut c, "builtin"), rows(&mut c, "lua"));
+    assert_eq!(a, b);
+    assert_eq!(a.as_array().unwrap().len(), 5);
+    // User code that fails: the job fails at once, saying why, with the key and the line.
+    let error =
+        "function map(key, value)\n  if key == 'o:00042' then\n    error('bad order')\n  end\nend";
+    let looping = "function map(key, value) while true do end end";
+    let bomb = "function map(key, value) local t = {} while true do t[#t + 1] = string.rep('x', 1000000) end end";
+    for (id, source, want) in [
+        ("lua-error", error, vec!["o:00042", "bad order", ":3:"]),
+        ("lua-loop", looping, vec!["budget"]),
+        ("lua-bomb", bomb, vec!["memory"]),
+    ] {
+        let started = Instant::now();
+        let s = run_job(
+            &mut c,
+            id,
+            json!({"input": input, "map": {"lua": {"source": source}, "values": ["t"]}, "reduce": reduce}),
+        );
+        assert_eq!(s["state"], "failed", "{id}: {s:?}");
+        for w in want {
+            assert!(
+                s["reason"].contains(w),
+                "{id}: {w} not in {:?}",
+                s["reason"]
+            );
+        }
+        eprintln!("{id}: failed in {:?}: {}", started.elapsed(), s["reason"]);
+        // The node serves on, and a built-in job still runs to its end.
+        let v: String = redis::cmd("GET").arg("o:00001").query(&mut c).unwrap();
+        assert!(v.contains("country"));
+    }
+    let after = run_job(
+        &mut c,
+        "builtin-after",
+        json!({"input": input, "map": {"group": {"json": "$.country"}, "values": {"t": {"json": "$.total"}}}, "reduce": reduce}),
+    );
+    assert_eq!(after["state"], "done");
+    assert_eq!(rows(&mut c, "builtin-after"), a);
+    // A view cannot run Lua.
+    let e = redis::cmd("VIEW")
+        .arg("CREATE")
+        .arg("v")
+        .arg(
+            json!({"map": {"lua": {"source": lua}, "values": ["t"]}, "reduce": reduce}).to_string(),
+        )
+        .query::<Value>(&mut c)
+        .unwrap_err();
+    assert!(e.to_string().contains("Lua runs in jobs only"), "{e}");
+}

@@ -21,6 +21,7 @@
 //! this crate must never be linked by storage (user code stays off the apply path).
 
 pub mod coordinator;
+pub mod lua;
 pub mod plan;
 pub mod worker;
 

@@ -36,6 +36,14 @@ pub fn run(
     // `limits.scan_keys_per_s`, per task (a node-wide limit driven by foreground latency is
     // the design's next step): after each page the task sleeps until it is within the rate.
     let rate = spec.limits.scan_keys_per_s;
+    // A Lua map: one VM for the task, the source compiled once.
+    let mut lua = match &spec.lua {
+        Some(map) => Some(
+            crate::lua::LuaMapper::new(map, spec.values.keys().cloned().collect())
+                .map_err(TaskError::User)?,
+        ),
+        None => None,
+    };
     let plan = Plan::new(spec).map_err(|e| TaskError::User(e.to_string()))?;
     let mut partial = plan.partial();
     let mut after: Option<Bytes> = None;
@@ -57,10 +65,25 @@ pub fn run(
                 std::thread::sleep(ahead.min(std::time::Duration::from_millis(100)));
             }
         }
+        let at = |key: &[u8], e: String| {
+            TaskError::User(format!("key {:?}: {e}", String::from_utf8_lossy(key)))
+        };
         for (key, value) in &p.entries {
-            plan.add(&mut partial, key, value).map_err(|e| {
-                TaskError::User(format!("key {:?}: {e}", String::from_utf8_lossy(key)))
-            })?;
+            match lua.as_mut() {
+                None => plan
+                    .add(&mut partial, key, value)
+                    .map_err(|e| at(key, e.to_string()))?,
+                Some(m) => {
+                    if !plan.read_key(&mut partial, key, value) {
+                        continue;
+                    }
+                    // A user-code error fails the job at once, naming the key.
+                    for (group, numbers, rounded) in m.call(key, value).map_err(|e| at(key, e))? {
+                        plan.add_emit(&mut partial, &group, &numbers, rounded)
+                            .map_err(|e| at(key, e.to_string()))?;
+                    }
+                }
+            }
         }
         match p.next {
             Some(next) => after = Some(next),

@@ -206,6 +206,45 @@ impl Plan {
         Ok(())
     }
 
+    /// With a Lua map: counts one key read (the pattern judged here, as in [`Plan::add`]);
+    /// whether the map is to be called for it.
+    pub fn read_key(&self, p: &mut Partial, key: &[u8], value: &[u8]) -> bool {
+        if !self.spec.input.wants(key) {
+            return false;
+        }
+        p.keys += 1;
+        p.bytes += (key.len() + value.len()) as u64;
+        true
+    }
+
+    /// The value slot of a name in `map.values` (what a Lua emit's numbers are matched to).
+    pub fn value_slot(&self, name: &str) -> Option<usize> {
+        self.spec.values.keys().position(|n| n == name)
+    }
+
+    /// Adds one emit of a Lua map: its group's parts and a number per value slot (`None`:
+    /// the emit lacked it, and is skipped, counted as a key is).
+    pub fn add_emit(
+        &self,
+        p: &mut Partial,
+        group: &[Scalar],
+        numbers: &[Option<crate::num::Fixed>],
+        rounded: bool,
+    ) -> Result<(), JobError> {
+        let Some(numbers) = numbers.iter().copied().collect::<Option<Vec<_>>>() else {
+            p.skipped += 1;
+            return Ok(());
+        };
+        if rounded {
+            p.rounded += 1;
+        }
+        let mut encoded = Vec::new();
+        for s in group {
+            s.encode(&mut encoded);
+        }
+        self.add_to_group(p, encoded, &numbers, &[])
+    }
+
     /// The groups and numbers one key gives (what a view keeps; top-k and distinct elements
     /// aside), or `None` when an extractor of the group or of a value finds nothing (the key
     /// is skipped). The caller has checked [`crate::spec::Input::wants`].

@@ -120,6 +120,20 @@ pub struct Limits {
     pub groups_max: u64,
 }
 
+/// A user map function in Lua (`map.lua`): `function(key, value)` calling
+/// `emit(group, {name = number, ...})` any number of times; the names it may emit are
+/// declared in `map.values` (what the reducers read).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LuaMap {
+    /// The chunk defining the function (at most [`LUA_SOURCE_MAX`] bytes).
+    pub source: String,
+    /// The global the chunk defines (default `map`).
+    pub function: String,
+}
+
+/// Longest Lua source in a spec, in bytes.
+pub const LUA_SOURCE_MAX: usize = 48 * 1024;
+
 /// A checked job spec.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JobSpec {
@@ -127,8 +141,11 @@ pub struct JobSpec {
     pub input: Input,
     /// The group: a composite of these (none: one group for everything).
     pub group: Vec<Extractor>,
-    /// Named numbers the reducers take.
+    /// Named numbers the reducers take (with `lua`: the names its emits carry; the
+    /// extractors are unused placeholders).
     pub values: BTreeMap<String, Extractor>,
+    /// A Lua map instead of the extractors (`group` is then empty).
+    pub lua: Option<LuaMap>,
     pub reduce: BTreeMap<String, Reducer>,
     pub output: Output,
     pub limits: Limits,
@@ -208,7 +225,17 @@ impl JobSpec {
             }
         };
         let input = parse_input(top.get("input").unwrap_or(&Value::Null))?;
-        let (group, values) = parse_map(top.get("map").unwrap_or(&json!({})))?;
+        let (group, values, lua) = parse_map(top.get("map").unwrap_or(&json!({})))?;
+        if lua.is_some()
+            && let Some((name, _)) = reduce_json_kinds(top.get("reduce"))
+                .into_iter()
+                .find(|(_, kind)| kind == "topk" || kind == "distinct")
+        {
+            return err(
+                &format!("reduce.{name}"),
+                "a Lua map's job reduces its emitted numbers (count, sum, min, max, avg, stats)",
+            );
+        }
         let reduce = parse_reduce(top.get("reduce").unwrap_or(&Value::Null), &values)?;
         // A value no reducer reads would still skip the keys it is missing from.
         for name in values.keys() {
@@ -237,6 +264,7 @@ impl JobSpec {
             input,
             group,
             values,
+            lua,
             reduce,
             output,
             limits,
@@ -294,7 +322,13 @@ impl JobSpec {
         json!({
             "id": self.id,
             "input": input,
-            "map": {"group": group, "values": values},
+            "map": match &self.lua {
+                None => json!({"group": group, "values": values}),
+                Some(l) => json!({
+                    "lua": {"source": l.source, "function": l.function},
+                    "values": self.values.keys().collect::<Vec<_>>(),
+                }),
+            },
             "reduce": reduce,
             "output": output,
             "limits": {"max_s": self.limits.max_s, "scan_keys_per_s": self.limits.scan_keys_per_s,
@@ -310,6 +344,12 @@ impl JobSpec {
     pub fn check_view(&self) -> Result<(), SpecError> {
         if self.id.is_some() {
             return err("id", "a view is named by VIEW CREATE, not by its spec");
+        }
+        if self.lua.is_some() {
+            return err(
+                "map.lua",
+                "a view is kept inside every write; Lua runs in jobs only",
+            );
         }
         if self.input.expired != Expired::Include {
             return err(
@@ -503,8 +543,85 @@ fn extractor_json(e: &Extractor) -> Value {
     }
 }
 
-fn parse_map(v: &Value) -> Result<(Vec<Extractor>, BTreeMap<String, Extractor>), SpecError> {
-    let m = object(v, "map", &["group", "values"])?;
+/// Each reducer's name and kind (`count`, `sum`, `topk`, ...) as written, for checks made
+/// before the reducers are parsed.
+fn reduce_json_kinds(v: Option<&Value>) -> Vec<(String, String)> {
+    v.and_then(Value::as_object)
+        .map(|m| {
+            m.iter()
+                .map(|(name, r)| {
+                    let kind = match r {
+                        Value::String(s) => s.clone(),
+                        Value::Object(o) => o.keys().next().cloned().unwrap_or_default(),
+                        _ => String::new(),
+                    };
+                    (name.clone(), kind)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+type ParsedMap = (Vec<Extractor>, BTreeMap<String, Extractor>, Option<LuaMap>);
+
+fn parse_map(v: &Value) -> Result<ParsedMap, SpecError> {
+    let m = object(v, "map", &["group", "values", "lua"])?;
+    if let Some(l) = m.get("lua").filter(|l| !l.is_null()) {
+        if m.get("group").is_some_and(|g| !g.is_null()) {
+            return err(
+                "map.group",
+                "a Lua map gives the group itself (emit's first argument)",
+            );
+        }
+        let lm = object(l, "map.lua", &["source", "function"])?;
+        let source = string(lm.get("source").unwrap_or(&Value::Null), "map.lua.source")?;
+        if source.len() > LUA_SOURCE_MAX {
+            return err(
+                "map.lua.source",
+                format!("longer than {LUA_SOURCE_MAX} bytes"),
+            );
+        }
+        let function = match lm.get("function") {
+            None | Some(Value::Null) => "map",
+            Some(f) => string(f, "map.lua.function")?,
+        };
+        if function.is_empty()
+            || !function
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            || function.as_bytes()[0].is_ascii_digit()
+        {
+            return err("map.lua.function", "a Lua global name");
+        }
+        let mut values = BTreeMap::new();
+        match m.get("values") {
+            None | Some(Value::Null) => {}
+            Some(Value::Array(names)) => {
+                if names.len() > VALUES_MAX {
+                    return err("map.values", format!("at most {VALUES_MAX}"));
+                }
+                for (i, n) in names.iter().enumerate() {
+                    let at = format!("map.values[{i}]");
+                    let name = string(n, &at)?;
+                    if !name_ok(name) {
+                        return err(&at, "a name is 1 to 64 of A-Z a-z 0-9 _ -");
+                    }
+                    values.insert(name.to_string(), Extractor::Const(Scalar::Null));
+                }
+            }
+            Some(_) => {
+                return err(
+                    "map.values",
+                    "with a Lua map: the names its emits carry, as an array",
+                );
+            }
+        }
+        let lua = LuaMap {
+            source: source.to_string(),
+            function: function.to_string(),
+        };
+        return Ok((Vec::new(), values, Some(lua)));
+    }
     let group = match m.get("group") {
         None | Some(Value::Null) => Vec::new(),
         Some(Value::Array(parts)) => parts
@@ -543,7 +660,7 @@ fn parse_map(v: &Value) -> Result<(Vec<Extractor>, BTreeMap<String, Extractor>),
             values.insert(name.clone(), e);
         }
     }
-    Ok((group, values))
+    Ok((group, values, None))
 }
 
 fn parse_reduce(
