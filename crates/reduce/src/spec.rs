@@ -380,6 +380,18 @@ impl JobSpec {
                 "a view keeps count, sum, avg, min and max (stats, topk and distinct: a job)",
             );
         }
+        if self.limits
+            != (Limits {
+                max_s: MAX_S_DEFAULT,
+                scan_keys_per_s: None,
+                groups_max: GROUPS_MAX_DEFAULT,
+            })
+        {
+            return err(
+                "limits",
+                "a view has no limits of its own: it keeps up to 1,000,000 groups per shard",
+            );
+        }
         let plain = Output {
             to: Destination::Result,
             order_by: None,

@@ -408,6 +408,20 @@ impl Groups {
             self.wait_for_locks(group, &table, &table.command_keys(args))
                 .await?;
         }
+        // `VIEW VERIFY` scans the whole shard: on a thread that may block, never on the
+        // runtime's workers (on 2 cores, a worker busy for seconds starves the Raft
+        // heartbeats of every group and leaders fall).
+        let scans_shard = args
+            .first()
+            .is_some_and(|a| a.as_ref() == capdb_storage::disk::VIEWS_QUERY.as_bytes())
+            && args.get(1).is_some_and(|s| s.as_ref() == b"verify");
+        if scans_shard {
+            let args = args.to_vec();
+            return tokio::task::spawn_blocking(move || table.query(&args, now_ms, seed))
+                .await
+                .map_err(|e| ForwardError::Db(capdb_types::Error::Io(e.to_string())))?
+                .map_err(ForwardError::Db);
+        }
         table.query(args, now_ms, seed).map_err(ForwardError::Db)
     }
 

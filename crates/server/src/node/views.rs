@@ -36,9 +36,10 @@ use super::Node;
 
 /// How often a node looks for views to build or purge on the shards it leads.
 pub const VIEW_WORK_PERIOD: Duration = Duration::from_millis(500);
-/// Steps one view gets per period before the others get theirs (a round is bounded; the
-/// next round goes on at once while work is left).
-pub const STEPS_PER_ROUND: usize = 16;
+/// The pause after each round of steps (one per view and shard being built or purged): a
+/// build goes at most 4,096 keys per pause per shard (about 200,000 keys/s), and never
+/// takes the writer from the shard's own writes for long.
+pub const STEP_PAUSE: Duration = Duration::from_millis(20);
 /// Groups one `VIEW GET` answers at most (a page; `AFTER` reads on).
 pub const GET_COUNT_MAX: usize = 10_000;
 
@@ -304,6 +305,17 @@ impl Node {
     ) -> Result<ViewRead> {
         let shards = self.view_keyspace(ks)?;
         let count = count.clamp(1, GET_COUNT_MAX);
+        // A group named twice is read once (merging it twice would count it twice).
+        let mut unique: Vec<Bytes> = Vec::with_capacity(groups.len());
+        for g in groups {
+            if !unique.contains(g) {
+                unique.push(g.clone());
+            }
+            if unique.len() > GET_COUNT_MAX {
+                break;
+            }
+        }
+        let groups = &unique[..];
         if groups.len() > GET_COUNT_MAX {
             return Err(Error::Command(format!(
                 "ERR at most {GET_COUNT_MAX} groups per VIEW GET"
@@ -354,7 +366,13 @@ impl Node {
                 groups
                     .iter()
                     .map(|a| group_bytes(&p, a).map(Bytes::from))
-                    .collect::<Result<Vec<_>>>()?,
+                    .collect::<Result<Vec<_>>>()
+                    .map(|mut gs| {
+                        // `5` and `"5"`... may name one group twice once encoded.
+                        gs.sort();
+                        gs.dedup();
+                        gs
+                    })?,
             )
         };
         let mut shard_rows = Vec::with_capacity(shards.len());
@@ -464,8 +482,10 @@ impl Node {
                     .map_err(|e| Error::Corruption(format!("a view row: {e}")))?;
                 let mut one = plan.partial();
                 one.insert_group(group.to_vec(), row.accs);
-                plan.merge(&mut merged, &one)
-                    .map_err(|e| Error::Corruption(e.to_string()))?;
+                plan.merge(&mut merged, &one).map_err(|e| match e {
+                    capdb_reduce::JobError::Corrupt(why) => Error::Corruption(why),
+                    other => Error::Command(format!("ERR {other}")),
+                })?;
             }
         }
         read.next = if more { last.map(Bytes::from) } else { None };
@@ -507,69 +527,26 @@ impl Node {
 /// Builds and purges the views of the shards this node leads, forever (see the module doc).
 pub async fn view_work(node: Arc<Node>) {
     loop {
-        tokio::time::sleep(VIEW_WORK_PERIOD).await;
-        loop {
-            if node.is_shutting_down() {
-                return;
-            }
-            let work = node.groups.views_work_led();
-            if work.is_empty() {
-                break;
-            }
-            let mut progressed = false;
-            for (group, cmd) in work {
-                let mut cmd = cmd;
-                for _ in 0..STEPS_PER_ROUND {
-                    let next = match node.groups.view(group, cmd.clone()).await {
-                        Ok(Ok(reply)) => next_step(&cmd, &reply),
-                        Ok(Err(e)) => {
-                            tracing::debug!(group, error = %e, "view step refused");
-                            None
-                        }
-                        Err(e) => {
-                            // Tried again next period (by whoever leads then).
-                            tracing::debug!(group, error = %e, "view step not applied");
-                            None
-                        }
-                    };
-                    match next {
-                        Some(n) => {
-                            progressed = true;
-                            cmd = n;
-                        }
-                        None => break,
-                    }
-                }
-            }
-            if !progressed {
-                break;
+        if node.is_shutting_down() {
+            return;
+        }
+        // Read from the shards each time: a step's successor is in its answer and in the
+        // stored cursor alike, and a shard whose leadership moved drops out here.
+        let work = node.groups.views_work_led();
+        if work.is_empty() {
+            tokio::time::sleep(VIEW_WORK_PERIOD).await;
+            continue;
+        }
+        // One step per view and shard, then a pause: the writes this shard serves come
+        // first (a step is 4,096 keys or rows in one storage transaction, on every replica).
+        for (group, cmd) in work {
+            match node.groups.view(group, cmd).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::debug!(group, error = %e, "view step refused"),
+                // Tried again next time (by whoever leads then).
+                Err(e) => tracing::debug!(group, error = %e, "view step not applied"),
             }
         }
-    }
-}
-
-/// The step after `cmd` answered `reply`, while there is one.
-fn next_step(cmd: &ViewCommand, reply: &Reply) -> Option<ViewCommand> {
-    match (cmd, reply) {
-        (
-            ViewCommand::Backfill {
-                name, generation, ..
-            },
-            Reply::Array(v),
-        ) => match &v[..] {
-            [Reply::Bulk(state), cursor] if &state[..] == b"building" => {
-                Some(ViewCommand::Backfill {
-                    name: name.clone(),
-                    generation: *generation,
-                    after: match cursor {
-                        Reply::Bulk(c) => Some(c.clone()),
-                        _ => None,
-                    },
-                })
-            }
-            _ => None,
-        },
-        (ViewCommand::Purge { .. }, Reply::Integer(n)) if *n > 0 => Some(cmd.clone()),
-        _ => None,
+        tokio::time::sleep(STEP_PAUSE).await;
     }
 }
