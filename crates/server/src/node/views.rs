@@ -36,9 +36,9 @@ use super::Node;
 
 /// How often a node looks for views to build or purge on the shards it leads.
 pub const VIEW_WORK_PERIOD: Duration = Duration::from_millis(500);
-/// The pause after each round of steps (one per view and shard being built or purged): a
-/// build goes at most 4,096 keys per pause per shard (about 200,000 keys/s), and never
-/// takes the writer from the shard's own writes for long.
+/// The least pause after each round of steps (one per view and shard being built or
+/// purged; the pause is at least three times the round): a build goes at most 4,096 keys
+/// per pause per shard (about 200,000 keys/s), and takes at most a quarter of the time.
 pub const STEP_PAUSE: Duration = Duration::from_millis(20);
 /// Groups one `VIEW GET` answers at most (a page; `AFTER` reads on).
 pub const GET_COUNT_MAX: usize = 10_000;
@@ -537,8 +537,11 @@ pub async fn view_work(node: Arc<Node>) {
             tokio::time::sleep(VIEW_WORK_PERIOD).await;
             continue;
         }
-        // One step per view and shard, then a pause: the writes this shard serves come
-        // first (a step is 4,096 keys or rows in one storage transaction, on every replica).
+        // One step per view and shard, then a pause of at least three times what the steps
+        // took: the writes the shards serve come first (a step is 4,096 keys or rows in one
+        // storage transaction, on every replica; with many views or large values it takes
+        // tens of ms, and the writer is the node's).
+        let started = std::time::Instant::now();
         for (group, cmd) in work {
             match node.groups.view(group, cmd).await {
                 Ok(Ok(_)) => {}
@@ -547,6 +550,6 @@ pub async fn view_work(node: Arc<Node>) {
                 Err(e) => tracing::debug!(group, error = %e, "view step not applied"),
             }
         }
-        tokio::time::sleep(STEP_PAUSE).await;
+        tokio::time::sleep(STEP_PAUSE.max(started.elapsed() * 3)).await;
     }
 }

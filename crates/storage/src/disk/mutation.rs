@@ -46,7 +46,9 @@ pub(super) enum Written {
 /// Applies one mutation inside the writer's transaction. `Err` only for storage failures
 /// (which abort the batch); semantic failures come back as `Ok(Err(..))`. `changed`, when
 /// given, receives the keys the mutation changed (WATCH's touched rows); `written`, when
-/// given, what a key-level mutation that changed its key left there.
+/// given, what a key-level mutation that changed its key left there; `prior`, when given,
+/// the record a key-level mutation found (expired or not; `None`: none, or corrupt), which
+/// views count from without reading the key again.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn apply_one<'txn>(
     x: &Exec<'txn>,
@@ -58,6 +60,7 @@ pub(super) fn apply_one<'txn>(
     timestamp: Option<Timestamp>,
     changed: Option<&mut Vec<bytes::Bytes>>,
     written: Option<&mut Option<Written>>,
+    prior: Option<&mut Option<Value>>,
 ) -> Result<Result<Reply>> {
     let stamp = || timestamp.unwrap_or_else(|| x.hlc.now());
     let key = &m.key()[..];
@@ -103,6 +106,9 @@ pub(super) fn apply_one<'txn>(
         .get(key)
         .map_err(io_err)?
         .map(|raw| Value::decode(raw.value()));
+    if let (Some(p), Some(Ok(v))) = (prior, &stored) {
+        *p = Some(v.clone());
+    }
     let current = match &stored {
         None => None,
         Some(Ok(v)) => v.is_live(now_ms).then(|| v.clone()),

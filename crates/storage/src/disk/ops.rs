@@ -504,7 +504,7 @@ fn apply_mutations(
     let mut replies = Vec::with_capacity(mutations.len());
     for m in mutations {
         replies.push(apply_one(
-            x, table, &mut t, m, tombstones, now_ms, None, None, None,
+            x, table, &mut t, m, tombstones, now_ms, None, None, None, None,
         )?);
     }
     Ok(Output::Replies(replies))
@@ -697,7 +697,14 @@ pub(super) fn apply_replicated(
                 (_, false) => Vec::new(),
             },
         };
-        let view_before = views.read(&t, &view_keys)?;
+        // A key-level mutation tells what it found and what it left: no read of its own.
+        let direct = !view_keys.is_empty() && !matches!(m, Mutation::Exec { .. });
+        let view_before = if direct {
+            Vec::new()
+        } else {
+            views.read(&t, &view_keys)?
+        };
+        let mut prior = None;
         replies.push(apply_one(
             x,
             table,
@@ -707,9 +714,18 @@ pub(super) fn apply_replicated(
             *now_ms,
             Some(*ts),
             track.then_some(&mut changed),
-            changes.is_on().then_some(&mut written),
+            (changes.is_on() || direct).then_some(&mut written),
+            direct.then_some(&mut prior),
         )?);
-        if !view_keys.is_empty() {
+        if direct {
+            let before = prior.and_then(super::views::counted);
+            let after = match &written {
+                Some(super::mutation::Written::Put(v)) => super::views::counted(v.clone()),
+                Some(super::mutation::Written::Removed) => None,
+                None => before.clone(),
+            };
+            views.account_one(&view_keys[0], before, after)?;
+        } else if !view_keys.is_empty() {
             views.account(&t, &view_keys, view_before)?;
         }
         if changes.is_on() && !changed.is_empty() {

@@ -271,19 +271,30 @@ impl ViewSet {
     ) -> Result<()> {
         for (key, before) in keys.iter().zip(before) {
             let after = counted_value(t, key)?;
-            if before == after {
+            self.account_one(key, before, after)?;
+        }
+        Ok(())
+    }
+
+    /// Counts the change of one key from `before` to `after` (the values a view counts).
+    pub(super) fn account_one(
+        &mut self,
+        key: &[u8],
+        before: Option<Bytes>,
+        after: Option<Bytes>,
+    ) -> Result<()> {
+        if before == after {
+            return Ok(());
+        }
+        for vi in 0..self.views.len() {
+            if !self.views[vi].live_for(key) {
                 continue;
             }
-            for vi in 0..self.views.len() {
-                if !self.views[vi].live_for(key) {
-                    continue;
-                }
-                if let Some(v) = &before {
-                    self.contribute(vi, key, v, -1)?;
-                }
-                if let Some(v) = &after {
-                    self.contribute(vi, key, v, 1)?;
-                }
+            if let Some(v) = &before {
+                self.contribute(vi, key, v, -1)?;
+            }
+            if let Some(v) = &after {
+                self.contribute(vi, key, v, 1)?;
             }
         }
         Ok(())
@@ -349,6 +360,11 @@ fn counted_value(
         return Ok(None);
     };
     Ok(decoded_string(key, raw.value()))
+}
+
+/// A record's string value, if it is one a view counts (not a tombstone; expired or not).
+pub(super) fn counted(v: capdb_types::value::Value) -> Option<Bytes> {
+    (!v.header.tombstone && v.is_string()).then_some(v.data)
 }
 
 /// A stored record's string value, if it is one a view counts. A record that does not
