@@ -26,15 +26,17 @@ use serde::{Deserialize, Serialize};
 pub const VIEWS_MAX: usize = 16;
 /// Longest view name, in bytes (`[A-Za-z0-9_-]`, as a job id).
 pub const VIEW_NAME_MAX: usize = 64;
-/// Keys one backfill entry adds, and bytes of them (after one key).
-pub const BACKFILL_KEYS_MAX: usize = 4_096;
-pub const BACKFILL_BYTES_MAX: usize = 4 << 20;
+/// Keys one backfill entry adds, and bytes of them (after one key): small enough that an
+/// entry holds the node's storage writer for milliseconds, not the tens a view with
+/// min/max over a large table takes per 4,096 keys (each key a row in a large multiset).
+pub const BACKFILL_KEYS_MAX: usize = 1_024;
+pub const BACKFILL_BYTES_MAX: usize = 1 << 20;
 /// Groups a view keeps per shard, and min/max multiset rows: past either the view turns
 /// `overflow` (reads refuse it; VIEW DROP and a narrower spec are the way out).
 pub const VIEW_GROUPS_MAX: i64 = 1_000_000;
 pub const VIEW_MINMAX_ROWS_MAX: i64 = 1_000_000;
 /// Rows one [`ViewCommand::Purge`] entry deletes.
-pub const PURGE_ROWS_MAX: usize = 4_096;
+pub const PURGE_ROWS_MAX: usize = 1_024;
 
 /// Whether `name` is a valid view name.
 pub fn name_is_valid(name: &[u8]) -> bool {

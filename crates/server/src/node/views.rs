@@ -16,7 +16,7 @@
 //!
 //! Every [`VIEW_WORK_PERIOD`] each node looks, on the shards it leads (a local read), for
 //! views being built and dropped generations with rows left, and proposes the next
-//! `Backfill` (≤ 4,096 keys each, applied on every replica) or `Purge` step. A step carries
+//! `Backfill` (≤ 1,024 keys each, applied on every replica) or `Purge` step. A step carries
 //! the cursor it continues from, so a leader change or a repeated proposal changes nothing.
 
 use std::sync::Arc;
@@ -37,9 +37,9 @@ use super::Node;
 /// How often a node looks for views to build or purge on the shards it leads.
 pub const VIEW_WORK_PERIOD: Duration = Duration::from_millis(500);
 /// The least pause after each round of steps (one per view and shard being built or
-/// purged; the pause is at least three times the round): a build goes at most 4,096 keys
+/// purged; the pause is at least three times the round): a build goes at most 1,024 keys
 /// per pause per shard (about 200,000 keys/s), and takes at most a quarter of the time.
-pub const STEP_PAUSE: Duration = Duration::from_millis(20);
+pub const STEP_PAUSE: Duration = Duration::from_millis(5);
 /// Groups one `VIEW GET` answers at most (a page; `AFTER` reads on).
 pub const GET_COUNT_MAX: usize = 10_000;
 
@@ -538,7 +538,7 @@ pub async fn view_work(node: Arc<Node>) {
             continue;
         }
         // One step per view and shard, then a pause of at least three times what the steps
-        // took: the writes the shards serve come first (a step is 4,096 keys or rows in one
+        // took: the writes the shards serve come first (a step is 1,024 keys or rows in one
         // storage transaction, on every replica; with many views or large values it takes
         // tens of ms, and the writer is the node's).
         let started = std::time::Instant::now();

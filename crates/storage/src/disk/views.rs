@@ -131,6 +131,29 @@ fn int(raw: &[u8]) -> Result<i64> {
         .map_err(|_| Error::Corruption("a view's min/max row".into()))
 }
 
+/// Plans made from view specs, most recent first: a storage job loads its shard's views
+/// each time, and parsing a spec costs more than a batch of writes' share of it. Pure (a
+/// spec's text gives one plan), so a cache changes nothing but time.
+static PLANS: std::sync::Mutex<Vec<(String, std::sync::Arc<Plan>)>> =
+    std::sync::Mutex::new(Vec::new());
+/// Plans the cache holds (views per keyspace × a few keyspaces).
+const PLANS_CACHED_MAX: usize = 256;
+
+fn plan_of(spec: &str) -> std::result::Result<std::sync::Arc<Plan>, String> {
+    let mut cache = PLANS.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(i) = cache.iter().position(|(s, _)| s == spec) {
+        let hit = cache.remove(i);
+        let plan = hit.1.clone();
+        cache.insert(0, hit);
+        return Ok(plan);
+    }
+    let parsed = JobSpec::parse(spec.as_bytes()).map_err(|e| e.to_string())?;
+    let plan = std::sync::Arc::new(Plan::new(parsed).map_err(|e| e.to_string())?);
+    cache.insert(0, (spec.to_string(), plan.clone()));
+    cache.truncate(PLANS_CACHED_MAX);
+    Ok(plan)
+}
+
 /// One group's row on one shard.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Row {
@@ -154,7 +177,7 @@ pub struct Counts {
 struct Loaded {
     name: Bytes,
     def: ViewDef,
-    plan: Plan,
+    plan: std::sync::Arc<Plan>,
     /// Reducer index and value slot of each min and max.
     minmax: Vec<(u8, usize)>,
     /// Value slot of each reducer that takes a number (sum, avg), by reducer index.
@@ -163,10 +186,8 @@ struct Loaded {
 
 impl Loaded {
     fn new(name: Bytes, def: ViewDef) -> Result<Loaded> {
-        let spec = JobSpec::parse(def.spec.as_bytes())
+        let plan = plan_of(&def.spec)
             .map_err(|e| Error::Corruption(format!("view {name:?}'s spec: {e}")))?;
-        let plan =
-            Plan::new(spec).map_err(|e| Error::Corruption(format!("view {name:?}'s spec: {e}")))?;
         let mut minmax = Vec::new();
         let mut slots = Vec::new();
         for (i, (_, r, slot)) in plan.reducers().enumerate() {
