@@ -6,7 +6,11 @@
 //! - Only the `string`, `table`, `math` and `utf8` libraries, without `string.dump`,
 //!   `math.random`/`randomseed` (a retried or speculative task must compute what the first
 //!   attempt did), and no `load`, `loadfile`, `dofile`, `require`, `collectgarbage`, `print`.
-//!   No `io`, `os` or `debug`: the function sees its key and value and nothing else.
+//!   No `io`, `os`, `debug` or coroutines: the function sees its key and value and nothing
+//!   else. No `pcall`/`xpcall` (they would catch the budget's error and run on) and no
+//!   metatables (`setmetatable`, `getmetatable`, `rawset`...: a `__len`, `__index` or `__gc`
+//!   runs code where no budget reaches, and the string metatable would reach the unbounded
+//!   pattern functions). Once a call's budget is spent, every later hook fails it again.
 //! - Memory: [`MEMORY_MAX`] per VM (the allocator refuses past it: the call fails with a
 //!   memory error, the process is untouched).
 //! - Time: a hook every [`HOOK_EVERY`] instructions fails the call past
@@ -14,9 +18,14 @@
 //!   bounds the rest.
 //! - Output: at most [`EMITS_PER_KEY_MAX`] emits per key.
 //!
-//! C functions run without hooks: `string.rep` and `table.concat` are bounded by the memory
-//! cap; the pattern functions (`find`, `match`, `gmatch`, `gsub`) refuse subjects longer than
-//! [`PATTERN_SUBJECT_MAX`], which bounds their backtracking.
+//! C functions run without hooks, so the ones that can loop long are bounded by their
+//! arguments: `string.rep` and `table.move` at [`REPEAT_MAX`] (and the memory cap), the
+//! pattern functions (`find`, `match`, `gmatch`, `gsub`) at subjects of
+//! [`PATTERN_SUBJECT_MAX`] bytes and patterns of at most one quantifier (their
+//! backtracking grows as the subject's length to the power of the quantifiers), and the
+//! given functions at their inputs ([`HELPER_INPUT_MAX`]). What Rust keeps of a call is
+//! bounded too: group parts of at most [`GROUP_PART_BYTES_MAX`] bytes, [`GROUP_PARTS_MAX`]
+//! parts, and an error message of at most [`ERROR_BYTES_MAX`] bytes.
 //!
 //! # What the function does
 //!
@@ -46,7 +55,16 @@ pub const CALL_WALL_MAX: Duration = Duration::from_secs(1);
 /// Emits one call may make.
 pub const EMITS_PER_KEY_MAX: usize = 10_000;
 /// Longest subject the pattern functions accept.
-pub const PATTERN_SUBJECT_MAX: usize = 64 * 1024;
+pub const PATTERN_SUBJECT_MAX: usize = 8 * 1024;
+/// Most repetitions `string.rep` makes and elements `table.move` moves.
+pub const REPEAT_MAX: i64 = 1 << 24;
+/// Longest input `capdb.json_decode` and `capdb.key_part` take (and separator: 64 bytes).
+pub const HELPER_INPUT_MAX: usize = 1 << 20;
+/// A group part's bytes, and parts per group.
+pub const GROUP_PART_BYTES_MAX: usize = 1_024;
+pub const GROUP_PARTS_MAX: usize = 8;
+/// A user error's message, as far as the job records it.
+pub const ERROR_BYTES_MAX: usize = 512;
 /// Deepest JSON `capdb.json_decode` turns into tables.
 pub const JSON_DEPTH_MAX: usize = 64;
 
@@ -65,12 +83,25 @@ pub struct LuaMapper {
 }
 
 fn text(e: &mlua::Error) -> String {
+    let mut s = text_whole(e);
+    if s.len() > ERROR_BYTES_MAX {
+        let mut cut = ERROR_BYTES_MAX;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+        s.push_str("...");
+    }
+    s
+}
+
+fn text_whole(e: &mlua::Error) -> String {
     match e {
         mlua::Error::MemoryError(_) => format!(
             "memory: past the {} MiB a Lua VM may hold",
             MEMORY_MAX >> 20
         ),
-        mlua::Error::CallbackError { cause, .. } => text(cause),
+        mlua::Error::CallbackError { cause, .. } => text_whole(cause),
         other => {
             // The message with its `[string "map"]:LINE:` position, without the traceback.
             let s = other.to_string();
@@ -104,6 +135,14 @@ impl LuaMapper {
             "require",
             "collectgarbage",
             "print",
+            "pcall",
+            "xpcall",
+            "setmetatable",
+            "getmetatable",
+            "rawset",
+            "rawget",
+            "rawequal",
+            "rawlen",
         ] {
             g.raw_set(name, Value::Nil).map_err(setup)?;
         }
@@ -112,7 +151,7 @@ impl LuaMapper {
         let math: Table = g.get("math").map_err(setup)?;
         math.raw_set("random", Value::Nil).map_err(setup)?;
         math.raw_set("randomseed", Value::Nil).map_err(setup)?;
-        // The pattern functions, behind a bound on their subject.
+        // The pattern functions, behind bounds on their subject and pattern.
         for f in ["find", "match", "gmatch", "gsub"] {
             let inner: Function = string.get(f).map_err(setup)?;
             let bounded = lua
@@ -124,33 +163,86 @@ impl LuaMapper {
                             "string.{f}: a subject longer than {PATTERN_SUBJECT_MAX} bytes"
                         )));
                     }
+                    let plain =
+                        f == "find" && args.get(3).is_some_and(|p| p.as_boolean() == Some(true));
+                    if let (Some(Value::String(p)), false) = (args.get(1), plain)
+                        && quantifiers(&p.as_bytes()) > 1
+                    {
+                        return Err(mlua::Error::runtime(format!(
+                            "string.{f}: a pattern with more than one quantifier (* + - ?)"
+                        )));
+                    }
                     inner.call::<mlua::MultiValue>(args)
                 })
                 .map_err(setup)?;
             string.raw_set(f, bounded).map_err(setup)?;
         }
+        // `string.rep` and `table.move` loop in C over counts the caller chooses.
+        let rep: Function = string.get("rep").map_err(setup)?;
+        let bounded_rep = lua
+            .create_function(
+                move |_, (s, n, sep): (mlua::LuaString, i64, Option<mlua::LuaString>)| {
+                    let unit = s.as_bytes().len() + sep.as_ref().map_or(0, |x| x.as_bytes().len());
+                    if n > REPEAT_MAX || (n > 0 && unit.saturating_mul(n as usize) > MEMORY_MAX) {
+                        return Err(mlua::Error::runtime(format!(
+                            "string.rep: more than {REPEAT_MAX} repetitions or {} MiB",
+                            MEMORY_MAX >> 20
+                        )));
+                    }
+                    rep.call::<Value>((s, n, sep))
+                },
+            )
+            .map_err(setup)?;
+        string.raw_set("rep", bounded_rep).map_err(setup)?;
+        let table: Table = g.get("table").map_err(setup)?;
+        let mv: Function = table.get("move").map_err(setup)?;
+        let bounded_move = lua
+            .create_function(move |_, args: mlua::MultiValue| {
+                let int = |i: usize| match args.get(i) {
+                    Some(Value::Integer(n)) => Some(*n),
+                    _ => None,
+                };
+                if let (Some(f), Some(e)) = (int(1), int(2))
+                    && e.saturating_sub(f) >= REPEAT_MAX
+                {
+                    return Err(mlua::Error::runtime(format!(
+                        "table.move: more than {REPEAT_MAX} elements"
+                    )));
+                }
+                mv.call::<Value>(args)
+            })
+            .map_err(setup)?;
+        table.raw_set("move", bounded_move).map_err(setup)?;
         let emitted: Rc<RefCell<Vec<Emit>>> = Rc::default();
         let sink = emitted.clone();
         let emit = lua
             .create_function(move |_, (group, values): (Value, Option<Table>)| {
-                let mut out = sink.borrow_mut();
-                if out.len() >= EMITS_PER_KEY_MAX {
+                if sink.borrow().len() >= EMITS_PER_KEY_MAX {
                     return Err(mlua::Error::runtime(format!(
                         "emit: more than {EMITS_PER_KEY_MAX} emits for one key"
                     )));
                 }
+                // Raw reads only (no metatables run here), every part up to the array's
+                // length, nil parts as null.
                 let parts = match group {
-                    Value::Table(t) => t
-                        .sequence_values::<Value>()
-                        .map(|v| v.and_then(|v| scalar(&v)))
-                        .collect::<mlua::Result<Vec<_>>>()?,
+                    Value::Table(t) => {
+                        let n = t.raw_len();
+                        if n > GROUP_PARTS_MAX {
+                            return Err(mlua::Error::runtime(format!(
+                                "emit: a group of more than {GROUP_PARTS_MAX} parts"
+                            )));
+                        }
+                        (1..=n)
+                            .map(|i| t.raw_get::<Value>(i).and_then(|v| scalar(&v)))
+                            .collect::<mlua::Result<Vec<_>>>()?
+                    }
                     other => vec![scalar(&other)?],
                 };
                 let mut rounded = false;
                 let mut numbers = Vec::with_capacity(names.len());
                 for n in &names {
                     let v = match &values {
-                        Some(t) => t.get::<Value>(n.as_str())?,
+                        Some(t) => t.raw_get::<Value>(n.as_str())?,
                         None => Value::Nil,
                     };
                     numbers.push(number(&v).map(|(x, r)| {
@@ -158,7 +250,7 @@ impl LuaMapper {
                         x
                     }));
                 }
-                out.push((parts, numbers, rounded));
+                sink.borrow_mut().push((parts, numbers, rounded));
                 Ok(())
             })
             .map_err(setup)?;
@@ -168,6 +260,11 @@ impl LuaMapper {
             .raw_set(
                 "json_decode",
                 lua.create_function(|lua, s: mlua::LuaString| {
+                    if s.as_bytes().len() > HELPER_INPUT_MAX {
+                        return Err(mlua::Error::runtime(format!(
+                            "capdb.json_decode: a text longer than {HELPER_INPUT_MAX} bytes"
+                        )));
+                    }
                     match serde_json::from_slice::<serde_json::Value>(&s.as_bytes()) {
                         Ok(v) => to_lua(lua, &v, 0),
                         Err(_) => Ok(Value::Nil),
@@ -181,6 +278,11 @@ impl LuaMapper {
                 "key_part",
                 lua.create_function(
                     |lua, (key, sep, index): (mlua::LuaString, mlua::LuaString, i64)| {
+                        if key.as_bytes().len() > HELPER_INPUT_MAX || sep.as_bytes().len() > 64 {
+                            return Err(mlua::Error::runtime(format!(
+                                "capdb.key_part: a key longer than {HELPER_INPUT_MAX} bytes or a separator longer than 64"
+                            )));
+                        }
                         match capdb_reduce::extract::key_part(
                             &key.as_bytes(),
                             &sep.as_bytes(),
@@ -198,6 +300,8 @@ impl LuaMapper {
         let instructions = Rc::new(Cell::new(0u64));
         let deadline = Rc::new(Cell::new(Instant::now() + CALL_WALL_MAX));
         let (count, until) = (instructions.clone(), deadline.clone());
+        // Once spent, the budget stays spent for the rest of the call: every later hook fails
+        // it again (nothing in the sandbox can catch an error, but a finalizer's is dropped).
         // Loading the chunk runs under the same budget as a call.
         lua.set_hook(
             HookTriggers::new().every_nth_instruction(HOOK_EVERY),
@@ -220,6 +324,7 @@ impl LuaMapper {
         .map_err(setup)?;
         lua.load(&map.source)
             .set_name("map")
+            .set_mode(mlua::chunk::ChunkMode::Text)
             .exec()
             .map_err(setup)?;
         let function: Function = match g.get::<Value>(map.function.as_str()).map_err(setup)? {
@@ -253,6 +358,24 @@ impl LuaMapper {
     }
 }
 
+/// How many quantifiers (`*`, `+`, `-`, `?` after an item) a Lua pattern has.
+fn quantifiers(p: &[u8]) -> usize {
+    let mut n = 0;
+    let mut i = 0;
+    let mut in_set = false;
+    while i < p.len() {
+        match p[i] {
+            b'%' => i += 1,
+            b'[' if !in_set => in_set = true,
+            b']' if in_set => in_set = false,
+            b'*' | b'+' | b'-' | b'?' if !in_set && i > 0 => n += 1,
+            _ => {}
+        }
+        i += 1;
+    }
+    n
+}
+
 /// A group part from Lua.
 fn scalar(v: &Value) -> mlua::Result<Scalar> {
     Ok(match v {
@@ -267,6 +390,11 @@ fn scalar(v: &Value) -> mlua::Result<Scalar> {
                 ));
             }
         },
+        Value::String(s) if s.as_bytes().len() > GROUP_PART_BYTES_MAX => {
+            return Err(mlua::Error::runtime(format!(
+                "emit: a group part longer than {GROUP_PART_BYTES_MAX} bytes"
+            )));
+        }
         Value::String(s) => Scalar::Str(s.as_bytes().to_vec()),
         other => {
             return Err(mlua::Error::runtime(format!(
@@ -408,11 +536,47 @@ mod tests {
             ("math.random()", "random"),
             ("string.dump(map)", "dump"),
             ("string.find(string.rep('a', 70000), '(.-)*b')", "subject"),
+            ("string.find(string.rep('a', 8000), '.-.-x')", "quantifier"),
+            ("string.rep('', math.maxinteger)", "repetitions"),
+            ("table.move({}, 1, math.maxinteger, 1)", "elements"),
+            ("pcall(function() end)", "pcall"),
+            ("setmetatable({}, {})", "setmetatable"),
+            ("emit(string.rep('x', 2000), {})", "longer than"),
+            ("emit({1, 2, 3, 4, 5, 6, 7, 8, 9}, {})", "parts"),
+            ("error(string.rep('e', 100000))", "eee"),
         ] {
             let mut m = mapper(&format!("function map(k, v) {code} end"), &[]).unwrap();
             let e = m.call(b"k", b"v").unwrap_err();
-            assert!(!e.is_empty(), "{what}: {e}");
+            assert!(
+                e.contains(what)
+                    || what == "os"
+                    || what == "io"
+                    || what == "load"
+                    || what == "require"
+                    || what == "random"
+                    || what == "dump",
+                "{what}: {e}"
+            );
+            assert!(
+                e.len() <= ERROR_BYTES_MAX + 3,
+                "{what}: an error of {} bytes",
+                e.len()
+            );
         }
+        // Budgets cannot be caught: a call that loops under any construct ends.
+        let mut m = mapper(
+            "function map(k, v) while true do local ok = string.find('abc', 'b') end end",
+            &[],
+        )
+        .unwrap();
+        assert!(m.call(b"k", b"v").unwrap_err().contains("budget"));
+        // One quantifier is fine (word counting).
+        let mut m = mapper(
+            "function map(k, v) for w in string.gmatch(v, '%a+') do emit(w, {}) end end",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(m.call(b"k", b"to be or not").unwrap().len(), 4);
         assert!(
             mapper("function map(k, v)", &[])
                 .unwrap_err()

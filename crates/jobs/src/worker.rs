@@ -36,6 +36,7 @@ pub fn run(
     // `limits.scan_keys_per_s`, per task (a node-wide limit driven by foreground latency is
     // the design's next step): after each page the task sleeps until it is within the rate.
     let rate = spec.limits.scan_keys_per_s;
+    let max_run = std::time::Duration::from_secs(spec.limits.max_s);
     // A Lua map: one VM for the task, the source compiled once.
     let mut lua = match &spec.lua {
         Some(map) => Some(
@@ -74,6 +75,17 @@ pub fn run(
                     .add(&mut partial, key, value)
                     .map_err(|e| at(key, e.to_string()))?,
                 Some(m) => {
+                    // A Lua call may take up to a second: a page of them, an hour. Between
+                    // keys, the attempt hears a cancel and the job's own time limit.
+                    if cancelled.load(Ordering::Relaxed) {
+                        return Err(TaskError::Failed("the attempt was cancelled".into()));
+                    }
+                    if started.elapsed() > max_run {
+                        return Err(TaskError::User(format!(
+                            "limits.max_s: the task ran past {} s",
+                            max_run.as_secs()
+                        )));
+                    }
                     if !plan.read_key(&mut partial, key, value) {
                         continue;
                     }

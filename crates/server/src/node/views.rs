@@ -20,7 +20,7 @@
 //! the cursor it continues from, so a leader change or a repeated proposal changes nothing.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use capdb_reduce::extract::Scalar;
@@ -40,6 +40,8 @@ pub const VIEW_WORK_PERIOD: Duration = Duration::from_millis(500);
 /// purged; the pause is at least three times the round): a build goes at most 1,024 keys
 /// per pause per shard (about 200,000 keys/s), and takes at most a quarter of the time.
 pub const STEP_PAUSE: Duration = Duration::from_millis(5);
+/// The longest wait before a failed step is tried again.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// Groups one `VIEW GET` answers at most (a page; `AFTER` reads on).
 pub const GET_COUNT_MAX: usize = 10_000;
 
@@ -526,30 +528,65 @@ impl Node {
 
 /// Builds and purges the views of the shards this node leads, forever (see the module doc).
 pub async fn view_work(node: Arc<Node>) {
+    // A step that failed (no quorum, refused) waits before it is tried again, longer each
+    // time, so that one stuck shard neither costs an entry every few ms nor slows the others.
+    let mut backoff: std::collections::HashMap<
+        (capdb_cluster::GroupId, Bytes),
+        (Instant, Duration),
+    > = std::collections::HashMap::new();
     loop {
         if node.is_shutting_down() {
             return;
         }
-        // Read from the shards each time: a step's successor is in its answer and in the
-        // stored cursor alike, and a shard whose leadership moved drops out here.
-        let work = node.groups.views_work_led();
+        // Read from the shards each time: a step's successor is in the stored cursor, and a
+        // shard whose leadership moved drops out here.
+        let now = Instant::now();
+        let work: Vec<_> = node
+            .groups
+            .views_work_led()
+            .into_iter()
+            .filter(|(g, cmd)| {
+                backoff
+                    .get(&(*g, cmd.name().clone()))
+                    .is_none_or(|(until, _)| *until <= now)
+            })
+            .collect();
         if work.is_empty() {
             tokio::time::sleep(VIEW_WORK_PERIOD).await;
             continue;
         }
-        // One step per view and shard, then a pause of at least three times what the steps
-        // took: the writes the shards serve come first (a step is 1,024 keys or rows in one
-        // storage transaction, on every replica; with many views or large values it takes
-        // tens of ms, and the writer is the node's).
-        let started = std::time::Instant::now();
+        // One step per view and shard, then a pause of at least three times what the
+        // successful steps took: the writes the shards serve come first (a step is 1,024 keys
+        // or rows in one storage transaction, on every replica, and the writer is the node's).
+        let mut busy = Duration::ZERO;
         for (group, cmd) in work {
-            match node.groups.view(group, cmd).await {
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => tracing::debug!(group, error = %e, "view step refused"),
-                // Tried again next time (by whoever leads then).
-                Err(e) => tracing::debug!(group, error = %e, "view step not applied"),
+            let key = (group, cmd.name().clone());
+            let started = Instant::now();
+            let failed = match node.groups.view(group, cmd).await {
+                Ok(Ok(_)) => false,
+                Ok(Err(e)) => {
+                    tracing::debug!(group, error = %e, "view step refused");
+                    true
+                }
+                Err(e) => {
+                    tracing::debug!(group, error = %e, "view step not applied");
+                    true
+                }
+            };
+            if failed {
+                let wait = backoff
+                    .get(&key)
+                    .map_or(VIEW_WORK_PERIOD, |(_, d)| (*d * 2).min(BACKOFF_MAX));
+                backoff.insert(key, (Instant::now() + wait, wait));
+            } else {
+                backoff.remove(&key);
+                busy += started.elapsed();
             }
         }
-        tokio::time::sleep(STEP_PAUSE.max(started.elapsed() * 3)).await;
+        // Bounded: an entry goes one wait after its wait is over (a step retried then that
+        // fails again doubles it; a view that no longer needs work leaves no entry).
+        let now = Instant::now();
+        backoff.retain(|_, (until, wait)| *until + *wait > now);
+        tokio::time::sleep(STEP_PAUSE.max(busy * 3)).await;
     }
 }
