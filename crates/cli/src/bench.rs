@@ -321,6 +321,95 @@ fn print_summary(mut windows: Vec<Duration>, args: &FailoverArgs) {
     );
 }
 
+/// Runs `run` on a 3-node cluster of this binary started for it (named `label` in its work
+/// directory), then kills the nodes; the work directory goes unless it was given or the run
+/// failed (its logs are kept then).
+pub(crate) async fn on_local_cluster(
+    label: &str,
+    work_dir: Option<PathBuf>,
+    run: impl AsyncFnOnce(&mut [NodeProc]) -> Result<(), String>,
+) -> Result<(), String> {
+    let binary = std::env::current_exe().map_err(|e| format!("cannot find this binary: {e}"))?;
+    let temp = work_dir.is_none();
+    let work = work_dir.unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("capdb-bench-{label}-{}", std::process::id()))
+    });
+    std::fs::create_dir_all(&work).map_err(|e| format!("cannot create {}: {e}", work.display()))?;
+    eprintln!("starting a 3-node cluster in {}", work.display());
+    let mut nodes = spawn_local_cluster(&binary, &work, 3)?;
+    let result = run(&mut nodes).await;
+    for n in &mut nodes {
+        n.kill9();
+    }
+    if temp && result.is_ok() {
+        let _ = std::fs::remove_dir_all(&work);
+    } else if result.is_err() {
+        eprintln!("node logs kept in {}", work.display());
+    }
+    result
+}
+
+/// A RESP connection to `addr` with keyspace `keyspace` selected (no response timeout: a
+/// benchmark waits out what it measures).
+pub(crate) async fn connect_keyspace(
+    addr: &str,
+    keyspace: &str,
+) -> Result<redis::aio::MultiplexedConnection, String> {
+    let client =
+        redis::Client::open(format!("redis://{addr}/")).map_err(|e| format!("{addr}: {e}"))?;
+    let config = redis::AsyncConnectionConfig::new().set_response_timeout(None);
+    let mut conn = client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+        .map_err(|e| format!("{addr}: {e}"))?;
+    redis::cmd("SELECT")
+        .arg(keyspace)
+        .query_async::<()>(&mut conn)
+        .await
+        .map_err(|e| format!("{addr}: SELECT {keyspace}: {e}"))?;
+    Ok(conn)
+}
+
+/// Creates `cp` keyspace `keyspace` of `shards` shards and waits (until `until`) until every
+/// node can write to every shard, so that nothing timed waits for a leader.
+pub(crate) async fn set_up_cp_keyspace(
+    nodes: &[NodeProc],
+    keyspace: &str,
+    shards: usize,
+    until: std::time::Instant,
+) -> Result<(), String> {
+    let http = crate::client::HttpClient::new(&nodes[0].http, None)?;
+    create_cp_keyspace(&http, keyspace, shards, until).await?;
+    for n in nodes {
+        let mut conn = loop {
+            match connect_keyspace(&n.resp, keyspace).await {
+                Ok(c) => break c,
+                Err(e) if std::time::Instant::now() > until => {
+                    return Err(format!("node {}: {e}", n.id));
+                }
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+            }
+        };
+        for i in 0..64 {
+            loop {
+                let done: redis::RedisResult<()> = redis::cmd("SET")
+                    .arg(format!("warm:{i}"))
+                    .arg("x")
+                    .query_async(&mut conn)
+                    .await;
+                match done {
+                    Ok(()) => break,
+                    Err(e) if std::time::Instant::now() > until => {
+                        return Err(format!("node {}: warm-up write: {e}", n.id));
+                    }
+                    Err(_) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Waits (until `until`) for node 1 behind `http` to be ready, then creates a `cp` keyspace
 /// of `shards` shards with 3 replicas each.
 pub(crate) async fn create_cp_keyspace(

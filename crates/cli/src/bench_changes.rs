@@ -25,8 +25,7 @@ use std::time::{Duration, Instant};
 
 use redis::aio::MultiplexedConnection;
 
-use crate::bench::{NodeProc, spawn_local_cluster};
-use crate::client::HttpClient;
+use crate::bench::NodeProc;
 
 /// Options of `capdb bench changes`.
 #[derive(clap::Args)]
@@ -61,72 +60,19 @@ pub async fn changes(args: ChangesArgs) -> Result<(), String> {
     if args.seconds == 0 || args.clients == 0 || args.rate == 0 || args.rounds == 0 {
         return Err("--seconds, --clients, --rate and --rounds must be at least 1".into());
     }
-    let binary = std::env::current_exe().map_err(|e| format!("cannot find this binary: {e}"))?;
-    let temp = args.work_dir.is_none();
-    let work = args.work_dir.clone().unwrap_or_else(|| {
-        std::env::temp_dir().join(format!("capdb-bench-changes-{}", std::process::id()))
-    });
-    std::fs::create_dir_all(&work).map_err(|e| format!("cannot create {}: {e}", work.display()))?;
-    eprintln!("starting a 3-node cluster in {}", work.display());
-    let mut nodes = spawn_local_cluster(&binary, &work, 3)?;
-    let result = run(&args, &nodes).await;
-    for n in &mut nodes {
-        n.kill9();
-    }
-    if temp && result.is_ok() {
-        let _ = std::fs::remove_dir_all(&work);
-    } else if result.is_err() {
-        eprintln!("node logs kept in {}", work.display());
-    }
-    result
+    crate::bench::on_local_cluster("changes", args.work_dir.clone(), async |nodes| {
+        run(&args, nodes).await
+    })
+    .await
 }
 
 async fn connect(addr: &str) -> Result<MultiplexedConnection, String> {
-    let client =
-        redis::Client::open(format!("redis://{addr}/")).map_err(|e| format!("{addr}: {e}"))?;
-    let config = redis::AsyncConnectionConfig::new().set_response_timeout(None);
-    let mut conn = client
-        .get_multiplexed_async_connection_with_config(&config)
-        .await
-        .map_err(|e| format!("{addr}: {e}"))?;
-    redis::cmd("SELECT")
-        .arg(KEYSPACE)
-        .query_async::<()>(&mut conn)
-        .await
-        .map_err(|e| format!("{addr}: SELECT {KEYSPACE}: {e}"))?;
-    Ok(conn)
+    crate::bench::connect_keyspace(addr, KEYSPACE).await
 }
 
 async fn setup(nodes: &[NodeProc]) -> Result<Vec<String>, String> {
-    let http = HttpClient::new(&nodes[0].http, None)?;
     let until = Instant::now() + SETUP_DEADLINE;
-    crate::bench::create_cp_keyspace(&http, KEYSPACE, SHARDS, until).await?;
-    // Every node can write to every shard before anything is timed.
-    for n in nodes {
-        let mut conn = loop {
-            match connect(&n.resp).await {
-                Ok(c) => break c,
-                Err(e) if Instant::now() > until => return Err(format!("node {}: {e}", n.id)),
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-            }
-        };
-        for i in 0..64 {
-            loop {
-                let done: redis::RedisResult<()> = redis::cmd("SET")
-                    .arg(format!("warm:{i}"))
-                    .arg("x")
-                    .query_async(&mut conn)
-                    .await;
-                match done {
-                    Ok(()) => break,
-                    Err(e) if Instant::now() > until => {
-                        return Err(format!("node {}: warm-up write: {e}", n.id));
-                    }
-                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-                }
-            }
-        }
-    }
+    crate::bench::set_up_cp_keyspace(nodes, KEYSPACE, SHARDS, until).await?;
     let mut conn = connect(&nodes[0].resp).await?;
     let keys: Vec<String> = redis::cmd("CHANGES")
         .arg("SHARDS")

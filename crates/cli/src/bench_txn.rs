@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
-use crate::bench::{NodeProc, spawn_local_cluster};
+use crate::bench::NodeProc;
 use crate::client::HttpClient;
 
 /// Options of `capdb bench txn`.
@@ -805,24 +805,10 @@ pub async fn txn(args: TxnArgs) -> Result<(), String> {
     if args.hot_clients < 2 {
         return Err("--hot-clients must be at least 2 (no contention otherwise)".into());
     }
-    let binary = std::env::current_exe().map_err(|e| format!("cannot find this binary: {e}"))?;
-    let temp = args.work_dir.is_none();
-    let work = args.work_dir.clone().unwrap_or_else(|| {
-        std::env::temp_dir().join(format!("capdb-bench-txn-{}", std::process::id()))
-    });
-    std::fs::create_dir_all(&work).map_err(|e| format!("cannot create {}: {e}", work.display()))?;
-    eprintln!("starting a 3-node cluster in {}", work.display());
-    let mut nodes = spawn_local_cluster(&binary, &work, 3)?;
-    let result = run(&args, &mut nodes).await;
-    for n in &mut nodes {
-        n.kill9();
-    }
-    if temp && result.is_ok() {
-        let _ = std::fs::remove_dir_all(&work);
-    } else if result.is_err() {
-        eprintln!("node logs kept in {}", work.display());
-    }
-    result
+    crate::bench::on_local_cluster("txn", args.work_dir.clone(), async |nodes| {
+        run(&args, nodes).await
+    })
+    .await
 }
 
 async fn run(args: &TxnArgs, nodes: &mut [NodeProc]) -> Result<(), String> {
