@@ -101,6 +101,11 @@ pub(super) async fn get(
     query: Result<Query<GetQuery>, QueryRejection>,
 ) -> ApiResult {
     let Query(q) = query.map_err(|e| ApiError::from(Error::InvalidInput(e.to_string())))?;
+    if q.limit == Some(0) {
+        return Err(ApiError::from(Error::InvalidInput(
+            "limit: a positive number of groups".into(),
+        )));
+    }
     let after = match &q.after {
         None => Vec::new(),
         Some(h) => from_hex(h).ok_or_else(|| {

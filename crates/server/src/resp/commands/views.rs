@@ -9,8 +9,8 @@
 //!   rows a job with the same spec would give), `next` (the cursor of the next page, hex, or nil).
 //! - `VIEW DROP <name>` → 1, or 0 when there was none.
 //! - `VIEW LIST` → per view: `[name, state, shards_ready, shards_total]`.
-//! - `VIEW INFO <name>` → a map: state, shards ready and total, keys built while building,
-//!   and the spec (canonical JSON).
+//! - `VIEW INFO <name>` → a map: state, shards ready and total, the spec (canonical JSON),
+//!   and while building, the keys the building shards have counted so far (`keys_built`).
 //! - `VIEW VERIFY <name>` → a map: `drift` (groups whose rows differ from a recomputation
 //!   from the same snapshot, per shard; 0 is the only right answer), `groups_checked`,
 //!   `examples`.
@@ -143,9 +143,12 @@ pub(super) async fn view(conn: &mut Connection, args: &[Bytes]) -> Outcome {
                 (bulk("state"), bulk(summary_state(&shards, total))),
                 (bulk("shards_ready"), int(ready as i64)),
                 (bulk("shards_total"), int(total as i64)),
-                (bulk("keys_built_so_far"), int(built as i64)),
                 (bulk("spec"), bulk(spec)),
             ];
+            // How far the build has gone on the shards still building (keys counted).
+            if ready < total {
+                fields.push((bulk("keys_built"), int(built as i64)));
+            }
             if let Some(why) = shards.iter().find_map(|(_, d)| match &d.state {
                 ViewState::Overflow { why } => Some(why.clone()),
                 _ => None,
