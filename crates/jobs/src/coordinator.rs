@@ -29,8 +29,9 @@ use bytes::Bytes;
 use capdb_reduce::spec::Destination;
 use capdb_reduce::{JobSpec, Partial, Plan};
 use capdb_types::jobs::{
-    AttemptEnd, AttemptOutcome, JobCommand, JobOutcome, JobRecord, JobState, RESULT_CHUNK_MAX,
-    RESULT_CHUNKS_MAX, ShardPin, TaskRecord, TaskState, pin_owner,
+    AttemptEnd, AttemptOutcome, JobCommand, JobOutcome, JobRecord, JobState, PARTIAL_CHUNK_MAX,
+    PARTIAL_INLINE_MAX, RESULT_CHUNK_MAX, RESULT_CHUNKS_MAX, ShardPin, TaskRecord, TaskState,
+    pin_owner,
 };
 use capdb_types::{Error, Reply};
 use futures::StreamExt;
@@ -481,12 +482,18 @@ impl<C: Cluster> Job<'_, C> {
                 AttemptEnd::Done | AttemptEnd::Superseded => {}
             }
         }
-        if let TaskState::Done { partial, .. } = &rec.state
-            && !t.done[n]
-        {
+        let partial = match &rec.state {
+            _ if t.done[n] => None,
+            TaskState::Done { partial, .. } => Some(partial.clone()),
+            TaskState::DoneInChunks {
+                attempt, chunks, ..
+            } => Some(self.read_chunks(n, *attempt, *chunks).await?),
+            TaskState::Pending | TaskState::Running => None,
+        };
+        if let Some(partial) = partial {
             // An accepted output that does not merge (the job's own group limit, or a
             // corrupt partial) would stop every coordinator the same way: the job fails.
-            let merged = Partial::decode(partial).and_then(|p| plan.merge(&mut t.merged, &p));
+            let merged = Partial::decode(&partial).and_then(|p| plan.merge(&mut t.merged, &p));
             if let Err(e) = merged {
                 return Err(Stop::Ended(
                     self.finish_failed(format!("task {n}: {e}")).await?,
@@ -495,6 +502,92 @@ impl<C: Cluster> Job<'_, C> {
             t.done[n] = true;
         }
         Ok(())
+    }
+
+    /// Reports attempt `attempt` of task `n` done with `out`: a partial result past
+    /// [`PARTIAL_INLINE_MAX`] is written first in chunks (`PartialChunk`), then named by the
+    /// `AttemptEnd`. The answer is the `AttemptEnd`'s; a chunk refused because the task is
+    /// done or the attempt ended meanwhile answers `superseded`.
+    async fn report_done(
+        &self,
+        n: usize,
+        attempt: u16,
+        node: u64,
+        out: &TaskOutput,
+    ) -> Result<Result<Reply, String>, Stop> {
+        let outcome = if out.partial.len() <= PARTIAL_INLINE_MAX {
+            AttemptOutcome::Done {
+                keys: out.keys,
+                partial: out.partial.clone(),
+            }
+        } else {
+            let mut chunks = 0u32;
+            for (i, at) in (0..out.partial.len())
+                .step_by(PARTIAL_CHUNK_MAX)
+                .enumerate()
+            {
+                let end = (at + PARTIAL_CHUNK_MAX).min(out.partial.len());
+                let written = command(
+                    self.c,
+                    self.cfg,
+                    JobCommand::PartialChunk {
+                        id: self.id.clone(),
+                        task: n as u32,
+                        attempt,
+                        node,
+                        n: i as u32,
+                        bytes: out.partial.slice(at..end),
+                    },
+                )
+                .await?;
+                match written {
+                    Ok(_) => chunks += 1,
+                    Err(line)
+                        if line.starts_with("TASKDONE")
+                            || line.starts_with("ERR the attempt has ended") =>
+                    {
+                        return Ok(Ok(Reply::Status("superseded".into())));
+                    }
+                    Err(line) => return Ok(Err(line)),
+                }
+            }
+            AttemptOutcome::DoneInChunks {
+                keys: out.keys,
+                chunks,
+                bytes: out.partial.len() as u64,
+            }
+        };
+        command(
+            self.c,
+            self.cfg,
+            JobCommand::AttemptEnd {
+                id: self.id.clone(),
+                epoch: self.epoch,
+                task: n as u32,
+                attempt,
+                node,
+                outcome,
+            },
+        )
+        .await
+    }
+
+    /// The partial result of task `n`'s accepted attempt, from its `chunks` chunks.
+    async fn read_chunks(&self, n: usize, attempt: u16, chunks: u32) -> Result<Bytes, Stop> {
+        let mut out = Vec::new();
+        for i in 0..chunks {
+            let chunk = self
+                .c
+                .partial_chunk(&self.id, n as u32, attempt, i)
+                .await?
+                .ok_or_else(|| {
+                    Stop::Error(Error::Corruption(format!(
+                        "chunk {i} of task {n}'s accepted partial result is missing"
+                    )))
+                })?;
+            out.extend_from_slice(&chunk);
+        }
+        Ok(Bytes::from(out))
     }
 
     /// Reads task `n`'s record again and takes it in.
@@ -677,14 +770,7 @@ impl<C: Cluster> Job<'_, C> {
                             pending.push_back(n);
                         }
                         Ok(out) => {
-                            let answer = command(self.c, self.cfg, JobCommand::AttemptEnd {
-                                id: self.id.clone(),
-                                epoch: self.epoch,
-                                task: n as u32,
-                                attempt,
-                                node,
-                                outcome: AttemptOutcome::Done { keys: out.keys, partial: out.partial.clone() },
-                            }).await?;
+                            let answer = self.report_done(n, attempt, node, &out).await?;
                             match answer {
                                 Ok(Reply::Status(s)) if s == "accepted" && !t.done[n] => {
                                     let p = Partial::decode(&out.partial)

@@ -99,6 +99,16 @@ pub trait Cluster: Send + Sync + 'static {
     /// The task records of job `id`, in task order (from one read of its `_jobs` shard).
     fn tasks(&self, id: &Bytes) -> impl Future<Output = Result<Vec<TaskRecord>, Error>> + Send;
 
+    /// Chunk `n` of the partial result of attempt `attempt` of task `task` of job `id`
+    /// (`None`: not there).
+    fn partial_chunk(
+        &self,
+        id: &Bytes,
+        task: u32,
+        attempt: u16,
+        n: u32,
+    ) -> impl Future<Output = Result<Option<Bytes>, Error>> + Send;
+
     /// The shards of `keyspace` (a `cp` keyspace) and their replicas.
     fn shards(
         &self,

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 use capdb_reduce::{JobSpec, Plan};
-use capdb_types::jobs::PARTIAL_INLINE_MAX;
+use capdb_types::jobs::{PARTIAL_CHUNK_MAX, PARTIAL_CHUNKS_MAX};
 
 use crate::{TaskError, TaskOrder, TaskOutput};
 
@@ -104,9 +104,10 @@ pub fn run(
     }
     let keys = partial.keys;
     let bytes = partial.encode();
-    if bytes.len() > PARTIAL_INLINE_MAX {
+    let most = PARTIAL_CHUNK_MAX * PARTIAL_CHUNKS_MAX as usize;
+    if bytes.len() > most {
         return Err(TaskError::User(format!(
-            "a task's partial result is {} bytes, over the {PARTIAL_INLINE_MAX} a task may send in this version: fewer groups (limits.groups_max) or a narrower input",
+            "a task's partial result is {} bytes, over the {most} a task may send: fewer groups (limits.groups_max) or a narrower input",
             bytes.len()
         )));
     }

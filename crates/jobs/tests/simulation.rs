@@ -15,7 +15,9 @@ use capdb_jobs::{Cluster, ShardReplicas, TaskError, TaskOrder, TaskOutput};
 use capdb_reduce::{JobSpec, Plan};
 use capdb_storage::KeyspaceStore;
 use capdb_storage::disk::{ChangesStep, DiskEngine, JOBS_QUERY};
-use capdb_types::jobs::{AttemptEnd, JobCommand, JobRecord, JobState, ShardPin, TaskRecord};
+use capdb_types::jobs::{
+    AttemptEnd, JobCommand, JobRecord, JobState, ShardPin, TaskRecord, TaskState,
+};
 use capdb_types::mutation::{Condition, ExpiryUpdate};
 use capdb_types::{Error, Hlc, Mutation, Reply, Timestamp};
 use serde_json::json;
@@ -194,6 +196,27 @@ impl Cluster for Sim {
                 })
                 .collect()),
             other => panic!("{other:?}"),
+        }
+    }
+
+    async fn partial_chunk(
+        &self,
+        id: &Bytes,
+        task: u32,
+        attempt: u16,
+        n: u32,
+    ) -> Result<Option<Bytes>, Error> {
+        let args = [
+            Bytes::from_static(JOBS_QUERY.as_bytes()),
+            Bytes::from("partial"),
+            id.clone(),
+            Bytes::from(task.to_string()),
+            Bytes::from(attempt.to_string()),
+            Bytes::from(n.to_string()),
+        ];
+        match self.jobs.table(JOBS_TABLE, false).query(&args, 0, 0)? {
+            Reply::Bulk(b) => Ok(Some(b)),
+            _ => Ok(None),
         }
     }
 
@@ -563,6 +586,72 @@ async fn answers_lost_after_their_commands_applied_change_nothing() {
     }
     for node in sim.nodes.values() {
         assert_eq!(node.engine.pins_held(), 0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partials_past_a_megabyte_travel_in_chunks_and_give_the_one_pass_answer() {
+    let sim = Sim::new(3, 2, |g| {
+        let leader = 1 + (g % 3);
+        let mut r = vec![leader];
+        r.extend((1..=3).filter(|n| *n != leader));
+        r
+    });
+    let data = orders(100_000);
+    sim.load(&data).await;
+    // A group per key: each task's partial holds 50,000 groups, past 1 MiB.
+    let spec = json!({"input": {"keyspace": "orders", "prefix": "o:"},
+                      "map": {"group": {"key": true}, "values": {"a": {"json": "$.a"}}},
+                      "reduce": {"total": {"sum": "a"}}})
+    .to_string();
+    submit_spec(&sim, "big", &spec).await;
+    // Every third job command (chunks too) applies and its answer is lost; each is retried.
+    sim.lose_every.store(3, Ordering::SeqCst);
+    let ended = run(&sim, Bytes::from("big"), 1, &Config::default())
+        .await
+        .unwrap();
+    sim.lose_every.store(0, Ordering::SeqCst);
+    assert_eq!(ended, Ended::Done);
+    let plan = Plan::new(JobSpec::parse(spec.as_bytes()).unwrap()).unwrap();
+    let mut p = plan.partial();
+    for (k, v) in &data {
+        plan.add(&mut p, k.as_bytes(), v.as_bytes()).unwrap();
+    }
+    let rec = sim.record("big");
+    let mut rows = Vec::new();
+    for n in 0..rec.result_chunks {
+        let args = [
+            Bytes::from_static(JOBS_QUERY.as_bytes()),
+            Bytes::from("result"),
+            Bytes::from("big"),
+            Bytes::from(n.to_string()),
+        ];
+        let Reply::Bulk(b) = sim
+            .jobs
+            .table(JOBS_TABLE, false)
+            .query(&args, 0, 0)
+            .unwrap()
+        else {
+            panic!("result chunk {n} missing");
+        };
+        let serde_json::Value::Array(chunk) = serde_json::from_slice(&b).unwrap() else {
+            panic!()
+        };
+        rows.extend(chunk);
+    }
+    assert_eq!(rows.len(), 100_000);
+    assert_eq!(rows, plan.rows(&p).unwrap());
+    assert!(
+        rec.partial_bytes > 2 << 20,
+        "the partials were past a megabyte each: {}",
+        rec.partial_bytes
+    );
+    for t in sim.tasks(&Bytes::from("big")).await.unwrap() {
+        assert!(
+            matches!(t.state, TaskState::DoneInChunks { .. }),
+            "{:?}",
+            t.state
+        );
     }
 }
 

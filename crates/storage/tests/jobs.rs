@@ -363,6 +363,145 @@ async fn the_first_success_of_a_task_wins_and_a_job_is_done_only_when_all_are() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_partial_travels_in_chunks_that_only_the_accepted_attempt_leaves_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Shard::open(dir.path());
+    s.apply(JobCommand::Submit {
+        id: id("j"),
+        spec: "s".into(),
+        now_ms: 1,
+    })
+    .await
+    .unwrap();
+    s.apply(JobCommand::Claim {
+        id: id("j"),
+        epoch: 1,
+    })
+    .await
+    .unwrap();
+    s.apply(JobCommand::Plan {
+        id: id("j"),
+        epoch: 1,
+        pins: vec![],
+        tasks: plan(1),
+    })
+    .await
+    .unwrap();
+    for (attempt, node) in [(1u16, 2u64), (2, 3), (3, 4)] {
+        s.apply(JobCommand::AttemptStart {
+            id: id("j"),
+            epoch: 1,
+            task: 0,
+            attempt,
+            node,
+            speculative: attempt > 1,
+            now_ms: 10,
+        })
+        .await
+        .unwrap();
+    }
+    let chunk = |attempt: u16, node: u64, n: u32, bytes: &str| JobCommand::PartialChunk {
+        id: id("j"),
+        task: 0,
+        attempt,
+        node,
+        n,
+        bytes: Bytes::from(bytes.to_string()),
+    };
+    let end = |attempt: u16, node: u64, outcome| JobCommand::AttemptEnd {
+        id: id("j"),
+        epoch: 1,
+        task: 0,
+        attempt,
+        node,
+        outcome,
+    };
+    let in_chunks = |chunks, bytes| AttemptOutcome::DoneInChunks {
+        keys: 9,
+        chunks,
+        bytes,
+    };
+    let part = |s: &Shard, attempt: &str, n: &str| s.query(&["partial", "j", "0", attempt, n]);
+    // Only from where the attempt was started, and within the bounds.
+    refused(
+        s.apply(chunk(1, 3, 0, "x")).await,
+        "ERR attempt 1 of task 0 was started on node 2, not 3",
+    );
+    refused(s.apply(chunk(1, 2, 128, "x")).await, "LIMIT");
+    // Attempt 1 writes two chunks (one twice: a retried proposal), attempt 3 one.
+    for c in [
+        chunk(1, 2, 0, "ab"),
+        chunk(1, 2, 0, "ab"),
+        chunk(1, 2, 1, "cde"),
+        chunk(3, 4, 0, "zz"),
+    ] {
+        assert_eq!(s.apply(c).await.unwrap(), Reply::Ok);
+    }
+    assert_eq!(s.record("j").partial_bytes, 7);
+    // The end must name exactly what was written.
+    refused(s.apply(end(1, 2, in_chunks(3, 5))).await, "ERR chunk 2");
+    refused(
+        s.apply(end(1, 2, in_chunks(1, 2))).await,
+        "ERR the attempt's partial chunks hold 2 bytes and more chunks",
+    );
+    refused(
+        s.apply(end(1, 2, in_chunks(2, 6))).await,
+        "ERR the attempt's partial chunks hold 5 bytes",
+    );
+    // Attempt 2 fails: nothing of it stays. Attempt 1's output is the task's.
+    s.apply(end(
+        2,
+        3,
+        AttemptOutcome::Failed {
+            error: "x".into(),
+            user: false,
+        },
+    ))
+    .await
+    .unwrap();
+    assert_eq!(
+        s.apply(end(1, 2, in_chunks(2, 5))).await.unwrap(),
+        Reply::Status("accepted".into())
+    );
+    assert_eq!(
+        s.task("j", 0).state,
+        TaskState::DoneInChunks {
+            attempt: 1,
+            keys: 9,
+            chunks: 2
+        }
+    );
+    assert_eq!(part(&s, "1", "0"), Reply::Bulk(id("ab")));
+    assert_eq!(part(&s, "1", "1"), Reply::Bulk(id("cde")));
+    // A chunk for a done task is refused; the late attempt 3 is superseded and its chunk goes.
+    refused(s.apply(chunk(3, 4, 1, "zz")).await, "TASKDONE");
+    assert_eq!(
+        s.apply(end(3, 4, in_chunks(1, 2))).await.unwrap(),
+        Reply::Status("superseded".into())
+    );
+    assert_eq!(part(&s, "3", "0"), Reply::Nil);
+    let rec = s.record("j");
+    assert_eq!(
+        (rec.tasks_done, rec.keys_scanned, rec.partial_bytes),
+        (1, 9, 5)
+    );
+    // Forgetting the ended job removes the chunks too.
+    s.apply(JobCommand::Finish {
+        id: id("j"),
+        epoch: 1,
+        now_ms: 20,
+        outcome: JobOutcome::Done,
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        s.apply(JobCommand::Forget { id: id("j") }).await.unwrap(),
+        Reply::Integer(0)
+    );
+    assert_eq!(part(&s, "1", "0"), Reply::Nil);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_ids_rise_across_coordinators_and_the_stream_is_bounded_per_entry() {
     let dir = tempfile::tempdir().unwrap();
     let mut s = Shard::open(dir.path());

@@ -25,9 +25,14 @@ pub const ACTIVE_JOBS_MAX: u64 = 16;
 pub const TASKS_MAX: usize = 65_536;
 /// Attempts recorded per task (running, failed, lost, superseded, done together).
 pub const ATTEMPTS_MAX: usize = 8;
-/// A task's partial result kept in the job's record (larger ones are refused: the job fails
-/// with a limit error naming the bound).
+/// A task's partial result up to this size travels in its `AttemptEnd` and is kept in its
+/// task record; a larger one is written first as chunks of at most [`PARTIAL_CHUNK_MAX`]
+/// bytes (`PartialChunk`), at most [`PARTIAL_CHUNKS_MAX`] of them (a larger partial fails
+/// the job with a limit error naming the bound), so that no log entry and no task record is
+/// large (a task record is read with every other one of its job).
 pub const PARTIAL_INLINE_MAX: usize = 1 << 20;
+pub const PARTIAL_CHUNK_MAX: usize = 1 << 20;
+pub const PARTIAL_CHUNKS_MAX: u32 = 128;
 /// Entries of a job's stream (progress, partial results, task events); past it, `partial`
 /// and `task` entries are refused (and dropped by the coordinator), `final` and `error`
 /// entries still land (up to [`JOB_STREAM_RESERVE`] more).
@@ -40,8 +45,10 @@ pub const FIELD_OVERHEAD: usize = 16;
 /// Bytes of a job's whole stream (as [`JOB_STREAM_ENTRY_MAX`] counts them): past it, as past
 /// [`JOB_STREAM_MAX`] entries, only closing entries land.
 pub const JOB_STREAM_BYTES_MAX: u64 = 64 << 20;
-/// Bytes of the accepted partial results a job's tasks hold in `_jobs` together.
-pub const JOB_PARTIALS_BYTES_MAX: u64 = 256 << 20;
+/// Bytes of the partial results a job's tasks hold in `_jobs` together: the accepted ones
+/// and the chunks of attempts not yet ended. A group-by over many groups needs about 30
+/// bytes per group and task (10 M keys in 1 M groups: about 300 MB).
+pub const JOB_PARTIALS_BYTES_MAX: u64 = 1 << 30;
 /// Longest spec (canonical JSON) and longest error or reason text kept (longer is cut).
 pub const SPEC_BYTES_MAX: usize = 64 * 1024;
 pub const MESSAGE_BYTES_MAX: usize = 1024;
@@ -183,6 +190,22 @@ pub enum TaskState {
         keys: u64,
         partial: Bytes,
     },
+    /// Done by this attempt, whose partial result is the attempt's `chunks` chunks
+    /// (`PartialChunk`), joined in order.
+    DoneInChunks {
+        attempt: u16,
+        keys: u64,
+        chunks: u32,
+    },
+}
+
+impl TaskState {
+    pub fn is_done(&self) -> bool {
+        matches!(
+            self,
+            TaskState::Done { .. } | TaskState::DoneInChunks { .. }
+        )
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -195,9 +218,32 @@ pub struct TaskRecord {
 /// What an attempt reports.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum AttemptOutcome {
-    Done { keys: u64, partial: Bytes },
-    Failed { error: String, user: bool },
-    Lost { reason: String },
+    Done {
+        keys: u64,
+        partial: Bytes,
+    },
+    Failed {
+        error: String,
+        user: bool,
+    },
+    Lost {
+        reason: String,
+    },
+    /// Done, its partial result written first as `chunks` chunks of `bytes` together.
+    DoneInChunks {
+        keys: u64,
+        chunks: u32,
+        bytes: u64,
+    },
+}
+
+impl AttemptOutcome {
+    pub fn is_done(&self) -> bool {
+        matches!(
+            self,
+            AttemptOutcome::Done { .. } | AttemptOutcome::DoneInChunks { .. }
+        )
+    }
 }
 
 /// How a job ends, as its coordinator says.
@@ -273,6 +319,17 @@ pub enum JobCommand {
     Cancel { id: Bytes, now_ms: u64 },
     /// Deletes an ended job's rows, at most [`FORGET_ROWS_MAX`] (answers whether more remain).
     Forget { id: Bytes },
+    /// Chunk `n` of the partial result of a running attempt (started on `node`), before its
+    /// `AttemptEnd` with `DoneInChunks`. Not fenced, as a `Done` is not; a repeated chunk
+    /// replaces itself.
+    PartialChunk {
+        id: Bytes,
+        task: u32,
+        attempt: u16,
+        node: u64,
+        n: u32,
+        bytes: Bytes,
+    },
 }
 
 impl JobCommand {
@@ -287,7 +344,8 @@ impl JobCommand {
             | JobCommand::ResultChunk { id, .. }
             | JobCommand::Finish { id, .. }
             | JobCommand::Cancel { id, .. }
-            | JobCommand::Forget { id } => id,
+            | JobCommand::Forget { id }
+            | JobCommand::PartialChunk { id, .. } => id,
         }
     }
 
@@ -303,6 +361,7 @@ impl JobCommand {
             JobCommand::Finish { .. } => "finish",
             JobCommand::Cancel { .. } => "cancel",
             JobCommand::Forget { .. } => "forget",
+            JobCommand::PartialChunk { .. } => "partial-chunk",
         }
     }
 }

@@ -312,6 +312,33 @@ impl Cluster for NodeCluster {
         }
     }
 
+    async fn partial_chunk(
+        &self,
+        id: &Bytes,
+        task: u32,
+        attempt: u16,
+        n: u32,
+    ) -> Result<Option<Bytes>> {
+        let group = self.jobs_group(id)?;
+        let (task, attempt, n) = (task.to_string(), attempt.to_string(), n.to_string());
+        match self
+            .jobs_query(
+                group,
+                &[
+                    b"partial",
+                    id,
+                    task.as_bytes(),
+                    attempt.as_bytes(),
+                    n.as_bytes(),
+                ],
+            )
+            .await?
+        {
+            Reply::Bulk(raw) => Ok(Some(raw)),
+            _ => Ok(None),
+        }
+    }
+
     async fn shards(&self, keyspace: &str) -> Result<Vec<ShardReplicas>> {
         let state = self.0.cluster();
         let name = KeyspaceName::new(keyspace)?;

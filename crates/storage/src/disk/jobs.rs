@@ -12,6 +12,9 @@
 //! - `0‖job-log/‖len‖id‖ms u64‖seq u64` (big-endian) -> the entry's fields (postcard
 //!   `Vec<(Bytes, Bytes)>`): the job's stream, IDs given at apply, rising
 //! - `0‖job-res/‖len‖id‖chunk u32` -> a chunk of the final result
+//! - `0‖job-part/‖len‖id‖task u32‖attempt u16‖chunk u32` -> a chunk of an attempt's partial
+//!   result (`PartialChunk`): kept while the attempt runs and once its output is the task's;
+//!   removed when the attempt fails, is lost or is superseded
 //! - `0‖job-active` -> u64 LE: jobs that have not ended ([`ACTIVE_JOBS_MAX`])
 //! - `0‖job-act/‖len‖id` -> empty: one per job that has not ended (what coordinators look
 //!   for, without reading every retained job)
@@ -33,8 +36,9 @@ use capdb_types::jobs::{
     ACTIVE_JOBS_MAX, ATTEMPTS_MAX, Attempt, AttemptEnd, AttemptOutcome, FIELD_OVERHEAD,
     FORGET_ROWS_MAX, JOB_PARTIALS_BYTES_MAX, JOB_STREAM_BYTES_MAX, JOB_STREAM_ENTRY_MAX,
     JOB_STREAM_FIELDS_MAX, JOB_STREAM_MAX, JOB_STREAM_RESERVE, JobCommand, JobOutcome, JobRecord,
-    JobState, MESSAGE_BYTES_MAX, PARTIAL_INLINE_MAX, RESULT_CHUNK_MAX, RESULT_CHUNKS_MAX,
-    SPEC_BYTES_MAX, TASKS_MAX, TaskRecord, TaskState, id_is_valid,
+    JobState, MESSAGE_BYTES_MAX, PARTIAL_CHUNK_MAX, PARTIAL_CHUNKS_MAX, PARTIAL_INLINE_MAX,
+    RESULT_CHUNK_MAX, RESULT_CHUNKS_MAX, SPEC_BYTES_MAX, TASKS_MAX, TaskRecord, TaskState,
+    id_is_valid,
 };
 use capdb_types::{Error, Reply, Result};
 use redb::ReadableTable;
@@ -45,7 +49,7 @@ type RawTable<'txn> = redb::Table<'txn, &'static [u8], &'static [u8]>;
 
 /// The internal read command that reads jobs' rows (`DiskTable::read_query`): `record id`,
 /// `tasks id from count`, `stream id after-ms after-seq count`, `result id chunk`,
-/// `list after count`, `active` (the ids of the jobs that have not ended), `ended before-ms
+/// `partial id task attempt chunk`, `list after count`, `active` (the ids of the jobs that have not ended), `ended before-ms
 /// count` (jobs that ended before then, oldest first).
 pub const JOBS_QUERY: &str = "capdb.jobs";
 /// Most task records one `tasks` query answers, and most bytes of them (after one).
@@ -60,6 +64,7 @@ const JOB: &[u8] = b"job/";
 const TASK: &[u8] = b"job-task/";
 const LOG: &[u8] = b"job-log/";
 const RES: &[u8] = b"job-res/";
+const PART: &[u8] = b"job-part/";
 const ACTIVE: &[u8] = b"job-active";
 const ACTIVE_ROWS: &[u8] = b"job-act/";
 const ENDED_ROWS: &[u8] = b"job-end/";
@@ -98,6 +103,30 @@ fn chunk_key(id: &[u8], n: u32) -> Vec<u8> {
     let mut k = named(RES, id);
     k.extend_from_slice(&n.to_be_bytes());
     k
+}
+
+fn part_key(id: &[u8], task: u32, attempt: u16, n: u32) -> Vec<u8> {
+    let mut k = named(PART, id);
+    k.extend_from_slice(&task.to_be_bytes());
+    k.extend_from_slice(&attempt.to_be_bytes());
+    k.extend_from_slice(&n.to_be_bytes());
+    k
+}
+
+/// Removes the partial chunks of one attempt (chunks are written from 0 on, so the first
+/// missing one ends them): the bytes they held.
+fn remove_parts(el: &mut RawTable<'_>, id: &[u8], task: u32, attempt: u16) -> Result<u64> {
+    let mut freed = 0;
+    for n in 0..PARTIAL_CHUNKS_MAX {
+        match el
+            .remove(&part_key(id, task, attempt, n)[..])
+            .map_err(io_err)?
+        {
+            Some(old) => freed += old.value().len() as u64,
+            None => break,
+        }
+    }
+    Ok(freed)
 }
 
 fn active_key() -> Vec<u8> {
@@ -294,11 +323,7 @@ pub(super) fn apply(
         | JobCommand::Publish { epoch, .. }
         | JobCommand::ResultChunk { epoch, .. }
         | JobCommand::Finish { epoch, .. } => Some(*epoch),
-        JobCommand::AttemptEnd { epoch, outcome, .. }
-            if !matches!(outcome, AttemptOutcome::Done { .. }) =>
-        {
-            Some(*epoch)
-        }
+        JobCommand::AttemptEnd { epoch, outcome, .. } if !outcome.is_done() => Some(*epoch),
         _ => None,
     };
     let claim_epoch = match cmd {
@@ -388,7 +413,7 @@ pub(super) fn apply(
             let Some(mut t): Option<TaskRecord> = get(&el, &tkey, "a task record")? else {
                 return refuse("ERR no such task");
             };
-            if matches!(t.state, TaskState::Done { .. }) {
+            if t.state.is_done() {
                 return refuse("TASKDONE the task is done");
             }
             if t.attempts.len() >= ATTEMPTS_MAX {
@@ -426,7 +451,7 @@ pub(super) fn apply(
             let Some(mut t): Option<TaskRecord> = get(&el, &tkey, "a task record")? else {
                 return refuse("ERR no such task");
             };
-            let done = matches!(t.state, TaskState::Done { .. });
+            let done = t.state.is_done();
             let Some(a) = t.attempts.iter_mut().find(|a| a.n == *attempt) else {
                 return refuse("ERR no such attempt");
             };
@@ -471,6 +496,53 @@ pub(super) fn apply(
                         "accepted"
                     }
                 }
+                AttemptOutcome::DoneInChunks {
+                    keys,
+                    chunks,
+                    bytes,
+                } => {
+                    if done || rec.state.has_ended() {
+                        a.end = AttemptEnd::Superseded;
+                        "superseded"
+                    } else {
+                        // The chunks must be there, exactly `chunks` of them, `bytes` together.
+                        let mut held = 0u64;
+                        for n in 0..*chunks {
+                            match el
+                                .get(&part_key(id, *task, *attempt, n)[..])
+                                .map_err(io_err)?
+                            {
+                                Some(c) => held += c.value().len() as u64,
+                                None => {
+                                    return refuse(format!(
+                                        "ERR chunk {n} of the attempt's partial result is missing"
+                                    ));
+                                }
+                            }
+                        }
+                        let extra = el
+                            .get(&part_key(id, *task, *attempt, *chunks)[..])
+                            .map_err(io_err)?
+                            .is_some();
+                        if held != *bytes || extra {
+                            return refuse(format!(
+                                "ERR the attempt's partial chunks hold {held} bytes{}, not {bytes} in {chunks}",
+                                if extra { " and more chunks" } else { "" }
+                            ));
+                        }
+                        a.end = AttemptEnd::Done;
+                        t.state = TaskState::DoneInChunks {
+                            attempt: *attempt,
+                            keys: *keys,
+                            chunks: *chunks,
+                        };
+                        rec.tasks_done += 1;
+                        rec.keys_scanned = rec.keys_scanned.saturating_add(*keys);
+                        // The chunks' bytes were counted as they were written.
+                        put(&mut el, &jkey, &rec)?;
+                        "accepted"
+                    }
+                }
                 AttemptOutcome::Failed { error, user } => {
                     a.end = AttemptEnd::Failed {
                         error: cut(error),
@@ -485,6 +557,14 @@ pub(super) fn apply(
                     "recorded"
                 }
             };
+            // An attempt whose output is not the task's leaves no chunks behind.
+            if a.end != AttemptEnd::Done {
+                let freed = remove_parts(&mut el, id, *task, *attempt)?;
+                if freed > 0 {
+                    rec.partial_bytes = rec.partial_bytes.saturating_sub(freed);
+                    put(&mut el, &jkey, &rec)?;
+                }
+            }
             // No attempt runs any more and none succeeded: the task waits for another.
             if t.state == TaskState::Running
                 && !t.attempts.iter().any(|a| a.end == AttemptEnd::Running)
@@ -585,12 +665,63 @@ pub(super) fn apply(
             put(&mut el, &jkey, &rec)?;
             Ok(Ok(Reply::Integer(1)))
         }
+        JobCommand::PartialChunk {
+            task,
+            attempt,
+            node,
+            n,
+            bytes,
+            ..
+        } => {
+            if bytes.len() > PARTIAL_CHUNK_MAX || *n >= PARTIAL_CHUNKS_MAX {
+                return refuse(format!(
+                    "LIMIT a task's partial result is at most {PARTIAL_CHUNKS_MAX} chunks of {PARTIAL_CHUNK_MAX} bytes"
+                ));
+            }
+            if rec.state.has_ended() {
+                return refuse(format!("ENDED the job has ended ({})", rec.state.name()));
+            }
+            let Some(t): Option<TaskRecord> = get(&el, &task_key(id, *task), "a task record")?
+            else {
+                return refuse("ERR no such task");
+            };
+            if t.state.is_done() {
+                return refuse("TASKDONE the task is done");
+            }
+            let Some(a) = t.attempts.iter().find(|a| a.n == *attempt) else {
+                return refuse("ERR no such attempt");
+            };
+            if a.node != *node {
+                return refuse(format!(
+                    "ERR attempt {attempt} of task {task} was started on node {}, not {node}",
+                    a.node
+                ));
+            }
+            if a.end != AttemptEnd::Running {
+                return refuse("ERR the attempt has ended");
+            }
+            let key = part_key(id, *task, *attempt, *n);
+            let replaced = el
+                .get(&key[..])
+                .map_err(io_err)?
+                .map_or(0, |old| old.value().len() as u64);
+            let held = rec.partial_bytes.saturating_sub(replaced);
+            if held.saturating_add(bytes.len() as u64) > JOB_PARTIALS_BYTES_MAX {
+                return refuse(format!(
+                    "LIMIT a job's partial results are at most {JOB_PARTIALS_BYTES_MAX} bytes together"
+                ));
+            }
+            el.insert(&key[..], &bytes[..]).map_err(io_err)?;
+            rec.partial_bytes = held + bytes.len() as u64;
+            put(&mut el, &jkey, &rec)?;
+            Ok(Ok(Reply::Ok))
+        }
         JobCommand::Forget { .. } => {
             if !rec.state.has_ended() {
                 return refuse("ERR a job is forgotten only once it has ended");
             }
             let mut left = FORGET_ROWS_MAX;
-            for kind in [LOG, TASK, RES] {
+            for kind in [LOG, TASK, RES, PART] {
                 let prefix = named(kind, id);
                 let keys: Vec<Vec<u8>> = {
                     let mut keys = Vec::new();
@@ -639,6 +770,20 @@ pub(super) fn query(
             Some(raw) => Reply::Bulk(Bytes::copy_from_slice(raw.value())),
             None => Reply::Nil,
         }),
+        (b"partial", [id, task, attempt, n]) => {
+            let task = u32::try_from(num(task)?).map_err(|_| bad())?;
+            let attempt = u16::try_from(num(attempt)?).map_err(|_| bad())?;
+            let n = u32::try_from(num(n)?).map_err(|_| bad())?;
+            Ok(
+                match el
+                    .get(&part_key(id, task, attempt, n)[..])
+                    .map_err(io_err)?
+                {
+                    Some(raw) => Reply::Bulk(Bytes::copy_from_slice(raw.value())),
+                    None => Reply::Nil,
+                },
+            )
+        }
         (b"tasks", [id, from, count]) => {
             let from = u32::try_from(num(from)?).map_err(|_| bad())?;
             let count = usize::try_from(num(count)?)

@@ -103,7 +103,7 @@ pub(super) async fn job(conn: &mut Connection, args: &[Bytes]) -> Outcome {
                     let state = match t.state {
                         TaskState::Pending => "pending",
                         TaskState::Running => "running",
-                        TaskState::Done { .. } => "done",
+                        TaskState::Done { .. } | TaskState::DoneInChunks { .. } => "done",
                     };
                     let attempts = t
                         .attempts
