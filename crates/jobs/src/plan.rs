@@ -3,12 +3,18 @@
 //! key (the 16 bytes after their common prefix, read as a big-endian number). Interpolation
 //! is a guess of where keys lie: on skewed keys some tasks get more than their share (the
 //! design's speculation covers stragglers, not skew).
+//!
+//! A shard of more than [`FIRST_TASK_KEYS`] keys starts with a task of about that many, so
+//! that a first partial result is out within about a second of the start (a task's output
+//! is what partial results are made of), whatever the shard's size.
 
 use bytes::Bytes;
 use capdb_types::jobs::{ShardPin, TASKS_MAX, TaskPlan};
 
 /// Keys a task covers at most (by the shard's count, evenly split).
 pub const TASK_KEYS_MAX: u64 = 1_000_000;
+/// Keys of a big shard's first task (about: the cut is interpolated).
+pub const FIRST_TASK_KEYS: u64 = 200_000;
 
 /// The tasks of `pins` (input shards pinned for the job), in shard order; at most
 /// [`TASKS_MAX`] (past it, tasks cover more keys each).
@@ -23,6 +29,19 @@ pub fn tasks(pins: &[ShardPin]) -> Vec<TaskPlan> {
     for p in pins {
         let n = ((p.keys.div_ceil(TASK_KEYS_MAX).max(1) as f64 / scale).floor() as u64).max(1);
         let bounds = match (&p.first_key, &p.last_key) {
+            (Some(first), Some(last)) if scale <= 1.0 && p.keys > FIRST_TASK_KEYS => {
+                // A small first task, then the rest evenly.
+                let early = split_keys(first, last, p.keys.div_ceil(FIRST_TASK_KEYS));
+                match early.first() {
+                    Some(cut) => {
+                        let rest = (p.keys - FIRST_TASK_KEYS).div_ceil(TASK_KEYS_MAX).max(1);
+                        let mut b = vec![cut.clone()];
+                        b.extend(split_keys(cut, last, rest));
+                        b
+                    }
+                    None => split_keys(first, last, n),
+                }
+            }
             (Some(first), Some(last)) if n > 1 => split_keys(first, last, n),
             _ => Vec::new(),
         };
@@ -99,17 +118,30 @@ mod tests {
             pin(1, 10, "a", "z"),
             pin(2, 2_500_000, "u:00000000", "u:99999999"),
         ]);
-        assert_eq!(t.len(), 4);
+        // The big shard: a small first task, then 2.3 M keys in 3.
+        assert_eq!(t.len(), 5);
         assert_eq!(
             (t[0].shard, t[0].from.clone(), t[0].to.clone()),
             (1, None, None)
         );
         let big: Vec<&TaskPlan> = t.iter().filter(|p| p.shard == 2).collect();
         assert_eq!(big[0].from, None);
-        assert_eq!(big[2].to, None);
-        assert_eq!(big[0].to, big[1].from);
-        assert_eq!(big[1].to, big[2].from);
-        assert!(big[0].to < big[1].to);
+        assert_eq!(big[3].to, None);
+        for w in big.windows(2) {
+            assert_eq!(w[0].to, w[1].from);
+        }
+        assert!(big[0].to < big[1].to && big[1].to < big[2].to);
+        // The first covers about an eighth of the width (200 k of 2.5 M keys, evenly spread).
+        let at = |k: &Option<Bytes>, or: &str| {
+            let k = k.clone().unwrap_or_else(|| Bytes::from(or.to_string()));
+            k[2..]
+                .iter()
+                .rev()
+                .fold(0f64, |f, b| (f + f64::from(*b)) / 256.0)
+        };
+        let span = at(&None, "u:99999999") - at(&None, "u:00000000");
+        let width = |p: &TaskPlan| (at(&p.to, "u:99999999") - at(&p.from, "u:00000000")) / span;
+        assert!(width(big[0]) < 0.1 && width(big[1]) > 0.25, "{big:?}");
         assert!(big.iter().all(|p| p.pin_index == 9));
     }
 

@@ -34,10 +34,12 @@ use super::Node;
 pub const JOBS_KEYSPACE: &str = "_jobs";
 /// Longest a task may run on another node before its call gives up (a pin's own bound).
 pub const TASK_DEADLINE: Duration = capdb_storage::disk::PIN_HOLD_MAX;
-/// How often a node looks for jobs to coordinate.
-const COORDINATE_EVERY: Duration = Duration::from_secs(1);
-/// Longest a job whose coordinator stopped with an error waits before the next one (the wait
-/// doubles from [`COORDINATE_EVERY`] after each error in a row).
+/// How often a node looks for jobs to coordinate (one local read of each `_jobs` shard it
+/// leads); a submission on the leader itself wakes it at once.
+const COORDINATE_EVERY: Duration = Duration::from_millis(250);
+/// How long a job whose coordinator stopped with an error waits before the next one: from
+/// the least, doubling after each error in a row, up to the most.
+const RETRY_WAIT_MIN: Duration = Duration::from_secs(1);
 const RETRY_WAIT_MAX: Duration = Duration::from_secs(60);
 /// Ids one listing of a `_jobs` shard reads (`JOB LIST`; the jobs that have not ended are
 /// read from their own index, at most 16 per shard).
@@ -85,6 +87,8 @@ pub struct Jobs {
     coordinating: Mutex<HashMap<Bytes, u64>>,
     /// Job id -> errors in a row of its coordinators here, and when the next may start.
     retry: Mutex<HashMap<Bytes, (u32, Instant)>>,
+    /// A job was submitted here: look for jobs to coordinate now.
+    submitted: tokio::sync::Notify,
 }
 
 impl Jobs {
@@ -93,6 +97,7 @@ impl Jobs {
             peers,
             coordinating: Mutex::default(),
             retry: Mutex::default(),
+            submitted: tokio::sync::Notify::new(),
         }
     }
 
@@ -481,6 +486,7 @@ impl Node {
             })
             .await??;
         let created = matches!(&answer, Reply::Array(v) if matches!(v.get(1), Some(Reply::Status(s)) if s == "created"));
+        self.jobs.submitted.notify_one();
         Ok((id, created))
     }
 
@@ -581,7 +587,7 @@ impl Node {
 }
 
 /// Rounds of [`run_coordinators`] between two passes of the retention (about a minute).
-const FORGET_EVERY_ROUNDS: u64 = 60;
+const FORGET_EVERY_ROUNDS: u64 = 240;
 /// Jobs one retention pass forgets at most per `_jobs` shard.
 const FORGET_PER_PASS: usize = 64;
 
@@ -626,7 +632,10 @@ pub async fn run_coordinators(node: Arc<Node>) {
     let cfg = capdb_jobs::coordinator::Config::default();
     let mut round: u64 = 0;
     while !node.is_shutting_down() {
-        tokio::time::sleep(COORDINATE_EVERY).await;
+        tokio::select! {
+            _ = tokio::time::sleep(COORDINATE_EVERY) => {}
+            _ = node.jobs.submitted.notified() => {}
+        }
         let state = node.cluster();
         let Ok(name) = KeyspaceName::new(JOBS_KEYSPACE) else {
             return;
@@ -690,7 +699,7 @@ pub async fn run_coordinators(node: Arc<Node>) {
                             let mut retry = node.jobs.retry();
                             let entry = retry.entry(id.clone()).or_insert((0, Instant::now()));
                             entry.0 = entry.0.saturating_add(1);
-                            let wait = COORDINATE_EVERY
+                            let wait = RETRY_WAIT_MIN
                                 .saturating_mul(1u32 << entry.0.min(6))
                                 .min(RETRY_WAIT_MAX);
                             entry.1 = Instant::now() + wait;
