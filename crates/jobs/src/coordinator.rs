@@ -138,6 +138,27 @@ async fn command<C: Cluster>(
     }
 }
 
+/// Runs CPU-heavy work (decoding, merging and ordering up to millions of groups) so that the
+/// runtime's other tasks move to other worker threads meanwhile: the node keeps serving while
+/// a coordinator merges.
+fn heavy<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
+}
+
+/// A task's output as this job's partial result (decoded once, checked against the plan).
+fn decoded(plan: &Plan, bytes: &[u8]) -> Result<Partial, capdb_reduce::JobError> {
+    heavy(|| {
+        let p = Partial::decode(bytes)?;
+        plan.check(&p)?;
+        Ok(p)
+    })
+}
+
 fn field(name: &str, value: impl Into<Bytes>) -> (Bytes, Bytes) {
     (Bytes::copy_from_slice(name.as_bytes()), value.into())
 }
@@ -493,7 +514,8 @@ impl<C: Cluster> Job<'_, C> {
         if let Some(partial) = partial {
             // An accepted output that does not merge (the job's own group limit, or a
             // corrupt partial) would stop every coordinator the same way: the job fails.
-            let merged = Partial::decode(&partial).and_then(|p| plan.merge(&mut t.merged, &p));
+            let merged =
+                heavy(|| Partial::decode(&partial).and_then(|p| plan.merge(&mut t.merged, &p)));
             if let Err(e) = merged {
                 return Err(Stop::Ended(
                     self.finish_failed(format!("task {n}: {e}")).await?,
@@ -749,10 +771,15 @@ impl<C: Cluster> Job<'_, C> {
                     if let Some(l) = load.get_mut(&node) {
                         *l = l.saturating_sub(1);
                     }
+                    // Decoded once: checked now, merged if accepted.
+                    let result = result.map(|out| {
+                        let p = decoded(plan, &out.partial);
+                        (out, p)
+                    });
                     match result {
                         // An output that does not read as this job's partial is the replica's
                         // fault, not the task's: it runs again elsewhere.
-                        Ok(out) if Partial::decode(&out.partial).and_then(|p| plan.check(&p)).is_err() => {
+                        Ok((_, Err(_))) => {
                             command(self.c, self.cfg, JobCommand::AttemptEnd {
                                 id: self.id.clone(),
                                 epoch: self.epoch,
@@ -769,13 +796,12 @@ impl<C: Cluster> Job<'_, C> {
                             }
                             pending.push_back(n);
                         }
-                        Ok(out) => {
+                        Ok((out, Ok(p))) => {
                             let answer = self.report_done(n, attempt, node, &out).await?;
+                            drop(out);
                             match answer {
                                 Ok(Reply::Status(s)) if s == "accepted" && !t.done[n] => {
-                                    let p = Partial::decode(&out.partial)
-                                        .map_err(|e| Stop::Error(Error::Corruption(e.to_string())))?;
-                                    if let Err(e) = plan.merge(&mut t.merged, &p) {
+                                    if let Err(e) = heavy(|| plan.merge(&mut t.merged, &p)) {
                                         return Err(Stop::Ended(self.finish_failed(e.to_string()).await?));
                                     }
                                     t.done[n] = true;
@@ -881,7 +907,7 @@ impl<C: Cluster> Job<'_, C> {
         if total > PARTIAL_GROUPS_SORTED_MAX {
             return Ok(serde_json::json!({"groups_total": total, "groups": [], "truncated": true}));
         }
-        let rows = plan.rows(merged).map_err(|e| e.to_string())?;
+        let rows = heavy(|| plan.rows(merged)).map_err(|e| e.to_string())?;
         let mut shown = Vec::new();
         let mut bytes = 0;
         for r in rows.iter().take(self.cfg.groups_shown) {
@@ -930,31 +956,33 @@ impl<C: Cluster> Job<'_, C> {
                 "the result would miss task {n}'s output"
             ))));
         }
-        let rows = match plan.rows(&t.merged) {
-            Ok(r) => r,
-            Err(e) => return self.finish_failed(e.to_string()).await,
-        };
         // Chunks of whole rows, each a JSON array of at most RESULT_CHUNK_MAX bytes.
-        let mut chunks: Vec<Vec<u8>> = Vec::new();
-        let mut chunk = b"[".to_vec();
-        for r in &rows {
-            let row = r.to_string().into_bytes();
-            if row.len() + 2 > RESULT_CHUNK_MAX {
-                return self
-                    .finish_failed(format!("a result row is over {RESULT_CHUNK_MAX} bytes"))
-                    .await;
+        let chunks = heavy(|| {
+            let rows = plan.rows(&t.merged).map_err(|e| e.to_string())?;
+            let mut chunks: Vec<Vec<u8>> = Vec::new();
+            let mut chunk = b"[".to_vec();
+            for r in &rows {
+                let row = r.to_string().into_bytes();
+                if row.len() + 2 > RESULT_CHUNK_MAX {
+                    return Err(format!("a result row is over {RESULT_CHUNK_MAX} bytes"));
+                }
+                if chunk.len() + row.len() + 2 > RESULT_CHUNK_MAX {
+                    chunk.push(b']');
+                    chunks.push(std::mem::replace(&mut chunk, b"[".to_vec()));
+                }
+                if chunk.len() > 1 {
+                    chunk.push(b',');
+                }
+                chunk.extend_from_slice(&row);
             }
-            if chunk.len() + row.len() + 2 > RESULT_CHUNK_MAX {
-                chunk.push(b']');
-                chunks.push(std::mem::replace(&mut chunk, b"[".to_vec()));
-            }
-            if chunk.len() > 1 {
-                chunk.push(b',');
-            }
-            chunk.extend_from_slice(&row);
-        }
-        chunk.push(b']');
-        chunks.push(chunk);
+            chunk.push(b']');
+            chunks.push(chunk);
+            Ok(chunks)
+        });
+        let chunks = match chunks {
+            Ok(c) => c,
+            Err(e) => return self.finish_failed(e).await,
+        };
         if chunks.len() > RESULT_CHUNKS_MAX as usize {
             return self
                 .finish_failed(format!(

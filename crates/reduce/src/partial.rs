@@ -405,7 +405,8 @@ impl Plan {
             .collect();
         // By the reducer (descending when asked), then by group, ascending; ordered by group
         // alone, `desc` reverses the groups.
-        order.sort_by(|a, b| {
+        // Groups are distinct: an unstable sort orders them all the same.
+        order.sort_unstable_by(|a, b| {
             if by.is_none() {
                 let groups = a.1.cmp(&b.1);
                 return if self.spec.output.desc {

@@ -61,6 +61,9 @@ pub struct ClusterConfig {
     /// leader creates it (an existing `default` keeps the shards it was created with). Give
     /// every founding node the same value.
     pub default_shards: u32,
+    /// Job tasks (`JOB SUBMIT`) this node runs at once, per job: each takes a core while it
+    /// runs, so more finish a job sooner and leave less for foreground requests.
+    pub job_slots: usize,
     /// Testing switches that weaken guarantees on purpose; never set in production.
     pub debug: DebugConfig,
     /// Milliseconds between anti-entropy passes of `ap` keyspaces.
@@ -151,6 +154,7 @@ struct FileConfig {
     labels: Option<BTreeMap<String, String>>,
     raft_snapshot_logs: Option<u64>,
     default_shards: Option<u32>,
+    job_slots: Option<usize>,
     ap_anti_entropy_interval_ms: Option<u64>,
     ap_anti_entropy_bytes_per_sec: Option<u64>,
     ap_tombstone_grace_ms: Option<u64>,
@@ -247,6 +251,10 @@ pub struct ServerArgs {
     /// [default: 1].
     #[arg(long, env = "CAPDB_DEFAULT_SHARDS", value_name = "N")]
     pub default_shards: Option<u32>,
+    /// Job tasks this node runs at once, per job (1 to 64): each takes a core while it runs
+    /// [default: 1].
+    #[arg(long, env = "CAPDB_JOB_SLOTS", value_name = "N")]
+    pub job_slots: Option<usize>,
     /// Milliseconds between anti-entropy passes over ap keyspaces [default: 10000].
     #[arg(long, env = "CAPDB_AP_ANTI_ENTROPY_INTERVAL_MS", value_name = "MS")]
     pub ap_anti_entropy_interval_ms: Option<u64>,
@@ -533,9 +541,16 @@ fn resolve_cluster(args: &ServerArgs, file: &FileConfig) -> Result<ClusterConfig
             "default_shards = {default_shards}: the default keyspace needs 1 to {SHARDS_MAX} shards"
         )));
     }
+    let job_slots = args.job_slots.or(file.job_slots).unwrap_or(1);
+    if !(1..=64).contains(&job_slots) {
+        return Err(ConfigError(format!(
+            "job_slots = {job_slots}: 1 to 64 tasks at once"
+        )));
+    }
     let ap = resolve_ap(args, file)?;
     Ok(ClusterConfig {
         default_shards,
+        job_slots,
         ap_tombstone_grace_ms: ap.tombstone_grace_ms,
         ap_anti_entropy_interval_ms: ap.anti_entropy_interval_ms,
         ap_anti_entropy_bytes_per_sec: ap.anti_entropy_bytes_per_sec,

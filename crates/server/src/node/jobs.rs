@@ -629,7 +629,10 @@ async fn forget_ended(cluster: &NodeCluster, group: GroupId) {
 /// [`COORDINATE_EVERY`], until shutdown: one per job and term (a coordinator of an older term
 /// here is fenced by the newer one's claim), and after errors in a row, later and later.
 pub async fn run_coordinators(node: Arc<Node>) {
-    let cfg = capdb_jobs::coordinator::Config::default();
+    let cfg = capdb_jobs::coordinator::Config {
+        slots_per_node: node.config.cluster.job_slots,
+        ..Default::default()
+    };
     let mut round: u64 = 0;
     while !node.is_shutting_down() {
         tokio::select! {
