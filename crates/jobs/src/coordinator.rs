@@ -159,6 +159,9 @@ fn decoded(plan: &Plan, bytes: &[u8]) -> Result<Partial, capdb_reduce::JobError>
     })
 }
 
+/// Chunk writes (a task's partial result, the final result) a coordinator has in flight.
+const CHUNK_WRITES_IN_FLIGHT: usize = 8;
+
 fn field(name: &str, value: impl Into<Bytes>) -> (Bytes, Bytes) {
     (Bytes::copy_from_slice(name.as_bytes()), value.into())
 }
@@ -544,25 +547,30 @@ impl<C: Cluster> Job<'_, C> {
             }
         } else {
             let mut chunks = 0u32;
-            for (i, at) in (0..out.partial.len())
-                .step_by(PARTIAL_CHUNK_MAX)
-                .enumerate()
-            {
-                let end = (at + PARTIAL_CHUNK_MAX).min(out.partial.len());
-                let written = command(
-                    self.c,
-                    self.cfg,
-                    JobCommand::PartialChunk {
-                        id: self.id.clone(),
-                        task: n as u32,
-                        attempt,
-                        node,
-                        n: i as u32,
-                        bytes: out.partial.slice(at..end),
-                    },
-                )
-                .await?;
-                match written {
+            // Several in flight, as the result's chunks are.
+            let mut writes = futures::stream::iter(
+                (0..out.partial.len())
+                    .step_by(PARTIAL_CHUNK_MAX)
+                    .enumerate()
+                    .map(|(i, at)| {
+                        let end = (at + PARTIAL_CHUNK_MAX).min(out.partial.len());
+                        command(
+                            self.c,
+                            self.cfg,
+                            JobCommand::PartialChunk {
+                                id: self.id.clone(),
+                                task: n as u32,
+                                attempt,
+                                node,
+                                n: i as u32,
+                                bytes: out.partial.slice(at..end),
+                            },
+                        )
+                    }),
+            )
+            .buffer_unordered(CHUNK_WRITES_IN_FLIGHT);
+            while let Some(written) = writes.next().await {
+                match written? {
                     Ok(_) => chunks += 1,
                     Err(line)
                         if line.starts_with("TASKDONE")
@@ -990,8 +998,27 @@ impl<C: Cluster> Job<'_, C> {
                 ))
                 .await;
         }
-        for (n, bytes) in chunks.into_iter().enumerate() {
-            let written = command(
+        // Chunk 0 first and alone (it starts the write), then several in flight, so that their
+        // log entries share fsyncs (the log applies them in any order: each names its place).
+        let mut chunks = chunks.into_iter().enumerate();
+        let first = chunks.next().map(|(n, bytes)| (n, Bytes::from(bytes)));
+        if let Some((n, bytes)) = first
+            && let Err(line) = command(
+                self.c,
+                self.cfg,
+                JobCommand::ResultChunk {
+                    id: self.id.clone(),
+                    epoch: self.epoch,
+                    n: n as u32,
+                    bytes,
+                },
+            )
+            .await?
+        {
+            return Err(Stop::Error(Error::Command(line)));
+        }
+        let mut writes = futures::stream::iter(chunks.map(|(n, bytes)| {
+            command(
                 self.c,
                 self.cfg,
                 JobCommand::ResultChunk {
@@ -1001,8 +1028,10 @@ impl<C: Cluster> Job<'_, C> {
                     bytes: Bytes::from(bytes),
                 },
             )
-            .await?;
-            if let Err(line) = written {
+        }))
+        .buffer_unordered(CHUNK_WRITES_IN_FLIGHT);
+        while let Some(written) = writes.next().await {
+            if let Err(line) = written? {
                 return Err(Stop::Error(Error::Command(line)));
             }
         }

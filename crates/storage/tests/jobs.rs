@@ -485,6 +485,22 @@ async fn a_large_partial_travels_in_chunks_that_only_the_accepted_attempt_leaves
         (rec.tasks_done, rec.keys_scanned, rec.partial_bytes),
         (1, 9, 5)
     );
+    // The result's chunks: 0 starts a write, the others land in any order; a rewrite (a new
+    // coordinator's) with fewer chunks starts with 0 again and hides the stale ones.
+    let result = |n: u32| JobCommand::ResultChunk {
+        id: id("j"),
+        epoch: 1,
+        n,
+        bytes: Bytes::from(format!("[{n}]")),
+    };
+    for n in [0, 2, 1] {
+        s.apply(result(n)).await.unwrap();
+    }
+    assert_eq!(s.record("j").result_chunks, 3);
+    for n in [0, 1] {
+        s.apply(result(n)).await.unwrap();
+    }
+    assert_eq!(s.record("j").result_chunks, 2);
     // Forgetting the ended job removes the chunks too.
     s.apply(JobCommand::Finish {
         id: id("j"),

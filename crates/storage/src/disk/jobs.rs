@@ -623,9 +623,14 @@ pub(super) fn apply(
             }
             el.insert(&chunk_key(id, *n)[..], &bytes[..])
                 .map_err(io_err)?;
-            // Chunks are written from 0 on: a rewrite (a new coordinator) may have fewer, and
-            // readers read up to this count.
-            rec.result_chunks = n + 1;
+            // Chunk 0 starts a (re)write, alone; the others may land in any order (a
+            // coordinator has several in flight). A new coordinator's rewrite, which may have
+            // fewer chunks, starts with chunk 0 again, so a stale chunk past it is not read.
+            rec.result_chunks = if *n == 0 {
+                1
+            } else {
+                rec.result_chunks.max(n + 1)
+            };
             put(&mut el, &jkey, &rec)?;
             Ok(Ok(Reply::Ok))
         }
