@@ -19,9 +19,10 @@ pub const FIRST_TASK_KEYS: u64 = 200_000;
 /// The tasks of `pins` (input shards pinned for the job), in shard order; at most
 /// [`TASKS_MAX`] (past it, tasks cover more keys each).
 pub fn tasks(pins: &[ShardPin]) -> Vec<TaskPlan> {
+    // A big shard's small first task counts too.
     let wanted: u64 = pins
         .iter()
-        .map(|p| p.keys.div_ceil(TASK_KEYS_MAX).max(1))
+        .map(|p| p.keys.div_ceil(TASK_KEYS_MAX).max(1) + u64::from(p.keys > FIRST_TASK_KEYS))
         .sum();
     // Past the bound every shard gets fewer tasks, in proportion.
     let scale = (wanted as f64 / TASKS_MAX as f64).max(1.0);

@@ -113,20 +113,39 @@ fn part_key(id: &[u8], task: u32, attempt: u16, n: u32) -> Vec<u8> {
     k
 }
 
-/// Removes the partial chunks of one attempt (chunks are written from 0 on, so the first
-/// missing one ends them): the bytes they held.
-fn remove_parts(el: &mut RawTable<'_>, id: &[u8], task: u32, attempt: u16) -> Result<u64> {
+/// Removes the rows under `prefix`, at most `most` of them: the bytes their values held, and
+/// whether rows remain.
+fn remove_prefixed(el: &mut RawTable<'_>, prefix: &[u8], most: usize) -> Result<(u64, bool)> {
+    let mut keys = Vec::new();
+    let mut more = false;
+    for r in el.range(prefix..).map_err(io_err)? {
+        let (k, _) = r.map_err(io_err)?;
+        if !k.value().starts_with(prefix) {
+            break;
+        }
+        if keys.len() == most {
+            more = true;
+            break;
+        }
+        keys.push(k.value().to_vec());
+    }
     let mut freed = 0;
-    for n in 0..PARTIAL_CHUNKS_MAX {
-        match el
-            .remove(&part_key(id, task, attempt, n)[..])
-            .map_err(io_err)?
-        {
-            Some(old) => freed += old.value().len() as u64,
-            None => break,
+    for k in keys {
+        if let Some(old) = el.remove(&k[..]).map_err(io_err)? {
+            freed += old.value().len() as u64;
         }
     }
-    Ok(freed)
+    Ok((freed, more))
+}
+
+/// Removes the partial chunks of one attempt, wherever they are (they land in any order):
+/// the bytes they held.
+fn remove_parts(el: &mut RawTable<'_>, id: &[u8], task: u32, attempt: u16) -> Result<u64> {
+    let mut prefix = named(PART, id);
+    prefix.extend_from_slice(&task.to_be_bytes());
+    prefix.extend_from_slice(&attempt.to_be_bytes());
+    // At most PARTIAL_CHUNKS_MAX rows: a chunk's n is below it.
+    Ok(remove_prefixed(el, &prefix, PARTIAL_CHUNKS_MAX as usize)?.0)
 }
 
 fn active_key() -> Vec<u8> {
@@ -193,6 +212,11 @@ fn end(
     now_ms: u64,
 ) -> Result<()> {
     debug_assert!(!rec.state.has_ended(), "a job ends once");
+    // Its tasks' partial chunks are done with (the result, if any, is written): the shard
+    // need not carry them, in snapshots too, until the job is forgotten. A bounded number
+    // here; Forget removes any beyond.
+    let (freed, _) = remove_prefixed(el, &named(PART, id), FORGET_ROWS_MAX)?;
+    rec.partial_bytes = rec.partial_bytes.saturating_sub(freed);
     rec.state = state;
     rec.ended_ms = Some(now_ms);
     el.remove(&named(ACTIVE_ROWS, id)[..]).map_err(io_err)?;
