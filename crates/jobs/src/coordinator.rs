@@ -966,11 +966,11 @@ impl<C: Cluster> Job<'_, C> {
         }
         // Chunks of whole rows, each a JSON array of at most RESULT_CHUNK_MAX bytes.
         let chunks = heavy(|| {
-            let rows = plan.rows(&t.merged).map_err(|e| e.to_string())?;
+            let rows = plan.rows_text(&t.merged).map_err(|e| e.to_string())?;
             let mut chunks: Vec<Vec<u8>> = Vec::new();
             let mut chunk = b"[".to_vec();
-            for r in &rows {
-                let row = r.to_string().into_bytes();
+            for row in rows {
+                let row = row.into_bytes();
                 if row.len() + 2 > RESULT_CHUNK_MAX {
                     return Err(format!("a result row is over {RESULT_CHUNK_MAX} bytes"));
                 }

@@ -388,6 +388,61 @@ impl Plan {
     /// and of `desc`. A sum
     /// out of range ends the job here, naming its group and reducer.
     pub fn rows(&self, p: &Partial) -> Result<Vec<Value>, JobError> {
+        let order = self.ordered(p)?;
+        let mut rows = Vec::with_capacity(order.len());
+        for (parts, accs) in order {
+            let mut row = Map::new();
+            row.insert("group".into(), group_json(&parts));
+            for ((name, _, _), value) in self.reducers.iter().zip(self.values(&parts, accs)?) {
+                row.insert(name.clone(), value);
+            }
+            rows.push(Value::Object(row));
+        }
+        Ok(rows)
+    }
+
+    /// The rows of [`Plan::rows`] as JSON texts, the same bytes `Value::to_string` gives
+    /// (keys in byte order), written without building each row: a result of a million
+    /// groups is written in a fraction of the time.
+    pub fn rows_text(&self, p: &Partial) -> Result<Vec<String>, JobError> {
+        // `None`: the group; `Some(i)`: reducer i. In the order a JSON object's keys print.
+        let mut keys: Vec<(&str, Option<usize>)> = vec![("group", None)];
+        keys.extend(
+            self.reducers
+                .iter()
+                .enumerate()
+                .map(|(i, (name, _, _))| (name.as_str(), Some(i))),
+        );
+        keys.sort_by(|a, b| a.0.cmp(b.0));
+        let keys: Vec<(String, Option<usize>)> = keys
+            .into_iter()
+            .map(|(k, i)| (Value::String(k.to_string()).to_string(), i))
+            .collect();
+        let order = self.ordered(p)?;
+        let mut rows = Vec::with_capacity(order.len());
+        for (parts, accs) in order {
+            let values = self.values(&parts, accs)?;
+            let mut row = String::from("{");
+            for (n, (key, slot)) in keys.iter().enumerate() {
+                if n > 0 {
+                    row.push(',');
+                }
+                row.push_str(key);
+                row.push(':');
+                let text = match slot {
+                    None => group_json(&parts).to_string(),
+                    Some(i) => values[*i].to_string(),
+                };
+                row.push_str(&text);
+            }
+            row.push('}');
+            rows.push(row);
+        }
+        Ok(rows)
+    }
+
+    /// The groups of `p` (checked), ordered and limited as the spec's output says.
+    fn ordered<'p>(&self, p: &'p Partial) -> Result<Vec<(Vec<Scalar>, &'p Vec<Acc>)>, JobError> {
         self.check(p)?;
         let by = self
             .spec
@@ -424,29 +479,38 @@ impl Plan {
             primary.then_with(|| a.1.cmp(&b.1))
         });
         let limit = self.spec.output.limit.map_or(usize::MAX, |l| l as usize);
-        let mut rows = Vec::with_capacity(order.len().min(limit));
-        for (_, parts, accs) in order.into_iter().take(limit) {
-            let mut row = Map::new();
-            let group = match parts.len() {
-                0 => Value::Null,
-                1 => parts[0].to_json(),
-                _ => Value::Array(parts.iter().map(Scalar::to_json).collect()),
-            };
-            row.insert("group".into(), group);
-            for ((name, _, _), acc) in self.reducers.iter().zip(accs) {
-                let value = acc.to_json().map_err(|e| match e {
+        Ok(order
+            .into_iter()
+            .take(limit)
+            .map(|(_, parts, accs)| (parts, accs))
+            .collect())
+    }
+
+    /// One row's reducer values, in the plan's order (a sum out of range names its group).
+    fn values(&self, parts: &[Scalar], accs: &[Acc]) -> Result<Vec<Value>, JobError> {
+        self.reducers
+            .iter()
+            .zip(accs)
+            .map(|((name, _, _), acc)| {
+                acc.to_json().map_err(|e| match e {
                     AccError::Overflow => JobError::Overflow {
                         group: Value::Array(parts.iter().map(Scalar::to_json).collect())
                             .to_string(),
                         reducer: name.clone(),
                     },
                     other => JobError::Corrupt(other.to_string()),
-                })?;
-                row.insert(name.clone(), value);
-            }
-            rows.push(Value::Object(row));
-        }
-        Ok(rows)
+                })
+            })
+            .collect()
+    }
+}
+
+/// A row's group: a scalar (one part), an array (several) or `null` (none).
+fn group_json(parts: &[Scalar]) -> Value {
+    match parts.len() {
+        0 => Value::Null,
+        1 => parts[0].to_json(),
+        _ => Value::Array(parts.iter().map(Scalar::to_json).collect()),
     }
 }
 

@@ -114,6 +114,9 @@ proptest! {
             prop_assert!((a - b).abs() <= 1e-9 * b.abs().max(1.0), "stddev {} vs {}", a, b);
         }
         prop_assert_eq!((merged.keys, merged.skipped), (whole.keys, whole.skipped));
+        // The result's text, written directly, is the rows' own JSON, byte for byte.
+        let texts: Vec<String> = plan.rows(&merged).unwrap().iter().map(|r| r.to_string()).collect();
+        prop_assert_eq!(plan.rows_text(&merged).unwrap(), texts);
     }
 
     #[test]
