@@ -442,7 +442,7 @@ impl Plan {
     }
 
     /// The groups of `p` (checked), ordered and limited as the spec's output says.
-    fn ordered<'p>(&self, p: &'p Partial) -> Result<Vec<(Vec<Scalar>, &'p Vec<Acc>)>, JobError> {
+    fn ordered<'p>(&self, p: &'p Partial) -> Result<Vec<Row<'p>>, JobError> {
         self.check(p)?;
         let by = self
             .spec
@@ -504,6 +504,9 @@ impl Plan {
             .collect()
     }
 }
+
+/// A result row before it is written: its group's parts and its accumulators.
+type Row<'p> = (Vec<Scalar>, &'p Vec<Acc>);
 
 /// A row's group: a scalar (one part), an array (several) or `null` (none).
 fn group_json(parts: &[Scalar]) -> Value {
