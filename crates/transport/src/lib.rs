@@ -282,6 +282,20 @@ impl<S: Service> Peer<S> {
     }
 }
 
+/// How long bytes sent on a peer connection may stay unacknowledged before the kernel drops
+/// the connection (`TCP_USER_TIMEOUT`). Without it, a connection through a lossy link can stay
+/// stalled long after the link heals (TCP's retransmission backoff grows to two minutes)
+/// while every call on it times out; dropped, the next call reconnects at once. Ten seconds
+/// of silence from a peer that has our bytes is a dead link, not a slow one.
+pub const UNACKED_MAX: Duration = Duration::from_secs(10);
+
+/// Options of every peer connection, both ends: no Nagle delay, and [`UNACKED_MAX`].
+fn tune(stream: &TcpStream) {
+    let _ = stream.set_nodelay(true);
+    #[cfg(target_os = "linux")]
+    let _ = socket2::SockRef::from(stream).set_tcp_user_timeout(Some(UNACKED_MAX));
+}
+
 /// First wait before reconnecting to a peer that refused a connection.
 const BACKOFF_MIN: Duration = Duration::from_millis(20);
 /// Longest wait before reconnecting to a peer that keeps refusing connections.
@@ -363,7 +377,7 @@ async fn connect(
         Err(_) => return Err(ConnectFailure::TimedOut),
     };
     *backoff = BACKOFF_MIN;
-    let _ = stream.set_nodelay(true);
+    tune(&stream);
     let (read_half, write_half) = stream.into_split();
     let mut w = BufWriter::new(write_half);
     let hello = [
@@ -625,7 +639,7 @@ pub async fn serve(
                 }
             },
         };
-        let _ = stream.set_nodelay(true);
+        tune(&stream);
         tokio::spawn(serve_connection(
             stream,
             services.clone(),
