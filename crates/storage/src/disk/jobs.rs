@@ -148,6 +148,27 @@ fn remove_parts(el: &mut RawTable<'_>, id: &[u8], task: u32, attempt: u16) -> Re
     Ok(remove_prefixed(el, &prefix, PARTIAL_CHUNKS_MAX as usize)?.0)
 }
 
+/// Attempt `attempt` of task `task` (of its `attempts`), which must have been started on
+/// `node`: else the refusal's line.
+fn attempt_on(
+    attempts: &mut [Attempt],
+    task: u32,
+    attempt: u16,
+    node: u64,
+) -> std::result::Result<&mut Attempt, String> {
+    let a = attempts
+        .iter_mut()
+        .find(|a| a.n == attempt)
+        .ok_or_else(|| "ERR no such attempt".to_string())?;
+    if a.node != node {
+        return Err(format!(
+            "ERR attempt {attempt} of task {task} was started on node {}, not {node}",
+            a.node
+        ));
+    }
+    Ok(a)
+}
+
 fn active_key() -> Vec<u8> {
     let mut k = RESERVED.to_vec();
     k.extend_from_slice(ACTIVE);
@@ -476,15 +497,10 @@ pub(super) fn apply(
                 return refuse("ERR no such task");
             };
             let done = t.state.is_done();
-            let Some(a) = t.attempts.iter_mut().find(|a| a.n == *attempt) else {
-                return refuse("ERR no such attempt");
+            let a = match attempt_on(&mut t.attempts, *task, *attempt, *node) {
+                Ok(a) => a,
+                Err(line) => return refuse(line),
             };
-            if a.node != *node {
-                return refuse(format!(
-                    "ERR attempt {attempt} of task {task} was started on node {}, not {node}",
-                    a.node
-                ));
-            }
             if a.end != AttemptEnd::Running {
                 // Reported already (a retried report): what it was recorded as.
                 return Ok(Ok(status(match a.end {
@@ -710,22 +726,17 @@ pub(super) fn apply(
             if rec.state.has_ended() {
                 return refuse(format!("ENDED the job has ended ({})", rec.state.name()));
             }
-            let Some(t): Option<TaskRecord> = get(&el, &task_key(id, *task), "a task record")?
+            let Some(mut t): Option<TaskRecord> = get(&el, &task_key(id, *task), "a task record")?
             else {
                 return refuse("ERR no such task");
             };
             if t.state.is_done() {
                 return refuse("TASKDONE the task is done");
             }
-            let Some(a) = t.attempts.iter().find(|a| a.n == *attempt) else {
-                return refuse("ERR no such attempt");
+            let a = match attempt_on(&mut t.attempts, *task, *attempt, *node) {
+                Ok(a) => a,
+                Err(line) => return refuse(line),
             };
-            if a.node != *node {
-                return refuse(format!(
-                    "ERR attempt {attempt} of task {task} was started on node {}, not {node}",
-                    a.node
-                ));
-            }
             if a.end != AttemptEnd::Running {
                 return refuse("ERR the attempt has ended");
             }
