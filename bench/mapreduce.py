@@ -81,21 +81,31 @@ def value_json(c, a, g, t):
     return f'{{"c":"{c}","a":{a},"g":{g},"t":"{t}"}}'
 
 
+LOAD_PART_ROWS = 500_000
+
+
 def make_data(n, work):
-    """Writes the RESP load file, the JSON texts and the Parquet file; returns their paths."""
+    """Writes the RESP load files (one per LOAD_PART_ROWS rows), the JSON texts and the Parquet
+    file; returns their paths."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    resp_path = os.path.join(work, "load.resp")
+    resp_paths = []
     json_path = os.path.join(work, "values.jsonl")
     parquet_path = os.path.join(work, "rows.parquet")
     schema = pa.schema([("k", pa.string()), ("c", pa.string()), ("a", pa.int64()),
                         ("g", pa.int64()), ("t", pa.string()), ("v", pa.string())])
     writer = pq.ParquetWriter(parquet_path, schema)
     select = f"*2\r\n$6\r\nSELECT\r\n${len(KEYSPACE)}\r\n{KEYSPACE}\r\n".encode()
-    with open(resp_path, "wb") as resp, open(json_path, "w") as js:
-        resp.write(select)
+    resp = None
+    with open(json_path, "w") as js:
         cols = ([], [], [], [], [], [])
-        for k, c, a, g, t in rows(n):
+        for i, (k, c, a, g, t) in enumerate(rows(n)):
+            if i % LOAD_PART_ROWS == 0:
+                if resp:
+                    resp.close()
+                resp_paths.append(os.path.join(work, f"load-{len(resp_paths):03d}.resp"))
+                resp = open(resp_paths[-1], "wb")
+                resp.write(select)
             v = value_json(c, a, g, t)
             resp.write(f"*3\r\n$3\r\nSET\r\n${len(k)}\r\n{k}\r\n${len(v)}\r\n{v}\r\n".encode())
             js.write(v)
@@ -107,8 +117,10 @@ def make_data(n, work):
                 cols = ([], [], [], [], [], [])
         if cols[0]:
             writer.write_table(pa.table(list(cols), schema=schema))
+    if resp:
+        resp.close()
     writer.close()
-    return resp_path, json_path, parquet_path
+    return resp_paths, json_path, parquet_path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,6 +296,13 @@ def start_node(procs, binary, work):
     return resp
 
 
+def r_dbsize(port):
+    p = subprocess.run(["redis-cli", "-p", str(port)], input=f"SELECT {KEYSPACE}\nDBSIZE\n",
+                       capture_output=True, text=True)
+    lines = p.stdout.split()
+    return lines[-1] if lines and lines[-1].isdigit() else "0"
+
+
 def cpu_seconds(pid):
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
@@ -378,18 +397,33 @@ def main():
     try:
         t0 = time.perf_counter()
         log(f"making {args.keys:,} rows in {work} ...")
-        resp_path, jsonl, parquet = make_data(args.keys, work)
+        resp_paths, jsonl, parquet = make_data(args.keys, work)
         log(f"  made in {time.perf_counter() - t0:.0f} s")
         port = start_node(procs, binary, work)
         pid = procs.procs[0][1].pid
         t0 = time.perf_counter()
-        log("loading capdb (redis-cli --pipe) ...")
-        with open(resp_path, "rb") as f:
-            p = subprocess.run(["redis-cli", "-p", str(port), "--pipe"], stdin=f, capture_output=True, text=True)
+        log(f"loading capdb (redis-cli --pipe, {len(resp_paths)} parts) ...")
+        # A part answered with errors (a write refused, or UNCERTAIN: a commit past its
+        # deadline under the flood) is sent again whole: SET of the same value is idempotent.
+        resent = []
+        for path in resp_paths:
+            for attempt in range(4):
+                with open(path, "rb") as f:
+                    p = subprocess.run(["redis-cli", "-p", str(port), "--pipe"], stdin=f,
+                                       capture_output=True, text=True)
+                if p.returncode == 0 and "errors: 0" in p.stdout:
+                    break
+                errors = next((l for l in p.stdout.splitlines() if l.startswith("errors:")), "?")
+                resent.append(f"{os.path.basename(path)} ({errors.strip()})")
+                log(f"  {os.path.basename(path)}: {errors.strip()}; sending it again")
+            else:
+                raise Fatal(f"load failed 4 times: {p.stdout[-2000:]} {p.stderr[-2000:]}")
         load_s = time.perf_counter() - t0
-        if p.returncode != 0 or "errors: 0" not in p.stdout:
-            raise Fatal(f"load failed: {p.stdout[-2000:]} {p.stderr[-2000:]}")
-        log(f"  loaded in {load_s:.0f} s ({args.keys / load_s:,.0f} keys/s)")
+        n = int(r_dbsize(port))
+        if n < args.keys:
+            raise Fatal(f"capdb holds {n:,} keys after the load, not {args.keys:,}")
+        log(f"  loaded in {load_s:.0f} s ({args.keys / load_s:,.0f} keys/s); parts sent again: "
+            f"{', '.join(resent) or 'none'}")
         r = connect(port)
         skip = set(args.skip.split(","))
         results = {}  # job -> list of (engine label, cores, seconds, digest, groups, extra)
