@@ -26,6 +26,11 @@
 //!   `(applied, committed]`. The reverse, a state machine durable ahead of the local log
 //!   (openraft applies entries a quorum has even before this node's fsync), is repaired by
 //!   openraft at start: it purges the log up to the applied id (its `get_initial_state`).
+//! - **No leader restored by a restart**: the saved committed id is a hint (not fsync'd, see
+//!   `save_committed`), so a restarted node does not know everything it had committed until a
+//!   leader of a new term commits its blank entry. openraft's leader restore (a leader resuming
+//!   without an election) is therefore off (`groups::default_raft_config`): with it, a restarted
+//!   leader answered ReadIndex reads from its stale state machine (the kill -9 tests caught it).
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;

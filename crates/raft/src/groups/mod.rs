@@ -91,6 +91,12 @@ pub fn default_raft_config(snapshot_logs: u64) -> openraft::Config {
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(snapshot_logs),
         max_in_snapshot_log_to_keep: (snapshot_logs / 20).min(1_000),
         purge_batch_size: (snapshot_logs / 80).clamp(1, 256),
+        // A leader restarted by a crash must win an election again. Applies and the committed
+        // id are not fsync'd (the log is), so a leader restored without one would answer
+        // ReadIndex reads from a state machine behind what it had acknowledged (openraft's
+        // documented hazard; the kill -9 tests read `None` for acknowledged keys). A new term's
+        // blank entry is what proves what is committed.
+        enable_leader_restore: Some(false),
         ..Default::default()
     }
 }
