@@ -3,7 +3,8 @@
 //! with fault windows; a window holds one fault or, one time in four, two at once.
 //!
 //! Faults: partitions (random halves, isolating the shard leader, a bridge node that sees both
-//! sides, a ring where each node sees only its neighbours), kill -9 then restart, SIGSTOP then
+//! sides, a ring where each node sees only its neighbours), kill -9 then restart (of the leader,
+//! a minority, or, one time in six, every node at once), SIGSTOP then
 //! SIGCONT, lossy links (nftables random drop: this kernel has no netem), and wall-clock
 //! offsets. "Leader" targets are resolved when the window opens and written to the history.
 //! `partition-leader` is the partition that always isolates the leader: the check that broken
@@ -183,10 +184,13 @@ fn fault_of(kind: Kind, n: u32, rng: &mut fastrand::Rng) -> Fault {
             Fault::Partition { shape, order }
         }
         Kind::Kill | Kind::Pause => {
-            let target = if rng.u8(0..3) == 0 {
-                Target::Leader
-            } else {
-                Target::Nodes(minority(rng, &order))
+            let target = match rng.u8(0..6) {
+                0 | 1 => Target::Leader,
+                // A power loss: every node dies at once and comes back with only what it had
+                // fsync'd. No majority is left to elect, so the old leaders come back first:
+                // the fault that caught leaders restored with a stale state machine.
+                2 if kind == Kind::Kill => Target::Nodes((1..=n).collect()),
+                _ => Target::Nodes(minority(rng, &order)),
             };
             if kind == Kind::Kill {
                 Fault::Kill(target)
@@ -479,5 +483,31 @@ mod tests {
         assert!(all.iter().any(|f| matches!(f, Fault::Loss { .. })));
         assert!(all.iter().any(|f| matches!(f, Fault::Clock { .. })));
         assert!(all.iter().any(|f| matches!(f, Fault::KillLeader)));
+    }
+
+    #[test]
+    fn kills_strike_the_leader_a_minority_or_every_node_and_pauses_never_every_node() {
+        let mut seen_all = false;
+        for seed in 0..64 {
+            let windows = plan(
+                seed,
+                Duration::from_secs(600),
+                &[Kind::Kill, Kind::Pause],
+                5,
+                Duration::from_secs(5),
+                (Duration::from_secs(5), Duration::from_secs(15)),
+            );
+            for fault in windows.iter().flat_map(|w| &w.faults) {
+                match fault {
+                    Fault::Kill(Target::Nodes(v)) if v.len() == 5 => seen_all = true,
+                    Fault::Kill(Target::Nodes(v)) | Fault::Pause(Target::Nodes(v)) => {
+                        assert!(!v.is_empty() && v.len() <= 2, "{fault:?}")
+                    }
+                    Fault::Kill(Target::Leader) | Fault::Pause(Target::Leader) => {}
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+        }
+        assert!(seen_all, "no power loss planned in 64 seeds");
     }
 }
