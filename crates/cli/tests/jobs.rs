@@ -556,6 +556,83 @@ fn a_job_survives_the_kill_of_a_node_running_its_tasks_and_only_its_tasks_run_ag
 }
 
 #[test]
+fn a_node_stopped_mid_task_is_found_by_heartbeats_and_only_its_tasks_run_again() {
+    // SIGSTOP, not kill: the connection stays open and the node answers nothing, as when it
+    // hangs or is cut off. Only heartbeats tell (the task call itself would wait minutes).
+    let (mut nodes, expected) = loaded_cluster();
+    let mut c = nodes[0].client();
+    redis::cmd("JOB")
+        .arg("SUBMIT")
+        .arg(slow_spec("s1"))
+        .query::<Value>(&mut c)
+        .unwrap();
+    let coordinator: u64 = {
+        let until = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(n) = status(&mut c, "s1")["coordinator"].parse() {
+                break n;
+            }
+            assert!(Instant::now() < until, "the coordinator is known");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let running = wait_tasks(
+        &mut c,
+        "s1",
+        "an attempt running off the coordinator",
+        |t| {
+            t.iter()
+                .flatten()
+                .any(|(n, e)| e == "running" && *n != coordinator)
+        },
+    );
+    let victim = running
+        .iter()
+        .flatten()
+        .find(|(n, e)| e == "running" && *n != coordinator)
+        .map(|(n, _)| *n)
+        .unwrap();
+    nodes[(victim - 1) as usize]
+        .child
+        .as_mut()
+        .unwrap()
+        .pause()
+        .unwrap();
+    let survivor = if victim == 1 { 2 } else { 1 };
+    let mut c = nodes[survivor - 1].client();
+    let s = wait_ended(&mut c, "s1");
+    nodes[(victim - 1) as usize]
+        .child
+        .as_mut()
+        .unwrap()
+        .resume()
+        .unwrap();
+    assert_eq!(s["state"], "done", "{s:?}");
+    let mut got = result_rows(&mut c, "s1");
+    got.sort();
+    assert_eq!(got, expected);
+    let log = tasks(&mut c, "s1");
+    assert!(
+        log.iter()
+            .flatten()
+            .any(|(n, e)| *n == victim && e.starts_with("lost") && e.contains("heartbeats")),
+        "the stopped node's attempt is recorded lost for its silence: {log:?}"
+    );
+    for (task, attempts) in log.iter().enumerate() {
+        let dones = attempts.iter().filter(|(_, e)| e == "done").count();
+        assert_eq!(dones, 1, "task {task}: one output: {attempts:?}");
+        for (n, e) in attempts {
+            if e != "done" {
+                assert_eq!(
+                    *n, victim,
+                    "task {task} re-ran for another reason: {attempts:?}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
 fn a_job_survives_the_kill_of_its_coordinator_and_redoes_only_what_was_in_flight() {
     let (mut nodes, expected) = loaded_cluster();
     let mut c = nodes[0].client();

@@ -15,12 +15,24 @@
 //! that error: running it elsewhere would fail the same way. The first accepted output of a
 //! task is the one merged (decided by the log: `superseded` for any later one).
 //!
+//!
+//! # Heartbeats and speculative copies
+//!
+//! A call that breaks (the node died, the connection was reset) is heard at once; a node that
+//! stalls, is cut off or stops (SIGSTOP) answers nothing, so every [`Config::heartbeat_every`]
+//! the coordinator asks each live attempt's node how it goes (`Cluster::probe`). An attempt
+//! not heard of for [`Config::lost_after`] is recorded lost, asked to stop, and its task runs
+//! again elsewhere. An attempt that reads nothing for [`Config::stuck_after`] (a hung disk, a
+//! node starved of CPU) or, once three quarters of the tasks are done, runs past 1.5 times the
+//! median accepted attempt, gets one speculative copy on another replica (at most a tenth of
+//! the slots at once); whichever output is accepted first is the task's, and the other attempt
+//! is cancelled and recorded lost. The log decides "first", so two never count.
+//!
 //! # Not yet (design §6, step 5)
 //!
-//! Heartbeats and checkpoints (an attempt that hangs without its node failing is only noticed
-//! when its call times out), speculative copies of stragglers, adopting a dead coordinator's
-//! running attempts (they are recorded lost and run again), partials larger than 1 MiB held
-//! on the worker, output to a keyspace.
+//! Checkpoints (a re-run starts its range again), adopting a dead coordinator's running
+//! attempts (they are recorded lost and run again), partials larger than 1 MiB held on the
+//! worker, output to a keyspace.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
@@ -35,8 +47,10 @@ use capdb_types::jobs::{
 };
 use capdb_types::{Error, Reply};
 use futures::StreamExt;
+use futures::future::{AbortHandle, Abortable};
 use futures::stream::FuturesUnordered;
 
+use crate::worker::Probe;
 use crate::{Cluster, ShardReplicas, TaskError, TaskOrder, TaskOutput};
 
 /// A coordinator's bounds.
@@ -53,6 +67,16 @@ pub struct Config {
     pub retry_for: Duration,
     /// Groups a partial result or the final entry shows (the whole result: `JOB RESULT`).
     pub groups_shown: usize,
+    /// How often each running attempt's node is asked how it goes (a heartbeat).
+    pub heartbeat_every: Duration,
+    /// An attempt whose node answers no heartbeat for this long is lost: its task runs again
+    /// elsewhere (the attempt is asked to stop, in case its node is only slow).
+    pub lost_after: Duration,
+    /// An attempt that reads nothing for this long while not throttled is stuck: its task
+    /// gets a speculative copy on another replica.
+    pub stuck_after: Duration,
+    /// Whether stragglers get speculative copies.
+    pub speculate: bool,
 }
 
 impl Default for Config {
@@ -63,6 +87,10 @@ impl Default for Config {
             publish_every: Duration::from_secs(1),
             retry_for: Duration::from_secs(60),
             groups_shown: 1_000,
+            heartbeat_every: Duration::from_secs(1),
+            lost_after: Duration::from_secs(3),
+            stuck_after: Duration::from_secs(10),
+            speculate: true,
         }
     }
 }
@@ -199,6 +227,8 @@ pub async fn run<C: Cluster>(c: &C, id: Bytes, epoch: u64, cfg: &Config) -> Resu
         slots_per_node: cfg.slots_per_node.max(1),
         failed_attempts_max: cfg.failed_attempts_max.max(1),
         publish_every: cfg.publish_every.max(Duration::from_millis(10)),
+        heartbeat_every: cfg.heartbeat_every.max(Duration::from_millis(10)),
+        lost_after: cfg.lost_after.max(cfg.heartbeat_every * 2),
         ..cfg.clone()
     };
     let mut job = Job {
@@ -261,9 +291,55 @@ struct Tasks {
     failures: Vec<usize>,
     tried: Vec<HashSet<u64>>,
     last_error: Vec<String>,
+    /// The attempts this coordinator started and has not heard the end of, by (task, attempt).
+    live: HashMap<(usize, u16), Live>,
 }
 
-impl<C: Cluster> Job<'_, C> {
+impl Tasks {
+    /// Whether an attempt of task `n` is live.
+    fn runs(&self, n: usize) -> bool {
+        self.live.keys().any(|(m, _)| *m == n)
+    }
+}
+
+/// An attempt this coordinator started and has not heard the end of.
+struct Live {
+    node: u64,
+    speculative: bool,
+    started: Instant,
+    /// When its node last answered a heartbeat (or it started).
+    heard: Instant,
+    /// Keys it had read, and milliseconds it had waited on its rate limit, at the last
+    /// heartbeat.
+    keys: u64,
+    throttled_ms: u64,
+    /// Whether it waited on its rate limit between the last two heartbeats (slow on purpose:
+    /// a copy would be as slow).
+    throttled: bool,
+    /// When its keys last moved, or it last waited on its rate limit.
+    moved: Instant,
+    /// Stops waiting for its output.
+    abort: AbortHandle,
+}
+
+/// A task attempt's call to its node: (task, attempt, node, output).
+type TaskCall<'f> =
+    futures::future::BoxFuture<'f, (usize, u16, u64, Result<TaskOutput, TaskError>)>;
+/// The calls of the live attempts.
+type Running<'f> = FuturesUnordered<Abortable<TaskCall<'f>>>;
+
+fn unload(load: &mut HashMap<u64, usize>, node: u64) {
+    if let Some(l) = load.get_mut(&node) {
+        *l = l.saturating_sub(1);
+    }
+}
+
+/// Every how many heartbeats the coordinator reads the job's record to hear of a cancel.
+const ENDED_CHECK_BEATS: u32 = 3;
+/// The shortest time an attempt runs before it can be called slow (a straggler).
+const SLOW_AFTER_MIN: Duration = Duration::from_secs(2);
+
+impl<'a, C: Cluster> Job<'a, C> {
     async fn finish_failed(&self, reason: String) -> Result<Ended, Stop> {
         tracing::warn!(job = %String::from_utf8_lossy(&self.id), %reason, "job failed");
         let now = self.c.now_ms();
@@ -375,6 +451,7 @@ impl<C: Cluster> Job<'_, C> {
             failures: vec![0; records.len()],
             tried: vec![HashSet::new(); records.len()],
             last_error: vec![String::new(); records.len()],
+            live: HashMap::new(),
             records,
         };
         // What earlier coordinators left: outputs to merge, attempts nobody will hear of.
@@ -474,6 +551,8 @@ impl<C: Cluster> Job<'_, C> {
         t.tried[n].clear();
         for a in &rec.attempts {
             match &a.end {
+                // Live here: its own end will be recorded by this coordinator.
+                AttemptEnd::Running if t.live.contains_key(&(n, a.n)) => {}
                 AttemptEnd::Running => {
                     command(
                         self.c,
@@ -635,17 +714,18 @@ impl<C: Cluster> Job<'_, C> {
     /// The node to run task `n` on: a follower of its shard with a free slot and not one it
     /// failed on, the least busy first (ties: the lowest id); the leader only when every
     /// follower has failed it (so leaders keep serving); and when every replica has, any
-    /// replica again. `None`: wait for a slot.
+    /// replica again. Never `exclude` (where a copy of it runs). `None`: wait for a slot.
     fn place(
         &self,
         t: &Tasks,
         n: usize,
         replicas: &HashMap<u64, ShardReplicas>,
         load: &HashMap<u64, usize>,
+        exclude: Option<u64>,
     ) -> Option<u64> {
         let shard = replicas.get(&t.records[n].plan.shard)?;
         let busy = |node: &u64| load.get(node).copied().unwrap_or(0);
-        let untried = |node: &&u64| !t.tried[n].contains(*node);
+        let untried = |node: &&u64| !t.tried[n].contains(*node) && Some(**node) != exclude;
         let followers: Vec<u64> = shard
             .replicas
             .iter()
@@ -664,6 +744,7 @@ impl<C: Cluster> Job<'_, C> {
             }
         };
         pool.into_iter()
+            .filter(|node| Some(*node) != exclude)
             .filter(|node| busy(node) < self.cfg.slots_per_node)
             .min_by_key(|node| (busy(node), *node))
     }
@@ -675,9 +756,37 @@ impl<C: Cluster> Job<'_, C> {
         replicas: &HashMap<u64, ShardReplicas>,
         submitted_ms: u64,
     ) -> Result<(), Stop> {
-        type Running<'f> = FuturesUnordered<
-            futures::future::BoxFuture<'f, (usize, u16, u64, Result<TaskOutput, TaskError>)>,
-        >;
+        let out = self.drive(plan, t, replicas, submitted_ms).await;
+        // Whatever still runs is no one's now (the job ended, or this coordinator stops and
+        // the next one starts over): its nodes are asked to stop it, and when the job ended
+        // (cancelled, failed) its record says so rather than "running" forever.
+        let ended = matches!(out, Err(Stop::Ended(_) | Stop::EndedElsewhere));
+        let live: Vec<((usize, u16), Live)> = t.live.drain().collect();
+        for ((n, attempt), l) in &live {
+            l.abort.abort();
+            if ended {
+                let reason = "the job ended".to_string();
+                let _ = self
+                    .end(*n, *attempt, l.node, AttemptOutcome::Lost { reason })
+                    .await;
+            }
+        }
+        let stops = live.iter().map(|((n, attempt), l)| {
+            let key = (self.owner.clone(), *n as u32, *attempt);
+            tokio::time::timeout(self.cfg.heartbeat_every, self.c.cancel(l.node, key))
+        });
+        futures::future::join_all(stops).await;
+        out
+    }
+
+    /// Runs the tasks not done until every one is (`Ok`), or the job ends.
+    async fn drive(
+        &self,
+        plan: &Plan,
+        t: &mut Tasks,
+        replicas: &HashMap<u64, ShardReplicas>,
+        submitted_ms: u64,
+    ) -> Result<(), Stop> {
         let mut pending: VecDeque<usize> = (0..t.records.len()).filter(|n| !t.done[*n]).collect();
         let mut running: Running<'_> = FuturesUnordered::new();
         let mut load: HashMap<u64, usize> = HashMap::new();
@@ -686,11 +795,23 @@ impl<C: Cluster> Job<'_, C> {
             .iter()
             .map(|r| r.attempts.iter().map(|a| a.n).max().unwrap_or(0) + 1)
             .collect();
+        // Tasks given a speculative copy (at most one each), and how long the attempts whose
+        // outputs were accepted ran (what "slow" is measured against).
+        let mut speculated = vec![false; t.records.len()];
+        let mut took: Vec<Duration> = Vec::new();
+        let nodes: HashSet<u64> = replicas
+            .values()
+            .flat_map(|s| s.replicas.iter().copied())
+            .collect();
+        let speculative_max = (nodes.len() * self.cfg.slots_per_node / 10).max(1);
         // Tasks done when a partial result was last published (`None`: not yet).
         let mut published_done: Option<usize> = None;
         let spec = self.claim_spec().await?;
         let mut tick = tokio::time::interval(self.cfg.publish_every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut beats: u32 = 0;
+        let mut beat = tokio::time::interval(self.cfg.heartbeat_every);
+        beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let max_ms = plan.spec().limits.max_s.saturating_mul(1_000);
         loop {
             // `limits.max_s`, from the submission: past it the job fails, whatever runs.
@@ -706,59 +827,20 @@ impl<C: Cluster> Job<'_, C> {
             // Start what can start.
             let mut waiting = VecDeque::new();
             while let Some(n) = pending.pop_front() {
-                let Some(node) = self.place(t, n, replicas, &load) else {
+                if t.done[n] || t.runs(n) {
+                    continue;
+                }
+                let Some(node) = self.place(t, n, replicas, &load, None) else {
                     waiting.push_back(n);
                     continue;
                 };
                 let attempt = next_attempt[n];
                 next_attempt[n] += 1;
-                let started = command(
-                    self.c,
-                    self.cfg,
-                    JobCommand::AttemptStart {
-                        id: self.id.clone(),
-                        epoch: self.epoch,
-                        task: n as u32,
-                        attempt,
-                        node,
-                        speculative: false,
-                        now_ms: self.c.now_ms(),
-                    },
-                )
-                .await?;
-                match started {
-                    Ok(_) => {}
-                    Err(line) if line.starts_with("TASKDONE") => {
-                        // Done meanwhile by an attempt this coordinator did not start.
-                        self.reread(plan, t, n).await?;
-                        if !t.done[n] {
-                            waiting.push_back(n);
-                        }
-                        continue;
-                    }
-                    Err(line) => {
-                        return Err(Stop::Ended(
-                            self.finish_failed(format!("task {n} could not start: {line}"))
-                                .await?,
-                        ));
-                    }
+                match self.start(plan, t, n, attempt, node, false, &spec).await? {
+                    Some(order) => self.launch(t, &mut running, &mut load, order, node, false),
+                    None if !t.done[n] => waiting.push_back(n),
+                    None => {}
                 }
-                *load.entry(node).or_insert(0) += 1;
-                let p = &t.records[n].plan;
-                let order = TaskOrder {
-                    job: self.owner.clone(),
-                    task: n as u32,
-                    attempt,
-                    spec: spec.clone(),
-                    shard: p.shard,
-                    pin_index: p.pin_index,
-                    from: p.from.clone(),
-                    to: p.to.clone(),
-                };
-                let c = self.c;
-                running.push(Box::pin(async move {
-                    (n, attempt, node, c.run_task(node, order).await)
-                }));
             }
             pending = waiting;
             if running.is_empty() {
@@ -775,10 +857,14 @@ impl<C: Cluster> Job<'_, C> {
                 ))));
             }
             tokio::select! {
-                Some((n, attempt, node, result)) = running.next() => {
-                    if let Some(l) = load.get_mut(&node) {
-                        *l = l.saturating_sub(1);
-                    }
+                // Calls first: a call just launched is sent when first polled, and a heartbeat
+                // round must not find it unsent ("unknown" there).
+                biased;
+                Some(finished) = running.next() => {
+                    // Aborted: given up on where it was aborted (lost, or superseded).
+                    let Ok((n, attempt, node, result)) = finished else { continue };
+                    let Some(live) = t.live.remove(&(n, attempt)) else { continue };
+                    unload(&mut load, node);
                     // Decoded once: checked now, merged if accepted.
                     let result = result.map(|out| {
                         let p = decoded(plan, &out.partial);
@@ -788,21 +874,12 @@ impl<C: Cluster> Job<'_, C> {
                         // An output that does not read as this job's partial is the replica's
                         // fault, not the task's: it runs again elsewhere.
                         Ok((_, Err(_))) => {
-                            command(self.c, self.cfg, JobCommand::AttemptEnd {
-                                id: self.id.clone(),
-                                epoch: self.epoch,
-                                task: n as u32,
-                                attempt,
-                                node,
-                                outcome: AttemptOutcome::Failed { error: "its output did not decode".into(), user: false },
-                            }).await?.ok();
-                            t.failures[n] += 1;
-                            t.tried[n].insert(node);
-                            t.last_error[n] = "its output did not decode".into();
-                            if t.failures[n] >= self.cfg.failed_attempts_max {
-                                return Err(Stop::Ended(self.finish_failed(format!("task {n}: outputs did not decode")).await?));
+                            let error = "its output did not decode".to_string();
+                            self.end(n, attempt, node, AttemptOutcome::Failed { error: error.clone(), user: false }).await?;
+                            self.count_failure(t, n, node, error).await?;
+                            if !t.runs(n) {
+                                pending.push_back(n);
                             }
-                            pending.push_back(n);
                         }
                         Ok((out, Ok(p))) => {
                             let answer = self.report_done(n, attempt, node, &out).await?;
@@ -813,6 +890,8 @@ impl<C: Cluster> Job<'_, C> {
                                         return Err(Stop::Ended(self.finish_failed(e.to_string()).await?));
                                     }
                                     t.done[n] = true;
+                                    took.push(live.started.elapsed());
+                                    self.supersede(t, &mut load, n, attempt).await?;
                                     if published_done.is_none() {
                                         self.publish_partial(plan, t).await?;
                                         published_done = Some(t.done.iter().filter(|d| **d).count());
@@ -822,7 +901,9 @@ impl<C: Cluster> Job<'_, C> {
                                     // Superseded or recorded: another attempt's output is the
                                     // task's, or none is yet (then it runs again).
                                     self.reread(plan, t, n).await?;
-                                    if !t.done[n] {
+                                    if t.done[n] {
+                                        self.supersede(t, &mut load, n, attempt).await?;
+                                    } else if !t.runs(n) {
                                         pending.push_back(n);
                                     }
                                 }
@@ -833,14 +914,7 @@ impl<C: Cluster> Job<'_, C> {
                             }
                         }
                         Err(TaskError::User(message)) => {
-                            command(self.c, self.cfg, JobCommand::AttemptEnd {
-                                id: self.id.clone(),
-                                epoch: self.epoch,
-                                task: n as u32,
-                                attempt,
-                                node,
-                                outcome: AttemptOutcome::Failed { error: message.clone(), user: true },
-                            }).await?.ok();
+                            self.end(n, attempt, node, AttemptOutcome::Failed { error: message.clone(), user: true }).await?;
                             return Err(Stop::Ended(self.finish_failed(format!("task {n}: {message}")).await?));
                         }
                         Err(e) => {
@@ -848,26 +922,52 @@ impl<C: Cluster> Job<'_, C> {
                                 TaskError::Unreachable(m) => AttemptOutcome::Lost { reason: m.clone() },
                                 other => AttemptOutcome::Failed { error: other.to_string(), user: false },
                             };
-                            command(self.c, self.cfg, JobCommand::AttemptEnd {
-                                id: self.id.clone(),
-                                epoch: self.epoch,
-                                task: n as u32,
-                                attempt,
-                                node,
-                                outcome,
-                            }).await?.ok();
-                            t.failures[n] += 1;
-                            t.tried[n].insert(node);
-                            t.last_error[n] = e.to_string();
+                            self.end(n, attempt, node, outcome).await?;
                             tracing::info!(task = n, node, error = %e, "a task attempt failed; the task runs again");
-                            if t.failures[n] >= self.cfg.failed_attempts_max {
-                                let reason = format!(
-                                    "task {n} failed {} times; the last: {}",
-                                    t.failures[n], t.last_error[n]
-                                );
-                                return Err(Stop::Ended(self.finish_failed(reason).await?));
+                            self.count_failure(t, n, node, e.to_string()).await?;
+                            if !t.runs(n) {
+                                pending.push_back(n);
                             }
+                        }
+                    }
+                }
+                _ = beat.tick(), if !t.live.is_empty() => {
+                    // A job cancelled meanwhile: its attempts are stopped now, not when they end.
+                    beats += 1;
+                    if beats.is_multiple_of(ENDED_CHECK_BEATS)
+                        && let Ok(Some(rec)) = self.c.record(&self.id).await
+                        && rec.state.has_ended()
+                    {
+                        return Err(Stop::EndedElsewhere);
+                    }
+                    for (n, attempt, node) in self.heartbeat(t).await {
+                        let reason = format!(
+                            "node {node} did not answer heartbeats for {} ms",
+                            self.cfg.lost_after.as_millis()
+                        );
+                        tracing::info!(task = n, attempt, node, "a task attempt is lost (no heartbeat); the task runs again");
+                        self.abandon(t, &mut load, n, attempt, reason.clone()).await?;
+                        self.count_failure(t, n, node, reason).await?;
+                        if !t.done[n] && !t.runs(n) {
                             pending.push_back(n);
+                        }
+                    }
+                    // Stragglers: a speculative copy on another replica.
+                    let mut speculating = t.live.values().filter(|l| l.speculative).count();
+                    for (n, busy) in self.stragglers(t, &speculated, &took) {
+                        if speculating >= speculative_max {
+                            break;
+                        }
+                        let Some(node) = self.place(t, n, replicas, &load, Some(busy)) else {
+                            continue;
+                        };
+                        let attempt = next_attempt[n];
+                        next_attempt[n] += 1;
+                        speculated[n] = true;
+                        tracing::info!(task = n, attempt, node, slow_on = busy, "a straggler gets a speculative copy");
+                        if let Some(order) = self.start(plan, t, n, attempt, node, true, &spec).await? {
+                            self.launch(t, &mut running, &mut load, order, node, true);
+                            speculating += 1;
                         }
                     }
                 }
@@ -881,6 +981,262 @@ impl<C: Cluster> Job<'_, C> {
                 }
             }
         }
+    }
+
+    /// Records attempt `attempt` of task `n` as started on `node` and makes its order.
+    /// `None`: not started, because the task was done meanwhile by an attempt this coordinator
+    /// did not start (its output is merged now, and `t.done[n]` is set).
+    #[allow(clippy::too_many_arguments)]
+    async fn start(
+        &self,
+        plan: &Plan,
+        t: &mut Tasks,
+        n: usize,
+        attempt: u16,
+        node: u64,
+        speculative: bool,
+        spec: &str,
+    ) -> Result<Option<TaskOrder>, Stop> {
+        let started = command(
+            self.c,
+            self.cfg,
+            JobCommand::AttemptStart {
+                id: self.id.clone(),
+                epoch: self.epoch,
+                task: n as u32,
+                attempt,
+                node,
+                speculative,
+                now_ms: self.c.now_ms(),
+            },
+        )
+        .await?;
+        match started {
+            Ok(_) => {}
+            Err(line) if line.starts_with("TASKDONE") => {
+                self.reread(plan, t, n).await?;
+                return Ok(None);
+            }
+            Err(line) => {
+                return Err(Stop::Ended(
+                    self.finish_failed(format!("task {n} could not start: {line}"))
+                        .await?,
+                ));
+            }
+        }
+        let p = &t.records[n].plan;
+        Ok(Some(TaskOrder {
+            job: self.owner.clone(),
+            task: n as u32,
+            attempt,
+            spec: spec.to_string(),
+            shard: p.shard,
+            pin_index: p.pin_index,
+            from: p.from.clone(),
+            to: p.to.clone(),
+        }))
+    }
+
+    /// Sends a started attempt to its node; it is live until its output arrives or it is
+    /// given up on.
+    fn launch<'f>(
+        &self,
+        t: &mut Tasks,
+        running: &mut Running<'f>,
+        load: &mut HashMap<u64, usize>,
+        order: TaskOrder,
+        node: u64,
+        speculative: bool,
+    ) where
+        'a: 'f,
+    {
+        let (n, attempt) = (order.task as usize, order.attempt);
+        let (abort, registration) = AbortHandle::new_pair();
+        let c: &'f C = self.c;
+        let call: TaskCall<'f> =
+            Box::pin(async move { (n, attempt, node, c.run_task(node, order).await) });
+        running.push(Abortable::new(call, registration));
+        let now = Instant::now();
+        t.live.insert(
+            (n, attempt),
+            Live {
+                node,
+                speculative,
+                started: now,
+                heard: now,
+                keys: 0,
+                throttled_ms: 0,
+                throttled: false,
+                moved: now,
+                abort,
+            },
+        );
+        *load.entry(node).or_insert(0) += 1;
+    }
+
+    /// Asks every live attempt's node how it goes; answers the attempts lost (no answer for
+    /// [`Config::lost_after`]) as (task, attempt, node).
+    async fn heartbeat(&self, t: &mut Tasks) -> Vec<(usize, u16, u64)> {
+        let asks = t.live.iter().map(|(&(n, attempt), l)| {
+            let key = (self.owner.clone(), n as u32, attempt);
+            // Half a period: a silent node must not hold up the outputs of the others.
+            let ask = tokio::time::timeout(self.cfg.heartbeat_every / 2, self.c.probe(l.node, key));
+            async move { ((n, attempt), ask.await) }
+        });
+        let answers = futures::future::join_all(asks).await;
+        let now = Instant::now();
+        let mut lost = Vec::new();
+        for (k, answer) in answers {
+            let Some(l) = t.live.get_mut(&k) else {
+                continue;
+            };
+            match answer {
+                Ok(Ok(Probe::Running { keys, throttled_ms })) => {
+                    l.heard = now;
+                    // Waiting on its own rate limit is slow on purpose, not stuck.
+                    l.throttled = throttled_ms > l.throttled_ms;
+                    if keys != l.keys || l.throttled {
+                        l.moved = now;
+                    }
+                    (l.keys, l.throttled_ms) = (keys, throttled_ms);
+                }
+                // Its output is on its way.
+                Ok(Ok(Probe::Ended)) => {
+                    l.heard = now;
+                    l.moved = now;
+                }
+                // Unknown (its node restarted, or the order has not arrived yet), or no
+                // answer (down, cut off, stopped): not heard.
+                Ok(Ok(Probe::Unknown)) | Ok(Err(_)) | Err(_) => {}
+            }
+            if now.duration_since(l.heard) >= self.cfg.lost_after {
+                lost.push((k.0, k.1, l.node));
+            }
+        }
+        lost
+    }
+
+    /// Live attempts that deserve a speculative copy, as (task, the node it is slow on): no
+    /// progress for [`Config::stuck_after`] while not throttled; or, once three quarters of
+    /// the tasks are done, running longer than 1.5 times the median accepted attempt (and at
+    /// least 2 s) while not throttled (a rate limit slows a copy as much). One copy per task
+    /// at most, never of a copy.
+    fn stragglers(&self, t: &Tasks, speculated: &[bool], took: &[Duration]) -> Vec<(usize, u64)> {
+        if !self.cfg.speculate {
+            return Vec::new();
+        }
+        let now = Instant::now();
+        let total = t.done.len();
+        let done = t.done.iter().filter(|d| **d).count();
+        let median = (done * 4 >= total * 3 && !took.is_empty()).then(|| {
+            let mut sorted = took.to_vec();
+            sorted.sort();
+            sorted[sorted.len() / 2]
+        });
+        let slow_after = median.map(|m| (m * 3 / 2).max(SLOW_AFTER_MIN));
+        let mut out: Vec<(usize, u64)> = t
+            .live
+            .iter()
+            .filter(|((n, _), l)| !l.speculative && !speculated[*n] && !t.done[*n])
+            .filter(|(_, l)| {
+                now.duration_since(l.moved) >= self.cfg.stuck_after
+                    || (!l.throttled
+                        && slow_after.is_some_and(|s| now.duration_since(l.started) > s))
+            })
+            .map(|((n, _), l)| (*n, l.node))
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Gives up on live attempt `attempt` of task `n`: stops waiting for it, records it lost
+    /// with `reason`, and asks its node to stop it.
+    async fn abandon(
+        &self,
+        t: &mut Tasks,
+        load: &mut HashMap<u64, usize>,
+        n: usize,
+        attempt: u16,
+        reason: String,
+    ) -> Result<(), Stop> {
+        let Some(l) = t.live.remove(&(n, attempt)) else {
+            return Ok(());
+        };
+        l.abort.abort();
+        unload(load, l.node);
+        self.end(n, attempt, l.node, AttemptOutcome::Lost { reason })
+            .await?;
+        let key = (self.owner.clone(), n as u32, attempt);
+        let _ = tokio::time::timeout(self.cfg.heartbeat_every, self.c.cancel(l.node, key)).await;
+        Ok(())
+    }
+
+    /// Task `n` is done by attempt `winner`: its other live attempts are given up on.
+    async fn supersede(
+        &self,
+        t: &mut Tasks,
+        load: &mut HashMap<u64, usize>,
+        n: usize,
+        winner: u16,
+    ) -> Result<(), Stop> {
+        let others: Vec<u16> = t
+            .live
+            .keys()
+            .filter(|(m, _)| *m == n)
+            .map(|(_, a)| *a)
+            .collect();
+        for attempt in others {
+            let reason = format!("cancelled: attempt {winner} did the task first");
+            self.abandon(t, load, n, attempt, reason).await?;
+        }
+        Ok(())
+    }
+
+    /// Records how attempt `attempt` of task `n` ended (refusals change nothing: ignored).
+    async fn end(
+        &self,
+        n: usize,
+        attempt: u16,
+        node: u64,
+        outcome: AttemptOutcome,
+    ) -> Result<(), Stop> {
+        command(
+            self.c,
+            self.cfg,
+            JobCommand::AttemptEnd {
+                id: self.id.clone(),
+                epoch: self.epoch,
+                task: n as u32,
+                attempt,
+                node,
+                outcome,
+            },
+        )
+        .await?
+        .ok();
+        Ok(())
+    }
+
+    /// Counts a failed or lost attempt of task `n` on `node`; past
+    /// [`Config::failed_attempts_max`] the job fails.
+    async fn count_failure(
+        &self,
+        t: &mut Tasks,
+        n: usize,
+        node: u64,
+        error: String,
+    ) -> Result<(), Stop> {
+        t.failures[n] += 1;
+        t.tried[n].insert(node);
+        t.last_error[n] = error;
+        if t.failures[n] >= self.cfg.failed_attempts_max {
+            let reason = format!(
+                "task {n} failed {} times; the last: {}",
+                t.failures[n], t.last_error[n]
+            );
+            return Err(Stop::Ended(self.finish_failed(reason).await?));
+        }
+        Ok(())
     }
 
     /// The job's canonical spec, as recorded.

@@ -28,7 +28,7 @@ pub mod worker;
 use std::future::Future;
 
 use bytes::Bytes;
-use capdb_types::jobs::{JobCommand, ShardPin, TaskRecord};
+use capdb_types::jobs::{JobCommand, JobRecord, ShardPin, TaskRecord};
 use capdb_types::{Error, Reply};
 use serde::{Deserialize, Serialize};
 
@@ -96,6 +96,9 @@ pub trait Cluster: Send + Sync + 'static {
         cmd: JobCommand,
     ) -> impl Future<Output = Result<Result<Reply, Error>, Error>> + Send;
 
+    /// Job `id`'s record (one read of its `_jobs` shard; `None`: no such job).
+    fn record(&self, id: &Bytes) -> impl Future<Output = Result<Option<JobRecord>, Error>> + Send;
+
     /// The task records of job `id`, in task order (from one read of its `_jobs` shard).
     fn tasks(&self, id: &Bytes) -> impl Future<Output = Result<Vec<TaskRecord>, Error>> + Send;
 
@@ -138,6 +141,17 @@ pub trait Cluster: Send + Sync + 'static {
         node: u64,
         order: TaskOrder,
     ) -> impl Future<Output = Result<TaskOutput, TaskError>> + Send;
+
+    /// A heartbeat: what `node` says of attempt `key` (`Err`: no answer).
+    fn probe(
+        &self,
+        node: u64,
+        key: worker::AttemptKey,
+    ) -> impl Future<Output = Result<worker::Probe, Error>> + Send;
+
+    /// Asks `node` to stop attempt `key` (best effort: an attempt not stopped ends on its own
+    /// and its output is refused as superseded, or is dropped unread).
+    fn cancel(&self, node: u64, key: worker::AttemptKey) -> impl Future<Output = ()> + Send;
 
     /// Unix ms (the node's clock).
     fn now_ms(&self) -> u64;

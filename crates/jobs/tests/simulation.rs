@@ -4,13 +4,13 @@
 //! result equals one pass over the data, and only the tasks that met a failure ran again.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use capdb_jobs::coordinator::{Config, Ended, run};
-use capdb_jobs::worker::{PAGE_KEYS, Page};
+use capdb_jobs::worker::{AttemptKey, Attempts, PAGE_KEYS, Page, Probe};
 use capdb_jobs::{Cluster, ShardReplicas, TaskError, TaskOrder, TaskOutput};
 use capdb_reduce::{JobSpec, Plan};
 use capdb_storage::KeyspaceStore;
@@ -32,6 +32,14 @@ struct Node {
     /// Attempts it runs before it dies (`u32::MAX`: it does not).
     runs_left: AtomicU32,
     ran: AtomicU32,
+    /// Stalled (SIGSTOP, cut off): its calls and heartbeats are never answered.
+    stalled: AtomicBool,
+    /// Slow: an attempt waits this long before it reads (a hung disk) while its heartbeats
+    /// answer "running, nothing read".
+    slow_ms: AtomicU64,
+    attempts: Arc<Attempts>,
+    /// The (task, attempt)s it was asked to stop, in order.
+    cancels: Mutex<Vec<(u32, u16)>>,
 }
 
 struct Sim {
@@ -75,6 +83,10 @@ impl Sim {
                         fail_next: AtomicU32::new(0),
                         runs_left: AtomicU32::new(u32::MAX),
                         ran: AtomicU32::new(0),
+                        stalled: AtomicBool::new(false),
+                        slow_ms: AtomicU64::new(0),
+                        attempts: Arc::default(),
+                        cancels: Mutex::default(),
                     },
                 )
             })
@@ -177,6 +189,10 @@ impl Cluster for Sim {
             return Err(Error::OutcomeUnknown("the answer was lost".into()));
         }
         answer
+    }
+
+    async fn record(&self, id: &Bytes) -> Result<Option<JobRecord>, Error> {
+        Ok(Some(Sim::record(self, &String::from_utf8_lossy(id))))
     }
 
     async fn tasks(&self, id: &Bytes) -> Result<Vec<TaskRecord>, Error> {
@@ -307,11 +323,21 @@ impl Cluster for Sim {
                 "node {node}: no pin of this job here"
             )));
         }
+        if n.stalled.load(Ordering::SeqCst) {
+            // The order went out; nothing ever comes back.
+            return std::future::pending().await;
+        }
+        let registered = n
+            .attempts
+            .start((order.job.clone(), order.task, order.attempt))?;
+        let slow = n.slow_ms.load(Ordering::SeqCst);
+        if slow > 0 {
+            tokio::time::sleep(Duration::from_millis(slow)).await;
+        }
         let table = n.engine.table(&format!("shard/{}", order.shard), false);
         tokio::task::spawn_blocking(move || {
             let spec = JobSpec::parse(order.spec.as_bytes()).unwrap();
             let include = spec.input.expired == capdb_reduce::spec::Expired::Include;
-            let cancelled = AtomicBool::new(false);
             capdb_jobs::worker::run(
                 &order,
                 |after| {
@@ -331,11 +357,27 @@ impl Cluster for Sim {
                         })
                         .map_err(|e| e.to_string())
                 },
-                &cancelled,
+                &registered.progress,
             )
         })
         .await
         .map_err(|e| TaskError::Failed(e.to_string()))?
+    }
+
+    async fn probe(&self, node: u64, key: AttemptKey) -> Result<Probe, Error> {
+        let n = &self.nodes[&node];
+        if n.stalled.load(Ordering::SeqCst) || !n.alive.load(Ordering::SeqCst) {
+            return std::future::pending().await;
+        }
+        Ok(n.attempts.probe(&key))
+    }
+
+    async fn cancel(&self, node: u64, key: AttemptKey) {
+        let n = &self.nodes[&node];
+        if n.alive.load(Ordering::SeqCst) && !n.stalled.load(Ordering::SeqCst) {
+            n.cancels.lock().unwrap().push((key.1, key.2));
+            n.attempts.cancel(&key);
+        }
     }
 
     fn now_ms(&self) -> u64 {
@@ -509,6 +551,134 @@ async fn a_dead_node_costs_only_its_tasks() {
             t.attempts
         );
     }
+}
+
+/// Six shards over three nodes, each led by a different node.
+fn six_shards_over_three() -> Sim {
+    Sim::new(3, 6, |g| {
+        let leader = 1 + (g % 3);
+        let mut r = vec![leader];
+        r.extend((1..=3).filter(|n| *n != leader));
+        r
+    })
+}
+
+fn quick_heartbeats() -> Config {
+    Config {
+        heartbeat_every: Duration::from_millis(50),
+        lost_after: Duration::from_millis(300),
+        stuck_after: Duration::from_millis(400),
+        ..Config::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_node_is_found_by_heartbeats_and_costs_only_its_tasks() {
+    // Node 3 stalls (as under SIGSTOP or a cut link): the orders it is sent never answer, nor
+    // do heartbeats. Without heartbeats its calls would wait for the task deadline (minutes).
+    let sim = six_shards_over_three();
+    let data = orders(3_000);
+    sim.load(&data).await;
+    submit(&sim, "stalled").await;
+    sim.nodes[&3].stalled.store(true, Ordering::SeqCst);
+    let ended = tokio::time::timeout(
+        Duration::from_secs(60),
+        run(&sim, Bytes::from("stalled"), 1, &quick_heartbeats()),
+    )
+    .await
+    .expect("the job waited on a stalled node")
+    .unwrap();
+    assert_eq!(ended, Ended::Done);
+    assert_eq!(result(&sim, "stalled"), expected(&data));
+    let tasks = sim.tasks(&Bytes::from("stalled")).await.unwrap();
+    let mut lost_on_3 = 0;
+    for (n, t) in tasks.iter().enumerate() {
+        for a in &t.attempts {
+            match &a.end {
+                AttemptEnd::Done => assert_ne!(a.node, 3, "task {n}"),
+                AttemptEnd::Lost { reason } => {
+                    assert_eq!(a.node, 3, "task {n}: {a:?}");
+                    assert!(reason.contains("heartbeats"), "{reason}");
+                    lost_on_3 += 1;
+                }
+                other => panic!("task {n}: attempt {a:?} ended {other:?}"),
+            }
+        }
+        // Only a task that met the stall ran twice.
+        let on_3 = t.attempts.iter().filter(|a| a.node == 3).count();
+        assert_eq!(t.attempts.len(), 1 + on_3, "task {n}: {:?}", t.attempts);
+    }
+    assert!(lost_on_3 > 0, "no task was placed on the stalled node");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_attempt_gets_a_speculative_copy_and_only_the_first_output_counts() {
+    // Node 3 answers heartbeats but its attempts read nothing for 30 s (a hung disk): each
+    // gets a copy on another replica, whose output is the task's; the stuck one is cancelled.
+    let sim = six_shards_over_three();
+    let data = orders(3_000);
+    sim.load(&data).await;
+    submit(&sim, "stuck").await;
+    sim.nodes[&3].slow_ms.store(30_000, Ordering::SeqCst);
+    let ended = tokio::time::timeout(
+        Duration::from_secs(20),
+        run(&sim, Bytes::from("stuck"), 1, &quick_heartbeats()),
+    )
+    .await
+    .expect("the job waited for a stuck attempt")
+    .unwrap();
+    assert_eq!(ended, Ended::Done);
+    assert_eq!(result(&sim, "stuck"), expected(&data));
+    let tasks = sim.tasks(&Bytes::from("stuck")).await.unwrap();
+    let mut copies = 0;
+    for (n, t) in tasks.iter().enumerate() {
+        let done: Vec<_> = t
+            .attempts
+            .iter()
+            .filter(|a| a.end == AttemptEnd::Done)
+            .collect();
+        assert_eq!(
+            done.len(),
+            1,
+            "task {n}: one output counts: {:?}",
+            t.attempts
+        );
+        for a in &t.attempts {
+            if a.node == 3 {
+                assert!(
+                    matches!(&a.end, AttemptEnd::Lost { reason } if reason.starts_with("cancelled: attempt")),
+                    "task {n}: {a:?}"
+                );
+            }
+        }
+        if t.attempts.iter().any(|a| a.node == 3) {
+            assert!(
+                done[0].speculative,
+                "task {n}: the copy did it: {:?}",
+                t.attempts
+            );
+            copies += 1;
+        } else {
+            assert!(
+                t.attempts.iter().all(|a| !a.speculative),
+                "task {n}: {:?}",
+                t.attempts
+            );
+        }
+    }
+    assert!(copies > 0, "no task was placed on the stuck node");
+    // The stuck attempts were asked to stop (each once).
+    let asked = sim.nodes[&3].cancels.lock().unwrap().clone();
+    let mut stuck: Vec<(u32, u16)> = Vec::new();
+    for (n, t) in tasks.iter().enumerate() {
+        stuck.extend(
+            t.attempts
+                .iter()
+                .filter(|a| a.node == 3)
+                .map(|a| (n as u32, a.n)),
+        );
+    }
+    assert_eq!(asked, stuck);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

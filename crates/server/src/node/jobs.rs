@@ -11,13 +11,12 @@
 //! term and resumes it from its records; the old one's commands are refused from then on.
 
 use std::collections::HashMap;
-use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use capdb_cluster::{GroupId, NodeId};
-use capdb_jobs::worker::{PAGE_KEYS, Page};
+use capdb_jobs::worker::{AttemptKey, Attempts, PAGE_KEYS, Page, Probe};
 use capdb_jobs::{Cluster, ShardReplicas, TaskError, TaskOrder, TaskOutput};
 use capdb_raft::command::{Request, Response};
 use capdb_reduce::JobSpec;
@@ -50,11 +49,28 @@ pub fn is_system_keyspace(name: &str) -> bool {
     name.starts_with('_')
 }
 
+/// How long a heartbeat or a cancel waits for the other node (the coordinator's heartbeat
+/// period bounds it too).
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// A request on the jobs channel.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum JobsRequest {
     /// Run this task attempt on your replica (which holds the pin) and answer its output.
     RunTask(TaskOrder),
+    /// A heartbeat: how does this attempt go?
+    Probe(AttemptKey),
+    /// Stop this attempt.
+    Cancel(AttemptKey),
+}
+
+/// An answer on the jobs channel, by request.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum JobsResponse {
+    Task(std::result::Result<TaskOutput, TaskError>),
+    Probe(Probe),
+    /// Whether it was running.
+    Cancelled(bool),
 }
 
 /// The jobs channel between nodes.
@@ -63,26 +79,27 @@ pub struct JobsService;
 impl Service for JobsService {
     const CHANNEL: Channel = Channel::Jobs;
     type Request = JobsRequest;
-    type Response = std::result::Result<TaskOutput, TaskError>;
+    type Response = JobsResponse;
 }
 
-/// Serves the jobs channel: runs tasks here.
+/// Serves the jobs channel: runs tasks here, answers heartbeats and cancels.
 pub struct JobsHandler(pub Arc<Node>);
 
 impl Handler<JobsService> for JobsHandler {
-    async fn handle(
-        &self,
-        _from: NodeId,
-        request: JobsRequest,
-    ) -> std::result::Result<TaskOutput, TaskError> {
-        let JobsRequest::RunTask(order) = request;
-        run_task_here(&self.0, order).await
+    async fn handle(&self, _from: NodeId, request: JobsRequest) -> JobsResponse {
+        match request {
+            JobsRequest::RunTask(order) => JobsResponse::Task(run_task_here(&self.0, order).await),
+            JobsRequest::Probe(key) => JobsResponse::Probe(self.0.jobs.attempts.probe(&key)),
+            JobsRequest::Cancel(key) => JobsResponse::Cancelled(self.0.jobs.attempts.cancel(&key)),
+        }
     }
 }
 
 /// This node's jobs: its peers on the jobs channel and the jobs it coordinates.
 pub struct Jobs {
     pub peers: Peers<JobsService>,
+    /// The task attempts running on this node (heartbeats read them, cancels reach them).
+    pub attempts: Arc<Attempts>,
     /// Job id -> the epoch of the coordinator running it here.
     coordinating: Mutex<HashMap<Bytes, u64>>,
     /// Job id -> errors in a row of its coordinators here, and when the next may start.
@@ -95,6 +112,7 @@ impl Jobs {
     pub fn new(peers: Peers<JobsService>) -> Jobs {
         Jobs {
             peers,
+            attempts: Arc::default(),
             coordinating: Mutex::default(),
             retry: Mutex::default(),
             submitted: tokio::sync::Notify::new(),
@@ -145,8 +163,11 @@ async fn run_task_here(
     let table = node
         .engine
         .table(&capdb_storage::layout::shard_table(order.shard), false);
+    let registered = node
+        .jobs
+        .attempts
+        .start((order.job.clone(), order.task, order.attempt))?;
     tokio::task::spawn_blocking(move || {
-        let cancelled = AtomicBool::new(false);
         capdb_jobs::worker::run(
             &order,
             |after| {
@@ -166,7 +187,7 @@ async fn run_task_here(
                     })
                     .map_err(|e| e.to_string())
             },
-            &cancelled,
+            &registered.progress,
         )
     })
     .await
@@ -182,6 +203,16 @@ fn bulk(s: &str) -> Bytes {
 }
 
 impl NodeCluster {
+    /// Where `node` listens to its peers.
+    fn peer_addr(&self, node: u64) -> Result<String> {
+        self.0
+            .cluster()
+            .nodes
+            .get(&node)
+            .map(|n| n.peer_addr.clone())
+            .ok_or_else(|| Error::Unavailable(format!("no address for node {node}")))
+    }
+
     /// The `_jobs` shard job `id` lives on.
     fn jobs_group(&self, id: &[u8]) -> Result<GroupId> {
         let state = self.0.cluster();
@@ -289,6 +320,10 @@ impl Cluster for NodeCluster {
     async fn job(&self, cmd: JobCommand) -> Result<std::result::Result<Reply, Error>> {
         let group = self.jobs_group(cmd.id())?;
         self.write_one(group, Request::Job(cmd)).await
+    }
+
+    async fn record(&self, id: &Bytes) -> Result<Option<JobRecord>> {
+        NodeCluster::record(self, id).await
     }
 
     async fn tasks(&self, id: &Bytes) -> Result<Vec<TaskRecord>> {
@@ -425,13 +460,61 @@ impl Cluster for NodeCluster {
                 "no address for node {node}"
             )));
         };
-        self.0
+        match self
+            .0
             .jobs
             .peers
             .get(node, &addr)
             .call(JobsRequest::RunTask(order), TASK_DEADLINE)
             .await
             .map_err(|e| TaskError::Unreachable(e.to_string()))?
+        {
+            JobsResponse::Task(out) => out,
+            other => Err(TaskError::Failed(format!(
+                "node {node} answered a task with {other:?}"
+            ))),
+        }
+    }
+
+    async fn probe(&self, node: u64, key: AttemptKey) -> Result<Probe> {
+        if node == self.0.id() {
+            return Ok(self.0.jobs.attempts.probe(&key));
+        }
+        let addr = self.peer_addr(node)?;
+        match self
+            .0
+            .jobs
+            .peers
+            .get(node, &addr)
+            .call(JobsRequest::Probe(key), PROBE_TIMEOUT)
+            .await
+            .map_err(|e| Error::Unavailable(e.to_string()))?
+        {
+            JobsResponse::Probe(p) => Ok(p),
+            other => Err(Error::Io(format!(
+                "node {node} answered a heartbeat with {other:?}"
+            ))),
+        }
+    }
+
+    async fn cancel(&self, node: u64, key: AttemptKey) {
+        if node == self.0.id() {
+            self.0.jobs.attempts.cancel(&key);
+            return;
+        }
+        let Ok(addr) = self.peer_addr(node) else {
+            return;
+        };
+        let sent = self
+            .0
+            .jobs
+            .peers
+            .get(node, &addr)
+            .call(JobsRequest::Cancel(key), PROBE_TIMEOUT)
+            .await;
+        if let Err(e) = sent {
+            tracing::debug!(node, error = %e, "a task attempt's cancel was not delivered (it ends on its own)");
+        }
     }
 
     fn now_ms(&self) -> u64 {
