@@ -64,6 +64,9 @@ pub struct ClusterConfig {
     /// Job tasks (`JOB SUBMIT`) this node runs at once, per job: each takes a core while it
     /// runs, so more finish a job sooner and leave less for foreground requests.
     pub job_slots: usize,
+    /// The nice level (0 to 19) of the threads that run job tasks here: the kernel serves
+    /// foreground requests, Raft and the writer first when the cores are busy.
+    pub job_nice: i32,
     /// Testing switches that weaken guarantees on purpose; never set in production.
     pub debug: DebugConfig,
     /// Milliseconds between anti-entropy passes of `ap` keyspaces.
@@ -155,6 +158,7 @@ struct FileConfig {
     raft_snapshot_logs: Option<u64>,
     default_shards: Option<u32>,
     job_slots: Option<usize>,
+    job_nice: Option<i32>,
     ap_anti_entropy_interval_ms: Option<u64>,
     ap_anti_entropy_bytes_per_sec: Option<u64>,
     ap_tombstone_grace_ms: Option<u64>,
@@ -255,6 +259,9 @@ pub struct ServerArgs {
     /// [default: 1].
     #[arg(long, env = "CAPDB_JOB_SLOTS", value_name = "N")]
     pub job_slots: Option<usize>,
+    /// The nice level of job task threads (0 to 19; 0: as foreground work) [default: 10].
+    #[arg(long, env = "CAPDB_JOB_NICE", value_name = "N")]
+    pub job_nice: Option<i32>,
     /// Milliseconds between anti-entropy passes over ap keyspaces [default: 10000].
     #[arg(long, env = "CAPDB_AP_ANTI_ENTROPY_INTERVAL_MS", value_name = "MS")]
     pub ap_anti_entropy_interval_ms: Option<u64>,
@@ -541,16 +548,25 @@ fn resolve_cluster(args: &ServerArgs, file: &FileConfig) -> Result<ClusterConfig
             "default_shards = {default_shards}: the default keyspace needs 1 to {SHARDS_MAX} shards"
         )));
     }
+    /// Job task threads' nice level unless configured.
+    const JOB_NICE_DEFAULT: i32 = 10;
     let job_slots = args.job_slots.or(file.job_slots).unwrap_or(1);
     if !(1..=64).contains(&job_slots) {
         return Err(ConfigError(format!(
             "job_slots = {job_slots}: 1 to 64 tasks at once"
         )));
     }
+    let job_nice = args.job_nice.or(file.job_nice).unwrap_or(JOB_NICE_DEFAULT);
+    if !(0..=19).contains(&job_nice) {
+        return Err(ConfigError(format!(
+            "job_nice = {job_nice}: a nice level of 0 to 19"
+        )));
+    }
     let ap = resolve_ap(args, file)?;
     Ok(ClusterConfig {
         default_shards,
         job_slots,
+        job_nice,
         ap_tombstone_grace_ms: ap.tombstone_grace_ms,
         ap_anti_entropy_interval_ms: ap.anti_entropy_interval_ms,
         ap_anti_entropy_bytes_per_sec: ap.anti_entropy_bytes_per_sec,

@@ -167,31 +167,59 @@ async fn run_task_here(
         .jobs
         .attempts
         .start((order.job.clone(), order.task, order.attempt))?;
-    tokio::task::spawn_blocking(move || {
-        capdb_jobs::worker::run(
-            &order,
-            |after| {
-                table
-                    .pinned_scan(
-                        &order.job,
-                        order.pin_index,
-                        order.from.as_deref(),
-                        order.to.as_deref(),
-                        after,
-                        PAGE_KEYS,
-                        include_expired,
-                    )
-                    .map(|p| Page {
-                        entries: p.entries.into_iter().map(|(k, v)| (k, v.data)).collect(),
-                        next: p.next,
-                    })
-                    .map_err(|e| e.to_string())
-            },
-            &registered.progress,
-        )
-    })
-    .await
-    .map_err(|e| TaskError::Failed(format!("the task's thread failed: {e}")))?
+    let nice = node.config.cluster.job_nice;
+    let (answer, output) = tokio::sync::oneshot::channel();
+    // A thread of its own (not the runtime's blocking pool): it is niced for the task's
+    // life and ends with it, as a thread cannot be un-niced without privileges.
+    let spawned = std::thread::Builder::new()
+        .name("capdb-task".into())
+        .spawn(move || {
+            lower_priority(nice);
+            let _ = answer.send(capdb_jobs::worker::run(
+                &order,
+                |after| {
+                    table
+                        .pinned_scan(
+                            &order.job,
+                            order.pin_index,
+                            order.from.as_deref(),
+                            order.to.as_deref(),
+                            after,
+                            PAGE_KEYS,
+                            include_expired,
+                        )
+                        .map(|p| Page {
+                            entries: p.entries.into_iter().map(|(k, v)| (k, v.data)).collect(),
+                            next: p.next,
+                        })
+                        .map_err(|e| e.to_string())
+                },
+                &registered.progress,
+            ));
+        });
+    if let Err(e) = spawned {
+        return Err(TaskError::Failed(format!("no thread for the task: {e}")));
+    }
+    output
+        .await
+        .map_err(|_| TaskError::Failed("the task's thread ended without an answer".into()))?
+}
+
+/// Lowers the calling thread's scheduling priority to nice `level` (Linux: per thread).
+/// Best effort: a failure leaves the thread as it was, which is only slower for others.
+fn lower_priority(level: i32) {
+    if level == 0 {
+        return;
+    }
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: setpriority on this thread's own id; no memory is involved.
+        let tid = unsafe { libc::gettid() };
+        let done = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, level) };
+        if done != 0 {
+            tracing::debug!(level, error = %std::io::Error::last_os_error(), "a task thread could not be niced");
+        }
+    }
 }
 
 /// The node as the job coordinator sees the cluster.
