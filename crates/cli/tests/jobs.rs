@@ -450,10 +450,14 @@ fn loaded_cluster() -> (Vec<Server>, Vec<(String, i64, i64)>) {
 /// A job over every order, grouped by country, slowed so that each task (about 4,000 keys)
 /// takes about 2.5 s: long enough to kill a node while it runs.
 fn slow_spec(id: &str) -> String {
+    spec_at_rate(id, 1_600)
+}
+
+fn spec_at_rate(id: &str, keys_per_s: u64) -> String {
     json!({"id": id, "input": {"keyspace": "orders", "prefix": "o:"},
            "map": {"group": {"json": "$.country"}, "values": {"t": {"json": "$.total"}}},
            "reduce": {"n": "count", "revenue": {"sum": "t"}},
-           "limits": {"scan_keys_per_s": 1_600}})
+           "limits": {"scan_keys_per_s": keys_per_s}})
     .to_string()
 }
 
@@ -561,9 +565,10 @@ fn a_node_stopped_mid_task_is_found_by_heartbeats_and_only_its_tasks_run_again()
     // hangs or is cut off. Only heartbeats tell (the task call itself would wait minutes).
     let (mut nodes, expected) = loaded_cluster();
     let mut c = nodes[0].client();
+    // About 5 s a task: the attempt seen running is still running when the node stops.
     redis::cmd("JOB")
         .arg("SUBMIT")
-        .arg(slow_spec("s1"))
+        .arg(spec_at_rate("s1", 800))
         .query::<Value>(&mut c)
         .unwrap();
     let coordinator: u64 = {

@@ -41,9 +41,9 @@ use bytes::Bytes;
 use capdb_reduce::spec::Destination;
 use capdb_reduce::{JobSpec, Partial, Plan};
 use capdb_types::jobs::{
-    AttemptEnd, AttemptOutcome, JobCommand, JobOutcome, JobRecord, JobState, PARTIAL_CHUNK_MAX,
-    PARTIAL_INLINE_MAX, RESULT_CHUNK_MAX, RESULT_CHUNKS_MAX, ShardPin, TaskRecord, TaskState,
-    pin_owner,
+    ATTEMPTS_MAX, AttemptEnd, AttemptOutcome, JobCommand, JobOutcome, JobRecord, JobState,
+    PARTIAL_CHUNK_MAX, PARTIAL_INLINE_MAX, RESULT_CHUNK_MAX, RESULT_CHUNKS_MAX, ShardPin,
+    TaskRecord, TaskState, pin_owner,
 };
 use capdb_types::{Error, Reply};
 use futures::StreamExt;
@@ -307,8 +307,10 @@ struct Live {
     node: u64,
     speculative: bool,
     started: Instant,
-    /// When its node last answered a heartbeat (or it started).
+    /// When its node last answered a heartbeat (or it started), and heartbeat rounds without
+    /// an answer since.
     heard: Instant,
+    missed: u32,
     /// Keys it had read, and milliseconds it had waited on its rate limit, at the last
     /// heartbeat.
     keys: u64,
@@ -760,22 +762,37 @@ impl<'a, C: Cluster> Job<'a, C> {
         // Whatever still runs is no one's now (the job ended, or this coordinator stops and
         // the next one starts over): its nodes are asked to stop it, and when the job ended
         // (cancelled, failed) its record says so rather than "running" forever.
-        let ended = matches!(out, Err(Stop::Ended(_) | Stop::EndedElsewhere));
         let live: Vec<((usize, u16), Live)> = t.live.drain().collect();
-        for ((n, attempt), l) in &live {
-            l.abort.abort();
-            if ended {
-                let reason = "the job ended".to_string();
-                let _ = self
-                    .end(*n, *attempt, l.node, AttemptOutcome::Lost { reason })
-                    .await;
-            }
-        }
         let stops = live.iter().map(|((n, attempt), l)| {
+            l.abort.abort();
             let key = (self.owner.clone(), *n as u32, *attempt);
             tokio::time::timeout(self.cfg.heartbeat_every, self.c.cancel(l.node, key))
         });
         futures::future::join_all(stops).await;
+        // A deposed coordinator's records would be refused (the next one records them).
+        let ended = matches!(
+            out,
+            Err(
+                Stop::Ended(Ended::Done | Ended::Failed(_) | Ended::Cancelled)
+                    | Stop::EndedElsewhere
+            )
+        );
+        if ended && !live.is_empty() {
+            let records = async {
+                for ((n, attempt), l) in &live {
+                    let reason = "the job ended".to_string();
+                    if self
+                        .end(*n, *attempt, l.node, AttemptOutcome::Lost { reason })
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+            };
+            // Bounded: the records are for the task log only.
+            let _ = tokio::time::timeout(self.cfg.lost_after, records).await;
+        }
         out
     }
 
@@ -795,9 +812,8 @@ impl<'a, C: Cluster> Job<'a, C> {
             .iter()
             .map(|r| r.attempts.iter().map(|a| a.n).max().unwrap_or(0) + 1)
             .collect();
-        // Tasks given a speculative copy (at most one each), and how long the attempts whose
-        // outputs were accepted ran (what "slow" is measured against).
-        let mut speculated = vec![false; t.records.len()];
+        // How long the attempts whose outputs were accepted ran (what "slow" is measured
+        // against).
         let mut took: Vec<Duration> = Vec::new();
         let nodes: HashSet<u64> = replicas
             .values()
@@ -935,7 +951,8 @@ impl<'a, C: Cluster> Job<'a, C> {
                     // A job cancelled meanwhile: its attempts are stopped now, not when they end.
                     beats += 1;
                     if beats.is_multiple_of(ENDED_CHECK_BEATS)
-                        && let Ok(Some(rec)) = self.c.record(&self.id).await
+                        && let Ok(Ok(Some(rec))) =
+                            tokio::time::timeout(self.cfg.heartbeat_every, self.c.record(&self.id)).await
                         && rec.state.has_ended()
                     {
                         return Err(Stop::EndedElsewhere);
@@ -954,16 +971,20 @@ impl<'a, C: Cluster> Job<'a, C> {
                     }
                     // Stragglers: a speculative copy on another replica.
                     let mut speculating = t.live.values().filter(|l| l.speculative).count();
-                    for (n, busy) in self.stragglers(t, &speculated, &took) {
+                    for (n, busy) in self.stragglers(t, &took) {
                         if speculating >= speculative_max {
                             break;
+                        }
+                        // A copy must leave the task an attempt to spare under the log's bound
+                        // (a refused start would end nothing, but would waste the try).
+                        if usize::from(next_attempt[n]) + 1 > ATTEMPTS_MAX {
+                            continue;
                         }
                         let Some(node) = self.place(t, n, replicas, &load, Some(busy)) else {
                             continue;
                         };
                         let attempt = next_attempt[n];
                         next_attempt[n] += 1;
-                        speculated[n] = true;
                         tracing::info!(task = n, attempt, node, slow_on = busy, "a straggler gets a speculative copy");
                         if let Some(order) = self.start(plan, t, n, attempt, node, true, &spec).await? {
                             self.launch(t, &mut running, &mut load, order, node, true);
@@ -985,7 +1006,8 @@ impl<'a, C: Cluster> Job<'a, C> {
 
     /// Records attempt `attempt` of task `n` as started on `node` and makes its order.
     /// `None`: not started, because the task was done meanwhile by an attempt this coordinator
-    /// did not start (its output is merged now, and `t.done[n]` is set).
+    /// did not start (its output is merged now, and `t.done[n]` is set), or, for a
+    /// speculative copy, because the log refused it.
     #[allow(clippy::too_many_arguments)]
     async fn start(
         &self,
@@ -1015,6 +1037,11 @@ impl<'a, C: Cluster> Job<'a, C> {
             Ok(_) => {}
             Err(line) if line.starts_with("TASKDONE") => {
                 self.reread(plan, t, n).await?;
+                return Ok(None);
+            }
+            // A copy is an extra: refused, the task goes on with the attempt it has.
+            Err(line) if speculative => {
+                tracing::info!(task = n, %line, "a speculative copy was refused");
                 return Ok(None);
             }
             Err(line) => {
@@ -1064,6 +1091,7 @@ impl<'a, C: Cluster> Job<'a, C> {
                 speculative,
                 started: now,
                 heard: now,
+                missed: 0,
                 keys: 0,
                 throttled_ms: 0,
                 throttled: false,
@@ -1085,11 +1113,18 @@ impl<'a, C: Cluster> Job<'a, C> {
         });
         let answers = futures::future::join_all(asks).await;
         let now = Instant::now();
+        let rounds = (self.cfg.lost_after.as_millis() / self.cfg.heartbeat_every.as_millis().max(1))
+            .max(1) as u32;
         let mut lost = Vec::new();
         for (k, answer) in answers {
             let Some(l) = t.live.get_mut(&k) else {
                 continue;
             };
+            if matches!(answer, Ok(Ok(Probe::Running { .. } | Probe::Ended))) {
+                l.missed = 0;
+            } else {
+                l.missed += 1;
+            }
             match answer {
                 Ok(Ok(Probe::Running { keys, throttled_ms })) => {
                     l.heard = now;
@@ -1109,7 +1144,9 @@ impl<'a, C: Cluster> Job<'a, C> {
                 // answer (down, cut off, stopped): not heard.
                 Ok(Ok(Probe::Unknown)) | Ok(Err(_)) | Err(_) => {}
             }
-            if now.duration_since(l.heard) >= self.cfg.lost_after {
+            // Both: silent for the whole bound, and through enough rounds in a row that a
+            // coordinator busy elsewhere between two rounds does not judge on one miss.
+            if now.duration_since(l.heard) >= self.cfg.lost_after && l.missed >= rounds {
                 lost.push((k.0, k.1, l.node));
             }
         }
@@ -1119,9 +1156,9 @@ impl<'a, C: Cluster> Job<'a, C> {
     /// Live attempts that deserve a speculative copy, as (task, the node it is slow on): no
     /// progress for [`Config::stuck_after`] while not throttled; or, once three quarters of
     /// the tasks are done, running longer than 1.5 times the median accepted attempt (and at
-    /// least 2 s) while not throttled (a rate limit slows a copy as much). One copy per task
-    /// at most, never of a copy.
-    fn stragglers(&self, t: &Tasks, speculated: &[bool], took: &[Duration]) -> Vec<(usize, u64)> {
+    /// least 2 s) while not throttled (a rate limit slows a copy as much). One copy at a time
+    /// per task: only a task's sole live attempt is copied.
+    fn stragglers(&self, t: &Tasks, took: &[Duration]) -> Vec<(usize, u64)> {
         if !self.cfg.speculate {
             return Vec::new();
         }
@@ -1137,7 +1174,8 @@ impl<'a, C: Cluster> Job<'a, C> {
         let mut out: Vec<(usize, u64)> = t
             .live
             .iter()
-            .filter(|((n, _), l)| !l.speculative && !speculated[*n] && !t.done[*n])
+            // The task's only live attempt (a copy too, once the original is gone).
+            .filter(|((n, _), _)| !t.done[*n] && t.live.keys().filter(|(m, _)| m == n).count() == 1)
             .filter(|(_, l)| {
                 now.duration_since(l.moved) >= self.cfg.stuck_after
                     || (!l.throttled
@@ -1167,7 +1205,8 @@ impl<'a, C: Cluster> Job<'a, C> {
         self.end(n, attempt, l.node, AttemptOutcome::Lost { reason })
             .await?;
         let key = (self.owner.clone(), n as u32, attempt);
-        let _ = tokio::time::timeout(self.cfg.heartbeat_every, self.c.cancel(l.node, key)).await;
+        let _ =
+            tokio::time::timeout(self.cfg.heartbeat_every / 2, self.c.cancel(l.node, key)).await;
         Ok(())
     }
 

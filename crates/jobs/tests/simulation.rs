@@ -668,7 +668,8 @@ async fn a_stuck_attempt_gets_a_speculative_copy_and_only_the_first_output_count
     }
     assert!(copies > 0, "no task was placed on the stuck node");
     // The stuck attempts were asked to stop (each once).
-    let asked = sim.nodes[&3].cancels.lock().unwrap().clone();
+    let mut asked = sim.nodes[&3].cancels.lock().unwrap().clone();
+    asked.sort();
     let mut stuck: Vec<(u32, u16)> = Vec::new();
     for (n, t) in tasks.iter().enumerate() {
         stuck.extend(
