@@ -2,16 +2,15 @@
 """Foreground latency while a job runs (issue 15: "a scan-rate limit keeps foreground p99
 within 25 % of its idle value").
 
-One node holds N keys of JSON (`u:{i}`, 2 shards of keyspace `mr`) and runs with
-`--job-slots` = the machine's cores, as `bench/mapreduce.py` does. redis-benchmark drives GET
-and SET (8 clients, keys of the `default` keyspace) twice for each setting of the node's
-`--job-nice`: idle, then while jobs over every key (sum by one of 100 groups, J1 of
-bench/mapreduce.py) run back to back with no scan-rate limit of their own. Printed per setting:
-p50 and p99 of each command idle and under jobs, the ratio of the p99s, throughput, and how
-many keys per second the jobs read meanwhile.
+One node holds N keys of JSON (`u:{i}`, 2 shards of keyspace `mr`). For each setting
+(`--job-nice`, `--job-throttle`, `--job-slots`; one fresh node each) redis-benchmark drives GET
+and SET (8 clients, keys of the `default` keyspace) idle, then while jobs over every key (sum by
+one of 100 groups, J1 of bench/mapreduce.py) run back to back with no scan-rate limit of their
+own. Printed per setting: p50 and p99 of each command idle and under jobs, the ratio of the
+p99s, throughput, and how many keys per second the jobs read meanwhile.
 
-    python3 bench/foreground.py                       # 2 M keys, job_nice 0 and 10 (~4 min)
-    python3 bench/foreground.py --keys 500000 --nice 10
+    python3 bench/foreground.py                      # 2 M keys, 4 settings (~10 min)
+    python3 bench/foreground.py --keys 500000 --settings 10:true:1
 
 Needs redis-cli and redis-benchmark (Debian: redis-tools). Not in CI.
 """
@@ -36,16 +35,18 @@ SHARDS = 2
 CLIENTS = 8
 
 
-def start_node(procs, binary, work, nice):
+def start_node(procs, binary, work, nice, throttle, slots):
     resp, http, peer = free_ports(3)
     env = {k: v for k, v in os.environ.items() if not k.startswith("CAPDB_")}
-    data = os.path.join(work, f"capdb-nice{nice}")
-    procs.start(f"capdb-nice{nice}", [
+    name = f"capdb-{nice}-{throttle}-{slots}"
+    data = os.path.join(work, name)
+    shutil.rmtree(data, ignore_errors=True)
+    procs.start(name, [
         binary, "server", "--node-id", "1", "--data-dir", data,
         "--resp-addr", f"127.0.0.1:{resp}", "--http-addr", f"127.0.0.1:{http}",
         "--peer-addr", f"127.0.0.1:{peer}", "--initial-cluster", f"1=127.0.0.1:{peer}",
-        "--job-slots", str(os.cpu_count() or 1), "--job-nice", str(nice),
-    ], os.path.join(work, f"capdb-nice{nice}.log"), env=env)
+        "--job-slots", str(slots), "--job-nice", str(nice), "--job-throttle", throttle,
+    ], os.path.join(work, f"{name}.log"), env=env)
     deadline = time.time() + 60
     while http_get(f"http://127.0.0.1:{http}/readyz")[0] != 200:
         procs.check_alive()
@@ -80,13 +81,15 @@ def load(port, keys, work):
     raise Fatal("the load failed 4 times")
 
 
-def benchmark(port, seconds):
-    """{command: (p50 ms, p99 ms, requests/s)} of GET and SET over `seconds` each."""
+def benchmark(port, seconds, rates=None):
+    """{command: (p50 ms, p99 ms, requests/s)} of GET and SET, each about `seconds` long at
+    `rates` ({command: requests/s}; a guess when absent)."""
     out = {}
     for cmd in ("get", "set"):
-        # Enough requests for `seconds` at the idle rate; -r spreads keys over 1 M.
+        # -r spreads keys over 1 M.
+        rate = (rates or {}).get(cmd.upper(), (0, 0, 8_000))[2]
         p = subprocess.run(["redis-benchmark", "-p", str(port), "-t", cmd, "-c", str(CLIENTS),
-                            "-n", str(int(seconds * 8_000)), "-r", "1000000", "-d", "64", "--csv"],
+                            "-n", str(int(seconds * rate)), "-r", "1000000", "-d", "64", "--csv"],
                            capture_output=True, text=True, timeout=600)
         rows = list(csv.DictReader(io.StringIO(p.stdout)))
         if not rows:
@@ -140,8 +143,11 @@ class Jobs(threading.Thread):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--keys", type=int, default=2_000_000)
-    ap.add_argument("--seconds", type=float, default=15, help="per command and phase")
-    ap.add_argument("--nice", default="0,10", help="job_nice settings to compare")
+    ap.add_argument("--seconds", type=float, default=20, help="per command and phase (idle)")
+    ap.add_argument("--warmup", type=float, default=5, help="seconds of jobs before measuring")
+    cores = os.cpu_count() or 1
+    ap.add_argument("--settings", default=f"0:false:{cores},10:false:{cores},10:true:{cores},10:true:1",
+                    help="nice:throttle:slots, comma-separated (one fresh node each)")
     ap.add_argument("--binary", default=os.path.join(os.path.dirname(__file__), "..", "target", "release", "capdb"))
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args()
@@ -152,35 +158,38 @@ def main():
     work = tempfile.mkdtemp(prefix="capdb-fg-")
     rows = []
     try:
-        for nice in [int(x) for x in args.nice.split(",")]:
+        for setting in args.settings.split(","):
+            nice, throttle, slots = setting.split(":")
             procs = Procs()
             try:
-                port = start_node(procs, binary, work, nice)
-                log(f"job_nice {nice}: loading {args.keys:,} keys ...")
+                port = start_node(procs, binary, work, int(nice), throttle, int(slots))
+                log(f"job_nice {nice}, job_throttle {throttle}, job_slots {slots}: loading {args.keys:,} keys ...")
                 load(port, args.keys, work)
-                # Keys for GET to find: SET once over the benchmark's key range.
-                benchmark(port, 2)
+                # Keys for GET to find (SET over the benchmark's key range), and the rates that
+                # size the runs (the same number of requests idle and under jobs).
+                rates = benchmark(port, 2)
                 log("  idle ...")
-                idle = benchmark(port, args.seconds)
+                idle = benchmark(port, args.seconds, rates)
                 jobs = Jobs(port)
                 jobs.start()
-                time.sleep(2)  # the first job is running
+                # Jobs running, and the node's limit past its first windows.
+                time.sleep(args.warmup)
                 log("  under jobs ...")
-                busy = benchmark(port, args.seconds)
+                busy = benchmark(port, args.seconds, idle)
                 jobs.stop.set()
                 jobs.join(timeout=600)
                 procs.check_alive()
                 rate = jobs.keys / jobs.seconds if jobs.seconds else 0
                 for cmd in ("GET", "SET"):
                     (p50i, p99i, rpsi), (p50b, p99b, rpsb) = idle[cmd], busy[cmd]
-                    rows.append([str(nice), cmd, f"{p50i:.3f}", f"{p99i:.3f}", f"{p50b:.3f}",
+                    rows.append([nice, throttle, slots, cmd, f"{p50i:.3f}", f"{p99i:.3f}", f"{p50b:.3f}",
                                  f"{p99b:.3f}", f"{p99b / p99i:.2f}", f"{rpsi:,.0f}", f"{rpsb:,.0f}",
                                  f"{rate:,.0f} ({jobs.runs} jobs)"])
             finally:
                 procs.stop_all()
-        print(f"\n{args.keys:,} keys, 1 node, {os.cpu_count()} cores, --job-slots {os.cpu_count()}; "
+        print(f"\n{args.keys:,} keys, 1 node, {os.cpu_count()} cores; "
               f"redis-benchmark {CLIENTS} clients, 64 B values")
-        print(fmt_table(["job_nice", "cmd", "idle p50 ms", "idle p99 ms", "jobs p50 ms",
+        print(fmt_table(["job_nice", "job_throttle", "job_slots", "cmd", "idle p50 ms", "idle p99 ms", "jobs p50 ms",
                          "jobs p99 ms", "p99 ratio", "idle req/s", "jobs req/s",
                          "job keys/s"], rows, args.markdown))
     finally:

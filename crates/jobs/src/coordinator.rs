@@ -1301,6 +1301,12 @@ impl<'a, C: Cluster> Job<'a, C> {
             field("shards_total", text(shard_done.len())),
             field("keys_scanned", text(t.merged.keys)),
             field("keys_skipped", text(t.merged.skipped)),
+            // Whether a running attempt waited on a scan-rate limit (its own or its node's,
+            // which follows foreground latency) at the last heartbeat.
+            field(
+                "throttled",
+                text(u8::from(t.live.values().any(|l| l.throttled))),
+            ),
         ]
     }
 

@@ -23,6 +23,7 @@
 pub mod coordinator;
 pub mod lua;
 pub mod plan;
+pub mod throttle;
 pub mod worker;
 
 use std::future::Future;

@@ -200,13 +200,15 @@ impl Attempts {
 }
 
 /// Runs `order`: `page(after)` reads the page after `after` (`None`: from the range's start)
-/// from the pin; `progress` shows how far it got and carries a cancel, heard between pages.
-/// A page that cannot be read fails the attempt (another replica may hold the pin); a limit
-/// of the spec fails the job.
+/// from the pin; `progress` shows how far it got and carries a cancel, heard between pages;
+/// `node_limit`, the node's scan-rate limit, is taken for every page read. A page that cannot
+/// be read fails the attempt (another replica may hold the pin); a limit of the spec fails the
+/// job.
 pub fn run(
     order: &TaskOrder,
     mut page: impl FnMut(Option<&[u8]>) -> Result<Page, String>,
     progress: &Progress,
+    node_limit: Option<&crate::throttle::Throttle>,
 ) -> Result<TaskOutput, TaskError> {
     let cancelled = &progress.cancelled;
     let spec = JobSpec::parse(order.spec.as_bytes())
@@ -235,6 +237,13 @@ pub fn run(
         let p = page(after.as_deref()).map_err(TaskError::Failed)?;
         let read_before = read;
         read += p.entries.len() as u64;
+        if let Some(limit) = node_limit {
+            let waited = limit.take(p.entries.len() as u64, || progress.is_cancelled());
+            progress.throttled_ms.fetch_add(waited, Ordering::Relaxed);
+            if progress.is_cancelled() {
+                return Err(TaskError::Failed("the attempt was cancelled".into()));
+            }
+        }
         if let Some(rate) = rate {
             let due = std::time::Duration::from_secs_f64(read as f64 / rate as f64);
             // In slices, so that a cancel is heard within one.
@@ -383,6 +392,7 @@ mod tests {
                 })
             },
             &progress,
+            None,
         );
         assert_eq!(
             out,

@@ -358,6 +358,7 @@ impl Cluster for Sim {
                         .map_err(|e| e.to_string())
                 },
                 &registered.progress,
+                None,
             )
         })
         .await

@@ -67,6 +67,9 @@ pub struct ClusterConfig {
     /// The nice level (0 to 19) of the threads that run job tasks here: the kernel serves
     /// foreground requests, Raft and the writer first when the cores are busy.
     pub job_nice: i32,
+    /// Whether job tasks share a scan-rate limit that follows foreground latency (halved when
+    /// the p99 of commands passes 1.2 times its idle value).
+    pub job_throttle: bool,
     /// Testing switches that weaken guarantees on purpose; never set in production.
     pub debug: DebugConfig,
     /// Milliseconds between anti-entropy passes of `ap` keyspaces.
@@ -159,6 +162,7 @@ struct FileConfig {
     default_shards: Option<u32>,
     job_slots: Option<usize>,
     job_nice: Option<i32>,
+    job_throttle: Option<bool>,
     ap_anti_entropy_interval_ms: Option<u64>,
     ap_anti_entropy_bytes_per_sec: Option<u64>,
     ap_tombstone_grace_ms: Option<u64>,
@@ -262,6 +266,10 @@ pub struct ServerArgs {
     /// The nice level of job task threads (0 to 19; 0: as foreground work) [default: 10].
     #[arg(long, env = "CAPDB_JOB_NICE", value_name = "N")]
     pub job_nice: Option<i32>,
+    /// Whether job tasks slow down when foreground latency rises (true or false)
+    /// [default: true].
+    #[arg(long, env = "CAPDB_JOB_THROTTLE", value_name = "BOOL")]
+    pub job_throttle: Option<bool>,
     /// Milliseconds between anti-entropy passes over ap keyspaces [default: 10000].
     #[arg(long, env = "CAPDB_AP_ANTI_ENTROPY_INTERVAL_MS", value_name = "MS")]
     pub ap_anti_entropy_interval_ms: Option<u64>,
@@ -567,6 +575,7 @@ fn resolve_cluster(args: &ServerArgs, file: &FileConfig) -> Result<ClusterConfig
         default_shards,
         job_slots,
         job_nice,
+        job_throttle: args.job_throttle.or(file.job_throttle).unwrap_or(true),
         ap_tombstone_grace_ms: ap.tombstone_grace_ms,
         ap_anti_entropy_interval_ms: ap.anti_entropy_interval_ms,
         ap_anti_entropy_bytes_per_sec: ap.anti_entropy_bytes_per_sec,

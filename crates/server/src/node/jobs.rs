@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use capdb_cluster::{GroupId, NodeId};
+use capdb_jobs::throttle::Throttle;
 use capdb_jobs::worker::{AttemptKey, Attempts, PAGE_KEYS, Page, Probe};
 use capdb_jobs::{Cluster, ShardReplicas, TaskError, TaskOrder, TaskOutput};
 use capdb_raft::command::{Request, Response};
@@ -100,6 +101,8 @@ pub struct Jobs {
     pub peers: Peers<JobsService>,
     /// The task attempts running on this node (heartbeats read them, cancels reach them).
     pub attempts: Arc<Attempts>,
+    /// The node's scan-rate limit, following foreground latency (`capdb_jobs::throttle`).
+    pub throttle: Arc<Throttle>,
     /// Job id -> the epoch of the coordinator running it here.
     coordinating: Mutex<HashMap<Bytes, u64>>,
     /// Job id -> errors in a row of its coordinators here, and when the next may start.
@@ -109,10 +112,11 @@ pub struct Jobs {
 }
 
 impl Jobs {
-    pub fn new(peers: Peers<JobsService>) -> Jobs {
+    pub fn new(peers: Peers<JobsService>, throttle: bool) -> Jobs {
         Jobs {
             peers,
             attempts: Arc::default(),
+            throttle: Arc::new(Throttle::new(throttle)),
             coordinating: Mutex::default(),
             retry: Mutex::default(),
             submitted: tokio::sync::Notify::new(),
@@ -168,6 +172,7 @@ async fn run_task_here(
         .attempts
         .start((order.job.clone(), order.task, order.attempt))?;
     let nice = node.config.cluster.job_nice;
+    let throttle = node.jobs.throttle.clone();
     let (answer, output) = tokio::sync::oneshot::channel();
     // A thread of its own (not the runtime's blocking pool): it is niced for the task's
     // life and ends with it, as a thread cannot be un-niced without privileges.
@@ -195,6 +200,7 @@ async fn run_task_here(
                         .map_err(|e| e.to_string())
                 },
                 &registered.progress,
+                Some(&throttle),
             ));
         });
     if let Err(e) = spawned {
@@ -732,6 +738,23 @@ async fn forget_ended(cluster: &NodeCluster, group: GroupId) {
                     return;
                 }
             }
+        }
+    }
+}
+
+/// Ends the node's scan-rate limit's windows (`capdb_jobs::throttle`): one a second, or a
+/// half-second one while tasks are held to measure the idle baseline.
+pub async fn run_throttle(node: Arc<Node>) {
+    while !node.is_shutting_down() {
+        let length = if node.jobs.throttle.holding() {
+            capdb_jobs::throttle::PAUSE
+        } else {
+            Duration::from_secs(1)
+        };
+        tokio::time::sleep(length).await;
+        let step = node.jobs.throttle.tick(length, Instant::now());
+        if let Some(s) = step.slowdown {
+            tracing::debug!(p99_us = step.p99_us, slowdown = s, rate = ?step.rate, "job scan limit");
         }
     }
 }

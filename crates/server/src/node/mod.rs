@@ -87,6 +87,7 @@ impl Node {
         metrics: Metrics,
     ) -> Arc<Node> {
         let crash = config.cluster.debug.txn_crash;
+        let job_throttle = config.cluster.job_throttle;
         let node = Arc::new(Node {
             config,
             hlc,
@@ -100,10 +101,10 @@ impl Node {
                 metrics.pubsub_dropped.clone(),
             )),
             blocking: blocking::Blocking::default(),
-            jobs: jobs::Jobs::new(capdb_transport::Peers::new(
-                info.id,
-                groups.filter().clone(),
-            )),
+            jobs: jobs::Jobs::new(
+                capdb_transport::Peers::new(info.id, groups.filter().clone()),
+                job_throttle,
+            ),
             info,
             txns: txns::coordinator(groups.clone(), crash),
             groups,
@@ -123,6 +124,7 @@ impl Node {
         tokio::spawn(txns::recover_orphans(node.clone()));
         tokio::spawn(changes::trim_changes(node.clone()));
         tokio::spawn(jobs::run_coordinators(node.clone()));
+        tokio::spawn(jobs::run_throttle(node.clone()));
         tokio::spawn(views::view_work(node.clone()));
         node
     }

@@ -371,6 +371,8 @@ impl Connection {
             }
             let m = metrics.command(name);
             m.duration.observe_many(took, n);
+            // What the node's job scan limit protects (`capdb_jobs::throttle`).
+            self.node.jobs.throttle.observe(name, took, n);
             if errors > 0 {
                 m.errors.inc_by(errors);
             }
