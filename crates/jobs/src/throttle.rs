@@ -201,6 +201,10 @@ impl Throttle {
         let mut p99_us = 0;
         if read == 0 || held {
             // No task read: this window is the idle baseline.
+            if held {
+                // Tried, whatever it found: the next hold is a full age away.
+                l.baseline_at = Some(now);
+            }
             l.hold_until = None;
             for (name, (n, p99)) in &windows {
                 if *n >= WINDOW_OPS_MIN {
@@ -236,8 +240,10 @@ impl Throttle {
             // No foreground to protect: the limit is lifted.
             l.rate = None;
         }
-        // Tasks running without an idle window for too long: hold them for one.
+        // Tasks running without an idle window for too long, while there is foreground to
+        // protect: hold them for one.
         if read > 0
+            && ops >= WINDOW_OPS_MIN
             && self.enabled
             && l.hold_until.is_none()
             && l.baseline_at
@@ -407,9 +413,9 @@ mod tests {
     fn quiet_windows_say_nothing_and_a_stale_baseline_holds_tasks_for_one_window() {
         let t = Throttle::new(true);
         let t0 = Instant::now();
-        // Tasks from the start, no baseline: they are held for one window to measure it.
+        // Tasks from the start with foreground and no baseline: held for one window to measure it.
         t.read.fetch_add(10_000, Ordering::Relaxed);
-        window(&t, 10, 5_000);
+        window(&t, 500, 5_000);
         let s = t.tick(Duration::from_secs(1), t0);
         assert_eq!((s.slowdown, s.rate), (None, None));
         assert!(t.holding());
@@ -423,8 +429,21 @@ mod tests {
         assert!(s.slowdown.is_some_and(|s| s < FASTER_BELOW), "{s:?}");
         // A minute later with tasks all along: held again.
         t.read.fetch_add(10_000, Ordering::Relaxed);
+        window(&t, 500, 101);
         t.tick(Duration::from_secs(1), t0 + Duration::from_secs(70));
         assert!(t.holding());
+    }
+
+    #[test]
+    fn without_foreground_tasks_are_never_held() {
+        let t = Throttle::new(true);
+        let t0 = Instant::now();
+        for i in 0..200 {
+            t.read.fetch_add(100_000, Ordering::Relaxed);
+            window(&t, 10, 100);
+            let s = t.tick(Duration::from_secs(1), t0 + Duration::from_secs(i));
+            assert!(!t.holding() && s.rate.is_none(), "window {i}: {s:?}");
+        }
     }
 
     #[test]
