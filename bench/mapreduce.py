@@ -271,7 +271,7 @@ def run_baseline(name, job, reps, parquet, jsonl, timeout):
 # ---------------------------------------------------------------------------------------------
 # capdb
 
-def start_node(procs, binary, work):
+def start_node(procs, binary, work, extra=()):
     resp, http, peer = free_ports(3)
     env = {k: v for k, v in os.environ.items() if not k.startswith("CAPDB_")}
     procs.start("capdb", [
@@ -279,7 +279,7 @@ def start_node(procs, binary, work):
         "--resp-addr", f"127.0.0.1:{resp}", "--http-addr", f"127.0.0.1:{http}",
         "--peer-addr", f"127.0.0.1:{peer}", "--initial-cluster", f"1=127.0.0.1:{peer}",
         # Two tasks at once: the machine's cores, as the other engines get them.
-        "--job-slots", str(os.cpu_count() or 1),
+        "--job-slots", str(os.cpu_count() or 1), *extra,
     ], os.path.join(work, "capdb.log"), env=env)
     deadline = time.time() + 60
     while http_get(f"http://127.0.0.1:{http}/readyz")[0] != 200:
@@ -327,6 +327,7 @@ def connect(port):
 
 def capdb_job(r, pid, job, run_id):
     """Runs one job; (seconds, CPU seconds of the node, first partial after s, rows)."""
+    import redis
     spec = dict(JOBS[job][1])
     spec = {"id": run_id, "input": {"keyspace": KEYSPACE, "prefix": "u:"}, **spec}
     cpu0 = cpu_seconds(pid)
@@ -336,7 +337,14 @@ def capdb_job(r, pid, job, run_id):
     last_id = "0"
     stream = f"__job:{run_id}"
     while True:
-        got = r.execute_command("XREAD", "BLOCK", "1000", "STREAMS", stream, last_id)
+        try:
+            got = r.execute_command("XREAD", "BLOCK", "1000", "STREAMS", stream, last_id)
+        except redis.exceptions.TryAgainError as e:
+            # Certainly not served (a read barrier timed out while the node was busy, e.g.
+            # snapshotting a freshly loaded shard): read again.
+            log(f"  XREAD: {e}; reading again")
+            time.sleep(0.2)
+            continue
         entries = []
         if isinstance(got, dict):
             entries = next(iter(got.values()))[0] if got else []
@@ -376,6 +384,8 @@ def main():
     ap.add_argument("--work-dir", help="keep data and logs here (default: a temporary directory)")
     ap.add_argument("--markdown", action="store_true")
     ap.add_argument("--json-out")
+    ap.add_argument("--server-arg", action="append", default=[],
+                    help="an extra argument of the capdb node, e.g. --server-arg=--job-nice=0 (repeatable)")
     # Internal: one baseline run in this process.
     ap.add_argument("--baseline", help=argparse.SUPPRESS)
     ap.add_argument("--job", help=argparse.SUPPRESS)
@@ -399,7 +409,7 @@ def main():
         log(f"making {args.keys:,} rows in {work} ...")
         resp_paths, jsonl, parquet = make_data(args.keys, work)
         log(f"  made in {time.perf_counter() - t0:.0f} s")
-        port = start_node(procs, binary, work)
+        port = start_node(procs, binary, work, args.server_arg)
         pid = procs.procs[0][1].pid
         t0 = time.perf_counter()
         log(f"loading capdb (redis-cli --pipe, {len(resp_paths)} parts) ...")

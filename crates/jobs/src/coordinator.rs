@@ -572,6 +572,14 @@ impl<'a, C: Cluster> Job<'a, C> {
                     )
                     .await?
                     .ok();
+                    // It may still run (its coordinator died, not its node): it is no one's
+                    // now, so its node is asked to stop it.
+                    let key = (self.owner.clone(), n as u32, a.n);
+                    let _ = tokio::time::timeout(
+                        self.cfg.heartbeat_every / 2,
+                        self.c.cancel(a.node, key),
+                    )
+                    .await;
                 }
                 AttemptEnd::Failed { error, .. } => {
                     t.failures[n] += 1;
