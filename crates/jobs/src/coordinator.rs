@@ -28,11 +28,21 @@
 //! the slots at once); whichever output is accepted first is the task's, and the other attempt
 //! is cancelled and recorded lost. The log decides "first", so two never count.
 //!
+//! # Checkpoints
+//!
+//! A running attempt keeps a checkpoint every [`Config::checkpoint_every`] (the worker's
+//! `Checkpoint`: where its next page starts and the partial result so far, at most 1 MiB);
+//! heartbeats say how far the newest reaches, and the coordinator fetches it when it is newer
+//! than the one it holds for the task. The task's next attempt (a retry after a loss or a
+//! failure, a speculative copy) starts from it, so a node lost at 90 % of a long task costs the
+//! last few seconds of reading, not the task; the job's stream shows each resumed attempt
+//! (`type task`, `event resumed`). Checkpoints live in the coordinator's memory only (at most
+//! [`CHECKPOINTS_BYTES_MAX`] per job): a new coordinator starts the tasks in flight again.
+//!
 //! # Not yet (design §6, step 5)
 //!
-//! Checkpoints (a re-run starts its range again), adopting a dead coordinator's running
-//! attempts (they are recorded lost and run again), partials larger than 1 MiB held on the
-//! worker, output to a keyspace.
+//! Adopting a dead coordinator's running attempts (they are recorded lost and run again),
+//! partials larger than 1 MiB held on the worker, output to a keyspace.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
@@ -50,7 +60,7 @@ use futures::StreamExt;
 use futures::future::{AbortHandle, Abortable};
 use futures::stream::FuturesUnordered;
 
-use crate::worker::Probe;
+use crate::worker::{Checkpoint, Probe};
 use crate::{Cluster, ShardReplicas, TaskError, TaskOrder, TaskOutput};
 
 /// A coordinator's bounds.
@@ -77,6 +87,12 @@ pub struct Config {
     pub stuck_after: Duration,
     /// Whether stragglers get speculative copies.
     pub speculate: bool,
+    /// How often a running attempt keeps a checkpoint its task's next attempt starts from
+    /// (zero: never).
+    pub checkpoint_every: Duration,
+    /// How often the job's pins are renewed on every replica (each is held for its lease,
+    /// 10 min, after its last renewal; zero: never, and a job longer than the lease fails).
+    pub pin_renew_every: Duration,
 }
 
 impl Default for Config {
@@ -91,9 +107,16 @@ impl Default for Config {
             lost_after: Duration::from_secs(3),
             stuck_after: Duration::from_secs(10),
             speculate: true,
+            checkpoint_every: Duration::from_secs(5),
+            pin_renew_every: Duration::from_secs(60),
         }
     }
 }
+
+/// Bytes of checkpoints a coordinator holds per job (one per task with an attempt in flight or
+/// waiting to run again, each at most `worker::CHECKPOINT_MAX`); past it, newer ones are not
+/// fetched.
+pub const CHECKPOINTS_BYTES_MAX: usize = 64 * 1024 * 1024;
 
 /// Bytes of groups a stream entry shows at most (its bound is 256 KiB).
 const SHOWN_BYTES_MAX: usize = 200 * 1024;
@@ -293,12 +316,42 @@ struct Tasks {
     last_error: Vec<String>,
     /// The attempts this coordinator started and has not heard the end of, by (task, attempt).
     live: HashMap<(usize, u16), Live>,
+    /// The newest checkpoint of each task not done (from any of its attempts: they read the
+    /// same pinned snapshot), and their bytes.
+    checkpoints: HashMap<usize, Checkpoint>,
+    checkpoint_bytes: usize,
 }
 
 impl Tasks {
     /// Whether an attempt of task `n` is live.
     fn runs(&self, n: usize) -> bool {
         self.live.keys().any(|(m, _)| *m == n)
+    }
+
+    /// Task `n` is done: its output is merged.
+    fn set_done(&mut self, n: usize) {
+        self.done[n] = true;
+        if let Some(c) = self.checkpoints.remove(&n) {
+            self.checkpoint_bytes -= c.partial.len();
+        }
+    }
+
+    /// Keeps `c` as task `n`'s checkpoint if it reaches further than the one held.
+    fn keep_checkpoint(&mut self, n: usize, c: Checkpoint) {
+        if self.done[n]
+            || self
+                .checkpoints
+                .get(&n)
+                .is_some_and(|h| h.keys_read >= c.keys_read)
+        {
+            return;
+        }
+        let held = self.checkpoints.get(&n).map_or(0, |h| h.partial.len());
+        if self.checkpoint_bytes - held + c.partial.len() > CHECKPOINTS_BYTES_MAX {
+            return;
+        }
+        self.checkpoint_bytes = self.checkpoint_bytes - held + c.partial.len();
+        self.checkpoints.insert(n, c);
     }
 }
 
@@ -315,6 +368,8 @@ struct Live {
     /// heartbeat.
     keys: u64,
     throttled_ms: u64,
+    /// Keys before its newest checkpoint, at the last heartbeat.
+    checkpoint_keys: u64,
     /// Whether it waited on its rate limit between the last two heartbeats (slow on purpose:
     /// a copy would be as slow).
     throttled: bool,
@@ -454,6 +509,8 @@ impl<'a, C: Cluster> Job<'a, C> {
             tried: vec![HashSet::new(); records.len()],
             last_error: vec![String::new(); records.len()],
             live: HashMap::new(),
+            checkpoints: HashMap::new(),
+            checkpoint_bytes: 0,
             records,
         };
         // What earlier coordinators left: outputs to merge, attempts nobody will hear of.
@@ -613,7 +670,7 @@ impl<'a, C: Cluster> Job<'a, C> {
                     self.finish_failed(format!("task {n}: {e}")).await?,
                 ));
             }
-            t.done[n] = true;
+            t.set_done(n);
         }
         Ok(())
     }
@@ -836,6 +893,12 @@ impl<'a, C: Cluster> Job<'a, C> {
         let mut beats: u32 = 0;
         let mut beat = tokio::time::interval(self.cfg.heartbeat_every);
         beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The first tick is at once: a coordinator taking over renews what its predecessor
+        // may have left unrenewed for minutes.
+        let renewing = !self.cfg.pin_renew_every.is_zero();
+        let mut renew =
+            tokio::time::interval(self.cfg.pin_renew_every.max(Duration::from_millis(10)));
+        renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let max_ms = plan.spec().limits.max_s.saturating_mul(1_000);
         loop {
             // `limits.max_s`, from the submission: past it the job fails, whatever runs.
@@ -913,7 +976,7 @@ impl<'a, C: Cluster> Job<'a, C> {
                                     if let Err(e) = heavy(|| plan.merge(&mut t.merged, &p)) {
                                         return Err(Stop::Ended(self.finish_failed(e.to_string()).await?));
                                     }
-                                    t.done[n] = true;
+                                    t.set_done(n);
                                     took.push(live.started.elapsed());
                                     self.supersede(t, &mut load, n, attempt).await?;
                                     if published_done.is_none() {
@@ -965,7 +1028,9 @@ impl<'a, C: Cluster> Job<'a, C> {
                     {
                         return Err(Stop::EndedElsewhere);
                     }
-                    for (n, attempt, node) in self.heartbeat(t).await {
+                    let lost = self.heartbeat(t).await;
+                    self.gather_checkpoints(t).await;
+                    for (n, attempt, node) in lost {
                         let reason = format!(
                             "node {node} did not answer heartbeats for {} ms",
                             self.cfg.lost_after.as_millis()
@@ -1000,6 +1065,7 @@ impl<'a, C: Cluster> Job<'a, C> {
                         }
                     }
                 }
+                _ = renew.tick(), if renewing => self.renew_pins(t, replicas).await,
                 _ = tick.tick() => {
                     // Only when something changed since the last one.
                     let done = t.done.iter().filter(|d| **d).count();
@@ -1060,6 +1126,30 @@ impl<'a, C: Cluster> Job<'a, C> {
             }
         }
         let p = &t.records[n].plan;
+        let resume = t
+            .checkpoints
+            .get(&n)
+            .filter(|c| c.pin_index == p.pin_index)
+            .cloned();
+        if let Some(c) = &resume {
+            tracing::info!(
+                task = n,
+                attempt,
+                node,
+                keys = c.keys_read,
+                "an attempt resumes from its task's checkpoint"
+            );
+            let entry = vec![
+                field("type", "task"),
+                field("event", "resumed"),
+                field("task", text(n)),
+                field("attempt", text(attempt)),
+                field("node", text(node)),
+                field("speculative", text(u8::from(speculative))),
+                field("checkpoint_keys", text(c.keys_read)),
+            ];
+            self.publish(entry).await?;
+        }
         Ok(Some(TaskOrder {
             job: self.owner.clone(),
             task: n as u32,
@@ -1069,6 +1159,8 @@ impl<'a, C: Cluster> Job<'a, C> {
             pin_index: p.pin_index,
             from: p.from.clone(),
             to: p.to.clone(),
+            resume,
+            checkpoint_every_ms: self.cfg.checkpoint_every.as_millis() as u64,
         }))
     }
 
@@ -1102,6 +1194,7 @@ impl<'a, C: Cluster> Job<'a, C> {
                 missed: 0,
                 keys: 0,
                 throttled_ms: 0,
+                checkpoint_keys: 0,
                 throttled: false,
                 moved: now,
                 abort,
@@ -1134,8 +1227,13 @@ impl<'a, C: Cluster> Job<'a, C> {
                 l.missed += 1;
             }
             match answer {
-                Ok(Ok(Probe::Running { keys, throttled_ms })) => {
+                Ok(Ok(Probe::Running {
+                    keys,
+                    throttled_ms,
+                    checkpoint_keys,
+                })) => {
                     l.heard = now;
+                    l.checkpoint_keys = checkpoint_keys;
                     // Waiting on its own rate limit is slow on purpose, not stuck.
                     l.throttled = throttled_ms > l.throttled_ms;
                     if keys != l.keys || l.throttled {
@@ -1159,6 +1257,83 @@ impl<'a, C: Cluster> Job<'a, C> {
             }
         }
         lost
+    }
+
+    /// Renews the lease of the pins of the shards with tasks not done, on every replica (at
+    /// once, each bounded by a heartbeat period). A replica that no longer holds its pin (it
+    /// restarted, or the lease lapsed while the job had no coordinator) answers no: tasks
+    /// placed there fail and run on another replica.
+    async fn renew_pins(&self, t: &Tasks, replicas: &HashMap<u64, ShardReplicas>) {
+        let wanted: HashSet<u64> = t
+            .records
+            .iter()
+            .zip(&t.done)
+            .filter(|(_, done)| !**done)
+            .map(|(r, _)| r.plan.shard)
+            .collect();
+        let asks = self
+            .pins
+            .iter()
+            .filter(|p| wanted.contains(&p.shard))
+            .flat_map(|p| {
+                let nodes = replicas
+                    .get(&p.shard)
+                    .map(|s| s.replicas.clone())
+                    .unwrap_or_default();
+                nodes.into_iter().map(move |node| {
+                    let renewal = tokio::time::timeout(
+                        self.cfg.heartbeat_every,
+                        self.c.renew_pin(node, p.shard, self.owner.clone(), p.index),
+                    );
+                    async move { (p.shard, node, renewal.await) }
+                })
+            });
+        let mut held: HashMap<u64, usize> = HashMap::new();
+        for (shard, node, answer) in futures::future::join_all(asks).await {
+            match answer {
+                Ok(Ok(true)) => *held.entry(shard).or_default() += 1,
+                Ok(Ok(false)) => {
+                    tracing::info!(shard, node, "a replica no longer holds the job's pin");
+                }
+                Ok(Err(e)) => tracing::debug!(shard, node, error = %e, "a pin's renewal failed"),
+                Err(_) => tracing::debug!(shard, node, "a pin's renewal was not answered in time"),
+            }
+        }
+        for shard in &wanted {
+            if !held.contains_key(shard) {
+                tracing::warn!(
+                    shard,
+                    "no replica answered that it still holds the job's pin of this shard"
+                );
+            }
+        }
+    }
+
+    /// Fetches the checkpoints live attempts say they have past the one held for their task
+    /// (all at once, each bounded by half a heartbeat; one that does not come is asked for at
+    /// the next heartbeat).
+    async fn gather_checkpoints(&self, t: &mut Tasks) {
+        if self.cfg.checkpoint_every.is_zero() || t.checkpoint_bytes >= CHECKPOINTS_BYTES_MAX {
+            return;
+        }
+        let held = |n: usize| t.checkpoints.get(&n).map_or(0, |c| c.keys_read);
+        let asks = t
+            .live
+            .iter()
+            .filter(|((n, _), l)| !t.done[*n] && l.checkpoint_keys > held(*n))
+            .map(|(&(n, attempt), l)| {
+                let key = (self.owner.clone(), n as u32, attempt);
+                let ask = tokio::time::timeout(
+                    self.cfg.heartbeat_every / 2,
+                    self.c.checkpoint(l.node, key, held(n)),
+                );
+                async move { (n, ask.await) }
+            });
+        for (n, answer) in futures::future::join_all(asks).await {
+            if let Ok(Ok(Some(c))) = answer {
+                t.keep_checkpoint(n, c);
+            }
+        }
     }
 
     /// Live attempts that deserve a speculative copy, as (task, the node it is slow on): no

@@ -56,6 +56,11 @@ pub struct TaskOrder {
     pub pin_index: u64,
     pub from: Option<Bytes>,
     pub to: Option<Bytes>,
+    /// Where to start: the newest checkpoint of an earlier attempt of this task at the same
+    /// pin (`None`: from the range's start).
+    pub resume: Option<worker::Checkpoint>,
+    /// How often the attempt takes a checkpoint (ms; 0: never).
+    pub checkpoint_every_ms: u64,
 }
 
 /// A task's output.
@@ -128,6 +133,15 @@ pub trait Cluster: Send + Sync + 'static {
         now_ms: u64,
     ) -> impl Future<Output = Result<ShardPin, Error>> + Send;
 
+    /// Renews the lease of that pin on `node`'s replica: whether it holds it.
+    fn renew_pin(
+        &self,
+        node: u64,
+        shard: u64,
+        owner: Bytes,
+        index: u64,
+    ) -> impl Future<Output = Result<bool, Error>> + Send;
+
     /// Releases that pin on every replica (`Request::JobUnpin`).
     fn unpin(
         &self,
@@ -142,6 +156,15 @@ pub trait Cluster: Send + Sync + 'static {
         node: u64,
         order: TaskOrder,
     ) -> impl Future<Output = Result<TaskOutput, TaskError>> + Send;
+
+    /// The newest checkpoint of attempt `key` on `node`, if it has read past `newer_than`
+    /// keys (`Err`: no answer).
+    fn checkpoint(
+        &self,
+        node: u64,
+        key: worker::AttemptKey,
+        newer_than: u64,
+    ) -> impl Future<Output = Result<Option<worker::Checkpoint>, Error>> + Send;
 
     /// A heartbeat: what `node` says of attempt `key` (`Err`: no answer).
     fn probe(

@@ -11,6 +11,16 @@
 //! sets its flag, heard between pages and between Lua calls. A registry entry outlives its
 //! attempt by [`ENDED_KEPT`], so a heartbeat that crosses the attempt's output on the wire
 //! hears "ended", not "unknown".
+//!
+//! # Checkpoints
+//!
+//! Every [`TaskOrder::checkpoint_every_ms`], between pages, an attempt whose partial result is
+//! at most [`CHECKPOINT_MAX`] keeps a [`Checkpoint`]: where the next page starts, the keys read
+//! so far and the partial result of exactly those keys. Heartbeats show how far the newest
+//! reaches; the coordinator fetches it and gives it to the task's next attempt (a retry on
+//! another replica, a speculative copy), which starts there instead of at the range's start.
+//! Every replica's pin holds the same snapshot, so the rest of the range read anywhere
+//! completes the same answer.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -18,7 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use capdb_reduce::{JobSpec, Plan};
+use capdb_reduce::{JobSpec, Partial, Plan};
 use capdb_types::jobs::{PARTIAL_CHUNK_MAX, PARTIAL_CHUNKS_MAX};
 
 use crate::{TaskError, TaskOrder, TaskOutput};
@@ -41,12 +51,28 @@ pub const ATTEMPTS_MAX: usize = 1_024;
 /// How long an ended attempt stays known to heartbeats.
 pub const ENDED_KEPT: Duration = Duration::from_secs(30);
 
-/// What a running attempt shows: its progress, and whether it was asked to stop.
+/// The largest partial result a checkpoint holds (a larger one is not kept: a re-run starts
+/// from the last checkpoint within the bound, or from the range's start).
+pub const CHECKPOINT_MAX: usize = 1024 * 1024;
+
+/// Where an attempt got to: the next page starts after `after`, and `partial` is the partial
+/// result (stored form) of the `keys_read` keys before it, at pin `pin_index`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Checkpoint {
+    pub pin_index: u64,
+    pub after: Bytes,
+    pub keys_read: u64,
+    pub partial: Bytes,
+}
+
+/// What a running attempt shows: its progress, its newest checkpoint, and whether it was
+/// asked to stop.
 #[derive(Debug, Default)]
 pub struct Progress {
     keys: AtomicU64,
     throttled_ms: AtomicU64,
     cancelled: AtomicBool,
+    checkpoint: Mutex<Option<Arc<Checkpoint>>>,
 }
 
 impl Progress {
@@ -68,6 +94,23 @@ impl Progress {
     pub fn is_cancelled(&self) -> bool {
         self.cancelled.load(Ordering::Relaxed)
     }
+
+    /// The newest checkpoint.
+    pub fn checkpoint(&self) -> Option<Arc<Checkpoint>> {
+        self.checkpoint
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn keep(&self, c: Checkpoint) {
+        *self.checkpoint.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(c));
+    }
+
+    /// Keys read before the newest checkpoint's position (0: none).
+    fn checkpoint_keys(&self) -> u64 {
+        self.checkpoint().map_or(0, |c| c.keys_read)
+    }
 }
 
 /// Which attempt: the job's pin owner (`TaskOrder::job`), the task, the attempt.
@@ -79,6 +122,8 @@ pub enum Probe {
     Running {
         keys: u64,
         throttled_ms: u64,
+        /// Keys read before its newest checkpoint (0: none yet).
+        checkpoint_keys: u64,
     },
     /// It ended within [`ENDED_KEPT`]: its output (or error) is on its way to the caller.
     Ended,
@@ -168,10 +213,23 @@ impl Attempts {
             Some(Entry::Running(p)) => Probe::Running {
                 keys: p.keys(),
                 throttled_ms: p.throttled_ms(),
+                checkpoint_keys: p.checkpoint_keys(),
             },
             Some(Entry::Ended(at)) if at.elapsed() < ENDED_KEPT => Probe::Ended,
             _ => Probe::Unknown,
         }
+    }
+
+    /// The newest checkpoint of running attempt `key`, if it reaches past `newer_than` keys.
+    pub fn checkpoint(&self, key: &AttemptKey, newer_than: u64) -> Option<Checkpoint> {
+        let progress = match self.lock().get(key) {
+            Some(Entry::Running(p)) => p.clone(),
+            _ => return None,
+        };
+        progress
+            .checkpoint()
+            .filter(|c| c.keys_read > newer_than)
+            .map(|c| (*c).clone())
     }
 
     /// Asks `key` to stop; whether it was running here.
@@ -226,10 +284,16 @@ pub fn run(
         None => None,
     };
     let plan = Plan::new(spec).map_err(|e| TaskError::User(e.to_string()))?;
-    let mut partial = plan.partial();
-    let mut after: Option<Bytes> = None;
+    let (mut partial, mut after, mut read) = match resumed(order, &plan) {
+        Some((partial, after, read)) => (partial, Some(after), read),
+        None => (plan.partial(), None, 0),
+    };
+    progress.keys.store(read, Ordering::Relaxed);
     let started = std::time::Instant::now();
-    let mut read: u64 = 0;
+    // Keys read by this attempt (its rate limit counts these, not the checkpoint's).
+    let mut read_here: u64 = 0;
+    let checkpoint_every = Duration::from_millis(order.checkpoint_every_ms);
+    let mut checkpointed = Instant::now();
     loop {
         if cancelled.load(Ordering::Relaxed) {
             return Err(TaskError::Failed("the attempt was cancelled".into()));
@@ -237,6 +301,7 @@ pub fn run(
         let p = page(after.as_deref()).map_err(TaskError::Failed)?;
         let read_before = read;
         read += p.entries.len() as u64;
+        read_here += p.entries.len() as u64;
         if let Some(limit) = node_limit {
             let waited = limit.take(p.entries.len() as u64, || progress.is_cancelled());
             progress.throttled_ms.fetch_add(waited, Ordering::Relaxed);
@@ -245,7 +310,7 @@ pub fn run(
             }
         }
         if let Some(rate) = rate {
-            let due = std::time::Duration::from_secs_f64(read as f64 / rate as f64);
+            let due = std::time::Duration::from_secs_f64(read_here as f64 / rate as f64);
             // In slices, so that a cancel is heard within one.
             while let Some(ahead) = due.checked_sub(started.elapsed()) {
                 if cancelled.load(Ordering::Relaxed) {
@@ -295,7 +360,13 @@ pub fn run(
         }
         progress.keys.store(read, Ordering::Relaxed);
         match p.next {
-            Some(next) => after = Some(next),
+            Some(next) => {
+                if order.checkpoint_every_ms > 0 && checkpointed.elapsed() >= checkpoint_every {
+                    checkpointed = Instant::now();
+                    keep_checkpoint(order, progress, &partial, &next, read);
+                }
+                after = Some(next)
+            }
             None => break,
         }
     }
@@ -312,6 +383,54 @@ pub fn run(
         keys,
         partial: Bytes::from(bytes),
     })
+}
+
+/// The checkpoint `order` resumes from, as (partial, after, keys read), when this attempt can
+/// use it: taken at its pin, inside its range, a partial result of its plan. Any other is
+/// ignored (the attempt reads its whole range: slower, never wrong).
+fn resumed(order: &TaskOrder, plan: &Plan) -> Option<(Partial, Bytes, u64)> {
+    let c = order.resume.as_ref()?;
+    let inside = c.pin_index == order.pin_index
+        && order.from.as_ref().is_none_or(|from| c.after >= *from)
+        && order.to.as_ref().is_none_or(|to| c.after < *to);
+    let partial = Partial::decode(&c.partial)
+        .ok()
+        .filter(|p| plan.check(p).is_ok());
+    match partial {
+        Some(p) if inside => Some((p, c.after.clone(), c.keys_read)),
+        _ => {
+            tracing::warn!(
+                task = order.task,
+                attempt = order.attempt,
+                "a checkpoint that does not fit this attempt was ignored: it reads its whole range"
+            );
+            None
+        }
+    }
+}
+
+/// Keeps a checkpoint at `after` (`read` keys read) if the partial result fits
+/// [`CHECKPOINT_MAX`].
+fn keep_checkpoint(
+    order: &TaskOrder,
+    progress: &Progress,
+    partial: &Partial,
+    after: &Bytes,
+    read: u64,
+) {
+    // The in-memory estimate is above the stored size: past twice the bound, skip encoding.
+    if partial.size_estimate() > 2 * CHECKPOINT_MAX {
+        return;
+    }
+    let bytes = partial.encode();
+    if bytes.len() <= CHECKPOINT_MAX {
+        progress.keep(Checkpoint {
+            pin_index: order.pin_index,
+            after: after.clone(),
+            keys_read: read,
+            partial: Bytes::from(bytes),
+        });
+    }
 }
 
 #[cfg(test)]
@@ -332,7 +451,8 @@ mod tests {
             attempts.probe(&key(0)),
             Probe::Running {
                 keys: 42,
-                throttled_ms: 0
+                throttled_ms: 0,
+                checkpoint_keys: 0,
             }
         );
         // The same attempt twice is refused; another runs beside it.
@@ -376,6 +496,8 @@ mod tests {
             pin_index: 1,
             from: None,
             to: None,
+            resume: None,
+            checkpoint_every_ms: 0,
         };
         let progress = Progress::default();
         let mut pages = 0;
@@ -400,5 +522,166 @@ mod tests {
         );
         assert_eq!(pages, 2);
         assert_eq!(progress.keys(), 2);
+    }
+
+    /// Twenty keys `k00`..`k19` in pages of three, each page after a short nap (so that a
+    /// checkpoint every millisecond is taken after every page); `firsts` records where each
+    /// page started.
+    fn pages<'a>(
+        firsts: &'a mut Vec<Option<Bytes>>,
+        stop_after: Option<(usize, &'a Progress)>,
+    ) -> impl FnMut(Option<&[u8]>) -> Result<Page, String> + 'a {
+        let keys: Vec<Bytes> = (0..20).map(|i| Bytes::from(format!("k{i:02}"))).collect();
+        move |after| {
+            firsts.push(after.map(Bytes::copy_from_slice));
+            if let Some((n, progress)) = stop_after
+                && firsts.len() > n
+            {
+                progress.cancel();
+            }
+            std::thread::sleep(Duration::from_millis(2));
+            let rest: Vec<&Bytes> = keys
+                .iter()
+                .filter(|k| after.is_none_or(|a| k.as_ref() > a))
+                .collect();
+            let page: Vec<(Bytes, Bytes)> = rest
+                .iter()
+                .take(3)
+                .map(|k| {
+                    (
+                        (*k).clone(),
+                        Bytes::from(format!("{{\"a\":{}}}", k[1] - b'0')),
+                    )
+                })
+                .collect();
+            let next = (rest.len() > 3).then(|| page[2].0.clone());
+            Ok(Page {
+                entries: page,
+                next,
+            })
+        }
+    }
+
+    fn summing(checkpoint_every_ms: u64, resume: Option<Checkpoint>) -> TaskOrder {
+        TaskOrder {
+            job: Bytes::from_static(b"job@1"),
+            task: 0,
+            attempt: 1,
+            spec: r#"{"id":"s","input":{"keyspace":"k"},"map":{"values":{"a":{"json":"$.a"}}},"reduce":{"n":"count","total":{"sum":"a"}}}"#.into(),
+            shard: 1,
+            pin_index: 7,
+            from: None,
+            to: None,
+            resume,
+            checkpoint_every_ms,
+        }
+    }
+
+    #[test]
+    fn a_run_resumed_from_a_checkpoint_reads_only_the_rest_and_gives_the_whole_answer() {
+        let mut firsts = Vec::new();
+        let whole = run(
+            &summing(0, None),
+            pages(&mut firsts, None),
+            &Progress::default(),
+            None,
+        )
+        .unwrap();
+        assert_eq!((whole.keys, firsts.len()), (20, 7));
+
+        // An attempt that takes a checkpoint after each page is stopped during its fifth.
+        let stopped = Progress::default();
+        let mut firsts = Vec::new();
+        let out = run(
+            &summing(1, None),
+            pages(&mut firsts, Some((4, &stopped))),
+            &stopped,
+            None,
+        );
+        assert_eq!(
+            out,
+            Err(TaskError::Failed("the attempt was cancelled".into()))
+        );
+        let checkpoint = (*stopped.checkpoint().expect("a checkpoint was taken")).clone();
+        assert_eq!(checkpoint.pin_index, 7);
+        assert!(
+            checkpoint.keys_read >= 3 && checkpoint.keys_read <= 15,
+            "{checkpoint:?}"
+        );
+        assert_eq!(stopped.checkpoint_keys(), checkpoint.keys_read);
+
+        // The next attempt starts where the checkpoint is and reads only the rest.
+        let mut firsts = Vec::new();
+        let progress = Progress::default();
+        let resumed = run(
+            &summing(0, Some(checkpoint.clone())),
+            pages(&mut firsts, None),
+            &progress,
+            None,
+        )
+        .unwrap();
+        assert_eq!(resumed, whole, "the resumed answer is the whole range's");
+        assert_eq!(firsts[0].as_ref(), Some(&checkpoint.after));
+        assert_eq!(
+            progress.keys(),
+            20,
+            "progress counts the checkpoint's keys too"
+        );
+        assert!(firsts.len() < 7);
+    }
+
+    #[test]
+    fn a_checkpoint_that_does_not_fit_the_attempt_is_ignored() {
+        let stopped = Progress::default();
+        let mut firsts = Vec::new();
+        let _ = run(
+            &summing(1, None),
+            pages(&mut firsts, Some((3, &stopped))),
+            &stopped,
+            None,
+        );
+        let good = (*stopped.checkpoint().unwrap()).clone();
+        let whole = run(
+            &summing(0, None),
+            pages(&mut Vec::new(), None),
+            &Progress::default(),
+            None,
+        )
+        .unwrap();
+        let other_pin = Checkpoint {
+            pin_index: 8,
+            ..good.clone()
+        };
+        let corrupt = Checkpoint {
+            partial: Bytes::from_static(b"\x01nonsense"),
+            ..good.clone()
+        };
+        let mut outside = summing(0, None);
+        outside.to = Some(Bytes::from_static(b"k00"));
+        for bad in [other_pin, corrupt] {
+            let mut firsts = Vec::new();
+            let out = run(
+                &summing(0, Some(bad)),
+                pages(&mut firsts, None),
+                &Progress::default(),
+                None,
+            )
+            .unwrap();
+            assert_eq!(out, whole);
+            assert_eq!(firsts[0], None, "read from the range's start");
+        }
+        outside.resume = Some(good);
+        let mut firsts = Vec::new();
+        let _ = run(
+            &outside,
+            pages(&mut firsts, None),
+            &Progress::default(),
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            firsts[0], None,
+            "a checkpoint past the range's end is ignored"
+        );
     }
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use capdb_jobs::coordinator::{Config, Ended, run};
-use capdb_jobs::worker::{AttemptKey, Attempts, PAGE_KEYS, Page, Probe};
+use capdb_jobs::worker::{AttemptKey, Attempts, Checkpoint, PAGE_KEYS, Page, Probe};
 use capdb_jobs::{Cluster, ShardReplicas, TaskError, TaskOrder, TaskOutput};
 use capdb_reduce::{JobSpec, Plan};
 use capdb_storage::KeyspaceStore;
@@ -33,14 +33,24 @@ struct Node {
     runs_left: AtomicU32,
     ran: AtomicU32,
     /// Stalled (SIGSTOP, cut off): its calls and heartbeats are never answered.
-    stalled: AtomicBool,
+    stalled: Arc<AtomicBool>,
     /// Slow: an attempt waits this long before it reads (a hung disk) while its heartbeats
     /// answer "running, nothing read".
     slow_ms: AtomicU64,
     attempts: Arc<Attempts>,
     /// The (task, attempt)s it was asked to stop, in order.
     cancels: Mutex<Vec<(u32, u16)>>,
+    /// How long each page takes to read (a big shard on a slow disk).
+    page_ms: AtomicU64,
+    /// It stalls (as `stalled`) when an attempt of it is about to read past this many keys.
+    stall_at_keys: AtomicU64,
+    /// Per attempt run here: (task, attempt, keys of the checkpoint it resumed from, keys it
+    /// read itself).
+    reads: Mutex<Vec<AttemptRead>>,
 }
+
+/// (task, attempt, keys of the checkpoint it resumed from, keys it read itself).
+type AttemptRead = (u32, u16, Option<u64>, Arc<AtomicU64>);
 
 struct Sim {
     nodes: HashMap<u64, Node>,
@@ -83,10 +93,13 @@ impl Sim {
                         fail_next: AtomicU32::new(0),
                         runs_left: AtomicU32::new(u32::MAX),
                         ran: AtomicU32::new(0),
-                        stalled: AtomicBool::new(false),
+                        stalled: Arc::new(AtomicBool::new(false)),
                         slow_ms: AtomicU64::new(0),
                         attempts: Arc::default(),
                         cancels: Mutex::default(),
+                        page_ms: AtomicU64::new(0),
+                        stall_at_keys: AtomicU64::new(u64::MAX),
+                        reads: Mutex::default(),
                     },
                 )
             })
@@ -277,6 +290,22 @@ impl Cluster for Sim {
         answer.ok_or_else(|| Error::Unavailable("no live replica".into()))
     }
 
+    async fn renew_pin(
+        &self,
+        node: u64,
+        shard: u64,
+        owner: Bytes,
+        index: u64,
+    ) -> Result<bool, Error> {
+        let n = &self.nodes[&node];
+        if n.stalled.load(Ordering::SeqCst) || !n.alive.load(Ordering::SeqCst) {
+            return Err(Error::Unavailable(format!("node {node} did not answer")));
+        }
+        Ok(n.engine
+            .table(&format!("shard/{shard}"), false)
+            .renew_pin(&owner, index))
+    }
+
     async fn unpin(&self, shard: u64, owner: Bytes, index: u64) -> Result<(), Error> {
         for node in self.replicas(shard) {
             self.nodes[node]
@@ -335,12 +364,32 @@ impl Cluster for Sim {
             tokio::time::sleep(Duration::from_millis(slow)).await;
         }
         let table = n.engine.table(&format!("shard/{}", order.shard), false);
+        let read = Arc::new(AtomicU64::new(0));
+        let resumed = order.resume.as_ref().map(|c| c.keys_read);
+        n.reads
+            .lock()
+            .unwrap()
+            .push((order.task, order.attempt, resumed, read.clone()));
+        let page_ms = n.page_ms.load(Ordering::SeqCst);
+        let stall_at = n.stall_at_keys.load(Ordering::SeqCst);
+        let stalled = n.stalled.clone();
         tokio::task::spawn_blocking(move || {
             let spec = JobSpec::parse(order.spec.as_bytes()).unwrap();
             let include = spec.input.expired == capdb_reduce::spec::Expired::Include;
             capdb_jobs::worker::run(
                 &order,
                 |after| {
+                    std::thread::sleep(Duration::from_millis(page_ms));
+                    if resumed.unwrap_or(0) + read.load(Ordering::SeqCst) >= stall_at {
+                        // Stalled mid-task: nothing more is read or answered (bounded, so
+                        // that the test's runtime can stop; the test lets it go at its end).
+                        stalled.store(true, Ordering::SeqCst);
+                        let until = std::time::Instant::now() + Duration::from_secs(60);
+                        while stalled.load(Ordering::SeqCst) && std::time::Instant::now() < until {
+                            std::thread::sleep(Duration::from_millis(10));
+                        }
+                        return Err("stalled".to_string());
+                    }
                     table
                         .pinned_scan(
                             &order.job,
@@ -351,9 +400,12 @@ impl Cluster for Sim {
                             PAGE_KEYS,
                             include,
                         )
-                        .map(|p| Page {
-                            entries: p.entries.into_iter().map(|(k, v)| (k, v.data)).collect(),
-                            next: p.next,
+                        .map(|p| {
+                            read.fetch_add(p.entries.len() as u64, Ordering::SeqCst);
+                            Page {
+                                entries: p.entries.into_iter().map(|(k, v)| (k, v.data)).collect(),
+                                next: p.next,
+                            }
                         })
                         .map_err(|e| e.to_string())
                 },
@@ -371,6 +423,19 @@ impl Cluster for Sim {
             return std::future::pending().await;
         }
         Ok(n.attempts.probe(&key))
+    }
+
+    async fn checkpoint(
+        &self,
+        node: u64,
+        key: AttemptKey,
+        newer_than: u64,
+    ) -> Result<Option<Checkpoint>, Error> {
+        let n = &self.nodes[&node];
+        if n.stalled.load(Ordering::SeqCst) || !n.alive.load(Ordering::SeqCst) {
+            return std::future::pending().await;
+        }
+        Ok(n.attempts.checkpoint(&key, newer_than))
     }
 
     async fn cancel(&self, node: u64, key: AttemptKey) {
@@ -610,6 +675,109 @@ async fn a_stalled_node_is_found_by_heartbeats_and_costs_only_its_tasks() {
         assert_eq!(t.attempts.len(), 1 + on_3, "task {n}: {:?}", t.attempts);
     }
     assert!(lost_on_3 > 0, "no task was placed on the stalled node");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_lost_midway_runs_again_from_its_checkpoint_and_reads_only_the_rest() {
+    // Two shards of 20,000 keys, one task each, five pages a task, a page every 100 ms; node 1
+    // runs shard 1's task (followers first, the lowest id) and stalls before its fourth page.
+    let sim = Sim::new(3, 2, |g| {
+        let leader = 1 + (g % 3);
+        let mut r = vec![leader];
+        r.extend((1..=3).filter(|n| *n != leader));
+        r
+    });
+    let data = orders(40_000);
+    sim.load(&data).await;
+    submit(&sim, "resumed").await;
+    for node in sim.nodes.values() {
+        node.page_ms.store(100, Ordering::SeqCst);
+    }
+    sim.nodes[&1]
+        .stall_at_keys
+        .store(3 * PAGE_KEYS as u64, Ordering::SeqCst);
+    let cfg = Config {
+        checkpoint_every: Duration::from_millis(50),
+        ..quick_heartbeats()
+    };
+    let ended = tokio::time::timeout(
+        Duration::from_secs(60),
+        run(&sim, Bytes::from("resumed"), 1, &cfg),
+    )
+    .await
+    .expect("the job waited on a stalled node")
+    .unwrap();
+    sim.nodes[&1].stalled.store(false, Ordering::SeqCst);
+    assert_eq!(ended, Ended::Done);
+    assert_eq!(result(&sim, "resumed"), expected(&data));
+    let tasks = sim.tasks(&Bytes::from("resumed")).await.unwrap();
+    let t = &tasks[0];
+    assert_eq!(t.attempts.len(), 2, "{:?}", t.attempts);
+    assert!(
+        t.attempts[0].node == 1 && matches!(t.attempts[0].end, AttemptEnd::Lost { .. }),
+        "{:?}",
+        t.attempts
+    );
+    assert!(matches!(t.attempts[1].end, AttemptEnd::Done));
+    // The second attempt started from a checkpoint the first took, and read only the rest.
+    let second = t.attempts[1].node;
+    let reads = sim.nodes[&second].reads.lock().unwrap().clone();
+    let (_, _, resumed, read) = reads
+        .iter()
+        .find(|(task, attempt, _, _)| (*task, *attempt) == (0, t.attempts[1].n))
+        .expect("the second attempt ran");
+    let resumed = resumed.expect("the second attempt started from a checkpoint");
+    assert!(
+        resumed >= PAGE_KEYS as u64 && resumed % PAGE_KEYS as u64 == 0,
+        "{resumed}"
+    );
+    assert_eq!(resumed + read.load(Ordering::SeqCst), 20_000);
+    // The other task met nothing: one attempt, from its start.
+    assert_eq!(tasks[1].attempts.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_longer_than_a_pins_lease_holds_its_pins_by_renewing_them() {
+    // Leases of 1 s, tasks of 2 s (five pages of 400 ms): only renewals keep the pins.
+    async fn long_job(id: &str, pin_renew_every: Duration) -> (Sim, Vec<(String, String)>, Ended) {
+        let sim = Sim::new(3, 2, |g| {
+            let leader = 1 + (g % 3);
+            let mut r = vec![leader];
+            r.extend((1..=3).filter(|n| *n != leader));
+            r
+        });
+        let data = orders(40_000);
+        sim.load(&data).await;
+        for node in sim.nodes.values() {
+            node.engine.set_pin_lease(Duration::from_secs(1));
+            node.page_ms.store(400, Ordering::SeqCst);
+        }
+        submit(&sim, id).await;
+        let cfg = Config {
+            pin_renew_every,
+            ..quick_heartbeats()
+        };
+        let ended = tokio::time::timeout(
+            Duration::from_secs(120),
+            run(&sim, Bytes::from(id.to_string()), 1, &cfg),
+        )
+        .await
+        .expect("the job ended")
+        .unwrap();
+        (sim, data, ended)
+    }
+    let (sim, data, ended) = long_job("renewed", Duration::from_millis(100)).await;
+    assert_eq!(ended, Ended::Done);
+    assert_eq!(result(&sim, "renewed"), expected(&data));
+    for node in sim.nodes.values() {
+        assert_eq!(node.engine.pins_held(), 0, "released at the end");
+    }
+    // The same job without renewals loses its pins on every replica and fails.
+    let (_, _, ended) = long_job("unrenewed", Duration::ZERO).await;
+    assert!(
+        matches!(&ended, Ended::Failed(reason) if reason.contains("no pin")),
+        "{ended:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -904,6 +1072,8 @@ async fn run_partly(sim: &Sim, id: &str) {
         pin_index: p.pin_index,
         from: p.from.clone(),
         to: p.to.clone(),
+        resume: None,
+        checkpoint_every_ms: 0,
     };
     let out = sim.run_task(2, order).await.unwrap();
     sim.job(JobCommand::AttemptEnd {

@@ -240,3 +240,42 @@ async fn a_snapshot_installed_or_a_table_dropped_releases_its_pins_but_flushdb_d
         .unwrap();
     assert_eq!(e.pins_held(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pin_lapses_after_its_lease_unless_renewed() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = DiskEngine::open(dir.path(), Arc::new(Hlc::new()), VALUE_MAX).unwrap();
+    e.set_pin_lease(std::time::Duration::from_secs(2));
+    apply(&e, 1, vec![set("a", "1", None)]).await;
+    let t = e.table(TABLE, false);
+    for (owner, index) in [(&b"renewed"[..], 2), (&b"left"[..], 3)] {
+        let info = t.pin(owner, index, 0, applied(index), APPLIED).await;
+        assert!(info.unwrap().unwrap().held);
+    }
+    assert!(
+        !t.renew_pin(b"renewed", 3),
+        "a renewal names the pin's index"
+    );
+    // The one nobody renews lapses; the renewed one is held past its first lease.
+    let started = std::time::Instant::now();
+    while t.pinned(b"left").is_some() {
+        assert!(t.renew_pin(b"renewed", 2));
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "the pin never lapsed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(started.elapsed() >= std::time::Duration::from_secs(1));
+    assert!(t.renew_pin(b"renewed", 2));
+    assert!(!t.renew_pin(b"left", 3), "a lapsed pin is not brought back");
+    let page = t
+        .pinned_scan(b"renewed", 2, None, None, None, 10, false)
+        .unwrap();
+    assert_eq!(keys(&page), vec!["a"]);
+    assert!(
+        t.pinned_scan(b"left", 3, None, None, None, 10, false)
+            .is_err()
+    );
+    assert_eq!(e.pins_held(), 1);
+}

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use capdb_cluster::{GroupId, NodeId};
 use capdb_jobs::throttle::Throttle;
-use capdb_jobs::worker::{AttemptKey, Attempts, PAGE_KEYS, Page, Probe};
+use capdb_jobs::worker::{AttemptKey, Attempts, Checkpoint, PAGE_KEYS, Page, Probe};
 use capdb_jobs::{Cluster, ShardReplicas, TaskError, TaskOrder, TaskOutput};
 use capdb_raft::command::{Request, Response};
 use capdb_reduce::JobSpec;
@@ -32,8 +32,9 @@ use super::Node;
 
 /// The system keyspace of jobs' state (users cannot create, select, flush or drop it).
 pub const JOBS_KEYSPACE: &str = "_jobs";
-/// Longest a task may run on another node before its call gives up (a pin's own bound).
-pub const TASK_DEADLINE: Duration = capdb_storage::disk::PIN_HOLD_MAX;
+/// Longest a task's call to another node waits for its output: a job's own longest
+/// `limits.max_s` (heartbeats find a lost attempt within seconds; this only bounds the call).
+pub const TASK_DEADLINE: Duration = Duration::from_secs(capdb_reduce::spec::MAX_S_CAP);
 /// How often a node looks for jobs to coordinate (one local read of each `_jobs` shard it
 /// leads); a submission on the leader itself wakes it at once.
 const COORDINATE_EVERY: Duration = Duration::from_millis(250);
@@ -63,6 +64,10 @@ pub enum JobsRequest {
     Probe(AttemptKey),
     /// Stop this attempt.
     Cancel(AttemptKey),
+    /// This attempt's newest checkpoint, if it reaches past this many keys.
+    Checkpoint(AttemptKey, u64),
+    /// Renew the lease of this pin of this shard: (shard, owner, index).
+    RenewPin(u64, Bytes, u64),
 }
 
 /// An answer on the jobs channel, by request.
@@ -72,6 +77,9 @@ pub enum JobsResponse {
     Probe(Probe),
     /// Whether it was running.
     Cancelled(bool),
+    Checkpoint(Option<Checkpoint>),
+    /// Whether this node holds the pin.
+    Renewed(bool),
 }
 
 /// The jobs channel between nodes.
@@ -92,6 +100,12 @@ impl Handler<JobsService> for JobsHandler {
             JobsRequest::RunTask(order) => JobsResponse::Task(run_task_here(&self.0, order).await),
             JobsRequest::Probe(key) => JobsResponse::Probe(self.0.jobs.attempts.probe(&key)),
             JobsRequest::Cancel(key) => JobsResponse::Cancelled(self.0.jobs.attempts.cancel(&key)),
+            JobsRequest::Checkpoint(key, newer_than) => {
+                JobsResponse::Checkpoint(self.0.jobs.attempts.checkpoint(&key, newer_than))
+            }
+            JobsRequest::RenewPin(shard, owner, index) => {
+                JobsResponse::Renewed(renew_pin_here(&self.0, shard, &owner, index))
+            }
         }
     }
 }
@@ -147,6 +161,15 @@ impl Drop for Coordinating {
             c.remove(&self.id);
         }
     }
+}
+
+/// Renews the lease of a pin on this node's replica of `shard`: whether it holds it.
+fn renew_pin_here(node: &Node, shard: u64, owner: &[u8], index: u64) -> bool {
+    node.groups.holds(shard)
+        && node
+            .engine
+            .table(&capdb_storage::layout::shard_table(shard), false)
+            .renew_pin(owner, index)
 }
 
 /// Runs a task attempt on this node's replica of its shard (on a thread that may block).
@@ -469,6 +492,27 @@ impl Cluster for NodeCluster {
         }
     }
 
+    async fn renew_pin(&self, node: u64, shard: u64, owner: Bytes, index: u64) -> Result<bool> {
+        if node == self.0.id() {
+            return Ok(renew_pin_here(&self.0, shard, &owner, index));
+        }
+        let addr = self.peer_addr(node)?;
+        match self
+            .0
+            .jobs
+            .peers
+            .get(node, &addr)
+            .call(JobsRequest::RenewPin(shard, owner, index), PROBE_TIMEOUT)
+            .await
+            .map_err(|e| Error::Unavailable(e.to_string()))?
+        {
+            JobsResponse::Renewed(held) => Ok(held),
+            other => Err(Error::Io(format!(
+                "node {node} answered a pin's renewal with {other:?}"
+            ))),
+        }
+    }
+
     async fn unpin(&self, shard: u64, owner: Bytes, index: u64) -> Result<()> {
         self.write_one(shard, Request::JobUnpin { owner, index })
             .await??;
@@ -527,6 +571,32 @@ impl Cluster for NodeCluster {
             JobsResponse::Probe(p) => Ok(p),
             other => Err(Error::Io(format!(
                 "node {node} answered a heartbeat with {other:?}"
+            ))),
+        }
+    }
+
+    async fn checkpoint(
+        &self,
+        node: u64,
+        key: AttemptKey,
+        newer_than: u64,
+    ) -> Result<Option<Checkpoint>> {
+        if node == self.0.id() {
+            return Ok(self.0.jobs.attempts.checkpoint(&key, newer_than));
+        }
+        let addr = self.peer_addr(node)?;
+        match self
+            .0
+            .jobs
+            .peers
+            .get(node, &addr)
+            .call(JobsRequest::Checkpoint(key, newer_than), PROBE_TIMEOUT)
+            .await
+            .map_err(|e| Error::Unavailable(e.to_string()))?
+        {
+            JobsResponse::Checkpoint(c) => Ok(c),
+            other => Err(Error::Io(format!(
+                "node {node} answered a checkpoint request with {other:?}"
             ))),
         }
     }

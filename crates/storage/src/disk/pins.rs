@@ -18,8 +18,12 @@
 //! redb cannot reuse pages freed after a read transaction began until it ends, so a pin held
 //! under heavy writes grows the file by what is written meanwhile. Hence: at most [`PINS_MAX`]
 //! per node (a replica that is full holds none, and the job places its tasks on another or
-//! re-pins), each released by its owner (`Request::JobUnpin`) or after [`PIN_HOLD_MAX`] (the
-//! node's expiry loop drops expired ones: [`DiskEngine::pins_held`]), none survives a restart
+//! re-pins), each released by its owner (`Request::JobUnpin`) or when its lease lapses: a pin
+//! is held for [`PIN_HOLD_MAX`] after it was taken or last renewed ([`DiskTable::renew_pin`];
+//! a running job's coordinator renews its pins every minute, so a job runs as long as its own
+//! `limits.max_s` allows, while the pins of a job nobody drives go 10 minutes after its last
+//! coordinator stopped; the node's expiry loop drops lapsed ones: [`DiskEngine::pins_held`]),
+//! none survives a restart
 //! (pins live in memory only), and a table's pins go with the table (dropped, or replaced by
 //! an installed snapshot: the replica then no longer holds the shard as of the pin).
 //!
@@ -45,7 +49,7 @@ use super::{DiskEngine, DiskTable, META_TABLE, MetaItem, io_err, table_def};
 /// it keeps from reuse are those written while it is held, shared by pins taken close
 /// together); the 16 of an earlier version starved concurrent jobs of pins.
 pub const PINS_MAX: usize = 256;
-/// Longest a pin is held without being released.
+/// How long a pin is held after it was taken or last renewed (its lease), unless released.
 pub const PIN_HOLD_MAX: Duration = Duration::from_secs(10 * 60);
 /// Most keys one page of a pinned scan returns, and most rows it examines (expired,
 /// collections and tombstones included).
@@ -71,16 +75,37 @@ pub struct PinInfo {
 struct Pin {
     txn: Arc<redb::ReadTransaction>,
     info: PinInfo,
-    taken: Instant,
+    /// When it was taken or last renewed.
+    renewed: Instant,
 }
 
 /// The pins a node holds, by (table, owner).
-#[derive(Default)]
 pub(crate) struct Pins {
     held: Mutex<HashMap<(String, Bytes), Pin>>,
+    /// The lease, in ms ([`PIN_HOLD_MAX`]; tests shorten it).
+    lease_ms: std::sync::atomic::AtomicU64,
+}
+
+impl Default for Pins {
+    fn default() -> Pins {
+        Pins {
+            held: Mutex::default(),
+            lease_ms: std::sync::atomic::AtomicU64::new(PIN_HOLD_MAX.as_millis() as u64),
+        }
+    }
+}
+
+impl Pin {
+    fn lapsed(&self, lease: Duration) -> bool {
+        self.renewed.elapsed() >= lease
+    }
 }
 
 impl Pins {
+    fn lease(&self) -> Duration {
+        Duration::from_millis(self.lease_ms.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, Bytes), Pin>> {
         self.held.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -91,11 +116,12 @@ impl Pins {
             .retain(|(t, _), _| !tables.contains(&t.as_str()));
     }
 
-    /// Drops the pins older than [`PIN_HOLD_MAX`]; how many went.
+    /// Drops the pins whose lease lapsed; how many went.
     pub(crate) fn expire(&self) -> usize {
+        let lease = self.lease();
         let mut held = self.lock();
         let before = held.len();
-        held.retain(|_, p| p.taken.elapsed() < PIN_HOLD_MAX);
+        held.retain(|_, p| !p.lapsed(lease));
         before - held.len()
     }
 
@@ -118,11 +144,20 @@ pub struct PinnedPage {
 }
 
 impl DiskEngine {
-    /// Pins this node holds (`pins.rs`), after dropping those held past [`PIN_HOLD_MAX`]:
-    /// the node's expiry loop calls it, so an idle node lets go of them too.
+    /// Pins this node holds (`pins.rs`), after dropping those whose lease lapsed: the node's
+    /// expiry loop calls it, so an idle node lets go of them too.
     pub fn pins_held(&self) -> usize {
         self.pins.expire();
         self.pins.count()
+    }
+
+    /// Sets how long a pin is held after it was taken or renewed ([`PIN_HOLD_MAX`] unless
+    /// set: tests of leases shorten it).
+    pub fn set_pin_lease(&self, lease: Duration) {
+        self.pins.lease_ms.store(
+            lease.as_millis() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
     }
 }
 
@@ -221,7 +256,7 @@ impl DiskTable {
                 Pin {
                     txn: Arc::new(txn),
                     info: info.clone(),
-                    taken: Instant::now(),
+                    renewed: Instant::now(),
                 },
             );
         } else {
@@ -240,6 +275,22 @@ impl DiskTable {
             true
         } else {
             false
+        }
+    }
+
+    /// Renews the lease of the pin of `owner` on this table taken at `index`: it is held for
+    /// another [`PIN_HOLD_MAX`] from now. Whether this node holds it (a lapsed one is not
+    /// brought back: it may have let go of its transaction already).
+    pub fn renew_pin(&self, owner: &[u8], index: u64) -> bool {
+        let lease = self.engine.pins.lease();
+        let key = (self.table.clone(), Bytes::copy_from_slice(owner));
+        let mut held = self.engine.pins.lock();
+        match held.get_mut(&key) {
+            Some(p) if p.info.index == index && !p.lapsed(lease) => {
+                p.renewed = Instant::now();
+                true
+            }
+            _ => false,
         }
     }
 
@@ -275,13 +326,14 @@ impl DiskTable {
         use std::ops::Bound;
         let (txn, now_ms) = {
             let key = (self.table.clone(), Bytes::copy_from_slice(owner));
+            let lease = self.engine.pins.lease();
             let mut held = self.engine.pins.lock();
             match held.get(&key) {
-                Some(p) if p.taken.elapsed() < PIN_HOLD_MAX && p.info.index == index => {
+                Some(p) if !p.lapsed(lease) && p.info.index == index => {
                     (p.txn.clone(), p.info.now_ms)
                 }
                 found => {
-                    if found.is_some_and(|p| p.taken.elapsed() >= PIN_HOLD_MAX) {
+                    if found.is_some_and(|p| p.lapsed(lease)) {
                         held.remove(&key);
                     }
                     return Err(Error::Unavailable(format!(
