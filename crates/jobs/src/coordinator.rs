@@ -37,12 +37,20 @@
 //! failure, a speculative copy) starts from it, so a node lost at 90 % of a long task costs the
 //! last few seconds of reading, not the task; the job's stream shows each resumed attempt
 //! (`type task`, `event resumed`). Checkpoints live in the coordinator's memory only (at most
-//! [`CHECKPOINTS_BYTES_MAX`] per job): a new coordinator starts the tasks in flight again.
+//! [`CHECKPOINTS_BYTES_MAX`] per job); a new coordinator asks each attempt it finds running
+//! (its predecessor's) for its newest before it stops it, and starts the task from there.
+//!
+//! # Pins are leases
+//!
+//! Each replica holds a pin for 10 minutes after it was taken or last renewed; the coordinator
+//! renews every replica's pins every [`Config::pin_renew_every`] (at once when it takes over),
+//! so a job runs as long as its `limits.max_s`, and the pins of a job nobody drives lapse.
 //!
 //! # Not yet (design §6, step 5)
 //!
-//! Adopting a dead coordinator's running attempts (they are recorded lost and run again),
-//! partials larger than 1 MiB held on the worker, output to a keyspace.
+//! Adopting a dead coordinator's running attempts (they are recorded lost and run again from
+//! their checkpoints), re-pinning a shard whose replicas all lost the pin (its tasks fail,
+//! then the job), partials larger than 1 MiB held on the worker, output to a keyspace.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
@@ -629,9 +637,21 @@ impl<'a, C: Cluster> Job<'a, C> {
                     )
                     .await?
                     .ok();
-                    // It may still run (its coordinator died, not its node): it is no one's
+                    // It may still run (its coordinator died, not its node): its newest
+                    // checkpoint is where the task's next attempt starts, and it is no one's
                     // now, so its node is asked to stop it.
                     let key = (self.owner.clone(), n as u32, a.n);
+                    if !self.cfg.checkpoint_every.is_zero() {
+                        let held = t.checkpoints.get(&n).map_or(0, |c| c.keys_read);
+                        let fetched = tokio::time::timeout(
+                            self.cfg.heartbeat_every / 2,
+                            self.c.checkpoint(a.node, key.clone(), held),
+                        )
+                        .await;
+                        if let Ok(Ok(Some(c))) = fetched {
+                            t.keep_checkpoint(n, c);
+                        }
+                    }
                     let _ = tokio::time::timeout(
                         self.cfg.heartbeat_every / 2,
                         self.c.cancel(a.node, key),

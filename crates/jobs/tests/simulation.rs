@@ -781,6 +781,74 @@ async fn a_job_longer_than_a_pins_lease_holds_its_pins_by_renewing_them() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_coordinator_starts_the_tasks_in_flight_from_their_checkpoints() {
+    let sim = Sim::new(3, 2, |g| {
+        let leader = 1 + (g % 3);
+        let mut r = vec![leader];
+        r.extend((1..=3).filter(|n| *n != leader));
+        r
+    });
+    let data = orders(40_000);
+    sim.load(&data).await;
+    for node in sim.nodes.values() {
+        node.page_ms.store(200, Ordering::SeqCst);
+    }
+    submit(&sim, "takeover").await;
+    let cfg = Config {
+        checkpoint_every: Duration::from_millis(50),
+        ..quick_heartbeats()
+    };
+    // The first coordinator (epoch 1) runs until an attempt holds a checkpoint past its first
+    // page, and dies there (its attempts run on).
+    let owner = capdb_types::jobs::pin_owner(&Bytes::from("takeover"), 1);
+    let checkpointed = async {
+        loop {
+            let far = sim.nodes.values().any(|n| {
+                n.reads.lock().unwrap().iter().any(|(task, attempt, _, _)| {
+                    matches!(
+                        n.attempts.probe(&(owner.clone(), *task, *attempt)),
+                        Probe::Running { checkpoint_keys, .. } if checkpoint_keys >= PAGE_KEYS as u64
+                    )
+                })
+            });
+            if far {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::select! {
+        ended = run(&sim, Bytes::from("takeover"), 1, &cfg) => panic!("the job ended first: {ended:?}"),
+        _ = checkpointed => {}
+    }
+    let ended = run(&sim, Bytes::from("takeover"), 2, &cfg).await.unwrap();
+    assert_eq!(ended, Ended::Done);
+    assert_eq!(result(&sim, "takeover"), expected(&data));
+    // The tasks in flight ran again, at least one from its predecessor's checkpoint, reading
+    // only the rest.
+    let tasks = sim.tasks(&Bytes::from("takeover")).await.unwrap();
+    let mut resumed_any = false;
+    for (n, t) in tasks.iter().enumerate() {
+        let done = t
+            .attempts
+            .iter()
+            .find(|a| matches!(a.end, AttemptEnd::Done))
+            .unwrap();
+        let reads = sim.nodes[&done.node].reads.lock().unwrap().clone();
+        let (_, _, resumed, read) = reads
+            .iter()
+            .find(|(task, attempt, _, _)| (*task as usize, *attempt) == (n, done.n))
+            .unwrap();
+        if let Some(k) = resumed {
+            assert!(*k >= PAGE_KEYS as u64);
+            assert_eq!(k + read.load(Ordering::SeqCst), 20_000);
+            resumed_any = true;
+        }
+    }
+    assert!(resumed_any, "{tasks:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stuck_attempt_gets_a_speculative_copy_and_only_the_first_output_counts() {
     // Node 3 answers heartbeats but its attempts read nothing for 30 s (a hung disk): each
     // gets a copy on another replica, whose output is the task's; the stuck one is cancelled.
