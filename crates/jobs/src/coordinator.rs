@@ -683,8 +683,9 @@ impl<'a, C: Cluster> Job<'a, C> {
         if let Some(partial) = partial {
             // An accepted output that does not merge (the job's own group limit, or a
             // corrupt partial) would stop every coordinator the same way: the job fails.
-            let merged =
-                heavy(|| Partial::decode(&partial).and_then(|p| plan.merge(&mut t.merged, &p)));
+            let merged = heavy(|| {
+                Partial::decode(&partial).and_then(|p| plan.merge_owned(&mut t.merged, p))
+            });
             if let Err(e) = merged {
                 return Err(Stop::Ended(
                     self.finish_failed(format!("task {n}: {e}")).await?,
@@ -993,7 +994,7 @@ impl<'a, C: Cluster> Job<'a, C> {
                             drop(out);
                             match answer {
                                 Ok(Reply::Status(s)) if s == "accepted" && !t.done[n] => {
-                                    if let Err(e) = heavy(|| plan.merge(&mut t.merged, &p)) {
+                                    if let Err(e) = heavy(|| plan.merge_owned(&mut t.merged, p)) {
                                         return Err(Stop::Ended(self.finish_failed(e.to_string()).await?));
                                     }
                                     t.set_done(n);

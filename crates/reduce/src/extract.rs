@@ -178,6 +178,29 @@ impl Extractor {
     }
 }
 
+impl Extractor {
+    /// What a `Json` extractor gives when its path's answer was found already (a pass over
+    /// the value for several paths): as [`Extractor::extract`] would.
+    pub fn take_found(
+        &self,
+        found: Option<Found<'_>>,
+        out: &mut Vec<Scalar>,
+        notes: &mut Notes,
+    ) -> bool {
+        debug_assert!(
+            matches!(self, Extractor::Json(_)),
+            "only a Json extractor takes a found field"
+        );
+        match found.and_then(|f| found_scalar(f, notes)) {
+            Some(s) => {
+                out.push(s);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
 fn found_scalar(found: Found<'_>, notes: &mut Notes) -> Option<Scalar> {
     Some(match found {
         Found::Null => Scalar::Null,

@@ -8,6 +8,7 @@ use serde_json::{Map, Value};
 
 use crate::acc::{Acc, AccError, Contribution, Reducer};
 use crate::extract::{Extractor, Notes, Scalar};
+use crate::json_path::{JsonPath, PATHS_PER_PASS_MAX, find_all};
 use crate::sketch::VALUE_BYTES_MAX;
 use crate::spec::JobSpec;
 
@@ -66,6 +67,12 @@ pub struct Plan {
     spec: JobSpec,
     values: Vec<Extractor>,
     reducers: Vec<(String, Reducer, Feed)>,
+    /// The distinct JSON paths the group and value extractors read, when there are two to
+    /// [`PATHS_PER_PASS_MAX`] of them: each value is then scanned once for all
+    /// (`json_path::find_all`), and each extractor takes its answer by slot.
+    one_pass: Vec<JsonPath>,
+    group_slots: Vec<Option<usize>>,
+    value_slots: Vec<Option<usize>>,
 }
 
 /// A partial result.
@@ -97,6 +104,16 @@ pub struct Mapped {
 
 /// The stored form's version.
 const FORMAT: u8 = 1;
+
+/// [`Wire`] from borrowed groups: the same bytes (a slice serializes as a `Vec` does).
+#[derive(Serialize)]
+struct WireRef<'a> {
+    keys: u64,
+    skipped: u64,
+    rounded: u64,
+    bytes: u64,
+    groups: Vec<(&'a [u8], &'a [Acc])>,
+}
 
 #[derive(Serialize, Deserialize)]
 struct Wire {
@@ -137,10 +154,31 @@ impl Plan {
             };
             reducers.push((name.clone(), r.clone(), feed));
         }
+        let mut one_pass: Vec<JsonPath> = Vec::new();
+        let mut slot_of = |e: &Extractor| match e {
+            Extractor::Json(path) => Some(match one_pass.iter().position(|p| p == path) {
+                Some(i) => i,
+                None => {
+                    one_pass.push(path.clone());
+                    one_pass.len() - 1
+                }
+            }),
+            _ => None,
+        };
+        let mut group_slots: Vec<Option<usize>> = spec.group.iter().map(&mut slot_of).collect();
+        let mut value_slots: Vec<Option<usize>> = values.iter().map(&mut slot_of).collect();
+        if !(2..=PATHS_PER_PASS_MAX).contains(&one_pass.len()) {
+            one_pass.clear();
+            group_slots.iter_mut().for_each(|s| *s = None);
+            value_slots.iter_mut().for_each(|s| *s = None);
+        }
         Ok(Plan {
             spec,
             values,
             reducers,
+            one_pass,
+            group_slots,
+            value_slots,
         })
     }
 
@@ -250,20 +288,61 @@ impl Plan {
     /// is skipped). The caller has checked [`crate::spec::Input::wants`].
     pub fn map_key(&self, key: &[u8], value: &[u8]) -> Option<Mapped> {
         let mut notes = Notes::default();
+        // Every JSON field the extractors read, from one pass over the value (a value that is
+        // not JSON fails every one of them).
+        let pre = if self.one_pass.is_empty() {
+            None
+        } else {
+            Some(find_all(value, &self.one_pass).ok()?)
+        };
+        let run = |e: &Extractor,
+                   slot: Option<usize>,
+                   found: &mut Vec<Scalar>,
+                   notes: &mut Notes| {
+            match (slot, &pre) {
+                (Some(i), Some(pre)) => e.take_found(pre[i].clone(), found, notes),
+                _ => e.extract(key, value, found, notes),
+            }
+        };
+        // The common shape, one part that is not words (one scalar): its bytes are the group,
+        // with no list of parts to build.
+        if let [only] = self.spec.group.as_slice()
+            && !matches!(only, Extractor::Words(_))
+        {
+            let mut found = Vec::with_capacity(1);
+            if !run(only, self.group_slots[0], &mut found, &mut notes) {
+                return None;
+            }
+            let mut group = Vec::with_capacity(24);
+            found.pop()?.encode(&mut group);
+            let mut numbers = Vec::with_capacity(self.values.len());
+            for (e, slot) in self.values.iter().zip(&self.value_slots) {
+                found.clear();
+                let (n, rounded) = run(e, *slot, &mut found, &mut notes)
+                    .then(|| found.first().and_then(Scalar::to_number))
+                    .flatten()?;
+                notes.rounded |= rounded;
+                numbers.push(n);
+            }
+            return Some(Mapped {
+                groups: vec![group],
+                numbers,
+                rounded: notes.rounded,
+            });
+        }
         // The group's parts; one of them may give several scalars (words).
         let mut parts: Vec<Vec<Scalar>> = Vec::with_capacity(self.spec.group.len());
-        for e in &self.spec.group {
+        for (e, slot) in self.spec.group.iter().zip(&self.group_slots) {
             let mut found = Vec::new();
-            if !e.extract(key, value, &mut found, &mut notes) || found.is_empty() {
+            if !run(e, *slot, &mut found, &mut notes) || found.is_empty() {
                 return None;
             }
             parts.push(found);
         }
         let mut numbers = Vec::with_capacity(self.values.len());
-        for e in &self.values {
+        for (e, slot) in self.values.iter().zip(&self.value_slots) {
             let mut found = Vec::new();
-            let (n, rounded) = e
-                .extract(key, value, &mut found, &mut notes)
+            let (n, rounded) = run(e, *slot, &mut found, &mut notes)
                 .then(|| found.first().and_then(Scalar::to_number))
                 .flatten()?;
             notes.rounded |= rounded;
@@ -366,6 +445,10 @@ impl Plan {
         into.skipped += other.skipped;
         into.rounded += other.rounded;
         into.bytes += other.bytes;
+        if into.groups.is_empty() {
+            into.groups = other.groups.clone();
+            return Ok(());
+        }
         for (group, accs) in &other.groups {
             match into.groups.get_mut(group) {
                 Some(mine) => {
@@ -375,6 +458,44 @@ impl Plan {
                 }
                 None => {
                     into.groups.insert(group.clone(), accs.clone());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Plan::merge`], taking `other`: its groups move into `into` rather than being copied
+    /// (the coordinator's merge of a task's output of a million groups).
+    pub fn merge_owned(&self, into: &mut Partial, other: Partial) -> Result<(), JobError> {
+        self.check(&other)?;
+        let new_groups = other
+            .groups
+            .keys()
+            .filter(|g| !into.groups.contains_key(*g))
+            .count();
+        if (into.groups.len() + new_groups) as u64 > self.spec.limits.groups_max {
+            return Err(JobError::GroupsMax {
+                max: self.spec.limits.groups_max,
+            });
+        }
+        into.keys += other.keys;
+        into.skipped += other.skipped;
+        into.rounded += other.rounded;
+        into.bytes += other.bytes;
+        if into.groups.is_empty() {
+            into.groups = other.groups;
+            return Ok(());
+        }
+        into.groups.reserve(new_groups);
+        for (group, accs) in other.groups {
+            match into.groups.entry(group) {
+                std::collections::hash_map::Entry::Occupied(mut mine) => {
+                    for (a, b) in mine.get_mut().iter_mut().zip(&accs) {
+                        a.merge(b).map_err(|e| JobError::Corrupt(e.to_string()))?;
+                    }
+                }
+                std::collections::hash_map::Entry::Vacant(slot) => {
+                    slot.insert(accs);
                 }
             }
         }
@@ -541,26 +662,32 @@ impl Partial {
     }
 
     /// `[format u8] [crc32 LE of what follows] postcard(...)`, groups in key order.
+    ///
+    /// Written from borrowed groups into one buffer sized from [`Partial::size_estimate`]
+    /// (above the stored size), so a partial of a million groups is neither copied nor
+    /// regrown while it is written.
     pub fn encode(&self) -> Vec<u8> {
-        let mut groups: Vec<(Vec<u8>, Vec<Acc>)> = self
+        let mut groups: Vec<(&[u8], &[Acc])> = self
             .groups
             .iter()
-            .map(|(g, a)| (g.clone(), a.clone()))
+            .map(|(g, a)| (g.as_slice(), a.as_slice()))
             .collect();
-        groups.sort_by(|a, b| a.0.cmp(&b.0));
-        let wire = Wire {
+        // Keys are distinct: an unstable sort gives the one order.
+        groups.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        let wire = WireRef {
             keys: self.keys,
             skipped: self.skipped,
             rounded: self.rounded,
             bytes: self.bytes,
             groups,
         };
-        // Encoding plain data into a Vec cannot fail.
-        let body = postcard::to_stdvec(&wire).unwrap_or_default();
-        let mut out = Vec::with_capacity(5 + body.len());
+        let mut out = Vec::with_capacity(64 + self.size_estimate());
         out.push(FORMAT);
-        out.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
-        out.extend_from_slice(&body);
+        out.extend_from_slice(&[0; 4]);
+        // Encoding plain data into a Vec cannot fail.
+        let mut out = postcard::to_extend(&wire, out).unwrap_or_default();
+        let crc = crc32fast::hash(&out[5..]);
+        out[1..5].copy_from_slice(&crc.to_le_bytes());
         out
     }
 
@@ -577,7 +704,10 @@ impl Partial {
         }
         let wire: Wire =
             postcard::from_bytes(body).map_err(|e| JobError::Corrupt(e.to_string()))?;
-        let mut groups = HashMap::default();
+        let mut groups = HashMap::with_capacity_and_hasher(
+            wire.groups.len(),
+            foldhash::fast::FixedState::default(),
+        );
         for (g, accs) in wire.groups {
             if Scalar::decode_all(&g).is_none() {
                 return Err(JobError::Corrupt("a group key that does not decode".into()));
@@ -591,5 +721,46 @@ impl Partial {
             rounded: wire.rounded,
             bytes: wire.bytes,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The stored form is written from borrowed groups: it must be the bytes of the owned
+    /// [`Wire`] it is read back as (partials already in `_jobs` stay readable).
+    #[test]
+    fn the_stored_form_is_the_wire_form_of_the_groups_in_key_order() {
+        let spec = crate::JobSpec::parse(
+            br#"{"id":"w","input":{"keyspace":"k"},"map":{"group":{"json":"$.c"},"values":{"a":{"json":"$.a"}}},"reduce":{"n":"count","s":{"sum":"a"},"m":{"max":"a"}}}"#,
+        )
+        .unwrap();
+        let plan = Plan::new(spec).unwrap();
+        let mut p = plan.partial();
+        for i in 0..500 {
+            let v = format!("{{\"c\":\"g{}\",\"a\":{}}}", i % 37, i);
+            plan.add(&mut p, format!("k{i}").as_bytes(), v.as_bytes())
+                .unwrap();
+        }
+        let mut groups: Vec<(Vec<u8>, Vec<Acc>)> = p
+            .groups
+            .iter()
+            .map(|(g, a)| (g.clone(), a.clone()))
+            .collect();
+        groups.sort_by(|a, b| a.0.cmp(&b.0));
+        let body = postcard::to_stdvec(&Wire {
+            keys: p.keys,
+            skipped: p.skipped,
+            rounded: p.rounded,
+            bytes: p.bytes,
+            groups,
+        })
+        .unwrap();
+        let encoded = p.encode();
+        assert_eq!(encoded[0], FORMAT);
+        assert_eq!(encoded[1..5], crc32fast::hash(&body).to_le_bytes());
+        assert_eq!(encoded[5..], body[..]);
+        assert_eq!(Partial::decode(&encoded).unwrap(), p);
     }
 }

@@ -3,7 +3,7 @@
 //! JSON scanner agrees with serde_json; partials survive their stored form.
 
 use capdb_reduce::acc::{Acc, Contribution, Reducer};
-use capdb_reduce::json_path::{Found, JsonPath, find};
+use capdb_reduce::json_path::{Found, JsonPath, find, find_all};
 use capdb_reduce::num::Fixed;
 use capdb_reduce::{JobSpec, Partial, Plan};
 use proptest::prelude::*;
@@ -98,14 +98,22 @@ proptest! {
             .windows(2)
             .map(|w| one_pass(&plan, &records[w[0]..w[1]]))
             .collect();
-        // Through their stored form, as tasks send them.
+        // Through their stored form, as tasks send them: the same partial back.
+        for p in &parts {
+            prop_assert_eq!(&Partial::decode(&p.encode()).unwrap(), p);
+        }
         parts = parts.iter().map(|p| Partial::decode(&p.encode()).unwrap()).collect();
         let mut rng = fastrand_like(order_seed);
         let mut merged = plan.partial();
         while !parts.is_empty() {
             let i = (rng() % parts.len() as u64) as usize;
             let p = parts.swap_remove(i);
-            plan.merge(&mut merged, &p).unwrap();
+            // Copied or moved in: the same.
+            if rng().is_multiple_of(2) {
+                plan.merge(&mut merged, &p).unwrap();
+            } else {
+                plan.merge_owned(&mut merged, p).unwrap();
+            }
         }
         let (rows, devs) = exact_rows(&plan, &merged);
         let (whole_rows, whole_devs) = exact_rows(&plan, &whole);
@@ -159,6 +167,41 @@ proptest! {
                 found.map(found_value),
                 expected.map(|e| serde_json::from_str::<Value>(&e.to_string()).unwrap())
             ),
+        }
+    }
+
+    #[test]
+    fn one_pass_for_several_paths_answers_as_one_pass_for_each(
+        doc in json_value(),
+        picks in prop::collection::vec(any::<u64>(), 0..=8),
+        repeat in any::<bool>(),
+        damage in any::<Option<(usize, u8)>>(),
+    ) {
+        let mut text = doc.to_string();
+        // A repeated key (the last counts) and, sometimes, a damaged document.
+        if repeat && text.starts_with('{') && text.len() > 2 {
+            text = format!("{{\"dup\":1,{},\"dup\":{{\"x\":2}}}}", &text[1..text.len() - 1]);
+            if text.contains("{,") { text = text.replace("{,", "{"); }
+        }
+        let mut bytes = text.into_bytes();
+        if let Some((at, byte)) = damage {
+            let i = at % (bytes.len() + 1);
+            bytes.insert(i, byte);
+        }
+        let mut paths = vec![String::from("$"), "$.dup".into(), "$.dup.x".into(), "$.missing".into(), "$[1]".into()];
+        collect_paths(&doc, "$", &mut paths);
+        let chosen: Vec<JsonPath> = picks
+            .iter()
+            .map(|p| JsonPath::parse(&paths[(*p % paths.len() as u64) as usize]).unwrap())
+            .collect();
+        match find_all(&bytes, &chosen) {
+            Ok(all) => {
+                for (i, p) in chosen.iter().enumerate() {
+                    prop_assert_eq!(&all[i], &find(&bytes, p).unwrap());
+                }
+                prop_assert!(all[chosen.len()..].iter().all(Option::is_none));
+            }
+            Err(_) => prop_assert!(find(&bytes, &JsonPath::parse("$").unwrap()).is_err()),
         }
     }
 

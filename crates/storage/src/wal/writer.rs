@@ -35,6 +35,11 @@ pub const BATCH_BYTES_MAX: usize = 4 << 20;
 const FULL_RETRY: Duration = Duration::from_millis(20);
 /// How often a group pinning the oldest segment is asked again to snapshot.
 const PINNED_ASK_EVERY: Duration = Duration::from_secs(10);
+/// At a segment switch, the groups pinning the oldest segment are asked to snapshot only once
+/// the segments in use hold `bytes_max / SNAPSHOT_ASK_SHARE` bytes (1 GiB of the default 4):
+/// a burst of large entries in one group (a job's partial results) must not make every
+/// other group snapshot its whole shard, while a restart still replays a bounded log.
+const SNAPSHOT_ASK_SHARE: u64 = 4;
 
 pub(super) fn start(
     dir: PathBuf,
@@ -413,8 +418,23 @@ impl Writer {
                 };
                 candidates
             };
-            if candidates.is_empty() && self.shared.read_state().slots[oldest as usize].live > 0 {
-                // Too much is live there to copy: its group must snapshot and purge.
+            let (live, in_use) = {
+                let st = self.shared.read_state();
+                (
+                    st.slots[oldest as usize].live,
+                    st.used
+                        .iter()
+                        .map(|&u| st.slots[u as usize].bytes)
+                        .sum::<u64>(),
+                )
+            };
+            if candidates.is_empty()
+                && live > 0
+                && in_use >= self.config.bytes_max / SNAPSHOT_ASK_SHARE
+            {
+                // Too much is live there to copy, and the log has grown past its share: its
+                // group must snapshot and purge. Below the share the log just grows (a
+                // snapshot of a big shard costs far more than the disk).
                 self.ask_pinning(oldest);
             }
             for (group, index, from) in candidates {
