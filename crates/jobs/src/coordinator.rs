@@ -218,6 +218,10 @@ fn decoded(plan: &Plan, bytes: &[u8]) -> Result<Partial, capdb_reduce::JobError>
     })
 }
 
+/// How long a coordinator waits for the key that ends a big shard's first task (past it, the
+/// cut is interpolated).
+const FIRST_CUT_WAIT: Duration = Duration::from_secs(5);
+
 /// Chunk writes (a task's partial result, the final result) a coordinator has in flight.
 const CHUNK_WRITES_IN_FLIGHT: usize = 8;
 
@@ -588,7 +592,37 @@ impl<'a, C: Cluster> Job<'a, C> {
             };
             pins.push(pin);
         }
-        let tasks = crate::plan::tasks(pins);
+        // Each big shard's first task ends at its real key at that count (read from the pin on
+        // a replica, all shards at once, bounded; without it, interpolated).
+        let cuts = pins
+            .iter()
+            .filter(|p| p.keys > crate::plan::FIRST_TASK_KEYS)
+            .map(|p| {
+                let replicas = shards.iter().find(|s| s.shard == p.shard);
+                let read = async move {
+                    match replicas {
+                        Some(r) => {
+                            self.c
+                                .key_at(r, owner.clone(), p.index, crate::plan::FIRST_TASK_KEYS)
+                                .await
+                        }
+                        None => None,
+                    }
+                };
+                async move {
+                    let cut = tokio::time::timeout(FIRST_CUT_WAIT, read)
+                        .await
+                        .ok()
+                        .flatten();
+                    (p.shard, cut)
+                }
+            });
+        let first_cuts: HashMap<u64, Bytes> = futures::future::join_all(cuts)
+            .await
+            .into_iter()
+            .filter_map(|(shard, cut)| Some((shard, cut?)))
+            .collect();
+        let tasks = crate::plan::tasks_cut(pins, &first_cuts);
         let planned = command(
             self.c,
             self.cfg,

@@ -142,6 +142,16 @@ pub trait Cluster: Send + Sync + 'static {
         index: u64,
     ) -> impl Future<Output = Result<bool, Error>> + Send;
 
+    /// The `n`-th string key (from 0) of `shard` as its pin of `owner` at `index` holds it,
+    /// read on one of its replicas (`None`: it has fewer keys, or no replica answered).
+    fn key_at(
+        &self,
+        shard: &ShardReplicas,
+        owner: Bytes,
+        index: u64,
+        n: u64,
+    ) -> impl Future<Output = Option<Bytes>> + Send;
+
     /// Releases that pin on every replica (`Request::JobUnpin`).
     fn unpin(
         &self,

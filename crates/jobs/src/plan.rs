@@ -6,7 +6,10 @@
 //!
 //! A shard of more than [`FIRST_TASK_KEYS`] keys starts with a task of about that many, so
 //! that a first partial result is out within about a second of the start (a task's output
-//! is what partial results are made of), whatever the shard's size.
+//! is what partial results are made of), whatever the shard's size. Its end is the shard's
+//! real key at that count when the coordinator could read it from the pin ([`tasks_cut`]):
+//! interpolation is far off on keys such as `u:{n}` (decimal digits use 10 of 256 byte
+//! values, so an interpolated "200 k keys" held all 555 k keys of a leading digit).
 
 use bytes::Bytes;
 use capdb_types::jobs::{ShardPin, TASKS_MAX, TaskPlan};
@@ -19,6 +22,16 @@ pub const FIRST_TASK_KEYS: u64 = 200_000;
 /// The tasks of `pins` (input shards pinned for the job), in shard order; at most
 /// [`TASKS_MAX`] (past it, tasks cover more keys each).
 pub fn tasks(pins: &[ShardPin]) -> Vec<TaskPlan> {
+    tasks_cut(pins, &std::collections::HashMap::new())
+}
+
+/// [`tasks`], where `first_cuts` gives, by shard, the key that ends the shard's small first
+/// task (its [`FIRST_TASK_KEYS`]-th key, read from the pin); a shard without one, or whose cut
+/// is not strictly inside its keys, is cut by interpolation.
+pub fn tasks_cut(
+    pins: &[ShardPin],
+    first_cuts: &std::collections::HashMap<u64, Bytes>,
+) -> Vec<TaskPlan> {
     // A big shard's small first task counts too.
     let wanted: u64 = pins
         .iter()
@@ -32,7 +45,13 @@ pub fn tasks(pins: &[ShardPin]) -> Vec<TaskPlan> {
         let bounds = match (&p.first_key, &p.last_key) {
             (Some(first), Some(last)) if scale <= 1.0 && p.keys > FIRST_TASK_KEYS => {
                 // A small first task, then the rest evenly.
-                let early = split_keys(first, last, p.keys.div_ceil(FIRST_TASK_KEYS));
+                let read = first_cuts
+                    .get(&p.shard)
+                    .filter(|cut| cut.as_ref() > first.as_ref() && cut.as_ref() <= last.as_ref());
+                let early = match read {
+                    Some(cut) => vec![cut.clone()],
+                    None => split_keys(first, last, p.keys.div_ceil(FIRST_TASK_KEYS)),
+                };
                 match early.first() {
                     Some(cut) => {
                         let rest = (p.keys - FIRST_TASK_KEYS).div_ceil(TASK_KEYS_MAX).max(1);
@@ -144,6 +163,31 @@ mod tests {
         let width = |p: &TaskPlan| (at(&p.to, "u:99999999") - at(&p.from, "u:00000000")) / span;
         assert!(width(big[0]) < 0.1 && width(big[1]) > 0.25, "{big:?}");
         assert!(big.iter().all(|p| p.pin_index == 9));
+    }
+
+    #[test]
+    fn a_first_cut_read_from_the_pin_ends_the_first_task_there() {
+        let big = pin(2, 2_500_000, "u:1", "u:9999998");
+        let cut = Bytes::from_static(b"u:1199999");
+        let cuts = std::collections::HashMap::from([(2, cut.clone())]);
+        let t = tasks_cut(std::slice::from_ref(&big), &cuts);
+        assert_eq!(
+            (t[0].from.clone(), t[0].to.clone()),
+            (None, Some(cut.clone()))
+        );
+        assert_eq!(t[1].from, Some(cut));
+        assert_eq!(t.len(), 4, "then 2.3 M keys in 3: {t:?}");
+        for w in t.windows(2) {
+            assert_eq!(w[0].to, w[1].from);
+        }
+        // A cut outside the shard's keys is not used: interpolated, as without one.
+        for outside in ["u:0", "u:99999999", "u:1"] {
+            let cuts = std::collections::HashMap::from([(2, Bytes::from(outside))]);
+            assert_eq!(
+                tasks_cut(std::slice::from_ref(&big), &cuts),
+                tasks(std::slice::from_ref(&big))
+            );
+        }
     }
 
     #[test]

@@ -290,6 +290,45 @@ impl Cluster for Sim {
         answer.ok_or_else(|| Error::Unavailable("no live replica".into()))
     }
 
+    async fn key_at(
+        &self,
+        shard: &ShardReplicas,
+        owner: Bytes,
+        index: u64,
+        n: u64,
+    ) -> Option<Bytes> {
+        for node in &shard.replicas {
+            let nd = &self.nodes[node];
+            if !nd.alive.load(Ordering::SeqCst) || nd.stalled.load(Ordering::SeqCst) {
+                continue;
+            }
+            let table = nd.engine.table(&format!("shard/{}", shard.shard), false);
+            let mut after: Option<Bytes> = None;
+            let mut seen = 0u64;
+            loop {
+                let Ok(page) =
+                    table.pinned_scan(&owner, index, None, None, after.as_deref(), PAGE_KEYS, true)
+                else {
+                    break;
+                };
+                let len = page.entries.len() as u64;
+                if seen + len > n {
+                    return page
+                        .entries
+                        .into_iter()
+                        .nth((n - seen) as usize)
+                        .map(|(k, _)| k);
+                }
+                seen += len;
+                match page.next {
+                    Some(next) => after = Some(next),
+                    None => return None,
+                }
+            }
+        }
+        None
+    }
+
     async fn renew_pin(
         &self,
         node: u64,

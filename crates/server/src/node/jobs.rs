@@ -68,6 +68,8 @@ pub enum JobsRequest {
     Checkpoint(AttemptKey, u64),
     /// Renew the lease of this pin of this shard: (shard, owner, index).
     RenewPin(u64, Bytes, u64),
+    /// The n-th string key of this pin of this shard: (shard, owner, index, n).
+    KeyAt(u64, Bytes, u64, u64),
 }
 
 /// An answer on the jobs channel, by request.
@@ -80,6 +82,7 @@ pub enum JobsResponse {
     Checkpoint(Option<Checkpoint>),
     /// Whether this node holds the pin.
     Renewed(bool),
+    KeyAt(Option<Bytes>),
 }
 
 /// The jobs channel between nodes.
@@ -105,6 +108,9 @@ impl Handler<JobsService> for JobsHandler {
             }
             JobsRequest::RenewPin(shard, owner, index) => {
                 JobsResponse::Renewed(renew_pin_here(&self.0, shard, &owner, index))
+            }
+            JobsRequest::KeyAt(shard, owner, index, n) => {
+                JobsResponse::KeyAt(key_at_here(&self.0, shard, owner, index, n).await)
             }
         }
     }
@@ -170,6 +176,40 @@ fn renew_pin_here(node: &Node, shard: u64, owner: &[u8], index: u64) -> bool {
             .engine
             .table(&capdb_storage::layout::shard_table(shard), false)
             .renew_pin(owner, index)
+}
+
+/// The `n`-th string key (from 0) of this node's replica of `shard` under its pin of `owner`
+/// at `index` (`None`: fewer keys, no such pin here, or `n` past a task's most keys). Read a
+/// page at a time on a thread that may block.
+async fn key_at_here(node: &Node, shard: u64, owner: Bytes, index: u64, n: u64) -> Option<Bytes> {
+    if !node.groups.holds(shard) || n > capdb_jobs::plan::TASK_KEYS_MAX {
+        return None;
+    }
+    let table = node
+        .engine
+        .table(&capdb_storage::layout::shard_table(shard), false);
+    tokio::task::spawn_blocking(move || {
+        let mut after: Option<Bytes> = None;
+        let mut seen = 0u64;
+        loop {
+            let page = table
+                .pinned_scan(&owner, index, None, None, after.as_deref(), PAGE_KEYS, true)
+                .ok()?;
+            let len = page.entries.len() as u64;
+            if seen + len > n {
+                return page
+                    .entries
+                    .into_iter()
+                    .nth((n - seen) as usize)
+                    .map(|(k, _)| k);
+            }
+            seen += len;
+            after = Some(page.next?);
+        }
+    })
+    .await
+    .ok()
+    .flatten()
 }
 
 /// Runs a task attempt on this node's replica of its shard (on a thread that may block).
@@ -490,6 +530,51 @@ impl Cluster for NodeCluster {
             }),
             _ => Err(Error::Io(format!("a pin answered {v:?}"))),
         }
+    }
+
+    async fn key_at(
+        &self,
+        shard: &ShardReplicas,
+        owner: Bytes,
+        index: u64,
+        n: u64,
+    ) -> Option<Bytes> {
+        // This node first (no hop), then the other replicas in turn.
+        let me = self.0.id();
+        let mut order: Vec<u64> = shard
+            .replicas
+            .iter()
+            .copied()
+            .filter(|r| *r == me)
+            .collect();
+        order.extend(shard.replicas.iter().copied().filter(|r| *r != me));
+        for node in order {
+            let key = if node == me {
+                key_at_here(&self.0, shard.shard, owner.clone(), index, n).await
+            } else {
+                let Ok(addr) = self.peer_addr(node) else {
+                    continue;
+                };
+                let asked = self
+                    .0
+                    .jobs
+                    .peers
+                    .get(node, &addr)
+                    .call(
+                        JobsRequest::KeyAt(shard.shard, owner.clone(), index, n),
+                        PROBE_TIMEOUT * 5,
+                    )
+                    .await;
+                match asked {
+                    Ok(JobsResponse::KeyAt(key)) => key,
+                    _ => None,
+                }
+            };
+            if key.is_some() {
+                return key;
+            }
+        }
+        None
     }
 
     async fn renew_pin(&self, node: u64, shard: u64, owner: Bytes, index: u64) -> Result<bool> {
