@@ -385,6 +385,30 @@ pub fn run(
     })
 }
 
+/// The `n`-th key (from 0) that `page` reads from the start of its range, as [`run`] reads
+/// pages (`None`: fewer keys, or a page could not be read): where a big shard's first task is
+/// cut, at a real key.
+pub fn nth_key(
+    mut page: impl FnMut(Option<&[u8]>) -> Result<Page, String>,
+    n: u64,
+) -> Option<Bytes> {
+    let mut after: Option<Bytes> = None;
+    let mut seen = 0u64;
+    loop {
+        let p = page(after.as_deref()).ok()?;
+        let len = p.entries.len() as u64;
+        if seen + len > n {
+            return p
+                .entries
+                .into_iter()
+                .nth((n - seen) as usize)
+                .map(|(k, _)| k);
+        }
+        seen += len;
+        after = Some(p.next?);
+    }
+}
+
 /// The checkpoint `order` resumes from, as (partial, after, keys read), when this attempt can
 /// use it: taken at its pin, inside its range, a partial result of its plan. Any other is
 /// ignored (the attempt reads its whole range: slower, never wrong).
@@ -628,6 +652,29 @@ mod tests {
             "progress counts the checkpoint's keys too"
         );
         assert!(firsts.len() < 7);
+    }
+
+    #[test]
+    fn the_nth_key_is_read_across_pages() {
+        let mut firsts = Vec::new();
+        assert_eq!(
+            nth_key(pages(&mut firsts, None), 0),
+            Some(Bytes::from("k00"))
+        );
+        assert_eq!(
+            nth_key(pages(&mut Vec::new(), None), 5),
+            Some(Bytes::from("k05"))
+        );
+        assert_eq!(
+            nth_key(pages(&mut Vec::new(), None), 19),
+            Some(Bytes::from("k19"))
+        );
+        assert_eq!(
+            nth_key(pages(&mut Vec::new(), None), 20),
+            None,
+            "twenty keys only"
+        );
+        assert_eq!(firsts.len(), 1, "a key of the first page reads only it");
     }
 
     #[test]

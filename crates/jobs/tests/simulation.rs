@@ -303,27 +303,20 @@ impl Cluster for Sim {
                 continue;
             }
             let table = nd.engine.table(&format!("shard/{}", shard.shard), false);
-            let mut after: Option<Bytes> = None;
-            let mut seen = 0u64;
-            loop {
-                let Ok(page) =
-                    table.pinned_scan(&owner, index, None, None, after.as_deref(), PAGE_KEYS, true)
-                else {
-                    break;
-                };
-                let len = page.entries.len() as u64;
-                if seen + len > n {
-                    return page
-                        .entries
-                        .into_iter()
-                        .nth((n - seen) as usize)
-                        .map(|(k, _)| k);
-                }
-                seen += len;
-                match page.next {
-                    Some(next) => after = Some(next),
-                    None => return None,
-                }
+            let key = capdb_jobs::worker::nth_key(
+                |after| {
+                    table
+                        .pinned_scan(&owner, index, None, None, after, PAGE_KEYS, true)
+                        .map(|p| Page {
+                            entries: p.entries.into_iter().map(|(k, v)| (k, v.data)).collect(),
+                            next: p.next,
+                        })
+                        .map_err(|e| e.to_string())
+                },
+                n,
+            );
+            if key.is_some() {
+                return key;
             }
         }
         None

@@ -430,21 +430,7 @@ impl Plan {
     /// `into` as it was; only a corrupt accumulator found while merging (a sketch that does
     /// not read) leaves it half merged, and that ends the job.
     pub fn merge(&self, into: &mut Partial, other: &Partial) -> Result<(), JobError> {
-        self.check(other)?;
-        let new_groups = other
-            .groups
-            .keys()
-            .filter(|g| !into.groups.contains_key(*g))
-            .count();
-        if (into.groups.len() + new_groups) as u64 > self.spec.limits.groups_max {
-            return Err(JobError::GroupsMax {
-                max: self.spec.limits.groups_max,
-            });
-        }
-        into.keys += other.keys;
-        into.skipped += other.skipped;
-        into.rounded += other.rounded;
-        into.bytes += other.bytes;
+        self.admit(into, other)?;
         if into.groups.is_empty() {
             into.groups = other.groups.clone();
             return Ok(());
@@ -464,10 +450,10 @@ impl Plan {
         Ok(())
     }
 
-    /// [`Plan::merge`], taking `other`: its groups move into `into` rather than being copied
-    /// (the coordinator's merge of a task's output of a million groups).
-    pub fn merge_owned(&self, into: &mut Partial, other: Partial) -> Result<(), JobError> {
-        self.check(&other)?;
+    /// Before a merge of `other` into `into`: checks `other`'s shape and the group limit (an
+    /// error changes nothing), then adds its counts; answers how many of its groups are new.
+    fn admit(&self, into: &mut Partial, other: &Partial) -> Result<usize, JobError> {
+        self.check(other)?;
         let new_groups = other
             .groups
             .keys()
@@ -482,6 +468,13 @@ impl Plan {
         into.skipped += other.skipped;
         into.rounded += other.rounded;
         into.bytes += other.bytes;
+        Ok(new_groups)
+    }
+
+    /// [`Plan::merge`], taking `other`: its groups move into `into` rather than being copied
+    /// (the coordinator's merge of a task's output of a million groups).
+    pub fn merge_owned(&self, into: &mut Partial, other: Partial) -> Result<(), JobError> {
+        let new_groups = self.admit(into, &other)?;
         if into.groups.is_empty() {
             into.groups = other.groups;
             return Ok(());

@@ -189,23 +189,18 @@ async fn key_at_here(node: &Node, shard: u64, owner: Bytes, index: u64, n: u64) 
         .engine
         .table(&capdb_storage::layout::shard_table(shard), false);
     tokio::task::spawn_blocking(move || {
-        let mut after: Option<Bytes> = None;
-        let mut seen = 0u64;
-        loop {
-            let page = table
-                .pinned_scan(&owner, index, None, None, after.as_deref(), PAGE_KEYS, true)
-                .ok()?;
-            let len = page.entries.len() as u64;
-            if seen + len > n {
-                return page
-                    .entries
-                    .into_iter()
-                    .nth((n - seen) as usize)
-                    .map(|(k, _)| k);
-            }
-            seen += len;
-            after = Some(page.next?);
-        }
+        capdb_jobs::worker::nth_key(
+            |after| {
+                table
+                    .pinned_scan(&owner, index, None, None, after, PAGE_KEYS, true)
+                    .map(|p| Page {
+                        entries: p.entries.into_iter().map(|(k, v)| (k, v.data)).collect(),
+                        next: p.next,
+                    })
+                    .map_err(|e| e.to_string())
+            },
+            n,
+        )
     })
     .await
     .ok()
