@@ -552,12 +552,7 @@ fn result(sim: &Sim, id: &str) -> serde_json::Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_over_four_shards_gives_the_one_pass_answer_and_runs_on_followers() {
     // 3 nodes, each shard on all of them, leaders spread.
-    let sim = Sim::new(3, 4, |g| {
-        let leader = 1 + (g % 3);
-        let mut r = vec![leader];
-        r.extend((1..=3).filter(|n| *n != leader));
-        r
-    });
+    let sim = spread_over_three(4);
     let data = orders(2_000);
     sim.load(&data).await;
     submit(&sim, "j1").await;
@@ -595,12 +590,7 @@ async fn a_job_over_four_shards_gives_the_one_pass_answer_and_runs_on_followers(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_node_costs_only_its_tasks() {
     // 3 nodes; node 3 dies after the pins (it holds them but never answers).
-    let sim = Sim::new(3, 6, |g| {
-        let leader = 1 + (g % 3);
-        let mut r = vec![leader];
-        r.extend((1..=3).filter(|n| *n != leader));
-        r
-    });
+    let sim = spread_over_three(6);
     let data = orders(3_000);
     sim.load(&data).await;
     submit(&sim, "j2").await;
@@ -653,7 +643,12 @@ async fn a_dead_node_costs_only_its_tasks() {
 
 /// Six shards over three nodes, each led by a different node.
 fn six_shards_over_three() -> Sim {
-    Sim::new(3, 6, |g| {
+    spread_over_three(6)
+}
+
+/// `shards` shards on all of three nodes, their leaders spread (shard g led by 1 + g % 3).
+fn spread_over_three(shards: u64) -> Sim {
+    Sim::new(3, shards, |g| {
         let leader = 1 + (g % 3);
         let mut r = vec![leader];
         r.extend((1..=3).filter(|n| *n != leader));
@@ -713,12 +708,7 @@ async fn a_stalled_node_is_found_by_heartbeats_and_costs_only_its_tasks() {
 async fn a_task_lost_midway_runs_again_from_its_checkpoint_and_reads_only_the_rest() {
     // Two shards of 20,000 keys, one task each, five pages a task, a page every 100 ms; node 1
     // runs shard 1's task (followers first, the lowest id) and stalls before its fourth page.
-    let sim = Sim::new(3, 2, |g| {
-        let leader = 1 + (g % 3);
-        let mut r = vec![leader];
-        r.extend((1..=3).filter(|n| *n != leader));
-        r
-    });
+    let sim = spread_over_three(2);
     let data = orders(40_000);
     sim.load(&data).await;
     submit(&sim, "resumed").await;
@@ -772,12 +762,7 @@ async fn a_task_lost_midway_runs_again_from_its_checkpoint_and_reads_only_the_re
 async fn a_job_longer_than_a_pins_lease_holds_its_pins_by_renewing_them() {
     // Leases of 1 s, tasks of 2 s (five pages of 400 ms): only renewals keep the pins.
     async fn long_job(id: &str, pin_renew_every: Duration) -> (Sim, Vec<(String, String)>, Ended) {
-        let sim = Sim::new(3, 2, |g| {
-            let leader = 1 + (g % 3);
-            let mut r = vec![leader];
-            r.extend((1..=3).filter(|n| *n != leader));
-            r
-        });
+        let sim = spread_over_three(2);
         let data = orders(40_000);
         sim.load(&data).await;
         for node in sim.nodes.values() {
@@ -814,12 +799,7 @@ async fn a_job_longer_than_a_pins_lease_holds_its_pins_by_renewing_them() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_coordinator_starts_the_tasks_in_flight_from_their_checkpoints() {
-    let sim = Sim::new(3, 2, |g| {
-        let leader = 1 + (g % 3);
-        let mut r = vec![leader];
-        r.extend((1..=3).filter(|n| *n != leader));
-        r
-    });
+    let sim = spread_over_three(2);
     let data = orders(40_000);
     sim.load(&data).await;
     for node in sim.nodes.values() {
@@ -998,12 +978,7 @@ async fn a_new_coordinator_resumes_and_merges_what_was_done() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn answers_lost_after_their_commands_applied_change_nothing() {
-    let sim = Sim::new(3, 4, |g| {
-        let leader = 1 + (g % 3);
-        let mut r = vec![leader];
-        r.extend((1..=3).filter(|n| *n != leader));
-        r
-    });
+    let sim = spread_over_three(4);
     let data = orders(1_500);
     sim.load(&data).await;
     submit(&sim, "j5").await;
@@ -1031,12 +1006,7 @@ async fn answers_lost_after_their_commands_applied_change_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partials_past_a_megabyte_travel_in_chunks_and_give_the_one_pass_answer() {
-    let sim = Sim::new(3, 2, |g| {
-        let leader = 1 + (g % 3);
-        let mut r = vec![leader];
-        r.extend((1..=3).filter(|n| *n != leader));
-        r
-    });
+    let sim = spread_over_three(2);
     let data = orders(100_000);
     sim.load(&data).await;
     // A group per key: each task's partial holds 50,000 groups, past 1 MiB.
