@@ -345,12 +345,6 @@ impl JobSpec {
         if self.id.is_some() {
             return err("id", "a view is named by VIEW CREATE, not by its spec");
         }
-        if self.lua.is_some() {
-            return err(
-                "map.lua",
-                "a view is kept inside every write; Lua runs in jobs only",
-            );
-        }
         if self.input.expired != Expired::Include {
             return err(
                 "input.expired",

@@ -18,6 +18,15 @@
 //! waits for the cursor otherwise. So each key is counted once, at its state when the cursor
 //! passed it, plus every change after: the current state, whatever the interleaving. The
 //! entry carries the cursor it expects, so a repeated or stale proposal changes nothing.
+//!
+//! # Async (Lua) views
+//!
+//! A view whose map is Lua cannot run inside the apply (user code on every replica's write
+//! path, and storage must not link Lua). It is kept from the shard's change log instead: the
+//! shard leader's node reads the events after the view's position (and, while it builds, a
+//! page of keys from the same snapshot), maps them with Lua and proposes
+//! [`ViewCommand::Advance`], a compare-and-set on where the view stands. Each event counts
+//! once across leader changes, and reads can wait until a view has caught up.
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -37,6 +46,13 @@ pub const VIEW_GROUPS_MAX: i64 = 1_000_000;
 pub const VIEW_MINMAX_ROWS_MAX: i64 = 1_000_000;
 /// Rows one [`ViewCommand::Purge`] entry deletes.
 pub const PURGE_ROWS_MAX: usize = 1_024;
+/// Change events one [`ViewCommand::Advance`] of an async view counts at most (whole
+/// entries: an entry with more is taken alone), and keys of a build page it adds.
+pub const ADVANCE_EVENTS_MAX: usize = 1_024;
+pub const ADVANCE_KEYS_MAX: usize = 256;
+/// Bytes of the rows' change one [`ViewCommand::Advance`] may carry: past it the view turns
+/// `overflow` (a Lua map emitting that much per key is no view).
+pub const ADVANCE_DELTA_BYTES_MAX: usize = 8 << 20;
 
 /// Whether `name` is a valid view name.
 pub fn name_is_valid(name: &[u8]) -> bool {
@@ -107,6 +123,28 @@ pub enum ViewCommand {
     /// Deletes up to [`PURGE_ROWS_MAX`] rows of a dropped generation (answers how many
     /// rows it deleted; 0: none were left).
     Purge { name: Bytes, generation: u64 },
+    /// Moves an async (Lua) view from what its updater read (`from`) to what it computed
+    /// (`to`), adding `delta` to its rows; changes nothing unless the view still stands
+    /// exactly at `from` (answers `[state, position]` either way). So a repeated, stale or
+    /// concurrent update counts nothing twice, whoever leads.
+    Advance {
+        name: Bytes,
+        from: AsyncAt,
+        to: AsyncAt,
+        /// The rows' change (postcard `ViewDelta` of `capdb_storage::disk`), at most
+        /// [`ADVANCE_DELTA_BYTES_MAX`].
+        delta: Bytes,
+    },
+}
+
+/// Where an async (Lua) view stands on one shard: its generation, its state (a building
+/// view's cursor) and its position in the shard's change log (the stream clock of the last
+/// logged entry whose events it counts).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AsyncAt {
+    pub generation: u64,
+    pub state: ViewState,
+    pub position: u64,
 }
 
 impl ViewCommand {
@@ -115,7 +153,8 @@ impl ViewCommand {
             ViewCommand::Define { name, .. }
             | ViewCommand::Backfill { name, .. }
             | ViewCommand::Drop { name }
-            | ViewCommand::Purge { name, .. } => name,
+            | ViewCommand::Purge { name, .. }
+            | ViewCommand::Advance { name, .. } => name,
         }
     }
 
@@ -125,6 +164,7 @@ impl ViewCommand {
             ViewCommand::Backfill { .. } => "backfill",
             ViewCommand::Drop { .. } => "drop",
             ViewCommand::Purge { .. } => "purge",
+            ViewCommand::Advance { .. } => "advance",
         }
     }
 }

@@ -495,6 +495,14 @@ impl Groups {
                 continue;
             }
             let t = self.engine.table(&layout::shard_table(g), false);
+            // Async (Lua) views are built by their updater, not by backfill entries.
+            let lua: Vec<bytes::Bytes> = query(&t, b"async-defs")
+                .into_iter()
+                .filter_map(|r| match r {
+                    Reply::Bulk(name) => Some(name),
+                    _ => None,
+                })
+                .collect();
             for row in query(&t, b"defs") {
                 let Reply::Array(v) = row else { continue };
                 let [Reply::Bulk(name), Reply::Bulk(def)] = &v[..] else {
@@ -503,7 +511,9 @@ impl Groups {
                 let Ok(def) = postcard::from_bytes::<ViewDef>(def) else {
                     continue;
                 };
-                if let ViewState::Building { cursor, .. } = def.state {
+                if let ViewState::Building { cursor, .. } = def.state
+                    && !lua.contains(name)
+                {
                     out.push((
                         g,
                         ViewCommand::Backfill {
@@ -528,6 +538,46 @@ impl Groups {
             }
         }
         out
+    }
+
+    /// The async (Lua) views kept (building or ready) on the shards this node leads:
+    /// `(group, view name)`, for their updater (`server/src/node/views.rs`).
+    pub fn views_async_led(&self) -> Vec<(GroupId, bytes::Bytes)> {
+        use capdb_storage::KeyspaceStore;
+        use capdb_types::Reply;
+        let mut out = Vec::new();
+        let args = [
+            bytes::Bytes::from_static(capdb_storage::disk::VIEWS_QUERY.as_bytes()),
+            bytes::Bytes::from_static(b"async-defs"),
+        ];
+        for (g, _) in self.all() {
+            if g == META_GROUP || !self.leads(g) {
+                continue;
+            }
+            let t = self.engine.table(&layout::shard_table(g), false);
+            match t.query(&args, 0, 0) {
+                Ok(Reply::Array(rows)) => out.extend(rows.into_iter().filter_map(|r| match r {
+                    Reply::Bulk(name) => Some((g, name)),
+                    _ => None,
+                })),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot read the views"),
+            }
+        }
+        out
+    }
+
+    /// Runs an internal read query on this replica of data group `g`, as it stands here (no
+    /// read index: for work whose entries are compare-and-set, like an async view's update).
+    pub fn query_replica(
+        &self,
+        g: GroupId,
+        args: &[bytes::Bytes],
+    ) -> Result<capdb_types::Reply, capdb_types::Error> {
+        use capdb_storage::KeyspaceStore;
+        self.engine
+            .table(&layout::shard_table(g), false)
+            .query(args, capdb_types::unix_now_ms(), 0)
     }
 
     /// This node's view of its groups, in group order.

@@ -93,6 +93,9 @@ pub(super) struct GetQuery {
     group: Option<String>,
     after: Option<String>,
     limit: Option<usize>,
+    /// Wait up to this many ms until an async (Lua) view has counted every change logged
+    /// before the read (`caught_up` says whether it did).
+    fresh_ms: Option<u64>,
 }
 
 pub(super) async fn get(
@@ -119,6 +122,14 @@ pub(super) async fn get(
         .iter()
         .map(|g| bytes::Bytes::from(g.clone()))
         .collect();
+    let caught_up = match q.fresh_ms {
+        Some(ms) => Some(
+            node.view_wait_fresh(&ks, name.as_bytes(), std::time::Duration::from_millis(ms))
+                .await
+                .map_err(refusal)?,
+        ),
+        None => None,
+    };
     let read = node
         .view_get(
             &ks,
@@ -129,7 +140,7 @@ pub(super) async fn get(
         )
         .await
         .map_err(refusal)?;
-    Ok(Json(json!({
+    let mut body = json!({
         "view": name,
         "complete": read.complete,
         "shards_ready": read.shards_ready,
@@ -139,8 +150,11 @@ pub(super) async fn get(
         "rounded": read.rounded,
         "rows": read.rows,
         "next": read.next.map(|n| to_hex(&n)),
-    }))
-    .into_response())
+    });
+    if let Some(c) = caught_up {
+        body["caught_up"] = json!(c);
+    }
+    Ok(Json(body).into_response())
 }
 
 pub(super) async fn drop(

@@ -23,6 +23,7 @@ pub mod router;
 pub mod settings;
 pub mod snapshot;
 pub mod txns;
+pub mod view_update;
 pub mod views;
 
 use std::collections::BTreeMap;

@@ -40,6 +40,9 @@ pub const VIEW_WORK_PERIOD: Duration = Duration::from_millis(500);
 /// purged; the pause is at least three times the round): a build goes at most 1,024 keys
 /// per pause per shard (about 200,000 keys/s), and takes at most a quarter of the time.
 pub const STEP_PAUSE: Duration = Duration::from_millis(5);
+/// The pause after a round in which an async view moved (it may have more to read at
+/// once): how far its lag can grow between rounds under a steady write load.
+pub const ASYNC_PAUSE: Duration = Duration::from_millis(20);
 /// The longest wait before a failed step is tried again.
 pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// Groups one `VIEW GET` answers at most (a page; `AFTER` reads on).
@@ -210,6 +213,17 @@ impl Node {
             return Err(Error::Command(format!(
                 "ERR at most {VIEWS_MAX} views per keyspace (VIEW DROP one)"
             )));
+        }
+        // A Lua view is kept from the change log, with each event's previous value: turned
+        // on first (safe to repeat; CHANGES CONFIG can turn it off again, which stops it).
+        if JobSpec::parse(spec.as_bytes())
+            .map_err(|e| Error::Corruption(format!("a view spec: {e}")))?
+            .lua
+            .is_some()
+        {
+            self.keyspace(ks)?
+                .changes_config(true, None, None, Some(true))
+                .await?;
         }
         // The first shard's generation is every shard's (a new one: this node's clock).
         let mut generation = capdb_types::unix_now_ms();
@@ -500,8 +514,20 @@ impl Node {
     /// Recomputes view `name` on every shard from the same snapshot as its rows.
     pub async fn view_verify(&self, ks: &str, name: &[u8]) -> Result<Verified> {
         let mut out = Verified::default();
+        // A Lua view is recomputed by this node (storage runs no Lua).
+        let lua_spec = self
+            .view_defs(ks)
+            .await?
+            .into_iter()
+            .find(|(n, _)| &n[..] == name)
+            .and_then(|(_, shards)| shards.first().map(|(_, d)| d.spec.clone()))
+            .filter(|spec| JobSpec::parse(spec.as_bytes()).is_ok_and(|s| s.lua.is_some()));
         for (shard, g) in self.view_keyspace(ks)?.into_iter().enumerate() {
-            let Reply::Array(v) = self.views_query(g, &[b"verify", name]).await? else {
+            let reply = match &lua_spec {
+                Some(spec) => self.view_verify_async(g, name, spec).await?,
+                None => self.views_query(g, &[b"verify", name]).await?,
+            };
+            let Reply::Array(v) = reply else {
                 return Err(Error::Io("a verify query answered no array".into()));
             };
             let [
@@ -541,6 +567,27 @@ pub async fn view_work(node: Arc<Node>) {
         // Read from the shards each time: a step's successor is in the stored cursor, and a
         // shard whose leadership moved drops out here.
         let now = Instant::now();
+        // Async (Lua) views: a round each (`view_update.rs`), with the same backoff.
+        let mut moved = false;
+        for (group, name) in node.groups.views_async_led() {
+            let key = (group, name.clone());
+            if backoff.get(&key).is_some_and(|(until, _)| *until > now) {
+                continue;
+            }
+            match super::view_update::advance(&node, group, &name).await {
+                Ok(m) => {
+                    moved |= m;
+                    backoff.remove(&key);
+                }
+                Err(e) => {
+                    tracing::debug!(group, error = %e, "async view update not applied");
+                    let wait = backoff
+                        .get(&key)
+                        .map_or(VIEW_WORK_PERIOD, |(_, d)| (*d * 2).min(BACKOFF_MAX));
+                    backoff.insert(key, (Instant::now() + wait, wait));
+                }
+            }
+        }
         let work: Vec<_> = node
             .groups
             .views_work_led()
@@ -552,7 +599,13 @@ pub async fn view_work(node: Arc<Node>) {
             })
             .collect();
         if work.is_empty() {
-            tokio::time::sleep(VIEW_WORK_PERIOD).await;
+            // An async view that moved may have more to read: soon again, else a period.
+            let pause = if moved {
+                ASYNC_PAUSE
+            } else {
+                VIEW_WORK_PERIOD
+            };
+            tokio::time::sleep(pause).await;
             continue;
         }
         // One step per view and shard, then a pause of at least three times what the

@@ -194,6 +194,11 @@ impl ChangeLog {
         self.on
     }
 
+    /// The stream clock of the last entry that logged events (an async view's position).
+    pub(super) fn clock(&self) -> Timestamp {
+        self.clock
+    }
+
     /// Whether events carry their key's previous string value (read before the apply).
     pub(super) fn wants_prev(&self) -> bool {
         self.on && self.prev
@@ -489,8 +494,19 @@ pub(super) fn values_before<'k>(
 }
 
 /// Gives each event the previous value its key held (from [`values_before`]).
-pub(super) fn fill_prev(events: &mut [Event], before: &std::collections::HashMap<Bytes, Before>) {
-    for e in events {
+///
+/// `for_views` (the shard keeps an async view, which counts a key until the log removes it,
+/// as a synchronous one does): a value whose deadline passed but that the sweep had not
+/// removed yet is given too, and a string replaced by a collection (COPY or RESTORE with
+/// REPLACE, a `*STORE` onto it) is logged as a `del` carrying it before the collection's
+/// `cmd`, so that the view can take back what it counted.
+pub(super) fn fill_prev(
+    events: &mut Vec<Event>,
+    before: &std::collections::HashMap<Bytes, Before>,
+    for_views: bool,
+) {
+    let mut deleted: Vec<(usize, Event)> = Vec::new();
+    for (i, e) in events.iter_mut().enumerate() {
         let Some(Before {
             value: Some(old),
             live,
@@ -501,12 +517,25 @@ pub(super) fn fill_prev(events: &mut [Event], before: &std::collections::HashMap
         match &mut e.op {
             ChangeOp::Expire { prev } => *prev = Some(old.clone()),
             ChangeOp::Set { prev, .. } | ChangeOp::Del { prev } | ChangeOp::Incr { prev, .. }
-                if *live =>
+                if *live || for_views =>
             {
                 *prev = Some(old.clone())
             }
+            ChangeOp::Cmd { .. } if for_views => deleted.push((
+                i,
+                Event {
+                    key: e.key.clone(),
+                    op: ChangeOp::Del {
+                        prev: Some(old.clone()),
+                    },
+                },
+            )),
             _ => {}
         }
+    }
+    // From the last, so that the earlier positions hold.
+    for (i, del) in deleted.into_iter().rev() {
+        events.insert(i, del);
     }
 }
 

@@ -648,6 +648,7 @@ pub(super) fn apply_replicated(
         )
     };
     let (mut recording, mut changes, mut views) = recording;
+    let for_async_views = views.has_async();
     let refusal = |index: u64| {
         refused
             .iter()
@@ -758,7 +759,7 @@ pub(super) fn apply_replicated(
                     }
                 }
             }
-            super::changes::fill_prev(&mut events, &before);
+            super::changes::fill_prev(&mut events, &before, for_async_views);
             match logged.last_mut() {
                 Some(l) if l.index == *index => l.events.extend(events),
                 _ => logged.push(super::changes::Logged {
@@ -930,6 +931,8 @@ fn replace_table(
                 }],
             };
             super::changes::append(x, table, &mut log, vec![flush])?;
+            // Async views were emptied with the data: they count from the flush on.
+            super::views::after_flush(x, table, log.clock())?;
         }
     }
     let mut mt = x.txn.open_table(META_TABLE).map_err(io_err)?;

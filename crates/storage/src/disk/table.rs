@@ -565,6 +565,33 @@ impl KeyspaceStore for DiskTable {
                 };
                 return super::views::verify(t.as_ref(), &el, name);
             }
+            // An async view's updater and verification read the data and the change log
+            // from one snapshot (`views::async_read`, `async_scan`, `verify_with`).
+            match &args[1..] {
+                [sub, name] if sub.as_ref() == b"async" => {
+                    let txn = self.begin_read()?;
+                    return super::views::async_read(&txn, &self.table, name);
+                }
+                [sub, name, after] if sub.as_ref() == b"scan" => {
+                    let txn = self.begin_read()?;
+                    return super::views::async_scan(&txn, &self.table, name, after);
+                }
+                [sub, name, clock, delta] if sub.as_ref() == b"verify-with" => {
+                    let clock = std::str::from_utf8(clock)
+                        .ok()
+                        .and_then(|c| c.parse::<u64>().ok())
+                        .ok_or_else(|| Error::InvalidInput("malformed views query".into()))?;
+                    return self
+                        .read_elements(|el| super::views::verify_with(el, name, clock, delta))?
+                        .ok_or_else(|| {
+                            Error::Command(format!(
+                                "NOVIEW no view '{}'",
+                                String::from_utf8_lossy(name)
+                            ))
+                        });
+                }
+                _ => {}
+            }
             return Ok(self
                 .read_elements(|el| super::views::query(el, args))?
                 .unwrap_or(match args.get(1).map(|s| &s[..]) {

@@ -480,6 +480,7 @@ fn step_inner(x: &Exec, table: &str, job: &TxnJob) -> Result<Result<TxnAnswer>> 
                 .map_err(io_err)?;
             super::views::ViewSet::load(&el)?
         };
+        let for_async_views = views.has_async();
         let view_keys =
             if super::views::DEBUG_VIEW_SKIP_TXN.load(std::sync::atomic::Ordering::Relaxed) {
                 Vec::new()
@@ -505,7 +506,7 @@ fn step_inner(x: &Exec, table: &str, job: &TxnJob) -> Result<Result<TxnAnswer>> 
                 .filter(|k| seen.insert(*k))
                 .map(|k| super::changes::event_of(&t, None, k, job.now_ms))
                 .collect::<Result<Vec<_>>>()?;
-            super::changes::fill_prev(&mut events, &before);
+            super::changes::fill_prev(&mut events, &before, for_async_views);
             drop(t);
             // Logged at or above the commit timestamp, the largest vote, so above every write
             // before the transaction on every participant (`ChangeLog::vote_at`).

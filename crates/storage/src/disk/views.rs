@@ -15,6 +15,17 @@
 //! - `0‖view-cnt/‖name‖generation` -> [`Counts`]
 //! - `0‖view-gone/‖name‖generation` -> empty: a dropped generation whose rows are still being
 //!   deleted ([`ViewCommand::Purge`])
+//! - `0‖view-pos/‖name‖generation` -> u64 LE: an async (Lua) view's position in the shard's
+//!   change log (the stream clock of the last entry whose events it counts)
+//!
+//! # Async (Lua) views
+//!
+//! The apply never runs their map: [`ViewSet::load`] leaves them out. Their updater (the
+//! shard leader's node) reads [`async_read`] (the events after the position and, while
+//! building, the next keys, from one snapshot), maps them and proposes
+//! [`ViewCommand::Advance`] with a [`ViewDelta`] built by [`DeltaBuilder`]; it applies only
+//! if the view still stands where the read found it. While building, an event counts only
+//! for a key the cursor has passed, as a write does for a synchronous view.
 //!
 //! The rows are replicated state: snapshots carry the element table; FLUSHDB keeps the
 //! definitions (as ready: nothing is left to count) and drops the rest ([`carried_rows`]).
@@ -31,9 +42,11 @@ use bytes::Bytes;
 use capdb_reduce::acc::{Acc, Contribution, Reducer};
 use capdb_reduce::num::Fixed;
 use capdb_reduce::{JobSpec, Plan};
+use capdb_reduce::extract::Scalar;
 use capdb_types::views::{
-    BACKFILL_BYTES_MAX, BACKFILL_KEYS_MAX, PURGE_ROWS_MAX, VIEW_GROUPS_MAX, VIEW_MINMAX_ROWS_MAX,
-    VIEWS_MAX, ViewCommand, ViewDef, ViewState, name_is_valid,
+    ADVANCE_EVENTS_MAX, ADVANCE_KEYS_MAX, AsyncAt, BACKFILL_BYTES_MAX, BACKFILL_KEYS_MAX,
+    PURGE_ROWS_MAX, VIEW_GROUPS_MAX, VIEW_MINMAX_ROWS_MAX, VIEWS_MAX, ViewCommand, ViewDef,
+    ViewState, name_is_valid,
 };
 use capdb_types::{Error, Reply, Result};
 use redb::ReadableTable;
@@ -60,6 +73,8 @@ const ROW: &[u8] = b"view-row/";
 const MM: &[u8] = b"view-mm/";
 const CNT: &[u8] = b"view-cnt/";
 const GONE: &[u8] = b"view-gone/";
+/// An async view's position (`‖name‖generation` -> u64 LE stream clock).
+const POS: &[u8] = b"view-pos/";
 
 fn def_key(name: &[u8]) -> Vec<u8> {
     let mut k = RESERVED.to_vec();
@@ -211,12 +226,21 @@ impl Loaded {
     /// Whether a change of `key` counts now: the view is kept and its cursor has passed
     /// the key, and the key is the view's.
     fn live_for(&self, key: &[u8]) -> bool {
-        let passed = match &self.def.state {
-            ViewState::Ready => true,
-            ViewState::Building { cursor, .. } => cursor.as_deref().is_some_and(|c| key <= c),
-            ViewState::Overflow { .. } => false,
-        };
-        passed && self.plan.spec().input.wants(key)
+        passed(&self.def.state, key) && self.plan.spec().input.wants(key)
+    }
+
+    /// A Lua view: kept from the change log, off the apply.
+    fn is_async(&self) -> bool {
+        self.plan.spec().lua.is_some()
+    }
+}
+
+/// Whether a view in `state` counts a change of `key` now (its cursor has passed the key).
+fn passed(state: &ViewState, key: &[u8]) -> bool {
+    match state {
+        ViewState::Ready => true,
+        ViewState::Building { cursor, .. } => cursor.as_deref().is_some_and(|c| key <= c),
+        ViewState::Overflow { .. } => false,
     }
 }
 
@@ -233,24 +257,42 @@ struct Pending {
 pub(super) struct ViewSet {
     views: Vec<Loaded>,
     pending: Vec<Pending>,
+    /// The shard keeps an async view (not in `views`: the apply does not count for it).
+    any_async: bool,
 }
 
 impl ViewSet {
-    /// The shard's views (one range lookup when it has none).
+    /// The shard's synchronous views (one range lookup when it has none).
     pub(super) fn load(el: &impl ReadableTable<&'static [u8], &'static [u8]>) -> Result<ViewSet> {
         let mut views = Vec::new();
+        let mut any_async = false;
         for (name, def) in defs(el)? {
             if matches!(def.state, ViewState::Overflow { .. }) {
                 continue;
             }
-            views.push(Loaded::new(name, def)?);
+            let v = Loaded::new(name, def)?;
+            if v.is_async() {
+                any_async = true;
+            } else {
+                views.push(v);
+            }
         }
         let pending = views.iter().map(|_| Pending::default()).collect();
-        Ok(ViewSet { views, pending })
+        Ok(ViewSet {
+            views,
+            pending,
+            any_async,
+        })
     }
 
     pub(super) fn is_empty(&self) -> bool {
         self.views.is_empty()
+    }
+
+    /// Whether the shard keeps an async view (its change log's events then carry what it
+    /// needs: `changes::fill_prev`).
+    pub(super) fn has_async(&self) -> bool {
+        self.any_async
     }
 
     /// Whether writes changed some view's rows.
@@ -335,28 +377,7 @@ impl ViewSet {
             p.counts.rounded += sign;
         }
         for group in mapped.groups {
-            for &(r, slot) in &v.minmax {
-                *p.minmax
-                    .entry((r, group.clone(), mapped.numbers[slot]))
-                    .or_default() += sign;
-            }
-            let row = p.rows.entry(group).or_insert_with(|| Row {
-                n: 0,
-                accs: v.plan.empty_accs(),
-            });
-            row.n += sign;
-            for (i, slot) in v.slots.iter().enumerate() {
-                let acc = &mut row.accs[i];
-                let c = match (&*acc, slot) {
-                    (Acc::Count(_), _) => Contribution::One,
-                    (Acc::Sum(_) | Acc::Avg { .. }, Some(s)) => {
-                        Contribution::Number(mapped.numbers[*s])
-                    }
-                    _ => continue,
-                };
-                let done = if sign > 0 { acc.add(c) } else { acc.retract(c) };
-                done.map_err(|e| Error::Corruption(format!("view accumulator: {e}")))?;
-            }
+            add_group(v, p, group, &mapped.numbers, sign)?;
         }
         Ok(())
     }
@@ -370,6 +391,206 @@ impl ViewSet {
         }
         Ok(())
     }
+}
+
+/// Adds (`sign` 1) or takes back (-1) one contribution to `group` of view `v`.
+fn add_group(
+    v: &Loaded,
+    p: &mut Pending,
+    group: Vec<u8>,
+    numbers: &[Fixed],
+    sign: i64,
+) -> Result<()> {
+    for &(r, slot) in &v.minmax {
+        let n = *numbers
+            .get(slot)
+            .ok_or_else(|| Error::Corruption("a view's value slot".into()))?;
+        *p.minmax.entry((r, group.clone(), n)).or_default() += sign;
+    }
+    let row = p.rows.entry(group).or_insert_with(|| Row {
+        n: 0,
+        accs: v.plan.empty_accs(),
+    });
+    row.n += sign;
+    for (i, slot) in v.slots.iter().enumerate() {
+        let acc = &mut row.accs[i];
+        let c = match (&*acc, slot) {
+            (Acc::Count(_), _) => Contribution::One,
+            (Acc::Sum(_) | Acc::Avg { .. }, Some(s)) => Contribution::Number(
+                *numbers
+                    .get(*s)
+                    .ok_or_else(|| Error::Corruption("a view's value slot".into()))?,
+            ),
+            _ => continue,
+        };
+        let done = if sign > 0 { acc.add(c) } else { acc.retract(c) };
+        done.map_err(|e| Error::Corruption(format!("view accumulator: {e}")))?;
+    }
+    Ok(())
+}
+
+/// What one key gives an async view: its map's emits, each a group's parts, a number per
+/// value slot (`None`: the emit lacked one, counted as skipped, as a job counts it) and
+/// whether a number was rounded.
+pub type Emits = [(Vec<Scalar>, Vec<Option<Fixed>>, bool)];
+
+/// The change to an async view's rows one [`ViewCommand::Advance`] carries: computed by the
+/// updater off the apply ([`DeltaBuilder`]), added by the apply.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ViewDelta {
+    rows: Vec<(Vec<u8>, Row)>,
+    minmax: Vec<(u8, Vec<u8>, Fixed, i64)>,
+    keys: i64,
+    skipped: i64,
+    rounded: i64,
+}
+
+impl ViewDelta {
+    pub fn encode(&self) -> Result<Vec<u8>> {
+        encode(self)
+    }
+
+    /// Adds `other` (of the same view) to this one.
+    pub fn absorb(&mut self, other: ViewDelta) -> Result<()> {
+        let mut rows: HashMap<Vec<u8>, Row> = std::mem::take(&mut self.rows).into_iter().collect();
+        for (group, row) in other.rows {
+            match rows.get_mut(&group) {
+                Some(mine) => {
+                    mine.n += row.n;
+                    for (a, b) in mine.accs.iter_mut().zip(&row.accs) {
+                        a.merge(b)
+                            .map_err(|e| Error::Corruption(format!("view accumulator: {e}")))?;
+                    }
+                }
+                None => {
+                    rows.insert(group, row);
+                }
+            }
+        }
+        self.rows = rows.into_iter().collect();
+        let mut minmax: HashMap<(u8, Vec<u8>, Fixed), i64> = std::mem::take(&mut self.minmax)
+            .into_iter()
+            .map(|(r, g, n, d)| ((r, g, n), d))
+            .collect();
+        for (r, g, n, d) in other.minmax {
+            *minmax.entry((r, g, n)).or_default() += d;
+        }
+        self.minmax = minmax
+            .into_iter()
+            .filter(|(_, d)| *d != 0)
+            .map(|((r, g, n), d)| (r, g, n, d))
+            .collect();
+        self.keys += other.keys;
+        self.skipped += other.skipped;
+        self.rounded += other.rounded;
+        Ok(())
+    }
+
+    fn into_pending(self) -> Pending {
+        Pending {
+            rows: self.rows.into_iter().collect(),
+            minmax: self
+                .minmax
+                .into_iter()
+                .map(|(r, g, n, d)| ((r, g, n), d))
+                .collect(),
+            counts: Counts {
+                keys: self.keys,
+                skipped: self.skipped,
+                rounded: self.rounded,
+                ..Counts::default()
+            },
+            touched: true,
+        }
+    }
+}
+
+/// Builds an async view's [`ViewDelta`] from what keys held before and after, mapped by the
+/// view's Lua (the caller's: storage does not run it).
+pub struct DeltaBuilder {
+    view: Loaded,
+    pending: Pending,
+}
+
+impl DeltaBuilder {
+    /// For a view of `spec` (its canonical JSON).
+    pub fn new(spec: &str) -> Result<DeltaBuilder> {
+        let def = ViewDef {
+            generation: 0,
+            spec: spec.to_string(),
+            state: ViewState::Ready,
+        };
+        Ok(DeltaBuilder {
+            view: Loaded::new(Bytes::new(), def)?,
+            pending: Pending::default(),
+        })
+    }
+
+    /// Adds (`sign` 1) or takes back (-1) what one key gives the view.
+    pub fn key(&mut self, emits: &Emits, sign: i64) -> Result<()> {
+        let p = &mut self.pending;
+        p.touched = true;
+        p.counts.keys += sign;
+        for (parts, numbers, rounded) in emits {
+            let Some(numbers) = numbers.iter().copied().collect::<Option<Vec<_>>>() else {
+                p.counts.skipped += sign;
+                continue;
+            };
+            if *rounded {
+                p.counts.rounded += sign;
+            }
+            let mut group = Vec::new();
+            for s in parts {
+                s.encode(&mut group);
+            }
+            add_group(&self.view, p, group, &numbers, sign)?;
+        }
+        Ok(())
+    }
+
+    pub fn finish(self) -> ViewDelta {
+        let p = self.pending;
+        ViewDelta {
+            rows: p.rows.into_iter().collect(),
+            minmax: p
+                .minmax
+                .into_iter()
+                .filter(|(_, d)| *d != 0)
+                .map(|((r, g, n), d)| (r, g, n, d))
+                .collect(),
+            keys: p.counts.keys,
+            skipped: p.counts.skipped,
+            rounded: p.counts.rounded,
+        }
+    }
+}
+
+fn pos_key(name: &[u8], generation: u64) -> Vec<u8> {
+    gen_prefix(POS, name, generation)
+}
+
+/// An async view's position on this shard (0 before its first).
+fn position(el: &impl ReadableTable<&'static [u8], &'static [u8]>, v: &ViewDef, name: &[u8]) -> Result<u64> {
+    match el.get(&pos_key(name, v.generation)[..]).map_err(io_err)? {
+        Some(raw) => Ok(int(raw.value())? as u64),
+        None => Ok(0),
+    }
+}
+
+/// After FLUSHDB (whose rows went with the data): every async view counts from the flush's
+/// own event, at `clock`, on (events before it were of keys that are gone).
+pub(super) fn after_flush(x: &super::ops::Exec, table: &str, clock: capdb_types::Timestamp) -> Result<()> {
+    let mut el: RawTable<'_> = x
+        .txn
+        .open_table(table_def(&crate::layout::element_table(table)))
+        .map_err(io_err)?;
+    for (name, def) in defs(&el)? {
+        if Loaded::new(name.clone(), def.clone())?.is_async() {
+            el.insert(&pos_key(&name, def.generation)[..], &clock.0.to_le_bytes()[..])
+                .map_err(io_err)?;
+        }
+    }
+    Ok(())
 }
 
 /// The value of `key` a view counts: a string, not a tombstone, expired or not.
@@ -567,6 +788,20 @@ pub(super) fn apply(
                     keys_done: 0,
                 },
             };
+            if Loaded::new(name.clone(), def.clone())?.is_async() {
+                // Kept from the change log: it must be on, with each event's previous value.
+                let log = super::changes::ChangeLog::load(&el)?;
+                if !log.wants_prev() {
+                    return refuse(
+                        "ERR a Lua view is kept from the keyspace's change log: turn it on with previous values first (CHANGES CONFIG <keyspace> ON PREV yes)",
+                    );
+                }
+                el.insert(
+                    &pos_key(name, *generation)[..],
+                    &log.clock().0.to_le_bytes()[..],
+                )
+                .map_err(io_err)?;
+            }
             el.insert(&dkey[..], &encode(&def)?[..]).map_err(io_err)?;
             Ok(Ok(Reply::Array(vec![
                 Reply::Integer(*generation as i64),
@@ -590,7 +825,7 @@ pub(super) fn apply(
                 return refuse("ERR that generation of the view is defined: VIEW DROP first");
             }
             let mut deleted = 0;
-            for kind in [ROW, MM, CNT] {
+            for kind in [ROW, MM, CNT, POS] {
                 let prefix = gen_prefix(kind, name, *generation);
                 let keys: Vec<Vec<u8>> = el
                     .range(&prefix[..]..)
@@ -613,12 +848,69 @@ pub(super) fn apply(
             }
             Ok(Ok(Reply::Integer(deleted as i64)))
         }
+        ViewCommand::Advance {
+            from, to, delta, ..
+        } => {
+            let Some(def) = current else {
+                return refuse("ERR no such view here");
+            };
+            let here = AsyncAt {
+                generation: def.generation,
+                state: def.state.clone(),
+                position: position(&el, &def, name)?,
+            };
+            if here != *from {
+                // A repeated, stale or concurrent update: it counts nothing.
+                return Ok(Ok(advance_reply(&here)));
+            }
+            let old = Loaded::new(name.clone(), def.clone())?;
+            if !old.is_async() {
+                return refuse("ERR only a Lua view advances from the change log");
+            }
+            let delta: ViewDelta = decode(delta, "a view's delta")?;
+            if to.generation != from.generation {
+                // Rebuilt from nothing: the old generation's rows go in the background.
+                if el
+                    .get(&gen_prefix(GONE, name, to.generation)[..])
+                    .map_err(io_err)?
+                    .is_some()
+                {
+                    return refuse("ERR that generation of the view is still being dropped");
+                }
+                el.insert(&gen_prefix(GONE, name, from.generation)[..], &[][..])
+                    .map_err(io_err)?;
+            }
+            let mut def = def;
+            def.generation = to.generation;
+            def.state = to.state.clone();
+            el.insert(&dkey[..], &encode(&def)?[..]).map_err(io_err)?;
+            el.insert(
+                &pos_key(name, to.generation)[..],
+                &to.position.to_le_bytes()[..],
+            )
+            .map_err(io_err)?;
+            if delta != ViewDelta::default() {
+                let v = Loaded::new(name.clone(), def.clone())?;
+                write_pending(&mut el, &v, delta.into_pending())?;
+            }
+            // `write_pending` may have turned it `overflow`: answer what is stored.
+            let stored: ViewDef = get(&el, &dkey, "a view definition")?.unwrap_or(def);
+            let position = position(&el, &stored, name)?;
+            Ok(Ok(advance_reply(&AsyncAt {
+                generation: stored.generation,
+                state: stored.state,
+                position,
+            })))
+        }
         ViewCommand::Backfill {
             generation, after, ..
         } => {
             let Some(mut def) = current.filter(|d| d.generation == *generation) else {
                 return refuse("ERR no such view generation here");
             };
+            if Loaded::new(name.clone(), def.clone())?.is_async() {
+                return refuse("ERR a Lua view is built by its updater (ViewCommand::Advance)");
+            }
             let ViewState::Building { cursor, keys_done } = &def.state else {
                 return Ok(Ok(state_reply(&def)));
             };
@@ -631,6 +923,7 @@ pub(super) fn apply(
             let mut set = ViewSet {
                 views: vec![loaded],
                 pending: vec![Pending::default()],
+                any_async: false,
             };
             let t = x.txn.open_table(table_def(table)).map_err(io_err)?;
             let prefix = set.views[0].plan.spec().input.scan_prefix().to_vec();
@@ -681,6 +974,278 @@ pub(super) fn apply(
             Ok(Ok(state_reply(&stored.unwrap_or(def))))
         }
     }
+}
+
+/// `[state, position]`.
+fn advance_reply(at: &AsyncAt) -> Reply {
+    Reply::Array(vec![
+        Reply::Bulk(Bytes::from_static(at.state.name().as_bytes())),
+        Reply::Integer(at.position as i64),
+    ])
+}
+
+/// What an async view's updater reads, from one snapshot (`txn`) of shard `table`
+/// (`capdb.views async name`). Answers one of:
+///
+/// - `["ok", from, to, [[key, before|nil, after|nil], ...], [[key, value], ...]]`: where
+///   the view stands (`from`, postcard [`AsyncAt`]) and where it goes once the updater adds
+///   what the listed changes (the events after its position that it counts, at most
+///   [`ADVANCE_EVENTS_MAX`], whole entries) and, while it builds and every event is read,
+///   the next keys (at most [`ADVANCE_KEYS_MAX`], the string values it counts) give;
+/// - `["lost", from, to]`: events it needs went (the retention, or a snapshot this replica
+///   installed): `to` rebuilds it from this snapshot under a new generation;
+/// - `["off", from, why]`: the change log no longer carries what it needs.
+pub(super) fn async_read(txn: &redb::ReadTransaction, table: &str, name: &[u8]) -> Result<Reply> {
+    let no_view = || {
+        Error::Command(format!(
+            "NOVIEW no view '{}'",
+            String::from_utf8_lossy(name)
+        ))
+    };
+    let el = match txn.open_table(table_def(&crate::layout::element_table(table))) {
+        Ok(el) => el,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Err(no_view()),
+        Err(e) => return Err(io_err(e)),
+    };
+    let def: ViewDef = get(&el, &def_key(name), "a view definition")?.ok_or_else(no_view)?;
+    let v = Loaded::new(Bytes::copy_from_slice(name), def.clone())?;
+    if !v.is_async() {
+        return Err(Error::Command("ERR not a Lua view".into()));
+    }
+    let from = AsyncAt {
+        generation: def.generation,
+        state: def.state.clone(),
+        position: position(&el, &def, name)?,
+    };
+    let log = super::changes::ChangeLog::load(&el)?;
+    drop(el);
+    if !log.wants_prev() {
+        return Ok(Reply::Array(vec![
+            bulk(Bytes::from_static(b"off")),
+            bulk(encode(&from)?),
+            bulk(Bytes::from_static(
+                b"the keyspace's change log was turned off or its previous values (PREV) were: VIEW DROP the view and CREATE it again",
+            )),
+        ]));
+    }
+    let start = capdb_types::changes::StreamId::of_event(
+        capdb_types::Timestamp(from.position.saturating_add(1)),
+        0,
+    );
+    let (changes, more) = match super::changes::read_page(
+        txn,
+        table,
+        start,
+        capdb_types::changes::StreamId::MAX,
+        ADVANCE_EVENTS_MAX,
+        false,
+        true,
+    ) {
+        Ok(page) => page,
+        Err(Error::Command(line)) if line.starts_with("HISTORYLOST") => {
+            let to = AsyncAt {
+                generation: from.generation.max(capdb_types::unix_now_ms()).max(from.generation + 1),
+                state: ViewState::Building {
+                    cursor: None,
+                    keys_done: 0,
+                },
+                position: log.clock().0,
+            };
+            return Ok(Reply::Array(vec![
+                bulk(Bytes::from_static(b"lost")),
+                bulk(encode(&from)?),
+                bulk(encode(&to)?),
+            ]));
+        }
+        Err(e) => return Err(e),
+    };
+    let mut to = from.clone();
+    to.position = match (more, changes.last()) {
+        (true, Some(last)) => last.clock.0,
+        _ => log.clock().0,
+    };
+    let input = &v.plan.spec().input;
+    let mut events = Vec::new();
+    for c in &changes {
+        let key = &c.event.key;
+        if !passed(&from.state, key) || !input.wants(key) {
+            continue;
+        }
+        use capdb_types::changes::ChangeOp;
+        let (before, after) = match &c.event.op {
+            ChangeOp::Set { value, prev, .. } => (prev.clone(), Some(value.clone())),
+            ChangeOp::Incr { value, prev, .. } => {
+                (prev.clone(), Some(Bytes::from(value.to_string())))
+            }
+            ChangeOp::Del { prev } | ChangeOp::Expire { prev } => (prev.clone(), None),
+            // A deadline changes no value; a collection is not counted (a string it
+            // replaced is logged as a `del` before it); FLUSHDB moved the position past it.
+            ChangeOp::Ttl { .. } | ChangeOp::Cmd { .. } | ChangeOp::Evict | ChangeOp::Flush => {
+                continue;
+            }
+        };
+        if before == after {
+            continue;
+        }
+        let opt = |b: Option<Bytes>| b.map_or(Reply::Nil, Reply::Bulk);
+        events.push(Reply::Array(vec![bulk(key.clone()), opt(before), opt(after)]));
+    }
+    let mut page = Vec::new();
+    if let (ViewState::Building { cursor, keys_done }, false) = (&from.state, more) {
+        let t = match txn.open_table(table_def(table)) {
+            Ok(t) => Some(t),
+            Err(redb::TableError::TableDoesNotExist(_)) => None,
+            Err(e) => return Err(io_err(e)),
+        };
+        let prefix = input.scan_prefix().to_vec();
+        let lower = match cursor {
+            Some(c) if c[..] >= prefix[..] => std::ops::Bound::Excluded(&c[..]),
+            _ => std::ops::Bound::Included(&prefix[..]),
+        };
+        let (mut scanned, mut bytes, mut last, mut exhausted) = (0usize, 0usize, None, true);
+        if let Some(t) = &t {
+            for r in t
+                .range::<&[u8]>((lower, std::ops::Bound::Unbounded))
+                .map_err(io_err)?
+            {
+                if scanned >= ADVANCE_KEYS_MAX || bytes >= BACKFILL_BYTES_MAX {
+                    exhausted = false;
+                    break;
+                }
+                let (k, val) = r.map_err(io_err)?;
+                let key = k.value();
+                if !key.starts_with(&prefix) {
+                    break;
+                }
+                scanned += 1;
+                bytes += key.len() + val.value().len();
+                if let Some(value) = decoded_string(key, val.value())
+                    && input.wants(key)
+                {
+                    page.push(Reply::Array(vec![
+                        bulk(Bytes::copy_from_slice(key)),
+                        bulk(value),
+                    ]));
+                }
+                last = Some(Bytes::copy_from_slice(key));
+            }
+        }
+        to.state = if exhausted {
+            ViewState::Ready
+        } else {
+            ViewState::Building {
+                cursor: last.or(cursor.clone()),
+                keys_done: keys_done + scanned as u64,
+            }
+        };
+    }
+    Ok(Reply::Array(vec![
+        bulk(Bytes::from_static(b"ok")),
+        bulk(encode(&from)?),
+        bulk(encode(&to)?),
+        Reply::Array(events),
+        Reply::Array(page),
+    ]))
+}
+
+/// A page of an async view's keys for its verification (`capdb.views scan name after`):
+/// `[clock, [[key, value], ...], next|nil]`, the string values the view counts after
+/// `after` (empty: from the first), at most [`BACKFILL_KEYS_MAX`], and the change log's
+/// clock in the same snapshot (the caller checks no change came between pages).
+pub(super) fn async_scan(
+    txn: &redb::ReadTransaction,
+    table: &str,
+    name: &[u8],
+    after: &[u8],
+) -> Result<Reply> {
+    let el = txn
+        .open_table(table_def(&crate::layout::element_table(table)))
+        .map_err(io_err)?;
+    let Some(def) = get::<ViewDef>(&el, &def_key(name), "a view definition")? else {
+        return Err(Error::Command(format!(
+            "NOVIEW no view '{}'",
+            String::from_utf8_lossy(name)
+        )));
+    };
+    let v = Loaded::new(Bytes::copy_from_slice(name), def)?;
+    let clock = super::changes::ChangeLog::load(&el)?.clock().0;
+    drop(el);
+    let input = &v.plan.spec().input;
+    let prefix = input.scan_prefix().to_vec();
+    let lower = if !after.is_empty() && after >= &prefix[..] {
+        std::ops::Bound::Excluded(after)
+    } else {
+        std::ops::Bound::Included(&prefix[..])
+    };
+    let mut rows = Vec::new();
+    let mut next = Reply::Nil;
+    let (mut scanned, mut bytes) = (0usize, 0usize);
+    if let Ok(t) = txn.open_table(table_def(table)) {
+        for r in t
+            .range::<&[u8]>((lower, std::ops::Bound::Unbounded))
+            .map_err(io_err)?
+        {
+            let (k, val) = r.map_err(io_err)?;
+            let key = k.value();
+            if !key.starts_with(&prefix) {
+                break;
+            }
+            if scanned >= BACKFILL_KEYS_MAX || bytes >= BACKFILL_BYTES_MAX {
+                break;
+            }
+            scanned += 1;
+            bytes += key.len() + val.value().len();
+            if let Some(value) = decoded_string(key, val.value())
+                && input.wants(key)
+            {
+                rows.push(Reply::Array(vec![bulk(Bytes::copy_from_slice(key)), bulk(value)]));
+            }
+            next = bulk(Bytes::copy_from_slice(key));
+        }
+        if scanned < BACKFILL_KEYS_MAX && bytes < BACKFILL_BYTES_MAX {
+            next = Reply::Nil;
+        }
+    }
+    Ok(Reply::Array(vec![
+        Reply::Integer(clock as i64),
+        Reply::Array(rows),
+        next,
+    ]))
+}
+
+/// `VIEW VERIFY` of an async view on one shard (`capdb.views verify-with name clock
+/// delta`): its rows against `delta`, what its node recomputed from the shard's keys while
+/// the change log stood at `clock`. Compared only when the view has counted exactly up to
+/// there and nothing was logged since (else `TRYAGAIN`): no window, no tolerance.
+pub(super) fn verify_with(
+    el: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    name: &[u8],
+    clock: u64,
+    delta: &[u8],
+) -> Result<Reply> {
+    let Some(def) = get::<ViewDef>(el, &def_key(name), "a view definition")? else {
+        return Err(Error::Command(format!(
+            "NOVIEW no view '{}'",
+            String::from_utf8_lossy(name)
+        )));
+    };
+    if def.state != ViewState::Ready {
+        return Err(Error::Command(format!(
+            "NOTREADY view '{}' is {} on this shard",
+            String::from_utf8_lossy(name),
+            def.state.name()
+        )));
+    }
+    let at = position(el, &def, name)?;
+    let now = super::changes::ChangeLog::load(el)?.clock().0;
+    if at != clock || now != clock {
+        return Err(Error::Command(
+            "TRYAGAIN the shard changed while its Lua view was recomputed (VIEW VERIFY of a Lua view compares a quiet shard)".into(),
+        ));
+    }
+    let v = Loaded::new(Bytes::copy_from_slice(name), def)?;
+    let fresh: ViewDelta = decode(delta, "a recomputed view")?;
+    compare(el, &v, fresh.into_pending())
 }
 
 /// `[state, cursor or nil]`.
@@ -764,6 +1329,18 @@ pub(super) fn query(
                 .map(|(name, def)| Ok(Reply::Array(vec![bulk(name), bulk(encode(&def)?)])))
                 .collect::<Result<_>>()?,
         )),
+        (b"async-defs", []) => {
+            // The names of the async views kept (building or ready).
+            let mut out = Vec::new();
+            for (name, def) in defs(el)? {
+                if !matches!(def.state, ViewState::Overflow { .. })
+                    && Loaded::new(name.clone(), def)?.is_async()
+                {
+                    out.push(bulk(name));
+                }
+            }
+            Ok(Reply::Array(out))
+        }
         (b"gone", []) => {
             let mut prefix = RESERVED.to_vec();
             prefix.extend_from_slice(GONE);
@@ -823,6 +1400,19 @@ pub(super) fn query(
                 ]));
             }
             header(el, &v, rows)
+        }
+        (b"pos", [name]) => {
+            // `[position|nil, clock]`: an async view's position and the change log's clock
+            // (nil for a synchronous view: always caught up); nil alone without the view.
+            let Some(v) = loaded(el, name, 0)? else {
+                return Ok(Reply::Array(vec![Reply::Nil]));
+            };
+            let pos = match v.is_async() {
+                true => Reply::Integer(position(el, &v.def, name)? as i64),
+                false => Reply::Nil,
+            };
+            let clock = super::changes::ChangeLog::load(el)?.clock().0;
+            Ok(Reply::Array(vec![pos, Reply::Integer(clock as i64)]))
         }
         (b"groups", [name, generation, groups @ ..]) => {
             let generation = num(generation)?;
@@ -897,10 +1487,16 @@ pub(super) fn verify(
         )));
     }
     let v = Loaded::new(Bytes::copy_from_slice(name), def)?;
+    if v.is_async() {
+        return Err(Error::Command(
+            "ERR a Lua view is verified by its node (VIEW VERIFY), not by this query".into(),
+        ));
+    }
     // The recomputation, as a backfill from nothing would make it.
     let mut set = ViewSet {
         views: vec![Loaded::new(v.name.clone(), v.def.clone())?],
         pending: vec![Pending::default()],
+        any_async: false,
     };
     if let Some(t) = t {
         let prefix = v.plan.spec().input.scan_prefix().to_vec();
@@ -917,6 +1513,16 @@ pub(super) fn verify(
         }
     }
     let fresh = set.pending.pop().unwrap_or_default();
+    compare(el, &v, fresh)
+}
+
+/// The view's rows (`el`) against `fresh`, what a recomputation from the same state gave:
+/// `[drift, groups_checked, [example, ...≤ 100]]`.
+fn compare(
+    el: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    v: &Loaded,
+    fresh: Pending,
+) -> Result<Reply> {
     // Each min/max reducer's extremes per group, in one pass over the multiset.
     let mut extremes: HashMap<(u8, &[u8]), (Fixed, Fixed)> = HashMap::new();
     for ((r, group, x), n) in &fresh.minmax {

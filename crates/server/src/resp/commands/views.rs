@@ -3,10 +3,13 @@
 //! - `VIEW CREATE <name> <spec json>` → `[generation, created|exists]`: defined on every
 //!   shard, built in the background, then kept current by every write. Repeating it with
 //!   the same spec is safe (it completes an interrupted create); another spec is refused.
-//! - `VIEW GET <name> [GROUP <g> ...] [AFTER <cursor>] [COUNT <n>]` → a map: `complete`
-//!   (0 while a shard is still building: the rows do not count every key yet),
+//! - `VIEW GET <name> [GROUP <g> ...] [AFTER <cursor>] [COUNT <n>] [FRESH <ms>]` → a map:
+//!   `complete` (0 while a shard is still building: the rows do not count every key yet),
 //!   `shards_ready`, `shards_total`, `keys`, `skipped`, `rounded`, `rows` (a JSON array, the
-//!   rows a job with the same spec would give), `next` (the cursor of the next page, hex, or nil).
+//!   rows a job with the same spec would give), `next` (the cursor of the next page, hex, or
+//!   nil). `FRESH`: first wait up to `ms` (≤ 60,000) until an async (Lua) view has counted
+//!   every change logged before the read; `caught_up` (1/0) says whether it did (a
+//!   synchronous view always has).
 //! - `VIEW DROP <name>` → 1, or 0 when there was none.
 //! - `VIEW LIST` → per view: `[name, state, shards_ready, shards_total]`.
 //! - `VIEW INFO <name>` → a map: state, shards ready and total, the spec (canonical JSON),
@@ -49,6 +52,7 @@ pub(super) async fn view(conn: &mut Connection, args: &[Bytes]) -> Outcome {
             let mut groups = Vec::new();
             let mut after = Bytes::new();
             let mut count = 1_000usize;
+            let mut fresh = None;
             let mut i = 3;
             while i < n {
                 let opt = args[i].to_ascii_lowercase();
@@ -65,16 +69,32 @@ pub(super) async fn view(conn: &mut Connection, args: &[Bytes]) -> Outcome {
                             .filter(|c| *c > 0)
                             .ok_or("ERR COUNT is a positive integer")?;
                     }
+                    (b"fresh", Some(ms)) => {
+                        fresh = Some(
+                            std::str::from_utf8(ms)
+                                .ok()
+                                .and_then(|s| s.parse::<u64>().ok())
+                                .ok_or("ERR FRESH takes a wait in milliseconds")?,
+                        );
+                    }
                     _ => return Err(syntax()),
                 }
                 i += 2;
             }
+            let caught_up = match fresh {
+                Some(ms) => Some(
+                    node.view_wait_fresh(&ks, &args[2], std::time::Duration::from_millis(ms))
+                        .await
+                        .map_err(|e| error_line(&e))?,
+                ),
+                None => None,
+            };
             let read = node
                 .view_get(&ks, &args[2], &groups, &after, count)
                 .await
                 .map_err(|e| error_line(&e))?;
             let rows = serde_json::Value::Array(read.rows).to_string();
-            conn.out.reply(&Reply::Map(vec![
+            let mut fields = vec![
                 (bulk("complete"), int(i64::from(read.complete))),
                 (bulk("shards_ready"), int(read.shards_ready as i64)),
                 (bulk("shards_total"), int(read.shards_total as i64)),
@@ -86,7 +106,11 @@ pub(super) async fn view(conn: &mut Connection, args: &[Bytes]) -> Outcome {
                     bulk("next"),
                     read.next.map_or(Reply::Nil, |n| bulk(to_hex(&n))),
                 ),
-            ]));
+            ];
+            if let Some(c) = caught_up {
+                fields.push((bulk("caught_up"), int(i64::from(c))));
+            }
+            conn.out.reply(&Reply::Map(fields));
         }
         (b"drop", 3) => {
             let had = node
