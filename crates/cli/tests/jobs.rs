@@ -844,14 +844,4 @@ fn a_lua_map_answers_as_the_built_ins_and_user_code_that_fails_fails_the_job_cle
     );
     assert_eq!(after["state"], "done");
     assert_eq!(rows(&mut c, "builtin-after"), a);
-    // A view cannot run Lua.
-    let e = redis::cmd("VIEW")
-        .arg("CREATE")
-        .arg("v")
-        .arg(
-            json!({"map": {"lua": {"source": lua}, "values": ["t"]}, "reduce": reduce}).to_string(),
-        )
-        .query::<Value>(&mut c)
-        .unwrap_err();
-    assert!(e.to_string().contains("Lua runs in jobs only"), "{e}");
 }

@@ -18,6 +18,13 @@ const SPEC: &str = r#"{"input": {"prefix": "o:"},
   "reduce": {"n": "count", "total": {"sum": "a"}, "mean": {"avg": "a"},
              "low": {"min": "a"}, "high": {"max": "a"}}}"#;
 
+/// The same view with a Lua map: kept asynchronously from the change log.
+const LUA_SPEC: &str = r#"{"input": {"prefix": "o:"},
+  "map": {"lua": {"source": "function map(key, value)\n  local o = capdb.json_decode(value)\n  if type(o) == 'table' and o.c ~= nil and type(o.a) == 'number' then emit(o.c, {a = o.a}) end\nend"},
+          "values": ["a"]},
+  "reduce": {"n": "count", "total": {"sum": "a"}, "mean": {"avg": "a"},
+             "low": {"min": "a"}, "high": {"max": "a"}}}"#;
+
 fn text(v: &Value) -> String {
     match v {
         Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
@@ -69,9 +76,9 @@ fn wait_ready(c: &mut redis::Connection, name: &str) {
     }
 }
 
-/// The rows a job with the view's spec computes (`expired: include`, as a view counts).
-fn job_rows(c: &mut redis::Connection) -> serde_json::Value {
-    let mut spec: serde_json::Value = serde_json::from_str(SPEC).unwrap();
+/// The rows a job with a view's spec computes (`expired: include`, as a view counts).
+fn job_rows(c: &mut redis::Connection, view_spec: &str) -> serde_json::Value {
+    let mut spec: serde_json::Value = serde_json::from_str(view_spec).unwrap();
     spec["input"]["keyspace"] = json!("orders");
     spec["input"]["expired"] = json!("include");
     let v: Value = redis::cmd("JOB")
@@ -235,6 +242,17 @@ fn a_view_equals_a_fresh_job_under_writes_through_a_shard_leader_kill() {
         panic!("{created:?}")
     };
     assert_eq!(text(&parts[1]), "created");
+    // The same view with a Lua map, kept from the change log by each shard leader's node.
+    let created: Value = redis::cmd("VIEW")
+        .arg("CREATE")
+        .arg("lua_sales")
+        .arg(LUA_SPEC)
+        .query(&mut c)
+        .unwrap();
+    let Value::Array(parts) = created else {
+        panic!("{created:?}")
+    };
+    assert_eq!(text(&parts[1]), "created");
     // While it builds, a read says so.
     let early = view_get(&mut c, "sales");
     eprintln!(
@@ -242,6 +260,7 @@ fn a_view_equals_a_fresh_job_under_writes_through_a_shard_leader_kill() {
         early["complete"], early["shards_ready"]
     );
     wait_ready(&mut c, "sales");
+    wait_ready(&mut c, "lua_sales");
     // Kill the node leading most shards; read on through the others.
     std::thread::sleep(Duration::from_secs(2));
     let (victim, led) = busiest_leader(&nodes[0], &[1, 2, 3]);
@@ -262,7 +281,7 @@ fn a_view_equals_a_fresh_job_under_writes_through_a_shard_leader_kill() {
     let mut last = None;
     for attempt in 0..20 {
         let before = view_get(&mut c, "sales");
-        let job = job_rows(&mut c);
+        let job = job_rows(&mut c, SPEC);
         let after = view_get(&mut c, "sales");
         assert_eq!(before["complete"], "1");
         if before["rows"] == after["rows"] {
@@ -279,6 +298,43 @@ fn a_view_equals_a_fresh_job_under_writes_through_a_shard_leader_kill() {
     let verify = map(redis::cmd("VIEW")
         .arg("VERIFY")
         .arg("sales")
+        .query(&mut c)
+        .unwrap());
+    assert_eq!(verify["drift"], "0", "{verify:?}");
+    // The Lua view, read once it has caught up with every change (FRESH), equals a job with
+    // its own spec and the built-in view: each event counted once across the leader change.
+    let mut settled = None;
+    for attempt in 0..20 {
+        let fresh = |c: &mut redis::Connection| {
+            map(redis::cmd("VIEW")
+                .arg("GET")
+                .arg("lua_sales")
+                .arg("FRESH")
+                .arg(10_000)
+                .query(c)
+                .unwrap())
+        };
+        let before = fresh(&mut c);
+        assert_eq!(before["caught_up"], "1", "{before:?}");
+        assert_eq!(before["complete"], "1", "{before:?}");
+        let job = job_rows(&mut c, LUA_SPEC);
+        let after = fresh(&mut c);
+        if before["rows"] == after["rows"] {
+            let rows: serde_json::Value = serde_json::from_str(&after["rows"]).unwrap();
+            assert_eq!(rows, job, "the Lua view against a job with its spec");
+            let built_in: serde_json::Value =
+                serde_json::from_str(&view_get(&mut c, "sales")["rows"]).unwrap();
+            assert_eq!(rows, built_in, "the Lua view against the built-in one");
+            eprintln!("Lua view equal after {attempt} retries");
+            settled = Some(rows);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(settled.is_some(), "the Lua view never settled");
+    let verify = map(redis::cmd("VIEW")
+        .arg("VERIFY")
+        .arg("lua_sales")
         .query(&mut c)
         .unwrap());
     assert_eq!(verify["drift"], "0", "{verify:?}");

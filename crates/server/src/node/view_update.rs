@@ -103,7 +103,9 @@ fn map_batch(
         for (value, sign) in [(before, -1), (after, 1)] {
             if let Some(v) = value {
                 let emits = mapper.call(key, v).map_err(|e| at(key, e))?;
-                delta.key(&emits, sign).map_err(|e| at(key, e.to_string()))?;
+                delta
+                    .key(&emits, sign)
+                    .map_err(|e| at(key, e.to_string()))?;
             }
         }
     }
@@ -146,7 +148,10 @@ fn key_changes(r: Option<&Reply>) -> Result<Vec<KeyChange>> {
 }
 
 /// Maps `changes` for a view of `spec` on the Lua thread.
-async fn map(spec: &str, changes: Vec<KeyChange>) -> Result<std::result::Result<ViewDelta, String>> {
+async fn map(
+    spec: &str,
+    changes: Vec<KeyChange>,
+) -> Result<std::result::Result<ViewDelta, String>> {
     let (reply, rx) = tokio::sync::oneshot::channel();
     let batch = Batch {
         spec: spec.to_string(),
@@ -269,7 +274,11 @@ fn node_spec(node: &Node, g: capdb_cluster::GroupId, name: &Bytes) -> Result<Str
 
 /// Where an async view stands on shard `g` against its change log: `(position, clock)`,
 /// `None` for a synchronous view (always caught up).
-async fn position(node: &Node, g: capdb_cluster::GroupId, name: &[u8]) -> Result<Option<(u64, u64)>> {
+async fn position(
+    node: &Node,
+    g: capdb_cluster::GroupId,
+    name: &[u8],
+) -> Result<Option<(u64, u64)>> {
     let reply = node
         .groups
         .query(

@@ -600,11 +600,7 @@ pub async fn view_work(node: Arc<Node>) {
             .collect();
         if work.is_empty() {
             // An async view that moved may have more to read: soon again, else a period.
-            let pause = if moved {
-                ASYNC_PAUSE
-            } else {
-                VIEW_WORK_PERIOD
-            };
+            let pause = if moved { ASYNC_PAUSE } else { VIEW_WORK_PERIOD };
             tokio::time::sleep(pause).await;
             continue;
         }

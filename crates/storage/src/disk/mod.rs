@@ -127,8 +127,9 @@ pub use table::SCAN_EXAMINE_MAX;
 pub use touched::{TOUCHED_MAX, WatchGuard, horizon_row};
 pub use txn::{GC_STEP_MAX, OpenTxns, Orphan, RECORD_RETAIN_MS, RememberAnswer, TxnAnswer, TxnJob};
 pub use views::{
-    Counts as ViewCounts, DEBUG_VIEW_SKIP_TXN, DeltaBuilder as ViewDeltaBuilder, Emits as ViewEmits,
-    ROWS_PAGE_MAX as VIEW_ROWS_PAGE_MAX, Row as ViewRow, VIEWS_QUERY, ViewDelta,
+    Counts as ViewCounts, DEBUG_VIEW_SKIP_TXN, DeltaBuilder as ViewDeltaBuilder,
+    Emits as ViewEmits, ROWS_PAGE_MAX as VIEW_ROWS_PAGE_MAX, Row as ViewRow, VIEWS_QUERY,
+    ViewDelta,
 };
 pub use visible::VISIBLE_WAIT_MAX;
 use writer::Job;

@@ -40,9 +40,9 @@ use std::collections::HashMap;
 
 use bytes::Bytes;
 use capdb_reduce::acc::{Acc, Contribution, Reducer};
+use capdb_reduce::extract::Scalar;
 use capdb_reduce::num::Fixed;
 use capdb_reduce::{JobSpec, Plan};
-use capdb_reduce::extract::Scalar;
 use capdb_types::views::{
     ADVANCE_EVENTS_MAX, ADVANCE_KEYS_MAX, AsyncAt, BACKFILL_BYTES_MAX, BACKFILL_KEYS_MAX,
     PURGE_ROWS_MAX, VIEW_GROUPS_MAX, VIEW_MINMAX_ROWS_MAX, VIEWS_MAX, ViewCommand, ViewDef,
@@ -570,7 +570,11 @@ fn pos_key(name: &[u8], generation: u64) -> Vec<u8> {
 }
 
 /// An async view's position on this shard (0 before its first).
-fn position(el: &impl ReadableTable<&'static [u8], &'static [u8]>, v: &ViewDef, name: &[u8]) -> Result<u64> {
+fn position(
+    el: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    v: &ViewDef,
+    name: &[u8],
+) -> Result<u64> {
     match el.get(&pos_key(name, v.generation)[..]).map_err(io_err)? {
         Some(raw) => Ok(int(raw.value())? as u64),
         None => Ok(0),
@@ -579,15 +583,22 @@ fn position(el: &impl ReadableTable<&'static [u8], &'static [u8]>, v: &ViewDef, 
 
 /// After FLUSHDB (whose rows went with the data): every async view counts from the flush's
 /// own event, at `clock`, on (events before it were of keys that are gone).
-pub(super) fn after_flush(x: &super::ops::Exec, table: &str, clock: capdb_types::Timestamp) -> Result<()> {
+pub(super) fn after_flush(
+    x: &super::ops::Exec,
+    table: &str,
+    clock: capdb_types::Timestamp,
+) -> Result<()> {
     let mut el: RawTable<'_> = x
         .txn
         .open_table(table_def(&crate::layout::element_table(table)))
         .map_err(io_err)?;
     for (name, def) in defs(&el)? {
         if Loaded::new(name.clone(), def.clone())?.is_async() {
-            el.insert(&pos_key(&name, def.generation)[..], &clock.0.to_le_bytes()[..])
-                .map_err(io_err)?;
+            el.insert(
+                &pos_key(&name, def.generation)[..],
+                &clock.0.to_le_bytes()[..],
+            )
+            .map_err(io_err)?;
         }
     }
     Ok(())
@@ -1044,7 +1055,10 @@ pub(super) fn async_read(txn: &redb::ReadTransaction, table: &str, name: &[u8]) 
         Ok(page) => page,
         Err(Error::Command(line)) if line.starts_with("HISTORYLOST") => {
             let to = AsyncAt {
-                generation: from.generation.max(capdb_types::unix_now_ms()).max(from.generation + 1),
+                generation: from
+                    .generation
+                    .max(capdb_types::unix_now_ms())
+                    .max(from.generation + 1),
                 state: ViewState::Building {
                     cursor: None,
                     keys_done: 0,
@@ -1088,7 +1102,11 @@ pub(super) fn async_read(txn: &redb::ReadTransaction, table: &str, name: &[u8]) 
             continue;
         }
         let opt = |b: Option<Bytes>| b.map_or(Reply::Nil, Reply::Bulk);
-        events.push(Reply::Array(vec![bulk(key.clone()), opt(before), opt(after)]));
+        events.push(Reply::Array(vec![
+            bulk(key.clone()),
+            opt(before),
+            opt(after),
+        ]));
     }
     let mut page = Vec::new();
     if let (ViewState::Building { cursor, keys_done }, false) = (&from.state, more) {
@@ -1198,7 +1216,10 @@ pub(super) fn async_scan(
             if let Some(value) = decoded_string(key, val.value())
                 && input.wants(key)
             {
-                rows.push(Reply::Array(vec![bulk(Bytes::copy_from_slice(key)), bulk(value)]));
+                rows.push(Reply::Array(vec![
+                    bulk(Bytes::copy_from_slice(key)),
+                    bulk(value),
+                ]));
             }
             next = bulk(Bytes::copy_from_slice(key));
         }
