@@ -1597,7 +1597,7 @@ fn compare(
             break;
         };
         checked += 1;
-        let row = read_group(el, &v, group, decode(raw.value(), "a view row")?)?;
+        let row = read_group(el, v, group, decode(raw.value(), "a view row")?)?;
         match recomputed.get(group) {
             Some(f) => {
                 seen += 1;
