@@ -110,6 +110,28 @@ fn text_whole(e: &mlua::Error) -> String {
     }
 }
 
+/// The functions a library's chunk defines (global functions the sandbox does not give),
+/// sorted: `Err` when it does not compile or fails as it runs (under a call's budget).
+pub fn library_functions(source: &str) -> Result<Vec<String>, String> {
+    let names = |lua: &Lua| -> Result<Vec<String>, String> {
+        let mut out = Vec::new();
+        for pair in lua.globals().pairs::<Value, Value>() {
+            let (k, v) = pair.map_err(|e| format!("Lua: {}", text(&e)))?;
+            if let (Value::String(k), Value::Function(_)) = (k, v) {
+                out.push(k.to_string_lossy());
+            }
+        }
+        out.sort();
+        Ok(out)
+    };
+    let given = names(&LuaMapper::load("", Vec::new())?.0)?;
+    let (lua, ..) = LuaMapper::load(source, Vec::new())?;
+    Ok(names(&lua)?
+        .into_iter()
+        .filter(|n| given.binary_search(n).is_err())
+        .collect())
+}
+
 impl std::fmt::Debug for LuaMapper {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("LuaMapper")
@@ -120,6 +142,44 @@ impl LuaMapper {
     /// A sandboxed VM with `map`'s chunk loaded; `names` are the value slots (`map.values`,
     /// in order). `Err`: the source does not compile or define the function.
     pub fn new(map: &LuaMap, names: Vec<String>) -> Result<LuaMapper, String> {
+        let (lua, emitted, instructions, deadline) = Self::load(&map.source, names)?;
+        let setup = |e: mlua::Error| format!("Lua: {}", text(&e));
+        let function: Function = match lua
+            .globals()
+            .get::<Value>(map.function.as_str())
+            .map_err(setup)?
+        {
+            Value::Function(f) => f,
+            _ => {
+                return Err(format!(
+                    "Lua: the source defines no function '{}'",
+                    map.function
+                ));
+            }
+        };
+        Ok(LuaMapper {
+            lua,
+            function,
+            emitted,
+            instructions,
+            deadline,
+        })
+    }
+
+    /// A sandboxed VM with `source` run in it (under a call's budget).
+    #[allow(clippy::type_complexity)]
+    fn load(
+        source: &str,
+        names: Vec<String>,
+    ) -> Result<
+        (
+            Lua,
+            Rc<RefCell<Vec<Emit>>>,
+            Rc<Cell<u64>>,
+            Rc<Cell<Instant>>,
+        ),
+        String,
+    > {
         let setup = |e: mlua::Error| format!("Lua: {}", text(&e));
         let lua = Lua::new_with(
             StdLib::STRING | StdLib::TABLE | StdLib::MATH | StdLib::UTF8,
@@ -322,27 +382,13 @@ impl LuaMapper {
             },
         )
         .map_err(setup)?;
-        lua.load(&map.source)
+        lua.load(source)
             .set_name("map")
             .set_mode(mlua::chunk::ChunkMode::Text)
             .exec()
             .map_err(setup)?;
-        let function: Function = match g.get::<Value>(map.function.as_str()).map_err(setup)? {
-            Value::Function(f) => f,
-            _ => {
-                return Err(format!(
-                    "Lua: the source defines no function '{}'",
-                    map.function
-                ));
-            }
-        };
-        Ok(LuaMapper {
-            lua,
-            function,
-            emitted,
-            instructions,
-            deadline,
-        })
+        drop(g);
+        Ok((lua, emitted, instructions, deadline))
     }
 
     /// Calls the function on one key: what it emitted. `Err`: the call failed (the message

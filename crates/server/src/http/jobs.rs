@@ -1,6 +1,9 @@
 //! Jobs over HTTP (issue 15, `node/jobs.rs`): `POST /v1/jobs` (the spec as the body),
 //! `GET /v1/jobs`, `GET /v1/jobs/{id}`, `GET /v1/jobs/{id}/result`,
-//! `GET /v1/jobs/{id}/events` (its stream as SSE or NDJSON), `DELETE /v1/jobs/{id}`.
+//! `GET /v1/jobs/{id}/events` (its stream as SSE or NDJSON), `DELETE /v1/jobs/{id}`;
+//! Lua libraries (`node/job_library.rs`): `PUT /v1/jobs/libraries/{name}` (the code as the
+//! body; `?replace=true` to replace one; a body without the `#!lua name=` line gets it from
+//! the path), `GET /v1/jobs/libraries`, `GET` and `DELETE /v1/jobs/libraries/{name}`.
 
 use std::sync::Arc;
 
@@ -319,4 +322,111 @@ pub(super) async fn events(
         body,
     )
         .into_response())
+}
+
+#[derive(serde::Deserialize)]
+pub(super) struct LoadQuery {
+    replace: Option<bool>,
+}
+
+/// What a refused library load means over HTTP: 409 for a name taken, 400 for bad code.
+fn library_refusal(e: Error) -> ApiError {
+    match &e {
+        Error::Command(line) if line.contains("already exists") => {
+            ApiError::Http(StatusCode::CONFLICT, "library_exists", line.clone())
+        }
+        Error::Command(line) if line.starts_with("ERR") => {
+            ApiError::Http(StatusCode::BAD_REQUEST, "bad_library", line.clone())
+        }
+        _ => ApiError::from(e),
+    }
+}
+
+/// `PUT /v1/jobs/libraries/{name}`: 201 `{"library", "functions"}`.
+pub(super) async fn library_load(
+    State(node): State<Arc<Node>>,
+    Path(name): Path<String>,
+    query: Result<axum::extract::Query<LoadQuery>, axum::extract::rejection::QueryRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult {
+    let axum::extract::Query(q) =
+        query.map_err(|e| ApiError::from(Error::InvalidInput(e.to_string())))?;
+    let body = body.map_err(|e| ApiError::from(Error::InvalidInput(e.to_string())))?;
+    let code = if body.starts_with(b"#!") {
+        body.to_vec()
+    } else {
+        let mut c = format!("#!lua name={name}\n").into_bytes();
+        c.extend_from_slice(&body);
+        c
+    };
+    let named = crate::node::job_library::library_name(&code).map_err(library_refusal)?;
+    if named != name {
+        return Err(ApiError::from(Error::InvalidInput(format!(
+            "the code names itself '{named}', the path '{name}'"
+        ))));
+    }
+    let loaded = node
+        .job_library_load(&code, q.replace.unwrap_or(false))
+        .await
+        .map_err(library_refusal)?;
+    let functions = node
+        .job_libraries()
+        .await?
+        .into_iter()
+        .find(|l| l.name == loaded)
+        .map(|l| l.functions)
+        .unwrap_or_default();
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"library": loaded, "functions": functions})),
+    )
+        .into_response())
+}
+
+/// `GET /v1/jobs/libraries`: `{"libraries": [{"name", "functions", "bytes"}]}`.
+pub(super) async fn libraries(State(node): State<Arc<Node>>) -> ApiResult {
+    let libs: Vec<_> = node
+        .job_libraries()
+        .await?
+        .into_iter()
+        .map(|l| json!({"name": l.name, "functions": l.functions, "bytes": l.code.len()}))
+        .collect();
+    Ok(Json(json!({"libraries": libs})).into_response())
+}
+
+/// `GET /v1/jobs/libraries/{name}`: the code as loaded (`text/x-lua`), or 404.
+pub(super) async fn library(State(node): State<Arc<Node>>, Path(name): Path<String>) -> ApiResult {
+    match node
+        .job_libraries()
+        .await?
+        .into_iter()
+        .find(|l| l.name == name)
+    {
+        Some(l) => Ok((
+            [(axum::http::header::CONTENT_TYPE, "text/x-lua")],
+            l.code.to_vec(),
+        )
+            .into_response()),
+        None => Err(ApiError::Http(
+            StatusCode::NOT_FOUND,
+            "library_not_found",
+            format!("no library '{name}'"),
+        )),
+    }
+}
+
+/// `DELETE /v1/jobs/libraries/{name}`: 204, or 404 when there was none.
+pub(super) async fn library_delete(
+    State(node): State<Arc<Node>>,
+    Path(name): Path<String>,
+) -> ApiResult {
+    if node.job_library_delete(&name).await? {
+        Ok(StatusCode::NO_CONTENT.into_response())
+    } else {
+        Err(ApiError::Http(
+            StatusCode::NOT_FOUND,
+            "library_not_found",
+            format!("no library '{name}'"),
+        ))
+    }
 }

@@ -126,6 +126,13 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/kv/{keyspace}", get(scan))
         .route("/v1/txn", post(txn::txn))
         .route("/v1/jobs", get(jobs::list).post(jobs::submit))
+        .route("/v1/jobs/libraries", get(jobs::libraries))
+        .route(
+            "/v1/jobs/libraries/{name}",
+            get(jobs::library)
+                .put(jobs::library_load)
+                .delete(jobs::library_delete),
+        )
         .route("/v1/jobs/{id}", get(jobs::status).delete(jobs::cancel))
         .route("/v1/jobs/{id}/result", get(jobs::result))
         .route("/v1/jobs/{id}/events", get(jobs::events))
@@ -182,6 +189,8 @@ async fn observe(State(node): State<Arc<Node>>, req: Request, next: Next) -> Res
         Some("/v1/changes/{keyspace}") => "/v1/changes/{keyspace}",
         Some("/v1/changes/{keyspace}/{shard}") => "/v1/changes/{keyspace}/{shard}",
         Some("/v1/jobs") => "/v1/jobs",
+        Some("/v1/jobs/libraries") => "/v1/jobs/libraries",
+        Some("/v1/jobs/libraries/{name}") => "/v1/jobs/libraries/{name}",
         Some("/v1/jobs/{id}") => "/v1/jobs/{id}",
         Some("/v1/jobs/{id}/result") => "/v1/jobs/{id}/result",
         Some("/v1/jobs/{id}/events") => "/v1/jobs/{id}/events",

@@ -708,7 +708,7 @@ impl Cluster for NodeCluster {
 
 impl Node {
     /// Makes sure the `_jobs` keyspace exists (`cp`, one shard, up to 3 replicas).
-    async fn ensure_jobs_keyspace(&self) -> Result<()> {
+    pub(super) async fn ensure_jobs_keyspace(&self) -> Result<()> {
         let name = KeyspaceName::new(JOBS_KEYSPACE)?;
         if self.cluster().keyspaces.contains_key(&name) {
             return Ok(());
@@ -725,6 +725,8 @@ impl Node {
     /// spec was already submitted under this id). A spec that does not parse, or names a
     /// keyspace that is not `cp`, is refused before anything is recorded.
     pub async fn job_submit(self: &Arc<Self>, spec: &[u8]) -> Result<(Bytes, bool)> {
+        // A library's function named: the record keeps its source (`job_library.rs`).
+        let spec = &self.resolve_lua_library(spec).await?;
         let parsed = JobSpec::parse(spec).map_err(|e| Error::InvalidInput(e.to_string()))?;
         if parsed.output.to != capdb_reduce::spec::Destination::Result {
             return Err(Error::InvalidInput(

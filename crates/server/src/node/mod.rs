@@ -15,6 +15,7 @@ pub mod admin;
 pub mod blocking;
 pub mod changes;
 pub mod control;
+pub mod job_library;
 pub mod jobs;
 pub mod merged;
 pub mod prefixed;

@@ -197,6 +197,7 @@ impl Node {
                 "ERR a view name is 1 to 64 of A-Z a-z 0-9 _ -".into(),
             ));
         }
+        let json = &self.resolve_lua_library(json).await?;
         let spec = view_spec(ks, json)?;
         let groups = self.view_keyspace(ks)?;
         // What every shard would refuse, refused before any shard is changed.

@@ -493,6 +493,15 @@ pub(super) fn values_before<'k>(
     Ok(out)
 }
 
+/// The time at which the events of a write judge whether a value it left is live (else they
+/// log `del`): the write's own, or, while the shard keeps an async view, the start of time.
+/// A view counts a key until the log removes it, so a value written with a deadline already
+/// past (a transaction committed late, `PXAT` in the past) is logged as the `set` it is in
+/// the data, and its removal by the sweep as the `expire` that follows.
+pub(super) fn live_at(now_ms: u64, for_async_views: bool) -> u64 {
+    if for_async_views { 0 } else { now_ms }
+}
+
 /// Gives each event the previous value its key held (from [`values_before`]).
 ///
 /// `for_views` (the shard keeps an async view, which counts a key until the log removes it,

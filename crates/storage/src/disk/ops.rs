@@ -730,11 +730,12 @@ pub(super) fn apply_replicated(
             views.account(&t, &view_keys, view_before)?;
         }
         if changes.is_on() && !changed.is_empty() {
+            let live_at = super::changes::live_at(*now_ms, for_async_views);
             let mut events = Vec::with_capacity(changed.len());
             match (written.take(), changed.as_slice()) {
                 // A key-level mutation: its effect is known, no need to read it back.
                 (Some(w), [key]) => {
-                    let mut event = super::changes::event_written(key, w, *now_ms);
+                    let mut event = super::changes::event_written(key, w, live_at);
                     // A counter's change says so: its delta and the new value.
                     if let (Mutation::IncrBy { delta, .. }, ChangeOp::Set { value, .. }) =
                         (m, &event.op)
@@ -754,7 +755,7 @@ pub(super) fn apply_replicated(
                     let mut seen: HashSet<&Bytes> = HashSet::with_capacity(changed.len());
                     for k in &changed {
                         if seen.insert(k) {
-                            events.push(super::changes::event_of(&t, Some(m), k, *now_ms)?);
+                            events.push(super::changes::event_of(&t, Some(m), k, live_at)?);
                         }
                     }
                 }

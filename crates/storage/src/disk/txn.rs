@@ -504,7 +504,10 @@ fn step_inner(x: &Exec, table: &str, job: &TxnJob) -> Result<Result<TxnAnswer>> 
             let mut events = touched
                 .iter()
                 .filter(|k| seen.insert(*k))
-                .map(|k| super::changes::event_of(&t, None, k, job.now_ms))
+                .map(|k| {
+                    let live_at = super::changes::live_at(job.now_ms, for_async_views);
+                    super::changes::event_of(&t, None, k, live_at)
+                })
                 .collect::<Result<Vec<_>>>()?;
             super::changes::fill_prev(&mut events, &before, for_async_views);
             drop(t);

@@ -10,6 +10,11 @@
 //!   the job's task log (which attempts ran where, and how each ended).
 //! - `JOB CANCEL <id>` → 1 when it was running, 0 when it had ended.
 //! - `JOB LIST` → every job id.
+//! - `JOB LIBRARY LOAD [REPLACE] <code>` → the library's name: Lua code whose first line is
+//!   `#!lua name=<library>` (as Redis's FUNCTION LOAD), checked and kept in `_jobs`; a spec
+//!   names one of its functions as `"map": {"lua": "<library>.<function>"}`.
+//!   `JOB LIBRARY DELETE <name>` → 1, or 0 when there was none. `JOB LIBRARY LIST` → per
+//!   library: `[name, [function, ...], code]` (`node/job_library.rs`).
 
 use bytes::Bytes;
 use capdb_types::Reply;
@@ -146,7 +151,48 @@ pub(super) async fn job(conn: &mut Connection, args: &[Bytes]) -> Outcome {
             conn.out
                 .reply(&Reply::Array(ids.into_iter().map(Reply::Bulk).collect()));
         }
-        (b"submit" | b"status" | b"result" | b"tasks" | b"cancel" | b"list", _) => {
+        (b"library", n) if n >= 3 => {
+            let verb = args[2].to_ascii_lowercase();
+            match (verb.as_slice(), n) {
+                (b"load", 4) => {
+                    let name = node
+                        .job_library_load(&args[3], false)
+                        .await
+                        .map_err(|e| error_line(&e))?;
+                    conn.out.reply(&bulk(name));
+                }
+                (b"load", 5) if args[3].eq_ignore_ascii_case(b"replace") => {
+                    let name = node
+                        .job_library_load(&args[4], true)
+                        .await
+                        .map_err(|e| error_line(&e))?;
+                    conn.out.reply(&bulk(name));
+                }
+                (b"delete", 4) => {
+                    let had = node
+                        .job_library_delete(&String::from_utf8_lossy(&args[3]))
+                        .await
+                        .map_err(|e| error_line(&e))?;
+                    conn.out.reply(&Reply::Integer(i64::from(had)));
+                }
+                (b"list", 3) => {
+                    let libs = node.job_libraries().await.map_err(|e| error_line(&e))?;
+                    conn.out.reply(&Reply::Array(
+                        libs.into_iter()
+                            .map(|l| {
+                                Reply::Array(vec![
+                                    bulk(l.name),
+                                    Reply::Array(l.functions.into_iter().map(bulk).collect()),
+                                    Reply::Bulk(l.code),
+                                ])
+                            })
+                            .collect(),
+                    ));
+                }
+                _ => return Err(syntax()),
+            }
+        }
+        (b"submit" | b"status" | b"result" | b"tasks" | b"cancel" | b"list" | b"library", _) => {
             return Err(format!(
                 "ERR wrong number of arguments for 'job|{}' command",
                 String::from_utf8_lossy(&sub)
