@@ -1,4 +1,4 @@
-//! `capdb job run|status|result|cancel|list`: MapReduce jobs over the HTTP API (issue 15).
+//! `capdb job run|status|result|cancel|list|lib`: MapReduce jobs over the HTTP API (issue 15).
 //!
 //! `capdb job run spec.json` submits the spec (an id is added when it has none, so a retry
 //! after a lost answer is the same job), then shows its progress on one line (redrawn on a
@@ -41,6 +41,32 @@ pub enum JobOp {
     Cancel { id: String },
     /// Every job's id.
     List,
+    /// Lua libraries jobs and views name as "map": {"lua": "<library>.<function>"}.
+    Lib {
+        #[command(subcommand)]
+        op: LibOp,
+    },
+}
+
+/// `capdb job lib ...`.
+#[derive(clap::Subcommand)]
+pub enum LibOp {
+    /// Load a library (its first line `#!lua name=<library>`, or --name).
+    /// Example: capdb job lib load geo.lua
+    Load {
+        /// The code; `-` reads it from standard input.
+        file: String,
+        /// The library's name when the code has no `#!lua name=` line.
+        #[arg(long)]
+        name: Option<String>,
+        /// Replace a library of that name.
+        #[arg(long)]
+        replace: bool,
+    },
+    /// Every library and the functions it defines.
+    List,
+    /// Delete a library (jobs and views already using it keep their copy).
+    Delete { name: String },
 }
 
 /// How `capdb job` ended, for the exit code.
@@ -112,7 +138,82 @@ async fn run(op: JobOp, client: &HttpClient) -> Result<JobExit, String> {
             }
             Ok(JobExit::Done)
         }
+        JobOp::Lib { op } => library(op, client).await,
     }
+}
+
+async fn library(op: LibOp, client: &HttpClient) -> Result<JobExit, String> {
+    match op {
+        LibOp::Load {
+            file,
+            name,
+            replace,
+        } => {
+            let code = if file == "-" {
+                let mut b = Vec::new();
+                std::io::Read::read_to_end(&mut std::io::stdin(), &mut b)
+                    .map_err(|e| format!("reading standard input: {e}"))?;
+                b
+            } else {
+                std::fs::read(&file).map_err(|e| format!("reading {file}: {e}"))?
+            };
+            let name = match name {
+                Some(n) => n,
+                None => {
+                    let first = code.split(|b| *b == b'\n').next().unwrap_or_default();
+                    String::from_utf8_lossy(first)
+                        .split_whitespace()
+                        .find_map(|p| p.strip_prefix("name=").map(str::to_string))
+                        .ok_or("the code has no '#!lua name=<library>' first line: give --name")?
+                }
+            };
+            let path = format!(
+                "/v1/jobs/libraries/{}{}",
+                encode(&name),
+                if replace { "?replace=true" } else { "" }
+            );
+            let v = client.request("PUT", &path, Some(code)).await?;
+            println!(
+                "{}: {}",
+                v["library"].as_str().unwrap_or_default(),
+                v["functions"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(Value::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        LibOp::List => {
+            let v = client.request("GET", "/v1/jobs/libraries", None).await?;
+            for l in v["libraries"].as_array().into_iter().flatten() {
+                println!(
+                    "{}\t{} bytes\t{}",
+                    l["name"].as_str().unwrap_or_default(),
+                    l["bytes"],
+                    l["functions"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(Value::as_str)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+        }
+        LibOp::Delete { name } => {
+            client
+                .request(
+                    "DELETE",
+                    &format!("/v1/jobs/libraries/{}", encode(&name)),
+                    None,
+                )
+                .await?;
+            println!("deleted {name}");
+        }
+    }
+    Ok(JobExit::Done)
 }
 
 async fn run_job(

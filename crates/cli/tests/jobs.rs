@@ -844,4 +844,116 @@ fn a_lua_map_answers_as_the_built_ins_and_user_code_that_fails_fails_the_job_cle
     );
     assert_eq!(after["state"], "done");
     assert_eq!(rows(&mut c, "builtin-after"), a);
+    // The same map loaded once as a library (as Redis's FUNCTION LOAD), named by jobs and
+    // views as "library.function"; each keeps the source it started with.
+    let library = format!("#!lua name=shop\n{lua}\nfunction other(k, v) end");
+    let name: String = redis::cmd("JOB")
+        .arg("LIBRARY")
+        .arg("LOAD")
+        .arg(&library)
+        .query(&mut c)
+        .unwrap();
+    assert_eq!(name, "shop");
+    let again = redis::cmd("JOB")
+        .arg("LIBRARY")
+        .arg("LOAD")
+        .arg(&library)
+        .query::<Value>(&mut c)
+        .unwrap_err();
+    assert!(
+        again.to_string().contains("Library 'shop' already exists"),
+        "{again}"
+    );
+    for (bad, why) in [
+        ("function map() end", "Missing library metadata"),
+        ("#!lua name=broken\nfunction map(", "Error compiling"),
+        ("#!lua name=empty\nlocal x = 1", "No functions"),
+    ] {
+        let e = redis::cmd("JOB")
+            .arg("LIBRARY")
+            .arg("LOAD")
+            .arg(bad)
+            .query::<Value>(&mut c)
+            .unwrap_err();
+        assert!(e.to_string().contains(why), "{bad}: {e}");
+    }
+    let listed: Value = redis::cmd("JOB")
+        .arg("LIBRARY")
+        .arg("LIST")
+        .query(&mut c)
+        .unwrap();
+    let Value::Array(libs) = listed else {
+        panic!("{listed:?}")
+    };
+    assert_eq!(libs.len(), 1, "{libs:?}");
+    let Value::Array(shop) = &libs[0] else {
+        panic!()
+    };
+    assert_eq!(
+        shop[1],
+        Value::Array(vec![
+            Value::BulkString(b"map".to_vec()),
+            Value::BulkString(b"other".to_vec())
+        ])
+    );
+    let from_library = run_job(
+        &mut c,
+        "lua-library",
+        json!({"input": input, "map": {"lua": "shop.map", "values": ["t"]}, "reduce": reduce}),
+    );
+    assert_eq!(from_library["state"], "done", "{from_library:?}");
+    assert_eq!(rows(&mut c, "lua-library"), a);
+    let missing = redis::cmd("JOB")
+        .arg("SUBMIT")
+        .arg(
+            json!({"input": input, "map": {"lua": "shop.nope", "values": ["t"]}, "reduce": reduce})
+                .to_string(),
+        )
+        .query::<Value>(&mut c)
+        .unwrap_err();
+    assert!(
+        missing.to_string().contains("no function 'nope'"),
+        "{missing}"
+    );
+    // Replaced and deleted: the job already submitted keeps its copy.
+    let changed = "#!lua name=shop\nfunction map(k, v) emit('x', {t = 1}) end";
+    let _: String = redis::cmd("JOB")
+        .arg("LIBRARY")
+        .arg("LOAD")
+        .arg("REPLACE")
+        .arg(changed)
+        .query(&mut c)
+        .unwrap();
+    assert_eq!(rows(&mut c, "lua-library"), a);
+    let deleted: i64 = redis::cmd("JOB")
+        .arg("LIBRARY")
+        .arg("DELETE")
+        .arg("shop")
+        .query(&mut c)
+        .unwrap();
+    assert_eq!(deleted, 1);
+    let gone = redis::cmd("JOB")
+        .arg("SUBMIT")
+        .arg(
+            json!({"input": input, "map": {"lua": "shop.map", "values": ["t"]}, "reduce": reduce})
+                .to_string(),
+        )
+        .query::<Value>(&mut c)
+        .unwrap_err();
+    assert!(gone.to_string().contains("no library 'shop'"), "{gone}");
+    // Over HTTP, the path names it.
+    let (code, body) = common::http(
+        nodes[1].http,
+        "PUT",
+        "/v1/jobs/libraries/geo",
+        &[],
+        Some(b"function map(k, v) emit(k, {t = 1}) end"),
+    )
+    .unwrap();
+    assert_eq!(code, 201, "{}", String::from_utf8_lossy(&body));
+    let (code, body) = common::http(nodes[2].http, "GET", "/v1/jobs/libraries", &[], None).unwrap();
+    assert_eq!(code, 200);
+    let listed = common::json(&body);
+    assert_eq!(listed["libraries"][0]["name"], "geo", "{listed}");
+    assert_eq!(listed["libraries"][0]["functions"], json!(["map"]));
 }

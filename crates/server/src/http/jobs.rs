@@ -415,13 +415,14 @@ pub(super) async fn library(State(node): State<Arc<Node>>, Path(name): Path<Stri
     }
 }
 
-/// `DELETE /v1/jobs/libraries/{name}`: 204, or 404 when there was none.
+/// `DELETE /v1/jobs/libraries/{name}`: `{"library", "deleted": true}`, or 404 when there
+/// was none.
 pub(super) async fn library_delete(
     State(node): State<Arc<Node>>,
     Path(name): Path<String>,
 ) -> ApiResult {
     if node.job_library_delete(&name).await? {
-        Ok(StatusCode::NO_CONTENT.into_response())
+        Ok(Json(json!({"library": name, "deleted": true})).into_response())
     } else {
         Err(ApiError::Http(
             StatusCode::NOT_FOUND,
