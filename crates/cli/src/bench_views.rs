@@ -5,7 +5,9 @@
 //! `--clients` connections (spread over the nodes) send pipelines of 16 SETs of ~100-byte
 //! JSON orders (`{"c": country, "a": amount, ...}` under `o:`) for `--seconds`, with no view,
 //! one view of sums (count, sum, avg by country), one of extremes (min, max by country: kept as
-//! multisets, a row per distinct amount), and four views kept ([`SETTINGS`]), for `--rounds`
+//! multisets, a row per distinct amount), four views kept, and one Lua view of sums (kept
+//! asynchronously from the change log: its cost is the log with previous values and the
+//! leaders' updates) ([`SETTINGS`]), for `--rounds`
 //! rounds, the order of the settings alternating
 //! (throughput drifts down over a run as the files grow). Before a run with views they are
 //! created and waited for until built; after it they are dropped. Reported: the medians, each
@@ -61,10 +63,16 @@ const VIEWS: [(&str, &str); 4] = [
         r#"{"input": {"prefix": "o:"}, "map": {"group": [{"json": "$.sku"}], "values": {"a": {"json": "$.a"}}},
             "reduce": {"mean": {"avg": "a"}}}"#,
     ),
+    (
+        "lua_sums",
+        r#"{"input": {"prefix": "o:"},
+            "map": {"lua": {"source": "function map(k, v) local o = capdb.json_decode(v) if o then emit(o.c, {a = o.a}) end end"}, "values": ["a"]},
+            "reduce": {"n": "count", "total": {"sum": "a"}, "mean": {"avg": "a"}}}"#,
+    ),
 ];
 
 /// What each run keeps: its label and the views (indexes into [`VIEWS`]).
-const SETTINGS: [(&str, &[usize]); 4] = [
+const SETTINGS: [(&str, &[usize]); 5] = [
     ("no view", &[]),
     ("1 view: count, sum, avg by country", &[0]),
     ("1 view: min, max by country (multisets)", &[1]),
@@ -72,6 +80,7 @@ const SETTINGS: [(&str, &[usize]); 4] = [
         "4 views (the two above, count by client, avg by sku)",
         &[0, 1, 2, 3],
     ),
+    ("1 Lua view (async): count, sum, avg by country", &[4]),
 ];
 
 /// Runs `capdb bench views` (see the module doc).
@@ -234,7 +243,7 @@ async fn run(args: &ViewsArgs, nodes: &[NodeProc]) -> Result<(), String> {
         }
     };
     // The check the views were right all along: each equals what VERIFY recomputes.
-    keep_views(nodes, &[0, 1, 2, 3]).await?;
+    keep_views(nodes, &[0, 1, 2, 3, 4]).await?;
     let mut conn = connect(&nodes[1].resp).await?;
     let mut drift = 0i64;
     for (name, _) in VIEWS {

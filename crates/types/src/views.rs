@@ -49,7 +49,7 @@ pub const PURGE_ROWS_MAX: usize = 1_024;
 /// Change events one [`ViewCommand::Advance`] of an async view counts at most (whole
 /// entries: an entry with more is taken alone), and keys of a build page it adds.
 pub const ADVANCE_EVENTS_MAX: usize = 1_024;
-pub const ADVANCE_KEYS_MAX: usize = 256;
+pub const ADVANCE_KEYS_MAX: usize = 1_024;
 /// Bytes of the rows' change one [`ViewCommand::Advance`] may carry: past it the view turns
 /// `overflow` (a Lua map emitting that much per key is no view).
 pub const ADVANCE_DELTA_BYTES_MAX: usize = 8 << 20;

@@ -12,7 +12,13 @@
 //! - `0‖view-mm/‖name‖generation‖reducer u8‖len u32‖group‖number` -> i64 LE: how many keys give
 //!   the group this number, for a min or max reducer (the number is [`Fixed`] made
 //!   sortable: first row = min, last = max)
-//! - `0‖view-cnt/‖name‖generation` -> [`Counts`]
+//! - `0‖view-dlt/‖name‖generation‖seq u64` -> [`Unfolded`]: one storage job's change to the
+//!   rows, kept as one row rather than read into each group's (a batch of writes touches up to
+//!   a group per write: one row written instead of a read and a write per group); at most
+//!   [`UNFOLDED_MAX`], then folded into the rows by the job that would write one more. Every
+//!   read of the rows merges them ([`unfolded`]).
+//! - `0‖view-cnt/‖name‖generation` -> [`Counts`] (its `groups` counts folded rows: it lags
+//!   the unfolded changes, so the groups bound is judged at a fold)
 //! - `0‖view-gone/‖name‖generation` -> empty: a dropped generation whose rows are still being
 //!   deleted ([`ViewCommand::Purge`])
 //! - `0‖view-pos/‖name‖generation` -> u64 LE: an async (Lua) view's position in the shard's
@@ -66,10 +72,16 @@ pub static DEBUG_VIEW_SKIP_TXN: std::sync::atomic::AtomicBool =
 
 /// Most groups one `rows` query answers.
 pub const ROWS_PAGE_MAX: usize = 10_000;
+/// Unfolded changes a view keeps (each one storage job's) before they are folded into its
+/// rows: what a read merges at most.
+pub const UNFOLDED_MAX: u64 = 32;
 
 const RESERVED: [u8; 8] = [0; 8];
 const DEF: &[u8] = b"view-def/";
 const ROW: &[u8] = b"view-row/";
+/// A storage job's change to a view's rows, not yet folded into them
+/// (`‖name‖generation‖seq u64 BE` -> postcard [`Unfolded`]).
+const DLT: &[u8] = b"view-dlt/";
 const MM: &[u8] = b"view-mm/";
 const CNT: &[u8] = b"view-cnt/";
 const GONE: &[u8] = b"view-gone/";
@@ -633,6 +645,80 @@ fn decoded_string(key: &[u8], raw: &[u8]) -> Option<Bytes> {
     }
 }
 
+/// Unfolded changes to a view's rows: `(group, change)`.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Unfolded {
+    rows: Vec<(Vec<u8>, Row)>,
+}
+
+fn merge_row(into: &mut Row, change: &Row) -> Result<()> {
+    into.n += change.n;
+    for (a, d) in into.accs.iter_mut().zip(&change.accs) {
+        a.merge(d)
+            .map_err(|e| Error::Corruption(format!("view accumulator: {e}")))?;
+    }
+    Ok(())
+}
+
+fn dlt_key(name: &[u8], generation: u64, seq: u64) -> Vec<u8> {
+    let mut k = gen_prefix(DLT, name, generation);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// The unfolded changes of a view's rows, merged by group (what every read adds to the
+/// rows), and the keys of their rows.
+#[allow(clippy::type_complexity)]
+fn unfolded_rows(
+    el: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    name: &[u8],
+    generation: u64,
+) -> Result<(std::collections::BTreeMap<Vec<u8>, Row>, Vec<Vec<u8>>)> {
+    let prefix = gen_prefix(DLT, name, generation);
+    let mut merged: std::collections::BTreeMap<Vec<u8>, Row> = std::collections::BTreeMap::new();
+    let mut keys = Vec::new();
+    for r in el.range(&prefix[..]..).map_err(io_err)? {
+        let (k, raw) = r.map_err(io_err)?;
+        if !k.value().starts_with(&prefix) {
+            break;
+        }
+        keys.push(k.value().to_vec());
+        let u: Unfolded = decode(raw.value(), "a view's unfolded change")?;
+        for (group, change) in u.rows {
+            match merged.get_mut(&group) {
+                Some(row) => merge_row(row, &change)?,
+                None => {
+                    merged.insert(group, change);
+                }
+            }
+        }
+    }
+    Ok((merged, keys))
+}
+
+/// [`unfolded_rows`] without the keys.
+fn unfolded(
+    el: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    v: &Loaded,
+) -> Result<std::collections::BTreeMap<Vec<u8>, Row>> {
+    Ok(unfolded_rows(el, &v.name, v.def.generation)?.0)
+}
+
+/// A row as reads see it: the folded one with its unfolded change, `None` when the group
+/// has no contribution left.
+fn merged_row(folded: Option<Row>, change: Option<&Row>) -> Result<Option<Row>> {
+    let row = match (folded, change) {
+        (Some(mut r), Some(c)) => {
+            merge_row(&mut r, c)?;
+            r
+        }
+        (Some(r), None) => r,
+        (None, Some(c)) => c.clone(),
+        (None, None) => return Ok(None),
+    };
+    Ok((row.n > 0).then_some(row))
+}
+
 fn write_pending(el: &mut RawTable<'_>, v: &Loaded, p: Pending) -> Result<()> {
     let (name, generation) = (&v.name[..], v.def.generation);
     let cnt_key = gen_prefix(CNT, name, generation);
@@ -640,7 +726,51 @@ fn write_pending(el: &mut RawTable<'_>, v: &Loaded, p: Pending) -> Result<()> {
     counts.keys += p.counts.keys;
     counts.skipped += p.counts.skipped;
     counts.rounded += p.counts.rounded;
-    for (group, delta) in p.rows {
+    // The rows' change is kept as one unfolded row, until there are `UNFOLDED_MAX` of them:
+    // then they and this one are folded into the rows.
+    let dprefix = gen_prefix(DLT, name, generation);
+    let mut dupper = dprefix.clone();
+    dupper.extend_from_slice(&[0xff; 9]);
+    let last = el
+        .range(&dprefix[..]..&dupper[..])
+        .map_err(io_err)?
+        .next_back()
+        .transpose()
+        .map_err(io_err)?
+        .map(|(k, _)| {
+            let seq: [u8; 8] = k.value()[dprefix.len()..]
+                .try_into()
+                .map_err(|_| Error::Corruption("a view's unfolded change key".into()))?;
+            Ok::<u64, Error>(u64::from_be_bytes(seq))
+        })
+        .transpose()?;
+    let next = last.map_or(0, |s| s + 1);
+    let rows: Vec<(Vec<u8>, Row)> = if p.rows.is_empty() {
+        Vec::new()
+    } else if next + 1 < UNFOLDED_MAX {
+        // In group order: every replica writes the same bytes.
+        let mut rows: Vec<(Vec<u8>, Row)> = p.rows.into_iter().collect();
+        rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let change = Unfolded { rows };
+        el.insert(&dlt_key(name, generation, next)[..], &encode(&change)?[..])
+            .map_err(io_err)?;
+        Vec::new()
+    } else {
+        let (mut merged, keys) = unfolded_rows(el, name, generation)?;
+        for k in &keys {
+            el.remove(&k[..]).map_err(io_err)?;
+        }
+        for (group, change) in p.rows {
+            match merged.get_mut(&group) {
+                Some(row) => merge_row(row, &change)?,
+                None => {
+                    merged.insert(group, change);
+                }
+            }
+        }
+        merged.into_iter().collect()
+    };
+    for (group, delta) in rows {
         let key = row_key(name, generation, &group);
         let stored: Option<Row> = get(el, &key, "a view row")?;
         let existed = stored.is_some();
@@ -648,11 +778,7 @@ fn write_pending(el: &mut RawTable<'_>, v: &Loaded, p: Pending) -> Result<()> {
             n: 0,
             accs: v.plan.empty_accs(),
         });
-        row.n += delta.n;
-        for (a, d) in row.accs.iter_mut().zip(&delta.accs) {
-            a.merge(d)
-                .map_err(|e| Error::Corruption(format!("view accumulator: {e}")))?;
-        }
+        merge_row(&mut row, &delta)?;
         if row.n <= 0 {
             if row.n < 0 {
                 tracing::error!(view = ?v.name, n = row.n, "a view group counted below zero");
@@ -836,7 +962,7 @@ pub(super) fn apply(
                 return refuse("ERR that generation of the view is defined: VIEW DROP first");
             }
             let mut deleted = 0;
-            for kind in [ROW, MM, CNT, POS] {
+            for kind in [ROW, DLT, MM, CNT, POS] {
                 let prefix = gen_prefix(kind, name, *generation);
                 let keys: Vec<Vec<u8>> = el
                     .range(&prefix[..]..)
@@ -1402,23 +1528,67 @@ pub(super) fn query(
             } else {
                 std::ops::Bound::Excluded(&start[..])
             };
-            let mut rows = Vec::new();
-            for r in el
+            // The folded rows and the unfolded changes, merged in group order.
+            let changes = unfolded(el, &v)?;
+            let mut pending = changes
+                .range::<[u8], _>((
+                    if after.is_empty() {
+                        std::ops::Bound::Unbounded
+                    } else {
+                        std::ops::Bound::Excluded(&after[..])
+                    },
+                    std::ops::Bound::Unbounded,
+                ))
+                .peekable();
+            let mut folded = el
                 .range::<&[u8]>((lower, std::ops::Bound::Unbounded))
                 .map_err(io_err)?
-            {
-                let (k, raw) = r.map_err(io_err)?;
-                let Some(group) = k.value().strip_prefix(&prefix[..]) else {
-                    break;
+                .map(|r| {
+                    r.map_err(io_err).map(|(k, raw)| {
+                        (
+                            k.value().strip_prefix(&prefix[..]).map(<[u8]>::to_vec),
+                            raw.value().to_vec(),
+                        )
+                    })
+                })
+                .peekable();
+            let mut rows = Vec::new();
+            while rows.len() < count {
+                let next_folded = match folded.peek() {
+                    Some(Ok((Some(g), _))) => Some(g.clone()),
+                    Some(Err(_)) => {
+                        return Err(folded
+                            .next()
+                            .and_then(|r| r.err())
+                            .unwrap_or_else(|| Error::Io("a view row".into())));
+                    }
+                    _ => None,
                 };
-                if rows.len() >= count {
-                    break;
+                let next_pending = pending.peek().map(|(g, _)| (*g).clone());
+                let group = match (&next_folded, &next_pending) {
+                    (None, None) => break,
+                    (Some(f), Some(p)) => f.min(p).clone(),
+                    (Some(f), None) => f.clone(),
+                    (None, Some(p)) => p.clone(),
+                };
+                let base = match next_folded.as_ref() == Some(&group) {
+                    true => match folded.next() {
+                        Some(Ok((_, raw))) => Some(decode::<Row>(&raw, "a view row")?),
+                        _ => None,
+                    },
+                    false => None,
+                };
+                let change = match next_pending.as_ref() == Some(&group) {
+                    true => pending.next().map(|(_, c)| c),
+                    false => None,
+                };
+                if let Some(row) = merged_row(base, change)? {
+                    let row = read_group(el, &v, &group, row)?;
+                    rows.push(Reply::Array(vec![
+                        bulk(Bytes::from(group)),
+                        bulk(encode(&row)?),
+                    ]));
                 }
-                let row = read_group(el, &v, group, decode(raw.value(), "a view row")?)?;
-                rows.push(Reply::Array(vec![
-                    bulk(Bytes::copy_from_slice(group)),
-                    bulk(encode(&row)?),
-                ]));
             }
             header(el, &v, rows)
         }
@@ -1440,10 +1610,12 @@ pub(super) fn query(
             let Some(v) = loaded(el, name, generation)? else {
                 return Ok(Reply::Array(vec![Reply::Nil]));
             };
+            let changes = unfolded(el, &v)?;
             let mut rows = Vec::new();
             for group in groups.iter().take(ROWS_PAGE_MAX) {
                 let key = row_key(name, v.def.generation, group);
-                if let Some(row) = get::<Row>(el, &key, "a view row")? {
+                let folded = get::<Row>(el, &key, "a view row")?;
+                if let Some(row) = merged_row(folded, changes.get(&group[..]))? {
                     let row = read_group(el, &v, group, row)?;
                     rows.push(Reply::Array(vec![bulk(group.clone()), bulk(encode(&row)?)]));
                 }
@@ -1589,15 +1761,29 @@ fn compare(
         }
         Ok(())
     };
+    // The view's rows as reads see them: folded rows with their unfolded changes.
     let prefix = gen_prefix(ROW, &v.name, v.def.generation);
-    let mut seen = 0usize;
+    let mut changes = unfolded(el, v)?;
+    let mut kept: Vec<(Vec<u8>, Row)> = Vec::new();
     for r in el.range(&prefix[..]..).map_err(io_err)? {
         let (k, raw) = r.map_err(io_err)?;
         let Some(group) = k.value().strip_prefix(&prefix[..]) else {
             break;
         };
+        let folded: Row = decode(raw.value(), "a view row")?;
+        if let Some(row) = merged_row(Some(folded), changes.remove(group).as_ref())? {
+            kept.push((group.to_vec(), row));
+        }
+    }
+    for (group, change) in changes {
+        if let Some(row) = merged_row(None, Some(&change))? {
+            kept.push((group, row));
+        }
+    }
+    let mut seen = 0usize;
+    for (group, row) in &kept {
         checked += 1;
-        let row = read_group(el, v, group, decode(raw.value(), "a view row")?)?;
+        let row = read_group(el, v, group, row.clone())?;
         match recomputed.get(group) {
             Some(f) => {
                 seen += 1;
@@ -1613,8 +1799,9 @@ fn compare(
         }
     }
     if seen < recomputed.len() {
+        let kept: HashMap<&[u8], ()> = kept.iter().map(|(g, _)| (&g[..], ())).collect();
         for (group, f) in &recomputed {
-            if get::<Row>(el, &row_key(&v.name, v.def.generation, group), "a view row")?.is_none() {
+            if !kept.contains_key(&group[..]) {
                 checked += 1;
                 drift += 1;
                 note(group, None, Some(f))?;
