@@ -42,7 +42,7 @@ const SHARDS: usize = 2;
 const PIPELINE: usize = 16;
 const SETUP_DEADLINE: Duration = Duration::from_secs(60);
 /// The views the runs keep, by setting ([`SETTINGS`]).
-const VIEWS: [(&str, &str); 4] = [
+const VIEWS: [(&str, &str); 5] = [
     (
         "sums",
         r#"{"input": {"prefix": "o:"}, "map": {"group": [{"json": "$.c"}], "values": {"a": {"json": "$.a"}}},

@@ -616,6 +616,66 @@ pub(super) fn after_flush(
     Ok(())
 }
 
+/// A page of the keys a view reads, in key order ([`counted_page`]).
+struct CountedPage {
+    /// The keys the view counts and their string values.
+    entries: Vec<(Bytes, Bytes)>,
+    /// Keys examined (strings or not).
+    scanned: usize,
+    /// The last key examined.
+    last: Option<Bytes>,
+    /// No key of the view's input is left after the page.
+    exhausted: bool,
+}
+
+/// The keys of `input` after `after` (`None`: from the first) in `t`, at most `keys_max`
+/// and about [`BACKFILL_BYTES_MAX`] bytes: what a build step or a recomputation adds.
+fn counted_page(
+    t: Option<&impl ReadableTable<&'static [u8], &'static [u8]>>,
+    input: &capdb_reduce::spec::Input,
+    after: Option<&[u8]>,
+    keys_max: usize,
+) -> Result<CountedPage> {
+    let mut page = CountedPage {
+        entries: Vec::new(),
+        scanned: 0,
+        last: None,
+        exhausted: true,
+    };
+    let Some(t) = t else {
+        return Ok(page);
+    };
+    let prefix = input.scan_prefix();
+    let lower = match after {
+        Some(a) if a >= prefix => std::ops::Bound::Excluded(a),
+        _ => std::ops::Bound::Included(prefix),
+    };
+    let mut bytes = 0;
+    for r in t
+        .range::<&[u8]>((lower, std::ops::Bound::Unbounded))
+        .map_err(io_err)?
+    {
+        let (k, v) = r.map_err(io_err)?;
+        let key = k.value();
+        if !key.starts_with(prefix) {
+            break;
+        }
+        if page.scanned >= keys_max || bytes >= BACKFILL_BYTES_MAX {
+            page.exhausted = false;
+            break;
+        }
+        page.scanned += 1;
+        bytes += key.len() + v.value().len();
+        if let Some(value) = decoded_string(key, v.value())
+            && input.wants(key)
+        {
+            page.entries.push((Bytes::copy_from_slice(key), value));
+        }
+        page.last = Some(Bytes::copy_from_slice(key));
+    }
+    Ok(page)
+}
+
 /// The value of `key` a view counts: a string, not a tombstone, expired or not.
 fn counted_value(
     t: &impl ReadableTable<&'static [u8], &'static [u8]>,
@@ -1063,37 +1123,16 @@ pub(super) fn apply(
                 any_async: false,
             };
             let t = x.txn.open_table(table_def(table)).map_err(io_err)?;
-            let prefix = set.views[0].plan.spec().input.scan_prefix().to_vec();
-            let lower = match &cursor {
-                Some(c) if c[..] >= prefix[..] => std::ops::Bound::Excluded(&c[..]),
-                _ => std::ops::Bound::Included(&prefix[..]),
-            };
-            let mut scanned = 0;
-            let mut bytes = 0;
-            let mut last: Option<Bytes> = None;
-            let mut exhausted = true;
-            for r in t
-                .range::<&[u8]>((lower, std::ops::Bound::Unbounded))
-                .map_err(io_err)?
-            {
-                if scanned >= BACKFILL_KEYS_MAX || bytes >= BACKFILL_BYTES_MAX {
-                    exhausted = false;
-                    break;
-                }
-                let (k, v) = r.map_err(io_err)?;
-                let key = k.value();
-                if !key.starts_with(&prefix) {
-                    break;
-                }
-                scanned += 1;
-                bytes += key.len() + v.value().len();
-                if let Some(value) = decoded_string(key, v.value())
-                    && set.views[0].plan.spec().input.wants(key)
-                {
-                    set.contribute(0, key, &value, 1)?;
-                }
-                last = Some(Bytes::copy_from_slice(key));
+            let page = counted_page(
+                Some(&t),
+                &set.views[0].plan.spec().input,
+                cursor.as_deref(),
+                BACKFILL_KEYS_MAX,
+            )?;
+            for (key, value) in &page.entries {
+                set.contribute(0, key, value, 1)?;
             }
+            let (scanned, last, exhausted) = (page.scanned, page.last, page.exhausted);
             drop(t);
             def.state = if exhausted {
                 ViewState::Ready
@@ -1241,39 +1280,13 @@ pub(super) fn async_read(txn: &redb::ReadTransaction, table: &str, name: &[u8]) 
             Err(redb::TableError::TableDoesNotExist(_)) => None,
             Err(e) => return Err(io_err(e)),
         };
-        let prefix = input.scan_prefix().to_vec();
-        let lower = match cursor {
-            Some(c) if c[..] >= prefix[..] => std::ops::Bound::Excluded(&c[..]),
-            _ => std::ops::Bound::Included(&prefix[..]),
-        };
-        let (mut scanned, mut bytes, mut last, mut exhausted) = (0usize, 0usize, None, true);
-        if let Some(t) = &t {
-            for r in t
-                .range::<&[u8]>((lower, std::ops::Bound::Unbounded))
-                .map_err(io_err)?
-            {
-                if scanned >= ADVANCE_KEYS_MAX || bytes >= BACKFILL_BYTES_MAX {
-                    exhausted = false;
-                    break;
-                }
-                let (k, val) = r.map_err(io_err)?;
-                let key = k.value();
-                if !key.starts_with(&prefix) {
-                    break;
-                }
-                scanned += 1;
-                bytes += key.len() + val.value().len();
-                if let Some(value) = decoded_string(key, val.value())
-                    && input.wants(key)
-                {
-                    page.push(Reply::Array(vec![
-                        bulk(Bytes::copy_from_slice(key)),
-                        bulk(value),
-                    ]));
-                }
-                last = Some(Bytes::copy_from_slice(key));
-            }
-        }
+        let got = counted_page(t.as_ref(), input, cursor.as_deref(), ADVANCE_KEYS_MAX)?;
+        page.extend(
+            got.entries
+                .into_iter()
+                .map(|(k, v)| Reply::Array(vec![bulk(k), bulk(v)])),
+        );
+        let (scanned, last, exhausted) = (got.scanned, got.last, got.exhausted);
         to.state = if exhausted {
             ViewState::Ready
         } else {
@@ -1314,45 +1327,22 @@ pub(super) fn async_scan(
     let v = Loaded::new(Bytes::copy_from_slice(name), def)?;
     let clock = super::changes::ChangeLog::load(&el)?.clock().0;
     drop(el);
-    let input = &v.plan.spec().input;
-    let prefix = input.scan_prefix().to_vec();
-    let lower = if !after.is_empty() && after >= &prefix[..] {
-        std::ops::Bound::Excluded(after)
-    } else {
-        std::ops::Bound::Included(&prefix[..])
+    let t = match txn.open_table(table_def(table)) {
+        Ok(t) => Some(t),
+        Err(redb::TableError::TableDoesNotExist(_)) => None,
+        Err(e) => return Err(io_err(e)),
     };
-    let mut rows = Vec::new();
-    let mut next = Reply::Nil;
-    let (mut scanned, mut bytes) = (0usize, 0usize);
-    if let Ok(t) = txn.open_table(table_def(table)) {
-        for r in t
-            .range::<&[u8]>((lower, std::ops::Bound::Unbounded))
-            .map_err(io_err)?
-        {
-            let (k, val) = r.map_err(io_err)?;
-            let key = k.value();
-            if !key.starts_with(&prefix) {
-                break;
-            }
-            if scanned >= BACKFILL_KEYS_MAX || bytes >= BACKFILL_BYTES_MAX {
-                break;
-            }
-            scanned += 1;
-            bytes += key.len() + val.value().len();
-            if let Some(value) = decoded_string(key, val.value())
-                && input.wants(key)
-            {
-                rows.push(Reply::Array(vec![
-                    bulk(Bytes::copy_from_slice(key)),
-                    bulk(value),
-                ]));
-            }
-            next = bulk(Bytes::copy_from_slice(key));
-        }
-        if scanned < BACKFILL_KEYS_MAX && bytes < BACKFILL_BYTES_MAX {
-            next = Reply::Nil;
-        }
-    }
+    let after = (!after.is_empty()).then_some(after);
+    let page = counted_page(t.as_ref(), &v.plan.spec().input, after, BACKFILL_KEYS_MAX)?;
+    let rows: Vec<Reply> = page
+        .entries
+        .into_iter()
+        .map(|(k, v)| Reply::Array(vec![bulk(k), bulk(v)]))
+        .collect();
+    let next = match (page.exhausted, page.last) {
+        (false, Some(last)) => bulk(last),
+        _ => Reply::Nil,
+    };
     Ok(Reply::Array(vec![
         Reply::Integer(clock as i64),
         Reply::Array(rows),
