@@ -142,6 +142,16 @@ async fn run(op: JobOp, client: &HttpClient) -> Result<JobExit, String> {
     }
 }
 
+/// A library's functions as the API lists them, comma-separated.
+fn functions(list: &Value) -> String {
+    list.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 async fn library(op: LibOp, client: &HttpClient) -> Result<JobExit, String> {
     match op {
         LibOp::Load {
@@ -176,13 +186,7 @@ async fn library(op: LibOp, client: &HttpClient) -> Result<JobExit, String> {
             println!(
                 "{}: {}",
                 v["library"].as_str().unwrap_or_default(),
-                v["functions"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(Value::as_str)
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                functions(&v["functions"])
             );
         }
         LibOp::List => {
@@ -192,13 +196,7 @@ async fn library(op: LibOp, client: &HttpClient) -> Result<JobExit, String> {
                     "{}\t{} bytes\t{}",
                     l["name"].as_str().unwrap_or_default(),
                     l["bytes"],
-                    l["functions"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .filter_map(Value::as_str)
-                        .collect::<Vec<_>>()
-                        .join(", ")
+                    functions(&l["functions"])
                 );
             }
         }
