@@ -343,6 +343,21 @@ async fn flushdb_snapshots_and_drop_keep_a_view_whole() {
         ]
     );
     a.verify("sales");
+    // Past its bounds (judged by the leader, applied by all): it stops, saying why.
+    let over = |generation| ViewCommand::Overflow {
+        name: Bytes::from_static(b"sales"),
+        generation,
+        why: "more than 1000000 groups on a shard".into(),
+    };
+    assert!(a.view(over(4)).await.is_err(), "another generation");
+    a.view(over(5)).await.unwrap();
+    assert_eq!(
+        a.def("sales").unwrap().state,
+        ViewState::Overflow {
+            why: "more than 1000000 groups on a shard".into()
+        }
+    );
+    assert_eq!(a.query(&[b"over"]).unwrap(), Reply::Array(Vec::new()));
     // Drop: the definition goes at once, the rows by purges.
     assert_eq!(
         a.view(ViewCommand::Drop {
@@ -641,4 +656,15 @@ async fn a_lua_view_counts_each_change_once_from_the_change_log_whatever_the_upd
     };
     assert_eq!(rows.len(), 1, "{rows:?}");
     a.verify_lua("lua");
+    // Events without previous values (or none at all) cannot keep it: it stops in the very
+    // entry that turns them off, so no update reads past the gap.
+    a.index += 1;
+    a.e.changes_config(TABLE, ChangesStep::Prev(false), a.index, Vec::new(), None)
+        .await
+        .unwrap()
+        .unwrap();
+    match a.def("lua").unwrap().state {
+        ViewState::Overflow { why } => assert!(why.contains("PREV no"), "{why}"),
+        other => panic!("{other:?}"),
+    }
 }

@@ -40,8 +40,9 @@ pub const VIEW_NAME_MAX: usize = 64;
 /// min/max over a large table takes per 4,096 keys (each key a row in a large multiset).
 pub const BACKFILL_KEYS_MAX: usize = 1_024;
 pub const BACKFILL_BYTES_MAX: usize = 1 << 20;
-/// Groups a view keeps per shard, and min/max multiset rows: past either the view turns
-/// `overflow` (reads refuse it; VIEW DROP and a narrower spec are the way out).
+/// Groups a view keeps per shard, and min/max multiset rows: past either the shard's leader
+/// turns the view `overflow` ([`ViewCommand::Overflow`]; reads refuse it; VIEW DROP and a
+/// narrower spec are the way out). A soft bound: writes applied before that entry count.
 pub const VIEW_GROUPS_MAX: i64 = 1_000_000;
 pub const VIEW_MINMAX_ROWS_MAX: i64 = 1_000_000;
 /// Rows one [`ViewCommand::Purge`] entry deletes.
@@ -135,6 +136,16 @@ pub enum ViewCommand {
         /// [`ADVANCE_DELTA_BYTES_MAX`].
         delta: Bytes,
     },
+    /// Stops generation `generation` of view `name` (state `overflow` with `why`): proposed
+    /// by the shard's leader when the view's rows pass [`VIEW_GROUPS_MAX`] or
+    /// [`VIEW_MINMAX_ROWS_MAX`] there. The bound is judged by the leader, not by each
+    /// replica's apply: replicas batch entries differently, so a judgement inside the apply
+    /// could fall on different sides of the bound on two replicas.
+    Overflow {
+        name: Bytes,
+        generation: u64,
+        why: String,
+    },
 }
 
 /// Where an async (Lua) view stands on one shard: its generation, its state (a building
@@ -154,7 +165,8 @@ impl ViewCommand {
             | ViewCommand::Backfill { name, .. }
             | ViewCommand::Drop { name }
             | ViewCommand::Purge { name, .. }
-            | ViewCommand::Advance { name, .. } => name,
+            | ViewCommand::Advance { name, .. }
+            | ViewCommand::Overflow { name, .. } => name,
         }
     }
 
@@ -165,6 +177,7 @@ impl ViewCommand {
             ViewCommand::Drop { .. } => "drop",
             ViewCommand::Purge { .. } => "purge",
             ViewCommand::Advance { .. } => "advance",
+            ViewCommand::Overflow { .. } => "overflow",
         }
     }
 }

@@ -524,6 +524,25 @@ impl Groups {
                     ));
                 }
             }
+            // Past its bounds here: the leader stops it, one entry for every replica.
+            for row in query(&t, b"over") {
+                let Reply::Array(v) = row else { continue };
+                if let [
+                    Reply::Bulk(name),
+                    Reply::Integer(generation),
+                    Reply::Bulk(why),
+                ] = &v[..]
+                {
+                    out.push((
+                        g,
+                        ViewCommand::Overflow {
+                            name: name.clone(),
+                            generation: *generation as u64,
+                            why: String::from_utf8_lossy(why).into_owned(),
+                        },
+                    ));
+                }
+            }
             for row in query(&t, b"gone") {
                 let Reply::Array(v) = row else { continue };
                 if let [Reply::Bulk(name), Reply::Integer(generation)] = &v[..] {

@@ -112,9 +112,24 @@ impl Node {
         })
     }
 
+    /// `_jobs` as this node has it: `None` when the cluster has none (no library then); else
+    /// waited for (at most 10 s) until this node opened it, so that a node that just started
+    /// answers `Unavailable` (retry), never "no library".
+    async fn jobs_keyspace_opened(&self) -> Result<Option<Arc<super::router::Keyspace>>> {
+        let name = capdb_types::keyspace::KeyspaceName::new(JOBS_KEYSPACE)?;
+        if !self.cluster().keyspaces.contains_key(&name) {
+            return Ok(None);
+        }
+        self.jobs_keyspace_waited().await.map(Some)
+    }
+
     /// `_jobs`, created if needed and waited for (at most 10 s) until this node opened it.
     async fn jobs_keyspace_made(&self) -> Result<Arc<super::router::Keyspace>> {
         self.ensure_jobs_keyspace().await?;
+        self.jobs_keyspace_waited().await
+    }
+
+    async fn jobs_keyspace_waited(&self) -> Result<Arc<super::router::Keyspace>> {
         let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
         loop {
             match self.jobs_keyspace() {
@@ -182,7 +197,7 @@ impl Node {
 
     /// `JOB LIBRARY DELETE <name>`: whether it was there.
     pub async fn job_library_delete(&self, name: &str) -> Result<bool> {
-        let Ok(ks) = self.jobs_keyspace() else {
+        let Some(ks) = self.jobs_keyspace_opened().await? else {
             return Ok(false);
         };
         let del = Mutation::Delete {
@@ -203,7 +218,7 @@ impl Node {
 
     /// Every library, by name (read linearizably).
     pub async fn job_libraries(&self) -> Result<Vec<Library>> {
-        let Ok(ks) = self.jobs_keyspace() else {
+        let Some(ks) = self.jobs_keyspace_opened().await? else {
             return Ok(Vec::new());
         };
         let (rows, _) = ks

@@ -383,6 +383,8 @@ pub(super) fn configure(x: &super::ops::Exec, table: &str, on: bool, index: u64)
             .map_err(io_err)?;
     } else if !on && was_on {
         el.remove(&reserved(ON)[..]).map_err(io_err)?;
+        // Writes from here on are not logged: Lua views stop now (see `set_prev`).
+        super::views::stop_async(&mut el, "the keyspace's change log was turned off")?;
         // The clock stays (IDs never go back, even across off and on); the count restarts.
         let c = match el.get(&reserved(CLOCK)[..]).map_err(io_err)? {
             Some(raw) => decode_clock(raw.value())?,
@@ -448,8 +450,13 @@ pub(super) fn set_prev(x: &super::ops::Exec, table: &str, on: bool) -> Result<()
         .map_err(io_err)?;
     if on {
         el.insert(&reserved(PREV)[..], &[1u8][..]).map_err(io_err)?;
-    } else {
-        el.remove(&reserved(PREV)[..]).map_err(io_err)?;
+    } else if el.remove(&reserved(PREV)[..]).map_err(io_err)?.is_some() {
+        // Events from here on lack what Lua views need: they stop now, in this entry, so
+        // that no update reads them (turned on again, they would not know of the gap).
+        super::views::stop_async(
+            &mut el,
+            "the keyspace's change log stopped carrying previous values (PREV no)",
+        )?;
     }
     Ok(())
 }

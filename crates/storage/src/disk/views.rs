@@ -17,8 +17,9 @@
 //!   a group per write: one row written instead of a read and a write per group); at most
 //!   [`UNFOLDED_MAX`], then folded into the rows by the job that would write one more. Every
 //!   read of the rows merges them ([`unfolded`]).
-//! - `0‖view-cnt/‖name‖generation` -> [`Counts`] (its `groups` counts folded rows: it lags
-//!   the unfolded changes, so the groups bound is judged at a fold)
+//! - `0‖view-cnt/‖name‖generation` -> [`Counts`] (its `groups` counts folded rows; the
+//!   bounds are judged by the shard's leader, [`ViewCommand::Overflow`], never by the apply,
+//!   whose batches differ between replicas)
 //! - `0‖view-gone/‖name‖generation` -> empty: a dropped generation whose rows are still being
 //!   deleted ([`ViewCommand::Purge`])
 //! - `0‖view-pos/‖name‖generation` -> u64 LE: an async (Lua) view's position in the shard's
@@ -593,6 +594,25 @@ fn position(
     }
 }
 
+/// Stops every async view of the shard (`overflow` with `why`): its change log no longer
+/// carries what it counts from. Applied in the entry that turns the log (or its previous
+/// values) off, so no update can read past the gap.
+pub(super) fn stop_async(el: &mut RawTable<'_>, why: &str) -> Result<()> {
+    for (name, mut def) in defs(el)? {
+        if matches!(def.state, ViewState::Overflow { .. })
+            || !Loaded::new(name.clone(), def.clone())?.is_async()
+        {
+            continue;
+        }
+        def.state = ViewState::Overflow {
+            why: format!("{why}: VIEW DROP it and CREATE it again"),
+        };
+        el.insert(&def_key(&name)[..], &encode(&def)?[..])
+            .map_err(io_err)?;
+    }
+    Ok(())
+}
+
 /// After FLUSHDB (whose rows went with the data): every async view counts from the flush's
 /// own event, at `clock`, on (events before it were of keys that are gone).
 pub(super) fn after_flush(
@@ -808,7 +828,7 @@ fn write_pending(el: &mut RawTable<'_>, v: &Loaded, p: Pending) -> Result<()> {
     let rows: Vec<(Vec<u8>, Row)> = if p.rows.is_empty() {
         Vec::new()
     } else if next + 1 < UNFOLDED_MAX {
-        // In group order: every replica writes the same bytes.
+        // In group order: the same change gives the same bytes (a hash map's order would not).
         let mut rows: Vec<(Vec<u8>, Row)> = p.rows.into_iter().collect();
         rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         let change = Unfolded { rows };
@@ -877,23 +897,38 @@ fn write_pending(el: &mut RawTable<'_>, v: &Loaded, p: Pending) -> Result<()> {
     }
     el.insert(&cnt_key[..], &encode(&counts)?[..])
         .map_err(io_err)?;
-    let over = if counts.groups > VIEW_GROUPS_MAX {
-        Some(format!("more than {VIEW_GROUPS_MAX} groups on a shard"))
-    } else if counts.minmax_rows > VIEW_MINMAX_ROWS_MAX {
-        Some(format!(
-            "more than {VIEW_MINMAX_ROWS_MAX} distinct min/max values on a shard"
-        ))
-    } else {
-        None
-    };
-    if let Some(why) = over {
-        tracing::warn!(view = ?v.name, why, "view overflow: no longer kept");
-        let mut def = v.def.clone();
-        def.state = ViewState::Overflow { why };
-        el.insert(&def_key(name)[..], &encode(&def)?[..])
-            .map_err(io_err)?;
-    }
     Ok(())
+}
+
+/// Why view `v` is past its bounds on this replica (its folded groups plus the groups only
+/// its unfolded changes hold, or its min/max rows), if it is: what the shard's leader
+/// proposes [`ViewCommand::Overflow`] for.
+fn over_bounds(
+    el: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    v: &Loaded,
+) -> Result<Option<String>> {
+    let counts: Counts = get(
+        el,
+        &gen_prefix(CNT, &v.name, v.def.generation),
+        "a view's counts",
+    )?
+    .unwrap_or_default();
+    if counts.minmax_rows > VIEW_MINMAX_ROWS_MAX {
+        return Ok(Some(format!(
+            "more than {VIEW_MINMAX_ROWS_MAX} distinct min/max values on a shard"
+        )));
+    }
+    let mut groups = counts.groups;
+    for (group, change) in unfolded(el, v)? {
+        let row = row_key(&v.name, v.def.generation, &group);
+        if change.n > 0 && el.get(&row[..]).map_err(io_err)?.is_none() {
+            groups += 1;
+        }
+    }
+    Ok(
+        (groups > VIEW_GROUPS_MAX)
+            .then(|| format!("more than {VIEW_GROUPS_MAX} groups on a shard")),
+    )
 }
 
 /// Every view definition of the shard, by name.
@@ -1098,6 +1133,19 @@ pub(super) fn apply(
                 state: stored.state,
                 position,
             })))
+        }
+        ViewCommand::Overflow {
+            generation, why, ..
+        } => {
+            let Some(mut def) = current.filter(|d| d.generation == *generation) else {
+                return refuse("ERR no such view generation here");
+            };
+            if !matches!(def.state, ViewState::Overflow { .. }) {
+                tracing::warn!(view = ?name, why, "view overflow: no longer kept");
+                def.state = ViewState::Overflow { why: why.clone() };
+                el.insert(&dkey[..], &encode(&def)?[..]).map_err(io_err)?;
+            }
+            Ok(Ok(state_reply(&def)))
         }
         ViewCommand::Backfill {
             generation, after, ..
@@ -1466,6 +1514,25 @@ pub(super) fn query(
                 .map(|(name, def)| Ok(Reply::Array(vec![bulk(name), bulk(encode(&def)?)])))
                 .collect::<Result<_>>()?,
         )),
+        (b"over", []) => {
+            // `[[name, generation, why], ...]`: views kept here past their bounds.
+            let mut out = Vec::new();
+            for (name, def) in defs(el)? {
+                if matches!(def.state, ViewState::Overflow { .. }) {
+                    continue;
+                }
+                let generation = def.generation;
+                let v = Loaded::new(name.clone(), def)?;
+                if let Some(why) = over_bounds(el, &v)? {
+                    out.push(Reply::Array(vec![
+                        bulk(name),
+                        Reply::Integer(generation as i64),
+                        bulk(why),
+                    ]));
+                }
+            }
+            Ok(Reply::Array(out))
+        }
         (b"async-defs", []) => {
             // The names of the async views kept (building or ready).
             let mut out = Vec::new();
