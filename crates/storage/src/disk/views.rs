@@ -1398,16 +1398,12 @@ pub(super) fn async_scan(
     ]))
 }
 
-/// `VIEW VERIFY` of an async view on one shard (`capdb.views verify-with name clock
-/// delta`): its rows against `delta`, what its node recomputed from the shard's keys while
-/// the change log stood at `clock`. Compared only when the view has counted exactly up to
-/// there and nothing was logged since (else `TRYAGAIN`): no window, no tolerance.
-pub(super) fn verify_with(
+/// View `name`'s definition, when it is ready on this shard (what VERIFY compares);
+/// `NOVIEW` or `NOTREADY` otherwise.
+fn ready_def(
     el: &impl ReadableTable<&'static [u8], &'static [u8]>,
     name: &[u8],
-    clock: u64,
-    delta: &[u8],
-) -> Result<Reply> {
+) -> Result<ViewDef> {
     let Some(def) = get::<ViewDef>(el, &def_key(name), "a view definition")? else {
         return Err(Error::Command(format!(
             "NOVIEW no view '{}'",
@@ -1421,6 +1417,20 @@ pub(super) fn verify_with(
             def.state.name()
         )));
     }
+    Ok(def)
+}
+
+/// `VIEW VERIFY` of an async view on one shard (`capdb.views verify-with name clock
+/// delta`): its rows against `delta`, what its node recomputed from the shard's keys while
+/// the change log stood at `clock`. Compared only when the view has counted exactly up to
+/// there and nothing was logged since (else `TRYAGAIN`): no window, no tolerance.
+pub(super) fn verify_with(
+    el: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    name: &[u8],
+    clock: u64,
+    delta: &[u8],
+) -> Result<Reply> {
+    let def = ready_def(el, name)?;
     let at = position(el, &def, name)?;
     let now = super::changes::ChangeLog::load(el)?.clock().0;
     if at != clock || now != clock {
@@ -1723,19 +1733,7 @@ pub(super) fn verify(
     el: &impl ReadableTable<&'static [u8], &'static [u8]>,
     name: &[u8],
 ) -> Result<Reply> {
-    let Some(def) = get::<ViewDef>(el, &def_key(name), "a view definition")? else {
-        return Err(Error::Command(format!(
-            "NOVIEW no view '{}'",
-            String::from_utf8_lossy(name)
-        )));
-    };
-    if def.state != ViewState::Ready {
-        return Err(Error::Command(format!(
-            "NOTREADY view '{}' is {} on this shard",
-            String::from_utf8_lossy(name),
-            def.state.name()
-        )));
-    }
+    let def = ready_def(el, name)?;
     let v = Loaded::new(Bytes::copy_from_slice(name), def)?;
     if v.is_async() {
         return Err(Error::Command(
