@@ -640,7 +640,8 @@ fn acknowledged_writes_are_read_back_at_once_after_kill_9_of_every_node() {
 #[test]
 fn a_node_far_behind_catches_up_from_a_snapshot() {
     // Snapshots every 50 entries: a node that misses hundreds of writes finds the log it
-    // needs purged, and must be sent the leader's snapshot.
+    // needs purged, and must be sent the leader's snapshot. With MiBs of values per shard the
+    // snapshot travels in several parts (`capdb_raft::snapshot::SNAPSHOT_PART_BYTES`).
     let mut c = Cluster::start_with(3, &["--raft-snapshot-logs", "50"]);
     let leader = c.leader();
     let lagging = (1..=3).find(|&n| n != leader).unwrap();
@@ -651,6 +652,10 @@ fn a_node_far_behind_catches_up_from_a_snapshot() {
     c.node_mut(lagging).kill9();
     for i in 0..600 {
         let _: () = conn.set(format!("late{i}"), i).unwrap();
+    }
+    let big = |i: usize| format!("{i}:{}", "x".repeat(32 << 10));
+    for i in 0..400 {
+        let _: () = conn.set(format!("big{i}"), big(i)).unwrap();
     }
     let _: () = conn.del("early0").unwrap();
     // Collections travel in snapshots too (their elements are a second table): a hash big
@@ -687,10 +692,42 @@ fn a_node_far_behind_catches_up_from_a_snapshot() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for i in 0..400 {
+        loop {
+            let got: Option<String> = back.get(format!("big{i}")).unwrap_or(None);
+            if got.as_deref() == Some(&big(i)[..]) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the lagging node's big{i} did not catch up: {} bytes",
+                got.map_or(0, |g| g.len())
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    let log = c.node(lagging).log();
+    let parts: Vec<u64> = log
+        .lines()
+        .filter(|l| l.contains("installed a snapshot"))
+        .filter_map(|l| {
+            l.split("parts=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
     assert!(
-        c.node(lagging).log().contains("installed a snapshot"),
-        "the lagging node should have caught up from a snapshot:\n{}",
-        c.node(lagging).log()
+        !parts.is_empty(),
+        "the lagging node should have caught up from a snapshot:\n{log}"
+    );
+    assert!(
+        parts.iter().any(|&p| p >= 4),
+        "some shard's snapshot should have come in several parts (its head, two or more pages \
+         of keys, its element rows), got {parts:?}"
     );
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {

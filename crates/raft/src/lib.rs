@@ -18,6 +18,8 @@
 //!   group into the [`capdb_cluster::ClusterState`]; snapshots of both.
 //! - [`sessions`]: exactly-once application: request ids stamped by the routing node, and
 //!   each group's table of applied ids and remembered replies.
+//! - [`snapshot`]: snapshots read page by page when sent, sent in parts, spooled to disk by
+//!   the receiver: never a whole shard in memory.
 //! - [`messages`]: the transport services Raft speaks (Raft, snapshots, forwarded requests).
 //! - [`network`]: openraft's network traits over the transport (the adapter only).
 //! - [`groups`]: the Raft groups of one node ([`groups::Groups`]): starting and stopping them,
@@ -31,6 +33,7 @@ pub mod log_store;
 pub mod messages;
 pub mod network;
 pub mod sessions;
+pub mod snapshot;
 pub mod state_machine;
 
 pub use groups::{Groups, GroupsConfig};

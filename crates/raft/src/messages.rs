@@ -1,7 +1,7 @@
 //! The transport services Raft speaks, each on its own channel:
 //!
 //! - [`RaftService`]: openraft's append-entries (and heartbeats), votes, leader transfers;
-//! - [`SnapshotService`]: full snapshots (large frames), kept off the heartbeat channel;
+//! - [`SnapshotService`]: snapshots, in parts, kept off the heartbeat channel;
 //! - [`ForwardService`]: client requests routed to a group's leader or replica, including the
 //!   meta group's writes sent through a seed by a joining node.
 //!
@@ -48,6 +48,10 @@ pub enum RaftRefusal {
     /// openraft refused it (its error, as text: only openraft reads it).
     #[error("{0}")]
     Raft(String),
+    /// A snapshot part or install was refused (out of order, superseded, or not spooled):
+    /// the sender starts the snapshot again.
+    #[error("{0}")]
+    Snapshot(String),
 }
 
 /// The Raft channel: `(group, message)`.
@@ -59,13 +63,34 @@ impl Service for RaftService {
     type Response = Result<RaftResponse, RaftRefusal>;
 }
 
-/// A full snapshot of a group's state machine.
+/// A snapshot of a group's state machine, sent in parts (`crate::snapshot`): every part of a
+/// transfer in order from 0, each acknowledged before the next, then `Install`.
 #[derive(Debug, Serialize, Deserialize)]
-pub struct SnapshotRequest {
-    pub group: GroupId,
-    pub vote: VoteOf<TypeConfig>,
-    pub meta: SnapshotMeta,
-    pub data: Vec<u8>,
+pub enum SnapshotRequest {
+    /// Part `seq` (a postcard [`crate::snapshot::SnapshotPart`]) of transfer `transfer`.
+    Part {
+        group: GroupId,
+        transfer: u64,
+        seq: u64,
+        part: Vec<u8>,
+    },
+    /// Install transfer `transfer`, complete with `parts` parts: the state as of `meta`.
+    Install {
+        group: GroupId,
+        transfer: u64,
+        parts: u64,
+        vote: VoteOf<TypeConfig>,
+        meta: SnapshotMeta,
+    },
+}
+
+/// What a [`SnapshotRequest`] was answered.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum SnapshotAck {
+    /// The part was spooled.
+    Spooled,
+    /// openraft's answer to the install.
+    Installed(SnapshotResponse<TypeConfig>),
 }
 
 /// The snapshot channel.
@@ -74,7 +99,7 @@ pub struct SnapshotService;
 impl Service for SnapshotService {
     const CHANNEL: Channel = Channel::Snapshot;
     type Request = SnapshotRequest;
-    type Response = Result<SnapshotResponse<TypeConfig>, RaftRefusal>;
+    type Response = Result<SnapshotAck, RaftRefusal>;
 }
 
 /// A client request for a group, routed to the node that can serve it.

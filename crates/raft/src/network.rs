@@ -1,7 +1,8 @@
 //! openraft's network traits on top of the transport: the adapter and nothing else.
 //!
-//! A group's messages go to a peer on the Raft channel; full snapshots on the snapshot channel,
-//! so heartbeats never wait behind a snapshot frame.
+//! A group's messages go to a peer on the Raft channel; snapshots on the snapshot channel, so
+//! heartbeats never wait behind a snapshot part. A snapshot is read and sent part by part
+//! (`crate::snapshot`), each acknowledged before the next is read.
 
 use std::sync::Arc;
 
@@ -17,7 +18,9 @@ use openraft::raft::{
 use openraft::{OptionalSend, RaftNetworkV2};
 
 use crate::command::{PeerNode, Snapshot, SnapshotData, TypeConfig};
-use crate::messages::{RaftRequest, RaftResponse, RaftService, SnapshotRequest, SnapshotService};
+use crate::messages::{
+    RaftRequest, RaftResponse, RaftService, SnapshotAck, SnapshotRequest, SnapshotService,
+};
 
 /// The node's Raft and snapshot peers, shared by every group.
 pub struct RaftPeers {
@@ -130,19 +133,66 @@ impl RaftNetworkV2<TypeConfig> for Network {
         &mut self,
         vote: VoteOf<TypeConfig>,
         snapshot: Snapshot,
-        _cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
+        cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
         option: RPCOption,
     ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
-        let req = SnapshotRequest {
+        let closed = |e: ReplicationClosed| StreamingError::Closed(e);
+        let mut cancel = std::pin::pin!(cancel);
+        let ttl = option.soft_ttl();
+        let transfer = fastrand::u64(..);
+        let mut parts = snapshot
+            .snapshot
+            .into_parts()
+            .map_err(|e| StreamingError::from(remote(format!("cannot read the snapshot: {e}"))))?;
+        let mut seq = 0u64;
+        loop {
+            // Reading a page is a blocking storage read.
+            let read = tokio::task::spawn_blocking(move || {
+                let part = parts.next().map(|p| {
+                    p.map(|p| postcard::to_stdvec(&p).expect("snapshot parts always encode"))
+                });
+                (parts, part)
+            });
+            let (rest, part) = tokio::select! {
+                r = read => r.map_err(|e| remote(format!("snapshot reader failed: {e}")))?,
+                c = &mut cancel => return Err(closed(c)),
+            };
+            parts = rest;
+            let Some(part) = part else { break };
+            let part = part.map_err(|e| remote(format!("cannot read the snapshot's rows: {e}")))?;
+            let req = SnapshotRequest::Part {
+                group: self.group,
+                transfer,
+                seq,
+                part,
+            };
+            let ack = tokio::select! {
+                a = self.snapshot.call(req, ttl) => a.map_err(rpc_error)?,
+                c = &mut cancel => return Err(closed(c)),
+            };
+            match ack.map_err(|e| remote(e.to_string()))? {
+                SnapshotAck::Spooled => seq += 1,
+                SnapshotAck::Installed(_) => {
+                    return Err(remote("a snapshot part answered as an install".into()).into());
+                }
+            }
+        }
+        let req = SnapshotRequest::Install {
             group: self.group,
+            transfer,
+            parts: seq,
             vote,
             meta: snapshot.meta,
-            data: snapshot.snapshot.into_inner(),
         };
-        self.snapshot
-            .call(req, option.soft_ttl())
-            .await
-            .map_err(rpc_error)?
-            .map_err(|e| remote(e.to_string()).into())
+        let ack = tokio::select! {
+            a = self.snapshot.call(req, ttl) => a.map_err(rpc_error)?,
+            c = &mut cancel => return Err(closed(c)),
+        };
+        match ack.map_err(|e| remote(e.to_string()))? {
+            SnapshotAck::Installed(r) => Ok(r),
+            SnapshotAck::Spooled => {
+                Err(remote("a snapshot install answered as a part".into()).into())
+            }
+        }
     }
 }

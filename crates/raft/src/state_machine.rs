@@ -11,9 +11,11 @@
 //!   the table holds. Applies are not fsync'd on their own: the log is durable, and openraft
 //!   re-applies `(applied, committed]` at start.
 //! - Every entry with a responder gets a response, including blank and membership entries.
-//! - Snapshots are built from one consistent read of the table (an MVCC snapshot), so applies
-//!   can continue while a snapshot is being built. The latest snapshot is kept in memory only;
-//!   after a restart a new one is built on demand from the (durable) table.
+//! - A snapshot is one consistent read of the table (an MVCC read transaction) with the
+//!   applied state and session rows, so applies continue meanwhile. Nothing is copied when
+//!   openraft builds one: its rows are read page by page only if it is sent, and the snapshot
+//!   sent is read at that moment (`crate::snapshot`). So no snapshot is kept anywhere: the
+//!   (durable) table is the snapshot.
 //! - **Exactly once**: an identified request ([`Request::Identified`]) is applied only the first
 //!   time it is committed; later copies (retries by the routing node after a lost answer) get
 //!   the first copy's reply ([`crate::sessions`]). The session table and the remembered
@@ -40,6 +42,7 @@ use crate::command::{
 use crate::io;
 use crate::log_store::meta_key;
 use crate::sessions::{Decision, RequestId, SessionTable, row};
+use crate::snapshot::{LocalSnapshot, SnapshotPart};
 
 /// What a group's state machine holds.
 #[derive(Clone)]
@@ -58,34 +61,6 @@ struct Applied {
     membership: StoredMembership,
 }
 
-/// A snapshot's content. Variants are only ever appended (older nodes' snapshots decode).
-#[derive(Serialize, Deserialize)]
-enum SnapshotPayload {
-    Data {
-        entries: Vec<(Vec<u8>, Vec<u8>)>,
-    },
-    Meta {
-        state: ClusterState,
-    },
-    /// A data shard with its session rows (`_meta` keys without the group's session prefix).
-    DataWithSessions {
-        entries: Vec<(Vec<u8>, Vec<u8>)>,
-        sessions: Vec<(String, Vec<u8>)>,
-    },
-    /// The meta group with its session rows.
-    MetaWithSessions {
-        state: ClusterState,
-        sessions: Vec<(String, Vec<u8>)>,
-    },
-    /// A data shard with its session rows and its element table (collections' elements, the
-    /// collection-id counter, the reclaim queue).
-    DataWithElements {
-        entries: Vec<(Vec<u8>, Vec<u8>)>,
-        elements: Vec<(Vec<u8>, Vec<u8>)>,
-        sessions: Vec<(String, Vec<u8>)>,
-    },
-}
-
 /// One group's state machine. Cheap to clone; clones share state.
 #[derive(Clone)]
 pub struct StateMachine {
@@ -95,7 +70,6 @@ pub struct StateMachine {
     /// The applied state and (meta group only) the cluster map, changed together under one
     /// lock so a snapshot never pairs a map with the wrong applied id.
     state: Arc<Mutex<SmState>>,
-    current: Arc<Mutex<Option<StoredSnapshot>>>,
     /// Applied request ids and where their replies are (see [`crate::sessions`]). Only `apply`
     /// and `install_snapshot` use it, and openraft never runs them at once.
     sessions: Arc<Mutex<SessionTable>>,
@@ -103,9 +77,6 @@ pub struct StateMachine {
     /// [`StateMachine::apply_duplicates`]).
     apply_duplicates: bool,
 }
-
-/// The latest snapshot: its meta and encoded payload.
-type StoredSnapshot = (SnapshotMeta, Vec<u8>);
 
 struct SmState {
     applied: Applied,
@@ -151,7 +122,6 @@ impl StateMachine {
                 applied,
                 cluster: meta_state,
             })),
-            current: Arc::default(),
             sessions: Arc::new(Mutex::new(sessions)),
             apply_duplicates: false,
         })
@@ -972,33 +942,21 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         meta: &SnapshotMeta,
         snapshot: SnapshotData,
     ) -> io::Result<()> {
-        let bytes = snapshot.into_inner();
-        let payload: SnapshotPayload = decode(&bytes, "snapshot")?;
+        let spooled = match &snapshot {
+            SnapshotData::Spooled(s) => (s.parts, s.bytes),
+            SnapshotData::Local(_) => (0, 0),
+        };
+        let corrupt = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_string());
+        let mut parts = snapshot.into_parts()?;
+        let (sessions, state) = match parts.next().transpose()? {
+            Some(SnapshotPart::Head { sessions, state }) => (sessions, state),
+            _ => return Err(corrupt("a snapshot that does not start with its head")),
+        };
         let applied = Applied {
             last_applied: meta.last_log_id,
             membership: meta.last_membership.clone(),
         };
         let prefix = SessionTable::prefix_of(self.group);
-        let empty = Vec::new;
-        let (payload, elements, sessions) = match payload {
-            SnapshotPayload::Data { entries } => {
-                (SnapshotPayload::Data { entries }, empty(), Vec::new())
-            }
-            SnapshotPayload::Meta { state } => {
-                (SnapshotPayload::Meta { state }, empty(), Vec::new())
-            }
-            SnapshotPayload::DataWithSessions { entries, sessions } => {
-                (SnapshotPayload::Data { entries }, empty(), sessions)
-            }
-            SnapshotPayload::MetaWithSessions { state, sessions } => {
-                (SnapshotPayload::Meta { state }, empty(), sessions)
-            }
-            SnapshotPayload::DataWithElements {
-                entries,
-                elements,
-                sessions,
-            } => (SnapshotPayload::Data { entries }, elements, sessions),
-        };
         let session_rows: Vec<(String, Vec<u8>)> = sessions
             .into_iter()
             .map(|(k, v)| (format!("{prefix}{k}"), v))
@@ -1007,14 +965,32 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
         let mut meta_items: Vec<MetaItem> = vec![self.applied_meta(&applied)];
         meta_items.extend(session_rows.into_iter().map(|(k, v)| (k, Some(v))));
-        match (&self.kind, payload) {
-            (Kind::Data { table }, SnapshotPayload::Data { entries }) => {
+        match (&self.kind, state) {
+            (Kind::Data { table }, None) => {
+                // Read from the spool batch by batch inside the storage transaction.
+                let rows = parts.map(|p| match p {
+                    Ok(SnapshotPart::Rows(which, rows)) => Ok((which, rows)),
+                    Ok(SnapshotPart::Head { .. }) => Err(capdb_types::Error::Corruption(
+                        "a snapshot with two heads".into(),
+                    )),
+                    Err(e) => Err(capdb_types::Error::Io(format!("snapshot spool: {e}"))),
+                });
                 self.engine
-                    .replace_table(table, entries, elements, Some(prefix), meta_items, None)
+                    .replace_table_from(
+                        table,
+                        Box::new(rows),
+                        spooled.1 as usize,
+                        Some(prefix),
+                        meta_items,
+                        None,
+                    )
                     .await
                     .map_err(io)?;
             }
-            (Kind::Meta { published }, SnapshotPayload::Meta { state }) => {
+            (Kind::Meta { published }, Some(state)) => {
+                if parts.next().is_some() {
+                    return Err(corrupt("a meta group snapshot with rows"));
+                }
                 let mut items: Vec<MetaItem> = self
                     .engine
                     .meta_list(&prefix)
@@ -1028,44 +1004,31 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 self.lock().cluster = state.clone();
                 published.send_replace(Arc::new(state));
             }
-            _ => {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "snapshot of the wrong kind of group",
-                ));
-            }
+            _ => return Err(corrupt("snapshot of the wrong kind of group")),
         }
         tracing::info!(
             group = self.group,
             last_log = ?meta.last_log_id.map(|l| l.index),
-            bytes = bytes.len(),
+            parts = spooled.0,
+            bytes = spooled.1,
             "installed a snapshot"
         );
         self.lock().applied = applied;
         self.put_sessions(table_of_sessions);
-        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some((meta.clone(), bytes));
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> io::Result<Option<Snapshot>> {
-        Ok(self
-            .current
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .map(|(meta, bytes)| Snapshot {
-                meta: meta.clone(),
-                snapshot: std::io::Cursor::new(bytes.clone()),
-            }))
+        let snapshot = self.local_snapshot()?;
+        Ok(snapshot.meta.last_log_id.is_some().then_some(snapshot))
     }
 }
 
-impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
-    type SnapshotData = SnapshotData;
-
-    async fn build_snapshot(&mut self) -> io::Result<Snapshot> {
-        // One consistent read of the table (none for the meta group), the applied state, the
-        // map and the session rows: they were all written together.
+impl StateMachine {
+    /// The group's state as of now, as a snapshot whose rows are read only if it is sent: one
+    /// read transaction holding the table, the applied state (the snapshot's meta), the map
+    /// (meta group) and the session rows, all written together.
+    fn local_snapshot(&self) -> io::Result<Snapshot> {
         let applied_key = meta_key(self.group, "applied");
         let state_key = meta_key(self.group, "state");
         let prefix = SessionTable::prefix_of(self.group);
@@ -1073,43 +1036,47 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             Kind::Data { table } => table.clone(),
             Kind::Meta { .. } => format!("raft/{}/no-table", self.group),
         };
-        let dump = self
+        let rows = self
             .engine
-            .dump_table(&table, &[applied_key, state_key], &prefix)
+            .table_snapshot(&table, &[applied_key, state_key], &prefix)
             .map_err(io)?;
-        let applied: Applied = match &dump.meta[0] {
+        let applied: Applied = match &rows.meta[0] {
             Some(raw) => decode(raw, "applied state")?,
             None => Applied::default(),
         };
-        let sessions: Vec<(String, Vec<u8>)> = dump
+        let state = match &self.kind {
+            Kind::Data { .. } => None,
+            Kind::Meta { .. } => Some(match &rows.meta[1] {
+                Some(raw) => decode(raw, "cluster state")?,
+                None => ClusterState::default(),
+            }),
+        };
+        let sessions: Vec<(String, Vec<u8>)> = rows
             .meta_prefixed
-            .into_iter()
-            .map(|(k, v)| (k[prefix.len()..].to_string(), v))
+            .iter()
+            .map(|(k, v)| (k[prefix.len()..].to_string(), v.clone()))
             .collect();
-        let payload = match &self.kind {
-            Kind::Data { .. } => SnapshotPayload::DataWithElements {
-                entries: dump.entries,
-                elements: dump.elements,
-                sessions,
-            },
-            Kind::Meta { .. } => SnapshotPayload::MetaWithSessions {
-                state: match &dump.meta[1] {
-                    Some(raw) => decode(raw, "cluster state")?,
-                    None => ClusterState::default(),
-                },
-                sessions,
-            },
-        };
-        let bytes = encode(&payload);
-        let meta = SnapshotMeta {
-            last_log_id: applied.last_applied,
-            last_membership: applied.membership,
-        };
-        *self.current.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some((meta.clone(), bytes.clone()));
         Ok(Snapshot {
-            meta,
-            snapshot: std::io::Cursor::new(bytes),
+            meta: SnapshotMeta {
+                last_log_id: applied.last_applied,
+                last_membership: applied.membership,
+            },
+            snapshot: SnapshotData::Local(Arc::new(LocalSnapshot {
+                rows,
+                sessions,
+                state,
+            })),
         })
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    type SnapshotData = SnapshotData;
+
+    /// Records nothing and copies nothing: the table is the snapshot (module docs), and the
+    /// one sent is read when it is sent. openraft then purges the log up to this meta, which
+    /// the log store makes safe by a durable commit first (`crate::log_store`).
+    async fn build_snapshot(&mut self) -> io::Result<Snapshot> {
+        self.local_snapshot()
     }
 }

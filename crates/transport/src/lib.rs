@@ -48,7 +48,8 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 
-/// Largest frame either side accepts (snapshots travel in one frame).
+/// Largest frame either side accepts (a forwarded write of the largest value must fit;
+/// snapshots travel in parts of about 2 MiB).
 pub const FRAME_BYTES_MAX: usize = 256 * 1024 * 1024;
 /// Requests waiting to be sent to one peer.
 pub const PEER_QUEUE_MAX: usize = 4_096;
@@ -62,7 +63,8 @@ pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 
 const HEADER_LEN: usize = 16;
 const HELLO_MAGIC: &[u8; 4] = b"cpdb";
-const PROTOCOL_VERSION: u8 = 1;
+/// 2: Raft snapshots in parts (`SnapshotRequest::Part`/`Install`).
+const PROTOCOL_VERSION: u8 = 2;
 
 pub use capdb_cluster::NodeId;
 
@@ -72,7 +74,7 @@ pub use capdb_cluster::NodeId;
 pub enum Channel {
     /// Raft's own messages: append entries (and heartbeats), votes, leader transfers.
     Raft = 1,
-    /// Raft snapshots (one frame of up to [`FRAME_BYTES_MAX`]), kept off the Raft channel.
+    /// Raft snapshots, in parts, kept off the Raft channel.
     Snapshot = 2,
     /// Client requests forwarded to a Raft group's leader (or replica), and meta commands.
     Forward = 3,

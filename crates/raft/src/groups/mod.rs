@@ -146,6 +146,8 @@ pub struct Groups {
     /// When this node last proposed a progress entry to each group
     /// ([`Groups::changes_progress`]), for coalescing.
     progress_sent: Mutex<HashMap<GroupId, (std::time::Instant, capdb_types::Timestamp)>>,
+    /// Snapshots being received from leaders, spooled to disk (`crate::snapshot`).
+    snapshots_in: crate::snapshot::Inbox,
 }
 
 fn unavailable(msg: impl Into<String>) -> Error {
@@ -173,6 +175,8 @@ impl Groups {
                 .map(|(_, addr)| addr.clone())
                 .collect();
         }
+        let snapshots_in = crate::snapshot::Inbox::open(&engine.dir().join("snapshots-in"))
+            .map_err(|e| Error::Io(format!("cannot open the snapshot inbox: {e}")))?;
         let groups = Arc::new(Groups {
             me,
             engine,
@@ -197,6 +201,7 @@ impl Groups {
             lose_write_answers: AtomicU64::new(0),
             lock_wait_hook: std::sync::OnceLock::new(),
             progress_sent: Mutex::new(HashMap::new()),
+            snapshots_in,
         });
         groups.snapshot_when_pinning();
         let meta = groups

@@ -8,15 +8,15 @@ use capdb_cluster::{GroupId, META_GROUP, NodeId};
 use capdb_storage::ScanRange;
 use capdb_transport::Handler;
 use capdb_types::unix_now_ms;
-use openraft::raft::SnapshotResponse;
 
 use super::Groups;
 use super::route::{HOP_TIMEOUT, relayed};
 use crate::command::{Snapshot, TypeConfig};
 use crate::messages::{
     ForwardError, ForwardRequest, ForwardResponse, ForwardService, RaftRefusal, RaftRequest,
-    RaftResponse, RaftService, SnapshotRequest, SnapshotService,
+    RaftResponse, RaftService, SnapshotAck, SnapshotRequest, SnapshotService,
 };
+use crate::snapshot::{InboxRefusal, SnapshotData};
 
 /// Serves the Raft, snapshot and forwarding channels with this node's groups.
 #[derive(Clone)]
@@ -48,19 +48,47 @@ impl Handler<RaftService> for GroupsHandler {
 impl Handler<SnapshotService> for GroupsHandler {
     async fn handle(
         &self,
-        _from: NodeId,
+        from: NodeId,
         request: SnapshotRequest,
-    ) -> Result<SnapshotResponse<TypeConfig>, RaftRefusal> {
-        let group = request.group;
-        let g = self.0.group(group).ok_or(RaftRefusal::NoReplica(group))?;
-        let snapshot = Snapshot {
-            meta: request.meta,
-            snapshot: std::io::Cursor::new(request.data),
-        };
-        g.raft
-            .install_full_snapshot(request.vote, snapshot)
-            .await
-            .map_err(|e| RaftRefusal::Raft(e.to_string()))
+    ) -> Result<SnapshotAck, RaftRefusal> {
+        let inbox = &self.0.snapshots_in;
+        let refused = |e: InboxRefusal| RaftRefusal::Snapshot(e.to_string());
+        match request {
+            SnapshotRequest::Part {
+                group,
+                transfer,
+                seq,
+                part,
+            } => {
+                self.0.group(group).ok_or(RaftRefusal::NoReplica(group))?;
+                inbox
+                    .part(from, group, transfer, seq, &part)
+                    .map_err(refused)?;
+                Ok(SnapshotAck::Spooled)
+            }
+            SnapshotRequest::Install {
+                group,
+                transfer,
+                parts,
+                vote,
+                meta,
+            } => {
+                let g = self.0.group(group).ok_or(RaftRefusal::NoReplica(group))?;
+                let spool = inbox
+                    .finish(from, group, transfer, parts)
+                    .map_err(refused)?;
+                let snapshot = Snapshot {
+                    meta,
+                    snapshot: SnapshotData::Spooled(spool),
+                };
+                let response = g
+                    .raft
+                    .install_full_snapshot(vote, snapshot)
+                    .await
+                    .map_err(|e| RaftRefusal::Raft(e.to_string()))?;
+                Ok(SnapshotAck::Installed(response))
+            }
+        }
     }
 }
 

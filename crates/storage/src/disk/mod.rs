@@ -122,7 +122,10 @@ use ops::Op;
 pub use pins::{
     PIN_HOLD_MAX, PINNED_PAGE_EXAMINE_MAX, PINNED_PAGE_KEYS_MAX, PINS_MAX, PinInfo, PinnedPage,
 };
-pub use replicated::{Queued, RememberReplies, TableDump};
+pub use replicated::{
+    Queued, RememberReplies, RowSource, SnapshotPage, SnapshotRows, SnapshotTable, TableDump,
+    TableSnapshot,
+};
 pub use table::SCAN_EXAMINE_MAX;
 pub use touched::{TOUCHED_MAX, WatchGuard, horizon_row};
 pub use txn::{GC_STEP_MAX, OpenTxns, Orphan, RECORD_RETAIN_MS, RememberAnswer, TxnAnswer, TxnJob};
@@ -307,6 +310,11 @@ impl DiskEngine {
     /// writes were answered but not yet committed, for the commit that holds them: `visible.rs`).
     fn begin_read(&self) -> Result<redb::ReadTransaction> {
         self.begin_read_seen(None)
+    }
+
+    /// The data directory (the database file and the write-ahead log are in it).
+    pub fn dir(&self) -> &Path {
+        self.path.parent().unwrap_or(Path::new("."))
     }
 
     /// [`DiskEngine::begin_read`], or with `seen` (from [`DiskEngine::visible`]) a read

@@ -134,9 +134,11 @@ pub(super) enum Op {
         /// it logs a `flush` event; a snapshot install drops the log.
         keep_changes: Option<u64>,
         table: String,
-        entries: Vec<(Vec<u8>, Vec<u8>)>,
-        /// The element table's rows (see `space.rs`), replaced with the table.
-        elements: Vec<(Vec<u8>, Vec<u8>)>,
+        /// The rows of the table and of its element table (see `space.rs`), replaced with it;
+        /// taken by the one execution (a stream is read once).
+        rows: std::sync::Mutex<Option<super::replicated::RowSource>>,
+        /// About how many bytes `rows` are.
+        bytes: usize,
         clear_meta_prefix: Option<String>,
         meta: Vec<MetaItem>,
     },
@@ -168,13 +170,7 @@ impl Op {
                 .map(|(k, _)| k.len() + 8)
                 .sum(),
             Op::LogAppend { records, .. } => records.iter().map(|(_, r)| r.len() + 8).sum(),
-            Op::ReplaceTable {
-                entries, elements, ..
-            } => entries
-                .iter()
-                .chain(elements)
-                .map(|(k, v)| k.len() + v.len())
-                .sum(),
+            Op::ReplaceTable { bytes, .. } => *bytes,
             Op::ApplyReplicated { mutations, .. } => {
                 mutations.iter().map(|(m, ..)| mutation_bytes(m)).sum()
             }
@@ -468,20 +464,26 @@ pub(super) fn execute(x: &Exec, op: &Op, live_tables: &mut HashSet<String>) -> R
         Op::MetaPut { items, .. } => update_meta(x, items),
         Op::ReplaceTable {
             table,
-            entries,
-            elements,
+            rows,
             clear_meta_prefix,
             meta,
             keep_changes,
-        } => replace_table(
-            x,
-            table,
-            entries,
-            elements,
-            clear_meta_prefix.as_deref(),
-            meta,
-            *keep_changes,
-        ),
+            ..
+        } => {
+            let rows = rows
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take()
+                .ok_or_else(|| Error::Corruption("a table replacement ran twice".into()))?;
+            replace_table(
+                x,
+                table,
+                rows,
+                clear_meta_prefix.as_deref(),
+                meta,
+                *keep_changes,
+            )
+        }
         Op::Reclaim { table } => reclaim(x, table),
         Op::DropGroup {
             tables,
@@ -861,8 +863,7 @@ fn update_meta(x: &Exec, items: &[MetaItem]) -> Result<Output> {
 fn replace_table(
     x: &Exec,
     table: &str,
-    entries: &[(Vec<u8>, Vec<u8>)],
-    elements: &[(Vec<u8>, Vec<u8>)],
+    rows: super::replicated::RowSource,
     clear_meta_prefix: Option<&str>,
     meta: &[MetaItem],
     keep_changes: Option<u64>,
@@ -884,24 +885,34 @@ fn replace_table(
             .map_err(io_err)?;
         Vec::new()
     };
-    let carried: Vec<(Vec<u8>, Vec<u8>)> = carried
-        .into_iter()
-        .filter(|(k, _)| !elements.iter().any(|(e, _)| e == k))
-        .collect();
-    for (name, rows) in [
-        (table.to_string(), entries),
-        (element_table(table), elements),
-    ] {
-        x.txn.delete_table(table_def(&name)).map_err(io_err)?;
-        let mut t = x.txn.open_table(table_def(&name)).map_err(io_err)?;
-        for (k, v) in rows {
-            t.insert(&k[..], &v[..]).map_err(io_err)?;
+    // Only FLUSHDB carries rows, and it brings no element rows that could collide with them.
+    debug_assert!(carried.is_empty() || keep_changes.is_some());
+    let elements_name = element_table(table);
+    x.txn.delete_table(table_def(table)).map_err(io_err)?;
+    x.txn
+        .delete_table(table_def(&elements_name))
+        .map_err(io_err)?;
+    {
+        let mut data = x.txn.open_table(table_def(table)).map_err(io_err)?;
+        let mut el = x
+            .txn
+            .open_table(table_def(&elements_name))
+            .map_err(io_err)?;
+        for batch in rows {
+            let (which, batch) = batch?;
+            let t = match which {
+                super::replicated::SnapshotTable::Data => &mut data,
+                super::replicated::SnapshotTable::Elements => &mut el,
+            };
+            for (k, v) in batch {
+                t.insert(&k[..], &v[..]).map_err(io_err)?;
+            }
         }
     }
     {
         let mut el = x
             .txn
-            .open_table(table_def(&element_table(table)))
+            .open_table(table_def(&elements_name))
             .map_err(io_err)?;
         for (k, v) in &carried {
             el.insert(&k[..], &v[..]).map_err(io_err)?;

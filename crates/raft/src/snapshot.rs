@@ -1,0 +1,427 @@
+//! Raft snapshots that are never held whole in memory.
+//!
+//! openraft snapshots a group every few thousand entries (`groups::default_raft_config`), and a
+//! data shard can hold millions of keys. Building each snapshot as one encoded buffer cost a
+//! full copy of the shard in memory and a third of a busy node's CPU, and a shard over the
+//! transport's frame bound could never be sent at all. So:
+//!
+//! - **Built lazily.** A snapshot is a [`LocalSnapshot`]: a storage read transaction (the
+//!   applied state, the session rows and the tables, consistent with each other) and nothing
+//!   else. Building one costs a read of three `_meta` entries; the rows are read only if the
+//!   snapshot is sent, page by page ([`Parts`]).
+//! - **Sent in parts.** The leader sends [`SnapshotPart`]s of about [`SNAPSHOT_PART_BYTES`]
+//!   each ([`crate::messages::SnapshotRequest::Part`]), waiting for each acknowledgement, then
+//!   asks the follower to install ([`crate::messages::SnapshotRequest::Install`]).
+//! - **Received to a spool.** The follower appends each part (checked to decode) to a file in
+//!   `<data dir>/snapshots-in` with a CRC ([`Inbox`]); the install reads the file batch by
+//!   batch inside the one storage transaction that replaces the shard. A part out of order, a
+//!   transfer superseded by a newer one from the same leader, or one idle longer than
+//!   [`RECEIVING_IDLE_MAX`] is dropped with its file; the leader's openraft then sends the
+//!   snapshot again from the start.
+//!
+//! What a follower holds at a time: one part in memory, and at most one spool per (leader,
+//! group) on disk, removed once installed or dropped (and all of them at start).
+//!
+//! The snapshot openraft asks for when it must send one ([`crate::state_machine`]'s
+//! `get_current_snapshot`) is read *then*, at the state machine's current applied entry, not at
+//! the entry of the last build: it is newer, consistent, and of a committed entry, which is all
+//! a follower needs.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use capdb_cluster::{ClusterState, GroupId, NodeId};
+use capdb_storage::disk::{SnapshotTable, TableSnapshot};
+use serde::{Deserialize, Serialize};
+
+/// About how many bytes of rows one part carries (a row larger than this travels alone).
+pub const SNAPSHOT_PART_BYTES: usize = 2 << 20;
+/// A receiving transfer with no part for this long is dropped with its spool.
+pub const RECEIVING_IDLE_MAX: Duration = Duration::from_secs(120);
+/// Largest part a spool holds (the transport's frame bound: no bigger part can arrive).
+const SPOOLED_PART_BYTES_MAX: usize = capdb_transport::FRAME_BYTES_MAX;
+
+/// One part of a snapshot, in the order sent: one `Head`, then the data table's rows, then the
+/// element table's, each in key order.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum SnapshotPart {
+    /// The group's session rows (`_meta` keys without the group's session prefix) and, for the
+    /// meta group, the cluster map.
+    Head {
+        sessions: Vec<(String, Vec<u8>)>,
+        state: Option<ClusterState>,
+    },
+    /// A page of one of the shard's tables.
+    Rows(SnapshotTable, Vec<(Vec<u8>, Vec<u8>)>),
+}
+
+/// A group's snapshot as openraft passes it around: this node's state, to be read when sent, or
+/// one received from a leader, to be read when installed.
+pub enum SnapshotData {
+    Local(Arc<LocalSnapshot>),
+    Spooled(Spool),
+}
+
+impl SnapshotData {
+    /// The snapshot's parts, in order, read as they are taken (blocking reads).
+    pub fn into_parts(
+        self,
+    ) -> io::Result<Box<dyn Iterator<Item = io::Result<SnapshotPart>> + Send>> {
+        Ok(match self {
+            SnapshotData::Local(local) => Box::new(Parts::new(local)),
+            SnapshotData::Spooled(spool) => Box::new(spool.read()?),
+        })
+    }
+}
+
+/// This node's state machine as of one storage read transaction.
+pub struct LocalSnapshot {
+    pub(crate) rows: TableSnapshot,
+    pub(crate) sessions: Vec<(String, Vec<u8>)>,
+    pub(crate) state: Option<ClusterState>,
+}
+
+/// Reads a [`LocalSnapshot`]'s parts page by page.
+pub struct Parts {
+    snapshot: Arc<LocalSnapshot>,
+    next: Next,
+}
+
+enum Next {
+    Head,
+    Rows(SnapshotTable, Option<Vec<u8>>),
+    Done,
+}
+
+impl Parts {
+    pub fn new(snapshot: Arc<LocalSnapshot>) -> Parts {
+        Parts {
+            snapshot,
+            next: Next::Head,
+        }
+    }
+}
+
+impl Iterator for Parts {
+    type Item = io::Result<SnapshotPart>;
+
+    fn next(&mut self) -> Option<io::Result<SnapshotPart>> {
+        loop {
+            match std::mem::replace(&mut self.next, Next::Done) {
+                Next::Done => return None,
+                Next::Head => {
+                    self.next = Next::Rows(SnapshotTable::Data, None);
+                    return Some(Ok(SnapshotPart::Head {
+                        sessions: self.snapshot.sessions.clone(),
+                        state: self.snapshot.state.clone(),
+                    }));
+                }
+                Next::Rows(which, after) => {
+                    let (rows, more) =
+                        match self
+                            .snapshot
+                            .rows
+                            .page(which, after.as_deref(), SNAPSHOT_PART_BYTES)
+                        {
+                            Ok(page) => page,
+                            Err(e) => return Some(Err(crate::io(e))),
+                        };
+                    self.next = match (more, which) {
+                        (Some(after), _) => Next::Rows(which, Some(after)),
+                        (None, SnapshotTable::Data) => Next::Rows(SnapshotTable::Elements, None),
+                        (None, SnapshotTable::Elements) => Next::Done,
+                    };
+                    if !rows.is_empty() {
+                        return Some(Ok(SnapshotPart::Rows(which, rows)));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A snapshot received from a leader: its parts in a file, each `[u32 length][u32 CRC-32]`
+/// and the part (postcard), little-endian. The file goes when this is dropped.
+pub struct Spool {
+    path: PathBuf,
+    /// Bytes of the file.
+    pub bytes: u64,
+    /// Parts in the file.
+    pub parts: u64,
+}
+
+impl Spool {
+    fn read(self) -> io::Result<SpoolReader> {
+        let file = BufReader::with_capacity(1 << 20, File::open(&self.path)?);
+        Ok(SpoolReader { file, _spool: self })
+    }
+}
+
+impl Drop for Spool {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Reads a [`Spool`]'s parts in order; holds the spool so its file stays until read.
+struct SpoolReader {
+    file: BufReader<File>,
+    _spool: Spool,
+}
+
+impl Iterator for SpoolReader {
+    type Item = io::Result<SnapshotPart>;
+
+    fn next(&mut self) -> Option<io::Result<SnapshotPart>> {
+        let mut header = [0u8; 8];
+        match self.file.read_exact(&mut header) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return None,
+            Err(e) => return Some(Err(e)),
+        }
+        let corrupt = |what: String| io::Error::new(io::ErrorKind::InvalidData, what);
+        let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+        let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+        if len > SPOOLED_PART_BYTES_MAX {
+            return Some(Err(corrupt(format!(
+                "spooled snapshot part of {len} bytes"
+            ))));
+        }
+        let mut raw = vec![0u8; len];
+        if let Err(e) = self.file.read_exact(&mut raw) {
+            return Some(Err(e));
+        }
+        if crc32fast::hash(&raw) != crc {
+            return Some(Err(corrupt("spooled snapshot part fails its CRC".into())));
+        }
+        Some(postcard::from_bytes(&raw).map_err(|e| corrupt(format!("spooled snapshot part: {e}"))))
+    }
+}
+
+/// Why a part or an install was refused: the sender starts the snapshot again.
+#[derive(Debug, thiserror::Error)]
+pub enum InboxRefusal {
+    #[error("snapshot part {got} of transfer {transfer} out of order (expected {expected})")]
+    OutOfOrder {
+        transfer: u64,
+        got: u64,
+        expected: u64,
+    },
+    #[error("snapshot part does not decode: {0}")]
+    Undecodable(String),
+    #[error("cannot spool a snapshot part: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// The snapshots this node is receiving, one spool per (leader, group).
+pub struct Inbox {
+    dir: PathBuf,
+    receiving: Mutex<HashMap<(NodeId, GroupId), Receiving>>,
+}
+
+struct Receiving {
+    transfer: u64,
+    next: u64,
+    file: BufWriter<File>,
+    spool: Spool,
+    last_part: Instant,
+}
+
+impl Inbox {
+    /// An inbox spooling in `dir`, emptied first (spools of a previous run are worthless: their
+    /// senders start again).
+    pub fn open(dir: &Path) -> io::Result<Inbox> {
+        match std::fs::remove_dir_all(dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        std::fs::create_dir_all(dir)?;
+        Ok(Inbox {
+            dir: dir.to_path_buf(),
+            receiving: Mutex::default(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(NodeId, GroupId), Receiving>> {
+        self.receiving.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Spools part `seq` of transfer `transfer` of `group` from `from`. Part 0 starts the
+    /// transfer (dropping an older one of the same leader and group); any other must follow
+    /// the last one spooled.
+    pub fn part(
+        &self,
+        from: NodeId,
+        group: GroupId,
+        transfer: u64,
+        seq: u64,
+        part: &[u8],
+    ) -> Result<(), InboxRefusal> {
+        postcard::from_bytes::<SnapshotPart>(part)
+            .map_err(|e| InboxRefusal::Undecodable(e.to_string()))?;
+        let mut receiving = self.lock();
+        let now = Instant::now();
+        receiving.retain(|_, r| now.duration_since(r.last_part) < RECEIVING_IDLE_MAX);
+        if seq == 0 {
+            receiving.remove(&(from, group));
+            let path = self
+                .dir
+                .join(format!("group-{group}-from-{from}-{transfer}.parts"));
+            let file = BufWriter::with_capacity(1 << 20, File::create(&path)?);
+            receiving.insert(
+                (from, group),
+                Receiving {
+                    transfer,
+                    next: 0,
+                    file,
+                    spool: Spool {
+                        path,
+                        bytes: 0,
+                        parts: 0,
+                    },
+                    last_part: now,
+                },
+            );
+        }
+        let r = match receiving.get_mut(&(from, group)) {
+            Some(r) if r.transfer == transfer && r.next == seq => r,
+            other => {
+                let expected = other.map_or(0, |r| r.next);
+                return Err(InboxRefusal::OutOfOrder {
+                    transfer,
+                    got: seq,
+                    expected,
+                });
+            }
+        };
+        let written = (|| {
+            r.file.write_all(&(part.len() as u32).to_le_bytes())?;
+            r.file.write_all(&crc32fast::hash(part).to_le_bytes())?;
+            r.file.write_all(part)
+        })();
+        if let Err(e) = written {
+            receiving.remove(&(from, group));
+            return Err(e.into());
+        }
+        r.next += 1;
+        r.spool.parts += 1;
+        r.spool.bytes += 8 + part.len() as u64;
+        r.last_part = now;
+        Ok(())
+    }
+
+    /// The spool of transfer `transfer` of `group` from `from`, complete with `parts` parts,
+    /// taken out of the inbox to be installed.
+    pub fn finish(
+        &self,
+        from: NodeId,
+        group: GroupId,
+        transfer: u64,
+        parts: u64,
+    ) -> Result<Spool, InboxRefusal> {
+        let mut receiving = self.lock();
+        match receiving.remove(&(from, group)) {
+            Some(mut r) if r.transfer == transfer && r.next == parts => {
+                r.file.flush()?;
+                Ok(r.spool)
+            }
+            Some(r) => {
+                let expected = r.next;
+                if r.transfer != transfer {
+                    receiving.insert((from, group), r);
+                }
+                Err(InboxRefusal::OutOfOrder {
+                    transfer,
+                    got: parts,
+                    expected,
+                })
+            }
+            None => Err(InboxRefusal::OutOfOrder {
+                transfer,
+                got: parts,
+                expected: 0,
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rows(n: u8) -> SnapshotPart {
+        SnapshotPart::Rows(SnapshotTable::Data, vec![(vec![n], vec![n; 3])])
+    }
+
+    fn encoded(p: &SnapshotPart) -> Vec<u8> {
+        postcard::to_stdvec(p).unwrap()
+    }
+
+    #[test]
+    fn a_spool_gives_back_its_parts_in_order_and_goes_when_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let inbox = Inbox::open(&dir.path().join("in")).unwrap();
+        for seq in 0..3u8 {
+            inbox
+                .part(1, 7, 99, seq as u64, &encoded(&rows(seq)))
+                .unwrap();
+        }
+        let spool = inbox.finish(1, 7, 99, 3).unwrap();
+        let path = spool.path.clone();
+        assert_eq!(spool.parts, 3);
+        let got: Vec<u8> = SnapshotData::Spooled(spool)
+            .into_parts()
+            .unwrap()
+            .map(|p| match p.unwrap() {
+                SnapshotPart::Rows(_, r) => r[0].0[0],
+                SnapshotPart::Head { .. } => panic!("no head was sent"),
+            })
+            .collect();
+        assert_eq!(got, vec![0, 1, 2]);
+        assert!(!path.exists(), "a read spool is removed");
+    }
+
+    #[test]
+    fn parts_out_of_order_or_of_a_superseded_transfer_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let inbox = Inbox::open(dir.path()).unwrap();
+        assert!(matches!(
+            inbox.part(1, 7, 5, 1, &encoded(&rows(1))),
+            Err(InboxRefusal::OutOfOrder { expected: 0, .. })
+        ));
+        inbox.part(1, 7, 5, 0, &encoded(&rows(0))).unwrap();
+        assert!(inbox.part(1, 7, 5, 2, &encoded(&rows(2))).is_err());
+        // A new transfer from the same leader replaces the old one.
+        inbox.part(1, 7, 6, 0, &encoded(&rows(0))).unwrap();
+        assert!(inbox.part(1, 7, 5, 1, &encoded(&rows(1))).is_err());
+        assert!(inbox.finish(1, 7, 5, 1).is_err());
+        assert!(matches!(
+            inbox.part(1, 7, 6, 1, b"\xff\xff\xff"),
+            Err(InboxRefusal::Undecodable(_))
+        ));
+        let spool = inbox.finish(1, 7, 6, 1).unwrap();
+        assert_eq!(spool.parts, 1);
+        // Another leader's transfer of the same group is its own.
+        inbox.part(2, 7, 5, 0, &encoded(&rows(0))).unwrap();
+        assert!(inbox.finish(2, 7, 5, 1).is_ok());
+    }
+
+    #[test]
+    fn a_corrupted_spool_is_an_error_not_a_part() {
+        let dir = tempfile::tempdir().unwrap();
+        let inbox = Inbox::open(dir.path()).unwrap();
+        inbox.part(1, 7, 5, 0, &encoded(&rows(4))).unwrap();
+        let spool = inbox.finish(1, 7, 5, 1).unwrap();
+        let mut raw = std::fs::read(&spool.path).unwrap();
+        let last = raw.len() - 1;
+        raw[last] ^= 0xff;
+        std::fs::write(&spool.path, raw).unwrap();
+        let mut parts = SnapshotData::Spooled(spool).into_parts().unwrap();
+        assert!(parts.next().unwrap().is_err());
+    }
+}
