@@ -11,7 +11,10 @@
 //!   reducer (min and max ones stay empty: their multisets hold them)
 //! - `0‖view-mm/‖name‖generation‖reducer u8‖len u32‖group‖number` -> i64 LE: how many keys give
 //!   the group this number, for a min or max reducer (the number is [`Fixed`] made
-//!   sortable: first row = min, last = max)
+//!   sortable: first row = min, last = max). One multiset per value slot, under the first
+//!   min or max reducer of that slot: `min(a)` and `max(a)` read the same rows. (Views
+//!   defined before kept one per reducer; both hold the same counts, so reading the first's
+//!   is exact, and the second's rows go with the view.)
 //! - `0‖view-dlt/‖name‖generation‖seq u64` -> [`Unfolded`]: one storage job's change to the
 //!   rows, kept as one row rather than read into each group's (a batch of writes touches up to
 //!   a group per write: one row written instead of a read and a write per group); at most
@@ -206,8 +209,12 @@ struct Loaded {
     name: Bytes,
     def: ViewDef,
     plan: std::sync::Arc<Plan>,
-    /// Reducer index and value slot of each min and max.
-    minmax: Vec<(u8, usize)>,
+    /// Each min and max reducer: its index and the index of the reducer whose multiset it
+    /// reads (the first min or max of the same value slot: a min and a max of one value
+    /// share a multiset, so a write updates one row, not two).
+    minmax: Vec<(u8, u8)>,
+    /// The multisets kept: owning reducer index and value slot, one per slot.
+    multisets: Vec<(u8, usize)>,
     /// Value slot of each reducer that takes a number (sum, avg), by reducer index.
     slots: Vec<Option<usize>>,
 }
@@ -217,11 +224,19 @@ impl Loaded {
         let plan = plan_of(&def.spec)
             .map_err(|e| Error::Corruption(format!("view {name:?}'s spec: {e}")))?;
         let mut minmax = Vec::new();
+        let mut multisets: Vec<(u8, usize)> = Vec::new();
         let mut slots = Vec::new();
         for (i, (_, r, slot)) in plan.reducers().enumerate() {
             match (r, slot) {
                 (Reducer::Min(_) | Reducer::Max(_), Some(s)) => {
-                    minmax.push((i as u8, s));
+                    let owner = match multisets.iter().find(|(_, slot)| *slot == s) {
+                        Some(&(owner, _)) => owner,
+                        None => {
+                            multisets.push((i as u8, s));
+                            i as u8
+                        }
+                    };
+                    minmax.push((i as u8, owner));
                     slots.push(None);
                 }
                 (_, slot) => slots.push(slot),
@@ -232,6 +247,7 @@ impl Loaded {
             def,
             plan,
             minmax,
+            multisets,
             slots,
         })
     }
@@ -414,7 +430,7 @@ fn add_group(
     numbers: &[Fixed],
     sign: i64,
 ) -> Result<()> {
-    for &(r, slot) in &v.minmax {
+    for &(r, slot) in &v.multisets {
         let n = *numbers
             .get(slot)
             .ok_or_else(|| Error::Corruption("a view's value slot".into()))?;
@@ -1464,8 +1480,8 @@ fn read_group(
     group: &[u8],
     mut row: Row,
 ) -> Result<Row> {
-    for &(r, _) in &v.minmax {
-        let prefix = mm_group_prefix(&v.name, v.def.generation, r, group);
+    for &(r, owner) in &v.minmax {
+        let prefix = mm_group_prefix(&v.name, v.def.generation, owner, group);
         // Every row of the group is `prefix‖16 bytes`: below `prefix‖ff×17`.
         let mut upper = prefix.clone();
         upper.extend_from_slice(&[0xff; 17]);
@@ -1782,8 +1798,8 @@ fn compare(
     }
     let mut recomputed: HashMap<Vec<u8>, Row> = HashMap::new();
     for (group, mut row) in fresh.rows.clone() {
-        for &(r, _) in &v.minmax {
-            let found = extremes.get(&(r, &group[..]));
+        for &(r, owner) in &v.minmax {
+            let found = extremes.get(&(owner, &group[..]));
             match row.accs.get_mut(r as usize) {
                 Some(Acc::Min(m)) => *m = found.map(|e| e.0),
                 Some(Acc::Max(m)) => *m = found.map(|e| e.1),
