@@ -412,18 +412,18 @@ impl<'a, C: Cluster> Job<'a, C> {
     async fn finish_failed(&self, reason: String) -> Result<Ended, Stop> {
         tracing::warn!(job = %String::from_utf8_lossy(&self.id), %reason, "job failed");
         let now = self.c.now_ms();
-        let entry = vec![field("type", "error"), field("message", text(&reason))];
-        self.publish(entry).await?;
+        let closing = vec![field("type", "error"), field("message", text(&reason))];
         match command(
             self.c,
             self.cfg,
-            JobCommand::Finish {
+            JobCommand::FinishPublishing {
                 id: self.id.clone(),
                 epoch: self.epoch,
                 now_ms: now,
                 outcome: JobOutcome::Failed {
                     reason: reason.clone(),
                 },
+                closing,
             },
         )
         .await?
@@ -1680,15 +1680,16 @@ impl<'a, C: Cluster> Job<'a, C> {
         if let Ok(result) = self.shown(plan, &t.merged) {
             entry.push(field("result", text(result)));
         }
-        self.publish(entry).await?;
+        // The final entry lands with the job's end, in one entry (`FinishPublishing`).
         match command(
             self.c,
             self.cfg,
-            JobCommand::Finish {
+            JobCommand::FinishPublishing {
                 id: self.id.clone(),
                 epoch: self.epoch,
                 now_ms: self.c.now_ms(),
                 outcome: JobOutcome::Done,
+                closing: entry,
             },
         )
         .await?

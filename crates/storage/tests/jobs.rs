@@ -346,19 +346,28 @@ async fn the_first_success_of_a_task_wins_and_a_job_is_done_only_when_all_are() 
     assert_eq!(s.task("j", 1).state, TaskState::Pending);
     s.apply(start(1, 2, 3)).await.unwrap();
     s.apply(end(1, 2, done(7, "p"))).await.unwrap();
-    s.apply(JobCommand::Finish {
+    // The job ends with its closing entry, in one command: a reader who sees `final` finds
+    // the job done.
+    let finish = JobCommand::FinishPublishing {
         id: id("j"),
         epoch: 1,
         now_ms: 30,
         outcome: JobOutcome::Done,
-    })
-    .await
-    .unwrap();
+        closing: vec![(id("type"), id("final"))],
+    };
+    let before = s.stream("j").len();
+    s.apply(finish.clone()).await.unwrap();
     let rec = s.record("j");
     assert_eq!(
         (rec.state, rec.tasks_done, rec.keys_scanned, rec.ended_ms),
         (JobState::Done, 2, 12, Some(30))
     );
+    let stream = s.stream("j");
+    assert_eq!(stream.len(), before + 1);
+    assert_eq!(stream.last().unwrap().1, vec!["type", "final"]);
+    // Once: a repeat is refused and publishes nothing.
+    refused(s.apply(finish).await, "ENDED");
+    assert_eq!(s.stream("j").len(), before + 1);
     refused(s.apply(start(1, 3, 2)).await, "ENDED");
 }
 

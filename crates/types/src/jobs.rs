@@ -330,6 +330,16 @@ pub enum JobCommand {
         n: u32,
         bytes: Bytes,
     },
+    /// `Finish`, and in the same entry `closing` (its `final` or `error` entry) appended to
+    /// the job's stream: whoever reads the closing entry finds the job ended (`JOB RESULT`
+    /// answers), and no job ends without it.
+    FinishPublishing {
+        id: Bytes,
+        epoch: u64,
+        now_ms: u64,
+        outcome: JobOutcome,
+        closing: Vec<(Bytes, Bytes)>,
+    },
 }
 
 impl JobCommand {
@@ -345,7 +355,8 @@ impl JobCommand {
             | JobCommand::Finish { id, .. }
             | JobCommand::Cancel { id, .. }
             | JobCommand::Forget { id }
-            | JobCommand::PartialChunk { id, .. } => id,
+            | JobCommand::PartialChunk { id, .. }
+            | JobCommand::FinishPublishing { id, .. } => id,
         }
     }
 
@@ -362,6 +373,7 @@ impl JobCommand {
             JobCommand::Cancel { .. } => "cancel",
             JobCommand::Forget { .. } => "forget",
             JobCommand::PartialChunk { .. } => "partial-chunk",
+            JobCommand::FinishPublishing { .. } => "finish",
         }
     }
 }

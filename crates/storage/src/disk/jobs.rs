@@ -367,7 +367,8 @@ pub(super) fn apply(
         | JobCommand::AttemptStart { epoch, .. }
         | JobCommand::Publish { epoch, .. }
         | JobCommand::ResultChunk { epoch, .. }
-        | JobCommand::Finish { epoch, .. } => Some(*epoch),
+        | JobCommand::Finish { epoch, .. }
+        | JobCommand::FinishPublishing { epoch, .. } => Some(*epoch),
         JobCommand::AttemptEnd { epoch, outcome, .. } if !outcome.is_done() => Some(*epoch),
         _ => None,
     };
@@ -400,6 +401,7 @@ pub(super) fn apply(
             | JobCommand::AttemptStart { .. }
             | JobCommand::ResultChunk { .. }
             | JobCommand::Finish { .. }
+            | JobCommand::FinishPublishing { .. }
     );
     if changes_a_running_job && rec.state.has_ended() {
         return refuse(format!("ENDED the job has ended ({})", rec.state.name()));
@@ -676,7 +678,22 @@ pub(super) fn apply(
         }
         JobCommand::Finish {
             now_ms, outcome, ..
+        }
+        | JobCommand::FinishPublishing {
+            now_ms, outcome, ..
         } => {
+            let closing = match cmd {
+                JobCommand::FinishPublishing { closing, .. } => Some(closing),
+                _ => None,
+            };
+            if let Some(fields) = closing
+                && (fields.len() > JOB_STREAM_FIELDS_MAX
+                    || entry_bytes(fields) > JOB_STREAM_ENTRY_MAX)
+            {
+                return refuse(format!(
+                    "ERR a job stream entry is at most {JOB_STREAM_FIELDS_MAX} fields and {JOB_STREAM_ENTRY_MAX} bytes"
+                ));
+            }
             let state = match outcome {
                 JobOutcome::Done => {
                     if rec.tasks_done < rec.tasks_total || rec.state != JobState::Running {
@@ -692,6 +709,11 @@ pub(super) fn apply(
                 },
             };
             end(&mut el, id, &mut rec, state, *now_ms)?;
+            // Once per job (an ended job refuses this): within the reserve kept for closing
+            // entries ([`JOB_STREAM_RESERVE`]).
+            if let Some(fields) = closing {
+                append_entry(&mut el, id, &mut rec, *now_ms, fields)?;
+            }
             put(&mut el, &jkey, &rec)?;
             Ok(Ok(Reply::Ok))
         }
