@@ -60,8 +60,8 @@ use capdb_reduce::spec::Destination;
 use capdb_reduce::{JobSpec, Partial, Plan};
 use capdb_types::jobs::{
     ATTEMPTS_MAX, AttemptEnd, AttemptOutcome, JobCommand, JobOutcome, JobRecord, JobState,
-    PARTIAL_CHUNK_MAX, PARTIAL_INLINE_MAX, RESULT_CHUNK_MAX, RESULT_CHUNKS_MAX, ShardPin,
-    TaskRecord, TaskState, pin_owner,
+    MESSAGE_BYTES_MAX, PARTIAL_CHUNK_MAX, PARTIAL_INLINE_MAX, RESULT_CHUNK_MAX, RESULT_CHUNKS_MAX,
+    ShardPin, TaskRecord, TaskState, pin_owner,
 };
 use capdb_types::{Error, Reply};
 use futures::StreamExt;
@@ -227,6 +227,15 @@ const CHUNK_WRITES_IN_FLIGHT: usize = 8;
 
 fn field(name: &str, value: impl Into<Bytes>) -> (Bytes, Bytes) {
     (Bytes::copy_from_slice(name.as_bytes()), value.into())
+}
+
+/// `s` cut to at most `max` bytes, at a character boundary.
+fn cut(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 fn text(v: impl ToString) -> Bytes {
@@ -412,7 +421,10 @@ impl<'a, C: Cluster> Job<'a, C> {
     async fn finish_failed(&self, reason: String) -> Result<Ended, Stop> {
         tracing::warn!(job = %String::from_utf8_lossy(&self.id), %reason, "job failed");
         let now = self.c.now_ms();
-        let closing = vec![field("type", "error"), field("message", text(&reason))];
+        let closing = vec![
+            field("type", "error"),
+            field("message", text(cut(&reason, MESSAGE_BYTES_MAX))),
+        ];
         match command(
             self.c,
             self.cfg,

@@ -5,6 +5,7 @@
 //! (`crate::snapshot`), each acknowledged before the next is read.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use capdb_transport::{Peer, Peers, RpcError};
 use capdb_types::{GroupId, NodeId};
@@ -21,6 +22,10 @@ use crate::command::{PeerNode, Snapshot, SnapshotData, TypeConfig};
 use crate::messages::{
     RaftRequest, RaftResponse, RaftService, SnapshotAck, SnapshotRequest, SnapshotService,
 };
+
+/// The slowest install a snapshot's sender waits for, in bytes per second (beyond openraft's
+/// `install_snapshot_timeout`, which every part gets).
+const INSTALL_BYTES_PER_SECOND_MIN: u64 = 4 << 20;
 
 /// The node's Raft and snapshot peers, shared by every group.
 pub struct RaftPeers {
@@ -137,6 +142,16 @@ impl RaftNetworkV2<TypeConfig> for Network {
         option: RPCOption,
     ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
         let closed = |e: ReplicationClosed| StreamingError::Closed(e);
+        // The snapshot is read now, not when this leader started sending: a node deposed
+        // meanwhile may have applied entries of a newer term, which the follower must never
+        // get under this older vote (openraft asserts it). Its replication is being cancelled.
+        if let Some(last) = &snapshot.meta.last_log_id
+            && last.leader_id.term > vote.leader_id.term
+        {
+            return Err(closed(ReplicationClosed::new(
+                "the snapshot holds entries of a newer term than this leader's",
+            )));
+        }
         let mut cancel = std::pin::pin!(cancel);
         let ttl = option.soft_ttl();
         let transfer = fastrand::u64(..);
@@ -145,6 +160,7 @@ impl RaftNetworkV2<TypeConfig> for Network {
             .into_parts()
             .map_err(|e| StreamingError::from(remote(format!("cannot read the snapshot: {e}"))))?;
         let mut seq = 0u64;
+        let mut bytes = 0u64;
         loop {
             // Reading a page is a blocking storage read.
             let read = tokio::task::spawn_blocking(move || {
@@ -154,12 +170,14 @@ impl RaftNetworkV2<TypeConfig> for Network {
                 (parts, part)
             });
             let (rest, part) = tokio::select! {
-                r = read => r.map_err(|e| remote(format!("snapshot reader failed: {e}")))?,
+                biased;
                 c = &mut cancel => return Err(closed(c)),
+                r = read => r.map_err(|e| remote(format!("snapshot reader failed: {e}")))?,
             };
             parts = rest;
             let Some(part) = part else { break };
             let part = part.map_err(|e| remote(format!("cannot read the snapshot's rows: {e}")))?;
+            bytes += part.len() as u64;
             let req = SnapshotRequest::Part {
                 group: self.group,
                 transfer,
@@ -167,8 +185,9 @@ impl RaftNetworkV2<TypeConfig> for Network {
                 part,
             };
             let ack = tokio::select! {
-                a = self.snapshot.call(req, ttl) => a.map_err(rpc_error)?,
+                biased;
                 c = &mut cancel => return Err(closed(c)),
+                a = self.snapshot.call(req, ttl) => a.map_err(rpc_error)?,
             };
             match ack.map_err(|e| remote(e.to_string()))? {
                 SnapshotAck::Spooled => seq += 1,
@@ -177,6 +196,9 @@ impl RaftNetworkV2<TypeConfig> for Network {
                 }
             }
         }
+        // The install replaces the follower's table in one storage transaction: its time grows
+        // with the snapshot (a time-out would make this leader send it again, newer, forever).
+        let install_ttl = ttl + Duration::from_secs(bytes / INSTALL_BYTES_PER_SECOND_MIN);
         let req = SnapshotRequest::Install {
             group: self.group,
             transfer,
@@ -185,8 +207,9 @@ impl RaftNetworkV2<TypeConfig> for Network {
             meta: snapshot.meta,
         };
         let ack = tokio::select! {
-            a = self.snapshot.call(req, ttl) => a.map_err(rpc_error)?,
+            biased;
             c = &mut cancel => return Err(closed(c)),
+            a = self.snapshot.call(req, install_ttl) => a.map_err(rpc_error)?,
         };
         match ack.map_err(|e| remote(e.to_string()))? {
             SnapshotAck::Installed(r) => Ok(r),

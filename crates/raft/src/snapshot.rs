@@ -251,9 +251,10 @@ impl Inbox {
         self.receiving.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Spools part `seq` of transfer `transfer` of `group` from `from`. Part 0 starts the
-    /// transfer (dropping an older one of the same leader and group); any other must follow
-    /// the last one spooled.
+    /// Spools part `seq` of transfer `transfer` of `group` from `from`. Part 0 (the head)
+    /// starts the transfer (dropping an older one of the same leader and group); any other
+    /// (rows) must follow the last one spooled. Blocking file I/O (callers run it off the
+    /// runtime); the inbox's lock is never held across it.
     pub fn part(
         &self,
         from: NodeId,
@@ -262,61 +263,91 @@ impl Inbox {
         seq: u64,
         part: &[u8],
     ) -> Result<(), InboxRefusal> {
-        postcard::from_bytes::<SnapshotPart>(part)
+        let decoded = postcard::from_bytes::<SnapshotPart>(part)
             .map_err(|e| InboxRefusal::Undecodable(e.to_string()))?;
-        let mut receiving = self.lock();
+        // What the install reads must be a head and then rows: checked here, so a spool that
+        // passed is only unreadable if the disk fails.
+        if matches!(decoded, SnapshotPart::Head { .. }) != (seq == 0) {
+            return Err(InboxRefusal::Undecodable(format!(
+                "part {seq} is not what a snapshot holds there (the head first, then rows)"
+            )));
+        }
         let now = Instant::now();
-        receiving.retain(|_, r| now.duration_since(r.last_part) < RECEIVING_IDLE_MAX);
-        if seq == 0 {
-            receiving.remove(&(from, group));
-            let path = self
-                .dir
-                .join(format!("group-{group}-from-{from}-{transfer}.parts"));
-            let file = BufWriter::with_capacity(1 << 20, File::create(&path)?);
-            receiving.insert(
-                (from, group),
+        // Taken out of the map while its file is written (dropped ones, and their files, go
+        // outside the lock too).
+        let (mut r, dropped) = {
+            let mut receiving = self.lock();
+            let mut dropped = Vec::new();
+            let idle: Vec<_> = receiving
+                .iter()
+                .filter(|(_, r)| now.duration_since(r.last_part) >= RECEIVING_IDLE_MAX)
+                .map(|(k, _)| *k)
+                .collect();
+            dropped.extend(idle.into_iter().filter_map(|k| receiving.remove(&k)));
+            let mine = receiving.remove(&(from, group));
+            match mine {
+                Some(r) if seq > 0 && r.transfer == transfer && r.next == seq => (Some(r), dropped),
+                Some(r) if seq > 0 => {
+                    let expected = r.next;
+                    if r.transfer != transfer {
+                        // Another transfer's: left as it is.
+                        receiving.insert((from, group), r);
+                    }
+                    return Err(InboxRefusal::OutOfOrder {
+                        transfer,
+                        got: seq,
+                        expected,
+                    });
+                }
+                None if seq > 0 => {
+                    return Err(InboxRefusal::OutOfOrder {
+                        transfer,
+                        got: seq,
+                        expected: 0,
+                    });
+                }
+                old => {
+                    dropped.extend(old);
+                    (None, dropped)
+                }
+            }
+        };
+        drop(dropped);
+        let mut r = match r.take() {
+            Some(r) => r,
+            None => {
+                let path = self
+                    .dir
+                    .join(format!("group-{group}-from-{from}-{transfer}.parts"));
                 Receiving {
                     transfer,
                     next: 0,
-                    file,
+                    file: BufWriter::with_capacity(1 << 20, File::create(&path)?),
                     spool: Spool {
                         path,
                         bytes: 0,
                         parts: 0,
                     },
                     last_part: now,
-                },
-            );
-        }
-        let r = match receiving.get_mut(&(from, group)) {
-            Some(r) if r.transfer == transfer && r.next == seq => r,
-            other => {
-                let expected = other.map_or(0, |r| r.next);
-                return Err(InboxRefusal::OutOfOrder {
-                    transfer,
-                    got: seq,
-                    expected,
-                });
+                }
             }
         };
-        let written = (|| {
+        (|| {
             r.file.write_all(&(part.len() as u32).to_le_bytes())?;
             r.file.write_all(&crc32fast::hash(part).to_le_bytes())?;
             r.file.write_all(part)
-        })();
-        if let Err(e) = written {
-            receiving.remove(&(from, group));
-            return Err(e.into());
-        }
+        })()?;
         r.next += 1;
         r.spool.parts += 1;
         r.spool.bytes += 8 + part.len() as u64;
         r.last_part = now;
+        // A newer transfer started meanwhile wins; this one (and its file) goes.
+        self.lock().entry((from, group)).or_insert(r);
         Ok(())
     }
 
     /// The spool of transfer `transfer` of `group` from `from`, complete with `parts` parts,
-    /// taken out of the inbox to be installed.
+    /// taken out of the inbox to be installed. Blocking (a flush).
     pub fn finish(
         &self,
         from: NodeId,
@@ -324,27 +355,29 @@ impl Inbox {
         transfer: u64,
         parts: u64,
     ) -> Result<Spool, InboxRefusal> {
-        let mut receiving = self.lock();
-        match receiving.remove(&(from, group)) {
-            Some(mut r) if r.transfer == transfer && r.next == parts => {
+        let mine = {
+            let mut receiving = self.lock();
+            match receiving.remove(&(from, group)) {
+                Some(r) if r.transfer == transfer && r.next == parts && parts > 0 => Ok(r),
+                Some(r) => {
+                    let expected = r.next;
+                    if r.transfer != transfer {
+                        receiving.insert((from, group), r);
+                    }
+                    Err(expected)
+                }
+                None => Err(0),
+            }
+        };
+        match mine {
+            Ok(mut r) => {
                 r.file.flush()?;
                 Ok(r.spool)
             }
-            Some(r) => {
-                let expected = r.next;
-                if r.transfer != transfer {
-                    receiving.insert((from, group), r);
-                }
-                Err(InboxRefusal::OutOfOrder {
-                    transfer,
-                    got: parts,
-                    expected,
-                })
-            }
-            None => Err(InboxRefusal::OutOfOrder {
+            Err(expected) => Err(InboxRefusal::OutOfOrder {
                 transfer,
                 got: parts,
-                expected: 0,
+                expected,
             }),
         }
     }
@@ -354,7 +387,14 @@ impl Inbox {
 mod tests {
     use super::*;
 
+    /// Part `n` of a snapshot: the head first, then rows.
     fn rows(n: u8) -> SnapshotPart {
+        if n == 0 {
+            return SnapshotPart::Head {
+                sessions: Vec::new(),
+                state: None,
+            };
+        }
         SnapshotPart::Rows(SnapshotTable::Data, vec![(vec![n], vec![n; 3])])
     }
 
@@ -379,7 +419,7 @@ mod tests {
             .unwrap()
             .map(|p| match p.unwrap() {
                 SnapshotPart::Rows(_, r) => r[0].0[0],
-                SnapshotPart::Head { .. } => panic!("no head was sent"),
+                SnapshotPart::Head { .. } => 0,
             })
             .collect();
         assert_eq!(got, vec![0, 1, 2]);
@@ -404,6 +444,15 @@ mod tests {
             inbox.part(1, 7, 6, 1, b"\xff\xff\xff"),
             Err(InboxRefusal::Undecodable(_))
         ));
+        // A head after the first part, or rows first, is not a snapshot.
+        assert!(matches!(
+            inbox.part(1, 7, 6, 1, &encoded(&rows(0))),
+            Err(InboxRefusal::Undecodable(_))
+        ));
+        assert!(matches!(
+            inbox.part(1, 7, 8, 0, &encoded(&rows(1))),
+            Err(InboxRefusal::Undecodable(_))
+        ));
         let spool = inbox.finish(1, 7, 6, 1).unwrap();
         assert_eq!(spool.parts, 1);
         // Another leader's transfer of the same group is its own.
@@ -415,7 +464,7 @@ mod tests {
     fn a_corrupted_spool_is_an_error_not_a_part() {
         let dir = tempfile::tempdir().unwrap();
         let inbox = Inbox::open(dir.path()).unwrap();
-        inbox.part(1, 7, 5, 0, &encoded(&rows(4))).unwrap();
+        inbox.part(1, 7, 5, 0, &encoded(&rows(0))).unwrap();
         let spool = inbox.finish(1, 7, 5, 1).unwrap();
         let mut raw = std::fs::read(&spool.path).unwrap();
         let last = raw.len() - 1;

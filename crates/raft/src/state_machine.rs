@@ -947,8 +947,15 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             SnapshotData::Local(_) => (0, 0),
         };
         let corrupt = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_string());
-        let mut parts = snapshot.into_parts()?;
-        let (sessions, state) = match parts.next().transpose()? {
+        // Opening the spool and reading its head are blocking reads.
+        let (mut parts, head) = tokio::task::spawn_blocking(move || {
+            let mut parts = snapshot.into_parts()?;
+            let head = parts.next().transpose()?;
+            Ok::<_, io::Error>((parts, head))
+        })
+        .await
+        .map_err(io)??;
+        let (sessions, state) = match head {
             Some(SnapshotPart::Head { sessions, state }) => (sessions, state),
             _ => return Err(corrupt("a snapshot that does not start with its head")),
         };
@@ -988,6 +995,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     .map_err(io)?;
             }
             (Kind::Meta { published }, Some(state)) => {
+                // Only a spool's end is left to read: at most one small read.
                 if parts.next().is_some() {
                     return Err(corrupt("a meta group snapshot with rows"));
                 }

@@ -706,3 +706,37 @@ async fn active_jobs_are_bounded_and_ended_jobs_can_be_forgotten() {
     };
     assert_eq!(list.len(), ACTIVE_JOBS_MAX as usize);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_ends_even_when_its_closing_entry_is_over_the_entry_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Shard::open(dir.path());
+    s.apply(JobCommand::Submit {
+        id: id("j"),
+        spec: "s".into(),
+        now_ms: 1,
+    })
+    .await
+    .unwrap();
+    s.apply(JobCommand::Claim {
+        id: id("j"),
+        epoch: 1,
+    })
+    .await
+    .unwrap();
+    // Its second field alone is past the entry bound: the entry keeps the first.
+    let huge = Bytes::from(vec![b'x'; capdb_types::jobs::JOB_STREAM_ENTRY_MAX + 1]);
+    s.apply(JobCommand::FinishPublishing {
+        id: id("j"),
+        epoch: 1,
+        now_ms: 5,
+        outcome: JobOutcome::Failed {
+            reason: "boom".into(),
+        },
+        closing: vec![(id("type"), id("error")), (id("message"), huge)],
+    })
+    .await
+    .unwrap();
+    assert!(matches!(s.record("j").state, JobState::Failed { .. }));
+    assert_eq!(s.stream("j").last().unwrap().1, vec!["type", "error"]);
+}

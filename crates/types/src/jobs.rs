@@ -332,7 +332,8 @@ pub enum JobCommand {
     },
     /// `Finish`, and in the same entry `closing` (its `final` or `error` entry) appended to
     /// the job's stream: whoever reads the closing entry finds the job ended (`JOB RESULT`
-    /// answers), and no job ends without it.
+    /// answers), and no job ends without it. An entry past the stream's entry bounds keeps
+    /// its first fields that fit.
     FinishPublishing {
         id: Bytes,
         epoch: u64,
@@ -373,7 +374,7 @@ impl JobCommand {
             JobCommand::Cancel { .. } => "cancel",
             JobCommand::Forget { .. } => "forget",
             JobCommand::PartialChunk { .. } => "partial-chunk",
-            JobCommand::FinishPublishing { .. } => "finish",
+            JobCommand::FinishPublishing { .. } => "finish-publishing",
         }
     }
 }

@@ -45,14 +45,23 @@ impl Handler<RaftService> for GroupsHandler {
     }
 }
 
+/// Runs `f` (the snapshot inbox's file I/O) off the runtime's threads.
+async fn off_runtime<T: Send + 'static>(
+    groups: Arc<Groups>,
+    f: impl FnOnce(&Groups) -> Result<T, InboxRefusal> + Send + 'static,
+) -> Result<T, RaftRefusal> {
+    tokio::task::spawn_blocking(move || f(&groups))
+        .await
+        .map_err(|e| RaftRefusal::Snapshot(format!("snapshot inbox failed: {e}")))?
+        .map_err(|e| RaftRefusal::Snapshot(e.to_string()))
+}
+
 impl Handler<SnapshotService> for GroupsHandler {
     async fn handle(
         &self,
         from: NodeId,
         request: SnapshotRequest,
     ) -> Result<SnapshotAck, RaftRefusal> {
-        let inbox = &self.0.snapshots_in;
-        let refused = |e: InboxRefusal| RaftRefusal::Snapshot(e.to_string());
         match request {
             SnapshotRequest::Part {
                 group,
@@ -61,9 +70,10 @@ impl Handler<SnapshotService> for GroupsHandler {
                 part,
             } => {
                 self.0.group(group).ok_or(RaftRefusal::NoReplica(group))?;
-                inbox
-                    .part(from, group, transfer, seq, &part)
-                    .map_err(refused)?;
+                off_runtime(self.0.clone(), move |g| {
+                    g.snapshots_in.part(from, group, transfer, seq, &part)
+                })
+                .await?;
                 Ok(SnapshotAck::Spooled)
             }
             SnapshotRequest::Install {
@@ -74,9 +84,10 @@ impl Handler<SnapshotService> for GroupsHandler {
                 meta,
             } => {
                 let g = self.0.group(group).ok_or(RaftRefusal::NoReplica(group))?;
-                let spool = inbox
-                    .finish(from, group, transfer, parts)
-                    .map_err(refused)?;
+                let spool = off_runtime(self.0.clone(), move |g| {
+                    g.snapshots_in.finish(from, group, transfer, parts)
+                })
+                .await?;
                 let snapshot = Snapshot {
                     meta,
                     snapshot: SnapshotData::Spooled(spool),

@@ -682,18 +682,22 @@ pub(super) fn apply(
         | JobCommand::FinishPublishing {
             now_ms, outcome, ..
         } => {
+            // A closing entry past the entry bounds keeps its first fields that fit: the job
+            // ends whatever its entry (a refusal would leave it running).
             let closing = match cmd {
-                JobCommand::FinishPublishing { closing, .. } => Some(closing),
+                JobCommand::FinishPublishing { closing, .. } => {
+                    let mut kept = Vec::new();
+                    for f in closing.iter().take(JOB_STREAM_FIELDS_MAX) {
+                        kept.push(f.clone());
+                        if entry_bytes(&kept) > JOB_STREAM_ENTRY_MAX {
+                            kept.pop();
+                            break;
+                        }
+                    }
+                    Some(kept)
+                }
                 _ => None,
             };
-            if let Some(fields) = closing
-                && (fields.len() > JOB_STREAM_FIELDS_MAX
-                    || entry_bytes(fields) > JOB_STREAM_ENTRY_MAX)
-            {
-                return refuse(format!(
-                    "ERR a job stream entry is at most {JOB_STREAM_FIELDS_MAX} fields and {JOB_STREAM_ENTRY_MAX} bytes"
-                ));
-            }
             let state = match outcome {
                 JobOutcome::Done => {
                     if rec.tasks_done < rec.tasks_total || rec.state != JobState::Running {
@@ -712,7 +716,7 @@ pub(super) fn apply(
             // Once per job (an ended job refuses this): within the reserve kept for closing
             // entries ([`JOB_STREAM_RESERVE`]).
             if let Some(fields) = closing {
-                append_entry(&mut el, id, &mut rec, *now_ms, fields)?;
+                append_entry(&mut el, id, &mut rec, *now_ms, &fields)?;
             }
             put(&mut el, &jkey, &rec)?;
             Ok(Ok(Reply::Ok))
