@@ -251,6 +251,25 @@ impl Inbox {
         self.receiving.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The transfers with no part for [`RECEIVING_IDLE_MAX`], taken out of the inbox.
+    fn take_idle(&self, now: Instant) -> Vec<Receiving> {
+        let mut receiving = self.lock();
+        let idle: Vec<_> = receiving
+            .iter()
+            .filter(|(_, r)| now.duration_since(r.last_part) >= RECEIVING_IDLE_MAX)
+            .map(|(k, _)| *k)
+            .collect();
+        idle.into_iter()
+            .filter_map(|k| receiving.remove(&k))
+            .collect()
+    }
+
+    /// Drops the transfers with no part for [`RECEIVING_IDLE_MAX`] and their spools (blocking:
+    /// it removes files); answers how many.
+    pub fn sweep_idle(&self) -> usize {
+        self.take_idle(Instant::now()).len()
+    }
+
     /// Spools part `seq` of transfer `transfer` of `group` from `from`. Part 0 (the head)
     /// starts the transfer (dropping an older one of the same leader and group); any other
     /// (rows) must follow the last one spooled. Blocking file I/O (callers run it off the
@@ -276,14 +295,8 @@ impl Inbox {
         // Taken out of the map while its file is written (dropped ones, and their files, go
         // outside the lock too).
         let (mut r, dropped) = {
+            let mut dropped = self.take_idle(now);
             let mut receiving = self.lock();
-            let mut dropped = Vec::new();
-            let idle: Vec<_> = receiving
-                .iter()
-                .filter(|(_, r)| now.duration_since(r.last_part) >= RECEIVING_IDLE_MAX)
-                .map(|(k, _)| *k)
-                .collect();
-            dropped.extend(idle.into_iter().filter_map(|k| receiving.remove(&k)));
             let mine = receiving.remove(&(from, group));
             match mine {
                 Some(r) if seq > 0 && r.transfer == transfer && r.next == seq => (Some(r), dropped),
@@ -458,6 +471,23 @@ mod tests {
         // Another leader's transfer of the same group is its own.
         inbox.part(2, 7, 5, 0, &encoded(&rows(0))).unwrap();
         assert!(inbox.finish(2, 7, 5, 1).is_ok());
+    }
+
+    #[test]
+    fn an_abandoned_transfer_goes_with_its_spool() {
+        let dir = tempfile::tempdir().unwrap();
+        let inbox = Inbox::open(dir.path()).unwrap();
+        inbox.part(1, 7, 5, 0, &encoded(&rows(0))).unwrap();
+        assert_eq!(inbox.take_idle(Instant::now()).len(), 0, "not idle yet");
+        let files = || std::fs::read_dir(dir.path()).unwrap().count();
+        assert_eq!(files(), 1);
+        let later = Instant::now() + RECEIVING_IDLE_MAX;
+        assert_eq!(inbox.take_idle(later).len(), 1);
+        assert_eq!(files(), 0, "its spool is removed");
+        assert!(
+            inbox.finish(1, 7, 5, 1).is_err(),
+            "and it cannot be installed"
+        );
     }
 
     #[test]

@@ -204,6 +204,7 @@ impl Groups {
             snapshots_in,
         });
         groups.snapshot_when_pinning();
+        groups.sweep_snapshot_inbox();
         let meta = groups
             .start_group(META_GROUP, Kind::Meta { published: tx })
             .await?;
@@ -328,6 +329,28 @@ impl Groups {
                     && let Err(e) = g.raft.trigger().snapshot().await
                 {
                     tracing::warn!(group, error = %e, "could not snapshot a group pinning the write-ahead log");
+                }
+            }
+        });
+    }
+
+    /// Drops snapshot transfers abandoned by their senders (a leader that died or stopped
+    /// sending), with their spools, every [`crate::snapshot::RECEIVING_IDLE_MAX`] / 4.
+    fn sweep_snapshot_inbox(self: &Arc<Self>) {
+        let groups = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(crate::snapshot::RECEIVING_IDLE_MAX / 4).await;
+                let Some(groups) = groups.upgrade() else {
+                    return;
+                };
+                // Removing files: off the runtime's threads.
+                let swept =
+                    tokio::task::spawn_blocking(move || groups.snapshots_in.sweep_idle()).await;
+                if let Ok(n) = swept
+                    && n > 0
+                {
+                    tracing::info!(transfers = n, "dropped abandoned snapshot transfers");
                 }
             }
         });
