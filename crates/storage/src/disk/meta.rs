@@ -14,15 +14,7 @@ impl DiskEngine {
     pub fn meta_list(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
         let txn = self.begin_read()?;
         let table = txn.open_table(META_TABLE).map_err(io_err)?;
-        let mut out = Vec::new();
-        for entry in table.range(prefix..).map_err(io_err)? {
-            let (k, v) = entry.map_err(io_err)?;
-            if !k.value().starts_with(prefix) {
-                break;
-            }
-            out.push((k.value().to_string(), v.value().to_vec()));
-        }
-        Ok(out)
+        meta_prefixed(&table, prefix)
     }
 
     /// Puts or deletes `_meta` entries; waits for durability when `durable`.
@@ -73,4 +65,20 @@ pub(super) fn remove_meta_prefix(mt: &mut redb::Table<&str, &[u8]>, prefix: &str
         mt.remove(k.as_str()).map_err(io_err)?;
     }
     Ok(())
+}
+
+/// Every `(key, value)` of an open meta table whose key starts with `prefix`, in key order.
+pub(super) fn meta_prefixed(
+    table: &impl redb::ReadableTable<&'static str, &'static [u8]>,
+    prefix: &str,
+) -> Result<Vec<(String, Vec<u8>)>> {
+    let mut out = Vec::new();
+    for entry in table.range(prefix..).map_err(io_err)? {
+        let (k, v) = entry.map_err(io_err)?;
+        if !k.value().starts_with(prefix) {
+            break;
+        }
+        out.push((k.value().to_string(), v.value().to_vec()));
+    }
+    Ok(out)
 }

@@ -303,15 +303,7 @@ impl DiskEngine {
                 })
                 .collect::<std::result::Result<Vec<_>, _>>()
                 .map_err(io_err)?;
-            let mut meta_prefixed = Vec::new();
-            for entry in meta_table.range(meta_prefix..).map_err(io_err)? {
-                let (k, v) = entry.map_err(io_err)?;
-                if !k.value().starts_with(meta_prefix) {
-                    break;
-                }
-                meta_prefixed.push((k.value().to_string(), v.value().to_vec()));
-            }
-            (meta, meta_prefixed)
+            (meta, super::meta::meta_prefixed(&meta_table, meta_prefix)?)
         };
         Ok(TableSnapshot {
             txn,
