@@ -165,7 +165,7 @@ impl RaftNetworkV2<TypeConfig> for Network {
             // Reading a page is a blocking storage read.
             let read = tokio::task::spawn_blocking(move || {
                 let part = parts.next().map(|p| {
-                    p.map(|p| postcard::to_stdvec(&p).expect("snapshot parts always encode"))
+                    p.and_then(|p| postcard::to_stdvec(&p).map_err(std::io::Error::other))
                 });
                 (parts, part)
             });
