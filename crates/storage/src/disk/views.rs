@@ -20,6 +20,12 @@
 //!   a group per write: one row written instead of a read and a write per group); at most
 //!   [`UNFOLDED_MAX`], then folded into the rows by the job that would write one more. Every
 //!   read of the rows merges them ([`unfolded`]).
+//! - `0‖view-dmm/‖name‖generation‖seq u64` -> [`UnfoldedMm`]: one storage job's change to
+//!   the min/max multisets, kept as one row for the same reason and folded the same way, in
+//!   key order (a write's (group, number) row lies anywhere in the multiset: changed in place,
+//!   every write of a batch dirtied its own page of the table; folded every
+//!   [`UNFOLDED_MAX`] jobs, a page is written about once per fold). Reads of the extremes
+//!   merge them ([`read_group`]).
 //! - `0‖view-cnt/‖name‖generation` -> [`Counts`] (its `groups` counts folded rows; the
 //!   bounds are judged by the shard's leader, [`ViewCommand::Overflow`], never by the apply,
 //!   whose batches differ between replicas)
@@ -87,6 +93,9 @@ const ROW: &[u8] = b"view-row/";
 /// (`‖name‖generation‖seq u64 BE` -> postcard [`Unfolded`]).
 const DLT: &[u8] = b"view-dlt/";
 const MM: &[u8] = b"view-mm/";
+/// A storage job's change to a view's multisets, not yet folded into them
+/// (`‖name‖generation‖seq u64 BE` -> postcard [`UnfoldedMm`]).
+const DMM: &[u8] = b"view-dmm/";
 const CNT: &[u8] = b"view-cnt/";
 const GONE: &[u8] = b"view-gone/";
 /// An async view's position (`‖name‖generation` -> u64 LE stream clock).
@@ -824,23 +833,7 @@ fn write_pending(el: &mut RawTable<'_>, v: &Loaded, p: Pending) -> Result<()> {
     counts.rounded += p.counts.rounded;
     // The rows' change is kept as one unfolded row, until there are `UNFOLDED_MAX` of them:
     // then they and this one are folded into the rows.
-    let dprefix = gen_prefix(DLT, name, generation);
-    let mut dupper = dprefix.clone();
-    dupper.extend_from_slice(&[0xff; 9]);
-    let last = el
-        .range(&dprefix[..]..&dupper[..])
-        .map_err(io_err)?
-        .next_back()
-        .transpose()
-        .map_err(io_err)?
-        .map(|(k, _)| {
-            let seq: [u8; 8] = k.value()[dprefix.len()..]
-                .try_into()
-                .map_err(|_| Error::Corruption("a view's unfolded change key".into()))?;
-            Ok::<u64, Error>(u64::from_be_bytes(seq))
-        })
-        .transpose()?;
-    let next = last.map_or(0, |s| s + 1);
+    let next = next_seq(el, DLT, name, generation)?;
     let rows: Vec<(Vec<u8>, Row)> = if p.rows.is_empty() {
         Vec::new()
     } else if next + 1 < UNFOLDED_MAX {
@@ -890,12 +883,130 @@ fn write_pending(el: &mut RawTable<'_>, v: &Loaded, p: Pending) -> Result<()> {
             }
         }
     }
-    for ((r, group, number), delta) in p.minmax {
-        if delta == 0 {
-            continue;
+    write_minmax(el, v, p.minmax, &mut counts)?;
+    el.insert(&cnt_key[..], &encode(&counts)?[..])
+        .map_err(io_err)?;
+    Ok(())
+}
+
+/// The sequence number the next unfolded change of `kind` (`DLT`, `DMM`) takes.
+fn next_seq(el: &RawTable<'_>, kind: &[u8], name: &[u8], generation: u64) -> Result<u64> {
+    let prefix = gen_prefix(kind, name, generation);
+    let mut upper = prefix.clone();
+    upper.extend_from_slice(&[0xff; 9]);
+    let last = el
+        .range(&prefix[..]..&upper[..])
+        .map_err(io_err)?
+        .next_back()
+        .transpose()
+        .map_err(io_err)?
+        .map(|(k, _)| {
+            let seq: [u8; 8] = k.value()[prefix.len()..]
+                .try_into()
+                .map_err(|_| Error::Corruption("a view's unfolded change key".into()))?;
+            Ok::<u64, Error>(u64::from_be_bytes(seq))
+        })
+        .transpose()?;
+    Ok(last.map_or(0, |s| s + 1))
+}
+
+/// Unfolded changes to a view's min/max multisets: `(owner reducer, group, number, change)`,
+/// sorted, no change 0.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct UnfoldedMm {
+    rows: Vec<(u8, Vec<u8>, Fixed, i64)>,
+}
+
+/// The unfolded multiset changes of a view (each number's summed) and the keys of their rows.
+#[allow(clippy::type_complexity)]
+fn unfolded_mm_rows(
+    el: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    name: &[u8],
+    generation: u64,
+) -> Result<(HashMap<(u8, Vec<u8>, Fixed), i64>, Vec<Vec<u8>>)> {
+    let prefix = gen_prefix(DMM, name, generation);
+    let mut merged: HashMap<(u8, Vec<u8>, Fixed), i64> = HashMap::new();
+    let mut keys = Vec::new();
+    for r in el.range(&prefix[..]..).map_err(io_err)? {
+        let (k, raw) = r.map_err(io_err)?;
+        if !k.value().starts_with(&prefix) {
+            break;
         }
-        let mut key = mm_group_prefix(name, generation, r, &group);
-        key.extend_from_slice(&sortable(number));
+        keys.push(k.value().to_vec());
+        let u: UnfoldedMm = decode(raw.value(), "a view's unfolded min/max change")?;
+        for (r, group, number, d) in u.rows {
+            *merged.entry((r, group, number)).or_default() += d;
+        }
+    }
+    Ok((merged, keys))
+}
+
+/// A view's unfolded multiset changes by (owner reducer, group): what reads of its extremes
+/// add to the multisets' rows. Empty for a view with no min or max.
+type MmChanges = HashMap<(u8, Vec<u8>), std::collections::BTreeMap<Fixed, i64>>;
+
+fn unfolded_mm(
+    el: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    v: &Loaded,
+) -> Result<MmChanges> {
+    let mut out = MmChanges::new();
+    if v.multisets.is_empty() {
+        return Ok(out);
+    }
+    for ((r, group, number), d) in unfolded_mm_rows(el, &v.name, v.def.generation)?.0 {
+        if d != 0 {
+            out.entry((r, group)).or_default().insert(number, d);
+        }
+    }
+    Ok(out)
+}
+
+/// Writes a storage job's change to view `v`'s multisets: one unfolded row, or, when
+/// [`UNFOLDED_MAX`] are kept, all of them folded into the multisets' rows in key order.
+fn write_minmax(
+    el: &mut RawTable<'_>,
+    v: &Loaded,
+    minmax: HashMap<(u8, Vec<u8>, Fixed), i64>,
+    counts: &mut Counts,
+) -> Result<()> {
+    let (name, generation) = (&v.name[..], v.def.generation);
+    let mut changes: Vec<(u8, Vec<u8>, Fixed, i64)> = minmax
+        .into_iter()
+        .filter(|(_, d)| *d != 0)
+        .map(|((r, g, n), d)| (r, g, n, d))
+        .collect();
+    if changes.is_empty() {
+        return Ok(());
+    }
+    let next = next_seq(el, DMM, name, generation)?;
+    if next + 1 < UNFOLDED_MAX {
+        // Sorted: the same change gives the same bytes (a hash map's order would not).
+        changes.sort_unstable();
+        let mut key = gen_prefix(DMM, name, generation);
+        key.extend_from_slice(&next.to_be_bytes());
+        let change = UnfoldedMm { rows: changes };
+        el.insert(&key[..], &encode(&change)?[..]).map_err(io_err)?;
+        return Ok(());
+    }
+    let (mut merged, keys) = unfolded_mm_rows(el, name, generation)?;
+    for k in &keys {
+        el.remove(&k[..]).map_err(io_err)?;
+    }
+    for (r, group, number, d) in changes {
+        *merged.entry((r, group, number)).or_default() += d;
+    }
+    // In the multisets' key order: neighbouring changes share a page.
+    let mut rows: Vec<(Vec<u8>, i64)> = merged
+        .into_iter()
+        .filter(|(_, d)| *d != 0)
+        .map(|((r, group, number), d)| {
+            let mut key = mm_group_prefix(name, generation, r, &group);
+            key.extend_from_slice(&sortable(number));
+            (key, d)
+        })
+        .collect();
+    rows.sort_unstable();
+    for (key, delta) in rows {
         let stored = match el.get(&key[..]).map_err(io_err)? {
             Some(raw) => Some(int(raw.value())?),
             None => None,
@@ -911,8 +1022,6 @@ fn write_pending(el: &mut RawTable<'_>, v: &Loaded, p: Pending) -> Result<()> {
             }
         }
     }
-    el.insert(&cnt_key[..], &encode(&counts)?[..])
-        .map_err(io_err)?;
     Ok(())
 }
 
@@ -929,7 +1038,34 @@ fn over_bounds(
         "a view's counts",
     )?
     .unwrap_or_default();
-    if counts.minmax_rows > VIEW_MINMAX_ROWS_MAX {
+    let mut minmax_rows = counts.minmax_rows;
+    let changes = unfolded_mm(el, v)?;
+    // Only when the unfolded changes could take the rows past the bound: a number they add
+    // may be kept already.
+    let added = changes
+        .values()
+        .flat_map(|c| c.values())
+        .filter(|d| **d > 0)
+        .count() as i64;
+    if minmax_rows + added > VIEW_MINMAX_ROWS_MAX {
+        for ((r, group), numbers) in &changes {
+            let prefix = mm_group_prefix(&v.name, v.def.generation, *r, group);
+            for (number, d) in numbers {
+                let mut key = prefix.clone();
+                key.extend_from_slice(&sortable(*number));
+                let stored = match el.get(&key[..]).map_err(io_err)? {
+                    Some(raw) => Some(int(raw.value())?),
+                    None => None,
+                };
+                match stored {
+                    None if *d > 0 => minmax_rows += 1,
+                    Some(n) if n + d == 0 => minmax_rows -= 1,
+                    _ => {}
+                }
+            }
+        }
+    }
+    if minmax_rows > VIEW_MINMAX_ROWS_MAX {
         return Ok(Some(format!(
             "more than {VIEW_MINMAX_ROWS_MAX} distinct min/max values on a shard"
         )));
@@ -1073,7 +1209,7 @@ pub(super) fn apply(
                 return refuse("ERR that generation of the view is defined: VIEW DROP first");
             }
             let mut deleted = 0;
-            for kind in [ROW, DLT, MM, CNT, POS] {
+            for kind in [ROW, DLT, MM, DMM, CNT, POS] {
                 let prefix = gen_prefix(kind, name, *generation);
                 let keys: Vec<Vec<u8>> = el
                     .range(&prefix[..]..)
@@ -1477,28 +1613,70 @@ fn state_reply(def: &ViewDef) -> Reply {
 fn read_group(
     el: &impl ReadableTable<&'static [u8], &'static [u8]>,
     v: &Loaded,
+    mm_changes: &MmChanges,
     group: &[u8],
     mut row: Row,
 ) -> Result<Row> {
+    let no_change = std::collections::BTreeMap::new();
     for &(r, owner) in &v.minmax {
         let prefix = mm_group_prefix(&v.name, v.def.generation, owner, group);
         // Every row of the group is `prefix‖16 bytes`: below `prefix‖ff×17`.
         let mut upper = prefix.clone();
         upper.extend_from_slice(&[0xff; 17]);
         let is_max = matches!(row.accs.get(r as usize), Some(Acc::Max(_)));
+        let changes = mm_changes
+            .get(&(owner, group.to_vec()))
+            .unwrap_or(&no_change);
         let range = el.range(&prefix[..]..&upper[..]).map_err(io_err)?;
-        let rows: Box<dyn Iterator<Item = _> + '_> = if is_max {
-            Box::new(range.rev())
+        let (rows, mut changes): (
+            Box<dyn Iterator<Item = _> + '_>,
+            Box<dyn Iterator<Item = _>>,
+        ) = if is_max {
+            (Box::new(range.rev()), Box::new(changes.iter().rev()))
         } else {
-            Box::new(range)
+            (Box::new(range), Box::new(changes.iter()))
         };
+        // `a` comes before `b` in the walk from the extreme.
+        let before = |a: Fixed, b: Fixed| if is_max { a > b } else { a < b };
+        // The multiset's rows and the unfolded changes, merged in the walk's order: the first
+        // number whose multiplicity (row plus change) is above 0. Rows a change empties are
+        // passed over: the walk reads at most one row more than there are changes.
         let mut found = None;
-        for e in rows {
+        let mut change = changes.next();
+        'rows: for e in rows {
             let (k, val) = e.map_err(io_err)?;
+            let number = unsortable(&k.value()[prefix.len()..])
+                .ok_or_else(|| Error::Corruption("a view's min/max row".into()))?;
+            let mut n = int(val.value())?;
+            while let Some((&x, &d)) = change {
+                if x == number {
+                    n += d;
+                    change = changes.next();
+                    break;
+                }
+                if !before(x, number) {
+                    break;
+                }
+                // A number only the changes hold.
+                if d > 0 {
+                    found = Some(x);
+                    break 'rows;
+                }
+                change = changes.next();
+            }
             // A multiplicity below 1 (never, once built) does not hold the value.
-            if int(val.value())? > 0 {
-                found = unsortable(&k.value()[prefix.len()..]);
+            if n > 0 {
+                found = Some(number);
                 break;
+            }
+        }
+        if found.is_none() {
+            while let Some((&x, &d)) = change {
+                if d > 0 {
+                    found = Some(x);
+                    break;
+                }
+                change = changes.next();
             }
         }
         match row.accs.get_mut(r as usize) {
@@ -1613,6 +1791,7 @@ pub(super) fn query(
             };
             // The folded rows and the unfolded changes, merged in group order.
             let changes = unfolded(el, &v)?;
+            let mm_changes = unfolded_mm(el, &v)?;
             let mut pending = changes
                 .range::<[u8], _>((
                     if after.is_empty() {
@@ -1666,7 +1845,7 @@ pub(super) fn query(
                     false => None,
                 };
                 if let Some(row) = merged_row(base, change)? {
-                    let row = read_group(el, &v, &group, row)?;
+                    let row = read_group(el, &v, &mm_changes, &group, row)?;
                     rows.push(Reply::Array(vec![
                         bulk(Bytes::from(group)),
                         bulk(encode(&row)?),
@@ -1694,12 +1873,13 @@ pub(super) fn query(
                 return Ok(Reply::Array(vec![Reply::Nil]));
             };
             let changes = unfolded(el, &v)?;
+            let mm_changes = unfolded_mm(el, &v)?;
             let mut rows = Vec::new();
             for group in groups.iter().take(ROWS_PAGE_MAX) {
                 let key = row_key(name, v.def.generation, group);
                 let folded = get::<Row>(el, &key, "a view row")?;
                 if let Some(row) = merged_row(folded, changes.get(&group[..]))? {
-                    let row = read_group(el, &v, group, row)?;
+                    let row = read_group(el, &v, &mm_changes, group, row)?;
                     rows.push(Reply::Array(vec![bulk(group.clone()), bulk(encode(&row)?)]));
                 }
             }
@@ -1835,6 +2015,7 @@ fn compare(
     // The view's rows as reads see them: folded rows with their unfolded changes.
     let prefix = gen_prefix(ROW, &v.name, v.def.generation);
     let mut changes = unfolded(el, v)?;
+    let mm_changes = unfolded_mm(el, v)?;
     let mut kept: Vec<(Vec<u8>, Row)> = Vec::new();
     for r in el.range(&prefix[..]..).map_err(io_err)? {
         let (k, raw) = r.map_err(io_err)?;
@@ -1854,7 +2035,7 @@ fn compare(
     let mut seen = 0usize;
     for (group, row) in &kept {
         checked += 1;
-        let row = read_group(el, v, group, row.clone())?;
+        let row = read_group(el, v, &mm_changes, group, row.clone())?;
         match recomputed.get(group) {
             Some(f) => {
                 seen += 1;
