@@ -33,6 +33,10 @@ pub struct ViewsArgs {
     /// Connections of the throughput runs.
     #[arg(long, default_value_t = 16)]
     clients: usize,
+    /// The settings with views to run, by their row in the table (1 = sums, 2 = min/max,
+    /// 3 = four views, 4 = Lua), comma-separated; runs with no view always go between them.
+    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 2, 3, 4])]
+    settings: Vec<usize>,
     /// Keep the cluster's data and logs in this directory (default: a temporary one).
     #[arg(long)]
     work_dir: Option<PathBuf>,
@@ -214,7 +218,9 @@ async fn run(args: &ViewsArgs, nodes: &[NodeProc]) -> Result<(), String> {
     // throughput drifts over a run (the files grow), by more than a view costs.
     let mut paired: Vec<Vec<f64>> = vec![Vec::new(); SETTINGS.len()];
     for round in 0..args.rounds {
-        let mut with_views: Vec<usize> = (1..SETTINGS.len()).collect();
+        let mut with_views: Vec<usize> = (1..SETTINGS.len())
+            .filter(|s| args.settings.contains(s))
+            .collect();
         if round % 2 == 1 {
             with_views.reverse();
         }
@@ -298,6 +304,9 @@ async fn run(args: &ViewsArgs, nodes: &[NodeProc]) -> Result<(), String> {
     println!("|---|---:|---:|---:|---:|---|");
     let base_cpu = median(&cpu[0]);
     for (i, (label, views)) in SETTINGS.iter().enumerate() {
+        if i != 0 && !args.settings.contains(&i) {
+            continue;
+        }
         let w = median(&ops[i]);
         let cost = if i == 0 { 0.0 } else { median(&paired[i]) };
         let c = median(&cpu[i]);

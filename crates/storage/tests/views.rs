@@ -705,3 +705,90 @@ async fn a_lua_view_counts_each_change_once_from_the_change_log_whatever_the_upd
         other => panic!("{other:?}"),
     }
 }
+
+/// Not a check: what a view adds to the apply, on one replica with no Raft or network
+/// around it (`cargo test --release -p capdb-storage --test views -- --ignored --nocapture
+/// apply_cost`). Batches of 256 new keys of JSON orders, as `capdb bench views` writes them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn apply_cost() {
+    const BATCHES: usize = 400;
+    let specs: [(&str, Option<&str>); 3] = [
+        ("no view", None),
+        (
+            "sums",
+            Some(
+                r#"{"input": {"keyspace": "orders", "prefix": "o:", "expired": "include"}, "map": {"group": [{"json": "$.c"}], "values": {"a": {"json": "$.a"}}},
+                "reduce": {"n": "count", "total": {"sum": "a"}, "mean": {"avg": "a"}}}"#,
+            ),
+        ),
+        (
+            "min/max",
+            Some(
+                r#"{"input": {"keyspace": "orders", "prefix": "o:", "expired": "include"}, "map": {"group": [{"json": "$.c"}], "values": {"a": {"json": "$.a"}}},
+                "reduce": {"low": {"min": "a"}, "high": {"max": "a"}}}"#,
+            ),
+        ),
+    ];
+    // The process's CPU time, all threads (the writer's is the one that counts): unlike the
+    // elapsed time, not moved by how long the disk takes to sync.
+    fn process_cpu_s() -> f64 {
+        let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+        let fields: Vec<&str> = stat
+            .rsplit(')')
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .collect();
+        let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+        ticks / 100.0
+    }
+    for round in 0..3 {
+        for (label, spec) in specs {
+            let dir = tempfile::tempdir().unwrap();
+            let mut r = Replica::open(dir.path());
+            if let Some(spec) = spec {
+                let spec = JobSpec::parse(spec.as_bytes())
+                    .unwrap()
+                    .canonical()
+                    .to_string();
+                r.view(ViewCommand::Define {
+                    name: Bytes::from_static(b"v"),
+                    generation: 1,
+                    spec,
+                })
+                .await
+                .unwrap();
+                r.build("v", async |_: &mut Replica| {}).await;
+            }
+            let mut rng = fastrand::Rng::with_seed(round);
+            let batches: Vec<Vec<Mutation>> = (0..BATCHES)
+                .map(|b| {
+                    (0..256)
+                        .map(|i| {
+                            set(
+                                &format!("o:{b}:{i}"),
+                                &format!(
+                                    r#"{{"c":"c{}","a":{}.5,"sku":"s{}","note":"bench order padding"}}"#,
+                                    rng.u8(0..100),
+                                    rng.u32(0..1_000),
+                                    rng.u16(0..1_000)
+                                ),
+                            )
+                        })
+                        .collect()
+                })
+                .collect();
+            let (started, cpu) = (std::time::Instant::now(), process_cpu_s());
+            for ms in batches {
+                r.write(ms).await;
+            }
+            let n = (BATCHES * 256) as f64;
+            println!(
+                "round {round}, {label}: {:.2} µs per write, {:.2} µs of CPU",
+                started.elapsed().as_secs_f64() * 1e6 / n,
+                (process_cpu_s() - cpu) * 1e6 / n
+            );
+        }
+    }
+}

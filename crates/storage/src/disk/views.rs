@@ -282,11 +282,16 @@ fn passed(state: &ViewState, key: &[u8]) -> bool {
     }
 }
 
+/// A map of the apply's own keys (foldhash: a write hashes a group or two per view, and
+/// nothing an attacker picks can collide them into more than a job's work). Never iterated
+/// into stored bytes without a sort.
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 /// Pending changes to one view's rows, written at the end of the storage job.
 #[derive(Default)]
 struct Pending {
-    rows: HashMap<Vec<u8>, Row>,
-    minmax: HashMap<(u8, Vec<u8>, Fixed), i64>,
+    rows: FastMap<Vec<u8>, Row>,
+    minmax: FastMap<(u8, Vec<u8>, Fixed), i64>,
     counts: Counts,
     touched: bool,
 }
@@ -917,28 +922,26 @@ struct UnfoldedMm {
     rows: Vec<(u8, Vec<u8>, Fixed, i64)>,
 }
 
-/// The unfolded multiset changes of a view (each number's summed) and the keys of their rows.
+/// The unfolded multiset changes of a view, each number's summed.
 #[allow(clippy::type_complexity)]
 fn unfolded_mm_rows(
     el: &impl ReadableTable<&'static [u8], &'static [u8]>,
     name: &[u8],
     generation: u64,
-) -> Result<(HashMap<(u8, Vec<u8>, Fixed), i64>, Vec<Vec<u8>>)> {
+) -> Result<HashMap<(u8, Vec<u8>, Fixed), i64>> {
     let prefix = gen_prefix(DMM, name, generation);
     let mut merged: HashMap<(u8, Vec<u8>, Fixed), i64> = HashMap::new();
-    let mut keys = Vec::new();
     for r in el.range(&prefix[..]..).map_err(io_err)? {
         let (k, raw) = r.map_err(io_err)?;
         if !k.value().starts_with(&prefix) {
             break;
         }
-        keys.push(k.value().to_vec());
         let u: UnfoldedMm = decode(raw.value(), "a view's unfolded min/max change")?;
         for (r, group, number, d) in u.rows {
             *merged.entry((r, group, number)).or_default() += d;
         }
     }
-    Ok((merged, keys))
+    Ok(merged)
 }
 
 /// A view's unfolded multiset changes by (owner reducer, group): what reads of its extremes
@@ -953,7 +956,7 @@ fn unfolded_mm(
     if v.multisets.is_empty() {
         return Ok(out);
     }
-    for ((r, group, number), d) in unfolded_mm_rows(el, &v.name, v.def.generation)?.0 {
+    for ((r, group, number), d) in unfolded_mm_rows(el, &v.name, v.def.generation)? {
         if d != 0 {
             out.entry((r, group)).or_default().insert(number, d);
         }
@@ -966,7 +969,7 @@ fn unfolded_mm(
 fn write_minmax(
     el: &mut RawTable<'_>,
     v: &Loaded,
-    minmax: HashMap<(u8, Vec<u8>, Fixed), i64>,
+    minmax: FastMap<(u8, Vec<u8>, Fixed), i64>,
     counts: &mut Counts,
 ) -> Result<()> {
     let (name, generation) = (&v.name[..], v.def.generation);
@@ -988,25 +991,42 @@ fn write_minmax(
         el.insert(&key[..], &encode(&change)?[..]).map_err(io_err)?;
         return Ok(());
     }
-    let (mut merged, keys) = unfolded_mm_rows(el, name, generation)?;
-    for k in &keys {
-        el.remove(&k[..]).map_err(io_err)?;
+    // Every unfolded change and this one, as (multiset row key, change), sorted and summed
+    // per row: in the multisets' key order, neighbouring changes share a page.
+    let prefix = gen_prefix(DMM, name, generation);
+    let mut stored: Vec<Vec<u8>> = Vec::new();
+    let mut rows: Vec<(Vec<u8>, i64)> = Vec::new();
+    let mut add = |r: u8, group: &[u8], number: Fixed, d: i64| {
+        let mut key = mm_group_prefix(name, generation, r, group);
+        key.extend_from_slice(&sortable(number));
+        rows.push((key, d));
+    };
+    for e in el.range(&prefix[..]..).map_err(io_err)? {
+        let (k, raw) = e.map_err(io_err)?;
+        if !k.value().starts_with(&prefix) {
+            break;
+        }
+        stored.push(k.value().to_vec());
+        let u: UnfoldedMm = decode(raw.value(), "a view's unfolded min/max change")?;
+        for (r, group, number, d) in u.rows {
+            add(r, &group, number, d);
+        }
     }
     for (r, group, number, d) in changes {
-        *merged.entry((r, group, number)).or_default() += d;
+        add(r, &group, number, d);
     }
-    // In the multisets' key order: neighbouring changes share a page.
-    let mut rows: Vec<(Vec<u8>, i64)> = merged
-        .into_iter()
-        .filter(|(_, d)| *d != 0)
-        .map(|((r, group, number), d)| {
-            let mut key = mm_group_prefix(name, generation, r, &group);
-            key.extend_from_slice(&sortable(number));
-            (key, d)
-        })
-        .collect();
-    rows.sort_unstable();
-    for (key, delta) in rows {
+    for k in &stored {
+        el.remove(&k[..]).map_err(io_err)?;
+    }
+    rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    rows.dedup_by(|later, first| {
+        let same = later.0 == first.0;
+        if same {
+            first.1 += later.1;
+        }
+        same
+    });
+    for (key, delta) in rows.into_iter().filter(|(_, d)| *d != 0) {
         let stored = match el.get(&key[..]).map_err(io_err)? {
             Some(raw) => Some(int(raw.value())?),
             None => None,
