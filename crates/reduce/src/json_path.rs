@@ -475,19 +475,7 @@ impl<'a> Scanner<'a> {
                         Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => self.i += 1,
                         Some(b'u') => {
                             self.i += 1;
-                            let hi = self.hex4()?;
-                            if (0xD800..0xDC00).contains(&hi) {
-                                if !self.b[self.i..].starts_with(b"\\u") {
-                                    return Err(self.err("lone surrogate"));
-                                }
-                                self.i += 2;
-                                let lo = self.hex4()?;
-                                if !(0xDC00..0xE000).contains(&lo) {
-                                    return Err(self.err("lone surrogate"));
-                                }
-                            } else if (0xDC00..0xE000).contains(&hi) {
-                                return Err(self.err("lone surrogate"));
-                            }
+                            self.unicode_escape()?;
                         }
                         _ => return Err(self.err("bad escape")),
                     }
@@ -669,22 +657,7 @@ impl<'a> Scanner<'a> {
                         Some(b't') => '\t',
                         Some(b'u') => {
                             self.i += 1;
-                            let hi = self.hex4()?;
-                            let code = if (0xD800..0xDC00).contains(&hi) {
-                                if !self.b[self.i..].starts_with(b"\\u") {
-                                    return Err(self.err("lone surrogate"));
-                                }
-                                self.i += 2;
-                                let lo = self.hex4()?;
-                                if !(0xDC00..0xE000).contains(&lo) {
-                                    return Err(self.err("lone surrogate"));
-                                }
-                                0x10000 + ((hi - 0xD800) << 10) + (lo - 0xDC00)
-                            } else if (0xDC00..0xE000).contains(&hi) {
-                                return Err(self.err("lone surrogate"));
-                            } else {
-                                hi
-                            };
+                            let code = self.unicode_escape()?;
                             out.push(char::from_u32(code).ok_or_else(|| self.err("bad escape"))?);
                             continue;
                         }
@@ -708,6 +681,27 @@ impl<'a> Scanner<'a> {
                 }
                 None => return Err(self.err("unterminated string")),
             }
+        }
+    }
+
+    /// The character of a `\u` escape (the scanner just past the `u`): four hex digits, and
+    /// a second escape after a high surrogate; the scanner ends past them.
+    fn unicode_escape(&mut self) -> Result<u32, NotJson> {
+        let hi = self.hex4()?;
+        if (0xD800..0xDC00).contains(&hi) {
+            if !self.b[self.i..].starts_with(b"\\u") {
+                return Err(self.err("lone surrogate"));
+            }
+            self.i += 2;
+            let lo = self.hex4()?;
+            if !(0xDC00..0xE000).contains(&lo) {
+                return Err(self.err("lone surrogate"));
+            }
+            Ok(0x10000 + ((hi - 0xD800) << 10) + (lo - 0xDC00))
+        } else if (0xDC00..0xE000).contains(&hi) {
+            Err(self.err("lone surrogate"))
+        } else {
+            Ok(hi)
         }
     }
 
