@@ -58,6 +58,51 @@ impl Fixed {
 
     /// Parses a JSON number's text exactly (half to even past 9 decimals).
     pub fn parse(text: &[u8]) -> Result<Parsed, NumError> {
+        match Fixed::parse_short(text) {
+            Some(p) => Ok(p),
+            None => Fixed::parse_any(text),
+        }
+    }
+
+    /// The common number, parsed with no allocation and one `i128` multiplication: at most
+    /// 18 digits, at most 9 of them after the point, no exponent (exact in a `u64`, nothing
+    /// to round). `None` for anything else, valid or not: [`Fixed::parse_any`] judges it.
+    fn parse_short(text: &[u8]) -> Option<Parsed> {
+        let (negative, body) = match text.split_first() {
+            Some((b'-', rest)) => (true, rest),
+            _ => (false, text),
+        };
+        if body.is_empty() || body.len() > 19 {
+            return None;
+        }
+        let mut units: u64 = 0;
+        let mut point: Option<usize> = None;
+        for (at, &c) in body.iter().enumerate() {
+            match c {
+                b'0'..=b'9' => units = units * 10 + u64::from(c - b'0'),
+                b'.' if point.is_none() && at > 0 => point = Some(at),
+                _ => return None,
+            }
+        }
+        let int_len = point.unwrap_or(body.len());
+        let frac_len = body.len() - point.map_or(body.len(), |p| p + 1);
+        let digits = int_len + frac_len;
+        // JSON's syntax: no leading zero before more digits, a digit after the point.
+        if (int_len > 1 && body[0] == b'0') || (point.is_some() && frac_len == 0) {
+            return None;
+        }
+        if digits > 18 || frac_len > DECIMALS as usize {
+            return None;
+        }
+        let units = i128::from(units) * 10i128.pow(DECIMALS as u32 - frac_len as u32);
+        Some(Parsed {
+            value: Fixed(if negative { -units } else { units }),
+            rounded: false,
+        })
+    }
+
+    /// [`Fixed::parse`] for any number: exponents, long digit runs, rounding.
+    fn parse_any(text: &[u8]) -> Result<Parsed, NumError> {
         let mut i = 0;
         let negative = text.first() == Some(&b'-');
         if negative {
@@ -283,6 +328,50 @@ mod tests {
 
     fn p(s: &str) -> Result<(String, bool), NumError> {
         Fixed::parse(s.as_bytes()).map(|p| (p.value.to_string(), p.rounded))
+    }
+
+    #[test]
+    fn the_short_path_parses_as_the_general_one() {
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let alphabet = b"0123456789.-e+0099";
+        let mut short = 0;
+        for _ in 0..200_000 {
+            let len = 1 + (next() % 24) as usize;
+            let text: Vec<u8> = (0..len)
+                .map(|_| match next() % 8 {
+                    0 => alphabet[(next() % alphabet.len() as u64) as usize],
+                    _ => b'0' + (next() % 10) as u8,
+                })
+                .collect();
+            let general = Fixed::parse_any(&text);
+            if let Some(fast) = Fixed::parse_short(&text) {
+                short += 1;
+                assert_eq!(Ok(fast), general, "{:?}", String::from_utf8_lossy(&text));
+            }
+            assert_eq!(Fixed::parse(&text), general);
+        }
+        for text in [
+            "0",
+            "-0",
+            "7",
+            "-12.5",
+            "999999999999999999",
+            "0.000000001",
+            "1.5",
+        ] {
+            assert!(Fixed::parse_short(text.as_bytes()).is_some(), "{text}");
+            assert_eq!(
+                Fixed::parse_short(text.as_bytes()).map(Ok),
+                Some(Fixed::parse_any(text.as_bytes()))
+            );
+        }
+        assert!(short > 10_000, "the short path was taken {short} times");
     }
 
     #[test]
