@@ -708,11 +708,18 @@ async fn a_lua_view_counts_each_change_once_from_the_change_log_whatever_the_upd
 
 /// Not a check: what a view adds to the apply, on one replica with no Raft or network
 /// around it (`cargo test --release -p capdb-storage --test views -- --ignored --nocapture
-/// apply_cost`). Batches of 256 new keys of JSON orders, as `capdb bench views` writes them.
+/// apply_cost`). Batches of 256 new keys of JSON orders (`CAPDB_APPLY_COST_BATCH`), as `capdb
+/// bench views` writes them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore]
 async fn apply_cost() {
-    const BATCHES: usize = 400;
+    // `CAPDB_APPLY_COST_BATCH=16`: writes per storage job (a cluster under load applies
+    // smaller batches than 256, so per-job costs weigh more).
+    let batch: usize = std::env::var("CAPDB_APPLY_COST_BATCH")
+        .ok()
+        .and_then(|b| b.parse().ok())
+        .unwrap_or(256);
+    let batches_n = 102_400 / batch;
     let specs: [(&str, Option<&str>); 3] = [
         ("no view", None),
         (
@@ -766,9 +773,9 @@ async fn apply_cost() {
                 r.build("v", async |_: &mut Replica| {}).await;
             }
             let mut rng = fastrand::Rng::with_seed(round);
-            let batches: Vec<Vec<Mutation>> = (0..BATCHES)
+            let batches: Vec<Vec<Mutation>> = (0..batches_n)
                 .map(|b| {
-                    (0..256)
+                    (0..batch)
                         .map(|i| {
                             set(
                                 &format!("o:{b}:{i}"),
@@ -787,7 +794,7 @@ async fn apply_cost() {
             for ms in batches {
                 r.write(ms).await;
             }
-            let n = (BATCHES * 256) as f64;
+            let n = (batches_n * batch) as f64;
             println!(
                 "round {round}, {label}: {:.2} µs per write, {:.2} µs of CPU",
                 started.elapsed().as_secs_f64() * 1e6 / n,
