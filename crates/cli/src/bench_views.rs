@@ -93,6 +93,17 @@ pub async fn views(args: ViewsArgs) -> Result<(), String> {
     if args.seconds == 0 || args.clients == 0 || args.rounds == 0 {
         return Err("--seconds, --clients and --rounds must be at least 1".into());
     }
+    if args.settings.is_empty()
+        || args
+            .settings
+            .iter()
+            .any(|s| !(1..SETTINGS.len()).contains(s))
+    {
+        return Err(format!(
+            "--settings takes rows 1 to {} of the table (1 = sums, 2 = min/max, 3 = four views, 4 = Lua), comma-separated",
+            SETTINGS.len() - 1
+        ));
+    }
     crate::bench::on_local_cluster("views", args.work_dir.clone(), async |nodes| {
         run(&args, nodes).await
     })

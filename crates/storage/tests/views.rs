@@ -718,6 +718,7 @@ async fn apply_cost() {
     let batch: usize = std::env::var("CAPDB_APPLY_COST_BATCH")
         .ok()
         .and_then(|b| b.parse().ok())
+        .filter(|b| (1..=102_400).contains(b))
         .unwrap_or(256);
     let batches_n = 102_400 / batch;
     let specs: [(&str, Option<&str>); 3] = [
