@@ -427,6 +427,102 @@ async fn flushdb_snapshots_and_drop_keep_a_view_whole() {
     assert!(left.is_empty(), "rows left after the purge: {}", left.len());
 }
 
+/// The views' changes of applies wait in memory for their transaction's commit
+/// (`views::Deferred`). A FLUSHDB or a drop queued right behind writes, in the same
+/// transaction, must find them written first: else the rows would count keys the FLUSHDB
+/// removed, or keep rows of a dropped view that no purge deletes. (Writes and command are
+/// queued together, so they nearly always share a transaction; when the commit window
+/// passes between them the round proves nothing, and others do.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_queued_behind_writes_finds_their_view_changes_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = Replica::open(dir.path());
+    let sales = || Bytes::from_static(b"sales");
+    for round in 0..20u64 {
+        let generation = round + 1;
+        a.view(ViewCommand::Define {
+            name: sales(),
+            generation,
+            spec: canonical_spec(),
+        })
+        .await
+        .unwrap();
+        a.build("sales", async |_: &mut Replica| {}).await;
+        let writes: Vec<_> = (0..50)
+            .map(|i| {
+                let m = set(
+                    &format!("o:{round}:{i}"),
+                    &format!(r#"{{"c":"c{}","a":{i}.5}}"#, i % 7),
+                );
+                (m, Timestamp(a.index + 1), 1_000, a.index + 1)
+            })
+            .collect();
+        let applied = vec![(
+            APPLIED.to_string(),
+            Some((a.index + 1).to_le_bytes().to_vec()),
+        )];
+        a.index += 2;
+        let flush_at = a.index;
+        // FLUSHDB right behind the writes: the view is left empty.
+        let (written, flushed) = tokio::join!(
+            a.e.apply_replicated(TABLE, writes, applied, Vec::new(), Vec::new(), Vec::new()),
+            a.e.replace_table(
+                TABLE,
+                Vec::new(),
+                Vec::new(),
+                None,
+                Vec::new(),
+                Some(flush_at)
+            ),
+        );
+        written.unwrap();
+        flushed.unwrap();
+        assert_eq!(
+            a.rows("sales", generation).0,
+            Vec::<serde_json::Value>::new(),
+            "round {round}: rows counting keys FLUSHDB removed"
+        );
+        a.verify("sales");
+        // A drop right behind writes, then its purges: nothing of the view is left.
+        a.index += 1;
+        let writes = vec![(
+            set(&format!("o:{round}"), r#"{"c":"de","a":1}"#),
+            Timestamp(a.index),
+            1_000,
+            a.index,
+        )];
+        let applied = vec![(APPLIED.to_string(), Some(a.index.to_le_bytes().to_vec()))];
+        a.index += 1;
+        let (written, dropped) = tokio::join!(
+            a.e.apply_replicated(TABLE, writes, applied, Vec::new(), Vec::new(), Vec::new()),
+            a.e.changes_config(
+                TABLE,
+                ChangesStep::View(ViewCommand::Drop { name: sales() }),
+                a.index,
+                Vec::new(),
+                None,
+            ),
+        );
+        written.unwrap();
+        assert_eq!(dropped.unwrap().unwrap(), Reply::Integer(1));
+        loop {
+            let purge = ViewCommand::Purge {
+                name: sales(),
+                generation,
+            };
+            if a.view(purge).await.unwrap() == Reply::Integer(0) {
+                break;
+            }
+        }
+        let left = a.e.dump_table(TABLE, &[], "none/").unwrap().elements;
+        assert!(
+            left.is_empty(),
+            "round {round}: rows left after the purge: {}",
+            left.len()
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spec_a_view_cannot_keep_is_refused_with_the_reason() {
     let d = tempfile::tempdir().unwrap();

@@ -333,11 +333,42 @@ pub(super) struct Exec<'a> {
     pub(super) hlc: &'a Hlc,
     pub(super) value_bytes_max: usize,
     pub(super) stats: &'a EngineStats,
+    /// The views' changes held until the transaction commits (`views.rs`).
+    pub(super) views: &'a std::cell::RefCell<super::views::Deferred>,
+}
+
+impl Op {
+    /// Whether the op leaves the views' rows and definitions alone and reads none of them:
+    /// the changes held for them (`views::Deferred`) need not be written before it. Any op
+    /// not named here has them written first.
+    fn leaves_views_alone(&self) -> bool {
+        matches!(
+            self,
+            // These count into the changes held.
+            Op::ApplyReplicated { .. }
+                | Op::TxnStep { .. }
+                // No view lives in their tables (views are kept on `cp` shards only).
+                | Op::Apply { .. }
+                | Op::RemoveExpired { .. }
+                | Op::Merge { .. }
+                | Op::CounterAdd { .. }
+                | Op::PurgeTombstones { .. }
+                | Op::ApReclaim { .. }
+                // Raft's log and `_meta`.
+                | Op::LogAppend { .. }
+                | Op::LogRemove { .. }
+                | Op::MetaPut { .. }
+                | Op::Barrier
+        )
+    }
 }
 
 /// Runs one op inside the batch's transaction. `Err` only for storage failures (which abort the
 /// whole batch); a job that fails alone answers [`Output::Failed`].
 pub(super) fn execute(x: &Exec, op: &Op, live_tables: &mut HashSet<String>) -> Result<Output> {
+    if !op.leaves_views_alone() {
+        x.views.borrow_mut().flush(x.txn)?;
+    }
     if let Some(table) = op.keyspace_table()
         && !live_tables.contains(table)
     {
@@ -646,7 +677,7 @@ pub(super) fn apply_replicated(
         (
             super::touched::Recording::load(&el)?,
             super::changes::ChangeLog::load(&el)?,
-            super::views::ViewSet::load(&el)?,
+            x.views.borrow_mut().take(table, &el)?,
         )
     };
     let (mut recording, mut changes, mut views) = recording;
@@ -781,10 +812,7 @@ pub(super) fn apply_replicated(
         }
     }
     drop(t);
-    if views.has_pending() {
-        let mut el = x.txn.open_table(table_def(&el_name)).map_err(io_err)?;
-        views.write(&mut el)?;
-    }
+    x.views.borrow_mut().keep(x.txn, table, views)?;
     if !logged.is_empty() {
         super::changes::append(x, table, &mut changes, logged)?;
     }

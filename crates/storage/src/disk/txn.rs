@@ -478,7 +478,7 @@ fn step_inner(x: &Exec, table: &str, job: &TxnJob) -> Result<Result<TxnAnswer>> 
                 .txn
                 .open_table(table_def(&element_table(table)))
                 .map_err(io_err)?;
-            super::views::ViewSet::load(&el)?
+            x.views.borrow_mut().take(table, &el)?
         };
         let for_async_views = views.has_async();
         let view_keys =
@@ -493,12 +493,8 @@ fn step_inner(x: &Exec, table: &str, job: &TxnJob) -> Result<Result<TxnAnswer>> 
         TxnSpace::new(x, table, &mut t, job.now_ms).apply_redo(&redo)?;
         if !view_keys.is_empty() {
             views.account(&t, &view_keys, view_before)?;
-            let mut el = x
-                .txn
-                .open_table(table_def(&element_table(table)))
-                .map_err(io_err)?;
-            views.write(&mut el)?;
         }
+        x.views.borrow_mut().keep(x.txn, table, views)?;
         if log.is_on() {
             let mut seen = std::collections::HashSet::with_capacity(touched.len());
             let mut events = touched

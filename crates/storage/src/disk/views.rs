@@ -425,11 +425,86 @@ impl ViewSet {
         Ok(())
     }
 
-    /// Writes what the job's writes changed into the views' rows.
-    pub(super) fn write(self, el: &mut RawTable<'_>) -> Result<()> {
-        for (v, p) in self.views.into_iter().zip(self.pending) {
+    /// Changes held: the bound [`Deferred`] keeps them under.
+    fn pending_len(&self) -> usize {
+        self.pending
+            .iter()
+            .map(|p| p.rows.len() + p.minmax.len())
+            .sum()
+    }
+
+    /// Writes the changes held into the views' rows, and holds none after.
+    fn write(&mut self, el: &mut RawTable<'_>) -> Result<()> {
+        for (v, p) in self.views.iter().zip(self.pending.iter_mut()) {
             if p.touched {
-                write_pending(el, &v, p)?;
+                write_pending(el, v, std::mem::take(p))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Most changes (group rows plus min/max numbers) the views of one shard hold in memory
+/// between writes of their rows: past it, the storage job that passed it writes them.
+pub const DEFERRED_CHANGES_MAX: usize = 1 << 16;
+
+/// The views' changes of every apply in the writer's open transaction, held in memory by
+/// shard (with the shard's views, loaded once) and written into their rows when the
+/// transaction commits ([`Deferred::flush`]), or before a job that reads or changes the
+/// rows or the definitions (`ops::execute`).
+///
+/// Why: a cluster applies batches of a few writes each, and every storage job that writes a
+/// view's rows pays for reading its counts, finding its next sequence number and writing
+/// its unfolded rows, which is several times what its writes' own share costs. Nothing
+/// reads the rows between those points: readers ask the writer for a commit
+/// (`visible.rs`), and the transaction's rows and applied state commit together, so a
+/// crash loses both or neither. What the rows hold once written is the same sum whatever
+/// the points (folds already differ between replicas: their batches do).
+#[derive(Default)]
+pub(super) struct Deferred {
+    by_table: HashMap<String, ViewSet>,
+}
+
+impl Deferred {
+    /// The views of `table`'s shard, with the changes held for them.
+    pub(super) fn take(
+        &mut self,
+        table: &str,
+        el: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    ) -> Result<ViewSet> {
+        match self.by_table.remove(table) {
+            Some(set) => Ok(set),
+            None => ViewSet::load(el),
+        }
+    }
+
+    /// Holds `set` (taken by [`take`](Self::take) and counted into) until the commit; writes
+    /// its changes now if they pass [`DEFERRED_CHANGES_MAX`].
+    pub(super) fn keep(
+        &mut self,
+        txn: &redb::WriteTransaction,
+        table: &str,
+        mut set: ViewSet,
+    ) -> Result<()> {
+        if set.pending_len() > DEFERRED_CHANGES_MAX {
+            let mut el = txn
+                .open_table(table_def(&crate::layout::element_table(table)))
+                .map_err(io_err)?;
+            set.write(&mut el)?;
+        }
+        self.by_table.insert(table.to_string(), set);
+        Ok(())
+    }
+
+    /// Writes every change held and forgets the views loaded (a job after this one may
+    /// change them).
+    pub(super) fn flush(&mut self, txn: &redb::WriteTransaction) -> Result<()> {
+        for (table, mut set) in self.by_table.drain() {
+            if set.has_pending() {
+                let mut el = txn
+                    .open_table(table_def(&crate::layout::element_table(&table)))
+                    .map_err(io_err)?;
+                set.write(&mut el)?;
             }
         }
         Ok(())

@@ -108,6 +108,8 @@ struct Open {
     bytes: usize,
     /// The tables that existed when it began, restored if it aborts.
     tables_before: HashSet<String>,
+    /// The views' changes of its applies, written just before it commits.
+    views: std::cell::RefCell<super::views::Deferred>,
 }
 
 /// The writer's state between batches.
@@ -244,6 +246,7 @@ impl Writer<'_> {
             hlc: self.hlc,
             value_bytes_max: self.value_bytes_max,
             stats: self.stats,
+            views: &o.views,
         };
         let mut outputs = Vec::with_capacity(batch.len());
         for job in batch.iter() {
@@ -303,6 +306,7 @@ impl Writer<'_> {
             jobs: 0,
             bytes: 0,
             tables_before: self.live_tables.clone(),
+            views: Default::default(),
         })
     }
 
@@ -319,6 +323,7 @@ impl Writer<'_> {
         let durable = durable || self.last_durable.elapsed() >= CHECKPOINT_INTERVAL;
         let started = Instant::now();
         let result = (|| {
+            o.views.get_mut().flush(&o.txn)?;
             if durable {
                 o.txn
                     .set_durability(Durability::Immediate)
