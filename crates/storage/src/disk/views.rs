@@ -9,22 +9,30 @@
 //! - `0‖view-def/‖name` -> [`ViewDef`] (postcard)
 //! - `0‖view-row/‖name‖generation u64‖group` -> [`Row`]: contributions and one accumulator per
 //!   reducer (min and max ones stay empty: their multisets hold them)
-//! - `0‖view-mm/‖name‖generation‖reducer u8‖len u32‖group‖number` -> i64 LE: how many keys give
-//!   the group this number, for a min or max reducer (the number is [`Fixed`] made
-//!   sortable: first row = min, last = max). One multiset per value slot, under the first
-//!   min or max reducer of that slot: `min(a)` and `max(a)` read the same rows. (Views
-//!   defined before kept one per reducer; both hold the same counts, so reading the first's
-//!   is exact, and the second's rows go with the view.)
-//! - `0‖view-dlt/‖name‖generation‖seq u64` -> [`Unfolded`]: one storage job's change to the
-//!   rows, kept as one row rather than read into each group's (a batch of writes touches up to
-//!   a group per write: one row written instead of a read and a write per group); at most
-//!   [`UNFOLDED_MAX`], then folded into the rows by the job that would write one more. Every
-//!   read of the rows merges them ([`unfolded`]).
-//! - `0‖view-dmm/‖name‖generation‖seq u64` -> [`UnfoldedMm`]: one storage job's change to
-//!   the min/max multisets, kept as one row for the same reason and folded the same way, in
-//!   key order (a write's (group, number) row lies anywhere in the multiset: changed in place,
-//!   every write of a batch dirtied its own page of the table; folded every
-//!   [`UNFOLDED_MAX`] jobs, a page is written about once per fold). Reads of the extremes
+//! - `0‖view-mmc/‖name‖generation‖reducer u8‖len u32‖group‖first number` -> [`Chunk`]: a
+//!   min or max reducer's multiset of the group, in chunks of up to [`CHUNK_NUMBERS_MAX`]
+//!   ascending (number, how many keys give it) pairs, each stored under its first number
+//!   ([`Fixed`] made sortable: the first chunk holds the min, the last the max). A fold
+//!   rewrites a chunk once for all its changes ([`fold_chunks`]); a row per number made the
+//!   multiset about ten times larger, and a fold wrote nearly every page of it. One multiset
+//!   per value slot, under the first min or max reducer of that slot: `min(a)` and `max(a)`
+//!   read the same rows. The bare `0‖view-mmc/‖name‖generation` row says the view keeps
+//!   chunks.
+//! - `0‖view-mm/‖name‖generation‖reducer u8‖len u32‖group‖number` -> i64 LE: the same
+//!   multiset a row per number, as views defined before chunks (no `view-mmc/` marker)
+//!   keep it. (Views defined before multisets were shared kept one per reducer; both hold
+//!   the same counts, so reading the first's is exact, and the second's rows go with the
+//!   view.)
+//! - `0‖view-dlt/‖name‖generation‖seq u64` -> [`Unfolded`]: the change to the rows of the
+//!   writes since the last such row (those of one commit of the writer's: [`Deferred`]),
+//!   kept as one row rather than read into each group's (writes touch up to a group each:
+//!   one row written instead of a read and a write per group); at most [`UNFOLDED_MAX`],
+//!   then folded into the rows by the write of one more. Every read of the rows merges them
+//!   ([`unfolded`]).
+//! - `0‖view-dmm/‖name‖generation‖seq u64` -> [`UnfoldedMm`]: the same for the min/max
+//!   multisets, folded the same way, in key order (a write's (group, number) lies anywhere in
+//!   the multiset: changed in place, every write dirtied its own page of the table; folded
+//!   every [`UNFOLDED_MAX`], a page is written about once per fold). Reads of the extremes
 //!   merge them ([`read_group`]).
 //! - `0‖view-cnt/‖name‖generation` -> [`Counts`] (its `groups` counts folded rows; the
 //!   bounds are judged by the shard's leader, [`ViewCommand::Overflow`], never by the apply,
@@ -82,18 +90,24 @@ pub static DEBUG_VIEW_SKIP_TXN: std::sync::atomic::AtomicBool =
 
 /// Most groups one `rows` query answers.
 pub const ROWS_PAGE_MAX: usize = 10_000;
-/// Unfolded changes a view keeps (each one storage job's) before they are folded into its
+/// Unfolded changes a view keeps (each one commit's) before they are folded into its
 /// rows: what a read merges at most.
 pub const UNFOLDED_MAX: u64 = 32;
 
 const RESERVED: [u8; 8] = [0; 8];
 const DEF: &[u8] = b"view-def/";
 const ROW: &[u8] = b"view-row/";
-/// A storage job's change to a view's rows, not yet folded into them
+/// A commit's change to a view's rows, not yet folded into them
 /// (`‖name‖generation‖seq u64 BE` -> postcard [`Unfolded`]).
 const DLT: &[u8] = b"view-dlt/";
 const MM: &[u8] = b"view-mm/";
-/// A storage job's change to a view's multisets, not yet folded into them
+/// A view's min/max multisets in chunks (`‖name‖generation‖reducer‖len u32‖group‖first
+/// number` -> postcard [`Chunk`]); the bare `‖name‖generation` row marks a view whose
+/// multisets are kept so ([`multisets_chunked`]).
+const MMC: &[u8] = b"view-mmc/";
+/// Most numbers one multiset chunk holds: a chunk past it is split in equal parts.
+pub const CHUNK_NUMBERS_MAX: usize = 64;
+/// A commit's change to a view's multisets, not yet folded into them
 /// (`‖name‖generation‖seq u64 BE` -> postcard [`UnfoldedMm`]).
 const DMM: &[u8] = b"view-dmm/";
 const CNT: &[u8] = b"view-cnt/";
@@ -144,6 +158,74 @@ fn mm_group_prefix(name: &[u8], generation: u64, reducer: u8, group: &[u8]) -> V
     k.extend_from_slice(&(group.len() as u32).to_be_bytes());
     k.extend_from_slice(group);
     k
+}
+
+fn mmc_group_prefix(name: &[u8], generation: u64, reducer: u8, group: &[u8]) -> Vec<u8> {
+    let mut k = gen_prefix(MMC, name, generation);
+    k.push(reducer);
+    k.extend_from_slice(&(group.len() as u32).to_be_bytes());
+    k.extend_from_slice(group);
+    k
+}
+
+/// Numbers of one multiset in ascending order, each with how many keys give it (never 0);
+/// stored under the first of them.
+type Chunk = Vec<(Fixed, i64)>;
+
+/// Whether view `name`'s multisets of `generation` are chunked (views defined before chunks
+/// keep a row per number: [`MM`]).
+fn multisets_chunked(
+    el: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    name: &[u8],
+    generation: u64,
+) -> Result<bool> {
+    Ok(el
+        .get(&gen_prefix(MMC, name, generation)[..])
+        .map_err(io_err)?
+        .is_some())
+}
+
+/// The chunk of the group whose multiset rows start with `prefix` that holds `number` or
+/// would take it: the last chunk whose first number is at most `number`, else the group's
+/// first. `None`: the group has no chunk.
+fn chunk_for(
+    el: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    prefix: &[u8],
+    number: Fixed,
+) -> Result<Option<(Vec<u8>, Chunk)>> {
+    let mut at = prefix.to_vec();
+    at.extend_from_slice(&sortable(number));
+    // Every key between `prefix` and `at` starts with `prefix`: it is this group's.
+    let floor = el
+        .range(prefix..=&at[..])
+        .map_err(io_err)?
+        .next_back()
+        .transpose()
+        .map_err(io_err)?;
+    let found = match floor {
+        Some(e) => Some(e),
+        None => el
+            .range(&at[..]..&group_upper(prefix)[..])
+            .map_err(io_err)?
+            .next()
+            .transpose()
+            .map_err(io_err)?,
+    };
+    found
+        .map(|(k, raw)| {
+            Ok((
+                k.value().to_vec(),
+                decode(raw.value(), "a view's multiset chunk")?,
+            ))
+        })
+        .transpose()
+}
+
+/// Above every multiset row of the group whose rows start with `prefix` (`prefix‖16 bytes`).
+fn group_upper(prefix: &[u8]) -> Vec<u8> {
+    let mut upper = prefix.to_vec();
+    upper.extend_from_slice(&[0xff; 17]);
+    upper
 }
 
 fn decode<T: serde::de::DeserializeOwned>(raw: &[u8], what: &str) -> Result<T> {
@@ -287,7 +369,7 @@ fn passed(state: &ViewState, key: &[u8]) -> bool {
 /// into stored bytes without a sort.
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
-/// Pending changes to one view's rows, written at the end of the storage job.
+/// Pending changes to one view's rows, written when the writer commits ([`Deferred`]).
 #[derive(Default)]
 struct Pending {
     rows: FastMap<Vec<u8>, Row>,
@@ -296,7 +378,8 @@ struct Pending {
     touched: bool,
 }
 
-/// The views of one shard, loaded once per storage job, with what the job's writes change.
+/// The views of one shard, loaded once per commit of the writer's ([`Deferred`]), with what
+/// its writes change.
 pub(super) struct ViewSet {
     views: Vec<Loaded>,
     pending: Vec<Pending>,
@@ -444,8 +527,9 @@ impl ViewSet {
     }
 }
 
-/// Most changes (group rows plus min/max numbers) the views of one shard hold in memory
-/// between writes of their rows: past it, the storage job that passed it writes them.
+/// Most changes (group rows plus min/max numbers, over every shard) the views hold in memory
+/// between writes of their rows: the storage job that passes it writes them all (so at most
+/// this plus one job's changes are held).
 pub const DEFERRED_CHANGES_MAX: usize = 1 << 16;
 
 /// The views' changes of every apply in the writer's open transaction, held in memory by
@@ -479,20 +563,18 @@ impl Deferred {
     }
 
     /// Holds `set` (taken by [`take`](Self::take) and counted into) until the commit; writes
-    /// its changes now if they pass [`DEFERRED_CHANGES_MAX`].
+    /// every change held now if they pass [`DEFERRED_CHANGES_MAX`].
     pub(super) fn keep(
         &mut self,
         txn: &redb::WriteTransaction,
         table: &str,
-        mut set: ViewSet,
+        set: ViewSet,
     ) -> Result<()> {
-        if set.pending_len() > DEFERRED_CHANGES_MAX {
-            let mut el = txn
-                .open_table(table_def(&crate::layout::element_table(table)))
-                .map_err(io_err)?;
-            set.write(&mut el)?;
-        }
         self.by_table.insert(table.to_string(), set);
+        let held: usize = self.by_table.values().map(ViewSet::pending_len).sum();
+        if held > DEFERRED_CHANGES_MAX {
+            self.flush(txn)?;
+        }
         Ok(())
     }
 
@@ -1019,27 +1101,154 @@ fn unfolded_mm_rows(
     Ok(merged)
 }
 
-/// A view's unfolded multiset changes by (owner reducer, group): what reads of its extremes
-/// add to the multisets' rows. Empty for a view with no min or max.
-type MmChanges = HashMap<(u8, Vec<u8>), std::collections::BTreeMap<Fixed, i64>>;
+/// What reads of a view's extremes need besides its rows: how its multisets are kept, and
+/// its unfolded multiset changes by (owner reducer, group), which they add to the
+/// multisets' rows (none for a view with no min or max).
+struct MmChanges {
+    chunked: bool,
+    by_group: HashMap<(u8, Vec<u8>), std::collections::BTreeMap<Fixed, i64>>,
+}
 
 fn unfolded_mm(
     el: &impl ReadableTable<&'static [u8], &'static [u8]>,
     v: &Loaded,
 ) -> Result<MmChanges> {
-    let mut out = MmChanges::new();
+    let mut out = MmChanges {
+        chunked: multisets_chunked(el, &v.name, v.def.generation)?,
+        by_group: HashMap::new(),
+    };
     if v.multisets.is_empty() {
         return Ok(out);
     }
     for ((r, group, number), d) in unfolded_mm_rows(el, &v.name, v.def.generation)? {
         if d != 0 {
-            out.entry((r, group)).or_default().insert(number, d);
+            out.by_group
+                .entry((r, group))
+                .or_default()
+                .insert(number, d);
         }
     }
     Ok(out)
 }
 
-/// Writes a storage job's change to view `v`'s multisets: one unfolded row, or, when
+/// How many keys give `group` `number` in the multiset of reducer `r`, as its folded rows
+/// hold it.
+fn stored_count(
+    el: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    v: &Loaded,
+    chunked: bool,
+    r: u8,
+    group: &[u8],
+    number: Fixed,
+) -> Result<Option<i64>> {
+    if chunked {
+        let prefix = mmc_group_prefix(&v.name, v.def.generation, r, group);
+        return Ok(chunk_for(el, &prefix, number)?.and_then(|(_, chunk)| {
+            chunk
+                .binary_search_by(|(n, _)| n.cmp(&number))
+                .ok()
+                .map(|i| chunk[i].1)
+        }));
+    }
+    let mut key = mm_group_prefix(&v.name, v.def.generation, r, group);
+    key.extend_from_slice(&sortable(number));
+    match el.get(&key[..]).map_err(io_err)? {
+        Some(raw) => Ok(Some(int(raw.value())?)),
+        None => Ok(None),
+    }
+}
+
+/// Folds one group's changes (`changes`: ascending numbers, none 0) into its chunked
+/// multiset of reducer `r`, chunk by chunk; counts the numbers it adds and removes into
+/// `counts.minmax_rows`.
+fn fold_chunks(
+    el: &mut RawTable<'_>,
+    v: &Loaded,
+    r: u8,
+    group: &[u8],
+    changes: &[(Fixed, i64)],
+    counts: &mut Counts,
+) -> Result<()> {
+    let prefix = mmc_group_prefix(&v.name, v.def.generation, r, group);
+    let upper = group_upper(&prefix);
+    let mut rest = changes;
+    while let Some(&(first_change, _)) = rest.first() {
+        // No chunk in the group: a new one (an empty key: nothing to replace).
+        let (key, chunk) = chunk_for(el, &prefix, first_change)?.unwrap_or_default();
+        // The changes this chunk takes: those below the next chunk's first number.
+        let next_first = match key.is_empty() {
+            true => None,
+            false => el
+                .range::<&[u8]>((
+                    std::ops::Bound::Excluded(&key[..]),
+                    std::ops::Bound::Excluded(&upper[..]),
+                ))
+                .map_err(io_err)?
+                .next()
+                .transpose()
+                .map_err(io_err)?
+                .map(|(k, _)| {
+                    unsortable(&k.value()[prefix.len()..])
+                        .ok_or_else(|| Error::Corruption("a view's multiset chunk key".into()))
+                })
+                .transpose()?,
+        };
+        let taken = next_first.map_or(rest.len(), |n| rest.partition_point(|(x, _)| *x < n));
+        let (mine, later) = rest.split_at(taken);
+        rest = later;
+        // Both ascending: merged in one pass.
+        let mut merged: Chunk = Vec::with_capacity(chunk.len() + mine.len());
+        let (mut a, mut b) = (chunk.into_iter().peekable(), mine.iter().peekable());
+        loop {
+            let next = match (a.peek(), b.peek()) {
+                (None, None) => break,
+                (Some(_), None) => a.next(),
+                (None, Some(&&(n, d))) => {
+                    b.next();
+                    counts.minmax_rows += 1;
+                    Some((n, d))
+                }
+                (Some(&(x, c)), Some(&&(n, d))) => match x.cmp(&n) {
+                    std::cmp::Ordering::Less => a.next(),
+                    std::cmp::Ordering::Greater => {
+                        b.next();
+                        counts.minmax_rows += 1;
+                        Some((n, d))
+                    }
+                    std::cmp::Ordering::Equal => {
+                        a.next();
+                        b.next();
+                        if c + d == 0 {
+                            counts.minmax_rows -= 1;
+                            None
+                        } else {
+                            Some((x, c + d))
+                        }
+                    }
+                },
+            };
+            merged.extend(next);
+        }
+        // Each part is stored under its first number.
+        let parts = merged.len().div_ceil(CHUNK_NUMBERS_MAX);
+        let same_key =
+            parts == 1 && !key.is_empty() && key[prefix.len()..] == sortable(merged[0].0);
+        if !key.is_empty() && !same_key {
+            el.remove(&key[..]).map_err(io_err)?;
+        }
+        if parts > 0 {
+            let per_part = merged.len().div_ceil(parts);
+            for part in merged.chunks(per_part) {
+                let mut k = prefix.clone();
+                k.extend_from_slice(&sortable(part[0].0));
+                el.insert(&k[..], &encode(&part)?[..]).map_err(io_err)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Writes a commit's change to view `v`'s multisets: one unfolded row, or, when
 /// [`UNFOLDED_MAX`] are kept, all of them folded into the multisets' rows in key order.
 fn write_minmax(
     el: &mut RawTable<'_>,
@@ -1066,16 +1275,9 @@ fn write_minmax(
         el.insert(&key[..], &encode(&change)?[..]).map_err(io_err)?;
         return Ok(());
     }
-    // Every unfolded change and this one, as (multiset row key, change), sorted and summed
-    // per row: in the multisets' key order, neighbouring changes share a page.
+    // Every unfolded change and this one.
     let prefix = gen_prefix(DMM, name, generation);
     let mut stored: Vec<Vec<u8>> = Vec::new();
-    let mut rows: Vec<(Vec<u8>, i64)> = Vec::new();
-    let mut add = |r: u8, group: &[u8], number: Fixed, d: i64| {
-        let mut key = mm_group_prefix(name, generation, r, group);
-        key.extend_from_slice(&sortable(number));
-        rows.push((key, d));
-    };
     for e in el.range(&prefix[..]..).map_err(io_err)? {
         let (k, raw) = e.map_err(io_err)?;
         if !k.value().starts_with(&prefix) {
@@ -1083,16 +1285,46 @@ fn write_minmax(
         }
         stored.push(k.value().to_vec());
         let u: UnfoldedMm = decode(raw.value(), "a view's unfolded min/max change")?;
-        for (r, group, number, d) in u.rows {
-            add(r, &group, number, d);
-        }
-    }
-    for (r, group, number, d) in changes {
-        add(r, &group, number, d);
+        changes.extend(u.rows);
     }
     for k in &stored {
         el.remove(&k[..]).map_err(io_err)?;
     }
+    if multisets_chunked(el, name, generation)? {
+        // Sorted and summed per (reducer, group, number); each group's run folded into its
+        // chunks.
+        changes.sort_unstable();
+        changes.dedup_by(|later, first| {
+            let same = (later.0, &later.1, later.2) == (first.0, &first.1, first.2);
+            if same {
+                first.3 += later.3;
+            }
+            same
+        });
+        changes.retain(|c| c.3 != 0);
+        let mut run: Vec<(Fixed, i64)> = Vec::new();
+        let mut i = 0;
+        while i < changes.len() {
+            let (r, group) = (changes[i].0, &changes[i].1);
+            run.clear();
+            while i < changes.len() && changes[i].0 == r && &changes[i].1 == group {
+                run.push((changes[i].2, changes[i].3));
+                i += 1;
+            }
+            fold_chunks(el, v, r, group, &run, counts)?;
+        }
+        return Ok(());
+    }
+    // As (multiset row key, change), sorted and summed per row: in the multisets' key
+    // order, neighbouring changes share a page.
+    let mut rows: Vec<(Vec<u8>, i64)> = changes
+        .into_iter()
+        .map(|(r, group, number, d)| {
+            let mut key = mm_group_prefix(name, generation, r, &group);
+            key.extend_from_slice(&sortable(number));
+            (key, d)
+        })
+        .collect();
     rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
     rows.dedup_by(|later, first| {
         let same = later.0 == first.0;
@@ -1138,20 +1370,15 @@ fn over_bounds(
     // Only when the unfolded changes could take the rows past the bound: a number they add
     // may be kept already.
     let added = changes
+        .by_group
         .values()
         .flat_map(|c| c.values())
         .filter(|d| **d > 0)
         .count() as i64;
     if minmax_rows + added > VIEW_MINMAX_ROWS_MAX {
-        for ((r, group), numbers) in &changes {
-            let prefix = mm_group_prefix(&v.name, v.def.generation, *r, group);
+        for ((r, group), numbers) in &changes.by_group {
             for (number, d) in numbers {
-                let mut key = prefix.clone();
-                key.extend_from_slice(&sortable(*number));
-                let stored = match el.get(&key[..]).map_err(io_err)? {
-                    Some(raw) => Some(int(raw.value())?),
-                    None => None,
-                };
+                let stored = stored_count(el, v, changes.chunked, *r, group, *number)?;
                 match stored {
                     None if *d > 0 => minmax_rows += 1,
                     Some(n) if n + d == 0 => minmax_rows -= 1,
@@ -1204,6 +1431,9 @@ pub(super) fn carried_rows(
 ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
     let mut out = Vec::new();
     for (name, mut def) in defs(el)? {
+        if multisets_chunked(el, &name, def.generation)? {
+            out.push((gen_prefix(MMC, &name, def.generation), Vec::new()));
+        }
         def.state = ViewState::Ready;
         out.push((def_key(&name), encode(&def)?));
     }
@@ -1282,6 +1512,9 @@ pub(super) fn apply(
                 .map_err(io_err)?;
             }
             el.insert(&dkey[..], &encode(&def)?[..]).map_err(io_err)?;
+            // Its multisets are kept in chunks.
+            el.insert(&gen_prefix(MMC, name, *generation)[..], &[][..])
+                .map_err(io_err)?;
             Ok(Ok(Reply::Array(vec![
                 Reply::Integer(*generation as i64),
                 Reply::Bulk(Bytes::from_static(b"created")),
@@ -1304,7 +1537,7 @@ pub(super) fn apply(
                 return refuse("ERR that generation of the view is defined: VIEW DROP first");
             }
             let mut deleted = 0;
-            for kind in [ROW, DLT, MM, DMM, CNT, POS] {
+            for kind in [ROW, DLT, MM, MMC, DMM, CNT, POS] {
                 let prefix = gen_prefix(kind, name, *generation);
                 let keys: Vec<Vec<u8>> = el
                     .range(&prefix[..]..)
@@ -1714,22 +1947,43 @@ fn read_group(
 ) -> Result<Row> {
     let no_change = std::collections::BTreeMap::new();
     for &(r, owner) in &v.minmax {
-        let prefix = mm_group_prefix(&v.name, v.def.generation, owner, group);
-        // Every row of the group is `prefix‖16 bytes`: below `prefix‖ff×17`.
-        let mut upper = prefix.clone();
-        upper.extend_from_slice(&[0xff; 17]);
+        let prefix = match mm_changes.chunked {
+            true => mmc_group_prefix(&v.name, v.def.generation, owner, group),
+            false => mm_group_prefix(&v.name, v.def.generation, owner, group),
+        };
+        let upper = group_upper(&prefix);
         let is_max = matches!(row.accs.get(r as usize), Some(Acc::Max(_)));
         let changes = mm_changes
+            .by_group
             .get(&(owner, group.to_vec()))
             .unwrap_or(&no_change);
         let range = el.range(&prefix[..]..&upper[..]).map_err(io_err)?;
-        let (rows, mut changes): (
-            Box<dyn Iterator<Item = _> + '_>,
-            Box<dyn Iterator<Item = _>>,
-        ) = if is_max {
-            (Box::new(range.rev()), Box::new(changes.iter().rev()))
-        } else {
-            (Box::new(range), Box::new(changes.iter()))
+        let range: Box<dyn Iterator<Item = _> + '_> = match is_max {
+            true => Box::new(range.rev()),
+            false => Box::new(range),
+        };
+        // The multiset's numbers with their counts, from the extreme.
+        let (chunked, plen) = (mm_changes.chunked, prefix.len());
+        let rows = range.flat_map(move |e| -> Box<dyn Iterator<Item = Result<(Fixed, i64)>>> {
+            let numbers = (|| {
+                let (k, val) = e.map_err(io_err)?;
+                if chunked {
+                    let chunk: Chunk = decode(val.value(), "a view's multiset chunk")?;
+                    return Ok(chunk);
+                }
+                let number = unsortable(&k.value()[plen..])
+                    .ok_or_else(|| Error::Corruption("a view's min/max row".into()))?;
+                Ok(vec![(number, int(val.value())?)])
+            })();
+            match numbers {
+                Ok(n) if is_max => Box::new(n.into_iter().rev().map(Ok)),
+                Ok(n) => Box::new(n.into_iter().map(Ok)),
+                Err(e) => Box::new(std::iter::once(Err(e))),
+            }
+        });
+        let mut changes: Box<dyn Iterator<Item = _>> = match is_max {
+            true => Box::new(changes.iter().rev()),
+            false => Box::new(changes.iter()),
         };
         // `a` comes before `b` in the walk from the extreme.
         let before = |a: Fixed, b: Fixed| if is_max { a > b } else { a < b };
@@ -1739,10 +1993,7 @@ fn read_group(
         let mut found = None;
         let mut change = changes.next();
         'rows: for e in rows {
-            let (k, val) = e.map_err(io_err)?;
-            let number = unsortable(&k.value()[prefix.len()..])
-                .ok_or_else(|| Error::Corruption("a view's min/max row".into()))?;
-            let mut n = int(val.value())?;
+            let (number, mut n) = e?;
             while let Some((&x, &d)) = change {
                 if x == number {
                     n += d;
