@@ -300,8 +300,8 @@ async fn a_view_built_while_writes_go_on_equals_a_recomputation_on_every_replica
     assert!(a.view(other).await.is_err());
 }
 
-/// Min and max are read from multisets whose changes are kept unfolded for up to 32 storage
-/// jobs: a read merges them. Writes here replace and delete the current extremes of few
+/// Min and max are read from multisets whose changes are kept unfolded for up to 256 commits
+/// (each read here asks for one): a read merges them. Writes here replace and delete the current extremes of few
 /// groups over few amounts, so a change often empties a row or adds a number only the
 /// unfolded changes hold; after every write the view equals a recomputation.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -327,7 +327,8 @@ async fn min_and_max_stay_exact_between_and_across_folds_of_their_changes() {
             ),
         }
     };
-    for step in 0..150 {
+    // Past two folds (at 256 and 512 unfolded rows).
+    for step in 0..600 {
         let n = 1 + rng.usize(0..3);
         a.write((0..n).map(|_| write(&mut rng)).collect()).await;
         let (rows, _) = a.rows("sales", 1);
@@ -367,9 +368,10 @@ async fn min_and_max_stay_exact_as_their_chunks_split_and_empty() {
         )
     };
     let mut most_numbers = 0;
-    for step in 0..80 {
+    // Each read commits: a fold comes at the 256th (`UNFOLDED_MM_ROWS_MAX`).
+    for step in 0..300 {
         // Wider and wider: each step brings new extremes.
-        let ms = (0..15).map(|_| order(&mut rng, 10 * (step + 1))).collect();
+        let ms = (0..15).map(|_| order(&mut rng, 3 * (step + 1))).collect();
         a.write(ms).await;
         let (rows, counts) = a.rows("sales", 1);
         let (want, _, _) = a.recomputed();
@@ -378,7 +380,7 @@ async fn min_and_max_stay_exact_as_their_chunks_split_and_empty() {
     }
     // Two groups holding more than twice a chunk's numbers: some chunk was split.
     assert!(most_numbers > 2 * 64, "{most_numbers} numbers");
-    for step in 0..120 {
+    for step in 0..300 {
         let ms = (0..10)
             .map(|_| match rng.u8(0..4) {
                 0 => order(&mut rng, 5),

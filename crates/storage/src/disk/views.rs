@@ -29,11 +29,12 @@
 //!   one row written instead of a read and a write per group); at most [`UNFOLDED_MAX`],
 //!   then folded into the rows by the write of one more. Every read of the rows merges them
 //!   ([`unfolded`]).
-//! - `0‖view-dmm/‖name‖generation‖seq u64` -> [`UnfoldedMm`]: the same for the min/max
-//!   multisets, folded the same way, in key order (a write's (group, number) lies anywhere in
-//!   the multiset: changed in place, every write dirtied its own page of the table; folded
-//!   every [`UNFOLDED_MAX`], a page is written about once per fold). Reads of the extremes
-//!   merge them ([`read_group`]).
+//! - `0‖view-dmm/‖name‖generation‖seq u64‖held u64` -> [`UnfoldedMm`]: the same for the
+//!   min/max multisets (`held`: the changes of the unfolded rows up to this one), folded in
+//!   key order once [`UNFOLDED_MM_CHANGES_MAX`] changes or [`UNFOLDED_MM_ROWS_MAX`] rows wait
+//!   (a write's (group, number) lies anywhere in the multiset: changed in place, every write
+//!   dirtied its own page of the table; folded, a chunk is rewritten once for all its
+//!   changes). Reads of the extremes merge them ([`read_group`]).
 //! - `0‖view-cnt/‖name‖generation` -> [`Counts`] (its `groups` counts folded rows; the
 //!   bounds are judged by the shard's leader, [`ViewCommand::Overflow`], never by the apply,
 //!   whose batches differ between replicas)
@@ -93,6 +94,13 @@ pub const ROWS_PAGE_MAX: usize = 10_000;
 /// Unfolded changes a view keeps (each one commit's) before they are folded into its
 /// rows: what a read merges at most.
 pub const UNFOLDED_MAX: u64 = 32;
+/// Unfolded changes to a view's min/max multisets kept before they are folded: rows (each
+/// one commit's), and (number, change) pairs over all of them (what a read of the extremes
+/// merges at most, plus one commit's). By changes, not rows: a fold rewrites nearly every
+/// chunk it reaches, so it should come once many changes wait, whatever a commit brings (a
+/// loaded cluster commits every ~10 ms, ~200 changes per shard each).
+pub const UNFOLDED_MM_ROWS_MAX: u64 = 256;
+pub const UNFOLDED_MM_CHANGES_MAX: u64 = 16_384;
 
 const RESERVED: [u8; 8] = [0; 8];
 const DEF: &[u8] = b"view-def/";
@@ -1053,6 +1061,18 @@ fn write_pending(el: &mut RawTable<'_>, v: &Loaded, p: Pending) -> Result<()> {
 
 /// The sequence number the next unfolded change of `kind` (`DLT`, `DMM`) takes.
 fn next_seq(el: &RawTable<'_>, kind: &[u8], name: &[u8], generation: u64) -> Result<u64> {
+    Ok(next_unfolded(el, kind, name, generation)?.0)
+}
+
+/// The sequence number the next unfolded change of `kind` takes, and how many changes the
+/// unfolded rows hold before it (`DMM` keys carry the running count after the sequence
+/// number: `seq u64 BE‖held u64 BE`; keys of 8 bytes, from before, count none).
+fn next_unfolded(
+    el: &RawTable<'_>,
+    kind: &[u8],
+    name: &[u8],
+    generation: u64,
+) -> Result<(u64, u64)> {
     let prefix = gen_prefix(kind, name, generation);
     let mut upper = prefix.clone();
     upper.extend_from_slice(&[0xff; 9]);
@@ -1063,13 +1083,21 @@ fn next_seq(el: &RawTable<'_>, kind: &[u8], name: &[u8], generation: u64) -> Res
         .transpose()
         .map_err(io_err)?
         .map(|(k, _)| {
-            let seq: [u8; 8] = k.value()[prefix.len()..]
-                .try_into()
-                .map_err(|_| Error::Corruption("a view's unfolded change key".into()))?;
-            Ok::<u64, Error>(u64::from_be_bytes(seq))
+            let rest = &k.value()[prefix.len()..];
+            let word = |at: usize| {
+                rest.get(at..at + 8)
+                    .and_then(|b| b.try_into().ok())
+                    .map(u64::from_be_bytes)
+                    .ok_or_else(|| Error::Corruption("a view's unfolded change key".into()))
+            };
+            match rest.len() {
+                8 => Ok((word(0)?, 0)),
+                16 => Ok((word(0)?, word(8)?)),
+                _ => Err(Error::Corruption("a view's unfolded change key".into())),
+            }
         })
         .transpose()?;
-    Ok(last.map_or(0, |s| s + 1))
+    Ok(last.map_or((0, 0), |(seq, held)| (seq + 1, held)))
 }
 
 /// Unfolded changes to a view's min/max multisets: `(owner reducer, group, number, change)`,
@@ -1249,7 +1277,8 @@ fn fold_chunks(
 }
 
 /// Writes a commit's change to view `v`'s multisets: one unfolded row, or, when
-/// [`UNFOLDED_MAX`] are kept, all of them folded into the multisets' rows in key order.
+/// [`UNFOLDED_MM_ROWS_MAX`] or [`UNFOLDED_MM_CHANGES_MAX`] are reached, all of them folded
+/// into the multisets' rows in key order.
 fn write_minmax(
     el: &mut RawTable<'_>,
     v: &Loaded,
@@ -1265,12 +1294,14 @@ fn write_minmax(
     if changes.is_empty() {
         return Ok(());
     }
-    let next = next_seq(el, DMM, name, generation)?;
-    if next + 1 < UNFOLDED_MAX {
+    let (next, held) = next_unfolded(el, DMM, name, generation)?;
+    let held = held.saturating_add(changes.len() as u64);
+    if next + 1 < UNFOLDED_MM_ROWS_MAX && held < UNFOLDED_MM_CHANGES_MAX {
         // Sorted: the same change gives the same bytes (a hash map's order would not).
         changes.sort_unstable();
         let mut key = gen_prefix(DMM, name, generation);
         key.extend_from_slice(&next.to_be_bytes());
+        key.extend_from_slice(&held.to_be_bytes());
         let change = UnfoldedMm { rows: changes };
         el.insert(&key[..], &encode(&change)?[..]).map_err(io_err)?;
         return Ok(());
