@@ -104,6 +104,19 @@ impl Replica {
         panic!("the build never ended");
     }
 
+    /// Defines view `name` (generation `generation`, [`SPEC`]) and builds it with no writes
+    /// between the steps.
+    async fn define_built(&mut self, name: &str, generation: u64) {
+        self.view(ViewCommand::Define {
+            name: Bytes::from(name.to_string()),
+            generation,
+            spec: canonical_spec(),
+        })
+        .await
+        .unwrap();
+        self.build(name, async |_: &mut Replica| {}).await;
+    }
+
     /// The view's rows as a job's result rows (the same JSON a job gives), and its counts.
     fn rows(&self, name: &str, generation: u64) -> (Vec<serde_json::Value>, ViewCounts) {
         let plan = Plan::new(JobSpec::parse(SPEC.as_bytes()).unwrap()).unwrap();
@@ -301,22 +314,16 @@ async fn a_view_built_while_writes_go_on_equals_a_recomputation_on_every_replica
 }
 
 /// Min and max are read from multisets whose changes are kept unfolded for up to 256 commits
-/// (each read here asks for one): a read merges them. Writes here replace and delete the current extremes of few
-/// groups over few amounts, so a change often empties a row or adds a number only the
-/// unfolded changes hold; after every write the view equals a recomputation.
+/// (each read here asks for one): a read merges them. Writes here replace and delete the
+/// current extremes of few groups over few amounts, so a change often empties a row or adds
+/// a number only the unfolded changes hold; after every write the view equals a
+/// recomputation.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn min_and_max_stay_exact_between_and_across_folds_of_their_changes() {
     let dir = tempfile::tempdir().unwrap();
     let mut a = Replica::open(dir.path());
     let mut rng = fastrand::Rng::with_seed(11);
-    a.view(ViewCommand::Define {
-        name: Bytes::from_static(b"sales"),
-        generation: 1,
-        spec: canonical_spec(),
-    })
-    .await
-    .unwrap();
-    a.build("sales", async |_: &mut Replica| {}).await;
+    a.define_built("sales", 1).await;
     let write = |rng: &mut fastrand::Rng| {
         let k = format!("o:{}", rng.u8(0..12));
         match rng.u8(0..5) {
@@ -348,14 +355,7 @@ async fn min_and_max_stay_exact_as_their_chunks_split_and_empty() {
     let dir = tempfile::tempdir().unwrap();
     let mut a = Replica::open(dir.path());
     let mut rng = fastrand::Rng::with_seed(12);
-    a.view(ViewCommand::Define {
-        name: Bytes::from_static(b"sales"),
-        generation: 1,
-        spec: canonical_spec(),
-    })
-    .await
-    .unwrap();
-    a.build("sales", async |_: &mut Replica| {}).await;
+    a.define_built("sales", 1).await;
     let order = |rng: &mut fastrand::Rng, spread: i32| {
         set(
             &format!("o:{}", rng.u16(0..600)),
@@ -404,14 +404,7 @@ async fn flushdb_snapshots_and_drop_keep_a_view_whole() {
         a.write((0..10).map(|_| random_write(&mut rng)).collect())
             .await;
     }
-    a.view(ViewCommand::Define {
-        name: Bytes::from_static(b"sales"),
-        generation: 5,
-        spec: canonical_spec(),
-    })
-    .await
-    .unwrap();
-    a.build("sales", async |_: &mut Replica| {}).await;
+    a.define_built("sales", 5).await;
     a.verify("sales");
     // A snapshot carries the view: the installed replica answers the same.
     let b = Replica::open(db.path());
@@ -504,14 +497,7 @@ async fn a_command_queued_behind_writes_finds_their_view_changes_written() {
     let sales = || Bytes::from_static(b"sales");
     for round in 0..20u64 {
         let generation = round + 1;
-        a.view(ViewCommand::Define {
-            name: sales(),
-            generation,
-            spec: canonical_spec(),
-        })
-        .await
-        .unwrap();
-        a.build("sales", async |_: &mut Replica| {}).await;
+        a.define_built("sales", generation).await;
         let writes: Vec<_> = (0..50)
             .map(|i| {
                 let m = set(
