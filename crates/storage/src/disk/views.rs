@@ -160,16 +160,16 @@ fn unsortable(b: &[u8]) -> Option<Fixed> {
     Some(Fixed((u128::from_be_bytes(raw) ^ (1 << 127)) as i128))
 }
 
-fn mm_group_prefix(name: &[u8], generation: u64, reducer: u8, group: &[u8]) -> Vec<u8> {
-    let mut k = gen_prefix(MM, name, generation);
-    k.push(reducer);
-    k.extend_from_slice(&(group.len() as u32).to_be_bytes());
-    k.extend_from_slice(group);
-    k
-}
-
-fn mmc_group_prefix(name: &[u8], generation: u64, reducer: u8, group: &[u8]) -> Vec<u8> {
-    let mut k = gen_prefix(MMC, name, generation);
+/// What every multiset row of `group` for `reducer` starts with, in layout `kind` ([`MM`]: a
+/// row per number, [`MMC`]: chunks).
+fn multiset_prefix(
+    kind: &[u8],
+    name: &[u8],
+    generation: u64,
+    reducer: u8,
+    group: &[u8],
+) -> Vec<u8> {
+    let mut k = gen_prefix(kind, name, generation);
     k.push(reducer);
     k.extend_from_slice(&(group.len() as u32).to_be_bytes());
     k.extend_from_slice(group);
@@ -1170,7 +1170,7 @@ fn stored_count(
     number: Fixed,
 ) -> Result<Option<i64>> {
     if chunked {
-        let prefix = mmc_group_prefix(&v.name, v.def.generation, r, group);
+        let prefix = multiset_prefix(MMC, &v.name, v.def.generation, r, group);
         return Ok(chunk_for(el, &prefix, number)?.and_then(|(_, chunk)| {
             chunk
                 .binary_search_by(|(n, _)| n.cmp(&number))
@@ -1178,7 +1178,7 @@ fn stored_count(
                 .map(|i| chunk[i].1)
         }));
     }
-    let mut key = mm_group_prefix(&v.name, v.def.generation, r, group);
+    let mut key = multiset_prefix(MM, &v.name, v.def.generation, r, group);
     key.extend_from_slice(&sortable(number));
     match el.get(&key[..]).map_err(io_err)? {
         Some(raw) => Ok(Some(int(raw.value())?)),
@@ -1197,7 +1197,7 @@ fn fold_chunks(
     changes: &[(Fixed, i64)],
     counts: &mut Counts,
 ) -> Result<()> {
-    let prefix = mmc_group_prefix(&v.name, v.def.generation, r, group);
+    let prefix = multiset_prefix(MMC, &v.name, v.def.generation, r, group);
     let upper = group_upper(&prefix);
     let mut rest = changes;
     while let Some(&(first_change, _)) = rest.first() {
@@ -1351,7 +1351,7 @@ fn write_minmax(
     let mut rows: Vec<(Vec<u8>, i64)> = changes
         .into_iter()
         .map(|(r, group, number, d)| {
-            let mut key = mm_group_prefix(name, generation, r, &group);
+            let mut key = multiset_prefix(MM, name, generation, r, &group);
             key.extend_from_slice(&sortable(number));
             (key, d)
         })
@@ -1978,10 +1978,8 @@ fn read_group(
 ) -> Result<Row> {
     let no_change = std::collections::BTreeMap::new();
     for &(r, owner) in &v.minmax {
-        let prefix = match mm_changes.chunked {
-            true => mmc_group_prefix(&v.name, v.def.generation, owner, group),
-            false => mm_group_prefix(&v.name, v.def.generation, owner, group),
-        };
+        let kind = if mm_changes.chunked { MMC } else { MM };
+        let prefix = multiset_prefix(kind, &v.name, v.def.generation, owner, group);
         let upper = group_upper(&prefix);
         let is_max = matches!(row.accs.get(r as usize), Some(Acc::Max(_)));
         let changes = mm_changes
