@@ -57,7 +57,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use capdb_reduce::spec::Destination;
-use capdb_reduce::{JobSpec, Partial, Plan};
+use capdb_reduce::{JobSpec, Merged, Plan, Run};
 use capdb_types::jobs::{
     ATTEMPTS_MAX, AttemptEnd, AttemptOutcome, JobCommand, JobOutcome, JobRecord, JobState,
     MESSAGE_BYTES_MAX, PARTIAL_CHUNK_MAX, PARTIAL_INLINE_MAX, RESULT_CHUNK_MAX, RESULT_CHUNKS_MAX,
@@ -210,11 +210,11 @@ fn heavy<T>(f: impl FnOnce() -> T) -> T {
 }
 
 /// A task's output as this job's partial result (decoded once, checked against the plan).
-fn decoded(plan: &Plan, bytes: &[u8]) -> Result<Partial, capdb_reduce::JobError> {
+fn decoded(plan: &Plan, bytes: &[u8]) -> Result<Run, capdb_reduce::JobError> {
     heavy(|| {
-        let p = Partial::decode(bytes)?;
-        plan.check(&p)?;
-        Ok(p)
+        let r = Run::decode(bytes)?;
+        plan.check_run(&r)?;
+        Ok(r)
     })
 }
 
@@ -329,7 +329,7 @@ struct Job<'a, C: Cluster> {
 /// The running state of the tasks.
 struct Tasks {
     records: Vec<TaskRecord>,
-    merged: Partial,
+    merged: Merged,
     done: Vec<bool>,
     /// Failed or lost attempts per task, and the nodes they ran on.
     failures: Vec<usize>,
@@ -527,7 +527,7 @@ impl<'a, C: Cluster> Job<'a, C> {
                 .await;
         }
         let mut t = Tasks {
-            merged: plan.partial(),
+            merged: Merged::default(),
             done: vec![false; records.len()],
             failures: vec![0; records.len()],
             tried: vec![HashSet::new(); records.len()],
@@ -543,7 +543,7 @@ impl<'a, C: Cluster> Job<'a, C> {
         }
         self.run_tasks(&plan, &mut t, &replicas, rec.submitted_ms)
             .await?;
-        self.finish(&plan, &t).await
+        self.finish(&plan, &mut t).await
     }
 
     /// Pins every shard of `keyspace` and records the tasks (the job runs from then on).
@@ -729,9 +729,8 @@ impl<'a, C: Cluster> Job<'a, C> {
         if let Some(partial) = partial {
             // An accepted output that does not merge (the job's own group limit, or a
             // corrupt partial) would stop every coordinator the same way: the job fails.
-            let merged = heavy(|| {
-                Partial::decode(&partial).and_then(|p| plan.merge_owned(&mut t.merged, p))
-            });
+            let merged =
+                heavy(|| Run::decode(&partial).and_then(|r| plan.merge_run(&mut t.merged, r)));
             if let Err(e) = merged {
                 return Err(Stop::Ended(
                     self.finish_failed(format!("task {n}: {e}")).await?,
@@ -1040,7 +1039,7 @@ impl<'a, C: Cluster> Job<'a, C> {
                             drop(out);
                             match answer {
                                 Ok(Reply::Status(s)) if s == "accepted" && !t.done[n] => {
-                                    if let Err(e) = heavy(|| plan.merge_owned(&mut t.merged, p)) {
+                                    if let Err(e) = heavy(|| plan.merge_run(&mut t.merged, p)) {
                                         return Err(Stop::Ended(self.finish_failed(e.to_string()).await?));
                                     }
                                     t.set_done(n);
@@ -1561,12 +1560,12 @@ impl<'a, C: Cluster> Job<'a, C> {
     }
 
     /// The first groups of `merged` in output order, as JSON that fits an entry.
-    fn shown(&self, plan: &Plan, merged: &Partial) -> Result<serde_json::Value, String> {
-        let total = merged.groups();
+    fn shown(&self, plan: &Plan, merged: &mut Merged) -> Result<serde_json::Value, String> {
+        let total = heavy(|| plan.merged_groups(merged)).map_err(|e| e.to_string())?;
         if total > PARTIAL_GROUPS_SORTED_MAX {
             return Ok(serde_json::json!({"groups_total": total, "groups": [], "truncated": true}));
         }
-        let rows = heavy(|| plan.rows(merged)).map_err(|e| e.to_string())?;
+        let rows = heavy(|| plan.merged_rows(merged)).map_err(|e| e.to_string())?;
         let mut shown = Vec::new();
         let mut bytes = 0;
         for r in rows.iter().take(self.cfg.groups_shown) {
@@ -1598,18 +1597,18 @@ impl<'a, C: Cluster> Job<'a, C> {
     }
 
     /// Publishes the merged result so far, marked incomplete, with its coverage.
-    async fn publish_partial(&self, plan: &Plan, t: &Tasks) -> Result<(), Stop> {
+    async fn publish_partial(&self, plan: &Plan, t: &mut Tasks) -> Result<(), Stop> {
         let mut entry = vec![field("type", "partial"), field("complete", "0")];
         entry.extend(self.coverage(t));
         // A sum out of range so far may come back in range: nothing is shown then.
-        if let Ok(result) = self.shown(plan, &t.merged) {
+        if let Ok(result) = self.shown(plan, &mut t.merged) {
             entry.push(field("result", text(result)));
         }
         self.publish(entry).await
     }
 
     /// Writes the result, publishes the final entry and ends the job.
-    async fn finish(&self, plan: &Plan, t: &Tasks) -> Result<Ended, Stop> {
+    async fn finish(&self, plan: &Plan, t: &mut Tasks) -> Result<Ended, Stop> {
         if let Some(n) = t.done.iter().position(|d| !d) {
             return Err(Stop::Error(Error::Io(format!(
                 "the result would miss task {n}'s output"
@@ -1617,7 +1616,9 @@ impl<'a, C: Cluster> Job<'a, C> {
         }
         // Chunks of whole rows, each a JSON array of at most RESULT_CHUNK_MAX bytes.
         let chunks = heavy(|| {
-            let rows = plan.rows_text(&t.merged).map_err(|e| e.to_string())?;
+            let rows = plan
+                .merged_rows_text(&mut t.merged)
+                .map_err(|e| e.to_string())?;
             let mut chunks: Vec<Vec<u8>> = Vec::new();
             let mut chunk = b"[".to_vec();
             for row in rows {
@@ -1689,7 +1690,7 @@ impl<'a, C: Cluster> Job<'a, C> {
         let mut entry = vec![field("type", "final"), field("complete", "1")];
         entry.extend(self.coverage(t));
         entry.push(field("rounded", text(t.merged.rounded)));
-        if let Ok(result) = self.shown(plan, &t.merged) {
+        if let Ok(result) = self.shown(plan, &mut t.merged) {
             entry.push(field("result", text(result)));
         }
         // The final entry lands with the job's end, in one entry (`FinishPublishing`).

@@ -28,13 +28,17 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use capdb_reduce::{JobSpec, Partial, Plan};
+use capdb_reduce::{JobSpec, Merged, Partial, Plan};
 use capdb_types::jobs::{PARTIAL_CHUNK_MAX, PARTIAL_CHUNKS_MAX};
 
 use crate::{TaskError, TaskOrder, TaskOutput};
 
 /// Keys a worker asks for per page.
 pub const PAGE_KEYS: usize = 4_096;
+
+/// Groups a task's table holds before they are moved out as a sorted run
+/// ([`Plan::spill`]): about 4 MB of table, which stays in the processor's caches.
+pub const TABLE_GROUPS_MAX: usize = 65_536;
 
 /// One page of a task's range: string keys and their values, and where the next page starts
 /// (`None`: the range is done).
@@ -288,6 +292,8 @@ pub fn run(
         Some((partial, after, read)) => (partial, Some(after), read),
         None => (plan.partial(), None, 0),
     };
+    // The groups moved out of `partial`'s table (its counts stay in `partial`).
+    let mut spilled = Merged::default();
     progress.keys.store(read, Ordering::Relaxed);
     let started = std::time::Instant::now();
     // Keys read by this attempt (its rate limit counts these, not the checkpoint's).
@@ -359,11 +365,15 @@ pub fn run(
             }
         }
         progress.keys.store(read, Ordering::Relaxed);
+        if partial.groups() >= TABLE_GROUPS_MAX {
+            plan.spill(&mut partial, &mut spilled)
+                .map_err(|e| TaskError::User(e.to_string()))?;
+        }
         match p.next {
             Some(next) => {
                 if order.checkpoint_every_ms > 0 && checkpointed.elapsed() >= checkpoint_every {
                     checkpointed = Instant::now();
-                    keep_checkpoint(order, progress, &partial, &next, read);
+                    keep_checkpoint(order, progress, &plan, &partial, &spilled, &next, read);
                 }
                 after = Some(next)
             }
@@ -371,7 +381,9 @@ pub fn run(
         }
     }
     let keys = partial.keys;
-    let bytes = partial.encode();
+    let bytes = plan
+        .encode_spilled(partial, spilled)
+        .map_err(|e| TaskError::User(e.to_string()))?;
     let most = PARTIAL_CHUNK_MAX * PARTIAL_CHUNKS_MAX as usize;
     if bytes.len() > most {
         return Err(TaskError::User(format!(
@@ -438,15 +450,28 @@ fn resumed(order: &TaskOrder, plan: &Plan) -> Option<(Partial, Bytes, u64)> {
 fn keep_checkpoint(
     order: &TaskOrder,
     progress: &Progress,
+    plan: &Plan,
     partial: &Partial,
+    spilled: &Merged,
     after: &Bytes,
     read: u64,
 ) {
-    // The in-memory estimate is above the stored size: past twice the bound, skip encoding.
-    if partial.size_estimate() > 2 * CHECKPOINT_MAX {
+    // The in-memory estimate is above the stored size: past twice the bound, skip encoding
+    // (first by the count, at least 56 bytes a group, without a pass over the groups).
+    if (partial.groups() + spilled.groups_at_most()) * 56 > 2 * CHECKPOINT_MAX
+        || partial.size_estimate() + spilled.size_estimate() > 2 * CHECKPOINT_MAX
+    {
         return;
     }
-    let bytes = partial.encode();
+    let bytes = if spilled.groups_at_most() == 0 {
+        partial.encode()
+    } else {
+        // Small (within the bound above): copied, so the task goes on with its own.
+        match plan.encode_spilled(partial.clone(), spilled.clone()) {
+            Ok(b) => b,
+            Err(_) => return,
+        }
+    };
     if bytes.len() <= CHECKPOINT_MAX {
         progress.keep(Checkpoint {
             pin_index: order.pin_index,

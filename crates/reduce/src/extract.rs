@@ -62,6 +62,28 @@ impl Scalar {
         }
     }
 
+    /// Whether `b` is scalars [`Scalar::encode`] wrote one after another
+    /// ([`Scalar::decode_all`] would read it), found without building them.
+    pub fn reads_all(mut b: &[u8]) -> bool {
+        while let Some((&tag, rest)) = b.split_first() {
+            let len = match tag {
+                0 => 0,
+                1 => 1,
+                2 => 16,
+                3 => match rest.get(..4) {
+                    Some(l) => 4 + u32::from_be_bytes([l[0], l[1], l[2], l[3]]) as usize,
+                    None => return false,
+                },
+                _ => return false,
+            };
+            match rest.get(len..) {
+                Some(next) => b = next,
+                None => return false,
+            }
+        }
+        true
+    }
+
     /// Reads the scalars [`Scalar::encode`] wrote one after another.
     pub fn decode_all(mut b: &[u8]) -> Option<Vec<Scalar>> {
         let mut out = Vec::new();

@@ -12,11 +12,13 @@
 
 pub mod acc;
 pub mod extract;
+pub mod group_key;
 pub mod json_path;
 pub mod num;
 pub mod partial;
 pub mod sketch;
 pub mod spec;
 
-pub use partial::{JobError, Mapped, Partial, Plan};
+pub use group_key::GroupKey;
+pub use partial::{JobError, Mapped, Merged, Partial, Plan, Run};
 pub use spec::{JobSpec, SpecError};

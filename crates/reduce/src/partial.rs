@@ -8,6 +8,7 @@ use serde_json::{Map, Value};
 
 use crate::acc::{Acc, AccError, Contribution, Reducer};
 use crate::extract::{Extractor, Notes, Scalar};
+use crate::group_key::GroupKey;
 use crate::json_path::{JsonPath, PATHS_PER_PASS_MAX, find_all};
 use crate::sketch::VALUE_BYTES_MAX;
 use crate::spec::JobSpec;
@@ -80,7 +81,7 @@ pub struct Plan {
 pub struct Partial {
     /// Canonical group bytes ([`Scalar::encode`] of each part) → one accumulator per reducer,
     /// in the plan's order.
-    groups: HashMap<Vec<u8>, Vec<Acc>, foldhash::fast::FixedState>,
+    groups: HashMap<GroupKey, Vec<Acc>, foldhash::fast::FixedState>,
     /// Keys read (under the scan prefix, matching the pattern).
     pub keys: u64,
     /// Keys some extractor found nothing in.
@@ -105,23 +106,38 @@ pub struct Mapped {
 /// The stored form's version.
 const FORMAT: u8 = 1;
 
-/// [`Wire`] from borrowed groups: the same bytes (a slice serializes as a `Vec` does).
+/// A partial's stored form, written from borrowed groups: the bytes an owned
+/// `Vec<(Vec<u8>, Vec<Acc>)>` of groups gives (a slice serializes as a `Vec` does).
 #[derive(Serialize)]
 struct WireRef<'a> {
     keys: u64,
     skipped: u64,
     rounded: u64,
     bytes: u64,
-    groups: Vec<(&'a [u8], &'a [Acc])>,
+    groups: Vec<(ByteStr<'a>, &'a [Acc])>,
 }
 
-#[derive(Serialize, Deserialize)]
-struct Wire {
+/// A group's bytes, written at once: postcard writes a byte string as it writes a `Vec<u8>`
+/// (its length, then the bytes), but the sequence path takes each byte through the
+/// serializer in turn.
+struct ByteStr<'a>(&'a [u8]);
+
+impl Serialize for ByteStr<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(self.0)
+    }
+}
+
+/// [`WireRef`] as read: group bytes borrowed from the stored form (postcard writes a byte
+/// string as it writes a `Vec<u8>`: its length, then the bytes).
+#[derive(Deserialize)]
+struct WireIn<'a> {
     keys: u64,
     skipped: u64,
     rounded: u64,
     bytes: u64,
-    groups: Vec<(Vec<u8>, Vec<Acc>)>,
+    #[serde(borrow)]
+    groups: Vec<(&'a [u8], Vec<Acc>)>,
 }
 
 impl Plan {
@@ -238,7 +254,7 @@ impl Plan {
         if notes.rounded {
             p.rounded += 1;
         }
-        for group in mapped.groups {
+        for group in &mapped.groups {
             self.add_to_group(p, group, &mapped.numbers, &elements)?;
         }
         Ok(())
@@ -280,7 +296,7 @@ impl Plan {
         for s in group {
             s.encode(&mut encoded);
         }
-        self.add_to_group(p, encoded, &numbers, &[])
+        self.add_to_group(p, &encoded, &numbers, &[])
     }
 
     /// The groups and numbers one key gives (what a view keeps; top-k and distinct elements
@@ -385,10 +401,11 @@ impl Plan {
     fn add_to_group(
         &self,
         p: &mut Partial,
-        group: Vec<u8>,
+        group: &[u8],
         numbers: &[crate::num::Fixed],
         elements: &[Vec<Vec<u8>>],
     ) -> Result<(), JobError> {
+        let group = GroupKey::new(group);
         let accs = match p.groups.get_mut(&group) {
             Some(accs) => accs,
             None => {
@@ -502,7 +519,21 @@ impl Plan {
     /// and of `desc`. A sum
     /// out of range ends the job here, naming its group and reducer.
     pub fn rows(&self, p: &Partial) -> Result<Vec<Value>, JobError> {
-        let order = self.ordered(p)?;
+        self.check(p)?;
+        self.rows_of(p.groups.iter())
+    }
+
+    /// [`Plan::rows`] of a merged result (its runs merged first).
+    pub fn merged_rows(&self, m: &mut Merged) -> Result<Vec<Value>, JobError> {
+        let run = self.collapse(m)?;
+        self.rows_of(run.iter().map(|(g, a)| (g, a)))
+    }
+
+    fn rows_of<'p>(
+        &self,
+        groups: impl ExactSizeIterator<Item = (&'p GroupKey, &'p Vec<Acc>)>,
+    ) -> Result<Vec<Value>, JobError> {
+        let order = self.ordered(groups);
         let mut rows = Vec::with_capacity(order.len());
         for (parts, accs) in order {
             let mut row = Map::new();
@@ -519,6 +550,20 @@ impl Plan {
     /// (keys in byte order), written without building each row: a result of a million
     /// groups is written in a fraction of the time.
     pub fn rows_text(&self, p: &Partial) -> Result<Vec<String>, JobError> {
+        self.check(p)?;
+        self.rows_text_of(p.groups.iter())
+    }
+
+    /// [`Plan::rows_text`] of a merged result (its runs merged first).
+    pub fn merged_rows_text(&self, m: &mut Merged) -> Result<Vec<String>, JobError> {
+        let run = self.collapse(m)?;
+        self.rows_text_of(run.iter().map(|(g, a)| (g, a)))
+    }
+
+    fn rows_text_of<'p>(
+        &self,
+        groups: impl ExactSizeIterator<Item = (&'p GroupKey, &'p Vec<Acc>)>,
+    ) -> Result<Vec<String>, JobError> {
         // `None`: the group; `Some(i)`: reducer i. In the order a JSON object's keys print.
         let mut keys: Vec<(&str, Option<usize>)> = vec![("group", None)];
         keys.extend(
@@ -532,7 +577,7 @@ impl Plan {
             .into_iter()
             .map(|(k, i)| (Value::String(k.to_string()).to_string(), i))
             .collect();
-        let order = self.ordered(p)?;
+        let order = self.ordered(groups);
         let mut rows = Vec::with_capacity(order.len());
         for (parts, accs) in order {
             let values = self.values(&parts, accs)?;
@@ -555,27 +600,33 @@ impl Plan {
         Ok(rows)
     }
 
-    /// The groups of `p` (checked), ordered and limited as the spec's output says.
-    fn ordered<'p>(&self, p: &'p Partial) -> Result<Vec<Row<'p>>, JobError> {
-        self.check(p)?;
+    /// `groups` (checked by the caller), ordered and limited as the spec's output says.
+    fn ordered<'p>(
+        &self,
+        groups: impl ExactSizeIterator<Item = (&'p GroupKey, &'p Vec<Acc>)>,
+    ) -> Vec<Row<'p>> {
         let by = self
             .spec
             .output
             .order_by
             .as_ref()
             .and_then(|name| self.reducers.iter().position(|(n, _, _)| n == name));
-        let mut order: Vec<(Option<crate::num::Fixed>, Vec<Scalar>, &Vec<Acc>)> = p
-            .groups
-            .iter()
+        let mut order: Vec<(Option<crate::num::Fixed>, Vec<Scalar>, &Vec<Acc>)> = groups
             .map(|(g, accs)| {
                 let key = by.and_then(|i| accs.get(i)).and_then(Acc::sort_key);
-                (key, Scalar::decode_all(g).unwrap_or_default(), accs)
+                (
+                    key,
+                    Scalar::decode_all(g.as_bytes()).unwrap_or_default(),
+                    accs,
+                )
             })
             .collect();
         // By the reducer (descending when asked), then by group, ascending; ordered by group
         // alone, `desc` reverses the groups.
-        // Groups are distinct: an unstable sort orders them all the same.
-        order.sort_unstable_by(|a, b| {
+        // Groups are distinct, so any sort orders them the same; a stable one finds runs
+        // already in order (a merged result is in byte order, which is the groups' order
+        // for numbers that are not negative) and does not sort them again.
+        order.sort_by(|a, b| {
             if by.is_none() {
                 let groups = a.1.cmp(&b.1);
                 return if self.spec.output.desc {
@@ -593,11 +644,11 @@ impl Plan {
             primary.then_with(|| a.1.cmp(&b.1))
         });
         let limit = self.spec.output.limit.map_or(usize::MAX, |l| l as usize);
-        Ok(order
+        order
             .into_iter()
             .take(limit)
             .map(|(_, parts, accs)| (parts, accs))
-            .collect())
+            .collect()
     }
 
     /// One row's reducer values, in the plan's order (a sum out of range names its group).
@@ -638,19 +689,21 @@ impl Partial {
 
     /// Sets one group's accumulators (a view's merged row; [`Plan::check`] judges the shape).
     pub fn insert_group(&mut self, group: Vec<u8>, accs: Vec<Acc>) {
-        self.groups.insert(group, accs);
+        self.groups.insert(GroupKey::new(&group), accs);
     }
 
     /// The accumulators of one group.
     pub fn group(&self, group: &[u8]) -> Option<&[Acc]> {
-        self.groups.get(group).map(Vec::as_slice)
+        self.groups.get(&GroupKey::new(group)).map(Vec::as_slice)
     }
 
     /// About how many bytes it holds in memory.
     pub fn size_estimate(&self) -> usize {
         self.groups
             .iter()
-            .map(|(g, accs)| 48 + g.len() + accs.iter().map(Acc::size_estimate).sum::<usize>())
+            .map(|(g, accs)| {
+                56 + g.as_bytes().len() + accs.iter().map(Acc::size_estimate).sum::<usize>()
+            })
             .sum()
     }
 
@@ -660,13 +713,22 @@ impl Partial {
     /// (above the stored size), so a partial of a million groups is neither copied nor
     /// regrown while it is written.
     pub fn encode(&self) -> Vec<u8> {
-        let mut groups: Vec<(&[u8], &[Acc])> = self
-            .groups
-            .iter()
-            .map(|(g, a)| (g.as_slice(), a.as_slice()))
-            .collect();
+        let mut sorted: Vec<(&GroupKey, &Vec<Acc>)> = self.groups.iter().collect();
         // Keys are distinct: an unstable sort gives the one order.
-        groups.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        sorted.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        self.encode_groups(sorted.into_iter(), self.size_estimate())
+    }
+
+    /// The stored form of `sorted` (groups in key order, each once) with this partial's
+    /// counts, in one buffer of `capacity` (above the stored size).
+    fn encode_groups<'g>(
+        &self,
+        sorted: impl Iterator<Item = (&'g GroupKey, &'g Vec<Acc>)>,
+        capacity: usize,
+    ) -> Vec<u8> {
+        let groups = sorted
+            .map(|(g, a)| (ByteStr(g.as_bytes()), a.as_slice()))
+            .collect();
         let wire = WireRef {
             keys: self.keys,
             skipped: self.skipped,
@@ -674,7 +736,7 @@ impl Partial {
             bytes: self.bytes,
             groups,
         };
-        let mut out = Vec::with_capacity(64 + self.size_estimate());
+        let mut out = Vec::with_capacity(64 + capacity);
         out.push(FORMAT);
         out.extend_from_slice(&[0; 4]);
         // Encoding plain data into a Vec cannot fail.
@@ -695,19 +757,60 @@ impl Partial {
         if crc32fast::hash(body) != u32::from_le_bytes([*c0, *c1, *c2, *c3]) {
             return Err(JobError::Corrupt("checksum mismatch".into()));
         }
-        let wire: Wire =
-            postcard::from_bytes(body).map_err(|e| JobError::Corrupt(e.to_string()))?;
+        let run = Run::decode(raw)?;
         let mut groups = HashMap::with_capacity_and_hasher(
-            wire.groups.len(),
+            run.groups.len(),
             foldhash::fast::FixedState::default(),
         );
+        groups.extend(run.groups);
+        Ok(Partial {
+            groups,
+            keys: run.keys,
+            skipped: run.skipped,
+            rounded: run.rounded,
+            bytes: run.bytes,
+        })
+    }
+}
+
+/// A partial result as it is stored: its groups in key order. What a coordinator merges
+/// (into a [`Merged`]) without building a table of it first.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Run {
+    groups: Vec<(GroupKey, Vec<Acc>)>,
+    pub keys: u64,
+    pub skipped: u64,
+    pub rounded: u64,
+    pub bytes: u64,
+}
+
+impl Run {
+    /// The run `raw` ([`Partial::encode`]) holds, checked: format, checksum, group keys that
+    /// read, in strictly ascending order (what a linear merge needs).
+    pub fn decode(raw: &[u8]) -> Result<Run, JobError> {
+        let [format, c0, c1, c2, c3, body @ ..] = raw else {
+            return Err(JobError::Corrupt(format!("{} bytes", raw.len())));
+        };
+        if *format != FORMAT {
+            return Err(JobError::Corrupt(format!("unknown format {format}")));
+        }
+        if crc32fast::hash(body) != u32::from_le_bytes([*c0, *c1, *c2, *c3]) {
+            return Err(JobError::Corrupt("checksum mismatch".into()));
+        }
+        let wire: WireIn =
+            postcard::from_bytes(body).map_err(|e| JobError::Corrupt(e.to_string()))?;
+        let mut groups: Vec<(GroupKey, Vec<Acc>)> = Vec::with_capacity(wire.groups.len());
         for (g, accs) in wire.groups {
-            if Scalar::decode_all(&g).is_none() {
+            if !Scalar::reads_all(g) {
                 return Err(JobError::Corrupt("a group key that does not decode".into()));
             }
-            groups.insert(g, accs);
+            let key = GroupKey::new(g);
+            if groups.last().is_some_and(|(last, _)| *last >= key) {
+                return Err(JobError::Corrupt("groups out of order".into()));
+            }
+            groups.push((key, accs));
         }
-        Ok(Partial {
+        Ok(Run {
             groups,
             keys: wire.keys,
             skipped: wire.skipped,
@@ -715,14 +818,190 @@ impl Partial {
             bytes: wire.bytes,
         })
     }
+
+    pub fn groups(&self) -> usize {
+        self.groups.len()
+    }
+}
+
+/// Sorted groups, each once.
+type Sorted = Vec<(GroupKey, Vec<Acc>)>;
+
+/// Many partial results merged: a coordinator's answer so far.
+///
+/// # Why runs, not one table
+///
+/// A task's output is already sorted by group (its stored form), so two outputs merge in one
+/// pass over both, comparing keys in order: no hashing, no table to grow, memory read in
+/// sequence. Merging each output into one growing result would cost the result's size per
+/// task, so the result is kept as sorted runs, each more than twice the size of the next
+/// (a run that grows past that merges with the one before it): merging `n` groups in any
+/// shape of outputs costs `O(n log n)`, and a job whose tasks each see most groups (the
+/// worst case for combining) merges each output once into the result. [`Plan::merged_rows`]
+/// merges the runs into one first.
+#[derive(Debug, Clone, Default)]
+pub struct Merged {
+    runs: Vec<Sorted>,
+    pub keys: u64,
+    pub skipped: u64,
+    pub rounded: u64,
+    pub bytes: u64,
+}
+
+impl Merged {
+    /// The groups held over all runs: exact when there is one run, else an upper bound (a
+    /// group may be in several).
+    pub fn groups_at_most(&self) -> usize {
+        self.runs.iter().map(Vec::len).sum()
+    }
+
+    /// About how many bytes it holds in memory (as [`Partial::size_estimate`]).
+    pub fn size_estimate(&self) -> usize {
+        self.runs
+            .iter()
+            .flatten()
+            .map(|(g, accs)| {
+                56 + g.as_bytes().len() + accs.iter().map(Acc::size_estimate).sum::<usize>()
+            })
+            .sum()
+    }
+}
+
+/// `a` and `b` as one sorted run, the accumulators of a group in both merged.
+fn merge_sorted(a: Sorted, b: Sorted) -> Result<Sorted, JobError> {
+    let mut out = Vec::with_capacity(a.len() + b.len());
+    let mut a = a.into_iter().peekable();
+    let mut b = b.into_iter().peekable();
+    while let (Some(x), Some(y)) = (a.peek(), b.peek()) {
+        match x.0.cmp(&y.0) {
+            std::cmp::Ordering::Less => out.extend(a.next()),
+            std::cmp::Ordering::Greater => out.extend(b.next()),
+            std::cmp::Ordering::Equal => {
+                if let (Some((key, mut mine)), Some((_, theirs))) = (a.next(), b.next()) {
+                    for (m, t) in mine.iter_mut().zip(&theirs) {
+                        m.merge(t).map_err(|e| JobError::Corrupt(e.to_string()))?;
+                    }
+                    out.push((key, mine));
+                }
+            }
+        }
+    }
+    out.extend(a);
+    out.extend(b);
+    Ok(out)
+}
+
+impl Plan {
+    /// Whether `r` has this plan's shape ([`Plan::check`]).
+    pub fn check_run(&self, r: &Run) -> Result<(), JobError> {
+        let empty = self.empty_accs();
+        for (_, accs) in &r.groups {
+            if accs.len() != empty.len() || accs.iter().zip(&empty).any(|(a, e)| !a.same_kind(e)) {
+                return Err(JobError::Corrupt("a partial of another spec".into()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds `run` into `into`. Its shape is checked first (an error changes nothing); more
+    /// groups than `limits.groups_max`, or an accumulator that does not merge (a corrupt
+    /// sketch), leaves `into` part merged, and ends the job.
+    pub fn merge_run(&self, into: &mut Merged, run: Run) -> Result<(), JobError> {
+        self.check_run(&run)?;
+        into.keys += run.keys;
+        into.skipped += run.skipped;
+        into.rounded += run.rounded;
+        into.bytes += run.bytes;
+        if !run.groups.is_empty() {
+            into.runs.push(run.groups);
+        }
+        while let [.., below, top] = into.runs.as_slice()
+            && top.len() * 2 > below.len()
+        {
+            self.merge_top_two(into)?;
+        }
+        if into.groups_at_most() as u64 > self.spec.limits.groups_max {
+            self.collapse(into)?;
+        }
+        Ok(())
+    }
+
+    fn merge_top_two(&self, m: &mut Merged) -> Result<(), JobError> {
+        if let (Some(top), Some(below)) = (m.runs.pop(), m.runs.pop()) {
+            m.runs.push(merge_sorted(below, top)?);
+        }
+        Ok(())
+    }
+
+    /// `m`'s runs merged into one (smallest first), checked against `limits.groups_max`.
+    fn collapse<'m>(&self, m: &'m mut Merged) -> Result<&'m Sorted, JobError> {
+        while m.runs.len() > 1 {
+            self.merge_top_two(m)?;
+        }
+        if m.groups_at_most() as u64 > self.spec.limits.groups_max {
+            return Err(JobError::GroupsMax {
+                max: self.spec.limits.groups_max,
+            });
+        }
+        if m.runs.is_empty() {
+            m.runs.push(Vec::new());
+        }
+        Ok(&m.runs[0])
+    }
+
+    /// How many groups `m` holds (its runs merged into one first).
+    pub fn merged_groups(&self, m: &mut Merged) -> Result<usize, JobError> {
+        Ok(self.collapse(m)?.len())
+    }
+
+    /// Moves `p`'s groups, sorted, into `spilled` as a run; its counts stay in `p`.
+    ///
+    /// What a task does when its table passes a bound: a table that fits in the processor's
+    /// caches adds a key in a few nanoseconds, one of a million groups misses memory on
+    /// nearly every key. On input whose groups repeat within a task the table never grows
+    /// that far and nothing spills; on input whose groups barely repeat (each task sees
+    /// most of a million groups), the spilled runs merge in sequential passes.
+    pub fn spill(&self, p: &mut Partial, spilled: &mut Merged) -> Result<(), JobError> {
+        let mut run: Sorted = p.groups.drain().collect();
+        run.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        self.merge_run(
+            spilled,
+            Run {
+                groups: run,
+                ..Run::default()
+            },
+        )
+    }
+
+    /// The stored form of `p` together with the groups it spilled into `spilled`
+    /// ([`Partial::encode`] of the one partial they make).
+    pub fn encode_spilled(&self, mut p: Partial, mut spilled: Merged) -> Result<Vec<u8>, JobError> {
+        if spilled.runs.is_empty() {
+            return Ok(p.encode());
+        }
+        self.spill(&mut p, &mut spilled)?;
+        let capacity = spilled.size_estimate();
+        let groups = self.collapse(&mut spilled)?;
+        Ok(p.encode_groups(groups.iter().map(|(g, a)| (g, a)), capacity))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// The stored form of partials already in `_jobs`: owned groups.
+    #[derive(Serialize)]
+    struct Wire {
+        keys: u64,
+        skipped: u64,
+        rounded: u64,
+        bytes: u64,
+        groups: Vec<(Vec<u8>, Vec<Acc>)>,
+    }
+
     /// The stored form is written from borrowed groups: it must be the bytes of the owned
-    /// [`Wire`] it is read back as (partials already in `_jobs` stay readable).
+    /// [`Wire`] (partials already in `_jobs` stay readable).
     #[test]
     fn the_stored_form_is_the_wire_form_of_the_groups_in_key_order() {
         let spec = crate::JobSpec::parse(
@@ -739,7 +1018,7 @@ mod tests {
         let mut groups: Vec<(Vec<u8>, Vec<Acc>)> = p
             .groups
             .iter()
-            .map(|(g, a)| (g.clone(), a.clone()))
+            .map(|(g, a)| (g.as_bytes().to_vec(), a.clone()))
             .collect();
         groups.sort_by(|a, b| a.0.cmp(&b.0));
         let body = postcard::to_stdvec(&Wire {
@@ -755,5 +1034,37 @@ mod tests {
         assert_eq!(encoded[1..5], crc32fast::hash(&body).to_le_bytes());
         assert_eq!(encoded[5..], body[..]);
         assert_eq!(Partial::decode(&encoded).unwrap(), p);
+    }
+
+    /// A coordinator merges runs in one pass over sorted keys: a stored form whose groups are
+    /// not strictly ascending (repeated or out of order) is refused, never merged wrong.
+    #[test]
+    fn a_run_out_of_order_is_refused() {
+        let g = |n: i128| {
+            let mut b = Vec::new();
+            Scalar::Num(crate::num::Fixed(n)).encode(&mut b);
+            b
+        };
+        let acc = vec![Acc::Count(1)];
+        for order in [vec![2, 1], vec![1, 1], vec![1, 3, 2]] {
+            let groups: Vec<(Vec<u8>, Vec<Acc>)> =
+                order.iter().map(|n| (g(*n), acc.clone())).collect();
+            let body = postcard::to_stdvec(&Wire {
+                keys: 3,
+                skipped: 0,
+                rounded: 0,
+                bytes: 0,
+                groups,
+            })
+            .unwrap();
+            let mut raw = vec![FORMAT];
+            raw.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+            raw.extend_from_slice(&body);
+            assert_eq!(
+                Run::decode(&raw),
+                Err(JobError::Corrupt("groups out of order".into())),
+                "{order:?}"
+            );
+        }
     }
 }

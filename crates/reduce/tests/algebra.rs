@@ -5,7 +5,7 @@
 use capdb_reduce::acc::{Acc, Contribution, Reducer};
 use capdb_reduce::json_path::{Found, JsonPath, find, find_all};
 use capdb_reduce::num::Fixed;
-use capdb_reduce::{JobSpec, Partial, Plan};
+use capdb_reduce::{JobSpec, Merged, Partial, Plan, Run};
 use proptest::prelude::*;
 use serde_json::{Value, json};
 
@@ -125,6 +125,79 @@ proptest! {
         // The result's text, written directly, is the rows' own JSON, byte for byte.
         let texts: Vec<String> = plan.rows(&merged).unwrap().iter().map(|r| r.to_string()).collect();
         prop_assert_eq!(plan.rows_text(&merged).unwrap(), texts);
+    }
+
+    /// A coordinator's merge: outputs taken in their stored form as sorted runs, in any
+    /// order and sizes (so runs stack and merge at every depth), give the one-pass answer.
+    #[test]
+    fn outputs_merged_as_sorted_runs_give_the_one_pass_answer(
+        records in prop::collection::vec(record(), 0..400),
+        cuts in prop::collection::vec(0usize..400, 0..12),
+        order_seed in any::<u64>(),
+    ) {
+        let plan = plan();
+        let whole = one_pass(&plan, &records);
+        let mut bounds: Vec<usize> = cuts.into_iter().map(|c| c.min(records.len())).collect();
+        bounds.push(0);
+        bounds.push(records.len());
+        bounds.sort();
+        let mut runs: Vec<Run> = bounds
+            .windows(2)
+            .map(|w| Run::decode(&one_pass(&plan, &records[w[0]..w[1]]).encode()).unwrap())
+            .collect();
+        let mut rng = fastrand_like(order_seed);
+        let mut merged = Merged::default();
+        while !runs.is_empty() {
+            let i = (rng() % runs.len() as u64) as usize;
+            plan.merge_run(&mut merged, runs.swap_remove(i)).unwrap();
+        }
+        prop_assert_eq!((merged.keys, merged.skipped), (whole.keys, whole.skipped));
+        let mut rows = plan.merged_rows(&mut merged).unwrap();
+        let mut devs = Vec::new();
+        for r in &mut rows {
+            if let Some(Value::Object(stats)) = r.get_mut("units") {
+                devs.push(stats.remove("stddev").and_then(|d| d.as_f64()).unwrap_or(-1.0));
+            }
+        }
+        let (whole_rows, whole_devs) = exact_rows(&plan, &whole);
+        prop_assert_eq!(rows, whole_rows);
+        for (a, b) in devs.iter().zip(&whole_devs) {
+            prop_assert!((a - b).abs() <= 1e-9 * b.abs().max(1.0), "stddev {} vs {}", a, b);
+        }
+        prop_assert_eq!(plan.merged_groups(&mut merged).unwrap(), whole.groups());
+        let texts: Vec<String> = plan.merged_rows(&mut merged).unwrap().iter().map(|r| r.to_string()).collect();
+        prop_assert_eq!(plan.merged_rows_text(&mut merged).unwrap(), texts);
+    }
+
+    /// A task that moves its table out as sorted runs whenever it likes (bounded memory in
+    /// cache) sends what it would have sent with one table (the same bytes but for the
+    /// last bits of a deviation, which merge order moves).
+    #[test]
+    fn spilling_the_table_at_any_points_stores_the_same_partial(
+        records in prop::collection::vec(record(), 0..400),
+        spills in prop::collection::vec(0usize..400, 0..8),
+    ) {
+        let plan = plan();
+        let whole = one_pass(&plan, &records);
+        let mut p = plan.partial();
+        let mut spilled = Merged::default();
+        for (i, (k, v)) in records.iter().enumerate() {
+            plan.add(&mut p, k.as_bytes(), v.as_bytes()).unwrap();
+            for _ in spills.iter().filter(|s| **s == i) {
+                plan.spill(&mut p, &mut spilled).unwrap();
+            }
+        }
+        let sent = Partial::decode(&plan.encode_spilled(p, spilled).unwrap()).unwrap();
+        prop_assert_eq!((sent.keys, sent.skipped, sent.groups()), (whole.keys, whole.skipped, whole.groups()));
+        let (rows, devs) = exact_rows(&plan, &sent);
+        let (whole_rows, whole_devs) = exact_rows(&plan, &whole);
+        prop_assert_eq!(rows, whole_rows);
+        for (a, b) in devs.iter().zip(&whole_devs) {
+            prop_assert!((a - b).abs() <= 1e-9 * b.abs().max(1.0), "stddev {} vs {}", a, b);
+        }
+        if spills.is_empty() {
+            prop_assert_eq!(sent, whole);
+        }
     }
 
     #[test]
