@@ -41,6 +41,10 @@ pub enum Contribution<'a> {
 }
 
 /// An accumulator's state.
+///
+/// 64 bytes: the statistics of a `stats` reducer (128 bytes) are boxed, so the common
+/// reducers are held inline in a partial's table (`partial::Accs`) without an allocation
+/// per group. Boxing does not change the stored form.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Acc {
     Count(i64),
@@ -48,10 +52,13 @@ pub enum Acc {
     Min(Option<Fixed>),
     Max(Option<Fixed>),
     Avg { sum: WideSum, n: i64 },
-    Stats(Stats),
+    Stats(Box<Stats>),
     TopK(TopK),
     Distinct(Distinct),
 }
+
+// A partial's table holds one inline (`partial::Accs`): keep the rare big states boxed.
+const _: () = assert!(std::mem::size_of::<Acc>() <= 64);
 
 /// A distinct count: an HLL, carried in PFADD's bytes (checked whole when read back).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -161,14 +168,14 @@ impl Acc {
                 sum: WideSum::default(),
                 n: 0,
             },
-            Reducer::Stats(_) => Acc::Stats(Stats {
+            Reducer::Stats(_) => Acc::Stats(Box::new(Stats {
                 n: 0,
                 sum: WideSum::default(),
                 min: None,
                 max: None,
                 mean: 0.0,
                 m2: 0.0,
-            }),
+            })),
             Reducer::TopK { k, .. } => Acc::TopK(TopK::new(*k)),
             Reducer::Distinct { .. } => Acc::Distinct(Distinct::default()),
         }

@@ -20,5 +20,5 @@ pub mod sketch;
 pub mod spec;
 
 pub use group_key::GroupKey;
-pub use partial::{JobError, Mapped, Merged, Partial, Plan, Run};
+pub use partial::{Accs, JobError, Mapped, Merged, Partial, Plan, Run};
 pub use spec::{JobSpec, SpecError};

@@ -81,7 +81,7 @@ pub struct Plan {
 pub struct Partial {
     /// Canonical group bytes ([`Scalar::encode`] of each part) → one accumulator per reducer,
     /// in the plan's order.
-    groups: HashMap<GroupKey, Vec<Acc>, foldhash::fast::FixedState>,
+    groups: HashMap<GroupKey, Accs, foldhash::fast::FixedState>,
     /// Keys read (under the scan prefix, matching the pattern).
     pub keys: u64,
     /// Keys some extractor found nothing in.
@@ -102,6 +102,10 @@ pub struct Mapped {
     /// Some number had more than 9 decimals (rounded half to even).
     pub rounded: bool,
 }
+
+/// A group's accumulators, one per reducer in the plan's order: inline for one reducer (the
+/// common job), so a group of a million costs no allocation of its own.
+pub type Accs = smallvec::SmallVec<[Acc; 1]>;
 
 /// The stored form's version.
 const FORMAT: u8 = 1;
@@ -137,7 +141,7 @@ struct WireIn<'a> {
     rounded: u64,
     bytes: u64,
     #[serde(borrow)]
-    groups: Vec<(&'a [u8], Vec<Acc>)>,
+    groups: Vec<(&'a [u8], Accs)>,
 }
 
 impl Plan {
@@ -531,7 +535,7 @@ impl Plan {
 
     fn rows_of<'p>(
         &self,
-        groups: impl ExactSizeIterator<Item = (&'p GroupKey, &'p Vec<Acc>)>,
+        groups: impl ExactSizeIterator<Item = (&'p GroupKey, &'p Accs)>,
     ) -> Result<Vec<Value>, JobError> {
         let order = self.ordered(groups);
         let mut rows = Vec::with_capacity(order.len());
@@ -562,7 +566,7 @@ impl Plan {
 
     fn rows_text_of<'p>(
         &self,
-        groups: impl ExactSizeIterator<Item = (&'p GroupKey, &'p Vec<Acc>)>,
+        groups: impl ExactSizeIterator<Item = (&'p GroupKey, &'p Accs)>,
     ) -> Result<Vec<String>, JobError> {
         // `None`: the group; `Some(i)`: reducer i. In the order a JSON object's keys print.
         let mut keys: Vec<(&str, Option<usize>)> = vec![("group", None)];
@@ -603,7 +607,7 @@ impl Plan {
     /// `groups` (checked by the caller), ordered and limited as the spec's output says.
     fn ordered<'p>(
         &self,
-        groups: impl ExactSizeIterator<Item = (&'p GroupKey, &'p Vec<Acc>)>,
+        groups: impl ExactSizeIterator<Item = (&'p GroupKey, &'p Accs)>,
     ) -> Vec<Row<'p>> {
         let by = self
             .spec
@@ -611,7 +615,7 @@ impl Plan {
             .order_by
             .as_ref()
             .and_then(|name| self.reducers.iter().position(|(n, _, _)| n == name));
-        let mut order: Vec<(Option<crate::num::Fixed>, Vec<Scalar>, &Vec<Acc>)> = groups
+        let mut order: Vec<(Option<crate::num::Fixed>, Vec<Scalar>, &Accs)> = groups
             .map(|(g, accs)| {
                 let key = by.and_then(|i| accs.get(i)).and_then(Acc::sort_key);
                 (
@@ -671,7 +675,7 @@ impl Plan {
 }
 
 /// A result row before it is written: its group's parts and its accumulators.
-type Row<'p> = (Vec<Scalar>, &'p Vec<Acc>);
+type Row<'p> = (Vec<Scalar>, &'p Accs);
 
 /// A row's group: a scalar (one part), an array (several) or `null` (none).
 fn group_json(parts: &[Scalar]) -> Value {
@@ -689,12 +693,13 @@ impl Partial {
 
     /// Sets one group's accumulators (a view's merged row; [`Plan::check`] judges the shape).
     pub fn insert_group(&mut self, group: Vec<u8>, accs: Vec<Acc>) {
-        self.groups.insert(GroupKey::new(&group), accs);
+        self.groups
+            .insert(GroupKey::new(&group), Accs::from_vec(accs));
     }
 
     /// The accumulators of one group.
     pub fn group(&self, group: &[u8]) -> Option<&[Acc]> {
-        self.groups.get(&GroupKey::new(group)).map(Vec::as_slice)
+        self.groups.get(&GroupKey::new(group)).map(|a| a.as_slice())
     }
 
     /// About how many bytes it holds in memory.
@@ -713,7 +718,7 @@ impl Partial {
     /// (above the stored size), so a partial of a million groups is neither copied nor
     /// regrown while it is written.
     pub fn encode(&self) -> Vec<u8> {
-        let mut sorted: Vec<(&GroupKey, &Vec<Acc>)> = self.groups.iter().collect();
+        let mut sorted: Vec<(&GroupKey, &Accs)> = self.groups.iter().collect();
         // Keys are distinct: an unstable sort gives the one order.
         sorted.sort_unstable_by(|a, b| a.0.cmp(b.0));
         self.encode_groups(sorted.into_iter(), self.size_estimate())
@@ -723,7 +728,7 @@ impl Partial {
     /// counts, in one buffer of `capacity` (above the stored size).
     fn encode_groups<'g>(
         &self,
-        sorted: impl Iterator<Item = (&'g GroupKey, &'g Vec<Acc>)>,
+        sorted: impl Iterator<Item = (&'g GroupKey, &'g Accs)>,
         capacity: usize,
     ) -> Vec<u8> {
         let groups = sorted
@@ -777,7 +782,7 @@ impl Partial {
 /// (into a [`Merged`]) without building a table of it first.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Run {
-    groups: Vec<(GroupKey, Vec<Acc>)>,
+    groups: Vec<(GroupKey, Accs)>,
     pub keys: u64,
     pub skipped: u64,
     pub rounded: u64,
@@ -799,7 +804,7 @@ impl Run {
         }
         let wire: WireIn =
             postcard::from_bytes(body).map_err(|e| JobError::Corrupt(e.to_string()))?;
-        let mut groups: Vec<(GroupKey, Vec<Acc>)> = Vec::with_capacity(wire.groups.len());
+        let mut groups: Vec<(GroupKey, Accs)> = Vec::with_capacity(wire.groups.len());
         for (g, accs) in wire.groups {
             if !Scalar::reads_all(g) {
                 return Err(JobError::Corrupt("a group key that does not decode".into()));
@@ -825,7 +830,7 @@ impl Run {
 }
 
 /// Sorted groups, each once.
-type Sorted = Vec<(GroupKey, Vec<Acc>)>;
+type Sorted = Vec<(GroupKey, Accs)>;
 
 /// Many partial results merged: a coordinator's answer so far.
 ///
@@ -960,30 +965,125 @@ impl Plan {
     /// caches adds a key in a few nanoseconds, one of a million groups misses memory on
     /// nearly every key. On input whose groups repeat within a task the table never grows
     /// that far and nothing spills; on input whose groups barely repeat (each task sees
-    /// most of a million groups), the spilled runs merge in sequential passes.
+    /// most of a million groups), the runs are merged once, at the end, in one pass over
+    /// all of them ([`Plan::encode_spilled`]).
+    ///
+    /// Past `limits.groups_max` groups held (counting a group once per run), the runs are
+    /// merged to count them exactly: more distinct groups than that end the job.
     pub fn spill(&self, p: &mut Partial, spilled: &mut Merged) -> Result<(), JobError> {
         let mut run: Sorted = p.groups.drain().collect();
         run.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        self.merge_run(
-            spilled,
-            Run {
-                groups: run,
-                ..Run::default()
-            },
-        )
+        if !run.is_empty() {
+            spilled.runs.push(run);
+        }
+        if spilled.groups_at_most() as u64 > self.spec.limits.groups_max {
+            self.collapse(spilled)?;
+        }
+        Ok(())
     }
 
     /// The stored form of `p` together with the groups it spilled into `spilled`
-    /// ([`Partial::encode`] of the one partial they make).
+    /// ([`Partial::encode`] of the one partial they make): the runs merged in one pass,
+    /// written as they merge.
     pub fn encode_spilled(&self, mut p: Partial, mut spilled: Merged) -> Result<Vec<u8>, JobError> {
         if spilled.runs.is_empty() {
             return Ok(p.encode());
         }
         self.spill(&mut p, &mut spilled)?;
-        let capacity = spilled.size_estimate();
-        let groups = self.collapse(&mut spilled)?;
-        Ok(p.encode_groups(groups.iter().map(|(g, a)| (g, a)), capacity))
+        let max = self.spec.limits.groups_max;
+        let mut count: u64 = 0;
+        let mut groups = Vec::with_capacity(spilled.groups_at_most() * 32);
+        merge_runs(std::mem::take(&mut spilled.runs), |key, accs| {
+            count += 1;
+            if count > max {
+                return Err(JobError::GroupsMax { max });
+            }
+            // Encoding plain data into a Vec cannot fail.
+            groups = postcard::to_extend(
+                &(ByteStr(key.as_bytes()), accs.as_slice()),
+                std::mem::take(&mut groups),
+            )
+            .unwrap_or_default();
+            Ok(())
+        })?;
+        // The fields of `WireRef` in order, then the groups' count (a sequence's length is
+        // written as a u64 is) and the groups.
+        let mut out = Vec::with_capacity(64 + groups.len());
+        out.push(FORMAT);
+        out.extend_from_slice(&[0; 4]);
+        let mut out = postcard::to_extend(&(p.keys, p.skipped, p.rounded, p.bytes, count), out)
+            .unwrap_or_default();
+        out.extend_from_slice(&groups);
+        let crc = crc32fast::hash(&out[5..]);
+        out[1..5].copy_from_slice(&crc.to_le_bytes());
+        Ok(out)
     }
+}
+
+/// Merges sorted `runs` in one pass (a heap of the runs by their next key), calling `emit`
+/// for each group in key order, its accumulators from every run merged.
+fn merge_runs(
+    runs: Vec<Sorted>,
+    mut emit: impl FnMut(GroupKey, Accs) -> Result<(), JobError>,
+) -> Result<(), JobError> {
+    let mut rest: Vec<std::vec::IntoIter<(GroupKey, Accs)>> =
+        runs.into_iter().map(Vec::into_iter).collect();
+    let mut heads: Vec<Option<(GroupKey, Accs)>> = rest.iter_mut().map(Iterator::next).collect();
+    // Indices of runs with a next group, as a binary min-heap by that group's key.
+    let mut heap: Vec<usize> = (0..heads.len()).filter(|i| heads[*i].is_some()).collect();
+    fn key(heads: &[Option<(GroupKey, Accs)>], i: usize) -> Option<&GroupKey> {
+        heads[i].as_ref().map(|h| &h.0)
+    }
+    fn sift_down(heap: &mut [usize], heads: &[Option<(GroupKey, Accs)>], mut at: usize) {
+        loop {
+            let (l, r) = (2 * at + 1, 2 * at + 2);
+            let mut least = at;
+            if l < heap.len() && key(heads, heap[l]) < key(heads, heap[least]) {
+                least = l;
+            }
+            if r < heap.len() && key(heads, heap[r]) < key(heads, heap[least]) {
+                least = r;
+            }
+            if least == at {
+                return;
+            }
+            heap.swap(at, least);
+            at = least;
+        }
+    }
+    for at in (0..heap.len() / 2).rev() {
+        sift_down(&mut heap, &heads, at);
+    }
+    let mut pending: Option<(GroupKey, Accs)> = None;
+    while let Some(&top) = heap.first() {
+        let Some((group, accs)) = heads[top].take() else {
+            // Every run in the heap has a head.
+            heap.swap_remove(0);
+            sift_down(&mut heap, &heads, 0);
+            continue;
+        };
+        heads[top] = rest[top].next();
+        if heads[top].is_none() {
+            heap.swap_remove(0);
+        }
+        sift_down(&mut heap, &heads, 0);
+        match &mut pending {
+            Some((held, mine)) if *held == group => {
+                for (m, t) in mine.iter_mut().zip(&accs) {
+                    m.merge(t).map_err(|e| JobError::Corrupt(e.to_string()))?;
+                }
+            }
+            _ => {
+                if let Some((held, mine)) = pending.replace((group, accs)) {
+                    emit(held, mine)?;
+                }
+            }
+        }
+    }
+    if let Some((held, mine)) = pending {
+        emit(held, mine)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -1018,7 +1118,7 @@ mod tests {
         let mut groups: Vec<(Vec<u8>, Vec<Acc>)> = p
             .groups
             .iter()
-            .map(|(g, a)| (g.as_bytes().to_vec(), a.clone()))
+            .map(|(g, a)| (g.as_bytes().to_vec(), a.to_vec()))
             .collect();
         groups.sort_by(|a, b| a.0.cmp(&b.0));
         let body = postcard::to_stdvec(&Wire {
