@@ -37,8 +37,8 @@ use crate::{TaskError, TaskOrder, TaskOutput};
 pub const PAGE_KEYS: usize = 4_096;
 
 /// Groups a task's table holds before they are moved out as a sorted run
-/// ([`Plan::spill`]): about 4 MB of table, which stays in the processor's caches.
-pub const TABLE_GROUPS_MAX: usize = 65_536;
+/// ([`Plan::spill`]): about 2 MB of table, which stays in the processor's caches.
+pub const TABLE_GROUPS_MAX: usize = 16_384;
 
 /// One page of a task's range: string keys and their values, and where the next page starts
 /// (`None`: the range is done).

@@ -111,6 +111,34 @@ impl PartialOrd for GroupKey {
     }
 }
 
+/// Read from a byte string as [`crate::partial::Partial::encode`] writes it, straight into
+/// the key (no `Vec` on the way).
+impl<'de> serde::Deserialize<'de> for GroupKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<GroupKey, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = GroupKey;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a group's bytes")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<GroupKey, E> {
+                Ok(GroupKey::new(v))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> Result<GroupKey, A::Error> {
+                let mut v = Vec::new();
+                while let Some(b) = a.next_element::<u8>()? {
+                    v.push(b);
+                }
+                Ok(GroupKey::new(&v))
+            }
+        }
+        d.deserialize_bytes(Visit)
+    }
+}
+
 impl std::fmt::Debug for GroupKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "GroupKey({:?})", self.as_bytes())

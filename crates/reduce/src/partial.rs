@@ -132,16 +132,15 @@ impl Serialize for ByteStr<'_> {
     }
 }
 
-/// [`WireRef`] as read: group bytes borrowed from the stored form (postcard writes a byte
-/// string as it writes a `Vec<u8>`: its length, then the bytes).
+/// [`WireRef`] as read: group bytes read straight into keys (postcard writes a byte string
+/// as it writes a `Vec<u8>`: its length, then the bytes).
 #[derive(Deserialize)]
-struct WireIn<'a> {
+struct WireIn {
     keys: u64,
     skipped: u64,
     rounded: u64,
     bytes: u64,
-    #[serde(borrow)]
-    groups: Vec<(&'a [u8], Accs)>,
+    groups: Vec<(GroupKey, Accs)>,
 }
 
 impl Plan {
@@ -804,19 +803,16 @@ impl Run {
         }
         let wire: WireIn =
             postcard::from_bytes(body).map_err(|e| JobError::Corrupt(e.to_string()))?;
-        let mut groups: Vec<(GroupKey, Accs)> = Vec::with_capacity(wire.groups.len());
-        for (g, accs) in wire.groups {
-            if !Scalar::reads_all(g) {
+        for (i, (key, _)) in wire.groups.iter().enumerate() {
+            if !Scalar::reads_all(key.as_bytes()) {
                 return Err(JobError::Corrupt("a group key that does not decode".into()));
             }
-            let key = GroupKey::new(g);
-            if groups.last().is_some_and(|(last, _)| *last >= key) {
+            if i > 0 && wire.groups[i - 1].0 >= *key {
                 return Err(JobError::Corrupt("groups out of order".into()));
             }
-            groups.push((key, accs));
         }
         Ok(Run {
-            groups,
+            groups: wire.groups,
             keys: wire.keys,
             skipped: wire.skipped,
             rounded: wire.rounded,
