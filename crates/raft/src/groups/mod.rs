@@ -104,6 +104,55 @@ pub fn default_raft_config(snapshot_logs: u64) -> openraft::Config {
 /// Default of [`default_raft_config`]'s `snapshot_logs`.
 pub const SNAPSHOT_LOGS_DEFAULT: u64 = 20_000;
 
+/// How long a group asked to free the write-ahead log's oldest segment may take to build its
+/// snapshot before the purge is given up (the log asks again).
+const PINNING_SNAPSHOT_WAIT: Duration = Duration::from_secs(60);
+
+/// Snapshots `g` and purges its log up to what it had applied when asked (see
+/// [`Groups::snapshot_when_pinning`]). A leader keeps what a follower still needs, within
+/// the tail openraft would keep (`keep` entries): a follower further behind gets a snapshot,
+/// as it would after openraft's own purge.
+async fn snapshot_and_purge(g: &Group, keep: u64) -> Result<(), String> {
+    let (applied, followers_matched) = {
+        let m = g.raft.metrics().borrow_watched().clone();
+        let matched = m.replication.as_ref().map(|r| {
+            r.values()
+                .map(|l| l.as_ref().map_or(0, |l| l.index))
+                .min()
+                .unwrap_or(u64::MAX)
+        });
+        (m.last_applied.map(|l| l.index), matched)
+    };
+    let Some(applied) = applied else {
+        return Ok(());
+    };
+    let upto = match followers_matched {
+        Some(matched) => applied.min(matched.max(applied.saturating_sub(keep))),
+        None => applied,
+    };
+    g.raft
+        .trigger()
+        .snapshot()
+        .await
+        .map_err(|e| e.to_string())?;
+    // After a restart the snapshot point is already the last applied entry, and a snapshot
+    // of nothing new is not built again: the wait ends at once.
+    g.raft
+        .wait(Some(PINNING_SNAPSHOT_WAIT))
+        .metrics(
+            |m| m.snapshot.as_ref().is_some_and(|s| s.index >= applied),
+            "a snapshot covering the applied entries",
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    // Unlike the purge after a snapshot, this one keeps no tail.
+    g.raft
+        .trigger()
+        .purge_log(upto)
+        .await
+        .map_err(|e| e.to_string())
+}
+
 /// One group: its Raft instance, its log, and the reads waiting for a barrier.
 pub(crate) struct Group {
     raft: Raft,
@@ -310,9 +359,16 @@ impl Groups {
         Ok(groups.entry(group).or_insert(g).clone())
     }
 
-    /// Asks a group to snapshot when the write-ahead log says its live entries keep the oldest
-    /// segment from being reused (an idle group with many unpurged entries): after the snapshot
-    /// openraft purges its log, and the segment can be reused.
+    /// Asks a group to snapshot and purge its log when the write-ahead log says its live
+    /// entries keep the oldest segment from being reused (a group gone idle with unpurged
+    /// entries), so the segment can be reused.
+    ///
+    /// The purge is asked for explicitly, up to what the snapshot covers: after a snapshot
+    /// openraft keeps a tail of `max_in_snapshot_log_to_keep` entries (1,000), and purges
+    /// only in batches. An idle group's tail of large entries (a bulk load's last thousand
+    /// batches: ~20 MB here) then pinned the oldest segment for good, segments are reused
+    /// oldest first, and once the other groups had written the log's limit every write on the
+    /// node waited forever. A follower that lags past the purge gets a snapshot instead.
     fn snapshot_when_pinning(self: &Arc<Self>) {
         // Bounded: a group asked while the queue is full is asked again later by the log.
         let (tx, mut rx) = tokio::sync::mpsc::channel::<GroupId>(64);
@@ -325,11 +381,16 @@ impl Groups {
                 let Some(groups) = groups.upgrade() else {
                     return;
                 };
-                if let Some(g) = groups.group(group)
-                    && let Err(e) = g.raft.trigger().snapshot().await
-                {
-                    tracing::warn!(group, error = %e, "could not snapshot a group pinning the write-ahead log");
-                }
+                let Some(g) = groups.group(group) else {
+                    continue;
+                };
+                let keep = groups.raft_config.max_in_snapshot_log_to_keep;
+                // One task per ask (the log asks a group at most every few seconds).
+                tokio::spawn(async move {
+                    if let Err(e) = snapshot_and_purge(&g, keep).await {
+                        tracing::warn!(group, error = %e, "could not snapshot and purge a group pinning the write-ahead log");
+                    }
+                });
             }
         });
     }

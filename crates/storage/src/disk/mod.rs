@@ -257,8 +257,20 @@ impl Closed {
 }
 
 impl DiskEngine {
-    /// Opens (or creates) `dir/capdb.redb` and starts the writer thread.
+    /// Opens (or creates) `dir/capdb.redb` and starts the writer thread, with the write-ahead
+    /// log's default sizes ([`crate::wal::WalConfig`]).
     pub fn open(dir: &Path, hlc: Arc<Hlc>, value_bytes_max: usize) -> Result<DiskEngine> {
+        Self::open_with_wal(dir, hlc, value_bytes_max, crate::wal::WalConfig::default())
+    }
+
+    /// [`DiskEngine::open`] with the write-ahead log sized by `wal` (its segments and its
+    /// limit): tests use a small log, to reach the limit in seconds.
+    pub fn open_with_wal(
+        dir: &Path,
+        hlc: Arc<Hlc>,
+        value_bytes_max: usize,
+        wal: crate::wal::WalConfig,
+    ) -> Result<DiskEngine> {
         std::fs::create_dir_all(dir)
             .map_err(|e| Error::Io(format!("cannot create data dir {}: {e}", dir.display())))?;
         let path = dir.join("capdb.redb");
@@ -280,7 +292,7 @@ impl DiskEngine {
         txn.open_table(META_TABLE).map_err(io_err)?;
         txn.commit().map_err(io_err)?;
 
-        let wal = crate::wal::Wal::open(&dir.join("wal"), crate::wal::WalConfig::default())?;
+        let wal = crate::wal::Wal::open(&dir.join("wal"), wal)?;
         let db = Arc::new(db);
         let stats = Arc::new(EngineStats::default());
         let visible = Arc::new(visible::Visibility::default());

@@ -37,7 +37,9 @@
 //! Queue: [`WAL_QUEUE_JOBS_MAX`] jobs (callers wait when full). Disk: segments are created only
 //! when no free one exists, up to [`WalConfig::bytes_max`] in total; at the limit writes wait
 //! (backpressure) until purges free the oldest segment, and the groups pinning it are asked to
-//! snapshot ([`Wal::set_pinned_hook`]), after which openraft purges their logs; they are also
+//! snapshot and purge ([`Wal::set_pinned_hook`]; the Raft layer purges up to the snapshot,
+//! without the tail openraft keeps after its own snapshots, which an idle group would pin
+//! forever); they are also
 //! asked at a segment switch once the segments in use pass a quarter of the limit. An idle group's
 //! few live entries never pin a segment: when the oldest segment holds little that is live
 //! (at most a quarter of a segment), the writer copies it forward (`Moved` records) so the file
