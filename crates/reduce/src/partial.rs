@@ -843,6 +843,8 @@ type Sorted = Vec<(GroupKey, Accs)>;
 #[derive(Debug, Clone, Default)]
 pub struct Merged {
     runs: Vec<Sorted>,
+    /// Groups added (a group once per run) since the runs were last merged into one.
+    added: usize,
     pub keys: u64,
     pub skipped: u64,
     pub rounded: u64,
@@ -914,6 +916,7 @@ impl Plan {
         into.rounded += run.rounded;
         into.bytes += run.bytes;
         if !run.groups.is_empty() {
+            into.added += run.groups.len();
             into.runs.push(run.groups);
         }
         while let [.., below, top] = into.runs.as_slice()
@@ -921,8 +924,17 @@ impl Plan {
         {
             self.merge_top_two(into)?;
         }
-        if into.groups_at_most() as u64 > self.spec.limits.groups_max {
-            self.collapse(into)?;
+        self.judge_groups_max(into)
+    }
+
+    /// Past `limits.groups_max` groups held (a group counted once per run), merges the runs
+    /// into one to count them exactly (more distinct groups end the job); at most once per
+    /// a quarter of the bound added, so that a result just under the bound is not merged
+    /// again on every addition.
+    fn judge_groups_max(&self, m: &mut Merged) -> Result<(), JobError> {
+        let max = self.spec.limits.groups_max;
+        if m.groups_at_most() as u64 > max && m.added as u64 * 4 >= max {
+            self.collapse(m)?;
         }
         Ok(())
     }
@@ -939,6 +951,7 @@ impl Plan {
         while m.runs.len() > 1 {
             self.merge_top_two(m)?;
         }
+        m.added = 0;
         if m.groups_at_most() as u64 > self.spec.limits.groups_max {
             return Err(JobError::GroupsMax {
                 max: self.spec.limits.groups_max,
@@ -964,18 +977,15 @@ impl Plan {
     /// most of a million groups), the runs are merged once, at the end, in one pass over
     /// all of them ([`Plan::encode_spilled`]).
     ///
-    /// Past `limits.groups_max` groups held (counting a group once per run), the runs are
-    /// merged to count them exactly: more distinct groups than that end the job.
+    /// The bound `limits.groups_max` is judged as [`Plan::merge_run`] judges it.
     pub fn spill(&self, p: &mut Partial, spilled: &mut Merged) -> Result<(), JobError> {
         let mut run: Sorted = p.groups.drain().collect();
         run.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         if !run.is_empty() {
+            spilled.added += run.len();
             spilled.runs.push(run);
         }
-        if spilled.groups_at_most() as u64 > self.spec.limits.groups_max {
-            self.collapse(spilled)?;
-        }
-        Ok(())
+        self.judge_groups_max(spilled)
     }
 
     /// The stored form of `p` together with the groups it spilled into `spilled`

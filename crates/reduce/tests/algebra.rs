@@ -405,6 +405,39 @@ fn too_many_groups_ends_the_job_with_the_limit_named() {
     assert!(e.to_string().contains("more than 2 groups"), "{e}");
 }
 
+/// Groups repeated across spilled runs or merged outputs count once; distinct groups past
+/// the bound end the job, however they arrive.
+#[test]
+fn the_groups_bound_counts_distinct_groups_across_runs() {
+    let spec = json!({"input": {"keyspace": "k"}, "map": {"group": {"key": true}},
+                      "reduce": {"n": "count"}, "limits": {"groups_max": 2}});
+    let plan = Plan::new(JobSpec::from_json(&spec).unwrap()).unwrap();
+    let table = |keys: &[&[u8]]| {
+        let mut p = plan.partial();
+        for k in keys {
+            plan.add(&mut p, k, b"").unwrap();
+        }
+        p
+    };
+    // A task spilling: {a, b} twice is two groups; then c is a third.
+    let mut spilled = Merged::default();
+    plan.spill(&mut table(&[b"a", b"b"]), &mut spilled).unwrap();
+    plan.spill(&mut table(&[b"a", b"b"]), &mut spilled).unwrap();
+    let e = plan.spill(&mut table(&[b"c"]), &mut spilled).unwrap_err();
+    assert!(e.to_string().contains("more than 2 groups"), "{e}");
+    // A coordinator merging outputs: the same, at the latest when the result is read.
+    let mut merged = Merged::default();
+    for keys in [&[&b"a"[..], b"b"][..], &[b"b", b"a"], &[b"a"], &[b"c"]] {
+        let run = Run::decode(&table(keys).encode()).unwrap();
+        if let Err(e) = plan.merge_run(&mut merged, run) {
+            assert!(e.to_string().contains("more than 2 groups"), "{e}");
+            return;
+        }
+    }
+    let e = plan.merged_rows(&mut merged).unwrap_err();
+    assert!(e.to_string().contains("more than 2 groups"), "{e}");
+}
+
 #[test]
 fn a_sum_out_of_range_names_its_group_and_reducer() {
     let spec = json!({"input": {"keyspace": "k"}, "map": {"group": {"const": "all"}, "values": {"v": {"value": "number"}}},
