@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::{Map, Value};
 
 use crate::acc::{Acc, AccError, Contribution, Reducer};
@@ -132,16 +132,10 @@ impl Serialize for ByteStr<'_> {
     }
 }
 
-/// [`WireRef`] as read: group bytes read straight into keys (postcard writes a byte string
-/// as it writes a `Vec<u8>`: its length, then the bytes).
-#[derive(Deserialize)]
-struct WireIn {
-    keys: u64,
-    skipped: u64,
-    rounded: u64,
-    bytes: u64,
-    groups: Vec<(GroupKey, Accs)>,
-}
+/// The least bytes a group takes in the stored form (its key's length, its accumulators'
+/// count, an accumulator's variant and value): what bounds the room reserved for a count
+/// read from the stored form.
+const GROUP_BYTES_MIN: usize = 4;
 
 impl Plan {
     pub fn new(spec: JobSpec) -> Result<Plan, JobError> {
@@ -801,22 +795,32 @@ impl Run {
         if crc32fast::hash(body) != u32::from_le_bytes([*c0, *c1, *c2, *c3]) {
             return Err(JobError::Corrupt("checksum mismatch".into()));
         }
-        let wire: WireIn =
-            postcard::from_bytes(body).map_err(|e| JobError::Corrupt(e.to_string()))?;
-        for (i, (key, _)) in wire.groups.iter().enumerate() {
+        // `WireRef`'s fields in order (a sequence's length is written as a u64 is), then the
+        // groups one by one: serde's `Vec` would reserve at most 1 MiB up front and regrow a
+        // million groups' worth of memory several times.
+        let corrupt = |e: postcard::Error| JobError::Corrupt(e.to_string());
+        let ((keys, skipped, rounded, bytes, count), mut rest): ((u64, u64, u64, u64, u64), _) =
+            postcard::take_from_bytes(body).map_err(corrupt)?;
+        let count = usize::try_from(count).map_err(|_| JobError::Corrupt("group count".into()))?;
+        let mut groups: Sorted = Vec::with_capacity(count.min(rest.len() / GROUP_BYTES_MIN));
+        for _ in 0..count {
+            let ((key, accs), next): ((GroupKey, Accs), _) =
+                postcard::take_from_bytes(rest).map_err(corrupt)?;
+            rest = next;
             if !Scalar::reads_all(key.as_bytes()) {
                 return Err(JobError::Corrupt("a group key that does not decode".into()));
             }
-            if i > 0 && wire.groups[i - 1].0 >= *key {
+            if groups.last().is_some_and(|(last, _)| *last >= key) {
                 return Err(JobError::Corrupt("groups out of order".into()));
             }
+            groups.push((key, accs));
         }
         Ok(Run {
-            groups: wire.groups,
-            keys: wire.keys,
-            skipped: wire.skipped,
-            rounded: wire.rounded,
-            bytes: wire.bytes,
+            groups,
+            keys,
+            skipped,
+            rounded,
+            bytes,
         })
     }
 
