@@ -27,7 +27,11 @@ fn plan() -> Plan {
 /// The rows with each standard deviation (computed in f64, so merge order may move its last
 /// bits) taken out, and the deviations apart.
 fn exact_rows(plan: &Plan, p: &Partial) -> (Vec<Value>, Vec<f64>) {
-    let mut rows = plan.rows(p).unwrap();
+    without_devs(plan.rows(p).unwrap())
+}
+
+/// `rows` with each standard deviation taken out, and the deviations apart.
+fn without_devs(mut rows: Vec<Value>) -> (Vec<Value>, Vec<f64>) {
     let mut devs = Vec::new();
     for r in &mut rows {
         if let Some(Value::Object(stats)) = r.get_mut("units") {
@@ -71,6 +75,30 @@ fn record() -> impl Strategy<Value = (String, String)> {
         })
 }
 
+/// Deviations equal but for their last bits (merge order moves them).
+fn assert_devs_close(devs: &[f64], whole: &[f64]) {
+    assert_eq!(devs.len(), whole.len());
+    for (a, b) in devs.iter().zip(whole) {
+        assert!(
+            (a - b).abs() <= 1e-9 * b.abs().max(1.0),
+            "stddev {a} vs {b}"
+        );
+    }
+}
+
+/// `records` cut at `cuts` (clamped, in any order), each piece's one-pass partial: what the
+/// tasks of a job over them send.
+fn pieces(plan: &Plan, records: &[(String, String)], cuts: Vec<usize>) -> Vec<Partial> {
+    let mut bounds: Vec<usize> = cuts.into_iter().map(|c| c.min(records.len())).collect();
+    bounds.push(0);
+    bounds.push(records.len());
+    bounds.sort();
+    bounds
+        .windows(2)
+        .map(|w| one_pass(plan, &records[w[0]..w[1]]))
+        .collect()
+}
+
 fn one_pass(plan: &Plan, records: &[(String, String)]) -> Partial {
     let mut p = plan.partial();
     for (k, v) in records {
@@ -90,14 +118,7 @@ proptest! {
     ) {
         let plan = plan();
         let whole = one_pass(&plan, &records);
-        let mut bounds: Vec<usize> = cuts.into_iter().map(|c| c.min(records.len())).collect();
-        bounds.push(0);
-        bounds.push(records.len());
-        bounds.sort();
-        let mut parts: Vec<Partial> = bounds
-            .windows(2)
-            .map(|w| one_pass(&plan, &records[w[0]..w[1]]))
-            .collect();
+        let mut parts = pieces(&plan, &records, cuts);
         // Through their stored form, as tasks send them: the same partial back.
         for p in &parts {
             prop_assert_eq!(&Partial::decode(&p.encode()).unwrap(), p);
@@ -118,9 +139,7 @@ proptest! {
         let (rows, devs) = exact_rows(&plan, &merged);
         let (whole_rows, whole_devs) = exact_rows(&plan, &whole);
         prop_assert_eq!(rows, whole_rows);
-        for (a, b) in devs.iter().zip(&whole_devs) {
-            prop_assert!((a - b).abs() <= 1e-9 * b.abs().max(1.0), "stddev {} vs {}", a, b);
-        }
+        assert_devs_close(&devs, &whole_devs);
         prop_assert_eq!((merged.keys, merged.skipped), (whole.keys, whole.skipped));
         // The result's text, written directly, is the rows' own JSON, byte for byte.
         let texts: Vec<String> = plan.rows(&merged).unwrap().iter().map(|r| r.to_string()).collect();
@@ -137,13 +156,9 @@ proptest! {
     ) {
         let plan = plan();
         let whole = one_pass(&plan, &records);
-        let mut bounds: Vec<usize> = cuts.into_iter().map(|c| c.min(records.len())).collect();
-        bounds.push(0);
-        bounds.push(records.len());
-        bounds.sort();
-        let mut runs: Vec<Run> = bounds
-            .windows(2)
-            .map(|w| Run::decode(&one_pass(&plan, &records[w[0]..w[1]]).encode()).unwrap())
+        let mut runs: Vec<Run> = pieces(&plan, &records, cuts)
+            .iter()
+            .map(|p| Run::decode(&p.encode()).unwrap())
             .collect();
         let mut rng = fastrand_like(order_seed);
         let mut merged = Merged::default();
@@ -152,18 +167,10 @@ proptest! {
             plan.merge_run(&mut merged, runs.swap_remove(i)).unwrap();
         }
         prop_assert_eq!((merged.keys, merged.skipped), (whole.keys, whole.skipped));
-        let mut rows = plan.merged_rows(&mut merged).unwrap();
-        let mut devs = Vec::new();
-        for r in &mut rows {
-            if let Some(Value::Object(stats)) = r.get_mut("units") {
-                devs.push(stats.remove("stddev").and_then(|d| d.as_f64()).unwrap_or(-1.0));
-            }
-        }
+        let (rows, devs) = without_devs(plan.merged_rows(&mut merged).unwrap());
         let (whole_rows, whole_devs) = exact_rows(&plan, &whole);
         prop_assert_eq!(rows, whole_rows);
-        for (a, b) in devs.iter().zip(&whole_devs) {
-            prop_assert!((a - b).abs() <= 1e-9 * b.abs().max(1.0), "stddev {} vs {}", a, b);
-        }
+        assert_devs_close(&devs, &whole_devs);
         prop_assert_eq!(plan.merged_groups(&mut merged).unwrap(), whole.groups());
         let texts: Vec<String> = plan.merged_rows(&mut merged).unwrap().iter().map(|r| r.to_string()).collect();
         prop_assert_eq!(plan.merged_rows_text(&mut merged).unwrap(), texts);
@@ -192,9 +199,7 @@ proptest! {
         let (rows, devs) = exact_rows(&plan, &sent);
         let (whole_rows, whole_devs) = exact_rows(&plan, &whole);
         prop_assert_eq!(rows, whole_rows);
-        for (a, b) in devs.iter().zip(&whole_devs) {
-            prop_assert!((a - b).abs() <= 1e-9 * b.abs().max(1.0), "stddev {} vs {}", a, b);
-        }
+        assert_devs_close(&devs, &whole_devs);
         if spills.is_empty() {
             prop_assert_eq!(sent, whole);
         }
