@@ -28,10 +28,16 @@ pub enum Scalar {
 impl Scalar {
     /// As a number: a number, or a string holding a JSON number's text.
     pub fn to_number(&self) -> Option<(Fixed, bool)> {
+        self.as_ref().to_number()
+    }
+
+    /// Borrowed.
+    pub fn as_ref(&self) -> ScalarRef<'_> {
         match self {
-            Scalar::Num(n) => Some((*n, false)),
-            Scalar::Str(s) => Fixed::parse(s).ok().map(|p| (p.value, p.rounded)),
-            _ => None,
+            Scalar::Null => ScalarRef::Null,
+            Scalar::Bool(b) => ScalarRef::Bool(*b),
+            Scalar::Num(n) => ScalarRef::Num(*n),
+            Scalar::Str(s) => ScalarRef::Str(s),
         }
     }
 
@@ -47,19 +53,7 @@ impl Scalar {
 
     /// Appends this scalar's canonical bytes (self-delimiting, so a list of them is a key).
     pub fn encode(&self, out: &mut Vec<u8>) {
-        match self {
-            Scalar::Null => out.push(0),
-            Scalar::Bool(b) => out.extend_from_slice(&[1, u8::from(*b)]),
-            Scalar::Num(n) => {
-                out.push(2);
-                out.extend_from_slice(&n.0.to_be_bytes());
-            }
-            Scalar::Str(s) => {
-                out.push(3);
-                out.extend_from_slice(&(s.len() as u32).to_be_bytes());
-                out.extend_from_slice(s);
-            }
-        }
+        self.as_ref().encode(out)
     }
 
     /// Whether `b` is scalars [`Scalar::encode`] wrote one after another
@@ -106,6 +100,72 @@ impl Scalar {
             b = rest;
         }
         Some(out)
+    }
+}
+
+/// A [`Scalar`] borrowed: what a key's scan reads without an allocation of its own (a JSON
+/// field's text stays in the value).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScalarRef<'a> {
+    Null,
+    Bool(bool),
+    Num(Fixed),
+    Str(&'a [u8]),
+}
+
+/// Where canonical bytes are written: a `Vec`, or a buffer on the stack.
+pub trait ByteSink {
+    fn put(&mut self, bytes: &[u8]);
+}
+
+impl ByteSink for Vec<u8> {
+    fn put(&mut self, bytes: &[u8]) {
+        self.extend_from_slice(bytes);
+    }
+}
+
+impl<A: smallvec::Array<Item = u8>> ByteSink for smallvec::SmallVec<A> {
+    fn put(&mut self, bytes: &[u8]) {
+        self.extend_from_slice(bytes);
+    }
+}
+
+impl ScalarRef<'_> {
+    /// Appends the canonical bytes (self-delimiting, so a list of them is a key): the same
+    /// as [`Scalar::encode`] of the owned scalar.
+    pub fn encode(self, out: &mut impl ByteSink) {
+        match self {
+            ScalarRef::Null => out.put(&[0]),
+            ScalarRef::Bool(b) => out.put(&[1, u8::from(b)]),
+            ScalarRef::Num(n) => {
+                out.put(&[2]);
+                out.put(&n.0.to_be_bytes());
+            }
+            ScalarRef::Str(s) => {
+                out.put(&[3]);
+                out.put(&(s.len() as u32).to_be_bytes());
+                out.put(s);
+            }
+        }
+    }
+
+    /// As a number: a number, or a string holding a JSON number's text (with whether it was
+    /// rounded to 9 decimals).
+    pub fn to_number(self) -> Option<(Fixed, bool)> {
+        match self {
+            ScalarRef::Num(n) => Some((n, false)),
+            ScalarRef::Str(s) => Fixed::parse(s).ok().map(|p| (p.value, p.rounded)),
+            ScalarRef::Null | ScalarRef::Bool(_) => None,
+        }
+    }
+
+    pub fn to_owned(self) -> Scalar {
+        match self {
+            ScalarRef::Null => Scalar::Null,
+            ScalarRef::Bool(b) => Scalar::Bool(b),
+            ScalarRef::Num(n) => Scalar::Num(n),
+            ScalarRef::Str(s) => Scalar::Str(s.to_vec()),
+        }
     }
 }
 
@@ -224,16 +284,25 @@ impl Extractor {
 }
 
 fn found_scalar(found: Found<'_>, notes: &mut Notes) -> Option<Scalar> {
+    match found {
+        Found::String(s) => Some(Scalar::Str(s.into_owned().into_bytes())),
+        other => found_ref(&other, notes).map(ScalarRef::to_owned),
+    }
+}
+
+/// The scalar a JSON field found gives, borrowed from it (`None`: a number that does not
+/// parse). A number past 9 decimals is rounded, and noted.
+pub fn found_ref<'f>(found: &'f Found<'_>, notes: &mut Notes) -> Option<ScalarRef<'f>> {
     Some(match found {
-        Found::Null => Scalar::Null,
-        Found::Bool(b) => Scalar::Bool(b),
+        Found::Null => ScalarRef::Null,
+        Found::Bool(b) => ScalarRef::Bool(*b),
         Found::Number(text) => {
             let p = Fixed::parse(text.as_bytes()).ok()?;
             notes.rounded |= p.rounded;
-            Scalar::Num(p.value)
+            ScalarRef::Num(p.value)
         }
-        Found::String(s) => Scalar::Str(s.into_owned().into_bytes()),
-        Found::Object(raw) | Found::Array(raw) => Scalar::Str(raw.as_bytes().to_vec()),
+        Found::String(s) => ScalarRef::Str(s.as_bytes()),
+        Found::Object(raw) | Found::Array(raw) => ScalarRef::Str(raw.as_bytes()),
     })
 }
 

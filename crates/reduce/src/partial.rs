@@ -7,7 +7,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use crate::acc::{Acc, AccError, Contribution, Reducer};
-use crate::extract::{Extractor, Notes, Scalar};
+use crate::extract::{Extractor, Notes, Scalar, found_ref};
 use crate::group_key::GroupKey;
 use crate::json_path::{JsonPath, PATHS_PER_PASS_MAX, find_all};
 use crate::sketch::VALUE_BYTES_MAX;
@@ -96,9 +96,9 @@ pub struct Partial {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Mapped {
     /// Canonical group bytes: one, or one per word when the group has words in it.
-    pub groups: Vec<Vec<u8>>,
+    pub groups: smallvec::SmallVec<[GroupKey; 1]>,
     /// One number per value slot, in the plan's order.
-    pub numbers: Vec<crate::num::Fixed>,
+    pub numbers: smallvec::SmallVec<[crate::num::Fixed; 2]>,
     /// Some number had more than 9 decimals (rounded half to even).
     pub rounded: bool,
 }
@@ -293,12 +293,15 @@ impl Plan {
         for s in group {
             s.encode(&mut encoded);
         }
-        self.add_to_group(p, &encoded, &numbers, &[])
+        self.add_to_group(p, &GroupKey::new(&encoded), &numbers, &[])
     }
 
     /// The groups and numbers one key gives (what a view keeps; top-k and distinct elements
     /// aside), or `None` when an extractor of the group or of a value finds nothing (the key
     /// is skipped). The caller has checked [`crate::spec::Input::wants`].
+    ///
+    /// Every key of a job or a view write passes here: in the common shape (one group part
+    /// that is not words, JSON fields read in one pass) it allocates nothing.
     pub fn map_key(&self, key: &[u8], value: &[u8]) -> Option<Mapped> {
         let mut notes = Notes::default();
         // Every JSON field the extractors read, from one pass over the value (a value that is
@@ -308,37 +311,40 @@ impl Plan {
         } else {
             Some(find_all(value, &self.one_pass).ok()?)
         };
-        let run = |e: &Extractor,
-                   slot: Option<usize>,
-                   found: &mut Vec<Scalar>,
-                   notes: &mut Notes| {
-            match (slot, &pre) {
-                (Some(i), Some(pre)) => e.take_found(pre[i].clone(), found, notes),
-                _ => e.extract(key, value, found, notes),
-            }
-        };
+        let mut found: Vec<Scalar> = Vec::new();
+        let mut numbers = smallvec::SmallVec::new();
+        for (e, slot) in self.values.iter().zip(&self.value_slots) {
+            let (n, rounded) = match (slot, &pre) {
+                (Some(i), Some(pre)) => found_ref(pre[*i].as_ref()?, &mut notes)?.to_number()?,
+                _ => {
+                    found.clear();
+                    if !e.extract(key, value, &mut found, &mut notes) {
+                        return None;
+                    }
+                    found.first()?.to_number()?
+                }
+            };
+            notes.rounded |= rounded;
+            numbers.push(n);
+        }
         // The common shape, one part that is not words (one scalar): its bytes are the group,
         // with no list of parts to build.
         if let [only] = self.spec.group.as_slice()
             && !matches!(only, Extractor::Words(_))
         {
-            let mut found = Vec::with_capacity(1);
-            if !run(only, self.group_slots[0], &mut found, &mut notes) {
-                return None;
-            }
-            let mut group = Vec::with_capacity(24);
-            found.pop()?.encode(&mut group);
-            let mut numbers = Vec::with_capacity(self.values.len());
-            for (e, slot) in self.values.iter().zip(&self.value_slots) {
-                found.clear();
-                let (n, rounded) = run(e, *slot, &mut found, &mut notes)
-                    .then(|| found.first().and_then(Scalar::to_number))
-                    .flatten()?;
-                notes.rounded |= rounded;
-                numbers.push(n);
+            let mut bytes: smallvec::SmallVec<[u8; 32]> = smallvec::SmallVec::new();
+            match (self.group_slots[0], &pre) {
+                (Some(i), Some(pre)) => found_ref(pre[i].as_ref()?, &mut notes)?.encode(&mut bytes),
+                _ => {
+                    found.clear();
+                    if !only.extract(key, value, &mut found, &mut notes) {
+                        return None;
+                    }
+                    found.first()?.as_ref().encode(&mut bytes);
+                }
             }
             return Some(Mapped {
-                groups: vec![group],
+                groups: smallvec::smallvec![GroupKey::new(&bytes)],
                 numbers,
                 rounded: notes.rounded,
             });
@@ -347,29 +353,25 @@ impl Plan {
         let mut parts: Vec<Vec<Scalar>> = Vec::with_capacity(self.spec.group.len());
         for (e, slot) in self.spec.group.iter().zip(&self.group_slots) {
             let mut found = Vec::new();
-            if !run(e, *slot, &mut found, &mut notes) || found.is_empty() {
+            let got = match (slot, &pre) {
+                (Some(i), Some(pre)) => e.take_found(pre[*i].clone(), &mut found, &mut notes),
+                _ => e.extract(key, value, &mut found, &mut notes),
+            };
+            if !got || found.is_empty() {
                 return None;
             }
             parts.push(found);
         }
-        let mut numbers = Vec::with_capacity(self.values.len());
-        for (e, slot) in self.values.iter().zip(&self.value_slots) {
-            let mut found = Vec::new();
-            let (n, rounded) = run(e, *slot, &mut found, &mut notes)
-                .then(|| found.first().and_then(Scalar::to_number))
-                .flatten()?;
-            notes.rounded |= rounded;
-            numbers.push(n);
-        }
         // One group per scalar of the multi-valued part (the others have one each).
         let fan = parts.iter().map(Vec::len).max().unwrap_or(1);
-        let mut groups = Vec::with_capacity(fan);
+        let mut groups = smallvec::SmallVec::with_capacity(fan);
+        let mut group = Vec::new();
         for i in 0..fan {
-            let mut group = Vec::new();
+            group.clear();
             for part in &parts {
                 part[i.min(part.len() - 1)].encode(&mut group);
             }
-            groups.push(group);
+            groups.push(GroupKey::new(&group));
         }
         Some(Mapped {
             groups,
@@ -398,12 +400,11 @@ impl Plan {
     fn add_to_group(
         &self,
         p: &mut Partial,
-        group: &[u8],
+        group: &GroupKey,
         numbers: &[crate::num::Fixed],
         elements: &[Vec<Vec<u8>>],
     ) -> Result<(), JobError> {
-        let group = GroupKey::new(group);
-        let accs = match p.groups.get_mut(&group) {
+        let accs = match p.groups.get_mut(group) {
             Some(accs) => accs,
             None => {
                 if p.groups.len() as u64 >= self.spec.limits.groups_max {
@@ -412,7 +413,7 @@ impl Plan {
                     });
                 }
                 let fresh = self.reducers.iter().map(|(_, r, _)| Acc::new(r)).collect();
-                p.groups.entry(group).or_insert(fresh)
+                p.groups.entry(group.clone()).or_insert(fresh)
             }
         };
         let mut next_elements = elements.iter();

@@ -284,6 +284,30 @@ proptest! {
     }
 
     #[test]
+    fn a_key_maps_the_same_whether_its_fields_are_read_in_one_pass_or_alone(
+        field in prop_oneof![
+            json_value(),
+            "-?[0-9]{1,12}(\\.[0-9]{0,14})?(e[0-9])?".prop_map(Value::String),
+        ],
+    ) {
+        // Group and value read from two fields holding the same JSON (one pass over the
+        // value reads both), or the value read from the group's own field (one path, read
+        // alone): the same groups, numbers and rounding, or the same skip.
+        let spec = |value_path: &str| {
+            let spec = json!({
+                "input": {"keyspace": "k"},
+                "map": {"group": {"json": "$.x"}, "values": {"v": {"json": value_path}}},
+                "reduce": {"s": {"sum": "v"}}
+            });
+            Plan::new(JobSpec::from_json(&spec).unwrap()).unwrap()
+        };
+        let doc = json!({"x": field, "y": field}).to_string();
+        let two_fields = spec("$.y").map_key(b"key", doc.as_bytes());
+        let one_field = spec("$.x").map_key(b"key", doc.as_bytes());
+        prop_assert_eq!(two_fields, one_field);
+    }
+
+    #[test]
     fn the_scanner_refuses_what_serde_json_refuses(doc in json_value(), at in any::<usize>(), byte in any::<u8>()) {
         let mut text = doc.to_string().into_bytes();
         let i = at % (text.len() + 1);

@@ -67,7 +67,7 @@ use bytes::Bytes;
 use capdb_reduce::acc::{Acc, Contribution, Reducer};
 use capdb_reduce::extract::Scalar;
 use capdb_reduce::num::Fixed;
-use capdb_reduce::{JobSpec, Plan};
+use capdb_reduce::{GroupKey, JobSpec, Plan};
 use capdb_types::views::{
     ADVANCE_EVENTS_MAX, ADVANCE_KEYS_MAX, AsyncAt, BACKFILL_BYTES_MAX, BACKFILL_KEYS_MAX,
     PURGE_ROWS_MAX, VIEW_GROUPS_MAX, VIEW_MINMAX_ROWS_MAX, VIEWS_MAX, ViewCommand, ViewDef,
@@ -380,8 +380,9 @@ type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 /// Pending changes to one view's rows, written when the writer commits ([`Deferred`]).
 #[derive(Default)]
 struct Pending {
-    rows: FastMap<Vec<u8>, Row>,
-    minmax: FastMap<(u8, Vec<u8>, Fixed), i64>,
+    /// Keyed by the group's canonical bytes, held inline when short (no allocation per write).
+    rows: FastMap<GroupKey, Row>,
+    minmax: FastMap<(u8, GroupKey, Fixed), i64>,
     counts: Counts,
     touched: bool,
 }
@@ -605,7 +606,7 @@ impl Deferred {
 fn add_group(
     v: &Loaded,
     p: &mut Pending,
-    group: Vec<u8>,
+    group: GroupKey,
     numbers: &[Fixed],
     sign: i64,
 ) -> Result<()> {
@@ -696,11 +697,15 @@ impl ViewDelta {
 
     fn into_pending(self) -> Pending {
         Pending {
-            rows: self.rows.into_iter().collect(),
+            rows: self
+                .rows
+                .into_iter()
+                .map(|(g, row)| (GroupKey::new(&g), row))
+                .collect(),
             minmax: self
                 .minmax
                 .into_iter()
-                .map(|(r, g, n, d)| ((r, g, n), d))
+                .map(|(r, g, n, d)| ((r, GroupKey::new(&g), n), d))
                 .collect(),
             counts: Counts {
                 keys: self.keys,
@@ -751,7 +756,7 @@ impl DeltaBuilder {
             for s in parts {
                 s.encode(&mut group);
             }
-            add_group(&self.view, p, group, &numbers, sign)?;
+            add_group(&self.view, p, GroupKey::new(&group), &numbers, sign)?;
         }
         Ok(())
     }
@@ -759,12 +764,16 @@ impl DeltaBuilder {
     pub fn finish(self) -> ViewDelta {
         let p = self.pending;
         ViewDelta {
-            rows: p.rows.into_iter().collect(),
+            rows: p
+                .rows
+                .into_iter()
+                .map(|(g, row)| (g.as_bytes().to_vec(), row))
+                .collect(),
             minmax: p
                 .minmax
                 .into_iter()
                 .filter(|(_, d)| *d != 0)
-                .map(|((r, g, n), d)| (r, g, n, d))
+                .map(|((r, g, n), d)| (r, g.as_bytes().to_vec(), n, d))
                 .collect(),
             keys: p.counts.keys,
             skipped: p.counts.skipped,
@@ -1008,7 +1017,11 @@ fn write_pending(el: &mut RawTable<'_>, v: &Loaded, p: Pending) -> Result<()> {
         Vec::new()
     } else if next + 1 < UNFOLDED_MAX {
         // In group order: the same change gives the same bytes (a hash map's order would not).
-        let mut rows: Vec<(Vec<u8>, Row)> = p.rows.into_iter().collect();
+        let mut rows: Vec<(Vec<u8>, Row)> = p
+            .rows
+            .into_iter()
+            .map(|(g, row)| (g.as_bytes().to_vec(), row))
+            .collect();
         rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         let change = Unfolded { rows };
         el.insert(&dlt_key(name, generation, next)[..], &encode(&change)?[..])
@@ -1020,10 +1033,10 @@ fn write_pending(el: &mut RawTable<'_>, v: &Loaded, p: Pending) -> Result<()> {
             el.remove(&k[..]).map_err(io_err)?;
         }
         for (group, change) in p.rows {
-            match merged.get_mut(&group) {
+            match merged.get_mut(group.as_bytes()) {
                 Some(row) => merge_row(row, &change)?,
                 None => {
-                    merged.insert(group, change);
+                    merged.insert(group.as_bytes().to_vec(), change);
                 }
             }
         }
@@ -1282,14 +1295,14 @@ fn fold_chunks(
 fn write_minmax(
     el: &mut RawTable<'_>,
     v: &Loaded,
-    minmax: FastMap<(u8, Vec<u8>, Fixed), i64>,
+    minmax: FastMap<(u8, GroupKey, Fixed), i64>,
     counts: &mut Counts,
 ) -> Result<()> {
     let (name, generation) = (&v.name[..], v.def.generation);
     let mut changes: Vec<(u8, Vec<u8>, Fixed, i64)> = minmax
         .into_iter()
         .filter(|(_, d)| *d != 0)
-        .map(|((r, g, n), d)| (r, g, n, d))
+        .map(|((r, g, n), d)| (r, g.as_bytes().to_vec(), n, d))
         .collect();
     if changes.is_empty() {
         return Ok(());
@@ -2346,13 +2359,14 @@ fn compare(
     let mut extremes: HashMap<(u8, &[u8]), (Fixed, Fixed)> = HashMap::new();
     for ((r, group, x), n) in &fresh.minmax {
         if *n > 0 {
-            let e = extremes.entry((*r, &group[..])).or_insert((*x, *x));
+            let e = extremes.entry((*r, group.as_bytes())).or_insert((*x, *x));
             e.0 = e.0.min(*x);
             e.1 = e.1.max(*x);
         }
     }
     let mut recomputed: HashMap<Vec<u8>, Row> = HashMap::new();
     for (group, mut row) in fresh.rows.clone() {
+        let group = group.as_bytes().to_vec();
         for &(r, owner) in &v.minmax {
             let found = extremes.get(&(owner, &group[..]));
             match row.accs.get_mut(r as usize) {
