@@ -27,6 +27,10 @@ pub struct Config {
     pub limits: Limits,
     /// How long shutdown waits for in-flight requests before closing connections anyway.
     pub shutdown_grace_ms: u64,
+    /// MiB of memory the storage engine keeps pages of `capdb.redb` in (its read cache and
+    /// write buffer); `None`: a quarter of the memory this node may use
+    /// ([`storage_cache_bytes`]).
+    pub storage_cache_mb: Option<u64>,
     pub cluster: ClusterConfig,
     /// Redis Cluster mode (`redis_cluster = true`, Redis's `cluster-enabled yes`): RESP
     /// connections start with `-MOVED` redirects on, `SCAN`/`DBSIZE`/`KEYS` answer for the slots
@@ -151,6 +155,7 @@ struct FileConfig {
     http_addr: Option<String>,
     password: Option<String>,
     shutdown_grace_ms: Option<u64>,
+    storage_cache_mb: Option<u64>,
     limits: Option<FileLimits>,
     node_id: Option<u64>,
     peer_addr: Option<String>,
@@ -222,6 +227,10 @@ pub struct ServerArgs {
     /// Milliseconds shutdown waits for in-flight requests [default: 10000].
     #[arg(long, env = "CAPDB_SHUTDOWN_GRACE_MS", value_name = "MS")]
     pub shutdown_grace_ms: Option<u64>,
+    /// MiB of memory the storage engine caches pages of its file in (16 to 16777216)
+    /// [default: a quarter of the memory the node may use, at least 256].
+    #[arg(long, env = "CAPDB_STORAGE_CACHE_MB", value_name = "MIB")]
+    pub storage_cache_mb: Option<u64>,
     /// This node's id, unique and stable in the cluster [default: 1].
     #[arg(long, env = "CAPDB_NODE_ID", value_name = "N")]
     pub node_id: Option<u64>,
@@ -412,6 +421,7 @@ impl Config {
                 .shutdown_grace_ms
                 .or(file.shutdown_grace_ms)
                 .unwrap_or(DEFAULT_SHUTDOWN_GRACE_MS),
+            storage_cache_mb: args.storage_cache_mb.or(file.storage_cache_mb),
         };
         config.validate()?;
         Ok(config)
@@ -463,7 +473,65 @@ impl Config {
                 "shutdown_grace_ms must be at most 600000 (10 minutes)".into(),
             ));
         }
+        if let Some(mb) = self.storage_cache_mb
+            && !(STORAGE_CACHE_MB_MIN..=STORAGE_CACHE_MB_MAX).contains(&mb)
+        {
+            return Err(ConfigError(format!(
+                "storage_cache_mb = {mb}: {STORAGE_CACHE_MB_MIN} to {STORAGE_CACHE_MB_MAX} MiB"
+            )));
+        }
         Ok(())
+    }
+
+    /// The bytes of the storage engine's page cache: `storage_cache_mb`, else a quarter of
+    /// the memory this node may use (the machine's, or its container's limit when lower), at
+    /// least [`STORAGE_CACHE_MB_AUTO_MIN`] MiB.
+    ///
+    /// Why a quarter: pages in the cache are read without a system call, a copy or an
+    /// allocation (a job's scan of a cached shard runs several times faster than one that
+    /// misses), and the kernel's page cache, the write buffers, Raft logs and clients need the
+    /// rest. The cache fills only as pages are read, so an idle node holds little of it.
+    pub fn storage_cache_bytes(&self) -> u64 {
+        let mb = self.storage_cache_mb.unwrap_or_else(|| {
+            (usable_memory_bytes().unwrap_or(0) / 4 / (1 << 20)).max(STORAGE_CACHE_MB_AUTO_MIN)
+        });
+        mb.saturating_mul(1 << 20)
+    }
+}
+
+/// Bounds of `storage_cache_mb`.
+pub const STORAGE_CACHE_MB_MIN: u64 = 16;
+pub const STORAGE_CACHE_MB_MAX: u64 = 1 << 24;
+/// The least page cache the automatic size gives (redb's own default is 1024).
+pub const STORAGE_CACHE_MB_AUTO_MIN: u64 = 256;
+
+/// The memory this process may use: the machine's physical memory, or the cgroup's limit
+/// (a container's) when that is lower. `None` when neither can be read.
+fn usable_memory_bytes() -> Option<u64> {
+    // SAFETY: sysconf only reads system constants.
+    let (pages, page) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    let physical = (pages > 0 && page > 0).then(|| pages as u64 * page as u64);
+    // cgroup v2, then v1 ("max" or a huge number: no limit).
+    let limit = [
+        "/sys/fs/cgroup/memory.max",
+        "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+    ]
+    .iter()
+    .find_map(|path| {
+        std::fs::read_to_string(path)
+            .ok()?
+            .trim()
+            .parse::<u64>()
+            .ok()
+    });
+    match (physical, limit) {
+        (Some(p), Some(l)) => Some(p.min(l)),
+        (p, l) => p.or(l),
     }
 }
 
@@ -859,6 +927,32 @@ mod tests {
         })
         .unwrap_err();
         assert!(e.to_string().contains("frame_bytes_max"), "{e}");
+    }
+
+    #[test]
+    fn the_storage_cache_is_a_quarter_of_memory_unless_set_within_bounds() {
+        let auto = Config::resolve(&ServerArgs::default()).unwrap();
+        assert_eq!(auto.storage_cache_mb, None);
+        let quarter = usable_memory_bytes().unwrap() / 4;
+        assert_eq!(
+            auto.storage_cache_bytes(),
+            quarter.max(STORAGE_CACHE_MB_AUTO_MIN << 20) >> 20 << 20
+        );
+        let (_d, p) = write("storage_cache_mb = 64\n");
+        let set = Config::resolve(&ServerArgs {
+            config: Some(p),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(set.storage_cache_bytes(), 64 << 20);
+        for bad in [0, STORAGE_CACHE_MB_MIN - 1, STORAGE_CACHE_MB_MAX + 1] {
+            let e = Config::resolve(&ServerArgs {
+                storage_cache_mb: Some(bad),
+                ..Default::default()
+            })
+            .unwrap_err();
+            assert!(e.to_string().contains("storage_cache_mb"), "{e}");
+        }
     }
 
     #[test]

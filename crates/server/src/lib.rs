@@ -76,10 +76,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
     let listeners = Listeners::bind(&config).await?;
     let hlc = Arc::new(capdb_types::Hlc::new());
-    let engine = capdb_storage::disk::DiskEngine::open(
+    let engine = capdb_storage::disk::DiskEngine::open_with(
         &config.data_dir,
         hlc.clone(),
-        config.limits.value_bytes_max,
+        capdb_storage::disk::EngineOptions {
+            value_bytes_max: config.limits.value_bytes_max,
+            cache_bytes: config.storage_cache_bytes(),
+            ..Default::default()
+        },
     )?;
     let (stop_tx, stop_rx) = watch::channel(false);
 
@@ -103,7 +107,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let peer_task = serve_peers(&node, &groups, &ap, listeners.peer, filter, &stop_rx);
     let clients = serve_clients(&node, listeners.resp, listeners.http, &stop_rx);
     let expiry_task = tokio::spawn(node.clone().run_expiry());
-    tracing::info!(node = me, resp = %listeners.resp_addr, http = %listeners.http_addr, peer = %listeners.peer_addr, data_dir = %node.config.data_dir.display(), "capdb node started");
+    tracing::info!(node = me, resp = %listeners.resp_addr, http = %listeners.http_addr, peer = %listeners.peer_addr, data_dir = %node.config.data_dir.display(), storage_cache_mb = node.config.storage_cache_bytes() >> 20, "capdb node started");
 
     shutdown.await;
     Running {

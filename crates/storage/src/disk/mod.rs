@@ -256,11 +256,40 @@ impl Closed {
     }
 }
 
+/// How a [`DiskEngine`] is sized.
+#[derive(Debug, Clone, Copy)]
+pub struct EngineOptions {
+    /// The largest value a write may carry.
+    pub value_bytes_max: usize,
+    /// Bytes of `capdb.redb`'s pages redb keeps in memory (its read cache and write buffer);
+    /// pages past it are read from the file again (a system call, a copy and an allocation
+    /// each).
+    pub cache_bytes: u64,
+    pub wal: crate::wal::WalConfig,
+}
+
+impl Default for EngineOptions {
+    fn default() -> EngineOptions {
+        EngineOptions {
+            value_bytes_max: capdb_types::limits::VALUE_BYTES_MAX_DEFAULT,
+            cache_bytes: 1 << 30,
+            wal: crate::wal::WalConfig::default(),
+        }
+    }
+}
+
 impl DiskEngine {
     /// Opens (or creates) `dir/capdb.redb` and starts the writer thread, with the write-ahead
     /// log's default sizes ([`crate::wal::WalConfig`]).
     pub fn open(dir: &Path, hlc: Arc<Hlc>, value_bytes_max: usize) -> Result<DiskEngine> {
-        Self::open_with_wal(dir, hlc, value_bytes_max, crate::wal::WalConfig::default())
+        Self::open_with(
+            dir,
+            hlc,
+            EngineOptions {
+                value_bytes_max,
+                ..EngineOptions::default()
+            },
+        )
     }
 
     /// [`DiskEngine::open`] with the write-ahead log sized by `wal` (its segments and its
@@ -271,10 +300,29 @@ impl DiskEngine {
         value_bytes_max: usize,
         wal: crate::wal::WalConfig,
     ) -> Result<DiskEngine> {
+        Self::open_with(
+            dir,
+            hlc,
+            EngineOptions {
+                value_bytes_max,
+                wal,
+                ..EngineOptions::default()
+            },
+        )
+    }
+
+    /// [`DiskEngine::open`] with every size given.
+    pub fn open_with(dir: &Path, hlc: Arc<Hlc>, options: EngineOptions) -> Result<DiskEngine> {
+        let EngineOptions {
+            value_bytes_max,
+            cache_bytes,
+            wal,
+        } = options;
         std::fs::create_dir_all(dir)
             .map_err(|e| Error::Io(format!("cannot create data dir {}: {e}", dir.display())))?;
         let path = dir.join("capdb.redb");
         let mut builder = Database::builder();
+        builder.set_cache_size(usize::try_from(cache_bytes).unwrap_or(usize::MAX));
         // After a crash redb verifies every page checksum and rebuilds its allocator state
         // before the node serves; say so, since it can take a while on a large file. If the
         // newest commit's pages fail verification redb falls back to the previous commit.
