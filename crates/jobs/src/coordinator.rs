@@ -406,6 +406,15 @@ type TaskCall<'f> =
 /// The calls of the live attempts.
 type Running<'f> = FuturesUnordered<Abortable<TaskCall<'f>>>;
 
+/// What [`Job::start_pending`] fills: the tasks waiting to start, the attempts running, each
+/// node's attempts, each task's next attempt number.
+struct Slots<'s, 'f> {
+    pending: &'s mut VecDeque<usize>,
+    running: &'s mut Running<'f>,
+    load: &'s mut HashMap<u64, usize>,
+    next_attempt: &'s mut Vec<u16>,
+}
+
 fn unload(load: &mut HashMap<u64, usize>, node: u64) {
     if let Some(l) = load.get_mut(&node) {
         *l = l.saturating_sub(1);
@@ -977,25 +986,14 @@ impl<'a, C: Cluster> Job<'a, C> {
                     .await?,
                 ));
             }
-            // Start what can start.
-            let mut waiting = VecDeque::new();
-            while let Some(n) = pending.pop_front() {
-                if t.done[n] || t.runs(n) {
-                    continue;
-                }
-                let Some(node) = self.place(t, n, replicas, &load, None) else {
-                    waiting.push_back(n);
-                    continue;
-                };
-                let attempt = next_attempt[n];
-                next_attempt[n] += 1;
-                match self.start(plan, t, n, attempt, node, false, &spec).await? {
-                    Some(order) => self.launch(t, &mut running, &mut load, order, node, false),
-                    None if !t.done[n] => waiting.push_back(n),
-                    None => {}
-                }
-            }
-            pending = waiting;
+            let mut slots = Slots {
+                pending: &mut pending,
+                running: &mut running,
+                load: &mut load,
+                next_attempt: &mut next_attempt,
+            };
+            self.start_pending(plan, t, replicas, &spec, &mut slots)
+                .await?;
             if running.is_empty() {
                 if pending.is_empty() {
                     return Ok(());
@@ -1018,6 +1016,15 @@ impl<'a, C: Cluster> Job<'a, C> {
                     let Ok((n, attempt, node, result)) = finished else { continue };
                     let Some(live) = t.live.remove(&(n, attempt)) else { continue };
                     unload(&mut load, node);
+                    // The slot is taken again before this output is decoded, recorded and
+                    // merged (a second or more for a big one): the node's cores stay busy.
+                    let mut slots = Slots {
+                        pending: &mut pending,
+                        running: &mut running,
+                        load: &mut load,
+                        next_attempt: &mut next_attempt,
+                    };
+                    self.start_pending(plan, t, replicas, &spec, &mut slots).await?;
                     // Decoded once: checked now, merged if accepted.
                     let result = result.map(|out| {
                         let p = decoded(plan, &out.partial);
@@ -1142,6 +1149,39 @@ impl<'a, C: Cluster> Job<'a, C> {
                 }
             }
         }
+    }
+
+    /// Starts every pending task that has a node with a free slot; the others stay pending.
+    async fn start_pending<'f>(
+        &self,
+        plan: &Plan,
+        t: &mut Tasks,
+        replicas: &HashMap<u64, ShardReplicas>,
+        spec: &str,
+        slots: &mut Slots<'_, 'f>,
+    ) -> Result<(), Stop>
+    where
+        'a: 'f,
+    {
+        let mut waiting = VecDeque::new();
+        while let Some(n) = slots.pending.pop_front() {
+            if t.done[n] || t.runs(n) {
+                continue;
+            }
+            let Some(node) = self.place(t, n, replicas, slots.load, None) else {
+                waiting.push_back(n);
+                continue;
+            };
+            let attempt = slots.next_attempt[n];
+            slots.next_attempt[n] += 1;
+            match self.start(plan, t, n, attempt, node, false, spec).await? {
+                Some(order) => self.launch(t, slots.running, slots.load, order, node, false),
+                None if !t.done[n] => waiting.push_back(n),
+                None => {}
+            }
+        }
+        *slots.pending = waiting;
+        Ok(())
     }
 
     /// Records attempt `attempt` of task `n` as started on `node` and makes its order.
