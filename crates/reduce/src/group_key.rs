@@ -113,6 +113,14 @@ impl PartialOrd for GroupKey {
 
 /// Read from a byte string as [`crate::partial::Partial::encode`] writes it, straight into
 /// the key (no `Vec` on the way).
+/// Written as a byte string: the bytes a `Vec<u8>` of the same key gives in postcard (its
+/// length, then the bytes), so a stored form may hold either.
+impl serde::Serialize for GroupKey {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(self.as_bytes())
+    }
+}
+
 impl<'de> serde::Deserialize<'de> for GroupKey {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<GroupKey, D::Error> {
         struct Visit;
@@ -172,6 +180,20 @@ mod tests {
                 assert_eq!(ka.cmp(&kb), a.cmp(b), "{a:?} vs {b:?}");
                 assert_eq!(ka == kb, a == b, "{a:?} vs {b:?}");
             }
+        }
+    }
+
+    /// Stored forms written with `Vec<u8>` groups (partials, views' unfolded changes) read
+    /// as keys, and keys write the same bytes.
+    #[test]
+    fn a_key_is_stored_as_its_bytes_in_a_vec_are() {
+        for len in [0usize, 1, 23, 24, 300] {
+            let bytes: Vec<u8> = (0..len).map(|i| i as u8).collect();
+            let as_vec = postcard::to_allocvec(&(7u8, bytes.clone(), 9i64)).unwrap();
+            let as_key = postcard::to_allocvec(&(7u8, GroupKey::new(&bytes), 9i64)).unwrap();
+            assert_eq!(as_key, as_vec, "{len} bytes");
+            let back: (u8, GroupKey, i64) = postcard::from_bytes(&as_vec).unwrap();
+            assert_eq!(back.1.as_bytes(), &bytes[..]);
         }
     }
 

@@ -345,9 +345,10 @@ async fn min_and_max_stay_exact_between_and_across_folds_of_their_changes() {
     a.verify("sales");
 }
 
-/// Min/max multisets are kept in chunks of at most 64 numbers, each stored under its first.
-/// Writes here give two groups hundreds of distinct amounts (chunks split, new extremes go
-/// into the first and last chunks, which are then stored under another number), then delete
+/// Min/max multisets are kept in chunks of at most 64 numbers (`CHUNK_NUMBERS_MAX`), each
+/// stored under its first. Writes here give two groups hundreds of distinct amounts (chunks
+/// split, new extremes go into the first and last chunks, which are then stored under another
+/// number), churn them through folds (each fold's changes fall into every chunk), then delete
 /// and replace most keys (chunks empty and go, extremes move inwards); after every write the
 /// view equals a recomputation.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -356,9 +357,10 @@ async fn min_and_max_stay_exact_as_their_chunks_split_and_empty() {
     let mut a = Replica::open(dir.path());
     let mut rng = fastrand::Rng::with_seed(12);
     a.define_built("sales", 1).await;
+    let keys = 600;
     let order = |rng: &mut fastrand::Rng, spread: i32| {
         set(
-            &format!("o:{}", rng.u16(0..600)),
+            &format!("o:{}", rng.u16(0..keys)),
             &format!(
                 r#"{{"c":"c{}","a":{}.{}}}"#,
                 rng.u8(0..2),
@@ -380,11 +382,25 @@ async fn min_and_max_stay_exact_as_their_chunks_split_and_empty() {
     }
     // Two groups holding more than twice a chunk's numbers: some chunk was split.
     assert!(most_numbers > 2 * 64, "{most_numbers} numbers");
+    // Churn over multisets of several chunks each, through folds (one per 256 commits):
+    // changes fall into every chunk, and some remove a group's extremes.
+    for step in 0..600 {
+        let ms = (0..20)
+            .map(|_| match rng.bool() {
+                true => order(&mut rng, 4_500),
+                false => del(&format!("o:{}", rng.u16(0..keys))),
+            })
+            .collect();
+        a.write(ms).await;
+        let (rows, _) = a.rows("sales", 1);
+        let (want, _, _) = a.recomputed();
+        assert_eq!(rows, want, "after churn {step}");
+    }
     for step in 0..300 {
         let ms = (0..10)
             .map(|_| match rng.u8(0..4) {
                 0 => order(&mut rng, 5),
-                _ => del(&format!("o:{}", rng.u16(0..600))),
+                _ => del(&format!("o:{}", rng.u16(0..keys))),
             })
             .collect();
         a.write(ms).await;
