@@ -1125,6 +1125,27 @@ struct UnfoldedMm {
     rows: Vec<(u8, GroupKey, Fixed, i64)>,
 }
 
+/// How many (number, change) pairs of the view's unfolded multiset changes add: an upper
+/// bound of the numbers they add to its multisets (a number added by one commit and taken
+/// back by the next counts once), read with no allocation per change.
+fn unfolded_mm_additions(
+    el: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    name: &[u8],
+    generation: u64,
+) -> Result<i64> {
+    let prefix = gen_prefix(DMM, name, generation);
+    let mut added = 0i64;
+    for r in el.range(&prefix[..]..).map_err(io_err)? {
+        let (k, raw) = r.map_err(io_err)?;
+        if !k.value().starts_with(&prefix) {
+            break;
+        }
+        let u: UnfoldedMm = decode(raw.value(), "a view's unfolded min/max change")?;
+        added += u.rows.iter().filter(|c| c.3 > 0).count() as i64;
+    }
+    Ok(added)
+}
+
 /// The unfolded multiset changes of a view, each number's summed.
 #[allow(clippy::type_complexity)]
 fn unfolded_mm_rows(
@@ -1417,16 +1438,15 @@ fn over_bounds(
     )?
     .unwrap_or_default();
     let mut minmax_rows = counts.minmax_rows;
-    let changes = unfolded_mm(el, v)?;
-    // Only when the unfolded changes could take the rows past the bound: a number they add
-    // may be kept already.
-    let added = changes
-        .by_group
-        .values()
-        .flat_map(|c| c.values())
-        .filter(|d| **d > 0)
-        .count() as i64;
-    if minmax_rows + added > VIEW_MINMAX_ROWS_MAX {
+    // Only when the unfolded changes could take the rows past the bound (their additions,
+    // counted row by row: at least the numbers they add) are they merged and each looked up:
+    // a number they add may be kept already. The leader asks every 500 ms; the merge costs an
+    // allocation per change.
+    if !v.multisets.is_empty()
+        && minmax_rows + unfolded_mm_additions(el, &v.name, v.def.generation)?
+            > VIEW_MINMAX_ROWS_MAX
+    {
+        let changes = unfolded_mm(el, v)?;
         for ((r, group), numbers) in &changes.by_group {
             for (number, d) in numbers {
                 let stored = stored_count(el, v, changes.chunked, *r, group, *number)?;
