@@ -214,6 +214,27 @@ fn random_write(rng: &mut fastrand::Rng) -> Mutation {
             data: Bytes::from_static(b" "),
         },
         4 => set(&k, &format!(r#"{{"c":"c{}"}}"#, rng.u8(0..7))),
+        // A multi-key write naming keys more than once (counted once each), or a deletion
+        // among its keys, so that it sometimes finds them all absent and writes.
+        5 if rng.bool() => del(&format!("o:n{:03}", rng.u32(0..200))),
+        5 => {
+            // A narrow window repeats keys among a few, a wide one among more than eight.
+            let window = if rng.bool() { 5 } else { 16 };
+            let base = rng.u32(0..200 - window);
+            let mut args = vec![Bytes::from_static(b"MSETNX")];
+            for _ in 0..rng.usize(1..12) {
+                args.push(Bytes::from(format!("o:n{:03}", base + rng.u32(0..window))));
+                args.push(Bytes::from(format!(
+                    r#"{{"c":"c{}","a":{}}}"#,
+                    rng.u8(0..7),
+                    rng.i32(-100..100)
+                )));
+            }
+            Mutation::Exec {
+                key: args[1].clone(),
+                args,
+            }
+        }
         _ => set(
             &k,
             &format!(

@@ -385,9 +385,57 @@ type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 struct Pending {
     /// Keyed by the group's canonical bytes, held inline when short (no allocation per write).
     rows: FastMap<GroupKey, Row>,
-    minmax: FastMap<(u8, GroupKey, Fixed), i64>,
+    minmax: MinMaxChanges,
     counts: Counts,
     touched: bool,
+}
+
+/// Most changes [`MinMaxChanges`] holds before it sums them (then at most twice what summing
+/// left, or this).
+const MINMAX_SUM_AT_LEAST: usize = 4_096;
+
+/// Changes to a view's min/max multisets, `(owner reducer, group, number, change)`, held as
+/// they come and summed per (reducer, group, number) once they pass twice what the last sum
+/// left (at least [`MINMAX_SUM_AT_LEAST`]), and when written ([`MinMaxChanges::summed`]).
+/// A commit's writes are mostly distinct (group, number) pairs: a push each and one sort at
+/// the write, which sorts them anyway, cost less than a hash map's entry per write.
+#[derive(Default)]
+struct MinMaxChanges {
+    changes: Vec<(u8, GroupKey, Fixed, i64)>,
+    sum_at: usize,
+}
+
+impl MinMaxChanges {
+    fn add(&mut self, r: u8, group: GroupKey, number: Fixed, d: i64) {
+        self.changes.push((r, group, number, d));
+        if self.changes.len() >= self.sum_at.max(MINMAX_SUM_AT_LEAST) {
+            self.sum();
+            self.sum_at = self.changes.len() * 2;
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.changes.len()
+    }
+
+    fn sum(&mut self) {
+        self.changes
+            .sort_unstable_by(|a, b| (a.0, &a.1, a.2).cmp(&(b.0, &b.1, b.2)));
+        self.changes.dedup_by(|later, first| {
+            let same = (later.0, &later.1, later.2) == (first.0, &first.1, first.2);
+            if same {
+                first.3 += later.3;
+            }
+            same
+        });
+        self.changes.retain(|c| c.3 != 0);
+    }
+
+    /// Sorted by (reducer, group, number), each summed, none 0.
+    fn summed(mut self) -> Vec<(u8, GroupKey, Fixed, i64)> {
+        self.sum();
+        self.changes
+    }
 }
 
 /// The views of one shard, loaded once per commit of the writer's ([`Deferred`]), with what
@@ -443,11 +491,24 @@ impl ViewSet {
         if self.views.is_empty() {
             return Vec::new();
         }
-        // A command may name a million keys: a set, not a scan of `out`, keeps this linear.
+        // A command may name a million keys: past a few, a set, not a scan of `out`, keeps
+        // this linear; most name one (no set to allocate and hash into per write).
+        const SCAN_UP_TO: usize = 8;
         let mut seen = std::collections::HashSet::new();
         let mut out: Vec<Bytes> = Vec::new();
         for k in keys {
-            if self.views.iter().any(|v| v.live_for(k)) && seen.insert(k) {
+            if !self.views.iter().any(|v| v.live_for(k)) {
+                continue;
+            }
+            let fresh = if out.len() < SCAN_UP_TO {
+                !out.contains(k)
+            } else {
+                if seen.is_empty() {
+                    seen.extend(out.iter().cloned());
+                }
+                seen.insert(k.clone())
+            };
+            if fresh {
                 out.push(k.clone());
             }
         }
@@ -617,7 +678,7 @@ fn add_group(
         let n = *numbers
             .get(slot)
             .ok_or_else(|| Error::Corruption("a view's value slot".into()))?;
-        *p.minmax.entry((r, group.clone(), n)).or_default() += sign;
+        p.minmax.add(r, group.clone(), n, sign);
     }
     let row = p.rows.entry(group).or_insert_with(|| Row {
         n: 0,
@@ -705,11 +766,14 @@ impl ViewDelta {
                 .into_iter()
                 .map(|(g, row)| (GroupKey::new(&g), row))
                 .collect(),
-            minmax: self
-                .minmax
-                .into_iter()
-                .map(|(r, g, n, d)| ((r, GroupKey::new(&g), n), d))
-                .collect(),
+            minmax: MinMaxChanges {
+                changes: self
+                    .minmax
+                    .into_iter()
+                    .map(|(r, g, n, d)| (r, GroupKey::new(&g), n, d))
+                    .collect(),
+                sum_at: 0,
+            },
             counts: Counts {
                 keys: self.keys,
                 skipped: self.skipped,
@@ -774,9 +838,9 @@ impl DeltaBuilder {
                 .collect(),
             minmax: p
                 .minmax
+                .summed()
                 .into_iter()
-                .filter(|(_, d)| *d != 0)
-                .map(|((r, g, n), d)| (r, g.as_bytes().to_vec(), n, d))
+                .map(|(r, g, n, d)| (r, g.as_bytes().to_vec(), n, d))
                 .collect(),
             keys: p.counts.keys,
             skipped: p.counts.skipped,
@@ -1381,23 +1445,18 @@ fn fold_chunk(
 fn write_minmax(
     el: &mut RawTable<'_>,
     v: &Loaded,
-    minmax: FastMap<(u8, GroupKey, Fixed), i64>,
+    minmax: MinMaxChanges,
     counts: &mut Counts,
 ) -> Result<()> {
     let (name, generation) = (&v.name[..], v.def.generation);
-    let mut changes: Vec<(u8, GroupKey, Fixed, i64)> = minmax
-        .into_iter()
-        .filter(|(_, d)| *d != 0)
-        .map(|((r, g, n), d)| (r, g, n, d))
-        .collect();
+    // Sorted (the same change gives the same bytes) and summed.
+    let mut changes = minmax.summed();
     if changes.is_empty() {
         return Ok(());
     }
     let (next, held) = next_unfolded(el, DMM, name, generation)?;
     let held = held.saturating_add(changes.len() as u64);
     if next + 1 < UNFOLDED_MM_ROWS_MAX && held < UNFOLDED_MM_CHANGES_MAX {
-        // Sorted: the same change gives the same bytes (a hash map's order would not).
-        changes.sort_unstable();
         let mut key = gen_prefix(DMM, name, generation);
         key.extend_from_slice(&next.to_be_bytes());
         key.extend_from_slice(&held.to_be_bytes());
@@ -2438,11 +2497,12 @@ pub(super) fn verify(
 fn compare(
     el: &impl ReadableTable<&'static [u8], &'static [u8]>,
     v: &Loaded,
-    fresh: Pending,
+    mut fresh: Pending,
 ) -> Result<Reply> {
     // Each min/max reducer's extremes per group, in one pass over the multiset.
     let mut extremes: HashMap<(u8, &[u8]), (Fixed, Fixed)> = HashMap::new();
-    for ((r, group, x), n) in &fresh.minmax {
+    let fresh_minmax = std::mem::take(&mut fresh.minmax).summed();
+    for (r, group, x, n) in &fresh_minmax {
         if *n > 0 {
             let e = extremes.entry((*r, group.as_bytes())).or_insert((*x, *x));
             e.0 = e.0.min(*x);
@@ -2556,4 +2616,67 @@ fn compare(
         Reply::Integer(checked as i64),
         Reply::Array(examples),
     ]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view_set(prefix: &str) -> ViewSet {
+        let spec = format!(
+            r#"{{"input": {{"keyspace": "k", "prefix": "{prefix}", "expired": "include"}}, "map": {{"group": [{{"json": "$.c"}}]}}, "reduce": {{"n": "count"}}}}"#
+        );
+        let spec = JobSpec::parse(spec.as_bytes())
+            .expect("a valid spec")
+            .canonical()
+            .to_string();
+        let def = ViewDef {
+            generation: 1,
+            spec,
+            state: ViewState::Ready,
+        };
+        ViewSet {
+            views: vec![Loaded::new(Bytes::from_static(b"v"), def).expect("a view")],
+            pending: vec![Pending::default()],
+            any_async: false,
+        }
+    }
+
+    #[test]
+    fn a_command_s_keys_are_counted_once_each_in_the_order_first_named() {
+        let set = view_set("o:");
+        // (keys named, distinct among them): a few (compared with those found so far) and
+        // more than eight (then kept in a set).
+        for (named, distinct) in [
+            (1usize, 1usize),
+            (3, 2),
+            (8, 8),
+            (12, 9),
+            (40, 21),
+            (40, 40),
+        ] {
+            // Every distinct key named, in a scrambled order, with keys the view does not
+            // read between them.
+            let keys: Vec<Bytes> = (0..named.max(distinct))
+                .flat_map(|i| {
+                    [
+                        Bytes::from(format!("o:{}", (i * 13 + 5) % distinct)),
+                        Bytes::from(format!("x:{i}")),
+                    ]
+                })
+                .collect();
+            let mut expected: Vec<Bytes> = Vec::new();
+            for k in keys.iter().filter(|k| k.starts_with(b"o:")) {
+                if !expected.contains(k) {
+                    expected.push(k.clone());
+                }
+            }
+            assert_eq!(expected.len(), distinct);
+            assert_eq!(
+                set.keys_of(&keys),
+                expected,
+                "{named} keys named, {distinct} distinct"
+            );
+        }
+    }
 }
