@@ -202,8 +202,14 @@ async fn throughput(
                 t
             });
             while Instant::now() < until {
-                if let Some(t) = pace.as_mut() {
-                    t.tick().await;
+                // A pace slower than the run ends the client's run at its end, not at the
+                // next tick.
+                if let Some(t) = pace.as_mut()
+                    && tokio::time::timeout_at(tokio::time::Instant::from_std(until), t.tick())
+                        .await
+                        .is_err()
+                {
+                    break;
                 }
                 let mut pipe = redis::pipe();
                 for _ in 0..PIPELINE {
