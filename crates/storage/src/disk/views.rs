@@ -1148,7 +1148,7 @@ fn next_seq(el: &RawTable<'_>, kind: &[u8], name: &[u8], generation: u64) -> Res
 /// unfolded rows hold before it (`DMM` keys carry the running count after the sequence
 /// number: `seq u64 BE‖held u64 BE`; keys of 8 bytes, from before, count none).
 fn next_unfolded(
-    el: &RawTable<'_>,
+    el: &impl ReadableTable<&'static [u8], &'static [u8]>,
     kind: &[u8],
     name: &[u8],
     generation: u64,
@@ -1189,21 +1189,30 @@ struct UnfoldedMm {
     rows: Vec<(u8, GroupKey, Fixed, i64)>,
 }
 
-/// How many (number, change) pairs of the view's unfolded multiset changes add: an upper
-/// bound of the numbers they add to its multisets (a number added by one commit and taken
-/// back by the next counts once), read with no allocation per change.
+/// An upper bound of the numbers the view's unfolded multiset changes add to its multisets:
+/// the running count of changes the last unfolded row's key carries (every change, added or
+/// taken back), read with no decoding. Rows from before keys carried it count none, so while
+/// the first row is one of those, the additions are counted row by row.
 fn unfolded_mm_additions(
     el: &impl ReadableTable<&'static [u8], &'static [u8]>,
     name: &[u8],
     generation: u64,
 ) -> Result<i64> {
     let prefix = gen_prefix(DMM, name, generation);
+    let mut upper = prefix.clone();
+    upper.extend_from_slice(&[0xff; 9]);
+    let mut rows = el.range(&prefix[..]..&upper[..]).map_err(io_err)?;
+    let first_counts = match rows.next().transpose().map_err(io_err)? {
+        None => return Ok(0),
+        Some((k, _)) => k.value().len() == prefix.len() + 16,
+    };
+    if first_counts {
+        let (_, held) = next_unfolded(el, DMM, name, generation)?;
+        return Ok(i64::try_from(held).unwrap_or(i64::MAX));
+    }
     let mut added = 0i64;
-    for r in el.range(&prefix[..]..).map_err(io_err)? {
-        let (k, raw) = r.map_err(io_err)?;
-        if !k.value().starts_with(&prefix) {
-            break;
-        }
+    for r in el.range(&prefix[..]..&upper[..]).map_err(io_err)? {
+        let (_, raw) = r.map_err(io_err)?;
         let u: UnfoldedMm = decode(raw.value(), "a view's unfolded min/max change")?;
         added += u.rows.iter().filter(|c| c.3 > 0).count() as i64;
     }
@@ -1555,10 +1564,10 @@ fn over_bounds(
     )?
     .unwrap_or_default();
     let mut minmax_rows = counts.minmax_rows;
-    // Only when the unfolded changes could take the rows past the bound (their additions,
-    // counted row by row: at least the numbers they add) are they merged and each looked up:
-    // a number they add may be kept already. The leader asks every 500 ms; the merge costs an
-    // allocation per change.
+    // Only when the unfolded changes could take the rows past the bound (an upper bound of
+    // the numbers they add, read from the last unfolded row's key) are they merged and each
+    // looked up: a number they add may be kept already. The leader asks every 500 ms; the
+    // merge costs an allocation per change.
     if !v.multisets.is_empty()
         && minmax_rows + unfolded_mm_additions(el, &v.name, v.def.generation)?
             > VIEW_MINMAX_ROWS_MAX
