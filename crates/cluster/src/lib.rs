@@ -17,5 +17,6 @@ pub mod slots;
 pub mod state;
 
 pub use state::{
-    ClusterState, GroupId, META_GROUP, MetaCommand, MetaResponse, NodeId, NodeInfo, ShardInfo,
+    CacheShard, ClusterState, ClusterStateV1, GroupId, META_GROUP, MetaCommand, MetaResponse,
+    NodeId, NodeInfo, ShardInfo,
 };

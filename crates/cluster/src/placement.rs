@@ -6,6 +6,8 @@
 //! 2. Replicas spread across zones (label `zone`): a zone gets a second replica of a shard only
 //!    when every zone already has one.
 //! 3. Among equal choices, the node holding the fewest replicas wins (then the lowest id).
+//! 4. A cache shard's primary is handed off ([`MetaCommand::CachePromote`], the next epoch) to
+//!    a replica that stays before it leaves the shard; balancing moves no cache primary.
 //!
 //! [`next_move`] yields one step of repair/rebalancing at a time (a shard missing replicas, a
 //! replica on a draining node, or a load difference above one), so moves happen one by one and
@@ -13,7 +15,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::state::{ClusterState, MetaCommand, NodeId};
+use capdb_types::KeyspaceName;
+
+use crate::state::{CacheShard, ClusterState, MetaCommand, NodeId};
 
 /// Most voters in the meta group.
 pub const META_VOTERS: usize = 3;
@@ -129,6 +133,13 @@ pub fn next_move(state: &ClusterState) -> Option<MetaCommand> {
         }
         if healthy.len() >= want && healthy.len() < shard.replicas.len() {
             debug_assert!(distinct(&healthy) || !distinct(&shard.replicas));
+            // A cache shard's primary leaving is handed off first, to the first replica that
+            // stays (the map refuses to drop a primary).
+            if let Some(c) = state.cache_shard(name, i)
+                && !healthy.contains(&c.primary)
+            {
+                return Some(hand_off(name, i, c, healthy[0]));
+            }
             return Some(MetaCommand::SetReplicas {
                 keyspace: name.clone(),
                 shard: i as u32,
@@ -152,6 +163,14 @@ pub fn next_move(state: &ClusterState) -> Option<MetaCommand> {
     for (source, _) in sources {
         for (name, i, shard) in state.all_shards() {
             if !shard.replicas.contains(&source) || shard.replicas.contains(&min_node) {
+                continue;
+            }
+            // Balancing moves no cache primary (a hand-off for balance alone is not worth its
+            // pause): another of the source's shards moves.
+            if state
+                .cache_shard(name, i)
+                .is_some_and(|c| c.primary == source)
+            {
                 continue;
             }
             let zones_before: BTreeSet<String> = shard.replicas.iter().map(zone).collect();
@@ -184,6 +203,21 @@ pub fn next_move(state: &ClusterState) -> Option<MetaCommand> {
         }
     }
     None
+}
+
+/// A planned hand-off of cache shard `keyspace/shard`'s primary to `to` (a replica that stays):
+/// the next epoch, nothing lost. (Until cache shards stream, the epoch's stream starts where the
+/// last one did.)
+fn hand_off(keyspace: &KeyspaceName, shard: usize, c: &CacheShard, to: NodeId) -> MetaCommand {
+    MetaCommand::CachePromote {
+        keyspace: keyspace.clone(),
+        shard: shard as u32,
+        epoch: c.epoch + 1,
+        primary: to,
+        start_offset: c.start_offset,
+        lost_at_least: 0,
+        lag_ms_before: 0,
+    }
 }
 
 /// The meta group's voters: the first [`META_VOTERS`] non-draining nodes by id (all when fewer).

@@ -8,10 +8,26 @@
 //!
 //! Every node caches the latest state it has applied; data requests route by that cached copy
 //! and never wait on the meta group.
+//!
+//! # Cache shards (issue 16, `docs/design/cache-cluster.md` §2)
+//!
+//! A `cache` keyspace's shards are placed like every other's; the map also records, per shard,
+//! which replica is its **primary** and in which **epoch** ([`CacheShard`]). An epoch changes
+//! only by [`MetaCommand::CachePromote`], a compare-and-set (`epoch == current + 1`), so two
+//! leaders racing to promote cannot both succeed, and the epoch fences every older primary. A
+//! [`MetaCommand::SetReplicas`] that would drop a shard's primary is refused: the primary is
+//! handed off first ([`placement::next_move`](crate::placement::next_move) does so).
+//!
+//! # Stored layout
+//!
+//! The map is postcard in `_meta` and in meta snapshots, and postcard cannot skip a missing
+//! trailing field: [`ClusterState::decode`] reads the current layout, then the one before cache
+//! shards ([`ClusterStateV1`]), whose cache keyspaces get epoch 1 with their first replica as
+//! primary (what [`MetaCommand::CreateKeyspace`] gives a new one).
 
 use std::collections::BTreeMap;
 
-use capdb_types::{KeyspaceName, KeyspaceSpec};
+use capdb_types::{EvictionPolicy, KeyspaceName, KeyspaceSpec, Mode};
 use serde::{Deserialize, Serialize};
 
 use crate::slots;
@@ -72,6 +88,37 @@ impl KeyspaceEntry {
     }
 }
 
+/// A cache keyspace's shard: which of its replicas takes writes, in which epoch, and what the
+/// last failover reported.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheShard {
+    /// Starts at 1; each promotion adds one. A copy that is primary in an older epoch is fenced.
+    pub epoch: u64,
+    /// The replica that takes writes in this epoch (always one of the shard's `replicas`).
+    pub primary: NodeId,
+    /// The offset of the shard's command stream this epoch starts at.
+    pub start_offset: u64,
+    /// The last promotion's report: how many stream entries the old primary had at least that
+    /// the new one lacked (writes acknowledged without WAIT that the failover lost; 0 for a
+    /// planned hand-off).
+    pub lost_at_least: u64,
+    /// The last promotion's report: how far the new primary lagged behind the old one, in ms.
+    pub lag_ms_before: u64,
+}
+
+impl CacheShard {
+    /// A new shard's: epoch 1, its first replica primary.
+    fn first(replicas: &[NodeId]) -> Option<CacheShard> {
+        Some(CacheShard {
+            epoch: 1,
+            primary: *replicas.first()?,
+            start_offset: 0,
+            lost_at_least: 0,
+            lag_ms_before: 0,
+        })
+    }
+}
+
 /// The replicated cluster map.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterState {
@@ -80,6 +127,46 @@ pub struct ClusterState {
     pub nodes: BTreeMap<NodeId, NodeInfo>,
     pub keyspaces: BTreeMap<KeyspaceName, KeyspaceEntry>,
     pub next_group: GroupId,
+    /// Every cache keyspace's shards, by index (as in its [`KeyspaceEntry::shards`]). Last:
+    /// the field added after the first layout ([`ClusterStateV1`]).
+    pub cache: BTreeMap<KeyspaceName, Vec<CacheShard>>,
+}
+
+/// The map's stored layout before cache shards: decoded only ([`ClusterState::decode`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterStateV1 {
+    pub version: u64,
+    pub nodes: BTreeMap<NodeId, NodeInfo>,
+    pub keyspaces: BTreeMap<KeyspaceName, KeyspaceEntry>,
+    pub next_group: GroupId,
+}
+
+impl From<ClusterStateV1> for ClusterState {
+    /// Cache keyspaces get what [`MetaCommand::CreateKeyspace`] gives a new one: epoch 1, the
+    /// first replica primary. Every node converts the same map the same way. (A cache's data
+    /// was per process then, so no copy holds anything a primary elsewhere would miss.)
+    fn from(v1: ClusterStateV1) -> ClusterState {
+        let cache = v1
+            .keyspaces
+            .iter()
+            .filter(|(_, ks)| ks.spec.mode == Mode::Cache)
+            .map(|(name, ks)| {
+                let shards = ks
+                    .shards
+                    .iter()
+                    .filter_map(|s| CacheShard::first(&s.replicas))
+                    .collect();
+                (name.clone(), shards)
+            })
+            .collect();
+        ClusterState {
+            version: v1.version,
+            nodes: v1.nodes,
+            keyspaces: v1.keyspaces,
+            next_group: v1.next_group,
+            cache,
+        }
+    }
 }
 
 /// A change to the cluster map.
@@ -97,11 +184,34 @@ pub enum MetaCommand {
         replicas: Vec<Vec<NodeId>>,
     },
     DropKeyspace(KeyspaceName),
-    /// Sets the target replicas of one shard (rebalancing, repair, drain).
+    /// Sets the target replicas of one shard (rebalancing, repair, drain). Refused for a cache
+    /// shard if `replicas` lacks its primary (hand it off first: [`MetaCommand::CachePromote`]).
     SetReplicas {
         keyspace: KeyspaceName,
         shard: u32,
         replicas: Vec<NodeId>,
+    },
+    /// Makes `primary` the primary of a cache shard in `epoch`. Applied only if `epoch` is the
+    /// shard's epoch plus one and `primary` is one of its replicas: a compare-and-set, so of
+    /// two promotions decided from the same epoch one applies and the other is refused.
+    CachePromote {
+        keyspace: KeyspaceName,
+        shard: u32,
+        epoch: u64,
+        primary: NodeId,
+        /// The stream offset the new epoch starts at (the new primary's last applied).
+        start_offset: u64,
+        /// See [`CacheShard::lost_at_least`].
+        lost_at_least: u64,
+        /// See [`CacheShard::lag_ms_before`].
+        lag_ms_before: u64,
+    },
+    /// Sets a cache keyspace's memory limit (across the cluster: each shard holds its share)
+    /// and eviction policy (`None`: unchanged).
+    SetCacheLimits {
+        keyspace: KeyspaceName,
+        max_memory_bytes: Option<u64>,
+        eviction: Option<EvictionPolicy>,
     },
 }
 
@@ -117,6 +227,18 @@ pub enum MetaResponse {
 }
 
 impl ClusterState {
+    /// Reads a stored map: the current layout, else the one before cache shards
+    /// ([`ClusterStateV1`], every byte of `raw` read), converted.
+    pub fn decode(raw: &[u8]) -> Result<ClusterState, postcard::Error> {
+        match postcard::from_bytes::<ClusterState>(raw) {
+            Ok(state) => Ok(state),
+            Err(current) => match postcard::take_from_bytes::<ClusterStateV1>(raw) {
+                Ok((v1, [])) => Ok(v1.into()),
+                _ => Err(current),
+            },
+        }
+    }
+
     /// Applies a command. Invalid commands change nothing and answer an error: the decision is
     /// deterministic, so every replica answers the same.
     pub fn apply(&mut self, cmd: &MetaCommand) -> MetaResponse {
@@ -182,6 +304,13 @@ impl ClusterState {
                         return Err(invalid(format!("replica node {r} is not a member")));
                     }
                 }
+                if replicas.iter().any(Vec::is_empty) {
+                    return Err(invalid("a shard needs at least one replica".into()));
+                }
+                if spec.mode == Mode::Cache {
+                    let shards = replicas.iter().filter_map(|r| CacheShard::first(r));
+                    self.cache.insert(spec.name.clone(), shards.collect());
+                }
                 let shards = replicas
                     .iter()
                     .enumerate()
@@ -211,6 +340,7 @@ impl ClusterState {
                 self.keyspaces
                     .remove(name)
                     .ok_or_else(|| invalid(format!("keyspace '{name}' does not exist")))?;
+                self.cache.remove(name);
             }
             MetaCommand::SetReplicas {
                 keyspace,
@@ -232,10 +362,103 @@ impl ClusterState {
                 let s = entry.shards.get_mut(*shard as usize).ok_or_else(|| {
                     invalid(format!("keyspace '{keyspace}' has no shard {shard}"))
                 })?;
+                if let Some(c) = self
+                    .cache
+                    .get(keyspace)
+                    .and_then(|c| c.get(*shard as usize))
+                    && !replicas.contains(&c.primary)
+                {
+                    return Err(invalid(format!(
+                        "node {} is the primary of cache shard {keyspace}/{shard}: hand it off \
+                         before it leaves the shard",
+                        c.primary
+                    )));
+                }
                 s.replicas = replicas.clone();
+            }
+            MetaCommand::CachePromote {
+                keyspace,
+                shard,
+                epoch,
+                primary,
+                start_offset,
+                lost_at_least,
+                lag_ms_before,
+            } => {
+                let (entry, c) = self.cache_shard_mut(keyspace, *shard)?;
+                if *epoch != c.epoch + 1 {
+                    return Err(invalid(format!(
+                        "cache shard {keyspace}/{shard} is in epoch {}: a promotion to epoch \
+                         {epoch} was decided from another",
+                        c.epoch
+                    )));
+                }
+                if !entry.shards[*shard as usize].replicas.contains(primary) {
+                    return Err(invalid(format!(
+                        "node {primary} holds no replica of cache shard {keyspace}/{shard}"
+                    )));
+                }
+                *c = CacheShard {
+                    epoch: *epoch,
+                    primary: *primary,
+                    start_offset: *start_offset,
+                    lost_at_least: *lost_at_least,
+                    lag_ms_before: *lag_ms_before,
+                };
+            }
+            MetaCommand::SetCacheLimits {
+                keyspace,
+                max_memory_bytes,
+                eviction,
+            } => {
+                let entry = self
+                    .keyspaces
+                    .get_mut(keyspace)
+                    .ok_or_else(|| Error::KeyspaceNotFound(keyspace.to_string()))?;
+                if entry.spec.mode != Mode::Cache {
+                    return Err(invalid(format!(
+                        "keyspace '{keyspace}' is not a cache: it has no memory limit"
+                    )));
+                }
+                if let Some(max) = max_memory_bytes {
+                    if *max < capdb_types::keyspace::CACHE_MAX_MEMORY_BYTES_MIN {
+                        return Err(invalid(
+                            "max_memory_bytes of a cache keyspace must be at least 1 MiB".into(),
+                        ));
+                    }
+                    entry.spec.max_memory_bytes = Some(*max);
+                }
+                if let Some(policy) = eviction {
+                    entry.spec.eviction = Some(*policy);
+                }
             }
         }
         Ok(())
+    }
+
+    /// A cache shard's entry and its [`CacheShard`], for a command that changes it.
+    fn cache_shard_mut(
+        &mut self,
+        keyspace: &KeyspaceName,
+        shard: u32,
+    ) -> Result<(&KeyspaceEntry, &mut CacheShard), capdb_types::Error> {
+        let invalid = capdb_types::Error::InvalidInput;
+        let entry = self
+            .keyspaces
+            .get(keyspace)
+            .ok_or_else(|| capdb_types::Error::KeyspaceNotFound(keyspace.to_string()))?;
+        let c = self
+            .cache
+            .get_mut(keyspace)
+            .ok_or_else(|| invalid(format!("keyspace '{keyspace}' is not a cache")))?
+            .get_mut(shard as usize)
+            .ok_or_else(|| invalid(format!("keyspace '{keyspace}' has no shard {shard}")))?;
+        Ok((entry, c))
+    }
+
+    /// The cache shard `shard` of `keyspace`, if it is a cache keyspace's.
+    pub fn cache_shard(&self, keyspace: &KeyspaceName, shard: usize) -> Option<&CacheShard> {
+        self.cache.get(keyspace)?.get(shard)
     }
 
     /// `(keyspace, shard index, shard)` of every shard with a replica on `node`.
@@ -284,7 +507,6 @@ impl ClusterState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use capdb_types::Mode;
 
     pub fn node(id: NodeId, zone: &str) -> NodeInfo {
         NodeInfo {
@@ -341,5 +563,226 @@ mod tests {
             MetaResponse::Ok
         );
         assert_eq!(s.version, v, "an unchanged registration changes nothing");
+    }
+
+    fn name(n: &str) -> KeyspaceName {
+        KeyspaceName::new(n).unwrap()
+    }
+
+    /// Nodes 1 to 3, and cache keyspace `c` of 2 shards on `[1, 2]` and `[2, 3]`.
+    fn with_cache() -> ClusterState {
+        let mut s = ClusterState::default();
+        for i in 1..=3 {
+            s.apply(&MetaCommand::UpsertNode(node(i, "a")));
+        }
+        let spec = KeyspaceSpec::new(name("c"), Mode::Cache, Some(2), Some(2), None, None).unwrap();
+        let cmd = MetaCommand::CreateKeyspace {
+            spec,
+            replicas: vec![vec![1, 2], vec![2, 3]],
+        };
+        assert_eq!(s.apply(&cmd), MetaResponse::Ok);
+        s
+    }
+
+    fn promote(shard: u32, epoch: u64, primary: NodeId) -> MetaCommand {
+        MetaCommand::CachePromote {
+            keyspace: name("c"),
+            shard,
+            epoch,
+            primary,
+            start_offset: 10,
+            lost_at_least: 2,
+            lag_ms_before: 30,
+        }
+    }
+
+    #[test]
+    fn a_new_cache_keyspace_s_shards_start_in_epoch_1_with_their_first_replica_primary() {
+        let s = with_cache();
+        let primaries: Vec<(u64, NodeId)> = s.cache[&name("c")]
+            .iter()
+            .map(|c| (c.epoch, c.primary))
+            .collect();
+        assert_eq!(primaries, vec![(1, 1), (1, 2)]);
+        assert_eq!(s.cache_shard(&name("c"), 1).map(|c| c.primary), Some(2));
+        assert_eq!(s.cache_shard(&name("c"), 2), None);
+    }
+
+    #[test]
+    fn other_modes_have_no_cache_shards_and_refuse_cache_commands() {
+        let mut s = with_cache();
+        let spec = KeyspaceSpec::new(name("k"), Mode::Cp, Some(1), Some(1), None, None).unwrap();
+        s.apply(&MetaCommand::CreateKeyspace {
+            spec,
+            replicas: vec![vec![1]],
+        });
+        assert!(!s.cache.contains_key(&name("k")));
+        let mut cmd = promote(0, 2, 1);
+        if let MetaCommand::CachePromote { keyspace, .. } = &mut cmd {
+            *keyspace = name("k");
+        }
+        assert!(matches!(s.apply(&cmd), MetaResponse::Refused(_)));
+        let limits = MetaCommand::SetCacheLimits {
+            keyspace: name("k"),
+            max_memory_bytes: Some(8 << 20),
+            eviction: None,
+        };
+        assert!(matches!(s.apply(&limits), MetaResponse::Refused(_)));
+    }
+
+    #[test]
+    fn a_promotion_applies_only_as_the_next_epoch_and_to_a_replica() {
+        let mut s = with_cache();
+        let before = s.clone();
+        // Not the next epoch (decided from a stale map), or not a replica: refused, unchanged.
+        assert!(matches!(
+            s.apply(&promote(0, 1, 2)),
+            MetaResponse::Refused(_)
+        ));
+        assert!(matches!(
+            s.apply(&promote(0, 3, 2)),
+            MetaResponse::Refused(_)
+        ));
+        assert!(matches!(
+            s.apply(&promote(0, 2, 3)),
+            MetaResponse::Refused(_)
+        ));
+        assert!(matches!(
+            s.apply(&promote(5, 2, 2)),
+            MetaResponse::Refused(_)
+        ));
+        assert_eq!(
+            s, before,
+            "a refused promotion changes nothing, not even the version"
+        );
+        assert_eq!(s.apply(&promote(0, 2, 2)), MetaResponse::Ok);
+        assert_eq!(
+            s.cache[&name("c")][0],
+            CacheShard {
+                epoch: 2,
+                primary: 2,
+                start_offset: 10,
+                lost_at_least: 2,
+                lag_ms_before: 30,
+            }
+        );
+        // Two promotions decided from epoch 1: the second is refused.
+        assert!(matches!(
+            s.apply(&promote(0, 2, 1)),
+            MetaResponse::Refused(_)
+        ));
+        assert_eq!(s.cache[&name("c")][0].primary, 2);
+        assert_eq!(
+            s.cache[&name("c")][1].epoch,
+            1,
+            "other shards keep their epoch"
+        );
+    }
+
+    #[test]
+    fn a_cache_shard_s_primary_cannot_leave_its_replicas_until_handed_off() {
+        let mut s = with_cache();
+        let drop_primary = MetaCommand::SetReplicas {
+            keyspace: name("c"),
+            shard: 0,
+            replicas: vec![2, 3],
+        };
+        match s.apply(&drop_primary) {
+            MetaResponse::Refused(e) => assert!(e.to_string().contains("hand it off"), "{e}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(s.keyspaces[&name("c")].shards[0].replicas, vec![1, 2]);
+        // Growing the set, or dropping another replica, is fine.
+        let grow = MetaCommand::SetReplicas {
+            keyspace: name("c"),
+            shard: 0,
+            replicas: vec![1, 2, 3],
+        };
+        assert_eq!(s.apply(&grow), MetaResponse::Ok);
+        assert_eq!(s.apply(&promote(0, 2, 3)), MetaResponse::Ok);
+        assert_eq!(
+            s.apply(&drop_primary),
+            MetaResponse::Ok,
+            "node 1 is no primary now"
+        );
+    }
+
+    #[test]
+    fn cache_limits_change_the_spec_within_its_bounds() {
+        let mut s = with_cache();
+        let limits = |max, eviction| MetaCommand::SetCacheLimits {
+            keyspace: name("c"),
+            max_memory_bytes: max,
+            eviction,
+        };
+        assert_eq!(
+            s.apply(&limits(Some(64 << 20), Some(EvictionPolicy::Lfu))),
+            MetaResponse::Ok
+        );
+        let spec = &s.keyspaces[&name("c")].spec;
+        assert_eq!(spec.max_memory_bytes, Some(64 << 20));
+        assert_eq!(spec.eviction, Some(EvictionPolicy::Lfu));
+        assert!(matches!(
+            s.apply(&limits(Some(1000), None)),
+            MetaResponse::Refused(_)
+        ));
+        assert_eq!(
+            s.apply(&limits(None, Some(EvictionPolicy::Lru))),
+            MetaResponse::Ok
+        );
+        let spec = &s.keyspaces[&name("c")].spec;
+        assert_eq!(
+            spec.max_memory_bytes,
+            Some(64 << 20),
+            "None leaves the limit"
+        );
+        assert_eq!(spec.eviction, Some(EvictionPolicy::Lru));
+    }
+
+    #[test]
+    fn dropping_a_cache_keyspace_forgets_its_shards() {
+        let mut s = with_cache();
+        assert_eq!(
+            s.apply(&MetaCommand::DropKeyspace(name("c"))),
+            MetaResponse::Ok
+        );
+        assert!(s.cache.is_empty());
+    }
+
+    #[test]
+    fn the_map_reads_back_in_its_layout_and_in_the_one_before_cache_shards() {
+        let mut s = with_cache();
+        s.apply(&promote(1, 2, 3));
+        let raw = postcard::to_stdvec(&s).unwrap();
+        assert_eq!(ClusterState::decode(&raw).unwrap(), s);
+        // Written by the binary before cache shards (`tests/fixtures`, made at 930875f): a
+        // cp keyspace `orders` and a cache keyspace `sessions` of 3 shards.
+        let v1 = include_bytes!("../tests/fixtures/cluster_state_v1.postcard");
+        let old = ClusterState::decode(v1).unwrap();
+        assert_eq!(old.version, 5);
+        assert_eq!(old.nodes.len(), 3);
+        assert_eq!(old.next_group, 6);
+        let sessions = &old.keyspaces[&name("sessions")];
+        assert_eq!(sessions.spec.max_memory_bytes, Some(64 << 20));
+        let primaries: Vec<(u64, NodeId)> = old.cache[&name("sessions")]
+            .iter()
+            .map(|c| (c.epoch, c.primary))
+            .collect();
+        assert_eq!(
+            primaries,
+            vec![(1, 3), (1, 1), (1, 2)],
+            "the first replica of each"
+        );
+        assert!(!old.cache.contains_key(&name("orders")));
+        // Read back as written now, it is the same map.
+        assert_eq!(
+            ClusterState::decode(&postcard::to_stdvec(&old).unwrap()).unwrap(),
+            old
+        );
+        // Bytes of neither layout are refused, not read as a part of one.
+        assert!(ClusterState::decode(&v1[..v1.len() - 1]).is_err());
+        let mut longer = v1.to_vec();
+        longer.push(7);
+        assert!(ClusterState::decode(&longer).is_err());
     }
 }

@@ -25,19 +25,25 @@
 //! - `add <node>...`: the same, for nodes that join a running cluster.
 //! - `drain <name>`: `MetaCommand::DrainNode`. Prints nothing.
 //! - `remove <name>`: `MetaCommand::RemoveNode` (refused while it holds replicas).
-//! - `create <keyspace> shards=N rf=R`: replica sets from `placement::place_keyspace`, applied
-//!   as `MetaCommand::CreateKeyspace` (mode cp). Prints nothing.
+//! - `create <keyspace> shards=N rf=R [mode=cp|cache]`: replica sets from
+//!   `placement::place_keyspace`, applied as `MetaCommand::CreateKeyspace` (mode cp unless
+//!   given). Prints nothing.
 //! - `step`: `placement::next_move`, printed and applied. A `SetReplicas` prints as
 //!   `<kind> <keyspace>/<shard>: <old replicas> -> <new replicas>`, where kind is `add` (the new
-//!   set only adds nodes), `remove` (it only removes) or `move`; no move prints `none`.
+//!   set only adds nodes), `remove` (it only removes) or `move`; a `CachePromote` as
+//!   `hand-off <keyspace>/<shard>: <old primary> -> <new primary> (epoch N)`; no move prints
+//!   `none`.
+//! - `promote <keyspace>/<shard> <node> epoch=N`: `MetaCommand::CachePromote`. Prints nothing.
+//! - `set-replicas <keyspace>/<shard> <node>...`: `MetaCommand::SetReplicas`. Prints nothing.
 //! - `steps`: `step` until it prints `none` (printed too), at most 100 times.
-//! - `show`: every shard's replicas, as stored, one line per shard: `<keyspace>/<shard>: a b c`.
+//! - `show`: every shard's replicas, as stored, one line per shard: `<keyspace>/<shard>: a b c`;
+//!   a cache shard's primary is marked `*`, and its epoch follows: `c/0: a* b (epoch 1)`.
 //! - `load`: replicas per node, then the difference between the most and least loaded
 //!   non-draining nodes: `a=2 b=2 c=1 d=0(draining) max-min=1`.
 //! - `meta-voters current=a,b,c`: `placement::meta_target_voters` for these current voters
 //!   (`current=` for none), printed by id.
 //!
-//! A failed apply prints `error: <message>`; a malformed command fails the test.
+//! A refused apply prints `error: <message>`; a malformed command fails the test.
 //!
 //! Run with `UPDATE_SCRIPTS=1` to write the actual output over the expected one instead of
 //! comparing (then review the diff).
@@ -72,8 +78,10 @@ impl Runner {
     }
 
     fn apply(&mut self, cmd: &MetaCommand, out: &mut Vec<String>) {
-        if let MetaResponse::Error(e) = self.state.apply(cmd) {
-            out.push(format!("error: {e}"));
+        match self.state.apply(cmd) {
+            MetaResponse::Ok => {}
+            MetaResponse::Error(e) => out.push(format!("error: {e}")),
+            MetaResponse::Refused(e) => out.push(format!("error: {e}")),
         }
     }
 
@@ -114,14 +122,23 @@ impl Runner {
                 let id = self.id(name);
                 self.apply(&MetaCommand::RemoveNode(id), out);
             }
-            ("create", [name, shards, rf]) => {
+            ("create", [name, shards, rf, rest @ ..]) if rest.len() <= 1 => {
+                let mode = match rest {
+                    [] => Mode::Cp,
+                    [mode] => mode
+                        .strip_prefix("mode=")
+                        .ok_or("expected mode=")?
+                        .parse::<Mode>()
+                        .map_err(|e| e.to_string())?,
+                    _ => unreachable!("at most one argument more"),
+                };
                 let number = |arg: &str, key: &str| {
                     let v = arg.strip_prefix(key).ok_or(format!("expected {key}N"))?;
                     v.parse::<u32>().map_err(|e| e.to_string())
                 };
                 let (shards, rf) = (number(shards, "shards=")?, number(rf, "rf=")?);
                 let name = KeyspaceName::new(*name).map_err(|e| e.to_string())?;
-                let spec = KeyspaceSpec::new(name, Mode::Cp, Some(rf), Some(shards), None, None)
+                let spec = KeyspaceSpec::new(name, mode, Some(rf), Some(shards), None, None)
                     .map_err(|e| e.to_string())?;
                 let replicas = placement::place_keyspace(&self.state, shards, rf);
                 self.apply(&MetaCommand::CreateKeyspace { spec, replicas }, out);
@@ -139,10 +156,49 @@ impl Runner {
                     }
                 }
             }
+            ("promote", [shard, node, epoch]) => {
+                let (keyspace, shard) = self.shard(shard)?;
+                let epoch = epoch.strip_prefix("epoch=").ok_or("expected epoch=")?;
+                let cmd = MetaCommand::CachePromote {
+                    keyspace,
+                    shard,
+                    epoch: epoch.parse().map_err(|_| "bad epoch")?,
+                    primary: self.id(node),
+                    start_offset: 0,
+                    lost_at_least: 0,
+                    lag_ms_before: 0,
+                };
+                self.apply(&cmd, out);
+            }
+            ("set-replicas", [shard, nodes @ ..]) => {
+                let (keyspace, shard) = self.shard(shard)?;
+                let replicas = nodes.iter().map(|n| self.id(n)).collect();
+                let cmd = MetaCommand::SetReplicas {
+                    keyspace,
+                    shard,
+                    replicas,
+                };
+                self.apply(&cmd, out);
+            }
             ("show", []) => {
                 for (name, i, shard) in self.state.all_shards() {
-                    let replicas = self.names(shard.replicas.iter().copied());
-                    out.push(format!("{name}/{i}: {replicas}"));
+                    let cache = self.state.cache_shard(name, i);
+                    let replicas: Vec<String> = shard
+                        .replicas
+                        .iter()
+                        .map(|&r| {
+                            let mark = if cache.is_some_and(|c| c.primary == r) {
+                                "*"
+                            } else {
+                                ""
+                            };
+                            format!("{}{mark}", self.name(r))
+                        })
+                        .collect();
+                    let epoch = cache
+                        .map(|c| format!(" (epoch {})", c.epoch))
+                        .unwrap_or_default();
+                    out.push(format!("{name}/{i}: {}{epoch}", replicas.join(" ")));
                 }
             }
             ("load", []) => {
@@ -177,6 +233,13 @@ impl Runner {
         Ok(())
     }
 
+    /// `keyspace/shard` as the map names it.
+    fn shard(&self, arg: &str) -> Result<(KeyspaceName, u32), String> {
+        let (keyspace, shard) = arg.split_once('/').ok_or("expected keyspace/shard")?;
+        let keyspace = KeyspaceName::new(keyspace).map_err(|e| e.to_string())?;
+        Ok((keyspace, shard.parse().map_err(|_| "bad shard index")?))
+    }
+
     /// One `next_move`, printed and applied; false when there was none.
     fn step(&mut self, out: &mut Vec<String>) -> bool {
         let Some(cmd) = placement::next_move(&self.state) else {
@@ -199,6 +262,17 @@ impl Runner {
                 };
                 let (old, new) = (self.names(old.clone()), self.names(replicas.clone()));
                 format!("{kind} {keyspace}/{shard}: {old} -> {new}")
+            }
+            MetaCommand::CachePromote {
+                keyspace,
+                shard,
+                epoch,
+                primary,
+                ..
+            } => {
+                let old = self.state.cache[keyspace][*shard as usize].primary;
+                let (old, new) = (self.name(old), self.name(*primary));
+                format!("hand-off {keyspace}/{shard}: {old} -> {new} (epoch {epoch})")
             }
             other => format!("{other:?}"),
         };

@@ -34,7 +34,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use capdb_cluster::{ClusterState, GroupId, NodeId};
+use capdb_cluster::{ClusterState, ClusterStateV1, GroupId, NodeId};
 use capdb_storage::disk::{SnapshotTable, TableSnapshot};
 use serde::{Deserialize, Serialize};
 
@@ -57,6 +57,35 @@ pub enum SnapshotPart {
     },
     /// A page of one of the shard's tables.
     Rows(SnapshotTable, Vec<(Vec<u8>, Vec<u8>)>),
+}
+
+/// [`SnapshotPart`] as versions before cache shards wrote it (their map is a
+/// [`ClusterStateV1`]): decoded only.
+#[derive(Deserialize)]
+enum SnapshotPartV1 {
+    Head {
+        sessions: Vec<(String, Vec<u8>)>,
+        state: Option<ClusterStateV1>,
+    },
+    Rows(SnapshotTable, Vec<(Vec<u8>, Vec<u8>)>),
+}
+
+impl SnapshotPart {
+    /// Reads a part: the current layout, else the one before cache shards (a head from a
+    /// leader of that version, or spooled by one; every byte read), converted.
+    pub fn decode(raw: &[u8]) -> Result<SnapshotPart, postcard::Error> {
+        match postcard::from_bytes::<SnapshotPart>(raw) {
+            Ok(part) => Ok(part),
+            Err(current) => match postcard::take_from_bytes::<SnapshotPartV1>(raw) {
+                Ok((SnapshotPartV1::Head { sessions, state }, [])) => Ok(SnapshotPart::Head {
+                    sessions,
+                    state: state.map(ClusterState::from),
+                }),
+                Ok((SnapshotPartV1::Rows(table, rows), [])) => Ok(SnapshotPart::Rows(table, rows)),
+                _ => Err(current),
+            },
+        }
+    }
 }
 
 /// A group's snapshot as openraft passes it around: this node's state, to be read when sent, or
@@ -198,7 +227,7 @@ impl Iterator for SpoolReader {
         if crc32fast::hash(&raw) != crc {
             return Some(Err(corrupt("spooled snapshot part fails its CRC".into())));
         }
-        Some(postcard::from_bytes(&raw).map_err(|e| corrupt(format!("spooled snapshot part: {e}"))))
+        Some(SnapshotPart::decode(&raw).map_err(|e| corrupt(format!("spooled snapshot part: {e}"))))
     }
 }
 
@@ -282,8 +311,8 @@ impl Inbox {
         seq: u64,
         part: &[u8],
     ) -> Result<(), InboxRefusal> {
-        let decoded = postcard::from_bytes::<SnapshotPart>(part)
-            .map_err(|e| InboxRefusal::Undecodable(e.to_string()))?;
+        let decoded =
+            SnapshotPart::decode(part).map_err(|e| InboxRefusal::Undecodable(e.to_string()))?;
         // What the install reads must be a head and then rows: checked here, so a spool that
         // passed is only unreadable if the disk fails.
         if matches!(decoded, SnapshotPart::Head { .. }) != (seq == 0) {
@@ -502,5 +531,34 @@ mod tests {
         std::fs::write(&spool.path, raw).unwrap();
         let mut parts = SnapshotData::Spooled(spool).into_parts().unwrap();
         assert!(parts.next().unwrap().is_err());
+    }
+
+    #[test]
+    fn a_head_from_a_leader_before_cache_shards_is_read_and_its_map_converted() {
+        // What that version sent: `Head` (variant 0), no sessions, then `Some` and its map
+        // (the fixture was written by it).
+        let v1 = include_bytes!("../../cluster/tests/fixtures/cluster_state_v1.postcard");
+        let mut head = vec![0u8, 0, 1];
+        head.extend_from_slice(v1);
+        let Ok(SnapshotPart::Head { sessions, state }) = SnapshotPart::decode(&head) else {
+            panic!("the old head is not read");
+        };
+        assert!(sessions.is_empty());
+        let state = state.expect("the map");
+        assert_eq!(state, ClusterState::decode(v1).unwrap());
+        assert_eq!(state.cache.values().map(Vec::len).sum::<usize>(), 3);
+        // The spool takes it as part 0, and gives it back converted.
+        let dir = tempfile::tempdir().unwrap();
+        let inbox = Inbox::open(&dir.path().join("in")).unwrap();
+        inbox.part(1, 0, 5, 0, &head).unwrap();
+        let spool = inbox.finish(1, 0, 5, 1).unwrap();
+        let parts: Vec<SnapshotPart> = SnapshotData::Spooled(spool)
+            .into_parts()
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert!(matches!(&parts[..], [SnapshotPart::Head { state: Some(s), .. }] if *s == state));
+        // Neither layout: refused.
+        assert!(SnapshotPart::decode(&head[..head.len() - 1]).is_err());
     }
 }

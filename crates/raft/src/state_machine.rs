@@ -88,6 +88,16 @@ fn decode<T: serde::de::DeserializeOwned>(raw: &[u8], what: &str) -> io::Result<
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("corrupt {what}: {e}")))
 }
 
+/// The stored cluster map, in its current layout or the one before (`ClusterState::decode`).
+fn decode_cluster(raw: &[u8]) -> io::Result<ClusterState> {
+    ClusterState::decode(raw).map_err(|e| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("corrupt cluster state: {e}"),
+        )
+    })
+}
+
 fn encode<T: Serialize>(v: &T) -> Vec<u8> {
     postcard::to_stdvec(v).expect("state machine types always encode")
 }
@@ -101,7 +111,7 @@ impl StateMachine {
         };
         let meta_state: ClusterState = match &kind {
             Kind::Meta { .. } => match engine.meta_get(&meta_key(group, "state")).map_err(io)? {
-                Some(raw) => decode(&raw, "cluster state")?,
+                Some(raw) => decode_cluster(&raw)?,
                 None => ClusterState::default(),
             },
             Kind::Data { .. } => ClusterState::default(),
@@ -1055,7 +1065,7 @@ impl StateMachine {
         let state = match &self.kind {
             Kind::Data { .. } => None,
             Kind::Meta { .. } => Some(match &rows.meta[1] {
-                Some(raw) => decode(raw, "cluster state")?,
+                Some(raw) => decode_cluster(raw)?,
                 None => ClusterState::default(),
             }),
         };

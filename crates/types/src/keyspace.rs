@@ -142,6 +142,8 @@ impl std::str::FromStr for EvictionPolicy {
 
 /// Default memory limit of a cache keyspace: 256 MiB.
 pub const CACHE_MAX_MEMORY_BYTES_DEFAULT: u64 = 256 * 1024 * 1024;
+/// Smallest memory limit a cache keyspace takes: 1 MiB.
+pub const CACHE_MAX_MEMORY_BYTES_MIN: u64 = 1024 * 1024;
 
 /// Everything recorded about a keyspace when it is created.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -187,7 +189,7 @@ impl KeyspaceSpec {
         let (max_memory_bytes, eviction) = match mode {
             Mode::Cache => {
                 let max = max_memory_bytes.unwrap_or(CACHE_MAX_MEMORY_BYTES_DEFAULT);
-                if max < 1024 * 1024 {
+                if max < CACHE_MAX_MEMORY_BYTES_MIN {
                     return Err(Error::InvalidInput(
                         "max_memory_bytes of a cache keyspace must be at least 1 MiB".into(),
                     ));
