@@ -48,8 +48,9 @@
 //! Run with `UPDATE_SCRIPTS=1` to write the actual output over the expected one instead of
 //! comparing (then review the diff).
 
+mod script;
+
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
 
 use capdb_cluster::placement;
 use capdb_cluster::{ClusterState, MetaCommand, MetaResponse, NodeId, NodeInfo};
@@ -282,79 +283,10 @@ impl Runner {
     }
 }
 
-/// Runs a script; returns its text with the actual outputs, and the mismatches.
-fn run_script(path: &Path, text: &str) -> (String, Vec<String>) {
-    let mut runner = Runner::default();
-    let (mut rewritten, mut failures) = (String::new(), Vec::new());
-    let mut commands: Vec<(usize, &str)> = Vec::new();
-    // The `---` line's number and the expected lines, once in a block's output.
-    let mut expected: Option<(usize, Vec<&str>)> = None;
-    let mut lines = text.lines().zip(1..).peekable();
-    while let Some((line, n)) = lines.next() {
-        let blank = line.trim().is_empty();
-        match &mut expected {
-            Some((_, exp)) => exp.push(line),
-            None => {
-                rewritten.push_str(line);
-                rewritten.push('\n');
-                if line == "---" {
-                    expected = Some((n, Vec::new()));
-                } else if blank && !commands.is_empty() {
-                    panic!("{}:{n}: commands without a --- line", path.display());
-                } else if !blank && !line.trim_start().starts_with('#') {
-                    commands.push((n, line.trim()));
-                }
-            }
-        }
-        let block_ends = lines.peek().is_none_or(|(l, _)| l.trim().is_empty());
-        if let (Some((dashes, exp)), true) = (&expected, block_ends) {
-            let mut actual = Vec::new();
-            for (n, command) in commands.drain(..) {
-                if let Err(e) = runner.run(command, &mut actual) {
-                    panic!("{}:{n}: {e}", path.display());
-                }
-            }
-            if *exp != actual {
-                failures.push(format!(
-                    "{}:{dashes}: output differs\n--- expected\n{}\n--- actual\n{}\n",
-                    path.display(),
-                    exp.join("\n"),
-                    actual.join("\n"),
-                ));
-            }
-            for line in actual {
-                rewritten.push_str(&line);
-                rewritten.push('\n');
-            }
-            expected = None;
-        }
-    }
-    if let Some((n, _)) = commands.first() {
-        panic!("{}:{n}: commands without a --- line", path.display());
-    }
-    (rewritten, failures)
-}
-
 #[test]
 fn placement_scripts() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/placement");
-    let mut paths: Vec<_> = std::fs::read_dir(&dir)
-        .expect("tests/placement")
-        .map(|e| e.expect("dir entry").path())
-        .filter(|p| p.extension().is_some_and(|e| e == "txt"))
-        .collect();
-    paths.sort();
-    assert!(!paths.is_empty(), "no scripts in {}", dir.display());
-    let update = std::env::var_os("UPDATE_SCRIPTS").is_some_and(|v| v == "1");
-    let mut failures = Vec::new();
-    for path in paths {
-        let text = std::fs::read_to_string(&path).expect("read script");
-        let (rewritten, mismatches) = run_script(&path, &text);
-        if update && rewritten != text {
-            std::fs::write(&path, rewritten).expect("write script");
-        } else if !update {
-            failures.extend(mismatches);
-        }
-    }
-    assert!(failures.is_empty(), "\n{}", failures.join("\n"));
+    script::run_scripts("placement", || {
+        let mut runner = Runner::default();
+        move |line: &str, out: &mut Vec<String>| runner.run(line, out)
+    });
 }
