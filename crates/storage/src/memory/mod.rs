@@ -32,6 +32,7 @@ mod chunked;
 mod elements;
 pub mod ring;
 mod space;
+pub mod stream;
 mod watch;
 
 pub use watch::TOUCHED_PER_SHARD_MAX;
