@@ -16,14 +16,26 @@
 //!   release before `t_recv + lease·(1 + 2ρ) + δ` ([`LeaseConfig::promise`]): later, in real
 //!   time, than any lease the grant can extend, whatever the two clocks' rates within ρ. A voter
 //!   that (re)started has forgotten its promises: it releases nothing for one promise's length.
-//! - A **release** (the meta leader's, before a promotion) is answered by a voter whose promise
-//!   has passed; the voter then refuses every renewal of that epoch. A majority of released
-//!   voters ([`ReleaseTally`]) intersects the majority of the old primary's last lease, so that
-//!   lease has ended before the promotion commits: no two primaries write in overlapping time.
+//! - A **release** (the meta leader's, before a promotion) comes after the epoch's fence is
+//!   committed (`MetaCommand::CacheFence`): a voter that has applied the fence refuses the
+//!   epoch's renewals for good (the map is durable: a restart cannot forget it, as it could
+//!   forget a release held in memory), and answers the release once its own promise has passed.
+//!   A majority of released voters ([`ReleaseTally`]) intersects the majority of the old
+//!   primary's last lease, so that lease has ended before the promotion commits: no two
+//!   primaries write in overlapping time.
 //!
 //! Time is the caller's monotonic clock as a [`Duration`] since any origin (one per process: a
 //! voter's and a primary's are never compared, only their rates are bounded by ρ). Nothing here
 //! reads a clock, so the rules run in scripts (`tests/lease/*.txt`).
+//!
+//! # What the callers must add (not here yet)
+//!
+//! - The voter sets: a primary counts grants against the sets it is given, and a voter grants
+//!   whatever its map allows. A renewal must carry the primary's view of the meta membership,
+//!   and a voter refuse one that differs from its own or once it is no voter; a new meta leader
+//!   must count the previous set for one promise after its election.
+//! - The WAIT floor lives in the voters' memory only: a voter's restart forgets it. The freeze
+//!   (replicas' own offsets) must back it before a promotion relies on it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -65,9 +77,17 @@ impl LeaseConfig {
         self.lease.mul_f64(1.0 + 2.0 * self.drift) + self.margin
     }
 
-    /// Whether the primary's lease ends before any voter's promise: what makes the rules safe.
+    /// Whether the rules are safe with these figures: a promise outlasts, in real time, any
+    /// lease a grant extends (`promise ≥ lease·(1 + ρ)/(1 − ρ)`, with a margin above 0), and
+    /// the rounds kept cover a lease.
     pub fn is_safe(&self) -> bool {
-        self.drift >= 0.0 && self.renew_every < self.lease && self.promise() > self.lease
+        let drift_ok = self.drift.is_finite() && (0.0..0.5).contains(&self.drift);
+        drift_ok
+            && !self.margin.is_zero()
+            && self.renew_every < self.lease
+            && self.promise().as_secs_f64()
+                >= self.lease.as_secs_f64() * (1.0 + self.drift) / (1.0 - self.drift)
+            && self.renew_every * ROUNDS_KEPT_MAX as u32 >= self.lease
     }
 }
 
@@ -96,8 +116,8 @@ pub enum RenewRefusal {
     UnknownShard,
     /// The voter's map has the shard in another epoch, or with another primary.
     NotPrimary { epoch: u64, primary: NodeId },
-    /// The voter released this epoch: a promotion may be under way.
-    Released,
+    /// The voter's map has this epoch fenced: a promotion is under way.
+    Fenced,
 }
 
 /// What a voter answers a release with: the end of the shard's epoch as its renewals reported.
@@ -117,18 +137,17 @@ pub enum ReleaseRefusal {
     JustStarted { for_ms: u64 },
     /// The shard is in a later epoch at this voter: the release is stale.
     Superseded { epoch: u64 },
+    /// The voter has not applied the epoch's fence yet (or knows no such shard).
+    NotFenced,
 }
 
 /// One shard's state at a voter.
 #[derive(Debug, Clone, PartialEq)]
 struct Promise {
     epoch: u64,
-    /// The primary granted in `epoch` (none: the voter only released the epoch).
-    primary: Option<NodeId>,
+    primary: NodeId,
     /// The grant holds until then (the voter's clock).
     until: Duration,
-    /// Epochs up to this one are released: renewals of them are refused.
-    released_through: u64,
     offset: u64,
     floor: u64,
     lag_ms: u64,
@@ -141,6 +160,9 @@ pub struct VoterTable {
     config: LeaseConfig,
     started: Duration,
     shards: BTreeMap<ShardRef, Promise>,
+    /// When this voter first saw each shard's current epoch without a promise for it: the
+    /// start of the wait before it suspects a primary that never renewed ([`Self::expired`]).
+    unrenewed_since: BTreeMap<ShardRef, (u64, Duration)>,
 }
 
 impl VoterTable {
@@ -151,6 +173,7 @@ impl VoterTable {
             config,
             started: now,
             shards: BTreeMap::new(),
+            unrenewed_since: BTreeMap::new(),
         }
     }
 
@@ -170,28 +193,27 @@ impl VoterTable {
                 primary: named.primary,
             });
         }
+        if named.fenced >= r.epoch {
+            return Err(RenewRefusal::Fenced);
+        }
         let until = now + self.config.promise();
+        let fresh = Promise {
+            epoch: r.epoch,
+            primary: r.primary,
+            until,
+            offset: r.offset,
+            floor: r.floor,
+            lag_ms: r.lag_ms,
+        };
         let p = self
             .shards
             .entry((r.keyspace.clone(), r.shard))
-            .or_insert(Promise {
-                epoch: r.epoch,
-                primary: Some(r.primary),
-                until,
-                released_through: 0,
-                offset: 0,
-                floor: 0,
-                lag_ms: 0,
-            });
-        if r.epoch <= p.released_through {
-            return Err(RenewRefusal::Released);
+            .or_insert_with(|| fresh.clone());
+        if p.epoch != r.epoch {
+            // A new epoch: what an older one reported says nothing of it (a lossy failover
+            // restarts the stream below the old primary's last offset).
+            *p = fresh;
         }
-        if r.epoch != p.epoch {
-            // A new epoch: the offsets go on (one stream per shard), the lag is the new one's.
-            p.lag_ms = 0;
-        }
-        p.epoch = r.epoch;
-        p.primary = Some(r.primary);
         p.until = p.until.max(until);
         p.offset = p.offset.max(r.offset);
         p.floor = p.floor.max(r.floor);
@@ -199,71 +221,99 @@ impl VoterTable {
         Ok(())
     }
 
-    /// Answers the meta leader's release of `shard` in `epoch` at `now`: the epoch's last
-    /// reported offsets once no promise of this voter's may still hold; from then on the voter
-    /// refuses the epoch's renewals.
+    /// Answers the meta leader's release of `shard` in `epoch` at `now`, judged by this
+    /// voter's applied `map` (which must hold the epoch's fence): the epoch's last reported
+    /// offsets, once no promise of this voter's may still hold.
     pub fn release(
         &mut self,
         now: Duration,
+        map: &ClusterState,
         shard: &ShardRef,
         epoch: u64,
     ) -> Result<Released, ReleaseRefusal> {
-        let promise = self.config.promise();
-        let just_started = self.started + promise;
+        let named = map
+            .cache_shard(&shard.0, shard.1 as usize)
+            .ok_or(ReleaseRefusal::NotFenced)?;
+        if named.epoch > epoch {
+            return Err(ReleaseRefusal::Superseded { epoch: named.epoch });
+        }
+        if named.fenced < epoch {
+            return Err(ReleaseRefusal::NotFenced);
+        }
+        let just_started = self.started + self.config.promise();
         if now < just_started {
             return Err(ReleaseRefusal::JustStarted {
                 for_ms: millis_until(now, just_started),
             });
         }
-        let p = self.shards.entry(shard.clone()).or_insert(Promise {
-            epoch,
-            primary: None,
-            until: now,
-            released_through: 0,
-            offset: 0,
-            floor: 0,
-            lag_ms: 0,
-        });
-        if p.epoch > epoch {
-            return Err(ReleaseRefusal::Superseded { epoch: p.epoch });
-        }
-        if p.epoch == epoch && now < p.until {
-            return Err(ReleaseRefusal::Held {
+        match self.shards.get(shard) {
+            Some(p) if p.epoch == epoch && now < p.until => Err(ReleaseRefusal::Held {
                 for_ms: millis_until(now, p.until),
-            });
+            }),
+            Some(p) if p.epoch == epoch => Ok(Released {
+                last_offset: p.offset,
+                floor: p.floor,
+                lag_ms: p.lag_ms,
+            }),
+            _ => Ok(Released {
+                last_offset: 0,
+                floor: 0,
+                lag_ms: 0,
+            }),
         }
-        p.released_through = p.released_through.max(epoch);
-        Ok(Released {
-            last_offset: p.offset,
-            floor: p.floor,
-            lag_ms: p.lag_ms,
-        })
     }
 
-    /// Ends this voter's promise for `shard` in `epoch` at once: its primary stopped writing (a
-    /// hand-off, a graceful shutdown, or a restarted process giving up its predecessor's epochs).
-    pub fn relinquish(&mut self, now: Duration, shard: &ShardRef, epoch: u64) {
+    /// Ends this voter's promise to `primary` for `shard` in `epoch` at once: the primary gave
+    /// its lease up ([`PrimaryLease::give_up`]) for a hand-off or a graceful shutdown. A
+    /// relinquish of another primary or epoch changes nothing.
+    pub fn relinquish(&mut self, now: Duration, shard: &ShardRef, epoch: u64, primary: NodeId) {
         if let Some(p) = self.shards.get_mut(shard)
             && p.epoch == epoch
+            && p.primary == primary
         {
             p.until = p.until.min(now);
         }
     }
 
-    /// Shards whose promise ran out at `now` without a renewal and was not released:
-    /// `(shard, epoch, primary)`, the primaries the meta leader suspects.
-    pub fn expired(&self, now: Duration) -> Vec<(ShardRef, u64, NodeId)> {
-        self.shards
-            .iter()
-            .filter(|(_, p)| p.until <= now && p.released_through < p.epoch)
-            .filter_map(|(s, p)| Some((s.clone(), p.epoch, p.primary?)))
-            .collect()
+    /// The primaries this voter suspects at `now`, by its applied `map`: `(shard, epoch,
+    /// primary)` of every cache shard whose current primary holds no live promise here, and
+    /// has held none for one promise's length (since its last grant ended, or since this voter
+    /// first saw the epoch unrenewed, or started). Fenced epochs are being ended already.
+    pub fn expired(&mut self, now: Duration, map: &ClusterState) -> Vec<(ShardRef, u64, NodeId)> {
+        let mut out = Vec::new();
+        let mut unrenewed = BTreeMap::new();
+        for (ks, shards) in &map.cache {
+            for (i, c) in shards.iter().enumerate() {
+                if c.fenced >= c.epoch {
+                    continue;
+                }
+                let shard = (ks.clone(), i as u32);
+                let suspect = match self.shards.get(&shard) {
+                    Some(p) if p.epoch == c.epoch && p.primary == c.primary => p.until <= now,
+                    _ => {
+                        let since = match self.unrenewed_since.get(&shard) {
+                            Some(&(epoch, since)) if epoch == c.epoch => since,
+                            _ => now.max(self.started),
+                        };
+                        unrenewed.insert(shard.clone(), (c.epoch, since));
+                        since + self.config.promise() <= now
+                    }
+                };
+                if suspect {
+                    out.push((shard, c.epoch, c.primary));
+                }
+            }
+        }
+        self.unrenewed_since = unrenewed;
+        out
     }
 
     /// Forgets shards the map no longer has (a dropped keyspace): the table stays bounded by the
     /// map's cache shards.
     pub fn retain_mapped(&mut self, map: &ClusterState) {
         self.shards
+            .retain(|(ks, i), _| map.cache_shard(ks, *i as usize).is_some());
+        self.unrenewed_since
             .retain(|(ks, i), _| map.cache_shard(ks, *i as usize).is_some());
     }
 }
@@ -285,6 +335,10 @@ fn majority_of_each(sets: &[BTreeSet<NodeId>], granted: &BTreeSet<NodeId>) -> bo
 /// Renewal rounds kept waiting for grants: a round older than a lease can extend nothing.
 pub const ROUNDS_KEPT_MAX: usize = 16;
 
+/// Round numbers, unique in the process: a late grant of another lease's round (an earlier
+/// epoch's, or a lease given up and taken again) never counts for this one.
+static NEXT_ROUND: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
 /// A primary's lease on one shard in one epoch.
 #[derive(Debug, Clone)]
 pub struct PrimaryLease {
@@ -292,9 +346,10 @@ pub struct PrimaryLease {
     epoch: u64,
     /// May write while `now <` this (the primary's clock).
     until: Option<Duration>,
-    next_round: u64,
     /// Rounds sent and not yet granted: `round -> (sent at, voters that granted)`.
     rounds: BTreeMap<u64, (Duration, BTreeSet<NodeId>)>,
+    /// Given up: no round counts any more, for good.
+    given_up: bool,
 }
 
 impl PrimaryLease {
@@ -306,8 +361,8 @@ impl PrimaryLease {
             config,
             epoch,
             until: None,
-            next_round: 1,
             rounds: BTreeMap::new(),
+            given_up: false,
         }
     }
 
@@ -318,8 +373,10 @@ impl PrimaryLease {
     /// Starts a renewal round sent at `now`: its number, to match grants with. At most
     /// [`ROUNDS_KEPT_MAX`] rounds wait; older ones are dropped (their grants would come late).
     pub fn start_round(&mut self, now: Duration) -> u64 {
-        let round = self.next_round;
-        self.next_round += 1;
+        let round = NEXT_ROUND.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if self.given_up {
+            return round;
+        }
         self.rounds.insert(round, (now, BTreeSet::new()));
         while self.rounds.len() > ROUNDS_KEPT_MAX {
             self.rounds.pop_first();
@@ -327,10 +384,20 @@ impl PrimaryLease {
         round
     }
 
-    /// Counts `voter`'s grant of `round`. Once a majority of every set in `voter_sets` (the
-    /// voter sets in force: the old and new one while the set changes) granted it, the lease
-    /// runs to the round's send plus a lease, and the round and older ones are done.
-    pub fn granted(&mut self, round: u64, voter: NodeId, voter_sets: &[BTreeSet<NodeId>]) {
+    /// Counts `voter`'s grant of `round` of `epoch`. Once a majority of every set in
+    /// `voter_sets` (the voter sets in force: the old and new one while the set changes)
+    /// granted it, the lease runs to the round's send plus a lease, and the round and older
+    /// ones are done. A grant of another epoch, or after [`Self::give_up`], counts nothing.
+    pub fn granted(
+        &mut self,
+        epoch: u64,
+        round: u64,
+        voter: NodeId,
+        voter_sets: &[BTreeSet<NodeId>],
+    ) {
+        if epoch != self.epoch || self.given_up {
+            return;
+        }
         let Some((sent, grants)) = self.rounds.get_mut(&round) else {
             return;
         };
@@ -348,11 +415,12 @@ impl PrimaryLease {
         self.until.is_some_and(|until| now < until)
     }
 
-    /// Stops writing at once (before a hand-off's `Relinquish`, or a graceful shutdown): no
-    /// round sent before counts any more.
+    /// Stops writing at once and for good (before a hand-off's `Relinquish`, or a graceful
+    /// shutdown): no round counts any more, sent before or after.
     pub fn give_up(&mut self) {
         self.until = None;
         self.rounds.clear();
+        self.given_up = true;
     }
 
     /// Until when the lease holds, if a round was granted.
@@ -427,11 +495,32 @@ mod tests {
         let c = LeaseConfig::default();
         assert_eq!(c.promise(), Duration::from_millis(560));
         assert!(c.is_safe());
-        let unsafe_config = LeaseConfig {
-            renew_every: Duration::from_millis(600),
-            ..c
-        };
-        assert!(!unsafe_config.is_safe());
+        for unsafe_config in [
+            LeaseConfig {
+                renew_every: Duration::from_millis(600),
+                ..c
+            },
+            LeaseConfig {
+                margin: Duration::ZERO,
+                ..c
+            },
+            LeaseConfig { drift: 0.5, ..c },
+            LeaseConfig {
+                drift: f64::INFINITY,
+                ..c
+            },
+            LeaseConfig {
+                drift: f64::NAN,
+                ..c
+            },
+            // Rounds kept (16) must cover a lease.
+            LeaseConfig {
+                renew_every: Duration::from_millis(10),
+                ..c
+            },
+        ] {
+            assert!(!unsafe_config.is_safe(), "{unsafe_config:?}");
+        }
     }
 
     #[test]

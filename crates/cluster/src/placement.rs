@@ -6,8 +6,13 @@
 //! 2. Replicas spread across zones (label `zone`): a zone gets a second replica of a shard only
 //!    when every zone already has one.
 //! 3. Among equal choices, the node holding the fewest replicas wins (then the lowest id).
-//! 4. A cache shard's primary is handed off ([`MetaCommand::CachePromote`], the next epoch) to
-//!    a replica that stays before it leaves the shard; balancing moves no cache primary.
+//! 4. A cache keyspace gets its primaries ([`MetaCommand::CacheAdopt`]) before any other step.
+//!    A cache shard's primary is handed off to a replica that stays before it leaves the shard
+//!    (its epoch fenced, [`MetaCommand::CacheFence`], then [`MetaCommand::CachePromote`], the
+//!    next epoch); balancing moves no cache primary. (These direct steps are safe only while no
+//!    primary holds a lease: once leases are served, issue 16 step 6, a hand-off waits for the
+//!    old primary to give its lease up and for the voters' release before it promotes, and so
+//!    becomes a task of its own rather than a placement step.)
 //!
 //! [`next_move`] yields one step of repair/rebalancing at a time (a shard missing replicas, a
 //! replica on a draining node, or a load difference above one), so moves happen one by one and
@@ -101,6 +106,17 @@ pub fn place_keyspace(state: &ClusterState, shards: u32, rf: u32) -> Vec<Vec<Nod
 
 /// The next repair or rebalancing step, if any.
 pub fn next_move(state: &ClusterState) -> Option<MetaCommand> {
+    // 0. Cache keyspaces get their primaries once every shard has a replica.
+    for (name, ks) in &state.keyspaces {
+        if ks.spec.mode == capdb_types::Mode::Cache
+            && !state.cache.contains_key(name)
+            && ks.shards.iter().all(|s| !s.replicas.is_empty())
+        {
+            return Some(MetaCommand::CacheAdopt {
+                keyspace: name.clone(),
+            });
+        }
+    }
     let load = state.load();
     let eligible: BTreeSet<NodeId> = eligible(state).into_iter().collect();
     // 1. Repair: replicas on draining/unknown nodes, or fewer replicas than wanted.
@@ -205,10 +221,17 @@ pub fn next_move(state: &ClusterState) -> Option<MetaCommand> {
     None
 }
 
-/// A planned hand-off of cache shard `keyspace/shard`'s primary to `to` (a replica that stays):
-/// the next epoch, nothing lost. (Until cache shards stream, the epoch's stream starts where the
-/// last one did.)
+/// The next step of a planned hand-off of cache shard `keyspace/shard`'s primary to `to` (a
+/// replica that stays): its epoch fenced, then the next epoch, nothing lost. (Until cache shards
+/// stream, the epoch's stream starts where the last one did.)
 fn hand_off(keyspace: &KeyspaceName, shard: usize, c: &CacheShard, to: NodeId) -> MetaCommand {
+    if c.fenced < c.epoch {
+        return MetaCommand::CacheFence {
+            keyspace: keyspace.clone(),
+            shard: shard as u32,
+            epoch: c.epoch,
+        };
+    }
     MetaCommand::CachePromote {
         keyspace: keyspace.clone(),
         shard: shard as u32,

@@ -12,18 +12,24 @@
 //! # Cache shards (issue 16, `docs/design/cache-cluster.md` §2)
 //!
 //! A `cache` keyspace's shards are placed like every other's; the map also records, per shard,
-//! which replica is its **primary** and in which **epoch** ([`CacheShard`]). An epoch changes
-//! only by [`MetaCommand::CachePromote`], a compare-and-set (`epoch == current + 1`), so two
-//! leaders racing to promote cannot both succeed, and the epoch fences every older primary. A
-//! [`MetaCommand::SetReplicas`] that would drop a shard's primary is refused: the primary is
-//! handed off first ([`placement::next_move`](crate::placement::next_move) does so).
+//! which replica is its **primary** and in which **epoch** ([`CacheShard`]), from the
+//! [`MetaCommand::CacheAdopt`] that gives a cache keyspace its primaries (epoch 1, each shard's
+//! first replica; proposed by placement right after the keyspace exists, so every node creates
+//! them at the same log index, whatever binary applied the entries before).
+//!
+//! An epoch ends in two committed steps: [`MetaCommand::CacheFence`] marks it fenced (the
+//! voters refuse its primary's renewals from then on, and answer a release of it only once they
+//! have applied the fence: the durable half of a release, which a voter's restart cannot
+//! forget), then [`MetaCommand::CachePromote`], a compare-and-set (`epoch == current + 1`, the
+//! current epoch fenced), names the next primary. Two leaders racing to promote cannot both
+//! succeed, and the epoch fences every older primary. A [`MetaCommand::SetReplicas`] that would
+//! drop a shard's primary is refused: the primary is handed off first.
 //!
 //! # Stored layout
 //!
 //! The map is postcard in `_meta` and in meta snapshots, and postcard cannot skip a missing
 //! trailing field: [`ClusterState::decode`] reads the current layout, then the one before cache
-//! shards ([`ClusterStateV1`]), whose cache keyspaces get epoch 1 with their first replica as
-//! primary (what [`MetaCommand::CreateKeyspace`] gives a new one).
+//! shards ([`ClusterStateV1`]), which has none (its cache keyspaces are adopted by a command).
 
 use std::collections::BTreeMap;
 
@@ -104,10 +110,13 @@ pub struct CacheShard {
     pub lost_at_least: u64,
     /// The last promotion's report: how far the new primary lagged behind the old one, in ms.
     pub lag_ms_before: u64,
+    /// Epochs up to this one are fenced ([`MetaCommand::CacheFence`]): their primaries' renewals
+    /// are refused. A promotion needs the current epoch fenced.
+    pub fenced: u64,
 }
 
 impl CacheShard {
-    /// A new shard's: epoch 1, its first replica primary.
+    /// An adopted shard's: epoch 1, its first replica primary.
     fn first(replicas: &[NodeId]) -> Option<CacheShard> {
         Some(CacheShard {
             epoch: 1,
@@ -115,6 +124,7 @@ impl CacheShard {
             start_offset: 0,
             lost_at_least: 0,
             lag_ms_before: 0,
+            fenced: 0,
         })
     }
 }
@@ -142,29 +152,16 @@ pub struct ClusterStateV1 {
 }
 
 impl From<ClusterStateV1> for ClusterState {
-    /// Cache keyspaces get what [`MetaCommand::CreateKeyspace`] gives a new one: epoch 1, the
-    /// first replica primary. Every node converts the same map the same way. (A cache's data
-    /// was per process then, so no copy holds anything a primary elsewhere would miss.)
+    /// No cache shards: its cache keyspaces are adopted by a committed
+    /// [`MetaCommand::CacheAdopt`], so that every node gives them primaries at the same log
+    /// index (nodes convert at different ones, and replay entries applied under older rules).
     fn from(v1: ClusterStateV1) -> ClusterState {
-        let cache = v1
-            .keyspaces
-            .iter()
-            .filter(|(_, ks)| ks.spec.mode == Mode::Cache)
-            .map(|(name, ks)| {
-                let shards = ks
-                    .shards
-                    .iter()
-                    .filter_map(|s| CacheShard::first(&s.replicas))
-                    .collect();
-                (name.clone(), shards)
-            })
-            .collect();
         ClusterState {
             version: v1.version,
             nodes: v1.nodes,
             keyspaces: v1.keyspaces,
             next_group: v1.next_group,
-            cache,
+            cache: BTreeMap::new(),
         }
     }
 }
@@ -191,9 +188,22 @@ pub enum MetaCommand {
         shard: u32,
         replicas: Vec<NodeId>,
     },
+    /// Gives a cache keyspace's shards their primaries: epoch 1, each shard's first replica.
+    /// Refused if the keyspace is no cache, is adopted already, or has a shard with no replica.
+    CacheAdopt {
+        keyspace: KeyspaceName,
+    },
+    /// Fences a cache shard's `epoch` (its current one): voters refuse its primary's renewals
+    /// from then on, and answer a release of it. The first step of ending an epoch.
+    CacheFence {
+        keyspace: KeyspaceName,
+        shard: u32,
+        epoch: u64,
+    },
     /// Makes `primary` the primary of a cache shard in `epoch`. Applied only if `epoch` is the
-    /// shard's epoch plus one and `primary` is one of its replicas: a compare-and-set, so of
-    /// two promotions decided from the same epoch one applies and the other is refused.
+    /// shard's epoch plus one, the current epoch is fenced, and `primary` is one of its
+    /// replicas: a compare-and-set, so of two promotions decided from the same epoch one
+    /// applies and the other is refused.
     CachePromote {
         keyspace: KeyspaceName,
         shard: u32,
@@ -304,13 +314,6 @@ impl ClusterState {
                         return Err(invalid(format!("replica node {r} is not a member")));
                     }
                 }
-                if replicas.iter().any(Vec::is_empty) {
-                    return Err(invalid("a shard needs at least one replica".into()));
-                }
-                if spec.mode == Mode::Cache {
-                    let shards = replicas.iter().filter_map(|r| CacheShard::first(r));
-                    self.cache.insert(spec.name.clone(), shards.collect());
-                }
                 let shards = replicas
                     .iter()
                     .enumerate()
@@ -393,6 +396,13 @@ impl ClusterState {
                         c.epoch
                     )));
                 }
+                if c.fenced < c.epoch {
+                    return Err(invalid(format!(
+                        "cache shard {keyspace}/{shard}'s epoch {} is not fenced: fence it \
+                         before a promotion",
+                        c.epoch
+                    )));
+                }
                 if !entry.shards[*shard as usize].replicas.contains(primary) {
                     return Err(invalid(format!(
                         "node {primary} holds no replica of cache shard {keyspace}/{shard}"
@@ -404,7 +414,47 @@ impl ClusterState {
                     start_offset: *start_offset,
                     lost_at_least: *lost_at_least,
                     lag_ms_before: *lag_ms_before,
+                    fenced: c.fenced,
                 };
+            }
+            MetaCommand::CacheAdopt { keyspace } => {
+                let entry = self
+                    .keyspaces
+                    .get(keyspace)
+                    .ok_or_else(|| Error::KeyspaceNotFound(keyspace.to_string()))?;
+                if entry.spec.mode != Mode::Cache {
+                    return Err(invalid(format!("keyspace '{keyspace}' is not a cache")));
+                }
+                if self.cache.contains_key(keyspace) {
+                    return Err(invalid(format!(
+                        "cache keyspace '{keyspace}' has its primaries already"
+                    )));
+                }
+                let shards: Option<Vec<CacheShard>> = entry
+                    .shards
+                    .iter()
+                    .map(|s| CacheShard::first(&s.replicas))
+                    .collect();
+                let shards = shards.ok_or_else(|| {
+                    invalid(format!(
+                        "a shard of '{keyspace}' has no replica to be primary"
+                    ))
+                })?;
+                self.cache.insert(keyspace.clone(), shards);
+            }
+            MetaCommand::CacheFence {
+                keyspace,
+                shard,
+                epoch,
+            } => {
+                let (_, c) = self.cache_shard_mut(keyspace, *shard)?;
+                if *epoch != c.epoch {
+                    return Err(invalid(format!(
+                        "cache shard {keyspace}/{shard} is in epoch {}, not {epoch}",
+                        c.epoch
+                    )));
+                }
+                c.fenced = c.fenced.max(*epoch);
             }
             MetaCommand::SetCacheLimits {
                 keyspace,
@@ -581,7 +631,23 @@ mod tests {
             replicas: vec![vec![1, 2], vec![2, 3]],
         };
         assert_eq!(s.apply(&cmd), MetaResponse::Ok);
+        assert!(s.cache.is_empty(), "created, not yet adopted");
+        assert_eq!(s.apply(&adopt("c")), MetaResponse::Ok);
         s
+    }
+
+    fn adopt(keyspace: &str) -> MetaCommand {
+        MetaCommand::CacheAdopt {
+            keyspace: name(keyspace),
+        }
+    }
+
+    fn fence(shard: u32, epoch: u64) -> MetaCommand {
+        MetaCommand::CacheFence {
+            keyspace: name("c"),
+            shard,
+            epoch,
+        }
     }
 
     fn promote(shard: u32, epoch: u64, primary: NodeId) -> MetaCommand {
@@ -597,8 +663,12 @@ mod tests {
     }
 
     #[test]
-    fn a_new_cache_keyspace_s_shards_start_in_epoch_1_with_their_first_replica_primary() {
-        let s = with_cache();
+    fn an_adopted_cache_keyspace_s_shards_start_in_epoch_1_with_their_first_replica_primary() {
+        let mut s = with_cache();
+        assert!(
+            matches!(s.apply(&adopt("c")), MetaResponse::Refused(_)),
+            "adopted once"
+        );
         let primaries: Vec<(u64, NodeId)> = s.cache[&name("c")]
             .iter()
             .map(|c| (c.epoch, c.primary))
@@ -617,6 +687,8 @@ mod tests {
             replicas: vec![vec![1]],
         });
         assert!(!s.cache.contains_key(&name("k")));
+        assert!(matches!(s.apply(&adopt("k")), MetaResponse::Refused(_)));
+        assert!(matches!(s.apply(&adopt("nope")), MetaResponse::Refused(_)));
         let mut cmd = promote(0, 2, 1);
         if let MetaCommand::CachePromote { keyspace, .. } = &mut cmd {
             *keyspace = name("k");
@@ -631,8 +703,29 @@ mod tests {
     }
 
     #[test]
+    fn a_promotion_applies_only_once_the_epoch_is_fenced() {
+        let mut s = with_cache();
+        match s.apply(&promote(0, 2, 2)) {
+            MetaResponse::Refused(e) => assert!(e.to_string().contains("not fenced"), "{e}"),
+            other => panic!("{other:?}"),
+        }
+        // Only the current epoch is fenced.
+        assert!(matches!(s.apply(&fence(0, 2)), MetaResponse::Refused(_)));
+        assert_eq!(s.apply(&fence(0, 1)), MetaResponse::Ok);
+        assert_eq!(s.cache[&name("c")][0].fenced, 1);
+        assert_eq!(s.cache[&name("c")][1].fenced, 0, "per shard");
+        assert_eq!(s.apply(&promote(0, 2, 2)), MetaResponse::Ok);
+        // The new epoch starts unfenced: the next promotion needs its own fence.
+        assert!(matches!(
+            s.apply(&promote(0, 3, 1)),
+            MetaResponse::Refused(_)
+        ));
+    }
+
+    #[test]
     fn a_promotion_applies_only_as_the_next_epoch_and_to_a_replica() {
         let mut s = with_cache();
+        s.apply(&fence(0, 1));
         let before = s.clone();
         // Not the next epoch (decided from a stale map), or not a replica: refused, unchanged.
         assert!(matches!(
@@ -664,6 +757,7 @@ mod tests {
                 start_offset: 10,
                 lost_at_least: 2,
                 lag_ms_before: 30,
+                fenced: 1,
             }
         );
         // Two promotions decided from epoch 1: the second is refused.
@@ -699,6 +793,7 @@ mod tests {
             replicas: vec![1, 2, 3],
         };
         assert_eq!(s.apply(&grow), MetaResponse::Ok);
+        assert_eq!(s.apply(&fence(0, 1)), MetaResponse::Ok);
         assert_eq!(s.apply(&promote(0, 2, 3)), MetaResponse::Ok);
         assert_eq!(
             s.apply(&drop_primary),
@@ -752,6 +847,7 @@ mod tests {
     #[test]
     fn the_map_reads_back_in_its_layout_and_in_the_one_before_cache_shards() {
         let mut s = with_cache();
+        s.apply(&fence(1, 1));
         s.apply(&promote(1, 2, 3));
         let raw = postcard::to_stdvec(&s).unwrap();
         assert_eq!(ClusterState::decode(&raw).unwrap(), s);
@@ -764,7 +860,13 @@ mod tests {
         assert_eq!(old.next_group, 6);
         let sessions = &old.keyspaces[&name("sessions")];
         assert_eq!(sessions.spec.max_memory_bytes, Some(64 << 20));
-        let primaries: Vec<(u64, NodeId)> = old.cache[&name("sessions")]
+        assert!(
+            old.cache.is_empty(),
+            "cache keyspaces wait for their adoption"
+        );
+        let mut adopted = old.clone();
+        assert_eq!(adopted.apply(&adopt("sessions")), MetaResponse::Ok);
+        let primaries: Vec<(u64, NodeId)> = adopted.cache[&name("sessions")]
             .iter()
             .map(|c| (c.epoch, c.primary))
             .collect();
@@ -773,7 +875,7 @@ mod tests {
             vec![(1, 3), (1, 1), (1, 2)],
             "the first replica of each"
         );
-        assert!(!old.cache.contains_key(&name("orders")));
+        assert!(!adopted.cache.contains_key(&name("orders")));
         // Read back as written now, it is the same map.
         assert_eq!(
             ClusterState::decode(&postcard::to_stdvec(&old).unwrap()).unwrap(),

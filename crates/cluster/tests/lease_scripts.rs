@@ -9,15 +9,19 @@
 //! milliseconds of one scripted clock (every node's: the rules never compare two nodes' clocks).
 //!
 //! - `cluster <node>... cache=<keyspace> shards=N`: the map every voter starts from: the nodes,
-//!   and a cache keyspace whose every shard has all the nodes as replicas, the first primary.
-//!   Prints nothing.
+//!   and a cache keyspace whose every shard has all the nodes as replicas, adopted (the first
+//!   node primary, epoch 1). Prints nothing.
 //! - `voters <node>...`: those nodes' voter tables, started at time 0; they are also the voter
 //!   set in force. Prints nothing.
 //! - `voter-sets <node>,<node>... [<node>,...]`: the voter sets in force (during a change, the
 //!   old and the new). Prints nothing.
 //! - `at <ms> restart <voter>`: the voter's table is new (its promises forgotten), started then.
+//! - `fence <ks>/<shard> [at <voter>,...]`: `MetaCommand::CacheFence` of the current epoch,
+//!   applied to the maps of the voters named (default: all); the others apply it later with
+//!   `catch-up`. Prints an error if refused.
 //! - `promote <ks>/<shard> <node> [at <voter>,...]`: `MetaCommand::CachePromote` to the next
-//!   epoch, applied to the maps of the voters named (default: all). Prints an error if refused.
+//!   epoch, the same way.
+//! - `catch-up <voter>`: the voter's map becomes the log's. Prints nothing.
 //! - `primary <node> <ks>/<shard>`: the node takes a `PrimaryLease` of the shard in the epoch
 //!   the first voter's map gives it (as a node does on seeing itself primary). Prints nothing.
 //! - `at <ms> round <node> <ks>/<shard> to <voter>,... [offset=O] [floor=F] [lag=L]`: the
@@ -29,9 +33,9 @@
 //! - `at <ms> release <ks>/<shard> epoch=N from <voter>,...`: the meta leader's release; prints
 //!   each answer, then the tally over the voter sets in force: `waiting`, `held` or
 //!   `released offset=O floor=F lag=L`.
-//! - `at <ms> relinquish <ks>/<shard> epoch=N at <voter>,...`: prints nothing.
-//! - `at <ms> expired <voter>`: the primaries the voter suspects (`<ks>/<shard> epoch=N
-//!   primary=<node>`, one a line), or `none`.
+//! - `at <ms> relinquish <ks>/<shard> epoch=N primary=<node> at <voter>,...`: prints nothing.
+//! - `at <ms> expired <voter>`: the primaries the voter suspects by its map (`<ks>/<shard>
+//!   epoch=N primary=<node>`, one a line), or `none`.
 //!
 //! Run with `UPDATE_SCRIPTS=1` to write the actual output over the expected one instead of
 //! comparing (then review the diff).
@@ -97,6 +101,31 @@ impl Runner {
             .ok_or_else(|| format!("node {id} is no voter"))
     }
 
+    /// Applies `cmd` to the log's map and, if it takes it, to the maps of the voters `rest`
+    /// names (`at <voter>,...`; all without).
+    fn commit(
+        &mut self,
+        cmd: MetaCommand,
+        rest: &[&str],
+        out: &mut Vec<String>,
+    ) -> Result<(), String> {
+        let targets = match rest {
+            [] => self.voters.keys().copied().collect(),
+            ["at", voters] => self.list(voters),
+            _ => return Err("expected `at <voter>,...`".into()),
+        };
+        if let MetaResponse::Refused(e) = self.map.apply(&cmd) {
+            out.push(format!("error: {e}"));
+            return Ok(());
+        }
+        // A voter applies the log in order: the maps named catch up to the log's.
+        let map = self.map.clone();
+        for v in targets {
+            self.voter(v)?.0 = map.clone();
+        }
+        Ok(())
+    }
+
     fn run(&mut self, line: &str, out: &mut Vec<String>) -> Result<(), String> {
         let words: Vec<&str> = line.split_whitespace().collect();
         let (now, words) = match words.as_slice() {
@@ -139,9 +168,12 @@ impl Runner {
                 let spec = KeyspaceSpec::new(name, Mode::Cache, Some(rf), Some(shards), None, None)
                     .map_err(|e| e.to_string())?;
                 let replicas = vec![nodes.clone(); shards as usize];
+                let keyspace = spec.name.clone();
                 let r = self
                     .map
                     .apply(&MetaCommand::CreateKeyspace { spec, replicas });
+                assert_eq!(r, MetaResponse::Ok);
+                let r = self.map.apply(&MetaCommand::CacheAdopt { keyspace });
                 assert_eq!(r, MetaResponse::Ok);
             }
             ["voters", names @ ..] => {
@@ -162,14 +194,23 @@ impl Runner {
                 let (id, now) = (self.id(voter), at()?);
                 self.voter(id)?.1 = VoterTable::new(LeaseConfig::default(), now);
             }
+            ["fence", shard, rest @ ..] => {
+                let (keyspace, i) = Self::shard(shard)?;
+                let epoch = self
+                    .map
+                    .cache_shard(&keyspace, i as usize)
+                    .ok_or("no shard")?
+                    .epoch;
+                let cmd = MetaCommand::CacheFence {
+                    keyspace,
+                    shard: i,
+                    epoch,
+                };
+                self.commit(cmd, rest, out)?;
+            }
             ["promote", shard, node, rest @ ..] => {
                 let (keyspace, i) = Self::shard(shard)?;
                 let primary = self.id(node);
-                let targets = match rest {
-                    [] => self.voters.keys().copied().collect(),
-                    ["at", voters] => self.list(voters),
-                    _ => return Err("expected `at <voter>,...`".into()),
-                };
                 let epoch = self
                     .map
                     .cache_shard(&keyspace, i as usize)
@@ -184,14 +225,12 @@ impl Runner {
                     lost_at_least: 0,
                     lag_ms_before: 0,
                 };
-                if let MetaResponse::Refused(e) = self.map.apply(&cmd) {
-                    out.push(format!("error: {e}"));
-                    return Ok(());
-                }
-                for v in targets {
-                    let refused = matches!(self.voter(v)?.0.apply(&cmd), MetaResponse::Refused(_));
-                    assert!(!refused, "a voter's map refused what the log took");
-                }
+                self.commit(cmd, rest, out)?;
+            }
+            ["catch-up", voter] => {
+                let id = self.id(voter);
+                let map = self.map.clone();
+                self.voter(id)?.0 = map;
             }
             ["primary", node, shard] => {
                 let id = self.id(node);
@@ -235,7 +274,7 @@ impl Runner {
                 let sets = self.sets.clone();
                 let lease = self.primaries.get_mut(&key).ok_or("no such primary")?;
                 for v in granted {
-                    lease.granted(round, v, &sets);
+                    lease.granted(renewal.epoch, round, v, &sets);
                 }
                 out.push(match lease.until() {
                     Some(u) => format!("lease until {}", show_ms(u)),
@@ -264,7 +303,8 @@ impl Runner {
                 let epoch = named(&[epoch], "epoch=")?.ok_or("expected epoch=")?;
                 let mut tally = ReleaseTally::default();
                 for v in self.list(voters) {
-                    let answer = self.voter(v)?.1.release(now, &shard, epoch);
+                    let (map, table) = self.voter(v)?;
+                    let answer = table.release(now, &map.clone(), &shard, epoch);
                     let name = self.name(v);
                     match &answer {
                         Ok(r) => out.push(format!(
@@ -284,18 +324,23 @@ impl Runner {
                     ),
                 });
             }
-            ["relinquish", shard, epoch, "at", voters] => {
+            ["relinquish", shard, epoch, primary, "at", voters] => {
                 let now = at()?;
                 let shard = Self::shard(shard)?;
                 let epoch = named(&[epoch], "epoch=")?.ok_or("expected epoch=")?;
+                let primary = primary
+                    .strip_prefix("primary=")
+                    .ok_or("expected primary=")?;
+                let primary = self.id(primary);
                 for v in self.list(voters) {
-                    self.voter(v)?.1.relinquish(now, &shard, epoch);
+                    self.voter(v)?.1.relinquish(now, &shard, epoch, primary);
                 }
             }
             ["expired", voter] => {
                 let now = at()?;
                 let id = self.id(voter);
-                let expired = self.voter(id)?.1.expired(now);
+                let (map, table) = self.voter(id)?;
+                let expired = table.expired(now, &map.clone());
                 if expired.is_empty() {
                     out.push("none".into());
                 }

@@ -30,9 +30,12 @@
 //!   given). Prints nothing.
 //! - `step`: `placement::next_move`, printed and applied. A `SetReplicas` prints as
 //!   `<kind> <keyspace>/<shard>: <old replicas> -> <new replicas>`, where kind is `add` (the new
-//!   set only adds nodes), `remove` (it only removes) or `move`; a `CachePromote` as
-//!   `hand-off <keyspace>/<shard>: <old primary> -> <new primary> (epoch N)`; no move prints
-//!   `none`.
+//!   set only adds nodes), `remove` (it only removes) or `move`; a `CacheAdopt` as
+//!   `adopt <keyspace>: a b c` (the primaries, by shard); a `CacheFence` as `fence
+//!   <keyspace>/<shard> (epoch N)`; a `CachePromote` as `hand-off <keyspace>/<shard>: <old
+//!   primary> -> <new primary> (epoch N)`; no move prints `none`.
+//! - `adopt <keyspace>`: `MetaCommand::CacheAdopt`. Prints nothing.
+//! - `fence <keyspace>/<shard> epoch=N`: `MetaCommand::CacheFence`. Prints nothing.
 //! - `promote <keyspace>/<shard> <node> epoch=N`: `MetaCommand::CachePromote`. Prints nothing.
 //! - `set-replicas <keyspace>/<shard> <node>...`: `MetaCommand::SetReplicas`. Prints nothing.
 //! - `steps`: `step` until it prints `none` (printed too), at most 100 times.
@@ -171,6 +174,21 @@ impl Runner {
                 };
                 self.apply(&cmd, out);
             }
+            ("adopt", [keyspace]) => {
+                let keyspace = KeyspaceName::new(*keyspace).map_err(|e| e.to_string())?;
+                self.apply(&MetaCommand::CacheAdopt { keyspace }, out);
+            }
+            ("fence", [shard, epoch]) => {
+                let (keyspace, shard) = self.shard(shard)?;
+                let epoch = epoch.strip_prefix("epoch=").ok_or("expected epoch=")?;
+                let epoch = epoch.parse().map_err(|_| "bad epoch")?;
+                let cmd = MetaCommand::CacheFence {
+                    keyspace,
+                    shard,
+                    epoch,
+                };
+                self.apply(&cmd, out);
+            }
             ("set-replicas", [shard, nodes @ ..]) => {
                 let (keyspace, shard) = self.shard(shard)?;
                 let replicas = nodes.iter().map(|n| self.id(n)).collect();
@@ -264,6 +282,16 @@ impl Runner {
                 let (old, new) = (self.names(old.clone()), self.names(replicas.clone()));
                 format!("{kind} {keyspace}/{shard}: {old} -> {new}")
             }
+            MetaCommand::CacheAdopt { keyspace } => {
+                let ks = &self.state.keyspaces[keyspace];
+                let primaries: Vec<NodeId> = ks.shards.iter().map(|s| s.replicas[0]).collect();
+                format!("adopt {keyspace}: {}", self.names(primaries))
+            }
+            MetaCommand::CacheFence {
+                keyspace,
+                shard,
+                epoch,
+            } => format!("fence {keyspace}/{shard} (epoch {epoch})"),
             MetaCommand::CachePromote {
                 keyspace,
                 shard,
