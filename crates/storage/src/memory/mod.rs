@@ -152,7 +152,14 @@ pub struct MemStore {
     watchers: std::sync::atomic::AtomicUsize,
     /// The keyspace's change stream on this node, while on (`ring.rs`).
     ring: ring::ChangeRing,
+    /// This copy's replication stream, if it keeps one ([`MemStore::keep_stream`]): every run
+    /// of commands applied appends an entry, under the locks of the shards it touched.
+    stream: std::sync::OnceLock<Mutex<stream::Backlog<std::sync::Arc<stream::CacheEntry>>>>,
 }
+
+/// What one mutation drew when it applied: its timestamp and (data-type commands) its seed.
+/// Drawn by the primary, carried in the stream, given back on replay.
+type Stamp = (capdb_types::Timestamp, u64);
 
 /// A key watched on a cache keyspace (WATCH): where its shard's change count stood. Changes
 /// are recorded while it lives; dropping it (EXEC, DISCARD, UNWATCH, disconnect) ends that.
@@ -206,7 +213,126 @@ impl MemStore {
             removals: RemovalNotices::default(),
             watchers: std::sync::atomic::AtomicUsize::new(0),
             ring: ring::ChangeRing::default(),
+            stream: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Starts this copy's replication stream at `offset` in `epoch`, keeping a backlog within
+    /// `max_bytes` and `max_entries` (`stream.rs`). Once only: `false` if it already keeps one.
+    pub fn keep_stream(
+        &self,
+        epoch: u64,
+        offset: u64,
+        max_bytes: usize,
+        max_entries: usize,
+    ) -> bool {
+        self.stream
+            .set(Mutex::new(stream::Backlog::new(
+                epoch,
+                offset,
+                max_bytes,
+                max_entries,
+            )))
+            .is_ok()
+    }
+
+    /// This copy's stream, if it keeps one: its backlog, locked (after any shard lock).
+    pub fn stream(
+        &self,
+    ) -> Option<MutexGuard<'_, stream::Backlog<std::sync::Arc<stream::CacheEntry>>>> {
+        let backlog = self.stream.get()?;
+        Some(backlog.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// What `m` draws to apply now: a timestamp, and a seed if it is a data-type command.
+    fn stamp(&self, m: &Mutation, now_ms: u64) -> Stamp {
+        let seed = match m {
+            Mutation::Exec { .. } => fastrand::u64(..),
+            _ => 0,
+        };
+        (self.hlc.tick(now_ms), seed)
+    }
+
+    /// Appends commands applied under the current locks to the stream, if this copy keeps one.
+    /// The mutations are copied into exactly sized buffers: they may be slices of a
+    /// connection's read buffer, which the backlog must not keep alive.
+    fn record(&self, now_ms: u64, mutations: &[&Mutation], sizes: Vec<u32>, stamps: Vec<Stamp>) {
+        let Some(mut backlog) = self.stream() else {
+            return;
+        };
+        let mutations = mutations.iter().map(|m| owned_mutation(m)).collect();
+        let entry = stream::CacheEntry {
+            offset: backlog.last_offset() + 1,
+            epoch: backlog.epoch(),
+            now_ms,
+            op: stream::CacheOp::Commands {
+                mutations,
+                sizes,
+                stamps,
+            },
+        };
+        let pushed = backlog.push(std::sync::Arc::new(entry));
+        debug_assert!(pushed.is_ok(), "the next offset of the copy's own epoch");
+    }
+
+    /// Applies an entry of the primary's stream to this copy (a replica): the same mutations
+    /// with what they drew there, in stream order, with no eviction of its own; kept in this
+    /// copy's backlog too. Refused, and nothing applied, if it is not the next entry.
+    pub fn apply_replicated(
+        &self,
+        entry: std::sync::Arc<stream::CacheEntry>,
+    ) -> std::result::Result<(), stream::AppendRefusal> {
+        let mut order = ShardList::new();
+        match &entry.op {
+            stream::CacheOp::Commands { mutations, .. } => {
+                for m in mutations {
+                    self.push_shards(m, &mut order);
+                }
+            }
+            stream::CacheOp::Remove(keys) => order.extend(keys.iter().map(|k| self.shard_of(k))),
+            stream::CacheOp::Flush => order.extend(0..SHARDS),
+        }
+        order.sort_unstable();
+        order.dedup();
+        let mut guards: Guards<'_> = order.iter().map(|&i| (i, self.lock(i))).collect();
+        {
+            let Some(mut backlog) = self.stream() else {
+                return Err(stream::AppendRefusal::NoStream);
+            };
+            backlog.push(entry.clone())?;
+        }
+        let now_ms = entry.now_ms;
+        match &entry.op {
+            stream::CacheOp::Commands {
+                mutations, stamps, ..
+            } => {
+                for (m, &stamp) in mutations.iter().zip(stamps) {
+                    self.hlc.observe(stamp.0);
+                    // Its reply is the primary's to give; a command that failed there fails
+                    // here the same way, on the same state.
+                    let _ = self.apply_locked(&mut guards, &order, m, now_ms, stamp);
+                }
+            }
+            stream::CacheOp::Remove(keys) => {
+                for key in keys {
+                    let slot = order
+                        .binary_search(&self.shard_of(key))
+                        .expect("every removed key's shard was locked");
+                    let shard = &mut *guards[slot].1;
+                    if let Some(i) = shard.map.get_index_of(&key[..]) {
+                        self.remove_at(shard, i);
+                    }
+                }
+            }
+            stream::CacheOp::Flush => {
+                for (_, shard) in guards.iter_mut() {
+                    while let Some(last) = shard.map.len().checked_sub(1) {
+                        self.remove_at(shard, last);
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// This node's change stream of the keyspace (`ring.rs`).
@@ -593,6 +719,49 @@ impl MemStore {
     }
 }
 
+/// `m` with its bytes copied into exactly sized buffers (see [`MemStore::record`]).
+fn owned_mutation(m: &Mutation) -> Mutation {
+    let own = |b: &Bytes| Bytes::copy_from_slice(b);
+    match m {
+        Mutation::Set {
+            key,
+            value,
+            condition,
+            expiry,
+            return_old,
+        } => Mutation::Set {
+            key: own(key),
+            value: own(value),
+            condition: condition.clone(),
+            expiry: *expiry,
+            return_old: *return_old,
+        },
+        Mutation::Delete { key } => Mutation::Delete { key: own(key) },
+        Mutation::GetDel { key } => Mutation::GetDel { key: own(key) },
+        Mutation::IncrBy { key, delta } => Mutation::IncrBy {
+            key: own(key),
+            delta: *delta,
+        },
+        Mutation::Append { key, data } => Mutation::Append {
+            key: own(key),
+            data: own(data),
+        },
+        Mutation::Expire { key, at_ms } => Mutation::Expire {
+            key: own(key),
+            at_ms: *at_ms,
+        },
+        Mutation::ExpireIf { key, at_ms, when } => Mutation::ExpireIf {
+            key: own(key),
+            at_ms: *at_ms,
+            when: *when,
+        },
+        Mutation::Exec { key, args } => Mutation::Exec {
+            key: own(key),
+            args: args.iter().map(own).collect(),
+        },
+    }
+}
+
 /// Redis's probabilistic logarithmic counter increment.
 fn lfu_increment(counter: u8) -> u8 {
     if counter == u8::MAX {
@@ -649,10 +818,16 @@ impl MemStore {
                 return Ok(None);
             }
         }
+        let stamps: Vec<Stamp> = mutations.iter().map(|m| self.stamp(m, now_ms)).collect();
         let replies = mutations
             .iter()
-            .map(|m| self.apply_locked(&mut guards, &order, m, now_ms))
+            .zip(&stamps)
+            .map(|(m, &stamp)| self.apply_locked(&mut guards, &order, m, now_ms, stamp))
             .collect();
+        if self.stream.get().is_some() {
+            let all: Vec<&Mutation> = mutations.iter().collect();
+            self.record(now_ms, &all, vec![all.len() as u32], stamps);
+        }
         drop(guards);
         self.evict_after(&mutations, now_ms);
         Ok(Some(replies))
@@ -699,6 +874,9 @@ impl MemStore {
                 .take_while(|(_, o)| o == order)
                 .count();
             let mut guards: Guards<'_> = order.iter().map(|&i| (i, self.lock(i))).collect();
+            // The commands applied and what they drew, for the stream (if kept).
+            let streaming = self.stream.get().is_some();
+            let (mut applied, mut sizes, mut stamps) = (Vec::new(), Vec::new(), Vec::new());
             for (range, _) in &commands[next..next + run] {
                 let command = &mutations[range.clone()];
                 if let Err(e) = command.iter().try_for_each(|m| self.check_fits(m)) {
@@ -706,8 +884,19 @@ impl MemStore {
                     continue;
                 }
                 for m in command.iter() {
-                    replies.push(self.apply_locked(&mut guards, order, m, now_ms));
+                    let stamp = self.stamp(m, now_ms);
+                    replies.push(self.apply_locked(&mut guards, order, m, now_ms, stamp));
+                    if streaming {
+                        applied.push(m);
+                        stamps.push(stamp);
+                    }
                 }
+                if streaming {
+                    sizes.push(command.len() as u32);
+                }
+            }
+            if streaming && !applied.is_empty() {
+                self.record(now_ms, &applied, sizes, stamps);
             }
             drop(guards);
             // One pass for the run, sparing every key it wrote: a write answered is never its
@@ -750,14 +939,15 @@ impl MemStore {
         order: &[usize],
         m: &Mutation,
         now_ms: u64,
+        stamp: Stamp,
     ) -> Result<Reply> {
         if !self.ring.is_on() {
-            return self.apply_locked_unrecorded(guards, order, m, now_ms);
+            return self.apply_locked_unrecorded(guards, order, m, now_ms, stamp);
         }
         for (_, shard) in guards.iter_mut() {
             shard.ring_touched = Some(Vec::new());
         }
-        let reply = self.apply_locked_unrecorded(guards, order, m, now_ms);
+        let reply = self.apply_locked_unrecorded(guards, order, m, now_ms, stamp);
         // The keys it changed, in the order they first changed, as they are now.
         let mut events = Vec::new();
         let mut seen: HashSet<Key> = HashSet::new();
@@ -823,9 +1013,10 @@ impl MemStore {
         order: &[usize],
         m: &Mutation,
         now_ms: u64,
+        stamp: Stamp,
     ) -> Result<Reply> {
         if let Mutation::Exec { args, .. } = m {
-            return self.exec_locked(guards, args, now_ms);
+            return self.exec_locked(guards, args, now_ms, stamp);
         }
         let sid = self.shard_of(m.key());
         let Ok(slot) = order.binary_search(&sid) else {
@@ -839,8 +1030,7 @@ impl MemStore {
         let key = m.key();
         let index = self.live_index(shard, key, now_ms);
         let current = index.map(|i| &shard.map[i].value);
-        let (effect, reply) =
-            m.apply(current, now_ms, self.hlc.tick(now_ms), self.value_bytes_max)?;
+        let (effect, reply) = m.apply(current, now_ms, stamp.0, self.value_bytes_max)?;
         match effect {
             Effect::Unchanged => {}
             Effect::Put(v) => {
@@ -871,12 +1061,12 @@ impl MemStore {
         guards: &mut [(usize, MutexGuard<'_, Shard>)],
         args: &[Bytes],
         now_ms: u64,
+        (timestamp, seed): Stamp,
     ) -> Result<Reply> {
-        let timestamp = self.hlc.tick(now_ms);
         let cx = capdb_data::Ctx {
             now_ms,
             timestamp,
-            seed: fastrand::u64(..),
+            seed,
             value_bytes_max: self.value_bytes_max,
         };
         let mut space = space::MemSpace {
@@ -1091,6 +1281,207 @@ mod tests {
             assert!(
                 store.get(k.as_bytes(), now).unwrap().is_some(),
                 "{k} was evicted"
+            );
+        }
+    }
+
+    mod replay {
+        use super::*;
+        use proptest::prelude::*;
+
+        const KEYS: [&str; 6] = ["a", "b", "c", "{a}x", "{a}y", "d"];
+
+        fn b(s: &str) -> Bytes {
+            Bytes::copy_from_slice(s.as_bytes())
+        }
+
+        fn exec(args: &[&str]) -> Mutation {
+            Mutation::Exec {
+                key: b(args[1]),
+                args: args.iter().map(|a| b(a)).collect(),
+            }
+        }
+
+        /// One command of a random mix: strings, TTLs, and collections, some drawing randomness
+        /// (SPOP, SRANDMEMBER with a count on a write path: SPOP) or touching two keys.
+        fn command() -> impl Strategy<Value = Mutation> {
+            let key = proptest::sample::select(&KEYS[..]);
+            let small = 0u32..6;
+            prop_oneof![
+                (key.clone(), small.clone()).prop_map(|(k, v)| Mutation::Set {
+                    key: b(k),
+                    value: b(&format!("v{v}")),
+                    condition: capdb_types::mutation::Condition::Always,
+                    expiry: capdb_types::mutation::ExpiryUpdate::Clear,
+                    return_old: false,
+                }),
+                key.clone().prop_map(|k| Mutation::Delete { key: b(k) }),
+                (key.clone(), -3i64..4).prop_map(|(k, d)| Mutation::IncrBy {
+                    key: b(k),
+                    delta: d
+                }),
+                (key.clone(), small.clone()).prop_map(|(k, v)| Mutation::Append {
+                    key: b(k),
+                    data: b(&format!("x{v}")),
+                }),
+                (key.clone(), 1_000u64..1_040).prop_map(|(k, at)| Mutation::Expire {
+                    key: b(k),
+                    at_ms: Some(at),
+                }),
+                (key.clone(), small.clone(), small.clone()).prop_map(|(k, f, v)| exec(&[
+                    "HSET",
+                    k,
+                    &format!("f{f}"),
+                    &format!("{v}")
+                ])),
+                (key.clone(), small.clone()).prop_map(|(k, v)| exec(&[
+                    "LPUSH",
+                    k,
+                    &format!("{v}")
+                ])),
+                key.clone().prop_map(|k| exec(&["RPOP", k])),
+                (key.clone(), small.clone()).prop_map(|(k, v)| exec(&[
+                    "SADD",
+                    k,
+                    &format!("m{v}")
+                ])),
+                key.clone().prop_map(|k| exec(&["SPOP", k])),
+                (key.clone(), small.clone(), small.clone()).prop_map(|(k, s, m)| exec(&[
+                    "ZADD",
+                    k,
+                    &format!("{s}"),
+                    &format!("m{m}")
+                ])),
+                (key.clone(), key.clone(), small.clone()).prop_map(|(f, t, m)| exec(&[
+                    "SMOVE",
+                    f,
+                    t,
+                    &format!("m{m}")
+                ])),
+                (key.clone(), key.clone())
+                    .prop_map(|(f, t)| exec(&["LMOVE", f, t, "LEFT", "RIGHT"])),
+            ]
+        }
+
+        /// What a client can see of every key at `now`: type, TTL and contents.
+        fn seen(store: &MemStore, now: u64) -> Vec<String> {
+            let mut live: Vec<(Bytes, Value)> = (0..SHARDS)
+                .flat_map(|i| {
+                    let shard = store.lock(i);
+                    shard
+                        .map
+                        .iter()
+                        .filter(|(_, e)| e.value.is_live(now))
+                        .map(|(k, e)| (Bytes::copy_from_slice(k), e.value.clone()))
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            live.sort_by(|a, b| a.0.cmp(&b.0));
+            let q = |args: &[&[u8]]| {
+                let args: Vec<Bytes> = args.iter().map(|a| Bytes::copy_from_slice(a)).collect();
+                let reply = store.query(&args, now, 7);
+                assert!(reply.is_ok(), "{args:?}: {reply:?}");
+                reply.unwrap_or(Reply::Nil)
+            };
+            // An unordered reply's elements (pairs of `pair` of them) in one order.
+            let sorted = |reply: Reply, pair: usize| {
+                let items = match reply {
+                    Reply::Array(items) | Reply::Set(items) => items,
+                    Reply::Map(pairs) => pairs.into_iter().flat_map(|(f, v)| [f, v]).collect(),
+                    other => return format!("{other:?}"),
+                };
+                let mut parts: Vec<String> = items.chunks(pair).map(|c| format!("{c:?}")).collect();
+                parts.sort();
+                parts.join(" ")
+            };
+            live.iter()
+                .map(|(k, v)| {
+                    use capdb_types::ValueKind;
+                    let contents = match v.header.kind {
+                        ValueKind::String => format!("{:?}", v.data),
+                        ValueKind::Hash => sorted(q(&[b"HGETALL", k]), 2),
+                        ValueKind::List => format!("{:?}", q(&[b"LRANGE", k, b"0", b"-1"])),
+                        ValueKind::Set => sorted(q(&[b"SMEMBERS", k]), 1),
+                        ValueKind::ZSet => {
+                            format!("{:?}", q(&[b"ZRANGE", k, b"0", b"-1", b"WITHSCORES"]))
+                        }
+                    };
+                    format!(
+                        "{k:?} {:?} {:?} {contents}",
+                        v.header.kind, v.header.expire_at_ms
+                    )
+                })
+                .collect()
+        }
+
+        fn copy() -> MemStore {
+            let store = MemStore::new(
+                1 << 30,
+                EvictionPolicy::Lru,
+                std::sync::Arc::new(Hlc::new()),
+                1 << 20,
+            );
+            assert!(store.keep_stream(1, 0, usize::MAX, usize::MAX));
+            store
+        }
+
+        proptest! {
+            /// A replica that replays the primary's stream holds what the primary holds, as
+            /// clients see it, whatever the commands drew (SPOP) and whatever expired between,
+            /// pipelines and MULTI/EXEC alike.
+            #[test]
+            fn a_replica_replaying_the_stream_holds_what_the_primary_holds(
+                batches in proptest::collection::vec(
+                    (proptest::collection::vec(command(), 1..6), 0u64..8), 1..40),
+            ) {
+                let (primary, replica) = (copy(), copy());
+                let mut now = 1_000;
+                for (commands, step) in batches {
+                    now += step;
+                    // Odd steps as MULTI/EXEC (one locking, one entry), even ones as a pipeline.
+                    if step % 2 == 1 {
+                        let applied = primary.apply_guarded(commands, &[], now);
+                        prop_assert!(matches!(applied, Ok(Some(_))));
+                    } else {
+                        let sizes = vec![1; commands.len()];
+                        primary.apply_commands(commands, &sizes, now);
+                    }
+                }
+                let entries: Vec<_> = primary.stream().unwrap().read_from(1, usize::MAX).cloned().collect();
+                prop_assert!(!entries.is_empty());
+                for e in entries {
+                    prop_assert_eq!(replica.apply_replicated(e), Ok(()));
+                }
+                prop_assert_eq!(replica.stream().unwrap().last_offset(), primary.stream().unwrap().last_offset());
+                // Read at the last write's time: the same keys are live on both.
+                prop_assert_eq!(seen(&replica, now), seen(&primary, now));
+            }
+        }
+
+        #[test]
+        fn an_entry_out_of_order_is_refused_and_applies_nothing() {
+            let (primary, replica) = (copy(), copy());
+            for i in 0..3 {
+                primary.apply_commands(vec![exec(&["SADD", "s", &format!("m{i}")])], &[1], 1_000);
+            }
+            let entries: Vec<_> = primary.stream().unwrap().read_from(1, 3).cloned().collect();
+            assert_eq!(
+                replica.apply_replicated(entries[1].clone()),
+                Err(stream::AppendRefusal::Gap {
+                    expected: 1,
+                    got: 2
+                })
+            );
+            assert_eq!(replica.len().unwrap(), 0);
+            let unstreamed = MemStore::new(
+                1 << 20,
+                EvictionPolicy::Lru,
+                std::sync::Arc::new(Hlc::new()),
+                1 << 20,
+            );
+            assert_eq!(
+                unstreamed.apply_replicated(entries[0].clone()),
+                Err(stream::AppendRefusal::NoStream)
             );
         }
     }

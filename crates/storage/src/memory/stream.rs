@@ -1,7 +1,10 @@
 //! A cache shard copy's replication stream: its entries and its backlog (issue 16,
 //! `docs/design/cache-cluster.md` §3.1). Built so far: the entry and the backlog with its epoch
-//! history, which answers a replica's resync request. Not yet: appending from the apply path and
-//! replaying entries (`MemStore::apply_replicated`).
+//! history, which answers a replica's resync request; `MemStore` appends an entry per run of
+//! commands applied, with what each drew (timestamp, seed), while it keeps a stream
+//! (`MemStore::keep_stream`), and a replica replays them (`MemStore::apply_replicated`). Not
+//! yet: entries for the primary's own removals (expiry, eviction) and the replica role (hide
+//! expired keys, never evict).
 //!
 //! # Offsets and epochs
 //!
@@ -50,19 +53,18 @@ pub struct CacheEntry {
     pub epoch: u64,
     /// The primary's clock when it applied the entry (expiry decisions).
     pub now_ms: u64,
-    pub timestamp: Timestamp,
-    /// The randomness the commands drew (SPOP, SRANDMEMBER, ...).
-    pub seed: u64,
     pub op: CacheOp,
 }
 
 /// What an entry changes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CacheOp {
-    /// Commands' mutations, `sizes[i]` of them for the i-th command, applied in order.
+    /// Commands' mutations, `sizes[i]` of them for the i-th command, applied in order, each
+    /// with what it drew: its timestamp and its seed (SPOP, SRANDMEMBER, ...).
     Commands {
         mutations: Vec<Mutation>,
         sizes: Vec<u32>,
+        stamps: Vec<(Timestamp, u64)>,
     },
     /// Keys the primary removed by itself: expired (lazily or actively) or evicted.
     Remove(Vec<Bytes>),
@@ -75,7 +77,9 @@ impl CacheEntry {
     /// [`ENTRY_OVERHEAD_BYTES`] (an estimate, for the bound; never 0).
     pub fn accounted_bytes(&self) -> usize {
         let payload = match &self.op {
-            CacheOp::Commands { mutations, .. } => mutations.iter().map(mutation_bytes).sum(),
+            CacheOp::Commands { mutations, .. } => {
+                mutations.iter().map(mutation_bytes).sum::<usize>() + 24 * mutations.len()
+            }
             CacheOp::Remove(keys) => keys.iter().map(Bytes::len).sum(),
             CacheOp::Flush => 0,
         };
@@ -137,6 +141,8 @@ pub enum AppendRefusal {
     Gap { expected: u64, got: u64 },
     /// An epoch before the last one.
     OldEpoch { last: u64, got: u64 },
+    /// The copy keeps no stream.
+    NoStream,
 }
 
 /// A shard copy's newest stream entries and the starts of the epochs it saw.
