@@ -155,6 +155,10 @@ pub struct MemStore {
     /// This copy's replication stream, if it keeps one ([`MemStore::keep_stream`]): every run
     /// of commands applied appends an entry, under the locks of the shards it touched.
     stream: std::sync::OnceLock<Mutex<stream::Backlog<std::sync::Arc<stream::CacheEntry>>>>,
+    /// A replica copy ([`MemStore::set_replica`]): it removes nothing by itself (no expiry, no
+    /// eviction: an expired key is hidden until the primary's removal arrives), so that it holds
+    /// exactly what the stream gives it.
+    replica: std::sync::atomic::AtomicBool,
 }
 
 /// What one mutation drew when it applied: its timestamp and (data-type commands) its seed.
@@ -214,7 +218,38 @@ impl MemStore {
             watchers: std::sync::atomic::AtomicUsize::new(0),
             ring: ring::ChangeRing::default(),
             stream: std::sync::OnceLock::new(),
+            replica: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Makes this copy a replica (`true`: it removes nothing by itself; expired keys are hidden
+    /// until the primary's removal arrives) or a primary again (`false`: a promotion).
+    pub fn set_replica(&self, on: bool) {
+        self.replica.store(on, Ordering::Release);
+    }
+
+    fn is_replica(&self) -> bool {
+        self.replica.load(Ordering::Acquire)
+    }
+
+    /// Appends an entry of `op` to the stream, if this copy keeps one (its key's shard, or
+    /// every shard for a flush, locked by the caller).
+    fn record_op(&self, now_ms: u64, op: stream::CacheOp) {
+        // A replica's backlog takes the primary's entries only (`apply_replicated`).
+        if self.is_replica() {
+            return;
+        }
+        let Some(mut backlog) = self.stream() else {
+            return;
+        };
+        let entry = stream::CacheEntry {
+            offset: backlog.last_offset() + 1,
+            epoch: backlog.epoch(),
+            now_ms,
+            op,
+        };
+        let pushed = backlog.push(std::sync::Arc::new(entry));
+        debug_assert!(pushed.is_ok(), "the next offset of the copy's own epoch");
     }
 
     /// Starts this copy's replication stream at `offset` in `epoch`, keeping a backlog within
@@ -257,22 +292,16 @@ impl MemStore {
     /// The mutations are copied into exactly sized buffers: they may be slices of a
     /// connection's read buffer, which the backlog must not keep alive.
     fn record(&self, now_ms: u64, mutations: &[&Mutation], sizes: Vec<u32>, stamps: Vec<Stamp>) {
-        let Some(mut backlog) = self.stream() else {
+        if self.stream.get().is_none() {
             return;
-        };
+        }
         let mutations = mutations.iter().map(|m| owned_mutation(m)).collect();
-        let entry = stream::CacheEntry {
-            offset: backlog.last_offset() + 1,
-            epoch: backlog.epoch(),
-            now_ms,
-            op: stream::CacheOp::Commands {
-                mutations,
-                sizes,
-                stamps,
-            },
+        let op = stream::CacheOp::Commands {
+            mutations,
+            sizes,
+            stamps,
         };
-        let pushed = backlog.push(std::sync::Arc::new(entry));
-        debug_assert!(pushed.is_ok(), "the next offset of the copy's own epoch");
+        self.record_op(now_ms, op);
     }
 
     /// Applies an entry of the primary's stream to this copy (a replica): the same mutations
@@ -455,6 +484,12 @@ impl MemStore {
     }
 
     fn notice(&self, key: &[u8], why: Removal) {
+        // The key's shard is locked: its removal takes its place in the stream among the key's
+        // other changes (before the entry of a command that met it expired).
+        if self.stream.get().is_some() {
+            let op = stream::CacheOp::Remove(vec![Bytes::copy_from_slice(key)]);
+            self.record_op(capdb_types::unix_now_ms(), op);
+        }
         // The key's shard is locked: its event takes its place among the key's others.
         if self.ring.is_on() {
             let op = match why {
@@ -483,6 +518,11 @@ impl MemStore {
     fn live_index(&self, shard: &mut Shard, key: &[u8], now_ms: u64) -> Option<usize> {
         let index = shard.map.get_index_of(key)?;
         if shard.map[index].value.is_expired(now_ms) {
+            if self.is_replica() {
+                // Hidden, not removed: the primary's removal comes through the stream (before
+                // any command of the primary's that met it expired).
+                return None;
+            }
             self.notice(key, Removal::Expired);
             // Its `expire` event is the removal's; the mutation did not change it (yet).
             let touched = shard.ring_touched.take();
@@ -584,6 +624,10 @@ impl MemStore {
     /// eviction's victim, and with millisecond access times a whole batch would otherwise tie
     /// with older entries. Only when every remaining entry is spared do spared keys go too.
     fn evict_to_limit(&self, now_ms: u64, spare: &HashSet<&[u8]>) {
+        if self.is_replica() {
+            // The primary's evictions come through the stream.
+            return;
+        }
         let mut rng = fastrand::Rng::new();
         let mut evicted = 0;
         let mut sparing = !spare.is_empty();
@@ -660,6 +704,9 @@ impl MemStore {
                 }
                 let i = rng.usize(..len);
                 if shard.map[i].value.is_expired(now_ms) {
+                    if self.is_replica() {
+                        continue;
+                    }
                     if let Some((k, _)) = shard.map.get_index(i) {
                         self.notice(k, Removal::Expired);
                     }
@@ -675,6 +722,10 @@ impl MemStore {
 
     /// One round of active expiry over every shard; returns the number of keys removed.
     pub fn expire_cycle(&self, now_ms: u64) -> u64 {
+        if self.is_replica() {
+            // The primary's expiry comes through the stream.
+            return 0;
+        }
         let started = Instant::now();
         let mut rng = fastrand::Rng::new();
         let mut removed = 0;
@@ -1180,6 +1231,10 @@ impl KeyspaceStore for MemStore {
     async fn clear(&self) -> Result<()> {
         // With the change ring on, every shard stays locked until the `flush` event is in
         // the ring: no write lands between the shards' clearing and it.
+        // So too while the copy keeps a stream: a write to a shard already cleared waits for
+        // the `Flush` entry, and one to a shard not yet cleared comes before it (and is
+        // cleared on the replica too).
+        let streaming = self.stream.get().is_some();
         let recording = self.ring.is_on();
         let mut held = Vec::new();
         for i in 0..SHARDS {
@@ -1207,9 +1262,12 @@ impl KeyspaceStore for MemStore {
             }
             shard.expiring = IndexSet::default();
             self.used_bytes.fetch_sub(freed, Ordering::Relaxed);
-            if recording {
+            if recording || streaming {
                 held.push(shard);
             }
+        }
+        if streaming {
+            self.record_op(capdb_types::unix_now_ms(), stream::CacheOp::Flush);
         }
         if recording {
             let flush = capdb_types::changes::Event {
@@ -1415,14 +1473,140 @@ mod tests {
         }
 
         fn copy() -> MemStore {
+            sized(1 << 30)
+        }
+
+        fn sized(max_bytes: u64) -> MemStore {
             let store = MemStore::new(
-                1 << 30,
+                max_bytes,
                 EvictionPolicy::Lru,
                 std::sync::Arc::new(Hlc::new()),
                 1 << 20,
             );
             assert!(store.keep_stream(1, 0, usize::MAX, usize::MAX));
             store
+        }
+
+        /// Every entry a copy holds, expired or not, and its accounted bytes: what a replica
+        /// must hold exactly (it removes nothing by itself).
+        fn held(store: &MemStore) -> (Vec<String>, u64) {
+            let mut all: Vec<String> = (0..SHARDS)
+                .flat_map(|i| {
+                    let shard = store.lock(i);
+                    shard
+                        .map
+                        .iter()
+                        .map(|(k, e)| {
+                            let v = &e.value;
+                            let data = match v.header.kind {
+                                capdb_types::ValueKind::String => format!("{:?}", v.data),
+                                _ => format!(
+                                    "{} element bytes",
+                                    e.elements.as_ref().map_or(0, |e| e.bytes())
+                                ),
+                            };
+                            format!(
+                                "{k:?} {:?} {:?} {data}",
+                                v.header.kind, v.header.expire_at_ms
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            all.sort();
+            (all, store.used_bytes())
+        }
+
+        fn replay_all(
+            primary: &MemStore,
+            replica: &MemStore,
+        ) -> std::result::Result<(), stream::AppendRefusal> {
+            let from = replica.stream().unwrap().last_offset() + 1;
+            let entries: Vec<_> = primary
+                .stream()
+                .unwrap()
+                .read_from(from, usize::MAX)
+                .cloned()
+                .collect();
+            entries
+                .into_iter()
+                .try_for_each(|e| replica.apply_replicated(e))
+        }
+
+        /// What the primary does besides writes.
+        #[derive(Debug, Clone)]
+        enum Act {
+            Write(Vec<Mutation>, bool),
+            Read(&'static str),
+            ExpireCycle,
+            RandomKey,
+            Flush,
+            Wait(u64),
+        }
+
+        fn act() -> impl Strategy<Value = Act> {
+            prop_oneof![
+                8 => (proptest::collection::vec(command(), 1..5), any::<bool>())
+                    .prop_map(|(c, multi)| Act::Write(c, multi)),
+                3 => proptest::sample::select(&KEYS[..]).prop_map(Act::Read),
+                1 => Just(Act::ExpireCycle),
+                1 => Just(Act::RandomKey),
+                1 => (0u32..20).prop_map(|n| if n == 0 { Act::Flush } else { Act::Wait(n as u64) }),
+            ]
+        }
+
+        proptest! {
+            /// A replica holds exactly what its primary holds, entry for entry and byte for
+            /// byte, though only the primary expires (on reads, writes, active cycles, RANDOMKEY)
+            /// and evicts (a cache of 500 bytes: a few keys) and flushes: the replica removes nothing by
+            /// itself, and hides an expired key until the primary's removal arrives.
+            #[test]
+            fn a_replica_removes_only_what_its_primary_removed(
+                acts in proptest::collection::vec(act(), 1..60),
+                replay_every in 1usize..8,
+            ) {
+                let (primary, replica) = (sized(500), sized(500));
+                replica.set_replica(true);
+                let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+                let mut now = 1_000;
+                for (i, a) in acts.into_iter().enumerate() {
+                    match a {
+                        Act::Write(commands, multi) => {
+                            if multi {
+                                let applied = primary.apply_guarded(commands, &[], now);
+                                prop_assert!(applied.is_ok());
+                            } else {
+                                let sizes = vec![1; commands.len()];
+                                primary.apply_commands(commands, &sizes, now);
+                            }
+                        }
+                        Act::Read(key) => {
+                            let _ = primary.get(key.as_bytes(), now);
+                            // The replica's own reads hide, never remove.
+                            let _ = replica.get(key.as_bytes(), now);
+                        }
+                        Act::ExpireCycle => {
+                            primary.expire_cycle(now);
+                            prop_assert_eq!(replica.expire_cycle(now), 0);
+                        }
+                        Act::RandomKey => {
+                            let _ = primary.random_key(now);
+                            let _ = replica.random_key(now);
+                        }
+                        Act::Flush => {
+                            prop_assert!(runtime.block_on(primary.clear()).is_ok());
+                        }
+                        Act::Wait(ms) => now += ms,
+                    }
+                    if i % replay_every == 0 {
+                        prop_assert_eq!(replay_all(&primary, &replica), Ok(()));
+                        prop_assert_eq!(held(&replica), held(&primary));
+                    }
+                }
+                prop_assert_eq!(replay_all(&primary, &replica), Ok(()));
+                prop_assert_eq!(held(&replica), held(&primary));
+                prop_assert_eq!(seen(&replica, now), seen(&primary, now));
+            }
         }
 
         proptest! {

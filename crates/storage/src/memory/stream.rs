@@ -2,9 +2,9 @@
 //! `docs/design/cache-cluster.md` §3.1). Built so far: the entry and the backlog with its epoch
 //! history, which answers a replica's resync request; `MemStore` appends an entry per run of
 //! commands applied, with what each drew (timestamp, seed), while it keeps a stream
-//! (`MemStore::keep_stream`), and a replica replays them (`MemStore::apply_replicated`). Not
-//! yet: entries for the primary's own removals (expiry, eviction) and the replica role (hide
-//! expired keys, never evict).
+//! (`MemStore::keep_stream`), an entry per key it removes by itself (expiry, lazy or active, and
+//! eviction) and one per FLUSHDB, and a replica replays them (`MemStore::apply_replicated`),
+//! removing nothing by itself (`MemStore::set_replica`).
 //!
 //! # Offsets and epochs
 //!
