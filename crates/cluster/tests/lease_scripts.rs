@@ -53,7 +53,7 @@ use capdb_types::{KeyspaceName, KeyspaceSpec, Mode};
 
 #[derive(Default)]
 struct Runner {
-    ids: BTreeMap<String, NodeId>,
+    ids: script::Names,
     /// Each voter's applied map and table.
     voters: BTreeMap<NodeId, (ClusterState, VoterTable)>,
     sets: Vec<BTreeSet<NodeId>>,
@@ -76,13 +76,11 @@ fn show_ms(d: Duration) -> String {
 
 impl Runner {
     fn id(&mut self, name: &str) -> NodeId {
-        let next = self.ids.len() as NodeId + 1;
-        *self.ids.entry(name.to_string()).or_insert(next)
+        self.ids.id(name)
     }
 
     fn name(&self, id: NodeId) -> String {
-        let name = self.ids.iter().find(|(_, i)| **i == id).map(|(n, _)| n);
-        name.cloned().unwrap_or_else(|| format!("#{id}"))
+        self.ids.name(id)
     }
 
     fn list(&mut self, arg: &str) -> Vec<NodeId> {
@@ -99,6 +97,12 @@ impl Runner {
         self.voters
             .get_mut(&id)
             .ok_or_else(|| format!("node {id} is no voter"))
+    }
+
+    /// The shard's current epoch in the log's map.
+    fn epoch(&self, keyspace: &KeyspaceName, shard: u32) -> Result<u64, String> {
+        let c = self.map.cache_shard(keyspace, shard as usize);
+        Ok(c.ok_or("no such cache shard")?.epoch)
     }
 
     /// Applies `cmd` to the log's map and, if it takes it, to the maps of the voters `rest`
@@ -196,11 +200,7 @@ impl Runner {
             }
             ["fence", shard, rest @ ..] => {
                 let (keyspace, i) = Self::shard(shard)?;
-                let epoch = self
-                    .map
-                    .cache_shard(&keyspace, i as usize)
-                    .ok_or("no shard")?
-                    .epoch;
+                let epoch = self.epoch(&keyspace, i)?;
                 let cmd = MetaCommand::CacheFence {
                     keyspace,
                     shard: i,
@@ -211,11 +211,7 @@ impl Runner {
             ["promote", shard, node, rest @ ..] => {
                 let (keyspace, i) = Self::shard(shard)?;
                 let primary = self.id(node);
-                let epoch = self
-                    .map
-                    .cache_shard(&keyspace, i as usize)
-                    .ok_or("no shard")?
-                    .epoch;
+                let epoch = self.epoch(&keyspace, i)?;
                 let cmd = MetaCommand::CachePromote {
                     keyspace,
                     shard: i,

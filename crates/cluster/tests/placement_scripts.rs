@@ -53,7 +53,7 @@
 
 mod script;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
 use capdb_cluster::placement;
 use capdb_cluster::{ClusterState, MetaCommand, MetaResponse, NodeId, NodeInfo};
@@ -62,18 +62,16 @@ use capdb_types::{KeyspaceName, KeyspaceSpec, Mode};
 #[derive(Default)]
 struct Runner {
     state: ClusterState,
-    ids: BTreeMap<String, NodeId>,
+    ids: script::Names,
 }
 
 impl Runner {
     fn id(&mut self, name: &str) -> NodeId {
-        let next = self.ids.len() as NodeId + 1;
-        *self.ids.entry(name.to_string()).or_insert(next)
+        self.ids.id(name)
     }
 
     fn name(&self, id: NodeId) -> String {
-        let name = self.ids.iter().find(|(_, i)| **i == id).map(|(n, _)| n);
-        name.cloned().unwrap_or_else(|| format!("#{id}"))
+        self.ids.name(id)
     }
 
     fn names(&self, ids: impl IntoIterator<Item = NodeId>) -> String {

@@ -1,7 +1,26 @@
 //! The script runner both script tests share (`placement_scripts.rs`, `lease_scripts.rs`):
 //! blocks of command lines, a `---` line, then the expected output; see either file's doc.
 
+use std::collections::BTreeMap;
 use std::path::Path;
+
+use capdb_cluster::NodeId;
+
+/// Nodes by the names scripts give them: a name is numbered (1, 2, 3...) where it first appears.
+#[derive(Default)]
+pub struct Names(BTreeMap<String, NodeId>);
+
+impl Names {
+    pub fn id(&mut self, name: &str) -> NodeId {
+        let next = self.0.len() as NodeId + 1;
+        *self.0.entry(name.to_string()).or_insert(next)
+    }
+
+    pub fn name(&self, id: NodeId) -> String {
+        let name = self.0.iter().find(|(_, i)| **i == id).map(|(n, _)| n);
+        name.cloned().unwrap_or_else(|| format!("#{id}"))
+    }
+}
 
 /// Runs one command line, appending its output lines; `Err` for a malformed command.
 pub type Run<'r> = dyn FnMut(&str, &mut Vec<String>) -> Result<(), String> + 'r;
