@@ -317,6 +317,16 @@ impl MemStore {
         &self,
         entry: std::sync::Arc<stream::CacheEntry>,
     ) -> std::result::Result<(), stream::AppendRefusal> {
+        if !self.is_replica() {
+            return Err(stream::AppendRefusal::NotReplica);
+        }
+        if let stream::CacheOp::Commands {
+            mutations, stamps, ..
+        } = &entry.op
+            && mutations.len() != stamps.len()
+        {
+            return Err(stream::AppendRefusal::Malformed);
+        }
         let mut order = ShardList::new();
         match &entry.op {
             stream::CacheOp::Commands { mutations, .. } => {
@@ -789,7 +799,16 @@ fn owned_mutation(m: &Mutation) -> Mutation {
         } => Mutation::Set {
             key: own(key),
             value: own(value),
-            condition: condition.clone(),
+            // IFEQ/IFNE's bytes are slices of the read buffer too.
+            condition: match condition {
+                capdb_types::mutation::Condition::IfEqual(b) => {
+                    capdb_types::mutation::Condition::IfEqual(own(b))
+                }
+                capdb_types::mutation::Condition::IfNotEqual(b) => {
+                    capdb_types::mutation::Condition::IfNotEqual(own(b))
+                }
+                other => other.clone(),
+            },
             expiry: *expiry,
             return_old: *return_old,
         },
@@ -1625,6 +1644,7 @@ mod tests {
                     (proptest::collection::vec(command(), 1..6), 0u64..8), 1..40),
             ) {
                 let (primary, replica) = (copy(), copy());
+                replica.set_replica(true);
                 let mut now = 1_000;
                 for (commands, step) in batches {
                     now += step;
@@ -1722,12 +1742,18 @@ mod tests {
         }
 
         #[test]
-        fn an_entry_out_of_order_is_refused_and_applies_nothing() {
+        fn an_entry_out_of_order_or_malformed_or_to_a_primary_is_refused_and_applies_nothing() {
             let (primary, replica) = (copy(), copy());
             for i in 0..3 {
                 primary.apply_commands(vec![exec(&["SADD", "s", &format!("m{i}")])], &[1], 1_000);
             }
             let entries: Vec<_> = primary.stream().unwrap().read_from(1, 3).cloned().collect();
+            assert_eq!(
+                replica.apply_replicated(entries[0].clone()),
+                Err(stream::AppendRefusal::NotReplica),
+                "a copy that is no replica makes its own entries"
+            );
+            replica.set_replica(true);
             assert_eq!(
                 replica.apply_replicated(entries[1].clone()),
                 Err(stream::AppendRefusal::Gap {
@@ -1735,17 +1761,64 @@ mod tests {
                     got: 2
                 })
             );
+            let mut malformed = (*entries[0]).clone();
+            if let stream::CacheOp::Commands { stamps, .. } = &mut malformed.op {
+                stamps.clear();
+            }
+            assert_eq!(
+                replica.apply_replicated(std::sync::Arc::new(malformed)),
+                Err(stream::AppendRefusal::Malformed)
+            );
             assert_eq!(replica.len().unwrap(), 0);
+            assert_eq!(replica.stream().unwrap().last_offset(), 0);
             let unstreamed = MemStore::new(
                 1 << 20,
                 EvictionPolicy::Lru,
                 std::sync::Arc::new(Hlc::new()),
                 1 << 20,
             );
+            unstreamed.set_replica(true);
             assert_eq!(
                 unstreamed.apply_replicated(entries[0].clone()),
                 Err(stream::AppendRefusal::NoStream)
             );
+        }
+
+        /// An entry keeps none of a connection's read buffer alive: IFEQ's bytes are copied
+        /// like the key and value.
+        #[test]
+        fn an_entry_owns_its_bytes() {
+            let primary = copy();
+            let buffer = Bytes::from(vec![b'x'; 1 << 16]);
+            let set = Mutation::Set {
+                key: buffer.slice(0..1),
+                value: buffer.slice(1..2),
+                condition: capdb_types::mutation::Condition::IfNotEqual(buffer.slice(2..3)),
+                expiry: capdb_types::mutation::ExpiryUpdate::Clear,
+                return_old: false,
+            };
+            primary.apply_commands(vec![set], &[1], 1_000);
+            let entry = primary
+                .stream()
+                .unwrap()
+                .read_from(1, 1)
+                .next()
+                .cloned()
+                .unwrap();
+            let stream::CacheOp::Commands { mutations, .. } = &entry.op else {
+                panic!("{entry:?}");
+            };
+            let Mutation::Set {
+                key,
+                value,
+                condition: capdb_types::mutation::Condition::IfNotEqual(unwanted),
+                ..
+            } = &mutations[0]
+            else {
+                panic!("{mutations:?}");
+            };
+            let inside = |b: &Bytes| buffer.as_ptr_range().contains(&b.as_ptr());
+            assert!(!inside(key) && !inside(value) && !inside(unwanted));
         }
     }
 }

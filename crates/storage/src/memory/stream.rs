@@ -88,8 +88,17 @@ impl CacheEntry {
 }
 
 fn mutation_bytes(m: &Mutation) -> usize {
+    let condition = |c: &capdb_types::mutation::Condition| match c {
+        capdb_types::mutation::Condition::IfEqual(b)
+        | capdb_types::mutation::Condition::IfNotEqual(b) => b.len(),
+        _ => 0,
+    };
     let data = match m {
-        Mutation::Set { value, .. } => value.len(),
+        Mutation::Set {
+            value,
+            condition: c,
+            ..
+        } => value.len() + condition(c),
         Mutation::Append { data, .. } => data.len(),
         Mutation::Exec { args, .. } => args.iter().map(Bytes::len).sum(),
         _ => 0,
@@ -143,6 +152,11 @@ pub enum AppendRefusal {
     OldEpoch { last: u64, got: u64 },
     /// The copy keeps no stream.
     NoStream,
+    /// The copy is no replica ([`crate::memory::MemStore::set_replica`]): it makes its own
+    /// entries.
+    NotReplica,
+    /// The entry does not hold one stamp per mutation.
+    Malformed,
 }
 
 /// A shard copy's newest stream entries and the starts of the epochs it saw.
